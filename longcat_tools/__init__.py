@@ -1,0 +1,3 @@
+"""longcat-tools: convert, verify, configure and run LongCat-Video checkpoints."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from longcat_tools.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""All-or-nothing outputs: a folder or file appears complete under its final name, or not at all.
+
+Writers fill ``DST.partial`` and rename it at the end, so a run killed at any moment never leaves a
+DST that looks complete; the next run removes the stale ``.partial`` and starts again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from longcat_tools.errors import LongcatError
+from longcat_tools.safetensors_io import fsync_dir
+
+
+def partial_path(dst: Path) -> Path:
+    return dst.with_name(dst.name + ".partial")
+
+
+@contextmanager
+def atomic_folder(dst: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a scratch folder that becomes ``dst`` when the block succeeds."""
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
+    if not dst.parent.is_dir():
+        raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
+    tmp = partial_path(dst)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a killed run; it never was a finished output
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace a file's content atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)

@@ -1,0 +1,71 @@
+"""The ``longcat-tools`` command line: a thin shell over the library.
+
+Exit codes: 0 ok, 1 a check failed or the input is bad, 2 usage error. Errors are one line on
+stderr; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+
+from longcat_tools import __version__
+from longcat_tools.cli.demo import demo_cmd
+from longcat_tools.cli.synth import synth_cmd
+from longcat_tools.errors import EXIT_FAIL, LongcatError
+
+app = typer.Typer(
+    name="longcat-tools", no_args_is_help=True, add_completion=False,
+    pretty_exceptions_enable=False, rich_markup_mode=None,
+    help="Convert, verify, configure and run LongCat-Video checkpoints.",
+)
+app.command("synth")(synth_cmd)
+app.command("demo")(demo_cmd)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"longcat-tools {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Convert, verify, configure and run LongCat-Video checkpoints."""
+
+
+def _is_click_error(e: Exception) -> bool:
+    # Typer may vendor its own click, so match click's exception protocol rather than its class.
+    return any(c.__name__ == "ClickException" for c in type(e).__mro__) and hasattr(e, "show")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and turn every failure into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in args or "--verbose" in args
+    try:
+        rv = app(args=args, prog_name="longcat-tools", standalone_mode=False)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except LongcatError as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
+        if _is_click_error(e):  # usage errors: click's own message, exit 2
+            e.show()
+            return e.exit_code
+        if verbose:
+            traceback.print_exc()
+        print(f"error: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAIL
+    return rv if isinstance(rv, int) else 0

@@ -1,0 +1,78 @@
+"""What every command shares: the common options, output (human or ``--json``), tables, progress.
+
+Commands stay thin: parse, call the library, print. Human text goes to stdout, or to stderr under
+``--json`` so that stdout holds exactly one JSON document.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", show_default=False, metavar="PATH",
+    help="Checkpoint folder (default: $LONGCAT_TOOLS_MODEL, else the current folder).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON result on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="More detail; a traceback on errors.")]
+
+
+@dataclass
+class Out:
+    """Where a command's words go, honouring --json / -q / -v."""
+
+    as_json: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+    @property
+    def _stream(self):
+        return sys.stderr if self.as_json else sys.stdout
+
+    def say(self, text: str = "") -> None:
+        if not self.quiet:
+            print(text, file=self._stream, flush=True)
+
+    def detail(self, text: str) -> None:
+        if self.verbose and not self.quiet:
+            print(text, file=self._stream, flush=True)
+
+    def warn(self, text: str) -> None:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+    def result(self, obj: Any) -> None:
+        """The machine-readable result: printed only under --json."""
+        if self.as_json:
+            print(json.dumps(obj, indent=2, default=str), flush=True)
+
+    def table(self, rows: list[list[Any]], header: list[str]) -> None:
+        if not self.quiet:
+            print(format_table(rows, header), file=self._stream, flush=True)
+
+    def progress(self, total: int | None, desc: str, unit: str = "B"):
+        """A tqdm bar on stderr (bytes by default); silent under -q."""
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024,
+                    disable=self.quiet or None, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def format_table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

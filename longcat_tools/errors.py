@@ -1,0 +1,22 @@
+"""The one error type a user sees, and the exit codes every command shares."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAIL = 1  # a check failed or the input is bad
+EXIT_USAGE = 2  # the command line itself is wrong
+
+
+class LongcatError(Exception):
+    """A problem the user can fix: printed as one line (what, where, how to fix), exit 1.
+
+    Library code raises it instead of printing, so other programs can catch it.
+    """
+
+    exit_code = EXIT_FAIL
+
+
+class UsageError(LongcatError):
+    """The arguments contradict each other or name something that does not exist: exit 2."""
+
+    exit_code = EXIT_USAGE

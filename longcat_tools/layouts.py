@@ -1,0 +1,198 @@
+"""Checkpoint folder shapes: where its parts are, which files hold the DiT.
+
+Layouts (SPEC §2): ``native`` (the hub release: ``dit/``), ``converted`` (``model_index.json`` +
+``transformer/`` sharded with an index, in either key flavour) and ``fastvideo-single`` (FastVideo's
+converter output: one ``transformer/model.safetensors``). Every path read from a file is checked
+to stay inside the checkpoint; symlinks may not lead out of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longcat_tools import keymap
+from longcat_tools.errors import LongcatError, UsageError
+
+LAYOUTS = ("native", "converted", "fastvideo-single")
+ENV_MODEL = "LONGCAT_TOOLS_MODEL"
+DIT_STEM = "diffusion_pytorch_model"
+INDEX_NAME = f"{DIT_STEM}.safetensors.index.json"
+FASTVIDEO_SINGLE = "model.safetensors"
+COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
+NATIVE_LORAS = {"cfg_step_lora.safetensors": "distilled",
+                "refinement_lora.safetensors": "refinement"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def load_json(path: Path, what: str | None = None) -> Any:
+    """Read a JSON file; any failure is one line naming the file. Duplicate keys are refused
+    (``json`` would silently keep the last one)."""
+    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise LongcatError(f"{path}: key '{k}' appears twice")
+            out[k] = v
+        return out
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LongcatError(f"{path}: missing{f' ({what})' if what else ''}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LongcatError(f"{path}: cannot read ({e})") from e
+    try:
+        return json.loads(text, object_pairs_hook=no_dupes)
+    except json.JSONDecodeError as e:
+        raise LongcatError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+
+
+def inside(root: Path, rel: str, what: str = "path") -> Path:
+    """``root/rel`` after checking that ``rel`` is a plain relative name and that the resolved file
+    (symlinks followed) stays inside ``root``."""
+    if not rel or os.path.isabs(rel) or "\\" in rel or any(p in ("..", "") for p in rel.split("/")):
+        raise LongcatError(f"{root}: {what} '{rel}' leaves the checkpoint folder (only plain "
+                           "relative names are allowed)")
+    path = root / rel
+    check_contained(path, root.resolve())
+    return path
+
+
+def check_contained(path: Path, allowed: Path) -> None:
+    """Refuse a path whose real location (after symlinks) is outside ``allowed``."""
+    real = path.resolve()
+    if real != allowed and allowed not in real.parents:
+        raise LongcatError(f"{path}: resolves to {real}, outside the checkpoint {allowed} "
+                           "(symlinks may not leave the checkpoint)")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder and what its layout says about it."""
+
+    root: Path
+    layout: str  # one of LAYOUTS
+    flavour: str  # key flavour of the transformer: "native" or "fastvideo"
+    transformer_dir: Path  # dit/ or transformer/
+
+    @property
+    def config_path(self) -> Path:
+        return self.transformer_dir / "config.json"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.root / "lora"
+
+    def config(self) -> dict[str, Any]:
+        cfg = load_json(self.config_path, "transformer config")
+        if not isinstance(cfg, dict):
+            raise LongcatError(f"{self.config_path}: not a JSON object")
+        return cfg
+
+    def describe(self) -> str:
+        if self.layout == "native":
+            return "native (hub release)"
+        return f"{self.layout} ({self.flavour} keys)"
+
+
+def detect(root: str | Path) -> Checkpoint:
+    """Recognise the layout of a checkpoint folder; anything else is a LongcatError."""
+    root = Path(root)
+    if not root.exists():
+        raise LongcatError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise LongcatError(f"{root}: not a folder (a checkpoint is a folder with dit/ or "
+                           "transformer/)")
+    dit, transformer = root / "dit", root / "transformer"
+    if dit.is_dir():
+        return Checkpoint(root, "native", "native", dit)
+    if transformer.is_dir():
+        cfg_path = transformer / "config.json"
+        single = transformer / FASTVIDEO_SINGLE
+        cls = None
+        if cfg_path.is_file():
+            cfg = load_json(cfg_path, "transformer config")
+            cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
+        if single.exists() and not (transformer / INDEX_NAME).exists():
+            return Checkpoint(root, "fastvideo-single", "fastvideo", transformer)
+        flavour = "native" if cls == keymap.NATIVE_CLASS else "fastvideo"
+        return Checkpoint(root, "converted", flavour, transformer)
+    raise LongcatError(f"{root}: not a LongCat-Video checkpoint (expected dit/ for the hub layout "
+                       "or transformer/ for the model_index.json layout)")
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    return (path / "dit").is_dir() or (path / "transformer").is_dir()
+
+
+def resolve_model(arg: str | Path | None) -> Path:
+    """The ``--model`` convention: the argument, else ``$LONGCAT_TOOLS_MODEL``, else the current
+    folder when it holds a checkpoint."""
+    if arg:
+        return Path(arg)
+    env = os.environ.get(ENV_MODEL)
+    if env:
+        return Path(env)
+    cwd = Path.cwd()
+    if looks_like_checkpoint(cwd):
+        return cwd
+    raise UsageError(f"no checkpoint given: pass --model PATH, set {ENV_MODEL}, or run inside a "
+                     "checkpoint folder")
+
+
+def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
+    """Tensor name -> shard file of the DiT, from the index (or the single file).
+
+    Refuses: an index that names a missing shard or a file outside the folder, a tensor listed
+    twice, a shard on disk the index omits, pickle weight files.
+    """
+    folder = ckpt.transformer_dir
+    allowed = ckpt.root.resolve()
+    for p in sorted(folder.iterdir()):
+        if p.name.endswith(PICKLE_SUFFIXES):
+            raise LongcatError(f"{p}: pickle weight files are never loaded (convert it to "
+                               "safetensors first)")
+    index = folder / INDEX_NAME
+    if index.exists():
+        doc = load_json(index, "shard index")
+        wm = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise LongcatError(f"{index}: 'weight_map' must be a non-empty object")
+        files: dict[str, Path] = {}
+        out: dict[str, Path] = {}
+        for name, rel in wm.items():
+            if not isinstance(rel, str):
+                raise LongcatError(f"{index}: tensor '{name}' maps to {rel!r}, not a file name")
+            if rel not in files:
+                path = inside(folder, rel, "shard")
+                check_contained(path, allowed)
+                if not path.is_file():
+                    raise LongcatError(f"{index}: names shard '{rel}', which is missing")
+                files[rel] = path
+            out[name] = files[rel]
+        on_disk = {p.name for p in folder.glob("*.safetensors")}
+        stray = sorted(on_disk - set(files))
+        if stray:
+            raise LongcatError(f"{folder / stray[0]}: shard on disk that {INDEX_NAME} does not "
+                               "name (a stray shard would be loaded by glob-based loaders; remove "
+                               "it or fix the index)")
+        return out
+    candidates = [folder / FASTVIDEO_SINGLE, folder / f"{DIT_STEM}.safetensors"]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise LongcatError(f"{folder}: no DiT weights (expected {INDEX_NAME} with its shards, "
+                           f"{DIT_STEM}.safetensors or {FASTVIDEO_SINGLE})")
+    check_contained(found[0], allowed)
+    from longcat_tools.safetensors_io import read_header
+
+    return {name: found[0] for name in read_header(found[0]).tensors}
+
+
+def native_lora_files(ckpt: Checkpoint) -> dict[str, Path]:
+    """The hub's LoRA files present in a native checkpoint, by FastVideo's adapter name."""
+    return {name: ckpt.lora_dir / fname for fname, name in NATIVE_LORAS.items()
+            if (ckpt.lora_dir / fname).is_file()}

@@ -1,0 +1,291 @@
+"""Streaming safetensors: read headers and single tensors, write sharded files tensor by tensor.
+
+The safetensors library loads or maps a whole file; a 54 GB checkpoint needs one tensor at a time,
+with every header field checked before anything is trusted. Files are written header first, then
+each tensor's bytes, so memory is bounded by the largest tensor. A "sparse" write leaves the data
+as a file hole: valid headers at full scale for almost no disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from longcat_tools.errors import LongcatError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, (dt, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    end: int  # absolute file offset past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]  # in data order
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Checks: header length within the file and the library's limit, UTF-8 JSON object, known
+    dtypes, shapes of non-negative ints, bytes = numel x dtype size, offsets inside the file,
+    contiguous and non-overlapping, and the file ends where the data ends.
+    """
+    path = Path(path)
+    where = str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise LongcatError(f"{where}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES:
+                raise LongcatError(f"{where}: header length {n} exceeds the "
+                                   f"{MAX_HEADER_BYTES}-byte limit (corrupt or not safetensors)")
+            if 8 + n > size:
+                raise LongcatError(f"{where}: header length {n} runs past the end of the file "
+                                   f"({size} bytes): truncated or not a safetensors file")
+            blob = f.read(n)
+    except OSError as e:
+        raise LongcatError(f"{where}: cannot read ({e.strerror or e})") from e
+    try:
+        doc = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LongcatError(f"{where}: header is not valid UTF-8 JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise LongcatError(f"{where}: header is not a JSON object")
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise LongcatError(f"{where}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    infos: list[TensorInfo] = []
+    for name, entry in doc.items():
+        infos.append(_tensor_info(where, name, entry, data_start))
+    infos.sort(key=lambda t: (t.begin, t.end))
+    pos = data_start
+    for t in infos:
+        if t.begin != pos:
+            kind = "overlaps the previous tensor" if t.begin < pos else "leaves a gap before it"
+            raise LongcatError(f"{where}: tensor '{t.name}' {kind} (offset {t.begin - data_start}, "
+                               f"expected {pos - data_start})")
+        pos = t.end
+    if pos != size:
+        raise LongcatError(f"{where}: file is {size} bytes but its header describes {pos}: "
+                           + ("truncated" if pos > size else "trailing bytes after the data"))
+    return Header(path, {t.name: t for t in infos}, dict(meta), data_start, size)
+
+
+def _tensor_info(where: str, name: str, entry: object, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise LongcatError(f"{where}: entry for tensor '{name}' is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise LongcatError(f"{where}: tensor '{name}' has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise LongcatError(f"{where}: tensor '{name}' has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise LongcatError(f"{where}: tensor '{name}' has invalid data_offsets {offsets!r}")
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != expected:
+        raise LongcatError(f"{where}: tensor '{name}' spans {offsets[1] - offsets[0]} bytes but "
+                           f"{dtype}{shape} needs {expected}")
+    return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor from an open binary file: only its own bytes, never the whole file."""
+    f.seek(info.begin)
+    buf = bytearray(info.nbytes)
+    view = memoryview(buf)
+    got = 0
+    while got < info.nbytes:
+        k = f.readinto(view[got:])
+        if not k:
+            raise LongcatError(f"{getattr(f, 'name', '?')}: unexpected end of file in tensor "
+                               f"'{info.name}'")
+        got += k
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a tensor, without a copy when it is contiguous on the CPU."""
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+# A tensor to be written: its name, dtype, shape and a producer called only when data is needed.
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
+    """Header bytes (length prefix included), padded with spaces to 8-byte alignment."""
+    doc: dict[str, object] = {}
+    if metadata:
+        doc["__metadata__"] = dict(metadata)
+    pos = 0
+    for s in specs:
+        doc[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
+                       "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    blob = json.dumps(doc, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def write_file(path: str | Path, specs: list[TensorSpec],
+               metadata: Mapping[str, str] | None = None, *, sparse: bool = False,
+               on_bytes: Callable[[bytes | memoryview], None] | None = None,
+               progress: Callable[[int], None] | None = None) -> int:
+    """Write one safetensors file tensor by tensor; returns its size in bytes.
+
+    With ``sparse`` the data region is a hole (the file is extended, nothing is written).
+    ``on_bytes`` sees every byte written (for hashing while writing).
+    """
+    header = build_header(specs, metadata)
+    total = len(header) + sum(s.nbytes for s in specs)
+    with open(path, "wb") as f:
+        f.write(header)
+        if on_bytes:
+            on_bytes(header)
+        if sparse:
+            f.truncate(total)
+            return total
+        for s in specs:
+            assert s.produce is not None, f"no data for tensor {s.name}"
+            t = s.produce()
+            if tuple(t.shape) != s.shape or t.dtype != s.dtype:
+                raise LongcatError(f"internal: tensor '{s.name}' is {t.dtype}{list(t.shape)}, "
+                                   f"expected {s.dtype}{list(s.shape)}")
+            data = tensor_bytes(t)
+            f.write(data)
+            if on_bytes:
+                on_bytes(data)
+            if progress:
+                progress(len(data))
+            del t, data
+    return total
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors in order into shards of at most ``max_shard_bytes`` (a larger tensor gets its
+    own shard), the way huggingface_hub splits state dicts."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def shard_names(stem: str, count: int) -> list[str]:
+    """``stem.safetensors`` for one shard, else ``stem-0000k-of-0000n.safetensors``."""
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def write_sharded(folder: str | Path, stem: str, specs: list[TensorSpec], max_shard_bytes: int,
+                  metadata: Mapping[str, str] | None = None, *, sparse: bool = False,
+                  force_index: bool = False,
+                  progress: Callable[[int], None] | None = None) -> list[str]:
+    """Write ``specs`` as ``stem`` shards plus ``stem.safetensors.index.json`` when there is more
+    than one shard (or ``force_index``); returns the file names written."""
+    folder = Path(folder)
+    shards = plan_shards(specs, max_shard_bytes)
+    names = shard_names(stem, len(shards))
+    weight_map: dict[str, str] = {}
+    for name, shard in zip(names, shards, strict=False):
+        write_file(folder / name, shard, metadata, sparse=sparse, progress=progress)
+        weight_map.update({s.name: name for s in shard})
+    written = list(names)
+    if len(shards) > 1 or force_index:
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+        index_name = f"{stem}.safetensors.index.json"
+        write_json(folder / index_name, index)
+        written.append(index_name)
+    return written
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    """JSON the way diffusers and transformers save configs: indent 2, trailing newline."""
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

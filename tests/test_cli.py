@@ -1,0 +1,82 @@
+"""The conventions every command follows: exit codes, --json, one-line errors, --model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from longcat_tools.cli import main
+from longcat_tools.errors import UsageError
+from longcat_tools.layouts import ENV_MODEL, resolve_model
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "longcat_tools", *args], capture_output=True,
+                          text=True, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def test_version_and_help():
+    p = run_cli("--version")
+    assert p.returncode == 0 and p.stdout.startswith("longcat-tools ")
+    p = run_cli("--help")
+    assert p.returncode == 0
+    for cmd in ("synth", "demo"):
+        assert cmd in p.stdout
+
+
+@pytest.mark.parametrize("args", [["nope"], ["synth"], ["synth", "x", "--preset", "huge"],
+                                  ["synth", "x", "--depth", "0"]])
+def test_usage_errors_exit_2(args, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Error" in err and "Traceback" not in err
+
+
+def test_bad_input_is_one_line_and_exit_1(tmp_path):
+    (tmp_path / "taken").mkdir()
+    p = run_cli("synth", str(tmp_path / "taken"))
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--force" in lines[0]
+    assert str(tmp_path / "taken") in lines[0]
+
+
+def test_verbose_adds_the_traceback(tmp_path):
+    (tmp_path / "taken").mkdir()
+    p = run_cli("synth", str(tmp_path / "taken"), "-v")
+    assert p.returncode == 1 and "Traceback" in p.stderr
+
+
+def test_json_output_is_one_document_on_stdout(tmp_path):
+    p = run_cli("synth", str(tmp_path / "c"), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["layout"] == "native" and doc["preset"] == "tiny"
+
+
+def test_quiet_prints_nothing(tmp_path):
+    p = run_cli("synth", str(tmp_path / "c"), "-q")
+    assert p.returncode == 0 and p.stdout == ""
+
+
+def test_model_resolution(tmp_path, monkeypatch, tiny_native):
+    assert resolve_model("somewhere") == tmp_path.__class__("somewhere")
+    monkeypatch.setenv(ENV_MODEL, str(tiny_native))
+    assert resolve_model(None) == tiny_native
+    monkeypatch.delenv(ENV_MODEL)
+    monkeypatch.chdir(tiny_native)
+    assert resolve_model(None) == tiny_native
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="--model"):
+        resolve_model(None)
+
+
+def test_demo_runs_the_chain(tmp_path):
+    p = run_cli("demo", "--out", str(tmp_path / "demo"), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    names = [s["name"] for s in doc["steps"]]
+    assert names[:2] == ["synth", "inspect"]
+    assert (tmp_path / "demo" / "tiny-native" / "dit" / "config.json").is_file()
