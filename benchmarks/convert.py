@@ -1,0 +1,151 @@
+"""Benchmark ``convert`` against ``cp`` on the real DiT dimensions, and its peak memory.
+
+For each depth: write a real-dimension checkpoint (random fp32 DiT and LoRAs; VAE, tokenizer and
+scheduler as synth writes them; no text encoder, whose 22 GB the conversion only hard-links or
+streams like the DiT), then time, under the same cache conditions:
+
+* ``cp``: ``cp -r dit lora`` into a fresh folder, then ``sync``;
+* ``convert``: ``longcat-tools convert`` (it fsyncs every file it writes), then ``sync``;
+
+each after reading the input once (``cat > /dev/null``), so the input is in the page cache for
+both and both end with the output on disk. The page cache cannot be dropped here (no root).
+Rates are input bytes / wall time. Peak RSS is the convert process's own ``ru_maxrss``.
+
+    python benchmarks/convert.py --depths 4 8 --work /tmp/lcbench --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_source(path: Path, depth: int) -> int:
+    """A real-dimension native checkpoint without a text encoder (the VAE stays a file hole:
+    convert only links it); returns DiT+LoRA bytes."""
+    import torch
+
+    from longcat_tools import synth as s
+    from longcat_tools.safetensors_io import write_file, write_sharded
+
+    if path.exists():
+        shutil.rmtree(path)
+    s.synth(path, "real", depth=depth, sparse=True)  # layout, configs, VAE, tokenizer
+    shutil.rmtree(path / "text_encoder")
+    shutil.rmtree(path / "dit")
+    shutil.rmtree(path / "lora")
+    (path / "dit").mkdir()
+    (path / "lora").mkdir()
+    cfg = s.dit_config("real", depth)
+    s.write_json(path / "dit" / "config.json", cfg)
+    p = s.PRESETS["real"]
+    # hub-like shards: about 10 GB each at full depth, so several at depth 4-8 too
+    write_sharded(path / "dit", "diffusion_pytorch_model", s.dit_specs(cfg, 0, torch.float32),
+                  2 * s.GB, s.ST_METADATA)
+    for kind, fname in (("cfg_step", "cfg_step_lora.safetensors"),
+                        ("refinement", "refinement_lora.safetensors")):
+        write_file(path / "lora" / fname, s.lora_specs(cfg, kind, p.lora_rank, 0, torch.float32),
+                   s.ST_METADATA)
+    return sum(f.stat().st_size for d in ("dit", "lora") for f in (path / d).iterdir())
+
+
+def warm(path: Path) -> None:
+    subprocess.run(f"find {path} -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
+
+
+def timed(cmd: list[str], env=None) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - t0, p
+
+
+def bench(src: Path, work: Path, dtype: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    dst = work / f"out-{dtype}"
+    shutil.rmtree(dst, ignore_errors=True)
+    cp_dst = work / "cp"
+    shutil.rmtree(cp_dst, ignore_errors=True)
+    cp_dst.mkdir()
+    warm(src)
+    cp_s, p = timed(["cp", "-r", str(src / "dit"), str(src / "lora"), str(cp_dst)])
+    assert p.returncode == 0, p.stderr
+    shutil.rmtree(cp_dst)
+    subprocess.run(["sync"], check=True)
+    warm(src)
+    conv_s, p = timed([sys.executable, "-m", "longcat_tools", "convert", "--src", str(src),
+                       "--dst", str(dst), "--dtype", dtype, "--json", "-q"], env)
+    if p.returncode:
+        raise SystemExit(p.stderr)
+    r = json.loads(p.stdout)
+    shutil.rmtree(dst)
+    subprocess.run(["sync"], check=True)
+    return {"dtype": dtype, "cp_seconds": round(cp_s, 3), "convert_seconds": round(conv_s, 3),
+            "convert_inner_seconds": r["seconds"], "bytes_in": r["bytes_read"],
+            "bytes_written": r["bytes_written"], "tensors": r["tensors_written"],
+            "peak_rss_bytes": r["peak_rss_bytes"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depths", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lcbench"))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    from longcat_tools import keymap, synth
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.work).free
+    print(f"free disk at {args.work}: {free / 1e9:.1f} GB")
+    rows = []
+    for depth in args.depths:
+        src = args.work / f"real-d{depth}"
+        t0 = time.perf_counter()
+        nbytes = make_source(src, depth)
+        print(f"depth {depth}: wrote {nbytes / 1e9:.2f} GB of DiT+LoRA in "
+              f"{time.perf_counter() - t0:.0f} s")
+        dims = keymap.dit_dims(synth.dit_config("real", depth))
+        largest = max(4 * __import__("math").prod(s) for _, s in keymap.native_tensor_specs(dims))
+        for dtype in ("keep", "bf16"):
+            for rep in range(args.repeats):
+                r = bench(src, args.work, dtype)
+                r.update(depth=depth, repeat=rep, largest_tensor_bytes=largest)
+                r["input_gb_per_s_cp"] = round(r["bytes_in"] / r["cp_seconds"] / 1e9, 3)
+                r["input_gb_per_s_convert"] = round(r["bytes_in"] / r["convert_seconds"] / 1e9, 3)
+                r["ratio"] = round(r["cp_seconds"] / r["convert_seconds"], 3)
+                rows.append(r)
+                print(json.dumps(r))
+        shutil.rmtree(src)
+    hdr = ["depth", "dtype", "rep", "input GB", "cp s", "convert s", "cp GB/s", "conv GB/s",
+           "conv/cp", "peak RSS MB", "largest MB"]
+    table = [[r["depth"], r["dtype"], r["repeat"], f"{r['bytes_in'] / 1e9:.2f}", r["cp_seconds"],
+              r["convert_seconds"], r["input_gb_per_s_cp"], r["input_gb_per_s_convert"],
+              r["ratio"], f"{r['peak_rss_bytes'] / 2**20:.0f}",
+              f"{r['largest_tensor_bytes'] / 2**20:.0f}"] for r in rows]
+    from longcat_tools.cli._common import format_table
+
+    print(format_table(table, hdr))
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+           "cpus": os.cpu_count(), "python": platform.python_version(),
+           "torch": torch.__version__, "method": __doc__, "rows": rows}
+    (args.out / "convert.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out / 'convert.json'}")
+
+
+if __name__ == "__main__":
+    main()
