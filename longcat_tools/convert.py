@@ -27,7 +27,7 @@ import torch
 
 from longcat_tools import __version__, keymap, layouts
 from longcat_tools import lora_formats as lf
-from longcat_tools.atomic import atomic_folder
+from longcat_tools.atomic import atomic_folder, partial_path
 from longcat_tools.checksums import MANIFEST, HashingFile, HashPool, copy_hashed, format_manifest
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.safetensors_io import (
@@ -236,6 +236,10 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
         raise UsageError(f"{dst}: the output may not be inside the source checkpoint {src}")
     if d in s.parents:
         raise UsageError(f"{dst}: the output may not contain the source checkpoint {src}")
+    tmp = partial_path(d)
+    if s == tmp or tmp in s.parents:
+        raise UsageError(f"{src}: is the scratch folder of --dst {dst} (a run would delete it); "
+                         "rename it first")
     if dst.exists() or dst.is_symlink():
         if not force:
             raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
@@ -248,6 +252,10 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
                                "replace it even with --force (remove it yourself)")
     if not dst.parent.is_dir():
         raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
 
 
 def transformer_config(cfg: dict[str, Any], flavour: str) -> dict[str, Any]:
@@ -302,6 +310,12 @@ def _dit_jobs(ckpt: layouts.Checkpoint, folder: str, keys: str, want: torch.dtyp
                                    "to this shard")
     expected = dict(keymap.tensor_specs(dims, ckpt.flavour))
     unknown = sorted(set(infos) - set(expected))
+    seen = keymap.detect_flavour(list(infos))
+    if unknown and seen and seen != ckpt.flavour:
+        raise LongcatError(f"{ckpt.transformer_dir}: tensor names are {seen} keys but "
+                           f"{ckpt.config_path.name} says {ckpt.flavour} (_class_name "
+                           f"{cfg.get('_class_name')!r}); fix _class_name to "
+                           f"{keymap.CLASS_BY_FLAVOUR[seen]}")
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise LongcatError(f"{ckpt.transformer_dir}: unknown DiT tensor '{unknown[0]}'{more} "
@@ -527,6 +541,10 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     want = DTYPE_CHOICES[dtype]
     meta = _provenance(ckpt, keys, dtype)
     notes: list[str] = []
+    if link and not _same_filesystem(src, dst.parent):
+        link = False
+        notes.append("source and destination are on different file systems: copying unchanged "
+                     "files instead of hard-linking them")
 
     dit_jobs, dims = _dit_jobs(ckpt, DIT_FOLDER[to], keys, want, max_shard, meta)
     jobs = list(dit_jobs)
@@ -546,6 +564,10 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
         for p in _component_files(ckpt, comp):
             jobs.append(FileJob(p.relative_to(ckpt.root).as_posix(), "link" if link else "copy",
                                 comp, src=p, bytes_in=p.stat().st_size))
+    known = {"dit", "transformer", "lora", MANIFEST, *layouts.COMPONENTS, *NATIVE_ROOT_FILES}
+    for entry in sorted(ckpt.root.iterdir()):
+        if entry.name not in known:
+            notes.append(f"{entry.name} (top level of the source) is not carried over")
     if to == "native":
         for name in NATIVE_ROOT_FILES:
             jobs.append(FileJob(name, "text", "root", text=_json_text(NATIVE_ROOT_STUB)))

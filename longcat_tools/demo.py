@@ -47,9 +47,22 @@ def step_inspect(ctx: DemoContext) -> str:
     return f"layout {ckpt.describe()}, {len(shards)} tensors in {len(set(shards.values()))} shards"
 
 
+def step_convert(ctx: DemoContext) -> str:
+    from longcat_tools.convert import convert
+
+    dst = ctx.out / "tiny-converted"
+    r = convert(ctx.paths["native"], dst, force=True)
+    ctx.paths["converted"] = dst
+    dit = sum(len(j.tensors) for j in r.plan.jobs if j.group == "transformer")
+    loras = "+".join(r.plan.loras)
+    return (f"{dst}: {dit} DiT tensors (FastVideo keys), LoRA {loras}, "
+            f"{r.bytes_written / 1e6:.1f} MB written, {r.files_linked} files linked")
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("synth", step_synth),
     ("inspect", step_inspect),
+    ("convert", step_convert),
 ]
 
 

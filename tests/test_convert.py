@@ -278,6 +278,10 @@ def test_destination_problems(tiny_native, tmp_path, capsys, monkeypatch):
     assert "inside the source" in capsys.readouterr().err
     assert main([*args, str(tmp_path / "x"), "--lora", "nope"]) == 2
     assert "no adapter named 'nope'" in capsys.readouterr().err
+    partial = tmp_path / "p.partial"
+    shutil.copytree(tiny_native, partial)
+    assert main(["convert", "--src", str(partial), "--dst", str(tmp_path / "p")]) == 2
+    assert "scratch folder of --dst" in capsys.readouterr().err and partial.is_dir()
     monkeypatch.setenv(conv.ENV_FREE_BYTES, "1000")
     assert main([*args, str(tmp_path / "full")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -360,3 +364,20 @@ def test_sigkill_never_leaves_a_destination(tiny_native, converted, tmp_path):
     assert (dst / MANIFEST).read_text() == (converted / MANIFEST).read_text()
     assert files(dst) == files(converted)
     assert [p.name for p in tmp_path.iterdir()] == ["dst"]
+
+
+def test_demo_step_converts(tiny_native, tmp_path):
+    from longcat_tools.demo import DemoContext, step_convert
+
+    ctx = DemoContext(tmp_path, print, {"native": tiny_native})
+    detail = step_convert(ctx)
+    assert "68 DiT tensors" in detail and "distilled+refinement" in detail
+    assert layouts.detect(ctx.paths["converted"]).flavour == "fastvideo"
+
+
+def test_other_file_system_copies_instead_of_linking(tiny_native, tmp_path, monkeypatch):
+    monkeypatch.setattr(conv, "_same_filesystem", lambda a, b: False)
+    p = conv.plan(tiny_native, tmp_path / "x")
+    assert not any(j.kind == "link" for j in p.jobs)
+    assert any("different file systems" in n for n in p.notes)
+    assert p.bytes_to_write == p.bytes_out  # the disk check counts the copies
