@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -64,37 +65,41 @@ def warm(path: Path) -> None:
     subprocess.run(f"find {path} -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
 
 
-def timed(cmd: list[str], env=None) -> tuple[float, subprocess.CompletedProcess]:
+def run_cp(src: Path, work: Path) -> dict:
+    dst = work / "cp"
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    warm(src)
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    subprocess.run(["cp", "-r", str(src / "dit"), str(src / "lora"), str(dst)], check=True)
     subprocess.run(["sync"], check=True)
-    return time.perf_counter() - t0, p
+    secs = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    subprocess.run(["sync"], check=True)
+    return {"what": "cp", "seconds": round(secs, 3), "load": load}
 
 
-def bench(src: Path, work: Path, dtype: str) -> dict:
+def run_convert(src: Path, work: Path, dtype: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     dst = work / f"out-{dtype}"
     shutil.rmtree(dst, ignore_errors=True)
-    cp_dst = work / "cp"
-    shutil.rmtree(cp_dst, ignore_errors=True)
-    cp_dst.mkdir()
     warm(src)
-    cp_s, p = timed(["cp", "-r", str(src / "dit"), str(src / "lora"), str(cp_dst)])
-    assert p.returncode == 0, p.stderr
-    shutil.rmtree(cp_dst)
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "longcat_tools", "convert", "--src", str(src),
+                        "--dst", str(dst), "--dtype", dtype, "--json", "-q"],
+                       capture_output=True, text=True, env=env)
     subprocess.run(["sync"], check=True)
-    warm(src)
-    conv_s, p = timed([sys.executable, "-m", "longcat_tools", "convert", "--src", str(src),
-                       "--dst", str(dst), "--dtype", dtype, "--json", "-q"], env)
+    secs = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(p.stderr)
     r = json.loads(p.stdout)
     shutil.rmtree(dst)
     subprocess.run(["sync"], check=True)
-    return {"dtype": dtype, "cp_seconds": round(cp_s, 3), "convert_seconds": round(conv_s, 3),
-            "convert_inner_seconds": r["seconds"], "bytes_in": r["bytes_read"],
-            "bytes_written": r["bytes_written"], "tensors": r["tensors_written"],
-            "peak_rss_bytes": r["peak_rss_bytes"]}
+    return {"what": f"convert {dtype}", "seconds": round(secs, 3), "load": load,
+            "inner_seconds": r["seconds"], "bytes_written": r["bytes_written"],
+            "tensors": r["tensors_written"], "peak_rss_bytes": r["peak_rss_bytes"]}
 
 
 def main() -> None:
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/lcbench"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--keep-sources", action="store_true",
+                    help="Keep (and reuse) the synthetic sources under --work.")
     args = ap.parse_args()
     import torch
 
@@ -115,27 +122,44 @@ def main() -> None:
     for depth in args.depths:
         src = args.work / f"real-d{depth}"
         t0 = time.perf_counter()
-        nbytes = make_source(src, depth)
-        print(f"depth {depth}: wrote {nbytes / 1e9:.2f} GB of DiT+LoRA in "
+        if args.keep_sources and (src / "dit" / "config.json").is_file():
+            nbytes = sum(f.stat().st_size for d in ("dit", "lora") for f in (src / d).iterdir())
+        else:
+            nbytes = make_source(src, depth)
+        print(f"depth {depth}: {nbytes / 1e9:.2f} GB of DiT+LoRA ready in "
               f"{time.perf_counter() - t0:.0f} s")
         dims = keymap.dit_dims(synth.dit_config("real", depth))
-        largest = max(4 * __import__("math").prod(s) for _, s in keymap.native_tensor_specs(dims))
-        for dtype in ("keep", "bf16"):
-            for rep in range(args.repeats):
-                r = bench(src, args.work, dtype)
-                r.update(depth=depth, repeat=rep, largest_tensor_bytes=largest)
-                r["input_gb_per_s_cp"] = round(r["bytes_in"] / r["cp_seconds"] / 1e9, 3)
-                r["input_gb_per_s_convert"] = round(r["bytes_in"] / r["convert_seconds"] / 1e9, 3)
-                r["ratio"] = round(r["cp_seconds"] / r["convert_seconds"], 3)
-                rows.append(r)
-                print(json.dumps(r))
-        shutil.rmtree(src)
-    hdr = ["depth", "dtype", "rep", "input GB", "cp s", "convert s", "cp GB/s", "conv GB/s",
-           "conv/cp", "peak RSS MB", "largest MB"]
+        largest = max(4 * math.prod(s) for _, s in keymap.native_tensor_specs(dims))
+        for rep in range(args.repeats):
+            order = ["cp", "keep", "bf16"] if rep % 2 == 0 else ["bf16", "keep", "cp"]
+            got = {}
+            for what in order:
+                got[what] = (run_cp(src, args.work) if what == "cp"
+                             else run_convert(src, args.work, what))
+                print(json.dumps(got[what]), flush=True)
+            cp_s = got["cp"]["seconds"]
+            for dtype in ("keep", "bf16"):
+                c = got[dtype]
+                rows.append({"depth": depth, "repeat": rep, "dtype": dtype, "bytes_in": nbytes,
+                             "largest_tensor_bytes": largest, "cp_seconds": cp_s,
+                             "cp_load": got["cp"]["load"], "convert_load": c["load"],
+                             "convert_seconds": c["seconds"],
+                             "convert_inner_seconds": c["inner_seconds"],
+                             "bytes_written": c["bytes_written"], "tensors": c["tensors"],
+                             "peak_rss_bytes": c["peak_rss_bytes"],
+                             "ratio_end_to_end": round(cp_s / c["seconds"], 3),
+                             "ratio_streaming": round(cp_s / c["inner_seconds"], 3)})
+        if not args.keep_sources:
+            shutil.rmtree(src)
+    hdr = ["depth", "dtype", "rep", "input GB", "cp s", "convert s", "inner s", "cp GB/s",
+           "conv GB/s", "ratio", "ratio streaming", "peak RSS MB", "largest MB", "load"]
     table = [[r["depth"], r["dtype"], r["repeat"], f"{r['bytes_in'] / 1e9:.2f}", r["cp_seconds"],
-              r["convert_seconds"], r["input_gb_per_s_cp"], r["input_gb_per_s_convert"],
-              r["ratio"], f"{r['peak_rss_bytes'] / 2**20:.0f}",
-              f"{r['largest_tensor_bytes'] / 2**20:.0f}"] for r in rows]
+              r["convert_seconds"], r["convert_inner_seconds"],
+              f"{r['bytes_in'] / r['cp_seconds'] / 1e9:.3f}",
+              f"{r['bytes_in'] / r['convert_seconds'] / 1e9:.3f}", r["ratio_end_to_end"],
+              r["ratio_streaming"], f"{r['peak_rss_bytes'] / 2**20:.0f}",
+              f"{r['largest_tensor_bytes'] / 2**20:.0f}",
+              f"{r['cp_load']:.1f}/{r['convert_load']:.1f}"] for r in rows]
     from longcat_tools.cli._common import format_table
 
     print(format_table(table, hdr))

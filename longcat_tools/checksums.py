@@ -8,28 +8,55 @@ checks a checkpoint with no tool installed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 
 from longcat_tools.errors import LongcatError
 
 MANIFEST = "checksums.sha256"
-_CHUNK = 16 << 20
+# Slices of about this size keep the written bytes in the CPU cache until the hash thread reads
+# them; measured on a 2-core VM, 1 MiB slices copy and hash faster than 4 or 16 MiB ones.
+SLICE = 1 << 20
+KERNEL_CHUNK = 8 << 20
+# copy_file_range is used until the kernel refuses it once (old kernels, other file systems).
+_KERNEL_COPY = hasattr(os, "copy_file_range")
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
+                   errno.EPERM}
+
+
+class BufferRing:
+    """A fixed set of reusable buffers: no allocation (and no page faults) per chunk."""
+
+    def __init__(self, size: int = SLICE, count: int = 16) -> None:
+        self.size = size
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def get(self) -> bytearray:
+        return self._free.get()
+
+    def put(self, buf: bytearray) -> None:
+        self._free.put(buf)
 
 
 class HashPool:
     """One thread that feeds byte buffers to their hashers in the order they were handed over.
 
-    A buffer given to :meth:`update` must not change afterwards (the thread reads it later).
+    A buffer given to :meth:`update` must not change until it is hashed; ``release`` (if any)
+    is called then, e.g. to give the buffer back to a :class:`BufferRing`.
     """
 
-    def __init__(self, depth: int = 6) -> None:
+    def __init__(self, depth: int = 32) -> None:
         self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self._thread.start()
 
@@ -38,23 +65,32 @@ class HashPool:
             item = self._q.get()
             if item is None:
                 return
-            h, data = item
+            h, data, release = item
             if isinstance(data, Future):
                 data.set_result(h.hexdigest())
-            else:
+                continue
+            try:
                 h.update(data)
+            except BaseException as e:  # noqa: BLE001 - reported to the writer
+                self._error = e
+            if release is not None:
+                release()
 
     def new(self):
         return hashlib.sha256()
 
-    def update(self, h, data) -> None:
-        if len(data):
-            self._q.put((h, data))
+    def update(self, h, data, release: Callable[[], None] | None = None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put((h, data, release))
 
     def hexdigest(self, h) -> str:
         fut: Future = Future()
-        self._q.put((h, fut))
-        return fut.result()
+        self._q.put((h, fut, None))
+        digest = fut.result()
+        if self._error is not None:
+            raise self._error
+        return digest
 
     def close(self) -> None:
         self._q.put(None)
@@ -68,44 +104,108 @@ class HashPool:
 
 
 class HashingFile:
-    """A new file whose bytes are hashed as they are written; :meth:`close` fsyncs it and
-    returns ``(sha256 hex, size)``."""
+    """A new file whose bytes are hashed as they are written; :meth:`close` returns
+    ``(sha256 hex, size)`` (and fsyncs unless told not to)."""
 
     def __init__(self, path: Path, pool: HashPool) -> None:
         self.path = path
         self._pool = pool
         self._h = pool.new()
-        self._f = open(path, "xb", buffering=0)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.size = 0
 
-    def write(self, data) -> None:
-        view = memoryview(data)
+    def _write_all(self, view: memoryview) -> None:
         while view:
-            n = self._f.write(view)
+            n = os.write(self._fd, view)
             view = view[n:]
-        self._pool.update(self._h, data)
-        self.size += len(data)
+
+    def write(self, data, release: Callable[[], None] | None = None) -> None:
+        """Write ``data`` (kept unchanged until hashed) in cache-sized slices."""
+        view = memoryview(data).cast("B")
+        n = len(view)
+        for i in range(0, n, SLICE):
+            part = view[i:i + SLICE]
+            self._write_all(part)
+            last = i + SLICE >= n
+            self._pool.update(self._h, part, release if last else None)
+        if n == 0 and release is not None:
+            release()
+        self.size += n
+
+    def copy_from(self, fd: int, offset: int, n: int, ring: BufferRing,
+                  progress: Callable[[int], None] | None = None) -> None:
+        """Append ``n`` bytes at ``offset`` of the open file ``fd``.
+
+        The kernel copies them (``copy_file_range``: no trip through user space) while the hash
+        thread reads the same page-cache pages through a short-lived read-only mapping; where the
+        kernel cannot, the bytes go through ``ring``'s buffers instead.
+        """
+        end = offset + n
+        global _KERNEL_COPY
+        while offset < end and _KERNEL_COPY:
+            want = min(KERNEL_CHUNK, end - offset)
+            try:
+                got = os.copy_file_range(fd, self._fd, want, offset)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                _KERNEL_COPY = False
+                break
+            if got <= 0:
+                raise LongcatError(f"unexpected end of file at byte {offset} of a source file "
+                                   "(truncated while converting?)")
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            mm = mmap.mmap(fd, offset + got - start, prot=mmap.PROT_READ, offset=start)
+            view = memoryview(mm)[offset - start:]
+
+            def release(view=view, mm=mm) -> None:
+                view.release()
+                mm.close()
+
+            self._pool.update(self._h, view, release)
+            self.size += got
+            offset += got
+            if progress:
+                progress(got)
+        while offset < end:
+            buf = ring.get()
+            want = min(ring.size, end - offset)
+            view = memoryview(buf)[:want]
+            got = 0
+            while got < want:
+                k = os.preadv(fd, [view[got:]], offset + got)
+                if k <= 0:
+                    ring.put(buf)
+                    raise LongcatError(f"unexpected end of file at byte {offset + got} of a "
+                                       "source file (truncated while converting?)")
+                got += k
+            self._write_all(view)
+            self._pool.update(self._h, view, lambda b=buf: ring.put(b))
+            self.size += want
+            offset += want
+            if progress:
+                progress(want)
 
     def close(self, fsync: bool = True) -> tuple[str, int]:
         if fsync:
-            os.fsync(self._f.fileno())
-        self._f.close()
+            os.fsync(self._fd)
+        os.close(self._fd)
         return self._pool.hexdigest(self._h), self.size
 
     def abort(self) -> None:
-        self._f.close()
+        os.close(self._fd)
 
 
-def copy_hashed(src: Path, dst: Path, pool: HashPool, progress=None,
+def copy_hashed(src: Path, dst: Path, pool: HashPool, ring: BufferRing, progress=None,
                 fsync: bool = True) -> tuple[str, int]:
-    """Copy a file chunk by chunk, hashing what is written; returns ``(sha256 hex, size)``."""
+    """Copy a file, hashing what is written; returns ``(sha256 hex, size)``."""
     out = HashingFile(dst, pool)
     try:
-        with open(src, "rb", buffering=0) as f:
-            while chunk := f.read(_CHUNK):
-                out.write(chunk)
-                if progress:
-                    progress(len(chunk))
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            out.copy_from(fd, 0, os.fstat(fd).st_size, ring, progress)
+        finally:
+            os.close(fd)
     except BaseException:
         out.abort()
         raise
@@ -115,7 +215,7 @@ def copy_hashed(src: Path, dst: Path, pool: HashPool, progress=None,
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(16 * SLICE):
             h.update(chunk)
     return h.hexdigest()
 
