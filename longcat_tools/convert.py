@@ -19,6 +19,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -748,7 +749,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
     sources = _Sources()
     ring = BufferRing()
     t0 = time.perf_counter()
-    digests: dict[str, str] = {}
+    digests: dict[str, Future] = {}
     written = linked = copied = tensors = bytes_written = 0
 
     def wrote(n: int) -> None:
@@ -775,7 +776,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                     except BaseException:
                         out.abort()
                         raise
-                    digests[job.rel], _ = out.close(fsync=False)
+                    digests[job.rel] = out.close_later()
                     written += 1
                     if any(t.produce is not None for t in job.tensors):
                         sources.bytes_read += job.bytes_in  # read through lora_formats
@@ -784,29 +785,42 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                     data = job.text.encode()
                     out.write(data)
                     wrote(len(data))
-                    digests[job.rel], _ = out.close(fsync=False)
+                    digests[job.rel] = out.close_later()
                     written += 1
                 else:
                     assert job.src is not None
                     if job.kind == "link" and _try_link(job.src, path):
                         linked += 1
                     else:
-                        digests[job.rel], _ = copy_hashed(job.src, path, pool, ring, wrote,
-                                                          fsync=False)
+                        digests[job.rel] = copy_hashed(job.src, path, pool, ring, wrote)
                         copied += 1
                         sources.bytes_read += job.bytes_in
                 killer.step()
             out = HashingFile(tmp / MANIFEST, pool)
-            out.write(format_manifest(digests).encode())
+            out.write(format_manifest({rel: f.result() for rel, f in digests.items()}).encode())
             out.close(fsync=False)
             killer.step()
             _fsync_tree(tmp)
             killer.step()
     finally:
         sources.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return Result(p, time.perf_counter() - t0, tensors, sources.bytes_read, bytes_written,
                   written, linked, copied, peak, len(digests))
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process image in bytes: ``VmHWM`` where Linux has it
+    (``ru_maxrss`` keeps the parent's peak across fork and exec, so a small command started
+    by a big one would report the big one's), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _try_link(src: Path, dst: Path) -> bool:

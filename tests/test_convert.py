@@ -16,6 +16,7 @@ from longcat_tools import keymap, layouts
 from longcat_tools import lora_formats as lf
 from longcat_tools.checksums import MANIFEST, check_manifest, read_manifest
 from longcat_tools.cli import main
+from longcat_tools.errors import LongcatError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -302,6 +303,7 @@ ZYGOTE = r"""
 import json, os, signal, sys, time
 import longcat_tools.convert  # noqa: F401  (imports torch once; every run below is a fork)
 from longcat_tools.cli import main
+from longcat_tools.errors import LongcatError
 
 src, dst, plan = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 
@@ -381,3 +383,30 @@ def test_other_file_system_copies_instead_of_linking(tiny_native, tmp_path, monk
     assert not any(j.kind == "link" for j in p.jobs)
     assert any("different file systems" in n for n in p.notes)
     assert p.bytes_to_write == p.bytes_out  # the disk check counts the copies
+
+
+def test_copies_without_kernel_copy_are_identical(tiny_native, converted, tmp_path, monkeypatch):
+    """The read/write fallback (where copy_file_range is refused) writes the same bytes."""
+    from longcat_tools import checksums
+
+    monkeypatch.setattr(checksums, "_KERNEL_COPY", False)
+    dst = tmp_path / "fallback"
+    conv.convert(tiny_native, dst, link=False)
+    ours, ref = read_manifest(dst / MANIFEST), read_manifest(converted / MANIFEST)
+    assert {k: ours[k] for k in ref} == ref
+    assert check_manifest(dst) == {}
+
+
+def test_manifest_is_sha256sum_format(converted, tmp_path):
+    p = subprocess.run(["sha256sum", "-c", "--strict", MANIFEST], cwd=converted,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    bad = tmp_path / "bad.sha256"
+    bad.write_text("abc  x\n")
+    with pytest.raises(LongcatError, match="not a sha256sum line"):
+        read_manifest(bad)
+    copy = tmp_path / "c"
+    shutil.copytree(converted, copy)
+    with open(copy / "model_index.json", "a") as f:
+        f.write(" ")
+    assert check_manifest(copy) == {"model_index.json": "checksum differs"}
