@@ -54,19 +54,13 @@ class HashPool:
     is called then, e.g. to give the buffer back to a :class:`BufferRing`.
     """
 
-    def __init__(self, depth: int = 32) -> None:
+    def __init__(self, depth: int = 128) -> None:
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        # Below the writer and the kernel's writeback threads: on a 2-core machine a busy hash
-        # thread at equal priority measurably slows the disk flush (cp + sync has no hashing).
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
         while True:
             item = self._q.get()
             if item is None:

@@ -42,6 +42,7 @@ from longcat_tools.safetensors_io import (
     TensorInfo,
     TensorSpec,
     build_header,
+    fsync_dir,
     read_header,
     shard_names,
     tensor_bytes,
@@ -796,11 +797,12 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                         copied += 1
                         sources.bytes_read += job.bytes_in
                 killer.step()
+            _fsync_tree(tmp)  # the disk flushes while the hash thread catches up
+            killer.step()
             out = HashingFile(tmp / MANIFEST, pool)
             out.write(format_manifest({rel: f.result() for rel, f in digests.items()}).encode())
-            out.close(fsync=False)
-            killer.step()
-            _fsync_tree(tmp)
+            out.close(fsync=True)
+            fsync_dir(tmp)
             killer.step()
     finally:
         sources.close()

@@ -316,6 +316,9 @@ def _alpha_from_record(rec: Mapping) -> torch.Tensor:
 
 def _parse_fastvideo(header: Header,
                      shapes: Mapping[str, tuple[int, int]] | None) -> dict[str, ModuleEntry]:
+    """Group FastVideo targets back into native modules: split targets of a fused module are
+    its blocks (down rows concatenated), a single target's block count comes from the file's
+    metadata, else the convention (adaLN: 6 or 2) where lora_B is block-diagonal, else 1."""
     where = str(header.path)
     exact = _exact_metadata(header)
     # native module -> split index -> role -> key
@@ -381,15 +384,16 @@ def _parse_fastvideo(header: Header,
             else:
                 alphas.append(float(rank_a))  # FastVideo: no alpha means scale 1
         if count > 1:
-            if n == 1:
-                rank = rank_a
-            elif n == count:
-                rank = rank_a
-            else:
+            # one block per split target, or (n == 1) one down shared by all targets
+            if n not in (1, count):
                 raise LongcatError(f"{where}: metadata gives fused '{native}' {n} blocks; only 1 "
                                    f"or {count} can be written natively")
+            rank = rank_a
         else:
             if rank_a % n or b_info[0].shape[0] % n:
+                if "n" in rec:
+                    raise LongcatError(f"{where}: metadata gives '{native}' {n} blocks, which do "
+                                       f"not divide its rank {rank_a}")
                 n = 1  # not the conventional block split: one plain up
             rank = rank_a // n
         scales = {a / rank_a for a in alphas}
