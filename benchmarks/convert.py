@@ -5,11 +5,16 @@ scheduler as synth writes them; no text encoder, whose 22 GB the conversion only
 streams like the DiT), then time, under the same cache conditions:
 
 * ``cp``: ``cp -r dit lora`` into a fresh folder, then ``sync``;
-* ``convert``: ``longcat-tools convert`` (it fsyncs every file it writes), then ``sync``;
+* ``cp+sha256sum``: the same plus ``sha256sum`` of the copies (convert also writes
+  checksums.sha256 of what it writes);
+* ``convert keep`` / ``convert bf16``: ``longcat-tools convert`` in a fresh process (it fsyncs
+  what it writes), then ``sync``;
 
 each after reading the input once (``cat > /dev/null``), so the input is in the page cache for
-both and both end with the output on disk. The page cache cannot be dropped here (no root).
-Rates are input bytes / wall time. Peak RSS is the convert process's own ``ru_maxrss``.
+all and all end with the output on disk (the page cache cannot be dropped here: no root). The
+order alternates between repeats. Rates are input bytes (DiT + LoRA files) / wall time; the
+"streaming" ratio uses convert's own time (plan to rename, without the ~2 s Python + torch
+start). Peak RSS is the convert process's ``VmHWM``.
 
     python benchmarks/convert.py --depths 4 8 --work /tmp/lcbench --out benchmarks/results
 """
@@ -65,7 +70,9 @@ def warm(path: Path) -> None:
     subprocess.run(f"find {path} -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
 
 
-def run_cp(src: Path, work: Path) -> dict:
+def run_cp(src: Path, work: Path, hashed: bool = False) -> dict:
+    """``cp -r dit lora`` + ``sync``; with ``hashed`` also ``sha256sum`` of the copies (what
+    convert's checksums.sha256 gives on top of the copy)."""
     dst = work / "cp"
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir()
@@ -73,11 +80,14 @@ def run_cp(src: Path, work: Path) -> dict:
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     subprocess.run(["cp", "-r", str(src / "dit"), str(src / "lora"), str(dst)], check=True)
+    if hashed:
+        subprocess.run(f"cd {dst} && find . -type f -print0 | xargs -0 sha256sum > "
+                       "/dev/null", shell=True, check=True)
     subprocess.run(["sync"], check=True)
     secs = time.perf_counter() - t0
     shutil.rmtree(dst)
     subprocess.run(["sync"], check=True)
-    return {"what": "cp", "seconds": round(secs, 3), "load": load}
+    return {"what": "cp+sha256sum" if hashed else "cp", "seconds": round(secs, 3), "load": load}
 
 
 def run_convert(src: Path, work: Path, dtype: str) -> dict:
@@ -131,10 +141,13 @@ def main() -> None:
         dims = keymap.dit_dims(synth.dit_config("real", depth))
         largest = max(4 * math.prod(s) for _, s in keymap.native_tensor_specs(dims))
         for rep in range(args.repeats):
-            order = ["cp", "keep", "bf16"] if rep % 2 == 0 else ["bf16", "keep", "cp"]
+            order = ["cp", "keep", "bf16", "cp+sha"]
+            if rep % 2:
+                order.reverse()
             got = {}
             for what in order:
                 got[what] = (run_cp(src, args.work) if what == "cp"
+                             else run_cp(src, args.work, True) if what == "cp+sha"
                              else run_convert(src, args.work, what))
                 print(json.dumps(got[what]), flush=True)
             cp_s = got["cp"]["seconds"]
@@ -142,6 +155,7 @@ def main() -> None:
                 c = got[dtype]
                 rows.append({"depth": depth, "repeat": rep, "dtype": dtype, "bytes_in": nbytes,
                              "largest_tensor_bytes": largest, "cp_seconds": cp_s,
+                             "cp_sha256sum_seconds": got["cp+sha"]["seconds"],
                              "cp_load": got["cp"]["load"], "convert_load": c["load"],
                              "convert_seconds": c["seconds"],
                              "convert_inner_seconds": c["inner_seconds"],
@@ -151,10 +165,11 @@ def main() -> None:
                              "ratio_streaming": round(cp_s / c["inner_seconds"], 3)})
         if not args.keep_sources:
             shutil.rmtree(src)
-    hdr = ["depth", "dtype", "rep", "input GB", "cp s", "convert s", "inner s", "cp GB/s",
+    hdr = ["depth", "dtype", "rep", "input GB", "cp s", "cp+sha s", "convert s", "inner s",
+           "cp GB/s",
            "conv GB/s", "ratio", "ratio streaming", "peak RSS MB", "largest MB", "load"]
     table = [[r["depth"], r["dtype"], r["repeat"], f"{r['bytes_in'] / 1e9:.2f}", r["cp_seconds"],
-              r["convert_seconds"], r["convert_inner_seconds"],
+              r["cp_sha256sum_seconds"], r["convert_seconds"], r["convert_inner_seconds"],
               f"{r['bytes_in'] / r['cp_seconds'] / 1e9:.3f}",
               f"{r['bytes_in'] / r['convert_seconds'] / 1e9:.3f}", r["ratio_end_to_end"],
               r["ratio_streaming"], f"{r['peak_rss_bytes'] / 2**20:.0f}",

@@ -410,3 +410,31 @@ def test_manifest_is_sha256sum_format(converted, tmp_path):
     with open(copy / "model_index.json", "a") as f:
         f.write(" ")
     assert check_manifest(copy) == {"model_index.json": "checksum differs"}
+
+
+def test_options_are_checked(tiny_native, tmp_path):
+    from longcat_tools.errors import UsageError
+
+    assert conv.parse_size("5GB") == 5 * 10**9 and conv.parse_size("2GiB") == 2 * 2**30
+    assert conv.parse_size("500 MB") == 5 * 10**8 and conv.parse_size(1234) == 1234
+    for bad in ("abc", "0", "5XB"):
+        with pytest.raises(UsageError):
+            conv.parse_size(bad)
+    with pytest.raises(UsageError, match="--to native"):
+        conv.plan(tiny_native, tmp_path / "x", to="native", keys="fastvideo")
+    with pytest.raises(UsageError, match="--dtype"):
+        conv.plan(tiny_native, tmp_path / "x", dtype="int8")
+
+
+def test_fp16_refuses_values_it_cannot_hold(tiny_native, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    shard = sorted((src / "dit").glob("*-00001-of-*.safetensors"))[0]
+    t = load_file(str(shard))
+    name = sorted(t)[0]
+    t[name] = t[name].clone()
+    t[name].view(-1)[0] = 1e6
+    save_file(t, str(shard), metadata={"format": "pt"})
+    with pytest.raises(LongcatError, match="overflows float16"):
+        conv.convert(src, tmp_path / "dst", dtype="fp16")
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
