@@ -13,7 +13,9 @@ import typer
 
 from longcat_tools import __version__
 from longcat_tools.cli.demo import demo_cmd
+from longcat_tools.cli.schema import schema_cmd
 from longcat_tools.cli.synth import synth_cmd
+from longcat_tools.cli.verify import verify_cmd
 from longcat_tools.errors import EXIT_FAIL, LongcatError
 
 app = typer.Typer(
@@ -23,6 +25,8 @@ app = typer.Typer(
 )
 app.command("synth")(synth_cmd)
 app.command("demo")(demo_cmd)
+app.command("verify")(verify_cmd)
+app.command("schema")(schema_cmd)
 
 
 def _version(value: bool) -> None:
