@@ -481,7 +481,7 @@ CASES = [
     ("model-index-invalid-json", model_index_not_json, "invalid JSON", []),
     ("deep-nan", nan_value, "NaN", ["--deep"]),
     ("deep-inf", inf_value, "1 Inf", ["--deep"]),
-    ("deep-all-zero-weight", zero_weight, "all zero", ["--deep"]),
+    ("deep-all-zero-weight", zero_weight, "all-zero weights", ["--deep"]),
     ("deep-checksum-mismatch", checksum_mismatch, "does not match", ["--deep"]),
     ("checksums-path-escapes", checksum_escape, "leaves the checkpoint", []),
     ("manifest-missing-adapter", manifest_missing_file, "missing", []),

@@ -22,7 +22,7 @@ from longcat_tools.safetensors_io import Header
 from longcat_tools.verify import components as C
 from longcat_tools.verify import deep as D
 from longcat_tools.verify import lora as L
-from longcat_tools.verify.report import Recorder, Report, listing
+from longcat_tools.verify.report import Recorder, Report, count, listing
 from longcat_tools.verify.weights import WeightSet, dtypes, expect, read_weights
 
 MAX_ENTRIES = 100_000  # files and folders in a checkpoint (the real one has a few dozen)
@@ -109,8 +109,8 @@ def _run(rec: Recorder, st: _State, deep: bool, sums: Path | None,
     if deep:
         _deep(rec, st, listed, progress)
     elif listed:
-        rec.ok(CKPT, "checksums", sums_path, f"{len(listed)} files listed; hashes not compared "
-               "(run with --deep)")
+        rec.ok(CKPT, "checksums", sums_path, f"{count(len(listed), 'file')} listed; hashes "
+               "not compared (run with --deep)")
 
 
 # --- the folder itself ---------------------------------------------------------------------
@@ -120,14 +120,14 @@ def _walk(rec: Recorder, st: _State) -> None:
     no pickle anywhere."""
     root, allowed = st.root, st.root.resolve()
     escapes, odd, pickles = [], [], []
-    count = 0
+    entries = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False,
                                                 onerror=lambda e: odd.append(
                                                     (Path(e.filename or root),
                                                      f"cannot list ({e.strerror})"))):
         for name in sorted(dirnames) + sorted(filenames):
-            count += 1
-            if count > MAX_ENTRIES:
+            entries += 1
+            if entries > MAX_ENTRIES:
                 rec.fail(CKPT, "paths", root, f"more than {MAX_ENTRIES:,} files and folders: not "
                          "a checkpoint (or the wrong folder)")
                 return
@@ -160,8 +160,8 @@ def _walk(rec: Recorder, st: _State) -> None:
         rec.fail(CKPT, "paths", p, "pickle file: never loaded, and unsafe to load (convert it to "
                  "safetensors or remove it)")
     if not (escapes or odd or pickles):
-        rec.ok(CKPT, "paths", root, f"{len(st.files)} files; no link leaves the folder, no "
-               "pickle, no special file")
+        rec.ok(CKPT, "paths", root, f"{count(len(st.files), 'file')}; no link leaves the folder, "
+               "no pickle, no special file")
 
 
 def _inside(st: _State, path: Path) -> bool:
@@ -398,12 +398,12 @@ def _checksum_list(rec: Recorder, st: _State, path: Path | None,
         rec.fail(CKPT, "checksums", path, msg)
     missing = [p for p in listed if not p.is_file()]
     if missing:
-        rec.fail(CKPT, "checksums", path, f"lists {len(missing)} files that are missing: "
+        rec.fail(CKPT, "checksums", path, f"lists missing files ({len(missing)}): "
                  f"{listing([rec.rel(p) for p in missing])}")
     covered = set(listed) | {path}
     unlisted = [p for p in st.files if p not in covered and p.suffix in (".safetensors", ".json")]
     if unlisted:
-        rec.warn(CKPT, "checksums", path, f"{len(unlisted)} weight/config files are not listed: "
+        rec.warn(CKPT, "checksums", path, f"weight/config files not listed ({len(unlisted)}): "
                  f"{listing([rec.rel(p) for p in unlisted])}")
     return {p: h for p, h in listed.items() if p.is_file()}
 
@@ -443,11 +443,12 @@ def _deep(rec: Recorder, st: _State, listed: dict[Path, str],
         zero = [n for n, s in res.tensors.items() if not s.nonzero
                 and len(header.tensors[n].shape) >= 2 and header.tensors[n].numel > 0]
         if nonfinite:
-            rec.fail(comp, "deep", p, f"{len(nonfinite)} tensors hold NaN/Inf: "
+            rec.fail(comp, "deep", p, f"NaN/Inf in {count(len(nonfinite), 'tensor')}: "
                      f"{listing(nonfinite, 3)}")
         if zero:
             (rec.warn if comp == "lora" else rec.fail)(
-                comp, "deep", p, f"{len(zero)} weight tensors are all zero: {listing(zero)}"
+                comp, "deep", p,
+                f"all-zero weights in {count(len(zero), 'tensor')}: {listing(zero)}"
                 + (" (the adapter changes nothing there)" if comp == "lora" else ""))
         if not nonfinite and not zero:
             c = clean.setdefault(comp, [0, 0])
@@ -455,11 +456,13 @@ def _deep(rec: Recorder, st: _State, listed: dict[Path, str],
             c[1] += len(res.tensors)
     for comp, (nfiles, ntensors) in clean.items():
         rec.ok(comp, "deep", st.root / comp if comp != "checkpoint" else st.root,
-               f"{ntensors:,} floating tensors in {nfiles} files: no NaN/Inf, no all-zero weight")
+               f"{count(ntensors, 'floating tensor')} in {count(nfiles, 'file')}: no NaN/Inf, "
+               "no all-zero weight")
     for p, msg in bad_sums[:8]:
         rec.fail(CKPT, "checksum", p, msg)
     if len(bad_sums) > 8:
-        rec.fail(CKPT, "checksum", bad_sums[8][0], f"{len(bad_sums) - 8} more files differ")
+        rec.fail(CKPT, "checksum", bad_sums[8][0], f"and {len(bad_sums) - 8} more differing files")
     if listed and not bad_sums:
-        rec.ok(CKPT, "checksum", st.root, f"all {len(listed)} listed files match their sha256")
+        rec.ok(CKPT, "checksum", st.root,
+               f"{count(len(listed), 'listed file')}: every sha256 matches")
     rec.report.stats["bytes_read"] = done

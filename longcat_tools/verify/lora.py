@@ -19,7 +19,7 @@ from typing import Any
 from longcat_tools import keymap, layouts, schemas
 from longcat_tools.errors import LongcatError
 from longcat_tools.safetensors_io import FLOAT_DTYPES, Header, TensorInfo, read_header
-from longcat_tools.verify.report import Recorder, listing
+from longcat_tools.verify.report import Recorder, count, listing
 
 MANIFEST = "adapters.json"
 NATIVE_PREFIX = "lora___lorahyphen___"
@@ -148,15 +148,15 @@ def check_file(rec: Recorder, path: Path, flavour: str | None,
         return None
     fmt, targets, unknown = parse_keys(h.tensors)
     if unknown or fmt in (None, "mixed"):
-        why = (f"{len(unknown)} tensors fit no LoRA format: {listing(unknown)}" if unknown
-               else "mixes LoRA formats" if fmt == "mixed" else "holds no tensors")
+        why = (f"{count(len(unknown), 'tensor')} that fit no LoRA format: {listing(unknown)}"
+               if unknown else "mixes LoRA formats" if fmt == "mixed" else "holds no tensors")
         rec.fail(comp, "format", path, why + " (known: native lora_down/lora_up, FastVideo "
                  "lora_A/lora_B, PEFT lora_A.weight/lora_B.weight)")
         return LoraFile(path, fmt, targets, h)
     lf = LoraFile(path, fmt, targets, h)
     if shapes is None or flavour is None:
-        rec.warn(comp, "targets", path, f"{fmt} format, {len(targets)} targets; not compared "
-                 "with the transformer (its config or weights are broken, see above)")
+        rec.warn(comp, "targets", path, f"{fmt} format, {count(len(targets), 'target')}; not "
+                 "compared with the transformer (its config or weights are broken, see above)")
         return lf
     other = "native" if flavour == "fastvideo" else "fastvideo"
     unknown_mods, foreign, misfit = [], [], []
@@ -173,10 +173,10 @@ def check_file(rec: Recorder, path: Path, flavour: str | None,
         if why:
             misfit.append(why)
     if unknown_mods:
-        rec.fail(comp, "targets", path, f"{len(unknown_mods)} adapted modules do not exist in the "
-                 f"transformer: {listing(unknown_mods)}")
+        rec.fail(comp, "targets", path, f"adapted modules that do not exist in the transformer "
+                 f"({len(unknown_mods)}): {listing(unknown_mods)}")
     if misfit:
-        rec.fail(comp, "shapes", path, f"{len(misfit)} targets do not fit their layer: "
+        rec.fail(comp, "shapes", path, f"targets that do not fit their layer ({len(misfit)}): "
                  f"{listing(misfit, 2)}")
     if foreign:
         hint = ("FastVideo loads only its own names; convert it with `longcat-tools lora`"
@@ -185,7 +185,7 @@ def check_file(rec: Recorder, path: Path, flavour: str | None,
                  f"({listing(foreign, 2)}) but the transformer has {flavour} keys: {hint}")
     if not unknown_mods and not misfit:
         ranks = sorted({t.rank for t in targets.values() if t.rank})
-        rec.ok(comp, "targets", path, f"{fmt} format, {len(targets)} targets, rank "
+        rec.ok(comp, "targets", path, f"{fmt} format, {count(len(targets), 'target')}, rank "
                f"{'/'.join(map(str, ranks))}: every target exists and fits")
     mats = Counter(i.dtype for t in targets.values() for i in [t.down, *t.ups.values()] if i)
     if any(d not in FLOAT_DTYPES for d in mats):
@@ -250,7 +250,7 @@ def check_manifest(rec: Recorder, root: Path, parsed: dict[Path, LoraFile]) -> N
     for p in problems:
         rec.fail(comp, "manifest", path, p)
     if not problems:
-        rec.ok(comp, "manifest", path, f"{len(doc['adapters'])} adapters registered, each "
+        rec.ok(comp, "manifest", path, f"{count(len(doc['adapters']), 'adapter')} registered, each "
                "matching its file")
 
 

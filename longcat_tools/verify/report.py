@@ -70,6 +70,11 @@ class Report:
         return doc
 
 
+def count(n: int, word: str) -> str:
+    """``1 tensor``, ``2 tensors``, ``1,022 tensors``."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def listing(items: list[str] | set[str], limit: int = MAX_LISTED) -> str:
     """``a, b, c (and 7 more)``: enough names to act on, never a wall of text."""
     items = sorted(items) if isinstance(items, set) else list(items)

@@ -17,7 +17,7 @@ from pathlib import Path
 from longcat_tools import layouts, schemas
 from longcat_tools.errors import LongcatError
 from longcat_tools.safetensors_io import FLOAT_DTYPES, Header, TensorInfo, read_header
-from longcat_tools.verify.report import Recorder, listing
+from longcat_tools.verify.report import Recorder, count, listing
 
 MAX_INDEX_TENSORS = 200_000  # the real DiT has 1,310 tensors, UMT5-XXL ~250: far more is hostile
 MAX_SHARDS = 10_000
@@ -179,8 +179,8 @@ def _read_headers(rec: Recorder, ws: WeightSet) -> None:
     if ws.headers and len(ws.headers) == len(ws.files):
         n = len(ws.files)
         rec.ok(ws.component, "header", ws.label,
-               f"{n} safetensors {'file' if n == 1 else 'files'} sound: {len(ws.tensors):,} "
-               f"tensors, {ws.nbytes:,} bytes of data")
+               f"{count(n, 'safetensors file')} sound: {count(len(ws.tensors), 'tensor')}, "
+               f"{ws.nbytes:,} bytes of data")
 
 
 def _check_against_index(rec: Recorder, ws: WeightSet, index: Path, wm: dict[str, str],
@@ -206,15 +206,15 @@ def _check_against_index(rec: Recorder, ws: WeightSet, index: Path, wm: dict[str
             elif listed != rel:
                 misplaced.append(f"'{name}' is in {rel}, the index says {listed}")
     for path, names in not_listed.items():
-        problems.append((path, f"holds {len(names)} tensors that {index.name} does not list: "
+        problems.append((path, f"holds tensors that {index.name} does not list ({len(names)}): "
                                f"{listing(names)}"))
     if misplaced:
-        problems.append((index, f"{len(misplaced)} tensors are not in the shard the index names: "
+        problems.append((index, f"tensors not in the shard the index names ({len(misplaced)}): "
                                 f"{listing(misplaced, 2)}"))
     readable = {rel for rel, p in files.items() if p in ws.headers}
     absent = [n for n, rel in wm.items() if rel in readable and n not in seen]
     if absent:
-        problems.append((index, f"lists {len(absent):,} tensors that their shard does not hold: "
+        problems.append((index, f"lists tensors that their shard does not hold ({len(absent):,}): "
                                 f"{listing(absent)}"))
     total = meta.get("total_size")
     data_bytes = sum(t.nbytes for h in ws.headers.values() for t in h.tensors.values())
@@ -229,7 +229,8 @@ def _check_against_index(rec: Recorder, ws: WeightSet, index: Path, wm: dict[str
         ws.complete = False
     elif complete_read:
         rec.ok(component, "index", index,
-               f"{len(wm):,} tensors in {len(files)} shards, all present and listed, "
+               f"{count(len(wm), 'tensor')} in {count(len(files), 'shard')}, all present and "
+               f"listed, "
                f"total_size {data_bytes:,}")
 
 
@@ -250,15 +251,15 @@ def expect(rec: Recorder, ws: WeightSet, expected: dict[str, tuple[int, ...]], w
                                              f"found (see the failures above): {listing(missing)}")
     if extra and unexpected:
         rec.add(component, "tensors", unexpected, file,
-                f"{len(extra):,} tensors that {what} does not explain: {listing(extra)}")
+                f"tensors that {what} does not explain ({len(extra):,}): {listing(extra)}")
     if not missing and not extra:
         n = len([k for k in expected if k in found])
         rec.ok(component, "tensors", file, f"all {n:,} tensors {what} implies")
     wrong = [f"{n} is {list(found[n].shape)}, expected {list(s)}"
              for n, s in expected.items() if n in found and tuple(found[n].shape) != tuple(s)]
     if wrong:
-        rec.fail(component, "shapes", file, f"{len(wrong):,} tensors have the wrong shape for "
-                                            f"{what}: {listing(wrong, 2)}")
+        rec.fail(component, "shapes", file, f"wrong shape for {what} in "
+                                            f"{count(len(wrong), 'tensor')}: {listing(wrong, 2)}")
     elif found:
         rec.ok(component, "shapes", file, f"every shape matches {what}")
 
