@@ -47,6 +47,7 @@ class _State:
     weights: dict[str, WeightSet] = field(default_factory=dict)
     loras: dict[Path, L.LoraFile] = field(default_factory=dict)
     lora_headers: dict[Path, Header] = field(default_factory=dict)
+    unlisted: str = ""  # a note on files the checksum list leaves out
 
 
 def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None = None,
@@ -105,12 +106,12 @@ def _run(rec: Recorder, st: _State, deep: bool, sums: Path | None,
     _loras(rec, st)
     sums_path = sums or (root / D.CHECKSUMS if (root / D.CHECKSUMS).exists() else None)
     rec.report.stats["checksums"] = rec.rel(sums_path) if sums_path else None
-    listed = _checksum_list(rec, st, sums_path, explicit=sums is not None)
+    listed = _checksum_list(rec, st, sums_path)
     if deep:
         _deep(rec, st, listed, progress)
     elif listed:
         rec.ok(CKPT, "checksums", sums_path, f"{count(len(listed), 'file')} listed; hashes "
-               "not compared (run with --deep)")
+               f"not compared (run with --deep){st.unlisted}")
 
 
 # --- the folder itself ---------------------------------------------------------------------
@@ -389,8 +390,9 @@ def _loras(rec: Recorder, st: _State) -> None:
 
 # --- checksums and the deep pass --------------------------------------------------------------
 
-def _checksum_list(rec: Recorder, st: _State, path: Path | None,
-                   explicit: bool) -> dict[Path, str]:
+def _checksum_list(rec: Recorder, st: _State, path: Path | None) -> dict[Path, str]:
+    """The list's entries that exist; bad lines, escaping paths and missing files fail. Files it
+    leaves out are only noted: ``convert`` lists what it wrote, not what it hard-linked."""
     if path is None:
         return {}
     listed, problems = D.parse_checksums(path, st.root)
@@ -403,8 +405,8 @@ def _checksum_list(rec: Recorder, st: _State, path: Path | None,
     covered = set(listed) | {path}
     unlisted = [p for p in st.files if p not in covered and p.suffix in (".safetensors", ".json")]
     if unlisted:
-        rec.warn(CKPT, "checksums", path, f"weight/config files not listed ({len(unlisted)}): "
-                 f"{listing([rec.rel(p) for p in unlisted])}")
+        st.unlisted = (f"; not listed, so not hashed: {count(len(unlisted), 'weight/config file')}"
+                       f" ({listing([rec.rel(p) for p in unlisted], 2)})")
     return {p: h for p, h in listed.items() if p.is_file()}
 
 
@@ -464,5 +466,5 @@ def _deep(rec: Recorder, st: _State, listed: dict[Path, str],
         rec.fail(CKPT, "checksum", bad_sums[8][0], f"and {len(bad_sums) - 8} more differing files")
     if listed and not bad_sums:
         rec.ok(CKPT, "checksum", st.root,
-               f"{count(len(listed), 'listed file')}: every sha256 matches")
+               f"{count(len(listed), 'listed file')}: every sha256 matches{st.unlisted}")
     rec.report.stats["bytes_read"] = done
