@@ -93,7 +93,7 @@ class Header:
     file_size: int
 
 
-def read_header(path: str | Path) -> Header:
+def read_header(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
     """Parse and check a safetensors header without reading tensor data.
 
     Checks: a regular file, header length within the file and the library's limit, UTF-8 JSON
@@ -113,9 +113,9 @@ def read_header(path: str | Path) -> Header:
             if len(raw) < 8:
                 raise LongcatError(f"{where}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER_BYTES:
+            if n > max_header_bytes:
                 raise LongcatError(f"{where}: header length {n} exceeds the "
-                                   f"{MAX_HEADER_BYTES}-byte limit (corrupt or not safetensors)")
+                                   f"{max_header_bytes}-byte limit (corrupt or not safetensors)")
             if 8 + n > size:
                 raise LongcatError(f"{where}: header length {n} runs past the end of the file "
                                    f"({size} bytes): truncated or not a safetensors file")

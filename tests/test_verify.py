@@ -238,3 +238,51 @@ def test_cli_fresh_process_exit_0_and_table(tiny_native):
     assert p.returncode == 0 and p.stderr == ""
     assert p.stdout.splitlines()[0].startswith(f"verify {tiny_native}: native")
     assert p.stdout.strip().splitlines()[-1].startswith("PASS:")
+
+
+def _class_mismatch(root):
+    doc = json.loads((root / "model_index.json").read_text())
+    doc["transformer"][1] = "LongCatVideoTransformer3DModel"
+    (root / "model_index.json").write_text(json.dumps(doc))
+    return "model_index.json", "but transformer/config.json says"
+
+
+def _flavour_mismatch(root):
+    cfg = json.loads((root / "transformer/config.json").read_text())
+    cfg["_class_name"] = "LongCatVideoTransformer3DModel"
+    cfg["num_heads"] = cfg.pop("num_attention_heads")
+    (root / "transformer/config.json").write_text(json.dumps(cfg))
+    return "transformer/config.json", "belong in the fastvideo-single layout"
+
+
+def _stray_next_to_single(root):
+    shutil.copy(root / "transformer/model.safetensors",
+                root / "transformer/diffusion_pytorch_model.safetensors")
+    return "transformer/diffusion_pytorch_model.safetensors", "without an index"
+
+
+def _no_model_index(root):
+    (root / "model_index.json").unlink()
+    return "model_index.json", "missing"
+
+
+def _split_key_renamed(root):
+    from verify_builders import join_file, split_file
+
+    p = root / "transformer/model.safetensors"
+    head, data = split_file(p)
+    head = {k.replace("blocks.1.self_attn.to_v.", "blocks.1.self_attn.to_vv."): v
+            for k, v in head.items()}
+    join_file(p, head, data)
+    return "transformer/model.safetensors", "are missing: blocks.1.self_attn.to_v.weight"
+
+
+@pytest.mark.parametrize("damage", [_class_mismatch, _flavour_mismatch, _stray_next_to_single,
+                                    _no_model_index, _split_key_renamed])
+def test_converted_layout_faults(converted, tmp_path, damage, capsys):
+    root = tmp_path / "c"
+    shutil.copytree(converted["fastvideo-single"], root)
+    rel, keyword = damage(root)
+    assert main(["verify", str(root), "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{root}/{rel}" in line and keyword in line, line

@@ -426,6 +426,41 @@ def manifest_missing_file(root):
     return root / "lora" / "adapters.json"
 
 
+def root_is_a_file(root):
+    shutil.rmtree(root)
+    root.write_text("not a folder")
+    return root
+
+
+def depth_absurd(root):
+    return _edit_json(root, CFG, lambda d: d.update(depth=10**9))
+
+
+def te_layers_absurd(root):
+    return _edit_json(root, "text_encoder/config.json", lambda d: d.update(num_layers=10**9))
+
+
+def header_20mb(root):
+    p = _shard(root)
+    _, data = split_file(p)
+    join_file(p, b"{}" + b" " * (20 * 2**20), b"")
+    return p
+
+
+def empty_weights_file(root):
+    te = root / "text_encoder"
+    for f in te.glob("model*"):
+        f.unlink()
+    join_file(te / "model.safetensors", b"{}", b"")
+    return te / "model.safetensors"
+
+
+def checksums_huge(root):
+    p = root / "checksums.sha256"
+    p.write_text("".join(f"{i:064x}  f{i}\n" for i in range(100_000)))
+    return p
+
+
 # (id, damage, message keyword, extra verify args)
 CASES = [
     ("truncated", truncate, "truncated", []),
@@ -485,6 +520,12 @@ CASES = [
     ("deep-checksum-mismatch", checksum_mismatch, "does not match", ["--deep"]),
     ("checksums-path-escapes", checksum_escape, "leaves the checkpoint", []),
     ("manifest-missing-adapter", manifest_missing_file, "missing", []),
+    ("path-is-a-file", root_is_a_file, "not a folder", []),
+    ("depth-10^9", depth_absurd, "beyond any LongCat DiT", []),
+    ("text-encoder-layers-10^9", te_layers_absurd, "beyond any LongCat text encoder", []),
+    ("header-20MB", header_20mb, "exceeds the 16777216-byte limit", []),
+    ("empty-weights-file", empty_weights_file, "hold no tensors", []),
+    ("checksums-100k-lines", checksums_huge, "100,000 lines", []),
 ]
 
 

@@ -26,6 +26,8 @@ from longcat_tools.verify.report import Recorder, Report, count, listing
 from longcat_tools.verify.weights import WeightSet, dtypes, expect, read_weights
 
 MAX_ENTRIES = 100_000  # files and folders in a checkpoint (the real one has a few dozen)
+MAX_LAYERS = 1024  # DiT blocks / encoder layers: the real model has 48 / 24; tensors are
+# enumerated per layer, so an absurd depth must be refused before that, not after an hour
 CKPT = "checkpoint"
 
 
@@ -238,7 +240,11 @@ def _dit(rec: Recorder, st: _State) -> None:
         cfg = layouts.load_json(cfg_path, "transformer config")
         schemas.validate(cfg, "transformer_config", str(cfg_path))
         st.dit_cfg = cfg
-        st.dims = keymap.dit_dims(cfg, str(cfg_path))
+        dims = keymap.dit_dims(cfg, str(cfg_path))
+        if dims.depth > MAX_LAYERS:
+            raise LongcatError(f"{cfg_path}: depth {dims.depth:,} is beyond any LongCat DiT "
+                               f"(48 blocks; limit {MAX_LAYERS})")
+        st.dims = dims
         st.cfg_flavour = "native" if cfg["_class_name"] == keymap.NATIVE_CLASS else "fastvideo"
         if cfg.get("enable_bsa") and not cfg.get("bsa_params"):
             raise LongcatError(f"{cfg_path}: enable_bsa is true but bsa_params is null (set a "
@@ -266,7 +272,7 @@ def _dit(rec: Recorder, st: _State) -> None:
     elif ws.tensors and not key_flavour:
         rec.fail(comp, "flavour", ws.label, "tensor names are neither LongCat's native nor "
                  f"FastVideo's (first: {listing(list(ws.tensors)[:3])})")
-    if st.dims is not None and st.flavour is not None and ws.tensors:
+    if st.dims is not None and st.flavour is not None and (ws.complete or bool(ws.tensors)):
         expect(rec, ws, dict(keymap.tensor_specs(st.dims, st.flavour)),
                f"config.json ({st.flavour} keys)")
     dtypes(rec, ws)
@@ -295,6 +301,9 @@ def _component(rec: Recorder, st: _State, comp: C.Component) -> None:
             with rec.guard(comp.name, "config", p):
                 doc = layouts.load_json(p, f"{comp.name} config")
                 schemas.validate(doc, schema, str(p))
+                if doc.get("num_layers", 0) > MAX_LAYERS:
+                    raise LongcatError(f"{p}: num_layers {doc['num_layers']:,} is beyond any "
+                                       f"LongCat text encoder (24; limit {MAX_LAYERS})")
                 cfg = st.configs[comp.name] = doc
                 rec.ok(comp.name, "config", p, _config_summary(comp.name, doc))
     if comp.name == "tokenizer":
@@ -310,7 +319,7 @@ def _component(rec: Recorder, st: _State, comp: C.Component) -> None:
     index, singles = comp.weights
     ws = read_weights(rec, comp.name, folder, index, singles)
     st.weights[comp.name] = ws
-    if cfg is not None and ws.tensors:
+    if cfg is not None and (ws.tensors or ws.complete):
         if comp.name == "text_encoder":
             expect(rec, ws, C.text_encoder_tensors(cfg, ws.tensors), "config.json",
                    unexpected="warn")

@@ -22,6 +22,7 @@ from longcat_tools.safetensors_io import FLOAT_DTYPES, Header, TensorInfo
 
 BLOCK = 16 * 1024 * 1024
 CHECKSUMS = "checksums.sha256"
+MAX_LISTED = 20_000  # a checkpoint has a few dozen files
 _LINE = re.compile(r"^(?P<esc>\\?)(?P<hex>[0-9a-fA-F]{64}) [ *](?P<name>.+)$")
 
 
@@ -56,7 +57,11 @@ def parse_checksums(path: Path, root: Path) -> tuple[dict[Path, str], list[str]]
         return out, [f"cannot read ({e})"]
     except LongcatError as e:
         return out, [str(e).replace(f"{path}: ", "", 1)]
-    for no, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    if len(lines) > MAX_LISTED:
+        return out, [f"{len(lines):,} lines, more than a checkpoint has files (limit "
+                     f"{MAX_LISTED:,}): not a checksum list of this checkpoint"]
+    for no, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
         m = _LINE.match(line)

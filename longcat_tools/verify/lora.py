@@ -20,6 +20,7 @@ from longcat_tools import keymap, layouts, schemas
 from longcat_tools.errors import LongcatError
 from longcat_tools.safetensors_io import FLOAT_DTYPES, Header, TensorInfo, read_header
 from longcat_tools.verify.report import Recorder, count, listing
+from longcat_tools.verify.weights import MAX_HEADER_BYTES
 
 MANIFEST = "adapters.json"
 NATIVE_PREFIX = "lora___lorahyphen___"
@@ -142,7 +143,7 @@ def check_file(rec: Recorder, path: Path, flavour: str | None,
     """Header, format, targets and shapes of one adapter file."""
     comp = "lora"
     try:
-        h = read_header(path)
+        h = read_header(path, MAX_HEADER_BYTES)
     except LongcatError as e:
         rec.fail(comp, "header", path, str(e))
         return None

@@ -22,6 +22,9 @@ from longcat_tools.verify.report import Recorder, count, listing
 MAX_INDEX_TENSORS = 200_000  # the real DiT has 1,310 tensors, UMT5-XXL ~250: far more is hostile
 MAX_SHARDS = 10_000
 MAX_INDEX_BYTES = 16 * 1024 * 1024  # the real DiT's index is ~100 KB
+# Headers of LongCat files are at most a few hundred KB (the refinement LoRA's ~230 KB); a header
+# near the library's 100 MB limit is hostile and would take seconds to parse.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_ROWS = 8  # rows of one kind before the rest are summed up in one
 
 
@@ -166,7 +169,7 @@ def _index_errors(doc: object) -> list[str]:
 def _read_headers(rec: Recorder, ws: WeightSet) -> None:
     for path in ws.files:
         try:
-            h = read_header(path)
+            h = read_header(path, MAX_HEADER_BYTES)
         except LongcatError as e:
             rec.fail(ws.component, "header", path, str(e))
             ws.complete = False
@@ -176,7 +179,10 @@ def _read_headers(rec: Recorder, ws: WeightSet) -> None:
             if name not in ws.tensors:
                 ws.tensors[name] = info
                 ws.where[name] = path
-    if ws.headers and len(ws.headers) == len(ws.files):
+    if ws.files and not ws.tensors and len(ws.headers) == len(ws.files):
+        rec.fail(ws.component, "header", ws.label, "the weight files hold no tensors")
+        ws.complete = False
+    elif ws.headers and len(ws.headers) == len(ws.files):
         n = len(ws.files)
         rec.ok(ws.component, "header", ws.label,
                f"{count(n, 'safetensors file')} sound: {count(len(ws.tensors), 'tensor')}, "
