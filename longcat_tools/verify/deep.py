@@ -1,20 +1,23 @@
-"""``verify --deep``: one sequential pass over every file, hashing and scanning the same bytes.
+"""``verify --deep``: one pass over every file, hashing and scanning the same bytes.
 
-Files are read in large blocks cut at element boundaries; while one thread hashes a block
-(``hashlib`` releases the GIL), the reading thread scans the tensors in it for NaN/Inf and all-zero
-weights with torch (which also releases it), so the pass runs at the speed of the slower of the
-two, not their sum. A tensor's sum is finite and non-zero for almost every healthy tensor, so the
-exact (slower) NaN/Inf and zero counts run only on tensors that fail that quick test.
+Each file is memory-mapped; one thread hashes it block by block (``hashlib`` releases the GIL)
+while the calling thread scans its tensors for NaN/Inf and all-zero weights with torch (which
+releases it too), so the pass runs at the speed of the slower of the two, not their sum. A
+tensor's sum is finite and non-zero for almost every healthy tensor, so the exact (slower)
+NaN/Inf and zero counts run only on tensors that fail that quick test.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 import re
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from longcat_tools import layouts
 from longcat_tools.errors import LongcatError
@@ -93,7 +96,7 @@ class _Scanner:
         self.torch = torch
         self.state: dict[str, TensorScan] = {}
 
-    def feed(self, info: TensorInfo, buf: bytearray, offset: int, nbytes: int) -> None:
+    def feed(self, info: TensorInfo, buf: Any, offset: int, nbytes: int) -> None:
         if info.dtype not in FLOAT_DTYPES or nbytes == 0:
             return
         torch = self.torch
@@ -114,89 +117,67 @@ class _Scanner:
 def scan_file(path: Path, header: Header | None, want_hash: bool,
               progress: Callable[[int], None] | None = None) -> FileScan:
     """Read a file once: sha256 of every byte (if asked) and, for a safetensors file whose header
-    was checked, NaN/Inf/zero state of each floating tensor."""
+    was checked, NaN/Inf/zero state of each floating tensor.
+
+    The file is memory-mapped: the hasher thread walks it in blocks while this thread scans the
+    tensors in it, both straight from the page cache (no copy into Python buffers, which cost
+    more CPU than the scan itself). A file truncated by another process while it is being read
+    would fault; the size is checked against the header first.
+    """
     res = FileScan(path)
-    tensors = sorted(header.tensors.values(), key=lambda t: t.begin) if header else []
-    scanner = _Scanner() if tensors else None
-    h = hashlib.sha256() if want_hash else None
-    bufs = [bytearray(BLOCK) for _ in range(3 if h else 1)]
-    pending: list[Future | None] = [None] * len(bufs)
-    k = 0
-    threads = scanner.torch.get_num_threads() if scanner else 0
-    if scanner and h is not None:
-        scanner.torch.set_num_threads(1)  # the hasher has the other core
     try:
-        with open(path, "rb") as f, ThreadPoolExecutor(1) as pool:
-            pos, ti = 0, 0
-            end = header.file_size if header else None
-            while True:
-                slot = k % len(bufs)
-                if pending[slot] is not None:
-                    pending[slot].result()  # the hasher is done with this buffer
-                buf = bufs[slot]
-                want = BLOCK
-                if tensors and ti < len(tensors):
-                    want = _cut(tensors, ti, pos, BLOCK)
-                n = f.readinto(memoryview(buf)[:want])
-                if not n:
-                    break
-                view = memoryview(buf)[:n]
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if header is not None and size != header.file_size:
+                res.error = (f"is {size} bytes, its header described {header.file_size} "
+                             "(changed while being verified?)")
+                return res
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+    except (OSError, ValueError) as e:
+        res.error = f"cannot read ({getattr(e, 'strerror', None) or e})"
+        return res
+    h = hashlib.sha256() if want_hash else None
+    scanner = _Scanner() if header is not None and header.tensors and m is not None else None
+    threads = scanner.torch.get_num_threads() if scanner else 0
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            futures = []
+            if h is not None and m is not None:
+                view = memoryview(m)
+                futures = [pool.submit(h.update, view[p:p + BLOCK]) for p in range(0, size, BLOCK)]
+                del view
+            done = 0
+            if scanner is not None:
                 if h is not None:
-                    pending[slot] = pool.submit(h.update, view)
-                if scanner is not None:
-                    ti = _scan_block(scanner, tensors, ti, buf, pos, pos + n)
-                pos += n
-                res.bytes_read += n
-                k += 1
-                if progress:
-                    progress(n)
-            for fut in pending:
-                if fut is not None:
-                    fut.result()
-            if end is not None and pos != end:
-                raise LongcatError(f"{path}: ended after {pos} bytes, the header says {end} "
-                                   "(changed while being read?)")
-    except OSError as e:
-        res.error = f"cannot read ({e.strerror or e})"
-        return res
-    except LongcatError as e:
-        res.error = str(e).replace(f"{path}: ", "", 1)
-        return res
+                    scanner.torch.set_num_threads(1)  # the hasher has the other core
+                for t in sorted(header.tensors.values(), key=lambda t: t.begin):
+                    step = max(BLOCK - BLOCK % max(t.nbytes // max(t.numel, 1), 1), 1)
+                    for off in range(t.begin, t.end, step):
+                        n = min(step, t.end - off)
+                        scanner.feed(t, m, off, n)
+                        done += n
+                        if progress:
+                            progress(n)
+                res.tensors = scanner.state
+            for i, fut in enumerate(futures):
+                fut.result()
+                if progress and scanner is None:
+                    progress(min(BLOCK, size - i * BLOCK))
+            if progress and scanner is not None:
+                progress(size - done)
+            elif progress and not futures:
+                progress(size)
     finally:
         if threads:
             scanner.torch.set_num_threads(threads)
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:  # a view still alive; the mapping goes when it does
+                pass
+    res.bytes_read = size
     res.sha256 = h.hexdigest() if h is not None else None
-    if scanner is not None:
-        res.tensors = scanner.state
     return res
-
-
-def _cut(tensors: list[TensorInfo], ti: int, pos: int, block: int) -> int:
-    """Bytes to read from ``pos`` so that the block ends on an element boundary."""
-    stop = pos + block
-    while ti < len(tensors) and tensors[ti].end <= stop:
-        ti += 1
-    if ti < len(tensors) and tensors[ti].begin < stop:
-        t = tensors[ti]
-        size = t.nbytes // t.numel if t.numel else 1
-        stop -= (stop - t.begin) % size
-    return max(stop - pos, 1)
-
-
-def _scan_block(scanner: _Scanner, tensors: list[TensorInfo], ti: int, buf: bytearray,
-                start: int, stop: int) -> int:
-    """Scan every tensor segment in file bytes [start, stop); returns the first tensor not done."""
-    while ti < len(tensors):
-        t = tensors[ti]
-        if t.begin >= stop:
-            break
-        lo, hi = max(t.begin, start), min(t.end, stop)
-        if hi > lo:
-            scanner.feed(t, buf, lo - start, hi - lo)
-        if t.end > stop:
-            break
-        ti += 1
-    return ti
 
 
 def hash_only(path: Path, progress: Callable[[int], None] | None = None) -> FileScan:
