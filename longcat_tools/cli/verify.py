@@ -72,8 +72,8 @@ def verify_cmd(
     bad = report.failures()
     if bad:
         first = bad[0]
-        kind = "failed" if first.status == "fail" else "warned (--strict)"
-        more = f"; {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise LongcatError(f"{Path(root) / first.file if first.file != '.' else root}: "
-                           f"{first.message} [verify: {len(bad)} check{'s' if len(bad) > 1 else ''}"
-                           f" {kind}{more}]")
+        what = "failed check" if first.status == "fail" else "warning"
+        which = f"first of {len(bad)} {what}s" if len(bad) > 1 else f"1 {what}"
+        which += "" if first.status == "fail" else ", --strict"
+        where = Path(root) / first.file if first.file != "." else root
+        raise LongcatError(f"{where}: {first.message} [verify: {which}]")
