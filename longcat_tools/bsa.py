@@ -288,6 +288,9 @@ def config_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         if current:
             break
         os.close(fd)
+    # Temp files of writers killed mid-write: no writer runs while we hold the lock.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     try:
         yield
     finally:

@@ -219,6 +219,10 @@ def test_lock_excludes_a_second_writer(ckpt):
     t.join(10)
     assert done and json.loads(path.read_text())["bsa_params"]["sparsity"] == 0.96875
     assert not path.with_name("config.json.lock").exists()
+    stale = path.with_name(".config.json.k1ll3d.tmp")  # left by a writer killed mid-write
+    stale.write_text("{")
+    bsa.update(layouts.detect(ckpt), bsa.with_disabled)
+    assert not stale.exists()
 
 
 # --------------------------------------------------------------------------- bad input

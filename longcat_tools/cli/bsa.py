@@ -86,9 +86,9 @@ def status_cmd(model: ModelOpt = None, json_out: JsonOpt = False, quiet: QuietOp
     st = bsa.status(ckpt)
     params = st["bsa_params"]
     if isinstance(params, dict):
-        shown = ", ".join(f"{k} {v}" for k, v in params.items())
+        shown = ", ".join(f"{k} {json.dumps(v)}" for k, v in params.items())
     else:
-        shown = "null" if params is None else repr(params)
+        shown = json.dumps(params)
     preset = st["preset"] or ("none (BSA off)" if st["enable_bsa"] is not True else "custom")
     if not st["preset"] and st["params_match"]:
         preset += f"; params equal {', '.join(st['params_match'])}"
@@ -239,7 +239,7 @@ def check_cmd(
         dims = bsa.model_dims(cfg, str(ckpt.config_path))
         source = str(ckpt.config_path)
         params, why = bsa.kept_params(cfg), "the config has no valid BSA params"
-        params_from = source
+        params_from = source + ("" if cfg.get("enable_bsa") is True else " (BSA is off there)")
     if preset is not None:
         params, why = bsa_presets.get(preset).params, f"{preset} is dense attention"
         params_from = f"preset {preset}"
