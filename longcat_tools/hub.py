@@ -31,7 +31,7 @@ DEFAULT_REPO = "meituan-longcat/LongCat-Video"
 MODEL_SIZE_NOTE = "about 78 GiB"
 # --include components -> allow_patterns; the top-level JSON stubs always come along.
 COMPONENT_PATTERNS: dict[str, list[str]] = {
-    "dit": ["dit/*"],
+    "dit": ["dit/*", "transformer/*"],  # native release, or a converted repo
     "lora": ["lora/*"],
     "vae": ["vae/*"],
     "text_encoder": ["text_encoder/*"],
@@ -80,6 +80,18 @@ def parse_repo_ref(arg: str) -> RepoRef | None:
         raise UsageError(f"{text}: invalid revision '{revision}' (expected a branch, tag or commit "
                          "hash, e.g. meituan-longcat/LongCat-Video@main)")
     return RepoRef(repo, revision)
+
+
+def repo_ref(arg: str, revision: str | None = None) -> RepoRef:
+    """A repo id argument plus an optional ``--revision``; anything else is a UsageError."""
+    ref = parse_repo_ref(arg)
+    if ref is None:
+        raise UsageError(f"'{arg}' is not a Hugging Face repo id (expected org/name[@revision], "
+                         f"e.g. {DEFAULT_REPO})")
+    if revision and ref.revision and revision != ref.revision:
+        raise UsageError(f"two revisions given: '{ref.revision}' in {arg} and --revision "
+                         f"'{revision}'")
+    return RepoRef(ref.repo_id, revision or ref.revision)
 
 
 def cache_dir() -> Path:
@@ -246,10 +258,12 @@ def include_patterns(include: str | Iterable[str] | None) -> list[str] | None:
 
 
 def download(ref: RepoRef, *, dst: Path | None = None, patterns: list[str] | None = None,
-             max_workers: int = 8, quiet: bool = False, force: bool = False) -> Path:
+             max_workers: int = 8, quiet: bool = False, force: bool = False,
+             local_only: bool | None = None) -> Path:
     """``snapshot_download``: into the cache, or into ``dst`` (``local_dir``) when given. Resumes
-    partial files, shows huggingface_hub's progress bars (unless ``quiet``), and under
-    HF_HUB_OFFLINE=1 only returns what the cache (or ``dst``) already holds."""
+    partial files, shows huggingface_hub's progress bars (unless ``quiet``). With ``local_only``
+    (default: under HF_HUB_OFFLINE=1) it only returns what the cache (or ``dst``) holds."""
+    local_only = offline() if local_only is None else local_only
     import huggingface_hub as hf
     from huggingface_hub.utils import (
         are_progress_bars_disabled,
@@ -260,7 +274,7 @@ def download(ref: RepoRef, *, dst: Path | None = None, patterns: list[str] | Non
     cache = cache_dir()
     kwargs: dict[str, Any] = dict(revision=ref.revision, cache_dir=str(cache),
                                   allow_patterns=patterns, max_workers=max_workers,
-                                  local_files_only=offline())
+                                  local_files_only=local_only)
     if force:
         kwargs["force_download"] = True
     if dst is not None:
@@ -271,7 +285,7 @@ def download(ref: RepoRef, *, dst: Path | None = None, patterns: list[str] | Non
     try:
         path = Path(hf.snapshot_download(ref.repo_id, **kwargs))
     except Exception as e:  # noqa: BLE001 - mapped to one line below
-        raise _download_error(ref, e, cache, dst) from e
+        raise hub_error(ref, e, dst or cache) from e
     finally:
         if quiet and not was_disabled:
             enable_progress_bars()
@@ -280,18 +294,27 @@ def download(ref: RepoRef, *, dst: Path | None = None, patterns: list[str] | Non
     return path
 
 
-def _download_error(ref: RepoRef, e: Exception, cache: Path, dst: Path | None) -> LongcatError:
+def is_hub_refusal(e: BaseException) -> bool:
+    """The hub answered, and the answer is no: unknown or private repo, unknown revision."""
+    from huggingface_hub import errors as hf_errors
+
+    return isinstance(e, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError))
+
+
+def hub_error(ref: RepoRef, e: Exception, where: Path | None = None) -> LongcatError:
+    """One line for whatever huggingface_hub raised while fetching ``ref`` into ``where``."""
     from huggingface_hub import errors as hf_errors
 
     name = type(e).__name__
+    where = where or cache_dir()
     if isinstance(e, getattr(hf_errors, "IncompleteSnapshotError", ())):
-        return LongcatError(f"{ref}: the copy in {dst or cache} is incomplete and the hub cannot "
+        return LongcatError(f"{ref}: the copy in {where} is incomplete and the hub cannot "
                             f"be reached ({first_line(e)[:160]}); rerun the download with network")
     if isinstance(e, hf_errors.LocalEntryNotFoundError):
         if offline():
-            return LongcatError(not_cached_message(ref, cache))
-        return LongcatError(f"{ref}: the hub cannot be reached and no cached copy exists "
-                            f"({first_line(e)[:160]}): check the network or HF_ENDPOINT")
+            return LongcatError(not_cached_message(ref))
+        return LongcatError(f"{ref}: the hub cannot be reached and there is no copy in {where}: "
+                            "check the network (or HF_ENDPOINT, HTTPS_PROXY) and rerun")
     if isinstance(e, hf_errors.RevisionNotFoundError):
         return LongcatError(f"{ref}: revision '{ref.revision}' not found on the hub")
     if isinstance(e, (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError)):
@@ -300,7 +323,7 @@ def _download_error(ref: RepoRef, e: Exception, cache: Path, dst: Path | None) -
     if isinstance(e, (hf_errors.HFValidationError, ValueError)):
         return UsageError(f"{ref}: {first_line(e)}")
     if isinstance(e, OSError):
-        return LongcatError(f"{ref}: cannot write to {dst or cache} ({e.strerror or e}); free "
+        return LongcatError(f"{ref}: cannot write to {where} ({e.strerror or e}); free "
                             f"some space ({MODEL_SIZE_NOTE} for the whole model) and rerun: the "
                             "download resumes")
     return LongcatError(f"{ref}: download failed ({name}: {first_line(e)[:200]})")

@@ -106,6 +106,8 @@ def fetch_manifest(repo_id: str, revision: str | None = None) -> Manifest:
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as e:  # noqa: BLE001 - network and hub errors alike become one line
+        if hub.is_hub_refusal(e):
+            raise hub.hub_error(ref, e) from e
         raise HubUnreachable(f"{ref}: cannot read the file list from the hub "
                              f"({type(e).__name__}: {hub.first_line(e)[:160]})") from e
     files: dict[str, FileRecord] = {}

@@ -244,8 +244,8 @@ def test_a_cache_snapshot_is_never_written_into(use_cache, tiny_native):
 
 
 def test_include_names_components():
-    assert hub.include_patterns("dit,lora") == ["dit/*", "lora/*", "model_index.json",
-                                                "config.json"]
+    assert hub.include_patterns("dit,lora") == ["dit/*", "transformer/*", "lora/*",
+                                                "model_index.json", "config.json"]
     assert hub.include_patterns(None) is None and hub.include_patterns("all") is None
     with pytest.raises(UsageError, match="unknown component 'bogus'"):
         hub.include_patterns("dit,bogus")
@@ -324,7 +324,8 @@ def test_download_into_the_cache_with_components(fake_hub, tmp_path, capsys, tin
     doc = _json(capsys)
     assert rc == 0 and doc["ok"], doc
     (call,) = fake.calls
-    assert call["allow_patterns"] == ["dit/*", "lora/*", "model_index.json", "config.json"]
+    assert call["allow_patterns"] == ["dit/*", "transformer/*", "lora/*", "model_index.json",
+                                      "config.json"]
     assert call["revision"] is None and "local_dir" not in call  # refs/main gets written
     snap = tmp_path / "hub" / REPO_DIR / "snapshots" / COMMIT
     assert doc["path"] == str(snap) and doc["commit"] == COMMIT
@@ -395,3 +396,45 @@ def test_download_usage_errors_exit_2(capsys):
     assert main(["download", f"{REPO}@main", "--revision", "v2"]) == 2
     err = capsys.readouterr().err
     assert "unknown component 'bogus'" in err and "two revisions" in err
+
+
+def test_without_network_and_without_a_copy_download_is_one_line(tmp_path, monkeypatch, capsys):
+    """Downloads allowed but the hub unreachable (huggingface_hub's own offline guard stands in
+    for a dead network): one line, exit 1."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert main(["download", REPO]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert "cannot read the file list from the hub" in err[0]
+    assert f"no copy on this machine ({tmp_path / 'empty'})" in err[0]
+
+
+def test_without_network_download_checks_the_cached_copy(use_cache, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert main(["download", REPO, "--json"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["offline"] and doc["path"] == str(use_cache[1]) and doc["manifest"] is None
+    assert "warning: " in captured.err
+    assert "checked the copy already on this machine" in captured.err
+
+
+def test_an_unknown_repo_is_the_hub_saying_no(monkeypatch, capsys):
+    import importlib.util
+
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    # huggingface_hub's HTTP client: httpx2 from 2.x on, httpx before
+    http = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
+
+    def refuse(self, repo_id, **kw):
+        url = f"https://huggingface.co/api/models/{repo_id}"
+        raise RepositoryNotFoundError("404 Repository Not Found", response=http.Response(
+            404, request=http.Request("GET", url)))
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", refuse)
+    assert main(["download", "org/nope"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "org/nope: no such repo on the hub" in err[0]

@@ -3,7 +3,7 @@ its file hashes, check what arrived."""
 
 from __future__ import annotations
 
-import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -15,20 +15,6 @@ RepoArg = Annotated[str, typer.Argument(
     metavar="REPO_ID", help="Hub repo, org/name[@revision] (e.g. meituan-longcat/LongCat-Video).")]
 RevisionOpt = Annotated[str | None, typer.Option(
     "--revision", show_default=False, help="Branch, tag or commit (default: main).")]
-
-
-def _ref(repo: str, revision: str | None):
-    from longcat_tools.errors import UsageError
-    from longcat_tools.hub import RepoRef, parse_repo_ref
-
-    ref = parse_repo_ref(repo)
-    if ref is None:
-        raise UsageError(f"'{repo}' is not a Hugging Face repo id (expected org/name[@revision], "
-                         "e.g. meituan-longcat/LongCat-Video)")
-    if revision and ref.revision and revision != ref.revision:
-        raise UsageError(f"two revisions given: '{ref.revision}' in {repo} and --revision "
-                         f"'{revision}'")
-    return RepoRef(ref.repo_id, revision or ref.revision)
 
 
 def download_cmd(
@@ -52,95 +38,63 @@ def download_cmd(
     """Download a checkpoint from the Hugging Face Hub (resumable), then check its headers.
 
     The only command that downloads: every other command reads a repo id from the local cache.
-    Under HF_HUB_OFFLINE=1 it checks the copy already in the cache (or in --dst).
+    Under HF_HUB_OFFLINE=1 (or when the hub cannot be reached) it checks the copy already in the
+    cache (or in --dst).
     """
-    from longcat_tools import hub, hub_manifest
+    from longcat_tools import hub, hub_download, hub_manifest
 
     out = Out(json_out, quiet, verbose)
-    ref = _ref(repo, revision)
+    ref = hub.repo_ref(repo, revision)
     patterns = hub.include_patterns(include)
-    t0 = time.perf_counter()
-    manifest = None
-    fetch_ref = ref
     if hub.offline():
         out.say(f"HF_HUB_OFFLINE=1: checking the copy of {ref} already on this machine")
-    else:
-        manifest = hub_manifest.fetch_manifest(ref.repo_id, ref.revision)
-        manifest.include = patterns
-        _say_plan(out, ref, manifest, patterns, dst)
-        if dst is not None and manifest.commit:  # a folder has no refs: pin what we listed
-            fetch_ref = hub.RepoRef(ref.repo_id, manifest.commit)
-    path = hub.download(fetch_ref, dst=dst, patterns=patterns, max_workers=max_workers,
-                        quiet=quiet, force=force_download)
-    fetched = time.perf_counter() - t0
-    found = hub.snapshot_repo(path)
-    commit = found[0].revision if found else (manifest.commit if manifest else None)
-    saved = None
-    if manifest is not None:
-        if commit and manifest.commit != commit:  # the branch moved while we downloaded
-            manifest = hub_manifest.fetch_manifest(ref.repo_id, commit)
-            manifest.include = patterns
-        manifest.revision = ref.revision
-        saved = hub_manifest.save_manifest(
-            manifest, hub_manifest.saved_manifest_path(path, manifest.commit))
-    out.say(f"checking headers in {path} ...")
-    summary = hub.check_headers(path, patterns)
-    report = _hash_check(out, path, ref, manifest) if check_hashes else None
-    files = list(hub_manifest.local_files(path).values())
+
+    def on_plan(p: hub_download.Plan) -> None:
+        out.say(f"{ref} @ {str(p.commit)[:12]}: {p.files} files, {human_bytes(p.bytes)} "
+                f"-> {p.target}")
+        if p.free_bytes is not None and p.free_bytes < p.bytes:
+            out.warn(f"{human_bytes(p.free_bytes)} free at {p.target}, the selection is "
+                     f"{human_bytes(p.bytes)} (files already there are not fetched again)")
+
+    with ExitStack() as stack:
+        def hash_progress(total: int):
+            return stack.enter_context(out.progress(total, "sha256")).update
+
+        r = hub_download.run(ref, dst=dst, patterns=patterns, check_hashes=check_hashes,
+                             force=force_download, max_workers=max_workers, quiet=quiet,
+                             on_plan=on_plan, hash_progress=hash_progress)
+    if r.unreachable:
+        out.warn(f"{r.unreachable}; checked the copy already on this machine instead")
+    files = list(hub_manifest.local_files(r.path).values())
     size = sum(p.stat().st_size for p in files)
-    rows = [["path", path], ["commit", commit or "?"], ["files", len(files)],
-            ["size", human_bytes(size)], ["time", f"{fetched:.1f} s"]]
-    if summary.layout:
-        rows += [["layout", summary.layout],
-                 ["DiT", f"{summary.dit_tensors:,} tensors, {summary.dit_parameters:,} parameters "
-                  f"in {summary.dit_shards} shards"]]
-    rows.append(["safetensors headers", f"{summary.safetensors_files} files ok"])
-    if saved:
-        rows.append(["hub manifest", saved])
-    if report is not None:
-        rows.append(["hashes", f"{'ok' if report.ok else 'FAILED'} ({report.source})"])
+    h = r.headers
+    rows = [["path", r.path], ["commit", r.commit or "?"], ["files", len(files)],
+            ["size", human_bytes(size)], ["time", f"{r.seconds:.1f} s"]]
+    if h.layout:
+        dit = f"{h.dit_tensors:,} tensors, {h.dit_parameters:,} parameters in {h.dit_shards} shards"
+        rows += [["layout", h.layout], ["DiT", dit]]
+    rows.append(["safetensors headers", f"{h.safetensors_files} files ok"])
+    if r.manifest_path:
+        rows.append(["hub manifest", r.manifest_path])
+    if r.hashes is not None:
+        rows.append(["hashes", f"{'ok' if r.hashes.ok else 'FAILED'} ({r.hashes.source})"])
     out.table([[k, str(v)] for k, v in rows], ["", "value"])
-    ok = report is None or report.ok
+    ok = r.hashes is None or r.hashes.ok
     if ok:
-        use = str(ref) if dst is None else str(path)
-        out.say(f"\nready: pass `-m {use}` to any command")
+        out.say(f"\nready: pass `-m {ref if dst is None else r.path}` to any command")
     else:
-        for c in report.failures:
+        for c in r.hashes.failures:
             out.say(f"FAIL {c.status}: {c.message}")
         out.say("\nthe download does not match the hub: rerun `longcat-tools download` with "
                 "--force-download (and --include for just the affected components)")
-    out.result({"ok": ok, "repo_id": ref.repo_id, "revision": ref.revision, "commit": commit,
-                "path": str(path), "include": patterns, "offline": hub.offline(),
+    out.result({"ok": ok, "repo_id": ref.repo_id, "revision": ref.revision, "commit": r.commit,
+                "path": str(r.path), "include": patterns, "offline": r.local_only,
                 "files": len(files), "bytes": size,
-                "manifest": str(saved) if saved else None, "headers": summary.as_dict(),
-                "hashes": report.as_dict() if report is not None else None,
-                "seconds": round(time.perf_counter() - t0, 3)})
+                "manifest": str(r.manifest_path) if r.manifest_path else None,
+                "headers": h.as_dict(),
+                "hashes": r.hashes.as_dict() if r.hashes is not None else None,
+                "seconds": round(r.seconds, 3)})
     return 0 if ok else 1
-
-
-def _say_plan(out: Out, ref, manifest, patterns, dst) -> None:
-    from huggingface_hub.utils import filter_repo_objects
-
-    from longcat_tools import hub
-
-    chosen = list(filter_repo_objects(list(manifest.files), allow_patterns=patterns))
-    total = sum(manifest.files[f].size or 0 for f in chosen)
-    where = dst or hub.cache_dir()
-    out.say(f"{ref} @ {str(manifest.commit)[:12]}: {len(chosen)} files, {human_bytes(total)} "
-            f"-> {where}")
-    free = hub.free_bytes(Path(where))
-    if free is not None and free < total:
-        out.warn(f"{human_bytes(free)} free at {where}, the selection is {human_bytes(total)} "
-                 "(files already there are not fetched again)")
-
-
-def _hash_check(out: Out, path: Path, ref, manifest):
-    from longcat_tools import hub_manifest
-
-    m = manifest or hub_manifest.expected_files(path, ref.repo_id, ref.revision)
-    with out.progress(hub_manifest.bytes_to_hash(path, m), "sha256") as bar:
-        checks = hub_manifest.compare_with_manifest(path, m, progress=bar.update)
-    return hub_manifest.HubReport(m.repo_id, m.commit, m.source, m.complete, checks)
 
 
 def hub_manifest_cmd(
@@ -156,7 +110,7 @@ def hub_manifest_cmd(
     from longcat_tools.errors import LongcatError
 
     out = Out(json_out, quiet, verbose)
-    ref = _ref(repo, revision)
+    ref = hub.repo_ref(repo, revision)
     if out_file.exists() and not force:
         raise LongcatError(f"{out_file}: already exists (pass --force to replace it)")
     if hub.offline():
