@@ -308,8 +308,13 @@ def hub_error(ref: RepoRef, e: Exception, where: Path | None = None) -> LongcatE
     name = type(e).__name__
     where = where or cache_dir()
     if isinstance(e, getattr(hf_errors, "IncompleteSnapshotError", ())):
-        return LongcatError(f"{ref}: the copy in {where} is incomplete and the hub cannot "
-                            f"be reached ({first_line(e)[:160]}); rerun the download with network")
+        m = re.search(r"(\d+) file\(s\) are missing \((.*?)\)\.", str(e))
+        missing = f" ({m.group(1)} files missing: {m.group(2)})" if m else ""
+        why = ("downloads are off (HF_HUB_OFFLINE=1)" if offline()
+               else "the hub cannot be reached")
+        return LongcatError(f"{ref}: the copy in {where} is incomplete{missing} and {why}: rerun "
+                            "the download with network, or name the components you have with "
+                            "--include")
     if isinstance(e, hf_errors.LocalEntryNotFoundError):
         if offline():
             return LongcatError(not_cached_message(ref))

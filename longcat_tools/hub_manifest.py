@@ -201,8 +201,9 @@ def _cached_tree(ref: hub.RepoRef, repo: Path) -> dict[str, tuple[int, str]]:
 
 def expected_files(path: str | Path, repo_id: str | None = None, revision: str | None = None,
                    manifest: str | Path | Manifest | None = None) -> Manifest:
-    """The expected files for ``path``, from the best source available (module docstring)."""
-    path = Path(path)
+    """The expected files for ``path`` (a folder, or a repo id found in the cache), from the best
+    source available (module docstring)."""
+    path = hub.resolve_source(path)
     if manifest is not None:
         m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         if repo_id and m.repo_id != repo_id:
@@ -342,7 +343,9 @@ def bytes_to_hash(path: str | Path, manifest: Manifest) -> int:
 def compare_with_hub(path: str | Path, repo_id: str | None = None, revision: str | None = None,
                      manifest: str | Path | Manifest | None = None, *, hashes: bool = True,
                      progress: Callable[[int], None] | None = None) -> list[FileCheck]:
-    """``verify --against-hub``: every file of ``path`` against the hub's sizes and hashes."""
+    """``verify --against-hub``: every file of ``path`` (a folder, or a repo id in the cache)
+    against the hub's sizes and hashes."""
+    path = hub.resolve_source(path)
     m = expected_files(path, repo_id, revision, manifest)
     return compare_with_manifest(path, m, hashes=hashes, progress=progress)
 
@@ -379,6 +382,7 @@ def against_hub_report(path: str | Path, repo_id: str | None = None,
                        manifest: str | Path | Manifest | None = None, *, hashes: bool = True,
                        progress: Callable[[int], None] | None = None) -> HubReport:
     """``compare_with_hub`` plus where the expected values came from."""
+    path = hub.resolve_source(path)
     m = expected_files(path, repo_id, revision, manifest)
     return HubReport(m.repo_id, m.commit, m.source, m.complete,
                      compare_with_manifest(path, m, hashes=hashes, progress=progress))

@@ -12,7 +12,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from hf_cache import COMMIT, REPO, build_cache, model_info, source_files
+from hf_cache import COMMIT, REPO, blob_name, build_cache, model_info, source_files
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.utils import filter_repo_objects
@@ -438,3 +438,37 @@ def test_an_unknown_repo_is_the_hub_saying_no(monkeypatch, capsys):
     assert main(["download", "org/nope"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "org/nope: no such repo on the hub" in err[0]
+
+
+def test_the_real_snapshot_download_end_to_end_against_a_local_hub(tiny_native, tmp_path,
+                                                                     monkeypatch):
+    """huggingface_hub's own network code, against a stand-in hub on 127.0.0.1 (no internet):
+    `download` fetches only the chosen components, records the hub's hashes, and every command
+    then resolves the repo id offline from what the real client wrote."""
+    from hub_server import HubServer
+
+    cache = tmp_path / "hub"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_CACHE": str(cache),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    with HubServer(tiny_native, REPO, COMMIT) as server:
+        env["HF_ENDPOINT"] = server.url
+        p = subprocess.run([sys.executable, "-m", "longcat_tools", "download", REPO, "--include",
+                            "dit,lora", "--check-hashes", "--json"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["ok"] and doc["hashes"]["source"] == "hub" and doc["commit"] == COMMIT
+    chosen = {r for r in source_files(tiny_native)
+              if r.startswith(("dit/", "lora/")) or r in hub.TOP_LEVEL_FILES}
+    content = {r: blob_name(r, (tiny_native / r).read_bytes()) for r in chosen}
+    fetched = server.fetched()  # identical files share one blob: fetched once
+    assert fetched <= chosen and {content[r] for r in fetched} == set(content.values())
+    assert (cache / REPO_DIR / "refs" / "main").read_text() == COMMIT
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    snap = layouts.resolve_model(REPO)  # HF_HUB_OFFLINE=1 from the autouse fixture
+    assert snap == Path(doc["path"]) and layouts.detect(snap).in_hf_cache
+    assert layouts.transformer_shards(layouts.detect(snap))
+    report = hub_manifest.against_hub_report(snap)
+    assert report.ok and report.source.startswith("manifest ")
+    assert {c.status for c in report.checks} == {"ok", "not-downloaded"}

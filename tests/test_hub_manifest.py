@@ -144,7 +144,7 @@ def test_an_unreachable_hub_falls_back_to_the_saved_manifest(online, tiny_native
 def test_offline_the_cache_checks_itself(tiny_native, tmp_path):
     """No manifest, no network: blob names (sha256 / git sha1) catch a corrupted cache."""
     snap = build_cache(tiny_native, tmp_path / "hub", tree=True, only=["dit/", "lora/"])
-    report = hm.against_hub_report(snap)
+    report = hm.against_hub_report(REPO)  # a repo id works as well as the snapshot folder
     assert report.source == "cache" and report.complete and report.repo_id == REPO
     missing = {c.file for c in report.checks if c.status == "missing"}
     assert missing == {r for r in source_files(tiny_native)
