@@ -472,3 +472,19 @@ def test_the_real_snapshot_download_end_to_end_against_a_local_hub(tiny_native, 
     report = hub_manifest.against_hub_report(snap)
     assert report.ok and report.source.startswith("manifest ")
     assert {c.status for c in report.checks} == {"ok", "not-downloaded"}
+
+
+def test_the_header_check_at_full_scale_and_against_the_config(real_sparse, tiny_native,
+                                                                tmp_path):
+    s = hub.check_headers(real_sparse, hub.include_patterns("dit"))
+    assert (s.dit_tensors, s.dit_parameters, s.dit_shards) == (1022, 13_581_071_424, 6)
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_native / "dit", bad / "dit")
+    cfg = json.loads((bad / "dit" / "config.json").read_text())
+    (bad / "dit" / "config.json").write_text(json.dumps({**cfg, "depth": cfg["depth"] + 1}))
+    with pytest.raises(LongcatError, match=r"tensor 'blocks\.\d+\..*' is missing .*incomplete"):
+        hub.check_headers(bad, hub.include_patterns("dit"))
+    (bad / "dit" / "config.json").write_text(json.dumps({**cfg, "caption_channels": 48}))
+    with pytest.raises(LongcatError, match=r"y_proj.0.weight. has shape \[64, 32\], the config "
+                                           r"implies \[64, 48\]"):
+        hub.check_headers(bad, hub.include_patterns("dit"))
