@@ -17,7 +17,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.utils import filter_repo_objects
 
-from longcat_tools import hub, hub_manifest, keymap, layouts, schemas
+from longcat_tools import hub, hub_download, hub_manifest, keymap, layouts, schemas
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.hub import RepoRef, parse_repo_ref
@@ -105,7 +105,7 @@ def test_a_cached_checkpoint_reads_exactly_like_the_local_one(use_cache, tiny_na
             a = read_tensor(f, info)
             b = read_tensor(g, read_header(local_shards[name]).tensors[name])
         assert torch.equal(a, b), name
-    summary = hub.check_headers(snap)
+    summary = hub_download.check_headers(snap)
     assert summary.dit_tensors == len(shards) and summary.layout == "native"
     assert summary.safetensors_files == sum(1 for r in source_files(tiny_native)
                                             if r.endswith(".safetensors"))
@@ -214,7 +214,7 @@ def test_the_shared_blob_store_of_the_same_cache_is_inside(tmp_path, tiny_native
     ckpt = layouts.detect(snap)
     assert ckpt.allowed == ((root / REPO_DIR).resolve(), (root / "blobs").resolve())
     assert layouts.transformer_shards(ckpt)
-    assert hub.check_headers(snap).dit_tensors > 0
+    assert hub_download.check_headers(snap).dit_tensors > 0
 
 
 def test_a_tampered_ref_cannot_steer_out_of_the_repo(tmp_path, tiny_native, monkeypatch):
@@ -232,7 +232,7 @@ def test_a_partial_download_still_resolves(tmp_path, tiny_native, monkeypatch):
     root, snap = _own_cache(tmp_path, tiny_native, monkeypatch, tree=True,
                             only=["dit/", "model_index.json", "config.json"])
     assert layouts.resolve_model(REPO) == snap
-    summary = hub.check_headers(snap, hub.include_patterns("dit"))
+    summary = hub_download.check_headers(snap, hub.include_patterns("dit"))
     assert summary.dit_tensors > 0 and summary.safetensors_files == summary.dit_shards
 
 
@@ -476,15 +476,15 @@ def test_the_real_snapshot_download_end_to_end_against_a_local_hub(tiny_native, 
 
 def test_the_header_check_at_full_scale_and_against_the_config(real_sparse, tiny_native,
                                                                 tmp_path):
-    s = hub.check_headers(real_sparse, hub.include_patterns("dit"))
+    s = hub_download.check_headers(real_sparse, hub.include_patterns("dit"))
     assert (s.dit_tensors, s.dit_parameters, s.dit_shards) == (1022, 13_581_071_424, 6)
     bad = tmp_path / "bad"
     shutil.copytree(tiny_native / "dit", bad / "dit")
     cfg = json.loads((bad / "dit" / "config.json").read_text())
     (bad / "dit" / "config.json").write_text(json.dumps({**cfg, "depth": cfg["depth"] + 1}))
     with pytest.raises(LongcatError, match=r"tensor 'blocks\.\d+\..*' is missing .*incomplete"):
-        hub.check_headers(bad, hub.include_patterns("dit"))
+        hub_download.check_headers(bad, hub.include_patterns("dit"))
     (bad / "dit" / "config.json").write_text(json.dumps({**cfg, "caption_channels": 48}))
     with pytest.raises(LongcatError, match=r"y_proj.0.weight. has shape \[64, 32\], the config "
                                            r"implies \[64, 48\]"):
-        hub.check_headers(bad, hub.include_patterns("dit"))
+        hub_download.check_headers(bad, hub.include_patterns("dit"))
