@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longcat_tools import bsa_presets, layouts, schemas
+from longcat_tools import bsa_presets, hub, layouts, schemas
 from longcat_tools.atomic import atomic_write_text
 from longcat_tools.errors import LongcatError
 
@@ -356,6 +356,7 @@ def update(ckpt: layouts.Checkpoint, change: Change, *, backup: bool = True,
         u.dry_run = True
         return u
     _read_config_text(path)  # a missing config is named as such, not as a lock problem
+    hub.check_writable(ckpt.root)
     check_writable(path)
     with config_lock(path):
         u = _plan(path, change)
@@ -372,6 +373,8 @@ def restore(ckpt: layouts.Checkpoint, *, dry_run: bool = False) -> Update:
     the backup, so a second ``restore`` undoes the first. Works when the config is missing."""
     path = ckpt.config_path
     bak = backup_path(path)
+    if not dry_run:
+        hub.check_writable(ckpt.root)
 
     def texts() -> tuple[str, str]:
         if not bak.is_file():
