@@ -61,10 +61,23 @@ def step_verify(ctx: DemoContext) -> str:
             f"--deep {deep.status} ({deep.stats['bytes_read']:,} bytes read)")
 
 
+def step_bsa(ctx: DemoContext) -> str:
+    from longcat_tools import bsa
+
+    ckpt = layouts.detect(ctx.paths["native"])
+    bsa.update(ckpt, lambda cfg, style: bsa.with_preset(cfg, "720p-balanced", style))
+    st = bsa.status(ckpt)
+    ctx.say(f"  bsa preset 720p-balanced -> status: {st['attention']}")
+    bsa.restore(ckpt)  # leave the demo checkpoint as synth wrote it for the steps after this one
+    bsa.backup_path(ckpt.config_path).unlink()
+    return f"preset {st['preset']} applied, status read, restored (BSA off again)"
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("synth", step_synth),
     ("inspect", step_inspect),
     ("verify", step_verify),
+    ("bsa", step_bsa),
 ]
 
 

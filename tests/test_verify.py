@@ -152,7 +152,9 @@ def test_checksums_option_implies_deep(tiny_native, tmp_path):
     r = verify(root, checksums=listing)
     assert r.deep and r.status == "pass", _fails(r)
     (row,) = [c for c in r.checks if c.name == "checksum"]
-    assert "1 listed file: every sha256 matches; not listed, so not hashed: 19" in row.message
+    others = [q for q in root.rglob("*") if q.suffix in (".json", ".safetensors")]
+    assert (f"1 listed file: every sha256 matches; not listed, so not hashed: {len(others) - 1} "
+            in row.message)
     listing.write_text(p.stdout.replace(p.stdout[:8], "00000000"))
     r = verify(root, checksums=listing)
     assert [c.file for c in r.checks if c.status == "fail"] == [
@@ -286,3 +288,59 @@ def test_converted_layout_faults(converted, tmp_path, damage, capsys):
     assert main(["verify", str(root), "-q"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"{root}/{rel}" in line and keyword in line, line
+
+
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    from huggingface_hub import constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HOME", raising=False)
+    return tmp_path / "hub"
+
+
+def test_hf_cache_snapshot_passes_and_matches_the_hub(tiny_native, hf_offline, capsys):
+    """A Hugging Face cache snapshot: files are links into the repo's blobs/, which is allowed
+    there (and only there); --against-hub compares with the cache's own record offline."""
+    from hf_cache import REPO, build_cache
+
+    snap = build_cache(tiny_native, hf_offline)
+    assert (snap / "dit" / "config.json").is_symlink()
+    r = verify(snap, deep=True, against_hub=True)
+    assert r.status == "pass", _fails(r)
+    (row,) = [c for c in r.checks if c.component == "hub"]
+    assert REPO in row.message and "match" in row.message
+    assert main(["verify", REPO, "--against-hub", "-q"]) == 0  # a repo id in the cache works too
+    blob = (snap / "scheduler" / "scheduler_config.json").resolve()
+    blob.chmod(0o644)
+    blob.write_text(blob.read_text().replace("12.0", "13.0"))
+    assert main(["verify", str(snap), "--against-hub", "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "scheduler/scheduler_config.json" in line and "git-sha1" in line
+
+
+def test_against_hub_without_a_record_is_one_line(tiny_native, hf_offline, capsys):
+    assert main(["verify", str(tiny_native), "--against-hub", "-q"]) == 2  # which repo?
+    assert "--repo" in capsys.readouterr().err
+    assert main(["verify", str(tiny_native), "--repo", "meituan-longcat/LongCat-Video",
+                 "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no record of the hub's hashes" in line
+
+
+def test_forward_reads_the_runner_report(tiny_native, monkeypatch, capsys):
+    import types
+
+    mod = types.ModuleType("runner.compare")
+    mod.forward_check = lambda path, against=None: {
+        "ok": True, "problems": [], "layout": "native", "output_shape": [2, 16, 3, 8, 8],
+        "against": str(against), "rel_diff": 0.0, "max_abs_diff": 0.0}
+    monkeypatch.setitem(sys.modules, "runner", types.ModuleType("runner"))
+    monkeypatch.setitem(sys.modules, "runner.compare", mod)
+    assert main(["verify", str(tiny_native), "--forward", "--against", str(tiny_native),
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (row,) = [c for c in doc["checks"] if c["name"] == "forward"]
+    assert row["status"] == "pass" and "relative difference 0" in row["message"]

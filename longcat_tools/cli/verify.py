@@ -23,6 +23,16 @@ def verify_cmd(
         metavar="FILE", help="sha256sum-format list to compare with (default: checksums.sha256 "
                              "in the checkpoint); implies --deep.")] = None,
     strict: Annotated[bool, typer.Option(help="Warnings fail too (exit 1).")] = False,
+    against_hub: Annotated[bool, typer.Option(
+        "--against-hub", help="Also compare every file with the hub's sizes and hashes.")]
+    = False,
+    manifest: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="The hub's record to compare with (`hub-manifest`); implies "
+                             "--against-hub.")] = None,
+    repo: Annotated[str | None, typer.Option(
+        metavar="REPO_ID[@REV]", help="Which hub repo the folder is a copy of (default: from the "
+                                      "cache or a saved manifest); implies --against-hub.")]
+    = None,
     forward: Annotated[bool, typer.Option(
         "--forward", help="Also run one small DiT forward through the reference runner.")]
     = False,
@@ -45,14 +55,17 @@ def verify_cmd(
     root = resolve_model(path or model)
     check_forward = forward_checker() if forward else None  # UsageError when no runner
     out = Out(json_out, quiet, verbose)
-    bar = out.progress(None, "verify --deep") if (deep or checksums) else None
+    hashing = deep or checksums or against_hub or manifest or repo
+    bar = out.progress(None, "verify (reading every byte)") if hashing else None
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
+        if bar.total != total:  # the next pass (deep, then hub) starts its own count
+            bar.reset(total=total)
         bar.update(done - bar.n)
 
     try:
         report = verify(root, deep=deep, checksums=checksums, strict=strict,
+                        against_hub=against_hub, manifest=manifest, repo=repo,
                         progress=progress if bar is not None else None)
     finally:
         if bar is not None:

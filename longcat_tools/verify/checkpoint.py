@@ -36,6 +36,7 @@ class _State:
     """What earlier checks learned, for the checks that depend on it."""
 
     root: Path
+    allowed: tuple[Path, ...] = ()
     layout: str | None = None
     tdir: Path | None = None
     dit_name: str = "transformer"
@@ -53,12 +54,16 @@ class _State:
 
 
 def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None = None,
-           strict: bool = False, progress: Callable[[int, int], None] | None = None) -> Report:
+           strict: bool = False, against_hub: bool = False, manifest: str | Path | None = None,
+           repo: str | None = None,
+           progress: Callable[[int, int], None] | None = None) -> Report:
     """Check a checkpoint folder; never raises for a bad checkpoint (that is a failed check),
     only UsageError for arguments that name nothing.
 
     ``checksums`` names a sha256sum-format list (default: ``checksums.sha256`` in the folder)
-    and implies ``deep``. ``progress(done, total)`` sees the bytes read by the deep pass.
+    and implies ``deep``. ``against_hub`` compares every file with the hub's sizes and hashes
+    (``hub_manifest``; ``manifest`` FILE or ``repo`` ``org/name[@rev]`` say which record and
+    imply it). ``progress(done, total)`` sees the bytes read by the deep pass and the hub check.
     """
     t0 = time.perf_counter()
     root = Path(path)
@@ -68,10 +73,14 @@ def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None
     if sums is not None and not sums.exists():
         raise UsageError(f"{sums}: no such checksum file (--checksums)")
     report = Report(str(root), deep=deep or sums is not None, strict=strict)
-    rec = Recorder(root, report)
-    st = _State(root)
+    from longcat_tools.hub import snapshot_roots
+
+    rec = Recorder(root, report, snapshot_roots(root) if root.is_dir() else ())
+    st = _State(root, rec.allowed)
     with rec.guard(CKPT, "verify", root):  # a fault outside any check still is one failed check
         _run(rec, st, report.deep, sums, progress)
+        if against_hub or manifest is not None or repo is not None:
+            _against_hub(rec, st, manifest, repo, progress)
     report.layout, report.flavour = st.layout, st.flavour
     report.stats |= {
         "files": len(st.files), "bytes": sum(_size(p) for p in st.files),
@@ -121,7 +130,7 @@ def _run(rec: Recorder, st: _State, deep: bool, sums: Path | None,
 def _walk(rec: Recorder, st: _State) -> None:
     """Every entry once, without following links: links must stay inside, files must be regular,
     no pickle anywhere."""
-    root, allowed = st.root, st.root.resolve()
+    root, allowed = st.root, rec.allowed
     escapes, odd, pickles = [], [], []
     entries = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False,
@@ -171,7 +180,7 @@ def _inside(st: _State, path: Path) -> bool:
     """False for a path that leads out of the checkpoint (the walk has reported its link):
     nothing behind it is read."""
     try:
-        layouts.check_contained(path, st.root.resolve())
+        layouts.check_contained(path, st.allowed)
     except LongcatError:
         return False
     return True
@@ -383,7 +392,7 @@ def _loras(rec: Recorder, st: _State) -> None:
                          "be available")
     shapes = L.dit_shapes(st.dims) if st.dims is not None else None
     flavour = st.flavour
-    allowed = st.root.resolve()
+    allowed = st.allowed
     for p in files:
         try:
             layouts.check_contained(p, allowed)
@@ -395,6 +404,48 @@ def _loras(rec: Recorder, st: _State) -> None:
             if lf.header is not None:
                 st.lora_headers[p] = lf.header
     L.check_manifest(rec, st.root, st.loras)
+
+
+# --- the hub's record ------------------------------------------------------------------------
+
+def _against_hub(rec: Recorder, st: _State, manifest: str | Path | None, repo: str | None,
+                 progress: Callable[[int, int], None] | None) -> None:
+    """Every file against the hub's size and hash (``hub_manifest``), one row per fault."""
+    if not st.root.is_dir():
+        return
+    from longcat_tools import hub
+    from longcat_tools import hub_manifest as hm
+
+    ref = hub.repo_ref(repo) if repo else None
+    try:
+        m = hm.expected_files(st.root, ref.repo_id if ref else None,
+                              ref.revision if ref else None, manifest)
+    except UsageError:
+        raise
+    except LongcatError as e:
+        rec.fail("hub", "hub", st.root, str(e))
+        return
+    total, done = hm.bytes_to_hash(st.root, m), 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    checks = hm.compare_with_manifest(st.root, m, hashes=True, progress=tick)
+    bad = [c for c in checks if c.status in hm.FAIL]
+    for c in bad[:8]:
+        rec.fail("hub", c.status, st.root / c.file, c.message)
+    if len(bad) > 8:
+        rec.fail("hub", bad[8].status, st.root, f"and {len(bad) - 8} more files differ")
+    if not bad:
+        n_ok = sum(c.status == "ok" for c in checks)
+        extra = [c.file for c in checks if c.status == "extra"]
+        rev = f"@{m.commit[:12]}" if m.commit else ""
+        rec.ok("hub", "hub", st.root, f"{count(n_ok, 'file')} match {m.repo_id}{rev} "
+               f"(record: {m.source})" + (f"; not on the hub: {listing(extra, 2)}"
+                                          if extra else ""))
 
 
 # --- checksums and the deep pass --------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 STATUSES = (PASS, WARN, FAIL)
@@ -60,7 +60,7 @@ class Report:
         """The document ``--json`` prints; valid against schemas/verify_report.schema.json."""
         doc: dict[str, Any] = {
             "path": self.path, "layout": self.layout, "flavour": self.flavour,
-            "status": self.status, "deep": self.deep, "strict": self.strict,
+            "status": self.status, "ok": self.ok, "deep": self.deep, "strict": self.strict,
             "checks": [asdict(c) for c in self.checks],
             "summary": {s: self.count(s) for s in STATUSES} | self.stats,
             "seconds": round(self.seconds, 3),
@@ -85,9 +85,13 @@ def listing(items: list[str] | set[str], limit: int = MAX_LISTED) -> str:
 class Recorder:
     """Collects checks for one checkpoint and turns errors into failed checks."""
 
-    def __init__(self, root: Path, report: Report):
+    def __init__(self, root: Path, report: Report, cache_roots: tuple[Path, ...] = ()):
         self.root = root
         self.report = report
+        # Real folders files may resolve into: the checkpoint itself, or for a Hugging Face cache
+        # snapshot its repo's cache folder (files are links into blobs/, hub.snapshot_roots).
+        self.cache_roots = cache_roots
+        self.allowed: tuple[Path, ...] = cache_roots or (root.resolve(),)
 
     def rel(self, path: Path | str) -> str:
         p = Path(path)
@@ -128,6 +132,8 @@ class Recorder:
         """Run a check body; a LongcatError it raises becomes this check's failure."""
         try:
             yield
+        except UsageError:  # the command line is wrong, not the checkpoint: exit 2
+            raise
         except LongcatError as e:
             self.fail(component, name, file, str(e))
         except Exception as e:  # noqa: BLE001 - a gate fails closed, and the other checks still run

@@ -85,7 +85,7 @@ def read_weights(rec: Recorder, component: str, folder: Path, index_name: str | 
             (p, f"shard on disk next to {found[0].name} without an index naming it (a glob-based "
                 "loader would load it too; remove it or write an index)") for p in stray])
         try:
-            layouts.check_contained(found[0], rec.root.resolve())
+            layouts.check_contained(found[0], rec.allowed)
         except LongcatError as e:
             rec.fail(component, "files", found[0], str(e))
             ws.files, ws.complete = [], False
@@ -120,12 +120,11 @@ def _read_index(rec: Recorder, ws: WeightSet, index: Path) -> None:
         ws.complete = False
         return
     problems: list[tuple[Path, str]] = []
-    allowed = rec.root.resolve()
     files: dict[str, Path] = {}
     for rel in sorted(shards):
-        try:
-            path = layouts.inside(folder, rel, "shard")
-            layouts.check_contained(path, allowed)
+        try:  # a local shard stays in its folder; a cache snapshot's may lead into blobs/
+            path = layouts.inside(folder, rel, "shard", rec.cache_roots or None)
+            layouts.check_contained(path, rec.allowed)
         except LongcatError as e:
             problems.append((index, str(e).replace(f"{folder}: ", "", 1)))
             continue
