@@ -153,6 +153,7 @@ def detect(root: str | Path) -> Checkpoint:
         single = transformer / FASTVIDEO_SINGLE
         cls = None
         if cfg_path.is_file():
+            check_contained(cfg_path, allowed or (root.resolve(),))
             cfg = load_json(cfg_path, "transformer config")
             cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
         if single.exists() and not (transformer / INDEX_NAME).exists():

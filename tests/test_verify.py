@@ -279,8 +279,15 @@ def _split_key_renamed(root):
     return "transformer/model.safetensors", "are missing: blocks.1.self_attn.to_v.weight"
 
 
+def _config_links_out(root):
+    outside = root.parent / "elsewhere.json"
+    shutil.move(root / "transformer/config.json", outside)
+    (root / "transformer/config.json").symlink_to(outside)
+    return "transformer/config.json", "outside the checkpoint"
+
+
 @pytest.mark.parametrize("damage", [_class_mismatch, _flavour_mismatch, _stray_next_to_single,
-                                    _no_model_index, _split_key_renamed])
+                                    _no_model_index, _split_key_renamed, _config_links_out])
 def test_converted_layout_faults(converted, tmp_path, damage, capsys):
     root = tmp_path / "c"
     shutil.copytree(converted["fastvideo-single"], root)

@@ -12,7 +12,7 @@ from longcat_tools.cli._common import JsonOpt, Out
 
 def schema_cmd(
     name: Annotated[str | None, typer.Argument(
-        metavar="[NAME]", show_default=False,
+        metavar="NAME", show_default=False,
         help="Schema to print (default: list them all).")] = None,
     json_out: JsonOpt = False,
 ) -> None:

@@ -12,7 +12,7 @@ from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseO
 
 def verify_cmd(
     path: Annotated[str | None, typer.Argument(
-        metavar="[PATH]", show_default=False,
+        metavar="PATH", show_default=False,
         help="Checkpoint folder (default: --model, $LONGCAT_TOOLS_MODEL, else the current "
              "folder).")] = None,
     model: ModelOpt = None,

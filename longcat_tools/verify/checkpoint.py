@@ -1,9 +1,9 @@
 """``verify``: every check of a checkpoint, in one report (the CI gate of SPEC §2.3).
 
 Header level (default) reads only JSON files and safetensors headers: the real 13.6B checkpoint
-is checked in about a second. ``deep`` then reads every byte once: NaN/Inf, all-zero weights and
-sha256 against ``checksums.sha256``. Each check records its own pass/warn/fail; an error in one
-never hides the others.
+is checked in a fraction of a second. ``deep`` then reads every byte once: NaN/Inf, all-zero
+weights and sha256 against ``checksums.sha256``. Each check records its own pass/warn/fail; an
+error in one never hides the others.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from longcat_tools import keymap, layouts, schemas
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.hub import snapshot_roots
 from longcat_tools.safetensors_io import Header
 from longcat_tools.verify import components as C
 from longcat_tools.verify import deep as D
@@ -73,8 +74,6 @@ def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None
     if sums is not None and not sums.exists():
         raise UsageError(f"{sums}: no such checksum file (--checksums)")
     report = Report(str(root), deep=deep or sums is not None, strict=strict)
-    from longcat_tools.hub import snapshot_roots
-
     rec = Recorder(root, report, snapshot_roots(root) if root.is_dir() else ())
     st = _State(root, rec.allowed)
     with rec.guard(CKPT, "verify", root):  # a fault outside any check still is one failed check
