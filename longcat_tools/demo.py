@@ -47,6 +47,18 @@ def step_inspect(ctx: DemoContext) -> str:
     return f"layout {ckpt.describe()}, {len(shards)} tensors in {len(set(shards.values()))} shards"
 
 
+def step_bsa(ctx: DemoContext) -> str:
+    from longcat_tools import bsa
+
+    ckpt = layouts.detect(ctx.paths["native"])
+    bsa.update(ckpt, lambda cfg, style: bsa.with_preset(cfg, "720p-balanced", style))
+    st = bsa.status(ckpt)
+    ctx.say(f"  bsa preset 720p-balanced -> status: {st['attention']}")
+    bsa.restore(ckpt)  # leave the demo checkpoint as synth wrote it for the steps after this one
+    bsa.backup_path(ckpt.config_path).unlink()
+    return f"preset {st['preset']} applied, status read, restored (BSA off again)"
+
+
 def step_lora(ctx: DemoContext) -> str:
     """Export the distillation LoRA as PEFT, attach that file under a new name, list, and use
     it: fused into a copy of the checkpoint, checked against W + delta."""
@@ -72,6 +84,7 @@ def step_lora(ctx: DemoContext) -> str:
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("synth", step_synth),
     ("inspect", step_inspect),
+    ("bsa", step_bsa),
     ("lora", step_lora),
 ]
 

@@ -37,11 +37,10 @@ import torch
 
 from longcat_tools import __version__, keymap, layouts, schemas
 from longcat_tools import lora_formats as lf
-from longcat_tools.atomic import atomic_folder, atomic_write_text, partial_path
+from longcat_tools.atomic import atomic_folder, atomic_write_text, fsync_dir, partial_path
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.safetensors_io import (
     TensorSpec,
-    fsync_dir,
     read_header,
     read_tensor,
     write_file,
@@ -148,7 +147,7 @@ def load_registry(ckpt: layouts.Checkpoint) -> Registry:
     if dupes:
         raise LongcatError(f"{path}: adapter '{dupes[0]}' is listed twice (remove one entry)")
     for a in reg.adapters:
-        layouts.inside(ckpt.lora_dir, a.file, f"file of adapter '{a.name}'")
+        layouts.inside(ckpt.lora_dir, a.file, f"file of adapter '{a.name}'", ckpt.containment)
     return reg
 
 
@@ -170,6 +169,7 @@ def registry_lock(ckpt: layouts.Checkpoint, timeout: float = LOCK_TIMEOUT_S) -> 
     """An exclusive ``flock`` on ``lora/adapters.json.lock`` (created with ``lora/``), removed on
     release. A holder that dies releases it (the kernel drops flocks); after locking we check the
     file is still the one on disk, because a releasing holder may have just removed it."""
+    check_writable(ckpt)
     ckpt.lora_dir.mkdir(exist_ok=True)
     lock = ckpt.lora_dir / (REGISTRY + LOCK_SUFFIX)
     deadline = time.monotonic() + timeout
@@ -215,6 +215,14 @@ def registry_lock(ckpt: layouts.Checkpoint, timeout: float = LOCK_TIMEOUT_S) -> 
 # finding adapters
 
 
+def check_writable(ckpt: layouts.Checkpoint) -> None:
+    """Adapters are never written into a Hugging Face cache snapshot (its files are the hub's)."""
+    if ckpt.in_hf_cache:
+        raise LongcatError(f"{ckpt.root}: is a snapshot in the Hugging Face cache, which lora "
+                           "never writes into; download it with `longcat-tools download REPO "
+                           "--dst DIR` (real files) or convert it, and attach to that")
+
+
 def _model(model: str | Path | layouts.Checkpoint | None) -> layouts.Checkpoint:
     if isinstance(model, layouts.Checkpoint):
         return model
@@ -240,7 +248,7 @@ def discover(ckpt: layouts.Checkpoint) -> dict[str, Path]:
     root = ckpt.lora_dir
     if not root.is_dir():
         return {}
-    allowed = ckpt.root.resolve()
+    allowed = ckpt.containment
     found: dict[str, Path] = {}
     for p in sorted(root.iterdir()):
         if p.name.startswith(".") or p.name.endswith(".partial"):
@@ -493,6 +501,7 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
     ``lora/NAME/<file>``, recorded in the registry. Nothing is written on any failure."""
     t0 = time.perf_counter()
     ckpt = _model(model)
+    check_writable(ckpt)
     check_name(name)
     if fmt not in SOURCE_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(SOURCE_FORMATS)}, got '{fmt}'")
@@ -578,6 +587,7 @@ def detach(model: str | Path | layouts.Checkpoint | None, name: str, *, force: b
     """Remove an adapter: its registry entry and its files (``lora/NAME/``). A hub file at the
     top of ``lora/`` is part of the release: it is deleted only with ``force``."""
     ckpt = _model(model)
+    check_writable(ckpt)
     with registry_lock(ckpt) if not dry_run else _nolock():
         reg = load_registry(ckpt)
         path, rec = _find(ckpt, reg, name)
@@ -712,7 +722,7 @@ class FusePlan:
     ckpt: layouts.Checkpoint
     dst: Path
     adapters: list[FusedAdapter]
-    rewrite: dict[Path, list[str]]  # shard -> its tensors that change
+    rewrite: dict[Path, list[str]]  # shard (its path in the checkpoint) -> tensors that change
     link: bool
     force: bool
     weights: int  # adapted DiT tensors
@@ -803,7 +813,8 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
     wanted = {m for a in adapters for m in a.lora.modules}
     rewrite: dict[Path, list[str]] = {}
     covered: set[str] = set()
-    headers = {p: read_header(p) for p in sorted({q.resolve() for q in shards.values()})}
+    # by their names in the checkpoint (a cache snapshot's resolve to blob hashes)
+    headers = {p: read_header(p) for p in sorted(set(shards.values()))}
     for path, header in headers.items():
         for tname, info in header.tensors.items():
             hit = _target_rows(ckpt, tname, shapes)
@@ -838,10 +849,11 @@ def _fused_tensor(w: torch.Tensor, parts: list[tuple[lf.ModuleLora, float, tuple
 
 
 def _link_or_copy(src: Path, dst: Path, link: bool) -> bool:
-    """Hard-link (True) or copy (False) one file; symlinks are followed to the real file."""
+    """Hard-link (True) or copy (False) one file; symlinks are followed to the real file (a
+    hard link to a symlink would copy the link, dangling in its new place)."""
     if link:
         try:
-            os.link(src, dst)
+            os.link(src.resolve(), dst)
             return True
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
@@ -893,6 +905,7 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
                 for n, i in header.tensors.items()]
 
     def place(src: Path, dst: Path) -> None:
+        layouts.check_contained(src, ckpt.containment)
         linked = _link_or_copy(src, dst, p.link)
         counts["linked" if linked else "copied"] += 1
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -275,17 +274,3 @@ def write_sharded(folder: str | Path, stem: str, specs: list[TensorSpec], max_sh
 def write_json(path: str | Path, obj: object) -> None:
     """JSON the way diffusers and transformers save configs: indent 2, trailing newline."""
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

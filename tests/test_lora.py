@@ -386,3 +386,25 @@ def test_killed_attach_leaves_no_adapter(native, tmp_path, monkeypatch):
     reg = lora_lib.load_registry(layouts.detect(native))
     assert reg.get("half") is None
     assert os.listdir(native / "lora").count("adapters.json.lock") == 0
+
+
+def test_hugging_face_cache_snapshot_is_read_never_written(native, tmp_path, capsys):
+    """A cache snapshot (files are symlinks into blobs/): list and fuse read it, attach and
+    detach refuse it in one line."""
+    from hf_cache import build_cache
+
+    snap = build_cache(native, tmp_path / "hub")
+    rc, out, err = _cli(capsys, "list", "-m", snap, "--json")
+    assert rc == 0, err
+    assert {a["name"]: a["status"] for a in json.loads(out)["adapters"]} == {
+        "distilled": "ok", "refinement": "ok"}
+    before = _tree(tmp_path / "hub")
+    for args in (["attach", native / "lora" / HUB["distilled"], "--name", "x"],
+                 ["detach", "distilled", "--force"]):
+        rc, _, err = _cli(capsys, *args, "-m", snap)
+        assert rc == 1 and "Hugging Face cache" in err and len(err.strip().splitlines()) == 1
+    assert _tree(tmp_path / "hub") == before
+    rc, _, err = _cli(capsys, "fuse", "distilled", "--dst", tmp_path / "fused", "-m", snap)
+    assert rc == 0, err
+    assert lora_lib.fuse_error(native, tmp_path / "fused", [("distilled", 1.0)])[0] < 1e-6
+    assert not any(p.is_symlink() for p in (tmp_path / "fused").rglob("*"))
