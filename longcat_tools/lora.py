@@ -526,6 +526,8 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
     if dry_run:
         reg = load_registry(ckpt)
         _check_free(ckpt, reg, name, force)
+        for spec in _checked_specs(lora, target_fmt, src):  # every value checked, none written
+            spec.produce()
         return AttachResult(name, dst_file, src, lora.format, target_fmt, len(lora.modules),
                             nbytes, None, [], lora.notes, time.perf_counter() - t0, True)
     with registry_lock(ckpt):

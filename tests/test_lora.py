@@ -408,3 +408,14 @@ def test_hugging_face_cache_snapshot_is_read_never_written(native, tmp_path, cap
     assert rc == 0, err
     assert lora_lib.fuse_error(native, tmp_path / "fused", [("distilled", 1.0)])[0] < 1e-6
     assert not any(p.is_symlink() for p in (tmp_path / "fused").rglob("*"))
+
+
+def test_dry_run_attach_checks_values_and_writes_nothing(native, tmp_path, capsys):
+    path = _bad_file(tmp_path, "non-finite")
+    before = _tree(native)
+    rc, _, err = _cli(capsys, "attach", path, "--name", "x", "-m", native, "--dry-run")
+    assert rc == 1 and "NaN or Inf" in err
+    rc, out, err = _cli(capsys, "attach", native / "lora" / HUB["distilled"], "--name", "x",
+                        "-m", native, "--dry-run", "--json")
+    assert rc == 0 and json.loads(out)["dry_run"] is True
+    assert _tree(native) == before
