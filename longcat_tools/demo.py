@@ -73,11 +73,34 @@ def step_bsa(ctx: DemoContext) -> str:
     return f"preset {st['preset']} applied, status read, restored (BSA off again)"
 
 
+def step_lora(ctx: DemoContext) -> str:
+    """Export the distillation LoRA as PEFT, attach that file under a new name, list, and use
+    it: fused into a copy of the checkpoint, checked against W + delta."""
+    from longcat_tools import lora
+
+    ckpt = layouts.detect(ctx.paths["native"])
+    peft = ctx.out / "lora-demo" / "cfg_step_peft.safetensors"
+    peft.parent.mkdir(exist_ok=True)
+    lora.export(ckpt, "distilled", "peft", peft, force=True)
+    r = lora.attach(ckpt, peft, "demo-peft", force=True)
+    _, items = lora.list_adapters(ckpt)
+    ctx.say(f"  lora list: {', '.join(f'{i.name} ({i.format}, rank {i.rank})' for i in items)}")
+    fused = ctx.out / "tiny-native-fused"
+    lora.fuse(ckpt, [("demo-peft", 1.0)], fused, force=True)
+    err, n = lora.fuse_error(ckpt, fused, [("demo-peft", 1.0)])
+    if not err < 1e-6:
+        raise RuntimeError(f"fused weights differ from W + delta (relative error {err:.2e})")
+    return (f"PEFT export attached as '{r.name}' ({r.modules} modules, {r.source_format} -> "
+            f"{r.format}); {len(items)} adapters listed; fused into {n} weights, max rel. error "
+            f"{err:.1e}")
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("synth", step_synth),
     ("inspect", step_inspect),
     ("verify", step_verify),
     ("bsa", step_bsa),
+    ("lora", step_lora),
 ]
 
 

@@ -351,3 +351,23 @@ def test_forward_reads_the_runner_report(tiny_native, monkeypatch, capsys):
     doc = json.loads(capsys.readouterr().out)
     (row,) = [c for c in doc["checks"] if c["name"] == "forward"]
     assert row["status"] == "pass" and "relative difference 0" in row["message"]
+
+
+def test_registry_written_by_lora_attach_passes(converted, tiny_native, tmp_path, capsys):
+    """`lora attach` writes lora/adapters.json; verify checks every entry against its file."""
+    root = tmp_path / "c"
+    shutil.copytree(converted["fastvideo-single"], root)
+    src = tiny_native / "lora" / "cfg_step_lora.safetensors"  # native format: attach converts it
+    assert main(["lora", "attach", str(src), "--name", "mine", "-m", str(root), "-q"]) == 0
+    r = verify(root)
+    assert r.status == "pass", _fails(r)
+    (row,) = [c for c in r.checks if c.name == "manifest"]
+    assert "each matching its file" in row.message
+    reg = json.loads((root / "lora/adapters.json").read_text())
+    mine = next(a for a in reg["adapters"] if a["name"] == "mine")
+    mine["targets"] = mine["targets"][1:]
+    (root / "lora/adapters.json").write_text(json.dumps(reg))
+    capsys.readouterr()
+    assert main(["verify", str(root), "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "lora/adapters.json" in line and "targets differ" in line
