@@ -47,6 +47,20 @@ def step_inspect(ctx: DemoContext) -> str:
     return f"layout {ckpt.describe()}, {len(shards)} tensors in {len(set(shards.values()))} shards"
 
 
+def step_verify(ctx: DemoContext) -> str:
+    from longcat_tools.errors import LongcatError
+    from longcat_tools.verify import verify
+
+    head = verify(ctx.paths["native"])
+    deep = verify(ctx.paths["native"], deep=True)
+    for r in (head, deep):
+        if r.status == "fail":
+            bad = r.failures()[0]
+            raise LongcatError(f"verify failed on the demo checkpoint: {bad.file}: {bad.message}")
+    return (f"header level {head.status} ({len(head.checks)} checks, {head.seconds:.2f} s); "
+            f"--deep {deep.status} ({deep.stats['bytes_read']:,} bytes read)")
+
+
 def step_bsa(ctx: DemoContext) -> str:
     from longcat_tools import bsa
 
@@ -84,6 +98,7 @@ def step_lora(ctx: DemoContext) -> str:
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("synth", step_synth),
     ("inspect", step_inspect),
+    ("verify", step_verify),
     ("bsa", step_bsa),
     ("lora", step_lora),
 ]

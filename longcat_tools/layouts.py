@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +29,29 @@ COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 NATIVE_LORAS = {"cfg_step_lora.safetensors": "distilled",
                 "refinement_lora.safetensors": "refinement"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_JSON_BYTES = 64 * 1024 * 1024  # the real DiT index is ~100 KB; anything near this is hostile
 
 
 def load_json(path: Path, what: str | None = None) -> Any:
     """Read a JSON file; any failure is one line naming the file. Duplicate keys are refused
     (``json`` would silently keep the last one)."""
     def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise LongcatError(f"{path}: key '{k}' appears twice")
-            out[k] = v
+        out = dict(pairs)  # at C speed; the loop below runs only when a key repeats
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    raise LongcatError(f"{path}: key '{k}' appears twice")
+                seen.add(k)
         return out
 
     try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, a folder cannot be read
+            raise LongcatError(f"{path}: not a regular file{f' ({what})' if what else ''}")
+        if st.st_size > MAX_JSON_BYTES:
+            raise LongcatError(f"{path}: {st.st_size} bytes, more than the {MAX_JSON_BYTES}-byte "
+                               "limit for a JSON file here (corrupt or not what it claims to be)")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LongcatError(f"{path}: missing{f' ({what})' if what else ''}") from None
@@ -51,6 +61,8 @@ def load_json(path: Path, what: str | None = None) -> Any:
         return json.loads(text, object_pairs_hook=no_dupes)
     except json.JSONDecodeError as e:
         raise LongcatError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+    except RecursionError:
+        raise LongcatError(f"{path}: invalid JSON (nested too deeply)") from None
 
 
 def inside(root: Path, rel: str, what: str = "path",
@@ -69,7 +81,10 @@ def check_contained(path: Path, allowed: Path | tuple[Path, ...]) -> None:
     """Refuse a path whose real location (after symlinks) is outside ``allowed`` (one real folder,
     or several: a cache snapshot may also lead into its repo's blobs)."""
     roots = (allowed,) if isinstance(allowed, Path) else tuple(allowed)
-    real = path.resolve()
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise LongcatError(f"{path}: cannot be resolved ({e})") from None
     if not any(real == a or a in real.parents for a in roots):
         where = " or ".join(str(a) for a in roots)
         raise LongcatError(f"{path}: resolves to {real}, outside the checkpoint {where} "
@@ -138,6 +153,7 @@ def detect(root: str | Path) -> Checkpoint:
         single = transformer / FASTVIDEO_SINGLE
         cls = None
         if cfg_path.is_file():
+            check_contained(cfg_path, allowed or (root.resolve(),))
             cfg = load_json(cfg_path, "transformer config")
             cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
         if single.exists() and not (transformer / INDEX_NAME).exists():
