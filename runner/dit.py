@@ -92,7 +92,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
 
 
 class LayerNorm(nn.LayerNorm):
@@ -211,8 +212,8 @@ class SelfAttention(nn.Module):
                 k_c, v_c = k_c.expand(B, -1, -1, -1), v_c.expand(B, -1, -1, -1)
             n_c = k_c.shape[2]
             cos, sin = rope_3d_table((T + num_cond_latents, H, W), self.head_dim, x.device)
-            k = torch.cat([apply_rope(k_c, cos[:n_c], sin[:n_c]), apply_rope(k, cos[n_c:], sin[n_c:])],
-                          dim=2)
+            k = torch.cat([apply_rope(k_c, cos[:n_c], sin[:n_c]),
+                           apply_rope(k, cos[n_c:], sin[n_c:])], dim=2)
             v = torch.cat([v_c, v], dim=2)
             q = apply_rope(q, cos[n_c:], sin[n_c:])
             out = self._attend(q, k, v, grid)
