@@ -47,9 +47,17 @@ def step_inspect(ctx: DemoContext) -> str:
     return f"layout {ckpt.describe()}, {len(shards)} tensors in {len(set(shards.values()))} shards"
 
 
+def step_run(ctx: DemoContext) -> str:
+    from runner.demo import run_all_tasks
+
+    runs = run_all_tasks(ctx.paths["native"], ctx.out / "videos", say=ctx.say)
+    return f"{ctx.out / 'videos'}: " + ", ".join(f"{r.name} {r.frames}f {r.size}" for r in runs)
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("synth", step_synth),
     ("inspect", step_inspect),
+    ("run", step_run),
 ]
 
 

@@ -76,17 +76,18 @@ class Reporter:
         self.show = show
         self.say = say
         self.timings: dict[str, float] = {}
+        self._last: str | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.say and name != self._last:
+            self.say(f"- {name}")
+        self._last = name
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            dt = time.perf_counter() - t0
-            self.timings[name] = self.timings.get(name, 0.0) + dt
-            if self.say:
-                self.say(f"  {name}: {dt:.2f} s")
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def steps(self, items: Iterable, total: int, desc: str) -> Iterable:
         if not self.show:
@@ -105,6 +106,17 @@ def prompt_clean(text: str) -> str:
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
+
+
+def _quiet_libraries() -> None:
+    """transformers/diffusers chatter (load bars, optional-dependency hints) off."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def to_pil_frames(video: Any) -> list[Image.Image]:
@@ -147,6 +159,7 @@ class Pipeline:
             if not (root / comp).is_dir():
                 raise LongcatError(f"{root}: missing '{comp}/' (a runnable checkpoint needs "
                                    "tokenizer/, text_encoder/, vae/ and scheduler/)")
+        _quiet_libraries()
         with rep.stage("load"):
             tok = AutoTokenizer.from_pretrained(root / "tokenizer")
             te = UMT5EncoderModel.from_pretrained(

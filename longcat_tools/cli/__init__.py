@@ -13,6 +13,7 @@ import typer
 
 from longcat_tools import __version__
 from longcat_tools.cli.demo import demo_cmd
+from longcat_tools.cli.run import run_cmd
 from longcat_tools.cli.synth import synth_cmd
 from longcat_tools.errors import EXIT_FAIL, LongcatError
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.command("synth")(synth_cmd)
 app.command("demo")(demo_cmd)
+app.command("run")(run_cmd)
 
 
 def _version(value: bool) -> None:
