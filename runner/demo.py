@@ -49,8 +49,7 @@ def run_all_tasks(ckpt: str | Path, out_dir: str | Path,
         ("i2v", lambda: pipe.i2v(_uint8(results["t2v"])[0], PROMPT, **SIZE, **FAST)),
         ("vc", lambda: pipe.vc(_uint8(results["t2v"]), PROMPT, **SIZE, steps=2, num_frames=13,
                                num_cond_frames=5)),
-        ("refine", lambda: pipe.refine(_uint8(results["t2v_distill"]), PROMPT, height=64,
-                                       width=64)),
+        ("refine", lambda: pipe.refine(_uint8(results["t2v_distill"]), PROMPT, **SIZE)),
         ("long", lambda: pipe.long(PROMPT, **SIZE, **FAST, num_cond_frames=5, num_segments=1)),
     ]
     for name, fn in tasks:

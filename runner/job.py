@@ -257,7 +257,7 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
                   "width": int(frames.shape[2]), "fps": fps, "codec": "h264",
                   "pix_fmt": "yuv420p"},
         "stage1": stage1_info, "final": dict(r.info),
-        "bsa": None if pipe.dit.bsa is None else asdict(pipe.dit.bsa),
+        "bsa": r.info.get("bsa"), "loras": r.info.get("loras", []),
         "checkpoint": {"path": str(root), "layout": pipe.layout},
         "timings_s": {k: round(v, 3) for k, v in reporter.timings.items()},
         "total_s": round(time.perf_counter() - t_start, 3),

@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,7 @@ class Pipeline:
         self.scale_s = int(getattr(vae.config, "scale_factor_spatial", 8))
         self.video_processor = VideoProcessor(vae_scale_factor=self.scale_s)
         self.reporter = Reporter()
+        self.last_run: dict[str, Any] = {}
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
@@ -251,6 +252,9 @@ class Pipeline:
 
     def _denoise(self, latents, timesteps, text, mask, guidance, n_cond=0, per_frame=False,
                  kv_cache=None, step_all=True, desc="denoise") -> torch.Tensor:
+        bsa = self.dit.bsa
+        self.last_run = {"loras": list(self.dit.active_loras),
+                         "bsa": None if bsa is None else asdict(bsa)}
         with self.reporter.stage("denoise"):
             for t in self.reporter.steps(timesteps, len(timesteps), desc):
                 pred = self._predict(latents, t, text, mask, guidance, n_cond, per_frame, kv_cache)
@@ -341,7 +345,7 @@ class Pipeline:
             latents = self._denoise(latents, timesteps, text, mask, guidance)
         frames = self.decode(latents) if decode else None
         return Result(frames, latents, 15, {"steps": len(timesteps), "guidance": guidance,
-                                            "height": height, "width": width})
+                                            "height": height, "width": width, **self.last_run})
 
     def _init(self, latents, shape, gen, dtype) -> torch.Tensor:
         if latents is None:
@@ -373,7 +377,7 @@ class Pipeline:
                                     per_frame=True, step_all=False)
         frames = self.decode(latents) if decode else None
         return Result(frames, latents, 15, {"steps": len(timesteps), "guidance": guidance,
-                                            "height": height, "width": width})
+                                            "height": height, "width": width, **self.last_run})
 
     def vc(self, video: Any, prompt: str, negative_prompt: str | None = None,
            resolution: str = "480p", height: int | None = None, width: int | None = None,
@@ -431,7 +435,7 @@ class Pipeline:
         return Result(frames, latents, 15, {
             "steps": len(timesteps), "guidance": guidance, "height": height, "width": width,
             "num_cond_frames": num_cond_frames, "kv_cache": use_kv_cache,
-            "enhance_hf": enhance_hf})
+            "enhance_hf": enhance_hf, **self.last_run})
 
     def refine(self, stage1_video: Any, prompt: str = "", image: Image.Image | None = None,
                video: Any = None, num_cond_frames: int = 0, height: int | None = None,
@@ -510,7 +514,7 @@ class Pipeline:
         return Result(frames, lat, 15 if spatial_refine_only else 30, {
             "steps": len(timesteps), "height": height, "width": width,
             "t_thresh": t_thresh, "num_cond_frames": num_cond_frames,
-            "cond_latents": n_cond, "padded_front": added, "padded_back": back})
+            "cond_latents": n_cond, "padded_front": added, "padded_back": back, **self.last_run})
 
     def long(self, prompt: str, negative_prompt: str | None = None, video: Any = None,
              height: int = 480, width: int = 832, num_frames: int = 93, num_cond_frames: int = 13,

@@ -34,7 +34,7 @@ def distill_sigmas(steps: int) -> torch.Tensor:
 def set_schedule(scheduler, steps: int, distill: bool, device) -> torch.Tensor:
     """Shifted timesteps for ``steps`` steps (distilled grid or the base one)."""
     sigmas = distill_sigmas(steps) if distill else base_sigmas(steps)
-    scheduler.set_timesteps(steps, sigmas=sigmas, device=device)
+    scheduler.set_timesteps(steps, sigmas=sigmas.numpy(), device=device)
     return scheduler.timesteps
 
 
