@@ -93,6 +93,11 @@ def step_lora(ctx: DemoContext) -> str:
     return (f"PEFT export attached as '{r.name}' ({r.modules} modules, {r.source_format} -> "
             f"{r.format}); {len(items)} adapters listed; fused into {n} weights, max rel. error "
             f"{err:.1e}")
+def step_run(ctx: DemoContext) -> str:
+    from runner.demo import run_all_tasks
+
+    runs = run_all_tasks(ctx.paths["native"], ctx.out / "videos", say=ctx.say)
+    return f"{ctx.out / 'videos'}: " + ", ".join(f"{r.name} {r.frames}f {r.size}" for r in runs)
 
 
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
@@ -101,6 +106,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("verify", step_verify),
     ("bsa", step_bsa),
     ("lora", step_lora),
+    ("run", step_run),
 ]
 
 
