@@ -14,7 +14,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import fsync_dir
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where directories cannot be opened).
+
+    Kept here, free of torch, so that small writers (``bsa``) start fast."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def partial_path(dst: Path) -> Path:

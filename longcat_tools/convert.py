@@ -28,7 +28,7 @@ import torch
 
 from longcat_tools import __version__, keymap, layouts
 from longcat_tools import lora_formats as lf
-from longcat_tools.atomic import atomic_folder, partial_path
+from longcat_tools.atomic import atomic_folder, fsync_dir, partial_path
 from longcat_tools.checksums import (
     MANIFEST,
     BufferRing,
@@ -42,7 +42,6 @@ from longcat_tools.safetensors_io import (
     TensorInfo,
     TensorSpec,
     build_header,
-    fsync_dir,
     read_header,
     shard_names,
     tensor_bytes,
@@ -384,9 +383,13 @@ def _source_loras(ckpt: layouts.Checkpoint) -> list[tuple[str, Path]]:
     root = ckpt.lora_dir
     if not root.is_dir():
         return []
+    from longcat_tools.lora import REGISTRY
+
     allowed = ckpt.root.resolve()
     found: list[tuple[str, Path]] = []
     for p in sorted(root.iterdir()):
+        if p.name.startswith(REGISTRY) or p.name.endswith(".partial"):
+            continue  # the `lora` command's registry (rebuilt from the files) and its scratch
         if p.is_file():
             layouts.check_contained(p, allowed)
             found.append((lf.NATIVE_FILE_TO_ADAPTER.get(p.name, p.stem), p))

@@ -59,10 +59,67 @@ def step_convert(ctx: DemoContext) -> str:
             f"{r.bytes_written / 1e6:.1f} MB written, {r.files_linked} files linked")
 
 
+def step_verify(ctx: DemoContext) -> str:
+    from longcat_tools.errors import LongcatError
+    from longcat_tools.verify import verify
+
+    head = verify(ctx.paths["native"])
+    deep = verify(ctx.paths["native"], deep=True)
+    for r in (head, deep):
+        if r.status == "fail":
+            bad = r.failures()[0]
+            raise LongcatError(f"verify failed on the demo checkpoint: {bad.file}: {bad.message}")
+    return (f"header level {head.status} ({len(head.checks)} checks, {head.seconds:.2f} s); "
+            f"--deep {deep.status} ({deep.stats['bytes_read']:,} bytes read)")
+
+
+def step_bsa(ctx: DemoContext) -> str:
+    from longcat_tools import bsa
+
+    ckpt = layouts.detect(ctx.paths["native"])
+    bsa.update(ckpt, lambda cfg, style: bsa.with_preset(cfg, "720p-balanced", style))
+    st = bsa.status(ckpt)
+    ctx.say(f"  bsa preset 720p-balanced -> status: {st['attention']}")
+    bsa.restore(ckpt)  # leave the demo checkpoint as synth wrote it for the steps after this one
+    bsa.backup_path(ckpt.config_path).unlink()
+    return f"preset {st['preset']} applied, status read, restored (BSA off again)"
+
+
+def step_lora(ctx: DemoContext) -> str:
+    """Export the distillation LoRA as PEFT, attach that file under a new name, list, and use
+    it: fused into a copy of the checkpoint, checked against W + delta."""
+    from longcat_tools import lora
+
+    ckpt = layouts.detect(ctx.paths["native"])
+    peft = ctx.out / "lora-demo" / "cfg_step_peft.safetensors"
+    peft.parent.mkdir(exist_ok=True)
+    lora.export(ckpt, "distilled", "peft", peft, force=True)
+    r = lora.attach(ckpt, peft, "demo-peft", force=True)
+    _, items = lora.list_adapters(ckpt)
+    ctx.say(f"  lora list: {', '.join(f'{i.name} ({i.format}, rank {i.rank})' for i in items)}")
+    fused = ctx.out / "tiny-native-fused"
+    lora.fuse(ckpt, [("demo-peft", 1.0)], fused, force=True)
+    err, n = lora.fuse_error(ckpt, fused, [("demo-peft", 1.0)])
+    if not err < 1e-6:
+        raise RuntimeError(f"fused weights differ from W + delta (relative error {err:.2e})")
+    return (f"PEFT export attached as '{r.name}' ({r.modules} modules, {r.source_format} -> "
+            f"{r.format}); {len(items)} adapters listed; fused into {n} weights, max rel. error "
+            f"{err:.1e}")
+def step_run(ctx: DemoContext) -> str:
+    from runner.demo import run_all_tasks
+
+    runs = run_all_tasks(ctx.paths["native"], ctx.out / "videos", say=ctx.say)
+    return f"{ctx.out / 'videos'}: " + ", ".join(f"{r.name} {r.frames}f {r.size}" for r in runs)
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("synth", step_synth),
     ("inspect", step_inspect),
     ("convert", step_convert),
+    ("verify", step_verify),
+    ("bsa", step_bsa),
+    ("lora", step_lora),
+    ("run", step_run),
 ]
 
 

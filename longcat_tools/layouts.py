@@ -3,13 +3,16 @@
 Layouts (SPEC §2): ``native`` (the hub release: ``dit/``), ``converted`` (``model_index.json`` +
 ``transformer/`` sharded with an index, in either key flavour) and ``fastvideo-single`` (FastVideo's
 converter output: one ``transformer/model.safetensors``). Every path read from a file is checked
-to stay inside the checkpoint; symlinks may not lead out of it.
+to stay inside the checkpoint; symlinks may not lead out of it. A snapshot in the Hugging Face cache
+is the one exception: its files are symlinks into the repo's ``blobs/``, so its containment boundary
+is the repo's cache folder (``hub.snapshot_roots``), never anything wider.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,20 +29,29 @@ COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 NATIVE_LORAS = {"cfg_step_lora.safetensors": "distilled",
                 "refinement_lora.safetensors": "refinement"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_JSON_BYTES = 64 * 1024 * 1024  # the real DiT index is ~100 KB; anything near this is hostile
 
 
 def load_json(path: Path, what: str | None = None) -> Any:
     """Read a JSON file; any failure is one line naming the file. Duplicate keys are refused
     (``json`` would silently keep the last one)."""
     def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise LongcatError(f"{path}: key '{k}' appears twice")
-            out[k] = v
+        out = dict(pairs)  # at C speed; the loop below runs only when a key repeats
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    raise LongcatError(f"{path}: key '{k}' appears twice")
+                seen.add(k)
         return out
 
     try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, a folder cannot be read
+            raise LongcatError(f"{path}: not a regular file{f' ({what})' if what else ''}")
+        if st.st_size > MAX_JSON_BYTES:
+            raise LongcatError(f"{path}: {st.st_size} bytes, more than the {MAX_JSON_BYTES}-byte "
+                               "limit for a JSON file here (corrupt or not what it claims to be)")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LongcatError(f"{path}: missing{f' ({what})' if what else ''}") from None
@@ -49,24 +61,33 @@ def load_json(path: Path, what: str | None = None) -> Any:
         return json.loads(text, object_pairs_hook=no_dupes)
     except json.JSONDecodeError as e:
         raise LongcatError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+    except RecursionError:
+        raise LongcatError(f"{path}: invalid JSON (nested too deeply)") from None
 
 
-def inside(root: Path, rel: str, what: str = "path") -> Path:
+def inside(root: Path, rel: str, what: str = "path",
+           allowed: Path | tuple[Path, ...] | None = None) -> Path:
     """``root/rel`` after checking that ``rel`` is a plain relative name and that the resolved file
-    (symlinks followed) stays inside ``root``."""
+    (symlinks followed) stays inside ``allowed`` (default: ``root``)."""
     if not rel or os.path.isabs(rel) or "\\" in rel or any(p in ("..", "") for p in rel.split("/")):
         raise LongcatError(f"{root}: {what} '{rel}' leaves the checkpoint folder (only plain "
                            "relative names are allowed)")
     path = root / rel
-    check_contained(path, root.resolve())
+    check_contained(path, root.resolve() if allowed is None else allowed)
     return path
 
 
-def check_contained(path: Path, allowed: Path) -> None:
-    """Refuse a path whose real location (after symlinks) is outside ``allowed``."""
-    real = path.resolve()
-    if real != allowed and allowed not in real.parents:
-        raise LongcatError(f"{path}: resolves to {real}, outside the checkpoint {allowed} "
+def check_contained(path: Path, allowed: Path | tuple[Path, ...]) -> None:
+    """Refuse a path whose real location (after symlinks) is outside ``allowed`` (one real folder,
+    or several: a cache snapshot may also lead into its repo's blobs)."""
+    roots = (allowed,) if isinstance(allowed, Path) else tuple(allowed)
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise LongcatError(f"{path}: cannot be resolved ({e})") from None
+    if not any(real == a or a in real.parents for a in roots):
+        where = " or ".join(str(a) for a in roots)
+        raise LongcatError(f"{path}: resolves to {real}, outside the checkpoint {where} "
                            "(symlinks may not leave the checkpoint)")
 
 
@@ -78,6 +99,18 @@ class Checkpoint:
     layout: str  # one of LAYOUTS
     flavour: str  # key flavour of the transformer: "native" or "fastvideo"
     transformer_dir: Path  # dit/ or transformer/
+    # Real folders its files may resolve into; empty means the root itself. A Hugging Face cache
+    # snapshot sets its repo's cache folder (and the cache's shared blob store, if any).
+    allowed: tuple[Path, ...] = ()
+
+    @property
+    def containment(self) -> tuple[Path, ...]:
+        return self.allowed or (self.root.resolve(),)
+
+    @property
+    def in_hf_cache(self) -> bool:
+        """A snapshot of the Hugging Face cache: read it, never write into it."""
+        return bool(self.allowed)
 
     @property
     def config_path(self) -> Path:
@@ -88,6 +121,8 @@ class Checkpoint:
         return self.root / "lora"
 
     def config(self) -> dict[str, Any]:
+        if self.config_path.exists():
+            check_contained(self.config_path, self.containment)
         cfg = load_json(self.config_path, "transformer config")
         if not isinstance(cfg, dict):
             raise LongcatError(f"{self.config_path}: not a JSON object")
@@ -107,20 +142,24 @@ def detect(root: str | Path) -> Checkpoint:
     if not root.is_dir():
         raise LongcatError(f"{root}: not a folder (a checkpoint is a folder with dit/ or "
                            "transformer/)")
+    from longcat_tools.hub import snapshot_roots
+
+    allowed = snapshot_roots(root)
     dit, transformer = root / "dit", root / "transformer"
     if dit.is_dir():
-        return Checkpoint(root, "native", "native", dit)
+        return Checkpoint(root, "native", "native", dit, allowed)
     if transformer.is_dir():
         cfg_path = transformer / "config.json"
         single = transformer / FASTVIDEO_SINGLE
         cls = None
         if cfg_path.is_file():
+            check_contained(cfg_path, allowed or (root.resolve(),))
             cfg = load_json(cfg_path, "transformer config")
             cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
         if single.exists() and not (transformer / INDEX_NAME).exists():
-            return Checkpoint(root, "fastvideo-single", "fastvideo", transformer)
+            return Checkpoint(root, "fastvideo-single", "fastvideo", transformer, allowed)
         flavour = "native" if cls == keymap.NATIVE_CLASS else "fastvideo"
-        return Checkpoint(root, "converted", flavour, transformer)
+        return Checkpoint(root, "converted", flavour, transformer, allowed)
     raise LongcatError(f"{root}: not a LongCat-Video checkpoint (expected dit/ for the hub layout "
                        "or transformer/ for the model_index.json layout)")
 
@@ -131,12 +170,16 @@ def looks_like_checkpoint(path: Path) -> bool:
 
 def resolve_model(arg: str | Path | None) -> Path:
     """The ``--model`` convention: the argument, else ``$LONGCAT_TOOLS_MODEL``, else the current
-    folder when it holds a checkpoint."""
+    folder when it holds a checkpoint. The argument or variable may also be a Hugging Face repo id
+    (``org/name[@revision]``), found in the local cache; an existing local path always wins, and
+    nothing is ever downloaded here (``hub.resolve_source``)."""
+    from longcat_tools.hub import resolve_source
+
     if arg:
-        return Path(arg)
+        return resolve_source(arg)
     env = os.environ.get(ENV_MODEL)
     if env:
-        return Path(env)
+        return resolve_source(env)
     cwd = Path.cwd()
     if looks_like_checkpoint(cwd):
         return cwd
@@ -151,13 +194,15 @@ def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
     twice, a shard on disk the index omits, pickle weight files.
     """
     folder = ckpt.transformer_dir
-    allowed = ckpt.root.resolve()
+    allowed = ckpt.containment
+    shard_allowed = ckpt.allowed or None  # local checkpoints: shards stay in the DiT folder
     for p in sorted(folder.iterdir()):
         if p.name.endswith(PICKLE_SUFFIXES):
             raise LongcatError(f"{p}: pickle weight files are never loaded (convert it to "
                                "safetensors first)")
     index = folder / INDEX_NAME
     if index.exists():
+        check_contained(index, allowed)
         doc = load_json(index, "shard index")
         wm = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(wm, dict) or not wm:
@@ -168,7 +213,7 @@ def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
             if not isinstance(rel, str):
                 raise LongcatError(f"{index}: tensor '{name}' maps to {rel!r}, not a file name")
             if rel not in files:
-                path = inside(folder, rel, "shard")
+                path = inside(folder, rel, "shard", shard_allowed)
                 check_contained(path, allowed)
                 if not path.is_file():
                     raise LongcatError(f"{index}: names shard '{rel}', which is missing")

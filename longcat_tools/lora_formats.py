@@ -10,6 +10,18 @@ Every format stores, per native DiT module, the same update
   on FastVideo module names: a fused qkv/kv module becomes one LoRA per split target (rows of
   ``down`` and one up block each), a single target with several up blocks (the adaLN modulations)
   gets a block-diagonal ``lora_B``, and ``lora_alpha = alpha_scale * rank`` is a 0-d float32.
+* ``peft``: PEFT / diffusers (``<prefix><module>.lora_A.weight``, ``.lora_B.weight``; the alpha
+  in an adapter config: ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
+  ``target_modules``, ``use_rslora``). Read: the prefixes ``base_model.model.`` (PEFT),
+  ``transformer.`` (diffusers), ``diffusion_model.`` / ``model.`` (ComfyUI) and ``dit.`` are
+  stripped, module names may be native (SimpleTuner, which trains the native class) or FastVideo
+  (split ``to_q/to_k/to_v``), kohya-style ``<module>.alpha`` tensors override the config, and the
+  config comes from the caller, else the file's ``lora_adapter_metadata`` (diffusers), else an
+  ``adapter_config.json`` beside the file. Written: diffusers' layout, ``transformer.`` + native
+  module names (what SimpleTuner's LongCat LoRAs look like and the native class loads with
+  PEFT), a fused qkv/kv/adaLN target as one LoRA with a block-diagonal ``lora_B`` (its rank is
+  ``n*r``, listed in ``rank_pattern``), and the config in the file's metadata; ``keys="fastvideo"``
+  writes FastVideo module names instead (split targets, rank ``r``).
 
 A file is parsed into :class:`ModuleEntry` objects (one per native module: shapes, exact
 ``alpha_scale``, a loader for the tensors) without reading the large tensors, so a converter can
@@ -24,8 +36,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,15 +55,23 @@ from longcat_tools.safetensors_io import (
     write_file,
 )
 
-FORMATS = ("native", "fastvideo")
-# The key flavour of the DiT names each format uses.
-FLAVOUR_OF_FORMAT = {"native": "native", "fastvideo": "fastvideo"}
+FORMATS = ("native", "fastvideo", "peft")
+# The key flavour of the DiT names each format uses (PEFT: what we write by default).
+FLAVOUR_OF_FORMAT = {"native": "native", "fastvideo": "fastvideo", "peft": "native"}
 
 NATIVE_PREFIX = "lora___lorahyphen___"
 NATIVE_HYPHEN = "___lorahyphen___"
 NATIVE_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha_scale")
 _NATIVE_UP_BLOCK = re.compile(r"^(.*)\.lora_up\.blocks\.(\d+)\.weight$")
 FASTVIDEO_SUFFIXES = (".lora_A", ".lora_B", ".lora_alpha")
+
+# PEFT / diffusers: what we write, what we strip when reading, where the config lives.
+PEFT_PREFIX = "transformer."
+PEFT_STRIP_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.", "dit.")
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata key
+PEFT_CONFIG_NAME = "adapter_config.json"
+_PEFT_WEIGHT = re.compile(r"^(?P<mod>.+)\.(?P<role>lora_A|lora_B)(?:\.default)?\.weight$")
+_PEFT_ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
 
 # Native modules (inside blocks.{i}, or global) whose hub adapters split the up-projection into
 # blocks although FastVideo sees one target: the adaLN modulations (6 and 2 chunks). FastVideo
@@ -88,13 +109,20 @@ class ModuleLora:
     def rank(self) -> int:
         return self.down.shape[0] // self.n
 
-    def delta(self, scale: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``scale * alpha_scale * blockdiag(ups) @ down`` as an [out, in] matrix."""
+    def delta(self, scale: float = 1.0, dtype: torch.dtype = torch.float64,
+              rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """``scale * alpha_scale * blockdiag(ups) @ down`` as an [out, in] matrix, or only its
+        output rows ``[start, stop)`` (a split target of a fused module)."""
         a = float(self.alpha_scale.double().mean())
-        r = self.rank
-        rows = [up.to(dtype) @ self.down[j * r:(j + 1) * r].to(dtype)
-                for j, up in enumerate(self.ups)]
-        return torch.cat(rows, 0) * (scale * a)
+        r, h = self.rank, self.ups[0].shape[0]
+        start, stop = rows if rows is not None else (0, h * self.n)
+        parts = []
+        for j, up in enumerate(self.ups):
+            lo, hi = max(start, j * h), min(stop, (j + 1) * h)
+            if lo < hi:
+                parts.append(up[lo - j * h:hi - j * h].to(dtype)
+                             @ self.down[j * r:(j + 1) * r].to(dtype))
+        return torch.cat(parts, 0) * (scale * a)
 
 
 @dataclass
@@ -126,6 +154,8 @@ class LoraFile:
     modules: dict[str, ModuleEntry]
     tensors: int  # tensors in the file
     nbytes: int  # tensor bytes in the file
+    config: dict | None = None  # PEFT: the adapter config that gave the alphas
+    notes: list[str] = field(default_factory=list)  # assumptions a user should hear about
 
     def load_all(self) -> dict[str, ModuleLora]:
         return {m: e.load() for m, e in self.modules.items()}
@@ -176,29 +206,45 @@ def sniff_format(names: Iterable[str], where: str = "LoRA file") -> str:
     names = list(names)
     if any(n.startswith(NATIVE_PREFIX) for n in names):
         return "native"
-    if any(n.endswith((".lora_A", ".lora_B")) for n in names):
+    fastvideo = any(n.endswith((".lora_A", ".lora_B")) for n in names)
+    peft = any(_PEFT_WEIGHT.match(n) for n in names)
+    if fastvideo and peft:
+        raise LongcatError(f"{where}: mixes FastVideo keys (….lora_A) and PEFT keys "
+                           "(….lora_A.weight); one file must use one LoRA format")
+    if fastvideo:
         return "fastvideo"
-    if any(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in names):
-        raise LongcatError(f"{where}: PEFT/diffusers LoRA keys (…lora_A.weight) are not supported "
-                           "here; expected the native or FastVideo LoRA format")
+    if peft:
+        return "peft"
     sample = names[0] if names else "(no tensors)"
     raise LongcatError(f"{where}: not a LongCat LoRA file (first key '{sample}'); expected native "
-                       f"'{NATIVE_PREFIX}…lora_down.weight' or FastVideo '….lora_A' keys")
+                       f"'{NATIVE_PREFIX}…lora_down.weight', FastVideo '….lora_A' or PEFT "
+                       "'….lora_A.weight' keys")
 
 
-def read_lora(path: str | Path, shapes: Mapping[str, tuple[int, int]] | None = None) -> LoraFile:
-    """Parse a LoRA file of either format (header, plus its small alpha tensors).
+def read_lora(path: str | Path, shapes: Mapping[str, tuple[int, int]] | None = None, *,
+              adapter_config: Mapping | str | Path | None = None,
+              inspect_blocks: bool = True) -> LoraFile:
+    """Parse a LoRA file of any format (header, plus its small alpha tensors).
 
     ``shapes`` (native module -> (out, in), see :func:`linear_shapes`) checks every target
-    against the DiT; without it only the module names are checked.
+    against the DiT; without it only the module names are checked. ``adapter_config`` (a dict
+    or a JSON file) gives a PEFT file's alphas; without it they come from the file's metadata
+    or an ``adapter_config.json`` beside it. ``inspect_blocks=False`` trusts the conventional
+    block split of a single-target ``lora_B`` instead of reading it (a header-only summary).
     """
     path = Path(path)
     header = read_header(path)
     fmt = sniff_format(header.tensors, str(path))
-    parse = _parse_native if fmt == "native" else _parse_fastvideo
-    modules = parse(header, shapes)
+    config, notes = None, []
+    if fmt == "native":
+        modules = _parse_native(header, shapes)
+    elif fmt == "fastvideo":
+        modules = _parse_fastvideo(header, shapes, inspect_blocks)
+    else:
+        config, source = peft_config_of(header, adapter_config)
+        modules, notes = _parse_peft(header, shapes, config, source, inspect_blocks)
     return LoraFile(path, fmt, modules, len(header.tensors),
-                    sum(t.nbytes for t in header.tensors.values()))
+                    sum(t.nbytes for t in header.tensors.values()), config, notes)
 
 
 def _reader(header: Header) -> Callable[[str], torch.Tensor]:
@@ -314,16 +360,20 @@ def _alpha_from_record(rec: Mapping) -> torch.Tensor:
                         dtype=torch.float64).to(dtype).reshape(shape)
 
 
-def _parse_fastvideo(header: Header,
-                     shapes: Mapping[str, tuple[int, int]] | None) -> dict[str, ModuleEntry]:
+# native module -> split index -> role -> tensor name (the split formats: FastVideo and PEFT)
+_Groups = dict[str, dict[int, dict[str, str]]]
+# (native module, split index, split count, target rank) -> scale = alpha / rank of that target
+_ScaleOf = Callable[[str, int, dict[str, str], int], float]
+
+
+def _parse_fastvideo(header: Header, shapes: Mapping[str, tuple[int, int]] | None,
+                     inspect_blocks: bool = True) -> dict[str, ModuleEntry]:
     """Group FastVideo targets back into native modules: split targets of a fused module are
     its blocks (down rows concatenated), a single target's block count comes from the file's
     metadata, else the convention (adaLN: 6 or 2) where lora_B is block-diagonal, else 1."""
     where = str(header.path)
-    exact = _exact_metadata(header)
-    # native module -> split index -> role -> key
-    groups: dict[str, dict[int, dict[str, str]]] = {}
-    counts: dict[str, int] = {}
+    groups: _Groups = {}
+    targets_of: dict[str, tuple[str, ...]] = {}
     for key in header.tensors:
         suffix = next((s for s in FASTVIDEO_SUFFIXES if key.endswith(s)), None)
         if suffix is None:
@@ -334,14 +384,34 @@ def _parse_fastvideo(header: Header,
         if found is None:
             raise LongcatError(f"{where}: tensor '{key}' targets '{target}', which is not a "
                                "module of the LongCat DiT (exclude this adapter with --lora)")
-        native, j, count = found
-        counts[native] = count
+        native, j, _ = found
+        targets_of[native] = keymap.native_module_to_fastvideo(native) or (target,)
         groups.setdefault(native, {}).setdefault(j, {})[suffix[1:]] = key
+    read = _reader(header)
+
+    def scale_of(native: str, j: int, roles: dict[str, str], rank: int) -> float:
+        if "lora_alpha" not in roles:
+            return 1.0  # FastVideo: no alpha means scale 1
+        t = read(roles["lora_alpha"])
+        if t.numel() != 1 or not t.is_floating_point():
+            raise LongcatError(f"{where}: '{roles['lora_alpha']}' must be a float scalar")
+        return float(t.double()) / rank
+
+    return _split_entries(header, shapes, groups, targets_of, scale_of, inspect_blocks)
+
+
+def _split_entries(header: Header, shapes: Mapping[str, tuple[int, int]] | None,
+                   groups: _Groups, targets_of: Mapping[str, tuple[str, ...]],
+                   scale_of: _ScaleOf, inspect_blocks: bool = True) -> dict[str, ModuleEntry]:
+    """Module entries of a split format (one A/B pair per target, a fused native module's
+    targets stacked back), exact with the file's ``EXACT_METADATA_KEY`` records."""
+    where = str(header.path)
+    exact = _exact_metadata(header)
     read = _reader(header)
     out: dict[str, ModuleEntry] = {}
     for native, parts in groups.items():
-        count = counts[native]
-        targets = keymap.native_module_to_fastvideo(native) or ()
+        targets = targets_of[native]
+        count = len(targets)
         if sorted(parts) != list(range(count)):
             have = [targets[j] for j in sorted(parts)]
             raise LongcatError(f"{where}: '{native}' is fused in the native model; its adapter "
@@ -365,6 +435,8 @@ def _parse_fastvideo(header: Header,
         if any(t.dtype != dtype for t in a_info + b_info):
             raise LongcatError(f"{where}: '{native}': lora_A and lora_B dtypes differ")
         rank_a = a_info[0].shape[0]
+        if rank_a == 0:
+            raise LongcatError(f"{where}: '{native}': lora_A has rank 0")
         out_f, in_f = sum(b.shape[0] for b in b_info), a_info[0].shape[1]
         if len({b.shape[0] for b in b_info}) > 1:
             raise LongcatError(f"{where}: '{native}': split targets have different widths")
@@ -373,16 +445,7 @@ def _parse_fastvideo(header: Header,
         n = rec.get("n", default_blocks(native))
         if not isinstance(n, int) or n < 1:
             raise LongcatError(f"{where}: metadata gives '{native}' an invalid block count {n!r}")
-        alphas = []
-        for j in range(count):
-            if "lora_alpha" in parts[j]:
-                t = read(parts[j]["lora_alpha"])
-                if t.numel() != 1 or not t.is_floating_point():
-                    raise LongcatError(f"{where}: '{parts[j]['lora_alpha']}' must be a float "
-                                       "scalar")
-                alphas.append(float(t.double()))
-            else:
-                alphas.append(float(rank_a))  # FastVideo: no alpha means scale 1
+        scales = [scale_of(native, j, parts[j], rank_a) for j in range(count)]
         if count > 1:
             # one block per split target, or (n == 1) one down shared by all targets
             if n not in (1, count):
@@ -396,10 +459,9 @@ def _parse_fastvideo(header: Header,
                                        f"not divide its rank {rank_a}")
                 n = 1  # not the conventional block split: one plain up
             rank = rank_a // n
-        scales = {a / rank_a for a in alphas}
-        if len(scales) > 1:
+        if len(set(scales)) > 1:
             raise LongcatError(f"{where}: split targets of '{native}' have different "
-                               f"lora_alpha/rank {sorted(scales)}; the native format has one "
+                               f"lora_alpha/rank {sorted(set(scales))}; the native format has one "
                                "alpha_scale per module")
         if "alpha_scale" in rec:
             try:
@@ -408,14 +470,14 @@ def _parse_fastvideo(header: Header,
                 raise LongcatError(f"{where}: metadata alpha_scale of '{native}' is invalid "
                                    f"({e})") from None
         else:
-            alpha = torch.tensor(alphas[0] / rank_a, dtype=torch.float32)
-        keys = tuple(parts[j][r] for j in range(count) for r in ("lora_A", "lora_B", "lora_alpha")
-                     if r in parts[j])
+            alpha = torch.tensor(scales[0], dtype=torch.float32)
+        keys = tuple(k for j in range(count) for r, k in sorted(
+            parts[j].items(), key=lambda rk: (rk[0] != "lora_A", rk[0] != "lora_B", rk[0])))
         a_keys = tuple(parts[j]["lora_A"] for j in range(count))
         b_keys = tuple(parts[j]["lora_B"] for j in range(count))
 
-        if count == 1 and n > 1 and "n" not in rec:
-            # FastVideo's own files carry no metadata: accept the conventional block split only
+        if count == 1 and n > 1 and "n" not in rec and inspect_blocks:
+            # Files from other tools carry no metadata: accept the conventional block split only
             # where lora_B really is block-diagonal, else write one plain up.
             if not _is_block_diagonal(read(b_keys[0]), n):
                 n, rank = 1, rank_a
@@ -439,6 +501,189 @@ def _parse_fastvideo(header: Header,
         out[native] = ModuleEntry(native, n, rank, in_f, out_f, dtype_of(a_info[0].dtype), alpha,
                                   keys, load)
     return out
+
+
+def _strip_peft(name: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in PEFT_STRIP_PREFIXES:
+            if name.startswith(p):
+                name, stripped = name[len(p):], True
+    return name
+
+
+def resolve_module(module: str) -> tuple[str, int, tuple[str, ...]] | None:
+    """(native module, split index, the targets it is split into) for a module path of either
+    flavour (native names first: the flavours share some, like ``ffn.w1``), or None."""
+    if keymap.native_module_to_fastvideo(module) is not None:
+        return module, 0, (module,)
+    found = keymap.fastvideo_module_to_native(module)
+    if found is None:
+        return None
+    native, j, _ = found
+    return native, j, keymap.native_module_to_fastvideo(native) or (module,)
+
+
+def _unprefix_config(doc: Mapping) -> dict:
+    """diffusers' pipelines store ``transformer.r`` etc.; a model's own save stores ``r``."""
+    pre = PEFT_PREFIX
+    if any(isinstance(k, str) and k.startswith(pre) for k in doc):
+        return {k[len(pre):]: v for k, v in doc.items() if k.startswith(pre)}
+    return dict(doc)
+
+
+def peft_config_of(header: Header, given: Mapping | str | Path | None = None
+                   ) -> tuple[dict | None, str]:
+    """The adapter config of a PEFT file and where it came from: ``given`` (a dict or a JSON
+    file), else the file's ``lora_adapter_metadata``, else ``adapter_config.json`` beside it."""
+    where = str(header.path)
+    if isinstance(given, Mapping):
+        return _unprefix_config(given), "the given adapter config"
+    if given is not None:
+        path = Path(given)
+        return _load_config(path), str(path)
+    raw = header.metadata.get(PEFT_METADATA_KEY)
+    if raw:
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise LongcatError(f"{where}: metadata '{PEFT_METADATA_KEY}' is not JSON ({e.msg})"
+                               ) from None
+        if not isinstance(doc, dict):
+            raise LongcatError(f"{where}: metadata '{PEFT_METADATA_KEY}' is not a JSON object")
+        return _unprefix_config(doc), f"{where} metadata '{PEFT_METADATA_KEY}'"
+    sibling = header.path.parent / PEFT_CONFIG_NAME
+    if sibling.is_file():
+        return _load_config(sibling), str(sibling)
+    return None, ""
+
+
+def _load_config(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LongcatError(f"{path}: no such adapter config") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LongcatError(f"{path}: not a readable JSON adapter config ({e})") from None
+    if not isinstance(doc, dict):
+        raise LongcatError(f"{path}: adapter config is not a JSON object")
+    return _unprefix_config(doc)
+
+
+def _config_alpha(config: Mapping, target: str, where: str) -> float | None:
+    """PEFT's rule: the first ``alpha_pattern`` key equal to the module name or matching it as
+    ``(.*\\.)?(key)$``, else ``lora_alpha``."""
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        try:
+            hit = key == target or re.match(rf"(.*\.)?({key})$", target)
+        except re.error as e:
+            raise LongcatError(f"{where}: alpha_pattern key '{key}' is not a valid regex ({e})"
+                               ) from None
+        if hit:
+            return _number(value, f"alpha_pattern['{key}']", where)
+    if config.get("lora_alpha") is not None:
+        return _number(config["lora_alpha"], "lora_alpha", where)
+    return None
+
+
+def _number(v: object, what: str, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise LongcatError(f"{where}: {what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _covered(config: Mapping, target: str) -> bool:
+    tm = config.get("target_modules")
+    if tm is None:
+        return True
+    if isinstance(tm, str):
+        try:
+            return re.fullmatch(tm, target) is not None
+        except re.error:
+            return False
+    return any(isinstance(t, str) and (t == target or target.endswith("." + t)) for t in tm)
+
+
+def _peft_groups(header: Header, config: Mapping | None, source: str
+                 ) -> tuple[_Groups, dict[str, tuple[str, ...]], _ScaleOf, list[str]]:
+    """Group a PEFT file's tensors by native module; the scale of each target, and the targets
+    whose alpha nothing gave (filled as the scales are asked for)."""
+    where = str(header.path)
+    cfg = dict(config or {})
+    src = source or where
+    if cfg.get("peft_type") not in (None, "LORA"):
+        raise LongcatError(f"{src}: peft_type {cfg['peft_type']!r} is not a LoRA (only LORA "
+                           "adapters can be converted)")
+    if cfg.get("use_dora"):
+        raise LongcatError(f"{src}: DoRA adapters (use_dora) have a magnitude vector that no "
+                           "LongCat LoRA format can carry")
+    groups: _Groups = {}
+    targets_of: dict[str, tuple[str, ...]] = {}
+    for key in header.tensors:
+        mod_role = _PEFT_WEIGHT.match(_strip_peft(key)) or _PEFT_ALPHA.match(_strip_peft(key))
+        if mod_role is None:
+            if "lora_magnitude_vector" in key:
+                raise LongcatError(f"{where}: '{key}' is a DoRA magnitude vector, which no "
+                                   "LongCat LoRA format can carry")
+            if re.search(r"\.lora_B(\.default)?\.bias$", key):
+                raise LongcatError(f"{where}: '{key}' is a LoRA bias (lora_bias), which no "
+                                   "LongCat LoRA format can carry")
+            raise LongcatError(f"{where}: unknown key '{key}' in a PEFT-format LoRA file "
+                               "(expected <module>.lora_A.weight, .lora_B.weight or .alpha)")
+        mod = mod_role["mod"]
+        role = mod_role.groupdict().get("role") or "alpha"
+        found = resolve_module(mod)
+        if found is None:
+            raise LongcatError(f"{where}: tensor '{key}' targets '{mod}', which is not a module "
+                               "of the LongCat DiT in native or FastVideo names")
+        native, j, targets = found
+        if targets_of.setdefault(native, targets) != targets:
+            raise LongcatError(f"{where}: '{native}' is adapted under both its native and its "
+                               "FastVideo names; one file must use one naming")
+        roles = groups.setdefault(native, {}).setdefault(j, {})
+        if role in roles:
+            raise LongcatError(f"{where}: '{key}' and '{roles[role]}' are the same tensor of "
+                               f"'{targets[j]}'")
+        roles[role] = key
+    for native, parts in groups.items():
+        for j in parts:
+            if not _covered(cfg, targets_of[native][j]):
+                raise LongcatError(f"{src}: target_modules does not include "
+                                   f"'{targets_of[native][j]}', which the file adapts (is this "
+                                   "the config of another adapter? pass the right one)")
+    read = _reader(header)
+    rslora = bool(cfg.get("use_rslora"))
+    defaulted: list[str] = []
+
+    def scale_of(native: str, j: int, roles: dict[str, str], rank: int) -> float:
+        target = targets_of[native][j]
+        if "alpha" in roles:
+            t = read(roles["alpha"])
+            if t.numel() != 1 or not t.is_floating_point():
+                raise LongcatError(f"{where}: '{roles['alpha']}' must be a float scalar")
+            alpha = float(t.double())
+        else:
+            alpha = _config_alpha(cfg, target, src)
+        if alpha is None:
+            defaulted.append(target)
+            return 1.0  # PEFT/diffusers: no alpha anywhere means alpha = rank
+        return alpha / (math.sqrt(rank) if rslora else rank)
+
+    return groups, targets_of, scale_of, defaulted
+
+
+def _parse_peft(header: Header, shapes: Mapping[str, tuple[int, int]] | None,
+                config: Mapping | None, source: str, inspect_blocks: bool = True
+                ) -> tuple[dict[str, ModuleEntry], list[str]]:
+    groups, targets_of, scale_of, defaulted = _peft_groups(header, config, source)
+    entries = _split_entries(header, shapes, groups, targets_of, scale_of, inspect_blocks)
+    notes = []
+    if defaulted:
+        notes.append(f"no lora_alpha for {len(defaulted)} targets (no adapter config, "
+                     f"{PEFT_METADATA_KEY} or .alpha tensors): alpha = rank assumed, as diffusers "
+                     "does (give the adapter config if that is wrong)")
+    return entries, notes
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -476,11 +721,38 @@ def _name(module: str, fmt: str, role: str) -> str:
 OutSpec = tuple[str, torch.dtype, tuple[int, ...]]  # name, dtype, shape
 
 
-def output_specs(entry: ModuleEntry, fmt: str, dtype: torch.dtype | None = None) -> list[OutSpec]:
+def _peft_ranks(module: str, n: int, r: int, keys: str) -> list[tuple[str, int]]:
+    """(target, rank) of a module's PEFT form: one target holds all ``n*r`` rows (block-diagonal
+    B); split targets hold ``r`` each (their own rows of down, or all of a plain up's down)."""
+    targets = split_targets(module, keys)
+    if len(targets) == 1:
+        return [(targets[0], n * r)]
+    if n not in (1, len(targets)):
+        raise LongcatError(f"LoRA of fused '{module}' has {n} up blocks; split targets need 1 or "
+                           f"{len(targets)}")
+    return [(t, r) for t in targets]
+
+
+def _peft_keys(fmt: str, keys: str | None) -> str:
+    keys = keys or FLAVOUR_OF_FORMAT.get(fmt, "native")
+    if keys not in keymap.FLAVOURS:
+        raise LongcatError(f"unknown key flavour '{keys}' (use one of "
+                           f"{', '.join(keymap.FLAVOURS)})")
+    return keys
+
+
+def output_specs(entry: ModuleEntry, fmt: str, dtype: torch.dtype | None = None,
+                 keys: str | None = None) -> list[OutSpec]:
     """(name, dtype, shape) of the tensors ``entry`` becomes in ``fmt``, in write order; ``dtype``
-    casts the weights (alphas keep theirs)."""
+    casts the weights (alphas keep theirs); ``keys`` names PEFT modules (default native)."""
     wd = dtype or entry.dtype
     n, r, in_f, out_f = entry.n, entry.rank, entry.in_features, entry.out_features
+    if fmt == "peft":
+        parts = _peft_ranks(entry.module, n, r, _peft_keys(fmt, keys))
+        rows = out_f // len(parts)
+        return [spec for t, rank in parts for spec in (
+            (f"{PEFT_PREFIX}{t}.lora_A.weight", wd, (rank, in_f)),
+            (f"{PEFT_PREFIX}{t}.lora_B.weight", wd, (rows, rank)))]
     if fmt == "native":
         specs = [(_name(entry.module, fmt, ".lora_down.weight"), wd, (n * r, in_f))]
         if n == 1:
@@ -515,13 +787,40 @@ def _fastvideo_alpha(alpha_scale: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.tensor(a * rank, dtype=torch.float32)
 
 
-def output_tensors(m: ModuleLora, fmt: str,
-                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def _block_diagonal(ups: list[torch.Tensor]) -> torch.Tensor:
+    if len(ups) == 1:
+        return ups[0]
+    rows, r = ups[0].shape
+    b = torch.zeros(rows * len(ups), r * len(ups), dtype=ups[0].dtype)
+    for j, up in enumerate(ups):
+        b[j * rows:(j + 1) * rows, j * r:(j + 1) * r] = up
+    return b
+
+
+def _peft_tensors(m: ModuleLora, keys: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(target, A, B) of a module's PEFT form (see :func:`_peft_ranks`)."""
+    parts = _peft_ranks(m.module, m.n, m.rank, keys)
+    if len(parts) == 1:
+        return [(parts[0][0], m.down, _block_diagonal(m.ups))]
+    k, r = len(parts), m.rank
+    if m.n == k:
+        return [(t, m.down[j * r:(j + 1) * r], m.ups[j]) for j, (t, _) in enumerate(parts)]
+    return [(t, m.down, b) for (t, _), b in zip(parts, torch.chunk(m.ups[0], k, 0), strict=True)]
+
+
+def output_tensors(m: ModuleLora, fmt: str, dtype: torch.dtype | None = None,
+                   keys: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of ``m`` in ``fmt`` (same names and order as :func:`output_specs`)."""
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     n, r = m.n, m.rank
+    if fmt == "peft":
+        out = {}
+        for t, a, b in _peft_tensors(m, _peft_keys(fmt, keys)):
+            out[f"{PEFT_PREFIX}{t}.lora_A.weight"] = cast(a.contiguous())
+            out[f"{PEFT_PREFIX}{t}.lora_B.weight"] = cast(b.contiguous())
+        return out
     if fmt == "native":
         out = {_name(m.module, fmt, ".lora_down.weight"): cast(m.down)}
         if n == 1:
@@ -573,30 +872,68 @@ def _fastvideo_rank(entry: ModuleEntry) -> int:
     return entry.n * entry.rank
 
 
-def exact_record(entry: ModuleEntry) -> dict | None:
-    """What the FastVideo form of ``entry`` needs in its metadata to come back bit for bit."""
+def exact_record(entry: ModuleEntry, fmt: str = "fastvideo") -> dict | None:
+    """What the FastVideo (or PEFT) form of ``entry`` needs in its metadata to come back bit for
+    bit. PEFT's alpha is a JSON double ``alpha_scale * rank``, exact for any float32 scalar."""
     rec: dict = {}
     if entry.n != default_blocks(entry.module):
         rec["n"] = entry.n
     a = entry.alpha_scale
-    back = torch.tensor(float(_fastvideo_alpha(a, _fastvideo_rank(entry))) / _fastvideo_rank(entry),
-                        dtype=torch.float32)
+    if fmt == "peft":
+        back = a.to(torch.float32).reshape(())
+    else:
+        back = torch.tensor(float(_fastvideo_alpha(a, _fastvideo_rank(entry)))
+                            / _fastvideo_rank(entry), dtype=torch.float32)
     if a.dtype != torch.float32 or a.shape != () or not torch.equal(a, back):
         rec["alpha_scale"] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape),
                               "values": [float(v).hex() for v in a.double().reshape(-1).tolist()]}
     return rec or None
 
 
+def _alpha_value(alpha_scale: torch.Tensor) -> float:
+    return alpha_scale.item() if alpha_scale.numel() == 1 else float(alpha_scale.double().mean())
+
+
+def peft_config(entries: Iterable[ModuleEntry], keys: str = "native") -> dict:
+    """The PEFT ``LoraConfig`` of ``entries`` written with ``keys`` module names: the most common
+    rank and alpha as ``r``/``lora_alpha``, the others in ``rank_pattern``/``alpha_pattern``
+    (full module names, as diffusers writes them), every target in ``target_modules``."""
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for e in entries:
+        a = _alpha_value(e.alpha_scale)
+        for t, rank in _peft_ranks(e.module, e.n, e.rank, keys):
+            ranks[t], alphas[t] = rank, a * rank
+    if not ranks:
+        raise LongcatError("a LoRA with no targets has no PEFT config")
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha,
+            "target_modules": sorted(ranks),
+            "rank_pattern": {t: v for t, v in ranks.items() if v != r},
+            "alpha_pattern": {t: v for t, v in alphas.items() if v != alpha},
+            "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+            "fan_in_fan_out": False, "init_lora_weights": True, "lora_bias": False,
+            "task_type": None, "base_model_name_or_path": None}
+
+
 def file_metadata(entries: Iterable[ModuleEntry], fmt: str,
-                  base: Mapping[str, str] | None = None) -> dict[str, str]:
+                  base: Mapping[str, str] | None = None, keys: str | None = None
+                  ) -> dict[str, str]:
     """safetensors metadata of an adapter file in ``fmt``: ``base`` plus the format and, for the
-    FastVideo form, the records that make it reversible exactly."""
+    FastVideo and PEFT forms, the records that make it reversible exactly (PEFT: also its
+    config as diffusers stores it, under ``lora_adapter_metadata`` with ``transformer.`` keys)."""
+    entries = list(entries)
     meta = dict(base or {})
     meta[FORMAT_METADATA_KEY] = fmt
-    if fmt == "fastvideo":
-        recs = {e.module: r for e in entries if (r := exact_record(e))}
+    if fmt in ("fastvideo", "peft"):
+        recs = {e.module: r for e in entries if (r := exact_record(e, fmt))}
         if recs:
             meta[EXACT_METADATA_KEY] = json.dumps(recs, sort_keys=True, separators=(",", ":"))
+    if fmt == "peft":
+        cfg = peft_config(entries, _peft_keys(fmt, keys))
+        meta[PEFT_METADATA_KEY] = json.dumps({PEFT_PREFIX + k: v for k, v in cfg.items()},
+                                             indent=2, sort_keys=True)
     return meta
 
 
@@ -604,7 +941,9 @@ def file_metadata(entries: Iterable[ModuleEntry], fmt: str,
 # the effective update, straight from the stored tensors (for tests and the runner)
 
 
-def effective_deltas(path: str | Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
+def effective_deltas(path: str | Path, scale: float = 1.0, *,
+                     adapter_config: Mapping | str | Path | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Native module -> ``scale * alpha/rank * B @ A`` (float64, [out, in]) computed directly
     from the file's own tensors, whatever its format: the number every conversion must keep."""
     path = Path(path)
@@ -614,6 +953,17 @@ def effective_deltas(path: str | Path, scale: float = 1.0) -> dict[str, torch.Te
     if fmt == "native":
         return {m: lora.delta(scale) for m, lora in
                 {m: e.load() for m, e in _parse_native(header, None).items()}.items()}
+    if fmt == "peft":
+        config, source = peft_config_of(header, adapter_config)
+        groups, _, scale_of, _ = _peft_groups(header, config, source)
+        deltas = {}
+        for native, parts in groups.items():
+            rows = []
+            for j in sorted(parts):
+                a, b = read(parts[j]["lora_A"]).double(), read(parts[j]["lora_B"]).double()
+                rows.append(scale * scale_of(native, j, parts[j], a.shape[0]) * (b @ a))
+            deltas[native] = torch.cat(rows, 0)
+        return deltas
     per_target: dict[str, torch.Tensor] = {}
     for key in header.tensors:
         if key.endswith(".lora_A"):
@@ -632,17 +982,18 @@ def effective_deltas(path: str | Path, scale: float = 1.0) -> dict[str, torch.Te
 
 
 def convert_bytes(entries: Iterable[ModuleEntry], fmt: str,
-                  dtype: torch.dtype | None = None) -> int:
+                  dtype: torch.dtype | None = None, keys: str | None = None) -> int:
     """Tensor bytes of ``entries`` written in ``fmt``."""
     return sum(math.prod(s) * d.itemsize
-               for e in entries for _, d, s in output_specs(e, fmt, dtype))
+               for e in entries for _, d, s in output_specs(e, fmt, dtype, keys))
 
 
 # ---------------------------------------------------------------------------------------------
 # streaming a whole file
 
 
-def tensor_specs(lora: LoraFile, fmt: str, dtype: torch.dtype | None = None) -> list[TensorSpec]:
+def tensor_specs(lora: LoraFile, fmt: str, dtype: torch.dtype | None = None,
+                 keys: str | None = None) -> list[TensorSpec]:
     """Every output tensor of ``lora`` in ``fmt`` as a lazy :class:`TensorSpec`: a module's
     tensors are read and converted when its first output is written, so memory holds one
     module at a time."""
@@ -651,15 +1002,17 @@ def tensor_specs(lora: LoraFile, fmt: str, dtype: torch.dtype | None = None) -> 
     def produce(module: str, name: str) -> torch.Tensor:
         if module not in cache:
             cache.clear()
-            cache[module] = output_tensors(lora.modules[module].load(), fmt, dtype)
+            cache[module] = output_tensors(lora.modules[module].load(), fmt, dtype, keys)
         return cache[module][name]
 
     return [TensorSpec(name, d, shape, lambda m=m, name=name: produce(m, name))
-            for m, e in lora.modules.items() for name, d, shape in output_specs(e, fmt, dtype)]
+            for m, e in lora.modules.items()
+            for name, d, shape in output_specs(e, fmt, dtype, keys)]
 
 
 def write_lora(path: str | Path, lora: LoraFile, fmt: str, dtype: torch.dtype | None = None,
-               metadata: Mapping[str, str] | None = None) -> int:
-    """Write ``lora`` as a ``fmt`` file at ``path`` (streamed module by module); returns bytes."""
-    meta = file_metadata(lora.modules.values(), fmt, {"format": "pt", **(metadata or {})})
-    return write_file(path, tensor_specs(lora, fmt, dtype), meta)
+               metadata: Mapping[str, str] | None = None, keys: str | None = None) -> int:
+    """Write ``lora`` as a ``fmt`` file at ``path`` (streamed module by module); returns bytes.
+    ``keys`` names the modules of a PEFT file (native by default, or fastvideo)."""
+    meta = file_metadata(lora.modules.values(), fmt, {"format": "pt", **(metadata or {})}, keys)
+    return write_file(path, tensor_specs(lora, fmt, dtype, keys), meta)

@@ -10,34 +10,56 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import stat
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from longcat_tools.errors import LongcatError
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+# safetensors dtype -> (torch dtype attribute, bytes per element). Header checks need only the
+# sizes, so torch (seconds to import) is loaded only when tensors are read or written.
+DTYPE_TABLE: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, (dt, _) in DTYPES.items()}
+DTYPE_SIZES: dict[str, int] = {name: size for name, (_, size) in DTYPE_TABLE.items()}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+@cache
+def _torch_tables() -> tuple[dict[str, tuple[torch.dtype, int]], dict[torch.dtype, str]]:
+    import torch
+
+    dtypes = {name: (getattr(torch, attr), size) for name, (attr, size) in DTYPE_TABLE.items()}
+    return dtypes, {dt: name for name, (dt, _) in dtypes.items()}
+
+
+def __getattr__(name: str) -> Any:
+    # DTYPES (name -> (torch dtype, size)) and DTYPE_NAMES (torch dtype -> name), built on first use
+    if name == "DTYPES":
+        return _torch_tables()[0]
+    if name == "DTYPE_NAMES":
+        return _torch_tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +80,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        return _torch_tables()[0][self.dtype][0]
 
 
 @dataclass(frozen=True)
@@ -70,25 +92,29 @@ class Header:
     file_size: int
 
 
-def read_header(path: str | Path) -> Header:
+def read_header(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
     """Parse and check a safetensors header without reading tensor data.
 
-    Checks: header length within the file and the library's limit, UTF-8 JSON object, known
-    dtypes, shapes of non-negative ints, bytes = numel x dtype size, offsets inside the file,
-    contiguous and non-overlapping, and the file ends where the data ends.
+    Checks: a regular file, header length within the file and the library's limit, UTF-8 JSON
+    object without duplicate names, known dtypes, shapes of non-negative ints, bytes = numel x
+    dtype size, offsets inside the file, contiguous and non-overlapping, and the file ends where
+    the data ends.
     """
     path = Path(path)
     where = str(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block open(), a folder cannot be read
+            raise LongcatError(f"{where}: not a regular file (a safetensors file is expected)")
+        size = st.st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise LongcatError(f"{where}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER_BYTES:
+            if n > max_header_bytes:
                 raise LongcatError(f"{where}: header length {n} exceeds the "
-                                   f"{MAX_HEADER_BYTES}-byte limit (corrupt or not safetensors)")
+                                   f"{max_header_bytes}-byte limit (corrupt or not safetensors)")
             if 8 + n > size:
                 raise LongcatError(f"{where}: header length {n} runs past the end of the file "
                                    f"({size} bytes): truncated or not a safetensors file")
@@ -96,9 +122,12 @@ def read_header(path: str | Path) -> Header:
     except OSError as e:
         raise LongcatError(f"{where}: cannot read ({e.strerror or e})") from e
     try:
-        doc = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise LongcatError(f"{where}: header is not valid UTF-8 JSON ({e})") from e
+    except _DuplicateName as e:
+        raise LongcatError(f"{where}: header names '{e.args[0]}' twice (the safetensors library "
+                           "would silently keep one of them)") from None
     if not isinstance(doc, dict):
         raise LongcatError(f"{where}: header is not a JSON object")
     meta = doc.pop("__metadata__", None) or {}
@@ -109,6 +138,11 @@ def read_header(path: str | Path) -> Header:
     for name, entry in doc.items():
         infos.append(_tensor_info(where, name, entry, data_start))
     infos.sort(key=lambda t: (t.begin, t.end))
+    last = max(infos, key=lambda t: t.end, default=None)
+    if last is not None and last.end > size:
+        t = last
+        raise LongcatError(f"{where}: tensor '{t.name}' ends at byte {t.end}, past the end of the "
+                           f"file ({size} bytes): truncated or corrupt")
     pos = data_start
     for t in infos:
         if t.begin != pos:
@@ -122,11 +156,26 @@ def read_header(path: str | Path) -> Header:
     return Header(path, {t.name: t for t in infos}, dict(meta), data_start, size)
 
 
+class _DuplicateName(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateName(k)
+            seen.add(k)
+    return out
+
+
 def _tensor_info(where: str, name: str, entry: object, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise LongcatError(f"{where}: entry for tensor '{name}' is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise LongcatError(f"{where}: tensor '{name}' has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
@@ -135,7 +184,7 @@ def _tensor_info(where: str, name: str, entry: object, data_start: int) -> Tenso
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]):
         raise LongcatError(f"{where}: tensor '{name}' has invalid data_offsets {offsets!r}")
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         raise LongcatError(f"{where}: tensor '{name}' spans {offsets[1] - offsets[0]} bytes but "
                            f"{dtype}{shape} needs {expected}")
@@ -154,6 +203,8 @@ def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
             raise LongcatError(f"{getattr(f, 'name', '?')}: unexpected end of file in tensor "
                                f"'{info.name}'")
         got += k
+    import torch
+
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
@@ -161,6 +212,8 @@ def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The little-endian bytes of a tensor, without a copy when it is contiguous on the CPU."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return memoryview(b"")
@@ -187,7 +240,7 @@ def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
         doc["__metadata__"] = dict(metadata)
     pos = 0
     for s in specs:
-        doc[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
+        doc[s.name] = {"dtype": _torch_tables()[1][s.dtype], "shape": list(s.shape),
                        "data_offsets": [pos, pos + s.nbytes]}
         pos += s.nbytes
     blob = json.dumps(doc, separators=(",", ":")).encode()
@@ -275,17 +328,3 @@ def write_sharded(folder: str | Path, stem: str, specs: list[TensorSpec], max_sh
 def write_json(path: str | Path, obj: object) -> None:
     """JSON the way diffusers and transformers save configs: indent 2, trailing newline."""
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

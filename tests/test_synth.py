@@ -166,3 +166,35 @@ def test_param_count_formula_matches_real_config():
     per_block = sum(math.prod(s) for n, s in keymap.native_tensor_specs(dims)
                     if n.startswith("blocks.0."))
     assert per_block == 282_132_992
+
+
+@pytest.mark.parametrize("preset", ["tiny", "real"])
+def test_text_encoder_tensor_list_is_what_transformers_builds(preset):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from longcat_tools.synth import PRESETS
+    from longcat_tools.synth_components import text_encoder_config, umt5_encoder_specs
+
+    cfg = text_encoder_config(PRESETS[preset], vocab=300)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(UMT5Config(**{k: v for k, v in cfg.items()
+                                               if not k.startswith("_")}))
+    expected = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert umt5_encoder_specs(cfg["d_model"], cfg["d_ff"], cfg["d_kv"], cfg["num_heads"],
+                              cfg["num_layers"], cfg["vocab_size"]) == expected
+    if preset == "real":
+        assert sum(math.prod(s) for _, s in expected) == 5_680_910_336
+
+
+@pytest.mark.parametrize("preset", ["tiny", "real"])
+def test_vae_tensor_list_is_what_diffusers_builds(preset):
+    from diffusers import AutoencoderKLWan
+
+    from longcat_tools.synth import PRESETS
+    from longcat_tools.synth_components import vae_config, wan_vae_specs
+
+    cfg = vae_config(PRESETS[preset])
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    expected = [(n, tuple(p.shape)) for n, p in vae.named_parameters()]
+    assert wan_vae_specs(cfg["base_dim"], num_res_blocks=cfg["num_res_blocks"]) == expected

@@ -12,9 +12,15 @@ import traceback
 import typer
 
 from longcat_tools import __version__
+from longcat_tools.cli.bsa import bsa_app
 from longcat_tools.cli.convert import convert_cmd
 from longcat_tools.cli.demo import demo_cmd
+from longcat_tools.cli.download import download_cmd, hub_manifest_cmd
+from longcat_tools.cli.lora import lora_app
+from longcat_tools.cli.run import run_cmd
+from longcat_tools.cli.schema import schema_cmd
 from longcat_tools.cli.synth import synth_cmd
+from longcat_tools.cli.verify import verify_cmd
 from longcat_tools.errors import EXIT_FAIL, LongcatError
 
 app = typer.Typer(
@@ -25,6 +31,13 @@ app = typer.Typer(
 app.command("synth")(synth_cmd)
 app.command("demo")(demo_cmd)
 app.command("convert")(convert_cmd)
+app.command("verify")(verify_cmd)
+app.command("schema")(schema_cmd)
+app.add_typer(bsa_app, name="bsa")
+app.command("download")(download_cmd)
+app.command("hub-manifest")(hub_manifest_cmd)
+app.add_typer(lora_app, name="lora")
+app.command("run")(run_cmd)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,93 @@
+"""Attention kernels for LongCat video: 3D block sparse attention and a dense helper.
+
+``block_sparse_attention`` keeps, for every chunk of query tokens, the kv chunks whose
+mean-pooled keys score highest against the pooled query chunk, and attends to those only.
+On CUDA with bf16/fp16 it runs Triton kernels (``triton_bsa``); everywhere else the PyTorch
+reference (``reference``), which defines the semantics. See ``kernels/README.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .dense import attention
+from .reference import ChunkLayout, Shape3
+
+__all__ = ["ChunkLayout", "attention", "block_sparse_attention", "chunk_layout",
+           "select_chunks"]
+
+
+def chunk_layout(latent_shape: Shape3, chunk: Shape3 = (4, 4, 4)) -> ChunkLayout:
+    """The chunk grid of a latent shape (edge chunks ragged when it does not divide)."""
+    return ChunkLayout(tuple(int(n) for n in latent_shape), tuple(int(c) for c in chunk))
+
+
+def _use_triton(q: torch.Tensor, layout_k: ChunkLayout) -> bool:
+    if not q.is_cuda:
+        return False
+    from . import triton_bsa
+
+    return triton_bsa.supported(q, layout_k)
+
+
+def select_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    latent_shape_q: Shape3,
+    latent_shape_k: Shape3,
+    *,
+    sparsity: float | None,
+    cdf_threshold: float | None = None,
+    chunk_q: Shape3 = (4, 4, 4),
+    chunk_k: Shape3 = (4, 4, 4),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected kv chunks per query chunk: ``(indices [B,H,Mq,Kmax] int32, counts [B,H,Mq])``.
+
+    Indices ascend and rows shorter than ``Kmax`` are padded with -1.
+    """
+    lq, lk = reference.check_args(q, k, k, latent_shape_q, latent_shape_k, sparsity,
+                                  cdf_threshold, chunk_q, chunk_k)
+    if _use_triton(q, lk):
+        from . import triton_bsa
+
+        return triton_bsa.select_chunks(q, k, lq, lk, sparsity, cdf_threshold)
+    return reference.select_chunks(q, k, lq, lk, sparsity, cdf_threshold)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    latent_shape_q: Shape3,
+    latent_shape_k: Shape3,
+    *,
+    sparsity: float | None,
+    cdf_threshold: float | None = None,
+    chunk_q: Shape3 = (4, 4, 4),
+    chunk_k: Shape3 = (4, 4, 4),
+) -> torch.Tensor:
+    """3D block sparse attention on ``[B, H, S, D]`` tensors in THW raster order.
+
+    Args:
+        q: queries, ``S_q = prod(latent_shape_q)``.
+        k, v: keys and values, ``S_k = prod(latent_shape_k)`` (may differ from ``S_q``).
+        latent_shape_q, latent_shape_k: ``(T, H, W)`` token grids; need not divide the chunk.
+        sparsity: keep ``int((1 - sparsity) * M_k)`` kv chunks per query chunk.
+        cdf_threshold: keep the smallest-weight-mass prefix under this threshold instead;
+            with both set, keep the larger count. At least one must be set.
+        chunk_q, chunk_k: chunk shapes ``(t, h, w)``.
+
+    Returns:
+        ``[B, H, S_q, D]`` in q's dtype and raster order; softmax scale ``D**-0.5``.
+    """
+    lq, lk = reference.check_args(q, k, v, latent_shape_q, latent_shape_k, sparsity,
+                                  cdf_threshold, chunk_q, chunk_k)
+    if _use_triton(q, lk) and k.dtype == q.dtype and v.dtype == q.dtype:
+        from . import triton_bsa
+
+        indices, counts = triton_bsa.select_chunks(q, k, lq, lk, sparsity, cdf_threshold)
+        return triton_bsa.attend(q, k, v, lq, lk, indices, counts)
+    indices, counts = reference.select_chunks(q, k, lq, lk, sparsity, cdf_threshold)
+    mask = reference.chunk_mask(indices, counts, lk.num_chunks)
+    return reference.masked_attention(q, k, v, lq, lk, mask)

@@ -1,0 +1,85 @@
+"""What each component folder of a LongCat-Video checkpoint must hold, as data.
+
+The DiT's tensor set comes from ``keymap``; the text encoder's and VAE's expected tensors are
+derived here from their configs (the layers whose shapes every config field touches), so that a
+config that does not describe its weights fails before a loader does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from longcat_tools import layouts
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    required: tuple[tuple[str, ...], ...]  # each entry: one of these files must exist
+    config: tuple[str, str] | None  # (file, schema name)
+    weights: tuple[str | None, tuple[str, ...]] | None  # (index file, single-file names)
+
+
+COMPONENTS: tuple[Component, ...] = (
+    Component("tokenizer", (("tokenizer_config.json",), ("tokenizer.json", "spiece.model")),
+              None, None),
+    Component("text_encoder", (("config.json",),), ("config.json", "text_encoder_config"),
+              ("model.safetensors.index.json", ("model.safetensors",))),
+    Component("vae", (("config.json",),), ("config.json", "vae_config"),
+              (f"{layouts.DIT_STEM}.safetensors.index.json",
+               (f"{layouts.DIT_STEM}.safetensors",))),
+    Component("scheduler", (("scheduler_config.json",),),
+              ("scheduler_config.json", "scheduler_config"), None),
+)
+
+# The transformer's weights per layout: (index file, single-file names).
+DIT_WEIGHTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "native": (layouts.INDEX_NAME, (f"{layouts.DIT_STEM}.safetensors",)),
+    "converted": (layouts.INDEX_NAME, (f"{layouts.DIT_STEM}.safetensors",
+                                       layouts.FASTVIDEO_SINGLE)),
+    "fastvideo-single": (None, (layouts.FASTVIDEO_SINGLE,)),
+}
+
+# The hub's adapters in a native checkpoint; missing ones disable a task, they do not break it.
+NATIVE_LORAS = {"cfg_step_lora.safetensors": "--distill", "refinement_lora.safetensors": "refine"}
+
+
+def text_encoder_tensors(cfg: dict[str, Any],
+                         present: set[str] | dict) -> dict[str, tuple[int, ...]]:
+    """Expected tensors of a UMT5 encoder from its config (``present``: the names found, to
+    accept the tied embedding under either of its names)."""
+    d, inner, ff = cfg["d_model"], cfg["num_heads"] * cfg["d_kv"], cfg["d_ff"]
+    buckets = cfg.get("relative_attention_num_buckets", 32)
+    gated = str(cfg.get("feed_forward_proj", "gated-gelu")).startswith("gated") or cfg.get(
+        "is_gated_act", False)
+    embeds = [n for n in ("shared.weight", "encoder.embed_tokens.weight") if n in present]
+    out: dict[str, tuple[int, ...]] = {n: (cfg["vocab_size"], d)
+                                       for n in embeds or ["shared.weight"]}
+    out["encoder.final_layer_norm.weight"] = (d,)
+    for i in range(cfg["num_layers"]):
+        a, f = f"encoder.block.{i}.layer.0.", f"encoder.block.{i}.layer.1."
+        out |= {f"{a}SelfAttention.{p}.weight": (inner, d) for p in "qkv"}
+        out |= {f"{a}SelfAttention.o.weight": (d, inner),
+                f"{a}SelfAttention.relative_attention_bias.weight": (buckets, cfg["num_heads"]),
+                f"{a}layer_norm.weight": (d,), f"{f}layer_norm.weight": (d,),
+                f"{f}DenseReluDense.wo.weight": (d, ff)}
+        wi = ("wi_0", "wi_1") if gated else ("wi",)
+        out |= {f"{f}DenseReluDense.{w}.weight": (ff, d) for w in wi}
+    return out
+
+
+def vae_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The Wan VAE layers whose shapes follow from base_dim, dim_mult, z_dim and the channels."""
+    base, z = cfg["base_dim"], cfg["z_dim"]
+    top = base * cfg["dim_mult"][-1]
+    dec = cfg.get("decoder_base_dim") or base
+    k3 = (3, 3, 3)
+    return {
+        "encoder.conv_in.weight": (base, cfg.get("in_channels", 3), *k3),
+        "encoder.conv_out.weight": (2 * z, top, *k3),
+        "quant_conv.weight": (2 * z, 2 * z, 1, 1, 1),
+        "post_quant_conv.weight": (z, z, 1, 1, 1),
+        "decoder.conv_in.weight": (dec * cfg["dim_mult"][-1], z, *k3),
+        "decoder.conv_out.weight": (cfg.get("out_channels", 3), dec, *k3),
+    }

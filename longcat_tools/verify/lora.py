@@ -1,0 +1,259 @@
+"""Header-level checks of LoRA adapters against the transformer they are meant for.
+
+Every adapted module must exist in the DiT and its A/B matrices must fit that layer:
+``A [r, in]``, ``B [out, r]`` (or, in the native format's fused targets, ``n`` up blocks of
+``[out/n, r/n]``), with a scalar alpha. The format is read from the key names (SPEC §4): native
+(``lora___lorahyphen___...lora_down/lora_up``), FastVideo (``.lora_A/.lora_B/.lora_alpha``) and
+PEFT (``.lora_A.weight/.lora_B.weight/.alpha``). ``parse_keys`` is the one place that knows the
+formats, so it can be swapped for ``longcat_tools.lora_formats`` once that lands.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longcat_tools import keymap, layouts, schemas
+from longcat_tools.errors import LongcatError
+from longcat_tools.safetensors_io import FLOAT_DTYPES, Header, TensorInfo, read_header
+from longcat_tools.verify.report import Recorder, count, listing
+from longcat_tools.verify.weights import MAX_HEADER_BYTES
+
+MANIFEST = "adapters.json"
+NATIVE_PREFIX = "lora___lorahyphen___"
+NATIVE_DOT = "___lorahyphen___"
+_NATIVE = re.compile(r"^(?P<mod>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|"
+                     r"lora_up\.blocks\.(?P<j>\d+)\.weight|alpha_scale|lora_alpha|alpha)$")
+_SPLIT = re.compile(r"^(?P<mod>.+?)\.(?P<part>lora_A|lora_B)(?P<w>\.weight)?$")
+_ALPHA = re.compile(r"^(?P<mod>.+?)\.(?:lora_alpha|alpha)$")
+STRIP_PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
+_BLOCK = re.compile(r"^blocks\.\d+\.")
+
+
+@dataclass
+class Target:
+    """One adapted module: its down (A), up (B or up blocks) and alpha tensors."""
+
+    module: str
+    down: TensorInfo | None = None
+    ups: dict[int, TensorInfo] = field(default_factory=dict)  # block index (0 when single) -> B
+    alpha: TensorInfo | None = None
+
+    @property
+    def rank(self) -> int | None:
+        """Rows of A per up block: the rank r of each low-rank update."""
+        if self.down is None or not self.down.shape:
+            return None
+        return self.down.shape[0] // max(len(self.ups), 1)
+
+
+def _strip(name: str) -> str:
+    for p in STRIP_PREFIXES:
+        if name.startswith(p):
+            return name[len(p):]
+    return name
+
+
+def parse_keys(tensors: dict[str, TensorInfo]) -> tuple[str | None, dict[str, Target], list[str]]:
+    """(format, module -> Target, names that fit no format) of a LoRA file's tensors."""
+    targets: dict[str, Target] = {}
+    unknown: list[str] = []
+    kinds: Counter[str] = Counter()
+    for name, info in tensors.items():
+        if name.startswith(NATIVE_PREFIX):
+            m = _NATIVE.match(name[len(NATIVE_PREFIX):])
+            if not m:
+                unknown.append(name)
+                continue
+            kinds["native"] += 1
+            t = targets.setdefault(m["mod"].replace(NATIVE_DOT, "."),
+                                   Target(m["mod"].replace(NATIVE_DOT, ".")))
+            part = m["part"]
+            if part == "lora_down.weight":
+                t.down = info
+            elif part == "lora_up.weight":
+                t.ups[0] = info
+            elif m["j"] is not None:
+                t.ups[int(m["j"])] = info
+            else:
+                t.alpha = info
+            continue
+        stripped = _strip(name)
+        m = _SPLIT.match(stripped)
+        if m:
+            kinds["peft" if m["w"] else "fastvideo"] += 1
+            t = targets.setdefault(m["mod"], Target(m["mod"]))
+            if m["part"] == "lora_A":
+                t.down = info
+            else:
+                t.ups[0] = info
+            continue
+        m = _ALPHA.match(stripped)
+        if m:
+            targets.setdefault(m["mod"], Target(m["mod"])).alpha = info
+            continue
+        unknown.append(name)
+    fmt = kinds.most_common(1)[0][0] if kinds else None
+    if len(kinds) > 1:
+        fmt = "mixed"
+    return fmt, targets, unknown
+
+
+def _fit(t: Target, weight: tuple[int, ...]) -> str | None:
+    """Why the A/B tensors of a target cannot update a weight of this shape (None: they fit)."""
+    if len(weight) != 2:
+        return f"{t.module} is not a linear layer (weight {list(weight)})"
+    out_dim, in_dim = weight
+    if t.down is None or not t.ups:
+        return f"{t.module} has {'no down/A' if t.down is None else 'no up/B'} matrix"
+    a = t.down.shape
+    if len(a) != 2 or a[1] != in_dim:
+        return f"{t.module} down/A is {list(a)}, the layer takes {in_dim} inputs"
+    r = a[0]
+    n = len(t.ups)
+    if sorted(t.ups) != list(range(n)):
+        return f"{t.module} up blocks are numbered {sorted(t.ups)}, expected 0..{n - 1}"
+    if r % n or out_dim % n:
+        return (f"{t.module} has {n} up blocks, which do not divide the {r} rows of down/A and "
+                f"the {out_dim} outputs")
+    for j, b in sorted(t.ups.items()):
+        if list(b.shape) != [out_dim // n, r // n]:
+            part = "up/B" if n == 1 else f"up block {j}"
+            return (f"{t.module} {part} is {list(b.shape)}, expected {[out_dim // n, r // n]} "
+                    f"(layer {list(weight)}, rank {r // n})")
+    if t.alpha is not None and t.alpha.numel != 1:
+        return f"{t.module} alpha is {list(t.alpha.shape)}, not a scalar"
+    return None
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    format: str | None
+    targets: dict[str, Target]
+    header: Header | None = None
+
+
+def check_file(rec: Recorder, path: Path, flavour: str | None,
+               shapes: dict[str, dict[str, tuple[int, ...]]] | None,
+               layout: str) -> LoraFile | None:
+    """Header, format, targets and shapes of one adapter file."""
+    comp = "lora"
+    try:
+        h = read_header(path, MAX_HEADER_BYTES)
+    except LongcatError as e:
+        rec.fail(comp, "header", path, str(e))
+        return None
+    fmt, targets, unknown = parse_keys(h.tensors)
+    if unknown or fmt in (None, "mixed"):
+        why = (f"{count(len(unknown), 'tensor')} that fit no LoRA format: {listing(unknown)}"
+               if unknown else "mixes LoRA formats" if fmt == "mixed" else "holds no tensors")
+        rec.fail(comp, "format", path, why + " (known: native lora_down/lora_up, FastVideo "
+                 "lora_A/lora_B, PEFT lora_A.weight/lora_B.weight)")
+        return LoraFile(path, fmt, targets, h)
+    lf = LoraFile(path, fmt, targets, h)
+    if shapes is None or flavour is None:
+        rec.warn(comp, "targets", path, f"{fmt} format, {count(len(targets), 'target')}; not "
+                 "compared with the transformer (its config or weights are broken, see above)")
+        return lf
+    other = "native" if flavour == "fastvideo" else "fastvideo"
+    unknown_mods, foreign, misfit = [], [], []
+    for mod, t in targets.items():
+        key = f"{mod}.weight"
+        if key in shapes[flavour]:
+            why = _fit(t, shapes[flavour][key])
+        elif key in shapes[other]:
+            foreign.append(mod)
+            why = _fit(t, shapes[other][key])
+        else:
+            unknown_mods.append(mod)
+            continue
+        if why:
+            misfit.append(why)
+    if unknown_mods:
+        rec.fail(comp, "targets", path, f"adapted modules that do not exist in the transformer "
+                 f"({len(unknown_mods)}): {listing(unknown_mods)}")
+    if misfit:
+        rec.fail(comp, "shapes", path, f"targets that do not fit their layer ({len(misfit)}): "
+                 f"{listing(misfit, 2)}")
+    if foreign:
+        hint = ("FastVideo loads only its own names; convert it with `longcat-tools lora`"
+                if flavour == "fastvideo" else "the runner must convert it before use")
+        rec.warn(comp, "targets", path, f"{fmt} format names {other}-flavour modules "
+                 f"({listing(foreign, 2)}) but the transformer has {flavour} keys: {hint}")
+    if not unknown_mods and not misfit:
+        ranks = sorted({t.rank for t in targets.values() if t.rank})
+        rec.ok(comp, "targets", path, f"{fmt} format, {count(len(targets), 'target')}, rank "
+               f"{'/'.join(map(str, ranks))}: every target exists and fits")
+    mats = Counter(i.dtype for t in targets.values() for i in [t.down, *t.ups.values()] if i)
+    if any(d not in FLOAT_DTYPES for d in mats):
+        rec.fail(comp, "dtype", path, f"non-floating A/B matrices ({dict(mats)})")
+    elif len(mats) > 1:
+        rec.warn(comp, "dtype", path, f"mixed A/B dtypes ({dict(mats)})")
+    return lf
+
+
+def lora_files(root: Path) -> list[Path]:
+    """Adapter files: ``lora/*.safetensors`` (the hub's) and ``lora/<name>/*.safetensors``."""
+    d = root / "lora"
+    if not d.is_dir():
+        return []
+    return sorted([*d.glob("*.safetensors"), *d.glob("*/*.safetensors")])
+
+
+def patterns(modules: list[str] | set[str]) -> set[str]:
+    """Module paths with the block index written as ``*`` (the manifest's ``targets``)."""
+    return {_BLOCK.sub("blocks.*.", m) for m in modules}
+
+
+def check_manifest(rec: Recorder, root: Path, parsed: dict[Path, LoraFile]) -> None:
+    """``lora/adapters.json``: schema, unique names, files inside lora/, facts match the files."""
+    path = root / "lora" / MANIFEST
+    if not (path.exists() or path.is_symlink()):
+        return
+    comp = "lora"
+    try:
+        doc: Any = layouts.load_json(path, "LoRA manifest")
+        schemas.validate(doc, "lora_manifest", str(path))
+    except LongcatError as e:
+        rec.fail(comp, "manifest", path, str(e))
+        return
+    problems: list[str] = []
+    names = Counter(a["name"] for a in doc["adapters"])
+    problems += [f"adapter name '{n}' is used {k} times" for n, k in names.items() if k > 1]
+    for a in doc["adapters"]:
+        try:
+            f = layouts.inside(root / "lora", a["file"], "adapter file")
+        except LongcatError as e:
+            problems.append(str(e))
+            continue
+        lf = parsed.get(f)
+        if not f.is_file():
+            problems.append(f"adapter '{a['name']}' names {a['file']}, which is missing")
+        elif lf is None or lf.format is None:
+            problems.append(f"adapter '{a['name']}': {a['file']} could not be read (see above)")
+        else:
+            if lf.format != a["format"]:
+                problems.append(f"adapter '{a['name']}' says format {a['format']}, the file is "
+                                f"{lf.format}")
+            ranks = {t.rank for t in lf.targets.values()}
+            if a["rank"] not in ranks:
+                problems.append(f"adapter '{a['name']}' says rank {a['rank']}, the file has "
+                                f"{sorted(r for r in ranks if r)}")
+            have, said = patterns(set(lf.targets)), set(a["targets"])
+            if have != said:
+                problems.append(f"adapter '{a['name']}' targets differ from the file's: listed "
+                                f"only {listing(said - have, 2) or '-'}; in the file only "
+                                f"{listing(have - said, 2) or '-'}")
+    for p in problems:
+        rec.fail(comp, "manifest", path, p)
+    if not problems:
+        rec.ok(comp, "manifest", path, f"{count(len(doc['adapters']), 'adapter')} registered, each "
+               "matching its file")
+
+
+def dit_shapes(dims: keymap.DiTDims) -> dict[str, dict[str, tuple[int, ...]]]:
+    return {f: dict(keymap.tensor_specs(dims, f)) for f in keymap.FLAVOURS}

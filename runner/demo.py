@@ -1,0 +1,64 @@
+"""Every task on one (tiny) checkpoint, at sizes a 2-core CPU runs in seconds, with mp4s out.
+
+Used by ``longcat-tools demo``. Each task feeds the next the way the original demos do: the
+distilled t2v output is refined, its first frame drives i2v, its frames are continued.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from runner.pipeline import Pipeline, Result
+from runner.video import probe, write_mp4
+
+PROMPT = "A cat sits on a sunny windowsill and watches birds fly past the garden."
+SIZE = {"height": 32, "width": 32}
+FAST = {"steps": 2, "num_frames": 9}
+
+
+@dataclass
+class TaskRun:
+    name: str
+    file: Path
+    frames: int
+    size: str
+    fps: int
+    seconds: float
+
+
+def _uint8(r: Result) -> list[Image.Image]:
+    return [Image.fromarray(f) for f in (r.frames * 255).astype(np.uint8)]
+
+
+def run_all_tasks(ckpt: str | Path, out_dir: str | Path,
+                  say: Callable[[str], None] = print) -> list[TaskRun]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline.load(ckpt)
+    results: dict[str, Result] = {}
+    runs: list[TaskRun] = []
+    tasks: list[tuple[str, Callable[[], Result]]] = [
+        ("t2v", lambda: pipe.t2v(PROMPT, **SIZE, **FAST)),
+        ("t2v_distill", lambda: pipe.t2v(PROMPT, **SIZE, **FAST, distill=True)),
+        ("i2v", lambda: pipe.i2v(_uint8(results["t2v"])[0], PROMPT, **SIZE, **FAST)),
+        ("vc", lambda: pipe.vc(_uint8(results["t2v"]), PROMPT, **SIZE, steps=2, num_frames=13,
+                               num_cond_frames=5)),
+        ("refine", lambda: pipe.refine(_uint8(results["t2v_distill"]), PROMPT, **SIZE)),
+        ("long", lambda: pipe.long(PROMPT, **SIZE, **FAST, num_cond_frames=5, num_segments=1)),
+    ]
+    for name, fn in tasks:
+        say(f"  run {name} ...")
+        t0 = time.perf_counter()
+        r = fn()
+        results[name] = r
+        path = write_mp4(out_dir / f"{name}.mp4", r.frames, r.fps)
+        info = probe(path)
+        runs.append(TaskRun(name, path, info["frames"], f"{info['width']}x{info['height']}",
+                            r.fps, time.perf_counter() - t0))
+    return runs

@@ -1,0 +1,473 @@
+"""The LongCat-Video DiT (``LongCatVideoTransformer3DModel``), readable in one file.
+
+A single-stream video DiT: 3D patch embedding, per-frame adaLN modulation, self-attention with
+interleaved 3D RoPE and q/k RMSNorm, ungated cross-attention to the text, a gated SwiGLU FFN and
+an adaLN final layer. Module and parameter names are the native checkpoint's, so a native state
+dict loads as is (``runner.loading`` maps the other layouts onto these names).
+
+Precision follows the original so that bf16 runs behave like it: inputs are cast to the weight
+dtype (so timesteps are rounded to it), the timestep MLP, adaLN modulation and final layer run in
+fp32 (the original's ``autocast(float32)`` regions), norms compute in fp32 and cast back, RoPE is
+applied in fp32, and the output is fp32. In fp32 all of this is the identity.
+
+Frame conditioning (i2v, vc, refine): the first ``num_cond_latents`` latent frames are clean
+condition frames. Their tokens attend only to each other, noise tokens attend to everything, and
+condition tokens get no cross-attention. The KV cache (video continuation) holds the condition
+tokens' per-block K (after q/k-norm, before RoPE) and V, so the noise frames can be denoised
+without recomputing the condition frames at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runner import attention as attn_ops
+
+KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LoraDelta:
+    """One LoRA adapter on one Linear: ``y += (up @ down)(x) * multiplier * alpha_scale``.
+
+    ``ups`` has one matrix per output block: the rank dimension of ``down``'s output is split into
+    ``len(ups)`` equal chunks and chunk j feeds ``ups[j]`` (a block-diagonal up-projection, the
+    native format's ``lora_up.blocks.{j}``). Computed unfused, like the original.
+    """
+
+    down: torch.Tensor  # [n * r, in]
+    ups: list[torch.Tensor]  # n x [out / n, r]
+    alpha_scale: torch.Tensor  # 0-d
+    multiplier: float = 1.0
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraDelta:
+        return LoraDelta(self.down.to(device, dtype), [u.to(device, dtype) for u in self.ups],
+                         self.alpha_scale.to(device, dtype), self.multiplier)
+
+    def __call__(self, x: torch.Tensor, fp32: bool) -> torch.Tensor:
+        h = x.to(self.down.dtype)
+        down, ups = self.down, self.ups
+        if fp32:  # inside the original's autocast(float32): matmuls run in fp32
+            h, down, ups = h.float(), down.float(), [u.float() for u in ups]
+        h = F.linear(h, down)
+        chunks = h.chunk(len(ups), dim=-1) if len(ups) > 1 else (h,)
+        h = torch.cat([F.linear(c, u) for c, u in zip(chunks, ups, strict=True)], dim=-1)
+        return h.to(x.dtype) * self.multiplier * self.alpha_scale
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` with run-time (unfused) LoRA adapters and an fp32 mode."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.loras: list[LoraDelta] = []
+
+    def forward(self, x: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        if fp32:
+            bias = None if self.bias is None else self.bias.float()
+            out = F.linear(x.float(), self.weight.float(), bias)
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        if self.loras:
+            total = 0
+            for lora in self.loras:
+                total = total + lora(x, fp32)
+            out = out + total
+        return out
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMSNorm computed in fp32, cast back, then scaled (the weight is not upcast)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (weights upcast), cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor,
+             scale: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` in fp32 with per-frame shift/scale, cast back."""
+    return (norm(x.float()) * (scale + 1) + shift).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of 0..1000-scale timesteps: ``[cos | sin]`` (cos first), fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs.to(t.device)[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.device,
+                  base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[T*H*W, head_dim]`` of the 3D RoPE over a (T, H, W) token grid.
+
+    The head dim splits into [t | h | w] parts of ``D - 4*(D//6)``, ``2*(D//6)``, ``2*(D//6)``
+    channels; each angle is repeated for an interleaved channel pair; positions start at 0.
+    """
+    d_hw = 2 * (head_dim // 6)
+    parts = []
+    for n, d in zip(grid, (head_dim - 2 * d_hw, d_hw, d_hw), strict=True):
+        freqs = 1.0 / (base ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+        angles = torch.arange(n, dtype=torch.float32)[:, None] * freqs[None]
+        parts.append(angles.repeat_interleave(2, dim=-1))
+    T, H, W = grid
+    table = torch.cat([parts[0][:, None, None].expand(T, H, W, -1),
+                       parts[1][None, :, None].expand(T, H, W, -1),
+                       parts[2][None, None, :].expand(T, H, W, -1)], dim=-1).reshape(T * H * W, -1)
+    table = table.to(device)
+    return table.cos(), table.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), in fp32."""
+    xf = x.float()
+    pairs = xf.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+@dataclass
+class BSAParams:
+    """Block sparse attention settings (transformer config ``bsa_params``)."""
+
+    sparsity: float | None = 0.9375
+    cdf_threshold: float | None = None
+    chunk_q: tuple[int, int, int] = (4, 4, 4)
+    chunk_k: tuple[int, int, int] = (4, 4, 4)
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any] | None) -> BSAParams:
+        p = params or {}
+        return cls(sparsity=p.get("sparsity", 0.9375), cdf_threshold=p.get("cdf_threshold"),
+                   chunk_q=tuple(p.get("chunk_3d_shape_q", (4, 4, 4))),
+                   chunk_k=tuple(p.get("chunk_3d_shape_k", (4, 4, 4))))
+
+
+@dataclass
+class AttnState:
+    """Shared by every block: whether BSA is on and with which settings."""
+
+    bsa: BSAParams | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, state: AttnState) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.state = state
+        self.qkv = Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = Linear(dim, dim)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                grid: tuple[int, int, int]) -> torch.Tensor:
+        """Non-causal attention; BSA when enabled and the clip has more than one frame
+        (the query/key frame counts follow from the token counts)."""
+        bsa = self.state.bsa
+        if bsa is not None and grid[0] > 1:
+            hw = grid[1] * grid[2]
+            return attn_ops.block_sparse(q, k, v, (q.shape[2] // hw, grid[1], grid[2]),
+                                         (k.shape[2] // hw, grid[1], grid[2]), bsa)
+        return attn_ops.dense(q, k, v)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int, int], num_cond_latents: int,
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                return_kv: bool = False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        new_kv = (k.clone(), v.clone()) if return_kv else None
+        T, H, W = grid
+        if kv_cache is not None:
+            # cached condition K/V first; RoPE over the (cond + noise) grid, new tokens after them
+            k_c, v_c = (t.to(x.device) for t in kv_cache)
+            if k_c.shape[0] == 1 and B > 1:
+                k_c, v_c = k_c.expand(B, -1, -1, -1), v_c.expand(B, -1, -1, -1)
+            n_c = k_c.shape[2]
+            cos, sin = rope_3d_table((T + num_cond_latents, H, W), self.head_dim, x.device)
+            k = torch.cat([apply_rope(k_c, cos[:n_c], sin[:n_c]),
+                           apply_rope(k, cos[n_c:], sin[n_c:])], dim=2)
+            v = torch.cat([v_c, v], dim=2)
+            q = apply_rope(q, cos[n_c:], sin[n_c:])
+            out = self._attend(q, k, v, grid)
+        else:
+            cos, sin = rope_3d_table(grid, self.head_dim, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if num_cond_latents > 0:
+                n_c = num_cond_latents * (N // T)
+                out = torch.cat([self._attend(q[:, :, :n_c], k[:, :, :n_c], v[:, :, :n_c], grid),
+                                 self._attend(q[:, :, n_c:], k, v, grid)], dim=2)
+            else:
+                out = self._attend(q, k, v, grid)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return out, new_kv
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_linear = Linear(dim, dim)
+        self.kv_linear = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_lens: list[int]) -> torch.Tensor:
+        """x [B, N, C] attends to its own sample's text; y [sum(y_lens), C] packs the texts."""
+        B, N, C = x.shape
+        q = self.q_norm(self.q_linear(x).view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = self.kv_linear(y).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
+        k = self.k_norm(k)
+        if len(set(y_lens)) == 1:
+            k = k.view(B, y_lens[0], self.num_heads, self.head_dim).transpose(1, 2)
+            v = v.view(B, y_lens[0], self.num_heads, self.head_dim).transpose(1, 2)
+            out = attn_ops.dense(q, k, v)
+        else:
+            outs, start = [], 0
+            for b, n in enumerate(y_lens):
+                kb = k[start:start + n].transpose(0, 1)[None]
+                vb = v[start:start + n].transpose(0, 1)[None]
+                outs.append(attn_ops.dense(q[b:b + 1], kb, vb))
+                start += n
+            out = torch.cat(outs)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, ffn_hidden: int, t_dim: int,
+                 state: AttnState) -> None:
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(t_dim, 6 * dim))
+        self.mod_norm_attn = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.mod_norm_ffn = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.pre_crs_attn_norm = LayerNorm(dim, eps=1e-6, elementwise_affine=True)
+        self.attn = SelfAttention(dim, num_heads, state)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.ffn = FeedForward(dim, ffn_hidden)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_lens: list[int], t: torch.Tensor,
+                grid: tuple[int, int, int], num_cond_latents: int,
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None, return_kv: bool,
+                skip_crs_attn: bool):
+        B, N, C = x.shape
+        T = grid[0]
+        frames = (B, T, N // T, C)  # modulation is per latent frame
+        mod = self.adaLN_modulation[1](F.silu(t), fp32=True).unsqueeze(2).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod  # [B, T, 1, C]
+
+        h = modulate(self.mod_norm_attn, x.view(frames), shift_msa, scale_msa).view(B, N, C)
+        h, new_kv = self.attn(h, grid, num_cond_latents, kv_cache, return_kv)
+        x = (x + (gate_msa * h.view(frames)).view(B, N, C)).to(x.dtype)
+
+        if not skip_crs_attn:
+            h = self.pre_crs_attn_norm(x)
+            if num_cond_latents > 0 and kv_cache is None:
+                # condition tokens get no text: zeros for them, cross-attention for the rest
+                n_c = num_cond_latents * (N // T)
+                out = self.cross_attn(h[:, n_c:], y, y_lens)
+                out = torch.cat([out.new_zeros(B, n_c, C), out], dim=1)
+            else:
+                out = self.cross_attn(h, y, y_lens)
+            x = x + out
+
+        h = modulate(self.mod_norm_ffn, x.view(frames), shift_mlp, scale_mlp).view(B, N, C)
+        x = (x + (gate_mlp * self.ffn(h).view(frames)).view(B, N, C)).to(x.dtype)
+        return x, new_kv
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int, t_dim: int) -> None:
+        super().__init__()
+        self.norm_final = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.linear = Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(t_dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, T: int) -> torch.Tensor:
+        B, N, C = x.shape
+        shift, scale = self.adaLN_modulation[1](F.silu(t), fp32=True).unsqueeze(2).chunk(2, dim=-1)
+        x = modulate(self.norm_final, x.view(B, T, N // T, C), shift, scale).view(B, N, C)
+        return self.linear(x, fp32=True)
+
+
+class LongCatDiT(nn.Module):
+    """The DiT. ``config`` is the transformer ``config.json`` of either key flavour."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        from longcat_tools import keymap
+
+        self.config = dict(config)
+        dims = keymap.dit_dims(config)
+        self.dims = dims
+        if dims.patch_size[0] != 1:
+            raise ValueError("the DiT does not patch the time axis (patch_size[0] must be 1)")
+        C, Ct = dims.hidden_size, dims.adaln_tembed_dim
+        self.patch_size = dims.patch_size
+        self.out_channels = dims.out_channels
+        self.text_tokens_zero_pad = bool(config.get("text_tokens_zero_pad", False))
+        self.attn_state = AttnState()
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv3d(dims.in_channels, C, dims.patch_size, dims.patch_size)
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(Linear(dims.frequency_embedding_size, Ct), nn.SiLU(),
+                                            Linear(Ct, Ct))
+        self.y_embedder = nn.Module()
+        self.y_embedder.y_proj = nn.Sequential(Linear(dims.caption_channels, C),
+                                               nn.GELU(approximate="tanh"), Linear(C, C))
+        self.blocks = nn.ModuleList(Block(C, dims.num_heads, dims.ffn_hidden, Ct, self.attn_state)
+                                    for _ in range(dims.depth))
+        self.final_layer = FinalLayer(C, dims.patch_volume * dims.out_channels, Ct)
+        self.lora_registry: dict[str, dict[str, LoraDelta]] = {}
+        self.active_loras: list[str] = []
+        if config.get("enable_bsa"):
+            self.enable_bsa()
+
+    # ---- BSA -------------------------------------------------------------------------------
+    def enable_bsa(self, params: dict[str, Any] | BSAParams | None = None) -> None:
+        """Turn BSA on, with ``params`` (config-style dict or BSAParams) or the config's."""
+        if not isinstance(params, BSAParams):
+            params = BSAParams.from_config(params if params is not None
+                                           else self.config.get("bsa_params"))
+        self.attn_state.bsa = params
+
+    def disable_bsa(self) -> None:
+        self.attn_state.bsa = None
+
+    @property
+    def bsa(self) -> BSAParams | None:
+        return self.attn_state.bsa
+
+    # ---- LoRA ------------------------------------------------------------------------------
+    def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
+        """Read an adapter file (native or FastVideo format); it stays off until enabled."""
+        from runner.lora import read_lora
+
+        self.lora_registry[name] = read_lora(path, self, multiplier=scale)
+
+    def enable_loras(self, names: list[str]) -> None:
+        """Activate exactly these adapters (summed, in this order), on the model's device/dtype."""
+        missing = [n for n in names if n not in self.lora_registry]
+        if missing:
+            raise KeyError(f"LoRA '{missing[0]}' is not loaded (load_lora first)")
+        self.disable_loras()
+        p = self.x_embedder.proj.weight
+        modules = dict(self.named_modules())
+        for name in names:
+            for module, delta in self.lora_registry[name].items():
+                modules[module].loras.append(delta.to(p.device, p.dtype))
+            self.active_loras.append(name)
+
+    def disable_loras(self) -> None:
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.loras = []
+        self.active_loras = []
+
+    # ---- forward ---------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj.weight.dtype
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor,
+                encoder_attention_mask: torch.Tensor | None = None, num_cond_latents: int = 0,
+                return_kv: bool = False, kv_cache: KVCache | None = None,
+                skip_crs_attn: bool = False, offload_kv_cache: bool = False):
+        """Predict the flow-matching velocity target (``x0 - noise``; the pipeline negates it).
+
+        hidden_states [B, C_in, T, H, W]; timestep [B] or per frame [B, T] on the 0..1000 scale;
+        encoder_hidden_states [B, 1, L, caption_channels]; encoder_attention_mask [B, L].
+        With ``kv_cache`` (from ``return_kv=True`` on the condition latents alone), hidden_states
+        are the noise frames only and ``num_cond_latents`` says how many frames were cached.
+        Returns fp32 [B, C_out, T, H, W], and the new cache when ``return_kv``.
+        """
+        B, _, T, H, W = hidden_states.shape
+        pt, ph, pw = self.patch_size
+        if H % ph or W % pw:
+            raise ValueError(f"latent height/width {H}x{W} must be divisible by the patch "
+                             f"{ph}x{pw}")
+        grid = (T // pt, H // ph, W // pw)
+        if timestep.dim() == 1:
+            timestep = timestep[:, None].expand(-1, grid[0])
+        dtype = self.dtype
+        x = hidden_states.to(dtype)
+        timestep = timestep.to(dtype)
+        y = encoder_hidden_states.to(dtype)
+
+        x = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # [B, N, C], THW raster order
+
+        t_freq = timestep_embedding(timestep.float().flatten(), self.dims.frequency_embedding_size)
+        mlp = self.t_embedder.mlp
+        t = mlp[2](F.silu(mlp[0](t_freq, fp32=True)), fp32=True).reshape(B, grid[0], -1)
+
+        y = self.y_embedder.y_proj(y)  # [B, 1, L, C]
+        mask = encoder_attention_mask
+        if self.text_tokens_zero_pad and mask is not None:
+            y = y * mask[:, None, :, None]  # padded tokens become exact zeros but stay attended
+            mask = None
+        C = y.shape[-1]
+        if mask is not None:
+            mask = mask.reshape(B, -1)
+            y = y.squeeze(1)[mask != 0]  # [sum(valid), C]
+            y_lens = mask.ne(0).sum(dim=1).tolist()
+        else:
+            y_lens = [y.shape[2]] * B
+            y = y.reshape(-1, C)
+
+        new_cache: KVCache = {}
+        for i, block in enumerate(self.blocks):
+            cache_i = kv_cache.get(i) if kv_cache else None
+            x, kv = block(x, y, y_lens, t, grid, num_cond_latents, cache_i, return_kv,
+                          skip_crs_attn)
+            if return_kv:
+                new_cache[i] = (kv[0].cpu(), kv[1].cpu()) if offload_kv_cache else \
+                    (kv[0].contiguous(), kv[1].contiguous())
+
+        x = self.final_layer(x, t, grid[0])  # fp32 [B, N, pt*ph*pw*C_out]
+        Nt, Nh, Nw = grid
+        x = x.view(B, Nt, Nh, Nw, pt, ph, pw, self.out_channels)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, self.out_channels, Nt * pt, Nh * ph,
+                                                       Nw * pw)
+        x = x.to(torch.float32)
+        return (x, new_cache) if return_kv else x

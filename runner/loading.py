@@ -1,0 +1,104 @@
+"""Any checkpoint layout -> a ready ``LongCatDiT``, one tensor at a time.
+
+The model is built on the meta device (no memory), materialised empty on the target device, then
+filled tensor by tensor from the shards named by the index: a FastVideo tensor (``to_q``, ``to_k``,
+``to_v``, ...) is copied into its row slice of the native parameter (``qkv``, ...) through the
+shared key map, so peak memory is the model plus one tensor. Every parameter must be written
+exactly once with the right shape; unknown or duplicate tensors are errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from longcat_tools import keymap, layouts
+from longcat_tools.errors import LongcatError
+from longcat_tools.safetensors_io import read_header, read_tensor
+from runner.dit import LongCatDiT
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LongcatError(f"unknown dtype '{dtype}' (use fp32, bf16 or fp16)")
+    return DTYPES[dtype]
+
+
+def resolve_checkpoint(path: str | Path) -> layouts.Checkpoint:
+    """The checkpoint at ``path``, which may also be its ``dit/`` or ``transformer/`` folder."""
+    path = Path(path)
+    if path.name in ("dit", "transformer") and (path / "config.json").is_file() \
+            and not layouts.looks_like_checkpoint(path):
+        return layouts.detect(path.parent)
+    return layouts.detect(path)
+
+
+def load_transformer(path: str | Path, device: str | torch.device = "cpu",
+                     dtype: str | torch.dtype = torch.float32,
+                     progress=None) -> LongCatDiT:
+    """Build the DiT of the checkpoint at ``path`` (any layout) on ``device`` in ``dtype``."""
+    ckpt = resolve_checkpoint(path)
+    dtype = parse_dtype(dtype)
+    config = ckpt.config()
+    with torch.device("meta"):
+        model = LongCatDiT(config)
+    model = model.to_empty(device=device).to(dtype)
+    params = dict(model.named_parameters())
+    filled: dict[str, set[int]] = {name: set() for name in params}
+    shards = layouts.transformer_shards(ckpt)
+    by_file: dict[Path, list[str]] = {}
+    for name, file in shards.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        header = read_header(file)
+        with open(file, "rb") as f:
+            for name in names:
+                info = header.tensors.get(name)
+                if info is None:
+                    raise LongcatError(f"{file}: the index names tensor '{name}' but the shard "
+                                       "does not hold it")
+                part = _native_part(name, ckpt.flavour)
+                target = params.get(part.native)
+                if target is None:
+                    raise LongcatError(f"{file}: tensor '{name}' is not a parameter of the DiT")
+                rows = target.shape[0] // part.count
+                expect = (rows, *target.shape[1:]) if part.count > 1 else tuple(target.shape)
+                if tuple(info.shape) != expect:
+                    raise LongcatError(f"{file}: tensor '{name}' has shape {list(info.shape)}, "
+                                       f"expected {list(expect)} from the config")
+                if part.index in filled[part.native]:
+                    raise LongcatError(f"{file}: tensor '{name}' appears twice")
+                tensor = read_tensor(f, info)
+                with torch.no_grad():
+                    dst = target[part.index * rows:(part.index + 1) * rows] if part.count > 1 \
+                        else target
+                    dst.copy_(tensor.to(dtype))
+                filled[part.native].add(part.index)
+                if progress is not None:
+                    progress(info.nbytes)
+    for name, got in filled.items():
+        count = _slice_count(name, ckpt.flavour)
+        if len(got) != count:
+            raise LongcatError(f"{ckpt.transformer_dir}: no weights for DiT parameter '{name}' "
+                               "(incomplete checkpoint)")
+    model.eval().requires_grad_(False)
+    model.layout = ckpt.describe()
+    return model
+
+
+def _native_part(name: str, flavour: str) -> keymap.Part:
+    if flavour == "native":
+        return keymap.Part(name, name, 0, 1)
+    return keymap.fastvideo_to_native(name)
+
+
+def _slice_count(native_name: str, flavour: str) -> int:
+    if flavour == "native":
+        return 1
+    return len(keymap.native_to_fastvideo(native_name))

@@ -1,0 +1,574 @@
+"""The tasks of LongCat-Video on our DiT: t2v, i2v, vc, long, refine; ``distill`` for any.
+
+Each task reproduces the original ``LongCatVideoPipeline`` step by step (same schedules, same
+casts, same RNG draws in the same order), so given the same initial latents and generator the
+final latents match it. Semantics worth knowing:
+
+* the DiT predicts ``x0 - noise``; it is negated before the Euler step;
+* guidance > 1 runs CFG-Zero* on ``[negative; positive]`` (the negative prompt defaults to "" here,
+  as in the original pipeline; the CLI passes the demos' Wan-style negative prompt);
+* condition frames (i2v: the image; vc: the last ``num_cond_frames`` frames; refine: an image or
+  a video) are VAE posterior *samples* drawn with the generator, normalised, written over the
+  first latent frames, given timestep 0 and never stepped;
+* vc caches the condition frames' K/V once (``use_kv_cache``) and applies ``enhance_hf`` (the
+  timesteps above 500, then 10 uniform ones) unless distilled;
+* refine upsamples the stage-1 video (2x frames unless ``spatial_refine_only``), pads it to whole
+  4-latent BSA chunks, VAE-encodes it, mixes ``(1 - t) z + t noise`` and denoises from
+  ``t_thresh * 1000`` with the refinement LoRA and BSA, without CFG.
+
+RNG (how a seed maps to noise): one ``torch.Generator`` seeded with ``seed`` drives every draw of
+a task in the original's order (initial noise, then condition-frame posterior samples). The
+original takes refinement's stage-1 posterior sample and mixing noise from the *global* RNG; we
+draw them from a second generator (``noise_generator``, seeded with ``seed`` too) so runs are
+reproducible. A ``long`` run passes the one generator through all its stages, like the demo.
+Pass ``latents=`` to fix the initial noise (refine: the mixing noise) exactly.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from longcat_tools.errors import LongcatError
+from runner import schedule
+from runner.buckets import bucket_size
+from runner.dit import LongCatDiT
+from runner.loading import parse_dtype, resolve_checkpoint
+
+TASKS = ("t2v", "i2v", "vc", "long", "refine")
+MAX_SEQUENCE_LENGTH = 512
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
+    "in the background, walking backwards")
+LORA_DISTILL, LORA_REFINE = "distilled", "refinement"
+BSA_GRANULARITY = 4  # latent frames per BSA chunk along time in refinement padding
+
+
+@dataclass
+class Result:
+    """Frames ``[F, H, W, 3]`` in [0, 1] (float32), the final latents, the frame rate."""
+
+    frames: np.ndarray
+    latents: torch.Tensor
+    fps: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Reporter:
+    """Times named stages (summed when repeated) and shows step bars (tqdm: rate and ETA)."""
+
+    def __init__(self, show: bool = False, say=None) -> None:
+        self.show = show
+        self.say = say
+        self.timings: dict[str, float] = {}
+        self._last: str | None = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.say and name != self._last:
+            self.say(f"- {name}")
+        self._last = name
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def steps(self, items: Iterable, total: int, desc: str) -> Iterable:
+        if not self.show:
+            return items
+        import sys
+
+        from tqdm import tqdm
+
+        return tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False,
+                    dynamic_ncols=True)
+
+
+def prompt_clean(text: str) -> str:
+    """ftfy, double HTML unescape, whitespace collapse: the original's prompt cleaning."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _quiet_libraries() -> None:
+    """transformers/diffusers chatter (load bars, optional-dependency hints) off."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def to_pil_frames(video: Any) -> list[Image.Image]:
+    """A list of PIL images, or frames as a uint8 array [F, H, W, 3] -> list of PIL images."""
+    if isinstance(video, np.ndarray):
+        return [Image.fromarray(f) for f in video]
+    return list(video)
+
+
+class Pipeline:
+    """Tokenizer, text encoder, VAE, scheduler and our DiT, with the tasks as methods."""
+
+    def __init__(self, root: Path, tokenizer, text_encoder, vae, scheduler, dit: LongCatDiT,
+                 device: torch.device, layout: str) -> None:
+        from diffusers.video_processor import VideoProcessor
+
+        self.root, self.tokenizer, self.text_encoder = root, tokenizer, text_encoder
+        self.vae, self.scheduler, self.dit = vae, scheduler, dit
+        self.device, self.layout = device, layout
+        self.scale_t = int(getattr(vae.config, "scale_factor_temporal", 4))
+        self.scale_s = int(getattr(vae.config, "scale_factor_spatial", 8))
+        self.video_processor = VideoProcessor(vae_scale_factor=self.scale_s)
+        self.reporter = Reporter()
+        self.last_run: dict[str, Any] = {}
+
+    # ---- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: Any = "cpu", dtype: Any = "fp32",
+             text_encoder_dtype: Any = None, reporter: Reporter | None = None) -> Pipeline:
+        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        from runner.loading import load_transformer
+
+        ckpt = resolve_checkpoint(path)
+        root = ckpt.root
+        device = torch.device(device)
+        dtype = parse_dtype(dtype)
+        rep = reporter or Reporter()
+        for comp in ("tokenizer", "text_encoder", "vae", "scheduler"):
+            if not (root / comp).is_dir():
+                raise LongcatError(f"{root}: missing '{comp}/' (a runnable checkpoint needs "
+                                   "tokenizer/, text_encoder/, vae/ and scheduler/)")
+        _quiet_libraries()
+        with rep.stage("load"):
+            tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+            te = UMT5EncoderModel.from_pretrained(
+                root / "text_encoder", torch_dtype=parse_dtype(text_encoder_dtype or dtype),
+                use_safetensors=True).to(device).eval()
+            vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=dtype,
+                                                   use_safetensors=True).to(device).eval()
+            sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+            dit = load_transformer(ckpt.root, device=device, dtype=dtype)
+        pipe = cls(root, tok, te, vae, sched, dit, device, ckpt.describe())
+        pipe.reporter = rep
+        return pipe
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dit.dtype
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(seed)
+
+    # ---- building blocks -------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """UMT5 states [B, 1, 512, C] in the DiT dtype and the attention mask [B, 512]."""
+        with self.reporter.stage("text_encoder"), torch.no_grad():
+            tokens = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
+                                    max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                                    add_special_tokens=True, return_attention_mask=True,
+                                    return_tensors="pt")
+            ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+            states = self.text_encoder(ids, mask).last_hidden_state.to(self.dtype)
+        return states.view(len(prompts), 1, states.shape[1], -1), mask
+
+    def encode_text(self, prompt: str, negative_prompt: str | None, cfg: bool):
+        if not cfg:
+            return self.encode_prompt([prompt])
+        emb, mask = self.encode_prompt([prompt])
+        neg, neg_mask = self.encode_prompt([negative_prompt or ""])
+        return torch.cat([neg, emb]), torch.cat([neg_mask, mask])
+
+    def _latent_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1)
+        return mean.to(latents.device, latents.dtype), inv_std.to(latents.device, latents.dtype)
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self._latent_stats(latents)
+        return (latents - mean) * inv_std
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self._latent_stats(latents)
+        return latents / inv_std + mean
+
+    def vae_sample(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A posterior sample of the VAE encoding of ``pixels`` [B, 3, F, H, W] in [-1, 1]."""
+        with self.reporter.stage("vae_encode"), torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+            return dist.sample(generator)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> frames [F, H, W, 3] in [0, 1]."""
+        with self.reporter.stage("vae_decode"), torch.no_grad():
+            latents = self.denormalize(latents.to(self.vae.dtype))
+            video = self.vae.decode(latents, return_dict=False)[0]
+            return self.video_processor.postprocess_video(video, output_type="np")[0]
+
+    def cond_latents(self, pixels: torch.Tensor, generator, dtype: torch.dtype) -> torch.Tensor:
+        return self.normalize(self.vae_sample(pixels, generator).to(dtype))
+
+    def _noise(self, shape, generator, dtype) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
+
+    def _predict(self, latents, t, text, mask, guidance: float, n_cond: int = 0,
+                 per_frame: bool = False, kv_cache=None) -> torch.Tensor:
+        """The negated (scheduler-ready) guided prediction for one step."""
+        cfg = guidance > 1.0
+        inp = (torch.cat([latents] * 2) if cfg else latents).to(self.dtype)
+        timestep = t.expand(inp.shape[0]).to(self.dtype)
+        if per_frame:
+            timestep = timestep.unsqueeze(-1).repeat(1, inp.shape[2])
+            timestep[:, :n_cond] = 0
+        with torch.no_grad():
+            pred = self.dit(inp, timestep, text, mask, num_cond_latents=n_cond,
+                            kv_cache=kv_cache)
+        if cfg:
+            uncond, cond = pred.chunk(2)
+            pred = schedule.cfg_zero_star(cond, uncond, guidance)
+        return -pred
+
+    def _denoise(self, latents, timesteps, text, mask, guidance, n_cond=0, per_frame=False,
+                 kv_cache=None, step_all=True, desc="denoise") -> torch.Tensor:
+        bsa = self.dit.bsa
+        self.last_run = {"loras": list(self.dit.active_loras),
+                         "bsa": None if bsa is None else asdict(bsa)}
+        with self.reporter.stage("denoise"):
+            for t in self.reporter.steps(timesteps, len(timesteps), desc):
+                pred = self._predict(latents, t, text, mask, guidance, n_cond, per_frame, kv_cache)
+                if step_all:
+                    latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+                else:
+                    latents[:, :, n_cond:] = self.scheduler.step(
+                        pred[:, :, n_cond:], t, latents[:, :, n_cond:], return_dict=False)[0]
+        return latents
+
+    def _latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        return (1, self.dit.dims.in_channels, (num_frames - 1) // self.scale_t + 1,
+                height // self.scale_s, width // self.scale_s)
+
+    @contextmanager
+    def adapters(self, lora: str | None, bsa: Any) -> Iterator[None]:
+        """Run with exactly this hub LoRA active (or none) and this BSA setting, then restore.
+
+        ``bsa``: ``None`` keeps the model's setting, ``False`` turns it off, ``True`` uses the
+        config's params, a dict/BSAParams uses those."""
+        from runner.lora import lora_path
+
+        before_loras, before_bsa = list(self.dit.active_loras), self.dit.bsa
+        try:
+            if lora is not None:
+                if lora not in self.dit.lora_registry:
+                    self.dit.load_lora(lora_path(self.root, lora), lora)
+                if lora not in before_loras:
+                    self.dit.enable_loras(before_loras + [lora])
+            if bsa is False:
+                self.dit.disable_bsa()
+            elif bsa is True:
+                self.dit.enable_bsa()
+            elif bsa is not None:
+                self.dit.enable_bsa(bsa)
+            yield
+        finally:
+            self.dit.enable_loras(before_loras) if before_loras else self.dit.disable_loras()
+            self.dit.attn_state.bsa = before_bsa
+
+    # ---- tasks -----------------------------------------------------------------------------
+    def generate(self, task: str = "t2v", **kw: Any) -> Result:
+        """Run a task. Common keywords: prompt, negative_prompt, num_frames, steps, guidance,
+        distill, seed / generator, latents, height / width (or the input's resolution bucket),
+        bsa (None: the config's setting; False/True/params). See the ``t2v``... methods."""
+        if task not in TASKS:
+            raise LongcatError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
+        return getattr(self, task)(**kw)
+
+    def _common(self, distill: bool, steps: int | None, guidance: float | None, seed: int,
+                generator: torch.Generator | None):
+        steps = steps if steps is not None else (16 if distill else 50)
+        guidance = guidance if guidance is not None else (1.0 if distill else 4.0)
+        gen = generator if generator is not None else self.generator(seed)
+        return steps, guidance, gen
+
+    @staticmethod
+    def _check_frames(num_frames: int) -> None:
+        if num_frames < 1 or num_frames % 4 != 1:
+            raise LongcatError(f"--frames {num_frames}: the frame count must be 4k+1 "
+                               "(e.g. 93, 45, 9); the VAE packs 4 frames per latent")
+
+    def _check_size(self, height: int, width: int, granularity: int = 16) -> None:
+        if height % granularity or width % granularity or height <= 0 or width <= 0:
+            raise LongcatError(f"size {height}x{width}: height and width must be positive "
+                               f"multiples of {granularity} px (VAE 8x times DiT patch 2)")
+
+    def _size_for(self, frame: Image.Image, resolution: str, height: int | None,
+                  width: int | None, granularity: int = 16) -> tuple[int, int]:
+        if height is not None and width is not None:
+            self._check_size(height, width, granularity)
+            return height, width
+        return bucket_size(frame.height, frame.width, resolution, granularity)
+
+    def t2v(self, prompt: str, negative_prompt: str | None = None, height: int = 480,
+            width: int = 832, num_frames: int = 93, steps: int | None = None,
+            guidance: float | None = None, distill: bool = False, seed: int = 42,
+            generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+            bsa: Any = None, decode: bool = True) -> Result:
+        self._check_size(height, width)
+        self._check_frames(num_frames)
+        steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
+        with self.adapters(LORA_DISTILL if distill else None, bsa):
+            text, mask = self.encode_text(prompt, negative_prompt, guidance > 1.0)
+            timesteps = schedule.set_schedule(self.scheduler, steps, distill, self.device)
+            shape = self._latent_shape(height, width, num_frames)
+            latents = self._init(latents, shape, gen, torch.float32)
+            latents = self._denoise(latents, timesteps, text, mask, guidance)
+        frames = self.decode(latents) if decode else None
+        return Result(frames, latents, 15, {"steps": len(timesteps), "guidance": guidance,
+                                            "height": height, "width": width, **self.last_run})
+
+    def _init(self, latents, shape, gen, dtype) -> torch.Tensor:
+        if latents is None:
+            return self._noise(shape, gen, dtype)
+        if tuple(latents.shape) != tuple(shape):
+            raise LongcatError(f"initial latents have shape {list(latents.shape)}, this run needs "
+                               f"{list(shape)}")
+        return latents.to(self.device, dtype).clone()
+
+    def i2v(self, image: Image.Image, prompt: str, negative_prompt: str | None = None,
+            resolution: str = "480p", height: int | None = None, width: int | None = None,
+            num_frames: int = 93, steps: int | None = None, guidance: float | None = None,
+            distill: bool = False, seed: int = 42, generator: torch.Generator | None = None,
+            latents: torch.Tensor | None = None, bsa: Any = None, decode: bool = True) -> Result:
+        if image is None:
+            raise LongcatError("task i2v needs an input image (--image FILE)")
+        self._check_frames(num_frames)
+        height, width = self._size_for(image, resolution, height, width)
+        steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
+        with self.adapters(LORA_DISTILL if distill else None, bsa):
+            text, mask = self.encode_text(prompt, negative_prompt, guidance > 1.0)
+            timesteps = schedule.set_schedule(self.scheduler, steps, distill, self.device)
+            pixels = self.video_processor.preprocess(image, height=height, width=width)
+            pixels = pixels.to(self.device, self.dtype)
+            shape = self._latent_shape(height, width, num_frames)
+            latents = self._init(latents, shape, gen, torch.float32)
+            latents[:, :, :1] = self.cond_latents(pixels[:, :, None], gen, torch.float32)
+            latents = self._denoise(latents, timesteps, text, mask, guidance, n_cond=1,
+                                    per_frame=True, step_all=False)
+        frames = self.decode(latents) if decode else None
+        return Result(frames, latents, 15, {"steps": len(timesteps), "guidance": guidance,
+                                            "height": height, "width": width, **self.last_run})
+
+    def vc(self, video: Any, prompt: str, negative_prompt: str | None = None,
+           resolution: str = "480p", height: int | None = None, width: int | None = None,
+           num_frames: int = 93, num_cond_frames: int = 13, steps: int | None = None,
+           guidance: float | None = None, distill: bool = False, seed: int = 42,
+           generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+           use_kv_cache: bool = True, offload_kv_cache: bool = False,
+           enhance_hf: bool | None = None, bsa: Any = None, decode: bool = True) -> Result:
+        frames_in = to_pil_frames(video) if video is not None else []
+        if not frames_in:
+            raise LongcatError("task vc needs an input video (--video FILE)")
+        self._check_frames(num_frames)
+        if num_cond_frames < 1 or num_cond_frames % 4 != 1 or num_cond_frames >= num_frames:
+            raise LongcatError(f"num_cond_frames {num_cond_frames}: must be 4k+1 and fewer than "
+                               f"the {num_frames} frames generated")
+        if len(frames_in) < num_cond_frames:
+            raise LongcatError(f"the input video has {len(frames_in)} frames; video "
+                               f"continuation needs at least {num_cond_frames}")
+        enhance_hf = (not distill) if enhance_hf is None else enhance_hf
+        if distill and enhance_hf:
+            raise LongcatError("enhance_hf and distill cannot be combined (the distilled "
+                               "schedule has no high-frequency tail)")
+        height, width = self._size_for(frames_in[0], resolution, height, width)
+        steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
+        n_cond = 1 + (num_cond_frames - 1) // self.scale_t
+        with self.adapters(LORA_DISTILL if distill else None, bsa):
+            text, mask = self.encode_text(prompt, negative_prompt, guidance > 1.0)
+            timesteps = schedule.set_schedule(self.scheduler, steps, distill, self.device)
+            if enhance_hf:
+                timesteps = schedule.apply_enhance_hf(self.scheduler, self.device)
+            pixels = self.video_processor.preprocess_video(frames_in, height=height, width=width)
+            pixels = pixels.to(self.device, self.dtype)
+            shape = self._latent_shape(height, width, num_frames)
+            latents = self._init(latents, shape, gen, self.dtype)
+            latents[:, :, :n_cond] = self.cond_latents(pixels[:, :, -num_cond_frames:], gen,
+                                                       self.dtype)
+            if use_kv_cache:
+                cond = latents[:, :, :n_cond]
+                with self.reporter.stage("kv_cache"), torch.no_grad():
+                    empty = torch.zeros(cond.shape[0], 1, MAX_SEQUENCE_LENGTH,
+                                        self.text_encoder.config.d_model, device=self.device,
+                                        dtype=self.dtype)
+                    _, cache = self.dit(cond, torch.zeros(cond.shape[0], n_cond,
+                                                          device=self.device, dtype=self.dtype),
+                                        empty, return_kv=True, skip_crs_attn=True,
+                                        offload_kv_cache=offload_kv_cache)
+                noise = self._denoise(latents[:, :, n_cond:], timesteps, text, mask, guidance,
+                                      n_cond=n_cond, kv_cache=cache)
+                latents = torch.cat([cond, noise], dim=2)
+                del cache
+            else:
+                latents = self._denoise(latents, timesteps, text, mask, guidance, n_cond=n_cond,
+                                        per_frame=True, step_all=False)
+        frames = self.decode(latents) if decode else None
+        return Result(frames, latents, 15, {
+            "steps": len(timesteps), "guidance": guidance, "height": height, "width": width,
+            "num_cond_frames": num_cond_frames, "kv_cache": use_kv_cache,
+            "enhance_hf": enhance_hf, **self.last_run})
+
+    def refine(self, stage1_video: Any, prompt: str = "", image: Image.Image | None = None,
+               video: Any = None, num_cond_frames: int = 0, height: int | None = None,
+               width: int | None = None, steps: int = 50, t_thresh: float = 0.5,
+               spatial_refine_only: bool = False, seed: int = 42,
+               generator: torch.Generator | None = None,
+               noise_generator: torch.Generator | None = None,
+               latents: torch.Tensor | None = None, bsa: Any = True,
+               distill: bool = False, decode: bool = True) -> Result:
+        """480p -> 720p (and 2x frames unless ``spatial_refine_only``). ``latents`` is the mixing
+        noise. ``distill`` is accepted for symmetry and ignored: refinement has its own LoRA."""
+        stage1 = to_pil_frames(stage1_video) if stage1_video is not None else []
+        if not stage1:
+            raise LongcatError("task refine needs a stage-1 video to refine (--video FILE)")
+        if image is not None and video is not None:
+            raise LongcatError("refine takes an image or a video as its condition, not both")
+        if not 0 < t_thresh <= 1:
+            raise LongcatError(f"--t-thresh {t_thresh}: must be in (0, 1]")
+        height, width = self._size_for(stage1[0], "720p", height, width, granularity=64
+                                       if height is None else 16)
+        gen = generator if generator is not None else self.generator(seed)
+        ngen = noise_generator if noise_generator is not None else self.generator(seed)
+        cond_frames_in = to_pil_frames(video) if video is not None else None
+        if image is not None and num_cond_frames == 0:
+            num_cond_frames = 1
+        if cond_frames_in is not None and len(cond_frames_in) < num_cond_frames:
+            raise LongcatError(f"the condition video has {len(cond_frames_in)} frames, fewer than "
+                               f"num_cond_frames {num_cond_frames}")
+        with self.adapters(LORA_REFINE, bsa):
+            text, mask = self.encode_text(prompt, None, False)
+            schedule.set_schedule(self.scheduler, steps, False, self.device)
+            timesteps = schedule.apply_t_thresh(self.scheduler, t_thresh)
+
+            n_frames = len(stage1)
+            new_frames = n_frames if spatial_refine_only else 2 * n_frames
+            with self.reporter.stage("upsample"):
+                x = torch.from_numpy(np.array([np.asarray(f.convert("RGB")) for f in stage1]))
+                x = x.permute(0, 3, 1, 2).to(self.device, self.dtype)
+                x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=True)
+                x = x.permute(1, 0, 2, 3).unsqueeze(0) / 255.0
+                x = F.interpolate(x, size=(new_frames, height, width), mode="trilinear",
+                                  align_corners=True) * 2 - 1
+            n_noise_frames = x.shape[2] - num_cond_frames
+            n_cond, added = 0, 0
+            if num_cond_frames > 0:
+                n_cond = 1 + math.ceil((num_cond_frames - 1) / self.scale_t)
+                n_cond = math.ceil(n_cond / BSA_GRANULARITY) * BSA_GRANULARITY
+                added = 1 + (n_cond - 1) * self.scale_t - num_cond_frames
+            n_noise = math.ceil(math.ceil(n_noise_frames / self.scale_t) / BSA_GRANULARITY) \
+                * BSA_GRANULARITY
+            back = n_noise * self.scale_t - n_noise_frames
+            x = torch.cat([x[:, :, :1].repeat(1, 1, added, 1, 1), x,
+                           x[:, :, -1:].repeat(1, 1, back, 1, 1)], dim=2)
+            z = self.normalize(self.vae_sample(x, ngen))
+            noise = latents.to(self.device, z.dtype) if latents is not None else \
+                torch.randn(z.shape, generator=ngen, device=self.device, dtype=z.dtype)
+            if tuple(noise.shape) != tuple(z.shape):
+                raise LongcatError(f"refine noise has shape {list(noise.shape)}, this run needs "
+                                   f"{list(z.shape)}")
+            lat = ((1 - t_thresh) * z + t_thresh * noise.contiguous()).to(torch.float32)
+            if n_cond:
+                if image is not None:
+                    pix = self.video_processor.preprocess(image, height=height, width=width)
+                    pix = pix.to(self.device, self.dtype)[:, :, None]
+                else:
+                    pix = self.video_processor.preprocess_video(cond_frames_in, height=height,
+                                                                width=width)
+                    pix = pix.to(self.device, self.dtype)[:, :, -num_cond_frames:]
+                pix = torch.cat([pix[:, :, :1].repeat(1, 1, added, 1, 1), pix], dim=2)
+                lat[:, :, :n_cond] = self.cond_latents(pix, gen, torch.float32)
+            lat = self._denoise(lat, timesteps, text, mask, 1.0, n_cond=n_cond, per_frame=True,
+                                step_all=False, desc="refine")
+        frames = None
+        if decode:
+            frames = self.decode(lat)[added:added + new_frames]
+        return Result(frames, lat, 15 if spatial_refine_only else 30, {
+            "steps": len(timesteps), "height": height, "width": width,
+            "t_thresh": t_thresh, "num_cond_frames": num_cond_frames,
+            "cond_latents": n_cond, "padded_front": added, "padded_back": back, **self.last_run})
+
+    def long(self, prompt: str, negative_prompt: str | None = None, video: Any = None,
+             height: int = 480, width: int = 832, num_frames: int = 93, num_cond_frames: int = 13,
+             num_segments: int = 2, steps: int | None = None, guidance: float | None = None,
+             distill: bool = False, seed: int = 42, generator: torch.Generator | None = None,
+             latents: torch.Tensor | None = None, refine: bool = False,
+             refine_height: int | None = None, refine_width: int | None = None,
+             t_thresh: float = 0.5, spatial_refine_only: bool = False, bsa: Any = None,
+             use_kv_cache: bool = True, offload_kv_cache: bool = False) -> Result:
+        """t2v (or the given video), then ``num_segments`` continuations of ``num_frames -
+        num_cond_frames`` new frames each, conditioned on the previous segment (uint8 frames in
+        between, like the demo); with ``refine``, refine in windows of ``num_frames`` stage-1
+        frames, each conditioned on the previous refined window's last frames."""
+        if num_segments < 0:
+            raise LongcatError("--segments must be at least 0")
+        gen = generator if generator is not None else self.generator(seed)
+        last = None
+        if video is None:
+            first = self.t2v(prompt, negative_prompt, height=height, width=width,
+                             num_frames=num_frames, steps=steps, guidance=guidance,
+                             distill=distill, generator=gen, latents=latents, bsa=bsa)
+            segment = [Image.fromarray(f) for f in (first.frames * 255).astype(np.uint8)]
+            last = first.latents
+        else:
+            segment = to_pil_frames(video)
+        target = segment[0].size
+        all_frames = list(segment)
+        for _ in range(num_segments):
+            out = self.vc(segment, prompt, negative_prompt, height=height, width=width,
+                          num_frames=num_frames, num_cond_frames=num_cond_frames, steps=steps,
+                          guidance=guidance, distill=distill, generator=gen,
+                          use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache, bsa=bsa)
+            new = [Image.fromarray(f).resize(target, Image.BICUBIC)
+                   for f in (out.frames * 255).astype(np.uint8)]
+            all_frames.extend(new[num_cond_frames:])
+            segment, last = new, out.latents
+        info = {"segments": num_segments, "stage1_frames": len(all_frames)}
+        if not refine:
+            frames = np.stack([np.asarray(f) for f in all_frames]).astype(np.float32) / 255.0
+            return Result(frames, last, 15, info)
+        refined: list[np.ndarray] = []
+        cond_video, cond_n, start = None, 0, 0
+        ngen = self.generator(seed)
+        while start == 0 or start + num_cond_frames < len(all_frames):
+            window = all_frames[start:start + num_frames]
+            r = self.refine(window, "", video=cond_video, num_cond_frames=cond_n,
+                            height=refine_height, width=refine_width, t_thresh=t_thresh,
+                            spatial_refine_only=spatial_refine_only, generator=gen,
+                            noise_generator=ngen, bsa=True if bsa is None else bsa)
+            win = [Image.fromarray(f) for f in (r.frames * 255).astype(np.uint8)]
+            refined.extend(np.asarray(f) for f in win[cond_n:])
+            cond_video = win
+            cond_n = num_cond_frames if spatial_refine_only else 2 * num_cond_frames
+            start += num_frames - num_cond_frames
+        info["refined_frames"] = len(refined)
+        return Result(np.stack(refined).astype(np.float32) / 255.0, r.latents,
+                      15 if spatial_refine_only else 30, info)

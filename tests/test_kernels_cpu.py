@@ -1,0 +1,205 @@
+"""CPU tests of the block sparse attention reference (``kernels.reference``).
+
+Everything is checked against deliberately naive re-implementations: token -> chunk maps
+built from coordinates, Python sorting for selection, and a dense token-level mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference as R
+
+
+def chunk_of_tokens(lat, chunk):
+    """Chunk id of every raster token, from its (t, h, w) coordinates."""
+    T, H, W = lat
+    ct, ch, cw = chunk
+    nh, nw = -(-H // ch), -(-W // cw)
+    t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    return (((t // ct) * nh + h // ch) * nw + w // cw).flatten()
+
+
+def naive_pool(x, lat, chunk):
+    ids = chunk_of_tokens(lat, chunk)
+    m = math.prod(-(-n // c) for n, c in zip(lat, chunk, strict=True))
+    out = torch.zeros(*x.shape[:2], m, x.shape[-1], dtype=torch.float64)
+    for c in range(m):
+        out[:, :, c] = x[:, :, ids == c].double().mean(2)
+    return out.float().to(x.dtype)
+
+
+def naive_select(q, k, lat_q, lat_k, cq, ck, sparsity, cdf):
+    qb, kb = naive_pool(q, lat_q, cq), naive_pool(k, lat_k, ck)
+    score = (qb.double() @ kb.double().transpose(-1, -2)).float().to(q.dtype).float()
+    B, H, Mq, Mk = score.shape
+    sel = torch.zeros(B, H, Mq, Mk, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Mq):
+                row = score[b, h, i].tolist()
+                order = sorted(range(Mk), key=lambda j: (-row[j], j))  # noqa: B023
+                n = None if sparsity is None else int((1 - sparsity) * Mk)
+                if cdf is not None:
+                    w = torch.softmax(torch.tensor(row) * q.shape[-1] ** -0.5, -1)
+                    acc, c = 0.0, 0
+                    cum = torch.cumsum(w[order], 0).tolist()
+                    for acc in cum:
+                        if acc <= cdf:
+                            c += 1
+                    n = c if n is None else max(n, c)
+                sel[b, h, i, order[:n]] = True
+    return sel
+
+
+def naive_attention(q, k, v, lat_q, lat_k, cq, ck, sel):
+    """fp64 dense attention with a token-level mask made from the chunk selection."""
+    qid, kid = chunk_of_tokens(lat_q, cq), chunk_of_tokens(lat_k, ck)
+    allowed = sel[:, :, qid][:, :, :, kid]  # B H Sq Sk
+    s = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v.double()
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+CASES = [
+    # B, H, D, latent_q, latent_k, chunk_q, chunk_k, sparsity, cdf
+    (1, 2, 16, (4, 8, 8), (4, 8, 8), (4, 4, 4), (4, 4, 4), 0.75, None),
+    (2, 1, 8, (3, 5, 7), (3, 5, 7), (2, 2, 4), (2, 2, 4), 0.5, None),
+    (1, 2, 8, (2, 5, 6), (4, 5, 6), (2, 2, 2), (2, 2, 2), None, 0.5),
+    (1, 1, 16, (5, 6, 3), (2, 6, 3), (2, 4, 2), (1, 4, 2), 0.8, 0.4),
+    (2, 2, 8, (1, 7, 9), (3, 7, 9), (1, 3, 4), (2, 3, 3), None, 0.9),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_matches_naive(case, dtype):
+    B, H, D, lq, lk, cq, ck, sp, cdf = case
+    sq, sk = math.prod(lq), math.prod(lk)
+    q, k, v = rand(B, H, sq, D, dtype=dtype, seed=1), rand(B, H, sk, D, dtype=dtype, seed=2), \
+        rand(B, H, sk, D, dtype=dtype, seed=3)
+    lay_q, lay_k = R.ChunkLayout(lq, cq), R.ChunkLayout(lk, ck)
+    idx, cnt = R.select_chunks(q, k, lay_q, lay_k, sp, cdf)
+    sel = R.chunk_mask(idx, cnt, lay_k.num_chunks)
+    want_sel = naive_select(q, k, lq, lk, cq, ck, sp, cdf)
+    assert torch.equal(sel, want_sel)
+    assert torch.equal(cnt.long(), want_sel.sum(-1))
+    assert torch.all(idx[..., 1:][idx[..., 1:] >= 0] > idx[..., :-1][idx[..., 1:] >= 0])
+    out = kernels.block_sparse_attention(q, k, v, lq, lk, sparsity=sp, cdf_threshold=cdf,
+                                         chunk_q=cq, chunk_k=ck)
+    assert out.shape == q.shape and out.dtype == dtype
+    want = naive_attention(q, k, v, lq, lk, cq, ck, want_sel)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float((out.double() - want).norm() / want.norm()) < tol
+
+
+def test_chunk_order_matches_original_permutation():
+    """On divisible shapes the chunks are the original's (B,H,Nt,Nh,Nw,t,h,w,D) blocks."""
+    x = rand(2, 3, 4 * 8 * 12, 5)
+    lay = R.ChunkLayout((4, 8, 12), (2, 4, 4))
+    orig = x.view(2, 3, 2, 2, 2, 4, 3, 4, 5).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
+    assert torch.equal(R.to_chunks(x, lay), orig.reshape(2, 3, 12, 32, 5))
+    assert torch.equal(R.from_chunks(R.to_chunks(x, lay), lay), x)
+
+
+def test_edge_chunks_pool_over_real_tokens():
+    lat, chunk = (3, 5, 6), (2, 4, 4)
+    lay = R.ChunkLayout(lat, chunk)
+    assert lay.grid == (2, 2, 2) and not lay.divisible
+    counts = lay.counts().tolist()
+    assert counts == [32, 16, 8, 4, 16, 8, 4, 2]  # t: 2|1, h: 4|1, w: 4|2
+    assert sum(counts) == math.prod(lat)
+    x = rand(1, 1, math.prod(lat), 4, seed=4)
+    assert torch.equal(R.pool(x, lay), naive_pool(x, lat, chunk))
+    x2 = R.from_chunks(R.to_chunks(x, lay), lay)
+    assert torch.equal(x2, x)
+    idx, valid = lay.token_index()
+    assert sorted(idx[valid].tolist()) == list(range(math.prod(lat)))
+
+
+def test_topk_count_and_tie_break():
+    score = torch.tensor([[[[1.0, 3.0, 3.0, 2.0, 3.0]]]])
+    counts = R.selection_counts(score, 0.5, None, 4)
+    assert counts.item() == int(0.5 * 5) == 2
+    assert R.select_from_scores(score, counts).tolist() == [[[[1, 2]]]]  # ties: lower index
+
+
+def test_cdf_counts():
+    score = torch.tensor([[[[4.0, 0.0, 2.0, 0.0]]]]) * 2  # head_dim 4 -> scale 0.5
+    w = torch.softmax(score * 0.5, -1).flatten().sort(descending=True).values
+    cum = w.cumsum(0)
+    for thr in (0.0, float(cum[0]) - 1e-6, float(cum[0]), float(cum[1]) + 1e-6, 1.0):
+        n = R.selection_counts(score, None, thr, 4).item()
+        assert n == int((cum <= thr).sum())
+    assert R.selection_counts(score, 0.5, 0.0, 4).item() == 2  # max(cdf, top-k)
+
+
+def test_cdf_empty_selection_gives_zeros():
+    lat = (2, 4, 4)
+    q, k, v = (rand(1, 2, 32, 8, seed=s) for s in (1, 2, 3))
+    out = kernels.block_sparse_attention(q, k, v, lat, lat, sparsity=None, cdf_threshold=0.0,
+                                         chunk_q=(2, 2, 2), chunk_k=(2, 2, 2))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_sparsity_zero_is_dense_attention():
+    lat = (3, 5, 7)
+    q, k, v = (rand(1, 2, 105, 16, dtype=torch.float64, seed=s) for s in (1, 2, 3))
+    out = kernels.block_sparse_attention(q, k, v, lat, lat, sparsity=0.0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, want)
+
+
+def test_select_chunks_public():
+    lat_q, lat_k = (4, 6, 6), (8, 6, 6)
+    q, k = rand(1, 1, 144, 8, seed=1), rand(1, 1, 288, 8, seed=2)
+    idx, cnt = kernels.select_chunks(q, k, lat_q, lat_k, sparsity=0.75)
+    lay_k = kernels.chunk_layout(lat_k)
+    assert lay_k.num_chunks == 2 * 2 * 2
+    assert idx.shape == (1, 1, 4, 2) and cnt.tolist() == [[[2, 2, 2, 2]]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sparsity": None}, "sparsity, cdf_threshold"),
+        ({"sparsity": 1.5}, "sparsity must be"),
+        ({"sparsity": 0.5, "cdf_threshold": -0.1}, "cdf_threshold must be"),
+        ({"sparsity": 0.5, "latent_shape_q": (2, 4, 5)}, "latent_shape_q"),
+        ({"sparsity": 0.5, "chunk_k": (4, 4)}, "3 entries"),
+        ({"sparsity": 0.5, "chunk_q": (0, 4, 4)}, "positive"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    q = k = v = rand(1, 1, 32, 8)
+    args = {"latent_shape_q": (2, 4, 4), "latent_shape_k": (2, 4, 4)}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        kernels.block_sparse_attention(q, k, v, args.pop("latent_shape_q"),
+                                       args.pop("latent_shape_k"), **args)
+
+
+def test_bad_tensor_shapes():
+    q = rand(1, 2, 32, 8)
+    with pytest.raises(ValueError, match="share B, H and D"):
+        kernels.block_sparse_attention(q, rand(1, 2, 32, 4), rand(1, 2, 32, 4), (2, 4, 4),
+                                       (2, 4, 4), sparsity=0.5)
+    with pytest.raises(ValueError, match="k and v"):
+        kernels.block_sparse_attention(q, q, rand(1, 2, 16, 8), (2, 4, 4), (2, 4, 4),
+                                       sparsity=0.5)
+
+
+def test_dense_attention_cpu():
+    q, k, v = (rand(2, 3, 40, 16, seed=s) for s in (1, 2, 3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(kernels.attention(q, k, v), want)

@@ -1,0 +1,421 @@
+"""``lora``: attach / list / detach / export / fuse on real layouts, exact and all-or-nothing."""
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from longcat_tools import keymap, layouts, schemas
+from longcat_tools import lora as lora_lib
+from longcat_tools import lora_formats as lf
+from longcat_tools.cli import main
+from longcat_tools.errors import LongcatError
+from longcat_tools.safetensors_io import read_header, read_tensor, write_json
+
+HUB = {"distilled": "cfg_step_lora.safetensors", "refinement": "refinement_lora.safetensors"}
+
+
+@pytest.fixture
+def native(tiny_native, tmp_path):
+    dst = tmp_path / "native"
+    shutil.copytree(tiny_native, dst)
+    return dst
+
+
+def _fastvideo_checkpoint(native_root, dst):
+    """FastVideo's converter layout (transformer/model.safetensors, FastVideo keys) with the hub
+    adapters in lora/<name>/ in FastVideo format: what ``convert`` and FastVideo produce."""
+    shutil.copytree(native_root, dst, ignore=shutil.ignore_patterns("dit", "lora"))
+    cfg = json.loads((native_root / "dit" / "config.json").read_text())
+    cfg["_class_name"] = keymap.FASTVIDEO_CLASS
+    cfg["num_attention_heads"] = cfg.pop("num_heads")
+    (dst / "transformer").mkdir()
+    write_json(dst / "transformer" / "config.json", cfg)
+    tensors = {}
+    for name, path in layouts.transformer_shards(layouts.detect(native_root)).items():
+        with open(path, "rb") as f:
+            w = read_tensor(f, read_header(path).tensors[name])
+        for part in keymap.native_to_fastvideo(name):
+            tensors[part.fastvideo] = w.chunk(part.count, 0)[part.index].clone()
+    save_file(tensors, str(dst / "transformer" / "model.safetensors"))
+    shapes = lf.linear_shapes(keymap.dit_dims(cfg))
+    for name, fname in HUB.items():
+        (dst / "lora" / name).mkdir(parents=True)
+        lf.write_lora(dst / "lora" / name / fname,
+                      lf.read_lora(native_root / "lora" / fname, shapes), "fastvideo")
+    return dst
+
+
+@pytest.fixture
+def fastvideo(tiny_native, tmp_path):
+    return _fastvideo_checkpoint(tiny_native, tmp_path / "fastvideo")
+
+
+def _same_tensors(a, b):
+    x, y = load_file(str(a)), load_file(str(b))
+    assert set(x) == set(y), sorted(set(x) ^ set(y))[:4]
+    return [k for k in x if x[k].dtype != y[k].dtype or not torch.equal(x[k], y[k])]
+
+
+def _tree(root):
+    """Every path under ``root`` with its size and mtime: proof that nothing was written."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file()
+            else "dir" for p in sorted(root.rglob("*"))}
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cli(capsys, *args):
+    rc = main(["lora", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_list_shows_the_hub_adapters_without_writing(native, capsys):
+    before = _tree(native)
+    rc, out, _ = _cli(capsys, "list", "-m", native, "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    got = {a["name"]: a for a in doc["adapters"]}
+    assert set(got) == set(HUB)
+    for name, fname in HUB.items():
+        a = got[name]
+        assert (a["file"], a["format"], a["rank"], a["alpha"], a["status"], a["registered"]) == (
+            fname, "native", 4, 2.0, "ok", False)
+    assert got["refinement"]["modules"] == 2 * 8 + 2 and got["distilled"]["modules"] == 2 * 7
+    assert _tree(native) == before
+
+
+def test_attach_peft_export_list_detach(native, tmp_path, capsys):
+    """Export the distillation LoRA as PEFT, attach it under a new name: the stored native file
+    is the hub's file tensor for tensor; the registry records it (schema-valid) and the hub
+    adapters found in place; detach removes exactly it."""
+    peft = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
+    peft.parent.mkdir()
+    rc, _, err = _cli(capsys, "export", "distilled", "-m", native, "--format", "peft", "--out",
+                      peft)
+    assert rc == 0, err
+    cfg = json.loads((peft.parent / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 2.0 and "blocks.1.attn.qkv" in cfg[
+        "target_modules"] and cfg["rank_pattern"]["blocks.1.attn.qkv"] == 12
+    rc, out, err = _cli(capsys, "attach", peft, "--name", "mine", "-m", native, "--scale", "0.75",
+                        "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    stored = native / "lora" / "mine" / peft.name
+    assert res["file"] == str(stored) and res["source_format"] == "peft"
+    assert _same_tensors(native / "lora" / HUB["distilled"], stored) == []
+    reg = json.loads((native / "lora" / "adapters.json").read_text())
+    assert schemas.errors(reg, "lora_manifest") == []
+    recs = {a["name"]: a for a in reg["adapters"]}
+    assert set(recs) == {"distilled", "refinement", "mine"}
+    mine = recs["mine"]
+    assert (mine["file"], mine["format"], mine["rank"], mine["alpha"], mine["default_scale"]) == (
+        "mine/pytorch_lora_weights.safetensors", "native", 4, 2.0, 0.75)
+    assert mine["source"] == {"file": str(peft.resolve()), "format": "peft", "sha256": _sha(peft)}
+    assert "blocks.*.attn.qkv" in mine["targets"] and len(mine["targets"]) == 7
+    assert recs["distilled"]["source"]["sha256"] == _sha(native / "lora" / HUB["distilled"])
+    assert oct((native / "lora" / "adapters.json").stat().st_mode & 0o777) != "0o600"
+    rc, out, _ = _cli(capsys, "list", "-m", native, "--json")
+    listed = {a["name"]: a for a in json.loads(out)["adapters"]}
+    assert listed["mine"]["registered"] and listed["mine"]["status"] == "ok"
+    assert listed["mine"]["default_scale"] == 0.75
+
+    rc, _, err = _cli(capsys, "attach", peft, "--name", "mine", "-m", native)
+    assert rc == 1 and "exists" in err
+    rc, _, err = _cli(capsys, "detach", "mine", "-m", native)
+    assert rc == 0, err
+    assert not (native / "lora" / "mine").exists()
+    names = [a["name"] for a in json.loads((native / "lora" / "adapters.json").read_text())[
+        "adapters"]]
+    assert names == ["distilled", "refinement"]
+    rc, _, err = _cli(capsys, "detach", "distilled", "-m", native)
+    assert rc == 1 and "--force" in err and (native / "lora" / HUB["distilled"]).is_file()
+    rc, _, err = _cli(capsys, "detach", "distilled", "-m", native, "--force")
+    assert rc == 0 and not (native / "lora" / HUB["distilled"]).exists()
+    assert sorted(p.name for p in (native / "lora").iterdir()) == [
+        "adapters.json", HUB["refinement"]]
+
+
+def test_attach_to_fastvideo_layout_and_export_back(native, fastvideo, tmp_path, capsys):
+    """A native hub file attached to a FastVideo-keyed checkpoint is stored in FastVideo's form
+    (the same tensors as the FastVideo-format files beside it, which follow FastVideo's
+    converter), and ``export --format native`` gives the hub file back bit for bit."""
+    rc, _, err = _cli(capsys, "attach", native / "lora" / HUB["refinement"], "--name", "r2",
+                      "-m", fastvideo)
+    assert rc == 0, err
+    stored = fastvideo / "lora" / "r2" / HUB["refinement"]
+    assert _same_tensors(fastvideo / "lora" / "refinement" / HUB["refinement"], stored) == []
+    t = load_file(str(stored))
+    c = 64
+    assert t["blocks.0.self_attn.to_v.lora_A"].shape == (4, c)
+    assert float(t["blocks.0.self_attn.to_v.lora_alpha"]) == 2.0
+    b = t["blocks.1.adaln_linear_1.lora_B"]
+    assert b.shape == (6 * c, 24) and not b[c:, :4].any()
+    for name in ("refinement", "r2"):
+        back = tmp_path / f"{name}.safetensors"
+        rc, _, err = _cli(capsys, "export", name, "-m", fastvideo, "--format", "native", "--out",
+                          back)
+        assert rc == 0, err
+        assert _same_tensors(native / "lora" / HUB["refinement"], back) == []
+    d0 = lf.effective_deltas(native / "lora" / HUB["refinement"])
+    d1 = lf.effective_deltas(stored)
+    assert set(d0) == set(d1) and all(torch.equal(d0[k], d1[k]) for k in d0)
+
+
+def test_register_existing_records_convert_sources(native, fastvideo):
+    added = lora_lib.register_existing(
+        fastvideo, sources={n: native / "lora" / f for n, f in HUB.items()})
+    assert sorted(a.name for a in added) == ["distilled", "refinement"]
+    reg = lora_lib.load_registry(layouts.detect(fastvideo))
+    rec = reg.get("distilled")
+    assert (rec.file, rec.format, rec.rank, rec.alpha) == (
+        "distilled/cfg_step_lora.safetensors", "fastvideo", 4, 2.0)
+    assert rec.source == {"file": str(native / "lora" / HUB["distilled"]), "format": "native",
+                          "sha256": _sha(native / "lora" / HUB["distilled"])}
+    assert "blocks.*.self_attn.to_q" in rec.targets and "blocks.*.attn.qkv" not in rec.targets
+    assert lora_lib.register_existing(fastvideo) == []
+
+
+def _checksums(root):
+    lines = [f"{_sha(p)}  {p.relative_to(root).as_posix()}" for p in sorted(root.rglob("*"))
+             if p.is_file()]
+    (root / "checksums.sha256").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("layout", ["native", "fastvideo"])
+def test_fuse_merges_exactly_and_streams(native, fastvideo, tmp_path, capsys, layout):
+    """fused W == W + sum(scale * alpha/rank * B @ A) (fp32, rel < 1e-6, recomputed here in
+    float64 from the hub files), every other tensor bit-identical, untouched shards hard-linked,
+    the source unchanged, lora/ without the fused adapters, the fuse noted, checksums true."""
+    src = native if layout == "native" else fastvideo
+    lora_lib.register_existing(src)
+    _checksums(src)
+    before = {p: _sha(p) for p in src.rglob("*") if p.is_file()}
+    dst = tmp_path / "fused"
+    rc, out, err = _cli(capsys, "fuse", "distilled:0.5,refinement", "--dst", dst, "-m", src,
+                        "--json")
+    assert rc == 0, err
+    assert {p: _sha(p) for p in src.rglob("*") if p.is_file()} == before
+    ckpt, fused = layouts.detect(src), layouts.detect(dst)
+    hub = {n: lf.effective_deltas(native / "lora" / f) for n, f in HUB.items()}
+    a, b = layouts.transformer_shards(ckpt), layouts.transformer_shards(fused)
+    assert set(a) == set(b)
+    adapted = 0
+    for name, path in a.items():
+        with open(path, "rb") as f:
+            w = read_tensor(f, read_header(path).tensors[name])
+        with open(b[name], "rb") as f:
+            got = read_tensor(f, read_header(b[name]).tensors[name])
+        assert got.dtype == w.dtype
+        native_name = name if layout == "native" else keymap.fastvideo_to_native(name).native
+        module = native_name[: -len(".weight")]
+        terms = [k * hub[n][module] for n, k in (("distilled", 0.5), ("refinement", 1.0))
+                 if name.endswith(".weight") and module in hub[n]]
+        if not terms:
+            assert torch.equal(got, w), name
+            continue
+        delta = sum(terms)
+        if layout == "fastvideo":
+            part = keymap.fastvideo_to_native(name)
+            delta = delta.chunk(part.count, 0)[part.index]
+        want = w.double() + delta
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-6, name
+        assert float((got.double() - w.double()).abs().max()) > 0
+        adapted += 1
+    # refinement adapts 8 modules per block + 2 (a superset of cfg_step's); in FastVideo keys
+    # qkv is 3 tensors and kv 2
+    assert adapted == (2 * 8 + 2 if layout == "native" else 2 * 11 + 2)
+    assert lora_lib.fuse_error(src, dst, [("distilled", 0.5), ("refinement", 1.0)])[0] < 1e-6
+    assert not any(p.suffix == ".safetensors" for p in (dst / "lora").rglob("*")) if (
+        dst / "lora").exists() else True
+    cfg = json.loads(fused.config_path.read_text())
+    assert [n["name"] for n in cfg["_fused_loras"]] == ["distilled", "refinement"]
+    assert schemas.errors(cfg, "transformer_config") == []
+    reg = json.loads((dst / "lora" / "adapters.json").read_text())
+    assert reg["adapters"] == []
+    for line in (dst / "checksums.sha256").read_text().splitlines():
+        digest, rel = line.split("  ", 1)
+        assert _sha(dst / rel) == digest, rel
+    assert json.loads(out)["adapted_tensors"] == adapted
+
+
+def test_fuse_rewrites_only_shards_with_adapted_weights(native, tmp_path, capsys):
+    """An adapter on one module: --dry-run writes nothing; the fuse rewrites the one shard that
+    holds the weight and hard-links the others (or copies them with --copy)."""
+    src = tmp_path / "one.safetensors"
+    g = torch.Generator().manual_seed(5)
+    _native_lora(src, {"blocks.0.attn.proj": (torch.randn(3, 64, generator=g),
+                                              [torch.randn(64, 3, generator=g)])})
+    assert _cli(capsys, "attach", src, "--name", "one", "-m", native, "--scale", "2")[0] == 0
+    dst = tmp_path / "fused"
+    rc, out, _ = _cli(capsys, "fuse", "one", "--dst", dst, "-m", native, "--dry-run", "--json")
+    plan = json.loads(out)
+    assert rc == 0 and plan["adapted_tensors"] == 1 and not dst.exists()
+    assert plan["shards_rewritten"] == ["diffusion_pytorch_model-00001-of-00005.safetensors"]
+    for copy in (False, True):
+        args = ["fuse", "one", "--dst", dst, "-m", native, "--force"] + (["--copy"] if copy else [])
+        assert _cli(capsys, *args)[0] == 0
+        same = [q.name for q in sorted((dst / "dit").glob("*.safetensors"))
+                if q.stat().st_ino == (native / "dit" / q.name).stat().st_ino]
+        assert same == ([] if copy else [f"diffusion_pytorch_model-0000{k}-of-00005.safetensors"
+                                          for k in range(2, 6)])
+        err, n = lora_lib.fuse_error(native, dst, [("one", 2.0)])  # the default scale
+        assert n == 1 and err < 1e-6
+    assert sorted(p.name for p in (dst / "lora").iterdir()) == [
+        "adapters.json", HUB["distilled"], HUB["refinement"]]
+
+
+def _native_lora(path, modules):
+    tensors = {}
+    for module, (down, ups) in modules.items():
+        base = lf.native_key_module(module)
+        tensors[f"{base}.lora_down.weight"] = down
+        if len(ups) == 1:
+            tensors[f"{base}.lora_up.weight"] = ups[0]
+        else:
+            for j, u in enumerate(ups):
+                tensors[f"{base}.lora_up.blocks.{j}.weight"] = u
+        tensors[f"{base}.alpha_scale"] = torch.tensor(0.5)
+    save_file(tensors, str(path))
+
+
+def _bad_file(tmp_path, kind):
+    path = tmp_path / "bad.safetensors"
+    r = torch.ones
+    if kind == "missing target":
+        _native_lora(path, {"blocks.0.attn.proj": (r(2, 64), [r(64, 2)]),
+                            "blocks.7.attn.proj": (r(2, 64), [r(64, 2)])})
+    elif kind == "wrong shape":
+        _native_lora(path, {"blocks.0.attn.proj": (r(2, 128), [r(128, 2)])})
+    elif kind == "non-finite":
+        up = r(64, 2)
+        up[3, 1] = float("nan")
+        _native_lora(path, {"blocks.0.ffn.w2": (r(2, DIMS_FFN), [r(64, 2)]),
+                            "blocks.1.attn.proj": (r(2, 64), [up])})
+    elif kind == "not safetensors":
+        path.write_text("this is not a LoRA\n" * 10)
+    elif kind == "pickle":
+        path = tmp_path / "bad.pt"
+        path.write_bytes(b"\x80\x04K\x01.")
+    elif kind == "split part missing":
+        save_file({"blocks.0.self_attn.to_q.lora_A": r(2, 64),
+                   "blocks.0.self_attn.to_q.lora_B": r(64, 2)}, str(path))
+    return path
+
+
+DIMS_FFN = 256
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("missing target", "blocks.7.attn.proj"),
+    ("wrong shape", "128x128 but the DiT layer is 64x64"),
+    ("non-finite", "blocks___lorahyphen___1___lorahyphen___attn___lorahyphen___proj.lora_up"),
+    ("not safetensors", "not safetensors"),
+    ("pickle", "pickle"),
+    ("split part missing", "needs all of"),
+])
+@pytest.mark.parametrize("layout", ["native", "fastvideo"])
+def test_bad_adapters_are_one_line_exit_1_nothing_written(native, fastvideo, tmp_path, capsys,
+                                                          kind, match, layout):
+    root = native if layout == "native" else fastvideo
+    path = _bad_file(tmp_path, kind)
+    before = _tree(root)
+    rc, out, err = _cli(capsys, "attach", path, "--name", "bad", "-m", root)
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+    assert "Traceback" not in err
+    assert _tree(root) == before
+
+
+def test_usage_errors_exit_2(native, capsys):
+    for args in (["export", "nope", "-m", native, "--format", "peft", "--out", "/tmp/x.st"],
+                 ["detach", "nope", "-m", native],
+                 ["fuse", "nope", "--dst", native.parent / "f", "-m", native],
+                 ["attach", native / "lora" / HUB["distilled"], "--name", "../x", "-m", native],
+                 ["export", "distilled", "-m", native, "--format", "kohya", "--out", "/tmp/x"]):
+        rc, _, err = _cli(capsys, *args)
+        assert rc == 2, (args, err)
+
+
+def test_registry_lock_serializes_writers(native):
+    ckpt = layouts.detect(native)
+    errors = []
+
+    def second():
+        try:
+            with lora_lib.registry_lock(ckpt, timeout=0.2):
+                pass
+        except LongcatError as e:
+            errors.append(str(e))
+
+    with lora_lib.registry_lock(ckpt):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and "held the lock" in errors[0]
+    second()  # free again once released
+    assert len(errors) == 1 and not (native / "lora" / "adapters.json.lock").exists()
+
+
+def test_killed_attach_leaves_no_adapter(native, tmp_path, monkeypatch):
+    """A failure mid-write (here: the writer raises after the first module) leaves no
+    lora/NAME/, no registry entry and no .partial folder."""
+    calls = {"n": 0}
+    real = lf.output_tensors
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(lf, "output_tensors", boom)
+    with pytest.raises(OSError):
+        lora_lib.attach(native, native / "lora" / HUB["refinement"], "half")
+    assert not (native / "lora" / "half").exists()
+    assert not (native / "lora" / "half.partial").exists()
+    reg = lora_lib.load_registry(layouts.detect(native))
+    assert reg.get("half") is None
+    assert os.listdir(native / "lora").count("adapters.json.lock") == 0
+
+
+def test_hugging_face_cache_snapshot_is_read_never_written(native, tmp_path, capsys):
+    """A cache snapshot (files are symlinks into blobs/): list and fuse read it, attach and
+    detach refuse it in one line."""
+    from hf_cache import build_cache
+
+    snap = build_cache(native, tmp_path / "hub")
+    rc, out, err = _cli(capsys, "list", "-m", snap, "--json")
+    assert rc == 0, err
+    assert {a["name"]: a["status"] for a in json.loads(out)["adapters"]} == {
+        "distilled": "ok", "refinement": "ok"}
+    before = _tree(tmp_path / "hub")
+    for args in (["attach", native / "lora" / HUB["distilled"], "--name", "x"],
+                 ["detach", "distilled", "--force"]):
+        rc, _, err = _cli(capsys, *args, "-m", snap)
+        assert rc == 1 and "Hugging Face cache" in err and len(err.strip().splitlines()) == 1
+    assert _tree(tmp_path / "hub") == before
+    rc, _, err = _cli(capsys, "fuse", "distilled", "--dst", tmp_path / "fused", "-m", snap)
+    assert rc == 0, err
+    assert lora_lib.fuse_error(native, tmp_path / "fused", [("distilled", 1.0)])[0] < 1e-6
+    assert not any(p.is_symlink() for p in (tmp_path / "fused").rglob("*"))
+
+
+def test_dry_run_attach_checks_values_and_writes_nothing(native, tmp_path, capsys):
+    path = _bad_file(tmp_path, "non-finite")
+    before = _tree(native)
+    rc, _, err = _cli(capsys, "attach", path, "--name", "x", "-m", native, "--dry-run")
+    assert rc == 1 and "NaN or Inf" in err
+    rc, out, err = _cli(capsys, "attach", native / "lora" / HUB["distilled"], "--name", "x",
+                        "-m", native, "--dry-run", "--json")
+    assert rc == 0 and json.loads(out)["dry_run"] is True
+    assert _tree(native) == before

@@ -1,0 +1,142 @@
+"""``longcat-tools run`` and the pipeline on the tiny checkpoint (CPU): every task end to end with a
+playable mp4 and its sidecar, inputs validated up front, schedules, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from longcat_tools.cli import main
+from runner import load_pipeline, schedule
+from runner.video import probe
+
+TINY = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "2"]
+
+
+def run(capsys, *args):
+    rc = main(["run", "-q", *args])
+    return rc, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_native):
+    return load_pipeline(tiny_native, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def t2v_mp4(tiny_native, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "t2v.mp4"
+    assert main(["run", "-q", "-m", str(tiny_native), "--task", "t2v", "-p", "a cat", *TINY,
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_t2v_writes_a_playable_h264_mp4_and_sidecar(t2v_mp4, tiny_native):
+    info = probe(t2v_mp4)
+    assert (info["codec"], info["pix_fmt"], info["width"], info["height"], info["frames"],
+            info["fps"]) == ("h264", "yuv420p", 32, 32, 9, 15.0)
+    doc = json.loads(t2v_mp4.with_name("t2v.mp4.json").read_text())
+    assert doc["seed"] == 42 and doc["guidance"] == 4.0 and doc["stage1"]["steps"] == 2
+    assert doc["checkpoint"]["layout"] == "native (hub release)"
+    assert doc["negative_prompt"].startswith("Bright tones")
+    assert {"load", "text_encoder", "denoise", "vae_decode", "write"} <= set(doc["timings_s"])
+    assert doc["peak_memory"]["cpu_max_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("task,extra,frames,size,fps", [
+    ("i2v", ["--image", "{png}", "--distill"], 9, 32, 15),
+    ("vc", ["--video", "{mp4}", "--cond-frames", "5", "--frames", "13"], 9 + 8, 32, 15),
+    ("vc", ["--video", "{mp4}", "--cond-frames", "5", "--frames", "13", "--no-kv-cache",
+            "--distill"], 17, 32, 15),
+    ("refine", ["--video", "{mp4}", "--bsa", "720p-quality"], 18, 32, 30),
+    ("long", ["--cond-frames", "5", "--segments", "1"], 13, 32, 15),
+])
+def test_every_task_runs_from_the_cli(capsys, tiny_native, t2v_mp4, tmp_path, task, extra,
+                                      frames, size, fps):
+    png = tmp_path / "first.png"
+    Image.fromarray(np.full((40, 56, 3), 128, np.uint8)).save(png)
+    extra = [a.format(png=png, mp4=t2v_mp4) for a in extra]
+    out = tmp_path / f"{task}.mp4"
+    rc, cap = run(capsys, "-m", str(tiny_native), "--task", task, "-p", "a cat", *TINY, *extra,
+                  "--out", str(out))
+    assert rc == 0, cap.err
+    info = probe(out)
+    assert (info["codec"], info["frames"], info["width"], info["fps"]) == ("h264", frames, size,
+                                                                          fps)
+    doc = json.loads((tmp_path / f"{task}.mp4.json").read_text())
+    assert doc["task"] == task and doc["video"]["frames"] == frames
+    if task == "refine":
+        assert doc["bsa"]["sparsity"] == 0.875 and doc["loras"] == ["refinement"]
+        assert doc["final"]["steps"] == 2  # t_thresh 500, then the 2-step schedule below it
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "i2v"], "--task i2v needs --image"),
+    (["--task", "vc"], "--task vc needs --video"),
+    (["--task", "t2v", "--frames", "10"], "--frames 10: must be 4k+1"),
+    (["--task", "t2v", "--height", "40", "--width", "32"], "multiples of 16"),
+    (["--task", "t2v", "--height", "32"], "--height and --width go together"),
+    (["--task", "t2v", "--bsa", "fastest"], "--bsa fastest: unknown"),
+    (["--task", "i2v", "--image", "nope.png"], "--image nope.png: no such file"),
+    (["--task", "t2v", "--out", "x.avi"], ".mp4"),
+    (["--task", "dance"], "--task dance: unknown"),
+])
+def test_bad_input_is_one_line_and_exit_1(capsys, tiny_native, args, message):
+    rc, cap = run(capsys, "-m", str(tiny_native), *args)
+    assert rc == 1
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in cap.err
+
+
+def test_latents_in_and_save_latents_match_the_api(capsys, pipe, tiny_native, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    noise = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    save_file({"latents": noise}, tmp_path / "noise.safetensors")
+    rc, cap = run(capsys, "-m", str(tiny_native), "--task", "t2v", "-p", "a cat", *TINY,
+                  "--negative-prompt", "", "--latents-in", str(tmp_path / "noise.safetensors"),
+                  "--save-latents", str(tmp_path / "final.safetensors"),
+                  "--out", str(tmp_path / "x.mp4"))
+    assert rc == 0, cap.err
+    api = pipe.generate("t2v", prompt="a cat", negative_prompt="", height=32, width=32,
+                        num_frames=9, steps=2, latents=noise)
+    assert torch.equal(load_file(tmp_path / "final.safetensors")["latents"], api.latents)
+
+
+def test_same_seed_same_video_and_seed_changes_it(pipe):
+    kw = dict(prompt="a cat", height=32, width=32, num_frames=5, steps=1, decode=False)
+    a, b = pipe.t2v(seed=1, **kw), pipe.t2v(seed=1, **kw)
+    assert torch.equal(a.latents, b.latents)
+    assert not torch.equal(a.latents, pipe.t2v(seed=2, **kw).latents)
+
+
+def test_schedules_match_the_published_timesteps(pipe):
+    """Reference numbers (shift 12): spec §4.1-4.2, Kijai's logged distill timesteps."""
+    s = pipe.scheduler
+    ts = schedule.set_schedule(s, 16, True, "cpu")
+    torch.testing.assert_close(ts[[0, 1, 8, 13, 15]],
+                               torch.tensor([1000, 994.71, 923.08, 750.0, 510.64]), atol=0.01,
+                               rtol=0)
+    ts = schedule.set_schedule(s, 12, True, "cpu")
+    torch.testing.assert_close(ts[-3:], torch.tensor([808.2901, 724.8322, 571.4286]), atol=1e-3,
+                               rtol=0)
+    schedule.set_schedule(s, 50, False, "cpu")
+    ts = schedule.apply_t_thresh(s, 0.5)
+    torch.testing.assert_close(ts, torch.tensor([500, 443.02, 343.47, 207.77, 11.87]), atol=0.01,
+                               rtol=0)
+    assert s.sigmas[-1] == 0 and len(s.sigmas) == 6
+    schedule.set_schedule(s, 50, False, "cpu")
+    ts = schedule.apply_enhance_hf(s, "cpu")
+    assert len(ts) == 56 and ts[-10:].tolist() == list(range(500, 0, -50))
+
+
+def test_cfg_zero_star_per_sample_scale():
+    cond, uncond = torch.randn(2, 3, 2, 2, 2), torch.randn(2, 3, 2, 2, 2)
+    out = schedule.cfg_zero_star(cond, uncond, 4.0)
+    for b in range(2):
+        st = (cond[b] * uncond[b]).sum() / ((uncond[b] ** 2).sum() + 1e-8)
+        torch.testing.assert_close(out[b], uncond[b] * st + 4 * (cond[b] - uncond[b] * st))
