@@ -438,3 +438,12 @@ def test_fp16_refuses_values_it_cannot_hold(tiny_native, tmp_path):
     with pytest.raises(LongcatError, match="overflows float16"):
         conv.convert(src, tmp_path / "dst", dtype="fp16")
     assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
+
+
+def test_lora_registry_is_not_an_adapter(tiny_native, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    (src / "lora" / "adapters.json").write_text('{"version": 1, "adapters": []}')
+    p = conv.plan(src, tmp_path / "dst")
+    assert p.loras == ["distilled", "refinement"]
+    assert not any("adapters.json" in j.rel for j in p.jobs)
