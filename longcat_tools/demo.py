@@ -47,6 +47,18 @@ def step_inspect(ctx: DemoContext) -> str:
     return f"layout {ckpt.describe()}, {len(shards)} tensors in {len(set(shards.values()))} shards"
 
 
+def step_convert(ctx: DemoContext) -> str:
+    from longcat_tools.convert import convert
+
+    dst = ctx.out / "tiny-converted"
+    r = convert(ctx.paths["native"], dst, force=True)
+    ctx.paths["converted"] = dst
+    dit = sum(len(j.tensors) for j in r.plan.jobs if j.group == "transformer")
+    loras = "+".join(r.plan.loras)
+    return (f"{dst}: {dit} DiT tensors (FastVideo keys), LoRA {loras}, "
+            f"{r.bytes_written / 1e6:.1f} MB written, {r.files_linked} files linked")
+
+
 def step_verify(ctx: DemoContext) -> str:
     from longcat_tools.errors import LongcatError
     from longcat_tools.verify import verify
@@ -103,6 +115,7 @@ def step_run(ctx: DemoContext) -> str:
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("synth", step_synth),
     ("inspect", step_inspect),
+    ("convert", step_convert),
     ("verify", step_verify),
     ("bsa", step_bsa),
     ("lora", step_lora),

@@ -368,6 +368,9 @@ _ScaleOf = Callable[[str, int, dict[str, str], int], float]
 
 def _parse_fastvideo(header: Header, shapes: Mapping[str, tuple[int, int]] | None,
                      inspect_blocks: bool = True) -> dict[str, ModuleEntry]:
+    """Group FastVideo targets back into native modules: split targets of a fused module are
+    its blocks (down rows concatenated), a single target's block count comes from the file's
+    metadata, else the convention (adaLN: 6 or 2) where lora_B is block-diagonal, else 1."""
     where = str(header.path)
     groups: _Groups = {}
     targets_of: dict[str, tuple[str, ...]] = {}
@@ -444,12 +447,16 @@ def _split_entries(header: Header, shapes: Mapping[str, tuple[int, int]] | None,
             raise LongcatError(f"{where}: metadata gives '{native}' an invalid block count {n!r}")
         scales = [scale_of(native, j, parts[j], rank_a) for j in range(count)]
         if count > 1:
+            # one block per split target, or (n == 1) one down shared by all targets
             if n not in (1, count):
                 raise LongcatError(f"{where}: metadata gives fused '{native}' {n} blocks; only 1 "
                                    f"or {count} can be written natively")
             rank = rank_a
         else:
             if rank_a % n or b_info[0].shape[0] % n:
+                if "n" in rec:
+                    raise LongcatError(f"{where}: metadata gives '{native}' {n} blocks, which do "
+                                       f"not divide its rank {rank_a}")
                 n = 1  # not the conventional block split: one plain up
             rank = rank_a // n
         if len(set(scales)) > 1:
@@ -684,11 +691,13 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def _is_block_diagonal(b: torch.Tensor, n: int) -> bool:
+    """Whether ``b`` is zero outside its ``n`` diagonal blocks (checked on views, no copies)."""
     rows, cols = b.shape[0] // n, b.shape[1] // n
-    mask = torch.ones_like(b, dtype=torch.bool)
     for j in range(n):
-        mask[j * rows:(j + 1) * rows, j * cols:(j + 1) * cols] = False
-    return not bool(b[mask].any())
+        band = b[j * rows:(j + 1) * rows]
+        if band[:, : j * cols].any() or band[:, (j + 1) * cols:].any():
+            return False
+    return True
 
 
 def _diagonal_blocks(b: torch.Tensor, n: int, where: str, module: str) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ import typer
 
 from longcat_tools import __version__
 from longcat_tools.cli.bsa import bsa_app
+from longcat_tools.cli.convert import convert_cmd
 from longcat_tools.cli.demo import demo_cmd
 from longcat_tools.cli.download import download_cmd, hub_manifest_cmd
 from longcat_tools.cli.lora import lora_app
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.command("synth")(synth_cmd)
 app.command("demo")(demo_cmd)
+app.command("convert")(convert_cmd)
 app.command("verify")(verify_cmd)
 app.command("schema")(schema_cmd)
 app.add_typer(bsa_app, name="bsa")

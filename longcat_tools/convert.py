@@ -1,0 +1,862 @@
+"""``convert``: native hub layout <-> ``model_index.json`` layout, streamed, exact, crash-safe.
+
+The conversion is planned from headers alone (every output file, tensor, shape and byte count is
+known before a byte is written), then executed into ``DST.partial`` and renamed to ``DST`` at
+the end. Tensor data moves in bounded chunks of rows: a row slice of a contiguous tensor is a
+contiguous byte range, so the qkv/kv split is a ranged copy, the fuse a concatenation of copies,
+and memory stays at a few chunks whatever the checkpoint size. Every written byte is hashed on
+the way (``checksums.sha256``); unchanged components are hard-linked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longcat_tools import __version__, keymap, layouts
+from longcat_tools import lora_formats as lf
+from longcat_tools.atomic import atomic_folder, fsync_dir, partial_path
+from longcat_tools.checksums import (
+    MANIFEST,
+    BufferRing,
+    HashingFile,
+    HashPool,
+    copy_hashed,
+    format_manifest,
+)
+from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.safetensors_io import (
+    TensorInfo,
+    TensorSpec,
+    build_header,
+    read_header,
+    shard_names,
+    tensor_bytes,
+)
+
+TARGETS = ("converted", "native")
+DTYPE_CHOICES: dict[str, torch.dtype | None] = {"keep": None, "bf16": torch.bfloat16,
+                                                "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_MAX_SHARD = "5GB"
+
+# What FastVideo's converter writes as model_index.json (reference/fastvideo_longcat.md §1.3).
+MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "LongCatPipeline",
+    "_diffusers_version": "0.32.0",
+    "workload_type": "video-generation",
+    "tokenizer": ["transformers", "AutoTokenizer"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"],
+    "vae": ["diffusers", "AutoencoderKLWan"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "transformer": ["diffusers", keymap.FASTVIDEO_CLASS],
+}
+# The hub's root files (both are this stub).
+NATIVE_ROOT_STUB = {"model_name": "LongCat-Video"}
+NATIVE_ROOT_FILES = ("model_index.json", "config.json")
+# Folder of the DiT per target layout.
+DIT_FOLDER = {"native": "dit", "converted": "transformer"}
+TEXT_ENCODER_INDEX = "model.safetensors.index.json"
+
+# Test hooks (documented in README): fake the free disk space; SIGKILL the run at step k.
+ENV_FREE_BYTES = "LONGCAT_TOOLS_FREE_BYTES"
+ENV_KILL_AT = "LONGCAT_TOOLS_TEST_KILL_AT"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB`` -> 5e9 and ``5GiB`` -> 5*2**30 (the Hugging Face convention); plain bytes too."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise UsageError(f"--max-shard-size: cannot read '{text}' (examples: 5GB, 500MB, 2GiB)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise UsageError(f"--max-shard-size must be positive, got '{text}'")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of one source tensor: a contiguous byte range of its file."""
+
+    path: Path
+    info: TensorInfo
+    start: int
+    stop: int
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self.info.shape[0] if self.info.shape else 1
+        return self.info.nbytes // rows if rows else 0
+
+    @property
+    def nbytes(self) -> int:
+        return (self.stop - self.start) * self.row_bytes
+
+
+@dataclass
+class OutTensor:
+    """One tensor of an output file: the concatenation of ``pieces`` (rows of source tensors)
+    cast to ``dtype``, or what ``produce`` returns."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: list[Piece] = field(default_factory=list)
+    produce: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+@dataclass
+class FileJob:
+    """One file of the output: ``kind`` is tensors, link, copy or text."""
+
+    rel: str
+    kind: str
+    group: str
+    tensors: list[OutTensor] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    src: Path | None = None
+    text: str = ""
+    bytes_in: int = 0
+
+    @property
+    def bytes_out(self) -> int:
+        if self.kind == "tensors":
+            specs = [TensorSpec(t.name, t.dtype, t.shape) for t in self.tensors]
+            return len(build_header(specs, self.metadata)) + sum(t.nbytes for t in self.tensors)
+        if self.kind == "text":
+            return len(self.text.encode())
+        assert self.src is not None
+        return self.src.stat().st_size
+
+    @property
+    def writes(self) -> bool:
+        return self.kind != "link"
+
+
+@dataclass
+class Plan:
+    src: layouts.Checkpoint
+    dst: Path
+    to: str
+    keys: str
+    dtype: str
+    link: bool
+    force: bool
+    jobs: list[FileJob]
+    notes: list[str]
+    loras: list[str]  # adapter names converted
+
+    @property
+    def target_layout(self) -> str:
+        return "native" if self.to == "native" else f"converted ({self.keys} keys)"
+
+    @property
+    def tensors(self) -> int:
+        return sum(len(j.tensors) for j in self.jobs)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(j.bytes_in for j in self.jobs)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(j.bytes_out for j in self.jobs)
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(j.bytes_out for j in self.jobs if j.writes)
+
+    @property
+    def steps(self) -> int:
+        """Kill-hook steps: one per tensor, one per file, one for the manifest, one before the
+        final rename."""
+        return self.tensors + len(self.jobs) + 2
+
+    def groups(self) -> list[dict[str, Any]]:
+        """Per output folder: files, tensors, bytes in/out and how it is made."""
+        out: dict[str, dict[str, Any]] = {}
+        for j in self.jobs:
+            g = out.setdefault(j.group, {"group": j.group, "files": 0, "tensors": 0,
+                                         "bytes_in": 0, "bytes_out": 0, "how": set()})
+            g["files"] += 1
+            g["tensors"] += len(j.tensors)
+            g["bytes_in"] += j.bytes_in
+            g["bytes_out"] += j.bytes_out
+            g["how"].add({"tensors": "rewrite", "link": "link", "copy": "copy",
+                          "text": "write"}[j.kind])
+        for g in out.values():
+            g["how"] = "+".join(sorted(g["how"]))
+        return list(out.values())
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "src": str(self.src.root), "dst": str(self.dst),
+            "source_layout": self.src.describe(), "target_layout": self.target_layout,
+            "keys": self.keys, "dtype": self.dtype, "link": self.link, "loras": self.loras,
+            "files": len(self.jobs) + 1, "tensors": self.tensors, "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out, "bytes_to_write": self.bytes_to_write,
+            "groups": self.groups(), "notes": self.notes,
+        }
+
+
+def _provenance(ckpt: layouts.Checkpoint, keys: str, dtype: str) -> dict[str, str]:
+    return {"format": "pt", "longcat_tools.version": __version__,
+            "longcat_tools.source_layout": ckpt.layout,
+            "longcat_tools.source_keys": ckpt.flavour,
+            "longcat_tools.keys": keys, "longcat_tools.dtype": dtype}
+
+
+def _check_paths(src: Path, dst: Path, force: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents:
+        raise UsageError(f"{dst}: the output may not be inside the source checkpoint {src}")
+    if d in s.parents:
+        raise UsageError(f"{dst}: the output may not contain the source checkpoint {src}")
+    tmp = partial_path(d)
+    if s == tmp or tmp in s.parents:
+        raise UsageError(f"{src}: is the scratch folder of --dst {dst} (a run would delete it); "
+                         "rename it first")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
+        if not dst.is_dir() or dst.is_symlink():
+            raise LongcatError(f"{dst}: exists and is not a folder; --force only replaces a "
+                               "checkpoint folder")
+        if any(dst.iterdir()) and not (layouts.looks_like_checkpoint(dst)
+                                       or (dst / "model_index.json").is_file()):
+            raise LongcatError(f"{dst}: exists and does not look like a checkpoint; refusing to "
+                               "replace it even with --force (remove it yourself)")
+    if not dst.parent.is_dir():
+        raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def transformer_config(cfg: dict[str, Any], flavour: str) -> dict[str, Any]:
+    """The DiT config for a key flavour: ``_class_name`` and ``num_heads`` <->
+    ``num_attention_heads`` as FastVideo's converter does; the rest passes through."""
+    out = dict(cfg)
+    if flavour == "fastvideo":
+        out["_class_name"] = keymap.FASTVIDEO_CLASS
+        if "num_heads" in out and "num_attention_heads" not in out:
+            out["num_attention_heads"] = out.pop("num_heads")
+        return out
+    out["_class_name"] = keymap.NATIVE_CLASS
+    if "num_attention_heads" in out and "num_heads" not in out:
+        rest = [k for k in out if k != "num_attention_heads"]
+        out["num_heads"] = out.pop("num_attention_heads")
+        if rest == sorted(rest):  # diffusers' save_config sorts keys: keep the file's order
+            out = dict(sorted(out.items()))
+    return out
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def _headers(paths: set[Path]) -> dict[Path, dict[str, TensorInfo]]:
+    return {p: read_header(p).tensors for p in sorted(paths)}
+
+
+def _out_dtype(src_dtype: torch.dtype, want: torch.dtype | None) -> torch.dtype:
+    if want is None or not src_dtype.is_floating_point:
+        return src_dtype
+    return want
+
+
+def _dit_jobs(ckpt: layouts.Checkpoint, folder: str, keys: str, want: torch.dtype | None,
+              max_shard: int, meta: dict[str, str]) -> tuple[list[FileJob], keymap.DiTDims]:
+    cfg = ckpt.config()
+    dims = keymap.dit_dims(cfg, str(ckpt.config_path))
+    shard_of = layouts.transformer_shards(ckpt)
+    headers = _headers(set(shard_of.values()))
+    infos: dict[str, tuple[Path, TensorInfo]] = {}
+    for name, path in shard_of.items():
+        info = headers[path].get(name)
+        if info is None:
+            raise LongcatError(f"{path}: the index maps '{name}' to this shard but it is not in "
+                               "the file")
+        infos[name] = (path, info)
+    for path, tensors in headers.items():
+        for name in tensors:
+            if shard_of.get(name) != path:
+                raise LongcatError(f"{path}: holds tensor '{name}' that the index does not map "
+                                   "to this shard")
+    expected = dict(keymap.tensor_specs(dims, ckpt.flavour))
+    unknown = sorted(set(infos) - set(expected))
+    seen = keymap.detect_flavour(list(infos))
+    if unknown and seen and seen != ckpt.flavour:
+        raise LongcatError(f"{ckpt.transformer_dir}: tensor names are {seen} keys but "
+                           f"{ckpt.config_path.name} says {ckpt.flavour} (_class_name "
+                           f"{cfg.get('_class_name')!r}); fix _class_name to "
+                           f"{keymap.CLASS_BY_FLAVOUR[seen]}")
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise LongcatError(f"{ckpt.transformer_dir}: unknown DiT tensor '{unknown[0]}'{more} "
+                           f"for {ckpt.flavour} keys (not in the LongCat key map)")
+    missing = [n for n in expected if n not in infos]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LongcatError(f"{ckpt.transformer_dir}: DiT tensor '{missing[0]}'{more} is missing "
+                           f"(config: depth {dims.depth}, hidden {dims.hidden_size})")
+    for name, shape in expected.items():
+        if infos[name][1].shape != shape:
+            raise LongcatError(f"{infos[name][0]}: tensor '{name}' has shape "
+                               f"{list(infos[name][1].shape)}, the config implies {list(shape)}")
+
+    def piece(name: str, index: int = 0, count: int = 1) -> Piece:
+        path, info = infos[name]
+        rows = info.shape[0] if info.shape else 1
+        return Piece(path, info, index * rows // count, (index + 1) * rows // count)
+
+    out: list[OutTensor] = []
+    for name, shape in keymap.tensor_specs(dims, keys):
+        if keys == ckpt.flavour:
+            pieces = [piece(name)]
+        elif keys == "fastvideo":
+            part = keymap.fastvideo_to_native(name)
+            pieces = [piece(part.native, part.index, part.count)]
+        else:
+            pieces = [piece(p.fastvideo) for p in keymap.native_to_fastvideo(name)]
+        dtypes = {p.info.torch_dtype for p in pieces}
+        if len(dtypes) > 1:
+            raise LongcatError(f"{ckpt.transformer_dir}: the parts of '{name}' have different "
+                               f"dtypes {sorted(map(str, dtypes))}; pass --dtype to unify them")
+        out.append(OutTensor(name, _out_dtype(dtypes.pop(), want), shape, pieces))
+
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in out:
+        if shards[-1] and size + t.nbytes > max_shard:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    names = shard_names(layouts.DIT_STEM, len(shards))
+    jobs = [FileJob(f"{folder}/{n}", "tensors", folder, s, dict(meta),
+                    bytes_in=sum(t.bytes_in for t in s))
+            for n, s in zip(names, shards, strict=True)]
+    weight_map = {t.name: n for n, s in zip(names, shards, strict=True) for t in s}
+    index = {"metadata": {"total_size": sum(t.nbytes for t in out)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    jobs.append(FileJob(f"{folder}/{layouts.INDEX_NAME}", "text", folder, text=_json_text(index)))
+    jobs.append(FileJob(f"{folder}/config.json", "text", folder,
+                        text=_json_text(transformer_config(cfg, keys))))
+    return jobs, dims
+
+
+def _source_loras(ckpt: layouts.Checkpoint) -> list[tuple[str, Path]]:
+    """(adapter name, file) of every LoRA file in the source, in a stable order."""
+    root = ckpt.lora_dir
+    if not root.is_dir():
+        return []
+    from longcat_tools.lora import REGISTRY
+
+    allowed = ckpt.root.resolve()
+    found: list[tuple[str, Path]] = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(REGISTRY) or p.name.endswith(".partial"):
+            continue  # the `lora` command's registry (rebuilt from the files) and its scratch
+        if p.is_file():
+            layouts.check_contained(p, allowed)
+            found.append((lf.NATIVE_FILE_TO_ADAPTER.get(p.name, p.stem), p))
+        elif p.is_dir():
+            for q in sorted(p.iterdir()):
+                if q.is_file():
+                    layouts.check_contained(q, allowed)
+                    found.append((p.name, q))
+    return found
+
+
+def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype | None,
+               select: str, shapes: dict[str, tuple[int, int]], link: bool,
+               meta: dict[str, str]) -> tuple[list[FileJob], list[str], list[str]]:
+    found = _source_loras(ckpt)
+    names = sorted({n for n, _ in found})
+    if select == "all":
+        chosen = set(names)
+    elif select == "none":
+        chosen = set()
+    else:
+        chosen = {s.strip() for s in select.split(",") if s.strip()}
+        unknown = sorted(chosen - set(names))
+        if unknown:
+            raise UsageError(f"--lora: no adapter named '{unknown[0]}' in {ckpt.lora_dir} "
+                             f"(available: {', '.join(names) or 'none'})")
+    jobs: list[FileJob] = []
+    notes: list[str] = []
+    taken: dict[str, Path] = {}
+    fmt = keys
+    for name, path in found:
+        if name not in chosen:
+            notes.append(f"skipped LoRA {path.relative_to(ckpt.root)} (--lora)")
+            continue
+        if not path.name.endswith(".safetensors"):
+            if path.name.endswith(layouts.PICKLE_SUFFIXES):
+                raise LongcatError(f"{path}: pickle LoRA files are never loaded (convert it to "
+                                   f"safetensors, or leave it out with --lora)")
+            notes.append(f"skipped {path.relative_to(ckpt.root)} (not a safetensors file)")
+            continue
+        lora = lf.read_lora(path, shapes)
+        rel = f"lora/{path.name}" if to == "native" else f"lora/{name}/{path.name}"
+        if rel in taken:
+            raise LongcatError(f"{path}: would be written as {rel}, like {taken[rel]}; rename one "
+                               "of them or leave one out with --lora")
+        taken[rel] = path
+        group = "lora" if to == "native" else f"lora/{name}"
+        unchanged = lora.format == fmt and all(
+            want is None or e.dtype == want for e in lora.modules.values())
+        if unchanged:
+            jobs.append(FileJob(rel, "link" if link else "copy", group, src=path,
+                                bytes_in=path.stat().st_size))
+            continue
+        specs = lf.tensor_specs(lora, fmt, want)
+        tensors = [OutTensor(s.name, s.dtype, s.shape, produce=s.produce) for s in specs]
+        jobs.append(FileJob(rel, "tensors", group, tensors,
+                            lf.file_metadata(lora.modules.values(), fmt, meta),
+                            bytes_in=lora.nbytes))
+    return jobs, sorted(chosen), notes
+
+
+def _component_files(ckpt: layouts.Checkpoint, comp: str) -> list[Path]:
+    folder = ckpt.root / comp
+    allowed = ckpt.root.resolve()
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir():
+            continue
+        layouts.check_contained(p, allowed)
+        files.append(p)
+    return files
+
+
+def _text_encoder_jobs(ckpt: layouts.Checkpoint, want: torch.dtype, link: bool,
+                       prov: dict[str, str]) -> list[FileJob] | None:
+    """The text encoder rewritten with its floats cast to ``want`` (same shards, index and
+    config, dtype fields updated), or None when nothing would change."""
+    folder = ckpt.root / "text_encoder"
+    files = _component_files(ckpt, "text_encoder")
+    for p in files:
+        if p.name.endswith(layouts.PICKLE_SUFFIXES):
+            raise LongcatError(f"{p}: pickle weight files are never loaded; --dtype needs the "
+                               "text encoder in safetensors")
+    index_path = folder / TEXT_ENCODER_INDEX
+    weights = [p for p in files if p.name.endswith(".safetensors")]
+    index = None
+    if index_path.is_file():
+        index = layouts.load_json(index_path, "text encoder index")
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wm, dict):
+            raise LongcatError(f"{index_path}: 'weight_map' must be an object")
+        named = {layouts.inside(folder, rel, "shard") for rel in set(wm.values())}
+        for p in sorted(named):
+            if not p.is_file():
+                raise LongcatError(f"{index_path}: names shard '{p.name}', which is missing")
+        stray = sorted(set(weights) - named)
+        if stray:
+            raise LongcatError(f"{stray[0]}: shard on disk that {TEXT_ENCODER_INDEX} does not "
+                               "name")
+    headers = {p: read_header(p) for p in weights}
+    if all(_out_dtype(i.torch_dtype, want) == i.torch_dtype
+           for h in headers.values() for i in h.tensors.values()):
+        return None
+    jobs: list[FileJob] = []
+    total = 0
+    for p in files:
+        rel = p.relative_to(ckpt.root).as_posix()
+        if p in headers:
+            h = headers[p]
+            tensors = [OutTensor(i.name, _out_dtype(i.torch_dtype, want), i.shape,
+                                 [Piece(p, i, 0, i.shape[0] if i.shape else 1)])
+                       for i in h.tensors.values()]
+            total += sum(t.nbytes for t in tensors)
+            jobs.append(FileJob(rel, "tensors", "text_encoder", tensors,
+                                {**h.metadata, **prov}, bytes_in=h.file_size))
+    for p in files:
+        rel = p.relative_to(ckpt.root).as_posix()
+        if p in headers:
+            continue
+        if p == index_path and index is not None:
+            doc = dict(index)
+            doc["metadata"] = {**(doc.get("metadata") or {}), "total_size": total}
+            jobs.append(FileJob(rel, "text", "text_encoder", text=_json_text(doc),
+                                bytes_in=p.stat().st_size))
+        elif p.name == "config.json":
+            cfg = layouts.load_json(p, "text encoder config")
+            if isinstance(cfg, dict):
+                for k in ("torch_dtype", "dtype"):
+                    if k in cfg:
+                        cfg[k] = str(want).removeprefix("torch.")
+            jobs.append(FileJob(rel, "text", "text_encoder", text=_json_text(cfg),
+                                bytes_in=p.stat().st_size))
+        else:
+            jobs.append(FileJob(rel, "link" if link else "copy", "text_encoder", src=p,
+                                bytes_in=p.stat().st_size))
+    return jobs
+
+
+def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str | None = None,
+         dtype: str = "keep", max_shard_size: str | int = DEFAULT_MAX_SHARD, link: bool = True,
+         lora: str = "all", force: bool = False) -> Plan:
+    """Everything a conversion will write, from headers only; any problem with the source or
+    the destination is raised here, before anything is written."""
+    if to not in TARGETS:
+        raise UsageError(f"--to: unknown target '{to}' (use one of {', '.join(TARGETS)})")
+    if dtype not in DTYPE_CHOICES:
+        raise UsageError(f"--dtype: unknown '{dtype}' (use one of {', '.join(DTYPE_CHOICES)})")
+    if to == "native":
+        if keys not in (None, "native"):
+            raise UsageError("--keys fastvideo cannot be combined with --to native (the hub "
+                             "layout has native keys)")
+        keys = "native"
+    keys = keys or "fastvideo"
+    if keys not in keymap.FLAVOURS:
+        raise UsageError(f"--keys: unknown '{keys}' (use one of {', '.join(keymap.FLAVOURS)})")
+    max_shard = parse_size(max_shard_size)
+    src, dst = Path(src), Path(dst)
+    ckpt = layouts.detect(src)
+    _check_paths(src, dst, force)
+    want = DTYPE_CHOICES[dtype]
+    meta = _provenance(ckpt, keys, dtype)
+    notes: list[str] = []
+    if link and not _same_filesystem(src, dst.parent):
+        link = False
+        notes.append("source and destination are on different file systems: copying unchanged "
+                     "files instead of hard-linking them")
+
+    dit_jobs, dims = _dit_jobs(ckpt, DIT_FOLDER[to], keys, want, max_shard, meta)
+    jobs = list(dit_jobs)
+    lora_jobs, loras, lora_notes = _lora_jobs(ckpt, to, keys, want, lora,
+                                              lf.linear_shapes(dims), link, meta)
+    jobs += lora_jobs
+    notes += lora_notes
+    for comp in layouts.COMPONENTS:
+        if not (ckpt.root / comp).is_dir():
+            notes.append(f"{comp}/ not in the source: not written")
+            continue
+        if comp == "text_encoder" and want is not None:
+            te = _text_encoder_jobs(ckpt, want, link, meta)
+            if te is not None:
+                jobs += te
+                continue
+        for p in _component_files(ckpt, comp):
+            jobs.append(FileJob(p.relative_to(ckpt.root).as_posix(), "link" if link else "copy",
+                                comp, src=p, bytes_in=p.stat().st_size))
+    known = {"dit", "transformer", "lora", MANIFEST, *layouts.COMPONENTS, *NATIVE_ROOT_FILES}
+    for entry in sorted(ckpt.root.iterdir()):
+        if entry.name not in known:
+            notes.append(f"{entry.name} (top level of the source) is not carried over")
+    if to == "native":
+        for name in NATIVE_ROOT_FILES:
+            jobs.append(FileJob(name, "text", "root", text=_json_text(NATIVE_ROOT_STUB)))
+    else:
+        index = dict(MODEL_INDEX)
+        index["transformer"] = ["diffusers", keymap.CLASS_BY_FLAVOUR[keys]]
+        jobs.append(FileJob("model_index.json", "text", "root", text=_json_text(index)))
+    return Plan(ckpt, dst, to, keys, dtype, link, force, jobs, notes, loras)
+
+
+# ---------------------------------------------------------------------------------------------
+# execution
+
+
+@dataclass
+class Result:
+    plan: Plan
+    seconds: float
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    files_written: int
+    files_linked: int
+    files_copied: int
+    peak_rss: int
+    manifest_entries: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.plan.describe(), "dry_run": False, "seconds": round(self.seconds, 3),
+                "tensors_written": self.tensors, "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written, "files_written": self.files_written,
+                "files_linked": self.files_linked, "files_copied": self.files_copied,
+                "write_gb_per_s": round(self.gb_per_s, 3),
+                "read_gb_per_s": round(self.bytes_read / self.seconds / 1e9, 3)
+                if self.seconds else 0.0,
+                "peak_rss_bytes": self.peak_rss, "checksums": MANIFEST,
+                "checksummed_files": self.manifest_entries}
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space where the output goes (``$LONGCAT_TOOLS_FREE_BYTES`` fakes it for tests)."""
+    fake = os.environ.get(ENV_FREE_BYTES)
+    if fake:
+        return int(fake)
+    return shutil.disk_usage(folder).free
+
+
+def check_room(p: Plan) -> tuple[int, int]:
+    """(needed, free) bytes; raises when the output would not fit."""
+    need = p.bytes_to_write + (64 << 20)  # headroom for metadata and the manifest
+    free = free_bytes(p.dst.parent)
+    if need > free:
+        raise LongcatError(f"{p.dst.parent}: not enough free disk for the output: needs "
+                           f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free (free some space, "
+                           "pick another --dst, or write less: --dtype bf16, --link)")
+    return need, free
+
+
+class _Killer:
+    """The documented test hook: ``$LONGCAT_TOOLS_TEST_KILL_AT=k`` SIGKILLs the run at step k."""
+
+    def __init__(self) -> None:
+        v = os.environ.get(ENV_KILL_AT)
+        self.at = int(v) if v else 0
+        self.step_no = 0
+
+    def step(self) -> None:
+        self.step_no += 1
+        if self.at and self.step_no == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Sources:
+    """Open source files, read by offset (no shared file position)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self.bytes_read = 0
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read_into(self, path: Path, offset: int, view: memoryview) -> None:
+        fd = self.fd(path)
+        got = 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise LongcatError(f"{path}: unexpected end of file at byte {offset + got} "
+                                   "(truncated while converting?)")
+            got += n
+        self.bytes_read += got
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _write_tensor(out: HashingFile, t: OutTensor, sources: _Sources, ring: BufferRing,
+                  progress: Callable[[int], None]) -> None:
+    """Stream one tensor into ``out``: byte ranges of its sources, cast chunk by chunk, or what
+    its producer returns."""
+    if t.produce is not None:
+        x = t.produce()
+        if tuple(x.shape) != t.shape or x.dtype != t.dtype:
+            raise LongcatError(f"internal: tensor '{t.name}' is {x.dtype}{list(x.shape)}, "
+                               f"expected {t.dtype}{list(t.shape)}")
+        data = tensor_bytes(x)
+        out.write(data)
+        progress(len(data))
+        return
+    for p in t.pieces:
+        src_dtype = p.info.torch_dtype
+        row = p.row_bytes
+        if row == 0:
+            continue
+        if src_dtype == t.dtype:
+            try:
+                out.copy_from(sources.fd(p.path), p.info.begin + p.start * row, p.nbytes, ring,
+                              progress)
+            except LongcatError as e:
+                raise LongcatError(f"{p.path}: {e}") from None
+            sources.bytes_read += p.nbytes
+            continue
+        step = max(1, ring.size // row)
+        for r0 in range(p.start, p.stop, step):
+            n = (min(p.stop, r0 + step) - r0) * row
+            buf = ring.get() if n <= ring.size else bytearray(n)
+            try:
+                view = memoryview(buf)[:n]
+                sources.read_into(p.path, p.info.begin + r0 * row, view)
+                x = torch.frombuffer(view, dtype=src_dtype)
+                y = x.to(t.dtype)
+                if t.dtype == torch.float16 and bool(torch.isinf(y).any()) and not bool(
+                        torch.isinf(x).any()):
+                    raise LongcatError(f"{p.path}: tensor '{p.info.name}' overflows float16 "
+                                       "(|x| > 65504); use --dtype bf16")
+                del x, view
+            finally:
+                if len(buf) == ring.size:
+                    ring.put(buf)
+            data = tensor_bytes(y)
+            out.write(data)
+            progress(len(data))
+
+
+def execute(p: Plan, progress: Callable[[int], None] | None = None) -> Result:
+    """Write the plan into ``DST.partial``, then rename it to ``DST``."""
+    # Chunks are small and a hash thread runs beside: torch's intra-op threads only add
+    # OpenMP spin-waiting (measured: a 1 MiB cast 90x slower with 2 threads on a busy 2-core
+    # machine than with 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _execute(p, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
+    check_room(p)
+    progress = progress or (lambda n: None)
+    killer = _Killer()
+    sources = _Sources()
+    ring = BufferRing()
+    t0 = time.perf_counter()
+    digests: dict[str, Future] = {}
+    written = linked = copied = tensors = bytes_written = 0
+
+    def wrote(n: int) -> None:
+        nonlocal bytes_written
+        bytes_written += n
+        progress(n)
+
+    try:
+        with HashPool() as pool, atomic_folder(p.dst, force=p.force) as tmp:
+            for job in p.jobs:
+                path = tmp / job.rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if job.kind == "tensors":
+                    specs = [TensorSpec(t.name, t.dtype, t.shape) for t in job.tensors]
+                    out = HashingFile(path, pool)
+                    try:
+                        header = build_header(specs, job.metadata)
+                        out.write(header)
+                        wrote(len(header))
+                        for t in job.tensors:
+                            _write_tensor(out, t, sources, ring, wrote)
+                            tensors += 1
+                            killer.step()
+                    except BaseException:
+                        out.abort()
+                        raise
+                    digests[job.rel] = out.close_later()
+                    written += 1
+                    if any(t.produce is not None for t in job.tensors):
+                        sources.bytes_read += job.bytes_in  # read through lora_formats
+                elif job.kind == "text":
+                    out = HashingFile(path, pool)
+                    data = job.text.encode()
+                    out.write(data)
+                    wrote(len(data))
+                    digests[job.rel] = out.close_later()
+                    written += 1
+                else:
+                    assert job.src is not None
+                    if job.kind == "link" and _try_link(job.src, path):
+                        linked += 1
+                    else:
+                        digests[job.rel] = copy_hashed(job.src, path, pool, ring, wrote)
+                        copied += 1
+                        sources.bytes_read += job.bytes_in
+                killer.step()
+            _fsync_tree(tmp)  # the disk flushes while the hash thread catches up
+            killer.step()
+            out = HashingFile(tmp / MANIFEST, pool)
+            out.write(format_manifest({rel: f.result() for rel, f in digests.items()}).encode())
+            out.close(fsync=True)
+            fsync_dir(tmp)
+            killer.step()
+    finally:
+        sources.close()
+    peak = peak_rss()
+    return Result(p, time.perf_counter() - t0, tensors, sources.bytes_read, bytes_written,
+                  written, linked, copied, peak, len(digests))
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process image in bytes: ``VmHWM`` where Linux has it
+    (``ru_maxrss`` keeps the parent's peak across fork and exec, so a small command started
+    by a big one would report the big one's), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _try_link(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` as ``dst``; False where the file system cannot (then it is copied)."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        return False
+
+
+def _fsync_tree(root: Path) -> None:
+    """Make every written file and folder entry durable before the final rename. Done once at
+    the end, like ``cp`` then ``sync``: the kernel writes back while the conversion runs, where a
+    per-file fsync would stall the writer on each file in turn."""
+    paths = sorted(root.rglob("*"), reverse=True) + [root]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def convert(src: str | Path, dst: str | Path, *, dry_run: bool = False,
+            progress: Callable[[int], None] | None = None, **options: Any) -> Plan | Result:
+    """Plan, and unless ``dry_run`` execute, a conversion (options as :func:`plan`)."""
+    p = plan(src, dst, **options)
+    if dry_run:
+        return p
+    return execute(p, progress)
+
