@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from longcat_tools import __version__, keymap, layouts
+from longcat_tools import __version__, hub, keymap, layouts
 from longcat_tools import lora_formats as lf
 from longcat_tools.atomic import atomic_folder, fsync_dir, partial_path
 from longcat_tools.checksums import (
@@ -385,7 +385,7 @@ def _source_loras(ckpt: layouts.Checkpoint) -> list[tuple[str, Path]]:
         return []
     from longcat_tools.lora import REGISTRY
 
-    allowed = ckpt.root.resolve()
+    allowed = ckpt.containment
     found: list[tuple[str, Path]] = []
     for p in sorted(root.iterdir()):
         if p.name.startswith(REGISTRY) or p.name.endswith(".partial"):
@@ -453,7 +453,7 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
 
 def _component_files(ckpt: layouts.Checkpoint, comp: str) -> list[Path]:
     folder = ckpt.root / comp
-    allowed = ckpt.root.resolve()
+    allowed = ckpt.containment
     files = []
     for p in sorted(folder.rglob("*")):
         if p.is_dir():
@@ -546,7 +546,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     if keys not in keymap.FLAVOURS:
         raise UsageError(f"--keys: unknown '{keys}' (use one of {', '.join(keymap.FLAVOURS)})")
     max_shard = parse_size(max_shard_size)
-    src, dst = Path(src), Path(dst)
+    src, dst = hub.resolve_source(src), Path(dst)
     ckpt = layouts.detect(src)
     _check_paths(src, dst, force)
     want = DTYPE_CHOICES[dtype]
@@ -800,6 +800,11 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                         copied += 1
                         sources.bytes_read += job.bytes_in
                 killer.step()
+            if p.loras:  # the lora command's registry, with each adapter's source and its sha256
+                from longcat_tools import lora as lora_registry
+
+                lora_registry.register_existing(layouts.detect(tmp),
+                                                sources=dict(_source_loras(p.src)))
             _fsync_tree(tmp)  # the disk flushes while the hash thread catches up
             killer.step()
             out = HashingFile(tmp / MANIFEST, pool)

@@ -447,3 +447,24 @@ def test_lora_registry_is_not_an_adapter(tiny_native, tmp_path):
     p = conv.plan(src, tmp_path / "dst")
     assert p.loras == ["distilled", "refinement"]
     assert not any("adapters.json" in j.rel for j in p.jobs)
+
+
+@pytest.mark.parametrize("keys", ["fastvideo", "native"])
+def test_converted_output_passes_deep_verify_and_registers_its_adapters(tiny_native, tmp_path,
+                                                                          keys):
+    import hashlib
+
+    from longcat_tools import lora
+    from longcat_tools.convert import convert
+    from longcat_tools.verify import verify
+
+    dst = tmp_path / keys
+    convert(tiny_native, dst, keys=keys)
+    report = verify(dst, deep=True)
+    assert report.status == "pass", [(c.file, c.message) for c in report.failures()]
+    reg = lora.load_registry(layouts.detect(dst))
+    assert {a.name for a in reg.adapters} == {"distilled", "refinement"}
+    distilled = reg.get("distilled")
+    src = tiny_native / "lora" / "cfg_step_lora.safetensors"
+    assert distilled.rank == 4 and distilled.source
+    assert hashlib.sha256(src.read_bytes()).hexdigest() in distilled.source.values()

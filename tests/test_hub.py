@@ -501,3 +501,31 @@ def test_bsa_refuses_to_edit_a_cache_snapshot(use_cache):
     with pytest.raises(LongcatError, match="Hugging Face cache"):
         bsa.restore(ckpt)
     assert (snap / "dit" / "config.json").read_bytes() == before
+
+
+def test_convert_verify_and_run_take_a_cached_repo_id(use_cache, tmp_path, capsys):
+    """The acceptance of repo ids: every checkpoint command resolves one from the offline cache."""
+    from longcat_tools.cli import main
+    from longcat_tools.convert import convert
+
+    dst = tmp_path / "converted"
+    convert(REPO, dst)
+    assert layouts.detect(dst).layout == "converted"
+    assert main(["convert", "--src", REPO, "--dst", str(tmp_path / "c2"), "-q"]) == 0
+    assert main(["verify", REPO, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] in ("pass", "warn")
+    out = tmp_path / "t2v.mp4"
+    assert main(["run", "-q", "-m", f"{REPO}@main", "--task", "t2v", "-p", "a cat", "--height",
+                 "32", "--width", "32", "--frames", "5", "--steps", "1", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
+def test_commands_name_the_missing_repo_in_one_line(use_cache, capsys):
+    from longcat_tools.cli import main
+
+    for args in (["verify", "other-org/missing"], ["convert", "--src", "other-org/missing",
+                                                   "--dst", "/tmp/never-written"],
+                 ["run", "-m", "other-org/missing", "--task", "t2v", "-p", "x"]):
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "other-org/missing" in err[0] and "Traceback" not in err[0]
