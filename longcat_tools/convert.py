@@ -10,6 +10,7 @@ the way (``checksums.sha256``); unchanged components are hard-linked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -800,15 +801,20 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                         copied += 1
                         sources.bytes_read += job.bytes_in
                 killer.step()
+            extra: dict[str, str] = {}
             if p.loras:  # the lora command's registry, with each adapter's source and its sha256
                 from longcat_tools import lora as lora_registry
 
-                lora_registry.register_existing(layouts.detect(tmp),
-                                                sources=dict(_source_loras(p.src)))
+                out_ckpt = layouts.detect(tmp)
+                lora_registry.register_existing(out_ckpt, sources=dict(_source_loras(p.src)))
+                reg = lora_registry.registry_path(out_ckpt)
+                digest = hashlib.sha256(reg.read_bytes()).hexdigest()
+                extra[reg.relative_to(tmp).as_posix()] = digest
             _fsync_tree(tmp)  # the disk flushes while the hash thread catches up
             killer.step()
             out = HashingFile(tmp / MANIFEST, pool)
-            out.write(format_manifest({rel: f.result() for rel, f in digests.items()}).encode())
+            hashes = {rel: f.result() for rel, f in digests.items()} | extra
+            out.write(format_manifest(hashes).encode())
             out.close(fsync=True)
             fsync_dir(tmp)
             killer.step()

@@ -114,8 +114,8 @@ def test_round_trip_is_exact(tiny_native, tmp_path, keys):
     same = sorted(r for r in files(tiny_native) if not r.startswith(("dit/diffusion", "lora/")))
     for rel in same:
         assert (tiny_native / rel).read_bytes() == (back / rel).read_bytes(), rel
-    assert files(back) - files(tiny_native) <= {MANIFEST, "dit/" + layouts.DIT_STEM +
-                                                ".safetensors"}
+    assert files(back) - files(tiny_native) <= {
+        MANIFEST, "lora/adapters.json", "dit/" + layouts.DIT_STEM + ".safetensors"}
 
 
 def test_bf16_casts_transformer_lora_text_encoder_and_keeps_vae(tiny_native, tmp_path):
@@ -182,7 +182,7 @@ def test_shards_respect_max_size(tiny_native, tmp_path):
         assert all(index["weight_map"][k] == s for k in t)
     assert index["metadata"]["total_size"] == total
     assert list(index["weight_map"]) == sorted(index["weight_map"])
-    assert sorted(os.listdir(dst / "lora")) == ["distilled"]
+    assert sorted(os.listdir(dst / "lora")) == ["adapters.json", "distilled"]
 
 
 def test_rekey_converted_to_converted(tiny_native, converted, tmp_path):
