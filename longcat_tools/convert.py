@@ -43,6 +43,7 @@ from longcat_tools.safetensors_io import (
     TensorInfo,
     TensorSpec,
     build_header,
+    plan_shards,
     read_header,
     shard_names,
     tensor_bytes,
@@ -358,14 +359,7 @@ def _dit_jobs(ckpt: layouts.Checkpoint, folder: str, keys: str, want: torch.dtyp
                                f"dtypes {sorted(map(str, dtypes))}; pass --dtype to unify them")
         out.append(OutTensor(name, _out_dtype(dtypes.pop(), want), shape, pieces))
 
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in out:
-        if shards[-1] and size + t.nbytes > max_shard:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
+    shards = plan_shards(out, max_shard)
     names = shard_names(layouts.DIT_STEM, len(shards))
     jobs = [FileJob(f"{folder}/{n}", "tensors", folder, s, dict(meta),
                     bytes_in=sum(t.bytes_in for t in s))

@@ -12,11 +12,11 @@ import json
 import math
 import stat
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from longcat_tools.errors import LongcatError
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+T = TypeVar("T")
 
 # safetensors dtype -> (torch dtype attribute, bytes per element). Header checks need only the
 # sizes, so torch (seconds to import) is loaded only when tensors are read or written.
@@ -282,10 +283,10 @@ def write_file(path: str | Path, specs: list[TensorSpec],
     return total
 
 
-def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Split tensors in order into shards of at most ``max_shard_bytes`` (a larger tensor gets its
-    own shard), the way huggingface_hub splits state dicts."""
-    shards: list[list[TensorSpec]] = [[]]
+def plan_shards(specs: Sequence[T], max_shard_bytes: int) -> list[list[T]]:
+    """Split tensors (anything with ``nbytes``) in order into shards of at most
+    ``max_shard_bytes`` (a larger tensor gets its own shard), as huggingface_hub splits them."""
+    shards: list[list[T]] = [[]]
     size = 0
     for s in specs:
         if shards[-1] and size + s.nbytes > max_shard_bytes:
