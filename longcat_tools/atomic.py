@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,3 +81,51 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def file_lock(lock: Path, timeout: float, holder: str = "another process") -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock`` (created, and removed on release), so concurrent
+    writers queue up. A holder that dies releases it (the kernel drops flocks); after locking we
+    check the file is still the one on disk, because a releasing holder may have just removed it.
+    """
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LongcatError(f"{lock}: cannot create the lock file ({e.strerror}); is the "
+                               "checkpoint read-only?") from e
+        try:
+            delay = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LongcatError(f"{lock}: {holder} has held the lock for over "
+                                           f"{timeout:.0f} s; try again when it is done") from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+            try:
+                on_disk, mine = os.stat(lock), os.fstat(fd)
+                current = (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)

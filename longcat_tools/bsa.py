@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import copy
 import difflib
-import fcntl
 import json
 import math
 import os
 import shutil
 import stat
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools import bsa_presets, hub, layouts, schemas
-from longcat_tools.atomic import atomic_write_text
+from longcat_tools.atomic import atomic_write_text, file_lock
 from longcat_tools.errors import LongcatError
 
 SCHEMA = "transformer_config"
@@ -254,51 +252,12 @@ def check_writable(path: Path) -> None:
 
 @contextmanager
 def config_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<config>.lock``, removed on release. A holder that dies releases
-    it (the kernel drops flocks); after locking we check the file is still the one on disk, because
-    a previous holder may have removed it while we waited."""
-    lock = path.with_name(path.name + LOCK_SUFFIX)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise LongcatError(f"{lock}: cannot create the lock file ({e.strerror})") from e
-        try:
-            delay = 0.001
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise LongcatError(f"{lock}: another process has held the lock for "
-                                           f"{timeout:.0f} s; try again when it is done") from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.02)
-            try:
-                on_disk = os.stat(lock)
-                mine = os.fstat(fd)
-                current = (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
-            except FileNotFoundError:
-                current = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if current:
-            break
-        os.close(fd)
-    # Temp files of writers killed mid-write: no writer runs while we hold the lock.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    try:
+    """An exclusive lock on ``<config>.lock`` for a read-modify-write of the config; temp files of
+    writers killed mid-write are cleared once we hold it."""
+    with file_lock(path.with_name(path.name + LOCK_SUFFIX), timeout, "another bsa command"):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         yield
-    finally:
-        try:
-            os.unlink(lock)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
 
 
 def _write_backup(path: Path, text: str) -> Path:

@@ -18,7 +18,6 @@ other file is hard-linked (or copied).
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -37,7 +36,13 @@ import torch
 
 from longcat_tools import __version__, keymap, layouts, schemas
 from longcat_tools import lora_formats as lf
-from longcat_tools.atomic import atomic_folder, atomic_write_text, fsync_dir, partial_path
+from longcat_tools.atomic import (
+    atomic_folder,
+    atomic_write_text,
+    file_lock,
+    fsync_dir,
+    partial_path,
+)
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.safetensors_io import (
     TensorSpec,
@@ -166,49 +171,13 @@ def save_registry(ckpt: layouts.Checkpoint, reg: Registry) -> None:
 
 @contextmanager
 def registry_lock(ckpt: layouts.Checkpoint, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """An exclusive ``flock`` on ``lora/adapters.json.lock`` (created with ``lora/``), removed on
-    release. A holder that dies releases it (the kernel drops flocks); after locking we check the
-    file is still the one on disk, because a releasing holder may have just removed it."""
+    """An exclusive lock on ``lora/adapters.json.lock`` (created with ``lora/``) around every
+    change of the registry or of ``lora/``."""
     check_writable(ckpt)
     ckpt.lora_dir.mkdir(exist_ok=True)
-    lock = ckpt.lora_dir / (REGISTRY + LOCK_SUFFIX)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise LongcatError(f"{lock}: cannot create the lock file ({e.strerror}); is the "
-                               "checkpoint read-only?") from e
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise LongcatError(f"{lock}: another longcat-tools lora command has held "
-                                           f"the lock for over {timeout:.0f} s; wait for it or "
-                                           "stop it") from None
-                    time.sleep(0.05)
-            try:
-                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            yield
-        finally:
-            try:
-                os.unlink(lock)
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        return
+    with file_lock(ckpt.lora_dir / (REGISTRY + LOCK_SUFFIX), timeout,
+                   "another longcat-tools lora command"):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
