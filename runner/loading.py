@@ -48,7 +48,7 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu",
     config = ckpt.config()
     with torch.device("meta"):
         model = LongCatDiT(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # never materialise fp32 first
     params = dict(model.named_parameters())
     filled: dict[str, set[int]] = {name: set() for name in params}
     shards = layouts.transformer_shards(ckpt)
