@@ -1,14 +1,14 @@
-"""One DiT forward of the real 13.58B LongCat config on one GPU, with random bf16 weights.
+"""One DiT forward at the real LongCat-Video size: plain path vs fused glue, time and peak memory.
 
-Builds ``runner.dit.LongCatDiT`` from the real config directly on the GPU (no checkpoint, no
-download), then times one forward (B=1, 512 text tokens, timestep 500) at the shapes of SPEC §6:
-480p/93 frames dense (24x30x52 tokens), 720p refine/93 frames (24x44x80) dense and with BSA.
-Median of ``--repeats`` timed forwards after one warm-up, CUDA events; peak memory is
-``torch.cuda.max_memory_allocated`` over the forward. The original cannot run on the device
-(it needs flash-attn or xformers), so ratios are against the SPEC §6 figures (H100, torch 2.11),
-and the table says so.
+Builds the real 13.58B config on the GPU with random bf16 weights (meta device, ``to_empty``,
+random fill: no download), then times one forward (B=1) per shape and variant and compares the
+fused path's output with the plain path's. Shapes: 480p/93 frames dense (latent 24x60x104,
+37,440 tokens), 720p refine/93 with BSA 0.9375 (24x88x160, 84,480 tokens), optionally the
+189-frame refine (48x88x160). The original LongCat-Video cannot run here (it needs flash-attn or
+xformers), so ratios are to the SPEC section 6 figures measured on an H100 (said so in the table).
 
-    PYTHONPATH=. python3 benchmarks/dit_forward.py --out results_dir [--small]
+  PYTHONPATH=. python3 benchmarks/dit_forward.py              # on the GPU machine
+  PYTHONPATH=. python3 benchmarks/dit_forward.py --small      # logic check on CPU, tiny sizes
 """
 
 from __future__ import annotations
@@ -17,113 +17,260 @@ import argparse
 import datetime
 import json
 import math
+import os
+import platform
 import statistics
+import sys
+import time
 from pathlib import Path
 
 import torch
 
-from longcat_tools.synth import dit_config
-from runner.dit import LongCatDiT
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# SPEC §6: the original LongCat-Video DiT, real config, random bf16 weights, one H100.
-ORIGINAL = {"480p dense": (4.82, 30.3), "720p refine dense": (15.78, 36.4),
-            "720p refine BSA 0.9375": (7.85, 36.4)}
-CASES = [  # name, latent (T, H, W), BSA params or None
-    ("480p dense", (24, 60, 104), None),
-    ("720p refine BSA 0.9375", (24, 88, 160), {"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4],
-                                               "chunk_3d_shape_k": [4, 4, 4]}),
-    ("720p refine dense", (24, 88, 160), None),
-]
+from longcat_tools.synth import dit_config  # noqa: E402
+from runner import fast_ops  # noqa: E402
+from runner.dit import LongCatDiT  # noqa: E402
+
+# SPEC section 6: the original's DiT forward on one H100 80GB, random bf16 weights, B=1.
+ORIGINAL = {"480p/93 dense": (4.82, 30.3), "720p refine/93 BSA 0.9375": (7.85, 36.4),
+            "720p refine/93 dense": (15.78, 36.4)}
+TARGET = {"480p/93 dense": 0.72, "720p refine/93 BSA 0.9375": 0.55}
+
+SHAPES = {  # name: (latent C,T,H,W, bsa)
+    "480p/93 dense": ((16, 24, 60, 104), False),
+    "720p refine/93 BSA 0.9375": ((16, 24, 88, 160), True),
+    "720p refine/189 BSA 0.9375": ((16, 48, 88, 160), True),
+}
+SMALL_SHAPES = {
+    "small dense": ((16, 4, 16, 16), False),
+    "small BSA 0.9375": ((16, 8, 16, 32), True),
+}
 
 
-def build(config: dict, device: str, dtype: torch.dtype) -> LongCatDiT:
+def build(preset: str, depth: int | None, device: str, dtype: torch.dtype, seed: int):
+    """The DiT with random weights, made directly on ``device`` (no fp32 copy on the way)."""
     with torch.device("meta"):
-        model = LongCatDiT(config)
-    model = model.to(dtype).to_empty(device=device)  # never materialise fp32 first
-    g = torch.Generator(device=device).manual_seed(0)
+        model = LongCatDiT(dit_config(preset, depth=depth))
+    model = model.to(dtype).to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif p.dim() < 2:
-                p.normal_(0, 0.02, generator=g)
-            else:
-                p.normal_(0, 1 / math.sqrt(math.prod(p.shape[1:])), generator=g)
-    return model.eval()
+            if p.dim() >= 2:  # weights: unit-variance outputs
+                fan_in = p[0].numel()
+                p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=g)
+            elif "norm" in name:  # norm scales near one
+                p.normal_(1.0, 0.1, generator=g)
+            else:  # biases: small
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval().requires_grad_(False)
 
 
-def time_forward(model: LongCatDiT, latent: tuple[int, int, int], repeats: int,
-                 device: str, dtype: torch.dtype) -> dict:
-    T, H, W = latent
-    caption = model.dims.caption_channels
-    x = torch.randn(1, 16, T, H, W, device=device, dtype=dtype)
-    y = torch.randn(1, 1, 512, caption, device=device, dtype=dtype)
-    mask = torch.ones(1, 512, device=device, dtype=torch.long)
-    t = torch.full((1,), 500.0, device=device)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                start.record()
-            out = model(x, t, y, mask)
-            if device == "cuda":
-                end.record()
-                torch.cuda.synchronize()
-                if i:
-                    times.append(start.elapsed_time(end) / 1000)
-            elif i:
-                times.append(float("nan"))
-    finite = bool(torch.isfinite(out).all())
+def inputs(latent: tuple[int, ...], caption_channels: int, device: str, seed: int):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(1, *latent, generator=g, device=device)
+    y = torch.randn(1, 1, 512, caption_channels, generator=g, device=device)
+    mask = torch.zeros(1, 512, dtype=torch.long, device=device)
+    mask[:, :180] = 1
+    return x, torch.tensor([631.0], device=device), y, mask
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_forward(model, args, device: str, reps: int):
+    """(median seconds, all times, peak allocated GiB, peak reserved GiB, output)."""
+    with torch.inference_mode():
+        out = model(*args)  # warm-up: compile, autotune, cuDNN plans
+        sync(device)
+        del out
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            out = model(*args)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            if _ < reps - 1:
+                del out
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return {"tokens": T * (H // 2) * (W // 2), "seconds": statistics.median(times),
-            "all_seconds": times, "peak_gib": peak, "finite": finite}
+    res = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else float("nan")
+    return statistics.median(times), times, peak, res, out
+
+
+CATEGORIES = (  # (category, substrings of kernel names), first match wins
+    ("bsa (triton)", ("_bsa_fwd", "_pool_kernel", "_score_kernel", "_select_kernel",
+                      "_to_fp16")),
+    ("fused glue (inductor)", ("triton_",)),
+    ("sdpa (cudnn/flash)", ("cudnn", "fmha", "flash", "attention", "sm90_flash")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
+    ("copy/cast", ("copy", "Copy", "cast", "Cast")),
+)
+
+
+def profile(model, args, device: str) -> dict[str, float]:
+    """GPU kernel milliseconds of one forward, by category (after a warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    with torch.inference_mode():
+        model(*args)
+        sync(device)
+        acts = [ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]
+        with tprofile(activities=acts) as prof:
+            model(*args)
+            sync(device)
+    cats: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for e in prof.key_averages():
+        ms = (e.device_time_total if device == "cuda" else e.self_cpu_time_total) / 1e3
+        if ms <= 0:
+            continue
+        cat = next((c for c, keys in CATEGORIES if any(k in e.key for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+        top[e.key[:90]] = ms
+    cats = {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+    cats["top kernels"] = {k: round(v, 1) for k, v in
+                           sorted(top.items(), key=lambda kv: -kv[1])[:15]}
+    return cats
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--small", action="store_true", help="tiny config on CPU: checks the script")
-    args = ap.parse_args()
-    device = "cpu" if args.small else "cuda"
-    dtype = torch.float32 if args.small else torch.bfloat16
-    config = dit_config("tiny" if args.small else "real")
-    cases = [(n, (2, 8, 8) if args.small else lat, bsa) for n, lat, bsa in CASES]
-    model = build(config, device, dtype)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="CPU logic check at tiny sizes")
+    ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--deadline", type=float, default=1e9,
+                    help="seconds: start no new (shape, variant) after this much wall time")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--profile", action="store_true",
+                    help="only the fused path: kernel time of one forward by category")
+    ap.add_argument("--no-compile", action="store_true", help="fused functions run eagerly")
+    a = ap.parse_args()
+
+    start = time.perf_counter()
+    device = "cpu" if a.small else "cuda"
+    dtype = torch.bfloat16
+    shapes = SMALL_SHAPES if a.small else SHAPES
+    if a.shapes:
+        shapes = {k: v for k, v in shapes.items() if k in a.shapes.split(",")}
+    if a.no_compile:
+        fast_ops.set_compile(False)
+    model = build("small" if a.small else "real", 2 if a.small else None, device, dtype, seed=0)
+    nparams = sum(p.numel() for p in model.parameters())
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "params": nparams, "dtype": str(dtype), "batch": 1, "reps": a.reps,
+        "build_s": round(time.perf_counter() - start, 2),
+        "weights_gib": (round(torch.cuda.memory_allocated() / 2**30, 2) if device == "cuda"
+                        else None),
+        "baseline": "SPEC section 6 figures for the original (H100, not run here)",
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(f"built {nparams / 1e9:.2f}B params in {info['build_s']} s", flush=True)
     rows = []
-    for name, latent, bsa in cases:
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (out_dir / "dit_forward.json").write_text(json.dumps({"info": info, "rows": rows},
+                                                             indent=1))
+
+    for name, (latent, bsa) in shapes.items():
+        args = inputs(latent, model.dims.caption_channels, device, seed=1)
         if bsa:
-            model.enable_bsa(bsa)
+            model.enable_bsa({"sparsity": 0.9375})
         else:
             model.disable_bsa()
-        r = time_forward(model, latent, args.repeats, device, dtype)
-        ref_s, ref_gib = ORIGINAL[name]
-        rows.append({"case": name, "latent": list(latent), **r, "original_seconds": ref_s,
-                     "original_peak_gib": ref_gib, "ratio_to_original": r["seconds"] / ref_s})
-        print(f"{name:24s} {r['tokens']:>7,} tokens  {r['seconds']:7.3f} s  "
-              f"peak {r['peak_gib']:6.1f} GiB  vs original {r['seconds'] / ref_s:5.2f}x  "
-              f"finite={r['finite']}", flush=True)
-    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-           "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype),
-           "baseline": "SPEC §6 figures for the original (it cannot run here: no flash-attn)"}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dit_forward.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
-    lines = [f"# DiT forward, real config, random bf16 weights ({env['gpu']}, torch "
-             f"{env['torch']}, {env['date']})", "",
-             f"{env['params']:,} parameters; B=1, 512 text tokens, timestep 500; median of "
-             f"{args.repeats} after one warm-up. Baseline: {env['baseline']}.", "",
-             "| case | tokens | ours s | peak GiB | original s | original GiB | ours / original |",
-             "|---|---|---|---|---|---|---|"]
+        ref = None
+        if a.profile:
+            model.enable_fast_ops(True)
+            if time.perf_counter() - start < a.deadline:
+                prof = profile(model, args, device)
+                rows.append({"shape": name, "variant": "fast", "profile_ms": prof})
+                save()
+                print(name, json.dumps(prof, indent=1), flush=True)
+            continue
+        for variant in ("plain", "fast"):
+            if time.perf_counter() - start > a.deadline:
+                print(f"skip {name} {variant}: past the {a.deadline:.0f} s deadline", flush=True)
+                rows.append({"shape": name, "variant": variant, "skipped": "deadline"})
+                continue
+            model.enable_fast_ops(variant == "fast")
+            t0 = time.perf_counter()
+            try:
+                med, times, peak, res, out = time_forward(model, args, device, a.reps)
+            except torch.OutOfMemoryError as exc:
+                rows.append({"shape": name, "variant": variant, "error": f"OOM: {exc}"[:300]})
+                torch.cuda.empty_cache()
+                continue
+            row = {"shape": name, "variant": variant, "latent": list(latent),
+                   "tokens": latent[1] * latent[2] * latent[3] // 4, "median_s": round(med, 4),
+                   "times_s": [round(t, 4) for t in times], "peak_alloc_gib": round(peak, 2),
+                   "peak_reserved_gib": round(res, 2),
+                   "stage_wall_s": round(time.perf_counter() - t0, 1)}
+            if not torch.isfinite(out).all():
+                row["nonfinite"] = True
+            if variant == "plain":
+                ref = out.float().cpu()
+            else:
+                row["compile"] = fast_ops.compile_status()
+                if ref is not None:
+                    row["rel_err_vs_plain"] = rel(out.float().cpu(), ref)
+            if name in ORIGINAL:
+                orig_t, orig_mem = ORIGINAL[name]
+                row["ratio_to_original"] = round(med / orig_t, 3)
+                row["original_s"], row["original_peak_gib"] = orig_t, orig_mem
+            del out
+            rows.append(row)
+            save()
+            print(json.dumps(row), flush=True)
+        ref = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    info["total_wall_s"] = round(time.perf_counter() - start, 1)
+    save()
+    if a.profile:
+        return
+
+    lines = [f"# DiT forward, {info['device']}, torch {info['torch']}, "
+             f"triton {info.get('triton', '-')}, {info['date']}", "",
+             f"{nparams / 1e9:.2f}B params, bf16 random weights, B=1, 512 text tokens (180 valid),"
+             f" median of {a.reps} after a warm-up. Original = SPEC section 6 (H100; not run "
+             "here: it needs flash-attn/xformers).", "",
+             "| shape | variant | time (s) | peak alloc (GiB) | vs original | target | "
+             "rel err vs plain |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['tokens']:,} | {r['seconds']:.3f} | {r['peak_gib']:.1f}"
-                     f" | {r['original_seconds']} | {r['original_peak_gib']} | "
-                     f"{r['ratio_to_original']:.2f}x |")
-    (args.out / "dit_forward.md").write_text("\n".join(lines) + "\n")
+        if "median_s" not in r:
+            lines.append(f"| {r['shape']} | {r['variant']} | {r.get('skipped') or r.get('error')}"
+                         " | | | | |")
+            continue
+        ratio = r.get("ratio_to_original")
+        tgt = TARGET.get(r["shape"])
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['median_s']:.3f} | "
+                     f"{r['peak_alloc_gib']:.1f} | {'' if ratio is None else f'{ratio:.2f}x'} | "
+                     f"{'' if tgt is None else f'<= {tgt}x'} | "
+                     f"{r.get('rel_err_vs_plain', ''):{'.2e' if 'rel_err_vs_plain' in r else ''}}"
+                     " |")
+    md = "\n".join(lines) + "\n"
+    (out_dir / "dit_forward.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runner import attention as attn_ops
+from runner import fast_ops
 
 KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -143,6 +144,21 @@ def rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.devic
     return table.cos(), table.sin()
 
 
+_ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_table_cached(grid: tuple[int, int, int], head_dim: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_3d_table``, kept for the last few grids: every block of every step reuses it."""
+    key = (tuple(grid), head_dim, torch.device(device))
+    if key not in _ROPE_CACHE:
+        if len(_ROPE_CACHE) >= 4:
+            _ROPE_CACHE.pop(next(iter(_ROPE_CACHE)))
+        with torch.inference_mode(False), torch.no_grad():  # usable under autograd later too
+            _ROPE_CACHE[key] = rope_3d_table(grid, head_dim, device)
+    return _ROPE_CACHE[key]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), in fp32."""
     xf = x.float()
@@ -173,6 +189,7 @@ class AttnState:
     """Shared by every block: whether BSA is on and with which settings."""
 
     bsa: BSAParams | None = None
+    fast: bool = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,24 +219,31 @@ class SelfAttention(nn.Module):
                 return_kv: bool = False):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        new_kv = (k.clone(), v.clone()) if return_kv else None
         T, H, W = grid
+        roped = kv_cache is None and not return_kv and fast_ops.use(self.state.fast, x)
+        if roped:  # norm + RoPE in one fused pass each
+            cos, sin = rope_table_cached(grid, self.head_dim, x.device)
+            q = fast_ops.norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
+            k = fast_ops.norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
+        new_kv = (k.clone(), v.clone()) if return_kv else None
         if kv_cache is not None:
             # cached condition K/V first; RoPE over the (cond + noise) grid, new tokens after them
             k_c, v_c = (t.to(x.device) for t in kv_cache)
             if k_c.shape[0] == 1 and B > 1:
                 k_c, v_c = k_c.expand(B, -1, -1, -1), v_c.expand(B, -1, -1, -1)
             n_c = k_c.shape[2]
-            cos, sin = rope_3d_table((T + num_cond_latents, H, W), self.head_dim, x.device)
+            cos, sin = rope_table_cached((T + num_cond_latents, H, W), self.head_dim, x.device)
             k = torch.cat([apply_rope(k_c, cos[:n_c], sin[:n_c]),
                            apply_rope(k, cos[n_c:], sin[n_c:])], dim=2)
             v = torch.cat([v_c, v], dim=2)
             q = apply_rope(q, cos[n_c:], sin[n_c:])
             out = self._attend(q, k, v, grid)
         else:
-            cos, sin = rope_3d_table(grid, self.head_dim, x.device)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if not roped:
+                cos, sin = rope_table_cached(grid, self.head_dim, x.device)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if num_cond_latents > 0:
                 n_c = num_cond_latents * (N // T)
                 out = torch.cat([self._attend(q[:, :, :n_c], k[:, :, :n_c], v[:, :, :n_c], grid),
@@ -240,10 +264,13 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, y_lens: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_lens: list[int],
+                fast: bool = False) -> torch.Tensor:
         """x [B, N, C] attends to its own sample's text; y [sum(y_lens), C] packs the texts."""
         B, N, C = x.shape
-        q = self.q_norm(self.q_linear(x).view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = self.q_linear(x).view(B, N, self.num_heads, self.head_dim)
+        q = (fast_ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps) if fast
+             else self.q_norm(q)).transpose(1, 2)
         k, v = self.kv_linear(y).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
         k = self.k_norm(k)
         if len(set(y_lens)) == 1:
@@ -270,7 +297,9 @@ class FeedForward(nn.Module):
         self.w2 = Linear(hidden, dim, bias=False)
         self.w3 = Linear(dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if fast:
+            return self.w2(fast_ops.swiglu(self.w1(x), self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -296,23 +325,36 @@ class Block(nn.Module):
         mod = self.adaLN_modulation[1](F.silu(t), fp32=True).unsqueeze(2).chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod  # [B, T, 1, C]
 
-        h = modulate(self.mod_norm_attn, x.view(frames), shift_msa, scale_msa).view(B, N, C)
-        h, new_kv = self.attn(h, grid, num_cond_latents, kv_cache, return_kv)
-        x = (x + (gate_msa * h.view(frames)).view(B, N, C)).to(x.dtype)
+        fast = fast_ops.use(self.attn.state.fast, x)
+        if fast:
+            h = fast_ops.modulate(x.view(frames), shift_msa, scale_msa, self.mod_norm_attn.eps)
+        else:
+            h = modulate(self.mod_norm_attn, x.view(frames), shift_msa, scale_msa)
+        h, new_kv = self.attn(h.view(B, N, C), grid, num_cond_latents, kv_cache, return_kv)
+        if fast:
+            x = fast_ops.gated_residual(x.view(frames), h.view(frames), gate_msa).view(B, N, C)
+        else:
+            x = (x + (gate_msa * h.view(frames)).view(B, N, C)).to(x.dtype)
 
         if not skip_crs_attn:
-            h = self.pre_crs_attn_norm(x)
+            norm = self.pre_crs_attn_norm
+            h = fast_ops.layer_norm(x, norm.weight, norm.bias, norm.eps) if fast else norm(x)
             if num_cond_latents > 0 and kv_cache is None:
                 # condition tokens get no text: zeros for them, cross-attention for the rest
                 n_c = num_cond_latents * (N // T)
-                out = self.cross_attn(h[:, n_c:], y, y_lens)
+                out = self.cross_attn(h[:, n_c:], y, y_lens, fast)
                 out = torch.cat([out.new_zeros(B, n_c, C), out], dim=1)
             else:
-                out = self.cross_attn(h, y, y_lens)
+                out = self.cross_attn(h, y, y_lens, fast)
             x = x + out
 
-        h = modulate(self.mod_norm_ffn, x.view(frames), shift_mlp, scale_mlp).view(B, N, C)
-        x = (x + (gate_mlp * self.ffn(h).view(frames)).view(B, N, C)).to(x.dtype)
+        if fast:
+            h = fast_ops.modulate(x.view(frames), shift_mlp, scale_mlp, self.mod_norm_ffn.eps)
+            h = self.ffn(h.view(B, N, C), fast)
+            x = fast_ops.gated_residual(x.view(frames), h.view(frames), gate_mlp).view(B, N, C)
+        else:
+            h = modulate(self.mod_norm_ffn, x.view(frames), shift_mlp, scale_mlp).view(B, N, C)
+            x = (x + (gate_mlp * self.ffn(h).view(frames)).view(B, N, C)).to(x.dtype)
         return x, new_kv
 
 
@@ -373,6 +415,10 @@ class LongCatDiT(nn.Module):
 
     def disable_bsa(self) -> None:
         self.attn_state.bsa = None
+
+    def enable_fast_ops(self, enabled: bool = True) -> None:
+        """Fused glue (``runner.fast_ops``) for bf16/fp16 runs; fp32 always takes the plain path."""
+        self.attn_state.fast = enabled
 
     @property
     def bsa(self) -> BSAParams | None:

@@ -55,6 +55,8 @@ class RunSettings:
     segments: int = 2
     kv_cache: bool = True
     offload_kv_cache: bool = False
+    offload: str = "none"  # runner.offload: none, text-encoder, dit, all
+    vae_tiling: bool = False
     enhance_hf: bool | None = None
     t_thresh: float = 0.5
     spatial_refine_only: bool = False
@@ -136,6 +138,8 @@ def validate(s: RunSettings) -> None:
         raise LongcatError(f"--t-thresh {s.t_thresh}: must be in (0, 1]")
     if s.fps is not None and s.fps <= 0:
         raise LongcatError(f"--fps {s.fps}: must be positive")
+    if s.offload not in ("none", "text-encoder", "dit", "all"):
+        raise LongcatError(f"--offload {s.offload}: unknown (use none, text-encoder, dit or all)")
     if s.task == "vc" and s.distill and s.enhance_hf:
         raise LongcatError("--enhance-hf cannot be combined with --distill")
     if not s.out.endswith(".mp4"):
@@ -180,7 +184,8 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
             raise LongcatError(f"--latents-in {s.latents_in}: no tensor named 'latents'")
         init = doc["latents"]
     say(f"loading {root} on {device} ({dtype})")
-    pipe = Pipeline.load(root, device=device, dtype=dtype, reporter=reporter)
+    pipe = Pipeline.load(root, device=device, dtype=dtype, reporter=reporter, offload=s.offload,
+                         vae_tiling=s.vae_tiling)
     guidance = s.guidance if s.guidance is not None else (1.0 if s.distill else 4.0)
     neg = s.negative_prompt
     if neg is None and guidance > 1.0:

@@ -31,7 +31,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,16 +141,27 @@ class Pipeline:
         self.video_processor = VideoProcessor(vae_scale_factor=self.scale_s)
         self.reporter = Reporter()
         self.last_run: dict[str, Any] = {}
+        self.offload_text_encoder = False  # runner.offload: encoder lives on the CPU
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, device: Any = "cpu", dtype: Any = "fp32",
-             text_encoder_dtype: Any = None, reporter: Reporter | None = None) -> Pipeline:
+             text_encoder_dtype: Any = None, reporter: Reporter | None = None,
+             offload: str = "none", vae_tiling: bool = False, fast: bool = True) -> Pipeline:
+        """Load every component. ``offload`` (runner.offload): "text-encoder" keeps UMT5 on the
+        CPU between prompts, "dit" streams the DiT's blocks from CPU memory, "all" both.
+        ``fast``: fused glue for bf16/fp16 on CUDA (runner.fast_ops)."""
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, UMT5EncoderModel
 
+        from runner import offload as off
         from runner.loading import load_transformer
 
+        if offload not in off.OFFLOAD_CHOICES:
+            raise LongcatError(f"offload '{offload}': unknown (choose from "
+                               f"{', '.join(off.OFFLOAD_CHOICES)})")
+        te_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
+        swap = offload in ("dit", "all")
         ckpt = resolve_checkpoint(path)
         root = ckpt.root
         device = torch.device(device)
@@ -165,13 +176,19 @@ class Pipeline:
             tok = AutoTokenizer.from_pretrained(root / "tokenizer")
             te = UMT5EncoderModel.from_pretrained(
                 root / "text_encoder", torch_dtype=parse_dtype(text_encoder_dtype or dtype),
-                use_safetensors=True).to(device).eval()
+                use_safetensors=True).to(te_home or device).eval()
             vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=dtype,
                                                    use_safetensors=True).to(device).eval()
             sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-            dit = load_transformer(ckpt.root, device=device, dtype=dtype)
+            dit = load_transformer(ckpt.root, device="cpu" if swap else device, dtype=dtype)
+            if swap:
+                off.enable_block_swap(dit, device)
+        dit.enable_fast_ops(fast and device.type == "cuda")
+        if vae_tiling:
+            off.enable_vae_tiling(vae)
         pipe = cls(root, tok, te, vae, sched, dit, device, ckpt.describe())
         pipe.reporter = rep
+        pipe.offload_text_encoder = te_home is not None
         return pipe
 
     @property
@@ -184,7 +201,11 @@ class Pipeline:
     # ---- building blocks -------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """UMT5 states [B, 1, 512, C] in the DiT dtype and the attention mask [B, 512]."""
-        with self.reporter.stage("text_encoder"), torch.no_grad():
+        from runner.offload import on_device
+
+        te_on_gpu = on_device(self.text_encoder, self.device) if self.offload_text_encoder \
+            else nullcontext()
+        with self.reporter.stage("text_encoder"), torch.no_grad(), te_on_gpu:
             tokens = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
                                     max_length=MAX_SEQUENCE_LENGTH, truncation=True,
                                     add_special_tokens=True, return_attention_mask=True,

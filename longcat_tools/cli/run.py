@@ -53,6 +53,11 @@ def run_cmd(
     True,
     offload_kv_cache: Annotated[bool, typer.Option(help="Keep the KV cache in CPU memory.")] =
     False,
+    offload: Annotated[str, typer.Option(help="GPU memory: none, text-encoder (UMT5 on the CPU "
+                                         "between prompts), dit (stream DiT blocks from CPU "
+                                         "memory; fits 24 GB, slower) or all.")] = "none",
+    vae_tiling: Annotated[bool, typer.Option(help="Tiled VAE decode (less GPU memory).")] =
+    False,
     enhance_hf: Annotated[bool | None, typer.Option(help="vc: keep t>500 then 10 uniform steps "
                                                     "(default on unless --distill).")] = None,
     t_thresh: Annotated[float, typer.Option(help="Refinement start noise level (0..1).")] = 0.5,
@@ -83,7 +88,8 @@ def run_cmd(
         negative_prompt=negative_prompt, distill=distill, refine=refine, bsa=bsa, steps=steps,
         guidance=guidance, seed=seed, resolution=resolution, height=height, width=width,
         frames=frames, fps=fps, num_cond_frames=cond_frames, segments=segments,
-        kv_cache=kv_cache, offload_kv_cache=offload_kv_cache, enhance_hf=enhance_hf,
+        kv_cache=kv_cache, offload_kv_cache=offload_kv_cache, offload=offload,
+        vae_tiling=vae_tiling, enhance_hf=enhance_hf,
         t_thresh=t_thresh, spatial_refine_only=spatial_refine_only,
         refine_height=refine_height, refine_width=refine_width, device=device, dtype=dtype,
         save_latents=save_latents, latents_in=latents_in)

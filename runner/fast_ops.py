@@ -1,0 +1,116 @@
+"""Fused versions of the DiT's memory-bound glue, for bf16/fp16 runs on the GPU.
+
+The plain path in ``runner.dit`` follows the original op by op: every adaLN modulation, norm,
+RoPE and gated residual upcasts a full activation to fp32 and makes several passes over it.
+Here each of those becomes one function that computes the same math (fp32 inside, same casts at
+the same points) and is handed to ``torch.compile``, so it runs as one or two kernels that read
+and write the activation once in its own dtype.
+
+The plain path stays the reference: fp32 runs never come here (``use`` is false), so fp32/CPU
+outputs are bit-identical with or without fast ops. When compiling is unavailable or fails, the
+same functions run eagerly (correct, just not faster); ``LONGCAT_NO_COMPILE=1`` forces that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def use(enabled: bool, x: torch.Tensor) -> bool:
+    """Whether to take the fused path: switched on, and a half-precision activation."""
+    return enabled and x.dtype in _HALF
+
+
+# ---- the fused functions (eager definitions; the math of runner.dit's plain path) -------------
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift`` in fp32, cast back (no affine weights)."""
+    xf = x.float()
+    return (F.layer_norm(xf, xf.shape[-1:], None, None, eps) * (scale + 1) + shift).to(x.dtype)
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """LayerNorm in fp32 with upcast affine weights, cast back."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def _gated_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``(x + gate * h)`` with the fp32 gate, cast back to x's dtype."""
+    return (x + gate * h).to(x.dtype)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def _norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               eps: float) -> torch.Tensor:
+    """Per-head RMSNorm then interleaved RoPE in fp32, with the plain path's two roundings."""
+    xf = _rms_norm(x, weight, eps).float()
+    pairs = xf.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+def _swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.silu(a) * b
+
+
+class _Compiled:
+    """``fn`` through ``torch.compile`` on first use; eager for good once compiling fails."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Any] | None = None
+        self.failed = os.environ.get("LONGCAT_NO_COMPILE", "") not in ("", "0")
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failed:
+            return self.fn(*args)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, fullgraph=True)
+            return self.compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            log.warning("torch.compile of %s failed (%s: %s); running it eagerly",
+                        self.fn.__name__, type(exc).__name__, str(exc).splitlines()[0][:200])
+            self.failed = True
+            return self.fn(*args)
+
+
+modulate = _Compiled(_modulate)
+layer_norm = _Compiled(_layer_norm)
+gated_residual = _Compiled(_gated_residual)
+rms_norm = _Compiled(_rms_norm)
+norm_rope = _Compiled(_norm_rope)
+swiglu = _Compiled(_swiglu)
+ALL = (modulate, layer_norm, gated_residual, rms_norm, norm_rope, swiglu)
+
+
+def compile_status() -> dict[str, str]:
+    """``{function: "compiled" | "eager" | "unused"}`` for reports."""
+    out = {}
+    for c in ALL:
+        out[c.fn.__name__.lstrip("_")] = ("eager" if c.failed else
+                                          "compiled" if c.compiled is not None else "unused")
+    return out
+
+
+def set_compile(enabled: bool) -> None:
+    """Turn compiling on or off for every fused function (off: eager, same math)."""
+    for c in ALL:
+        c.failed = not enabled
+        c.compiled = None

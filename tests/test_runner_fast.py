@@ -1,0 +1,159 @@
+"""Fused glue (runner.fast_ops), cached RoPE tables and the memory options (runner.offload)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from longcat_tools.synth import dit_config
+from runner import fast_ops, offload
+from runner.dit import LongCatDiT, rope_3d_table, rope_table_cached
+
+
+def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LongCatDiT:
+    torch.manual_seed(seed)
+    m = LongCatDiT(dit_config("tiny"))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 0.05)
+    return m.to(dtype).eval()
+
+
+def _inputs(m: LongCatDiT, n_cond: int = 0):
+    g = torch.Generator().manual_seed(1)
+    c = m.dims.caption_channels
+    x = torch.randn(2, 16, 4, 8, 8, generator=g)
+    t = torch.tensor([700.0, 130.0])[:, None].repeat(1, 4)
+    t[:, :n_cond] = 0
+    y = torch.randn(2, 1, 512, c, generator=g)
+    mask = torch.zeros(2, 512, dtype=torch.long)
+    mask[0, :7], mask[1, :19] = 1, 1
+    return x, t, y, mask
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _eager():
+    """Fused functions run eagerly here (compiling costs tens of seconds on CPU)."""
+    fast_ops.set_compile(False)
+    yield
+    fast_ops.set_compile(True)
+
+
+def test_fp32_path_is_bit_identical_with_fast_ops_on():
+    m = _model()
+    args = _inputs(m, n_cond=1)
+    with torch.no_grad():
+        plain = m(*args, num_cond_latents=1)
+        m.enable_fast_ops()
+        fast = m(*args, num_cond_latents=1)
+    assert torch.equal(plain, fast)
+
+
+def test_rope_cache_returns_the_same_table():
+    cos, sin = rope_3d_table((3, 4, 5), 24, torch.device("cpu"))
+    c1, s1 = rope_table_cached((3, 4, 5), 24, torch.device("cpu"))
+    c2, _ = rope_table_cached((3, 4, 5), 24, torch.device("cpu"))
+    assert torch.equal(cos, c1) and torch.equal(sin, s1) and c1 is c2
+    assert not c1.is_inference()
+
+
+@pytest.mark.parametrize("n_cond", [0, 1])
+def test_bf16_fused_path_runs_and_equals_plain_when_eager(n_cond, monkeypatch):
+    """Eagerly the fused functions are the plain path's math, op for op: bit-identical."""
+    ref = _model()  # fp32 reference
+    m = _model(dtype=torch.bfloat16)
+    args = _inputs(m, n_cond)
+    calls: dict[str, int] = {}
+    for c in fast_ops.ALL:
+        def spy(*a, _fn=c.fn, **k):
+            calls[_fn.__name__] = calls.get(_fn.__name__, 0) + 1
+            return _fn(*a, **k)
+        monkeypatch.setattr(c, "fn", spy)
+    with torch.no_grad():
+        want = ref(*args, num_cond_latents=n_cond)
+        plain = m(*args, num_cond_latents=n_cond)
+        assert not calls
+        m.enable_fast_ops()
+        fast = m(*args, num_cond_latents=n_cond)
+    depth = len(m.blocks)
+    assert calls == {"_modulate": 2 * depth, "_gated_residual": 2 * depth,
+                     "_layer_norm": depth, "_rms_norm": depth, "_swiglu": depth,
+                     "_norm_rope": 2 * depth}
+    assert torch.equal(fast, plain)
+    assert _rel(fast, want) < 3e-2  # bf16 vs fp32
+
+
+def test_fused_functions_equal_the_plain_math_in_fp32():
+    from runner.dit import RMSNorm, apply_rope
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 60, 24, generator=g)
+    norm = RMSNorm(24)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1, generator=g)
+    cos, sin = rope_3d_table((3, 4, 5), 24, torch.device("cpu"))
+    want = apply_rope(norm(q), cos, sin)
+    assert torch.equal(fast_ops._norm_rope(q, norm.weight, cos, sin, norm.eps), want)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    fn = fast_ops._Compiled(fast_ops._swiglu)
+    fn.failed = False
+    monkeypatch.setattr(torch, "compile", broken)
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    with caplog.at_level(logging.WARNING, logger="runner.fast_ops"):
+        out = fn(a, b)
+    assert torch.equal(out, torch.nn.functional.silu(a) * b)
+    assert fn.failed and "no compiler here" in caplog.text
+
+
+def test_block_swap_streams_blocks_and_keeps_outputs():
+    m = _model()
+    args = _inputs(m)
+    with torch.no_grad():
+        want = m(*args)
+        swap = offload.enable_block_swap(m, "cpu", resident=1)
+        got = m(*args)
+    assert torch.equal(got, want)
+    n = len(m.blocks)
+    assert swap.loads == list(range(1, n))  # every swapped block once, in order, prefetched
+    assert not swap._ready  # each released after it ran
+    swap.remove()
+    with torch.no_grad():
+        assert torch.equal(m(*args), want)
+
+
+def test_on_device_moves_back_home():
+    lin = torch.nn.Linear(3, 3)
+    with offload.on_device(lin, torch.device("cpu"), home="meta"):
+        assert lin.weight.device.type == "cpu"
+    assert lin.weight.is_meta
+
+
+def test_pipeline_with_offload_all_and_vae_tiling_gives_the_same_video(tiny_native):
+    from runner import load_pipeline
+
+    kw = dict(prompt="a cat", height=32, width=32, num_frames=5, steps=1, seed=3)
+    want = load_pipeline(tiny_native).t2v(**kw)
+    pipe = load_pipeline(tiny_native, offload="all", vae_tiling=True)
+    assert pipe.offload_text_encoder and hasattr(pipe.dit, "block_swap")
+    got = pipe.t2v(**kw)
+    assert torch.equal(got.latents, want.latents)
+    assert pipe.text_encoder.device.type == "cpu"
+
+
+def test_bad_offload_is_one_line(capsys, tiny_native):
+    from longcat_tools.cli import main
+
+    rc = main(["run", "-q", "-m", str(tiny_native), "--task", "t2v", "--offload", "gpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "--offload gpu: unknown" in err[0]
