@@ -8,6 +8,11 @@ fused path's output with the plain path's. Shapes: 480p/93 frames dense (latent 
 xformers), so ratios are to the SPEC section 6 figures measured on an H100 (said so in the table).
 
   PYTHONPATH=. python3 benchmarks/dit_forward.py              # on the GPU machine
+  PYTHONPATH=. python3 benchmarks/dit_forward.py --profile    # kernel time by category
+
+Variants: "plain" (the reference path), "fast" (fused glue: Triton row kernels on CUDA, BSA with
+bf16 P @ V and token-major output), "fast-compiled" (the same with the glue through
+torch.compile instead of the Triton row kernels: the difference is what the row kernels gain).
   PYTHONPATH=. python3 benchmarks/dit_forward.py --small      # logic check on CPU, tiny sizes
 """
 
@@ -106,6 +111,7 @@ def time_forward(model, args, device: str, reps: int):
 CATEGORIES = (  # (category, substrings of kernel names), first match wins
     ("bsa (triton)", ("_bsa_fwd", "_pool_kernel", "_score_kernel", "_select_kernel",
                       "_to_fp16")),
+    ("row kernels (triton)", ("_rows_kernel", "_head_norm_rope")),
     ("fused glue (inductor)", ("triton_",)),
     ("sdpa (cudnn/flash)", ("cudnn", "fmha", "flash", "attention", "sm90_flash")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
@@ -145,6 +151,36 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+VARIANTS = {  # name: (fast ops, Triton row kernels)
+    "plain": (False, False),
+    "fast": (True, True),
+    "fast-compiled": (True, False),
+}
+
+
+def bsa_precision(latent: tuple[int, int, int], heads: int, device: str) -> dict[str, float]:
+    """Relative error of the BSA kernel vs float64 attention over the same chunks, random
+    bf16 q/k/v, for P @ V in float16 (kernels' default) and in bf16 (the DiT's fast path)."""
+    import kernels
+    from kernels import reference as R
+
+    g = torch.Generator(device=device).manual_seed(3)
+    n = math.prod(latent)
+    q, k, v = (torch.randn(1, heads, n, 128, generator=g, device=device, dtype=torch.bfloat16)
+               for _ in range(3))
+    lay = R.ChunkLayout(latent, (4, 4, 4))
+    idx, cnt = kernels.select_chunks(q, k, latent, latent, sparsity=0.9375)
+    ref = R.masked_attention(q.double(), k.double(), v.double(), lay, lay,
+                             R.chunk_mask(idx, cnt, lay.num_chunks))
+    out = {"latent": list(latent), "heads": heads}
+    for name, pv in (("pv_fp16", True), ("pv_bf16", False)):
+        got = kernels.block_sparse_attention(q, k, v, latent, latent, sparsity=0.9375,
+                                             pv_fp16=pv, token_major=not pv)
+        out[name] = rel(got, ref)
+    out["bf16_rounding_floor"] = rel(ref.to(torch.bfloat16), ref)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="CPU logic check at tiny sizes")
@@ -156,6 +192,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="only the fused path: kernel time of one forward by category")
     ap.add_argument("--no-compile", action="store_true", help="fused functions run eagerly")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated, from {','.join(VARIANTS)}")
+    ap.add_argument("--no-precision", action="store_true", help="skip the BSA precision check")
     a = ap.parse_args()
 
     start = time.perf_counter()
@@ -188,9 +227,19 @@ def main() -> None:
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    variants = a.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
+    result_name = "dit_forward_profile.json" if a.profile else "dit_forward.json"
+
     def save() -> None:
-        (out_dir / "dit_forward.json").write_text(json.dumps({"info": info, "rows": rows},
-                                                             indent=1))
+        (out_dir / result_name).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+
+    if device == "cuda" and not a.no_precision and not a.profile:
+        prec = bsa_precision((24, 44, 80), 2, device)
+        info["bsa_precision_vs_fp64"] = prec
+        print("BSA rel err vs fp64:", json.dumps(prec), flush=True)
 
     for name, (latent, bsa) in shapes.items():
         args = inputs(latent, model.dims.caption_channels, device, seed=1)
@@ -207,12 +256,14 @@ def main() -> None:
                 save()
                 print(name, json.dumps(prof, indent=1), flush=True)
             continue
-        for variant in ("plain", "fast"):
+        for variant in variants:
             if time.perf_counter() - start > a.deadline:
                 print(f"skip {name} {variant}: past the {a.deadline:.0f} s deadline", flush=True)
                 rows.append({"shape": name, "variant": variant, "skipped": "deadline"})
                 continue
-            model.enable_fast_ops(variant == "fast")
+            fast, triton_rows = VARIANTS[variant]
+            model.enable_fast_ops(fast)
+            os.environ["LONGCAT_NO_TRITON_NORM"] = "0" if triton_rows else "1"
             t0 = time.perf_counter()
             try:
                 med, times, peak, res, out = time_forward(model, args, device, a.reps)
@@ -230,6 +281,8 @@ def main() -> None:
             if variant == "plain":
                 ref = out.float().cpu()
             else:
+                row["glue"] = ("triton row kernels" if triton_rows and fast_ops._TRITON_NORM
+                               else "torch.compile")
                 row["compile"] = fast_ops.compile_status()
                 if ref is not None:
                     row["rel_err_vs_plain"] = rel(out.float().cpu(), ref)
@@ -268,6 +321,12 @@ def main() -> None:
                      f"{'' if tgt is None else f'<= {tgt}x'} | "
                      f"{r.get('rel_err_vs_plain', ''):{'.2e' if 'rel_err_vs_plain' in r else ''}}"
                      " |")
+    prec = info.get("bsa_precision_vs_fp64")
+    if prec:
+        lines += ["", f"BSA kernel rel err vs fp64 (random bf16 q/k/v, latent {prec['latent']}, "
+                  f"{prec['heads']} heads, 0.9375): P @ V in float16 {prec['pv_fp16']:.2e}, "
+                  f"in bf16 (fast path) {prec['pv_bf16']:.2e}; rounding the fp64 result to "
+                  f"bf16 alone {prec['bf16_rounding_floor']:.2e}."]
     md = "\n".join(lines) + "\n"
     (out_dir / "dit_forward.md").write_text(md)
     print(md)

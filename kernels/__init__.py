@@ -66,6 +66,8 @@ def block_sparse_attention(
     cdf_threshold: float | None = None,
     chunk_q: Shape3 = (4, 4, 4),
     chunk_k: Shape3 = (4, 4, 4),
+    pv_fp16: bool | None = None,
+    token_major: bool = False,
 ) -> torch.Tensor:
     """3D block sparse attention on ``[B, H, S, D]`` tensors in THW raster order.
 
@@ -77,6 +79,12 @@ def block_sparse_attention(
         cdf_threshold: keep the smallest-weight-mass prefix under this threshold instead;
             with both set, keep the larger count. At least one must be set.
         chunk_q, chunk_k: chunk shapes ``(t, h, w)``.
+        pv_fp16: Triton path, bf16 inputs: ``P @ V`` in float16 (V copied with a per-head
+            power-of-two scale; rel. err ~1.7e-3) or, ``False``, in bf16 like the original's
+            kernel (no copy of V; ~2.3e-3, as dense SDPA). ``None``: ``FWD_CONFIG["pv_fp16"]``.
+        token_major: Triton path: write the output into a ``[B, S_q, H, D]`` tensor and return
+            its ``[B, H, S_q, D]`` view, so ``out.transpose(1, 2).reshape(B, S_q, H * D)``
+            needs no copy. q, k, v may be any views with unit stride along D.
 
     Returns:
         ``[B, H, S_q, D]`` in q's dtype and raster order; softmax scale ``D**-0.5``.
@@ -87,7 +95,11 @@ def block_sparse_attention(
         from . import triton_bsa
 
         indices, counts = triton_bsa.select_chunks(q, k, lq, lk, sparsity, cdf_threshold)
-        return triton_bsa.attend(q, k, v, lq, lk, indices, counts)
+        out = None
+        if token_major:
+            B, H, S, D = q.shape
+            out = q.new_empty(B, S, H, D).transpose(1, 2)
+        return triton_bsa.attend(q, k, v, lq, lk, indices, counts, pv_fp16=pv_fp16, out=out)
     indices, counts = reference.select_chunks(q, k, lq, lk, sparsity, cdf_threshold)
     mask = reference.chunk_mask(indices, counts, lk.num_chunks)
     return reference.masked_attention(q, k, v, lq, lk, mask)

@@ -319,12 +319,18 @@ def _fwd_config(cq_pad: int, ck_pad: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _to_fp16_kernel(X, SCALE, OUT, N, stride_xbh, BLOCK: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + bh * stride_xbh + offs, mask=offs < N, other=0.0)
+def _to_fp16_kernel(X, SCALE, OUT, S, H, stride_xb, stride_xh, stride_xs,
+                    BS: tl.constexpr, D: tl.constexpr):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    s = tl.program_id(0) * BS + tl.arange(0, BS)
+    d = tl.arange(0, D)
+    ok = s[:, None] < S
+    x = tl.load(X + b * stride_xb + h * stride_xh + s[:, None] * stride_xs + d[None, :],
+                mask=ok, other=0.0)
     y = (x.to(tl.float32) * tl.load(SCALE + bh)).to(tl.float16)
-    tl.store(OUT + bh * N + offs, y, mask=offs < N)
+    tl.store(OUT + bh.to(tl.int64) * S * D + s[:, None] * D + d[None, :], y, mask=ok)
 
 
 def to_fp16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,12 +345,12 @@ def to_fp16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e = torch.ceil(torch.log2(vmax))
     scale = torch.where(torch.isfinite(e), torch.exp2((14.0 - e).clamp(-126, 126)), 1.0)
     scale = scale.contiguous()
-    if v.stride(-1) != 1 or v.stride(-2) != D:
+    if v.stride(-1) != 1:
         v = v.contiguous()
     out = torch.empty(B, H, S, D, device=v.device, dtype=torch.float16)
-    n, block = S * D, 4096
-    _to_fp16_kernel[(triton.cdiv(n, block), B * H)](v, scale, out, n, v.stride(1), block,
-                                                    num_warps=4)
+    bs = max(1, 4096 // D)  # read straight from a strided view (e.g. the qkv projection)
+    _to_fp16_kernel[(triton.cdiv(S, bs), B * H)](v, scale, out, S, H, v.stride(0), v.stride(1),
+                                                 v.stride(2), bs, D, num_warps=4)
     return out, scale
 
 
@@ -354,6 +360,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse flash attention forward over the selected chunks; ``[B, H, Sq, D]``.
 
+    q, k, v: any strides with unit stride along D (no copies). ``out``: any ``[B, H, Sq, D]``
+    view with unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor).
     ``v_scale`` ``[B, H]``: ``v`` is already ``to_fp16``'s output with this scale.
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))

@@ -204,27 +204,29 @@ class SelfAttention(nn.Module):
         self.proj = Linear(dim, dim)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                grid: tuple[int, int, int]) -> torch.Tensor:
+                grid: tuple[int, int, int], fast: bool = False) -> torch.Tensor:
         """Non-causal attention; BSA when enabled and the clip has more than one frame
-        (the query/key frame counts follow from the token counts)."""
+        (the query/key frame counts follow from the token counts). ``fast``: BSA with the
+        original's precision and a token-major output (``attn_ops.block_sparse``)."""
         bsa = self.state.bsa
         if bsa is not None and grid[0] > 1:
             hw = grid[1] * grid[2]
             return attn_ops.block_sparse(q, k, v, (q.shape[2] // hw, grid[1], grid[2]),
-                                         (k.shape[2] // hw, grid[1], grid[2]), bsa)
+                                         (k.shape[2] // hw, grid[1], grid[2]), bsa, fast=fast)
         return attn_ops.dense(q, k, v)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], num_cond_latents: int,
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 return_kv: bool = False):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         T, H, W = grid
         roped = kv_cache is None and not return_kv and fast_ops.use(self.state.fast, x)
-        if roped:  # norm + RoPE in one fused pass each
+        if roped:  # norm + RoPE fused (q and k in one pass with the Triton kernels)
             cos, sin = rope_table_cached(grid, self.head_dim, x.device)
-            q = fast_ops.norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
-            k = fast_ops.norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps)
+            q, k = fast_ops.qk_norm_rope(qkv, self.num_heads, self.q_norm.weight,
+                                         self.k_norm.weight, cos, sin, self.q_norm.eps)
         else:
             q, k = self.q_norm(q), self.k_norm(k)
         new_kv = (k.clone(), v.clone()) if return_kv else None
@@ -249,7 +251,7 @@ class SelfAttention(nn.Module):
                 out = torch.cat([self._attend(q[:, :, :n_c], k[:, :, :n_c], v[:, :, :n_c], grid),
                                  self._attend(q[:, :, n_c:], k, v, grid)], dim=2)
             else:
-                out = self._attend(q, k, v, grid)
+                out = self._attend(q, k, v, grid, fast=roped)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return out, new_kv
 
@@ -268,9 +270,12 @@ class CrossAttention(nn.Module):
                 fast: bool = False) -> torch.Tensor:
         """x [B, N, C] attends to its own sample's text; y [sum(y_lens), C] packs the texts."""
         B, N, C = x.shape
-        q = self.q_linear(x).view(B, N, self.num_heads, self.head_dim)
-        q = (fast_ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps) if fast
-             else self.q_norm(q)).transpose(1, 2)
+        if fast:
+            q = fast_ops.head_rms_norm(self.q_linear(x), self.num_heads, self.q_norm.weight,
+                                       self.q_norm.eps)
+        else:
+            q = self.q_norm(self.q_linear(x).view(B, N, self.num_heads, self.head_dim))
+            q = q.transpose(1, 2)
         k, v = self.kv_linear(y).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
         k = self.k_norm(k)
         if len(set(y_lens)) == 1:
@@ -327,35 +332,48 @@ class Block(nn.Module):
 
         fast = fast_ops.use(self.attn.state.fast, x)
         if fast:
-            h = fast_ops.modulate(x.view(frames), shift_msa, scale_msa, self.mod_norm_attn.eps)
-        else:
-            h = modulate(self.mod_norm_attn, x.view(frames), shift_msa, scale_msa)
+            return self._forward_fast(x, y, y_lens, mod, grid, num_cond_latents, kv_cache,
+                                      return_kv, skip_crs_attn)
+        h = modulate(self.mod_norm_attn, x.view(frames), shift_msa, scale_msa)
         h, new_kv = self.attn(h.view(B, N, C), grid, num_cond_latents, kv_cache, return_kv)
-        if fast:
-            x = fast_ops.gated_residual(x.view(frames), h.view(frames), gate_msa).view(B, N, C)
-        else:
-            x = (x + (gate_msa * h.view(frames)).view(B, N, C)).to(x.dtype)
+        x = (x + (gate_msa * h.view(frames)).view(B, N, C)).to(x.dtype)
 
         if not skip_crs_attn:
-            norm = self.pre_crs_attn_norm
-            h = fast_ops.layer_norm(x, norm.weight, norm.bias, norm.eps) if fast else norm(x)
-            if num_cond_latents > 0 and kv_cache is None:
-                # condition tokens get no text: zeros for them, cross-attention for the rest
-                n_c = num_cond_latents * (N // T)
-                out = self.cross_attn(h[:, n_c:], y, y_lens, fast)
-                out = torch.cat([out.new_zeros(B, n_c, C), out], dim=1)
-            else:
-                out = self.cross_attn(h, y, y_lens, fast)
-            x = x + out
+            h = self.pre_crs_attn_norm(x)
+            x = x + self._cross(h, y, y_lens, T, num_cond_latents, kv_cache, False)
 
-        if fast:
-            h = fast_ops.modulate(x.view(frames), shift_mlp, scale_mlp, self.mod_norm_ffn.eps)
-            h = self.ffn(h.view(B, N, C), fast)
-            x = fast_ops.gated_residual(x.view(frames), h.view(frames), gate_mlp).view(B, N, C)
-        else:
-            h = modulate(self.mod_norm_ffn, x.view(frames), shift_mlp, scale_mlp).view(B, N, C)
-            x = (x + (gate_mlp * self.ffn(h).view(frames)).view(B, N, C)).to(x.dtype)
+        h = modulate(self.mod_norm_ffn, x.view(frames), shift_mlp, scale_mlp).view(B, N, C)
+        x = (x + (gate_mlp * self.ffn(h).view(frames)).view(B, N, C)).to(x.dtype)
         return x, new_kv
+
+    def _cross(self, h: torch.Tensor, y: torch.Tensor, y_lens: list[int], T: int,
+               num_cond_latents: int, kv_cache: Any, fast: bool) -> torch.Tensor:
+        """Cross-attention output for every token (zeros for condition tokens: no text)."""
+        B, N, C = h.shape
+        if num_cond_latents > 0 and kv_cache is None:
+            n_c = num_cond_latents * (N // T)
+            out = self.cross_attn(h[:, n_c:], y, y_lens, fast)
+            return torch.cat([out.new_zeros(B, n_c, C), out], dim=1)
+        return self.cross_attn(h, y, y_lens, fast)
+
+    def _forward_fast(self, x, y, y_lens, mod, grid, num_cond_latents, kv_cache, return_kv,
+                      skip_crs_attn):
+        """The same block with fused glue (runner.fast_ops): each residual is fused with the
+        norm that reads its result, so the residual stream is read and written once per step."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        T = grid[0]
+        _, h = fast_ops.adaln(x, T, shift_msa, scale_msa, self.mod_norm_attn.eps)
+        h, new_kv = self.attn(h, grid, num_cond_latents, kv_cache, return_kv)
+        if skip_crs_attn:
+            x, h = fast_ops.adaln(x, T, shift_mlp, scale_mlp, self.mod_norm_ffn.eps, res=h,
+                                  gate=gate_msa)
+        else:
+            norm = self.pre_crs_attn_norm
+            x, h = fast_ops.residual_layer_norm(x, T, h, gate_msa, norm.weight, norm.bias,
+                                                norm.eps)
+            out = self._cross(h, y, y_lens, T, num_cond_latents, kv_cache, True)
+            x, h = fast_ops.adaln(x, T, shift_mlp, scale_mlp, self.mod_norm_ffn.eps, res=out)
+        return fast_ops.residual(x, T, self.ffn(h, True), gate_mlp), new_kv
 
 
 class FinalLayer(nn.Module):

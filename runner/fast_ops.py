@@ -9,6 +9,12 @@ and write the activation once in its own dtype.
 The plain path stays the reference: fp32 runs never come here (``use`` is false), so fp32/CPU
 outputs are bit-identical with or without fast ops. When compiling is unavailable or fails, the
 same functions run eagerly (correct, just not faster); ``LONGCAT_NO_COMPILE=1`` forces that.
+
+On CUDA with Triton the row-wise glue goes to hand-written kernels instead
+(``kernels.triton_norm``: one read and one write per row, residual and norm fused, q/k written
+token-major for the attention kernels); ``LONGCAT_NO_TRITON_NORM=1`` turns that off. The
+dispatchers below (``adaln``, ``residual_layer_norm``, ``residual``, ``qk_norm_rope``,
+``head_rms_norm``) pick the Triton kernels or the compiled functions.
 """
 
 from __future__ import annotations
@@ -114,3 +120,96 @@ def set_compile(enabled: bool) -> None:
     for c in ALL:
         c.failed = not enabled
         c.compiled = None
+
+
+# ---- dispatch: Triton row kernels on CUDA, else the compiled (or eager) functions ----------
+
+_TRITON_NORM: Any = None  # the module once imported, False when unavailable
+
+
+def _rows(x: torch.Tensor) -> Any:
+    """``kernels.triton_norm`` when ``x`` is a CUDA tensor and the kernels can run, else None."""
+    global _TRITON_NORM
+    if not x.is_cuda or os.environ.get("LONGCAT_NO_TRITON_NORM", "") not in ("", "0"):
+        return None
+    if _TRITON_NORM is None:
+        try:
+            from kernels import triton_norm
+            _TRITON_NORM = triton_norm
+        except Exception as exc:  # noqa: BLE001 - no Triton: the compiled path
+            log.warning("Triton row kernels unavailable (%s); using torch.compile", exc)
+            _TRITON_NORM = False
+    return _TRITON_NORM or None
+
+
+def _frames(x: torch.Tensor, frames: int) -> tuple[int, int, int, int]:
+    B, N, C = x.shape
+    return B, frames, N // frames, C
+
+
+def adaln(x: torch.Tensor, frames: int, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+          res: torch.Tensor | None = None,
+          gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x' = x [+ [gate *] res]`` then ``(x', LayerNorm(x') * (1 + scale) + shift)``.
+
+    ``x``, ``res``: ``[B, N, C]``; ``shift``/``scale``/``gate``: per frame ``[B, T, 1, C]``.
+    """
+    tn = _rows(x)
+    if tn is not None:
+        x_new, h = tn.fused_rows(x, frames, res=res, gate=gate, norm="modulate", shift=shift,
+                                 scale=scale, eps=eps)
+        return (x if x_new is None else x_new), h
+    fr = _frames(x, frames)
+    if res is not None:
+        x = residual(x, frames, res, gate)
+    return x, modulate(x.view(fr), shift, scale, eps).view(x.shape)
+
+
+def residual(x: torch.Tensor, frames: int, res: torch.Tensor,
+             gate: torch.Tensor | None) -> torch.Tensor:
+    """``x + gate * res`` (fp32 gate, per frame) or ``x + res``, in x's dtype."""
+    tn = _rows(x)
+    if tn is not None:
+        return tn.fused_rows(x, frames, res=res, gate=gate)[0]
+    if gate is None:
+        return x + res
+    fr = _frames(x, frames)
+    return gated_residual(x.view(fr), res.view(fr), gate).view(x.shape)
+
+
+def residual_layer_norm(x: torch.Tensor, frames: int, res: torch.Tensor, gate: torch.Tensor,
+                        weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x' = x + gate * res``, then ``(x', LayerNorm(x'; weight, bias))``."""
+    tn = _rows(x)
+    if tn is not None:
+        return tn.fused_rows(x, frames, res=res, gate=gate, norm="layer_norm", weight=weight,
+                             bias=bias, eps=eps)
+    x = residual(x, frames, res, gate)
+    return x, layer_norm(x, weight, bias, eps)
+
+
+def qk_norm_rope(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor,
+                 k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k ``[B, H, N, D]`` of the qkv projection ``[B, N, 3C]``: RMSNorm, then RoPE.
+
+    With the Triton kernels both are views of token-major tensors (one pass for both).
+    """
+    B, N, _ = qkv.shape
+    tn = _rows(qkv)
+    if tn is not None and tn.supported(heads, q_weight.shape[0]):
+        q, k = tn.head_norm_rope(qkv, heads, [q_weight, k_weight], cos, sin, eps)
+        return q, k
+    q, k = qkv.view(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)[:2]
+    return norm_rope(q, q_weight, cos, sin, eps), norm_rope(k, k_weight, cos, sin, eps)
+
+
+def head_rms_norm(x: torch.Tensor, heads: int, weight: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """Per-head RMSNorm of ``x`` ``[B, N, C]``, returned as ``[B, H, N, D]``."""
+    B, N, C = x.shape
+    tn = _rows(x)
+    if tn is not None and tn.supported(heads, weight.shape[0]):
+        return tn.head_norm_rope(x, heads, [weight], None, None, eps)[0]
+    return rms_norm(x.view(B, N, heads, C // heads), weight, eps).transpose(1, 2)

@@ -1,0 +1,188 @@
+"""Triton row kernels for the DiT's memory-bound glue (CUDA, bf16/fp16 activations).
+
+Each token row (C = 4096 channels at the real size) fits in the registers of one program, so
+every kernel reads its inputs once and writes its outputs once, with the same fp32 math and the
+same roundings as ``runner.dit``'s plain path:
+
+* ``fused_rows``: an optional residual ``x + res`` or gated residual ``x + gate * res`` (fp32,
+  rounded to x's dtype), then an optional LayerNorm of the result in fp32, either without
+  affine weights and modulated per latent frame (``* (1 + scale) + shift``, adaLN) or with
+  affine weights (the pre-cross-attention norm), rounded once. One call replaces the two or
+  three passes (residual, upcast, norm, modulate, cast) of the plain path.
+* ``head_norm_rope``: per-head RMSNorm of q and k read straight out of the fused qkv projection
+  (rounded, times the weight, rounded, as the plain path does), then interleaved RoPE in fp32;
+  q and k are written token-major (``[B, N, H, D]``) and returned as ``[B, H, N, D]`` views,
+  the layout the attention kernels read without copies.
+
+Why hand-written: inductor's looped reductions read each 4096-wide row twice and ran ~3x over
+the bandwidth floor at 84,480 tokens (benchmarks/results/dit_forward.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_bsa import _round_fp32_to as _rnd
+
+RES_NONE, RES_ADD, RES_GATED = 0, 1, 2
+NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
+_NORMS = {None: NORM_NONE, "modulate": NORM_MODULATE, "layer_norm": NORM_AFFINE}
+
+
+@triton.jit
+def _rows_kernel(X, RES, GATE, SHIFT, SCALE, W, BIAS, XOUT, YOUT,
+                 T, HW, C, sg_b, sg_t, ssh_b, ssh_t, ssc_b, ssc_t, eps,
+                 ROWS: tl.constexpr, BLOCK_C: tl.constexpr, RES_MODE: tl.constexpr,
+                 NORM_MODE: tl.constexpr):
+    """``ROWS`` consecutive tokens of one latent frame ``(b, t)``; rows are C contiguous."""
+    pid = tl.program_id(0)
+    bt = tl.program_id(1)
+    b = bt // T
+    t = bt % T
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C
+    if RES_MODE == 2:
+        g = tl.load(GATE + b * sg_b + t * sg_t + c, mask=cm, other=0.0).to(tl.float32)
+    if NORM_MODE == 1:
+        mul = tl.load(SCALE + b * ssc_b + t * ssc_t + c, mask=cm, other=0.0).to(tl.float32) + 1.0
+        add = tl.load(SHIFT + b * ssh_b + t * ssh_t + c, mask=cm, other=0.0).to(tl.float32)
+    if NORM_MODE == 2:
+        mul = tl.load(W + c, mask=cm, other=0.0).to(tl.float32)
+        add = tl.load(BIAS + c, mask=cm, other=0.0).to(tl.float32)
+    for i in range(ROWS):
+        f = pid * ROWS + i  # token index inside the frame
+        if f < HW:
+            off = (bt.to(tl.int64) * HW + f) * C + c
+            x = tl.load(X + off, mask=cm, other=0.0)
+            if RES_MODE != 0:
+                r = tl.load(RES + off, mask=cm, other=0.0).to(tl.float32)
+                if RES_MODE == 2:
+                    r = g * r
+                x = _rnd(x.to(tl.float32) + r, XOUT.dtype.element_ty)
+                tl.store(XOUT + off, x, mask=cm)
+            if NORM_MODE != 0:
+                v = x.to(tl.float32)
+                mean = tl.sum(v, axis=0) / C
+                d = tl.where(cm, v - mean, 0.0)
+                var = tl.sum(d * d, axis=0) / C
+                y = d * (1.0 / tl.sqrt_rn(var + eps))
+                y = y * mul + add
+                tl.store(YOUT + off, _rnd(y, YOUT.dtype.element_ty), mask=cm)
+
+
+def _frame_vec(v: torch.Tensor | None, B: int, T: int, C: int) -> tuple[torch.Tensor | None,
+                                                                        int, int]:
+    """A per-frame vector ``[B, T, 1, C]`` / ``[B, T, C]`` (unit channel stride) and its b, t
+    strides; a batch or frame dim of size 1 broadcasts (stride 0)."""
+    if v is None:
+        return None, 0, 0
+    if v.dim() == 4:
+        v = v.squeeze(2)
+    v = v.expand(B, T, C)
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    return v, v.stride(0), v.stride(1)
+
+
+def fused_rows(x: torch.Tensor, frames: int, *, res: torch.Tensor | None = None,
+               gate: torch.Tensor | None = None, norm: str | None = None,
+               shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-6) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(x + [gate *] res, norm(that))`` for ``x`` ``[B, N, C]`` in ``frames`` latent frames.
+
+    ``gate``/``shift``/``scale``: ``[B, T, 1, C]`` (fp32 in the DiT); ``norm``: ``None``,
+    ``"modulate"`` (LayerNorm without affine, ``* (1 + scale) + shift``) or ``"layer_norm"``
+    (with ``weight``/``bias``). The first result is ``None`` without ``res``, the second
+    without ``norm``.
+    """
+    B, N, C = x.shape
+    if N % frames:
+        raise ValueError(f"{N} tokens do not split into {frames} frames")
+    hw = N // frames
+    x = x.contiguous()
+    res_mode = RES_NONE if res is None else (RES_ADD if gate is None else RES_GATED)
+    norm_mode = _NORMS[norm]
+    if res is not None:
+        res = res.reshape(B, N, C).contiguous()
+    g, sg_b, sg_t = _frame_vec(gate, B, frames, C)
+    sh, ssh_b, ssh_t = _frame_vec(shift, B, frames, C)
+    sc, ssc_b, ssc_t = _frame_vec(scale, B, frames, C)
+    x_out = torch.empty_like(x) if res is not None else None
+    y = torch.empty_like(x) if norm_mode != NORM_NONE else None
+    block_c = triton.next_power_of_2(C)
+    rows = 8
+    warps = max(1, min(8, block_c // 512))
+    dummy = x
+    _rows_kernel[(triton.cdiv(hw, rows), B * frames)](
+        x, res if res is not None else dummy, g if g is not None else dummy,
+        sh if sh is not None else dummy, sc if sc is not None else dummy,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        x_out if x_out is not None else dummy, y if y is not None else dummy,
+        frames, hw, C, sg_b, sg_t, ssh_b, ssh_t, ssc_b, ssc_t, float(eps),
+        rows, block_c, res_mode, norm_mode, num_warps=warps)
+    return x_out, y
+
+
+@triton.jit
+def _head_norm_rope_kernel(SRC, W, COS, SIN, OUT, N, stride_sb, stride_sn, stride_op, stride_ob,
+                           stride_on, stride_cn, eps, H, H_PAD: tl.constexpr,
+                           D: tl.constexpr, PARTS: tl.constexpr, ROPE: tl.constexpr):
+    """One token: per-head RMSNorm over D of each of its ``PARTS`` parts, then RoPE."""
+    tok = tl.program_id(0)
+    b = (tok // N).to(tl.int64)
+    n = (tok % N).to(tl.int64)
+    hh = tl.arange(0, H_PAD)[:, None]
+    col = hh * D + tl.arange(0, D)[None, :]
+    ok = hh < H
+    dt = OUT.dtype.element_ty
+    if ROPE:  # the tables repeat each angle for both channels of a pair
+        ce, co = tl.split(tl.reshape(tl.load(COS + n * stride_cn + tl.arange(0, D)), (D // 2, 2)))
+        se, so = tl.split(tl.reshape(tl.load(SIN + n * stride_cn + tl.arange(0, D)), (D // 2, 2)))
+    for p in tl.static_range(PARTS):
+        x = tl.load(SRC + b * stride_sb + n * stride_sn + p * (H * D) + col, mask=ok,
+                    other=0.0).to(tl.float32)
+        w = tl.load(W + p * D + tl.arange(0, D)).to(tl.float32)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+        # the plain path: (x * rstd) rounded, times the weight in the activation dtype, rounded
+        y = _rnd(_rnd(x * rstd[:, None], dt).to(tl.float32) * w[None, :], dt).to(tl.float32)
+        if ROPE:
+            ye, yo = tl.split(tl.reshape(y, (H_PAD, D // 2, 2)))
+            oe = ye * ce[None, :] + (-yo) * se[None, :]
+            oo = yo * co[None, :] + ye * so[None, :]
+            y = tl.reshape(tl.join(oe, oo), (H_PAD, D))
+        tl.store(OUT + p * stride_op + b * stride_ob + n * stride_on + col, _rnd(y, dt), mask=ok)
+
+
+def head_norm_rope(src: torch.Tensor, heads: int, weights: list[torch.Tensor],
+                   cos: torch.Tensor | None, sin: torch.Tensor | None,
+                   eps: float) -> list[torch.Tensor]:
+    """Per-head RMSNorm (+ RoPE) of the first ``len(weights)`` ``C``-wide parts of ``src``.
+
+    ``src`` ``[B, N, P * C]`` with unit channel stride (the qkv projection: parts q, k, v);
+    ``weights``: one ``[D]`` RMSNorm weight per part to normalise (q's, k's); ``cos``/``sin``
+    ``[N, D]`` fp32 (interleaved pairs) or ``None`` for no RoPE. Returns one ``[B, H, N, D]``
+    view of a token-major ``[B, N, H, D]`` tensor per part.
+    """
+    B, N, _ = src.shape
+    parts, D, H = len(weights), weights[0].shape[0], heads
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    out = torch.empty(parts, B, N, H, D, device=src.device, dtype=src.dtype)
+    w = torch.stack([w.to(src.dtype) for w in weights]).contiguous()
+    rope = cos is not None
+    if rope:
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    _head_norm_rope_kernel[(B * N,)](
+        src, w, cos if rope else w, sin if rope else w, out, N, src.stride(0), src.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), cos.stride(0) if rope else 0, float(eps),
+        H, triton.next_power_of_2(H), D, parts, rope,
+        num_warps=max(1, min(8, triton.next_power_of_2(H) * D // 512)))
+    return [o.transpose(1, 2) for o in out]
+
+
+def supported(heads: int, head_dim: int) -> bool:
+    """Whether ``head_norm_rope`` covers this head layout (D a power of two, even)."""
+    return head_dim >= 2 and head_dim & (head_dim - 1) == 0 and heads >= 1

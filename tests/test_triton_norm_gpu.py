@@ -1,0 +1,163 @@
+"""GPU tests of the Triton row kernels (kernels.triton_norm) and the DiT's fast BSA call.
+
+The kernels must give the plain path's values (runner.dit: fp32 math, same roundings): equal
+bits except a rare last-bit difference where a sum's order differs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DT = torch.bfloat16
+
+
+def assert_nearly_equal(got: torch.Tensor, want: torch.Tensor, frac: float = 2e-3) -> None:
+    """Same bits except at most ``frac`` of the elements. Where they differ, an fp32 sum in
+    another order rounded the other way at a bf16 rounding point: one ulp of an O(1)
+    intermediate (inputs here have unit scale), which cancellation may leave on a small
+    result, so the bound is absolute as well as relative."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    diff = got != want
+    assert diff.float().mean().item() <= frac, f"{int(diff.sum())} of {diff.numel()} differ"
+    if diff.any():
+        g, w = got[diff].float(), want[diff].float()
+        assert torch.all((g - w).abs() <= (w.abs() + 1) * 2**-6)
+    err = (got.double() - want.double()).norm() / want.double().norm()
+    assert err < 1e-3, f"relative error {err:.2e}"
+
+
+def _vecs(B, T, C, g):
+    mod = torch.randn(B, T, 1, 6 * C, generator=g, device="cuda")  # chunks are strided views
+    return mod[..., :C], mod[..., C:2 * C] * 0.1, mod[..., 2 * C:3 * C]
+
+
+@pytest.mark.parametrize("C", [4096, 96])
+def test_fused_rows_match_the_plain_math(C):
+    from kernels.triton_norm import fused_rows
+    from runner.dit import LayerNorm, modulate
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T, HW = 2, 3, 203
+    N, fr = T * HW, (B, T, HW, C)
+    x = torch.randn(B, N, C, generator=g, device="cuda").to(DT)
+    h = torch.randn(B, N, C, generator=g, device="cuda").to(DT)
+    shift, scale, gate = _vecs(B, T, C, g)
+    plain_norm = LayerNorm(C, eps=1e-6, elementwise_affine=False).cuda()
+    ln = LayerNorm(C, eps=1e-6).cuda()
+    with torch.no_grad():
+        ln.weight.normal_(1.0, 0.1, generator=g)
+        ln.bias.normal_(0.0, 0.1, generator=g)
+    ln = ln.to(DT)
+    with torch.no_grad():
+        gated = (x + (gate * h.view(fr)).view(B, N, C)).to(DT)
+        xo, y = fused_rows(x, T, res=h, gate=gate, norm="modulate", shift=shift, scale=scale)
+        assert torch.equal(xo, gated)
+        assert_nearly_equal(y, modulate(plain_norm, gated.view(fr), shift, scale).view(B, N, C))
+        xo, y = fused_rows(x, T, res=h, gate=gate, norm="layer_norm", weight=ln.weight,
+                           bias=ln.bias)
+        assert torch.equal(xo, gated)
+        assert_nearly_equal(y, ln(gated))
+        xo, y = fused_rows(x, T, res=h, norm="modulate", shift=shift, scale=scale)
+        assert torch.equal(xo, x + h)
+        assert_nearly_equal(y, modulate(plain_norm, (x + h).view(fr), shift, scale).view(B, N, C))
+        xo, y = fused_rows(x, T, norm="modulate", shift=shift, scale=scale)
+        assert xo is None
+        assert_nearly_equal(y, modulate(plain_norm, x.view(fr), shift, scale).view(B, N, C))
+        xo, y = fused_rows(x, T, res=h, gate=gate)
+        assert y is None and torch.equal(xo, gated)
+
+
+def test_head_norm_rope_matches_the_plain_path():
+    from kernels.triton_norm import head_norm_rope
+    from runner.dit import RMSNorm, apply_rope, rope_3d_table
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, H, D, grid = 1, 32, 128, (3, 10, 12)
+    N = 360
+    qkv = torch.randn(B, N, 3 * H * D, generator=g, device="cuda").to(DT) * 3
+    qn, kn = RMSNorm(D).cuda(), RMSNorm(D).cuda()
+    with torch.no_grad():
+        qn.weight.normal_(1.0, 0.1, generator=g)
+        kn.weight.normal_(1.0, 0.1, generator=g)
+    qn, kn = qn.to(DT), kn.to(DT)
+    cos, sin = rope_3d_table(grid, D, torch.device("cuda"))
+    q, k, _ = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    with torch.no_grad():
+        gq, gk = head_norm_rope(qkv, H, [qn.weight, kn.weight], cos, sin, 1e-6)
+        assert gq.shape == (B, H, N, D) and gq.stride() == (N * H * D, D, H * D, 1)
+        assert_nearly_equal(gq, apply_rope(qn(q), cos, sin))
+        assert_nearly_equal(gk, apply_rope(kn(k), cos, sin))
+        (only_q,) = head_norm_rope(qkv[..., :H * D], H, [qn.weight], None, None, 1e-6)
+        assert_nearly_equal(only_q, qn(q))
+
+
+def test_bsa_fast_call_bf16_pv_and_token_major_output():
+    """The DiT's fast BSA call: strided q/k/v in, token-major out, bf16 P @ V within the bf16
+    band of an fp64 reference (measured ~2.3e-3, like dense SDPA; float16 P @ V ~1.7e-3)."""
+    import kernels
+    from kernels import reference as R
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    B, H, D, lat = 1, 4, 128, (8, 16, 24)
+    S = 8 * 16 * 24
+    qkv = torch.randn(B, S, 3, H, D, generator=g, device="cuda").to(DT)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    lay = R.ChunkLayout(lat, (4, 4, 4))
+    idx, cnt = kernels.select_chunks(q, k, lat, lat, sparsity=0.875)
+    ref = R.masked_attention(q.double(), k.double(), v.double(), lay, lay,
+                             R.chunk_mask(idx, cnt, lay.num_chunks))
+    fast = kernels.block_sparse_attention(q, k, v, lat, lat, sparsity=0.875, pv_fp16=False,
+                                          token_major=True)
+    assert fast.stride() == (S * H * D, D, H * D, 1)
+    err = float((fast.double() - ref).norm() / ref.norm())
+    assert 1e-3 < err < 3e-3, err
+    same = kernels.block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), lat,
+                                          lat, sparsity=0.875, pv_fp16=False)
+    assert torch.equal(same, fast)
+    precise = kernels.block_sparse_attention(q, k, v, lat, lat, sparsity=0.875)
+    assert float((precise.double() - ref).norm() / ref.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("n_cond", [0, 1])
+def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
+    from longcat_tools.synth import dit_config
+    from runner import fast_ops
+    from runner.dit import LongCatDiT
+
+    torch.manual_seed(0)
+    m = LongCatDiT(dit_config("tiny"))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 0.05)
+    m = m.to("cuda", DT).eval()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 16, 4, 8, 8, generator=g, device="cuda")
+    t = torch.full((1, 4), 700.0, device="cuda")
+    t[:, :n_cond] = 0
+    y = torch.randn(1, 1, 512, m.dims.caption_channels, generator=g, device="cuda")
+    mask = torch.zeros(1, 512, dtype=torch.long, device="cuda")
+    mask[:, :9] = 1
+    calls = {"rows": 0}
+    import kernels.triton_norm as TN
+
+    real = TN.fused_rows
+
+    def spy(*a, **k):
+        calls["rows"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(TN, "fused_rows", spy)
+    monkeypatch.delenv("LONGCAT_NO_TRITON_NORM", raising=False)
+    with torch.no_grad():
+        plain = m(x, t, y, mask, num_cond_latents=n_cond)
+        m.enable_fast_ops()
+        fast = m(x, t, y, mask, num_cond_latents=n_cond)
+    assert fast_ops._TRITON_NORM and calls["rows"] == 4 * len(m.blocks)
+    err = float((fast.double() - plain.double()).norm() / plain.double().norm())
+    assert err < 1e-2, err
