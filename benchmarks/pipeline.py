@@ -189,6 +189,16 @@ def main() -> None:
     if a.scenarios:
         scenarios = {k: v for k, v in SCENARIOS.items() if k in a.scenarios.split(",")}
     cap = a.steps if a.steps is not None else (2 if small else None)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict]) -> dict:
+        doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+               "torch": torch.__version__, "model": str(a.model or f"random {a.random}"),
+               "size": size, "steps_cap": cap, "small": small, "rows": rows}
+        (out / "pipeline.json").write_text(json.dumps(doc, indent=1))
+        return doc
     device = torch.device(a.device)
     rows = []
     t0 = time.perf_counter()
@@ -220,18 +230,13 @@ def main() -> None:
                    **run_scenario(pipe, kw, refine, size, refine_size, refine_steps)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save(rows)  # kept if a later option runs out of time
         del pipe
         if a.random:
             comps.release()
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "model": str(a.model or f"random {a.random}"),
-           "size": size, "steps_cap": cap, "small": small, "rows": rows}
-    (out / "pipeline.json").write_text(json.dumps(doc, indent=1))
+    doc = save(rows)
     lines = [f"# Pipeline, {doc['device']}, torch {doc['torch']}, {doc['date']}", "",
              f"{doc['model']}, {size}, steps capped at {cap} (per-step time reported).", "",
              "| scenario | offload | VAE tiling | steps | total (s) | per step (s) | "
