@@ -30,6 +30,26 @@ from dit_forward import SHAPES, SMALL_SHAPES, build, inputs, rel, time_forward  
 from runner import context_parallel  # noqa: E402
 
 
+def save(info: dict, rows: list[dict], out: str) -> str:
+    """Write the JSON and the markdown table (after every shape: a cut-off run keeps its rows)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cp_forward.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    n = info["gpus"]
+    lines = [f"# DiT forward over {n} GPUs vs one, {info['device']}, torch {info['torch']}, "
+             f"{info['date']}", "",
+             f"| shape | tokens | 1 GPU (s) | 1 GPU peak (GiB) | {n} GPUs (s) | speed-up | "
+             "peak per GPU (GiB) | rel err vs 1 GPU |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['tokens']:,} | {r['one_gpu_s']:.3f} | "
+                     f"{r['one_gpu_peak_gib']:.1f} | {r['split_s']:.3f} | {r['speedup']:.2f}x | "
+                     f"{' / '.join(f'{p:.1f}' for p in r['split_peak_gib_per_rank'])} | "
+                     f"{r['rel_err_split_vs_one_gpu']:.1e} |")
+    md = "\n".join(lines) + "\n"
+    (out_dir / "cp_forward.md").write_text(md)
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="CPU logic check at tiny sizes (gloo)")
@@ -86,28 +106,13 @@ def main() -> None:
                        finite=bool(torch.isfinite(out).all()))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save(info, rows, a.out)
         del out, single
         if device == "cuda":
             torch.cuda.empty_cache()
     if cp.rank == 0:
         info["total_wall_s"] = round(time.perf_counter() - t0, 1)
-        out_dir = Path(a.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "cp_forward.json").write_text(json.dumps({"info": info, "rows": rows},
-                                                            indent=1))
-        lines = [f"# DiT forward over {cp.size} GPUs vs one, {info['device']}, torch "
-                 f"{info['torch']}, {info['date']}", "",
-                 "| shape | tokens | 1 GPU (s) | 1 GPU peak (GiB) | "
-                 f"{cp.size} GPUs (s) | speed-up | peak per GPU (GiB) | rel err vs 1 GPU |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['shape']} | {r['tokens']:,} | {r['one_gpu_s']:.3f} | "
-                         f"{r['one_gpu_peak_gib']:.1f} | {r['split_s']:.3f} | {r['speedup']:.2f}x"
-                         f" | {' / '.join(f'{p:.1f}' for p in r['split_peak_gib_per_rank'])} | "
-                         f"{r['rel_err_split_vs_one_gpu']:.1e} |")
-        md = "\n".join(lines) + "\n"
-        (out_dir / "cp_forward.md").write_text(md)
-        print(md)
+        print(save(info, rows, a.out))
     context_parallel.finish(cp)
 
 
