@@ -50,6 +50,26 @@ def save(info: dict, rows: list[dict], out: str) -> str:
     return md
 
 
+def exact_check(cp: context_parallel.ContextParallel, dev: torch.device) -> dict[str, float]:
+    """Split vs one GPU in fp32 at real width: differences are fp32 rounding or a bug."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model = build("real", 2, str(dev), torch.float32, seed=3)
+    out = {}
+    for name, latent, bsa in (("fp32 dense 4x32x64", (16, 4, 32, 64), False),
+                              ("fp32 BSA 0.75 8x32x64", (16, 8, 32, 64), True)):
+        args = inputs(latent, model.dims.caption_channels, str(dev), seed=4)
+        model.enable_bsa({"sparsity": 0.75}) if bsa else model.disable_bsa()
+        with torch.inference_mode():
+            model.enable_context_parallel(None)
+            single = model(*args)
+            model.enable_context_parallel(cp)
+            split = model(*args)
+        out[name] = rel(split, single)
+    print("exact:", json.dumps(out), flush=True)
+    del model
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="CPU logic check at tiny sizes (gloo)")
@@ -57,6 +77,9 @@ def main() -> None:
                     help="comma-separated names from dit_forward.SHAPES")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--exact", action="store_true",
+                    help="also: real width, 2 blocks, fp32 (TF32 off), small shapes: the split "
+                    "must equal one GPU to fp32 rounding, dense and BSA")
     a = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -110,6 +133,9 @@ def main() -> None:
         del out, single
         if device == "cuda":
             torch.cuda.empty_cache()
+    if a.exact:
+        info["exact"] = exact_check(cp, dev)
+        save(info, rows, a.out)
     if cp.rank == 0:
         info["total_wall_s"] = round(time.perf_counter() - t0, 1)
         print(save(info, rows, a.out))
