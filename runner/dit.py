@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longcat_tools.errors import LongcatError
 from runner import attention as attn_ops
 from runner import fast_ops
+from runner.context_parallel import ContextParallel, FrameSplit
 
 KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -186,10 +188,11 @@ class BSAParams:
 
 @dataclass
 class AttnState:
-    """Shared by every block: whether BSA is on and with which settings."""
+    """Shared by every block: BSA settings, fused glue, the context-parallel group."""
 
     bsa: BSAParams | None = None
     fast: bool = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
+    cp: ContextParallel | None = None  # tokens split over ranks (runner.context_parallel)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -217,16 +220,22 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], num_cond_latents: int,
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                return_kv: bool = False):
+                return_kv: bool = False, split: FrameSplit | None = None):
+        """x holds this rank's tokens of ``grid`` (all of them without context parallel)."""
         B, N, C = x.shape
-        qkv = self.qkv(x)
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv, heads, D = self.qkv(x), self.num_heads, self.head_dim
+        cp = self.state.cp
+        if cp is not None:  # from here on every token of the grid, for this rank's heads
+            heads //= cp.size
+            qkv = cp.to_heads(qkv.view(B, N, 3, self.num_heads, D), split)
+            qkv = qkv.transpose(0, 1).reshape(B, -1, 3 * heads * D)  # a view when B == 1
+        q, k, v = qkv.view(B, -1, 3, heads, D).permute(2, 0, 3, 1, 4)
         T, H, W = grid
         roped = kv_cache is None and not return_kv and fast_ops.use(self.state.fast, x)
         if roped:  # norm + RoPE fused (q and k in one pass with the Triton kernels)
             cos, sin = rope_table_cached(grid, self.head_dim, x.device)
-            q, k = fast_ops.qk_norm_rope(qkv, self.num_heads, self.q_norm.weight,
-                                         self.k_norm.weight, cos, sin, self.q_norm.eps)
+            q, k = fast_ops.qk_norm_rope(qkv, heads, self.q_norm.weight, self.k_norm.weight,
+                                         cos, sin, self.q_norm.eps)
         else:
             q, k = self.q_norm(q), self.k_norm(k)
         new_kv = (k.clone(), v.clone()) if return_kv else None
@@ -247,13 +256,13 @@ class SelfAttention(nn.Module):
                 cos, sin = rope_table_cached(grid, self.head_dim, x.device)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if num_cond_latents > 0:
-                n_c = num_cond_latents * (N // T)
+                n_c = num_cond_latents * H * W
                 out = torch.cat([self._attend(q[:, :, :n_c], k[:, :, :n_c], v[:, :, :n_c], grid),
                                  self._attend(q[:, :, n_c:], k, v, grid)], dim=2)
             else:
                 out = self._attend(q, k, v, grid, fast=roped)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
-        return out, new_kv
+        out = out.transpose(1, 2).reshape(B, N, C) if cp is None else cp.to_tokens(out, split)
+        return self.proj(out), new_kv
 
 
 class CrossAttention(nn.Module):
@@ -323,9 +332,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_lens: list[int], t: torch.Tensor,
                 grid: tuple[int, int, int], num_cond_latents: int,
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None, return_kv: bool,
-                skip_crs_attn: bool):
+                skip_crs_attn: bool, split: FrameSplit):
+        """x [B, N, C]: the ``split.count`` latent frames from ``split.start`` of ``grid``."""
         B, N, C = x.shape
-        T = grid[0]
+        T = split.count
         frames = (B, T, N // T, C)  # modulation is per latent frame
         mod = self.adaLN_modulation[1](F.silu(t), fp32=True).unsqueeze(2).chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod  # [B, T, 1, C]
@@ -333,37 +343,40 @@ class Block(nn.Module):
         fast = fast_ops.use(self.attn.state.fast, x)
         if fast:
             return self._forward_fast(x, y, y_lens, mod, grid, num_cond_latents, kv_cache,
-                                      return_kv, skip_crs_attn)
+                                      return_kv, skip_crs_attn, split)
         h = modulate(self.mod_norm_attn, x.view(frames), shift_msa, scale_msa)
-        h, new_kv = self.attn(h.view(B, N, C), grid, num_cond_latents, kv_cache, return_kv)
+        h, new_kv = self.attn(h.view(B, N, C), grid, num_cond_latents, kv_cache, return_kv,
+                              split)
         x = (x + (gate_msa * h.view(frames)).view(B, N, C)).to(x.dtype)
 
         if not skip_crs_attn:
             h = self.pre_crs_attn_norm(x)
-            x = x + self._cross(h, y, y_lens, T, num_cond_latents, kv_cache, False)
+            x = x + self._cross(h, y, y_lens, T, _local_cond(num_cond_latents, kv_cache, split),
+                                False)
 
         h = modulate(self.mod_norm_ffn, x.view(frames), shift_mlp, scale_mlp).view(B, N, C)
         x = (x + (gate_mlp * self.ffn(h).view(frames)).view(B, N, C)).to(x.dtype)
         return x, new_kv
 
     def _cross(self, h: torch.Tensor, y: torch.Tensor, y_lens: list[int], T: int,
-               num_cond_latents: int, kv_cache: Any, fast: bool) -> torch.Tensor:
-        """Cross-attention output for every token (zeros for condition tokens: no text)."""
+               cond_frames: int, fast: bool) -> torch.Tensor:
+        """Cross-attention output for every token of the T frames here, the first
+        ``cond_frames`` of which are condition frames (zeros for them: no text)."""
         B, N, C = h.shape
-        if num_cond_latents > 0 and kv_cache is None:
-            n_c = num_cond_latents * (N // T)
+        if cond_frames > 0:
+            n_c = cond_frames * (N // T)
             out = self.cross_attn(h[:, n_c:], y, y_lens, fast)
             return torch.cat([out.new_zeros(B, n_c, C), out], dim=1)
         return self.cross_attn(h, y, y_lens, fast)
 
     def _forward_fast(self, x, y, y_lens, mod, grid, num_cond_latents, kv_cache, return_kv,
-                      skip_crs_attn):
+                      skip_crs_attn, split: FrameSplit):
         """The same block with fused glue (runner.fast_ops): each residual is fused with the
         norm that reads its result, so the residual stream is read and written once per step."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        T = grid[0]
+        T = split.count
         _, h = fast_ops.adaln(x, T, shift_msa, scale_msa, self.mod_norm_attn.eps)
-        h, new_kv = self.attn(h, grid, num_cond_latents, kv_cache, return_kv)
+        h, new_kv = self.attn(h, grid, num_cond_latents, kv_cache, return_kv, split)
         if skip_crs_attn:
             x, h = fast_ops.adaln(x, T, shift_mlp, scale_mlp, self.mod_norm_ffn.eps, res=h,
                                   gate=gate_msa)
@@ -371,9 +384,17 @@ class Block(nn.Module):
             norm = self.pre_crs_attn_norm
             x, h = fast_ops.residual_layer_norm(x, T, h, gate_msa, norm.weight, norm.bias,
                                                 norm.eps)
-            out = self._cross(h, y, y_lens, T, num_cond_latents, kv_cache, True)
+            out = self._cross(h, y, y_lens, T, _local_cond(num_cond_latents, kv_cache, split),
+                              True)
             x, h = fast_ops.adaln(x, T, shift_mlp, scale_mlp, self.mod_norm_ffn.eps, res=out)
         return fast_ops.residual(x, T, self.ffn(h, True), gate_mlp), new_kv
+
+
+def _local_cond(num_cond_latents: int, kv_cache: Any, split: FrameSplit) -> int:
+    """Condition frames among this rank's frames (none when they sit in the KV cache)."""
+    if kv_cache is not None:
+        return 0
+    return min(max(num_cond_latents - split.start, 0), split.count)
 
 
 class FinalLayer(nn.Module):
@@ -433,6 +454,13 @@ class LongCatDiT(nn.Module):
 
     def disable_bsa(self) -> None:
         self.attn_state.bsa = None
+
+    def enable_context_parallel(self, cp: ContextParallel | None) -> None:
+        """Split every forward's tokens over ``cp``'s ranks (None: one process)."""
+        if cp is not None and self.dims.num_heads % cp.size:
+            raise LongcatError(f"context parallel over {cp.size} processes: the DiT's "
+                               f"{self.dims.num_heads} heads must divide evenly (use a divisor)")
+        self.attn_state.cp = cp
 
     def enable_fast_ops(self, enabled: bool = True) -> None:
         """Fused glue (``runner.fast_ops``) for bf16/fp16 runs; fp32 always takes the plain path."""
@@ -499,11 +527,18 @@ class LongCatDiT(nn.Module):
         timestep = timestep.to(dtype)
         y = encoder_hidden_states.to(dtype)
 
+        cp = self.attn_state.cp
+        if cp is None:
+            split = FrameSplit(0, grid[0], (grid[0] * grid[1] * grid[2],))
+        else:  # this rank's latent frames only (the time axis is not patched)
+            split = cp.split(grid)
+            x = x[:, :, split.start:split.start + split.count]
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # [B, N, C], THW raster order
 
         t_freq = timestep_embedding(timestep.float().flatten(), self.dims.frequency_embedding_size)
         mlp = self.t_embedder.mlp
         t = mlp[2](F.silu(mlp[0](t_freq, fp32=True)), fp32=True).reshape(B, grid[0], -1)
+        t = t[:, split.start:split.start + split.count]
 
         y = self.y_embedder.y_proj(y)  # [B, 1, L, C]
         mask = encoder_attention_mask
@@ -523,12 +558,14 @@ class LongCatDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             cache_i = kv_cache.get(i) if kv_cache else None
             x, kv = block(x, y, y_lens, t, grid, num_cond_latents, cache_i, return_kv,
-                          skip_crs_attn)
+                          skip_crs_attn, split)
             if return_kv:
                 new_cache[i] = (kv[0].cpu(), kv[1].cpu()) if offload_kv_cache else \
                     (kv[0].contiguous(), kv[1].contiguous())
 
-        x = self.final_layer(x, t, grid[0])  # fp32 [B, N, pt*ph*pw*C_out]
+        x = self.final_layer(x, t, split.count)  # fp32 [B, N, pt*ph*pw*C_out]
+        if cp is not None:
+            x = cp.gather_tokens(x, split)
         Nt, Nh, Nw = grid
         x = x.view(B, Nt, Nh, Nw, pt, ph, pw, self.out_channels)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, self.out_channels, Nt * pt, Nh * ph,

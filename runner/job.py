@@ -17,6 +17,7 @@ import torch
 from longcat_tools import layouts
 from longcat_tools.atomic import atomic_write_text
 from longcat_tools.errors import LongcatError
+from runner import context_parallel
 from runner.pipeline import DEFAULT_NEGATIVE_PROMPT, TASKS, Pipeline, Reporter
 
 # SPEC §3 presets (sparsity, cdf_threshold, chunk q = k); None: dense.
@@ -66,6 +67,7 @@ class RunSettings:
     dtype: str | None = None
     save_latents: str | None = None
     latents_in: str | None = None
+    cp: int = 1  # context-parallel processes (runner.context_parallel); this is one of them
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +148,18 @@ def validate(s: RunSettings) -> None:
         raise LongcatError(f"--out {s.out}: the output is an H.264 .mp4 file")
     if s.segments < 0:
         raise LongcatError(f"--segments {s.segments}: must be >= 0")
+    if s.cp < 1:
+        raise LongcatError(f"--cp {s.cp}: must be at least 1")
+    if s.cp > 1:  # every DiT forward needs a latent frame per rank (runner.context_parallel)
+        if (s.frames - 1) // 4 + 1 < s.cp:
+            raise LongcatError(f"--frames {s.frames}: {(s.frames - 1) // 4 + 1} latent frames "
+                               f"cannot be split over {s.cp} processes (use at least "
+                               f"{4 * s.cp - 3} frames, or fewer GPUs)")
+        cond = s.num_cond_frames or 13
+        if s.task in ("vc", "long") and s.kv_cache and (cond - 1) // 4 + 1 < s.cp:
+            raise LongcatError(f"--cond-frames {cond}: the KV cache pass over "
+                               f"{(cond - 1) // 4 + 1} latent frames cannot be split over "
+                               f"{s.cp} processes (use --no-kv-cache or fewer GPUs)")
     bsa_setting(s.bsa, False)
     resolve_device(s.device)
 
@@ -162,15 +176,24 @@ def _stride(src_fps: float, target: float) -> int:
 
 
 def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str, Any]:
-    """Run ``s`` end to end; returns the sidecar document (also written next to the mp4)."""
+    """Run ``s`` end to end; returns the sidecar document (also written next to the mp4).
+    With ``s.cp > 1`` this process is one rank of a job (runner.launch or torchrun started
+    them all); only rank 0 writes."""
+    validate(s)
+    t_start = time.perf_counter()
+    cp, device = context_parallel.init(s.cp, resolve_device(s.device))
+    doc = _run(s, reporter, say, cp, device, t_start)  # a failing rank exits; the launcher
+    context_parallel.finish(cp)                       # stops the others
+    return doc
+
+
+def _run(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
+         t_start: float) -> dict[str, Any]:
     from PIL import Image
     from safetensors.torch import load_file, save_file
 
     from runner import video as vio
 
-    validate(s)
-    t_start = time.perf_counter()
-    device = resolve_device(s.device)
     dtype = s.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -185,7 +208,7 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
         init = doc["latents"]
     say(f"loading {root} on {device} ({dtype})")
     pipe = Pipeline.load(root, device=device, dtype=dtype, reporter=reporter, offload=s.offload,
-                         vae_tiling=s.vae_tiling)
+                         vae_tiling=s.vae_tiling, cp=cp)
     guidance = s.guidance if s.guidance is not None else (1.0 if s.distill else 4.0)
     neg = s.negative_prompt
     if neg is None and guidance > 1.0:
@@ -250,8 +273,9 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
     fps = s.fps or fps_out
     out = Path(s.out)
     with reporter.stage("write"):
-        vio.write_mp4(out, frames, fps)
-        if s.save_latents:
+        if pipe.is_main:
+            vio.write_mp4(out, frames, fps)
+        if s.save_latents and pipe.is_main:
             save_file({"latents": r.latents.detach().float().cpu().contiguous()}, s.save_latents,
                       metadata={"task": s.task, "seed": str(s.seed)})
     sidecar = {
@@ -269,5 +293,6 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
         "peak_memory": _peak_memory(device),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    atomic_write_text(Path(f"{out}.json"), json.dumps(sidecar, indent=2, default=str) + "\n")
+    if pipe.is_main:
+        atomic_write_text(Path(f"{out}.json"), json.dumps(sidecar, indent=2, default=str) + "\n")
     return sidecar

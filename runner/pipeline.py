@@ -44,6 +44,7 @@ from PIL import Image
 from longcat_tools.errors import LongcatError
 from runner import schedule
 from runner.buckets import bucket_size
+from runner.context_parallel import ContextParallel
 from runner.dit import LongCatDiT
 from runner.loading import parse_dtype, resolve_checkpoint
 
@@ -142,15 +143,18 @@ class Pipeline:
         self.reporter = Reporter()
         self.last_run: dict[str, Any] = {}
         self.offload_text_encoder = False  # runner.offload: encoder lives on the CPU
+        self.cp: ContextParallel | None = None  # context parallel: rank 0 encodes and decodes
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, device: Any = "cpu", dtype: Any = "fp32",
              text_encoder_dtype: Any = None, reporter: Reporter | None = None,
-             offload: str = "none", vae_tiling: bool = False, fast: bool = True) -> Pipeline:
+             offload: str = "none", vae_tiling: bool = False, fast: bool = True,
+             cp: ContextParallel | None = None) -> Pipeline:
         """Load every component. ``offload`` (runner.offload): "text-encoder" keeps UMT5 on the
         CPU between prompts, "dit" streams the DiT's blocks from CPU memory, "all" both.
-        ``fast``: fused glue for bf16/fp16 on CUDA (runner.fast_ops)."""
+        ``fast``: fused glue for bf16/fp16 on CUDA (runner.fast_ops). ``cp``: this process is one
+        rank of a context-parallel job (runner.context_parallel); only rank 0 loads UMT5."""
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -174,9 +178,11 @@ class Pipeline:
         _quiet_libraries()
         with rep.stage("load"):
             tok = AutoTokenizer.from_pretrained(root / "tokenizer")
-            te = UMT5EncoderModel.from_pretrained(
-                root / "text_encoder", torch_dtype=parse_dtype(text_encoder_dtype or dtype),
-                use_safetensors=True).to(te_home or device).eval()
+            te = None
+            if cp is None or cp.rank == 0:
+                te = UMT5EncoderModel.from_pretrained(
+                    root / "text_encoder", torch_dtype=parse_dtype(text_encoder_dtype or dtype),
+                    use_safetensors=True).to(te_home or device).eval()
             vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=dtype,
                                                    use_safetensors=True).to(device).eval()
             sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
@@ -184,12 +190,24 @@ class Pipeline:
             if swap:
                 off.enable_block_swap(dit, device)
         dit.enable_fast_ops(fast and device.type == "cuda")
+        dit.enable_context_parallel(cp)
         if vae_tiling:
             off.enable_vae_tiling(vae)
         pipe = cls(root, tok, te, vae, sched, dit, device, ckpt.describe())
         pipe.reporter = rep
         pipe.offload_text_encoder = te_home is not None
+        pipe.cp = cp
         return pipe
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes results (always, unless a non-zero cp rank)."""
+        return self.cp is None or self.cp.rank == 0
+
+    def _shared(self, x: torch.Tensor | None) -> torch.Tensor:
+        """Rank 0's ``x`` on every rank (the others' ``x`` is ignored): all ranks step
+        identical latents."""
+        return x if self.cp is None else self.cp.broadcast(x, self.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -203,6 +221,9 @@ class Pipeline:
         """UMT5 states [B, 1, 512, C] in the DiT dtype and the attention mask [B, 512]."""
         from runner.offload import on_device
 
+        if not self.is_main:  # rank 0 encodes once for the whole job
+            with self.reporter.stage("text_encoder"):
+                return self._shared(None), self._shared(None)
         te_on_gpu = on_device(self.text_encoder, self.device) if self.offload_text_encoder \
             else nullcontext()
         with self.reporter.stage("text_encoder"), torch.no_grad(), te_on_gpu:
@@ -212,7 +233,10 @@ class Pipeline:
                                     return_tensors="pt")
             ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
             states = self.text_encoder(ids, mask).last_hidden_state.to(self.dtype)
-        return states.view(len(prompts), 1, states.shape[1], -1), mask
+            states = states.view(len(prompts), 1, states.shape[1], -1)
+        if self.cp is not None:
+            states, mask = self._shared(states), self._shared(mask)
+        return states, mask
 
     def encode_text(self, prompt: str, negative_prompt: str | None, cfg: bool):
         if not cfg:
@@ -242,11 +266,16 @@ class Pipeline:
             return dist.sample(generator)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> frames [F, H, W, 3] in [0, 1]."""
+        """Latents -> frames [F, H, W, 3] in [0, 1] (decoded by rank 0 alone under cp)."""
         with self.reporter.stage("vae_decode"), torch.no_grad():
-            latents = self.denormalize(latents.to(self.vae.dtype))
-            video = self.vae.decode(latents, return_dict=False)[0]
-            return self.video_processor.postprocess_video(video, output_type="np")[0]
+            frames = None
+            if self.is_main:
+                latents = self.denormalize(latents.to(self.vae.dtype))
+                video = self.vae.decode(latents, return_dict=False)[0]
+                frames = self.video_processor.postprocess_video(video, output_type="np")[0]
+            if self.cp is not None:
+                frames = self.cp.broadcast_frames(frames, self.device)
+            return frames
 
     def cond_latents(self, pixels: torch.Tensor, generator, dtype: torch.dtype) -> torch.Tensor:
         return self.normalize(self.vae_sample(pixels, generator).to(dtype))
@@ -276,6 +305,7 @@ class Pipeline:
         bsa = self.dit.bsa
         self.last_run = {"loras": list(self.dit.active_loras),
                          "bsa": None if bsa is None else asdict(bsa)}
+        latents = self._shared(latents)
         with self.reporter.stage("denoise"):
             for t in self.reporter.steps(timesteps, len(timesteps), desc):
                 pred = self._predict(latents, t, text, mask, guidance, n_cond, per_frame, kv_cache)
@@ -435,11 +465,12 @@ class Pipeline:
             latents = self._init(latents, shape, gen, self.dtype)
             latents[:, :, :n_cond] = self.cond_latents(pixels[:, :, -num_cond_frames:], gen,
                                                        self.dtype)
+            latents = self._shared(latents)
             if use_kv_cache:
                 cond = latents[:, :, :n_cond]
                 with self.reporter.stage("kv_cache"), torch.no_grad():
                     empty = torch.zeros(cond.shape[0], 1, MAX_SEQUENCE_LENGTH,
-                                        self.text_encoder.config.d_model, device=self.device,
+                                        self.dit.dims.caption_channels, device=self.device,
                                         dtype=self.dtype)
                     _, cache = self.dit(cond, torch.zeros(cond.shape[0], n_cond,
                                                           device=self.device, dtype=self.dtype),

@@ -57,11 +57,11 @@ def test_fused_rows_match_the_plain_math(C):
     with torch.no_grad():
         gated = (x + (gate * h.view(fr)).view(B, N, C)).to(DT)
         xo, y = fused_rows(x, T, res=h, gate=gate, norm="modulate", shift=shift, scale=scale)
-        assert torch.equal(xo, gated)
+        assert_nearly_equal(xo, gated)  # the GPU contracts x + gate * h into one fma
         assert_nearly_equal(y, modulate(plain_norm, gated.view(fr), shift, scale).view(B, N, C))
         xo, y = fused_rows(x, T, res=h, gate=gate, norm="layer_norm", weight=ln.weight,
                            bias=ln.bias)
-        assert torch.equal(xo, gated)
+        assert_nearly_equal(xo, gated)
         assert_nearly_equal(y, ln(gated))
         xo, y = fused_rows(x, T, res=h, norm="modulate", shift=shift, scale=scale)
         assert torch.equal(xo, x + h)
@@ -70,7 +70,8 @@ def test_fused_rows_match_the_plain_math(C):
         assert xo is None
         assert_nearly_equal(y, modulate(plain_norm, x.view(fr), shift, scale).view(B, N, C))
         xo, y = fused_rows(x, T, res=h, gate=gate)
-        assert y is None and torch.equal(xo, gated)
+        assert y is None
+        assert_nearly_equal(xo, gated)
 
 
 def test_head_norm_rope_matches_the_plain_path():

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseOpt, human_bytes
+from longcat_tools.errors import LongcatError
 
 TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation), long "
              "(chained continuations), refine (480p -> 720p with the refinement LoRA and BSA)")
@@ -76,12 +77,21 @@ def run_cmd(
                                                      "latents (safetensors).")] = None,
     latents_in: Annotated[str | None, typer.Option(metavar="FILE", help="Initial noise "
                                                    "(safetensors, tensor 'latents').")] = None,
+    gpus: Annotated[int, typer.Option(help="Split the DiT over N GPUs of this machine (starts "
+                                      "N processes, context parallel).")] = 1,
+    cp: Annotated[int, typer.Option(help="This process is one of N context-parallel ranks "
+                                    "(under torchrun --nproc-per-node N).")] = 1,
     json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Run a LongCat-Video task and write an H.264 mp4 plus a JSON sidecar."""
-    from runner.job import RunSettings, run_job
+    import os
+    from dataclasses import replace
+
+    from runner.job import RunSettings, run_job, validate
     from runner.pipeline import Reporter
 
+    if os.environ.get("RANK", "0") != "0":  # rank 0 of a context-parallel job speaks for it
+        json_out, quiet = False, True
     out = Out(json_out, quiet, verbose)
     settings = RunSettings(
         model=model, task=task, prompt=prompt, out=out_file, image=image, video=video,
@@ -92,7 +102,16 @@ def run_cmd(
         vae_tiling=vae_tiling, enhance_hf=enhance_hf,
         t_thresh=t_thresh, spatial_refine_only=spatial_refine_only,
         refine_height=refine_height, refine_width=refine_width, device=device, dtype=dtype,
-        save_latents=save_latents, latents_in=latents_in)
+        save_latents=save_latents, latents_in=latents_in, cp=cp)
+    if gpus != 1:
+        from longcat_tools.cli._common import ARGV
+        from runner.launch import launch, without_option
+
+        if gpus < 2 or cp != 1:
+            raise LongcatError(f"--gpus {gpus}: use 2 or more GPUs, without --cp (--cp is for "
+                               "processes started by torchrun)")
+        validate(replace(settings, cp=gpus))
+        raise typer.Exit(launch(gpus, without_option(ARGV, "--gpus")))
     reporter = Reporter(show=not quiet, say=out.say)
     doc = run_job(settings, reporter, say=out.say)
     v = doc["video"]

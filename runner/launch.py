@@ -1,0 +1,68 @@
+"""``run --gpus N``: start the N processes of a context-parallel job on this machine.
+
+Each process is ``python -m longcat_tools run ... --cp N`` with the environment torchrun gives its
+workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so the same
+job also runs under ``torchrun --nproc-per-node N -m longcat_tools run ... --cp N``. We start
+them ourselves rather than through torchrun's elastic agent so that a failing rank ends the job
+with its own one-line error instead of the agent's report, and the others are stopped at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def without_option(args: list[str], name: str) -> list[str]:
+    """``args`` minus every ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+def launch(n: int, args: list[str]) -> int:
+    """Run ``longcat_tools`` with ``args`` (``--cp n`` appended) in ``n`` processes; the exit
+    code is the first failure's, or 0."""
+    port = _free_port()
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    cmd = [sys.executable, "-m", "longcat_tools", *args, "--cp", str(n)]
+    procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(n)]
+    code = 0
+    try:
+        while procs:
+            for p in list(procs):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                procs.remove(p)
+                if rc and not code:
+                    code = rc
+                    for other in procs:
+                        other.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    return code if code >= 0 else 128 - code

@@ -1,0 +1,134 @@
+"""Context parallel on CPU with gloo, 2 processes: the split DiT forward and whole runs equal the
+single-process results (fp32, < 1e-5 relative); bad splits fail with one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longcat_tools.cli import main
+from runner.launch import without_option
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+TINY = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "2"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def split_results(tiny_native, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cp") / "split.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(ROOT / "tests" / "cp_worker.py"), str(tiny_native), str(out)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(out)
+
+
+@pytest.mark.parametrize("case", ["uneven_split", "condition_frames", "block_sparse",
+                                  "kv_cache"])
+def test_split_dit_forward_equals_one_process(tiny_native, split_results, case):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from cp_worker import CASES
+
+    from runner.loading import load_transformer
+
+    dit = load_transformer(tiny_native, device="cpu", dtype="fp32")
+    with torch.no_grad():
+        ref = CASES[case](dit)
+    assert split_results[case].shape == ref.shape
+    assert rel(split_results[case], ref) < 1e-5
+
+
+def _latents(path: Path) -> torch.Tensor:
+    return load_file(path)["latents"]
+
+
+def test_two_step_t2v_over_two_processes_equals_one(tiny_native, tmp_path, capsys):
+    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
+    args = ["-m", str(tiny_native), "--task", "t2v", "-p", "a cat", *TINY, "--device", "cpu"]
+    assert main(["run", "-q", *args, "--out", str(one), "--save-latents",
+                 str(tmp_path / "one.st")]) == 0
+    cmd = [sys.executable, "-m", "longcat_tools", "run", "-q", *args, "--out", str(two),
+           "--save-latents", str(tmp_path / "two.st"), "--gpus", "2"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "" and "error" not in proc.stderr
+    assert rel(_latents(tmp_path / "two.st"), _latents(tmp_path / "one.st")) < 1e-5
+    assert two.is_file() and (tmp_path / "two.mp4.json").is_file()
+
+
+def test_video_continuation_under_torchrun_equals_one_process(tiny_native, tmp_path):
+    """vc with the KV cache, started by torchrun directly (text broadcast, VAE on rank 0)."""
+    src = tmp_path / "src.mp4"
+    base = ["-m", str(tiny_native), "--device", "cpu", "-p", "a cat"]
+    assert main(["run", "-q", *base, "--task", "t2v", *TINY, "--out", str(src)]) == 0
+    vc = [*base, "--task", "vc", "--video", str(src), "--cond-frames", "5", "--frames", "13",
+          "--height", "32", "--width", "32", "--steps", "2"]
+    assert main(["run", "-q", *vc, "--out", str(tmp_path / "one.mp4"), "--save-latents",
+                 str(tmp_path / "one.st")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "longcat_tools", "run", "-q", *vc, "--out", str(tmp_path / "two.mp4"),
+           "--save-latents", str(tmp_path / "two.st"), "--cp", "2"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rel(_latents(tmp_path / "two.st"), _latents(tmp_path / "one.st")) < 1e-5
+
+
+def test_cp_without_its_processes_is_one_line(tiny_native, tmp_path, capsys):
+    rc = main(["run", "-m", str(tiny_native), "--device", "cpu", *TINY, "--cp", "2",
+               "--out", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert "--cp 2 needs 2 processes" in err and "torchrun --nproc-per-node 2" in err
+
+
+def test_too_few_frames_for_the_split_is_one_line(tiny_native, tmp_path):
+    """1 latent frame cannot be split over 2 ranks: a clear error, not a wrong answer or hang."""
+    base = [sys.executable, "-m", "longcat_tools", "run", "-m", str(tiny_native), "--device",
+            "cpu", "--height", "32", "--width", "32", "--steps", "1", "--out",
+            str(tmp_path / "x.mp4")]
+    checked_first = subprocess.run([*base, "--frames", "1", "--gpus", "2"], env=ENV,
+                                   capture_output=True, text=True, timeout=300)
+    assert checked_first.returncode == 1, checked_first.stderr
+    assert checked_first.stderr.strip().splitlines() == [
+        "error: --frames 1: 1 latent frames cannot be split over 2 processes (use at least 5 "
+        "frames, or fewer GPUs)"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "longcat_tools", "run", "-q", *base[4:], "--frames", "1", "--cp", "2"]
+    in_ranks = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert in_ranks.returncode != 0
+    assert "error: --frames 1: 1 latent frames cannot be split" in in_ranks.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_a_split_the_model_cannot_take_is_one_line(tiny_native):
+    from runner.context_parallel import ContextParallel, FrameSplit
+
+    class Three(ContextParallel):  # a group of 3 without a process group: only checks run
+        def __init__(self) -> None:
+            self.group, self.rank, self.size, self._root = None, 1, 3, 0
+
+    from longcat_tools.errors import LongcatError
+    from runner.loading import load_transformer
+
+    dit = load_transformer(tiny_native)  # 2 heads
+    with pytest.raises(LongcatError, match="2 heads must divide evenly"):
+        dit.enable_context_parallel(Three())
+    assert Three().split((7, 2, 3)) == FrameSplit(3, 2, (18, 12, 12))
+    with pytest.raises(LongcatError, match="needs at least 3 latent frames"):
+        Three().split((2, 4, 4))
+
+
+def test_gpus_option_is_removed_before_relaunch():
+    assert without_option(["run", "--gpus", "2", "-q", "--gpus=4", "--steps", "2"], "--gpus") \
+        == ["run", "-q", "--steps", "2"]
