@@ -182,8 +182,9 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
     validate(s)
     t_start = time.perf_counter()
     cp, device = context_parallel.init(s.cp, resolve_device(s.device))
-    doc = _run(s, reporter, say, cp, device, t_start)  # a failing rank exits; the launcher
-    context_parallel.finish(cp)                       # stops the others
+    # no clean-up on failure: the failing rank exits and the launcher stops the others
+    doc = _run(s, reporter, say, cp, device, t_start)
+    context_parallel.finish(cp)
     return doc
 
 
