@@ -109,8 +109,7 @@ def time_forward(model, args, device: str, reps: int):
 
 
 CATEGORIES = (  # (category, substrings of kernel names), first match wins
-    ("bsa (triton)", ("_bsa_fwd", "_pool_kernel", "_score_kernel", "_select_kernel",
-                      "_to_fp16")),
+    ("bsa (triton)", ("_bsa_fwd", "_chunk_pass", "_score_kernel", "_select_kernel")),
     ("row kernels (triton)", ("_rows_kernel", "_head_norm_rope")),
     ("fused glue (inductor)", ("triton_",)),
     ("sdpa (cudnn/flash)", ("cudnn", "fmha", "flash", "attention", "sm90_flash")),

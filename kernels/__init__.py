@@ -81,7 +81,7 @@ def block_sparse_attention(
         chunk_q, chunk_k: chunk shapes ``(t, h, w)``.
         pv_fp16: Triton path, bf16 inputs: ``P @ V`` in float16 (V copied with a per-head
             power-of-two scale; rel. err ~1.7e-3) or, ``False``, in bf16 like the original's
-            kernel (no copy of V; ~2.3e-3, as dense SDPA). ``None``: ``FWD_CONFIG["pv_fp16"]``.
+            kernel (~2.3e-3, as dense SDPA). ``None``: ``FWD_CONFIG["pv_fp16"]``.
         token_major: Triton path: write the output into a ``[B, S_q, H, D]`` tensor and return
             its ``[B, H, S_q, D]`` view, so ``out.transpose(1, 2).reshape(B, S_q, H * D)``
             needs no copy. q, k, v may be any views with unit stride along D.
@@ -94,12 +94,14 @@ def block_sparse_attention(
     if _use_triton(q, lk) and k.dtype == q.dtype and v.dtype == q.dtype:
         from . import triton_bsa
 
-        indices, counts = triton_bsa.select_chunks(q, k, lq, lk, sparsity, cdf_threshold)
+        indices, counts, kc = triton_bsa.select_chunks_and_copy_k(q, k, lq, lk, sparsity,
+                                                                  cdf_threshold)
         out = None
         if token_major:
             B, H, S, D = q.shape
             out = q.new_empty(B, S, H, D).transpose(1, 2)
-        return triton_bsa.attend(q, k, v, lq, lk, indices, counts, pv_fp16=pv_fp16, out=out)
+        return triton_bsa.attend(q, k, v, lq, lk, indices, counts, pv_fp16=pv_fp16, out=out,
+                                 k_chunks=kc)
     indices, counts = reference.select_chunks(q, k, lq, lk, sparsity, cdf_threshold)
     mask = reference.chunk_mask(indices, counts, lk.num_chunks)
     return reference.masked_attention(q, k, v, lq, lk, mask)

@@ -2,20 +2,23 @@
 
 Launches, each readable top to bottom:
 
-1. ``_pool_kernel``    mean of every chunk over its real tokens, read straight from the
-                       THW raster layout (no permuted copy), summed in float64.
-2. ``_score_kernel``   pooled q . pooled k, float32 FMAs in order d = 0..D-1, rounded to
-                       the dtype.
-3. ``_select_kernel``  per query chunk, the ``count`` best kv chunks by a radix select on
-                       the score bits (16 passes for bf16), as an *ascending* index list.
-4. ``_to_fp16_kernel`` bf16 V -> float16 V times a per-head power of two (see ``to_fp16``).
-5. ``_bsa_fwd_kernel`` flash attention forward: one program per (query chunk, batch*head),
-                       looping over its selected kv chunks, 64 keys a step.
+1. ``_chunk_pass_kernel`` one pass over a raster tensor, chunk by chunk: the chunk means
+                          over their real tokens (summed in float64), a chunk-major copy
+                          (missing edge tokens zero), or both. q: means; k: both; v: copy
+                          (bf16 V as float16 times a per-head power of two, see ``_v_copy``).
+2. ``_score_kernel``      pooled q . pooled k, float32 FMAs in order d = 0..D-1, rounded
+                          to the dtype.
+3. ``_select_kernel``     per query chunk, the ``count`` best kv chunks by a radix select
+                          on the score bits (16 passes for bf16), as an *ascending* list.
+4. ``_bsa_fwd_kernel``    flash attention forward: one program per (query chunk,
+                          batch*head), queries gathered from the raster layout, K and V
+                          tiles loaded by TMA from the chunk-major copies.
 
 Why it looks like this (measurements in benchmarks/NOTES_bsa_kernel.md):
 
-* Gathering chunk tokens with computed row offsets costs nothing extra in the kernel and
-  saves the three permute copies in and one out that the original makes.
+* The forward is bound by moving K/V tiles from L2: every (query chunk, kv chunk) pair
+  loads 32 KB. TMA loads of contiguous tiles beat gathers from the raster layout by ~10%,
+  and the copies cost little: k is read anyway for pooling, v anyway for float16.
 * Ascending kv lists make the programs in flight walk K/V of one head in the same order;
   walking them in score order, as the original does, was 15% slower.
 * The selection is bit-for-bit the reference's (exact float64 pooling sums, float32 score
@@ -33,6 +36,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors: Triton >= 3.4 (torch >= 2.8)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: plain loads of the same tiles
+    TensorDescriptor = None
 
 from .reference import ChunkLayout, selection_counts
 
@@ -68,26 +76,36 @@ def _round_fp32_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _pool_kernel(X, OUT, stride_xb, stride_xh, stride_xs, stride_ob, stride_oh, stride_om,
-                 H, T, HH, W, NH, NW,
-                 CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, C: tl.constexpr,
-                 C_PAD: tl.constexpr, RB: tl.constexpr, D: tl.constexpr):
+def _chunk_pass_kernel(X, MEAN, XC, SCALE, stride_xb, stride_xh, stride_xs, stride_mb,
+                       stride_mh, stride_mm, H, M, T, HH, W, NH, NW,
+                       CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, C: tl.constexpr,
+                       C_PAD: tl.constexpr, RB: tl.constexpr, D: tl.constexpr,
+                       POOL: tl.constexpr, COPY: tl.constexpr, SCALED: tl.constexpr):
+    """Chunk ``m`` of head ``bh``: its mean into MEAN and/or its C_PAD slots into XC."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     x = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    xc = XC + (bh.to(tl.int64) * M + m) * C_PAD * D
     d = tl.arange(0, D)
-    acc = tl.zeros([D], dtype=tl.float64)
-    count = tl.zeros([], dtype=tl.int32)
+    acc = tl.zeros([RB, D], dtype=tl.float64)  # one reduction over rows at the end
+    count = tl.zeros([RB], dtype=tl.int32)
     for r0 in tl.static_range(0, C_PAD, RB):
-        rows, valid = _chunk_rows(m, r0 + tl.arange(0, RB), NH, NW, T, HH, W, CT, CH, CW, C)
+        r = r0 + tl.arange(0, RB)
+        rows, valid = _chunk_rows(m, r, NH, NW, T, HH, W, CT, CH, CW, C)
         tile = tl.load(x + rows[:, None] * stride_xs + d[None, :], mask=valid[:, None], other=0.0)
-        acc += tl.sum(tile.to(tl.float64), axis=0)
-        count += tl.sum(valid.to(tl.int32), axis=0)
-    mean = acc / count.to(tl.float64)
-    out = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + m * stride_om
-    tl.store(out + d, _round_fp32_to(mean.to(tl.float32), OUT.dtype.element_ty))
+        if POOL:
+            acc += tile.to(tl.float64)
+            count += valid.to(tl.int32)
+        if COPY:
+            if SCALED:
+                tile = tile.to(tl.float32) * tl.load(SCALE + bh)
+            tl.store(xc + r[:, None] * D + d[None, :], tile.to(XC.dtype.element_ty))
+    if POOL:
+        mean = tl.sum(acc, axis=0) / tl.sum(count, axis=0).to(tl.float64)
+        out = MEAN + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + m * stride_mm
+        tl.store(out + d, _round_fp32_to(mean.to(tl.float32), MEAN.dtype.element_ty))
 
 
 @triton.jit
@@ -144,55 +162,16 @@ def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
 
 
 @triton.jit
-def _kv_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, idx, j, intra,
-             NHK, NWK, TK, HHK, WK, d, qk_scale,
-             CTK: tl.constexpr, CHK: tl.constexpr, CWK: tl.constexpr, CK: tl.constexpr,
-             BLOCK_N: tl.constexpr, KV_SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
-    """One step of online softmax over part ``j % KV_SPLIT`` of selected chunk ``j // KV_SPLIT``."""
-    if KV_SPLIT == 1:
-        c = tl.load(idx + j)
-        r = tl.arange(0, BLOCK_N)
-    else:
-        c = tl.load(idx + j // KV_SPLIT)
-        r = (j % KV_SPLIT) * BLOCK_N + tl.arange(0, BLOCK_N)
-        intra = ((r // (CHK * CWK)) * HHK + (r // CWK) % CHK) * WK + r % CWK
-    ct = c // (NHK * NWK)
-    ch = (c // NWK) % NHK
-    cw = c % NWK
-    # raster row of token r of chunk c: the chunk's first row + the (hoisted) offset of r
-    rows = ((ct * CTK) * HHK + ch * CHK) * WK + cw * CWK + intra
-    if EVEN_K:
-        k = tl.load(k_base + rows[:, None] * stride_ks + d[None, :])
-        v = tl.load(v_base + rows[:, None] * stride_vs + d[None, :])
-    else:
-        col_ok = ((r < CK) & (ct * CTK + r // (CHK * CWK) < TK)
-                  & (ch * CHK + (r // CWK) % CHK < HHK) & (cw * CWK + r % CWK < WK))
-        k = tl.load(k_base + rows[:, None] * stride_ks + d[None, :], mask=col_ok[:, None],
-                    other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vs + d[None, :], mask=col_ok[:, None],
-                    other=0.0)
-    qk = tl.dot(q, tl.trans(k))
-    if not EVEN_K:
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_ij
-
-
-@triton.jit
-def _bsa_fwd_kernel(Q, K, V, Out, IDX, CNT,
-                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT,
+                    stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
                     stride_ib, stride_ih, stride_im, stride_cb, stride_ch,
-                    H, TQ, HHQ, WQ, NHQ, NWQ, TK, HHK, WK, NHK, NWK, qk_scale,
+                    H, Mk, TQ, HHQ, WQ, NHQ, NWQ, TK, HHK, WK, NHK, NWK, qk_scale,
                     CTQ: tl.constexpr, CHQ: tl.constexpr, CWQ: tl.constexpr, CQ: tl.constexpr,
                     CTK: tl.constexpr, CHK: tl.constexpr, CWK: tl.constexpr, CK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SPLIT: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
+                    TMA: tl.constexpr):
+    """KD, VD: TMA descriptors of the chunk-major copies, or (TMA false) the copies."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -207,20 +186,47 @@ def _bsa_fwd_kernel(Q, K, V, Out, IDX, CNT,
     else:
         q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
     idx = IDX + b * stride_ib + h * stride_ih + m * stride_im
     count = tl.load(CNT + b * stride_cb + h * stride_ch + m)
+    first_row = bh * Mk * (BLOCK_N * KV_SPLIT)  # of this head in the chunk-major copies
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    r = tl.arange(0, BLOCK_N)
-    intra = ((r // (CHK * CWK)) * HHK + (r // CWK) % CHK) * WK + r % CWK
     for j in range(0, count * KV_SPLIT):
-        acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, idx,
-                                 j, intra, NHK, NWK, TK, HHK, WK, d, qk_scale, CTK, CHK, CWK,
-                                 CK, BLOCK_N, KV_SPLIT, EVEN_K)
+        # part j % KV_SPLIT (BLOCK_N slots) of selected chunk j // KV_SPLIT
+        c = tl.load(idx + j // KV_SPLIT)
+        part = j % KV_SPLIT
+        row = first_row + c * (BLOCK_N * KV_SPLIT) + part * BLOCK_N
+        if TMA:
+            k = KD.load([row, 0])
+        else:
+            tile = (row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+            k = tl.load(KD + tile)
+        qk = tl.dot(q, tl.trans(k))
+        if EVEN_K:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_ij
+        else:
+            r = part * BLOCK_N + tl.arange(0, BLOCK_N)
+            ct = c // (NHK * NWK)
+            ch = (c // NWK) % NHK
+            cw = c % NWK
+            col_ok = ((r < CK) & (ct * CTK + r // (CHK * CWK) < TK)
+                      & (ch * CHK + (r // CWK) % CHK < HHK) & (cw * CWK + r % CWK < WK))
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # no real key seen yet
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if TMA:
+            v = VD.load([row, 0])
+        else:
+            v = tl.load(VD + tile)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no chunk selected -> zeros
     o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + d[None, :]
@@ -233,23 +239,46 @@ def _bsa_fwd_kernel(Q, K, V, Out, IDX, CNT,
 # ----------------------------------------------------------------------------- wrappers
 
 
-POOL_CONFIG = {"elems": 4096, "num_warps": 4}
+POOL_CONFIG = {"elems": 4096, "num_warps": 2}
+
+
+def chunk_pad(layout: ChunkLayout) -> int:
+    """Slots per chunk in the chunk-major copies: a power of two, at least 16 (a dot tile)."""
+    return _next_pow2(layout.chunk_size)
+
+
+def chunk_pass(x: torch.Tensor, layout: ChunkLayout, *, pool: bool = True,
+               copy_dtype: torch.dtype | None = None, scale: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One read of raster ``x`` ``[B, H, S, D]`` (unit stride along D): ``(means, copy)``.
+
+    means: ``[B, H, M, D]`` chunk means in x's dtype, same bits as ``reference.pool``.
+    copy (with ``copy_dtype``): ``[B * H * M * chunk_pad, D]``, chunk after chunk, missing
+    edge tokens zero, times ``scale[b, h]`` when given.
+    """
+    B, H, _, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    M = layout.num_chunks
+    pad = chunk_pad(layout)
+    means = torch.empty(B, H, M, D, device=x.device, dtype=x.dtype) if pool else None
+    copy = (torch.empty(B * H * M * pad, D, device=x.device, dtype=copy_dtype)
+            if copy_dtype is not None else None)
+    (T, HH, W), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
+    rb = min(pad, max(1, POOL_CONFIG["elems"] // D))
+    m_arg = means if means is not None else x
+    ms = means.stride()[:3] if means is not None else (0, 0, 0)
+    _chunk_pass_kernel[(M, B * H)](
+        x, m_arg, copy if copy is not None else x, scale if scale is not None else x,
+        x.stride(0), x.stride(1), x.stride(2), *ms, H, M, T, HH, W, nh, nw, ct, ch, cw,
+        layout.chunk_size, pad, rb, D, pool, copy is not None, scale is not None,
+        num_warps=POOL_CONFIG["num_warps"])
+    return means, copy
 
 
 def pool(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """``[B, H, M, D]`` chunk means in x's dtype; same bits as ``reference.pool``."""
-    B, H, _, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    out = torch.empty(B, H, layout.num_chunks, D, device=x.device, dtype=x.dtype)
-    (T, HH, W), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
-    c_pad = triton.next_power_of_2(layout.chunk_size)
-    rb = min(c_pad, max(1, POOL_CONFIG["elems"] // D))
-    _pool_kernel[(layout.num_chunks, B * H)](
-        x, out, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
-        out.stride(2), H, T, HH, W, nh, nw, ct, ch, cw, layout.chunk_size, c_pad, rb, D,
-        num_warps=POOL_CONFIG["num_warps"])
-    return out
+    return chunk_pass(x, layout)[0]  # type: ignore[return-value]
 
 
 SCORE_CONFIG = {"bm": 64, "bn": 64, "bd": 16, "num_warps": 4}
@@ -293,7 +322,19 @@ def select_chunks(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLayout,
                   layout_k: ChunkLayout, sparsity: float | None,
                   cdf_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton pool + score + select; returns ``(indices, counts)`` like the reference."""
-    score = scores(pool(q, layout_q), pool(k, layout_k))
+    indices, counts, _ = select_chunks_and_copy_k(q, k, layout_q, layout_k, sparsity,
+                                                  cdf_threshold, copy_k=False)
+    return indices, counts
+
+
+def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLayout,
+                             layout_k: ChunkLayout, sparsity: float | None,
+                             cdf_threshold: float | None, copy_k: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``select_chunks`` plus, with ``copy_k``, the chunk-major copy of k for ``attend``,
+    written by the same pass over k that pools it."""
+    kbar, kc = chunk_pass(k, layout_k, copy_dtype=k.dtype if copy_k else None)
+    score = scores(pool(q, layout_q), kbar)  # type: ignore[arg-type]
     mk = layout_k.num_chunks
     if cdf_threshold is None:
         kmax = int((1 - sparsity) * mk)  # type: ignore[operator]
@@ -302,12 +343,14 @@ def select_chunks(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLayout,
         counts = selection_counts(score, sparsity, cdf_threshold, q.shape[-1])
         kmax = int(counts.max())
     low = {torch.bfloat16: 16, torch.float16: 13}.get(q.dtype, 0)
-    return select(score, counts, kmax, low), counts
+    return select(score, counts, kmax, low), counts, kc
 
 
 # kv_split (steps per kv chunk), num_warps, num_stages; 0 = by chunk size, tuned on H100
 # (see benchmarks/NOTES_bsa_kernel.md). pv_fp16: for bf16 inputs, P @ V in float16.
-FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1}
+# tma: K/V tiles by TMA (else plain loads; always so where Triton has no TensorDescriptor).
+FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
+                              "tma": 1}
 
 
 def _fwd_config(cq_pad: int, ck_pad: int) -> tuple[int, int, int]:
@@ -318,59 +361,43 @@ def _fwd_config(cq_pad: int, ck_pad: int) -> tuple[int, int, int]:
     return kv, warps, stages
 
 
-@triton.jit
-def _to_fp16_kernel(X, SCALE, OUT, S, H, stride_xb, stride_xh, stride_xs,
-                    BS: tl.constexpr, D: tl.constexpr):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    s = tl.program_id(0) * BS + tl.arange(0, BS)
-    d = tl.arange(0, D)
-    ok = s[:, None] < S
-    x = tl.load(X + b * stride_xb + h * stride_xh + s[:, None] * stride_xs + d[None, :],
-                mask=ok, other=0.0)
-    y = (x.to(tl.float32) * tl.load(SCALE + bh)).to(tl.float16)
-    tl.store(OUT + bh.to(tl.int64) * S * D + s[:, None] * D + d[None, :], y, mask=ok)
+def _v_copy(v: torch.Tensor, layout: ChunkLayout, pv_fp16: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunk-major V for the forward, and the per-head scale ``[B, H]`` applied to it.
 
-
-def to_fp16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 ``v`` -> (float16 ``v * scale``, scale ``[B, H]`` float32), scale a power of two.
-
-    Why: P @ V with P in bf16 adds ~1.7e-3 relative error on top of the ~1.6e-3 of
-    rounding the output to bf16; P in float16 (8x finer) makes the first negligible. The
-    per-head power of two brings max|v| to about 2**14, inside float16's range, exactly.
+    With ``pv_fp16`` and bf16 ``v``: float16 ``v * scale``, scale a power of two. Why: P @ V
+    with P in bf16 adds ~1.7e-3 relative error on top of the ~1.6e-3 of rounding the output
+    to bf16; P in float16 (8x finer) makes the first negligible. The per-head power of two
+    brings max|v| to about 2**14, inside float16's range, exactly.
     """
-    B, H, S, D = v.shape
+    if not (pv_fp16 and v.dtype == torch.bfloat16):
+        vc = chunk_pass(v, layout, pool=False, copy_dtype=v.dtype)[1]
+        return vc, None  # type: ignore[return-value]
     vmax = torch.linalg.vector_norm(v, ord=float("inf"), dim=(-2, -1), dtype=torch.float32)
     e = torch.ceil(torch.log2(vmax))
     scale = torch.where(torch.isfinite(e), torch.exp2((14.0 - e).clamp(-126, 126)), 1.0)
     scale = scale.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    out = torch.empty(B, H, S, D, device=v.device, dtype=torch.float16)
-    bs = max(1, 4096 // D)  # read straight from a strided view (e.g. the qkv projection)
-    _to_fp16_kernel[(triton.cdiv(S, bs), B * H)](v, scale, out, S, H, v.stride(0), v.stride(1),
-                                                 v.stride(2), bs, D, num_warps=4)
-    return out, scale
+    vc = chunk_pass(v, layout, pool=False, copy_dtype=torch.float16, scale=scale)[1]
+    return vc, scale  # type: ignore[return-value]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLayout,
            layout_k: ChunkLayout, indices: torch.Tensor, counts: torch.Tensor,
            pv_fp16: bool | None = None, out: torch.Tensor | None = None,
-           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+           k_chunks: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse flash attention forward over the selected chunks; ``[B, H, Sq, D]``.
 
-    q, k, v: any strides with unit stride along D (no copies). ``out``: any ``[B, H, Sq, D]``
-    view with unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor).
-    ``v_scale`` ``[B, H]``: ``v`` is already ``to_fp16``'s output with this scale.
+    q, k, v: any strides with unit stride along D. ``out``: any ``[B, H, Sq, D]`` view with
+    unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor). ``k_chunks``: the
+    chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here.
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, _, D = q.shape
     if pv_fp16 is None:
         pv_fp16 = bool(FWD_CONFIG["pv_fp16"])
-    vscale = v_scale
-    if vscale is None and pv_fp16 and v.dtype == torch.bfloat16:
-        v, vscale = to_fp16(v)
+    kc = k_chunks if k_chunks is not None else chunk_pass(k, layout_k, pool=False,
+                                                          copy_dtype=k.dtype)[1]
+    vc, vscale = _v_copy(v, layout_k, pv_fp16)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     counts = counts.contiguous()
     if indices.shape[-1] == 0:
@@ -378,18 +405,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     (tq, hq, wq), (ctq, chq, cwq), (_, nhq, nwq) = layout_q.latent, layout_q.chunk, layout_q.grid
     (tk, hk, wk), (ctk, chk, cwk), (_, nhk, nwk) = layout_k.latent, layout_k.chunk, layout_k.grid
     cq, ck = layout_q.chunk_size, layout_k.chunk_size
-    block_m, ck_pad = _next_pow2(cq), _next_pow2(ck)
+    block_m, ck_pad = _next_pow2(cq), chunk_pad(layout_k)
     kv, warps, stages = _fwd_config(block_m, ck_pad)
     even_q = layout_q.divisible and block_m == cq
     even_k = layout_k.divisible and ck_pad == ck
+    block_n = ck_pad // kv
+    tma = bool(FWD_CONFIG["tma"]) and TensorDescriptor is not None
+    kd, vd = ((TensorDescriptor.from_tensor(kc, [block_n, D]),  # type: ignore[union-attr]
+               TensorDescriptor.from_tensor(vc, [block_n, D])) if tma else (kc, vc))
     _bsa_fwd_kernel[(layout_q.num_chunks, B * H)](
-        q, k, v, o, indices, counts,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        q, kd, vd, o, indices, counts,
+        q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), counts.stride(0),
-        counts.stride(1), H, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk, nwk,
+        counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk, nwk,
         D**-0.5 * 1.4426950408889634,
-        ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, ck_pad // kv, kv, D, even_q, even_k,
+        ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k, tma,
         num_warps=warps, num_stages=stages)
     if vscale is not None:
         # undo the power-of-two scale of V: exact. In the kernel's epilogue this per-head

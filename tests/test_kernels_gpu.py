@@ -103,6 +103,25 @@ def test_matches_fp32_masked_reference(case, dtype):
     assert torch.equal(got, out)
 
 
+@pytest.mark.parametrize("case", CASES[:6], ids=str)
+def test_plain_loads_where_triton_lacks_tma(case, monkeypatch):
+    """The forward's fallback for Triton without host TMA descriptors (torch < 2.8)."""
+    from kernels import triton_bsa as TB
+
+    monkeypatch.setitem(TB.FWD_CONFIG, "tma", 0)
+    B, H, D, lat_q, lat_k, cq, ck, sp, cdf = case
+    q, k, v = _inputs(B, H, D, lat_q, lat_k, torch.bfloat16, seed=zlib.crc32(str(case).encode()))
+    lq, lk = R.ChunkLayout(lat_q, cq), R.ChunkLayout(lat_k, ck)
+    idx, cnt = kernels.select_chunks(q, k, lat_q, lat_k, sparsity=sp, cdf_threshold=cdf,
+                                     chunk_q=cq, chunk_k=ck)
+    out = torch.full_like(q, float("nan"))
+    TB.attend(q, k, v, lq, lk, idx, cnt, out=out)
+    assert torch.isfinite(out).all(), "some outputs were not written"
+    ref = R.masked_attention(q.float(), k.float(), v.float(), lq, lk,
+                             R.chunk_mask(idx, cnt, lk.num_chunks))
+    assert float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)) < REL_ERR
+
+
 def test_fp16_inputs():
     lat = (6, 10, 13)
     q, k, v = _inputs(1, 4, 128, lat, lat, torch.float16, seed=3)
