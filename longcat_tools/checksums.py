@@ -9,41 +9,46 @@ checks a checkpoint with no tool installed.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from longcat_tools.errors import LongcatError
 
 MANIFEST = "checksums.sha256"
-# Slices of about this size keep the written bytes in the CPU cache until the hash thread reads
-# them; measured on a 2-core VM, 1 MiB slices copy and hash faster than 4 or 16 MiB ones.
+# Default buffer size of a BufferRing (convert casts 1 MiB of source at a time).
 SLICE = 1 << 20
-KERNEL_CHUNK = 8 << 20
-# copy_file_range is used until the kernel refuses it once (old kernels, other file systems).
-_KERNEL_COPY = hasattr(os, "copy_file_range")
-_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
-                   errno.EPERM}
+# Output files are written from a few staging buffers of this size, with O_DIRECT where the file
+# system allows: measured on a 2-vCPU VM with an ext4 virtio disk, 2 GB written this way (and
+# hashed) took 1.4 s where ``cp`` + ``sync`` took 2.9-6.9 s, since the page cache is bypassed
+# (no second copy, no writeback threads, nothing left to flush at the end).
+STAGE = 8 << 20
+STAGES = 4
+ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
+ENV_NO_DIRECT = "LONGCAT_TOOLS_NO_DIRECT_IO"
 
 
 class BufferRing:
-    """A fixed set of reusable buffers: no allocation (and no page faults) per chunk."""
+    """A fixed set of reusable page-aligned buffers: no allocation (and no page faults) per
+    chunk, and usable for O_DIRECT."""
 
     def __init__(self, size: int = SLICE, count: int = 16) -> None:
-        self.size = size
+        self.size = -(-size // ALIGN) * ALIGN
         self._free: queue.Queue = queue.Queue()
         for _ in range(count):
-            self._free.put(bytearray(size))
+            self._free.put(mmap.mmap(-1, self.size))
 
-    def get(self) -> bytearray:
+    def get(self) -> mmap.mmap:
         return self._free.get()
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: mmap.mmap) -> None:
         self._free.put(buf)
 
 
@@ -107,118 +112,199 @@ class HashPool:
         self.close()
 
 
-class HashingFile:
-    """A new file whose bytes are hashed as they are written; :meth:`close` returns
-    ``(sha256 hex, size)`` (and fsyncs unless told not to)."""
+def _open_output(path: Path) -> tuple[int, bool]:
+    """A new file for writing, with O_DIRECT where the file system takes it (tmpfs does not)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct and not os.environ.get(ENV_NO_DIRECT):
+        try:
+            return os.open(path, flags | direct, 0o644), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o644), False
 
-    def __init__(self, path: Path, pool: HashPool) -> None:
+
+class Writers:
+    """What hashing files share: the hash thread, one write thread (so reading the next chunk
+    overlaps writing the last) and the staging buffers between them."""
+
+    def __init__(self, stage: int = STAGE, count: int = STAGES) -> None:
+        self.pool = HashPool()
+        self.ring = BufferRing(stage, count)
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="write")
+
+    def file(self, path: Path) -> HashingFile:
+        return HashingFile(path, self)
+
+    def close(self) -> None:
+        self.io.shutdown(wait=True)
+        self.pool.close()
+
+    def __enter__(self) -> Writers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _AfterBoth:
+    """Calls ``fn`` on the second call: a staging buffer is free once hashed and written."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+        self._left = 2
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._fn()
+
+
+class HashingFile:
+    """A new file whose bytes are hashed as they are written.
+
+    Bytes are gathered in the staging buffers; a full buffer goes to the hash thread and to the
+    write thread (one ``pwrite``, O_DIRECT where possible: the last, partial block is padded and
+    the file truncated back) and returns to the ring when both are done with it.
+    """
+
+    def __init__(self, path: Path, writers: Writers) -> None:
         self.path = path
-        self._pool = pool
-        self._h = pool.new()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._w = writers
+        self._h = writers.pool.new()
+        self._fd, self._direct = _open_output(path)
+        self._buf: mmap.mmap | None = None
+        self._fill = 0
+        self._pending: deque[Future] = deque()
         self.size = 0
 
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+    def _space(self) -> memoryview:
+        if self._buf is None:
+            self._buf = self._w.ring.get()
+            self._fill = 0
+        return memoryview(self._buf)[self._fill:]
 
-    def write(self, data, release: Callable[[], None] | None = None) -> None:
-        """Write ``data`` (kept unchanged until hashed) in cache-sized slices."""
-        view = memoryview(data).cast("B")
-        n = len(view)
-        for i in range(0, n, SLICE):
-            part = view[i:i + SLICE]
-            self._write_all(part)
-            last = i + SLICE >= n
-            self._pool.update(self._h, part, release if last else None)
-        if n == 0 and release is not None:
-            release()
+    def _added(self, n: int) -> None:
+        self._fill += n
         self.size += n
+        if self._buf is not None and self._fill == len(self._buf):
+            self._flush()
 
-    def copy_from(self, fd: int, offset: int, n: int, ring: BufferRing,
+    def _flush(self) -> None:
+        buf, n = self._buf, self._fill
+        if buf is None:
+            return
+        self._buf = None
+        ring = self._w.ring
+        if n == 0:
+            ring.put(buf)
+            return
+        view = memoryview(buf)
+        done = _AfterBoth(lambda: ring.put(buf))
+        self._w.pool.update(self._h, view[:n], done)
+        length = -(-n // ALIGN) * ALIGN if self._direct else n
+        self._pending.append(self._w.io.submit(self._pwrite_all, view[:length], self.size - n,
+                                               done))
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()  # a failed write stops the writer here
+
+    def _pwrite_all(self, view: memoryview, offset: int, done: Callable[[], None]) -> None:
+        try:
+            while view:
+                try:
+                    k = os.pwrite(self._fd, view, offset)
+                except OSError as e:
+                    if not (self._direct and e.errno == errno.EINVAL):
+                        raise
+                    # accepted at open, refused at write (some network and FUSE file systems)
+                    fcntl.fcntl(self._fd, fcntl.F_SETFL,
+                                fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    self._direct = False
+                    continue
+                view, offset = view[k:], offset + k
+        finally:
+            done()
+
+    def write(self, data) -> None:
+        """Append ``data`` (copied into the staging buffers)."""
+        view = memoryview(data).cast("B")
+        while view:
+            space = self._space()
+            k = min(len(space), len(view))
+            space[:k] = view[:k]
+            view = view[k:]
+            self._added(k)
+
+    def copy_from(self, fd: int, offset: int, n: int,
                   progress: Callable[[int], None] | None = None) -> None:
-        """Append ``n`` bytes at ``offset`` of the open file ``fd``.
-
-        The kernel copies them (``copy_file_range``: no trip through user space) while the hash
-        thread reads the same page-cache pages through a short-lived read-only mapping; where the
-        kernel cannot, the bytes go through ``ring``'s buffers instead.
-        """
+        """Append ``n`` bytes at ``offset`` of the open file ``fd``, read straight into the
+        staging buffers."""
         end = offset + n
-        global _KERNEL_COPY
-        while offset < end and _KERNEL_COPY:
-            want = min(KERNEL_CHUNK, end - offset)
-            try:
-                got = os.copy_file_range(fd, self._fd, want, offset)
-            except OSError as e:
-                if e.errno not in _NO_KERNEL_COPY:
-                    raise
-                _KERNEL_COPY = False
-                break
+        while offset < end:
+            space = self._space()
+            want = min(len(space), end - offset)
+            got = os.preadv(fd, [space[:want]], offset)
             if got <= 0:
                 raise LongcatError(f"unexpected end of file at byte {offset} of a source file "
                                    "(truncated while converting?)")
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            mm = mmap.mmap(fd, offset + got - start, prot=mmap.PROT_READ, offset=start)
-            view = memoryview(mm)[offset - start:]
-
-            def release(view=view, mm=mm) -> None:
-                view.release()
-                mm.close()
-
-            self._pool.update(self._h, view, release)
-            self.size += got
             offset += got
+            self._added(got)
             if progress:
                 progress(got)
-        while offset < end:
-            buf = ring.get()
-            want = min(ring.size, end - offset)
-            view = memoryview(buf)[:want]
-            got = 0
-            while got < want:
-                k = os.preadv(fd, [view[got:]], offset + got)
-                if k <= 0:
-                    ring.put(buf)
-                    raise LongcatError(f"unexpected end of file at byte {offset + got} of a "
-                                       "source file (truncated while converting?)")
-                got += k
-            self._write_all(view)
-            self._pool.update(self._h, view, lambda b=buf: ring.put(b))
-            self.size += want
-            offset += want
-            if progress:
-                progress(want)
+
+    def _finish(self) -> None:
+        self._flush()
+        while self._pending:
+            self._pending.popleft().result()
+        if self._direct and self.size % ALIGN:
+            os.ftruncate(self._fd, self.size)
 
     def close(self, fsync: bool = True) -> tuple[str, int]:
+        """Flush, fsync unless told not to, close; ``(sha256 hex, size)``."""
+        self._finish()
         if fsync:
             os.fsync(self._fd)
-        os.close(self._fd)
-        return self._pool.hexdigest(self._h), self.size
+        self._close_fd()
+        return self._w.pool.hexdigest(self._h), self.size
 
     def close_later(self) -> Future:
-        """Close without fsync or waiting for the hash: a future of the hex digest."""
-        os.close(self._fd)
-        return self._pool.digest_later(self._h)
+        """Flush and close without fsync or waiting for the hash: a future of the hex digest."""
+        self._finish()
+        self._close_fd()
+        return self._w.pool.digest_later(self._h)
 
     def abort(self) -> None:
-        os.close(self._fd)
+        """Close after a failure; the file is left for the caller's scratch folder to remove."""
+        if self._buf is not None:
+            self._w.ring.put(self._buf)
+            self._buf = None
+        for f in self._pending:
+            f.exception()  # wait: the write thread must be done with this descriptor
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
-def copy_hashed(src: Path, dst: Path, pool: HashPool, ring: BufferRing,
-                progress=None) -> Future:
+def copy_hashed(src: Path, dst: Path, writers: Writers, progress=None) -> Future:
     """Copy a file, hashing what is written; returns a future of its sha256 hex."""
-    out = HashingFile(dst, pool)
+    out = writers.file(dst)
     try:
         fd = os.open(src, os.O_RDONLY)
         try:
-            out.copy_from(fd, 0, os.fstat(fd).st_size, ring, progress)
+            out.copy_from(fd, 0, os.fstat(fd).st_size, progress)
         finally:
             os.close(fd)
+        return out.close_later()
     except BaseException:
         out.abort()
         raise
-    return out.close_later()
 
 
 def sha256_file(path: Path) -> str:

@@ -3,9 +3,10 @@
 The conversion is planned from headers alone (every output file, tensor, shape and byte count is
 known before a byte is written), then executed into ``DST.partial`` and renamed to ``DST`` at
 the end. Tensor data moves in bounded chunks of rows: a row slice of a contiguous tensor is a
-contiguous byte range, so the qkv/kv split is a ranged copy, the fuse a concatenation of copies,
+contiguous byte range, so the qkv/kv split is a ranged read, the fuse a concatenation of reads,
 and memory stays at a few chunks whatever the checkpoint size. Every written byte is hashed on
-the way (``checksums.sha256``); unchanged components are hard-linked.
+the way (``checksums.sha256``, which also owns the O_DIRECT writing); unchanged components are
+hard-linked.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from longcat_tools.checksums import (
     MANIFEST,
     BufferRing,
     HashingFile,
-    HashPool,
+    Writers,
     copy_hashed,
     format_manifest,
 )
@@ -700,7 +701,7 @@ def _write_tensor(out: HashingFile, t: OutTensor, sources: _Sources, ring: Buffe
             continue
         if src_dtype == t.dtype:
             try:
-                out.copy_from(sources.fd(p.path), p.info.begin + p.start * row, p.nbytes, ring,
+                out.copy_from(sources.fd(p.path), p.info.begin + p.start * row, p.nbytes,
                               progress)
             except LongcatError as e:
                 raise LongcatError(f"{p.path}: {e}") from None
@@ -746,7 +747,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
     progress = progress or (lambda n: None)
     killer = _Killer()
     sources = _Sources()
-    ring = BufferRing()
+    ring = BufferRing()  # source chunks being cast
     t0 = time.perf_counter()
     digests: dict[str, Future] = {}
     written = linked = copied = tensors = bytes_written = 0
@@ -757,13 +758,13 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
         progress(n)
 
     try:
-        with HashPool() as pool, atomic_folder(p.dst, force=p.force) as tmp:
+        with Writers() as w, atomic_folder(p.dst, force=p.force) as tmp:
             for job in p.jobs:
                 path = tmp / job.rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if job.kind == "tensors":
                     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in job.tensors]
-                    out = HashingFile(path, pool)
+                    out = w.file(path)
                     try:
                         header = build_header(specs, job.metadata)
                         out.write(header)
@@ -772,15 +773,15 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                             _write_tensor(out, t, sources, ring, wrote)
                             tensors += 1
                             killer.step()
+                        digests[job.rel] = out.close_later()
                     except BaseException:
                         out.abort()
                         raise
-                    digests[job.rel] = out.close_later()
                     written += 1
                     if any(t.produce is not None for t in job.tensors):
                         sources.bytes_read += job.bytes_in  # read through lora_formats
                 elif job.kind == "text":
-                    out = HashingFile(path, pool)
+                    out = w.file(path)
                     data = job.text.encode()
                     out.write(data)
                     wrote(len(data))
@@ -791,7 +792,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                     if job.kind == "link" and _try_link(job.src, path):
                         linked += 1
                     else:
-                        digests[job.rel] = copy_hashed(job.src, path, pool, ring, wrote)
+                        digests[job.rel] = copy_hashed(job.src, path, w, wrote)
                         copied += 1
                         sources.bytes_read += job.bytes_in
                 killer.step()
@@ -806,7 +807,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                 extra[reg.relative_to(tmp).as_posix()] = digest
             _fsync_tree(tmp)  # the disk flushes while the hash thread catches up
             killer.step()
-            out = HashingFile(tmp / MANIFEST, pool)
+            out = w.file(tmp / MANIFEST)
             hashes = {rel: f.result() for rel, f in digests.items()} | extra
             out.write(format_manifest(hashes).encode())
             out.close(fsync=True)

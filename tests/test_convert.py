@@ -385,11 +385,11 @@ def test_other_file_system_copies_instead_of_linking(tiny_native, tmp_path, monk
     assert p.bytes_to_write == p.bytes_out  # the disk check counts the copies
 
 
-def test_copies_without_kernel_copy_are_identical(tiny_native, converted, tmp_path, monkeypatch):
-    """The read/write fallback (where copy_file_range is refused) writes the same bytes."""
+def test_buffered_writes_are_identical(tiny_native, converted, tmp_path, monkeypatch):
+    """Without O_DIRECT (file systems that refuse it) the same bytes are written."""
     from longcat_tools import checksums
 
-    monkeypatch.setattr(checksums, "_KERNEL_COPY", False)
+    monkeypatch.setenv(checksums.ENV_NO_DIRECT, "1")
     dst = tmp_path / "fallback"
     conv.convert(tiny_native, dst, link=False)
     ours, ref = read_manifest(dst / MANIFEST), read_manifest(converted / MANIFEST)
