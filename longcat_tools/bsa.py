@@ -24,6 +24,7 @@ from typing import Any
 
 from longcat_tools import bsa_presets, hub, layouts, schemas
 from longcat_tools.atomic import atomic_write_text, file_lock
+from longcat_tools.checksums import refresh_manifest
 from longcat_tools.errors import LongcatError
 
 SCHEMA = "transformer_config"
@@ -324,6 +325,7 @@ def update(ckpt: layouts.Checkpoint, change: Change, *, backup: bool = True,
                 u.backup = _write_backup(path, u.before)
             atomic_write_text(path, u.after)
             u.written = True
+            refresh_manifest(ckpt.root, [path, backup_path(path)])
     return u
 
 
@@ -357,6 +359,7 @@ def restore(ckpt: layouts.Checkpoint, *, dry_run: bool = False) -> Update:
             if not before:
                 shutil.copymode(bak, path)
             u.written, u.backup = True, bak if before else None
+            refresh_manifest(ckpt.root, [path, bak])
     return u
 
 

@@ -16,10 +16,11 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from longcat_tools.atomic import atomic_write_text, file_lock
 from longcat_tools.errors import LongcatError
 
 MANIFEST = "checksums.sha256"
@@ -33,6 +34,7 @@ STAGE = 8 << 20
 STAGES = 4
 ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
 ENV_NO_DIRECT = "LONGCAT_TOOLS_NO_DIRECT_IO"
+LOCK_TIMEOUT_S = 60.0
 
 
 class BufferRing:
@@ -340,6 +342,31 @@ def read_manifest(path: Path) -> dict[str, str]:
             raise LongcatError(f"{path}:{i}: '{rel}' is listed twice")
         out[rel] = hexd
     return out
+
+
+def refresh_manifest(root: Path, changed: Iterable[Path]) -> None:
+    """Keep ``root/checksums.sha256`` true after a command changed files in place (``bsa``, the
+    ``lora`` registry and adapters): a listed file that is, or lies under, one of ``changed`` is
+    hashed again, or its line dropped when it is gone. Files the list does not name stay
+    unnamed; without a list there is nothing to do."""
+    manifest = Path(root) / MANIFEST
+    if not manifest.is_file():
+        return
+    top = os.path.abspath(root)
+    rels = [Path(os.path.relpath(os.path.abspath(p), top)).as_posix() for p in changed]
+    with file_lock(manifest.with_name(MANIFEST + ".lock"), LOCK_TIMEOUT_S,
+                   "another longcat-tools command"):
+        listed = read_manifest(manifest)
+        fresh = dict(listed)
+        for rel in listed:
+            if any(rel == r or rel.startswith(r + "/") for r in rels):
+                path = manifest.parent / rel
+                if path.is_file():
+                    fresh[rel] = sha256_file(path)
+                else:
+                    del fresh[rel]
+        if fresh != listed:
+            atomic_write_text(manifest, format_manifest(fresh))
 
 
 def check_manifest(folder: Path, manifest: str = MANIFEST) -> dict[str, str]:

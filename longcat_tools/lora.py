@@ -43,6 +43,7 @@ from longcat_tools.atomic import (
     fsync_dir,
     partial_path,
 )
+from longcat_tools.checksums import refresh_manifest
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.safetensors_io import (
     TensorSpec,
@@ -167,6 +168,7 @@ def save_registry(ckpt: layouts.Checkpoint, reg: Registry) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)
+    refresh_manifest(ckpt.root, [path])
 
 
 @contextmanager
@@ -520,6 +522,7 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
             schemas.validate(Registry([rec]).to_json(), SCHEMA, str(registry_path(ckpt)))
         reg.adapters = [a for a in reg.adapters if a.name != name] + [rec]
         save_registry(ckpt, reg)
+        refresh_manifest(ckpt.root, [dst_dir])
     return AttachResult(name, dst_file, src, lora.format, target_fmt, len(lora.modules), nbytes,
                         rec, also, lora.notes, time.perf_counter() - t0, False)
 
@@ -583,6 +586,7 @@ def detach(model: str | Path | layouts.Checkpoint | None, name: str, *, force: b
         if trash is not None:
             shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
             fsync_dir(ckpt.lora_dir)
+            refresh_manifest(ckpt.root, [target])
     return DetachResult(name, removed, rec is not None, False)
 
 

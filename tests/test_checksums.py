@@ -78,3 +78,34 @@ def test_a_failed_write_is_raised_not_lost(tmp_path, monkeypatch):
     src.write_bytes(os.urandom(30000))
     with cs.Writers(8192, 2) as w, pytest.raises(OSError, match="No space left"):
         cs.copy_hashed(src, tmp_path / "d.bin", w)
+
+
+def test_bsa_and_lora_keep_a_converted_checksum_list_true(tiny_native, tmp_path):
+    """convert lists config.json, adapters.json and the converted adapters; switching BSA or
+    adapters afterwards must leave `verify --deep` (and `sha256sum -c`) passing."""
+    from longcat_tools import convert
+    from longcat_tools.cli import main
+
+    dst = tmp_path / "conv"
+    convert.convert(tiny_native, dst)
+    adapter = next((dst / "lora" / "distilled").glob("*.safetensors"))
+    extra = tmp_path / "extra.safetensors"
+    extra.write_bytes(adapter.read_bytes())
+    listed = cs.read_manifest(dst / cs.MANIFEST)
+    assert {"transformer/config.json", "lora/adapters.json"} <= set(listed)
+    steps = [["bsa", "enable"], ["bsa", "preset", "720p-fast"], ["bsa", "restore"],
+             ["lora", "attach", str(extra), "--name", "extra"], ["lora", "detach", "distilled"],
+             ["lora", "detach", "extra"]]
+    for step in steps:
+        assert main([*step, "-m", str(dst), "-q"]) == 0, step
+        assert cs.check_manifest(dst) == {}, step
+    now = cs.read_manifest(dst / cs.MANIFEST)
+    assert now["transformer/config.json"] != listed["transformer/config.json"]  # re-hashed
+    assert not any(r.startswith("lora/distilled/") for r in now)  # dropped with the file
+    assert not any(r.startswith("lora/extra/") for r in now)  # attached files stay unlisted
+
+
+def test_refresh_without_a_list_writes_nothing(tmp_path):
+    (tmp_path / "a.json").write_text("{}")
+    cs.refresh_manifest(tmp_path, [tmp_path / "a.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
