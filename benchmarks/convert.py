@@ -11,7 +11,10 @@ streams like the DiT), then time, under the same cache conditions:
   what it writes), then ``sync``;
 
 each after reading the input once (``cat > /dev/null``), so the input is in the page cache for
-all and all end with the output on disk (the page cache cannot be dropped here: no root). The
+all and all end with the output on disk (the page cache cannot be dropped here: no root). With
+``--cold`` each run instead starts from an input that is not in the page cache: every DiT and
+LoRA file is re-written with O_DIRECT (``dd oflag=direct``) and renamed over the old one, as a
+freshly downloaded or long-unread checkpoint would be; results go to ``convert_cold.json``. The
 order alternates between repeats. Rates are input bytes (DiT + LoRA files) / wall time; the
 "streaming" ratio uses convert's own time (plan to rename, without the ~2 s Python + torch
 start). Peak RSS is the convert process's ``VmHWM``.
@@ -66,8 +69,22 @@ def make_source(path: Path, depth: int) -> int:
     return sum(f.stat().st_size for d in ("dit", "lora") for f in (path / d).iterdir())
 
 
+COLD = False
+
+
 def warm(path: Path) -> None:
-    subprocess.run(f"find {path} -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
+    """Put the input in the page cache, or (``--cold``) make sure it is not."""
+    if not COLD:
+        subprocess.run(f"find {path} -type f -exec cat {{}} + > /dev/null", shell=True,
+                       check=True)
+        return
+    for d in ("dit", "lora"):
+        for f in sorted((path / d).iterdir()):
+            tmp = f.with_name(f.name + ".cold")
+            subprocess.run(["dd", f"if={f}", f"of={tmp}", "bs=8M", "oflag=direct",
+                            "status=none"], check=True)
+            os.replace(tmp, f)
+    subprocess.run(["sync"], check=True)
 
 
 def run_cp(src: Path, work: Path, hashed: bool = False) -> dict:
@@ -120,7 +137,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--keep-sources", action="store_true",
                     help="Keep (and reuse) the synthetic sources under --work.")
+    ap.add_argument("--cold", action="store_true",
+                    help="Start every run from an input that is not in the page cache.")
     args = ap.parse_args()
+    global COLD
+    COLD = args.cold
     import torch
 
     from longcat_tools import keymap, synth
@@ -181,9 +202,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
            "cpus": os.cpu_count(), "python": platform.python_version(),
-           "torch": torch.__version__, "method": __doc__, "rows": rows}
-    (args.out / "convert.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out / 'convert.json'}")
+           "torch": torch.__version__, "cold": args.cold, "method": __doc__, "rows": rows}
+    out = args.out / ("convert_cold.json" if args.cold else "convert.json")
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

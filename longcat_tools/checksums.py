@@ -22,6 +22,7 @@ from pathlib import Path
 
 from longcat_tools.atomic import atomic_write_text, file_lock
 from longcat_tools.errors import LongcatError
+from longcat_tools.sources import ALIGN, Sources
 
 MANIFEST = "checksums.sha256"
 # Default buffer size of a BufferRing (convert casts 1 MiB of source at a time).
@@ -32,7 +33,6 @@ SLICE = 1 << 20
 # (no second copy, no writeback threads, nothing left to flush at the end).
 STAGE = 8 << 20
 STAGES = 4
-ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
 ENV_NO_DIRECT = "LONGCAT_TOOLS_NO_DIRECT_IO"
 LOCK_TIMEOUT_S = 60.0
 
@@ -241,17 +241,17 @@ class HashingFile:
             view = view[k:]
             self._added(k)
 
-    def copy_from(self, fd: int, offset: int, n: int,
+    def copy_from(self, sources: Sources, path: Path, offset: int, n: int,
                   progress: Callable[[int], None] | None = None) -> None:
-        """Append ``n`` bytes at ``offset`` of the open file ``fd``, read straight into the
-        staging buffers."""
+        """Append ``n`` bytes at ``offset`` of ``path``, read straight into the staging
+        buffers."""
         end = offset + n
         while offset < end:
             space = self._space()
             want = min(len(space), end - offset)
-            got = os.preadv(fd, [space[:want]], offset)
+            got = sources.read(path, offset, space[:want])
             if got <= 0:
-                raise LongcatError(f"unexpected end of file at byte {offset} of a source file "
+                raise LongcatError(f"{path}: unexpected end of file at byte {offset} "
                                    "(truncated while converting?)")
             offset += got
             self._added(got)
@@ -294,15 +294,12 @@ class HashingFile:
             self._fd = -1
 
 
-def copy_hashed(src: Path, dst: Path, writers: Writers, progress=None) -> Future:
+def copy_hashed(src: Path, dst: Path, writers: Writers, sources: Sources,
+                progress: Callable[[int], None] | None = None) -> Future:
     """Copy a file, hashing what is written; returns a future of its sha256 hex."""
     out = writers.file(dst)
     try:
-        fd = os.open(src, os.O_RDONLY)
-        try:
-            out.copy_from(fd, 0, os.fstat(fd).st_size, progress)
-        finally:
-            os.close(fd)
+        out.copy_from(sources, src, 0, os.fstat(sources.fd(src)).st_size, progress)
         return out.close_later()
     except BaseException:
         out.abort()

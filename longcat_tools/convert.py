@@ -49,6 +49,7 @@ from longcat_tools.safetensors_io import (
     shard_names,
     tensor_bytes,
 )
+from longcat_tools.sources import Sources
 
 TARGETS = ("converted", "native")
 DTYPE_CHOICES: dict[str, torch.dtype | None] = {"keep": None, "bf16": torch.bfloat16,
@@ -651,37 +652,7 @@ class _Killer:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _Sources:
-    """Open source files, read by offset (no shared file position)."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-        self.bytes_read = 0
-
-    def fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
-
-    def read_into(self, path: Path, offset: int, view: memoryview) -> None:
-        fd = self.fd(path)
-        got = 0
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n <= 0:
-                raise LongcatError(f"{path}: unexpected end of file at byte {offset + got} "
-                                   "(truncated while converting?)")
-            got += n
-        self.bytes_read += got
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _write_tensor(out: HashingFile, t: OutTensor, sources: _Sources, ring: BufferRing,
+def _write_tensor(out: HashingFile, t: OutTensor, sources: Sources, ring: BufferRing,
                   progress: Callable[[int], None]) -> None:
     """Stream one tensor into ``out``: byte ranges of its sources, cast chunk by chunk, or what
     its producer returns."""
@@ -700,12 +671,7 @@ def _write_tensor(out: HashingFile, t: OutTensor, sources: _Sources, ring: Buffe
         if row == 0:
             continue
         if src_dtype == t.dtype:
-            try:
-                out.copy_from(sources.fd(p.path), p.info.begin + p.start * row, p.nbytes,
-                              progress)
-            except LongcatError as e:
-                raise LongcatError(f"{p.path}: {e}") from None
-            sources.bytes_read += p.nbytes
+            out.copy_from(sources, p.path, p.info.begin + p.start * row, p.nbytes, progress)
             continue
         step = max(1, ring.size // row)
         for r0 in range(p.start, p.stop, step):
@@ -746,7 +712,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
     check_room(p)
     progress = progress or (lambda n: None)
     killer = _Killer()
-    sources = _Sources()
+    sources = Sources()
     ring = BufferRing()  # source chunks being cast
     t0 = time.perf_counter()
     digests: dict[str, Future] = {}
@@ -792,9 +758,8 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                     if job.kind == "link" and _try_link(job.src, path):
                         linked += 1
                     else:
-                        digests[job.rel] = copy_hashed(job.src, path, w, wrote)
+                        digests[job.rel] = copy_hashed(job.src, path, w, sources, wrote)
                         copied += 1
-                        sources.bytes_read += job.bytes_in
                 killer.step()
             extra: dict[str, str] = {}
             if p.loras:  # the lora command's registry, with each adapter's source and its sha256

@@ -1,5 +1,6 @@
-"""The hashing writer: bytes and digests are exact across staging-buffer boundaries, with and
-without O_DIRECT, and a file system that refuses O_DIRECT at write time falls back."""
+"""The hashing writer and the source reader: bytes and digests are exact across buffer
+boundaries, with and without O_DIRECT (writes, and reads of bytes not in the page cache), and
+file systems that refuse O_DIRECT fall back."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import os
 import pytest
 
 from longcat_tools import checksums as cs
+from longcat_tools.errors import LongcatError
+from longcat_tools.sources import Sources
 
 
 def _write_mixed(path, src, writers):
@@ -18,17 +21,17 @@ def _write_mixed(path, src, writers):
     out = writers.file(path)
     expect = bytearray()
     data = src.read_bytes()
-    fd = os.open(src, os.O_RDONLY)
+    sources = Sources()
     try:
         for i, (off, n) in enumerate([(3, 5000), (0, 8192), (777, 20001), (9, 1), (100, 0),
                                       (12345, 16384), (1, 4095)]):
             if i % 2:
                 out.write(data[off:off + n])
             else:
-                out.copy_from(fd, off, n)
+                out.copy_from(sources, src, off, n)
             expect += data[off:off + n]
     finally:
-        os.close(fd)
+        sources.close()
     return out, bytes(expect)
 
 
@@ -44,7 +47,7 @@ def test_hashing_file_writes_and_hashes_exactly(tmp_path, monkeypatch, direct):
         got = (tmp_path / "a.bin").read_bytes()
         assert got == expect and size == len(expect)
         assert digest == hashlib.sha256(expect).hexdigest()
-        later = cs.copy_hashed(src, tmp_path / "b.bin", w).result()
+        later = cs.copy_hashed(src, tmp_path / "b.bin", w, Sources()).result()
     assert later == hashlib.sha256(src.read_bytes()).hexdigest()
     assert (tmp_path / "b.bin").read_bytes() == src.read_bytes()
 
@@ -63,7 +66,7 @@ def test_o_direct_refused_at_write_falls_back(tmp_path, monkeypatch):
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(30000))
     with cs.Writers(8192, 2) as w:
-        digest = cs.copy_hashed(src, tmp_path / "c.bin", w).result()
+        digest = cs.copy_hashed(src, tmp_path / "c.bin", w, Sources()).result()
     assert (tmp_path / "c.bin").read_bytes() == src.read_bytes()
     assert digest == hashlib.sha256(src.read_bytes()).hexdigest()
     assert refused == [0]  # tried once, then written without O_DIRECT
@@ -77,7 +80,7 @@ def test_a_failed_write_is_raised_not_lost(tmp_path, monkeypatch):
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(30000))
     with cs.Writers(8192, 2) as w, pytest.raises(OSError, match="No space left"):
-        cs.copy_hashed(src, tmp_path / "d.bin", w)
+        cs.copy_hashed(src, tmp_path / "d.bin", w, Sources())
 
 
 def test_bsa_and_lora_keep_a_converted_checksum_list_true(tiny_native, tmp_path):
@@ -109,3 +112,38 @@ def test_refresh_without_a_list_writes_nothing(tmp_path):
     (tmp_path / "a.json").write_text("{}")
     cs.refresh_manifest(tmp_path, [tmp_path / "a.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def _cold_copy(data: bytes, path) -> None:
+    """A file whose bytes are on disk but not in the page cache (written with O_DIRECT)."""
+    with cs.Writers(8192, 2) as w:
+        out = w.file(path)
+        out.write(data)
+        out.close()
+
+
+@pytest.mark.parametrize("nowait", [True, False])
+def test_sources_read_cached_and_cold_bytes_alike(tmp_path, monkeypatch, nowait):
+    from longcat_tools import sources as src_mod
+
+    if not nowait:
+        monkeypatch.setattr(src_mod, "_NOWAIT", 0)  # kernels without RWF_NOWAIT
+    data = os.urandom(200_003)
+    cold = tmp_path / "cold.bin"
+    _cold_copy(data, cold)
+    s = Sources(bounce=16384)
+    try:
+        got = bytearray()
+        for off, n in [(5, 70_001), (70_006, 4096), (74_102, 125_901)]:
+            view = memoryview(bytearray(n))
+            s.read_into(cold, off, view)
+            got += view
+        assert bytes(got) == data[5:]
+        if nowait and src_mod._NOWAIT:  # the cold bytes came through O_DIRECT
+            assert s.direct_bytes > 0
+        s.read_into(cold, 0, memoryview(bytearray(10)))  # now cached or not: same bytes
+        with pytest.raises(LongcatError, match="unexpected end of file"):
+            s.read_into(cold, len(data) - 5, memoryview(bytearray(10)))
+        assert s.read(cold, len(data), memoryview(bytearray(10))) == 0
+    finally:
+        s.close()
