@@ -21,7 +21,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from longcat_tools.checksums import (
     Writers,
     copy_hashed,
     format_manifest,
+    sha256_file,
 )
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.safetensors_io import (
@@ -152,6 +153,7 @@ class FileJob:
     src: Path | None = None
     text: str = ""
     bytes_in: int = 0
+    adapter: tuple[str, Path] | None = None  # a LoRA file rewritten: its name and source
 
     @property
     def bytes_out(self) -> int:
@@ -444,7 +446,7 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
         tensors = [OutTensor(s.name, s.dtype, s.shape, produce=s.produce) for s in specs]
         jobs.append(FileJob(rel, "tensors", group, tensors,
                             lf.file_metadata(lora.modules.values(), fmt, meta),
-                            bytes_in=lora.nbytes))
+                            bytes_in=lora.nbytes, adapter=(name, path)))
     return jobs, sorted(chosen), notes
 
 
@@ -723,8 +725,12 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
         bytes_written += n
         progress(n)
 
+    # The registry records each rewritten adapter's source sha256: hashed beside the copy.
+    rewritten = dict(j.adapter for j in p.jobs if j.adapter is not None)
     try:
-        with Writers() as w, atomic_folder(p.dst, force=p.force) as tmp:
+        with Writers() as w, atomic_folder(p.dst, force=p.force) as tmp, \
+                ThreadPoolExecutor(1, thread_name_prefix="source-sha256") as side:
+            source_sha = {n: side.submit(sha256_file, path) for n, path in rewritten.items()}
             for job in p.jobs:
                 path = tmp / job.rel
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -766,7 +772,9 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                 from longcat_tools import lora as lora_registry
 
                 out_ckpt = layouts.detect(tmp)
-                lora_registry.register_existing(out_ckpt, sources=dict(_source_loras(p.src)))
+                lora_registry.register_existing(
+                    out_ckpt, sources=dict(_source_loras(p.src)),
+                    converted={n: f.result() for n, f in source_sha.items()})
                 reg = lora_registry.registry_path(out_ckpt)
                 digest = hashlib.sha256(reg.read_bytes()).hexdigest()
                 extra[reg.relative_to(tmp).as_posix()] = digest

@@ -296,20 +296,24 @@ def make_record(name: str, rel: str, lora: lf.LoraFile, *, default_scale: float 
 
 def _register_found(ckpt: layouts.Checkpoint, reg: Registry,
                     sources: Mapping[str, str | Path] | None = None,
-                    progress: Callable[[int], None] | None = None) -> list[AdapterRecord]:
+                    progress: Callable[[int], None] | None = None,
+                    converted: Mapping[str, str] | None = None) -> list[AdapterRecord]:
     """Add discovered, unregistered adapters to ``reg`` (caller holds the lock and saves)."""
     shapes = dit_shapes(ckpt)
     known = reg.files()
     added = []
+    converted = converted or {}
     for name, path in discover(ckpt).items():
         rel = path.relative_to(ckpt.lora_dir).as_posix()
         if rel in known or reg.get(name) is not None or not NAME_RE.match(name):
             continue  # an unnamable file (several in one folder) stays discovered only
-        lora = lf.read_lora(path, shapes)
+        # a file convert has just written has its own block split: its header is enough
+        lora = lf.read_lora(path, shapes, inspect_blocks=name not in converted)
         src_path = Path(sources[name]) if sources and name in sources else path
         src_fmt = lora.format if src_path == path else lf.read_lora(src_path).format
+        digest = converted.get(name) or sha256_file(src_path, progress)
         source = {"file": str(rel if src_path == path else src_path), "format": src_fmt,
-                  "sha256": sha256_file(src_path, progress)}
+                  "sha256": digest}
         rec = make_record(name, rel, lora, source=source, hub=True)
         reg.adapters.append(rec)
         added.append(rec)
@@ -318,16 +322,18 @@ def _register_found(ckpt: layouts.Checkpoint, reg: Registry,
 
 def register_existing(model: str | Path | layouts.Checkpoint | None,
                       sources: Mapping[str, str | Path] | None = None,
-                      progress: Callable[[int], None] | None = None) -> list[AdapterRecord]:
+                      progress: Callable[[int], None] | None = None,
+                      converted: Mapping[str, str] | None = None) -> list[AdapterRecord]:
     """Record every adapter file of ``lora/`` that the registry lacks (``convert`` calls this on
     its output; ``sources`` maps an adapter name to the file it was converted from, whose sha256
-    and format then go in the entry). Returns the new entries."""
+    and format then go in the entry; ``converted`` maps the names convert wrote to that sha256,
+    hashed while converting). Returns the new entries."""
     ckpt = _model(model)
     if not ckpt.lora_dir.is_dir():
         return []
     with registry_lock(ckpt):
         reg = load_registry(ckpt)
-        added = _register_found(ckpt, reg, sources, progress)
+        added = _register_found(ckpt, reg, sources, progress, converted)
         if added:
             save_registry(ckpt, reg)
     return added
