@@ -5,8 +5,8 @@ known before a byte is written), then executed into ``DST.partial`` and renamed 
 the end. Tensor data moves in bounded chunks of rows: a row slice of a contiguous tensor is a
 contiguous byte range, so the qkv/kv split is a ranged read, the fuse a concatenation of reads,
 and memory stays at a few chunks whatever the checkpoint size. Every written byte is hashed on
-the way (``checksums.sha256``, which also owns the O_DIRECT writing); unchanged components are
-hard-linked.
+the way (``checksums.sha256``); the ``checksums`` module writes with O_DIRECT and ``sources``
+reads bytes that are not in the page cache with it. Unchanged components are hard-linked.
 """
 
 from __future__ import annotations

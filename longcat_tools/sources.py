@@ -3,8 +3,8 @@
 Each read probes one page with ``RWF_NOWAIT`` (cached only; readahead is off, so a miss costs
 that page alone). Cached bytes are read through the page cache (9 GB/s on our VM); bytes that
 are not are read with O_DIRECT into an aligned bounce buffer. Measured on a 2-vCPU VM (ext4 on
-virtio), a cold 1.85 GB shard: 2.5-2.6 s and 0.2 s of kernel CPU that way, against 4.1-4.4 s,
-4 s of it kernel CPU that the hash thread needs, through the page cache."""
+virtio), a cold 1.85 GB shard: 2.0-2.6 s and 0.2 s of kernel CPU that way, against 3.5-4.4 s,
+nearly all of it kernel CPU that the hash thread needs, through the page cache."""
 
 from __future__ import annotations
 
