@@ -147,3 +147,27 @@ def test_sources_read_cached_and_cold_bytes_alike(tmp_path, monkeypatch, nowait)
         assert s.read(cold, len(data), memoryview(bytearray(10))) == 0
     finally:
         s.close()
+
+
+def test_sources_fall_back_where_cached_only_reads_are_refused(tmp_path, monkeypatch):
+    from longcat_tools import sources as src_mod
+
+    real = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(src_mod.os, "preadv", preadv)
+    monkeypatch.setattr(src_mod, "_NOWAIT", getattr(os, "RWF_NOWAIT", 8))
+    data = os.urandom(50_000)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    s = Sources()
+    try:
+        view = memoryview(bytearray(49_990))
+        s.read_into(path, 10, view)
+    finally:
+        s.close()
+    assert bytes(view) == data[10:] and src_mod._NOWAIT == 0
