@@ -9,7 +9,6 @@ checks a checkpoint with no tool installed.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import mmap
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from longcat_tools.atomic import atomic_write_text, file_lock
 from longcat_tools.errors import LongcatError
-from longcat_tools.sources import ALIGN, Sources
+from longcat_tools.sources import ALIGN, Sources, aligned
 
 MANIFEST = "checksums.sha256"
 # Default buffer size of a BufferRing (convert casts 1 MiB of source at a time).
@@ -42,7 +41,7 @@ class BufferRing:
     chunk, and usable for O_DIRECT."""
 
     def __init__(self, size: int = SLICE, count: int = 16) -> None:
-        self.size = -(-size // ALIGN) * ALIGN
+        self.size = aligned(size)
         self._free: queue.Queue = queue.Queue()
         for _ in range(count):
             self._free.put(mmap.mmap(-1, self.size))
@@ -208,7 +207,7 @@ class HashingFile:
         view = memoryview(buf)
         done = _AfterBoth(lambda: ring.put(buf))
         self._w.pool.update(self._h, view[:n], done)
-        length = -(-n // ALIGN) * ALIGN if self._direct else n
+        length = aligned(n) if self._direct else n
         self._pending.append(self._w.io.submit(self._pwrite_all, view[:length], self.size - n,
                                                done))
         while self._pending and self._pending[0].done():
@@ -223,6 +222,8 @@ class HashingFile:
                     if not (self._direct and e.errno == errno.EINVAL):
                         raise
                     # accepted at open, refused at write (some network and FUSE file systems)
+                    import fcntl
+
                     fcntl.fcntl(self._fd, fcntl.F_SETFL,
                                 fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                     self._direct = False
@@ -346,6 +347,8 @@ def refresh_manifest(root: Path, changed: Iterable[Path]) -> None:
     ``lora`` registry and adapters): a listed file that is, or lies under, one of ``changed`` is
     hashed again, or its line dropped when it is gone. Files the list does not name stay
     unnamed; without a list there is nothing to do."""
+    from longcat_tools.layouts import inside
+
     manifest = Path(root) / MANIFEST
     if not manifest.is_file():
         return
@@ -357,7 +360,7 @@ def refresh_manifest(root: Path, changed: Iterable[Path]) -> None:
         fresh = dict(listed)
         for rel in listed:
             if any(rel == r or rel.startswith(r + "/") for r in rels):
-                path = manifest.parent / rel
+                path = inside(manifest.parent, rel, "manifest entry")
                 if path.is_file():
                     fresh[rel] = sha256_file(path)
                 else:

@@ -21,6 +21,11 @@ BOUNCE = 8 << 20
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
+def aligned(n: int) -> int:
+    """``n`` rounded up to a multiple of ``ALIGN``."""
+    return -(-n // ALIGN) * ALIGN
+
+
 class Sources:
     """Open input files (one descriptor each, plus an O_DIRECT one once a read misses the
     cache) and the count of bytes read."""
@@ -85,7 +90,7 @@ class Sources:
         start = offset - offset % ALIGN
         skip = offset - start
         want = min(len(view), self._bounce_size)
-        length = -(-(skip + want) // ALIGN) * ALIGN
+        length = aligned(skip + want)
         try:
             got = os.preadv(fd, [memoryview(self._bounce)[:length]], start)
         except OSError as e:

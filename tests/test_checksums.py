@@ -171,3 +171,12 @@ def test_sources_fall_back_where_cached_only_reads_are_refused(tmp_path, monkeyp
     finally:
         s.close()
     assert bytes(view) == data[10:] and src_mod._NOWAIT == 0
+
+
+def test_refresh_never_hashes_outside_the_checkpoint(tmp_path):
+    root = tmp_path / "ckpt"
+    (root / "lora" / "x").mkdir(parents=True)
+    (tmp_path / "secret").write_text("not ours")
+    (root / cs.MANIFEST).write_text(f"{'0' * 64}  lora/x/../../../secret\n")
+    with pytest.raises(LongcatError, match="leaves the checkpoint"):
+        cs.refresh_manifest(root, [root / "lora" / "x"])
