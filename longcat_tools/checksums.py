@@ -21,7 +21,7 @@ from pathlib import Path
 
 from longcat_tools.atomic import atomic_write_text, file_lock
 from longcat_tools.errors import LongcatError
-from longcat_tools.sources import ALIGN, Sources, aligned
+from longcat_tools.sources import Sources, aligned
 
 MANIFEST = "checksums.sha256"
 # Default buffer size of a BufferRing (convert casts 1 MiB of source at a time).
@@ -181,6 +181,7 @@ class HashingFile:
         self._buf: mmap.mmap | None = None
         self._fill = 0
         self._pending: deque[Future] = deque()
+        self._padded = False  # a block was written past the end: truncate at the finish
         self.size = 0
 
     def _space(self) -> memoryview:
@@ -208,6 +209,7 @@ class HashingFile:
         done = _AfterBoth(lambda: ring.put(buf))
         self._w.pool.update(self._h, view[:n], done)
         length = aligned(n) if self._direct else n
+        self._padded |= length > n
         self._pending.append(self._w.io.submit(self._pwrite_all, view[:length], self.size - n,
                                                done))
         while self._pending and self._pending[0].done():
@@ -263,7 +265,7 @@ class HashingFile:
         self._flush()
         while self._pending:
             self._pending.popleft().result()
-        if self._direct and self.size % ALIGN:
+        if self._padded:  # even if O_DIRECT was refused after the padded block was queued
             os.ftruncate(self._fd, self.size)
 
     def close(self, fsync: bool = True) -> tuple[str, int]:

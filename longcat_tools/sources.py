@@ -72,7 +72,8 @@ class Sources:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 _NOWAIT = 0
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)  # readahead back on
+                for f in self._fds.values():  # readahead back on
+                    os.posix_fadvise(f, 0, 0, os.POSIX_FADV_NORMAL)
             else:
                 if got == ALIGN < len(view):
                     got += os.preadv(fd, [view[ALIGN:]], offset + ALIGN)

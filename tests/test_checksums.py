@@ -72,6 +72,26 @@ def test_o_direct_refused_at_write_falls_back(tmp_path, monkeypatch):
     assert refused == [0]  # tried once, then written without O_DIRECT
 
 
+def test_padded_last_block_is_cut_when_o_direct_is_refused_late(tmp_path, monkeypatch):
+    """The write thread refuses O_DIRECT only after the last, padded block was queued."""
+    import time
+
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL):
+            time.sleep(0.3)  # the main thread queues every block meanwhile
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(cs.os, "pwrite", pwrite)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(30000))
+    with cs.Writers(8192, 8) as w:
+        cs.copy_hashed(src, tmp_path / "e.bin", w, Sources()).result()
+    assert (tmp_path / "e.bin").read_bytes() == src.read_bytes()
+
+
 def test_a_failed_write_is_raised_not_lost(tmp_path, monkeypatch):
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
