@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels
-from kernels import reference as R
+from longcat_tools import kernels
+from longcat_tools.kernels import reference as R
 
 SHAPES = {"480p": (24, 30, 52), "720p": (24, 44, 80), "720p-48f": (48, 44, 80)}
 SPARSITIES = (0.875, 0.9375, 0.96875)
@@ -69,7 +69,7 @@ def _kv_load_floor_kernel(KC, VC, IDX, CNT, OUT, Mk, Mq, KMAX, BLOCK_N: tl.const
 
 def kv_load_floor(k, v, lk, indices, counts):
     """A callable running ``_kv_load_floor_kernel`` (64-token chunks, bf16 copies)."""
-    from kernels import triton_bsa as TB
+    from longcat_tools.kernels import triton_bsa as TB
 
     B, H, _, D = k.shape
     kc = TB.chunk_pass(k, lk, pool=False, copy_dtype=k.dtype)[1]
@@ -197,7 +197,7 @@ def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
                 log(f"{name} dense {bname}: {e}")
             torch.cuda.empty_cache()
         log(f"{name} dense: {dense}")
-    from kernels import triton_bsa as TB
+    from longcat_tools.kernels import triton_bsa as TB
 
     for sp in sparsities:
         row = {"shape": name, "latent": list(lat), "sparsity": sp, **{f"{b}_ms": t for b, t in
@@ -250,7 +250,7 @@ def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
 
 def sweep(lat, sp, log, rep_ms):
     """Time the stages and kernel variants on one shape (selection fixed), plus baselines."""
-    from kernels import triton_bsa as TB
+    from longcat_tools.kernels import triton_bsa as TB
 
     dev = torch.device("cuda")
     S = math.prod(lat)
@@ -315,7 +315,7 @@ def sweep(lat, sp, log, rep_ms):
 
 def _kernel_stats():
     """(registers, spills, shared bytes) of the last compiled attention kernel, if known."""
-    from kernels import triton_bsa as TB
+    from longcat_tools.kernels import triton_bsa as TB
 
     try:
         cache = TB._bsa_fwd_kernel.device_caches[torch.cuda.current_device()][0]
@@ -327,7 +327,7 @@ def _kernel_stats():
 
 def profile_once(lat, sp):
     """Two calls of the attention kernel at one shape, for ncu (--launch-skip 1)."""
-    from kernels import triton_bsa as TB
+    from longcat_tools.kernels import triton_bsa as TB
 
     S = math.prod(lat)
     torch.manual_seed(0)

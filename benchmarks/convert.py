@@ -46,7 +46,7 @@ def make_source(path: Path, depth: int) -> int:
     import torch
 
     from longcat_tools import synth as s
-    from longcat_tools.safetensors_io import write_file, write_sharded
+    from longcat_tools.io.safetensors import write_file, write_sharded
 
     if path.exists():
         shutil.rmtree(path)
@@ -144,7 +144,8 @@ def main() -> None:
     COLD = args.cold
     import torch
 
-    from longcat_tools import keymap, synth
+    from longcat_tools import synth
+    from longcat_tools.model import keymap
 
     args.work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.work).free

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_forward import SHAPES, SMALL_SHAPES, build, inputs, rel, time_forward  # noqa: E402
 
-from runner import context_parallel  # noqa: E402
+from longcat_tools.runner import context_parallel  # noqa: E402
 
 
 def save(info: dict, rows: list[dict], out: str) -> str:

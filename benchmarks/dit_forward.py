@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from longcat_tools.runner import fast_ops  # noqa: E402
+from longcat_tools.runner.dit import LongCatDiT  # noqa: E402
 from longcat_tools.synth import dit_config  # noqa: E402
-from runner import fast_ops  # noqa: E402
-from runner.dit import LongCatDiT  # noqa: E402
 
 # SPEC section 6: the original's DiT forward on one H100 80GB, random bf16 weights, B=1.
 ORIGINAL = {"480p/93 dense": (4.82, 30.3), "720p refine/93 BSA 0.9375": (7.85, 36.4),
@@ -160,8 +160,8 @@ VARIANTS = {  # name: (fast ops, Triton row kernels)
 def bsa_precision(latent: tuple[int, int, int], heads: int, device: str) -> dict[str, float]:
     """Relative error of the BSA kernel vs float64 attention over the same chunks, random
     bf16 q/k/v, for P @ V in float16 (kernels' default) and in bf16 (the DiT's fast path)."""
-    import kernels
-    from kernels import reference as R
+    from longcat_tools import kernels
+    from longcat_tools.kernels import reference as R
 
     g = torch.Generator(device=device).manual_seed(3)
     n = math.prod(latent)

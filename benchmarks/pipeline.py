@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner import load_pipeline  # noqa: E402
-from runner.pipeline import Pipeline, Reporter  # noqa: E402
+from longcat_tools.runner import load_pipeline  # noqa: E402
+from longcat_tools.runner.pipeline import Pipeline, Reporter  # noqa: E402
 
 # name: (t2v kwargs, refine after it)
 SCENARIOS = {
@@ -81,8 +81,8 @@ class RandomComponents:
 
         from longcat_tools import synth as S
         from longcat_tools import synth_components as SC
-        from longcat_tools.safetensors_io import write_file
-        from runner.dit import LongCatDiT
+        from longcat_tools.io.safetensors import write_file
+        from longcat_tools.runner.dit import LongCatDiT
 
         p = S.PRESETS[preset]
         # random numbers drawn on the GPU when there is one (the CPU generator is serial: a
@@ -128,7 +128,7 @@ class RandomComponents:
 
     def pipeline(self, device: torch.device, offload: str, vae_tiling: bool) -> Pipeline:
         """The components placed for ``offload`` (runner.offload choices) on ``device``."""
-        from runner import offload as off
+        from longcat_tools.runner import offload as off
 
         self.release()
         if offload in ("dit", "all"):
@@ -209,7 +209,7 @@ def main() -> None:
     if a.random:
         import tempfile
 
-        from runner.loading import parse_dtype
+        from longcat_tools.runner.loading import parse_dtype
 
         tmp = tempfile.TemporaryDirectory(prefix="longcat_random_")
         comps = RandomComponents(a.random, parse_dtype(dtype), Path(tmp.name))

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from longcat_tools import __version__  # noqa: E402
-from longcat_tools.safetensors_io import read_header, write_sharded  # noqa: E402
+from longcat_tools.io.safetensors import read_header, write_sharded  # noqa: E402
 from longcat_tools.synth import ST_METADATA, dit_config, dit_specs, synth  # noqa: E402
 from longcat_tools.verify import deep  # noqa: E402
 

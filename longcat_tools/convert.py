@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from longcat_tools import __version__, hub, keymap, layouts
-from longcat_tools import lora_formats as lf
-from longcat_tools.atomic import atomic_folder, fsync_dir, partial_path
-from longcat_tools.checksums import (
+from longcat_tools import __version__
+from longcat_tools.checkpoint import hub, layouts
+from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io.atomic import atomic_folder, fsync_dir, partial_path
+from longcat_tools.io.checksums import (
     MANIFEST,
     BufferRing,
     HashingFile,
@@ -40,8 +41,7 @@ from longcat_tools.checksums import (
     format_manifest,
     sha256_file,
 )
-from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.safetensors_io import (
+from longcat_tools.io.safetensors import (
     TensorInfo,
     TensorSpec,
     build_header,
@@ -50,14 +50,14 @@ from longcat_tools.safetensors_io import (
     shard_names,
     tensor_bytes,
 )
-from longcat_tools.sources import Sources
+from longcat_tools.io.sources import Sources
+from longcat_tools.lora import formats as lf
+from longcat_tools.model import dtypes, keymap
 
 TARGETS = ("converted", "native")
-DTYPE_CHOICES: dict[str, torch.dtype | None] = {"keep": None, "bf16": torch.bfloat16,
-                                                "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_MAX_SHARD = "5GB"
 
-# What FastVideo's converter writes as model_index.json (reference/fastvideo_longcat.md §1.3).
+# What FastVideo's converter (longcat_to_fastvideo.py) writes as model_index.json.
 MODEL_INDEX: dict[str, Any] = {
     "_class_name": "LongCatPipeline",
     "_diffusers_version": "0.32.0",
@@ -534,8 +534,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     the destination is raised here, before anything is written."""
     if to not in TARGETS:
         raise UsageError(f"--to: unknown target '{to}' (use one of {', '.join(TARGETS)})")
-    if dtype not in DTYPE_CHOICES:
-        raise UsageError(f"--dtype: unknown '{dtype}' (use one of {', '.join(DTYPE_CHOICES)})")
+    want = dtypes.parse(dtype, keep=True)
     if to == "native":
         if keys not in (None, "native"):
             raise UsageError("--keys fastvideo cannot be combined with --to native (the hub "
@@ -548,7 +547,6 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     src, dst = hub.resolve_source(src), Path(dst)
     ckpt = layouts.detect(src)
     _check_paths(src, dst, force)
-    want = DTYPE_CHOICES[dtype]
     meta = _provenance(ckpt, keys, dtype)
     notes: list[str] = []
     if link and not _same_filesystem(src, dst.parent):

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from longcat_tools import layouts
-from longcat_tools.safetensors_io import read_header
+from longcat_tools.checkpoint import layouts
+from longcat_tools.io.safetensors import read_header
 from longcat_tools.synth import synth
 
 
@@ -106,7 +106,7 @@ def step_lora(ctx: DemoContext) -> str:
             f"{r.format}); {len(items)} adapters listed; fused into {n} weights, max rel. error "
             f"{err:.1e}")
 def step_run(ctx: DemoContext) -> str:
-    from runner.demo import run_all_tasks
+    from longcat_tools.runner.demo import run_all_tasks
 
     runs = run_all_tasks(ctx.paths["native"], ctx.out / "videos", say=ctx.say)
     return f"{ctx.out / 'videos'}: " + ", ".join(f"{r.name} {r.frames}f {r.size}" for r in runs)

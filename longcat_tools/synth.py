@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from longcat_tools import keymap
-from longcat_tools.atomic import atomic_folder
 from longcat_tools.errors import UsageError
-from longcat_tools.safetensors_io import TensorSpec, write_file, write_json, write_sharded
+from longcat_tools.io.atomic import atomic_folder
+from longcat_tools.io.safetensors import TensorSpec, write_file, write_json, write_sharded
+from longcat_tools.model import dtypes, keymap
 
 DIFFUSERS_VERSION = "0.35.1"
 ST_METADATA = {"format": "pt"}
@@ -197,9 +197,7 @@ def synth(dst: str | Path, preset: str = "tiny", *, depth: int | None = None,
         raise UsageError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
     if depth is not None and depth < 1:
         raise UsageError(f"--depth must be at least 1, got {depth}")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise UsageError(f"unknown dtype '{dtype}' (use fp32 or bf16)")
+    torch_dtype = dtypes.parse(dtype, choices=("fp32", "bf16"))
     p = PRESETS[preset]
     cfg = dit_config(preset, depth)
     dst = Path(dst)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from longcat_tools.safetensors_io import TensorSpec, write_file, write_json, write_sharded
+from longcat_tools.io.safetensors import TensorSpec, write_file, write_json, write_sharded
 from longcat_tools.synth import LATENTS_MEAN, LATENTS_STD, ST_METADATA, Preset, random_tensor
 
 # A small corpus in the style of LongCat prompts, enough to train a tokenizer with a few hundred

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from runner.dit import LongCatDiT
+from longcat_tools.runner.dit import LongCatDiT
 
 
 def _inputs(dit: LongCatDiT, seed: int, T: int, H: int = 4, W: int = 4, B: int = 2,
@@ -65,8 +65,8 @@ CASES: dict[str, Callable[[LongCatDiT], torch.Tensor]] = {
 def main(ckpt: str, out: str) -> None:
     from safetensors.torch import save_file
 
-    from runner import context_parallel
-    from runner.loading import load_transformer
+    from longcat_tools.runner import context_parallel
+    from longcat_tools.runner.loading import load_transformer
 
     torch.set_num_threads(1)
     cp, _ = context_parallel.init(int(__import__("os").environ["WORLD_SIZE"]),

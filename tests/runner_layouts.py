@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from longcat_tools import keymap
-from longcat_tools.safetensors_io import TensorSpec, write_file, write_sharded
+from longcat_tools.io.safetensors import TensorSpec, write_file, write_sharded
+from longcat_tools.model import keymap
 
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 

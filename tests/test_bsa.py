@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from longcat_tools import bsa, bsa_presets, layouts, schemas
+from longcat_tools import bsa, schemas
+from longcat_tools.checkpoint import layouts
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError
+from longcat_tools.model import bsa_presets
 from longcat_tools.synth import dit_config
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = dict(os.environ)  # subprocesses use the installed package, as a user runs it
 
 # SPEC §3's table, typed out again here so the module's table is checked against the contract.
 Q4 = [4, 4, 4]

@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from longcat_tools import checksums as cs
 from longcat_tools.errors import LongcatError
-from longcat_tools.sources import Sources
+from longcat_tools.io import checksums as cs
+from longcat_tools.io.sources import Sources
 
 
 def _write_mixed(path, src, writers):
@@ -144,7 +144,7 @@ def _cold_copy(data: bytes, path) -> None:
 
 @pytest.mark.parametrize("nowait", [True, False])
 def test_sources_read_cached_and_cold_bytes_alike(tmp_path, monkeypatch, nowait):
-    from longcat_tools import sources as src_mod
+    from longcat_tools.io import sources as src_mod
 
     if not nowait:
         monkeypatch.setattr(src_mod, "_NOWAIT", 0)  # kernels without RWF_NOWAIT
@@ -170,7 +170,7 @@ def test_sources_read_cached_and_cold_bytes_alike(tmp_path, monkeypatch, nowait)
 
 
 def test_sources_fall_back_where_cached_only_reads_are_refused(tmp_path, monkeypatch):
-    from longcat_tools import sources as src_mod
+    from longcat_tools.io import sources as src_mod
 
     real = os.preadv
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from longcat_tools.checkpoint.layouts import ENV_MODEL, resolve_model
 from longcat_tools.cli import main
 from longcat_tools.errors import UsageError
-from longcat_tools.layouts import ENV_MODEL, resolve_model
 
 
 def run_cli(*args, cwd=None, env=None):

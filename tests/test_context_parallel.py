@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from longcat_tools.cli import main
-from runner.launch import without_option
+from longcat_tools.runner.launch import without_option
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "2"]
 
 
@@ -28,7 +28,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def split_results(tiny_native, tmp_path_factory):
     out = tmp_path_factory.mktemp("cp") / "split.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(ROOT / "tests" / "cp_worker.py"), str(tiny_native), str(out)]
+           "2", str(TESTS / "cp_worker.py"), str(tiny_native), str(out)]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(out)
@@ -37,10 +37,9 @@ def split_results(tiny_native, tmp_path_factory):
 @pytest.mark.parametrize("case", ["uneven_split", "condition_frames", "block_sparse",
                                   "kv_cache"])
 def test_split_dit_forward_equals_one_process(tiny_native, split_results, case):
-    sys.path.insert(0, str(ROOT / "tests"))
     from cp_worker import CASES
 
-    from runner.loading import load_transformer
+    from longcat_tools.runner.loading import load_transformer
 
     dit = load_transformer(tiny_native, device="cpu", dtype="fp32")
     with torch.no_grad():
@@ -112,14 +111,14 @@ def test_too_few_frames_for_the_split_is_one_line(tiny_native, tmp_path):
 
 
 def test_a_split_the_model_cannot_take_is_one_line(tiny_native):
-    from runner.context_parallel import ContextParallel, FrameSplit
+    from longcat_tools.runner.context_parallel import ContextParallel, FrameSplit
 
     class Three(ContextParallel):  # a group of 3 without a process group: only checks run
         def __init__(self) -> None:
             self.group, self.rank, self.size, self._root = None, 1, 3, 0
 
     from longcat_tools.errors import LongcatError
-    from runner.loading import load_transformer
+    from longcat_tools.runner.loading import load_transformer
 
     dit = load_transformer(tiny_native)  # 2 heads
     with pytest.raises(LongcatError, match="2 heads must divide evenly"):

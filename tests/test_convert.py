@@ -12,13 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longcat_tools import convert as conv
-from longcat_tools import keymap, layouts
-from longcat_tools import lora_formats as lf
-from longcat_tools.checksums import MANIFEST, check_manifest, read_manifest
+from longcat_tools.checkpoint import layouts
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError
-
-REPO = Path(__file__).resolve().parents[1]
+from longcat_tools.io.checksums import MANIFEST, check_manifest, read_manifest
+from longcat_tools.lora import formats as lf
+from longcat_tools.model import keymap
 
 # FastVideo's converter writes exactly this model_index.json (reference/fastvideo_longcat.md §1.3)
 FASTVIDEO_MODEL_INDEX = {
@@ -353,8 +352,7 @@ def test_sigkill_never_leaves_a_destination(tiny_native, converted, tmp_path):
     timer = [0.01, 0.08, 0.2]
     p = subprocess.run([sys.executable, "-c", ZYGOTE, str(tiny_native), str(dst),
                         json.dumps({"hook": hook, "timer": timer})],
-                       capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr
     results = json.loads(p.stdout)
     kills = [r for r in results[:-1] if r["killed"]]
@@ -387,7 +385,7 @@ def test_other_file_system_copies_instead_of_linking(tiny_native, tmp_path, monk
 
 def test_buffered_writes_are_identical(tiny_native, converted, tmp_path, monkeypatch):
     """Without O_DIRECT (file systems that refuse it) the same bytes are written."""
-    from longcat_tools import checksums
+    from longcat_tools.io import checksums
 
     monkeypatch.setenv(checksums.ENV_NO_DIRECT, "1")
     dst = tmp_path / "fallback"

@@ -17,11 +17,14 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.utils import filter_repo_objects
 
-from longcat_tools import hub, hub_download, hub_manifest, keymap, layouts, schemas
+from longcat_tools import schemas
+from longcat_tools.checkpoint import download as hub_download
+from longcat_tools.checkpoint import hub, hub_manifest, layouts
+from longcat_tools.checkpoint.hub import RepoRef, parse_repo_ref
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.hub import RepoRef, parse_repo_ref
-from longcat_tools.safetensors_io import read_header, read_tensor
+from longcat_tools.io.safetensors import read_header, read_tensor
+from longcat_tools.model import keymap
 
 REPO_DIR = "models--meituan-longcat--LongCat-Video"
 REAL_SNAPSHOT_DOWNLOAD = huggingface_hub.snapshot_download
@@ -149,8 +152,7 @@ def test_commands_never_download_even_online(use_cache, monkeypatch):
 
 
 def test_offline_and_uncached_on_the_command_line_is_one_line_exit_1(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
     p = subprocess.run([sys.executable, "-m", "longcat_tools", "download", REPO], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 1, p.stderr
@@ -449,7 +451,7 @@ def test_the_real_snapshot_download_end_to_end_against_a_local_hub(tiny_native, 
 
     cache = tmp_path / "hub"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_CACHE": str(cache),
+    env |= {"HF_HUB_CACHE": str(cache),
             "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     with HubServer(tiny_native, REPO, COMMIT) as server:
         env["HF_ENDPOINT"] = server.url

@@ -14,7 +14,7 @@ from hf_cache import COMMIT, REPO, build_cache, model_info, source_files
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils.sha import git_hash
 
-from longcat_tools import hub_manifest as hm
+from longcat_tools.checkpoint import hub_manifest as hm
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError, UsageError
 

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import reference as R
+from longcat_tools import kernels
+from longcat_tools.kernels import reference as R
 
 
 def chunk_of_tokens(lat, chunk):

@@ -14,8 +14,8 @@ import zlib
 import pytest
 import torch
 
-import kernels
-from kernels import reference as R
+from longcat_tools import kernels
+from longcat_tools.kernels import reference as R
 
 pytestmark = [
     pytest.mark.gpu,
@@ -74,7 +74,7 @@ def assert_same_selection(idx, cnt, ref_idx, ref_cnt, score):
 @pytest.mark.parametrize("case", CASES + _random_cases(8), ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_matches_fp32_masked_reference(case, dtype):
-    from kernels import triton_bsa as TB
+    from longcat_tools.kernels import triton_bsa as TB
 
     B, H, D, lat_q, lat_k, cq, ck, sp, cdf = case
     q, k, v = _inputs(B, H, D, lat_q, lat_k, dtype, seed=zlib.crc32(str(case).encode()))
@@ -106,7 +106,7 @@ def test_matches_fp32_masked_reference(case, dtype):
 @pytest.mark.parametrize("case", CASES[:6], ids=str)
 def test_plain_loads_where_triton_lacks_tma(case, monkeypatch):
     """The forward's fallback for Triton without host TMA descriptors (torch < 2.8)."""
-    from kernels import triton_bsa as TB
+    from longcat_tools.kernels import triton_bsa as TB
 
     monkeypatch.setitem(TB.FWD_CONFIG, "tma", 0)
     B, H, D, lat_q, lat_k, cq, ck, sp, cdf = case

@@ -1,7 +1,7 @@
 import pytest
 
-from longcat_tools import keymap
 from longcat_tools.errors import LongcatError
+from longcat_tools.model import keymap
 from longcat_tools.synth import dit_config
 
 REAL = keymap.dit_dims(dit_config("real"))

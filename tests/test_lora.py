@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from longcat_tools import keymap, layouts, schemas
 from longcat_tools import lora as lora_lib
-from longcat_tools import lora_formats as lf
+from longcat_tools import schemas
+from longcat_tools.checkpoint import layouts
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import read_header, read_tensor, write_json
+from longcat_tools.io.safetensors import read_header, read_tensor, write_json
+from longcat_tools.lora import formats as lf
+from longcat_tools.model import keymap
 
 HUB = {"distilled": "cfg_step_lora.safetensors", "refinement": "refinement_lora.safetensors"}
 

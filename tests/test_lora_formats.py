@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from longcat_tools import keymap
-from longcat_tools import lora_formats as lf
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import write_file
+from longcat_tools.io.safetensors import write_file
+from longcat_tools.lora import formats as lf
+from longcat_tools.model import keymap
 from longcat_tools.synth import dit_config, lora_specs
 
 CFG = dit_config("tiny")

@@ -13,7 +13,7 @@ pytestmark = [
 
 
 def test_on_device_uses_pinned_host_weights():
-    from runner.offload import on_device
+    from longcat_tools.runner.offload import on_device
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64)).eval()

@@ -12,10 +12,10 @@ import torch
 from runner_layouts import lora_to_fastvideo, make_layout
 
 from longcat_tools.errors import LongcatError
-from runner import load_transformer
-from runner.compare import forward_check, probe_inputs
-from runner.dit import LongCatDiT
-from runner.lora import read_tensors
+from longcat_tools.runner import load_transformer
+from longcat_tools.runner.compare import forward_check, probe_inputs
+from longcat_tools.runner.dit import LongCatDiT
+from longcat_tools.runner.lora import read_tensors
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_output_is_fp32_and_bf16_weights_track_fp32(tiny_native, dit):
 
 
 def test_bsa_keeping_every_chunk_is_dense_and_sparsity_changes_output(tiny_native):
-    pytest.importorskip("kernels", reason="BSA runs through the kernels package")
+    pytest.importorskip("longcat_tools.kernels", reason="BSA runs through the kernels package")
     dit = load_transformer(tiny_native)
     x, t, y, mask = _inputs(dit, frames=4)
     dense = dit(x, t, y, mask, num_cond_latents=2)

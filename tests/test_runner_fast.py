@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
+from longcat_tools.runner import fast_ops, offload
+from longcat_tools.runner.dit import LongCatDiT, rope_3d_table, rope_table_cached
 from longcat_tools.synth import dit_config
-from runner import fast_ops, offload
-from runner.dit import LongCatDiT, rope_3d_table, rope_table_cached
 
 
 def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LongCatDiT:
@@ -90,7 +90,7 @@ def test_bf16_fused_path_runs_and_equals_plain_when_eager(n_cond, monkeypatch):
 
 
 def test_fused_functions_equal_the_plain_math_in_fp32():
-    from runner.dit import RMSNorm, apply_rope
+    from longcat_tools.runner.dit import RMSNorm, apply_rope
 
     g = torch.Generator().manual_seed(2)
     q = torch.randn(1, 2, 60, 24, generator=g)
@@ -110,7 +110,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     fn.failed = False
     monkeypatch.setattr(torch, "compile", broken)
     a, b = torch.randn(4, 8), torch.randn(4, 8)
-    with caplog.at_level(logging.WARNING, logger="runner.fast_ops"):
+    with caplog.at_level(logging.WARNING, logger="longcat_tools.runner.fast_ops"):
         out = fn(a, b)
     assert torch.equal(out, torch.nn.functional.silu(a) * b)
     assert fn.failed and "no compiler here" in caplog.text
@@ -140,7 +140,7 @@ def test_on_device_moves_back_home():
 
 
 def test_pipeline_with_offload_all_and_vae_tiling_gives_the_same_video(tiny_native):
-    from runner import load_pipeline
+    from longcat_tools.runner import load_pipeline
 
     kw = dict(prompt="a cat", height=32, width=32, num_frames=5, steps=1, seed=3)
     want = load_pipeline(tiny_native).t2v(**kw)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from longcat_tools.cli import main
-from runner import load_pipeline, schedule
-from runner.video import probe
+from longcat_tools.runner import load_pipeline, schedule
+from longcat_tools.runner.video import probe
 
 TINY = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "2"]
 
@@ -140,3 +140,18 @@ def test_cfg_zero_star_per_sample_scale():
     for b in range(2):
         st = (cond[b] * uncond[b]).sum() / ((uncond[b] ** 2).sum() + 1e-8)
         torch.testing.assert_close(out[b], uncond[b] * st + 4 * (cond[b] - uncond[b] * st))
+
+
+def test_run_bsa_accepts_every_preset_that_bsa_presets_lists(capsys):
+    """`run --bsa NAME` and `bsa presets` read one table: every listed name is accepted, and the
+    params reach the pipeline as the table gives them."""
+    from longcat_tools.model.bsa_presets import PRESETS
+    from longcat_tools.runner.job import bsa_setting
+
+    assert main(["bsa", "presets", "--json"]) == 0
+    listed = [p["name"] for p in json.loads(capsys.readouterr().out)["presets"]]
+    assert listed == list(PRESETS) and "704p-balanced" in listed
+    for name in listed:
+        got = bsa_setting(name, task_default=False)
+        p = PRESETS[name]
+        assert got == (dict(p.params) if p.enable_bsa else False), name

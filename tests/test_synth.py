@@ -7,9 +7,10 @@ import time
 import pytest
 import torch
 
-from longcat_tools import keymap, layouts
+from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import read_header, read_tensor
+from longcat_tools.io.safetensors import read_header, read_tensor
+from longcat_tools.model import keymap
 from longcat_tools.synth import LORA_HYPHEN, LORA_PREFIX, dit_config, lora_targets, synth
 
 # dit/config.json fields of the hub release (and of the original class's save_config)

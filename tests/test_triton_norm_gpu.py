@@ -39,8 +39,8 @@ def _vecs(B, T, C, g):
 
 @pytest.mark.parametrize("C", [4096, 96])
 def test_fused_rows_match_the_plain_math(C):
-    from kernels.triton_norm import fused_rows
-    from runner.dit import LayerNorm, modulate
+    from longcat_tools.kernels.triton_norm import fused_rows
+    from longcat_tools.runner.dit import LayerNorm, modulate
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, T, HW = 2, 3, 203
@@ -75,8 +75,8 @@ def test_fused_rows_match_the_plain_math(C):
 
 
 def test_head_norm_rope_matches_the_plain_path():
-    from kernels.triton_norm import head_norm_rope
-    from runner.dit import RMSNorm, apply_rope, rope_3d_table
+    from longcat_tools.kernels.triton_norm import head_norm_rope
+    from longcat_tools.runner.dit import RMSNorm, apply_rope, rope_3d_table
 
     g = torch.Generator(device="cuda").manual_seed(1)
     B, H, D, grid = 1, 32, 128, (3, 10, 12)
@@ -101,8 +101,8 @@ def test_head_norm_rope_matches_the_plain_path():
 def test_bsa_fast_call_bf16_pv_and_token_major_output():
     """The DiT's fast BSA call: strided q/k/v in, token-major out, bf16 P @ V within the bf16
     band of an fp64 reference (measured ~2.3e-3, like dense SDPA; float16 P @ V ~1.7e-3)."""
-    import kernels
-    from kernels import reference as R
+    from longcat_tools import kernels
+    from longcat_tools.kernels import reference as R
 
     g = torch.Generator(device="cuda").manual_seed(2)
     B, H, D, lat = 1, 4, 128, (8, 16, 24)
@@ -127,9 +127,9 @@ def test_bsa_fast_call_bf16_pv_and_token_major_output():
 
 @pytest.mark.parametrize("n_cond", [0, 1])
 def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
+    from longcat_tools.runner import fast_ops
+    from longcat_tools.runner.dit import LongCatDiT
     from longcat_tools.synth import dit_config
-    from runner import fast_ops
-    from runner.dit import LongCatDiT
 
     torch.manual_seed(0)
     m = LongCatDiT(dit_config("tiny"))
@@ -145,7 +145,7 @@ def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
     mask = torch.zeros(1, 512, dtype=torch.long, device="cuda")
     mask[:, :9] = 1
     calls = {"rows": 0}
-    import kernels.triton_norm as TN
+    import longcat_tools.kernels.triton_norm as TN
 
     real = TN.fused_rows
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,13 +15,11 @@ from verify_builders import first_shard, to_converted
 
 from longcat_tools import schemas
 from longcat_tools.cli import main
-from longcat_tools.safetensors_io import read_header
+from longcat_tools.io.safetensors import read_header
 from longcat_tools.synth import synth
 from longcat_tools.verify import verify
 from longcat_tools.verify.deep import scan_file
 from longcat_tools.verify.lora import parse_keys
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +114,9 @@ def test_exit_codes_and_usage(tiny_native, tmp_path, capsys, monkeypatch):
     assert main(["verify", str(tiny_native), "--against", str(tiny_native)]) == 2
     assert main(["verify", str(tiny_native), "--checksums", str(tmp_path / "none")]) == 2
     capsys.readouterr()
-    monkeypatch.setitem(sys.modules, "runner", None)  # as when the runner is not installed
-    monkeypatch.setitem(sys.modules, "runner.compare", None)
+    # as when the runner cannot be imported
+    monkeypatch.setitem(sys.modules, "longcat_tools.runner", None)
+    monkeypatch.setitem(sys.modules, "longcat_tools.runner.compare", None)
     assert main(["verify", str(tiny_native), "--forward"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--forward needs the reference runner" in err[0]
@@ -130,11 +128,12 @@ def test_forward_check_is_wired_to_the_runner(tiny_native, monkeypatch, capsys):
     import types
 
     calls = []
-    mod = types.ModuleType("runner.compare")
+    mod = types.ModuleType("longcat_tools.runner.compare")
     mod.forward_check = lambda path, against=None: (
         calls.append((path, against)) or {"status": "fail", "message": "max rel err 3e-2"})
-    monkeypatch.setitem(sys.modules, "runner", types.ModuleType("runner"))
-    monkeypatch.setitem(sys.modules, "runner.compare", mod)
+    monkeypatch.setitem(sys.modules, "longcat_tools.runner",
+                        types.ModuleType("longcat_tools.runner"))
+    monkeypatch.setitem(sys.modules, "longcat_tools.runner.compare", mod)
     assert main(["verify", str(tiny_native), "--forward", "--against", str(tiny_native),
                  "-q"]) == 1
     assert calls == [(tiny_native, tiny_native)]
@@ -179,7 +178,7 @@ def test_deep_scan_blocks_cut_inside_tensors(tiny_native, monkeypatch):
 
 
 def test_lora_parsing_reads_the_three_formats():
-    from longcat_tools.safetensors_io import TensorInfo
+    from longcat_tools.io.safetensors import TensorInfo
 
     def t(*shape):
         return TensorInfo("x", "F32", shape, 0, 0)
@@ -235,8 +234,7 @@ def test_schema_command(capsys):
 
 def test_cli_fresh_process_exit_0_and_table(tiny_native):
     p = subprocess.run([sys.executable, "-m", "longcat_tools", "verify", str(tiny_native)],
-                       capture_output=True, text=True, env={**os.environ,
-                                                            "PYTHONPATH": str(ROOT)})
+                       capture_output=True, text=True)
     assert p.returncode == 0 and p.stderr == ""
     assert p.stdout.splitlines()[0].startswith(f"verify {tiny_native}: native")
     assert p.stdout.strip().splitlines()[-1].startswith("PASS:")
@@ -340,12 +338,13 @@ def test_against_hub_without_a_record_is_one_line(tiny_native, hf_offline, capsy
 def test_forward_reads_the_runner_report(tiny_native, monkeypatch, capsys):
     import types
 
-    mod = types.ModuleType("runner.compare")
+    mod = types.ModuleType("longcat_tools.runner.compare")
     mod.forward_check = lambda path, against=None: {
         "ok": True, "problems": [], "layout": "native", "output_shape": [2, 16, 3, 8, 8],
         "against": str(against), "rel_diff": 0.0, "max_abs_diff": 0.0}
-    monkeypatch.setitem(sys.modules, "runner", types.ModuleType("runner"))
-    monkeypatch.setitem(sys.modules, "runner.compare", mod)
+    monkeypatch.setitem(sys.modules, "longcat_tools.runner",
+                        types.ModuleType("longcat_tools.runner"))
+    monkeypatch.setitem(sys.modules, "longcat_tools.runner.compare", mod)
     assert main(["verify", str(tiny_native), "--forward", "--against", str(tiny_native),
                  "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -21,10 +21,9 @@ import pytest
 from verify_builders import first_shard, join_file, split_file
 
 from longcat_tools.cli import main
-from longcat_tools.safetensors_io import read_header
+from longcat_tools.io.safetensors import read_header
 from longcat_tools.verify import verify
 
-ROOT = Path(__file__).resolve().parent.parent
 INDEX = "dit/diffusion_pytorch_model.safetensors.index.json"
 CFG = "dit/config.json"
 
@@ -572,16 +571,15 @@ def test_every_fault_is_reported_not_only_the_first(victim):
 def test_cli_subprocess(victim):
     """Through a real process: exit code, one line on stderr, and the table on stdout."""
     header_absurd(victim)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-m", "longcat_tools", "verify", str(victim)],
-                       capture_output=True, text=True, env=env, timeout=60)
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "exceeds" in lines[0] and first_shard(victim).name in lines[0]
     assert "fail" in p.stdout and "FAIL" in p.stdout
     fifo_shard(victim)
     p = subprocess.run([sys.executable, "-m", "longcat_tools", "verify", str(victim), "--json",
-                        "-q"], capture_output=True, text=True, env=env, timeout=60)
+                        "-q"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and json.loads(p.stdout)["status"] == "fail"
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "FIFO" in lines[0], p.stderr

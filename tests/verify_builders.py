@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from longcat_tools import keymap, layouts
-from longcat_tools.safetensors_io import (
+from longcat_tools.checkpoint import layouts
+from longcat_tools.io.safetensors import (
     TensorSpec,
     read_header,
     read_tensor,
@@ -26,6 +26,7 @@ from longcat_tools.safetensors_io import (
     write_json,
     write_sharded,
 )
+from longcat_tools.model import keymap
 
 FASTVIDEO_INDEX = {
     "_class_name": "LongCatPipeline", "_diffusers_version": "0.32.0",

@@ -145,7 +145,8 @@ def preset_cmd(name: Annotated[str, typer.Argument(metavar="NAME", help="A prese
                no_backup: NoBackupOpt = False, json_out: JsonOpt = False,
                quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """Write a preset's enable_bsa and bsa_params (every other field kept)."""
-    from longcat_tools import bsa, bsa_presets
+    from longcat_tools import bsa
+    from longcat_tools.model import bsa_presets
 
     out = Out(json_out, quiet, verbose)
     bsa_presets.get(name)  # an unknown name fails before the checkpoint is looked at
@@ -159,7 +160,8 @@ def preset_cmd(name: Annotated[str, typer.Argument(metavar="NAME", help="A prese
 def presets_cmd(json_out: JsonOpt = False, quiet: QuietOpt = False,
                 verbose: VerboseOpt = False) -> None:
     """List the presets: the values each writes and the share of key chunks it keeps."""
-    from longcat_tools import bsa_presets, schemas
+    from longcat_tools import schemas
+    from longcat_tools.model import bsa_presets
 
     out = Out(json_out, quiet, verbose)
     folder = schemas.data_dir("examples") / bsa_presets.EXAMPLES_FOLDER
@@ -223,8 +225,10 @@ def check_cmd(
     """Token grid, chunk counts, divisibility, chunks kept per query and attention FLOPs for one
     video size. Params: the checkpoint's (--model, $LONGCAT_TOOLS_MODEL or the current folder),
     else 720p-balanced; dimensions: the checkpoint's, else the real 13.6B model's."""
-    from longcat_tools import bsa, bsa_presets, layouts
+    from longcat_tools import bsa
+    from longcat_tools.checkpoint import layouts
     from longcat_tools.errors import UsageError
+    from longcat_tools.model import bsa_presets
 
     out = Out(json_out, quiet, verbose)
     args = _params_args(sparsity, cdf_threshold, chunk_q, chunk_k)

@@ -41,7 +41,8 @@ def download_cmd(
     Under HF_HUB_OFFLINE=1 (or when the hub cannot be reached) it checks the copy already in the
     cache (or in --dst).
     """
-    from longcat_tools import hub, hub_download, hub_manifest
+    from longcat_tools.checkpoint import download as hub_download
+    from longcat_tools.checkpoint import hub, hub_manifest
 
     out = Out(json_out, quiet, verbose)
     ref = hub.repo_ref(repo, revision)
@@ -106,7 +107,7 @@ def hub_manifest_cmd(
     json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Save the hub's file sizes and hashes of a repo, for `verify --against-hub` offline."""
-    from longcat_tools import hub, hub_manifest
+    from longcat_tools.checkpoint import hub, hub_manifest
     from longcat_tools.errors import LongcatError
 
     out = Out(json_out, quiet, verbose)

@@ -8,6 +8,7 @@ import typer
 
 from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseOpt, human_bytes
 from longcat_tools.errors import LongcatError
+from longcat_tools.model.bsa_presets import PRESETS
 
 TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation), long "
              "(chained continuations), refine (480p -> 720p with the refinement LoRA and BSA)")
@@ -27,8 +28,7 @@ def run_cmd(
                                          "(t2v, i2v, vc, long).")] = False,
     bsa: Annotated[str, typer.Option(help="Block sparse attention: config (what the transformer "
                                      "config says; always on for refinement), on, off, or a "
-                                     "preset (720p-balanced, 720p-quality, 720p-fast, "
-                                     "720p-adaptive, long-video, 480p).")] = "config",
+                                     f"preset ({', '.join(PRESETS)}).")] = "config",
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default 50; 16 with "
                                               "--distill).")] = None,
     guidance: Annotated[float | None, typer.Option(help="CFG-Zero* guidance scale (default 4; 1 "
@@ -87,8 +87,8 @@ def run_cmd(
     import os
     from dataclasses import replace
 
-    from runner.job import RunSettings, run_job, validate
-    from runner.pipeline import Reporter
+    from longcat_tools.runner.job import RunSettings, run_job, validate
+    from longcat_tools.runner.pipeline import Reporter
 
     if os.environ.get("RANK", "0") != "0":  # rank 0 of a context-parallel job speaks for it
         json_out, quiet = False, True
@@ -105,7 +105,7 @@ def run_cmd(
         save_latents=save_latents, latents_in=latents_in, cp=cp)
     if gpus != 1:
         from longcat_tools.cli._common import ARGV
-        from runner.launch import launch, without_option
+        from longcat_tools.runner.launch import launch, without_option
 
         if gpus < 2 or cp != 1:
             raise LongcatError(f"--gpus {gpus}: use 2 or more GPUs, without --cp (--cp is for "

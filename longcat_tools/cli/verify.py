@@ -43,8 +43,8 @@ def verify_cmd(
 ) -> None:
     """Check that a checkpoint is complete, consistent and sound (any layout; the CI gate)."""
     from longcat_tools import __version__
+    from longcat_tools.checkpoint.layouts import resolve_model
     from longcat_tools.errors import LongcatError, UsageError
-    from longcat_tools.layouts import resolve_model
     from longcat_tools.verify import verify
     from longcat_tools.verify.forward import forward_checker
 

@@ -1,4 +1,4 @@
-"""``verify``: every check of a checkpoint, in one report (the CI gate of SPEC §2.3).
+"""``verify``: every check of a checkpoint, in one report (a CI gate).
 
 Header level (default) reads only JSON files and safetensors headers: the real 13.6B checkpoint
 is checked in a fraction of a second. ``deep`` then reads every byte once: NaN/Inf, all-zero
@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longcat_tools import keymap, layouts, schemas
+from longcat_tools import schemas
+from longcat_tools.checkpoint import layouts
+from longcat_tools.checkpoint.hub import snapshot_roots
 from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.hub import snapshot_roots
-from longcat_tools.safetensors_io import Header
+from longcat_tools.io.safetensors import Header
+from longcat_tools.model import keymap
 from longcat_tools.verify import components as C
 from longcat_tools.verify import deep as D
 from longcat_tools.verify import lora as L
@@ -412,8 +414,8 @@ def _against_hub(rec: Recorder, st: _State, manifest: str | Path | None, repo: s
     """Every file against the hub's size and hash (``hub_manifest``), one row per fault."""
     if not st.root.is_dir():
         return
-    from longcat_tools import hub
-    from longcat_tools import hub_manifest as hm
+    from longcat_tools.checkpoint import hub
+    from longcat_tools.checkpoint import hub_manifest as hm
 
     ref = hub.repo_ref(repo) if repo else None
     try:

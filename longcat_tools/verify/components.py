@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from longcat_tools import layouts
+from longcat_tools.checkpoint import layouts
 
 
 @dataclass(frozen=True)

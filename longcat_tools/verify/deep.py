@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longcat_tools import layouts
+from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import FLOAT_DTYPES, Header, TensorInfo
+from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo
 
 BLOCK = 16 * 1024 * 1024
 CHECKSUMS = "checksums.sha256"

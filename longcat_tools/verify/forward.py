@@ -22,7 +22,7 @@ Checker = Callable[[Report, Path, "str | None"], None]
 def forward_checker() -> Checker:
     """The --forward check, or a UsageError (exit 2) when the runner is not installed."""
     try:
-        from runner.compare import forward_check
+        from longcat_tools.runner.compare import forward_check
     except ImportError as e:
         raise UsageError(f"--forward needs the reference runner (runner.compare.forward_check), "
                          f"which this installation lacks ({e}); drop --forward or install the "

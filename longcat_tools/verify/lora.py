@@ -2,10 +2,10 @@
 
 Every adapted module must exist in the DiT and its A/B matrices must fit that layer:
 ``A [r, in]``, ``B [out, r]`` (or, in the native format's fused targets, ``n`` up blocks of
-``[out/n, r/n]``), with a scalar alpha. The format is read from the key names (SPEC §4): native
+``[out/n, r/n]``), with a scalar alpha. The format is read from the key names: native
 (``lora___lorahyphen___...lora_down/lora_up``), FastVideo (``.lora_A/.lora_B/.lora_alpha``) and
 PEFT (``.lora_A.weight/.lora_B.weight/.alpha``). ``parse_keys`` is the one place that knows the
-formats, so it can be swapped for ``longcat_tools.lora_formats`` once that lands.
+formats, so it can be swapped for ``longcat_tools.lora.formats`` once that lands.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longcat_tools import keymap, layouts, schemas
+from longcat_tools import schemas
+from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import FLOAT_DTYPES, Header, TensorInfo, read_header
+from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo, read_header
+from longcat_tools.model import keymap
 from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import MAX_HEADER_BYTES
 

@@ -14,9 +14,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from longcat_tools import layouts, schemas
+from longcat_tools import schemas
+from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import FLOAT_DTYPES, Header, TensorInfo, read_header
+from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo, read_header
 from longcat_tools.verify.report import Recorder, count, listing
 
 MAX_INDEX_TENSORS = 200_000  # the real DiT has 1,310 tensors, UMT5-XXL ~250: far more is hostile

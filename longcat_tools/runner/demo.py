@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from runner.pipeline import Pipeline, Result
-from runner.video import probe, write_mp4
+from longcat_tools.runner.pipeline import Pipeline, Result
+from longcat_tools.runner.video import probe, write_mp4
 
 PROMPT = "A cat sits on a sunny windowsill and watches birds fly past the garden."
 SIZE = {"height": 32, "width": 32}

@@ -1,4 +1,4 @@
-"""LoRA adapter formats of LongCat-Video, read and written exactly (SPEC §4).
+"""LoRA adapter formats of LongCat-Video, read and written exactly.
 
 Every format stores, per native DiT module, the same update
 ``delta W = scale * alpha_scale * blockdiag(up_0 .. up_{n-1}) @ down`` with ``down`` of shape
@@ -43,9 +43,8 @@ from pathlib import Path
 
 import torch
 
-from longcat_tools import keymap
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import (
+from longcat_tools.io.safetensors import (
     DTYPE_NAMES,
     DTYPES,
     Header,
@@ -54,6 +53,7 @@ from longcat_tools.safetensors_io import (
     read_tensor,
     write_file,
 )
+from longcat_tools.model import keymap
 
 FORMATS = ("native", "fastvideo", "peft")
 # The key flavour of the DiT names each format uses (PEFT: what we write by default).

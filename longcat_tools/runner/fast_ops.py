@@ -134,7 +134,7 @@ def _rows(x: torch.Tensor) -> Any:
         return None
     if _TRITON_NORM is None:
         try:
-            from kernels import triton_norm
+            from longcat_tools.kernels import triton_norm
             _TRITON_NORM = triton_norm
         except Exception as exc:  # noqa: BLE001 - no Triton: the compiled path
             log.warning("Triton row kernels unavailable (%s); using torch.compile", exc)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longcat_tools import hub, hub_manifest
+from longcat_tools.checkpoint import hub, hub_manifest
 from longcat_tools.errors import LongcatError
 
 
@@ -126,8 +126,9 @@ def check_headers(path: str | Path, patterns: list[str] | None = None) -> Header
 
     from huggingface_hub.utils import filter_repo_objects
 
-    from longcat_tools import keymap, layouts
-    from longcat_tools.safetensors_io import read_header
+    from longcat_tools.checkpoint import layouts
+    from longcat_tools.io.safetensors import read_header
+    from longcat_tools.model import keymap
 
     root = Path(path)
     out = HeaderSummary()

@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from longcat_tools.errors import LongcatError
-from runner import schedule
-from runner.buckets import bucket_size
-from runner.context_parallel import ContextParallel
-from runner.dit import LongCatDiT
-from runner.loading import parse_dtype, resolve_checkpoint
+from longcat_tools.runner import schedule
+from longcat_tools.runner.buckets import bucket_size
+from longcat_tools.runner.context_parallel import ContextParallel
+from longcat_tools.runner.dit import LongCatDiT
+from longcat_tools.runner.loading import parse_dtype, resolve_checkpoint
 
 TASKS = ("t2v", "i2v", "vc", "long", "refine")
 MAX_SEQUENCE_LENGTH = 512
@@ -158,8 +158,8 @@ class Pipeline:
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        from runner import offload as off
-        from runner.loading import load_transformer
+        from longcat_tools.runner import offload as off
+        from longcat_tools.runner.loading import load_transformer
 
         if offload not in off.OFFLOAD_CHOICES:
             raise LongcatError(f"offload '{offload}': unknown (choose from "
@@ -219,7 +219,7 @@ class Pipeline:
     # ---- building blocks -------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """UMT5 states [B, 1, 512, C] in the DiT dtype and the attention mask [B, 512]."""
-        from runner.offload import on_device
+        from longcat_tools.runner.offload import on_device
 
         if not self.is_main:  # rank 0 encodes once for the whole job
             with self.reporter.stage("text_encoder"):
@@ -326,7 +326,7 @@ class Pipeline:
 
         ``bsa``: ``None`` keeps the model's setting, ``False`` turns it off, ``True`` uses the
         config's params, a dict/BSAParams uses those."""
-        from runner.lora import lora_path
+        from longcat_tools.runner.lora import lora_path
 
         before_loras, before_bsa = list(self.dit.active_loras), self.dit.bsa
         try:

@@ -5,8 +5,8 @@ The input is deterministic (fixed seed) and exercises every path of a block: per
 a condition frame (block-causal attention, no cross-attention for it) and padded text. The models
 are loaded one after the other, so two real checkpoints need the memory of one.
 
-Library: ``forward_check(path, against=None) -> dict``. Command line (the lead wires it into
-``verify``): ``python -m runner.compare PATH [--against OTHER] [--device D] [--dtype T] [--json]``.
+Library: ``forward_check(path, against=None) -> dict``, behind ``verify --forward``. Command line:
+``python -m longcat_tools.runner.compare PATH [--against OTHER] [--device D] [--dtype T] [--json]``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def probe_inputs(dit, seed: int = 0, frames: int = 3, size: int = 8, text_len: i
 
 
 def _forward(path: str | Path, device: Any, dtype: Any) -> tuple[torch.Tensor, str]:
-    from runner.loading import load_transformer
+    from longcat_tools.runner.loading import load_transformer
 
     dit = load_transformer(path, device=device, dtype=dtype)
     with torch.no_grad():
@@ -92,8 +92,8 @@ def forward_check(path: str | Path, against: str | Path | None = None, device: A
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runner.compare", description=__doc__.split(
-        "\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m longcat_tools.runner.compare",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("path")
     ap.add_argument("--against")
     ap.add_argument("--device", default="cpu")

@@ -13,21 +13,15 @@ from pathlib import Path
 
 import torch
 
-from longcat_tools import keymap, layouts
+from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import read_header, read_tensor
-from runner.dit import LongCatDiT
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+from longcat_tools.io.safetensors import read_header, read_tensor
+from longcat_tools.model import dtypes, keymap
+from longcat_tools.runner.dit import LongCatDiT
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise LongcatError(f"unknown dtype '{dtype}' (use fp32, bf16 or fp16)")
-    return DTYPES[dtype]
+    return dtypes.parse(dtype, option="dtype", error=LongcatError)
 
 
 def resolve_checkpoint(path: str | Path) -> layouts.Checkpoint:

@@ -1,7 +1,7 @@
-"""The block-sparse-attention presets (SPEC §3) as one table.
+"""The block-sparse-attention presets as one table.
 
 ``longcat-tools bsa``, the example configs in ``examples/bsa_configs/`` and the tests all read this
-table, so a value changes in one place. ``python -m longcat_tools.bsa_presets --write DIR``
+table, so a value changes in one place. ``python -m longcat_tools.model.bsa_presets --write DIR``
 regenerates the examples from it.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 DEFAULT_ENABLE = "720p-balanced"  # what `bsa enable` writes when the config has no params to keep
 EXAMPLES_FOLDER = "bsa_configs"  # under the top-level examples/ folder
-SPEC = "SPEC §3"
+ORIGINAL = "LongCat-Video's release and demos"
 FASTVIDEO = "FastVideo's deleted manage_bsa.py"
 
 
@@ -30,7 +30,7 @@ class Preset:
     enable_bsa: bool
     params: dict[str, Any] | None  # None writes "bsa_params": null
     intent: str
-    origin: str = SPEC
+    origin: str = ORIGINAL
     example: str | None = None  # file name under examples/bsa_configs/
 
     @property
@@ -60,8 +60,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            example="config_720p_adaptive.json"),
     Preset("long-video", True, bsa_params(0.9375, chunk=(8, 4, 4)),
            "8 latent frames per chunk for videos over 93 frames", example="config_long_video.json"),
-    # Resolution-named variants of FastVideo's deleted manage_bsa.py (reference
-    # fastvideo_longcat.md §3.6); SPEC §3 welcomes them as extras.
+    # Resolution-named variants from FastVideo's manage_bsa.py (deleted upstream), kept as extras.
     Preset("480p-bsa", True, bsa_params(0.9375),
            "BSA at 448x832 (token grid 28x52 divides by 4)", FASTVIDEO),
     Preset("704p-balanced", True, bsa_params(0.9375),
@@ -91,7 +90,7 @@ def _main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    ap = argparse.ArgumentParser(prog="python -m longcat_tools.bsa_presets",
+    ap = argparse.ArgumentParser(prog="python -m longcat_tools.model.bsa_presets",
                                  description="Regenerate examples/bsa_configs/ from the table.")
     ap.add_argument("--write", metavar="DIR", required=True, help="folder to (re)write")
     args = ap.parse_args(argv)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import kernels
+from longcat_tools import kernels
 
 if TYPE_CHECKING:
-    from runner.dit import BSAParams
+    from longcat_tools.runner.dit import BSAParams
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

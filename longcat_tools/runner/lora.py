@@ -1,6 +1,6 @@
 """LoRA adapter files -> per-module ``LoraDelta`` on the native DiT, applied at run time.
 
-Parsing is the shared ``longcat_tools.lora_formats`` (native and FastVideo formats, exact): every
+Parsing is the shared ``longcat_tools.lora.formats`` (native and FastVideo formats, exact): every
 file becomes the native structure per module (``down`` [n*r, in], ``n`` up blocks, the stored
 ``alpha_scale``), so the run-time arithmetic is the original's (``lora_utils``) exactly. Rank is
 read from the tensors.
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from longcat_tools import lora_formats
 from longcat_tools.errors import LongcatError
-from longcat_tools.safetensors_io import read_header, read_tensor
-from runner.dit import LongCatDiT, LoraDelta
+from longcat_tools.io.safetensors import read_header, read_tensor
+from longcat_tools.lora import formats as lora_formats
+from longcat_tools.runner.dit import LongCatDiT, LoraDelta
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -48,7 +48,7 @@ def read_lora(path: str | Path, model: LongCatDiT, multiplier: float = 1.0
 def lora_path(ckpt_root: str | Path, kind: str) -> Path:
     """The hub adapter ``kind`` ('distilled' or 'refinement') in any layout: native
     ``lora/cfg_step_lora.safetensors``, converted ``lora/distilled/*.safetensors``."""
-    from longcat_tools.layouts import NATIVE_LORAS
+    from longcat_tools.checkpoint.layouts import NATIVE_LORAS
 
     root = Path(ckpt_root) / "lora"
     for fname, name in NATIVE_LORAS.items():

@@ -1,4 +1,4 @@
-"""The LoRA adapters of a checkpoint: registry, attach, detach, export and fuse (SPEC §4).
+"""The LoRA adapters of a checkpoint: registry, attach, detach, export and fuse.
 
 Adapters live in ``lora/`` in the checkpoint's own key flavour (native hub layout:
 ``lora/cfg_step_lora.safetensors`` and ``lora/refinement_lora.safetensors``; attached ones and
@@ -34,23 +34,25 @@ from typing import Any
 
 import torch
 
-from longcat_tools import __version__, keymap, layouts, schemas
-from longcat_tools import lora_formats as lf
-from longcat_tools.atomic import (
+from longcat_tools import __version__, schemas
+from longcat_tools.checkpoint import layouts
+from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io.atomic import (
     atomic_folder,
     atomic_write_text,
     file_lock,
     fsync_dir,
     partial_path,
 )
-from longcat_tools.checksums import refresh_manifest
-from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.safetensors_io import (
+from longcat_tools.io.checksums import refresh_manifest
+from longcat_tools.io.safetensors import (
     TensorSpec,
     read_header,
     read_tensor,
     write_file,
 )
+from longcat_tools.lora import formats as lf
+from longcat_tools.model import dtypes, keymap
 
 REGISTRY = "adapters.json"
 LOCK_SUFFIX = ".lock"
@@ -66,7 +68,7 @@ FUSED_METADATA_KEY = "longcat_tools.fused_loras"
 _HASH_CHUNK = 16 << 20
 _BLOCK_RE = re.compile(r"^blocks\.\d+\.")
 
-# What the hub's two adapters are for (SPEC §4, reference/longcat_video_spec.md §5).
+# What the hub's two adapters are for (LongCat-Video's demos: distillation and 720p refinement).
 HUB_ADAPTERS: dict[str, dict[str, Any]] = {
     "distilled": {"description": "cfg_step_lora: CFG and step distillation (16 steps, "
                                  "guidance 1.0)",
@@ -617,8 +619,6 @@ class ExportResult:
     seconds: float
 
 
-DTYPE_CHOICES: dict[str, torch.dtype | None] = {"keep": None, "fp32": torch.float32,
-                                                "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
@@ -636,8 +636,7 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
                          "names)")
     if keys is not None and keys not in keymap.FLAVOURS:
         raise UsageError(f"--keys must be one of {', '.join(keymap.FLAVOURS)}, got '{keys}'")
-    if dtype not in DTYPE_CHOICES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got '{dtype}'")
+    want = dtypes.parse(dtype, keep=True)
     out = Path(out)
     if not out.name.endswith(".safetensors"):
         raise UsageError(f"{out}: the output file name must end in .safetensors")
@@ -652,7 +651,6 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
     if out.resolve() == path.resolve():
         raise UsageError(f"{out}: is the adapter's own file; export to another path")
     lora = lf.read_lora(path, dit_shapes(ckpt))
-    want = DTYPE_CHOICES[dtype]
     meta = {"longcat_tools.version": __version__, "longcat_tools.exported_from": name}
     cfg_path, cfg_text = None, None
     if fmt == "peft":

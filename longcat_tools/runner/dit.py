@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from longcat_tools.errors import LongcatError
-from runner import attention as attn_ops
-from runner import fast_ops
-from runner.context_parallel import ContextParallel, FrameSplit
+from longcat_tools.runner import attention as attn_ops
+from longcat_tools.runner import fast_ops
+from longcat_tools.runner.context_parallel import ContextParallel, FrameSplit
 
 KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -416,7 +416,7 @@ class LongCatDiT(nn.Module):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        from longcat_tools import keymap
+        from longcat_tools.model import keymap
 
         self.config = dict(config)
         dims = keymap.dit_dims(config)
@@ -473,7 +473,7 @@ class LongCatDiT(nn.Module):
     # ---- LoRA ------------------------------------------------------------------------------
     def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
         """Read an adapter file (native or FastVideo format); it stays off until enabled."""
-        from runner.lora import read_lora
+        from longcat_tools.runner.lora import read_lora
 
         self.lora_registry[name] = read_lora(path, self, multiplier=scale)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from longcat_tools import hub
+from longcat_tools.checkpoint import hub
 from longcat_tools.errors import LongcatError, UsageError
 
 FORMAT = "longcat-tools.hub-manifest"
@@ -130,7 +130,8 @@ class HubUnreachable(LongcatError):
 
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest file (schema ``hub_manifest``)."""
-    from longcat_tools import layouts, schemas
+    from longcat_tools import schemas
+    from longcat_tools.checkpoint import layouts
 
     path = Path(path)
     doc = layouts.load_json(path, "hub manifest")
@@ -143,7 +144,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def save_manifest(manifest: Manifest, path: str | Path) -> Path:
-    from longcat_tools.atomic import atomic_write_text
+    from longcat_tools.io.atomic import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +281,7 @@ def compare_with_manifest(path: str | Path, manifest: Manifest, *,
     (default: the manifest's own) limits which absent files count as missing."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from longcat_tools import layouts
+    from longcat_tools.checkpoint import layouts
 
     root = Path(path)
     if not root.is_dir():

@@ -14,22 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from longcat_tools import layouts
-from longcat_tools.atomic import atomic_write_text
+from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from runner import context_parallel
-from runner.pipeline import DEFAULT_NEGATIVE_PROMPT, TASKS, Pipeline, Reporter
+from longcat_tools.io.atomic import atomic_write_text
+from longcat_tools.model import bsa_presets
+from longcat_tools.runner import context_parallel
+from longcat_tools.runner.pipeline import DEFAULT_NEGATIVE_PROMPT, TASKS, Pipeline, Reporter
 
-# SPEC §3 presets (sparsity, cdf_threshold, chunk q = k); None: dense.
-BSA_PRESETS: dict[str, dict[str, Any] | None] = {
-    "480p": None,
-    "720p-balanced": {"sparsity": 0.9375, "cdf_threshold": None, "chunk": [4, 4, 4]},
-    "720p-quality": {"sparsity": 0.875, "cdf_threshold": None, "chunk": [4, 4, 4]},
-    "720p-fast": {"sparsity": 0.96875, "cdf_threshold": None, "chunk": [4, 4, 4]},
-    "720p-adaptive": {"sparsity": 0.875, "cdf_threshold": 0.98, "chunk": [4, 4, 4]},
-    "long-video": {"sparsity": 0.9375, "cdf_threshold": None, "chunk": [8, 4, 4]},
-}
-BSA_CHOICES = ("config", "on", "off", *BSA_PRESETS)
+BSA_CHOICES = ("config", "on", "off", *bsa_presets.PRESETS)
 
 
 @dataclass
@@ -94,11 +86,8 @@ def bsa_setting(choice: str, task_default: bool) -> Any:
         return False
     if choice == "on":
         return True
-    p = BSA_PRESETS[choice]
-    if p is None:
-        return False
-    return {"sparsity": p["sparsity"], "cdf_threshold": p["cdf_threshold"],
-            "chunk_3d_shape_q": p["chunk"], "chunk_3d_shape_k": p["chunk"]}
+    p = bsa_presets.PRESETS[choice]
+    return dict(p.params) if p.enable_bsa and p.params else False
 
 
 def validate(s: RunSettings) -> None:
@@ -193,7 +182,7 @@ def _run(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
     from PIL import Image
     from safetensors.torch import load_file, save_file
 
-    from runner import video as vio
+    from longcat_tools.runner import video as vio
 
     dtype = s.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":

@@ -1,4 +1,4 @@
-"""Read, change and check the block-sparse-attention settings of a checkpoint (SPEC §3).
+"""Read, change and check the block-sparse-attention settings of a checkpoint.
 
 The settings live in the transformer config (``dit/config.json`` or ``transformer/config.json``):
 ``enable_bsa`` and ``bsa_params``. Every change is a pure function on the config dict; ``update``
@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longcat_tools import bsa_presets, hub, layouts, schemas
-from longcat_tools.atomic import atomic_write_text, file_lock
-from longcat_tools.checksums import refresh_manifest
+from longcat_tools import schemas
+from longcat_tools.checkpoint import hub, layouts
 from longcat_tools.errors import LongcatError
+from longcat_tools.io.atomic import atomic_write_text, file_lock
+from longcat_tools.io.checksums import refresh_manifest
+from longcat_tools.model import bsa_presets
 
 SCHEMA = "transformer_config"
 BACKUP_SUFFIX = ".bak"
@@ -477,7 +479,7 @@ REAL_MODEL = ModelDims(heads=32, head_dim=128, depth=48, patch=(1, 2, 2))  # the
 
 
 def model_dims(cfg: dict[str, Any], where: str) -> ModelDims:
-    from longcat_tools.keymap import dit_dims
+    from longcat_tools.model.keymap import dit_dims
 
     d = dit_dims(cfg, where)
     return ModelDims(d.num_heads, d.head_dim, d.depth, d.patch_size)
@@ -624,7 +626,7 @@ EXAMPLES_README = """\
 Complete transformer configs for the real 13.6B LongCat-Video DiT (the hub's `dit/config.json`
 field set, native flavour: `_class_name LongCatVideoTransformer3DModel`, `num_heads`), one per
 block-sparse-attention preset. They are generated from the preset table
-`longcat_tools/bsa_presets.py` (`python -m longcat_tools.bsa_presets --write
+`longcat_tools/bsa_presets.py` (`python -m longcat_tools.model.bsa_presets --write
 examples/bsa_configs`), and a test checks that they still match it.
 
 | file | preset | enable_bsa | sparsity | cdf_threshold | chunk q = k | intent |

@@ -1,6 +1,6 @@
 """Checkpoint folder shapes: where its parts are, which files hold the DiT.
 
-Layouts (SPEC §2): ``native`` (the hub release: ``dit/``), ``converted`` (``model_index.json`` +
+Layouts: ``native`` (the hub release: ``dit/``), ``converted`` (``model_index.json`` +
 ``transformer/`` sharded with an index, in either key flavour) and ``fastvideo-single`` (FastVideo's
 converter output: one ``transformer/model.safetensors``). Every path read from a file is checked
 to stay inside the checkpoint; symlinks may not lead out of it. A snapshot in the Hugging Face cache
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longcat_tools import keymap
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.model import keymap
 
 LAYOUTS = ("native", "converted", "fastvideo-single")
 ENV_MODEL = "LONGCAT_TOOLS_MODEL"
@@ -142,7 +142,7 @@ def detect(root: str | Path) -> Checkpoint:
     if not root.is_dir():
         raise LongcatError(f"{root}: not a folder (a checkpoint is a folder with dit/ or "
                            "transformer/)")
-    from longcat_tools.hub import snapshot_roots
+    from longcat_tools.checkpoint.hub import snapshot_roots
 
     allowed = snapshot_roots(root)
     dit, transformer = root / "dit", root / "transformer"
@@ -173,7 +173,7 @@ def resolve_model(arg: str | Path | None) -> Path:
     folder when it holds a checkpoint. The argument or variable may also be a Hugging Face repo id
     (``org/name[@revision]``), found in the local cache; an existing local path always wins, and
     nothing is ever downloaded here (``hub.resolve_source``)."""
-    from longcat_tools.hub import resolve_source
+    from longcat_tools.checkpoint.hub import resolve_source
 
     if arg:
         return resolve_source(arg)
@@ -232,7 +232,7 @@ def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
         raise LongcatError(f"{folder}: no DiT weights (expected {INDEX_NAME} with its shards, "
                            f"{DIT_STEM}.safetensors or {FASTVIDEO_SINGLE})")
     check_contained(found[0], allowed)
-    from longcat_tools.safetensors_io import read_header
+    from longcat_tools.io.safetensors import read_header
 
     return {name: found[0] for name in read_header(found[0]).tensors}
 

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from longcat_tools.atomic import atomic_write_text, file_lock
 from longcat_tools.errors import LongcatError
-from longcat_tools.sources import Sources, aligned
+from longcat_tools.io.atomic import atomic_write_text, file_lock
+from longcat_tools.io.sources import Sources, aligned
 
 MANIFEST = "checksums.sha256"
 # Default buffer size of a BufferRing (convert casts 1 MiB of source at a time).
@@ -349,7 +349,7 @@ def refresh_manifest(root: Path, changed: Iterable[Path]) -> None:
     ``lora`` registry and adapters): a listed file that is, or lies under, one of ``changed`` is
     hashed again, or its line dropped when it is gone. Files the list does not name stay
     unnamed; without a list there is nothing to do."""
-    from longcat_tools.layouts import inside
+    from longcat_tools.checkpoint.layouts import inside
 
     manifest = Path(root) / MANIFEST
     if not manifest.is_file():
@@ -374,7 +374,7 @@ def refresh_manifest(root: Path, changed: Iterable[Path]) -> None:
 def check_manifest(folder: Path, manifest: str = MANIFEST) -> dict[str, str]:
     """Re-hash every file the manifest lists; returns path -> problem for those that differ
     or are missing (empty when all match)."""
-    from longcat_tools.layouts import inside
+    from longcat_tools.checkpoint.layouts import inside
 
     bad: dict[str, str] = {}
     for rel, hexd in read_manifest(folder / manifest).items():

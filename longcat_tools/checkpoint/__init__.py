@@ -1,0 +1,1 @@
+"""Checkpoint layouts on disk and on the Hugging Face Hub."""

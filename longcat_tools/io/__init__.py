@@ -1,0 +1,1 @@
+"""Reading and writing bytes: safetensors, source files, atomic writes, checksum lists."""

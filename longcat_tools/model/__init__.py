@@ -1,0 +1,1 @@
+"""Facts about the LongCat-Video DiT: the key map, dimensions, BSA presets."""
