@@ -31,7 +31,7 @@ import torch
 from longcat_tools import __version__
 from longcat_tools.checkpoint import hub, layouts
 from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.io.atomic import atomic_folder, fsync_dir, partial_path
+from longcat_tools.io.atomic import atomic_folder, fsync_dir, fsync_tree, partial_path, try_link
 from longcat_tools.io.checksums import (
     MANIFEST,
     BufferRing,
@@ -391,7 +391,7 @@ def _source_loras(ckpt: layouts.Checkpoint) -> list[tuple[str, Path]]:
             continue  # the `lora` command's registry (rebuilt from the files) and its scratch
         if p.is_file():
             layouts.check_contained(p, allowed)
-            found.append((lf.NATIVE_FILE_TO_ADAPTER.get(p.name, p.stem), p))
+            found.append((layouts.NATIVE_LORAS.get(p.name, p.stem), p))
         elif p.is_dir():
             for q in sorted(p.iterdir()):
                 if q.is_file():
@@ -657,11 +657,7 @@ def _write_tensor(out: HashingFile, t: OutTensor, sources: Sources, ring: Buffer
     """Stream one tensor into ``out``: byte ranges of its sources, cast chunk by chunk, or what
     its producer returns."""
     if t.produce is not None:
-        x = t.produce()
-        if tuple(x.shape) != t.shape or x.dtype != t.dtype:
-            raise LongcatError(f"internal: tensor '{t.name}' is {x.dtype}{list(x.shape)}, "
-                               f"expected {t.dtype}{list(t.shape)}")
-        data = tensor_bytes(x)
+        data = TensorSpec(t.name, t.dtype, t.shape, t.produce).data()
         out.write(data)
         progress(len(data))
         return
@@ -708,8 +704,20 @@ def execute(p: Plan, progress: Callable[[int], None] | None = None) -> Result:
         torch.set_num_threads(threads)
 
 
+def _check_lora_values(p: Plan) -> None:
+    """Cast every adapter rewritten to float16 before anything is written, so a LoRA value it
+    cannot hold stops the run with no output (adapters are small next to the DiT; the DiT's own
+    values are checked as they stream)."""
+    for job in p.jobs:
+        if job.adapter is not None and any(t.dtype == torch.float16 for t in job.tensors):
+            for t in job.tensors:
+                if t.produce is not None:
+                    t.produce()
+
+
 def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
     check_room(p)
+    _check_lora_values(p)
     progress = progress or (lambda n: None)
     killer = _Killer()
     sources = Sources()
@@ -759,7 +767,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                     written += 1
                 else:
                     assert job.src is not None
-                    if job.kind == "link" and _try_link(job.src, path):
+                    if job.kind == "link" and try_link(job.src, path):
                         linked += 1
                     else:
                         digests[job.rel] = copy_hashed(job.src, path, w, sources, wrote)
@@ -776,7 +784,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                 reg = lora_registry.registry_path(out_ckpt)
                 digest = hashlib.sha256(reg.read_bytes()).hexdigest()
                 extra[reg.relative_to(tmp).as_posix()] = digest
-            _fsync_tree(tmp)  # the disk flushes while the hash thread catches up
+            fsync_tree(tmp)  # the disk flushes while the hash thread catches up
             killer.step()
             out = w.file(tmp / MANIFEST)
             hashes = {rel: f.result() for rel, f in digests.items()} | extra
@@ -803,30 +811,6 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _try_link(src: Path, dst: Path) -> bool:
-    """Hard-link ``src`` as ``dst``; False where the file system cannot (then it is copied)."""
-    try:
-        os.link(src, dst)
-        return True
-    except OSError:
-        return False
-
-
-def _fsync_tree(root: Path) -> None:
-    """Make every written file and folder entry durable before the final rename. Done once at
-    the end, like ``cp`` then ``sync``: the kernel writes back while the conversion runs, where a
-    per-file fsync would stall the writer on each file in turn."""
-    paths = sorted(root.rglob("*"), reverse=True) + [root]
-    for p in paths:
-        if p.is_symlink():
-            continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def convert(src: str | Path, dst: str | Path, *, dry_run: bool = False,

@@ -9,27 +9,24 @@ can be streamed at full scale. ``sparse`` leaves tensor data as file holes (head
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from longcat_tools import synth_components
 from longcat_tools.errors import UsageError
 from longcat_tools.io.atomic import atomic_folder
 from longcat_tools.io.safetensors import TensorSpec, write_file, write_json, write_sharded
+from longcat_tools.lora.formats.native import native_key_module
 from longcat_tools.model import dtypes, keymap
+from longcat_tools.model.keymap import RELEASE_DIMS
+from longcat_tools.synth_presets import GB as GB  # re-exported for the benchmarks
+from longcat_tools.synth_presets import PRESETS, ST_METADATA, generator, random_tensor
 
 DIFFUSERS_VERSION = "0.35.1"
-ST_METADATA = {"format": "pt"}
-
-# The Wan 2.1 VAE statistics that LongCat ships (vae/config.json).
-LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
-LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
 
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler",
                     "_diffusers_version": "0.33.0.dev0", "shift": 12.0,
@@ -44,48 +41,6 @@ CFG_STEP_TARGETS: dict[str, int] = {
 REFINEMENT_TARGETS: dict[str, int] = {**CFG_STEP_TARGETS, "adaLN_modulation.1": 6}
 REFINEMENT_GLOBAL_TARGETS: dict[str, int] = {"final_layer.adaLN_modulation.1": 2,
                                              "final_layer.linear": 1}
-LORA_PREFIX = "lora___lorahyphen___"
-LORA_HYPHEN = "___lorahyphen___"
-
-GB = 10**9
-
-
-@dataclass(frozen=True)
-class Preset:
-    dit: dict[str, Any]
-    text_encoder: dict[str, Any]
-    vae: dict[str, Any]
-    lora_rank: int
-    dit_shard_bytes: int
-    te_shard_bytes: int
-    materialize: bool  # build text encoder / VAE modules for real weights (small presets only)
-    note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
-        dit=dict(hidden_size=64, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=32),
-        text_encoder=dict(d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=2),
-        vae=dict(base_dim=8, num_res_blocks=1),
-        lora_rank=4, dit_shard_bytes=200_000, te_shard_bytes=60_000, materialize=True,
-        note="runs the whole pipeline on a 2-core CPU in seconds"),
-    "small": Preset(
-        dit=dict(hidden_size=256, depth=4, num_heads=4, caption_channels=128, adaln_tembed_dim=128),
-        text_encoder=dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2),
-        vae=dict(base_dim=16, num_res_blocks=1),
-        lora_rank=16, dit_shard_bytes=20_000_000, te_shard_bytes=2_000_000, materialize=True,
-        note="benchmark-sized, still CPU friendly"),
-    "real": Preset(
-        dit=dict(hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
-                 adaln_tembed_dim=512),
-        text_encoder=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-                          vocab_size=256384),
-        vae=dict(base_dim=96, num_res_blocks=2),
-        lora_rank=128, dit_shard_bytes=10 * GB, te_shard_bytes=5 * GB, materialize=False,
-        note="the hub's dimensions: 13,581,071,424 DiT parameters in 1,022 tensors"),
-}
-
 
 def dit_config(preset: str, depth: int | None = None) -> dict[str, Any]:
     """``dit/config.json`` with the hub release's field set; dimensions from the preset."""
@@ -103,44 +58,22 @@ def dit_config(preset: str, depth: int | None = None) -> dict[str, Any]:
         "enable_flashattn2": True,
         "enable_flashattn3": False,
         "enable_xformers": False,
-        "frequency_embedding_size": 256,
+        "frequency_embedding_size": RELEASE_DIMS.frequency_embedding_size,
         "hidden_size": p["hidden_size"],
-        "in_channels": 16,
-        "mlp_ratio": 4,
+        "in_channels": RELEASE_DIMS.in_channels,
+        "mlp_ratio": RELEASE_DIMS.mlp_ratio,
         "num_heads": p["num_heads"],
-        "out_channels": 16,
-        "patch_size": [1, 2, 2],
+        "out_channels": RELEASE_DIMS.out_channels,
+        "patch_size": list(RELEASE_DIMS.patch_size),
         "text_tokens_zero_pad": True,
     }
     return cfg
-
-
-def _generator(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-
-
-def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """A plausible random value for a DiT tensor: norms near one, small biases, fan-in scaled
-    weights, so that a synthetic model gives finite, non-trivial outputs."""
-    g = _generator(seed, name)
-    x = torch.randn(shape, generator=g, dtype=torch.float32)
-    if name.endswith("norm.weight"):
-        x = 1.0 + 0.05 * x
-    elif name.endswith(".bias") or len(shape) < 2:
-        x = 0.02 * x
-    else:
-        x = x / math.sqrt(math.prod(shape[1:]))
-    return x.to(dtype)
 
 
 def dit_specs(cfg: dict[str, Any], seed: int, dtype: torch.dtype) -> list[TensorSpec]:
     dims = keymap.dit_dims(cfg)
     return [TensorSpec(n, dtype, s, (lambda n=n, s=s: random_tensor(n, s, seed, dtype)))
             for n, s in keymap.native_tensor_specs(dims)]
-
-
-def lora_module_name(module: str) -> str:
-    return LORA_PREFIX + module.replace(".", LORA_HYPHEN)
 
 
 def lora_targets(cfg: dict[str, Any], kind: str) -> dict[str, int]:
@@ -160,12 +93,12 @@ def lora_specs(cfg: dict[str, Any], kind: str, rank: int, seed: int,
     specs: list[TensorSpec] = []
     for module, n in lora_targets(cfg, kind).items():
         out_dim, in_dim = shapes[f"{module}.weight"]
-        base = lora_module_name(module)
+        base = native_key_module(module)
 
         def make(name: str, shape: tuple[int, ...], std: float) -> TensorSpec:
             key = f"{kind}/{name}"
             return TensorSpec(name, dtype, shape, lambda: (torch.randn(
-                shape, generator=_generator(seed, key)) * std).to(dtype))
+                shape, generator=generator(seed, key)) * std).to(dtype))
 
         specs.append(make(f"{base}.lora_down.weight", (n * rank, in_dim), 1 / math.sqrt(in_dim)))
         if n == 1:
@@ -216,8 +149,6 @@ def synth(dst: str | Path, preset: str = "tiny", *, depth: int | None = None,
                        ST_METADATA, sparse=sparse, progress=progress)
         (tmp / "scheduler").mkdir()
         write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-        from longcat_tools import synth_components
-
         vocab = synth_components.write_tokenizer(tmp / "tokenizer")
         synth_components.write_text_encoder(tmp / "text_encoder", p, vocab, seed, torch_dtype,
                                             sparse)

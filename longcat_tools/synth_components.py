@@ -9,12 +9,20 @@ generator as the DiT.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from longcat_tools.io.safetensors import TensorSpec, write_file, write_json, write_sharded
-from longcat_tools.synth import LATENTS_MEAN, LATENTS_STD, ST_METADATA, Preset, random_tensor
+from longcat_tools.synth_presets import ST_METADATA, Preset, random_tensor
+
+# The Wan 2.1 VAE statistics that LongCat ships (vae/config.json).
+LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
 
 # A small corpus in the style of LongCat prompts, enough to train a tokenizer with a few hundred
 # pieces; the real one is umt5's 256k-piece sentencepiece model.
@@ -37,24 +45,48 @@ CORPUS = [
 ]
 
 
+def tokenizer_vocab(vocab_size: int = 384) -> list[tuple[str, float]]:
+    """A unigram vocabulary counted from ``CORPUS``: T5's special tokens, every character, then
+    words and character n-grams by frequency (ties by the piece itself), scored by log frequency.
+
+    Counted, not trained: ``tokenizers``' UnigramTrainer gives scores that differ in the last bits
+    from run to run, so near-tied pieces swapped ids and the same prompt got other token ids.
+    """
+    words = Counter(f"▁{w}" for line in CORPUS for w in line.split())
+    grams: Counter[str] = Counter()
+    for w, n in words.items():
+        for size in (2, 3):
+            for i in range(len(w) - size + 1):
+                grams[w[i:i + size]] += n
+    chars = Counter(c for w, n in words.items() for c in w for _ in range(n))
+    total = sum(words.values()) + sum(grams.values()) + sum(chars.values())
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(c, math.log(n / total) - 10.0) for c, n in sorted(chars.items())]
+    taken = {p for p, _ in vocab}
+    for counts in (words, grams):
+        for piece, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            if len(vocab) == vocab_size:
+                return vocab
+            if piece not in taken:
+                vocab.append((piece, math.log(n / total)))
+                taken.add(piece)
+    raise ValueError(f"the corpus gives only {len(vocab)} pieces, fewer than {vocab_size}")
+
+
 def write_tokenizer(folder: Path, vocab_size: int = 384) -> int:
-    """Train a tiny unigram tokenizer with T5's special tokens and save it as ``AutoTokenizer``
-    loads a umt5 tokenizer (``tokenizer.json`` + configs); returns its vocabulary size.
+    """Save a tiny unigram tokenizer with T5's special tokens as ``AutoTokenizer`` loads a umt5
+    tokenizer (``tokenizer.json`` + configs); returns its vocabulary size.
 
     Written with ``tokenizers`` alone: importing transformers would triple the time of ``synth``.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers.processors import TemplateProcessing
 
-    tok = Tokenizer(models.Unigram())
+    tok = Tokenizer(models.Unigram(tokenizer_vocab(vocab_size), unk_id=2))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(),
                                            normalizers.Replace(Regex(" {2,}"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size,
-                                      special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
     tok.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                             special_tokens=[("</s>", 1)])
     folder.mkdir()

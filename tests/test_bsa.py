@@ -16,14 +16,15 @@ from longcat_tools import bsa, schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError
-from longcat_tools.model import bsa_presets
+from longcat_tools.model import bsa_presets, chunks
 from longcat_tools.synth import dit_config
 
 ENV = dict(os.environ)  # subprocesses use the installed package, as a user runs it
 
-# SPEC §3's table, typed out again here so the module's table is checked against the contract.
+# The preset table as README.md documents it, typed out again so the module's table is checked
+# against the documented values rather than against itself.
 Q4 = [4, 4, 4]
-SPEC_TABLE = {
+TABLE = {
     "480p": (False, None),
     "720p-balanced": (True, {"sparsity": 0.9375, "cdf_threshold": None,
                              "chunk_3d_shape_q": Q4, "chunk_3d_shape_k": Q4}),
@@ -35,7 +36,7 @@ SPEC_TABLE = {
                              "chunk_3d_shape_q": Q4, "chunk_3d_shape_k": Q4}),
     "long-video": (True, {"sparsity": 0.9375, "cdf_threshold": None,
                           "chunk_3d_shape_q": [8, 4, 4], "chunk_3d_shape_k": [8, 4, 4]}),
-    # FastVideo's manage_bsa.py (reference fastvideo_longcat.md §3.6)
+    # FastVideo's deleted manage_bsa.py
     "480p-bsa": (True, {"sparsity": 0.9375, "cdf_threshold": None,
                         "chunk_3d_shape_q": Q4, "chunk_3d_shape_k": Q4}),
     "704p-balanced": (True, {"sparsity": 0.9375, "cdf_threshold": None,
@@ -108,7 +109,7 @@ def config_of(root: Path) -> Path:
 
 
 def test_preset_table_is_spec_table():
-    assert {n: (p.enable_bsa, p.params) for n, p in bsa_presets.PRESETS.items()} == SPEC_TABLE
+    assert {n: (p.enable_bsa, p.params) for n, p in bsa_presets.PRESETS.items()} == TABLE
     assert bsa_presets.DEFAULT_ENABLE == "720p-balanced"
     assert {p.name: p.example for p in bsa_presets.examples()} == EXAMPLES
     assert bsa_presets.PRESETS["720p-adaptive"].keeps == "max(12.5%, CDF 0.98)"
@@ -121,7 +122,7 @@ def test_every_preset_on_every_layout_writes_exactly_the_spec_values(tmp_path, l
     ck = layouts.detect(root)
     assert (ck.layout, ck.flavour) == LAYOUTS[layout]
     original = json.loads(ck.config_path.read_text())
-    for name, (enabled, params) in SPEC_TABLE.items():
+    for name, (enabled, params) in TABLE.items():
         before = ck.config_path.read_text()
         u = bsa.update(ck, lambda c, s, n=name: bsa.with_preset(c, n, s))
         text = ck.config_path.read_text()
@@ -140,25 +141,39 @@ def test_every_preset_on_every_layout_writes_exactly_the_spec_values(tmp_path, l
 
 def test_examples_equal_the_generated_configs():
     folder = schemas.data_dir("examples") / bsa_presets.EXAMPLES_FOLDER
-    generated = bsa.example_files()
+    from longcat_tools.bsa.examples import example_files
+
+    generated = example_files()
     assert sorted(p.name for p in folder.iterdir()) == sorted(generated)
     for name, text in generated.items():
         assert (folder / name).read_text() == text, f"{name} is stale: regenerate it"
     base = dit_config("real")
     for preset, fname in EXAMPLES.items():
         cfg = json.loads(generated[fname])
-        enabled, params = SPEC_TABLE[preset]
+        enabled, params = TABLE[preset]
         assert (cfg["enable_bsa"], cfg["bsa_params"]) == (enabled, params)
         assert {k: v for k, v in cfg.items() if k not in ("enable_bsa", "bsa_params")} == \
             {k: v for k, v in base.items() if k not in ("enable_bsa", "bsa_params")}
         assert list(cfg) == sorted(cfg)
 
 
+def test_examples_command_rewrites_the_folder(tmp_path, capsys):
+    from longcat_tools.bsa import examples
+
+    assert examples._main(["--write", str(tmp_path / "out")]) == 0
+    folder = schemas.data_dir("examples") / bsa_presets.EXAMPLES_FOLDER
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(p.name for p in folder.iterdir())
+    for name in written:
+        assert (tmp_path / "out" / name).read_text() == (folder / name).read_text()
+    assert capsys.readouterr().out.count("\n") == len(written)
+
+
 def test_preset_works_from_inside_a_checkpoint_folder(ckpt):
     p = cli("bsa", "preset", "720p-balanced", cwd=ckpt)
     assert p.returncode == 0, p.stderr
     cfg = json.loads((ckpt / "dit" / "config.json").read_text())
-    assert (cfg["enable_bsa"], cfg["bsa_params"]) == SPEC_TABLE["720p-balanced"]
+    assert (cfg["enable_bsa"], cfg["bsa_params"]) == TABLE["720p-balanced"]
     assert "BSA (sparsity 0.9375" in p.stdout and "config.json.bak" in p.stdout
 
 
@@ -174,7 +189,7 @@ def test_20_concurrent_writers_leave_one_requested_state(ckpt):
         if i % 2:
             name = names[i // 2 % len(names)]
             jobs.append(["bsa", "preset", name])
-            states.append(SPEC_TABLE[name])
+            states.append(TABLE[name])
         else:
             s, c = (0.5 + i / 100, 0.9 + i / 1000)
             chunk = [1 + i % 3, 2, 4]
@@ -315,7 +330,7 @@ def test_disable_keeps_params_and_enable_brings_them_back(ckpt):
     assert main(["bsa", "preset", "480p", "-m", str(ckpt), "-q"]) == 0
     assert state() == (False, None)
     assert main(["bsa", "enable", "-m", str(ckpt), "-q"]) == 0
-    assert state() == SPEC_TABLE["720p-balanced"]
+    assert state() == TABLE["720p-balanced"]
 
 
 def test_enable_on_the_hub_config_only_flips_the_switch(ckpt):
@@ -404,8 +419,8 @@ def test_status_reports_path_and_warnings(ckpt, capsys):
     cfg = json.loads(path.read_text())
     for params, enabled, warn in [
         (None, True, "bsa_params is null"),
-        ({**SPEC_TABLE["720p-fast"][1], "sparsity": 1.5}, True, "bsa_params is invalid"),
-        ({**SPEC_TABLE["720p-fast"][1], "extra": 1}, False, "bsa_params is invalid"),
+        ({**TABLE["720p-fast"][1], "sparsity": 1.5}, True, "bsa_params is invalid"),
+        ({**TABLE["720p-fast"][1], "extra": 1}, False, "bsa_params is invalid"),
     ]:
         write_json(path, {**cfg, "enable_bsa": enabled, "bsa_params": params})
         st = bsa.status(layouts.detect(ckpt))
@@ -413,12 +428,12 @@ def test_status_reports_path_and_warnings(ckpt, capsys):
         assert main(["bsa", "status", "-m", str(ckpt)]) == 0
         err = capsys.readouterr().err
         assert err.startswith("warning: ") and warn in err
-    write_json(path, {**cfg, "enable_bsa": True, "bsa_params": SPEC_TABLE["720p-quality"][1]})
+    write_json(path, {**cfg, "enable_bsa": True, "bsa_params": TABLE["720p-quality"][1]})
     st = bsa.status(layouts.detect(ckpt))
     assert st["preset"] == "720p-quality" and st["mode"] == "top-k" and st["warnings"] == []
     assert st["attention"].startswith("BSA (sparsity 0.875 (keeps 12.5% of key chunks)")
     assert st["attention"].endswith("more than one latent frame; dense SDPA otherwise")
-    cdf_only = {**SPEC_TABLE["720p-quality"][1], "sparsity": None, "cdf_threshold": 0.9}
+    cdf_only = {**TABLE["720p-quality"][1], "sparsity": None, "cdf_threshold": 0.9}
     write_json(path, {**cfg, "enable_bsa": True, "bsa_params": cdf_only})
     st = bsa.status(layouts.detect(ckpt))
     assert st["mode"] == "cdf" and any("cdf-only mode" in n for n in st["notes"])
@@ -430,7 +445,7 @@ def test_status_reports_path_and_warnings(ckpt, capsys):
 def test_presets_command_lists_every_preset(capsys):
     assert main(["bsa", "presets", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert [p["name"] for p in doc["presets"]] == list(SPEC_TABLE)
+    assert [p["name"] for p in doc["presets"]] == list(TABLE)
     by = {p["name"]: p for p in doc["presets"]}
     assert by["720p-balanced"]["default_for_enable"] and by["720p-fast"]["keeps"] == "3.125%"
     assert Path(by["long-video"]["example"]).name == "config_long_video.json"
@@ -455,7 +470,7 @@ def test_demo_step_applies_a_preset_shows_status_and_restores(tiny_native, tmp_p
 # --------------------------------------------------------------------------- check
 
 
-BALANCED = SPEC_TABLE["720p-balanced"][1]
+BALANCED = TABLE["720p-balanced"][1]
 
 
 def test_check_arithmetic_480p_and_720p():
@@ -480,15 +495,22 @@ def test_check_arithmetic_480p_and_720p():
     assert r["k"]["chunks"] == 2_640 and r["kept_per_query"] == 165
 
 
+def test_refinement_pads_latent_frames_to_whole_bsa_chunks():
+    # 93 frames refined to 186: ceil(186 / 4) = 47 latent frames, padded to 48
+    assert [chunks.refine_latent_frames(n) for n in (1, 4, 5, 47, 48)] == [4, 4, 8, 48, 48]
+    assert chunks.latent_frames(186, refine=True)[:2] == (186, 48)
+    assert chunks.latent_frames(93) == (93, 24, None)
+
+
 def test_check_context_parallel_modes_and_limits():
-    assert [bsa.optimal_split(n) for n in (1, 2, 4, 8, 6)] == [(1, 1), (1, 2), (2, 2), (2, 4),
-                                                               (2, 3)]
+    assert [chunks.optimal_split(n) for n in (1, 2, 4, 8, 6)] == [(1, 1), (1, 2), (2, 2),
+                                                                  (2, 4), (2, 3)]
     r = bsa.check(704, 1280, 93, BALANCED, cp=4)
     assert r["rank_grid"] == [24, 22, 40] and r["kernel_grid"] == [96, 22, 40]
     assert r["q"]["divides"] == [True, False, True]
-    r = bsa.check(768, 1280, 93, SPEC_TABLE["long-video"][1], cp=2)
+    r = bsa.check(768, 1280, 93, TABLE["long-video"][1], cp=2)
     assert r["kernel_grid"] == [48, 48, 40] and r["original_kernel_ok"]
-    r = bsa.check(704, 1280, 93, SPEC_TABLE["720p-adaptive"][1])
+    r = bsa.check(704, 1280, 93, TABLE["720p-adaptive"][1])
     assert r["mode"] == "max" and r["kept_per_query"] == 165
     r = bsa.check(704, 1280, 93, {**BALANCED, "sparsity": None, "cdf_threshold": 0.9})
     assert r["mode"] == "cdf" and r["kept_per_query"] is None

@@ -438,6 +438,31 @@ def test_fp16_refuses_values_it_cannot_hold(tiny_native, tmp_path):
     assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
 
 
+@pytest.mark.parametrize("adapter", ["cfg_step_lora.safetensors", "refinement_lora.safetensors"])
+def test_fp16_refuses_lora_values_it_cannot_hold(tiny_native, tmp_path, capsys, monkeypatch,
+                                                   adapter):
+    """A LoRA up weight of 1e6 (fp16 tops out at 65504): one line naming the file and tensor,
+    exit 1, checked before the output folder is even made, so no DST and no DST.partial."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    path = src / "lora" / adapter
+    t = load_file(str(path))
+    up = sorted(k for k in t if ".lora_up." in k)[-1]
+    t[up] = t[up].clone()
+    t[up].view(-1)[-1] = 1e6
+    save_file(t, str(path), metadata={"format": "pt"})
+    started = []
+    real = conv.atomic_folder
+    monkeypatch.setattr(conv, "atomic_folder", lambda *a, **k: started.append(a) or real(*a, **k))
+    dst = tmp_path / "dst"
+    capsys.readouterr()
+    assert main(["convert", "--src", str(src), "--dst", str(dst), "--dtype", "fp16", "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "overflows float16" in line and adapter in line and f"'{up}'" in line, line
+    assert not dst.exists() and not (tmp_path / "dst.partial").exists() and started == []
+    assert main(["convert", "--src", str(src), "--dst", str(dst), "--dtype", "bf16", "-q"]) == 0
+
+
 def test_lora_registry_is_not_an_adapter(tiny_native, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_native, src)

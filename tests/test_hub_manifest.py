@@ -17,6 +17,7 @@ from huggingface_hub.utils.sha import git_hash
 from longcat_tools.checkpoint import hub_manifest as hm
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io.checksums import sha256_file
 
 SHARD1 = "dit/diffusion_pytorch_model-00001-of-00005.safetensors"
 SHARD2 = "dit/diffusion_pytorch_model-00002-of-00005.safetensors"
@@ -71,7 +72,7 @@ def test_git_blob_sha1_is_git_own(tmp_path):
     if shutil.which("git"):
         got = subprocess.run(["git", "hash-object", str(p)], capture_output=True, text=True)
         assert got.stdout.strip() == hm.file_git_sha1(p)
-    assert hm.file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert sha256_file(p) == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_every_file_is_checked_against_the_hub_online(online, tiny_native, tmp_path):

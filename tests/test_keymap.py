@@ -4,10 +4,11 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.model import keymap
 from longcat_tools.synth import dit_config
 
-REAL = keymap.dit_dims(dit_config("real"))
+REAL = keymap.RELEASE_DIMS
 
 
 def test_real_counts_match_the_hub_release():
+    assert keymap.dit_dims(dit_config("real")) == REAL
     native = keymap.native_tensor_specs(REAL)
     assert len(native) == 1022
     assert sum(_numel(s) for _, s in native) == 13_581_071_424

@@ -421,3 +421,41 @@ def test_dry_run_attach_checks_values_and_writes_nothing(native, tmp_path, capsy
                         "-m", native, "--dry-run", "--json")
     assert rc == 0 and json.loads(out)["dry_run"] is True
     assert _tree(native) == before
+
+
+def test_export_fp16_refuses_values_it_cannot_hold(native, tmp_path, capsys):
+    """export --dtype fp16 of an adapter with a weight of 1e6: one line naming the stored tensor,
+    exit 1, no output file and no .partial; bf16 holds it."""
+    path = native / "lora" / HUB["distilled"]
+    t = load_file(str(path))
+    down = sorted(k for k in t if k.endswith(".lora_down.weight"))[0]
+    t[down] = t[down].clone()
+    t[down].view(-1)[0] = -1e6
+    save_file(t, str(path), metadata={"format": "pt"})
+    out = tmp_path / "out.safetensors"
+    rc, _, err = _cli(capsys, "export", "distilled", "--format", "fastvideo", "--out", out,
+                      "--dtype", "fp16", "-m", native)
+    (line,) = err.strip().splitlines()
+    assert rc == 1 and "overflows float16" in line and f"'{down}'" in line, err
+    assert not out.exists() and not (tmp_path / "out.safetensors.partial").exists()
+    assert _cli(capsys, "export", "distilled", "--format", "fastvideo", "--out", out,
+                "--dtype", "bf16", "-m", native)[0] == 0
+
+
+def test_fuse_syncs_its_partial_folder_and_lists_what_it_wrote(native, tmp_path, capsys,
+                                                               monkeypatch):
+    """fuse fsyncs DST.partial before the rename, and its checksums.sha256 (the source has none)
+    lists the files it wrote, each true."""
+    from longcat_tools.lora import fusion
+
+    synced = []
+    real = fusion.fsync_tree
+    monkeypatch.setattr(fusion, "fsync_tree", lambda p: synced.append(p.name) or real(p))
+    assert not (native / "checksums.sha256").exists()
+    dst = tmp_path / "fused"
+    assert _cli(capsys, "fuse", "distilled", "--dst", dst, "-m", native)[0] == 0
+    assert synced == ["fused.partial"] and not (tmp_path / "fused.partial").exists()
+    listed = dict(reversed(line.split("  ", 1)) for line in
+                  (dst / "checksums.sha256").read_text().splitlines())
+    assert "dit/config.json" in listed and any(r.endswith(".safetensors") for r in listed)
+    assert all(_sha(dst / rel) == digest for rel, digest in listed.items())

@@ -4,6 +4,7 @@ playable mp4 and its sidecar, inputs validated up front, schedules, determinism.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from longcat_tools.cli import main
+from longcat_tools.errors import LongcatError
 from longcat_tools.runner import load_pipeline, schedule
 from longcat_tools.runner.video import probe
 
@@ -143,15 +145,51 @@ def test_cfg_zero_star_per_sample_scale():
 
 
 def test_run_bsa_accepts_every_preset_that_bsa_presets_lists(capsys):
-    """`run --bsa NAME` and `bsa presets` read one table: every listed name is accepted, and the
-    params reach the pipeline as the table gives them."""
+    """`run --bsa NAME` and `bsa presets` read one table: every listed name passes the run's
+    validation, and the params reach the kernel as the table gives them."""
     from longcat_tools.model.bsa_presets import PRESETS
-    from longcat_tools.runner.job import bsa_setting
+    from longcat_tools.runner.attention import BSAParams, resolve_bsa
+    from longcat_tools.runner.settings import RunSettings, validate
 
     assert main(["bsa", "presets", "--json"]) == 0
     listed = [p["name"] for p in json.loads(capsys.readouterr().out)["presets"]]
     assert listed == list(PRESETS) and "704p-balanced" in listed
     for name in listed:
-        got = bsa_setting(name, task_default=False)
-        p = PRESETS[name]
-        assert got == (dict(p.params) if p.enable_bsa else False), name
+        validate(RunSettings(bsa=name), inputs=False)
+        got = resolve_bsa(name, model_default=None, config_params=None)
+        p = PRESETS[name].params
+        assert got == (None if p is None else BSAParams(
+            p["sparsity"], p["cdf_threshold"], tuple(p["chunk_3d_shape_q"]),
+            tuple(p["chunk_3d_shape_k"]))), name
+    assert resolve_bsa("720p-adaptive", None, None) == BSAParams(0.875, 0.98, (4, 4, 4),
+                                                                 (4, 4, 4))
+    assert resolve_bsa("long-video", None, None).chunk_q == (8, 4, 4)
+
+
+def test_bsa_setting_resolves_to_one_value():
+    """"config" keeps the model's setting (refinement: always on), "on" the config's params."""
+    from longcat_tools.runner.attention import BSAParams, resolve_bsa
+
+    cfg = {"sparsity": 0.5, "chunk_3d_shape_q": [2, 2, 2], "chunk_3d_shape_k": [2, 4, 4]}
+    mine = BSAParams(0.25)
+    from_cfg = BSAParams(0.5, None, (2, 2, 2), (2, 4, 4))
+    assert resolve_bsa("config", None, cfg) is None and resolve_bsa(None, mine, cfg) is mine
+    assert resolve_bsa("config", None, cfg, refinement=True) == from_cfg
+    assert resolve_bsa("on", mine, cfg) == from_cfg == resolve_bsa(True, None, cfg)
+    assert resolve_bsa("off", mine, cfg, refinement=True) is None
+    assert resolve_bsa({"sparsity": 0.75}, None, cfg) == BSAParams(0.75)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(num_frames=10), "--frames 10: must be 4k+1"),
+    (dict(height=40), "multiples of 16"),
+    (dict(steps=0), "--steps 0: must be at least 1"),
+    (dict(bsa="fastest"), "--bsa fastest: unknown"),
+])
+def test_the_api_checks_options_like_the_cli(pipe, kw, message):
+    """pipe.generate and the task methods run the command line's validation, before any work."""
+    args = dict(prompt="a cat", height=32, width=32, num_frames=9, steps=1, decode=False)
+    args.update(kw)
+    for call in (lambda: pipe.generate("t2v", **args), lambda: pipe.t2v(**args)):
+        with pytest.raises(LongcatError, match=re.escape(message)):
+            call()

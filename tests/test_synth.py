@@ -11,7 +11,7 @@ from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import read_header, read_tensor
 from longcat_tools.model import keymap
-from longcat_tools.synth import LORA_HYPHEN, LORA_PREFIX, dit_config, lora_targets, synth
+from longcat_tools.synth import dit_config, lora_targets, synth
 
 # dit/config.json fields of the hub release (and of the original class's save_config)
 HUB_DIT_FIELDS = {
@@ -69,7 +69,7 @@ def test_lora_files_are_native_format(tiny_native):
         targets = lora_targets(cfg, kind)
         with open(h.path, "rb") as f:
             for module, n in targets.items():
-                base = LORA_PREFIX + module.replace(".", LORA_HYPHEN)
+                base = "lora___lorahyphen___" + module.replace(".", "___lorahyphen___")
                 down = h.tensors[f"{base}.lora_down.weight"]
                 rank = down.shape[0] // n
                 assert down.shape == (n * rank, shapes[f"{module}.weight"][1])

@@ -19,7 +19,7 @@ from longcat_tools.io.safetensors import read_header
 from longcat_tools.synth import synth
 from longcat_tools.verify import verify
 from longcat_tools.verify.deep import scan_file
-from longcat_tools.verify.lora import parse_keys
+from longcat_tools.verify.lora import read_targets
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +187,13 @@ def test_lora_parsing_reads_the_three_formats():
               f".{k}": v for k, v in {"lora_down.weight": t(12, 64), "alpha_scale": t(),
                                       **{f"lora_up.blocks.{j}.weight": t(64, 4)
                                          for j in range(3)}}.items()}
-    fmt, targets, unknown = parse_keys(native)
+    fmt, targets, unknown = read_targets(native)
     assert fmt == "native" and not unknown and targets["blocks.0.attn.qkv"].rank == 4
-    fmt, targets, _ = parse_keys({"blocks.0.self_attn.to_q.lora_A": t(4, 64),
+    fmt, targets, _ = read_targets({"blocks.0.self_attn.to_q.lora_A": t(4, 64),
                                   "blocks.0.self_attn.to_q.lora_B": t(64, 4),
                                   "blocks.0.self_attn.to_q.lora_alpha": t()})
     assert fmt == "fastvideo" and targets["blocks.0.self_attn.to_q"].alpha is not None
-    fmt, targets, _ = parse_keys({"transformer.blocks.0.attn.proj.lora_A.weight": t(4, 64),
+    fmt, targets, _ = read_targets({"transformer.blocks.0.attn.proj.lora_A.weight": t(4, 64),
                                   "transformer.blocks.0.attn.proj.lora_B.weight": t(64, 4)})
     assert fmt == "peft" and set(targets) == {"blocks.0.attn.proj"}
 
@@ -370,3 +370,39 @@ def test_registry_written_by_lora_attach_passes(converted, tiny_native, tmp_path
     assert main(["verify", str(root), "-q"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "lora/adapters.json" in line and "targets differ" in line
+
+
+@pytest.mark.parametrize("case", ["peft_prefixes_and_kohya_alpha", "native_with_lora_alpha"])
+def test_verify_and_lora_attach_judge_a_file_alike(converted, tmp_path, capsys, case):
+    """verify reads LoRA keys by the rules attach uses: a PEFT file under two stacked prefixes
+    with a kohya .alpha passes both; a native file with a .lora_alpha tensor fails both."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path / "c"
+    shutil.copytree(converted["converted-native"], root)
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+    if case == "peft_prefixes_and_kohya_alpha":
+        stem = "base_model.model.transformer.blocks.0.attn.proj"
+        tensors = {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up,
+                   f"{stem}.alpha": torch.tensor(8.0)}
+    else:
+        stem = ("lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn"
+                "___lorahyphen___proj")
+        tensors = {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                   f"{stem}.lora_alpha": torch.tensor(8.0)}
+    src = tmp_path / "x.safetensors"
+    save_file(tensors, str(src))
+    attached = main(["lora", "attach", str(src), "--name", "x", "-m", str(root), "-q"]) == 0
+    capsys.readouterr()
+    (root / "lora" / "y").mkdir()
+    shutil.copy(src, root / "lora" / "y" / "x.safetensors")
+    r = verify(root)
+    rows = [c for c in r.checks if c.file.endswith("y/x.safetensors")]
+    assert rows
+    passed = all(c.status == "pass" for c in rows)
+    assert attached == passed == (case == "peft_prefixes_and_kohya_alpha"), _fails(r)
+    if not passed:
+        (row,) = [c for c in rows if c.status == "fail"]
+        assert row.name == "format" and "lora_alpha" in row.message

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 from longcat_tools.checkpoint import hub
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io.checksums import sha256_file
 
 FORMAT = "longcat-tools.hub-manifest"
 VERSION = 1
@@ -253,16 +254,6 @@ def local_files(root: Path) -> dict[str, Path]:
     return {k: v for k, v in out.items() if k in keep}
 
 
-def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
-
-
 def file_git_sha1(path: Path, progress: Callable[[int], None] | None = None) -> str:
     """git's blob id of a file: sha1 of ``blob <size>\\0`` + content."""
     h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
@@ -325,7 +316,7 @@ def _check_file(rel: str, p: Path, rec: FileRecord, hashes: bool,
         what = "size matches" if rec.size is not None else "present"
         return FileCheck(rel, "ok", f"{rel}: {what} (hash not checked)")
     if rec.sha256:
-        got, want, algo = file_sha256(p, progress), rec.sha256, "sha256"
+        got, want, algo = sha256_file(p, progress), rec.sha256, "sha256"
     else:
         got, want, algo = file_git_sha1(p, progress), rec.git_sha1, "git-sha1"
     if got != want:

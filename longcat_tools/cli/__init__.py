@@ -12,7 +12,6 @@ import traceback
 import typer
 
 from longcat_tools import __version__
-from longcat_tools.cli import _common
 from longcat_tools.cli.bsa import bsa_app
 from longcat_tools.cli.convert import convert_cmd
 from longcat_tools.cli.demo import demo_cmd
@@ -62,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and turn every failure into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in args or "--verbose" in args
-    _common.ARGV[:] = args
-    try:
-        rv = app(args=args, prog_name="longcat-tools", standalone_mode=False)
+    try:  # obj: the command line as given, for commands that start it again (run --gpus)
+        rv = app(args=args, prog_name="longcat-tools", standalone_mode=False,
+                 obj={"argv": args})
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130

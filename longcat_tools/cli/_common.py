@@ -21,8 +21,6 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
                                           help="More detail; a traceback on errors.")]
 
-ARGV: list[str] = []  # the command line as given (set by main), for commands that relaunch it
-
 
 @dataclass
 class Out:

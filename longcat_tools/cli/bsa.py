@@ -228,7 +228,7 @@ def check_cmd(
     from longcat_tools import bsa
     from longcat_tools.checkpoint import layouts
     from longcat_tools.errors import UsageError
-    from longcat_tools.model import bsa_presets
+    from longcat_tools.model import bsa_presets, chunks, keymap
 
     out = Out(json_out, quiet, verbose)
     args = _params_args(sparsity, cdf_threshold, chunk_q, chunk_k)
@@ -236,11 +236,12 @@ def check_cmd(
         root = layouts.resolve_model(model)
     except UsageError:
         root = None
-    source, dims, params, why = "the real 13.6B model", bsa.REAL_MODEL, None, "no checkpoint given"
+    source, dims, params, why = "the real 13.6B model", keymap.RELEASE_DIMS, None, \
+        "no checkpoint given"
     if root is not None:
         ckpt = layouts.detect(root)
         cfg = bsa.read_config(ckpt)
-        dims = bsa.model_dims(cfg, str(ckpt.config_path))
+        dims = keymap.dit_dims(cfg, str(ckpt.config_path))
         source = str(ckpt.config_path)
         params, why = bsa.kept_params(cfg), "the config has no valid BSA params"
         params_from = source + ("" if cfg.get("enable_bsa") is True else " (BSA is off there)")
@@ -264,7 +265,7 @@ def check_cmd(
                 f"kernel sees {r['kernel_grid']} (rank tiles one after another)")
     out.say(f"params: {bsa.describe_params(params)} [from {params_from}]")
     rows = []
-    for i, axis in enumerate(bsa.AXES):
+    for i, axis in enumerate(chunks.AXES):
         row: list[Any] = [axis, r["kernel_grid"][i]]
         for side in (r["q"], r["k"]):
             e = side["edge"][i]

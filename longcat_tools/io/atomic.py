@@ -6,6 +6,7 @@ DST that looks complete; the next run removes the stale ``.partial`` and starts 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -31,6 +32,38 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Make every file and folder entry under ``root`` durable before its final rename. Done
+    once at the end, like ``cp`` then ``sync``: the kernel writes back while the writer runs,
+    where a per-file fsync would stall it on each file in turn."""
+    paths = sorted(Path(root).rglob("*"), reverse=True) + [Path(root)]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# Where a hard link cannot be made, but a copy can.
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES)
+
+
+def try_link(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` as ``dst``, a symlink followed to its real file (a hard link to the
+    link would dangle in its new place); False where the file system cannot, so the caller
+    copies it."""
+    try:
+        os.link(Path(src).resolve(), dst)
+        return True
+    except OSError as e:
+        if e.errno not in _NO_LINK:
+            raise
+        return False
 
 
 def partial_path(dst: Path) -> Path:

@@ -13,6 +13,7 @@ import hashlib
 import mmap
 import os
 import queue
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -309,11 +310,15 @@ def copy_hashed(src: Path, dst: Path, writers: Writers, sources: Sources,
         raise
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """The sha256 hex of a file already on disk, read in large blocks; ``progress`` gets the
+    bytes of each block."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(16 * SLICE):
             h.update(chunk)
+            if progress:
+                progress(len(chunk))
     return h.hexdigest()
 
 
@@ -325,21 +330,44 @@ def format_manifest(digests: Mapping[str, str]) -> str:
     return "".join(f"{digests[rel]}  {rel}\n" for rel in sorted(digests))
 
 
+_LINE = re.compile(r"^(?P<esc>\\?)(?P<hex>[0-9a-fA-F]{64}) [ *](?P<name>.+)$")
+
+
+def parse_manifest(text: str) -> tuple[list[tuple[int, str, str]], list[str]]:
+    """The lines of a ``sha256sum`` file as ``(line number, path, lower-case hex)``, plus one
+    problem per malformed line. Blank and ``#`` lines are skipped; sha256sum's escaped names
+    (a leading ``\\``) are unescaped and a leading ``./`` dropped. Paths are not checked here."""
+    entries: list[tuple[int, str, str]] = []
+    problems: list[str] = []
+    for no, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            problems.append(f"line {no} is not a sha256sum line ('<sha256>  <file>'): "
+                            f"{line[:60]!r}")
+            continue
+        name = m["name"]
+        if m["esc"]:  # sha256sum escapes \ and newline in names and marks the line with \
+            name = name.replace("\\n", "\n").replace("\\\\", "\\")
+        entries.append((no, name.removeprefix("./"), m["hex"].lower()))
+    return entries, problems
+
+
 def read_manifest(path: Path) -> dict[str, str]:
-    """Path -> hex of a ``sha256sum`` file; a malformed line is a LongcatError naming it."""
-    out: dict[str, str] = {}
+    """Path -> hex of a ``sha256sum`` file; a malformed line or a path listed twice is a
+    LongcatError naming it."""
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise LongcatError(f"{path}: cannot read ({e.strerror or e})") from e
-    for i, line in enumerate(text.splitlines(), 1):
-        hexd, sep, rel = line.partition("  ")
-        if not sep or len(hexd) != 64 or any(c not in "0123456789abcdef" for c in hexd) or not rel:
-            raise LongcatError(f"{path}:{i}: not a sha256sum line: {line[:80]!r}")
-        if rel.startswith("*"):
-            rel = rel[1:]
+    except (OSError, UnicodeDecodeError) as e:
+        raise LongcatError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from e
+    entries, problems = parse_manifest(text)
+    if problems:
+        raise LongcatError(f"{path}: {problems[0]}")
+    out: dict[str, str] = {}
+    for no, rel, hexd in entries:
         if rel in out:
-            raise LongcatError(f"{path}:{i}: '{rel}' is listed twice")
+            raise LongcatError(f"{path}: line {no}: '{rel}' is listed twice")
         out[rel] = hexd
     return out
 

@@ -233,6 +233,15 @@ class TensorSpec:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
+    def data(self) -> memoryview:
+        """The produced tensor's bytes, once its dtype and shape are checked against the spec."""
+        assert self.produce is not None, f"no data for tensor {self.name}"
+        t = self.produce()
+        if tuple(t.shape) != self.shape or t.dtype != self.dtype:
+            raise LongcatError(f"internal: tensor '{self.name}' is {t.dtype}{list(t.shape)}, "
+                               f"expected {self.dtype}{list(self.shape)}")
+        return tensor_bytes(t)
+
 
 def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
     """Header bytes (length prefix included), padded with spaces to 8-byte alignment."""
@@ -268,18 +277,13 @@ def write_file(path: str | Path, specs: list[TensorSpec],
             f.truncate(total)
             return total
         for s in specs:
-            assert s.produce is not None, f"no data for tensor {s.name}"
-            t = s.produce()
-            if tuple(t.shape) != s.shape or t.dtype != s.dtype:
-                raise LongcatError(f"internal: tensor '{s.name}' is {t.dtype}{list(t.shape)}, "
-                                   f"expected {s.dtype}{list(s.shape)}")
-            data = tensor_bytes(t)
+            data = s.data()
             f.write(data)
             if on_bytes:
                 on_bytes(data)
             if progress:
                 progress(len(data))
-            del t, data
+            del data
     return total
 
 

@@ -38,38 +38,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-Shape3 = tuple[int, int, int]
+from longcat_tools.model.chunks import ChunkGrid, Shape3
 
 
-@dataclass(frozen=True)
-class ChunkLayout:
-    """How a ``(T, H, W)`` latent grid splits into ``(t, h, w)`` chunks (edges ragged)."""
-
-    latent: Shape3
-    chunk: Shape3
-
-    @property
-    def grid(self) -> Shape3:
-        return tuple(-(-n // c) for n, c in zip(self.latent, self.chunk, strict=True))  # type: ignore[return-value]
-
-    @property
-    def num_chunks(self) -> int:
-        return math.prod(self.grid)
-
-    @property
-    def chunk_size(self) -> int:
-        return math.prod(self.chunk)
-
-    @property
-    def num_tokens(self) -> int:
-        return math.prod(self.latent)
-
-    @property
-    def divisible(self) -> bool:
-        return all(n % c == 0 for n, c in zip(self.latent, self.chunk, strict=True))
+class ChunkLayout(ChunkGrid):
+    """A chunk grid (``model.chunks``) with the token indices the kernels gather by."""
 
     def token_index(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Raster index of every chunk slot, ``[M, C]`` int64, and whether it is a real token."""
@@ -89,18 +66,30 @@ class ChunkLayout:
         return self.token_index(device)[1].sum(-1)
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The checked arguments of one call: the chunk layouts of q and k and the selection rule."""
+
+    layout_q: ChunkLayout
+    layout_k: ChunkLayout
+    sparsity: float | None
+    cdf_threshold: float | None
+
+
 def check_args(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     latent_shape_q: Shape3,
     latent_shape_k: Shape3,
+    *,
     sparsity: float | None,
-    cdf_threshold: float | None,
-    chunk_q: Shape3,
-    chunk_k: Shape3,
-) -> tuple[ChunkLayout, ChunkLayout]:
-    """Validate the public arguments; raise ``ValueError`` with a readable message."""
+    cdf_threshold: float | None = None,
+    chunk_q: Shape3 = (4, 4, 4),
+    chunk_k: Shape3 = (4, 4, 4),
+) -> Selection:
+    """Validate the public arguments (the one place their defaults are declared); raise
+    ``ValueError`` with a readable message."""
     if sparsity is None and cdf_threshold is None:
         raise ValueError("set sparsity, cdf_threshold or both")
     if sparsity is not None and not 0.0 <= sparsity <= 1.0:
@@ -125,7 +114,7 @@ def check_args(
                 f"latent_shape_{name} {lat} holds {math.prod(lat)} tokens, {name} has {x.shape[2]}"
             )
         shapes.append(ChunkLayout(lat, ch))  # type: ignore[arg-type]
-    return shapes[0], shapes[1]
+    return Selection(shapes[0], shapes[1], sparsity, cdf_threshold)
 
 
 def to_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
@@ -261,21 +250,19 @@ def masked_attention(
     return from_chunks(out, layout_q).to(q.dtype)
 
 
-def block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    latent_shape_q: Shape3,
-    latent_shape_k: Shape3,
-    *,
-    sparsity: float | None,
-    cdf_threshold: float | None = None,
-    chunk_q: Shape3 = (4, 4, 4),
-    chunk_k: Shape3 = (4, 4, 4),
-) -> torch.Tensor:
-    """Reference block sparse attention; same contract as ``kernels.block_sparse_attention``."""
-    lq, lk = check_args(q, k, v, latent_shape_q, latent_shape_k, sparsity, cdf_threshold,
-                        chunk_q, chunk_k)
-    indices, counts = select_chunks(q, k, lq, lk, sparsity, cdf_threshold)
-    mask = chunk_mask(indices, counts, lk.num_chunks)
-    return masked_attention(q, k, v, lq, lk, mask)
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     sel: Selection) -> torch.Tensor:
+    """Select, mask and attend: the reference path after :func:`check_args`."""
+    indices, counts = select_chunks(q, k, sel.layout_q, sel.layout_k, sel.sparsity,
+                                    sel.cdf_threshold)
+    mask = chunk_mask(indices, counts, sel.layout_k.num_chunks)
+    return masked_attention(q, k, v, sel.layout_q, sel.layout_k, mask)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           latent_shape_q: Shape3, latent_shape_k: Shape3,
+                           **selection: Any) -> torch.Tensor:
+    """Reference block sparse attention: ``kernels.block_sparse_attention`` without the Triton
+    path (``selection``: sparsity, cdf_threshold, chunk_q, chunk_k as there)."""
+    return sparse_attention(q, k, v, check_args(q, k, v, latent_shape_q, latent_shape_k,
+                                                **selection))

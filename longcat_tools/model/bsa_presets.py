@@ -1,8 +1,8 @@
 """The block-sparse-attention presets as one table.
 
-``longcat-tools bsa``, the example configs in ``examples/bsa_configs/`` and the tests all read this
-table, so a value changes in one place. ``python -m longcat_tools.model.bsa_presets --write DIR``
-regenerates the examples from it.
+``longcat-tools bsa``, ``run --bsa``, the example configs in ``examples/bsa_configs/`` and the
+tests all read this table, so a value changes in one place. ``python -m longcat_tools.bsa.examples
+--write DIR`` regenerates the examples from it.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("480p", False, None, "dense attention, best quality at 480p",
            example="config_480p_no_bsa.json"),
     Preset("720p-balanced", True, bsa_params(0.9375),
-           "keeps 6.25% of key chunks: ~1.4x faster, ~98% quality (the hub's params; enable's "
-           "default)", example="config_720p_balanced.json"),
+           "keeps 6.25% of key chunks (the hub's params; enable's default)",
+           example="config_720p_balanced.json"),
     Preset("720p-quality", True, bsa_params(0.875), "keeps 12.5% of key chunks",
            example="config_720p_quality.json"),
     Preset("720p-fast", True, bsa_params(0.96875), "keeps 3.125% of key chunks",
@@ -84,25 +84,3 @@ def get(name: str) -> Preset:
 def examples() -> list[Preset]:
     """The presets that have an example config, in table order."""
     return [p for p in PRESETS.values() if p.example]
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-    from pathlib import Path
-
-    ap = argparse.ArgumentParser(prog="python -m longcat_tools.model.bsa_presets",
-                                 description="Regenerate examples/bsa_configs/ from the table.")
-    ap.add_argument("--write", metavar="DIR", required=True, help="folder to (re)write")
-    args = ap.parse_args(argv)
-    from longcat_tools.bsa import example_files
-
-    out = Path(args.write)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in example_files().items():
-        (out / name).write_text(text)
-        print(out / name)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -87,6 +87,12 @@ class DiTDims:
         return t * h * w
 
 
+# The 13.6B release (the hub's dit/config.json): what synth's "real" preset writes and what
+# `bsa check` assumes without a checkpoint.
+RELEASE_DIMS = DiTDims(in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32,
+                       caption_channels=4096, mlp_ratio=4, adaln_tembed_dim=512,
+                       frequency_embedding_size=256, patch_size=(1, 2, 2))
+
 _DIM_FIELDS: dict[str, type] = {
     "in_channels": int,
     "out_channels": int,

@@ -1,21 +1,82 @@
-"""The two attention calls the DiT makes, behind one seam.
+"""How the DiT attends: the settings of one forward, as values, and the two attention calls.
 
 Dense attention is ``kernels.attention``: PyTorch SDPA with the fastest backend available (cuDNN
 on Hopper), with the softmax scale ``D**-0.5`` of the original's flash-attention calls. Block
 sparse attention is ``kernels.block_sparse_attention`` (Triton on CUDA, its PyTorch reference
-elsewhere).
+elsewhere). Every run-time choice (BSA params, fused glue, context parallel) reaches the blocks as
+an ``AttnSettings`` argument of the forward, never as state shared between modules.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 
 from longcat_tools import kernels
+from longcat_tools.errors import LongcatError
+from longcat_tools.model import bsa_presets
+from longcat_tools.runner.context_parallel import ContextParallel
+from longcat_tools.runner.settings import BSA_CHOICES, check_bsa
 
-if TYPE_CHECKING:
-    from longcat_tools.runner.dit import BSAParams
+
+@dataclass(frozen=True)
+class BSAParams:
+    """Block sparse attention settings (transformer config ``bsa_params``)."""
+
+    sparsity: float | None = 0.9375
+    cdf_threshold: float | None = None
+    chunk_q: tuple[int, int, int] = (4, 4, 4)
+    chunk_k: tuple[int, int, int] = (4, 4, 4)
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any] | None) -> BSAParams:
+        p = params or {}
+        return cls(sparsity=p.get("sparsity", 0.9375), cdf_threshold=p.get("cdf_threshold"),
+                   chunk_q=tuple(p.get("chunk_3d_shape_q", (4, 4, 4))),
+                   chunk_k=tuple(p.get("chunk_3d_shape_k", (4, 4, 4))))
+
+
+# What a run asks for: a ``BSA_CHOICES`` name, None (= "config"), True/False (= "on"/"off"),
+# config-style params or BSAParams. ``resolve_bsa`` turns it into the one value the kernel gets.
+BSASetting = Union[str, bool, dict, BSAParams, None]  # noqa: UP007 - a runtime alias
+
+
+def resolve_bsa(setting: BSASetting, model_default: BSAParams | None,
+                config_params: dict[str, Any] | None,
+                refinement: bool = False) -> BSAParams | None:
+    """The BSA params of one run (None: dense attention).
+
+    "config"/None keeps the model's setting (the transformer config's ``enable_bsa``), except
+    that refinement always runs with BSA; "on"/True uses the config's ``bsa_params``; a preset
+    name uses the preset table's."""
+    if isinstance(setting, str):
+        check_bsa(setting)
+    elif not isinstance(setting, (bool, dict, BSAParams, type(None))):
+        raise LongcatError(f"bsa {setting!r}: use a name ({', '.join(BSA_CHOICES)}), True/False, "
+                           "a bsa_params dict or BSAParams")
+    if setting is None or setting == "config":
+        if refinement and model_default is None:
+            return BSAParams.from_config(config_params)
+        return model_default
+    if setting is True or setting == "on":
+        return BSAParams.from_config(config_params)
+    if setting is False or setting == "off":
+        return None
+    if isinstance(setting, str):
+        p = bsa_presets.PRESETS[setting]
+        return BSAParams.from_config(p.params) if p.enable_bsa and p.params else None
+    return setting if isinstance(setting, BSAParams) else BSAParams.from_config(setting)
+
+
+@dataclass(frozen=True)
+class AttnSettings:
+    """How one DiT forward attends; the forward hands it to every block."""
+
+    bsa: BSAParams | None = None
+    fast: bool = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
+    cp: ContextParallel | None = None  # tokens split over ranks (runner.context_parallel)
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -26,7 +87,7 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  latent_shape_q: tuple[int, int, int], latent_shape_k: tuple[int, int, int],
                  params: BSAParams, fast: bool = False) -> torch.Tensor:
-    """3D block sparse attention with the transformer config's ``bsa_params``.
+    """3D block sparse attention with ``params``.
 
     ``fast`` (the fused path of bf16 runs): ``P @ V`` in bf16 as in the original's kernel
     instead of the kernels' float16 default, so V is read in place from the qkv projection

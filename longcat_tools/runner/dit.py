@@ -20,7 +20,6 @@ without recomputing the condition frames at every step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,38 +29,19 @@ from torch import nn
 from longcat_tools.errors import LongcatError
 from longcat_tools.runner import attention as attn_ops
 from longcat_tools.runner import fast_ops
+from longcat_tools.runner.attention import AttnSettings, BSAParams
 from longcat_tools.runner.context_parallel import ContextParallel, FrameSplit
+from longcat_tools.runner.lora import LoraDelta, read_lora
 
 KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass
-class LoraDelta:
-    """One LoRA adapter on one Linear: ``y += (up @ down)(x) * multiplier * alpha_scale``.
+class ModelSetting:
+    """The type of ``MODEL_SETTING``: a forward argument left out, so the model's own setting
+    applies (None is a value: dense attention)."""
 
-    ``ups`` has one matrix per output block: the rank dimension of ``down``'s output is split into
-    ``len(ups)`` equal chunks and chunk j feeds ``ups[j]`` (a block-diagonal up-projection, the
-    native format's ``lora_up.blocks.{j}``). Computed unfused, like the original.
-    """
 
-    down: torch.Tensor  # [n * r, in]
-    ups: list[torch.Tensor]  # n x [out / n, r]
-    alpha_scale: torch.Tensor  # 0-d
-    multiplier: float = 1.0
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraDelta:
-        return LoraDelta(self.down.to(device, dtype), [u.to(device, dtype) for u in self.ups],
-                         self.alpha_scale.to(device, dtype), self.multiplier)
-
-    def __call__(self, x: torch.Tensor, fp32: bool) -> torch.Tensor:
-        h = x.to(self.down.dtype)
-        down, ups = self.down, self.ups
-        if fp32:  # inside the original's autocast(float32): matmuls run in fp32
-            h, down, ups = h.float(), down.float(), [u.float() for u in ups]
-        h = F.linear(h, down)
-        chunks = h.chunk(len(ups), dim=-1) if len(ups) > 1 else (h,)
-        h = torch.cat([F.linear(c, u) for c, u in zip(chunks, ups, strict=True)], dim=-1)
-        return h.to(x.dtype) * self.multiplier * self.alpha_scale
+MODEL_SETTING = ModelSetting()
 
 
 class Linear(nn.Linear):
@@ -169,49 +149,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotated * sin).type_as(x)
 
 
-@dataclass
-class BSAParams:
-    """Block sparse attention settings (transformer config ``bsa_params``)."""
-
-    sparsity: float | None = 0.9375
-    cdf_threshold: float | None = None
-    chunk_q: tuple[int, int, int] = (4, 4, 4)
-    chunk_k: tuple[int, int, int] = (4, 4, 4)
-
-    @classmethod
-    def from_config(cls, params: dict[str, Any] | None) -> BSAParams:
-        p = params or {}
-        return cls(sparsity=p.get("sparsity", 0.9375), cdf_threshold=p.get("cdf_threshold"),
-                   chunk_q=tuple(p.get("chunk_3d_shape_q", (4, 4, 4))),
-                   chunk_k=tuple(p.get("chunk_3d_shape_k", (4, 4, 4))))
-
-
-@dataclass
-class AttnState:
-    """Shared by every block: BSA settings, fused glue, the context-parallel group."""
-
-    bsa: BSAParams | None = None
-    fast: bool = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
-    cp: ContextParallel | None = None  # tokens split over ranks (runner.context_parallel)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, state: AttnState) -> None:
+    def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.state = state
         self.qkv = Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = Linear(dim, dim)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                grid: tuple[int, int, int], fast: bool = False) -> torch.Tensor:
-        """Non-causal attention; BSA when enabled and the clip has more than one frame
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int],
+                bsa: BSAParams | None, fast: bool = False) -> torch.Tensor:
+        """Non-causal attention; BSA when ``bsa`` is given and the clip has more than one frame
         (the query/key frame counts follow from the token counts). ``fast``: BSA with the
         original's precision and a token-major output (``attn_ops.block_sparse``)."""
-        bsa = self.state.bsa
         if bsa is not None and grid[0] > 1:
             hw = grid[1] * grid[2]
             return attn_ops.block_sparse(q, k, v, (q.shape[2] // hw, grid[1], grid[2]),
@@ -219,19 +171,19 @@ class SelfAttention(nn.Module):
         return attn_ops.dense(q, k, v)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], num_cond_latents: int,
-                kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn: AttnSettings, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 return_kv: bool = False, split: FrameSplit | None = None):
         """x holds this rank's tokens of ``grid`` (all of them without context parallel)."""
         B, N, C = x.shape
         qkv, heads, D = self.qkv(x), self.num_heads, self.head_dim
-        cp = self.state.cp
+        cp, bsa = attn.cp, attn.bsa
         if cp is not None:  # from here on every token of the grid, for this rank's heads
             heads //= cp.size
             qkv = cp.to_heads(qkv.view(B, N, 3, self.num_heads, D), split)
             qkv = qkv.transpose(0, 1).reshape(B, -1, 3 * heads * D)  # a view when B == 1
         q, k, v = qkv.view(B, -1, 3, heads, D).permute(2, 0, 3, 1, 4)
         T, H, W = grid
-        roped = kv_cache is None and not return_kv and fast_ops.use(self.state.fast, x)
+        roped = kv_cache is None and not return_kv and fast_ops.use(attn.fast, x)
         if roped:  # norm + RoPE fused (q and k in one pass with the Triton kernels)
             cos, sin = rope_table_cached(grid, self.head_dim, x.device)
             q, k = fast_ops.qk_norm_rope(qkv, heads, self.q_norm.weight, self.k_norm.weight,
@@ -250,17 +202,18 @@ class SelfAttention(nn.Module):
                            apply_rope(k, cos[n_c:], sin[n_c:])], dim=2)
             v = torch.cat([v_c, v], dim=2)
             q = apply_rope(q, cos[n_c:], sin[n_c:])
-            out = self._attend(q, k, v, grid)
+            out = self._attend(q, k, v, grid, bsa)
         else:
             if not roped:
                 cos, sin = rope_table_cached(grid, self.head_dim, x.device)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if num_cond_latents > 0:
                 n_c = num_cond_latents * H * W
-                out = torch.cat([self._attend(q[:, :, :n_c], k[:, :, :n_c], v[:, :, :n_c], grid),
-                                 self._attend(q[:, :, n_c:], k, v, grid)], dim=2)
+                out = torch.cat([self._attend(q[:, :, :n_c], k[:, :, :n_c], v[:, :, :n_c], grid,
+                                              bsa),
+                                 self._attend(q[:, :, n_c:], k, v, grid, bsa)], dim=2)
             else:
-                out = self._attend(q, k, v, grid, fast=roped)
+                out = self._attend(q, k, v, grid, bsa, fast=roped)
         out = out.transpose(1, 2).reshape(B, N, C) if cp is None else cp.to_tokens(out, split)
         return self.proj(out), new_kv
 
@@ -318,21 +271,20 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, ffn_hidden: int, t_dim: int,
-                 state: AttnState) -> None:
+    def __init__(self, dim: int, num_heads: int, ffn_hidden: int, t_dim: int) -> None:
         super().__init__()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(t_dim, 6 * dim))
         self.mod_norm_attn = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.mod_norm_ffn = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.pre_crs_attn_norm = LayerNorm(dim, eps=1e-6, elementwise_affine=True)
-        self.attn = SelfAttention(dim, num_heads, state)
+        self.attn = SelfAttention(dim, num_heads)
         self.cross_attn = CrossAttention(dim, num_heads)
         self.ffn = FeedForward(dim, ffn_hidden)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_lens: list[int], t: torch.Tensor,
                 grid: tuple[int, int, int], num_cond_latents: int,
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None, return_kv: bool,
-                skip_crs_attn: bool, split: FrameSplit):
+                skip_crs_attn: bool, split: FrameSplit, attn: AttnSettings):
         """x [B, N, C]: the ``split.count`` latent frames from ``split.start`` of ``grid``."""
         B, N, C = x.shape
         T = split.count
@@ -340,13 +292,12 @@ class Block(nn.Module):
         mod = self.adaLN_modulation[1](F.silu(t), fp32=True).unsqueeze(2).chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod  # [B, T, 1, C]
 
-        fast = fast_ops.use(self.attn.state.fast, x)
-        if fast:
+        if fast_ops.use(attn.fast, x):
             return self._forward_fast(x, y, y_lens, mod, grid, num_cond_latents, kv_cache,
-                                      return_kv, skip_crs_attn, split)
+                                      return_kv, skip_crs_attn, split, attn)
         h = modulate(self.mod_norm_attn, x.view(frames), shift_msa, scale_msa)
-        h, new_kv = self.attn(h.view(B, N, C), grid, num_cond_latents, kv_cache, return_kv,
-                              split)
+        h, new_kv = self.attn(h.view(B, N, C), grid, num_cond_latents, attn, kv_cache,
+                              return_kv, split)
         x = (x + (gate_msa * h.view(frames)).view(B, N, C)).to(x.dtype)
 
         if not skip_crs_attn:
@@ -370,13 +321,13 @@ class Block(nn.Module):
         return self.cross_attn(h, y, y_lens, fast)
 
     def _forward_fast(self, x, y, y_lens, mod, grid, num_cond_latents, kv_cache, return_kv,
-                      skip_crs_attn, split: FrameSplit):
+                      skip_crs_attn, split: FrameSplit, attn: AttnSettings):
         """The same block with fused glue (runner.fast_ops): each residual is fused with the
         norm that reads its result, so the residual stream is read and written once per step."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         T = split.count
         _, h = fast_ops.adaln(x, T, shift_msa, scale_msa, self.mod_norm_attn.eps)
-        h, new_kv = self.attn(h, grid, num_cond_latents, kv_cache, return_kv, split)
+        h, new_kv = self.attn(h, grid, num_cond_latents, attn, kv_cache, return_kv, split)
         if skip_crs_attn:
             x, h = fast_ops.adaln(x, T, shift_mlp, scale_mlp, self.mod_norm_ffn.eps, res=h,
                                   gate=gate_msa)
@@ -427,7 +378,9 @@ class LongCatDiT(nn.Module):
         self.patch_size = dims.patch_size
         self.out_channels = dims.out_channels
         self.text_tokens_zero_pad = bool(config.get("text_tokens_zero_pad", False))
-        self.attn_state = AttnState()
+        self.bsa: BSAParams | None = None  # the default of every forward (config enable_bsa)
+        self.fast = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
+        self.cp: ContextParallel | None = None  # tokens split over ranks (context parallel)
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv3d(dims.in_channels, C, dims.patch_size, dims.patch_size)
         self.t_embedder = nn.Module()
@@ -436,7 +389,7 @@ class LongCatDiT(nn.Module):
         self.y_embedder = nn.Module()
         self.y_embedder.y_proj = nn.Sequential(Linear(dims.caption_channels, C),
                                                nn.GELU(approximate="tanh"), Linear(C, C))
-        self.blocks = nn.ModuleList(Block(C, dims.num_heads, dims.ffn_hidden, Ct, self.attn_state)
+        self.blocks = nn.ModuleList(Block(C, dims.num_heads, dims.ffn_hidden, Ct)
                                     for _ in range(dims.depth))
         self.final_layer = FinalLayer(C, dims.patch_volume * dims.out_channels, Ct)
         self.lora_registry: dict[str, dict[str, LoraDelta]] = {}
@@ -446,35 +399,30 @@ class LongCatDiT(nn.Module):
 
     # ---- BSA -------------------------------------------------------------------------------
     def enable_bsa(self, params: dict[str, Any] | BSAParams | None = None) -> None:
-        """Turn BSA on, with ``params`` (config-style dict or BSAParams) or the config's."""
+        """Make BSA the default of every forward, with ``params`` (config-style dict or
+        BSAParams) or the config's; a forward's ``bsa`` argument overrides it."""
         if not isinstance(params, BSAParams):
             params = BSAParams.from_config(params if params is not None
                                            else self.config.get("bsa_params"))
-        self.attn_state.bsa = params
+        self.bsa = params
 
     def disable_bsa(self) -> None:
-        self.attn_state.bsa = None
+        self.bsa = None
 
     def enable_context_parallel(self, cp: ContextParallel | None) -> None:
         """Split every forward's tokens over ``cp``'s ranks (None: one process)."""
         if cp is not None and self.dims.num_heads % cp.size:
             raise LongcatError(f"context parallel over {cp.size} processes: the DiT's "
                                f"{self.dims.num_heads} heads must divide evenly (use a divisor)")
-        self.attn_state.cp = cp
+        self.cp = cp
 
     def enable_fast_ops(self, enabled: bool = True) -> None:
         """Fused glue (``runner.fast_ops``) for bf16/fp16 runs; fp32 always takes the plain path."""
-        self.attn_state.fast = enabled
-
-    @property
-    def bsa(self) -> BSAParams | None:
-        return self.attn_state.bsa
+        self.fast = enabled
 
     # ---- LoRA ------------------------------------------------------------------------------
     def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
         """Read an adapter file (native or FastVideo format); it stays off until enabled."""
-        from longcat_tools.runner.lora import read_lora
-
         self.lora_registry[name] = read_lora(path, self, multiplier=scale)
 
     def enable_loras(self, names: list[str]) -> None:
@@ -505,13 +453,15 @@ class LongCatDiT(nn.Module):
                 encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None, num_cond_latents: int = 0,
                 return_kv: bool = False, kv_cache: KVCache | None = None,
-                skip_crs_attn: bool = False, offload_kv_cache: bool = False):
+                skip_crs_attn: bool = False, offload_kv_cache: bool = False,
+                bsa: BSAParams | None | ModelSetting = MODEL_SETTING):
         """Predict the flow-matching velocity target (``x0 - noise``; the pipeline negates it).
 
         hidden_states [B, C_in, T, H, W]; timestep [B] or per frame [B, T] on the 0..1000 scale;
         encoder_hidden_states [B, 1, L, caption_channels]; encoder_attention_mask [B, L].
         With ``kv_cache`` (from ``return_kv=True`` on the condition latents alone), hidden_states
         are the noise frames only and ``num_cond_latents`` says how many frames were cached.
+        ``bsa``: this forward's BSA params (None: dense); left out, the model's (``enable_bsa``).
         Returns fp32 [B, C_out, T, H, W], and the new cache when ``return_kv``.
         """
         B, _, T, H, W = hidden_states.shape
@@ -527,7 +477,8 @@ class LongCatDiT(nn.Module):
         timestep = timestep.to(dtype)
         y = encoder_hidden_states.to(dtype)
 
-        cp = self.attn_state.cp
+        cp = self.cp
+        attn = AttnSettings(self.bsa if bsa is MODEL_SETTING else bsa, self.fast, cp)
         if cp is None:
             split = FrameSplit(0, grid[0], (grid[0] * grid[1] * grid[2],))
         else:  # this rank's latent frames only (the time axis is not patched)
@@ -558,7 +509,7 @@ class LongCatDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             cache_i = kv_cache.get(i) if kv_cache else None
             x, kv = block(x, y, y_lens, t, grid, num_cond_latents, cache_i, return_kv,
-                          skip_crs_attn, split)
+                          skip_crs_attn, split, attn)
             if return_kv:
                 new_cache[i] = (kv[0].cpu(), kv[1].cpu()) if offload_kv_cache else \
                     (kv[0].contiguous(), kv[1].contiguous())

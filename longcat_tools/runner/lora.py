@@ -1,6 +1,6 @@
 """LoRA adapter files -> per-module ``LoraDelta`` on the native DiT, applied at run time.
 
-Parsing is the shared ``longcat_tools.lora.formats`` (native and FastVideo formats, exact): every
+Parsing is the shared ``longcat_tools.lora.formats`` (native, FastVideo and PEFT, exact): every
 file becomes the native structure per module (``down`` [n*r, in], ``n`` up blocks, the stored
 ``alpha_scale``), so the run-time arithmetic is the original's (``lora_utils``) exactly. Rank is
 read from the tensors.
@@ -8,14 +8,48 @@ read from the tensors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import read_header, read_tensor
 from longcat_tools.lora import formats as lora_formats
-from longcat_tools.runner.dit import LongCatDiT, LoraDelta
+
+if TYPE_CHECKING:
+    from longcat_tools.runner.dit import LongCatDiT
+
+
+@dataclass
+class LoraDelta:
+    """One LoRA adapter on one Linear: ``y += (up @ down)(x) * multiplier * alpha_scale``.
+
+    ``ups`` has one matrix per output block: the rank dimension of ``down``'s output is split into
+    ``len(ups)`` equal chunks and chunk j feeds ``ups[j]`` (a block-diagonal up-projection, the
+    native format's ``lora_up.blocks.{j}``). Computed unfused, like the original.
+    """
+
+    down: torch.Tensor  # [n * r, in]
+    ups: list[torch.Tensor]  # n x [out / n, r]
+    alpha_scale: torch.Tensor  # 0-d
+    multiplier: float = 1.0
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraDelta:
+        return LoraDelta(self.down.to(device, dtype), [u.to(device, dtype) for u in self.ups],
+                         self.alpha_scale.to(device, dtype), self.multiplier)
+
+    def __call__(self, x: torch.Tensor, fp32: bool) -> torch.Tensor:
+        h = x.to(self.down.dtype)
+        down, ups = self.down, self.ups
+        if fp32:  # inside the original's autocast(float32): matmuls run in fp32
+            h, down, ups = h.float(), down.float(), [u.float() for u in ups]
+        h = F.linear(h, down)
+        chunks = h.chunk(len(ups), dim=-1) if len(ups) > 1 else (h,)
+        h = torch.cat([F.linear(c, u) for c, u in zip(chunks, ups, strict=True)], dim=-1)
+        return h.to(x.dtype) * self.multiplier * self.alpha_scale
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -51,14 +85,13 @@ def lora_path(ckpt_root: str | Path, kind: str) -> Path:
     from longcat_tools.checkpoint.layouts import NATIVE_LORAS
 
     root = Path(ckpt_root) / "lora"
-    for fname, name in NATIVE_LORAS.items():
-        if name == kind and (root / fname).is_file():
-            return root / fname
+    hub_file = next((f for f, name in NATIVE_LORAS.items() if name == kind), None)
+    if hub_file is not None and (root / hub_file).is_file():
+        return root / hub_file
     sub = sorted((root / kind).glob("*.safetensors")) if (root / kind).is_dir() else []
     if len(sub) == 1:
         return sub[0]
     if len(sub) > 1:
         raise LongcatError(f"{root / kind}: several LoRA files; pass the one to use")
     raise LongcatError(f"{root}: no '{kind}' LoRA (expected lora/"
-                       f"{'cfg_step_lora' if kind == 'distilled' else 'refinement_lora'}"
-                       f".safetensors or lora/{kind}/<file>.safetensors)")
+                       f"{hub_file or f'{kind}.safetensors'} or lora/{kind}/<file>.safetensors)")

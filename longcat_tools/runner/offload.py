@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-OFFLOAD_CHOICES = ("none", "text-encoder", "dit", "all")
-
 
 class BlockSwap:
     """Stream ``model.blocks`` from pinned CPU memory to ``device`` one block at a time.

@@ -26,15 +26,17 @@ Pass ``latents=`` to fix the initial noise (refine: the mixing noise) exactly.
 
 from __future__ import annotations
 
+import functools
 import html
+import inspect
 import math
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,13 +44,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.model.chunks import refine_latent_frames
 from longcat_tools.runner import schedule
+from longcat_tools.runner.attention import BSAParams, BSASetting, resolve_bsa
 from longcat_tools.runner.buckets import bucket_size
 from longcat_tools.runner.context_parallel import ContextParallel
 from longcat_tools.runner.dit import LongCatDiT
 from longcat_tools.runner.loading import parse_dtype, resolve_checkpoint
+from longcat_tools.runner.settings import TASKS, check_offload, from_call, validate
 
-TASKS = ("t2v", "i2v", "vc", "long", "refine")
 MAX_SEQUENCE_LENGTH = 512
 DEFAULT_NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
@@ -57,7 +61,22 @@ DEFAULT_NEGATIVE_PROMPT = (
     "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
     "in the background, walking backwards")
 LORA_DISTILL, LORA_REFINE = "distilled", "refinement"
-BSA_GRANULARITY = 4  # latent frames per BSA chunk along time in refinement padding
+TaskMethod = TypeVar("TaskMethod", bound=Callable[..., Any])
+
+
+def validated(method: TaskMethod) -> TaskMethod:
+    """A task method that first checks its options with ``settings.validate`` (the same checks
+    as the command line's), so bad values stop before any work with one clear line."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def checked(self, *args: Any, **kw: Any) -> Result:
+        call = signature.bind(self, *args, **kw)
+        call.apply_defaults()
+        validate(from_call(method.__name__, call.arguments), inputs=False)
+        return method(self, *args, **kw)
+
+    return checked
 
 
 @dataclass
@@ -161,9 +180,7 @@ class Pipeline:
         from longcat_tools.runner import offload as off
         from longcat_tools.runner.loading import load_transformer
 
-        if offload not in off.OFFLOAD_CHOICES:
-            raise LongcatError(f"offload '{offload}': unknown (choose from "
-                               f"{', '.join(off.OFFLOAD_CHOICES)})")
+        check_offload(offload)
         te_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
         swap = offload in ("dit", "all")
         ckpt = resolve_checkpoint(path)
@@ -283,8 +300,8 @@ class Pipeline:
     def _noise(self, shape, generator, dtype) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
 
-    def _predict(self, latents, t, text, mask, guidance: float, n_cond: int = 0,
-                 per_frame: bool = False, kv_cache=None) -> torch.Tensor:
+    def _predict(self, latents, t, text, mask, guidance: float, bsa: BSAParams | None,
+                 n_cond: int = 0, per_frame: bool = False, kv_cache=None) -> torch.Tensor:
         """The negated (scheduler-ready) guided prediction for one step."""
         cfg = guidance > 1.0
         inp = (torch.cat([latents] * 2) if cfg else latents).to(self.dtype)
@@ -294,21 +311,21 @@ class Pipeline:
             timestep[:, :n_cond] = 0
         with torch.no_grad():
             pred = self.dit(inp, timestep, text, mask, num_cond_latents=n_cond,
-                            kv_cache=kv_cache)
+                            kv_cache=kv_cache, bsa=bsa)
         if cfg:
             uncond, cond = pred.chunk(2)
             pred = schedule.cfg_zero_star(cond, uncond, guidance)
         return -pred
 
-    def _denoise(self, latents, timesteps, text, mask, guidance, n_cond=0, per_frame=False,
-                 kv_cache=None, step_all=True, desc="denoise") -> torch.Tensor:
-        bsa = self.dit.bsa
+    def _denoise(self, latents, timesteps, text, mask, guidance, bsa: BSAParams | None, n_cond=0,
+                 per_frame=False, kv_cache=None, step_all=True, desc="denoise") -> torch.Tensor:
         self.last_run = {"loras": list(self.dit.active_loras),
                          "bsa": None if bsa is None else asdict(bsa)}
         latents = self._shared(latents)
         with self.reporter.stage("denoise"):
             for t in self.reporter.steps(timesteps, len(timesteps), desc):
-                pred = self._predict(latents, t, text, mask, guidance, n_cond, per_frame, kv_cache)
+                pred = self._predict(latents, t, text, mask, guidance, bsa, n_cond, per_frame,
+                                     kv_cache)
                 if step_all:
                     latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
                 else:
@@ -321,38 +338,33 @@ class Pipeline:
                 height // self.scale_s, width // self.scale_s)
 
     @contextmanager
-    def adapters(self, lora: str | None, bsa: Any) -> Iterator[None]:
-        """Run with exactly this hub LoRA active (or none) and this BSA setting, then restore.
-
-        ``bsa``: ``None`` keeps the model's setting, ``False`` turns it off, ``True`` uses the
-        config's params, a dict/BSAParams uses those."""
+    def adapters(self, lora: str | None) -> Iterator[None]:
+        """Run with this hub LoRA active too (or no extra one), then restore."""
         from longcat_tools.runner.lora import lora_path
 
-        before_loras, before_bsa = list(self.dit.active_loras), self.dit.bsa
+        before_loras = list(self.dit.active_loras)
         try:
             if lora is not None:
                 if lora not in self.dit.lora_registry:
                     self.dit.load_lora(lora_path(self.root, lora), lora)
                 if lora not in before_loras:
                     self.dit.enable_loras(before_loras + [lora])
-            if bsa is False:
-                self.dit.disable_bsa()
-            elif bsa is True:
-                self.dit.enable_bsa()
-            elif bsa is not None:
-                self.dit.enable_bsa(bsa)
             yield
         finally:
             self.dit.enable_loras(before_loras) if before_loras else self.dit.disable_loras()
-            self.dit.attn_state.bsa = before_bsa
+
+    def bsa_params(self, setting: BSASetting, refinement: bool = False) -> BSAParams | None:
+        """The BSA params a task runs with (``attention.resolve_bsa`` on this model's config)."""
+        return resolve_bsa(setting, self.dit.bsa, self.dit.config.get("bsa_params"), refinement)
 
     # ---- tasks -----------------------------------------------------------------------------
     def generate(self, task: str = "t2v", **kw: Any) -> Result:
         """Run a task. Common keywords: prompt, negative_prompt, num_frames, steps, guidance,
         distill, seed / generator, latents, height / width (or the input's resolution bucket),
-        bsa (None: the config's setting; False/True/params). See the ``t2v``... methods."""
+        bsa (None or "config": the config's setting; False/True, "off"/"on", a preset name,
+        params). See the ``t2v``... methods; each checks its options like the command line."""
         if task not in TASKS:
-            raise LongcatError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
+            raise LongcatError(f"--task {task}: unknown (choose from {', '.join(TASKS)})")
         return getattr(self, task)(**kw)
 
     def _common(self, distill: bool, steps: int | None, guidance: float | None, seed: int,
@@ -363,37 +375,26 @@ class Pipeline:
         return steps, guidance, gen
 
     @staticmethod
-    def _check_frames(num_frames: int) -> None:
-        if num_frames < 1 or num_frames % 4 != 1:
-            raise LongcatError(f"--frames {num_frames}: the frame count must be 4k+1 "
-                               "(e.g. 93, 45, 9); the VAE packs 4 frames per latent")
-
-    def _check_size(self, height: int, width: int, granularity: int = 16) -> None:
-        if height % granularity or width % granularity or height <= 0 or width <= 0:
-            raise LongcatError(f"size {height}x{width}: height and width must be positive "
-                               f"multiples of {granularity} px (VAE 8x times DiT patch 2)")
-
-    def _size_for(self, frame: Image.Image, resolution: str, height: int | None,
-                  width: int | None, granularity: int = 16) -> tuple[int, int]:
+    def _size_for(frame: Image.Image, resolution: str, height: int | None, width: int | None,
+                  granularity: int = 16) -> tuple[int, int]:
         if height is not None and width is not None:
-            self._check_size(height, width, granularity)
             return height, width
         return bucket_size(frame.height, frame.width, resolution, granularity)
 
+    @validated
     def t2v(self, prompt: str, negative_prompt: str | None = None, height: int = 480,
             width: int = 832, num_frames: int = 93, steps: int | None = None,
             guidance: float | None = None, distill: bool = False, seed: int = 42,
             generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-            bsa: Any = None, decode: bool = True) -> Result:
-        self._check_size(height, width)
-        self._check_frames(num_frames)
+            bsa: BSASetting = None, decode: bool = True) -> Result:
         steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
-        with self.adapters(LORA_DISTILL if distill else None, bsa):
+        bsa = self.bsa_params(bsa)
+        with self.adapters(LORA_DISTILL if distill else None):
             text, mask = self.encode_text(prompt, negative_prompt, guidance > 1.0)
             timesteps = schedule.set_schedule(self.scheduler, steps, distill, self.device)
             shape = self._latent_shape(height, width, num_frames)
             latents = self._init(latents, shape, gen, torch.float32)
-            latents = self._denoise(latents, timesteps, text, mask, guidance)
+            latents = self._denoise(latents, timesteps, text, mask, guidance, bsa)
         frames = self.decode(latents) if decode else None
         return Result(frames, latents, 15, {"steps": len(timesteps), "guidance": guidance,
                                             "height": height, "width": width, **self.last_run})
@@ -406,17 +407,19 @@ class Pipeline:
                                f"{list(shape)}")
         return latents.to(self.device, dtype).clone()
 
+    @validated
     def i2v(self, image: Image.Image, prompt: str, negative_prompt: str | None = None,
             resolution: str = "480p", height: int | None = None, width: int | None = None,
             num_frames: int = 93, steps: int | None = None, guidance: float | None = None,
             distill: bool = False, seed: int = 42, generator: torch.Generator | None = None,
-            latents: torch.Tensor | None = None, bsa: Any = None, decode: bool = True) -> Result:
+            latents: torch.Tensor | None = None, bsa: BSASetting = None,
+            decode: bool = True) -> Result:
         if image is None:
             raise LongcatError("task i2v needs an input image (--image FILE)")
-        self._check_frames(num_frames)
         height, width = self._size_for(image, resolution, height, width)
         steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
-        with self.adapters(LORA_DISTILL if distill else None, bsa):
+        bsa = self.bsa_params(bsa)
+        with self.adapters(LORA_DISTILL if distill else None):
             text, mask = self.encode_text(prompt, negative_prompt, guidance > 1.0)
             timesteps = schedule.set_schedule(self.scheduler, steps, distill, self.device)
             pixels = self.video_processor.preprocess(image, height=height, width=width)
@@ -424,37 +427,33 @@ class Pipeline:
             shape = self._latent_shape(height, width, num_frames)
             latents = self._init(latents, shape, gen, torch.float32)
             latents[:, :, :1] = self.cond_latents(pixels[:, :, None], gen, torch.float32)
-            latents = self._denoise(latents, timesteps, text, mask, guidance, n_cond=1,
+            latents = self._denoise(latents, timesteps, text, mask, guidance, bsa, n_cond=1,
                                     per_frame=True, step_all=False)
         frames = self.decode(latents) if decode else None
         return Result(frames, latents, 15, {"steps": len(timesteps), "guidance": guidance,
                                             "height": height, "width": width, **self.last_run})
 
+    @validated
     def vc(self, video: Any, prompt: str, negative_prompt: str | None = None,
            resolution: str = "480p", height: int | None = None, width: int | None = None,
            num_frames: int = 93, num_cond_frames: int = 13, steps: int | None = None,
            guidance: float | None = None, distill: bool = False, seed: int = 42,
            generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
            use_kv_cache: bool = True, offload_kv_cache: bool = False,
-           enhance_hf: bool | None = None, bsa: Any = None, decode: bool = True) -> Result:
+           enhance_hf: bool | None = None, bsa: BSASetting = None,
+           decode: bool = True) -> Result:
         frames_in = to_pil_frames(video) if video is not None else []
         if not frames_in:
             raise LongcatError("task vc needs an input video (--video FILE)")
-        self._check_frames(num_frames)
-        if num_cond_frames < 1 or num_cond_frames % 4 != 1 or num_cond_frames >= num_frames:
-            raise LongcatError(f"num_cond_frames {num_cond_frames}: must be 4k+1 and fewer than "
-                               f"the {num_frames} frames generated")
         if len(frames_in) < num_cond_frames:
             raise LongcatError(f"the input video has {len(frames_in)} frames; video "
                                f"continuation needs at least {num_cond_frames}")
         enhance_hf = (not distill) if enhance_hf is None else enhance_hf
-        if distill and enhance_hf:
-            raise LongcatError("enhance_hf and distill cannot be combined (the distilled "
-                               "schedule has no high-frequency tail)")
         height, width = self._size_for(frames_in[0], resolution, height, width)
         steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
+        bsa = self.bsa_params(bsa)
         n_cond = 1 + (num_cond_frames - 1) // self.scale_t
-        with self.adapters(LORA_DISTILL if distill else None, bsa):
+        with self.adapters(LORA_DISTILL if distill else None):
             text, mask = self.encode_text(prompt, negative_prompt, guidance > 1.0)
             timesteps = schedule.set_schedule(self.scheduler, steps, distill, self.device)
             if enhance_hf:
@@ -475,37 +474,38 @@ class Pipeline:
                     _, cache = self.dit(cond, torch.zeros(cond.shape[0], n_cond,
                                                           device=self.device, dtype=self.dtype),
                                         empty, return_kv=True, skip_crs_attn=True,
-                                        offload_kv_cache=offload_kv_cache)
+                                        offload_kv_cache=offload_kv_cache, bsa=bsa)
                 noise = self._denoise(latents[:, :, n_cond:], timesteps, text, mask, guidance,
-                                      n_cond=n_cond, kv_cache=cache)
+                                      bsa, n_cond=n_cond, kv_cache=cache)
                 latents = torch.cat([cond, noise], dim=2)
                 del cache
             else:
-                latents = self._denoise(latents, timesteps, text, mask, guidance, n_cond=n_cond,
-                                        per_frame=True, step_all=False)
+                latents = self._denoise(latents, timesteps, text, mask, guidance, bsa,
+                                        n_cond=n_cond, per_frame=True, step_all=False)
         frames = self.decode(latents) if decode else None
         return Result(frames, latents, 15, {
             "steps": len(timesteps), "guidance": guidance, "height": height, "width": width,
             "num_cond_frames": num_cond_frames, "kv_cache": use_kv_cache,
             "enhance_hf": enhance_hf, **self.last_run})
 
+    @validated
     def refine(self, stage1_video: Any, prompt: str = "", image: Image.Image | None = None,
                video: Any = None, num_cond_frames: int = 0, height: int | None = None,
                width: int | None = None, steps: int = 50, t_thresh: float = 0.5,
                spatial_refine_only: bool = False, seed: int = 42,
                generator: torch.Generator | None = None,
                noise_generator: torch.Generator | None = None,
-               latents: torch.Tensor | None = None, bsa: Any = True,
+               latents: torch.Tensor | None = None, bsa: BSASetting = None,
                distill: bool = False, decode: bool = True) -> Result:
         """480p -> 720p (and 2x frames unless ``spatial_refine_only``). ``latents`` is the mixing
-        noise. ``distill`` is accepted for symmetry and ignored: refinement has its own LoRA."""
+        noise. ``bsa``: None/"config" runs BSA (the model's params, else the config's), as
+        refinement always does unless turned off. ``distill`` is accepted for symmetry and
+        ignored: refinement has its own LoRA."""
         stage1 = to_pil_frames(stage1_video) if stage1_video is not None else []
         if not stage1:
             raise LongcatError("task refine needs a stage-1 video to refine (--video FILE)")
         if image is not None and video is not None:
             raise LongcatError("refine takes an image or a video as its condition, not both")
-        if not 0 < t_thresh <= 1:
-            raise LongcatError(f"--t-thresh {t_thresh}: must be in (0, 1]")
         height, width = self._size_for(stage1[0], "720p", height, width, granularity=64
                                        if height is None else 16)
         gen = generator if generator is not None else self.generator(seed)
@@ -516,7 +516,8 @@ class Pipeline:
         if cond_frames_in is not None and len(cond_frames_in) < num_cond_frames:
             raise LongcatError(f"the condition video has {len(cond_frames_in)} frames, fewer than "
                                f"num_cond_frames {num_cond_frames}")
-        with self.adapters(LORA_REFINE, bsa):
+        bsa = self.bsa_params(bsa, refinement=True)
+        with self.adapters(LORA_REFINE):
             text, mask = self.encode_text(prompt, None, False)
             schedule.set_schedule(self.scheduler, steps, False, self.device)
             timesteps = schedule.apply_t_thresh(self.scheduler, t_thresh)
@@ -533,11 +534,9 @@ class Pipeline:
             n_noise_frames = x.shape[2] - num_cond_frames
             n_cond, added = 0, 0
             if num_cond_frames > 0:
-                n_cond = 1 + math.ceil((num_cond_frames - 1) / self.scale_t)
-                n_cond = math.ceil(n_cond / BSA_GRANULARITY) * BSA_GRANULARITY
+                n_cond = refine_latent_frames(1 + math.ceil((num_cond_frames - 1) / self.scale_t))
                 added = 1 + (n_cond - 1) * self.scale_t - num_cond_frames
-            n_noise = math.ceil(math.ceil(n_noise_frames / self.scale_t) / BSA_GRANULARITY) \
-                * BSA_GRANULARITY
+            n_noise = refine_latent_frames(math.ceil(n_noise_frames / self.scale_t))
             back = n_noise * self.scale_t - n_noise_frames
             x = torch.cat([x[:, :, :1].repeat(1, 1, added, 1, 1), x,
                            x[:, :, -1:].repeat(1, 1, back, 1, 1)], dim=2)
@@ -558,8 +557,8 @@ class Pipeline:
                     pix = pix.to(self.device, self.dtype)[:, :, -num_cond_frames:]
                 pix = torch.cat([pix[:, :, :1].repeat(1, 1, added, 1, 1), pix], dim=2)
                 lat[:, :, :n_cond] = self.cond_latents(pix, gen, torch.float32)
-            lat = self._denoise(lat, timesteps, text, mask, 1.0, n_cond=n_cond, per_frame=True,
-                                step_all=False, desc="refine")
+            lat = self._denoise(lat, timesteps, text, mask, 1.0, bsa, n_cond=n_cond,
+                                per_frame=True, step_all=False, desc="refine")
         frames = None
         if decode:
             frames = self.decode(lat)[added:added + new_frames]
@@ -568,20 +567,19 @@ class Pipeline:
             "t_thresh": t_thresh, "num_cond_frames": num_cond_frames,
             "cond_latents": n_cond, "padded_front": added, "padded_back": back, **self.last_run})
 
+    @validated
     def long(self, prompt: str, negative_prompt: str | None = None, video: Any = None,
              height: int = 480, width: int = 832, num_frames: int = 93, num_cond_frames: int = 13,
              num_segments: int = 2, steps: int | None = None, guidance: float | None = None,
              distill: bool = False, seed: int = 42, generator: torch.Generator | None = None,
              latents: torch.Tensor | None = None, refine: bool = False,
              refine_height: int | None = None, refine_width: int | None = None,
-             t_thresh: float = 0.5, spatial_refine_only: bool = False, bsa: Any = None,
+             t_thresh: float = 0.5, spatial_refine_only: bool = False, bsa: BSASetting = None,
              use_kv_cache: bool = True, offload_kv_cache: bool = False) -> Result:
         """t2v (or the given video), then ``num_segments`` continuations of ``num_frames -
         num_cond_frames`` new frames each, conditioned on the previous segment (uint8 frames in
         between, like the demo); with ``refine``, refine in windows of ``num_frames`` stage-1
         frames, each conditioned on the previous refined window's last frames."""
-        if num_segments < 0:
-            raise LongcatError("--segments must be at least 0")
         gen = generator if generator is not None else self.generator(seed)
         last = None
         if video is None:
@@ -615,7 +613,7 @@ class Pipeline:
             r = self.refine(window, "", video=cond_video, num_cond_frames=cond_n,
                             height=refine_height, width=refine_width, t_thresh=t_thresh,
                             spatial_refine_only=spatial_refine_only, generator=gen,
-                            noise_generator=ngen, bsa=True if bsa is None else bsa)
+                            noise_generator=ngen, bsa=bsa)
             win = [Image.fromarray(f) for f in (r.frames * 255).astype(np.uint8)]
             refined.extend(np.asarray(f) for f in win[cond_n:])
             cond_video = win

@@ -387,7 +387,8 @@ def _loras(rec: Recorder, st: _State) -> None:
         return
     files = L.lora_files(st.root)
     if st.layout == "native":
-        for fname, task in C.NATIVE_LORAS.items():
+        for fname, adapter in layouts.NATIVE_LORAS.items():
+            task = C.TASK_OF_ADAPTER[adapter]
             if not (st.root / "lora" / fname).exists():
                 rec.warn("lora", "files", st.root / "lora" / fname, f"missing: {task} will not "
                          "be available")

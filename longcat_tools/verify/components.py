@@ -41,8 +41,8 @@ DIT_WEIGHTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "fastvideo-single": (None, (layouts.FASTVIDEO_SINGLE,)),
 }
 
-# The hub's adapters in a native checkpoint; missing ones disable a task, they do not break it.
-NATIVE_LORAS = {"cfg_step_lora.safetensors": "--distill", "refinement_lora.safetensors": "refine"}
+# What each hub adapter of a native checkpoint is for; a missing one disables that task only.
+TASK_OF_ADAPTER = {"distilled": "--distill", "refinement": "refine"}
 
 
 def text_encoder_tensors(cfg: dict[str, Any],

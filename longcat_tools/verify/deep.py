@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,12 +20,12 @@ from typing import Any
 
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
+from longcat_tools.io.checksums import parse_manifest
 from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo
 
 BLOCK = 16 * 1024 * 1024
 CHECKSUMS = "checksums.sha256"
 MAX_LISTED = 20_000  # a checkpoint has a few dozen files
-_LINE = re.compile(r"^(?P<esc>\\?)(?P<hex>[0-9a-fA-F]{64}) [ *](?P<name>.+)$")
 
 
 @dataclass
@@ -64,17 +63,8 @@ def parse_checksums(path: Path, root: Path) -> tuple[dict[Path, str], list[str]]
     if len(lines) > MAX_LISTED:
         return out, [f"{len(lines):,} lines, more than a checkpoint has files (limit "
                      f"{MAX_LISTED:,}): not a checksum list of this checkpoint"]
-    for no, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        m = _LINE.match(line)
-        if not m:
-            problems.append(f"line {no} is not '<sha256>  <file>': {line[:60]!r}")
-            continue
-        name = m["name"]
-        if m["esc"]:  # sha256sum escapes \ and newline in names and marks the line with \
-            name = name.replace("\\n", "\n").replace("\\\\", "\\")
-        name = name.removeprefix("./")
+    entries, problems = parse_manifest(text)
+    for no, name, hexd in entries:
         try:
             file = layouts.inside(root, name, "listed file")
         except LongcatError as e:
@@ -83,7 +73,7 @@ def parse_checksums(path: Path, root: Path) -> tuple[dict[Path, str], list[str]]
         if file in out:
             problems.append(f"line {no}: {name} is listed twice")
             continue
-        out[file] = m["hex"].lower()
+        out[file] = hexd
     return out, problems
 
 

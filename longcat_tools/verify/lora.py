@@ -2,15 +2,12 @@
 
 Every adapted module must exist in the DiT and its A/B matrices must fit that layer:
 ``A [r, in]``, ``B [out, r]`` (or, in the native format's fused targets, ``n`` up blocks of
-``[out/n, r/n]``), with a scalar alpha. The format is read from the key names: native
-(``lora___lorahyphen___...lora_down/lora_up``), FastVideo (``.lora_A/.lora_B/.lora_alpha``) and
-PEFT (``.lora_A.weight/.lora_B.weight/.alpha``). ``parse_keys`` is the one place that knows the
-formats, so it can be swapped for ``longcat_tools.lora.formats`` once that lands.
+``[out/n, r/n]``), with a scalar alpha. The keys are read by ``lora.formats.parse_keys``, the
+rules ``lora attach`` reads a file by, so both judge a file's format and targets alike.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,19 +17,14 @@ from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo, read_header
+from longcat_tools.lora import formats as lora_formats
+from longcat_tools.lora.registry import REGISTRY, SCHEMA, target_patterns
 from longcat_tools.model import keymap
 from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import MAX_HEADER_BYTES
 
-MANIFEST = "adapters.json"
-NATIVE_PREFIX = "lora___lorahyphen___"
-NATIVE_DOT = "___lorahyphen___"
-_NATIVE = re.compile(r"^(?P<mod>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|"
-                     r"lora_up\.blocks\.(?P<j>\d+)\.weight|alpha_scale|lora_alpha|alpha)$")
-_SPLIT = re.compile(r"^(?P<mod>.+?)\.(?P<part>lora_A|lora_B)(?P<w>\.weight)?$")
-_ALPHA = re.compile(r"^(?P<mod>.+?)\.(?:lora_alpha|alpha)$")
-STRIP_PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
-_BLOCK = re.compile(r"^blocks\.\d+\.")
+_KNOWN = ("known: native lora_down/lora_up, FastVideo lora_A/lora_B, PEFT "
+          "lora_A.weight/lora_B.weight")
 
 
 @dataclass
@@ -52,56 +44,22 @@ class Target:
         return self.down.shape[0] // max(len(self.ups), 1)
 
 
-def _strip(name: str) -> str:
-    for p in STRIP_PREFIXES:
-        if name.startswith(p):
-            return name[len(p):]
-    return name
-
-
-def parse_keys(tensors: dict[str, TensorInfo]) -> tuple[str | None, dict[str, Target], list[str]]:
-    """(format, module -> Target, names that fit no format) of a LoRA file's tensors."""
+def read_targets(tensors: dict[str, TensorInfo], where: str = "LoRA file"
+                 ) -> tuple[str, dict[str, Target], list[str]]:
+    """(format, module in the file's own names -> Target, names that are no key of that format)
+    of a LoRA file's tensors; a LongcatError where no format, or several, claim them."""
+    keys = lora_formats.parse_keys(tensors, where)
     targets: dict[str, Target] = {}
-    unknown: list[str] = []
-    kinds: Counter[str] = Counter()
-    for name, info in tensors.items():
-        if name.startswith(NATIVE_PREFIX):
-            m = _NATIVE.match(name[len(NATIVE_PREFIX):])
-            if not m:
-                unknown.append(name)
-                continue
-            kinds["native"] += 1
-            t = targets.setdefault(m["mod"].replace(NATIVE_DOT, "."),
-                                   Target(m["mod"].replace(NATIVE_DOT, ".")))
-            part = m["part"]
-            if part == "lora_down.weight":
-                t.down = info
-            elif part == "lora_up.weight":
-                t.ups[0] = info
-            elif m["j"] is not None:
-                t.ups[int(m["j"])] = info
+    for module, roles in keys.modules.items():
+        t = targets[module] = Target(module)
+        for role, key in roles.items():
+            if role == "down":
+                t.down = tensors[key]
+            elif role == "alpha":
+                t.alpha = tensors[key]
             else:
-                t.alpha = info
-            continue
-        stripped = _strip(name)
-        m = _SPLIT.match(stripped)
-        if m:
-            kinds["peft" if m["w"] else "fastvideo"] += 1
-            t = targets.setdefault(m["mod"], Target(m["mod"]))
-            if m["part"] == "lora_A":
-                t.down = info
-            else:
-                t.ups[0] = info
-            continue
-        m = _ALPHA.match(stripped)
-        if m:
-            targets.setdefault(m["mod"], Target(m["mod"])).alpha = info
-            continue
-        unknown.append(name)
-    fmt = kinds.most_common(1)[0][0] if kinds else None
-    if len(kinds) > 1:
-        fmt = "mixed"
-    return fmt, targets, unknown
+                t.ups[int(role[3:]) if role.startswith("up.") else 0] = tensors[key]
+    return keys.format, targets, keys.unknown
 
 
 def _fit(t: Target, weight: tuple[int, ...]) -> str | None:
@@ -149,12 +107,14 @@ def check_file(rec: Recorder, path: Path, flavour: str | None,
     except LongcatError as e:
         rec.fail(comp, "header", path, str(e))
         return None
-    fmt, targets, unknown = parse_keys(h.tensors)
-    if unknown or fmt in (None, "mixed"):
-        why = (f"{count(len(unknown), 'tensor')} that fit no LoRA format: {listing(unknown)}"
-               if unknown else "mixes LoRA formats" if fmt == "mixed" else "holds no tensors")
-        rec.fail(comp, "format", path, why + " (known: native lora_down/lora_up, FastVideo "
-                 "lora_A/lora_B, PEFT lora_A.weight/lora_B.weight)")
+    try:
+        fmt, targets, unknown = read_targets(h.tensors, str(path))
+    except LongcatError as e:
+        rec.fail(comp, "format", path, str(e).removeprefix(f"{path}: "))
+        return LoraFile(path, None, {}, h)
+    if unknown:
+        rec.fail(comp, "format", path, f"{count(len(unknown), 'tensor')} that fit no LoRA "
+                 f"format: {listing(unknown)} ({_KNOWN})")
         return LoraFile(path, fmt, targets, h)
     lf = LoraFile(path, fmt, targets, h)
     if shapes is None or flavour is None:
@@ -206,20 +166,15 @@ def lora_files(root: Path) -> list[Path]:
     return sorted([*d.glob("*.safetensors"), *d.glob("*/*.safetensors")])
 
 
-def patterns(modules: list[str] | set[str]) -> set[str]:
-    """Module paths with the block index written as ``*`` (the manifest's ``targets``)."""
-    return {_BLOCK.sub("blocks.*.", m) for m in modules}
-
-
 def check_manifest(rec: Recorder, root: Path, parsed: dict[Path, LoraFile]) -> None:
     """``lora/adapters.json``: schema, unique names, files inside lora/, facts match the files."""
-    path = root / "lora" / MANIFEST
+    path = root / "lora" / REGISTRY
     if not (path.exists() or path.is_symlink()):
         return
     comp = "lora"
     try:
         doc: Any = layouts.load_json(path, "LoRA manifest")
-        schemas.validate(doc, "lora_manifest", str(path))
+        schemas.validate(doc, SCHEMA, str(path))
     except LongcatError as e:
         rec.fail(comp, "manifest", path, str(e))
         return
@@ -245,7 +200,7 @@ def check_manifest(rec: Recorder, root: Path, parsed: dict[Path, LoraFile]) -> N
             if a["rank"] not in ranks:
                 problems.append(f"adapter '{a['name']}' says rank {a['rank']}, the file has "
                                 f"{sorted(r for r in ranks if r)}")
-            have, said = patterns(set(lf.targets)), set(a["targets"])
+            have, said = set(target_patterns(set(lf.targets))), set(a["targets"])
             if have != said:
                 problems.append(f"adapter '{a['name']}' targets differ from the file's: listed "
                                 f"only {listing(said - have, 2) or '-'}; in the file only "

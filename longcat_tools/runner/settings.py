@@ -1,0 +1,201 @@
+"""The options of a run, declared once, and the one place that checks them.
+
+``RunSettings`` is the declaration: each field's default, help text and flags make the
+``longcat-tools run`` command line (``cli/run.py`` builds the command from it), ``run_job`` reads
+it, and the pipeline's task methods map their keywords onto it. ``validate`` checks it before any
+weights load: the command line and ``run_job`` call it with the input files, the pipeline's task
+methods (``Pipeline.generate`` and the ``t2v``... methods) with the values they were given. No
+torch at import: the CLI builds its command from this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from longcat_tools.errors import LongcatError
+from longcat_tools.model import bsa_presets
+
+TASKS = ("t2v", "i2v", "vc", "long", "refine")
+BSA_CHOICES = ("config", "on", "off", *bsa_presets.PRESETS)
+OFFLOAD_CHOICES = ("none", "text-encoder", "dit", "all")  # runner.offload
+RESOLUTIONS = ("480p", "720p")
+TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation), long "
+             "(chained continuations), refine (480p -> 720p with the refinement LoRA and BSA)")
+
+
+def option(default: Any, help: str, *flags: str, metavar: str | None = None) -> Any:
+    """A RunSettings field with its command-line help (``flags``: when not ``--field-name``)."""
+    return field(default=default, metadata={"help": help, "flags": flags, "metavar": metavar})
+
+
+@dataclass
+class RunSettings:
+    """Every option of ``longcat-tools run``, in the order ``--help`` lists them."""
+
+    task: str = option("t2v", TASK_HELP, "--task", "-t")
+    prompt: str = option("", "What the video shows.", "--prompt", "-p")
+    model: str | None = None  # the checkpoint folder (every command's --model)
+    image: str | None = option(None, "First frame (i2v; optional condition for refine).",
+                               metavar="FILE")
+    video: str | None = option(None, "Video to continue (vc, long) or the stage-1 video "
+                               "(refine).", metavar="FILE")
+    distill: bool = option(False, "Distilled sampling: cfg_step LoRA, 16 steps, guidance 1.")
+    refine: bool = option(False, "Refine the result to 720p/30 fps afterwards (t2v, i2v, vc, "
+                          "long).")
+    bsa: str = option("config", "Block sparse attention: config (what the transformer config "
+                      "says; always on for refinement), on, off, or a preset "
+                      f"({', '.join(bsa_presets.PRESETS)}).")
+    steps: int | None = option(None, "Denoising steps (default 50; 16 with --distill).")
+    guidance: float | None = option(None, "CFG-Zero* guidance scale (default 4; 1 with "
+                                    "--distill; 1 disables CFG).")
+    seed: int = option(42, "Seed of every random draw.")
+    resolution: str = option("480p", "Bucket for i2v/vc sizes: 480p or 720p.")
+    height: int | None = option(None, "Output height in px (multiple of 16); t2v default 480, "
+                                "i2v/vc from the bucket, refine from the 720p bucket.")
+    width: int | None = option(None, "Output width in px (multiple of 16); t2v default 832.")
+    frames: int = option(93, "Frames to generate (4k+1).")
+    fps: float | None = option(None, "Frame rate of the mp4 (default 15; 30 after refinement).")
+    negative_prompt: str | None = option(None, "Negative prompt under CFG (default: the demos' "
+                                         "Wan-style prompt).")
+    num_cond_frames: int | None = option(None, "Condition frames (vc/long: default 13; refine: "
+                                         "from --image).", "--cond-frames")
+    segments: int = option(2, "long: number of continuation segments.")
+    kv_cache: bool = option(True, "vc/long: cache the condition frames' K/V.")
+    offload_kv_cache: bool = option(False, "Keep the KV cache in CPU memory.")
+    offload: str = option("none", "GPU memory: none, text-encoder (UMT5 on the CPU between "
+                          "prompts), dit (stream DiT blocks from CPU memory; fits 24 GB, slower) "
+                          "or all.")
+    vae_tiling: bool = option(False, "Tiled VAE decode (less GPU memory).")
+    enhance_hf: bool | None = option(None, "vc: keep t>500 then 10 uniform steps (default on "
+                                     "unless --distill).")
+    t_thresh: float = option(0.5, "Refinement start noise level (0..1).")
+    spatial_refine_only: bool = option(False, "Refine resolution only, keep the frame count.")
+    refine_height: int | None = option(None, "Refinement height (default: the 720p bucket).")
+    refine_width: int | None = option(None, "Refinement width.")
+    out: str = option("output.mp4", "Output video; a FILE.mp4.json sidecar is written next to "
+                      "it.", "--out", "-o", metavar="FILE.mp4")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    dtype: str | None = option(None, "fp32, bf16 or fp16 (default bf16 on GPU, fp32 on CPU).")
+    save_latents: str | None = option(None, "Save the final latents (safetensors).",
+                                      metavar="FILE")
+    latents_in: str | None = option(None, "Initial noise (safetensors, tensor 'latents').",
+                                    metavar="FILE")
+    cp: int = option(1, "This process is one of N context-parallel ranks (under torchrun "
+                     "--nproc-per-node N).")
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(RunSettings))
+# Pipeline keywords named differently from the option they carry. The pipeline's ``image`` and
+# ``video`` are frames, not file names, and its ``bsa`` may be params: none of them map.
+API_NAMES = {"num_frames": "frames", "num_segments": "segments", "use_kv_cache": "kv_cache"}
+NOT_OPTIONS = frozenset({"image", "video"})
+
+
+def from_call(task: str, keywords: dict[str, Any]) -> RunSettings:
+    """The RunSettings of a pipeline task call (its keyword -> value), for ``validate``."""
+    values = {API_NAMES.get(k, k): v for k, v in keywords.items() if k not in NOT_OPTIONS}
+    values = {k: v for k, v in values.items() if k in OPTION_NAMES and v is not None}
+    if not isinstance(values.get("bsa", ""), str):
+        del values["bsa"]  # params, True or False: always valid
+    return RunSettings(task=task, **{k: v for k, v in values.items() if k != "task"})
+
+
+def check_bsa(choice: str) -> None:
+    if choice not in BSA_CHOICES:
+        raise LongcatError(f"--bsa {choice}: unknown (choose from {', '.join(BSA_CHOICES)})")
+
+
+def check_offload(choice: str) -> None:
+    if choice not in OFFLOAD_CHOICES:
+        raise LongcatError(f"--offload {choice}: unknown (use none, text-encoder, dit or all)")
+
+
+def resolve_device(device: str) -> Any:
+    """``--device`` -> a torch.device that exists here."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LongcatError(f"--device {device}: not a device (use auto, cpu, cuda or "
+                           "cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LongcatError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    return dev
+
+
+def validate(s: RunSettings, inputs: bool = True) -> None:
+    """Every check that needs no weights: one clear line per problem, before any loading.
+
+    ``inputs``: also the model folder, the input and output files and the device (the command
+    line's and ``run_job``'s; a pipeline call already has its model and frames)."""
+    if s.task not in TASKS:
+        raise LongcatError(f"--task {s.task}: unknown (choose from {', '.join(TASKS)})")
+    if inputs:
+        _check_inputs(s)
+    if s.frames < 1 or s.frames % 4 != 1:
+        raise LongcatError(f"--frames {s.frames}: must be 4k+1 (e.g. 93, 45, 9): the VAE packs 4 "
+                           "frames per latent after the first")
+    if s.num_cond_frames is not None and (s.num_cond_frames < 0 or (
+            s.task != "refine" and (s.num_cond_frames % 4 != 1
+                                    or s.num_cond_frames >= s.frames))):
+        raise LongcatError(f"--cond-frames {s.num_cond_frames}: must be 4k+1 and below --frames")
+    if (s.height is None) != (s.width is None):
+        raise LongcatError("--height and --width go together (or use --resolution)")
+    if (s.refine_height is None) != (s.refine_width is None):
+        raise LongcatError("--refine-height and --refine-width go together")
+    for h, w, opt in ((s.height, s.width, "--height/--width"),
+                      (s.refine_height, s.refine_width, "--refine-height/--refine-width")):
+        if h is not None and (h <= 0 or w <= 0 or h % 16 or w % 16):
+            raise LongcatError(f"{opt} {h}x{w}: both must be positive multiples of 16 px "
+                               "(VAE 8x times DiT patch 2)")
+    if s.resolution not in RESOLUTIONS:
+        raise LongcatError(f"--resolution {s.resolution}: use 480p or 720p")
+    if s.steps is not None and s.steps < 1:
+        raise LongcatError(f"--steps {s.steps}: must be at least 1")
+    if s.guidance is not None and s.guidance < 0:
+        raise LongcatError(f"--guidance {s.guidance}: must be >= 0 (1 disables CFG)")
+    if not 0 < s.t_thresh <= 1:
+        raise LongcatError(f"--t-thresh {s.t_thresh}: must be in (0, 1]")
+    if s.fps is not None and s.fps <= 0:
+        raise LongcatError(f"--fps {s.fps}: must be positive")
+    check_offload(s.offload)
+    if s.task == "vc" and s.distill and s.enhance_hf:
+        raise LongcatError("--enhance-hf cannot be combined with --distill")
+    if s.segments < 0:
+        raise LongcatError(f"--segments {s.segments}: must be >= 0")
+    if s.cp < 1:
+        raise LongcatError(f"--cp {s.cp}: must be at least 1")
+    if s.cp > 1:  # every DiT forward needs a latent frame per rank (runner.context_parallel)
+        if (s.frames - 1) // 4 + 1 < s.cp:
+            raise LongcatError(f"--frames {s.frames}: {(s.frames - 1) // 4 + 1} latent frames "
+                               f"cannot be split over {s.cp} processes (use at least "
+                               f"{4 * s.cp - 3} frames, or fewer GPUs)")
+        cond = s.num_cond_frames or 13
+        if s.task in ("vc", "long") and s.kv_cache and (cond - 1) // 4 + 1 < s.cp:
+            raise LongcatError(f"--cond-frames {cond}: the KV cache pass over "
+                               f"{(cond - 1) // 4 + 1} latent frames cannot be split over "
+                               f"{s.cp} processes (use --no-kv-cache or fewer GPUs)")
+    check_bsa(s.bsa)
+    if inputs:
+        resolve_device(s.device)
+
+
+def _check_inputs(s: RunSettings) -> None:
+    from longcat_tools.checkpoint import layouts
+
+    layouts.detect(layouts.resolve_model(s.model))
+    if s.task == "i2v" and not s.image:
+        raise LongcatError("--task i2v needs --image FILE (the first frame)")
+    if s.task in ("vc", "refine") and not s.video:
+        what = "the video to continue" if s.task == "vc" else "the stage-1 video"
+        raise LongcatError(f"--task {s.task} needs --video FILE ({what})")
+    for opt, path in (("--image", s.image), ("--video", s.video), ("--latents-in", s.latents_in)):
+        if path and not Path(path).is_file():
+            raise LongcatError(f"{opt} {path}: no such file")
+    if not s.out.endswith(".mp4"):
+        raise LongcatError(f"--out {s.out}: the output is an H.264 .mp4 file")
