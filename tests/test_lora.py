@@ -459,3 +459,17 @@ def test_fuse_syncs_its_partial_folder_and_lists_what_it_wrote(native, tmp_path,
                   (dst / "checksums.sha256").read_text().splitlines())
     assert "dit/config.json" in listed and any(r.endswith(".safetensors") for r in listed)
     assert all(_sha(dst / rel) == digest for rel, digest in listed.items())
+
+
+@pytest.mark.parametrize("line", ["not a checksum line", f"{'0' * 64}  ../outside.txt"])
+def test_fuse_refuses_a_bad_checksum_list_before_writing(native, tmp_path, capsys, line):
+    """The source's checksums.sha256 is read while planning: a bad line or a path leaving the
+    checkpoint stops `fuse` (and its --dry-run) in one line, before any shard is written."""
+    (native / "checksums.sha256").write_text(line + "\n")
+    dst = tmp_path / "fused"
+    for extra in (["--dry-run"], []):
+        rc, _, err = _cli(capsys, "fuse", "distilled", "--dst", dst, "-m", native, *extra)
+        assert rc == 1, err
+        (err,) = err.strip().splitlines()
+        assert "checksums.sha256" in err and str(native) in err and ".partial" not in err
+    assert not dst.exists() and not (tmp_path / "fused.partial").exists()

@@ -86,6 +86,7 @@ def test_every_task_runs_from_the_cli(capsys, tiny_native, t2v_mp4, tmp_path, ta
     (["--task", "i2v", "--image", "nope.png"], "--image nope.png: no such file"),
     (["--task", "t2v", "--out", "x.avi"], ".mp4"),
     (["--task", "dance"], "--task dance: unknown"),
+    (["--task", "t2v", "--dtype", "fp64"], "--dtype fp64: unknown dtype"),
 ])
 def test_bad_input_is_one_line_and_exit_1(capsys, tiny_native, args, message):
     rc, cap = run(capsys, "-m", str(tiny_native), *args)

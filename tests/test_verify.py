@@ -372,10 +372,14 @@ def test_registry_written_by_lora_attach_passes(converted, tiny_native, tmp_path
     assert "lora/adapters.json" in line and "targets differ" in line
 
 
-@pytest.mark.parametrize("case", ["peft_prefixes_and_kohya_alpha", "native_with_lora_alpha"])
-def test_verify_and_lora_attach_judge_a_file_alike(converted, tmp_path, capsys, case):
+@pytest.mark.parametrize("case,fault", [("peft_prefixes_and_kohya_alpha", None),
+                                        ("native_with_lora_alpha", "lora_alpha"),
+                                        ("native_and_fastvideo_keys", "mixes native keys"),
+                                        ("no_tensors", "holds no tensors")])
+def test_verify_and_lora_attach_judge_a_file_alike(converted, tmp_path, capsys, case, fault):
     """verify reads LoRA keys by the rules attach uses: a PEFT file under two stacked prefixes
-    with a kohya .alpha passes both; a native file with a .lora_alpha tensor fails both."""
+    with a kohya .alpha passes both; a native file with a .lora_alpha tensor, a file mixing
+    native and FastVideo keys and an empty file fail both, for the same reason."""
     import torch
     from safetensors.torch import save_file
 
@@ -387,22 +391,29 @@ def test_verify_and_lora_attach_judge_a_file_alike(converted, tmp_path, capsys, 
         stem = "base_model.model.transformer.blocks.0.attn.proj"
         tensors = {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up,
                    f"{stem}.alpha": torch.tensor(8.0)}
+    elif case == "no_tensors":
+        tensors = {}
     else:
         stem = ("lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn"
                 "___lorahyphen___proj")
-        tensors = {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
-                   f"{stem}.lora_alpha": torch.tensor(8.0)}
+        tensors = {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+        if case == "native_with_lora_alpha":
+            tensors[f"{stem}.lora_alpha"] = torch.tensor(8.0)
+        else:
+            fv = "blocks.1.self_attn.to_out"
+            tensors |= {f"{fv}.lora_A": down.clone(), f"{fv}.lora_B": up.clone()}
     src = tmp_path / "x.safetensors"
     save_file(tensors, str(src))
     attached = main(["lora", "attach", str(src), "--name", "x", "-m", str(root), "-q"]) == 0
-    capsys.readouterr()
+    attach_err = capsys.readouterr().err
     (root / "lora" / "y").mkdir()
     shutil.copy(src, root / "lora" / "y" / "x.safetensors")
     r = verify(root)
     rows = [c for c in r.checks if c.file.endswith("y/x.safetensors")]
     assert rows
     passed = all(c.status == "pass" for c in rows)
-    assert attached == passed == (case == "peft_prefixes_and_kohya_alpha"), _fails(r)
-    if not passed:
+    assert attached == passed == (fault is None), _fails(r)
+    if fault:
         (row,) = [c for c in rows if c.status == "fail"]
-        assert row.name == "format" and "lora_alpha" in row.message
+        assert row.name == "format" and fault in row.message, row.message
+        assert fault in attach_err, attach_err

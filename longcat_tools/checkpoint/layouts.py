@@ -236,8 +236,3 @@ def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
 
     return {name: found[0] for name in read_header(found[0]).tensors}
 
-
-def native_lora_files(ckpt: Checkpoint) -> dict[str, Path]:
-    """The hub's LoRA files present in a native checkpoint, by FastVideo's adapter name."""
-    return {name: ckpt.lora_dir / fname for fname, name in NATIVE_LORAS.items()
-            if (ckpt.lora_dir / fname).is_file()}

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from longcat_tools.model.chunks import ChunkGrid, Shape3
+from longcat_tools.model.chunks import ChunkGrid, Shape3, kept_per_query
 
 
 class ChunkLayout(ChunkGrid):
@@ -162,7 +162,7 @@ def selection_counts(
 ) -> torch.Tensor:
     """Number of kv chunks each query chunk keeps, ``[B, H, Mq]`` int32."""
     mk = score.shape[-1]
-    topk = None if sparsity is None else int((1 - sparsity) * mk)
+    topk = kept_per_query(sparsity, mk)
     if cdf_threshold is None:
         if topk is None:
             raise ValueError("set sparsity, cdf_threshold or both")

@@ -42,6 +42,8 @@ try:  # host-side TMA descriptors: Triton >= 3.4 (torch >= 2.8)
 except ImportError:  # pragma: no cover - older Triton: plain loads of the same tiles
     TensorDescriptor = None
 
+from longcat_tools.model.chunks import kept_per_query
+
 from .reference import ChunkLayout, selection_counts
 
 
@@ -337,7 +339,7 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
     score = scores(pool(q, layout_q), kbar)  # type: ignore[arg-type]
     mk = layout_k.num_chunks
     if cdf_threshold is None:
-        kmax = int((1 - sparsity) * mk)  # type: ignore[operator]
+        kmax = kept_per_query(sparsity, mk)
         counts = torch.full(score.shape[:-1], kmax, dtype=torch.int32, device=q.device)
     else:
         counts = selection_counts(score, sparsity, cdf_threshold, q.shape[-1])

@@ -68,6 +68,7 @@ class FusePlan:
     force: bool
     weights: int  # adapted DiT tensors
     bytes_to_write: int
+    listed: dict[str, str]  # the source's checksums.sha256, read before anything is written
 
     def describe(self) -> dict[str, Any]:
         return {"source": str(self.ckpt.root), "dst": str(self.dst),
@@ -178,7 +179,8 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
                            f"'{missing[0]}' ({len(missing)} in all); is the checkpoint complete?")
     weights = sum(len(v) for v in rewrite.values())
     nbytes = sum(p.stat().st_size for p in rewrite)
-    return FusePlan(ckpt, dst, adapters, rewrite, link, force, weights, nbytes)
+    return FusePlan(ckpt, dst, adapters, rewrite, link, force, weights, nbytes,
+                    _source_checksums(ckpt))
 
 
 def _fused_tensor(w: torch.Tensor, parts: list[tuple[lf.ModuleLora, float, tuple[int, int]]]
@@ -268,7 +270,7 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
         cfg[FUSED_CONFIG_KEY] = list(cfg.get(FUSED_CONFIG_KEY) or []) + notes
         write_text(f"{ckpt.transformer_dir.name}/config.json", json.dumps(cfg, indent=2) + "\n")
         _fuse_lora_dir(ckpt, tmp, fused_files, {a.name for a in p.adapters}, place, write_text)
-        (tmp / MANIFEST).write_text(_checksums(ckpt, tmp, hashes))
+        (tmp / MANIFEST).write_text(_checksums(p.listed, tmp, hashes))
         fsync_tree(tmp)  # then atomic_folder renames it and syncs the parent folder
     return FuseResult(p, time.perf_counter() - t0, counts["tensors"], counts["linked"],
                       counts["copied"])
@@ -311,13 +313,20 @@ def _fuse_lora_dir(ckpt: layouts.Checkpoint, tmp: Path, fused_files: set[Path],
             d.rmdir()
 
 
-def _checksums(ckpt: layouts.Checkpoint, tmp: Path, hashes: Mapping[str, str]) -> str:
-    """The fused copy's ``checksums.sha256``: the source's lines for the files the copy has
-    (new digests for those rewritten) and the files this run wrote."""
+def _source_checksums(ckpt: layouts.Checkpoint) -> dict[str, str]:
+    """The source's ``checksums.sha256`` (empty without one), every entry inside the checkpoint;
+    a bad list stops the plan, before any shard is written."""
     src = ckpt.root / MANIFEST
     listed = read_manifest(src) if src.is_file() else {}
-    kept = {rel: d for rel, d in listed.items()
-            if layouts.inside(tmp, rel, f"{MANIFEST} entry").is_file()}
+    for rel in listed:
+        layouts.inside(ckpt.root, rel, f"{MANIFEST} entry")
+    return listed
+
+
+def _checksums(listed: Mapping[str, str], tmp: Path, hashes: Mapping[str, str]) -> str:
+    """The fused copy's ``checksums.sha256``: the source's lines for the files the copy has
+    (new digests for those rewritten) and the files this run wrote."""
+    kept = {rel: d for rel, d in listed.items() if (tmp / rel).is_file()}
     return format_manifest(kept | dict(hashes))
 
 

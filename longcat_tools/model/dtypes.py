@@ -2,35 +2,44 @@
 
 Safetensors' own names (``F32``, ``BF16``...) are the file format's and live in
 ``longcat_tools.io.safetensors``; these are the names on the command line and in the Python API.
+Checking a name needs no torch, so commands validate it before anything heavy is imported.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from longcat_tools.errors import LongcatError, UsageError
 
-NAMES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                 "fp16": torch.float16}
-ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+if TYPE_CHECKING:
+    import torch
+
+NAMES = ("fp32", "bf16", "fp16")
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ALIASES = {v: k for k, v in TORCH_NAMES.items()}  # float32 -> fp32 ...
 KEEP = "keep"  # convert / export: leave each tensor's dtype as it is
 
 
-def parse(name: str | torch.dtype | None, *, option: str = "--dtype",
-          choices: tuple[str, ...] = tuple(NAMES), keep: bool = False,
-          error: type[LongcatError] = UsageError) -> torch.dtype | None:
-    """``name`` as a torch dtype (``None`` for ``keep`` where ``keep`` is allowed); one line
-    naming the choices otherwise."""
-    if isinstance(name, torch.dtype) and name in NAMES.values():
-        return name
+def check(name: object, *, option: str = "--dtype", choices: tuple[str, ...] = NAMES,
+          keep: bool = False, error: type[LongcatError] = UsageError) -> str | None:
+    """The canonical name of ``name`` (``None`` for ``keep`` where allowed); one line naming the
+    choices otherwise. A torch dtype is accepted as its name."""
     if keep and name == KEEP:
         return None
-    key = ALIASES.get(name, name) if isinstance(name, str) else name
+    key = str(name).removeprefix("torch.")
+    key = ALIASES.get(key, key)
     if key not in choices:
         allowed = ", ".join(((KEEP,) if keep else ()) + choices)
         raise error(f"{option} {name}: unknown dtype (use one of {allowed})")
-    return NAMES[key]
+    return key
 
 
-def choices(keep: bool = False) -> tuple[str, ...]:
-    return ((KEEP,) if keep else ()) + tuple(NAMES)
+def parse(name: object, *, option: str = "--dtype", choices: tuple[str, ...] = NAMES,
+          keep: bool = False, error: type[LongcatError] = UsageError) -> torch.dtype | None:
+    """``name`` as a torch dtype (``None`` for ``keep`` where allowed)."""
+    key = check(name, option=option, choices=choices, keep=keep, error=error)
+    if key is None:
+        return None
+    import torch
+
+    return getattr(torch, TORCH_NAMES[key])

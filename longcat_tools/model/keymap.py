@@ -15,7 +15,7 @@ several FastVideo modules is their row-wise concatenation, in table order.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,16 +267,6 @@ def tensor_specs(dims: DiTDims, flavour: str) -> list[tuple[str, tuple[int, ...]
         for part in native_to_fastvideo(name):
             out.append((part.fastvideo, (shape[0] // part.count, *shape[1:])))
     return out
-
-
-def iter_native_modules(dims: DiTDims) -> Iterator[str]:
-    """Every native module path that carries parameters, in state_dict order."""
-    seen: set[str] = set()
-    for name, _ in native_tensor_specs(dims):
-        module = name.rpartition(".")[0]
-        if module not in seen:
-            seen.add(module)
-            yield module
 
 
 def detect_flavour(keys: set[str] | list[str]) -> str | None:

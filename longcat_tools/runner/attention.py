@@ -20,22 +20,25 @@ from longcat_tools.model import bsa_presets
 from longcat_tools.runner.context_parallel import ContextParallel
 from longcat_tools.runner.settings import BSA_CHOICES, check_bsa
 
+# what an enabled BSA without params of its own uses: `bsa enable`'s default preset
+_DEFAULT: dict[str, Any] = bsa_presets.PRESETS[bsa_presets.DEFAULT_ENABLE].params or {}
+
 
 @dataclass(frozen=True)
 class BSAParams:
     """Block sparse attention settings (transformer config ``bsa_params``)."""
 
-    sparsity: float | None = 0.9375
-    cdf_threshold: float | None = None
-    chunk_q: tuple[int, int, int] = (4, 4, 4)
-    chunk_k: tuple[int, int, int] = (4, 4, 4)
+    sparsity: float | None = _DEFAULT["sparsity"]
+    cdf_threshold: float | None = _DEFAULT["cdf_threshold"]
+    chunk_q: tuple[int, int, int] = tuple(_DEFAULT["chunk_3d_shape_q"])
+    chunk_k: tuple[int, int, int] = tuple(_DEFAULT["chunk_3d_shape_k"])
 
     @classmethod
     def from_config(cls, params: dict[str, Any] | None) -> BSAParams:
-        p = params or {}
-        return cls(sparsity=p.get("sparsity", 0.9375), cdf_threshold=p.get("cdf_threshold"),
-                   chunk_q=tuple(p.get("chunk_3d_shape_q", (4, 4, 4))),
-                   chunk_k=tuple(p.get("chunk_3d_shape_k", (4, 4, 4))))
+        """Fields the config leaves out take the default preset's value."""
+        p = {**_DEFAULT, **(params or {})}
+        return cls(sparsity=p["sparsity"], cdf_threshold=p["cdf_threshold"],
+                   chunk_q=tuple(p["chunk_3d_shape_q"]), chunk_k=tuple(p["chunk_3d_shape_k"]))
 
 
 # What a run asks for: a ``BSA_CHOICES`` name, None (= "config"), True/False (= "on"/"off"),

@@ -21,7 +21,7 @@ from longcat_tools.runner.dit import LongCatDiT
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    return dtypes.parse(dtype, option="dtype", error=LongcatError)
+    return dtypes.parse(dtype, error=LongcatError)
 
 
 def resolve_checkpoint(path: str | Path) -> layouts.Checkpoint:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
-from longcat_tools.model import bsa_presets
+from longcat_tools.model import bsa_presets, dtypes
+from longcat_tools.model.chunks import latent_frames
+from longcat_tools.runner.buckets import RESOLUTIONS
 
 TASKS = ("t2v", "i2v", "vc", "long", "refine")
 BSA_CHOICES = ("config", "on", "off", *bsa_presets.PRESETS)
 OFFLOAD_CHOICES = ("none", "text-encoder", "dit", "all")  # runner.offload
-RESOLUTIONS = ("480p", "720p")
 TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation), long "
              "(chained continuations), refine (480p -> 720p with the refinement LoRA and BSA)")
 
@@ -109,7 +110,7 @@ def check_bsa(choice: str) -> None:
 
 def check_offload(choice: str) -> None:
     if choice not in OFFLOAD_CHOICES:
-        raise LongcatError(f"--offload {choice}: unknown (use none, text-encoder, dit or all)")
+        raise LongcatError(f"--offload {choice}: unknown (use {', '.join(OFFLOAD_CHOICES)})")
 
 
 def resolve_device(device: str) -> Any:
@@ -137,6 +138,8 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         raise LongcatError(f"--task {s.task}: unknown (choose from {', '.join(TASKS)})")
     if inputs:
         _check_inputs(s)
+    if s.dtype is not None:
+        dtypes.check(s.dtype, error=LongcatError)
     if s.frames < 1 or s.frames % 4 != 1:
         raise LongcatError(f"--frames {s.frames}: must be 4k+1 (e.g. 93, 45, 9): the VAE packs 4 "
                            "frames per latent after the first")
@@ -171,14 +174,14 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     if s.cp < 1:
         raise LongcatError(f"--cp {s.cp}: must be at least 1")
     if s.cp > 1:  # every DiT forward needs a latent frame per rank (runner.context_parallel)
-        if (s.frames - 1) // 4 + 1 < s.cp:
-            raise LongcatError(f"--frames {s.frames}: {(s.frames - 1) // 4 + 1} latent frames "
+        if latent_frames(s.frames)[1] < s.cp:
+            raise LongcatError(f"--frames {s.frames}: {latent_frames(s.frames)[1]} latent frames "
                                f"cannot be split over {s.cp} processes (use at least "
                                f"{4 * s.cp - 3} frames, or fewer GPUs)")
         cond = s.num_cond_frames or 13
-        if s.task in ("vc", "long") and s.kv_cache and (cond - 1) // 4 + 1 < s.cp:
+        if s.task in ("vc", "long") and s.kv_cache and latent_frames(cond)[1] < s.cp:
             raise LongcatError(f"--cond-frames {cond}: the KV cache pass over "
-                               f"{(cond - 1) // 4 + 1} latent frames cannot be split over "
+                               f"{latent_frames(cond)[1]} latent frames cannot be split over "
                                f"{s.cp} processes (use --no-kv-cache or fewer GPUs)")
     check_bsa(s.bsa)
     if inputs:

@@ -169,7 +169,3 @@ def scan_file(path: Path, header: Header | None, want_hash: bool,
     res.sha256 = h.hexdigest() if h is not None else None
     return res
 
-
-def hash_only(path: Path, progress: Callable[[int], None] | None = None) -> FileScan:
-    """sha256 of a file that is not a checked safetensors file (configs, tokenizer files)."""
-    return scan_file(path, None, True, progress)

@@ -69,22 +69,20 @@ def get_format(name: str) -> LoraFormat:
 
 
 def sniff_format(names: Iterable[str], where: str = "LoRA file") -> str:
-    """The format a file's key names say: a format whose keys are unmistakable wins, else
-    exactly one format may claim keys."""
+    """The format a file's key names say; exactly one format may claim keys (the formats' key
+    shapes do not overlap, so keys of two formats are a mixed file, never an ambiguous one)."""
     names = list(names)
+    if not names:
+        raise LongcatError(f"{where}: holds no tensors")
     claimed = [f for f in _ALL.values() if any(f.owns(n) for n in names)]
-    sure = [f for f in claimed if f.unmistakable]
-    if sure:
-        return sure[0].name
     if len(claimed) > 1:
         a, b = claimed[:2]
         raise LongcatError(f"{where}: mixes {a.label} keys ({a.example}) and {b.label} keys "
                            f"({b.example}); one file must use one LoRA format")
     if claimed:
         return claimed[0].name
-    sample = names[0] if names else "(no tensors)"
     known = [f"{f.label} '{f.example}'" for f in _ALL.values()]
-    raise LongcatError(f"{where}: not a LongCat LoRA file (first key '{sample}'); expected "
+    raise LongcatError(f"{where}: not a LongCat LoRA file (first key '{names[0]}'); expected "
                        f"{', '.join(known[:-1])} or {known[-1]} keys")
 
 

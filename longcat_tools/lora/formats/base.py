@@ -132,7 +132,6 @@ class LoraFormat:
     label: ClassVar[str]  # in messages
     example: ClassVar[str]  # a key of the format, in messages
     flavour: ClassVar[str]  # the DiT key flavour of the module names it writes
-    unmistakable: ClassVar[bool] = False  # one key of it decides the format of a file
     takes_keys: ClassVar[bool] = False  # writing lets the caller pick module names (--keys)
     config_file: ClassVar[str] = ""  # name of the config written beside an exported file
 

@@ -44,7 +44,6 @@ class Native(LoraFormat):
     label = "native"
     example = f"{NATIVE_PREFIX}…lora_down.weight"
     flavour = "native"
-    unmistakable = True
 
     def owns(self, key: str) -> bool:
         return key.startswith(NATIVE_PREFIX)
