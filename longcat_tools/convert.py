@@ -12,7 +12,6 @@ reads bytes that are not in the page cache with it. Unchanged components are har
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -31,7 +30,14 @@ import torch
 from longcat_tools import __version__
 from longcat_tools.checkpoint import hub, layouts
 from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.io.atomic import atomic_folder, fsync_dir, fsync_tree, partial_path, try_link
+from longcat_tools.io import jsonio
+from longcat_tools.io.atomic import (
+    atomic_folder,
+    check_replaceable,
+    fsync_dir,
+    fsync_tree,
+    try_link,
+)
 from longcat_tools.io.checksums import (
     MANIFEST,
     BufferRing,
@@ -243,30 +249,6 @@ def _provenance(ckpt: layouts.Checkpoint, keys: str, dtype: str) -> dict[str, st
             "longcat_tools.keys": keys, "longcat_tools.dtype": dtype}
 
 
-def _check_paths(src: Path, dst: Path, force: bool) -> None:
-    s, d = src.resolve(), dst.resolve()
-    if s == d or s in d.parents:
-        raise UsageError(f"{dst}: the output may not be inside the source checkpoint {src}")
-    if d in s.parents:
-        raise UsageError(f"{dst}: the output may not contain the source checkpoint {src}")
-    tmp = partial_path(d)
-    if s == tmp or tmp in s.parents:
-        raise UsageError(f"{src}: is the scratch folder of --dst {dst} (a run would delete it); "
-                         "rename it first")
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
-        if not dst.is_dir() or dst.is_symlink():
-            raise LongcatError(f"{dst}: exists and is not a folder; --force only replaces a "
-                               "checkpoint folder")
-        if any(dst.iterdir()) and not (layouts.looks_like_checkpoint(dst)
-                                       or (dst / "model_index.json").is_file()):
-            raise LongcatError(f"{dst}: exists and does not look like a checkpoint; refusing to "
-                               "replace it even with --force (remove it yourself)")
-    if not dst.parent.is_dir():
-        raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
-
-
 def _same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
 
@@ -290,7 +272,7 @@ def transformer_config(cfg: dict[str, Any], flavour: str) -> dict[str, Any]:
 
 
 def _json_text(obj: Any) -> str:
-    return json.dumps(obj, indent=2) + "\n"
+    return jsonio.dumps(obj)
 
 
 def _headers(paths: set[Path]) -> dict[Path, dict[str, TensorInfo]]:
@@ -476,7 +458,7 @@ def _text_encoder_jobs(ckpt: layouts.Checkpoint, want: torch.dtype, link: bool,
     weights = [p for p in files if p.name.endswith(".safetensors")]
     index = None
     if index_path.is_file():
-        index = layouts.load_json(index_path, "text encoder index")
+        index = jsonio.read(index_path, what="text encoder index")
         wm = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wm, dict):
             raise LongcatError(f"{index_path}: 'weight_map' must be an object")
@@ -514,7 +496,7 @@ def _text_encoder_jobs(ckpt: layouts.Checkpoint, want: torch.dtype, link: bool,
             jobs.append(FileJob(rel, "text", "text_encoder", text=_json_text(doc),
                                 bytes_in=p.stat().st_size))
         elif p.name == "config.json":
-            cfg = layouts.load_json(p, "text encoder config")
+            cfg = jsonio.read(p, what="text encoder config")
             if isinstance(cfg, dict):
                 for k in ("torch_dtype", "dtype"):
                     if k in cfg:
@@ -546,7 +528,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     max_shard = parse_size(max_shard_size)
     src, dst = hub.resolve_source(src), Path(dst)
     ckpt = layouts.detect(src)
-    _check_paths(src, dst, force)
+    check_replaceable(dst, "checkpoint", source=src, force=force)
     meta = _provenance(ckpt, keys, dtype)
     notes: list[str] = []
     if link and not _same_filesystem(src, dst.parent):
@@ -734,7 +716,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
     # The registry records each rewritten adapter's source sha256: hashed beside the copy.
     rewritten = dict(j.adapter for j in p.jobs if j.adapter is not None)
     try:
-        with Writers() as w, atomic_folder(p.dst, force=p.force) as tmp, \
+        with Writers() as w, atomic_folder(p.dst, force=p.force, what="checkpoint") as tmp, \
                 ThreadPoolExecutor(1, thread_name_prefix="source-sha256") as side:
             source_sha = {n: side.submit(sha256_file, path) for n, path in rewritten.items()}
             for job in p.jobs:

@@ -6,12 +6,12 @@ checkout, so other CI systems can use the very files we validate with (``longcat
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io import jsonio
 
 SUFFIX = ".schema.json"
 
@@ -31,10 +31,9 @@ def names() -> list[str]:
 
 @cache
 def load(name: str) -> dict[str, Any]:
-    path = data_dir("schemas") / f"{name}{SUFFIX}"
-    if not path.is_file():
+    if name not in names():  # a name, never a path: `schema ../../x` reads nothing
         raise UsageError(f"unknown schema '{name}' (known: {', '.join(names())})")
-    return json.loads(path.read_text())
+    return jsonio.read(data_dir("schemas") / f"{name}{SUFFIX}", what=f"schema {name}")
 
 
 @cache

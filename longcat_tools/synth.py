@@ -18,10 +18,10 @@ import torch
 
 from longcat_tools import synth_components
 from longcat_tools.errors import UsageError
-from longcat_tools.io.atomic import atomic_folder
+from longcat_tools.io.atomic import atomic_folder, check_replaceable
 from longcat_tools.io.safetensors import TensorSpec, write_file, write_json, write_sharded
 from longcat_tools.lora.formats.native import native_key_module
-from longcat_tools.model import dtypes, keymap
+from longcat_tools.model import bounds, dtypes, keymap
 from longcat_tools.model.keymap import RELEASE_DIMS
 from longcat_tools.synth_presets import GB as GB  # re-exported for the benchmarks
 from longcat_tools.synth_presets import PRESETS, ST_METADATA, generator, random_tensor
@@ -128,13 +128,14 @@ def synth(dst: str | Path, preset: str = "tiny", *, depth: int | None = None,
     """Write a native-layout checkpoint at ``dst`` (atomically: ``dst.partial`` then rename)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
-    if depth is not None and depth < 1:
-        raise UsageError(f"--depth must be at least 1, got {depth}")
+    if depth is not None:
+        bounds.check_int(depth, "depth", "--depth", error=UsageError)
     torch_dtype = dtypes.parse(dtype, choices=("fp32", "bf16"))
     p = PRESETS[preset]
     cfg = dit_config(preset, depth)
     dst = Path(dst)
-    with atomic_folder(dst, force=force) as tmp:
+    check_replaceable(dst, "checkpoint", force=force)
+    with atomic_folder(dst, force=force, what="checkpoint") as tmp:
         write_json(tmp / "model_index.json", {"model_name": "LongCat-Video"})
         write_json(tmp / "config.json", {"model_name": "LongCat-Video"})
         (tmp / "dit").mkdir()

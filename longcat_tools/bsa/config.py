@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import math
 import os
 import shutil
@@ -25,6 +24,7 @@ from typing import Any
 from longcat_tools import schemas
 from longcat_tools.checkpoint import hub, layouts
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, file_lock
 from longcat_tools.io.checksums import refresh_manifest
 from longcat_tools.model import bsa_presets
@@ -62,25 +62,17 @@ class JsonStyle:
         return cls(indent, text.endswith("\n"), text.isascii(), list(cfg) == sorted(cfg))
 
     def dumps(self, obj: Any) -> str:
-        text = json.dumps(obj, indent=self.indent, ensure_ascii=self.ensure_ascii)
-        return text + "\n" if self.trailing_newline else text
+        return jsonio.dumps(obj, indent=self.indent, newline=self.trailing_newline,
+                            ensure_ascii=self.ensure_ascii)
 
 
 def parse_config(text: str, where: Path | str) -> dict[str, Any]:
-    """A config's JSON object; duplicate keys are refused (``json`` would keep the last one)."""
-    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise LongcatError(f"{where}: key '{k}' appears twice")
-            out[k] = v
-        return out
-
+    """A config's JSON object, read strictly (``jsonio.loads``)."""
     try:
-        cfg = json.loads(text, object_pairs_hook=no_dupes)
-    except json.JSONDecodeError as e:
-        raise LongcatError(f"{where}: invalid JSON ({e.msg} at line {e.lineno}); `longcat-tools "
-                           "bsa restore` brings back the backup if bsa wrote one") from e
+        cfg = jsonio.loads(text, where)
+    except jsonio.JsonError as e:
+        raise LongcatError(f"{e}; `longcat-tools bsa restore` brings back the backup if bsa "
+                           "wrote one") from None
     if not isinstance(cfg, dict):
         raise LongcatError(f"{where}: not a JSON object")
     return cfg
@@ -223,13 +215,11 @@ def open_checkpoint(model: str | Path | None) -> layouts.Checkpoint:
 
 def _read_config_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        return jsonio.read_text(path, what="transformer config")
+    except jsonio.Missing:
         raise LongcatError(f"{path}: missing (the transformer config that holds enable_bsa and "
                            "bsa_params); copy it from the release or examples/bsa_configs/, or "
                            "`bsa restore` if a backup exists") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LongcatError(f"{path}: cannot read ({e})") from e
 
 
 def read_config(ckpt: layouts.Checkpoint) -> dict[str, Any]:
@@ -248,6 +238,12 @@ def check_writable(path: Path) -> None:
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise LongcatError(f"{path.parent}: folder not writable (bsa writes a temp file next to "
                            f"{path.name} and renames it)")
+
+
+def check_folder(ckpt: layouts.Checkpoint) -> None:
+    """bsa writes in the config's own folder only (temp file, backup, lock); that folder must be
+    the checkpoint's, not a link leading out of it."""
+    layouts.check_contained(ckpt.config_path.parent, ckpt.containment)
 
 
 @contextmanager
@@ -316,6 +312,7 @@ def update(ckpt: layouts.Checkpoint, change: Change, *, backup: bool = True,
         return u
     _read_config_text(path)  # a missing config is named as such, not as a lock problem
     hub.check_writable(ckpt.root)
+    check_folder(ckpt)
     check_writable(path)
     with config_lock(path):
         u = _plan(path, change)
@@ -324,7 +321,9 @@ def update(ckpt: layouts.Checkpoint, change: Change, *, backup: bool = True,
                 u.backup = _write_backup(path, u.before)
             atomic_write_text(path, u.after)
             u.written = True
-            refresh_manifest(ckpt.root, [path, backup_path(path)])
+        # also when nothing changed: a run killed between its write and this refresh left the
+        # list behind the config, and the rerun finds the config already as asked
+        refresh_manifest(ckpt.root, [path, backup_path(path)])
     return u
 
 
@@ -335,12 +334,14 @@ def restore(ckpt: layouts.Checkpoint, *, dry_run: bool = False) -> Update:
     bak = backup_path(path)
     if not dry_run:
         hub.check_writable(ckpt.root)
+        check_folder(ckpt)
 
     def texts() -> tuple[str, str]:
+        layouts.check_plain(bak, "the backup")  # a link could bring in any file at all
         if not bak.is_file():
             raise LongcatError(f"{bak}: no backup to restore (bsa keeps one from its last change "
                                "unless --no-backup was given)")
-        restored = _read_config_text(bak)
+        restored = jsonio.read_text(bak, what="backup of the transformer config", links=False)
         schemas.validate(parse_config(restored, bak), SCHEMA, str(bak))
         return (_read_config_text(path) if path.exists() else ""), restored
 

@@ -111,6 +111,6 @@ def status(ckpt: layouts.Checkpoint) -> dict[str, Any]:
         "mode": mode_of(params) if isinstance(params, dict) and not perrs else None,
         "preset": preset, "params_match": same,
         "attention": attention_path(cfg),
-        "backup": str(bak) if bak.is_file() else None,
+        "backup": str(bak) if bak.is_file() and not bak.is_symlink() else None,
         "warnings": warnings, "notes": notes,
     }

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io import jsonio
 
 DEFAULT_REPO = "meituan-longcat/LongCat-Video"
 MODEL_SIZE_NOTE = "about 78 GiB"
@@ -232,7 +233,10 @@ def cached_revisions(ref: RepoRef, cache: Path | None = None) -> list[str]:
     out, named = [], set()
     for ref_file in sorted((folder / "refs").glob("**/*")):
         if ref_file.is_file():
-            commit = ref_file.read_text(errors="replace").strip()
+            try:
+                commit = jsonio.read_text(ref_file, what="cache ref", max_bytes=4096).strip()
+            except jsonio.JsonError:
+                continue  # not a ref huggingface_hub wrote: nothing to list
             named.add(commit)
             out.append(f"{ref_file.relative_to(folder / 'refs').as_posix()} -> {commit[:12]}")
     return out + [s for s in snaps if s not in named]

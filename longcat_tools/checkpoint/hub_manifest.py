@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any, NamedTuple
 
 from longcat_tools.checkpoint import hub
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io import jsonio
 from longcat_tools.io.checksums import sha256_file
 
 FORMAT = "longcat-tools.hub-manifest"
@@ -132,10 +132,9 @@ class HubUnreachable(LongcatError):
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest file (schema ``hub_manifest``)."""
     from longcat_tools import schemas
-    from longcat_tools.checkpoint import layouts
 
     path = Path(path)
-    doc = layouts.load_json(path, "hub manifest")
+    doc = jsonio.read(path, what="hub manifest")
     schemas.validate(doc, "hub_manifest", str(path))
     files = {k: FileRecord(v.get("size"), v.get("sha256"), v.get("git_sha1"))
              for k, v in doc["files"].items()}
@@ -149,7 +148,7 @@ def save_manifest(manifest: Manifest, path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(manifest.as_dict(), indent=2) + "\n")
+    atomic_write_text(path, jsonio.dumps(manifest.as_dict()))
     return path
 
 

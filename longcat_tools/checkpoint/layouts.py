@@ -10,7 +10,6 @@ is the repo's cache folder (``hub.snapshot_roots``), never anything wider.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io import jsonio
 from longcat_tools.model import keymap
 
 LAYOUTS = ("native", "converted", "fastvideo-single")
@@ -29,40 +29,6 @@ COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 NATIVE_LORAS = {"cfg_step_lora.safetensors": "distilled",
                 "refinement_lora.safetensors": "refinement"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-MAX_JSON_BYTES = 64 * 1024 * 1024  # the real DiT index is ~100 KB; anything near this is hostile
-
-
-def load_json(path: Path, what: str | None = None) -> Any:
-    """Read a JSON file; any failure is one line naming the file. Duplicate keys are refused
-    (``json`` would silently keep the last one)."""
-    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)  # at C speed; the loop below runs only when a key repeats
-        if len(out) != len(pairs):
-            seen: set[str] = set()
-            for k, _ in pairs:
-                if k in seen:
-                    raise LongcatError(f"{path}: key '{k}' appears twice")
-                seen.add(k)
-        return out
-
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, a folder cannot be read
-            raise LongcatError(f"{path}: not a regular file{f' ({what})' if what else ''}")
-        if st.st_size > MAX_JSON_BYTES:
-            raise LongcatError(f"{path}: {st.st_size} bytes, more than the {MAX_JSON_BYTES}-byte "
-                               "limit for a JSON file here (corrupt or not what it claims to be)")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LongcatError(f"{path}: missing{f' ({what})' if what else ''}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LongcatError(f"{path}: cannot read ({e})") from e
-    try:
-        return json.loads(text, object_pairs_hook=no_dupes)
-    except json.JSONDecodeError as e:
-        raise LongcatError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
-    except RecursionError:
-        raise LongcatError(f"{path}: invalid JSON (nested too deeply)") from None
 
 
 def inside(root: Path, rel: str, what: str = "path",
@@ -89,6 +55,43 @@ def check_contained(path: Path, allowed: Path | tuple[Path, ...]) -> None:
         where = " or ".join(str(a) for a in roots)
         raise LongcatError(f"{path}: resolves to {real}, outside the checkpoint {where} "
                            "(symlinks may not leave the checkpoint)")
+
+
+def owned(folder: Path, path: Path, what: str,
+          allowed: tuple[Path, ...] = ()) -> Path:
+    """``path`` after checking that it belongs to ``folder``, the one folder a command may read,
+    write or delete in (``lora/`` for adapters): ``folder`` is a real folder, not a link, and
+    the real location of ``path`` (links followed) lies inside it, or inside ``allowed`` (the
+    real folders a cache snapshot's links lead to). Staying inside the checkpoint is not enough:
+    a link ``lora/x -> ../dit`` leads to the DiT."""
+    check_plain(folder, f"the folder of {what}", folder=True)
+    try:
+        real, base = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise LongcatError(f"{path}: {what} cannot be resolved ({e})") from None
+    if not any(a in real.parents for a in allowed or (base,)):
+        raise LongcatError(f"{path}: {what} resolves to {real}, outside {folder}; links are "
+                           "never followed out of it (remove the link or the entry naming it)")
+    return path
+
+
+def check_plain(path: Path, what: str, *, folder: bool = False) -> None:
+    """Refuse ``path`` when it exists as a symlink or as anything but a regular file (a real
+    folder with ``folder``). For a path a command creates, replaces, locks or deletes by name:
+    going through a link would act on whatever it points at, and a FIFO blocks a reader."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise LongcatError(f"{path}: cannot inspect {what} ({e.strerror})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise LongcatError(f"{path}: {what} is a symlink (to {os.readlink(path)}), which is never "
+                           "followed here; remove the link")
+    want, test = ("folder", stat.S_ISDIR) if folder else ("regular file", stat.S_ISREG)
+    if not test(st.st_mode):
+        raise LongcatError(f"{path}: {what} is not a {want} ({jsonio.kind_of(st.st_mode)}); "
+                           "remove it or move it aside")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class Checkpoint:
     def config(self) -> dict[str, Any]:
         if self.config_path.exists():
             check_contained(self.config_path, self.containment)
-        cfg = load_json(self.config_path, "transformer config")
+        cfg = jsonio.read(self.config_path, what="transformer config")
         if not isinstance(cfg, dict):
             raise LongcatError(f"{self.config_path}: not a JSON object")
         return cfg
@@ -154,7 +157,7 @@ def detect(root: str | Path) -> Checkpoint:
         cls = None
         if cfg_path.is_file():
             check_contained(cfg_path, allowed or (root.resolve(),))
-            cfg = load_json(cfg_path, "transformer config")
+            cfg = jsonio.read(cfg_path, what="transformer config")
             cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
         if single.exists() and not (transformer / INDEX_NAME).exists():
             return Checkpoint(root, "fastvideo-single", "fastvideo", transformer, allowed)
@@ -203,7 +206,7 @@ def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
     index = folder / INDEX_NAME
     if index.exists():
         check_contained(index, allowed)
-        doc = load_json(index, "shard index")
+        doc = jsonio.read(index, what="shard index")
         wm = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise LongcatError(f"{index}: 'weight_map' must be a non-empty object")

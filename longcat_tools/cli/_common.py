@@ -6,12 +6,13 @@ Commands stay thin: parse, call the library, print. Human text goes to stdout, o
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+
+from longcat_tools.io import jsonio
 
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", show_default=False, metavar="PATH",
@@ -48,7 +49,7 @@ class Out:
     def result(self, obj: Any) -> None:
         """The machine-readable result: printed only under --json."""
         if self.as_json:
-            print(json.dumps(obj, indent=2, default=str), flush=True)
+            print(jsonio.dumps(jsonio.finite(obj), default=str, newline=False), flush=True)
 
     def table(self, rows: list[list[Any]], header: list[str]) -> None:
         if not self.quiet:

@@ -1,20 +1,27 @@
 """All-or-nothing outputs: a folder or file appears complete under its final name, or not at all.
 
 Writers fill ``DST.partial`` and rename it at the end, so a run killed at any moment never leaves a
-DST that looks complete; the next run removes the stale ``.partial`` and starts again.
+DST that looks complete; the next run removes the stale ``.partial`` and starts again. One writer
+at a time per destination (a lock file beside it), and one ``--force`` rule for every command.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import functools
 import os
 import shutil
+import stat
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -63,31 +70,169 @@ def partial_path(dst: Path) -> Path:
     return dst.with_name(dst.name + ".partial")
 
 
-@contextmanager
-def atomic_folder(dst: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a scratch folder that becomes ``dst`` when the block succeeds."""
+def lock_path(dst: Path) -> Path:
+    """The writer lock of ``dst``: a hidden file beside it (not inside, so it never becomes part
+    of the output, and not ``DST.partial``, which the writer deletes and renames)."""
+    return dst.with_name(f".{dst.name}.lock")
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a command writes, and why an existing path is not one (None when it is)."""
+
+    name: str
+    problem: Callable[[Path], str | None]
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    from longcat_tools.checkpoint.layouts import looks_like_checkpoint
+
+    if not path.is_dir():
+        return "exists and is not a folder; --force only replaces a checkpoint folder"
+    if any(path.iterdir()) and not (looks_like_checkpoint(path)
+                                    or (path / "model_index.json").is_file()):
+        return ("exists and does not look like a checkpoint; refusing to replace it even with "
+                "--force (remove it yourself)")
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A regular ``.safetensors`` file whose first bytes are a safetensors header."""
+    if not path.is_file() or not path.name.endswith(".safetensors"):
+        return "exists and is not a .safetensors file; --force only replaces one"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return ("exists and is not a safetensors file (no header); refusing to replace it even "
+                "with --force (remove it yourself)")
+    return None
+
+
+REPLACEABLE = {k.name: k for k in (_Kind("checkpoint", _checkpoint_problem),
+                                   _Kind("safetensors", _safetensors_problem))}
+
+
+def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
+                      force: bool = True) -> None:
+    """The one ``--force`` rule of every command that writes a new checkpoint or file.
+
+    ``what`` is what the command writes (a key of ``REPLACEABLE``: ``checkpoint`` = a folder that
+    is empty or holds ``dit/``, ``transformer/`` or ``model_index.json``; ``safetensors`` = a
+    regular ``.safetensors`` file with a header). Refuses with one line: ``dst`` equal to,
+    inside or containing ``source`` (or ``source`` being ``DST.partial``, which the run deletes);
+    an existing ``dst`` without ``force``; with ``force``, a symlink (never replaced, whatever it
+    points to) or anything that is not ``what``; a missing parent folder. A ``dst`` that does not
+    exist passes. Run it while planning, and again under the writer lock (``atomic_folder`` does).
+    """
+    kind = REPLACEABLE[what]
     dst = Path(dst)
-    if dst.exists() and not force:
+    if source is not None:
+        s, d = Path(source).resolve(), dst.resolve()
+        if s == d or s in d.parents:
+            raise UsageError(f"{dst}: the output may not be inside the source checkpoint {source}")
+        if d in s.parents:
+            raise UsageError(f"{dst}: the output may not contain the source checkpoint {source}")
+        tmp = partial_path(d)
+        if s == tmp or tmp in s.parents:
+            raise UsageError(f"{source}: is the scratch folder of --dst {dst} (a run would delete "
+                             "it); rename it first")
+    if dst.is_symlink() or dst.exists():
+        if not force:
+            raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
+        if dst.is_symlink():
+            raise LongcatError(f"{dst}: is a symbolic link; --force never replaces a link or "
+                               "writes through it (remove the link yourself)")
+        problem = kind.problem(dst)
+        if problem is not None:
+            raise LongcatError(f"{dst}: {problem}")
+    if not dst.parent.is_dir():
+        raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
+
+
+def _discard(path: Path) -> None:
+    """Remove a scratch or replaced output; a link is removed itself, never followed."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing names in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``), so
+    there is no moment when either is missing; False where the system or file system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _swap_in(tmp: Path, dst: Path) -> None:
+    """Put the finished ``tmp`` at ``dst``. An existing ``dst`` is exchanged with ``tmp`` in one
+    step, so ``dst`` is always complete, old or new; a run killed before the old one is deleted
+    leaves it as ``DST.partial``, reclaimed by the next run. Where the exchange is not available,
+    two renames: a kill between them leaves no ``dst`` (the new one is ``DST.partial``, the old
+    one ``.DST.old-PID``)."""
+    if not (dst.is_symlink() or dst.exists()):
+        os.rename(tmp, dst)
+        fsync_dir(dst.parent)
+        return
+    if exchange(tmp, dst):
+        fsync_dir(dst.parent)
+        _discard(tmp)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    fsync_dir(dst.parent)
+    _discard(old)
+
+
+@contextmanager
+def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) -> Iterator[Path]:
+    """Yield a scratch folder (``DST.partial``) that becomes ``dst`` when the block succeeds.
+
+    The whole write holds the writer lock of ``dst`` (``flock`` on ``.DST.lock`` beside it): a
+    second writer to the same ``dst`` is refused at once with one line rather than waiting
+    behind a run that may take an hour, and a stale ``DST.partial`` (left by a killed run) is
+    deleted only under the lock, never under a live writer. ``what`` (a key of ``REPLACEABLE``)
+    applies :func:`check_replaceable` again under the lock; without it any existing ``dst`` may
+    be replaced with ``force``. The lock file is removed on release (a killed run leaves it;
+    the next run takes it over, the kernel having dropped the dead run's lock)."""
+    dst = Path(dst)
+    if (dst.exists() or dst.is_symlink()) and not force:
         raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
     if not dst.parent.is_dir():
         raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
-    tmp = partial_path(dst)
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a killed run; it never was a finished output
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    lock = lock_path(dst)
+    with _held(lock, 0.0, lambda: f"{dst}: another process is writing it (it holds {lock}); "
+               "try again when that run is done"):
+        if what is not None:
+            check_replaceable(dst, what, force=force)
+        tmp = partial_path(dst)
+        if tmp.exists() or tmp.is_symlink():
+            _discard(tmp)  # left by a killed run; it never was a finished output
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _swap_in(tmp, dst)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -109,21 +254,35 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-@contextmanager
-def file_lock(lock: Path, timeout: float, holder: str = "another process") -> Iterator[None]:
-    """An exclusive ``flock`` on ``lock`` (created, and removed on release), so concurrent
-    writers queue up. A holder that dies releases it (the kernel drops flocks); after locking we
-    check the file is still the one on disk, because a releasing holder may have just removed it.
-    """
-    import fcntl
+def _open_lock(lock: Path) -> int:
+    """Open (creating) a lock file: never through a symlink (a link planted there would make us
+    create or lock a file elsewhere), never a FIFO or device (which could block or be shared)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(lock, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LongcatError(f"{lock}: the lock file is a symbolic link; remove it (a lock is "
+                               "never taken through a link)") from e
+        if e.errno == errno.EISDIR:
+            raise LongcatError(f"{lock}: the lock file is a folder; remove it") from e
+        raise LongcatError(f"{lock}: cannot create the lock file ({e.strerror}); is the "
+                           "folder read-only?") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LongcatError(f"{lock}: the lock file is not a regular file; remove it")
+    return fd
 
+
+@contextmanager
+def _held(lock: Path, timeout: float, busy: Callable[[], str]) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock`` (created, and removed on release); after ``timeout``
+    seconds of waiting, a LongcatError with ``busy()``. A holder that dies releases it (the
+    kernel drops flocks); after locking we check the file is still the one on disk, because a
+    releasing holder may have just removed it."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise LongcatError(f"{lock}: cannot create the lock file ({e.strerror}); is the "
-                               "checkpoint read-only?") from e
+        fd = _open_lock(lock)
         try:
             delay = 0.001
             while True:
@@ -131,13 +290,12 @@ def file_lock(lock: Path, timeout: float, holder: str = "another process") -> It
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise LongcatError(f"{lock}: {holder} has held the lock for over "
-                                           f"{timeout:.0f} s; try again when it is done") from None
+                    if time.monotonic() >= deadline:
+                        raise LongcatError(busy()) from None
                     time.sleep(delay)
                     delay = min(delay * 2, 0.02)
             try:
-                on_disk, mine = os.stat(lock), os.fstat(fd)
+                on_disk, mine = os.stat(lock, follow_symlinks=False), os.fstat(fd)
                 current = (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
             except FileNotFoundError:
                 current = False
@@ -155,3 +313,11 @@ def file_lock(lock: Path, timeout: float, holder: str = "another process") -> It
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def file_lock(lock: Path, timeout: float,
+              holder: str = "another process") -> AbstractContextManager[None]:
+    """An exclusive ``flock`` on ``lock`` for a short read-modify-write: concurrent writers queue
+    up for ``timeout`` seconds, then give up with one line."""
+    return _held(lock, timeout, lambda: f"{lock}: {holder} has held the lock for over "
+                 f"{timeout:.0f} s; try again when it is done")

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, file_lock
 from longcat_tools.io.sources import Sources, aligned
 
@@ -357,10 +358,7 @@ def parse_manifest(text: str) -> tuple[list[tuple[int, str, str]], list[str]]:
 def read_manifest(path: Path) -> dict[str, str]:
     """Path -> hex of a ``sha256sum`` file; a malformed line or a path listed twice is a
     LongcatError naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LongcatError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from e
+    text = jsonio.read_text(path, what="checksum list")
     entries, problems = parse_manifest(text)
     if problems:
         raise LongcatError(f"{path}: {problems[0]}")

@@ -8,8 +8,8 @@ as a file hole: valid headers at full scale for almost no disk.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import stat
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +94,11 @@ class Header:
     file_size: int
 
 
+def _open_nonblocking(name: str, flags: int) -> int:
+    """Even if a FIFO replaces the file after the stat, opening it does not block."""
+    return os.open(name, flags | os.O_NONBLOCK)
+
+
 def read_header(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
     """Parse and check a safetensors header without reading tensor data.
 
@@ -108,7 +114,7 @@ def read_header(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> H
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block open(), a folder cannot be read
             raise LongcatError(f"{where}: not a regular file (a safetensors file is expected)")
         size = st.st_size
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=_open_nonblocking) as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise LongcatError(f"{where}: truncated safetensors file ({size} bytes, no header)")
@@ -123,12 +129,12 @@ def read_header(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> H
     except OSError as e:
         raise LongcatError(f"{where}: cannot read ({e.strerror or e})") from e
     try:
-        doc = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise LongcatError(f"{where}: header is not valid UTF-8 JSON ({e})") from e
-    except _DuplicateName as e:
-        raise LongcatError(f"{where}: header names '{e.args[0]}' twice (the safetensors library "
+        doc = jsonio.loads(jsonio.decode(blob, where), where)
+    except jsonio.DuplicateKey as e:
+        raise LongcatError(f"{where}: header names '{e.key}' twice (the safetensors library "
                            "would silently keep one of them)") from None
+    except jsonio.JsonError as e:
+        raise LongcatError(f"{where}: header is not valid UTF-8 JSON ({e.reason})") from None
     if not isinstance(doc, dict):
         raise LongcatError(f"{where}: header is not a JSON object")
     meta = doc.pop("__metadata__", None) or {}
@@ -155,21 +161,6 @@ def read_header(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> H
         raise LongcatError(f"{where}: file is {size} bytes but its header describes {pos}: "
                            + ("truncated" if pos > size else "trailing bytes after the data"))
     return Header(path, {t.name: t for t in infos}, dict(meta), data_start, size)
-
-
-class _DuplicateName(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise _DuplicateName(k)
-            seen.add(k)
-    return out
 
 
 def _tensor_info(where: str, name: str, entry: object, data_start: int) -> TensorInfo:
@@ -253,7 +244,7 @@ def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
         doc[s.name] = {"dtype": _torch_tables()[1][s.dtype], "shape": list(s.shape),
                        "data_offsets": [pos, pos + s.nbytes]}
         pos += s.nbytes
-    blob = json.dumps(doc, separators=(",", ":")).encode()
+    blob = jsonio.dumps(doc, indent=None, newline=False, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     return struct.pack("<Q", len(blob)) + blob
 
@@ -332,4 +323,4 @@ def write_sharded(folder: str | Path, stem: str, specs: list[TensorSpec], max_sh
 
 def write_json(path: str | Path, obj: object) -> None:
     """JSON the way diffusers and transformers save configs: indent 2, trailing newline."""
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    Path(path).write_text(jsonio.dumps(obj))

@@ -7,7 +7,6 @@ fsynced and renamed, and the registry is replaced atomically.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -20,7 +19,14 @@ from pathlib import Path
 from longcat_tools import __version__, schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.io.atomic import atomic_folder, atomic_write_text, fsync_dir, partial_path
+from longcat_tools.io import jsonio
+from longcat_tools.io.atomic import (
+    atomic_folder,
+    atomic_write_text,
+    check_replaceable,
+    fsync_dir,
+    partial_path,
+)
 from longcat_tools.io.checksums import refresh_manifest, sha256_file
 from longcat_tools.io.safetensors import write_file
 from longcat_tools.lora import formats as lf
@@ -90,6 +96,8 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
     src = Path(lora_file)
     _check_source(src)
     dst_dir = ckpt.lora_dir / name
+    layouts.check_plain(ckpt.lora_dir, "the adapters' folder", folder=True)
+    layouts.check_plain(dst_dir, f"the folder of adapter '{name}'", folder=True)
     if dst_dir.resolve() in src.resolve().parents:
         raise UsageError(f"{src}: is inside lora/{name}/, which attaching as '{name}' would "
                          "replace; copy it elsewhere first or choose another name")
@@ -99,6 +107,7 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
                            f"{lora.format} format (its keys say so); drop --format or fix it")
     if not lora.modules:
         raise LongcatError(f"{src}: holds no LoRA modules")
+    _check_ranks(src, lora)
     target_fmt = ckpt.flavour
     dst_file = dst_dir / (src.name if src.name.endswith(".safetensors")
                           else f"{name}.safetensors")
@@ -135,6 +144,19 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
         refresh_manifest(ckpt.root, [dst_dir])
     return AttachResult(name, dst_file, src, lora.format, target_fmt, len(lora.modules), nbytes,
                         rec, also, lora.notes, time.perf_counter() - t0, False)
+
+
+def _check_ranks(src: Path, lora: lf.LoraFile) -> None:
+    """A LoRA of rank r spans at most min(out, in) directions of its weight: a larger rank is a
+    file made for another model (or a broken one), refused before anything is written."""
+    for e in lora.modules.values():
+        rows = e.out_features // e.n
+        if e.rank > min(rows, e.in_features):
+            part = f"each of its {e.n} {rows}x{e.in_features} blocks" if e.n > 1 else \
+                f"its {rows}x{e.in_features} weight"
+            raise LongcatError(f"{src}: adapter of '{e.module}' has rank {e.rank}, more than the "
+                               f"smaller side of {part} (a LoRA's rank is at most min(out, in); "
+                               "an adapter for another model?)")
 
 
 def _check_free(ckpt: layouts.Checkpoint, reg: Registry, name: str, force: bool) -> None:
@@ -183,7 +205,8 @@ def detach(model: str | Path | layouts.Checkpoint | None, name: str, *, force: b
             not top_level and path.parent.is_dir()) else []
         remove_folder = not top_level and not others
         target = path.parent if remove_folder else path
-        removed = [target] if target.exists() else []
+        _check_no_link_above(ckpt, target, name)
+        removed = [target] if target.exists() or target.is_symlink() else []
         if dry_run:
             return DetachResult(name, removed, rec is not None, True)
         trash = None
@@ -193,11 +216,24 @@ def detach(model: str | Path | layouts.Checkpoint | None, name: str, *, force: b
         if rec is not None:
             reg.adapters = [a for a in reg.adapters if a.name != name]
             save_registry(ckpt, reg)
-        if trash is not None:
-            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+        if trash is not None:  # a link is removed itself, never followed
+            trash.unlink() if trash.is_symlink() or not trash.is_dir() else shutil.rmtree(trash)
             fsync_dir(ckpt.lora_dir)
             refresh_manifest(ckpt.root, [target])
     return DetachResult(name, removed, rec is not None, False)
+
+
+def _check_no_link_above(ckpt: layouts.Checkpoint, target: Path, name: str) -> None:
+    """Detach renames and deletes ``target`` by name: every folder between ``lora/`` and it must
+    be real, or the deletion would happen wherever a link leads (``target`` itself may be a
+    link: then the link alone goes)."""
+    for p in target.parents:
+        if p == ckpt.lora_dir:
+            return
+        if p.is_symlink():
+            raise LongcatError(f"{p}: adapter '{name}' is reached through this link, and detach "
+                               "never deletes through a link; nothing deleted (remove the link "
+                               "yourself)")
 
 
 @contextmanager
@@ -223,6 +259,26 @@ class ExportResult:
 
 
 
+def _check_not_the_models(ckpt: layouts.Checkpoint, out: Path) -> None:
+    """An export never lands among the model's own files: nothing is written into the DiT's
+    folder (a stray .safetensors there is a shard the index does not name), and ``--force``
+    never replaces a file of ``lora/`` or of a component folder."""
+    folder = out.parent.resolve()
+
+    def within(f: Path) -> bool:
+        real = f.resolve()
+        return folder == real or real in folder.parents
+
+    if within(ckpt.transformer_dir):
+        raise LongcatError(f"{out}: is inside {ckpt.transformer_dir}, the model's own weights; "
+                           "export to a folder outside it")
+    if out.exists():
+        for f in (ckpt.lora_dir, *(ckpt.root / c for c in layouts.COMPONENTS)):
+            if within(f):
+                raise LongcatError(f"{out}: is a file of the checkpoint's {f.name}/, which "
+                                   "--force never replaces; export to another path")
+
+
 def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
            out: str | Path, *, keys: str | None = None, dtype: str = "keep",
            force: bool = False, progress: Callable[[int], None] | None = None) -> ExportResult:
@@ -244,10 +300,8 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
     out = Path(out)
     if not out.name.endswith(".safetensors"):
         raise UsageError(f"{out}: the output file name must end in .safetensors")
-    if out.exists() and not force:
-        raise LongcatError(f"{out}: already exists (pass --force to replace it)")
-    if not out.parent.is_dir():
-        raise LongcatError(f"{out.parent}: output folder does not exist")
+    _check_not_the_models(ckpt, out)
+    check_replaceable(out, "safetensors", force=force)
     reg = load_registry(ckpt)
     path, _ = find_adapter(ckpt, reg, name)
     if not path.is_file():
@@ -260,11 +314,15 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
     config = form.adapter_config(lora.modules.values(), keys)
     if config is not None:
         cfg_path = out.parent / form.config_file
-        cfg_text = json.dumps(config, indent=2) + "\n"
-        if cfg_path.exists() and cfg_path.read_text() != cfg_text and not force:
+        layouts.check_plain(cfg_path, "the adapter config beside --out")
+        cfg_text = jsonio.dumps(config)
+        if (cfg_path.exists() and not force
+                and jsonio.read_text(cfg_path, what="adapter config") != cfg_text):
             raise LongcatError(f"{cfg_path}: exists and describes another adapter; export into "
                                "another folder or pass --force to replace it")
     tmp = partial_path(out)
+    layouts.check_plain(tmp, "the scratch file of --out")
+    tmp.unlink(missing_ok=True)  # left by a killed export
     try:
         n = write_file(tmp, lf.tensor_specs(lora, fmt, want, keys),
                        lf.file_metadata(lora.modules.values(), fmt, {"format": "pt", **meta},

@@ -10,7 +10,6 @@ true for the fused copy.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +22,8 @@ import torch
 from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.io.atomic import atomic_folder, fsync_tree, try_link
+from longcat_tools.io import jsonio
+from longcat_tools.io.atomic import atomic_folder, check_replaceable, fsync_tree, try_link
 from longcat_tools.io.checksums import MANIFEST, format_manifest, read_manifest, sha256_file
 from longcat_tools.io.safetensors import TensorSpec, read_header, read_tensor, write_file
 from longcat_tools.lora import formats as lf
@@ -34,6 +34,7 @@ from longcat_tools.lora.registry import (
     checkpoint_of,
     dit_shapes,
     find_adapter,
+    is_owned,
     load_registry,
     registry_path,
     summarize,
@@ -135,12 +136,7 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
     """Check the adapters and the checkpoint, and find which shards change (headers only)."""
     ckpt = checkpoint_of(model)
     dst = Path(dst)
-    s, d = ckpt.root.resolve(), dst.resolve()
-    if s == d or s in d.parents or d in s.parents:
-        raise UsageError(f"{dst}: the fused checkpoint must be outside the source {ckpt.root} "
-                         "(and not contain it)")
-    if dst.exists() and not force:
-        raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
+    check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
     reg = load_registry(ckpt)
     shapes = dit_shapes(ckpt)
     adapters = []
@@ -244,7 +240,7 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
         (tmp / rel).write_text(text)
         hashes[rel] = hashlib.sha256(text.encode()).hexdigest()
 
-    with atomic_folder(p.dst, force=p.force) as tmp:
+    with atomic_folder(p.dst, force=p.force, what="checkpoint") as tmp:
         for entry in sorted(ckpt.root.iterdir()):
             if entry.resolve() in skip or entry.name.endswith(".partial"):
                 continue
@@ -261,14 +257,15 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
                 raise LongcatError(f"internal: {tdir / path.name} exists before it is written")
             header = read_header(path)
             meta = dict(header.metadata)
-            meta[FUSED_METADATA_KEY] = json.dumps(notes, sort_keys=True)
+            meta[FUSED_METADATA_KEY] = jsonio.dumps(notes, indent=None, newline=False,
+                                                    sort_keys=True)
             h = hashlib.sha256()
             write_file(tdir / path.name, rewritten(path, header, set(changed)), meta,
                        on_bytes=h.update, progress=progress)
             hashes[f"{ckpt.transformer_dir.name}/{path.name}"] = h.hexdigest()
         cfg = ckpt.config()
         cfg[FUSED_CONFIG_KEY] = list(cfg.get(FUSED_CONFIG_KEY) or []) + notes
-        write_text(f"{ckpt.transformer_dir.name}/config.json", json.dumps(cfg, indent=2) + "\n")
+        write_text(f"{ckpt.transformer_dir.name}/config.json", jsonio.dumps(cfg))
         _fuse_lora_dir(ckpt, tmp, fused_files, {a.name for a in p.adapters}, place, write_text)
         (tmp / MANIFEST).write_text(_checksums(p.listed, tmp, hashes))
         fsync_tree(tmp)  # then atomic_folder renames it and syncs the parent folder
@@ -298,7 +295,8 @@ def _fuse_lora_dir(ckpt: layouts.Checkpoint, tmp: Path, fused_files: set[Path],
         rel = p.relative_to(src)
         if (p.is_dir() or p.resolve() in fused_files or rel.as_posix() == REGISTRY
                 or p.name.endswith(LOCK_SUFFIX) or any(
-                    part.startswith(".") or part.endswith(".partial") for part in rel.parts)):
+                    part.startswith(".") or part.endswith(".partial") for part in rel.parts)
+                or not is_owned(ckpt, p)):  # a link leading out of lora/ is not copied along
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         place(p, dst / rel)
@@ -307,7 +305,7 @@ def _fuse_lora_dir(ckpt: layouts.Checkpoint, tmp: Path, fused_files: set[Path],
         reg.adapters = [a for a in reg.adapters if a.name not in fused_names]
         doc = reg.to_json()
         schemas.validate(doc, SCHEMA, str(dst / REGISTRY))
-        write_text(f"lora/{REGISTRY}", json.dumps(doc, indent=2) + "\n")
+        write_text(f"lora/{REGISTRY}", jsonio.dumps(doc))
     for d in sorted((q for q in dst.rglob("*") if q.is_dir()), reverse=True):
         if not any(d.iterdir()):
             d.rmdir()

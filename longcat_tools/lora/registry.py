@@ -7,12 +7,13 @@ those ``convert`` writes: ``lora/<name>/<file>.safetensors``) and are listed in
 ``lora/adapters.json`` (:class:`Registry`, schema ``lora_manifest``). Files found there without
 an entry (a fresh hub download, a converted checkpoint) are *discovered*: ``list`` shows them and
 the first command that writes the registry records them (:func:`register_existing`). Every
-change takes an exclusive ``flock`` on ``lora/adapters.json.lock``.
+change takes an exclusive ``flock`` on ``lora/adapters.json.lock``, and every adapter path, found
+or listed, must stay in ``lora/`` once links are followed (:func:`owned`) before it is read,
+written or deleted.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -25,6 +26,7 @@ from typing import Any
 from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, file_lock
 from longcat_tools.io.checksums import refresh_manifest, sha256_file
 from longcat_tools.lora import formats as lf
@@ -114,18 +116,18 @@ def registry_path(ckpt: layouts.Checkpoint) -> Path:
 
 
 def load_registry(ckpt: layouts.Checkpoint) -> Registry:
-    """The registry (empty when there is none), checked: schema, unique names, files in lora/."""
+    """The registry (empty when there is none), checked: schema (plain relative file names) and
+    unique names. Where each file really is gets checked when it is used (:func:`owned`), so
+    that ``list`` can show a bad entry beside the good ones."""
     path = registry_path(ckpt)
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return Registry()
-    doc = layouts.load_json(path, "LoRA registry")
+    doc = jsonio.read(owned(ckpt, path, "LoRA registry"), what="LoRA registry")
     schemas.validate(doc, SCHEMA, str(path))
     reg = Registry([AdapterRecord.from_json(a) for a in doc["adapters"]])
     dupes = [n for n, k in Counter(a.name for a in reg.adapters).items() if k > 1]
     if dupes:
         raise LongcatError(f"{path}: adapter '{dupes[0]}' is listed twice (remove one entry)")
-    for a in reg.adapters:
-        layouts.inside(ckpt.lora_dir, a.file, f"file of adapter '{a.name}'", ckpt.containment)
     return reg
 
 
@@ -135,7 +137,7 @@ def save_registry(ckpt: layouts.Checkpoint, reg: Registry) -> None:
     doc = reg.to_json()
     schemas.validate(doc, SCHEMA, str(path))
     new = not path.exists()
-    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(path, jsonio.dumps(doc))
     if new:  # a temp file's 0600, not what the rest of the checkpoint has
         umask = os.umask(0)
         os.umask(umask)
@@ -148,6 +150,7 @@ def registry_lock(ckpt: layouts.Checkpoint, timeout: float = LOCK_TIMEOUT_S) -> 
     """An exclusive lock on ``lora/adapters.json.lock`` (created with ``lora/``) around every
     change of the registry or of ``lora/``."""
     check_writable(ckpt)
+    layouts.check_plain(ckpt.lora_dir, "the adapters' folder", folder=True)
     ckpt.lora_dir.mkdir(exist_ok=True)
     with file_lock(ckpt.lora_dir / (REGISTRY + LOCK_SUFFIX), timeout,
                    "another longcat-tools lora command"):
@@ -173,6 +176,21 @@ def checkpoint_of(model: str | Path | layouts.Checkpoint | None) -> layouts.Chec
     return layouts.detect(layouts.resolve_model(model))
 
 
+def owned(ckpt: layouts.Checkpoint, path: Path, what: str) -> Path:
+    """``path`` checked to lie in ``lora/`` once links are followed (reads of a cache snapshot
+    may also reach its repo's blobs, where the hub's files are): the one check every adapter
+    path passes before it is read, written or deleted."""
+    return layouts.owned(ckpt.lora_dir, path, what, ckpt.allowed)
+
+
+def is_owned(ckpt: layouts.Checkpoint, path: Path) -> bool:
+    try:
+        owned(ckpt, path, "adapter")
+    except LongcatError:
+        return False
+    return True
+
+
 def dit_shapes(ckpt: layouts.Checkpoint) -> dict[str, tuple[int, int]]:
     """Native module -> (out, in) of every Linear of this checkpoint's DiT (from its config)."""
     return lf.linear_shapes(keymap.dit_dims(ckpt.config(), str(ckpt.config_path)))
@@ -188,23 +206,25 @@ def discover(ckpt: layouts.Checkpoint) -> dict[str, Path]:
     """Adapter files present in ``lora/``, by name: the hub's ``lora/<file>.safetensors`` (named
     like FastVideo's folders: distilled, refinement; others by their stem) and
     ``lora/<name>/<file>.safetensors``. Half-written (``*.partial``) and hidden entries are
-    skipped; a folder with several safetensors files names each ``<folder>/<stem>``."""
+    skipped; a folder with several safetensors files names each ``<folder>/<stem>``. Links are
+    listed as found (a folder link leading out of ``lora/`` by its own path, never entered);
+    whoever uses a path checks it with :func:`owned`."""
     root = ckpt.lora_dir
-    if not root.is_dir():
+    if not root.is_dir() or root.is_symlink():
         return {}
-    allowed = ckpt.containment
     found: dict[str, Path] = {}
     for p in sorted(root.iterdir()):
         if p.name.startswith(".") or p.name.endswith(".partial"):
             continue
-        if p.is_file() and p.name.endswith(".safetensors"):
-            layouts.check_contained(p, allowed)
+        if p.name.endswith(".safetensors") and (p.is_file() or p.is_symlink()):
             found.setdefault(layouts.NATIVE_LORAS.get(p.name, p.name[:-12]), p)
         elif p.is_dir():
-            files = sorted(q for q in p.iterdir()
-                           if q.is_file() and q.name.endswith(".safetensors"))
+            if not is_owned(ckpt, p):
+                found.setdefault(p.name, p)
+                continue
+            files = sorted(q for q in p.iterdir() if q.name.endswith(".safetensors")
+                           and (q.is_file() or q.is_symlink()))
             for q in files:
-                layouts.check_contained(q, allowed)
                 found.setdefault(p.name if len(files) == 1 else f"{p.name}/{q.name[:-12]}", q)
     return found
 
@@ -257,8 +277,9 @@ def register_found(ckpt: layouts.Checkpoint, reg: Registry,
     converted = converted or {}
     for name, path in discover(ckpt).items():
         rel = path.relative_to(ckpt.lora_dir).as_posix()
-        if rel in known or reg.get(name) is not None or not NAME_RE.match(name):
-            continue  # an unnamable file (several in one folder) stays discovered only
+        if (rel in known or reg.get(name) is not None or not NAME_RE.match(name)
+                or not is_owned(ckpt, path)):
+            continue  # unnamable (several in one folder) or a link out: stays discovered only
         # a file convert has just written has its own block split: its header is enough
         lora = lf.read_lora(path, shapes, inspect_blocks=name not in converted)
         src_path = Path(sources[name]) if sources and name in sources else path
@@ -321,6 +342,7 @@ def list_adapters(model: str | Path | layouts.Checkpoint | None
     """Registered and discovered adapters, each checked against this DiT from its header (a
     broken one is listed with its problem, not raised). Reads only; writes nothing."""
     ckpt = checkpoint_of(model)
+    layouts.check_plain(ckpt.lora_dir, "the adapters' folder", folder=True)
     reg = load_registry(ckpt)
     shapes = dit_shapes(ckpt)
     items: list[tuple[str, Path, AdapterRecord | None]] = [
@@ -333,6 +355,12 @@ def list_adapters(model: str | Path | layouts.Checkpoint | None
     for name, path, rec in items:
         info = AdapterInfo(name, path, rec is not None, "ok", record=rec,
                            default_scale=rec.default_scale if rec else 1.0)
+        try:
+            owned(ckpt, path, f"adapter '{name}'")
+        except LongcatError as e:  # listed with its problem, never read
+            info.status = str(e)
+            out.append(info)
+            continue
         if not path.is_file():
             info.status = "missing"
         else:
@@ -350,13 +378,14 @@ def list_adapters(model: str | Path | layouts.Checkpoint | None
 
 def find_adapter(ckpt: layouts.Checkpoint, reg: Registry, name: str
                  ) -> tuple[Path, AdapterRecord | None]:
-    """The file of adapter ``name`` (registered, else discovered) and its record, if any."""
+    """The file of adapter ``name`` (registered, else discovered) and its record, if any; a file
+    that is not in ``lora/`` once links are followed is refused here, before any use."""
     rec = reg.get(name)
     if rec is not None:
-        return ckpt.lora_dir / rec.file, rec
+        return owned(ckpt, ckpt.lora_dir / rec.file, f"adapter '{name}'"), rec
     found = discover(ckpt)
     if name in found:
-        return found[name], None
+        return owned(ckpt, found[name], f"adapter '{name}'"), None
     names = sorted({a.name for a in reg.adapters} | set(found))
     raise UsageError(f"{ckpt.lora_dir}: no adapter named '{name}' (have: "
                      f"{', '.join(names) or 'none'}; see `longcat-tools lora list`)")

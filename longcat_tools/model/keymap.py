@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.model import bounds
 
 FLAVOURS = ("native", "fastvideo")
 NATIVE_CLASS = "LongCatVideoTransformer3DModel"
@@ -93,41 +94,30 @@ RELEASE_DIMS = DiTDims(in_channels=16, out_channels=16, hidden_size=4096, depth=
                        caption_channels=4096, mlp_ratio=4, adaln_tembed_dim=512,
                        frequency_embedding_size=256, patch_size=(1, 2, 2))
 
-_DIM_FIELDS: dict[str, type] = {
-    "in_channels": int,
-    "out_channels": int,
-    "hidden_size": int,
-    "depth": int,
-    "caption_channels": int,
-    "adaln_tembed_dim": int,
-    "frequency_embedding_size": int,
-}
+_DIM_FIELDS = ("in_channels", "out_channels", "hidden_size", "depth", "caption_channels",
+               "adaln_tembed_dim", "frequency_embedding_size")
 
 
 def dit_dims(config: Mapping[str, Any], where: str = "transformer config") -> DiTDims:
     """Read the dimensions from a transformer config of either flavour (``num_heads`` or
-    ``num_attention_heads``); a missing or mistyped field is a LongcatError naming it."""
-    values: dict[str, Any] = {}
-    for name, _typ in _DIM_FIELDS.items():
-        v = config.get(name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise LongcatError(f"{where}: field '{name}' must be a positive integer, got {v!r}")
-        values[name] = v
-    heads = config.get("num_heads", config.get("num_attention_heads"))
-    if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0:
+    ``num_attention_heads``); a missing, mistyped or absurd field (beyond ``model.bounds``) is a
+    LongcatError naming ``where`` and the field, raised before anything is sized from it."""
+    values = {name: bounds.check_int(config.get(name), name, where) for name in _DIM_FIELDS}
+    heads_key = "num_heads" if "num_heads" in config else "num_attention_heads"
+    if heads_key not in config:
         raise LongcatError(f"{where}: field 'num_heads' (or 'num_attention_heads') must be a "
-                           f"positive integer, got {heads!r}")
+                           f"positive integer, got None")
+    heads = bounds.check_int(config[heads_key], heads_key, where)
     if values["hidden_size"] % heads:
         raise LongcatError(f"{where}: hidden_size {values['hidden_size']} is not divisible by "
                            f"num_heads {heads}")
-    ratio = config.get("mlp_ratio", 4)
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
-        raise LongcatError(f"{where}: field 'mlp_ratio' must be a positive number, got {ratio!r}")
+    ratio = bounds.check_ratio(config.get("mlp_ratio", 4), "mlp_ratio", where)
     patch = config.get("patch_size", [1, 2, 2])
-    if (not isinstance(patch, (list, tuple)) or len(patch) != 3
-            or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch)):
+    if not isinstance(patch, (list, tuple)) or len(patch) != 3:
         raise LongcatError(f"{where}: field 'patch_size' must be three positive integers, "
                            f"got {patch!r}")
+    for p in patch:
+        bounds.check_int(p, "patch_size", where)
     return DiTDims(num_heads=heads, mlp_ratio=ratio, patch_size=tuple(patch), **values)
 
 

@@ -3,7 +3,6 @@ refinement), write the mp4 and its JSON sidecar. The CLI only parses options and
 
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import time
@@ -18,10 +17,15 @@ from PIL import Image
 
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.io.atomic import atomic_write_text
+from longcat_tools.io import jsonio
 from longcat_tools.runner import context_parallel
 from longcat_tools.runner.pipeline import DEFAULT_NEGATIVE_PROMPT, Pipeline, Reporter, Result
-from longcat_tools.runner.settings import RunSettings, resolve_device, validate
+from longcat_tools.runner.settings import (
+    DEFAULT_COND_FRAMES,
+    RunSettings,
+    resolve_device,
+    validate,
+)
 
 __all__ = ["RunSettings", "run_job", "validate"]
 
@@ -50,8 +54,8 @@ class Job:
 
     @property
     def cond_frames(self) -> int:
-        """Condition frames of vc and long (13 unless --cond-frames)."""
-        return self.s.num_cond_frames or 13
+        """Condition frames of vc and long (DEFAULT_COND_FRAMES unless --cond-frames)."""
+        return self.s.num_cond_frames or DEFAULT_COND_FRAMES
 
     def source(self, fps: float) -> list[Image.Image]:
         """The input video's frames at about ``fps`` (every n-th frame)."""
@@ -182,12 +186,19 @@ def _run(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
         frames = r.frames
     fps = s.fps or r.fps
     out = Path(s.out)
-    with reporter.stage("write"):
-        if pipe.is_main:
-            vio.write_mp4(out, frames, fps)
-        if s.save_latents and pipe.is_main:
-            save_file({"latents": r.latents.detach().float().cpu().contiguous()}, s.save_latents,
-                      metadata={"task": s.task, "seed": str(s.seed)})
+    staged = None
+    try:
+        with reporter.stage("write"):
+            if pipe.is_main:
+                staged = vio.encode_mp4(out, frames, fps)
+            if s.save_latents and pipe.is_main:
+                Path(s.save_latents).parent.mkdir(parents=True, exist_ok=True)
+                save_file({"latents": r.latents.detach().float().cpu().contiguous()},
+                          s.save_latents, metadata={"task": s.task, "seed": str(s.seed)})
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
     sidecar = {
         "output": str(out), "task": s.task, "settings": {**asdict(s), "dtype": dtype,
                                                          "device": str(device)},
@@ -203,6 +214,6 @@ def _run(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
         "peak_memory": _peak_memory(device),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    if pipe.is_main:
-        atomic_write_text(Path(f"{out}.json"), json.dumps(sidecar, indent=2, default=str) + "\n")
+    if staged is not None:  # the sidecar first, the mp4 last (video.publish)
+        vio.publish(staged, out, jsonio.dumps(jsonio.finite(sidecar), default=str))
     return sidecar

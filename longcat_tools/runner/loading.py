@@ -40,6 +40,7 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu",
     ckpt = resolve_checkpoint(path)
     dtype = parse_dtype(dtype)
     config = ckpt.config()
+    keymap.dit_dims(config, str(ckpt.config_path))  # absurd sizes: one line, nothing built
     with torch.device("meta"):
         model = LongCatDiT(config)
     model = model.to(dtype).to_empty(device=device)  # never materialise fp32 first

@@ -10,18 +10,27 @@ torch at import: the CLI builds its command from this module.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
-from longcat_tools.model import bsa_presets, dtypes
-from longcat_tools.model.chunks import latent_frames
-from longcat_tools.runner.buckets import RESOLUTIONS
+from longcat_tools.model import bsa_presets, dtypes, keymap
+from longcat_tools.model.chunks import latent_frames, latent_grid
+from longcat_tools.runner import footprint
+from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
 
 TASKS = ("t2v", "i2v", "vc", "long", "refine")
 BSA_CHOICES = ("config", "on", "off", *bsa_presets.PRESETS)
 OFFLOAD_CHOICES = ("none", "text-encoder", "dit", "all")  # runner.offload
+CONTINUING = ("vc", "long")  # tasks that continue from condition frames
+DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
+MAX_FRAMES = 4097  # one segment; the model is trained on 93
+MAX_GUIDANCE = 100.0  # CFG-Zero* scales in use are 1 to ~10
+MAX_FPS = 1000.0
+T2V_SIZE = (480, 832)  # (height, width) of t2v and long without --height/--width
+REFINE_SIZE = (720, 1280)  # the refinement stage's default (the 720p bucket of 16:9)
 TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation), long "
              "(chained continuations), refine (480p -> 720p with the refinement LoRA and BSA)")
 
@@ -136,13 +145,19 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     line's and ``run_job``'s; a pipeline call already has its model and frames)."""
     if s.task not in TASKS:
         raise LongcatError(f"--task {s.task}: unknown (choose from {', '.join(TASKS)})")
-    if inputs:
-        _check_inputs(s)
+    files = _check_inputs(s) if inputs else None
     if s.dtype is not None:
         dtypes.check(s.dtype, error=LongcatError)
     if s.frames < 1 or s.frames % 4 != 1:
         raise LongcatError(f"--frames {s.frames}: must be 4k+1 (e.g. 93, 45, 9): the VAE packs 4 "
                            "frames per latent after the first")
+    if s.frames > MAX_FRAMES:
+        raise LongcatError(f"--frames {s.frames}: at most {MAX_FRAMES} in one segment (the model "
+                           "is trained on 93; use --task long for longer videos)")
+    if s.task in CONTINUING and s.num_cond_frames is None and s.frames <= DEFAULT_COND_FRAMES:
+        raise LongcatError(f"--frames {s.frames}: --task {s.task} continues from the last "
+                           f"{DEFAULT_COND_FRAMES} frames (--cond-frames), so it needs more than "
+                           f"that (e.g. --frames {DEFAULT_COND_FRAMES + 4}, or --cond-frames 5)")
     if s.num_cond_frames is not None and (s.num_cond_frames < 0 or (
             s.task != "refine" and (s.num_cond_frames % 4 != 1
                                     or s.num_cond_frames >= s.frames))):
@@ -160,12 +175,15 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         raise LongcatError(f"--resolution {s.resolution}: use 480p or 720p")
     if s.steps is not None and s.steps < 1:
         raise LongcatError(f"--steps {s.steps}: must be at least 1")
-    if s.guidance is not None and s.guidance < 0:
-        raise LongcatError(f"--guidance {s.guidance}: must be >= 0 (1 disables CFG)")
+    if s.guidance is not None and not 0 <= s.guidance <= MAX_GUIDANCE:  # NaN fails too
+        raise LongcatError(f"--guidance {s.guidance}: must be a number from 0 to {MAX_GUIDANCE:g} "
+                           "(1 disables CFG)")
     if not 0 < s.t_thresh <= 1:
         raise LongcatError(f"--t-thresh {s.t_thresh}: must be in (0, 1]")
-    if s.fps is not None and s.fps <= 0:
-        raise LongcatError(f"--fps {s.fps}: must be positive")
+    if s.fps is not None and not 0 < s.fps <= MAX_FPS:
+        raise LongcatError(f"--fps {s.fps}: must be a positive number up to {MAX_FPS:g}")
+    if not -2**63 <= s.seed < 2**64:
+        raise LongcatError(f"--seed {s.seed}: must fit in 64 bits")
     check_offload(s.offload)
     if s.task == "vc" and s.distill and s.enhance_hf:
         raise LongcatError("--enhance-hf cannot be combined with --distill")
@@ -178,20 +196,37 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
             raise LongcatError(f"--frames {s.frames}: {latent_frames(s.frames)[1]} latent frames "
                                f"cannot be split over {s.cp} processes (use at least "
                                f"{4 * s.cp - 3} frames, or fewer GPUs)")
-        cond = s.num_cond_frames or 13
+        cond = s.num_cond_frames or DEFAULT_COND_FRAMES
         if s.task in ("vc", "long") and s.kv_cache and latent_frames(cond)[1] < s.cp:
             raise LongcatError(f"--cond-frames {cond}: the KV cache pass over "
                                f"{latent_frames(cond)[1]} latent frames cannot be split over "
                                f"{s.cp} processes (use --no-kv-cache or fewer GPUs)")
     check_bsa(s.bsa)
-    if inputs:
-        resolve_device(s.device)
+    if files is not None:
+        device = resolve_device(s.device)
+        dtype = s.dtype or ("bf16" if device.type == "cuda" else "fp32")
+        footprint.check(files.dims, _stages(s, files), dtype, device, s.cp)
+        _check_latents(s, files)
 
 
-def _check_inputs(s: RunSettings) -> None:
+@dataclass(frozen=True)
+class InputFiles:
+    """What the input files say, read from headers (and a video's first frame): the DiT's
+    dimensions and the input image's and video's (width, height)."""
+
+    dims: keymap.DiTDims
+    image_size: tuple[int, int] | None
+    video_size: tuple[int, int] | None
+
+
+def _check_inputs(s: RunSettings) -> InputFiles:
+    """The model's config, the input files (headers, and a short decode of the video) and the
+    output path: everything the run reads or writes, checked without loading weights."""
     from longcat_tools.checkpoint import layouts
+    from longcat_tools.runner import video as vio
 
-    layouts.detect(layouts.resolve_model(s.model))
+    ckpt = layouts.detect(layouts.resolve_model(s.model))
+    dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))
     if s.task == "i2v" and not s.image:
         raise LongcatError("--task i2v needs --image FILE (the first frame)")
     if s.task in ("vc", "refine") and not s.video:
@@ -202,3 +237,97 @@ def _check_inputs(s: RunSettings) -> None:
             raise LongcatError(f"{opt} {path}: no such file")
     if not s.out.endswith(".mp4"):
         raise LongcatError(f"--out {s.out}: the output is an H.264 .mp4 file")
+    for opt, path in (("--out", s.out), ("--save-latents", s.save_latents)):
+        if path:
+            _check_output(opt, Path(path))
+    image_size = video_size = None
+    if s.image:
+        try:
+            image_size = vio.image_size(s.image)
+        except LongcatError as e:
+            raise LongcatError(f"--image {e}") from None
+    if s.video:
+        try:
+            info = vio.probe(s.video, max_frames=1)
+        except LongcatError as e:
+            raise LongcatError(f"--video {e}") from None
+        video_size = (info["width"], info["height"])
+    return InputFiles(dims, image_size, video_size)
+
+
+def _check_output(opt: str, path: Path) -> None:
+    if path.is_dir():
+        raise LongcatError(f"{opt} {path}: is a folder (give a file name)")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # missing folders are created
+        folder = folder.parent
+    if not folder.is_dir():
+        raise LongcatError(f"{opt} {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LongcatError(f"{opt} {path}: the folder {folder} is not writable")
+
+
+def _stage1_size(s: RunSettings, files: InputFiles) -> tuple[int, int]:
+    """(height, width) of the first stage, as the pipeline will choose it."""
+    if s.height is not None and s.width is not None:
+        return s.height, s.width
+    source = files.image_size if s.task == "i2v" else (
+        files.video_size if s.task == "vc" else None)
+    if source is not None:
+        return bucket_size(source[1], source[0], s.resolution)
+    return T2V_SIZE
+
+
+def _stages(s: RunSettings, files: InputFiles) -> list[footprint.Stage]:
+    """The sampling stages of this run with their sizes, for the memory estimate."""
+    cfg = (s.guidance if s.guidance is not None else (1.0 if s.distill else 4.0)) > 1.0
+    refine_size = ((s.refine_height, s.refine_width) if s.refine_height and s.refine_width
+                   else REFINE_SIZE)
+    if s.task == "refine":
+        h, w = (s.height, s.width) if s.height and s.width else refine_size
+        n_out = s.frames if s.spatial_refine_only else 2 * s.frames
+        return [footprint.stage("--task refine", h, w, n_out, False, refine=True)]
+    h, w = _stage1_size(s, files)
+    cond = s.num_cond_frames or DEFAULT_COND_FRAMES
+    total = s.frames + (s.segments * (s.frames - cond) if s.task == "long" else 0)
+    what = f"--height/--width {h}x{w}, --frames {s.frames}" + (
+        f", --segments {s.segments}" if s.task == "long" else "")
+    stages = [footprint.stage(what, h, w, s.frames, cfg, frames_out=total)]
+    if s.refine:
+        n = s.frames if s.spatial_refine_only else 2 * s.frames
+        n_out = total if s.spatial_refine_only else 2 * total
+        stages.append(footprint.stage(f"--refine at {refine_size[0]}x{refine_size[1]}",
+                                      *refine_size, n, False, frames_out=n_out, refine=True))
+    return stages
+
+
+def _check_latents(s: RunSettings, files: InputFiles) -> None:
+    """--latents-in: a safetensors file holding ``latents`` of this run's latent shape (read
+    from the header; refine's noise shape follows the input video, so only its rank and
+    channels are checked)."""
+    if not s.latents_in:
+        return
+    from longcat_tools.io.safetensors import read_header
+
+    where = f"--latents-in {s.latents_in}"
+    try:
+        header = read_header(s.latents_in)
+    except LongcatError as e:
+        raise LongcatError(f"--latents-in {e}") from None
+    info = header.tensors.get("latents")
+    if info is None:
+        raise LongcatError(f"{where}: no tensor named 'latents' (found: "
+                           f"{', '.join(list(header.tensors)[:5]) or 'none'})")
+    if info.dtype not in ("F32", "F16", "BF16", "F64"):
+        raise LongcatError(f"{where}: 'latents' is {info.dtype}, not a float tensor")
+    channels = files.dims.in_channels
+    if s.task == "refine" or (s.task == "long" and s.video):
+        ok = len(info.shape) == 5 and info.shape[:2] == (1, channels)
+        want = f"[1, {channels}, T, H, W]"
+    else:
+        h, w = _stage1_size(s, files)
+        expected = (1, channels, latent_frames(s.frames)[1], *latent_grid(1, h, w)[1:])
+        ok, want = tuple(info.shape) == expected, str(list(expected))
+    if not ok:
+        raise LongcatError(f"{where}: 'latents' has shape {list(info.shape)}, this run needs "
+                           f"{want}")

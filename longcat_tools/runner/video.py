@@ -3,20 +3,26 @@
 Frames are ``uint8 [F, H, W, 3]`` arrays (or lists of PIL images for the pipeline's inputs). The
 encoder is the ffmpeg binary that ``imageio-ffmpeg`` ships: libx264, yuv420p (which needs even
 sizes, so odd edges are padded by repeating the last row/column), written to a temporary name and
-renamed, so a failed run leaves no half-written file.
+renamed with its sidecar (``publish``), so a failed run leaves no half-written file and never an
+mp4 without its sidecar.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.io.atomic import fsync_dir
+
+PROBE_TIMEOUT_S = 600  # a probe that runs longer is a stuck ffmpeg, not a slow file
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -26,8 +32,15 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0, 1) * 255).astype(np.uint8)
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
-    """Encode ``frames`` (uint8 or [0,1] float, [F, H, W, 3]) as H.264 at ``fps``."""
+def staged_name(path: Path) -> Path:
+    """The temporary name an output is written under, beside it (same folder, so the final
+    rename is atomic)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
+    """Encode ``frames`` (uint8 or [0,1] float, [F, H, W, 3]) as H.264 at ``fps`` into the
+    staged name of ``path``, which is returned; ``publish`` (or ``write_mp4``) renames it."""
     import imageio_ffmpeg
 
     path = Path(path)
@@ -38,22 +51,50 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.mp4")
+    tmp = staged_name(path)
     h, w = frames.shape[1:3]
     writer = imageio_ffmpeg.write_frames(
         str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-        macro_block_size=1, ffmpeg_log_level="error", output_params=["-crf", str(crf)])
+        macro_block_size=1, ffmpeg_log_level="error", output_params=["-f", "mp4", "-crf", str(crf)])
     try:
         writer.send(None)
         for f in frames:
             writer.send(np.ascontiguousarray(f))
         writer.close()
-        os.replace(tmp, path)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
+    """Encode ``frames`` as H.264 at ``fps`` and rename it into place."""
+    path = Path(path)
+    os.replace(encode_mp4(path, frames, fps, crf), path)
     return path
+
+
+def publish(staged_mp4: Path, path: str | Path, sidecar_text: str) -> None:
+    """Put an encoded mp4 and its JSON sidecar (``PATH.json``) in place: the sidecar is written
+    under a temporary name with the mp4's file mode and renamed first, the mp4 last, so a failure
+    at any point never leaves an mp4 without its sidecar. Staged files are removed on failure."""
+    path = Path(path)
+    sidecar = Path(f"{path}.json")
+    tmp = staged_name(sidecar)
+    try:
+        with open(tmp, "w") as f:
+            f.write(sidecar_text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(os.stat(staged_mp4).st_mode))
+        os.replace(tmp, sidecar)
+        os.replace(staged_mp4, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        staged_mp4.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def read_video(path: str | Path) -> tuple[list[Image.Image], float]:
@@ -76,31 +117,62 @@ def read_video(path: str | Path) -> tuple[list[Image.Image], float]:
     return frames, float(meta.get("fps") or 0.0)
 
 
+def _open_image(path: Path) -> Image.Image:
+    """PIL's lazy open (the header only), with its decompression-bomb limit as bad input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise LongcatError(f"{path}: image too large to decode safely ({e}); use an image "
+                               f"under {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise LongcatError(f"{path}: cannot read the image ({e})") from None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the image's header, checked against the decompression-bomb limit,
+    without decoding it (to check an input before any weights load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LongcatError(f"{path}: no such image file")
+    with _open_image(path) as im:
+        return im.size
+
+
 def read_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise LongcatError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as im:
+    with _open_image(path) as im:
+        try:
             return im.convert("RGB")
-    except OSError as e:
-        raise LongcatError(f"{path}: cannot read the image ({e})") from e
+        except (OSError, ValueError, SyntaxError) as e:
+            raise LongcatError(f"{path}: cannot read the image ({e})") from None
 
 
-def probe(path: str | Path) -> dict:
-    """Decode the whole file with the bundled ffmpeg and report its video stream: codec, pixel
-    format, size, fps and the number of frames decoded (a file that does not decode fails)."""
+def probe(path: str | Path, max_frames: int | None = None) -> dict:
+    """Decode the whole file (or its first ``max_frames``) with the bundled ffmpeg and report its
+    video stream: codec, pixel format, size, fps and the number of frames decoded (a file that
+    does not decode fails with ffmpeg's last line, on one line)."""
     import imageio_ffmpeg
 
     exe = imageio_ffmpeg.get_ffmpeg_exe()
-    r = subprocess.run([exe, "-hide_banner", "-i", str(path), "-map", "0:v:0", "-f", "null", "-"],
-                       capture_output=True, text=True)
+    limit = ["-frames:v", str(max_frames)] if max_frames else []
+    try:
+        r = subprocess.run([exe, "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0",
+                            *limit, "-f", "null", "-"], capture_output=True, text=True,
+                           errors="replace", timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise LongcatError(f"{path}: ffmpeg did not finish decoding it within "
+                           f"{PROBE_TIMEOUT_S} s") from None
     err = r.stderr
     m = re.search(r"Stream #\S+: Video: (\w+)[^,]*, (\w+)[^,]*(?:\([^)]*\))?, (\d+)x(\d+)", err)
     frames = re.findall(r"frame=\s*(\d+)", err)
     fps = re.search(r"([\d.]+) fps", err)
     if r.returncode != 0 or not m:
-        raise LongcatError(f"{path}: ffmpeg cannot decode it ({err.strip().splitlines()[-1:]})")
+        last = err.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
+        raise LongcatError(f"{path}: ffmpeg cannot decode it as a video ({last[0].strip()})")
     return {"codec": m.group(1), "pix_fmt": m.group(2), "width": int(m.group(3)),
             "height": int(m.group(4)), "fps": float(fps.group(1)) if fps else None,
             "frames": int(frames[-1]) if frames else None}

@@ -20,8 +20,9 @@ from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.checkpoint.hub import snapshot_roots
 from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import Header
-from longcat_tools.model import keymap
+from longcat_tools.model import bounds, keymap
 from longcat_tools.verify import components as C
 from longcat_tools.verify import deep as D
 from longcat_tools.verify import lora as L
@@ -29,8 +30,6 @@ from longcat_tools.verify.report import Recorder, Report, count, listing
 from longcat_tools.verify.weights import WeightSet, dtypes, expect, read_weights
 
 MAX_ENTRIES = 100_000  # files and folders in a checkpoint (the real one has a few dozen)
-MAX_LAYERS = 1024  # DiT blocks / encoder layers: the real model has 48 / 24; tensors are
-# enumerated per layer, so an absurd depth must be refused before that, not after an hour
 CKPT = "checkpoint"
 
 
@@ -221,7 +220,7 @@ def _model_index(rec: Recorder, st: _State) -> None:
                      "(pipelines pick their classes from it)")
         return
     with rec.guard(CKPT, "model_index", path):
-        doc = layouts.load_json(path, "pipeline index")
+        doc = jsonio.read(path, what="pipeline index")
         schemas.validate(doc, name, str(path))
         st.model_index = doc
         if st.layout == "native":
@@ -247,14 +246,10 @@ def _dit(rec: Recorder, st: _State) -> None:
         return
     cfg_path = tdir / "config.json"
     with rec.guard(comp, "config", cfg_path):
-        cfg = layouts.load_json(cfg_path, "transformer config")
+        cfg = jsonio.read(cfg_path, what="transformer config")
         schemas.validate(cfg, "transformer_config", str(cfg_path))
         st.dit_cfg = cfg
-        dims = keymap.dit_dims(cfg, str(cfg_path))
-        if dims.depth > MAX_LAYERS:
-            raise LongcatError(f"{cfg_path}: depth {dims.depth:,} is beyond any LongCat DiT "
-                               f"(48 blocks; limit {MAX_LAYERS})")
-        st.dims = dims
+        st.dims = keymap.dit_dims(cfg, str(cfg_path))  # within model.bounds
         st.cfg_flavour = "native" if cfg["_class_name"] == keymap.NATIVE_CLASS else "fastvideo"
         if cfg.get("enable_bsa") and not cfg.get("bsa_params"):
             raise LongcatError(f"{cfg_path}: enable_bsa is true but bsa_params is null (set a "
@@ -309,18 +304,17 @@ def _component(rec: Recorder, st: _State, comp: C.Component) -> None:
         p = folder / fname
         if p.exists() or p.is_symlink():
             with rec.guard(comp.name, "config", p):
-                doc = layouts.load_json(p, f"{comp.name} config")
+                doc = jsonio.read(p, what=f"{comp.name} config")
                 schemas.validate(doc, schema, str(p))
-                if doc.get("num_layers", 0) > MAX_LAYERS:
-                    raise LongcatError(f"{p}: num_layers {doc['num_layers']:,} is beyond any "
-                                       f"LongCat text encoder (24; limit {MAX_LAYERS})")
+                if "num_layers" in doc:  # layers are enumerated: bounded like the DiT's
+                    bounds.check_int(doc["num_layers"], "num_layers", str(p))
                 cfg = st.configs[comp.name] = doc
                 rec.ok(comp.name, "config", p, _config_summary(comp.name, doc))
     if comp.name == "tokenizer":
         with rec.guard(comp.name, "config", folder / "tokenizer_config.json"):
             p = folder / "tokenizer_config.json"
             if p.exists():
-                layouts.load_json(p, "tokenizer config")
+                jsonio.read(p, what="tokenizer config")
                 rec.ok(comp.name, "config", p, "valid JSON")
     if comp.weights is None:
         if not missing and comp.name == "tokenizer":

@@ -20,6 +20,7 @@ from typing import Any
 
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 from longcat_tools.io.checksums import parse_manifest
 from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo
 
@@ -50,15 +51,9 @@ def parse_checksums(path: Path, root: Path) -> tuple[dict[Path, str], list[str]]
     out: dict[Path, str] = {}
     problems: list[str] = []
     try:
-        if not path.is_file():
-            raise LongcatError(f"{path}: not a regular file")
-        if path.stat().st_size > layouts.MAX_JSON_BYTES:
-            raise LongcatError(f"{path}: too large for a checksum list")
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        return out, [f"cannot read ({e})"]
-    except LongcatError as e:
-        return out, [str(e).replace(f"{path}: ", "", 1)]
+        text = jsonio.read_text(path, what="checksum list")
+    except jsonio.JsonError as e:
+        return out, [e.reason]
     lines = text.splitlines()
     if len(lines) > MAX_LISTED:
         return out, [f"{len(lines):,} lines, more than a checkpoint has files (limit "

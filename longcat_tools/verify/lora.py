@@ -16,6 +16,7 @@ from typing import Any
 from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo, read_header
 from longcat_tools.lora import formats as lora_formats
 from longcat_tools.lora.registry import REGISTRY, SCHEMA, target_patterns
@@ -173,7 +174,7 @@ def check_manifest(rec: Recorder, root: Path, parsed: dict[Path, LoraFile]) -> N
         return
     comp = "lora"
     try:
-        doc: Any = layouts.load_json(path, "LoRA manifest")
+        doc: Any = jsonio.read(path, what="LoRA manifest")
         schemas.validate(doc, SCHEMA, str(path))
     except LongcatError as e:
         rec.fail(comp, "manifest", path, str(e))

@@ -17,6 +17,7 @@ from pathlib import Path
 from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo, read_header
 from longcat_tools.verify.report import Recorder, count, listing
 
@@ -101,7 +102,7 @@ def _read_index(rec: Recorder, ws: WeightSet, index: Path) -> None:
         if size > MAX_INDEX_BYTES:
             raise LongcatError(f"{index}: {size:,} bytes, far more than an index of a LongCat "
                                f"component needs (limit {MAX_INDEX_BYTES:,}): corrupt or hostile")
-        doc = layouts.load_json(index, "shard index")
+        doc = jsonio.read(index, what="shard index")
     except LongcatError as e:
         rec.fail(component, "index", index, str(e))
         ws.complete = False

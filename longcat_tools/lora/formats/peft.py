@@ -16,7 +16,6 @@ targets, rank ``r``).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import Header
 from longcat_tools.lora.formats.base import (
     Cast,
@@ -102,11 +102,7 @@ def peft_config_of(header: Header, given: Mapping | str | Path | None = None
         return _load_config(path), str(path)
     raw = header.metadata.get(PEFT_METADATA_KEY)
     if raw:
-        try:
-            doc = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise LongcatError(f"{where}: metadata '{PEFT_METADATA_KEY}' is not JSON ({e.msg})"
-                               ) from None
+        doc = jsonio.loads(raw, f"{where}: metadata '{PEFT_METADATA_KEY}'")
         if not isinstance(doc, dict):
             raise LongcatError(f"{where}: metadata '{PEFT_METADATA_KEY}' is not a JSON object")
         return _unprefix_config(doc), f"{where} metadata '{PEFT_METADATA_KEY}'"
@@ -117,12 +113,7 @@ def peft_config_of(header: Header, given: Mapping | str | Path | None = None
 
 
 def _load_config(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LongcatError(f"{path}: no such adapter config") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LongcatError(f"{path}: not a readable JSON adapter config ({e})") from None
+    doc = jsonio.read(path, what="adapter config")
     if not isinstance(doc, dict):
         raise LongcatError(f"{path}: adapter config is not a JSON object")
     return _unprefix_config(doc)
@@ -347,8 +338,8 @@ class Peft(LoraFormat):
 
         meta = exact_records(entries, lambda e: e.alpha_scale.to(torch.float32).reshape(()))
         cfg = peft_config(entries, _key_names(keys))
-        meta[PEFT_METADATA_KEY] = json.dumps({PEFT_PREFIX + k: v for k, v in cfg.items()},
-                                             indent=2, sort_keys=True)
+        meta[PEFT_METADATA_KEY] = jsonio.dumps({PEFT_PREFIX + k: v for k, v in cfg.items()},
+                                               newline=False, sort_keys=True)
         return meta
 
     def adapter_config(self, entries: Iterable[ModuleEntry], keys: str | None) -> dict | None:

@@ -8,11 +8,11 @@ safetensors metadata records what is needed (``EXACT_METADATA_KEY``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 from longcat_tools.io import safetensors as st
 from longcat_tools.io.safetensors import Header
 from longcat_tools.lora.formats.base import (
@@ -39,10 +39,7 @@ def exact_metadata(header: Header) -> dict[str, dict]:
     raw = header.metadata.get(EXACT_METADATA_KEY)
     if not raw:
         return {}
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise LongcatError(f"{header.path}: metadata '{EXACT_METADATA_KEY}' is not JSON") from e
+    doc = jsonio.loads(raw, f"{header.path}: metadata '{EXACT_METADATA_KEY}'")
     if not isinstance(doc, dict):
         raise LongcatError(f"{header.path}: metadata '{EXACT_METADATA_KEY}' is not an object")
     return doc
@@ -81,7 +78,8 @@ def exact_records(entries: list[ModuleEntry], back: Callable[[ModuleEntry], torc
     recs = {e.module: r for e in entries if (r := exact_record(e, back(e)))}
     if not recs:
         return {}
-    return {EXACT_METADATA_KEY: json.dumps(recs, sort_keys=True, separators=(",", ":"))}
+    return {EXACT_METADATA_KEY: jsonio.dumps(recs, indent=None, newline=False, sort_keys=True,
+                                              separators=(",", ":"))}
 
 
 def is_block_diagonal(b: torch.Tensor, n: int) -> bool:

@@ -1,0 +1,222 @@
+"""Hostile corpus, unbounded work (class 2) and small contract gaps (class 4): absurd model
+dimensions in a config, run inputs that cannot fit or cannot be read, and schema names that are
+paths. Each is refused in one line, fast, and a run never gets as far as loading weights."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from hostile import refused
+from safetensors.torch import save_file
+
+from longcat_tools.runner import pipeline as pipeline_module
+
+FAST_S = 5.0  # each refusal: well under this on 2 cores, with no weights read
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_native, tmp_path_factory):
+    """A private copy of the tiny checkpoint whose DiT config each case rewrites."""
+    dst = tmp_path_factory.mktemp("hostile") / "ckpt"
+    shutil.copytree(tiny_native, dst)
+    return dst
+
+
+@pytest.fixture
+def dit_config(ckpt):
+    """Set fields of the copy's dit/config.json for one case, restored afterwards."""
+    path = ckpt / "dit" / "config.json"
+    original = path.read_text()
+
+    def edit(**fields):
+        path.write_text(json.dumps({**json.loads(original), **fields}))
+        return path
+
+    yield edit
+    path.write_text(original)
+
+
+@pytest.fixture(autouse=True)
+def no_weights(monkeypatch):
+    """A run that reaches the weights fails the test (not the CLI's catch-all)."""
+    def load(*_a, **_k):
+        pytest.fail("the run loaded weights before refusing")
+
+    monkeypatch.setattr(pipeline_module.Pipeline, "load", classmethod(load))
+
+
+def fast_refusal(capsys, *args, code=1, says=None):
+    t = time.perf_counter()
+    line = refused(capsys, *args, code=code, says=says)
+    assert time.perf_counter() - t < FAST_S, line
+    return line
+
+
+# --- class 2: model dimensions, one validation for every reader -----------------------------
+
+ABSURD_CONFIGS = [
+    ("depth-1e9", {"depth": 10**9}, "depth 1,000,000,000 is beyond any LongCat DiT"),
+    ("hidden-1e12", {"hidden_size": 10**12}, "hidden_size"),
+    ("mlp_ratio-1e9", {"mlp_ratio": 1e9}, "mlp_ratio"),
+    ("mlp_ratio-string", {"mlp_ratio": "4"}, "mlp_ratio"),
+    ("depth-negative", {"depth": -3}, "'depth' must be a positive integer"),
+    ("depth-float", {"depth": 2.5}, "'depth' must be a positive integer"),
+    ("depth-bool", {"depth": True}, "'depth' must be a positive integer"),
+    ("heads-0", {"num_heads": 0}, "num_heads"),
+    ("heads-1e6", {"num_heads": 10**6}, "num_heads"),
+    ("in-channels-1e9", {"in_channels": 10**9}, "in_channels"),
+    ("patch-1e6", {"patch_size": [1, 2, 10**6]}, "patch_size"),
+    ("caption-1e12", {"caption_channels": 10**12}, "caption_channels"),
+]
+
+
+def _commands(ckpt: Path, tmp: Path) -> dict[str, list[str]]:
+    return {
+        "convert": ["convert", "--src", ckpt, "--dst", tmp / "out", "--dry-run", "-q"],
+        "lora-list": ["lora", "list", "-m", ckpt, "-q"],
+        "run": ["run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width", "32",
+                "--frames", "9", "--out", tmp / "x.mp4"],
+        "bsa-check": ["bsa", "check", "-m", ckpt, "--height", "480", "--width", "832",
+                      "--frames", "93", "-q"],
+    }
+
+
+@pytest.mark.parametrize("command", ["convert", "lora-list", "run", "bsa-check"])
+@pytest.mark.parametrize("case,fields,says", ABSURD_CONFIGS, ids=[c[0] for c in ABSURD_CONFIGS])
+def test_absurd_dit_config_is_refused_by_every_reader(capsys, ckpt, dit_config, tmp_path,
+                                                      command, case, fields, says):
+    path = dit_config(**fields)
+    line = fast_refusal(capsys, *_commands(ckpt, tmp_path)[command], says=says)
+    assert "config.json" in line and str(path.parent.name) in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_verify_uses_the_same_bounds_and_message(capsys, ckpt, dit_config):
+    dit_config(depth=10**9)
+    t = time.perf_counter()
+    from longcat_tools.cli import main
+
+    assert main(["verify", str(ckpt), "-q"]) == 1
+    err = capsys.readouterr()
+    assert "depth 1,000,000,000 is beyond any LongCat DiT" in err.out + err.err
+    assert time.perf_counter() - t < FAST_S
+
+
+def test_synth_depth_1e9_is_refused_without_partial(capsys, tmp_path):
+    dst = tmp_path / "big"
+    fast_refusal(capsys, "synth", dst, "--depth", 10**9, "-q", code=2,
+                 says="--depth: depth 1,000,000,000 is beyond any LongCat DiT")
+    assert not dst.exists() and not list(tmp_path.iterdir())
+
+
+# --- class 2: run inputs, checked before any weights load ------------------------------------
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose IHDR claims ``width`` x ``height`` (no real pixel data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    return path
+
+
+def _latents(path: Path, **tensors) -> Path:
+    save_file(tensors, path)
+    return path
+
+
+RUN_CASES = [
+    ("png-bomb", ["--task", "i2v", "--image", "{bomb}"], "too large"),
+    ("image-not-image", ["--task", "i2v", "--image", "{text}"], "cannot read the image"),
+    ("video-text", ["--task", "vc", "--video", "{text}", "--cond-frames", "5"],
+     "cannot decode it as a video"),
+    ("latents-wrong-shape", ["--latents-in", "{lat_shape}"], "[1, 16, 3, 4, 4]"),
+    ("latents-missing", ["--latents-in", "{lat_name}"], "no tensor named 'latents'"),
+    ("latents-pickle", ["--latents-in", "{pickle}"], "--latents-in"),
+    ("out-is-folder", ["--out", "{folder}"], "is a folder"),
+    ("out-under-a-file", ["--out", "{under_file}"], "is not a folder"),
+    ("fps-nan", ["--fps", "nan"], "--fps nan"),
+    ("fps-inf", ["--fps", "inf"], "--fps inf"),
+    ("guidance-inf", ["--guidance", "inf"], "--guidance inf"),
+    ("guidance-nan", ["--guidance", "nan"], "--guidance nan"),
+    ("seed-2^70", ["--seed", str(2**70)], "--seed"),
+    ("frames-1e9+1", ["--frames", "1000000001"], "--frames 1000000001"),
+    ("height-100000", ["--height", "100000", "--width", "100000"], "memory"),
+    ("height-100000-832", ["--height", "100000", "--width", "832", "--frames", "93"], "memory"),
+    ("long-segments-1e9", ["--task", "long", "--frames", "17", "--segments", str(10**9)],
+     "memory"),
+    ("long-frames-9", ["--task", "long", "--frames", "9"], "--frames 9: --task long"),
+    ("long-frames-13", ["--task", "long", "--frames", "13"], "--frames 13: --task long"),
+]
+
+
+@pytest.mark.parametrize("case,args,says", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, case, args, says):
+    files = {
+        "bomb": png_claiming(tmp_path / "bomb.png", 100_000, 100_000),
+        "text": tmp_path / "notes.txt",
+        "lat_shape": _latents(tmp_path / "a.safetensors", latents=torch.zeros(1, 16, 3, 4, 5)),
+        "lat_name": _latents(tmp_path / "b.safetensors", noise=torch.zeros(1, 16, 3, 4, 4)),
+        "pickle": tmp_path / "c.safetensors",
+        "folder": tmp_path / "dir.mp4",
+        "under_file": tmp_path / "notes.txt" / "x.mp4",
+    }
+    files["text"].write_text("not a picture, not a video\n")
+    files["pickle"].write_bytes(pickle.dumps({"latents": [0.0] * 10}))
+    files["folder"].mkdir()
+    args = [a.format(**files) for a in args]
+    base = ["run", "-q", "-m", tiny_native, "-p", "a cat", "--height", "32", "--width", "32",
+            "--frames", "9", "--out", tmp_path / "x.mp4"]
+    fast_refusal(capsys, *base, *args, says=says)
+    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.mp4.json").exists()
+
+
+def test_a_failed_publish_leaves_no_mp4_without_sidecar(tmp_path, monkeypatch):
+    """The sidecar is renamed into place before the mp4, with the mp4's mode."""
+    import os
+
+    import numpy as np
+
+    from longcat_tools.runner import video as vio
+
+    out = tmp_path / "v.mp4"
+    frames = np.zeros((1, 16, 16, 3), np.uint8)
+    staged = vio.encode_mp4(out, frames, 15)
+    os.chmod(staged, 0o640)
+    vio.publish(staged, out, "{}\n")
+    assert out.is_file() and (tmp_path / "v.mp4.json").read_text() == "{}\n"
+    assert (out.stat().st_mode & 0o777) == ((tmp_path / "v.mp4.json").stat().st_mode & 0o777)
+    assert (out.stat().st_mode & 0o777) == 0o640
+
+    out2 = tmp_path / "w.mp4"
+    staged = vio.encode_mp4(out2, frames, 15)
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(vio.os, "replace", failing)
+    with pytest.raises(OSError):
+        vio.publish(staged, out2, "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4", "v.mp4.json"]
+
+
+# --- class 4: schema names are names, not paths ----------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../x", "../schemas/transformer_config", "/etc/passwd",
+                                  "transformer_config/../vae_config", "sub/vae_config", "nope"])
+def test_schema_reads_nothing_outside_its_folder(capsys, name):
+    fast_refusal(capsys, "schema", name, code=2, says="unknown schema")

@@ -1,0 +1,384 @@
+"""Hostile corpus, class 1 (data loss, writes outside the output): concurrent writers to one
+destination, SIGKILL at random points, and the one ``--force`` rule of convert, synth and fuse.
+
+Writers run as child processes (``python -c CHILD``) so that they can be stopped and killed for
+real: ``HOSTILE_PAUSE=1`` makes a child SIGSTOP itself once its output is staged (lock held,
+``DST.partial`` full, not yet renamed); ``HOSTILE_ROOT`` + ``HOSTILE_KILL_AT=k`` SIGKILLs it just
+before its k-th change to a file or folder under ROOT (seen through Python's audit hooks: opens
+for writing, renames, removals, mkdirs, links, copies, plus foreign calls such as
+``renameat2``), and ``HOSTILE_COUNT=FILE`` lists the events of those changes in a clean run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hostile import refused
+
+from longcat_tools import convert as conv
+from longcat_tools.cli import main
+from longcat_tools.io.atomic import lock_path, partial_path
+
+KILLED = -signal.SIGKILL
+BUSY = "another process is writing it"
+
+CHILD = r"""
+import atexit, os, signal, sys
+from contextlib import contextmanager
+
+if os.environ.get("HOSTILE_PAUSE"):
+    from longcat_tools import convert, synth
+    from longcat_tools.io import atomic
+    from longcat_tools.lora import fusion
+
+    @contextmanager
+    def paused(*args, **kwargs):
+        with atomic.atomic_folder(*args, **kwargs) as tmp:
+            yield tmp
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    for module in (convert, synth, fusion):
+        module.atomic_folder = paused
+
+root = os.environ.get("HOSTILE_ROOT")
+if root:
+    kill_at = int(os.environ.get("HOSTILE_KILL_AT", "0"))
+    seen = []
+    PATH_ARG = {"os.rename": 1, "os.link": 1, "shutil.copyfile": 1, "os.remove": 0,
+                "os.rmdir": 0, "os.mkdir": 0, "shutil.rmtree": 0, "os.chmod": 0,
+                "os.truncate": 0, "os.symlink": 1}
+
+    def target(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if mode is not None and not any(c in mode for c in "wax+"):
+                return None
+            if mode is None and not flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                return None
+            return path
+        if event in PATH_ARG:
+            return args[PATH_ARG[event]]
+        return None
+
+    def hook(event, args):
+        path = target(event, args)
+        if path is None or isinstance(path, int):
+            return
+        if not os.path.abspath(os.fsdecode(path)).startswith(root):
+            return
+        seen.append(event)
+        if len(seen) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(hook)
+    count = os.environ.get("HOSTILE_COUNT")
+    if count:
+        atexit.register(lambda: open(count, "w").write("\n".join(seen)))
+
+from longcat_tools.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _child(args, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)],
+                            env={**os.environ, **{k: str(v) for k, v in env.items()}},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run(args, **env) -> subprocess.CompletedProcess:
+    p = _child(args, **env)
+    out, err = p.communicate(timeout=120)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _paused(args) -> subprocess.Popen:
+    """A writer stopped with its output staged and its lock held."""
+    p = _child(args, HOSTILE_PAUSE=1)
+    _, status = os.waitpid(p.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        p.returncode = os.waitstatus_to_exitcode(status)
+        pytest.fail(f"the writer ended before pausing ({p.returncode}): {p.stderr.read()}")
+    return p
+
+
+def _resume(p: subprocess.Popen) -> None:
+    os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+
+
+def _deep_ok(path) -> bool:
+    return main(["verify", str(path), "--deep", "-q"]) == 0
+
+
+def _leftovers(dst) -> list[str]:
+    """Scratch, lock or replaced folders a finished writer must not leave beside DST."""
+    return sorted(p.name for p in dst.parent.iterdir()
+                  if p.name.startswith(f".{dst.name}.") or p.name == partial_path(dst).name)
+
+
+def _events(args, root, tmp_path) -> list[str]:
+    """The audit events of a clean run's changes under ``root``, in order."""
+    counter = tmp_path / "events.txt"
+    p = _run(args, HOSTILE_ROOT=root, HOSTILE_COUNT=counter)
+    assert p.returncode == 0, p.stderr
+    return counter.read_text().split("\n")
+
+
+def _count(args, root, tmp_path) -> int:
+    return len(_events(args, root, tmp_path))
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_native, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("hw") / "fv"
+    conv.convert(tiny_native, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def fuse_src(tiny_native, tmp_path_factory):
+    """A native checkpoint the fuse tests read (never change)."""
+    src = tmp_path_factory.mktemp("hw") / "src"
+    shutil.copytree(tiny_native, src)
+    return src
+
+
+def _convert_args(src, dst, *extra):
+    return ["convert", "--src", src, "--dst", dst, "-q", *extra]
+
+
+def _fuse_args(src, dst, *extra):
+    return ["lora", "fuse", "distilled:0.5", "--dst", dst, "-m", src, "-q", *extra]
+
+
+# ---------------------------------------------------------------------------------------------
+# two writers, one destination
+
+
+@pytest.mark.parametrize("command", ["convert", "fuse", "synth"])
+def test_second_writer_is_refused_and_the_first_finishes(command, tiny_native, fuse_src,
+                                                         tmp_path, capsys):
+    """The first writer is stopped with everything staged; a second one (with or without
+    --force) is refused at once with one line naming DST, and leaves the first one's staging
+    alone; the first then finishes into a checkpoint that passes verify --deep."""
+    dst = tmp_path / "out"
+    args = {"convert": _convert_args(tiny_native, dst), "fuse": _fuse_args(fuse_src, dst),
+            "synth": ["synth", dst, "-q"]}[command]
+    first = _paused(args)
+    try:
+        staged = sorted(p.relative_to(partial_path(dst))
+                        for p in partial_path(dst).rglob("*"))
+        assert staged and lock_path(dst).is_file()
+        t0 = time.monotonic()
+        for extra in ([], ["--force"]):
+            line = refused(capsys, *args, *extra, says=BUSY)
+            assert str(dst) in line
+        assert time.monotonic() - t0 < 10  # refused, not queued
+        assert sorted(p.relative_to(partial_path(dst))
+                      for p in partial_path(dst).rglob("*")) == staged
+        assert not dst.exists()
+    finally:
+        _resume(first)
+    assert _deep_ok(dst)
+    assert _leftovers(dst) == []
+
+
+def test_convert_racing_a_bsa_edit_of_its_source(tiny_native, tmp_path, capsys):
+    """`bsa enable/disable` on the source while convert runs: the output holds the config as
+    it was when convert read it (old or new, never a mix) and passes verify --deep. Once with
+    the edit landing while convert is stopped, once with edits in a loop for the whole run."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    before = json.loads((src / "dit" / "config.json").read_text())
+    assert before["enable_bsa"] is False
+    dst = tmp_path / "paused"
+    first = _paused(_convert_args(src, dst))
+    try:
+        assert main(["bsa", "enable", "-m", str(src), "-q"]) == 0
+    finally:
+        _resume(first)
+    out = json.loads((dst / "transformer" / "config.json").read_text())
+    assert out["enable_bsa"] is False and _deep_ok(dst)
+
+    dst = tmp_path / "loop"
+    p = _child(_convert_args(src, dst))
+    edits = 0
+    while p.poll() is None:
+        assert main(["bsa", "disable" if edits % 2 else "enable", "-m", str(src), "-q"]) == 0
+        edits += 1
+    assert p.returncode == 0, p.stderr.read()
+    out = json.loads((dst / "transformer" / "config.json").read_text())
+    assert out["enable_bsa"] in (True, False) and edits > 0
+    assert {k: v for k, v in out.items() if k != "enable_bsa"} == {
+        k: v for k, v in json.loads((tmp_path / "paused" / "transformer" / "config.json")
+                                    .read_text()).items() if k != "enable_bsa"}
+    assert _deep_ok(dst)
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL at random points, then the same command again
+
+
+def _kill_points(n: int, seeds: tuple[int, ...]) -> list[int]:
+    """Seeded points in [1, n]."""
+    return sorted({random.Random(s).randint(1, n) for s in seeds})
+
+
+@pytest.mark.parametrize("command", ["convert", "fuse"])
+def test_sigkill_anywhere_then_rerun(command, tiny_native, fuse_src, converted, tmp_path):
+    """--force over an old checkpoint (or into a fresh DST), killed at seeded points and right
+    after the one-step swap: DST is absent or complete (old or new, never a mix); the same
+    command again exits 0, its output passes verify --deep, and nothing is left beside it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    dst = work / "out"
+    args = (_convert_args(tiny_native, dst, "--force") if command == "convert"
+            else _fuse_args(fuse_src, dst, "--force"))
+
+    def old_dst():
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(converted, dst)
+        (dst / "marker.txt").write_text("old")
+
+    old_dst()
+    events = _events(args, work, tmp_path)
+    # the old checkpoint's removal, once swapped out (1-based)
+    cleanup = len(events) - events[::-1].index("shutil.rmtree")
+    for i, k in enumerate([*_kill_points(cleanup - 1, (1, 2)), cleanup]):
+        old_dst()
+        if i % 2 == 0 and k < cleanup:
+            shutil.rmtree(dst)  # a first write
+        p = _run(args, HOSTILE_ROOT=work, HOSTILE_KILL_AT=k)
+        assert p.returncode == KILLED, (k, cleanup, p.stderr[-400:])
+        if k == cleanup:  # swapped, the old one not yet deleted
+            assert (partial_path(dst) / "marker.txt").read_text() == "old"
+            assert not (dst / "marker.txt").exists()
+        if dst.exists():
+            assert _deep_ok(dst), (k, cleanup)
+        assert main([str(a) for a in args]) == 0, (k, cleanup)
+        assert _deep_ok(dst) and not (dst / "marker.txt").exists(), (k, cleanup)
+        assert _leftovers(dst) == [], (k, cleanup)
+
+
+def _bsa_kill(converted, tmp_path, points):
+    """Kill `bsa enable` at each of ``points(events)`` on a fresh copy of a checkpoint with a
+    checksum list: the config parses and is the old or the new one; `bsa enable` again exits 0
+    and verify --deep passes."""
+    ckpt = tmp_path / "ckpt"
+    cfg = ckpt / "transformer" / "config.json"
+    args = ["bsa", "enable", "-m", ckpt, "-q"]
+    shutil.copytree(converted, ckpt)
+    old = cfg.read_text()
+    events = _events(args, ckpt, tmp_path)
+    new = cfg.read_text()
+    assert json.loads(old)["enable_bsa"] is False and json.loads(new)["enable_bsa"] is True
+    for k in points(events):
+        shutil.rmtree(ckpt)
+        shutil.copytree(converted, ckpt)
+        p = _run(args, HOSTILE_ROOT=ckpt, HOSTILE_KILL_AT=k)
+        assert p.returncode == KILLED, (k, events, p.stderr[-400:])
+        assert cfg.read_text() in (old, new), k
+        assert main([str(a) for a in args]) == 0, k
+        assert cfg.read_text() == new and _deep_ok(ckpt), (k, events)
+
+
+def test_sigkill_of_bsa_enable_then_rerun(converted, tmp_path):
+    _bsa_kill(converted, tmp_path, lambda events: _kill_points(len(events), (1, 2, 3, 4)))
+
+
+def test_bsa_killed_between_its_config_and_checksum_list(converted, tmp_path):
+    """The config is renamed into place (backup first, then the config), the checksum list
+    after: killed in between, the rerun must still leave a list that matches."""
+    def after_config_rename(events):
+        renames = [i for i, e in enumerate(events, 1) if e == "os.rename"]
+        return [renames[1] + 1]
+
+    _bsa_kill(converted, tmp_path, after_config_rename)
+
+
+# ---------------------------------------------------------------------------------------------
+# --force replaces only a checkpoint, never through a link, never the source
+
+
+def _targets(tmp_path, converted):
+    """name -> (path, a snapshot to compare after)."""
+    regular = tmp_path / "file.bin"
+    regular.write_bytes(b"not a checkpoint")
+    unrelated = tmp_path / "docs"
+    unrelated.mkdir()
+    (unrelated / "thesis.tex").write_text("years of work")
+    link = tmp_path / "link"
+    link.symlink_to(converted, target_is_directory=True)
+    return {"regular file": regular, "unrelated folder": unrelated, "symlink": link}
+
+
+def _snapshot(path):
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    if path.is_file():
+        return ("file", path.read_bytes())
+    return ("dir", sorted((p.name, p.read_bytes()) for p in path.iterdir()))
+
+
+@pytest.mark.parametrize("command", ["convert", "fuse", "synth"])
+def test_force_refuses_what_is_not_a_checkpoint(command, tiny_native, fuse_src, converted,
+                                                tmp_path, capsys):
+    says = {"regular file": "is not a folder", "unrelated folder": "does not look like a "
+            "checkpoint", "symlink": "is a symbolic link"}
+    cases = _targets(tmp_path, converted)
+    before = {name: _snapshot(p) for name, p in cases.items()}
+    for name, dst in cases.items():
+        args = {"convert": _convert_args(tiny_native, dst, "--force"),
+                "fuse": _fuse_args(fuse_src, dst, "--force"),
+                "synth": ["synth", dst, "--force", "-q"]}[command]
+        refused(capsys, *args, says=says[name])
+        assert _snapshot(dst) == before[name], name
+        assert _leftovers(dst) == [], name
+    assert _deep_ok(converted)
+    if command != "synth":  # the source itself, and a folder holding it
+        src = tiny_native if command == "convert" else fuse_src
+        for dst, says in ((src, "inside the source"), (src.parent, "contain the source")):
+            args = (_convert_args(src, dst, "--force") if command == "convert"
+                    else _fuse_args(src, dst, "--force"))
+            refused(capsys, *args, code=2, says=says)
+        assert _deep_ok(src)
+
+
+# ---------------------------------------------------------------------------------------------
+# the lock file and the scratch folder are never followed
+
+
+def test_lock_file_that_is_a_link_or_a_fifo_is_refused(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dst = tmp_path / "out"
+    lock_path(dst).symlink_to(outside / "created")
+    refused(capsys, "synth", dst, "-q", says="is a symbolic link")
+    assert list(outside.iterdir()) == [] and not dst.exists()
+    lock_path(dst).unlink()
+    os.mkfifo(lock_path(dst))
+    refused(capsys, "synth", dst, "-q", says="not a regular file")
+    lock_path(dst).unlink()
+    assert main(["synth", str(dst), "-q"]) == 0 and _leftovers(dst) == []
+
+
+def test_stale_partial_that_is_a_link_is_removed_not_followed(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    dst = tmp_path / "out"
+    partial_path(dst).symlink_to(outside, target_is_directory=True)
+    assert main(["synth", str(dst), "-q"]) == 0
+    assert (outside / "keep.txt").read_text() == "mine" and _leftovers(dst) == []
+    assert _deep_ok(dst)
