@@ -182,6 +182,30 @@ def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, cas
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.mp4.json").exists()
 
 
+COMPONENT_FILES = ["text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+                   "tokenizer/tokenizer_config.json", "vae/config.json",
+                   "scheduler/scheduler_config.json"]
+
+
+@pytest.mark.parametrize("payload", ["[1]", "missing"])
+@pytest.mark.parametrize("rel", COMPONENT_FILES)
+def test_run_checks_the_other_components_before_loading(capsys, ckpt, tmp_path, rel, payload):
+    """transformers' and diffusers' loaders given a bad config fail with their own traceback
+    (or try to reach the Hub): run checks those files first, as verify does."""
+    path = ckpt / rel
+    original = path.read_bytes()
+    try:
+        if payload == "missing":
+            path.unlink()
+        else:
+            path.write_text(payload)
+        line = fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32",
+                            "--width", "32", "--frames", "9", "--out", tmp_path / "x.mp4")
+        assert rel.split("/")[-1] in line
+    finally:
+        path.write_bytes(original)
+
+
 def test_a_failed_publish_leaves_no_mp4_without_sidecar(tmp_path, monkeypatch):
     """The sidecar is renamed into place before the mp4, with the mp4's mode."""
     import os

@@ -506,3 +506,41 @@ def test_bsa_writes_strict_json_and_status_never_shows_nan(world, capsys):
     assert main(["bsa", "status", "-m", str(root)]) == 0
     shown = capsys.readouterr().out
     assert "nan" not in shown.lower() and "keeps 50%" in shown
+
+
+# --- links that loop, and a writer that is busy -----------------------------------------------
+
+@pytest.mark.parametrize("command", [
+    ["lora", "fuse", "distilled", "--dst", "{fused}", "-m", "{root}"],
+    ["verify", "{root}", "-q"],
+])
+@pytest.mark.parametrize("looped", ["model_index.json", "dit/diffusion_pytorch_model"
+                                                        ".safetensors.index.json"])
+def test_a_symlink_loop_is_one_line(world, capsys, tmp_path, command, looped):
+    """A link that points at itself cannot be resolved: one line naming it, never the catch-all
+    or verify's 'unexpected error'."""
+    root, _ = world
+    victim = root / looped
+    victim.unlink()
+    victim.symlink_to(victim.name)
+    args = [a.format(root=root, fused=tmp_path / "fused") for a in command]
+    line = _run_with_deadline(lambda: refused(capsys, *args))
+    assert "unexpected error" not in line and victim.name in line
+    assert not (tmp_path / "fused").exists()
+
+
+def test_export_refuses_while_another_export_writes_the_same_file(world, capsys, tmp_path):
+    """Two exports to one --out: the second is refused at once (the writer lock), so neither
+    can rename the other's half-written scratch file into place."""
+    from longcat_tools.io.atomic import writer_lock
+
+    root, _ = world
+    out = tmp_path / "out" / "a.safetensors"
+    out.parent.mkdir()
+    with writer_lock(out):
+        refused(capsys, "lora", "export", "distilled", "--format", "peft", "--out", out,
+                "-m", root, says="another process is writing it")
+    assert not out.exists()
+    assert main(["lora", "export", "distilled", "--format", "peft", "--out", str(out), "-m",
+                 str(root), "-q"]) == 0
+    assert out.is_file() and not list(out.parent.glob(".*lock"))

@@ -490,7 +490,7 @@ CASES = [
     ("index-duplicate-tensor", index_duplicate_key, "appears twice", []),
     ("index-wrong-shard", index_wrong_shard, "not in the shard the index names", []),
     ("index-omits-tensor", index_omits_tensor, "does not list", []),
-    ("huge-weight-map", huge_weight_map, "far more than an index", []),
+    ("huge-weight-map", huge_weight_map, "-byte limit for shard index", []),
     ("weight-map-300k-entries", many_entries, "300,000 tensors", []),
     ("config-missing-field", cfg_missing_field, "hidden_size", []),
     ("config-wrong-type", cfg_wrong_type, "depth", []),

@@ -203,6 +203,17 @@ def _swap_in(tmp: Path, dst: Path) -> None:
 
 
 @contextmanager
+def writer_lock(dst: Path) -> Iterator[None]:
+    """The writer lock of an output ``dst`` (``flock`` on ``.DST.lock`` beside it), for the whole
+    write: a second writer is refused at once with one line, and a stale scratch file or folder
+    may be removed only while it is held."""
+    lock = lock_path(dst)
+    with _held(lock, 0.0, lambda: f"{dst}: another process is writing it (it holds {lock}); "
+               "try again when that run is done"):
+        yield
+
+
+@contextmanager
 def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) -> Iterator[Path]:
     """Yield a scratch folder (``DST.partial``) that becomes ``dst`` when the block succeeds.
 
@@ -218,9 +229,7 @@ def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) ->
         raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
     if not dst.parent.is_dir():
         raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
-    lock = lock_path(dst)
-    with _held(lock, 0.0, lambda: f"{dst}: another process is writing it (it holds {lock}); "
-               "try again when that run is done"):
+    with writer_lock(dst):
         if what is not None:
             check_replaceable(dst, what, force=force)
         tmp = partial_path(dst)

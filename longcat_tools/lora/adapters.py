@@ -26,6 +26,7 @@ from longcat_tools.io.atomic import (
     check_replaceable,
     fsync_dir,
     partial_path,
+    writer_lock,
 )
 from longcat_tools.io.checksums import refresh_manifest, sha256_file
 from longcat_tools.io.safetensors import write_file
@@ -321,20 +322,21 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
             raise LongcatError(f"{cfg_path}: exists and describes another adapter; export into "
                                "another folder or pass --force to replace it")
     tmp = partial_path(out)
-    layouts.check_plain(tmp, "the scratch file of --out")
-    tmp.unlink(missing_ok=True)  # left by a killed export
-    try:
-        n = write_file(tmp, lf.tensor_specs(lora, fmt, want, keys),
-                       lf.file_metadata(lora.modules.values(), fmt, {"format": "pt", **meta},
-                                        keys), progress=progress)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        if cfg_path is not None and cfg_text is not None:
-            atomic_write_text(cfg_path, cfg_text)
-        fsync_dir(out.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writer_lock(out):
+        layouts.check_plain(tmp, "the scratch file of --out")
+        tmp.unlink(missing_ok=True)  # left by a killed export
+        try:
+            n = write_file(tmp, lf.tensor_specs(lora, fmt, want, keys),
+                           lf.file_metadata(lora.modules.values(), fmt, {"format": "pt", **meta},
+                                            keys), progress=progress)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+            if cfg_path is not None and cfg_text is not None:
+                atomic_write_text(cfg_path, cfg_text)
+            fsync_dir(out.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return ExportResult(name, out, fmt, form.key_names(keys),
                         len(lora.modules), n, cfg_path, time.perf_counter() - t0)

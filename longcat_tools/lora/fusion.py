@@ -137,6 +137,12 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
     ckpt = checkpoint_of(model)
     dst = Path(dst)
     check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
+    for entry in ckpt.root.iterdir():  # what the copy will place: no link loop among it
+        try:
+            entry.resolve()
+        except (OSError, RuntimeError) as e:
+            raise LongcatError(f"{entry}: cannot be resolved ({e}); remove the broken "
+                               "link") from None
     reg = load_registry(ckpt)
     shapes = dit_shapes(ckpt)
     adapters = []
@@ -293,10 +299,10 @@ def _fuse_lora_dir(ckpt: layouts.Checkpoint, tmp: Path, fused_files: set[Path],
     dst.mkdir()
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src)
-        if (p.is_dir() or p.resolve() in fused_files or rel.as_posix() == REGISTRY
+        if (not is_owned(ckpt, p)  # a link leading out of lora/ (or a loop) is not copied along
+                or p.is_dir() or p.resolve() in fused_files or rel.as_posix() == REGISTRY
                 or p.name.endswith(LOCK_SUFFIX) or any(
-                    part.startswith(".") or part.endswith(".partial") for part in rel.parts)
-                or not is_owned(ckpt, p)):  # a link leading out of lora/ is not copied along
+                    part.startswith(".") or part.endswith(".partial") for part in rel.parts)):
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         place(p, dst / rel)

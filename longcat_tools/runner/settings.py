@@ -135,6 +135,9 @@ def resolve_device(device: str) -> Any:
                            "cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LongcatError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LongcatError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                           "CUDA GPU(s), numbered from 0")
     return dev
 
 
@@ -227,6 +230,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
 
     ckpt = layouts.detect(layouts.resolve_model(s.model))
     dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))
+    _check_components(ckpt.root)
     if s.task == "i2v" and not s.image:
         raise LongcatError("--task i2v needs --image FILE (the first frame)")
     if s.task in ("vc", "refine") and not s.video:
@@ -253,6 +257,40 @@ def _check_inputs(s: RunSettings) -> InputFiles:
             raise LongcatError(f"--video {e}") from None
         video_size = (info["width"], info["height"])
     return InputFiles(dims, image_size, video_size)
+
+
+def _check_components(root: Path) -> None:
+    """The files the loaders of the other components read (transformers, diffusers), checked as
+    ``verify`` checks them: present, strict JSON, the config against its schema. A loader given
+    a bad file fails with its own traceback, or tries to reach the Hub."""
+    from longcat_tools import schemas
+    from longcat_tools.io import jsonio
+    from longcat_tools.verify.components import COMPONENTS
+
+    for comp in COMPONENTS:
+        folder = root / comp.name
+        for alternatives in comp.required:
+            if not any((folder / f).is_file() for f in alternatives):
+                raise LongcatError(f"{folder / alternatives[0]}: missing; the {comp.name} cannot "
+                                   "load (run `longcat-tools verify` on the checkpoint)")
+        if comp.config is not None:
+            name, schema = comp.config
+            schemas.validate(jsonio.read(folder / name, what=f"{comp.name} config"), schema,
+                             str(folder / name))
+        if comp.name == "tokenizer":
+            doc = jsonio.read(folder / "tokenizer_config.json", what="tokenizer config")
+            if not isinstance(doc, dict):
+                raise LongcatError(f"{folder / 'tokenizer_config.json'}: not a JSON object")
+        if comp.weights is None:
+            continue
+        index_name, singles = comp.weights
+        index = folder / index_name if index_name else None
+        if index is not None and index.exists():
+            schemas.validate(jsonio.read(index, what="shard index"), "safetensors_index",
+                             str(index))
+        elif not any((folder / f).is_file() for f in singles):
+            raise LongcatError(f"{folder / (index_name or singles[0])}: missing; the {comp.name}'s "
+                               "weights cannot load (run `longcat-tools verify` on the checkpoint)")
 
 
 def _check_output(opt: str, path: Path) -> None:

@@ -98,11 +98,7 @@ def read_weights(rec: Recorder, component: str, folder: Path, index_name: str | 
 def _read_index(rec: Recorder, ws: WeightSet, index: Path) -> None:
     component, folder = ws.component, ws.folder
     try:
-        size = index.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise LongcatError(f"{index}: {size:,} bytes, far more than an index of a LongCat "
-                               f"component needs (limit {MAX_INDEX_BYTES:,}): corrupt or hostile")
-        doc = jsonio.read(index, what="shard index")
+        doc = jsonio.read(index, what="shard index", max_bytes=MAX_INDEX_BYTES)
     except LongcatError as e:
         rec.fail(component, "index", index, str(e))
         ws.complete = False
