@@ -109,7 +109,8 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
     if not lora.modules:
         raise LongcatError(f"{src}: holds no LoRA modules")
     _check_ranks(src, lora)
-    target_fmt = ckpt.flavour
+    # a Conv3d adapter (the patch embedding) is kept in the one format that holds it
+    target_fmt = "peft" if any(e.kernel for e in lora.modules.values()) else ckpt.flavour
     dst_file = dst_dir / (src.name if src.name.endswith(".safetensors")
                           else f"{name}.safetensors")
     nbytes = lf.convert_bytes(lora.modules.values(), target_fmt)

@@ -10,6 +10,7 @@ true for the fused copy.
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -165,8 +166,8 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
             if hit is None or hit[0] not in wanted:
                 continue
             module, (lo, hi) = hit
-            expect = (hi - lo, shapes[module][1])
-            if info.shape != expect:
+            expect = (hi - lo, shapes[module][1])  # a Conv3d's over its flattened patch
+            if (info.shape[0], math.prod(info.shape[1:])) != expect:
                 raise LongcatError(f"{path}: tensor '{tname}' is {list(info.shape)}, expected "
                                    f"{list(expect)} from the transformer config (run verify)")
             if info.torch_dtype not in FUSE_DTYPES:
@@ -189,7 +190,7 @@ def _fused_tensor(w: torch.Tensor, parts: list[tuple[lf.ModuleLora, float, tuple
                   ) -> torch.Tensor:
     acc = w.to(torch.float32, copy=True)
     for m, k, rows in parts:
-        acc += m.delta(k, torch.float32, rows)
+        acc += m.delta(k, torch.float32, rows).view(acc.shape)
     return acc.to(w.dtype)
 
 
@@ -371,7 +372,8 @@ def fuse_error(source: str | Path | layouts.Checkpoint, fused: str | Path | layo
             if got.dtype != w.dtype or not torch.equal(got, w):
                 return float("inf"), adapted
             continue
-        want = w.double() + sum(e.load().delta(k, torch.float64, hit[1]) for e, k in parts)
+        want = w.double() + sum(e.load().delta(k, torch.float64, hit[1]).view(w.shape)
+                                for e, k in parts)
         err = float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
         worst, adapted = max(worst, err), adapted + 1
     return worst, adapted

@@ -65,6 +65,20 @@ class Linear(nn.Linear):
         return out
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` (the patch embedding) with run-time LoRA adapters, as :class:`Linear`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loras: list[LoraDelta] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        for lora in self.loras:
+            out = out + lora(x, False)
+        return out
+
+
 class RMSNorm(nn.Module):
     """Per-head RMSNorm computed in fp32, cast back, then scaled (the weight is not upcast)."""
 
@@ -382,7 +396,7 @@ class LongCatDiT(nn.Module):
         self.fast = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
         self.cp: ContextParallel | None = None  # tokens split over ranks (context parallel)
         self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv3d(dims.in_channels, C, dims.patch_size, dims.patch_size)
+        self.x_embedder.proj = Conv3d(dims.in_channels, C, dims.patch_size, dims.patch_size)
         self.t_embedder = nn.Module()
         self.t_embedder.mlp = nn.Sequential(Linear(dims.frequency_embedding_size, Ct), nn.SiLU(),
                                             Linear(Ct, Ct))
@@ -440,7 +454,7 @@ class LongCatDiT(nn.Module):
 
     def disable_loras(self) -> None:
         for m in self.modules():
-            if isinstance(m, Linear):
+            if isinstance(m, (Linear, Conv3d)):
                 m.loras = []
         self.active_loras = []
 

@@ -29,26 +29,35 @@ class LoraDelta:
 
     ``ups`` has one matrix per output block: the rank dimension of ``down``'s output is split into
     ``len(ups)`` equal chunks and chunk j feeds ``ups[j]`` (a block-diagonal up-projection, the
-    native format's ``lora_up.blocks.{j}``). Computed unfused, like the original.
+    native format's ``lora_up.blocks.{j}``). Computed unfused, like the original. On a Conv3d
+    whose kernel equals its stride (``kernel``), ``down`` runs as that conv over the patches and
+    the ups per patch, as PEFT's Conv3d LoRA does.
     """
 
     down: torch.Tensor  # [n * r, in]
     ups: list[torch.Tensor]  # n x [out / n, r]
     alpha_scale: torch.Tensor  # 0-d
     multiplier: float = 1.0
+    kernel: tuple[int, ...] = ()  # a Conv3d target's kernel (= stride)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraDelta:
         return LoraDelta(self.down.to(device, dtype), [u.to(device, dtype) for u in self.ups],
-                         self.alpha_scale.to(device, dtype), self.multiplier)
+                         self.alpha_scale.to(device, dtype), self.multiplier, self.kernel)
 
     def __call__(self, x: torch.Tensor, fp32: bool) -> torch.Tensor:
         h = x.to(self.down.dtype)
         down, ups = self.down, self.ups
         if fp32:  # inside the original's autocast(float32): matmuls run in fp32
             h, down, ups = h.float(), down.float(), [u.float() for u in ups]
-        h = F.linear(h, down)
+        if self.kernel:  # [B, C, T, H, W] -> per patch [B, T', H', W', n*r]
+            k = self.kernel
+            h = F.conv3d(h, down.view(down.shape[0], -1, *k), stride=k).movedim(1, -1)
+        else:
+            h = F.linear(h, down)
         chunks = h.chunk(len(ups), dim=-1) if len(ups) > 1 else (h,)
         h = torch.cat([F.linear(c, u) for c, u in zip(chunks, ups, strict=True)], dim=-1)
+        if self.kernel:
+            h = h.movedim(-1, 1)
         return h.to(x.dtype) * self.multiplier * self.alpha_scale
 
 
@@ -73,7 +82,7 @@ def read_lora(path: str | Path, model: LongCatDiT, multiplier: float = 1.0
     for module, entry in parsed.modules.items():
         m = entry.load()
         out[module] = LoraDelta(m.down, list(m.ups), m.alpha_scale.reshape(()).float(),
-                                multiplier)
+                                multiplier, m.kernel)
     if not out:
         raise LongcatError(f"{path}: the LoRA file targets no module")
     return out

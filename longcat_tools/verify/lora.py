@@ -63,13 +63,30 @@ def read_targets(tensors: dict[str, TensorInfo], where: str = "LoRA file"
     return keys.format, targets, keys.unknown
 
 
+def _fit_conv(t: Target, weight: tuple[int, ...]) -> str | None:
+    """The Conv3d patch embedding takes PEFT's Conv3d LoRA only: A ``[r, in, *kernel]``, one B
+    ``[out, r, 1, 1, 1]``."""
+    a = list(t.down.shape)
+    if a[1:] != list(weight[1:]):
+        return (f"{t.module} down/A is {a}; the Conv3d (weight {list(weight)}) takes PEFT's "
+                f"Conv3d LoRA, A [r, {', '.join(map(str, weight[1:]))}]")
+    want = [weight[0], a[0], 1, 1, 1]
+    if len(t.ups) != 1 or list(t.ups.get(0, t.down).shape) != want:
+        return f"{t.module} up/B must be one tensor {want} (a 1x1x1 Conv3d)"
+    if t.alpha is not None and t.alpha.numel != 1:
+        return f"{t.module} alpha is {list(t.alpha.shape)}, not a scalar"
+    return None
+
+
 def _fit(t: Target, weight: tuple[int, ...]) -> str | None:
     """Why the A/B tensors of a target cannot update a weight of this shape (None: they fit)."""
+    if t.down is None or not t.ups:
+        return f"{t.module} has {'no down/A' if t.down is None else 'no up/B'} matrix"
+    if len(weight) == 5:
+        return _fit_conv(t, weight)
     if len(weight) != 2:
         return f"{t.module} is not a linear layer (weight {list(weight)})"
     out_dim, in_dim = weight
-    if t.down is None or not t.ups:
-        return f"{t.module} has {'no down/A' if t.down is None else 'no up/B'} matrix"
     a = t.down.shape
     if len(a) != 2 or a[1] != in_dim:
         return f"{t.module} down/A is {list(a)}, the layer takes {in_dim} inputs"

@@ -147,11 +147,22 @@ def effective_deltas(path: str | Path, scale: float = 1.0, *,
 # writing
 
 
+def _holding(fmt: str, module: str, kernel: tuple[int, ...]) -> LoraFormat:
+    """The format ``fmt``, refused where it cannot hold a Conv3d adapter it is asked to write."""
+    f = get_format(fmt)
+    if kernel and not f.holds_conv:
+        raise LongcatError(f"the adapter of '{module}' is a Conv3d LoRA, which the {f.label} "
+                           "format cannot hold; export it with --format peft, or fuse it into "
+                           "the DiT (lora fuse)")
+    return f
+
+
 def output_specs(entry: ModuleEntry, fmt: str, dtype: torch.dtype | None = None,
                  keys: str | None = None) -> list[OutSpec]:
     """(name, dtype, shape) of the tensors ``entry`` becomes in ``fmt``, in write order; ``dtype``
     casts the weights (alphas keep theirs); ``keys`` names PEFT modules (default native)."""
-    return get_format(fmt).output_specs(entry, dtype or entry.dtype, keys)
+    return _holding(fmt, entry.module, entry.kernel).output_specs(entry, dtype or entry.dtype,
+                                                                   keys)
 
 
 def output_tensors(m: ModuleLora, fmt: str, dtype: torch.dtype | None = None,
@@ -160,7 +171,7 @@ def output_tensors(m: ModuleLora, fmt: str, dtype: torch.dtype | None = None,
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
-    return get_format(fmt).output_tensors(m, cast, keys)
+    return _holding(fmt, m.module, m.kernel).output_tensors(m, cast, keys)
 
 
 def file_metadata(entries: Iterable[ModuleEntry], fmt: str,

@@ -10,6 +10,7 @@ plan its output first and stream module by module.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ BLOCK_DIAGONAL_BLOCKS: dict[str, int] = {"blocks.*.adaLN_modulation.1": 6,
 EXACT_METADATA_KEY = "longcat_tools.native_lora"
 FORMAT_METADATA_KEY = "longcat_tools.lora_format"
 
+# Native modules that are Conv3d layers whose kernel equals their stride (the patch embedding):
+# on flattened patches they are Linear maps, so their adapter is held as one over ``in * kernel``
+# inputs and its ``kernel`` is kept to write PEFT's Conv3d LoRA back.
+CONV_MODULES = frozenset({"x_embedder.proj"})
+
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 Shapes = Mapping[str, tuple[int, int]]  # native module -> (out, in)
@@ -50,6 +56,7 @@ class ModuleLora:
     down: torch.Tensor  # [n*r, in]
     ups: list[torch.Tensor]  # n tensors [out/n, r]
     alpha_scale: torch.Tensor  # as stored natively (normally a 0-d float32)
+    kernel: tuple[int, ...] = ()  # a Conv3d target's kernel (``in`` is channels * its volume)
 
     @property
     def n(self) -> int:
@@ -92,6 +99,7 @@ class ModuleEntry:
     alpha_scale: torch.Tensor  # exact native value (small; read while parsing)
     source_keys: tuple[str, ...]
     load: Callable[[], ModuleLora]
+    kernel: tuple[int, ...] = ()  # a Conv3d target's kernel, as in ModuleLora
 
     @property
     def nbytes(self) -> int:
@@ -134,6 +142,7 @@ class LoraFormat:
     flavour: ClassVar[str]  # the DiT key flavour of the module names it writes
     takes_keys: ClassVar[bool] = False  # writing lets the caller pick module names (--keys)
     config_file: ClassVar[str] = ""  # name of the config written beside an exported file
+    holds_conv: ClassVar[bool] = False  # can write an adapter of a Conv3d (CONV_MODULES)
 
     def owns(self, key: str) -> bool:
         """Whether ``key`` marks a file as this format."""
@@ -207,17 +216,25 @@ def default_blocks(module: str) -> int:
 
 
 def linear_shapes(dims: keymap.DiTDims) -> dict[str, tuple[int, int]]:
-    """Native module -> (out, in) of every Linear of the DiT: what a LoRA may target."""
-    return {name[: -len(".weight")]: shape for name, shape in keymap.native_tensor_specs(dims)
-            if name.endswith(".weight") and len(shape) == 2}
+    """Native module -> (out, in) of every Linear of the DiT, and of each of CONV_MODULES over
+    its flattened patch (in = channels * kernel volume): what a LoRA may target."""
+    return {name[: -len(".weight")]: (shape[0], math.prod(shape[1:]))
+            for name, shape in keymap.native_tensor_specs(dims)
+            if name.endswith(".weight") and (len(shape) == 2
+                                             or name[: -len(".weight")] in CONV_MODULES)}
 
 
 def check_target(where: str, key: str, module: str, out_f: int, in_f: int,
-                 shapes: Shapes | None) -> None:
-    """The module exists in the DiT and (with ``shapes``) the adapter fits its layer."""
+                 shapes: Shapes | None, kernel: tuple[int, ...] = ()) -> None:
+    """The module exists in the DiT and (with ``shapes``) the adapter fits its layer; a Conv3d
+    layer takes a Conv3d adapter (``kernel``) only, a Linear a Linear one only."""
     if keymap.native_module_to_fastvideo(module) is None:
         raise LongcatError(f"{where}: tensor '{key}' targets '{module}', which is not a module of "
                            "the LongCat DiT (exclude this adapter with --lora)")
+    if (module in CONV_MODULES) != bool(kernel):
+        want = "Conv3d (5-D PEFT lora_A/lora_B)" if module in CONV_MODULES else "Linear (2-D)"
+        raise LongcatError(f"{where}: tensor '{key}': '{module}' is a {want} layer; its adapter "
+                           "must have that form")
     if shapes is None:
         return
     if module not in shapes:

@@ -186,6 +186,15 @@ def _tensors(m: ModuleLora, keys: str) -> list[tuple[str, torch.Tensor, torch.Te
     return [(t, m.down, b) for (t, _), b in zip(parts, torch.chunk(m.ups[0], k, 0), strict=True)]
 
 
+def _conv_form(in_features: int, kernel: tuple[int, ...]
+               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(A's dims after the rank, B's dims after out and rank): PEFT's Conv3d LoRA for a
+    ``kernel`` (A ``[r, channels, *kernel]``, B a 1x1x1 conv), else 2-D."""
+    if not kernel:
+        return (in_features,), ()
+    return (in_features // math.prod(kernel), *kernel), (1,) * len(kernel)
+
+
 def peft_config(entries: Iterable[ModuleEntry], keys: str = "native") -> dict:
     """The PEFT ``LoraConfig`` of ``entries`` written with ``keys`` module names: the most common
     rank and alpha as ``r``/``lora_alpha``, the others in ``rank_pattern``/``alpha_pattern``
@@ -216,6 +225,7 @@ class Peft(LoraFormat):
     flavour = "native"
     takes_keys = True
     config_file = PEFT_CONFIG_NAME
+    holds_conv = True
 
     def owns(self, key: str) -> bool:
         return _WEIGHT.match(key) is not None
@@ -319,16 +329,18 @@ class Peft(LoraFormat):
                      ) -> list[OutSpec]:
         parts = _ranks(entry.module, entry.n, entry.rank, _key_names(keys))
         rows = entry.out_features // len(parts)
+        a_in, b_tail = _conv_form(entry.in_features, entry.kernel)
         return [spec for t, rank in parts for spec in (
-            (f"{PEFT_PREFIX}{t}.lora_A.weight", dtype, (rank, entry.in_features)),
-            (f"{PEFT_PREFIX}{t}.lora_B.weight", dtype, (rows, rank)))]
+            (f"{PEFT_PREFIX}{t}.lora_A.weight", dtype, (rank, *a_in)),
+            (f"{PEFT_PREFIX}{t}.lora_B.weight", dtype, (rows, rank, *b_tail)))]
 
     def output_tensors(self, m: ModuleLora, cast: Cast, keys: str | None = None
                        ) -> dict[str, torch.Tensor]:
         out = {}
+        a_in, b_tail = _conv_form(m.down.shape[1], m.kernel)
         for t, a, b in _tensors(m, _key_names(keys)):
-            out[f"{PEFT_PREFIX}{t}.lora_A.weight"] = cast(a.contiguous())
-            out[f"{PEFT_PREFIX}{t}.lora_B.weight"] = cast(b.contiguous())
+            out[f"{PEFT_PREFIX}{t}.lora_A.weight"] = cast(a.reshape(a.shape[0], *a_in).contiguous())
+            out[f"{PEFT_PREFIX}{t}.lora_B.weight"] = cast(b.reshape(*b.shape, *b_tail).contiguous())
         return out
 
     def metadata(self, entries: list[ModuleEntry], keys: str | None = None) -> dict[str, str]:

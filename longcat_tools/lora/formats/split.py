@@ -8,6 +8,7 @@ safetensors metadata records what is needed (``EXACT_METADATA_KEY``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from longcat_tools.io import jsonio
 from longcat_tools.io import safetensors as st
 from longcat_tools.io.safetensors import Header
 from longcat_tools.lora.formats.base import (
+    CONV_MODULES,
     EXACT_METADATA_KEY,
     ModuleEntry,
     ModuleLora,
@@ -100,6 +102,19 @@ def _diagonal_blocks(b: torch.Tensor, n: int, where: str, module: str) -> list[t
     return [b[j * rows:(j + 1) * rows, j * cols:(j + 1) * cols].contiguous() for j in range(n)]
 
 
+def conv_kernel(where: str, native: str, a_info: list, b_info: list) -> tuple[int, ...]:
+    """The kernel of PEFT's Conv3d LoRA (A ``[r, in, *kernel]``, B ``[out, r, 1, 1, 1]``) on one
+    of CONV_MODULES, or ``()`` for 2-D (Linear) weights; anything else is refused."""
+    dims = {len(t.shape) for t in a_info + b_info}
+    if dims == {2}:
+        return ()
+    if (native not in CONV_MODULES or len(a_info) != 1 or dims != {5}
+            or any(d != 1 for d in b_info[0].shape[2:])):
+        raise LongcatError(f"{where}: '{native}': LoRA weights must be 2-D (or, on the Conv3d "
+                           "patch embedding, PEFT's 5-D Conv3d LoRA with a 1x1x1 lora_B)")
+    return tuple(a_info[0].shape[2:])
+
+
 def split_entries(header: Header, shapes: Shapes | None, groups: Groups,
                   targets_of: Mapping[str, tuple[str, ...]], scale_of: ScaleOf,
                   inspect_blocks: bool = True) -> dict[str, ModuleEntry]:
@@ -124,25 +139,26 @@ def split_entries(header: Header, shapes: Shapes | None, groups: Groups,
                     raise LongcatError(f"{where}: '{targets[j]}' has no .{role}")
         a_info = [header.tensors[parts[j]["lora_A"]] for j in range(count)]
         b_info = [header.tensors[parts[j]["lora_B"]] for j in range(count)]
-        if any(len(t.shape) != 2 for t in a_info + b_info):
-            raise LongcatError(f"{where}: '{native}': LoRA weights must be 2-D")
-        ranks = {t.shape[0] for t in a_info}
-        ins = {t.shape[1] for t in a_info}
-        if len(ranks) > 1 or len(ins) > 1 or any(b.shape[1] != a.shape[0]
-                                                 for a, b in zip(a_info, b_info, strict=True)):
+        kernel = conv_kernel(where, native, a_info, b_info)
+        a_shapes = [(t.shape[0], math.prod(t.shape[1:])) for t in a_info]
+        b_shapes = [tuple(t.shape[:2]) for t in b_info]
+        ranks = {s[0] for s in a_shapes}
+        ins = {s[1] for s in a_shapes}
+        if len(ranks) > 1 or len(ins) > 1 or any(b[1] != a[0]
+                                                 for a, b in zip(a_shapes, b_shapes, strict=True)):
             raise LongcatError(f"{where}: '{native}': lora_A/lora_B shapes "
                                f"{[list(t.shape) for t in a_info + b_info]} disagree (the split "
                                "targets of a fused module need one rank)")
         dtype = a_info[0].dtype
         if any(t.dtype != dtype for t in a_info + b_info):
             raise LongcatError(f"{where}: '{native}': lora_A and lora_B dtypes differ")
-        rank_a = a_info[0].shape[0]
+        rank_a = a_shapes[0][0]
         if rank_a == 0:
             raise LongcatError(f"{where}: '{native}': lora_A has rank 0")
-        out_f, in_f = sum(b.shape[0] for b in b_info), a_info[0].shape[1]
-        if len({b.shape[0] for b in b_info}) > 1:
+        out_f, in_f = sum(b[0] for b in b_shapes), a_shapes[0][1]
+        if len({b[0] for b in b_shapes}) > 1:
             raise LongcatError(f"{where}: '{native}': split targets have different widths")
-        check_target(where, parts[0]["lora_A"], native, out_f, in_f, shapes)
+        check_target(where, parts[0]["lora_A"], native, out_f, in_f, shapes, kernel)
         rec = exact.get(native, {})
         n = rec.get("n", default_blocks(native))
         if not isinstance(n, int) or n < 1:
@@ -181,13 +197,15 @@ def split_entries(header: Header, shapes: Shapes | None, groups: Groups,
         if count == 1 and n > 1 and "n" not in rec and inspect_blocks:
             # Files from other tools carry no metadata: accept the conventional block split only
             # where lora_B really is block-diagonal, else write one plain up.
-            if not is_block_diagonal(read(b_keys[0]), n):
+            if not is_block_diagonal(read(b_keys[0]).flatten(1), n):
                 n, rank = 1, rank_a
 
         def load(native=native, n=n, rank=rank, count=count, a_keys=a_keys, b_keys=b_keys,
-                 alpha=alpha) -> ModuleLora:
-            a = [read(k) for k in a_keys]
-            b = [read(k) for k in b_keys]
+                 alpha=alpha, kernel=kernel) -> ModuleLora:
+            a = [read(k).flatten(1) for k in a_keys]
+            b = [read(k).flatten(1) for k in b_keys]
+            if kernel:
+                return ModuleLora(native, a[0], b, alpha.clone(), kernel)
             if count > 1 and n == 1:
                 if any(not torch.equal(x, a[0]) for x in a[1:]):
                     raise LongcatError(f"{where}: '{native}': metadata says one shared lora_down "
@@ -201,7 +219,7 @@ def split_entries(header: Header, shapes: Shapes | None, groups: Groups,
             return ModuleLora(native, a[0], blocks, alpha.clone())
 
         out[native] = ModuleEntry(native, n, rank, in_f, out_f, dtype_of(a_info[0].dtype), alpha,
-                                  keys, load)
+                                  keys, load, kernel)
     return out
 
 
@@ -214,7 +232,8 @@ def split_deltas(groups: Groups, read: Callable[[str], torch.Tensor], scale: flo
     for native, parts in groups.items():
         rows = []
         for j in sorted(parts):
-            a, b = read(parts[j]["lora_A"]).double(), read(parts[j]["lora_B"]).double()
+            a = read(parts[j]["lora_A"]).double().flatten(1)
+            b = read(parts[j]["lora_B"]).double().flatten(1)
             rows.append(scale * scale_of(native, j, parts[j], a.shape[0]) * (b @ a))
         deltas[native] = torch.cat(rows, 0)
     return deltas
