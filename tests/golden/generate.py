@@ -47,7 +47,6 @@ the mixing noise), which is seeded with ``torch.manual_seed(seed)`` right before
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -158,18 +157,12 @@ def install_cpu_patches(original: Path):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fixture_hashes(ckpt: Path) -> dict[str, str]:
     """sha256 of every file of the synth'd checkpoint."""
     files = sorted(f for f in ckpt.rglob("*") if f.is_file())
-    return {f.relative_to(ckpt).as_posix(): sha256(f) for f in files}
+    from longcat_tools.io.checksums import sha256_file
+
+    return {f.relative_to(ckpt).as_posix(): sha256_file(f) for f in files}
 
 
 def git_head(path: Path) -> str | None:

@@ -46,6 +46,8 @@ import tempfile
 from importlib import metadata as _md
 from pathlib import Path
 
+from longcat_tools.io.checksums import sha256_file
+
 FASTVIDEO_URL = "https://github.com/hao-ai-lab/FastVideo"
 FASTVIDEO_COMMIT = "2f3d4074064e4d86f99dc784ebbaa296e6f5925f"  # main, 2026-08-21
 CONVERTER = "scripts/checkpoint_conversion/longcat_to_fastvideo.py"
@@ -53,14 +55,6 @@ SYNTH_ARGS = ["--preset", "tiny", "--seed", "0"]
 TENSOR_DIRS = ["transformer", "lora/distilled", "lora/refinement"]
 JSON_FILES = ["model_index.json", "transformer/config.json"]
 COPIED_COMPONENTS = ["vae", "text_encoder", "tokenizer", "scheduler"]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_safetensors(path: Path) -> tuple[dict, dict[str, dict]]:
