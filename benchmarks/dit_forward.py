@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longcat_tools.runner import fast_ops  # noqa: E402
-from longcat_tools.runner.dit import LongCatDiT  # noqa: E402
+from longcat_tools.runner.dit import LongCatTransformer3DModel  # noqa: E402
 from longcat_tools.synth import dit_config  # noqa: E402
 
 # SPEC section 6: the original's DiT forward on one H100 80GB, random bf16 weights, B=1.
@@ -56,8 +56,8 @@ SMALL_SHAPES = {
 def build(preset: str, depth: int | None, device: str, dtype: torch.dtype, seed: int):
     """The DiT with random weights, made directly on ``device`` (no fp32 copy on the way)."""
     with torch.device("meta"):
-        model = LongCatDiT(dit_config(preset, depth=depth))
-    model = model.to(dtype).to_empty(device=device)
+        model = LongCatTransformer3DModel.from_config(dit_config(preset, depth=depth))
+    model = torch.nn.Module.to(model, dtype).to_empty(device=device)  # ModelMixin.to warns
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

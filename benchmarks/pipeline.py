@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longcat_tools.runner import load_pipeline  # noqa: E402
-from longcat_tools.runner.pipeline import Pipeline, Reporter  # noqa: E402
+from longcat_tools.runner.pipeline import LongCatVideoPipeline, Reporter  # noqa: E402
 
 # name: (t2v kwargs, refine after it)
 SCENARIOS = {
@@ -82,7 +82,7 @@ class RandomComponents:
         from longcat_tools import synth as S
         from longcat_tools import synth_components as SC
         from longcat_tools.io.safetensors import write_file
-        from longcat_tools.runner.dit import LongCatDiT
+        from longcat_tools.runner.dit import LongCatTransformer3DModel
 
         p = S.PRESETS[preset]
         # random numbers drawn on the GPU when there is one (the CPU generator is serial: a
@@ -108,7 +108,7 @@ class RandomComponents:
 
         cfg = S.dit_config(preset)
         with torch.device("meta"):
-            dit = LongCatDiT(cfg)
+            dit = LongCatTransformer3DModel.from_config(cfg)
             te = UMT5EncoderModel(UMT5Config(**{k: v for k, v in SC.text_encoder_config(
                 p, 384).items() if not k.startswith("_")}))
         self.dit, self.text_encoder = fill(dit), fill(te)
@@ -126,7 +126,8 @@ class RandomComponents:
                        S.lora_specs(cfg, kind, p.lora_rank, seed, dtype), S.ST_METADATA)
         self.root = root
 
-    def pipeline(self, device: torch.device, offload: str, vae_tiling: bool) -> Pipeline:
+    def pipeline(self, device: torch.device, offload: str,
+                 vae_tiling: bool) -> LongCatVideoPipeline:
         """The components placed for ``offload`` (runner.offload choices) on ``device``."""
         from longcat_tools.runner import offload as off
 
@@ -143,8 +144,10 @@ class RandomComponents:
         elif hasattr(self.vae, "disable_tiling"):
             self.vae.disable_tiling()
         self.dit.enable_fast_ops(device.type == "cuda")
-        pipe = Pipeline(self.root, self.tokenizer, self.text_encoder, self.vae, self.scheduler,
-                        self.dit, device, f"random weights ({offload})")
+        pipe = LongCatVideoPipeline(self.tokenizer, self.text_encoder, self.vae, self.scheduler,
+                                    self.dit)
+        pipe.root, pipe.run_device = self.root, device
+        pipe.layout = f"random weights ({offload})"
         pipe.offload_text_encoder = te_cpu
         return pipe
 

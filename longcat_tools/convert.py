@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from longcat_tools import __version__
-from longcat_tools.checkpoint import hub, layouts
+from longcat_tools.checkpoint import comfy_single, hub, layouts
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import (
@@ -58,9 +58,11 @@ from longcat_tools.io.safetensors import (
 )
 from longcat_tools.io.sources import Sources
 from longcat_tools.lora import formats as lf
-from longcat_tools.model import dtypes, keymap
+from longcat_tools.model import comfy_keys, dtypes, keymap
 
-TARGETS = ("converted", "native")
+TARGETS = ("converted", "native", "comfy")
+# What --to comfy writes in DST: the DiT alone, in ComfyUI's (WanVideoWrapper's) key flavour.
+COMFY_FILE = "diffusion_model.safetensors"
 DEFAULT_MAX_SHARD = "5GB"
 
 # What FastVideo's converter (longcat_to_fastvideo.py) writes as model_index.json.
@@ -191,7 +193,9 @@ class Plan:
 
     @property
     def target_layout(self) -> str:
-        return "native" if self.to == "native" else f"converted ({self.keys} keys)"
+        if self.to in ("native", "comfy"):
+            return "ComfyUI single file" if self.to == "comfy" else "native"
+        return f"converted ({self.keys} keys)"
 
     @property
     def tensors(self) -> int:
@@ -285,8 +289,10 @@ def _out_dtype(src_dtype: torch.dtype, want: torch.dtype | None) -> torch.dtype:
     return want
 
 
-def _dit_jobs(ckpt: layouts.Checkpoint, folder: str, keys: str, want: torch.dtype | None,
-              max_shard: int, meta: dict[str, str]) -> tuple[list[FileJob], keymap.DiTDims]:
+def _dit_infos(ckpt: layouts.Checkpoint
+               ) -> tuple[dict[str, Any], keymap.DiTDims, dict[str, tuple[Path, TensorInfo]]]:
+    """The DiT of a checkpoint folder, checked against its config: config, dimensions and
+    tensor name -> (shard, header entry)."""
     cfg = ckpt.config()
     dims = keymap.dit_dims(cfg, str(ckpt.config_path))
     shard_of = layouts.transformer_shards(ckpt)
@@ -324,27 +330,95 @@ def _dit_jobs(ckpt: layouts.Checkpoint, folder: str, keys: str, want: torch.dtyp
         if infos[name][1].shape != shape:
             raise LongcatError(f"{infos[name][0]}: tensor '{name}' has shape "
                                f"{list(infos[name][1].shape)}, the config implies {list(shape)}")
+    return cfg, dims, infos
 
-    def piece(name: str, index: int = 0, count: int = 1) -> Piece:
+
+def _specs(dims: keymap.DiTDims, flavour: str) -> list[tuple[str, tuple[int, ...]]]:
+    if flavour == comfy_keys.FLAVOUR:
+        return comfy_keys.tensor_specs(dims)
+    return keymap.tensor_specs(dims, flavour)
+
+
+def _as_native(name: str, flavour: str) -> keymap.Part:
+    """The native tensor (and row slice) a tensor of ``flavour`` is."""
+    if flavour == "native":
+        return keymap.Part(name, name, 0, 1)
+    if flavour == comfy_keys.FLAVOUR:
+        return comfy_keys.comfy_to_native(name)
+    return keymap.fastvideo_to_native(name)
+
+
+def _parts_of(native: str, flavour: str) -> list[str]:
+    """The tensors of ``flavour`` whose row concatenation is a native tensor."""
+    if flavour == "native":
+        return [native]
+    if flavour == comfy_keys.FLAVOUR:
+        return [p.fastvideo for p in comfy_keys.native_to_comfy(native)]
+    return [p.fastvideo for p in keymap.native_to_fastvideo(native)]
+
+
+def _sources_of(name: str, target: str, source: str) -> list[tuple[str, int, int]]:
+    """(source tensor, slice index, slice count) whose rows, concatenated, are the ``target``
+    flavour's tensor ``name``."""
+    part = _as_native(name, target)
+    srcs = _parts_of(part.native, source)
+    if part.count == 1:
+        return [(s, 0, 1) for s in srcs]
+    if len(srcs) == 1:
+        return [(srcs[0], part.index, part.count)]
+    return [(srcs[part.index], 0, 1)]  # both split alike (the tables split in the same order)
+
+
+def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
+                 infos: dict[str, tuple[Path, TensorInfo]], want: torch.dtype | None,
+                 where: Path, load: Callable[[str], torch.Tensor] | None = None,
+                 scaled: frozenset[str] = frozenset()) -> list[OutTensor]:
+    """The DiT's tensors in flavour ``keys``, made of ranged reads of the source; a source
+    tensor in ``scaled`` (float8 with a scale) is read whole through ``load`` and dequantized."""
+    def piece(name: str, index: int, count: int) -> Piece:
         path, info = infos[name]
         rows = info.shape[0] if info.shape else 1
         return Piece(path, info, index * rows // count, (index + 1) * rows // count)
 
     out: list[OutTensor] = []
-    for name, shape in keymap.tensor_specs(dims, keys):
-        if keys == ckpt.flavour:
-            pieces = [piece(name)]
-        elif keys == "fastvideo":
-            part = keymap.fastvideo_to_native(name)
-            pieces = [piece(part.native, part.index, part.count)]
-        else:
-            pieces = [piece(p.fastvideo) for p in keymap.native_to_fastvideo(name)]
-        dtypes = {p.info.torch_dtype for p in pieces}
-        if len(dtypes) > 1:
-            raise LongcatError(f"{ckpt.transformer_dir}: the parts of '{name}' have different "
-                               f"dtypes {sorted(map(str, dtypes))}; pass --dtype to unify them")
-        out.append(OutTensor(name, _out_dtype(dtypes.pop(), want), shape, pieces))
+    for name, shape in _specs(dims, keys):
+        srcs = _sources_of(name, keys, source)
+        if load is not None and any(s in scaled for s, _, _ in srcs):
+            dtype = want or torch.bfloat16
 
+            def produce(srcs=srcs, dtype=dtype, name=name) -> torch.Tensor:
+                rows = []
+                for s, j, n in srcs:
+                    t = load(s)
+                    h = t.shape[0] // n
+                    rows.append(t[j * h:(j + 1) * h])
+                y = torch.cat(rows, 0).to(dtype)
+                if dtype == torch.float16 and bool(torch.isinf(y).any()):
+                    raise LongcatError(f"{where}: tensor '{name}' dequantized overflows float16 "
+                                       "(|x| > 65504); use --dtype bf16")
+                return y
+
+            out.append(OutTensor(name, dtype, shape, produce=produce))
+            continue
+        pieces = [piece(s, j, n) for s, j, n in srcs]
+        found = {p.info.torch_dtype for p in pieces}
+        if len(found) > 1:
+            raise LongcatError(f"{where}: the parts of '{name}' have different "
+                               f"dtypes {sorted(map(str, found))}; pass --dtype to unify them")
+        out.append(OutTensor(name, _out_dtype(found.pop(), want), shape, pieces))
+    return out
+
+
+def _dit_jobs(ckpt: layouts.Checkpoint, folder: str, keys: str, want: torch.dtype | None,
+              max_shard: int, meta: dict[str, str]) -> tuple[list[FileJob], keymap.DiTDims]:
+    cfg, dims, infos = _dit_infos(ckpt)
+    out = _out_tensors(dims, keys, ckpt.flavour, infos, want, ckpt.transformer_dir)
+    return _folder_jobs(out, folder, max_shard, meta, transformer_config(cfg, keys)), dims
+
+
+def _folder_jobs(out: list[OutTensor], folder: str, max_shard: int, meta: dict[str, str],
+                 cfg: dict[str, Any]) -> list[FileJob]:
+    """A DiT folder: shards, their index and config.json."""
     shards = plan_shards(out, max_shard)
     names = shard_names(layouts.DIT_STEM, len(shards))
     jobs = [FileJob(f"{folder}/{n}", "tensors", folder, s, dict(meta),
@@ -354,9 +428,8 @@ def _dit_jobs(ckpt: layouts.Checkpoint, folder: str, keys: str, want: torch.dtyp
     index = {"metadata": {"total_size": sum(t.nbytes for t in out)},
              "weight_map": dict(sorted(weight_map.items()))}
     jobs.append(FileJob(f"{folder}/{layouts.INDEX_NAME}", "text", folder, text=_json_text(index)))
-    jobs.append(FileJob(f"{folder}/config.json", "text", folder,
-                        text=_json_text(transformer_config(cfg, keys))))
-    return jobs, dims
+    jobs.append(FileJob(f"{folder}/config.json", "text", folder, text=_json_text(cfg)))
+    return jobs
 
 
 def _source_loras(ckpt: layouts.Checkpoint) -> list[tuple[str, Path]]:
@@ -517,17 +590,21 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     if to not in TARGETS:
         raise UsageError(f"--to: unknown target '{to}' (use one of {', '.join(TARGETS)})")
     want = dtypes.parse(dtype, keep=True)
-    if to == "native":
+    if to in ("native", "comfy"):
         if keys not in (None, "native"):
-            raise UsageError("--keys fastvideo cannot be combined with --to native (the hub "
-                             "layout has native keys)")
-        keys = "native"
+            raise UsageError(f"--keys {keys} cannot be combined with --to {to} (the target "
+                             "names its own keys)")
+        keys = "native" if to == "native" else comfy_keys.FLAVOUR
     keys = keys or "fastvideo"
-    if keys not in keymap.FLAVOURS:
+    if keys not in keymap.FLAVOURS and to != "comfy":
         raise UsageError(f"--keys: unknown '{keys}' (use one of {', '.join(keymap.FLAVOURS)})")
     max_shard = parse_size(max_shard_size)
+    if Path(src).is_file():
+        return _plan_single_file(Path(src), Path(dst), to, keys, dtype, want, max_shard, force)
     src, dst = hub.resolve_source(src), Path(dst)
     ckpt = layouts.detect(src)
+    if to == "comfy":
+        return _plan_to_comfy(ckpt, dst, dtype, want, force)
     check_replaceable(dst, "checkpoint", source=src, force=force)
     meta = _provenance(ckpt, keys, dtype)
     notes: list[str] = []
@@ -566,6 +643,73 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
         index["transformer"] = ["diffusers", keymap.CLASS_BY_FLAVOUR[keys]]
         jobs.append(FileJob("model_index.json", "text", "root", text=_json_text(index)))
     return Plan(ckpt, dst, to, keys, dtype, link, force, jobs, notes, loras)
+
+
+def _missing_parts_notes() -> list[str]:
+    return [f"{comp}/ not in a single-file DiT: not written (take it from the hub release, "
+            "meituan-longcat/LongCat-Video, for a full checkpoint)" for comp in layouts.COMPONENTS]
+
+
+def _plan_to_comfy(ckpt: layouts.Checkpoint, dst: Path, dtype: str, want: torch.dtype | None,
+                   force: bool) -> Plan:
+    """``--to comfy``: the DiT alone as one ComfyUI file, ``DST/diffusion_model.safetensors``."""
+    check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
+    keys = comfy_keys.FLAVOUR
+    _, dims, infos = _dit_infos(ckpt)
+    out = _out_tensors(dims, keys, ckpt.flavour, infos, want, ckpt.transformer_dir)
+    job = FileJob(COMFY_FILE, "tensors", "comfy", out, _provenance(ckpt, keys, dtype),
+                  bytes_in=sum(t.bytes_in for t in out))
+    notes = ["only the DiT is written (ComfyUI loads the VAE, text encoder and LoRAs from "
+             "their own files)"]
+    return Plan(ckpt, dst, "comfy", keys, dtype, False, force, [job], notes, [])
+
+
+def _plan_single_file(path: Path, dst: Path, to: str, keys: str, dtype: str,
+                      want: torch.dtype | None, max_shard: int, force: bool) -> Plan:
+    """A ComfyUI single-file DiT as the source: its DiT in dit/ or transformer/ (config from
+    its shapes), and notes for everything a full checkpoint has beside it."""
+    if path.suffix != ".safetensors":
+        raise LongcatError(f"{path}: a single-file source must be a .safetensors DiT (or pass a "
+                           "checkpoint folder)")
+    check_replaceable(dst, "checkpoint", source=path, force=force)
+    cf = comfy_single.read(path)
+    ckpt = layouts.Checkpoint(path, layouts.COMFY_SINGLE, comfy_keys.FLAVOUR, path.parent)
+    infos = {n: (path, i) for n, i in cf.tensors.items()}
+    out = _out_tensors(cf.dims, keys, comfy_keys.FLAVOUR, infos, want, path, cf.load,
+                       frozenset(cf.scales))
+    meta = _provenance(ckpt, keys, dtype)
+    notes = ["config.json: dimensions read from the tensor shapes, other fields those of the hub "
+             "release"]
+    if cf.scaled:
+        notes.append(f"{len(cf.scales)} float8 weights dequantized: (fp8 -> float32) * "
+                     f"scale_weight in float32, then cast to {want or torch.bfloat16}")
+    if cf.input_scales:
+        notes.append(f"{cf.input_scales} scale_input tensors left out (activation scales of "
+                     "ComfyUI's fp8 matmul; no weight depends on them)")
+    if to == "comfy":
+        job = FileJob(COMFY_FILE, "tensors", "comfy", out, meta,
+                      bytes_in=path.stat().st_size)
+        return Plan(ckpt, dst, to, keys, dtype, False, force, [job], notes, [])
+    from longcat_tools.synth import dit_config
+
+    cfg = dit_config("real", cf.dims.depth)
+    cfg.update(hidden_size=cf.dims.hidden_size, num_heads=cf.dims.num_heads,
+               caption_channels=cf.dims.caption_channels,
+               adaln_tembed_dim=cf.dims.adaln_tembed_dim, in_channels=cf.dims.in_channels,
+               out_channels=cf.dims.out_channels,
+               frequency_embedding_size=cf.dims.frequency_embedding_size,
+               patch_size=list(cf.dims.patch_size))
+    jobs = _folder_jobs(out, DIT_FOLDER[to], max_shard, meta, transformer_config(cfg, keys))
+    jobs[0].bytes_in = path.stat().st_size
+    notes += _missing_parts_notes()
+    if to == "native":
+        for name in NATIVE_ROOT_FILES:
+            jobs.append(FileJob(name, "text", "root", text=_json_text(NATIVE_ROOT_STUB)))
+    else:
+        index = dict(MODEL_INDEX)
+        index["transformer"] = ["diffusers", keymap.CLASS_BY_FLAVOUR[keys]]
+        jobs.append(FileJob("model_index.json", "text", "root", text=_json_text(index)))
+    return Plan(ckpt, dst, to, keys, dtype, False, force, jobs, notes, [])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import torch
 
-from longcat_tools.runner.dit import LongCatDiT
+from longcat_tools.runner.dit import LongCatTransformer3DModel
 
 
-def _inputs(dit: LongCatDiT, seed: int, T: int, H: int = 4, W: int = 4, B: int = 2,
+def _inputs(dit: LongCatTransformer3DModel, seed: int, T: int, H: int = 4, W: int = 4, B: int = 2,
             per_frame: bool = False):
     g = torch.Generator().manual_seed(seed)
     c, d = dit.dims.in_channels, dit.dims.caption_channels
@@ -24,19 +24,19 @@ def _inputs(dit: LongCatDiT, seed: int, T: int, H: int = 4, W: int = 4, B: int =
     return x, t, y, mask
 
 
-def uneven_split(dit: LongCatDiT) -> torch.Tensor:
+def uneven_split(dit: LongCatTransformer3DModel) -> torch.Tensor:
     """3 latent frames over 2 ranks: shares of 2 and 1 frames."""
     return dit(*_inputs(dit, 1, T=3))
 
 
-def condition_frames(dit: LongCatDiT) -> torch.Tensor:
+def condition_frames(dit: LongCatTransformer3DModel) -> torch.Tensor:
     """i2v-style: the first 2 frames are clean condition frames (timestep 0, no text)."""
     x, t, y, mask = _inputs(dit, 2, T=5, per_frame=True)
     t[:, :2] = 0
     return dit(x, t, y, mask, num_cond_latents=2)
 
 
-def block_sparse(dit: LongCatDiT) -> torch.Tensor:
+def block_sparse(dit: LongCatTransformer3DModel) -> torch.Tensor:
     """BSA over 6 frames of 8x8 tokens with 4x4x4 chunks: the 3/3 frame split cuts through
     time chunks, which must not change the chunks BSA sees."""
     dit.enable_bsa({"sparsity": 0.5, "chunk_3d_shape_q": [4, 4, 4],
@@ -49,7 +49,7 @@ def block_sparse(dit: LongCatDiT) -> torch.Tensor:
         dit.disable_bsa()
 
 
-def kv_cache(dit: LongCatDiT) -> torch.Tensor:
+def kv_cache(dit: LongCatTransformer3DModel) -> torch.Tensor:
     """vc-style: cache 2 condition frames' K/V, then denoise 3 noise frames against it."""
     x, t, y, mask = _inputs(dit, 4, T=5, B=1)
     cond, noise = x[:, :, :2], x[:, :, 2:]
@@ -58,7 +58,7 @@ def kv_cache(dit: LongCatDiT) -> torch.Tensor:
     return dit(noise, t, y, mask, num_cond_latents=2, kv_cache=cache)
 
 
-CASES: dict[str, Callable[[LongCatDiT], torch.Tensor]] = {
+CASES: dict[str, Callable[[LongCatTransformer3DModel], torch.Tensor]] = {
     f.__name__: f for f in (uneven_split, condition_frames, block_sparse, kv_cache)}
 
 

@@ -50,7 +50,7 @@ def no_weights(monkeypatch):
     def load(*_a, **_k):
         pytest.fail("the run loaded weights before refusing")
 
-    monkeypatch.setattr(pipeline_module.Pipeline, "load", classmethod(load))
+    monkeypatch.setattr(pipeline_module.LongCatVideoPipeline, "from_pretrained", classmethod(load))
 
 
 def fast_refusal(capsys, *args, code=1, says=None):

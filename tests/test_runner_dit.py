@@ -14,7 +14,7 @@ from runner_layouts import lora_to_fastvideo, make_layout
 from longcat_tools.errors import LongcatError
 from longcat_tools.runner import load_transformer
 from longcat_tools.runner.compare import forward_check, probe_inputs
-from longcat_tools.runner.dit import LongCatDiT
+from longcat_tools.runner.dit import LongCatTransformer3DModel
 from longcat_tools.runner.lora import read_tensors
 
 
@@ -48,7 +48,8 @@ def test_every_layout_gives_the_native_forward_bit_for_bit(layouts, name):
 def test_load_from_the_transformer_folder_and_describe_layout(layouts):
     m = load_transformer(layouts["converted-fastvideo"] / "transformer")
     assert m.layout == "converted (fastvideo keys)"
-    assert isinstance(m, LongCatDiT) and not any(p.requires_grad for p in m.parameters())
+    assert isinstance(m, LongCatTransformer3DModel)
+    assert not any(p.requires_grad for p in m.parameters())
 
 
 def test_forward_check_fails_on_different_weights(tiny_native, tmp_path):
@@ -199,3 +200,44 @@ def test_bsa_keeping_every_chunk_is_dense_and_sparsity_changes_output(tiny_nativ
     assert math.isfinite(sparse.abs().max().item())
     dit.disable_bsa()
     assert torch.equal(dit(x, t, y, mask, num_cond_latents=2), dense)
+
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_runtime_lora_rounds_like_the_original_in_bf16(fp32):
+    """The original's multi-LoRA forward, written out here: ``org + sum_i(up_i(down_i(x))
+    .to(dtype) * multiplier * alpha_scale)``, summed from the first update in order, with
+    alpha_scale a tensor in the model dtype. Ours must give it bit for bit in bf16."""
+    import torch.nn.functional as F
+
+    from longcat_tools.runner.dit import Linear
+    from longcat_tools.runner.lora import LoraDelta
+
+    g = torch.Generator().manual_seed(0)
+    bf = torch.bfloat16
+    layer = Linear(24, 36).to(bf)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(36, 24, generator=g))
+        layer.bias.copy_(torch.randn(36, generator=g))
+    specs = [(torch.randn(12, 24, generator=g), [torch.randn(12, 4, generator=g)
+                                                 for _ in range(3)], 0.5, 0.7),
+             (torch.randn(4, 24, generator=g), [torch.randn(36, 4, generator=g)], 1.0, 1.0),
+             (torch.randn(8, 24, generator=g), [torch.randn(36, 8, generator=g)], 0.375, 1.3)]
+    layer.loras = [LoraDelta(d, u, torch.tensor(a), m).to("cpu", bf) for d, u, a, m in specs]
+    x = torch.randn(5, 7, 24, generator=g).to(bf)
+
+    w, b = layer.weight, layer.bias
+    want = F.linear(x.float(), w.float(), b.float()) if fp32 else F.linear(x, w, b)
+    total = 0
+    for down, ups, alpha, mult in specs:
+        down, ups = down.to(bf), [u.to(bf) for u in ups]
+        h = x
+        if fp32:
+            h, down, ups = h.float(), down.float(), [u.float() for u in ups]
+        lx = F.linear(h, down)
+        parts = zip(lx.chunk(len(ups), -1), ups, strict=True)
+        lx = torch.cat([F.linear(c, u) for c, u in parts], -1)
+        total = total + lx.to(bf) * mult * torch.tensor(alpha).to(bf)
+    want = want + total
+    with torch.no_grad():
+        got = layer(x, fp32=fp32)
+    assert got.dtype == want.dtype and torch.equal(got, want)

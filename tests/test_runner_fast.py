@@ -8,20 +8,20 @@ import pytest
 import torch
 
 from longcat_tools.runner import fast_ops, offload
-from longcat_tools.runner.dit import LongCatDiT, rope_3d_table, rope_table_cached
+from longcat_tools.runner.dit import LongCatTransformer3DModel, rope_3d_table, rope_table_cached
 from longcat_tools.synth import dit_config
 
 
-def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LongCatDiT:
+def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LongCatTransformer3DModel:
     torch.manual_seed(seed)
-    m = LongCatDiT(dit_config("tiny"))
+    m = LongCatTransformer3DModel.from_config(dit_config("tiny"))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.2 if p.dim() > 1 else 0.05)
     return m.to(dtype).eval()
 
 
-def _inputs(m: LongCatDiT, n_cond: int = 0):
+def _inputs(m: LongCatTransformer3DModel, n_cond: int = 0):
     g = torch.Generator().manual_seed(1)
     c = m.dims.caption_channels
     x = torch.randn(2, 16, 4, 8, 8, generator=g)
@@ -145,7 +145,7 @@ def test_pipeline_with_offload_all_and_vae_tiling_gives_the_same_video(tiny_nati
     kw = dict(prompt="a cat", height=32, width=32, num_frames=5, steps=1, seed=3)
     want = load_pipeline(tiny_native).t2v(**kw)
     pipe = load_pipeline(tiny_native, offload="all", vae_tiling=True)
-    assert pipe.offload_text_encoder and hasattr(pipe.dit, "block_swap")
+    assert pipe.offload_text_encoder and hasattr(pipe.transformer, "block_swap")
     got = pipe.t2v(**kw)
     assert torch.equal(got.latents, want.latents)
     assert pipe.text_encoder.device.type == "cpu"

@@ -128,11 +128,11 @@ def test_bsa_fast_call_bf16_pv_and_token_major_output():
 @pytest.mark.parametrize("n_cond", [0, 1])
 def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
     from longcat_tools.runner import fast_ops
-    from longcat_tools.runner.dit import LongCatDiT
+    from longcat_tools.runner.dit import LongCatTransformer3DModel
     from longcat_tools.synth import dit_config
 
     torch.manual_seed(0)
-    m = LongCatDiT(dit_config("tiny"))
+    m = LongCatTransformer3DModel.from_config(dit_config("tiny"))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.2 if p.dim() > 1 else 0.05)

@@ -2,10 +2,12 @@
 
 Layouts: ``native`` (the hub release: ``dit/``), ``converted`` (``model_index.json`` +
 ``transformer/`` sharded with an index, in either key flavour) and ``fastvideo-single`` (FastVideo's
-converter output: one ``transformer/model.safetensors``). Every path read from a file is checked
-to stay inside the checkpoint; symlinks may not lead out of it. A snapshot in the Hugging Face cache
-is the one exception: its files are symlinks into the repo's ``blobs/``, so its containment boundary
-is the repo's cache folder (``hub.snapshot_roots``), never anything wider.
+converter output: one ``transformer/model.safetensors``); ``comfy-single`` (a ComfyUI single-file
+DiT, only ever a convert source: :mod:`longcat_tools.checkpoint.comfy_single`). Every path read
+from a file is checked to stay inside the checkpoint; symlinks may not lead out of it. A snapshot
+in the Hugging Face cache is the one exception: its files are symlinks into the repo's ``blobs/``,
+so its containment boundary is the repo's cache folder (``hub.snapshot_roots``), never anything
+wider.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.model import keymap
 
-LAYOUTS = ("native", "converted", "fastvideo-single")
+LAYOUTS = ("native", "converted", "fastvideo-single", "comfy-single")
+# A ComfyUI single-file DiT (Kijai's LongCat-Video_comfy): a convert source, never a checkpoint.
+COMFY_SINGLE = "comfy-single"
 ENV_MODEL = "LONGCAT_TOOLS_MODEL"
 DIT_STEM = "diffusion_pytorch_model"
 INDEX_NAME = f"{DIT_STEM}.safetensors.index.json"
@@ -134,6 +138,8 @@ class Checkpoint:
     def describe(self) -> str:
         if self.layout == "native":
             return "native (hub release)"
+        if self.layout == COMFY_SINGLE:
+            return "ComfyUI single-file DiT"
         return f"{self.layout} ({self.flavour} keys)"
 
 
@@ -161,7 +167,7 @@ def detect(root: str | Path) -> Checkpoint:
             cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
         if single.exists() and not (transformer / INDEX_NAME).exists():
             return Checkpoint(root, "fastvideo-single", "fastvideo", transformer, allowed)
-        flavour = "native" if cls == keymap.NATIVE_CLASS else "fastvideo"
+        flavour = keymap.config_flavour(cfg) if cls is not None else "fastvideo"
         return Checkpoint(root, "converted", flavour, transformer, allowed)
     raise LongcatError(f"{root}: not a LongCat-Video checkpoint (expected dit/ for the hub layout "
                        "or transformer/ for the model_index.json layout)")

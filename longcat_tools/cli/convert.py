@@ -16,7 +16,9 @@ def _gb(n: int) -> str:
 def convert_cmd(
     src: Annotated[str, typer.Option("--src", metavar="SRC", show_default=False,
                                      help="Source checkpoint: native hub layout, converted "
-                                     "(model_index.json) or FastVideo's single-file output.")],
+                                     "(model_index.json), FastVideo's single-file output, or a "
+                                     "ComfyUI single-file DiT (.safetensors, bf16 or "
+                                     "fp8_e4m3fn_scaled).")],
     dst: Annotated[str, typer.Option("--dst", metavar="DST", show_default=False,
                                      help="Output folder (written as DST.partial, renamed at "
                                      "the end; must not exist unless --force).")],
@@ -24,9 +26,11 @@ def convert_cmd(
         "--keys", metavar="fastvideo|native", show_default=False,
         help="Key flavour of transformer/ and the LoRA files (default fastvideo; --to native "
         "implies native).")] = None,
-    to: Annotated[str, typer.Option("--to", metavar="converted|native",
-                                    help="Target layout: converted (model_index.json) or "
-                                    "native (the hub layout, reverses a conversion).")]
+    to: Annotated[str, typer.Option("--to", metavar="converted|native|comfy",
+                                    help="Target layout: converted (model_index.json), "
+                                    "native (the hub layout, reverses a conversion) or comfy "
+                                    "(the DiT alone as DST/diffusion_model.safetensors for "
+                                    "ComfyUI-WanVideoWrapper).")]
     = "converted",
     dtype: Annotated[str, typer.Option("--dtype", metavar="keep|bf16|fp16|fp32",
                                        help="Cast the transformer, LoRA and text encoder "

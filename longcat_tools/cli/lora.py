@@ -10,8 +10,8 @@ from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseO
 
 lora_app = typer.Typer(
     name="lora", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
-    help="Attach, list, detach, export and fuse LoRA adapters (native, FastVideo and PEFT "
-         "formats, converted exactly).")
+    help="Attach, list, detach, export and fuse LoRA adapters (native, FastVideo, PEFT and "
+         "ComfyUI formats, converted exactly).")
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace what is already there.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Check everything, write nothing.")]
@@ -25,8 +25,8 @@ def attach_cmd(
                                       show_default=False)],
     model: ModelOpt = None,
     scale: Annotated[float, typer.Option(help="Default scale recorded for the adapter.")] = 1.0,
-    fmt: Annotated[str, typer.Option("--format", help="Source format: auto, native, fastvideo "
-                                     "or peft (auto reads it from the key names).")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="Source format: auto, native, fastvideo, "
+                                     "peft or comfy (auto reads it from the key names).")] = "auto",
     adapter_config: Annotated[str | None, typer.Option(
         "--adapter-config", metavar="JSON", help="PEFT adapter_config.json giving the alphas "
         "(default: the file's metadata, else adapter_config.json beside it).")] = None,
@@ -107,7 +107,7 @@ def detach_cmd(
 @lora_app.command("export")
 def export_cmd(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Adapter to export.")],
-    fmt: Annotated[str, typer.Option("--format", help="native, fastvideo or peft.",
+    fmt: Annotated[str, typer.Option("--format", help="native, fastvideo, peft or comfy.",
                                      show_default=False)],
     out_file: Annotated[str, typer.Option("--out", metavar="FILE",
                                           help="Output .safetensors file.", show_default=False)],

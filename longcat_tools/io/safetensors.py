@@ -183,11 +183,16 @@ def _tensor_info(where: str, name: str, entry: object, data_start: int) -> Tenso
     return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor from an open binary file: only its own bytes, never the whole file."""
+def read_tensor(f: BinaryIO, info: TensorInfo, scratch: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Read one tensor from an open binary file: only its own bytes, never the whole file.
+
+    With ``scratch`` (a uint8 CPU tensor of at least ``info.nbytes``) the bytes land in it and
+    the result is a view, valid until the next read: one reused buffer spares a checkpoint's
+    loader a zero-filled, page-faulted new buffer per tensor."""
     f.seek(info.begin)
-    buf = bytearray(info.nbytes)
-    view = memoryview(buf)
+    buf = bytearray(info.nbytes) if scratch is None else scratch[:info.nbytes]
+    view = memoryview(buf) if scratch is None else memoryview(buf.numpy())
     got = 0
     while got < info.nbytes:
         k = f.readinto(view[got:])
@@ -199,6 +204,8 @@ def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
 
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
+    if scratch is not None:
+        return buf.view(info.torch_dtype).reshape(info.shape)
     return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
 
 

@@ -27,6 +27,17 @@ NATIVE_CLASS = "LongCatVideoTransformer3DModel"
 FASTVIDEO_CLASS = "LongCatTransformer3DModel"
 CLASS_BY_FLAVOUR = {"native": NATIVE_CLASS, "fastvideo": FASTVIDEO_CLASS}
 
+
+def config_flavour(config: Mapping[str, Any]) -> str:
+    """The key flavour a transformer config.json declares. Our diffusers class shares
+    FastVideo's class name but saves native keys; its config keeps ``num_heads`` (FastVideo's
+    converter writes ``num_attention_heads`` instead)."""
+    cls = config.get("_class_name")
+    if cls == NATIVE_CLASS or (cls == FASTVIDEO_CLASS and "num_heads" in config
+                               and config.get("num_attention_heads") is None):
+        return "native"
+    return "fastvideo"
+
 # native module (inside blocks.{i}) -> fastvideo module(s)
 BLOCK_MODULES: dict[str, tuple[str, ...]] = {
     "adaLN_modulation.1": ("adaln_linear_1",),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from longcat_tools.runner.job import run_job
     from longcat_tools.runner.loading import load_transformer
-    from longcat_tools.runner.pipeline import Pipeline, Reporter
+    from longcat_tools.runner.pipeline import LongCatVideoPipeline, Reporter
     from longcat_tools.runner.settings import RunSettings
 
 __all__ = ["Reporter", "RunSettings", "load_pipeline", "load_transformer", "run_job"]
@@ -30,11 +30,13 @@ _LAZY = {"load_transformer": "loading", "run_job": "job", "RunSettings": "settin
          "Reporter": "pipeline"}
 
 
-def load_pipeline(path: Any, device: Any = "cpu", dtype: Any = "fp32", **kwargs: Any) -> Pipeline:
-    """Every component of the checkpoint at ``path`` (any layout), ready to ``generate``."""
-    from longcat_tools.runner.pipeline import Pipeline
+def load_pipeline(path: Any, device: Any = "cpu", dtype: Any = "fp32",
+                  **kwargs: Any) -> LongCatVideoPipeline:
+    """Every component of the checkpoint at ``path`` (any layout), ready to ``generate``
+    (``LongCatVideoPipeline.from_pretrained`` with the runner's argument names)."""
+    from longcat_tools.runner.pipeline import LongCatVideoPipeline
 
-    return Pipeline.load(path, device=device, dtype=dtype, **kwargs)
+    return LongCatVideoPipeline.from_pretrained(path, torch_dtype=dtype, device=device, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from longcat_tools.runner.pipeline import Pipeline, Result
+from longcat_tools.runner.pipeline import LongCatVideoPipeline, Result
 from longcat_tools.runner.video import probe, write_mp4
 
 PROMPT = "A cat sits on a sunny windowsill and watches birds fly past the garden."
@@ -40,7 +40,7 @@ def run_all_tasks(ckpt: str | Path, out_dir: str | Path,
                   say: Callable[[str], None] = print) -> list[TaskRun]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline.load(ckpt)
+    pipe = LongCatVideoPipeline.from_pretrained(ckpt)
     results: dict[str, Result] = {}
     runs: list[TaskRun] = []
     tasks: list[tuple[str, Callable[[], Result]]] = [

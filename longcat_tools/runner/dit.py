@@ -20,10 +20,14 @@ without recomputing the condition frames at every step.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from longcat_tools.errors import LongcatError
@@ -32,6 +36,7 @@ from longcat_tools.runner import fast_ops
 from longcat_tools.runner.attention import AttnSettings, BSAParams
 from longcat_tools.runner.context_parallel import ContextParallel, FrameSplit
 from longcat_tools.runner.lora import LoraDelta, read_lora
+from longcat_tools.runner.lora import apply as lora_apply
 
 KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -42,10 +47,34 @@ class ModelSetting:
 
 
 MODEL_SETTING = ModelSetting()
+# diffusers loading options with no meaning for this model (quantization has its own issue),
+# with what to do instead.
+_LOW_MEMORY = "load in a dtype with torch_dtype, then use enable_layerwise_casting or " \
+    "enable_group_offload"
+_UNSUPPORTED_LOAD = {"quantization_config": _LOW_MEMORY, "variant": _LOW_MEMORY,
+                     "dduf_entries": _LOW_MEMORY, "use_flashpack": _LOW_MEMORY,
+                     "parallel_config": "use enable_context_parallel"}
+
+
+def _one_device(device_map: Any) -> str | torch.device:
+    """A checkpoint's DiT loads whole onto one device: ``device_map`` may name it, no more."""
+    if device_map is None:
+        return "cpu"
+    try:
+        return torch.device(device_map)
+    except (TypeError, RuntimeError):
+        raise LongcatError(f"LongCatTransformer3DModel.from_pretrained: device_map "
+                           f"{device_map!r}: only one device (e.g. \"cuda\") is supported; "
+                           "for less GPU memory use enable_group_offload") from None
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with run-time (unfused) LoRA adapters and an fp32 mode."""
+    """``nn.Linear`` with run-time (unfused) LoRA adapters and an fp32 mode.
+
+    The run uses these adapters rather than PEFT's (which also work on this model): they keep
+    the original's arithmetic (fp32 inside its autocast regions, block-diagonal ups, where PEFT
+    needs 3x the rank on qkv), switch between a task's adapters without editing the module
+    tree, and stream with block swap. Speed against PEFT: benchmarks/results/offload.md."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -57,12 +86,7 @@ class Linear(nn.Linear):
             out = F.linear(x.float(), self.weight.float(), bias)
         else:
             out = F.linear(x, self.weight, self.bias)
-        if self.loras:
-            total = 0
-            for lora in self.loras:
-                total = total + lora(x, fp32)
-            out = out + total
-        return out
+        return lora_apply(out, self.loras, x, fp32)
 
 
 class Conv3d(nn.Conv3d):
@@ -74,9 +98,7 @@ class Conv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        for lora in self.loras:
-            out = out + lora(x, False)
-        return out
+        return lora_apply(out, self.loras, x, False)
 
 
 class RMSNorm(nn.Module):
@@ -376,22 +398,43 @@ class FinalLayer(nn.Module):
         return self.linear(x, fp32=True)
 
 
-class LongCatDiT(nn.Module):
-    """The DiT. ``config`` is the transformer ``config.json`` of either key flavour."""
+class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """The DiT, as a diffusers model: ``from_pretrained`` (any layout, either key flavour, or a
+    ``save_pretrained`` folder), ``torch_dtype``, PEFT adapters (``load_lora_adapter``), group
+    offloading and hooks. The config fields are the native ``config.json``'s; FastVideo's
+    ``num_attention_heads`` is accepted for ``num_heads``. The attention-backend flags of the
+    original (``enable_flashattn3``...) are kept in the config but not used: the runner picks its
+    own kernels."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    _supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    # Norm weights are read directly by the fused glue, so their hooks would not run; the patch
+    # embedding's dtype is the model's compute dtype.
+    _skip_layerwise_casting_patterns = ["x_embedder", "norm"]
+
+    @register_to_config
+    def __init__(self, in_channels: int = 16, out_channels: int = 16, hidden_size: int = 4096,
+                 depth: int = 48, num_heads: int = 32, caption_channels: int = 4096,
+                 mlp_ratio: float = 4, adaln_tembed_dim: int = 512,
+                 frequency_embedding_size: int = 256,
+                 patch_size: tuple[int, int, int] = (1, 2, 2), enable_bsa: bool = False,
+                 bsa_params: dict[str, Any] | None = None, text_tokens_zero_pad: bool = False,
+                 cp_split_hw: list[int] | None = None, enable_flashattn3: bool = False,
+                 enable_flashattn2: bool = False, enable_xformers: bool = False,
+                 num_attention_heads: int | None = None) -> None:
         super().__init__()
         from longcat_tools.model import keymap
 
-        self.config = dict(config)
-        dims = keymap.dit_dims(config)
+        if num_attention_heads is not None:  # FastVideo's name: the config keeps one
+            self.register_to_config(num_heads=num_attention_heads, num_attention_heads=None)
+        dims = keymap.dit_dims(self.config)
         self.dims = dims
         if dims.patch_size[0] != 1:
             raise ValueError("the DiT does not patch the time axis (patch_size[0] must be 1)")
         C, Ct = dims.hidden_size, dims.adaln_tembed_dim
         self.patch_size = dims.patch_size
         self.out_channels = dims.out_channels
-        self.text_tokens_zero_pad = bool(config.get("text_tokens_zero_pad", False))
+        self.text_tokens_zero_pad = bool(text_tokens_zero_pad)
         self.bsa: BSAParams | None = None  # the default of every forward (config enable_bsa)
         self.fast = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
         self.cp: ContextParallel | None = None  # tokens split over ranks (context parallel)
@@ -408,8 +451,38 @@ class LongCatDiT(nn.Module):
         self.final_layer = FinalLayer(C, dims.patch_volume * dims.out_channels, Ct)
         self.lora_registry: dict[str, dict[str, LoraDelta]] = {}
         self.active_loras: list[str] = []
-        if config.get("enable_bsa"):
+        if enable_bsa:
             self.enable_bsa()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
+                        subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
+                        **kwargs: Any) -> LongCatTransformer3DModel:
+        """Load the DiT of a checkpoint (its root, or ``subfolder`` "dit" / "transformer") or of
+        a ``save_pretrained`` folder, directly in ``torch_dtype`` (default fp32) and onto
+        ``device`` (or a ``device_map`` naming one device; default the CPU).
+
+        A checkpoint's DiT goes through ``runner.loading``, not diffusers' loader: FastVideo's
+        flavour splits ``qkv``/``kv_linear`` into several tensors, which a one-name-one-tensor
+        loader cannot fill, and ours checks every shape before it copies and streams one tensor
+        at a time. A ``save_pretrained`` folder (native names) goes through diffusers'."""
+        from longcat_tools.checkpoint.hub import resolve_source
+        from longcat_tools.runner.loading import find_transformer, load_transformer
+
+        device = kwargs.pop("device", None)
+        torch_dtype = kwargs.pop("dtype", None) or torch_dtype  # diffusers' newer name
+        unsupported = {k: v for k, v in kwargs.items() if k in _UNSUPPORTED_LOAD and v}
+        if unsupported:
+            name = next(iter(unsupported))
+            raise LongcatError(f"LongCatTransformer3DModel.from_pretrained: '{name}' is not "
+                               f"supported ({_UNSUPPORTED_LOAD[name]})")
+        path = find_transformer(pretrained_model_name_or_path, subfolder)
+        if path is None:  # a save_pretrained folder
+            folder = resolve_source(pretrained_model_name_or_path) / (subfolder or "")
+            model = super().from_pretrained(folder, torch_dtype=torch_dtype, **kwargs)
+            return model if device is None else model.to(device)
+        return load_transformer(path, device=device or _one_device(kwargs.get("device_map")),
+                                dtype=torch_dtype or torch.float32)
 
     # ---- BSA -------------------------------------------------------------------------------
     def enable_bsa(self, params: dict[str, Any] | BSAParams | None = None) -> None:
@@ -417,7 +490,7 @@ class LongCatDiT(nn.Module):
         BSAParams) or the config's; a forward's ``bsa`` argument overrides it."""
         if not isinstance(params, BSAParams):
             params = BSAParams.from_config(params if params is not None
-                                           else self.config.get("bsa_params"))
+                                           else self.config.bsa_params)
         self.bsa = params
 
     def disable_bsa(self) -> None:
@@ -449,7 +522,8 @@ class LongCatDiT(nn.Module):
         modules = dict(self.named_modules())
         for name in names:
             for module, delta in self.lora_registry[name].items():
-                modules[module].loras.append(delta.to(p.device, p.dtype))
+                target = modules[module]  # a PEFT adapter wraps it as base_layer
+                getattr(target, "base_layer", target).loras.append(delta.to(p.device, p.dtype))
             self.active_loras.append(name)
 
     def disable_loras(self) -> None:

@@ -19,10 +19,16 @@ from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io import jsonio
 from longcat_tools.runner import context_parallel
-from longcat_tools.runner.pipeline import DEFAULT_NEGATIVE_PROMPT, Pipeline, Reporter, Result
+from longcat_tools.runner.pipeline import (
+    LongCatVideoPipeline,
+    Reporter,
+    Result,
+    negative_prompt_of,
+)
 from longcat_tools.runner.settings import (
     DEFAULT_COND_FRAMES,
     RunSettings,
+    guidance_of,
     resolve_device,
     validate,
 )
@@ -43,7 +49,7 @@ class Job:
 
     s: RunSettings
     root: Path
-    pipe: Pipeline
+    pipe: LongCatVideoPipeline
     image: Image.Image | None
     in_frames: list[Image.Image]
     in_fps: float
@@ -152,12 +158,11 @@ def _load(s: RunSettings, reporter: Reporter, say, cp, device: torch.device, dty
             raise LongcatError(f"--latents-in {s.latents_in}: no tensor named 'latents'")
         init = doc["latents"]
     say(f"loading {root} on {device} ({dtype})")
-    pipe = Pipeline.load(root, device=device, dtype=dtype, reporter=reporter, offload=s.offload,
-                         vae_tiling=s.vae_tiling, cp=cp)
-    guidance = s.guidance if s.guidance is not None else (1.0 if s.distill else 4.0)
-    neg = s.negative_prompt
-    if neg is None and guidance > 1.0:
-        neg = DEFAULT_NEGATIVE_PROMPT
+    pipe = LongCatVideoPipeline.from_pretrained(root, torch_dtype=dtype, device=device,
+                                                reporter=reporter, offload=s.offload,
+                                                vae_tiling=s.vae_tiling, cp=cp)
+    guidance = guidance_of(s.guidance, s.distill)
+    neg = negative_prompt_of(s.negative_prompt, guidance)
     return Job(s, root, pipe, image, in_frames, in_fps, init, guidance, neg,
                pipe.generator(s.seed))
 

@@ -32,7 +32,7 @@ import inspect
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +41,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
 from PIL import Image
 
 from longcat_tools.errors import LongcatError
@@ -49,9 +51,16 @@ from longcat_tools.runner import schedule
 from longcat_tools.runner.attention import BSAParams, BSASetting, resolve_bsa
 from longcat_tools.runner.buckets import bucket_size
 from longcat_tools.runner.context_parallel import ContextParallel
-from longcat_tools.runner.dit import LongCatDiT
+from longcat_tools.runner.dit import LongCatTransformer3DModel
 from longcat_tools.runner.loading import parse_dtype, resolve_checkpoint
-from longcat_tools.runner.settings import TASKS, check_offload, from_call, validate
+from longcat_tools.runner.settings import (
+    TASKS,
+    check_components,
+    check_offload,
+    from_call,
+    guidance_of,
+    validate,
+)
 
 MAX_SEQUENCE_LENGTH = 512
 DEFAULT_NEGATIVE_PROMPT = (
@@ -61,6 +70,7 @@ DEFAULT_NEGATIVE_PROMPT = (
     "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
     "in the background, walking backwards")
 LORA_DISTILL, LORA_REFINE = "distilled", "refinement"
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 TaskMethod = TypeVar("TaskMethod", bound=Callable[..., Any])
 
 
@@ -139,6 +149,31 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+def _step_callback(pipe: LongCatVideoPipeline, callback: Callable[..., dict[str, Any]] | None,
+                   names: Sequence[str]):
+    """diffusers' ``callback_on_step_end`` as the denoising loop's hook (latents only)."""
+    if callback is None:
+        return None
+    names = list(getattr(callback, "tensor_inputs", names))
+    if any(n not in LongCatVideoPipeline._callback_tensor_inputs for n in names):
+        raise LongcatError(f"callback_on_step_end_tensor_inputs {names}: only "
+                           f"{LongCatVideoPipeline._callback_tensor_inputs} are offered")
+
+    def hook(step: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        out = callback(pipe, step, t, {"latents": latents}) or {}
+        return out.get("latents", latents)
+
+    return hook
+
+
+def negative_prompt_of(negative_prompt: str | None, guidance: float) -> str | None:
+    """What ``run`` and ``pipe()`` pass: the demos' negative prompt when CFG is on and none was
+    given (the task methods themselves default to the original pipeline's empty one)."""
+    if negative_prompt is None and guidance > 1.0:
+        return DEFAULT_NEGATIVE_PROMPT
+    return negative_prompt
+
+
 def to_pil_frames(video: Any) -> list[Image.Image]:
     """A list of PIL images, or frames as a uint8 array [F, H, W, 3] -> list of PIL images."""
     if isinstance(video, np.ndarray):
@@ -146,16 +181,33 @@ def to_pil_frames(video: Any) -> list[Image.Image]:
     return list(video)
 
 
-class Pipeline:
-    """Tokenizer, text encoder, VAE, scheduler and our DiT, with the tasks as methods."""
+@dataclass
+class LongCatVideoPipelineOutput(BaseOutput):
+    """``frames``: [1, F, H, W, 3] in [0, 1] for "np", a list of one list of PIL images for "pil",
+    [1, F, 3, H, W] for "pt", the final latents for "latent"."""
 
-    def __init__(self, root: Path, tokenizer, text_encoder, vae, scheduler, dit: LongCatDiT,
-                 device: torch.device, layout: str) -> None:
+    frames: Any
+
+
+class LongCatVideoPipeline(DiffusionPipeline):
+    """Tokenizer, text encoder, VAE, scheduler and our DiT, with the tasks as methods.
+
+    ``pipe(prompt=...)`` is the diffusers-style entry (WanPipeline's argument names; ``image`` /
+    ``video`` / ``task`` pick i2v, vc, refine or long); ``generate`` and the task methods are what
+    ``longcat-tools run`` calls, with every option of each task."""
+
+    _optional_components = ["text_encoder"]  # context-parallel ranks other than 0 have none
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, tokenizer, text_encoder, vae, scheduler,
+                 transformer: LongCatTransformer3DModel) -> None:
         from diffusers.video_processor import VideoProcessor
 
-        self.root, self.tokenizer, self.text_encoder = root, tokenizer, text_encoder
-        self.vae, self.scheduler, self.dit = vae, scheduler, dit
-        self.device, self.layout = device, layout
+        super().__init__()
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                              scheduler=scheduler, transformer=transformer)
+        self.root: Path | None = None
+        self.layout = getattr(transformer, "layout", "diffusers")
         self.scale_t = int(getattr(vae.config, "scale_factor_temporal", 4))
         self.scale_s = int(getattr(vae.config, "scale_factor_spatial", 8))
         self.video_processor = VideoProcessor(vae_scale_factor=self.scale_s)
@@ -163,35 +215,43 @@ class Pipeline:
         self.last_run: dict[str, Any] = {}
         self.offload_text_encoder = False  # runner.offload: encoder lives on the CPU
         self.cp: ContextParallel | None = None  # context parallel: rank 0 encodes and decodes
+        self.run_device: torch.device | None = None  # set by from_pretrained (see ``device``)
+        self.step_callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, device: Any = "cpu", dtype: Any = "fp32",
-             text_encoder_dtype: Any = None, reporter: Reporter | None = None,
-             offload: str = "none", vae_tiling: bool = False, fast: bool = True,
-             cp: ContextParallel | None = None) -> Pipeline:
-        """Load every component. ``offload`` (runner.offload): "text-encoder" keeps UMT5 on the
-        CPU between prompts, "dit" streams the DiT's blocks from CPU memory, "all" both.
-        ``fast``: fused glue for bf16/fp16 on CUDA (runner.fast_ops). ``cp``: this process is one
-        rank of a context-parallel job (runner.context_parallel); only rank 0 loads UMT5."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
+                        torch_dtype: Any = None, device: Any = "cpu",
+                        text_encoder_dtype: Any = None, reporter: Reporter | None = None,
+                        offload: str = "none", vae_tiling: bool = False, fast: bool = True,
+                        cp: ContextParallel | None = None) -> LongCatVideoPipeline:
+        """Load every component of a checkpoint (any layout, or a cached Hugging Face repo id)
+        straight onto ``device`` in ``torch_dtype`` (default fp32). ``offload``
+        (runner.offload): "text-encoder" keeps UMT5 on the CPU between prompts, "dit" streams
+        the DiT's blocks from CPU memory, "all" both. ``fast``: fused glue for bf16/fp16 on CUDA
+        (runner.fast_ops). ``cp``: this process is one rank of a context-parallel job
+        (runner.context_parallel); only rank 0 loads UMT5.
+
+        Every component's files and config are checked before any weights load (one line per
+        problem, as ``run`` does). diffusers' generic loader is not used: a native checkpoint
+        has no model_index.json, and the DiT has its own loader
+        (``LongCatTransformer3DModel.from_pretrained``)."""
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, UMT5EncoderModel
 
+        from longcat_tools.checkpoint.hub import resolve_source
         from longcat_tools.runner import offload as off
         from longcat_tools.runner.loading import load_transformer
 
         check_offload(offload)
         te_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
         swap = offload in ("dit", "all")
-        ckpt = resolve_checkpoint(path)
+        ckpt = resolve_checkpoint(resolve_source(pretrained_model_name_or_path))
         root = ckpt.root
         device = torch.device(device)
-        dtype = parse_dtype(dtype)
+        dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
-        for comp in ("tokenizer", "text_encoder", "vae", "scheduler"):
-            if not (root / comp).is_dir():
-                raise LongcatError(f"{root}: missing '{comp}/' (a runnable checkpoint needs "
-                                   "tokenizer/, text_encoder/, vae/ and scheduler/)")
+        check_components(root)
         _quiet_libraries()
         with rep.stage("load"):
             tok = AutoTokenizer.from_pretrained(root / "tokenizer")
@@ -210,11 +270,32 @@ class Pipeline:
         dit.enable_context_parallel(cp)
         if vae_tiling:
             off.enable_vae_tiling(vae)
-        pipe = cls(root, tok, te, vae, sched, dit, device, ckpt.describe())
+        pipe = cls(tok, te, vae, sched, dit)
+        pipe.root, pipe.layout, pipe.run_device = root, ckpt.describe(), device
         pipe.reporter = rep
         pipe.offload_text_encoder = te_home is not None
         pipe.cp = cp
         return pipe
+
+    @property
+    def device(self) -> torch.device:
+        """Where the work runs: the device given at load (even while the DiT's blocks or the text
+        encoder wait in CPU memory), else where the modules are."""
+        return self.run_device or super().device
+
+    def to(self, *args: Any, **kwargs: Any) -> LongCatVideoPipeline:
+        self.run_device = None  # the modules' device from now on
+        return super().to(*args, **kwargs)
+
+    def _no_hook_offload(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' hook-based offloads of the whole pipeline move the modules behind the
+        tasks' back (they create tensors on ``device``): refused, pointing at what works."""
+        raise LongcatError("LongCatVideoPipeline: diffusers' pipeline-wide offloading is not "
+                           "supported; load with from_pretrained(..., offload='text-encoder' | "
+                           "'dit' | 'all'), or call pipe.transformer.enable_group_offload(...)")
+
+    enable_model_cpu_offload = enable_sequential_cpu_offload = _no_hook_offload
+    enable_group_offload = _no_hook_offload
 
     @property
     def is_main(self) -> bool:
@@ -228,7 +309,7 @@ class Pipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.dit.dtype
+        return self.transformer.dtype
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)
@@ -310,8 +391,8 @@ class Pipeline:
             timestep = timestep.unsqueeze(-1).repeat(1, inp.shape[2])
             timestep[:, :n_cond] = 0
         with torch.no_grad():
-            pred = self.dit(inp, timestep, text, mask, num_cond_latents=n_cond,
-                            kv_cache=kv_cache, bsa=bsa)
+            pred = self.transformer(inp, timestep, text, mask, num_cond_latents=n_cond,
+                                    kv_cache=kv_cache, bsa=bsa)
         if cfg:
             uncond, cond = pred.chunk(2)
             pred = schedule.cfg_zero_star(cond, uncond, guidance)
@@ -319,11 +400,12 @@ class Pipeline:
 
     def _denoise(self, latents, timesteps, text, mask, guidance, bsa: BSAParams | None, n_cond=0,
                  per_frame=False, kv_cache=None, step_all=True, desc="denoise") -> torch.Tensor:
-        self.last_run = {"loras": list(self.dit.active_loras),
+        self.last_run = {"loras": list(self.transformer.active_loras),
                          "bsa": None if bsa is None else asdict(bsa)}
         latents = self._shared(latents)
         with self.reporter.stage("denoise"):
-            for t in self.reporter.steps(timesteps, len(timesteps), desc):
+            steps = enumerate(timesteps)
+            for i, t in self.reporter.steps(steps, len(timesteps), desc):
                 pred = self._predict(latents, t, text, mask, guidance, bsa, n_cond, per_frame,
                                      kv_cache)
                 if step_all:
@@ -331,10 +413,12 @@ class Pipeline:
                 else:
                     latents[:, :, n_cond:] = self.scheduler.step(
                         pred[:, :, n_cond:], t, latents[:, :, n_cond:], return_dict=False)[0]
+                if self.step_callback is not None:
+                    latents = self.step_callback(i, t, latents)
         return latents
 
     def _latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
-        return (1, self.dit.dims.in_channels, (num_frames - 1) // self.scale_t + 1,
+        return (1, self.transformer.dims.in_channels, (num_frames - 1) // self.scale_t + 1,
                 height // self.scale_s, width // self.scale_s)
 
     @contextmanager
@@ -342,20 +426,97 @@ class Pipeline:
         """Run with this hub LoRA active too (or no extra one), then restore."""
         from longcat_tools.runner.lora import lora_path
 
-        before_loras = list(self.dit.active_loras)
+        before_loras = list(self.transformer.active_loras)
         try:
             if lora is not None:
-                if lora not in self.dit.lora_registry:
-                    self.dit.load_lora(lora_path(self.root, lora), lora)
+                if lora not in self.transformer.lora_registry:
+                    if self.root is None:
+                        raise LongcatError(f"no '{lora}' LoRA loaded and no checkpoint folder to "
+                                           f"find it in: pipe.transformer.load_lora(path, "
+                                           f"'{lora}') first, or use from_pretrained")
+                    self.transformer.load_lora(lora_path(self.root, lora), lora)
                 if lora not in before_loras:
-                    self.dit.enable_loras(before_loras + [lora])
+                    self.transformer.enable_loras(before_loras + [lora])
             yield
         finally:
-            self.dit.enable_loras(before_loras) if before_loras else self.dit.disable_loras()
+            if before_loras:
+                self.transformer.enable_loras(before_loras)
+            else:
+                self.transformer.disable_loras()
 
     def bsa_params(self, setting: BSASetting, refinement: bool = False) -> BSAParams | None:
         """The BSA params a task runs with (``attention.resolve_bsa`` on this model's config)."""
-        return resolve_bsa(setting, self.dit.bsa, self.dit.config.get("bsa_params"), refinement)
+        return resolve_bsa(setting, self.transformer.bsa, self.transformer.config.bsa_params,
+                           refinement)
+
+    # ---- the diffusers entry ----------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: str | None = None, negative_prompt: str | None = None,
+                 height: int | None = None, width: int | None = None,
+                 num_frames: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "np",
+                 return_dict: bool = True,
+                 callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 *, task: str | None = None, image: Image.Image | None = None,
+                 video: Any = None, distill: bool = False,
+                 **options: Any) -> LongCatVideoPipelineOutput | tuple[Any]:
+        """Generate one video, WanPipeline-style. The task is ``task``, else i2v when ``image`` is
+        given, vc when ``video`` is, else t2v; "refine" takes the stage-1 video as ``video``
+        (and a condition image as ``image``), "long" continues ``video`` or its own t2v. Left out,
+        size, frames, steps and guidance are the task's defaults (distill: 16 steps, no CFG), and
+        with CFG the negative prompt is the demos' (as in ``longcat-tools run``; pass "" for the
+        original pipeline's empty one).
+        ``options``: any other keyword of the task's method (``num_cond_frames``, ``bsa``,
+        ``seed``, ``use_kv_cache``, ``t_thresh``...). ``callback_on_step_end(pipe, step, t,
+        {"latents": ...})`` may return new latents. ``output_type``: "np", "pil", "pt" or
+        "latent"."""
+        if output_type not in OUTPUT_TYPES:
+            raise LongcatError(f"output_type '{output_type}': use one of "
+                               f"{', '.join(OUTPUT_TYPES)}")
+        task = task or ("vc" if video is not None else "i2v" if image is not None else "t2v")
+        if task not in TASKS:
+            raise LongcatError(f"task '{task}': unknown (choose from {', '.join(TASKS)})")
+        kw = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height,
+              "width": width, "num_frames": num_frames, "steps": num_inference_steps,
+              "guidance": guidance_scale, "generator": generator, "latents": latents,
+              "image": image, "video": video, "distill": distill, **options}
+        if task == "refine":
+            kw["stage1_video"], kw["video"] = kw.pop("video"), options.get("condition_video")
+            kw.pop("condition_video", None)
+        method = getattr(self, task)
+        accepted = inspect.signature(method).parameters
+        kw = {k: v for k, v in kw.items() if v is not None or k in options}
+        unknown = [k for k in kw if k not in accepted]
+        if unknown:
+            raise LongcatError(f"task {task} takes no '{unknown[0]}' (its options: "
+                               f"{', '.join(p for p in accepted if p != 'self')})")
+        missing = [n for n, p in accepted.items() if p.default is p.empty and n not in kw]
+        if missing:
+            name = {"stage1_video": "video"}.get(missing[0], missing[0])
+            raise LongcatError(f"task {task} needs {name}=")
+        if "negative_prompt" in accepted:
+            kw["negative_prompt"] = negative_prompt_of(negative_prompt,
+                                                       guidance_of(guidance_scale, distill))
+        if "decode" in accepted:
+            kw["decode"] = output_type != "latent"
+        self.step_callback = _step_callback(self, callback_on_step_end,
+                                            callback_on_step_end_tensor_inputs)
+        try:
+            result = method(**kw)
+        finally:
+            self.step_callback = None
+        frames = self._output(result, output_type)
+        return LongCatVideoPipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def _output(self, result: Result, output_type: str) -> Any:
+        if output_type == "latent":
+            return result.latents
+        if output_type == "pil":
+            return [[Image.fromarray(f) for f in (result.frames * 255).round().astype(np.uint8)]]
+        frames = result.frames[None]
+        return torch.from_numpy(frames).permute(0, 1, 4, 2, 3) if output_type == "pt" else frames
 
     # ---- tasks -----------------------------------------------------------------------------
     def generate(self, task: str = "t2v", **kw: Any) -> Result:
@@ -370,7 +531,7 @@ class Pipeline:
     def _common(self, distill: bool, steps: int | None, guidance: float | None, seed: int,
                 generator: torch.Generator | None):
         steps = steps if steps is not None else (16 if distill else 50)
-        guidance = guidance if guidance is not None else (1.0 if distill else 4.0)
+        guidance = guidance_of(guidance, distill)
         gen = generator if generator is not None else self.generator(seed)
         return steps, guidance, gen
 
@@ -469,12 +630,12 @@ class Pipeline:
                 cond = latents[:, :, :n_cond]
                 with self.reporter.stage("kv_cache"), torch.no_grad():
                     empty = torch.zeros(cond.shape[0], 1, MAX_SEQUENCE_LENGTH,
-                                        self.dit.dims.caption_channels, device=self.device,
+                                        self.transformer.dims.caption_channels, device=self.device,
                                         dtype=self.dtype)
-                    _, cache = self.dit(cond, torch.zeros(cond.shape[0], n_cond,
-                                                          device=self.device, dtype=self.dtype),
-                                        empty, return_kv=True, skip_crs_attn=True,
-                                        offload_kv_cache=offload_kv_cache, bsa=bsa)
+                    t0 = torch.zeros(cond.shape[0], n_cond, device=self.device, dtype=self.dtype)
+                    _, cache = self.transformer(cond, t0, empty, return_kv=True,
+                                                skip_crs_attn=True,
+                                                offload_kv_cache=offload_kv_cache, bsa=bsa)
                 noise = self._denoise(latents[:, :, n_cond:], timesteps, text, mask, guidance,
                                       bsa, n_cond=n_cond, kv_cache=cache)
                 latents = torch.cat([cond, noise], dim=2)

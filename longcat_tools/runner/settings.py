@@ -4,8 +4,8 @@
 ``longcat-tools run`` command line (``cli/run.py`` builds the command from it), ``run_job`` reads
 it, and the pipeline's task methods map their keywords onto it. ``validate`` checks it before any
 weights load: the command line and ``run_job`` call it with the input files, the pipeline's task
-methods (``Pipeline.generate`` and the ``t2v``... methods) with the values they were given. No
-torch at import: the CLI builds its command from this module.
+methods (``LongCatVideoPipeline.generate`` and the ``t2v``... methods) with the values they were
+given. No torch at import: the CLI builds its command from this module.
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ MAX_GUIDANCE = 100.0  # CFG-Zero* scales in use are 1 to ~10
 MAX_FPS = 1000.0
 T2V_SIZE = (480, 832)  # (height, width) of t2v and long without --height/--width
 REFINE_SIZE = (720, 1280)  # the refinement stage's default (the 720p bucket of 16:9)
+
 TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation), long "
              "(chained continuations), refine (480p -> 720p with the refinement LoRA and BSA)")
+
+
+def guidance_of(guidance: float | None, distill: bool) -> float:
+    """The CFG scale a run uses: the given one, else 1 distilled (no CFG), else 4."""
+    return guidance if guidance is not None else (1.0 if distill else 4.0)
 
 
 def option(default: Any, help: str, *flags: str, metavar: str | None = None) -> Any:
@@ -230,7 +236,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
 
     ckpt = layouts.detect(layouts.resolve_model(s.model))
     dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))
-    _check_components(ckpt.root)
+    check_components(ckpt.root)
     if s.task == "i2v" and not s.image:
         raise LongcatError("--task i2v needs --image FILE (the first frame)")
     if s.task in ("vc", "refine") and not s.video:
@@ -259,7 +265,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     return InputFiles(dims, image_size, video_size)
 
 
-def _check_components(root: Path) -> None:
+def check_components(root: Path) -> None:
     """The files the loaders of the other components read (transformers, diffusers), checked as
     ``verify`` checks them: present, strict JSON, the config against its schema. A loader given
     a bad file fails with its own traceback, or tries to reach the Hub."""
@@ -318,7 +324,7 @@ def _stage1_size(s: RunSettings, files: InputFiles) -> tuple[int, int]:
 
 def _stages(s: RunSettings, files: InputFiles) -> list[footprint.Stage]:
     """The sampling stages of this run with their sizes, for the memory estimate."""
-    cfg = (s.guidance if s.guidance is not None else (1.0 if s.distill else 4.0)) > 1.0
+    cfg = guidance_of(s.guidance, s.distill) > 1.0
     refine_size = ((s.refine_height, s.refine_width) if s.refine_height and s.refine_width
                    else REFINE_SIZE)
     if s.task == "refine":

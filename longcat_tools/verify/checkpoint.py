@@ -250,7 +250,7 @@ def _dit(rec: Recorder, st: _State) -> None:
         schemas.validate(cfg, "transformer_config", str(cfg_path))
         st.dit_cfg = cfg
         st.dims = keymap.dit_dims(cfg, str(cfg_path))  # within model.bounds
-        st.cfg_flavour = "native" if cfg["_class_name"] == keymap.NATIVE_CLASS else "fastvideo"
+        st.cfg_flavour = keymap.config_flavour(cfg)
         if cfg.get("enable_bsa") and not cfg.get("bsa_params"):
             raise LongcatError(f"{cfg_path}: enable_bsa is true but bsa_params is null (set a "
                                "preset with `longcat-tools bsa preset`)")

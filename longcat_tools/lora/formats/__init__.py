@@ -1,10 +1,11 @@
 """LoRA adapter formats of LongCat-Video, read and written exactly.
 
-One module per format (:mod:`.native`, :mod:`.fastvideo`, :mod:`.peft`), each reading a file
-into the canonical form of :mod:`.base` (one :class:`ModuleEntry` per native module) and writing
-from it; this module holds them by name and is all a caller needs: :func:`sniff_format`,
-:func:`parse_keys` (header only), :func:`read_lora`, :func:`write_lora` and the streaming pieces
-a converter uses. Conversions are exact both ways; the rank is always read from the tensors.
+One module per format (:mod:`.native`, :mod:`.fastvideo`, :mod:`.peft`, :mod:`.comfy`), each
+reading a file into the canonical form of :mod:`.base` (one :class:`ModuleEntry` per native
+module) and writing from it; this module holds them by name and is all a caller needs:
+:func:`sniff_format`, :func:`parse_keys` (header only), :func:`read_lora`, :func:`write_lora` and
+the streaming pieces a converter uses. Conversions are exact both ways; the rank is always read
+from the tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from longcat_tools.lora.formats.base import (
     reader,
     split_targets,
 )
+from longcat_tools.lora.formats.comfy import Comfy
 from longcat_tools.lora.formats.fastvideo import FastVideo
 from longcat_tools.lora.formats.native import (
     NATIVE_HYPHEN,
@@ -58,7 +60,7 @@ __all__ = [
 if TYPE_CHECKING:  # imported where tensors are made: header-level readers start fast
     import torch
 
-_ALL: dict[str, LoraFormat] = {f.name: f for f in (Native(), FastVideo(), Peft())}
+_ALL: dict[str, LoraFormat] = {f.name: f for f in (Native(), FastVideo(), Peft(), Comfy())}
 FORMATS = tuple(_ALL)
 
 

@@ -1,0 +1,171 @@
+"""``LongCatVideoPipeline`` as a diffusers pipeline: ``from_pretrained(converted)(prompt=...)``
+gives exactly the frames and latents of ``longcat-tools run`` with the same seed, the task follows
+from the inputs, ``callback_on_step_end`` and ``output_type`` behave as in diffusers, bad
+arguments are one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from longcat_tools import LongCatVideoPipeline
+from longcat_tools.cli import main
+from longcat_tools.errors import LongcatError
+from longcat_tools.runner import video as vio
+
+SIZE = dict(num_frames=9, height=64, width=64, num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_native, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("dfp") / "converted"
+    assert main(["convert", "--src", str(tiny_native), "--dst", str(dst), "-q"]) == 0
+    return dst
+
+
+@pytest.fixture(scope="module")
+def pipe(converted):
+    return LongCatVideoPipeline.from_pretrained(converted)
+
+
+def test_pipeline_call_equals_longcat_tools_run(pipe, converted, tmp_path, monkeypatch):
+    """The acceptance call, against the CLI's frames (captured before H.264) and latents."""
+    from safetensors.torch import load_file
+
+    written = {}
+    encode = vio.encode_mp4
+
+    def capture(path, frames, fps, crf=18):
+        written["frames"] = frames.copy()
+        return encode(path, frames, fps, crf)
+
+    monkeypatch.setattr(vio, "encode_mp4", capture)
+    assert main(["run", "-q", "-m", str(converted), "-p", "a cat", "--frames", "9",
+                 "--height", "64", "--width", "64", "--steps", "2", "--seed", "7",
+                 "--out", str(tmp_path / "run.mp4"),
+                 "--save-latents", str(tmp_path / "run.safetensors")]) == 0
+    out = pipe(prompt="a cat", generator=torch.Generator().manual_seed(7), **SIZE)
+    assert out.frames.shape == (1, 9, 64, 64, 3) and out.frames.dtype == np.float32
+    assert written["frames"].dtype == np.float32  # t2v hands [0, 1] floats to the encoder
+    assert np.array_equal(out.frames[0], written["frames"])
+    latents = pipe(prompt="a cat", generator=torch.Generator().manual_seed(7),
+                   output_type="latent", **SIZE).frames
+    assert torch.equal(latents, load_file(tmp_path / "run.safetensors")["latents"])
+    other = pipe(prompt="a cat", generator=torch.Generator().manual_seed(8),
+                 output_type="latent", **SIZE).frames
+    assert not torch.equal(other, latents)
+
+
+def test_image_and_video_pick_the_task(pipe):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    gen = torch.Generator().manual_seed(3)
+    got = pipe(prompt="a cat", image=image, generator=gen, output_type="latent", **SIZE).frames
+    want = pipe.i2v(image, "a cat", height=64, width=64, num_frames=9, steps=2,
+                    negative_prompt=pipe_default_negative(), seed=3, decode=False).latents
+    assert torch.equal(got, want)
+    frames = [image] * 9
+    got = pipe(prompt="a cat", video=frames, num_cond_frames=5, distill=True, seed=4,
+               output_type="latent", **SIZE).frames
+    want = pipe.vc(frames, "a cat", height=64, width=64, num_frames=9, num_cond_frames=5,
+                   steps=2, distill=True, seed=4, decode=False).latents
+    assert torch.equal(got, want)
+
+
+def pipe_default_negative() -> str:
+    from longcat_tools.runner.pipeline import DEFAULT_NEGATIVE_PROMPT
+
+    return DEFAULT_NEGATIVE_PROMPT
+
+
+def test_callback_sees_every_step_and_may_replace_the_latents(pipe):
+    seen = []
+
+    def callback(p, step, t, kw):
+        seen.append((step, float(t), tuple(kw["latents"].shape)))
+        return {"latents": torch.zeros_like(kw["latents"])}
+
+    out = pipe(prompt="a cat", distill=True, output_type="latent",
+               callback_on_step_end=callback, **SIZE)
+    assert [s[0] for s in seen] == [0, 1] and seen[0][1] > seen[1][1]
+    assert seen[0][2] == (1, 16, 3, 8, 8)
+    assert torch.count_nonzero(out.frames) == 0
+
+
+def test_output_types(pipe):
+    kw = dict(prompt="a cat", distill=True, generator=None, **SIZE)
+    np_frames = pipe(output_type="np", **kw).frames
+    pil = pipe(output_type="pil", **kw).frames
+    pt = pipe(output_type="pt", return_dict=False, **kw)[0]
+    assert len(pil) == 1 and len(pil[0]) == 9 and pil[0][0].size == (64, 64)
+    assert np.array_equal(np.asarray(pil[0][4]), (np_frames[0, 4] * 255).round().astype(np.uint8))
+    assert pt.shape == (1, 9, 3, 64, 64)
+    assert torch.equal(pt.permute(0, 1, 3, 4, 2), torch.from_numpy(np_frames))
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"output_type": "mp4"}, "output_type 'mp4'"),
+    ({"task": "dance"}, "task 'dance': unknown"),
+    ({"num_cond_frames": 5}, "task t2v takes no 'num_cond_frames'"),
+    ({"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": ["noise"]},
+     "only ['latents'] are offered"),
+    ({"num_frames": 10}, "frames"),
+    ({"task": "i2v"}, "task i2v needs image="),
+    ({"task": "refine", "num_frames": None}, "task refine needs video="),
+    ({"prompt": None}, "task t2v needs prompt="),
+])
+def test_bad_arguments_are_one_line(pipe, kwargs, says):
+    with pytest.raises(LongcatError, match=says.replace("[", r"\[").replace("(", r"\(")) as e:
+        pipe(**{"prompt": "a cat", **SIZE, **kwargs})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["enable_model_cpu_offload", "enable_sequential_cpu_offload",
+                                    "enable_group_offload"])
+def test_pipeline_wide_offload_is_refused_in_one_line(pipe, method):
+    """Those hooks would move modules while the tasks create tensors on the load device."""
+    kwargs = {"onload_device": torch.device("cuda")} if method == "enable_group_offload" \
+        else {"device": "cuda"}
+    with pytest.raises(LongcatError, match="offload='text-encoder'") as e:
+        getattr(pipe, method)(**kwargs)
+    assert "\n" not in str(e.value)
+    assert pipe.device == torch.device("cpu")
+
+
+def test_diffusers_generic_loader_cannot_build_it(converted):
+    """Why ``DiffusionPipeline.from_pretrained`` is not offered (docs say so): FastVideo's
+    model_index.json, which must stay byte-equal, names "LongCatPipeline" and a tokenizer entry
+    "AutoTokenizer" that diffusers cannot load as a component. If diffusers ever loads it, this
+    fails and the docs should change."""
+    from diffusers import DiffusionPipeline
+
+    with pytest.raises((AttributeError, ValueError)):
+        DiffusionPipeline.from_pretrained(converted)
+
+
+@pytest.mark.parametrize("remove, says", [("vae/config.json", "vae/config.json: missing"),
+                                          ("tokenizer", "tokenizer_config.json: missing")])
+def test_from_pretrained_checks_components_before_loading(converted, tmp_path, remove, says):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(converted, copy)
+    target = copy / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(LongcatError, match=says) as e:
+        LongCatVideoPipeline.from_pretrained(copy)
+    assert "\n" not in str(e.value)
+
+
+
+def test_a_pipeline_built_from_parts_needs_its_loras_loaded(pipe, converted):
+    from longcat_tools import LongCatTransformer3DModel
+
+    dit = LongCatTransformer3DModel.from_pretrained(converted)
+    parts = LongCatVideoPipeline(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.scheduler, dit)
+    with pytest.raises(LongcatError, match="no 'distilled' LoRA loaded"):
+        parts(prompt="a cat", distill=True, **SIZE)
+    frames = parts(prompt="a cat", generator=torch.Generator().manual_seed(7), **SIZE).frames
+    want = pipe(prompt="a cat", generator=torch.Generator().manual_seed(7), **SIZE).frames
+    assert np.array_equal(frames, want)
