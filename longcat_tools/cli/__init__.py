@@ -13,6 +13,7 @@ import typer
 
 from longcat_tools import __version__
 from longcat_tools.cli.bsa import bsa_app
+from longcat_tools.cli.compare import compare_cmd
 from longcat_tools.cli.convert import convert_cmd
 from longcat_tools.cli.demo import demo_cmd
 from longcat_tools.cli.download import download_cmd, hub_manifest_cmd
@@ -38,6 +39,7 @@ app.command("download")(download_cmd)
 app.command("hub-manifest")(hub_manifest_cmd)
 app.add_typer(lora_app, name="lora")
 app.command("run")(run_cmd)
+app.command("compare")(compare_cmd)
 
 
 def _version(value: bool) -> None:

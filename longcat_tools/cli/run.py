@@ -7,9 +7,11 @@ once); this module adds the command-line-only ones (``--gpus``, ``--json``, ``-q
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
 import typer
@@ -18,24 +20,49 @@ from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseO
 from longcat_tools.errors import LongcatError
 from longcat_tools.runner.settings import RunSettings
 
+DEFAULT_OUT = next(f.default for f in fields(RunSettings) if f.name == "out")
+
 
 def run_cmd(
     ctx: typer.Context,
-    gpus: Annotated[int, typer.Option(help="Split the DiT over N GPUs of this machine (starts "
-                                      "N processes, context parallel).")] = 1,
+    prompts: Annotated[str | None, typer.Option(
+        "--prompts", metavar="FILE", help="Prompt list: one prompt a line, or JSONL with "
+        "prompt, negative_prompt, image, video, seed, out per line (a matrix run).")] = None,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", metavar="LIST", help="Comma list of seeds, one video each (a matrix "
+        "run).")] = None,
+    out_dir: Annotated[str, typer.Option(
+        "--out-dir", metavar="DIR", help="Folder of a matrix run: one mp4 + sidecar per video "
+        "and manifest.json.")] = "out",
+    lora_scale: Annotated[str, typer.Option(
+        "--lora-scale", metavar="SCALE", help="Scale of the hub LoRAs the run activates "
+        "(distilled, refinement); a comma list makes a matrix run.")] = "1",
+    gpus: Annotated[int, typer.Option(help="Use N GPUs of this machine (N processes): one "
+                                      "video is split over them (context parallel), a matrix "
+                                      "run gives each whole videos (data parallel).")] = 1,
+    data_parallel: Annotated[int, typer.Option(
+        "--data-parallel", hidden=True,
+        help="This process is one of N data-parallel ranks (RANK) of a matrix run.")] = 1,
     json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
     **options: Any,
 ) -> None:
-    """Run a LongCat-Video task and write an H.264 mp4 plus a JSON sidecar."""
+    """Run a LongCat-Video task and write an H.264 mp4 plus a JSON sidecar; with --prompts,
+    --seeds or a --bsa list, every combination in one process (weights loaded once)."""
     from dataclasses import replace
 
+    from longcat_tools.runner import matrix
     from longcat_tools.runner.job import run_job, validate
     from longcat_tools.runner.pipeline import Reporter
 
     if os.environ.get("RANK", "0") != "0":  # rank 0 of a context-parallel job speaks for it
         json_out, quiet = False, True
     out = Out(json_out, quiet, verbose)
-    settings = RunSettings(**options)
+    scales = matrix.parse_scales(lora_scale)
+    settings = RunSettings(**options, lora_scale=scales[0])
+    if matrix.is_matrix(prompts, seeds, settings.bsa, scales):
+        run_matrix_cmd(ctx, out, settings, prompts, seeds, out_dir, gpus, data_parallel, quiet,
+                       scales)
+        return
     if gpus != 1:
         from longcat_tools.runner.launch import launch, without_option
 
@@ -57,6 +84,55 @@ def run_cmd(
     out.result(doc)
 
 
+def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts: str | None,
+                   seeds: str | None, out_dir: str, gpus: int, data_parallel: int,
+                   quiet: bool, scales: list[float]) -> None:
+    """A matrix run: plan and check every video, then run them here or, with ``--gpus N``, in
+    N processes that take every N-th video each (the launcher writes the manifest)."""
+    from dataclasses import replace
+
+    from longcat_tools.runner import matrix
+    from longcat_tools.runner.pipeline import Reporter
+    from longcat_tools.runner.settings import resolve_device
+
+    if gpus < 1:
+        raise LongcatError(f"--gpus {gpus}: use 1 or more")
+    if settings.cp != 1:
+        raise LongcatError("--cp with a list: context parallel splits one video; a matrix run "
+                           "takes --gpus N and gives each GPU whole videos")
+    if settings.out != DEFAULT_OUT:
+        raise LongcatError(f"--out {settings.out}: names one video; a matrix run writes into "
+                           "--out-dir")
+    rank = int(os.environ.get("RANK", "0")) if data_parallel > 1 else 0
+    if data_parallel > 1 and settings.device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            settings = replace(settings, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    items = matrix.plan(settings, out_dir, prompts,
+                        matrix.parse_seeds(seeds) if seeds is not None else None,
+                        matrix.parse_bsa(settings.bsa), scales if len(scales) > 1 else None)
+    if gpus > 1:
+        from longcat_tools.runner.launch import launch, without_option
+
+        out.say(f"{len(items)} videos into {out_dir}/ over {gpus} processes")
+        code = launch(gpus, without_option(command_line(ctx), "--gpus"), "--data-parallel")
+        if code:
+            raise typer.Exit(code)
+        manifest = matrix.write_manifest(items, resolve_device(settings.device))
+    else:
+        out.say(f"{len(items)} videos into {out_dir}/")
+        reporter = Reporter(show=not quiet, say=out.say if out.verbose else None)
+        for _ in matrix.run_matrix(items, reporter, say=out.say, share=(rank, data_parallel)):
+            pass
+        if data_parallel > 1:
+            return
+        manifest = json.loads((Path(out_dir) / matrix.MANIFEST).read_text())
+    out.table([[str(e["index"]), e["file"], e["status"], f"{e.get('total_s', 0):.2f} s"]
+               for e in manifest["items"]], ["#", "file", "status", "time"])
+    out.result(manifest)
+
+
 def command_line(ctx: typer.Context) -> list[str]:
     """The arguments this command line was given (``main`` passes them as the context's
     ``obj``), to start the same command again in other processes."""
@@ -73,6 +149,8 @@ def _settings_options() -> list[inspect.Parameter]:
     params = []
     for f in fields(RunSettings):
         meta = f.metadata
+        if not meta.get("cli", True):
+            continue
         if f.name in SHARED:
             annotation = SHARED[f.name]
         else:

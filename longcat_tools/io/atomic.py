@@ -246,15 +246,26 @@ def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) ->
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace a file's content atomically (temp file in the same folder, fsync, rename)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all: a temp file beside it, fsync, rename (a link at
+    ``path`` is replaced, never written through). A replaced file keeps its mode; a new one gets
+    the usual 0666 less the umask, not mkstemp's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
+        if path.exists() and not path.is_symlink():
             shutil.copymode(path, tmp)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -73,7 +73,8 @@ class Job:
         s = self.s
         return dict(prompt=s.prompt, negative_prompt=self.negative_prompt, steps=s.steps,
                     guidance=s.guidance, distill=s.distill, seed=s.seed, bsa=s.bsa,
-                    num_frames=s.frames, generator=self.generator, latents=self.init)
+                    num_frames=s.frames, generator=self.generator, latents=self.init,
+                    lora_scale=s.lora_scale)
 
 
 def _t2v(j: Job) -> tuple[Result, np.ndarray]:
@@ -114,7 +115,7 @@ def _refine(j: Job) -> tuple[Result, np.ndarray]:
     r = j.pipe.refine(j.in_frames, s.prompt, image=j.image, num_cond_frames=s.num_cond_frames or 0,
                       height=s.height, width=s.width, steps=s.steps or 50, t_thresh=s.t_thresh,
                       spatial_refine_only=s.spatial_refine_only, generator=j.generator,
-                      latents=j.init, bsa=s.bsa)
+                      latents=j.init, bsa=s.bsa, lora_scale=s.lora_scale)
     return r, r.frames
 
 
@@ -143,12 +144,24 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
     return doc
 
 
-def _load(s: RunSettings, reporter: Reporter, say, cp, device: torch.device, dtype: str) -> Job:
+def load_pipeline(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
+                  dtype: str) -> tuple[Path, LongCatVideoPipeline]:
+    """The checkpoint's folder and its pipeline, loaded as ``s`` says (the per-video settings
+    of ``s`` do not matter: a matrix run loads once for all its videos)."""
+    root = layouts.resolve_model(s.model)
+    say(f"loading {root} on {device} ({dtype})")
+    pipe = LongCatVideoPipeline.from_pretrained(root, torch_dtype=dtype, device=device,
+                                                reporter=reporter, offload=s.offload,
+                                                vae_tiling=s.vae_tiling, cp=cp)
+    return root, pipe
+
+
+def _job(s: RunSettings, root: Path, pipe: LongCatVideoPipeline) -> Job:
+    """The inputs of one video: image, video frames, initial noise, guidance, generator."""
     from safetensors.torch import load_file
 
     from longcat_tools.runner import video as vio
 
-    root = layouts.resolve_model(s.model)
     image = vio.read_image(s.image) if s.image else None
     in_frames, in_fps = vio.read_video(s.video) if s.video else ([], 0.0)
     init = None
@@ -157,27 +170,40 @@ def _load(s: RunSettings, reporter: Reporter, say, cp, device: torch.device, dty
         if "latents" not in doc:
             raise LongcatError(f"--latents-in {s.latents_in}: no tensor named 'latents'")
         init = doc["latents"]
-    say(f"loading {root} on {device} ({dtype})")
-    pipe = LongCatVideoPipeline.from_pretrained(root, torch_dtype=dtype, device=device,
-                                                reporter=reporter, offload=s.offload,
-                                                vae_tiling=s.vae_tiling, cp=cp)
     guidance = guidance_of(s.guidance, s.distill)
     neg = negative_prompt_of(s.negative_prompt, guidance)
     return Job(s, root, pipe, image, in_frames, in_fps, init, guidance, neg,
                pipe.generator(s.seed))
 
 
+def run_dtype(s: RunSettings, device: torch.device) -> str:
+    return s.dtype or ("bf16" if device.type == "cuda" else "fp32")
+
+
+def settings_record(s: RunSettings, device: torch.device) -> dict[str, Any]:
+    """The settings as the sidecar records them (a matrix run skips a video whose sidecar
+    records the same)."""
+    return {**asdict(s), "dtype": run_dtype(s, device), "device": str(device)}
+
+
 def _run(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
          t_start: float) -> dict[str, Any]:
+    dtype = run_dtype(s, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    root, pipe = load_pipeline(s, reporter, say, cp, device, dtype)
+    return run_video(s, root, pipe, reporter, say, device, t_start)
+
+
+def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: Reporter, say,
+              device: torch.device, t_start: float) -> dict[str, Any]:
+    """One video on a loaded pipeline: the task (and refinement), the mp4 and its sidecar
+    (written sidecar first, mp4 last); returns the sidecar document."""
     from safetensors.torch import save_file
 
     from longcat_tools.runner import video as vio
 
-    dtype = s.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    job = _load(s, reporter, say, cp, device, dtype)
-    pipe = job.pipe
+    job = _job(s, root, pipe)
     say(f"task {s.task}" + (" (distilled)" if s.distill else "") + (" + refine" if s.refine
                                                                        else ""))
     r, frames = TASK_RUNS[s.task](job)
@@ -187,7 +213,8 @@ def _run(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
         stage1 = [Image.fromarray(f) for f in (r.frames * 255).astype(np.uint8)]
         r = pipe.refine(stage1, s.prompt, height=s.refine_height, width=s.refine_width,
                         t_thresh=s.t_thresh, spatial_refine_only=s.spatial_refine_only,
-                        generator=job.generator, bsa=s.bsa, **REFINE_CONDITION[s.task](job))
+                        generator=job.generator, bsa=s.bsa, lora_scale=s.lora_scale,
+                        **REFINE_CONDITION[s.task](job))
         frames = r.frames
     fps = s.fps or r.fps
     out = Path(s.out)
@@ -205,8 +232,7 @@ def _run(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
             staged.unlink(missing_ok=True)
         raise
     sidecar = {
-        "output": str(out), "task": s.task, "settings": {**asdict(s), "dtype": dtype,
-                                                         "device": str(device)},
+        "output": str(out), "task": s.task, "settings": settings_record(s, device),
         "seed": s.seed, "negative_prompt": job.negative_prompt, "guidance": job.guidance,
         "video": {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                   "width": int(frames.shape[2]), "fps": fps, "codec": "h264",

@@ -1,4 +1,5 @@
-"""``run --gpus N``: start the N processes of a context-parallel job on this machine.
+"""``run --gpus N``: start the N processes of a context-parallel job (one video) or of a
+data-parallel matrix run (whole videos per process) on this machine.
 
 Each process is ``python -m longcat_tools run ... --cp N`` with the environment torchrun gives its
 workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so the same
@@ -36,14 +37,15 @@ def without_option(args: list[str], name: str) -> list[str]:
     return out
 
 
-def launch(n: int, args: list[str]) -> int:
-    """Run ``longcat_tools`` with ``args`` (``--cp n`` appended) in ``n`` processes; the exit
+def launch(n: int, args: list[str], role: str = "--cp") -> int:
+    """Run ``longcat_tools`` with ``args`` (``role n`` appended: ``--cp n`` for context
+    parallel, ``--data-parallel n`` for a matrix split by videos) in ``n`` processes; the exit
     code is the first failure's, or 0."""
     port = _free_port()
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    cmd = [sys.executable, "-m", "longcat_tools", *args, "--cp", str(n)]
+    cmd = [sys.executable, "-m", "longcat_tools", *args, role, str(n)]
     procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(n)]
     code = 0

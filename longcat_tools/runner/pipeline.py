@@ -422,8 +422,9 @@ class LongCatVideoPipeline(DiffusionPipeline):
                 height // self.scale_s, width // self.scale_s)
 
     @contextmanager
-    def adapters(self, lora: str | None) -> Iterator[None]:
-        """Run with this hub LoRA active too (or no extra one), then restore."""
+    def adapters(self, lora: str | None, scale: float = 1.0) -> Iterator[None]:
+        """Run with this hub LoRA active too (or no extra one) at ``scale``, then restore.
+        A new scale is set on the loaded adapter: nothing is read again."""
         from longcat_tools.runner.lora import lora_path
 
         before_loras = list(self.transformer.active_loras)
@@ -435,8 +436,10 @@ class LongCatVideoPipeline(DiffusionPipeline):
                                            f"find it in: pipe.transformer.load_lora(path, "
                                            f"'{lora}') first, or use from_pretrained")
                     self.transformer.load_lora(lora_path(self.root, lora), lora)
-                if lora not in before_loras:
-                    self.transformer.enable_loras(before_loras + [lora])
+                for delta in self.transformer.lora_registry[lora].values():
+                    delta.multiplier = scale
+                self.transformer.enable_loras(before_loras + [lora] if lora not in before_loras
+                                              else before_loras)
             yield
         finally:
             if before_loras:
@@ -547,10 +550,10 @@ class LongCatVideoPipeline(DiffusionPipeline):
             width: int = 832, num_frames: int = 93, steps: int | None = None,
             guidance: float | None = None, distill: bool = False, seed: int = 42,
             generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-            bsa: BSASetting = None, decode: bool = True) -> Result:
+            bsa: BSASetting = None, decode: bool = True, lora_scale: float = 1.0) -> Result:
         steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
         bsa = self.bsa_params(bsa)
-        with self.adapters(LORA_DISTILL if distill else None):
+        with self.adapters(LORA_DISTILL if distill else None, lora_scale):
             text, mask = self.encode_text(prompt, negative_prompt, guidance > 1.0)
             timesteps = schedule.set_schedule(self.scheduler, steps, distill, self.device)
             shape = self._latent_shape(height, width, num_frames)
@@ -574,13 +577,13 @@ class LongCatVideoPipeline(DiffusionPipeline):
             num_frames: int = 93, steps: int | None = None, guidance: float | None = None,
             distill: bool = False, seed: int = 42, generator: torch.Generator | None = None,
             latents: torch.Tensor | None = None, bsa: BSASetting = None,
-            decode: bool = True) -> Result:
+            decode: bool = True, lora_scale: float = 1.0) -> Result:
         if image is None:
             raise LongcatError("task i2v needs an input image (--image FILE)")
         height, width = self._size_for(image, resolution, height, width)
         steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
         bsa = self.bsa_params(bsa)
-        with self.adapters(LORA_DISTILL if distill else None):
+        with self.adapters(LORA_DISTILL if distill else None, lora_scale):
             text, mask = self.encode_text(prompt, negative_prompt, guidance > 1.0)
             timesteps = schedule.set_schedule(self.scheduler, steps, distill, self.device)
             pixels = self.video_processor.preprocess(image, height=height, width=width)
@@ -602,7 +605,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
            generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
            use_kv_cache: bool = True, offload_kv_cache: bool = False,
            enhance_hf: bool | None = None, bsa: BSASetting = None,
-           decode: bool = True) -> Result:
+           decode: bool = True, lora_scale: float = 1.0) -> Result:
         frames_in = to_pil_frames(video) if video is not None else []
         if not frames_in:
             raise LongcatError("task vc needs an input video (--video FILE)")
@@ -614,7 +617,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
         bsa = self.bsa_params(bsa)
         n_cond = 1 + (num_cond_frames - 1) // self.scale_t
-        with self.adapters(LORA_DISTILL if distill else None):
+        with self.adapters(LORA_DISTILL if distill else None, lora_scale):
             text, mask = self.encode_text(prompt, negative_prompt, guidance > 1.0)
             timesteps = schedule.set_schedule(self.scheduler, steps, distill, self.device)
             if enhance_hf:
@@ -657,7 +660,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
                generator: torch.Generator | None = None,
                noise_generator: torch.Generator | None = None,
                latents: torch.Tensor | None = None, bsa: BSASetting = None,
-               distill: bool = False, decode: bool = True) -> Result:
+               distill: bool = False, decode: bool = True,
+               lora_scale: float = 1.0) -> Result:
         """480p -> 720p (and 2x frames unless ``spatial_refine_only``). ``latents`` is the mixing
         noise. ``bsa``: None/"config" runs BSA (the model's params, else the config's), as
         refinement always does unless turned off. ``distill`` is accepted for symmetry and
@@ -678,7 +682,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
             raise LongcatError(f"the condition video has {len(cond_frames_in)} frames, fewer than "
                                f"num_cond_frames {num_cond_frames}")
         bsa = self.bsa_params(bsa, refinement=True)
-        with self.adapters(LORA_REFINE):
+        with self.adapters(LORA_REFINE, lora_scale):
             text, mask = self.encode_text(prompt, None, False)
             schedule.set_schedule(self.scheduler, steps, False, self.device)
             timesteps = schedule.apply_t_thresh(self.scheduler, t_thresh)
@@ -736,7 +740,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
              latents: torch.Tensor | None = None, refine: bool = False,
              refine_height: int | None = None, refine_width: int | None = None,
              t_thresh: float = 0.5, spatial_refine_only: bool = False, bsa: BSASetting = None,
-             use_kv_cache: bool = True, offload_kv_cache: bool = False) -> Result:
+             use_kv_cache: bool = True, offload_kv_cache: bool = False,
+             lora_scale: float = 1.0) -> Result:
         """t2v (or the given video), then ``num_segments`` continuations of ``num_frames -
         num_cond_frames`` new frames each, conditioned on the previous segment (uint8 frames in
         between, like the demo); with ``refine``, refine in windows of ``num_frames`` stage-1
@@ -746,7 +751,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
         if video is None:
             first = self.t2v(prompt, negative_prompt, height=height, width=width,
                              num_frames=num_frames, steps=steps, guidance=guidance,
-                             distill=distill, generator=gen, latents=latents, bsa=bsa)
+                             distill=distill, generator=gen, latents=latents, bsa=bsa,
+                             lora_scale=lora_scale)
             segment = [Image.fromarray(f) for f in (first.frames * 255).astype(np.uint8)]
             last = first.latents
         else:
@@ -756,7 +762,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         for _ in range(num_segments):
             out = self.vc(segment, prompt, negative_prompt, height=height, width=width,
                           num_frames=num_frames, num_cond_frames=num_cond_frames, steps=steps,
-                          guidance=guidance, distill=distill, generator=gen,
+                          guidance=guidance, distill=distill, generator=gen, lora_scale=lora_scale,
                           use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache, bsa=bsa)
             new = [Image.fromarray(f).resize(target, Image.BICUBIC)
                    for f in (out.frames * 255).astype(np.uint8)]
@@ -774,7 +780,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
             r = self.refine(window, "", video=cond_video, num_cond_frames=cond_n,
                             height=refine_height, width=refine_width, t_thresh=t_thresh,
                             spatial_refine_only=spatial_refine_only, generator=gen,
-                            noise_generator=ngen, bsa=bsa)
+                            noise_generator=ngen, bsa=bsa, lora_scale=lora_scale)
             win = [Image.fromarray(f) for f in (r.frames * 255).astype(np.uint8)]
             refined.extend(np.asarray(f) for f in win[cond_n:])
             cond_video = win

@@ -10,6 +10,7 @@ given. No torch at import: the CLI builds its command from this module.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
 MAX_FRAMES = 4097  # one segment; the model is trained on 93
 MAX_GUIDANCE = 100.0  # CFG-Zero* scales in use are 1 to ~10
 MAX_FPS = 1000.0
+MAX_LORA_SCALE = 10.0  # LoRA scales in use are 0 to ~2
 T2V_SIZE = (480, 832)  # (height, width) of t2v and long without --height/--width
 REFINE_SIZE = (720, 1280)  # the refinement stage's default (the 720p bucket of 16:9)
 
@@ -41,9 +43,12 @@ def guidance_of(guidance: float | None, distill: bool) -> float:
     return guidance if guidance is not None else (1.0 if distill else 4.0)
 
 
-def option(default: Any, help: str, *flags: str, metavar: str | None = None) -> Any:
-    """A RunSettings field with its command-line help (``flags``: when not ``--field-name``)."""
-    return field(default=default, metadata={"help": help, "flags": flags, "metavar": metavar})
+def option(default: Any, help: str, *flags: str, metavar: str | None = None,
+           cli: bool = True) -> Any:
+    """A RunSettings field with its command-line help (``flags``: when not ``--field-name``;
+    ``cli=False``: the command line declares the option itself, e.g. to take a list)."""
+    return field(default=default, metadata={"help": help, "flags": flags, "metavar": metavar,
+                                            "cli": cli})
 
 
 @dataclass
@@ -60,6 +65,8 @@ class RunSettings:
     distill: bool = option(False, "Distilled sampling: cfg_step LoRA, 16 steps, guidance 1.")
     refine: bool = option(False, "Refine the result to 720p/30 fps afterwards (t2v, i2v, vc, "
                           "long).")
+    lora_scale: float = option(1.0, "Scale of the hub LoRAs the run activates (distilled, "
+                               "refinement).", cli=False)
     bsa: str = option("config", "Block sparse attention: config (what the transformer config "
                       "says; always on for refinement), on, off, or a preset "
                       f"({', '.join(bsa_presets.PRESETS)}).")
@@ -157,6 +164,9 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     files = _check_inputs(s) if inputs else None
     if s.dtype is not None:
         dtypes.check(s.dtype, error=LongcatError)
+    if not (math.isfinite(s.lora_scale) and abs(s.lora_scale) <= MAX_LORA_SCALE):
+        raise LongcatError(f"--lora-scale {s.lora_scale}: must be a number from "
+                           f"-{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
     if s.frames < 1 or s.frames % 4 != 1:
         raise LongcatError(f"--frames {s.frames}: must be 4k+1 (e.g. 93, 45, 9): the VAE packs 4 "
                            "frames per latent after the first")

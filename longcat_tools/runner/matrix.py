@@ -1,0 +1,291 @@
+"""Many videos in one process: prompt lists × seeds × BSA settings, the weights loaded once.
+
+A matrix is a list of ``Item`` (one video each: its ``RunSettings`` and where it came from),
+planned and checked in full before anything loads. ``run_matrix`` loads the pipeline once and
+runs the items in order, writing each as ``run`` writes one video (mp4 + sidecar) into the
+output folder, and ``manifest.json`` after every item. An item whose mp4 and sidecar already
+exist with the same settings is skipped, so an interrupted run resumes where it stopped.
+Switching seed, prompt or BSA between items reloads nothing: BSA is a per-forward argument.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from longcat_tools.errors import LongcatError
+from longcat_tools.runner.settings import RunSettings, check_bsa, validate
+
+MANIFEST = "manifest.json"
+JSONL_FIELDS = ("prompt", "negative_prompt", "image", "video", "seed", "out")
+SLUG_WORDS, SLUG_CHARS = 6, 40
+
+
+@dataclass(frozen=True)
+class Item:
+    """One video of a matrix: its index, settings and where it came from (for messages)."""
+
+    index: int
+    settings: RunSettings
+    source: str  # "--prompts FILE line N" or "item N"
+
+    @property
+    def name(self) -> str:
+        return Path(self.settings.out).name
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """One line of a ``--prompts`` file: the fields it sets, and its line number."""
+
+    line: int
+    fields: dict[str, Any]
+
+
+def is_matrix(prompts: str | None, seeds: str | None, bsa: str,
+              lora_scales: Sequence[float] = (1.0,)) -> bool:
+    """Whether these ``run`` options ask for more than one video (or a prompt list)."""
+    return prompts is not None or seeds is not None or "," in bsa or len(lora_scales) > 1
+
+
+def read_prompts(path: str | Path) -> list[PromptLine]:
+    """A ``--prompts`` file: one prompt a line, or JSONL (a line starting with ``{``) with the
+    fields of ``JSONL_FIELDS``; blank lines and ``#`` comments are skipped. Image and video
+    paths are relative to the file's folder."""
+    path = Path(path)
+    where = f"--prompts {path}"
+    if not path.is_file():
+        raise LongcatError(f"{where}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LongcatError(f"{where}: cannot be read as UTF-8 text ({e})") from None
+    out = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("{"):
+            out.append(PromptLine(n, {"prompt": line}))
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LongcatError(f"{where} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(doc, dict):
+            raise LongcatError(f"{where} line {n}: a JSON line must be an object")
+        unknown = sorted(set(doc) - set(JSONL_FIELDS))
+        if unknown:
+            raise LongcatError(f"{where} line {n}: unknown field '{unknown[0]}' (fields: "
+                               f"{', '.join(JSONL_FIELDS)})")
+        for key in ("prompt", "negative_prompt", "image", "video", "out"):
+            if key in doc and not isinstance(doc[key], str):
+                raise LongcatError(f"{where} line {n}: '{key}' must be a string")
+        if "seed" in doc and (isinstance(doc["seed"], bool) or not isinstance(doc["seed"], int)):
+            raise LongcatError(f"{where} line {n}: 'seed' must be an integer")
+        for key in ("image", "video"):
+            if key in doc and not Path(doc[key]).is_absolute():
+                doc[key] = str(path.parent / doc[key])
+        out.append(PromptLine(n, doc))
+    if not out:
+        raise LongcatError(f"{where}: no prompts in the file (one prompt a line, or JSONL)")
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 42,123,456``."""
+    seeds = []
+    for part in text.split(","):
+        try:
+            seeds.append(int(part.strip()))
+        except ValueError:
+            raise LongcatError(f"--seeds {text}: '{part.strip()}' is not an integer (a comma "
+                               "list, e.g. 42,123,456)") from None
+    return seeds
+
+
+def parse_scales(text: str) -> list[float]:
+    """``--lora-scale 0.5,1.0`` (one value: a single run's scale)."""
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(float(part.strip()))
+        except ValueError:
+            raise LongcatError(f"--lora-scale {text}: '{part.strip()}' is not a number (one "
+                               "scale, or a comma list such as 0.5,1.0)") from None
+    return out
+
+
+def parse_bsa(text: str) -> list[str]:
+    """``--bsa off,720p-balanced``: every entry a ``--bsa`` choice."""
+    out = [p.strip() for p in text.split(",")]
+    for choice in out:
+        try:
+            check_bsa(choice)
+        except LongcatError as e:
+            raise LongcatError(f"--bsa list {text}: {e}") from None
+    return out
+
+
+def slug(text: str) -> str:
+    """A few words of a prompt as a file-name part: lowercase letters, digits and dashes."""
+    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()[:SLUG_WORDS]
+    return "-".join(words)[:SLUG_CHARS].strip("-") or "video"
+
+
+def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = None,
+         seeds: Sequence[int] | None = None, bsa: Sequence[str] | None = None,
+         lora_scales: Sequence[float] | None = None) -> list[Item]:
+    """The items of a matrix (prompts × seeds × BSA settings × LoRA scales, in that nesting;
+    file names gain ``_lora{scale}`` when scales are given), every one
+    checked as ``run`` checks a single video (inputs, sizes, the model's config), before anything
+    loads. ``prompts``: a ``--prompts`` file, else ``base.prompt`` alone."""
+    lines = read_prompts(prompts) if prompts is not None else [PromptLine(0, {})]
+    seeds = list(seeds) if seeds else [base.seed]
+    bsa = list(bsa) if bsa else [base.bsa]
+    scales = list(lora_scales) if lora_scales else [None]
+    out_dir = Path(out_dir)
+    items: list[Item] = []
+    for pl in lines:
+        line_seeds = [pl.fields["seed"]] if "seed" in pl.fields else seeds
+        for seed in line_seeds:
+            for b in bsa:
+                for scale in scales:
+                    i = len(items)
+                    fields = {k: v for k, v in pl.fields.items() if k not in ("out", "seed")}
+                    s = replace(base, **fields, seed=seed, bsa=b,
+                                lora_scale=base.lora_scale if scale is None else scale)
+                    tail = "" if scale is None else f"_lora{scale:g}"
+                    name = pl.fields.get("out") or f"{i:03d}_{slug(s.prompt)}_{seed}_{b}{tail}.mp4"
+                    source = f"--prompts {prompts} line {pl.line}" if pl.line else f"item {i}"
+                    items.append(Item(i, replace(s, out=str(_inside(out_dir, name, source))),
+                                      source))
+    names = [it.settings.out for it in items]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise LongcatError(f"two items write {dup}: give each JSONL line its own 'out'")
+    for it in items:
+        try:
+            validate(it.settings)
+        except LongcatError as e:
+            raise LongcatError(f"{it.source}: {e}") from None
+    return items
+
+
+def _inside(out_dir: Path, name: str, source: str) -> Path:
+    """``out_dir/name``, refusing a name that leads out of the folder the run owns."""
+    if (not name or Path(name).is_absolute() or ".." in Path(name).parts
+            or not name.endswith(".mp4")):
+        raise LongcatError(f"{source}: out '{name}' must be a relative .mp4 name inside the "
+                           f"output folder {out_dir}")
+    return out_dir / name
+
+
+def finished(item: Item, device: Any) -> bool:
+    """Whether the item's mp4 and sidecar exist and the sidecar records the same settings (on
+    the same kind of device: which GPU of a data-parallel run made it does not matter)."""
+    from longcat_tools.runner.job import settings_record
+
+    def same_kind(record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "device": str(record.get("device", "")).split(":")[0]}
+
+    out = Path(item.settings.out)
+    side = out.with_name(out.name + ".json")
+    if not (out.is_file() and side.is_file()):
+        return False
+    try:
+        doc = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return False
+    want = json.loads(json.dumps(settings_record(item.settings, device)))
+    return (isinstance(doc, dict) and isinstance(doc.get("settings"), dict)
+            and same_kind(doc["settings"]) == same_kind(want))
+
+
+def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] = lambda _t: None,
+               pipe: Any = None, share: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
+    """Run the items on one pipeline (loaded here once from the first item's settings, unless
+    ``pipe`` is given); yields one record per item: its sidecar, or its manifest entry when its
+    files were already there. ``manifest.json`` in the output folder is rewritten after every
+    item. ``share`` (rank, ranks): this process runs every ranks-th item from its rank on, and
+    leaves the manifest to the launcher (``write_manifest``)."""
+    import torch
+
+    from longcat_tools.checkpoint import layouts
+    from longcat_tools.runner import job as runjob
+    from longcat_tools.runner.settings import resolve_device
+
+    if not items:
+        return
+    rank, ranks = share
+    mine = [it for it in items if it.index % ranks == rank]
+    base = items[0].settings
+    device = resolve_device(base.device) if pipe is None else pipe.device
+    out_dir = Path(base.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = [_entry(it, "pending") for it in items]
+    t0 = time.perf_counter()
+    if pipe is None and not all(finished(it, device) for it in mine):
+        _, pipe = runjob.load_pipeline(base, reporter, say, None, device,
+                                       runjob.run_dtype(base, device))
+    root = layouts.resolve_model(base.model)
+    load_s = round(time.perf_counter() - t0, 3)
+    for it in reporter.steps(mine, len(mine), "videos"):
+        if finished(it, device):
+            records[it.index] = _entry(it, "skipped")
+            say(f"[{it.index + 1}/{len(items)}] {it.name}: done already, skipped")
+            yield records[it.index]
+            if ranks == 1:
+                _write_manifest(out_dir, base, records, load_s)
+            continue
+        say(f"[{it.index + 1}/{len(items)}] {it.name}")
+        reporter.timings.clear()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        doc = runjob.run_video(it.settings, root, pipe, reporter, say, device,
+                               time.perf_counter())
+        records[it.index] = {**_entry(it, "done"), "total_s": doc["total_s"],
+                             "peak_memory": doc["peak_memory"]}
+        if ranks == 1:
+            _write_manifest(out_dir, base, records, load_s)
+        yield doc
+
+
+def write_manifest(items: Sequence[Item], device: Any) -> dict[str, Any]:
+    """The manifest of a finished data-parallel run, from the files its processes wrote (each
+    video's time and peak memory from its sidecar)."""
+    records = []
+    for it in items:
+        entry = _entry(it, "done" if finished(it, device) else "missing")
+        side = Path(it.settings.out + ".json")
+        if entry["status"] == "done":
+            doc = json.loads(side.read_text())
+            entry.update(total_s=doc.get("total_s"), peak_memory=doc.get("peak_memory"))
+        records.append(entry)
+    out_dir = Path(items[0].settings.out).parent
+    _write_manifest(out_dir, items[0].settings, records, None)
+    return json.loads((out_dir / MANIFEST).read_text())
+
+
+def _entry(it: Item, status: str) -> dict[str, Any]:
+    s = it.settings
+    return {"index": it.index, "file": it.name, "sidecar": it.name + ".json", "status": status,
+            "source": it.source, "prompt": s.prompt, "seed": s.seed, "bsa": s.bsa,
+            "lora_scale": s.lora_scale}
+
+
+def _write_manifest(out_dir: Path, base: RunSettings, records: list[dict[str, Any]],
+                    load_s: float | None) -> None:
+    from longcat_tools.io import jsonio
+    from longcat_tools.io.atomic import atomic_write_text
+
+    doc = {"items": records, "load_s": load_s,
+           "settings": {k: v for k, v in asdict(base).items()
+                        if k not in ("prompt", "negative_prompt", "image", "video", "seed",
+                                     "bsa", "out")}}
+    atomic_write_text(out_dir / MANIFEST, jsonio.dumps(doc))

@@ -1,0 +1,216 @@
+"""Matrix runs (``run --prompts/--seeds/--bsa LIST``) on the tiny checkpoint: the weights load
+once, every video equals a single ``run`` with its settings bit for bit, an interrupted run
+resumes and ends with the same files, bad lists stop before anything loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hostile import refused
+
+from longcat_tools.cli import main
+from longcat_tools.runner import job as runjob
+from longcat_tools.runner import video as vio
+from longcat_tools.runner.pipeline import LongCatVideoPipeline
+
+SIZE = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "2"]
+SEEDS, BSA = [3, 8], ["off", "on"]
+PROMPTS = ["a cat on a sofa", "a red panda in the snow"]
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    """Counts pipeline loads and captures the frames every video hands to the encoder."""
+    seen = {"loads": 0, "frames": {}}
+    load, encode = LongCatVideoPipeline.from_pretrained.__func__, vio.encode_mp4
+
+    def counting_load(cls, *a, **k):
+        seen["loads"] += 1
+        return load(cls, *a, **k)
+
+    def capture(path, frames, fps, crf=18):
+        seen["frames"][Path(path).name] = np.array(frames)
+        return encode(path, frames, fps, crf)
+
+    monkeypatch.setattr(LongCatVideoPipeline, "from_pretrained", classmethod(counting_load))
+    monkeypatch.setattr(vio, "encode_mp4", capture)
+    return seen
+
+
+def matrix_args(tiny_native, prompts: Path, out: Path) -> list[str]:
+    return ["run", "-q", "-m", str(tiny_native), "--prompts", str(prompts), "--seeds",
+            ",".join(map(str, SEEDS)), "--bsa", ",".join(BSA), *SIZE, "--out-dir", str(out)]
+
+
+@pytest.fixture()
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def names() -> list[str]:
+    from longcat_tools.runner.matrix import slug
+
+    out, i = [], 0
+    for p in PROMPTS:
+        for seed in SEEDS:
+            for b in BSA:
+                out.append(f"{i:03d}_{slug(p)}_{seed}_{b}.mp4")
+                i += 1
+    return out
+
+
+def test_matrix_loads_once_and_every_video_equals_a_single_run(tiny_native, prompt_file,
+                                                               tmp_path, counted):
+    out = tmp_path / "out"
+    assert main(matrix_args(tiny_native, prompt_file, out)) == 0
+    assert counted["loads"] == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["items"]] == names()
+    assert {e["status"] for e in manifest["items"]} == {"done"}
+    for e in manifest["items"]:
+        side = json.loads((out / e["sidecar"]).read_text())
+        assert (side["settings"]["prompt"], side["seed"], side["settings"]["bsa"]) == \
+            (e["prompt"], e["seed"], e["bsa"])
+    matrix_frames = dict(counted["frames"])
+    for e in manifest["items"]:
+        single = tmp_path / f"single-{e['index']}.mp4"
+        assert main(["run", "-q", "-m", str(tiny_native), "-p", e["prompt"], "--seed",
+                     str(e["seed"]), "--bsa", e["bsa"], *SIZE, "--out", str(single)]) == 0
+        assert np.array_equal(counted["frames"][single.name], matrix_frames[e["file"]]), e
+    assert counted["loads"] == 1 + len(manifest["items"])
+    # seeds and BSA settings really differ
+    a, b, c = (matrix_frames[n] for n in names()[:3])
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_interrupted_matrix_resumes_with_the_same_files(tiny_native, prompt_file, tmp_path,
+                                                        counted, monkeypatch):
+    full = tmp_path / "full"
+    assert main(matrix_args(tiny_native, prompt_file, full)) == 0
+    out = tmp_path / "out"
+    run_video, calls = runjob.run_video, []
+
+    def dies_at_the_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return run_video(*a, **k)
+
+    monkeypatch.setattr(runjob, "run_video", dies_at_the_fourth)
+    assert main(matrix_args(tiny_native, prompt_file, out)) == 130  # interrupted
+    done = sorted(p.name for p in out.glob("*.mp4"))
+    assert done == names()[:3]
+    stamps = {n: (out / n).stat().st_mtime_ns for n in done}
+    monkeypatch.setattr(runjob, "run_video", run_video)
+    assert main(matrix_args(tiny_native, prompt_file, out)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["status"] for e in manifest["items"]] == ["skipped"] * 3 + ["done"] * 5
+    assert {n: (out / n).stat().st_mtime_ns for n in done} == stamps
+    for n in names():
+        assert (out / n).read_bytes() == (full / n).read_bytes(), n
+
+
+def test_a_finished_matrix_loads_nothing(tiny_native, prompt_file, tmp_path, counted):
+    out = tmp_path / "out"
+    assert main(matrix_args(tiny_native, prompt_file, out)) == 0
+    assert main(matrix_args(tiny_native, prompt_file, out)) == 0
+    assert counted["loads"] == 1
+
+
+def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat", "seed": 11, "out": "cat.mp4"}\n'
+                       '# a comment\n\n{"prompt": "a dog", "negative_prompt": "blur"}\n')
+    out = tmp_path / "out"
+    assert main(["run", "-q", "-m", str(tiny_native), "--prompts", str(prompts), "--seeds",
+                 "1,2", *SIZE, "--out-dir", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    got = [(e["file"], e["seed"], e["source"].rsplit(" ", 2)[-1]) for e in manifest["items"]]
+    assert got == [("cat.mp4", 11, "1"), ("001_a-dog_1_config.mp4", 1, "4"),
+                   ("002_a-dog_2_config.mp4", 2, "4")]
+    side = json.loads((out / "001_a-dog_1_config.mp4.json").read_text())
+    assert side["negative_prompt"] == "blur"
+
+
+@pytest.mark.parametrize("content, extra, says", [
+    ("", [], "no prompts in the file"),
+    ("a\n\n# c\n", ["--seeds", "1,x"], "--seeds 1,x: 'x' is not an integer"),
+    ("a\n", ["--bsa", "off,nope"], "--bsa nope: unknown"),
+    ("a\nb\nc\nd\ne\nf\n" + '{"prompt": "g", "image": "missing.png"}\n', ["--task", "i2v"],
+     "line 1: --task i2v needs --image"),
+    ('{"prompt": "g", "image": "missing.png"}\n', ["--task", "i2v"],
+     "missing.png: no such file"),
+    ("a\n" * 6 + '{"prompt": "g", "image": "missing.png"}\n', ["--task", "refine"],
+     "line 1: --task refine needs --video"),
+    ('{"prompt": "g", "seed": "7"}\n', [], "line 1: 'seed' must be an integer"),
+    ('{"prompt": "g", "colour": "red"}\n', [], "line 1: unknown field 'colour'"),
+    ('{"prompt": "g"\n', [], "line 1: not valid JSON"),
+    ('{"prompt": "g", "out": "../escape.mp4"}\n', [], "must be a relative .mp4 name"),
+    ('{"prompt": "g", "out": "x.mp4"}\n{"prompt": "h", "out": "x.mp4"}\n', [],
+     "two items write"),
+    ("a\n", ["--out", "one.mp4"], "--out one.mp4: names one video"),
+    ("a\n", ["--lora-scale", "0.5,x"], "--lora-scale 0.5,x: 'x' is not a number"),
+    ("a\n", ["--lora-scale", "0.5,20"], "--lora-scale 20.0: must be a number from -10 to 10"),
+])
+def test_bad_lists_stop_before_anything_loads(tiny_native, tmp_path, capsys, monkeypatch,
+                                              content, extra, says):
+    def no_load(*_a, **_k):
+        pytest.fail("the matrix loaded weights before refusing")
+
+    monkeypatch.setattr(LongCatVideoPipeline, "from_pretrained", classmethod(no_load))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(content)
+    refused(capsys, "run", "-m", str(tiny_native), "--prompts", str(prompts), *SIZE,
+            "--out-dir", str(tmp_path / "out"), *extra, code=1, says=says)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_matrix_is_a_generator_over_a_loaded_pipeline(tiny_native, tmp_path):
+    from longcat_tools.runner import RunSettings
+    from longcat_tools.runner.matrix import plan, run_matrix
+    from longcat_tools.runner.pipeline import Reporter
+
+    pipe = LongCatVideoPipeline.from_pretrained(tiny_native)
+    base = RunSettings(model=str(tiny_native), prompt="a cat", height=32, width=32, frames=9,
+                       steps=1, device="cpu")
+    items = plan(base, tmp_path / "o", seeds=[1, 2], bsa=["off"])
+    docs = list(run_matrix(items, Reporter(), pipe=pipe))
+    assert [d["seed"] for d in docs] == [1, 2]
+    assert all(Path(d["output"]).is_file() for d in docs)
+
+
+@pytest.mark.slow
+def test_data_parallel_matrix_gives_the_same_files(tiny_native, prompt_file, tmp_path):
+    """``--gpus 2`` over a list (here on the CPU): two processes, every other video each, the
+    same files as one process, and the launcher's manifest."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = ["-m", str(tiny_native), "--prompts", str(prompt_file), "--seeds", "3,8", *SIZE,
+            "--device", "cpu", "-q"]
+    assert main(["run", *base, "--out-dir", str(one)]) == 0
+    assert main(["run", *base, "--out-dir", str(two), "--gpus", "2"]) == 0
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert [e["status"] for e in manifest["items"]] == ["done"] * 4
+    for e in manifest["items"]:
+        assert (two / e["file"]).read_bytes() == (one / e["file"]).read_bytes(), e["file"]
+        side = json.loads((two / e["sidecar"]).read_text())
+        assert side["total_s"] == e["total_s"]
+
+
+def test_lora_scale_list_switches_the_scale_without_reloading(tiny_native, tmp_path, counted):
+    out = tmp_path / "out"
+    assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", "--distill", "--seeds", "4",
+                 "--lora-scale", "0.5,1", *SIZE, "--out-dir", str(out)]) == 0
+    assert counted["loads"] == 1
+    half, full = (counted["frames"][f"00{i}_a-cat_4_config_lora{s}.mp4"]
+                  for i, s in ((0, "0.5"), (1, "1")))
+    assert not np.array_equal(half, full)
+    for scale, want in (("0.5", half), ("1", full)):
+        single = tmp_path / f"single-{scale}.mp4"
+        assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", "--distill", "--seed",
+                     "4", "--lora-scale", scale, *SIZE, "--out", str(single)]) == 0
+        assert np.array_equal(counted["frames"][single.name], want), scale
