@@ -29,11 +29,10 @@ from PIL import Image, ImageDraw, ImageFont
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_bytes
+from longcat_tools.runner.settings import comparable_settings
 
 SIDECAR_SUFFIX = ".mp4.json"
 SHEET_NAME = "contact_sheet.png"  # the sheet's default name, inside DIR
-# Settings that name where a run wrote, not what it computed: never a difference between runs.
-OUTPUT_FIELDS = frozenset({"out", "save_latents"})
 SHOWN_FIELDS = ("prompt", "seed", "bsa")  # always on a row's label; other fields when they vary
 
 DEFAULT_FRAMES = 3  # first, middle, last
@@ -70,10 +69,7 @@ class Item:
     def settings(self) -> dict[str, Any]:
         """The run's settings that change what it computes (output paths left out; the device
         as its type, so runs spread over cuda:0 and cuda:1 still pair)."""
-        s = {k: v for k, v in self.sidecar["settings"].items() if k not in OUTPUT_FIELDS}
-        if isinstance(s.get("device"), str):
-            s["device"] = s["device"].split(":")[0]
-        return s
+        return comparable_settings(self.sidecar["settings"])
 
     @property
     def bsa(self) -> str:

@@ -150,9 +150,13 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ('{"prompt": "g", "seed": "7"}\n', [], "line 1: 'seed' must be an integer"),
     ('{"prompt": "g", "colour": "red"}\n', [], "line 1: unknown field 'colour'"),
     ('{"prompt": "g"\n', [], "line 1: not valid JSON"),
-    ('{"prompt": "g", "out": "../escape.mp4"}\n', [], "must be a relative .mp4 name"),
+    ('{"prompt": "g", "out": "../escape.mp4"}\n', [], "must be a .mp4 file name (no folders)"),
+    ('{"prompt": "g", "out": "/tmp/abs.mp4"}\n', [], "must be a .mp4 file name (no folders)"),
+    ('{"prompt": "g", "out": "link/x.mp4"}\n', [], "must be a .mp4 file name (no folders)"),
     ('{"prompt": "g", "out": "x.mp4"}\n{"prompt": "h", "out": "x.mp4"}\n', [],
-     "two items write"),
+     "line 2: writes x.mp4 as"),
+    ('{"prompt": "g", "out": "X.mp4"}\n{"prompt": "h", "out": "x.mp4"}\n', [],
+     "line 2: writes x.mp4 as"),
     ("a\n", ["--out", "one.mp4"], "--out one.mp4: names one video"),
     ("a\n", ["--lora-scale", "0.5,x"], "--lora-scale 0.5,x: 'x' is not a number"),
     ("a\n", ["--lora-scale", "0.5,20"], "--lora-scale 20.0: must be a number from -10 to 10"),
@@ -167,6 +171,25 @@ def test_bad_lists_stop_before_anything_loads(tiny_native, tmp_path, capsys, mon
     prompts.write_text(content)
     refused(capsys, "run", "-m", str(tiny_native), "--prompts", str(prompts), *SIZE,
             "--out-dir", str(tmp_path / "out"), *extra, code=1, says=says)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line7, says", [
+    ('{"prompt": "g", "image": "missing.png"}', "line 7: --image"),
+    ('{"prompt": "g", "seed": "x"}', "line 7: 'seed' must be an integer"),
+])
+def test_a_bad_seventh_line_is_named(tiny_native, tmp_path, capsys, monkeypatch, line7, says):
+    from PIL import Image
+
+    def no_load(*_a, **_k):
+        pytest.fail("the matrix loaded weights before refusing")
+
+    monkeypatch.setattr(LongCatVideoPipeline, "from_pretrained", classmethod(no_load))
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "first.png")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "image": "first.png"}\n' * 6 + line7 + "\n")
+    refused(capsys, "run", "-m", str(tiny_native), "--task", "i2v", "--prompts", str(prompts),
+            *SIZE, "--out-dir", str(tmp_path / "out"), code=1, says=says)
     assert not (tmp_path / "out").exists()
 
 
@@ -214,3 +237,19 @@ def test_lora_scale_list_switches_the_scale_without_reloading(tiny_native, tmp_p
         assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", "--distill", "--seed",
                      "4", "--lora-scale", scale, *SIZE, "--out", str(single)]) == 0
         assert np.array_equal(counted["frames"][single.name], want), scale
+
+
+def test_a_scale_sweep_leaves_the_callers_lora_scale_alone(tiny_native):
+    """``lora_scale`` is set on the loaded adapter for one call and put back after it: a LoRA
+    the caller loaded at 0.7 runs at 0.7 again when no scale is asked for."""
+    from longcat_tools.runner.lora import lora_path
+
+    kw = dict(prompt="a cat", height=32, width=32, num_frames=9, steps=1, distill=True, seed=5)
+    fresh = LongCatVideoPipeline.from_pretrained(tiny_native)
+    at_07 = fresh.t2v(**kw, lora_scale=0.7).frames
+    pipe = LongCatVideoPipeline.from_pretrained(tiny_native)
+    pipe.transformer.load_lora(lora_path(tiny_native, "distilled"), "distilled", scale=0.7)
+    pipe.t2v(**kw, lora_scale=0.3)
+    assert {d.multiplier for d in pipe.transformer.lora_registry["distilled"].values()} == {0.7}
+    assert pipe.transformer.active_loras == []
+    assert np.array_equal(pipe.t2v(**kw).frames, at_07)

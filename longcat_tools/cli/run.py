@@ -56,6 +56,8 @@ def run_cmd(
 
     if os.environ.get("RANK", "0") != "0":  # rank 0 of a context-parallel job speaks for it
         json_out, quiet = False, True
+    if data_parallel > 1:  # the launcher prints the result; rank 0 shows its own progress
+        json_out = False
     out = Out(json_out, quiet, verbose)
     scales = matrix.parse_scales(lora_scale)
     settings = RunSettings(**options, lora_scale=scales[0])
@@ -103,6 +105,9 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
     if settings.out != DEFAULT_OUT:
         raise LongcatError(f"--out {settings.out}: names one video; a matrix run writes into "
                            "--out-dir")
+    if gpus > 1 and settings.device not in ("auto", "cuda", "cpu"):
+        raise LongcatError(f"--device {settings.device} with --gpus {gpus}: each process takes "
+                           "its own GPU (use --device auto or cuda)")
     rank = int(os.environ.get("RANK", "0")) if data_parallel > 1 else 0
     if data_parallel > 1 and settings.device in ("auto", "cuda"):
         import torch
@@ -117,13 +122,23 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
 
         out.say(f"{len(items)} videos into {out_dir}/ over {gpus} processes")
         code = launch(gpus, without_option(command_line(ctx), "--gpus"), "--data-parallel")
-        if code:
-            raise typer.Exit(code)
+        # also after a failed process: the manifest says which videos are missing
         manifest = matrix.write_manifest(items, resolve_device(settings.device))
+        if code:
+            missing = sum(e["status"] != "done" for e in manifest["items"])
+            out.say(f"a process failed (exit {code}); {missing} of {len(items)} videos missing "
+                    "(run the same command again to finish them)")
+            raise typer.Exit(code)
     else:
-        out.say(f"{len(items)} videos into {out_dir}/")
-        reporter = Reporter(show=not quiet, say=out.say if out.verbose else None)
-        for _ in matrix.run_matrix(items, reporter, say=out.say, share=(rank, data_parallel)):
+        from tqdm import tqdm
+
+        def say(text: str) -> None:  # above the progress bars, not through them
+            with tqdm.external_write_mode():
+                out.say(text)
+
+        say(f"{len(items)} videos into {out_dir}/")
+        reporter = Reporter(show=not quiet, say=say if out.verbose else None)
+        for _ in matrix.run_matrix(items, reporter, say=say, share=(rank, data_parallel)):
             pass
         if data_parallel > 1:
             return

@@ -30,6 +30,7 @@ from longcat_tools.runner.settings import (
     RunSettings,
     guidance_of,
     resolve_device,
+    run_dtype,
     validate,
 )
 
@@ -144,8 +145,8 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
     return doc
 
 
-def load_pipeline(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
-                  dtype: str) -> tuple[Path, LongCatVideoPipeline]:
+def load_pipeline(s: RunSettings, reporter: Reporter, say: Callable[[str], None], cp: Any,
+                  device: torch.device, dtype: str) -> tuple[Path, LongCatVideoPipeline]:
     """The checkpoint's folder and its pipeline, loaded as ``s`` says (the per-video settings
     of ``s`` do not matter: a matrix run loads once for all its videos)."""
     root = layouts.resolve_model(s.model)
@@ -176,27 +177,24 @@ def _job(s: RunSettings, root: Path, pipe: LongCatVideoPipeline) -> Job:
                pipe.generator(s.seed))
 
 
-def run_dtype(s: RunSettings, device: torch.device) -> str:
-    return s.dtype or ("bf16" if device.type == "cuda" else "fp32")
-
-
 def settings_record(s: RunSettings, device: torch.device) -> dict[str, Any]:
     """The settings as the sidecar records them (a matrix run skips a video whose sidecar
     records the same)."""
-    return {**asdict(s), "dtype": run_dtype(s, device), "device": str(device)}
+    return {**asdict(s), "dtype": run_dtype(s.dtype, device), "device": str(device)}
 
 
 def _run(s: RunSettings, reporter: Reporter, say, cp, device: torch.device,
          t_start: float) -> dict[str, Any]:
-    dtype = run_dtype(s, device)
+    dtype = run_dtype(s.dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     root, pipe = load_pipeline(s, reporter, say, cp, device, dtype)
     return run_video(s, root, pipe, reporter, say, device, t_start)
 
 
-def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: Reporter, say,
-              device: torch.device, t_start: float) -> dict[str, Any]:
+def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: Reporter,
+              say: Callable[[str], None], device: torch.device,
+              t_start: float) -> dict[str, Any]:
     """One video on a loaded pipeline: the task (and refinement), the mp4 and its sidecar
     (written sidecar first, mp4 last); returns the sidecar document."""
     from safetensors.torch import save_file

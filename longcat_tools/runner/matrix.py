@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
-from longcat_tools.runner.settings import RunSettings, check_bsa, validate
+from longcat_tools.runner.settings import RunSettings, check_bsa, comparable_settings, validate
 
 MANIFEST = "manifest.json"
 JSONL_FIELDS = ("prompt", "negative_prompt", "image", "video", "seed", "out")
+TEXT_FIELDS = tuple(f for f in JSONL_FIELDS if f != "seed")
+PER_ITEM = (*JSONL_FIELDS, "bsa", "lora_scale")  # what differs between a matrix's videos
 SLUG_WORDS, SLUG_CHARS = 6, 40
 
 
@@ -83,7 +85,7 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
         if unknown:
             raise LongcatError(f"{where} line {n}: unknown field '{unknown[0]}' (fields: "
                                f"{', '.join(JSONL_FIELDS)})")
-        for key in ("prompt", "negative_prompt", "image", "video", "out"):
+        for key in TEXT_FIELDS:
             if key in doc and not isinstance(doc[key], str):
                 raise LongcatError(f"{where} line {n}: '{key}' must be a string")
         if "seed" in doc and (isinstance(doc["seed"], bool) or not isinstance(doc["seed"], int)):
@@ -165,10 +167,12 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
                     source = f"--prompts {prompts} line {pl.line}" if pl.line else f"item {i}"
                     items.append(Item(i, replace(s, out=str(_inside(out_dir, name, source))),
                                       source))
-    names = [it.settings.out for it in items]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup is not None:
-        raise LongcatError(f"two items write {dup}: give each JSONL line its own 'out'")
+    owner: dict[str, Item] = {}
+    for it in items:  # case-folded: one file on a case-insensitive file system
+        first = owner.setdefault(it.name.casefold(), it)
+        if first is not it:
+            raise LongcatError(f"{it.source}: writes {it.name} as {first.source} does (give each "
+                               "JSONL line its own 'out')")
     for it in items:
         try:
             validate(it.settings)
@@ -178,21 +182,22 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
 
 
 def _inside(out_dir: Path, name: str, source: str) -> Path:
-    """``out_dir/name``, refusing a name that leads out of the folder the run owns."""
-    if (not name or Path(name).is_absolute() or ".." in Path(name).parts
-            or not name.endswith(".mp4")):
-        raise LongcatError(f"{source}: out '{name}' must be a relative .mp4 name inside the "
-                           f"output folder {out_dir}")
+    """``out_dir/name``, refusing a name that could lead out of the folder the run owns: a
+    plain file name only, so no path part (``..``, an absolute path, a symlinked subfolder)
+    can point elsewhere."""
+    if Path(name).name != name or name in (".", "..") or "\\" in name or not name.endswith(".mp4"):
+        raise LongcatError(f"{source}: out '{name}' must be a .mp4 file name (no folders): "
+                           f"every video goes into the output folder {out_dir}")
     return out_dir / name
 
 
 def finished(item: Item, device: Any) -> bool:
-    """Whether the item's mp4 and sidecar exist and the sidecar records the same settings (on
-    the same kind of device: which GPU of a data-parallel run made it does not matter)."""
+    """Whether the item's mp4 and sidecar exist and the sidecar records the same settings,
+    compared as the sidecar's JSON holds them, on the same kind of device (which GPU of a
+    data-parallel run made it does not matter) and wherever the folder was named from (the
+    sidecar sits next to its mp4)."""
+    from longcat_tools.io import jsonio
     from longcat_tools.runner.job import settings_record
-
-    def same_kind(record: dict[str, Any]) -> dict[str, Any]:
-        return {**record, "device": str(record.get("device", "")).split(":")[0]}
 
     out = Path(item.settings.out)
     side = out.with_name(out.name + ".json")
@@ -202,23 +207,25 @@ def finished(item: Item, device: Any) -> bool:
         doc = json.loads(side.read_text())
     except (OSError, ValueError):
         return False
-    want = json.loads(json.dumps(settings_record(item.settings, device)))
+    want = json.loads(jsonio.dumps(jsonio.finite(settings_record(item.settings, device)),
+                                   default=str))
     return (isinstance(doc, dict) and isinstance(doc.get("settings"), dict)
-            and same_kind(doc["settings"]) == same_kind(want))
+            and comparable_settings(doc["settings"]) == comparable_settings(want))
 
 
 def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] = lambda _t: None,
                pipe: Any = None, share: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
     """Run the items on one pipeline (loaded here once from the first item's settings, unless
     ``pipe`` is given); yields one record per item: its sidecar, or its manifest entry when its
-    files were already there. ``manifest.json`` in the output folder is rewritten after every
-    item. ``share`` (rank, ranks): this process runs every ranks-th item from its rank on, and
+    files were already there. ``say`` gets one line per video (the per-video stage lines would
+    repeat for every one). ``manifest.json`` in the output folder is rewritten before every
+    yield. ``share`` (rank, ranks): this process runs every ranks-th item from its rank on, and
     leaves the manifest to the launcher (``write_manifest``)."""
     import torch
 
     from longcat_tools.checkpoint import layouts
     from longcat_tools.runner import job as runjob
-    from longcat_tools.runner.settings import resolve_device
+    from longcat_tools.runner.settings import resolve_device, run_dtype
 
     if not items:
         return
@@ -230,27 +237,28 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = [_entry(it, "pending") for it in items]
     t0 = time.perf_counter()
+    root = None
     if pipe is None and not all(finished(it, device) for it in mine):
-        _, pipe = runjob.load_pipeline(base, reporter, say, None, device,
-                                       runjob.run_dtype(base, device))
-    root = layouts.resolve_model(base.model)
+        root, pipe = runjob.load_pipeline(base, reporter, say, None, device,
+                                          run_dtype(base.dtype, device))
+    elif pipe is not None:
+        root = pipe.root or layouts.resolve_model(base.model)
     load_s = round(time.perf_counter() - t0, 3)
-    for it in reporter.steps(mine, len(mine), "videos"):
+    desc = "videos" if ranks == 1 else f"videos (process {rank + 1} of {ranks})"
+    for it in reporter.steps(mine, len(mine), desc):
         if finished(it, device):
             records[it.index] = _entry(it, "skipped")
             say(f"[{it.index + 1}/{len(items)}] {it.name}: done already, skipped")
-            yield records[it.index]
-            if ranks == 1:
-                _write_manifest(out_dir, base, records, load_s)
-            continue
-        say(f"[{it.index + 1}/{len(items)}] {it.name}")
-        reporter.timings.clear()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        doc = runjob.run_video(it.settings, root, pipe, reporter, say, device,
-                               time.perf_counter())
-        records[it.index] = {**_entry(it, "done"), "total_s": doc["total_s"],
-                             "peak_memory": doc["peak_memory"]}
+            doc = records[it.index]
+        else:
+            say(f"[{it.index + 1}/{len(items)}] {it.name}")
+            reporter.timings.clear()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            doc = runjob.run_video(it.settings, root, pipe, reporter, lambda _t: None, device,
+                                   time.perf_counter())
+            records[it.index] = {**_entry(it, "done"), "total_s": doc["total_s"],
+                                 "peak_memory": doc["peak_memory"]}
         if ranks == 1:
             _write_manifest(out_dir, base, records, load_s)
         yield doc
@@ -285,7 +293,5 @@ def _write_manifest(out_dir: Path, base: RunSettings, records: list[dict[str, An
     from longcat_tools.io.atomic import atomic_write_text
 
     doc = {"items": records, "load_s": load_s,
-           "settings": {k: v for k, v in asdict(base).items()
-                        if k not in ("prompt", "negative_prompt", "image", "video", "seed",
-                                     "bsa", "out")}}
+           "settings": {k: v for k, v in asdict(base).items() if k not in PER_ITEM}}
     atomic_write_text(out_dir / MANIFEST, jsonio.dumps(doc))

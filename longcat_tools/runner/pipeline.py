@@ -422,30 +422,40 @@ class LongCatVideoPipeline(DiffusionPipeline):
                 height // self.scale_s, width // self.scale_s)
 
     @contextmanager
-    def adapters(self, lora: str | None, scale: float = 1.0) -> Iterator[None]:
-        """Run with this hub LoRA active too (or no extra one) at ``scale``, then restore.
-        A new scale is set on the loaded adapter: nothing is read again."""
+    def adapters(self, lora: str | None, scale: float | None = None) -> Iterator[None]:
+        """Run with this hub LoRA active too (or no extra one), then restore. ``scale`` (None:
+        the scale it was loaded with) is set on the loaded adapter, so a scale sweep reads
+        nothing again; the adapter's own scale is put back afterwards, so a LoRA the caller
+        loaded keeps the scale they gave it."""
         from longcat_tools.runner.lora import lora_path
 
-        before_loras = list(self.transformer.active_loras)
+        model = self.transformer
+        before_loras = list(model.active_loras)
+        saved: dict[str, float] = {}
         try:
             if lora is not None:
-                if lora not in self.transformer.lora_registry:
+                if lora not in model.lora_registry:
                     if self.root is None:
                         raise LongcatError(f"no '{lora}' LoRA loaded and no checkpoint folder to "
                                            f"find it in: pipe.transformer.load_lora(path, "
                                            f"'{lora}') first, or use from_pretrained")
-                    self.transformer.load_lora(lora_path(self.root, lora), lora)
-                for delta in self.transformer.lora_registry[lora].values():
-                    delta.multiplier = scale
-                self.transformer.enable_loras(before_loras + [lora] if lora not in before_loras
-                                              else before_loras)
+                    model.load_lora(lora_path(self.root, lora), lora)
+                if scale is not None:
+                    deltas = model.lora_registry[lora]
+                    saved = {module: d.multiplier for module, d in deltas.items()}
+                    for d in deltas.values():
+                        d.multiplier = scale
+                # enabling copies the deltas: a new scale takes effect even if already active
+                model.enable_loras(before_loras if lora in before_loras
+                                   else before_loras + [lora])
             yield
         finally:
+            for module, multiplier in saved.items():
+                model.lora_registry[lora][module].multiplier = multiplier
             if before_loras:
-                self.transformer.enable_loras(before_loras)
+                model.enable_loras(before_loras)
             else:
-                self.transformer.disable_loras()
+                model.disable_loras()
 
     def bsa_params(self, setting: BSASetting, refinement: bool = False) -> BSAParams | None:
         """The BSA params a task runs with (``attention.resolve_bsa`` on this model's config)."""
@@ -526,7 +536,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
         """Run a task. Common keywords: prompt, negative_prompt, num_frames, steps, guidance,
         distill, seed / generator, latents, height / width (or the input's resolution bucket),
         bsa (None or "config": the config's setting; False/True, "off"/"on", a preset name,
-        params). See the ``t2v``... methods; each checks its options like the command line."""
+        params), lora_scale (the hub LoRA's scale; None: as loaded). See the ``t2v``...
+        methods; each checks its options like the command line."""
         if task not in TASKS:
             raise LongcatError(f"--task {task}: unknown (choose from {', '.join(TASKS)})")
         return getattr(self, task)(**kw)
@@ -550,7 +561,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
             width: int = 832, num_frames: int = 93, steps: int | None = None,
             guidance: float | None = None, distill: bool = False, seed: int = 42,
             generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-            bsa: BSASetting = None, decode: bool = True, lora_scale: float = 1.0) -> Result:
+            bsa: BSASetting = None, decode: bool = True,
+            lora_scale: float | None = None) -> Result:
         steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
         bsa = self.bsa_params(bsa)
         with self.adapters(LORA_DISTILL if distill else None, lora_scale):
@@ -577,7 +589,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
             num_frames: int = 93, steps: int | None = None, guidance: float | None = None,
             distill: bool = False, seed: int = 42, generator: torch.Generator | None = None,
             latents: torch.Tensor | None = None, bsa: BSASetting = None,
-            decode: bool = True, lora_scale: float = 1.0) -> Result:
+            decode: bool = True, lora_scale: float | None = None) -> Result:
         if image is None:
             raise LongcatError("task i2v needs an input image (--image FILE)")
         height, width = self._size_for(image, resolution, height, width)
@@ -605,7 +617,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
            generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
            use_kv_cache: bool = True, offload_kv_cache: bool = False,
            enhance_hf: bool | None = None, bsa: BSASetting = None,
-           decode: bool = True, lora_scale: float = 1.0) -> Result:
+           decode: bool = True, lora_scale: float | None = None) -> Result:
         frames_in = to_pil_frames(video) if video is not None else []
         if not frames_in:
             raise LongcatError("task vc needs an input video (--video FILE)")
@@ -661,7 +673,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
                noise_generator: torch.Generator | None = None,
                latents: torch.Tensor | None = None, bsa: BSASetting = None,
                distill: bool = False, decode: bool = True,
-               lora_scale: float = 1.0) -> Result:
+               lora_scale: float | None = None) -> Result:
         """480p -> 720p (and 2x frames unless ``spatial_refine_only``). ``latents`` is the mixing
         noise. ``bsa``: None/"config" runs BSA (the model's params, else the config's), as
         refinement always does unless turned off. ``distill`` is accepted for symmetry and
@@ -741,7 +753,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
              refine_height: int | None = None, refine_width: int | None = None,
              t_thresh: float = 0.5, spatial_refine_only: bool = False, bsa: BSASetting = None,
              use_kv_cache: bool = True, offload_kv_cache: bool = False,
-             lora_scale: float = 1.0) -> Result:
+             lora_scale: float | None = None) -> Result:
         """t2v (or the given video), then ``num_segments`` continuations of ``num_frames -
         num_cond_frames`` new frames each, conditioned on the previous segment (uint8 frames in
         between, like the demo); with ``refine``, refine in windows of ``num_frames`` stage-1

@@ -38,9 +38,26 @@ TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation)
              "(chained continuations), refine (480p -> 720p with the refinement LoRA and BSA)")
 
 
+OUTPUT_FIELDS = ("out", "save_latents")  # where a run writes, not what it computes
+
+
+def comparable_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar's settings as two runs are compared (a matrix resuming, ``compare`` pairing):
+    output paths left out, the device as its kind (cuda:0 and cuda:1 compute alike)."""
+    out = {k: v for k, v in record.items() if k not in OUTPUT_FIELDS}
+    if isinstance(out.get("device"), str):
+        out["device"] = out["device"].split(":")[0]
+    return out
+
+
 def guidance_of(guidance: float | None, distill: bool) -> float:
     """The CFG scale a run uses: the given one, else 1 distilled (no CFG), else 4."""
     return guidance if guidance is not None else (1.0 if distill else 4.0)
+
+
+def run_dtype(dtype: str | None, device: Any) -> str:
+    """The dtype a run loads in: the given one, else bf16 on a GPU and fp32 on the CPU."""
+    return dtype or ("bf16" if device.type == "cuda" else "fp32")
 
 
 def option(default: Any, help: str, *flags: str, metavar: str | None = None,
@@ -223,8 +240,7 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     check_bsa(s.bsa)
     if files is not None:
         device = resolve_device(s.device)
-        dtype = s.dtype or ("bf16" if device.type == "cuda" else "fp32")
-        footprint.check(files.dims, _stages(s, files), dtype, device, s.cp)
+        footprint.check(files.dims, _stages(s, files), run_dtype(s.dtype, device), device, s.cp)
         _check_latents(s, files)
 
 
