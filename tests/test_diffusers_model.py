@@ -207,3 +207,19 @@ def test_save_pretrained_into_a_transformer_folder_loads_back(reference, tmp_pat
         back = LongCatTransformer3DModel.from_pretrained(*args, **kwargs)
         with torch.no_grad():
             assert torch.equal(back(**inputs), want)
+
+
+@pytest.mark.parametrize("name", ["cache_dir", "token", "force_download"])
+def test_hub_download_options_are_refused_not_ignored(tiny_native, name):
+    with pytest.raises(LongcatError, match=f"'{name}' is not supported .*local Hugging Face"):
+        LongCatTransformer3DModel.from_pretrained(tiny_native, **{name: "x"})
+
+
+def test_revision_names_a_cached_snapshot(tmp_path, monkeypatch):
+    """``revision=`` reaches the cache lookup as ``org/name@revision`` (nothing downloads)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LongcatError, match="meituan-longcat/LongCat-Video@abc123") as e:
+        LongCatTransformer3DModel.from_pretrained("meituan-longcat/LongCat-Video",
+                                                  subfolder="dit", revision="abc123")
+    assert "\n" not in str(e.value)

@@ -158,6 +158,7 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ('{"prompt": "g", "out": "X.mp4"}\n{"prompt": "h", "out": "x.mp4"}\n', [],
      "line 2: writes x.mp4 as"),
     ("a\n", ["--out", "one.mp4"], "--out one.mp4: names one video"),
+    ('{"seed": 3}\n', [], "line 1: no prompt"),
     ("a\n", ["--lora-scale", "0.5,x"], "--lora-scale 0.5,x: 'x' is not a number"),
     ("a\n", ["--lora-scale", "0.5,20"], "--lora-scale 20.0: must be a number from -10 to 10"),
 ])

@@ -51,9 +51,13 @@ MODEL_SETTING = ModelSetting()
 # with what to do instead.
 _LOW_MEMORY = "load in a dtype with torch_dtype, then use enable_layerwise_casting or " \
     "enable_group_offload"
+_HUB_LOCAL = ("a repo id is read from the local Hugging Face cache as org/name[@revision]; "
+              "`longcat-tools download` fetches one")
 _UNSUPPORTED_LOAD = {"quantization_config": _LOW_MEMORY, "variant": _LOW_MEMORY,
                      "dduf_entries": _LOW_MEMORY, "use_flashpack": _LOW_MEMORY,
-                     "parallel_config": "use enable_context_parallel"}
+                     "parallel_config": "use enable_context_parallel",
+                     **dict.fromkeys(("cache_dir", "token", "force_download", "proxies"),
+                                     _HUB_LOCAL)}
 
 
 def _one_device(device_map: Any) -> str | torch.device:
@@ -476,6 +480,9 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             name = next(iter(unsupported))
             raise LongcatError(f"LongCatTransformer3DModel.from_pretrained: '{name}' is not "
                                f"supported ({_UNSUPPORTED_LOAD[name]})")
+        revision = kwargs.pop("revision", None)
+        if revision and not Path(pretrained_model_name_or_path).exists():
+            pretrained_model_name_or_path = f"{pretrained_model_name_or_path}@{revision}"
         path = find_transformer(pretrained_model_name_or_path, subfolder)
         if path is None:  # a save_pretrained folder
             folder = resolve_source(pretrained_model_name_or_path) / (subfolder or "")

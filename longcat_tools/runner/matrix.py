@@ -154,6 +154,9 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
     out_dir = Path(out_dir)
     items: list[Item] = []
     for pl in lines:
+        if pl.line and not str(pl.fields.get("prompt", base.prompt)).strip():
+            raise LongcatError(f"--prompts {prompts} line {pl.line}: no prompt (give 'prompt' "
+                               "on the line, or -p for the lines without one)")
         line_seeds = [pl.fields["seed"]] if "seed" in pl.fields else seeds
         for seed in line_seeds:
             for b in bsa:
