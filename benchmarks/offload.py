@@ -487,7 +487,7 @@ class Bench:
                                                        else ""),
                      lambda: block_swap(self.model, dev), ref)
         if dev == "cuda":
-            self.variant("offload", "candidate: block swap, event instead of record_stream",
+            self.variant("offload", "candidate: block swap, compute-done event",
                          lambda: block_swap(self.model, dev, EventBlockSwap), ref)
             self.variant("offload", "diffusers group offload, use_stream",
                          lambda: group_offload(self.model, dev, True), ref)
