@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dit_forward import build, rel  # noqa: E402
+from dit_forward import build, rel, sync, time_forward  # noqa: E402
 
 from longcat_tools import synth as S  # noqa: E402
 from longcat_tools.io.safetensors import (  # noqa: E402
@@ -80,30 +80,14 @@ def forward_inputs(preset: str, caption_channels: int, device: str, seed: int = 
     return x, torch.tensor([DISTILL_T], device=device), y, mask
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(model, args, device: str, steps: int) -> tuple[dict, torch.Tensor]:
-    """One untimed warm-up forward, then ``steps`` timed ones; peaks cover the timed ones."""
-    with torch.no_grad():
-        model(*args)
-        sync(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps):
-            sync(device)
-            t0 = time.perf_counter()
-            out = model(*args)
-            sync(device)
-            times.append(time.perf_counter() - t0)
+    """One untimed warm-up forward, then ``steps`` timed ones (``dit_forward.time_forward``);
+    peaks cover the timed ones."""
+    _, times, peak, reserved, out = time_forward(model, args, device, steps)
     row = {"mean_s": round(statistics.mean(times), 4), "min_s": round(min(times), 4),
            "times_s": [round(t, 4) for t in times]}
     if device == "cuda":
-        row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+        row["peak_alloc_gib"], row["peak_reserved_gib"] = round(peak, 2), round(reserved, 2)
     return row, out.float().cpu()
 
 

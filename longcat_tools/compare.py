@@ -21,15 +21,16 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from typing import TYPE_CHECKING, Any
 
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_bytes
 from longcat_tools.runner.settings import comparable_settings
+
+if TYPE_CHECKING:  # numpy and Pillow load when a comparison runs, not with the command line
+    import numpy as np
+    from PIL import Image
 
 SIDECAR_SUFFIX = ".mp4.json"
 SHEET_NAME = "contact_sheet.png"  # the sheet's default name, inside DIR
@@ -198,6 +199,8 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
 def read_frames(path: Path) -> np.ndarray:
     """All frames of a video as uint8 [F, H, W, 3]; a file ffmpeg cannot read is one line (its
     last word on it), not ffmpeg's whole log."""
+    import numpy as np
+
     from longcat_tools.runner import video as vio
 
     try:
@@ -216,6 +219,8 @@ def read_frames(path: Path) -> np.ndarray:
 def per_frame_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Mean squared error of each frame of two uint8 videos of one shape; exact integer sums,
     one frame at a time (a whole 480p video in float64 would be ~1 GB)."""
+    import numpy as np
+
     out = np.empty(len(a), dtype=np.float64)
     for k in range(len(a)):
         d = a[k].astype(np.int32) - b[k].astype(np.int32)
@@ -317,6 +322,8 @@ class _Font:
     """Pillow's default font, with the label's text measured and fitted to the cell."""
 
     def __init__(self) -> None:
+        from PIL import ImageFont
+
         self.font = ImageFont.load_default()
         self.line_height = self.font.getbbox("Ag")[3] + LINE_SPACING
         self.width = LABEL_WIDTH - 2 * TEXT_MARGIN
@@ -378,6 +385,8 @@ def render_sheet(items: list[Item], frames: int = DEFAULT_FRAMES,
                  thumb_height: int = DEFAULT_THUMB_HEIGHT) -> Image.Image:
     """The contact sheet; decodes each video once (one at a time) and records its frame count
     and size on its item."""
+    from PIL import Image, ImageDraw
+
     thumbs: list[list[Image.Image]] = []
     indices: list[list[int]] = []
     for it in items:

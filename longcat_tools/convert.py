@@ -635,14 +635,17 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     for entry in sorted(ckpt.root.iterdir()):
         if entry.name not in known:
             notes.append(f"{entry.name} (top level of the source) is not carried over")
-    if to == "native":
-        for name in NATIVE_ROOT_FILES:
-            jobs.append(FileJob(name, "text", "root", text=_json_text(NATIVE_ROOT_STUB)))
-    else:
-        index = dict(MODEL_INDEX)
-        index["transformer"] = ["diffusers", keymap.CLASS_BY_FLAVOUR[keys]]
-        jobs.append(FileJob("model_index.json", "text", "root", text=_json_text(index)))
+    jobs += _root_jobs(to, keys)
     return Plan(ckpt, dst, to, keys, dtype, link, force, jobs, notes, loras)
+
+
+def _root_jobs(to: str, keys: str) -> list[FileJob]:
+    """The files at the top of the output: the hub's stubs, or model_index.json."""
+    if to == "native":
+        return [FileJob(name, "text", "root", text=_json_text(NATIVE_ROOT_STUB))
+                for name in NATIVE_ROOT_FILES]
+    index = {**MODEL_INDEX, "transformer": ["diffusers", keymap.CLASS_BY_FLAVOUR[keys]]}
+    return [FileJob("model_index.json", "text", "root", text=_json_text(index))]
 
 
 def _missing_parts_notes() -> list[str]:
@@ -702,13 +705,7 @@ def _plan_single_file(path: Path, dst: Path, to: str, keys: str, dtype: str,
     jobs = _folder_jobs(out, DIT_FOLDER[to], max_shard, meta, transformer_config(cfg, keys))
     jobs[0].bytes_in = path.stat().st_size
     notes += _missing_parts_notes()
-    if to == "native":
-        for name in NATIVE_ROOT_FILES:
-            jobs.append(FileJob(name, "text", "root", text=_json_text(NATIVE_ROOT_STUB)))
-    else:
-        index = dict(MODEL_INDEX)
-        index["transformer"] = ["diffusers", keymap.CLASS_BY_FLAVOUR[keys]]
-        jobs.append(FileJob("model_index.json", "text", "root", text=_json_text(index)))
+    jobs += _root_jobs(to, keys)
     return Plan(ckpt, dst, to, keys, dtype, False, force, jobs, notes, [])
 
 

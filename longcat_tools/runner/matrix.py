@@ -99,28 +99,26 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
     return out
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``--seeds 42,123,456``."""
-    seeds = []
+def _numbers(text: str, option: str, kind: type, what: str, example: str) -> list:
+    """A comma list of ``kind`` values, one line naming the first bad entry."""
+    out = []
     for part in text.split(","):
         try:
-            seeds.append(int(part.strip()))
+            out.append(kind(part.strip()))
         except ValueError:
-            raise LongcatError(f"--seeds {text}: '{part.strip()}' is not an integer (a comma "
-                               "list, e.g. 42,123,456)") from None
-    return seeds
+            raise LongcatError(f"{option} {text}: '{part.strip()}' is not {what} (a comma list "
+                               f"such as {example})") from None
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 42,123,456``."""
+    return _numbers(text, "--seeds", int, "an integer", "42,123,456")
 
 
 def parse_scales(text: str) -> list[float]:
     """``--lora-scale 0.5,1.0`` (one value: a single run's scale)."""
-    out = []
-    for part in text.split(","):
-        try:
-            out.append(float(part.strip()))
-        except ValueError:
-            raise LongcatError(f"--lora-scale {text}: '{part.strip()}' is not a number (one "
-                               "scale, or a comma list such as 0.5,1.0)") from None
-    return out
+    return _numbers(text, "--lora-scale", float, "a number", "0.5,1.0")
 
 
 def parse_bsa(text: str) -> list[str]:

@@ -10,24 +10,19 @@ is one LoRA per split target, like FastVideo's. Full-weight payloads (``.diff``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import Header
 from longcat_tools.lora.formats.base import (
     Cast,
-    LoraFormat,
     ModuleEntry,
     ModuleLora,
     OutSpec,
-    Parsed,
-    Shapes,
     reader,
 )
 from longcat_tools.lora.formats.fastvideo import FastVideo
-from longcat_tools.lora.formats.split import Groups, ScaleOf, split_deltas, split_entries
+from longcat_tools.lora.formats.split import Groups, ScaleOf
 from longcat_tools.model import comfy_keys
 
 if TYPE_CHECKING:
@@ -57,7 +52,10 @@ def _comfy_name(fastvideo_name: str) -> str:
     return comfy_keys.kohya_module(comfy) + _FASTVIDEO_SUFFIX["." + suffix]
 
 
-class Comfy(LoraFormat):
+class Comfy(FastVideo):
+    """FastVideo's split layout under ComfyUI's names: only the key spelling and the alpha
+    rule differ (``_groups``), so reading and writing are FastVideo's."""
+
     name = "comfy"
     label = "ComfyUI"
     example = "lora_unet_….lora_down.weight"
@@ -123,26 +121,11 @@ class Comfy(LoraFormat):
 
         return groups, targets_of, scale_of
 
-    def parse(self, header: Header, shapes: Shapes | None, *,
-              adapter_config: Mapping | str | Path | None = None,
-              inspect_blocks: bool = True) -> Parsed:
-        groups, targets_of, scale_of = self._groups(header)
-        return Parsed(split_entries(header, shapes, groups, targets_of, scale_of,
-                                    inspect_blocks))
-
-    def effective_deltas(self, header: Header, scale: float,
-                         adapter_config: Mapping | str | Path | None = None
-                         ) -> dict[str, torch.Tensor]:
-        groups, _, scale_of = self._groups(header)
-        return split_deltas(groups, reader(header), scale, scale_of)
-
     def output_specs(self, entry: ModuleEntry, dtype: torch.dtype, keys: str | None = None
                      ) -> list[OutSpec]:
-        return [(_comfy_name(n), d, s) for n, d, s in FastVideo().output_specs(entry, dtype)]
+        return [(_comfy_name(n), d, s) for n, d, s in super().output_specs(entry, dtype)]
 
     def output_tensors(self, m: ModuleLora, cast: Cast, keys: str | None = None
                        ) -> dict[str, torch.Tensor]:
-        return {_comfy_name(n): t for n, t in FastVideo().output_tensors(m, cast).items()}
+        return {_comfy_name(n): t for n, t in super().output_tensors(m, cast).items()}
 
-    def metadata(self, entries: list[ModuleEntry], keys: str | None = None) -> dict[str, str]:
-        return FastVideo().metadata(entries)
