@@ -58,7 +58,7 @@ from longcat_tools.io.safetensors import (
 )
 from longcat_tools.io.sources import Sources
 from longcat_tools.lora import formats as lf
-from longcat_tools.model import comfy_keys, dtypes, keymap
+from longcat_tools.model import comfy_keys, dtypes, flavours, keymap
 
 TARGETS = ("converted", "native", "comfy")
 # What --to comfy writes in DST: the DiT alone, in ComfyUI's (WanVideoWrapper's) key flavour.
@@ -333,42 +333,6 @@ def _dit_infos(ckpt: layouts.Checkpoint
     return cfg, dims, infos
 
 
-def _specs(dims: keymap.DiTDims, flavour: str) -> list[tuple[str, tuple[int, ...]]]:
-    if flavour == comfy_keys.FLAVOUR:
-        return comfy_keys.tensor_specs(dims)
-    return keymap.tensor_specs(dims, flavour)
-
-
-def _as_native(name: str, flavour: str) -> keymap.Part:
-    """The native tensor (and row slice) a tensor of ``flavour`` is."""
-    if flavour == "native":
-        return keymap.Part(name, name, 0, 1)
-    if flavour == comfy_keys.FLAVOUR:
-        return comfy_keys.comfy_to_native(name)
-    return keymap.fastvideo_to_native(name)
-
-
-def _parts_of(native: str, flavour: str) -> list[str]:
-    """The tensors of ``flavour`` whose row concatenation is a native tensor."""
-    if flavour == "native":
-        return [native]
-    if flavour == comfy_keys.FLAVOUR:
-        return [p.fastvideo for p in comfy_keys.native_to_comfy(native)]
-    return [p.fastvideo for p in keymap.native_to_fastvideo(native)]
-
-
-def _sources_of(name: str, target: str, source: str) -> list[tuple[str, int, int]]:
-    """(source tensor, slice index, slice count) whose rows, concatenated, are the ``target``
-    flavour's tensor ``name``."""
-    part = _as_native(name, target)
-    srcs = _parts_of(part.native, source)
-    if part.count == 1:
-        return [(s, 0, 1) for s in srcs]
-    if len(srcs) == 1:
-        return [(srcs[0], part.index, part.count)]
-    return [(srcs[part.index], 0, 1)]  # both split alike (the tables split in the same order)
-
-
 def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
                  infos: dict[str, tuple[Path, TensorInfo]], want: torch.dtype | None,
                  where: Path, load: Callable[[str], torch.Tensor] | None = None,
@@ -381,8 +345,8 @@ def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
         return Piece(path, info, index * rows // count, (index + 1) * rows // count)
 
     out: list[OutTensor] = []
-    for name, shape in _specs(dims, keys):
-        srcs = _sources_of(name, keys, source)
+    for name, shape in flavours.tensor_specs(dims, keys):
+        srcs = flavours.sources_of(name, keys, source)
         if load is not None and any(s in scaled for s, _, _ in srcs):
             dtype = want or torch.bfloat16
 

@@ -16,7 +16,7 @@ import torch
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import read_header, read_tensor
-from longcat_tools.model import dtypes, keymap
+from longcat_tools.model import dtypes, flavours, keymap
 from longcat_tools.runner.dit import LongCatTransformer3DModel
 
 
@@ -93,7 +93,7 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu",
                 if info is None:
                     raise LongcatError(f"{file}: the index names tensor '{name}' but the shard "
                                        "does not hold it")
-                part = _native_part(name, ckpt.flavour)
+                part = flavours.to_native(name, ckpt.flavour)
                 target = params.get(part.native)
                 if target is None:
                     raise LongcatError(f"{file}: tensor '{name}' is not a parameter of the DiT")
@@ -115,22 +115,10 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu",
                 if progress is not None:
                     progress(info.nbytes)
     for name, got in filled.items():
-        count = _slice_count(name, ckpt.flavour)
+        count = len(flavours.parts_of(name, ckpt.flavour))
         if len(got) != count:
             raise LongcatError(f"{ckpt.transformer_dir}: no weights for DiT parameter '{name}' "
                                "(incomplete checkpoint)")
     model.eval().requires_grad_(False)
     model.layout = ckpt.describe()
     return model
-
-
-def _native_part(name: str, flavour: str) -> keymap.Part:
-    if flavour == "native":
-        return keymap.Part(name, name, 0, 1)
-    return keymap.fastvideo_to_native(name)
-
-
-def _slice_count(native_name: str, flavour: str) -> int:
-    if flavour == "native":
-        return 1
-    return len(keymap.native_to_fastvideo(native_name))
