@@ -13,6 +13,7 @@ It also checks ours against an fp32 reference on a sample of query chunks.
 
     PYTHONPATH=. python3 benchmarks/bsa_kernel.py                # full run, writes results
     PYTHONPATH=. python3 benchmarks/bsa_kernel.py --sweep        # kernel config sweep
+    PYTHONPATH=. python3 benchmarks/bsa_kernel.py --selection    # selection alone, by stage
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ import triton.language as tl
 
 from longcat_tools import kernels
 from longcat_tools.kernels import reference as R
+from longcat_tools.model.chunks import kept_per_query
 
 SHAPES = {"480p": (24, 30, 52), "720p": (24, 44, 80), "720p-48f": (48, 44, 80)}
+SELECTION_TARGET_MS = {"720p": 0.6, "720p-48f": 2.0}  # issue #21: pool + score + select
 SPARSITIES = (0.875, 0.9375, 0.96875)
 CHUNK = (4, 4, 4)
 HEADS, HEAD_DIM = 32, 128
@@ -263,13 +266,11 @@ def sweep(lat, sp, log, rep_ms):
     ir, cr = R.select_chunks(q, k, lq, lk, sp, None)
     log(f"selection equals reference on device: {torch.equal(ir, indices)}")
     qb, kb = TB.pool(q, lq), TB.pool(k, lk)
-    sref = R.scores(qb, kb)
-    sc = TB.scores(qb, kb)
-    log(f"scores equal to reference {torch.equal(sc, sref)} "
-        f"ms {bench(lambda: TB.scores(qb, kb), rep_ms):.3f}")
+    sc = R.exact_scores(qb, kb)
+    log(f"scores (float64 matmul) ms {bench(lambda: R.exact_scores(qb, kb), rep_ms):.3f}")
     kk = int(counts[0, 0, 0])
     times = [bench(lambda: TB.pool(q, lq), rep_ms),
-             bench(lambda: TB.select(sc, counts, kk, 16), rep_ms),
+             bench(lambda: TB.select(sc, counts, kk, q.dtype), rep_ms),
              bench(lambda: TB.select_chunks(q, k, lq, lk, sp, None), rep_ms),
              bench(lambda: TB._v_copy(v, lk, True), rep_ms)]
     log("pool_ms {:.3f} select_ms {:.3f} select_total_ms {:.3f} v_copy_ms {:.3f}".format(*times))
@@ -311,6 +312,40 @@ def sweep(lat, sp, log, rep_ms):
             log(f"original ms {bench(ofn, rep_ms):.3f} rel diff to ours "
                 f"{float((o2.float() - o1.float()).norm() / o1.float().norm()):.2e}")
     return results
+
+
+def selection_stages(name, lat, sp, log, rep_ms) -> dict:
+    """Selection alone (pool q, pool k, float64 score matmul, select), by stage and whole,
+    against the issue's target; and whether it equals the reference run on the CPU."""
+    from longcat_tools.kernels import triton_bsa as TB
+
+    S = math.prod(lat)
+    torch.manual_seed(0)
+    q, k = (torch.randn(1, HEADS, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    lq = lk = kernels.chunk_layout(lat, CHUNK)
+    qb, kb = TB.pool(q, lq), TB.pool(k, lk)
+    s64 = R.exact_scores(qb, kb)
+    kk = kept_per_query(sp, lk.num_chunks)
+    counts = torch.full(s64.shape[:-1], kk, dtype=torch.int32, device="cuda")
+    mq, mk = lq.num_chunks, lk.num_chunks
+    row = {"shape": name, "latent": list(lat), "sparsity": sp, "num_chunks": mk,
+           "kept_per_q_chunk": kk,
+           "pool_q_ms": bench(lambda: TB.pool(q, lq), rep_ms),
+           "pool_k_ms": bench(lambda: TB.pool(k, lk), rep_ms),
+           "score_matmul_ms": bench(lambda: R.exact_scores(qb, kb), rep_ms),
+           "select_ms": bench(lambda: TB.select(s64, counts, kk, q.dtype), rep_ms),
+           "selection_ms": bench(lambda: kernels.select_chunks(
+               q, k, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK), rep_ms),
+           "target_ms": SELECTION_TARGET_MS.get(name)}
+    flop = 2 * HEADS * mq * mk * HEAD_DIM
+    row["score_tflops"] = flop / row["score_matmul_ms"] / 1e9
+    idx, _ = kernels.select_chunks(q, k, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK)
+    heads = slice(0, 4)  # the CPU reference on 4 heads keeps this quick
+    ref_idx, _ = R.select_chunks(q[:, heads].cpu(), k[:, heads].cpu(), lq, lk, sp, None)
+    row["equals_cpu_reference_4_heads"] = torch.equal(idx[:, heads].cpu(), ref_idx)
+    log(json.dumps(row))
+    return row
 
 
 def _kernel_stats():
@@ -378,6 +413,8 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=float, default=400.0)
     ap.add_argument("--sweep", action="store_true", help="kernel config sweep at 720p")
     ap.add_argument("--profile-once", action="store_true", help="two kernel calls, for ncu")
+    ap.add_argument("--selection", action="store_true",
+                    help="selection alone by stage at 720p and 720p-48f (0.9375), vs targets")
     ap.add_argument("--out", default=None, help="folder for JSON + markdown (default: results/)")
     ap.add_argument("--log", default=None)
     args = ap.parse_args()
@@ -397,6 +434,10 @@ def main() -> None:
         return
     if args.profile_once:
         profile_once(SHAPES["720p"], 0.9375)
+        return
+    if args.selection:
+        for name in SELECTION_TARGET_MS:
+            selection_stages(name, SHAPES[name], 0.9375, log, args.rep_ms)
         return
     orig = load_original()
     log(f"original kernel: {'loaded' if orig else 'not given (LONGCAT_BSA_SRC unset)'}")

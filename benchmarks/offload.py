@@ -8,8 +8,10 @@ reference, since a faster variant that computes something else is worthless.
   ``enable_group_offload`` (block_level, one block per group; without streams, with streams, and
   with ``record_stream``): seconds per step, peak GPU memory, output difference.
 - lora (all resident): a random rank-128 adapter on the hub distill LoRA's targets, applied by our
-  ``load_lora``/``enable_loras`` (``Linear.loras``), by PEFT (``add_adapter`` with the same
-  adapter in PEFT's form: block-diagonal ``lora_B`` for fused qkv/kv) and merged into the weights.
+  ``load_lora``/``enable_loras`` at run time (``Linear.loras``), by PEFT (``add_adapter`` with
+  the same adapter in PEFT's form: block-diagonal ``lora_B`` for fused qkv/kv), merged into the
+  weights by hand, and by our merge mode (``lora_mode = "merge"``, with its merge and restore
+  times).
 - load: the DiT written as a native ``dit/`` folder, then loaded by our ``from_pretrained`` and by
   diffusers' generic ``ModelMixin`` loader, each in a fresh process (order A B A B): wall time,
   peak host RSS, peak GPU memory, and whether both give the written weights.
@@ -190,13 +192,39 @@ def clean(model, device: str) -> str | None:
 
 # ---- LoRA variants ---------------------------------------------------------------------------
 def ours_lora(model, path: Path, device: str):
+    model.lora_mode = "runtime"
     model.load_lora(str(path), LORA_NAME)
     model.enable_loras([LORA_NAME])
 
     def undo() -> None:
         model.disable_loras()
         model.lora_registry.pop(LORA_NAME, None)
+        model.lora_mode = "merge"
     return undo
+
+
+def ours_merged_lora(model, path: Path, device: str):
+    """Our merge mode (``runner.lora_merge``): the set added into the weights once, restored
+    bit for bit by ``disable_loras``; the merge and restore times go into the row's note (a
+    model built in memory restores from pinned host copies; a loaded one re-reads its shards)."""
+    model.lora_mode = "merge"
+    model.load_lora(str(path), LORA_NAME)
+    sync(device)
+    t0 = time.perf_counter()
+    model.enable_loras([LORA_NAME])
+    sync(device)
+    merge_s = time.perf_counter() - t0
+    if model.merged_loras != [LORA_NAME]:
+        raise RuntimeError("the adapter was not merged (it runs at run time here)")
+
+    def undo() -> str:
+        sync(device)
+        t0 = time.perf_counter()
+        model.disable_loras()
+        sync(device)
+        model.lora_registry.pop(LORA_NAME, None)
+        return f"restore {time.perf_counter() - t0:.3f} s"
+    return undo, f"merge {merge_s:.3f} s"
 
 
 def peft_lora(model, lora: lora_formats.LoraFile, device: str):
@@ -445,8 +473,9 @@ class Bench:
         finally:
             t0 = time.perf_counter()
             try:
-                if undo is not None:
-                    undo()
+                said = undo() if undo is not None else None
+                if isinstance(said, str):  # e.g. how long the undo itself took
+                    row["note"] = "; ".join(filter(None, (row.get("note"), said)))
                 problem = clean(self.model, self.device)
             except Exception as exc:  # noqa: BLE001
                 problem = f"undo failed: {type(exc).__name__}: {exc}"[:300]
@@ -507,6 +536,8 @@ class Bench:
                      lambda: peft_lora(self.model, lora, dev), ours, extra)
         self.variant("lora", "merged into the weights", lambda: merged_lora(self.model, lora, dev),
                      ours, extra)
+        self.variant("lora", "ours: lora_mode merge (merge + restore in note)",
+                     lambda: ours_merged_lora(self.model, path, dev), ours, extra)
 
     def load(self, folder: Path) -> None:
         root = Path(self.a.ckpt_dir) if self.a.ckpt_dir else folder / "ckpt"

@@ -53,12 +53,15 @@ from longcat_tools.io.safetensors import (
     build_header,
     plan_shards,
     read_header,
+    read_tensor,
     shard_names,
     tensor_bytes,
 )
 from longcat_tools.io.sources import Sources
+from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.lora import formats as lf
 from longcat_tools.model import comfy_keys, dtypes, flavours, keymap
+from longcat_tools.model import fp8 as fp8_format
 
 TARGETS = ("converted", "native", "comfy")
 # What --to comfy writes in DST: the DiT alone, in ComfyUI's (WanVideoWrapper's) key flavour.
@@ -309,7 +312,7 @@ def _dit_infos(ckpt: layouts.Checkpoint
             if shard_of.get(name) != path:
                 raise LongcatError(f"{path}: holds tensor '{name}' that the index does not map "
                                    "to this shard")
-    expected = dict(keymap.tensor_specs(dims, ckpt.flavour))
+    expected = dict(keymap.tensor_specs(dims, ckpt.flavour, ckpt.is_fp8))
     unknown = sorted(set(infos) - set(expected))
     seen = keymap.detect_flavour(list(infos))
     if unknown and seen and seen != ckpt.flavour:
@@ -336,27 +339,66 @@ def _dit_infos(ckpt: layouts.Checkpoint
 def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
                  infos: dict[str, tuple[Path, TensorInfo]], want: torch.dtype | None,
                  where: Path, load: Callable[[str], torch.Tensor] | None = None,
-                 scaled: frozenset[str] = frozenset()) -> list[OutTensor]:
+                 scaled: frozenset[str] = frozenset(), src_fp8: bool = False
+                 ) -> list[OutTensor]:
     """The DiT's tensors in flavour ``keys``, made of ranged reads of the source; a source
-    tensor in ``scaled`` (float8 with a scale) is read whole through ``load`` and dequantized."""
+    tensor in ``scaled`` (float8 with a scale) is read whole through ``load`` and dequantized.
+    ``want`` float8 writes an fp8 checkpoint (``model.fp8``); an fp8 source (``src_fp8``) is
+    copied as it is to fp8, and dequantized to any other dtype."""
     def piece(name: str, index: int, count: int) -> Piece:
         path, info = infos[name]
         rows = info.shape[0] if info.shape else 1
         return Piece(path, info, index * rows // count, (index + 1) * rows // count)
 
+    if load is None:
+        load = _whole_reader(infos)
+    out_fp8 = want == fp8_ops.E4M3 or (want is None and src_fp8)
+    rest = torch.bfloat16 if out_fp8 else want
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight -> (q, scale) once
     out: list[OutTensor] = []
-    for name, shape in flavours.tensor_specs(dims, keys):
+
+    def rows_of(srcs: list[tuple[str, int, int]]) -> torch.Tensor:
+        parts = []
+        for s, j, n in srcs:
+            t = load(s)
+            h = t.shape[0] // n
+            parts.append(t[j * h:(j + 1) * h])
+        return torch.cat(parts, 0)
+
+    for name, shape in flavours.tensor_specs(dims, keys, out_fp8):
         srcs = flavours.sources_of(name, keys, source)
-        if load is not None and any(s in scaled for s, _, _ in srcs):
-            dtype = want or torch.bfloat16
+        native = flavours.to_native(name, keys).native
+        weight_of_fp8 = fp8_format.is_quantized(native.rpartition(".")[0]) \
+            and native.endswith((".weight", f".{fp8_format.SCALE}"))
+        if weight_of_fp8 and out_fp8 and not src_fp8:
+            weight = name.rpartition(".")[0] + ".weight"
+
+            def produce(srcs=srcs, name=name, weight=weight) -> torch.Tensor:
+                if weight not in quantized:
+                    w_srcs = flavours.sources_of(weight, keys, source)
+                    quantized.clear()  # one weight held at a time
+                    quantized[weight] = fp8_ops.quantize_weight(rows_of(w_srcs))
+                q, scale = quantized[weight]
+                return scale if name != weight else q
+
+            dtype = torch.float32 if name != weight else fp8_ops.E4M3
+            out.append(OutTensor(name, dtype, shape, produce=produce))
+            continue
+        if weight_of_fp8 and src_fp8 and not out_fp8 and native.endswith(".weight"):
+            scale_srcs = flavours.sources_of(f"{name.removesuffix('.weight')}."
+                                             f"{fp8_format.SCALE}", keys, source)
+
+            def produce(srcs=srcs, scale_srcs=scale_srcs) -> torch.Tensor:
+                return fp8_ops.dequantize_weight(rows_of(srcs), rows_of(scale_srcs),
+                                                 rest or torch.bfloat16)
+
+            out.append(OutTensor(name, rest or torch.bfloat16, shape, produce=produce))
+            continue
+        if any(s in scaled for s, _, _ in srcs):
+            dtype = rest or torch.bfloat16
 
             def produce(srcs=srcs, dtype=dtype, name=name) -> torch.Tensor:
-                rows = []
-                for s, j, n in srcs:
-                    t = load(s)
-                    h = t.shape[0] // n
-                    rows.append(t[j * h:(j + 1) * h])
-                y = torch.cat(rows, 0).to(dtype)
+                y = rows_of(srcs).to(dtype)
                 if dtype == torch.float16 and bool(torch.isinf(y).any()):
                     raise LongcatError(f"{where}: tensor '{name}' dequantized overflows float16 "
                                        "(|x| > 65504); use --dtype bf16")
@@ -369,20 +411,36 @@ def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
         if len(found) > 1:
             raise LongcatError(f"{where}: the parts of '{name}' have different "
                                f"dtypes {sorted(map(str, found))}; pass --dtype to unify them")
-        out.append(OutTensor(name, _out_dtype(found.pop(), want), shape, pieces))
+        kept = found.pop()
+        if out_fp8 and src_fp8 and weight_of_fp8:
+            out.append(OutTensor(name, kept, shape, pieces))  # e4m3 weight or its scale as is
+        else:
+            out.append(OutTensor(name, _out_dtype(kept, rest), shape, pieces))
     return out
+
+
+def _whole_reader(infos: dict[str, tuple[Path, TensorInfo]]) -> Callable[[str], torch.Tensor]:
+    """Source tensor name -> the whole tensor, read from its shard (fp8 rewrites read a weight
+    whole: its scales need every element of a row)."""
+    def load(name: str) -> torch.Tensor:
+        path, info = infos[name]
+        with open(path, "rb") as f:
+            return read_tensor(f, info)
+    return load
 
 
 def _dit_jobs(ckpt: layouts.Checkpoint, folder: str, keys: str, want: torch.dtype | None,
               max_shard: int, meta: dict[str, str]) -> tuple[list[FileJob], keymap.DiTDims]:
     cfg, dims, infos = _dit_infos(ckpt)
-    out = _out_tensors(dims, keys, ckpt.flavour, infos, want, ckpt.transformer_dir)
+    out = _out_tensors(dims, keys, ckpt.flavour, infos, want, ckpt.transformer_dir,
+                       src_fp8=ckpt.is_fp8)
     return _folder_jobs(out, folder, max_shard, meta, transformer_config(cfg, keys)), dims
 
 
 def _folder_jobs(out: list[OutTensor], folder: str, max_shard: int, meta: dict[str, str],
                  cfg: dict[str, Any]) -> list[FileJob]:
-    """A DiT folder: shards, their index and config.json."""
+    """A DiT folder: shards, their index, config.json and, for fp8 weights, the
+    ``quantization_config.json`` that says so."""
     shards = plan_shards(out, max_shard)
     names = shard_names(layouts.DIT_STEM, len(shards))
     jobs = [FileJob(f"{folder}/{n}", "tensors", folder, s, dict(meta),
@@ -393,6 +451,9 @@ def _folder_jobs(out: list[OutTensor], folder: str, max_shard: int, meta: dict[s
              "weight_map": dict(sorted(weight_map.items()))}
     jobs.append(FileJob(f"{folder}/{layouts.INDEX_NAME}", "text", folder, text=_json_text(index)))
     jobs.append(FileJob(f"{folder}/config.json", "text", folder, text=_json_text(cfg)))
+    if any(t.dtype == fp8_ops.E4M3 for t in out):
+        jobs.append(FileJob(f"{folder}/{fp8_format.CONFIG_FILE}", "text", folder,
+                            text=_json_text(fp8_format.config())))
     return jobs
 
 
@@ -553,7 +614,11 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     the destination is raised here, before anything is written."""
     if to not in TARGETS:
         raise UsageError(f"--to: unknown target '{to}' (use one of {', '.join(TARGETS)})")
-    want = dtypes.parse(dtype, keep=True)
+    want = dtypes.parse(dtype, keep=True, choices=(*dtypes.NAMES, dtypes.FP8))
+    if want == fp8_ops.E4M3 and to == "comfy":
+        raise UsageError("--dtype fp8 --to comfy: ComfyUI reads one fp8 scale per tensor, this "
+                         "tool writes one per output channel; write --to comfy in bf16, or "
+                         "--dtype fp8 to a converted or native folder")
     if to in ("native", "comfy"):
         if keys not in (None, "native"):
             raise UsageError(f"--keys {keys} cannot be combined with --to {to} (the target "
@@ -579,7 +644,8 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
 
     dit_jobs, dims = _dit_jobs(ckpt, DIT_FOLDER[to], keys, want, max_shard, meta)
     jobs = list(dit_jobs)
-    lora_jobs, loras, lora_notes = _lora_jobs(ckpt, to, keys, want, lora,
+    other = torch.bfloat16 if want == fp8_ops.E4M3 else want  # fp8 is the DiT's GEMMs only
+    lora_jobs, loras, lora_notes = _lora_jobs(ckpt, to, keys, other, lora,
                                               lf.linear_shapes(dims), link, meta)
     jobs += lora_jobs
     notes += lora_notes
@@ -587,8 +653,8 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
         if not (ckpt.root / comp).is_dir():
             notes.append(f"{comp}/ not in the source: not written")
             continue
-        if comp == "text_encoder" and want is not None:
-            te = _text_encoder_jobs(ckpt, want, link, meta)
+        if comp == "text_encoder" and other is not None:
+            te = _text_encoder_jobs(ckpt, other, link, meta)
             if te is not None:
                 jobs += te
                 continue

@@ -87,11 +87,12 @@ def lora_targets(cfg: dict[str, Any], kind: str) -> dict[str, int]:
 
 
 def lora_specs(cfg: dict[str, Any], kind: str, rank: int, seed: int,
-               dtype: torch.dtype) -> list[TensorSpec]:
-    """Tensors of a native-format LoRA file (the layout ``LoRANetwork`` loads strictly)."""
+               dtype: torch.dtype, targets: dict[str, int] | None = None) -> list[TensorSpec]:
+    """Tensors of a native-format LoRA file (the layout ``LoRANetwork`` loads strictly); its
+    targets are the hub adapter ``kind``'s unless ``targets`` names them (module -> up blocks)."""
     shapes = dict(keymap.native_tensor_specs(keymap.dit_dims(cfg)))
     specs: list[TensorSpec] = []
-    for module, n in lora_targets(cfg, kind).items():
+    for module, n in (lora_targets(cfg, kind) if targets is None else targets).items():
         out_dim, in_dim = shapes[f"{module}.weight"]
         base = native_key_module(module)
 
@@ -111,6 +112,9 @@ def lora_specs(cfg: dict[str, Any], kind: str, rank: int, seed: int,
     return specs
 
 
+MODELS = ("base", "avatar-1.0", "avatar-1.5")
+
+
 @dataclass
 class SynthResult:
     path: Path
@@ -120,42 +124,65 @@ class SynthResult:
     dit_bytes: int
     files: int
     bytes_on_disk: int
+    model: str = "base"
+    avatar: Path | None = None  # the avatar folder inside ``path`` (avatar models)
+    base: Path | None = None  # the base folder beside it
+
+
+def write_native(folder: Path, preset: str, cfg: dict[str, Any], *, seed: int,
+                 dtype: torch.dtype, sparse: bool,
+                 progress: Callable[[int], None] | None = None) -> None:
+    """The base checkpoint's files into an existing, empty ``folder``."""
+    p = PRESETS[preset]
+    write_json(folder / "model_index.json", {"model_name": "LongCat-Video"})
+    write_json(folder / "config.json", {"model_name": "LongCat-Video"})
+    (folder / "dit").mkdir()
+    write_json(folder / "dit" / "config.json", cfg)
+    write_sharded(folder / "dit", "diffusion_pytorch_model", dit_specs(cfg, seed, dtype),
+                  p.dit_shard_bytes, ST_METADATA, sparse=sparse, progress=progress)
+    (folder / "lora").mkdir()
+    for kind, fname in (("cfg_step", "cfg_step_lora.safetensors"),
+                        ("refinement", "refinement_lora.safetensors")):
+        write_file(folder / "lora" / fname, lora_specs(cfg, kind, p.lora_rank, seed, dtype),
+                   ST_METADATA, sparse=sparse, progress=progress)
+    (folder / "scheduler").mkdir()
+    write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    vocab = synth_components.write_tokenizer(folder / "tokenizer")
+    synth_components.write_text_encoder(folder / "text_encoder", p, vocab, seed, dtype, sparse)
+    synth_components.write_vae(folder / "vae", p, seed, sparse)
+
+
+def disk_usage(root: Path) -> tuple[int, int]:
+    """(file count, bytes actually allocated) under ``root``."""
+    files = [f for f in root.rglob("*") if f.is_file()]
+    return len(files), sum(f.stat().st_blocks * 512 for f in files)
 
 
 def synth(dst: str | Path, preset: str = "tiny", *, depth: int | None = None,
           dtype: str = "fp32", sparse: bool = False, seed: int = 0, force: bool = False,
-          progress: Callable[[int], None] | None = None) -> SynthResult:
-    """Write a native-layout checkpoint at ``dst`` (atomically: ``dst.partial`` then rename)."""
+          progress: Callable[[int], None] | None = None, model: str = "base") -> SynthResult:
+    """Write a native-layout checkpoint at ``dst`` (atomically: ``dst.partial`` then rename).
+
+    ``model`` other than ``base`` writes an avatar weights tree instead (``synth_avatar``)."""
+    if model not in MODELS:
+        raise UsageError(f"unknown model '{model}' (choose from {', '.join(MODELS)})")
     if preset not in PRESETS:
         raise UsageError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
     if depth is not None:
         bounds.check_int(depth, "depth", "--depth", error=UsageError)
     torch_dtype = dtypes.parse(dtype, choices=("fp32", "bf16"))
-    p = PRESETS[preset]
+    if model != "base":
+        from longcat_tools.synth_avatar import synth_avatar
+
+        return synth_avatar(Path(dst), model, preset, depth=depth, dtype=torch_dtype,
+                            sparse=sparse, seed=seed, force=force, progress=progress)
     cfg = dit_config(preset, depth)
     dst = Path(dst)
     check_replaceable(dst, "checkpoint", force=force)
     with atomic_folder(dst, force=force, what="checkpoint") as tmp:
-        write_json(tmp / "model_index.json", {"model_name": "LongCat-Video"})
-        write_json(tmp / "config.json", {"model_name": "LongCat-Video"})
-        (tmp / "dit").mkdir()
-        write_json(tmp / "dit" / "config.json", cfg)
-        specs = dit_specs(cfg, seed, torch_dtype)
-        write_sharded(tmp / "dit", "diffusion_pytorch_model", specs, p.dit_shard_bytes,
-                      ST_METADATA, sparse=sparse, progress=progress)
-        (tmp / "lora").mkdir()
-        for kind, fname in (("cfg_step", "cfg_step_lora.safetensors"),
-                            ("refinement", "refinement_lora.safetensors")):
-            write_file(tmp / "lora" / fname, lora_specs(cfg, kind, p.lora_rank, seed, torch_dtype),
-                       ST_METADATA, sparse=sparse, progress=progress)
-        (tmp / "scheduler").mkdir()
-        write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-        vocab = synth_components.write_tokenizer(tmp / "tokenizer")
-        synth_components.write_text_encoder(tmp / "text_encoder", p, vocab, seed, torch_dtype,
-                                            sparse)
-        synth_components.write_vae(tmp / "vae", p, seed, sparse)
-    files = [f for f in dst.rglob("*") if f.is_file()]
+        write_native(tmp, preset, cfg, seed=seed, dtype=torch_dtype, sparse=sparse,
+                     progress=progress)
     dit_specs_ = keymap.native_tensor_specs(keymap.dit_dims(cfg))
     n_params = sum(math.prod(s) for _, s in dit_specs_)
     return SynthResult(dst, preset, len(dit_specs_), n_params, n_params * torch_dtype.itemsize,
-                       len(files), sum(f.stat().st_blocks * 512 for f in files))
+                       *disk_usage(dst))

@@ -31,6 +31,10 @@ class Preset:
     materialize: bool  # build text encoder / VAE modules for real weights (small presets only)
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # the avatar DiT's own widths (audio_proj), and overrides of the audio encoders' hub configs
+    avatar: dict[str, Any] = field(default_factory=dict)
+    wav2vec2: dict[str, Any] = field(default_factory=dict)
+    whisper: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
@@ -39,13 +43,23 @@ PRESETS: dict[str, Preset] = {
         text_encoder=dict(d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=2),
         vae=dict(base_dim=8, num_res_blocks=1),
         lora_rank=4, dit_shard_bytes=200_000, te_shard_bytes=60_000, materialize=True,
-        note="runs the whole pipeline on a 2-core CPU in seconds"),
+        note="runs the whole pipeline on a 2-core CPU in seconds",
+        avatar=dict(intermediate_dim=32, output_dim=32, context_tokens=4),
+        wav2vec2=dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                      conv_dim=[16] * 7),
+        whisper=dict(d_model=32, encoder_attention_heads=2, decoder_attention_heads=2,
+                     encoder_ffn_dim=64, decoder_ffn_dim=64, decoder_layers=2)),
     "small": Preset(
         dit=dict(hidden_size=256, depth=4, num_heads=4, caption_channels=128, adaln_tembed_dim=128),
         text_encoder=dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2),
         vae=dict(base_dim=16, num_res_blocks=1),
         lora_rank=16, dit_shard_bytes=20_000_000, te_shard_bytes=2_000_000, materialize=True,
-        note="benchmark-sized, still CPU friendly"),
+        note="benchmark-sized, still CPU friendly",
+        avatar=dict(intermediate_dim=128, output_dim=128, context_tokens=8),
+        wav2vec2=dict(hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                      conv_dim=[32] * 7),
+        whisper=dict(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
+                     encoder_ffn_dim=128, decoder_ffn_dim=128, decoder_layers=2)),
     "real": Preset(
         dit={k: getattr(RELEASE_DIMS, k) for k in ("hidden_size", "depth", "num_heads",
                                                    "caption_channels", "adaln_tembed_dim")},
@@ -53,7 +67,8 @@ PRESETS: dict[str, Preset] = {
                           vocab_size=256384),
         vae=dict(base_dim=96, num_res_blocks=2),
         lora_rank=128, dit_shard_bytes=10 * GB, te_shard_bytes=5 * GB, materialize=False,
-        note="the hub's dimensions: 13,581,071,424 DiT parameters in 1,022 tensors"),
+        note="the hub's dimensions: 13,581,071,424 DiT parameters in 1,022 tensors",
+        avatar=dict(intermediate_dim=512, output_dim=768, context_tokens=32)),
 }
 
 

@@ -7,6 +7,7 @@ built from coordinates, Python sorting for selection, and a dense token-level ma
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -132,6 +133,149 @@ def test_topk_count_and_tie_break():
     counts = R.selection_counts(score, 0.5, None, 4)
     assert counts.item() == int(0.5 * 5) == 2
     assert R.select_from_scores(score, counts).tolist() == [[[[1, 2]]]]  # ties: lower index
+
+
+# (significand bits, smallest normal exponent, largest exponent) of the formats scores round to
+FORMATS = {torch.float32: (24, -126, 127), torch.bfloat16: (8, -126, 127),
+           torch.float16: (11, -14, 15)}
+
+
+def round_fraction(x: Fraction, dtype: torch.dtype) -> Fraction | float:
+    """``x`` rounded to nearest-even in ``dtype`` (subnormals, overflow to inf): exact rational
+    arithmetic, no torch cast involved."""
+    if x == 0:
+        return Fraction(0)
+    bits, emin, emax = FORMATS[dtype]
+    a = abs(x)
+    e = a.numerator.bit_length() - a.denominator.bit_length()  # 2**e <= a < 2**(e+2)
+    if Fraction(2) ** (e + 1) <= a:
+        e += 1
+    quantum = Fraction(2) ** (max(e, emin) - bits + 1)
+    r = round(a / quantum) * quantum  # Fraction.__round__: halves go to even
+    if r >= Fraction(2) ** (emax + 1):
+        return math.copysign(math.inf, x)
+    return r if x > 0 else -r
+
+
+def test_round_fraction_is_round_to_nearest_even():
+    """The helper itself, on values whose rounding is known by hand."""
+    one, ulp = Fraction(1), Fraction(1, 128)  # bf16 spacing at 1
+    assert round_fraction(one + ulp / 2, torch.bfloat16) == one  # tie -> even (1.0)
+    assert round_fraction(one + ulp * 3 / 2, torch.bfloat16) == one + 2 * ulp  # tie -> even
+    assert round_fraction(one + ulp / 2 + Fraction(1, 2**40), torch.bfloat16) == one + ulp
+    assert round_fraction(Fraction(-3, 2**134), torch.bfloat16) == Fraction(-1, 2**132)  # sub-
+    assert round_fraction(Fraction(5, 2**134), torch.bfloat16) == Fraction(1, 2**132)  # normal
+    assert round_fraction(Fraction(65520), torch.float16) == math.inf
+    assert round_fraction(Fraction(65519), torch.float16) == 65504
+
+
+def exact_score_bits(qbar: torch.Tensor, kbar: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The documented score: exact dot product (Fractions), rounded to float32, then to dtype."""
+    B, H, Mq, _ = qbar.shape
+    Mk = kbar.shape[2]
+    q = [[[[Fraction(v) for v in row] for row in h] for h in b] for b in qbar.double().tolist()]
+    k = [[[[Fraction(v) for v in row] for row in h] for h in b] for b in kbar.double().tolist()]
+    out = torch.empty(B, H, Mq, Mk, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Mq):
+                for j in range(Mk):
+                    dot = sum((x * y for x, y in zip(q[b][h][i], k[b][h][j], strict=True)),
+                              Fraction(0))
+                    f32 = round_fraction(dot, torch.float32)
+                    assert isinstance(f32, Fraction), "test data overflows float32"
+                    out[b, h, i, j] = float(round_fraction(f32, dtype))
+    return out
+
+
+def cancelling_means(D: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled q ``[u, -u]`` and k ``[v, v + e]`` (e small), channels scaled by random powers of
+    two: the scores are small sums of large cancelling products, where a float32 sum rounds."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 2.0 ** torch.randint(-4, 5, (D // 2,), generator=g)
+    u = torch.randn(1, 2, 5, D // 2, generator=g) * scale
+    v = torch.randn(1, 2, 7, D // 2, generator=g) * scale
+    e = torch.randn(1, 2, 7, D // 2, generator=g) * 2.0**-6
+    return torch.cat([u, -u], -1).to(dtype), torch.cat([v, v + e], -1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [8, 128])
+def test_scores_are_the_exact_dot_product_rounded(dtype, D):
+    """``scores`` == exact rational dot product of the pooled means, rounded float32 -> dtype,
+    on data where the former float32 sum gives other bits for some scores."""
+    qbar, kbar = cancelling_means(D, dtype, seed=D)
+    got = R.scores(qbar, kbar)
+    assert got.dtype == torch.float32 and got.shape == (1, 2, 5, 7)
+    want = exact_score_bits(qbar, kbar, dtype)
+    assert torch.equal(got.double(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scores_of_wide_dtypes(dtype):
+    """float32/float64 inputs (reference only): float32 scores, the float64 dot product rounded
+    to float32 (a float64 sum of such products may round, but not by a float32 ulp here)."""
+    g = torch.Generator().manual_seed(3)
+    qbar = torch.randn(1, 2, 5, 16, generator=g, dtype=dtype)
+    kbar = torch.randn(1, 2, 7, 16, generator=g, dtype=dtype)
+    got = R.scores(qbar, kbar)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.double(), exact_score_bits(qbar, kbar, torch.float32))
+
+
+def test_scores_round_through_float32():
+    """The documented rounding path float64 -> float32 -> dtype, on a sum whose float32
+    rounding lands halfway between two bf16 (fp16) values: it then rounds to even, one ulp
+    below the directly rounded exact sum."""
+    for dtype, half_ulp in ((torch.bfloat16, 2**-8), (torch.float16, 2**-11)):
+        qbar = torch.tensor([[[[1.0, half_ulp, 2**-40]]]], dtype=dtype)
+        kbar = torch.ones(1, 1, 1, 3, dtype=dtype)
+        exact = 1 + Fraction(half_ulp) + Fraction(1, 2**40)
+        assert round_fraction(exact, dtype) == 1 + 2 * Fraction(half_ulp)  # direct: up
+        assert R.scores(qbar, kbar).item() == 1.0  # via float32: the tie, then even
+        f32 = round_fraction(exact, torch.float32)
+        assert isinstance(f32, Fraction) and round_fraction(f32, dtype) == 1
+
+
+def test_scores_changed_from_float32_sequential_sum():
+    """The scores used to be a float32 sum in the order d = 0..D-1; they are now the exact sum.
+    With cancellation the two differ: 2**25 + 1 - 2**25 is 0 in float32 order, 1 exactly."""
+    qbar = torch.tensor([[[[2.0**25, 1.0, -(2.0**25)]]]], dtype=torch.bfloat16)
+    kbar = torch.ones(1, 1, 1, 3, dtype=torch.bfloat16)
+    old = torch.zeros((), dtype=torch.float32)
+    for d in range(3):  # the former semantics, spelled out
+        old += qbar[0, 0, 0, d].float() * kbar[0, 0, 0, d].float()
+    assert old.item() == 0.0
+    assert R.scores(qbar, kbar).item() == 1.0
+    # and so the selection: the chunk the old sum scored 0 now wins over one scoring 0.5
+    kbar2 = torch.cat([torch.tensor([[[[0.0, 0.5, 0.0]]]], dtype=torch.bfloat16), kbar], 2)
+    counts = torch.ones(1, 1, 1, dtype=torch.int32)
+    assert R.select_from_scores(R.scores(qbar, kbar2), counts).tolist() == [[[[1]]]]
+
+
+def test_equal_chunks_tie_to_the_lower_index():
+    """End to end: kv chunks 1, 2 and 3 are copies of each other, so their exact scores tie;
+    keeping two of four chunks must take the best one and then the lowest of the tied."""
+    lat, chunk = (2, 2, 4), (2, 2, 1)  # 4 chunks of 4 tokens along W
+    lay = R.ChunkLayout(lat, chunk)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 1, 16, 8, generator=g).to(torch.bfloat16)
+    kc = torch.randn(1, 1, 2, 4, 8, generator=g)  # chunk contents: a, b, b, b
+    kc = torch.cat([kc[:, :, :1], kc[:, :, 1:].expand(1, 1, 3, 4, 8)], 2)
+    k = R.from_chunks(kc.to(torch.bfloat16), lay)
+    score = R.scores(R.pool(q, lay), R.pool(k, lay))
+    assert torch.all(score[..., 1] == score[..., 2]) and torch.all(score[..., 2] == score[..., 3])
+    idx, cnt = R.select_chunks(q, k, lay, lay, 0.5, None)
+    best = (score[..., 0] > score[..., 1])[..., None]  # per query chunk: is chunk 0 better?
+    want = torch.where(best, torch.tensor([0, 1]), torch.tensor([1, 2])).to(torch.int32)
+    assert torch.equal(idx, want) and cnt.tolist() == [[[2, 2, 2, 2]]]
+
+
+def test_negative_zero_scores_tie_with_zero():
+    """-0.0 and +0.0 are the same score (a float64 matmul may return either): lower index."""
+    score = torch.tensor([[[[-1.0, -0.0, 0.0, -2.0], [-1.0, 0.0, -0.0, -2.0]]]])
+    counts = torch.ones(1, 1, 2, dtype=torch.int32)
+    assert R.select_from_scores(score, counts).tolist() == [[[[1], [1]]]]
 
 
 def test_cdf_counts():

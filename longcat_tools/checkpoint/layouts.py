@@ -20,7 +20,7 @@ from typing import Any
 
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.model import keymap
+from longcat_tools.model import fp8, keymap
 
 LAYOUTS = ("native", "converted", "fastvideo-single", "comfy-single")
 # A ComfyUI single-file DiT (Kijai's LongCat-Video_comfy): a convert source, never a checkpoint.
@@ -135,12 +135,29 @@ class Checkpoint:
             raise LongcatError(f"{self.config_path}: not a JSON object")
         return cfg
 
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the DiT folder is an fp8 checkpoint (``model.fp8``: its
+        ``quantization_config.json``); another quantization method is one line."""
+        path = self.transformer_dir / fp8.CONFIG_FILE
+        if self.layout == COMFY_SINGLE or not path.exists():
+            return False
+        check_contained(path, self.containment)
+        cfg = jsonio.read(path, what="quantization config")
+        if not fp8.is_config(cfg):
+            method = cfg.get("quantization_method") if isinstance(cfg, dict) else None
+            raise LongcatError(f"{path}: quantization_method {method!r} is not one this tool "
+                               f"reads ({fp8.METHOD}); convert the checkpoint to bf16 with "
+                               "the tool that wrote it")
+        return True
+
     def describe(self) -> str:
-        if self.layout == "native":
-            return "native (hub release)"
         if self.layout == COMFY_SINGLE:
             return "ComfyUI single-file DiT"
-        return f"{self.layout} ({self.flavour} keys)"
+        fp8_note = ", fp8" if self.is_fp8 else ""
+        if self.layout == "native":
+            return f"native (hub release{fp8_note})"
+        return f"{self.layout} ({self.flavour} keys{fp8_note})"
 
 
 def detect(root: str | Path) -> Checkpoint:

@@ -32,9 +32,11 @@ def convert_cmd(
                                     "(the DiT alone as DST/diffusion_model.safetensors for "
                                     "ComfyUI-WanVideoWrapper).")]
     = "converted",
-    dtype: Annotated[str, typer.Option("--dtype", metavar="keep|bf16|fp16|fp32",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="keep|bf16|fp16|fp32|fp8",
                                        help="Cast the transformer, LoRA and text encoder "
-                                       "weights (the VAE is kept).")] = "keep",
+                                       "weights (the VAE is kept). fp8: the DiT's block GEMM "
+                                       "weights in e4m3 with a scale per output channel, the "
+                                       "rest bf16 (for run --precision fp8).")] = "keep",
     max_shard_size: Annotated[str, typer.Option(
         "--max-shard-size", metavar="SIZE",
         help="Largest transformer shard (5GB = 5e9 bytes, 5GiB = 5*2^30).")] = "5GB",

@@ -28,10 +28,12 @@ Selection (per batch, head and query chunk):
 
 Precision of selection. As in the original, pooled means are rounded to the input dtype
 and scores to the input dtype too (the original's bf16 ``matmul`` output). To make the
-result reproducible across devices and kernels, pooling sums in float64 (exact for
-realistic bf16/fp16 data) and rounds float64 -> float32 -> dtype, and scores sum in
-float32 in a fixed order (exact products). Equal scores are broken towards the lower chunk
-index; the CDF arithmetic runs in float32.
+result reproducible across devices and kernels, both are computed exactly in float64 and
+then rounded by one path, :func:`round_float64` (float64 -> float32 -> dtype, each step
+round-to-nearest-even): pooling sums in float64, and a score is the float64 matmul of the
+pooled means, i.e. the exact sum of the exact products of bf16/fp16 values, whatever order
+a device sums in (see ``exact_scores`` for when). Equal scores are broken towards the lower
+chunk index; the CDF arithmetic runs in float32.
 """
 
 from __future__ import annotations
@@ -136,25 +138,50 @@ def from_chunks(xc: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
 def pool(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """Mean of each chunk over its real tokens, ``[B, H, M, D]`` in x's dtype.
 
-    Summed in float64 (exact for bf16/fp16 data), rounded float64 -> float32 -> dtype.
+    Summed in float64 (exact for bf16/fp16 data), rounded by :func:`round_float64`.
     """
     xc = to_chunks(x, layout).double()
     counts = layout.counts(x.device).double()
     mean = xc.sum(3) / counts[:, None]
-    return mean.float().to(x.dtype)
+    return round_float64(mean, x.dtype)
+
+
+def round_float64(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 -> float32 -> ``dtype``, each step round-to-nearest-even, on every device.
+
+    The one rounding of pooled means and scores, spelled out because it is two roundings: a
+    value whose float32 rounding lands exactly halfway between two bf16/fp16 values then
+    rounds to even, which can be one ulp off rounding the float64 value directly (about one
+    random score in 2**17 for bf16). torch's own float64 -> bf16/fp16 cast goes through
+    float32 the same way; the Triton kernels round identically. float32/float64 inputs get
+    float32 values.
+    """
+    return x.float().to(dtype)
+
+
+def exact_scores(qbar: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
+    """Unscaled pooled scores ``[B, H, Mq, Mk]`` float64, before rounding (one batched matmul;
+    cuBLAS DGEMM on CUDA, which the Triton path calls too).
+
+    Every product of two bf16/fp16 values is exact in float64, and so is every partial sum
+    of them, in any order, while the nonzero products of one dot product lie within a
+    factor of 2**29 of each other (bf16; fp16: 2**23; D <= 256): then the result is the
+    exact dot product on every device. Beyond that (or for float32/float64 inputs) it
+    is a float64 sum whose last bit may depend on the device's summation order.
+    """
+    return torch.matmul(qbar.double(), kbar.double().transpose(-1, -2))
+
+
+def round_scores(score64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`exact_scores` rounded to ``dtype`` (:func:`round_float64`), held in float32 (the
+    selection's working type; float32 too for float64 inputs)."""
+    return round_float64(score64, dtype).float()
 
 
 def scores(qbar: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
-    """Unscaled pooled scores ``[B, H, Mq, Mk]`` float32, holding values rounded to the dtype.
-
-    Summed in float32 in the order d = 0..D-1. A product of two bf16/fp16 values is exact
-    in float32, so every device (and the Triton kernel) gives the same bits.
-    """
-    qf, kf = qbar.float(), kbar.float().transpose(-1, -2)
-    acc = torch.zeros(*qf.shape[:-1], kf.shape[-1], dtype=torch.float32, device=qf.device)
-    for d in range(qf.shape[-1]):
-        acc += qf[..., d, None] * kf[..., d, None, :]
-    return acc.to(qbar.dtype).float()
+    """Unscaled pooled scores ``[B, H, Mq, Mk]`` float32, holding values rounded to the dtype:
+    the exact dot product of the pooled means, rounded by :func:`round_float64`."""
+    return round_scores(exact_scores(qbar, kbar), qbar.dtype)
 
 
 def selection_counts(

@@ -6,10 +6,14 @@ Launches, each readable top to bottom:
                           over their real tokens (summed in float64), a chunk-major copy
                           (missing edge tokens zero), or both. q: means; k: both; v: copy
                           (bf16 V as float16 times a per-head power of two, see ``_v_copy``).
-2. ``_score_kernel``      pooled q . pooled k, float32 FMAs in order d = 0..D-1, rounded
-                          to the dtype.
+2. scores                 not a Triton kernel: ``reference.exact_scores``, the float64
+                          matmul of the pooled means (cuBLAS DGEMM on FP64 tensor cores),
+                          exact for bf16/fp16 data in any summation order.
 3. ``_select_kernel``     per query chunk, the ``count`` best kv chunks by a radix select
-                          on the score bits (16 passes for bf16), as an *ascending* list.
+                          on the score bits (16 passes for bf16), as an *ascending* list;
+                          it rounds the float64 scores to the dtype as it loads them, so
+                          they are read once and no rounded copy is written (top-k only;
+                          with a CDF threshold the rounded scores are needed anyway).
 4. ``_bsa_fwd_kernel``    flash attention forward: one program per (query chunk,
                           batch*head), queries gathered from the raster layout, K and V
                           tiles loaded by TMA from the chunk-major copies.
@@ -21,9 +25,13 @@ Why it looks like this (measurements in benchmarks/NOTES_bsa_kernel.md):
   and the copies cost little: k is read anyway for pooling, v anyway for float16.
 * Ascending kv lists make the programs in flight walk K/V of one head in the same order;
   walking them in score order, as the original does, was 15% slower.
-* The selection is bit-for-bit the reference's (exact float64 pooling sums, float32 score
-  sums in the same order, same rounding, same tie rule: lower index first), so tests can
-  demand equality.
+* The selection is bit-for-bit the reference's (exact float64 pooling sums, the same
+  float64 matmul for scores, the same rounding float64 -> float32 -> dtype, the same tie
+  rule: lower index first), so tests can demand equality. The scores used to be a float32
+  FMA chain in a fixed order d = 0..D-1 (1.17 ms at 720p, growing with M_q * M_k); an exact
+  sum needs no order, so cuBLAS's FP64 tensor cores can compute it. A float64 ``tl.dot``
+  would spare writing and re-reading the float64 score matrix, but does not compile in
+  Triton 3.6 (sm_90).
 * P @ V runs in float16 for bf16 inputs: bf16 P costs ~1.7e-3 of relative error on top of
   the ~1.7e-3 of rounding the output, float16 P almost nothing.
 
@@ -44,7 +52,7 @@ except ImportError:  # pragma: no cover - older Triton: plain loads of the same 
 
 from longcat_tools.model.chunks import kept_per_query
 
-from .reference import ChunkLayout, selection_counts
+from .reference import ChunkLayout, exact_scores, round_scores, selection_counts
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
@@ -111,38 +119,20 @@ def _chunk_pass_kernel(X, MEAN, XC, SCALE, stride_xb, stride_xh, stride_xs, stri
 
 
 @triton.jit
-def _score_kernel(QB, KB, S, Mq, Mk, stride_qbh, stride_kbh, stride_sbh, stride_sm,
-                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    q_ptrs = QB + bh * stride_qbh + offs_m * D
-    k_ptrs = KB + bh * stride_kbh + offs_n * D
-    # float32, in order d = 0..D-1: products of bf16/fp16 values are exact in float32, so
-    # this is the reference's sum bit for bit. An "ieee" dot is a chain of FMAs over k in
-    # order (tensor cores would reorder and truncate it).
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for d0 in tl.static_range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        a = tl.load(q_ptrs[:, None] + dd[None, :], mask=offs_m[:, None] < Mq, other=0.0)
-        b = tl.load(k_ptrs[None, :] + dd[:, None], mask=offs_n[None, :] < Mk, other=0.0)
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    s = _round_fp32_to(acc, QB.dtype.element_ty).to(tl.float32)
-    mask = (offs_m[:, None] < Mq) & (offs_n[None, :] < Mk)
-    tl.store(S + bh * stride_sbh + offs_m[:, None] * stride_sm + offs_n[None, :], s, mask=mask)
-
-
-@triton.jit
 def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
-                   MK_PAD: tl.constexpr, LOW_BIT: tl.constexpr):
+                   MK_PAD: tl.constexpr, LOW_BIT: tl.constexpr, DTYPE: tl.constexpr):
+    """S: float32 scores already rounded to DTYPE, or float64 exact scores, rounded here
+    float64 -> float32 -> DTYPE like ``reference.round_float64``."""
     row = tl.program_id(0).to(tl.int64)
     n = tl.arange(0, MK_PAD)
     valid = n < Mk
     s = tl.load(S + row * stride_srow + n, mask=valid, other=0.0)
-    # float order -> unsigned order: flip all bits of negatives, the sign bit of the rest
+    if S.dtype.element_ty == tl.float64:
+        s = _round_fp32_to(s.to(tl.float32), DTYPE).to(tl.float32)
     bits = s.to(tl.int32, bitcast=True)
+    # -0.0 ties +0.0, as in the reference's sort (a float64 matmul may return either)
+    bits = tl.where(bits == -2147483648, 0, bits)
+    # float order -> unsigned order: flip all bits of negatives, the sign bit of the rest
     key = tl.where(bits < 0, ~bits, bits ^ -2147483648).to(tl.uint32, bitcast=True)
     # scores rounded to bf16/fp16 have their low LOW_BIT bits zero: drop them, fewer passes
     key = tl.where(valid, key >> LOW_BIT, 0)
@@ -283,39 +273,28 @@ def pool(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     return chunk_pass(x, layout)[0]  # type: ignore[return-value]
 
 
-SCORE_CONFIG = {"bm": 64, "bn": 64, "bd": 16, "num_warps": 4}
-
-
-def scores(qbar: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
-    """``[B, H, Mq, Mk]`` float32 scores; same bits as ``reference.scores``."""
-    B, H, Mq, D = qbar.shape
-    Mk = kbar.shape[2]
-    qbar, kbar = qbar.contiguous(), kbar.contiguous()
-    s = torch.empty(B, H, Mq, Mk, device=qbar.device, dtype=torch.float32)
-    bm, bn, bd = SCORE_CONFIG["bm"], SCORE_CONFIG["bn"], min(D, SCORE_CONFIG["bd"])
-    grid = (triton.cdiv(Mq, bm), triton.cdiv(Mk, bn), B * H)
-    _score_kernel[grid](qbar, kbar, s, Mq, Mk, qbar.stride(1), kbar.stride(1), s.stride(1),
-                        s.stride(2), D, bm, bn, bd, num_warps=SCORE_CONFIG["num_warps"])
-    return s
-
-
 MAX_SELECT_CHUNKS = 16384
 SELECT_WARPS = 4  # 0: by row length  # one program holds a whole score row
+# per input dtype: its Triton type, and the trailing bits that are zero in the float32 bits
+# of every value rounded to it (the radix select skips them)
+_SCORE_TYPES = {torch.bfloat16: (tl.bfloat16, 16), torch.float16: (tl.float16, 13)}
 
 
 def select(score: torch.Tensor, counts: torch.Tensor, kmax: int,
-           low_bits: int = 0) -> torch.Tensor:
+           dtype: torch.dtype) -> torch.Tensor:
     """``[B, H, Mq, kmax]`` int32 ascending indices of the top ``counts`` scores, -1 padded.
 
-    ``low_bits``: trailing bits known to be zero in every score (16 for bf16-rounded).
+    ``score``: float64 ``reference.exact_scores`` (rounded to ``dtype`` in the kernel), or
+    float32 ``reference.round_scores`` of them; same result. ``dtype``: bf16 or fp16.
     """
     B, H, Mq, Mk = score.shape
+    score = score.contiguous()  # rows at a fixed stride
     idx = torch.empty(B, H, Mq, max(kmax, 1), device=score.device, dtype=torch.int32)
     counts = counts.contiguous()
     mk_pad = triton.next_power_of_2(Mk)
-    low_bit = low_bits
+    tl_dtype, low_bit = _SCORE_TYPES[dtype]
     _select_kernel[(B * H * Mq,)](score, counts, idx, Mk, kmax, score.stride(2),
-                                  idx.stride(2), mk_pad, low_bit,
+                                  idx.stride(2), mk_pad, low_bit, tl_dtype,
                                   num_warps=SELECT_WARPS or min(8, max(1, mk_pad // 2048)))
     return idx[..., :kmax]
 
@@ -336,16 +315,16 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
     """``select_chunks`` plus, with ``copy_k``, the chunk-major copy of k for ``attend``,
     written by the same pass over k that pools it."""
     kbar, kc = chunk_pass(k, layout_k, copy_dtype=k.dtype if copy_k else None)
-    score = scores(pool(q, layout_q), kbar)  # type: ignore[arg-type]
+    score = exact_scores(pool(q, layout_q), kbar)  # type: ignore[arg-type]
     mk = layout_k.num_chunks
     if cdf_threshold is None:
         kmax = kept_per_query(sparsity, mk)
         counts = torch.full(score.shape[:-1], kmax, dtype=torch.int32, device=q.device)
     else:
+        score = round_scores(score, q.dtype)
         counts = selection_counts(score, sparsity, cdf_threshold, q.shape[-1])
         kmax = int(counts.max())
-    low = {torch.bfloat16: 16, torch.float16: 13}.get(q.dtype, 0)
-    return select(score, counts, kmax, low), counts, kc
+    return select(score, counts, kmax, q.dtype), counts, kc
 
 
 # kv_split (steps per kv chunk), num_warps, num_stages; 0 = by chunk size, tuned on H100

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     import torch
 
 NAMES = ("fp32", "bf16", "fp16")
-TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+FP8 = "fp8"  # convert only: e4m3 block GEMM weights with per-channel scales (``model.fp8``)
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", FP8: "float8_e4m3fn"}
 ALIASES = {v: k for k, v in TORCH_NAMES.items()}  # float32 -> fp32 ...
 KEEP = "keep"  # convert / export: leave each tensor's dtype as it is
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 from longcat_tools.model import comfy_keys, keymap
 
 
-def tensor_specs(dims: keymap.DiTDims, flavour: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor of the DiT in ``flavour``."""
+def tensor_specs(dims: keymap.DiTDims, flavour: str, fp8: bool = False
+                 ) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of the DiT in ``flavour`` (``fp8``: with the per-channel
+    weight scales of an fp8 checkpoint; not a ComfyUI flavour)."""
     if flavour == comfy_keys.FLAVOUR:
         return comfy_keys.tensor_specs(dims)
-    return keymap.tensor_specs(dims, flavour)
+    return keymap.tensor_specs(dims, flavour, fp8)
 
 
 def to_native(name: str, flavour: str) -> keymap.Part:

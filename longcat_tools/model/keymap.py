@@ -256,9 +256,15 @@ def fastvideo_to_native(key: str) -> Part:
     return Part(f"{nat}.{param}", key, j, n)
 
 
-def tensor_specs(dims: DiTDims, flavour: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every DiT tensor in the given key flavour."""
+def tensor_specs(dims: DiTDims, flavour: str, fp8: bool = False
+                 ) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every DiT tensor in the given key flavour (``fp8``: with the weight
+    scales of an fp8 checkpoint, ``model.fp8``)."""
     native = native_tensor_specs(dims)
+    if fp8:
+        from longcat_tools.model import fp8 as fp8_format
+
+        native = fp8_format.with_scales(native)
     if flavour == "native":
         return native
     if flavour != "fastvideo":

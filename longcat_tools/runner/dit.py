@@ -31,8 +31,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.kernels import fp8 as fp8_ops
+from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.runner import attention as attn_ops
-from longcat_tools.runner import fast_ops
+from longcat_tools.runner import fast_ops, lora_merge
 from longcat_tools.runner.attention import AttnSettings, BSAParams
 from longcat_tools.runner.context_parallel import ContextParallel, FrameSplit
 from longcat_tools.runner.lora import LoraDelta, read_lora
@@ -83,9 +85,27 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.loras: list[LoraDelta] = []
+        self.register_buffer("weight_scale", None)  # to_fp8: e4m3 weight, a scale per row
+
+    def to_fp8(self) -> None:
+        """Store the weight in e4m3 with a float32 scale per output row (``kernels.fp8``); on
+        the meta device only the dtypes change (a loader fills them)."""
+        w = self.weight
+        if w.is_meta:
+            q = torch.empty_like(w, dtype=fp8_ops.E4M3)
+            scale = torch.empty(w.shape[0], device=w.device, dtype=torch.float32)
+        else:
+            q, scale = fp8_ops.quantize_weight(w.detach())
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = scale
 
     def forward(self, x: torch.Tensor, fp32: bool = False) -> torch.Tensor:
-        if fp32:
+        if self.weight_scale is not None:
+            if self.weight.dtype != fp8_ops.E4M3:
+                raise LongcatError("an fp8 layer's weight was cast to another dtype (after fp8, "
+                                   "move the model with .to(device) only)")
+            out = fp8_ops.linear(x, self.weight, self.weight_scale, self.bias)
+        elif fp32:
             bias = None if self.bias is None else self.bias.float()
             out = F.linear(x.float(), self.weight.float(), bias)
         else:
@@ -402,6 +422,11 @@ class FinalLayer(nn.Module):
         return self.linear(x, fp32=True)
 
 
+def _apply_pending_loras(model: LongCatTransformer3DModel, *_: Any) -> None:
+    """Forward and ``state_dict`` pre-hook: a lazily enabled LoRA set takes effect first."""
+    model.sync_loras()
+
+
 class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """The DiT, as a diffusers model: ``from_pretrained`` (any layout, either key flavour, or a
     ``save_pretrained`` folder), ``torch_dtype``, PEFT adapters (``load_lora_adapter``), group
@@ -455,6 +480,11 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.final_layer = FinalLayer(C, dims.patch_volume * dims.out_channels, Ct)
         self.lora_registry: dict[str, dict[str, LoraDelta]] = {}
         self.active_loras: list[str] = []
+        self._lora_mode = "merge"
+        self._lora_merged: lora_merge.Merged | None = None  # the set in the weights
+        self._lora_pending: list[str] | None = None  # a lazy enable the weights do not show yet
+        self.register_forward_pre_hook(_apply_pending_loras)
+        self.register_state_dict_pre_hook(_apply_pending_loras)
         if enable_bsa:
             self.enable_bsa()
 
@@ -464,7 +494,8 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                         **kwargs: Any) -> LongCatTransformer3DModel:
         """Load the DiT of a checkpoint (its root, or ``subfolder`` "dit" / "transformer") or of
         a ``save_pretrained`` folder, directly in ``torch_dtype`` (default fp32) and onto
-        ``device`` (or a ``device_map`` naming one device; default the CPU).
+        ``device`` (or a ``device_map`` naming one device; default the CPU). ``fp8`` (a
+        checkpoint's DiT; None: as stored) runs the block GEMMs in e4m3 (``to_fp8``).
 
         A checkpoint's DiT goes through ``runner.loading``, not diffusers' loader: FastVideo's
         flavour splits ``qkv``/``kv_linear`` into several tensors, which a one-name-one-tensor
@@ -489,7 +520,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             model = super().from_pretrained(folder, torch_dtype=torch_dtype, **kwargs)
             return model if device is None else model.to(device)
         return load_transformer(path, device=device or _one_device(kwargs.get("device_map")),
-                                dtype=torch_dtype or torch.float32)
+                                dtype=torch_dtype or torch.float32, fp8=kwargs.get("fp8"))
 
     # ---- BSA -------------------------------------------------------------------------------
     def enable_bsa(self, params: dict[str, Any] | BSAParams | None = None) -> None:
@@ -510,6 +541,22 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                                f"{self.dims.num_heads} heads must divide evenly (use a divisor)")
         self.cp = cp
 
+    def to_fp8(self) -> None:
+        """Run the block GEMMs (``model.fp8.BLOCK_LINEARS``) in e4m3: each weight is quantized
+        in place, one at a time, with a float32 scale per output row; activations are scaled
+        per token on every call. The embedders, adaLN modulations, norms and the final layer
+        (the original's fp32 islands) keep their dtype. On the meta device only the dtypes
+        change, so a loader can fill e4m3 weights straight from an fp8 checkpoint."""
+        for name, module in self.named_modules():
+            if isinstance(module, Linear) and module.weight_scale is None \
+                    and fp8_format.is_quantized(name):
+                module.to_fp8()
+
+    @property
+    def is_fp8(self) -> bool:
+        qkv = self.blocks[0].attn.qkv
+        return getattr(qkv, "base_layer", qkv).weight_scale is not None
+
     def enable_fast_ops(self, enabled: bool = True) -> None:
         """Fused glue (``runner.fast_ops``) for bf16/fp16 runs; fp32 always takes the plain path."""
         self.fast = enabled
@@ -519,12 +566,67 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Read an adapter file (native or FastVideo format); it stays off until enabled."""
         self.lora_registry[name] = read_lora(path, self, multiplier=scale)
 
-    def enable_loras(self, names: list[str]) -> None:
-        """Activate exactly these adapters (summed, in this order), on the model's device/dtype."""
+    @property
+    def lora_mode(self) -> str:
+        """How enabled adapters apply. "merge" (the default): a set is added into the weights
+        once (``runner.lora_merge``), so steps cost nothing extra, and restored bit for bit when
+        it is disabled or another set or scale is enabled; meanwhile ``state_dict`` holds the
+        merged weights. "runtime": each forward adds the adapters' updates (``runner.lora``);
+        the weights are never touched. A set ``lora fuse`` cannot merge (fp8 weights) or a model
+        under diffusers' group offload or layerwise casting runs at run time in either mode.
+        Changing the mode applies the set in effect the new way."""
+        return self._lora_mode
+
+    @lora_mode.setter
+    def lora_mode(self, mode: str) -> None:
+        from longcat_tools.runner.settings import LORA_MODES
+
+        if mode not in LORA_MODES:
+            raise LongcatError(f"lora_mode {mode!r}: unknown (use {' or '.join(LORA_MODES)})")
+        if mode != self._lora_mode:
+            self._lora_mode = mode
+            self.enable_loras(self.active_loras)
+
+    @property
+    def merged_loras(self) -> list[str]:
+        """The adapters merged into the weights right now (a lazy enable may not show yet)."""
+        return list(self._lora_merged.names) if self._lora_merged is not None else []
+
+    def enable_loras(self, names: list[str], lazy: bool = False) -> None:
+        """Activate exactly these adapters (summed, in this order), on the model's device/dtype.
+
+        In merge mode a set already merged at the same scales costs nothing; another set is
+        restored first. ``lazy`` (merge mode): the set takes effect at the model's next use (a
+        forward, ``state_dict``, ``save_pretrained``, another enable), the weights meanwhile
+        keeping what they hold, so a pipeline call that ends by giving back the caller's set
+        leaves its own merged for a next call that wants it again."""
+        names = list(names)
         missing = [n for n in names if n not in self.lora_registry]
         if missing:
             raise KeyError(f"LoRA '{missing[0]}' is not loaded (load_lora first)")
-        self.disable_loras()
+        if lazy and self._lora_merged is not None:
+            self.active_loras = names
+            self._lora_pending = None if self._lora_merged.matches(self.lora_registry, names) \
+                else names
+            return
+        self._lora_pending = None
+        for m in self.modules():
+            if isinstance(m, (Linear, Conv3d)):
+                m.loras = []
+        merge = bool(names) and self._lora_mode == "merge" \
+            and lora_merge.mergeable(self, self.lora_registry, names)
+        if merge and self._lora_merged is not None \
+                and self._lora_merged.matches(self.lora_registry, names):
+            self.active_loras = names
+            return
+        self.active_loras = []
+        if self._lora_merged is not None:  # kept if restoring fails: the weights still hold it
+            lora_merge.restore(self, self._lora_merged)
+            self._lora_merged = None
+        if merge:
+            self._lora_merged = lora_merge.merge(self, self.lora_registry, names)
+            self.active_loras = names
+            return
         p = self.x_embedder.proj.weight
         modules = dict(self.named_modules())
         for name in names:
@@ -534,10 +636,22 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             self.active_loras.append(name)
 
     def disable_loras(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (Linear, Conv3d)):
-                m.loras = []
-        self.active_loras = []
+        """No adapter in effect; merged weights are restored exactly."""
+        self.enable_loras([])
+
+    def sync_loras(self) -> None:
+        """Make the weights follow a lazy enable now (every forward and ``state_dict`` does)."""
+        if self._lora_pending is not None:
+            self.enable_loras(self._lora_pending)
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, refused while adapters are merged into the weights:
+        it would write them in (``lora fuse`` makes a merged checkpoint on purpose)."""
+        self.sync_loras()
+        if self._lora_merged is not None:
+            raise LongcatError(f"save_pretrained: LoRA {', '.join(self.merged_loras)} is merged "
+                               "into the weights; call disable_loras() first")
+        return super().save_pretrained(*args, **kwargs)
 
     # ---- forward ---------------------------------------------------------------------------
     @property

@@ -27,6 +27,7 @@ from longcat_tools.runner.pipeline import (
 )
 from longcat_tools.runner.settings import (
     DEFAULT_COND_FRAMES,
+    PRECISIONS,
     RunSettings,
     guidance_of,
     resolve_device,
@@ -153,7 +154,8 @@ def load_pipeline(s: RunSettings, reporter: Reporter, say: Callable[[str], None]
     say(f"loading {root} on {device} ({dtype})")
     pipe = LongCatVideoPipeline.from_pretrained(root, torch_dtype=dtype, device=device,
                                                 reporter=reporter, offload=s.offload,
-                                                vae_tiling=s.vae_tiling, cp=cp)
+                                                vae_tiling=s.vae_tiling, cp=cp,
+                                                fp8=PRECISIONS[s.precision])
     return root, pipe
 
 
@@ -202,6 +204,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
     from longcat_tools.runner import video as vio
 
     job = _job(s, root, pipe)
+    pipe.transformer.lora_mode = s.lora_mode
     say(f"task {s.task}" + (" (distilled)" if s.distill else "") + (" + refine" if s.refine
                                                                        else ""))
     r, frames = TASK_RUNS[s.task](job)
@@ -238,6 +241,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
         "stage1": stage1_info, "final": dict(r.info),
         "bsa": r.info.get("bsa"), "loras": r.info.get("loras", []),
         "checkpoint": {"path": str(job.root), "layout": pipe.layout},
+        "precision": "fp8" if pipe.transformer.is_fp8 else run_dtype(s.dtype, device),
         "timings_s": {k: round(v, 3) for k, v in reporter.timings.items()},
         "total_s": round(time.perf_counter() - t_start, 3),
         "peak_memory": _peak_memory(device),

@@ -4,19 +4,28 @@ The model is built on the meta device (no memory), materialised empty on the tar
 filled tensor by tensor from the shards named by the index: a FastVideo tensor (``to_q``, ``to_k``,
 ``to_v``, ...) is copied into its row slice of the native parameter (``qkv``, ...) through the
 shared key map, so peak memory is the model plus one tensor. Every parameter must be written
-exactly once with the right shape; unknown or duplicate tensors are errors.
+exactly once with the right shape; unknown or duplicate tensors are errors. The same fill reads
+some parameters back later (``names``): how merged LoRA weights are restored exactly.
 """
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.io.safetensors import read_header, read_tensor
+from longcat_tools.io.safetensors import TensorInfo, read_header, read_tensor
+from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.model import dtypes, flavours, keymap
+from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.runner.dit import LongCatTransformer3DModel
 
 
@@ -66,10 +75,229 @@ def find_transformer(name_or_path: str | Path, subfolder: str | None = None) -> 
                        "transformer/ or a config.json from save_pretrained)")
 
 
+@dataclass(frozen=True)
+class Origin:
+    """The checkpoint a model was loaded from, in which dtype, and its shards' size and mtime
+    then: enough to read some parameters again exactly (``runner.lora_merge`` restores merged
+    weights so), and to notice when that is no longer possible."""
+
+    ckpt: layouts.Checkpoint
+    dtype: torch.dtype
+    stamps: tuple[tuple[Path, int, int], ...]
+
+    @classmethod
+    def of(cls, ckpt: layouts.Checkpoint, dtype: torch.dtype) -> Origin:
+        files = sorted(set(layouts.transformer_shards(ckpt).values()))
+        return cls(ckpt, dtype, tuple((f, *_stamp(f)) for f in files))
+
+    def unchanged(self) -> bool:
+        """Whether every shard is still there with the size and mtime it had at load."""
+        try:
+            return all(_stamp(f) == (size, mtime) for f, size, mtime in self.stamps)
+        except OSError:
+            return False
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One checkpoint tensor to read, and the parameter rows it fills."""
+
+    file: Path
+    info: TensorInfo
+    part: keymap.Part
+    target: torch.Tensor
+    rows: slice
+
+
+def _plan(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
+          names: Collection[str] | None) -> tuple[list[_Item], dict[str, _Item]]:
+    """Every tensor to read (by shard and offset), checked against the model before any data is
+    read, and the scale tensors of an fp8 source whose weights go into a plain model."""
+    targets = {n: t for n, t in model.named_parameters()}
+    targets.update((n, b) for n, b in model.named_buffers() if n.endswith(f".{fp8_format.SCALE}"))
+    wanted = set(targets) if names is None else set(names)
+    stray = sorted(wanted - set(targets))
+    if stray:
+        raise LongcatError(f"'{stray[0]}' is not a parameter of the DiT")
+    headers: dict[Path, Any] = {}
+    items: list[_Item] = []
+    scales: dict[str, _Item] = {}
+    seen: set[tuple[str, int]] = set()
+    src_fp8 = ckpt.is_fp8
+    for name, file in layouts.transformer_shards(ckpt).items():
+        part = flavours.to_native(name, ckpt.flavour)
+        scale_only = src_fp8 and part.native not in targets and fp8_format.is_scale(part.native)
+        if part.native not in targets and not scale_only:
+            raise LongcatError(f"{file}: tensor '{name}' is not a parameter of the DiT")
+        if part.native not in wanted and not scale_only:
+            continue
+        if file not in headers:
+            headers[file] = read_header(file)
+        info = headers[file].tensors.get(name)
+        if info is None:
+            raise LongcatError(f"{file}: the index names tensor '{name}' but the shard does not "
+                               "hold it")
+        if info.dtype == "F8_E4M3" and not src_fp8:
+            raise LongcatError(f"{file}: tensor '{name}' is e4m3 but {ckpt.transformer_dir} has "
+                               f"no {fp8_format.CONFIG_FILE} saying how to scale it (write fp8 "
+                               "checkpoints with convert --dtype fp8)")
+        if scale_only:  # an fp8 source into a plain model: checked against its weight
+            scales[name] = _Item(file, info, part, torch.empty(0), slice(0, 0))
+            continue
+        shape = tuple(targets[part.native].shape)
+        rows = shape[0] // part.count if shape else 1
+        expect = (rows, *shape[1:]) if part.count > 1 else shape
+        if tuple(info.shape) != expect:
+            raise LongcatError(f"{file}: tensor '{name}' has shape {list(info.shape)}, expected "
+                               f"{list(expect)} from the config")
+        if (part.native, part.index) in seen:
+            raise LongcatError(f"{file}: tensor '{name}' appears twice")
+        seen.add((part.native, part.index))
+        items.append(_Item(file, info, part, targets[part.native],
+                           slice(part.index * rows, (part.index + 1) * rows)))
+    for item in items:  # e4m3 rows dequantized into a plain model need their scales
+        if item.info.dtype == "F8_E4M3" and item.target.dtype != fp8_ops.E4M3:
+            scale = scales.get(_scale_name(item.info.name))
+            if scale is None or tuple(scale.info.shape) != (item.info.shape[0],):
+                raise LongcatError(f"{item.file}: e4m3 tensor '{item.info.name}' needs a "
+                                   f"'{_scale_name(item.info.name)}' of shape "
+                                   f"[{item.info.shape[0]}] beside it")
+    got = Counter(n for n, _ in seen)
+    for name in wanted:
+        if fp8_format.is_scale(name) and not src_fp8:
+            continue  # a plain source: quantized on load along with its weight
+        if got[name] != len(flavours.parts_of(name, ckpt.flavour)):
+            raise LongcatError(f"{ckpt.transformer_dir}: no weights for DiT parameter '{name}' "
+                               "(incomplete checkpoint)")
+    return items, scales
+
+
+def _scale_name(weight: str) -> str:
+    return weight.rpartition(".")[0] + f".{fp8_format.SCALE}"
+
+
+class _Reader:
+    """Reads tensors into a ring of staging buffers on ``threads`` threads, ahead of the copies.
+
+    On CUDA the buffers are pinned, so each host-to-device copy is one DMA that overlaps the
+    next reads; a buffer is refilled only after the copy out of it has finished (its event).
+    ``os.preadv`` releases the GIL and keeps no file position, so the threads share the
+    files' descriptors."""
+
+    def __init__(self, items: list[_Item], cuda: bool, threads: int = 4) -> None:
+        self.items = items
+        size = max((i.info.nbytes for i in items), default=0)
+        n = min(len(items), threads)
+        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(n)]
+        self.events: list[Any] = [None] * n
+        self.fds = {f: os.open(f, os.O_RDONLY) for f in {i.file for i in items}}
+        self.pool = ThreadPoolExecutor(max(n, 1), thread_name_prefix="longcat-load")
+        self.futures = [self._submit(k) for k in range(n)]
+
+    def _submit(self, k: int) -> Future:
+        slot = k % len(self.buffers)
+        event = self.events[slot]
+        item = self.items[k]
+
+        def read() -> torch.Tensor:
+            if event is not None:
+                event.synchronize()  # the copy out of this buffer is done
+            view = memoryview(self.buffers[slot].numpy())[:item.info.nbytes]
+            got = 0
+            while got < len(view):
+                n = os.preadv(self.fds[item.file], [view[got:]], item.info.begin + got)
+                if n <= 0:
+                    raise LongcatError(f"{item.file}: unexpected end of file in tensor "
+                                       f"'{item.info.name}'")
+                got += n
+            raw = self.buffers[slot][:item.info.nbytes]
+            return raw.view(item.info.torch_dtype).reshape(item.info.shape) if raw.numel() \
+                else torch.empty(item.info.shape, dtype=item.info.torch_dtype)
+
+        return self.pool.submit(read)
+
+    def __iter__(self):
+        for k, item in enumerate(self.items):
+            tensor = self.futures[k].result()
+            yield item, tensor
+            if k + len(self.buffers) < len(self.items):
+                self.futures.append(self._submit(k + len(self.buffers)))
+
+    def copied(self, k: int, event: Any) -> None:
+        """The copy out of item ``k``'s buffer was queued; ``event`` completes with it."""
+        self.events[k % len(self.buffers)] = event
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def fill_parameters(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
+                    names: Collection[str] | None = None, progress=None) -> None:
+    """Copy the checkpoint's tensors into ``model``'s parameters (all, or only ``names``), in
+    place and converted to each parameter's form; shards holding none of ``names`` are not
+    opened. Each parameter filled must get all its parts once, with the right shapes.
+
+    Forms: a cast to the parameter's dtype; an fp8 layer (``Linear.to_fp8``) from a plain
+    source is quantized on load, rows and scales together (per output row, so each FastVideo
+    slice on its own gives the same bits); a plain layer from an fp8 source is dequantized
+    with the source's scales. On CUDA the bytes cross as they are stored and are converted on
+    the GPU, where it is fast."""
+    items, scale_items = _plan(model, ckpt, names)
+    params = dict(model.named_parameters())
+    device = next(iter(params.values())).device
+    scales = {}
+    for name, item in scale_items.items():  # small: one float per output row
+        with open(item.file, "rb") as f:
+            scales[name] = read_tensor(f, item.info).to(device)
+    buffers = dict(model.named_buffers())
+    reader = _Reader(items, device.type == "cuda")
+    try:
+        with torch.no_grad():
+            for k, (item, tensor) in enumerate(reader):
+                src = tensor.to(device, non_blocking=True) \
+                    if device.type == "cuda" and tensor.dtype != item.target.dtype else tensor
+                dst = item.target[item.rows] if item.part.count > 1 else item.target
+                src_name = item.info.name
+                if dst.dtype == src.dtype:
+                    dst.copy_(tensor, non_blocking=True)  # pinned on CUDA: one DMA
+                elif dst.dtype == fp8_ops.E4M3:
+                    q, scale = fp8_ops.quantize_weight(src)
+                    dst.copy_(q)
+                    buffers[_scale_name(item.part.native)][item.rows].copy_(scale)
+                elif src.dtype == fp8_ops.E4M3 and dst.dtype != fp8_ops.E4M3:
+                    dst.copy_(fp8_ops.dequantize_weight(src, scales[_scale_name(src_name)],
+                                                        dst.dtype))
+                else:
+                    dst.copy_(src)  # casts on the way, in one pass
+                if device.type == "cuda":
+                    event = torch.cuda.Event()
+                    event.record()
+                    reader.copied(k, event)
+                if progress is not None:
+                    progress(item.info.nbytes)
+    finally:
+        reader.close()
+
+
 def load_transformer(path: str | Path, device: str | torch.device = "cpu",
-                     dtype: str | torch.dtype = torch.float32,
-                     progress=None) -> LongCatTransformer3DModel:
-    """Build the DiT of the checkpoint at ``path`` (any layout) on ``device`` in ``dtype``."""
+                     dtype: str | torch.dtype = torch.float32, progress=None,
+                     fp8: bool | None = None) -> LongCatTransformer3DModel:
+    """Build the DiT of the checkpoint at ``path`` (any layout) on ``device`` in ``dtype``.
+
+    ``fp8`` (None: as the checkpoint is stored) runs the block GEMMs in e4m3
+    (``LongCatTransformer3DModel.to_fp8``): an fp8 checkpoint's weights load as they are, a
+    plain one is quantized on load; ``fp8=False`` dequantizes an fp8 checkpoint to ``dtype``.
+
+    ``model.origin`` remembers the checkpoint (``Origin``), so merged LoRA weights can be
+    restored by reading them again; ``load_state_dict`` forgets it, since the weights are then
+    no longer the checkpoint's."""
     ckpt = resolve_checkpoint(path)
     dtype = parse_dtype(dtype)
     config = ckpt.config()
@@ -77,48 +305,17 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = LongCatTransformer3DModel.from_config(config)
     # never materialise fp32 first; nn.Module.to, as ModelMixin.to warns on every dtype cast
-    model = torch.nn.Module.to(model, dtype).to_empty(device=device)
-    params = dict(model.named_parameters())
-    filled: dict[str, set[int]] = {name: set() for name in params}
-    shards = layouts.transformer_shards(ckpt)
-    by_file: dict[Path, list[str]] = {}
-    for name, file in shards.items():
-        by_file.setdefault(file, []).append(name)
-    scratch = torch.empty(0, dtype=torch.uint8)  # one read buffer, grown to the largest tensor
-    for file, names in by_file.items():
-        header = read_header(file)
-        with open(file, "rb") as f:
-            for name in names:
-                info = header.tensors.get(name)
-                if info is None:
-                    raise LongcatError(f"{file}: the index names tensor '{name}' but the shard "
-                                       "does not hold it")
-                part = flavours.to_native(name, ckpt.flavour)
-                target = params.get(part.native)
-                if target is None:
-                    raise LongcatError(f"{file}: tensor '{name}' is not a parameter of the DiT")
-                rows = target.shape[0] // part.count
-                expect = (rows, *target.shape[1:]) if part.count > 1 else tuple(target.shape)
-                if tuple(info.shape) != expect:
-                    raise LongcatError(f"{file}: tensor '{name}' has shape {list(info.shape)}, "
-                                       f"expected {list(expect)} from the config")
-                if part.index in filled[part.native]:
-                    raise LongcatError(f"{file}: tensor '{name}' appears twice")
-                if scratch.numel() < info.nbytes:
-                    scratch = torch.empty(info.nbytes, dtype=torch.uint8)
-                tensor = read_tensor(f, info, scratch)
-                with torch.no_grad():
-                    dst = target[part.index * rows:(part.index + 1) * rows] if part.count > 1 \
-                        else target
-                    dst.copy_(tensor)  # casts on the way, in one pass
-                filled[part.native].add(part.index)
-                if progress is not None:
-                    progress(info.nbytes)
-    for name, got in filled.items():
-        count = len(flavours.parts_of(name, ckpt.flavour))
-        if len(got) != count:
-            raise LongcatError(f"{ckpt.transformer_dir}: no weights for DiT parameter '{name}' "
-                               "(incomplete checkpoint)")
+    model = torch.nn.Module.to(model, dtype)
+    if ckpt.is_fp8 if fp8 is None else fp8:
+        model.to_fp8()
+    model = model.to_empty(device=device)
+    fill_parameters(model, ckpt, progress=progress)
     model.eval().requires_grad_(False)
     model.layout = ckpt.describe()
+    model.origin = Origin.of(ckpt, dtype)
+    model.register_load_state_dict_post_hook(_forget_origin)
     return model
+
+
+def _forget_origin(model: torch.nn.Module, _incompatible_keys) -> None:
+    model.origin = None

@@ -3,7 +3,9 @@
 Parsing is the shared ``longcat_tools.lora.formats`` (native, FastVideo and PEFT, exact): every
 file becomes the native structure per module (``down`` [n*r, in], ``n`` up blocks, the stored
 ``alpha_scale``), so the run-time products are the original's (``lora_utils``). Rank is read
-from the tensors.
+from the tensors. A model in merge mode (its default ``lora_mode``) adds the same deltas into its
+weights instead (``runner.lora_merge``); the run-time path serves ``lora_mode = "runtime"`` and
+sets that cannot be merged.
 """
 
 from __future__ import annotations

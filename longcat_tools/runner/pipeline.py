@@ -224,13 +224,15 @@ class LongCatVideoPipeline(DiffusionPipeline):
                         torch_dtype: Any = None, device: Any = "cpu",
                         text_encoder_dtype: Any = None, reporter: Reporter | None = None,
                         offload: str = "none", vae_tiling: bool = False, fast: bool = True,
-                        cp: ContextParallel | None = None) -> LongCatVideoPipeline:
+                        cp: ContextParallel | None = None,
+                        fp8: bool | None = None) -> LongCatVideoPipeline:
         """Load every component of a checkpoint (any layout, or a cached Hugging Face repo id)
         straight onto ``device`` in ``torch_dtype`` (default fp32). ``offload``
         (runner.offload): "text-encoder" keeps UMT5 on the CPU between prompts, "dit" streams
         the DiT's blocks from CPU memory, "all" both. ``fast``: fused glue for bf16/fp16 on CUDA
         (runner.fast_ops). ``cp``: this process is one rank of a context-parallel job
-        (runner.context_parallel); only rank 0 loads UMT5.
+        (runner.context_parallel); only rank 0 loads UMT5. ``fp8`` (None: as the checkpoint
+        is stored): the DiT's block GEMMs in e4m3 (``load_transformer``).
 
         Every component's files and config are checked before any weights load (one line per
         problem, as ``run`` does). diffusers' generic loader is not used: a native checkpoint
@@ -252,6 +254,12 @@ class LongCatVideoPipeline(DiffusionPipeline):
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
         check_components(root)
+        if (ckpt.is_fp8 if fp8 is None else fp8) and device.type == "cuda" \
+                and torch.cuda.get_device_capability(device) < (8, 9):
+            raise LongcatError(f"fp8 GEMMs need an sm89+ GPU (Ada, Hopper or newer); "
+                               f"{torch.cuda.get_device_name(device)} is sm"
+                               f"{''.join(map(str, torch.cuda.get_device_capability(device)))} "
+                               "(use --precision dtype, or fp8=False)")
         _quiet_libraries()
         with rep.stage("load"):
             tok = AutoTokenizer.from_pretrained(root / "tokenizer")
@@ -263,7 +271,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
             vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=dtype,
                                                    use_safetensors=True).to(device).eval()
             sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-            dit = load_transformer(ckpt.root, device="cpu" if swap else device, dtype=dtype)
+            dit = load_transformer(ckpt.root, device="cpu" if swap else device, dtype=dtype,
+                                   fp8=fp8)
             if swap:
                 off.enable_block_swap(dit, device)
         dit.enable_fast_ops(fast and device.type == "cuda")
@@ -401,6 +410,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
     def _denoise(self, latents, timesteps, text, mask, guidance, bsa: BSAParams | None, n_cond=0,
                  per_frame=False, kv_cache=None, step_all=True, desc="denoise") -> torch.Tensor:
         self.last_run = {"loras": list(self.transformer.active_loras),
+                         "merged_loras": self.transformer.merged_loras,
                          "bsa": None if bsa is None else asdict(bsa)}
         latents = self._shared(latents)
         with self.reporter.stage("denoise"):
@@ -423,17 +433,26 @@ class LongCatVideoPipeline(DiffusionPipeline):
 
     @contextmanager
     def adapters(self, lora: str | None, scale: float | None = None) -> Iterator[None]:
-        """Run with this hub LoRA active too (or no extra one), then restore. ``scale`` (None:
-        the scale it was loaded with) is set on the loaded adapter, so a scale sweep reads
-        nothing again; the adapter's own scale is put back afterwards, so a LoRA the caller
-        loaded keeps the scale they gave it."""
+        """Run with this hub LoRA active too (or no extra one), then give the caller's set back.
+        ``scale`` (None: the scale it was loaded with) is set on the loaded adapter, so a scale
+        sweep reads nothing again; the adapter's own scale is put back afterwards, so a LoRA the
+        caller loaded keeps the scale they gave it.
+
+        In merge mode (``transformer.lora_mode``) the caller's set comes back lazily: the call's
+        set stays merged until the model is next used, so the next call with the same adapters
+        and scales (a matrix, a scale sweep's repeats) merges nothing, while anything else (a
+        call with another set or scale, a forward, ``state_dict``, ``save_pretrained``,
+        ``disable_loras``) restores the weights exactly first. ``active_loras`` says the
+        caller's set at once; ``merged_loras`` what the weights hold."""
         from longcat_tools.runner.lora import lora_path
 
         model = self.transformer
         before_loras = list(model.active_loras)
         saved: dict[str, float] = {}
         try:
-            if lora is not None:
+            if lora is None:
+                model.sync_loras()  # a set the last call left merged goes now
+            else:
                 if lora not in model.lora_registry:
                     if self.root is None:
                         raise LongcatError(f"no '{lora}' LoRA loaded and no checkpoint folder to "
@@ -445,17 +464,16 @@ class LongCatVideoPipeline(DiffusionPipeline):
                     saved = {module: d.multiplier for module, d in deltas.items()}
                     for d in deltas.values():
                         d.multiplier = scale
-                # enabling copies the deltas: a new scale takes effect even if already active
+                # a new scale takes effect even if already active (runtime: enabling copies the
+                # deltas; merge: the set's scales differ, so it is merged again)
                 model.enable_loras(before_loras if lora in before_loras
                                    else before_loras + [lora])
             yield
         finally:
             for module, multiplier in saved.items():
                 model.lora_registry[lora][module].multiplier = multiplier
-            if before_loras:
-                model.enable_loras(before_loras)
-            else:
-                model.disable_loras()
+            if lora is not None:
+                model.enable_loras(before_loras, lazy=True)
 
     def bsa_params(self, setting: BSASetting, refinement: bool = False) -> BSAParams | None:
         """The BSA params a task runs with (``attention.resolve_bsa`` on this model's config)."""

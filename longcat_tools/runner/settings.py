@@ -25,6 +25,9 @@ from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
 TASKS = ("t2v", "i2v", "vc", "long", "refine")
 BSA_CHOICES = ("config", "on", "off", *bsa_presets.PRESETS)
 OFFLOAD_CHOICES = ("none", "text-encoder", "dit", "all")  # runner.offload
+LORA_MODES = ("merge", "runtime")  # LongCatTransformer3DModel.lora_mode (runner.lora_merge)
+# --precision -> load_transformer's fp8 (None: as the checkpoint is stored)
+PRECISIONS: dict[str, bool | None] = {"auto": None, "fp8": True, "dtype": False}
 CONTINUING = ("vc", "long")  # tasks that continue from condition frames
 DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
 MAX_FRAMES = 4097  # one segment; the model is trained on 93
@@ -84,6 +87,9 @@ class RunSettings:
                           "long).")
     lora_scale: float = option(1.0, "Scale of the hub LoRAs the run activates (distilled, "
                                "refinement).", cli=False)
+    lora_mode: str = option("merge", "How LoRAs apply: merge (added into the weights once per "
+                            "set, restored exactly after; no cost per step) or runtime (added "
+                            "to every forward, weights untouched).")
     bsa: str = option("config", "Block sparse attention: config (what the transformer config "
                       "says; always on for refinement), on, off, or a preset "
                       f"({', '.join(bsa_presets.PRESETS)}).")
@@ -118,6 +124,11 @@ class RunSettings:
                       "it.", "--out", "-o", metavar="FILE.mp4")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     dtype: str | None = option(None, "fp32, bf16 or fp16 (default bf16 on GPU, fp32 on CPU).")
+    precision: str = option("auto", "The DiT's block GEMMs: fp8 (e4m3 weights scaled per "
+                            "channel, activations per token; an fp8 checkpoint loads as "
+                            "stored, another is quantized on load), dtype (all in --dtype; an "
+                            "fp8 checkpoint is dequantized) or auto (fp8 for an fp8 checkpoint, "
+                            "else dtype).")
     save_latents: str | None = option(None, "Save the final latents (safetensors).",
                                       metavar="FILE")
     latents_in: str | None = option(None, "Initial noise (safetensors, tensor 'latents').",
@@ -150,6 +161,16 @@ def check_bsa(choice: str) -> None:
 def check_offload(choice: str) -> None:
     if choice not in OFFLOAD_CHOICES:
         raise LongcatError(f"--offload {choice}: unknown (use {', '.join(OFFLOAD_CHOICES)})")
+
+
+def check_precision(choice: str) -> None:
+    if choice not in PRECISIONS:
+        raise LongcatError(f"--precision {choice}: unknown (use {', '.join(PRECISIONS)})")
+
+
+def check_lora_mode(choice: str) -> None:
+    if choice not in LORA_MODES:
+        raise LongcatError(f"--lora-mode {choice}: unknown (use {' or '.join(LORA_MODES)})")
 
 
 def resolve_device(device: str) -> Any:
@@ -221,6 +242,8 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     if not -2**63 <= s.seed < 2**64:
         raise LongcatError(f"--seed {s.seed}: must fit in 64 bits")
     check_offload(s.offload)
+    check_lora_mode(s.lora_mode)
+    check_precision(s.precision)
     if s.task == "vc" and s.distill and s.enhance_hf:
         raise LongcatError("--enhance-hf cannot be combined with --distill")
     if s.segments < 0:

@@ -26,6 +26,7 @@ from longcat_tools.model import bounds, keymap
 from longcat_tools.verify import components as C
 from longcat_tools.verify import deep as D
 from longcat_tools.verify import lora as L
+from longcat_tools.verify import quantized
 from longcat_tools.verify.report import Recorder, Report, count, listing
 from longcat_tools.verify.weights import WeightSet, dtypes, expect, read_weights
 
@@ -277,10 +278,14 @@ def _dit(rec: Recorder, st: _State) -> None:
     elif ws.tensors and not key_flavour:
         rec.fail(comp, "flavour", ws.label, "tensor names are neither LongCat's native nor "
                  f"FastVideo's (first: {listing(list(ws.tensors)[:3])})")
+    is_fp8 = quantized.declared(rec, comp, tdir)
     if st.dims is not None and st.flavour is not None and (ws.complete or bool(ws.tensors)):
-        expect(rec, ws, dict(keymap.tensor_specs(st.dims, st.flavour)),
-               f"config.json ({st.flavour} keys)")
-    dtypes(rec, ws)
+        expect(rec, ws, dict(keymap.tensor_specs(st.dims, st.flavour, is_fp8)),
+               f"config.json ({st.flavour} keys{', fp8' if is_fp8 else ''})")
+    if not is_fp8:
+        dtypes(rec, ws)
+    if st.flavour is not None:
+        quantized.check(rec, ws, st.flavour, is_fp8)
 
 
 # --- tokenizer, text encoder, VAE, scheduler -----------------------------------------------

@@ -1,0 +1,103 @@
+"""Checks of an fp8 DiT folder (``model.fp8``): its quantization config, the dtypes of its
+weights and scales, and the scales' values.
+
+Scales are small (one float32 per output row), so they are read and checked on every run: a
+zero, negative, NaN or huge scale would make ``weight * scale`` wrong or non-finite everywhere
+in that row. NaN inside the e4m3 weights themselves is found by ``--deep``'s scan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
+from longcat_tools.io.safetensors import read_tensor
+from longcat_tools.kernels.fp8 import E4M3_MAX
+from longcat_tools.model import fp8, keymap
+from longcat_tools.verify.report import Recorder, count, listing
+from longcat_tools.verify.weights import WeightSet
+
+E4M3 = "F8_E4M3"
+
+
+def declared(rec: Recorder, component: str, folder: Path) -> bool:
+    """Whether ``folder`` says it is fp8 (its quantization config); an unreadable config or
+    another method fails a row and counts as not fp8."""
+    path = folder / fp8.CONFIG_FILE
+    if not path.exists():
+        return False
+    with rec.guard(component, "quantization", path):
+        cfg = jsonio.read(path, what="quantization config")
+        if not fp8.is_config(cfg):
+            method = cfg.get("quantization_method") if isinstance(cfg, dict) else None
+            raise LongcatError(f"{path}: quantization_method {method!r} is not one this tool "
+                               f"reads ({fp8.METHOD})")
+        rec.ok(component, "quantization", path, f"{fp8.METHOD}: e4m3 block GEMM weights, "
+                                                "float32 scales per output channel")
+        return True
+    return False
+
+
+def _is_quantized_weight(name: str, flavour: str, param: str) -> bool:
+    native = name if flavour == "native" else keymap.fastvideo_to_native(name).native
+    module, _, p = native.rpartition(".")
+    return p == param and fp8.is_quantized(module)
+
+
+def check(rec: Recorder, ws: WeightSet, flavour: str, is_fp8: bool) -> None:
+    """Dtypes of an fp8 folder (e4m3 weights, float32 scales, one dtype for the rest) and the
+    values of its scales; in a plain folder, e4m3 weights or scales without the config fail."""
+    comp, label = ws.component, ws.label
+
+    def kind(name: str) -> str:
+        try:
+            if _is_quantized_weight(name, flavour, "weight"):
+                return "weight"
+            if _is_quantized_weight(name, flavour, fp8.SCALE):
+                return "scale"
+        except LongcatError:  # not a DiT name: reported by the tensor-set check
+            pass
+        return "rest"
+
+    kinds = {n: kind(n) for n in ws.tensors}
+    if not is_fp8:
+        odd = [n for n, t in ws.tensors.items() if t.dtype == E4M3 or kinds[n] == "scale"]
+        if odd:
+            rec.fail(comp, "quantization", label,
+                     f"e4m3 weights or weight scales but no {fp8.CONFIG_FILE} saying how to read "
+                     f"them: {listing(odd)} (write the folder with convert --dtype fp8)")
+        return
+    wrong = [f"{n} is {t.dtype}" for n, t in ws.tensors.items()
+             if (kinds[n] == "weight" and t.dtype != E4M3)
+             or (kinds[n] == "scale" and t.dtype != "F32")]
+    rest = {t.dtype for n, t in ws.tensors.items() if kinds[n] == "rest"}
+    if wrong:
+        rec.fail(comp, "dtype", label, f"fp8 folder: block GEMM weights must be F8_E4M3 and "
+                                       f"their scales F32: {listing(wrong, 3)}")
+    elif len(rest) > 1:
+        rec.warn(comp, "dtype", label, f"fp8 folder: the other tensors mix {sorted(rest)}")
+    else:
+        n_w = sum(k == "weight" for k in kinds.values())
+        rec.ok(comp, "dtype", label, f"fp8: {count(n_w, 'e4m3 weight')} with float32 scales, "
+                                     f"the rest {', '.join(sorted(rest)) or 'none'}")
+    _scale_values(rec, ws, [n for n, k in kinds.items() if k == "scale"
+                            and ws.tensors[n].dtype == "F32"])
+
+
+def _scale_values(rec: Recorder, ws: WeightSet, names: list[str]) -> None:
+    bad: list[str] = []
+    for name in names:
+        path, info = ws.where[name], ws.tensors[name]
+        with open(path, "rb") as f:
+            s = read_tensor(f, info).double()
+        if s.numel() and not bool(((s > 0) & (s * E4M3_MAX < 3.4e38)).all()):
+            worst = s[~((s > 0) & (s * E4M3_MAX < 3.4e38))][0].item()
+            bad.append(f"{name} holds {worst}")
+    if bad:
+        rec.fail(ws.component, "scales", ws.label,
+                 f"weight scales must be finite and positive (weight x scale must stay finite): "
+                 f"{listing(bad, 3)}")
+    elif names:
+        rec.ok(ws.component, "scales", ws.label,
+               f"{count(len(names), 'scale tensor')}: finite and positive")

@@ -1,0 +1,325 @@
+"""fp8 mode: the e4m3 arithmetic, the fp8 checkpoint format (convert --dtype fp8), verify's
+checks of it, and the DiT running its block GEMMs in e4m3."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from longcat_tools import convert as conv
+from longcat_tools.checkpoint import layouts
+from longcat_tools.cli import main
+from longcat_tools.kernels import fp8 as ops
+from longcat_tools.model import keymap
+from longcat_tools.verify.checkpoint import verify
+
+E4M3 = torch.float8_e4m3fn
+BLOCK_GEMMS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
+               "cross_attn.proj", "ffn.w1", "ffn.w2", "ffn.w3")  # independent of model.fp8
+
+
+def dit_tensors(root):
+    ckpt = layouts.detect(root)
+    out = {}
+    for path in sorted(set(layouts.transformer_shards(ckpt).values())):
+        out.update(load_file(str(path)))
+    return out
+
+
+def quantized_module(native_key):
+    module, _, param = native_key.rpartition(".")
+    parts = module.split(".", 2)
+    return param, parts[0] == "blocks" and len(parts) == 3 and parts[2] in BLOCK_GEMMS
+
+
+# ---- arithmetic -------------------------------------------------------------------------------
+
+def test_weight_scales_are_row_maxima_over_448_and_rows_round_to_nearest_e4m3():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g) * torch.logspace(-3, 2, 48)[:, None]
+    w[5] = 0.0
+    q, scale = ops.quantize_weight(w.bfloat16())
+    assert q.dtype == E4M3 and scale.dtype == torch.float32 and scale.shape == (48,)
+    amax = w.bfloat16().float().abs().amax(1)
+    assert torch.equal(scale[amax > 0], amax[amax > 0] / 448)
+    assert scale[5] == 1 and not q[5].float().any()
+    # every row's largest element lands on +-448, and no element is off by more than half an
+    # e4m3 step (3 mantissa bits: relative 2**-4) or the subnormal step 2**-9 (absolute)
+    assert torch.equal(q.float().abs().amax(1)[amax > 0], torch.full(((amax > 0).sum(),), 448.))
+    x = w.bfloat16().float() / scale[:, None]
+    err = (q.float() - x).abs()
+    assert bool((err <= torch.maximum(x.abs() * 2**-4, torch.tensor(2.0**-10))).all())
+
+
+def test_scaled_gemm_equals_the_product_of_the_dequantized_operands():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 128, generator=g)
+    x = torch.randn(3, 7, 128, generator=g)
+    bias = torch.randn(96, generator=g)
+    q, s = ops.quantize_weight(w)
+    for dtype in (torch.bfloat16, torch.float32):
+        y = ops.linear(x.to(dtype), q, s, bias.to(dtype))
+        assert y.dtype == dtype and y.shape == (3, 7, 96)
+        # independent: per-token scale and rounding written out here, product in float64
+        xd = x.to(dtype).double().reshape(-1, 128)
+        sx = xd.abs().amax(1, keepdim=True) / 448
+        xq = (xd / sx).float().clamp(-448, 448).to(E4M3).double() * sx
+        ref = xq @ (q.double() * s.double()[:, None]).T + bias.to(dtype).double()
+        rel = ((y.double().reshape(-1, 96) - ref).norm() / ref.norm()).item()
+        assert rel < (4e-3 if dtype == torch.bfloat16 else 1e-6), (dtype, rel)
+
+
+def test_fp8_gemm_error_against_fp32_is_that_of_e4m3_rounding():
+    """Random unit-variance data: e4m3 keeps 3 mantissa bits, so the product lands a few
+    percent from fp32; bf16 (8 bits) about 30x closer."""
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(256, 512, generator=g), torch.randn(64, 512, generator=g)
+    ref = x.double() @ w.double().T
+    q, s = ops.quantize_weight(w)
+    fp8 = ops.linear(x.bfloat16(), q, s).double()
+    bf16 = (x.bfloat16() @ w.bfloat16().T).double()
+    e8 = ((fp8 - ref).norm() / ref.norm()).item()
+    e16 = ((bf16 - ref).norm() / ref.norm()).item()
+    assert 1e-2 < e8 < 6e-2 and e16 < 5e-3, (e8, e16)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fp8_folder(tiny_native, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("fp8") / "conv"
+    conv.convert(tiny_native, dst, dtype="fp8")
+    return dst
+
+
+def test_convert_fp8_quantizes_the_block_gemms_per_channel_and_keeps_the_rest_bf16(
+        tiny_native, fp8_folder):
+    src = dit_tensors(tiny_native)
+    out = dit_tensors(fp8_folder)
+    cfg = json.loads((fp8_folder / "transformer" / "quantization_config.json").read_text())
+    assert cfg["quantization_method"] == "fp8_e4m3_per_channel"
+    n_weights = 0
+    for name, t in src.items():
+        param, quantized = quantized_module(name)
+        parts = [p.fastvideo for p in keymap.native_to_fastvideo(name)]
+        got = torch.cat([out[p] for p in parts], 0)
+        if quantized and param == "weight":
+            n_weights += 1
+            scale = torch.cat([out[p + "_scale"] for p in parts], 0)
+            want_scale = t.float().abs().amax(1) / 448
+            assert got.dtype == E4M3 and torch.equal(scale, want_scale), name
+            back = got.float() * scale[:, None]
+            assert bool(((back - t.float()).abs() <= t.float().abs() * 2**-4 + 1e-6).all())
+        else:
+            assert got.dtype == torch.bfloat16 and torch.equal(got, t.bfloat16()), name
+    depth = keymap.dit_dims(json.loads((tiny_native / "dit" / "config.json").read_text())).depth
+    assert n_weights == len(BLOCK_GEMMS) * depth
+    scales = [k for k in out if k.endswith("weight_scale")]
+    assert len(scales) == (len(BLOCK_GEMMS) + 3) * depth  # qkv -> q, k, v; kv -> k, v
+
+
+def test_fp8_folders_convert_between_flavours_unchanged_and_dequantize_exactly(
+        fp8_folder, tmp_path):
+    out = dit_tensors(fp8_folder)
+    conv.convert(fp8_folder, tmp_path / "nat", to="native")  # keep: stays fp8
+    nat = dit_tensors(tmp_path / "nat")
+    assert (tmp_path / "nat" / "dit" / "quantization_config.json").is_file()
+    qkv = torch.cat([out[f"blocks.0.self_attn.to_{c}.weight"] for c in "qkv"])
+    assert nat["blocks.0.attn.qkv.weight"].dtype == E4M3
+    assert torch.equal(nat["blocks.0.attn.qkv.weight"].view(torch.uint8), qkv.view(torch.uint8))
+    conv.convert(fp8_folder, tmp_path / "bf", to="native", dtype="bf16")
+    bf = dit_tensors(tmp_path / "bf")
+    assert not (tmp_path / "bf" / "dit" / "quantization_config.json").exists()
+    assert not any(k.endswith("weight_scale") for k in bf)
+    w1, s1 = out["blocks.1.ffn.w1.weight"], out["blocks.1.ffn.w1.weight_scale"]
+    assert torch.equal(bf["blocks.1.ffn.w1.weight"], (w1.float() * s1[:, None]).bfloat16())
+
+
+def test_verify_passes_an_fp8_folder_and_names_bad_scales(fp8_folder, tmp_path, capsys):
+    rep = verify(fp8_folder, deep=True)
+    assert rep.ok, [c.message for c in rep.checks if c.status == "fail"]
+    names = {(c.name, c.status) for c in rep.checks}
+    assert ("scales", "pass") in names and ("quantization", "pass") in names
+    bad = tmp_path / "bad"
+    shutil.copytree(fp8_folder, bad)
+    shard = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    t = load_file(str(shard))
+    t["blocks.0.ffn.w2.weight_scale"][3] = 0.0
+    t["blocks.1.ffn.w2.weight_scale"][0] = float("nan")
+    save_file(t, str(shard), metadata={"format": "pt"})
+    (bad / "checksums.sha256").unlink()
+    rep = verify(bad)
+    fails = [c for c in rep.checks if c.status == "fail"]
+    assert [c.name for c in fails] == ["scales"]
+    assert "blocks.0.ffn.w2.weight_scale holds 0.0" in fails[0].message
+    assert "nan" in fails[0].message
+    (bad / "transformer" / "quantization_config.json").unlink()
+    rep = verify(bad)
+    msgs = " ".join(c.message for c in rep.checks if c.status == "fail")
+    assert "no quantization_config.json" in msgs
+
+
+def test_unknown_quantization_method_and_fp8_to_comfy_are_one_line(fp8_folder, tmp_path,
+                                                                    capsys):
+    other = tmp_path / "other"
+    shutil.copytree(fp8_folder, other)
+    (other / "transformer" / "quantization_config.json").write_text(
+        json.dumps({"quantization_method": "int4_awq"}))
+    assert main(["convert", "--src", str(other), "--dst", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "quantization_method 'int4_awq'" in err and "\n" not in err
+    assert main(["convert", "--src", str(fp8_folder), "--dst", str(tmp_path / "y"),
+                 "--to", "comfy", "--dtype", "fp8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one fp8 scale per tensor" in err and "\n" not in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ---- the DiT ----------------------------------------------------------------------------------
+
+def test_dit_runs_its_block_gemms_in_e4m3_and_keeps_the_fp32_islands(tiny_native):
+    from longcat_tools.runner.loading import load_transformer
+
+    ref = load_transformer(tiny_native, dtype="bf16")
+    model = load_transformer(tiny_native, dtype="bf16")
+    model.to_fp8()
+    assert model.is_fp8 and not ref.is_fp8
+    sd = model.state_dict()
+    for name, t in sd.items():
+        param, quantized = quantized_module(name)
+        if param == "weight":
+            assert (t.dtype == E4M3) == quantized, name
+        if param == "weight_scale":
+            assert quantized and t.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    d = model.dims
+    x = torch.randn(1, d.in_channels, 2, 4, 4, generator=g).bfloat16()
+    t = torch.tensor([500.0])
+    y = torch.randn(1, 1, 8, d.caption_channels, generator=g).bfloat16()
+    mask = torch.ones(1, 8, dtype=torch.long)
+    with torch.no_grad():
+        a = ref(x, t, y, mask)
+        b = model(x, t, y, mask)
+    rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+    assert 0 < rel < 0.1, rel
+
+
+def test_casting_an_fp8_model_is_refused_not_silently_wrong(tiny_native):
+    from longcat_tools.errors import LongcatError
+    from longcat_tools.runner.loading import load_transformer
+
+    model = load_transformer(tiny_native, dtype="bf16")
+    model.to_fp8()
+    torch.nn.Module.to(model, torch.bfloat16)
+    x = torch.randn(2, model.dims.hidden_size).bfloat16()
+    with pytest.raises(LongcatError, match="cast to another dtype"):
+        model.blocks[0].ffn.w1(x)
+
+
+def test_an_fp8_checkpoint_loads_as_stored_and_a_plain_one_quantizes_to_the_same_bits(
+        tiny_native, fp8_folder):
+    from longcat_tools.runner.loading import load_transformer
+
+    stored = load_transformer(fp8_folder, dtype="bf16")  # auto: as the checkpoint is stored
+    on_load = load_transformer(tiny_native, dtype="bf16", fp8=True)
+    assert stored.is_fp8 and on_load.is_fp8
+    files = dit_tensors(fp8_folder)
+    a, b = stored.state_dict(), on_load.state_dict()
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+    qkv = torch.cat([files[f"blocks.1.self_attn.to_{c}.weight"] for c in "qkv"])
+    assert torch.equal(a["blocks.1.attn.qkv.weight"].view(torch.uint8), qkv.view(torch.uint8))
+    scale = torch.cat([files[f"blocks.1.self_attn.to_{c}.weight_scale"] for c in "qkv"])
+    assert torch.equal(a["blocks.1.attn.qkv.weight_scale"], scale)
+
+
+def test_fp8_false_dequantizes_an_fp8_checkpoint(fp8_folder):
+    from longcat_tools.runner.loading import load_transformer
+
+    model = load_transformer(fp8_folder, dtype="fp32", fp8=False)
+    assert not model.is_fp8
+    files = dit_tensors(fp8_folder)
+    w, s = files["blocks.0.ffn.w3.weight"], files["blocks.0.ffn.w3.weight_scale"]
+    assert torch.equal(model.blocks[0].ffn.w3.weight, w.float() * s[:, None])
+    ada = keymap.native_to_fastvideo("blocks.0.adaLN_modulation.1.weight")[0].fastvideo
+    assert torch.equal(model.blocks[0].adaLN_modulation[1].weight, files[ada].float())
+
+
+def test_e4m3_weights_without_the_quantization_config_are_one_line_before_loading(fp8_folder,
+                                                                            tmp_path):
+    from longcat_tools.errors import LongcatError
+    from longcat_tools.runner.loading import load_transformer
+
+    bad = tmp_path / "bad"
+    shutil.copytree(fp8_folder, bad)
+    (bad / "transformer" / "quantization_config.json").unlink()
+    with pytest.raises(LongcatError, match="is e4m3 but .* no quantization_config.json"):
+        load_transformer(bad, dtype="bf16")
+
+
+def test_run_precision_fp8_quantizes_on_load_and_dtype_dequantizes(tiny_native, fp8_folder,
+                                                                   tmp_path, capsys):
+    from safetensors.torch import load_file as load
+
+    tiny = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "2", "-q",
+            "-p", "a cat", "--distill", "--lora-mode", "runtime"]  # LoRA files: fp32 vs bf16
+    outs = {}
+    for name, model, precision, dtype in (("q", tiny_native, "fp8", "bf16"),
+                                          ("s", fp8_folder, "auto", "bf16"),
+                                          ("d", fp8_folder, "dtype", "bf16"),
+                                          ("f", tiny_native, "auto", "fp32")):
+        out = tmp_path / f"{name}.mp4"
+        assert main(["run", "-m", str(model), "--precision", precision, "--dtype", dtype, *tiny,
+                     "--out", str(out), "--save-latents", str(tmp_path / f"{name}.st")]) == 0
+        outs[name] = json.loads((tmp_path / f"{name}.mp4.json").read_text())
+        outs[name]["latents"] = load(str(tmp_path / f"{name}.st"))["latents"]
+    assert [outs[n]["precision"] for n in "qsdf"] == ["fp8", "fp8", "bf16", "fp32"]
+    assert outs["s"]["checkpoint"]["layout"] == "converted (fastvideo keys, fp8)"
+    # quantized on load == stored fp8 (the rest bf16 in both): the same weights, the same video
+    assert torch.equal(outs["q"]["latents"], outs["s"]["latents"])
+    # fp8 lands near the full-precision run, but not on it
+    f, q = outs["f"]["latents"], outs["q"]["latents"]
+    rel = ((q - f).norm() / f.norm()).item()
+    assert 0 < rel < 0.1, rel
+    assert main(["run", "-m", str(tiny_native), "--precision", "fp4", *tiny]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --precision fp4: unknown (use auto, fp8, dtype)"
+
+
+@pytest.mark.parametrize("source", ["plain", "fp8"])
+def test_a_lora_merges_into_e4m3_weights_and_restores_bit_for_bit(tiny_native, fp8_folder,
+                                                                   source):
+    from longcat_tools.runner.loading import load_transformer
+    from longcat_tools.runner.lora import lora_path
+
+    model = load_transformer(tiny_native if source == "plain" else fp8_folder, dtype="bf16",
+                             fp8=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_lora(lora_path(tiny_native, "distilled"), "distilled")
+    runtime = load_transformer(tiny_native if source == "plain" else fp8_folder, dtype="bf16",
+                               fp8=True)
+    runtime.lora_mode = "runtime"
+    runtime.load_lora(lora_path(tiny_native, "distilled"), "distilled")
+    runtime.enable_loras(["distilled"])
+    model.enable_loras(["distilled"])
+    assert model.merged_loras == ["distilled"]
+    layer = model.blocks[0].attn.qkv
+    assert layer.weight.dtype == E4M3 and not torch.equal(
+        layer.weight.view(torch.uint8), before["blocks.0.attn.qkv.weight"].view(torch.uint8))
+    g = torch.Generator().manual_seed(0)
+    d = model.dims
+    x = torch.randn(1, d.in_channels, 2, 4, 4, generator=g).bfloat16()
+    t, y = torch.tensor([500.0]), torch.randn(1, 1, 8, d.caption_channels, generator=g).bfloat16()
+    mask = torch.ones(1, 8, dtype=torch.long)
+    with torch.no_grad():
+        merged_out, runtime_out = model(x, t, y, mask), runtime(x, t, y, mask)
+    rel = ((merged_out.float() - runtime_out.float()).norm() / runtime_out.float().norm()).item()
+    assert rel < 0.1, rel  # two e4m3 roundings of W + delta apart, not more
+    model.disable_loras()
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
