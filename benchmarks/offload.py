@@ -351,11 +351,31 @@ def load_child(which: str, root: Path, device: str, out_json: Path) -> None:
     out_json.write_text(json.dumps(row))
 
 
+def evict(folder: Path) -> None:
+    """Drop ``folder``'s files from the page cache (clean pages; no root needed), so the next
+    read comes from the disk: a cold load."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def run_loaders(root: Path, device: str, reference: dict, rounds: int, timeout: float,
-                left: Callable[[], float], log: Callable[[dict], None]) -> None:
-    """Each loader in its own process, alternating; ``left()``: seconds before the deadline."""
+                left: Callable[[], float], log: Callable[[dict], None],
+                cold: bool = False) -> None:
+    """Each loader in its own process, alternating; ``left()``: seconds before the deadline.
+    ``cold``: every load also runs once after the checkpoint is evicted from the page cache.
+    Rows carry GB/s: the checkpoint's bytes over the wall time of the load."""
+    nbytes = sum(f.stat().st_size for f in (root / "dit").glob("*.safetensors"))
+    runs = [(w, c) for w in ("ours", "diffusers") for c in ((False, True) if cold else (False,))]
     for i in range(rounds):
-        for which in ("ours", "diffusers"):
+        for which, is_cold in runs:
+            if is_cold:
+                evict(root / "dit")
             if left() < 10:
                 log({"part": "load", "variant": which, "round": i + 1,
                      "skipped": "past the deadline"})
@@ -373,6 +393,7 @@ def run_loaders(root: Path, device: str, reference: dict, rounds: int, timeout: 
                      "error": f"timed out after {timeout:.0f} s"})
                 continue
             row = {"part": "load", "variant": which, "round": i + 1,
+                   "cache": "cold" if is_cold else "warm",
                    "process_s": round(time.perf_counter() - t0, 1)}
             if p.returncode != 0 or not res.stat().st_size:
                 row["error"] = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
@@ -381,6 +402,7 @@ def run_loaders(root: Path, device: str, reference: dict, rounds: int, timeout: 
                 mismatch = same_weights(got.pop("fingerprint"), reference)
                 row.update(got, weights="equal to the written ones" if mismatch is None
                            else f"DIFFER: {mismatch}")
+                row["gb_per_s"] = round(nbytes / 1e9 / got["wall_s"], 2)
             res.unlink(missing_ok=True)
             log(row)
 
@@ -555,7 +577,8 @@ class Bench:
         if hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()  # pinned host memory cached by the offload variants
         run_loaders(root, self.device, reference, self.a.load_rounds, self.a.load_timeout,
-                    lambda: self.a.deadline - (time.perf_counter() - self.start), self.log)
+                    lambda: self.a.deadline - (time.perf_counter() - self.start), self.log,
+                    cold=self.a.load_cold)
 
     def table(self) -> str:
         i = self.info
@@ -586,10 +609,12 @@ class Bench:
                 f"{note} |")
         loads = [r for r in self.rows if r["part"] == "load"]
         if loads:
-            lines += ["", "| loader | round | wall s | process s | peak RSS GiB | "
-                      "peak GPU alloc GiB | weights | note |", "|---|---|---|---|---|---|---|---|"]
+            lines += ["", "| loader | round | page cache | wall s | GB/s | process s | "
+                      "peak RSS GiB | peak GPU alloc GiB | weights | note |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in loads:
-                lines.append(f"| {r['variant']} | {r['round']} | {f(r.get('wall_s'), '.2f')} | "
+                lines.append(f"| {r['variant']} | {r['round']} | {r.get('cache', 'warm')} | "
+                             f"{f(r.get('wall_s'), '.2f')} | {f(r.get('gb_per_s'), '.2f')} | "
                              f"{f(r.get('process_s'), '.1f')} | "
                              f"{f(r.get('peak_rss_gib'), '.2f')} | "
                              f"{f(r.get('peak_gpu_alloc_gib'), '.2f')} | "
@@ -618,6 +643,8 @@ def main() -> None:
     ap.add_argument("--load-dtype", default="bf16", choices=("bf16", "fp32"),
                     help="dtype of the load part's checkpoint on disk (loaded as bf16)")
     ap.add_argument("--load-rounds", type=int, default=2, help="A B rounds of the loaders")
+    ap.add_argument("--load-cold", action="store_true",
+                    help="also load after evicting the checkpoint from the page cache")
     ap.add_argument("--load-timeout", type=float, default=300, help="seconds per loader process")
     ap.add_argument("--load-child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)

@@ -286,6 +286,37 @@ def fill_parameters(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
         reader.close()
 
 
+def empty_transformer(path: str | Path, device: str | torch.device = "cpu",
+                      dtype: str | torch.dtype = torch.float32, fp8: bool | None = None
+                      ) -> tuple[LongCatTransformer3DModel, layouts.Checkpoint]:
+    """The DiT of the checkpoint at ``path``, allocated on ``device`` in ``dtype`` but not
+    filled (``fill_parameters`` does that), and the checkpoint. Built on the meta device first,
+    so nothing is materialised twice; ``fp8`` as ``load_transformer``'s."""
+    ckpt = resolve_checkpoint(path)
+    dtype = parse_dtype(dtype)
+    config = ckpt.config()
+    keymap.dit_dims(config, str(ckpt.config_path))  # absurd sizes: one line, nothing built
+    with torch.device("meta"):
+        model = LongCatTransformer3DModel.from_config(config)
+    # never materialise fp32 first; nn.Module.to, as ModelMixin.to warns on every dtype cast
+    model = torch.nn.Module.to(model, dtype)
+    if ckpt.is_fp8 if fp8 is None else fp8:
+        model.to_fp8()
+    return model.to_empty(device=device), ckpt
+
+
+def finish_loading(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
+                   progress=None) -> LongCatTransformer3DModel:
+    """Fill an ``empty_transformer`` from its checkpoint; eval mode, no grads, and the
+    ``layout`` and ``origin`` records."""
+    fill_parameters(model, ckpt, progress=progress)
+    model.eval().requires_grad_(False)
+    model.layout = ckpt.describe()
+    model.origin = Origin.of(ckpt, model.dtype)
+    model.register_load_state_dict_post_hook(_forget_origin)
+    return model
+
+
 def load_transformer(path: str | Path, device: str | torch.device = "cpu",
                      dtype: str | torch.dtype = torch.float32, progress=None,
                      fp8: bool | None = None) -> LongCatTransformer3DModel:
@@ -298,23 +329,8 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu",
     ``model.origin`` remembers the checkpoint (``Origin``), so merged LoRA weights can be
     restored by reading them again; ``load_state_dict`` forgets it, since the weights are then
     no longer the checkpoint's."""
-    ckpt = resolve_checkpoint(path)
-    dtype = parse_dtype(dtype)
-    config = ckpt.config()
-    keymap.dit_dims(config, str(ckpt.config_path))  # absurd sizes: one line, nothing built
-    with torch.device("meta"):
-        model = LongCatTransformer3DModel.from_config(config)
-    # never materialise fp32 first; nn.Module.to, as ModelMixin.to warns on every dtype cast
-    model = torch.nn.Module.to(model, dtype)
-    if ckpt.is_fp8 if fp8 is None else fp8:
-        model.to_fp8()
-    model = model.to_empty(device=device)
-    fill_parameters(model, ckpt, progress=progress)
-    model.eval().requires_grad_(False)
-    model.layout = ckpt.describe()
-    model.origin = Origin.of(ckpt, dtype)
-    model.register_load_state_dict_post_hook(_forget_origin)
-    return model
+    model, ckpt = empty_transformer(path, device, dtype, fp8)
+    return finish_loading(model, ckpt, progress)
 
 
 def _forget_origin(model: torch.nn.Module, _incompatible_keys) -> None:

@@ -33,6 +33,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -243,7 +244,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
 
         from longcat_tools.checkpoint.hub import resolve_source
         from longcat_tools.runner import offload as off
-        from longcat_tools.runner.loading import load_transformer
+        from longcat_tools.runner.loading import empty_transformer, finish_loading
 
         check_offload(offload)
         te_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
@@ -263,16 +264,24 @@ class LongCatVideoPipeline(DiffusionPipeline):
         _quiet_libraries()
         with rep.stage("load"):
             tok = AutoTokenizer.from_pretrained(root / "tokenizer")
-            te = None
-            if cp is None or cp.rank == 0:
-                te = UMT5EncoderModel.from_pretrained(
+            # The DiT's skeleton first: transformers sets the process-wide default dtype while
+            # it builds UMT5, so nothing else may construct modules meanwhile. Then UMT5 loads on
+            # a thread while the DiT's tensors stream in: both mostly wait on reads and copies.
+            dit, dit_ckpt = empty_transformer(ckpt.root, device="cpu" if swap else device,
+                                              dtype=dtype, fp8=fp8)
+
+            def text_encoder() -> Any:
+                return UMT5EncoderModel.from_pretrained(
                     root / "text_encoder", torch_dtype=parse_dtype(text_encoder_dtype or dtype),
                     use_safetensors=True).to(te_home or device).eval()
+
+            with ThreadPoolExecutor(1, thread_name_prefix="longcat-umt5") as pool:
+                te_job = pool.submit(text_encoder) if cp is None or cp.rank == 0 else None
+                finish_loading(dit, dit_ckpt)
+                te = te_job.result() if te_job is not None else None
             vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=dtype,
                                                    use_safetensors=True).to(device).eval()
             sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-            dit = load_transformer(ckpt.root, device="cpu" if swap else device, dtype=dtype,
-                                   fp8=fp8)
             if swap:
                 off.enable_block_swap(dit, device)
         dit.enable_fast_ops(fast and device.type == "cuda")
