@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from longcat_tools.kernels.compiled import Compiled
 from longcat_tools.runner import fast_ops, offload
 from longcat_tools.runner.dit import LongCatTransformer3DModel, rope_3d_table, rope_table_cached
 from longcat_tools.synth import dit_config
@@ -106,7 +107,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     def broken(*a, **k):
         raise RuntimeError("no compiler here")
 
-    fn = fast_ops._Compiled(fast_ops._swiglu)
+    fn = Compiled(fast_ops._swiglu)
     fn.failed = False
     monkeypatch.setattr(torch, "compile", broken)
     a, b = torch.randn(4, 8), torch.randn(4, 8)

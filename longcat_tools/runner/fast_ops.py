@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from longcat_tools.kernels import fp8
+from longcat_tools.kernels.compiled import Compiled
 
 log = logging.getLogger(__name__)
 
@@ -75,43 +77,20 @@ def _swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * b
 
 
-class _Compiled:
-    """``fn`` through ``torch.compile`` on first use; eager for good once compiling fails."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.compiled: Callable[..., Any] | None = None
-        self.failed = os.environ.get("LONGCAT_NO_COMPILE", "") not in ("", "0")
-
-    def __call__(self, *args: Any) -> Any:
-        if self.failed:
-            return self.fn(*args)
-        try:
-            if self.compiled is None:
-                self.compiled = torch.compile(self.fn, fullgraph=True)
-            return self.compiled(*args)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-            log.warning("torch.compile of %s failed (%s: %s); running it eagerly",
-                        self.fn.__name__, type(exc).__name__, str(exc).splitlines()[0][:200])
-            self.failed = True
-            return self.fn(*args)
-
-
-modulate = _Compiled(_modulate)
-layer_norm = _Compiled(_layer_norm)
-gated_residual = _Compiled(_gated_residual)
-rms_norm = _Compiled(_rms_norm)
-norm_rope = _Compiled(_norm_rope)
-swiglu = _Compiled(_swiglu)
-ALL = (modulate, layer_norm, gated_residual, rms_norm, norm_rope, swiglu)
+modulate = Compiled(_modulate)
+layer_norm = Compiled(_layer_norm)
+gated_residual = Compiled(_gated_residual)
+rms_norm = Compiled(_rms_norm)
+norm_rope = Compiled(_norm_rope)
+swiglu = Compiled(_swiglu)
+ALL = (modulate, layer_norm, gated_residual, rms_norm, norm_rope, swiglu, fp8.quantize_rows_fused)
 
 
 def compile_status() -> dict[str, str]:
     """``{function: "compiled" | "eager" | "unused"}`` for reports."""
     out = {}
     for c in ALL:
-        out[c.fn.__name__.lstrip("_")] = ("eager" if c.failed else
-                                          "compiled" if c.compiled is not None else "unused")
+        out[c.fn.__name__.lstrip("_")] = c.status
     return out
 
 

@@ -1,0 +1,44 @@
+"""A function through ``torch.compile`` on first use, eager for good once compiling fails.
+
+Memory-bound glue (the DiT's norms and residuals, fp8's per-token scaling) is written as plain
+PyTorch and compiled into one or two kernels that read and write the activation once; without
+a working compiler the same function runs eagerly (correct, just slower).
+``LONGCAT_NO_COMPILE=1`` forces eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Compiled:
+    """``fn`` through ``torch.compile`` on first use; eager for good once compiling fails."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Any] | None = None
+        self.failed = os.environ.get("LONGCAT_NO_COMPILE", "") not in ("", "0")
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failed:
+            return self.fn(*args)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, fullgraph=True)
+            return self.compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            log.warning("torch.compile of %s failed (%s: %s); running it eagerly",
+                        self.fn.__name__, type(exc).__name__, str(exc).splitlines()[0][:200])
+            self.failed = True
+            return self.fn(*args)
+
+    @property
+    def status(self) -> str:
+        return "eager" if self.failed else "compiled" if self.compiled is not None else "unused"
