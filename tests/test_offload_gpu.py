@@ -33,3 +33,26 @@ def test_on_device_uses_pinned_host_weights():
     with on_device(net, dev):
         pass
     assert [h.data_ptr() for _, h in net._longcat_pinned] == first  # pinned once
+
+
+def test_on_device_streams_blocks_one_at_a_time():
+    from longcat_tools.runner.offload import on_device
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(torch.nn.Linear(1024, 1024) for _ in range(8))
+    net = torch.nn.Sequential(torch.nn.Linear(64, 1024), *blocks).eval()
+    x = torch.randn(4, 64)
+    ref = net(x)
+    dev = torch.device("cuda")
+    block_bytes = sum(p.numel() * p.element_size() for p in blocks[0].parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with on_device(net, dev, blocks=blocks):
+        assert not any(p.is_cuda for p in blocks.parameters())  # not until it runs
+        out = net(x.to(dev))
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    torch.testing.assert_close(out.cpu(), ref)
+    assert peak < 3 * block_bytes, (peak, block_bytes)  # whole: 8 blocks
+    assert all(not p.is_cuda and p.is_pinned() for p in net.parameters())

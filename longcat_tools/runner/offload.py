@@ -7,7 +7,7 @@ embedders, final layer, LoRA deltas and at most two blocks stay on the GPU. Each
 0.5 GB in bf16, so a 480p forward streams ~24 GB over PCIe per step.
 
 ``offload_text_encoder`` keeps the UMT5 encoder in pinned CPU memory and copies it to the GPU
-only while a prompt is encoded (dropping the GPU copy afterwards: no copy back).
+only while a prompt is encoded, block by block (dropping each GPU copy after use: no copy back).
 ``enable_vae_tiling`` turns on the VAE's tiled decode where the VAE has one.
 """
 
@@ -118,12 +118,18 @@ def enable_block_swap(model: nn.Module, device: torch.device | str, resident: in
 
 
 @contextmanager
-def on_device(module: nn.Module, device: torch.device, home: torch.device | str = "cpu"):
+def on_device(module: nn.Module, device: torch.device, home: torch.device | str = "cpu",
+              blocks: nn.ModuleList | None = None):
     """Run ``module`` on ``device`` for the duration, its weights living in host memory.
 
     On a GPU the weights stay in pinned host memory (pinned once, on first use): entering copies
     them in, leaving just drops the GPU copies, since inference never changes them. So each use
     costs one fast host-to-device copy and nothing on the way back. Elsewhere: ``.to`` and back.
+
+    ``blocks`` (on a GPU): these submodules come in one at a time, each just before it runs and
+    dropped right after, so the module never sits whole on the GPU (UMT5-XXL's 24 blocks: 0.4 GB
+    each instead of 10.6 GiB at once; the same bytes cross, in the same total time, since an
+    encode is bound by the copy anyway).
     """
     if device.type != "cuda":
         module.to(device)
@@ -133,11 +139,29 @@ def on_device(module: nn.Module, device: torch.device, home: torch.device | str 
             module.to(home)
         return
     host = _pinned(module)
+    streamed = {id(t) for b in (blocks or []) for t in (*b.parameters(), *b.buffers())}
     for t, h in host:
-        t.data = h.to(device, non_blocking=True)
+        if id(t) not in streamed:
+            t.data = h.to(device, non_blocking=True)
+    hooks = []
+    for block in blocks or []:
+        mine = [(t, h) for t, h in host if id(t) in {id(x) for x in
+                                                     (*block.parameters(), *block.buffers())}]
+
+        def load(_module, _args, mine=mine) -> None:
+            for t, h in mine:
+                t.data = h.to(device, non_blocking=True)
+
+        def drop(_module, _args, _output, mine=mine) -> None:
+            for t, h in mine:
+                t.data = h
+
+        hooks += [block.register_forward_pre_hook(load), block.register_forward_hook(drop)]
     try:
         yield module
     finally:
+        for hook in hooks:
+            hook.remove()
         for t, h in host:
             t.data = h
         torch.cuda.empty_cache()

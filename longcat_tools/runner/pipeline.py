@@ -340,8 +340,10 @@ class LongCatVideoPipeline(DiffusionPipeline):
         if not self.is_main:  # rank 0 encodes once for the whole job
             with self.reporter.stage("text_encoder"):
                 return self._shared(None), self._shared(None)
-        te_on_gpu = on_device(self.text_encoder, self.device) if self.offload_text_encoder \
-            else nullcontext()
+        te_on_gpu = on_device(self.text_encoder, self.device,
+                              blocks=getattr(getattr(self.text_encoder, "encoder", None),
+                                             "block", None)) \
+            if self.offload_text_encoder else nullcontext()
         with self.reporter.stage("text_encoder"), torch.no_grad(), te_on_gpu:
             tokens = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
                                     max_length=MAX_SEQUENCE_LENGTH, truncation=True,
