@@ -1,0 +1,175 @@
+"""End to end: the original pipeline and ``longcat-tools run`` on the same checkpoint, one GPU.
+
+The task is t2v distilled at 480p: 832x480, 93 frames, 16 steps, guidance 1, the cfg_step LoRA.
+
+Each run is a fresh process:
+- **original**: the original ``LongCatVideoPipeline``, loaded the way its t2v demo loads it:
+  components through ``from_pretrained``, ``pipe.to(cuda)``, the LoRA through ``dit.load_lora``
+  and ``enable_loras``, then ``generate_t2v(use_distill=True)``.
+  - It is imported from the checkout given with ``--original``, a scratch copy that is never
+    committed here.
+  - Its dense attention goes through a ``flash_attn`` stand-in on cuDNN SDPA (see
+    ``vs_original.py``).
+- **ours**: ``longcat-tools run --task t2v --distill`` through the CLI, as users run it, once per
+  ``--ours`` setting:
+  - `bf16`;
+  - `fp8` (``--precision fp8``);
+  - `fp8+te` (also ``--offload text-encoder``).
+
+  Timings and peak memory come from the sidecar.
+
+The checkpoint is real-size synthetic, made on the GPU machine beforehand:
+``longcat-tools synth --preset real --dtype bf16 CKPT`` (native layout, 38 GB). Run the
+original first; its page-cache state is then the same for everyone.
+
+  PYTHONPATH=. python3 benchmarks/e2e_vs_original.py --ckpt CKPT --original /path/LongCat-Video
+  PYTHONPATH=. python3 benchmarks/e2e_vs_original.py --ckpt TINY --original ... --small  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPT = ("In a realistic photography style, a white boy around seven or eight years old sits on "
+          "a park bench with an ice cream cone beside a golden Labrador.")
+OURS = {"bf16": [], "fp8": ["--precision", "fp8"],
+        "fp8+te": ["--precision", "fp8", "--offload", "text-encoder"]}
+TARGETS = {"bf16": 0.75, "fp8": 0.55}  # issue #21: total time as a fraction of the original's
+
+
+def original_child(a: argparse.Namespace) -> None:
+    """The original pipeline in this process; prints one JSON line."""
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(HERE))
+    from vs_original import flash_attn_standin
+
+    sys.modules.setdefault("flash_attn", flash_attn_standin())
+    sys.path.insert(0, str(a.original))
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from longcat_video.context_parallel.context_parallel_util import init_context_parallel
+    from longcat_video.modules.autoencoder_kl_wan import AutoencoderKLWan
+    from longcat_video.modules.longcat_video_dit import LongCatVideoTransformer3DModel
+    from longcat_video.modules.scheduling_flow_match_euler_discrete import (
+        FlowMatchEulerDiscreteScheduler,
+    )
+    from longcat_video.pipeline_longcat_video import LongCatVideoPipeline
+
+    cuda = not a.small
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29513")
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    init_context_parallel(context_parallel_size=1, global_rank=0, world_size=1)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    device = "cuda" if cuda else "cpu"
+    ckpt = str(a.ckpt)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(ckpt, subfolder="tokenizer")
+    te = UMT5EncoderModel.from_pretrained(ckpt, subfolder="text_encoder", torch_dtype=dtype)
+    vae = AutoencoderKLWan.from_pretrained(ckpt, subfolder="vae", torch_dtype=dtype)
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(ckpt, subfolder="scheduler")
+    dit = LongCatVideoTransformer3DModel.from_pretrained(
+        ckpt, subfolder="dit", cp_split_hw=[1, 1], torch_dtype=dtype, enable_flashattn2=True,
+        enable_flashattn3=False, enable_xformers=False)
+    pipe = LongCatVideoPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, dit=dit)
+    pipe.to(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t1 = time.perf_counter()
+    pipe.dit.load_lora(os.path.join(ckpt, "lora/cfg_step_lora.safetensors"), "cfg_step_lora",
+                       lora_network_dim=a.lora_rank)
+    pipe.dit.enable_loras(["cfg_step_lora"])
+    sync()
+    t2 = time.perf_counter()
+    gen = torch.Generator(device=device).manual_seed(42)
+    pipe.generate_t2v(prompt=PROMPT, height=a.height, width=a.width, num_frames=a.frames,
+                      num_inference_steps=a.steps, use_distill=True, guidance_scale=1.0,
+                      generator=gen)
+    sync()
+    t3 = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    print(json.dumps({"run": "original", "load_s": round(t1 - t0, 2),
+                      "lora_s": round(t2 - t1, 2), "generate_s": round(t3 - t2, 2),
+                      "total_s": round(t3 - t0, 2),
+                      "peak_alloc_gib": None if peak is None else round(peak, 2)}))
+
+
+def ours(a: argparse.Namespace, name: str, out: Path) -> dict:
+    video = out / f"ours_{name.replace('+', '_')}.mp4"
+    cmd = [sys.executable, "-m", "longcat_tools", "run", "-m", str(a.ckpt), "--task", "t2v",
+           "--distill", "-p", PROMPT, "--height", str(a.height), "--width", str(a.width),
+           "--frames", str(a.frames), "--steps", str(a.steps), "--out", str(video), "-q",
+           *OURS[name]]
+    if a.small:
+        cmd += ["--device", "cpu", "--dtype", "fp32"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        return {"run": f"ours {name}", "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    doc = json.loads(Path(f"{video}.json").read_text())
+    peak = doc["peak_memory"].get("gpu_max_allocated_bytes")
+    return {"run": f"ours {name}", "process_s": round(wall, 2), "total_s": doc["total_s"],
+            "timings_s": doc["timings_s"], "precision": doc.get("precision"),
+            "peak_alloc_gib": None if peak is None else round(peak / 2**30, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", type=Path, required=True)
+    ap.add_argument("--original", type=Path, required=True)
+    ap.add_argument("--ours", default=",".join(OURS), help=f"comma list from {','.join(OURS)}")
+    ap.add_argument("--small", action="store_true", help="CPU logic check (tiny checkpoint)")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.height, a.width, a.frames, a.steps, a.lora_rank = (
+        (32, 32, 9, 2, 4) if a.small else (480, 832, 93, 16, 128))
+    if a.child:
+        original_child(a)
+        return
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "ckpt": str(a.ckpt),
+            "task": f"t2v distill {a.width}x{a.height}, {a.frames} frames, {a.steps} steps"}
+    rows = []
+    cmd = [sys.executable, __file__, "--child", "--ckpt", str(a.ckpt), "--original",
+           str(a.original)] + (["--small"] if a.small else [])
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    if p.returncode != 0:
+        rows.append({"run": "original", "error": (p.stderr.strip().splitlines() or ["?"])[-1]})
+    else:
+        rows.append({**json.loads(p.stdout.strip().splitlines()[-1]),
+                     "process_s": round(time.perf_counter() - t0, 2)})
+    print(json.dumps(rows[-1]), flush=True)
+    for name in a.ours.split(","):
+        rows.append(ours(a, name, out))
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0].get("total_s")
+    for r in rows[1:]:
+        if base and "total_s" in r:
+            r["ratio_to_original"] = round(r["total_s"] / base, 3)
+            r["target"] = TARGETS.get(r["run"].split()[1])
+    (out / "e2e_vs_original.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    print(f"\n{'run':<14} {'total s':>8} {'vs orig':>8} {'target':>7} {'peak GiB':>9}")
+    for r in rows:
+        print(f"{r['run']:<14} {r.get('total_s', float('nan')):>8} "
+              f"{r.get('ratio_to_original', ''):>8} {r.get('target') or '':>7} "
+              f"{r.get('peak_alloc_gib') or '':>9} {r.get('error', '')}")
+
+
+if __name__ == "__main__":
+    main()
