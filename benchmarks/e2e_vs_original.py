@@ -56,8 +56,6 @@ def original_child(a: argparse.Namespace) -> None:
 
     sys.modules.setdefault("flash_attn", flash_attn_standin())
     sys.path.insert(0, str(a.original))
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
     from longcat_video.context_parallel.context_parallel_util import init_context_parallel
     from longcat_video.modules.autoencoder_kl_wan import AutoencoderKLWan
     from longcat_video.modules.longcat_video_dit import LongCatVideoTransformer3DModel
@@ -65,6 +63,7 @@ def original_child(a: argparse.Namespace) -> None:
         FlowMatchEulerDiscreteScheduler,
     )
     from longcat_video.pipeline_longcat_video import LongCatVideoPipeline
+    from transformers import AutoTokenizer, UMT5EncoderModel
 
     cuda = not a.small
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29513")
