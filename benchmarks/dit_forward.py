@@ -5,7 +5,8 @@ random fill: no download), then times one forward (B=1) per shape and variant an
 fused path's output with the plain path's. Shapes: 480p/93 frames dense (latent 24x60x104,
 37,440 tokens), 720p refine/93 with BSA 0.9375 (24x88x160, 84,480 tokens), optionally the
 189-frame refine (48x88x160). The original LongCat-Video cannot run here (it needs flash-attn or
-xformers), so ratios are to the SPEC section 6 figures measured on an H100 (said so in the table).
+xformers), so ratios are to figures of the original measured earlier on an H100 (said so in the
+table); benchmarks/vs_original.py runs the original side by side instead.
 
   PYTHONPATH=. python3 benchmarks/dit_forward.py              # on the GPU machine
   PYTHONPATH=. python3 benchmarks/dit_forward.py --profile    # kernel time by category
@@ -37,7 +38,7 @@ from longcat_tools.runner import fast_ops  # noqa: E402
 from longcat_tools.runner.dit import LongCatTransformer3DModel  # noqa: E402
 from longcat_tools.synth import dit_config  # noqa: E402
 
-# SPEC section 6: the original's DiT forward on one H100 80GB, random bf16 weights, B=1.
+# The original's DiT forward measured earlier on one H100 80GB, random bf16 weights, B=1.
 ORIGINAL = {"480p/93 dense": (4.82, 30.3), "720p refine/93 BSA 0.9375": (7.85, 36.4),
             "720p refine/93 dense": (15.78, 36.4)}
 TARGET = {"480p/93 dense": 0.72, "720p refine/93 BSA 0.9375": 0.55}
@@ -214,7 +215,7 @@ def main() -> None:
         "build_s": round(time.perf_counter() - start, 2),
         "weights_gib": (round(torch.cuda.memory_allocated() / 2**30, 2) if device == "cuda"
                         else None),
-        "baseline": "SPEC section 6 figures for the original (H100, not run here)",
+        "baseline": "earlier H100 figures for the original (not run here)",
     }
     try:
         import triton
@@ -304,7 +305,7 @@ def main() -> None:
     lines = [f"# DiT forward, {info['device']}, torch {info['torch']}, "
              f"triton {info.get('triton', '-')}, {info['date']}", "",
              f"{nparams / 1e9:.2f}B params, bf16 random weights, B=1, 512 text tokens (180 valid),"
-             f" median of {a.reps} after a warm-up. Original = SPEC section 6 (H100; not run "
+             f" median of {a.reps} after a warm-up. Original = earlier H100 figures (not run "
              "here: it needs flash-attn/xformers).", "",
              "| shape | variant | time (s) | peak alloc (GiB) | vs original | target | "
              "rel err vs plain |", "|---|---|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Test helper: re-express a native tiny checkpoint in the other layouts (SPEC §2) and its LoRA
+"""Test helper: re-express a native tiny checkpoint in the other layouts and its LoRA
 in FastVideo's format, independently of the project's converter, to feed the runner's loaders."""
 
 from __future__ import annotations

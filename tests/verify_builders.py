@@ -1,6 +1,6 @@
 """Checkpoints for the verify tests, built from the tiny native one with our own code.
 
-``to_converted`` writes the layouts ``convert`` and FastVideo's converter produce (SPEC §2.2):
+``to_converted`` writes the layouts ``convert`` and FastVideo's converter produce:
 the DiT renamed and split with ``keymap`` (``torch.chunk`` along dim 0, as FastVideo does),
 LoRAs rewritten in FastVideo's ``lora_A/lora_B/lora_alpha`` format (fused targets split,
 block-diagonal B for multi-block single targets, alpha = alpha_scale x rank), other components
