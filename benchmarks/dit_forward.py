@@ -59,17 +59,21 @@ def build(preset: str, depth: int | None, device: str, dtype: torch.dtype, seed:
     with torch.device("meta"):
         model = LongCatTransformer3DModel.from_config(dit_config(preset, depth=depth))
     model = torch.nn.Module.to(model, dtype).to_empty(device=device)  # ModelMixin.to warns
+    random_fill(model, device, seed)
+    return model.eval().requires_grad_(False)
+
+
+def random_fill(model, device: str, seed: int) -> None:
+    """Random weights in place: unit-variance outputs, norm scales near one, small biases."""
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:  # weights: unit-variance outputs
-                fan_in = p[0].numel()
-                p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=g)
-            elif "norm" in name:  # norm scales near one
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            elif "norm" in name:
                 p.normal_(1.0, 0.1, generator=g)
-            else:  # biases: small
+            else:
                 p.normal_(0.0, 0.02, generator=g)
-    return model.eval().requires_grad_(False)
 
 
 def inputs(latent: tuple[int, ...], caption_channels: int, device: str, seed: int):

@@ -183,7 +183,7 @@ class FileJob:
 
 @dataclass
 class Plan:
-    src: layouts.Checkpoint
+    src: layouts.Checkpoint | layouts.AvatarCheckpoint
     dst: Path
     to: str
     keys: str
@@ -298,6 +298,22 @@ def _dit_infos(ckpt: layouts.Checkpoint
     tensor name -> (shard, header entry)."""
     cfg = ckpt.config()
     dims = keymap.dit_dims(cfg, str(ckpt.config_path))
+    infos = shard_infos(ckpt)
+    expected = dict(keymap.tensor_specs(dims, ckpt.flavour, ckpt.is_fp8))
+    unknown = sorted(set(infos) - set(expected))
+    seen = keymap.detect_flavour(list(infos))
+    if unknown and seen and seen != ckpt.flavour:
+        raise LongcatError(f"{ckpt.transformer_dir}: tensor names are {seen} keys but "
+                           f"{ckpt.config_path.name} says {ckpt.flavour} (_class_name "
+                           f"{cfg.get('_class_name')!r}); fix _class_name to "
+                           f"{keymap.CLASS_BY_FLAVOUR[seen]}")
+    check_tensor_set(ckpt.transformer_dir, infos, expected, ckpt.flavour,
+                     f"config: depth {dims.depth}, hidden {dims.hidden_size}")
+    return cfg, dims, infos
+
+
+def shard_infos(ckpt: layouts.Checkpoint) -> dict[str, tuple[Path, TensorInfo]]:
+    """Tensor name -> (shard, header entry) of a DiT folder, its index and shards agreeing."""
     shard_of = layouts.transformer_shards(ckpt)
     headers = _headers(set(shard_of.values()))
     infos: dict[str, tuple[Path, TensorInfo]] = {}
@@ -312,28 +328,26 @@ def _dit_infos(ckpt: layouts.Checkpoint
             if shard_of.get(name) != path:
                 raise LongcatError(f"{path}: holds tensor '{name}' that the index does not map "
                                    "to this shard")
-    expected = dict(keymap.tensor_specs(dims, ckpt.flavour, ckpt.is_fp8))
+    return infos
+
+
+def check_tensor_set(folder: Path, infos: dict[str, tuple[Path, TensorInfo]],
+                     expected: dict[str, tuple[int, ...]], keys: str, why: str) -> None:
+    """The folder holds exactly the ``expected`` tensors, in their shapes (``why``: what the
+    expectation comes from, for the message)."""
     unknown = sorted(set(infos) - set(expected))
-    seen = keymap.detect_flavour(list(infos))
-    if unknown and seen and seen != ckpt.flavour:
-        raise LongcatError(f"{ckpt.transformer_dir}: tensor names are {seen} keys but "
-                           f"{ckpt.config_path.name} says {ckpt.flavour} (_class_name "
-                           f"{cfg.get('_class_name')!r}); fix _class_name to "
-                           f"{keymap.CLASS_BY_FLAVOUR[seen]}")
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise LongcatError(f"{ckpt.transformer_dir}: unknown DiT tensor '{unknown[0]}'{more} "
-                           f"for {ckpt.flavour} keys (not in the LongCat key map)")
+        raise LongcatError(f"{folder}: unknown DiT tensor '{unknown[0]}'{more} "
+                           f"for {keys} keys (not in the LongCat key map)")
     missing = [n for n in expected if n not in infos]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise LongcatError(f"{ckpt.transformer_dir}: DiT tensor '{missing[0]}'{more} is missing "
-                           f"(config: depth {dims.depth}, hidden {dims.hidden_size})")
+        raise LongcatError(f"{folder}: DiT tensor '{missing[0]}'{more} is missing ({why})")
     for name, shape in expected.items():
         if infos[name][1].shape != shape:
             raise LongcatError(f"{infos[name][0]}: tensor '{name}' has shape "
                                f"{list(infos[name][1].shape)}, the config implies {list(shape)}")
-    return cfg, dims, infos
 
 
 def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
@@ -608,13 +622,21 @@ def _text_encoder_jobs(ckpt: layouts.Checkpoint, want: torch.dtype, link: bool,
 
 
 def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str | None = None,
-         dtype: str = "keep", max_shard_size: str | int = DEFAULT_MAX_SHARD, link: bool = True,
-         lora: str = "all", force: bool = False) -> Plan:
+         dtype: str = "keep", max_shard_size: str | int | None = None, link: bool = True,
+         lora: str = "all", force: bool = False, int8: str = "keep") -> Plan:
     """Everything a conversion will write, from headers only; any problem with the source or
-    the destination is raised here, before anything is written."""
+    the destination is raised here, before anything is written. ``max_shard_size`` None is
+    5GB (an avatar's INT8 folder: the original's 4 GiB); ``int8`` is for avatar 1.5 folders
+    (:data:`convert_avatar.INT8_MODES`)."""
+    from longcat_tools import convert_avatar
+
     if to not in TARGETS:
         raise UsageError(f"--to: unknown target '{to}' (use one of {', '.join(TARGETS)})")
+    if int8 not in convert_avatar.INT8_MODES:
+        raise UsageError(f"--int8: unknown mode '{int8}' (use one of "
+                         f"{', '.join(convert_avatar.INT8_MODES)})")
     want = dtypes.parse(dtype, keep=True, choices=(*dtypes.NAMES, dtypes.FP8))
+    keys_given = keys
     if want == fp8_ops.E4M3 and to == "comfy":
         raise UsageError("--dtype fp8 --to comfy: ComfyUI reads one fp8 scale per tensor, this "
                          "tool writes one per output channel; write --to comfy in bf16, or "
@@ -627,11 +649,22 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     keys = keys or "fastvideo"
     if keys not in keymap.FLAVOURS and to != "comfy":
         raise UsageError(f"--keys: unknown '{keys}' (use one of {', '.join(keymap.FLAVOURS)})")
-    max_shard = parse_size(max_shard_size)
-    if Path(src).is_file():
+    max_shard = parse_size(max_shard_size or DEFAULT_MAX_SHARD)
+    src_file = Path(src).is_file()
+    found = None if src_file else layouts.detect_any(hub.resolve_source(src))
+    if isinstance(found, layouts.AvatarCheckpoint):
+        convert_avatar.refuse(to, keys_given, want)
+        return convert_avatar.plan_avatar(
+            found, Path(dst), to=to, dtype=dtype, want=want,
+            max_shard=parse_size(max_shard_size) if max_shard_size else None, link=link,
+            lora=lora, force=force, int8_mode=int8)
+    if int8 != "keep":
+        raise UsageError(f"--int8 {int8}: only for LongCat-Video-Avatar 1.5 folders (their "
+                         "base_model_int8/); this source is a base LongCat-Video checkpoint")
+    if src_file:
         return _plan_single_file(Path(src), Path(dst), to, keys, dtype, want, max_shard, force)
-    src, dst = hub.resolve_source(src), Path(dst)
-    ckpt = layouts.detect(src)
+    assert found is not None
+    ckpt, src, dst = found, found.root, Path(dst)
     if to == "comfy":
         return _plan_to_comfy(ckpt, dst, dtype, want, force)
     check_replaceable(dst, "checkpoint", source=src, force=force)
@@ -927,7 +960,9 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                         copied += 1
                 killer.step()
             extra: dict[str, str] = {}
-            if p.loras:  # the lora command's registry, with each adapter's source and its sha256
+            if p.loras and isinstance(p.src, layouts.Checkpoint):
+                # the lora command's registry, with each adapter's source and its sha256 (an
+                # avatar folder keeps the hub's lora/ as it is: `lora list` rebuilds one)
                 from longcat_tools import lora as lora_registry
 
                 out_ckpt = layouts.detect(tmp)

@@ -5,7 +5,8 @@ read.
 * ``chinese-wav2vec2-base/``: ``config.json`` and a torch-pickled ``pytorch_model.bin`` whose keys
   carry the ``wav2vec2.`` prefix and the positional conv's weight-norm as ``weight_g``/``weight_v``
   (the original loads that file, not safetensors, and needs every key: it builds on the meta
-  device). ``preprocessor_config.json`` is written too, although the original ignores it.
+  device). ``preprocessor_config.json`` is written too, although the original ignores it, and
+  ``model.safetensors`` with the same tensors, which our runner loads (it never unpickles).
 * ``whisper-large-v3/``: ``config.json``, ``generation_config.json``, ``preprocessor_config.json``
   and an fp16 ``model.safetensors`` with ``model.``-prefixed keys, as the hub's. The encoder keeps
   its 32 layers and 1500 positions at every size: the avatar's layer groups need them.
@@ -134,16 +135,24 @@ def whisper_specs(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
 
 def write_wav2vec2(folder: Path, preset: Preset, seed: int, sparse: bool) -> None:
     """``chinese-wav2vec2-base/``. ``sparse`` stores each tensor as one value broadcast to its
-    shape (a pickle has no holes to leave): right names and shapes, almost no disk."""
+    shape (a pickle has no holes to leave): right names and shapes, almost no disk.
+
+    ``model.safetensors`` holds the same tensors under the same names: what converting the
+    pickle gives, and the only file longcat-tools' own runner loads."""
     cfg = wav2vec2_config(preset)
     folder.mkdir()
     write_json(folder / "config.json", cfg)
     write_json(folder / "preprocessor_config.json", WAV2VEC2_PREPROCESSOR)
-    state = {}
-    for name, shape in wav2vec2_specs(cfg):
-        state[name] = (torch.zeros((), dtype=torch.float32).expand(shape) if sparse
-                       else random_tensor(f"{folder.name}/{name}", shape, seed, torch.float32))
-    torch.save(state, folder / "pytorch_model.bin")
+    specs = wav2vec2_specs(cfg)
+
+    def value(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return (torch.zeros((), dtype=torch.float32).expand(shape) if sparse
+                else random_tensor(f"{folder.name}/{name}", shape, seed, torch.float32))
+
+    torch.save({n: value(n, s) for n, s in specs}, folder / "pytorch_model.bin")
+    write_file(folder / "model.safetensors",
+               [TensorSpec(n, torch.float32, s, lambda n=n, s=s: value(n, s).contiguous())
+                for n, s in specs], ST_METADATA, sparse=sparse)
 
 
 def write_whisper(folder: Path, preset: Preset, seed: int, sparse: bool,

@@ -15,11 +15,14 @@ from longcat_tools.bsa.config import (
     config_lock,
     kept_params,
     open_checkpoint,
+    open_configs,
     parse_chunk,
     parse_fraction,
     read_config,
     restore,
+    restore_all,
     update,
+    update_all,
     with_disabled,
     with_enabled,
     with_preset,
@@ -28,5 +31,6 @@ from longcat_tools.bsa.status import attention_path, describe_params, mode_of, s
 
 __all__ = ["JsonStyle", "Update", "attention_path", "backup_path", "check", "config_lock",
            "describe_params", "kept_params", "mode_of", "open_checkpoint",
-           "parse_chunk", "parse_fraction", "read_config", "restore", "status", "update",
-           "with_disabled", "with_enabled", "with_preset"]
+           "open_configs", "parse_chunk", "parse_fraction", "read_config", "restore",
+           "restore_all", "status", "update", "update_all", "with_disabled", "with_enabled",
+           "with_preset"]

@@ -213,6 +213,20 @@ def open_checkpoint(model: str | Path | None) -> layouts.Checkpoint:
     return layouts.detect(layouts.resolve_model(model))
 
 
+def open_configs(model: str | Path | None) -> list[layouts.Checkpoint]:
+    """The transformer configs bsa acts on: a base checkpoint's one, or one view per DiT folder of
+    an avatar checkpoint. An avatar's DiT folders are one model in several forms (1.0's single-
+    and multi-speaker fine-tunes, 1.5's DiT and its INT8 copy) and a run may load any of them,
+    so every change goes to all of them."""
+    found = layouts.detect_any(layouts.resolve_model(model))
+    if isinstance(found, layouts.AvatarCheckpoint):
+        views = found.views()
+        if not views:
+            found.dit()  # one line: no DiT folder
+        return views
+    return [found]
+
+
 def _read_config_text(path: Path) -> str:
     try:
         return jsonio.read_text(path, what="transformer config")
@@ -325,6 +339,30 @@ def update(ckpt: layouts.Checkpoint, change: Change, *, backup: bool = True,
         # list behind the config, and the rerun finds the config already as asked
         refresh_manifest(ckpt.root, [path, backup_path(path)])
     return u
+
+
+def update_all(ckpts: list[layouts.Checkpoint], change: Change, *, backup: bool = True,
+               dry_run: bool = False) -> list[Update]:
+    """:func:`update` on several configs (an avatar's DiT folders): every change is planned and
+    validated first, so a config the change does not fit stops the command before any is
+    written; each is then written as :func:`update` writes one."""
+    plans = [update(c, change, dry_run=True) for c in ckpts]
+    if dry_run or len(ckpts) == 1:
+        return plans if dry_run else [update(ckpts[0], change, backup=backup)]
+    for c in ckpts:
+        hub.check_writable(c.root)
+        check_folder(c)
+        check_writable(c.config_path)
+    return [update(c, change, backup=backup) for c in ckpts]
+
+
+def restore_all(ckpts: list[layouts.Checkpoint], *, dry_run: bool = False) -> list[Update]:
+    """:func:`restore` on several configs; each must have a valid backup before any is
+    swapped."""
+    plans = [restore(c, dry_run=True) for c in ckpts]
+    if dry_run:
+        return plans
+    return [restore(c) for c in ckpts]
 
 
 def restore(ckpt: layouts.Checkpoint, *, dry_run: bool = False) -> Update:

@@ -3,7 +3,10 @@
 Layouts: ``native`` (the hub release: ``dit/``), ``converted`` (``model_index.json`` +
 ``transformer/`` sharded with an index, in either key flavour) and ``fastvideo-single`` (FastVideo's
 converter output: one ``transformer/model.safetensors``); ``comfy-single`` (a ComfyUI single-file
-DiT, only ever a convert source: :mod:`longcat_tools.checkpoint.comfy_single`). Every path read
+DiT, only ever a convert source: :mod:`longcat_tools.checkpoint.comfy_single`). An avatar folder
+(LongCat-Video-Avatar 1.0 or 1.5) is an :class:`AvatarCheckpoint` (:func:`detect_any`): several DiT
+folders, an audio encoder, and the base model's parts in the sibling ``../LongCat-Video``;
+:func:`detect` names it and refuses it, since its callers read a base DiT. Every path read
 from a file is checked to stay inside the checkpoint; symlinks may not lead out of it. A snapshot
 in the Hugging Face cache is the one exception: its files are symlinks into the repo's ``blobs/``,
 so its containment boundary is the repo's cache folder (``hub.snapshot_roots``), never anything
@@ -14,13 +17,13 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.model import fp8, keymap
+from longcat_tools.model import avatar, fp8, int8, keymap
 
 LAYOUTS = ("native", "converted", "fastvideo-single", "comfy-single")
 # A ComfyUI single-file DiT (Kijai's LongCat-Video_comfy): a convert source, never a checkpoint.
@@ -109,6 +112,8 @@ class Checkpoint:
     # Real folders its files may resolve into; empty means the root itself. A Hugging Face cache
     # snapshot sets its repo's cache folder (and the cache's shared blob store, if any).
     allowed: tuple[Path, ...] = ()
+    # Set on the view of one DiT folder of an avatar checkpoint (AvatarCheckpoint.dit).
+    avatar: AvatarCheckpoint | None = None
 
     @property
     def containment(self) -> tuple[Path, ...]:
@@ -140,7 +145,7 @@ class Checkpoint:
         """Whether the DiT folder is an fp8 checkpoint (``model.fp8``: its
         ``quantization_config.json``); another quantization method is one line."""
         path = self.transformer_dir / fp8.CONFIG_FILE
-        if self.layout == COMFY_SINGLE or not path.exists():
+        if self.layout == COMFY_SINGLE or self.avatar is not None or not path.exists():
             return False
         check_contained(path, self.containment)
         cfg = jsonio.read(path, what="quantization config")
@@ -154,6 +159,8 @@ class Checkpoint:
     def describe(self) -> str:
         if self.layout == COMFY_SINGLE:
             return "ComfyUI single-file DiT"
+        if self.avatar is not None:
+            return f"{self.avatar.describe()}, DiT {self.transformer_dir.name}/"
         fp8_note = ", fp8" if self.is_fp8 else ""
         if self.layout == "native":
             return f"native (hub release{fp8_note})"
@@ -161,7 +168,19 @@ class Checkpoint:
 
 
 def detect(root: str | Path) -> Checkpoint:
-    """Recognise the layout of a checkpoint folder; anything else is a LongcatError."""
+    """Recognise the layout of a base checkpoint folder; anything else (an avatar folder too) is
+    a LongcatError."""
+    found = detect_any(root)
+    if isinstance(found, AvatarCheckpoint):
+        raise LongcatError(f"{found.root}: is a {found.describe()} checkpoint; this command reads "
+                           "the base LongCat-Video model only (verify, bsa and lora handle "
+                           "avatar checkpoints)")
+    return found
+
+
+def detect_any(root: str | Path) -> Checkpoint | AvatarCheckpoint:
+    """A base checkpoint's :class:`Checkpoint` or an avatar folder's :class:`AvatarCheckpoint`;
+    anything else is a LongcatError."""
     root = Path(root)
     if not root.exists():
         raise LongcatError(f"{root}: no such folder")
@@ -174,6 +193,9 @@ def detect(root: str | Path) -> Checkpoint:
     dit, transformer = root / "dit", root / "transformer"
     if dit.is_dir():
         return Checkpoint(root, "native", "native", dit, allowed)
+    converted = converted_avatar_version(root)
+    if converted is not None:
+        return AvatarCheckpoint(root, converted, allowed, converted=True)
     if transformer.is_dir():
         cfg_path = transformer / "config.json"
         single = transformer / FASTVIDEO_SINGLE
@@ -186,12 +208,200 @@ def detect(root: str | Path) -> Checkpoint:
             return Checkpoint(root, "fastvideo-single", "fastvideo", transformer, allowed)
         flavour = keymap.config_flavour(cfg) if cls is not None else "fastvideo"
         return Checkpoint(root, "converted", flavour, transformer, allowed)
+    version = avatar_version(root)
+    if version is not None:
+        return AvatarCheckpoint(root, version, allowed)
     raise LongcatError(f"{root}: not a LongCat-Video checkpoint (expected dit/ for the hub layout "
                        "or transformer/ for the model_index.json layout)")
 
 
 def looks_like_checkpoint(path: Path) -> bool:
     return (path / "dit").is_dir() or (path / "transformer").is_dir()
+
+
+# --- avatar checkpoints ------------------------------------------------------------------------
+
+# What the avatar reads from the sibling base folder, per release (1.5 brings its own scheduler).
+BASE_PARTS = {name: ("tokenizer", "text_encoder", "vae") + (() if v.own_scheduler
+                                                            else ("scheduler",))
+              for name, v in avatar.VERSIONS.items()}
+
+
+def avatar_version(root: Path) -> avatar.AvatarVersion | None:
+    """The avatar release a folder is, from the folders only it has: 1.0's ``avatar_single/`` or
+    ``avatar_multi/``; 1.5's ``base_model/``, ``base_model_int8/``, or a root
+    ``model_index.json`` that names an avatar (its model name or pipeline class; the base
+    release's stub names LongCat-Video). None for any other folder; a folder with both releases'
+    DiT folders is one LongcatError."""
+    def marks(v: avatar.AvatarVersion) -> list[str]:
+        names = [*v.dit_folders, *([v.int8_folder] if v.int8_folder else [])]
+        return [n for n in names if (root / n).is_dir()]
+
+    found = {name: marks(v) for name, v in avatar.VERSIONS.items()}
+    index = root / "model_index.json"
+    if not found["avatar-1.5"] and index.is_file() and not (root / "transformer").exists():
+        doc = jsonio.read(index, what="pipeline index")
+        if isinstance(doc, dict) and any(isinstance(v, str) and "Avatar" in v
+                                         for v in (doc.get("model_name"), doc.get("_class_name"))):
+            found["avatar-1.5"] = ["model_index.json"]
+    hits = [name for name, m in found.items() if m]
+    if len(hits) > 1:
+        a, b = (found[h][0] for h in hits[:2])
+        raise LongcatError(f"{root}: holds {a} (avatar {hits[0][7:]}) and {b} (avatar "
+                           f"{hits[1][7:]}); one folder is one avatar release, keep them apart")
+    return avatar.VERSIONS[hits[0]] if hits else None
+
+
+@dataclass(frozen=True)
+class AvatarCheckpoint:
+    """A LongCat-Video-Avatar folder: its DiT folders (1.0: ``avatar_single``, ``avatar_multi``;
+    1.5: ``base_model`` and its INT8 copy ``base_model_int8``), its audio encoder, and where the
+    base model's tokenizer, text encoder and VAE (1.0: and scheduler) live: the sibling
+    ``../LongCat-Video``, the only place the original looks."""
+
+    root: Path
+    version: avatar.AvatarVersion
+    allowed: tuple[Path, ...] = ()
+    # The model_index.json layout (``convert --to converted``): folders named as in
+    # :func:`converted_avatar`, the base model's parts inside the folder itself.
+    converted: bool = False
+
+    @property
+    def layout(self) -> str:
+        return self.version.name
+
+    @property
+    def flavour(self) -> str:
+        return "native"
+
+    @property
+    def containment(self) -> tuple[Path, ...]:
+        return self.allowed or (self.root.resolve(),)
+
+    @property
+    def dits(self) -> tuple[str, ...]:
+        """The bf16/fp32 DiT folders present, in the release's order."""
+        return tuple(n for n in self.version.dit_folders if (self.root / n).is_dir())
+
+    @property
+    def int8(self) -> str | None:
+        """The INT8 DiT folder, when present."""
+        name = self.version.int8_folder
+        return name if name and (self.root / name).is_dir() else None
+
+    @property
+    def dit_folders(self) -> tuple[str, ...]:
+        """Every DiT folder present: the plain ones, then the INT8 one."""
+        return self.dits + ((self.int8,) if self.int8 else ())
+
+    @property
+    def audio_encoder(self) -> Path:
+        return self.root / self.version.audio_encoder
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.root / "lora"
+
+    @property
+    def base(self) -> Path:
+        """Where the base model's parts are looked for (whether or not they are there): the
+        sibling ``../LongCat-Video``, or the folder itself in the model_index.json layout."""
+        return self.root if self.converted else self.root.parent / avatar.BASE_FOLDER
+
+    @property
+    def base_parts(self) -> tuple[str, ...]:
+        return BASE_PARTS[self.version.name]
+
+    def base_problem(self) -> str | None:
+        """Why the sibling base folder cannot serve this avatar (None: it can)."""
+        base = self.base
+        if not base.is_dir():
+            return (f"the base model's folder {base} is missing: the avatar reads its "
+                    f"{', '.join(self.base_parts)} from ../{avatar.BASE_FOLDER} (put the "
+                    f"{avatar.BASE_FOLDER} checkpoint beside {self.root.name}, e.g. "
+                    f"`longcat-tools download meituan-longcat/LongCat-Video --dst {base}`)")
+        missing = [p for p in self.base_parts if not (base / p).is_dir()]
+        if missing:
+            return (f"the base model's folder {base} lacks {', '.join(p + '/' for p in missing)},"
+                    f" which the avatar reads from there (a complete {avatar.BASE_FOLDER} "
+                    "checkpoint belongs beside it)")
+        return None
+
+    def require_base(self) -> Path:
+        """The sibling base folder; one LongcatError when it cannot serve."""
+        problem = self.base_problem()
+        if problem:
+            raise LongcatError(f"{self.root}: {problem}")
+        return self.base
+
+    def describe(self) -> str:
+        v = self.version.name.replace("avatar-", "")
+        return f"LongCat-Video-Avatar {v}" + (" (model_index.json layout)" if self.converted
+                                              else "")
+
+    def dit(self, name: str | None = None) -> Checkpoint:
+        """A :class:`Checkpoint` view of one DiT folder (default: the first present), for the
+        commands that act on one transformer config and ``lora/``."""
+        folders = self.dit_folders
+        if not folders:
+            wanted = self.version.dit_folders + ((self.version.int8_folder,)
+                                                 if self.version.int8_folder else ())
+            raise LongcatError(f"{self.root}: a {self.describe()} folder without a DiT folder "
+                               f"(expected {' or '.join(w + '/' for w in wanted)})")
+        if name is None:
+            name = folders[0]
+        elif name not in folders:
+            raise LongcatError(f"{self.root}: no DiT folder {name}/ (this checkpoint has "
+                               f"{', '.join(f + '/' for f in folders)})")
+        return Checkpoint(self.root, self.version.name, "native", self.root / name, self.allowed,
+                          self)
+
+    def views(self) -> list[Checkpoint]:
+        """One view per DiT folder present."""
+        return [self.dit(n) for n in self.dit_folders]
+
+    def is_int8(self, view: Checkpoint) -> bool:
+        return view.transformer_dir.name == self.int8
+
+
+# The model_index.json layout of an avatar folder: hub DiT folder -> its folder there. The audio
+# encoder, vocal_separator/, scheduler/ and lora/ keep their names; tokenizer/, text_encoder/, vae/
+# (and 1.0's scheduler/) come in from the base folder.
+AVATAR_PIPELINE = "LongCatVideoAvatarPipeline"
+AVATAR_CONVERTED_FOLDERS = {"avatar_single": "transformer", "avatar_multi": "transformer_multi",
+                            "base_model": "transformer", "base_model_int8": "transformer_int8"}
+
+
+def converted_avatar(version: avatar.AvatarVersion) -> avatar.AvatarVersion:
+    """The release as its model_index.json layout names its parts (same ``name``)."""
+    int8_folder = version.int8_folder
+    return replace(version,
+                   dit_folders=tuple(AVATAR_CONVERTED_FOLDERS[f] for f in version.dit_folders),
+                   int8_folder=AVATAR_CONVERTED_FOLDERS[int8_folder] if int8_folder else None,
+                   own_scheduler=True,
+                   root_files=("model_index.json",
+                               *(f for f in version.root_files if f != "model_index.json")))
+
+
+def converted_avatar_version(root: Path) -> avatar.AvatarVersion | None:
+    """The avatar release of a model_index.json-layout folder (``transformer/`` and a
+    ``model_index.json`` naming :data:`AVATAR_PIPELINE` and the release's folder name), else
+    None; an unreadable model_index.json is left to the base layouts' checks."""
+    index = root / "model_index.json"
+    if not ((root / "transformer").is_dir() and index.is_file()):
+        return None
+    try:
+        doc = jsonio.read(index, what="pipeline index")
+    except LongcatError:
+        return None
+    if not isinstance(doc, dict) or doc.get("_class_name") != AVATAR_PIPELINE:
+        return None
+    for v in avatar.VERSIONS.values():
+        if doc.get("model_name") == v.folder:
+            return converted_avatar(v)
+    names = ", ".join(v.folder for v in avatar.VERSIONS.values())
+    raise LongcatError(f"{index}: names {AVATAR_PIPELINE} but model_name "
+                       f"{doc.get('model_name')!r} is no avatar release (one of {names})")
 
 
 def resolve_model(arg: str | Path | None) -> Path:
@@ -207,7 +417,7 @@ def resolve_model(arg: str | Path | None) -> Path:
     if env:
         return resolve_source(env)
     cwd = Path.cwd()
-    if looks_like_checkpoint(cwd):
+    if looks_like_checkpoint(cwd) or avatar_version(cwd) is not None:
         return cwd
     raise UsageError(f"no checkpoint given: pass --model PATH, set {ENV_MODEL}, or run inside a "
                      "checkpoint folder")
@@ -226,7 +436,8 @@ def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
         if p.name.endswith(PICKLE_SUFFIXES):
             raise LongcatError(f"{p}: pickle weight files are never loaded (convert it to "
                                "safetensors first)")
-    index = folder / INDEX_NAME
+    int8_view = ckpt.avatar is not None and ckpt.avatar.is_int8(ckpt)
+    index = folder / (int8.INDEX_NAME if int8_view else INDEX_NAME)
     if index.exists():
         check_contained(index, allowed)
         doc = jsonio.read(index, what="shard index")
@@ -248,7 +459,7 @@ def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
         on_disk = {p.name for p in folder.glob("*.safetensors")}
         stray = sorted(on_disk - set(files))
         if stray:
-            raise LongcatError(f"{folder / stray[0]}: shard on disk that {INDEX_NAME} does not "
+            raise LongcatError(f"{folder / stray[0]}: shard on disk that {index.name} does not "
                                "name (a stray shard would be loaded by glob-based loaders; remove "
                                "it or fix the index)")
         return out

@@ -12,8 +12,9 @@ from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseO
 bsa_app = typer.Typer(
     name="bsa", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
     help="Block sparse attention: status, enable, disable, preset NAME, presets, restore, check. "
-         "Writes go to the transformer config (dit/ or transformer/config.json): validated, "
-         "atomic, locked against concurrent writers, with one config.json.bak.")
+         "Writes go to the transformer config (dit/ or transformer/config.json; every DiT "
+         "folder's of an avatar checkpoint): validated, atomic, locked against concurrent "
+         "writers, with one config.json.bak.")
 
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the diff; write nothing.")]
 NoBackupOpt = Annotated[bool, typer.Option("--no-backup",
@@ -49,7 +50,15 @@ def _params_args(sparsity: str | None, cdf: str | None, chunk_q: str | None,
     return args
 
 
-def _report(out: Out, action: str, ckpt, u) -> None:
+def _report(out: Out, action: str, ckpts, updates) -> None:
+    """Each config's outcome; the JSON result is one config's document, or for several (an
+    avatar's DiT folders) ``{"action", "configs": [...]}``."""
+    docs = [_report_one(out, action, c, u) for c, u in zip(ckpts, updates, strict=True)]
+    out.result(docs[0] if len(docs) == 1 else {"action": action, "checkpoint": str(
+        ckpts[0].root), "layout": ckpts[0].layout, "configs": docs})
+
+
+def _report_one(out: Out, action: str, ckpt, u) -> dict[str, Any]:
     from longcat_tools import bsa
 
     where = u.path
@@ -66,7 +75,7 @@ def _report(out: Out, action: str, ckpt, u) -> None:
     for note in u.notes:
         out.detail(f"  {note}")
     out.say(f"attention: {bsa.attention_path(u.config)}")
-    out.result({"action": action, "config": str(where), "layout": ckpt.layout,
+    return ({"action": action, "config": str(where), "layout": ckpt.layout,
                 "changed": u.changed, "written": u.written, "dry_run": u.dry_run,
                 "backup": str(u.backup) if u.backup else None, "diff": u.diff(),
                 "notes": u.notes, "enable_bsa": u.config.get("enable_bsa"),
@@ -82,8 +91,13 @@ def status_cmd(model: ModelOpt = None, json_out: JsonOpt = False, quiet: QuietOp
     from longcat_tools import bsa
 
     out = Out(json_out, quiet, verbose)
-    ckpt = bsa.open_checkpoint(model)
-    st = bsa.status(ckpt)
+    ckpts = bsa.open_configs(model)
+    docs = [_status_one(out, bsa.status(c)) for c in ckpts]
+    out.result(docs[0] if len(docs) == 1 else {"checkpoint": str(ckpts[0].root),
+                                                "layout": ckpts[0].layout, "configs": docs})
+
+
+def _status_one(out: Out, st: dict[str, Any]) -> dict[str, Any]:
     params = st["bsa_params"]
     if isinstance(params, dict):
         shown = ", ".join(f"{k} {json.dumps(v)}" for k, v in params.items())
@@ -103,7 +117,7 @@ def status_cmd(model: ModelOpt = None, json_out: JsonOpt = False, quiet: QuietOp
         out.say(f"note: {n}")
     for w in st["warnings"]:
         out.warn(w)
-    out.result(st)
+    return st
 
 
 @bsa_app.command("enable")
@@ -119,10 +133,10 @@ def enable_cmd(sparsity: SparsityOpt = None, cdf_threshold: CdfOpt = None,
 
     out = Out(json_out, quiet, verbose)
     args = _params_args(sparsity, cdf_threshold, chunk_q, chunk_k)
-    ckpt = bsa.open_checkpoint(model)
-    u = bsa.update(ckpt, lambda cfg, style: bsa.with_enabled(cfg, style, **args),
-                   backup=not no_backup, dry_run=dry_run)
-    _report(out, "enable", ckpt, u)
+    ckpts = bsa.open_configs(model)
+    u = bsa.update_all(ckpts, lambda cfg, style: bsa.with_enabled(cfg, style, **args),
+                       backup=not no_backup, dry_run=dry_run)
+    _report(out, "enable", ckpts, u)
 
 
 @bsa_app.command("disable")
@@ -133,9 +147,9 @@ def disable_cmd(model: ModelOpt = None, dry_run: DryRunOpt = False,
     from longcat_tools import bsa
 
     out = Out(json_out, quiet, verbose)
-    ckpt = bsa.open_checkpoint(model)
-    u = bsa.update(ckpt, bsa.with_disabled, backup=not no_backup, dry_run=dry_run)
-    _report(out, "disable", ckpt, u)
+    ckpts = bsa.open_configs(model)
+    u = bsa.update_all(ckpts, bsa.with_disabled, backup=not no_backup, dry_run=dry_run)
+    _report(out, "disable", ckpts, u)
 
 
 @bsa_app.command("preset")
@@ -150,10 +164,10 @@ def preset_cmd(name: Annotated[str, typer.Argument(metavar="NAME", help="A prese
 
     out = Out(json_out, quiet, verbose)
     bsa_presets.get(name)  # an unknown name fails before the checkpoint is looked at
-    ckpt = bsa.open_checkpoint(model)
-    u = bsa.update(ckpt, lambda cfg, style: bsa.with_preset(cfg, name, style),
-                   backup=not no_backup, dry_run=dry_run)
-    _report(out, f"preset {name}", ckpt, u)
+    ckpts = bsa.open_configs(model)
+    u = bsa.update_all(ckpts, lambda cfg, style: bsa.with_preset(cfg, name, style),
+                       backup=not no_backup, dry_run=dry_run)
+    _report(out, f"preset {name}", ckpts, u)
 
 
 @bsa_app.command("presets")
@@ -191,9 +205,9 @@ def restore_cmd(model: ModelOpt = None, dry_run: DryRunOpt = False, json_out: Js
     from longcat_tools import bsa
 
     out = Out(json_out, quiet, verbose)
-    ckpt = bsa.open_checkpoint(model)
-    u = bsa.restore(ckpt, dry_run=dry_run)
-    _report(out, "restore", ckpt, u)
+    ckpts = bsa.open_configs(model)
+    u = bsa.restore_all(ckpts, dry_run=dry_run)
+    _report(out, "restore", ckpts, u)
 
 
 def _fmt_flops(x: float | None) -> str:
@@ -239,7 +253,7 @@ def check_cmd(
     source, dims, params, why = "the real 13.6B model", keymap.RELEASE_DIMS, None, \
         "no checkpoint given"
     if root is not None:
-        ckpt = layouts.detect(root)
+        ckpt = bsa.open_configs(root)[0]  # an avatar's DiT folders share one architecture
         cfg = bsa.read_config(ckpt)
         dims = keymap.dit_dims(cfg, str(ckpt.config_path))
         source = str(ckpt.config_path)

@@ -1,4 +1,5 @@
-"""``longcat-tools convert``: native hub layout <-> model_index.json layout (parse, call, print)."""
+"""``longcat-tools convert``: native hub layout <-> model_index.json layout, base and avatar
+checkpoints (parse, call, print)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def convert_cmd(
                                      help="Source checkpoint: native hub layout, converted "
                                      "(model_index.json), FastVideo's single-file output, or a "
                                      "ComfyUI single-file DiT (.safetensors, bf16 or "
-                                     "fp8_e4m3fn_scaled).")],
+                                     "fp8_e4m3fn_scaled), or a LongCat-Video-Avatar folder.")],
     dst: Annotated[str, typer.Option("--dst", metavar="DST", show_default=False,
                                      help="Output folder (written as DST.partial, renamed at "
                                      "the end; must not exist unless --force).")],
@@ -37,15 +38,21 @@ def convert_cmd(
                                        "weights (the VAE is kept). fp8: the DiT's block GEMM "
                                        "weights in e4m3 with a scale per output channel, the "
                                        "rest bf16 (for run --precision fp8).")] = "keep",
-    max_shard_size: Annotated[str, typer.Option(
-        "--max-shard-size", metavar="SIZE",
-        help="Largest transformer shard (5GB = 5e9 bytes, 5GiB = 5*2^30).")] = "5GB",
+    max_shard_size: Annotated[str | None, typer.Option(
+        "--max-shard-size", metavar="SIZE", show_default=False,
+        help="Largest transformer shard (5GB = 5e9 bytes, 5GiB = 5*2^30). Default 5GB; an "
+        "avatar's INT8 folder: 4GiB, as the original splits it.")] = None,
     link: Annotated[bool, typer.Option("--link/--copy",
                                        help="Hard-link unchanged files (tokenizer, VAE, ...) or "
                                        "copy them.")] = True,
     lora: Annotated[str, typer.Option("--lora", metavar="all|none|NAME,...",
                                       help="Which LoRA adapters to convert (names: distilled, "
                                       "refinement, or a file stem).")] = "all",
+    int8: Annotated[str, typer.Option(
+        "--int8", metavar="keep|quantize|dequantize|drop",
+        help="LongCat-Video-Avatar 1.5 only: keep base_model_int8/ as it is, write it from "
+        "base_model/ (the original's quantization), write base_model/ from it (float32 "
+        "int8 x scale, one cast to --dtype, bf16 for keep), or leave it out.")] = "keep",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (files, tensors, "
                                           "bytes) and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it is a checkpoint.")]
@@ -57,7 +64,7 @@ def convert_cmd(
 
     out = Out(json_out, quiet, verbose)
     p = conv.plan(src, dst, to=to, keys=keys, dtype=dtype, max_shard_size=max_shard_size,
-                  link=link, lora=lora, force=force)
+                  link=link, lora=lora, force=force, int8=int8)
     out.say(f"{p.src.root}: {p.src.describe()} -> {p.dst}: {p.target_layout}, dtype {p.dtype}")
     rows = [[g["group"], g["files"], g["tensors"] or "", _gb(g["bytes_in"]), _gb(g["bytes_out"]),
              g["how"]] for g in p.groups()]

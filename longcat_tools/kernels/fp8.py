@@ -37,6 +37,13 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def is_e4m3(layer: torch.nn.Module) -> bool:
+    """Whether ``layer`` holds an e4m3 ``weight`` (``Linear.to_fp8``); other quantized layers
+    (the avatar's INT8 ones) carry a ``weight_scale`` too, so the weight's dtype decides."""
+    weight = getattr(layer, "weight", None)
+    return weight is not None and weight.dtype == E4M3
+
+
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``q.float() * scale`` per output row, in float32, then one cast to ``dtype``."""

@@ -271,9 +271,12 @@ def _check_not_the_models(ckpt: layouts.Checkpoint, out: Path) -> None:
         real = f.resolve()
         return folder == real or real in folder.parents
 
-    if within(ckpt.transformer_dir):
-        raise LongcatError(f"{out}: is inside {ckpt.transformer_dir}, the model's own weights; "
-                           "export to a folder outside it")
+    dits = ([ckpt.root / f for f in ckpt.avatar.dit_folders] if ckpt.avatar is not None
+            else [ckpt.transformer_dir])
+    for dit in dits:
+        if within(dit):
+            raise LongcatError(f"{out}: is inside {dit}, the model's own weights; export to a "
+                               "folder outside it")
     if out.exists():
         for f in (ckpt.lora_dir, *(ckpt.root / c for c in layouts.COMPONENTS)):
             if within(f):

@@ -136,6 +136,10 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
               scale: float | None = None, link: bool = True, force: bool = False) -> FusePlan:
     """Check the adapters and the checkpoint, and find which shards change (headers only)."""
     ckpt = checkpoint_of(model)
+    if ckpt.avatar is not None:
+        raise LongcatError(f"{ckpt.root}: lora fuse does not handle avatar checkpoints yet (all "
+                           "of its DiT folders, the INT8 copy too, would need the merge); apply "
+                           "the adapter at run time instead")
     dst = Path(dst)
     check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
     for entry in ckpt.root.iterdir():  # what the copy will place: no link loop among it

@@ -30,7 +30,7 @@ from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, file_lock
 from longcat_tools.io.checksums import refresh_manifest, sha256_file
 from longcat_tools.lora import formats as lf
-from longcat_tools.model import keymap
+from longcat_tools.model import avatar, keymap
 
 REGISTRY = "adapters.json"
 LOCK_SUFFIX = ".lock"
@@ -173,7 +173,9 @@ def checkpoint_of(model: str | Path | layouts.Checkpoint | None) -> layouts.Chec
     """The checkpoint a ``--model`` value names (the default model when None)."""
     if isinstance(model, layouts.Checkpoint):
         return model
-    return layouts.detect(layouts.resolve_model(model))
+    found = layouts.detect_any(layouts.resolve_model(model))
+    # an avatar's DiT folders share one architecture: adapters (in its lora/) fit them all
+    return found.dit() if isinstance(found, layouts.AvatarCheckpoint) else found
 
 
 def owned(ckpt: layouts.Checkpoint, path: Path, what: str) -> Path:
@@ -192,8 +194,11 @@ def is_owned(ckpt: layouts.Checkpoint, path: Path) -> bool:
 
 
 def dit_shapes(ckpt: layouts.Checkpoint) -> dict[str, tuple[int, int]]:
-    """Native module -> (out, in) of every Linear of this checkpoint's DiT (from its config)."""
-    return lf.linear_shapes(keymap.dit_dims(ckpt.config(), str(ckpt.config_path)))
+    """Native module -> (out, in) of every Linear of this checkpoint's DiT (from its config; an
+    avatar DiT's audio modules too)."""
+    cfg, where = ckpt.config(), str(ckpt.config_path)
+    audio = avatar.audio_dims(cfg, where) if avatar.is_avatar_config(cfg) else None
+    return lf.linear_shapes(keymap.dit_dims(cfg, where), audio)
 
 
 def check_name(name: str) -> None:

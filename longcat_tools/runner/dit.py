@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,18 @@ from longcat_tools.runner.lora import LoraDelta, read_lora
 from longcat_tools.runner.lora import apply as lora_apply
 
 KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+class Prepared(NamedTuple):
+    """A forward's inputs as the blocks take them (``LongCatTransformer3DModel._prepare``)."""
+
+    x: torch.Tensor  # [B, N, C] patch tokens (this rank's frames under context parallel)
+    t: torch.Tensor  # fp32 [B, T, Ct] per-frame timestep embeddings
+    y: torch.Tensor  # [sum(y_lens), C] the packed text tokens
+    y_lens: list[int]
+    grid: tuple[int, int, int]
+    split: FrameSplit
+    attn: AttnSettings
 
 
 class ModelSetting:
@@ -99,12 +111,15 @@ class Linear(nn.Linear):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale = scale
 
-    def forward(self, x: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fp32: bool = False,
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``xq``: ``x`` already scaled to e4m3 (``kernels.fp8.quantize_input``), for an fp8
+        layer that shares its input with another."""
         if self.weight_scale is not None:
             if self.weight.dtype != fp8_ops.E4M3:
                 raise LongcatError("an fp8 layer's weight was cast to another dtype (after fp8, "
                                    "move the model with .to(device) only)")
-            out = fp8_ops.linear(x, self.weight, self.weight_scale, self.bias)
+            out = fp8_ops.linear(x, self.weight, self.weight_scale, self.bias, xq)
         elif fp32:
             bias = None if self.bias is None else self.bias.float()
             out = F.linear(x.float(), self.weight.float(), bias)
@@ -166,17 +181,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.device,
-                  base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  base: float = 10000.0, t_positions: tuple[float, ...] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``[T*H*W, head_dim]`` of the 3D RoPE over a (T, H, W) token grid.
 
     The head dim splits into [t | h | w] parts of ``D - 4*(D//6)``, ``2*(D//6)``, ``2*(D//6)``
-    channels; each angle is repeated for an interleaved channel pair; positions start at 0.
+    channels; each angle is repeated for an interleaved channel pair; positions start at 0, or
+    the time positions are ``t_positions`` (the avatar's reference frame sits elsewhere in time).
     """
     d_hw = 2 * (head_dim // 6)
     parts = []
-    for n, d in zip(grid, (head_dim - 2 * d_hw, d_hw, d_hw), strict=True):
+    for axis, (n, d) in enumerate(zip(grid, (head_dim - 2 * d_hw, d_hw, d_hw), strict=True)):
         freqs = 1.0 / (base ** (torch.arange(0, d, 2)[: d // 2].float() / d))
-        angles = torch.arange(n, dtype=torch.float32)[:, None] * freqs[None]
+        pos = torch.arange(n, dtype=torch.float32) if axis or t_positions is None \
+            else torch.tensor(t_positions, dtype=torch.float32)
+        angles = pos[:, None] * freqs[None]
         parts.append(angles.repeat_interleave(2, dim=-1))
     T, H, W = grid
     table = torch.cat([parts[0][:, None, None].expand(T, H, W, -1),
@@ -189,15 +208,16 @@ def rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.devic
 _ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def rope_table_cached(grid: tuple[int, int, int], head_dim: int,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table_cached(grid: tuple[int, int, int], head_dim: int, device: torch.device,
+                      t_positions: tuple[float, ...] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rope_3d_table``, kept for the last few grids: every block of every step reuses it."""
-    key = (tuple(grid), head_dim, torch.device(device))
+    key = (tuple(grid), head_dim, torch.device(device), t_positions)
     if key not in _ROPE_CACHE:
         if len(_ROPE_CACHE) >= 4:
             _ROPE_CACHE.pop(next(iter(_ROPE_CACHE)))
         with torch.inference_mode(False), torch.no_grad():  # usable under autograd later too
-            _ROPE_CACHE[key] = rope_3d_table(grid, head_dim, device)
+            _ROPE_CACHE[key] = rope_3d_table(grid, head_dim, device, t_positions=t_positions)
     return _ROPE_CACHE[key]
 
 
@@ -325,9 +345,12 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        xq = fp8_ops.quantize_input(x) if fp8_ops.is_e4m3(self.w1) \
+            and fp8_ops.is_e4m3(self.w3) else None  # w1 and w3 share x's scaling
+        a, b = self.w1(x, xq=xq), self.w3(x, xq=xq)
         if fast:
-            return self.w2(fast_ops.swiglu(self.w1(x), self.w3(x)))
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            return self.w2(fast_ops.swiglu(a, b))
+        return self.w2(F.silu(a) * b)
 
 
 class Block(nn.Module):
@@ -475,8 +498,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.y_embedder = nn.Module()
         self.y_embedder.y_proj = nn.Sequential(Linear(dims.caption_channels, C),
                                                nn.GELU(approximate="tanh"), Linear(C, C))
-        self.blocks = nn.ModuleList(Block(C, dims.num_heads, dims.ffn_hidden, Ct)
-                                    for _ in range(dims.depth))
+        self.blocks = nn.ModuleList(self._make_block() for _ in range(dims.depth))
         self.final_layer = FinalLayer(C, dims.patch_volume * dims.out_channels, Ct)
         self.lora_registry: dict[str, dict[str, LoraDelta]] = {}
         self.active_loras: list[str] = []
@@ -487,6 +509,11 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.register_state_dict_pre_hook(_apply_pending_loras)
         if enable_bsa:
             self.enable_bsa()
+
+    def _make_block(self) -> Block:
+        """One transformer block (a subclass builds its own kind)."""
+        d = self.dims
+        return Block(d.hidden_size, d.num_heads, d.ffn_hidden, d.adaln_tembed_dim)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
@@ -554,8 +581,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     @property
     def is_fp8(self) -> bool:
-        qkv = self.blocks[0].attn.qkv
-        return getattr(qkv, "base_layer", qkv).weight_scale is not None
+        return fp8_ops.is_e4m3(self.blocks[0].attn.qkv)
 
     def enable_fast_ops(self, enabled: bool = True) -> None:
         """Fused glue (``runner.fast_ops``) for bf16/fp16 runs; fp32 always takes the plain path."""
@@ -604,6 +630,15 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         missing = [n for n in names if n not in self.lora_registry]
         if missing:
             raise KeyError(f"LoRA '{missing[0]}' is not loaded (load_lora first)")
+        modules = dict(self.named_modules())
+        for name in names:
+            for module in self.lora_registry[name]:
+                layer = modules[module]
+                if not isinstance(getattr(layer, "base_layer", layer), (Linear, Conv3d)):
+                    raise LongcatError(f"LoRA '{name}' targets {module}, a "
+                                       f"{type(layer).__name__}: adapters apply to plain or fp8 "
+                                       "weights only (load the bf16 weights, e.g. base_model/ "
+                                       "instead of base_model_int8/)")
         if lazy and self._lora_merged is not None:
             self.active_loras = names
             self._lora_pending = None if self._lora_merged.matches(self.lora_registry, names) \
@@ -628,7 +663,6 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             self.active_loras = names
             return
         p = self.x_embedder.proj.weight
-        modules = dict(self.named_modules())
         for name in names:
             for module, delta in self.lora_registry[name].items():
                 target = modules[module]  # a PEFT adapter wraps it as base_layer
@@ -673,6 +707,18 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         ``bsa``: this forward's BSA params (None: dense); left out, the model's (``enable_bsa``).
         Returns fp32 [B, C_out, T, H, W], and the new cache when ``return_kv``.
         """
+        p = self._prepare(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                          bsa)
+        x, new_cache = self._run_blocks(p, num_cond_latents, kv_cache, return_kv, skip_crs_attn,
+                                        offload_kv_cache)
+        x = self._finish(p, x)
+        return (x, new_cache) if return_kv else x
+
+    def _prepare(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None,
+                 bsa: BSAParams | None | ModelSetting) -> Prepared:
+        """The forward up to the blocks: patch, timestep and text embeddings (a subclass's
+        forward adds its own inputs between this and ``_run_blocks``)."""
         B, _, T, H, W = hidden_states.shape
         pt, ph, pw = self.patch_size
         if H % ph or W % pw:
@@ -714,21 +760,31 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             y_lens = [y.shape[2]] * B
             y = y.reshape(-1, C)
 
-        new_cache: KVCache = {}
+        return Prepared(x, t, y, y_lens, grid, split, attn)
+
+    def _run_blocks(self, p: Prepared, num_cond_latents: int, kv_cache: KVCache | None,
+                    return_kv: bool, skip_crs_attn: bool, offload_kv_cache: bool,
+                    **extra: Any) -> tuple[torch.Tensor, KVCache]:
+        """Every block in turn (``extra``: a subclass's blocks' own keyword arguments)."""
+        x, new_cache = p.x, {}
         for i, block in enumerate(self.blocks):
             cache_i = kv_cache.get(i) if kv_cache else None
-            x, kv = block(x, y, y_lens, t, grid, num_cond_latents, cache_i, return_kv,
-                          skip_crs_attn, split, attn)
+            x, kv = block(x, p.y, p.y_lens, p.t, p.grid, num_cond_latents, cache_i, return_kv,
+                          skip_crs_attn, p.split, p.attn, **extra)
             if return_kv:
                 new_cache[i] = (kv[0].cpu(), kv[1].cpu()) if offload_kv_cache else \
                     (kv[0].contiguous(), kv[1].contiguous())
+        return x, new_cache
 
-        x = self.final_layer(x, t, split.count)  # fp32 [B, N, pt*ph*pw*C_out]
-        if cp is not None:
-            x = cp.gather_tokens(x, split)
+    def _finish(self, p: Prepared, x: torch.Tensor) -> torch.Tensor:
+        """Final layer and unpatchify: fp32 [B, C_out, T, H, W]."""
+        B, grid, split = x.shape[0], p.grid, p.split
+        pt, ph, pw = self.patch_size
+        x = self.final_layer(x, p.t, split.count)  # fp32 [B, N, pt*ph*pw*C_out]
+        if self.cp is not None:
+            x = self.cp.gather_tokens(x, split)
         Nt, Nh, Nw = grid
         x = x.view(B, Nt, Nh, Nw, pt, ph, pw, self.out_channels)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, self.out_channels, Nt * pt, Nh * ph,
                                                        Nw * pw)
-        x = x.to(torch.float32)
-        return (x, new_cache) if return_kv else x
+        return x.to(torch.float32)

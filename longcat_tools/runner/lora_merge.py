@@ -68,8 +68,8 @@ def _targets(model: torch.nn.Module, registry: Registry, names: list[str]
         for module, delta in registry[name].items():
             target = modules[module]  # a PEFT adapter wraps it as base_layer
             layer = getattr(target, "base_layer", target)
-            entry = out.setdefault(param_names[id(layer.weight)],
-                                   (layer.weight, [], getattr(layer, "weight_scale", None)))
+            scale = layer.weight_scale if fp8_ops.is_e4m3(layer) else None
+            entry = out.setdefault(param_names[id(layer.weight)], (layer.weight, [], scale))
             entry[1].append(delta)
     return out
 

@@ -107,15 +107,30 @@ def _run(rec: Recorder, st: _State, deep: bool, sums: Path | None,
         rec.fail(CKPT, "layout", root, "not a folder (a checkpoint is a folder with dit/ or "
                  "transformer/)")
         return
-    _walk(rec, st)
-    if not _layout(rec, st):
-        return
-    _model_index(rec, st)
-    _dit(rec, st)
-    for comp in C.COMPONENTS:
-        _component(rec, st, comp)
-    _consistency(rec, st)
-    _loras(rec, st)
+    try:
+        found = layouts.detect_any(root)
+    except LongcatError:
+        found = None  # judged by _layout, which names the problem
+    if isinstance(found, layouts.AvatarCheckpoint):
+        from longcat_tools.verify import avatar
+
+        avatar.run(rec, st, found)
+    else:
+        _walk(rec, st)
+        if not _layout(rec, st):
+            return
+        _model_index(rec, st)
+        _dit(rec, st)
+        for comp in C.COMPONENTS:
+            _component(rec, st, comp)
+        _consistency(rec, st)
+        _loras(rec, st)
+    _checksums_and_deep(rec, st, deep, sums, progress)
+
+
+def _checksums_and_deep(rec: Recorder, st: _State, deep: bool, sums: Path | None,
+                        progress: Callable[[int, int], None] | None) -> None:
+    root = st.root
     sums_path = sums or (root / D.CHECKSUMS if (root / D.CHECKSUMS).exists() else None)
     rec.report.stats["checksums"] = rec.rel(sums_path) if sums_path else None
     listed = _checksum_list(rec, st, sums_path)
@@ -128,9 +143,10 @@ def _run(rec: Recorder, st: _State, deep: bool, sums: Path | None,
 
 # --- the folder itself ---------------------------------------------------------------------
 
-def _walk(rec: Recorder, st: _State) -> None:
+def _walk(rec: Recorder, st: _State, pickles_ok: frozenset[Path] = frozenset()) -> None:
     """Every entry once, without following links: links must stay inside, files must be regular,
-    no pickle anywhere."""
+    no pickle anywhere (but the ``pickles_ok`` files, which a later row checks without loading
+    them)."""
     root, allowed = st.root, rec.allowed
     escapes, odd, pickles = [], [], []
     entries = 0
@@ -145,7 +161,7 @@ def _walk(rec: Recorder, st: _State) -> None:
                          "a checkpoint (or the wrong folder)")
                 return
             p = Path(dirpath) / name
-            if name.endswith(layouts.PICKLE_SUFFIXES):
+            if name.endswith(layouts.PICKLE_SUFFIXES) and p not in pickles_ok:
                 pickles.append(p)
             try:
                 mode = p.lstat().st_mode
@@ -173,15 +189,17 @@ def _walk(rec: Recorder, st: _State) -> None:
         rec.fail(CKPT, "paths", p, "pickle file: never loaded, and unsafe to load (convert it to "
                  "safetensors or remove it)")
     if not (escapes or odd or pickles):
+        exempt = [rec.rel(p) for p in sorted(pickles_ok) if p.exists()]
         rec.ok(CKPT, "paths", root, f"{count(len(st.files), 'file')}; no link leaves the folder, "
-               "no pickle, no special file")
+               + (f"no pickle but {listing(exempt)} (see its row)" if exempt else "no pickle")
+               + ", no special file")
 
 
-def _inside(st: _State, path: Path) -> bool:
+def _inside(allowed: tuple[Path, ...], path: Path) -> bool:
     """False for a path that leads out of the checkpoint (the walk has reported its link):
     nothing behind it is read."""
     try:
-        layouts.check_contained(path, st.allowed)
+        layouts.check_contained(path, allowed)
     except LongcatError:
         return False
     return True
@@ -242,7 +260,7 @@ def _model_index(rec: Recorder, st: _State) -> None:
 def _dit(rec: Recorder, st: _State) -> None:
     comp, tdir = st.dit_name, st.tdir
     assert tdir is not None
-    if not _inside(st, tdir):
+    if not _inside(st.allowed, tdir):
         rec.fail(comp, "files", tdir, "leads out of the checkpoint: not read")
         return
     cfg_path = tdir / "config.json"
@@ -290,9 +308,11 @@ def _dit(rec: Recorder, st: _State) -> None:
 
 # --- tokenizer, text encoder, VAE, scheduler -----------------------------------------------
 
-def _component(rec: Recorder, st: _State, comp: C.Component) -> None:
-    folder = st.root / comp.name
-    if not _inside(st, folder):
+def _component(rec: Recorder, st: _State, comp: C.Component,
+               folder: Path | None = None) -> None:
+    """One component folder (default: in the checkpoint; an avatar's are in its base folder)."""
+    folder = folder or st.root / comp.name
+    if not _inside(rec.allowed, folder):
         rec.fail(comp.name, "files", folder, "leads out of the checkpoint: not read")
         return
     if not folder.is_dir():
@@ -348,23 +368,25 @@ def _config_summary(name: str, cfg: dict[str, Any]) -> str:
     return "valid"
 
 
-def _consistency(rec: Recorder, st: _State) -> None:
-    """Facts that two components must agree on."""
+def _consistency(rec: Recorder, st: _State, base: Path | None = None) -> None:
+    """Facts that two components must agree on (``base``: where the text encoder and VAE are,
+    when not in the checkpoint)."""
     cfg, te, vae = st.dit_cfg, st.configs.get("text_encoder"), st.configs.get("vae")
+    where = base or st.root
     problems: list[tuple[Path, str]] = []
     if cfg and te and te["d_model"] != cfg["caption_channels"]:
-        problems.append((st.root / "text_encoder/config.json",
+        problems.append((where / "text_encoder/config.json",
                          f"d_model {te['d_model']} but the transformer's caption_channels is "
                          f"{cfg['caption_channels']}"))
     if vae:
         for key in ("latents_mean", "latents_std"):
             if len(vae[key]) != vae["z_dim"]:
-                problems.append((st.root / "vae/config.json", f"{key} has {len(vae[key])} "
+                problems.append((where / "vae/config.json", f"{key} has {len(vae[key])} "
                                  f"entries for z_dim {vae['z_dim']}"))
         if cfg:
             for key in ("in_channels", "out_channels"):
                 if cfg[key] != vae["z_dim"]:
-                    problems.append((st.root / "vae/config.json", f"z_dim {vae['z_dim']} but "
+                    problems.append((where / "vae/config.json", f"z_dim {vae['z_dim']} but "
                                      f"the transformer's {key} is {cfg[key]}"))
     mi = st.model_index
     if cfg and mi and st.layout != "native" and mi["transformer"][1] != cfg["_class_name"]:
@@ -381,7 +403,7 @@ def _consistency(rec: Recorder, st: _State) -> None:
 # --- LoRA adapters ------------------------------------------------------------------------
 
 def _loras(rec: Recorder, st: _State) -> None:
-    if not _inside(st, st.root / "lora"):
+    if not _inside(st.allowed, st.root / "lora"):
         rec.fail("lora", "files", st.root / "lora", "leads out of the checkpoint: not read")
         return
     files = L.lora_files(st.root)
@@ -518,7 +540,8 @@ def _deep(rec: Recorder, st: _State, listed: dict[Path, str],
             c[0] += 1
             c[1] += len(res.tensors)
     for comp, (nfiles, ntensors) in clean.items():
-        rec.ok(comp, "deep", st.root / comp if comp != "checkpoint" else st.root,
+        folder = st.weights[comp].folder if comp in st.weights else st.root / comp
+        rec.ok(comp, "deep", folder if comp != "checkpoint" else st.root,
                f"{count(ntensors, 'floating tensor')} in {count(nfiles, 'file')}: no NaN/Inf, "
                "no all-zero weight")
     for p, msg in bad_sums[:8]:

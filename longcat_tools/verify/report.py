@@ -92,9 +92,25 @@ class Recorder:
         # snapshot its repo's cache folder (files are links into blobs/, hub.snapshot_roots).
         self.cache_roots = cache_roots
         self.allowed: tuple[Path, ...] = cache_roots or (root.resolve(),)
+        # Other folders whose files rows name relative to the checkpoint (an avatar's base).
+        self.aliases: tuple[tuple[Path, str], ...] = ()
+
+    def beside(self, folder: Path, cache_roots: tuple[Path, ...] = ()) -> Recorder:
+        """A recorder into the same report for a sibling folder of the checkpoint (an avatar's
+        ``../LongCat-Video``): its files are contained in that folder and named
+        ``../<folder>/...`` in the rows."""
+        other = Recorder(self.root, self.report, cache_roots)
+        other.allowed = cache_roots or (folder.resolve(),)
+        other.aliases = ((folder, f"../{folder.name}"),)
+        return other
 
     def rel(self, path: Path | str) -> str:
         p = Path(path)
+        for folder, alias in self.aliases:
+            try:
+                return (Path(alias) / p.relative_to(folder)).as_posix()
+            except ValueError:
+                continue
         try:
             rel = p.relative_to(self.root)
         except ValueError:
@@ -109,6 +125,8 @@ class Recorder:
                 if message.startswith(prefix):
                     message = message[len(prefix):]
                     break
+        for folder, alias in self.aliases:
+            message = message.replace(f"{folder}/", f"{alias}/")
         return message.replace(f"{self.root}/", "")
 
     def add(self, component: str, name: str, status: str, file: Path | str,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 from longcat_tools.errors import LongcatError
 from longcat_tools.io import safetensors as st
 from longcat_tools.io.safetensors import Header, read_tensor
-from longcat_tools.model import keymap
+from longcat_tools.model import avatar, keymap
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: header-level readers start fast
     import torch
@@ -42,6 +42,12 @@ FORMAT_METADATA_KEY = "longcat_tools.lora_format"
 CONV_MODULES = frozenset({"x_embedder.proj"})
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# Modules only the avatar DiT has (audio cross-attention, its modulation, audio_proj): valid
+# targets on an avatar checkpoint; FastVideo's and ComfyUI's key maps have no names for them.
+_AVATAR_BLOCK_MODULES = frozenset(n.rpartition(".")[0] for extras in
+                                  avatar.BLOCK_TENSORS.values() for n, _ in extras)
+_AVATAR_GLOBAL_MODULES = frozenset(n.rpartition(".")[0] for extras in
+                                   avatar.GLOBAL_TENSORS.values() for n, _ in extras)
 
 Shapes = Mapping[str, tuple[int, int]]  # native module -> (out, in)
 OutSpec = tuple[str, "torch.dtype", tuple[int, ...]]  # name, dtype, shape
@@ -193,10 +199,25 @@ class LoraFormat:
 # module names and shapes
 
 
+def is_avatar_module(module: str) -> bool:
+    """Whether a native module path is one only the avatar DiT has."""
+    m = _BLOCK_RE.match(module)
+    return m.group(2) in _AVATAR_BLOCK_MODULES if m else module in _AVATAR_GLOBAL_MODULES
+
+
+def is_dit_module(module: str) -> bool:
+    """Whether a native module path is a module of the base or the avatar DiT."""
+    return keymap.native_module_to_fastvideo(module) is not None or is_avatar_module(module)
+
+
 def split_targets(module: str, flavour: str) -> tuple[str, ...]:
     """The module(s) of a flavour that a native module's adapter is written on."""
     if flavour == "native":
         return (module,)
+    if is_avatar_module(module):
+        raise LongcatError(f"LoRA target '{module}' is a module of the avatar DiT, which the "
+                           "FastVideo and ComfyUI key maps do not name; export this adapter with "
+                           "--format native or peft (PEFT with native --keys)")
     targets = keymap.native_module_to_fastvideo(module)
     if targets is None:
         raise LongcatError(f"LoRA target '{module}' is not a module of the LongCat DiT")
@@ -215,11 +236,15 @@ def default_blocks(module: str) -> int:
     return BLOCK_DIAGONAL_BLOCKS.get(f"blocks.*.{m.group(2)}", 1) if m else 1
 
 
-def linear_shapes(dims: keymap.DiTDims) -> dict[str, tuple[int, int]]:
-    """Native module -> (out, in) of every Linear of the DiT, and of each of CONV_MODULES over
-    its flattened patch (in = channels * kernel volume): what a LoRA may target."""
+def linear_shapes(dims: keymap.DiTDims, audio: avatar.AudioDims | None = None
+                  ) -> dict[str, tuple[int, int]]:
+    """Native module -> (out, in) of every Linear of the DiT (the avatar DiT's with ``audio``),
+    and of each of CONV_MODULES over its flattened patch (in = channels * kernel volume): what a
+    LoRA may target."""
+    specs = (avatar.tensor_specs(dims, audio) if audio is not None
+             else keymap.native_tensor_specs(dims))
     return {name[: -len(".weight")]: (shape[0], math.prod(shape[1:]))
-            for name, shape in keymap.native_tensor_specs(dims)
+            for name, shape in specs
             if name.endswith(".weight") and (len(shape) == 2
                                              or name[: -len(".weight")] in CONV_MODULES)}
 
@@ -228,7 +253,7 @@ def check_target(where: str, key: str, module: str, out_f: int, in_f: int,
                  shapes: Shapes | None, kernel: tuple[int, ...] = ()) -> None:
     """The module exists in the DiT and (with ``shapes``) the adapter fits its layer; a Conv3d
     layer takes a Conv3d adapter (``kernel``) only, a Linear a Linear one only."""
-    if keymap.native_module_to_fastvideo(module) is None:
+    if not is_dit_module(module):
         raise LongcatError(f"{where}: tensor '{key}' targets '{module}', which is not a module of "
                            "the LongCat DiT (exclude this adapter with --lora)")
     if (module in CONV_MODULES) != bool(kernel):
@@ -238,8 +263,9 @@ def check_target(where: str, key: str, module: str, out_f: int, in_f: int,
     if shapes is None:
         return
     if module not in shapes:
-        raise LongcatError(f"{where}: tensor '{key}' targets '{module}', which is not a Linear "
-                           "layer of this DiT (wrong depth?)")
+        why = ("a module of the avatar DiT, not of this one" if is_avatar_module(module)
+               else "not a Linear layer of this DiT (wrong depth?)")
+        raise LongcatError(f"{where}: tensor '{key}' targets '{module}', which is {why}")
     if shapes[module] != (out_f, in_f):
         raise LongcatError(f"{where}: adapter of '{module}' is {out_f}x{in_f} but the DiT layer "
                            f"is {shapes[module][0]}x{shapes[module][1]} (adapter for another "

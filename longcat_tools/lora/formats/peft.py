@@ -36,6 +36,7 @@ from longcat_tools.lora.formats.base import (
     Shapes,
     alpha_value,
     block_diagonal,
+    is_dit_module,
     reader,
     split_targets,
 )
@@ -73,7 +74,7 @@ def _strip(name: str) -> str:
 def resolve_module(module: str) -> tuple[str, int, tuple[str, ...]] | None:
     """(native module, split index, the targets it is split into) for a module path of either
     flavour (native names first: the flavours share some, like ``ffn.w1``), or None."""
-    if keymap.native_module_to_fastvideo(module) is not None:
+    if is_dit_module(module):
         return module, 0, (module,)
     found = keymap.fastvideo_module_to_native(module)
     if found is None:
