@@ -37,9 +37,9 @@ def test_pipeline_call_equals_longcat_tools_run(pipe, converted, tmp_path, monke
     written = {}
     encode = vio.encode_mp4
 
-    def capture(path, frames, fps, crf=18):
+    def capture(path, frames, fps, crf=18, audio=None):
         written["frames"] = frames.copy()
-        return encode(path, frames, fps, crf)
+        return encode(path, frames, fps, crf, audio=audio)
 
     monkeypatch.setattr(vio, "encode_mp4", capture)
     assert main(["run", "-q", "-m", str(converted), "-p", "a cat", "--frames", "9",

@@ -198,18 +198,45 @@ def test_missing_or_misshapen_audio_is_one_clear_error(weights, golden):
             ref_img_index=3, return_kv=True, skip_crs_attn=True)
 
 
-def test_a_lora_on_int8_weights_is_one_clear_line(tmp_path):
-    from longcat_tools.errors import LongcatError
+def test_a_lora_on_int8_weights_runs_beside_them(tmp_path):
+    """The DMD LoRA on base_model_int8: at run time around each INT8 layer (as the original's
+    LoRA network wraps its QuantizedLinear), the same numbers as on float weights equal to
+    q * s."""
+    from longcat_tools.model import int8
     from longcat_tools.runner.avatar_dit import load_avatar_transformer
     from longcat_tools.synth import synth
 
     synth(tmp_path / "w", "tiny", model="avatar-1.5")
     root = tmp_path / "w" / "LongCat-Video-Avatar-1.5"
-    model = load_avatar_transformer(root / "base_model_int8", dtype="fp32")
-    model.load_lora(str(root / "lora" / "dmd_lora.safetensors"), "dmd")
-    with pytest.raises(LongcatError, match="Int8Linear: adapters apply to plain or fp8"):
+    lora = str(root / "lora" / "dmd_lora.safetensors")
+    q8 = load_avatar_transformer(root / "base_model_int8", dtype="fp32")
+    flt = load_avatar_transformer(root / "base_model", dtype="fp32")
+    sd = q8.state_dict()
+    with torch.no_grad():
+        for name, p in flt.named_parameters():
+            module, _, param = name.rpartition(".")
+            if f"{module}.weight_int8" in sd and param == "weight":
+                p.copy_(int8.dequantize(sd[f"{module}.weight_int8"],
+                                        sd[f"{module}.weight_scale"], torch.float32))
+            elif f"{module}.weight_int8" in sd:  # the format keeps these biases in bf16
+                p.copy_(sd[name])
+    flt.lora_mode = "runtime"
+    outs = []
+    for model in (q8, flt):
+        model.load_lora(lora, "dmd")
         model.enable_loras(["dmd"])
-
+        assert model.active_loras == ["dmd"] and model.merged_loras == []
+        g = torch.Generator().manual_seed(0)
+        d, a = model.dims, model.audio
+        x = torch.randn(1, d.in_channels, 3, 4, 4, generator=g)
+        y = torch.randn(1, 1, 6, d.caption_channels, generator=g)
+        audio = torch.randn(1, 9, a.audio_window, a.audio_block, a.audio_channel, generator=g)
+        with torch.no_grad():
+            outs.append(model(x, torch.tensor([500.0]), y, torch.ones(1, 6, dtype=torch.long),
+                              audio_embs=audio))
+    assert q8.blocks[0].attn.qkv.loras  # the adapter sits on the INT8 layer
+    rel = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+    assert rel < 1e-6, rel
 
 def test_to_int8_on_loaded_weights_equals_the_int8_folder(tmp_path):
     from longcat_tools.runner.avatar_dit import load_avatar_transformer

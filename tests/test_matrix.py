@@ -31,9 +31,9 @@ def counted(monkeypatch):
         seen["loads"] += 1
         return load(cls, *a, **k)
 
-    def capture(path, frames, fps, crf=18):
+    def capture(path, frames, fps, crf=18, audio=None):
         seen["frames"][Path(path).name] = np.array(frames)
-        return encode(path, frames, fps, crf)
+        return encode(path, frames, fps, crf, audio=audio)
 
     monkeypatch.setattr(LongCatVideoPipeline, "from_pretrained", classmethod(counting_load))
     monkeypatch.setattr(vio, "encode_mp4", capture)

@@ -1,7 +1,8 @@
 """``longcat-tools run``: every LongCat-Video task on any checkpoint layout, through our runner.
 
 The options are ``runner.settings.RunSettings``'s fields (default, help and flags declared there
-once); this module adds the command-line-only ones (``--gpus``, ``--json``, ``-q``, ``-v``).
+once); this module adds the command-line-only ones (``--gpus``, ``--json``, ``-q``, ``-v``) and
+the ones that take a list (``--lora-scale``, the repeatable ``--audio``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.runner.settings import RunSettings
 
 DEFAULT_OUT = next(f.default for f in fields(RunSettings) if f.name == "out")
+AUDIO_HELP = next(f.metadata["help"] for f in fields(RunSettings) if f.name == "audio")
 
 
 def run_cmd(
@@ -37,6 +39,8 @@ def run_cmd(
     lora_scale: Annotated[str, typer.Option(
         "--lora-scale", metavar="SCALE", help="Scale of the hub LoRAs the run activates "
         "(distilled, refinement); a comma list makes a matrix run.")] = "1",
+    audio: Annotated[list[str] | None, typer.Option(
+        "--audio", metavar="FILE", help=AUDIO_HELP)] = None,
     gpus: Annotated[int, typer.Option(help="Use N GPUs of this machine (N processes): one "
                                       "video is split over them (context parallel), a matrix "
                                       "run gives each whole videos (data parallel).")] = 1,
@@ -60,7 +64,7 @@ def run_cmd(
         json_out = False
     out = Out(json_out, quiet, verbose)
     scales = matrix.parse_scales(lora_scale)
-    settings = RunSettings(**options, lora_scale=scales[0])
+    settings = RunSettings(**options, audio=audio or None, lora_scale=scales[0])
     if matrix.is_matrix(prompts, seeds, settings.bsa, scales):
         run_matrix_cmd(ctx, out, settings, prompts, seeds, out_dir, gpus, data_parallel, quiet,
                        scales)

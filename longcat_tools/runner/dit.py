@@ -634,11 +634,10 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for name in names:
             for module in self.lora_registry[name]:
                 layer = modules[module]
-                if not isinstance(getattr(layer, "base_layer", layer), (Linear, Conv3d)):
+                if not isinstance(getattr(getattr(layer, "base_layer", layer), "loras", None),
+                                  list):
                     raise LongcatError(f"LoRA '{name}' targets {module}, a "
-                                       f"{type(layer).__name__}: adapters apply to plain or fp8 "
-                                       "weights only (load the bf16 weights, e.g. base_model/ "
-                                       "instead of base_model_int8/)")
+                                       f"{type(layer).__name__}, which takes no adapters")
         if lazy and self._lora_merged is not None:
             self.active_loras = names
             self._lora_pending = None if self._lora_merged.matches(self.lora_registry, names) \
@@ -646,7 +645,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return
         self._lora_pending = None
         for m in self.modules():
-            if isinstance(m, (Linear, Conv3d)):
+            if isinstance(getattr(m, "loras", None), list):
                 m.loras = []
         merge = bool(names) and self._lora_mode == "merge" \
             and lora_merge.mergeable(self, self.lora_registry, names)

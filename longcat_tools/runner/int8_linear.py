@@ -16,6 +16,8 @@ from torch import nn
 
 from longcat_tools.errors import LongcatError
 from longcat_tools.model import int8
+from longcat_tools.runner.lora import LoraDelta
+from longcat_tools.runner.lora import apply as lora_apply
 
 
 class Int8Linear(nn.Module):
@@ -33,18 +35,20 @@ class Int8Linear(nn.Module):
                              torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.bfloat16, device=device),
                                  requires_grad=False) if bias else None
+        self.loras: list[LoraDelta] = []  # run-time adapters, as on ``dit.Linear``
 
     def forward(self, x: torch.Tensor, fp32: bool = False, xq: object = None) -> torch.Tensor:
         """``fp32``: one of the original's float32 regions (the input is upcast as there).
-        ``xq`` (an e4m3-scaled input the FFN prepares for fp8 layers) does not apply here."""
+        ``xq`` (an e4m3-scaled input the FFN prepares for fp8 layers) does not apply here.
+        Adapters add their update to the output, as the original's LoRA network does around
+        its ``QuantizedLinear``; they never merge into int8 weights."""
         if self.weight_scale.dtype != torch.float32:
             raise LongcatError("an INT8 layer's scales were cast to another dtype (move an INT8 "
                                "model with .to(device) only)")
-        if fp32:
-            x = x.float()
-        weight = int8.dequantize(self.weight_int8, self.weight_scale, x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        h = x.float() if fp32 else x
+        weight = int8.dequantize(self.weight_int8, self.weight_scale, h.dtype)
+        bias = None if self.bias is None else self.bias.to(h.dtype)
+        return lora_apply(F.linear(h, weight, bias), self.loras, x, fp32)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

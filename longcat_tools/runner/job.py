@@ -26,6 +26,7 @@ from longcat_tools.runner.pipeline import (
     negative_prompt_of,
 )
 from longcat_tools.runner.settings import (
+    AVATAR_TASKS,
     DEFAULT_COND_FRAMES,
     PRECISIONS,
     RunSettings,
@@ -59,6 +60,7 @@ class Job:
     guidance: float  # what the pipeline uses when --guidance is left out
     negative_prompt: str | None
     generator: torch.Generator
+    audio: Any = None  # avatar tasks: the DrivingAudio (runner.avatar_pipeline)
 
     @property
     def cond_frames(self) -> int:
@@ -121,8 +123,57 @@ def _refine(j: Job) -> tuple[Result, np.ndarray]:
     return r, r.frames
 
 
+def _avatar(j: Job, seconds: float, start: int, size: tuple[int, int] | None
+            ) -> dict[str, Any]:
+    """The keywords the avatar tasks share: the clip's audio windows from ``start`` (a video
+    frame), the whole audio padded to ``seconds`` as the original pads it; two speakers: their
+    default regions (left and right half) at the source ``size`` (width, height)."""
+    from longcat_tools.runner.avatar_pipeline import speaker_masks
+
+    s = j.s
+    j.audio = j.pipe.audio_from_files(s.audio, s.audio_mode, s.vocal_separation, seconds, s.seed)
+    kw = dict(prompt=s.prompt, negative_prompt=j.negative_prompt, steps=s.steps,
+              guidance=s.guidance, audio_guidance=s.audio_guidance, distill=s.distill,
+              seed=s.seed, num_frames=s.frames, generator=j.generator, lora_scale=s.lora_scale,
+              audio_emb=j.audio.clip(start, s.frames))
+    if len(s.audio) > 1 and size is not None:
+        kw["ref_target_masks"] = speaker_masks(size[1], size[0])
+    return kw
+
+
+def _at2v(j: Job) -> tuple[Result, np.ndarray]:
+    r = j.pipe.at2v(height=j.s.height or 480, width=j.s.width or 832,
+                    **_avatar(j, j.s.frames / j.pipe.fps, 0, None))
+    return r, r.frames
+
+
+def _ai2v(j: Job) -> tuple[Result, np.ndarray]:
+    r = j.pipe.ai2v(j.image, resolution=j.s.resolution, height=j.s.height, width=j.s.width,
+                    **_avatar(j, j.s.frames / j.pipe.fps, 0, j.image.size))
+    return r, r.frames
+
+
+def _avc(j: Job) -> tuple[Result, np.ndarray]:
+    """The audio covers the whole output: the input video (at the model's frame rate), then
+    the new frames; the clip's audio starts where its condition frames do."""
+    s, src, ncf = j.s, j.source(j.pipe.fps), j.cond_frames
+    if len(src) < ncf:
+        raise LongcatError(f"--video {s.video}: {len(src)} frames at {j.pipe.fps} fps; avc "
+                           f"continues from the last {ncf} (--cond-frames)")
+    seconds = (len(src) + s.frames - ncf) / j.pipe.fps
+    r = j.pipe.avc(src, resolution=s.resolution, height=s.height, width=s.width,
+                   num_cond_frames=ncf, use_kv_cache=s.kv_cache,
+                   offload_kv_cache=s.offload_kv_cache, enhance_hf=s.enhance_hf,
+                   **_avatar(j, seconds, len(src) - ncf, src[0].size))
+    out_size = (r.frames.shape[2], r.frames.shape[1])
+    head = np.stack([np.asarray(f.convert("RGB").resize(out_size, Image.BICUBIC))
+                     for f in src]).astype(np.float32) / 255.0
+    return r, np.concatenate([head, r.frames[ncf:]])
+
+
 TASK_RUNS: dict[str, Callable[[Job], tuple[Result, np.ndarray]]] = {
-    "t2v": _t2v, "i2v": _i2v, "vc": _vc, "long": _long, "refine": _refine}
+    "t2v": _t2v, "i2v": _i2v, "vc": _vc, "long": _long, "refine": _refine,
+    "at2v": _at2v, "ai2v": _ai2v, "avc": _avc}
 
 # --refine after these tasks: the condition the refinement stage gets (long refines by itself).
 REFINE_CONDITION: dict[str, Callable[[Job], dict[str, Any]]] = {
@@ -152,6 +203,12 @@ def load_pipeline(s: RunSettings, reporter: Reporter, say: Callable[[str], None]
     of ``s`` do not matter: a matrix run loads once for all its videos)."""
     root = layouts.resolve_model(s.model)
     say(f"loading {root} on {device} ({dtype})")
+    if s.task in AVATAR_TASKS:
+        from longcat_tools.runner.avatar_pipeline import LongCatVideoAvatarPipeline
+
+        return root, LongCatVideoAvatarPipeline.from_pretrained(
+            root, torch_dtype=dtype, device=device, speakers=len(s.audio or ()), int8=s.int8,
+            reporter=reporter, vae_tiling=s.vae_tiling)
     pipe = LongCatVideoPipeline.from_pretrained(root, torch_dtype=dtype, device=device,
                                                 reporter=reporter, offload=s.offload,
                                                 vae_tiling=s.vae_tiling, cp=cp,
@@ -175,6 +232,12 @@ def _job(s: RunSettings, root: Path, pipe: LongCatVideoPipeline) -> Job:
         init = doc["latents"]
     guidance = guidance_of(s.guidance, s.distill)
     neg = negative_prompt_of(s.negative_prompt, guidance)
+    if s.task in AVATAR_TASKS:
+        from longcat_tools.runner.avatar_pipeline import NEGATIVE_PROMPT
+
+        cfg = max(guidance, guidance_of(s.audio_guidance, s.distill)) > 1.0
+        neg = s.negative_prompt if s.negative_prompt is not None else (
+            NEGATIVE_PROMPT if cfg else None)
     return Job(s, root, pipe, image, in_frames, in_fps, init, guidance, neg,
                pipe.generator(s.seed))
 
@@ -223,7 +286,8 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
     try:
         with reporter.stage("write"):
             if pipe.is_main:
-                staged = vio.encode_mp4(out, frames, fps)
+                mux = job.audio.mux if job.audio is not None else None
+                staged = vio.encode_mp4(out, frames, fps, audio=mux)
             if s.save_latents and pipe.is_main:
                 Path(s.save_latents).parent.mkdir(parents=True, exist_ok=True)
                 save_file({"latents": r.latents.detach().float().cpu().contiguous()},
@@ -247,6 +311,10 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
         "peak_memory": _peak_memory(device),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
+    if job.audio is not None:
+        sidecar["avatar"] = {"version": pipe.version, "int8": s.int8, "dit": pipe.layout,
+                             "audio_guidance": r.info.get("audio_guidance"), **job.audio.info}
+        sidecar["video"]["audio"] = {"codec": "aac", "rate": vio.AUDIO_RATE}
     if staged is not None:  # the sidecar first, the mp4 last (video.publish)
         vio.publish(staged, out, jsonio.dumps(jsonio.finite(sidecar), default=str))
     return sidecar

@@ -76,11 +76,15 @@ def _targets(model: torch.nn.Module, registry: Registry, names: list[str]
 
 def mergeable(model: torch.nn.Module, registry: Registry, names: list[str]) -> bool:
     """Whether this set can go into the weights: every target a float weight ``lora fuse``
-    accepts or an e4m3 weight with its scale, and no diffusers hook (group offload keeps weight
-    copies of its own, layerwise casting stores another dtype). Otherwise it runs as run-time
-    adapters."""
+    accepts or an e4m3 weight with its scale (not an INT8 layer), and no diffusers hook (group
+    offload keeps weight copies of its own, layerwise casting stores another dtype). Otherwise
+    it runs as run-time adapters."""
     if any(getattr(m, "_diffusers_hook", None) is not None for m in model.modules()):
         return False
+    modules = dict(model.named_modules())
+    if any(not hasattr(getattr(modules[m], "base_layer", modules[m]), "weight")
+           for n in names for m in registry[n]):
+        return False  # INT8 layers: adapters run beside them, as in the original
     return all((p.dtype in FUSE_DTYPES or scale is not None) and not p.is_meta
                for p, _, scale in _targets(model, registry, names).values())
 

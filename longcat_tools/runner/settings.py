@@ -22,13 +22,16 @@ from longcat_tools.model.chunks import latent_frames, latent_grid
 from longcat_tools.runner import footprint
 from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
 
-TASKS = ("t2v", "i2v", "vc", "long", "refine")
+TASKS = ("t2v", "i2v", "vc", "long", "refine")  # the base model's
+AVATAR_TASKS = ("at2v", "ai2v", "avc")  # LongCat-Video-Avatar's (runner.avatar_pipeline)
+AUDIO_MODES = ("mix", "concat")  # runner.audio_tracks.MODES
+MAX_SPEAKERS = 2
 BSA_CHOICES = ("config", "on", "off", *bsa_presets.PRESETS)
 OFFLOAD_CHOICES = ("none", "text-encoder", "dit", "all")  # runner.offload
 LORA_MODES = ("merge", "runtime")  # LongCatTransformer3DModel.lora_mode (runner.lora_merge)
 # --precision -> load_transformer's fp8 (None: as the checkpoint is stored)
 PRECISIONS: dict[str, bool | None] = {"auto": None, "fp8": True, "dtype": False}
-CONTINUING = ("vc", "long")  # tasks that continue from condition frames
+CONTINUING = ("vc", "long", "avc")  # tasks that continue from condition frames
 DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
 MAX_FRAMES = 4097  # one segment; the model is trained on 93
 MAX_GUIDANCE = 100.0  # CFG-Zero* scales in use are 1 to ~10
@@ -38,7 +41,9 @@ T2V_SIZE = (480, 832)  # (height, width) of t2v and long without --height/--widt
 REFINE_SIZE = (720, 1280)  # the refinement stage's default (the 720p bucket of 16:9)
 
 TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation), long "
-             "(chained continuations), refine (480p -> 720p with the refinement LoRA and BSA)")
+             "(chained continuations), refine (480p -> 720p with the refinement LoRA and BSA); "
+             "avatar checkpoints: at2v (text + audio), ai2v (image + audio), avc (continue a "
+             "video with audio)")
 
 
 OUTPUT_FIELDS = ("out", "save_latents")  # where a run writes, not what it computes
@@ -82,7 +87,17 @@ class RunSettings:
                                metavar="FILE")
     video: str | None = option(None, "Video to continue (vc, long) or the stage-1 video "
                                "(refine).", metavar="FILE")
-    distill: bool = option(False, "Distilled sampling: cfg_step LoRA, 16 steps, guidance 1.")
+    audio: list[str] | None = option(None, "Driving speech (avatar tasks); repeat for a second "
+                                     "speaker (ai2v, avc).", cli=False)
+    audio_mode: str = option("mix", "Avatar, two speakers: mix (both talk over the whole "
+                             "video; equal lengths) or concat (speaker 2 after speaker 1).")
+    vocal_separation: bool = option(True, "Avatar: extract the speech from each --audio with "
+                                    "vocal_separator/ first, as the original does.")
+    audio_guidance: float | None = option(None, "Avatar: audio guidance scale (default 4; 1 "
+                                          "with --distill).")
+    int8: bool = option(False, "Avatar 1.5: load base_model_int8/ (weights kept in INT8).")
+    distill: bool = option(False, "Distilled sampling: cfg_step LoRA, 16 steps, guidance 1 "
+                           "(avatar 1.5: the DMD LoRA, 8 steps).")
     refine: bool = option(False, "Refine the result to 720p/30 fps afterwards (t2v, i2v, vc, "
                           "long).")
     lora_scale: float = option(1.0, "Scale of the hub LoRAs the run activates (distilled, "
@@ -94,15 +109,16 @@ class RunSettings:
                       "says; always on for refinement), on, off, or a preset "
                       f"({', '.join(bsa_presets.PRESETS)}).")
     steps: int | None = option(None, "Denoising steps (default 50; 16 with --distill).")
-    guidance: float | None = option(None, "CFG-Zero* guidance scale (default 4; 1 with "
-                                    "--distill; 1 disables CFG).")
+    guidance: float | None = option(None, "CFG-Zero* guidance scale (avatar: the text scale, "
+                                    "plain CFG) (default 4; 1 with --distill; 1 disables CFG).")
     seed: int = option(42, "Seed of every random draw.")
     resolution: str = option("480p", "Bucket for i2v/vc sizes: 480p or 720p.")
     height: int | None = option(None, "Output height in px (multiple of 16); t2v default 480, "
                                 "i2v/vc from the bucket, refine from the 720p bucket.")
     width: int | None = option(None, "Output width in px (multiple of 16); t2v default 832.")
     frames: int = option(93, "Frames to generate (4k+1).")
-    fps: float | None = option(None, "Frame rate of the mp4 (default 15; 30 after refinement).")
+    fps: float | None = option(None, "Frame rate of the mp4 (default 15; 30 after refinement; "
+                               "avatar 16 (1.0) or 25 (1.5)).")
     negative_prompt: str | None = option(None, "Negative prompt under CFG (default: the demos' "
                                          "Wan-style prompt).")
     num_cond_frames: int | None = option(None, "Condition frames (vc/long: default 13; refine: "
@@ -197,8 +213,10 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
 
     ``inputs``: also the model folder, the input and output files and the device (the command
     line's and ``run_job``'s; a pipeline call already has its model and frames)."""
-    if s.task not in TASKS:
-        raise LongcatError(f"--task {s.task}: unknown (choose from {', '.join(TASKS)})")
+    if s.task not in TASKS + AVATAR_TASKS:
+        raise LongcatError(f"--task {s.task}: unknown (choose from "
+                           f"{', '.join(TASKS + AVATAR_TASKS)})")
+    _check_task_options(s)
     files = _check_inputs(s) if inputs else None
     if s.dtype is not None:
         dtypes.check(s.dtype, error=LongcatError)
@@ -232,9 +250,10 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         raise LongcatError(f"--resolution {s.resolution}: use 480p or 720p")
     if s.steps is not None and s.steps < 1:
         raise LongcatError(f"--steps {s.steps}: must be at least 1")
-    if s.guidance is not None and not 0 <= s.guidance <= MAX_GUIDANCE:  # NaN fails too
-        raise LongcatError(f"--guidance {s.guidance}: must be a number from 0 to {MAX_GUIDANCE:g} "
-                           "(1 disables CFG)")
+    for opt, value in (("--guidance", s.guidance), ("--audio-guidance", s.audio_guidance)):
+        if value is not None and not 0 <= value <= MAX_GUIDANCE:  # NaN fails too
+            raise LongcatError(f"{opt} {value}: must be a number from 0 to {MAX_GUIDANCE:g} "
+                               "(1 disables CFG)")
     if not 0 < s.t_thresh <= 1:
         raise LongcatError(f"--t-thresh {s.t_thresh}: must be in (0, 1]")
     if s.fps is not None and not 0 < s.fps <= MAX_FPS:
@@ -244,7 +263,7 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     check_offload(s.offload)
     check_lora_mode(s.lora_mode)
     check_precision(s.precision)
-    if s.task == "vc" and s.distill and s.enhance_hf:
+    if s.task in ("vc", "avc") and s.distill and s.enhance_hf:
         raise LongcatError("--enhance-hf cannot be combined with --distill")
     if s.segments < 0:
         raise LongcatError(f"--segments {s.segments}: must be >= 0")
@@ -261,10 +280,90 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
                                f"{latent_frames(cond)[1]} latent frames cannot be split over "
                                f"{s.cp} processes (use --no-kv-cache or fewer GPUs)")
     check_bsa(s.bsa)
-    if files is not None:
+    if files is not None and s.task in AVATAR_TASKS:
+        resolve_device(s.device)
+    elif files is not None:
         device = resolve_device(s.device)
         footprint.check(files.dims, _stages(s, files), run_dtype(s.dtype, device), device, s.cp)
         _check_latents(s, files)
+
+
+# Options of the base tasks the avatar pipeline does not take, each with how it shows as used.
+NOT_FOR_AVATAR = (("--refine", lambda s: s.refine), ("--cp", lambda s: s.cp != 1),
+                  ("--offload", lambda s: s.offload != "none"),
+                  ("--precision", lambda s: s.precision != "auto"),
+                  ("--bsa", lambda s: s.bsa != "config"),
+                  ("--latents-in", lambda s: s.latents_in is not None))
+# Options only the avatar tasks take.
+AVATAR_ONLY = (("--audio", lambda s: bool(s.audio)), ("--audio-mode", lambda s: s.audio_mode
+                                                      != AUDIO_MODES[0]),
+               ("--no-vocal-separation", lambda s: not s.vocal_separation),
+               ("--audio-guidance", lambda s: s.audio_guidance is not None),
+               ("--int8", lambda s: s.int8))
+
+
+def _check_task_options(s: RunSettings) -> None:
+    """Options that do not apply to the task: one line each."""
+    if s.task not in AVATAR_TASKS:
+        for opt, used in AVATAR_ONLY:
+            if used(s):
+                raise LongcatError(f"{opt}: only for the avatar tasks (--task at2v, ai2v or "
+                                   "avc)")
+        return
+    for opt, used in NOT_FOR_AVATAR:
+        if used(s):
+            raise LongcatError(f"{opt}: not available for --task {s.task} (the avatar tasks)")
+    if s.audio_mode not in AUDIO_MODES:
+        raise LongcatError(f"--audio-mode {s.audio_mode}: use {' or '.join(AUDIO_MODES)}")
+    if s.audio and len(s.audio) > MAX_SPEAKERS:
+        raise LongcatError(f"--audio given {len(s.audio)} times: at most {MAX_SPEAKERS} "
+                           "speakers")
+    if s.task == "at2v" and s.audio and len(s.audio) > 1:
+        raise LongcatError("--task at2v takes one speaker; two --audio need ai2v or avc (the "
+                           "speakers' regions come from the image)")
+
+
+def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
+    """An avatar run's checkpoint and audio files, before any weights load; returns its DiT's
+    dimensions."""
+    from longcat_tools.io import jsonio
+    from longcat_tools.runner import audio
+    from longcat_tools.runner.avatar_pipeline import RELEASES, dit_folder
+
+    v = ckpt.version
+    if not s.audio:
+        raise LongcatError(f"--task {s.task} needs --audio FILE (the driving speech)")
+    if s.int8 and not v.int8_folder:
+        raise LongcatError(f"--int8: {ckpt.describe()} has no INT8 DiT (only avatar 1.5 ships "
+                           "base_model_int8/)")
+    if s.distill and not v.lora:
+        raise LongcatError(f"--distill: {ckpt.describe()} has no distillation LoRA (only "
+                           "avatar 1.5 ships lora/dmd_lora.safetensors)")
+    if s.distill:
+        if not (ckpt.root / v.lora).is_file():
+            raise LongcatError(f"--distill: {ckpt.root / v.lora} is missing")
+        fixed = RELEASES[v.name].distill_steps
+        if s.steps is not None and s.steps != fixed:
+            raise LongcatError(f"--steps {s.steps}: avatar 1.5 distillation samples {fixed} "
+                               "fixed steps (leave --steps out)")
+    folder = ckpt.root / dit_folder(v, len(s.audio), s.int8)
+    if not folder.is_dir():
+        raise LongcatError(f"{ckpt.root}: no {folder.name}/, the DiT this run needs"
+                           + (" (two speakers)" if len(s.audio) > 1 else ""))
+    ckpt.require_base()
+    if s.vocal_separation:
+        from longcat_tools.model.avatar import VOCAL_SEPARATOR
+
+        if not (ckpt.root / VOCAL_SEPARATOR).is_file():
+            raise LongcatError(f"{ckpt.root / VOCAL_SEPARATOR}: missing (vocal separation "
+                               "needs it; or pass --no-vocal-separation)")
+    for path in s.audio:
+        try:
+            audio.load(path)
+        except LongcatError as e:
+            raise LongcatError(f"--audio {e}") from None
+    cfg_path = folder / "config.json"
+    return keymap.dit_dims(jsonio.read(cfg_path, what="transformer config"), str(cfg_path))
 
 
 @dataclass(frozen=True)
@@ -283,13 +382,22 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     from longcat_tools.checkpoint import layouts
     from longcat_tools.runner import video as vio
 
-    ckpt = layouts.detect(layouts.resolve_model(s.model))
-    dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))
-    check_components(ckpt.root)
-    if s.task == "i2v" and not s.image:
-        raise LongcatError("--task i2v needs --image FILE (the first frame)")
-    if s.task in ("vc", "refine") and not s.video:
-        what = "the video to continue" if s.task == "vc" else "the stage-1 video"
+    ckpt = layouts.detect_any(layouts.resolve_model(s.model))
+    if isinstance(ckpt, layouts.AvatarCheckpoint) != (s.task in AVATAR_TASKS):
+        if s.task in AVATAR_TASKS:
+            raise LongcatError(f"--task {s.task}: needs a LongCat-Video-Avatar checkpoint; "
+                               f"{ckpt.root} is the base model")
+        raise LongcatError(f"--task {s.task}: {ckpt.root} is {ckpt.describe()}; it runs "
+                           f"--task {', '.join(AVATAR_TASKS)}")
+    if isinstance(ckpt, layouts.AvatarCheckpoint):
+        dims = _check_avatar(s, ckpt)
+    else:
+        dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))
+        check_components(ckpt.root)
+    if s.task in ("i2v", "ai2v") and not s.image:
+        raise LongcatError(f"--task {s.task} needs --image FILE (the first frame)")
+    if s.task in ("vc", "avc", "refine") and not s.video:
+        what = "the stage-1 video" if s.task == "refine" else "the video to continue"
         raise LongcatError(f"--task {s.task} needs --video FILE ({what})")
     for opt, path in (("--image", s.image), ("--video", s.video), ("--latents-in", s.latents_in)):
         if path and not Path(path).is_file():

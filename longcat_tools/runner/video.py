@@ -4,7 +4,8 @@ Frames are ``uint8 [F, H, W, 3]`` arrays (or lists of PIL images for the pipelin
 encoder is the ffmpeg binary that ``imageio-ffmpeg`` ships: libx264, yuv420p (which needs even
 sizes, so odd edges are padded by repeating the last row/column), written to a temporary name and
 renamed with its sidecar (``publish``), so a failed run leaves no half-written file and never an
-mp4 without its sidecar.
+mp4 without its sidecar. An audio track (the avatar's speech) is muxed in as AAC, cut or padded
+with silence to the video's length.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.io.atomic import fsync_dir
 
 PROBE_TIMEOUT_S = 600  # a probe that runs longer is a stuck ffmpeg, not a slow file
+AUDIO_RATE = 16_000  # the muxed speech: the 16 kHz mono the avatar's encoders read
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -38,9 +40,25 @@ def staged_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
+def _write_wav(path: Path, samples: np.ndarray, rate: int, seconds: float) -> None:
+    """16-bit mono PCM of ``samples`` (float, [-1, 1]) cut or zero-padded to ``seconds``."""
+    import wave
+
+    n = round(seconds * rate)
+    x = np.zeros(n, np.float32)
+    x[:min(n, len(samples))] = np.asarray(samples, np.float32)[:n]
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18,
+               audio: np.ndarray | None = None, audio_rate: int = AUDIO_RATE) -> Path:
     """Encode ``frames`` (uint8 or [0,1] float, [F, H, W, 3]) as H.264 at ``fps`` into the
-    staged name of ``path``, which is returned; ``publish`` (or ``write_mp4``) renames it."""
+    staged name of ``path``, which is returned; ``publish`` (or ``write_mp4``) renames it.
+    ``audio``: mono samples at ``audio_rate``, muxed as AAC over the video's length."""
     import imageio_ffmpeg
 
     path = Path(path)
@@ -53,9 +71,14 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = staged_name(path)
     h, w = frames.shape[1:3]
+    wav = None
+    if audio is not None:
+        wav = path.with_name(f".{path.name}.audio.wav")
+        _write_wav(wav, audio, audio_rate, len(frames) / fps)
     writer = imageio_ffmpeg.write_frames(
         str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-        macro_block_size=1, ffmpeg_log_level="error", output_params=["-f", "mp4", "-crf", str(crf)])
+        macro_block_size=1, ffmpeg_log_level="error", output_params=["-f", "mp4", "-crf", str(crf)],
+        audio_path=None if wav is None else str(wav), audio_codec="aac")
     try:
         writer.send(None)
         for f in frames:
@@ -65,6 +88,9 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) 
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if wav is not None:
+            wav.unlink(missing_ok=True)
     return tmp
 
 

@@ -1,0 +1,224 @@
+"""``longcat-tools run --task at2v|ai2v|avc`` on the tiny synthetic avatar trees (1.0 and 1.5):
+each task writes a playable mp4 with the speech muxed in and its sidecar; bad audio and misused
+options are one line and exit 1 before any weights load."""
+
+from __future__ import annotations
+
+import json
+import re
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from longcat_tools.cli import main
+from longcat_tools.runner import avatar_pipeline, video
+from longcat_tools.synth import synth
+
+pytest.importorskip("onnx")  # synth writes the avatar's vocal separator with it
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # NaN frames fail the run
+
+TINY = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "1", "-p", "a man talks"]
+RATE = 16_000
+
+
+def write_wav(path: Path, x: np.ndarray, rate: int = RATE) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def speech(seconds: float, pitch: float = 220.0) -> np.ndarray:
+    t = np.arange(int(RATE * seconds)) / RATE
+    return 0.4 * np.sin(2 * np.pi * pitch * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    root = tmp_path_factory.mktemp("avatar-run")
+    synth(root / "t10", "tiny", model="avatar-1.0", seed=0, dtype="fp32")
+    synth(root / "t15", "tiny", model="avatar-1.5", seed=0, dtype="fp32")
+    return {"1.0": root / "t10" / "LongCat-Video-Avatar",
+            "1.5": root / "t15" / "LongCat-Video-Avatar-1.5"}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("avatar-media")
+    Image.fromarray((np.random.RandomState(0).rand(48, 64, 3) * 255).astype(np.uint8)) \
+        .save(d / "face.png")
+    (d / "notaudio.wav").write_text("not a wave file")
+    return {"a": write_wav(d / "a.wav", speech(1.2)),
+            "b": write_wav(d / "b.wav", speech(1.2, 330.0)),
+            "short": write_wav(d / "short.wav", speech(0.2)),
+            "silent": write_wav(d / "silent.wav", np.zeros(RATE)),
+            "notaudio": d / "notaudio.wav", "face": d / "face.png", "dir": d}
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    rc = main(["run", "-q", *args])
+    return rc, capsys.readouterr().err
+
+
+def audio_stream(path: Path) -> str | None:
+    """ffmpeg's description of the file's audio stream (None: no audio)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    err = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
+                         capture_output=True, text=True).stderr
+    m = re.search(r"Stream #\S+: Audio: (.*)", err)
+    return m.group(1) if m else None
+
+
+@pytest.mark.parametrize("version", ["1.5", "1.0"])
+def test_every_avatar_task_writes_an_mp4_with_the_speech(capsys, trees, media, version):
+    """at2v, then ai2v with two speakers, then avc continuing the at2v video: each a playable
+    H.264 mp4 at the release's frame rate with an AAC track as long as the video."""
+    root, out = trees[version], media["dir"] / version
+    fps = 25 if version == "1.5" else 16
+    first = out / "at2v.mp4"
+    sep = [] if version == "1.5" else ["--no-vocal-separation"]  # 1.5 runs the separator
+    rc, err = run(capsys, "-m", str(root), "--task", "at2v", "--audio", str(media["a"]), *TINY,
+                  *sep, "-o", str(first))
+    assert rc == 0, err
+    rc, err = run(capsys, "-m", str(root), "--task", "ai2v", "--image", str(media["face"]),
+                  "--audio", str(media["a"]), "--audio", str(media["b"]), "--audio-mode",
+                  "concat", "--no-vocal-separation", *TINY, "--height", "64", "--width", "64",
+                  "-o", str(out / "ai2v.mp4"))
+    assert rc == 0, err
+    rc, err = run(capsys, "-m", str(root), "--task", "avc", "--video", str(first),
+                  "--cond-frames", "5", "--audio", str(media["a"]), "--no-vocal-separation",
+                  *TINY, "-o", str(out / "avc.mp4"))
+    assert rc == 0, err
+    for task, frames in (("at2v", 9), ("ai2v", 9), ("avc", 9 + 9 - 5)):
+        mp4 = out / f"{task}.mp4"
+        info = video.probe(mp4)
+        assert (info["codec"], info["frames"], info["fps"]) == ("h264", frames, fps)
+        stream = audio_stream(mp4)
+        assert stream is not None and stream.startswith("aac"), (task, stream)
+        doc = json.loads(Path(f"{mp4}.json").read_text())
+        assert doc["task"] == task and doc["video"]["frames"] == frames
+        assert doc["avatar"]["version"] == f"avatar-{version}"
+        assert doc["avatar"]["int8"] is False
+        assert doc["avatar"]["files"] == [str(media["a"])] + (
+            [str(media["b"])] if task == "ai2v" else [])
+        assert doc["avatar"]["vocal_separation"] == (task == "at2v" and version == "1.5")
+        assert doc["avatar"]["mode"] == ("concat" if task == "ai2v" else None)
+        assert doc["settings"]["audio"] == doc["avatar"]["files"]
+    multi = json.loads(Path(f"{out / 'ai2v.mp4'}.json").read_text())
+    assert multi["final"]["speakers"] == 2
+    if version == "1.0":
+        assert "avatar_multi" in multi["avatar"]["dit"]
+
+
+def test_int8_and_distill_run_on_15(capsys, trees, media):
+    out = media["dir"] / "int8.mp4"
+    rc, err = run(capsys, "-m", str(trees["1.5"]), "--task", "at2v", "--audio",
+                  str(media["a"]), "--int8", "--no-vocal-separation", *TINY, "-o", str(out))
+    assert rc == 0, err
+    doc = json.loads(Path(f"{out}.json").read_text())
+    assert doc["avatar"]["int8"] is True and "base_model_int8" in doc["avatar"]["dit"]
+    out = media["dir"] / "dmd.mp4"
+    tiny = [a for a in TINY if a not in ("--steps", "1")]
+    rc, err = run(capsys, "-m", str(trees["1.5"]), "--task", "at2v", "--audio",
+                  str(media["a"]), "--distill", "--int8", "--no-vocal-separation", *tiny, "-o",
+                  str(out))
+    assert rc == 0, err
+    doc = json.loads(Path(f"{out}.json").read_text())
+    assert doc["final"]["steps"] == 8 and doc["guidance"] == 1.0 and doc["avatar"]["int8"]
+    assert doc["final"]["loras"] and doc["final"]["merged_loras"] == []  # beside int8 layers
+    assert doc["loras"] == ["dmd"] and doc["negative_prompt"] is None
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to load the avatar pipeline fails the test."""
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded")
+    monkeypatch.setattr(avatar_pipeline.LongCatVideoAvatarPipeline, "from_pretrained",
+                        classmethod(refuse))
+
+
+@pytest.mark.parametrize("audio, message", [
+    ("notaudio", "not an audio or video file"),
+    ("silent", "the audio is silent"),
+    ("missing", "no such audio file"),
+])
+def test_bad_audio_is_one_line_before_any_weights(capsys, trees, media, no_weights, audio,
+                                                  message):
+    path = media[audio] if audio in media else media["dir"] / "missing.wav"
+    rc, err = run(capsys, "-m", str(trees["1.5"]), "--task", "at2v", "--audio", str(path),
+                  *TINY, "-o", str(media["dir"] / "bad.mp4"))
+    assert rc == 1
+    assert err.count("\n") == 1 and err.startswith("error: --audio ") and message in err, err
+
+
+def test_zero_sample_rate_and_overlong_audio_are_refused(capsys, trees, media, no_weights):
+    zero = media["dir"] / "zero_rate.wav"
+    data = bytearray(write_wav(media["dir"] / "z.wav", speech(0.5)).read_bytes())
+    data[24:28] = (0).to_bytes(4, "little")  # the fmt chunk's sample rate
+    zero.write_bytes(bytes(data))
+    rc, err = run(capsys, "-m", str(trees["1.5"]), "--task", "at2v", "--audio", str(zero),
+                  *TINY)
+    assert rc == 1 and "sample rate" in err and err.count("\n") == 1, err
+    long = write_wav(media["dir"] / "long.wav", np.full(1000 * 620, 0.1), rate=1000)
+    rc, err = run(capsys, "-m", str(trees["1.5"]), "--task", "at2v", "--audio", str(long),
+                  *TINY)
+    assert rc == 1 and "limit" in err and err.count("\n") == 1, err
+
+
+def test_short_audio_is_padded_with_silence_as_the_original(capsys, trees, media):
+    """0.2 s of speech for a 9-frame video (0.56 s at 16 fps): padded, recorded, still muxed."""
+    out = media["dir"] / "short.mp4"
+    rc, err = run(capsys, "-m", str(trees["1.0"]), "--task", "at2v", "--audio",
+                  str(media["short"]), "--no-vocal-separation", *TINY, "-o", str(out))
+    assert rc == 0, err
+    doc = json.loads(Path(f"{out}.json").read_text())
+    assert doc["avatar"]["padded_s"] == pytest.approx(9 / 16 - 0.2, abs=1e-3)
+    assert audio_stream(out) is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "t2v", "--audio", "A"], "--audio: only for the avatar tasks"),
+    (["--task", "i2v", "--int8"], "--int8: only for the avatar tasks"),
+    (["--task", "t2v", "--no-vocal-separation"], "--no-vocal-separation: only for the avatar"),
+    (["--task", "at2v", "--audio", "A", "--audio", "A"], "--task at2v takes one speaker"),
+    (["--task", "ai2v", "--audio", "A", "--audio", "A", "--audio", "A"], "at most 2"),
+    (["--task", "at2v", "--audio", "A", "--refine"], "--refine: not available"),
+    (["--task", "at2v", "--audio", "A", "--audio-mode", "both"], "--audio-mode both"),
+    (["--task", "at2v", "--audio", "A", "--audio-guidance", "-1"], "--audio-guidance -1"),
+])
+def test_option_misuse_is_one_line(capsys, trees, media, no_weights, args, message):
+    args = [str(media["a"]) if a == "A" else a for a in args]
+    rc, err = run(capsys, "-m", str(trees["1.5"]), *args, *TINY)
+    assert rc == 1 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("version, args, message", [
+    ("1.0", ["--int8"], "has no INT8 DiT"),
+    ("1.0", ["--distill"], "has no distillation LoRA"),
+    ("1.5", ["--distill", "--steps", "4"], "8 fixed steps"),
+    ("1.5", [], "--task ai2v needs --image"),
+])
+def test_release_specific_misuse(capsys, trees, media, no_weights, version, args, message):
+    task = "ai2v" if not args else "at2v"
+    tiny = [a for a in TINY if a not in ("--steps", "1")] if "--steps" in args else TINY
+    rc, err = run(capsys, "-m", str(trees[version]), "--task", task, "--audio",
+                  str(media["a"]), *args, *tiny)
+    assert rc == 1 and message in err and err.count("\n") == 1, err
+
+
+def test_tasks_and_checkpoints_must_match(capsys, trees, media, no_weights):
+    rc, err = run(capsys, "-m", str(trees["1.5"]), "--task", "t2v", *TINY)
+    assert rc == 1 and "runs --task at2v, ai2v, avc" in err
+    base = trees["1.5"].parent / "LongCat-Video"
+    rc, err = run(capsys, "-m", str(base), "--task", "at2v", "--audio", str(media["a"]), *TINY)
+    assert rc == 1 and "needs a LongCat-Video-Avatar checkpoint" in err
