@@ -61,8 +61,7 @@ CLASSES: dict[str, list[str]] = {
     "text_encoder": ["transformers", "UMT5EncoderModel"],
     "vae": ["diffusers", "AutoencoderKLWan"],
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "chinese-wav2vec2-base": ["transformers", "Wav2Vec2Model"],
-    "whisper-large-v3": ["transformers", "WhisperModel"],
+    **{folder: ["transformers", cls] for folder, cls in avatar.ENCODER_CLASSES.items()},
     "vocal_separator": ["onnxruntime", "InferenceSession"],
 }
 NO_PEER = ("no peer (FastVideo, diffusers, ComfyUI) defines avatar keys; avatar checkpoints "

@@ -27,6 +27,7 @@ import torch
 
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import TensorSpec, write_file, write_json
+from longcat_tools.model import avatar
 from longcat_tools.synth_presets import ST_METADATA, Preset, generator, random_tensor
 
 # chinese-wav2vec2-base: the wav2vec2-base architecture (fairseq's BASE, 95M parameters).
@@ -99,7 +100,7 @@ def whisper_config(preset: Preset) -> dict[str, Any]:
 
 def audio_width(encoder: str, preset: Preset) -> int:
     """The audio encoder's width: the avatar DiT's ``audio_channel``."""
-    if encoder == "chinese-wav2vec2-base":
+    if encoder == avatar.WAV2VEC2:
         return wav2vec2_config(preset)["hidden_size"]
     return whisper_config(preset)["d_model"]
 
@@ -149,7 +150,7 @@ def write_wav2vec2(folder: Path, preset: Preset, seed: int, sparse: bool) -> Non
         return (torch.zeros((), dtype=torch.float32).expand(shape) if sparse
                 else random_tensor(f"{folder.name}/{name}", shape, seed, torch.float32))
 
-    torch.save({n: value(n, s) for n, s in specs}, folder / "pytorch_model.bin")
+    torch.save({n: value(n, s) for n, s in specs}, folder / avatar.WAV2VEC2_PICKLE)
     write_file(folder / "model.safetensors",
                [TensorSpec(n, torch.float32, s, lambda n=n, s=s: value(n, s).contiguous())
                 for n, s in specs], ST_METADATA, sparse=sparse)

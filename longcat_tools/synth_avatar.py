@@ -147,7 +147,7 @@ def write_avatar(folder: Path, model: str, preset: str, *, depth: int | None, se
     if version.own_scheduler:
         (folder / "scheduler").mkdir()
         write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    if version.audio_encoder == "chinese-wav2vec2-base":
+    if version.audio_encoder == avatar.WAV2VEC2:
         synth_audio.write_wav2vec2(folder / version.audio_encoder, p, seed, sparse)
     else:
         synth_audio.write_whisper(folder / version.audio_encoder, p, seed, sparse, progress)

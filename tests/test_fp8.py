@@ -323,3 +323,23 @@ def test_a_lora_merges_into_e4m3_weights_and_restores_bit_for_bit(tiny_native, f
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_block_swap_moves_the_fp8_scales_with_their_weights(tiny_native):
+    """The scales are buffers: block swap must carry them with the e4m3 weights."""
+    from longcat_tools.runner import offload
+    from longcat_tools.runner.loading import load_transformer
+
+    model = load_transformer(tiny_native, dtype="bf16", fp8=True)
+    swap = offload.enable_block_swap(model, "cpu")
+    moved = {id(t) for host in swap._host for t, _ in host}
+    scales = [b for name, b in model.blocks.named_buffers() if name.endswith("weight_scale")]
+    assert scales and all(id(s) in moved for s in scales)
+
+
+def test_fp8_with_fp16_activations_is_refused_before_loading(tiny_native):
+    from longcat_tools.errors import LongcatError
+    from longcat_tools.runner.pipeline import LongCatVideoPipeline
+
+    with pytest.raises(LongcatError, match="fp8 GEMMs run with bf16 activations"):
+        LongCatVideoPipeline.from_pretrained(tiny_native, torch_dtype=torch.float16, fp8=True)

@@ -84,3 +84,14 @@ def test_a_lora_merged_into_e4m3_weights_on_the_gpu_comes_back_bit_for_bit(tiny_
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_loading_onto_a_second_gpu_waits_for_its_own_copies(tiny_native, fp8_folder):
+    """The staging buffers are freed by events on the parameters' GPU, not the current one."""
+    for folder, fp8 in ((tiny_native, False), (fp8_folder, None)):
+        gpu = load_transformer(folder, device="cuda:1", dtype="bf16", fp8=fp8).state_dict()
+        cpu = load_transformer(folder, device="cpu", dtype="bf16", fp8=fp8).state_dict()
+        for name, t in cpu.items():
+            assert gpu[name].device == torch.device("cuda:1")
+            assert torch.equal(gpu[name].cpu().view(torch.uint8), t.view(torch.uint8)), name

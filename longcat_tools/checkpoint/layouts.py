@@ -144,17 +144,9 @@ class Checkpoint:
     def is_fp8(self) -> bool:
         """Whether the DiT folder is an fp8 checkpoint (``model.fp8``: its
         ``quantization_config.json``); another quantization method is one line."""
-        path = self.transformer_dir / fp8.CONFIG_FILE
-        if self.layout == COMFY_SINGLE or self.avatar is not None or not path.exists():
+        if self.layout == COMFY_SINGLE or self.avatar is not None:
             return False
-        check_contained(path, self.containment)
-        cfg = jsonio.read(path, what="quantization config")
-        if not fp8.is_config(cfg):
-            method = cfg.get("quantization_method") if isinstance(cfg, dict) else None
-            raise LongcatError(f"{path}: quantization_method {method!r} is not one this tool "
-                               f"reads ({fp8.METHOD}); convert the checkpoint to bf16 with "
-                               "the tool that wrote it")
-        return True
+        return fp8_declared(self.transformer_dir, self.containment)
 
     def describe(self) -> str:
         if self.layout == COMFY_SINGLE:
@@ -213,6 +205,23 @@ def detect_any(root: str | Path) -> Checkpoint | AvatarCheckpoint:
         return AvatarCheckpoint(root, version, allowed)
     raise LongcatError(f"{root}: not a LongCat-Video checkpoint (expected dit/ for the hub layout "
                        "or transformer/ for the model_index.json layout)")
+
+
+def fp8_declared(folder: Path, containment: tuple[Path, ...] | None = None) -> bool:
+    """Whether a DiT folder says it holds fp8 weights (``model.fp8``'s config file); a config
+    naming another quantization method is one line."""
+    path = folder / fp8.CONFIG_FILE
+    if not path.exists():
+        return False
+    if containment:
+        check_contained(path, containment)
+    cfg = jsonio.read(path, what="quantization config")
+    if not fp8.is_config(cfg):
+        method = cfg.get("quantization_method") if isinstance(cfg, dict) else None
+        raise LongcatError(f"{path}: quantization_method {method!r} is not one this tool reads "
+                           f"({fp8.METHOD}); convert the checkpoint to bf16 with the tool that "
+                           "wrote it")
+    return True
 
 
 def looks_like_checkpoint(path: Path) -> bool:

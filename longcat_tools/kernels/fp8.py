@@ -3,7 +3,8 @@
 ``y = (x / sx) @ (W / sw).T * sx * sw + b`` with ``sw = max|W[o, :]| / 448`` per output channel
 (computed once, stored beside the weight) and ``sx = max|x[t, :]| / 448`` per token (computed
 on every call). One ``torch._scaled_mm`` runs the product on e4m3 tensor cores with both
-scales applied in its epilogue (rowwise scaling: CUDA sm89+, and the CPU build for tests). Why
+scales applied in its epilogue (rowwise scaling: e4m3 tensor cores, sm89+, on torch builds
+that have it; tests/test_fp8_gpu.py checks the GPU path; the CPU build runs it too). Why
 these granularities: per-channel weight and per-token activation scales are what cuBLASLt
 applies in the epilogue at no cost, and one large token or row then cannot flatten the others
 (one scale per tensor does). On random unit-variance data the product lands 3.7e-2 (relative)
@@ -71,7 +72,7 @@ def scaled_mm_ok(in_features: int, out_features: int) -> bool:
 def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [..., K]`` as ``linear`` scales it (per token, compiled on CUDA): for several
     layers that read the same input (the FFN's w1 and w3), once."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # _scaled_mm takes a row-major mat1
     return (quantize_rows_fused if x2.is_cuda else quantize_rows)(x2)
 
 
@@ -81,13 +82,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """``F.linear`` with an e4m3 ``weight`` and its ``[out]`` scale; output in ``x``'s dtype.
     ``xq``: ``quantize_input(x)`` when the caller has it already.
 
-    bf16/fp16 inputs run one rowwise-scaled e4m3 GEMM (the bias added in its epilogue); other
-    dtypes, and sizes ``_scaled_mm`` refuses, multiply the dequantized operands in float32 (the
-    same numbers, slower)."""
+    bf16 inputs run one rowwise-scaled e4m3 GEMM (the bias added in its epilogue; rowwise
+    scaling gives bf16 out only on some torch builds, so fp16 is not sent there); other dtypes,
+    and sizes ``_scaled_mm`` refuses, multiply the dequantized operands in float32 (the same
+    numbers, slower)."""
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     xq, sx = xq if xq is not None else quantize_input(x)
-    if x.dtype in (torch.bfloat16, torch.float16) and scaled_mm_ok(in_features, out_features):
+    if x.dtype == torch.bfloat16 and scaled_mm_ok(in_features, out_features):
         y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale.float().view(1, -1),
                              bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
     else:

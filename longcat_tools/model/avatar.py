@@ -21,6 +21,11 @@ from longcat_tools.model.keymap import DiTDims
 AVATAR_CLASS = "LongCatVideoAvatarTransformer3DModel"
 BASE_FOLDER = "LongCat-Video"  # the sibling folder the avatar reads tokenizer/text encoder/VAE from
 VOCAL_SEPARATOR = "vocal_separator/Kim_Vocal_2.onnx"
+WAV2VEC2 = "chinese-wav2vec2-base"  # 1.0's audio encoder folder
+WHISPER = "whisper-large-v3"  # 1.5's
+WAV2VEC2_PICKLE = "pytorch_model.bin"  # what the original torch.loads; never read here
+ENCODER_CLASSES = {WAV2VEC2: "Wav2Vec2Model", WHISPER: "WhisperModel"}  # transformers
+AUDIO_MODES = ("mix", "concat")  # two speakers: over the same span, or one after the other
 
 
 @dataclass(frozen=True)
@@ -165,13 +170,13 @@ VERSIONS: dict[str, AvatarVersion] = {
     "avatar-1.0": AvatarVersion(
         name="avatar-1.0", repo="meituan-longcat/LongCat-Video-Avatar",
         folder="LongCat-Video-Avatar", dit_folders=("avatar_single", "avatar_multi"),
-        audio_encoder="chinese-wav2vec2-base", audio_block=12,
+        audio_encoder=WAV2VEC2, audio_block=12,
         optional_fields=("audio_block", "audio_channel"), int8_folder=None, lora=None,
         own_scheduler=False, root_files=()),
     "avatar-1.5": AvatarVersion(
         name="avatar-1.5", repo="meituan-longcat/LongCat-Video-Avatar-1.5",
         folder="LongCat-Video-Avatar-1.5", dit_folders=("base_model",),
-        audio_encoder="whisper-large-v3", audio_block=5, optional_fields=(),
+        audio_encoder=WHISPER, audio_block=5, optional_fields=(),
         int8_folder="base_model_int8", lora="lora/dmd_lora.safetensors", own_scheduler=True,
         root_files=("config.json", "model_index.json")),
 }

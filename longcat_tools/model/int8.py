@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from longcat_tools.model import fp8
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,7 +23,7 @@ QUANTIZATION_CONFIG = {
     "skip_patterns": list(SKIP_PATTERNS),
     "description": "Weight-only INT8 quantization with per-channel symmetric scaling",
 }
-CONFIG_NAME = "quantization_config.json"
+CONFIG_NAME = fp8.CONFIG_FILE  # the file name both quantized formats use
 SHARD_STEM = "quantized_model"
 INDEX_NAME = f"{SHARD_STEM}.safetensors.index.json"
 MAX_SHARD_BYTES = 4 * 1024**3

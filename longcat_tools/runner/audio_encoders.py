@@ -30,12 +30,13 @@ import torch.nn.functional as F
 
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import read_header, read_tensor
+from longcat_tools.model import avatar
 from longcat_tools.model.avatar import AUDIO_DEFAULTS
 from longcat_tools.runner import audio_filters
 from longcat_tools.runner.audio import SAMPLE_RATE
 
 WEIGHTS = "model.safetensors"
-PICKLE = "pytorch_model.bin"
+PICKLE = avatar.WAV2VEC2_PICKLE
 CONVERT_HINT = "docs/avatar.md, section Audio, gives the one-line conversion"
 WAV2VEC2_PREFIX = "wav2vec2."
 WEIGHT_NORM = {".weight_g": ".parametrizations.weight.original0",

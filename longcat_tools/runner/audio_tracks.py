@@ -26,9 +26,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.model import avatar
 from longcat_tools.runner.audio import SAMPLE_RATE
 
-MODES = ("mix", "concat")
+MODES = avatar.AUDIO_MODES
 
 
 def video_seconds(num_frames: int, fps: float, num_segments: int = 1,

@@ -63,7 +63,7 @@ from longcat_tools.runner.dit import (
     rope_table_cached,
 )
 from longcat_tools.runner.int8_linear import quantize_linears
-from longcat_tools.runner.loading import Origin, fill_parameters, parse_dtype
+from longcat_tools.runner.loading import fill_parameters, parse_dtype, remember_origin
 
 ROPE_BASE = 10000.0
 MAP_HEAD_GROUPS = 2  # the speaker map is averaged over this many groups of heads
@@ -522,7 +522,7 @@ def load_avatar_transformer(folder: str | Path, device: str | torch.device = "cp
                     shards=_int8_shards(folder) if quantized else None)
     model.eval().requires_grad_(False)
     model.layout = "avatar INT8" if quantized else "avatar native"
-    model.origin = None if quantized else Origin.of(ckpt, dtype)
+    remember_origin(model, None if quantized else ckpt)
     return model
 
 

@@ -282,13 +282,16 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         return self.scheduler.timesteps
 
     def _lora(self, distill: bool) -> str | None:
-        """1.5's DMD LoRA when distilling (read once); 1.0 distils without one."""
-        if not distill or self.version != "avatar-1.5":
+        """The release's distillation LoRA when distilling (read once). 1.0 ships none: there
+        ``distill`` changes only the schedule, as the original's ``use_distill`` does (the CLI
+        refuses ``--distill`` on 1.0, since nothing distilled exists for it)."""
+        lora = avatar.VERSIONS[self.version].lora
+        if not distill or lora is None:
             return None
         if LORA_DMD not in self.transformer.lora_registry:
             if self.dmd_path is None or not self.dmd_path.is_file():
-                raise LongcatError(f"{self.dmd_path or 'lora/dmd_lora.safetensors'}: missing; "
-                                   "avatar 1.5 distillation needs it (or load it with "
+                raise LongcatError(f"{self.dmd_path or lora}: missing; avatar distillation "
+                                   "needs it (or load it with "
                                    "pipe.transformer.load_lora(path, 'dmd'))")
             self.transformer.load_lora(str(self.dmd_path), LORA_DMD)
         return LORA_DMD

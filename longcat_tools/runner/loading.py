@@ -10,6 +10,7 @@ some parameters back later (``names``): how merged LoRA weights are restored exa
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from collections.abc import Collection, Mapping
@@ -147,7 +148,7 @@ def _plan(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
         if info is None:
             raise LongcatError(f"{file}: the index names tensor '{name}' but the shard does not "
                                "hold it")
-        if info.dtype == "F8_E4M3" and not src_fp8:
+        if info.dtype == fp8_format.STORED_DTYPE and not src_fp8:
             raise LongcatError(f"{file}: tensor '{name}' is e4m3 but {ckpt.transformer_dir} has "
                                f"no {fp8_format.CONFIG_FILE} saying how to scale it (write fp8 "
                                "checkpoints with convert --dtype fp8)")
@@ -166,7 +167,7 @@ def _plan(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
         items.append(_Item(file, info, part, targets[part.native],
                            slice(part.index * rows, (part.index + 1) * rows)))
     for item in items:  # e4m3 rows dequantized into a plain model need their scales
-        if item.info.dtype == "F8_E4M3" and item.target.dtype != fp8_ops.E4M3:
+        if item.info.dtype == fp8_format.STORED_DTYPE and item.target.dtype != fp8_ops.E4M3:
             scale = scales.get(_scale_name(item.info.name))
             if scale is None or tuple(scale.info.shape) != (item.info.shape[0],):
                 raise LongcatError(f"{item.file}: e4m3 tensor '{item.info.name}' needs a "
@@ -258,16 +259,18 @@ def fill_parameters(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
     with the source's scales. On CUDA the bytes cross as they are stored and are converted on
     the GPU, where it is fast."""
     items, scale_items = _plan(model, ckpt, names, shards)
-    params = dict(model.named_parameters())
-    device = next(iter(params.values())).device
+    device = next(model.parameters()).device
     scales = {}
     for name, item in scale_items.items():  # small: one float per output row
         with open(item.file, "rb") as f:
             scales[name] = read_tensor(f, item.info).to(device)
     buffers = dict(model.named_buffers())
-    reader = _Reader(items, device.type == "cuda")
+    cuda = device.type == "cuda"
+    reader = _Reader(items, cuda)
+    # the copies and the events that free their buffers on the parameters' GPU, not the
+    # current one (cuda:1 with cuda:0 current would free a buffer before its DMA is done)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(device) if cuda else contextlib.nullcontext():
             for k, (item, tensor) in enumerate(reader):
                 src = tensor.to(device, non_blocking=True) \
                     if device.type == "cuda" and tensor.dtype != item.target.dtype else tensor
@@ -284,9 +287,9 @@ def fill_parameters(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
                                                         dst.dtype))
                 else:
                     dst.copy_(src)  # casts on the way, in one pass
-                if device.type == "cuda":
+                if cuda:
                     event = torch.cuda.Event()
-                    event.record()
+                    event.record(torch.cuda.current_stream(device))
                     reader.copied(k, event)
                 if progress is not None:
                     progress(item.info.nbytes)
@@ -320,9 +323,15 @@ def finish_loading(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
     fill_parameters(model, ckpt, progress=progress)
     model.eval().requires_grad_(False)
     model.layout = ckpt.describe()
-    model.origin = Origin.of(ckpt, model.dtype)
-    model.register_load_state_dict_post_hook(_forget_origin)
+    remember_origin(model, ckpt)
     return model
+
+
+def remember_origin(model: torch.nn.Module, ckpt: layouts.Checkpoint | None) -> None:
+    """``model.origin``: the checkpoint its weights can be read back from (None: they cannot),
+    forgotten by ``load_state_dict``, after which the weights are no longer the checkpoint's."""
+    model.origin = None if ckpt is None else Origin.of(ckpt, model.dtype)
+    model.register_load_state_dict_post_hook(_forget_origin)
 
 
 def load_transformer(path: str | Path, device: str | torch.device = "cpu",

@@ -1,12 +1,13 @@
 """A fixed set of LoRA adapters merged into the DiT's weights, and the exact way back.
 
-Run-time adapters (``runner.lora``) cost two thin matmuls per target on every step (0.5-0.9 s
-per 480p step on an H200). When a run's adapters and scales stay fixed (distill, refine, a style
-LoRA), adding their update into the weights once makes each step cost what it costs without
-them. The arithmetic is ``lora fuse``'s (``ModuleLora.delta``): per target weight, in fp32,
-``W + delta_1 + delta_2 ...`` in the enabling order, cast back once, so a merged model holds the
-weights of the fused checkpoint. Each weight is merged where it lives (the GPU, or the host under
-block swap), one at a time, with one fp32 copy of it beside.
+Run-time adapters (``runner.lora``) cost two thin matmuls per target on every step (0.56 s per
+480p step on an H200 at rank 128: benchmarks/results/offload.md). When a run's adapters and
+scales stay fixed (distill, refine, a style LoRA), adding their update into the weights once
+makes each step cost what it costs without them. The arithmetic is ``lora fuse``'s
+(``ModuleLora.delta``): per target weight, in fp32, ``W + delta_1 + delta_2 ...`` in the
+enabling order, cast back once, so a merged model holds the weights of the fused checkpoint.
+Each weight is merged where it lives (the GPU, or the host under block swap), one at a time,
+with one fp32 copy of it beside.
 
 The way back is exact, bit for bit: a model loaded from a checkpoint (``loading.Origin``) reads
 the merged parameters again from its shards; any other model keeps a host copy of each merged

@@ -48,7 +48,7 @@ class BlockSwap:
                 self._host.append([])
                 continue
             host = []
-            for p in block.parameters():
+            for p in (*block.parameters(), *block.buffers()):  # fp8 scales are buffers
                 t = p.data.to("cpu")
                 if cuda:
                     t = t.pin_memory()
@@ -145,8 +145,8 @@ def on_device(module: nn.Module, device: torch.device, home: torch.device | str 
             t.data = h.to(device, non_blocking=True)
     hooks = []
     for block in blocks or []:
-        mine = [(t, h) for t, h in host if id(t) in {id(x) for x in
-                                                     (*block.parameters(), *block.buffers())}]
+        ids = {id(x) for x in (*block.parameters(), *block.buffers())}
+        mine = [(t, h) for t, h in host if id(t) in ids]
 
         def load(_module, _args, mine=mine) -> None:
             for t, h in mine:

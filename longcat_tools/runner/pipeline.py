@@ -255,7 +255,11 @@ class LongCatVideoPipeline(DiffusionPipeline):
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
         check_components(root)
-        if (ckpt.is_fp8 if fp8 is None else fp8) and device.type == "cuda" \
+        use_fp8 = ckpt.is_fp8 if fp8 is None else fp8
+        if use_fp8 and dtype == torch.float16:
+            raise LongcatError("fp8 GEMMs run with bf16 activations (fp16 output is missing from "
+                               "some torch builds' scaled GEMMs): use --dtype bf16")
+        if use_fp8 and device.type == "cuda" \
                 and torch.cuda.get_device_capability(device) < (8, 9):
             raise LongcatError(f"fp8 GEMMs need an sm89+ GPU (Ada, Hopper or newer); "
                                f"{torch.cuda.get_device_name(device)} is sm"

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
-from longcat_tools.model import bsa_presets, dtypes, keymap
+from longcat_tools.model import avatar, bsa_presets, dtypes, keymap
 from longcat_tools.model.chunks import latent_frames, latent_grid
 from longcat_tools.runner import footprint
 from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
 
 TASKS = ("t2v", "i2v", "vc", "long", "refine")  # the base model's
 AVATAR_TASKS = ("at2v", "ai2v", "avc")  # LongCat-Video-Avatar's (runner.avatar_pipeline)
-AUDIO_MODES = ("mix", "concat")  # runner.audio_tracks.MODES
 MAX_SPEAKERS = 2
 BSA_CHOICES = ("config", "on", "off", *bsa_presets.PRESETS)
 OFFLOAD_CHOICES = ("none", "text-encoder", "dit", "all")  # runner.offload
@@ -296,7 +295,7 @@ NOT_FOR_AVATAR = (("--refine", lambda s: s.refine), ("--cp", lambda s: s.cp != 1
                   ("--latents-in", lambda s: s.latents_in is not None))
 # Options only the avatar tasks take.
 AVATAR_ONLY = (("--audio", lambda s: bool(s.audio)), ("--audio-mode", lambda s: s.audio_mode
-                                                      != AUDIO_MODES[0]),
+                                                      != avatar.AUDIO_MODES[0]),
                ("--no-vocal-separation", lambda s: not s.vocal_separation),
                ("--audio-guidance", lambda s: s.audio_guidance is not None),
                ("--int8", lambda s: s.int8))
@@ -313,8 +312,8 @@ def _check_task_options(s: RunSettings) -> None:
     for opt, used in NOT_FOR_AVATAR:
         if used(s):
             raise LongcatError(f"{opt}: not available for --task {s.task} (the avatar tasks)")
-    if s.audio_mode not in AUDIO_MODES:
-        raise LongcatError(f"--audio-mode {s.audio_mode}: use {' or '.join(AUDIO_MODES)}")
+    if s.audio_mode not in avatar.AUDIO_MODES:
+        raise LongcatError(f"--audio-mode {s.audio_mode}: use {' or '.join(avatar.AUDIO_MODES)}")
     if s.audio and len(s.audio) > MAX_SPEAKERS:
         raise LongcatError(f"--audio given {len(s.audio)} times: at most {MAX_SPEAKERS} "
                            "speakers")
@@ -351,12 +350,9 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         raise LongcatError(f"{ckpt.root}: no {folder.name}/, the DiT this run needs"
                            + (" (two speakers)" if len(s.audio) > 1 else ""))
     ckpt.require_base()
-    if s.vocal_separation:
-        from longcat_tools.model.avatar import VOCAL_SEPARATOR
-
-        if not (ckpt.root / VOCAL_SEPARATOR).is_file():
-            raise LongcatError(f"{ckpt.root / VOCAL_SEPARATOR}: missing (vocal separation "
-                               "needs it; or pass --no-vocal-separation)")
+    if s.vocal_separation and not (ckpt.root / avatar.VOCAL_SEPARATOR).is_file():
+        raise LongcatError(f"{ckpt.root / avatar.VOCAL_SEPARATOR}: missing (vocal separation "
+                           "needs it; or pass --no-vocal-separation)")
     for path in s.audio:
         try:
             audio.load(path)

@@ -22,9 +22,10 @@ from PIL import Image
 
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.atomic import fsync_dir
+from longcat_tools.runner.audio import SAMPLE_RATE
 
 PROBE_TIMEOUT_S = 600  # a probe that runs longer is a stuck ffmpeg, not a slow file
-AUDIO_RATE = 16_000  # the muxed speech: the 16 kHz mono the avatar's encoders read
+AUDIO_RATE = SAMPLE_RATE  # the muxed speech: the 16 kHz mono the avatar's encoders read
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

@@ -27,12 +27,12 @@ from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import dtypes, expect, read_weights
 
 CKPT = V.CKPT
-WAV2VEC2 = "chinese-wav2vec2-base"
-WAV2VEC2_WEIGHTS = "pytorch_model.bin"  # what the original torch.loads: a pickle
+WAV2VEC2 = avatar.WAV2VEC2
+WAV2VEC2_WEIGHTS = avatar.WAV2VEC2_PICKLE
 WHISPER_LAYERS = 32  # the whisper grouping averages layers 0-7, 8-15, 16-23, 24-31, then the norm
 # Files each audio encoder folder needs (its loader reads them).
 AUDIO_FILES = {WAV2VEC2: ("config.json", WAV2VEC2_WEIGHTS),
-               "whisper-large-v3": ("config.json", "preprocessor_config.json",
+               avatar.WHISPER: ("config.json", "preprocessor_config.json",
                                     "model.safetensors")}
 INT8_DTYPES = {"int8": "I8", "scale": "F32", "bias": "BF16"}
 ONNX_INPUT = "input"  # the name the separator feeds its spectrogram by

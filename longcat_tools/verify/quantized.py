@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import read_tensor
 from longcat_tools.kernels.fp8 import E4M3_MAX
 from longcat_tools.model import fp8, keymap
 from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import WeightSet
 
-E4M3 = "F8_E4M3"
+E4M3 = fp8.STORED_DTYPE
 
 
 def declared(rec: Recorder, component: str, folder: Path) -> bool:
@@ -28,11 +28,7 @@ def declared(rec: Recorder, component: str, folder: Path) -> bool:
     if not path.exists():
         return False
     with rec.guard(component, "quantization", path):
-        cfg = jsonio.read(path, what="quantization config")
-        if not fp8.is_config(cfg):
-            method = cfg.get("quantization_method") if isinstance(cfg, dict) else None
-            raise LongcatError(f"{path}: quantization_method {method!r} is not one this tool "
-                               f"reads ({fp8.METHOD})")
+        layouts.fp8_declared(folder)
         rec.ok(component, "quantization", path, f"{fp8.METHOD}: e4m3 block GEMM weights, "
                                                 "float32 scales per output channel")
         return True
