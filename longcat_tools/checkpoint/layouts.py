@@ -308,6 +308,20 @@ class AvatarCheckpoint:
         return self.root / self.version.audio_encoder
 
     @property
+    def distill_fused(self) -> bool:
+        """Whether the release's distillation LoRA is already in the DiT's weights (``lora
+        fuse`` records each fused adapter's file in the config's ``_fused_loras``)."""
+        if not self.version.lora or not self.dits:
+            return False
+        from longcat_tools.lora.fusion import FUSED_CONFIG_KEY
+
+        cfg = jsonio.read(self.root / self.dits[0] / "config.json", what="transformer config")
+        fused = cfg.get(FUSED_CONFIG_KEY) if isinstance(cfg, dict) else None
+        name = Path(self.version.lora).name
+        return isinstance(fused, list) and any(isinstance(f, dict) and f.get("file") == name
+                                               for f in fused)
+
+    @property
     def lora_dir(self) -> Path:
         return self.root / "lora"
 

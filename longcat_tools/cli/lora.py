@@ -148,6 +148,11 @@ def fuse_cmd(
              "scale).")] = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy unchanged files instead of "
                                        "hard-linking them.")] = False,
+    int8: Annotated[str | None, typer.Option(
+        "--int8", metavar="quantize|drop",
+        help="LongCat-Video-Avatar 1.5 only: re-quantize base_model_int8/ from the fused "
+             "base_model/ (quantize, the default) or leave it out (drop).",
+        show_default=False)] = None,
     force: ForceOpt = False, dry_run: DryRunOpt = False,
     json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
@@ -158,18 +163,26 @@ def fuse_cmd(
     wanted = parse_fuse_names(names)
     with out.progress(None, "fuse") as bar:
         r = fuse(model, wanted, dst, scale=scale, link=not copy, force=force, dry_run=dry_run,
-                 progress=bar.update)
+                 progress=bar.update, int8_mode=int8)
     plan = r if isinstance(r, FusePlan) else r.plan
     adapters = ", ".join(f"{a.name} x{a.scale:g}" for a in plan.adapters)
+    folders = (f" in {', '.join(f.name + '/' for f in plan.folders)}"
+               if plan.ckpt.avatar is not None else "")
+    for warning in plan.warnings:
+        out.warn(warning)
     if isinstance(r, FusePlan):
         out.say(f"would fuse {adapters} into {plan.weights} DiT tensors of "
-                f"{len(plan.rewrite)} shards ({human_bytes(plan.bytes_to_write)} to write) -> "
-                f"{plan.dst}")
+                f"{len(plan.shards)} shards{folders} "
+                f"({human_bytes(plan.bytes_to_write)} to write) -> {plan.dst}")
+        for note in plan.notes:
+            out.say(note)
         out.result({**plan.describe(), "dry_run": True})
         return
-    out.say(f"fused {adapters} into {plan.weights} DiT tensors -> {plan.dst} "
-            f"({len(plan.rewrite)} shards rewritten, {r.files_linked} files linked, "
+    out.say(f"fused {adapters} into {plan.weights} DiT tensors{folders} -> {plan.dst} "
+            f"({len(plan.shards)} shards rewritten, {r.files_linked} files linked, "
             f"{r.files_copied} copied, {r.seconds:.1f} s)")
+    for note in plan.notes:
+        out.say(note)
     out.result({**plan.describe(), "dry_run": False, "files_linked": r.files_linked,
                 "files_copied": r.files_copied, "tensors_written": r.tensors_written,
                 "seconds": round(r.seconds, 3)})

@@ -85,12 +85,13 @@ class _Kind:
 
 
 def _checkpoint_problem(path: Path) -> str | None:
-    from longcat_tools.checkpoint.layouts import looks_like_checkpoint
+    from longcat_tools.checkpoint.layouts import avatar_version, looks_like_checkpoint
 
     if not path.is_dir():
         return "exists and is not a folder; --force only replaces a checkpoint folder"
     if any(path.iterdir()) and not (looks_like_checkpoint(path)
-                                    or (path / "model_index.json").is_file()):
+                                    or (path / "model_index.json").is_file()
+                                    or avatar_version(path) is not None):
         return ("exists and does not look like a checkpoint; refusing to replace it even with "
                 "--force (remove it yourself)")
     return None

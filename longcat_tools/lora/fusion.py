@@ -5,6 +5,12 @@ rewritten (``W + scale * alpha/rank * B @ A`` in fp32, cast back to the weight's
 other file is hard-linked (or copied). Everything is staged in ``DST.partial``, fsynced with its
 folders and renamed to ``DST`` at the end; the source's ``checksums.sha256`` is carried over,
 true for the fused copy.
+
+An avatar folder has several DiT folders: the adapters go into each float one (1.0's
+``avatar_single`` and ``avatar_multi``, 1.5's ``base_model``), and 1.5's INT8 copy is
+re-quantized from the fused ``base_model`` by the original's rule (``model.int8``), tensor by
+tensor in its own shards (the original's writer gives the same layout for the same shapes), or
+left out (``--int8 drop``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_folder, check_replaceable, fsync_tree, try_link
 from longcat_tools.io.checksums import MANIFEST, format_manifest, read_manifest, sha256_file
-from longcat_tools.io.safetensors import TensorSpec, read_header, read_tensor, write_file
+from longcat_tools.io.safetensors import Header, TensorSpec, read_header, read_tensor, write_file
 from longcat_tools.lora import formats as lf
 from longcat_tools.lora.registry import (
     LOCK_SUFFIX,
@@ -40,11 +46,17 @@ from longcat_tools.lora.registry import (
     registry_path,
     summarize,
 )
-from longcat_tools.model import keymap
+from longcat_tools.model import avatar, int8, keymap
 
 FUSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 FUSED_CONFIG_KEY = "_fused_loras"  # transformer config note ('_' keys: ignored by loaders)
 FUSED_METADATA_KEY = "longcat_tools.fused_loras"
+# --int8 (avatar 1.5): re-quantize the INT8 copy from the fused DiT, or leave it out.
+INT8_MODES = ("quantize", "drop")
+# What an INT8 folder stores for a module, by tensor suffix: its int8 weight and float32 scales
+# (a quantized Linear), or its float weight (a module the quantization skips).
+INT8_ROLES = {".weight_int8": "int8", ".weight_scale": "scale", ".weight": "weight"}
+
 
 @dataclass
 class FusedAdapter:
@@ -61,16 +73,40 @@ class FusedAdapter:
 
 
 @dataclass
+class FusedFolder:
+    """One DiT folder the fuse rewrites: the tensors that change in each shard (by the shard's
+    path in the checkpoint) and, for an INT8 copy, the float folder it is quantized from."""
+
+    view: layouts.Checkpoint
+    rewrite: dict[Path, list[str]]
+    quantized_from: layouts.Checkpoint | None = None
+
+    @property
+    def name(self) -> str:
+        return self.view.transformer_dir.name
+
+
+@dataclass
 class FusePlan:
     ckpt: layouts.Checkpoint
     dst: Path
     adapters: list[FusedAdapter]
-    rewrite: dict[Path, list[str]]  # shard (its path in the checkpoint) -> tensors that change
+    folders: list[FusedFolder]
     link: bool
     force: bool
-    weights: int  # adapted DiT tensors
+    weights: int  # adapted DiT tensors, in every folder
     bytes_to_write: int
     listed: dict[str, str]  # the source's checksums.sha256, read before anything is written
+    dropped: list[str] = field(default_factory=list)  # DiT folders left out (--int8 drop)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def shards(self) -> list[str]:
+        """The rewritten shards: their names (one DiT folder), else ``folder/name``."""
+        many = self.ckpt.avatar is not None
+        return sorted(f"{f.name}/{p.name}" if many else p.name
+                      for f in self.folders for p in f.rewrite)
 
     def describe(self) -> dict[str, Any]:
         return {"source": str(self.ckpt.root), "dst": str(self.dst),
@@ -78,8 +114,12 @@ class FusePlan:
                 "adapters": [{"name": a.name, "scale": a.scale,
                               "modules": len(a.lora.modules)} for a in self.adapters],
                 "adapted_tensors": self.weights,
-                "shards_rewritten": sorted(p.name for p in self.rewrite),
-                "bytes_to_write": self.bytes_to_write}
+                "dit_folders": [f.name for f in self.folders],
+                "requantized": [f.name for f in self.folders if f.quantized_from is not None],
+                "dropped": self.dropped,
+                "shards_rewritten": self.shards,
+                "bytes_to_write": self.bytes_to_write,
+                "notes": self.notes, "warnings": self.warnings}
 
 
 @dataclass
@@ -131,15 +171,26 @@ def _target_rows(ckpt: layouts.Checkpoint, tensor: str,
     return module, (part.index * rows, (part.index + 1) * rows)
 
 
+def _int8_role(tensor: str) -> tuple[str, str] | None:
+    """(module, role) of a tensor of an INT8 folder (roles: :data:`INT8_ROLES`)."""
+    for suffix, role in INT8_ROLES.items():
+        if tensor.endswith(suffix):
+            return tensor[: -len(suffix)], role
+    return None
+
+
 def plan_fuse(model: str | Path | layouts.Checkpoint | None,
               names: list[tuple[str, float | None]], dst: str | Path, *,
-              scale: float | None = None, link: bool = True, force: bool = False) -> FusePlan:
+              scale: float | None = None, link: bool = True, force: bool = False,
+              int8_mode: str | None = None) -> FusePlan:
     """Check the adapters and the checkpoint, and find which shards change (headers only)."""
+    if int8_mode is not None and int8_mode not in INT8_MODES:
+        raise UsageError(f"--int8 {int8_mode}: choose {' or '.join(INT8_MODES)}")
     ckpt = checkpoint_of(model)
-    if ckpt.avatar is not None:
-        raise LongcatError(f"{ckpt.root}: lora fuse does not handle avatar checkpoints yet (all "
-                           "of its DiT folders, the INT8 copy too, would need the merge); apply "
-                           "the adapter at run time instead")
+    if int8_mode is not None and (ckpt.avatar is None or ckpt.avatar.int8 is None):
+        what = ckpt.avatar.describe() if ckpt.avatar else ckpt.describe()
+        raise UsageError(f"--int8 {int8_mode}: {ckpt.root} ({what}) has no INT8 DiT folder "
+                         "(only LongCat-Video-Avatar 1.5 has one, base_model_int8/)")
     dst = Path(dst)
     check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
     for entry in ckpt.root.iterdir():  # what the copy will place: no link loop among it
@@ -158,36 +209,123 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
         k = own if own is not None else scale if scale is not None else (
             rec.default_scale if rec else 1.0)
         adapters.append(FusedAdapter(name, float(k), lf.read_lora(path, shapes)))
-    shards = layouts.transformer_shards(ckpt)
     wanted = {m for a in adapters for m in a.lora.modules}
+    plan = FusePlan(ckpt, dst, adapters, [], link, force, 0, 0, _source_checksums(ckpt))
+    if ckpt.avatar is None:
+        plan.folders.append(FusedFolder(ckpt, _float_rewrite(ckpt, wanted, shapes)))
+    else:
+        _plan_avatar(plan, ckpt.avatar, wanted, shapes, int8_mode)
+    plan.weights = sum(len(v) for f in plan.folders for v in f.rewrite.values())
+    plan.bytes_to_write = sum(p.stat().st_size for f in plan.folders for p in f.rewrite)
+    return plan
+
+
+def _plan_avatar(plan: FusePlan, av: layouts.AvatarCheckpoint, wanted: set[str],
+                 shapes: Mapping[str, tuple[int, int]], int8_mode: str | None) -> None:
+    """Every float DiT folder of an avatar checkpoint, and its INT8 copy re-quantized from the
+    fused first one (or left out)."""
+    source = av.version.dit_folders[0] if av.int8 and int8_mode != "drop" else None
+    if source is not None and source not in av.dits:
+        raise LongcatError(f"{av.root}: {av.int8}/ is re-quantized from the fused {source}/, "
+                           "which is missing (pass --int8 drop to leave the INT8 copy out)")
+    if not av.dits:
+        raise LongcatError(f"{av.root}: no float DiT folder to fuse into (expected "
+                           f"{' and '.join(f + '/' for f in av.version.dit_folders)})")
+    for name in av.dits:
+        view = av.dit(name)
+        own = dit_shapes(view)
+        odd = sorted(m for m in wanted if own.get(m) != shapes[m])
+        if odd:
+            raise LongcatError(f"{view.config_path}: the adapter does not fit {name}/ (module "
+                               f"'{odd[0]}' is {own.get(odd[0])} there, {shapes[odd[0]]} in "
+                               f"{plan.ckpt.transformer_dir.name}/)")
+        plan.folders.append(FusedFolder(view, _float_rewrite(view, wanted, own)))
+    if source is not None:
+        view = av.dit(av.int8)
+        plan.folders.append(FusedFolder(view, _int8_rewrite(view, wanted, shapes),
+                                        av.dit(source)))
+        plan.notes.append(
+            f"{av.int8}/ re-quantized from the fused {source}/ (int8 per output row, as the "
+            f"original's quantization writes it): its INT8 forward differs from {source}/ with "
+            "the adapters applied only by that quantization")
+    elif av.int8:
+        plan.dropped.append(av.int8)
+        plan.notes.append(f"{av.int8}/ left out (--int8 drop)")
+    if not av.converted and not (plan.dst.parent / avatar.BASE_FOLDER).is_dir():
+        plan.warnings.append(
+            f"{plan.dst.parent / avatar.BASE_FOLDER} is missing: the fused avatar reads the base "
+            f"model's {', '.join(av.base_parts)} from ../{avatar.BASE_FOLDER} beside it, as the "
+            "source does (put one there before running or verifying it)")
+
+
+def _headers(view: layouts.Checkpoint) -> dict[Path, Header]:
+    """The DiT folder's shard headers, by the shards' names in the checkpoint (a cache
+    snapshot's resolve to blob hashes)."""
+    shards = layouts.transformer_shards(view)
+    return {p: read_header(p) for p in sorted(set(shards.values()))}
+
+
+def _missing(view: layouts.Checkpoint, wanted: set[str], covered: set[str]) -> None:
+    missing = sorted(wanted - covered)
+    if missing:
+        raise LongcatError(f"{view.transformer_dir}: has no weight for adapted module "
+                           f"'{missing[0]}' ({len(missing)} in all); is the checkpoint complete?")
+
+
+def _check_float(path: Path, tname: str, info: Any, expect: tuple[int, int]) -> None:
+    if (info.shape[0], math.prod(info.shape[1:])) != expect:  # a Conv3d's over its patch
+        raise LongcatError(f"{path}: tensor '{tname}' is {list(info.shape)}, expected "
+                           f"{list(expect)} from the transformer config (run verify)")
+    if info.torch_dtype not in FUSE_DTYPES:
+        raise LongcatError(f"{path}: tensor '{tname}' is {info.dtype}; an adapter can be "
+                           "fused into float32, float16 or bfloat16 weights only (convert "
+                           "the checkpoint with --dtype bf16 first)")
+
+
+def _float_rewrite(view: layouts.Checkpoint, wanted: set[str],
+                   shapes: Mapping[str, tuple[int, int]]) -> dict[Path, list[str]]:
+    """The adapted weights of a float DiT folder, by shard, checked (headers only)."""
     rewrite: dict[Path, list[str]] = {}
     covered: set[str] = set()
-    # by their names in the checkpoint (a cache snapshot's resolve to blob hashes)
-    headers = {p: read_header(p) for p in sorted(set(shards.values()))}
-    for path, header in headers.items():
+    for path, header in _headers(view).items():
         for tname, info in header.tensors.items():
-            hit = _target_rows(ckpt, tname, shapes)
+            hit = _target_rows(view, tname, shapes)
             if hit is None or hit[0] not in wanted:
                 continue
             module, (lo, hi) = hit
-            expect = (hi - lo, shapes[module][1])  # a Conv3d's over its flattened patch
-            if (info.shape[0], math.prod(info.shape[1:])) != expect:
-                raise LongcatError(f"{path}: tensor '{tname}' is {list(info.shape)}, expected "
-                                   f"{list(expect)} from the transformer config (run verify)")
-            if info.torch_dtype not in FUSE_DTYPES:
-                raise LongcatError(f"{path}: tensor '{tname}' is {info.dtype}; an adapter can be "
-                                   "fused into float32, float16 or bfloat16 weights only (convert "
-                                   "the checkpoint with --dtype bf16 first)")
+            _check_float(path, tname, info, (hi - lo, shapes[module][1]))
             rewrite.setdefault(path, []).append(tname)
             covered.add(module)
-    missing = sorted(wanted - covered)
-    if missing:
-        raise LongcatError(f"{ckpt.transformer_dir}: has no weight for adapted module "
-                           f"'{missing[0]}' ({len(missing)} in all); is the checkpoint complete?")
-    weights = sum(len(v) for v in rewrite.values())
-    nbytes = sum(p.stat().st_size for p in rewrite)
-    return FusePlan(ckpt, dst, adapters, rewrite, link, force, weights, nbytes,
-                    _source_checksums(ckpt))
+    _missing(view, wanted, covered)
+    return rewrite
+
+
+def _int8_rewrite(view: layouts.Checkpoint, wanted: set[str],
+                  shapes: Mapping[str, tuple[int, int]]) -> dict[Path, list[str]]:
+    """The tensors of an INT8 folder that hold an adapted module (int8 weight and scales, or
+    the float weight of a module left unquantized), by shard, checked (headers only)."""
+    rewrite: dict[Path, list[str]] = {}
+    roles: dict[str, set[str]] = {}
+    want_dtype = {"int8": torch.int8, "scale": torch.float32}
+    for path, header in _headers(view).items():
+        for tname, info in header.tensors.items():
+            hit = _int8_role(tname)
+            if hit is None or hit[0] not in wanted:
+                continue
+            module, role = hit
+            out_f, in_f = shapes[module]
+            if role == "weight":
+                _check_float(path, tname, info, (out_f, in_f))
+            else:
+                shape = (out_f, in_f) if role == "int8" else (out_f,)
+                if tuple(info.shape) != shape or info.torch_dtype != want_dtype[role]:
+                    raise LongcatError(f"{path}: INT8 tensor '{tname}' is {info.dtype} "
+                                       f"{list(info.shape)}, expected {want_dtype[role]} "
+                                       f"{list(shape)} (run verify)")
+            rewrite.setdefault(path, []).append(tname)
+            roles.setdefault(module, set()).add(role)
+    _missing(view, wanted, {m for m, r in roles.items() if "weight" in r or r >= {"int8", "scale"}})
+    return rewrite
 
 
 def _fused_tensor(w: torch.Tensor, parts: list[tuple[lf.ModuleLora, float, tuple[int, int]]]
@@ -207,16 +345,17 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
         a.sha256 = sha256_file(a.lora.path)
     notes = [a.note() for a in p.adapters]
     fused_files = {a.lora.path.resolve() for a in p.adapters}
-    shapes = dit_shapes(ckpt)
     by_module: dict[str, list[tuple[FusedAdapter, lf.ModuleEntry]]] = {}
     for a in p.adapters:
         for m, e in a.lora.modules.items():
             by_module.setdefault(m, []).append((a, e))
     cache: dict[str, list[tuple[lf.ModuleLora, float]]] = {}
+    shapes: dict[Path, dict[str, tuple[int, int]]] = {}
     counts = {"tensors": 0, "linked": 0, "copied": 0}
     hashes: dict[str, str] = {}
-    skip = {ckpt.transformer_dir.resolve(), ckpt.lora_dir.resolve(),
-            (ckpt.root / MANIFEST).resolve()}
+    skip = {f.view.transformer_dir.resolve() for f in p.folders} | {
+        (ckpt.root / d).resolve() for d in p.dropped} | {
+        ckpt.lora_dir.resolve(), (ckpt.root / MANIFEST).resolve()}
 
     def loras(module: str) -> list[tuple[lf.ModuleLora, float]]:
         if module not in cache:
@@ -224,17 +363,50 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
             cache[module] = [(e.load(), a.scale) for a, e in by_module[module]]
         return cache[module]
 
-    def rewritten(path: Path, header, changed: set[str]) -> list[TensorSpec]:
+    def fused(view: layouts.Checkpoint, path: Path, name: str, w: torch.Tensor) -> torch.Tensor:
+        if view.transformer_dir not in shapes:
+            shapes[view.transformer_dir] = dit_shapes(view)
+        module, rows = _target_rows(view, name, shapes[view.transformer_dir])
+        w = _fused_tensor(w, [(m, k, rows) for m, k in loras(module)])
+        if not bool(torch.isfinite(w).all()):
+            raise LongcatError(f"{path}: fusing gives non-finite values in '{name}' (scale too "
+                               "large for the dtype?); nothing was written")
+        return w
+
+    def float_tensors(f: FusedFolder) -> Callable[[Path, str, torch.Tensor], torch.Tensor]:
+        return lambda path, name, w: fused(f.view, path, name, w)
+
+    def int8_tensors(f: FusedFolder) -> Callable[[Path, str, torch.Tensor], torch.Tensor]:
+        """The INT8 copy's tensors of an adapted module, from the fused float weight."""
+        src = f.quantized_from
+        assert src is not None
+        shards = layouts.transformer_shards(src)
+        held: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        def of_module(module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if module not in held:
+                held.clear()  # its int8 weight and scales come together
+                name = f"{module}.weight"
+                path = shards[name]
+                with open(path, "rb") as fh:
+                    w = fused(src, path, name, read_tensor(fh, read_header(path).tensors[name]))
+                held[module] = (*int8.quantize(w), w)
+            return held[module]
+
+        def produce(path: Path, name: str, w: torch.Tensor) -> torch.Tensor:
+            module, role = _int8_role(name)
+            q, s, fw = of_module(module)
+            return q if role == "int8" else s if role == "scale" else fw.to(w.dtype)
+        return produce
+
+    def rewritten(path: Path, header: Header, changed: set[str],
+                  change: Callable[[Path, str, torch.Tensor], torch.Tensor]) -> list[TensorSpec]:
         def produce(name: str) -> torch.Tensor:
             info = header.tensors[name]
             with open(path, "rb") as f:
                 w = read_tensor(f, info)
             if name in changed:
-                module, rows = _target_rows(ckpt, name, shapes)
-                w = _fused_tensor(w, [(m, k, rows) for m, k in loras(module)])
-                if not bool(torch.isfinite(w).all()):
-                    raise LongcatError(f"{path}: fusing gives non-finite values in '{name}' "
-                                       "(scale too large for the dtype?); nothing was written")
+                w = change(path, name, w)
             counts["tensors"] += 1
             return w
         return [TensorSpec(n, i.torch_dtype, i.shape, lambda n=n: produce(n))
@@ -251,19 +423,17 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
         (tmp / rel).write_text(text)
         hashes[rel] = hashlib.sha256(text.encode()).hexdigest()
 
-    with atomic_folder(p.dst, force=p.force, what="checkpoint") as tmp:
-        for entry in sorted(ckpt.root.iterdir()):
-            if entry.resolve() in skip or entry.name.endswith(".partial"):
-                continue
-            _copy_tree(entry, tmp / entry.name, place)
-        tdir = tmp / ckpt.transformer_dir.name
+    def write_folder(f: FusedFolder) -> None:
+        folder = f.view.transformer_dir
+        tdir = tmp / f.name
         tdir.mkdir()
-        names = {path.name for path in p.rewrite}
-        for f in sorted(ckpt.transformer_dir.iterdir()):
-            if f.name == "config.json" or f.name in names:
+        names = {path.name for path in f.rewrite}
+        for src in sorted(folder.iterdir()):
+            if src.name == "config.json" or src.name in names:
                 continue
-            _copy_tree(f, tdir / f.name, place)
-        for path, changed in p.rewrite.items():
+            _copy_tree(src, tdir / src.name, place)
+        change = float_tensors(f) if f.quantized_from is None else int8_tensors(f)
+        for path, changed in f.rewrite.items():
             if (tdir / path.name).exists():  # never write through a hard link into the source
                 raise LongcatError(f"internal: {tdir / path.name} exists before it is written")
             header = read_header(path)
@@ -271,12 +441,20 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
             meta[FUSED_METADATA_KEY] = jsonio.dumps(notes, indent=None, newline=False,
                                                     sort_keys=True)
             h = hashlib.sha256()
-            write_file(tdir / path.name, rewritten(path, header, set(changed)), meta,
+            write_file(tdir / path.name, rewritten(path, header, set(changed), change), meta,
                        on_bytes=h.update, progress=progress)
-            hashes[f"{ckpt.transformer_dir.name}/{path.name}"] = h.hexdigest()
-        cfg = ckpt.config()
+            hashes[f"{f.name}/{path.name}"] = h.hexdigest()
+        cfg = f.view.config()
         cfg[FUSED_CONFIG_KEY] = list(cfg.get(FUSED_CONFIG_KEY) or []) + notes
-        write_text(f"{ckpt.transformer_dir.name}/config.json", jsonio.dumps(cfg))
+        write_text(f"{f.name}/config.json", jsonio.dumps(cfg))
+
+    with atomic_folder(p.dst, force=p.force, what="checkpoint") as tmp:
+        for entry in sorted(ckpt.root.iterdir()):
+            if entry.resolve() in skip or entry.name.endswith(".partial"):
+                continue
+            _copy_tree(entry, tmp / entry.name, place)
+        for f in p.folders:
+            write_folder(f)
         _fuse_lora_dir(ckpt, tmp, fused_files, {a.name for a in p.adapters}, place, write_text)
         (tmp / MANIFEST).write_text(_checksums(p.listed, tmp, hashes))
         fsync_tree(tmp)  # then atomic_folder renames it and syncs the parent folder
@@ -341,14 +519,15 @@ def _checksums(listed: Mapping[str, str], tmp: Path, hashes: Mapping[str, str]) 
 
 def fuse(model: str | Path | layouts.Checkpoint | None, names: list[tuple[str, float | None]],
          dst: str | Path, *, scale: float | None = None, link: bool = True, force: bool = False,
-         dry_run: bool = False, progress: Callable[[int], None] | None = None
-         ) -> FusePlan | FuseResult:
-    """Plan, and unless ``dry_run`` write, a checkpoint with the adapters merged into the DiT."""
-    p = plan_fuse(model, names, dst, scale=scale, link=link, force=force)
+         dry_run: bool = False, progress: Callable[[int], None] | None = None,
+         int8_mode: str | None = None) -> FusePlan | FuseResult:
+    """Plan, and unless ``dry_run`` write, a checkpoint with the adapters merged into the DiT
+    (``int8_mode``: what becomes of an avatar's INT8 copy, :data:`INT8_MODES`; default
+    ``quantize``)."""
+    p = plan_fuse(model, names, dst, scale=scale, link=link, force=force, int8_mode=int8_mode)
     if dry_run:
         return p
     return execute_fuse(p, progress)
-
 
 
 def fuse_error(source: str | Path | layouts.Checkpoint, fused: str | Path | layouts.Checkpoint,

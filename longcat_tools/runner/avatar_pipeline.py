@@ -28,6 +28,7 @@ per-clip windows the tasks take (``audio_emb`` [speakers, frames, 5, S, C]).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from longcat_tools.runner.pipeline import (
     to_pil_frames,
     validated,
 )
-from longcat_tools.runner.settings import guidance_of
+from longcat_tools.runner.settings import check_offload, guidance_of
 
 NEGATIVE_PROMPT = "Close-up, " + DEFAULT_NEGATIVE_PROMPT  # the single-speaker demo's
 REF_IMG_INDEX = 10  # the demos' reference RoPE time for avc
@@ -155,6 +156,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         self.audio_encoder = audio_encoder
         self.separator_path: Path | None = None  # vocal_separator/Kim_Vocal_2.onnx
         self.dmd_path: Path | None = None  # 1.5's distillation LoRA
+        self.distill_fused = False  # that LoRA already in the DiT's weights (lora fuse)
 
     @property
     def fps(self) -> int:
@@ -166,22 +168,31 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
                         torch_dtype: Any = None, device: Any = "cpu", speakers: int = 1,
                         int8: bool = False, reporter: Reporter | None = None,
-                        vae_tiling: bool = False, audio: bool = True,
+                        offload: str = "none", vae_tiling: bool = False, audio: bool = True,
                         **unused: Any) -> LongCatVideoAvatarPipeline:
         """An avatar folder (1.0 or 1.5) and the base parts from ``../LongCat-Video``, on
         ``device`` in ``torch_dtype`` (default fp32). The DiT: 1.0's ``avatar_multi`` for two
         speakers, else ``avatar_single``; 1.5's ``base_model_int8`` (kept INT8) with ``int8``,
-        else ``base_model``. ``audio``: also load the audio encoder (float32)."""
+        else ``base_model``. ``audio``: also load the audio encoder (float32).
+
+        ``offload`` as the base pipeline's: "text-encoder" keeps the encoders (UMT5 and the
+        audio encoder) in CPU memory, each copied to the GPU only while it encodes; "dit"
+        streams the ``AvatarBlock``s from CPU memory (``BlockSwap``: INT8 layers' int8 weights
+        and float32 scales travel with their block); "all" both."""
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         from longcat_tools.checkpoint import layouts
+        from longcat_tools.runner import offload as off
         from longcat_tools.runner.audio_encoders import load_encoder
         from longcat_tools.runner.avatar_dit import load_avatar_transformer
         from longcat_tools.runner.loading import parse_dtype
 
         if unused:
             raise LongcatError(f"the avatar pipeline takes no '{next(iter(unused))}'")
+        check_offload(offload)
+        encoder_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
+        swap = offload in ("dit", "all")
         ckpt = layouts.detect_any(Path(pretrained_model_name_or_path))
         if not isinstance(ckpt, layouts.AvatarCheckpoint):
             raise LongcatError(f"{pretrained_model_name_or_path}: not a LongCat-Video-Avatar "
@@ -195,25 +206,28 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         _quiet_libraries()
         with rep.stage("load"):
             tok = AutoTokenizer.from_pretrained(base / "tokenizer")
-            dit = load_avatar_transformer(ckpt.root / folder, device, dtype)
+            dit = load_avatar_transformer(ckpt.root / folder, "cpu" if swap else device, dtype)
             te = UMT5EncoderModel.from_pretrained(base / "text_encoder", torch_dtype=dtype,
-                                                  use_safetensors=True).to(device).eval()
+                                                  use_safetensors=True).to(
+                encoder_home or device).eval()
             vae = AutoencoderKLWan.from_pretrained(base / "vae", torch_dtype=dtype,
                                                    use_safetensors=True).to(device).eval()
             sched_home = ckpt.root if ckpt.version.own_scheduler else base
             sched = FlowMatchEulerDiscreteScheduler.from_pretrained(sched_home / "scheduler")
-            encoder = load_encoder(ckpt.audio_encoder, device) if audio else None
+            encoder = load_encoder(ckpt.audio_encoder, encoder_home or device) if audio else None
+            if swap:
+                off.enable_block_swap(dit, device)
         if vae_tiling:
-            from longcat_tools.runner.offload import enable_vae_tiling
-
-            enable_vae_tiling(vae)
+            off.enable_vae_tiling(vae)
         pipe = cls(tok, te, vae, sched, dit, ckpt.version.name, encoder)
         pipe.root, pipe.layout, pipe.run_device = ckpt.root, f"{ckpt.describe()}, DiT " \
             f"{folder}/", device
         pipe.reporter = rep
+        pipe.offload_text_encoder = encoder_home is not None
         pipe.separator_path = ckpt.root / avatar.VOCAL_SEPARATOR
         if ckpt.version.lora:
             pipe.dmd_path = ckpt.root / ckpt.version.lora
+            pipe.distill_fused = ckpt.distill_fused
         return pipe
 
     # ---- audio -----------------------------------------------------------------------------
@@ -246,11 +260,23 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
                 speech = audio_tracks.arrange(speech, mode, paths)
             padded = audio_tracks.missing_samples(speech[0], seconds) / audio.SAMPLE_RATE
             tracks = [audio_tracks.pad_to(s, seconds) for s in speech]
-            embeddings = [self.audio_encoder.embed(t, noise_seed=seed) for t in tracks]
+            with self._audio_encoder_on_device():
+                embeddings = [self.audio_encoder.embed(t, noise_seed=seed) for t in tracks]
         return DrivingAudio(embeddings, self.audio_encoder.timing.stride, mux, {
             "files": list(paths), "mode": mode if len(paths) > 1 else None,
             "vocal_separation": separate, "padded_s": round(padded, 3),
             "encoder": self.audio_encoder.kind})
+
+    def _audio_encoder_on_device(self) -> AbstractContextManager[Any]:
+        """Where the audio encoder runs: with the encoders offloaded it waits in pinned CPU
+        memory and comes to the GPU whole for the embedding (whisper-large-v3's encoder is
+        0.64 B parameters, 2.5 GB in float32, and it runs before the DiT needs the memory, so
+        it is not streamed block by block as UMT5 is); else it stays where it was loaded."""
+        from longcat_tools.runner.offload import on_device
+
+        if not self.offload_text_encoder:
+            return nullcontext()
+        return on_device(self.audio_encoder.model, self.device)
 
     # ---- building blocks -------------------------------------------------------------------
     def _encode_mode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -286,7 +312,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         ``distill`` changes only the schedule, as the original's ``use_distill`` does (the CLI
         refuses ``--distill`` on 1.0, since nothing distilled exists for it)."""
         lora = avatar.VERSIONS[self.version].lora
-        if not distill or lora is None:
+        if not distill or lora is None or self.distill_fused:
             return None
         if LORA_DMD not in self.transformer.lora_registry:
             if self.dmd_path is None or not self.dmd_path.is_file():

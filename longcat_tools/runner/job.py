@@ -208,7 +208,7 @@ def load_pipeline(s: RunSettings, reporter: Reporter, say: Callable[[str], None]
 
         return root, LongCatVideoAvatarPipeline.from_pretrained(
             root, torch_dtype=dtype, device=device, speakers=len(s.audio or ()), int8=s.int8,
-            reporter=reporter, vae_tiling=s.vae_tiling)
+            reporter=reporter, offload=s.offload, vae_tiling=s.vae_tiling)
     pipe = LongCatVideoPipeline.from_pretrained(root, torch_dtype=dtype, device=device,
                                                 reporter=reporter, offload=s.offload,
                                                 vae_tiling=s.vae_tiling, cp=cp,

@@ -289,7 +289,6 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
 
 # Options of the base tasks the avatar pipeline does not take, each with how it shows as used.
 NOT_FOR_AVATAR = (("--refine", lambda s: s.refine), ("--cp", lambda s: s.cp != 1),
-                  ("--offload", lambda s: s.offload != "none"),
                   ("--precision", lambda s: s.precision != "auto"),
                   ("--bsa", lambda s: s.bsa != "config"),
                   ("--latents-in", lambda s: s.latents_in is not None))
@@ -339,7 +338,7 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         raise LongcatError(f"--distill: {ckpt.describe()} has no distillation LoRA (only "
                            "avatar 1.5 ships lora/dmd_lora.safetensors)")
     if s.distill:
-        if not (ckpt.root / v.lora).is_file():
+        if not (ckpt.root / v.lora).is_file() and not ckpt.distill_fused:
             raise LongcatError(f"--distill: {ckpt.root / v.lora} is missing")
         fixed = RELEASES[v.name].distill_steps
         if s.steps is not None and s.steps != fixed:

@@ -329,8 +329,12 @@ def _loras(rec: Recorder, st: V._State, ck: layouts.AvatarCheckpoint,
         rec.fail("lora", "files", lora_dir, "leads out of the checkpoint: not read")
         return
     if ck.version.lora and not (ck.root / ck.version.lora).exists():
-        rec.warn("lora", "files", ck.root / ck.version.lora, "missing: the distilled 8-step mode "
-                 "(DMD) will not be available")
+        if ck.distill_fused:
+            rec.ok("lora", "files", ck.root / ck.dits[0] / "config.json", "the distillation "
+                   "LoRA is fused into the DiT (lora fuse): distilled runs need no file")
+        else:
+            rec.warn("lora", "files", ck.root / ck.version.lora, "missing: the distilled 8-step "
+                     "mode (DMD) will not be available")
     shapes = None
     if first is not None:
         _, dims, audio = first
