@@ -366,3 +366,38 @@ def test_a_fused_dmd_checkpoint_distils_without_the_file_and_force_replaces_fuse
     for extra in ((), ("--force",)):
         rc, _, err = _run(capsys, "lora", "fuse", "style", "--dst", fused, "-m", one, *extra)
         assert rc == 0, err
+        assert not (fused / "marker").exists()  # the second run replaced the first output
+        (fused / "marker").write_text("first run")
+    assert not fused.with_name("fused-style.partial").exists()
+
+
+def test_a_fused_dmd_checkpoint_refuses_runs_its_weights_do_not_fit(copy, tmp_path, capsys):
+    av = copy("avatar-1.5")
+    dst = av.parent / "fused-half"
+    rc, _, err = _run(capsys, "lora", "fuse", "dmd_lora:0.5", "--dst", dst, "-m", av)
+    assert rc == 0, err
+    wav = tmp_path / "speech.wav"
+    import wave
+
+    import numpy as np
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(16000) / 10) * 8000).astype("<i2").tobytes())
+    base = ["run", "-m", dst, "--task", "at2v", "-p", "a face", "--audio", wav,
+            "--no-vocal-separation", "--height", "32", "--width", "32", "--frames", "5", "-q"]
+    rc, _, err = _run(capsys, *base, "--distill")
+    assert rc == 1 and "fused into the DiT at scale 0.5" in err and err.count("\n") == 1
+    rc, _, err = _run(capsys, *base, "--steps", "2")
+    assert rc == 1 and "pass --distill" in err and err.count("\n") == 1
+
+
+def test_int8_drop_on_the_model_index_layout_is_refused(copy, tmp_path, capsys):
+    av = copy("avatar-1.5")
+    conv = av.parent / "conv"
+    assert main(["convert", "--src", str(av), "--dst", str(conv), "-q"]) == 0
+    rc, _, err = _run(capsys, "lora", "fuse", "dmd_lora", "--dst", av.parent / "x", "-m", conv,
+                      "--int8", "drop")
+    assert rc == 2 and "convert --to native --int8 drop" in err
+    assert not (av.parent / "x").exists()

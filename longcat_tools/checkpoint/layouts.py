@@ -207,6 +207,10 @@ def detect_any(root: str | Path) -> Checkpoint | AvatarCheckpoint:
                        "or transformer/ for the model_index.json layout)")
 
 
+# the DiT config's record of the adapters ``lora fuse`` merged into it ('_' keys: loaders skip)
+FUSED_CONFIG_KEY = "_fused_loras"
+
+
 def fp8_declared(folder: Path, containment: tuple[Path, ...] | None = None) -> bool:
     """Whether a DiT folder says it holds fp8 weights (``model.fp8``'s config file); a config
     naming another quantization method is one line."""
@@ -308,18 +312,18 @@ class AvatarCheckpoint:
         return self.root / self.version.audio_encoder
 
     @property
-    def distill_fused(self) -> bool:
-        """Whether the release's distillation LoRA is already in the DiT's weights (``lora
-        fuse`` records each fused adapter's file in the config's ``_fused_loras``)."""
+    def distill_fused(self) -> float | None:
+        """The scale the release's distillation LoRA was fused into the DiT at (``lora fuse``
+        records each fused adapter in the config's ``FUSED_CONFIG_KEY``), None when it was not."""
         if not self.version.lora or not self.dits:
-            return False
-        from longcat_tools.lora.fusion import FUSED_CONFIG_KEY
-
-        cfg = jsonio.read(self.root / self.dits[0] / "config.json", what="transformer config")
-        fused = cfg.get(FUSED_CONFIG_KEY) if isinstance(cfg, dict) else None
+            return None
+        fused = self.dit(self.dits[0]).config().get(FUSED_CONFIG_KEY)
         name = Path(self.version.lora).name
-        return isinstance(fused, list) and any(isinstance(f, dict) and f.get("file") == name
-                                               for f in fused)
+        for f in fused if isinstance(fused, list) else []:
+            if isinstance(f, dict) and f.get("file") == name:
+                scale = f.get("scale", 1.0)
+                return float(scale) if isinstance(scale, (int, float)) else None
+        return None
 
     @property
     def lora_dir(self) -> Path:

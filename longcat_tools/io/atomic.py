@@ -89,9 +89,12 @@ def _checkpoint_problem(path: Path) -> str | None:
 
     if not path.is_dir():
         return "exists and is not a folder; --force only replaces a checkpoint folder"
+    version = avatar_version(path)
+    avatar_dit = version is not None and any(
+        (path / d / "config.json").is_file()
+        for d in (*version.dit_folders, *([version.int8_folder] if version.int8_folder else [])))
     if any(path.iterdir()) and not (looks_like_checkpoint(path)
-                                    or (path / "model_index.json").is_file()
-                                    or avatar_version(path) is not None):
+                                    or (path / "model_index.json").is_file() or avatar_dit):
         return ("exists and does not look like a checkpoint; refusing to replace it even with "
                 "--force (remove it yourself)")
     return None

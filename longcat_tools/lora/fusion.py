@@ -49,7 +49,7 @@ from longcat_tools.lora.registry import (
 from longcat_tools.model import avatar, int8, keymap
 
 FUSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-FUSED_CONFIG_KEY = "_fused_loras"  # transformer config note ('_' keys: ignored by loaders)
+FUSED_CONFIG_KEY = layouts.FUSED_CONFIG_KEY
 FUSED_METADATA_KEY = "longcat_tools.fused_loras"
 # --int8 (avatar 1.5): re-quantize the INT8 copy from the fused DiT, or leave it out.
 INT8_MODES = ("quantize", "drop")
@@ -190,7 +190,11 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
     if int8_mode is not None and (ckpt.avatar is None or ckpt.avatar.int8 is None):
         what = ckpt.avatar.describe() if ckpt.avatar else ckpt.describe()
         raise UsageError(f"--int8 {int8_mode}: {ckpt.root} ({what}) has no INT8 DiT folder "
-                         "(only LongCat-Video-Avatar 1.5 has one, base_model_int8/)")
+                         f"(only LongCat-Video-Avatar 1.5 has one, "
+                         f"{avatar.VERSIONS['avatar-1.5'].int8_folder}/)")
+    if int8_mode == "drop" and ckpt.avatar is not None and ckpt.avatar.converted:
+        raise UsageError("--int8 drop: the model_index.json layout lists its INT8 folder; drop it "
+                         "with `convert --to native --int8 drop` first, then fuse")
     dst = Path(dst)
     check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
     for entry in ckpt.root.iterdir():  # what the copy will place: no link loop among it

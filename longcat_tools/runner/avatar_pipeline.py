@@ -227,7 +227,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         pipe.separator_path = ckpt.root / avatar.VOCAL_SEPARATOR
         if ckpt.version.lora:
             pipe.dmd_path = ckpt.root / ckpt.version.lora
-            pipe.distill_fused = ckpt.distill_fused
+            pipe.distill_fused = ckpt.distill_fused is not None
         return pipe
 
     # ---- audio -----------------------------------------------------------------------------

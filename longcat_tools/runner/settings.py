@@ -337,8 +337,15 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     if s.distill and not v.lora:
         raise LongcatError(f"--distill: {ckpt.describe()} has no distillation LoRA (only "
                            "avatar 1.5 ships lora/dmd_lora.safetensors)")
+    fused = ckpt.distill_fused
+    if fused is not None and not s.distill:
+        raise LongcatError(f"{ckpt.root}: the distillation LoRA is fused into the DiT; its "
+                           "weights only make sense distilled: pass --distill")
+    if fused is not None and fused != s.lora_scale:
+        raise LongcatError(f"--lora-scale {s.lora_scale:g}: the distillation LoRA is fused into "
+                           f"the DiT at scale {fused:g}; run at that scale or fuse again")
     if s.distill:
-        if not (ckpt.root / v.lora).is_file() and not ckpt.distill_fused:
+        if not (ckpt.root / v.lora).is_file() and fused is None:
             raise LongcatError(f"--distill: {ckpt.root / v.lora} is missing")
         fixed = RELEASES[v.name].distill_steps
         if s.steps is not None and s.steps != fixed:

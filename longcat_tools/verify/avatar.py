@@ -329,7 +329,7 @@ def _loras(rec: Recorder, st: V._State, ck: layouts.AvatarCheckpoint,
         rec.fail("lora", "files", lora_dir, "leads out of the checkpoint: not read")
         return
     if ck.version.lora and not (ck.root / ck.version.lora).exists():
-        if ck.distill_fused:
+        if ck.distill_fused is not None:
             rec.ok("lora", "files", ck.root / ck.dits[0] / "config.json", "the distillation "
                    "LoRA is fused into the DiT (lora fuse): distilled runs need no file")
         else:
