@@ -171,14 +171,14 @@ def _dequantized_tensors(d: _Dit, want: torch.dtype | None) -> list[OutTensor]:
     the original's INT8 loader computes with)."""
     out_dtype = want or torch.bfloat16
     load = _whole_reader(d.infos)
-    quantized = {n.removesuffix(".weight_int8") for n, _, r in int8.quantized_specs(d.specs)
+    quantized = {n.removesuffix(f".{int8.WEIGHT}") for n, _, r in int8.quantized_specs(d.specs)
                  if r == "int8"}
     out: list[OutTensor] = []
     for name, shape in d.specs:
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in quantized:
             def produce(module: str = module, name: str = name) -> torch.Tensor:
-                y = dequantized(load(f"{module}.weight_int8"), load(f"{module}.weight_scale"),
+                y = dequantized(load(f"{module}.{int8.WEIGHT}"), load(f"{module}.{int8.SCALE}"),
                                 out_dtype)
                 return _check_fp16(y, d.folder, name)
 

@@ -55,7 +55,7 @@ FUSED_METADATA_KEY = "longcat_tools.fused_loras"
 INT8_MODES = ("quantize", "drop")
 # What an INT8 folder stores for a module, by tensor suffix: its int8 weight and float32 scales
 # (a quantized Linear), or its float weight (a module the quantization skips).
-INT8_ROLES = {".weight_int8": "int8", ".weight_scale": "scale", ".weight": "weight"}
+INT8_ROLES = {f".{int8.WEIGHT}": "int8", f".{int8.SCALE}": "scale", ".weight": "weight"}
 
 
 @dataclass
@@ -394,7 +394,9 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
                 path = shards[name]
                 with open(path, "rb") as fh:
                     w = fused(src, path, name, read_tensor(fh, read_header(path).tensors[name]))
-                held[module] = (*int8.quantize(w), w)
+                # a module the INT8 copy keeps in float needs no quantization
+                held[module] = (*int8.quantize(w), w) if int8.is_quantized(module, w.shape) \
+                    else (None, None, w)
             return held[module]
 
         def produce(path: Path, name: str, w: torch.Tensor) -> torch.Tensor:

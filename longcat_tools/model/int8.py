@@ -27,6 +27,8 @@ CONFIG_NAME = fp8.CONFIG_FILE  # the file name both quantized formats use
 SHARD_STEM = "quantized_model"
 INDEX_NAME = f"{SHARD_STEM}.safetensors.index.json"
 MAX_SHARD_BYTES = 4 * 1024**3
+WEIGHT = "weight_int8"  # a quantized Linear's tensors: int8 rows and their float32 scales
+SCALE = "weight_scale"
 MIN_SCALE = 1e-8  # an all-zero row still gets a positive scale
 QMAX = 127.0
 
@@ -55,8 +57,8 @@ def quantized_specs(specs: list[tuple[str, tuple[int, ...]]],
         if not is_quantized(module, weight):
             out.append((name, shape, "keep"))
         elif param == "weight":
-            out += [(f"{module}.weight_int8", shape, "int8"),
-                    (f"{module}.weight_scale", (shape[0],), "scale")]
+            out += [(f"{module}.{WEIGHT}", shape, "int8"),
+                    (f"{module}.{SCALE}", (shape[0],), "scale")]
         else:
             out.append((name, shape, "bias"))
     return out
