@@ -166,6 +166,11 @@ class FileJob:
     bytes_in: int = 0
     adapter: tuple[str, Path] | None = None  # a LoRA file rewritten: its name and source
 
+    @classmethod
+    def unchanged(cls, src: Path, rel: str, group: str, link: bool) -> FileJob:
+        """A file carried over as it is: hard-linked, or copied."""
+        return cls(rel, "link" if link else "copy", group, src=src, bytes_in=src.stat().st_size)
+
     @property
     def bytes_out(self) -> int:
         if self.kind == "tensors":
@@ -533,8 +538,7 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
         unchanged = lora.format == fmt and all(
             want is None or e.dtype == want for e in lora.modules.values())
         if unchanged:
-            jobs.append(FileJob(rel, "link" if link else "copy", group, src=path,
-                                bytes_in=path.stat().st_size))
+            jobs.append(FileJob.unchanged(path, rel, group, link))
             continue
         specs = lf.tensor_specs(lora, fmt, want)
         tensors = [OutTensor(s.name, s.dtype, s.shape, produce=s.produce) for s in specs]
@@ -542,6 +546,21 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
                             lf.file_metadata(lora.modules.values(), fmt, meta),
                             bytes_in=lora.nbytes, adapter=(name, path)))
     return jobs, sorted(chosen), notes
+
+
+def component_jobs(ckpt: layouts.Checkpoint, comp: str, want: torch.dtype | None, link: bool,
+                   meta: dict[str, str], notes: list[str]) -> list[FileJob]:
+    """A component folder carried over (the text encoder cast to ``want`` when that changes
+    it), or a note that the source has none."""
+    if not (ckpt.root / comp).is_dir():
+        notes.append(f"{comp}/ not in the source: not written")
+        return []
+    if comp == "text_encoder" and want is not None:
+        te = _text_encoder_jobs(ckpt, want, link, meta)
+        if te is not None:
+            return te
+    return [FileJob.unchanged(p, p.relative_to(ckpt.root).as_posix(), comp, link)
+            for p in _component_files(ckpt, comp)]
 
 
 def _component_files(ckpt: layouts.Checkpoint, comp: str) -> list[Path]:
@@ -616,8 +635,7 @@ def _text_encoder_jobs(ckpt: layouts.Checkpoint, want: torch.dtype, link: bool,
             jobs.append(FileJob(rel, "text", "text_encoder", text=_json_text(cfg),
                                 bytes_in=p.stat().st_size))
         else:
-            jobs.append(FileJob(rel, "link" if link else "copy", "text_encoder", src=p,
-                                bytes_in=p.stat().st_size))
+            jobs.append(FileJob.unchanged(p, rel, "text_encoder", link))
     return jobs
 
 
@@ -683,17 +701,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     jobs += lora_jobs
     notes += lora_notes
     for comp in layouts.COMPONENTS:
-        if not (ckpt.root / comp).is_dir():
-            notes.append(f"{comp}/ not in the source: not written")
-            continue
-        if comp == "text_encoder" and other is not None:
-            te = _text_encoder_jobs(ckpt, other, link, meta)
-            if te is not None:
-                jobs += te
-                continue
-        for p in _component_files(ckpt, comp):
-            jobs.append(FileJob(p.relative_to(ckpt.root).as_posix(), "link" if link else "copy",
-                                comp, src=p, bytes_in=p.stat().st_size))
+        jobs += component_jobs(ckpt, comp, other, link, meta, notes)
     known = {"dit", "transformer", "lora", MANIFEST, *layouts.COMPONENTS, *NATIVE_ROOT_FILES}
     for entry in sorted(ckpt.root.iterdir()):
         if entry.name not in known:

@@ -29,14 +29,13 @@ from longcat_tools.convert import (
     OutTensor,
     Piece,
     Plan,
-    _component_files,
     _lora_jobs,
     _out_dtype,
     _provenance,
     _same_filesystem,
-    _text_encoder_jobs,
     _whole_reader,
     check_tensor_set,
+    component_jobs,
     shard_infos,
 )
 from longcat_tools.errors import LongcatError, UsageError
@@ -70,7 +69,7 @@ NO_PEER = ("no peer (FastVideo, diffusers, ComfyUI) defines avatar keys; avatar 
 
 @dataclass(frozen=True)
 class _Folder:
-    """A folder whose files are copied or linked (what ``_component_files`` reads)."""
+    """A folder whose components are carried over (what ``convert.component_jobs`` reads)."""
 
     root: Path
     containment: tuple[Path, ...]
@@ -246,20 +245,16 @@ def _shard_jobs(out: list[OutTensor], folder: str, max_shard: int, meta: dict[st
     return jobs
 
 
-def _file_job(src: Path, rel: str, group: str, link: bool) -> FileJob:
-    return FileJob(rel, "link" if link else "copy", group, src=src, bytes_in=src.stat().st_size)
-
-
 def _dit_folder_jobs(out: list[OutTensor], folder: str, max_shard: int, meta: dict[str, str],
                      config_src: Path, link: bool, *, int8_format: bool,
                      quant_config: Path | None = None) -> list[FileJob]:
     """A DiT folder: shards, index, its config.json (the source's, unchanged) and, for INT8,
     ``quantization_config.json`` (the source's, or the original's text when made here)."""
     jobs = _shard_jobs(out, folder, max_shard, meta, int8_format=int8_format)
-    jobs.append(_file_job(config_src, f"{folder}/config.json", folder, link))
+    jobs.append(FileJob.unchanged(config_src, f"{folder}/config.json", folder, link))
     if int8_format:
         rel = f"{folder}/{int8.CONFIG_NAME}"
-        jobs.append(_file_job(quant_config, rel, folder, link) if quant_config is not None
+        jobs.append(FileJob.unchanged(quant_config, rel, folder, link) if quant_config is not None
                     else FileJob(rel, "text", folder, text=jsonio.dumps(
                         int8.QUANTIZATION_CONFIG, newline=False)))
     return jobs
@@ -410,16 +405,7 @@ def _parts_jobs(ck: layouts.AvatarCheckpoint, base: Path, to: str, want: torch.d
                          f"reads them from ../{avatar.BASE_FOLDER} beside DST")
     jobs: list[FileJob] = []
     for folder, part in parts:
-        if not (folder.root / part).is_dir():
-            notes.append(f"{part}/ not in the source: not written")
-            continue
-        if part == "text_encoder" and want is not None:
-            te = _text_encoder_jobs(folder, want, link, meta)
-            if te is not None:
-                jobs += te
-                continue
-        for p in _component_files(folder, part):
-            jobs.append(_file_job(p, p.relative_to(folder.root).as_posix(), part, link))
+        jobs += component_jobs(folder, part, want, link, meta, notes)
     return jobs
 
 
@@ -436,7 +422,7 @@ def _root_jobs(ck: layouts.AvatarCheckpoint, to: str, dit_folders: list[str],
                 jobs.append(FileJob(name, "text", "root", text=hub_index))
         elif path.is_file():
             layouts.check_contained(path, ck.containment)
-            jobs.append(_file_job(path, name, "root", link))
+            jobs.append(FileJob.unchanged(path, name, "root", link))
     if to == "converted":
         doc = _model_index(ck.version, dit_folders, parts, hub_index)
         jobs.append(FileJob("model_index.json", "text", "root", text=jsonio.dumps(doc)))

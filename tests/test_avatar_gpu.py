@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from avatar_media import speech, write_wav
 from PIL import Image
 
 from longcat_tools.cli import main
@@ -27,7 +27,6 @@ from longcat_tools.synth import synth
 pytest.importorskip("onnx")  # synth writes the avatar's vocal separator with it
 
 pytestmark = pytest.mark.gpu
-RATE = 16_000
 # bf16 on two devices: the CPU's and the GPU's kernels round in different orders (SDPA: math vs
 # cuDNN/flash). On this tree bf16 is 6e-3 from fp32 on the CPU, so two bf16 runs should be about
 # 1e-2 apart at most; 2e-2 leaves room and still catches a wrong layer or a dropped term.
@@ -41,14 +40,7 @@ INT8_TOL = 5e-2
 def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("avatar-gpu")
     synth(root / "t15", "tiny", model="avatar-1.5", seed=0, dtype="bf16")
-    t = np.arange(int(RATE * 1.2)) / RATE
-    x = 0.4 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    wav = root / "a.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes((x * 32767).astype("<i2").tobytes())
+    wav = write_wav(root / "a.wav", speech(1.2))
     face = root / "face.png"
     Image.fromarray((np.random.RandomState(0).rand(48, 64, 3) * 255).astype(np.uint8)).save(face)
     return {"root": root / "t15" / "LongCat-Video-Avatar-1.5", "wav": wav, "face": face}

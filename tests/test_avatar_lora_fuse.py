@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from avatar_media import speech, write_wav
 from hostile import refused
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -339,16 +340,7 @@ def test_a_fused_dmd_checkpoint_distils_without_the_file_and_force_replaces_fuse
     assert not (dst / "lora" / "dmd_lora.safetensors").exists()
     report = verify(dst)
     assert _fails(report) == [] and report.count("warn") == 0, report.checks
-    wav = tmp_path / "speech.wav"
-    import wave
-
-    import numpy as np
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        t = np.arange(16000) / 16000
-        w.writeframes((np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes())
+    wav = write_wav(tmp_path / "speech.wav", speech(1.0))
     out = tmp_path / "o.mp4"
     rc, _, err = _run(capsys, "run", "-m", dst, "--task", "at2v", "-p", "a face", "--audio", wav,
                       "--distill", "--no-vocal-separation", "--height", "32", "--width", "32",
@@ -376,15 +368,7 @@ def test_a_fused_dmd_checkpoint_refuses_runs_its_weights_do_not_fit(copy, tmp_pa
     dst = av.parent / "fused-half"
     rc, _, err = _run(capsys, "lora", "fuse", "dmd_lora:0.5", "--dst", dst, "-m", av)
     assert rc == 0, err
-    wav = tmp_path / "speech.wav"
-    import wave
-
-    import numpy as np
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.sin(np.arange(16000) / 10) * 8000).astype("<i2").tobytes())
+    wav = write_wav(tmp_path / "speech.wav", speech(1.0))
     base = ["run", "-m", dst, "--task", "at2v", "-p", "a face", "--audio", wav,
             "--no-vocal-separation", "--height", "32", "--width", "32", "--frames", "5", "-q"]
     rc, _, err = _run(capsys, *base, "--distill")

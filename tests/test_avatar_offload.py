@@ -6,12 +6,11 @@ offloaded run must equal a resident run's bit for bit; the GPU side is tests/tes
 
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from avatar_media import speech, write_wav
 from safetensors.torch import load_file
 
 from longcat_tools.cli import main
@@ -23,7 +22,6 @@ from longcat_tools.synth import synth
 
 pytest.importorskip("onnx")  # synth writes the avatar's vocal separator with it
 
-RATE = 16_000
 TINY = ["--height", "32", "--width", "32", "--frames", "9", "-p", "a man talks",
         "--no-vocal-separation", "-q"]
 DEPTH = 2  # the tiny tree's blocks
@@ -35,14 +33,7 @@ ENCODES = ["WhisperEncoder"] + ["UMT5EncoderModel"] * 2  # the audio, the prompt
 def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("avatar-offload")
     synth(root / "t15", "tiny", model="avatar-1.5", seed=0, dtype="fp32")
-    t = np.arange(int(RATE * 1.2)) / RATE
-    x = 0.4 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    wav = root / "a.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes((x * 32767).astype("<i2").tobytes())
+    wav = write_wav(root / "a.wav", speech(1.2))
     return root / "t15" / "LongCat-Video-Avatar-1.5", wav
 
 

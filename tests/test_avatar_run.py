@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from avatar_media import RATE, speech, write_wav
 from PIL import Image
 
 from longcat_tools.cli import main
@@ -22,21 +22,6 @@ pytest.importorskip("onnx")  # synth writes the avatar's vocal separator with it
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # NaN frames fail the run
 
 TINY = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "1", "-p", "a man talks"]
-RATE = 16_000
-
-
-def write_wav(path: Path, x: np.ndarray, rate: int = RATE) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
-
-
-def speech(seconds: float, pitch: float = 220.0) -> np.ndarray:
-    t = np.arange(int(RATE * seconds)) / RATE
-    return 0.4 * np.sin(2 * np.pi * pitch * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ wider.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass, replace
@@ -140,7 +141,7 @@ class Checkpoint:
             raise LongcatError(f"{self.config_path}: not a JSON object")
         return cfg
 
-    @property
+    @functools.cached_property  # read once: describe(), the loader and convert all ask
     def is_fp8(self) -> bool:
         """Whether the DiT folder is an fp8 checkpoint (``model.fp8``: its
         ``quantization_config.json``); another quantization method is one line."""
