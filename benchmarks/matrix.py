@@ -10,8 +10,8 @@ loading (the sidecars' `load` stage; the matrix loads once) and its share.
       --height 32 --width 32 --frames 9 --steps 2                                   # logic check
 
 The page cache is warmed first (one untimed 1-step run), so both modes read warm files. With
-``--modes`` one call can run one mode, when a device call cannot hold both; the JSON then holds
-what ran.
+``--modes`` one call can run one mode, when a device call cannot hold both; the other modes'
+results already in ``--out`` are kept, so two calls give one table.
 """
 
 from __future__ import annotations
@@ -119,6 +119,10 @@ def main() -> None:
         import torch
 
         device = torch.cuda.get_device_name(0)
+    done = {r["mode"] for r in results}
+    if a.out.exists():
+        kept = json.loads(a.out.read_text())["results"]
+        results = [r for r in kept if r["mode"] not in done] + results
     doc = {"info": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     "device": device, "python": platform.python_version(),
                     "model": str(model), "size": f"{a.width}x{a.height}x{a.frames}, "

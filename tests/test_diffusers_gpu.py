@@ -57,6 +57,7 @@ def test_peft_adapter_under_the_fused_bf16_path(tiny_native, model_cls, tmp_path
     assert main(["lora", "export", "distilled", "--format", "peft", "--keys", "native", "-m",
                  str(tiny_native), "--out", str(tmp_path / PEFT_FILE), "-q"]) == 0
     ours = model_cls.from_pretrained(tiny_native, torch_dtype=torch.bfloat16, device="cuda")
+    ours.lora_mode = "runtime"  # as PEFT adds its delta (a merge into bf16 weights rounds)
     ours.load_lora(str(tiny_native / "lora" / "cfg_step_lora.safetensors"), "distilled")
     ours.enable_loras(["distilled"])
     peft = model_cls.from_pretrained(tiny_native, torch_dtype=torch.bfloat16, device="cuda")
@@ -68,9 +69,9 @@ def test_peft_adapter_under_the_fused_bf16_path(tiny_native, model_cls, tmp_path
     x = _inputs(ours)
     with torch.no_grad():
         a, b, c = ours(**x), peft(**x), plain(**x)
-    scale = a.abs().max()
-    assert (a - c).abs().max() > 0.05 * scale, "the adapter changed nothing"
-    assert (a - b).abs().max() < 0.02 * scale  # bf16: the two paths round differently
+    effect = (a - c).abs().max()
+    assert effect > 0.01 * a.abs().max(), "the adapter changed nothing"  # 3% on the CPU
+    assert (a - b).abs().max() <= 0.1 * effect  # equal on the CPU; allow rounding differences
 
 
 def test_our_loras_follow_group_offload_to_the_gpu(tiny_native, model_cls):

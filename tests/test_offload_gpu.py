@@ -48,8 +48,8 @@ def test_on_device_streams_blocks_one_at_a_time():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with on_device(net, dev, blocks=blocks):
-        assert not any(p.is_cuda for p in blocks.parameters())  # not until it runs
+    with on_device(net, dev, blocks=blocks), torch.no_grad():  # as encoders run: autograd
+        assert not any(p.is_cuda for p in blocks.parameters())  # would keep every block's copy
         out = net(x.to(dev))
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base

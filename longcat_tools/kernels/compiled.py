@@ -18,11 +18,27 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class Compiled:
-    """``fn`` through ``torch.compile`` on first use; eager for good once compiling fails."""
+def eager_division() -> dict[str, bool] | None:
+    """Inductor options under which ``x / y`` in float32 rounds as eager does (Triton's ``/`` is
+    an approximate division otherwise); None where this torch has no such option."""
+    from torch._inductor import config
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    if hasattr(config, "eager_numerics"):  # torch >= 2.12
+        return {"eager_numerics.division_rounding": True}
+    if hasattr(config, "emulate_divison_rounding"):  # the name before (sic)
+        return {"emulate_divison_rounding": True}
+    return None
+
+
+class Compiled:
+    """``fn`` through ``torch.compile`` on first use; eager for good once compiling fails.
+
+    ``eager_bits``: the compiled kernel must give eager's bits (float32 division rounded as
+    eager rounds it); where this torch cannot promise that, ``fn`` runs eagerly."""
+
+    def __init__(self, fn: Callable[..., Any], eager_bits: bool = False) -> None:
         self.fn = fn
+        self.eager_bits = eager_bits
         self.compiled: Callable[..., Any] | None = None
         self.failed = os.environ.get("LONGCAT_NO_COMPILE", "") not in ("", "0")
 
@@ -31,7 +47,10 @@ class Compiled:
             return self.fn(*args)
         try:
             if self.compiled is None:
-                self.compiled = torch.compile(self.fn, fullgraph=True)
+                options = eager_division() if self.eager_bits else {}
+                if options is None:
+                    raise RuntimeError("this torch cannot round division as eager does")
+                self.compiled = torch.compile(self.fn, fullgraph=True, options=options)
             return self.compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             log.warning("torch.compile of %s failed (%s: %s); running it eagerly",

@@ -4,7 +4,7 @@
 (computed once, stored beside the weight) and ``sx = max|x[t, :]| / 448`` per token (computed
 on every call). One ``torch._scaled_mm`` runs the product on e4m3 tensor cores with both
 scales applied in its epilogue (rowwise scaling: e4m3 tensor cores, sm89+, on torch builds
-that have it; tests/test_fp8_gpu.py checks the GPU path; the CPU build runs it too). Why
+that have it; tests/test_fp8_gpu.py checks it). Why
 these granularities: per-channel weight and per-token activation scales are what cuBLASLt
 applies in the epilogue at no cost, and one large token or row then cannot flatten the others
 (one scale per tensor does). On random unit-variance data the product lands 3.7e-2 (relative)
@@ -33,9 +33,22 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (float32 division can land a hair above 448)."""
     wf = w.float()
     amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / _limit(amax.device), torch.ones_like(amax))
     q = (wf / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, scale
+
+
+_LIMITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _limit(device: torch.device) -> torch.Tensor:
+    """448 as a float32 tensor on ``device``: the divisor of every scale. Dividing by a tensor
+    rounds correctly everywhere; CUDA divides by a Python number through its float32
+    reciprocal, and a compiled kernel divides by a constant approximately, each one ulp off the
+    CPU's division now and then."""
+    if device not in _LIMITS:
+        _LIMITS[device] = torch.full((), E4M3_MAX, dtype=torch.float32, device=device)
+    return _LIMITS[device]
 
 
 def is_e4m3(layer: torch.nn.Module) -> bool:
@@ -51,17 +64,23 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor,
     return (q.float() * scale.float().reshape(-1, 1)).to(dtype)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, K]`` activations -> (e4m3 ``[N, K]``, float32 scale ``[N, 1]``), per row (token)."""
+def _quantize_rows(x: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     amax = xf.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / limit, torch.ones_like(amax))
     return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 # On CUDA the scaling runs compiled: one kernel that reads the activation twice (max, then
-# scale) and writes e4m3, instead of eager's fp32 copy and four more passes; same bits.
-quantize_rows_fused = Compiled(quantize_rows)
+# scale) and writes e4m3, instead of eager's fp32 copy and four more passes; the same bits,
+# since its divisions (by tensors, never by a constant) round as eager's do.
+quantize_rows_fused = Compiled(_quantize_rows, eager_bits=True)
+
+
+def quantize_rows(x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, K]`` activations -> (e4m3 ``[N, K]``, float32 scale ``[N, 1]``), per row (token);
+    ``fused``: through ``quantize_rows_fused``."""
+    return (quantize_rows_fused if fused else _quantize_rows)(x, _limit(x.device))
 
 
 def scaled_mm_ok(in_features: int, out_features: int) -> bool:
@@ -73,7 +92,7 @@ def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [..., K]`` as ``linear`` scales it (per token, compiled on CUDA): for several
     layers that read the same input (the FFN's w1 and w3), once."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # _scaled_mm takes a row-major mat1
-    return (quantize_rows_fused if x2.is_cuda else quantize_rows)(x2)
+    return quantize_rows(x2, fused=x2.is_cuda)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -82,14 +101,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """``F.linear`` with an e4m3 ``weight`` and its ``[out]`` scale; output in ``x``'s dtype.
     ``xq``: ``quantize_input(x)`` when the caller has it already.
 
-    bf16 inputs run one rowwise-scaled e4m3 GEMM (the bias added in its epilogue; rowwise
-    scaling gives bf16 out only on some torch builds, so fp16 is not sent there); other dtypes,
-    and sizes ``_scaled_mm`` refuses, multiply the dequantized operands in float32 (the same
-    numbers, slower)."""
+    bf16 inputs on CUDA run one rowwise-scaled e4m3 GEMM (the bias added in its epilogue;
+    rowwise scaling gives bf16 out only on some torch builds, so fp16 is not sent there). Other
+    dtypes, sizes ``_scaled_mm`` refuses, and the CPU (whose ``_scaled_mm`` takes one scale per
+    tensor up to torch 2.11) multiply the dequantized operands in float32: the same operands,
+    slower."""
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     xq, sx = xq if xq is not None else quantize_input(x)
-    if x.dtype == torch.bfloat16 and scaled_mm_ok(in_features, out_features):
+    if x.is_cuda and x.dtype == torch.bfloat16 and scaled_mm_ok(in_features, out_features):
         y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale.float().view(1, -1),
                              bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
     else:
