@@ -11,7 +11,8 @@ loading (the sidecars' `load` stage; the matrix loads once) and its share.
 
 The page cache is warmed first (one untimed 1-step run), so both modes read warm files. With
 ``--modes`` one call can run one mode, when a device call cannot hold both; the other modes'
-results already in ``--out`` are kept, so two calls give one table.
+results already in ``--out`` are kept, and separate runs of other seeds join this call's, so
+several calls give one table.
 """
 
 from __future__ import annotations
@@ -45,16 +46,36 @@ def sidecar(path: Path) -> dict:
 
 
 def run_separate(common: list[str], seeds: list[int], out: Path) -> dict:
-    rows, wall = [], 0.0
+    rows = []
     for seed in seeds:
         mp4 = out / "separate" / f"{seed}.mp4"
-        wall += cli("run", *common, "--seed", str(seed), "--out", str(mp4))
+        wall = cli("run", *common, "--seed", str(seed), "--out", str(mp4))
         doc = sidecar(mp4)
-        rows.append({"seed": seed, "load_s": doc["timings_s"].get("load", 0.0),
-                     "total_s": doc["total_s"]})
+        rows.append({"seed": seed, "wall_s": round(wall, 2),
+                     "load_s": doc["timings_s"].get("load", 0.0), "total_s": doc["total_s"]})
+    return separate(rows)
+
+
+def separate(rows: list[dict]) -> dict:
+    """The separate mode's totals over its videos (one command each)."""
+    wall = sum(r["wall_s"] for r in rows)
     load = sum(r["load_s"] for r in rows)
-    return {"mode": "separate", "commands": len(seeds), "wall_s": round(wall, 2),
+    return {"mode": "separate", "commands": len(rows), "wall_s": round(wall, 2),
             "load_s": round(load, 2), "load_share": round(load / wall, 3), "videos": rows}
+
+
+def merged(kept: list[dict], results: list[dict]) -> list[dict]:
+    """This call's results over those already in the JSON: modes not run now are kept, and
+    separate videos of other seeds join this call's (so 4 seeds can take 2 calls)."""
+    done = {r["mode"] for r in results}
+    out = [r for r in kept if r["mode"] not in done]
+    for r in results:
+        old = next((k for k in kept if k["mode"] == r["mode"] == "separate"), None)
+        if old is not None:
+            seeds = {v["seed"] for v in r["videos"]}
+            r = separate([v for v in old["videos"] if v["seed"] not in seeds] + r["videos"])
+        out.append(r)
+    return out
 
 
 def run_matrix(common: list[str], seeds: list[int], out: Path) -> dict:
@@ -87,6 +108,8 @@ def main() -> None:
     ap.add_argument("--preset", default="real", help="synth preset (real: the 13.6B layout)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seeds", default="42,123,456,789")
+    ap.add_argument("--no-warm", action="store_true",
+                    help="skip the page-cache warm-up (an earlier call on this machine did it)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--height", default="480")
     ap.add_argument("--width", default="832")
@@ -111,7 +134,8 @@ def main() -> None:
     base = ["-m", str(model), "-p", PROMPT, "--distill", "--device", a.device, "-q",
             "--height", a.height, "--width", a.width]
     common = [*base, "--frames", a.frames, "--steps", a.steps]
-    cli("run", *base, "--frames", "5", "--steps", "1", "--out", str(work / "warm.mp4"))
+    if not a.no_warm:
+        cli("run", *base, "--frames", "5", "--steps", "1", "--out", str(work / "warm.mp4"))
     results = [(run_separate if m == "separate" else run_matrix)(common, seeds, work)
                for m in modes]
     device = a.device
@@ -119,15 +143,14 @@ def main() -> None:
         import torch
 
         device = torch.cuda.get_device_name(0)
-    done = {r["mode"] for r in results}
     if a.out.exists():
-        kept = json.loads(a.out.read_text())["results"]
-        results = [r for r in kept if r["mode"] not in done] + results
+        results = merged(json.loads(a.out.read_text())["results"], results)
     doc = {"info": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     "device": device, "python": platform.python_version(),
                     "model": str(model), "size": f"{a.width}x{a.height}x{a.frames}, "
                                                  f"{a.steps} steps"},
-           "seeds": seeds, "results": results}
+           "seeds": sorted({v["seed"] for r in results for v in r["videos"]}),
+           "results": results}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     text = table(doc)
