@@ -118,11 +118,13 @@ def main() -> None:
 
     def timed(name: str, model) -> None:
         call = lambda *xs: model(*xs, **kwargs)  # noqa: E731
+        # what sits on the GPU besides this variant's forward (other models included)
+        resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else float("nan")
         med, times, peak, res, out = time_forward(call, args, device, a.reps)
         outs[name] = out.float().cpu()
         rows.append({"variant": name, "median_s": round(med, 4),
                      "times_s": [round(t, 4) for t in times], "peak_alloc_gib": round(peak, 2),
-                     "peak_reserved_gib": round(res, 2)})
+                     "peak_reserved_gib": round(res, 2), "resident_before_gib": round(resident, 2)})
         print(json.dumps(rows[-1]), flush=True)
 
     ours = build(LongCatVideoAvatarTransformer3DModel, config, device, dtype)
