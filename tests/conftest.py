@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
+from longcat_tools.model import avatar
 from longcat_tools.synth import synth
 
 
@@ -31,3 +34,22 @@ def real_sparse(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "real-sparse"
     synth(path, "real", sparse=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def avatar_trees(tmp_path_factory):
+    """Tiny fp32 weights trees of both avatar releases, by model name (``avatar.VERSIONS``):
+    ``LongCat-Video/`` beside the avatar folder. Read only: change a copy (``avatar_copy``).
+    A module that needs other trees overrides this fixture."""
+    root = tmp_path_factory.mktemp("avatar_trees")
+    return {m: synth(root / m, "tiny", model=m).path for m in avatar.VERSIONS}
+
+
+@pytest.fixture
+def avatar_copy(avatar_trees, tmp_path):
+    """``make(model)``: a private copy of that weights tree; returns its avatar folder."""
+    def make(model: str):
+        dst = tmp_path / model
+        shutil.copytree(avatar_trees[model], dst)
+        return dst / avatar.VERSIONS[model].folder
+    return make

@@ -17,28 +17,10 @@ from safetensors.torch import load_file, save_file
 from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.cli import main
-from longcat_tools.synth import synth
+from longcat_tools.model import avatar
 from longcat_tools.verify import verify
 
 pytest.importorskip("onnx")
-
-FOLDERS = {"avatar-1.0": "LongCat-Video-Avatar", "avatar-1.5": "LongCat-Video-Avatar-1.5"}
-
-
-@pytest.fixture(scope="module")
-def trees(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatar_ckpts")
-    return {m: synth(root / m, "tiny", model=m).path for m in FOLDERS}
-
-
-@pytest.fixture
-def copy(trees, tmp_path):
-    """A private copy of a whole weights tree; returns the avatar folder in it."""
-    def make(model: str) -> Path:
-        dst = tmp_path / model
-        shutil.copytree(trees[model], dst)
-        return dst / FOLDERS[model]
-    return make
 
 
 def _failed(report) -> list:
@@ -58,25 +40,25 @@ def _edit(path: Path, change) -> None:
 
 # --- detection ---------------------------------------------------------------------------------
 
-def test_detect_any_describes_both_releases(trees):
-    v10 = layouts.detect_any(trees["avatar-1.0"] / FOLDERS["avatar-1.0"])
-    v15 = layouts.detect_any(trees["avatar-1.5"] / FOLDERS["avatar-1.5"])
+def test_detect_any_describes_both_releases(avatar_trees):
+    v10 = layouts.detect_any(avatar_trees["avatar-1.0"] / avatar.VERSIONS["avatar-1.0"].folder)
+    v15 = layouts.detect_any(avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder)
     assert isinstance(v10, layouts.AvatarCheckpoint) and v10.layout == "avatar-1.0"
     assert v10.dit_folders == ("avatar_single", "avatar_multi") and v10.int8 is None
     assert v10.audio_encoder.name == "chinese-wav2vec2-base"
     assert v10.base_parts == ("tokenizer", "text_encoder", "vae", "scheduler")
     assert v15.dit_folders == ("base_model", "base_model_int8") and v15.int8 == "base_model_int8"
     assert v15.base_parts == ("tokenizer", "text_encoder", "vae")
-    assert v15.require_base() == trees["avatar-1.5"] / "LongCat-Video"
+    assert v15.require_base() == avatar_trees["avatar-1.5"] / "LongCat-Video"
     # base checkpoints keep their Checkpoint; detect() names an avatar folder and refuses it
-    base = layouts.detect(trees["avatar-1.5"] / "LongCat-Video")
+    base = layouts.detect(avatar_trees["avatar-1.5"] / "LongCat-Video")
     assert base.layout == "native" and base.avatar is None
     with pytest.raises(Exception, match="LongCat-Video-Avatar 1.5 checkpoint"):
-        layouts.detect(trees["avatar-1.5"] / FOLDERS["avatar-1.5"])
+        layouts.detect(avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder)
 
 
-def test_missing_base_is_one_line_saying_where(copy):
-    av = copy("avatar-1.5")
+def test_missing_base_is_one_line_saying_where(avatar_copy):
+    av = avatar_copy("avatar-1.5")
     shutil.rmtree(av.parent / "LongCat-Video")
     ck = layouts.detect_any(av)
     with pytest.raises(Exception) as e:
@@ -87,10 +69,10 @@ def test_missing_base_is_one_line_saying_where(copy):
 
 # --- verify ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", list(FOLDERS))
+@pytest.mark.parametrize("model", list(avatar.VERSIONS))
 @pytest.mark.parametrize("deep", [False, True])
-def test_verify_passes_tiny_trees(trees, model, deep):
-    report = verify(trees[model] / FOLDERS[model], deep=deep)
+def test_verify_passes_tiny_trees(avatar_trees, model, deep):
+    report = verify(avatar_trees[model] / avatar.VERSIONS[model].folder, deep=deep)
     assert _failed(report) == [] and report.count("warn") == 0, report.checks
     assert report.layout == model and report.flavour == "native"
     files = {c.file for c in report.checks}
@@ -109,18 +91,18 @@ def test_verify_passes_tiny_trees(trees, model, deep):
             "base_model" if model == "avatar-1.5" else "avatar_multi") for c in report.checks)
 
 
-def test_verify_json_and_exit_codes(trees, copy, capsys):
-    av = trees["avatar-1.5"] / FOLDERS["avatar-1.5"]
+def test_verify_json_and_exit_codes(avatar_trees, avatar_copy, capsys):
+    av = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder
     assert main(["verify", str(av), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert schemas.errors(doc, "verify_report") == [] and doc["layout"] == "avatar-1.5"
-    bad = copy("avatar-1.0")
+    bad = avatar_copy("avatar-1.0")
     (bad / "vocal_separator" / "Kim_Vocal_2.onnx").unlink()
     assert main(["verify", str(bad), "-q"]) == 1
 
 
-def test_verify_names_every_injected_fault(copy):
-    av = copy("avatar-1.5")
+def test_verify_names_every_injected_fault(avatar_copy):
+    av = avatar_copy("avatar-1.5")
     shutil.rmtree(av.parent / "LongCat-Video")  # missing sibling base
     (av / "vocal_separator" / "Kim_Vocal_2.onnx").unlink()  # missing onnx
     dit, q = av / "base_model", av / "base_model_int8"
@@ -157,8 +139,8 @@ def test_verify_names_every_injected_fault(copy):
     assert named("base_model_int8", "dtype", u8, "U8"), text
 
 
-def test_verify_int8_quantization_method(copy):
-    av = copy("avatar-1.5")
+def test_verify_int8_quantization_method(avatar_copy):
+    av = avatar_copy("avatar-1.5")
     path = av / "base_model_int8" / "quantization_config.json"
     path.write_text(json.dumps({"quantization_method": "fp8_e4m3"}))
     fails = _failed(verify(av))
@@ -168,8 +150,8 @@ def test_verify_int8_quantization_method(copy):
 
 # --- bsa ---------------------------------------------------------------------------------------
 
-def test_bsa_preset_round_trip_on_every_dit_config(copy, capsys):
-    av = copy("avatar-1.5")
+def test_bsa_preset_round_trip_on_every_dit_config(avatar_copy, capsys):
+    av = avatar_copy("avatar-1.5")
     configs = [av / "base_model" / "config.json", av / "base_model_int8" / "config.json"]
     before = [p.read_bytes() for p in configs]
     assert main(["bsa", "preset", "720p-balanced", "-m", str(av), "-q"]) == 0
@@ -188,8 +170,8 @@ def test_bsa_preset_round_trip_on_every_dit_config(copy, capsys):
     assert [p.read_bytes() for p in configs] == before
 
 
-def test_bsa_refuses_before_writing_any_config(copy):
-    av = copy("avatar-1.0")
+def test_bsa_refuses_before_writing_any_config(avatar_copy):
+    av = avatar_copy("avatar-1.0")
     single, multi = av / "avatar_single" / "config.json", av / "avatar_multi" / "config.json"
     before = single.read_bytes()
     cfg = json.loads(multi.read_text())
@@ -238,8 +220,8 @@ def _peft_deltas(path: Path, config: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_lora_list_and_peft_export_of_dmd(copy, tmp_path, capsys):
-    av = copy("avatar-1.5")
+def test_lora_list_and_peft_export_of_dmd(avatar_copy, tmp_path, capsys):
+    av = avatar_copy("avatar-1.5")
     assert main(["lora", "list", "-m", str(av), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     (item,) = doc["adapters"]
@@ -270,8 +252,8 @@ def _avatar_lora(path: Path, kv_in: int, proj1_in: int) -> None:
     save_file(t, path)
 
 
-def test_lora_on_avatar_modules(copy, tmp_path, capsys):
-    av = copy("avatar-1.5")
+def test_lora_on_avatar_modules(avatar_copy, tmp_path, capsys):
+    av = avatar_copy("avatar-1.5")
     src = tmp_path / "audio.safetensors"
     _avatar_lora(src, kv_in=32, proj1_in=5 * 5 * 32)  # tiny: output_dim 32, 5 x 5 x 32 audio
     assert main(["lora", "attach", str(src), "--name", "audio", "-m", str(av), "-q"]) == 0
@@ -300,8 +282,8 @@ def test_lora_on_avatar_modules(copy, tmp_path, capsys):
     assert "avatar DiT" in capsys.readouterr().err
 
 
-def test_lora_refuses_misfit_on_avatar(copy, tmp_path, capsys):
-    av = copy("avatar-1.0")
+def test_lora_refuses_misfit_on_avatar(avatar_copy, tmp_path, capsys):
+    av = avatar_copy("avatar-1.0")
     src = tmp_path / "wrong.safetensors"
     _avatar_lora(src, kv_in=32, proj1_in=5 * 5 * 32)  # 1.0 has 12 audio blocks: 5*12*32 inputs
     assert main(["lora", "attach", str(src), "--name", "x", "-m", str(av)]) == 1

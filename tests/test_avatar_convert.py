@@ -19,12 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longcat_tools.cli import main
-from longcat_tools.synth import synth
+from longcat_tools.model import avatar
 from longcat_tools.verify import verify
 
 pytest.importorskip("onnx")
 
-FOLDERS = {"avatar-1.0": "LongCat-Video-Avatar", "avatar-1.5": "LongCat-Video-Avatar-1.5"}
 DITS = {"avatar-1.0": ["avatar_single", "avatar_multi"], "avatar-1.5": ["base_model"]}
 CONVERTED = {"avatar_single": "transformer", "avatar_multi": "transformer_multi",
              "base_model": "transformer", "base_model_int8": "transformer_int8"}
@@ -35,22 +34,6 @@ QUANT_CONFIG_TEXT = json.dumps({
     "skip_patterns": ["final_layer.linear"],
     "description": "Weight-only INT8 quantization with per-channel symmetric scaling"},
     indent=2)
-
-
-@pytest.fixture(scope="module")
-def trees(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatar_convert")
-    return {m: synth(root / m, "tiny", model=m).path for m in FOLDERS}
-
-
-@pytest.fixture
-def tree(trees, tmp_path):
-    """A private copy of a weights tree; returns (tree, avatar folder)."""
-    def make(model: str) -> tuple[Path, Path]:
-        dst = tmp_path / model
-        shutil.copytree(trees[model], dst)
-        return dst, dst / FOLDERS[model]
-    return make
 
 
 def _convert(*args: str) -> None:
@@ -101,9 +84,10 @@ def _linear_modules(t: dict[str, torch.Tensor]) -> list[str]:
 
 # --- layouts -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", list(FOLDERS))
-def test_round_trip_native_converted_native_bit_for_bit(tree, model):
-    root, av = tree(model)
+@pytest.mark.parametrize("model", list(avatar.VERSIONS))
+def test_round_trip_native_converted_native_bit_for_bit(avatar_copy, model):
+    av = avatar_copy(model)
+    root = av.parent
     conv, back = root / "conv", root / "back"
     _convert("--src", str(av), "--dst", str(conv))
     _convert("--src", str(conv), "--dst", str(back), "--to", "native")
@@ -114,7 +98,7 @@ def test_round_trip_native_converted_native_bit_for_bit(tree, model):
     _same(_tensors(av / "lora"), _tensors(back / "lora"))
     index = json.loads((conv / "model_index.json").read_text())
     assert index["_class_name"] == "LongCatVideoAvatarPipeline"
-    assert index["model_name"] == FOLDERS[model]
+    assert index["model_name"] == avatar.VERSIONS[model].folder
     base = root / "LongCat-Video"
     for part in ("tokenizer", "text_encoder", "vae", "scheduler"):  # self-contained
         assert _files(conv / part) == _files(base / part) or (
@@ -125,9 +109,10 @@ def test_round_trip_native_converted_native_bit_for_bit(tree, model):
     assert any(c.status == "fail" for c in verify(back).checks)
 
 
-@pytest.mark.parametrize("model", list(FOLDERS))
-def test_native_to_native_rewrite_verifies(tree, model):
-    root, av = tree(model)
+@pytest.mark.parametrize("model", list(avatar.VERSIONS))
+def test_native_to_native_rewrite_verifies(avatar_copy, model):
+    av = avatar_copy(model)
+    root = av.parent
     _convert("--src", str(av), "--dst", str(root / "same"), "--to", "native",
              "--max-shard-size", "100KB")
     for d in DITS[model]:
@@ -138,8 +123,9 @@ def test_native_to_native_rewrite_verifies(tree, model):
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16),
                                                ("fp16", torch.float16)])
-def test_dtype_casts_are_exact(tree, dtype, torch_dtype):
-    root, av = tree("avatar-1.5")
+def test_dtype_casts_are_exact(avatar_copy, dtype, torch_dtype):
+    av = avatar_copy("avatar-1.5")
+    root = av.parent
     out = root / "cast"
     _convert("--src", str(av), "--dst", str(out), "--to", "native", "--dtype", dtype)
     src, got = _tensors(av / "base_model"), _tensors(out / "base_model")
@@ -165,8 +151,9 @@ def test_dtype_casts_are_exact(tree, dtype, torch_dtype):
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("keep", torch.bfloat16),
                                                ("fp32", torch.float32)])
-def test_int8_dequantize_is_float32_product_then_one_cast(tree, dtype, torch_dtype):
-    root, av = tree("avatar-1.5")
+def test_int8_dequantize_is_float32_product_then_one_cast(avatar_copy, dtype, torch_dtype):
+    av = avatar_copy("avatar-1.5")
+    root = av.parent
     shutil.rmtree(av / "base_model")
     out = root / "deq"
     _convert("--src", str(av), "--dst", str(out), "--to", "native", "--int8", "dequantize",
@@ -187,8 +174,9 @@ def test_int8_dequantize_is_float32_product_then_one_cast(tree, dtype, torch_dty
     _verified(out)
 
 
-def test_int8_quantize_matches_the_original_rule_and_synth(tree, trees):
-    root, av = tree("avatar-1.5")
+def test_int8_quantize_matches_the_original_rule_and_synth(avatar_copy, avatar_trees):
+    av = avatar_copy("avatar-1.5")
+    root = av.parent
     shutil.rmtree(av / INT8)
     out = root / "quant"
     _convert("--src", str(av), "--dst", str(out), "--to", "native", "--int8", "quantize")
@@ -205,7 +193,7 @@ def test_int8_quantize_matches_the_original_rule_and_synth(tree, trees):
             expected[k] = v
     _same(expected, got)
     assert "final_layer.linear.weight" in got and "final_layer.linear.weight_int8" not in got
-    synth_int8 = trees["avatar-1.5"] / FOLDERS["avatar-1.5"] / INT8
+    synth_int8 = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder / INT8
     _same(_tensors(synth_int8), got)
     assert (out / INT8 / "quantization_config.json").read_text() == QUANT_CONFIG_TEXT
     assert (out / INT8 / "config.json").read_bytes() == (av / "base_model/config.json").read_bytes()
@@ -219,9 +207,10 @@ def test_int8_quantize_matches_the_original_rule_and_synth(tree, trees):
     _verified(out)
 
 
-def test_int8_quantize_greedy_split_matches_synth(tree, trees):
-    root, av = tree("avatar-1.5")
-    synth_int8 = trees["avatar-1.5"] / FOLDERS["avatar-1.5"] / INT8
+def test_int8_quantize_greedy_split_matches_synth(avatar_copy, avatar_trees):
+    av = avatar_copy("avatar-1.5")
+    root = av.parent
+    synth_int8 = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder / INT8
     out = root / "split"
     # synth splits the tiny INT8 folder greedily at 200000 bytes: the same limit, the same split
     _convert("--src", str(av), "--dst", str(out), "--to", "native", "--int8", "quantize",
@@ -240,8 +229,8 @@ def test_int8_quantize_greedy_split_matches_synth(tree, trees):
     (["--keys", "fastvideo"], ["no peer", "avatar keys"]),
     (["--dtype", "fp8"], ["INT8"]),
 ])
-def test_refusals_are_one_line(trees, tmp_path, capsys, args, words):
-    av = trees["avatar-1.5"] / FOLDERS["avatar-1.5"]
+def test_refusals_are_one_line(avatar_trees, tmp_path, capsys, args, words):
+    av = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder
     dst = tmp_path / "out"
     assert main(["convert", "--src", str(av), "--dst", str(dst), *args]) != 0
     err = capsys.readouterr().err.strip()
@@ -249,20 +238,21 @@ def test_refusals_are_one_line(trees, tmp_path, capsys, args, words):
     assert not dst.exists()
 
 
-def test_int8_refusals(trees, tmp_path, capsys):
+def test_int8_refusals(avatar_trees, tmp_path, capsys):
     dst = tmp_path / "out"
-    v10 = trees["avatar-1.0"] / FOLDERS["avatar-1.0"]
+    v10 = avatar_trees["avatar-1.0"] / avatar.VERSIONS["avatar-1.0"].folder
     assert main(["convert", "--src", str(v10), "--dst", str(dst), "--int8", "quantize"]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "INT8" in err
-    base = trees["avatar-1.0"] / "LongCat-Video"
+    base = avatar_trees["avatar-1.0"] / "LongCat-Video"
     assert main(["convert", "--src", str(base), "--dst", str(dst), "--int8", "dequantize"]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Avatar 1.5" in err and not dst.exists()
 
 
-def test_missing_base_is_one_line(tree, capsys):
-    root, av = tree("avatar-1.0")
+def test_missing_base_is_one_line(avatar_copy, capsys):
+    av = avatar_copy("avatar-1.0")
+    root = av.parent
     shutil.rmtree(root / "LongCat-Video")
     assert main(["convert", "--src", str(av), "--dst", str(root / "out")]) != 0
     err = capsys.readouterr().err.strip()
@@ -270,8 +260,9 @@ def test_missing_base_is_one_line(tree, capsys):
     assert not (root / "out").exists()
 
 
-def test_killed_or_failed_run_leaves_no_dst(tree):
-    root, av = tree("avatar-1.5")
+def test_killed_or_failed_run_leaves_no_dst(avatar_copy):
+    av = avatar_copy("avatar-1.5")
+    root = av.parent
     dst = root / "out"
     env = {**os.environ, "LONGCAT_TOOLS_TEST_KILL_AT": "5"}
     r = subprocess.run([sys.executable, "-m", "longcat_tools", "convert", "--src", str(av),

@@ -22,12 +22,12 @@ from safetensors.torch import save_file
 
 from longcat_tools import lora as lora_lib
 from longcat_tools.cli import main
+from longcat_tools.model import avatar
 from longcat_tools.synth import synth
 from longcat_tools.verify import verify
 
 pytest.importorskip("onnx")
 
-FOLDERS = {"avatar-1.0": "LongCat-Video-Avatar", "avatar-1.5": "LongCat-Video-Avatar-1.5"}
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 INT8_INDEX = "quantized_model.safetensors.index.json"
 NATIVE = "lora___lorahyphen___"
@@ -39,19 +39,10 @@ UNTOUCHED = ("blocks.0.audio_cross_attn.kv_linear", "final_layer.adaLN_modulatio
 
 
 @pytest.fixture(scope="module")
-def trees(tmp_path_factory):
+def avatar_trees(tmp_path_factory):
+    """bf16 trees, as the releases store them (overrides the session's fp32 ones here)."""
     root = tmp_path_factory.mktemp("avatar_fuse")
-    return {m: synth(root / m, "tiny", model=m, dtype="bf16").path for m in FOLDERS}
-
-
-@pytest.fixture
-def copy(trees, tmp_path):
-    """A private copy of a whole weights tree; returns the avatar folder in it."""
-    def make(model: str) -> Path:
-        dst = tmp_path / model
-        shutil.copytree(trees[model], dst)
-        return dst / FOLDERS[model]
-    return make
+    return {m: synth(root / m, "tiny", model=m, dtype="bf16").path for m in avatar.VERSIONS}
 
 
 def _tensor(folder: Path, index: str, name: str) -> torch.Tensor:
@@ -115,8 +106,8 @@ def _run(capsys, *args: object) -> tuple[int, str, str]:
 
 # --- 1.5: the DMD LoRA into base_model, base_model_int8 re-quantized ---------------------------
 
-def test_fuse_dmd_into_avatar_15(trees, capsys):
-    av = trees["avatar-1.5"] / FOLDERS["avatar-1.5"]
+def test_fuse_dmd_into_avatar_15(avatar_trees, capsys):
+    av = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder
     before = _digests(av)
     dst = av.parent / "fused-dmd"
     rc, out, err = _run(capsys, "lora", "fuse", "dmd_lora:0.75", "--dst", dst, "-m", av,
@@ -179,8 +170,8 @@ def test_fuse_dmd_into_avatar_15(trees, capsys):
     assert main(["verify", str(dst), "-q"]) == 0
 
 
-def test_fuse_int8_drop_and_checksums(copy, capsys):
-    av = copy("avatar-1.5")
+def test_fuse_int8_drop_and_checksums(avatar_copy, capsys):
+    av = avatar_copy("avatar-1.5")
     lines = [f"{d}  {rel}" for rel, d in _digests(av).items()]
     (av / "checksums.sha256").write_text("\n".join(lines) + "\n")
     dst = av.parent / "fused-no-int8"
@@ -215,8 +206,8 @@ def _base_lora(path: Path, hidden: int, ffn: int) -> None:
     save_file(t, path)
 
 
-def test_fuse_base_adapter_into_avatar_10(copy, tmp_path, capsys):
-    av = copy("avatar-1.0")
+def test_fuse_base_adapter_into_avatar_10(avatar_copy, tmp_path, capsys):
+    av = avatar_copy("avatar-1.0")
     cfg = json.loads((av / "avatar_single" / "config.json").read_text())
     ffn = _tensor(av / "avatar_single", DIT_INDEX, "blocks.1.ffn.w1.weight").shape[0]
     src = tmp_path / "base_modules.safetensors"
@@ -247,10 +238,10 @@ def test_fuse_base_adapter_into_avatar_10(copy, tmp_path, capsys):
     assert _fails(report) == [] and report.count("warn") == 0, report.checks
 
 
-def test_fuse_audio_and_unquantized_modules_into_avatar_15(copy, tmp_path, capsys):
+def test_fuse_audio_and_unquantized_modules_into_avatar_15(avatar_copy, tmp_path, capsys):
     """An adapter on an audio module (quantized in the INT8 copy) and on final_layer.linear
     (which the INT8 copy keeps as a float weight: it gets the fused weight itself)."""
-    av = copy("avatar-1.5")
+    av = avatar_copy("avatar-1.5")
     shapes = {m: tuple(_tensor(av / "base_model", DIT_INDEX, f"{m}.weight").shape)
               for m in ("audio_proj.proj1", "final_layer.linear")}
     g = torch.Generator().manual_seed(3)
@@ -283,9 +274,9 @@ def test_fuse_audio_and_unquantized_modules_into_avatar_15(copy, tmp_path, capsy
 
 # --- refusals and failures ---------------------------------------------------------------------
 
-def test_fuse_refusals_are_one_line_and_write_nothing(trees, copy, capsys):
-    v10 = trees["avatar-1.0"] / FOLDERS["avatar-1.0"]
-    v15 = trees["avatar-1.5"] / FOLDERS["avatar-1.5"]
+def test_fuse_refusals_are_one_line_and_write_nothing(avatar_trees, avatar_copy, capsys):
+    v10 = avatar_trees["avatar-1.0"] / avatar.VERSIONS["avatar-1.0"].folder
+    v15 = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder
     dst = v10.parent / "never"
     refused(capsys, "lora", "fuse", "x", "--dst", dst, "-m", v10, "--int8", "drop", code=2,
             says="has no INT8 DiT folder")
@@ -293,7 +284,7 @@ def test_fuse_refusals_are_one_line_and_write_nothing(trees, copy, capsys):
             code=2, says="choose quantize or drop")
     refused(capsys, "lora", "fuse", "distilled", "--dst", dst, "-m", v15.parent / "LongCat-Video",
             "--int8", "drop", code=2, says="has no INT8 DiT folder")
-    av = copy("avatar-1.5")
+    av = avatar_copy("avatar-1.5")
     shutil.rmtree(av / "base_model")
     line = refused(capsys, "lora", "fuse", "dmd_lora", "--dst", av.parent / "f", "-m", av)
     assert "base_model/" in line and "--int8 drop" in line
@@ -302,16 +293,16 @@ def test_fuse_refusals_are_one_line_and_write_nothing(trees, copy, capsys):
     assert not dst.exists() and not (av.parent / "f").exists()
 
 
-def test_fuse_elsewhere_warns_about_the_base_folder(trees, tmp_path, capsys):
-    av = trees["avatar-1.5"] / FOLDERS["avatar-1.5"]
+def test_fuse_elsewhere_warns_about_the_base_folder(avatar_trees, tmp_path, capsys):
+    av = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder
     rc, _, err = _run(capsys, "lora", "fuse", "dmd_lora", "--dst", tmp_path / "alone", "-m", av,
                       "--dry-run")
     assert rc == 0 and "warning:" in err and "LongCat-Video is missing" in err
     assert not (tmp_path / "alone").exists()
 
 
-def test_failed_fuse_leaves_no_dst(trees, capsys, monkeypatch):
-    av = trees["avatar-1.5"] / FOLDERS["avatar-1.5"]
+def test_failed_fuse_leaves_no_dst(avatar_trees, capsys, monkeypatch):
+    av = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder
     dst = av.parent / "fused-failed"
     line = refused(capsys, "lora", "fuse", "dmd_lora:1e300", "--dst", dst, "-m", av, "-q",
                    says="non-finite")
@@ -332,8 +323,8 @@ def test_failed_fuse_leaves_no_dst(trees, capsys, monkeypatch):
 
 
 def test_a_fused_dmd_checkpoint_distils_without_the_file_and_force_replaces_fused_10(
-        copy, tmp_path, capsys):
-    av = copy("avatar-1.5")
+        avatar_copy, tmp_path, capsys):
+    av = avatar_copy("avatar-1.5")
     dst = av.parent / "fused"
     rc, _, err = _run(capsys, "lora", "fuse", "dmd_lora", "--dst", dst, "-m", av)
     assert rc == 0, err
@@ -348,7 +339,7 @@ def test_a_fused_dmd_checkpoint_distils_without_the_file_and_force_replaces_fuse
     assert rc == 0, err
     doc = json.loads(Path(f"{out}.json").read_text())
     assert doc["final"]["steps"] == 8 and doc["final"]["loras"] == []  # in the weights already
-    one = copy("avatar-1.0")
+    one = avatar_copy("avatar-1.0")
     cfg = json.loads((one / "avatar_single" / "config.json").read_text())
     ffn = _tensor(one / "avatar_single", DIT_INDEX, "blocks.1.ffn.w1.weight").shape[0]
     _base_lora(tmp_path / "b.safetensors", cfg["hidden_size"], ffn)
@@ -363,8 +354,8 @@ def test_a_fused_dmd_checkpoint_distils_without_the_file_and_force_replaces_fuse
     assert not fused.with_name("fused-style.partial").exists()
 
 
-def test_a_fused_dmd_checkpoint_refuses_runs_its_weights_do_not_fit(copy, tmp_path, capsys):
-    av = copy("avatar-1.5")
+def test_a_fused_dmd_checkpoint_refuses_runs_its_weights_do_not_fit(avatar_copy, tmp_path, capsys):
+    av = avatar_copy("avatar-1.5")
     dst = av.parent / "fused-half"
     rc, _, err = _run(capsys, "lora", "fuse", "dmd_lora:0.5", "--dst", dst, "-m", av)
     assert rc == 0, err
@@ -377,8 +368,8 @@ def test_a_fused_dmd_checkpoint_refuses_runs_its_weights_do_not_fit(copy, tmp_pa
     assert rc == 1 and "pass --distill" in err and err.count("\n") == 1
 
 
-def test_int8_drop_on_the_model_index_layout_is_refused(copy, tmp_path, capsys):
-    av = copy("avatar-1.5")
+def test_int8_drop_on_the_model_index_layout_is_refused(avatar_copy, tmp_path, capsys):
+    av = avatar_copy("avatar-1.5")
     conv = av.parent / "conv"
     assert main(["convert", "--src", str(av), "--dst", str(conv), "-q"]) == 0
     rc, _, err = _run(capsys, "lora", "fuse", "dmd_lora", "--dst", av.parent / "x", "-m", conv,

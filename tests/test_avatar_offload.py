@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError
+from longcat_tools.model import avatar
 from longcat_tools.runner import offload
 from longcat_tools.runner.avatar_pipeline import LongCatVideoAvatarPipeline
 from longcat_tools.runner.int8_linear import Int8Linear
-from longcat_tools.synth import synth
 
 pytest.importorskip("onnx")  # synth writes the avatar's vocal separator with it
 
@@ -30,11 +30,9 @@ ENCODES = ["WhisperEncoder"] + ["UMT5EncoderModel"] * 2  # the audio, the prompt
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatar-offload")
-    synth(root / "t15", "tiny", model="avatar-1.5", seed=0, dtype="fp32")
-    wav = write_wav(root / "a.wav", speech(1.2))
-    return root / "t15" / "LongCat-Video-Avatar-1.5", wav
+def tree(avatar_trees, tmp_path_factory):
+    wav = write_wav(tmp_path_factory.mktemp("avatar-offload") / "a.wav", speech(1.2))
+    return avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder, wav
 
 
 @pytest.fixture

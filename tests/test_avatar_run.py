@@ -14,8 +14,8 @@ from avatar_media import RATE, speech, write_wav
 from PIL import Image
 
 from longcat_tools.cli import main
+from longcat_tools.model import avatar
 from longcat_tools.runner import avatar_pipeline, video
-from longcat_tools.synth import synth
 
 pytest.importorskip("onnx")  # synth writes the avatar's vocal separator with it
 
@@ -25,12 +25,10 @@ TINY = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "1", "-p"
 
 
 @pytest.fixture(scope="module")
-def trees(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avatar-run")
-    synth(root / "t10", "tiny", model="avatar-1.0", seed=0, dtype="fp32")
-    synth(root / "t15", "tiny", model="avatar-1.5", seed=0, dtype="fp32")
-    return {"1.0": root / "t10" / "LongCat-Video-Avatar",
-            "1.5": root / "t15" / "LongCat-Video-Avatar-1.5"}
+def trees(avatar_trees):
+    """The avatar folders of the session's trees, by version ("1.0", "1.5"); read only."""
+    return {m.removeprefix("avatar-"): avatar_trees[m] / v.folder
+            for m, v in avatar.VERSIONS.items()}
 
 
 @pytest.fixture(scope="module")
