@@ -174,8 +174,14 @@ def git_head(path: Path) -> str | None:
 
 
 def get_original(path: str | None, tmp: Path) -> Path:
+    """The original's checkout at ``path`` (refused when git says it is at another commit), or
+    ``ORIGINAL_COMMIT`` cloned into ``tmp``."""
     if path:
-        return Path(path).resolve()
+        original = Path(path).resolve()
+        head = git_head(original)
+        if head is not None and head != ORIGINAL_COMMIT:
+            sys.exit(f"{original} is at {head}, not the pinned {ORIGINAL_COMMIT}")
+        return original
     dst = tmp / "LongCat-Video"
     subprocess.run(["git", "init", "-q", str(dst)], check=True)
     subprocess.run(["git", "-C", str(dst), "fetch", "-q", "--depth", "1", ORIGINAL_URL,
@@ -443,9 +449,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         original = get_original(args.original, tmp)
-        head = git_head(original)
-        if head is not None and head != ORIGINAL_COMMIT:
-            sys.exit(f"{original} is at {head}, not the pinned {ORIGINAL_COMMIT}")
         plv = install_cpu_patches(original)
         ckpt = tmp / "tiny"
         synth(ckpt, SYNTH["preset"], seed=SYNTH["seed"])
