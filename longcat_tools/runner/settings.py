@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -168,24 +169,19 @@ def from_call(task: str, keywords: dict[str, Any]) -> RunSettings:
     return RunSettings(task=task, **{k: v for k, v in values.items() if k != "task"})
 
 
+def check_choice(flag: str, choice: str, choices: Collection[str]) -> None:
+    """One line for a value outside its option's table (BSA_CHOICES, OFFLOAD_CHOICES, ...)."""
+    if choice not in choices:
+        names = " or ".join(choices) if len(choices) == 2 else ", ".join(choices)
+        raise LongcatError(f"{flag} {choice}: unknown (use {names})")
+
+
 def check_bsa(choice: str) -> None:
-    if choice not in BSA_CHOICES:
-        raise LongcatError(f"--bsa {choice}: unknown (choose from {', '.join(BSA_CHOICES)})")
+    check_choice("--bsa", choice, BSA_CHOICES)
 
 
 def check_offload(choice: str) -> None:
-    if choice not in OFFLOAD_CHOICES:
-        raise LongcatError(f"--offload {choice}: unknown (use {', '.join(OFFLOAD_CHOICES)})")
-
-
-def check_precision(choice: str) -> None:
-    if choice not in PRECISIONS:
-        raise LongcatError(f"--precision {choice}: unknown (use {', '.join(PRECISIONS)})")
-
-
-def check_lora_mode(choice: str) -> None:
-    if choice not in LORA_MODES:
-        raise LongcatError(f"--lora-mode {choice}: unknown (use {' or '.join(LORA_MODES)})")
+    check_choice("--offload", choice, OFFLOAD_CHOICES)
 
 
 def resolve_device(device: str) -> Any:
@@ -260,8 +256,8 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     if not -2**63 <= s.seed < 2**64:
         raise LongcatError(f"--seed {s.seed}: must fit in 64 bits")
     check_offload(s.offload)
-    check_lora_mode(s.lora_mode)
-    check_precision(s.precision)
+    check_choice("--lora-mode", s.lora_mode, LORA_MODES)
+    check_choice("--precision", s.precision, PRECISIONS)
     if s.task in ("vc", "avc") and s.distill and s.enhance_hf:
         raise LongcatError("--enhance-hf cannot be combined with --distill")
     if s.segments < 0:
