@@ -343,3 +343,22 @@ def test_fp8_with_fp16_activations_is_refused_before_loading(tiny_native):
 
     with pytest.raises(LongcatError, match="fp8 GEMMs run with bf16 activations"):
         LongCatVideoPipeline.from_pretrained(tiny_native, torch_dtype=torch.float16, fp8=True)
+
+
+def test_refilling_one_weight_from_an_fp8_checkpoint_reads_only_its_scales(fp8_folder,
+                                                                            monkeypatch):
+    """A LoRA restore refills a few weights: it must not read every scale of the checkpoint."""
+    from longcat_tools.runner import loading
+
+    model = loading.load_transformer(fp8_folder, dtype="fp32", fp8=False)
+    want = model.blocks[0].ffn.w3.weight.detach().clone()
+    read: list[str] = []
+    real = loading.read_tensor
+    monkeypatch.setattr(loading, "read_tensor", lambda f, info: read.append(info.name)
+                        or real(f, info))
+    with torch.no_grad():
+        model.blocks[0].ffn.w3.weight.zero_()
+    ckpt = layouts.detect(fp8_folder)
+    loading.fill_parameters(model, ckpt, names=["blocks.0.ffn.w3.weight"])
+    assert torch.equal(model.blocks[0].ffn.w3.weight, want)
+    assert read == ["blocks.0.ffn.w3.weight_scale"]

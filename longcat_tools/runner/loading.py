@@ -140,7 +140,8 @@ def _plan(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
         scale_only = src_fp8 and part.native not in targets and fp8_format.is_scale(part.native)
         if part.native not in targets and not scale_only:
             raise LongcatError(f"{file}: tensor '{name}' is not a parameter of the DiT")
-        if part.native not in wanted and not scale_only:
+        weight = part.native.rpartition(".")[0] + ".weight" if scale_only else part.native
+        if weight not in wanted:  # a scale is read only for a weight that is
             continue
         if file not in headers:
             headers[file] = read_header(file)
