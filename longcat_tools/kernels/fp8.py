@@ -31,11 +31,8 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``scale = max|row| / 448`` in float32 (1 for an all-zero row, so every scale is finite and
     positive); the weight is ``row / scale`` rounded to nearest e4m3, clamped to +-448 first
     (float32 division can land a hair above 448)."""
-    wf = w.float()
-    amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / _limit(amax.device), torch.ones_like(amax))
-    q = (wf / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return q, scale
+    q, scale = _quantize_rows(w, _limit(w.device))  # a weight's rows are scaled as tokens are
+    return q, scale.squeeze(1)
 
 
 _LIMITS: dict[torch.device, torch.Tensor] = {}

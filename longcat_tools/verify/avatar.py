@@ -17,12 +17,13 @@ from longcat_tools.checkpoint import layouts
 from longcat_tools.checkpoint.hub import snapshot_roots
 from longcat_tools.errors import LongcatError
 from longcat_tools.io import jsonio
-from longcat_tools.io.safetensors import FLOAT_DTYPES, read_tensor
+from longcat_tools.io.safetensors import FLOAT_DTYPES
 from longcat_tools.model import avatar, int8, keymap
 from longcat_tools.model.avatar import AudioDims
 from longcat_tools.verify import checkpoint as V
 from longcat_tools.verify import components as C
 from longcat_tools.verify import lora as L
+from longcat_tools.verify.quantized import unusable_scales
 from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import dtypes, expect, read_weights
 
@@ -177,17 +178,15 @@ def _int8(rec: Recorder, st: V._State, folder: Path) -> Dims | None:
 def _scales(rec: Recorder, ws: Any, names: list[str]) -> None:
     """Every weight_scale finite and positive, one per row of its weight_int8."""
     bad: list[str] = []
+    shaped: list[str] = []
     for name in names:
         info = ws.tensors[name]
-        weight = ws.tensors.get(name[: -len("weight_scale")] + "weight_int8")
+        weight = ws.tensors.get(name[: -len(int8.SCALE)] + int8.WEIGHT)
         if weight is not None and (len(weight.shape) != 2 or tuple(info.shape) != weight.shape[:1]):
             bad.append(f"{name} is {list(info.shape)}, its weight_int8 {list(weight.shape)}")
-            continue
-        with open(ws.where[name], "rb") as f:
-            s = read_tensor(f, info).double()
-        ok = (s > 0) & s.isfinite()
-        if s.numel() and not bool(ok.all()):
-            bad.append(f"{name} holds {s[~ok][0].item()}")
+        else:
+            shaped.append(name)
+    bad += unusable_scales(ws, shaped, int8.QMAX)
     if bad:
         rec.fail(ws.component, "scales", ws.label, "weight scales must be finite and positive, "
                  f"one per output row (weight = int8 x scale): {listing(bad, 3)}")

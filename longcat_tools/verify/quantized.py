@@ -81,15 +81,25 @@ def check(rec: Recorder, ws: WeightSet, flavour: str, is_fp8: bool) -> None:
                             and ws.tensors[n].dtype == "F32"])
 
 
-def _scale_values(rec: Recorder, ws: WeightSet, names: list[str]) -> None:
+def unusable_scales(ws: WeightSet, names: list[str], qmax: float) -> list[str]:
+    """``"<name> holds <value>"`` for each scale tensor with a value that is not positive or
+    whose largest weight (``qmax * scale``) is not a finite float32; each shard opened once."""
     bad: list[str] = []
+    by_file: dict[Path, list[str]] = {}
     for name in names:
-        path, info = ws.where[name], ws.tensors[name]
+        by_file.setdefault(ws.where[name], []).append(name)
+    for path, group in by_file.items():
         with open(path, "rb") as f:
-            s = read_tensor(f, info).double()
-        if s.numel() and not bool(((s > 0) & (s * E4M3_MAX < 3.4e38)).all()):
-            worst = s[~((s > 0) & (s * E4M3_MAX < 3.4e38))][0].item()
-            bad.append(f"{name} holds {worst}")
+            for name in group:
+                s = read_tensor(f, ws.tensors[name]).double()
+                ok = (s > 0) & (s * qmax).float().isfinite()
+                if s.numel() and not bool(ok.all()):
+                    bad.append(f"{name} holds {s[~ok][0].item()}")
+    return bad
+
+
+def _scale_values(rec: Recorder, ws: WeightSet, names: list[str]) -> None:
+    bad = unusable_scales(ws, names, E4M3_MAX)
     if bad:
         rec.fail(ws.component, "scales", ws.label,
                  f"weight scales must be finite and positive (weight x scale must stay finite): "
