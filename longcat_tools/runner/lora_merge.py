@@ -25,6 +25,7 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.lora.formats import ModuleLora
 from longcat_tools.lora.fusion import FUSE_DTYPES
+from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.runner.lora import LoraDelta
 
 if TYPE_CHECKING:  # loading imports the model, which imports this module
@@ -100,7 +101,7 @@ def _origin(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Origin |
         return None
     if any(hasattr(m, "base_layer") for m in model.modules()):
         return None
-    weights = [p for name, p in params.items() if not name.endswith(".weight_scale")]
+    weights = [p for name, p in params.items() if not fp8_format.is_scale(name)]
     if any(p.dtype not in (origin.dtype, E4M3) for p in weights) or not origin.unchanged():
         return None
     return origin
