@@ -149,6 +149,12 @@ class Checkpoint:
             return False
         return fp8_declared(self.transformer_dir, self.containment)
 
+    @property
+    def shard_index(self) -> str:
+        """The DiT folder's index file name (the avatar's INT8 folder has its own)."""
+        int8_view = self.avatar is not None and self.avatar.is_int8(self)
+        return int8.INDEX_NAME if int8_view else INDEX_NAME
+
     def describe(self) -> str:
         if self.layout == COMFY_SINGLE:
             return "ComfyUI single-file DiT"
@@ -464,8 +470,7 @@ def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
         if p.name.endswith(PICKLE_SUFFIXES):
             raise LongcatError(f"{p}: pickle weight files are never loaded (convert it to "
                                "safetensors first)")
-    int8_view = ckpt.avatar is not None and ckpt.avatar.is_int8(ckpt)
-    index = folder / (int8.INDEX_NAME if int8_view else INDEX_NAME)
+    index = folder / ckpt.shard_index
     if index.exists():
         check_contained(index, allowed)
         doc = jsonio.read(index, what="shard index")

@@ -518,28 +518,11 @@ def load_avatar_transformer(folder: str | Path, device: str | torch.device = "cp
     if quantized:
         model.to_int8()
     model = model.to_empty(device=device)
-    fill_parameters(model, ckpt, progress=progress,
-                    shards=_int8_shards(folder) if quantized else None)
+    fill_parameters(model, ckpt, progress=progress)
     model.eval().requires_grad_(False)
     model.layout = "avatar INT8" if quantized else "avatar native"
     remember_origin(model, None if quantized else ckpt)
     return model
-
-
-def _int8_shards(folder: Path) -> dict[str, Path]:
-    """Tensor -> shard of an INT8 folder, from its index; every shard inside the folder."""
-    index = folder / int8.INDEX_NAME
-    doc = jsonio.read(index, what="shard index")
-    wm = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wm, dict) or not wm:
-        raise LongcatError(f"{index}: 'weight_map' must be a non-empty object")
-    out = {}
-    for name, rel in wm.items():
-        path = layouts.inside(folder, rel, "shard") if isinstance(rel, str) else None
-        if path is None or not path.is_file():
-            raise LongcatError(f"{index}: tensor '{name}' maps to {rel!r}, not a shard here")
-        out[name] = path
-    return out
 
 
 @dataclass(frozen=True)
@@ -550,3 +533,7 @@ class _Int8Folder(layouts.Checkpoint):
     @property
     def is_fp8(self) -> bool:
         return False
+
+    @property
+    def shard_index(self) -> str:
+        return int8.INDEX_NAME

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,12 +116,9 @@ class _Item:
 
 
 def _plan(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
-          names: Collection[str] | None, shards: Mapping[str, Path] | None = None,
-          ) -> tuple[list[_Item], dict[str, _Item]]:
+          names: Collection[str] | None) -> tuple[list[_Item], dict[str, _Item]]:
     """Every tensor to read (by shard and offset), checked against the model before any data is
-    read, and the scale tensors of an fp8 source whose weights go into a plain model. ``shards``
-    (tensor -> file): a DiT folder whose index is not the checkpoint layouts' (the avatar's
-    INT8 folder); by default the checkpoint's own."""
+    read, and the scale tensors of an fp8 source whose weights go into a plain model."""
     targets = {n: t for n, t in model.named_parameters()}
     targets.update((n, b) for n, b in model.named_buffers() if n.endswith(f".{fp8_format.SCALE}"))
     wanted = set(targets) if names is None else set(names)
@@ -133,9 +130,7 @@ def _plan(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
     scales: dict[str, _Item] = {}
     seen: set[tuple[str, int]] = set()
     src_fp8 = ckpt.is_fp8
-    if shards is None:
-        shards = layouts.transformer_shards(ckpt)
-    for name, file in shards.items():
+    for name, file in layouts.transformer_shards(ckpt).items():
         part = flavours.to_native(name, ckpt.flavour)
         scale_only = src_fp8 and part.native not in targets and fp8_format.is_scale(part.native)
         if part.native not in targets and not scale_only:
@@ -248,8 +243,7 @@ class _Reader:
 
 
 def fill_parameters(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
-                    names: Collection[str] | None = None, progress=None,
-                    shards: Mapping[str, Path] | None = None) -> None:
+                    names: Collection[str] | None = None, progress=None) -> None:
     """Copy the checkpoint's tensors into ``model``'s parameters (all, or only ``names``), in
     place and converted to each parameter's form; shards holding none of ``names`` are not
     opened. Each parameter filled must get all its parts once, with the right shapes.
@@ -259,7 +253,7 @@ def fill_parameters(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
     slice on its own gives the same bits); a plain layer from an fp8 source is dequantized
     with the source's scales. On CUDA the bytes cross as they are stored and are converted on
     the GPU, where it is fast."""
-    items, scale_items = _plan(model, ckpt, names, shards)
+    items, scale_items = _plan(model, ckpt, names)
     device = next(model.parameters()).device
     scales = {}
     for name, item in scale_items.items():  # small: one float per output row
