@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import read_header, read_tensor
 from longcat_tools.model import avatar
 from longcat_tools.model.avatar import AUDIO_DEFAULTS
@@ -67,15 +68,11 @@ TIMINGS = {"wav2vec2": Timing(video_fps=16, stride=2), "whisper": Timing(video_f
 
 
 def _config(folder: Path) -> dict[str, Any]:
-    import json
-
     path = folder / "config.json"
     try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
+        cfg = jsonio.read(path, what="audio encoder config")
+    except jsonio.Missing:
         raise LongcatError(f"{path}: missing (an audio encoder folder needs config.json)") from None
-    except (OSError, ValueError) as e:
-        raise LongcatError(f"{path}: cannot read it ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("model_type") not in TIMINGS:
         raise LongcatError(f"{path}: model_type must be one of {sorted(TIMINGS)}")
     return cfg

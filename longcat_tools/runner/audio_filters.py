@@ -103,7 +103,7 @@ def integrated_loudness(x: np.ndarray, rate: int) -> float:
                            "loudness block")
     for b, a in k_weighting(rate):
         x = iir_filter(b, a, x)
-    step = 1.0 - 0.75
+    step = BLOCK_STEP
     n_blocks = int(np.round((len(x) / rate - BLOCK_S) / (BLOCK_S * step))) + 1
     z = np.empty(n_blocks)
     for j in range(n_blocks):
