@@ -25,6 +25,7 @@ import torch
 
 from longcat_tools.checkpoint import hub, layouts
 from longcat_tools.convert import (
+    DEFAULT_MAX_SHARD,
     FileJob,
     OutTensor,
     Piece,
@@ -36,6 +37,7 @@ from longcat_tools.convert import (
     _whole_reader,
     check_tensor_set,
     component_jobs,
+    parse_size,
     shard_infos,
 )
 from longcat_tools.errors import LongcatError, UsageError
@@ -50,8 +52,7 @@ from longcat_tools.model.avatar import AudioDims, AvatarVersion
 # --int8: keep the INT8 DiT as it is; write it from the plain DiT; write the plain DiT from it;
 # leave it out.
 INT8_MODES = ("keep", "quantize", "dequantize", "drop")
-MAX_SHARD = 5 * 10**9  # the plain DiT folders' default, as for the base model
-BASE_PARTS = ("tokenizer", "text_encoder", "vae")  # always from the base folder
+MAX_SHARD = parse_size(DEFAULT_MAX_SHARD)  # the plain DiT folders', as for the base model
 # model_index.json of the converted layout: the hub's own root model_index.json, verbatim.
 HUB_INDEX_KEY = "hub_model_index"
 # Classes model_index.json names per part (no peer loads the layout: a record, not a recipe).
@@ -162,7 +163,7 @@ def _check_fp16(y: torch.Tensor, where: Path, name: str) -> torch.Tensor:
 def dequantized(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The stored weight of an INT8 Linear: the float32 product ``q * scale`` (exact up to one
     float32 rounding, the weight the original uses in float32), then one cast to ``dtype``."""
-    return (q.to(torch.float32) * scale.to(torch.float32).unsqueeze(1)).to(dtype)
+    return int8.dequantize(q, scale, torch.float32).to(dtype)
 
 
 def _dequantized_tensors(d: _Dit, want: torch.dtype | None) -> list[OutTensor]:
@@ -376,7 +377,7 @@ def plan_avatar(ck: layouts.AvatarCheckpoint, dst: Path, *, to: str, dtype: str,
                        list(dict.fromkeys(j.group for j in part_jobs)), link)
     known = {*version.dit_folders, version.int8_folder, version.audio_encoder, "lora",
              "vocal_separator", "scheduler", "checksums.sha256", *version.root_files,
-             *(BASE_PARTS if ck.converted else ())}
+             *(ck.base_parts if ck.converted else ())}
     for entry in sorted(ck.root.iterdir()):
         if entry.name not in known:
             notes.append(f"{entry.name} (top level of the source) is not carried over")
@@ -392,17 +393,13 @@ def _parts_jobs(ck: layouts.AvatarCheckpoint, base: Path, to: str, want: torch.d
         base, hub.snapshot_roots(base) or (base.resolve(),))
     parts: list[tuple[_Folder, str]] = [(src, ck.version.audio_encoder),
                                         (src, "vocal_separator")]
-    own_scheduler = avatar.VERSIONS[ck.version.name].own_scheduler
-    if to == "converted":
-        parts.append((src if own_scheduler else base_folder, "scheduler"))
-        parts += [(base_folder, p) for p in BASE_PARTS]
-    else:
-        if own_scheduler:
-            parts.append((src, "scheduler"))
-        if ck.converted:
-            dropped = [*BASE_PARTS, *(() if own_scheduler else ("scheduler",))]
-            notes.append(f"{', '.join(p + '/' for p in dropped)} not written: the hub layout "
-                         f"reads them from ../{avatar.BASE_FOLDER} beside DST")
+    if avatar.VERSIONS[ck.version.name].own_scheduler:  # the hub release's, not the layout's
+        parts.append((src, "scheduler"))
+    if to == "converted":  # the base's parts (and its scheduler where the avatar has none)
+        parts += [(base_folder, p) for p in ck.base_parts]
+    elif ck.converted:
+        notes.append(f"{', '.join(p + '/' for p in ck.base_parts)} not written: the hub layout "
+                     f"reads them from ../{avatar.BASE_FOLDER} beside DST")
     jobs: list[FileJob] = []
     for folder, part in parts:
         jobs += component_jobs(folder, part, want, link, meta, notes)
