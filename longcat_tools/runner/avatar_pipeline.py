@@ -297,14 +297,13 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         return steps, guidance_of(guidance, distill), guidance_of(audio_guidance, distill)
 
     def _schedule(self, steps: int, distill: bool) -> torch.Tensor:
-        if distill and self.version == "avatar-1.5":
-            if steps != self.release.distill_steps:
-                raise LongcatError(f"avatar 1.5 distillation samples {self.release.distill_steps}"
-                                   f" fixed steps; got steps={steps}")
-            sigmas = distill_sigmas_15(steps)
-        else:
-            sigmas = schedule.distill_sigmas(steps) if distill else schedule.base_sigmas(steps)
-        self.scheduler.set_timesteps(steps, sigmas=sigmas.numpy(), device=self.device)
+        if not (distill and self.version == "avatar-1.5"):
+            return schedule.set_schedule(self.scheduler, steps, distill, self.device)
+        if steps != self.release.distill_steps:
+            raise LongcatError(f"avatar 1.5 distillation samples {self.release.distill_steps}"
+                               f" fixed steps; got steps={steps}")
+        self.scheduler.set_timesteps(steps, sigmas=distill_sigmas_15(steps).numpy(),
+                                     device=self.device)
         return self.scheduler.timesteps
 
     def _lora(self, distill: bool) -> str | None:
