@@ -191,14 +191,27 @@ def read_tensor(f: BinaryIO, info: TensorInfo, scratch: torch.Tensor | None = No
     the result is a view, valid until the next read: one reused buffer spares a checkpoint's
     loader a zero-filled, page-faulted new buffer per tensor."""
     f.seek(info.begin)
+    return _read(lambda view: f.readinto(view), info, scratch, getattr(f, "name", "?"))
+
+
+def read_tensor_at(fd: int, info: TensorInfo, scratch: torch.Tensor | None = None,
+                   where: str | Path = "?") -> torch.Tensor:
+    """``read_tensor`` through ``os.preadv``: no file position, so threads can share ``fd``."""
+    def read_into(view: memoryview) -> int:
+        return os.preadv(fd, [view], info.begin + info.nbytes - len(view))
+
+    return _read(read_into, info, scratch, where)
+
+
+def _read(read_into: Callable[[memoryview], int], info: TensorInfo,
+          scratch: torch.Tensor | None, where: str | Path) -> torch.Tensor:
     buf = bytearray(info.nbytes) if scratch is None else scratch[:info.nbytes]
     view = memoryview(buf) if scratch is None else memoryview(buf.numpy())
     got = 0
     while got < info.nbytes:
-        k = f.readinto(view[got:])
+        k = read_into(view[got:])
         if not k:
-            raise LongcatError(f"{getattr(f, 'name', '?')}: unexpected end of file in tensor "
-                               f"'{info.name}'")
+            raise LongcatError(f"{where}: unexpected end of file in tensor '{info.name}'")
         got += k
     import torch
 

@@ -23,7 +23,7 @@ import torch
 
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.io.safetensors import TensorInfo, read_header, read_tensor
+from longcat_tools.io.safetensors import TensorInfo, read_header, read_tensor, read_tensor_at
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.model import dtypes, flavours, keymap
 from longcat_tools.model import fp8 as fp8_format
@@ -211,17 +211,7 @@ class _Reader:
         def read() -> torch.Tensor:
             if event is not None:
                 event.synchronize()  # the copy out of this buffer is done
-            view = memoryview(self.buffers[slot].numpy())[:item.info.nbytes]
-            got = 0
-            while got < len(view):
-                n = os.preadv(self.fds[item.file], [view[got:]], item.info.begin + got)
-                if n <= 0:
-                    raise LongcatError(f"{item.file}: unexpected end of file in tensor "
-                                       f"'{item.info.name}'")
-                got += n
-            raw = self.buffers[slot][:item.info.nbytes]
-            return raw.view(item.info.torch_dtype).reshape(item.info.shape) if raw.numel() \
-                else torch.empty(item.info.shape, dtype=item.info.torch_dtype)
+            return read_tensor_at(self.fds[item.file], item.info, self.buffers[slot], item.file)
 
         return self.pool.submit(read)
 
