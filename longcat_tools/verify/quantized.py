@@ -14,7 +14,7 @@ from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import read_tensor
 from longcat_tools.kernels.fp8 import E4M3_MAX
-from longcat_tools.model import fp8, keymap
+from longcat_tools.model import flavours, fp8
 from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import WeightSet
 
@@ -36,7 +36,7 @@ def declared(rec: Recorder, component: str, folder: Path) -> bool:
 
 
 def _is_quantized_weight(name: str, flavour: str, param: str) -> bool:
-    native = name if flavour == "native" else keymap.fastvideo_to_native(name).native
+    native = flavours.to_native(name, flavour).native
     module, _, p = native.rpartition(".")
     return p == param and fp8.is_quantized(module)
 
