@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import fp8_attention
+
 _PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _cudnn_failed: set[tuple] = set()
@@ -25,8 +27,17 @@ def _prefer_cudnn(q: torch.Tensor) -> bool:
     return (q.dtype, q.shape[-1], q.device.index) not in _cudnn_failed
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal softmax attention, scale ``D**-0.5``, on ``[B, H, S, D]`` tensors."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False
+              ) -> torch.Tensor:
+    """Non-causal softmax attention, scale ``D**-0.5``, on ``[B, H, S, D]`` tensors.
+
+    ``fp8`` (an fp8 run): the e4m3 kernel where ``fp8_attention.use`` allows it, its output
+    written token-major (a ``[B, S, H, D]`` tensor's view), so merging the heads is free."""
+    if fp8 and fp8_attention.use(q):
+        from . import triton_fp8_attention
+
+        B, H, S, D = q.shape
+        return triton_fp8_attention.attention(q, k, v, out=q.new_empty(B, S, H, D).transpose(1, 2))
     if _prefer_cudnn(q):
         try:
             with sdpa_kernel(_PRIORITY, set_priority=True):

@@ -80,11 +80,12 @@ class AttnSettings:
     bsa: BSAParams | None = None
     fast: bool = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
     cp: ContextParallel | None = None  # tokens split over ranks (runner.context_parallel)
+    fp8: bool = False  # an fp8 model: dense self-attention may run in e4m3 (kernels.attention)
 
 
-def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) -> torch.Tensor:
     """Non-causal softmax attention on ``[B, H, S, D]``."""
-    return kernels.attention(q, k, v)
+    return kernels.attention(q, k, v, fp8=fp8)
 
 
 def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -240,15 +240,16 @@ class SelfAttention(nn.Module):
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int],
-                bsa: BSAParams | None, fast: bool = False) -> torch.Tensor:
+                bsa: BSAParams | None, fast: bool = False, fp8: bool = False) -> torch.Tensor:
         """Non-causal attention; BSA when ``bsa`` is given and the clip has more than one frame
         (the query/key frame counts follow from the token counts). ``fast``: BSA with the
-        original's precision and a token-major output (``attn_ops.block_sparse``)."""
+        original's precision and a token-major output (``attn_ops.block_sparse``). ``fp8``:
+        dense attention may run in e4m3 (``attn_ops.dense``)."""
         if bsa is not None and grid[0] > 1:
             hw = grid[1] * grid[2]
             return attn_ops.block_sparse(q, k, v, (q.shape[2] // hw, grid[1], grid[2]),
                                          (k.shape[2] // hw, grid[1], grid[2]), bsa, fast=fast)
-        return attn_ops.dense(q, k, v)
+        return attn_ops.dense(q, k, v, fp8=fp8)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], num_cond_latents: int,
                 attn: AttnSettings, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -293,7 +294,7 @@ class SelfAttention(nn.Module):
                                               bsa),
                                  self._attend(q[:, :, n_c:], k, v, grid, bsa)], dim=2)
             else:
-                out = self._attend(q, k, v, grid, bsa, fast=roped)
+                out = self._attend(q, k, v, grid, bsa, fast=roped, fp8=attn.fp8)
         out = out.transpose(1, 2).reshape(B, N, C) if cp is None else cp.to_tokens(out, split)
         return self.proj(out), new_kv
 
@@ -732,7 +733,8 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         y = encoder_hidden_states.to(dtype)
 
         cp = self.cp
-        attn = AttnSettings(self.bsa if bsa is MODEL_SETTING else bsa, self.fast, cp)
+        attn = AttnSettings(self.bsa if bsa is MODEL_SETTING else bsa, self.fast, cp,
+                            fp8=self.is_fp8)
         if cp is None:
             split = FrameSplit(0, grid[0], (grid[0] * grid[1] * grid[2],))
         else:  # this rank's latent frames only (the time axis is not patched)

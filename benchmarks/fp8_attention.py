@@ -1,0 +1,109 @@
+"""Dense attention at the DiT's shapes: cuDNN SDPA in bf16 against the fp8-mode kernel
+(int8 Q K^T, e4m3 P V; ``kernels.triton_fp8_attention``), with each one's error against fp32.
+
+  PYTHONPATH=. python3 benchmarks/fp8_attention.py                 # H200: prints a table, JSON
+  PYTHONPATH=. python3 benchmarks/fp8_attention.py --small --device cpu   # logic check (reference)
+
+The fp8 time includes quantizing q, k and v (the kernel's three ``_quantize_kernel`` passes
+and the two reductions before them); "quantize" is that part alone. Errors are measured on
+the first ``--err-heads`` heads against fp32 SDPA (memory-efficient backend), on random
+unit-variance q, k, v (the hard case: little signal survives the average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HEADS, HEAD_DIM = 32, 128
+SHAPES = {"480p/93": 24 * 30 * 52, "720p/93": 24 * 45 * 80}  # tokens of one forward
+
+
+def bench_ms(fn, device: str) -> float:
+    if device == "cpu":
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=300, return_mode="median"))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def measure(name: str, S: int, heads: int, D: int, device: str, err_heads: int) -> dict:
+    """One shape: times, throughput and errors of both paths."""
+    from longcat_tools.kernels import dense
+    from longcat_tools.kernels import fp8_attention as ref
+
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(1, S, 3, heads, D, device=device, generator=g, dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # the DiT's strided views
+    flop = 4 * S * S * D * heads
+    h = slice(0, err_heads)
+    exact = F.scaled_dot_product_attention(q[:, h].float(), k[:, h].float(), v[:, h].float())
+    bf16_ms = bench_ms(lambda: dense.attention(q, k, v), device)
+    row = {"shape": name, "tokens": S, "heads": heads, "head_dim": D,
+           "bf16_sdpa_ms": round(bf16_ms, 3), "bf16_tflops": round(flop / bf16_ms / 1e9, 1),
+           "bf16_rel_err_vs_fp32": rel(dense.attention(q[:, h], k[:, h], v[:, h]), exact),
+           "reference_rel_err_vs_fp32": rel(ref.reference(q[:, h], k[:, h], v[:, h]), exact)
+           if S <= 40000 else None}  # the reference holds the whole score matrix
+    if device == "cpu":
+        return row
+    from longcat_tools.kernels import triton_fp8_attention as tfa
+
+    cfg = tfa.FP8_ATTN_CONFIG
+    fp8_ms = bench_ms(lambda: tfa.attention(q, k, v), device)
+    quant_ms = bench_ms(lambda: (tfa.quantize_qk(q, cfg["block_m"]),
+                                 tfa.quantize_qk(k, cfg["block_n"], smooth=True),
+                                 tfa.quantize_v(v, cfg["block_n"])), device)
+    row.update(fp8_ms=round(fp8_ms, 3), fp8_quantize_ms=round(quant_ms, 3),
+               fp8_tflops=round(flop / fp8_ms / 1e9, 1), fp8_vs_bf16=round(fp8_ms / bf16_ms, 3),
+               fp8_rel_err_vs_fp32=rel(tfa.attention(q[:, h], k[:, h], v[:, h]), exact),
+               config=dict(cfg))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU logic check)")
+    ap.add_argument("--err-heads", type=int, default=2)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    a = ap.parse_args()
+    shapes = {"small": 300} if a.small else SHAPES
+    heads, D = (2, 64) if a.small else (HEADS, HEAD_DIM)
+    rows = []
+    for name, S in shapes.items():
+        rows.append(measure(name, S, heads, D, a.device, a.err_heads))
+        print(json.dumps(rows[-1]), flush=True)
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(0) if a.device != "cpu" else platform.processor(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "error_heads": a.err_heads}
+    nan = float("nan")
+    print(f"\n{'shape':<9} {'bf16 ms':>8} {'fp8 ms':>8} {'ratio':>6} {'quant ms':>9} "
+          f"{'err bf16':>9} {'err fp8':>9}")
+    for r in rows:
+        print(f"{r['shape']:<9} {r['bf16_sdpa_ms']:>8.2f} {r.get('fp8_ms', nan):>8.2f} "
+              f"{r.get('fp8_vs_bf16', nan):>6.3f} {r.get('fp8_quantize_ms', nan):>9.2f} "
+              f"{r['bf16_rel_err_vs_fp32']:>9.2e} {r.get('fp8_rel_err_vs_fp32', nan):>9.2e}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fp8_attention.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1)
+                                            + "\n")
+
+
+if __name__ == "__main__":
+    main()

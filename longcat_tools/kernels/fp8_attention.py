@@ -1,0 +1,59 @@
+"""fp8-mode attention: what the int8/e4m3 kernel computes, in PyTorch, and when it runs.
+
+``triton_fp8_attention`` is the kernel. This module holds its arithmetic as plain tensor code
+(``reference``: every quantization step the kernel takes, on any device), so tests can hold the
+kernel to it, and ``use``, the one place that decides whether a call takes the kernel.
+
+Quantization, per ``[B, H]`` head:
+- q: int8, ``round(q / s)`` half away from zero, one float32 scale ``s = amax / 127`` per token;
+- k: its mean over the sequence subtracted (the softmax does not see a vector added to every
+  key), then like q;
+- v: e4m3, one scale per channel over the whole sequence (amax / 448);
+- p = exp(s - max) <= 1 as e4m3 of ``p * 448``; the row sums use p before quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fp8 import E4M3, E4M3_MAX
+
+# Whether ``--precision fp8`` also runs dense attention quantized (on sm_89+ CUDA with Triton).
+# Off until its speed and error are measured on a GPU (benchmarks/fp8_attention.py).
+ENABLED = {"dense": False}
+
+
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x through int8 with a scale per row (amax / 127; 1 for an all-zero row), in float32."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, 1.0)
+    y = x / scale
+    return torch.trunc(y + torch.copysign(torch.full_like(y, 0.5), y)).clamp(-127, 127) * scale
+
+
+def _e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The e4m3 value of ``x / scale`` times ``scale``, in float32."""
+    return (x / scale).to(E4M3).to(torch.float32) * scale
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The kernel's arithmetic with a global row maximum (the kernel's running maximum
+    quantizes ``p`` against a smaller one until the row's maximum is seen); float32
+    ``[B, H, Sq, D]``."""
+    q, k, v = (x.to(torch.float32) for x in (q, k, v))
+    k = k - k.mean(dim=2, keepdim=True)
+    amax = v.abs().amax(dim=2, keepdim=True)
+    vd = _e4m3(v, torch.where(amax > 0, amax / E4M3_MAX, 1.0))
+    s = _int8_rows(q) @ _int8_rows(k).transpose(-1, -2) * q.shape[-1] ** -0.5
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    pq = _e4m3(p, torch.tensor(1.0 / E4M3_MAX))
+    return (pq @ vd) / p.sum(dim=-1, keepdim=True)
+
+
+def use(q: torch.Tensor) -> bool:
+    """Whether a dense attention call of an fp8 run takes the quantized kernel."""
+    if not (ENABLED["dense"] and q.is_cuda):
+        return False
+    from . import triton_fp8_attention
+
+    return triton_fp8_attention.supported(q)

@@ -1,0 +1,70 @@
+"""fp8-mode attention (int8 Q K^T, e4m3 P V): the arithmetic in ``kernels.fp8_attention``, and
+when a call takes the kernel. The kernel itself is held to this reference on a GPU
+(tests/test_fp8_attention_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longcat_tools.kernels import dense
+from longcat_tools.kernels import fp8_attention as fa
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _qkv(*shape: int, seed: int = 0, scale_q: float = 1.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    return [q * scale_q, k, v]
+
+
+def test_int8_rows_round_half_away_from_zero_with_a_scale_per_row():
+    x = torch.tensor([[127.0, 0.5, -0.5, 1.5, -2.5, 63.49], [0, 0, 0, 0, 0, 0]])
+    out = fa._int8_rows(x)  # row 0: scale 1, so the values are rounded; row 1: all zero
+    assert out.tolist() == [[127.0, 1.0, -1.0, 2.0, -3.0, 63.0], [0.0] * 6]
+    y = torch.tensor([[2.54, -1.27, 0.01]])  # scale 0.02: 127, -63.5 -> -64, 0.5 -> 1
+    assert torch.allclose(fa._int8_rows(y), torch.tensor([[2.54, -1.28, 0.02]]))
+
+
+@pytest.mark.parametrize("scale_q", [1.0, 4.0])
+def test_the_reference_lands_a_few_percent_from_fp32(scale_q):
+    """Random data is the hard case (the output is an average with little signal left); the
+    bound is what the arithmetic gives, 3.5-3.8% here, with headroom. bf16 SDPA: 0.2%."""
+    q, k, v = _qkv(1, 2, 700, 128, scale_q=scale_q)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    err = _rel(fa.reference(q, k, v), exact)
+    assert 0.01 < err < 0.045
+
+
+def test_smoothing_makes_a_shared_key_offset_free():
+    """A vector added to every key changes no softmax; without the mean subtracted, its large
+    channels would set every key's int8 scale and wash out the rest."""
+    q, k, v = _qkv(1, 2, 300, 64, seed=1)
+    offset = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 30
+    base = fa.reference(q, k, v)
+    assert _rel(fa.reference(q, k + offset, v), base) < 5e-3  # int8 roundings that flip
+    k0 = k + offset
+    naive = fa._int8_rows(q) @ fa._int8_rows(k0).transpose(-1, -2) * 64**-0.5
+    exact = q @ k0.transpose(-1, -2) * 64**-0.5
+    assert _rel(naive - naive.amax(-1, keepdim=True), exact - exact.amax(-1, keepdim=True)) > 0.02
+
+
+def test_v_keeps_a_scale_per_channel():
+    """A channel a thousand times larger than the others leaves their error unchanged."""
+    q, k, v = _qkv(1, 1, 256, 32, seed=3)
+    loud = v.clone()
+    loud[..., 0] *= 1000
+    a, b = fa.reference(q, k, v), fa.reference(q, k, loud)
+    assert torch.allclose(a[..., 1:], b[..., 1:], rtol=0, atol=0)
+
+
+def test_dense_attention_takes_the_kernel_only_on_a_gpu_when_enabled(monkeypatch):
+    q, k, v = (t.bfloat16() for t in _qkv(1, 2, 64, 32))
+    assert fa.ENABLED["dense"] is False  # off until measured on a GPU
+    monkeypatch.setitem(fa.ENABLED, "dense", True)
+    assert not fa.use(q)  # a CPU tensor
+    assert torch.equal(dense.attention(q, k, v, fp8=True), dense.attention(q, k, v))

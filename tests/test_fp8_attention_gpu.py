@@ -1,0 +1,89 @@
+"""The fp8-mode attention kernel (``kernels.triton_fp8_attention``) against its PyTorch
+reference (``kernels.fp8_attention.reference``) and fp32, on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longcat_tools.kernels import fp8_attention as ref
+
+pytestmark = pytest.mark.gpu
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _qkv_views(B: int, S: int, H: int, D: int, dtype: torch.dtype, seed: int = 0):
+    """q, k, v as strided views of one token-major qkv projection, like the DiT's."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(B, S, 3, H, D, device="cuda", generator=g).to(dtype)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@pytest.mark.parametrize("S,D,dtype", [(1000, 128, torch.bfloat16), (777, 64, torch.float16),
+                                       (256, 128, torch.bfloat16)])
+def test_the_quantized_copies_are_the_references(S, D, dtype):
+    from longcat_tools.kernels import triton_fp8_attention as tfa
+
+    q, k, v = _qkv_views(2, S, 3, D, dtype)
+    qq, qs = tfa.quantize_qk(q, 128)
+    kq, ks = tfa.quantize_qk(k, 128, smooth=True)
+    vt, vs = tfa.quantize_v(v, 128)
+    B, H = q.shape[:2]
+    qd = (qq.float() * qs[:, :, None])[:, :S].view(B, H, S, D)
+    kd = (kq.float() * ks[:, :, None])[:, :S].view(B, H, S, D)
+    vd = (vt.float() * vs[:, :, None])[:, :, :S].transpose(1, 2).reshape(B, H, S, D)
+    kf = k.float() - k.float().mean(dim=2, keepdim=True)
+    amax = v.float().abs().amax(dim=2, keepdim=True)
+    for got, want in ((qd, ref._int8_rows(q.float())), (kd, ref._int8_rows(kf)),
+                      (vd, ref._e4m3(v.float(), amax / ref.E4M3_MAX))):
+        # Triton divides approximately: a value can land one step over now and then
+        off = ~torch.isclose(got, want, rtol=1e-5, atol=0)
+        assert off.float().mean().item() < 1e-3
+    assert not qq[:, S:].any() and not kq[:, S:].any() and not vt[:, :, S:].float().any()
+
+
+@pytest.mark.parametrize("S,D,dtype,scale_q", [(1000, 128, torch.bfloat16, 1.0),
+                                               (1000, 128, torch.bfloat16, 4.0),
+                                               (777, 64, torch.float16, 1.0),
+                                               (4096, 128, torch.bfloat16, 1.0)])
+def test_the_kernel_follows_its_reference(S, D, dtype, scale_q):
+    """The kernel quantizes p against the running row maximum, the reference against the
+    final one, so they differ by about the error of quantizing p (~2% on random data). Against
+    fp32 the kernel must be as close as the reference."""
+    from longcat_tools.kernels import triton_fp8_attention as tfa
+
+    q, k, v = _qkv_views(1, S, 4, D, dtype, seed=1)
+    q = q * scale_q
+    out = tfa.attention(q, k, v)
+    assert out.dtype == dtype and out.shape == q.shape
+    r = ref.reference(q, k, v)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert _rel(out, r) < 0.03
+    assert _rel(out, exact) < 1.1 * _rel(r, exact) + 0.003
+
+
+def test_a_token_major_output_gets_the_same_values():
+    from longcat_tools.kernels import triton_fp8_attention as tfa
+
+    q, k, v = _qkv_views(2, 500, 4, 128, torch.bfloat16, seed=2)
+    B, H, S, D = q.shape
+    tm = tfa.attention(q, k, v, out=q.new_empty(B, S, H, D).transpose(1, 2))
+    assert torch.equal(tm, tfa.attention(q.contiguous(), k.contiguous(), v.contiguous()))
+
+
+def test_an_fp8_dit_with_fp8_attention_stays_near_its_bf16_attention(tiny_native, monkeypatch):
+    from longcat_tools.runner.compare import probe_inputs
+    from longcat_tools.runner.loading import load_transformer
+
+    model = load_transformer(tiny_native, dtype="bf16", device="cuda", fp8=True)
+    x = probe_inputs(model, frames=5, size=16, device="cuda")
+    with torch.no_grad():
+        base = model(**x).float()
+        monkeypatch.setitem(ref.ENABLED, "dense", True)
+        quant = model(**x).float()
+    assert not torch.equal(base, quant)  # the kernel ran
+    assert _rel(quant, base) < 0.1
