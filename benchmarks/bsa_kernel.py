@@ -3,6 +3,7 @@
 One run times, per shape and sparsity (B=1, 32 heads, D=128, bf16, chunks 4x4x4):
 
 * ours: the whole call (pool + score + select + sparse attention), and its two halves;
+* ours in fp8 mode (int8 Q K^T, e4m3 P V; sm_89+): the whole call and the forward;
 * dense SDPA through cuDNN and through flash (once per shape, sparsity does not matter);
 * FlexAttention with the same block mask, on the chunk-permuted layout (mask build and
   permutes not timed: the best case for it);
@@ -105,6 +106,18 @@ def load_original():
     with contextlib.redirect_stdout(io.StringIO()):
         mod = importlib.import_module("longcat_video.block_sparse_attention.bsa_interface")
     return mod.flash_attn_bsa_3d
+
+
+@contextlib.contextmanager
+def fp8_enabled():
+    """The quantized BSA forward on, for the fp8 rows (it is off by default until measured)."""
+    from longcat_tools.kernels import fp8_attention
+
+    fp8_attention.ENABLED["bsa"] = True
+    try:
+        yield
+    finally:
+        fp8_attention.ENABLED["bsa"] = False
 
 
 def sampled_error(q, k, v, lq, lk, indices, counts, out, heads=2, n_chunks=48, seed=0):
@@ -224,6 +237,15 @@ def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
         pairs = float(counts.sum()) * lq.chunk_size * lk.chunk_size
         row["attend_tflops"] = 4 * HEAD_DIM * pairs / row["ours_attend_ms"] / 1e9
         row["ours_rel_err"] = sampled_error(q, k, v, lq, lk, indices, counts, out)
+        if torch.cuda.get_device_capability() >= (8, 9):  # the fp8 mode's whole call
+            fp8 = lambda sp=sp: kernels.block_sparse_attention(  # noqa: E731
+                q, k, v, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK, fp8=True)
+            with fp8_enabled():
+                row["ours_fp8_ms"] = bench(fp8, rep_ms)
+                row["ours_fp8_attend_ms"] = bench(  # quantized copies included
+                    lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
+                row["ours_fp8_rel_err"] = sampled_error(q, k, v, lq, lk, indices, counts,
+                                                        fp8())
         if orig is not None and lq.divisible:
             ofn = lambda sp=sp: orig(q, k, v, list(lat), list(lat), sparsity=sp,  # noqa: E731
                                      cdf_threshold=None, chunk_3d_shape_q=list(CHUNK),
@@ -387,8 +409,8 @@ def versions(dev) -> dict:
 def table(rows) -> str:
     head = ("| shape | sparsity | kept | ours ms (select + attend) | attend TFLOP/s"
             " | K/V load floor ms | original ms | cuDNN ms | flash ms | flex ms | vs original"
-            " | vs cuDNN | rel err |")
-    out = [head, "|" + "---|" * 13]
+            " | vs cuDNN | rel err | fp8 ms (attend) | fp8 rel err |")
+    out = [head, "|" + "---|" * 15]
     f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     for r in rows:
         o, c = r.get("orig_ms"), r.get("cudnn_ms")
@@ -400,7 +422,8 @@ def table(rows) -> str:
             f"({f(r['ours_select_ms'])} + {f(r['ours_attend_ms'])}) | {r['attend_tflops']:.0f} "
             f"| {f(r.get('kv_load_floor_ms'))} | {f(o)} | {f(c)} | {f(r.get('flash_ms'))} "
             f"| {f(r.get('flex_ms'))} | {vs_o} | {vs_c} "
-            f"| {r['ours_rel_err']:.1e} |")
+            f"| {r['ours_rel_err']:.1e} | {f(r.get('ours_fp8_ms'))} "
+            f"({f(r.get('ours_fp8_attend_ms'))}) | {r.get('ours_fp8_rel_err', float('nan')):.1e} |")
     return "\n".join(out)
 
 

@@ -87,3 +87,53 @@ def test_an_fp8_dit_with_fp8_attention_stays_near_its_bf16_attention(tiny_native
         quant = model(**x).float()
     assert not torch.equal(base, quant)  # the kernel ran
     assert _rel(quant, base) < 0.1
+
+
+def _token_mask(indices, counts, lq, lk) -> torch.Tensor:
+    """The selected chunks as a ``[B, H, Sq, Sk]`` mask over raster tokens."""
+    from longcat_tools.kernels import reference as KR
+
+    chunks = KR.chunk_mask(indices, counts, lk.num_chunks)
+
+    def chunk_of(layout):
+        index, valid = layout.token_index(indices.device)
+        out = torch.empty(int(valid.sum()), dtype=torch.long, device=indices.device)
+        ids = torch.arange(index.shape[0], device=indices.device)[:, None].expand_as(index)
+        out[index[valid]] = ids[valid]
+        return out
+
+    return chunks[:, :, chunk_of(lq)][:, :, :, chunk_of(lk)]
+
+
+@pytest.mark.parametrize("latent,chunk,sparsity,tma", [((8, 16, 16), (4, 4, 4), 0.875, 1),
+                                                       ((6, 10, 13), (4, 4, 4), 0.75, 1),
+                                                       ((5, 6, 10), (2, 4, 4), 0.5, 0)])
+def test_the_fp8_bsa_forward_follows_the_reference(latent, chunk, sparsity, tma, monkeypatch):
+    """Same selection as bf16 (it runs on the unquantized q and k); the forward as
+    ``fp8_attention.reference`` restricted to the selected chunks, within the p rounding."""
+    from longcat_tools.kernels import reference as KR
+    from longcat_tools.kernels import triton_bsa as TB
+
+    monkeypatch.setitem(TB.FWD_CONFIG, "tma", tma)
+    S = latent[0] * latent[1] * latent[2]
+    q, k, v = _qkv_views(1, S, 4, 128, torch.bfloat16, seed=4)
+    lq = lk = KR.ChunkLayout(latent, chunk)
+    indices, counts = TB.select_chunks(q, k, lq, lk, sparsity, None)
+    out = TB.attend(q, k, v, lq, lk, indices, counts, fp8=True)
+    r = ref.reference(q, k, v, _token_mask(indices, counts, lq, lk))
+    exact = KR.masked_attention(q.float(), k.float(), v.float(), lq, lk,
+                                KR.chunk_mask(indices, counts, lk.num_chunks))
+    assert _rel(out, r) < 0.03
+    assert _rel(out, exact) < 1.1 * _rel(r, exact) + 0.003
+
+
+def test_block_sparse_attention_quantizes_only_when_enabled(monkeypatch):
+    from longcat_tools import kernels
+
+    q, k, v = _qkv_views(1, 4 * 16 * 16, 2, 128, torch.bfloat16, seed=5)
+    args = (q, k, v, (4, 16, 16), (4, 16, 16))
+    plain = kernels.block_sparse_attention(*args, sparsity=0.75)
+    assert torch.equal(kernels.block_sparse_attention(*args, sparsity=0.75, fp8=True), plain)
+    monkeypatch.setitem(ref.ENABLED, "bsa", True)
+    quant = kernels.block_sparse_attention(*args, sparsity=0.75, fp8=True)
+    assert not torch.equal(quant, plain) and _rel(quant, plain) < 0.06

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import reference
+from . import fp8_attention, reference
 from .dense import attention
 from .reference import ChunkLayout, Shape3
 
@@ -53,7 +53,7 @@ def select_chunks(q: torch.Tensor, k: torch.Tensor, latent_shape_q: Shape3,
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            latent_shape_q: Shape3, latent_shape_k: Shape3, *,
                            pv_fp16: bool | None = None, token_major: bool = False,
-                           **selection: Any) -> torch.Tensor:
+                           fp8: bool = False, **selection: Any) -> torch.Tensor:
     """3D block sparse attention on ``[B, H, S, D]`` tensors in THW raster order.
 
     Args:
@@ -71,6 +71,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         token_major: Triton path: write the output into a ``[B, S_q, H, D]`` tensor and return
             its ``[B, H, S_q, D]`` view, so ``out.transpose(1, 2).reshape(B, S_q, H * D)``
             needs no copy. q, k, v may be any views with unit stride along D.
+        fp8: an fp8 run: the forward in int8 Q K^T and e4m3 P V where
+            ``fp8_attention.use(q, "bsa")`` allows (the selection is unchanged).
 
     The selection arguments are declared (with their defaults) and checked once, in
     ``reference.check_args``.
@@ -84,11 +86,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from . import triton_bsa
 
     lq, lk = sel.layout_q, sel.layout_k
-    indices, counts, kc = triton_bsa.select_chunks_and_copy_k(q, k, lq, lk, sel.sparsity,
-                                                              sel.cdf_threshold)
+    quantized = fp8 and fp8_attention.use(q, "bsa")
+    indices, counts, kc = triton_bsa.select_chunks_and_copy_k(
+        q, k, lq, lk, sel.sparsity, sel.cdf_threshold, copy_k=not quantized)
     out = None
     if token_major:
         B, H, S, D = q.shape
         out = q.new_empty(B, S, H, D).transpose(1, 2)
     return triton_bsa.attend(q, k, v, lq, lk, indices, counts, pv_fp16=pv_fp16, out=out,
-                             k_chunks=kc)
+                             k_chunks=kc, fp8=quantized)

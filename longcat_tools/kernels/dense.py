@@ -33,7 +33,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = Fal
 
     ``fp8`` (an fp8 run): the e4m3 kernel where ``fp8_attention.use`` allows it, its output
     written token-major (a ``[B, S, H, D]`` tensor's view), so merging the heads is free."""
-    if fp8 and fp8_attention.use(q):
+    if fp8 and fp8_attention.use(q, "dense"):
         from . import triton_fp8_attention
 
         B, H, S, D = q.shape

@@ -18,9 +18,10 @@ import torch
 
 from .fp8 import E4M3, E4M3_MAX
 
-# Whether ``--precision fp8`` also runs dense attention quantized (on sm_89+ CUDA with Triton).
-# Off until its speed and error are measured on a GPU (benchmarks/fp8_attention.py).
-ENABLED = {"dense": False}
+# Whether ``--precision fp8`` also runs attention quantized (on sm_89+ CUDA with Triton),
+# dense and block sparse. Off until speed and error are measured on a GPU
+# (benchmarks/fp8_attention.py, benchmarks/bsa_kernel.py --fp8).
+ENABLED = {"dense": False, "bsa": False}
 
 
 def _int8_rows(x: torch.Tensor) -> torch.Tensor:
@@ -36,23 +37,31 @@ def _e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).to(E4M3).to(torch.float32) * scale
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The kernel's arithmetic with a global row maximum (the kernel's running maximum
-    quantizes ``p`` against a smaller one until the row's maximum is seen); float32
-    ``[B, H, Sq, D]``."""
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernels' arithmetic with a global row maximum (a kernel's running maximum quantizes
+    ``p`` against a smaller one until the row's maximum is seen); float32 ``[B, H, Sq, D]``.
+
+    ``allowed``: ``[B, H, Sq, Sk]`` keys each query may see (block sparse attention; the mean
+    of k is still over all keys, as the kernel takes it); a row with none gives zeros."""
     q, k, v = (x.to(torch.float32) for x in (q, k, v))
     k = k - k.mean(dim=2, keepdim=True)
     amax = v.abs().amax(dim=2, keepdim=True)
     vd = _e4m3(v, torch.where(amax > 0, amax / E4M3_MAX, 1.0))
     s = _int8_rows(q) @ _int8_rows(k).transpose(-1, -2) * q.shape[-1] ** -0.5
-    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    top = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(top), 0.0, top))
     pq = _e4m3(p, torch.tensor(1.0 / E4M3_MAX))
-    return (pq @ vd) / p.sum(dim=-1, keepdim=True)
+    total = p.sum(dim=-1, keepdim=True)
+    return (pq @ vd) / torch.where(total == 0, 1.0, total)
 
 
-def use(q: torch.Tensor) -> bool:
-    """Whether a dense attention call of an fp8 run takes the quantized kernel."""
-    if not (ENABLED["dense"] and q.is_cuda):
+def use(q: torch.Tensor, kind: str = "dense") -> bool:
+    """Whether an attention call (``kind``: dense or bsa) of an fp8 run takes the quantized
+    kernel; the BSA caller has checked the Triton path covers the rest of the call."""
+    if not (ENABLED[kind] and q.is_cuda):
         return False
     from . import triton_fp8_attention
 

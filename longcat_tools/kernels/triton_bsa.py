@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - older Triton: plain loads of the same 
 
 from longcat_tools.model.chunks import kept_per_query
 
+from .fp8 import E4M3, E4M3_MAX
 from .reference import ChunkLayout, exact_scores, round_scores, selection_counts
 
 
@@ -119,6 +120,42 @@ def _chunk_pass_kernel(X, MEAN, XC, SCALE, stride_xb, stride_xh, stride_xs, stri
 
 
 @triton.jit
+def _chunk_quant_kernel(X, XC, SCALE, MEAN, stride_xb, stride_xh, stride_xs, H, M, T, HH, W,
+                        NH, NW, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
+                        C: tl.constexpr, C_PAD: tl.constexpr, RB: tl.constexpr,
+                        D: tl.constexpr, E4M3_T: tl.constexpr):
+    """Chunk ``m`` of head ``bh`` quantized for the fp8 forward (``fp8_attention``'s rules).
+
+    E4M3_T false (k): ``X - MEAN[bh]`` as int8 with a scale per token into ``SCALE`` (1 for a
+    missing edge token, stored as 0), slots ``[C_PAD, D]`` per chunk. E4M3_T (v): e4m3 of
+    ``X / SCALE[bh, :]`` (per-channel scales, given), stored transposed, ``[D, C_PAD]``."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    x = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    chunk = bh.to(tl.int64) * M + m
+    d = tl.arange(0, D)
+    for r0 in tl.static_range(0, C_PAD, RB):
+        r = r0 + tl.arange(0, RB)
+        rows, valid = _chunk_rows(m, r, NH, NW, T, HH, W, CT, CH, CW, C)
+        tile = tl.load(x + rows[:, None] * stride_xs + d[None, :], mask=valid[:, None],
+                       other=0.0).to(tl.float32)
+        if E4M3_T:
+            y = tl.trans(tile / tl.load(SCALE + bh * D + d)[None, :])
+            tl.store(XC + chunk * D * C_PAD + d[:, None] * C_PAD + r[None, :],
+                     y.to(XC.dtype.element_ty, fp_downcast_rounding="rtne"))
+        else:
+            tile = tl.where(valid[:, None], tile - tl.load(MEAN + bh * D + d)[None, :], 0.0)
+            amax = tl.max(tl.abs(tile), axis=1)
+            scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
+            y = tile / scale[:, None]
+            y = tl.minimum(tl.maximum(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0), 127.0)
+            tl.store(XC + (chunk * C_PAD + r[:, None]) * D + d[None, :], y.to(tl.int8))
+            tl.store(SCALE + chunk * C_PAD + r, scale)
+
+
+@triton.jit
 def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
                    MK_PAD: tl.constexpr, LOW_BIT: tl.constexpr, DTYPE: tl.constexpr):
     """S: float32 scores already rounded to DTYPE, or float64 exact scores, rounded here
@@ -154,7 +191,7 @@ def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
 
 
 @triton.jit
-def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT,
+def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS,
                     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
                     stride_ib, stride_ih, stride_im, stride_cb, stride_ch,
                     H, Mk, TQ, HHQ, WQ, NHQ, NWQ, TK, HHK, WK, NHK, NWK, qk_scale,
@@ -162,8 +199,12 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT,
                     CTK: tl.constexpr, CHK: tl.constexpr, CWK: tl.constexpr, CK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SPLIT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
-                    TMA: tl.constexpr):
-    """KD, VD: TMA descriptors of the chunk-major copies, or (TMA false) the copies."""
+                    TMA: tl.constexpr, FP8: tl.constexpr):
+    """KD, VD: TMA descriptors of the chunk-major copies, or (TMA false) the copies.
+
+    FP8 (``fp8_attention``'s rules): q is quantized here to int8 per token, KD holds int8 k
+    with its per-token scales in KS, VD e4m3 v transposed per chunk (``[D, slots]``) with its
+    per-channel scales in VS; p goes to e4m3 as ``p * 448``."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -177,6 +218,17 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT,
         q = tl.load(q_ptrs)
     else:
         q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
+    if FP8:
+        qf = q.to(tl.float32)
+        amax = tl.max(tl.abs(qf), axis=1)
+        sq = tl.where(amax > 0.0, amax / 127.0, 1.0)
+        y = qf / sq[:, None]
+        q = tl.minimum(tl.maximum(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0), 127.0)
+        q = q.to(tl.int8)
+        sq = sq * qk_scale
+        qk_mul = 1.0
+    else:
+        qk_mul = qk_scale
 
     idx = IDX + b * stride_ib + h * stride_ih + m * stride_im
     count = tl.load(CNT + b * stride_cb + h * stride_ch + m)
@@ -195,9 +247,13 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT,
         else:
             tile = (row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
             k = tl.load(KD + tile)
-        qk = tl.dot(q, tl.trans(k))
+        if FP8:
+            sk = tl.load(KS + row + tl.arange(0, BLOCK_N))
+            qk = tl.dot(q, tl.trans(k)).to(tl.float32) * (sq[:, None] * sk[None, :])
+        else:
+            qk = tl.dot(q, tl.trans(k))
         if EVEN_K:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_mul)
             m_use = m_ij
         else:
             r = part * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -207,20 +263,32 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT,
             col_ok = ((r < CK) & (ct * CTK + r // (CHK * CWK) < TK)
                       & (ch * CHK + (r // CWK) % CHK < HHK) & (cw * CWK + r % CWK < WK))
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_mul)
             m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # no real key seen yet
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        p = tl.math.exp2(qk * qk_mul - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if TMA:
-            v = VD.load([row, 0])
+        if FP8:  # v^T tile: the chunk's [D, slots] block, columns of this part
+            if TMA:
+                vt = VD.load([(row // (BLOCK_N * KV_SPLIT)) * HEAD_DIM, part * BLOCK_N])
+            else:
+                vt = tl.load(VD + (row // (BLOCK_N * KV_SPLIT) * HEAD_DIM + d[:, None]).to(
+                    tl.int64) * (BLOCK_N * KV_SPLIT) + part * BLOCK_N
+                    + tl.arange(0, BLOCK_N)[None, :])
+            p8 = (p * 448.0).to(vt.dtype, fp_downcast_rounding="rtne")
+            acc = tl.dot(p8, tl.trans(vt), acc, max_num_imprecise_acc=BLOCK_N)
         else:
-            v = tl.load(VD + tile)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+            if TMA:
+                v = VD.load([row, 0])
+            else:
+                v = tl.load(VD + tile)
+            acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_ij
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no chunk selected -> zeros
+    if FP8:
+        out = out * (tl.load(VS + bh * HEAD_DIM + d) / 448.0)[None, :]
     o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + d[None, :]
     if EVEN_Q:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty))
@@ -362,23 +430,51 @@ def _v_copy(v: torch.Tensor, layout: ChunkLayout, pv_fp16: bool
     return vc, scale  # type: ignore[return-value]
 
 
+def quantized_copies(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fp8 forward's chunk-major copies (``fp8_attention``'s rules): int8 k less its
+    mean ``[B*H*M*pad, D]`` with per-token scales ``[B*H*M*pad]``, and e4m3 v transposed per
+    chunk ``[B*H*M*D, pad]`` with per-channel scales ``[B*H, D]``."""
+    B, H, _, D = k.shape
+    M, pad = layout.num_chunks, chunk_pad(layout)
+    (T, HH, W), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
+    rb = min(pad, max(1, POOL_CONFIG["elems"] // D))
+    mean = k.mean(dim=2, dtype=torch.float32).reshape(B * H, D)
+    kc = torch.empty(B * H * M * pad, D, device=k.device, dtype=torch.int8)
+    ks = torch.empty(B * H * M * pad, device=k.device, dtype=torch.float32)
+    amax = v.abs().amax(dim=2).to(torch.float32).reshape(B * H, D)
+    vs = torch.where(amax > 0, amax / E4M3_MAX, 1.0).contiguous()
+    vt = torch.empty(B * H * M * D, pad, device=v.device, dtype=E4M3)
+    for x, xc, scale, e4m3_t in ((k, kc, ks, False), (v, vt, vs, True)):
+        _chunk_quant_kernel[(M, B * H)](
+            x, xc, scale, mean, x.stride(0), x.stride(1), x.stride(2), H, M, T, HH, W, nh, nw,
+            ct, ch, cw, layout.chunk_size, pad, rb, D, e4m3_t,
+            num_warps=POOL_CONFIG["num_warps"])
+    return kc, ks, vt, vs
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLayout,
            layout_k: ChunkLayout, indices: torch.Tensor, counts: torch.Tensor,
            pv_fp16: bool | None = None, out: torch.Tensor | None = None,
-           k_chunks: torch.Tensor | None = None) -> torch.Tensor:
+           k_chunks: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
     """Sparse flash attention forward over the selected chunks; ``[B, H, Sq, D]``.
 
     q, k, v: any strides with unit stride along D. ``out``: any ``[B, H, Sq, D]`` view with
     unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor). ``k_chunks``: the
-    chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here.
+    chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here. ``fp8``:
+    int8 Q K^T and e4m3 P V (``kernels.fp8_attention``; ``pv_fp16`` and ``k_chunks`` unused).
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, _, D = q.shape
     if pv_fp16 is None:
         pv_fp16 = bool(FWD_CONFIG["pv_fp16"])
-    kc = k_chunks if k_chunks is not None else chunk_pass(k, layout_k, pool=False,
-                                                          copy_dtype=k.dtype)[1]
-    vc, vscale = _v_copy(v, layout_k, pv_fp16)
+    ks = vs = vscale = None
+    if fp8:
+        kc, ks, vc, vs = quantized_copies(k, v, layout_k)
+    else:
+        kc = k_chunks if k_chunks is not None else chunk_pass(k, layout_k, pool=False,
+                                                              copy_dtype=k.dtype)[1]
+        vc, vscale = _v_copy(v, layout_k, pv_fp16)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     counts = counts.contiguous()
     if indices.shape[-1] == 0:
@@ -392,16 +488,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     even_k = layout_k.divisible and ck_pad == ck
     block_n = ck_pad // kv
     tma = bool(FWD_CONFIG["tma"]) and TensorDescriptor is not None
+    v_block = [D, block_n] if fp8 else [block_n, D]
     kd, vd = ((TensorDescriptor.from_tensor(kc, [block_n, D]),  # type: ignore[union-attr]
-               TensorDescriptor.from_tensor(vc, [block_n, D])) if tma else (kc, vc))
+               TensorDescriptor.from_tensor(vc, v_block)) if tma else (kc, vc))
     _bsa_fwd_kernel[(layout_q.num_chunks, B * H)](
-        q, kd, vd, o, indices, counts,
+        q, kd, vd, o, indices, counts, ks if fp8 else counts, vs if fp8 else counts,
         q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), counts.stride(0),
         counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk, nwk,
         D**-0.5 * 1.4426950408889634,
         ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k, tma,
-        num_warps=warps, num_stages=stages)
+        fp8, num_warps=warps, num_stages=stages)
     if vscale is not None:
         # undo the power-of-two scale of V: exact. In the kernel's epilogue this per-head
         # load made the whole kernel 25-30% slower at 48x44x80 on H100 (codegen).

@@ -80,7 +80,7 @@ class AttnSettings:
     bsa: BSAParams | None = None
     fast: bool = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
     cp: ContextParallel | None = None  # tokens split over ranks (runner.context_parallel)
-    fp8: bool = False  # an fp8 model: dense self-attention may run in e4m3 (kernels.attention)
+    fp8: bool = False  # an fp8 model: self-attention may run quantized (kernels.fp8_attention)
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) -> torch.Tensor:
@@ -90,14 +90,16 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) 
 
 def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  latent_shape_q: tuple[int, int, int], latent_shape_k: tuple[int, int, int],
-                 params: BSAParams, fast: bool = False) -> torch.Tensor:
+                 params: BSAParams, fast: bool = False, fp8: bool = False) -> torch.Tensor:
     """3D block sparse attention with ``params``.
 
     ``fast`` (the fused path of bf16 runs): ``P @ V`` in bf16 as in the original's kernel
     instead of the kernels' float16 default, so V is read in place from the qkv projection
     with no copy; the output is written token-major so the projection reads it as is.
+    ``fp8``: an fp8 model's forward, quantized where ``kernels.fp8_attention`` allows.
     """
     return kernels.block_sparse_attention(
         q, k, v, latent_shape_q, latent_shape_k, sparsity=params.sparsity,
         cdf_threshold=params.cdf_threshold, chunk_q=tuple(params.chunk_q),
-        chunk_k=tuple(params.chunk_k), pv_fp16=False if fast else None, token_major=fast)
+        chunk_k=tuple(params.chunk_k), pv_fp16=False if fast else None, token_major=fast,
+        fp8=fp8)

@@ -244,11 +244,12 @@ class SelfAttention(nn.Module):
         """Non-causal attention; BSA when ``bsa`` is given and the clip has more than one frame
         (the query/key frame counts follow from the token counts). ``fast``: BSA with the
         original's precision and a token-major output (``attn_ops.block_sparse``). ``fp8``:
-        dense attention may run in e4m3 (``attn_ops.dense``)."""
+        an fp8 model's attention, quantized where ``kernels.fp8_attention`` allows."""
         if bsa is not None and grid[0] > 1:
             hw = grid[1] * grid[2]
             return attn_ops.block_sparse(q, k, v, (q.shape[2] // hw, grid[1], grid[2]),
-                                         (k.shape[2] // hw, grid[1], grid[2]), bsa, fast=fast)
+                                         (k.shape[2] // hw, grid[1], grid[2]), bsa, fast=fast,
+                                         fp8=fp8)
         return attn_ops.dense(q, k, v, fp8=fp8)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], num_cond_latents: int,
