@@ -119,6 +119,7 @@ def ours(a: argparse.Namespace, name: str, out: Path) -> dict:
     doc = json.loads(Path(f"{video}.json").read_text())
     peak = doc["peak_memory"].get("gpu_max_allocated_bytes")
     return {"run": f"ours {name}", "process_s": round(wall, 2), "total_s": doc["total_s"],
+            "startup_s": doc.get("process_age_at_start_s"),
             "timings_s": doc["timings_s"], "precision": doc.get("precision"),
             "peak_alloc_gib": None if peak is None else round(peak / 2**30, 2)}
 

@@ -51,8 +51,11 @@ def run_separate(common: list[str], seeds: list[int], out: Path) -> dict:
         mp4 = out / "separate" / f"{seed}.mp4"
         wall = cli("run", *common, "--seed", str(seed), "--out", str(mp4))
         doc = sidecar(mp4)
+        start = doc.get("process_age_at_start_s")  # interpreter start, imports, checks
         rows.append({"seed": seed, "wall_s": round(wall, 2),
-                     "load_s": doc["timings_s"].get("load", 0.0), "total_s": doc["total_s"]})
+                     "load_s": doc["timings_s"].get("load", 0.0), "total_s": doc["total_s"],
+                     "startup_s": start, "exit_s": None if start is None
+                     else round(wall - start - doc["total_s"], 2)})
     return separate(rows)
 
 

@@ -47,6 +47,9 @@ def test_t2v_writes_a_playable_h264_mp4_and_sidecar(t2v_mp4, tiny_native):
     assert doc["negative_prompt"].startswith("Bright tones")
     assert {"load", "text_encoder", "denoise", "vae_decode", "write"} <= set(doc["timings_s"])
     assert doc["peak_memory"]["cpu_max_rss_bytes"] > 0
+    # how old this test process was when the run's clock started: after the imports (> 0 s),
+    # and well under an hour for any suite (a wrong /proc field gives nonsense)
+    assert 0.1 < doc["process_age_at_start_s"] < 3600
 
 
 @pytest.mark.parametrize("task,extra,frames,size,fps", [

@@ -3,6 +3,7 @@ refinement), write the mp4 and its JSON sidecar. The CLI only parses options and
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -242,6 +243,19 @@ def _job(s: RunSettings, root: Path, pipe: LongCatVideoPipeline) -> Job:
                pipe.generator(s.seed))
 
 
+def _age_at(t: float) -> float | None:
+    """How old this process was at ``perf_counter() == t`` (Linux; None elsewhere). For a
+    single run it is what ``total_s`` leaves out before it: the interpreter's start, the
+    imports and the input checks."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(age - (time.perf_counter() - t), 2)
+
+
 def settings_record(s: RunSettings, device: torch.device) -> dict[str, Any]:
     """The settings as the sidecar records them (a matrix run skips a video whose sidecar
     records the same)."""
@@ -308,6 +322,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
         "precision": "fp8" if pipe.transformer.is_fp8 else run_dtype(s.dtype, device),
         "timings_s": {k: round(v, 3) for k, v in reporter.timings.items()},
         "total_s": round(time.perf_counter() - t_start, 3),
+        "process_age_at_start_s": _age_at(t_start),
         "peak_memory": _peak_memory(device),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
