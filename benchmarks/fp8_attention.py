@@ -2,6 +2,7 @@
 (int8 Q K^T, e4m3 P V; ``kernels.triton_fp8_attention``), with each one's error against fp32.
 
   PYTHONPATH=. python3 benchmarks/fp8_attention.py                 # H200: prints a table, JSON
+  PYTHONPATH=. python3 benchmarks/fp8_attention.py --sweep         # kernel configs at 480p
   PYTHONPATH=. python3 benchmarks/fp8_attention.py --small --device cpu   # logic check (reference)
 
 The fp8 time includes quantizing q, k and v (the kernel's three ``_quantize_kernel`` passes
@@ -75,13 +76,44 @@ def measure(name: str, S: int, heads: int, D: int, device: str, err_heads: int) 
     return row
 
 
+SWEEP = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+         for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)
+         if not (bm == 128 and w == 4)]
+
+
+def sweep(S: int, device: str) -> list[dict]:
+    """Every ``SWEEP`` config of the kernel at ``S`` tokens (the table says which is best)."""
+    from longcat_tools.kernels import triton_fp8_attention as tfa
+
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(1, S, 3, HEADS, HEAD_DIM, device=device, generator=g, dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    saved, rows = dict(tfa.FP8_ATTN_CONFIG), []
+    for cfg in SWEEP:
+        tfa.FP8_ATTN_CONFIG.update(cfg)
+        try:
+            ms = round(bench_ms(lambda: tfa.attention(q, k, v), device), 3)
+        except Exception as e:  # noqa: BLE001 - a config the compiler or the SM cannot take
+            ms = f"failed: {type(e).__name__}"
+        rows.append({**cfg, "ms": ms})
+        print(json.dumps(rows[-1]), flush=True)
+    tfa.FP8_ATTN_CONFIG.update(saved)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU logic check)")
     ap.add_argument("--err-heads", type=int, default=2)
+    ap.add_argument("--sweep", action="store_true", help="time every kernel config at 480p")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     a = ap.parse_args()
+    if a.sweep:
+        rows = sweep(SHAPES["480p/93"], a.device)
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "fp8_attention_sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+        return
     shapes = {"small": 300} if a.small else SHAPES
     heads, D = (2, 64) if a.small else (HEADS, HEAD_DIM)
     rows = []
