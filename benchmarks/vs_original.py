@@ -193,8 +193,10 @@ def main() -> None:
 
         saved = dict(fp8_attention.ENABLED)
         fp8_attention.ENABLED.update(dense=True, bsa=True)
-        timed(ours, "ours fp8+attn", ours_bsa)
-        fp8_attention.ENABLED.update(saved)
+        try:
+            timed(ours, "ours fp8+attn", ours_bsa)
+        finally:
+            fp8_attention.ENABLED.update(saved)
     for row in rows:
         shape, variant = row["shape"], row["variant"]
         base = next(r for r in rows if r["shape"] == shape and r["variant"] == "original bf16")

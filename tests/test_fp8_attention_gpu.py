@@ -72,7 +72,19 @@ def test_a_token_major_output_gets_the_same_values():
     q, k, v = _qkv_views(2, 500, 4, 128, torch.bfloat16, seed=2)
     B, H, S, D = q.shape
     tm = tfa.attention(q, k, v, out=q.new_empty(B, S, H, D).transpose(1, 2))
-    assert torch.equal(tm, tfa.attention(q.contiguous(), k.contiguous(), v.contiguous()))
+    assert tm.transpose(1, 2).is_contiguous()
+    assert torch.equal(tm, tfa.attention(q, k, v))
+
+
+def test_head_sizes_the_8_bit_products_cannot_take_are_not_claimed():
+    from longcat_tools.kernels import triton_bsa as TB
+    from longcat_tools.kernels import triton_fp8_attention as tfa
+    from longcat_tools.kernels.reference import ChunkLayout
+
+    q16 = torch.zeros(1, 1, 64, 16, device="cuda", dtype=torch.bfloat16)
+    assert not tfa.supported(q16) and tfa.supported(q16.new_zeros(1, 1, 64, 32))
+    assert not TB.fp8_covers(ChunkLayout((4, 4, 4), (2, 2, 4)))  # 16-token chunks
+    assert TB.fp8_covers(ChunkLayout((4, 4, 8), (4, 4, 8)))  # 128: two steps of 64
 
 
 def test_an_fp8_dit_with_fp8_attention_stays_near_its_bf16_attention(tiny_native, monkeypatch):
@@ -107,7 +119,8 @@ def _token_mask(indices, counts, lq, lk) -> torch.Tensor:
 
 @pytest.mark.parametrize("latent,chunk,sparsity,tma", [((8, 16, 16), (4, 4, 4), 0.875, 1),
                                                        ((6, 10, 13), (4, 4, 4), 0.75, 1),
-                                                       ((5, 6, 10), (2, 4, 4), 0.5, 0)])
+                                                       ((5, 6, 10), (2, 4, 4), 0.5, 0),
+                                                       ((8, 8, 16), (4, 4, 8), 0.75, 1)])
 def test_the_fp8_bsa_forward_follows_the_reference(latent, chunk, sparsity, tma, monkeypatch):
     """Same selection as bf16 (it runs on the unquantized q and k); the forward as
     ``fp8_attention.reference`` restricted to the selected chunks, within the p rounding."""

@@ -86,7 +86,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from . import triton_bsa
 
     lq, lk = sel.layout_q, sel.layout_k
-    quantized = fp8 and fp8_attention.use(q, "bsa")
+    quantized = fp8 and fp8_attention.use(q, "bsa") and triton_bsa.fp8_covers(lk)
     indices, counts, kc = triton_bsa.select_chunks_and_copy_k(
         q, k, lq, lk, sel.sparsity, sel.cdf_threshold, copy_k=not quantized)
     out = None

@@ -37,6 +37,18 @@ def _e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).to(E4M3).to(torch.float32) * scale
 
 
+def key_mean(k: torch.Tensor) -> torch.Tensor:
+    """The mean of k over the sequence, float32 ``[B, H, D]``: what smoothing subtracts."""
+    return k.mean(dim=2, dtype=torch.float32)
+
+
+def value_scales(v: torch.Tensor) -> torch.Tensor:
+    """v's e4m3 scales, one per channel over the sequence (amax / 448, 1 for an all-zero
+    channel), float32 ``[B, H, D]``."""
+    amax = v.abs().amax(dim=2).to(torch.float32)
+    return torch.where(amax > 0, amax / E4M3_MAX, 1.0)
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               allowed: torch.Tensor | None = None) -> torch.Tensor:
     """The kernels' arithmetic with a global row maximum (a kernel's running maximum quantizes
@@ -44,16 +56,15 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     ``allowed``: ``[B, H, Sq, Sk]`` keys each query may see (block sparse attention; the mean
     of k is still over all keys, as the kernel takes it); a row with none gives zeros."""
-    q, k, v = (x.to(torch.float32) for x in (q, k, v))
-    k = k - k.mean(dim=2, keepdim=True)
-    amax = v.abs().amax(dim=2, keepdim=True)
-    vd = _e4m3(v, torch.where(amax > 0, amax / E4M3_MAX, 1.0))
+    k = k.to(torch.float32) - key_mean(k)[:, :, None]
+    vd = _e4m3(v.to(torch.float32), value_scales(v)[:, :, None])
+    q = q.to(torch.float32)
     s = _int8_rows(q) @ _int8_rows(k).transpose(-1, -2) * q.shape[-1] ** -0.5
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     top = s.amax(dim=-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isinf(top), 0.0, top))
-    pq = _e4m3(p, torch.tensor(1.0 / E4M3_MAX))
+    pq = (p * E4M3_MAX).to(E4M3).to(torch.float32) / E4M3_MAX  # the kernels' rounding
     total = p.sum(dim=-1, keepdim=True)
     return (pq @ vd) / torch.where(total == 0, 1.0, total)
 

@@ -18,6 +18,10 @@ Launches, each readable top to bottom:
                           batch*head), queries gathered from the raster layout, K and V
                           tiles loaded by TMA from the chunk-major copies.
 
+fp8 mode (``attend(fp8=True)``; the rules are ``fp8_attention``'s): ``_chunk_quant_kernel``
+writes the copies instead of step 1's (int8 k less its mean with a scale per token, e4m3 v
+transposed per chunk), and the forward quantizes its queries to int8 as it loads them.
+
 Why it looks like this (measurements in benchmarks/NOTES_bsa_kernel.md):
 
 * The forward is bound by moving K/V tiles from L2: every (query chunk, kv chunk) pair
@@ -52,8 +56,10 @@ except ImportError:  # pragma: no cover - older Triton: plain loads of the same 
 
 from longcat_tools.model.chunks import kept_per_query
 
-from .fp8 import E4M3, E4M3_MAX
+from .fp8 import E4M3
+from .fp8_attention import key_mean, value_scales
 from .reference import ChunkLayout, exact_scores, round_scores, selection_counts
+from .triton_fp8_attention import P_SCALE, int8_rows
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
@@ -105,7 +111,8 @@ def _chunk_pass_kernel(X, MEAN, XC, SCALE, stride_xb, stride_xh, stride_xs, stri
     for r0 in tl.static_range(0, C_PAD, RB):
         r = r0 + tl.arange(0, RB)
         rows, valid = _chunk_rows(m, r, NH, NW, T, HH, W, CT, CH, CW, C)
-        tile = tl.load(x + rows[:, None] * stride_xs + d[None, :], mask=valid[:, None], other=0.0)
+        tile = tl.load(x + rows[:, None].to(tl.int64) * stride_xs + d[None, :],
+                       mask=valid[:, None], other=0.0)
         if POOL:
             acc += tile.to(tl.float64)
             count += valid.to(tl.int32)
@@ -126,8 +133,8 @@ def _chunk_quant_kernel(X, XC, SCALE, MEAN, stride_xb, stride_xh, stride_xs, H, 
                         D: tl.constexpr, E4M3_T: tl.constexpr):
     """Chunk ``m`` of head ``bh`` quantized for the fp8 forward (``fp8_attention``'s rules).
 
-    E4M3_T false (k): ``X - MEAN[bh]`` as int8 with a scale per token into ``SCALE`` (1 for a
-    missing edge token, stored as 0), slots ``[C_PAD, D]`` per chunk. E4M3_T (v): e4m3 of
+    E4M3_T false (k): ``X - MEAN[bh]`` as int8 with a scale per token into ``SCALE``, slots
+    ``[C_PAD, D]`` per chunk (a missing edge token: zeros, scale 1). E4M3_T (v): e4m3 of
     ``X / SCALE[bh, :]`` (per-channel scales, given), stored transposed, ``[D, C_PAD]``."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -139,19 +146,16 @@ def _chunk_quant_kernel(X, XC, SCALE, MEAN, stride_xb, stride_xh, stride_xs, H, 
     for r0 in tl.static_range(0, C_PAD, RB):
         r = r0 + tl.arange(0, RB)
         rows, valid = _chunk_rows(m, r, NH, NW, T, HH, W, CT, CH, CW, C)
-        tile = tl.load(x + rows[:, None] * stride_xs + d[None, :], mask=valid[:, None],
-                       other=0.0).to(tl.float32)
+        tile = tl.load(x + rows[:, None].to(tl.int64) * stride_xs + d[None, :],
+                       mask=valid[:, None], other=0.0).to(tl.float32)
         if E4M3_T:
             y = tl.trans(tile / tl.load(SCALE + bh * D + d)[None, :])
             tl.store(XC + chunk * D * C_PAD + d[:, None] * C_PAD + r[None, :],
                      y.to(XC.dtype.element_ty, fp_downcast_rounding="rtne"))
         else:
             tile = tl.where(valid[:, None], tile - tl.load(MEAN + bh * D + d)[None, :], 0.0)
-            amax = tl.max(tl.abs(tile), axis=1)
-            scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
-            y = tile / scale[:, None]
-            y = tl.minimum(tl.maximum(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0), 127.0)
-            tl.store(XC + (chunk * C_PAD + r[:, None]) * D + d[None, :], y.to(tl.int8))
+            y, scale = int8_rows(tile)
+            tl.store(XC + (chunk * C_PAD + r[:, None]) * D + d[None, :], y)
             tl.store(SCALE + chunk * C_PAD + r, scale)
 
 
@@ -213,18 +217,14 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS,
 
     q_rows, q_ok = _chunk_rows(m, tl.arange(0, BLOCK_M), NHQ, NWQ, TQ, HHQ, WQ,
                                CTQ, CHQ, CWQ, CQ)
+    q_rows = q_rows.to(tl.int64)  # S * stride passes 2**31 from ~175k tokens of a qkv view
     q_ptrs = Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + d[None, :]
     if EVEN_Q:
         q = tl.load(q_ptrs)
     else:
         q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
     if FP8:
-        qf = q.to(tl.float32)
-        amax = tl.max(tl.abs(qf), axis=1)
-        sq = tl.where(amax > 0.0, amax / 127.0, 1.0)
-        y = qf / sq[:, None]
-        q = tl.minimum(tl.maximum(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0), 127.0)
-        q = q.to(tl.int8)
+        q, sq = int8_rows(q.to(tl.float32))
         sq = sq * qk_scale
         qk_mul = 1.0
     else:
@@ -276,7 +276,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS,
                 vt = tl.load(VD + (row // (BLOCK_N * KV_SPLIT) * HEAD_DIM + d[:, None]).to(
                     tl.int64) * (BLOCK_N * KV_SPLIT) + part * BLOCK_N
                     + tl.arange(0, BLOCK_N)[None, :])
-            p8 = (p * 448.0).to(vt.dtype, fp_downcast_rounding="rtne")
+            p8 = (p * P_SCALE).to(vt.dtype, fp_downcast_rounding="rtne")
             acc = tl.dot(p8, tl.trans(vt), acc, max_num_imprecise_acc=BLOCK_N)
         else:
             if TMA:
@@ -288,7 +288,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS,
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no chunk selected -> zeros
     if FP8:
-        out = out * (tl.load(VS + bh * HEAD_DIM + d) / 448.0)[None, :]
+        out = out * (tl.load(VS + bh * HEAD_DIM + d) / P_SCALE)[None, :]
     o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + d[None, :]
     if EVEN_Q:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty))
@@ -300,6 +300,11 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS,
 
 
 POOL_CONFIG = {"elems": 4096, "num_warps": 2}
+
+
+def _rows_per_step(pad: int, D: int) -> int:
+    """Rows a chunk pass loads at once: about ``POOL_CONFIG["elems"]`` elements."""
+    return min(pad, max(1, POOL_CONFIG["elems"] // D))
 
 
 def chunk_pad(layout: ChunkLayout) -> int:
@@ -325,7 +330,7 @@ def chunk_pass(x: torch.Tensor, layout: ChunkLayout, *, pool: bool = True,
     copy = (torch.empty(B * H * M * pad, D, device=x.device, dtype=copy_dtype)
             if copy_dtype is not None else None)
     (T, HH, W), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
-    rb = min(pad, max(1, POOL_CONFIG["elems"] // D))
+    rb = _rows_per_step(pad, D)
     m_arg = means if means is not None else x
     ms = means.stride()[:3] if means is not None else (0, 0, 0)
     _chunk_pass_kernel[(M, B * H)](
@@ -438,12 +443,11 @@ def quantized_copies(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout
     B, H, _, D = k.shape
     M, pad = layout.num_chunks, chunk_pad(layout)
     (T, HH, W), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
-    rb = min(pad, max(1, POOL_CONFIG["elems"] // D))
-    mean = k.mean(dim=2, dtype=torch.float32).reshape(B * H, D)
+    rb = _rows_per_step(pad, D)
+    mean = key_mean(k).reshape(B * H, D)
     kc = torch.empty(B * H * M * pad, D, device=k.device, dtype=torch.int8)
     ks = torch.empty(B * H * M * pad, device=k.device, dtype=torch.float32)
-    amax = v.abs().amax(dim=2).to(torch.float32).reshape(B * H, D)
-    vs = torch.where(amax > 0, amax / E4M3_MAX, 1.0).contiguous()
+    vs = value_scales(v).reshape(B * H, D).contiguous()
     vt = torch.empty(B * H * M * D, pad, device=v.device, dtype=E4M3)
     for x, xc, scale, e4m3_t in ((k, kc, ks, False), (v, vt, vs, True)):
         _chunk_quant_kernel[(M, B * H)](
@@ -504,6 +508,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
         # load made the whole kernel 25-30% slower at 48x44x80 on H100 (codegen).
         o.div_(vscale.to(o.dtype)[:, :, None, None])
     return o
+
+
+def fp8_covers(layout_k: ChunkLayout) -> bool:
+    """Whether the fp8 forward compiles for these chunks: P V sums over a step of
+    ``chunk_pad / kv_split`` keys, and 8-bit tensor-core products need at least 32."""
+    ck_pad = chunk_pad(layout_k)
+    return ck_pad // _fwd_config(ck_pad, ck_pad)[0] >= 32
 
 
 def supported(q: torch.Tensor, layout_k: ChunkLayout) -> bool:

@@ -284,7 +284,7 @@ class SelfAttention(nn.Module):
                            apply_rope(k, cos[n_c:], sin[n_c:])], dim=2)
             v = torch.cat([v_c, v], dim=2)
             q = apply_rope(q, cos[n_c:], sin[n_c:])
-            out = self._attend(q, k, v, grid, bsa)
+            out = self._attend(q, k, v, grid, bsa, fp8=attn.fp8)
         else:
             if not roped:
                 cos, sin = rope_table_cached(grid, self.head_dim, x.device)
@@ -292,8 +292,9 @@ class SelfAttention(nn.Module):
             if num_cond_latents > 0:
                 n_c = num_cond_latents * H * W
                 out = torch.cat([self._attend(q[:, :, :n_c], k[:, :, :n_c], v[:, :, :n_c], grid,
-                                              bsa),
-                                 self._attend(q[:, :, n_c:], k, v, grid, bsa)], dim=2)
+                                              bsa, fp8=attn.fp8),
+                                 self._attend(q[:, :, n_c:], k, v, grid, bsa, fp8=attn.fp8)],
+                                dim=2)
             else:
                 out = self._attend(q, k, v, grid, bsa, fast=roped, fp8=attn.fp8)
         out = out.transpose(1, 2).reshape(B, N, C) if cp is None else cp.to_tokens(out, split)
