@@ -20,8 +20,8 @@ spelled out in PyTorch in ``fp8_attention.reference``, which the tests hold this
                          to float32 after every tile (Hopper's fp8 accumulator keeps fewer
                          bits), and at the end ``acc * sv / (448 * l)``.
 
-Why int8 for Q K^T: it rounds 16x finer than e4m3 at the same tensor-core rate on Hopper
-(the errors it saves: ``kernels/README.md``, fp8-mode attention).
+Why int8 for Q K^T: near each row's largest values its steps are 16x finer than e4m3's, at
+the same tensor-core rate on Hopper (the error it saves: ``kernels/README.md``).
 """
 
 from __future__ import annotations
