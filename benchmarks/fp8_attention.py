@@ -76,9 +76,9 @@ def measure(name: str, S: int, heads: int, D: int, device: str, err_heads: int) 
     return row
 
 
-SWEEP = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-         for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)
-         if not (bm == 128 and w == 4)]
+SWEEP = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, tma=tma)
+         for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (2, 3)
+         for tma in (0, 1) if not (bm == 128 and w == 4)]
 
 
 def sweep(S: int, device: str) -> list[dict]:

@@ -76,6 +76,15 @@ def test_a_token_major_output_gets_the_same_values():
     assert torch.equal(tm, tfa.attention(q, k, v))
 
 
+def test_plain_loads_give_the_bits_of_tma_loads(monkeypatch):
+    from longcat_tools.kernels import triton_fp8_attention as tfa
+
+    q, k, v = _qkv_views(1, 700, 2, 128, torch.bfloat16, seed=6)
+    by_tma = tfa.attention(q, k, v)
+    monkeypatch.setitem(tfa.FP8_ATTN_CONFIG, "tma", 0)
+    assert torch.equal(tfa.attention(q, k, v), by_tma)
+
+
 def test_head_sizes_the_8_bit_products_cannot_take_are_not_claimed():
     from longcat_tools.kernels import triton_bsa as TB
     from longcat_tools.kernels import triton_fp8_attention as tfa

@@ -30,6 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors: Triton >= 3.4 (torch >= 2.8)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: plain loads of the same tiles
+    TensorDescriptor = None
+
 from .fp8 import E4M3, E4M3_MAX
 from .fp8_attention import key_mean, value_scales
 
@@ -48,9 +53,10 @@ def int8_rows(x):
 
 
 # block_m x block_n tiles, warps, pipeline stages (untuned: the fp8 choice of Triton's
-# fused-attention tutorial for D = 128 on Hopper).
+# fused-attention tutorial for D = 128 on Hopper); tma: K and V tiles by TMA (else plain
+# loads; always so where Triton has no TensorDescriptor).
 FP8_ATTN_CONFIG: dict[str, int] = {"block_m": 128, "block_n": 128, "num_warps": 8,
-                                   "num_stages": 3}
+                                   "num_stages": 3, "tma": 1}
 
 
 @triton.jit
@@ -90,8 +96,11 @@ def _quantize_kernel(X, XQ, SCALE, MEAN, stride_xb, stride_xh, stride_xs, H, S, 
 @triton.jit
 def _fwd_kernel(QQ, KQ, VT, QS, KS, VS, Out, stride_ob, stride_oh, stride_os, H, SQ, SK,
                 SQ_PAD, SK_PAD, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                D: tl.constexpr, EVEN_K: tl.constexpr):
-    """Queries ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of head ``bh`` against every key."""
+                D: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr):
+    """Queries ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of head ``bh`` against every key.
+
+    TMA: KQ and VT are host-side TMA descriptors of the 2D views ``[B*H*SK_PAD, D]`` and
+    ``[B*H*D, SK_PAD]`` (tiles ``[BLOCK_N, D]`` and ``[D, BLOCK_N]``), else the copies."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -101,15 +110,19 @@ def _fwd_kernel(QQ, KQ, VT, QS, KS, VS, Out, stride_ob, stride_oh, stride_os, H,
     d = tl.arange(0, D)
     q = tl.load(QQ + (bh.to(tl.int64) * SQ_PAD + rows[:, None]) * D + d[None, :])
     sq = tl.load(QS + bh.to(tl.int64) * SQ_PAD + rows) * qk_scale
-    k_base = KQ + bh.to(tl.int64) * SK_PAD * D
-    v_base = VT + bh.to(tl.int64) * D * SK_PAD
+    if not TMA:
+        k_base = KQ + bh.to(tl.int64) * SK_PAD * D
+        v_base = VT + bh.to(tl.int64) * D * SK_PAD
     ks_base = KS + bh.to(tl.int64) * SK_PAD
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for n0 in range(0, SK_PAD, BLOCK_N):
-        k = tl.load(k_base + (n0 + cols)[:, None] * D + d[None, :])
+        if TMA:
+            k = KQ.load([(bh * SK_PAD + n0).to(tl.int32), 0])
+        else:
+            k = tl.load(k_base + (n0 + cols)[:, None] * D + d[None, :])
         sk = tl.load(ks_base + n0 + cols)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * sq[:, None] * sk[None, :]
         if not EVEN_K:
@@ -118,7 +131,10 @@ def _fwd_kernel(QQ, KQ, VT, QS, KS, VS, Out, stride_ob, stride_oh, stride_os, H,
         p = tl.math.exp2(s - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + d[:, None] * SK_PAD + (n0 + cols)[None, :])
+        if TMA:
+            vt = VT.load([(bh * D).to(tl.int32), n0])
+        else:
+            vt = tl.load(v_base + d[:, None] * SK_PAD + (n0 + cols)[None, :])
         acc = acc * alpha[:, None]
         p8 = (p * P_SCALE).to(vt.dtype, fp_downcast_rounding="rtne")
         acc = tl.dot(p8, tl.trans(vt), acc, max_num_imprecise_acc=BLOCK_N)
@@ -176,10 +192,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qq, qs = quantize_qk(q, bm)
     kq, ks = quantize_qk(k, bn, smooth=True)
     vt, vs = quantize_v(v, bn)
+    SK_pad = kq.shape[1]
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
+    tma = bool(cfg.get("tma")) and TensorDescriptor is not None
+    if tma:
+        kq = TensorDescriptor.from_tensor(kq.view(-1, D), [bn, D])
+        vt = TensorDescriptor.from_tensor(vt.view(-1, vt.shape[-1]), [D, bn])
     _fwd_kernel[(triton.cdiv(SQ, bm), B * H)](
         qq, kq, vt, qs, ks, vs, o, o.stride(0), o.stride(1), o.stride(2), H, SQ, SK,
-        qq.shape[1], kq.shape[1], D**-0.5 * 1.4426950408889634, bm, bn, D, SK % bn == 0,
+        qq.shape[1], SK_pad, D**-0.5 * 1.4426950408889634, bm, bn, D, SK % bn == 0, tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o
 
