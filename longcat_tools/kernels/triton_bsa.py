@@ -45,6 +45,8 @@ missing query rows are neither loaded nor stored, missing keys get a score of -i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -500,7 +502,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
         q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), counts.stride(0),
         counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk, nwk,
-        D**-0.5 * 1.4426950408889634,
+        D**-0.5 * math.log2(math.e),
         ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k, tma,
         fp8, num_warps=warps, num_stages=stages)
     if vscale is not None:

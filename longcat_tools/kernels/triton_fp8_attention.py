@@ -26,6 +26,8 @@ the same tensor-core rate on Hopper (the error it saves: ``kernels/README.md``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -192,7 +194,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qq, qs = quantize_qk(q, bm)
     kq, ks = quantize_qk(k, bn, smooth=True)
     vt, vs = quantize_v(v, bn)
-    SK_pad = kq.shape[1]
+    sk_pad = kq.shape[1]
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     tma = bool(cfg.get("tma")) and TensorDescriptor is not None
     if tma:
@@ -200,7 +202,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         vt = TensorDescriptor.from_tensor(vt.view(-1, vt.shape[-1]), [D, bn])
     _fwd_kernel[(triton.cdiv(SQ, bm), B * H)](
         qq, kq, vt, qs, ks, vs, o, o.stride(0), o.stride(1), o.stride(2), H, SQ, SK,
-        qq.shape[1], SK_pad, D**-0.5 * 1.4426950408889634, bm, bn, D, SK % bn == 0, tma,
+        qq.shape[1], sk_pad, D**-0.5 * math.log2(math.e), bm, bn, D, SK % bn == 0, tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o
 
