@@ -90,12 +90,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_forward(model, args, device: str, reps: int):
-    """(median seconds, all times, peak allocated GiB, peak reserved GiB, output)."""
+def time_forward(model, args, device: str, reps: int, warm_up: bool = True):
+    """(median seconds, all times, peak allocated GiB, peak reserved GiB, output).
+
+    Without ``warm_up`` the times include compiling, autotuning and cuDNN plans."""
     with torch.inference_mode():
-        out = model(*args)  # warm-up: compile, autotune, cuDNN plans
-        sync(device)
-        del out
+        if warm_up:
+            out = model(*args)
+            sync(device)
+            del out
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -195,6 +198,10 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--profile", action="store_true",
                     help="only the fused path: kernel time of one forward by category")
+    ap.add_argument("--fp8", action="store_true",
+                    help="with --profile: the model converted by to_fp8 (e4m3 GEMMs)")
+    ap.add_argument("--fp8-attention", default="",
+                    help="with --fp8: attention kinds run quantized too (bsa, dense)")
     ap.add_argument("--no-compile", action="store_true", help="fused functions run eagerly")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, from {','.join(VARIANTS)}")
@@ -245,6 +252,13 @@ def main() -> None:
         info["bsa_precision_vs_fp64"] = prec
         print("BSA rel err vs fp64:", json.dumps(prec), flush=True)
 
+    if a.profile and a.fp8:
+        from longcat_tools.kernels import fp8_attention
+
+        model.to_fp8()
+        kinds = [k for k in a.fp8_attention.split(",") if k]
+        fp8_attention.ENABLED.update({k: k in kinds for k in fp8_attention.ENABLED})
+        result_name = f"dit_forward_profile_fp8{''.join('_' + k for k in kinds)}.json"
     for name, (latent, bsa) in shapes.items():
         args = inputs(latent, model.dims.caption_channels, device, seed=1)
         if bsa:
@@ -256,7 +270,9 @@ def main() -> None:
             model.enable_fast_ops(True)
             if time.perf_counter() - start < a.deadline:
                 prof = profile(model, args, device)
-                rows.append({"shape": name, "variant": "fast", "profile_ms": prof})
+                variant = f"fast fp8{'+' + a.fp8_attention if a.fp8_attention else ''}" \
+                    if a.fp8 else "fast"
+                rows.append({"shape": name, "variant": variant, "profile_ms": prof})
                 save()
                 print(name, json.dumps(prof, indent=1), flush=True)
             continue

@@ -54,11 +54,11 @@ def int8_rows(x):
     return y.to(tl.int8), scale
 
 
-# block_m x block_n tiles, warps, pipeline stages (untuned: the fp8 choice of Triton's
-# fused-attention tutorial for D = 128 on Hopper); tma: K and V tiles by TMA (else plain
-# loads; always so where Triton has no TensorDescriptor).
-FP8_ATTN_CONFIG: dict[str, int] = {"block_m": 128, "block_n": 128, "num_warps": 8,
-                                   "num_stages": 3, "tma": 1}
+# block_m x block_n tiles, warps, pipeline stages: the fastest of
+# ``benchmarks/fp8_attention.py --sweep`` on an H100 at 480p/93 (24 configs); tma: K and V
+# tiles by TMA (else plain loads; always so where Triton has no TensorDescriptor).
+FP8_ATTN_CONFIG: dict[str, int] = {"block_m": 64, "block_n": 128, "num_warps": 4,
+                                   "num_stages": 3, "tma": 0}
 
 
 @triton.jit
