@@ -16,7 +16,8 @@ Each run is a fresh process:
   - `fp8` (``--precision fp8``);
   - `fp8+te` (also ``--offload text-encoder``).
 
-  Timings and peak memory come from the sidecar.
+  Timings and peak memory come from the sidecar. Each run saves its final latents; the
+  others' relative distance from bf16's goes in the table (same seed, so the same noise).
 
 The checkpoint is real-size synthetic, made on the GPU machine beforehand:
 ``longcat-tools synth --preset real --dtype bf16 CKPT`` (native layout, 38 GB). Run the
@@ -105,10 +106,11 @@ def original_child(a: argparse.Namespace) -> None:
 
 def ours(a: argparse.Namespace, name: str, out: Path) -> dict:
     video = out / f"ours_{name.replace('+', '_')}.mp4"
+    latents = video.with_suffix(".latents.safetensors")
     cmd = [sys.executable, "-m", "longcat_tools", "run", "-m", str(a.ckpt), "--task", "t2v",
            "--distill", "-p", PROMPT, "--height", str(a.height), "--width", str(a.width),
            "--frames", str(a.frames), "--steps", str(a.steps), "--out", str(video), "-q",
-           *OURS[name]]
+           "--save-latents", str(latents), *OURS[name]]
     if a.small:
         cmd += ["--device", "cpu", "--dtype", "fp32"]
     t0 = time.perf_counter()
@@ -121,7 +123,23 @@ def ours(a: argparse.Namespace, name: str, out: Path) -> dict:
     return {"run": f"ours {name}", "process_s": round(wall, 2), "total_s": doc["total_s"],
             "startup_s": doc.get("process_age_at_start_s"),
             "timings_s": doc["timings_s"], "precision": doc.get("precision"),
-            "peak_alloc_gib": None if peak is None else round(peak / 2**30, 2)}
+            "peak_alloc_gib": None if peak is None else round(peak / 2**30, 2),
+            "latents": str(latents)}
+
+
+def latent_differences(rows: list[dict]) -> None:
+    """Each of our runs' final latents against ours in bf16 (same seed, so the same noise):
+    relative L2 distance, into the row."""
+    from safetensors.torch import load_file
+
+    base = next((r for r in rows if r["run"] == "ours bf16" and "latents" in r), None)
+    if base is None:
+        return
+    ref = load_file(base["latents"])["latents"].double()
+    for r in rows:
+        if "latents" in r and r is not base:
+            x = load_file(r["latents"])["latents"].double()
+            r["final_latents_rel_diff_vs_bf16"] = round(((x - ref).norm() / ref.norm()).item(), 5)
 
 
 def main() -> None:
@@ -158,17 +176,20 @@ def main() -> None:
     for name in a.ours.split(","):
         rows.append(ours(a, name, out))
         print(json.dumps(rows[-1]), flush=True)
+    latent_differences(rows)
     base = rows[0].get("total_s")
     for r in rows[1:]:
         if base and "total_s" in r:
             r["ratio_to_original"] = round(r["total_s"] / base, 3)
             r["target"] = TARGETS.get(r["run"].split()[1])
     (out / "e2e_vs_original.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
-    print(f"\n{'run':<14} {'total s':>8} {'vs orig':>8} {'target':>7} {'peak GiB':>9}")
+    print(f"\n{'run':<14} {'total s':>8} {'vs orig':>8} {'target':>7} {'peak GiB':>9} "
+          f"{'latents vs bf16':>16}")
     for r in rows:
         print(f"{r['run']:<14} {r.get('total_s', float('nan')):>8} "
               f"{r.get('ratio_to_original', ''):>8} {r.get('target') or '':>7} "
-              f"{r.get('peak_alloc_gib') or '':>9} {r.get('error', '')}")
+              f"{r.get('peak_alloc_gib') or '':>9} "
+              f"{r.get('final_latents_rel_diff_vs_bf16', ''):>16} {r.get('error', '')}")
 
 
 if __name__ == "__main__":
