@@ -109,6 +109,19 @@ def load_original():
 
 
 @contextlib.contextmanager
+def kv_passes(n: int):
+    """The BSA forward in ``n`` launches over slices of the kv chunks (``FWD_CONFIG``)."""
+    from longcat_tools.kernels import triton_bsa as TB
+
+    saved = TB.FWD_CONFIG["kv_passes"]
+    TB.FWD_CONFIG["kv_passes"] = n
+    try:
+        yield
+    finally:
+        TB.FWD_CONFIG["kv_passes"] = saved
+
+
+@contextlib.contextmanager
 def fp8_enabled():
     """The quantized BSA forward on, for the fp8 rows (it is off by default until measured)."""
     from longcat_tools.kernels import fp8_attention
@@ -233,6 +246,12 @@ def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
                                       rep_ms)
         row["ours_attend_bf16pv_ms"] = bench(  # the kernel with P @ V in bf16 (less exact)
             lambda: TB.attend(q, k, v, lq, lk, indices, counts, pv_fp16=False), rep_ms)  # noqa: B023
+        attend = lambda: TB.attend(q, k, v, lq, lk, indices, counts)  # noqa: B023, E731
+        one_pass = attend()
+        for passes in (2, 3):  # the same tiles over slices of the kv chunks (L2 reuse)
+            with kv_passes(passes):
+                row[f"ours_attend_{passes}pass_ms"] = bench(attend, rep_ms)
+                row[f"ours_{passes}pass_bit_equal"] = torch.equal(attend(), one_pass)
         row["kv_load_floor_ms"] = bench(kv_load_floor(k, v, lk, indices, counts), rep_ms)
         pairs = float(counts.sum()) * lq.chunk_size * lk.chunk_size
         row["attend_tflops"] = 4 * HEAD_DIM * pairs / row["ours_attend_ms"] / 1e9
@@ -246,6 +265,9 @@ def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
                     lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
                 row["ours_fp8_rel_err"] = sampled_error(q, k, v, lq, lk, indices, counts,
                                                         fp8())
+                with kv_passes(2):
+                    row["ours_fp8_attend_2pass_ms"] = bench(
+                        lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
         if orig is not None and lq.divisible:
             ofn = lambda sp=sp: orig(q, k, v, list(lat), list(lat), sparsity=sp,  # noqa: E731
                                      cdf_threshold=None, chunk_3d_shape_q=list(CHUNK),
@@ -409,8 +431,9 @@ def versions(dev) -> dict:
 def table(rows) -> str:
     head = ("| shape | sparsity | kept | ours ms (select + attend) | attend TFLOP/s"
             " | K/V load floor ms | original ms | cuDNN ms | flash ms | flex ms | vs original"
-            " | vs cuDNN | rel err | fp8 ms (attend) | fp8 rel err |")
-    out = [head, "|" + "---|" * 15]
+            " | vs cuDNN | rel err | fp8 ms (attend) | fp8 rel err"
+            " | attend, 2 / 3 kv passes ms | fp8 attend, 2 kv passes ms |")
+    out = [head, "|" + "---|" * 17]
     f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     for r in rows:
         o, c = r.get("orig_ms"), r.get("cudnn_ms")
@@ -423,7 +446,9 @@ def table(rows) -> str:
             f"| {f(r.get('kv_load_floor_ms'))} | {f(o)} | {f(c)} | {f(r.get('flash_ms'))} "
             f"| {f(r.get('flex_ms'))} | {vs_o} | {vs_c} "
             f"| {r['ours_rel_err']:.1e} | {f(r.get('ours_fp8_ms'))} "
-            f"({f(r.get('ours_fp8_attend_ms'))}) | {r.get('ours_fp8_rel_err', float('nan')):.1e} |")
+            f"({f(r.get('ours_fp8_attend_ms'))}) | {r.get('ours_fp8_rel_err', float('nan')):.1e} "
+            f"| {f(r.get('ours_attend_2pass_ms'))} / {f(r.get('ours_attend_3pass_ms'))} "
+            f"| {f(r.get('ours_fp8_attend_2pass_ms'))} |")
     return "\n".join(out)
 
 

@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--init", choices=("random", "damped"), default="random")
     ap.add_argument("--damp", type=float, default=0.1)
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 reference")
+    ap.add_argument("--kv-passes", type=int, default=1,
+                    help="also time ours in bf16 with the BSA forward in this many kv passes")
     ap.add_argument("--fp32-shapes", default="480p/93 dense",
                     help="shapes given an fp32 reference forward (slow: about 10x bf16)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -193,6 +195,16 @@ def main() -> None:
         torch.cuda.empty_cache()
     ours.enable_fast_ops(device == "cuda")
     timed(ours, "ours bf16", ours_bsa)
+    if a.kv_passes > 1 and device == "cuda":  # the BSA forward over slices of the kv chunks
+        from longcat_tools.kernels import triton_bsa
+
+        saved_passes = triton_bsa.FWD_CONFIG["kv_passes"]
+        triton_bsa.FWD_CONFIG["kv_passes"] = a.kv_passes
+        try:
+            timed(ours, f"ours bf16, {a.kv_passes} kv passes", ours_bsa,
+                  only=[shape for shape, (_, bsa) in shapes.items() if bsa])
+        finally:
+            triton_bsa.FWD_CONFIG["kv_passes"] = saved_passes
     if not a.no_fp32:
         # the bf16 copy waits in host memory: both (27 + 54 GB) do not fit an 80 GB card
         ours.to("cpu")

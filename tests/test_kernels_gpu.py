@@ -167,6 +167,28 @@ def test_plain_loads_where_triton_lacks_tma(case, monkeypatch):
     assert float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)) < REL_ERR
 
 
+@pytest.mark.parametrize("case", CASES[:6] + CASES[8:], ids=str)
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_kv_passes_give_the_one_pass_bits(case, fp8, monkeypatch):
+    """Two or three launches over slices of the kv chunks, the softmax state carried in
+    float32 between them, visit the same tiles in the same order as one launch."""
+    from longcat_tools.kernels import triton_bsa as TB
+
+    B, H, D, lat_q, lat_k, cq, ck, sp, cdf = case
+    lq, lk = R.ChunkLayout(lat_q, cq), R.ChunkLayout(lat_k, ck)
+    if fp8 and (torch.cuda.get_device_capability() < (8, 9) or not TB.fp8_covers(lk)):
+        pytest.skip("the fp8 forward needs sm89+ and steps of 32 keys or more")
+    q, k, v = _inputs(B, H, D, lat_q, lat_k, torch.bfloat16, seed=zlib.crc32(str(case).encode()))
+    idx, cnt = kernels.select_chunks(q, k, lat_q, lat_k, sparsity=sp, cdf_threshold=cdf,
+                                     chunk_q=cq, chunk_k=ck)
+    outs = []
+    for passes in (1, 2, 3):
+        monkeypatch.setitem(TB.FWD_CONFIG, "kv_passes", passes)
+        outs.append(TB.attend(q, k, v, lq, lk, idx, cnt, fp8=fp8))
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+
+
 def test_fp16_inputs():
     lat = (6, 10, 13)
     q, k, v = _inputs(1, 4, 128, lat, lat, torch.float16, seed=3)

@@ -16,7 +16,10 @@ Launches, each readable top to bottom:
                           with a CDF threshold the rounded scores are needed anyway).
 4. ``_bsa_fwd_kernel``    flash attention forward: one program per (query chunk,
                           batch*head), queries gathered from the raster layout, K and V
-                          tiles loaded by TMA from the chunk-major copies.
+                          tiles loaded by TMA from the chunk-major copies. With
+                          ``FWD_CONFIG["kv_passes"]`` > 1 it is launched once per slice of
+                          the kv chunks, the softmax state carried between launches in
+                          float32: same tiles, same order, same bits (off until measured).
 
 fp8 mode (``attend(fp8=True)``; the rules are ``fp8_attention``'s): ``_chunk_quant_kernel``
 writes the copies instead of step 1's (int8 k less its mean with a scale per token, e4m3 v
@@ -197,7 +200,7 @@ def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
 
 
 @triton.jit
-def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS,
+def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
                     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
                     stride_ib, stride_ih, stride_im, stride_cb, stride_ch,
                     H, Mk, TQ, HHQ, WQ, NHQ, NWQ, TK, HHK, WK, NHK, NWK, qk_scale,
@@ -205,12 +208,19 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS,
                     CTK: tl.constexpr, CHK: tl.constexpr, CWK: tl.constexpr, CK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SPLIT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
-                    TMA: tl.constexpr, FP8: tl.constexpr):
+                    TMA: tl.constexpr, FP8: tl.constexpr, LOAD_STATE: tl.constexpr,
+                    STORE_STATE: tl.constexpr):
     """KD, VD: TMA descriptors of the chunk-major copies, or (TMA false) the copies.
 
     FP8 (``fp8_attention``'s rules): q is quantized here to int8 per token, KD holds int8 k
     with its per-token scales in KS, VD e4m3 v transposed per chunk (``[D, slots]``) with its
-    per-channel scales in VS; p goes to e4m3 as ``p * 448``."""
+    per-channel scales in VS; p goes to e4m3 as ``p * 448``.
+
+    One of several kv passes (``attend``'s ``FWD_CONFIG["kv_passes"]``): LOAD_STATE starts
+    from the softmax state (row max, row sum, unnormalised acc; float32 in SM, SL, SACC) at
+    list position START, STORE_STATE stops at STOP and stores the state instead of the
+    output. The tiles are the same, in the same order, so the output is bit for bit one
+    pass's."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -236,10 +246,23 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS,
     count = tl.load(CNT + b * stride_cb + h * stride_ch + m)
     first_row = bh * Mk * (BLOCK_N * KV_SPLIT)  # of this head in the chunk-major copies
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for j in range(0, count * KV_SPLIT):
+    # this program's rows of the state between passes
+    state = (bh.to(tl.int64) * tl.num_programs(0) + m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if LOAD_STATE:
+        j_start = tl.load(START + b * stride_cb + h * stride_ch + m) * KV_SPLIT
+        m_i = tl.load(SM + state)
+        l_i = tl.load(SL + state)
+        acc = tl.load(SACC + state[:, None] * HEAD_DIM + d[None, :])
+    else:
+        j_start = 0
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if STORE_STATE:
+        j_stop = tl.load(STOP + b * stride_cb + h * stride_ch + m) * KV_SPLIT
+    else:
+        j_stop = count * KV_SPLIT
+    for j in range(j_start, j_stop):
         # part j % KV_SPLIT (BLOCK_N slots) of selected chunk j // KV_SPLIT
         c = tl.load(idx + j // KV_SPLIT)
         part = j % KV_SPLIT
@@ -288,14 +311,19 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS,
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_ij
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no chunk selected -> zeros
-    if FP8:
-        out = out * (tl.load(VS + bh * HEAD_DIM + d) / P_SCALE)[None, :]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + d[None, :]
-    if EVEN_Q:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+    if STORE_STATE:
+        tl.store(SM + state, m_i)
+        tl.store(SL + state, l_i)
+        tl.store(SACC + state[:, None] * HEAD_DIM + d[None, :], acc)
     else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None])
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no chunk selected -> zeros
+        if FP8:
+            out = out * (tl.load(VS + bh * HEAD_DIM + d) / P_SCALE)[None, :]
+        o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + d[None, :]
+        if EVEN_Q:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+        else:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -405,8 +433,10 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
 # kv_split (steps per kv chunk), num_warps, num_stages; 0 = by chunk size, tuned on H100
 # (see benchmarks/NOTES_bsa_kernel.md). pv_fp16: for bf16 inputs, P @ V in float16.
 # tma: K/V tiles by TMA (else plain loads; always so where Triton has no TensorDescriptor).
+# kv_passes: launches per call, each over one slice of the kv chunks, the softmax state
+# carried between them in float32 (4 * D + 8 bytes per query row).
 FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
-                              "tma": 1}
+                              "tma": 1, "kv_passes": 1}
 
 
 def _fwd_config(cq_pad: int, ck_pad: int) -> tuple[int, int, int]:
@@ -497,19 +527,44 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     v_block = [D, block_n] if fp8 else [block_n, D]
     kd, vd = ((TensorDescriptor.from_tensor(kc, [block_n, D]),  # type: ignore[union-attr]
                TensorDescriptor.from_tensor(vc, v_block)) if tma else (kc, vc))
-    _bsa_fwd_kernel[(layout_q.num_chunks, B * H)](
-        q, kd, vd, o, indices, counts, ks if fp8 else counts, vs if fp8 else counts,
-        q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        indices.stride(0), indices.stride(1), indices.stride(2), counts.stride(0),
-        counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk, nwk,
-        D**-0.5 * math.log2(math.e),
-        ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k, tma,
-        fp8, num_warps=warps, num_stages=stages)
+    passes = kv_pass_bounds(indices, counts, layout_k.num_chunks, FWD_CONFIG["kv_passes"])
+    state = [counts] * 3
+    if len(passes) > 1:
+        rows = B * H * layout_q.num_chunks * block_m
+        state = [torch.empty(rows, device=q.device, dtype=torch.float32) for _ in range(2)]
+        state.append(torch.empty(rows, D, device=q.device, dtype=torch.float32))
+    for i, (start, stop) in enumerate(passes):
+        _bsa_fwd_kernel[(layout_q.num_chunks, B * H)](
+            q, kd, vd, o, indices, counts, ks if fp8 else counts, vs if fp8 else counts,
+            start, stop, *state,
+            q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            indices.stride(0), indices.stride(1), indices.stride(2), counts.stride(0),
+            counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk,
+            nwk, D**-0.5 * math.log2(math.e),
+            ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k, tma,
+            fp8, i > 0, i < len(passes) - 1, num_warps=warps, num_stages=stages)
     if vscale is not None:
         # undo the power-of-two scale of V: exact. In the kernel's epilogue this per-head
         # load made the whole kernel 25-30% slower at 48x44x80 on H100 (codegen).
         o.div_(vscale.to(o.dtype)[:, :, None, None])
     return o
+
+
+def kv_pass_bounds(indices: torch.Tensor, counts: torch.Tensor, mk: int, passes: int
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(start, stop)`` list positions ``[B, H, Mq]`` of each kv pass. Pass i takes the
+    selected chunks in ``[mk * i / passes, mk * (i + 1) / passes)``: the lists are ascending,
+    so that is a run of positions. Why passes: each keeps the tiles in flight within one
+    slice of a head's K and V, which fits L2 where the whole head does not
+    (benchmarks/NOTES_bsa_kernel.md, round 7)."""
+    passes = max(1, min(passes, mk))
+    if passes == 1:
+        return [(counts, counts)]
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    cuts = [((indices < mk * i // passes) & valid).sum(-1, dtype=torch.int32).contiguous()
+            for i in range(1, passes)]
+    starts, stops = [counts, *cuts], [*cuts, counts]
+    return list(zip(starts, stops, strict=True))
 
 
 def fp8_covers(layout_k: ChunkLayout) -> bool:
