@@ -124,7 +124,7 @@ def ours(a: argparse.Namespace, name: str, out: Path) -> dict:
             "startup_s": doc.get("process_age_at_start_s"),
             "timings_s": doc["timings_s"], "precision": doc.get("precision"),
             "peak_alloc_gib": None if peak is None else round(peak / 2**30, 2),
-            "latents": str(latents)}
+            "latents": str(latents), "step_s": doc.get("step_s")}
 
 
 def latent_differences(rows: list[dict]) -> None:

@@ -76,6 +76,7 @@ def test_matrix_loads_once_and_every_video_equals_a_single_run(tiny_native, prom
         side = json.loads((out / e["sidecar"]).read_text())
         assert (side["settings"]["prompt"], side["seed"], side["settings"]["bsa"]) == \
             (e["prompt"], e["seed"], e["bsa"])
+        assert len(side["step_s"]) == 2  # this video's steps only
     matrix_frames = dict(counted["frames"])
     for e in manifest["items"]:
         single = tmp_path / f"single-{e['index']}.mp4"

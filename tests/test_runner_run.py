@@ -46,6 +46,9 @@ def test_t2v_writes_a_playable_h264_mp4_and_sidecar(t2v_mp4, tiny_native):
     assert doc["checkpoint"]["layout"] == "native (hub release)"
     assert doc["negative_prompt"].startswith("Bright tones")
     assert {"load", "text_encoder", "denoise", "vae_decode", "write"} <= set(doc["timings_s"])
+    # one time per denoising step, together within the denoise stage
+    assert len(doc["step_s"]) == 2 and all(t > 0 for t in doc["step_s"])
+    assert sum(doc["step_s"]) <= doc["timings_s"]["denoise"] + 2e-3
     assert doc["peak_memory"]["cpu_max_rss_bytes"] > 0
     # how old this test process was when the run's clock started: after the imports (> 0 s),
     # and well under an hour for any suite (a wrong /proc field gives nonsense)

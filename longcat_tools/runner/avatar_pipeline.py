@@ -354,7 +354,8 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
                                     ref_target_masks=masks, **dit_kw)
 
         with self.reporter.stage("denoise"), torch.no_grad():
-            for i, t in self.reporter.steps(enumerate(timesteps), len(timesteps), "denoise"):
+            for i, t in self.reporter.steps(enumerate(timesteps), len(timesteps), "denoise",
+                                            self.device):
                 x = latents.to(self.dtype)
                 T = x.shape[2]
                 if not cfg:

@@ -321,6 +321,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
         "checkpoint": {"path": str(job.root), "layout": pipe.layout},
         "precision": "fp8" if pipe.transformer.is_fp8 else run_dtype(s.dtype, device),
         "timings_s": {k: round(v, 3) for k, v in reporter.timings.items()},
+        "step_s": [round(t, 3) for t in reporter.step_s],
         "total_s": round(time.perf_counter() - t_start, 3),
         "process_age_at_start_s": _age_at(t_start),
         "peak_memory": _peak_memory(device),

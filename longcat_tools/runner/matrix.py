@@ -253,7 +253,7 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
             doc = records[it.index]
         else:
             say(f"[{it.index + 1}/{len(items)}] {it.name}")
-            reporter.timings.clear()
+            reporter.reset()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             doc = runjob.run_video(it.settings, root, pipe, reporter, lambda _t: None, device,

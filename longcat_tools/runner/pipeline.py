@@ -101,13 +101,22 @@ class Result:
 
 
 class Reporter:
-    """Times named stages (summed when repeated) and shows step bars (tqdm: rate and ETA)."""
+    """Times named stages (summed when repeated) and denoising steps, and shows step bars
+    (tqdm: rate and ETA)."""
 
     def __init__(self, show: bool = False, say=None) -> None:
         self.show = show
         self.say = say
         self.timings: dict[str, float] = {}
+        # seconds per denoising step, in order: the first ones carry compilation and autotuning,
+        # which a stage total hides
+        self.step_s: list[float] = []
         self._last: str | None = None
+
+    def reset(self) -> None:
+        """Forget the times (the next video of a matrix run)."""
+        self.timings.clear()
+        self.step_s.clear()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -120,15 +129,30 @@ class Reporter:
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
-    def steps(self, items: Iterable, total: int, desc: str) -> Iterable:
-        if not self.show:
-            return items
-        import sys
+    def steps(self, items: Iterable, total: int, desc: str,
+              device: torch.device | None = None) -> Iterable:
+        """``items`` with a bar when shown; with ``device``, each step's time goes into
+        ``step_s`` (a CUDA device is synchronized at the end of each step, so the time is the
+        step's own and not its launches')."""
+        if self.show:
+            import sys
 
-        from tqdm import tqdm
+            from tqdm import tqdm
 
-        return tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False,
-                    dynamic_ncols=True)
+            items = tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False,
+                         dynamic_ncols=True)
+        return items if device is None else self._timed(items, device)
+
+    def _timed(self, items: Iterable, device: torch.device) -> Iterator:
+        sync = device.type == "cuda"
+        t0 = time.perf_counter()
+        for item in items:
+            yield item
+            if sync:
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            self.step_s.append(t1 - t0)
+            t0 = t1
 
 
 def prompt_clean(text: str) -> str:
@@ -430,7 +454,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         latents = self._shared(latents)
         with self.reporter.stage("denoise"):
             steps = enumerate(timesteps)
-            for i, t in self.reporter.steps(steps, len(timesteps), desc):
+            for i, t in self.reporter.steps(steps, len(timesteps), desc, self.device):
                 pred = self._predict(latents, t, text, mask, guidance, bsa, n_cond, per_frame,
                                      kv_cache)
                 if step_all:
