@@ -207,6 +207,11 @@ def main() -> None:
                     help=f"comma-separated, from {','.join(VARIANTS)}")
     ap.add_argument("--no-precision", action="store_true", help="skip the BSA precision check")
     a = ap.parse_args()
+    if a.fp8 and not a.profile:
+        ap.error("--fp8 goes with --profile (vs_original.py times the fp8 forward)")
+    bad = set(filter(None, a.fp8_attention.split(","))) - {"bsa", "dense"}
+    if bad or (a.fp8_attention and not a.fp8):
+        ap.error(f"--fp8-attention takes bsa and/or dense, with --fp8 (got {a.fp8_attention!r})")
 
     start = time.perf_counter()
     device = "cpu" if a.small else "cuda"

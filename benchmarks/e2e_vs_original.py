@@ -18,6 +18,7 @@ Each run is a fresh process:
 
   Timings and peak memory come from the sidecar. Each run saves its final latents; the
   others' relative distance from bf16's goes in the table (same seed, so the same noise).
+  Saving them (~10 MB) falls in our runs' "write" stage, so in their totals: a small handicap.
 
 The checkpoint is real-size synthetic, made on the GPU machine beforehand:
 ``longcat-tools synth --preset real --dtype bf16 CKPT`` (native layout, 38 GB). Run the

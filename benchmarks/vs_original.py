@@ -168,18 +168,18 @@ def main() -> None:
                 med, times, peak, res, out = time_forward(model, args, device, reps or a.reps,
                                                           warm_up=reps is None)
             except torch.OutOfMemoryError:  # e.g. the original at 189 frames on 80 GB
-                rows.append({"shape": shape, "variant": variant, "error": "out of memory"})
-                print(json.dumps(rows[-1]), flush=True)
-                torch.cuda.empty_cache()
-                continue
-            outs[(shape, variant)] = out.float().cpu()
-            row = {"shape": shape, "variant": variant, "median_s": round(med, 4),
-                   "times_s": [round(t, 4) for t in times], "peak_alloc_gib": round(peak, 2),
-                   "peak_reserved_gib": round(res, 2)}
+                row = {"shape": shape, "variant": variant, "error": "out of memory"}
+            else:
+                outs[(shape, variant)] = out.float().cpu()
+                del out
+                row = {"shape": shape, "variant": variant, "median_s": round(med, 4),
+                       "times_s": [round(t, 4) for t in times],
+                       "peak_alloc_gib": round(peak, 2), "peak_reserved_gib": round(res, 2)}
+            if device == "cuda":
+                torch.cuda.empty_cache()  # out of the handler: its traceback held activations
             rows.append(row)
             save()
             print(json.dumps(row), flush=True)
-            del out
 
     def ours_bsa(model, on: bool) -> None:
         model.enable_bsa(BSA) if on else model.disable_bsa()
@@ -205,6 +205,10 @@ def main() -> None:
                   only=[shape for shape, (_, bsa) in shapes.items() if bsa])
         finally:
             triton_bsa.FWD_CONFIG["kv_passes"] = saved_passes
+    fp32_shapes = None if a.small else a.fp32_shapes.split(",")
+    if not a.no_fp32 and fp32_shapes is not None and not set(fp32_shapes) & set(shapes):
+        print(f"note: no fp32 reference: --fp32-shapes {a.fp32_shapes!r} names none of the "
+              "shapes run", flush=True)
     if not a.no_fp32:
         # the bf16 copy waits in host memory: both (27 + 54 GB) do not fit an 80 GB card
         ours.to("cpu")
@@ -212,8 +216,7 @@ def main() -> None:
         ref.load_state_dict(ours.state_dict())
         ref.enable_fast_ops(False)
         # one cold forward each: a reference, not a timing
-        timed(ref, "ours fp32", ours_bsa, reps=1,
-              only=None if a.small else a.fp32_shapes.split(","))
+        timed(ref, "ours fp32", ours_bsa, reps=1, only=fp32_shapes)
         del ref
         if device == "cuda":
             torch.cuda.empty_cache()

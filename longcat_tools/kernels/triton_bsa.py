@@ -495,6 +495,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
            k_chunks: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
     """Sparse flash attention forward over the selected chunks; ``[B, H, Sq, D]``.
 
+    ``indices``: per query chunk, ascending and -1 padded past ``counts``, as ``select``
+    returns them (kv passes take runs of positions; one pass accepts any order).
     q, k, v: any strides with unit stride along D. ``out``: any ``[B, H, Sq, D]`` view with
     unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor). ``k_chunks``: the
     chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here. ``fp8``:
