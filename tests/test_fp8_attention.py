@@ -62,6 +62,20 @@ def test_v_keeps_a_scale_per_channel():
     assert torch.allclose(a[..., 1:], b[..., 1:], rtol=0, atol=0)
 
 
+def test_value_scales_are_the_channel_amax_over_448():
+    """One aminmax pass gives abs().amax's bits: zero, -0.0 and all-negative channels, strided
+    (a token-major view, as the DiT's v)."""
+    g = torch.Generator().manual_seed(0)
+    v = (torch.randn(2, 3, 40, 32, generator=g) * 3).bfloat16()
+    v[0, 0, :, 0], v[0, 0, :, 1], v[0, 1, :, 2] = 0.0, -0.0, -5.0
+    for x in (v, v.transpose(1, 2).contiguous().transpose(1, 2)):
+        amax = x.abs().amax(dim=2).float()
+        expected = torch.where(amax > 0, amax / 448.0, 1.0)
+        assert torch.equal(fa.value_scales(x), expected)
+    assert fa.value_scales(v)[0, 0, :2].tolist() == [1.0, 1.0]
+    assert fa.value_scales(v)[0, 1, 2] == torch.tensor(5.0) / 448.0
+
+
 def test_dense_attention_takes_the_kernel_only_on_a_gpu_when_enabled(monkeypatch):
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, 64, 32))
     assert fa.ENABLED["dense"] is False  # off until measured on a GPU
