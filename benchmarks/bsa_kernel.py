@@ -121,18 +121,6 @@ def kv_passes(n: int):
         TB.FWD_CONFIG["kv_passes"] = saved
 
 
-@contextlib.contextmanager
-def fp8_enabled():
-    """The quantized BSA forward on, for the fp8 rows (it is off by default until measured)."""
-    from longcat_tools.kernels import fp8_attention
-
-    fp8_attention.ENABLED["bsa"] = True
-    try:
-        yield
-    finally:
-        fp8_attention.ENABLED["bsa"] = False
-
-
 def sampled_error(q, k, v, lq, lk, indices, counts, out, heads=2, n_chunks=48, seed=0):
     """Relative error of ``out`` against an fp32 reference on sampled query chunks."""
     g = torch.Generator().manual_seed(seed)
@@ -259,15 +247,13 @@ def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
         if torch.cuda.get_device_capability() >= (8, 9):  # the fp8 mode's whole call
             fp8 = lambda sp=sp: kernels.block_sparse_attention(  # noqa: E731
                 q, k, v, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK, fp8=True)
-            with fp8_enabled():
-                row["ours_fp8_ms"] = bench(fp8, rep_ms)
-                row["ours_fp8_attend_ms"] = bench(  # quantized copies included
+            row["ours_fp8_ms"] = bench(fp8, rep_ms)
+            row["ours_fp8_attend_ms"] = bench(  # quantized copies included
+                lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
+            row["ours_fp8_rel_err"] = sampled_error(q, k, v, lq, lk, indices, counts, fp8())
+            with kv_passes(2):
+                row["ours_fp8_attend_2pass_ms"] = bench(
                     lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
-                row["ours_fp8_rel_err"] = sampled_error(q, k, v, lq, lk, indices, counts,
-                                                        fp8())
-                with kv_passes(2):
-                    row["ours_fp8_attend_2pass_ms"] = bench(
-                        lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
         if orig is not None and lq.divisible:
             ofn = lambda sp=sp: orig(q, k, v, list(lat), list(lat), sparsity=sp,  # noqa: E731
                                      cdf_threshold=None, chunk_3d_shape_q=list(CHUNK),

@@ -15,6 +15,8 @@ Each run is a fresh process:
   - `bf16`;
   - `fp8` (``--precision fp8``);
   - `fp8+te` (also ``--offload text-encoder``).
+  - `fp8+attn` (also ``--fp8-attention dense``: attention quantized too, by cuDNN's FP8
+    kernel where the ``cudnn`` frontend is installed).
 
   Timings and peak memory come from the sidecar. Each run saves its final latents; the
   others' relative distance from bf16's goes in the table (same seed, so the same noise).
@@ -44,8 +46,10 @@ HERE = Path(__file__).resolve().parent
 PROMPT = ("In a realistic photography style, a white boy around seven or eight years old sits on "
           "a park bench with an ice cream cone beside a golden Labrador.")
 OURS = {"bf16": [], "fp8": ["--precision", "fp8"],
-        "fp8+te": ["--precision", "fp8", "--offload", "text-encoder"]}
-TARGETS = {"bf16": 0.75, "fp8": 0.55}  # issue #21: total time as a fraction of the original's
+        "fp8+te": ["--precision", "fp8", "--offload", "text-encoder"],
+        "fp8+attn": ["--precision", "fp8", "--fp8-attention", "dense"]}
+# issue #21: total time as a fraction of the original's
+TARGETS = {"bf16": 0.75, "fp8": 0.55, "fp8+attn": 0.55}
 
 
 def original_child(a: argparse.Namespace) -> None:

@@ -5,6 +5,9 @@
   PYTHONPATH=. python3 benchmarks/fp8_attention.py --sweep         # kernel configs at 480p
   PYTHONPATH=. python3 benchmarks/fp8_attention.py --small --device cpu   # logic check (reference)
 
+cuDNN's FP8 SDPA, where NVIDIA's ``cudnn`` frontend is installed (``pip install
+nvidia-cudnn-frontend``): ``kernels.cudnn_fp8_attention``, timed with its scaling passes.
+
 Peer, where installed: SageAttention 1.0.6 (``pip install sageattention==1.0.6``, pure Triton:
 int8 Q K^T per block with K smoothed, fp16 P V), the public kernel of the recipe family ours
 follows, timed and checked the same way.
@@ -77,6 +80,7 @@ def measure(name: str, S: int, heads: int, D: int, device: str, err_heads: int) 
                fp8_tflops=round(flop / fp8_ms / 1e9, 1), fp8_vs_bf16=round(fp8_ms / bf16_ms, 3),
                fp8_rel_err_vs_fp32=rel(tfa.attention(q[:, h], k[:, h], v[:, h]), exact),
                config=dict(cfg))
+    row.update(cudnn_fp8(q, k, v, h, exact, bf16_ms, device, flop))
     try:
         from sageattention import sageattn
     except ImportError:
@@ -91,6 +95,39 @@ def measure(name: str, S: int, heads: int, D: int, device: str, err_heads: int) 
     except Exception as e:  # noqa: BLE001 - a peer that refuses these inputs is a result too
         row["sage_error"] = f"{type(e).__name__}: {e}"[:200]
     return row
+
+
+def cudnn_fp8(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: str,
+              flop: float) -> dict:
+    """``kernels.cudnn_fp8_attention`` (cuDNN's FP8 SDPA, per-tensor scales), where the
+    ``cudnn`` frontend is installed: time (scaling passes included), their part, the error."""
+    from longcat_tools.kernels import cudnn_fp8_attention as C
+    from longcat_tools.kernels import fp8_attention as ref
+
+    if not C.supported(q):
+        return {}
+    import importlib.metadata
+
+    import cudnn
+
+    row = {"cudnn_backend": cudnn.backend_version(),
+           "cudnn_frontend": importlib.metadata.version("nvidia-cudnn-frontend")}
+    if C.attention(q, k, v) is None:
+        return {**row, "cudnn_fp8_error": "cuDNN built no FP8 graph for this shape"}
+    B, H, S, D = q.shape
+    plan = C._PLANS[(B, H, S, k.shape[2], D, q.dtype, q.device.index)]
+    ms = bench_ms(lambda: C.attention(q, k, v), device)
+
+    def scaling():
+        s_q, s_k, s_v, mean = ref.per_tensor_scales(q, k, v)
+        for x, s, m in ((q, s_q, None), (k, s_k, mean), (v, s_v, None)):
+            C._scale_cast(x, C.token_major(B, H, S, D, ref.E4M3, q.device), s, m)
+
+    return {**row, "cudnn_fp8_ms": round(ms, 3), "cudnn_fp8_vs_bf16": round(ms / bf16_ms, 3),
+            "cudnn_fp8_tflops": round(flop / ms / 1e9, 1),
+            "cudnn_fp8_scaling_ms": round(bench_ms(scaling, device), 3),
+            "cudnn_fp8_output": "e4m3" if plan.out_e4m3 else str(q.dtype).split(".")[-1],
+            "cudnn_fp8_rel_err_vs_fp32": rel(C.attention(q[:, h], k[:, h], v[:, h]), exact)}
 
 
 SWEEP = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, tma=tma)
@@ -143,11 +180,14 @@ def main() -> None:
             "error_heads": a.err_heads}
     nan = float("nan")
     print(f"\n{'shape':<9} {'bf16 ms':>8} {'fp8 ms':>8} {'ratio':>6} {'quant ms':>9} "
-          f"{'err bf16':>9} {'err fp8':>9} {'sage ms':>8} {'err sage':>9}")
+          f"{'err bf16':>9} {'err fp8':>9} {'cudnn8 ms':>9} {'err cudnn8':>10} {'sage ms':>8} "
+          f"{'err sage':>9}")
     for r in rows:
         print(f"{r['shape']:<9} {r['bf16_sdpa_ms']:>8.2f} {r.get('fp8_ms', nan):>8.2f} "
               f"{r.get('fp8_vs_bf16', nan):>6.3f} {r.get('fp8_quantize_ms', nan):>9.2f} "
               f"{r['bf16_rel_err_vs_fp32']:>9.2e} {r.get('fp8_rel_err_vs_fp32', nan):>9.2e} "
+              f"{r.get('cudnn_fp8_ms', nan):>9.2f} "
+              f"{r.get('cudnn_fp8_rel_err_vs_fp32', nan):>10.2e} "
               f"{r.get('sage_ms', nan):>8.2f} {r.get('sage_rel_err_vs_fp32', nan):>9.2e}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

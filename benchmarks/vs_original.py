@@ -52,9 +52,12 @@ from dit_forward import SHAPES, SMALL_SHAPES, build, inputs, rel, time_forward  
 
 from longcat_tools.synth import dit_config  # noqa: E402
 
-# ours in fp8, and which attention kind also runs quantized (``fp8_attention.ENABLED``); a
-# variant runs only on the shapes that use its kind (the BSA shapes attend sparsely throughout)
-FP8_VARIANTS = {"ours fp8": None, "ours fp8+bsa attn": "bsa", "ours fp8+dense attn": "dense"}
+# ours in fp8: which attention kind also runs quantized (``fp8_attention.ENABLED``), and for
+# dense, which kernels it may take (``fp8_attention.DENSE_KERNELS``; cuDNN's where installed);
+# a variant runs only on the shapes that use its kind (the BSA shapes attend sparsely throughout)
+FP8_VARIANTS = {"ours fp8": (None, None), "ours fp8+bsa attn": ("bsa", None),
+                "ours fp8+dense attn": ("dense", ["cudnn", "triton"]),
+                "ours fp8+dense attn triton": ("dense", ["triton"])}
 TARGETS = {  # issue #21: time ratio to the original on one GPU, same weights
     **{("480p/93 dense", v): 0.45 for v in FP8_VARIANTS},
     **{("720p refine/93 BSA 0.9375", v): 0.40 for v in FP8_VARIANTS},
@@ -225,16 +228,22 @@ def main() -> None:
     ours.to_fp8()
     from longcat_tools.kernels import fp8_attention
 
-    saved = dict(fp8_attention.ENABLED)
-    for variant, kind in FP8_VARIANTS.items():
+    saved = dict(fp8_attention.ENABLED), list(fp8_attention.DENSE_KERNELS)
+    if device == "cuda":  # which dense kernels could take the "+dense attn" rows' calls
+        probe = torch.zeros(1, 1, 64, 128, device=device, dtype=torch.bfloat16)
+        info["fp8_dense_kernels"] = [n for n in fp8_attention.DENSE_KERNELS
+                                     if fp8_attention.quantized_kernel(n).supported(probe)]
+    for variant, (kind, kernels) in FP8_VARIANTS.items():
         if kind is not None and device != "cuda":
             continue
         fp8_attention.ENABLED.update({k: k == kind for k in fp8_attention.ENABLED})
+        fp8_attention.DENSE_KERNELS[:] = kernels or saved[1]
         try:
             timed(ours, variant, ours_bsa, only=None if kind is None else
                   [shape for shape, (_, bsa) in shapes.items() if bsa == (kind == "bsa")])
         finally:
-            fp8_attention.ENABLED.update(saved)
+            fp8_attention.ENABLED.update(saved[0])
+            fp8_attention.DENSE_KERNELS[:] = saved[1]
     timings = [r for r in rows if "error" not in r]
     for row in timings:
         shape, variant = row["shape"], row["variant"]

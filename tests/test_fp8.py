@@ -278,6 +278,7 @@ def test_run_precision_fp8_quantizes_on_load_and_dtype_dequantizes(tiny_native, 
         outs[name] = json.loads((tmp_path / f"{name}.mp4.json").read_text())
         outs[name]["latents"] = load(str(tmp_path / f"{name}.st"))["latents"]
     assert [outs[n]["precision"] for n in "qsdf"] == ["fp8", "fp8", "bf16", "fp32"]
+    assert [outs[n]["fp8_attention"] for n in "qsdf"] == [[]] * 4  # auto: off until measured
     assert outs["s"]["checkpoint"]["layout"] == "converted (fastvideo keys, fp8)"
     # quantized on load == stored fp8 (the rest bf16 in both): the same weights, the same video
     assert torch.equal(outs["q"]["latents"], outs["s"]["latents"])
@@ -288,6 +289,43 @@ def test_run_precision_fp8_quantizes_on_load_and_dtype_dequantizes(tiny_native, 
     assert main(["run", "-m", str(tiny_native), "--precision", "fp4", *tiny]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: --precision fp4: unknown (use auto, fp8, dtype)"
+
+
+def test_fp8_attention_is_asked_of_fp8_runs_only(tiny_native, fp8_folder, tmp_path, capsys,
+                                                monkeypatch):
+    """``--fp8-attention`` sets the model's kinds (recorded in the sidecar; on the CPU no kernel
+    takes them); a dtype run, or auto on a checkpoint that is not fp8, is refused before
+    loading, as is an unknown kind."""
+    from longcat_tools.kernels import fp8_attention
+    from longcat_tools.runner.loading import load_transformer
+
+    tiny = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "1", "-q",
+            "-p", "a cat"]
+    out = tmp_path / "a.mp4"
+    assert main(["run", "-m", str(fp8_folder), "--fp8-attention", "all", *tiny, "--out",
+                 str(out)]) == 0
+    assert json.loads((tmp_path / "a.mp4.json").read_text())["fp8_attention"] == ["bsa", "dense"]
+    capsys.readouterr()
+    for args, message in (
+            (["--fp8-attention", "fast"], "--fp8-attention fast: unknown (use auto, off, dense, "
+                                          "bsa, all)"),
+            (["--fp8-attention", "dense", "--precision", "dtype"],
+             "--fp8-attention dense: quantizes an fp8 run's attention; it cannot go with "
+             "--precision dtype"),
+            (["-m", str(tiny_native), "--fp8-attention", "bsa"],
+             f"--fp8-attention bsa: {tiny_native} is not an fp8 checkpoint; add --precision fp8 "
+             "to run its GEMMs in fp8 too")):
+        model = [] if "-m" in args else ["-m", str(fp8_folder)]
+        assert main(["run", *model, *args, *tiny, "--out", str(tmp_path / "b.mp4")]) == 1
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "b.mp4").exists()
+    model = load_transformer(tiny_native, dtype="bf16")
+    assert model.quantized_attention() == frozenset()  # not fp8: nothing to quantize
+    model.to_fp8()
+    monkeypatch.setitem(fp8_attention.ENABLED, "bsa", True)
+    assert model.quantized_attention() == {"bsa"}  # None: the measured default
+    model.fp8_attention = frozenset()
+    assert model.quantized_attention() == frozenset()
 
 
 @pytest.mark.parametrize("source", ["plain", "fp8"])

@@ -76,9 +76,35 @@ def test_value_scales_are_the_channel_amax_over_448():
     assert fa.value_scales(v)[0, 1, 2] == torch.tensor(5.0) / 448.0
 
 
-def test_dense_attention_takes_the_kernel_only_on_a_gpu_when_enabled(monkeypatch):
+def test_dense_attention_quantizes_only_on_a_gpu():
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, 64, 32))
-    assert fa.ENABLED["dense"] is False  # off until measured on a GPU
-    monkeypatch.setitem(fa.ENABLED, "dense", True)
+    assert fa.default_kinds() == frozenset()  # off until measured on a GPU
     assert not fa.use(q)  # a CPU tensor
     assert torch.equal(dense.attention(q, k, v, fp8=True), dense.attention(q, k, v))
+
+
+def test_per_tensor_scales_bound_every_value_without_overflow():
+    """One scale per tensor, amax / 448; k's covers k less its mean (bounded, not measured:
+    an e4m3 value keeps its mantissa at any scale that does not overflow); all zero -> 1."""
+    q, k, v = (t.bfloat16() for t in _qkv(2, 3, 50, 32, seed=4))
+    k = k + 5.0
+    s_q, s_k, s_v, mean = fa.per_tensor_scales(q, k, v)
+    assert s_q == q.float().abs().amax() / 448.0 and s_v == v.float().abs().amax() / 448.0
+    assert torch.equal(mean, k.float().mean(dim=2))
+    smoothed = (k.float() - mean[:, :, None]).abs().amax()
+    assert smoothed / 448.0 <= s_k <= (k.float().abs().amax() + mean.abs().amax()) / 448.0
+    zeros = torch.zeros(1, 1, 4, 8)
+    assert [s.item() for s in fa.per_tensor_scales(zeros, zeros, zeros)[:3]] == [1.0, 1.0, 1.0]
+
+
+def test_the_per_tensor_recipe_lands_a_few_percent_from_fp32():
+    """cuDNN's recipe (one e4m3 scale per tensor): ~5.3% on random data, against 3.6% for the
+    Triton kernels' int8 Q K^T; a shared key offset costs it nothing (k loses its mean)."""
+    q, k, v = _qkv(1, 2, 300, 64)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    err = _rel(fa.reference_per_tensor(q, k, v), exact)
+    assert 0.02 < err < 0.07
+    offset = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 30
+    shifted = fa.reference_per_tensor(q, k + offset, v)
+    assert _rel(shifted, exact) < 1.2 * err
+

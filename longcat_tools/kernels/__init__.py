@@ -71,8 +71,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         token_major: Triton path: write the output into a ``[B, S_q, H, D]`` tensor and return
             its ``[B, H, S_q, D]`` view, so ``out.transpose(1, 2).reshape(B, S_q, H * D)``
             needs no copy. q, k, v may be any views with unit stride along D.
-        fp8: an fp8 run: the forward in int8 Q K^T and e4m3 P V where
-            ``fp8_attention.use(q, "bsa")`` allows (the selection is unchanged).
+        fp8: the forward in int8 Q K^T and e4m3 P V where the Triton kernel covers the call
+            (``fp8_attention.use(q, "bsa")``; the selection is unchanged).
 
     The selection arguments are declared (with their defaults) and checked once, in
     ``reference.check_args``.

@@ -31,13 +31,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = Fal
               ) -> torch.Tensor:
     """Non-causal softmax attention, scale ``D**-0.5``, on ``[B, H, S, D]`` tensors.
 
-    ``fp8`` (an fp8 run): the e4m3 kernel where ``fp8_attention.use`` allows it, its output
-    written token-major (a ``[B, S, H, D]`` tensor's view), so merging the heads is free."""
+    ``fp8``: quantized, by the first of ``fp8_attention.DENSE_KERNELS`` that takes the call
+    (bf16 where none does), its output written token-major (a ``[B, S, H, D]``
+    tensor's view), so merging the heads is free."""
     if fp8 and fp8_attention.use(q, "dense"):
-        from . import triton_fp8_attention
-
         B, H, S, D = q.shape
-        return triton_fp8_attention.attention(q, k, v, out=q.new_empty(B, S, H, D).transpose(1, 2))
+        out = q.new_empty(B, S, H, D).transpose(1, 2)
+        for name in fp8_attention.DENSE_KERNELS:
+            kernel = fp8_attention.quantized_kernel(name)
+            if kernel.supported(q) and kernel.attention(q, k, v, out=out) is not None:
+                return out
     if _prefer_cudnn(q):
         try:
             with sdpa_kernel(_PRIORITY, set_priority=True):

@@ -16,6 +16,8 @@ checkpoint format (``model.fp8``) stores what ``quantize_weight`` returns.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -68,15 +70,30 @@ def _quantize_rows(x: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, 
     return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-# On CUDA the scaling runs compiled: one kernel that reads the activation twice (max, then
-# scale) and writes e4m3, instead of eager's fp32 copy and four more passes; the same bits,
-# since its divisions (by tensors, never by a constant) round as eager's do.
+# Fused, the scaling is one kernel that reads the activation once and writes e4m3, instead of
+# eager's fp32 copy and four more passes, with the same bits (its divisions round as eager's):
+# Triton's ``triton_norm.e4m3_rows`` on CUDA, else (no Triton) this function compiled.
 quantize_rows_fused = Compiled(_quantize_rows, eager_bits=True)
+_TRITON_ROWS: Any = None  # kernels.triton_norm once imported, False where it cannot be
+
+
+def _triton_rows() -> Any:
+    global _TRITON_ROWS
+    if _TRITON_ROWS is None:
+        try:
+            from . import triton_norm
+
+            _TRITON_ROWS = triton_norm
+        except Exception:  # noqa: BLE001 - no Triton: the compiled function
+            _TRITON_ROWS = False
+    return _TRITON_ROWS
 
 
 def quantize_rows(x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, K]`` activations -> (e4m3 ``[N, K]``, float32 scale ``[N, 1]``), per row (token);
-    ``fused``: through ``quantize_rows_fused``."""
+    ``fused``: in one kernel (see ``quantize_rows_fused``), same bits."""
+    if fused and x.is_cuda and x.is_contiguous() and _triton_rows():
+        return _triton_rows().e4m3_rows(x)
     return (quantize_rows_fused if fused else _quantize_rows)(x, _limit(x.device))
 
 

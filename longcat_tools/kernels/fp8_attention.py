@@ -1,10 +1,12 @@
-"""fp8-mode attention: what the int8/e4m3 kernel computes, in PyTorch, and when it runs.
+"""fp8-mode attention: what the quantized kernels compute, in PyTorch, and when they run.
 
-``triton_fp8_attention`` is the kernel. This module holds its arithmetic as plain tensor code
-(``reference``: every quantization step the kernel takes, on any device), so tests can hold the
-kernel to it, and ``use``, the one place that decides whether a call takes the kernel.
+Two kernels: ``triton_fp8_attention`` (ours, dense and inside the BSA forward) and, for dense
+calls where NVIDIA's ``cudnn`` frontend is installed, ``cudnn_fp8_attention``. This module holds
+their arithmetic as plain tensor code (``reference``, ``reference_per_tensor``: every
+quantization step, on any device), so tests can hold the kernels to it, and ``use``, the one
+place that decides whether a call is quantized.
 
-Quantization, per ``[B, H]`` head:
+The Triton kernels' quantization, per ``[B, H]`` head:
 - q: int8, ``round(q / s)`` half away from zero, one float32 scale ``s = amax / 127`` per token;
 - k: its mean over the sequence subtracted (the softmax does not see a vector added to every
   key), then like q;
@@ -14,14 +16,21 @@ Quantization, per ``[B, H]`` head:
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 
 from .fp8 import E4M3, E4M3_MAX
 
-# Whether ``--precision fp8`` also runs attention quantized (on sm_89+ CUDA with Triton),
-# dense and block sparse. Both off: on an H100 neither made a DiT forward faster by more than 1%
-# (benchmarks/results/fp8_attention.md), for 17 times bf16's error.
+# Which attention an fp8 model runs quantized unless told otherwise (``run --fp8-attention
+# auto``; a model's ``fp8_attention``), dense and block sparse. Both off: on an H100 neither
+# Triton kernel made a DiT forward faster by more than 1% (benchmarks/results/fp8_attention.md),
+# for 17 times bf16's error; cuDNN's dense FP8 kernel is not measured yet.
 ENABLED = {"dense": False, "bsa": False}
+KINDS = tuple(ENABLED)
+# The quantized kernels a dense call tries, in order; the first that builds for the shape runs.
+DENSE_KERNELS = ["cudnn", "triton"]
 
 
 def _int8_rows(x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +42,8 @@ def _int8_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The e4m3 value of ``x / scale`` times ``scale``, in float32."""
-    return (x / scale).to(E4M3).to(torch.float32) * scale
+    """The e4m3 value of ``x / scale`` (clamped to +-448) times ``scale``, in float32."""
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).to(torch.float32) * scale
 
 
 def key_mean(k: torch.Tensor) -> torch.Tensor:
@@ -49,6 +58,37 @@ def value_scales(v: torch.Tensor) -> torch.Tensor:
     lo, hi = torch.aminmax(v, dim=2)
     amax = torch.maximum(hi, -lo).to(torch.float32)
     return torch.where(amax > 0, amax / E4M3_MAX, 1.0)
+
+
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(hi, -lo).to(torch.float32)
+
+
+def per_tensor_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-tensor recipe's e4m3 scales of q, k less its mean, and v (float32 scalars,
+    amax / 448, 1 for an all-zero tensor), and k's mean ``[B, H, D]``. k's scale bounds
+    ``max|k - mean|`` by ``max|k| + max|mean|``: one pass fewer, and an e4m3 value keeps its
+    3 mantissa bits at any scale that does not overflow."""
+    mean = key_mean(k)
+    amax = (_amax(q), _amax(k) + mean.abs().amax(), _amax(v))
+    s_q, s_k, s_v = (torch.where(a > 0, a / E4M3_MAX, 1.0) for a in amax)
+    return s_q, s_k, s_v, mean
+
+
+def reference_per_tensor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """cuDNN's FP8 recipe (``cudnn_fp8_attention``) in float32 ``[B, H, Sq, D]``: q, k less its
+    mean and v through e4m3 with ``per_tensor_scales``, p as e4m3 of ``p * 448`` against the
+    row's maximum, row sums of p before rounding. Where cuDNN's rounding of p or O differs
+    (a running maximum, an e4m3 output), the GPU tests allow for it."""
+    s_q, s_k, s_v, mean = per_tensor_scales(q, k, v)
+    k = k.to(torch.float32) - mean[:, :, None]
+    qd, kd, vd = (_e4m3(x.to(torch.float32), s) for x, s in ((q, s_q), (k, s_k), (v, s_v)))
+    s = qd @ kd.transpose(-1, -2) * q.shape[-1] ** -0.5
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    pq = (p * E4M3_MAX).to(E4M3).to(torch.float32) / E4M3_MAX
+    return (pq @ vd) / p.sum(dim=-1, keepdim=True)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -71,11 +111,21 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (pq @ vd) / torch.where(total == 0, 1.0, total)
 
 
-def use(q: torch.Tensor, kind: str = "dense") -> bool:
-    """Whether an attention call (``kind``: dense or bsa) of an fp8 run takes the quantized
-    kernel; the BSA caller has checked the Triton path covers the rest of the call."""
-    if not (ENABLED[kind] and q.is_cuda):
-        return False
-    from . import triton_fp8_attention
+def quantized_kernel(name: str) -> ModuleType:
+    """The module of a ``DENSE_KERNELS`` entry (imported on first use: both need CUDA)."""
+    return importlib.import_module(f".{name}_fp8_attention", __package__)
 
-    return triton_fp8_attention.supported(q)
+
+def default_kinds() -> frozenset[str]:
+    """The kinds ``ENABLED`` turns on: what an fp8 model quantizes by default."""
+    return frozenset(kind for kind, on in ENABLED.items() if on)
+
+
+def use(q: torch.Tensor, kind: str = "dense") -> bool:
+    """Whether an attention call asked to quantize (``kind``: dense or bsa) can: dense when
+    one of ``DENSE_KERNELS`` covers it; bsa when the Triton kernel does (the BSA caller has
+    checked the rest of the call)."""
+    if not q.is_cuda:
+        return False
+    names = DENSE_KERNELS if kind == "dense" else ["triton"]
+    return any(quantized_kernel(name).supported(q) for name in names)

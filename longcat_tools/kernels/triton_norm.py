@@ -13,6 +13,13 @@ same roundings as ``runner.dit``'s plain path:
   (rounded, times the weight, rounded, as the plain path does), then interleaved RoPE in fp32;
   q and k are written token-major (``[B, N, H, D]``) and returned as ``[B, H, N, D]`` views,
   the layout the attention kernels read without copies.
+* ``swiglu``: ``silu(a) * b`` of the FFN, with the plain path's two roundings, one pass.
+* ``e4m3_rows``: an fp8 GEMM's input scaled per token (``kernels.fp8``'s rule, its bits): the
+  row's amax, ``x / (amax / 448)`` clamped and rounded to e4m3, and the scale, in one read.
+
+The last two replaced ``torch.compile`` of the same functions, which compiled anew in every
+process (seconds, inside the first denoising step) and again for each new row count (the
+prompt's tokens, the video's).
 
 Why hand-written: inductor's looped reductions read each 4096-wide row twice and ran ~3x over
 the bandwidth floor at 84,480 tokens (benchmarks/results/dit_forward.md).
@@ -181,6 +188,53 @@ def head_norm_rope(src: torch.Tensor, heads: int, weights: list[torch.Tensor],
         H, triton.next_power_of_2(H), D, parts, rope,
         num_warps=max(1, min(8, triton.next_power_of_2(H) * D // 512)))
     return [o.transpose(1, 2) for o in out]
+
+
+@triton.jit
+def _swiglu_kernel(A, B, H, n, BLOCK: tl.constexpr):
+    """``BLOCK`` elements: ``silu(a)`` in fp32 rounded to the dtype, times ``b`` in fp32,
+    rounded: eager's ``F.silu(a) * b``."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    a = tl.load(A + i, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(B + i, mask=ok, other=0.0)
+    s = _rnd(a / (1.0 + tl.exp(-a)), b.dtype)
+    tl.store(H + i, _rnd(s.to(tl.float32) * b.to(tl.float32), b.dtype), mask=ok)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.silu(a) * b`` of two contiguous tensors of one shape and dtype."""
+    h = torch.empty_like(a)
+    n = a.numel()
+    block = 4096
+    _swiglu_kernel[(triton.cdiv(n, block),)](a, b, h, n, block, num_warps=8)
+    return h
+
+
+@triton.jit
+def _e4m3_rows_kernel(X, Q, SCALE, K, BLOCK_K: tl.constexpr):
+    """One row: ``scale = amax / 448`` (1 if all zero) and e4m3 of ``x / scale``, both divisions
+    rounded to nearest as PyTorch's are (``div_rn``), the quotient clamped to +-448."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_K)
+    ok = c < K
+    x = tl.load(X + row * K + c, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
+    y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
+    tl.store(Q + row * K + c, y.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+    tl.store(SCALE + row, scale)
+
+
+def e4m3_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous ``[N, K]`` -> (e4m3 ``[N, K]``, float32 scales ``[N, 1]``), the bits of
+    ``kernels.fp8.quantize_rows``."""
+    N, K = x.shape
+    q = torch.empty(N, K, device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(N, 1, device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(K)
+    _e4m3_rows_kernel[(N,)](x, q, scale, K, block, num_warps=max(1, min(16, block // 1024)))
+    return q, scale
 
 
 def supported(heads: int, head_dim: int) -> bool:

@@ -80,7 +80,9 @@ class AttnSettings:
     bsa: BSAParams | None = None
     fast: bool = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
     cp: ContextParallel | None = None  # tokens split over ranks (runner.context_parallel)
-    fp8: bool = False  # an fp8 model: self-attention may run quantized (kernels.fp8_attention)
+    # the self-attention kinds (dense, bsa) this forward runs quantized: an fp8 model's
+    # ``fp8_attention`` (kernels.fp8_attention)
+    fp8: frozenset[str] = frozenset()
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) -> torch.Tensor:
@@ -96,7 +98,7 @@ def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``fast`` (the fused path of bf16 runs): ``P @ V`` in bf16 as in the original's kernel
     instead of the kernels' float16 default, so V is read in place from the qkv projection
     with no copy; the output is written token-major so the projection reads it as is.
-    ``fp8``: an fp8 model's forward, quantized where ``kernels.fp8_attention`` allows.
+    ``fp8``: quantized where ``kernels.fp8_attention`` has a kernel for the call.
     """
     return kernels.block_sparse_attention(
         q, k, v, latent_shape_q, latent_shape_k, sparsity=params.sparsity,

@@ -32,6 +32,7 @@ from torch import nn
 
 from longcat_tools.errors import LongcatError
 from longcat_tools.kernels import fp8 as fp8_ops
+from longcat_tools.kernels import fp8_attention
 from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.runner import attention as attn_ops
 from longcat_tools.runner import fast_ops, lora_merge
@@ -240,17 +241,18 @@ class SelfAttention(nn.Module):
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int],
-                bsa: BSAParams | None, fast: bool = False, fp8: bool = False) -> torch.Tensor:
+                bsa: BSAParams | None, fast: bool = False,
+                fp8: frozenset[str] = frozenset()) -> torch.Tensor:
         """Non-causal attention; BSA when ``bsa`` is given and the clip has more than one frame
         (the query/key frame counts follow from the token counts). ``fast``: BSA with the
         original's precision and a token-major output (``attn_ops.block_sparse``). ``fp8``:
-        an fp8 model's attention, quantized where ``kernels.fp8_attention`` allows."""
+        the kinds (dense, bsa) to quantize where ``kernels.fp8_attention`` has a kernel."""
         if bsa is not None and grid[0] > 1:
             hw = grid[1] * grid[2]
             return attn_ops.block_sparse(q, k, v, (q.shape[2] // hw, grid[1], grid[2]),
                                          (k.shape[2] // hw, grid[1], grid[2]), bsa, fast=fast,
-                                         fp8=fp8)
-        return attn_ops.dense(q, k, v, fp8=fp8)
+                                         fp8="bsa" in fp8)
+        return attn_ops.dense(q, k, v, fp8="dense" in fp8)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], num_cond_latents: int,
                 attn: AttnSettings, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -493,6 +495,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.bsa: BSAParams | None = None  # the default of every forward (config enable_bsa)
         self.fast = False  # fused glue (runner.fast_ops) for bf16/fp16 activations
         self.cp: ContextParallel | None = None  # tokens split over ranks (context parallel)
+        self.fp8_attention: frozenset[str] | None = None  # None: fp8_attention.ENABLED's kinds
         self.x_embedder = nn.Module()
         self.x_embedder.proj = Conv3d(dims.in_channels, C, dims.patch_size, dims.patch_size)
         self.t_embedder = nn.Module()
@@ -585,6 +588,14 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @property
     def is_fp8(self) -> bool:
         return fp8_ops.is_e4m3(self.blocks[0].attn.qkv)
+
+    def quantized_attention(self) -> frozenset[str]:
+        """The self-attention kinds (dense, bsa) a forward runs quantized: an fp8 model's
+        ``fp8_attention`` (None: ``kernels.fp8_attention.ENABLED``'s); none otherwise."""
+        if not self.is_fp8:
+            return frozenset()
+        kinds = self.fp8_attention
+        return fp8_attention.default_kinds() if kinds is None else frozenset(kinds)
 
     def enable_fast_ops(self, enabled: bool = True) -> None:
         """Fused glue (``runner.fast_ops``) for bf16/fp16 runs; fp32 always takes the plain path."""
@@ -736,7 +747,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         cp = self.cp
         attn = AttnSettings(self.bsa if bsa is MODEL_SETTING else bsa, self.fast, cp,
-                            fp8=self.is_fp8)
+                            fp8=self.quantized_attention())
         if cp is None:
             split = FrameSplit(0, grid[0], (grid[0] * grid[1] * grid[2],))
         else:  # this rank's latent frames only (the time axis is not patched)

@@ -14,7 +14,7 @@ On CUDA with Triton the row-wise glue goes to hand-written kernels instead
 (``kernels.triton_norm``: one read and one write per row, residual and norm fused, q/k written
 token-major for the attention kernels); ``LONGCAT_NO_TRITON_NORM=1`` turns that off. The
 dispatchers below (``adaln``, ``residual_layer_norm``, ``residual``, ``qk_norm_rope``,
-``head_rms_norm``) pick the Triton kernels or the compiled functions.
+``swiglu``, ``head_rms_norm``) pick the Triton kernels or the compiled functions.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ layer_norm = Compiled(_layer_norm)
 gated_residual = Compiled(_gated_residual)
 rms_norm = Compiled(_rms_norm)
 norm_rope = Compiled(_norm_rope)
-swiglu = Compiled(_swiglu)
-ALL = (modulate, layer_norm, gated_residual, rms_norm, norm_rope, swiglu, fp8.quantize_rows_fused)
+swiglu_fused = Compiled(_swiglu)
+ALL = (modulate, layer_norm, gated_residual, rms_norm, norm_rope, swiglu_fused,
+       fp8.quantize_rows_fused)
 
 
 def compile_status() -> dict[str, str]:
@@ -182,6 +183,14 @@ def qk_norm_rope(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor,
         return q, k
     q, k = qkv.view(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)[:2]
     return norm_rope(q, q_weight, cos, sin, eps), norm_rope(k, k_weight, cos, sin, eps)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The FFN's ``silu(a) * b``, in one pass."""
+    tn = _rows(a)
+    if tn is not None and a.is_contiguous() and b.is_contiguous() and a.shape == b.shape:
+        return tn.swiglu(a, b)
+    return swiglu_fused(a, b)
 
 
 def head_rms_norm(x: torch.Tensor, heads: int, weight: torch.Tensor,

@@ -29,6 +29,7 @@ from longcat_tools.runner.pipeline import (
 from longcat_tools.runner.settings import (
     AVATAR_TASKS,
     DEFAULT_COND_FRAMES,
+    FP8_ATTENTION,
     PRECISIONS,
     RunSettings,
     guidance_of,
@@ -214,6 +215,7 @@ def load_pipeline(s: RunSettings, reporter: Reporter, say: Callable[[str], None]
                                                 reporter=reporter, offload=s.offload,
                                                 vae_tiling=s.vae_tiling, cp=cp,
                                                 fp8=PRECISIONS[s.precision])
+    pipe.transformer.fp8_attention = FP8_ATTENTION[s.fp8_attention]
     return root, pipe
 
 
@@ -320,6 +322,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
         "bsa": r.info.get("bsa"), "loras": r.info.get("loras", []),
         "checkpoint": {"path": str(job.root), "layout": pipe.layout},
         "precision": "fp8" if pipe.transformer.is_fp8 else run_dtype(s.dtype, device),
+        "fp8_attention": sorted(pipe.transformer.quantized_attention()),
         "timings_s": {k: round(v, 3) for k, v in reporter.timings.items()},
         "step_s": [round(t, 3) for t in reporter.step_s],
         "total_s": round(time.perf_counter() - t_start, 3),

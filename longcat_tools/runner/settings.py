@@ -31,6 +31,10 @@ OFFLOAD_CHOICES = ("none", "text-encoder", "dit", "all")  # runner.offload
 LORA_MODES = ("merge", "runtime")  # LongCatTransformer3DModel.lora_mode (runner.lora_merge)
 # --precision -> load_transformer's fp8 (None: as the checkpoint is stored)
 PRECISIONS: dict[str, bool | None] = {"auto": None, "fp8": True, "dtype": False}
+# --fp8-attention -> the DiT's fp8_attention (None: kernels.fp8_attention.ENABLED's kinds)
+FP8_ATTENTION: dict[str, frozenset[str] | None] = {
+    "auto": None, "off": frozenset(), "dense": frozenset({"dense"}), "bsa": frozenset({"bsa"}),
+    "all": frozenset({"dense", "bsa"})}
 CONTINUING = ("vc", "long", "avc")  # tasks that continue from condition frames
 DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
 MAX_FRAMES = 4097  # one segment; the model is trained on 93
@@ -145,6 +149,10 @@ class RunSettings:
                             "stored, another is quantized on load), dtype (all in --dtype; an "
                             "fp8 checkpoint is dequantized) or auto (fp8 for an fp8 checkpoint, "
                             "else dtype).")
+    fp8_attention: str = option("auto", "fp8 runs: which self-attention also runs quantized: "
+                                "dense (cuDNN's FP8 kernel where nvidia-cudnn-frontend is "
+                                "installed, else ours), bsa, all, off, or auto (the measured "
+                                "default: off).", metavar="KIND")
     save_latents: str | None = option(None, "Save the final latents (safetensors).",
                                       metavar="FILE")
     latents_in: str | None = option(None, "Initial noise (safetensors, tensor 'latents').",
@@ -258,6 +266,10 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     check_offload(s.offload)
     check_choice("--lora-mode", s.lora_mode, LORA_MODES)
     check_choice("--precision", s.precision, PRECISIONS)
+    check_choice("--fp8-attention", s.fp8_attention, FP8_ATTENTION)
+    if FP8_ATTENTION[s.fp8_attention] and s.precision == "dtype":
+        raise LongcatError(f"--fp8-attention {s.fp8_attention}: quantizes an fp8 run's "
+                           "attention; it cannot go with --precision dtype")
     if s.task in ("vc", "avc") and s.distill and s.enhance_hf:
         raise LongcatError("--enhance-hf cannot be combined with --distill")
     if s.segments < 0:
@@ -286,6 +298,7 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
 # Options of the base tasks the avatar pipeline does not take, each with how it shows as used.
 NOT_FOR_AVATAR = (("--refine", lambda s: s.refine), ("--cp", lambda s: s.cp != 1),
                   ("--precision", lambda s: s.precision != "auto"),
+                  ("--fp8-attention", lambda s: s.fp8_attention != "auto"),
                   ("--bsa", lambda s: s.bsa != "config"),
                   ("--latents-in", lambda s: s.latents_in is not None))
 # Options only the avatar tasks take.
@@ -392,6 +405,9 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     else:
         dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))
         check_components(ckpt.root)
+        if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
+            raise LongcatError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
+                               "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")
     if s.task in ("i2v", "ai2v") and not s.image:
         raise LongcatError(f"--task {s.task} needs --image FILE (the first frame)")
     if s.task in ("vc", "avc", "refine") and not s.video:

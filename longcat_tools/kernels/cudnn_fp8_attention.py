@@ -1,0 +1,218 @@
+"""Dense fp8 attention through cuDNN's fused FP8 SDPA (NVIDIA's ``cudnn`` frontend graph API).
+
+Why cuDNN: at D = 128 the softmax's exponentials cost as much as fp8 tensor-core GEMMs, so an
+fp8 forward gains only if it runs them beside the GEMMs (warp-specialized ping-pong, as in
+FlashAttention-3). Triton 3.6 does not do that on Hopper, and our Triton fp8 kernel only matches
+cuDNN's bf16 attention (``benchmarks/results/fp8_attention.md``); cuDNN's FP8 kernel does.
+
+The recipe is cuDNN's (per tensor), its arithmetic spelled out in
+``fp8_attention.reference_per_tensor``:
+
+- q, k, v: e4m3 of ``x / s``, one float32 scale ``s`` per tensor (``per_tensor_scales``); k
+  first loses its mean over the sequence (the softmax ignores a vector added to every key);
+- P: e4m3 of ``p * 448`` inside cuDNN;
+- O: in q's dtype where this cuDNN gives it; otherwise (Hopper, cuDNN 9.x) e4m3 with the scale
+  ``2 * s_v`` (an output row is an average of value rows, so it stays within ``max|v|``; the
+  factor 2 leaves room for P's rounding), then multiplied back by one pass.
+
+Launches: three scaling passes (one Triton kernel, ``_scale_cast_kernel``, writing token-major
+``[B, S, H, D]`` e4m3 copies), cuDNN's attention, and the output pass when O is e4m3. The
+scales stay on the GPU, so nothing waits for the host. A graph is built once per shape; a shape
+cuDNN refuses is remembered and left to the caller's other paths.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import E4M3
+from .fp8_attention import per_tensor_scales
+
+ROWS = 64  # tokens per program of the scaling pass
+
+
+@triton.jit
+def _scale_cast_kernel(X, Y, SCALE, MEAN, sxb, sxh, sxs, syb, syh, sys, H, S,
+                       BLOCK: tl.constexpr, D: tl.constexpr, SMOOTH: tl.constexpr,
+                       TO_E4M3: tl.constexpr):
+    """Rows ``[i * BLOCK, (i + 1) * BLOCK)`` of head ``bh``: ``Y = X / SCALE[0]`` (less
+    ``MEAN[bh]`` with SMOOTH) as e4m3, clamped to +-448, rounded to nearest even (TO_E4M3), or
+    ``Y = X * SCALE[0]`` in Y's dtype (the output pass). Both ``[B, H, S, D]`` by strides."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = i * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    ok = (rows < S)[:, None]
+    r = rows[:, None].to(tl.int64)
+    x = tl.load(X + b * sxb + h * sxh + r * sxs + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    if SMOOTH:
+        x = x - tl.load(MEAN + bh * D + d)[None, :]
+    if TO_E4M3:
+        y = tl.minimum(tl.maximum(x / tl.load(SCALE), -448.0), 448.0)
+        y = y.to(Y.dtype.element_ty, fp_downcast_rounding="rtne")
+    else:
+        y = (x * tl.load(SCALE)).to(Y.dtype.element_ty)
+    tl.store(Y + b * syb + h * syh + r * sys + d[None, :], y, mask=ok)
+
+
+def _scale_cast(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                mean: torch.Tensor | None = None) -> torch.Tensor:
+    """One ``_scale_cast_kernel`` pass from ``x`` into ``y`` (both ``[B, H, S, D]`` views with
+    unit stride along D); e4m3 ``y``: divided by ``scale``, else multiplied."""
+    B, H, S, D = x.shape
+    _scale_cast_kernel[(triton.cdiv(S, ROWS), B * H)](
+        x, y, scale, mean if mean is not None else scale, *x.stride()[:3], *y.stride()[:3], H, S,
+        ROWS, D, mean is not None, y.dtype == E4M3)
+    return y
+
+
+def token_major(B: int, H: int, S: int, D: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """A ``[B, H, S, D]`` view of a new ``[B, S, H, D]`` tensor: the layout the DiT merges
+    heads from without a copy, and the one every buffer of this module uses."""
+    return torch.empty(B, S, H, D, dtype=dtype, device=device).transpose(1, 2)
+
+
+def _dims(t: torch.Tensor) -> dict[str, list[int]]:
+    return {"dim": list(t.shape), "stride": list(t.stride())}
+
+
+class _Plan:
+    """One built cuDNN graph for a shape: its tensors, workspace and output kind."""
+
+    def __init__(self, handle: int, B: int, H: int, Sq: int, Sk: int, D: int,
+                 out_dtype: torch.dtype, device: torch.device, out_e4m3: bool) -> None:
+        import cudnn
+
+        f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        g = cudnn.pygraph(io_data_type=f8, intermediate_data_type=f32, compute_data_type=f32,
+                          handle=handle)
+        qs = token_major(B, H, Sq, D, E4M3, device)
+        ks = token_major(B, H, Sk, D, E4M3, device)
+        self.q, self.k, self.v = (g.tensor(name=n, data_type=f8, **_dims(t))
+                                  for n, t in (("q", qs), ("k", ks), ("v", ks)))
+        one = {"dim": [1, 1, 1, 1], "stride": [1, 1, 1, 1], "data_type": f32}
+        self.scalars = [g.tensor(name=n, **one) for n in
+                        ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s",
+                         "scale_o")]
+        o, _, amax_s, amax_o = g.sdpa_fp8(self.q, self.k, self.v, *self.scalars,
+                                          generate_stats=False, attn_scale=D ** -0.5,
+                                          use_causal_mask=False)
+        o_type = f8 if out_e4m3 else getattr(cudnn.data_type, _OUT_TYPES[out_dtype])
+        o.set_output(True).set_data_type(o_type).set_dim(list(qs.shape)).set_stride(
+            list(qs.stride()))
+        for a in (amax_s, amax_o):
+            a.set_output(True).set_data_type(f32).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1])
+        self.o, self.amax = o, (amax_s, amax_o)
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+        self.graph, self.out_e4m3 = g, out_e4m3
+        self.workspace = torch.empty(g.get_workspace_size(), dtype=torch.uint8, device=device)
+        self.amax_out = torch.empty(2, dtype=torch.float32, device=device)
+
+    def run(self, handle: int, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor,
+            scalars: torch.Tensor, o: torch.Tensor) -> None:
+        """Attention of the e4m3 copies into ``o``; ``scalars``: float32 ``[6]`` in the order
+        of ``self.scalars``."""
+        import cudnn
+
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(o.device).cuda_stream)
+        step = scalars.element_size()
+        pack = {self.q: q8.data_ptr(), self.k: k8.data_ptr(), self.v: v8.data_ptr(),
+                self.o: o.data_ptr(), self.amax[0]: self.amax_out.data_ptr(),
+                self.amax[1]: self.amax_out.data_ptr() + step}
+        pack.update({t: scalars.data_ptr() + i * step for i, t in enumerate(self.scalars)})
+        self.graph.execute(pack, self.workspace, handle=handle)
+
+
+_OUT_TYPES = {torch.bfloat16: "BFLOAT16", torch.float16: "HALF"}  # cudnn.data_type names
+_PLANS: dict[tuple, _Plan | None] = {}
+_HANDLES: dict[int, int] = {}
+_P_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+@functools.cache
+def _frontend() -> bool:
+    """Whether NVIDIA's ``cudnn`` frontend imports and its backend has FP8 SDPA (9.1+)."""
+    try:
+        import cudnn
+
+        return cudnn.backend_version() >= 90100
+    except Exception:  # noqa: BLE001 - not installed, or no libcudnn it can load
+        return False
+
+
+def supported(q: torch.Tensor) -> bool:
+    """Whether this path may take the call: CUDA Hopper or newer, bf16/fp16, D a multiple of 16
+    up to 256, and the ``cudnn`` frontend installed (``pip install nvidia-cudnn-frontend``)."""
+    return (q.is_cuda and q.dtype in _OUT_TYPES and q.shape[-1] % 16 == 0
+            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and _frontend())
+
+
+def _plan(B: int, H: int, Sq: int, Sk: int, D: int, dtype: torch.dtype,
+          device: torch.device) -> tuple[int, _Plan | None]:
+    """The handle and graph for a shape: O in ``dtype`` if cuDNN builds that, else e4m3;
+    None (remembered) if it builds neither."""
+    import cudnn
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _HANDLES:
+        with torch.cuda.device(index):
+            _HANDLES[index] = cudnn.create_handle()
+    handle = _HANDLES[index]
+    key = (B, H, Sq, Sk, D, dtype, index)
+    if key not in _PLANS:
+        _PLANS[key] = None
+        for out_e4m3 in (False, True):
+            try:
+                _PLANS[key] = _Plan(handle, B, H, Sq, Sk, D, dtype, device, out_e4m3)
+                break
+            except Exception:  # noqa: BLE001 - cuDNN's "not supported" has several types
+                continue
+    return handle, _PLANS[key]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Non-causal softmax attention, scale ``D**-0.5``, in e4m3 through cuDNN; ``[B, H, Sq, D]``
+    in q's dtype, token-major unless ``out`` (a ``[B, H, Sq, D]`` view) is given. None when
+    cuDNN builds no graph for this shape (the caller takes another path).
+
+    q, k, v: bf16/fp16 ``[B, H, S, D]`` views with unit stride along D (e.g. of the qkv
+    projection)."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    handle, plan = _plan(B, H, Sq, Sk, D, q.dtype, q.device)
+    if plan is None:
+        return None
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    s_q, s_k, s_v, mean = per_tensor_scales(q, k, v)
+    if q.device not in _P_SCALES:  # descale_s, scale_s: p goes to e4m3 as p * 448
+        _P_SCALES[q.device] = torch.tensor([1 / 448.0, 448.0], device=q.device)
+    s_o = 2 * s_v if plan.out_e4m3 else torch.ones_like(s_v)  # O's dequantizing multiplier
+    scalars = torch.cat([torch.stack([s_q, s_k, s_v]), _P_SCALES[q.device],
+                         (1 / s_o).reshape(1)])
+    q8 = _scale_cast(q, token_major(B, H, Sq, D, E4M3, q.device), s_q)
+    k8 = _scale_cast(k, token_major(B, H, Sk, D, E4M3, q.device), s_k, mean)
+    v8 = _scale_cast(v, token_major(B, H, Sk, D, E4M3, q.device), s_v)
+    result = out if out is not None else token_major(B, H, Sq, D, q.dtype, q.device)
+    if not plan.out_e4m3:
+        if result.stride() != q8.stride():  # cuDNN writes the layout its graph was built with
+            o = token_major(B, H, Sq, D, q.dtype, q.device)
+            plan.run(handle, q8, k8, v8, scalars, o)
+            return result.copy_(o)
+        plan.run(handle, q8, k8, v8, scalars, result)
+        return result
+    o8 = token_major(B, H, Sq, D, E4M3, q.device)
+    plan.run(handle, q8, k8, v8, scalars, o8)
+    return _scale_cast(o8, result, s_o.reshape(1))
