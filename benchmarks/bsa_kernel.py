@@ -372,12 +372,43 @@ def selection_stages(name, lat, sp, log, rep_ms) -> dict:
            "target_ms": SELECTION_TARGET_MS.get(name)}
     flop = 2 * HEADS * mq * mk * HEAD_DIM
     row["score_tflops"] = flop / row["score_matmul_ms"] / 1e9
+    row.update(dit_prep(lat, sp, lq, rep_ms))
     idx, _ = kernels.select_chunks(q, k, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK)
     heads = slice(0, 4)  # the CPU reference on 4 heads keeps this quick
     ref_idx, _ = R.select_chunks(q[:, heads].cpu(), k[:, heads].cpu(), lq, lk, sp, None)
     row["equals_cpu_reference_4_heads"] = torch.equal(idx[:, heads].cpu(), ref_idx)
     log(json.dumps(row))
     return row
+
+
+def dit_prep(lat, sp, layout, rep_ms) -> dict:
+    """The DiT's fast path from its qkv projection to the selection: the separate passes
+    (q/k RMSNorm + RoPE, pool q, pool + copy k, copy v) against the fused one
+    (``triton_norm.chunk_norm_rope``), and the selection that is left after it (score + select
+    from the means)."""
+    from longcat_tools.kernels import triton_bsa as TB
+    from longcat_tools.kernels import triton_norm as TN
+    from longcat_tools.runner.dit import rope_3d_rows, rope_3d_table
+
+    S = math.prod(lat)
+    qkv = torch.randn(1, S, 3 * HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    w = [torch.ones(HEAD_DIM, device="cuda", dtype=torch.bfloat16)] * 2
+    cos, sin = rope_3d_table(lat, HEAD_DIM, torch.device("cuda"))
+    rows = rope_3d_rows(lat, HEAD_DIM, torch.device("cuda"))
+    v = qkv.view(1, S, 3, HEADS, HEAD_DIM)[:, :, 2].transpose(1, 2)
+
+    def separate():
+        q, k = TN.head_norm_rope(qkv, HEADS, w, cos, sin, 1e-6)
+        TB.pool(q, layout)
+        TB.chunk_pass(k, layout, copy_dtype=k.dtype)
+        TB.chunk_pass(v, layout, pool=False, copy_dtype=v.dtype)
+
+    c = TN.chunk_norm_rope(qkv, HEADS, w, rows, 1e-6, layout, layout)
+    return {"dit_separate_prep_ms": bench(separate, rep_ms),
+            "dit_fused_prep_ms": bench(lambda: TN.chunk_norm_rope(qkv, HEADS, w, rows, 1e-6,
+                                                                  layout, layout), rep_ms),
+            "selection_after_fused_prep_ms": bench(
+                lambda: TB.select_from_means(c.means_q, c.means_k, sp, None), rep_ms)}
 
 
 def _kernel_stats():
@@ -472,8 +503,12 @@ def main() -> None:
         profile_once(SHAPES["720p"], 0.9375)
         return
     if args.selection:
-        for name in SELECTION_TARGET_MS:
-            selection_stages(name, SHAPES[name], 0.9375, log, args.rep_ms)
+        rows = [selection_stages(name, SHAPES[name], 0.9375, log, args.rep_ms)
+                for name in SELECTION_TARGET_MS]
+        out = Path(args.out) if args.out else RESULTS
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bsa_selection.json").write_text(json.dumps({"meta": meta, "rows": rows},
+                                                           indent=1) + "\n")
         return
     orig = load_original()
     log(f"original kernel: {'loaded' if orig else 'not given (LONGCAT_BSA_SRC unset)'}")

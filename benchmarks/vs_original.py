@@ -127,8 +127,9 @@ def main() -> None:
     ap.add_argument("--init", choices=("random", "damped"), default="random")
     ap.add_argument("--damp", type=float, default=0.1)
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 reference")
-    ap.add_argument("--kv-passes", type=int, default=1,
-                    help="also time ours in bf16 with the BSA forward in this many kv passes")
+    ap.add_argument("--bsa-variants", default="",
+                    help="extra bf16 rows on the BSA shapes, one per ';'-separated list of "
+                         "triton_bsa.FWD_CONFIG settings, e.g. 'kv_passes=2;fused_qkv=1'")
     ap.add_argument("--fp32-shapes", default="480p/93 dense",
                     help="shapes given an fp32 reference forward (slow: about 10x bf16)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -199,16 +200,17 @@ def main() -> None:
         torch.cuda.empty_cache()
     ours.enable_fast_ops(device == "cuda")
     timed(ours, "ours bf16", ours_bsa)
-    if a.kv_passes > 1 and device == "cuda":  # the BSA forward over slices of the kv chunks
-        from longcat_tools.kernels import triton_bsa
+    for variant in (a.bsa_variants.split(";") if a.bsa_variants and device == "cuda" else []):
+        from longcat_tools.kernels import triton_bsa  # the BSA forward's settings, one row each
 
-        saved_passes = triton_bsa.FWD_CONFIG["kv_passes"]
-        triton_bsa.FWD_CONFIG["kv_passes"] = a.kv_passes
+        saved_cfg = dict(triton_bsa.FWD_CONFIG)
+        triton_bsa.FWD_CONFIG.update({k: int(v) for k, v in
+                                      (item.split("=") for item in variant.split(","))})
         try:
-            timed(ours, f"ours bf16, {a.kv_passes} kv passes", ours_bsa,
+            timed(ours, f"ours bf16, {variant}", ours_bsa,
                   only=[shape for shape, (_, bsa) in shapes.items() if bsa])
         finally:
-            triton_bsa.FWD_CONFIG["kv_passes"] = saved_passes
+            triton_bsa.FWD_CONFIG.update(saved_cfg)
     fp32_shapes = None if a.small else a.fp32_shapes.split(",")
     if not a.no_fp32 and fp32_shapes is not None and not set(fp32_shapes) & set(shapes):
         print(f"note: no fp32 reference: --fp32-shapes {a.fp32_shapes!r} names none of the "

@@ -183,11 +183,11 @@ def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
     # scores rounded to bf16/fp16 have their low LOW_BIT bits zero: drop them, fewer passes
     key = tl.where(valid, key >> LOW_BIT, 0)
     k = tl.load(CNT + row)
-    # the k-th largest key, one bit at a time
+    # the k-th largest key, one bit at a time (cand >= 1, so the padding's 0 never counts)
     kth = tl.zeros([], dtype=tl.uint32)
     for bit in tl.static_range(31 - LOW_BIT, -1, -1):
         cand = kth | (1 << bit)
-        hits = tl.sum(((key >= cand) & valid).to(tl.int32), axis=0)
+        hits = tl.sum((key >= cand).to(tl.int32), axis=0)
         kth = tl.where(hits >= k, cand, kth)
     above = (key > kth) & valid
     need = k - tl.sum(above.to(tl.int32), axis=0)
@@ -418,16 +418,23 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
     """``select_chunks`` plus, with ``copy_k``, the chunk-major copy of k for ``attend``,
     written by the same pass over k that pools it."""
     kbar, kc = chunk_pass(k, layout_k, copy_dtype=k.dtype if copy_k else None)
-    score = exact_scores(pool(q, layout_q), kbar)  # type: ignore[arg-type]
-    mk = layout_k.num_chunks
+    indices, counts = select_from_means(pool(q, layout_q), kbar,  # type: ignore[arg-type]
+                                        sparsity, cdf_threshold)
+    return indices, counts, kc
+
+
+def select_from_means(qbar: torch.Tensor, kbar: torch.Tensor, sparsity: float | None,
+                      cdf_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score and select from the chunk means ``[B, H, M, D]`` (``pool``'s bits)."""
+    score = exact_scores(qbar, kbar)
     if cdf_threshold is None:
-        kmax = kept_per_query(sparsity, mk)
-        counts = torch.full(score.shape[:-1], kmax, dtype=torch.int32, device=q.device)
+        kmax = kept_per_query(sparsity, kbar.shape[2])
+        counts = torch.full(score.shape[:-1], kmax, dtype=torch.int32, device=qbar.device)
     else:
-        score = round_scores(score, q.dtype)
-        counts = selection_counts(score, sparsity, cdf_threshold, q.shape[-1])
+        score = round_scores(score, qbar.dtype)
+        counts = selection_counts(score, sparsity, cdf_threshold, qbar.shape[-1])
         kmax = int(counts.max())
-    return select(score, counts, kmax, q.dtype), counts, kc
+    return select(score, counts, kmax, qbar.dtype), counts
 
 
 # kv_split (steps per kv chunk), num_warps, num_stages; 0 = by chunk size, tuned on H100
@@ -435,8 +442,10 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
 # tma: K/V tiles by TMA (else plain loads; always so where Triton has no TensorDescriptor).
 # kv_passes: launches per call, each over one slice of the kv chunks, the softmax state
 # carried between them in float32 (4 * D + 8 bytes per query row).
+# fused_qkv: the DiT's fast path takes ``block_sparse_attention_from_qkv`` (one pass per part
+# of the qkv projection instead of five; off until a GPU has timed it).
 FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
-                              "tma": 1, "kv_passes": 1}
+                              "tma": 1, "kv_passes": 1, "fused_qkv": 0}
 
 
 def _fwd_config(cq_pad: int, ck_pad: int) -> tuple[int, int, int]:
@@ -492,15 +501,17 @@ def quantized_copies(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLayout,
            layout_k: ChunkLayout, indices: torch.Tensor, counts: torch.Tensor,
            pv_fp16: bool | None = None, out: torch.Tensor | None = None,
-           k_chunks: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
+           k_chunks: torch.Tensor | None = None, v_chunks: torch.Tensor | None = None,
+           fp8: bool = False) -> torch.Tensor:
     """Sparse flash attention forward over the selected chunks; ``[B, H, Sq, D]``.
 
     ``indices``: per query chunk, ascending and -1 padded past ``counts``, as ``select``
     returns them (kv passes take runs of positions; one pass accepts any order).
     q, k, v: any strides with unit stride along D. ``out``: any ``[B, H, Sq, D]`` view with
     unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor). ``k_chunks``: the
-    chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here. ``fp8``:
-    int8 Q K^T and e4m3 P V (``kernels.fp8_attention``; ``pv_fp16`` and ``k_chunks`` unused).
+    chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here;
+    ``v_chunks``: v's plain copy (``chunk_pass``), for a bf16 P V only. ``fp8``: int8 Q K^T and
+    e4m3 P V (``kernels.fp8_attention``; ``pv_fp16`` and the copies unused).
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, _, D = q.shape
@@ -512,7 +523,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     else:
         kc = k_chunks if k_chunks is not None else chunk_pass(k, layout_k, pool=False,
                                                               copy_dtype=k.dtype)[1]
-        vc, vscale = _v_copy(v, layout_k, pv_fp16)
+        if v_chunks is not None and (v.dtype == torch.float16 or not pv_fp16):
+            vc = v_chunks  # what _v_copy makes here
+        else:
+            vc, vscale = _v_copy(v, layout_k, pv_fp16)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     counts = counts.contiguous()
     if indices.shape[-1] == 0:

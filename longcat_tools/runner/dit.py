@@ -181,6 +181,30 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def rope_3d_rows(grid: tuple[int, int, int], head_dim: int, device: torch.device,
+                 base: float = 10000.0, t_positions: tuple[float, ...] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[T + H + W, head_dim]``: the 3D RoPE by axis (see ``rope_3d_table``).
+
+    Row t holds the time part's channels, row T + h the height part's, row T + H + w the width
+    part's, zeros elsewhere, so a token's row of the table is the sum of its three rows (exact:
+    two of the three terms are zero). Kernels that walk tokens out of raster order gather these
+    few rows (kilobytes) instead of the table's (tens of megabytes)."""
+    d_hw = 2 * (head_dim // 6)
+    angles = torch.zeros(sum(grid), head_dim)
+    own = torch.zeros(sum(grid), head_dim, dtype=torch.bool)
+    r0 = c0 = 0
+    for axis, (n, d) in enumerate(zip(grid, (head_dim - 2 * d_hw, d_hw, d_hw), strict=True)):
+        freqs = 1.0 / (base ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+        pos = torch.arange(n, dtype=torch.float32) if axis or t_positions is None \
+            else torch.tensor(t_positions, dtype=torch.float32)
+        angles[r0:r0 + n, c0:c0 + d] = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)
+        own[r0:r0 + n, c0:c0 + d] = True
+        r0, c0 = r0 + n, c0 + d
+    angles, own = angles.to(device), own.to(device)
+    return torch.where(own, angles.cos(), 0.0), torch.where(own, angles.sin(), 0.0)
+
+
 def rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.device,
                   base: float = 10000.0, t_positions: tuple[float, ...] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,35 +214,30 @@ def rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.devic
     channels; each angle is repeated for an interleaved channel pair; positions start at 0, or
     the time positions are ``t_positions`` (the avatar's reference frame sits elsewhere in time).
     """
-    d_hw = 2 * (head_dim // 6)
-    parts = []
-    for axis, (n, d) in enumerate(zip(grid, (head_dim - 2 * d_hw, d_hw, d_hw), strict=True)):
-        freqs = 1.0 / (base ** (torch.arange(0, d, 2)[: d // 2].float() / d))
-        pos = torch.arange(n, dtype=torch.float32) if axis or t_positions is None \
-            else torch.tensor(t_positions, dtype=torch.float32)
-        angles = pos[:, None] * freqs[None]
-        parts.append(angles.repeat_interleave(2, dim=-1))
     T, H, W = grid
-    table = torch.cat([parts[0][:, None, None].expand(T, H, W, -1),
-                       parts[1][None, :, None].expand(T, H, W, -1),
-                       parts[2][None, None, :].expand(T, H, W, -1)], dim=-1).reshape(T * H * W, -1)
-    table = table.to(device)
-    return table.cos(), table.sin()
+
+    def table(rows: torch.Tensor) -> torch.Tensor:
+        return (rows[:T, None, None] + rows[T:T + H][None, :, None]
+                + rows[T + H:][None, None, :]).reshape(T * H * W, -1)
+
+    return tuple(table(r) for r in rope_3d_rows(grid, head_dim, device, base, t_positions))
 
 
 _ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def rope_table_cached(grid: tuple[int, int, int], head_dim: int, device: torch.device,
-                      t_positions: tuple[float, ...] | None = None,
+                      t_positions: tuple[float, ...] | None = None, rows: bool = False,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rope_3d_table``, kept for the last few grids: every block of every step reuses it."""
-    key = (tuple(grid), head_dim, torch.device(device), t_positions)
+    """``rope_3d_table`` (``rows``: ``rope_3d_rows``), kept for the last few grids: every block
+    of every step reuses it."""
+    key = (tuple(grid), head_dim, torch.device(device), t_positions, rows)
     if key not in _ROPE_CACHE:
         if len(_ROPE_CACHE) >= 4:
             _ROPE_CACHE.pop(next(iter(_ROPE_CACHE)))
+        make = rope_3d_rows if rows else rope_3d_table
         with torch.inference_mode(False), torch.no_grad():  # usable under autograd later too
-            _ROPE_CACHE[key] = rope_3d_table(grid, head_dim, device, t_positions=t_positions)
+            _ROPE_CACHE[key] = make(grid, head_dim, device, t_positions=t_positions)
     return _ROPE_CACHE[key]
 
 
@@ -268,14 +287,22 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.view(B, -1, 3, heads, D).permute(2, 0, 3, 1, 4)
         T, H, W = grid
         roped = kv_cache is None and not return_kv and fast_ops.use(attn.fast, x)
-        if roped:  # norm + RoPE fused (q and k in one pass with the Triton kernels)
+        out = None
+        if roped and num_cond_latents == 0 and bsa is not None and T > 1 \
+                and "bsa" not in attn.fp8:  # norm, RoPE and the BSA's passes fused (or None)
+            out = attn_ops.block_sparse_from_qkv(
+                qkv, heads, self.q_norm.weight, self.k_norm.weight,
+                rope_table_cached(grid, D, x.device, rows=True), self.q_norm.eps, grid, bsa)
+        if roped and out is None:  # norm + RoPE fused (q and k in one pass with Triton)
             cos, sin = rope_table_cached(grid, self.head_dim, x.device)
             q, k = fast_ops.qk_norm_rope(qkv, heads, self.q_norm.weight, self.k_norm.weight,
                                          cos, sin, self.q_norm.eps)
-        else:
+        elif not roped:
             q, k = self.q_norm(q), self.k_norm(k)
         new_kv = (k.clone(), v.clone()) if return_kv else None
-        if kv_cache is not None:
+        if out is not None:
+            pass
+        elif kv_cache is not None:
             # cached condition K/V first; RoPE over the (cond + noise) grid, new tokens after them
             k_c, v_c = (t.to(x.device) for t in kv_cache)
             if k_c.shape[0] == 1 and B > 1:
