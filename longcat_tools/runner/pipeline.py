@@ -199,6 +199,28 @@ def negative_prompt_of(negative_prompt: str | None, guidance: float) -> str | No
     return negative_prompt
 
 
+# How the VAE runs on CUDA; both off until benchmarks/vae_decode.py has timed them.
+# channels_last: its Conv3d weights (and so its activations) in channels_last_3d; cudnn_benchmark:
+# cuDNN's autotuner during the decode (each conv shape tuned once per process).
+VAE_CONFIG: dict[str, int] = {"channels_last": 0, "cudnn_benchmark": 0}
+
+
+def prepare_vae(vae: torch.nn.Module) -> None:
+    """The VAE's weights in the memory format ``VAE_CONFIG`` asks for (on CUDA)."""
+    if next(vae.parameters()).is_cuda:
+        vae.to(memory_format=torch.channels_last_3d if VAE_CONFIG["channels_last"]
+               else torch.contiguous_format)
+
+
+def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """``vae.decode`` (denormalized latents -> pixels), with cuDNN's autotuner if
+    ``VAE_CONFIG`` asks for it."""
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=bool(VAE_CONFIG["cudnn_benchmark"]),
+                     deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+        return vae.decode(latents, return_dict=False)[0]
+
+
 def to_pil_frames(video: Any) -> list[Image.Image]:
     """A list of PIL images, or frames as a uint8 array [F, H, W, 3] -> list of PIL images."""
     if isinstance(video, np.ndarray):
@@ -309,6 +331,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
                 te = te_job.result() if te_job is not None else None
             vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=dtype,
                                                    use_safetensors=True).to(device).eval()
+            prepare_vae(vae)
             sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
             if swap:
                 off.enable_block_swap(dit, device)
@@ -417,7 +440,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
             frames = None
             if self.is_main:
                 latents = self.denormalize(latents.to(self.vae.dtype))
-                video = self.vae.decode(latents, return_dict=False)[0]
+                video = vae_decode(self.vae, latents)
                 frames = self.video_processor.postprocess_video(video, output_type="np")[0]
             if self.cp is not None:
                 frames = self.cp.broadcast_frames(frames, self.device)
