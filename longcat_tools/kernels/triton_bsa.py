@@ -6,6 +6,9 @@ Launches, each readable top to bottom:
                           over their real tokens (summed in float64), a chunk-major copy
                           (missing edge tokens zero), or both. q: means; k: both; v: copy
                           (bf16 V as float16 times a per-head power of two, see ``_v_copy``).
+                          On the DiT's fused path (``FWD_CONFIG["fused_qkv"]``),
+                          ``triton_norm.chunk_norm_rope`` writes them from the qkv projection
+                          instead, and ``select_from_means`` starts from its means.
 2. scores                 not a Triton kernel: ``reference.exact_scores``, the float64
                           matmul of the pooled means (cuBLAS DGEMM on FP64 tensor cores),
                           exact for bf16/fp16 data in any summation order.
