@@ -258,11 +258,9 @@ def main() -> None:
         print("BSA rel err vs fp64:", json.dumps(prec), flush=True)
 
     if a.profile and a.fp8:
-        from longcat_tools.kernels import fp8_attention
-
         model.to_fp8()
         kinds = [k for k in a.fp8_attention.split(",") if k]
-        fp8_attention.ENABLED.update({k: k in kinds for k in fp8_attention.ENABLED})
+        model.fp8_attention = frozenset(kinds)
         result_name = f"dit_forward_profile_fp8{''.join('_' + k for k in kinds)}.json"
     for name, (latent, bsa) in shapes.items():
         args = inputs(latent, model.dims.caption_channels, device, seed=1)

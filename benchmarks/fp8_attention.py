@@ -106,12 +106,9 @@ def cudnn_fp8(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: st
 
     if not C.supported(q):
         return {}
-    import importlib.metadata
-
     import cudnn
 
-    row = {"cudnn_backend": cudnn.backend_version(),
-           "cudnn_frontend": importlib.metadata.version("nvidia-cudnn-frontend")}
+    row = {"cudnn_backend": cudnn.backend_version(), "cudnn_frontend": cudnn.__version__}
     if C.attention(q, k, v) is None:
         return {**row, "cudnn_fp8_error": "cuDNN built no FP8 graph for this shape"}
     B, H, S, D = q.shape

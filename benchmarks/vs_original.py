@@ -52,7 +52,7 @@ from dit_forward import SHAPES, SMALL_SHAPES, build, inputs, rel, time_forward  
 
 from longcat_tools.synth import dit_config  # noqa: E402
 
-# ours in fp8: which attention kind also runs quantized (``fp8_attention.ENABLED``), and for
+# ours in fp8: which attention kind also runs quantized (the model's ``fp8_attention``), and for
 # dense, which kernels it may take (``fp8_attention.DENSE_KERNELS``; cuDNN's where installed);
 # a variant runs only on the shapes that use its kind (the BSA shapes attend sparsely throughout)
 FP8_VARIANTS = {"ours fp8": (None, None), "ours fp8+bsa attn": ("bsa", None),
@@ -230,22 +230,22 @@ def main() -> None:
     ours.to_fp8()
     from longcat_tools.kernels import fp8_attention
 
-    saved = dict(fp8_attention.ENABLED), list(fp8_attention.DENSE_KERNELS)
-    if device == "cuda":  # which dense kernels could take the "+dense attn" rows' calls
-        probe = torch.zeros(1, 1, 64, 128, device=device, dtype=torch.bfloat16)
-        info["fp8_dense_kernels"] = [n for n in fp8_attention.DENSE_KERNELS
-                                     if fp8_attention.quantized_kernel(n).supported(probe)]
+    saved = list(fp8_attention.DENSE_KERNELS)
     for variant, (kind, kernels) in FP8_VARIANTS.items():
         if kind is not None and device != "cuda":
             continue
-        fp8_attention.ENABLED.update({k: k == kind for k in fp8_attention.ENABLED})
-        fp8_attention.DENSE_KERNELS[:] = kernels or saved[1]
+        ours.fp8_attention = frozenset({kind} if kind else ())
+        fp8_attention.DENSE_KERNELS[:] = kernels or saved
+        fp8_attention.CALLS.clear()
         try:
             timed(ours, variant, ours_bsa, only=None if kind is None else
                   [shape for shape, (_, bsa) in shapes.items() if bsa == (kind == "bsa")])
         finally:
-            fp8_attention.ENABLED.update(saved[0])
-            fp8_attention.DENSE_KERNELS[:] = saved[1]
+            fp8_attention.DENSE_KERNELS[:] = saved
+        for row in rows:  # which kernel took the quantized calls, if any did
+            if row["variant"] == variant:
+                row["quantized_calls"] = dict(fp8_attention.CALLS)
+    ours.fp8_attention = None
     timings = [r for r in rows if "error" not in r]
     for row in timings:
         shape, variant = row["shape"], row["variant"]

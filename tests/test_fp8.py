@@ -278,7 +278,7 @@ def test_run_precision_fp8_quantizes_on_load_and_dtype_dequantizes(tiny_native, 
         outs[name] = json.loads((tmp_path / f"{name}.mp4.json").read_text())
         outs[name]["latents"] = load(str(tmp_path / f"{name}.st"))["latents"]
     assert [outs[n]["precision"] for n in "qsdf"] == ["fp8", "fp8", "bf16", "fp32"]
-    assert [outs[n]["fp8_attention"] for n in "qsdf"] == [[]] * 4  # auto: off until measured
+    assert [outs[n]["fp8_attention"] for n in "qsdf"] == [{"kinds": [], "calls": {}}] * 4
     assert outs["s"]["checkpoint"]["layout"] == "converted (fastvideo keys, fp8)"
     # quantized on load == stored fp8 (the rest bf16 in both): the same weights, the same video
     assert torch.equal(outs["q"]["latents"], outs["s"]["latents"])
@@ -296,6 +296,7 @@ def test_fp8_attention_is_asked_of_fp8_runs_only(tiny_native, fp8_folder, tmp_pa
     """``--fp8-attention`` sets the model's kinds (recorded in the sidecar; on the CPU no kernel
     takes them); a dtype run, or auto on a checkpoint that is not fp8, is refused before
     loading, as is an unknown kind."""
+    from longcat_tools.errors import LongcatError
     from longcat_tools.kernels import fp8_attention
     from longcat_tools.runner.loading import load_transformer
 
@@ -304,7 +305,8 @@ def test_fp8_attention_is_asked_of_fp8_runs_only(tiny_native, fp8_folder, tmp_pa
     out = tmp_path / "a.mp4"
     assert main(["run", "-m", str(fp8_folder), "--fp8-attention", "all", *tiny, "--out",
                  str(out)]) == 0
-    assert json.loads((tmp_path / "a.mp4.json").read_text())["fp8_attention"] == ["bsa", "dense"]
+    assert json.loads((tmp_path / "a.mp4.json").read_text())["fp8_attention"] == {
+        "kinds": ["bsa", "dense"], "calls": {}}  # asked for; no kernel runs on the CPU
     capsys.readouterr()
     for args, message in (
             (["--fp8-attention", "fast"], "--fp8-attention fast: unknown (use auto, off, dense, "
@@ -326,6 +328,9 @@ def test_fp8_attention_is_asked_of_fp8_runs_only(tiny_native, fp8_folder, tmp_pa
     assert model.quantized_attention() == {"bsa"}  # None: the measured default
     model.fp8_attention = frozenset()
     assert model.quantized_attention() == frozenset()
+    model.fp8_attention = frozenset({"Dense"})
+    with pytest.raises(LongcatError, match=r"\['Dense'\]: the kinds are dense, bsa"):
+        model.quantized_attention()
 
 
 @pytest.mark.parametrize("source", ["plain", "fp8"])

@@ -188,21 +188,39 @@ def test_the_cudnn_path_scales_as_its_reference(dtype):
 @pytest.mark.parametrize("S,D,dtype", [(1024, 128, torch.bfloat16), (777, 64, torch.float16),
                                        (4096, 128, torch.bfloat16)])
 def test_cudnn_fp8_attention_is_as_close_to_fp32_as_its_reference(S, D, dtype):
-    """cuDNN rounds p against a running maximum and, on Hopper, O to e4m3 (2-3% more on random
-    data), so it is held to fp32 with that allowance, not to the reference's bits."""
+    """cuDNN rounds p against a running maximum and, on Hopper, O to e4m3 (~2.5% more on
+    random data), so it is held to fp32 with that allowance, not to the reference's bits."""
     C = _cudnn()
     q, k, v = _qkv_views(1, S, 4, D, dtype, seed=1)
     out = C.attention(q, k, v)
+    if out is None and S % 64:
+        pytest.skip(f"cuDNN builds no FP8 graph for {S} tokens (the caller falls back)")
     assert out is not None and out.dtype == dtype and out.shape == q.shape
     assert out.transpose(1, 2).is_contiguous()  # token-major
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     r = ref.reference_per_tensor(q, k, v)
     plan = C._PLANS[(1, 4, S, S, D, dtype, q.device.index)]
-    allowance = 0.035 if plan.out_e4m3 else 0.005
+    allowance = 0.02 if plan.out_e4m3 else 0.005
     assert _rel(out, exact) < 1.1 * _rel(r, exact) + allowance
     assert _rel(out, r) < 0.08
     other = q.new_empty(1, 4, S, D)  # a head-major output buffer gets the same values
     assert torch.equal(C.attention(q, k, v, out=other), out)
+
+
+def test_cudnn_fp8_attention_at_the_dits_lengths():
+    """At 37,440 tokens (480p/93) a softmax row sums ~10^4 terms: were p quantized after its
+    normalization, p * 448 would fall under e4m3's normal range and the error would explode.
+    cuDNN takes p against the row's running maximum (its amax is 1), so the error stays near
+    the short sequences' one."""
+    C = _cudnn()
+    q, k, v = _qkv_views(1, 37440, 1, 128, torch.bfloat16, seed=7)
+    out = C.attention(q, k, v)
+    assert out is not None
+    plan = C._PLANS[(1, 1, 37440, 37440, 128, torch.bfloat16, q.device.index)]
+    amax_p = plan.amax_out[0].item()  # unnormalized p peaks at 1 (448 once scaled)
+    assert min(abs(amax_p - 1.0), abs(amax_p / 448.0 - 1.0)) < 1e-3, amax_p
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert _rel(out, exact) < 0.1
 
 
 def test_dense_fp8_calls_take_cudnn_where_it_is_installed(monkeypatch):
@@ -211,6 +229,8 @@ def test_dense_fp8_calls_take_cudnn_where_it_is_installed(monkeypatch):
 
     C = _cudnn()
     q, k, v = _qkv_views(1, 1024, 2, 128, torch.bfloat16, seed=4)
+    monkeypatch.setattr(ref, "CALLS", ref.Counter())
     assert torch.equal(dense.attention(q, k, v, fp8=True), C.attention(q, k, v))
     monkeypatch.setattr(ref, "DENSE_KERNELS", ["triton"])
     assert torch.equal(dense.attention(q, k, v, fp8=True), tfa.attention(q, k, v))
+    assert ref.CALLS == {"dense cudnn": 1, "dense triton": 1}

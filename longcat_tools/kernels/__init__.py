@@ -87,6 +87,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     lq, lk = sel.layout_q, sel.layout_k
     quantized = fp8 and fp8_attention.use(q, "bsa") and triton_bsa.fp8_covers(lk)
+    if quantized:
+        fp8_attention.count("bsa", triton_bsa)
     indices, counts, kc = triton_bsa.select_chunks_and_copy_k(
         q, k, lq, lk, sel.sparsity, sel.cdf_threshold, copy_k=not quantized)
     out = None

@@ -30,6 +30,12 @@ def eager_division() -> dict[str, bool] | None:
     return None
 
 
+def triton_rows_allowed() -> bool:
+    """Whether the glue may take ``kernels.triton_norm``'s Triton row kernels where they run
+    (``LONGCAT_NO_TRITON_NORM=1`` sends it here, to ``torch.compile``, instead)."""
+    return os.environ.get("LONGCAT_NO_TRITON_NORM", "") in ("", "0")
+
+
 class Compiled:
     """``fn`` through ``torch.compile`` on first use; eager for good once compiling fails.
 

@@ -24,6 +24,7 @@ cuDNN refuses is remembered and left to the caller's other paths.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
@@ -32,6 +33,7 @@ import triton.language as tl
 from .fp8 import E4M3
 from .fp8_attention import per_tensor_scales
 
+log = logging.getLogger(__name__)
 ROWS = 64  # tokens per program of the scaling pass
 
 
@@ -40,8 +42,9 @@ def _scale_cast_kernel(X, Y, SCALE, MEAN, sxb, sxh, sxs, syb, syh, sys, H, S,
                        BLOCK: tl.constexpr, D: tl.constexpr, SMOOTH: tl.constexpr,
                        TO_E4M3: tl.constexpr):
     """Rows ``[i * BLOCK, (i + 1) * BLOCK)`` of head ``bh``: ``Y = X / SCALE[0]`` (less
-    ``MEAN[bh]`` with SMOOTH) as e4m3, clamped to +-448, rounded to nearest even (TO_E4M3), or
-    ``Y = X * SCALE[0]`` in Y's dtype (the output pass). Both ``[B, H, S, D]`` by strides."""
+    ``MEAN[bh]`` with SMOOTH) as e4m3, divided and rounded as PyTorch does (``div_rn``, then
+    clamped to +-448 with NaN kept, to nearest even) (TO_E4M3), or ``Y = X * SCALE[0]`` in Y's
+    dtype (the output pass). Both ``[B, H, S, D]`` by strides."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -54,7 +57,8 @@ def _scale_cast_kernel(X, Y, SCALE, MEAN, sxb, sxh, sxs, syb, syh, sys, H, S,
     if SMOOTH:
         x = x - tl.load(MEAN + bh * D + d)[None, :]
     if TO_E4M3:
-        y = tl.minimum(tl.maximum(x / tl.load(SCALE), -448.0), 448.0)
+        y = tl.maximum(tl.div_rn(x, tl.load(SCALE)), -448.0, propagate_nan=tl.PropagateNan.ALL)
+        y = tl.minimum(y, 448.0, propagate_nan=tl.PropagateNan.ALL)
         y = y.to(Y.dtype.element_ty, fp_downcast_rounding="rtne")
     else:
         y = (x * tl.load(SCALE)).to(Y.dtype.element_ty)
@@ -140,29 +144,35 @@ _HANDLES: dict[int, int] = {}
 _P_SCALES: dict[torch.device, torch.Tensor] = {}
 
 
+MIN_FRONTEND = (1, 13)  # sdpa_fp8's generate_stats
+
+
 @functools.cache
 def _frontend() -> bool:
-    """Whether NVIDIA's ``cudnn`` frontend imports and its backend has FP8 SDPA (9.1+)."""
+    """Whether NVIDIA's ``cudnn`` frontend (1.13+) imports and its backend has FP8 SDPA
+    (cuDNN 9.1+)."""
     try:
         import cudnn
 
-        return cudnn.backend_version() >= 90100
+        version = tuple(int(p) for p in cudnn.__version__.split(".")[:2])
+        return version >= MIN_FRONTEND and cudnn.backend_version() >= 90100
     except Exception:  # noqa: BLE001 - not installed, or no libcudnn it can load
         return False
 
 
 def supported(q: torch.Tensor) -> bool:
-    """Whether this path may take the call: CUDA Hopper or newer, bf16/fp16, D a multiple of 16
-    up to 256, and the ``cudnn`` frontend installed (``pip install nvidia-cudnn-frontend``)."""
-    return (q.is_cuda and q.dtype in _OUT_TYPES and q.shape[-1] % 16 == 0
-            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device)[0] >= 9
-            and _frontend())
+    """Whether this path may take the call: CUDA Hopper or newer, bf16/fp16, D a power of two
+    in 16..256 (the scaling pass's tiles), and the ``cudnn`` frontend installed
+    (``pip install nvidia-cudnn-frontend``)."""
+    D = q.shape[-1]
+    return (q.is_cuda and q.dtype in _OUT_TYPES and 16 <= D <= 256 and D & (D - 1) == 0
+            and torch.cuda.get_device_capability(q.device)[0] >= 9 and _frontend())
 
 
 def _plan(B: int, H: int, Sq: int, Sk: int, D: int, dtype: torch.dtype,
           device: torch.device) -> tuple[int, _Plan | None]:
     """The handle and graph for a shape: O in ``dtype`` if cuDNN builds that, else e4m3;
-    None (remembered) if it builds neither."""
+    None (remembered, and logged once) if cuDNN supports neither."""
     import cudnn
 
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -173,12 +183,16 @@ def _plan(B: int, H: int, Sq: int, Sk: int, D: int, dtype: torch.dtype,
     key = (B, H, Sq, Sk, D, dtype, index)
     if key not in _PLANS:
         _PLANS[key] = None
+        refusals = []
         for out_e4m3 in (False, True):
             try:
                 _PLANS[key] = _Plan(handle, B, H, Sq, Sk, D, dtype, device, out_e4m3)
                 break
-            except Exception:  # noqa: BLE001 - cuDNN's "not supported" has several types
-                continue
+            except (cudnn.cudnnGraphNotSupportedError, RuntimeError) as e:  # not this graph
+                refusals.append(str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        if _PLANS[key] is None:
+            log.warning("cuDNN builds no FP8 attention for q %s, k length %d (%s); another "
+                        "kernel takes it", (B, H, Sq, D), Sk, "; ".join(refusals))
     return handle, _PLANS[key]
 
 
@@ -186,10 +200,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Non-causal softmax attention, scale ``D**-0.5``, in e4m3 through cuDNN; ``[B, H, Sq, D]``
     in q's dtype, token-major unless ``out`` (a ``[B, H, Sq, D]`` view) is given. None when
-    cuDNN builds no graph for this shape (the caller takes another path).
+    cuDNN builds no graph for this shape (the caller takes another path). A plan's workspace
+    is shared: calls on one stream at a time.
 
     q, k, v: bf16/fp16 ``[B, H, S, D]`` views with unit stride along D (e.g. of the qkv
     projection)."""
+    with torch.cuda.device(q.device):
+        return _attention(q, k, v, out)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor | None) -> torch.Tensor | None:
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     handle, plan = _plan(B, H, Sq, Sk, D, q.dtype, q.device)

@@ -34,13 +34,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = Fal
     ``fp8``: quantized, by the first of ``fp8_attention.DENSE_KERNELS`` that takes the call
     (bf16 where none does), its output written token-major (a ``[B, S, H, D]``
     tensor's view), so merging the heads is free."""
-    if fp8 and fp8_attention.use(q, "dense"):
+    for kernel in fp8_attention.kernels_for(q, "dense") if fp8 else []:
         B, H, S, D = q.shape
         out = q.new_empty(B, S, H, D).transpose(1, 2)
-        for name in fp8_attention.DENSE_KERNELS:
-            kernel = fp8_attention.quantized_kernel(name)
-            if kernel.supported(q) and kernel.attention(q, k, v, out=out) is not None:
-                return out
+        if kernel.attention(q, k, v, out=out) is not None:
+            fp8_attention.count("dense", kernel)
+            return out
     if _prefer_cudnn(q):
         try:
             with sdpa_kernel(_PRIORITY, set_priority=True):

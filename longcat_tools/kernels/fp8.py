@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from longcat_tools.kernels.compiled import Compiled
+from longcat_tools.kernels.compiled import Compiled, triton_rows_allowed
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn value
@@ -72,7 +72,9 @@ def _quantize_rows(x: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, 
 
 # Fused, the scaling is one kernel that reads the activation once and writes e4m3, instead of
 # eager's fp32 copy and four more passes, with the same bits (its divisions round as eager's):
-# Triton's ``triton_norm.e4m3_rows`` on CUDA, else (no Triton) this function compiled.
+# Triton's ``triton_norm.e4m3_rows`` on CUDA, else this function compiled (with
+# ``LONGCAT_NO_TRITON_NORM=1``; where Triton is missing, inductor cannot compile it either and
+# it runs eagerly).
 quantize_rows_fused = Compiled(_quantize_rows, eager_bits=True)
 _TRITON_ROWS: Any = None  # kernels.triton_norm once imported, False where it cannot be
 
@@ -92,7 +94,7 @@ def _triton_rows() -> Any:
 def quantize_rows(x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, K]`` activations -> (e4m3 ``[N, K]``, float32 scale ``[N, 1]``), per row (token);
     ``fused``: in one kernel (see ``quantize_rows_fused``), same bits."""
-    if fused and x.is_cuda and x.is_contiguous() and _triton_rows():
+    if fused and x.is_cuda and x.is_contiguous() and triton_rows_allowed() and _triton_rows():
         return _triton_rows().e4m3_rows(x)
     return (quantize_rows_fused if fused else _quantize_rows)(x, _limit(x.device))
 
@@ -103,7 +105,7 @@ def scaled_mm_ok(in_features: int, out_features: int) -> bool:
 
 
 def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., K]`` as ``linear`` scales it (per token, compiled on CUDA): for several
+    """``x [..., K]`` as ``linear`` scales it (per token, one kernel on CUDA): for several
     layers that read the same input (the FFN's w1 and w3), once."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # _scaled_mm takes a row-major mat1
     return quantize_rows(x2, fused=x2.is_cuda)

@@ -3,8 +3,9 @@
 Two kernels: ``triton_fp8_attention`` (ours, dense and inside the BSA forward) and, for dense
 calls where NVIDIA's ``cudnn`` frontend is installed, ``cudnn_fp8_attention``. This module holds
 their arithmetic as plain tensor code (``reference``, ``reference_per_tensor``: every
-quantization step, on any device), so tests can hold the kernels to it, and ``use``, the one
-place that decides whether a call is quantized.
+quantization step, on any device), so tests can hold the kernels to it; which kinds an fp8
+model quantizes by default (``ENABLED``; a model's ``fp8_attention`` overrides it); and which
+kernel takes a call asked to quantize (``kernels_for``), counted in ``CALLS``.
 
 The Triton kernels' quantization, per ``[B, H]`` head:
 - q: int8, ``round(q / s)`` half away from zero, one float32 scale ``s = amax / 127`` per token;
@@ -17,6 +18,7 @@ The Triton kernels' quantization, per ``[B, H]`` head:
 from __future__ import annotations
 
 import importlib
+from collections import Counter
 from types import ModuleType
 
 import torch
@@ -31,6 +33,9 @@ ENABLED = {"dense": False, "bsa": False}
 KINDS = tuple(ENABLED)
 # The quantized kernels a dense call tries, in order; the first that builds for the shape runs.
 DENSE_KERNELS = ["cudnn", "triton"]
+# Quantized attention calls per "kind kernel" since the last clear (a run's sidecar reports
+# them, so a run says which kernel took its calls, if any).
+CALLS: Counter[str] = Counter()
 
 
 def _int8_rows(x: torch.Tensor) -> torch.Tensor:
@@ -68,11 +73,13 @@ def _amax(x: torch.Tensor) -> torch.Tensor:
 def per_tensor_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-tensor recipe's e4m3 scales of q, k less its mean, and v (float32 scalars,
-    amax / 448, 1 for an all-zero tensor), and k's mean ``[B, H, D]``. k's scale bounds
-    ``max|k - mean|`` by ``max|k| + max|mean|``: one pass fewer, and an e4m3 value keeps its
-    3 mantissa bits at any scale that does not overflow."""
+    amax / 448, 1 for an all-zero tensor), and k's mean ``[B, H, D]``. ``max|k - mean|`` is
+    taken from k's per-channel extremes (``x - mean`` rises with x), in the float32 the
+    scaling pass subtracts in."""
     mean = key_mean(k)
-    amax = (_amax(q), _amax(k) + mean.abs().amax(), _amax(v))
+    lo, hi = torch.aminmax(k, dim=2)
+    k_amax = torch.maximum(hi.float() - mean, mean - lo.float()).amax()
+    amax = (_amax(q), k_amax, _amax(v))
     s_q, s_k, s_v = (torch.where(a > 0, a / E4M3_MAX, 1.0) for a in amax)
     return s_q, s_k, s_v, mean
 
@@ -111,9 +118,13 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (pq @ vd) / torch.where(total == 0, 1.0, total)
 
 
-def quantized_kernel(name: str) -> ModuleType:
-    """The module of a ``DENSE_KERNELS`` entry (imported on first use: both need CUDA)."""
-    return importlib.import_module(f".{name}_fp8_attention", __package__)
+def quantized_kernel(name: str) -> ModuleType | None:
+    """The module of a ``DENSE_KERNELS`` entry (imported on first use: both need CUDA), None
+    where it cannot be imported (a CUDA build without Triton)."""
+    try:
+        return importlib.import_module(f".{name}_fp8_attention", __package__)
+    except ImportError:
+        return None
 
 
 def default_kinds() -> frozenset[str]:
@@ -121,11 +132,22 @@ def default_kinds() -> frozenset[str]:
     return frozenset(kind for kind, on in ENABLED.items() if on)
 
 
-def use(q: torch.Tensor, kind: str = "dense") -> bool:
-    """Whether an attention call asked to quantize (``kind``: dense or bsa) can: dense when
-    one of ``DENSE_KERNELS`` covers it; bsa when the Triton kernel does (the BSA caller has
-    checked the rest of the call)."""
+def kernels_for(q: torch.Tensor, kind: str = "dense") -> list[ModuleType]:
+    """The quantized kernels that cover an attention call asked to quantize (``kind``: dense
+    or bsa), in the order to try them: dense, those of ``DENSE_KERNELS``; bsa, the Triton
+    kernel (the BSA caller has checked the rest of the call). Empty: it stays in bf16."""
     if not q.is_cuda:
-        return False
+        return []
     names = DENSE_KERNELS if kind == "dense" else ["triton"]
-    return any(quantized_kernel(name).supported(q) for name in names)
+    modules = (quantized_kernel(name) for name in names)
+    return [m for m in modules if m is not None and m.supported(q)]
+
+
+def use(q: torch.Tensor, kind: str = "dense") -> bool:
+    """Whether a quantized kernel covers the call (``kernels_for``)."""
+    return bool(kernels_for(q, kind))
+
+
+def count(kind: str, kernel: ModuleType) -> None:
+    """One quantized call of ``kind`` by ``kernel`` into ``CALLS`` (``"dense cudnn"``, ...)."""
+    CALLS[f"{kind} {kernel.__name__.rsplit('.', 1)[-1].removesuffix('_fp8_attention')}"] += 1

@@ -230,15 +230,18 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _e4m3_rows_kernel(X, Q, SCALE, K, BLOCK_K: tl.constexpr):
-    """One row: ``scale = amax / 448`` (1 if all zero) and e4m3 of ``x / scale``, both divisions
-    rounded to nearest as PyTorch's are (``div_rn``), the quotient clamped to +-448."""
+    """One row: ``scale = amax / 448`` (1 if all zero, or NaN, as eager's ``amax > 0`` test
+    gives) and e4m3 of ``x / scale``, both divisions rounded to nearest as PyTorch's are
+    (``div_rn``), the quotient clamped to +-448 with NaN kept (as ``clamp``)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_K)
     ok = c < K
     x = tl.load(X + row * K + c, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
-    y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
+    amax = tl.max(tl.abs(x), axis=0)  # a reduction skips NaN: the row's NaN count says
+    nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
+    scale = tl.where((amax > 0) & ~nan, tl.div_rn(amax, 448.0), 1.0)
+    y = tl.maximum(tl.div_rn(x, scale), -448.0, propagate_nan=tl.PropagateNan.ALL)
+    y = tl.minimum(y, 448.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(Q + row * K + c, y.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
     tl.store(SCALE + row, scale)
 

@@ -619,9 +619,12 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def quantized_attention(self) -> frozenset[str]:
         """The self-attention kinds (dense, bsa) a forward runs quantized: an fp8 model's
         ``fp8_attention`` (None: ``kernels.fp8_attention.ENABLED``'s); none otherwise."""
+        kinds = self.fp8_attention
+        if kinds is not None and not set(kinds) <= set(fp8_attention.KINDS):
+            raise LongcatError(f"fp8_attention {sorted(kinds)}: the kinds are "
+                               f"{', '.join(fp8_attention.KINDS)}")
         if not self.is_fp8:
             return frozenset()
-        kinds = self.fp8_attention
         return fp8_attention.default_kinds() if kinds is None else frozenset(kinds)
 
     def enable_fast_ops(self, enabled: bool = True) -> None:

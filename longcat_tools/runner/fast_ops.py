@@ -20,14 +20,13 @@ dispatchers below (``adaln``, ``residual_layer_norm``, ``residual``, ``qk_norm_r
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from longcat_tools.kernels import fp8
-from longcat_tools.kernels.compiled import Compiled
+from longcat_tools.kernels.compiled import Compiled, triton_rows_allowed
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ _TRITON_NORM: Any = None  # the module once imported, False when unavailable
 def _rows(x: torch.Tensor) -> Any:
     """``kernels.triton_norm`` when ``x`` is a CUDA tensor and the kernels can run, else None."""
     global _TRITON_NORM
-    if not x.is_cuda or os.environ.get("LONGCAT_NO_TRITON_NORM", "") not in ("", "0"):
+    if not x.is_cuda or not triton_rows_allowed():
         return None
     if _TRITON_NORM is None:
         try:
@@ -188,7 +187,8 @@ def qk_norm_rope(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor,
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The FFN's ``silu(a) * b``, in one pass."""
     tn = _rows(a)
-    if tn is not None and a.is_contiguous() and b.is_contiguous() and a.shape == b.shape:
+    if tn is not None and a.is_contiguous() and b.is_contiguous() and a.shape == b.shape \
+            and a.dtype == b.dtype:
         return tn.swiglu(a, b)
     return swiglu_fused(a, b)
 

@@ -19,6 +19,7 @@ from PIL import Image
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io import jsonio
+from longcat_tools.kernels import fp8_attention
 from longcat_tools.runner import context_parallel
 from longcat_tools.runner.pipeline import (
     LongCatVideoPipeline,
@@ -284,6 +285,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
 
     job = _job(s, root, pipe)
     pipe.transformer.lora_mode = s.lora_mode
+    fp8_attention.CALLS.clear()
     say(f"task {s.task}" + (" (distilled)" if s.distill else "") + (" + refine" if s.refine
                                                                        else ""))
     r, frames = TASK_RUNS[s.task](job)
@@ -322,7 +324,8 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
         "bsa": r.info.get("bsa"), "loras": r.info.get("loras", []),
         "checkpoint": {"path": str(job.root), "layout": pipe.layout},
         "precision": "fp8" if pipe.transformer.is_fp8 else run_dtype(s.dtype, device),
-        "fp8_attention": sorted(pipe.transformer.quantized_attention()),
+        "fp8_attention": {"kinds": sorted(pipe.transformer.quantized_attention()),
+                          "calls": dict(sorted(fp8_attention.CALLS.items()))},
         "timings_s": {k: round(v, 3) for k, v in reporter.timings.items()},
         "step_s": [round(t, 3) for t in reporter.step_s],
         "total_s": round(time.perf_counter() - t_start, 3),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.kernels import fp8_attention
 from longcat_tools.model import avatar, bsa_presets, dtypes, keymap
 from longcat_tools.model.chunks import latent_frames, latent_grid
 from longcat_tools.runner import footprint
@@ -33,8 +34,8 @@ LORA_MODES = ("merge", "runtime")  # LongCatTransformer3DModel.lora_mode (runner
 PRECISIONS: dict[str, bool | None] = {"auto": None, "fp8": True, "dtype": False}
 # --fp8-attention -> the DiT's fp8_attention (None: kernels.fp8_attention.ENABLED's kinds)
 FP8_ATTENTION: dict[str, frozenset[str] | None] = {
-    "auto": None, "off": frozenset(), "dense": frozenset({"dense"}), "bsa": frozenset({"bsa"}),
-    "all": frozenset({"dense", "bsa"})}
+    "auto": None, "off": frozenset(), **{k: frozenset({k}) for k in fp8_attention.KINDS},
+    "all": frozenset(fp8_attention.KINDS)}
 CONTINUING = ("vc", "long", "avc")  # tasks that continue from condition frames
 DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
 MAX_FRAMES = 4097  # one segment; the model is trained on 93
@@ -152,7 +153,9 @@ class RunSettings:
     fp8_attention: str = option("auto", "fp8 runs: which self-attention also runs quantized: "
                                 "dense (cuDNN's FP8 kernel where nvidia-cudnn-frontend is "
                                 "installed, else ours), bsa, all, off, or auto (the measured "
-                                "default: off).", metavar="KIND")
+                                "default: "
+                                f"{', '.join(sorted(fp8_attention.default_kinds())) or 'off'}).",
+                                metavar="KIND")
     save_latents: str | None = option(None, "Save the final latents (safetensors).",
                                       metavar="FILE")
     latents_in: str | None = option(None, "Initial noise (safetensors, tensor 'latents').",
