@@ -388,7 +388,7 @@ def dit_prep(lat, sp, layout, rep_ms) -> dict:
     from the means)."""
     from longcat_tools.kernels import triton_bsa as TB
     from longcat_tools.kernels import triton_norm as TN
-    from longcat_tools.runner.dit import rope_3d_rows, rope_3d_table
+    from longcat_tools.model.rope import rope_3d_rows, rope_3d_table
 
     S = math.prod(lat)
     qkv = torch.randn(1, S, 3 * HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -404,11 +404,22 @@ def dit_prep(lat, sp, layout, rep_ms) -> dict:
         TB.chunk_pass(v, layout, pool=False, copy_dtype=v.dtype)
 
     c = TN.chunk_norm_rope(qkv, HEADS, w, rows, 1e-6, layout, layout)
-    return {"dit_separate_prep_ms": bench(separate, rep_ms),
-            "dit_fused_prep_ms": bench(lambda: TN.chunk_norm_rope(qkv, HEADS, w, rows, 1e-6,
-                                                                  layout, layout), rep_ms),
-            "selection_after_fused_prep_ms": bench(
-                lambda: TB.select_from_means(c.means_q, c.means_k, sp, None), rep_ms)}
+    row = {"dit_separate_prep_ms": bench(separate, rep_ms),
+           "chunk_rope_config": dict(TN.CHUNK_ROPE_CONFIG),
+           "dit_fused_prep_ms": bench(lambda: TN.chunk_norm_rope(qkv, HEADS, w, rows, 1e-6,
+                                                                 layout, layout), rep_ms),
+           "selection_after_fused_prep_ms": bench(
+               lambda: TB.select_from_means(c.means_q, c.means_k, sp, None), rep_ms)}
+    saved = dict(TN.CHUNK_ROPE_CONFIG)
+    for r, warps in CHUNK_ROPE_SWEEP:  # the fused pass's other configs (registers vs rows)
+        TN.CHUNK_ROPE_CONFIG.update(rows=r, num_warps=warps)
+        row[f"dit_fused_prep_ms_rows{r}_warps{warps}"] = bench(
+            lambda: TN.chunk_norm_rope(qkv, HEADS, w, rows, 1e-6, layout, layout), rep_ms)
+    TN.CHUNK_ROPE_CONFIG.update(saved)
+    return row
+
+
+CHUNK_ROPE_SWEEP = [(8, 2), (16, 2), (32, 4), (32, 8), (64, 8)]
 
 
 def _kernel_stats():

@@ -118,6 +118,20 @@ def damp(model, factor: float) -> None:
                 lin.bias[j * c:(j + 1) * c] *= factor
 
 
+def parse_bsa_variants(text: str) -> dict[str, dict[str, int]]:
+    """``"k=v,k=v;k=v"`` -> ``{"k=v,k=v": {k: v, ...}, ...}``; ValueError on a malformed item."""
+    variants = {}
+    for variant in filter(None, (v.strip() for v in text.split(";"))):
+        settings = {}
+        for item in variant.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"{item!r} is not KEY=INTEGER")
+            settings[key.strip()] = int(value)
+        variants[variant] = settings
+    return variants
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--original", type=Path, required=True, help="LongCat-Video checkout")
@@ -134,6 +148,17 @@ def main() -> None:
                     help="shapes given an fp32 reference forward (slow: about 10x bf16)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     a = ap.parse_args()
+    try:
+        bsa_variants = parse_bsa_variants(a.bsa_variants)
+    except ValueError as e:
+        ap.error(f"--bsa-variants: {e}")
+    if bsa_variants and not a.small:
+        from longcat_tools.kernels import triton_bsa
+
+        unknown = {k for v in bsa_variants.values() for k in v} - set(triton_bsa.FWD_CONFIG)
+        if unknown:
+            ap.error(f"--bsa-variants: no FWD_CONFIG key {', '.join(sorted(unknown))} (keys: "
+                     f"{', '.join(triton_bsa.FWD_CONFIG)})")
 
     start = time.perf_counter()
     device = "cpu" if a.small else "cuda"
@@ -200,12 +225,11 @@ def main() -> None:
         torch.cuda.empty_cache()
     ours.enable_fast_ops(device == "cuda")
     timed(ours, "ours bf16", ours_bsa)
-    for variant in (a.bsa_variants.split(";") if a.bsa_variants and device == "cuda" else []):
+    for variant in bsa_variants if device == "cuda" else []:
         from longcat_tools.kernels import triton_bsa  # the BSA forward's settings, one row each
 
         saved_cfg = dict(triton_bsa.FWD_CONFIG)
-        triton_bsa.FWD_CONFIG.update({k: int(v) for k, v in
-                                      (item.split("=") for item in variant.split(","))})
+        triton_bsa.FWD_CONFIG.update(bsa_variants[variant])
         try:
             timed(ours, f"ours bf16, {variant}", ours_bsa,
                   only=[shape for shape, (_, bsa) in shapes.items() if bsa])

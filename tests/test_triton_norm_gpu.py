@@ -133,18 +133,20 @@ def _qkv_and_norms(B, H, D, N, seed):
     return qkv, wq, wk
 
 
-@pytest.mark.parametrize("grid,chunk_k", [((8, 12, 16), (4, 4, 4)), ((6, 10, 13), (2, 4, 4))])
-def test_chunk_norm_rope_makes_what_the_separate_passes_make(grid, chunk_k):
+@pytest.mark.parametrize("B,grid,chunk_q,chunk_k", [(1, (8, 12, 16), (4, 4, 4), (4, 4, 4)),
+                                                    (1, (6, 10, 13), (4, 4, 4), (2, 4, 4)),
+                                                    (2, (5, 7, 9), (3, 3, 3), (4, 4, 4))])
+def test_chunk_norm_rope_makes_what_the_separate_passes_make(B, grid, chunk_q, chunk_k):
     """q as ``head_norm_rope`` writes it (nearly: a row's sum of squares may round otherwise),
     the chunk means exactly ``pool``'s of those q and k, the copies exactly ``chunk_pass``'s."""
     from longcat_tools.kernels import reference as R
     from longcat_tools.kernels import triton_bsa as TB
     from longcat_tools.kernels.triton_norm import chunk_norm_rope, head_norm_rope
-    from longcat_tools.runner.dit import rope_3d_rows, rope_3d_table
+    from longcat_tools.model.rope import rope_3d_rows, rope_3d_table
 
-    B, H, D, N = 1, 8, 128, grid[0] * grid[1] * grid[2]
+    H, D, N = 8, 128, grid[0] * grid[1] * grid[2]
     qkv, wq, wk = _qkv_and_norms(B, H, D, N, seed=5)
-    lq, lk = R.ChunkLayout(grid, (4, 4, 4)), R.ChunkLayout(grid, chunk_k)
+    lq, lk = R.ChunkLayout(grid, chunk_q), R.ChunkLayout(grid, chunk_k)
     cos, sin = rope_3d_table(grid, D, torch.device("cuda"))
     q, k = head_norm_rope(qkv, H, [wq, wk], cos, sin, 1e-6)
     c = chunk_norm_rope(qkv, H, [wq, wk], rope_3d_rows(grid, D, torch.device("cuda")), 1e-6,
@@ -169,7 +171,7 @@ def test_block_sparse_attention_from_qkv_is_the_separate_steps(monkeypatch):
     from longcat_tools import kernels
     from longcat_tools.kernels import triton_bsa as TB
     from longcat_tools.kernels.triton_norm import head_norm_rope
-    from longcat_tools.runner.dit import rope_3d_rows, rope_3d_table
+    from longcat_tools.model.rope import rope_3d_rows, rope_3d_table
 
     B, H, D, grid = 1, 4, 128, (8, 16, 24)
     N = grid[0] * grid[1] * grid[2]

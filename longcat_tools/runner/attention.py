@@ -17,6 +17,7 @@ import torch
 from longcat_tools import kernels
 from longcat_tools.errors import LongcatError
 from longcat_tools.model import bsa_presets
+from longcat_tools.model.rope import RopeRows
 from longcat_tools.runner.context_parallel import ContextParallel
 from longcat_tools.runner.settings import BSA_CHOICES, check_bsa
 
@@ -96,8 +97,9 @@ def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """3D block sparse attention with ``params``.
 
     ``fast`` (the fused path of bf16 runs): ``P @ V`` in bf16 as in the original's kernel
-    instead of the kernels' float16 default, so V is read in place from the qkv projection
-    with no copy; the output is written token-major so the projection reads it as is.
+    instead of the kernels' float16 default, so V's chunk-major copy is a plain copy of the qkv
+    projection's slice (no scaling); the output is written token-major so the projection
+    reads it as is.
     ``fp8``: quantized where ``kernels.fp8_attention`` has a kernel for the call.
     """
     return kernels.block_sparse_attention(
@@ -108,14 +110,13 @@ def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def block_sparse_from_qkv(qkv: torch.Tensor, heads: int, q_norm_weight: torch.Tensor,
-                          k_norm_weight: torch.Tensor, rope_rows: tuple[torch.Tensor, torch.Tensor],
-                          eps: float, grid: tuple[int, int, int], params: BSAParams
-                          ) -> torch.Tensor | None:
+                          k_norm_weight: torch.Tensor, rope: RopeRows, eps: float,
+                          grid: tuple[int, int, int], params: BSAParams) -> torch.Tensor | None:
     """The fast path's self-attention with ``params`` straight from the qkv projection: q and
     k normalized and rotated as ``fast_ops.qk_norm_rope`` does, then ``block_sparse`` with
     ``fast``, in fewer passes (``kernels.block_sparse_attention_from_qkv``). None where those
     kernels do not take the call: the caller takes the separate steps."""
     return kernels.block_sparse_attention_from_qkv(
-        qkv, heads, q_norm_weight, k_norm_weight, rope_rows, eps, grid,
+        qkv, heads, q_norm_weight, k_norm_weight, rope, eps, grid,
         sparsity=params.sparsity, cdf_threshold=params.cdf_threshold,
         chunk_q=tuple(params.chunk_q), chunk_k=tuple(params.chunk_k))

@@ -48,6 +48,7 @@ from longcat_tools.runner.pipeline import (
     Reporter,
     Result,
     _quiet_libraries,
+    prepare_vae,
     to_pil_frames,
     validated,
 )
@@ -212,6 +213,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
                 encoder_home or device).eval()
             vae = AutoencoderKLWan.from_pretrained(base / "vae", torch_dtype=dtype,
                                                    use_safetensors=True).to(device).eval()
+            prepare_vae(vae)
             sched_home = ckpt.root if ckpt.version.own_scheduler else base
             sched = FlowMatchEulerDiscreteScheduler.from_pretrained(sched_home / "scheduler")
             encoder = load_encoder(ckpt.audio_encoder, encoder_home or device) if audio else None

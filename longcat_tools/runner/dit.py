@@ -34,6 +34,7 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.kernels import fp8_attention
 from longcat_tools.model import fp8 as fp8_format
+from longcat_tools.model.rope import RopeRows, rope_3d_rows, rope_3d_table
 from longcat_tools.runner import attention as attn_ops
 from longcat_tools.runner import fast_ops, lora_merge
 from longcat_tools.runner.attention import AttnSettings, BSAParams
@@ -181,54 +182,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def rope_3d_rows(grid: tuple[int, int, int], head_dim: int, device: torch.device,
-                 base: float = 10000.0, t_positions: tuple[float, ...] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[T + H + W, head_dim]``: the 3D RoPE by axis (see ``rope_3d_table``).
-
-    Row t holds the time part's channels, row T + h the height part's, row T + H + w the width
-    part's, zeros elsewhere, so a token's row of the table is the sum of its three rows (exact:
-    two of the three terms are zero). Kernels that walk tokens out of raster order gather these
-    few rows (kilobytes) instead of the table's (tens of megabytes)."""
-    d_hw = 2 * (head_dim // 6)
-    angles = torch.zeros(sum(grid), head_dim)
-    own = torch.zeros(sum(grid), head_dim, dtype=torch.bool)
-    r0 = c0 = 0
-    for axis, (n, d) in enumerate(zip(grid, (head_dim - 2 * d_hw, d_hw, d_hw), strict=True)):
-        freqs = 1.0 / (base ** (torch.arange(0, d, 2)[: d // 2].float() / d))
-        pos = torch.arange(n, dtype=torch.float32) if axis or t_positions is None \
-            else torch.tensor(t_positions, dtype=torch.float32)
-        angles[r0:r0 + n, c0:c0 + d] = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)
-        own[r0:r0 + n, c0:c0 + d] = True
-        r0, c0 = r0 + n, c0 + d
-    angles, own = angles.to(device), own.to(device)
-    return torch.where(own, angles.cos(), 0.0), torch.where(own, angles.sin(), 0.0)
-
-
-def rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.device,
-                  base: float = 10000.0, t_positions: tuple[float, ...] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[T*H*W, head_dim]`` of the 3D RoPE over a (T, H, W) token grid.
-
-    The head dim splits into [t | h | w] parts of ``D - 4*(D//6)``, ``2*(D//6)``, ``2*(D//6)``
-    channels; each angle is repeated for an interleaved channel pair; positions start at 0, or
-    the time positions are ``t_positions`` (the avatar's reference frame sits elsewhere in time).
-    """
-    T, H, W = grid
-
-    def table(rows: torch.Tensor) -> torch.Tensor:
-        return (rows[:T, None, None] + rows[T:T + H][None, :, None]
-                + rows[T + H:][None, None, :]).reshape(T * H * W, -1)
-
-    return tuple(table(r) for r in rope_3d_rows(grid, head_dim, device, base, t_positions))
-
-
-_ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor] | RopeRows] = {}
 
 
 def rope_table_cached(grid: tuple[int, int, int], head_dim: int, device: torch.device,
                       t_positions: tuple[float, ...] | None = None, rows: bool = False,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor] | RopeRows:
     """``rope_3d_table`` (``rows``: ``rope_3d_rows``), kept for the last few grids: every block
     of every step reuses it."""
     key = (tuple(grid), head_dim, torch.device(device), t_positions, rows)

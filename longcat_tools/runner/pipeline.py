@@ -205,20 +205,32 @@ def negative_prompt_of(negative_prompt: str | None, guidance: float) -> str | No
 VAE_CONFIG: dict[str, int] = {"channels_last": 0, "cudnn_benchmark": 0}
 
 
+def conv3d_memory_format(module: torch.nn.Module, channels_last: bool) -> None:
+    """Every Conv3d weight of ``module`` in ``channels_last_3d`` (or back to contiguous); the
+    Wan VAE's 4D weights (2D resamplers, norm gammas) cannot take that format, so only these."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+
+
 def prepare_vae(vae: torch.nn.Module) -> None:
-    """The VAE's weights in the memory format ``VAE_CONFIG`` asks for (on CUDA)."""
+    """The VAE's conv weights in the memory format ``VAE_CONFIG`` asks for (on CUDA)."""
     if next(vae.parameters()).is_cuda:
-        vae.to(memory_format=torch.channels_last_3d if VAE_CONFIG["channels_last"]
-               else torch.contiguous_format)
+        conv3d_memory_format(vae, bool(VAE_CONFIG["channels_last"]))
 
 
 def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """``vae.decode`` (denormalized latents -> pixels), with cuDNN's autotuner if
     ``VAE_CONFIG`` asks for it."""
-    cudnn = torch.backends.cudnn
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=bool(VAE_CONFIG["cudnn_benchmark"]),
-                     deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+    if not VAE_CONFIG["cudnn_benchmark"]:
         return vae.decode(latents, return_dict=False)[0]
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        return vae.decode(latents, return_dict=False)[0]
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def to_pil_frames(video: Any) -> list[Image.Image]:
