@@ -26,6 +26,14 @@ def test_version_and_help():
         assert cmd in p.stdout
 
 
+def test_the_command_line_starts_without_torch():
+    """Parsing and help import no torch (1.5 s here): torch loads with the command that needs
+    it. A module-level import of ``kernels`` from the CLI's modules once broke this."""
+    code = "import sys, longcat_tools.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("args", [["nope"], ["synth"], ["synth", "x", "--preset", "huge"],
                                   ["synth", "x", "--depth", "0"]])
 def test_usage_errors_exit_2(args, capsys):

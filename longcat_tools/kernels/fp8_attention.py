@@ -23,14 +23,17 @@ from types import ModuleType
 
 import torch
 
+from longcat_tools.model import fp8 as fp8_format
+
 from .fp8 import E4M3, E4M3_MAX
 
 # Which attention an fp8 model runs quantized unless told otherwise (``run --fp8-attention
-# auto``; a model's ``fp8_attention``), dense and block sparse. Both off: on an H100 neither
-# Triton kernel made a DiT forward faster by more than 1% (benchmarks/results/fp8_attention.md),
-# for 17 times bf16's error; cuDNN's dense FP8 kernel is not measured yet.
-ENABLED = {"dense": False, "bsa": False}
-KINDS = tuple(ENABLED)
+# auto``; a model's ``fp8_attention``), dense and block sparse; starts as
+# ``model.fp8.ATTENTION_DEFAULT``: both off. On an H100 neither Triton kernel made a DiT forward
+# faster by more than 1% (benchmarks/results/fp8_attention.md), for 17 times bf16's error;
+# cuDNN's dense FP8 kernel has not run on a GPU yet.
+KINDS = fp8_format.ATTENTION_KINDS
+ENABLED = {kind: kind in fp8_format.ATTENTION_DEFAULT for kind in KINDS}
 # The quantized kernels a dense call tries, in order; the first that builds for the shape runs.
 DENSE_KERNELS = ["cudnn", "triton"]
 # Quantized attention calls per "kind kernel" since the last clear (a run's sidecar reports

@@ -28,6 +28,11 @@ STORED_DTYPE = "F8_E4M3"  # safetensors' name of float8_e4m3fn
 # native module names inside ``blocks.{i}``: the GEMMs that run in e4m3
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
                  "cross_attn.proj", "ffn.w1", "ffn.w2", "ffn.w3")
+# the self-attention an fp8 run may quantize too (``kernels.fp8_attention``), and which it does
+# unless told (``run --fp8-attention auto``): none, as measured on an H100
+# (benchmarks/results/fp8_attention.md). Here, not in kernels, so the CLI reads it without torch.
+ATTENTION_KINDS = ("dense", "bsa")
+ATTENTION_DEFAULT: frozenset[str] = frozenset()
 _QUANTIZED = re.compile(r"^blocks\.\d+\.(" + "|".join(map(re.escape, BLOCK_LINEARS)) + r")$")
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
-from longcat_tools.kernels import fp8_attention
 from longcat_tools.model import avatar, bsa_presets, dtypes, keymap
+from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.model.chunks import latent_frames, latent_grid
 from longcat_tools.runner import footprint
 from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
@@ -34,8 +34,8 @@ LORA_MODES = ("merge", "runtime")  # LongCatTransformer3DModel.lora_mode (runner
 PRECISIONS: dict[str, bool | None] = {"auto": None, "fp8": True, "dtype": False}
 # --fp8-attention -> the DiT's fp8_attention (None: kernels.fp8_attention.ENABLED's kinds)
 FP8_ATTENTION: dict[str, frozenset[str] | None] = {
-    "auto": None, "off": frozenset(), **{k: frozenset({k}) for k in fp8_attention.KINDS},
-    "all": frozenset(fp8_attention.KINDS)}
+    "auto": None, "off": frozenset(), **{k: frozenset({k}) for k in fp8_format.ATTENTION_KINDS},
+    "all": frozenset(fp8_format.ATTENTION_KINDS)}
 CONTINUING = ("vc", "long", "avc")  # tasks that continue from condition frames
 DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
 MAX_FRAMES = 4097  # one segment; the model is trained on 93
@@ -154,7 +154,7 @@ class RunSettings:
                                 "dense (cuDNN's FP8 kernel where nvidia-cudnn-frontend is "
                                 "installed, else ours), bsa, all, off, or auto (the measured "
                                 "default: "
-                                f"{', '.join(sorted(fp8_attention.default_kinds())) or 'off'}).",
+                                f"{', '.join(sorted(fp8_format.ATTENTION_DEFAULT)) or 'off'}).",
                                 metavar="KIND")
     save_latents: str | None = option(None, "Save the final latents (safetensors).",
                                       metavar="FILE")
