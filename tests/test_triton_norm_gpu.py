@@ -204,9 +204,9 @@ def test_swiglu_matches_eager(shape):
     assert torch.equal(fast_ops.swiglu(a, b), TN.swiglu(a, b))  # the dispatcher takes it
 
 
-@pytest.mark.parametrize("n_cond", [0, 1])
-def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
-    from longcat_tools.runner import fast_ops
+def _tiny_dit(frames: int, size: int):
+    """The tiny DiT with unit-scale random weights in bf16, and inputs for ``frames`` latent
+    frames of ``size`` x ``size`` (a 9-token prompt)."""
     from longcat_tools.runner.dit import LongCatTransformer3DModel
     from longcat_tools.synth import dit_config
 
@@ -217,12 +217,20 @@ def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
             p.normal_(0.0, 0.2 if p.dim() > 1 else 0.05)
     m = m.to("cuda", DT).eval()
     g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(1, 16, 4, 8, 8, generator=g, device="cuda")
-    t = torch.full((1, 4), 700.0, device="cuda")
-    t[:, :n_cond] = 0
+    x = torch.randn(1, 16, frames, size, size, generator=g, device="cuda")
+    t = torch.full((1, frames), 700.0, device="cuda")
     y = torch.randn(1, 1, 512, m.dims.caption_channels, generator=g, device="cuda")
     mask = torch.zeros(1, 512, dtype=torch.long, device="cuda")
     mask[:, :9] = 1
+    return m, (x, t, y, mask)
+
+
+@pytest.mark.parametrize("n_cond", [0, 1])
+def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
+    from longcat_tools.runner import fast_ops
+
+    m, (x, t, y, mask) = _tiny_dit(frames=4, size=8)
+    t[:, :n_cond] = 0
     calls = {"rows": 0}
     import longcat_tools.kernels.triton_norm as TN
 
@@ -248,23 +256,10 @@ def test_tiny_dit_bsa_with_the_fused_qkv_pass_stays_on_the_separate_steps(monkey
     the forward lands where the separate steps do."""
     from longcat_tools.kernels import triton_bsa as TB
     from longcat_tools.kernels import triton_norm as TN
-    from longcat_tools.runner.dit import LongCatTransformer3DModel
-    from longcat_tools.synth import dit_config
 
-    torch.manual_seed(0)
-    m = LongCatTransformer3DModel.from_config(dit_config("tiny"))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.2 if p.dim() > 1 else 0.05)
-    m = m.to("cuda", DT).eval()
+    m, (x, t, y, mask) = _tiny_dit(frames=8, size=16)  # an 8x8x8 token grid
     m.enable_fast_ops()
     m.enable_bsa({"sparsity": 0.5})
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(1, 16, 8, 16, 16, generator=g, device="cuda")  # an 8x8x8 token grid
-    t = torch.full((1, 8), 700.0, device="cuda")
-    y = torch.randn(1, 1, 512, m.dims.caption_channels, generator=g, device="cuda")
-    mask = torch.zeros(1, 512, dtype=torch.long, device="cuda")
-    mask[:, :9] = 1
     calls = {"n": 0}
     real = TN.chunk_norm_rope
 
