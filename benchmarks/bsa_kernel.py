@@ -372,6 +372,12 @@ def selection_stages(name, lat, sp, log, rep_ms) -> dict:
            "target_ms": SELECTION_TARGET_MS.get(name)}
     flop = 2 * HEADS * mq * mk * HEAD_DIM
     row["score_tflops"] = flop / row["score_matmul_ms"] / 1e9
+    saved = TB.SELECT_WARPS
+    for warps in (1, 2, 8):  # the select kernel is instruction-bound (NOTES round 8)
+        TB.SELECT_WARPS = warps
+        row[f"select_ms_warps{warps}"] = bench(lambda: TB.select(s64, counts, kk, q.dtype),
+                                               rep_ms)
+    TB.SELECT_WARPS = saved
     row.update(dit_prep(lat, sp, lq, rep_ms))
     idx, _ = kernels.select_chunks(q, k, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK)
     heads = slice(0, 4)  # the CPU reference on 4 heads keeps this quick
