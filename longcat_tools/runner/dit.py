@@ -259,9 +259,7 @@ class SelfAttention(nn.Module):
         elif not roped:
             q, k = self.q_norm(q), self.k_norm(k)
         new_kv = (k.clone(), v.clone()) if return_kv else None
-        if out is not None:
-            pass
-        elif kv_cache is not None:
+        if out is None and kv_cache is not None:
             # cached condition K/V first; RoPE over the (cond + noise) grid, new tokens after them
             k_c, v_c = (t.to(x.device) for t in kv_cache)
             if k_c.shape[0] == 1 and B > 1:
@@ -273,7 +271,7 @@ class SelfAttention(nn.Module):
             v = torch.cat([v_c, v], dim=2)
             q = apply_rope(q, cos[n_c:], sin[n_c:])
             out = self._attend(q, k, v, grid, bsa, fp8=attn.fp8)
-        else:
+        elif out is None:
             if not roped:
                 cos, sin = rope_table_cached(grid, self.head_dim, x.device)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
