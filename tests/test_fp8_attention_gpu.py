@@ -152,13 +152,15 @@ def test_the_fp8_bsa_forward_follows_the_reference(latent, chunk, sparsity, tma,
     assert _rel(out, exact) < 1.1 * _rel(r, exact) + 0.003
 
 
-def test_block_sparse_attention_quantizes_when_asked():
+def test_block_sparse_attention_quantizes_when_asked(monkeypatch):
     from longcat_tools import kernels
 
+    monkeypatch.setattr(ref, "CALLS", ref.Counter())
     q, k, v = _qkv_views(1, 4 * 16 * 16, 2, 128, torch.bfloat16, seed=5)
     args = (q, k, v, (4, 16, 16), (4, 16, 16))
     plain = kernels.block_sparse_attention(*args, sparsity=0.75)
     quant = kernels.block_sparse_attention(*args, sparsity=0.75, fp8=True)
+    assert ref.CALLS == {"bsa triton": 1}
     assert not torch.equal(quant, plain) and _rel(quant, plain) < 0.06
 
 

@@ -90,8 +90,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     lq, lk = sel.layout_q, sel.layout_k
     quantized = fp8 and fp8_attention.use(q, "bsa") and triton_bsa.fp8_covers(lk)
-    if quantized:
-        fp8_attention.count("bsa", triton_bsa)
+    if quantized:  # the BSA forward's quantized path is the Triton fp8 kernels'
+        fp8_attention.count("bsa", fp8_attention.kernels_for(q, "bsa")[0])
     indices, counts, kc = triton_bsa.select_chunks_and_copy_k(
         q, k, lq, lk, sel.sparsity, sel.cdf_threshold, copy_k=not quantized)
     out = None
