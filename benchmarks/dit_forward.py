@@ -209,9 +209,12 @@ def main() -> None:
     a = ap.parse_args()
     if a.fp8 and not a.profile:
         ap.error("--fp8 goes with --profile (vs_original.py times the fp8 forward)")
-    bad = set(filter(None, a.fp8_attention.split(","))) - {"bsa", "dense"}
+    from longcat_tools.model.fp8 import ATTENTION_KINDS
+
+    bad = set(filter(None, a.fp8_attention.split(","))) - set(ATTENTION_KINDS)
     if bad or (a.fp8_attention and not a.fp8):
-        ap.error(f"--fp8-attention takes bsa and/or dense, with --fp8 (got {a.fp8_attention!r})")
+        ap.error(f"--fp8-attention takes {' and/or '.join(ATTENTION_KINDS)}, with --fp8 "
+                 f"(got {a.fp8_attention!r})")
 
     start = time.perf_counter()
     device = "cpu" if a.small else "cuda"

@@ -71,7 +71,7 @@ def main() -> None:
     rows, base = [], None
     for name, settings in VARIANTS.items():
         pipeline.VAE_CONFIG.update({**saved, **settings})
-        pipeline.prepare_vae(vae)
+        pipeline.conv3d_memory_format(vae, bool(pipeline.VAE_CONFIG["channels_last"]))
         if a.device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

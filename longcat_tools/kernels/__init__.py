@@ -119,14 +119,15 @@ def block_sparse_attention_from_qkv(qkv: torch.Tensor, heads: int, q_norm_weight
     """
     B, S, _ = qkv.shape
     D = q_norm_weight.shape[0]
-    q, k, v = qkv.view(B, S, 3, heads, D).permute(2, 0, 3, 1, 4)  # for the checks and shapes
-    sel = reference.check_args(q, k, v, latent_shape, latent_shape, **selection)
-    if _backend(q, sel.layout_k) is reference or qkv.stride(-1) != 1:
+    if not (qkv.is_cuda and qkv.stride(-1) == 1 and triton_rows_allowed()):
         return None
     from . import triton_bsa, triton_norm
 
-    if not (triton_bsa.FWD_CONFIG["fused_qkv"] and triton_rows_allowed()
-            and triton_norm.supported(heads, D)):
+    if not (triton_bsa.FWD_CONFIG["fused_qkv"] and triton_norm.supported(heads, D)):
+        return None
+    q, k, v = qkv.view(B, S, 3, heads, D).permute(2, 0, 3, 1, 4)  # for the checks and shapes
+    sel = reference.check_args(q, k, v, latent_shape, latent_shape, **selection)
+    if _backend(q, sel.layout_k) is reference:
         return None
     c = triton_norm.chunk_norm_rope(qkv, heads, [q_norm_weight, k_norm_weight], rope, eps,
                                     sel.layout_q, sel.layout_k)

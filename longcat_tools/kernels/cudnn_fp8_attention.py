@@ -32,6 +32,7 @@ import triton.language as tl
 
 from .fp8 import E4M3
 from .fp8_attention import per_tensor_scales
+from .triton_fp8_attention import e4m3_div
 
 log = logging.getLogger(__name__)
 ROWS = 64  # tokens per program of the scaling pass
@@ -42,9 +43,8 @@ def _scale_cast_kernel(X, Y, SCALE, MEAN, sxb, sxh, sxs, syb, syh, sys, H, S,
                        BLOCK: tl.constexpr, D: tl.constexpr, SMOOTH: tl.constexpr,
                        TO_E4M3: tl.constexpr):
     """Rows ``[i * BLOCK, (i + 1) * BLOCK)`` of head ``bh``: ``Y = X / SCALE[0]`` (less
-    ``MEAN[bh]`` with SMOOTH) as e4m3, divided and rounded as PyTorch does (``div_rn``, then
-    clamped to +-448 with NaN kept, to nearest even) (TO_E4M3), or ``Y = X * SCALE[0]`` in Y's
-    dtype (the output pass). Both ``[B, H, S, D]`` by strides."""
+    ``MEAN[bh]`` with SMOOTH) as e4m3 with PyTorch's bits (``e4m3_div``) (TO_E4M3), or
+    ``Y = X * SCALE[0]`` in Y's dtype (the output pass). Both ``[B, H, S, D]`` by strides."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -57,9 +57,7 @@ def _scale_cast_kernel(X, Y, SCALE, MEAN, sxb, sxh, sxs, syb, syh, sys, H, S,
     if SMOOTH:
         x = x - tl.load(MEAN + bh * D + d)[None, :]
     if TO_E4M3:
-        y = tl.maximum(tl.div_rn(x, tl.load(SCALE)), -448.0, propagate_nan=tl.PropagateNan.ALL)
-        y = tl.minimum(y, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        y = y.to(Y.dtype.element_ty, fp_downcast_rounding="rtne")
+        y = e4m3_div(x, tl.load(SCALE), Y.dtype.element_ty)
     else:
         y = (x * tl.load(SCALE)).to(Y.dtype.element_ty)
     tl.store(Y + b * syb + h * syh + r * sys + d[None, :], y, mask=ok)

@@ -54,6 +54,17 @@ def int8_rows(x):
     return y.to(tl.int8), scale
 
 
+@triton.jit
+def e4m3_div(x, scale, dtype: tl.constexpr):
+    """``x / scale`` in e4m3 (``dtype``) with PyTorch's bits for
+    ``(x / scale).clamp(-448, 448).to(float8_e4m3fn)``: division rounded to nearest
+    (``div_rn``, not Triton's approximate ``/``), NaN kept through the clamp, then to nearest
+    even."""
+    y = tl.maximum(tl.div_rn(x, scale), -P_SCALE, propagate_nan=tl.PropagateNan.ALL)
+    y = tl.minimum(y, P_SCALE, propagate_nan=tl.PropagateNan.ALL)
+    return y.to(dtype, fp_downcast_rounding="rtne")
+
+
 # block_m x block_n tiles, warps, pipeline stages: the fastest of
 # ``benchmarks/fp8_attention.py --sweep`` on an H100 at 480p/93 (24 configs); tma: K and V
 # tiles by TMA (else plain loads; always so where Triton has no TensorDescriptor).

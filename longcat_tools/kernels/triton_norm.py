@@ -41,6 +41,7 @@ from longcat_tools.model.rope import RopeRows
 from .reference import ChunkLayout
 from .triton_bsa import _chunk_rows, chunk_pad
 from .triton_bsa import _round_fp32_to as _rnd
+from .triton_fp8_attention import e4m3_div
 
 
 @dataclass(frozen=True)
@@ -245,9 +246,7 @@ def _e4m3_rows_kernel(X, Q, SCALE, K, BLOCK_K: tl.constexpr):
     amax = tl.max(tl.abs(x), axis=0)  # a reduction skips NaN: the row's NaN count says
     nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
     scale = tl.where((amax > 0) & ~nan, tl.div_rn(amax, 448.0), 1.0)
-    y = tl.maximum(tl.div_rn(x, scale), -448.0, propagate_nan=tl.PropagateNan.ALL)
-    y = tl.minimum(y, 448.0, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(Q + row * K + c, y.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+    tl.store(Q + row * K + c, e4m3_div(x, scale, Q.dtype.element_ty), mask=ok)
     tl.store(SCALE + row, scale)
 
 

@@ -215,9 +215,10 @@ def conv3d_memory_format(module: torch.nn.Module, channels_last: bool) -> None:
 
 
 def prepare_vae(vae: torch.nn.Module) -> None:
-    """The VAE's conv weights in the memory format ``VAE_CONFIG`` asks for (on CUDA)."""
-    if next(vae.parameters()).is_cuda:
-        conv3d_memory_format(vae, bool(VAE_CONFIG["channels_last"]))
+    """The VAE's conv weights in channels_last_3d on CUDA, if ``VAE_CONFIG`` asks for it (as
+    loaded they are contiguous)."""
+    if VAE_CONFIG["channels_last"] and next(vae.parameters()).is_cuda:
+        conv3d_memory_format(vae, True)
 
 
 def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
