@@ -235,8 +235,10 @@ def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
         row["ours_attend_bf16pv_ms"] = bench(  # the kernel with P @ V in bf16 (less exact)
             lambda: TB.attend(q, k, v, lq, lk, indices, counts, pv_fp16=False), rep_ms)  # noqa: B023
         attend = lambda: TB.attend(q, k, v, lq, lk, indices, counts)  # noqa: B023, E731
-        one_pass = attend()
-        for passes in (2, 3):  # the same tiles over slices of the kv chunks (L2 reuse)
+        row["kv_passes_auto"] = TB.kv_passes_for(lk, HEAD_DIM)
+        with kv_passes(1):
+            one_pass = attend()
+        for passes in (1, 2, 3):  # the same tiles over slices of the kv chunks (L2 reuse)
             with kv_passes(passes):
                 row[f"ours_attend_{passes}pass_ms"] = bench(attend, rep_ms)
                 row[f"ours_{passes}pass_bit_equal"] = torch.equal(attend(), one_pass)
@@ -251,9 +253,10 @@ def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
             row["ours_fp8_attend_ms"] = bench(  # quantized copies included
                 lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
             row["ours_fp8_rel_err"] = sampled_error(q, k, v, lq, lk, indices, counts, fp8())
-            with kv_passes(2):
-                row["ours_fp8_attend_2pass_ms"] = bench(
-                    lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
+            for passes in (1, 2, 3):
+                with kv_passes(passes):
+                    row[f"ours_fp8_attend_{passes}pass_ms"] = bench(
+                        lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
         if orig is not None and lq.divisible:
             ofn = lambda sp=sp: orig(q, k, v, list(lat), list(lat), sparsity=sp,  # noqa: E731
                                      cdf_threshold=None, chunk_3d_shape_q=list(CHUNK),
@@ -378,7 +381,6 @@ def selection_stages(name, lat, sp, log, rep_ms) -> dict:
         row[f"select_ms_warps{warps}"] = bench(lambda: TB.select(s64, counts, kk, q.dtype),
                                                rep_ms)
     TB.SELECT_WARPS = saved
-    row.update(dit_prep(lat, sp, lq, rep_ms))
     idx, _ = kernels.select_chunks(q, k, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK)
     heads = slice(0, 4)  # the CPU reference on 4 heads keeps this quick
     ref_idx, _ = R.select_chunks(q[:, heads].cpu(), k[:, heads].cpu(), lq, lk, sp, None)
@@ -387,45 +389,6 @@ def selection_stages(name, lat, sp, log, rep_ms) -> dict:
     return row
 
 
-def dit_prep(lat, sp, layout, rep_ms) -> dict:
-    """The DiT's fast path from its qkv projection to the selection: the separate passes
-    (q/k RMSNorm + RoPE, pool q, pool + copy k, copy v) against the fused one
-    (``triton_norm.chunk_norm_rope``), and the selection that is left after it (score + select
-    from the means)."""
-    from longcat_tools.kernels import triton_bsa as TB
-    from longcat_tools.kernels import triton_norm as TN
-    from longcat_tools.model.rope import rope_3d_rows, rope_3d_table
-
-    S = math.prod(lat)
-    qkv = torch.randn(1, S, 3 * HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    w = [torch.ones(HEAD_DIM, device="cuda", dtype=torch.bfloat16)] * 2
-    cos, sin = rope_3d_table(lat, HEAD_DIM, torch.device("cuda"))
-    rows = rope_3d_rows(lat, HEAD_DIM, torch.device("cuda"))
-    v = qkv.view(1, S, 3, HEADS, HEAD_DIM)[:, :, 2].transpose(1, 2)
-
-    def separate():
-        q, k = TN.head_norm_rope(qkv, HEADS, w, cos, sin, 1e-6)
-        TB.pool(q, layout)
-        TB.chunk_pass(k, layout, copy_dtype=k.dtype)
-        TB.chunk_pass(v, layout, pool=False, copy_dtype=v.dtype)
-
-    c = TN.chunk_norm_rope(qkv, HEADS, w, rows, 1e-6, layout, layout)
-    row = {"dit_separate_prep_ms": bench(separate, rep_ms),
-           "chunk_rope_config": dict(TN.CHUNK_ROPE_CONFIG),
-           "dit_fused_prep_ms": bench(lambda: TN.chunk_norm_rope(qkv, HEADS, w, rows, 1e-6,
-                                                                 layout, layout), rep_ms),
-           "selection_after_fused_prep_ms": bench(
-               lambda: TB.select_from_means(c.means_q, c.means_k, sp, None), rep_ms)}
-    saved = dict(TN.CHUNK_ROPE_CONFIG)
-    for r, warps in CHUNK_ROPE_SWEEP:  # the fused pass's other configs (registers vs rows)
-        TN.CHUNK_ROPE_CONFIG.update(rows=r, num_warps=warps)
-        row[f"dit_fused_prep_ms_rows{r}_warps{warps}"] = bench(
-            lambda: TN.chunk_norm_rope(qkv, HEADS, w, rows, 1e-6, layout, layout), rep_ms)
-    TN.CHUNK_ROPE_CONFIG.update(saved)
-    return row
-
-
-CHUNK_ROPE_SWEEP = [(8, 2), (16, 2), (32, 4), (32, 8), (64, 8)]
 
 
 def _kernel_stats():
@@ -468,8 +431,9 @@ def table(rows) -> str:
     head = ("| shape | sparsity | kept | ours ms (select + attend) | attend TFLOP/s"
             " | K/V load floor ms | original ms | cuDNN ms | flash ms | flex ms | vs original"
             " | vs cuDNN | rel err | fp8 ms (attend) | fp8 rel err"
-            " | attend, 2 / 3 kv passes ms | fp8 attend, 2 kv passes ms |")
-    out = [head, "|" + "---|" * 17]
+            " | kv passes (auto) | attend, 1 / 2 / 3 kv passes ms"
+            " | fp8 attend, 1 / 2 / 3 kv passes ms |")
+    out = [head, "|" + "---|" * 18]
     f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     for r in rows:
         o, c = r.get("orig_ms"), r.get("cudnn_ms")
@@ -483,8 +447,9 @@ def table(rows) -> str:
             f"| {f(r.get('flex_ms'))} | {vs_o} | {vs_c} "
             f"| {r['ours_rel_err']:.1e} | {f(r.get('ours_fp8_ms'))} "
             f"({f(r.get('ours_fp8_attend_ms'))}) | {r.get('ours_fp8_rel_err', float('nan')):.1e} "
-            f"| {f(r.get('ours_attend_2pass_ms'))} / {f(r.get('ours_attend_3pass_ms'))} "
-            f"| {f(r.get('ours_fp8_attend_2pass_ms'))} |")
+            f"| {r.get('kv_passes_auto', 'n/a')} "
+            f"| {' / '.join(f(r.get(f'ours_attend_{n}pass_ms')) for n in (1, 2, 3))} "
+            f"| {' / '.join(f(r.get(f'ours_fp8_attend_{n}pass_ms')) for n in (1, 2, 3))} |")
     return "\n".join(out)
 
 

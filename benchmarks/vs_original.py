@@ -52,11 +52,12 @@ from dit_forward import SHAPES, SMALL_SHAPES, build, inputs, rel, time_forward  
 
 from longcat_tools.synth import dit_config  # noqa: E402
 
-# ours in fp8: which attention kind also runs quantized (the model's ``fp8_attention``), and for
-# dense, which kernels it may take (``fp8_attention.DENSE_KERNELS``; cuDNN's where installed);
-# a variant runs only on the shapes that use its kind (the BSA shapes attend sparsely throughout)
-FP8_VARIANTS = {"ours fp8": (None, None), "ours fp8+bsa attn": ("bsa", None),
-                "ours fp8+dense attn": ("dense", ["cudnn", "triton"]),
+# ours in fp8: which attention kind also runs quantized (the model's ``fp8_attention``: None, the
+# default kinds; "off", none), and for dense, which kernels it may take
+# (``fp8_attention.DENSE_KERNELS``; None, the default's). A variant with one kind runs only on
+# the shapes that use it (the BSA shapes attend sparsely throughout).
+FP8_VARIANTS = {"ours fp8": (None, None), "ours fp8, bf16 attn": ("off", None),
+                "ours fp8+bsa attn": ("bsa", None),
                 "ours fp8+dense attn triton": ("dense", ["triton"])}
 TARGETS = {  # issue #21: time ratio to the original on one GPU, same weights
     **{("480p/93 dense", v): 0.45 for v in FP8_VARIANTS},
@@ -143,7 +144,7 @@ def main() -> None:
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 reference")
     ap.add_argument("--bsa-variants", default="",
                     help="extra bf16 rows on the BSA shapes, one per ';'-separated list of "
-                         "triton_bsa.FWD_CONFIG settings, e.g. 'kv_passes=2;fused_qkv=1'")
+                         "triton_bsa.FWD_CONFIG settings, e.g. 'kv_passes=1;kv_passes=3'")
     ap.add_argument("--fp32-shapes", default="480p/93 dense",
                     help="shapes given an fp32 reference forward (slow: about 10x bf16)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -258,11 +259,12 @@ def main() -> None:
     for variant, (kind, kernels) in FP8_VARIANTS.items():
         if kind is not None and device != "cuda":
             continue
-        ours.fp8_attention = frozenset({kind} if kind else ())
+        ours.fp8_attention = None if kind is None else frozenset({kind} - {"off"})
         fp8_attention.DENSE_KERNELS[:] = kernels or saved
         fp8_attention.CALLS.clear()
+        one_kind = kind in fp8_attention.KINDS
         try:
-            timed(ours, variant, ours_bsa, only=None if kind is None else
+            timed(ours, variant, ours_bsa, only=None if not one_kind else
                   [shape for shape, (_, bsa) in shapes.items() if bsa == (kind == "bsa")])
         finally:
             fp8_attention.DENSE_KERNELS[:] = saved

@@ -212,17 +212,16 @@ def test_cudnn_fp8_attention_is_as_close_to_fp32_as_its_reference(S, D, dtype):
 def test_cudnn_fp8_attention_at_the_dits_lengths():
     """At 37,440 tokens (480p/93) a softmax row sums ~10^4 terms: were p quantized after its
     normalization, p * 448 would fall under e4m3's normal range and the error would explode.
-    cuDNN takes p against the row's running maximum (its amax is 1), so the error stays near
-    the short sequences' one."""
+    Held to the recipe, which quantizes p against the row's maximum, with the short sequences'
+    allowance. (cuDNN's amax of P reads ~0.008 here: the normalized P's, not what it rounds.)"""
     C = _cudnn()
     q, k, v = _qkv_views(1, 37440, 1, 128, torch.bfloat16, seed=7)
     out = C.attention(q, k, v)
     assert out is not None
     plan = C._PLANS[(1, 1, 37440, 37440, 128, torch.bfloat16, q.device.index)]
-    amax_p = plan.amax_out[0].item()  # unnormalized p peaks at 1 (448 once scaled)
-    assert min(abs(amax_p - 1.0), abs(amax_p / 448.0 - 1.0)) < 1e-3, amax_p
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    assert _rel(out, exact) < 0.1
+    recipe = _rel(ref.reference_per_tensor(q, k, v), exact)
+    assert _rel(out, exact) < 1.1 * recipe + (0.02 if plan.out_e4m3 else 0.005), recipe
 
 
 def test_dense_fp8_calls_take_cudnn_where_it_is_installed(monkeypatch):

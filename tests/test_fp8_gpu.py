@@ -39,8 +39,11 @@ def test_fused_scaling_gives_the_bits_of_the_eager_one(shape, path):
     rq, rs = ops.quantize_rows(x)
     assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
     cq, cs = ops.quantize_rows(x.cpu())
-    assert torch.equal(s.cpu(), cs) and torch.equal(q.cpu().view(torch.uint8),
-                                                    cq.view(torch.uint8))
+    # inf / inf makes a negative NaN on x86 and a positive one on CUDA (their default NaNs),
+    # so the inf rows' NaN bytes may differ in sign: NaN where it is, every other byte equal
+    q, nan = q.cpu(), q.cpu().float().isnan()
+    assert torch.equal(s.cpu(), cs) and torch.equal(nan, cq.float().isnan())
+    assert torch.equal(q.view(torch.uint8)[~nan], cq.view(torch.uint8)[~nan])
 
 
 def test_the_e4m3_gemm_matches_the_dequantized_product():

@@ -189,6 +189,19 @@ def test_kv_passes_give_the_one_pass_bits(case, fp8, monkeypatch):
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
+def test_kv_passes_follow_the_size_of_a_heads_k_and_v(monkeypatch):
+    """By default one pass per ~30 MB of a head's K and V: the counts measured best on an H100
+    (one at 720p, three at 48 frames); a set ``kv_passes`` wins."""
+    from longcat_tools.kernels import triton_bsa as TB
+
+    at_720p, at_48f = R.ChunkLayout((24, 44, 80), (4, 4, 4)), R.ChunkLayout((48, 44, 80), (4, 4, 4))
+    assert TB.FWD_CONFIG["kv_passes"] == 0
+    assert (TB.kv_passes_for(at_720p, 128), TB.kv_passes_for(at_48f, 128)) == (1, 3)
+    assert TB.kv_passes_for(R.ChunkLayout((4, 8, 8), (4, 4, 4)), 64) == 1
+    monkeypatch.setitem(TB.FWD_CONFIG, "kv_passes", 2)
+    assert TB.kv_passes_for(at_720p, 128) == 2
+
+
 def test_fp16_inputs():
     lat = (6, 10, 13)
     q, k, v = _inputs(1, 4, 128, lat, lat, torch.float16, seed=3)

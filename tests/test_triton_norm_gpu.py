@@ -125,71 +125,6 @@ def test_bsa_fast_call_bf16_pv_and_token_major_output():
     assert float((precise.double() - ref).norm() / ref.norm()) < 2e-3
 
 
-def _qkv_and_norms(B, H, D, N, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    qkv = torch.randn(B, N, 3 * H * D, generator=g, device="cuda").to(DT) * 3
-    wq, wk = (torch.empty(D, device="cuda").normal_(1.0, 0.1, generator=g).to(DT)
-              for _ in range(2))
-    return qkv, wq, wk
-
-
-@pytest.mark.parametrize("B,grid,chunk_q,chunk_k", [(1, (8, 12, 16), (4, 4, 4), (4, 4, 4)),
-                                                    (1, (6, 10, 13), (4, 4, 4), (2, 4, 4)),
-                                                    (2, (5, 7, 9), (3, 3, 3), (4, 4, 4))])
-def test_chunk_norm_rope_makes_what_the_separate_passes_make(B, grid, chunk_q, chunk_k):
-    """q as ``head_norm_rope`` writes it (nearly: a row's sum of squares may round otherwise),
-    the chunk means exactly ``pool``'s of those q and k, the copies exactly ``chunk_pass``'s."""
-    from longcat_tools.kernels import reference as R
-    from longcat_tools.kernels import triton_bsa as TB
-    from longcat_tools.kernels.triton_norm import chunk_norm_rope, head_norm_rope
-    from longcat_tools.model.rope import rope_3d_rows, rope_3d_table
-
-    H, D, N = 8, 128, grid[0] * grid[1] * grid[2]
-    qkv, wq, wk = _qkv_and_norms(B, H, D, N, seed=5)
-    lq, lk = R.ChunkLayout(grid, chunk_q), R.ChunkLayout(grid, chunk_k)
-    cos, sin = rope_3d_table(grid, D, torch.device("cuda"))
-    q, k = head_norm_rope(qkv, H, [wq, wk], cos, sin, 1e-6)
-    c = chunk_norm_rope(qkv, H, [wq, wk], rope_3d_rows(grid, D, torch.device("cuda")), 1e-6,
-                        lq, lk)
-    assert c.q.stride() == q.stride()
-    assert_nearly_equal(c.q, q)
-    kc = TB.chunk_pass(k, lk, pool=False, copy_dtype=DT)[1]
-    assert_nearly_equal(c.k_chunks, kc)
-    pad = TB.chunk_pad(lk)
-    index, valid = lk.token_index(torch.device("cuda"))  # the copy's slots back to raster order
-    k_back = torch.zeros_like(k)
-    slots = c.k_chunks.view(B, H, lk.num_chunks, pad, D)[:, :, :, :index.shape[1]]
-    k_back[:, :, index[valid]] = slots[:, :, valid]
-    assert torch.equal(c.means_q, R.pool(c.q, lq)) and torch.equal(c.means_k, R.pool(k_back, lk))
-    v = qkv.view(B, N, 3, H, D)[:, :, 2].transpose(1, 2)
-    assert torch.equal(c.v_chunks, TB.chunk_pass(v, lk, pool=False, copy_dtype=DT)[1])
-
-
-def test_block_sparse_attention_from_qkv_is_the_separate_steps(monkeypatch):
-    """Off by default; on, it lands on the separate steps' output (its q and k may differ in a
-    last bit, and a selection with them)."""
-    from longcat_tools import kernels
-    from longcat_tools.kernels import triton_bsa as TB
-    from longcat_tools.kernels.triton_norm import head_norm_rope
-    from longcat_tools.model.rope import rope_3d_rows, rope_3d_table
-
-    B, H, D, grid = 1, 4, 128, (8, 16, 24)
-    N = grid[0] * grid[1] * grid[2]
-    qkv, wq, wk = _qkv_and_norms(B, H, D, N, seed=6)
-    rows = rope_3d_rows(grid, D, torch.device("cuda"))
-    args = (qkv, H, wq, wk, rows, 1e-6, grid)
-    assert kernels.block_sparse_attention_from_qkv(*args, sparsity=0.875) is None  # off
-    monkeypatch.setitem(TB.FWD_CONFIG, "fused_qkv", 1)
-    fused = kernels.block_sparse_attention_from_qkv(*args, sparsity=0.875)
-    assert fused.stride() == (N * H * D, D, H * D, 1)
-    cos, sin = rope_3d_table(grid, D, torch.device("cuda"))
-    q, k = head_norm_rope(qkv, H, [wq, wk], cos, sin, 1e-6)
-    v = qkv.view(B, N, 3, H, D)[:, :, 2].transpose(1, 2)
-    steps = kernels.block_sparse_attention(q, k, v, grid, grid, sparsity=0.875, pv_fp16=False,
-                                           token_major=True)
-    assert float((fused.float() - steps.float()).norm() / steps.float().norm()) < 1e-2
-
-
 @pytest.mark.parametrize("shape", [(2, 1000, 11008), (7, 96)])
 def test_swiglu_matches_eager(shape):
     """``silu(a) * b`` with eager's two roundings; Triton's exp may differ in the last bit."""
@@ -249,30 +184,3 @@ def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
     assert fast_ops._TRITON_NORM and calls["rows"] == 4 * len(m.blocks)
     err = float((fast.double() - plain.double()).norm() / plain.double().norm())
     assert err < 1e-2, err
-
-
-def test_tiny_dit_bsa_with_the_fused_qkv_pass_stays_on_the_separate_steps(monkeypatch):
-    """``FWD_CONFIG["fused_qkv"]`` on: every block's self-attention takes the fused pass, and
-    the forward lands where the separate steps do."""
-    from longcat_tools.kernels import triton_bsa as TB
-    from longcat_tools.kernels import triton_norm as TN
-
-    m, (x, t, y, mask) = _tiny_dit(frames=8, size=16)  # an 8x8x8 token grid
-    m.enable_fast_ops()
-    m.enable_bsa({"sparsity": 0.5})
-    calls = {"n": 0}
-    real = TN.chunk_norm_rope
-
-    def spy(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(TN, "chunk_norm_rope", spy)
-    with torch.no_grad():
-        steps = m(x, t, y, mask)
-        assert calls["n"] == 0
-        monkeypatch.setitem(TB.FWD_CONFIG, "fused_qkv", 1)
-        fused = m(x, t, y, mask)
-    assert calls["n"] == len(m.blocks)
-    err = float((fused.double() - steps.double()).norm() / steps.double().norm())
-    assert err < 2e-2, err

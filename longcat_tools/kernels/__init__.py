@@ -13,15 +13,12 @@ from typing import Any
 
 import torch
 
-from longcat_tools.model.rope import RopeRows
-
 from . import fp8_attention, reference
-from .compiled import triton_rows_allowed
 from .dense import attention
 from .reference import ChunkLayout, Shape3
 
-__all__ = ["ChunkLayout", "attention", "block_sparse_attention",
-           "block_sparse_attention_from_qkv", "chunk_layout", "select_chunks"]
+__all__ = ["ChunkLayout", "attention", "block_sparse_attention", "chunk_layout",
+           "select_chunks"]
 
 
 def chunk_layout(latent_shape: Shape3, chunk: Shape3 = (4, 4, 4)) -> ChunkLayout:
@@ -100,39 +97,3 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = q.new_empty(B, S, H, D).transpose(1, 2)
     return triton_bsa.attend(q, k, v, lq, lk, indices, counts, pv_fp16=pv_fp16, out=out,
                              k_chunks=kc, fp8=quantized)
-
-
-def block_sparse_attention_from_qkv(qkv: torch.Tensor, heads: int, q_norm_weight: torch.Tensor,
-                                    k_norm_weight: torch.Tensor, rope: RopeRows, eps: float,
-                                    latent_shape: Shape3, **selection: Any
-                                    ) -> torch.Tensor | None:
-    """Block sparse self-attention from a DiT's qkv projection ``[B, S, 3 * H * D]`` (tokens in
-    raster order, unit channel stride): per-head RMSNorm (``eps``, the two weights) and
-    interleaved 3D RoPE (``rope``: ``model.rope.rope_3d_rows``) of q and k, then
-    :func:`block_sparse_attention` with P V in bf16 and a token-major output.
-
-    One Triton pass over each of q, k and v writes what the selection and the sparse forward
-    read (``triton_norm.chunk_norm_rope``): q, the chunk means, the chunk-major copies of k and
-    v; k is never written token-major. None where this path does not take the call (not CUDA
-    bf16/fp16, a head layout the kernels do not cover, or ``triton_bsa.FWD_CONFIG["fused_qkv"]``
-    off, or ``LONGCAT_NO_TRITON_NORM``): the caller takes the separate steps.
-    """
-    B, S, _ = qkv.shape
-    D = q_norm_weight.shape[0]
-    if not (qkv.is_cuda and qkv.stride(-1) == 1 and triton_rows_allowed()):
-        return None
-    from . import triton_bsa, triton_norm
-
-    if not (triton_bsa.FWD_CONFIG["fused_qkv"] and triton_norm.supported(heads, D)):
-        return None
-    q, k, v = qkv.view(B, S, 3, heads, D).permute(2, 0, 3, 1, 4)  # for the checks and shapes
-    sel = reference.check_args(q, k, v, latent_shape, latent_shape, **selection)
-    if _backend(q, sel.layout_k) is reference:
-        return None
-    c = triton_norm.chunk_norm_rope(qkv, heads, [q_norm_weight, k_norm_weight], rope, eps,
-                                    sel.layout_q, sel.layout_k)
-    indices, counts = triton_bsa.select_from_means(c.means_q, c.means_k, sel.sparsity,
-                                                   sel.cdf_threshold)
-    out = q.new_empty(B, S, heads, D).transpose(1, 2)
-    return triton_bsa.attend(c.q, k, v, sel.layout_q, sel.layout_k, indices, counts,
-                             pv_fp16=False, out=out, k_chunks=c.k_chunks, v_chunks=c.v_chunks)

@@ -18,6 +18,7 @@ The Triton kernels' quantization, per ``[B, H]`` head:
 from __future__ import annotations
 
 import importlib
+import logging
 from collections import Counter
 from types import ModuleType
 
@@ -27,15 +28,18 @@ from longcat_tools.model import fp8 as fp8_format
 
 from .fp8 import E4M3, E4M3_MAX
 
+log = logging.getLogger(__name__)
+
 # Which attention an fp8 model runs quantized unless told otherwise (``run --fp8-attention
 # auto``; a model's ``fp8_attention``), dense and block sparse; starts as
-# ``model.fp8.ATTENTION_DEFAULT``: both off. On an H100 neither Triton kernel made a DiT forward
-# faster by more than 1% (benchmarks/results/fp8_attention.md), for 17 times bf16's error;
-# cuDNN's dense FP8 kernel has not run on a GPU yet.
+# ``model.fp8.ATTENTION_DEFAULT``: dense only (benchmarks/results/fp8_attention.md).
 KINDS = fp8_format.ATTENTION_KINDS
 ENABLED = {kind: kind in fp8_format.ATTENTION_DEFAULT for kind in KINDS}
-# The quantized kernels a dense call tries, in order; the first that builds for the shape runs.
-DENSE_KERNELS = ["cudnn", "triton"]
+# The quantized kernels a dense call tries, in order; the first that builds for the shape runs,
+# else bf16. cuDNN's only: on an H100 ours ("triton") made a 480p forward 1% faster for 17
+# times bf16's attention error, cuDNN's 16% faster.
+DENSE_KERNELS = ["cudnn"]
+_WARNED: set[str] = set()  # the kinds asked to quantize with no kernel, warned once
 # Quantized attention calls per "kind kernel" since the last clear (a run's sidecar reports
 # them, so a run says which kernel took its calls, if any).
 CALLS: Counter[str] = Counter()
@@ -143,7 +147,14 @@ def kernels_for(q: torch.Tensor, kind: str = "dense") -> list[ModuleType]:
         return []
     names = DENSE_KERNELS if kind == "dense" else ["triton"]
     modules = (quantized_kernel(name) for name in names)
-    return [m for m in modules if m is not None and m.supported(q)]
+    found = [m for m in modules if m is not None and m.supported(q)]
+    if not found and kind not in _WARNED:
+        _WARNED.add(kind)
+        log.warning("fp8 %s attention: no quantized kernel covers %s %s on this machine "
+                    "(dense needs NVIDIA's cudnn frontend: pip install "
+                    "nvidia-cudnn-frontend); attending in %s", kind, q.dtype,
+                    tuple(q.shape), q.dtype)
+    return found
 
 
 def use(q: torch.Tensor, kind: str = "dense") -> bool:

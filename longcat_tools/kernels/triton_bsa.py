@@ -6,9 +6,6 @@ Launches, each readable top to bottom:
                           over their real tokens (summed in float64), a chunk-major copy
                           (missing edge tokens zero), or both. q: means; k: both; v: copy
                           (bf16 V as float16 times a per-head power of two, see ``_v_copy``).
-                          On the DiT's fused path (``FWD_CONFIG["fused_qkv"]``),
-                          ``triton_norm.chunk_norm_rope`` writes them from the qkv projection
-                          instead, and ``select_from_means`` starts from its means.
 2. scores                 not a Triton kernel: ``reference.exact_scores``, the float64
                           matmul of the pooled means (cuBLAS DGEMM on FP64 tensor cores),
                           exact for bf16/fp16 data in any summation order.
@@ -20,9 +17,10 @@ Launches, each readable top to bottom:
 4. ``_bsa_fwd_kernel``    flash attention forward: one program per (query chunk,
                           batch*head), queries gathered from the raster layout, K and V
                           tiles loaded by TMA from the chunk-major copies. With
-                          ``FWD_CONFIG["kv_passes"]`` > 1 it is launched once per slice of
-                          the kv chunks, the softmax state carried between launches in
-                          float32: same tiles, same order, same bits (off until measured).
+                          several kv passes (``kv_passes_for``: where a head's K and V
+                          overflow L2) it is launched once per slice of the kv chunks, the
+                          softmax state carried between launches in float32: same tiles,
+                          same order, same bits.
 
 fp8 mode (``attend(fp8=True)``; the rules are ``fp8_attention``'s): ``_chunk_quant_kernel``
 writes the copies instead of step 1's (int8 k less its mean with a scale per token, e4m3 v
@@ -421,34 +419,37 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
     """``select_chunks`` plus, with ``copy_k``, the chunk-major copy of k for ``attend``,
     written by the same pass over k that pools it."""
     kbar, kc = chunk_pass(k, layout_k, copy_dtype=k.dtype if copy_k else None)
-    indices, counts = select_from_means(pool(q, layout_q), kbar,  # type: ignore[arg-type]
-                                        sparsity, cdf_threshold)
-    return indices, counts, kc
-
-
-def select_from_means(qbar: torch.Tensor, kbar: torch.Tensor, sparsity: float | None,
-                      cdf_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score and select from the chunk means ``[B, H, M, D]`` (``pool``'s bits)."""
-    score = exact_scores(qbar, kbar)
+    score = exact_scores(pool(q, layout_q), kbar)  # type: ignore[arg-type]
+    mk = layout_k.num_chunks
     if cdf_threshold is None:
-        kmax = kept_per_query(sparsity, kbar.shape[2])
-        counts = torch.full(score.shape[:-1], kmax, dtype=torch.int32, device=qbar.device)
+        kmax = kept_per_query(sparsity, mk)
+        counts = torch.full(score.shape[:-1], kmax, dtype=torch.int32, device=q.device)
     else:
-        score = round_scores(score, qbar.dtype)
-        counts = selection_counts(score, sparsity, cdf_threshold, qbar.shape[-1])
+        score = round_scores(score, q.dtype)
+        counts = selection_counts(score, sparsity, cdf_threshold, q.shape[-1])
         kmax = int(counts.max())
-    return select(score, counts, kmax, qbar.dtype), counts
+    return select(score, counts, kmax, q.dtype), counts, kc
 
 
 # kv_split (steps per kv chunk), num_warps, num_stages; 0 = by chunk size, tuned on H100
 # (see benchmarks/NOTES_bsa_kernel.md). pv_fp16: for bf16 inputs, P @ V in float16.
 # tma: K/V tiles by TMA (else plain loads; always so where Triton has no TensorDescriptor).
 # kv_passes: launches per call, each over one slice of the kv chunks, the softmax state
-# carried between them in float32 (4 * D + 8 bytes per query row).
-# fused_qkv: the DiT's fast path takes ``block_sparse_attention_from_qkv`` (one pass per part
-# of the qkv projection instead of five; off until a GPU has timed it).
+# carried between them in float32 (4 * D + 8 bytes per query row); 0 = ``kv_passes_for``:
+# one per kv_pass_mb MB of a head's K and V at 2 + 2 bytes a value, rounded.
 FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
-                              "tma": 1, "kv_passes": 1, "fused_qkv": 0}
+                              "tma": 1, "kv_passes": 0, "kv_pass_mb": 30}
+
+
+def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
+    """The forward's launches (``FWD_CONFIG["kv_passes"]``, else by the size of a head's K and
+    V). Measured on an H100 at 0.9375: one at 720p (43 MB, two passes 1% slower), three at 48
+    frames (87 MB: 25% faster than one, bf16; fp8 gains too though its bytes are half; see
+    benchmarks/NOTES_bsa_kernel.md, round 9)."""
+    if FWD_CONFIG["kv_passes"]:
+        return FWD_CONFIG["kv_passes"]
+    head_bytes = layout_k.num_chunks * layout_k.chunk_size * head_dim * 4
+    return max(1, round(head_bytes / (FWD_CONFIG["kv_pass_mb"] * 1e6)))
 
 
 def _fwd_config(cq_pad: int, ck_pad: int) -> tuple[int, int, int]:
@@ -504,17 +505,15 @@ def quantized_copies(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLayout,
            layout_k: ChunkLayout, indices: torch.Tensor, counts: torch.Tensor,
            pv_fp16: bool | None = None, out: torch.Tensor | None = None,
-           k_chunks: torch.Tensor | None = None, v_chunks: torch.Tensor | None = None,
-           fp8: bool = False) -> torch.Tensor:
+           k_chunks: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
     """Sparse flash attention forward over the selected chunks; ``[B, H, Sq, D]``.
 
     ``indices``: per query chunk, ascending and -1 padded past ``counts``, as ``select``
     returns them (kv passes take runs of positions; one pass accepts any order).
     q, k, v: any strides with unit stride along D. ``out``: any ``[B, H, Sq, D]`` view with
     unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor). ``k_chunks``: the
-    chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here;
-    ``v_chunks``: v's plain copy (``chunk_pass``), for a bf16 P V only. ``fp8``: int8 Q K^T and
-    e4m3 P V (``kernels.fp8_attention``; ``pv_fp16`` and the copies unused).
+    chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here. ``fp8``:
+    int8 Q K^T and e4m3 P V (``kernels.fp8_attention``; ``pv_fp16`` and ``k_chunks`` unused).
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, _, D = q.shape
@@ -526,10 +525,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     else:
         kc = k_chunks if k_chunks is not None else chunk_pass(k, layout_k, pool=False,
                                                               copy_dtype=k.dtype)[1]
-        if v_chunks is not None and (v.dtype == torch.float16 or not pv_fp16):
-            vc = v_chunks  # what _v_copy makes here
-        else:
-            vc, vscale = _v_copy(v, layout_k, pv_fp16)
+        vc, vscale = _v_copy(v, layout_k, pv_fp16)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     counts = counts.contiguous()
     if indices.shape[-1] == 0:
@@ -546,7 +542,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     v_block = [D, block_n] if fp8 else [block_n, D]
     kd, vd = ((TensorDescriptor.from_tensor(kc, [block_n, D]),  # type: ignore[union-attr]
                TensorDescriptor.from_tensor(vc, v_block)) if tma else (kc, vc))
-    passes = kv_pass_bounds(indices, counts, layout_k.num_chunks, FWD_CONFIG["kv_passes"])
+    passes = kv_pass_bounds(indices, counts, layout_k.num_chunks, kv_passes_for(layout_k, D))
     state = [counts] * 3
     if len(passes) > 1:
         rows = B * H * layout_q.num_chunks * block_m

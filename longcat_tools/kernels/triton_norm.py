@@ -13,9 +13,6 @@ same roundings as ``runner.dit``'s plain path:
   (rounded, times the weight, rounded, as the plain path does), then interleaved RoPE in fp32;
   q and k are written token-major (``[B, N, H, D]``) and returned as ``[B, H, N, D]`` views,
   the layout the attention kernels read without copies.
-* ``chunk_norm_rope``: the same norm and RoPE for block sparse attention, walking the tokens
-  chunk by chunk: q token-major, k and v straight into the BSA's chunk-major copies, and the
-  chunk means of q and k on the way (``kernels.block_sparse_attention_from_qkv``).
 * ``swiglu``: ``silu(a) * b`` of the FFN, with the plain path's two roundings, one pass.
 * ``e4m3_rows``: an fp8 GEMM's input scaled per token (``kernels.fp8``'s rule, its bits): the
   row's amax, ``x / (amax / 448)`` clamped and rounded to e4m3, and the scale, in one read.
@@ -30,31 +27,12 @@ the bandwidth floor at 84,480 tokens (benchmarks/results/dit_forward.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from longcat_tools.model.rope import RopeRows
-
-from .reference import ChunkLayout
-from .triton_bsa import _chunk_rows, chunk_pad
 from .triton_bsa import _round_fp32_to as _rnd
 from .triton_fp8_attention import e4m3_div
-
-
-@dataclass(frozen=True)
-class ChunkedQKV:
-    """What ``chunk_norm_rope`` makes: q ``[B, H, N, D]`` (a token-major view), the chunk
-    means of q and k ``[B, H, M, D]``, and k's and v's chunk-major copies
-    ``[B * H * M * chunk_pad, D]`` (``triton_bsa.chunk_pass``'s layout)."""
-
-    q: torch.Tensor
-    means_q: torch.Tensor
-    means_k: torch.Tensor
-    k_chunks: torch.Tensor
-    v_chunks: torch.Tensor
 
 RES_NONE, RES_ADD, RES_GATED = 0, 1, 2
 NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
@@ -259,106 +237,6 @@ def e4m3_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block = triton.next_power_of_2(K)
     _e4m3_rows_kernel[(N,)](x, q, scale, K, block, num_warps=max(1, min(16, block // 1024)))
     return q, scale
-
-
-@triton.jit
-def _chunk_norm_rope_kernel(SRC, W, COS, SIN, OUT, XC, MEAN, stride_sb, stride_sn, stride_ob,
-                            stride_on, stride_mb, stride_mh, eps, BH, H, M, T, HH, WW, NH, NW,
-                            CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
-                            C: tl.constexpr, C_PAD: tl.constexpr, RB: tl.constexpr,
-                            D: tl.constexpr, DT: tl.constexpr, DHW: tl.constexpr,
-                            PART: tl.constexpr, MODE: tl.constexpr):
-    """Chunk ``m`` of head ``bh`` of part PART (q 0, k 1, v 2) of the qkv projection, its
-    tokens in chunk order. MODE 0 (q): per-head RMSNorm + RoPE as ``_head_norm_rope_kernel``,
-    stored token-major into OUT, the chunk's mean into MEAN. MODE 1 (k): the same, stored into
-    the chunk-major copy XC (missing edge tokens zero), the mean into MEAN. MODE 2 (v): copied
-    into XC. Heads vary fastest (one flat grid: no 65,535 cap on the chunk count), so the
-    programs in flight read neighbouring bytes of the same tokens."""
-    pid = tl.program_id(0)
-    bh = pid % BH
-    m = pid // BH
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    d = tl.arange(0, D)
-    dt = SRC.dtype.element_ty
-    src = SRC + b * stride_sb + PART * H * D + h * D
-    if MODE != 2:
-        w = tl.load(W + d).to(tl.float32)
-        acc = tl.zeros([D], dtype=tl.float64)  # exact sums, any order
-        count = 0
-    for r0 in tl.static_range(0, C_PAD, RB):
-        r = r0 + tl.arange(0, RB)
-        rows, valid = _chunk_rows(m, r, NH, NW, T, HH, WW, CT, CH, CW, C)
-        ok = valid[:, None]
-        x = tl.load(src + rows[:, None].to(tl.int64) * stride_sn + d[None, :], mask=ok,
-                    other=0.0)
-        if MODE != 2:
-            xf = x.to(tl.float32)
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, axis=1) / D + eps)
-            y = _rnd(_rnd(xf * rstd[:, None], dt).to(tl.float32) * w[None, :], dt).to(tl.float32)
-            # each channel's RoPE value from the one row of ``rope_3d_rows`` that holds it
-            own = tl.where(d[None, :] < DT, (rows // (HH * WW))[:, None],
-                           tl.where(d[None, :] < DT + DHW, (T + (rows // WW) % HH)[:, None],
-                                    (T + HH + rows % WW)[:, None]))
-            cos = tl.load(COS + own * D + d[None, :], mask=ok, other=0.0)
-            sin = tl.load(SIN + own * D + d[None, :], mask=ok, other=0.0)
-            ce, co = tl.split(tl.reshape(cos, (RB, D // 2, 2)))
-            se, so = tl.split(tl.reshape(sin, (RB, D // 2, 2)))
-            ye, yo = tl.split(tl.reshape(y, (RB, D // 2, 2)))
-            y = tl.reshape(tl.join(ye * ce + (-yo) * se, yo * co + ye * so), (RB, D))
-            x = _rnd(y, dt)
-            acc += tl.sum(tl.where(ok, x.to(tl.float64), 0.0), axis=0)
-            count += tl.sum(valid.to(tl.int32), axis=0)
-        if MODE == 0:
-            tl.store(OUT + b * stride_ob + rows[:, None].to(tl.int64) * stride_on + h * D
-                     + d[None, :], x, mask=ok)
-        else:
-            slot = (bh.to(tl.int64) * M + m) * C_PAD + r
-            tl.store(XC + slot[:, None] * D + d[None, :], tl.where(ok, x, 0.0).to(dt))
-    if MODE != 2:
-        mean = acc / count.to(tl.float64)
-        tl.store(MEAN + b * stride_mb + h * stride_mh + m * D + d, _rnd(mean.to(tl.float32), dt))
-
-
-# rows of a chunk per step and warps of ``chunk_norm_rope`` (its own: the norm and RoPE need
-# more registers than a chunk pass; spill-free at D = 128 for sm_90, not yet timed)
-CHUNK_ROPE_CONFIG: dict[str, int] = {"rows": 16, "num_warps": 4}
-
-
-def chunk_norm_rope(qkv: torch.Tensor, heads: int, weights: list[torch.Tensor],
-                    rope: RopeRows, eps: float, layout_q: ChunkLayout,
-                    layout_k: ChunkLayout) -> ChunkedQKV:
-    """The BSA's inputs from the qkv projection ``[B, N, 3 * H * D]`` (unit channel stride) in
-    one pass per part: q and k as ``head_norm_rope`` makes them (``weights``: q's and k's
-    RMSNorm weights; ``rope``: ``model.rope.rope_3d_rows``), with the chunk means and
-    chunk-major copies that ``triton_bsa``'s passes over q, k and v would make from them.
-    ``layout_q`` and ``layout_k`` share the token grid (their chunks may differ)."""
-    if layout_q.latent != layout_k.latent:
-        raise ValueError(f"q and k grids differ: {layout_q.latent} vs {layout_k.latent}")
-    B, N, _ = qkv.shape
-    H, D = heads, weights[0].shape[0]
-    d_t, d_h, _ = rope.channels
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    q = torch.empty(B, N, H, D, device=qkv.device, dtype=qkv.dtype)
-    cos, sin = (r.float().contiguous() for r in (rope.cos, rope.sin))
-    w = torch.stack([x.to(qkv.dtype) for x in weights]).contiguous()
-    rows = CHUNK_ROPE_CONFIG["rows"]
-    means, copies = [], []
-    for part, layout in ((0, layout_q), (1, layout_k), (2, layout_k)):
-        M, pad = layout.num_chunks, chunk_pad(layout)
-        mean = torch.empty(B, H, M, D, device=qkv.device, dtype=qkv.dtype) if part < 2 else q
-        xc = torch.empty(B * H * M * pad, D, device=qkv.device, dtype=qkv.dtype) \
-            if part else q
-        (T, HH, WW), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
-        _chunk_norm_rope_kernel[(B * H * M,)](
-            qkv, w[min(part, 1)], cos, sin, q, xc, mean, qkv.stride(0), qkv.stride(1),
-            q.stride(0), q.stride(1), mean.stride(0), mean.stride(1), float(eps), B * H, H, M,
-            T, HH, WW, nh, nw, ct, ch, cw, layout.chunk_size, pad, min(rows, pad), D, d_t,
-            d_h, part, part, num_warps=CHUNK_ROPE_CONFIG["num_warps"])
-        means.append(mean)
-        copies.append(xc)
-    return ChunkedQKV(q.transpose(1, 2), means[0], means[1], copies[1], copies[2])
 
 
 def supported(heads: int, head_dim: int) -> bool:

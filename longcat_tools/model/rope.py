@@ -1,7 +1,6 @@
-"""The DiT's 3D rotary position embedding, as tables: per token (``rope_3d_table``, what the
-plain path and the row kernels read) and per axis (``rope_3d_rows``, what kernels that walk
-tokens out of raster order gather). The first is built from the second, so both hold the same
-bits."""
+"""The DiT's 3D rotary position embedding, as tables: per axis (``rope_3d_rows``, a
+``[T + H + W, D]`` table whose rows each hold one axis's channels) and per token
+(``rope_3d_table``, what the DiT reads: a token's row is the sum of its three axis rows)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ import torch
 from longcat_tools import kernels
 from longcat_tools.errors import LongcatError
 from longcat_tools.model import bsa_presets
-from longcat_tools.model.rope import RopeRows
 from longcat_tools.runner.context_parallel import ContextParallel
 from longcat_tools.runner.settings import BSA_CHOICES, check_bsa
 
@@ -107,16 +106,3 @@ def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cdf_threshold=params.cdf_threshold, chunk_q=tuple(params.chunk_q),
         chunk_k=tuple(params.chunk_k), pv_fp16=False if fast else None, token_major=fast,
         fp8=fp8)
-
-
-def block_sparse_from_qkv(qkv: torch.Tensor, heads: int, q_norm_weight: torch.Tensor,
-                          k_norm_weight: torch.Tensor, rope: RopeRows, eps: float,
-                          grid: tuple[int, int, int], params: BSAParams) -> torch.Tensor | None:
-    """The fast path's self-attention with ``params`` straight from the qkv projection: q and
-    k normalized and rotated as ``fast_ops.qk_norm_rope`` does, then ``block_sparse`` with
-    ``fast``, in fewer passes (``kernels.block_sparse_attention_from_qkv``). None where those
-    kernels do not take the call: the caller takes the separate steps."""
-    return kernels.block_sparse_attention_from_qkv(
-        qkv, heads, q_norm_weight, k_norm_weight, rope, eps, grid,
-        sparsity=params.sparsity, cdf_threshold=params.cdf_threshold,
-        chunk_q=tuple(params.chunk_q), chunk_k=tuple(params.chunk_k))

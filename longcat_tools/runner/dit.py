@@ -34,7 +34,7 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.kernels import fp8_attention
 from longcat_tools.model import fp8 as fp8_format
-from longcat_tools.model.rope import RopeRows, rope_3d_rows, rope_3d_table
+from longcat_tools.model.rope import rope_3d_table
 from longcat_tools.runner import attention as attn_ops
 from longcat_tools.runner import fast_ops, lora_merge
 from longcat_tools.runner.attention import AttnSettings, BSAParams
@@ -182,21 +182,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-_ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor] | RopeRows] = {}
+_ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def rope_table_cached(grid: tuple[int, int, int], head_dim: int, device: torch.device,
-                      t_positions: tuple[float, ...] | None = None, rows: bool = False,
-                      ) -> tuple[torch.Tensor, torch.Tensor] | RopeRows:
-    """``rope_3d_table`` (``rows``: ``rope_3d_rows``), kept for the last few grids: every block
-    of every step reuses it."""
-    key = (tuple(grid), head_dim, torch.device(device), t_positions, rows)
+                      t_positions: tuple[float, ...] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_3d_table``, kept for the last few grids: every block of every step reuses it."""
+    key = (tuple(grid), head_dim, torch.device(device), t_positions)
     if key not in _ROPE_CACHE:
         if len(_ROPE_CACHE) >= 4:
             _ROPE_CACHE.pop(next(iter(_ROPE_CACHE)))
-        make = rope_3d_rows if rows else rope_3d_table
         with torch.inference_mode(False), torch.no_grad():  # usable under autograd later too
-            _ROPE_CACHE[key] = make(grid, head_dim, device, t_positions=t_positions)
+            _ROPE_CACHE[key] = rope_3d_table(grid, head_dim, device, t_positions=t_positions)
     return _ROPE_CACHE[key]
 
 
@@ -246,20 +244,14 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.view(B, -1, 3, heads, D).permute(2, 0, 3, 1, 4)
         T, H, W = grid
         roped = kv_cache is None and not return_kv and fast_ops.use(attn.fast, x)
-        out = None
-        if roped and num_cond_latents == 0 and bsa is not None and T > 1 \
-                and "bsa" not in attn.fp8:  # norm, RoPE and the BSA's passes fused (or None)
-            out = attn_ops.block_sparse_from_qkv(
-                qkv, heads, self.q_norm.weight, self.k_norm.weight,
-                rope_table_cached(grid, D, x.device, rows=True), self.q_norm.eps, grid, bsa)
-        if roped and out is None:  # norm + RoPE fused (q and k in one pass with Triton)
+        if roped:  # norm + RoPE fused (q and k in one pass with the Triton kernels)
             cos, sin = rope_table_cached(grid, self.head_dim, x.device)
             q, k = fast_ops.qk_norm_rope(qkv, heads, self.q_norm.weight, self.k_norm.weight,
                                          cos, sin, self.q_norm.eps)
-        elif not roped:
+        else:
             q, k = self.q_norm(q), self.k_norm(k)
         new_kv = (k.clone(), v.clone()) if return_kv else None
-        if out is None and kv_cache is not None:
+        if kv_cache is not None:
             # cached condition K/V first; RoPE over the (cond + noise) grid, new tokens after them
             k_c, v_c = (t.to(x.device) for t in kv_cache)
             if k_c.shape[0] == 1 and B > 1:
@@ -271,7 +263,7 @@ class SelfAttention(nn.Module):
             v = torch.cat([v_c, v], dim=2)
             q = apply_rope(q, cos[n_c:], sin[n_c:])
             out = self._attend(q, k, v, grid, bsa, fp8=attn.fp8)
-        elif out is None:
+        else:
             if not roped:
                 cos, sin = rope_table_cached(grid, self.head_dim, x.device)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
