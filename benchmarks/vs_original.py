@@ -14,9 +14,10 @@ Order of work, to bound GPU memory:
 2. the original, given ours' state dict and timed per shape, then freed;
 3. ours timed per shape (fast path);
 4. an fp32 copy of ours, for the reference outputs, then freed (the bf16 one waits on the host);
-5. ours converted in place by ``to_fp8`` and timed with attention in bf16;
-6. on a GPU, the same with BSA quantized (BSA shapes), then with dense attention quantized
-   (dense shapes) (``kernels.fp8_attention``).
+5. ours converted in place by ``to_fp8`` and timed with the default fp8 attention
+   (``kernels.fp8_attention``: dense by cuDNN's kernel where installed);
+6. on a GPU, the same with attention in bf16, with BSA quantized (BSA shapes), and with dense
+   attention by our Triton kernel (dense shapes): ``FP8_VARIANTS``.
 
 ``--init damped`` scales the adaLN gate rows down (``--damp``). The issue behind this explains
 why: with random unit-variance weights the 48 blocks amplify rounding, and bf16 itself lands

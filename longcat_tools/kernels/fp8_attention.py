@@ -40,6 +40,11 @@ ENABLED = {kind: kind in fp8_format.ATTENTION_DEFAULT for kind in KINDS}
 # times bf16's attention error, cuDNN's 16% faster.
 DENSE_KERNELS = ["cudnn"]
 _WARNED: set[str] = set()  # the kinds asked to quantize with no kernel, warned once
+_NEEDS = {"dense": "cuDNN's FP8 attention needs NVIDIA's frontend (pip install "
+                   "nvidia-cudnn-frontend), a Hopper or newer GPU, bf16/fp16 and a head size "
+                   "that is a power of two from 16 to 256",
+          "bsa": "the Triton kernels need bf16/fp16, an sm89+ GPU and a head size that is a "
+                 "power of two from 32 to 256"}
 # Quantized attention calls per "kind kernel" since the last clear (a run's sidecar reports
 # them, so a run says which kernel took its calls, if any).
 CALLS: Counter[str] = Counter()
@@ -150,10 +155,8 @@ def kernels_for(q: torch.Tensor, kind: str = "dense") -> list[ModuleType]:
     found = [m for m in modules if m is not None and m.supported(q)]
     if not found and kind not in _WARNED:
         _WARNED.add(kind)
-        log.warning("fp8 %s attention: no quantized kernel covers %s %s on this machine "
-                    "(dense needs NVIDIA's cudnn frontend: pip install "
-                    "nvidia-cudnn-frontend); attending in %s", kind, q.dtype,
-                    tuple(q.shape), q.dtype)
+        log.warning("fp8 %s attention: no quantized kernel covers %s %s here (%s); attending "
+                    "in %s", kind, q.dtype, tuple(q.shape), _NEEDS[kind], q.dtype)
     return found
 
 

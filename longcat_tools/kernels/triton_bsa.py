@@ -448,7 +448,7 @@ def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
     benchmarks/NOTES_bsa_kernel.md, round 9)."""
     if FWD_CONFIG["kv_passes"]:
         return FWD_CONFIG["kv_passes"]
-    head_bytes = layout_k.num_chunks * layout_k.chunk_size * head_dim * 4
+    head_bytes = layout_k.num_chunks * chunk_pad(layout_k) * head_dim * 4
     return max(1, round(head_bytes / (FWD_CONFIG["kv_pass_mb"] * 1e6)))
 
 

@@ -30,8 +30,7 @@ def rope_3d_rows(grid: tuple[int, int, int], head_dim: int, device: torch.device
 
     Row t holds the time part's channels, row T + h the height part's, row T + H + w the width
     part's, zeros elsewhere, so a token's row of the table is the sum of its three rows (exact:
-    two of the three terms are zero). Kernels that walk tokens out of raster order gather these
-    few rows (kilobytes) instead of the table's (tens of megabytes)."""
+    two of the three terms are zero)."""
     parts = channels(head_dim)
     angles = torch.zeros(sum(grid), head_dim)
     own = torch.zeros(sum(grid), head_dim, dtype=torch.bool)
