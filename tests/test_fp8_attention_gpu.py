@@ -236,3 +236,16 @@ def test_dense_fp8_calls_take_cudnn_where_it_is_installed(monkeypatch):
     monkeypatch.setattr(ref, "DENSE_KERNELS", ["triton"])
     assert torch.equal(dense.attention(q, k, v, fp8=True), tfa.attention(q, k, v))
     assert ref.CALLS == {"dense cudnn": 1, "dense triton": 1}
+
+
+def test_a_dense_call_no_kernel_covers_attends_in_bf16_and_says_so_once(monkeypatch, caplog):
+    from longcat_tools.kernels import dense
+
+    q, k, v = _qkv_views(1, 256, 2, 128, torch.bfloat16, seed=5)
+    monkeypatch.setattr(ref, "DENSE_KERNELS", [])  # as where the cudnn frontend is missing
+    monkeypatch.setattr(ref, "_WARNED", set())
+    with caplog.at_level("WARNING", logger=ref.__name__):
+        outs = [dense.attention(q, k, v, fp8=True) for _ in range(2)]
+    assert torch.equal(outs[0], dense.attention(q, k, v)) and torch.equal(outs[1], outs[0])
+    warned = [r.getMessage() for r in caplog.records if r.name == ref.__name__]
+    assert len(warned) == 1 and "pip install nvidia-cudnn-frontend" in warned[0], warned
