@@ -160,30 +160,6 @@ def test_bad_offload_is_one_line(capsys, tiny_native):
     assert rc == 1 and len(err) == 1 and "--offload gpu: unknown" in err[0]
 
 
-def test_rope_rows_sum_to_the_table_bit_for_bit():
-    """``rope_3d_table`` is built from ``rope_3d_rows``; this holds it to the table computed
-    the direct way (cos of the concatenated angles), signs of zero included."""
-    from longcat_tools.model.rope import channels, rope_3d_rows
-
-    for grid, D, t_pos in (((3, 4, 5), 24, None), ((24, 30, 52), 128, None),
-                           ((5, 3, 2), 128, (-3.0, 1.0, 2.0, 5.0, 7.5))):
-        parts = []
-        for axis, (n, d) in enumerate(zip(grid, channels(D), strict=True)):
-            freqs = 1.0 / (10000.0 ** (torch.arange(0, d, 2)[: d // 2].float() / d))
-            pos = torch.tensor(t_pos) if axis == 0 and t_pos else torch.arange(n).float()
-            parts.append((pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1))
-        T, H, W = grid
-        angles = torch.cat([parts[0][:, None, None].expand(T, H, W, -1),
-                            parts[1][None, :, None].expand(T, H, W, -1),
-                            parts[2][None, None, :].expand(T, H, W, -1)], dim=-1)
-        angles = angles.reshape(T * H * W, -1)
-        cos, sin = rope_3d_table(grid, D, torch.device("cpu"), t_positions=t_pos)
-        for got, want in ((cos, angles.cos()), (sin, angles.sin())):
-            assert torch.equal(got.view(torch.int32), want.view(torch.int32))
-        rows = rope_3d_rows(grid, D, torch.device("cpu"), t_positions=t_pos)
-        assert rows.cos.shape == (T + H + W, D) and rows.channels == channels(D)
-
-
 def test_the_vae_conv3d_weights_take_channels_last_and_back():
     """Only Conv3d weights change format (the Wan VAE's 4D ones cannot take channels_last_3d)."""
     from longcat_tools.runner.pipeline import conv3d_memory_format

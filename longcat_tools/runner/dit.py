@@ -34,7 +34,6 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.kernels import fp8_attention
 from longcat_tools.model import fp8 as fp8_format
-from longcat_tools.model.rope import rope_3d_table
 from longcat_tools.runner import attention as attn_ops
 from longcat_tools.runner import fast_ops, lora_merge
 from longcat_tools.runner.attention import AttnSettings, BSAParams
@@ -180,6 +179,31 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.device,
+                  base: float = 10000.0, t_positions: tuple[float, ...] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[T*H*W, head_dim]`` of the 3D RoPE over a (T, H, W) token grid.
+
+    The head dim splits into [t | h | w] parts of ``D - 4*(D//6)``, ``2*(D//6)``, ``2*(D//6)``
+    channels; each angle is repeated for an interleaved channel pair; positions start at 0, or
+    the time positions are ``t_positions`` (the avatar's reference frame sits elsewhere in time).
+    """
+    d_hw = 2 * (head_dim // 6)
+    parts = []
+    for axis, (n, d) in enumerate(zip(grid, (head_dim - 2 * d_hw, d_hw, d_hw), strict=True)):
+        freqs = 1.0 / (base ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+        pos = torch.arange(n, dtype=torch.float32) if axis or t_positions is None \
+            else torch.tensor(t_positions, dtype=torch.float32)
+        angles = pos[:, None] * freqs[None]
+        parts.append(angles.repeat_interleave(2, dim=-1))
+    T, H, W = grid
+    table = torch.cat([parts[0][:, None, None].expand(T, H, W, -1),
+                       parts[1][None, :, None].expand(T, H, W, -1),
+                       parts[2][None, None, :].expand(T, H, W, -1)], dim=-1).reshape(T * H * W, -1)
+    table = table.to(device)
+    return table.cos(), table.sin()
 
 
 _ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
