@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from longcat_tools.kernels import compiled  # noqa: E402
 from longcat_tools.runner import fast_ops  # noqa: E402
 from longcat_tools.runner.dit import LongCatTransformer3DModel  # noqa: E402
 from longcat_tools.synth import dit_config  # noqa: E402
@@ -307,7 +308,7 @@ def main() -> None:
             if variant == "plain":
                 ref = out.float().cpu()
             else:
-                row["glue"] = ("triton row kernels" if triton_rows and fast_ops._TRITON_NORM
+                row["glue"] = ("triton row kernels" if triton_rows and compiled._TRITON_ROWS
                                else "torch.compile")
                 row["compile"] = fast_ops.compile_status()
                 if ref is not None:

@@ -162,7 +162,7 @@ def _tiny_dit(frames: int, size: int):
 
 @pytest.mark.parametrize("n_cond", [0, 1])
 def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
-    from longcat_tools.runner import fast_ops
+    from longcat_tools.kernels import compiled
 
     m, (x, t, y, mask) = _tiny_dit(frames=4, size=8)
     t[:, :n_cond] = 0
@@ -181,6 +181,6 @@ def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
         plain = m(x, t, y, mask, num_cond_latents=n_cond)
         m.enable_fast_ops()
         fast = m(x, t, y, mask, num_cond_latents=n_cond)
-    assert fast_ops._TRITON_NORM and calls["rows"] == 4 * len(m.blocks)
+    assert compiled._TRITON_ROWS and calls["rows"] == 4 * len(m.blocks)
     err = float((fast.double() - plain.double()).norm() / plain.double().norm())
     assert err < 1e-2, err

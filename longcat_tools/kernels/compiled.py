@@ -3,7 +3,8 @@
 Memory-bound glue (the DiT's norms and residuals, fp8's per-token scaling) is written as plain
 PyTorch and compiled into one or two kernels that read and write the activation once; without
 a working compiler the same function runs eagerly (correct, just slower).
-``LONGCAT_NO_COMPILE=1`` forces eager.
+``LONGCAT_NO_COMPILE=1`` forces eager. On CUDA the hand-written Triton row kernels
+(``triton_rows``) take precedence where they cover the call.
 """
 
 from __future__ import annotations
@@ -30,10 +31,25 @@ def eager_division() -> dict[str, bool] | None:
     return None
 
 
-def triton_rows_allowed() -> bool:
-    """Whether the glue may take ``kernels.triton_norm``'s Triton row kernels where they run
-    (``LONGCAT_NO_TRITON_NORM=1`` sends it here, to ``torch.compile``, instead)."""
-    return os.environ.get("LONGCAT_NO_TRITON_NORM", "") in ("", "0")
+_TRITON_ROWS: Any = None  # kernels.triton_norm once imported, False where it cannot be
+
+
+def triton_rows(x: torch.Tensor) -> Any:
+    """``kernels.triton_norm`` (Triton row kernels) for a CUDA ``x`` where they can run, else
+    None: the glue then takes its ``Compiled`` function (``LONGCAT_NO_TRITON_NORM=1`` asks for
+    that too)."""
+    global _TRITON_ROWS
+    if not x.is_cuda or os.environ.get("LONGCAT_NO_TRITON_NORM", "") not in ("", "0"):
+        return None
+    if _TRITON_ROWS is None:
+        try:
+            from . import triton_norm
+
+            _TRITON_ROWS = triton_norm
+        except Exception as exc:  # noqa: BLE001 - no Triton: the compiled path
+            log.warning("Triton row kernels unavailable (%s); using torch.compile", exc)
+            _TRITON_ROWS = False
+    return _TRITON_ROWS or None
 
 
 class Compiled:

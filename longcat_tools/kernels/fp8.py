@@ -16,12 +16,10 @@ checkpoint format (``model.fp8``) stores what ``quantize_weight`` returns.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from longcat_tools.kernels.compiled import Compiled, triton_rows_allowed
+from longcat_tools.kernels.compiled import Compiled, triton_rows
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn value
@@ -76,26 +74,14 @@ def _quantize_rows(x: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, 
 # ``LONGCAT_NO_TRITON_NORM=1``; where Triton is missing, inductor cannot compile it either and
 # it runs eagerly).
 quantize_rows_fused = Compiled(_quantize_rows, eager_bits=True)
-_TRITON_ROWS: Any = None  # kernels.triton_norm once imported, False where it cannot be
-
-
-def _triton_rows() -> Any:
-    global _TRITON_ROWS
-    if _TRITON_ROWS is None:
-        try:
-            from . import triton_norm
-
-            _TRITON_ROWS = triton_norm
-        except Exception:  # noqa: BLE001 - no Triton: the compiled function
-            _TRITON_ROWS = False
-    return _TRITON_ROWS
 
 
 def quantize_rows(x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, K]`` activations -> (e4m3 ``[N, K]``, float32 scale ``[N, 1]``), per row (token);
     ``fused``: in one kernel (see ``quantize_rows_fused``), same bits."""
-    if fused and x.is_cuda and x.is_contiguous() and triton_rows_allowed() and _triton_rows():
-        return _triton_rows().e4m3_rows(x)
+    rows = triton_rows(x) if fused and x.is_contiguous() else None
+    if rows is not None:
+        return rows.e4m3_rows(x)
     return (quantize_rows_fused if fused else _quantize_rows)(x, _limit(x.device))
 
 

@@ -19,16 +19,12 @@ dispatchers below (``adaln``, ``residual_layer_norm``, ``residual``, ``qk_norm_r
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from longcat_tools.kernels import fp8
-from longcat_tools.kernels.compiled import Compiled, triton_rows_allowed
-
-log = logging.getLogger(__name__)
+from longcat_tools.kernels.compiled import Compiled
+from longcat_tools.kernels.compiled import triton_rows as _rows
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -102,24 +98,6 @@ def set_compile(enabled: bool) -> None:
 
 
 # ---- dispatch: Triton row kernels on CUDA, else the compiled (or eager) functions ----------
-
-_TRITON_NORM: Any = None  # the module once imported, False when unavailable
-
-
-def _rows(x: torch.Tensor) -> Any:
-    """``kernels.triton_norm`` when ``x`` is a CUDA tensor and the kernels can run, else None."""
-    global _TRITON_NORM
-    if not x.is_cuda or not triton_rows_allowed():
-        return None
-    if _TRITON_NORM is None:
-        try:
-            from longcat_tools.kernels import triton_norm
-            _TRITON_NORM = triton_norm
-        except Exception as exc:  # noqa: BLE001 - no Triton: the compiled path
-            log.warning("Triton row kernels unavailable (%s); using torch.compile", exc)
-            _TRITON_NORM = False
-    return _TRITON_NORM or None
-
 
 def _frames(x: torch.Tensor, frames: int) -> tuple[int, int, int, int]:
     B, N, C = x.shape
