@@ -70,15 +70,15 @@ def key_mean(k: torch.Tensor) -> torch.Tensor:
 
 def value_scales(v: torch.Tensor) -> torch.Tensor:
     """v's e4m3 scales, one per channel over the sequence (amax / 448, 1 for an all-zero
-    channel), float32 ``[B, H, D]``. One read of v and no temporary (``abs`` would write a
-    copy of v: 0.7 GB at 720p)."""
-    lo, hi = torch.aminmax(v, dim=2)
-    amax = torch.maximum(hi, -lo).to(torch.float32)
+    channel), float32 ``[B, H, D]``."""
+    amax = _amax(v, dim=2)
     return torch.where(amax > 0, amax / E4M3_MAX, 1.0)
 
 
-def _amax(x: torch.Tensor) -> torch.Tensor:
-    lo, hi = torch.aminmax(x)
+def _amax(x: torch.Tensor, **dim: int) -> torch.Tensor:
+    """``max|x|`` (over ``dim``) in float32, in one read of x and no temporary (``abs`` would
+    write a copy: 0.7 GB for v at 720p)."""
+    lo, hi = torch.aminmax(x, **dim)
     return torch.maximum(hi, -lo).to(torch.float32)
 
 
