@@ -29,6 +29,11 @@ from longcat_tools.model import dtypes, flavours, keymap
 from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.runner.dit import LongCatTransformer3DModel
 
+# Reads in flight while loading, each into its own staging buffer of the largest tensor's size
+# (pinned on CUDA: 1 GB at 13.6B). The page-cache copies bound the load: on an H100 host the
+# whole pipeline loaded in 4.4-4.5 s with 4, 3.2 s with 8 and 3.0-3.1 s with 16
+# (benchmarks/results/vs_original.md).
+READ_THREADS = 8
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return dtypes.parse(dtype, error=LongcatError)
@@ -193,7 +198,7 @@ class _Reader:
     ``os.preadv`` releases the GIL and keeps no file position, so the threads share the
     files' descriptors."""
 
-    def __init__(self, items: list[_Item], cuda: bool, threads: int = 4) -> None:
+    def __init__(self, items: list[_Item], cuda: bool, threads: int) -> None:
         self.items = items
         size = max((i.info.nbytes for i in items), default=0)
         n = min(len(items), threads)
@@ -251,7 +256,7 @@ def fill_parameters(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
             scales[name] = read_tensor(f, item.info).to(device)
     buffers = dict(model.named_buffers())
     cuda = device.type == "cuda"
-    reader = _Reader(items, cuda)
+    reader = _Reader(items, cuda, READ_THREADS)
     # the copies and the events that free their buffers on the parameters' GPU, not the
     # current one (cuda:1 with cuda:0 current would free a buffer before its DMA is done)
     try:
