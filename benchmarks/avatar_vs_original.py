@@ -90,7 +90,7 @@ def inputs(config: dict, latent_hw: tuple[int, int], frames: int, device: str):
     mask[:, :180] = 1
     audio = torch.randn(1, frames, config.get("audio_window", 5), config["audio_block"],
                         config["audio_channel"], generator=g, device=device)
-    t = torch.full((1, 1 + t_lat), 631.0, device=device)
+    t = torch.full((1, 1 + t_lat), 632.0, device=device)  # a bf16 value: every dtype sees it
     t[:, :2] = 0.0  # the reference and the condition latent are clean
     return (x, t, y, mask), {"num_cond_latents": 2, "audio_embs": audio, "num_ref_latents": 1,
                              "ref_img_index": 0}

@@ -116,8 +116,8 @@ def cudnn_fp8(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: st
     ms = bench_ms(lambda: C.attention(q, k, v), device)
 
     def scaling():
-        s_q, s_k, s_v, mean = ref.per_tensor_scales(q, k, v)
-        for x, s, m in ((q, s_q, None), (k, s_k, mean), (v, s_v, None)):
+        s_q, s_k, s_v, k_mean, v_mean = ref.per_tensor_scales(q, k, v)
+        for x, s, m in ((q, s_q, None), (k, s_k, k_mean), (v, s_v, v_mean)):
             C._scale_cast(x, C.token_major(B, H, S, D, ref.E4M3, q.device), s, m)
 
     return {**row, "cudnn_fp8_ms": round(ms, 3), "cudnn_fp8_vs_bf16": round(ms / bf16_ms, 3),

@@ -84,17 +84,33 @@ def test_dense_attention_quantizes_only_on_a_gpu():
 
 
 def test_per_tensor_scales_bound_every_value_without_overflow():
-    """One scale per tensor, amax / 448; k's covers k less its mean (bounded, not measured:
-    an e4m3 value keeps its mantissa at any scale that does not overflow); all zero -> 1."""
+    """One scale per tensor, amax / 448; k's and v's cover them less their means (bounded, not
+    measured: an e4m3 value keeps its mantissa at any scale that does not overflow); all
+    zero -> 1."""
     q, k, v = (t.bfloat16() for t in _qkv(2, 3, 50, 32, seed=4))
-    k = k + 5.0
-    s_q, s_k, s_v, mean = fa.per_tensor_scales(q, k, v)
-    assert s_q == q.float().abs().amax() / 448.0 and s_v == v.float().abs().amax() / 448.0
-    assert torch.equal(mean, k.float().mean(dim=2))
-    smoothed = (k.float() - mean[:, :, None]).abs().amax()
-    assert smoothed / 448.0 <= s_k <= (k.float().abs().amax() + mean.abs().amax()) / 448.0
+    k, v = k + 5.0, v - 3.0
+    s_q, s_k, s_v, k_mean, v_mean = fa.per_tensor_scales(q, k, v)
+    assert s_q == q.float().abs().amax() / 448.0
+    for x, s, mean in ((k, s_k, k_mean), (v, s_v, v_mean)):
+        assert torch.equal(mean, x.float().mean(dim=2))
+        smoothed = (x.float() - mean[:, :, None]).abs().amax()
+        assert smoothed / 448.0 <= s <= (x.float().abs().amax() + mean.abs().amax()) / 448.0
     zeros = torch.zeros(1, 1, 4, 8)
     assert [s.item() for s in fa.per_tensor_scales(zeros, zeros, zeros)[:3]] == [1.0, 1.0, 1.0]
+
+
+def test_an_e4m3_output_rounds_what_varies_not_values_mean():
+    """Diffuse attention (the DiT's at 480p) mostly returns v's mean. Rounded to e4m3 as it
+    is, O would carry e4m3's ~3% per element; v loses its mean first and gets it back after, so
+    an e4m3 O stays near a bf16 one's error."""
+    q, k, v = _qkv(1, 2, 2048, 64, seed=5)
+    v = v + torch.randn(64, generator=torch.Generator().manual_seed(6))  # a mean per channel
+    exact = F.scaled_dot_product_attention(q, k, v)
+    plain = _rel(fa.reference_per_tensor(q, k, v), exact)
+    rounded = _rel(fa.reference_per_tensor(q, k, v, out_e4m3=True), exact)
+    assert plain < 0.005 and rounded < 2 * plain
+    unsmoothed = fa._e4m3(exact, 2 * v.abs().amax() / 448.0)  # O's rounding alone, no mean out
+    assert _rel(unsmoothed, exact) > 5 * rounded, rounded
 
 
 def test_the_per_tensor_recipe_lands_a_few_percent_from_fp32():

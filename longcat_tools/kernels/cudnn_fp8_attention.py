@@ -9,11 +9,12 @@ The recipe is cuDNN's (per tensor), its arithmetic spelled out in
 ``fp8_attention.reference_per_tensor``:
 
 - q, k, v: e4m3 of ``x / s``, one float32 scale ``s`` per tensor (``per_tensor_scales``); k
-  first loses its mean over the sequence (the softmax ignores a vector added to every key);
+  and v first lose their means over the sequence (the softmax ignores a vector added to every
+  key; a row of P sums to one, so v's mean is added back to O exactly);
 - P: e4m3 of ``p * 448`` inside cuDNN;
 - O: in q's dtype where this cuDNN gives it; otherwise (Hopper, cuDNN 9.x) e4m3 with the scale
   ``2 * s_v`` (an output row is an average of value rows, so it stays within ``max|v|``; the
-  factor 2 leaves room for P's rounding), then multiplied back by one pass.
+  factor 2 leaves room for P's rounding); then one pass multiplies it back and adds v's mean.
 
 Launches: three scaling passes (one Triton kernel, ``_scale_cast_kernel``, writing token-major
 ``[B, S, H, D]`` e4m3 copies), cuDNN's attention, and the output pass when O is e4m3. The
@@ -42,9 +43,10 @@ ROWS = 64  # tokens per program of the scaling pass
 def _scale_cast_kernel(X, Y, SCALE, MEAN, sxb, sxh, sxs, syb, syh, sys, H, S,
                        BLOCK: tl.constexpr, D: tl.constexpr, SMOOTH: tl.constexpr,
                        TO_E4M3: tl.constexpr):
-    """Rows ``[i * BLOCK, (i + 1) * BLOCK)`` of head ``bh``: ``Y = X / SCALE[0]`` (less
+    """Rows ``[i * BLOCK, (i + 1) * BLOCK)`` of head ``bh``: ``Y = X / SCALE[0]`` (X less
     ``MEAN[bh]`` with SMOOTH) as e4m3 with PyTorch's bits (``e4m3_div``) (TO_E4M3), or
-    ``Y = X * SCALE[0]`` in Y's dtype (the output pass). Both ``[B, H, S, D]`` by strides."""
+    ``Y = X * SCALE[0]`` (plus ``MEAN[bh]`` with SMOOTH) in Y's dtype (the output pass). Both
+    ``[B, H, S, D]`` by strides."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -54,19 +56,23 @@ def _scale_cast_kernel(X, Y, SCALE, MEAN, sxb, sxh, sxs, syb, syh, sys, H, S,
     ok = (rows < S)[:, None]
     r = rows[:, None].to(tl.int64)
     x = tl.load(X + b * sxb + h * sxh + r * sxs + d[None, :], mask=ok, other=0.0).to(tl.float32)
-    if SMOOTH:
-        x = x - tl.load(MEAN + bh * D + d)[None, :]
     if TO_E4M3:
+        if SMOOTH:
+            x = x - tl.load(MEAN + bh * D + d)[None, :]
         y = e4m3_div(x, tl.load(SCALE), Y.dtype.element_ty)
     else:
-        y = (x * tl.load(SCALE)).to(Y.dtype.element_ty)
+        y = x * tl.load(SCALE)
+        if SMOOTH:
+            y = y + tl.load(MEAN + bh * D + d)[None, :]
+        y = y.to(Y.dtype.element_ty)
     tl.store(Y + b * syb + h * syh + r * sys + d[None, :], y, mask=ok)
 
 
 def _scale_cast(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
                 mean: torch.Tensor | None = None) -> torch.Tensor:
     """One ``_scale_cast_kernel`` pass from ``x`` into ``y`` (both ``[B, H, S, D]`` views with
-    unit stride along D); e4m3 ``y``: divided by ``scale``, else multiplied."""
+    unit stride along D); e4m3 ``y``: less ``mean`` and divided by ``scale``, else multiplied
+    by ``scale`` plus ``mean`` (float32 ``[B, H, D]``)."""
     B, H, S, D = x.shape
     _scale_cast_kernel[(triton.cdiv(S, ROWS), B * H)](
         x, y, scale, mean if mean is not None else scale, *x.stride()[:3], *y.stride()[:3], H, S,
@@ -215,23 +221,16 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if plan is None:
         return None
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    s_q, s_k, s_v, mean = per_tensor_scales(q, k, v)
+    s_q, s_k, s_v, k_mean, v_mean = per_tensor_scales(q, k, v)
     if q.device not in _P_SCALES:  # descale_s, scale_s: p goes to e4m3 as p * 448
         _P_SCALES[q.device] = torch.tensor([1 / 448.0, 448.0], device=q.device)
     s_o = 2 * s_v if plan.out_e4m3 else torch.ones_like(s_v)  # O's dequantizing multiplier
     scalars = torch.cat([torch.stack([s_q, s_k, s_v]), _P_SCALES[q.device],
                          (1 / s_o).reshape(1)])
     q8 = _scale_cast(q, token_major(B, H, Sq, D, E4M3, q.device), s_q)
-    k8 = _scale_cast(k, token_major(B, H, Sk, D, E4M3, q.device), s_k, mean)
-    v8 = _scale_cast(v, token_major(B, H, Sk, D, E4M3, q.device), s_v)
+    k8 = _scale_cast(k, token_major(B, H, Sk, D, E4M3, q.device), s_k, k_mean)
+    v8 = _scale_cast(v, token_major(B, H, Sk, D, E4M3, q.device), s_v, v_mean)
+    o = token_major(B, H, Sq, D, E4M3 if plan.out_e4m3 else q.dtype, q.device)
+    plan.run(handle, q8, k8, v8, scalars, o)
     result = out if out is not None else token_major(B, H, Sq, D, q.dtype, q.device)
-    if not plan.out_e4m3:
-        if result.stride() != q8.stride():  # cuDNN writes the layout its graph was built with
-            o = token_major(B, H, Sq, D, q.dtype, q.device)
-            plan.run(handle, q8, k8, v8, scalars, o)
-            return result.copy_(o)
-        plan.run(handle, q8, k8, v8, scalars, result)
-        return result
-    o8 = token_major(B, H, Sq, D, E4M3, q.device)
-    plan.run(handle, q8, k8, v8, scalars, o8)
-    return _scale_cast(o8, result, s_o.reshape(1))
+    return _scale_cast(o, result, s_o.reshape(1), v_mean)  # v's mean back, in float32

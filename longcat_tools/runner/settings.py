@@ -151,8 +151,7 @@ class RunSettings:
                             "fp8 checkpoint is dequantized) or auto (fp8 for an fp8 checkpoint, "
                             "else dtype).")
     fp8_attention: str = option("auto", "fp8 runs: which self-attention also runs quantized: "
-                                "dense (cuDNN's FP8 kernel, where nvidia-cudnn-frontend is "
-                                "installed), bsa, all, off, or auto (the measured default: "
+                                "dense, bsa, all, off, or auto (the measured default: "
                                 f"{', '.join(sorted(fp8_format.ATTENTION_DEFAULT)) or 'off'}).",
                                 metavar="KIND")
     save_latents: str | None = option(None, "Save the final latents (safetensors).",
