@@ -13,8 +13,8 @@ Each run is a fresh process:
 - **ours**: ``longcat-tools run --task t2v --distill`` through the CLI, as users run it, once per
   ``--ours`` setting:
   - `bf16`;
-  - `fp8` (``--precision fp8``: the GEMMs in e4m3 and, by default, dense attention by cuDNN's
-    FP8 kernel where the ``cudnn`` frontend is installed);
+  - `fp8` (``--precision fp8``: the GEMMs in e4m3 and, by default, dense attention by our
+    Triton fp8 kernel);
   - `fp8+te` (also ``--offload text-encoder``);
   - `fp8-bf16attn` (``--fp8-attention off``: the GEMMs only).
 

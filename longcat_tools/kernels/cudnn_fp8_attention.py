@@ -17,8 +17,9 @@ The recipe is cuDNN's (per tensor), its arithmetic spelled out in
   factor 2 leaves room for P's rounding); then one pass multiplies it back and adds v's mean.
 
 Launches: three scaling passes (one Triton kernel, ``_scale_cast_kernel``, writing token-major
-``[B, S, H, D]`` e4m3 copies), cuDNN's attention, and the output pass when O is e4m3. The
-scales stay on the GPU, so nothing waits for the host. A graph is built once per shape; a shape
+``[B, S, H, D]`` e4m3 copies, V less its mean), cuDNN's attention, and the output pass (O's
+scale back, plus V's mean; where cuDNN writes O in bf16 that pass costs one more copy of O).
+The scales stay on the GPU, so nothing waits for the host. A graph is built once per shape; a shape
 cuDNN refuses is remembered and left to the caller's other paths.
 """
 
@@ -61,9 +62,10 @@ def _scale_cast_kernel(X, Y, SCALE, MEAN, sxb, sxh, sxs, syb, syh, sys, H, S,
             x = x - tl.load(MEAN + bh * D + d)[None, :]
         y = e4m3_div(x, tl.load(SCALE), Y.dtype.element_ty)
     else:
-        y = x * tl.load(SCALE)
-        if SMOOTH:
-            y = y + tl.load(MEAN + bh * D + d)[None, :]
+        if SMOOTH:  # one rounding, whatever the compiler would fuse
+            y = tl.fma(x, tl.load(SCALE), tl.load(MEAN + bh * D + d)[None, :])
+        else:
+            y = x * tl.load(SCALE)
         y = y.to(Y.dtype.element_ty)
     tl.store(Y + b * syb + h * syh + r * sys + d[None, :], y, mask=ok)
 
