@@ -1,12 +1,12 @@
 """fp8-mode attention: what the quantized kernels compute, in PyTorch, and when they run.
 
 Two kernels: ``triton_fp8_attention`` (ours, dense and inside the BSA forward) and, for dense
-calls listed in ``DENSE_KERNELS`` where NVIDIA's ``cudnn`` frontend is installed,
-``cudnn_fp8_attention``. This module holds
-their arithmetic as plain tensor code (``reference``, ``reference_per_tensor``: every
-quantization step, on any device), so tests can hold the kernels to it; which kinds an fp8
-model quantizes by default (``ENABLED``; a model's ``fp8_attention`` overrides it); and which
-kernel takes a call asked to quantize (``kernels_for``), counted in ``CALLS``.
+calls where it is listed in ``DENSE_KERNELS`` and NVIDIA's ``cudnn`` frontend is installed,
+``cudnn_fp8_attention``. This module holds their arithmetic as plain tensor code
+(``reference``, ``reference_per_tensor``: every quantization step, on any device), so tests can
+hold the kernels to it; which kinds an fp8 model quantizes by default (``ENABLED``; a model's
+``fp8_attention`` overrides it); and which kernel takes a call asked to quantize
+(``kernels_for``), counted in ``CALLS``.
 
 The Triton kernels' quantization, per ``[B, H]`` head:
 - q: int8, ``round(q / s)`` half away from zero, one float32 scale ``s = amax / 127`` per token;
