@@ -16,7 +16,9 @@ Each run is a fresh process:
   - `fp8` (``--precision fp8``: the GEMMs in e4m3 and, by default, dense attention by our
     Triton fp8 kernel);
   - `fp8+te` (also ``--offload text-encoder``);
-  - `fp8-bf16attn` (``--fp8-attention off``: the GEMMs only).
+  - `fp8-bf16attn` (``--fp8-attention off``: the GEMMs only);
+  - `fp8-cudnn`: dense attention by cuDNN's fp8 kernel instead (``fp8_attention.DENSE_KERNELS``
+    set before the CLI starts; the CLI has no option for it).
 
   Timings and peak memory come from the sidecar. Each run saves its final latents; the
   others' relative distance from bf16's goes in the table (same seed, so the same noise).
@@ -47,7 +49,11 @@ PROMPT = ("In a realistic photography style, a white boy around seven or eight y
           "a park bench with an ice cream cone beside a golden Labrador.")
 OURS = {"bf16": [], "fp8": ["--precision", "fp8"],
         "fp8+te": ["--precision", "fp8", "--offload", "text-encoder"],
-        "fp8-bf16attn": ["--precision", "fp8", "--fp8-attention", "off"]}
+        "fp8-bf16attn": ["--precision", "fp8", "--fp8-attention", "off"],
+        "fp8-cudnn": ["--precision", "fp8"]}
+# Python run before the CLI, per setting
+PREAMBLE = {"fp8-cudnn": "from longcat_tools.kernels import fp8_attention as f; "
+                         "f.DENSE_KERNELS[:] = ['cudnn', 'triton']"}
 # issue #21: total time as a fraction of the original's
 TARGETS = {"bf16": 0.75, "fp8": 0.55}
 
@@ -112,7 +118,11 @@ def original_child(a: argparse.Namespace) -> None:
 def ours(a: argparse.Namespace, name: str, out: Path) -> dict:
     video = out / f"ours_{name.replace('+', '_')}.mp4"
     latents = video.with_suffix(".latents.safetensors")
-    cmd = [sys.executable, "-m", "longcat_tools", "run", "-m", str(a.ckpt), "--task", "t2v",
+    cli = [sys.executable, "-m", "longcat_tools"]
+    if name in PREAMBLE:
+        cli = [sys.executable, "-c", f"{PREAMBLE[name]}; import sys; "
+               "from longcat_tools.cli import main; sys.exit(main(sys.argv[1:]))"]
+    cmd = [*cli, "run", "-m", str(a.ckpt), "--task", "t2v",
            "--distill", "-p", PROMPT, "--height", str(a.height), "--width", str(a.width),
            "--frames", str(a.frames), "--steps", str(a.steps), "--out", str(video), "-q",
            "--save-latents", str(latents), *OURS[name]]
@@ -147,6 +157,17 @@ def latent_differences(rows: list[dict]) -> None:
             r["final_latents_rel_diff_vs_bf16"] = round(((x - ref).norm() / ref.norm()).item(), 5)
 
 
+def gpu_name() -> str | None:
+    """The GPU's name, from nvidia-smi (this process leaves CUDA alone: a context here would
+    hold memory through every run)."""
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.stdout.strip().splitlines()[0] if p.returncode == 0 and p.stdout.strip() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", type=Path, required=True)
@@ -165,7 +186,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "ckpt": str(a.ckpt),
+            "python": platform.python_version(), "ckpt": str(a.ckpt), "gpu": gpu_name(),
             "task": f"t2v distill {a.width}x{a.height}, {a.frames} frames, {a.steps} steps"}
     rows = []
     cmd = [sys.executable, __file__, "--child", "--ckpt", str(a.ckpt), "--original",
