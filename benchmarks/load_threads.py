@@ -5,15 +5,22 @@ The DiT alone (``load_transformer``), UMT5 alone (transformers' ``from_pretraine
 (``LongCatVideoPipeline.from_pretrained``), each thread count in the order given, all in this
 process, page cache warm (read the files once before). Seconds, GPU-synchronised.
 
+``--cold``: before every load, the checkpoint's files leave the page cache (``fsync``, then
+``posix_fadvise(DONTNEED)``: no root needed), so each load reads the disk; the row says how many
+of the files' pages were still cached after the eviction (``mincore``; 0 is a cold load).
+
   PYTHONPATH=. python3 benchmarks/load_threads.py CKPT --threads 4,8,16,4,8,16
+  PYTHONPATH=. python3 benchmarks/load_threads.py CKPT --threads 8 --cold
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
+import mmap
 import os
 import platform
 import time
@@ -40,10 +47,48 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
+def evict(root: Path) -> float:
+    """Drop every file under ``root`` from the page cache; the fraction of their pages still
+    cached afterwards (dirty pages, or a file system that ignores the advice, stay)."""
+    cached = total = 0
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            c, t = resident_pages(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        cached, total = cached + c, total + t
+    return cached / max(total, 1)
+
+
+def resident_pages(fd: int, size: int) -> tuple[int, int]:
+    """(pages of the file in the page cache, its pages), by ``mincore`` over a mapping of it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    try:
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vec), pages
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt", type=Path, help="a checkpoint (synth --preset real)")
     ap.add_argument("--threads", default="4,8,16,4,8,16")
+    ap.add_argument("--cold", action="store_true", help="evict the files before every load")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     a = ap.parse_args()
     from transformers import UMT5EncoderModel
@@ -53,12 +98,20 @@ def main() -> None:
     rows = []
 
     def row(what: str, threads: int | None, seconds: float) -> None:
-        rows.append({"what": what, "threads": threads, "s": round(seconds, 2)})
-        print(f"{what:<40} {threads or '':>7} {seconds:8.2f}", flush=True)
+        rows.append({"what": what, "threads": threads, "s": round(seconds, 2),
+                     "cached_before": cached})
+        print(f"{what:<40} {threads or '':>7} {seconds:8.2f} {cached if a.cold else 'warm':>9}",
+              flush=True)
 
-    print(f"{'load':<40} {'threads':>7} {'s':>8}")
+    def before() -> None:
+        nonlocal cached
+        cached = round(evict(a.ckpt), 4) if a.cold else None
+
+    cached = None
+    print(f"{'load':<40} {'threads':>7} {'s':>8} {'cached':>9}")
     for n in counts:
         loading.READ_THREADS = n
+        before()
         model, s = timed(lambda: loading.load_transformer(a.ckpt, "cuda", torch.bfloat16))
         row("DiT (load_transformer)", n, s)
         del model
@@ -69,12 +122,14 @@ def main() -> None:
             m = UMT5EncoderModel.from_pretrained(te, torch_dtype=torch.bfloat16,
                                                  use_safetensors=True, **kw)
             return m if kw else m.to("cuda")
+        before()
         model, s = timed(umt5)
         row(f"UMT5 (from_pretrained, {'device_map' if kw else '.to'})", None, s)
         del model
         free()
     for n in counts:
         loading.READ_THREADS = n
+        before()
         pipe, s = timed(lambda: LongCatVideoPipeline.from_pretrained(a.ckpt, torch_dtype="bf16",
                                                                      device="cuda"))
         row("pipeline (from_pretrained)", n, s)
@@ -82,10 +137,12 @@ def main() -> None:
         free()
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "python": platform.python_version(), "ckpt": str(a.ckpt), "cpus": os.cpu_count()}
+            "python": platform.python_version(), "ckpt": str(a.ckpt), "cpus": os.cpu_count(),
+            "page_cache": "cold: evicted before every load" if a.cold else "warm"}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "load_threads.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    name = "load_threads_cold.json" if a.cold else "load_threads.json"
+    (out / name).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
