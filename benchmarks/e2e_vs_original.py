@@ -20,7 +20,9 @@ Each run is a fresh process:
   - `fp8-cudnn`: dense attention by cuDNN's fp8 kernel instead (``fp8_attention.DENSE_KERNELS``
     set before the CLI starts; the CLI has no option for it).
 
-  Timings and peak memory come from the sidecar. Each run saves its final latents; the
+  Timings and peak memory come from the sidecar; ``triton_kernels_compiled`` counts the
+  entries the run added to Triton's on-disk cache (a run that compiles pays for it in its first
+  step; later runs on the machine read the cache). Each run saves its final latents; the
   others' relative distance from bf16's goes in the table (same seed, so the same noise).
   Saving them (~10 MB) falls in our runs' "write" stage, so in their totals: a small handicap.
 
@@ -128,18 +130,26 @@ def ours(a: argparse.Namespace, name: str, out: Path) -> dict:
            "--save-latents", str(latents), *OURS[name]]
     if a.small:
         cmd += ["--device", "cpu", "--dtype", "fp32"]
+    cached = triton_cache_entries()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         return {"run": f"ours {name}", "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    compiled = triton_cache_entries() - cached
     doc = json.loads(Path(f"{video}.json").read_text())
     peak = doc["peak_memory"].get("gpu_max_allocated_bytes")
     return {"run": f"ours {name}", "process_s": round(wall, 2), "total_s": doc["total_s"],
-            "startup_s": doc.get("process_age_at_start_s"),
+            "startup_s": doc.get("process_age_at_start_s"), "triton_kernels_compiled": compiled,
             "timings_s": doc["timings_s"], "precision": doc.get("precision"),
             "peak_alloc_gib": None if peak is None else round(peak / 2**30, 2),
             "latents": str(latents), "step_s": doc.get("step_s")}
+
+
+def triton_cache_entries() -> int:
+    """Entries in Triton's on-disk kernel cache (``TRITON_CACHE_DIR``, else its default)."""
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for _ in root.iterdir()) if root.is_dir() else 0
 
 
 def latent_differences(rows: list[dict]) -> None:
