@@ -20,9 +20,10 @@ Each run is a fresh process:
   - `fp8-cudnn`: dense attention by cuDNN's fp8 kernel instead (``fp8_attention.DENSE_KERNELS``
     set before the CLI starts; the CLI has no option for it).
 
-  Timings and peak memory come from the sidecar; ``triton_kernels_compiled`` counts the
-  entries the run added to Triton's on-disk cache (a run that compiles pays for it in its first
-  step; later runs on the machine read the cache). Each run saves its final latents; the
+  Timings, peak memory and the attention kernels used come from the sidecar;
+  ``triton_cache_entries_added`` counts what the run added to Triton's on-disk cache (a run
+  that compiles kernels pays in its first step; later runs on the machine read the cache).
+  Each run saves its final latents; the
   others' relative distance from bf16's goes in the table (same seed, so the same noise).
   Saving them (~10 MB) falls in our runs' "write" stage, so in their totals: a small handicap.
 
@@ -132,23 +133,29 @@ def ours(a: argparse.Namespace, name: str, out: Path) -> dict:
         cmd += ["--device", "cpu", "--dtype", "fp32"]
     cached = triton_cache_entries()
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        return {"run": f"ours {name}", "error": f"timed out after {a.timeout:g} s"}
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         return {"run": f"ours {name}", "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-    compiled = triton_cache_entries() - cached
+    added = triton_cache_entries() - cached
     doc = json.loads(Path(f"{video}.json").read_text())
     peak = doc["peak_memory"].get("gpu_max_allocated_bytes")
     return {"run": f"ours {name}", "process_s": round(wall, 2), "total_s": doc["total_s"],
-            "startup_s": doc.get("process_age_at_start_s"), "triton_kernels_compiled": compiled,
+            "startup_s": doc.get("process_age_at_start_s"), "triton_cache_entries_added": added,
+            "fp8_attention": doc.get("fp8_attention"),
             "timings_s": doc["timings_s"], "precision": doc.get("precision"),
             "peak_alloc_gib": None if peak is None else round(peak / 2**30, 2),
             "latents": str(latents), "step_s": doc.get("step_s")}
 
 
 def triton_cache_entries() -> int:
-    """Entries in Triton's on-disk kernel cache (``TRITON_CACHE_DIR``, else its default)."""
-    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    """Entries in Triton's on-disk cache (``TRITON_CACHE_DIR``, else ``TRITON_HOME`` or the
+    home folder's ``.triton/cache``): one per compiled kernel, plus autotuning records."""
+    home = Path(os.environ.get("TRITON_HOME") or Path.home())
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or home / ".triton" / "cache")
     return sum(1 for _ in root.iterdir()) if root.is_dir() else 0
 
 
@@ -168,8 +175,8 @@ def latent_differences(rows: list[dict]) -> None:
 
 
 def gpu_name() -> str | None:
-    """The GPU's name, from nvidia-smi (this process leaves CUDA alone: a context here would
-    hold memory through every run)."""
+    """The GPU's name and driver, from nvidia-smi (this process leaves CUDA alone: a context
+    here would hold memory through every run)."""
     try:
         p = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
                             "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
@@ -196,14 +203,20 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "ckpt": str(a.ckpt), "gpu": gpu_name(),
+            "python": platform.python_version(), "ckpt": str(a.ckpt),
+            "gpu_and_driver": gpu_name(),
             "task": f"t2v distill {a.width}x{a.height}, {a.frames} frames, {a.steps} steps"}
     rows = []
     cmd = [sys.executable, __file__, "--child", "--ckpt", str(a.ckpt), "--original",
            str(a.original)] + (["--small"] if a.small else [])
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-    if p.returncode != 0:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        p = None
+    if p is None:
+        rows.append({"run": "original", "error": f"timed out after {a.timeout:g} s"})
+    elif p.returncode != 0:
         rows.append({"run": "original", "error": (p.stderr.strip().splitlines() or ["?"])[-1]})
     else:
         rows.append({**json.loads(p.stdout.strip().splitlines()[-1]),

@@ -3,11 +3,14 @@
 The DiT alone (``load_transformer``), UMT5 alone (transformers' ``from_pretrained`` then
 ``.to``, and with ``device_map``), and the whole pipeline's load
 (``LongCatVideoPipeline.from_pretrained``), each thread count in the order given, all in this
-process, page cache warm (read the files once before). Seconds, GPU-synchronised.
+process. Seconds, GPU-synchronised. Warm by default: the files are in the page cache when
+they were read shortly before (the first load of a kind warms it; the default thread list
+repeats each count for that reason).
 
-``--cold``: before every load, the checkpoint's files leave the page cache (``fsync``, then
-``posix_fadvise(DONTNEED)``: no root needed), so each load reads the disk; the row says how many
-of the files' pages were still cached after the eviction (``mincore``; 0 is a cold load).
+``--cold``: before every load, the checkpoint's files leave the page cache
+(``posix_fadvise(DONTNEED)``, no root needed; ``fsync`` first, as dirty pages of a checkpoint
+written just before cannot be dropped), so each load reads the disk. The row gives the fraction
+of the files' pages still cached after the eviction (``mincore``; 0 is a cold load).
 
   PYTHONPATH=. python3 benchmarks/load_threads.py CKPT --threads 4,8,16,4,8,16
   PYTHONPATH=. python3 benchmarks/load_threads.py CKPT --threads 8 --cold
@@ -65,23 +68,26 @@ def evict(root: Path) -> float:
     return cached / max(total, 1)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_RESIDENT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each byte, the rest reserved
+
+
 def resident_pages(fd: int, size: int) -> tuple[int, int]:
     """(pages of the file in the page cache, its pages), by ``mincore`` over a mapping of it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
     pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     if addr in (None, ctypes.c_void_p(-1).value):
         raise OSError(ctypes.get_errno(), "mmap")
     try:
         vec = (ctypes.c_ubyte * pages)()
-        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+        if _LIBC.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
             raise OSError(ctypes.get_errno(), "mincore")
-        return sum(v & 1 for v in vec), pages
+        return bytes(vec).translate(_RESIDENT).count(1), pages
     finally:
-        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+        _LIBC.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
 
 
 def main() -> None:
