@@ -20,12 +20,12 @@ Each run is a fresh process:
   - `fp8-cudnn`: dense attention by cuDNN's fp8 kernel instead (``fp8_attention.DENSE_KERNELS``
     set before the CLI starts; the CLI has no option for it).
 
-  Timings, peak memory and the attention kernels used come from the sidecar;
-  ``triton_cache_entries_added`` counts what the run added to Triton's on-disk cache (a run
-  that compiles kernels pays in its first step; later runs on the machine read the cache).
-  Each run saves its final latents; the
-  others' relative distance from bf16's goes in the table (same seed, so the same noise).
-  Saving them (~10 MB) falls in our runs' "write" stage, so in their totals: a small handicap.
+  Timings, peak memory and the attention kernels used come from the sidecar.
+  ``triton_cache_entries_added`` counts what the run added to Triton's on-disk cache: a run
+  that compiles kernels pays in its first step; later runs on the machine read the cache.
+  Each run saves its final latents; the others' relative distance from bf16's goes in the
+  table (same seed, so the same noise). Saving them (~10 MB) falls in our runs' "write"
+  stage, so in their totals: a small handicap.
 
 The checkpoint is real-size synthetic, made on the GPU machine beforehand:
 ``longcat-tools synth --preset real --dtype bf16 CKPT`` (native layout, 38 GB). Run the
