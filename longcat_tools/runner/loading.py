@@ -32,7 +32,7 @@ from longcat_tools.runner.dit import LongCatTransformer3DModel
 # Reads in flight while loading, each into its own staging buffer of the largest tensor's size
 # (pinned on CUDA: 96 MiB each at 13.6B, the qkv weight). The page-cache copies bound the load:
 # on an H100 host the whole pipeline loaded in 4.4-4.5 s with 4, 3.2 s with 8 and 3.0-3.1 s
-# with 16 (benchmarks/results/vs_original.md).
+# with 16 (benchmarks/results/load_threads_h100.json).
 READ_THREADS = 8
 
 
