@@ -376,7 +376,7 @@ def selection_stages(name, lat, sp, log, rep_ms) -> dict:
     flop = 2 * HEADS * mq * mk * HEAD_DIM
     row["score_tflops"] = flop / row["score_matmul_ms"] / 1e9
     saved = TB.SELECT_WARPS
-    for warps in (1, 2, 8):  # the select kernel is instruction-bound (NOTES round 8)
+    for warps in (2, 4, 8):  # the select kernel is instruction-bound (NOTES round 8)
         TB.SELECT_WARPS = warps
         row[f"select_ms_warps{warps}"] = bench(lambda: TB.select(s64, counts, kk, q.dtype),
                                                rep_ms)

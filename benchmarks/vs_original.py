@@ -61,7 +61,7 @@ from longcat_tools.synth import dit_config  # noqa: E402
 # the shapes that use it (the BSA shapes attend sparsely throughout).
 FP8_VARIANTS = {"ours fp8": (None, None), "ours fp8, bf16 attn": ("off", None),
                 "ours fp8+bsa attn": ("bsa", None),
-                "ours fp8+dense attn cudnn": ("dense", ["cudnn"])}
+                "ours fp8+dense attn triton": ("dense", ["triton"])}
 TARGETS = {  # issue #21: time ratio to the original on one GPU, same weights
     **{("480p/93 dense", v): 0.45 for v in FP8_VARIANTS},
     **{("720p refine/93 BSA 0.9375", v): 0.40 for v in FP8_VARIANTS},

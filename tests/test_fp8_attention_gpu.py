@@ -245,12 +245,14 @@ def test_cudnn_fp8_attention_keeps_values_mean_out_of_its_rounding():
 
 
 def test_dense_fp8_calls_take_the_first_kernel_listed(monkeypatch):
-    """Ours by default; cuDNN's where it is listed first and installed."""
+    """The first kernel listed takes the call: cuDNN's where it is first (the default) and
+    installed, ours where it is first."""
     from longcat_tools.kernels import dense
     from longcat_tools.kernels import triton_fp8_attention as tfa
 
     q, k, v = _qkv_views(1, 1024, 2, 128, torch.bfloat16, seed=4)
     monkeypatch.setattr(ref, "CALLS", ref.Counter())
+    monkeypatch.setattr(ref, "DENSE_KERNELS", ["triton", "cudnn"])
     assert torch.equal(dense.attention(q, k, v, fp8=True), tfa.attention(q, k, v))
     C = _cudnn()
     monkeypatch.setattr(ref, "DENSE_KERNELS", ["cudnn", "triton"])

@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 KINDS = fp8_format.ATTENTION_KINDS
 ENABLED = {kind: kind in fp8_format.ATTENTION_DEFAULT for kind in KINDS}
 # The quantized kernels a dense call tries, in order; the first that builds for the shape runs,
-# else bf16. Ours only: on an H100 at 480p it left a whole forward's distance from fp32 where
-# bf16 attention leaves it (6.54%) and made the forward 1.7% faster. cuDNN's made it 17% faster
-# but put it 22.9% from fp32, with O rounded to e4m3 over v's mean (since taken out); list
-# "cudnn" first to trade accuracy for that speed (benchmarks/results/vs_original.md).
-DENSE_KERNELS = ["triton"]
+# else bf16. On an H100 at 480p, cuDNN's (V less its mean) left a whole forward 6.540% from
+# fp32 and ours 6.543%, as bf16 attention does (the fp8 GEMMs' error); the forward took 2.51 s
+# with cuDNN's and 2.99 s with ours (benchmarks/results/vs_original.md). Without NVIDIA's
+# frontend (``longcat-tools[fp8]``) cuDNN's does not build and ours runs.
+DENSE_KERNELS = ["cudnn", "triton"]
 _WARNED: set[str] = set()  # the kinds asked to quantize with no kernel, warned once
 _NEEDS = {"cudnn": "cuDNN's FP8 attention needs NVIDIA's frontend (pip install "
                    "nvidia-cudnn-frontend), a Hopper or newer GPU, bf16/fp16 and a head size "

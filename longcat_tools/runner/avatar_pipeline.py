@@ -270,10 +270,11 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
             "encoder": self.audio_encoder.kind})
 
     def _audio_encoder_on_device(self) -> AbstractContextManager[Any]:
-        """Where the audio encoder runs: with the encoders offloaded it waits in pinned CPU
-        memory and comes to the GPU whole for the embedding (whisper-large-v3's encoder is
-        0.64 B parameters, 2.5 GB in float32, and it runs before the DiT needs the memory, so
-        it is not streamed block by block as UMT5 is); else it stays where it was loaded."""
+        """Where the audio encoder runs: with the encoders offloaded it waits in CPU memory
+        (``on_device``) and comes to the GPU whole for the embedding (whisper-large-v3's
+        encoder is 0.64 B parameters, 2.5 GB in float32, and it runs before the DiT needs the
+        memory, so it is not streamed block by block as UMT5 is); else it stays where it was
+        loaded."""
         from longcat_tools.runner.offload import on_device
 
         if not self.offload_text_encoder:

@@ -6,8 +6,8 @@ one on a side stream while the current one computes), then drops the GPU copy; o
 embedders, final layer, LoRA deltas and at most two blocks stay on the GPU. Each block is about
 0.5 GB in bf16, so a 480p forward streams ~24 GB over PCIe per step.
 
-``offload_text_encoder`` keeps the UMT5 encoder in pinned CPU memory and copies it to the GPU
-only while a prompt is encoded, block by block (dropping each GPU copy after use: no copy back).
+``offload_text_encoder`` keeps the UMT5 encoder in CPU memory and copies it to the GPU only while
+a prompt is encoded, block by block (dropping each GPU copy after use: no copy back).
 ``enable_vae_tiling`` turns on the VAE's tiled decode where the VAE has one.
 """
 
@@ -122,9 +122,10 @@ def on_device(module: nn.Module, device: torch.device, home: torch.device | str 
               blocks: nn.ModuleList | None = None):
     """Run ``module`` on ``device`` for the duration, its weights living in host memory.
 
-    On a GPU the weights stay in pinned host memory (pinned once, on first use): entering copies
-    them in, leaving just drops the GPU copies, since inference never changes them. So each use
-    costs one fast host-to-device copy and nothing on the way back. Elsewhere: ``.to`` and back.
+    On a GPU the weights stay in host memory: entering copies them in, leaving just drops the
+    GPU copies, since inference never changes them. From the ``PIN_FROM_USE``-th use on they
+    are pinned (once), so later copies are fast; a one-job run never pays for the pinning.
+    Elsewhere: ``.to`` and back.
 
     ``blocks`` (on a GPU): these submodules come in one at a time, each just before it runs and
     dropped right after, so the module never sits whole on the GPU (UMT5-XXL's 24 blocks: 0.4 GB
@@ -138,7 +139,10 @@ def on_device(module: nn.Module, device: torch.device, home: torch.device | str 
         finally:
             module.to(home)
         return
-    host = _pinned(module)
+    uses = getattr(module, "_longcat_uses", 0) + 1
+    module._longcat_uses = uses
+    host = _pinned(module) if uses >= PIN_FROM_USE else [
+        (t, t.data) for t in (*module.parameters(), *module.buffers())]
     streamed = {id(t) for b in (blocks or []) for t in (*b.parameters(), *b.buffers())}
     for t, h in host:
         if id(t) not in streamed:
@@ -165,6 +169,12 @@ def on_device(module: nn.Module, device: torch.device, home: torch.device | str 
         for t, h in host:
             t.data = h
         torch.cuda.empty_cache()
+
+
+# UMT5-XXL's 10.6 GiB on an H100 host (benchmarks/results/text_encoder_copies_h100.json): pinning
+# took 9.0 s, a copy from pinned memory 0.21 s, from pageable memory 1.8-2.2 s. So pin at the
+# third use: one job's prompt and negative prompt never pay for it, a batch of jobs does once.
+PIN_FROM_USE = 3
 
 
 def _pinned(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
