@@ -29,7 +29,9 @@ Each run is a fresh process:
 
 The checkpoint is real-size synthetic, made on the GPU machine beforehand:
 ``longcat-tools synth --preset real --dtype bf16 CKPT`` (native layout, 38 GB). Run the
-original first; its page-cache state is then the same for everyone.
+original first; its page-cache state is then the same for everyone. ``e2e_vs_original.json``
+is rewritten after every run, so a call cut short keeps the runs it finished; a run past
+``--timeout`` becomes an error row.
 
   PYTHONPATH=. python3 benchmarks/e2e_vs_original.py --ckpt CKPT --original /path/LongCat-Video
   PYTHONPATH=. python3 benchmarks/e2e_vs_original.py --ckpt TINY --original ... --small  # CPU
@@ -174,6 +176,19 @@ def latent_differences(rows: list[dict]) -> None:
             r["final_latents_rel_diff_vs_bf16"] = round(((x - ref).norm() / ref.norm()).item(), 5)
 
 
+def save(out: Path, info: dict, rows: list[dict]) -> None:
+    """The rows so far, with their ratios to the original and latent differences, into
+    ``e2e_vs_original.json``: rewritten after every run, so a call cut short keeps the runs
+    it finished."""
+    latent_differences(rows)
+    base = rows[0].get("total_s")
+    for r in rows[1:]:
+        if base and "total_s" in r:
+            r["ratio_to_original"] = round(r["total_s"] / base, 3)
+            r["target"] = TARGETS.get(r["run"].split()[1])
+    (out / "e2e_vs_original.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+
+
 def gpu_name() -> str | None:
     """The GPU's name and driver, from nvidia-smi (this process leaves CUDA alone: a context
     here would hold memory through every run)."""
@@ -222,16 +237,11 @@ def main() -> None:
         rows.append({**json.loads(p.stdout.strip().splitlines()[-1]),
                      "process_s": round(time.perf_counter() - t0, 2)})
     print(json.dumps(rows[-1]), flush=True)
+    save(out, info, rows)
     for name in a.ours.split(","):
         rows.append(ours(a, name, out))
         print(json.dumps(rows[-1]), flush=True)
-    latent_differences(rows)
-    base = rows[0].get("total_s")
-    for r in rows[1:]:
-        if base and "total_s" in r:
-            r["ratio_to_original"] = round(r["total_s"] / base, 3)
-            r["target"] = TARGETS.get(r["run"].split()[1])
-    (out / "e2e_vs_original.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        save(out, info, rows)
     print(f"\n{'run':<14} {'total s':>8} {'vs orig':>8} {'target':>7} {'peak GiB':>9} "
           f"{'latents vs bf16':>16}")
     for r in rows:
