@@ -18,19 +18,10 @@ import argparse
 import datetime
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
-
-
-def timed(make):
-    """(what ``make`` returned, seconds), the GPU synchronised on both sides."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = make()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
+from load_threads import timed  # this folder: the script's own, first on sys.path
 
 
 def main() -> None:
