@@ -186,7 +186,9 @@ def save(out: Path, info: dict, rows: list[dict]) -> None:
         if base and "total_s" in r:
             r["ratio_to_original"] = round(r["total_s"] / base, 3)
             r["target"] = TARGETS.get(r["run"].split()[1])
-    (out / "e2e_vs_original.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    tmp = out / "e2e_vs_original.json.tmp"
+    tmp.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    tmp.replace(out / "e2e_vs_original.json")  # a kill mid-write leaves the last whole file
 
 
 def gpu_name() -> str | None:

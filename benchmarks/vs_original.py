@@ -15,9 +15,9 @@ Order of work, to bound GPU memory:
 3. ours timed per shape (fast path);
 4. an fp32 copy of ours, for the reference outputs, then freed (the bf16 one waits on the host);
 5. ours converted in place by ``to_fp8`` and timed with the default fp8 attention
-   (``kernels.fp8_attention``: dense by our Triton kernel);
+   (``kernels.fp8_attention``: dense by cuDNN's kernel where installed, else ours);
 6. on a GPU, the same with attention in bf16, with BSA quantized (BSA shapes), and with dense
-   attention by cuDNN's FP8 kernel (dense shapes): ``FP8_VARIANTS``.
+   attention by our Triton fp8 kernel (dense shapes): ``FP8_VARIANTS``.
 
 The timestep is 632 (``dit_forward.inputs``), a bf16 value: the DiT rounds timesteps to its
 dtype, as the original does, so the former 631 reached a bf16 model as 632 and the fp32 one as

@@ -110,7 +110,7 @@ def test_block_swap_with_int8_layers_equals_the_resident_model_bit_for_bit(tree)
 
 def test_offload_all_gives_the_resident_pipelines_latents(tree):
     """Same kernels on the same inputs: the offloaded run is bit for bit the resident one, and
-    afterwards the encoders wait in pinned host memory again."""
+    afterwards the encoders wait in host memory again."""
     latents = {}
     for choice in ("none", "all"):
         pipe = LongCatVideoAvatarPipeline.from_pretrained(tree["root"], torch_dtype="bf16",
@@ -121,7 +121,7 @@ def test_offload_all_gives_the_resident_pipelines_latents(tree):
         latents[choice] = r.latents.float().cpu()
         if choice == "all":
             for module in (pipe.text_encoder, pipe.audio_encoder.model):
-                assert all(not p.is_cuda and p.is_pinned() for p in module.parameters())
+                assert all(not p.is_cuda for p in module.parameters())
             assert all(not p.is_cuda for p in pipe.transformer.blocks.parameters())
         del pipe
         torch.cuda.empty_cache()

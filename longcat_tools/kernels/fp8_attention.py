@@ -1,7 +1,7 @@
 """fp8-mode attention: what the quantized kernels compute, in PyTorch, and when they run.
 
-Two kernels: ``triton_fp8_attention`` (ours, dense and inside the BSA forward) and, for dense
-calls where it is listed in ``DENSE_KERNELS`` and NVIDIA's ``cudnn`` frontend is installed,
+Two kernels: ``triton_fp8_attention`` (ours, dense and inside the BSA forward) and, first for
+dense calls (``DENSE_KERNELS``) where NVIDIA's ``cudnn`` frontend is installed,
 ``cudnn_fp8_attention``. This module holds their arithmetic as plain tensor code
 (``reference``, ``reference_per_tensor``: every quantization step, on any device), so tests can
 hold the kernels to it; which kinds an fp8 model quantizes by default (``ENABLED``; a model's
@@ -38,9 +38,10 @@ KINDS = fp8_format.ATTENTION_KINDS
 ENABLED = {kind: kind in fp8_format.ATTENTION_DEFAULT for kind in KINDS}
 # The quantized kernels a dense call tries, in order; the first that builds for the shape runs,
 # else bf16. On an H100 at 480p, cuDNN's (V less its mean) left a whole forward 6.540% from
-# fp32 and ours 6.543%, as bf16 attention does (the fp8 GEMMs' error); the forward took 2.51 s
-# with cuDNN's and 2.99 s with ours (benchmarks/results/vs_original.md). Without NVIDIA's
-# frontend (``longcat-tools[fp8]``) cuDNN's does not build and ours runs.
+# fp32 and ours 6.543%, as bf16 attention does (the fp8 GEMMs' error); with cuDNN's the forward
+# took 2.545 s against 3.068 s with attention in bf16, and a distill step 2.51 s against 2.99 s
+# with ours (benchmarks/results/vs_original.md). Without NVIDIA's frontend
+# (``longcat-tools[fp8]``) cuDNN's does not build and ours runs.
 DENSE_KERNELS = ["cudnn", "triton"]
 _WARNED: set[str] = set()  # the kinds asked to quantize with no kernel, warned once
 _NEEDS = {"cudnn": "cuDNN's FP8 attention needs NVIDIA's frontend (pip install "

@@ -379,7 +379,8 @@ def pool(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
 
 MAX_SELECT_CHUNKS = 16384
 # One program holds a whole score row. 0: warps by row length, 4 up to 2048 keys and 8 above
-# (H100: 0.69 ms at 4 against 0.79 at 8 for 1,320 keys; 3.21 against 2.70 ms for 2,640).
+# (H100: 0.69 ms at 4 against 0.80 at 8 for 1,320 keys; 3.21 against 2.70 ms for 2,640:
+# benchmarks/results/bsa_selection_warps_h100.json).
 SELECT_WARPS = 0
 # per input dtype: its Triton type, and the trailing bits that are zero in the float32 bits
 # of every value rounded to it (the radix select skips them)

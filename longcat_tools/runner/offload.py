@@ -124,8 +124,8 @@ def on_device(module: nn.Module, device: torch.device, home: torch.device | str 
 
     On a GPU the weights stay in host memory: entering copies them in, leaving just drops the
     GPU copies, since inference never changes them. From the ``PIN_FROM_USE``-th use on they
-    are pinned (once), so later copies are fast; a one-job run never pays for the pinning.
-    Elsewhere: ``.to`` and back.
+    are pinned (once), so later copies are fast; a module used a few times never pays for the
+    pinning. Elsewhere: ``.to`` and back.
 
     ``blocks`` (on a GPU): these submodules come in one at a time, each just before it runs and
     dropped right after, so the module never sits whole on the GPU (UMT5-XXL's 24 blocks: 0.4 GB
@@ -141,8 +141,7 @@ def on_device(module: nn.Module, device: torch.device, home: torch.device | str 
         return
     uses = getattr(module, "_longcat_uses", 0) + 1
     module._longcat_uses = uses
-    host = _pinned(module) if uses >= PIN_FROM_USE else [
-        (t, t.data) for t in (*module.parameters(), *module.buffers())]
+    host = _pinned(module) if uses >= PIN_FROM_USE else _pageable(module)
     streamed = {id(t) for b in (blocks or []) for t in (*b.parameters(), *b.buffers())}
     for t, h in host:
         if id(t) not in streamed:
@@ -172,9 +171,20 @@ def on_device(module: nn.Module, device: torch.device, home: torch.device | str 
 
 
 # UMT5-XXL's 10.6 GiB on an H100 host (benchmarks/results/text_encoder_copies_h100.json): pinning
-# took 9.0 s, a copy from pinned memory 0.21 s, from pageable memory 1.8-2.2 s. So pin at the
-# third use: one job's prompt and negative prompt never pay for it, a batch of jobs does once.
-PIN_FROM_USE = 3
+# took 9.0 s, a copy from pinned memory 0.21 s, from pageable memory 1.8-2.2 s. Pin once the
+# pageable copies have cost about what pinning does (four, ~8 s): never much more than twice the
+# best choice in hindsight. Most jobs encode one or two prompts and never pin; long CFG jobs
+# and batches pin once.
+PIN_FROM_USE = 5
+
+
+def _pageable(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, its host copy) for every parameter and buffer, unpinned, in place on the CPU."""
+    host = []
+    for t in (*module.parameters(), *module.buffers()):
+        t.data = t.data.to("cpu")
+        host.append((t, t.data))
+    return host
 
 
 def _pinned(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
