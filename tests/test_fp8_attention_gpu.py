@@ -260,6 +260,23 @@ def test_dense_fp8_calls_take_the_first_kernel_listed(monkeypatch):
     assert ref.CALLS == {"dense cudnn": 1, "dense triton": 1}
 
 
+def test_without_cudnns_frontend_ours_runs_and_says_how_to_get_the_faster_one(monkeypatch,
+                                                                                caplog):
+    from longcat_tools.kernels import dense
+    from longcat_tools.kernels import triton_fp8_attention as tfa
+
+    q, k, v = _qkv_views(1, 256, 2, 128, torch.bfloat16, seed=6)
+    C = ref.quantized_kernel("cudnn")
+    monkeypatch.setattr(ref, "DENSE_KERNELS", ["cudnn", "triton"])
+    monkeypatch.setattr(C, "_frontend", lambda: False)  # as where it is not installed
+    monkeypatch.setattr(ref, "_WARNED", set())
+    with caplog.at_level("WARNING", logger=ref.__name__):
+        outs = [dense.attention(q, k, v, fp8=True) for _ in range(2)]
+    assert torch.equal(outs[0], tfa.attention(q, k, v)) and torch.equal(outs[1], outs[0])
+    warned = [r.getMessage() for r in caplog.records if r.name == ref.__name__]
+    assert len(warned) == 1 and "pip install nvidia-cudnn-frontend" in warned[0], warned
+
+
 def test_a_dense_call_no_kernel_covers_attends_in_bf16_and_says_so_once(monkeypatch, caplog):
     from longcat_tools.kernels import dense
 

@@ -170,9 +170,19 @@ def supported(q: torch.Tensor) -> bool:
     """Whether this path may take the call: CUDA Hopper or newer, bf16/fp16, D a power of two
     in 16..256 (the scaling pass's tiles), and the ``cudnn`` frontend installed
     (``pip install nvidia-cudnn-frontend``)."""
+    return _covers(q) and _frontend()
+
+
+def only_frontend_missing(q: torch.Tensor) -> bool:
+    """Whether this path would take the call but for NVIDIA's frontend (worth telling users:
+    it is the faster fp8 attention on such a GPU)."""
+    return _covers(q) and not _frontend()
+
+
+def _covers(q: torch.Tensor) -> bool:
     D = q.shape[-1]
     return (q.is_cuda and q.dtype in _OUT_TYPES and 16 <= D <= 256 and D & (D - 1) == 0
-            and torch.cuda.get_device_capability(q.device)[0] >= 9 and _frontend())
+            and torch.cuda.get_device_capability(q.device)[0] >= 9)
 
 
 def _plan(B: int, H: int, Sq: int, Sk: int, D: int, dtype: torch.dtype,
