@@ -35,6 +35,7 @@ is rewritten after every run, so a call cut short keeps the runs it finished; a 
 
   PYTHONPATH=. python3 benchmarks/e2e_vs_original.py --ckpt CKPT --original /path/LongCat-Video
   PYTHONPATH=. python3 benchmarks/e2e_vs_original.py --ckpt TINY --original ... --small  # CPU
+  PYTHONPATH=. python3 benchmarks/e2e_vs_original.py --ckpt CKPT --no-original --ours bf16,fp8
 """
 
 from __future__ import annotations
@@ -202,10 +203,27 @@ def gpu_name() -> str | None:
     return p.stdout.strip().splitlines()[0] if p.returncode == 0 and p.stdout.strip() else None
 
 
+def original(a: argparse.Namespace) -> dict:
+    """The original's run, in a child process: its row."""
+    cmd = [sys.executable, __file__, "--child", "--ckpt", str(a.ckpt), "--original",
+           str(a.original)] + (["--small"] if a.small else [])
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        return {"run": "original", "error": f"timed out after {a.timeout:g} s"}
+    if p.returncode != 0:
+        return {"run": "original", "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    return {**json.loads(p.stdout.strip().splitlines()[-1]),
+            "process_s": round(time.perf_counter() - t0, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", type=Path, required=True)
-    ap.add_argument("--original", type=Path, required=True)
+    ap.add_argument("--original", type=Path, help="required unless --no-original")
+    ap.add_argument("--no-original", action="store_true",
+                    help="ours only (latent differences, no ratios)")
     ap.add_argument("--ours", default=",".join(OURS), help=f"comma list from {','.join(OURS)}")
     ap.add_argument("--small", action="store_true", help="CPU logic check (tiny checkpoint)")
     ap.add_argument("--timeout", type=float, default=900)
@@ -214,6 +232,8 @@ def main() -> None:
     a = ap.parse_args()
     a.height, a.width, a.frames, a.steps, a.lora_rank = (
         (32, 32, 9, 2, 4) if a.small else (480, 832, 93, 16, 128))
+    if not a.no_original and a.original is None:
+        ap.error("--original is required (or --no-original)")
     if a.child:
         original_child(a)
         return
@@ -223,21 +243,7 @@ def main() -> None:
             "python": platform.python_version(), "ckpt": str(a.ckpt),
             "gpu_and_driver": gpu_name(),
             "task": f"t2v distill {a.width}x{a.height}, {a.frames} frames, {a.steps} steps"}
-    rows = []
-    cmd = [sys.executable, __file__, "--child", "--ckpt", str(a.ckpt), "--original",
-           str(a.original)] + (["--small"] if a.small else [])
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-    except subprocess.TimeoutExpired:
-        p = None
-    if p is None:
-        rows.append({"run": "original", "error": f"timed out after {a.timeout:g} s"})
-    elif p.returncode != 0:
-        rows.append({"run": "original", "error": (p.stderr.strip().splitlines() or ["?"])[-1]})
-    else:
-        rows.append({**json.loads(p.stdout.strip().splitlines()[-1]),
-                     "process_s": round(time.perf_counter() - t0, 2)})
+    rows = [original(a)] if not a.no_original else [{"run": "original", "error": "not run"}]
     print(json.dumps(rows[-1]), flush=True)
     save(out, info, rows)
     for name in a.ours.split(","):

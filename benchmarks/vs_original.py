@@ -53,6 +53,7 @@ sys.path.insert(0, str(HERE))
 
 from dit_forward import SHAPES, SMALL_SHAPES, build, inputs, rel, time_forward  # noqa: E402
 
+from longcat_tools.runner import fast_ops  # noqa: E402
 from longcat_tools.synth import dit_config  # noqa: E402
 
 # ours in fp8: which attention kind also runs quantized (the model's ``fp8_attention``: None, the
@@ -61,7 +62,8 @@ from longcat_tools.synth import dit_config  # noqa: E402
 # the shapes that use it (the BSA shapes attend sparsely throughout).
 FP8_VARIANTS = {"ours fp8": (None, None), "ours fp8, bf16 attn": ("off", None),
                 "ours fp8+bsa attn": ("bsa", None),
-                "ours fp8+dense attn triton": ("dense", ["triton"])}
+                "ours fp8+dense attn triton": ("dense", ["triton"]),
+                "ours fp8, glue writes bf16": (None, None)}  # fast_ops.E4M3_GLUE off
 TARGETS = {  # issue #21: time ratio to the original on one GPU, same weights
     **{("480p/93 dense", v): 0.45 for v in FP8_VARIANTS},
     **{("720p refine/93 BSA 0.9375", v): 0.40 for v in FP8_VARIANTS},
@@ -265,12 +267,14 @@ def main() -> None:
         ours.fp8_attention = None if kind is None else frozenset({kind} - {"off"})
         fp8_attention.DENSE_KERNELS[:] = kernels or saved
         fp8_attention.CALLS.clear()
+        fast_ops.E4M3_GLUE = "glue writes bf16" not in variant
         one_kind = kind in fp8_attention.KINDS
         try:
             timed(ours, variant, ours_bsa, only=None if not one_kind else
                   [shape for shape, (_, bsa) in shapes.items() if bsa == (kind == "bsa")])
         finally:
             fp8_attention.DENSE_KERNELS[:] = saved
+            fast_ops.E4M3_GLUE = True
         for row in rows:  # which kernel took the quantized calls, if any did
             if row["variant"] == variant:
                 row["quantized_calls"] = dict(fp8_attention.CALLS)

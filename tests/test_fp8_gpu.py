@@ -53,9 +53,12 @@ def test_the_e4m3_gemm_matches_the_dequantized_product():
     bias = torch.randn(4096, device="cuda", generator=g).bfloat16()
     q, s = ops.quantize_weight(w)
     y = ops.linear(x, q, s, bias)
-    xq, sx = ops.quantize_input(x)
-    ref = (xq.double() * sx.double()) @ (q.double() * s.double()[:, None]).T + bias.double()
-    rel = ((y.double().reshape(-1, 4096) - ref).norm() / ref.norm()).item()
+    rows = ops.quantize_input(x)
+    assert rows.q.shape == x.shape and rows.scale.shape == (2, 300, 1)
+    assert torch.equal(ops.linear(rows, q, s, bias), y)
+    ref = (rows.q.double() * rows.scale.double()) @ (q.double() * s.double()[:, None]).T \
+        + bias.double()
+    rel = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.dtype == torch.bfloat16 and rel < 4e-3, rel
 
 

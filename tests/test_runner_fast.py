@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 import torch
 
+from longcat_tools.kernels import fp8
 from longcat_tools.kernels.compiled import Compiled
 from longcat_tools.runner import fast_ops, offload
 from longcat_tools.runner.dit import LongCatTransformer3DModel, rope_3d_table, rope_table_cached
@@ -88,6 +90,61 @@ def test_bf16_fused_path_runs_and_equals_plain_when_eager(n_cond, monkeypatch):
                      "_norm_rope": 2 * depth}
     assert torch.equal(fast, plain)
     assert _rel(fast, want) < 3e-2  # bf16 vs fp32
+
+
+def _count_gemm_inputs(monkeypatch) -> Counter:
+    """Counts what the fp8 GEMMs read: an activation ("Tensor") or its e4m3 rows ("Rows")."""
+    seen: Counter = Counter()
+    real = fp8.linear
+
+    def spy(x, *a, **k):
+        seen[type(x).__name__] += 1
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(fp8, "linear", spy)
+    return seen
+
+
+@pytest.mark.parametrize("n_cond", [0, 1])
+def test_fp8_fused_glue_hands_the_gemms_e4m3_rows_with_the_plain_bits(n_cond, monkeypatch):
+    """In fp8 the norms and the SwiGLU write the GEMM inputs scaled per token; eagerly that is
+    the plain path's scaling of the same bf16 values, so the output is bit-identical. With
+    condition frames the cross-attention reads a slice of the rows (B = 2: a strided one)."""
+    m = _model(dtype=torch.bfloat16)
+    m.to_fp8()
+    args = _inputs(m, n_cond)
+    seen = _count_gemm_inputs(monkeypatch)
+    with torch.no_grad():
+        plain = m(*args, num_cond_latents=n_cond)
+        assert seen == {"Rows": 2 * len(m.blocks), "Tensor": 6 * len(m.blocks)}  # w1, w3
+        seen.clear()
+        m.enable_fast_ops()
+        fast = m(*args, num_cond_latents=n_cond)
+    # qkv, cross q, w1, w3, w2 read rows; attention and cross outputs, and the text, tensors
+    assert seen == {"Rows": 5 * len(m.blocks), "Tensor": 3 * len(m.blocks)}
+    assert torch.equal(fast, plain)
+
+
+def test_fp8_fused_glue_writes_bf16_for_layers_with_runtime_loras(tiny_native, monkeypatch):
+    """A run-time LoRA reads the activation itself, so its layers get the bf16 one."""
+    from longcat_tools.runner.loading import load_transformer
+    from longcat_tools.runner.lora import lora_path
+
+    m = load_transformer(tiny_native, dtype="bf16", fp8=True)
+    m.lora_mode = "runtime"
+    m.load_lora(lora_path(tiny_native, "distilled"), "distilled")
+    m.enable_loras(["distilled"])
+    assert m.blocks[0].attn.qkv.loras and m.blocks[0].ffn.w2.loras
+    x, t, y, mask = _inputs(m)
+    args = (x[:, : m.dims.in_channels].bfloat16(), t, y[..., : m.dims.caption_channels].bfloat16(),
+            mask)
+    seen = _count_gemm_inputs(monkeypatch)
+    with torch.no_grad():
+        plain = m(*args)
+        m.enable_fast_ops()
+        fast = m(*args)
+    assert "Rows" not in seen
+    assert torch.equal(fast, plain)
 
 
 def test_fused_functions_equal_the_plain_math_in_fp32():

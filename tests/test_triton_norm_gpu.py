@@ -139,6 +139,57 @@ def test_swiglu_matches_eager(shape):
     assert torch.equal(fast_ops.swiglu(a, b), TN.swiglu(a, b))  # the dispatcher takes it
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _nearly_same_e4m3(a: torch.Tensor, b: torch.Tensor, frac: float = 1e-5) -> None:
+    """Same e4m3 codes except at most ``frac`` of them, each one step apart: where two
+    compilations of the norm round its bf16 output one ulp apart (on an H200, 1 to 4 of 2.5M
+    elements with modulation; none with affine weights)."""
+    codes = (a.view(torch.uint8).int() - b.view(torch.uint8).int()).abs()
+    assert (codes != 0).float().mean().item() <= frac and codes.max().item() <= 1
+
+
+@pytest.mark.parametrize("norm", ["modulate", "layer_norm"])
+def test_fused_rows_write_e4m3_rows_as_scaling_their_bf16_output_does(norm):
+    """``e4m3=True``: the norm's output as fp8 GEMM input, ``e4m3_rows`` of the bf16 output
+    (a row of zeros and one loud channel included), with the same scales."""
+    from longcat_tools.kernels.triton_norm import e4m3_rows, fused_rows
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    B, T, HW, C = 2, 3, 101, 4096
+    x = torch.randn(B, T * HW, C, generator=g, device="cuda").to(DT)
+    h = torch.randn(B, T * HW, C, generator=g, device="cuda").to(DT)
+    x[0, 7] = 0
+    h[0, 7] = 0
+    x[1, 9, 3] = 2e4
+    shift, scale, gate = _vecs(B, T, C, g)
+    kw = dict(shift=shift, scale=scale) if norm == "modulate" else dict(
+        weight=torch.randn(C, generator=g, device="cuda").to(DT),
+        bias=torch.randn(C, generator=g, device="cuda").to(DT))
+    xo, y = fused_rows(x, T, res=h, gate=gate, norm=norm, **kw)
+    xo8, rows = fused_rows(x, T, res=h, gate=gate, norm=norm, e4m3=True, **kw)
+    q, s = e4m3_rows(y.reshape(-1, C))
+    assert torch.equal(xo8, xo) and rows.dtype == DT and rows.scale.shape == (B, T * HW, 1)
+    assert torch.equal(rows.scale.reshape(-1, 1), s)
+    _nearly_same_e4m3(rows.q.reshape(-1, C), q)
+
+
+@pytest.mark.parametrize("shape", [(2, 300, 11008), (5, 96)])
+def test_swiglu_writes_e4m3_rows_with_the_bits_of_scaling_its_bf16_output(shape):
+    from longcat_tools.kernels import triton_norm as TN
+
+    g = torch.Generator(device="cuda").manual_seed(6)
+    a = (torch.randn(*shape, generator=g, device="cuda") * 3).to(DT)
+    b = torch.randn(*shape, generator=g, device="cuda").to(DT)
+    a[1], b[1] = 0, 0
+    rows = TN.swiglu(a, b, e4m3=True)
+    q, s = TN.e4m3_rows(TN.swiglu(a, b).reshape(-1, shape[-1]))
+    assert _same_bits(rows.q.reshape(-1, shape[-1]), q)
+    assert torch.equal(rows.scale.reshape(-1, 1), s) and rows.scale.shape == (*shape[:-1], 1)
+
+
 def _tiny_dit(frames: int, size: int):
     """The tiny DiT with unit-scale random weights in bf16, and inputs for ``frames`` latent
     frames of ``size`` x ``size`` (a 9-token prompt)."""
@@ -184,3 +235,33 @@ def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
     assert compiled._TRITON_ROWS and calls["rows"] == 4 * len(m.blocks)
     err = float((fast.double() - plain.double()).norm() / plain.double().norm())
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("n_cond", [0, 1])
+def test_tiny_fp8_dit_fast_path_feeds_its_gemms_e4m3_rows(n_cond, monkeypatch):
+    """fp8: the row kernels hand qkv, the cross q, w1/w3 and w2 their inputs as e4m3 rows, and
+    the output stays the plain fp8 path's (bf16 glue rounding apart)."""
+    from collections import Counter
+
+    from longcat_tools.kernels import fp8
+
+    m, (x, t, y, mask) = _tiny_dit(frames=4, size=8)
+    m.to_fp8()
+    t[:, :n_cond] = 0
+    seen: Counter = Counter()
+    real = fp8.linear
+
+    def spy(a, *args, **kw):
+        seen[type(a).__name__] += 1
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(fp8, "linear", spy)
+    monkeypatch.delenv("LONGCAT_NO_TRITON_NORM", raising=False)
+    with torch.no_grad():
+        plain = m(x, t, y, mask, num_cond_latents=n_cond)
+        seen.clear()
+        m.enable_fast_ops()
+        fast = m(x, t, y, mask, num_cond_latents=n_cond)
+    assert seen == {"Rows": 5 * len(m.blocks), "Tensor": 3 * len(m.blocks)}
+    err = float((fast.double() - plain.double()).norm() / plain.double().norm())
+    assert err < 2e-2, err

@@ -16,6 +16,8 @@ checkpoint format (``model.fp8``) stores what ``quantize_weight`` returns.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -90,18 +92,35 @@ def scaled_mm_ok(in_features: int, out_features: int) -> bool:
     return in_features % 16 == 0 and out_features % 16 == 0
 
 
-def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., K]`` as ``linear`` scales it (per token, one kernel on CUDA): for several
-    layers that read the same input (the FFN's w1 and w3), once."""
+class Rows(NamedTuple):
+    """An activation scaled to e4m3 per token, what ``linear`` reads in its place: made once for
+    layers that share an input (the FFN's w1 and w3), or by the kernel that computed the
+    activation (``triton_norm``'s ``e4m3=True``), which then never writes it in bf16."""
+
+    q: torch.Tensor  # e4m3 [..., K]
+    scale: torch.Tensor  # float32 [..., 1]
+    dtype: torch.dtype  # the activation's, and so the GEMM output's
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
+def quantize_input(x: torch.Tensor) -> Rows:
+    """``x [..., K]`` as ``linear`` scales it (per token, one kernel on CUDA)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # _scaled_mm takes a row-major mat1
-    return quantize_rows(x2, fused=x2.is_cuda)
+    q, s = quantize_rows(x2, fused=x2.is_cuda)
+    return Rows(q.view(x.shape), s.view(*x.shape[:-1], 1), x.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-           bias: torch.Tensor | None = None,
-           xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``F.linear`` with an e4m3 ``weight`` and its ``[out]`` scale; output in ``x``'s dtype.
-    ``xq``: ``quantize_input(x)`` when the caller has it already.
+def linear(x: torch.Tensor | Rows, weight: torch.Tensor, scale: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with an e4m3 ``weight`` and its ``[out]`` scale, of an activation or of its
+    ``Rows``; output in the activation's dtype.
 
     bf16 inputs on CUDA run one rowwise-scaled e4m3 GEMM (the bias added in its epilogue;
     rowwise scaling gives bf16 out only on some torch builds, so fp16 is not sent there). Other
@@ -109,12 +128,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     tensor up to torch 2.11) multiply the dequantized operands in float32: the same operands,
     slower."""
     out_features, in_features = weight.shape
-    lead = x.shape[:-1]
-    xq, sx = xq if xq is not None else quantize_input(x)
-    if x.is_cuda and x.dtype == torch.bfloat16 and scaled_mm_ok(in_features, out_features):
+    rows = x if isinstance(x, Rows) else quantize_input(x)
+    xq = rows.q.reshape(-1, in_features)  # a copy only for a strided slice of rows
+    sx = rows.scale.reshape(-1, 1)
+    if xq.is_cuda and rows.dtype == torch.bfloat16 and scaled_mm_ok(in_features, out_features):
         y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale.float().view(1, -1),
-                             bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+                             bias=None if bias is None else bias.to(rows.dtype),
+                             out_dtype=rows.dtype)
     else:
         y = F.linear(xq.float() * sx, dequantize_weight(weight, scale),
-                     None if bias is None else bias.float()).to(x.dtype)
-    return y.reshape(*lead, out_features)
+                     None if bias is None else bias.float()).to(rows.dtype)
+    return y.reshape(*rows.shape[:-1], out_features)

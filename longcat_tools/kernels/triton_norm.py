@@ -16,6 +16,10 @@ same roundings as ``runner.dit``'s plain path:
 * ``swiglu``: ``silu(a) * b`` of the FFN, with the plain path's two roundings, one pass.
 * ``e4m3_rows``: an fp8 GEMM's input scaled per token (``kernels.fp8``'s rule, its bits): the
   row's amax, ``x / (amax / 448)`` clamped and rounded to e4m3, and the scale, in one read.
+  ``fused_rows`` and ``swiglu`` can end the same way (``e4m3=True``): the fp8 DiT's GEMM inputs
+  then never go through memory in bf16. They are rounded to it first, so they are ``e4m3_rows``
+  of the bf16 result, except where this compilation of the norm rounds it one ulp apart from
+  the bf16-writing one (a few elements in a million, one e4m3 step; tests/test_triton_norm_gpu.py).
 
 The last two replaced ``torch.compile`` of the same functions, which compiled anew in every
 process (seconds, inside the first denoising step) and again for each new row count (the
@@ -27,10 +31,13 @@ the bandwidth floor at 84,480 tokens (benchmarks/results/dit_forward.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
+from .fp8 import E4M3, Rows
 from .triton_bsa import _round_fp32_to as _rnd
 from .triton_fp8_attention import e4m3_div
 
@@ -40,11 +47,12 @@ _NORMS = {None: NORM_NONE, "modulate": NORM_MODULATE, "layer_norm": NORM_AFFINE}
 
 
 @triton.jit
-def _rows_kernel(X, RES, GATE, SHIFT, SCALE, W, BIAS, XOUT, YOUT,
+def _rows_kernel(X, RES, GATE, SHIFT, SCALE, W, BIAS, XOUT, YOUT, YSCALE,
                  T, HW, C, sg_b, sg_t, ssh_b, ssh_t, ssc_b, ssc_t, eps,
                  ROWS: tl.constexpr, BLOCK_C: tl.constexpr, RES_MODE: tl.constexpr,
-                 NORM_MODE: tl.constexpr):
-    """``ROWS`` consecutive tokens of one latent frame ``(b, t)``; rows are C contiguous."""
+                 NORM_MODE: tl.constexpr, Q8: tl.constexpr):
+    """``ROWS`` consecutive tokens of one latent frame ``(b, t)``; rows are C contiguous.
+    ``Q8``: the norm's output, rounded to x's dtype, goes out scaled per row (``YSCALE``)."""
     pid = tl.program_id(0)
     bt = tl.program_id(1)
     b = bt // T
@@ -77,7 +85,13 @@ def _rows_kernel(X, RES, GATE, SHIFT, SCALE, W, BIAS, XOUT, YOUT,
                 var = tl.sum(d * d, axis=0) / C
                 y = d * (1.0 / tl.sqrt_rn(var + eps))
                 y = y * mul + add
-                tl.store(YOUT + off, _rnd(y, YOUT.dtype.element_ty), mask=cm)
+                if Q8:
+                    yq, ys = _e4m3_row(_rnd(y, X.dtype.element_ty).to(tl.float32), cm,
+                                       YOUT.dtype.element_ty)
+                    tl.store(YOUT + off, yq, mask=cm)
+                    tl.store(YSCALE + bt.to(tl.int64) * HW + f, ys)
+                else:
+                    tl.store(YOUT + off, _rnd(y, YOUT.dtype.element_ty), mask=cm)
 
 
 def _frame_vec(v: torch.Tensor | None, B: int, T: int, C: int) -> tuple[torch.Tensor | None,
@@ -98,13 +112,14 @@ def fused_rows(x: torch.Tensor, frames: int, *, res: torch.Tensor | None = None,
                gate: torch.Tensor | None = None, norm: str | None = None,
                shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               eps: float = 1e-6) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+               eps: float = 1e-6, e4m3: bool = False) -> tuple[torch.Tensor | None, Any]:
     """``(x + [gate *] res, norm(that))`` for ``x`` ``[B, N, C]`` in ``frames`` latent frames.
 
     ``gate``/``shift``/``scale``: ``[B, T, 1, C]`` (fp32 in the DiT); ``norm``: ``None``,
     ``"modulate"`` (LayerNorm without affine, ``* (1 + scale) + shift``) or ``"layer_norm"``
     (with ``weight``/``bias``). The first result is ``None`` without ``res``, the second
-    without ``norm``.
+    without ``norm``; ``e4m3``: the second is ``kernels.fp8.Rows``, ``e4m3_rows`` of the
+    norm's bf16 output (see the module's docstring).
     """
     B, N, C = x.shape
     if N % frames:
@@ -119,7 +134,10 @@ def fused_rows(x: torch.Tensor, frames: int, *, res: torch.Tensor | None = None,
     sh, ssh_b, ssh_t = _frame_vec(shift, B, frames, C)
     sc, ssc_b, ssc_t = _frame_vec(scale, B, frames, C)
     x_out = torch.empty_like(x) if res is not None else None
-    y = torch.empty_like(x) if norm_mode != NORM_NONE else None
+    y = None
+    if norm_mode != NORM_NONE:
+        y = torch.empty_like(x, dtype=E4M3 if e4m3 else x.dtype)
+    y_scale = torch.empty(B, N, 1, device=x.device, dtype=torch.float32) if e4m3 else None
     block_c = triton.next_power_of_2(C)
     rows = 8
     warps = max(1, min(8, block_c // 512))
@@ -129,9 +147,9 @@ def fused_rows(x: torch.Tensor, frames: int, *, res: torch.Tensor | None = None,
         sh if sh is not None else dummy, sc if sc is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         x_out if x_out is not None else dummy, y if y is not None else dummy,
-        frames, hw, C, sg_b, sg_t, ssh_b, ssh_t, ssc_b, ssc_t, float(eps),
-        rows, block_c, res_mode, norm_mode, num_warps=warps)
-    return x_out, y
+        y_scale if e4m3 else dummy, frames, hw, C, sg_b, sg_t, ssh_b, ssh_t, ssc_b, ssc_t,
+        float(eps), rows, block_c, res_mode, norm_mode, e4m3 and y is not None, num_warps=warps)
+    return x_out, Rows(y, y_scale, x.dtype) if e4m3 and y is not None else y
 
 
 @triton.jit
@@ -203,8 +221,32 @@ def _swiglu_kernel(A, B, H, n, BLOCK: tl.constexpr):
     tl.store(H + i, _rnd(s.to(tl.float32) * b.to(tl.float32), b.dtype), mask=ok)
 
 
-def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``F.silu(a) * b`` of two contiguous tensors of one shape and dtype."""
+@triton.jit
+def _swiglu_e4m3_kernel(A, B, Q, SCALE, K, BLOCK_K: tl.constexpr):
+    """One row of ``_swiglu_kernel``'s result, scaled per row as ``_e4m3_rows_kernel``."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_K)
+    ok = c < K
+    a = tl.load(A + row * K + c, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(B + row * K + c, mask=ok, other=0.0)
+    s = _rnd(a / (1.0 + tl.exp(-a)), b.dtype)
+    h = _rnd(s.to(tl.float32) * b.to(tl.float32), b.dtype).to(tl.float32)
+    q, scale = _e4m3_row(h, ok, Q.dtype.element_ty)
+    tl.store(Q + row * K + c, q, mask=ok)
+    tl.store(SCALE + row, scale)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor, e4m3: bool = False) -> Any:
+    """``F.silu(a) * b`` of two contiguous tensors of one shape and dtype; ``e4m3``: as
+    ``kernels.fp8.Rows`` (``e4m3_rows`` of it, in the same pass)."""
+    if e4m3:
+        K = a.shape[-1]
+        q = torch.empty_like(a, dtype=E4M3)
+        scale = torch.empty(*a.shape[:-1], 1, device=a.device, dtype=torch.float32)
+        block = triton.next_power_of_2(K)
+        _swiglu_e4m3_kernel[(a.numel() // K,)](a, b, q, scale, K, block,
+                                                num_warps=max(1, min(16, block // 1024)))
+        return Rows(q, scale, a.dtype)
     h = torch.empty_like(a)
     n = a.numel()
     block = 4096
@@ -213,18 +255,27 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _e4m3_row(x, ok, dtype: tl.constexpr):
+    """A float32 row (``ok``: its lanes) -> (e4m3 ``x / scale``, ``scale``): ``scale = amax /
+    448`` (1 if all zero, or NaN, as eager's ``amax > 0`` test gives), both divisions rounded to
+    nearest as PyTorch's are (``div_rn``), the quotient clamped to +-448 with NaN kept (as
+    ``clamp``)."""
+    x = tl.where(ok, x, 0.0)
+    amax = tl.max(tl.abs(x), axis=0)  # a reduction skips NaN: the row's NaN count says
+    nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
+    scale = tl.where((amax > 0) & ~nan, tl.div_rn(amax, 448.0), 1.0)
+    return e4m3_div(x, scale, dtype), scale
+
+
+@triton.jit
 def _e4m3_rows_kernel(X, Q, SCALE, K, BLOCK_K: tl.constexpr):
-    """One row: ``scale = amax / 448`` (1 if all zero, or NaN, as eager's ``amax > 0`` test
-    gives) and e4m3 of ``x / scale``, both divisions rounded to nearest as PyTorch's are
-    (``div_rn``), the quotient clamped to +-448 with NaN kept (as ``clamp``)."""
+    """One row through ``_e4m3_row``."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_K)
     ok = c < K
     x = tl.load(X + row * K + c, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)  # a reduction skips NaN: the row's NaN count says
-    nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
-    scale = tl.where((amax > 0) & ~nan, tl.div_rn(amax, 448.0), 1.0)
-    tl.store(Q + row * K + c, e4m3_div(x, scale, Q.dtype.element_ty), mask=ok)
+    q, scale = _e4m3_row(x, ok, Q.dtype.element_ty)
+    tl.store(Q + row * K + c, q, mask=ok)
     tl.store(SCALE + row, scale)
 
 
@@ -232,7 +283,7 @@ def e4m3_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous ``[N, K]`` -> (e4m3 ``[N, K]``, float32 scales ``[N, 1]``), the bits of
     ``kernels.fp8.quantize_rows``."""
     N, K = x.shape
-    q = torch.empty(N, K, device=x.device, dtype=torch.float8_e4m3fn)
+    q = torch.empty(N, K, device=x.device, dtype=E4M3)
     scale = torch.empty(N, 1, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(K)
     _e4m3_rows_kernel[(N,)](x, q, scale, K, block, num_warps=max(1, min(16, block // 1024)))

@@ -112,21 +112,29 @@ class Linear(nn.Linear):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale = scale
 
-    def forward(self, x: torch.Tensor, fp32: bool = False,
-                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``xq``: ``x`` already scaled to e4m3 (``kernels.fp8.quantize_input``), for an fp8
-        layer that shares its input with another."""
+    def forward(self, x: torch.Tensor | fp8_ops.Rows, fp32: bool = False) -> torch.Tensor:
+        """``x`` may come scaled to e4m3 already (``fp8_ops.Rows``) where ``takes_rows``."""
         if self.weight_scale is not None:
             if self.weight.dtype != fp8_ops.E4M3:
                 raise LongcatError("an fp8 layer's weight was cast to another dtype (after fp8, "
                                    "move the model with .to(device) only)")
-            out = fp8_ops.linear(x, self.weight, self.weight_scale, self.bias, xq)
+            if isinstance(x, fp8_ops.Rows) and self.loras:
+                raise ValueError("run-time LoRAs need the activation, not its e4m3 rows")
+            out = fp8_ops.linear(x, self.weight, self.weight_scale, self.bias)
+        elif isinstance(x, fp8_ops.Rows):
+            raise ValueError("e4m3 rows given to a layer that is not fp8")
         elif fp32:
             bias = None if self.bias is None else self.bias.float()
             out = F.linear(x.float(), self.weight.float(), bias)
         else:
             out = F.linear(x, self.weight, self.bias)
         return lora_apply(out, self.loras, x, fp32)
+
+
+def takes_rows(*layers: nn.Module) -> bool:
+    """Whether these layers can read their shared input as e4m3 ``Rows`` (fp8 weights, no
+    run-time LoRA), so the kernel that computes it may write it so (``fast_ops``'s ``e4m3``)."""
+    return all(fp8_ops.is_e4m3(m) and not getattr(m, "loras", None) for m in layers)
 
 
 class Conv3d(nn.Conv3d):
@@ -254,10 +262,12 @@ class SelfAttention(nn.Module):
                                          fp8="bsa" in fp8)
         return attn_ops.dense(q, k, v, fp8="dense" in fp8)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int, int], num_cond_latents: int,
-                attn: AttnSettings, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def forward(self, x: torch.Tensor | fp8_ops.Rows, grid: tuple[int, int, int],
+                num_cond_latents: int, attn: AttnSettings,
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 return_kv: bool = False, split: FrameSplit | None = None):
-        """x holds this rank's tokens of ``grid`` (all of them without context parallel)."""
+        """x holds this rank's tokens of ``grid`` (all of them without context parallel), as
+        ``fp8_ops.Rows`` where the qkv projection ``takes_rows``."""
         B, N, C = x.shape
         qkv, heads, D = self.qkv(x), self.num_heads, self.head_dim
         cp, bsa = attn.cp, attn.bsa
@@ -313,9 +323,10 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, y_lens: list[int],
+    def forward(self, x: torch.Tensor | fp8_ops.Rows, y: torch.Tensor, y_lens: list[int],
                 fast: bool = False) -> torch.Tensor:
-        """x [B, N, C] attends to its own sample's text; y [sum(y_lens), C] packs the texts."""
+        """x [B, N, C] (or its e4m3 rows) attends to its own sample's text; y [sum(y_lens), C]
+        packs the texts."""
         B, N, C = x.shape
         if fast:
             q = fast_ops.head_rms_norm(self.q_linear(x), self.num_heads, self.q_norm.weight,
@@ -349,12 +360,12 @@ class FeedForward(nn.Module):
         self.w2 = Linear(hidden, dim, bias=False)
         self.w3 = Linear(dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        xq = fp8_ops.quantize_input(x) if fp8_ops.is_e4m3(self.w1) \
-            and fp8_ops.is_e4m3(self.w3) else None  # w1 and w3 share x's scaling
-        a, b = self.w1(x, xq=xq), self.w3(x, xq=xq)
+    def forward(self, x: torch.Tensor | fp8_ops.Rows, fast: bool = False) -> torch.Tensor:
+        if not isinstance(x, fp8_ops.Rows) and takes_rows(self.w1, self.w3):
+            x = fp8_ops.quantize_input(x)  # w1 and w3 share x's scaling
+        a, b = self.w1(x), self.w3(x)
         if fast:
-            return self.w2(fast_ops.swiglu(a, b))
+            return self.w2(fast_ops.swiglu(a, b, e4m3=takes_rows(self.w2)))
         return self.w2(F.silu(a) * b)
 
 
@@ -397,14 +408,16 @@ class Block(nn.Module):
         x = (x + (gate_mlp * self.ffn(h).view(frames)).view(B, N, C)).to(x.dtype)
         return x, new_kv
 
-    def _cross(self, h: torch.Tensor, y: torch.Tensor, y_lens: list[int], T: int,
+    def _cross(self, h: torch.Tensor | fp8_ops.Rows, y: torch.Tensor, y_lens: list[int], T: int,
                cond_frames: int, fast: bool) -> torch.Tensor:
         """Cross-attention output for every token of the T frames here, the first
         ``cond_frames`` of which are condition frames (zeros for them: no text)."""
         B, N, C = h.shape
         if cond_frames > 0:
             n_c = cond_frames * (N // T)
-            out = self.cross_attn(h[:, n_c:], y, y_lens, fast)
+            rest = fp8_ops.Rows(h.q[:, n_c:], h.scale[:, n_c:], h.dtype) \
+                if isinstance(h, fp8_ops.Rows) else h[:, n_c:]
+            out = self.cross_attn(rest, y, y_lens, fast)
             return torch.cat([out.new_zeros(B, n_c, C), out], dim=1)
         return self.cross_attn(h, y, y_lens, fast)
 
@@ -414,18 +427,22 @@ class Block(nn.Module):
         norm that reads its result, so the residual stream is read and written once per step."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         T = split.count
-        _, h = fast_ops.adaln(x, T, shift_msa, scale_msa, self.mod_norm_attn.eps)
+        ffn_rows = takes_rows(self.ffn.w1, self.ffn.w3)  # fp8: GEMM inputs written as e4m3
+        _, h = fast_ops.adaln(x, T, shift_msa, scale_msa, self.mod_norm_attn.eps,
+                              e4m3=takes_rows(self.attn.qkv))
         h, new_kv = self.attn(h, grid, num_cond_latents, attn, kv_cache, return_kv, split)
         if skip_crs_attn:
             x, h = fast_ops.adaln(x, T, shift_mlp, scale_mlp, self.mod_norm_ffn.eps, res=h,
-                                  gate=gate_msa)
+                                  gate=gate_msa, e4m3=ffn_rows)
         else:
             norm = self.pre_crs_attn_norm
             x, h = fast_ops.residual_layer_norm(x, T, h, gate_msa, norm.weight, norm.bias,
-                                                norm.eps)
+                                                norm.eps,
+                                                e4m3=takes_rows(self.cross_attn.q_linear))
             out = self._cross(h, y, y_lens, T, _local_cond(num_cond_latents, kv_cache, split),
                               True)
-            x, h = fast_ops.adaln(x, T, shift_mlp, scale_mlp, self.mod_norm_ffn.eps, res=out)
+            x, h = fast_ops.adaln(x, T, shift_mlp, scale_mlp, self.mod_norm_ffn.eps, res=out,
+                                  e4m3=ffn_rows)
         return fast_ops.residual(x, T, self.ffn(h, True), gate_mlp), new_kv
 
 

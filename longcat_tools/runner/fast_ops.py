@@ -27,6 +27,11 @@ from longcat_tools.kernels.compiled import Compiled
 from longcat_tools.kernels.compiled import triton_rows as _rows
 
 _HALF = (torch.bfloat16, torch.float16)
+# fp8 runs: the glue hands its GEMM inputs over as e4m3 rows where asked (``e4m3=True``), the
+# Triton kernels writing them so directly; False: bf16, which each GEMM then scales in a pass
+# of its own (the earlier path). On an H200 that saved 1.05 / 2.38 GiB at the 480p / 720p peak
+# and 0.2 / 0.5% of the time (benchmarks/fp8_glue.py, results/vs_original.md).
+E4M3_GLUE = True
 
 
 def use(enabled: bool, x: torch.Tensor) -> bool:
@@ -104,22 +109,28 @@ def _frames(x: torch.Tensor, frames: int) -> tuple[int, int, int, int]:
     return B, frames, N // frames, C
 
 
+def _as_rows(h: torch.Tensor, e4m3: bool) -> torch.Tensor | fp8.Rows:
+    return fp8.quantize_input(h) if e4m3 and E4M3_GLUE else h
+
+
 def adaln(x: torch.Tensor, frames: int, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-          res: torch.Tensor | None = None,
-          gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          res: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+          e4m3: bool = False) -> tuple[torch.Tensor, torch.Tensor | fp8.Rows]:
     """``x' = x [+ [gate *] res]`` then ``(x', LayerNorm(x') * (1 + scale) + shift)``.
 
     ``x``, ``res``: ``[B, N, C]``; ``shift``/``scale``/``gate``: per frame ``[B, T, 1, C]``.
+    ``e4m3``: the second result as ``fp8.Rows`` (for fp8 GEMMs): ``fp8.quantize_input`` of the
+    bf16 result, which the Triton kernel writes directly (``kernels.triton_norm``).
     """
     tn = _rows(x)
     if tn is not None:
         x_new, h = tn.fused_rows(x, frames, res=res, gate=gate, norm="modulate", shift=shift,
-                                 scale=scale, eps=eps)
+                                 scale=scale, eps=eps, e4m3=e4m3 and E4M3_GLUE)
         return (x if x_new is None else x_new), h
     fr = _frames(x, frames)
     if res is not None:
         x = residual(x, frames, res, gate)
-    return x, modulate(x.view(fr), shift, scale, eps).view(x.shape)
+    return x, _as_rows(modulate(x.view(fr), shift, scale, eps).view(x.shape), e4m3)
 
 
 def residual(x: torch.Tensor, frames: int, res: torch.Tensor,
@@ -135,15 +146,16 @@ def residual(x: torch.Tensor, frames: int, res: torch.Tensor,
 
 
 def residual_layer_norm(x: torch.Tensor, frames: int, res: torch.Tensor, gate: torch.Tensor,
-                        weight: torch.Tensor, bias: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x' = x + gate * res``, then ``(x', LayerNorm(x'; weight, bias))``."""
+                        weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                        e4m3: bool = False) -> tuple[torch.Tensor, torch.Tensor | fp8.Rows]:
+    """``x' = x + gate * res``, then ``(x', LayerNorm(x'; weight, bias))``; ``e4m3`` as in
+    ``adaln``."""
     tn = _rows(x)
     if tn is not None:
         return tn.fused_rows(x, frames, res=res, gate=gate, norm="layer_norm", weight=weight,
-                             bias=bias, eps=eps)
+                             bias=bias, eps=eps, e4m3=e4m3 and E4M3_GLUE)
     x = residual(x, frames, res, gate)
-    return x, layer_norm(x, weight, bias, eps)
+    return x, _as_rows(layer_norm(x, weight, bias, eps), e4m3)
 
 
 def qk_norm_rope(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor,
@@ -162,13 +174,13 @@ def qk_norm_rope(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor,
     return norm_rope(q, q_weight, cos, sin, eps), norm_rope(k, k_weight, cos, sin, eps)
 
 
-def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The FFN's ``silu(a) * b``, in one pass."""
+def swiglu(a: torch.Tensor, b: torch.Tensor, e4m3: bool = False) -> torch.Tensor | fp8.Rows:
+    """The FFN's ``silu(a) * b``, in one pass; ``e4m3`` as in ``adaln``."""
     tn = _rows(a)
     if tn is not None and a.is_contiguous() and b.is_contiguous() and a.shape == b.shape \
             and a.dtype == b.dtype:
-        return tn.swiglu(a, b)
-    return swiglu_fused(a, b)
+        return tn.swiglu(a, b, e4m3=e4m3 and E4M3_GLUE)
+    return _as_rows(swiglu_fused(a, b), e4m3)
 
 
 def head_rms_norm(x: torch.Tensor, heads: int, weight: torch.Tensor,
