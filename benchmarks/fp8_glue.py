@@ -36,6 +36,16 @@ def main() -> None:
     rows = []
     out = Path(os.environ.get("OUT", "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        measure(model, rows, out)
+    finally:
+        fast_ops.E4M3_GLUE = True
+    summary(rows)
+
+
+def measure(model, rows: list[dict], out: Path) -> None:
+    """Three rounds per shape, both settings each, the order swapped between rounds; the JSON
+    rewritten after every row."""
     for shape in ("480p/93 dense", "720p refine/93 BSA 0.9375"):
         latent, bsa = SHAPES[shape]
         args = inputs(latent, model.dims.caption_channels, "cuda", seed=1)
@@ -52,7 +62,9 @@ def main() -> None:
                 (out / "fp8_glue_ab.json").write_text(json.dumps(
                     {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "rows": rows}, indent=1))
-    fast_ops.E4M3_GLUE = True
+
+
+def summary(rows: list[dict]) -> None:
     print(f"\n{'shape':<28} {'glue writes':<12} {'mean of medians':>16} {'peak GiB':>9}")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for on in (True, False):

@@ -147,6 +147,33 @@ def test_fp8_fused_glue_writes_bf16_for_layers_with_runtime_loras(tiny_native, m
     assert torch.equal(fast, plain)
 
 
+def test_only_our_fp8_linears_without_runtime_loras_take_rows():
+    """A wrapper that shows the e4m3 weight (as PEFT's LoRA layers do), or an e4m3 weight
+    without our scale, must get the activation."""
+    from longcat_tools.runner.dit import Linear, takes_rows
+
+    lin = Linear(32, 32)
+    assert not takes_rows(lin)  # bf16/fp32 weight
+    stored = Linear(32, 32)  # diffusers' layerwise casting: e4m3 storage, no scale, bf16 math
+    stored.weight.data = stored.weight.data.to(fp8.E4M3)
+    assert not takes_rows(stored)
+    lin.to_fp8()
+    assert takes_rows(lin)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+
+        @property
+        def weight(self):
+            return self.base_layer.weight
+
+    assert not takes_rows(Wrapped(lin)) and not takes_rows(lin, Wrapped(lin))
+    lin.loras.append(object())
+    assert not takes_rows(lin)
+
+
 def test_fused_functions_equal_the_plain_math_in_fp32():
     from longcat_tools.runner.dit import RMSNorm, apply_rope
 

@@ -131,6 +131,8 @@ def linear(x: torch.Tensor | Rows, weight: torch.Tensor, scale: torch.Tensor,
     rows = x if isinstance(x, Rows) else quantize_input(x)
     xq = rows.q.reshape(-1, in_features)  # a copy only for a strided slice of rows
     sx = rows.scale.reshape(-1, 1)
+    if sx.data_ptr() % 16:  # a slice of a frame's tokens: give cuBLASLt an aligned pointer
+        sx = sx.clone()
     if xq.is_cuda and rows.dtype == torch.bfloat16 and scaled_mm_ok(in_features, out_features):
         y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale.float().view(1, -1),
                              bias=None if bias is None else bias.to(rows.dtype),

@@ -134,10 +134,12 @@ def fused_rows(x: torch.Tensor, frames: int, *, res: torch.Tensor | None = None,
     sh, ssh_b, ssh_t = _frame_vec(shift, B, frames, C)
     sc, ssc_b, ssc_t = _frame_vec(scale, B, frames, C)
     x_out = torch.empty_like(x) if res is not None else None
-    y = None
+    y = y_scale = None
+    e4m3 = e4m3 and norm_mode != NORM_NONE
     if norm_mode != NORM_NONE:
         y = torch.empty_like(x, dtype=E4M3 if e4m3 else x.dtype)
-    y_scale = torch.empty(B, N, 1, device=x.device, dtype=torch.float32) if e4m3 else None
+    if e4m3:
+        y_scale = torch.empty(B, N, 1, device=x.device, dtype=torch.float32)
     block_c = triton.next_power_of_2(C)
     rows = 8
     warps = max(1, min(8, block_c // 512))
@@ -148,8 +150,8 @@ def fused_rows(x: torch.Tensor, frames: int, *, res: torch.Tensor | None = None,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         x_out if x_out is not None else dummy, y if y is not None else dummy,
         y_scale if e4m3 else dummy, frames, hw, C, sg_b, sg_t, ssh_b, ssh_t, ssc_b, ssc_t,
-        float(eps), rows, block_c, res_mode, norm_mode, e4m3 and y is not None, num_warps=warps)
-    return x_out, Rows(y, y_scale, x.dtype) if e4m3 and y is not None else y
+        float(eps), rows, block_c, res_mode, norm_mode, e4m3, num_warps=warps)
+    return x_out, Rows(y, y_scale, x.dtype) if e4m3 else y
 
 
 @triton.jit

@@ -132,9 +132,13 @@ class Linear(nn.Linear):
 
 
 def takes_rows(*layers: nn.Module) -> bool:
-    """Whether these layers can read their shared input as e4m3 ``Rows`` (fp8 weights, no
-    run-time LoRA), so the kernel that computes it may write it so (``fast_ops``'s ``e4m3``)."""
-    return all(fp8_ops.is_e4m3(m) and not getattr(m, "loras", None) for m in layers)
+    """Whether these layers can read their shared input as e4m3 ``Rows``, so the kernel that
+    computes it may write it so (``fast_ops``'s ``e4m3``): our fp8 ``Linear`` (``to_fp8``: a
+    scale beside the e4m3 weight; diffusers' layerwise casting stores e4m3 weights without
+    one and computes in bf16) without run-time LoRAs, and not wrapped by PEFT (LoRAs read the
+    activation)."""
+    return all(isinstance(m, Linear) and m.weight_scale is not None and fp8_ops.is_e4m3(m)
+               and not m.loras for m in layers)
 
 
 class Conv3d(nn.Conv3d):

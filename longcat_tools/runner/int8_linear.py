@@ -37,9 +37,8 @@ class Int8Linear(nn.Module):
                                  requires_grad=False) if bias else None
         self.loras: list[LoraDelta] = []  # run-time adapters, as on ``dit.Linear``
 
-    def forward(self, x: torch.Tensor, fp32: bool = False, xq: object = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fp32: bool = False) -> torch.Tensor:
         """``fp32``: one of the original's float32 regions (the input is upcast as there).
-        ``xq`` (an e4m3-scaled input the FFN prepares for fp8 layers) does not apply here.
         Adapters add their update to the output, as the original's LoRA network does around
         its ``QuantizedLinear``; they never merge into int8 weights."""
         if self.weight_scale.dtype != torch.float32:
