@@ -53,3 +53,22 @@ def avatar_copy(avatar_trees, tmp_path):
         shutil.copytree(avatar_trees[model], dst)
         return dst / avatar.VERSIONS[model].folder
     return make
+
+
+@pytest.fixture
+def fp8_gemm_inputs(monkeypatch):
+    """Counts what the fp8 GEMMs (``kernels.fp8.linear``) read: an activation ("Tensor") or
+    its e4m3 rows ("Rows")."""
+    from collections import Counter
+
+    from longcat_tools.kernels import fp8
+
+    seen: Counter = Counter()
+    real = fp8.linear
+
+    def spy(x, *args, **kwargs):
+        seen[type(x).__name__] += 1
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(fp8, "linear", spy)
+    return seen

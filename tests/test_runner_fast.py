@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 import pytest
 import torch
@@ -92,28 +91,15 @@ def test_bf16_fused_path_runs_and_equals_plain_when_eager(n_cond, monkeypatch):
     assert _rel(fast, want) < 3e-2  # bf16 vs fp32
 
 
-def _count_gemm_inputs(monkeypatch) -> Counter:
-    """Counts what the fp8 GEMMs read: an activation ("Tensor") or its e4m3 rows ("Rows")."""
-    seen: Counter = Counter()
-    real = fp8.linear
-
-    def spy(x, *a, **k):
-        seen[type(x).__name__] += 1
-        return real(x, *a, **k)
-
-    monkeypatch.setattr(fp8, "linear", spy)
-    return seen
-
-
 @pytest.mark.parametrize("n_cond", [0, 1])
-def test_fp8_fused_glue_hands_the_gemms_e4m3_rows_with_the_plain_bits(n_cond, monkeypatch):
+def test_fp8_fused_glue_hands_the_gemms_e4m3_rows_with_the_plain_bits(n_cond, fp8_gemm_inputs):
     """In fp8 the norms and the SwiGLU write the GEMM inputs scaled per token; eagerly that is
     the plain path's scaling of the same bf16 values, so the output is bit-identical. With
     condition frames the cross-attention reads a slice of the rows (B = 2: a strided one)."""
     m = _model(dtype=torch.bfloat16)
     m.to_fp8()
     args = _inputs(m, n_cond)
-    seen = _count_gemm_inputs(monkeypatch)
+    seen = fp8_gemm_inputs
     with torch.no_grad():
         plain = m(*args, num_cond_latents=n_cond)
         assert seen == {"Rows": 2 * len(m.blocks), "Tensor": 6 * len(m.blocks)}  # w1, w3
@@ -125,7 +111,7 @@ def test_fp8_fused_glue_hands_the_gemms_e4m3_rows_with_the_plain_bits(n_cond, mo
     assert torch.equal(fast, plain)
 
 
-def test_fp8_fused_glue_writes_bf16_for_layers_with_runtime_loras(tiny_native, monkeypatch):
+def test_fp8_fused_glue_writes_bf16_for_layers_with_runtime_loras(tiny_native, fp8_gemm_inputs):
     """A run-time LoRA reads the activation itself, so its layers get the bf16 one."""
     from longcat_tools.runner.loading import load_transformer
     from longcat_tools.runner.lora import lora_path
@@ -138,7 +124,7 @@ def test_fp8_fused_glue_writes_bf16_for_layers_with_runtime_loras(tiny_native, m
     x, t, y, mask = _inputs(m)
     args = (x[:, : m.dims.in_channels].bfloat16(), t, y[..., : m.dims.caption_channels].bfloat16(),
             mask)
-    seen = _count_gemm_inputs(monkeypatch)
+    seen = fp8_gemm_inputs
     with torch.no_grad():
         plain = m(*args)
         m.enable_fast_ops()

@@ -238,25 +238,15 @@ def test_tiny_dit_fast_path_with_row_kernels_matches_plain(n_cond, monkeypatch):
 
 
 @pytest.mark.parametrize("n_cond,size", [(0, 8), (1, 8), (1, 6)])
-def test_tiny_fp8_dit_fast_path_feeds_its_gemms_e4m3_rows(n_cond, size, monkeypatch):
+def test_tiny_fp8_dit_fast_path_feeds_its_gemms_e4m3_rows(n_cond, size, fp8_gemm_inputs,
+                                                           monkeypatch):
     """fp8: the row kernels hand qkv, the cross q, w1/w3 and w2 their inputs as e4m3 rows, and
     the output stays the plain fp8 path's (bf16 glue rounding apart). Size 6: 9 tokens a frame,
     so the cross-attention's slice of the scales starts off cuBLASLt's 16-byte alignment."""
-    from collections import Counter
-
-    from longcat_tools.kernels import fp8
-
     m, (x, t, y, mask) = _tiny_dit(frames=4, size=size)
     m.to_fp8()
     t[:, :n_cond] = 0
-    seen: Counter = Counter()
-    real = fp8.linear
-
-    def spy(a, *args, **kw):
-        seen[type(a).__name__] += 1
-        return real(a, *args, **kw)
-
-    monkeypatch.setattr(fp8, "linear", spy)
+    seen = fp8_gemm_inputs
     monkeypatch.delenv("LONGCAT_NO_TRITON_NORM", raising=False)
     with torch.no_grad():
         plain = m(x, t, y, mask, num_cond_latents=n_cond)
