@@ -181,6 +181,16 @@ def test_load_lora_adapter_equals_our_lora_path(tiny_native, peft_exports, refer
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_peft_adapters_on_an_fp8_model_are_refused_in_one_line(tiny_native, peft_exports):
+    """PEFT would cast the adapter to the e4m3 weight's dtype; ours merges it instead."""
+    model = LongCatTransformer3DModel.from_pretrained(tiny_native, torch_dtype=torch.bfloat16)
+    model.to_fp8()
+    with pytest.raises(LongcatError, match="through load_lora and enable_loras") as e:
+        model.load_lora_adapter(str(peft_exports["distilled"]), weight_name=PEFT_FILE,
+                                adapter_name="distilled", prefix="transformer")
+    assert "\n" not in str(e.value) and not hasattr(model.blocks[0].attn.qkv, "base_layer")
+
+
 def test_peft_adapters_and_ours_stack(tiny_native, peft_exports, reference):
     """A PEFT adapter wraps our Linear as base_layer; our adapters still attach below it."""
     _, inputs, _ = reference

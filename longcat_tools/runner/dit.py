@@ -626,6 +626,15 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.fast = enabled
 
     # ---- LoRA ------------------------------------------------------------------------------
+    def load_lora_adapter(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' PEFT loader, refused on an fp8 model (``to_fp8``): PEFT casts an adapter
+        to its base layer's weight dtype, e4m3, and its forward then fails."""
+        if self.is_fp8 and getattr(self.blocks[0].attn.qkv, "weight_scale", None) is not None:
+            raise LongcatError("an fp8 model takes LoRAs through load_lora and enable_loras "
+                               "(merged into its e4m3 weights, or at run time), not PEFT's "
+                               "load_lora_adapter, which would cast them to e4m3")
+        return super().load_lora_adapter(*args, **kwargs)
+
     def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
         """Read an adapter file (native or FastVideo format); it stays off until enabled."""
         self.lora_registry[name] = read_lora(path, self, multiplier=scale)
