@@ -20,21 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fp8_attention import bench_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from longcat_tools.kernels import cudnn_fp8_attention as cfa
+
 B, H, D = 1, 32, 128
-
-
-def ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def token_major(S: int, dtype: torch.dtype) -> torch.Tensor:
@@ -42,37 +33,20 @@ def token_major(S: int, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).transpose(1, 2)
 
 
-def graph(cudnn, handle, S: int, fp8: bool, q, k, v):
-    """(graph, variant pack, tensors to keep alive) for one attention of q, k, v."""
-    f32 = cudnn.data_type.FLOAT
-    io = cudnn.data_type.FP8_E4M3 if fp8 else cudnn.data_type.BFLOAT16
-    g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32,
+def bf16_graph(cudnn, handle, q, k, v, o):
+    """(graph, variant pack) of cuDNN's bf16 SDPA of q, k, v into o (ours has no bf16 graph:
+    torch's SDPA runs bf16 attention)."""
+    bf, f32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
+    g = cudnn.pygraph(io_data_type=bf, intermediate_data_type=f32, compute_data_type=f32,
                       handle=handle)
-    dims = [{"dim": list(t.shape), "stride": list(t.stride())} for t in (q, k, v)]
-    tq, tk, tv = (g.tensor(name=n, data_type=io, **d) for n, d in zip("qkv", dims, strict=True))
-    o = token_major(S, q.dtype)
-    pack = {tq: q.data_ptr(), tk: k.data_ptr(), tv: v.data_ptr()}
-    keep = [o]
-    if fp8:
-        one = {"dim": [1, 1, 1, 1], "stride": [1, 1, 1, 1], "data_type": f32}
-        scalars = [g.tensor(name=n, **one) for n in ("dq", "dk", "dv", "ds", "ss", "so")]
-        to, _, amax_s, amax_o = g.sdpa_fp8(tq, tk, tv, *scalars, generate_stats=False,
-                                           attn_scale=D ** -0.5, use_causal_mask=False)
-        values = torch.tensor([1, 1, 1, 1 / 448, 448, 1], device="cuda")
-        amax = torch.zeros(2, device="cuda")
-        for i, a in enumerate((amax_s, amax_o)):
-            a.set_output(True).set_data_type(f32).set_dim([1] * 4).set_stride([1] * 4)
-            pack[a] = amax.data_ptr() + 4 * i
-        pack.update({t: values.data_ptr() + 4 * i for i, t in enumerate(scalars)})
-        keep += [values, amax]
-    else:
-        to, _ = g.sdpa(tq, tk, tv, generate_stats=False, attn_scale=D ** -0.5,
-                       use_causal_mask=False)
-    to.set_output(True).set_data_type(io).set_dim(list(o.shape)).set_stride(list(o.stride()))
-    pack[to] = o.data_ptr()
+    tq, tk, tv = (g.tensor(name=n, data_type=bf, dim=list(t.shape), stride=list(t.stride()))
+                  for n, t in zip("qkv", (q, k, v), strict=True))
+    to, _ = g.sdpa(tq, tk, tv, generate_stats=False, attn_scale=D ** -0.5,
+                   use_causal_mask=False)
+    to.set_output(True).set_dim(list(o.shape)).set_stride(list(o.stride()))
     g.validate()
     g.build_operation_graph()
-    return g, pack, keep
+    return g, {tq: q.data_ptr(), tk: k.data_ptr(), tv: v.data_ptr(), to: o.data_ptr()}
 
 
 def main() -> None:
@@ -97,11 +71,16 @@ def main() -> None:
     for name, backend in (("torch cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("torch flash", SDPBackend.FLASH_ATTENTION)):
         with sdpa_kernel([backend]):
-            add("bf16", name, ms(lambda: F.scaled_dot_product_attention(q, k, v)))
-    for fp8 in (True, False):
-        kind = "fp8" if fp8 else "bf16"
-        qkv = [token_major(S, torch.float8_e4m3fn) for _ in range(3)] if fp8 else [q, k, v]
-        g, pack, _keep = graph(cudnn, handle, S, fp8, *qkv)
+            add("bf16", name, bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), "cuda"))
+    # fp8: our plan's graph (kernels.cudnn_fp8_attention) without its plans; O in e4m3
+    fp8 = cfa._Plan(handle, B, H, S, S, D, torch.bfloat16, torch.device("cuda"), True,
+                    build=False)
+    q8, k8, v8 = (token_major(S, torch.float8_e4m3fn) for _ in range(3))
+    o8 = cfa.token_major(B, H, S, D, torch.float8_e4m3fn, torch.device("cuda"))
+    scalars = torch.tensor([1, 1, 1, 1 / 448, 448, 1], device="cuda")
+    o = token_major(S, torch.bfloat16)
+    for kind, (g, pack) in (("fp8", (fp8.graph, fp8.pack(q8, k8, v8, scalars, o8))),
+                            ("bf16", bf16_graph(cudnn, handle, q, k, v, o))):
         g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
         for i in range(g.get_execution_plan_count()):
             try:
@@ -112,8 +91,8 @@ def main() -> None:
             ws = torch.empty(max(1, g.get_workspace_size_plan_at_index(i)), dtype=torch.uint8,
                              device="cuda")
             add(kind, f"{i}: {g.get_plan_name_at_index(i)}",
-                ms(lambda g=g, pack=pack, ws=ws, i=i: g.execute_plan_at_index(
-                    pack, ws, i, handle=handle)))
+                bench_ms(lambda g=g, pack=pack, ws=ws, i=i: g.execute_plan_at_index(
+                    pack, ws, i, handle=handle), "cuda"))
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "cudnn_frontend": cudnn.__version__, "cudnn_backend": cudnn.backend_version(),

@@ -94,17 +94,21 @@ def _dims(t: torch.Tensor) -> dict[str, list[int]]:
 
 
 class _Plan:
-    """One built cuDNN graph for a shape: its tensors, workspace and output kind."""
+    """One built cuDNN graph for a shape: its tensors, workspace and output kind. ``build``
+    False: the operation graph only, for a caller that picks its own execution plans
+    (benchmarks/cudnn_attention_plans.py)."""
 
     def __init__(self, handle: int, B: int, H: int, Sq: int, Sk: int, D: int,
-                 out_dtype: torch.dtype, device: torch.device, out_e4m3: bool) -> None:
+                 out_dtype: torch.dtype, device: torch.device, out_e4m3: bool,
+                 build: bool = True) -> None:
         import cudnn
 
         f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
         g = cudnn.pygraph(io_data_type=f8, intermediate_data_type=f32, compute_data_type=f32,
                           handle=handle)
-        qs = token_major(B, H, Sq, D, E4M3, device)
-        ks = token_major(B, H, Sk, D, E4M3, device)
+        layout = torch.device("meta")  # the buffers' dims and strides, nothing allocated
+        qs = token_major(B, H, Sq, D, E4M3, layout)
+        ks = token_major(B, H, Sk, D, E4M3, layout)
         self.q, self.k, self.v = (g.tensor(name=n, data_type=f8, **_dims(t))
                                   for n, t in (("q", qs), ("k", ks), ("v", ks)))
         one = {"dim": [1, 1, 1, 1], "stride": [1, 1, 1, 1], "data_type": f32}
@@ -122,26 +126,33 @@ class _Plan:
         self.o, self.amax = o, (amax_s, amax_o)
         g.validate()
         g.build_operation_graph()
-        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans()
         self.graph, self.out_e4m3 = g, out_e4m3
-        self.workspace = torch.empty(g.get_workspace_size(), dtype=torch.uint8, device=device)
         self.amax_out = torch.empty(2, dtype=torch.float32, device=device)
+        if build:
+            g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+            g.check_support()
+            g.build_plans()
+            self.workspace = torch.empty(g.get_workspace_size(), dtype=torch.uint8,
+                                         device=device)
 
-    def run(self, handle: int, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor,
-            scalars: torch.Tensor, o: torch.Tensor) -> None:
-        """Attention of the e4m3 copies into ``o``; ``scalars``: float32 ``[6]`` in the order
-        of ``self.scalars``."""
-        import cudnn
-
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(o.device).cuda_stream)
+    def pack(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, scalars: torch.Tensor,
+             o: torch.Tensor) -> dict:
+        """The variant pack: the e4m3 copies, ``o``, and ``scalars`` (float32 ``[6]`` in the
+        order of ``self.scalars``)."""
         step = scalars.element_size()
         pack = {self.q: q8.data_ptr(), self.k: k8.data_ptr(), self.v: v8.data_ptr(),
                 self.o: o.data_ptr(), self.amax[0]: self.amax_out.data_ptr(),
                 self.amax[1]: self.amax_out.data_ptr() + step}
         pack.update({t: scalars.data_ptr() + i * step for i, t in enumerate(self.scalars)})
-        self.graph.execute(pack, self.workspace, handle=handle)
+        return pack
+
+    def run(self, handle: int, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor,
+            scalars: torch.Tensor, o: torch.Tensor) -> None:
+        """Attention of the e4m3 copies into ``o`` (see ``pack``)."""
+        import cudnn
+
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(o.device).cuda_stream)
+        self.graph.execute(self.pack(q8, k8, v8, scalars, o), self.workspace, handle=handle)
 
 
 _OUT_TYPES = {torch.bfloat16: "BFLOAT16", torch.float16: "HALF"}  # cudnn.data_type names
