@@ -119,8 +119,8 @@ def time_forward(model, args, device: str, reps: int, warm_up: bool = True):
 
 
 CATEGORIES = (  # (category, substrings of kernel names), first match wins
-    ("bsa (triton)", ("_bsa_fwd", "_chunk_pass", "_score_kernel", "_select_kernel")),
-    ("row kernels (triton)", ("_rows_kernel", "_head_norm_rope")),
+    ("bsa (triton)", ("_bsa_fwd", "_chunk_pass", "_chunk_quant", "_select_kernel", "f64f64")),
+    ("row kernels (triton)", ("_rows_kernel", "_head_norm_rope", "_swiglu")),
     ("fused glue (inductor)", ("triton_",)),
     ("sdpa (cudnn/flash)", ("cudnn", "fmha", "flash", "attention", "sm90_flash")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
@@ -151,7 +151,7 @@ def profile(model, args, device: str) -> dict[str, float]:
         top[e.key[:90]] = ms
     cats = {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
     cats["top kernels"] = {k: round(v, 1) for k, v in
-                           sorted(top.items(), key=lambda kv: -kv[1])[:15]}
+                           sorted(top.items(), key=lambda kv: -kv[1])[:30]}
     return cats
 
 

@@ -278,7 +278,7 @@ def test_run_precision_fp8_quantizes_on_load_and_dtype_dequantizes(tiny_native, 
         outs[name] = json.loads((tmp_path / f"{name}.mp4.json").read_text())
         outs[name]["latents"] = load(str(tmp_path / f"{name}.st"))["latents"]
     assert [outs[n]["precision"] for n in "qsdf"] == ["fp8", "fp8", "bf16", "fp32"]
-    assert [outs[n]["fp8_attention"]["kinds"] for n in "qsdf"] == [["dense"]] * 2 + [[]] * 2
+    assert [outs[n]["fp8_attention"]["kinds"] for n in "qsdf"] == [["bsa", "dense"]] * 2 + [[]] * 2
     assert all(outs[n]["fp8_attention"]["calls"] == {} for n in "qsdf")  # no kernel on a CPU
     assert outs["s"]["checkpoint"]["layout"] == "converted (fastvideo keys, fp8)"
     # quantized on load == stored fp8 (the rest bf16 in both): the same weights, the same video
@@ -325,9 +325,9 @@ def test_fp8_attention_is_asked_of_fp8_runs_only(tiny_native, fp8_folder, tmp_pa
     model = load_transformer(tiny_native, dtype="bf16")
     assert model.quantized_attention() == frozenset()  # not fp8: nothing to quantize
     model.to_fp8()
-    assert model.quantized_attention() == {"dense"}  # None: the measured default
-    monkeypatch.setitem(fp8_attention.ENABLED, "bsa", True)
-    assert model.quantized_attention() == {"bsa", "dense"}
+    assert model.quantized_attention() == {"bsa", "dense"}  # None: the measured default
+    monkeypatch.setitem(fp8_attention.ENABLED, "bsa", False)
+    assert model.quantized_attention() == {"dense"}
     model.fp8_attention = frozenset()
     assert model.quantized_attention() == frozenset()
     model.fp8_attention = frozenset({"Dense"})

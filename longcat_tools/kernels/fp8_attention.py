@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Which attention an fp8 model runs quantized unless told otherwise (``run --fp8-attention
 # auto``; a model's ``fp8_attention``), dense and block sparse; starts as
-# ``model.fp8.ATTENTION_DEFAULT``: dense only (benchmarks/results/fp8_attention.md).
+# ``model.fp8.ATTENTION_DEFAULT``: both (benchmarks/results/vs_original.md).
 KINDS = fp8_format.ATTENTION_KINDS
 ENABLED = {kind: kind in fp8_format.ATTENTION_DEFAULT for kind in KINDS}
 # The quantized kernels a dense call tries, in order; the first that builds for the shape runs,

@@ -65,7 +65,7 @@ from longcat_tools.model.chunks import kept_per_query
 from .fp8 import E4M3
 from .fp8_attention import key_mean, value_scales
 from .reference import ChunkLayout, exact_scores, round_scores, selection_counts
-from .triton_fp8_attention import P_SCALE, int8_rows
+from .triton_fp8_attention import LOG2_P_SCALE, int8_rows
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
@@ -215,7 +215,12 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
 
     FP8 (``fp8_attention``'s rules): q is quantized here to int8 per token, KD holds int8 k
     with its per-token scales in KS, VD e4m3 v transposed per chunk (``[D, slots]``) with its
-    per-channel scales in VS; p goes to e4m3 as ``p * 448``.
+    per-channel scales in VS; p goes to e4m3 as ``p * 448``. Why the scales are folded: a
+    score is ``(int32 dot * k scale) * q row scale``, its max taken before the row scale
+    (positive), and ``* 448`` is ``+ log2(448)`` inside the exp2: two float ops per element
+    fewer, 469 instructions a tile instead of 531 on sm90 (7% faster at three programs an
+    SM: benchmarks/results/bsa_ab_fold_h100.json). l and acc both carry the 448,
+    which cancels in ``acc / l``.
 
     One of several kv passes (``attend``'s ``FWD_CONFIG["kv_passes"]``): LOAD_STATE starts
     from the softmax state (row max, row sum, unnormalised acc; float32 in SM, SL, SACC) at
@@ -238,10 +243,11 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
         q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
     if FP8:
         q, sq = int8_rows(q.to(tl.float32))
-        sq = sq * qk_scale
-        qk_mul = 1.0
+        row_mul = sq * qk_scale  # score (log2 units) = qk[i, :] * row_mul[i]
+        p_shift = LOG2_P_SCALE
     else:
-        qk_mul = qk_scale
+        row_mul = tl.full([BLOCK_M], qk_scale, tl.float32)
+        p_shift = 0.0
 
     idx = IDX + b * stride_ib + h * stride_ih + m * stride_im
     count = tl.load(CNT + b * stride_cb + h * stride_ch + m)
@@ -275,11 +281,11 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
             k = tl.load(KD + tile)
         if FP8:
             sk = tl.load(KS + row + tl.arange(0, BLOCK_N))
-            qk = tl.dot(q, tl.trans(k)).to(tl.float32) * (sq[:, None] * sk[None, :])
+            qk = tl.dot(q, tl.trans(k)).to(tl.float32) * sk[None, :]
         else:
             qk = tl.dot(q, tl.trans(k))
         if EVEN_K:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_mul)
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * row_mul)
             m_use = m_ij
         else:
             r = part * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -289,9 +295,9 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
             col_ok = ((r < CK) & (ct * CTK + r // (CHK * CWK) < TK)
                       & (ch * CHK + (r // CWK) % CHK < HHK) & (cw * CWK + r % CWK < WK))
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_mul)
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * row_mul)
             m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # no real key seen yet
-        p = tl.math.exp2(qk * qk_mul - m_use[:, None])
+        p = tl.math.exp2(qk * row_mul[:, None] - (m_use - p_shift)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -302,8 +308,8 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
                 vt = tl.load(VD + (row // (BLOCK_N * KV_SPLIT) * HEAD_DIM + d[:, None]).to(
                     tl.int64) * (BLOCK_N * KV_SPLIT) + part * BLOCK_N
                     + tl.arange(0, BLOCK_N)[None, :])
-            p8 = (p * P_SCALE).to(vt.dtype, fp_downcast_rounding="rtne")
-            acc = tl.dot(p8, tl.trans(vt), acc, max_num_imprecise_acc=BLOCK_N)
+            acc = tl.dot(p.to(vt.dtype, fp_downcast_rounding="rtne"), tl.trans(vt), acc,
+                         max_num_imprecise_acc=BLOCK_N)
         else:
             if TMA:
                 v = VD.load([row, 0])
@@ -319,7 +325,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no chunk selected -> zeros
         if FP8:
-            out = out * (tl.load(VS + bh * HEAD_DIM + d) / P_SCALE)[None, :]
+            out = out * tl.load(VS + bh * HEAD_DIM + d)[None, :]
         o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + d[None, :]
         if EVEN_Q:
             tl.store(o_ptrs, out.to(Out.dtype.element_ty))
@@ -440,8 +446,11 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
 # kv_passes: launches per call, each over one slice of the kv chunks, the softmax state
 # carried between them in float32 (4 * D + 8 bytes per query row); 0 = ``kv_passes_for``:
 # one per kv_pass_mb MB of a head's K and V at 2 + 2 bytes a value, rounded.
+# maxnreg / fp8_maxnreg: registers a thread in the bf16 / fp8 forward; 0 = ``_REGISTER_CAP``
+# where it was measured, 255 = the compiler's choice.
 FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
-                              "tma": 1, "kv_passes": 0, "kv_pass_mb": 30}
+                              "tma": 1, "kv_passes": 0, "kv_pass_mb": 30, "maxnreg": 0,
+                              "fp8_maxnreg": 0}
 
 
 def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
@@ -455,12 +464,25 @@ def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
     return max(1, round(head_bytes / (FWD_CONFIG["kv_pass_mb"] * 1e6)))
 
 
-def _fwd_config(cq_pad: int, ck_pad: int) -> tuple[int, int, int]:
+# With 4 warps and D <= 128 the compiler gives a thread 245-255 registers, so two programs
+# share an SM and wait on each other's loads. Capped, three fit (fp8: 168 registers) or, with
+# one pipeline stage (33 KB of shared memory instead of 82), four (bf16: 128); neither spills
+# in the loop. On an H100 at 0.9375 that took 20% off the fp8 forward at 720p and 15% at 48
+# frames, and 5-8% off bf16 (benchmarks/results/bsa_ab_caps_h100.json; NOTES_bsa_kernel.md,
+# round 12). By fp8: (maxnreg, stages).
+_REGISTER_CAP = {True: (168, 2), False: (128, 1)}
+
+
+def _fwd_config(cq_pad: int, ck_pad: int, head_dim: int, fp8: bool
+                ) -> tuple[int, int, int, int | None]:
+    """kv_split, num_warps, num_stages, maxnreg (None: the compiler's choice)."""
     kv = FWD_CONFIG["kv_split"] or max(1, ck_pad // 64)  # 64-key steps measured best
     kv = max(1, min(kv, ck_pad // 16))
     warps = FWD_CONFIG["num_warps"] or (4 if cq_pad <= 64 else 8)
-    stages = FWD_CONFIG["num_stages"] or 2
-    return kv, warps, stages
+    cap, cap_stages = _REGISTER_CAP[fp8] if warps == 4 and head_dim <= 128 else (255, 2)
+    stages = FWD_CONFIG["num_stages"] or cap_stages
+    maxnreg = FWD_CONFIG["fp8_maxnreg" if fp8 else "maxnreg"] or cap
+    return kv, warps, stages, (None if maxnreg >= 255 else maxnreg)
 
 
 def _v_copy(v: torch.Tensor, layout: ChunkLayout, pv_fp16: bool
@@ -537,7 +559,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     (tk, hk, wk), (ctk, chk, cwk), (_, nhk, nwk) = layout_k.latent, layout_k.chunk, layout_k.grid
     cq, ck = layout_q.chunk_size, layout_k.chunk_size
     block_m, ck_pad = _next_pow2(cq), chunk_pad(layout_k)
-    kv, warps, stages = _fwd_config(block_m, ck_pad)
+    kv, warps, stages, maxnreg = _fwd_config(block_m, ck_pad, D, fp8)
     even_q = layout_q.divisible and block_m == cq
     even_k = layout_k.divisible and ck_pad == ck
     block_n = ck_pad // kv
@@ -560,7 +582,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
             counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk,
             nwk, D**-0.5 * math.log2(math.e),
             ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k, tma,
-            fp8, i > 0, i < len(passes) - 1, num_warps=warps, num_stages=stages)
+            fp8, i > 0, i < len(passes) - 1, num_warps=warps, num_stages=stages,
+            maxnreg=maxnreg)
     if vscale is not None:
         # undo the power-of-two scale of V: exact. In the kernel's epilogue this per-head
         # load made the whole kernel 25-30% slower at 48x44x80 on H100 (codegen).
@@ -589,7 +612,7 @@ def fp8_covers(layout_k: ChunkLayout) -> bool:
     """Whether the fp8 forward compiles for these chunks: P V sums over a step of
     ``chunk_pad / kv_split`` keys, and 8-bit tensor-core products need at least 32."""
     ck_pad = chunk_pad(layout_k)
-    return ck_pad // _fwd_config(ck_pad, ck_pad)[0] >= 32
+    return ck_pad // _fwd_config(ck_pad, ck_pad, 128, True)[0] >= 32
 
 
 def supported(q: torch.Tensor, layout_k: ChunkLayout) -> bool:

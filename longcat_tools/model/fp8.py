@@ -29,12 +29,13 @@ STORED_DTYPE = "F8_E4M3"  # safetensors' name of float8_e4m3fn
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
                  "cross_attn.proj", "ffn.w1", "ffn.w2", "ffn.w3")
 # the self-attention an fp8 run may quantize too (``kernels.fp8_attention``), and which it does
-# unless told (``run --fp8-attention auto``): dense, through cuDNN's fp8 kernel where installed
-# (else ours), which made a 480p forward 17% faster on an H100 at no visible cost in accuracy;
-# bsa made the 720p one 1% slower (benchmarks/results/vs_original.md). Here, not in kernels, so
-# the CLI reads it without torch.
+# unless told (``run --fp8-attention auto``): both. Dense, through cuDNN's fp8 kernel where
+# installed (else ours), made a 480p forward 17% faster on an H100 at no visible cost in
+# accuracy; bsa, once its forward's registers were capped, a 720p one 1.7% faster (3.111
+# against 3.164 s), as far from bf16 as with bsa in bf16 (benchmarks/results/vs_original.md).
+# Here, not in kernels, so the CLI reads it without torch.
 ATTENTION_KINDS = ("dense", "bsa")
-ATTENTION_DEFAULT: frozenset[str] = frozenset({"dense"})
+ATTENTION_DEFAULT: frozenset[str] = frozenset({"dense", "bsa"})
 _QUANTIZED = re.compile(r"^blocks\.\d+\.(" + "|".join(map(re.escape, BLOCK_LINEARS)) + r")$")
 
 

@@ -1,0 +1,107 @@
+"""Block sparse attention forward variants, timed alternately on one GPU.
+
+Why alternately: a card warms up over a long benchmark and later rows run a few percent
+slower (``results/vs_original.md``, session 17), more than the effects measured here. Each
+round times every variant once; the table gives the median of the rounds.
+
+A variant is ``triton_bsa.FWD_CONFIG`` overrides on the current kernel, or with ``--base`` a
+second copy of ``triton_bsa.py`` (e.g. from an earlier commit) under its own defaults, for a
+before/after in one process. The selection is computed once and shared.
+
+    git show REV:longcat_tools/kernels/triton_bsa.py > /tmp/base_bsa.py
+    PYTHONPATH=. python3 benchmarks/bsa_ab.py --base /tmp/base_bsa.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bsa_kernel import CHUNK, HEAD_DIM, HEADS, SHAPES, bench, sampled_error, versions  # noqa: E402
+
+from longcat_tools.kernels import reference as R  # noqa: E402
+from longcat_tools.kernels import triton_bsa as TB  # noqa: E402
+
+# label, fp8, FWD_CONFIG overrides (255 registers: the compiler's choice, uncapped)
+VARIANTS = [("fp8", True, {}),
+            ("fp8, uncapped", True, {"fp8_maxnreg": 255}),
+            ("bf16", False, {}),
+            ("bf16, uncapped, 2 stages", False, {"maxnreg": 255, "num_stages": 2})]
+
+
+def load_base(path: Path):
+    """``path`` as a second module of the kernels package (its relative imports resolve)."""
+    spec = importlib.util.spec_from_file_location("longcat_tools.kernels._bsa_base", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="720p,720p-48f")
+    ap.add_argument("--sparsity", type=float, default=0.9375)
+    ap.add_argument("--base", type=Path, default=None, help="an earlier triton_bsa.py")
+    ap.add_argument("--base-label", default="base", help="its variants' name")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rep-ms", type=float, default=150.0)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    meta = versions(dev)
+    print(json.dumps(meta), flush=True)
+    variants = [(label, TB, fp8, cfg) for label, fp8, cfg in VARIANTS]
+    if args.base is not None:
+        base = load_base(args.base)
+        variants = [(f"{args.base_label} fp8", base, True, {}),
+                    (f"{args.base_label} bf16", base, False, {})] + variants
+    defaults = dict(TB.FWD_CONFIG)
+    rows = []
+    for name in args.shapes.split(","):
+        lat = SHAPES[name]
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, HEADS, math.prod(lat), HEAD_DIM, device=dev,
+                               dtype=torch.bfloat16) for _ in range(3))
+        lq = lk = R.ChunkLayout(lat, CHUNK)
+        indices, counts = TB.select_chunks(q, k, lq, lk, args.sparsity, None)
+        times: dict[str, list[float]] = {label: [] for label, *_ in variants}
+        errs = {}
+        for r in range(args.rounds):
+            for label, module, fp8, cfg in variants:
+                TB.FWD_CONFIG.clear()
+                TB.FWD_CONFIG.update(defaults, **cfg)
+                fn = functools.partial(module.attend, q, k, v, lq, lk, indices, counts,
+                                       fp8=fp8)
+                if r == 0:
+                    errs[label] = sampled_error(q, k, v, lq, lk, indices, counts, fn(),
+                                                heads=1, n_chunks=32)
+                times[label].append(bench(fn, args.rep_ms))
+                print(f"{name} round {r} {label}: {times[label][-1]:.3f} ms", flush=True)
+        TB.FWD_CONFIG.clear()
+        TB.FWD_CONFIG.update(defaults)
+        for label, _module, fp8, cfg in variants:
+            rows.append(dict(shape=name, latent=lat, sparsity=args.sparsity, variant=label,
+                             fp8=fp8, config=cfg, ms=statistics.median(times[label]),
+                             ms_rounds=times[label], rel_err_vs_fp32=errs[label]))
+    lines = ["| shape | variant | attend ms (median of rounds) | rounds | rel err vs fp32 |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | "
+              f"{' / '.join(f'{t:.2f}' for t in r['ms_rounds'])} | {r['rel_err_vs_fp32']:.2e} |"
+              for r in rows]
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bsa_ab.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1)
+                                          + "\n")
+
+
+if __name__ == "__main__":
+    main()
