@@ -6,7 +6,8 @@ round times every variant once; the table gives the median of the rounds.
 
 A variant is ``triton_bsa.FWD_CONFIG`` overrides on the current kernel, or with ``--base`` a
 second copy of ``triton_bsa.py`` (e.g. from an earlier commit) under its own defaults, for a
-before/after in one process. The selection is computed once and shared.
+before/after in one process. The selection is computed once and shared. The order rotates
+from round to round, so no variant always runs first or last.
 
     git show REV:longcat_tools/kernels/triton_bsa.py > /tmp/base_bsa.py
     PYTHONPATH=. python3 benchmarks/bsa_ab.py --base /tmp/base_bsa.py --out DIR
@@ -31,11 +32,17 @@ from bsa_kernel import CHUNK, HEAD_DIM, HEADS, SHAPES, bench, sampled_error, ver
 from longcat_tools.kernels import reference as R  # noqa: E402
 from longcat_tools.kernels import triton_bsa as TB  # noqa: E402
 
-# label, fp8, FWD_CONFIG overrides (255 registers: the compiler's choice, uncapped)
+# label, fp8, FWD_CONFIG overrides. 255 registers: the compiler's choice (uncapped); pv_fp16
+# 0: P V in bf16, as the DiT runs it. results/bsa_ab_caps_h100.json ran before the caps were
+# the defaults, its labels naming overrides ("fp8 maxnreg 168" is today's "fp8", its "fp8"
+# today's "fp8, uncapped"; its "bf16 1 stage, maxnreg 128" today's "bf16").
 VARIANTS = [("fp8", True, {}),
             ("fp8, uncapped", True, {"fp8_maxnreg": 255}),
             ("bf16", False, {}),
-            ("bf16, uncapped, 2 stages", False, {"maxnreg": 255, "num_stages": 2})]
+            ("bf16, uncapped, 2 stages", False, {"maxnreg": 255, "num_stages": 2}),
+            ("bf16, P V in bf16", False, {"pv_fp16": 0}),
+            ("bf16, P V in bf16, uncapped, 2 stages", False,
+             {"pv_fp16": 0, "maxnreg": 255, "num_stages": 2})]
 
 
 def load_base(path: Path):
@@ -52,7 +59,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9375)
     ap.add_argument("--base", type=Path, default=None, help="an earlier triton_bsa.py")
     ap.add_argument("--base-label", default="base", help="its variants' name")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, choices=range(1, 100), metavar="N")
     ap.add_argument("--rep-ms", type=float, default=150.0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
@@ -75,19 +82,22 @@ def main() -> None:
         indices, counts = TB.select_chunks(q, k, lq, lk, args.sparsity, None)
         times: dict[str, list[float]] = {label: [] for label, *_ in variants}
         errs = {}
-        for r in range(args.rounds):
-            for label, module, fp8, cfg in variants:
-                TB.FWD_CONFIG.clear()
-                TB.FWD_CONFIG.update(defaults, **cfg)
-                fn = functools.partial(module.attend, q, k, v, lq, lk, indices, counts,
-                                       fp8=fp8)
-                if r == 0:
-                    errs[label] = sampled_error(q, k, v, lq, lk, indices, counts, fn(),
-                                                heads=1, n_chunks=32)
-                times[label].append(bench(fn, args.rep_ms))
-                print(f"{name} round {r} {label}: {times[label][-1]:.3f} ms", flush=True)
-        TB.FWD_CONFIG.clear()
-        TB.FWD_CONFIG.update(defaults)
+        try:
+            for r in range(args.rounds):
+                turn = r % len(variants)
+                for label, module, fp8, cfg in variants[turn:] + variants[:turn]:
+                    TB.FWD_CONFIG.clear()
+                    TB.FWD_CONFIG.update(defaults, **cfg)
+                    fn = functools.partial(module.attend, q, k, v, lq, lk, indices, counts,
+                                           fp8=fp8)
+                    if label not in errs:
+                        errs[label] = sampled_error(q, k, v, lq, lk, indices, counts, fn(),
+                                                    heads=1, n_chunks=32)
+                    times[label].append(bench(fn, args.rep_ms))
+                    print(f"{name} round {r} {label}: {times[label][-1]:.3f} ms", flush=True)
+        finally:
+            TB.FWD_CONFIG.clear()
+            TB.FWD_CONFIG.update(defaults)
         for label, _module, fp8, cfg in variants:
             rows.append(dict(shape=name, latent=lat, sparsity=args.sparsity, variant=label,
                              fp8=fp8, config=cfg, ms=statistics.median(times[label]),

@@ -114,6 +114,27 @@ def test_an_fp8_dit_with_fp8_attention_stays_near_its_bf16_attention(tiny_native
     assert _rel(quant, base) < 0.1
 
 
+def test_an_fp8_dit_with_fp8_bsa_stays_near_its_bf16_bsa(tiny_native, monkeypatch):
+    """The default fp8 kinds quantize the BSA forward inside the DiT (64-token chunks of a
+    8 x 8 x 8 token grid, D = 32), near the same model with its attention in bf16."""
+    from longcat_tools.runner.compare import probe_inputs
+    from longcat_tools.runner.loading import load_transformer
+
+    model = load_transformer(tiny_native, dtype="bf16", device="cuda", fp8=True)
+    model.enable_bsa({"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4],
+                      "chunk_3d_shape_k": [4, 4, 4]})
+    x = probe_inputs(model, frames=8, size=16, device="cuda")
+    monkeypatch.setattr(ref, "CALLS", ref.Counter())
+    with torch.no_grad():
+        model.fp8_attention = frozenset()
+        base = model(**x).float()
+        assert not ref.CALLS
+        model.fp8_attention = None  # the default kinds: dense and bsa
+        quant = model(**x).float()
+    assert ref.CALLS == {"bsa triton": model.dims.depth}
+    assert _rel(quant, base) < 0.1
+
+
 def _token_mask(indices, counts, lq, lk) -> torch.Tensor:
     """The selected chunks as a ``[B, H, Sq, Sk]`` mask over raster tokens."""
     from longcat_tools.kernels import reference as KR

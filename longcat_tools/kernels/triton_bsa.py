@@ -243,7 +243,9 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
         q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
     if FP8:
         q, sq = int8_rows(q.to(tl.float32))
-        row_mul = sq * qk_scale  # score (log2 units) = qk[i, :] * row_mul[i]
+        # score (log2 units) = qk[i, :] * row_mul[i]; kept normal, so that a masked -inf
+        # column times it stays -inf for a row of subnormal q
+        row_mul = tl.maximum(sq * qk_scale, 1.1754944e-38)
         p_shift = LOG2_P_SCALE
     else:
         row_mul = tl.full([BLOCK_M], qk_scale, tl.float32)
@@ -464,12 +466,13 @@ def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
     return max(1, round(head_bytes / (FWD_CONFIG["kv_pass_mb"] * 1e6)))
 
 
-# With 4 warps and D <= 128 the compiler gives a thread 245-255 registers, so two programs
+# With 4 warps and D = 128 the compiler gives a thread 245-255 registers, so two programs
 # share an SM and wait on each other's loads. Capped, three fit (fp8: 168 registers) or, with
 # one pipeline stage (33 KB of shared memory instead of 82), four (bf16: 128); neither spills
-# in the loop. On an H100 at 0.9375 that took 20% off the fp8 forward at 720p and 15% at 48
-# frames, and 5-8% off bf16 (benchmarks/results/bsa_ab_caps_h100.json; NOTES_bsa_kernel.md,
-# round 12). By fp8: (maxnreg, stages).
+# in the loop (benchmarks/results/sass_sm90.json). On an H100 at 0.9375 that took 20% off the
+# fp8 forward at 720p and 16% at 48 frames, and 2-5% / 8-9% off bf16 (P V in float16;
+# benchmarks/results/bsa_ab_caps_h100.json, NOTES_bsa_kernel.md round 12). Measured only at
+# that shape and with these stages. By fp8: (maxnreg, stages).
 _REGISTER_CAP = {True: (168, 2), False: (128, 1)}
 
 
@@ -479,8 +482,10 @@ def _fwd_config(cq_pad: int, ck_pad: int, head_dim: int, fp8: bool
     kv = FWD_CONFIG["kv_split"] or max(1, ck_pad // 64)  # 64-key steps measured best
     kv = max(1, min(kv, ck_pad // 16))
     warps = FWD_CONFIG["num_warps"] or (4 if cq_pad <= 64 else 8)
-    cap, cap_stages = _REGISTER_CAP[fp8] if warps == 4 and head_dim <= 128 else (255, 2)
+    cap, cap_stages = _REGISTER_CAP[fp8] if warps == 4 and head_dim == 128 else (255, 2)
     stages = FWD_CONFIG["num_stages"] or cap_stages
+    if stages != cap_stages:  # a cap holds for the stages it was measured with
+        cap = 255
     maxnreg = FWD_CONFIG["fp8_maxnreg" if fp8 else "maxnreg"] or cap
     return kv, warps, stages, (None if maxnreg >= 255 else maxnreg)
 

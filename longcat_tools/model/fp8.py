@@ -31,8 +31,9 @@ BLOCK_LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_
 # the self-attention an fp8 run may quantize too (``kernels.fp8_attention``), and which it does
 # unless told (``run --fp8-attention auto``): both. Dense, through cuDNN's fp8 kernel where
 # installed (else ours), made a 480p forward 17% faster on an H100 at no visible cost in
-# accuracy; bsa, once its forward's registers were capped, a 720p one 1.7% faster (3.111
-# against 3.164 s), as far from bf16 as with bsa in bf16 (benchmarks/results/vs_original.md).
+# accuracy; bsa, once its forward's registers were capped, a 720p one 1.4-1.7% faster (3.111
+# against 3.156-3.164 s), as far from bf16 as with bsa in bf16
+# (benchmarks/results/vs_original.md).
 # Here, not in kernels, so the CLI reads it without torch.
 ATTENTION_KINDS = ("dense", "bsa")
 ATTENTION_DEFAULT: frozenset[str] = frozenset({"dense", "bsa"})

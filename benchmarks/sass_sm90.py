@@ -1,0 +1,123 @@
+"""Registers, spills and loop instructions of the BSA kernels compiled for sm90, without a GPU.
+
+Why: occupancy (programs an SM) follows from registers and shared memory, and an issue-bound
+loop from its instruction count; both can be read before device time is spent. Triton
+compiles for a ``GPUTarget`` with its bundled ptxas, and its bundled ``cuobjdump`` reads the
+cubin. The forward's loop body is counted from its first mbarrier wait to its backward
+branch. ``--base`` adds an earlier ``triton_bsa.py`` (see ``bsa_ab.py``) for a before/after.
+
+    PYTHONPATH=. python3 benchmarks/sass_sm90.py --base /tmp/base_bsa.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bsa_ab import load_base  # noqa: E402
+
+from longcat_tools.kernels import triton_bsa as TB  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# the 720p forward's launch: 64-token chunks, D = 128, one kv step per chunk, 4 warps
+FWD = dict(CTQ=4, CHQ=4, CWQ=4, CQ=64, CTK=4, CHK=4, CWK=4, CK=64, BLOCK_M=64, BLOCK_N=64,
+           KV_SPLIT=1, HEAD_DIM=128, EVEN_Q=True, EVEN_K=True, TMA=True, LOAD_STATE=False,
+           STORE_STATE=False)
+# label, fp8, num_stages, maxnreg (None: the compiler's choice), constexpr changes
+VARIANTS = [("bf16", False, 2, None, {}), ("bf16, 1 stage, maxnreg 128", False, 1, 128, {}),
+            ("bf16, 1 stage, maxnreg 128, ragged k", False, 1, 128, {"EVEN_K": False}),
+            ("bf16, 1 stage, maxnreg 128, kv pass", False, 1, 128,
+             {"LOAD_STATE": True, "STORE_STATE": True}),
+            ("fp8", True, 2, None, {}), ("fp8, maxnreg 168", True, 2, 168, {}),
+            ("fp8, maxnreg 168, ragged k", True, 2, 168, {"EVEN_K": False}),
+            ("fp8, maxnreg 168, kv pass", True, 2, 168, {"LOAD_STATE": True, "STORE_STATE": True}),
+            ("fp8, maxnreg 128", True, 2, 128, {})]
+
+
+def compile_stats(fn, signature: dict, constexprs: dict, **options) -> dict:
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in names}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    cubin = Path("/tmp") / f"sass_sm90_{fn.__name__}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([BIN / "cuobjdump", "-res-usage", cubin], capture_output=True,
+                           text=True, check=True).stdout
+    sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True,
+                          check=True).stdout
+    code = [line.split("*/", 1)[1].split(";")[0].split() for line in sass.splitlines()
+            if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+    ops = [(t[1] if t[0].startswith("@") else t[0]).split(".")[0] for t in code if t]
+    stats = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    stats.update(shared_bytes=kernel.metadata.shared, instructions=len(ops))
+    waits = [i for i, t in enumerate(code) if any("TRYWAIT" in w for w in t)]
+    back = [i for i, t in enumerate(code) if t and "BRA" in " ".join(t)
+            and i > (waits[0] if waits else 0) and _backward(sass, i)]
+    if waits and back:
+        body = Counter(ops[waits[0]:back[0] + 1])
+        stats.update(loop_instructions=sum(body.values()),
+                     loop_spills=body["LDL"] + body["STL"])
+    return stats
+
+
+def _backward(sass: str, index: int) -> bool:
+    """Whether instruction ``index`` branches to a lower address."""
+    lines = [line for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+    at = int(re.match(r"\s*/\*([0-9a-f]+)\*/", lines[index]).group(1), 16)
+    target = re.search(r"BRA (0x[0-9a-f]+)", lines[index])
+    return bool(target) and int(target.group(1), 16) < at
+
+
+def forward(module, fp8: bool, stages: int, maxnreg: int | None, changes: dict) -> dict:
+    sig = {"Q": "*bf16", "Out": "*bf16", "IDX": "*i32", "CNT": "*i32", "START": "*i32",
+           "STOP": "*i32", "SM": "*fp32", "SL": "*fp32", "SACC": "*fp32", "qk_scale": "fp32",
+           "KS": "*fp32", "VS": "*fp32",
+           "KD": "tensordesc<i8[64, 128]>" if fp8 else "tensordesc<bf16[64, 128]>",
+           "VD": "tensordesc<fp8e4nv[128, 64]>" if fp8 else "tensordesc<fp16[64, 128]>"}
+    options = dict(num_warps=4, num_stages=stages)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return compile_stats(module._bsa_fwd_kernel, sig, {**FWD, "FP8": fp8, **changes}, **options)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", type=Path, default=None, help="an earlier triton_bsa.py")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    rows = []
+    modules = [("current", TB)] + ([("base", load_base(args.base))] if args.base else [])
+    for copy, module in modules:
+        for label, fp8, stages, maxnreg, changes in VARIANTS:
+            rows.append(dict(kernel="bsa forward", copy=copy, variant=label,
+                             **forward(module, fp8, stages, maxnreg, changes)))
+        rows.append(dict(kernel="select", copy=copy, variant="2,048 keys, bf16 scores, 4 warps",
+                         **compile_stats(module._select_kernel,
+                                         {"S": "*fp64", "CNT": "*i32", "IDX": "*i32",
+                                          "stride_srow": "i64", "stride_irow": "i64"},
+                                         dict(MK_PAD=2048, LOW_BIT=16, DTYPE=tl.bfloat16),
+                                         num_warps=4)))
+    lines = ["| kernel | copy | variant | registers | stack B | shared B | instructions | "
+             "loop instructions | loop spills |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {r['copy']} | {r['variant']} | {r['reg']} | {r['stack']} | "
+              f"{r['shared_bytes']} | {r['instructions']} | {r.get('loop_instructions', '')} | "
+              f"{r.get('loop_spills', '')} |" for r in rows]
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sass_sm90.json").write_text(json.dumps(
+        {"triton": triton.__version__, "target": "cuda sm90", "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
