@@ -56,27 +56,22 @@ def compile_stats(fn, signature: dict, constexprs: dict, **options) -> dict:
                            text=True, check=True).stdout
     sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True,
                           check=True).stdout
-    code = [line.split("*/", 1)[1].split(";")[0].split() for line in sass.splitlines()
-            if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
-    ops = [(t[1] if t[0].startswith("@") else t[0]).split(".")[0] for t in code if t]
+    # (address, instruction text) of each instruction
+    code = [(int(m.group(1), 16), m.group(2).strip()) for m in
+            re.finditer(r"^\s*/\*([0-9a-f]{4,})\*/\s*([^;]*);", sass, re.MULTILINE)]
+    ops = [text.split()[1 if text.startswith("@") else 0].split(".")[0] for _, text in code]
     stats = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     stats.update(shared_bytes=kernel.metadata.shared, instructions=len(ops))
-    waits = [i for i, t in enumerate(code) if any("TRYWAIT" in w for w in t)]
-    back = [i for i, t in enumerate(code) if t and "BRA" in " ".join(t)
-            and i > (waits[0] if waits else 0) and _backward(sass, i)]
-    if waits and back:
-        body = Counter(ops[waits[0]:back[0] + 1])
-        stats.update(loop_instructions=sum(body.values()),
-                     loop_spills=body["LDL"] + body["STL"])
+    first_wait = next((i for i, (_, text) in enumerate(code) if "TRYWAIT" in text), None)
+    if first_wait is not None:
+        back = next((i for i, (at, text) in enumerate(code) if i > first_wait
+                     and (target := re.search(r"BRA (0x[0-9a-f]+)", text))
+                     and int(target.group(1), 16) < at), None)
+        if back is not None:
+            body = Counter(ops[first_wait:back + 1])
+            stats.update(loop_instructions=sum(body.values()),
+                         loop_spills=body["LDL"] + body["STL"])
     return stats
-
-
-def _backward(sass: str, index: int) -> bool:
-    """Whether instruction ``index`` branches to a lower address."""
-    lines = [line for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
-    at = int(re.match(r"\s*/\*([0-9a-f]+)\*/", lines[index]).group(1), 16)
-    target = re.search(r"BRA (0x[0-9a-f]+)", lines[index])
-    return bool(target) and int(target.group(1), 16) < at
 
 
 def forward(module, fp8: bool, stages: int, maxnreg: int | None, changes: dict) -> dict:

@@ -15,9 +15,9 @@ Order of work, to bound GPU memory:
 3. ours timed per shape (fast path);
 4. an fp32 copy of ours, for the reference outputs, then freed (the bf16 one waits on the host);
 5. ours converted in place by ``to_fp8`` and timed with the default fp8 attention
-   (``kernels.fp8_attention``: dense by cuDNN's kernel where installed, else ours);
-6. on a GPU, the same with attention in bf16, with BSA quantized (BSA shapes), and with dense
-   attention by our Triton fp8 kernel (dense shapes): ``FP8_VARIANTS``.
+   (``kernels.fp8_attention``: dense by cuDNN's kernel where installed, else ours; BSA by ours);
+6. on a GPU, the same with attention in bf16, and with dense attention by our Triton fp8
+   kernel (dense shapes): ``FP8_VARIANTS``.
 
 The timestep is 632 (``dit_forward.inputs``), a bf16 value: the DiT rounds timesteps to its
 dtype, as the original does, so the former 631 reached a bf16 model as 632 and the fp32 one as
@@ -59,9 +59,9 @@ from longcat_tools.synth import dit_config  # noqa: E402
 # ours in fp8: which attention kind also runs quantized (the model's ``fp8_attention``: None, the
 # default kinds; "off", none), and for dense, which kernels it may take
 # (``fp8_attention.DENSE_KERNELS``; None, the default's). A variant with one kind runs only on
-# the shapes that use it (the BSA shapes attend sparsely throughout).
+# the shapes that use it (the BSA shapes attend sparsely throughout). The default quantizes
+# both kinds, so "bf16 attn" is the BSA shapes' fp8 forward with the BSA in bf16.
 FP8_VARIANTS = {"ours fp8": (None, None), "ours fp8, bf16 attn": ("off", None),
-                "ours fp8+bsa attn": ("bsa", None),
                 "ours fp8+dense attn triton": ("dense", ["triton"]),
                 "ours fp8, glue writes bf16": (None, None)}  # fast_ops.E4M3_GLUE off
 TARGETS = {  # issue #21: time ratio to the original on one GPU, same weights
