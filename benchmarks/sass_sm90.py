@@ -1,10 +1,11 @@
-"""Registers, spills and loop instructions of the BSA kernels compiled for sm90, without a GPU.
+"""Registers, spills and loop instructions of our kernels compiled for sm90, without a GPU.
 
 Why: occupancy (programs an SM) follows from registers and shared memory, and an issue-bound
 loop from its instruction count; both can be read before device time is spent. Triton
 compiles for a ``GPUTarget`` with its bundled ptxas, and its bundled ``cuobjdump`` reads the
 cubin. The forward's loop body is counted from its first mbarrier wait to its backward
-branch. ``--base`` adds an earlier ``triton_bsa.py`` (see ``bsa_ab.py``) for a before/after.
+branch. ``--base`` adds an earlier ``triton_bsa.py`` (see ``bsa_ab.py``) for a before/after,
+``--base-kernels`` an earlier kernels folder's row kernels (see ``row_kernels.py``).
 
     PYTHONPATH=. python3 benchmarks/sass_sm90.py --base /tmp/base_bsa.py
 """
@@ -26,8 +27,10 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsa_ab import load_base  # noqa: E402
+from row_kernels import load_base as load_base_kernels  # noqa: E402
 
 from longcat_tools.kernels import triton_bsa as TB  # noqa: E402
+from longcat_tools.kernels import triton_norm as TN  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # the 720p forward's launch: 64-token chunks, D = 128, one kv step per chunk, 4 warps
@@ -61,7 +64,8 @@ def compile_stats(fn, signature: dict, constexprs: dict, **options) -> dict:
             re.finditer(r"^\s*/\*([0-9a-f]{4,})\*/\s*([^;]*);", sass, re.MULTILINE)]
     ops = [text.split()[1 if text.startswith("@") else 0].split(".")[0] for _, text in code]
     stats = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-    stats.update(shared_bytes=kernel.metadata.shared, instructions=len(ops))
+    stats.update(shared_bytes=kernel.metadata.shared, instructions=len(ops),
+                 spills=ops.count("LDL") + ops.count("STL"))
     first_wait = next((i for i, (_, text) in enumerate(code) if "TRYWAIT" in text), None)
     if first_wait is not None:
         back = next((i for i, (at, text) in enumerate(code) if i > first_wait
@@ -86,12 +90,54 @@ def forward(module, fp8: bool, stages: int, maxnreg: int | None, changes: dict) 
     return compile_stats(module._bsa_fwd_kernel, sig, {**FWD, "FP8": fp8, **changes}, **options)
 
 
+# the row kernels at the 720p/93 shapes: label, kernel, pointer dtypes (other arguments i32),
+# constexprs, warps
+_ROWS = dict(ROWS=8, BLOCK_C=4096, RES_MODE=2, NORM_MODE=1)
+_ROWS_SIG = {**dict.fromkeys(["X", "RES", "W", "BIAS", "XOUT"], "*bf16"),
+             **dict.fromkeys(["GATE", "SHIFT", "SCALE", "YSCALE"], "*fp32"), "eps": "fp32"}
+_SWIGLU_E4M3_SIG = {"A": "*bf16", "B": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32"}
+_E4M3_ROWS_SIG = {"X": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32"}
+ROW_KERNELS = [
+    ("fused_rows, adaln gated", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*bf16"},
+     {**_ROWS, "Q8": False}, 8),
+    ("fused_rows, adaln gated", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*bf16"},
+     {**_ROWS, "Q8": False}, 16),
+    ("fused_rows, adaln gated, e4m3", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*fp8e4nv"},
+     {**_ROWS, "Q8": True}, 8),
+    ("fused_rows, adaln gated, e4m3", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*fp8e4nv"},
+     {**_ROWS, "Q8": True}, 16),
+    ("swiglu", "_swiglu_kernel", {"A": "*bf16", "B": "*bf16", "H": "*bf16", "n": "i64"},
+     {"BLOCK": 4096}, 8),
+    ("swiglu, e4m3", "_swiglu_e4m3_kernel", _SWIGLU_E4M3_SIG, {"BLOCK_K": 16384}, 16),
+    ("swiglu, e4m3", "_swiglu_e4m3_kernel", _SWIGLU_E4M3_SIG, {"BLOCK_K": 16384}, 32),
+    ("e4m3_rows, C = 4096", "_e4m3_rows_kernel", _E4M3_ROWS_SIG, {"BLOCK_K": 4096}, 4),
+    ("e4m3_rows, C = 4096", "_e4m3_rows_kernel", _E4M3_ROWS_SIG, {"BLOCK_K": 4096}, 8),
+    ("head_norm_rope, q and k", "_head_norm_rope_kernel",
+     {"SRC": "*bf16", "W": "*bf16", "COS": "*fp32", "SIN": "*fp32", "OUT": "*bf16",
+      "eps": "fp32"}, dict(H_PAD=32, D=128, PARTS=2, ROPE=True), 8),
+]
+
+
+def row_kernel(module, name: str, sig: dict, constexprs: dict, warps: int) -> dict:
+    """A row kernel of ``module`` (a triton_norm) compiled with ``sig``."""
+    return compile_stats(getattr(module, name), sig, constexprs, num_warps=warps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, default=None, help="an earlier triton_bsa.py")
+    ap.add_argument("--base-kernels", type=Path, default=None,
+                    help="an earlier kernels folder, for its row kernels (see row_kernels.py)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     rows = []
+    row_modules = [("current", TN)]
+    if args.base_kernels:
+        row_modules.append(("base", load_base_kernels(args.base_kernels)))
+    for copy, module in row_modules:
+        for label, name, sig, constexprs, warps in ROW_KERNELS:
+            rows.append(dict(kernel=label, copy=copy, variant=f"{warps} warps",
+                             **row_kernel(module, name, sig, constexprs, warps)))
     modules = [("current", TB)] + ([("base", load_base(args.base))] if args.base else [])
     for copy, module in modules:
         for label, fp8, stages, maxnreg, changes in VARIANTS:
@@ -103,11 +149,11 @@ def main() -> None:
                                           "stride_srow": "i64", "stride_irow": "i64"},
                                          dict(MK_PAD=2048, LOW_BIT=16, DTYPE=tl.bfloat16),
                                          num_warps=4)))
-    lines = ["| kernel | copy | variant | registers | stack B | shared B | instructions | "
-             "loop instructions | loop spills |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | copy | variant | registers | stack B | shared B | instructions | spills "
+             "| loop instructions | loop spills |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['copy']} | {r['variant']} | {r['reg']} | {r['stack']} | "
-              f"{r['shared_bytes']} | {r['instructions']} | {r.get('loop_instructions', '')} | "
-              f"{r.get('loop_spills', '')} |" for r in rows]
+              f"{r['shared_bytes']} | {r['instructions']} | {r['spills']} | "
+              f"{r.get('loop_instructions', '')} | {r.get('loop_spills', '')} |" for r in rows]
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sass_sm90.json").write_text(json.dumps(

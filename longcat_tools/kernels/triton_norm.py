@@ -45,6 +45,20 @@ RES_NONE, RES_ADD, RES_GATED = 0, 1, 2
 NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
 _NORMS = {None: NORM_NONE, "modulate": NORM_MODULATE, "layer_norm": NORM_AFFINE}
 
+# Warps of a row kernel's program: one per so many elements of its padded row, at most so
+# many. Timed on an H100 at 720p (benchmarks/results/row_kernels_h100.json): SwiGLU e4m3 44%
+# slower at 32 warps than 16, e4m3_rows 2% slower at 8 than 4, fused_rows 4% slower at 16
+# than 8 in bf16 and 3% faster in e4m3, where its sums in another order round a few outputs
+# one bit apart (kept at 8). Data, so that benchmarks/row_kernels.py can time other choices.
+ROW_WARPS: dict[str, tuple[int, int]] = {"fused_rows": (512, 8), "fused_rows_e4m3": (512, 8),
+                                         "swiglu_e4m3": (1024, 16), "e4m3_rows": (1024, 16)}
+ROWS_PER_PROGRAM = 8  # fused_rows: tokens a program takes (its per-frame vectors read once)
+
+
+def _row_warps(kernel: str, block: int) -> int:
+    per_warp, most = ROW_WARPS[kernel]
+    return max(1, min(most, block // per_warp))
+
 
 @triton.jit
 def _rows_kernel(X, RES, GATE, SHIFT, SCALE, W, BIAS, XOUT, YOUT, YSCALE,
@@ -76,7 +90,9 @@ def _rows_kernel(X, RES, GATE, SHIFT, SCALE, W, BIAS, XOUT, YOUT, YSCALE,
                 r = tl.load(RES + off, mask=cm, other=0.0).to(tl.float32)
                 if RES_MODE == 2:
                     r = g * r
-                x = _rnd(x.to(tl.float32) + r, XOUT.dtype.element_ty)
+                # by bits in the e4m3 variant: there the cast took 255 registers and spilled
+                # (208 and none by bits; results/sass_sm90.json)
+                x = _rnd(x.to(tl.float32) + r, XOUT.dtype.element_ty, Q8)
                 tl.store(XOUT + off, x, mask=cm)
             if NORM_MODE != 0:
                 v = x.to(tl.float32)
@@ -141,8 +157,8 @@ def fused_rows(x: torch.Tensor, frames: int, *, res: torch.Tensor | None = None,
     if e4m3:
         y_scale = torch.empty(B, N, 1, device=x.device, dtype=torch.float32)
     block_c = triton.next_power_of_2(C)
-    rows = 8
-    warps = max(1, min(8, block_c // 512))
+    rows = ROWS_PER_PROGRAM
+    warps = _row_warps("fused_rows_e4m3" if e4m3 else "fused_rows", block_c)
     dummy = x
     _rows_kernel[(triton.cdiv(hw, rows), B * frames)](
         x, res if res is not None else dummy, g if g is not None else dummy,
@@ -247,7 +263,7 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, e4m3: bool = False) -> Any:
         scale = torch.empty(*a.shape[:-1], 1, device=a.device, dtype=torch.float32)
         block = triton.next_power_of_2(K)
         _swiglu_e4m3_kernel[(a.numel() // K,)](a, b, q, scale, K, block,
-                                                num_warps=max(1, min(16, block // 1024)))
+                                                num_warps=_row_warps("swiglu_e4m3", block))
         return Rows(q, scale, a.dtype)
     h = torch.empty_like(a)
     n = a.numel()
@@ -257,15 +273,19 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, e4m3: bool = False) -> Any:
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _e4m3_row(x, ok, dtype: tl.constexpr):
     """A float32 row (``ok``: its lanes) -> (e4m3 ``x / scale``, ``scale``): ``scale = amax /
     448`` (1 if all zero, or NaN, as eager's ``amax > 0`` test gives), both divisions rounded to
     nearest as PyTorch's are (``div_rn``), the quotient clamped to +-448 with NaN kept (as
     ``clamp``)."""
     x = tl.where(ok, x, 0.0)
-    amax = tl.max(tl.abs(x), axis=0)  # a reduction skips NaN: the row's NaN count says
-    nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
-    scale = tl.where((amax > 0) & ~nan, tl.div_rn(amax, 448.0), 1.0)
+    amax = tl.reduce(tl.abs(x), 0, _max_keep_nan)  # NaN if the row has one (tl.max skips it)
+    scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
     return e4m3_div(x, scale, dtype), scale
 
 
@@ -288,7 +308,7 @@ def e4m3_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(N, K, device=x.device, dtype=E4M3)
     scale = torch.empty(N, 1, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(K)
-    _e4m3_rows_kernel[(N,)](x, q, scale, K, block, num_warps=max(1, min(16, block // 1024)))
+    _e4m3_rows_kernel[(N,)](x, q, scale, K, block, num_warps=_row_warps("e4m3_rows", block))
     return q, scale
 
 
