@@ -8,7 +8,10 @@ One run times, per shape and sparsity (B=1, 32 heads, D=128, bf16, chunks 4x4x4)
 * FlexAttention with the same block mask, on the chunk-permuted layout (mask build and
   permutes not timed: the best case for it);
 * the original LongCat kernel, when ``LONGCAT_BSA_SRC`` names a folder holding its
-  ``block_sparse_attention/`` sources (never committed; divisible shapes only).
+  ``block_sparse_attention/`` sources (never committed; divisible shapes only);
+* VSA's Triton forward from FastVideo's ``fastvideo-kernel`` wheel, where installed, given our
+  selection and q, k, v already in chunk order (copies and selection not timed: its best
+  case, as FastVideo runs it after its own selection).
 
 It also checks ours against an fp32 reference on a sample of query chunks.
 
@@ -108,6 +111,36 @@ def load_original():
     return mod.flash_attn_bsa_3d
 
 
+def load_vsa():
+    """VSA's Triton block-sparse forward, or None without ``fastvideo-kernel``. Loaded from
+    its file: the package's ``__init__`` loads compiled ops built for one torch release."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fastvideo_kernel")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "triton_kernels" / \
+        "block_sparse_attn_triton.py"
+    if not path.is_file():
+        return None
+    fspec = importlib.util.spec_from_file_location("_vsa_block_sparse_attn_triton", path)
+    mod = importlib.util.module_from_spec(fspec)  # type: ignore[arg-type]
+    fspec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod.triton_block_sparse_attn_forward
+
+
+def vsa_runner(vsa, q, k, v, lq, lk, indices, counts):
+    """VSA's forward on 64-token chunks (ours, in chunk order), with our selection; and a
+    function taking its output back to raster order."""
+    qc, kc, vc = (R.to_chunks(x, lay).flatten(2, 3).contiguous()
+                  for x, lay in ((q, lq), (k, lk), (v, lk)))
+    idx = indices.clamp_min(0).to(torch.int32).contiguous()
+    num = counts.to(torch.int32).contiguous()
+    sizes = lk.counts(q.device).to(torch.int32).contiguous()
+    back = lambda o: R.from_chunks(o.unflatten(2, (lq.num_chunks, -1)), lq)  # noqa: E731
+    return (lambda: vsa(qc, kc, vc, idx, num, sizes)[0]), back
+
+
 @contextlib.contextmanager
 def kv_passes(n: int):
     """The BSA forward in ``n`` launches over slices of the kv chunks (``FWD_CONFIG``)."""
@@ -189,7 +222,7 @@ def flex_runner(q, k, v, lq, lk, indices, counts):
     return lambda: flex(qc, kc, vc, block_mask=bm, kernel_options=opts)
 
 
-def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
+def run_case(name, lat, sparsities, orig, vsa, do_dense, do_flex, rep_ms, log):
     dev = torch.device("cuda")
     S = math.prod(lat)
     torch.manual_seed(0)
@@ -270,6 +303,16 @@ def run_case(name, lat, sparsities, orig, do_dense, do_flex, rep_ms, log):
             except Exception as e:  # noqa: BLE001
                 row["orig_ms"] = None
                 log(f"{name} {sp} original failed: {type(e).__name__}: {str(e)[:300]}")
+        if vsa is not None and lq.chunk_size == 64 and lk.divisible:  # VSA masks by count
+            try:
+                vfn, back = vsa_runner(vsa, q, k, v, lq, lk, indices, counts)
+                row["vsa_rel_err"] = sampled_error(q, k, v, lq, lk, indices, counts,
+                                                   back(vfn()))
+                row["vsa_ms"] = bench(vfn, rep_ms)
+            except Exception as e:  # noqa: BLE001
+                row["vsa_ms"] = None
+                log(f"{name} {sp} VSA failed: {type(e).__name__}: {str(e)[:300]}")
+            torch.cuda.empty_cache()
         if do_flex:
             try:
                 ffn = flex_runner(q, k, v, lq, lk, indices, counts)
@@ -429,11 +472,12 @@ def versions(dev) -> dict:
 
 def table(rows) -> str:
     head = ("| shape | sparsity | kept | ours ms (select + attend) | attend TFLOP/s"
-            " | K/V load floor ms | original ms | cuDNN ms | flash ms | flex ms | vs original"
+            " | K/V load floor ms | original ms | cuDNN ms | flash ms | flex ms"
+            " | VSA Triton ms (forward) | VSA rel err | vs original"
             " | vs cuDNN | rel err | fp8 ms (attend) | fp8 rel err"
             " | kv passes (auto) | attend, 1 / 2 / 3 kv passes ms"
             " | fp8 attend, 1 / 2 / 3 kv passes ms |")
-    out = [head, "|" + "---|" * 18]
+    out = [head, "|" + "---|" * 20]
     f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     for r in rows:
         o, c = r.get("orig_ms"), r.get("cudnn_ms")
@@ -444,7 +488,8 @@ def table(rows) -> str:
             f"| {r['kept_per_q_chunk']}/{r['num_chunks']} | {f(r['ours_ms'])} "
             f"({f(r['ours_select_ms'])} + {f(r['ours_attend_ms'])}) | {r['attend_tflops']:.0f} "
             f"| {f(r.get('kv_load_floor_ms'))} | {f(o)} | {f(c)} | {f(r.get('flash_ms'))} "
-            f"| {f(r.get('flex_ms'))} | {vs_o} | {vs_c} "
+            f"| {f(r.get('flex_ms'))} | {f(r.get('vsa_ms'))} "
+            f"| {r.get('vsa_rel_err', float('nan')):.1e} | {vs_o} | {vs_c} "
             f"| {r['ours_rel_err']:.1e} | {f(r.get('ours_fp8_ms'))} "
             f"({f(r.get('ours_fp8_attend_ms'))}) | {r.get('ours_fp8_rel_err', float('nan')):.1e} "
             f"| {r.get('kv_passes_auto', 'n/a')} "
@@ -494,11 +539,13 @@ def main() -> None:
         return
     orig = load_original()
     log(f"original kernel: {'loaded' if orig else 'not given (LONGCAT_BSA_SRC unset)'}")
+    vsa = load_vsa()
+    log(f"VSA Triton forward: {'loaded' if vsa else 'fastvideo-kernel not installed'}")
     sps = [float(s) for s in args.sparsities.split(",")]
     rows = []
     for name in args.shapes.split(","):
-        rows += run_case(name, SHAPES[name], sps, orig, not args.no_dense, not args.no_flex,
-                         args.rep_ms, log)
+        rows += run_case(name, SHAPES[name], sps, orig, vsa, not args.no_dense,
+                         not args.no_flex, args.rep_ms, log)
     errs = dense_errors(dev)
     log(f"dense bf16 SDPA rel err vs fp32 (S=8192): {errs}")
     md = table(rows)
