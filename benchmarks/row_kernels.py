@@ -3,9 +3,10 @@
 Each case is one call the fast path makes per block (84,480 tokens, C = 4096, SwiGLU width
 11,008), timed as in ``bsa_ab.py``: every variant once a round, the order rotating, the median
 of the rounds. ``--base`` adds an earlier commit's kernels folder, loaded as a second package,
-for a before/after in one process; its outputs must equal today's bit for bit (the kernels'
-math is fixed: only their code may change). GB/s counts each input read once and each output
-written once, the floor of any kernel; an H100's HBM3 moves about 3,000 GB/s.
+for a before/after in one process; today's outputs must equal its bit for bit (the kernels'
+math is fixed: only their code may change), else the run exits non-zero. A ``ROW_WARPS``
+variant runs only on the cases of its kernel. GB/s counts each input read once and each
+output written once, the floor of any kernel; an H100 SXM's HBM3 peaks at 3,350 GB/s.
 
     mkdir /tmp/base && git archive REV longcat_tools/kernels \\
         | tar -x --strip-components=2 -C /tmp/base
@@ -20,6 +21,7 @@ import json
 import statistics
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ from longcat_tools.kernels import triton_norm as TN  # noqa: E402
 
 TOKENS, FRAMES, C, FFN, HEADS = 84_480, 24, 4096, 11_008, 32
 # label, ROW_WARPS overrides (today's kernels; the warps named are those at these shapes)
-VARIANTS = [("today", {}),
+VARIANTS: list[tuple[str, dict]] = [("today", {}),
             ("today, fused_rows 16 warps", {"fused_rows": (256, 16)}),
             ("today, fused_rows_e4m3 16 warps", {"fused_rows_e4m3": (256, 16)}),
             ("today, swiglu_e4m3 32 warps", {"swiglu_e4m3": (512, 32)}),
@@ -46,8 +48,8 @@ def load_base(folder: Path) -> types.ModuleType:
     return importlib.import_module(package.__name__ + ".triton_norm")
 
 
-def cases(dev: torch.device) -> dict:
-    """name -> (callable taking the module, bytes read and written)."""
+def cases(dev: torch.device) -> dict[str, tuple[Callable, float, set[str]]]:
+    """name -> (callable taking the module, bytes read and written, its ROW_WARPS keys)."""
     g = torch.Generator(dev).manual_seed(0)
 
     def rnd(*shape, dtype=torch.bfloat16):
@@ -62,25 +64,28 @@ def cases(dev: torch.device) -> dict:
     qw, kw = rnd(128), rnd(128)
     row = TOKENS * C * 2  # one bf16 [N, C] tensor
     mod = dict(norm="modulate", shift=shift, scale=scale)
+    fr, fr8 = {"fused_rows"}, {"fused_rows_e4m3"}
     return {
-        "residual (gated)": (lambda m: m.fused_rows(x, FRAMES, res=res, gate=gate), 3 * row),
+        "residual (gated)": (lambda m: m.fused_rows(x, FRAMES, res=res, gate=gate), 3 * row,
+                             fr),
         "adaln, gated residual": (
-            lambda m: m.fused_rows(x, FRAMES, res=res, gate=gate, **mod), 4 * row),
+            lambda m: m.fused_rows(x, FRAMES, res=res, gate=gate, **mod), 4 * row, fr),
         "adaln, gated residual, e4m3": (
             lambda m: m.fused_rows(x, FRAMES, res=res, gate=gate, e4m3=True, **mod),
-            3.5 * row),
+            3.5 * row, fr8),
         "residual + layer_norm, e4m3": (
             lambda m: m.fused_rows(x, FRAMES, res=res, gate=gate, norm="layer_norm",
-                                   weight=weight, bias=bias, e4m3=True), 3.5 * row),
-        "swiglu": (lambda m: m.swiglu(a, b), 3 * TOKENS * FFN * 2),
-        "swiglu, e4m3": (lambda m: m.swiglu(a, b, e4m3=True), 2.5 * TOKENS * FFN * 2),
-        "e4m3_rows": (lambda m: m.e4m3_rows(x[0]), 1.5 * row),
+                                   weight=weight, bias=bias, e4m3=True), 3.5 * row, fr8),
+        "swiglu": (lambda m: m.swiglu(a, b), 3 * TOKENS * FFN * 2, set()),
+        "swiglu, e4m3": (lambda m: m.swiglu(a, b, e4m3=True), 2.5 * TOKENS * FFN * 2,
+                         {"swiglu_e4m3"}),
+        "e4m3_rows": (lambda m: m.e4m3_rows(x[0]), 1.5 * row, {"e4m3_rows"}),
         "head_norm_rope": (lambda m: m.head_norm_rope(qkv, HEADS, [qw, kw], cos, sin, 1e-6),
-                           4 * row),
+                           4 * row + 2 * cos.numel() * 4, set()),
     }
 
 
-def flat(out) -> list[torch.Tensor]:
+def flat(out: object) -> list[torch.Tensor]:
     """The tensors of a kernel's result, in order."""
     if isinstance(out, torch.Tensor):
         return [out]
@@ -89,7 +94,8 @@ def flat(out) -> list[torch.Tensor]:
     return [t for o in out for t in flat(o)]
 
 
-def same_bits(a, b) -> bool:
+def same_bits(a: object, b: object) -> bool:
+    """Whether two results hold the same tensors, byte for byte (NaN payloads included)."""
     ta, tb = flat(a), flat(b)
     return len(ta) == len(tb) and all(
         x.shape == y.shape and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
@@ -107,12 +113,13 @@ def main() -> None:
     dev = torch.device("cuda")
     meta = versions(dev)
     print(json.dumps(meta), flush=True)
-    variants = [(label, TN, cfg) for label, cfg in VARIANTS]
+    all_variants = [(label, TN, cfg) for label, cfg in VARIANTS]
     if args.base is not None:
-        variants.insert(0, (args.base_label, load_base(args.base), {}))
+        all_variants.insert(0, (args.base_label, load_base(args.base), {}))
     defaults = dict(TN.ROW_WARPS)
     rows = []
-    for name, (call, nbytes) in cases(dev).items():
+    for name, (call, nbytes, keys) in cases(dev).items():
+        variants = [v for v in all_variants if not v[2] or keys & v[2].keys()]
         times: dict[str, list[float]] = {label: [] for label, *_ in variants}
         bits: dict[str, bool] = {}
         reference = None
@@ -147,6 +154,8 @@ def main() -> None:
         json.dumps({"meta": meta, "shape": dict(tokens=TOKENS, frames=FRAMES, channels=C,
                                                 ffn=FFN, heads=HEADS), "rows": rows},
                    indent=1) + "\n")
+    if any(r["variant"] == "today" and not r["same_bits_as_first"] for r in rows):
+        sys.exit("today's kernels changed bits against the base: see the table")
 
 
 if __name__ == "__main__":

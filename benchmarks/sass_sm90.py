@@ -4,8 +4,12 @@ Why: occupancy (programs an SM) follows from registers and shared memory, and an
 loop from its instruction count; both can be read before device time is spent. Triton
 compiles for a ``GPUTarget`` with its bundled ptxas, and its bundled ``cuobjdump`` reads the
 cubin. The forward's loop body is counted from its first mbarrier wait to its backward
-branch. ``--base`` adds an earlier ``triton_bsa.py`` (see ``bsa_ab.py``) for a before/after,
-``--base-kernels`` an earlier kernels folder's row kernels (see ``row_kernels.py``).
+branch. The row kernels compile as launched: pointers and integers that are multiples of 16
+marked so (wide loads); unmarked, their counts came out nearly twice as high. The BSA forward
+compiles unmarked, as it was first read; marking its pointers changes its loop by at most 8
+instructions (its K and V come by TMA). ``--base`` adds an earlier ``triton_bsa.py`` (see
+``bsa_ab.py``) for a before/after, ``--base-kernels`` an earlier kernels folder's row kernels
+(see ``row_kernels.py``).
 
     PYTHONPATH=. python3 benchmarks/sass_sm90.py --base /tmp/base_bsa.py
 """
@@ -48,10 +52,14 @@ VARIANTS = [("bf16", False, 2, None, {}), ("bf16, 1 stage, maxnreg 128", False, 
             ("fp8, maxnreg 128", True, 2, 128, {})]
 
 
-def compile_stats(fn, signature: dict, constexprs: dict, **options) -> dict:
+def compile_stats(fn, signature: dict, constexprs: dict, aligned: tuple[str, ...] = (),
+                  **options) -> dict:
+    """``aligned``: arguments a launch marks divisible by 16 (pointers to 16-byte aligned
+    tensors, integers that are multiples of 16), as Triton specializes them: wide loads."""
     names = fn.arg_names
     sig = {n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in names}
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     cubin = Path("/tmp") / f"sass_sm90_{fn.__name__}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
@@ -65,7 +73,7 @@ def compile_stats(fn, signature: dict, constexprs: dict, **options) -> dict:
     ops = [text.split()[1 if text.startswith("@") else 0].split(".")[0] for _, text in code]
     stats = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     stats.update(shared_bytes=kernel.metadata.shared, instructions=len(ops),
-                 spills=ops.count("LDL") + ops.count("STL"))
+                 spill_instructions=ops.count("LDL") + ops.count("STL"))
     first_wait = next((i for i, (_, text) in enumerate(code) if "TRYWAIT" in text), None)
     if first_wait is not None:
         back = next((i for i, (at, text) in enumerate(code) if i > first_wait
@@ -90,37 +98,43 @@ def forward(module, fp8: bool, stages: int, maxnreg: int | None, changes: dict) 
     return compile_stats(module._bsa_fwd_kernel, sig, {**FWD, "FP8": fp8, **changes}, **options)
 
 
-# the row kernels at the 720p/93 shapes: label, kernel, pointer dtypes (other arguments i32),
-# constexprs, warps
-_ROWS = dict(ROWS=8, BLOCK_C=4096, RES_MODE=2, NORM_MODE=1)
+# the row kernels at the 720p/93 shapes: label, kernel, pointer and float arguments (the rest
+# i32), constexprs, the ROW_WARPS entry (None: 8 warps, fixed) and the padded row; each is
+# compiled at its warps and at twice as many. Integers are multiples of 16 there, but T.
+_ROWS = dict(ROWS=TN.ROWS_PER_PROGRAM, BLOCK_C=4096, RES_MODE=TN.RES_GATED,
+             NORM_MODE=TN.NORM_MODULATE)
 _ROWS_SIG = {**dict.fromkeys(["X", "RES", "W", "BIAS", "XOUT"], "*bf16"),
              **dict.fromkeys(["GATE", "SHIFT", "SCALE", "YSCALE"], "*fp32"), "eps": "fp32"}
 _SWIGLU_E4M3_SIG = {"A": "*bf16", "B": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32"}
 _E4M3_ROWS_SIG = {"X": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32"}
 ROW_KERNELS = [
     ("fused_rows, adaln gated", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*bf16"},
-     {**_ROWS, "Q8": False}, 8),
-    ("fused_rows, adaln gated", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*bf16"},
-     {**_ROWS, "Q8": False}, 16),
+     {**_ROWS, "Q8": False}, "fused_rows", 4096),
     ("fused_rows, adaln gated, e4m3", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*fp8e4nv"},
-     {**_ROWS, "Q8": True}, 8),
-    ("fused_rows, adaln gated, e4m3", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*fp8e4nv"},
-     {**_ROWS, "Q8": True}, 16),
+     {**_ROWS, "Q8": True}, "fused_rows_e4m3", 4096),
     ("swiglu", "_swiglu_kernel", {"A": "*bf16", "B": "*bf16", "H": "*bf16", "n": "i64"},
-     {"BLOCK": 4096}, 8),
-    ("swiglu, e4m3", "_swiglu_e4m3_kernel", _SWIGLU_E4M3_SIG, {"BLOCK_K": 16384}, 16),
-    ("swiglu, e4m3", "_swiglu_e4m3_kernel", _SWIGLU_E4M3_SIG, {"BLOCK_K": 16384}, 32),
-    ("e4m3_rows, C = 4096", "_e4m3_rows_kernel", _E4M3_ROWS_SIG, {"BLOCK_K": 4096}, 4),
-    ("e4m3_rows, C = 4096", "_e4m3_rows_kernel", _E4M3_ROWS_SIG, {"BLOCK_K": 4096}, 8),
+     {"BLOCK": 4096}, None, 4096),
+    ("swiglu, e4m3", "_swiglu_e4m3_kernel", _SWIGLU_E4M3_SIG, {"BLOCK_K": 16384},
+     "swiglu_e4m3", 16384),
+    ("e4m3_rows, C = 4096", "_e4m3_rows_kernel", _E4M3_ROWS_SIG, {"BLOCK_K": 4096},
+     "e4m3_rows", 4096),
     ("head_norm_rope, q and k", "_head_norm_rope_kernel",
      {"SRC": "*bf16", "W": "*bf16", "COS": "*fp32", "SIN": "*fp32", "OUT": "*bf16",
-      "eps": "fp32"}, dict(H_PAD=32, D=128, PARTS=2, ROPE=True), 8),
+      "eps": "fp32"}, dict(H_PAD=32, D=128, PARTS=2, ROPE=True), None, 4096),
 ]
 
 
-def row_kernel(module, name: str, sig: dict, constexprs: dict, warps: int) -> dict:
-    """A row kernel of ``module`` (a triton_norm) compiled with ``sig``."""
-    return compile_stats(getattr(module, name), sig, constexprs, num_warps=warps)
+def row_kernel_stats(module) -> list[dict]:
+    """The row kernels of ``module`` (a triton_norm), compiled as launched at 720p/93."""
+    rows = []
+    for label, name, sig, constexprs, key, block in ROW_KERNELS:
+        fn = getattr(module, name)
+        aligned = tuple(n for n in fn.arg_names if n not in constexprs and n not in ("T", "eps"))
+        warps = TN._row_warps(key, block) if key else 8
+        for w in (warps, 2 * warps):
+            rows.append(dict(kernel=label, variant=f"{w} warps",
+                             **compile_stats(fn, sig, constexprs, aligned, num_warps=w)))
+    return rows
 
 
 def main() -> None:
@@ -135,9 +149,7 @@ def main() -> None:
     if args.base_kernels:
         row_modules.append(("base", load_base_kernels(args.base_kernels)))
     for copy, module in row_modules:
-        for label, name, sig, constexprs, warps in ROW_KERNELS:
-            rows.append(dict(kernel=label, copy=copy, variant=f"{warps} warps",
-                             **row_kernel(module, name, sig, constexprs, warps)))
+        rows += [dict(r, copy=copy) for r in row_kernel_stats(module)]
     modules = [("current", TB)] + ([("base", load_base(args.base))] if args.base else [])
     for copy, module in modules:
         for label, fp8, stages, maxnreg, changes in VARIANTS:
@@ -149,10 +161,10 @@ def main() -> None:
                                           "stride_srow": "i64", "stride_irow": "i64"},
                                          dict(MK_PAD=2048, LOW_BIT=16, DTYPE=tl.bfloat16),
                                          num_warps=4)))
-    lines = ["| kernel | copy | variant | registers | stack B | shared B | instructions | spills "
+    lines = ["| kernel | copy | variant | registers | stack B | shared B | instructions | LDL+STL "
              "| loop instructions | loop spills |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['copy']} | {r['variant']} | {r['reg']} | {r['stack']} | "
-              f"{r['shared_bytes']} | {r['instructions']} | {r['spills']} | "
+              f"{r['shared_bytes']} | {r['instructions']} | {r['spill_instructions']} | "
               f"{r.get('loop_instructions', '')} | {r.get('loop_spills', '')} |" for r in rows]
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)

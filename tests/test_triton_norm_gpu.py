@@ -273,6 +273,7 @@ def test_row_kernels_give_their_bits_at_any_warp_count(cap, monkeypatch):
     want = (TN.fused_rows(x, T, **mod), TN.fused_rows(x, T, e4m3=True, **mod),
             TN.swiglu(a, b, e4m3=True), TN.e4m3_rows(x[0]))
     monkeypatch.setattr(TN, "ROW_WARPS", dict.fromkeys(TN.ROW_WARPS, (128, cap)))
+    assert TN._row_warps("swiglu_e4m3", 16384) == TN._row_warps("fused_rows", 4096) == cap
     xo, y = TN.fused_rows(x, T, **mod)
     xo8, rows = TN.fused_rows(x, T, e4m3=True, **mod)
     assert torch.equal(xo, want[0][0]) and torch.equal(xo8, want[1][0])
@@ -282,3 +283,24 @@ def test_row_kernels_give_their_bits_at_any_warp_count(cap, monkeypatch):
     assert _same_bits(sw.q, want[2].q) and torch.equal(sw.scale, want[2].scale)
     q, s = TN.e4m3_rows(x[0])
     assert _same_bits(q, want[3][0]) and torch.equal(s, want[3][1])
+
+
+def test_fused_rows_keep_nan_and_inf_in_the_residual():
+    """The residual stream keeps a NaN (CUDA's 0x7FFFFFFF from inf - inf) and an inf, in the
+    bf16 and the e4m3 variants alike, where the plain path keeps them."""
+    from longcat_tools.kernels.triton_norm import fused_rows
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    B, T, HW, C = 1, 2, 19, 4096
+    x, h = (torch.randn(B, T * HW, C, generator=g, device="cuda").to(DT) for _ in range(2))
+    x[0, 3, 7], h[0, 3, 7] = float("inf"), float("-inf")
+    x[0, 5, 9] = float("inf")
+    shift, scale, _ = _vecs(B, T, C, g)
+    plain = x + h
+    xo, _ = fused_rows(x, T, res=h, norm="modulate", shift=shift, scale=scale)
+    xo8, _ = fused_rows(x, T, res=h, norm="modulate", shift=shift, scale=scale, e4m3=True)
+    for got in (xo, xo8):
+        assert torch.equal(got.isnan(), plain.isnan()) and bool(got[0, 3, 7].isnan())
+        assert torch.equal(got.isinf(), plain.isinf()) and bool(got[0, 5, 9].isinf())
+        ok = ~plain.isnan()
+        assert torch.equal(got[ok], plain[ok])

@@ -87,30 +87,20 @@ def _chunk_rows(chunk, r, NH, NW, T, HH, W,
     return (t * HH + h) * W + w, valid
 
 
-# The CPU interpreter truncates a float32 -> bf16 cast; there ``_round_fp32_to`` rounds by
-# bits. On a GPU the cast (cvt.rn.bf16x2.f32) rounds to nearest even, the same bits in fewer
-# instructions (benchmarks/results/sass_sm90.json).
-_ROUND_BY_BITS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Triton's CPU interpreter truncates a float32 -> bf16 cast; there ``_round_fp32_to`` rounds
+# by bits. On a GPU the cast (cvt.rn.bf16x2.f32) rounds to nearest even: the same bits, NaN
+# kept, in fewer instructions (benchmarks/results/sass_sm90.json).
+_ROUND_BY_BITS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower()
+                              in ("1", "true", "yes", "on", "y"))
 
 
 @triton.jit
-def _bf16_by_bits(x):
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-
-
-@triton.jit
-def _round_fp32_to(x, dtype: tl.constexpr, BY_BITS: tl.constexpr = False):
-    """float32 -> ``dtype`` with round-to-nearest-even, returned in ``dtype``; ``BY_BITS``:
-    bf16 by integer arithmetic on a GPU too, where the cast can cost a kernel registers."""
-    if dtype == tl.bfloat16:
-        if BY_BITS:
-            return _bf16_by_bits(x)
-        elif _ROUND_BY_BITS:
-            return _bf16_by_bits(x)
-        else:
-            return x.to(tl.bfloat16, fp_downcast_rounding="rtne")
+def _round_fp32_to(x, dtype: tl.constexpr):
+    """float32 -> ``dtype`` with round-to-nearest-even, returned in ``dtype``."""
+    if dtype == tl.bfloat16 and _ROUND_BY_BITS:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
         return x.to(dtype)
 

@@ -46,10 +46,8 @@ NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
 _NORMS = {None: NORM_NONE, "modulate": NORM_MODULATE, "layer_norm": NORM_AFFINE}
 
 # Warps of a row kernel's program: one per so many elements of its padded row, at most so
-# many. Timed on an H100 at 720p (benchmarks/results/row_kernels_h100.json): SwiGLU e4m3 44%
-# slower at 32 warps than 16, e4m3_rows 2% slower at 8 than 4, fused_rows 4% slower at 16
-# than 8 in bf16 and 3% faster in e4m3, where its sums in another order round a few outputs
-# one bit apart (kept at 8). Data, so that benchmarks/row_kernels.py can time other choices.
+# many; the fastest of those timed by benchmarks/row_kernels.py on an H100 at 720p
+# (benchmarks/results/vs_original.md, session 19).
 ROW_WARPS: dict[str, tuple[int, int]] = {"fused_rows": (512, 8), "fused_rows_e4m3": (512, 8),
                                          "swiglu_e4m3": (1024, 16), "e4m3_rows": (1024, 16)}
 ROWS_PER_PROGRAM = 8  # fused_rows: tokens a program takes (its per-frame vectors read once)
@@ -90,9 +88,7 @@ def _rows_kernel(X, RES, GATE, SHIFT, SCALE, W, BIAS, XOUT, YOUT, YSCALE,
                 r = tl.load(RES + off, mask=cm, other=0.0).to(tl.float32)
                 if RES_MODE == 2:
                     r = g * r
-                # by bits in the e4m3 variant: there the cast took 255 registers and spilled
-                # (208 and none by bits; results/sass_sm90.json)
-                x = _rnd(x.to(tl.float32) + r, XOUT.dtype.element_ty, Q8)
+                x = _rnd(x.to(tl.float32) + r, XOUT.dtype.element_ty)
                 tl.store(XOUT + off, x, mask=cm)
             if NORM_MODE != 0:
                 v = x.to(tl.float32)
