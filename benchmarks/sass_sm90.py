@@ -99,7 +99,7 @@ def forward(module, fp8: bool, stages: int, maxnreg: int | None, changes: dict) 
 
 
 # the row kernels at the 720p/93 shapes: label, kernel, pointer and float arguments (the rest
-# i32), constexprs, the ROW_WARPS entry (None: 8 warps, fixed) and the padded row; each is
+# i32), constexprs, the ROW_WARPS entry and the block (padded row); each is
 # compiled at its warps and at twice as many. Integers are multiples of 16 there, but T.
 _ROWS = dict(ROWS=TN.ROWS_PER_PROGRAM, BLOCK_C=4096, RES_MODE=TN.RES_GATED,
              NORM_MODE=TN.NORM_MODULATE)
@@ -113,14 +113,14 @@ ROW_KERNELS = [
     ("fused_rows, adaln gated, e4m3", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*fp8e4nv"},
      {**_ROWS, "Q8": True}, "fused_rows_e4m3", 4096),
     ("swiglu", "_swiglu_kernel", {"A": "*bf16", "B": "*bf16", "H": "*bf16", "n": "i64"},
-     {"BLOCK": 4096}, None, 4096),
+     {"BLOCK": 4096}, "swiglu", 4096),
     ("swiglu, e4m3", "_swiglu_e4m3_kernel", _SWIGLU_E4M3_SIG, {"BLOCK_K": 16384},
      "swiglu_e4m3", 16384),
     ("e4m3_rows, C = 4096", "_e4m3_rows_kernel", _E4M3_ROWS_SIG, {"BLOCK_K": 4096},
      "e4m3_rows", 4096),
     ("head_norm_rope, q and k", "_head_norm_rope_kernel",
      {"SRC": "*bf16", "W": "*bf16", "COS": "*fp32", "SIN": "*fp32", "OUT": "*bf16",
-      "eps": "fp32"}, dict(H_PAD=32, D=128, PARTS=2, ROPE=True), None, 4096),
+      "eps": "fp32"}, dict(H_PAD=32, D=128, PARTS=2, ROPE=True), "head_norm_rope", 4096),
 ]
 
 
@@ -130,7 +130,7 @@ def row_kernel_stats(module) -> list[dict]:
     for label, name, sig, constexprs, key, block in ROW_KERNELS:
         fn = getattr(module, name)
         aligned = tuple(n for n in fn.arg_names if n not in constexprs and n not in ("T", "eps"))
-        warps = TN._row_warps(key, block) if key else 8
+        warps = TN._row_warps(key, block)
         for w in (warps, 2 * warps):
             rows.append(dict(kernel=label, variant=f"{w} warps",
                              **compile_stats(fn, sig, constexprs, aligned, num_warps=w)))

@@ -45,11 +45,12 @@ RES_NONE, RES_ADD, RES_GATED = 0, 1, 2
 NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
 _NORMS = {None: NORM_NONE, "modulate": NORM_MODULATE, "layer_norm": NORM_AFFINE}
 
-# Warps of a row kernel's program: one per so many elements of its padded row, at most so
-# many; the fastest of those timed by benchmarks/row_kernels.py on an H100 at 720p
-# (benchmarks/results/vs_original.md, session 19).
+# Warps of a row kernel's program: one per so many elements of its padded row (its block), at
+# most so many. For fused_rows, SwiGLU e4m3 and e4m3_rows, the fastest of those timed by
+# benchmarks/row_kernels.py on an H100 at 720p (benchmarks/results/vs_original.md, session 19).
 ROW_WARPS: dict[str, tuple[int, int]] = {"fused_rows": (512, 8), "fused_rows_e4m3": (512, 8),
-                                         "swiglu_e4m3": (1024, 16), "e4m3_rows": (1024, 16)}
+                                         "swiglu": (512, 8), "swiglu_e4m3": (1024, 16),
+                                         "e4m3_rows": (1024, 16), "head_norm_rope": (512, 8)}
 ROWS_PER_PROGRAM = 8  # fused_rows: tokens a program takes (its per-frame vectors read once)
 
 
@@ -219,7 +220,7 @@ def head_norm_rope(src: torch.Tensor, heads: int, weights: list[torch.Tensor],
         src, w, cos if rope else w, sin if rope else w, out, N, src.stride(0), src.stride(1),
         out.stride(0), out.stride(1), out.stride(2), cos.stride(0) if rope else 0, float(eps),
         H, triton.next_power_of_2(H), D, parts, rope,
-        num_warps=max(1, min(8, triton.next_power_of_2(H) * D // 512)))
+        num_warps=_row_warps("head_norm_rope", triton.next_power_of_2(H) * D))
     return [o.transpose(1, 2) for o in out]
 
 
@@ -264,7 +265,8 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, e4m3: bool = False) -> Any:
     h = torch.empty_like(a)
     n = a.numel()
     block = 4096
-    _swiglu_kernel[(triton.cdiv(n, block),)](a, b, h, n, block, num_warps=8)
+    _swiglu_kernel[(triton.cdiv(n, block),)](a, b, h, n, block,
+                                             num_warps=_row_warps("swiglu", block))
     return h
 
 
