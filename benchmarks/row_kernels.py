@@ -76,12 +76,12 @@ def cases(dev: torch.device) -> dict[str, tuple[Callable, float, set[str]]]:
         "residual + layer_norm, e4m3": (
             lambda m: m.fused_rows(x, FRAMES, res=res, gate=gate, norm="layer_norm",
                                    weight=weight, bias=bias, e4m3=True), 3.5 * row, fr8),
-        "swiglu": (lambda m: m.swiglu(a, b), 3 * TOKENS * FFN * 2, set()),
+        "swiglu": (lambda m: m.swiglu(a, b), 3 * TOKENS * FFN * 2, {"swiglu"}),
         "swiglu, e4m3": (lambda m: m.swiglu(a, b, e4m3=True), 2.5 * TOKENS * FFN * 2,
                          {"swiglu_e4m3"}),
         "e4m3_rows": (lambda m: m.e4m3_rows(x[0]), 1.5 * row, {"e4m3_rows"}),
         "head_norm_rope": (lambda m: m.head_norm_rope(qkv, HEADS, [qw, kw], cos, sin, 1e-6),
-                           4 * row + 2 * cos.numel() * 4, set()),
+                           4 * row + 2 * cos.numel() * 4, {"head_norm_rope"}),
     }
 
 

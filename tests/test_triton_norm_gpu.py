@@ -260,29 +260,48 @@ def test_tiny_fp8_dit_fast_path_feeds_its_gemms_e4m3_rows(n_cond, size, fp8_gemm
 
 @pytest.mark.parametrize("cap", [4, 16, 32])
 def test_row_kernels_give_their_bits_at_any_warp_count(cap, monkeypatch):
-    """``ROW_WARPS`` is a speed knob only: e4m3 rows (a max, no sum) keep their bits at every
-    warp count; the norms' sums may round a last bit apart."""
+    """``ROW_WARPS`` is a speed knob only: every launch takes its warps from it, e4m3 rows and
+    SwiGLU (no sums) keep their bits at every warp count, the norms' sums may round a last bit
+    apart."""
     from longcat_tools.kernels import triton_norm as TN
 
     g = torch.Generator(device="cuda").manual_seed(7)
     B, T, HW, C = 1, 2, 37, 4096
     x, h = (torch.randn(B, T * HW, C, generator=g, device="cuda").to(DT) for _ in range(2))
     a, b = (torch.randn(50, 11008, generator=g, device="cuda").to(DT) for _ in range(2))
+    qkv = torch.randn(1, 40, 3 * C, generator=g, device="cuda").to(DT)
+    qw, kw = (torch.rand(128, generator=g, device="cuda").to(DT) + 0.5 for _ in range(2))
     shift, scale, gate = _vecs(B, T, C, g)
     mod = dict(res=h, gate=gate, norm="modulate", shift=shift, scale=scale)
-    want = (TN.fused_rows(x, T, **mod), TN.fused_rows(x, T, e4m3=True, **mod),
-            TN.swiglu(a, b, e4m3=True), TN.e4m3_rows(x[0]))
+
+    def run_all():
+        return (TN.fused_rows(x, T, **mod), TN.fused_rows(x, T, e4m3=True, **mod),
+                TN.swiglu(a, b, e4m3=True), TN.e4m3_rows(x[0]), TN.swiglu(a, b),
+                TN.head_norm_rope(qkv, 32, [qw, kw], None, None, 1e-6))
+
+    want = run_all()
+    warps: dict[str, int] = {}
+    for name in ("_rows_kernel", "_swiglu_e4m3_kernel", "_e4m3_rows_kernel", "_swiglu_kernel",
+                 "_head_norm_rope_kernel"):
+        kernel = getattr(TN, name)
+
+        def spy(*args, _run=kernel.run, _name=name, **kwargs):
+            warps[_name] = kwargs["num_warps"]
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
     monkeypatch.setattr(TN, "ROW_WARPS", dict.fromkeys(TN.ROW_WARPS, (128, cap)))
-    assert TN._row_warps("swiglu_e4m3", 16384) == TN._row_warps("fused_rows", 4096) == cap
-    xo, y = TN.fused_rows(x, T, **mod)
-    xo8, rows = TN.fused_rows(x, T, e4m3=True, **mod)
+    got = run_all()
+    assert warps == dict.fromkeys(warps, cap) and len(warps) == 5
+    (xo, y), (xo8, rows), sw, (q, s), plain_sw, (gq, gk) = got
     assert torch.equal(xo, want[0][0]) and torch.equal(xo8, want[1][0])
     assert_nearly_equal(y, want[0][1])
     _nearly_same_e4m3(rows.q.reshape(-1, C), want[1][1].q.reshape(-1, C), frac=1e-3)
-    sw = TN.swiglu(a, b, e4m3=True)
     assert _same_bits(sw.q, want[2].q) and torch.equal(sw.scale, want[2].scale)
-    q, s = TN.e4m3_rows(x[0])
     assert _same_bits(q, want[3][0]) and torch.equal(s, want[3][1])
+    assert torch.equal(plain_sw, want[4])
+    assert_nearly_equal(gq, want[5][0])
+    assert_nearly_equal(gk, want[5][1])
 
 
 def test_fused_rows_keep_nan_and_inf_in_the_residual():

@@ -100,7 +100,7 @@ def _round_fp32_to(x, dtype: tl.constexpr):
     if dtype == tl.bfloat16 and _ROUND_BY_BITS:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
     else:
         return x.to(dtype)
 
