@@ -33,11 +33,13 @@ from longcat_tools.kernels import triton_norm as TN  # noqa: E402
 
 TOKENS, FRAMES, C, FFN, HEADS = 84_480, 24, 4096, 11_008, 32
 # label, ROW_WARPS overrides (today's kernels; the warps named are those at these shapes)
-VARIANTS: list[tuple[str, dict]] = [("today", {}),
-            ("today, fused_rows 16 warps", {"fused_rows": (256, 16)}),
-            ("today, fused_rows_e4m3 16 warps", {"fused_rows_e4m3": (256, 16)}),
-            ("today, swiglu_e4m3 32 warps", {"swiglu_e4m3": (512, 32)}),
-            ("today, e4m3_rows 8 warps", {"e4m3_rows": (512, 16)})]
+VARIANTS: list[tuple[str, dict]] = [
+    ("today", {}),
+    ("today, fused_rows 16 warps", {"fused_rows": (256, 16)}),
+    ("today, fused_rows_e4m3 16 warps", {"fused_rows_e4m3": (256, 16)}),
+    ("today, swiglu_e4m3 32 warps", {"swiglu_e4m3": (512, 32)}),
+    ("today, e4m3_rows 8 warps", {"e4m3_rows": (512, 16)}),
+]
 
 
 def load_base(folder: Path) -> types.ModuleType:
