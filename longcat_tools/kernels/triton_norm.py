@@ -155,16 +155,15 @@ def fused_rows(x: torch.Tensor, frames: int, *, res: torch.Tensor | None = None,
     if e4m3:
         y_scale = torch.empty(B, N, 1, device=x.device, dtype=torch.float32)
     block_c = triton.next_power_of_2(C)
-    rows = ROWS_PER_PROGRAM
     warps = _row_warps("fused_rows_e4m3" if e4m3 else "fused_rows", block_c)
     dummy = x
-    _rows_kernel[(triton.cdiv(hw, rows), B * frames)](
+    _rows_kernel[(triton.cdiv(hw, ROWS_PER_PROGRAM), B * frames)](
         x, res if res is not None else dummy, g if g is not None else dummy,
         sh if sh is not None else dummy, sc if sc is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         x_out if x_out is not None else dummy, y if y is not None else dummy,
         y_scale if e4m3 else dummy, frames, hw, C, sg_b, sg_t, ssh_b, ssh_t, ssc_b, ssc_t,
-        float(eps), rows, block_c, res_mode, norm_mode, e4m3, num_warps=warps)
+        float(eps), ROWS_PER_PROGRAM, block_c, res_mode, norm_mode, e4m3, num_warps=warps)
     return x_out, Rows(y, y_scale, x.dtype) if e4m3 else y
 
 
@@ -226,15 +225,21 @@ def head_norm_rope(src: torch.Tensor, heads: int, weights: list[torch.Tensor],
 
 
 @triton.jit
+def _silu_mul(a, b):
+    """``silu(a)`` in fp32 rounded to b's dtype, times ``b`` in fp32, rounded: eager's
+    ``F.silu(a) * b`` (``a`` already fp32)."""
+    s = _rnd(a / (1.0 + tl.exp(-a)), b.dtype)
+    return _rnd(s.to(tl.float32) * b.to(tl.float32), b.dtype)
+
+
+@triton.jit
 def _swiglu_kernel(A, B, H, n, BLOCK: tl.constexpr):
-    """``BLOCK`` elements: ``silu(a)`` in fp32 rounded to the dtype, times ``b`` in fp32,
-    rounded: eager's ``F.silu(a) * b``."""
+    """``BLOCK`` elements of ``_silu_mul``."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     a = tl.load(A + i, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(B + i, mask=ok, other=0.0)
-    s = _rnd(a / (1.0 + tl.exp(-a)), b.dtype)
-    tl.store(H + i, _rnd(s.to(tl.float32) * b.to(tl.float32), b.dtype), mask=ok)
+    tl.store(H + i, _silu_mul(a, b), mask=ok)
 
 
 @triton.jit
@@ -245,9 +250,7 @@ def _swiglu_e4m3_kernel(A, B, Q, SCALE, K, BLOCK_K: tl.constexpr):
     ok = c < K
     a = tl.load(A + row * K + c, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(B + row * K + c, mask=ok, other=0.0)
-    s = _rnd(a / (1.0 + tl.exp(-a)), b.dtype)
-    h = _rnd(s.to(tl.float32) * b.to(tl.float32), b.dtype).to(tl.float32)
-    q, scale = _e4m3_row(h, ok, Q.dtype.element_ty)
+    q, scale = _e4m3_row(_silu_mul(a, b).to(tl.float32), ok, Q.dtype.element_ty)
     tl.store(Q + row * K + c, q, mask=ok)
     tl.store(SCALE + row, scale)
 
