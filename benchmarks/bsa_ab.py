@@ -45,6 +45,21 @@ VARIANTS = [("fp8", True, {}),
              {"pv_fp16": 0, "maxnreg": 255, "num_stages": 2})]
 
 
+def rotated(items: list, r: int) -> list:
+    """``items`` in round ``r``'s order: each starts a round in turn, so none always runs first
+    or last."""
+    turn = r % len(items)
+    return items[turn:] + items[:turn]
+
+
+def add_ab_args(ap: argparse.ArgumentParser, rep_ms: float) -> None:
+    """The options every alternating A/B here shares."""
+    ap.add_argument("--base-label", default="base", help="its variants' name")
+    ap.add_argument("--rounds", type=int, default=3, choices=range(1, 100), metavar="N")
+    ap.add_argument("--rep-ms", type=float, default=rep_ms)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+
+
 def load_base(path: Path):
     """``path`` as a second module of the kernels package (its relative imports resolve)."""
     spec = importlib.util.spec_from_file_location("longcat_tools.kernels._bsa_base", path)
@@ -58,10 +73,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="720p,720p-48f")
     ap.add_argument("--sparsity", type=float, default=0.9375)
     ap.add_argument("--base", type=Path, default=None, help="an earlier triton_bsa.py")
-    ap.add_argument("--base-label", default="base", help="its variants' name")
-    ap.add_argument("--rounds", type=int, default=3, choices=range(1, 100), metavar="N")
-    ap.add_argument("--rep-ms", type=float, default=150.0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_ab_args(ap, rep_ms=150.0)
     args = ap.parse_args()
     dev = torch.device("cuda")
     meta = versions(dev)
@@ -84,8 +96,7 @@ def main() -> None:
         errs = {}
         try:
             for r in range(args.rounds):
-                turn = r % len(variants)
-                for label, module, fp8, cfg in variants[turn:] + variants[:turn]:
+                for label, module, fp8, cfg in rotated(variants, r):
                     TB.FWD_CONFIG.clear()
                     TB.FWD_CONFIG.update(defaults, **cfg)
                     fn = functools.partial(module.attend, q, k, v, lq, lk, indices, counts,

@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from bsa_ab import rotated  # noqa: E402
 from dit_forward import SHAPES, build, inputs, time_forward  # noqa: E402
 from vs_original import BSA  # noqa: E402
 
@@ -51,7 +52,7 @@ def measure(model, rows: list[dict], out: Path) -> None:
         args = inputs(latent, model.dims.caption_channels, "cuda", seed=1)
         model.enable_bsa(BSA) if bsa else model.disable_bsa()
         for rnd in range(3):
-            for on in (True, False) if rnd % 2 == 0 else (False, True):
+            for on in rotated([True, False], rnd):
                 fast_ops.E4M3_GLUE = on
                 med, times, peak, _, y = time_forward(model, args, "cuda", 2, warm_up=rnd == 0)
                 del y

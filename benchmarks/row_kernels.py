@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bsa_ab import add_ab_args, rotated  # noqa: E402
 from bsa_kernel import bench, versions  # noqa: E402
 
 from longcat_tools.kernels import triton_norm as TN  # noqa: E402
@@ -107,10 +108,7 @@ def same_bits(a: object, b: object) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, default=None, help="an earlier kernels folder")
-    ap.add_argument("--base-label", default="base")
-    ap.add_argument("--rounds", type=int, default=3, choices=range(1, 100), metavar="N")
-    ap.add_argument("--rep-ms", type=float, default=100.0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_ab_args(ap, rep_ms=100.0)
     args = ap.parse_args()
     dev = torch.device("cuda")
     meta = versions(dev)
@@ -127,8 +125,7 @@ def main() -> None:
         reference = None
         try:
             for r in range(args.rounds):
-                turn = r % len(variants)
-                for label, module, cfg in variants[turn:] + variants[:turn]:
+                for label, module, cfg in rotated(variants, r):
                     TN.ROW_WARPS.clear()
                     TN.ROW_WARPS.update(defaults, **cfg)
                     if label not in bits:
