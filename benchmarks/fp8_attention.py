@@ -8,6 +8,9 @@
 cuDNN's FP8 SDPA, where NVIDIA's ``cudnn`` frontend is installed (``pip install
 nvidia-cudnn-frontend``): ``kernels.cudnn_fp8_attention``, timed with its scaling passes.
 
+FlashAttention-3, where built from its sources (``flash_attn_interface``): its FP8 forward
+through ``kernels.fa3_fp8_attention`` and its bf16 forward.
+
 Peer, where installed: SageAttention 1.0.6 (``pip install sageattention==1.0.6``, pure Triton:
 int8 Q K^T per block with K smoothed, fp16 P V), the public kernel of the recipe family ours
 follows, timed and checked the same way.
@@ -81,6 +84,7 @@ def measure(name: str, S: int, heads: int, D: int, device: str, err_heads: int) 
                fp8_rel_err_vs_fp32=rel(tfa.attention(q[:, h], k[:, h], v[:, h]), exact),
                config=dict(cfg))
     row.update(cudnn_fp8(q, k, v, h, exact, bf16_ms, device, flop))
+    row.update(fa3(q, k, v, h, exact, bf16_ms, device, flop))
     try:
         from sageattention import sageattn
     except ImportError:
@@ -118,13 +122,52 @@ def cudnn_fp8(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: st
     def scaling():
         s_q, s_k, s_v, k_mean, v_mean = ref.per_tensor_scales(q, k, v)
         for x, s, m in ((q, s_q, None), (k, s_k, k_mean), (v, s_v, v_mean)):
-            C._scale_cast(x, C.token_major(B, H, S, D, ref.E4M3, q.device), s, m)
+            C.scale_cast(x, C.token_major(B, H, S, D, ref.E4M3, q.device), s, m)
 
     return {**row, "cudnn_fp8_ms": round(ms, 3), "cudnn_fp8_vs_bf16": round(ms / bf16_ms, 3),
             "cudnn_fp8_tflops": round(flop / ms / 1e9, 1),
             "cudnn_fp8_scaling_ms": round(bench_ms(scaling, device), 3),
             "cudnn_fp8_output": "e4m3" if plan.out_e4m3 else str(q.dtype).split(".")[-1],
             "cudnn_fp8_rel_err_vs_fp32": rel(C.attention(q[:, h], k[:, h], v[:, h]), exact)}
+
+
+def fa3(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: str,
+        flop: float) -> dict:
+    """FlashAttention-3, where built (``flash_attn_interface``): its FP8 forward through
+    ``kernels.fa3_fp8_attention`` (cuDNN's per-tensor recipe and passes; time with them), and
+    its bf16 forward on the same views (a candidate for the bf16 path)."""
+    from longcat_tools.kernels import fa3_fp8_attention as A
+    from longcat_tools.kernels import fp8_attention as ref
+
+    func = A._flash_attn_func()[0]
+    if func is None:
+        return {}
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("flash_attn_3")
+    except importlib.metadata.PackageNotFoundError:
+        version = "source build"
+    row = {"fa3_version": version}
+
+    def bf16(q, k, v):
+        o = func(*(x.transpose(1, 2) for x in (q, k, v)), causal=False)
+        return (o[0] if isinstance(o, tuple) else o).transpose(1, 2)
+
+    ms = bench_ms(lambda: bf16(q, k, v), device)
+    row.update(fa3_bf16_ms=round(ms, 3), fa3_bf16_vs_bf16=round(ms / bf16_ms, 3),
+               fa3_bf16_tflops=round(flop / ms / 1e9, 1),
+               fa3_bf16_rel_err_vs_fp32=rel(bf16(q[:, h], k[:, h], v[:, h]), exact))
+    if not A.supported(q) or A.attention(q, k, v) is None:
+        return {**row, "fa3_fp8_error": "FA3 took no FP8 call for this shape"}
+    ms = bench_ms(lambda: A.attention(q, k, v), device)
+    got = A.attention(q[:, h], k[:, h], v[:, h])
+    row.update(fa3_fp8_ms=round(ms, 3), fa3_fp8_vs_bf16=round(ms / bf16_ms, 3),
+               fa3_fp8_tflops=round(flop / ms / 1e9, 1), fa3_fp8_rel_err_vs_fp32=rel(got, exact))
+    if q.shape[2] <= 40000:  # the reference holds the whole score matrix
+        row["fa3_fp8_rel_err_vs_recipe"] = rel(got, ref.reference_per_tensor(
+            q[:, h], k[:, h], v[:, h], p_scale=256.0))
+    return row
 
 
 SWEEP = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, tma=tma)
@@ -178,14 +221,16 @@ def main() -> None:
     nan = float("nan")
     print(f"\n{'shape':<9} {'bf16 ms':>8} {'fp8 ms':>8} {'ratio':>6} {'quant ms':>9} "
           f"{'err bf16':>9} {'err fp8':>9} {'cudnn8 ms':>9} {'err cudnn8':>10} {'sage ms':>8} "
-          f"{'err sage':>9}")
+          f"{'err sage':>9} {'fa3 8 ms':>8} {'err fa3 8':>9} {'fa3 bf16':>8}")
     for r in rows:
         print(f"{r['shape']:<9} {r['bf16_sdpa_ms']:>8.2f} {r.get('fp8_ms', nan):>8.2f} "
               f"{r.get('fp8_vs_bf16', nan):>6.3f} {r.get('fp8_quantize_ms', nan):>9.2f} "
               f"{r['bf16_rel_err_vs_fp32']:>9.2e} {r.get('fp8_rel_err_vs_fp32', nan):>9.2e} "
               f"{r.get('cudnn_fp8_ms', nan):>9.2f} "
               f"{r.get('cudnn_fp8_rel_err_vs_fp32', nan):>10.2e} "
-              f"{r.get('sage_ms', nan):>8.2f} {r.get('sage_rel_err_vs_fp32', nan):>9.2e}")
+              f"{r.get('sage_ms', nan):>8.2f} {r.get('sage_rel_err_vs_fp32', nan):>9.2e} "
+              f"{r.get('fa3_fp8_ms', nan):>8.2f} {r.get('fa3_fp8_rel_err_vs_fp32', nan):>9.2e} "
+              f"{r.get('fa3_bf16_ms', nan):>8.2f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fp8_attention.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1)

@@ -79,7 +79,7 @@ def test_value_scales_are_the_channel_amax_over_448():
 def test_dense_attention_quantizes_only_on_a_gpu():
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, 64, 32))
     assert fa.default_kinds() == frozenset({"dense", "bsa"})  # measured on an H100
-    assert fa.DENSE_KERNELS == ["cudnn", "triton"]  # measured on an H100
+    assert fa.DENSE_KERNELS == ["fa3", "cudnn", "triton"]  # measured on an H100 and an H200
     assert not fa.use(q)  # a CPU tensor
     assert torch.equal(dense.attention(q, k, v, fp8=True), dense.attention(q, k, v))
 
@@ -125,3 +125,46 @@ def test_the_per_tensor_recipe_lands_a_few_percent_from_fp32():
     shifted = fa.reference_per_tensor(q, k + offset, v)
     assert _rel(shifted, exact) < 1.2 * err
 
+
+
+def test_reference_per_tensor_rounds_p_at_the_scale_given():
+    """FA3 rounds p as e4m3 of ``p * 256``, cuDNN of ``p * 448``: different bits, both about as
+    close to fp32."""
+    q, k, v = _qkv(1, 2, 300, 64, seed=2)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    a, b = fa.reference_per_tensor(q, k, v), fa.reference_per_tensor(q, k, v, p_scale=256.0)
+    assert not torch.equal(a, b)
+    assert _rel(a, exact) < 0.08 and _rel(b, exact) < 0.08 and _rel(a, b) < 0.05
+
+
+def test_fa3_is_read_from_its_build_flags(monkeypatch):
+    """FA3 (``flash_attn_interface``) is taken for what its build has: head sizes, fp16, FP8;
+    nothing where it is not installed; never for CPU tensors."""
+    import sys
+    import types
+
+    from longcat_tools.kernels import fa3, fa3_fp8_attention
+
+    def installed(**off):
+        monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(
+            flash_attn_func=lambda *a, **k: None))
+        monkeypatch.setitem(sys.modules, "flash_attn_config", types.SimpleNamespace(
+            CONFIG={"build_flags": {f"FLASHATTENTION_DISABLE_{n}": on
+                                    for n, on in off.items()}}))
+        fa3.build.cache_clear()
+        return fa3.build()
+
+    try:
+        b = installed(FP8=False, FP16=True, HDIM64=True, HDIM96=True, HDIM192=True,
+                      HDIM256=True)
+        assert b.func is not None and b.head_dims == {128}
+        assert b.dtypes == {torch.bfloat16, torch.float8_e4m3fn}
+        b = installed(FP8=True)
+        assert b.head_dims == set(fa3.HEAD_DIMS) and torch.float8_e4m3fn not in b.dtypes
+        assert not fa3.covers(torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16))  # CPU
+        monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # not installed
+        fa3.build.cache_clear()
+        assert fa3.build() == (None, frozenset(), frozenset())
+        assert not fa3_fp8_attention.supported(torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16))
+    finally:
+        fa3.build.cache_clear()

@@ -204,11 +204,11 @@ def test_the_cudnn_path_scales_as_its_reference(dtype):
     s_q, s_k, s_v, k_mean, v_mean = ref.per_tensor_scales(q, k, v)
     B, H, S, D = q.shape
     for x, s, m in ((q, s_q, None), (k, s_k, k_mean), (v, s_v, v_mean)):
-        got = C._scale_cast(x, C.token_major(B, H, S, D, ref.E4M3, x.device), s, m)
+        got = C.scale_cast(x, C.token_major(B, H, S, D, ref.E4M3, x.device), s, m)
         xf = x.float() - (m[:, :, None] if m is not None else 0.0)
         want = (xf / s).clamp(-448.0, 448.0).to(ref.E4M3)
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-    back = C._scale_cast(got, C.token_major(B, H, S, D, dtype, v.device), s_v, v_mean)
+    back = C.scale_cast(got, C.token_major(B, H, S, D, dtype, v.device), s_v, v_mean)
     fma = got.double() * s_v.double() + v_mean[:, :, None].double()  # rounded once, as tl.fma
     assert torch.equal(back, fma.float().to(dtype))
 
@@ -263,6 +263,70 @@ def test_cudnn_fp8_attention_keeps_values_mean_out_of_its_rounding():
     assert out is not None
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert _rel(out, exact) < 0.006
+
+
+def _fa3():
+    from longcat_tools.kernels import fa3_fp8_attention as A
+
+    if not A.supported(torch.zeros(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("no FlashAttention-3 build with its FP8 forward at D=128, or not sm90")
+    return A
+
+
+@pytest.mark.parametrize("S,dtype", [(1024, torch.bfloat16), (777, torch.float16),
+                                     (4096, torch.bfloat16)])
+def test_fa3_fp8_attention_is_as_close_to_fp32_as_its_reference(S, dtype):
+    """FA3 rounds p as e4m3 of ``p * 256`` against its running maximum: held to fp32 near the
+    recipe's error with ``p_scale=256``, and near the recipe itself."""
+    A = _fa3()
+    q, k, v = _qkv_views(2, S, 3, 128, dtype, seed=1)
+    k, v = k + 1.0, v - 0.5
+    out = A.attention(q, k, v)
+    assert out is not None and out.dtype == dtype and out.shape == q.shape
+    assert out.transpose(1, 2).is_contiguous()  # token-major
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    r = ref.reference_per_tensor(q, k, v, p_scale=256.0)
+    assert _rel(out, exact) < 1.1 * _rel(r, exact) + 0.005
+    assert _rel(out, r) < 0.08
+    other = q.new_empty(q.shape)  # a head-major output buffer gets the same values
+    assert torch.equal(A.attention(q, k, v, out=other), out)
+
+
+def test_fa3_fp8_attention_at_the_dits_lengths():
+    """37,440 keys (480p/93): p is scaled against the row's running maximum, not after the
+    normalization, else it would fall under e4m3's normal range."""
+    A = _fa3()
+    q, k, v = _qkv_views(1, 37440, 1, 128, torch.bfloat16, seed=7)
+    out = A.attention(q, k, v)
+    assert out is not None
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    recipe = _rel(ref.reference_per_tensor(q, k, v, p_scale=256.0), exact)
+    assert _rel(out, exact) < 1.1 * recipe + 0.005, recipe
+
+
+def test_dense_fp8_calls_take_fa3_where_it_is_listed_first(monkeypatch):
+    from longcat_tools.kernels import dense
+
+    A = _fa3()
+    q, k, v = _qkv_views(1, 1024, 2, 128, torch.bfloat16, seed=4)
+    monkeypatch.setattr(ref, "CALLS", ref.Counter())
+    monkeypatch.setattr(ref, "DENSE_KERNELS", ["fa3", "cudnn", "triton"])
+    assert torch.equal(dense.attention(q, k, v, fp8=True), A.attention(q, k, v))
+    assert ref.CALLS == {"dense fa3": 1}
+
+
+def test_dense_bf16_calls_take_fa3_where_it_is_built():
+    """FA3's bf16 forward takes dense calls first: as close to fp32 as cuDNN's SDPA, its output
+    a view of a token-major tensor."""
+    from longcat_tools.kernels import dense, fa3
+
+    q, k, v = _qkv_views(1, 2000, 4, 128, torch.bfloat16, seed=6)
+    if not fa3.covers(q):
+        pytest.skip("no FlashAttention-3 build at D=128, or not sm90")
+    out = dense.attention(q, k, v)
+    assert torch.equal(out, fa3.forward(q, k, v)) and out.transpose(1, 2).is_contiguous()
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert _rel(out, exact) < 1.1 * _rel(F.scaled_dot_product_attention(q, k, v), exact)
 
 
 def test_dense_fp8_calls_take_the_first_kernel_listed(monkeypatch):

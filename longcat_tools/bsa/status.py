@@ -91,8 +91,8 @@ def status(ckpt: layouts.Checkpoint) -> dict[str, Any]:
         warnings.append(f"config does not match the schema: {other[0]}")
     for flag in IGNORED_FLAGS:
         if cfg.get(flag) is True:
-            notes.append(f"{flag} is true: our runner ignores it (dense attention is PyTorch SDPA, "
-                         "which picks flash or memory-efficient kernels itself)")
+            notes.append(f"{flag} is true: our runner ignores it (dense attention takes "
+                         "FlashAttention-3 where installed, else PyTorch SDPA)")
     if isinstance(params, dict) and not perrs:
         if params.get("sparsity") is None and params.get("cdf_threshold") is not None:
             notes.append("cdf-only mode (sparsity null): chunks kept vary per query chunk, until "

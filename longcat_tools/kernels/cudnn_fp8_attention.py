@@ -70,8 +70,8 @@ def _scale_cast_kernel(X, Y, SCALE, MEAN, sxb, sxh, sxs, syb, syh, sys, H, S,
     tl.store(Y + b * syb + h * syh + r * sys + d[None, :], y, mask=ok)
 
 
-def _scale_cast(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
-                mean: torch.Tensor | None = None) -> torch.Tensor:
+def scale_cast(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+               mean: torch.Tensor | None = None) -> torch.Tensor:
     """One ``_scale_cast_kernel`` pass from ``x`` into ``y`` (both ``[B, H, S, D]`` views with
     unit stride along D); e4m3 ``y``: less ``mean`` and divided by ``scale``, else multiplied
     by ``scale`` plus ``mean`` (float32 ``[B, H, D]``)."""
@@ -80,6 +80,19 @@ def _scale_cast(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
         x, y, scale, mean if mean is not None else scale, *x.stride()[:3], *y.stride()[:3], H, S,
         ROWS, D, mean is not None, y.dtype == E4M3)
     return y
+
+
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                        tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-tensor recipe's inputs: token-major e4m3 copies of q, k less its mean and v less
+    its mean (three ``scale_cast`` passes), their scales (``per_tensor_scales``) and v's mean
+    ``[B, H, D]``, which the output pass adds back."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    s_q, s_k, s_v, k_mean, v_mean = per_tensor_scales(q, k, v)
+    copies = (scale_cast(x, token_major(*x.shape, E4M3, x.device), s, mean)
+              for x, s, mean in ((q, s_q, None), (k, s_k, k_mean), (v, s_v, v_mean)))
+    return *copies, (s_q, s_k, s_v), v_mean
 
 
 def token_major(B: int, H: int, S: int, D: int, dtype: torch.dtype,
@@ -243,17 +256,13 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     handle, plan = _plan(B, H, Sq, Sk, D, q.dtype, q.device)
     if plan is None:
         return None
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    s_q, s_k, s_v, k_mean, v_mean = per_tensor_scales(q, k, v)
+    q8, k8, v8, (s_q, s_k, s_v), v_mean = quantize(q, k, v)
     if q.device not in _P_SCALES:  # descale_s, scale_s: p goes to e4m3 as p * 448
         _P_SCALES[q.device] = torch.tensor([1 / 448.0, 448.0], device=q.device)
     s_o = 2 * s_v if plan.out_e4m3 else torch.ones_like(s_v)  # O's dequantizing multiplier
     scalars = torch.cat([torch.stack([s_q, s_k, s_v]), _P_SCALES[q.device],
                          (1 / s_o).reshape(1)])
-    q8 = _scale_cast(q, token_major(B, H, Sq, D, E4M3, q.device), s_q)
-    k8 = _scale_cast(k, token_major(B, H, Sk, D, E4M3, q.device), s_k, k_mean)
-    v8 = _scale_cast(v, token_major(B, H, Sk, D, E4M3, q.device), s_v, v_mean)
     o = token_major(B, H, Sq, D, E4M3 if plan.out_e4m3 else q.dtype, q.device)
     plan.run(handle, q8, k8, v8, scalars, o)
     result = out if out is not None else token_major(B, H, Sq, D, q.dtype, q.device)
-    return _scale_cast(o, result, s_o.reshape(1), v_mean)  # v's mean back, in float32
+    return scale_cast(o, result, s_o.reshape(1), v_mean)  # v's mean back, in float32

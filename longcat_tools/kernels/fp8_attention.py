@@ -1,12 +1,12 @@
 """fp8-mode attention: what the quantized kernels compute, in PyTorch, and when they run.
 
-Two kernels: ``triton_fp8_attention`` (ours, dense and inside the BSA forward) and, first for
-dense calls (``DENSE_KERNELS``) where NVIDIA's ``cudnn`` frontend is installed,
-``cudnn_fp8_attention``. This module holds their arithmetic as plain tensor code
-(``reference``, ``reference_per_tensor``: every quantization step, on any device), so tests can
-hold the kernels to it; which kinds an fp8 model quantizes by default (``ENABLED``; a model's
-``fp8_attention`` overrides it); and which kernel takes a call asked to quantize
-(``kernels_for``), counted in ``CALLS``.
+Three kernels: ``triton_fp8_attention`` (ours, dense and inside the BSA forward) and, before it
+for dense calls (``DENSE_KERNELS``), ``fa3_fp8_attention`` where FlashAttention-3 is built and
+``cudnn_fp8_attention`` where NVIDIA's ``cudnn`` frontend is installed. This module holds
+their arithmetic as plain tensor code (``reference``, ``reference_per_tensor``: every
+quantization step, on any device), so tests can hold the kernels to it; which kinds an fp8 model
+quantizes by default (``ENABLED``; a model's ``fp8_attention`` overrides it); and which kernel
+takes a call asked to quantize (``kernels_for``), counted in ``CALLS``.
 
 The Triton kernels' quantization, per ``[B, H]`` head:
 - q: int8, ``round(q / s)`` half away from zero, one float32 scale ``s = amax / 127`` per token;
@@ -41,12 +41,15 @@ ENABLED = {kind: kind in fp8_format.ATTENTION_DEFAULT for kind in KINDS}
 # fp32 and ours 6.543%, as bf16 attention does (the fp8 GEMMs' error); with cuDNN's the forward
 # took 2.545 s against 3.068 s with attention in bf16, and a distill step 2.51 s against 2.99 s
 # with ours (benchmarks/results/vs_original.md). Without NVIDIA's frontend
-# (``longcat-tools[fp8]``) cuDNN's does not build and ours runs.
-DENSE_KERNELS = ["cudnn", "triton"]
+# (``longcat-tools[fp8]``) cuDNN's does not build and ours runs. FlashAttention-3's FP8
+# forward, where built, runs the same recipe in 0.89x cuDNN's time (H200, 480p/93).
+DENSE_KERNELS = ["fa3", "cudnn", "triton"]
 # warned once: the kinds asked to quantize with no kernel; "cudnn", ours ran for want of its
 # frontend
 _WARNED: set[str] = set()
-_NEEDS = {"cudnn": "cuDNN's FP8 attention needs NVIDIA's frontend (pip install "
+_NEEDS = {"fa3": "FlashAttention-3's FP8 forward needs FA3 built from its sources "
+                 "(flash-attention/hopper) with FP8 and the head size, and a Hopper GPU",
+          "cudnn": "cuDNN's FP8 attention needs NVIDIA's frontend (pip install "
                    "nvidia-cudnn-frontend), a Hopper or newer GPU, bf16/fp16 and a head size "
                    "that is a power of two from 16 to 256",
           "triton": "our Triton kernels need bf16/fp16, an sm89+ GPU and a head size that is a "
@@ -112,19 +115,20 @@ def _amax_less(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 
 def reference_per_tensor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         out_e4m3: bool = False) -> torch.Tensor:
-    """cuDNN's FP8 recipe (``cudnn_fp8_attention``) in float32 ``[B, H, Sq, D]``: q, and k and
-    v less their means, through e4m3 with ``per_tensor_scales``, p as e4m3 of ``p * 448``
-    against the row's maximum, row sums of p before rounding; ``out_e4m3``: O (less v's mean)
-    through e4m3 with the scale ``2 * s_v``, as on Hopper. Where cuDNN's rounding of p differs
-    (a running maximum), the GPU tests allow for it."""
+                         out_e4m3: bool = False, p_scale: float = E4M3_MAX) -> torch.Tensor:
+    """cuDNN's FP8 recipe (``cudnn_fp8_attention``; FA3's with ``p_scale=256``) in float32
+    ``[B, H, Sq, D]``: q, and k and v less their means, through e4m3 with
+    ``per_tensor_scales``, p as e4m3 of ``p * p_scale`` against the row's maximum, row sums of
+    p before rounding; ``out_e4m3``: O (less v's mean) through e4m3 with the scale
+    ``2 * s_v``, as cuDNN's on Hopper. Where a kernel's rounding of p differs (a running
+    maximum), the GPU tests allow for it."""
     s_q, s_k, s_v, k_mean, v_mean = per_tensor_scales(q, k, v)
     k = k.to(torch.float32) - k_mean[:, :, None]
     v = v.to(torch.float32) - v_mean[:, :, None]
     qd, kd, vd = (_e4m3(x.to(torch.float32), s) for x, s in ((q, s_q), (k, s_k), (v, s_v)))
     s = qd @ kd.transpose(-1, -2) * q.shape[-1] ** -0.5
     p = torch.exp(s - s.amax(dim=-1, keepdim=True))
-    pq = (p * E4M3_MAX).to(E4M3).to(torch.float32) / E4M3_MAX
+    pq = (p * p_scale).to(E4M3).to(torch.float32) / p_scale
     o = (pq @ vd) / p.sum(dim=-1, keepdim=True)
     return (_e4m3(o, 2 * s_v) if out_e4m3 else o) + v_mean[:, :, None]
 
@@ -172,15 +176,15 @@ def kernels_for(q: torch.Tensor, kind: str = "dense") -> list[ModuleType]:
     names = DENSE_KERNELS if kind == "dense" else ["triton"]
     modules = [quantized_kernel(name) for name in names]
     found = [m for m in modules if m is not None and m.supported(q)]
+    cudnn = dict(zip(names, modules, strict=True)).get("cudnn")
     if not found and kind not in _WARNED:
         _WARNED.add(kind)
         log.warning("fp8 %s attention: no quantized kernel covers %s %s here (%s); attending "
                     "in %s", kind, q.dtype, tuple(q.shape),
                     "; ".join(_NEEDS.get(n, f"no kernel {n!r}") for n in names)
                     or "none is listed", q.dtype)
-    elif (found and names[:1] == ["cudnn"] and modules[0] is not None
-          and found[0] is not modules[0] and "cudnn" not in _WARNED
-          and modules[0].only_frontend_missing(q)):
+    elif (found and cudnn is not None and "cudnn" not in _WARNED
+          and modules.index(found[0]) > names.index("cudnn") and cudnn.only_frontend_missing(q)):
         _WARNED.add("cudnn")
         log.warning("fp8 dense attention: our Triton kernel runs. cuDNN's is faster on this "
                     "GPU (a 480p forward 17%% faster on an H100) and needs NVIDIA's cuDNN "

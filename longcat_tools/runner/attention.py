@@ -1,7 +1,8 @@
 """How the DiT attends: the settings of one forward, as values, and the two attention calls.
 
-Dense attention is ``kernels.attention``: PyTorch SDPA with the fastest backend available (cuDNN
-on Hopper), with the softmax scale ``D**-0.5`` of the original's flash-attention calls. Block
+Dense attention is ``kernels.attention``: FlashAttention-3 where installed (Hopper), else PyTorch
+SDPA with the fastest backend available (cuDNN on Hopper), with the softmax scale ``D**-0.5`` of
+the original's flash-attention calls. Block
 sparse attention is ``kernels.block_sparse_attention`` (Triton on CUDA, its PyTorch reference
 elsewhere). Every run-time choice (BSA params, fused glue, context parallel) reaches the blocks as
 an ``AttnSettings`` argument of the forward, never as state shared between modules.

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Build FlashAttention-3's forward (Hopper sm90a, head size 128, bf16 and FP8) from its sources:
+# the build the fp8 benchmarks ran (`kernels.fa3_fp8_attention`). FA3 is not on PyPI.
+#
+#   benchmarks/build_fa3.sh SRC DEST [OBJ]
+#
+# SRC: a flash-attention checkout (hopper/ and csrc/cutlass/include). DEST gets
+# flash_attn_interface.py, flash_attn_config.py and flash_attn_3/ (with _C.abi3.so): put DEST
+# on PYTHONPATH. OBJ: where the CUDA objects go, or already are (the two kernel instantiations
+# take ~10 min each for nvcc; compile them on another machine with the same CUDA major and
+# carry them). Needs nvcc (CUDA 12.3+), g++ and the torch (2.9+) the extension will run under.
+set -euo pipefail
+SRC=$(realpath "$1"); DEST=$(realpath -m "$2"); OBJ=$(realpath -m "${3:-$DEST/obj}")
+H=$SRC/hopper
+mkdir -p "$DEST/flash_attn_3" "$OBJ"
+# Everything but the non-causal forward at head size 128 is left out: the DiT needs no more.
+OFF="BACKWARD SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 VARLEN CLUSTER HDIM64 HDIM96
+     HDIM192 HDIM256 SM8x"
+FLAGS=$(for f in $OFF; do printf -- "-DFLASHATTENTION_DISABLE_%s " "$f"; done)
+FLAGS+="-DFLASH_ATTENTION_DISABLE_HDIMDIFF64 -DFLASH_ATTENTION_DISABLE_HDIMDIFF192"
+CUDA=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
+INC="-I$H -I$SRC/csrc/cutlass/include -I$CUDA/include -I$CUDA/include/cccl"
+for unit in instantiations/flash_fwd_hdim128_e4m3_sm90 instantiations/flash_fwd_hdim128_bf16_sm90 \
+            flash_prepare_scheduler; do
+  o=$OBJ/$(basename "$unit").o
+  [ -s "$o" ] && continue
+  echo "nvcc $unit.cu" >&2
+  # shellcheck disable=SC2086
+  nvcc -c "$H/$unit.cu" -o "$o.tmp" $INC $FLAGS -O3 -std=c++17 --use_fast_math \
+    --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
+    -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED -DCUTLASS_ENABLE_GDC_FOR_SM90 \
+    -DCUTLASS_DEBUG_TRACE_LEVEL=0 -DNDEBUG -gencode arch=compute_90a,code=sm_90a -Xcompiler -fPIC
+  mv "$o.tmp" "$o"
+done
+read -r TORCH PYINC < <(python3 -c "import sysconfig, torch, os; \
+print(os.path.dirname(torch.__file__), sysconfig.get_paths()['include'])")
+echo "g++ flash_api_stable.cpp, link" >&2
+# shellcheck disable=SC2086
+g++ -shared -fPIC -O3 -std=c++17 -DPy_LIMITED_API=0x03090000 -DUSE_CUDA \
+  -DTORCH_TARGET_VERSION=0x0209000000000000 $FLAGS $INC -I"$TORCH/include" -I"$PYINC" \
+  "$H/flash_api_stable.cpp" "$OBJ"/*.o -o "$DEST/flash_attn_3/_C.abi3.so" \
+  -L"$TORCH/lib" -ltorch -ltorch_cpu -ltorch_cuda -lc10 -lc10_cuda \
+  -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$TORCH/lib"
+cp "$H/flash_attn_interface.py" "$DEST/"
+cp "$H/flash_attn_3/__init__.py" "$H/flash_attn_3/flash_attn_config.py" "$DEST/flash_attn_3/"
+python3 - "$DEST/flash_attn_config.py" $OFF <<'EOF'
+import sys
+off = set(sys.argv[2:])
+names = ["BACKWARD", "SPLIT", "PAGEDKV", "APPENDKV", "LOCAL", "SOFTCAP", "PACKGQA", "FP16", "FP8",
+         "VARLEN", "CLUSTER", "HDIM64", "HDIM96", "HDIM128", "HDIM192", "HDIM256", "SM8x"]
+flags = {f"FLASHATTENTION_DISABLE_{n}": n in off for n in names}
+flags.update({"FLASHATTENTION_ENABLE_VCOLMAJOR": False, "FLASH_ATTENTION_DISABLE_HDIMDIFF64": True,
+              "FLASH_ATTENTION_DISABLE_HDIMDIFF192": True})
+with open(sys.argv[1], "w") as f:
+    f.write(f"CONFIG = {{'build_flags': {flags!r}}}\n")
+EOF
+echo "built: $DEST" >&2
