@@ -87,6 +87,13 @@ def quantize_rows(x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, t
     return (quantize_rows_fused if fused else _quantize_rows)(x, _limit(x.device))
 
 
+# Whether the e4m3 GEMMs accumulate in the tensor cores' own precision (``use_fast_accum``)
+# rather than promoting to float32 along K: on an H200 at 480p/93's shapes 0.88-0.94x the time,
+# 2.1-3.0e-3 from float32 products of the same operands instead of 1.7e-3, against ~3.7e-2 for
+# quantizing them (benchmarks/results/fp8_attention.md, benchmarks/fp8_gemm.py).
+FAST_ACCUM = True
+
+
 def scaled_mm_ok(in_features: int, out_features: int) -> bool:
     """Whether ``torch._scaled_mm`` takes these sizes (both multiples of 16)."""
     return in_features % 16 == 0 and out_features % 16 == 0
@@ -136,7 +143,7 @@ def linear(x: torch.Tensor | Rows, weight: torch.Tensor, scale: torch.Tensor,
     if xq.is_cuda and rows.dtype == torch.bfloat16 and scaled_mm_ok(in_features, out_features):
         y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale.float().view(1, -1),
                              bias=None if bias is None else bias.to(rows.dtype),
-                             out_dtype=rows.dtype)
+                             out_dtype=rows.dtype, use_fast_accum=FAST_ACCUM)
     else:
         y = F.linear(xq.float() * sx, dequantize_weight(weight, scale),
                      None if bias is None else bias.float()).to(rows.dtype)
