@@ -17,8 +17,8 @@ Each run is a fresh process:
     fp8 kernel where NVIDIA's frontend is installed, else ours);
   - `fp8+te` (also ``--offload text-encoder``);
   - `fp8-bf16attn` (``--fp8-attention off``: the GEMMs only);
-  - `fp8-triton`: dense attention by our Triton fp8 kernel (``fp8_attention.DENSE_KERNELS``
-    set before the CLI starts; the CLI has no option for it).
+  - `fp8-triton`, `fp8-cudnn`, `fp8-fa3`: dense attention by that fp8 kernel alone
+    (``fp8_attention.DENSE_KERNELS`` set before the CLI starts; the CLI has no option for it).
 
   Timings, peak memory and the attention kernels used come from the sidecar.
   ``triton_cache_entries_added`` counts what the run added to Triton's on-disk cache: a run
@@ -56,10 +56,12 @@ PROMPT = ("In a realistic photography style, a white boy around seven or eight y
 OURS = {"bf16": [], "fp8": ["--precision", "fp8"],
         "fp8+te": ["--precision", "fp8", "--offload", "text-encoder"],
         "fp8-bf16attn": ["--precision", "fp8", "--fp8-attention", "off"],
-        "fp8-triton": ["--precision", "fp8"]}
+        "fp8-triton": ["--precision", "fp8"], "fp8-cudnn": ["--precision", "fp8"],
+        "fp8-fa3": ["--precision", "fp8"]}
 # Python run before the CLI, per setting
-PREAMBLE = {"fp8-triton": "from longcat_tools.kernels import fp8_attention as f; "
-                          "f.DENSE_KERNELS[:] = ['triton']"}
+PREAMBLE = {f"fp8-{kernel}": "from longcat_tools.kernels import fp8_attention as f; "
+                             f"f.DENSE_KERNELS[:] = [{kernel!r}]"
+            for kernel in ("triton", "cudnn", "fa3")}
 # issue #21: total time as a fraction of the original's
 TARGETS = {"bf16": 0.75, "fp8": 0.55}
 

@@ -15,9 +15,16 @@ Order of work, to bound GPU memory:
 3. ours timed per shape (fast path);
 4. an fp32 copy of ours, for the reference outputs, then freed (the bf16 one waits on the host);
 5. ours converted in place by ``to_fp8`` and timed with the default fp8 attention
-   (``kernels.fp8_attention``: dense by cuDNN's kernel where installed, else ours; BSA by ours);
-6. on a GPU, the same with attention in bf16, and with dense attention by our Triton fp8
-   kernel (dense shapes): ``FP8_VARIANTS``.
+   (``kernels.fp8_attention``: dense by FlashAttention-3's or cuDNN's kernel where installed,
+   else ours; BSA by ours);
+6. on a GPU, the same with attention in bf16, with dense attention by one kernel each (dense
+   shapes), with the glue writing bf16 and with float32 accumulation: ``FP8_VARIANTS``
+   (``--fp8-variants`` picks).
+
+Where FlashAttention-3 is installed, ours takes dense attention through it (``kernels.fa3``),
+the original through cuDNN's SDPA as issue #21 sets; "ours bf16, sdpa" is ours without FA3.
+(The original's own ``enable_flashattn3`` path unpacks ``flash_attn_func``'s result as FA3's
+betas returned it, a tuple; today's FA3 returns the output alone.)
 
 The timestep is 632 (``dit_forward.inputs``), a bf16 value: the DiT rounds timesteps to its
 dtype, as the original does, so the former 631 reached a bf16 model as 632 and the fp32 one as
@@ -35,6 +42,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -43,6 +51,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,17 +62,33 @@ sys.path.insert(0, str(HERE))
 
 from dit_forward import SHAPES, SMALL_SHAPES, build, inputs, rel, time_forward  # noqa: E402
 
+from longcat_tools.kernels import fa3  # noqa: E402
+from longcat_tools.kernels import fp8 as fp8_kernels  # noqa: E402
 from longcat_tools.runner import fast_ops  # noqa: E402
 from longcat_tools.synth import dit_config  # noqa: E402
 
-# ours in fp8: which attention kind also runs quantized (the model's ``fp8_attention``: None, the
-# default kinds; "off", none), and for dense, which kernels it may take
-# (``fp8_attention.DENSE_KERNELS``; None, the default's). A variant with one kind runs only on
-# the shapes that use it (the BSA shapes attend sparsely throughout). The default quantizes
-# both kinds, so "bf16 attn" is the BSA shapes' fp8 forward with the BSA in bf16.
-FP8_VARIANTS = {"ours fp8": (None, None), "ours fp8, bf16 attn": ("off", None),
-                "ours fp8+dense attn triton": ("dense", ["triton"]),
-                "ours fp8, glue writes bf16": (None, None)}  # fast_ops.E4M3_GLUE off
+
+class Fp8Variant(NamedTuple):
+    """One fp8 row: which attention kind also runs quantized (the model's ``fp8_attention``:
+    None, the default kinds; "off", none), which kernels a dense call may take
+    (``fp8_attention.DENSE_KERNELS``; None, the default's), whether the glue writes the GEMM
+    inputs in e4m3 (``fast_ops.E4M3_GLUE``) and whether the GEMMs accumulate fast
+    (``kernels.fp8.FAST_ACCUM``). A variant with one kind runs only on the shapes that use it
+    (the BSA shapes attend sparsely throughout)."""
+
+    kind: str | None = None
+    kernels: list[str] | None = None
+    e4m3_glue: bool = True
+    fast_accum: bool = True
+
+
+# The default quantizes both kinds, so "bf16 attn" is the BSA shapes' fp8 forward with the BSA
+# in bf16.
+FP8_VARIANTS = {"ours fp8": Fp8Variant(), "ours fp8, bf16 attn": Fp8Variant("off"),
+                "ours fp8+dense attn triton": Fp8Variant("dense", ["triton"]),
+                "ours fp8+dense attn cudnn": Fp8Variant("dense", ["cudnn"]),
+                "ours fp8, glue writes bf16": Fp8Variant(e4m3_glue=False),
+                "ours fp8, fp32 accumulation": Fp8Variant(fast_accum=False)}
 TARGETS = {  # issue #21: time ratio to the original on one GPU, same weights
     **{("480p/93 dense", v): 0.45 for v in FP8_VARIANTS},
     **{("720p refine/93 BSA 0.9375", v): 0.40 for v in FP8_VARIANTS},
@@ -73,15 +98,27 @@ BSA = {"sparsity": 0.9375, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4],
        "chunk_3d_shape_k": [4, 4, 4]}
 
 
+@contextlib.contextmanager
+def without_fa3():
+    """Dense attention as where FlashAttention-3 is not installed."""
+    saved = fa3.build
+    fa3.build = lambda: fa3.Build(None, frozenset(), frozenset())
+    try:
+        yield
+    finally:
+        fa3.build = saved
+
+
 def flash_attn_standin() -> types.ModuleType:
-    """``flash_attn`` for the original, on SDPA (cuDNN first on Hopper, as ours uses)."""
-    from longcat_tools.kernels.dense import attention
+    """``flash_attn`` for the original, on PyTorch's SDPA with cuDNN's backend first on Hopper
+    (``kernels.dense.sdpa``, ours where FlashAttention-3 is not installed)."""
+    from longcat_tools.kernels.dense import sdpa
 
     mod = types.ModuleType("flash_attn")
 
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, **_):
         assert softmax_scale in (None, q.shape[-1] ** -0.5), softmax_scale
-        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale=None, **_):
@@ -152,8 +189,13 @@ def main() -> None:
                          "triton_bsa.FWD_CONFIG settings, e.g. 'kv_passes=1;kv_passes=3'")
     ap.add_argument("--fp32-shapes", default="480p/93 dense",
                     help="shapes given an fp32 reference forward (slow: about 10x bf16)")
+    ap.add_argument("--fp8-variants", default=";".join(FP8_VARIANTS),
+                    help=f"the fp8 rows to run, ';'-separated (of: {'; '.join(FP8_VARIANTS)})")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     a = ap.parse_args()
+    fp8_variants = [v.strip() for v in a.fp8_variants.split(";") if v.strip()]
+    if set(fp8_variants) - set(FP8_VARIANTS):
+        ap.error(f"--fp8-variants: no variant {', '.join(set(fp8_variants) - set(FP8_VARIANTS))}")
     try:
         bsa_variants = parse_bsa_variants(a.bsa_variants)
     except ValueError as e:
@@ -231,6 +273,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     ours.enable_fast_ops(device == "cuda")
     timed(ours, "ours bf16", ours_bsa)
+    if device == "cuda" and fa3.build().func is not None:  # dense by cuDNN's SDPA instead
+        with without_fa3():
+            timed(ours, "ours bf16, sdpa", ours_bsa,
+                  only=[shape for shape, (_, bsa) in shapes.items() if not bsa])
     for variant in bsa_variants if device == "cuda" else []:
         from longcat_tools.kernels import triton_bsa  # the BSA forward's settings, one row each
 
@@ -261,20 +307,21 @@ def main() -> None:
     from longcat_tools.kernels import fp8_attention
 
     saved = list(fp8_attention.DENSE_KERNELS)
-    for variant, (kind, kernels) in FP8_VARIANTS.items():
+    for variant in fp8_variants:
+        kind, kernels, glue, fast_accum = FP8_VARIANTS[variant]
         if kind is not None and device != "cuda":
             continue
         ours.fp8_attention = None if kind is None else frozenset({kind} - {"off"})
         fp8_attention.DENSE_KERNELS[:] = kernels or saved
         fp8_attention.CALLS.clear()
-        fast_ops.E4M3_GLUE = "glue writes bf16" not in variant
+        fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = glue, fast_accum
         one_kind = kind in fp8_attention.KINDS
         try:
             timed(ours, variant, ours_bsa, only=None if not one_kind else
                   [shape for shape, (_, bsa) in shapes.items() if bsa == (kind == "bsa")])
         finally:
             fp8_attention.DENSE_KERNELS[:] = saved
-            fast_ops.E4M3_GLUE = True
+            fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = True, True
         for row in rows:  # which kernel took the quantized calls, if any did
             if row["variant"] == variant:
                 row["quantized_calls"] = dict(fp8_attention.CALLS)
