@@ -10,14 +10,14 @@
 # take ~10 min each for nvcc; compile them on another machine with the same CUDA major and
 # carry them). Needs nvcc (CUDA 12.3+), g++ and the torch (2.9+) the extension will run under.
 set -euo pipefail
+if [ $# -lt 2 ]; then echo "usage: $0 SRC DEST [OBJ]" >&2; exit 2; fi
 SRC=$(realpath "$1"); DEST=$(realpath -m "$2"); OBJ=$(realpath -m "${3:-$DEST/obj}")
 H=$SRC/hopper
 mkdir -p "$DEST/flash_attn_3" "$OBJ"
 # Everything but the non-causal forward at head size 128 is left out: the DiT needs no more.
 OFF="BACKWARD SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 VARLEN CLUSTER HDIM64 HDIM96
-     HDIM192 HDIM256 SM8x"
+     HDIM192 HDIM256 SM8x HDIMDIFF64 HDIMDIFF192"
 FLAGS=$(for f in $OFF; do printf -- "-DFLASHATTENTION_DISABLE_%s " "$f"; done)
-FLAGS+="-DFLASH_ATTENTION_DISABLE_HDIMDIFF64 -DFLASH_ATTENTION_DISABLE_HDIMDIFF192"
 CUDA=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
 INC="-I$H -I$SRC/csrc/cutlass/include -I$CUDA/include -I$CUDA/include/cccl"
 for unit in instantiations/flash_fwd_hdim128_e4m3_sm90 instantiations/flash_fwd_hdim128_bf16_sm90 \
@@ -26,7 +26,7 @@ for unit in instantiations/flash_fwd_hdim128_e4m3_sm90 instantiations/flash_fwd_
   [ -s "$o" ] && continue
   echo "nvcc $unit.cu" >&2
   # shellcheck disable=SC2086
-  nvcc -c "$H/$unit.cu" -o "$o.tmp" $INC $FLAGS -O3 -std=c++17 --use_fast_math \
+  "$CUDA/bin/nvcc" -c "$H/$unit.cu" -o "$o.tmp" $INC $FLAGS -O3 -std=c++17 --use_fast_math \
     --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
     -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED -DCUTLASS_ENABLE_GDC_FOR_SM90 \
@@ -39,7 +39,8 @@ echo "g++ flash_api_stable.cpp, link" >&2
 # shellcheck disable=SC2086
 g++ -shared -fPIC -O3 -std=c++17 -DPy_LIMITED_API=0x03090000 -DUSE_CUDA \
   -DTORCH_TARGET_VERSION=0x0209000000000000 $FLAGS $INC -I"$TORCH/include" -I"$PYINC" \
-  "$H/flash_api_stable.cpp" "$OBJ"/*.o -o "$DEST/flash_attn_3/_C.abi3.so" \
+  "$H/flash_api_stable.cpp" "$OBJ"/flash_fwd_hdim128_{e4m3,bf16}_sm90.o \
+  "$OBJ"/flash_prepare_scheduler.o -o "$DEST/flash_attn_3/_C.abi3.so" \
   -L"$TORCH/lib" -ltorch -ltorch_cpu -ltorch_cuda -lc10 -lc10_cuda \
   -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$TORCH/lib"
 cp "$H/flash_attn_interface.py" "$DEST/"

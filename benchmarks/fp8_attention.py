@@ -64,10 +64,10 @@ def measure(name: str, S: int, heads: int, D: int, device: str, err_heads: int) 
     flop = 4 * S * S * D * heads
     h = slice(0, err_heads)
     exact = F.scaled_dot_product_attention(q[:, h].float(), k[:, h].float(), v[:, h].float())
-    bf16_ms = bench_ms(lambda: dense.attention(q, k, v), device)
+    bf16_ms = bench_ms(lambda: dense.sdpa(q, k, v), device)
     row = {"shape": name, "tokens": S, "heads": heads, "head_dim": D,
            "bf16_sdpa_ms": round(bf16_ms, 3), "bf16_tflops": round(flop / bf16_ms / 1e9, 1),
-           "bf16_rel_err_vs_fp32": rel(dense.attention(q[:, h], k[:, h], v[:, h]), exact),
+           "bf16_rel_err_vs_fp32": rel(dense.sdpa(q[:, h], k[:, h], v[:, h]), exact),
            "reference_rel_err_vs_fp32": rel(ref.reference(q[:, h], k[:, h], v[:, h]), exact)
            if S <= 40000 else None}  # the reference holds the whole score matrix
     if device == "cpu":
@@ -136,10 +136,11 @@ def fa3(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: str,
     """FlashAttention-3, where built (``flash_attn_interface``): its FP8 forward through
     ``kernels.fa3_fp8_attention`` (cuDNN's per-tensor recipe and passes; time with them), and
     its bf16 forward on the same views (a candidate for the bf16 path)."""
+    from longcat_tools.kernels import fa3 as fa3_build
     from longcat_tools.kernels import fa3_fp8_attention as A
     from longcat_tools.kernels import fp8_attention as ref
 
-    func = A._flash_attn_func()[0]
+    func = fa3_build.build().func
     if func is None:
         return {}
     import importlib.metadata

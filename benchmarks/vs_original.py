@@ -307,6 +307,7 @@ def main() -> None:
     from longcat_tools.kernels import fp8_attention
 
     saved = list(fp8_attention.DENSE_KERNELS)
+    defaults = fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM
     for variant in fp8_variants:
         kind, kernels, glue, fast_accum = FP8_VARIANTS[variant]
         if kind is not None and device != "cuda":
@@ -321,7 +322,7 @@ def main() -> None:
                   [shape for shape, (_, bsa) in shapes.items() if bsa == (kind == "bsa")])
         finally:
             fp8_attention.DENSE_KERNELS[:] = saved
-            fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = True, True
+            fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = defaults
         for row in rows:  # which kernel took the quantized calls, if any did
             if row["variant"] == variant:
                 row["quantized_calls"] = dict(fp8_attention.CALLS)

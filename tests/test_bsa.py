@@ -412,7 +412,7 @@ def test_status_reports_path_and_warnings(ckpt, capsys):
     assert main(["bsa", "status", "--json", "-m", str(ckpt)]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["layout"] == "native" and st["enable_bsa"] is False and st["attention"] == \
-        "dense SDPA"
+        "dense attention"
     assert st["preset"] is None and "720p-balanced" in st["params_match"]
     assert any("enable_flashattn2" in n for n in st["notes"]) and st["warnings"] == []
 
@@ -432,14 +432,14 @@ def test_status_reports_path_and_warnings(ckpt, capsys):
     st = bsa.status(layouts.detect(ckpt))
     assert st["preset"] == "720p-quality" and st["mode"] == "top-k" and st["warnings"] == []
     assert st["attention"].startswith("BSA (sparsity 0.875 (keeps 12.5% of key chunks)")
-    assert st["attention"].endswith("more than one latent frame; dense SDPA otherwise")
+    assert st["attention"].endswith("more than one latent frame; dense attention otherwise")
     cdf_only = {**TABLE["720p-quality"][1], "sparsity": None, "cdf_threshold": 0.9}
     write_json(path, {**cfg, "enable_bsa": True, "bsa_params": cdf_only})
     st = bsa.status(layouts.detect(ckpt))
     assert st["mode"] == "cdf" and any("cdf-only mode" in n for n in st["notes"])
     write_json(path, {**cfg, "enable_bsa": False, "bsa_params": None})
     st = bsa.status(layouts.detect(ckpt))
-    assert st["preset"] == "480p" and st["attention"] == "dense SDPA"
+    assert st["preset"] == "480p" and st["attention"] == "dense attention"
 
 
 def test_presets_command_lists_every_preset(capsys):

@@ -79,7 +79,7 @@ def test_value_scales_are_the_channel_amax_over_448():
 def test_dense_attention_quantizes_only_on_a_gpu():
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, 64, 32))
     assert fa.default_kinds() == frozenset({"dense", "bsa"})  # measured on an H100
-    assert fa.DENSE_KERNELS == ["fa3", "cudnn", "triton"]  # measured on an H100 and an H200
+    assert fa.DENSE_KERNELS == ["fa3", "cudnn", "triton"]  # cuDNN's on an H100, FA3's on an H200
     assert not fa.use(q)  # a CPU tensor
     assert torch.equal(dense.attention(q, k, v, fp8=True), dense.attention(q, k, v))
 
@@ -126,7 +126,6 @@ def test_the_per_tensor_recipe_lands_a_few_percent_from_fp32():
     assert _rel(shifted, exact) < 1.2 * err
 
 
-
 def test_reference_per_tensor_rounds_p_at_the_scale_given():
     """FA3 rounds p as e4m3 of ``p * 256``, cuDNN of ``p * 448``: different bits, both about as
     close to fp32."""
@@ -156,15 +155,16 @@ def test_fa3_is_read_from_its_build_flags(monkeypatch):
 
     try:
         b = installed(FP8=False, FP16=True, HDIM64=True, HDIM96=True, HDIM192=True,
-                      HDIM256=True)
-        assert b.func is not None and b.head_dims == {128}
+                      HDIM256=True, BACKWARD=True)
+        assert b.func is not None and b.head_dims == {128} and not b.backward
         assert b.dtypes == {torch.bfloat16, torch.float8_e4m3fn}
         b = installed(FP8=True)
         assert b.head_dims == set(fa3.HEAD_DIMS) and torch.float8_e4m3fn not in b.dtypes
+        assert b.backward
         assert not fa3.covers(torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16))  # CPU
         monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # not installed
         fa3.build.cache_clear()
-        assert fa3.build() == (None, frozenset(), frozenset())
+        assert fa3.build() == fa3.Build(None, frozenset(), frozenset())
         assert not fa3_fp8_attention.supported(torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16))
     finally:
         fa3.build.cache_clear()

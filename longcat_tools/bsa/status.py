@@ -50,8 +50,8 @@ def attention_path(cfg: dict[str, Any]) -> str:
             return ("none: enable_bsa is true but bsa_params is "
                     f"{'null' if cfg.get('bsa_params') is None else 'invalid'} (see the warning)")
         return (f"BSA ({describe_params(params)}) for videos with more than one latent frame; "
-                "dense SDPA otherwise")
-    return "dense SDPA"
+                "dense attention otherwise")
+    return "dense attention"
 
 
 def matching_presets(cfg: dict[str, Any]) -> list[str]:

@@ -1,7 +1,7 @@
 """Dense attention through the fastest kernel available.
 
-FlashAttention-3, where installed, goes first on Hopper (``kernels.fa3``: 0.83x cuDNN's time in
-bf16 at 480p/93 on an H200). Then PyTorch's SDPA: there cuDNN's fused attention ran 1.8x faster
+FlashAttention-3, where installed, goes first on Hopper (``kernels.fa3``: faster than cuDNN's, at
+the same error). Then PyTorch's SDPA: there cuDNN's fused attention ran 1.8x faster
 than the default flash backend (bf16, D=128, long video sequences), so it goes first.
 ``sdpa_kernel(..., set_priority=True)`` skips a backend whose input checks fail (CPU, fp32, odd
 head sizes); a backend that passes the checks but still fails at run time is remembered and

@@ -2,8 +2,7 @@
 
 Why FA3: at D = 128 an fp8 attention gains only if the softmax's exponentials run beside the
 e4m3 GEMMs; FA3's two warp groups take turns (ping-pong) and issue the next tile's Q K^T during
-this tile's softmax. On an H200 at 480p/93 it took 0.89x cuDNN's FP8 SDPA's time, passes
-included (``benchmarks/results/fp8_attention.md``).
+this tile's softmax, faster than cuDNN's FP8 SDPA (``kernels.fa3``).
 
 The recipe is ``cudnn_fp8_attention``'s, by the same passes (``quantize``): q, and k and v less
 their means, as e4m3 with one float32 scale per tensor, which FA3 takes as descales per
@@ -39,6 +38,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v: bf16/fp16 ``[B, H, S, D]`` views (e.g. of the qkv projection)."""
     from .cudnn_fp8_attention import quantize, scale_cast, token_major  # Triton: CUDA only
 
+    if fa3.refused(q, k, torch.float8_e4m3fn):  # before its passes
+        return None
     B, H, Sq, D = q.shape
     with torch.cuda.device(q.device):
         q8, k8, v8, scales, v_mean = quantize(q, k, v)

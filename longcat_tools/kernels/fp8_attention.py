@@ -42,7 +42,7 @@ ENABLED = {kind: kind in fp8_format.ATTENTION_DEFAULT for kind in KINDS}
 # took 2.545 s against 3.068 s with attention in bf16, and a distill step 2.51 s against 2.99 s
 # with ours (benchmarks/results/vs_original.md). Without NVIDIA's frontend
 # (``longcat-tools[fp8]``) cuDNN's does not build and ours runs. FlashAttention-3's FP8
-# forward, where built, runs the same recipe in 0.89x cuDNN's time (H200, 480p/93).
+# forward, where built, runs cuDNN's recipe faster (``kernels.fa3``).
 DENSE_KERNELS = ["fa3", "cudnn", "triton"]
 # warned once: the kinds asked to quantize with no kernel; "cudnn", ours ran for want of its
 # frontend
