@@ -11,6 +11,9 @@ from round to round, so no variant always runs first or last.
 
     git show REV:longcat_tools/kernels/triton_bsa.py > /tmp/base_bsa.py
     PYTHONPATH=. python3 benchmarks/bsa_ab.py --base /tmp/base_bsa.py --out DIR
+
+``--select`` times the select kernel (top-k of the float64 scores) of the two copies instead,
+alternately, and checks that they pick the same chunks.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from bsa_kernel import CHUNK, HEAD_DIM, HEADS, SHAPES, bench, sampled_error, ver
 
 from longcat_tools.kernels import reference as R  # noqa: E402
 from longcat_tools.kernels import triton_bsa as TB  # noqa: E402
+from longcat_tools.model.chunks import kept_per_query  # noqa: E402
 
 # label, fp8, FWD_CONFIG overrides. 255 registers: the compiler's choice (uncapped); pv_fp16
 # 0: P V in bf16, as the DiT runs it. results/bsa_ab_caps_h100.json ran before the caps were
@@ -68,16 +72,55 @@ def load_base(path: Path):
     return module
 
 
+def select_ab(args: argparse.Namespace, base, dev: torch.device) -> list[dict]:
+    """The select kernel of this copy and of ``base`` on the same float64 scores,
+    alternately; their picks must be equal."""
+    rows = []
+    for name in args.shapes.split(","):
+        lat = SHAPES[name]
+        torch.manual_seed(0)
+        q, k = (torch.randn(1, HEADS, math.prod(lat), HEAD_DIM, device=dev,
+                            dtype=torch.bfloat16) for _ in range(2))
+        layout = R.ChunkLayout(lat, CHUNK)
+        score = R.exact_scores(TB.pool(q, layout), TB.pool(k, layout))
+        kmax = kept_per_query(args.sparsity, layout.num_chunks)
+        counts = torch.full(score.shape[:-1], kmax, dtype=torch.int32, device=dev)
+        variants = [("current", TB), (args.base_label, base)]
+        picks = [m.select(score, counts, kmax, torch.bfloat16) for _, m in variants]
+        assert torch.equal(*picks), "the two select kernels picked different chunks"
+        times: dict[str, list[float]] = {label: [] for label, _ in variants}
+        for r in range(args.rounds):
+            for label, module in rotated(variants, r):
+                times[label].append(bench(functools.partial(
+                    module.select, score, counts, kmax, torch.bfloat16), args.rep_ms))
+                print(f"{name} round {r} select {label}: {times[label][-1]:.3f} ms", flush=True)
+        rows += [dict(shape=name, latent=lat, sparsity=args.sparsity, variant=f"select {label}",
+                      ms=statistics.median(t), ms_rounds=t, same_picks=True)
+                 for label, t in times.items()]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="720p,720p-48f")
     ap.add_argument("--sparsity", type=float, default=0.9375)
     ap.add_argument("--base", type=Path, default=None, help="an earlier triton_bsa.py")
+    ap.add_argument("--select", action="store_true", help="the select kernels (needs --base)")
     add_ab_args(ap, rep_ms=150.0)
     args = ap.parse_args()
+    if args.select and args.base is None:
+        ap.error("--select compares with --base")
     dev = torch.device("cuda")
     meta = versions(dev)
     print(json.dumps(meta), flush=True)
+    if args.select:
+        rows = select_ab(args, load_base(args.base), dev)
+        print("\n".join(f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | "
+                        f"{' / '.join(f'{t:.3f}' for t in r['ms_rounds'])} |" for r in rows))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bsa_ab_select.json").write_text(
+            json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        return
     variants = [(label, TB, fp8, cfg) for label, fp8, cfg in VARIANTS]
     if args.base is not None:
         base = load_base(args.base)

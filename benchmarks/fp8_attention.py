@@ -11,6 +11,11 @@ nvidia-cudnn-frontend``): ``kernels.cudnn_fp8_attention``, timed with its scalin
 FlashAttention-3, where built from its sources (``flash_attn_interface``): its FP8 forward
 through ``kernels.fa3_fp8_attention`` and its bf16 forward.
 
+The per-tensor recipe's statistics ("stats": means and scales of q, k and v) are timed alone,
+by ``cudnn_fp8_attention.tensor_scales`` and by the PyTorch reductions it replaced ("stats
+pt", ``fp8_attention.per_tensor_scales``); ``*_torch_stats_ms`` are the passes and FA3's FP8
+call with the latter.
+
 Peer, where installed: SageAttention 1.0.6 (``pip install sageattention==1.0.6``, pure Triton:
 int8 Q K^T per block with K smoothed, fp16 P V), the public kernel of the recipe family ours
 follows, timed and checked the same way.
@@ -119,14 +124,20 @@ def cudnn_fp8(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: st
     plan = C._PLANS[(B, H, S, k.shape[2], D, q.dtype, q.device.index)]
     ms = bench_ms(lambda: C.attention(q, k, v), device)
 
-    def scaling():
-        s_q, s_k, s_v, k_mean, v_mean = ref.per_tensor_scales(q, k, v)
+    def scaling(stats):
+        s_q, s_k, s_v, k_mean, v_mean = stats(q, k, v)
         for x, s, m in ((q, s_q, None), (k, s_k, k_mean), (v, s_v, v_mean)):
             C.scale_cast(x, C.token_major(B, H, S, D, ref.E4M3, q.device), s, m)
 
     return {**row, "cudnn_fp8_ms": round(ms, 3), "cudnn_fp8_vs_bf16": round(ms / bf16_ms, 3),
             "cudnn_fp8_tflops": round(flop / ms / 1e9, 1),
-            "cudnn_fp8_scaling_ms": round(bench_ms(scaling, device), 3),
+            "cudnn_fp8_scaling_ms": round(bench_ms(lambda: scaling(C.tensor_scales), device), 3),
+            # the statistics alone, and the passes with them as PyTorch reductions (before
+            # tensor_scales)
+            "stats_ms": round(bench_ms(lambda: C.tensor_scales(q, k, v), device), 3),
+            "stats_torch_ms": round(bench_ms(lambda: ref.per_tensor_scales(q, k, v), device), 3),
+            "cudnn_fp8_scaling_torch_stats_ms": round(
+                bench_ms(lambda: scaling(ref.per_tensor_scales), device), 3),
             "cudnn_fp8_output": "e4m3" if plan.out_e4m3 else str(q.dtype).split(".")[-1],
             "cudnn_fp8_rel_err_vs_fp32": rel(C.attention(q[:, h], k[:, h], v[:, h]), exact)}
 
@@ -165,6 +176,13 @@ def fa3(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: str,
     got = A.attention(q[:, h], k[:, h], v[:, h])
     row.update(fa3_fp8_ms=round(ms, 3), fa3_fp8_vs_bf16=round(ms / bf16_ms, 3),
                fa3_fp8_tflops=round(flop / ms / 1e9, 1), fa3_fp8_rel_err_vs_fp32=rel(got, exact))
+    from longcat_tools.kernels import cudnn_fp8_attention as C
+
+    fused, C.tensor_scales = C.tensor_scales, ref.per_tensor_scales  # before the fused pass
+    try:
+        row["fa3_fp8_torch_stats_ms"] = round(bench_ms(lambda: A.attention(q, k, v), device), 3)
+    finally:
+        C.tensor_scales = fused
     if q.shape[2] <= 40000:  # the reference holds the whole score matrix
         row["fa3_fp8_rel_err_vs_recipe"] = rel(got, ref.reference_per_tensor(
             q[:, h], k[:, h], v[:, h], p_scale=256.0))
@@ -222,7 +240,8 @@ def main() -> None:
     nan = float("nan")
     print(f"\n{'shape':<9} {'bf16 ms':>8} {'fp8 ms':>8} {'ratio':>6} {'quant ms':>9} "
           f"{'err bf16':>9} {'err fp8':>9} {'cudnn8 ms':>9} {'err cudnn8':>10} {'sage ms':>8} "
-          f"{'err sage':>9} {'fa3 8 ms':>8} {'err fa3 8':>9} {'fa3 bf16':>8}")
+          f"{'err sage':>9} {'fa3 8 ms':>8} {'err fa3 8':>9} {'fa3 bf16':>8} {'stats':>6} "
+          f"{'stats pt':>8}")
     for r in rows:
         print(f"{r['shape']:<9} {r['bf16_sdpa_ms']:>8.2f} {r.get('fp8_ms', nan):>8.2f} "
               f"{r.get('fp8_vs_bf16', nan):>6.3f} {r.get('fp8_quantize_ms', nan):>9.2f} "
@@ -231,7 +250,8 @@ def main() -> None:
               f"{r.get('cudnn_fp8_rel_err_vs_fp32', nan):>10.2e} "
               f"{r.get('sage_ms', nan):>8.2f} {r.get('sage_rel_err_vs_fp32', nan):>9.2e} "
               f"{r.get('fa3_fp8_ms', nan):>8.2f} {r.get('fa3_fp8_rel_err_vs_fp32', nan):>9.2e} "
-              f"{r.get('fa3_bf16_ms', nan):>8.2f}")
+              f"{r.get('fa3_bf16_ms', nan):>8.2f} {r.get('stats_ms', nan):>6.2f} "
+              f"{r.get('stats_torch_ms', nan):>8.2f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fp8_attention.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1)

@@ -200,8 +200,11 @@ def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
     above = (key > kth) & valid
     need = k - tl.sum(above.to(tl.int32), axis=0)
     tie = (key == kth) & valid
-    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
-    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    # one scan for both counts up to n: keys above kth (low 16 bits), ties at kth (high)
+    upto = tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), axis=0)
+    ties_upto = upto >> 16
+    take = above | (tie & (ties_upto <= need))
+    pos = (upto & 0xFFFF) + tl.minimum(ties_upto, need) - 1
     out = IDX + row * stride_irow
     tl.store(out + pos, n, mask=take)
     tl.store(out + n, tl.full([MK_PAD], -1, tl.int32), mask=(n >= k) & (n < KMAX))
