@@ -1,0 +1,74 @@
+"""Our Triton kernels' logic on the CPU, run by Triton's interpreter.
+
+``TRITON_INTERPRET=1 python tests/interpreted_kernels.py CHECK`` (the variable must be set before
+Triton compiles anything, hence a process of its own; ``test_kernels_interpreted.py`` starts
+it). Exit code 0: the check held. Only arithmetic the interpreter does as a GPU does is checked:
+float32 and float64, and the bf16 rounding the kernels do by bits there. The interpreter's e4m3
+and bf16 casts truncate, so the kernels' casts stay with the GPU tests.
+
+- ``selection``: pooling, the float64 scores and the select kernel give the reference's chunks,
+  bit for bit (top-k and CDF, bf16 and fp16, chunks that do and do not divide the latent; many
+  tied scores; counts of zero).
+- ``scales``: the fp8 recipe's statistics pass gives ``fp8_attention.per_tensor_scales``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from longcat_tools.kernels import cudnn_fp8_attention as C
+from longcat_tools.kernels import fp8_attention as F
+from longcat_tools.kernels import reference as R
+from longcat_tools.kernels import triton_bsa as TB
+
+# latent, chunk, sparsity, cdf threshold
+SELECTIONS = [((4, 8, 8), (4, 4, 4), 0.75, None), ((5, 6, 7), (4, 4, 4), 0.5, None),
+              ((4, 8, 8), (2, 4, 4), None, 0.3), ((6, 5, 9), (2, 2, 4), 0.8, 0.2)]
+
+
+def selection() -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        for i, (lat, chunk, sparsity, cdf) in enumerate(SELECTIONS):
+            g = torch.Generator().manual_seed(i)
+            q, k = (torch.randn(1, 2, lat[0] * lat[1] * lat[2], 32, generator=g).to(dtype)
+                    for _ in range(2))
+            layout = R.ChunkLayout(lat, chunk)
+            got = TB.select_chunks(q, k, layout, layout, sparsity, cdf)
+            want = R.select_chunks(q, k, layout, layout, sparsity, cdf)
+            for a, b in zip(got, want, strict=True):
+                assert torch.equal(a, b), (dtype, lat, chunk, sparsity, cdf)
+        g = torch.Generator().manual_seed(7)
+        score = (torch.randn(1, 2, 6, 300, generator=g, dtype=torch.float64) * 4).round() / 4
+        counts = torch.randint(0, 40, (1, 2, 6), generator=g, dtype=torch.int32)
+        counts[0, 0, 0] = 0
+        want = R.select_from_scores(R.round_scores(score, dtype), counts)
+        assert torch.equal(TB.select(score, counts, int(counts.max()), dtype), want), dtype
+
+
+def scales() -> None:
+    C.STATS_CONFIG["slice"] = 128  # several slices a head at these lengths
+    for S, D, dtype in ((1000, 64, torch.bfloat16), (333, 128, torch.float16),
+                        (129, 32, torch.bfloat16)):
+        g = torch.Generator().manual_seed(S)
+        q, k, v = torch.randn(2, S, 3, 3, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
+        k, v = k + 2.0, 3.0 * v - 1.0  # means to smooth away
+        for got, want in zip(C.tensor_scales(q, k, v), F.per_tensor_scales(q, k, v),
+                             strict=True):
+            assert got.shape == want.shape and got.dtype == want.dtype, (S, D)
+            assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max()), (S, D)
+    v = v.clone()
+    v[1, 2, S // 2, 3] = float("nan")
+    assert float(C.tensor_scales(q, k, v)[2]) == float(F.per_tensor_scales(q, k, v)[2]) == 1.0
+    zeros = torch.zeros(1, 2, 50, 32, dtype=torch.bfloat16)
+    assert [float(s) for s in C.tensor_scales(zeros, zeros, zeros)[:3]] == [1.0, 1.0, 1.0]
+
+
+CHECKS = {"selection": selection, "scales": scales}
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1")
+    CHECKS[sys.argv[1]]()
