@@ -72,14 +72,17 @@ class Fp8Variant(NamedTuple):
     """One fp8 row: which attention kind also runs quantized (the model's ``fp8_attention``:
     None, the default kinds; "off", none), which kernels a dense call may take
     (``fp8_attention.DENSE_KERNELS``; None, the default's), whether the glue writes the GEMM
-    inputs in e4m3 (``fast_ops.E4M3_GLUE``) and whether the GEMMs accumulate fast
-    (``kernels.fp8.FAST_ACCUM``). A variant with one kind runs only on the shapes that use it
-    (the BSA shapes attend sparsely throughout)."""
+    inputs in e4m3 (``fast_ops.E4M3_GLUE``), whether the GEMMs accumulate fast
+    (``kernels.fp8.FAST_ACCUM``) and whether the dense fp8 attention's per-tensor statistics
+    run as PyTorch reductions (``fp8_attention.per_tensor_scales``, as before session 21)
+    instead of ``cudnn_fp8_attention.tensor_scales``. A variant with one kind runs only on the
+    shapes that use it (the BSA shapes attend sparsely throughout)."""
 
     kind: str | None = None
     kernels: list[str] | None = None
     e4m3_glue: bool = True
     fast_accum: bool = True
+    torch_stats: bool = False
 
 
 # The default quantizes both kinds, so "bf16 attn" is the BSA shapes' fp8 forward with the BSA
@@ -88,7 +91,8 @@ FP8_VARIANTS = {"ours fp8": Fp8Variant(), "ours fp8, bf16 attn": Fp8Variant("off
                 "ours fp8+dense attn triton": Fp8Variant("dense", ["triton"]),
                 "ours fp8+dense attn cudnn": Fp8Variant("dense", ["cudnn"]),
                 "ours fp8, glue writes bf16": Fp8Variant(e4m3_glue=False),
-                "ours fp8, fp32 accumulation": Fp8Variant(fast_accum=False)}
+                "ours fp8, fp32 accumulation": Fp8Variant(fast_accum=False),
+                "ours fp8, statistics by PyTorch": Fp8Variant(torch_stats=True)}
 TARGETS = {  # issue #21: time ratio to the original on one GPU, same weights
     **{("480p/93 dense", v): 0.45 for v in FP8_VARIANTS},
     **{("720p refine/93 BSA 0.9375", v): 0.40 for v in FP8_VARIANTS},
@@ -107,6 +111,23 @@ def without_fa3():
         yield
     finally:
         fa3.build = saved
+
+
+@contextlib.contextmanager
+def torch_statistics(on: bool):
+    """With ``on``, the per-tensor fp8 recipe's statistics as PyTorch reductions, as before
+    ``cudnn_fp8_attention.tensor_scales`` (CUDA only)."""
+    if not on:
+        yield
+        return
+    from longcat_tools.kernels import cudnn_fp8_attention as C
+    from longcat_tools.kernels import fp8_attention
+
+    saved, C.tensor_scales = C.tensor_scales, fp8_attention.per_tensor_scales
+    try:
+        yield
+    finally:
+        C.tensor_scales = saved
 
 
 def flash_attn_standin() -> types.ModuleType:
@@ -309,20 +330,21 @@ def main() -> None:
     saved = list(fp8_attention.DENSE_KERNELS)
     defaults = fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM
     for variant in fp8_variants:
-        kind, kernels, glue, fast_accum = FP8_VARIANTS[variant]
-        if kind is not None and device != "cuda":
+        kind, kernels, glue, fast_accum, torch_stats = FP8_VARIANTS[variant]
+        if (kind is not None or torch_stats) and device != "cuda":
             continue
         ours.fp8_attention = None if kind is None else frozenset({kind} - {"off"})
         fp8_attention.DENSE_KERNELS[:] = kernels or saved
         fp8_attention.CALLS.clear()
         fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = glue, fast_accum
         one_kind = kind in fp8_attention.KINDS
-        try:
-            timed(ours, variant, ours_bsa, only=None if not one_kind else
-                  [shape for shape, (_, bsa) in shapes.items() if bsa == (kind == "bsa")])
-        finally:
-            fp8_attention.DENSE_KERNELS[:] = saved
-            fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = defaults
+        with torch_statistics(torch_stats):
+            try:
+                timed(ours, variant, ours_bsa, only=None if not one_kind else
+                      [shape for shape, (_, bsa) in shapes.items() if bsa == (kind == "bsa")])
+            finally:
+                fp8_attention.DENSE_KERNELS[:] = saved
+                fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = defaults
         for row in rows:  # which kernel took the quantized calls, if any did
             if row["variant"] == variant:
                 row["quantized_calls"] = dict(fp8_attention.CALLS)
