@@ -108,10 +108,10 @@ def tensor_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor]:
     """``fp8_attention.per_tensor_scales`` in one read of each tensor (``[B, H, S, D]`` views
-    with unit stride along D) and five launches; the means are float32 sums in another order,
-    so they may differ from PyTorch's in the last bits."""
+    with unit stride along D), two Triton launches a tensor; the means are float32 sums in
+    another order, so they may differ from PyTorch's in the last bits."""
     B, H, S, D = q.shape
-    means = torch.empty(2, B, H, D, dtype=torch.float32, device=q.device)
+    means = torch.empty(3, B, H, D, dtype=torch.float32, device=q.device)  # q's: unused
     amax = torch.empty(3, B * H, dtype=torch.float32, device=q.device)
     for i, x in enumerate((q, k, v)):
         Sx = x.shape[2]
@@ -120,12 +120,12 @@ def tensor_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         _column_stats_kernel[(slices, B * H)](x, *stats, *x.stride()[:3], H, Sx,
                                               STATS_CONFIG["slice"], STATS_CONFIG["block"], D,
                                               num_warps=STATS_CONFIG["num_warps"])
-        _tensor_scales_kernel[(B * H,)](*stats, means[max(i - 1, 0)], amax[i], Sx, slices,
+        _tensor_scales_kernel[(B * H,)](*stats, means[i], amax[i], Sx, slices,
                                         B * H, triton.next_power_of_2(slices), i > 0,
                                         min(16, triton.next_power_of_2(slices)), D, num_warps=4)
     top = amax.amax(dim=1)
     s_q, s_k, s_v = torch.where(top > 0, top / E4M3_MAX, 1.0).unbind()
-    return s_q, s_k, s_v, means[0], means[1]
+    return s_q, s_k, s_v, means[1], means[2]
 
 
 @triton.jit
