@@ -12,9 +12,9 @@ FlashAttention-3, where built from its sources (``flash_attn_interface``): its F
 through ``kernels.fa3_fp8_attention`` and its bf16 forward.
 
 The per-tensor recipe's statistics ("stats": means and scales of q, k and v) are timed alone,
-by ``cudnn_fp8_attention.tensor_scales`` and by the PyTorch reductions it replaced ("stats
-pt", ``fp8_attention.per_tensor_scales``); ``*_torch_stats_ms`` are the passes and FA3's FP8
-call with the latter.
+by ``column_stats.tensor_scales`` and by the PyTorch reductions it replaced ("stats pt",
+``fp8_attention.per_tensor_scales``); ``*_torch_stats_ms`` are the passes and FA3's FP8 call
+with the latter (``torch_statistics``).
 
 Peer, where installed: SageAttention 1.0.6 (``pip install sageattention==1.0.6``, pure Triton:
 int8 Q K^T per block with K smoothed, fp16 P V), the public kernel of the recipe family ours
@@ -29,6 +29,7 @@ unit-variance q, k, v (the hard case: little signal survives the average).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -56,6 +57,29 @@ def bench_ms(fn, device: str) -> float:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@contextlib.contextmanager
+def torch_statistics(on: bool = True):
+    """With ``on``, every fp8 path's statistics as the PyTorch reductions of
+    ``fp8_attention`` (as before ``kernels.column_stats``; CUDA only)."""
+    if not on:
+        yield
+        return
+    from longcat_tools.kernels import cudnn_fp8_attention, triton_bsa, triton_fp8_attention
+    from longcat_tools.kernels import fp8_attention as ref
+
+    patches = [(cudnn_fp8_attention, "tensor_scales", ref.per_tensor_scales)]
+    patches += [(m, n, getattr(ref, n)) for m in (triton_bsa, triton_fp8_attention)
+                for n in ("key_mean", "value_scales")]
+    saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
+    try:
+        for m, n, f in patches:
+            setattr(m, n, f)
+        yield
+    finally:
+        for m, n, f in saved:
+            setattr(m, n, f)
 
 
 def measure(name: str, S: int, heads: int, D: int, device: str, err_heads: int) -> dict:
@@ -112,6 +136,7 @@ def cudnn_fp8(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: st
     ``cudnn`` frontend is installed: time (scaling passes included), their part, the error."""
     from longcat_tools.kernels import cudnn_fp8_attention as C
     from longcat_tools.kernels import fp8_attention as ref
+    from longcat_tools.kernels.column_stats import tensor_scales
 
     if not C.supported(q):
         return {}
@@ -131,10 +156,10 @@ def cudnn_fp8(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: st
 
     return {**row, "cudnn_fp8_ms": round(ms, 3), "cudnn_fp8_vs_bf16": round(ms / bf16_ms, 3),
             "cudnn_fp8_tflops": round(flop / ms / 1e9, 1),
-            "cudnn_fp8_scaling_ms": round(bench_ms(lambda: scaling(C.tensor_scales), device), 3),
+            "cudnn_fp8_scaling_ms": round(bench_ms(lambda: scaling(tensor_scales), device), 3),
             # the statistics alone, and the passes with them as PyTorch reductions (before
-            # tensor_scales)
-            "stats_ms": round(bench_ms(lambda: C.tensor_scales(q, k, v), device), 3),
+            # column_stats)
+            "stats_ms": round(bench_ms(lambda: tensor_scales(q, k, v), device), 3),
             "stats_torch_ms": round(bench_ms(lambda: ref.per_tensor_scales(q, k, v), device), 3),
             "cudnn_fp8_scaling_torch_stats_ms": round(
                 bench_ms(lambda: scaling(ref.per_tensor_scales), device), 3),
@@ -176,13 +201,8 @@ def fa3(q, k, v, h: slice, exact: torch.Tensor, bf16_ms: float, device: str,
     got = A.attention(q[:, h], k[:, h], v[:, h])
     row.update(fa3_fp8_ms=round(ms, 3), fa3_fp8_vs_bf16=round(ms / bf16_ms, 3),
                fa3_fp8_tflops=round(flop / ms / 1e9, 1), fa3_fp8_rel_err_vs_fp32=rel(got, exact))
-    from longcat_tools.kernels import cudnn_fp8_attention as C
-
-    fused, C.tensor_scales = C.tensor_scales, ref.per_tensor_scales  # before the fused pass
-    try:
+    with torch_statistics():
         row["fa3_fp8_torch_stats_ms"] = round(bench_ms(lambda: A.attention(q, k, v), device), 3)
-    finally:
-        C.tensor_scales = fused
     if q.shape[2] <= 40000:  # the reference holds the whole score matrix
         row["fa3_fp8_rel_err_vs_recipe"] = rel(got, ref.reference_per_tensor(
             q[:, h], k[:, h], v[:, h], p_scale=256.0))

@@ -161,12 +161,12 @@ def main() -> None:
                                           "stride_srow": "i64", "stride_irow": "i64"},
                                          dict(MK_PAD=2048, LOW_BIT=16, DTYPE=tl.bfloat16),
                                          num_warps=4)))
-    from longcat_tools.kernels import cudnn_fp8_attention as C
+    from longcat_tools.kernels import column_stats as CS
 
-    stats = C.STATS_CONFIG
-    rows.append(dict(kernel="column stats (fp8 scales)", copy="current",
+    stats = CS.STATS_CONFIG
+    rows.append(dict(kernel="slice stats (fp8 scales)", copy="current",
                      variant=f"D = 128, {stats['block']} rows a step, {stats['num_warps']} warps",
-                     **compile_stats(C._column_stats_kernel,
+                     **compile_stats(CS._slice_stats_kernel,
                                      {"X": "*bf16", "SUM": "*fp32", "LO": "*fp32", "HI": "*fp32",
                                       "sxb": "i64", "sxh": "i64", "sxs": "i64"},
                                      dict(SLICE=stats["slice"], BLOCK=stats["block"], D=128),

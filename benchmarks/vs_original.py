@@ -61,6 +61,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from dit_forward import SHAPES, SMALL_SHAPES, build, inputs, rel, time_forward  # noqa: E402
+from fp8_attention import torch_statistics  # noqa: E402
 
 from longcat_tools.kernels import fa3  # noqa: E402
 from longcat_tools.kernels import fp8 as fp8_kernels  # noqa: E402
@@ -73,10 +74,10 @@ class Fp8Variant(NamedTuple):
     None, the default kinds; "off", none), which kernels a dense call may take
     (``fp8_attention.DENSE_KERNELS``; None, the default's), whether the glue writes the GEMM
     inputs in e4m3 (``fast_ops.E4M3_GLUE``), whether the GEMMs accumulate fast
-    (``kernels.fp8.FAST_ACCUM``) and whether the dense fp8 attention's per-tensor statistics
-    run as PyTorch reductions (``fp8_attention.per_tensor_scales``, as before session 21)
-    instead of ``cudnn_fp8_attention.tensor_scales``. A variant with one kind runs only on the
-    shapes that use it (the BSA shapes attend sparsely throughout)."""
+    (``kernels.fp8.FAST_ACCUM``) and whether the fp8 attention's statistics run as PyTorch
+    reductions (``fp8_attention``'s, as before session 21) instead of ``kernels.column_stats``
+    (the benchmark's ``torch_statistics``). A variant with one kind runs only on the shapes that
+    use it (the BSA shapes attend sparsely throughout)."""
 
     kind: str | None = None
     kernels: list[str] | None = None
@@ -111,23 +112,6 @@ def without_fa3():
         yield
     finally:
         fa3.build = saved
-
-
-@contextlib.contextmanager
-def torch_statistics(on: bool):
-    """With ``on``, the per-tensor fp8 recipe's statistics as PyTorch reductions, as before
-    ``cudnn_fp8_attention.tensor_scales`` (CUDA only)."""
-    if not on:
-        yield
-        return
-    from longcat_tools.kernels import cudnn_fp8_attention as C
-    from longcat_tools.kernels import fp8_attention
-
-    saved, C.tensor_scales = C.tensor_scales, fp8_attention.per_tensor_scales
-    try:
-        yield
-    finally:
-        C.tensor_scales = saved
 
 
 def flash_attn_standin() -> types.ModuleType:

@@ -9,7 +9,8 @@ and bf16 casts truncate, so the kernels' casts stay with the GPU tests.
 - ``selection``: pooling, the float64 scores and the select kernel give the reference's chunks,
   bit for bit (top-k and CDF, bf16 and fp16, chunks that do and do not divide the latent; many
   tied scores; counts of zero).
-- ``scales``: the fp8 recipe's statistics pass gives ``fp8_attention.per_tensor_scales``.
+- ``scales``: ``column_stats`` gives ``fp8_attention``'s statistics (``key_mean``,
+  ``value_scales``, ``per_tensor_scales``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 
 import torch
 
-from longcat_tools.kernels import cudnn_fp8_attention as C
+from longcat_tools.kernels import column_stats as CS
 from longcat_tools.kernels import fp8_attention as F
 from longcat_tools.kernels import reference as R
 from longcat_tools.kernels import triton_bsa as TB
@@ -49,21 +50,24 @@ def selection() -> None:
 
 
 def scales() -> None:
-    C.STATS_CONFIG["slice"] = 128  # several slices a head at these lengths
+    CS.STATS_CONFIG["slice"] = 128  # several slices a head at these lengths
     for S, D, dtype in ((1000, 64, torch.bfloat16), (333, 128, torch.float16),
                         (129, 32, torch.bfloat16)):
         g = torch.Generator().manual_seed(S)
         q, k, v = torch.randn(2, S, 3, 3, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
         k, v = k + 2.0, 3.0 * v - 1.0  # means to smooth away
-        for got, want in zip(C.tensor_scales(q, k, v), F.per_tensor_scales(q, k, v),
-                             strict=True):
+        pairs = [(CS.key_mean(k), F.key_mean(k)), (CS.value_scales(v), F.value_scales(v))]
+        pairs += zip(CS.tensor_scales(q, k, v), F.per_tensor_scales(q, k, v), strict=True)
+        for got, want in pairs:
             assert got.shape == want.shape and got.dtype == want.dtype, (S, D)
             assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max()), (S, D)
     v = v.clone()
     v[1, 2, S // 2, 3] = float("nan")
-    assert float(C.tensor_scales(q, k, v)[2]) == float(F.per_tensor_scales(q, k, v)[2]) == 1.0
+    assert float(CS.tensor_scales(q, k, v)[2]) == float(F.per_tensor_scales(q, k, v)[2]) == 1.0
+    assert torch.equal(CS.value_scales(v), F.value_scales(v))  # the NaN channel's scale: 1
     zeros = torch.zeros(1, 2, 50, 32, dtype=torch.bfloat16)
-    assert [float(s) for s in C.tensor_scales(zeros, zeros, zeros)[:3]] == [1.0, 1.0, 1.0]
+    assert [float(s) for s in CS.tensor_scales(zeros, zeros, zeros)[:3]] == [1.0, 1.0, 1.0]
+    assert torch.equal(CS.value_scales(zeros), F.value_scales(zeros))
 
 
 CHECKS = {"selection": selection, "scales": scales}

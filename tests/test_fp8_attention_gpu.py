@@ -215,19 +215,22 @@ def test_the_cudnn_path_scales_as_its_reference(dtype):
 
 @pytest.mark.parametrize("S,D,dtype", [(3000, 128, torch.bfloat16), (333, 64, torch.float16),
                                        (37440, 128, torch.bfloat16)])
-def test_the_statistics_pass_gives_the_reference_scales(S, D, dtype):
-    """``tensor_scales`` (one read of each tensor) == ``per_tensor_scales`` (PyTorch), but for
-    float32 sums in another order; a NaN makes the scale 1, as there."""
-    from longcat_tools.kernels import cudnn_fp8_attention as C
+def test_the_statistics_kernels_give_the_reference_statistics(S, D, dtype):
+    """``column_stats`` (one read of a tensor) == ``fp8_attention``'s PyTorch reductions, but
+    for float32 sums in another order; a NaN makes the scale 1, as there."""
+    from longcat_tools.kernels import column_stats as CS
 
     q, k, v = _qkv_views(2, S, 3, D, dtype, seed=S)
     k, v = k + 2.0, 3.0 * v - 1.0
-    for got, want in zip(C.tensor_scales(q, k, v), ref.per_tensor_scales(q, k, v), strict=True):
+    pairs = [(CS.key_mean(k), ref.key_mean(k)), (CS.value_scales(v), ref.value_scales(v))]
+    pairs += zip(CS.tensor_scales(q, k, v), ref.per_tensor_scales(q, k, v), strict=True)
+    for got, want in pairs:
         assert got.shape == want.shape and got.dtype == want.dtype
         assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
     v = v.clone()
     v[1, 2, S // 2, 3] = float("nan")
-    assert float(C.tensor_scales(q, k, v)[2]) == float(ref.per_tensor_scales(q, k, v)[2]) == 1.0
+    assert float(CS.tensor_scales(q, k, v)[2]) == float(ref.per_tensor_scales(q, k, v)[2]) == 1.0
+    assert torch.equal(CS.value_scales(v), ref.value_scales(v))
 
 
 @pytest.mark.parametrize("S,D,dtype", [(1024, 128, torch.bfloat16), (777, 64, torch.float16),

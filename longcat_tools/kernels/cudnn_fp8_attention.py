@@ -16,15 +16,12 @@ The recipe is cuDNN's (per tensor), its arithmetic spelled out in
   ``2 * s_v`` (an output row is an average of value rows, so it stays within ``max|v|``; the
   factor 2 leaves room for P's rounding); then one pass multiplies it back and adds v's mean.
 
-Launches: the statistics (``_column_stats_kernel``, one read of each of q, k and v: column
-sums, minima and maxima per slice of rows; ``_tensor_scales_kernel`` reduces them to the means
-and the scales), three scaling passes (``_scale_cast_kernel``, writing token-major
+Launches: the statistics (``column_stats.tensor_scales``: one read of each of q, k and v),
+three scaling passes (one Triton kernel, ``_scale_cast_kernel``, writing token-major
 ``[B, S, H, D]`` e4m3 copies, V less its mean), cuDNN's attention, and the output pass (O's
 scale back, plus V's mean; where cuDNN writes O in bf16 that pass costs one more copy of O).
-The statistics used to be PyTorch reductions: five reads over the strided views and some
-twenty small launches a call. The scales stay on the GPU, so nothing waits for the host. A
-graph is built once per shape; a shape cuDNN refuses is remembered and left to the caller's
-other paths.
+The scales stay on the GPU, so nothing waits for the host. A graph is built once per shape; a
+shape cuDNN refuses is remembered and left to the caller's other paths.
 """
 
 from __future__ import annotations
@@ -36,96 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3, E4M3_MAX
+from .column_stats import tensor_scales
+from .fp8 import E4M3
 from .triton_fp8_attention import e4m3_div
 
 log = logging.getLogger(__name__)
 ROWS = 64  # tokens per program of the scaling pass
-# the statistics pass: tokens of one head a program reduces (its slice), rows a step, warps
-# (80 registers a thread in sm90 SASS: six programs an SM; untimed, a first guess)
-STATS_CONFIG = {"slice": 1024, "block": 16, "num_warps": 4}
-
-
-@triton.jit
-def _column_stats_kernel(X, SUM, LO, HI, sxb, sxh, sxs, H, S,
-                         SLICE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-    """Slice ``i`` (rows ``[i * SLICE, (i + 1) * SLICE)``) of head ``bh`` of x ``[B, H, S, D]``:
-    float32 column sums, minima and maxima into ``[slices, B * H, D]`` (a NaN shows in the
-    sums only)."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
-    x = X + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh
-    d = tl.arange(0, D)
-    total = tl.zeros([BLOCK, D], dtype=tl.float32)
-    lo = tl.full([BLOCK, D], float("inf"), tl.float32)
-    hi = tl.full([BLOCK, D], float("-inf"), tl.float32)
-    for r0 in tl.range(0, SLICE, BLOCK):
-        rows = i * SLICE + r0 + tl.arange(0, BLOCK)
-        ok = (rows < S)[:, None]
-        t = tl.load(x + rows[:, None].to(tl.int64) * sxs + d[None, :], mask=ok,
-                    other=0.0).to(tl.float32)
-        total += t
-        lo = tl.minimum(lo, tl.where(ok, t, float("inf")))
-        hi = tl.maximum(hi, tl.where(ok, t, float("-inf")))
-    out = (i * tl.num_programs(1) + bh) * D + d
-    tl.store(SUM + out, tl.sum(total, axis=0))
-    tl.store(LO + out, tl.min(lo, axis=0))
-    tl.store(HI + out, tl.max(hi, axis=0))
-
-
-@triton.jit
-def _tensor_scales_kernel(SUM, LO, HI, MEAN, AMAX, S, SLICES, BH, SLICES_PAD: tl.constexpr,
-                          SMOOTH: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-    """Head ``bh`` from its slices' statistics: with SMOOTH its mean over the sequence into
-    ``MEAN[bh]`` (float32 ``[D]``), and ``max|x - mean|`` (else ``max|x|``) into ``AMAX[bh]``:
-    ``x - mean`` rises with x, so the extremes of the columns bound it."""
-    bh = tl.program_id(0)
-    d = tl.arange(0, D)
-    total = tl.zeros([BLOCK, D], dtype=tl.float32)
-    lo = tl.full([BLOCK, D], float("inf"), tl.float32)
-    hi = tl.full([BLOCK, D], float("-inf"), tl.float32)
-    for s0 in tl.range(0, SLICES_PAD, BLOCK):
-        sl = s0 + tl.arange(0, BLOCK)
-        ok = (sl < SLICES)[:, None]
-        at = (sl[:, None] * BH + bh) * D + d[None, :]
-        total += tl.load(SUM + at, mask=ok, other=0.0)
-        lo = tl.minimum(lo, tl.load(LO + at, mask=ok, other=float("inf")))
-        hi = tl.maximum(hi, tl.load(HI + at, mask=ok, other=float("-inf")))
-    lo = tl.min(lo, axis=0)
-    hi = tl.max(hi, axis=0)
-    total = tl.sum(total, axis=0)
-    if SMOOTH:
-        mean = tl.div_rn(total, S.to(tl.float32))
-        tl.store(MEAN + bh * D + d, mean)
-        amax = tl.maximum(hi - mean, mean - lo)
-    else:
-        amax = tl.maximum(hi, -lo)
-    nan = tl.sum((total != total).to(tl.int32), axis=0) > 0  # as PyTorch's reductions
-    tl.store(AMAX + bh, tl.where(nan, float("nan"), tl.max(amax, axis=0)))
-
-
-def tensor_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                             torch.Tensor]:
-    """``fp8_attention.per_tensor_scales`` in one read of each tensor (``[B, H, S, D]`` views
-    with unit stride along D), two Triton launches a tensor; the means are float32 sums in
-    another order, so they may differ from PyTorch's in the last bits."""
-    B, H, S, D = q.shape
-    means = torch.empty(3, B, H, D, dtype=torch.float32, device=q.device)  # q's: unused
-    amax = torch.empty(3, B * H, dtype=torch.float32, device=q.device)
-    for i, x in enumerate((q, k, v)):
-        Sx = x.shape[2]
-        slices = triton.cdiv(Sx, STATS_CONFIG["slice"])
-        stats = torch.empty(3, slices, B * H, D, dtype=torch.float32, device=q.device)
-        _column_stats_kernel[(slices, B * H)](x, *stats, *x.stride()[:3], H, Sx,
-                                              STATS_CONFIG["slice"], STATS_CONFIG["block"], D,
-                                              num_warps=STATS_CONFIG["num_warps"])
-        _tensor_scales_kernel[(B * H,)](*stats, means[i], amax[i], Sx, slices,
-                                        B * H, triton.next_power_of_2(slices), i > 0,
-                                        min(16, triton.next_power_of_2(slices)), D, num_warps=4)
-    top = amax.amax(dim=1)
-    s_q, s_k, s_v = torch.where(top > 0, top / E4M3_MAX, 1.0).unbind()
-    return s_q, s_k, s_v, means[1], means[2]
 
 
 @triton.jit

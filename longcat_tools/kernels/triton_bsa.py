@@ -63,8 +63,8 @@ except ImportError:  # pragma: no cover - older Triton: plain loads of the same 
 
 from longcat_tools.model.chunks import kept_per_query
 
+from .column_stats import key_mean, value_scales
 from .fp8 import E4M3
-from .fp8_attention import key_mean, value_scales
 from .reference import ChunkLayout, exact_scores, round_scores, selection_counts
 from .triton_fp8_attention import LOG2_P_SCALE, int8_rows
 

@@ -37,8 +37,8 @@ try:  # host-side TMA descriptors: Triton >= 3.4 (torch >= 2.8)
 except ImportError:  # pragma: no cover - older Triton: plain loads of the same tiles
     TensorDescriptor = None
 
+from .column_stats import key_mean, value_scales
 from .fp8 import E4M3, E4M3_MAX
-from .fp8_attention import key_mean, value_scales
 
 P_SCALE = tl.constexpr(E4M3_MAX)  # p (at most 1) goes to e4m3 as p * 448: 1 stays exact
 LOG2_P_SCALE = tl.constexpr(math.log2(E4M3_MAX))  # the same scale inside an exp2
