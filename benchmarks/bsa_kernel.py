@@ -432,6 +432,11 @@ def selection_stages(name, lat, sp, log, rep_ms) -> dict:
            "target_ms": SELECTION_TARGET_MS.get(name)}
     flop = 2 * HEADS * mq * mk * HEAD_DIM
     row["score_tflops"] = flop / row["score_matmul_ms"] / 1e9
+    # the same DGEMM with k's means given as a contiguous [D, M_k] operand (cuBLAS may pick
+    # another kernel for the other layout); the exact sums are equal either way
+    q64, kt64 = qb.double(), kb.double().transpose(-1, -2).contiguous()
+    row["score_matmul_nn_ms"] = bench(lambda: torch.matmul(q64, kt64), rep_ms)
+    row["score_matmul_nn_equal"] = torch.equal(torch.matmul(q64, kt64), s64)
     saved = TB.SELECT_WARPS
     for warps in (2, 4, 8):  # the select kernel is instruction-bound (NOTES round 8)
         TB.SELECT_WARPS = warps
