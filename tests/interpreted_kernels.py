@@ -8,7 +8,7 @@ and bf16 casts truncate, so the kernels' casts stay with the GPU tests.
 
 - ``selection``: pooling, the float64 scores and the select kernel give the reference's chunks,
   bit for bit (top-k and CDF, bf16 and fp16, chunks that do and do not divide the latent; many
-  tied scores; counts of zero).
+  tied scores; counts of zero); the pass over k also writes its chunk-major copy right.
 - ``scales``: ``column_stats`` gives ``fp8_attention``'s statistics (``key_mean``,
   ``value_scales``, ``per_tensor_scales``).
 """
@@ -37,10 +37,16 @@ def selection() -> None:
             q, k = (torch.randn(1, 2, lat[0] * lat[1] * lat[2], 32, generator=g).to(dtype)
                     for _ in range(2))
             layout = R.ChunkLayout(lat, chunk)
-            got = TB.select_chunks(q, k, layout, layout, sparsity, cdf)
+            *got, kc = TB.select_chunks_and_copy_k(q, k, layout, layout, sparsity, cdf)
             want = R.select_chunks(q, k, layout, layout, sparsity, cdf)
             for a, b in zip(got, want, strict=True):
                 assert torch.equal(a, b), (dtype, lat, chunk, sparsity, cdf)
+            # the forward's chunk-major K: each chunk's tokens, then zeros to the padded size
+            index, valid = layout.token_index()
+            pad = TB.chunk_pad(layout) - index.shape[1]
+            chunked = torch.where(valid[..., None], k[:, :, index], 0.0)
+            chunked = torch.nn.functional.pad(chunked, (0, 0, 0, pad))
+            assert torch.equal(kc.view(chunked.shape), chunked), (dtype, lat, chunk)
         g = torch.Generator().manual_seed(7)
         score = (torch.randn(1, 2, 6, 300, generator=g, dtype=torch.float64) * 4).round() / 4
         counts = torch.randint(0, 40, (1, 2, 6), generator=g, dtype=torch.int32)
