@@ -9,6 +9,11 @@
 # on PYTHONPATH. OBJ: where the CUDA objects go, or already are (the two kernel instantiations
 # take ~10 min each for nvcc; compile them on another machine with the same CUDA major and
 # carry them). Needs nvcc (CUDA 12.3+), g++ and the torch (2.9+) the extension will run under.
+#
+# PTXAS=/path/to/ptxas (optional): assemble the kernels with that ptxas, e.g. 12.8's from the
+# nvidia-cuda-nvcc-cu12==12.8.93 wheel, which FA3's own setup.py uses ("gives the best perf
+# currently"), under a CUDA 13 nvcc: nvcc runs from a copy of its bin/ whose ptxas lowers the
+# PTX ISA version (9.x -> 8.7) and calls PTXAS. benchmarks/fa3_builds.py times the builds.
 set -euo pipefail
 if [ $# -lt 2 ]; then echo "usage: $0 SRC DEST [OBJ]" >&2; exit 2; fi
 SRC=$(realpath "$1"); DEST=$(realpath -m "$2"); OBJ=$(realpath -m "${3:-$DEST/obj}")
@@ -20,13 +25,40 @@ OFF="BACKWARD SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 VARLEN CLUSTER H
 FLAGS=$(for f in $OFF; do printf -- "-DFLASHATTENTION_DISABLE_%s " "$f"; done)
 CUDA=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
 INC="-I$H -I$SRC/csrc/cutlass/include -I$CUDA/include -I$CUDA/include/cccl"
+NVCC=$CUDA/bin/nvcc
+if [ -n "${PTXAS:-}" ]; then
+  PTXAS=$(realpath "$PTXAS")
+  overlay=$(mktemp -d)
+  trap 'rm -rf "$overlay"' EXIT
+  mkdir "$overlay/bin"
+  for d in include lib lib64 nvvm; do [ -e "$CUDA/$d" ] && ln -s "$CUDA/$d" "$overlay/$d"; done
+  for f in "$CUDA"/bin/*; do
+    case $(basename "$f") in
+      ptxas) ;;
+      nvcc|nvcc.profile) cp "$f" "$overlay/bin/" ;;  # nvcc finds its tools beside itself
+      *) ln -s "$f" "$overlay/bin/" ;;
+    esac
+  done
+  {
+    echo '#!/usr/bin/env bash'
+    echo 'args=()'
+    echo 'for a in "$@"; do'
+    echo '  if [[ $a == *.ptx ]]; then'
+    echo '    sed -E "s/^\.version 9\.[0-9]+/.version 8.7/" "$a" > "$a.v87"; args+=("$a.v87")'
+    echo '  else args+=("$a"); fi'
+    echo 'done'
+    echo "exec $PTXAS \"\${args[@]}\""
+  } > "$overlay/bin/ptxas"
+  chmod +x "$overlay/bin/ptxas"
+  NVCC=$overlay/bin/nvcc
+fi
 for unit in instantiations/flash_fwd_hdim128_e4m3_sm90 instantiations/flash_fwd_hdim128_bf16_sm90 \
             flash_prepare_scheduler; do
   o=$OBJ/$(basename "$unit").o
   [ -s "$o" ] && continue
   echo "nvcc $unit.cu" >&2
   # shellcheck disable=SC2086
-  "$CUDA/bin/nvcc" -c "$H/$unit.cu" -o "$o.tmp" $INC $FLAGS -O3 -std=c++17 --use_fast_math \
+  "$NVCC" -c "$H/$unit.cu" -o "$o.tmp" $INC $FLAGS -O3 -std=c++17 --use_fast_math \
     --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
     -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED -DCUTLASS_ENABLE_GDC_FOR_SM90 \
