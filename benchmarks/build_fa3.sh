@@ -10,10 +10,11 @@
 # take ~10 min each for nvcc; compile them on another machine with the same CUDA major and
 # carry them). Needs nvcc (CUDA 12.3+), g++ and the torch (2.9+) the extension will run under.
 #
-# PTXAS=/path/to/ptxas (optional): assemble the kernels with that ptxas, e.g. 12.8's from the
-# nvidia-cuda-nvcc-cu12==12.8.93 wheel, which FA3's own setup.py uses ("gives the best perf
-# currently"), under a CUDA 13 nvcc: nvcc runs from a copy of its bin/ whose ptxas lowers the
-# PTX ISA version (9.x -> 8.7) and calls PTXAS. benchmarks/fa3_builds.py times the builds.
+# PTXAS=/path/to/ptxas (optional): assemble the kernels with that ptxas under a CUDA 13 nvcc,
+# e.g. 12.8.93, which FA3's own setup.py uses ("gives the best perf currently"): Triton 3.6
+# bundles it (triton/backends/nvidia/bin/ptxas), as does the nvidia-cuda-nvcc-cu12==12.8.93
+# wheel. nvcc then runs from a copy of its bin/ whose ptxas lowers the PTX ISA version
+# (9.x -> 8.7) and calls PTXAS. benchmarks/fa3_builds.py times builds against each other.
 set -euo pipefail
 if [ $# -lt 2 ]; then echo "usage: $0 SRC DEST [OBJ]" >&2; exit 2; fi
 SRC=$(realpath "$1"); DEST=$(realpath -m "$2"); OBJ=$(realpath -m "${3:-$DEST/obj}")
