@@ -27,7 +27,7 @@ from longcat_tools.kernels import triton_bsa as TB
 
 # latent, chunk, sparsity, cdf threshold
 SELECTIONS = [((4, 8, 8), (4, 4, 4), 0.75, None), ((5, 6, 7), (4, 4, 4), 0.5, None),
-              ((4, 8, 8), (2, 4, 4), None, 0.3), ((6, 5, 9), (2, 2, 4), 0.8, 0.2)]
+              ((4, 8, 8), (2, 4, 4), None, 0.3), ((3, 5, 6), (2, 2, 4), 0.8, 0.2)]
 
 
 def selection() -> None:
@@ -56,11 +56,10 @@ def selection() -> None:
 
 
 def scales() -> None:
-    CS.STATS_CONFIG["slice"] = 128  # several slices a head at these lengths
-    for S, D, dtype in ((1000, 64, torch.bfloat16), (333, 128, torch.float16),
-                        (129, 32, torch.bfloat16)):
+    CS.STATS_CONFIG["slice"] = 64  # several slices a head at these lengths
+    for S, D, dtype in ((300, 64, torch.bfloat16), (129, 128, torch.float16)):
         g = torch.Generator().manual_seed(S)
-        q, k, v = torch.randn(2, S, 3, 3, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
+        q, k, v = torch.randn(2, S, 3, 2, D, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
         k, v = k + 2.0, 3.0 * v - 1.0  # means to smooth away
         pairs = [(CS.key_mean(k), F.key_mean(k)), (CS.value_scales(v), F.value_scales(v))]
         pairs += zip(CS.tensor_scales(q, k, v), F.per_tensor_scales(q, k, v), strict=True)
@@ -68,7 +67,7 @@ def scales() -> None:
             assert got.shape == want.shape and got.dtype == want.dtype, (S, D)
             assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max()), (S, D)
     v = v.clone()
-    v[1, 2, S // 2, 3] = float("nan")
+    v[1, 1, S // 2, 3] = float("nan")
     assert float(CS.tensor_scales(q, k, v)[2]) == float(F.per_tensor_scales(q, k, v)[2]) == 1.0
     assert torch.equal(CS.value_scales(v), F.value_scales(v))  # the NaN channel's scale: 1
     zeros = torch.zeros(1, 2, 50, 32, dtype=torch.bfloat16)
