@@ -162,7 +162,21 @@ def main() -> None:
                                          dict(MK_PAD=2048, LOW_BIT=16, DTYPE=tl.bfloat16),
                                          num_warps=4)))
     from longcat_tools.kernels import column_stats as CS
+    from longcat_tools.kernels import cudnn_fp8_attention as C
 
+    cast = C.CAST_CONFIG
+    for to_e4m3, src, dst in ((True, "*bf16", "*fp8e4nv"), (False, "*bf16", "*bf16")):
+        rows.append(dict(kernel="fp8 attention scale_cast", copy="current",
+                         variant=f"{'to e4m3' if to_e4m3 else 'output pass'}, D = 128, "
+                                 f"{cast['rows']} rows, {cast['num_warps']} warps",
+                         **compile_stats(C._scale_cast_kernel,
+                                         {"X": src, "Y": dst, "SCALE": "*fp32", "MEAN": "*fp32",
+                                          **dict.fromkeys(["sxb", "sxh", "sxs", "syb", "syh",
+                                                           "sys"], "i64")},
+                                         dict(BLOCK=cast["rows"], D=128, SMOOTH=True,
+                                              TO_E4M3=to_e4m3),
+                                         ("X", "Y", "SCALE", "MEAN"),
+                                         num_warps=cast["num_warps"])))
     stats = CS.STATS_CONFIG
     rows.append(dict(kernel="slice stats (fp8 scales)", copy="current",
                      variant=f"D = 128, {stats['block']} rows a step, {stats['num_warps']} warps",

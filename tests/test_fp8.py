@@ -53,6 +53,23 @@ def test_weight_scales_are_row_maxima_over_448_and_rows_round_to_nearest_e4m3():
     assert bool((err <= torch.maximum(x.abs() * 2**-4, torch.tensor(2.0**-10))).all())
 
 
+def test_activation_rows_are_multiplied_by_the_reciprocal_of_a_floored_scale():
+    """Per token: ``e4m3(x * (1 / scale))`` with ``scale = max(amax / 448, 2**-126)`` (1 for a
+    zero or NaN row). The floor keeps the reciprocal finite: without it a row of tiny values
+    would scale its zeros by inf, to NaN."""
+    x = torch.tensor([[3.0, -1.5, 0.0, 0.7], [0.0] * 4, [1e-37, 0.0, -5e-38, 0.0],
+                      [float("nan"), 1.0, 0.0, 2.0]]).bfloat16()
+    q, scale = ops.quantize_rows(x)
+    xf = x.float()
+    assert scale[0, 0] == torch.tensor(3.0) / 448 and scale[1, 0] == 1 and scale[3, 0] == 1
+    assert scale[2, 0] == 2.0**-126 and float(xf[2].abs().max()) / 448 < 2.0**-126
+    inv = torch.tensor(1.0) / scale  # rounded to nearest: the product, not the quotient
+    want = (xf * inv).clamp(-448, 448).to(E4M3)
+    assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+    assert not q[:3].float().isnan().any() and q[3].float().isnan().sum() == 1
+    assert q[0].float().abs().max() == 448  # the row's largest element still lands on +-448
+
+
 def test_scaled_gemm_equals_the_product_of_the_dequantized_operands():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(96, 128, generator=g)

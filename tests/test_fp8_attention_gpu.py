@@ -196,8 +196,9 @@ def _cudnn():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_cudnn_path_scales_as_its_reference(dtype):
-    """The scaling pass writes e4m3 bits equal to PyTorch's division and round-to-nearest; the
-    output pass multiplies back and adds v's mean in float32, rounding once."""
+    """The scaling pass writes e4m3 bits equal to PyTorch's product with the scale's reciprocal
+    and round-to-nearest; the output pass multiplies back and adds v's mean in float32, rounding
+    once."""
     C = _cudnn()
     q, k, v = _qkv_views(2, 333, 3, 128, dtype, seed=3)
     k, v = k + 2.0, v - 1.0
@@ -206,7 +207,7 @@ def test_the_cudnn_path_scales_as_its_reference(dtype):
     for x, s, m in ((q, s_q, None), (k, s_k, k_mean), (v, s_v, v_mean)):
         got = C.scale_cast(x, C.token_major(B, H, S, D, ref.E4M3, x.device), s, m)
         xf = x.float() - (m[:, :, None] if m is not None else 0.0)
-        want = (xf / s).clamp(-448.0, 448.0).to(ref.E4M3)
+        want = (xf * (torch.ones_like(s) / s)).clamp(-448.0, 448.0).to(ref.E4M3)
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     back = C.scale_cast(got, C.token_major(B, H, S, D, dtype, v.device), s_v, v_mean)
     fma = got.double() * s_v.double() + v_mean[:, :, None].double()  # rounded once, as tl.fma

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import E4M3_MAX
+from .fp8_attention import tensor_scale
 
 # tokens of one head a program reduces (its slice), rows a step, warps: 80 registers a thread
 # in sm90 SASS (six programs an SM); a first guess, not yet timed
@@ -141,6 +142,5 @@ def tensor_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """``fp8_attention.per_tensor_scales``: the e4m3 scales of q, k less its mean and v less
     its mean, and the means of k and v, in one read of each."""
     sq, sk, sv = column_stats(q), column_stats(k, smooth=True), column_stats(v, smooth=True)
-    top = torch.stack([s.amax.amax() for s in (sq, sk, sv)])
-    s_q, s_k, s_v = torch.where(top > 0, top / E4M3_MAX, 1.0).unbind()
+    s_q, s_k, s_v = tensor_scale(torch.stack([s.amax.amax() for s in (sq, sk, sv)])).unbind()
     return s_q, s_k, s_v, sk.mean, sv.mean

@@ -1,10 +1,13 @@
 """fp8 (e4m3) linear layers: weights scaled per output channel, activations per token.
 
-``y = (x / sx) @ (W / sw).T * sx * sw + b`` with ``sw = max|W[o, :]| / 448`` per output channel
-(computed once, stored beside the weight) and ``sx = max|x[t, :]| / 448`` per token (computed
-on every call). One ``torch._scaled_mm`` runs the product on e4m3 tensor cores with both
-scales applied in its epilogue (rowwise scaling: e4m3 tensor cores, sm89+, on torch builds
-that have it; tests/test_fp8_gpu.py checks it). Why
+``y = (x * (1 / sx)) @ (W / sw).T * sx * sw + b`` with ``sw = max|W[o, :]| / 448`` per output
+channel (computed once, stored beside the weight) and ``sx = max|x[t, :]| / 448`` per token
+(computed on every call; an activation is multiplied by the reciprocal of its scale, rounded to
+float32, rather than divided: a correctly rounded division per element nearly doubled the
+instructions of the e4m3 row kernels in sm90 SASS, and the product differs from the quotient
+only where the quotient sits on an e4m3 rounding boundary). One ``torch._scaled_mm`` runs the
+product on e4m3 tensor cores with both scales applied in its epilogue (rowwise scaling: e4m3
+tensor cores, sm89+, on torch builds that have it; tests/test_fp8_gpu.py checks it). Why
 these granularities: per-channel weight and per-token activation scales are what cuBLASLt
 applies in the epilogue at no cost, and one large token or row then cannot flatten the others
 (one scale per tensor does). On random unit-variance data the product lands 3.7e-2 (relative)
@@ -25,6 +28,9 @@ from longcat_tools.kernels.compiled import Compiled, triton_rows
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn value
+# the smallest activation scale: float32's smallest normal, so its reciprocal is finite (a row
+# whose amax / 448 is smaller takes it, and its values stay within +-448)
+MIN_SCALE = 2.0**-126
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,21 +76,34 @@ def _quantize_rows(x: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, 
     return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
+def _quantize_activation_rows(x: torch.Tensor, limit: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``_quantize_rows``, with the scale at least ``MIN_SCALE`` and the row multiplied by
+    its reciprocal: a division of tensors, rounded to nearest eagerly on every device and, under
+    ``compiled.eager_division``, compiled too."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    one = torch.ones_like(amax)
+    scale = torch.where(amax > 0, (amax / limit).clamp_(min=MIN_SCALE), one)
+    return (xf * (one / scale)).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
 # Fused, the scaling is one kernel that reads the activation once and writes e4m3, instead of
-# eager's fp32 copy and four more passes, with the same bits (its divisions round as eager's):
+# eager's fp32 copy and four more passes, with the same bits (it rounds as eager does):
 # Triton's ``triton_norm.e4m3_rows`` on CUDA, else this function compiled (with
 # ``LONGCAT_NO_TRITON_NORM=1``; where Triton is missing, inductor cannot compile it either and
 # it runs eagerly).
-quantize_rows_fused = Compiled(_quantize_rows, eager_bits=True)
+quantize_rows_fused = Compiled(_quantize_activation_rows, eager_bits=True)
 
 
 def quantize_rows(x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, K]`` activations -> (e4m3 ``[N, K]``, float32 scale ``[N, 1]``), per row (token);
-    ``fused``: in one kernel (see ``quantize_rows_fused``), same bits."""
+    """``[N, K]`` activations -> (e4m3 ``[N, K]``, float32 scale ``[N, 1]``), per row (token):
+    ``e4m3(x * (1 / scale))``; ``fused``: in one kernel (see ``quantize_rows_fused``), same
+    bits."""
     rows = triton_rows(x) if fused and x.is_contiguous() else None
     if rows is not None:
         return rows.e4m3_rows(x)
-    return (quantize_rows_fused if fused else _quantize_rows)(x, _limit(x.device))
+    return (quantize_rows_fused if fused else _quantize_activation_rows)(x, _limit(x.device))
 
 
 # Whether the e4m3 GEMMs accumulate in the tensor cores' own precision (``use_fast_accum``)

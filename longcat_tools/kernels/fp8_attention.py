@@ -27,7 +27,7 @@ import torch
 
 from longcat_tools.model import fp8 as fp8_format
 
-from .fp8 import E4M3, E4M3_MAX
+from .fp8 import E4M3, E4M3_MAX, MIN_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,10 @@ def _int8_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The e4m3 value of ``x / scale`` (clamped to +-448) times ``scale``, in float32."""
-    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).to(torch.float32) * scale
+    """The e4m3 value of ``x * (1 / scale)`` (clamped to +-448) times ``scale``, in float32:
+    the kernels multiply by the scale's reciprocal (``fp8.quantize_rows``)."""
+    inv = torch.ones_like(scale) / scale
+    return (x * inv).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).to(torch.float32) * scale
 
 
 def key_mean(k: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,7 @@ def per_tensor_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                  torch.Tensor]:
     """The per-tensor recipe's e4m3 scales of q, k less its mean and v less its mean (float32
-    scalars, amax / 448, 1 for an all-zero tensor), and the means of k and v ``[B, H, D]``.
+    scalars, ``tensor_scale``), and the means of k and v ``[B, H, D]``.
 
     v loses its mean because cuDNN's O is e4m3 on Hopper: O = P (v - mean) + mean exactly
     (a row of P sums to one), so the rounding of O falls on what varies between queries, not
@@ -103,8 +105,14 @@ def per_tensor_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ~2.6% from fp32, against ~0.2% smoothed; ``reference_per_tensor``)."""
     k_mean, v_mean = key_mean(k), key_mean(v)
     amax = (_amax(q), _amax_less(k, k_mean), _amax_less(v, v_mean))
-    s_q, s_k, s_v = (torch.where(a > 0, a / E4M3_MAX, 1.0) for a in amax)
+    s_q, s_k, s_v = (tensor_scale(a) for a in amax)
     return s_q, s_k, s_v, k_mean, v_mean
+
+
+def tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    """A per-tensor e4m3 scale from its ``max|x|``: ``amax / 448``, at least ``MIN_SCALE``
+    (its reciprocal stays finite), 1 for an all-zero (or NaN) tensor."""
+    return torch.where(amax > 0, (amax / E4M3_MAX).clamp(min=MIN_SCALE), 1.0)
 
 
 def _amax_less(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

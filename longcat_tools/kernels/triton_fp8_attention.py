@@ -56,12 +56,14 @@ def int8_rows(x):
 
 
 @triton.jit
-def e4m3_div(x, scale, dtype: tl.constexpr):
-    """``x / scale`` in e4m3 (``dtype``) with PyTorch's bits for
-    ``(x / scale).clamp(-448, 448).to(float8_e4m3fn)``: division rounded to nearest
-    (``div_rn``, not Triton's approximate ``/``), NaN kept through the clamp, then to nearest
-    even."""
-    y = tl.maximum(tl.div_rn(x, scale), -P_SCALE, propagate_nan=tl.PropagateNan.ALL)
+def e4m3_scaled(x, inv, dtype: tl.constexpr):
+    """``x * inv`` in e4m3 (``dtype``) with PyTorch's bits for
+    ``(x * inv).clamp(-448, 448).to(float8_e4m3fn)``; ``inv``: the reciprocal of a scale,
+    ``tl.div_rn(1.0, scale)``, rounded as PyTorch's division of tensors. NaN kept through the
+    clamp, then to nearest even. (A correctly rounded division per element instead nearly
+    doubles the scaling kernels' instructions: sm90 SASS of ``e4m3_rows``, 26 an element
+    against 14.)"""
+    y = tl.maximum(x * inv, -P_SCALE, propagate_nan=tl.PropagateNan.ALL)
     y = tl.minimum(y, P_SCALE, propagate_nan=tl.PropagateNan.ALL)
     return y.to(dtype, fp_downcast_rounding="rtne")
 

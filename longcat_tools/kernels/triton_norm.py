@@ -37,9 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3, Rows
+from .fp8 import E4M3, MIN_SCALE, Rows
 from .triton_bsa import _round_fp32_to as _rnd
-from .triton_fp8_attention import e4m3_div
+from .triton_fp8_attention import e4m3_scaled
+
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
 
 RES_NONE, RES_ADD, RES_GATED = 0, 1, 2
 NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
@@ -281,14 +283,14 @@ def _max_keep_nan(a, b):
 
 @triton.jit
 def _e4m3_row(x, ok, dtype: tl.constexpr):
-    """A float32 row (``ok``: its lanes) -> (e4m3 ``x / scale``, ``scale``): ``scale = amax /
-    448`` (1 if all zero, or NaN, as eager's ``amax > 0`` test gives), both divisions rounded to
-    nearest as PyTorch's are (``div_rn``), the quotient clamped to +-448 with NaN kept (as
-    ``clamp``)."""
+    """A float32 row (``ok``: its lanes) -> (e4m3 ``x * (1 / scale)``, ``scale``): ``scale =
+    max(amax / 448, MIN_SCALE)`` (1 if all zero, or NaN, as eager's ``amax > 0`` test gives),
+    the division and the reciprocal rounded to nearest as PyTorch's are (``div_rn``), the
+    product clamped to +-448 with NaN kept (as ``clamp``): ``fp8._quantize_activation_rows``."""
     x = tl.where(ok, x, 0.0)
     amax = tl.reduce(tl.abs(x), 0, _max_keep_nan)  # NaN if the row has one (tl.max skips it)
-    scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
-    return e4m3_div(x, scale, dtype), scale
+    scale = tl.where(amax > 0, tl.maximum(tl.div_rn(amax, 448.0), _MIN_SCALE), 1.0)
+    return e4m3_scaled(x, tl.div_rn(1.0, scale), dtype), scale
 
 
 @triton.jit
