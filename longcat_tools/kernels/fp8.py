@@ -39,8 +39,10 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``scale = max|row| / 448`` in float32 (1 for an all-zero row, so every scale is finite and
     positive); the weight is ``row / scale`` rounded to nearest e4m3, clamped to +-448 first
     (float32 division can land a hair above 448)."""
-    q, scale = _quantize_rows(w, _limit(w.device))  # a weight's rows are scaled as tokens are
-    return q, scale.squeeze(1)
+    wf = w.float()
+    amax = wf.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / _limit(w.device), torch.ones_like(amax))
+    return (wf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale.squeeze(1)
 
 
 _LIMITS: dict[torch.device, torch.Tensor] = {}
@@ -70,17 +72,9 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor,
 
 
 def _quantize_rows(x: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    amax = xf.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / limit, torch.ones_like(amax))
-    return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
-def _quantize_activation_rows(x: torch.Tensor, limit: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``_quantize_rows``, with the scale at least ``MIN_SCALE`` and the row multiplied by
-    its reciprocal: a division of tensors, rounded to nearest eagerly on every device and, under
-    ``compiled.eager_division``, compiled too."""
+    """Activation rows as ``quantize_weight`` scales weight rows, but with the scale at least
+    ``MIN_SCALE`` and each row multiplied by its reciprocal: a division of tensors, rounded to
+    nearest eagerly on every device and, under ``compiled.eager_division``, compiled too."""
     xf = x.float()
     amax = xf.abs().amax(dim=1, keepdim=True)
     one = torch.ones_like(amax)
@@ -93,7 +87,7 @@ def _quantize_activation_rows(x: torch.Tensor, limit: torch.Tensor
 # Triton's ``triton_norm.e4m3_rows`` on CUDA, else this function compiled (with
 # ``LONGCAT_NO_TRITON_NORM=1``; where Triton is missing, inductor cannot compile it either and
 # it runs eagerly).
-quantize_rows_fused = Compiled(_quantize_activation_rows, eager_bits=True)
+quantize_rows_fused = Compiled(_quantize_rows, eager_bits=True)
 
 
 def quantize_rows(x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +97,7 @@ def quantize_rows(x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, t
     rows = triton_rows(x) if fused and x.is_contiguous() else None
     if rows is not None:
         return rows.e4m3_rows(x)
-    return (quantize_rows_fused if fused else _quantize_activation_rows)(x, _limit(x.device))
+    return (quantize_rows_fused if fused else _quantize_rows)(x, _limit(x.device))
 
 
 # Whether the e4m3 GEMMs accumulate in the tensor cores' own precision (``use_fast_accum``)

@@ -286,7 +286,7 @@ def _e4m3_row(x, ok, dtype: tl.constexpr):
     """A float32 row (``ok``: its lanes) -> (e4m3 ``x * (1 / scale)``, ``scale``): ``scale =
     max(amax / 448, MIN_SCALE)`` (1 if all zero, or NaN, as eager's ``amax > 0`` test gives),
     the division and the reciprocal rounded to nearest as PyTorch's are (``div_rn``), the
-    product clamped to +-448 with NaN kept (as ``clamp``): ``fp8._quantize_activation_rows``."""
+    product clamped to +-448 with NaN kept (as ``clamp``): ``fp8._quantize_rows``."""
     x = tl.where(ok, x, 0.0)
     amax = tl.reduce(tl.abs(x), 0, _max_keep_nan)  # NaN if the row has one (tl.max skips it)
     scale = tl.where(amax > 0, tl.maximum(tl.div_rn(amax, 448.0), _MIN_SCALE), 1.0)
