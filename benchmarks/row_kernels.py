@@ -39,7 +39,7 @@ VARIANTS: list[tuple[str, dict]] = [
     ("today", {}),
     ("today, fused_rows 16 warps", {"fused_rows": (256, 16)}),
     ("today, fused_rows_e4m3 16 warps", {"fused_rows_e4m3": (256, 16)}),
-    ("today, swiglu_e4m3 32 warps", {"swiglu_e4m3": (512, 32)}),
+    ("today, swiglu_e4m3 16 warps", {"swiglu_e4m3": (1024, 16)}),
     ("today, e4m3_rows 8 warps", {"e4m3_rows": (512, 16)}),
 ]
 

@@ -167,9 +167,12 @@ def exact_scores(qbar: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
     of them, in any order, while the nonzero products of one dot product lie within a
     factor of 2**29 of each other (bf16; fp16: 2**23; D <= 256): then the result is the
     exact dot product on every device. Beyond that (or for float32/float64 inputs) it
-    is a float64 sum whose last bit may depend on the device's summation order.
+    is a float64 sum whose last bit may depend on the device's summation order. k's means go
+    in as a contiguous ``[D, M_k]`` operand: cuBLAS's DGEMM took 0.32 ms for it at 720p on an
+    H100 against 0.37 ms for the transposed view (results/bsa_selection_h100_session21.json).
     """
-    return torch.matmul(qbar.double(), kbar.double().transpose(-1, -2))
+    kt = kbar.transpose(-1, -2).to(torch.float64, memory_format=torch.contiguous_format)
+    return torch.matmul(qbar.double(), kt)
 
 
 def round_scores(score64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
