@@ -40,7 +40,8 @@ from .triton_fp8_attention import e4m3_scaled
 log = logging.getLogger(__name__)
 # tokens a program of the scaling passes takes, and its warps. At 64 tokens and 4 warps the
 # e4m3 pass took 249 registers a thread in sm90 SASS (two programs an SM) and 32 instructions an
-# element; at 16 and 2, 56 registers and 26 instructions (chosen offline, not yet timed)
+# element; at 16 and 2, 56 registers and 26 instructions. Chosen offline; on an H100 the three
+# passes then moved q, k and v at 480p in about 0.49 ms, 2.8 TB/s (vs_original.md, session 21)
 CAST_CONFIG = {"rows": 16, "num_warps": 2}
 
 
