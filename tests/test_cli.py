@@ -51,6 +51,18 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path):
     assert str(tmp_path / "taken") in lines[0]
 
 
+def test_a_bad_run_option_fails_before_the_runner_imports(tiny_native, tmp_path):
+    """Options are checked before diffusers and the pipeline load (seconds of imports)."""
+    code = ("import sys; from longcat_tools.cli import main; "
+            f"rc = main(['run', '-m', {str(tiny_native)!r}, '--frames', '3', '--out', "
+            f"{str(tmp_path / 'x.mp4')!r}]); "
+            "print(rc, 'diffusers' in sys.modules, 'longcat_tools.runner.pipeline' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.stdout.split() == ["1", "False", "False"], p.stderr
+    assert p.stderr.strip().startswith("error: --frames 3: must be 4k+1")
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_verbose_adds_the_traceback(tmp_path):
     (tmp_path / "taken").mkdir()
     p = run_cli("synth", str(tmp_path / "taken"), "-v")

@@ -55,8 +55,7 @@ def run_cmd(
     from dataclasses import replace
 
     from longcat_tools.runner import matrix
-    from longcat_tools.runner.job import run_job, validate
-    from longcat_tools.runner.pipeline import Reporter
+    from longcat_tools.runner.settings import validate
 
     if os.environ.get("RANK", "0") != "0":  # rank 0 of a context-parallel job speaks for it
         json_out, quiet = False, True
@@ -77,6 +76,10 @@ def run_cmd(
                                "processes started by torchrun)")
         validate(replace(settings, cp=gpus))
         raise typer.Exit(launch(gpus, without_option(command_line(ctx), "--gpus")))
+    validate(settings)  # a bad option costs a second, not the runner's imports (diffusers)
+    from longcat_tools.runner.job import run_job
+    from longcat_tools.runner.pipeline import Reporter
+
     reporter = Reporter(show=not quiet, say=out.say)
     doc = run_job(settings, reporter, say=out.say)
     v = doc["video"]
@@ -98,7 +101,6 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
     from dataclasses import replace
 
     from longcat_tools.runner import matrix
-    from longcat_tools.runner.pipeline import Reporter
     from longcat_tools.runner.settings import resolve_device
 
     if gpus < 1:
@@ -135,6 +137,8 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
             raise typer.Exit(code)
     else:
         from tqdm import tqdm
+
+        from longcat_tools.runner.pipeline import Reporter
 
         def say(text: str) -> None:  # above the progress bars, not through them
             with tqdm.external_write_mode():
