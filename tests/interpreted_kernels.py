@@ -9,6 +9,9 @@ and bf16 casts truncate, so the kernels' casts stay with the GPU tests.
 - ``selection``: pooling, the float64 scores and the select kernel give the reference's chunks,
   bit for bit (top-k and CDF, bf16 and fp16, chunks that do and do not divide the latent; many
   tied scores; counts of zero); the pass over k also writes its chunk-major copy right.
+- ``forward``: the sparse forward on float32 inputs gives the reference's attention over the
+  selected chunks, with the softmax state rescaled lazily or on every tile, ragged chunks, empty
+  lists, a running max that jumps mid-list, and kv passes (bit for bit one pass's output).
 - ``scales``: ``column_stats`` gives ``fp8_attention``'s statistics (``key_mean``,
   ``value_scales``, ``per_tensor_scales``).
 """
@@ -55,6 +58,33 @@ def selection() -> None:
         assert torch.equal(TB.select(score, counts, int(counts.max()), dtype), want), dtype
 
 
+def forward() -> None:
+    TB.FWD_CONFIG["tma"] = 0  # plain loads: the TMA path is the GPU tests'
+    for lat in ((4, 8, 8), (5, 6, 7)):
+        layout = R.ChunkLayout(lat, (4, 4, 4))
+        g = torch.Generator().manual_seed(lat[1])
+        q, k, v = (torch.randn(1, 2, lat[0] * lat[1] * lat[2], 32, generator=g)
+                   for _ in range(3))
+        index, valid = layout.token_index()
+        tokens = [i[ok] for i, ok in zip(index, valid, strict=True)]  # of each chunk
+        # the chunks of the second half score far higher: the row max jumps by > 2**8 there
+        k[:, :, torch.cat(tokens[layout.num_chunks // 2:])] *= 8.0
+        idx, counts = R.select_chunks(q, k, layout, layout, 0.5, None)
+        idx[0, 1, 2], counts[0, 1, 2] = -1, 0  # nothing selected: zeros
+        want = R.masked_attention(q, k, v, layout, layout,
+                                  R.chunk_mask(idx, counts, layout.num_chunks))
+        for lazy in (8, -1):
+            TB.FWD_CONFIG["lazy_log2"] = lazy
+            outs = []
+            for passes in (1, 2, 3):
+                TB.FWD_CONFIG["kv_passes"] = passes
+                outs.append(TB.attend(q, k, v, layout, layout, idx, counts))
+            err = float((outs[0] - want).norm() / want.norm())
+            assert err < 1e-5, (lat, lazy, err)
+            assert all(torch.equal(o, outs[0]) for o in outs), (lat, lazy)
+            assert not outs[0][0, 1, tokens[2]].any(), (lat, lazy)
+
+
 def scales() -> None:
     CS.STATS_CONFIG["slice"] = 64  # several slices a head at these lengths
     for S, D, dtype in ((300, 64, torch.bfloat16), (129, 128, torch.float16)):
@@ -75,7 +105,7 @@ def scales() -> None:
     assert torch.equal(CS.value_scales(zeros), F.value_scales(zeros))
 
 
-CHECKS = {"selection": selection, "scales": scales}
+CHECKS = {"selection": selection, "forward": forward, "scales": scales}
 
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
