@@ -530,6 +530,8 @@ def main() -> None:
     ap.add_argument("--profile-once", action="store_true", help="two kernel calls, for ncu")
     ap.add_argument("--selection", action="store_true",
                     help="selection alone by stage at 720p and 720p-48f (0.9375), vs targets")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=INT",
+                    help="a triton_bsa.FWD_CONFIG override for our rows (repeatable)")
     ap.add_argument("--out", default=None, help="folder for JSON + markdown (default: results/)")
     ap.add_argument("--log", default=None)
     args = ap.parse_args()
@@ -541,8 +543,15 @@ def main() -> None:
             logf.write(msg + "\n")
             logf.flush()
 
+    from longcat_tools.kernels import triton_bsa as TB
+
+    for item in args.config:
+        key, _, value = item.partition("=")
+        if key not in TB.FWD_CONFIG or not value.lstrip("-").isdigit():
+            ap.error(f"--config {item}: use KEY=INT, KEY one of {', '.join(TB.FWD_CONFIG)}")
+        TB.FWD_CONFIG[key] = int(value)
     dev = torch.device("cuda")
-    meta = versions(dev)
+    meta = {**versions(dev), "fwd_config": dict(TB.FWD_CONFIG)}
     log(json.dumps(meta))
     if args.sweep:
         sweep(SHAPES["720p"], 0.9375, log, args.rep_ms)
