@@ -43,7 +43,6 @@ FWD = dict(CTQ=4, CHQ=4, CWQ=4, CQ=64, CTK=4, CHK=4, CWK=4, CK=64, BLOCK_M=64, B
            STORE_STATE=False)
 # label, fp8, num_stages, maxnreg (None: the compiler's choice), constexpr changes
 VARIANTS = [("bf16", False, 2, None, {}), ("bf16, 1 stage, maxnreg 128", False, 1, 128, {}),
-            ("bf16, 1 stage, maxnreg 128, rescaled lazily", False, 1, 128, {"LAZY_LOG2": 8}),
             ("bf16, 1 stage, maxnreg 128, ragged k", False, 1, 128, {"EVEN_K": False}),
             ("bf16, 1 stage, maxnreg 128, kv pass", False, 1, 128,
              {"LOAD_STATE": True, "STORE_STATE": True}),
@@ -96,10 +95,6 @@ def forward(module, fp8: bool, stages: int, maxnreg: int | None, changes: dict) 
     options = dict(num_warps=4, num_stages=stages)
     if maxnreg:
         options["maxnreg"] = maxnreg
-    names = module._bsa_fwd_kernel.arg_names
-    if "LAZY_LOG2" in names:  # as attend launches it
-        changes = {"LAZY_LOG2": -1 if fp8 else module.FWD_CONFIG["lazy_log2"], **changes}
-    changes = {k: v for k, v in changes.items() if k in names}  # an earlier kernel's
     return compile_stats(module._bsa_fwd_kernel, sig, {**FWD, "FP8": fp8, **changes}, **options)
 
 

@@ -220,7 +220,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SPLIT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
                     TMA: tl.constexpr, FP8: tl.constexpr, LOAD_STATE: tl.constexpr,
-                    STORE_STATE: tl.constexpr, LAZY_LOG2: tl.constexpr):
+                    STORE_STATE: tl.constexpr):
     """KD, VD: TMA descriptors of the chunk-major copies, or (TMA false) the copies.
 
     FP8 (``fp8_attention``'s rules): q is quantized here to int8 per token, KD holds int8 k
@@ -296,7 +296,10 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
             qk = tl.dot(q, tl.trans(k)).to(tl.float32) * sk[None, :]
         else:
             qk = tl.dot(q, tl.trans(k))
-        if not EVEN_K:
+        if EVEN_K:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * row_mul)
+            m_use = m_ij
+        else:
             r = part * BLOCK_N + tl.arange(0, BLOCK_N)
             ct = c // (NHK * NWK)
             ch = (c // NWK) % NHK
@@ -304,26 +307,12 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
             col_ok = ((r < CK) & (ct * CTK + r // (CHK * CWK) < TK)
                       & (ch * CHK + (r // CWK) % CHK < HHK) & (cw * CWK + r % CWK < WK))
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * row_mul)
-        if LAZY_LOG2 >= 0:
-            # rescale only when a row's max grew by more than LAZY_LOG2 (-inf -> -inf: 0)
-            grew = tl.max(tl.where(m_ij > m_i, m_ij - m_i, 0.0), 0)
-            if grew > LAZY_LOG2:
-                m_new = m_ij if EVEN_K else tl.where(m_ij == float("-inf"), 0.0, m_ij)
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_ij
-            m_use = m_i if EVEN_K else tl.where(m_i == float("-inf"), 0.0, m_i)
-            p = tl.math.exp2(qk * row_mul[:, None] - (m_use - p_shift)[:, None])
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            m_use = m_ij if EVEN_K else tl.where(m_ij == float("-inf"), 0.0, m_ij)
-            p = tl.math.exp2(qk * row_mul[:, None] - (m_use - p_shift)[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_ij
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * row_mul)
+            m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # no real key seen yet
+        p = tl.math.exp2(qk * row_mul[:, None] - (m_use - p_shift)[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
         if FP8:  # v^T tile: the chunk's [D, slots] block, columns of this part
             if TMA:
                 vt = VD.load([(row // (BLOCK_N * KV_SPLIT)) * HEAD_DIM, part * BLOCK_N])
@@ -339,6 +328,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
             else:
                 v = tl.load(VD + tile)
             acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
 
     if STORE_STATE:
         tl.store(SM + state, m_i)
@@ -468,16 +458,11 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
 # kv_passes: launches per call, each over one slice of the kv chunks, the softmax state
 # carried between them in float32 (4 * D + 8 bytes per query row); 0 = ``kv_passes_for``:
 # one per kv_pass_mb MB of a head's K and V at 2 + 2 bytes a value, rounded.
-# lazy_log2 (bf16 forward): >= 0 rescales the softmax state only when a row's max grew by more
-# than this (log2 units; p then stays below 2**lazy_log2), which skips the accumulator's
-# multiply on most tiles: 254 instead of 291 sm90 instructions a tile at 8
-# (benchmarks/NOTES_bsa_kernel.md, round 14), not yet timed; -1 rescales every tile. The fp8
-# forward always does: its p must stay under e4m3's 448.
 # maxnreg / fp8_maxnreg: registers a thread in the bf16 / fp8 forward; 0 = ``_REGISTER_CAP``
 # where it was measured, 255 = the compiler's choice.
 FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
                               "tma": 1, "kv_passes": 0, "kv_pass_mb": 30, "maxnreg": 0,
-                              "fp8_maxnreg": 0, "lazy_log2": -1}
+                              "fp8_maxnreg": 0}
 
 
 def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
@@ -612,8 +597,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
             counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk,
             nwk, D**-0.5 * math.log2(math.e),
             ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k, tma,
-            fp8, i > 0, i < len(passes) - 1, -1 if fp8 else FWD_CONFIG["lazy_log2"],
-            num_warps=warps, num_stages=stages,
+            fp8, i > 0, i < len(passes) - 1, num_warps=warps, num_stages=stages,
             maxnreg=maxnreg)
     if vscale is not None:
         # undo the power-of-two scale of V: exact. In the kernel's epilogue this per-head
