@@ -67,7 +67,7 @@ def forward() -> None:
                    for _ in range(3))
         index, valid = layout.token_index()
         tokens = [i[ok] for i, ok in zip(index, valid, strict=True)]  # of each chunk
-        # the chunks of the second half score far higher: the row max jumps by > 2**8 there
+        # the chunks of the second half score far higher: the row max jumps mid-list
         k[:, :, torch.cat(tokens[layout.num_chunks // 2:])] *= 8.0
         idx, counts = R.select_chunks(q, k, layout, layout, 0.5, None)
         idx[0, 1, 2], counts[0, 1, 2] = -1, 0  # nothing selected: zeros
