@@ -63,6 +63,17 @@ def test_a_bad_run_option_fails_before_the_runner_imports(tiny_native, tmp_path)
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_header_level_verify_does_not_import_torch(tiny_native, tmp_path):
+    """The CI gate answers without torch's seconds of import, for a pass and a bad path."""
+    code = ("import sys; from longcat_tools.cli import main; "
+            f"a = main(['verify', {str(tiny_native)!r}, '-q']); "
+            f"b = main(['verify', {str(tmp_path / 'missing')!r}]); "
+            "print(a, b, 'torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.stdout.split() == ["0", "2", "False"], p.stderr
+    assert "no such file or folder" in p.stderr
+
+
 def test_verbose_adds_the_traceback(tmp_path):
     (tmp_path / "taken").mkdir()
     p = run_cli("synth", str(tmp_path / "taken"), "-v")

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from longcat_tools.kernels.compiled import Compiled, triton_rows
+from longcat_tools.model.fp8 import E4M3_MAX
 
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # largest finite e4m3fn value
 # the smallest activation scale: float32's smallest normal, so its reciprocal is finite (a row
 # whose amax / 448 is smaller takes it, and its values stay within +-448)
 MIN_SCALE = 2.0**-126

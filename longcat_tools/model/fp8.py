@@ -25,6 +25,7 @@ METHOD = "fp8_e4m3_per_channel"
 CONFIG_FILE = "quantization_config.json"
 SCALE = "weight_scale"
 STORED_DTYPE = "F8_E4M3"  # safetensors' name of float8_e4m3fn
+E4M3_MAX = 448.0  # largest finite e4m3fn value
 # native module names inside ``blocks.{i}``: the GEMMs that run in e4m3
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
                  "cross_attn.proj", "ffn.w1", "ffn.w2", "ffn.w3")

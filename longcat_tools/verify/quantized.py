@@ -13,12 +13,11 @@ from pathlib import Path
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import read_tensor
-from longcat_tools.kernels.fp8 import E4M3_MAX
 from longcat_tools.model import flavours, fp8
 from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import WeightSet
 
-E4M3 = fp8.STORED_DTYPE
+E4M3, E4M3_MAX = fp8.STORED_DTYPE, fp8.E4M3_MAX
 
 
 def declared(rec: Recorder, component: str, folder: Path) -> bool:
