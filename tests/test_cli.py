@@ -51,27 +51,34 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path):
     assert str(tmp_path / "taken") in lines[0]
 
 
+def main_in_a_fresh_python(argvs: list[list[str]], modules: list[str]):
+    """Each argv through ``main`` in one new interpreter: (exit codes, whether each of
+    ``modules`` was imported by then, stderr)."""
+    code = ("import sys; from longcat_tools.cli import main; "
+            f"codes = [main(a) for a in {argvs!r}]; "
+            f"print(*codes, *[m in sys.modules for m in {modules!r}])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = p.stdout.split()
+    assert len(out) == len(argvs) + len(modules), p.stderr
+    return [int(c) for c in out[:len(argvs)]], out[len(argvs):], p.stderr
+
+
 def test_a_bad_run_option_fails_before_the_runner_imports(tiny_native, tmp_path):
     """Options are checked before diffusers and the pipeline load (seconds of imports)."""
-    code = ("import sys; from longcat_tools.cli import main; "
-            f"rc = main(['run', '-m', {str(tiny_native)!r}, '--frames', '3', '--out', "
-            f"{str(tmp_path / 'x.mp4')!r}]); "
-            "print(rc, 'diffusers' in sys.modules, 'longcat_tools.runner.pipeline' in sys.modules)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert p.stdout.split() == ["1", "False", "False"], p.stderr
-    assert p.stderr.strip().startswith("error: --frames 3: must be 4k+1")
+    codes, loaded, err = main_in_a_fresh_python(
+        [["run", "-m", str(tiny_native), "--frames", "3", "--out", str(tmp_path / "x.mp4")]],
+        ["diffusers", "longcat_tools.runner.pipeline"])
+    assert codes == [1] and loaded == ["False", "False"], err
+    assert err.strip().startswith("error: --frames 3: must be 4k+1")
     assert not (tmp_path / "x.mp4").exists()
 
 
 def test_header_level_verify_does_not_import_torch(tiny_native, tmp_path):
     """The CI gate answers without torch's seconds of import, for a pass and a bad path."""
-    code = ("import sys; from longcat_tools.cli import main; "
-            f"a = main(['verify', {str(tiny_native)!r}, '-q']); "
-            f"b = main(['verify', {str(tmp_path / 'missing')!r}]); "
-            "print(a, b, 'torch' in sys.modules)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert p.stdout.split() == ["0", "2", "False"], p.stderr
-    assert "no such file or folder" in p.stderr
+    codes, loaded, err = main_in_a_fresh_python(
+        [["verify", str(tiny_native), "-q"], ["verify", str(tmp_path / "missing")]], ["torch"])
+    assert codes == [0, 2] and loaded == ["False"], err
+    assert "no such file or folder" in err
 
 
 def test_verbose_adds_the_traceback(tmp_path):
