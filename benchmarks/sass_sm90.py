@@ -57,6 +57,7 @@ def compile_stats(fn, signature: dict, constexprs: dict, aligned: tuple[str, ...
     """``aligned``: arguments a launch marks divisible by 16 (pointers to 16-byte aligned
     tensors, integers that are multiples of 16), as Triton specializes them: wide loads."""
     names = fn.arg_names
+    constexprs = {k: v for k, v in constexprs.items() if k in names}  # an earlier kernel's
     sig = {n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in names}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
@@ -106,7 +107,10 @@ _ROWS = dict(ROWS=TN.ROWS_PER_PROGRAM, BLOCK_C=4096, RES_MODE=TN.RES_GATED,
 _ROWS_SIG = {**dict.fromkeys(["X", "RES", "W", "BIAS", "XOUT"], "*bf16"),
              **dict.fromkeys(["GATE", "SHIFT", "SCALE", "YSCALE"], "*fp32"), "eps": "fp32"}
 _SWIGLU_E4M3_SIG = {"A": "*bf16", "B": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32"}
-_E4M3_ROWS_SIG = {"X": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32"}
+_E4M3_ROWS_SIG = {"X": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32", "MEAN": "*fp32"}
+_HEAD_SIG = {"SRC": "*bf16", "W": "*bf16", "COS": "*fp32", "SIN": "*fp32", "OUT": "*bf16",
+             "Q8": "*fp8e4nv", "QSCALE": "*fp32", "eps": "fp32"}
+_HEAD = dict(H_PAD=32, D=128, PARTS=2, ROPE=True)
 ROW_KERNELS = [
     ("fused_rows, adaln gated", "_rows_kernel", {**_ROWS_SIG, "YOUT": "*bf16"},
      {**_ROWS, "Q8": False}, "fused_rows", 4096),
@@ -116,11 +120,14 @@ ROW_KERNELS = [
      {"BLOCK": 4096}, "swiglu", 4096),
     ("swiglu, e4m3", "_swiglu_e4m3_kernel", _SWIGLU_E4M3_SIG, {"BLOCK_K": 16384},
      "swiglu_e4m3", 16384),
-    ("e4m3_rows, C = 4096", "_e4m3_rows_kernel", _E4M3_ROWS_SIG, {"BLOCK_K": 4096},
-     "e4m3_rows", 4096),
-    ("head_norm_rope, q and k", "_head_norm_rope_kernel",
-     {"SRC": "*bf16", "W": "*bf16", "COS": "*fp32", "SIN": "*fp32", "OUT": "*bf16",
-      "eps": "fp32"}, dict(H_PAD=32, D=128, PARTS=2, ROPE=True), "head_norm_rope", 4096),
+    ("e4m3_rows, C = 4096", "_e4m3_rows_kernel", _E4M3_ROWS_SIG,
+     {"BLOCK_K": 4096, "ADD_MEAN": False}, "e4m3_rows", 4096),
+    ("e4m3_rows plus a mean (fp8 attention's output)", "_e4m3_rows_kernel", _E4M3_ROWS_SIG,
+     {"BLOCK_K": 4096, "ADD_MEAN": True}, "e4m3_rows", 4096),
+    ("head_norm_rope, q and k", "_head_norm_rope_kernel", _HEAD_SIG,
+     {**_HEAD, "Q_E4M3": False}, "head_norm_rope", 4096),
+    ("head_norm_rope, q as e4m3", "_head_norm_rope_kernel", _HEAD_SIG,
+     {**_HEAD, "Q_E4M3": True}, "head_norm_rope", 4096),
 ]
 
 

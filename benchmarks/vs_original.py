@@ -63,7 +63,7 @@ sys.path.insert(0, str(HERE))
 from dit_forward import SHAPES, SMALL_SHAPES, build, inputs, rel, time_forward  # noqa: E402
 from fp8_attention import torch_statistics  # noqa: E402
 
-from longcat_tools.kernels import fa3  # noqa: E402
+from longcat_tools.kernels import dense, fa3  # noqa: E402
 from longcat_tools.kernels import fp8 as fp8_kernels  # noqa: E402
 from longcat_tools.runner import fast_ops  # noqa: E402
 from longcat_tools.synth import dit_config  # noqa: E402
@@ -76,14 +76,17 @@ class Fp8Variant(NamedTuple):
     inputs in e4m3 (``fast_ops.E4M3_GLUE``), whether the GEMMs accumulate fast
     (``kernels.fp8.FAST_ACCUM``) and whether the fp8 attention's statistics run as PyTorch
     reductions (``fp8_attention``'s, as before session 21) instead of ``kernels.column_stats``
-    (the benchmark's ``torch_statistics``). A variant with one kind runs only on the shapes that
-    use it (the BSA shapes attend sparsely throughout)."""
+    (the benchmark's ``torch_statistics``), and whether dense self-attention goes from the qkv
+    projection to the output projection's e4m3 rows in one chain (``kernels.dense.FUSED_FP8``).
+    A variant with one kind runs only on the shapes that use it (the BSA shapes attend
+    sparsely throughout)."""
 
     kind: str | None = None
     kernels: list[str] | None = None
     e4m3_glue: bool = True
     fast_accum: bool = True
     torch_stats: bool = False
+    fused: bool = True
 
 
 # The default quantizes both kinds, so "bf16 attn" is the BSA shapes' fp8 forward with the BSA
@@ -93,7 +96,8 @@ FP8_VARIANTS = {"ours fp8": Fp8Variant(), "ours fp8, bf16 attn": Fp8Variant("off
                 "ours fp8+dense attn cudnn": Fp8Variant("dense", ["cudnn"]),
                 "ours fp8, glue writes bf16": Fp8Variant(e4m3_glue=False),
                 "ours fp8, fp32 accumulation": Fp8Variant(fast_accum=False),
-                "ours fp8, statistics by PyTorch": Fp8Variant(torch_stats=True)}
+                "ours fp8, statistics by PyTorch": Fp8Variant(torch_stats=True, fused=False),
+                "ours fp8, q and O by separate passes": Fp8Variant(fused=False)}
 TARGETS = {  # issue #21: time ratio to the original on one GPU, same weights
     **{("480p/93 dense", v): 0.45 for v in FP8_VARIANTS},
     **{("720p refine/93 BSA 0.9375", v): 0.40 for v in FP8_VARIANTS},
@@ -314,13 +318,14 @@ def main() -> None:
     saved = list(fp8_attention.DENSE_KERNELS)
     defaults = fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM
     for variant in fp8_variants:
-        kind, kernels, glue, fast_accum, torch_stats = FP8_VARIANTS[variant]
+        kind, kernels, glue, fast_accum, torch_stats, fused = FP8_VARIANTS[variant]
         if (kind is not None or torch_stats) and device != "cuda":
             continue
         ours.fp8_attention = None if kind is None else frozenset({kind} - {"off"})
         fp8_attention.DENSE_KERNELS[:] = kernels or saved
         fp8_attention.CALLS.clear()
         fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = glue, fast_accum
+        dense.FUSED_FP8 = fused
         one_kind = kind in fp8_attention.KINDS
         with torch_statistics(torch_stats):
             try:
@@ -329,6 +334,7 @@ def main() -> None:
             finally:
                 fp8_attention.DENSE_KERNELS[:] = saved
                 fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = defaults
+                dense.FUSED_FP8 = True
         for row in rows:  # which kernel took the quantized calls, if any did
             if row["variant"] == variant:
                 row["quantized_calls"] = dict(fp8_attention.CALLS)

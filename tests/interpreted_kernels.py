@@ -14,6 +14,8 @@ and bf16 casts truncate, so the kernels' casts stay with the GPU tests.
   passes (bit for bit one pass's output).
 - ``scales``: ``column_stats`` gives ``fp8_attention``'s statistics (``key_mean``,
   ``value_scales``, ``per_tensor_scales``).
+- ``fused_fp8``: the fused ends of the fp8 self-attention (``fa3_fp8_attention.from_qkv``): q
+  as e4m3 out of the norm, v's mean added on the way to the projection's e4m3 rows.
 """
 
 from __future__ import annotations
@@ -103,7 +105,51 @@ def scales() -> None:
     assert torch.equal(CS.value_scales(zeros), F.value_scales(zeros))
 
 
-CHECKS = {"selection": selection, "forward": forward, "scales": scales}
+def _within_one_e4m3_step(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """The interpreter truncates where the GPU rounds to nearest, and where rounding up carries
+    into the next power of two it drops the carry (125.7 gives 64, not 128): each value at most
+    one e4m3 step off (3 mantissa bits: 2**-3 of it, or the subnormal step 2**-9), or half a
+    power of two one step off, for a few values only."""
+    got = got.float()
+    room = torch.maximum(want.abs() * 2**-3, torch.full_like(want, 2**-9))
+    near = (got - want).abs() <= room
+    power = (got != 0) & (torch.frexp(got).mantissa.abs() == 0.5)
+    carry = ~near & power & ((2 * got - want).abs() <= room)
+    return bool((near | carry).all()) and float(carry.float().mean()) < 0.05
+
+
+def fused_fp8() -> None:
+    """The fp8 self-attention's two fused ends: ``head_norm_rope`` writing q as e4m3 of its
+    value over a given scale (k as before), and ``e4m3_rows`` adding a mean per group of
+    rows first (float32 activations: the interpreter's bf16 rounding is not the GPU's)."""
+    from longcat_tools.kernels import cudnn_fp8_attention as C
+    from longcat_tools.kernels import fp8
+    from longcat_tools.kernels import triton_norm as TN
+
+    g = torch.Generator().manual_seed(11)
+    B, N, H, D = 2, 24, 3, 32
+    qkv = torch.randn(B, N, 3 * H * D, generator=g)
+    qw, kw = (torch.rand(D, generator=g) + 0.5 for _ in range(2))
+    cos, sin = (torch.rand(N, D, generator=g) for _ in range(2))
+    q, k = TN.head_norm_rope(qkv, H, [qw, kw], cos, sin, 1e-6)
+    s_q = F.normed_scale(qw)
+    q8, k_too = TN.head_norm_rope(qkv, H, [qw, kw], cos, sin, 1e-6, q_scale=s_q)
+    assert q8.dtype == fp8.E4M3 and q8.transpose(1, 2).is_contiguous()
+    assert torch.equal(k_too, k)
+    assert _within_one_e4m3_step(q8, q * (1 / s_q)), "q"
+    assert float(q.abs().amax()) <= float(s_q) * F.E4M3_MAX
+    # the output pass: O plus v's mean, then the projection's per-token e4m3
+    o = torch.randn(B, N, H, D, generator=g)
+    mean = torch.randn(B, H, D, generator=g)
+    rows, scale = TN.e4m3_rows(o.reshape(B * N, H * D), mean.reshape(B, H * D))
+    full = C.scale_cast(o.transpose(1, 2), C.token_major(B, H, N, D, o.dtype, o.device),
+                        torch.ones(1), mean)
+    want, want_scale = fp8.quantize_rows(full.transpose(1, 2).reshape(B * N, H * D))
+    assert torch.equal(scale, want_scale)
+    assert _within_one_e4m3_step(rows, want.float()), "rows"
+
+
+CHECKS = {"selection": selection, "forward": forward, "scales": scales, "fused_fp8": fused_fp8}
 
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -100,6 +100,42 @@ def test_per_tensor_scales_bound_every_value_without_overflow():
     assert [s.item() for s in fa.per_tensor_scales(zeros, zeros, zeros)[:3]] == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("spike", [False, True])
+def test_normed_scale_bounds_q_after_its_rms_norm_and_rope(spike):
+    """q's scale from its norm weight alone holds every value the norm and RoPE can give: rows
+    with all their energy in one channel (the largest weight's, or its pair's) reach the bound,
+    random rows stay well inside it."""
+    from longcat_tools.runner.dit import RMSNorm, apply_rope, rope_3d_table
+
+    D = 128
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(D).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+        if spike:
+            norm.weight[37] = 9.0
+    top = int(norm.weight.float().abs().argmax())
+    x = torch.randn(8 * 4 * 4, D, generator=g)
+    x[:D] = torch.eye(D) * 1e3 + x[:D] * 1e-3  # one channel each: the row's whole norm
+    cos, sin = rope_3d_table((8, 4, 4), D, torch.device("cpu"))
+    q = apply_rope(norm(x.bfloat16()), cos, sin).float()
+    bound = float(fa.normed_scale(norm.weight)) * fa.E4M3_MAX
+    assert q.abs().amax() <= bound
+    assert q[top].abs().amax() > 0.9 * bound  # tight where a row can reach it
+    assert float(fa.normed_scale(torch.zeros(D))) == 1.0
+
+
+def test_a_given_q_scale_changes_only_qs_rounding():
+    """``reference_per_tensor(q_scale=...)``: a coarser q scale leaves e4m3's relative precision
+    (no value leaves the normal range here), so the output moves far less than fp8's error."""
+    q, k, v = (t.bfloat16() for t in _qkv(1, 2, 300, 64, seed=5))
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    measured = fa.reference_per_tensor(q, k, v)
+    bounded = fa.reference_per_tensor(q, k, v, q_scale=fa.per_tensor_scales(q, k, v)[0] * 3)
+    assert not torch.equal(bounded, measured)
+    assert _rel(bounded, exact) < 1.2 * _rel(measured, exact)
+
+
 def test_an_e4m3_output_rounds_what_varies_not_values_mean():
     """Diffuse attention (the DiT's at 480p) mostly returns v's mean. Rounded to e4m3 as it
     is, O would carry e4m3's ~3% per element; v loses its mean first and gets it back after, so

@@ -325,6 +325,93 @@ def test_fa3_fp8_attention_at_the_dits_lengths():
     assert _rel(out, exact) < 1.1 * recipe + 0.005, recipe
 
 
+def _projection(B: int, N: int, H: int, D: int, seed: int):
+    """A qkv projection ``[B, N, 3 * H * D]`` (bf16), q's and k's norm weights and a RoPE
+    table for N tokens."""
+    from longcat_tools.runner.dit import rope_3d_table
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda", generator=g).bfloat16()
+    qkv[..., H * D:2 * H * D] += 0.5  # k with a mean to smooth away
+    qw, kw = (torch.rand(D, device="cuda", generator=g).bfloat16() + 0.5 for _ in range(2))
+    cos, sin = rope_3d_table((N // 100, 10, 10), D, torch.device("cuda"))
+    return qkv, qw, kw, cos, sin
+
+
+def test_fa3_fp8_self_attention_from_qkv_is_the_separate_passes_given_qs_bound():
+    """``from_qkv``: q as e4m3 straight out of the norm with ``normed_scale`` is the norm's bf16
+    q scaled by ``scale_cast``, and O plus v's mean goes straight to the projection's e4m3
+    rows with the bits of the output pass and ``e4m3_rows``; the result stays as close to
+    fp32 as with q's measured scale."""
+    from longcat_tools.kernels import cudnn_fp8_attention as C
+    from longcat_tools.kernels import fa3
+    from longcat_tools.kernels import triton_norm as TN
+    from longcat_tools.kernels.fp8 import E4M3
+
+    A = _fa3()
+    B, N, H, D = 2, 1200, 3, 128
+    qkv, qw, kw, cos, sin = _projection(B, N, H, D, seed=9)
+    rows = A.from_qkv(qkv, H, qw, kw, cos, sin, 1e-6)
+    assert rows is not None and rows.q.shape == (B, N, H * D) and rows.dtype == torch.bfloat16
+    q, k = TN.head_norm_rope(qkv, H, [qw, kw], cos, sin, 1e-6)
+    v = qkv.view(B, N, 3, H, D)[:, :, 2].transpose(1, 2)
+    s_q = ref.normed_scale(qw)
+    assert float(q.float().abs().amax()) <= float(s_q) * 448.0
+    q8 = C.scale_cast(q, C.token_major(B, H, N, D, E4M3, q.device), s_q)
+    fused_q8, fused_k = TN.head_norm_rope(qkv, H, [qw, kw], cos, sin, 1e-6, q_scale=s_q)
+    # two compilations of the RoPE may contract its products apart: a bf16 ulp, rarely
+    for got, want, bits in ((fused_q8, q8, torch.uint8), (fused_k, k, torch.int16)):
+        apart = (got.view(bits).int() - want.view(bits).int()).abs()
+        assert (apart != 0).float().mean().item() <= 1e-4 and apart.max().item() <= 1
+    _, k8, v8, (_, s_k, s_v), v_mean = C.quantize(fused_q8, fused_k, v, q_scale=s_q)
+    o = fa3.forward(fused_q8, k8, v8, q_descale=s_q.expand(B, H), k_descale=s_k.expand(B, H),
+                    v_descale=s_v.expand(B, H))
+    full = C.scale_cast(o, C.token_major(B, H, N, D, q.dtype, q.device),
+                        torch.ones(1, device="cuda"), v_mean)
+    want, want_scale = TN.e4m3_rows(full.transpose(1, 2).reshape(B * N, H * D))
+    assert torch.equal(rows.q.view(torch.uint8).reshape(B * N, -1), want.view(torch.uint8))
+    assert torch.equal(rows.scale.reshape(B * N, 1), want_scale)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    measured = A.attention(q, k, v)
+    got = (rows.q.float() * rows.scale).view(B, N, H, D).transpose(1, 2)
+    assert _rel(got, exact) < 1.1 * _rel(measured, exact) + 0.01
+
+
+def test_an_fp8_dit_takes_its_dense_self_attention_from_qkv_through_fa3(monkeypatch):
+    """In an fp8 DiT with D = 128 (FA3's) the fast path's dense self-attention goes from the
+    qkv projection to the output projection's e4m3 rows (``kernels.dense.FUSED_FP8``), once a
+    block, near the separate passes."""
+    from longcat_tools.kernels import dense
+    from longcat_tools.runner.dit import LongCatTransformer3DModel
+    from longcat_tools.synth import dit_config
+
+    _fa3()
+    cfg = {**dit_config("small"), "num_heads": 2}  # 256 wide: D = 128
+    torch.manual_seed(0)
+    m = LongCatTransformer3DModel.from_config(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.05 if p.dim() > 1 else 0.02)
+    m = m.to("cuda", torch.bfloat16).eval()
+    m.to_fp8()
+    m.enable_fast_ops()
+    m.fp8_attention = frozenset({"dense"})
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 16, 4, 20, 20, generator=g, device="cuda")
+    t = torch.full((1, 4), 700.0, device="cuda")
+    y = torch.randn(1, 1, 512, m.dims.caption_channels, generator=g, device="cuda")
+    mask = torch.zeros(1, 512, dtype=torch.long, device="cuda")
+    mask[:, :9] = 1
+    monkeypatch.setattr(ref, "CALLS", ref.Counter())
+    with torch.no_grad():
+        fused = m(x, t, y, mask).float()
+        assert ref.CALLS == {"dense fa3": len(m.blocks)}
+        monkeypatch.setattr(dense, "FUSED_FP8", False)
+        separate = m(x, t, y, mask).float()
+    assert not torch.equal(fused, separate)  # q's scale differs
+    assert _rel(fused, separate) < 0.02
+
+
 def test_dense_fp8_calls_take_fa3_where_it_is_listed_first(monkeypatch):
     from longcat_tools.kernels import dense
 

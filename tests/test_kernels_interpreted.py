@@ -26,7 +26,8 @@ def interpreter_takes_loaded_loop_bounds() -> bool:
     return version(triton.__version__) >= (3, 9) or version(numpy.__version__) < (2, 4)
 
 
-@pytest.mark.parametrize("check", ["forward", "scales", "selection"])  # interpreted_kernels.CHECKS
+# interpreted_kernels.CHECKS
+@pytest.mark.parametrize("check", ["forward", "scales", "selection", "fused_fp8"])
 def test_triton_kernels_under_the_interpreter(check):
     if check == "forward" and not interpreter_takes_loaded_loop_bounds():
         pytest.skip("this Triton's interpreter cannot run the forward under NumPy 2.4 (CI's can)")

@@ -137,11 +137,15 @@ def value_scales(v: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / E4M3_MAX, 1.0)
 
 
-def tensor_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+def tensor_scales(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor]:
     """``fp8_attention.per_tensor_scales``: the e4m3 scales of q, k less its mean and v less
-    its mean, and the means of k and v, in one read of each."""
-    sq, sk, sv = column_stats(q), column_stats(k, smooth=True), column_stats(v, smooth=True)
-    s_q, s_k, s_v = tensor_scale(torch.stack([s.amax.amax() for s in (sq, sk, sv)])).unbind()
-    return s_q, s_k, s_v, sk.mean, sv.mean
+    its mean, and the means of k and v, in one read of each (q None: its scale None, q
+    already scaled)."""
+    stats = [column_stats(k, smooth=True), column_stats(v, smooth=True)]
+    if q is not None:
+        stats.insert(0, column_stats(q))
+    scales = tensor_scale(torch.stack([s.amax.amax() for s in stats])).unbind()
+    s_q = scales[0] if q is not None else None
+    return s_q, *scales[-2:], stats[-2].mean, stats[-1].mean

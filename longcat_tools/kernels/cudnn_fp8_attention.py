@@ -88,17 +88,21 @@ def scale_cast(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
     return y
 
 
-def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             q_scale: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                         tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The per-tensor recipe's inputs: token-major e4m3 copies of q, k less its mean and v less
-    its mean (three ``scale_cast`` passes), their scales (``tensor_scales``) and v's mean
-    ``[B, H, D]``, which the output pass adds back."""
+    its mean (``scale_cast`` passes), their scales (``tensor_scales``) and v's mean
+    ``[B, H, D]``, which the output pass adds back. ``q_scale``: q is e4m3 already, scaled by
+    it (``fp8_attention.normed_scale``), and is passed through."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    s_q, s_k, s_v, k_mean, v_mean = tensor_scales(q, k, v)
-    copies = (scale_cast(x, token_major(*x.shape, E4M3, x.device), s, mean)
-              for x, s, mean in ((q, s_q, None), (k, s_k, k_mean), (v, s_v, v_mean)))
-    return *copies, (s_q, s_k, s_v), v_mean
+    s_q, s_k, s_v, k_mean, v_mean = tensor_scales(q if q_scale is None else None, k, v)
+    if q_scale is None:
+        q = scale_cast(q, token_major(*q.shape, E4M3, q.device), s_q)
+    k8, v8 = (scale_cast(x, token_major(*x.shape, E4M3, x.device), s, mean)
+              for x, s, mean in ((k, s_k, k_mean), (v, s_v, v_mean)))
+    return q, k8, v8, (s_q if q_scale is None else q_scale, s_k, s_v), v_mean
 
 
 def token_major(B: int, H: int, S: int, D: int, dtype: torch.dtype,

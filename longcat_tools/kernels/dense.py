@@ -15,10 +15,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import fa3, fp8_attention
+from .fp8 import Rows
 
 _PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _cudnn_failed: set[tuple] = set()
+# fp8 self-attention from the qkv projection in two passes fewer where FA3 takes it
+# (``fp8_self_attention``); False: q and O by the generic passes (the benchmarks' baseline)
+FUSED_FP8 = True
 
 
 def _prefer_cudnn(q: torch.Tensor) -> bool:
@@ -48,6 +52,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = Fal
         if out is not None:
             return out
     return sdpa(q, k, v)
+
+
+def fp8_self_attention(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor,
+                       k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       eps: float) -> Rows | None:
+    """The DiT's dense self-attention in fp8, from its qkv projection ``[B, N, 3C]`` (q and k
+    through RMSNorm and RoPE) to its output projection's e4m3 ``Rows``, where FA3's FP8
+    forward is the first quantized kernel that covers it (``fa3_fp8_attention.from_qkv``).
+    None: the caller normalises q and k and calls ``attention``."""
+    if not FUSED_FP8:
+        return None
+    B, N, _ = qkv.shape
+    v = qkv.view(B, N, 3, heads, -1)[:, :, 2].transpose(1, 2)
+    found = fp8_attention.kernels_for(v, "dense")
+    if not found or not hasattr(found[0], "from_qkv"):
+        return None
+    rows = found[0].from_qkv(qkv, heads, q_weight, k_weight, cos, sin, eps)
+    if rows is not None:
+        fp8_attention.count("dense", found[0])
+    return rows
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,19 @@ def tensor_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, (amax / E4M3_MAX).clamp(min=MIN_SCALE), 1.0)
 
 
+def normed_scale(weight: torch.Tensor) -> torch.Tensor:
+    """q's e4m3 scale bounded from its RMSNorm ``weight`` ``[D]``, known before q is.
+
+    A normalised row has ``sum(x**2) <= D``, so no channel exceeds ``sqrt(D) * max|weight|``,
+    and RoPE only rotates pairs of channels; ``2**-5`` more covers the bf16 roundings on the way.
+    So the fused norm can write q as e4m3 at once (``triton_norm.head_norm_rope``) instead of
+    writing bf16, reading it for its maximum and again to scale it. e4m3 is floating point:
+    a scale a few times the measured one only moves q's smallest values (below ~4e-4 of the
+    weight) into subnormals."""
+    bound = weight.detach().abs().amax().float() * (weight.shape[-1] ** 0.5 * (1 + 2**-5))
+    return tensor_scale(bound)
+
+
 def _amax_less(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """``max|x - mean|`` over a ``[B, H, S, D]`` tensor from its per-channel extremes
     (``x - mean`` rises with x), in the float32 the scaling pass subtracts in."""
@@ -123,14 +136,16 @@ def _amax_less(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 
 def reference_per_tensor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         out_e4m3: bool = False, p_scale: float = E4M3_MAX) -> torch.Tensor:
+                         out_e4m3: bool = False, p_scale: float = E4M3_MAX,
+                         q_scale: torch.Tensor | None = None) -> torch.Tensor:
     """cuDNN's FP8 recipe (``cudnn_fp8_attention``; FA3's with ``p_scale=256``) in float32
     ``[B, H, Sq, D]``: q, and k and v less their means, through e4m3 with
     ``per_tensor_scales``, p as e4m3 of ``p * p_scale`` against the row's maximum, row sums of
     p before rounding; ``out_e4m3``: O (less v's mean) through e4m3 with the scale
-    ``2 * s_v``, as cuDNN's on Hopper. Where a kernel's rounding of p differs (a running
-    maximum), the GPU tests allow for it."""
+    ``2 * s_v``, as cuDNN's on Hopper; ``q_scale``: q's scale given (``normed_scale``). Where a
+    kernel's rounding of p differs (a running maximum), the GPU tests allow for it."""
     s_q, s_k, s_v, k_mean, v_mean = per_tensor_scales(q, k, v)
+    s_q = s_q if q_scale is None else q_scale
     k = k.to(torch.float32) - k_mean[:, :, None]
     v = v.to(torch.float32) - v_mean[:, :, None]
     qd, kd, vd = (_e4m3(x.to(torch.float32), s) for x, s in ((q, s_q), (k, s_k), (v, s_v)))

@@ -12,10 +12,12 @@ same roundings as ``runner.dit``'s plain path:
 * ``head_norm_rope``: per-head RMSNorm of q and k read straight out of the fused qkv projection
   (rounded, times the weight, rounded, as the plain path does), then interleaved RoPE in fp32;
   q and k are written token-major (``[B, N, H, D]``) and returned as ``[B, H, N, D]`` views,
-  the layout the attention kernels read without copies.
+  the layout the attention kernels read without copies; for fp8 attention q can come out as
+  e4m3 of a scale given beforehand (``fa3_fp8_attention.from_qkv``).
 * ``swiglu``: ``silu(a) * b`` of the FFN, with the plain path's two roundings, one pass.
 * ``e4m3_rows``: an fp8 GEMM's input scaled per token (``kernels.fp8``'s rule, its bits): the
-  row's amax, ``x / (amax / 448)`` clamped and rounded to e4m3, and the scale, in one read.
+  row's amax, ``x / (amax / 448)`` clamped and rounded to e4m3, and the scale, in one read
+  (optionally after adding a mean per group of rows: the fp8 attention's output pass).
   ``fused_rows`` and ``swiglu`` can end the same way (``e4m3=True``): the fp8 DiT's GEMM inputs
   then never go through memory in bf16. They are rounded to it first, so they are ``e4m3_rows``
   of the bf16 result, except where this compilation of the norm rounds it one ulp apart from
@@ -172,10 +174,13 @@ def fused_rows(x: torch.Tensor, frames: int, *, res: torch.Tensor | None = None,
 
 
 @triton.jit
-def _head_norm_rope_kernel(SRC, W, COS, SIN, OUT, N, stride_sb, stride_sn, stride_op, stride_ob,
-                           stride_on, stride_cn, eps, H, H_PAD: tl.constexpr,
-                           D: tl.constexpr, PARTS: tl.constexpr, ROPE: tl.constexpr):
-    """One token: per-head RMSNorm over D of each of its ``PARTS`` parts, then RoPE."""
+def _head_norm_rope_kernel(SRC, W, COS, SIN, OUT, Q8, QSCALE, N, stride_sb, stride_sn, stride_op,
+                           stride_ob, stride_on, stride_cn, eps, H, H_PAD: tl.constexpr,
+                           D: tl.constexpr, PARTS: tl.constexpr, ROPE: tl.constexpr,
+                           Q_E4M3: tl.constexpr):
+    """One token: per-head RMSNorm over D of each of its ``PARTS`` parts, then RoPE. With
+    Q_E4M3 part 0 goes to Q8 as e4m3 of its rounded value times ``1 / QSCALE[0]``, the other
+    parts to OUT from its first slot."""
     tok = tl.program_id(0)
     b = (tok // N).to(tl.int64)
     n = (tok % N).to(tl.int64)
@@ -198,34 +203,44 @@ def _head_norm_rope_kernel(SRC, W, COS, SIN, OUT, N, stride_sb, stride_sn, strid
             oe = ye * ce[None, :] + (-yo) * se[None, :]
             oo = yo * co[None, :] + ye * so[None, :]
             y = tl.reshape(tl.join(oe, oo), (H_PAD, D))
-        tl.store(OUT + p * stride_op + b * stride_ob + n * stride_on + col, _rnd(y, dt), mask=ok)
+        at = b * stride_ob + n * stride_on + col
+        if Q_E4M3 and p == 0:
+            inv = tl.div_rn(1.0, tl.load(QSCALE))
+            tl.store(Q8 + at, e4m3_scaled(_rnd(y, dt).to(tl.float32), inv,
+                                          Q8.dtype.element_ty), mask=ok)
+        else:
+            tl.store(OUT + (p - Q_E4M3) * stride_op + at, _rnd(y, dt), mask=ok)
 
 
 def head_norm_rope(src: torch.Tensor, heads: int, weights: list[torch.Tensor],
                    cos: torch.Tensor | None, sin: torch.Tensor | None,
-                   eps: float) -> list[torch.Tensor]:
+                   eps: float, q_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per-head RMSNorm (+ RoPE) of the first ``len(weights)`` ``C``-wide parts of ``src``.
 
     ``src`` ``[B, N, P * C]`` with unit channel stride (the qkv projection: parts q, k, v);
     ``weights``: one ``[D]`` RMSNorm weight per part to normalise (q's, k's); ``cos``/``sin``
     ``[N, D]`` fp32 (interleaved pairs) or ``None`` for no RoPE. Returns one ``[B, H, N, D]``
-    view of a token-major ``[B, N, H, D]`` tensor per part.
+    view of a token-major ``[B, N, H, D]`` tensor per part. ``q_scale`` (float32, one
+    element): the first part comes back as e4m3 of its value times ``1 / q_scale``, as
+    ``cudnn_fp8_attention.scale_cast`` would scale the bf16 one, and is never written in bf16.
     """
     B, N, _ = src.shape
     parts, D, H = len(weights), weights[0].shape[0], heads
     if src.stride(-1) != 1:
         src = src.contiguous()
-    out = torch.empty(parts, B, N, H, D, device=src.device, dtype=src.dtype)
+    q_e4m3 = q_scale is not None
+    out = torch.empty(parts - q_e4m3, B, N, H, D, device=src.device, dtype=src.dtype)
+    q8 = torch.empty(B, N, H, D, device=src.device, dtype=E4M3) if q_e4m3 else out
     w = torch.stack([w.to(src.dtype) for w in weights]).contiguous()
     rope = cos is not None
     if rope:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
     _head_norm_rope_kernel[(B * N,)](
-        src, w, cos if rope else w, sin if rope else w, out, N, src.stride(0), src.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), cos.stride(0) if rope else 0, float(eps),
-        H, triton.next_power_of_2(H), D, parts, rope,
-        num_warps=_row_warps("head_norm_rope", triton.next_power_of_2(H) * D))
-    return [o.transpose(1, 2) for o in out]
+        src, w, cos if rope else w, sin if rope else w, out, q8, q_scale if q_e4m3 else w, N,
+        src.stride(0), src.stride(1), N * H * B * D, N * H * D, H * D,  # both [B, N, H, D]
+        cos.stride(0) if rope else 0, float(eps), H, triton.next_power_of_2(H), D, parts, rope,
+        q_e4m3, num_warps=_row_warps("head_norm_rope", triton.next_power_of_2(H) * D))
+    return [o.transpose(1, 2) for o in ([q8] if q_e4m3 else []) + list(out)]
 
 
 @triton.jit
@@ -296,25 +311,35 @@ def _e4m3_row(x, ok, dtype: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_rows_kernel(X, Q, SCALE, K, BLOCK_K: tl.constexpr):
-    """One row through ``_e4m3_row``."""
+def _e4m3_rows_kernel(X, Q, SCALE, MEAN, K, ROWS_PER_MEAN, BLOCK_K: tl.constexpr,
+                      ADD_MEAN: tl.constexpr):
+    """One row through ``_e4m3_row``; with ADD_MEAN the row plus ``MEAN[row // ROWS_PER_MEAN]``
+    (float32), rounded to X's dtype first."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_K)
     ok = c < K
     x = tl.load(X + row * K + c, mask=ok, other=0.0).to(tl.float32)
+    if ADD_MEAN:
+        m = tl.load(MEAN + (row // ROWS_PER_MEAN) * K + c, mask=ok, other=0.0)
+        x = _rnd(x + m, X.dtype.element_ty).to(tl.float32)
     q, scale = _e4m3_row(x, ok, Q.dtype.element_ty)
     tl.store(Q + row * K + c, q, mask=ok)
     tl.store(SCALE + row, scale)
 
 
-def e4m3_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def e4m3_rows(x: torch.Tensor, mean: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous ``[N, K]`` -> (e4m3 ``[N, K]``, float32 scales ``[N, 1]``), the bits of
-    ``kernels.fp8.quantize_rows``."""
+    ``kernels.fp8.quantize_rows``. ``mean`` (float32 ``[G, K]``, G dividing N): the rows of
+    each consecutive N / G are first added to their group's mean in float32 and rounded to x's
+    dtype (the fp8 attention's output pass), which is then never written."""
     N, K = x.shape
     q = torch.empty(N, K, device=x.device, dtype=E4M3)
     scale = torch.empty(N, 1, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(K)
-    _e4m3_rows_kernel[(N,)](x, q, scale, K, block, num_warps=_row_warps("e4m3_rows", block))
+    per_mean = N // mean.shape[0] if mean is not None else N
+    _e4m3_rows_kernel[(N,)](x, q, scale, mean if mean is not None else scale, K, per_mean,
+                            block, mean is not None, num_warps=_row_warps("e4m3_rows", block))
     return q, scale
 
 

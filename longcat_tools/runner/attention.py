@@ -17,6 +17,7 @@ import torch
 
 from longcat_tools import kernels
 from longcat_tools.errors import LongcatError
+from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.model import bsa_presets
 from longcat_tools.runner.context_parallel import ContextParallel
 from longcat_tools.runner.settings import BSA_CHOICES, check_bsa
@@ -89,6 +90,14 @@ class AttnSettings:
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) -> torch.Tensor:
     """Non-causal softmax attention on ``[B, H, S, D]``."""
     return kernels.attention(q, k, v, fp8=fp8)
+
+
+def dense_fp8_rows(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor,
+                   k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   eps: float) -> fp8_ops.Rows | None:
+    """Dense fp8 self-attention straight from the qkv projection to the e4m3 rows of the
+    output projection (``kernels.dense.fp8_self_attention``), None where no kernel does that."""
+    return kernels.dense.fp8_self_attention(qkv, heads, q_weight, k_weight, cos, sin, eps)
 
 
 def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

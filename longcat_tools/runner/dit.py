@@ -284,6 +284,12 @@ class SelfAttention(nn.Module):
         roped = kv_cache is None and not return_kv and fast_ops.use(attn.fast, x)
         if roped:  # norm + RoPE fused (q and k in one pass with the Triton kernels)
             cos, sin = rope_table_cached(grid, self.head_dim, x.device)
+            if (cp is None and num_cond_latents == 0 and (bsa is None or T == 1)
+                    and "dense" in attn.fp8 and takes_rows(self.proj)):
+                rows = attn_ops.dense_fp8_rows(qkv, heads, self.q_norm.weight,
+                                               self.k_norm.weight, cos, sin, self.q_norm.eps)
+                if rows is not None:
+                    return self.proj(rows), None
             q, k = fast_ops.qk_norm_rope(qkv, heads, self.q_norm.weight, self.k_norm.weight,
                                          cos, sin, self.q_norm.eps)
         else:
