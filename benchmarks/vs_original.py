@@ -316,7 +316,7 @@ def main() -> None:
     from longcat_tools.kernels import fp8_attention
 
     saved = list(fp8_attention.DENSE_KERNELS)
-    defaults = fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM
+    defaults = fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM, dense.FUSED_FP8
     for variant in fp8_variants:
         kind, kernels, glue, fast_accum, torch_stats, fused = FP8_VARIANTS[variant]
         if (kind is not None or torch_stats) and device != "cuda":
@@ -324,8 +324,7 @@ def main() -> None:
         ours.fp8_attention = None if kind is None else frozenset({kind} - {"off"})
         fp8_attention.DENSE_KERNELS[:] = kernels or saved
         fp8_attention.CALLS.clear()
-        fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = glue, fast_accum
-        dense.FUSED_FP8 = fused
+        fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM, dense.FUSED_FP8 = glue, fast_accum, fused
         one_kind = kind in fp8_attention.KINDS
         with torch_statistics(torch_stats):
             try:
@@ -333,8 +332,7 @@ def main() -> None:
                       [shape for shape, (_, bsa) in shapes.items() if bsa == (kind == "bsa")])
             finally:
                 fp8_attention.DENSE_KERNELS[:] = saved
-                fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM = defaults
-                dense.FUSED_FP8 = True
+                fast_ops.E4M3_GLUE, fp8_kernels.FAST_ACCUM, dense.FUSED_FP8 = defaults
         for row in rows:  # which kernel took the quantized calls, if any did
             if row["variant"] == variant:
                 row["quantized_calls"] = dict(fp8_attention.CALLS)

@@ -252,6 +252,11 @@ class SelfAttention(nn.Module):
         self.proj = Linear(dim, dim)
 
     @staticmethod
+    def _sparse(grid: tuple[int, int, int], bsa: BSAParams | None) -> bool:
+        """Whether a call attends block-sparsely: BSA asked for and more than one frame."""
+        return bsa is not None and grid[0] > 1
+
+    @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int],
                 bsa: BSAParams | None, fast: bool = False,
                 fp8: frozenset[str] = frozenset()) -> torch.Tensor:
@@ -259,7 +264,7 @@ class SelfAttention(nn.Module):
         (the query/key frame counts follow from the token counts). ``fast``: BSA with the
         original's precision and a token-major output (``attn_ops.block_sparse``). ``fp8``:
         the kinds (dense, bsa) to quantize where ``kernels.fp8_attention`` has a kernel."""
-        if bsa is not None and grid[0] > 1:
+        if SelfAttention._sparse(grid, bsa):
             hw = grid[1] * grid[2]
             return attn_ops.block_sparse(q, k, v, (q.shape[2] // hw, grid[1], grid[2]),
                                          (k.shape[2] // hw, grid[1], grid[2]), bsa, fast=fast,
@@ -284,7 +289,7 @@ class SelfAttention(nn.Module):
         roped = kv_cache is None and not return_kv and fast_ops.use(attn.fast, x)
         if roped:  # norm + RoPE fused (q and k in one pass with the Triton kernels)
             cos, sin = rope_table_cached(grid, self.head_dim, x.device)
-            if (cp is None and num_cond_latents == 0 and (bsa is None or T == 1)
+            if (cp is None and num_cond_latents == 0 and not self._sparse(grid, bsa)
                     and "dense" in attn.fp8 and takes_rows(self.proj)):
                 rows = attn_ops.dense_fp8_rows(qkv, heads, self.q_norm.weight,
                                                self.k_norm.weight, cos, sin, self.q_norm.eps)
