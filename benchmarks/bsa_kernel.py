@@ -356,8 +356,8 @@ def sweep(lat, sp, log, rep_ms):
     ir, cr = R.select_chunks(q, k, lq, lk, sp, None)
     log(f"selection equals reference on device: {torch.equal(ir, indices)}")
     qb, kb = TB.pool(q, lq), TB.pool(k, lk)
-    sc = R.exact_scores(qb, kb)
-    log(f"scores (float64 matmul) ms {bench(lambda: R.exact_scores(qb, kb), rep_ms):.3f}")
+    sc = TB.scores(qb, kb)
+    log(f"scores (int8) ms {bench(lambda: TB.scores(qb, kb), rep_ms):.3f}")
     kk = int(counts[0, 0, 0])
     times = [bench(lambda: TB.pool(q, lq), rep_ms),
              bench(lambda: TB.select(sc, counts, kk, q.dtype), rep_ms),
@@ -407,8 +407,10 @@ def sweep(lat, sp, log, rep_ms):
 
 
 def selection_stages(name, lat, sp, log, rep_ms) -> dict:
-    """Selection alone (pool q, pool k, float64 score matmul, select), by stage and whole,
-    against the issue's target; and whether it equals the reference run on the CPU."""
+    """Selection alone by stage (pool q and k with their score grids, the int8 score kernel,
+    select), whole, against the issue's target and, in the same run, the previous selection
+    (pools, cuBLAS float64 matmul of the means, select on float64); the score kernel's tile
+    configs; and whether it equals the reference run on the CPU."""
     from longcat_tools.kernels import triton_bsa as TB
 
     S = math.prod(lat)
@@ -416,33 +418,49 @@ def selection_stages(name, lat, sp, log, rep_ms) -> dict:
     q, k = (torch.randn(1, HEADS, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             for _ in range(2))
     lq = lk = kernels.chunk_layout(lat, CHUNK)
-    qb, kb = TB.pool(q, lq), TB.pool(k, lk)
-    s64 = R.exact_scores(qb, kb)
-    kk = kept_per_query(sp, lk.num_chunks)
-    counts = torch.full(s64.shape[:-1], kk, dtype=torch.int32, device="cuda")
     mq, mk = lq.num_chunks, lk.num_chunks
+    shape = (1, HEADS, mq, mk)
+    qb, kb = TB.pool(q, lq), TB.pool(k, lk)
+    score = TB.scores(qb, kb)
+    kk = kept_per_query(sp, mk)
+    counts = torch.full(shape[:-1], kk, dtype=torch.int32, device="cuda")
+
+    def previous():  # session 23's selection: float64 matmul of the means, 8-byte scores
+        qb, kb = TB.pool(q, lq), TB.pool(k, lk)
+        s64 = torch.matmul(qb.double(), kb.double().transpose(-1, -2).contiguous())
+        return TB.select(s64, counts, kk, q.dtype)
+
     row = {"shape": name, "latent": list(lat), "sparsity": sp, "num_chunks": mk,
            "kept_per_q_chunk": kk,
            "pool_q_ms": bench(lambda: TB.pool(q, lq), rep_ms),
            "pool_k_ms": bench(lambda: TB.pool(k, lk), rep_ms),
-           "score_matmul_ms": bench(lambda: R.exact_scores(qb, kb), rep_ms),
-           "select_ms": bench(lambda: TB.select(s64, counts, kk, q.dtype), rep_ms),
+           "grid_q_ms": bench(lambda: TB.grid(qb), rep_ms),
+           "score_ms": bench(lambda: TB.scores(qb, kb), rep_ms),
+           "select_ms": bench(lambda: TB.select(score, counts, kk, q.dtype), rep_ms),
            "selection_ms": bench(lambda: kernels.select_chunks(
                q, k, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK), rep_ms),
-           "target_ms": SELECTION_TARGET_MS.get(name)}
-    flop = 2 * HEADS * mq * mk * HEAD_DIM
-    row["score_tflops"] = flop / row["score_matmul_ms"] / 1e9
-    # the same DGEMM with k's means given as a contiguous [D, M_k] operand (cuBLAS may pick
-    # another kernel for the other layout); the exact sums are equal either way
+           "target_ms": SELECTION_TARGET_MS.get(name),
+           "previous_selection_ms": bench(previous, rep_ms)}
     q64, kt64 = qb.double(), kb.double().transpose(-1, -2).contiguous()
-    row["score_matmul_nn_ms"] = bench(lambda: torch.matmul(q64, kt64), rep_ms)
-    row["score_matmul_nn_equal"] = torch.equal(torch.matmul(q64, kt64), s64)
-    saved = TB.SELECT_WARPS
-    for warps in (2, 4, 8):  # the select kernel is instruction-bound (NOTES round 8)
-        TB.SELECT_WARPS = warps
-        row[f"select_ms_warps{warps}"] = bench(lambda: TB.select(s64, counts, kk, q.dtype),
-                                               rep_ms)
-    TB.SELECT_WARPS = saved
+    s64 = torch.matmul(q64, kt64)
+    row["previous_dgemm_ms"] = bench(lambda: torch.matmul(q64, kt64), rep_ms)
+    row["previous_select_ms"] = bench(lambda: TB.select(s64, counts, kk, q.dtype), rep_ms)
+    row["int8_tops"] = 9 * 2 * HEADS * mq * mk * HEAD_DIM / row["score_ms"] / 1e9
+    row["same_picks_as_previous"] = torch.equal(previous(), TB.select(score, counts, kk,
+                                                                      q.dtype))
+    saved = dict(TB.SCORE_CONFIG)
+    for bm, bn, warps, stages in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 1),
+                                  (128, 64, 8, 2), (64, 128, 4, 2)):
+        TB.SCORE_CONFIG.update(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+        key = f"score_ms_{bm}x{bn}_w{warps}_s{stages}"
+        row[key] = bench(lambda: TB.scores(qb, kb), rep_ms)
+        assert torch.equal(TB.scores(qb, kb), score)
+        if row[key] <= min(v for k, v in row.items() if k.startswith("score_ms_")):
+            row["fastest_score_config"] = dict(TB.SCORE_CONFIG)
+    TB.SCORE_CONFIG.update(row["fastest_score_config"])
+    row["selection_ms_fastest_score_config"] = bench(lambda: kernels.select_chunks(
+        q, k, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK), rep_ms)
+    TB.SCORE_CONFIG.update(saved)
     idx, _ = kernels.select_chunks(q, k, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK)
     heads = slice(0, 4)  # the CPU reference on 4 heads keeps this quick
     ref_idx, _ = R.select_chunks(q[:, heads].cpu(), k[:, heads].cpu(), lq, lk, sp, None)

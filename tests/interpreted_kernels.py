@@ -6,9 +6,11 @@ it). Exit code 0: the check held. Only arithmetic the interpreter does as a GPU 
 float32 and float64, and the bf16 rounding the kernels do by bits there. The interpreter's e4m3
 and bf16 casts truncate, so the kernels' casts stay with the GPU tests.
 
-- ``selection``: pooling, the float64 scores and the select kernel give the reference's chunks,
-  bit for bit (top-k and CDF, bf16 and fp16, chunks that do and do not divide the latent; many
-  tied scores; counts of zero); the pass over k also writes its chunk-major copy right.
+- ``selection``: pooling, the int8 score kernel and the select kernel give the reference's
+  chunks, bit for bit (top-k and CDF, bf16 and fp16, chunks that do and do not divide the
+  latent; many tied scores; counts of zero); the pass over k also writes its chunk-major copy
+  right; the scores equal the reference's on means spread over many binades
+  (``wide_means``: the grid drops low bits), zero and subnormal chunks.
 - ``forward``: the sparse forward on float32 inputs gives the reference's attention over the
   selected chunks, with ragged chunks, empty lists, a running max that jumps mid-list, and kv
   passes (bit for bit one pass's output).
@@ -35,7 +37,39 @@ SELECTIONS = [((4, 8, 8), (4, 4, 4), 0.75, None), ((5, 6, 7), (4, 4, 4), 0.5, No
               ((4, 8, 8), (2, 4, 4), None, 0.3), ((3, 5, 6), (2, 2, 4), 0.8, 0.2)]
 
 
+def wide_means(dtype: torch.dtype, M: int, D: int = 32, seed: int = 0,
+               subnormal: bool = False) -> torch.Tensor:
+    """``[1, 2, M, D]`` tokens that are their own chunk means (chunks of one token): values
+    over +-14 binades inside each row (fp16: +-5, so that most scores stay finite), so many
+    fall below the score grid; row 0 zero, row 1 tiny (bf16: 2**-110, with ``subnormal``
+    2**-140; fp16: 2**-12), so its scores with itself underflow float32 (bf16), row 2 a
+    cancelling 1, 2**-12, -1. (The interpreter's bf16 casts mishandle subnormals: GPU tests
+    only.)"""
+    g = torch.Generator().manual_seed(seed)
+    spread = 14 if dtype == torch.bfloat16 else 5
+    x = torch.randn(1, 2, M, D, generator=g) * 2.0 ** torch.randint(
+        -spread, spread + 1, (1, 2, M, D), generator=g)
+    x[:, :, 0] = 0.0
+    tiny = (2.0**-140 if subnormal else 2.0**-110) if dtype == torch.bfloat16 else 2.0**-12
+    x[:, :, 1] *= tiny
+    x[:, :, 2, :3] = torch.tensor([1.0, 2.0**-12, -1.0])
+    return x.to(dtype)
+
+
+def grid_scores(dtype: torch.dtype, device: str = "cpu", subnormal: bool = False, D: int = 32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(triton_bsa.scores, reference.scores)`` of ``wide_means`` q and k."""
+    q, k = (wide_means(dtype, M, D, seed=M, subnormal=subnormal).to(device) for M in (40, 70))
+    lq, lk = (R.ChunkLayout((1, 1, x.shape[2]), (1, 1, 1)) for x in (q, k))
+    got = TB.scores(TB.pool(q, lq), TB.pool(k, lk))
+    return got, R.scores(R.pool(q.cpu(), lq), R.pool(k.cpu(), lk)).to(dtype)
+
+
 def selection() -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in (16, 32):  # 16: zero channels pad the int8 dots to 32
+            got, want = grid_scores(dtype, D=D)
+            assert got.dtype == dtype and torch.equal(got, want), (dtype, D)
     for dtype in (torch.bfloat16, torch.float16):
         for i, (lat, chunk, sparsity, cdf) in enumerate(SELECTIONS):
             g = torch.Generator().manual_seed(i)

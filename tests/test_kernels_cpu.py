@@ -169,12 +169,27 @@ def test_round_fraction_is_round_to_nearest_even():
     assert round_fraction(Fraction(65519), torch.float16) == 65504
 
 
+def on_grid(row: list[Fraction], bits: int = 21) -> list[Fraction]:
+    """The documented score grid, spelled out in rationals: each value truncated toward zero to
+    a multiple of ``2**(e - bits)``, e the least integer with ``max|row| < 2**e`` (>= -125)."""
+    top = max(abs(x) for x in row)
+    e = -125
+    while top >= Fraction(2) ** e:
+        e += 1
+    quantum = Fraction(2) ** (e - bits)
+    return [Fraction(math.trunc(x / quantum)) * quantum for x in row]
+
+
 def exact_score_bits(qbar: torch.Tensor, kbar: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The documented score: exact dot product (Fractions), rounded to float32, then to dtype."""
+    """The documented score: exact dot product (Fractions) of the means, on the grid for
+    bf16/fp16 inputs, rounded to float32, then to dtype."""
     B, H, Mq, _ = qbar.shape
     Mk = kbar.shape[2]
-    q = [[[[Fraction(v) for v in row] for row in h] for h in b] for b in qbar.double().tolist()]
-    k = [[[[Fraction(v) for v in row] for row in h] for h in b] for b in kbar.double().tolist()]
+    grid = on_grid if qbar.dtype in (torch.bfloat16, torch.float16) else list
+    q = [[[grid([Fraction(v) for v in row]) for row in h] for h in b]
+         for b in qbar.double().tolist()]
+    k = [[[grid([Fraction(v) for v in row]) for row in h] for h in b]
+         for b in kbar.double().tolist()]
     out = torch.empty(B, H, Mq, Mk, dtype=torch.float64)
     for b in range(B):
         for h in range(H):
@@ -238,19 +253,38 @@ def test_scores_round_through_float32():
 
 
 def test_scores_changed_from_float32_sequential_sum():
-    """The scores used to be a float32 sum in the order d = 0..D-1; they are now the exact sum.
-    With cancellation the two differ: 2**25 + 1 - 2**25 is 0 in float32 order, 1 exactly."""
-    qbar = torch.tensor([[[[2.0**25, 1.0, -(2.0**25)]]]], dtype=torch.bfloat16)
-    kbar = torch.ones(1, 1, 1, 3, dtype=torch.bfloat16)
+    """The scores used to be a float32 sum in the order d = 0..D-1; they are now the exact sum
+    (on the grid). With cancellation the two differ: products 1, 2**-24 and -1 sum to 0 in
+    float32 order (1 + 2**-24 rounds to 1), to 2**-24 exactly."""
+    qbar = torch.tensor([[[[1.0, 2.0**-12, -1.0]]]], dtype=torch.bfloat16)
+    kbar = torch.tensor([[[[1.0, 2.0**-12, 1.0]]]], dtype=torch.bfloat16)
     old = torch.zeros((), dtype=torch.float32)
     for d in range(3):  # the former semantics, spelled out
         old += qbar[0, 0, 0, d].float() * kbar[0, 0, 0, d].float()
     assert old.item() == 0.0
-    assert R.scores(qbar, kbar).item() == 1.0
-    # and so the selection: the chunk the old sum scored 0 now wins over one scoring 0.5
-    kbar2 = torch.cat([torch.tensor([[[[0.0, 0.5, 0.0]]]], dtype=torch.bfloat16), kbar], 2)
+    assert R.scores(qbar, kbar).item() == 2.0**-24
+    # and so the selection: the chunk the old sum scored 0 now wins over one scoring -0.5
+    kbar2 = torch.cat([torch.tensor([[[[0.0, 0.0, 0.5]]]], dtype=torch.bfloat16), kbar], 2)
     counts = torch.ones(1, 1, 1, dtype=torch.int32)
     assert R.select_from_scores(R.scores(qbar, kbar2), counts).tolist() == [[[[1]]]]
+
+
+@pytest.mark.parametrize("dtype, exact_below", [(torch.bfloat16, 13), (torch.float16, 10)])
+def test_the_score_grid_keeps_means_within_its_range_exact(dtype, exact_below):
+    """A mean ``2**-exact_below`` of its chunk's largest is exact on the 21-bit grid; one
+    smaller loses its low bits (1 + 2**-7 times 2**-14 below the max keeps only its top bit in
+    bf16), truncated toward zero; and every grid value is an integer below 2**21."""
+    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+    small = (1 + ulp) * 2.0**-exact_below
+    x = torch.tensor([[1.5, -small, small / 2]], dtype=dtype)
+    ints, e = R.fixed_point(x)
+    assert e.tolist() == [1] and float(ints.abs().max()) < 2**21
+    assert torch.equal(ints, torch.trunc(ints))
+    back = ints * 2.0 ** (int(e) - 21)
+    assert back[0, :2].tolist() == x[0, :2].double().tolist()  # exact
+    assert back[0, 2].item() == 2.0 ** -(exact_below + 1)  # low bit lost, toward zero
+    zero = R.fixed_point(torch.zeros(1, 4, dtype=dtype))[0]
+    assert not zero.any()
 
 
 def test_equal_chunks_tie_to_the_lower_index():

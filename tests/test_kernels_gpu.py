@@ -148,6 +148,25 @@ def test_select_kernel_rounds_float64_like_reference(dtype):
         assert torch.equal(TB.select(R.round_scores(s64, dtype), cnt, kk, dtype).cpu(), want)
 
 
+@pytest.mark.parametrize("dtype, subnormal", [(torch.bfloat16, False), (torch.bfloat16, True),
+                                             (torch.float16, False)])
+@pytest.mark.parametrize("config", [(64, 64, 4, 3), (64, 64, 4, 1), (128, 64, 8, 2),
+                                    (64, 128, 4, 2)], ids=str)
+@pytest.mark.parametrize("D", [16, 32])
+def test_int8_scores_are_the_reference_scores(dtype, subnormal, config, D, monkeypatch):
+    """The score kernel (int8 slices on tensor cores) == ``reference.scores`` bit for bit, on
+    means over many binades (the grid drops low bits of some), zero, tiny and subnormal
+    chunks, for each tile shape; D = 16 pads the int8 dots to 32 with zeros."""
+    from interpreted_kernels import grid_scores
+
+    from longcat_tools.kernels import triton_bsa as TB
+
+    monkeypatch.setattr(TB, "SCORE_CONFIG", dict(zip(
+        ("block_m", "block_n", "num_warps", "num_stages"), config, strict=True)))
+    got, want = grid_scores(dtype, "cuda", subnormal, D)
+    assert got.dtype == dtype and torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("case", CASES[:6], ids=str)
 def test_plain_loads_where_triton_lacks_tma(case, monkeypatch):
     """The forward's fallback for Triton without host TMA descriptors (torch < 2.8)."""

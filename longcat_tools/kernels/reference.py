@@ -28,12 +28,13 @@ Selection (per batch, head and query chunk):
 
 Precision of selection. As in the original, pooled means are rounded to the input dtype
 and scores to the input dtype too (the original's bf16 ``matmul`` output). To make the
-result reproducible across devices and kernels, both are computed exactly in float64 and
-then rounded by one path, :func:`round_float64` (float64 -> float32 -> dtype, each step
-round-to-nearest-even): pooling sums in float64, and a score is the float64 matmul of the
-pooled means, i.e. the exact sum of the exact products of bf16/fp16 values, whatever order
-a device sums in (see ``exact_scores`` for when). Equal scores are broken towards the lower
-chunk index; the CDF arithmetic runs in float32.
+result reproducible across devices and kernels, both are computed exactly and then rounded
+by one path, :func:`round_float64` (float64 -> float32 -> dtype, each step
+round-to-nearest-even): pooling sums in float64, and a score is the exact dot product of the
+pooled means held on a fixed-point grid (:func:`fixed_point`: 21 bits below each chunk's
+largest mean, so every bf16 mean within 2**-13 of it, fp16 within 2**-10, is exact), whatever
+order a device sums in. Equal scores are broken towards the lower chunk index; the CDF
+arithmetic runs in float32.
 """
 
 from __future__ import annotations
@@ -159,20 +160,48 @@ def round_float64(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.float().to(dtype)
 
 
-def exact_scores(qbar: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
-    """Unscaled pooled scores ``[B, H, Mq, Mk]`` float64, before rounding (one batched matmul;
-    cuBLAS DGEMM on CUDA, which the Triton path calls too).
+# Magnitude bits of a pooled mean on the score grid: three 7-bit slices, which int8 tensor
+# cores multiply exactly (``triton_bsa._score_kernel``).
+GRID_BITS = 21
+GRID_DTYPES = (torch.bfloat16, torch.float16)
 
-    Every product of two bf16/fp16 values is exact in float64, and so is every partial sum
-    of them, in any order, while the nonzero products of one dot product lie within a
-    factor of 2**29 of each other (bf16; fp16: 2**23; D <= 256): then the result is the
-    exact dot product on every device. Beyond that (or for float32/float64 inputs) it
-    is a float64 sum whose last bit may depend on the device's summation order. k's means go
-    in as a contiguous ``[D, M_k]`` operand: cuBLAS's DGEMM took 0.32 ms for it at 720p on an
-    H100 against 0.37 ms for the transposed view (results/bsa_selection_h100_session21.json).
+
+def pow2(n: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** n`` in float64, exact (built from the bits) for integer n in -1022..1023."""
+    return ((n.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
+def fixed_point(xbar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled means ``[..., M, D]`` (bf16/fp16) on a per-chunk fixed-point grid:
+    ``(ints, e)`` with ``xbar ~ ints * 2**(e - GRID_BITS)`` and ``|ints| < 2**GRID_BITS``.
+
+    ``e`` ``[..., M]``: the least integer with ``max|x| < 2**e``, at least -125 (float32's
+    exponent field). ``ints``: float64 holding integers, ``x * 2**(GRID_BITS - e)`` truncated
+    toward zero, so a mean within ``2**(GRID_BITS - p)`` of its chunk's largest is exact
+    (p: the dtype's significand bits, 8 for bf16, 11 for fp16) and a smaller one loses its low
+    bits. Why a grid: products of 21-bit integers and their sums over D <= 2048 are exact in
+    float64 (and in int8 slices on tensor cores), in any order.
     """
-    kt = kbar.transpose(-1, -2).to(torch.float64, memory_format=torch.contiguous_format)
-    return torch.matmul(qbar.double(), kt)
+    x = xbar.double()
+    e = torch.frexp(x.abs().amax(-1)).exponent.clamp(min=-125)
+    return torch.trunc(x * pow2(GRID_BITS - e)[..., None]), e
+
+
+def exact_scores(qbar: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
+    """Unscaled pooled scores ``[B, H, Mq, Mk]`` float64, before rounding.
+
+    bf16/fp16 means: the exact dot product of their :func:`fixed_point` values (an exact
+    float64 matmul of integers below ``2**42 * D``, scaled by powers of two), the same on
+    every device and in ``triton_bsa``'s int8 kernel. float32/float64 inputs (reference only):
+    their float64 dot product, whose last bit may depend on the device's summation order.
+    """
+    if qbar.dtype not in GRID_DTYPES:
+        kt = kbar.transpose(-1, -2).to(torch.float64, memory_format=torch.contiguous_format)
+        return torch.matmul(qbar.double(), kt)
+    qi, qe = fixed_point(qbar)
+    ki, ke = fixed_point(kbar)
+    dot = torch.matmul(qi, ki.transpose(-1, -2).contiguous())
+    return dot * pow2(qe - GRID_BITS)[..., None] * pow2(ke - GRID_BITS)[..., None, :]
 
 
 def round_scores(score64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -183,7 +212,7 @@ def round_scores(score64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def scores(qbar: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
     """Unscaled pooled scores ``[B, H, Mq, Mk]`` float32, holding values rounded to the dtype:
-    the exact dot product of the pooled means, rounded by :func:`round_float64`."""
+    :func:`exact_scores` rounded by :func:`round_float64`."""
     return round_scores(exact_scores(qbar, kbar), qbar.dtype)
 
 

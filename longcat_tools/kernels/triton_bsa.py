@@ -6,14 +6,12 @@ Launches, each readable top to bottom:
                           over their real tokens (summed in float64), a chunk-major copy
                           (missing edge tokens zero), or both. q: means; k: both; v: copy
                           (bf16 V as float16 times a per-head power of two, see ``_v_copy``).
-2. scores                 not a Triton kernel: ``reference.exact_scores``, the float64
-                          matmul of the pooled means (cuBLAS DGEMM on FP64 tensor cores),
-                          exact for bf16/fp16 data in any summation order.
+2. ``_grid_kernel``       the means on the score grid (``reference.fixed_point``), as three
+   ``_score_kernel``      int8 slices; then the scores, ``reference.exact_scores`` rounded
+                          to the dtype: nine int8 tensor-core products of the slices, exact
+                          in int32, combined exactly in float64, rounded on the way out.
 3. ``_select_kernel``     per query chunk, the ``count`` best kv chunks by a radix select
-                          on the score bits (16 passes for bf16), as an *ascending* list;
-                          it rounds the float64 scores to the dtype as it loads them, so
-                          they are read once and no rounded copy is written (top-k only;
-                          with a CDF threshold the rounded scores are needed anyway).
+                          on the score bits (16 passes for bf16), as an *ascending* list.
 4. ``_bsa_fwd_kernel``    flash attention forward: one program per (query chunk,
                           batch*head), queries gathered from the raster layout, K and V
                           tiles loaded by TMA from the chunk-major copies. With
@@ -34,12 +32,13 @@ Why it looks like this (measurements in benchmarks/NOTES_bsa_kernel.md):
 * Ascending kv lists make the programs in flight walk K/V of one head in the same order;
   walking them in score order, as the original does, was 15% slower.
 * The selection is bit-for-bit the reference's (exact float64 pooling sums, the same
-  float64 matmul for scores, the same rounding float64 -> float32 -> dtype, the same tie
-  rule: lower index first), so tests can demand equality. The scores used to be a float32
-  FMA chain in a fixed order d = 0..D-1 (1.17 ms at 720p, growing with M_q * M_k); an exact
-  sum needs no order, so cuBLAS's FP64 tensor cores can compute it. A float64 ``tl.dot``
-  would spare writing and re-reading the float64 score matrix, but does not compile in
-  Triton 3.6 (sm_90).
+  exact scores, the same rounding float64 -> float32 -> dtype, the same tie rule: lower
+  index first), so tests can demand equality. The scores used to be a float32 FMA chain in
+  a fixed order d = 0..D-1 (1.17 ms at 720p, growing with M_q * M_k), then a cuBLAS float64
+  matmul of the means (0.38 ms with its conversions, and 8 bytes a score written and read
+  back). An exact sum needs no order; on the 21-bit grid it is nine int8 products, which
+  tensor cores run several times faster than float64, and the kernel writes the rounded
+  scores (2 bytes each). A float64 ``tl.dot`` does not compile in Triton 3.6 (sm_90).
 * P @ V runs in float16 for bf16 inputs: bf16 P costs ~1.7e-3 of relative error on top of
   the ~1.7e-3 of rounding the output, float16 P almost nothing.
 
@@ -51,6 +50,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -65,7 +65,8 @@ from longcat_tools.model.chunks import kept_per_query
 
 from .column_stats import key_mean, value_scales
 from .fp8 import E4M3
-from .reference import ChunkLayout, exact_scores, round_scores, selection_counts
+from .reference import GRID_BITS as R_GRID_BITS
+from .reference import ChunkLayout, selection_counts
 from .triton_fp8_attention import LOG2_P_SCALE, int8_rows
 
 
@@ -105,6 +106,15 @@ def _round_fp32_to(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+GRID_BITS = tl.constexpr(R_GRID_BITS)
+
+
+@triton.jit
+def _pow2(n):
+    """``2.0 ** n`` in float64 from its bits (``reference.pow2``), n an int32 in -1022..1023."""
+    return ((n.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
 @triton.jit
 def _chunk_pass_kernel(X, MEAN, XC, SCALE, stride_xb, stride_xh, stride_xs, stride_mb,
                        stride_mh, stride_mm, H, M, T, HH, W, NH, NW,
@@ -137,6 +147,28 @@ def _chunk_pass_kernel(X, MEAN, XC, SCALE, stride_xb, stride_xh, stride_xs, stri
         mean = tl.sum(acc, axis=0) / tl.sum(count, axis=0).to(tl.float64)
         out = MEAN + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + m * stride_mm
         tl.store(out + d, _round_fp32_to(mean.to(tl.float32), MEAN.dtype.element_ty))
+
+
+@triton.jit
+def _grid_kernel(MEAN, GRID, GEXP, ROWS, M, RB: tl.constexpr, D: tl.constexpr):
+    """Rows ``[RB]`` of the means ``[B*H*M, D]`` on the score grid (``reference.fixed_point``):
+    21-bit integers as three int8 slices, low 7 bits first, each with the sign, into GRID
+    ``[B*H, 3, M, D]``; the exponents into GEXP ``[B*H*M]``."""
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    ok = r < ROWS
+    d = tl.arange(0, D)
+    x = tl.load(MEAN + r[:, None].to(tl.int64) * D + d[None, :], mask=ok[:, None],
+                other=0.0).to(tl.float32)
+    field = (tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.maximum(field, 1) - 126  # least e with max|x| < 2**e, at least -125
+    ints = (x.to(tl.float64) * _pow2(-e + GRID_BITS)[:, None]).to(tl.int32)  # toward zero
+    mag = tl.abs(ints)
+    sign = tl.where(ints < 0, -1, 1)
+    g = GRID + ((r // M).to(tl.int64) * 3 * M + r % M)[:, None] * D + d[None, :]
+    for j in tl.static_range(3):
+        tl.store(g + j * M * D, (((mag >> (7 * j)) & 127) * sign).to(tl.int8),
+                 mask=ok[:, None])
+    tl.store(GEXP + r, e, mask=ok)
 
 
 @triton.jit
@@ -173,16 +205,60 @@ def _chunk_quant_kernel(X, XC, SCALE, MEAN, stride_xb, stride_xh, stride_xs, H, 
 
 
 @triton.jit
+def _score_kernel(QG, QE, KG, KE, OUT, Mq, Mk, BM: tl.constexpr, BN: tl.constexpr,
+                  D: tl.constexpr, DTYPE: tl.constexpr, STAGES: tl.constexpr):
+    """Scores of query chunks ``[BM]`` against every kv chunk of head ``bh``, ``[BN]`` at a
+    time, rounded to DTYPE: ``reference.exact_scores`` from the means' int8 slices (a = a2 *
+    2**14 + a1 * 2**7 + a0, each |aj| < 128). The nine slice products are exact int32
+    tensor-core dots, grouped by weight; three int32 sums (below 2**31 for D <= 256) then make
+    the exact integer, below 2**51, in float64, scaled by the two exponents and rounded
+    float64 -> float32 -> DTYPE."""
+    pm = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rm = pm * BM + tl.arange(0, BM)
+    d = tl.arange(0, D)
+    q_ok = rm < Mq
+    qp = QG + bh * 3 * Mq * D + rm[:, None] * D + d[None, :]
+    q0 = tl.load(qp, mask=q_ok[:, None], other=0)
+    q1 = tl.load(qp + Mq * D, mask=q_ok[:, None], other=0)
+    q2 = tl.load(qp + 2 * Mq * D, mask=q_ok[:, None], other=0)
+    qe = tl.load(QE + bh * Mq + rm, mask=q_ok, other=0)
+    i32: tl.constexpr = tl.int32
+    for n0 in tl.range(0, Mk, BN, num_stages=STAGES):
+        rn = n0 + tl.arange(0, BN)
+        k_ok = rn < Mk
+        kp = KG + bh * 3 * Mk * D + rn[:, None] * D + d[None, :]
+        k0 = tl.trans(tl.load(kp, mask=k_ok[:, None], other=0))
+        k1 = tl.trans(tl.load(kp + Mk * D, mask=k_ok[:, None], other=0))
+        k2 = tl.trans(tl.load(kp + 2 * Mk * D, mask=k_ok[:, None], other=0))
+        ke = tl.load(KE + bh * Mk + rn, mask=k_ok, other=0)
+        hi = tl.dot(q2, k2, out_dtype=i32) * 128  # weight 2**21
+        hi = tl.dot(q1, k2, tl.dot(q2, k1, hi, out_dtype=i32), out_dtype=i32)
+        mid = tl.dot(q2, k0, out_dtype=i32)  # weight 2**14
+        mid = tl.dot(q0, k2, tl.dot(q1, k1, mid, out_dtype=i32), out_dtype=i32)
+        lo = tl.dot(q1, k0, out_dtype=i32)  # weight 1
+        lo = tl.dot(q0, k0, tl.dot(q0, k1, lo, out_dtype=i32) * 128, out_dtype=i32)
+        n = (hi.to(tl.float64) * 2097152.0
+             + (mid.to(tl.float64) * 16384.0 + lo.to(tl.float64)))
+        score = (n * _pow2(qe - GRID_BITS)[:, None] * _pow2(ke - GRID_BITS)[None, :]
+                 ).to(tl.float32)
+        tl.store(OUT + (bh * Mq + rm[:, None]) * Mk + rn[None, :],
+                 _round_fp32_to(score, DTYPE), mask=q_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
 def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
                    MK_PAD: tl.constexpr, LOW_BIT: tl.constexpr, DTYPE: tl.constexpr):
-    """S: float32 scores already rounded to DTYPE, or float64 exact scores, rounded here
-    float64 -> float32 -> DTYPE like ``reference.round_float64``."""
+    """S: scores in DTYPE (``_score_kernel``'s), float32 ones already rounded to DTYPE, or
+    float64 exact scores, rounded here float64 -> float32 -> DTYPE like
+    ``reference.round_float64``."""
     row = tl.program_id(0).to(tl.int64)
     n = tl.arange(0, MK_PAD)
     valid = n < Mk
     s = tl.load(S + row * stride_srow + n, mask=valid, other=0.0)
     if S.dtype.element_ty == tl.float64:
-        s = _round_fp32_to(s.to(tl.float32), DTYPE).to(tl.float32)
+        s = _round_fp32_to(s.to(tl.float32), DTYPE)
+    s = s.to(tl.float32)
     bits = s.to(tl.int32, bitcast=True)
     # -0.0 ties +0.0, as in the reference's sort (a float64 matmul may return either)
     bits = tl.where(bits == -2147483648, 0, bits)
@@ -390,9 +466,51 @@ def chunk_pass(x: torch.Tensor, layout: ChunkLayout, *, pool: bool = True,
     return means, copy
 
 
+class Grid(NamedTuple):
+    """Pooled means on the score grid (``reference.fixed_point``): the integers as three int8
+    slices ``[B*H, 3, M, D]`` (low 7 bits first, each with the sign), exponents ``[B*H*M]``."""
+
+    slices: torch.Tensor
+    exps: torch.Tensor
+
+
+def grid(means: torch.Tensor, rows_per_program: int = 16) -> Grid:
+    """``[B, H, M, D]`` bf16/fp16 means (contiguous) on the score grid."""
+    B, H, M, D = means.shape
+    g = Grid(torch.empty(B * H, 3, M, D, device=means.device, dtype=torch.int8),
+             torch.empty(B * H * M, device=means.device, dtype=torch.int32))
+    rows = B * H * M
+    _grid_kernel[(triton.cdiv(rows, rows_per_program),)](
+        means.contiguous(), g.slices, g.exps, rows, M, rows_per_program, D, num_warps=4)
+    return g
+
+
 def pool(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """``[B, H, M, D]`` chunk means in x's dtype; same bits as ``reference.pool``."""
     return chunk_pass(x, layout)[0]  # type: ignore[return-value]
+
+
+# The score kernel: query chunks a program, kv chunks a step, warps, pipeline stages of its
+# loop over kv chunks. H100, 720p: 0.248 ms; 2 stages 0.264, 128 x 64 at 8 warps 0.274
+# (benchmarks/results/bsa_selection_h100_session25.json).
+SCORE_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
+
+
+def scores(qbar: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Mq, Mk]`` scores of the pooled means ``[B, H, M, D]`` (bf16/fp16) in their
+    dtype: ``reference.scores`` bit for bit (int8 tensor cores, exact)."""
+    if qbar.shape[-1] < 32:  # int8 tensor-core dots take K >= 32; zero channels add nothing
+        qbar, kbar = (torch.nn.functional.pad(x, (0, 32 - x.shape[-1])) for x in (qbar, kbar))
+    B, H, Mq, D = qbar.shape
+    Mk = kbar.shape[2]
+    qg, kg = grid(qbar), grid(kbar)
+    out = torch.empty(B, H, Mq, Mk, device=qbar.device, dtype=qbar.dtype)
+    bm, bn = SCORE_CONFIG["block_m"], SCORE_CONFIG["block_n"]
+    _score_kernel[(triton.cdiv(Mq, bm), B * H)](
+        qg.slices, qg.exps, kg.slices, kg.exps, out, Mq, Mk, bm, bn, D,
+        _SCORE_TYPES[qbar.dtype][0], SCORE_CONFIG["num_stages"],
+        num_warps=SCORE_CONFIG["num_warps"])
+    return out
 
 
 MAX_SELECT_CHUNKS = 16384
@@ -409,8 +527,9 @@ def select(score: torch.Tensor, counts: torch.Tensor, kmax: int,
            dtype: torch.dtype) -> torch.Tensor:
     """``[B, H, Mq, kmax]`` int32 ascending indices of the top ``counts`` scores, -1 padded.
 
-    ``score``: float64 ``reference.exact_scores`` (rounded to ``dtype`` in the kernel), or
-    float32 ``reference.round_scores`` of them; same result. ``dtype``: bf16 or fp16.
+    ``score``: :func:`scores` (in ``dtype``), float64 ``reference.exact_scores`` (rounded to
+    ``dtype`` in the kernel), or float32 ``reference.round_scores`` of them; same result.
+    ``dtype``: bf16 or fp16.
     """
     B, H, Mq, Mk = score.shape
     score = score.contiguous()  # rows at a fixed stride
@@ -440,14 +559,13 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
     """``select_chunks`` plus, with ``copy_k``, the chunk-major copy of k for ``attend``,
     written by the same pass over k that pools it."""
     kbar, kc = chunk_pass(k, layout_k, copy_dtype=k.dtype if copy_k else None)
-    score = exact_scores(pool(q, layout_q), kbar)  # type: ignore[arg-type]
+    score = scores(pool(q, layout_q), kbar)  # type: ignore[arg-type]
     mk = layout_k.num_chunks
     if cdf_threshold is None:
         kmax = kept_per_query(sparsity, mk)
         counts = torch.full(score.shape[:-1], kmax, dtype=torch.int32, device=q.device)
     else:
-        score = round_scores(score, q.dtype)
-        counts = selection_counts(score, sparsity, cdf_threshold, q.shape[-1])
+        counts = selection_counts(score.float(), sparsity, cdf_threshold, q.shape[-1])
         kmax = int(counts.max())
     return select(score, counts, kmax, q.dtype), counts, kc
 
