@@ -263,8 +263,9 @@ def test_scores_changed_from_float32_sequential_sum():
         old += qbar[0, 0, 0, d].float() * kbar[0, 0, 0, d].float()
     assert old.item() == 0.0
     assert R.scores(qbar, kbar).item() == 2.0**-24
-    # and so the selection: the chunk the old sum scored 0 now wins over one scoring -0.5
-    kbar2 = torch.cat([torch.tensor([[[[0.0, 0.0, 0.5]]]], dtype=torch.bfloat16), kbar], 2)
+    # and so the selection: the chunk the old sum scored 0 now wins over one scoring 2**-25
+    kbar2 = torch.cat([torch.tensor([[[[0.0, 2.0**-13, 0.0]]]], dtype=torch.bfloat16), kbar], 2)
+    assert R.scores(qbar, kbar2)[..., 0].item() == 2.0**-25
     counts = torch.ones(1, 1, 1, dtype=torch.int32)
     assert R.select_from_scores(R.scores(qbar, kbar2), counts).tolist() == [[[[1]]]]
 

@@ -32,7 +32,7 @@ result reproducible across devices and kernels, both are computed exactly and th
 by one path, :func:`round_float64` (float64 -> float32 -> dtype, each step
 round-to-nearest-even): pooling sums in float64, and a score is the exact dot product of the
 pooled means held on a fixed-point grid (:func:`fixed_point`: 21 bits below each chunk's
-largest mean, so every bf16 mean within 2**-13 of it, fp16 within 2**-10, is exact), whatever
+largest mean, so every bf16 mean at least 2**-13 times it, fp16 2**-10, is exact), whatever
 order a device sums in. Equal scores are broken towards the lower chunk index; the CDF
 arithmetic runs in float32.
 """
@@ -177,10 +177,10 @@ def fixed_point(xbar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     ``e`` ``[..., M]``: the least integer with ``max|x| < 2**e``, at least -125 (float32's
     exponent field). ``ints``: float64 holding integers, ``x * 2**(GRID_BITS - e)`` truncated
-    toward zero, so a mean within ``2**(GRID_BITS - p)`` of its chunk's largest is exact
-    (p: the dtype's significand bits, 8 for bf16, 11 for fp16) and a smaller one loses its low
-    bits. Why a grid: products of 21-bit integers and their sums over D <= 2048 are exact in
-    float64 (and in int8 slices on tensor cores), in any order.
+    toward zero, so a mean at least ``2**(p - GRID_BITS)`` times its chunk's largest is exact
+    (p: the dtype's significand bits, 8 for bf16, 11 for fp16: 2**-13 and 2**-10) and a
+    smaller one may lose low bits. Why a grid: products of 21-bit integers and their sums over
+    D <= 2048 are exact in float64 (and in int8 slices on tensor cores), in any order.
     """
     x = xbar.double()
     e = torch.frexp(x.abs().amax(-1)).exponent.clamp(min=-125)
