@@ -407,10 +407,10 @@ def sweep(lat, sp, log, rep_ms):
 
 
 def selection_stages(name, lat, sp, log, rep_ms) -> dict:
-    """Selection alone by stage (pool q and k with their score grids, the int8 score kernel,
-    select), whole, against the issue's target and, in the same run, the previous selection
-    (pools, cuBLAS float64 matmul of the means, select on float64); the score kernel's tile
-    configs; and whether it equals the reference run on the CPU."""
+    """Selection alone by stage (pool q and k; the scores: both grids and the int8 score
+    kernel; select), whole, against the issue's target and, in the same run, the previous
+    selection (pools, cuBLAS float64 matmul of the means, select on float64); the score
+    kernel's configs; and whether it equals the reference run on the CPU."""
     from longcat_tools.kernels import triton_bsa as TB
 
     S = math.prod(lat)
@@ -426,8 +426,8 @@ def selection_stages(name, lat, sp, log, rep_ms) -> dict:
     counts = torch.full(shape[:-1], kk, dtype=torch.int32, device="cuda")
 
     def previous():  # session 23's selection: float64 matmul of the means, 8-byte scores
-        qb, kb = TB.pool(q, lq), TB.pool(k, lk)
-        s64 = torch.matmul(qb.double(), kb.double().transpose(-1, -2).contiguous())
+        qm, km = TB.pool(q, lq), TB.pool(k, lk)
+        s64 = torch.matmul(qm.double(), km.double().transpose(-1, -2).contiguous())
         return TB.select(s64, counts, kk, q.dtype)
 
     row = {"shape": name, "latent": list(lat), "sparsity": sp, "num_chunks": mk,
