@@ -242,6 +242,10 @@ def main() -> None:
     name = f"vs_original_{a.init}.json"
 
     def save() -> None:
+        if device == "cuda":  # the kv passes each BSA shape's first call measured fastest
+            from longcat_tools.kernels import triton_bsa
+
+            info["kv_passes_timed"] = {str(k): n for k, n in triton_bsa._TIMED.items()}
         (out_dir / name).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
 
     def timed(model, variant: str, bsa_on, only: list[str] | None = None,

@@ -382,3 +382,28 @@ def test_dense_attention_cpu():
     q, k, v = (rand(2, 3, 40, 16, seed=s) for s in (1, 2, 3))
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(kernels.attention(q, k, v), want)
+
+
+def test_kv_passes_are_timed_once_per_key_and_the_fastest_kept(monkeypatch):
+    """``attend``'s choice of kv passes where the size rule asks for several: each candidate
+    run once to compile and once timed on a key's first call, the fastest kept (a tie: the
+    fewer passes, less memory), later calls untimed."""
+    pytest.importorskip("triton")
+    from longcat_tools.kernels import triton_bsa as TB
+
+    monkeypatch.setattr(TB, "_TIMED", {})
+    launched: list[int] = []
+    cost = {1: 5.0, 3: 2.0}
+
+    def timer(fn):
+        before = len(launched)
+        fn()
+        return cost[launched[before]]
+
+    assert TB._timed_passes("a", (1, 3), launched.append, timer) == 3
+    assert launched == [1, 1, 3, 3]
+    assert TB._timed_passes("a", (1, 3), launched.append, timer) == 3
+    assert launched[4:] == [3]
+    cost[1] = 2.0
+    assert TB._timed_passes("b", (1, 3), launched.append, timer) == 1
+    assert TB._TIMED == {"a": 3, "b": 1}

@@ -221,6 +221,29 @@ def test_kv_passes_follow_the_size_of_a_heads_k_and_v(monkeypatch):
     assert TB.kv_passes_for(at_720p, 128) == 2
 
 
+def test_kv_passes_timed_on_the_first_call_keep_the_one_pass_bits(monkeypatch):
+    """Where the size rule asks for several passes, the first call of a shape times them
+    against one pass, keeps the faster for later calls and returns one pass's bits."""
+    from longcat_tools.kernels import triton_bsa as TB
+
+    monkeypatch.setattr(TB, "_TIMED", {})
+    monkeypatch.setitem(TB.FWD_CONFIG, "kv_pass_mb", 0.2)  # so a small head asks for several
+    lat, chunk, D = (8, 16, 16), (4, 4, 4), 64
+    layout = R.ChunkLayout(lat, chunk)
+    n = TB.kv_passes_for(layout, D)
+    assert n > 1
+    q, k, v = _inputs(1, 2, D, lat, lat, torch.bfloat16, seed=5)
+    idx, cnt = kernels.select_chunks(q, k, lat, lat, sparsity=0.75, chunk_q=chunk, chunk_k=chunk)
+    first = TB.attend(q, k, v, layout, layout, idx, cnt)
+    assert list(TB._TIMED.values()) in ([1], [n])
+    again = TB.attend(q, k, v, layout, layout, idx, cnt)
+    assert len(TB._TIMED) == 1
+    monkeypatch.setitem(TB.FWD_CONFIG, "kv_passes", 1)
+    one = TB.attend(q, k, v, layout, layout, idx, cnt)
+    assert torch.isfinite(one).all()
+    assert torch.equal(first, one) and torch.equal(again, one)
+
+
 def test_fp16_inputs():
     lat = (6, 10, 13)
     q, k, v = _inputs(1, 4, 128, lat, lat, torch.float16, seed=3)

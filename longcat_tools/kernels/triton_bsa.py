@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -574,8 +575,9 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
 # (see benchmarks/NOTES_bsa_kernel.md). pv_fp16: for bf16 inputs, P @ V in float16.
 # tma: K/V tiles by TMA (else plain loads; always so where Triton has no TensorDescriptor).
 # kv_passes: launches per call, each over one slice of the kv chunks, the softmax state
-# carried between them in float32 (4 * D + 8 bytes per query row); 0 = ``kv_passes_for``:
-# one per kv_pass_mb MB of a head's K and V at 2 + 2 bytes a value, rounded.
+# carried between them in float32 (4 * D + 8 bytes per query row); 0 = ``kv_passes_for``
+# (one per kv_pass_mb MB of a head's K and V at 2 + 2 bytes a value, rounded), timed against
+# one pass on a shape's first call where that is more than one (``_timed_passes``).
 # maxnreg / fp8_maxnreg: registers a thread in the bf16 / fp8 forward; 0 = ``_REGISTER_CAP``
 # where it was measured, 255 = the compiler's choice.
 FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
@@ -585,13 +587,46 @@ FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "p
 
 def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
     """The forward's launches (``FWD_CONFIG["kv_passes"]``, else by the size of a head's K and
-    V). Measured on an H100 at 0.9375: one at 720p (43 MB, two passes 1% slower), three at 48
-    frames (87 MB: 25% faster than one, bf16; fp8 gains too though its bytes are half; see
-    benchmarks/NOTES_bsa_kernel.md, round 9)."""
+    V). Measured on an H100 at 0.9375 with random q, k, v: one at 720p (43 MB, two passes 1%
+    slower), three at 48 frames (87 MB: 25% faster than one, bf16; fp8 gains too though its
+    bytes are half; see benchmarks/NOTES_bsa_kernel.md, round 9). Where this is more than one
+    and not set, ``attend`` times it against one pass (``_timed_passes``)."""
     if FWD_CONFIG["kv_passes"]:
         return FWD_CONFIG["kv_passes"]
     head_bytes = layout_k.num_chunks * chunk_pad(layout_k) * head_dim * 4
     return max(1, round(head_bytes / (FWD_CONFIG["kv_pass_mb"] * 1e6)))
+
+
+# kv passes chosen by timing, per device, shape, picks per query chunk and kind of forward
+_TIMED: dict[tuple, int] = {}
+
+
+def _cuda_ms(fn: Callable[[], None]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _timed_passes(key: tuple, candidates: tuple[int, ...], launch: Callable[[int], None],
+                  timer: Callable[[Callable[[], None]], float] = _cuda_ms) -> int:
+    """Run ``launch`` with the pass count that measured fastest for ``key``; on the key's first
+    call, time every candidate (once to compile, once timed) and keep the fastest. Why: the
+    passes pay where a query chunk's picks spread over the whole head, as random q and k's do
+    (89 -> 72 ms at 48 frames), and cost where the picks share chunks, as in the DiT (66 ->
+    69 ms; benchmarks/results/bsa_picks_h100_session26.json). Every candidate writes the same
+    bits, so the output of the first call is already the one to return."""
+    if key not in _TIMED:
+        times = {}
+        for n in candidates:
+            launch(n)  # compiles
+            times[n] = timer(lambda n=n: launch(n))
+        _TIMED[key] = min(times, key=times.__getitem__)
+    else:
+        launch(_TIMED[key])
+    return _TIMED[key]
 
 
 # With 4 warps and D = 128 the compiler gives a thread 245-255 registers, so two programs
@@ -700,23 +735,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     v_block = [D, block_n] if fp8 else [block_n, D]
     kd, vd = ((TensorDescriptor.from_tensor(kc, [block_n, D]),  # type: ignore[union-attr]
                TensorDescriptor.from_tensor(vc, v_block)) if tma else (kc, vc))
-    passes = kv_pass_bounds(indices, counts, layout_k.num_chunks, kv_passes_for(layout_k, D))
-    state = [counts] * 3
-    if len(passes) > 1:
-        rows = B * H * layout_q.num_chunks * block_m
-        state = [torch.empty(rows, device=q.device, dtype=torch.float32) for _ in range(2)]
-        state.append(torch.empty(rows, D, device=q.device, dtype=torch.float32))
-    for i, (start, stop) in enumerate(passes):
-        _bsa_fwd_kernel[(layout_q.num_chunks, B * H)](
-            q, kd, vd, o, indices, counts, ks if fp8 else counts, vs if fp8 else counts,
-            start, stop, *state,
-            q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            indices.stride(0), indices.stride(1), indices.stride(2), counts.stride(0),
-            counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk,
-            nwk, D**-0.5 * math.log2(math.e),
-            ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k, tma,
-            fp8, i > 0, i < len(passes) - 1, num_warps=warps, num_stages=stages,
-            maxnreg=maxnreg)
+
+    def launch(n: int) -> None:
+        passes = kv_pass_bounds(indices, counts, layout_k.num_chunks, n)
+        state = [counts] * 3
+        if len(passes) > 1:
+            rows = B * H * layout_q.num_chunks * block_m
+            state = [torch.empty(rows, device=q.device, dtype=torch.float32) for _ in range(2)]
+            state.append(torch.empty(rows, D, device=q.device, dtype=torch.float32))
+        for i, (start, stop) in enumerate(passes):
+            _bsa_fwd_kernel[(layout_q.num_chunks, B * H)](
+                q, kd, vd, o, indices, counts, ks if fp8 else counts, vs if fp8 else counts,
+                start, stop, *state,
+                q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
+                indices.stride(0), indices.stride(1), indices.stride(2), counts.stride(0),
+                counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk,
+                nwk, D**-0.5 * math.log2(math.e),
+                ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k,
+                tma, fp8, i > 0, i < len(passes) - 1, num_warps=warps, num_stages=stages,
+                maxnreg=maxnreg)
+
+    n = kv_passes_for(layout_k, D)
+    if (n == 1 or FWD_CONFIG["kv_passes"] or q.device.type != "cuda"
+            or torch.cuda.is_current_stream_capturing()):
+        launch(n)
+    else:
+        key = (q.device.index, B * H, layout_q.latent, layout_q.chunk, layout_k.latent,
+               layout_k.chunk, indices.shape[-1], D, fp8, pv_fp16)
+        _timed_passes(key, (1, n), launch)
     if vscale is not None:
         # undo the power-of-two scale of V: exact. In the kernel's epilogue this per-head
         # load made the whole kernel 25-30% slower at 48x44x80 on H100 (codegen).
