@@ -392,9 +392,10 @@ def test_the_file_keeps_its_style(tmp_path, indent):
     assert new == json.dumps(dict(cfg, enable_bsa=True, bsa_params=params), indent=indent)
 
 
-def test_symlinked_config_is_replaced_not_followed(ckpt, tmp_path):
-    """A Hugging Face cache links config.json to a shared blob: the blob must stay as it is."""
-    blob = tmp_path / "blob.json"
+def test_symlinked_config_is_replaced_not_followed(ckpt):
+    """A config linked to a file of the checkpoint (as a cache links it to a blob) is read, then
+    replaced: the file it led to stays as it was."""
+    blob = ckpt / "blob.json"
     path = ckpt / "dit" / "config.json"
     shutil.move(path, blob)
     path.symlink_to(blob)
@@ -402,6 +403,29 @@ def test_symlinked_config_is_replaced_not_followed(ckpt, tmp_path):
     assert main(["bsa", "preset", "720p-fast", "-m", str(ckpt), "-q"]) == 0
     assert blob.read_text() == before and not path.is_symlink()
     assert json.loads(path.read_text())["bsa_params"]["sparsity"] == 0.96875
+
+
+@pytest.mark.parametrize("args", [["status"], ["preset", "720p-fast"], ["enable"],
+                                  ["enable", "--dry-run"]])
+def test_a_config_linked_out_of_the_checkpoint_is_not_read(ckpt, tmp_path, capsys, args):
+    outside = tmp_path / "outside.json"
+    path = ckpt / "dit" / "config.json"
+    shutil.move(path, outside)
+    path.symlink_to(outside)
+    before = outside.read_text()
+    assert main(["bsa", *args, "-m", str(ckpt)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outside the checkpoint" in err[0]
+    assert outside.read_text() == before and path.is_symlink()
+
+
+@pytest.mark.parametrize("chunk", ["4,4,16", "99999999999999999999999,4,4"])
+def test_a_chunk_larger_than_the_kernels_take_is_refused(ckpt, capsys, chunk):
+    path = ckpt / "dit" / "config.json"
+    before = path.read_text()
+    assert main(["bsa", "enable", "-m", str(ckpt), "--chunk-q", chunk]) == 1
+    assert "at most 128" in capsys.readouterr().err
+    assert path.read_text() == before
 
 
 # --------------------------------------------------------------------------- status

@@ -56,13 +56,14 @@ def test_two_step_t2v_over_two_processes_equals_one(tiny_native, tmp_path, capsy
     one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
     args = ["-m", str(tiny_native), "--task", "t2v", "-p", "a cat", *TINY, "--device", "cpu"]
     assert main(["run", "-q", *args, "--out", str(one), "--save-latents",
-                 str(tmp_path / "one.st")]) == 0
+                 str(tmp_path / "one.safetensors")]) == 0
     cmd = [sys.executable, "-m", "longcat_tools", "run", "-q", *args, "--out", str(two),
-           "--save-latents", str(tmp_path / "two.st"), "--gpus", "2"]
+           "--save-latents", str(tmp_path / "two.safetensors"), "--gpus", "2"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "" and "error" not in proc.stderr
-    assert rel(_latents(tmp_path / "two.st"), _latents(tmp_path / "one.st")) < 1e-5
+    assert rel(_latents(tmp_path / "two.safetensors"),
+               _latents(tmp_path / "one.safetensors")) < 1e-5
     assert two.is_file() and (tmp_path / "two.mp4.json").is_file()
 
 
@@ -74,13 +75,14 @@ def test_video_continuation_under_torchrun_equals_one_process(tiny_native, tmp_p
     vc = [*base, "--task", "vc", "--video", str(src), "--cond-frames", "5", "--frames", "13",
           "--height", "32", "--width", "32", "--steps", "2"]
     assert main(["run", "-q", *vc, "--out", str(tmp_path / "one.mp4"), "--save-latents",
-                 str(tmp_path / "one.st")]) == 0
+                 str(tmp_path / "one.safetensors")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", "-m", "longcat_tools", "run", "-q", *vc, "--out", str(tmp_path / "two.mp4"),
-           "--save-latents", str(tmp_path / "two.st"), "--cp", "2"]
+           "--save-latents", str(tmp_path / "two.safetensors"), "--cp", "2"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert rel(_latents(tmp_path / "two.st"), _latents(tmp_path / "one.st")) < 1e-5
+    assert rel(_latents(tmp_path / "two.safetensors"),
+               _latents(tmp_path / "one.safetensors")) < 1e-5
 
 
 def test_cp_without_its_processes_is_one_line(tiny_native, tmp_path, capsys):

@@ -289,11 +289,11 @@ def test_run_precision_fp8_quantizes_on_load_and_dtype_dequantizes(tiny_native, 
                                           ("s", fp8_folder, "auto", "bf16"),
                                           ("d", fp8_folder, "dtype", "bf16"),
                                           ("f", tiny_native, "auto", "fp32")):
-        out = tmp_path / f"{name}.mp4"
+        out, latents = tmp_path / f"{name}.mp4", tmp_path / f"{name}.safetensors"
         assert main(["run", "-m", str(model), "--precision", precision, "--dtype", dtype, *tiny,
-                     "--out", str(out), "--save-latents", str(tmp_path / f"{name}.st")]) == 0
+                     "--out", str(out), "--save-latents", str(latents)]) == 0
         outs[name] = json.loads((tmp_path / f"{name}.mp4.json").read_text())
-        outs[name]["latents"] = load(str(tmp_path / f"{name}.st"))["latents"]
+        outs[name]["latents"] = load(str(latents))["latents"]
     assert [outs[n]["precision"] for n in "qsdf"] == ["fp8", "fp8", "bf16", "fp32"]
     assert [outs[n]["fp8_attention"]["kinds"] for n in "qsdf"] == [["bsa", "dense"]] * 2 + [[]] * 2
     assert all(outs[n]["fp8_attention"]["calls"] == {} for n in "qsdf")  # no kernel on a CPU

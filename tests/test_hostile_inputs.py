@@ -206,6 +206,110 @@ def test_run_checks_the_other_components_before_loading(capsys, ckpt, tmp_path, 
         path.write_bytes(original)
 
 
+@pytest.mark.parametrize("payload,says", [("{", "invalid JSON"), ("[1]", "not a JSON object")])
+@pytest.mark.parametrize("rel", ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"])
+def test_run_and_verify_read_the_tokenizer_files_as_transformers_does(capsys, ckpt, tmp_path,
+                                                                      rel, payload, says):
+    """transformers parses both files: anything but a JSON object fails inside it, after the
+    DiT has loaded."""
+    path = ckpt / rel
+    original = path.read_bytes()
+    try:
+        path.write_text(payload)
+        line = fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32",
+                            "--width", "32", "--frames", "9", "--out", tmp_path / "x.mp4",
+                            says=says)
+        assert rel in line
+        from longcat_tools.cli import main
+
+        assert main(["verify", str(ckpt), "-q"]) == 1
+        out = capsys.readouterr()
+        assert rel in out.out + out.err and says in out.out + out.err
+    finally:
+        path.write_bytes(original)
+
+
+@pytest.mark.parametrize("rel", ["vae/config.json", "tokenizer/tokenizer.json",
+                                 "text_encoder/config.json"])
+def test_run_reads_no_component_file_linked_out_of_the_checkpoint(capsys, ckpt, tmp_path, rel):
+    """The loaders follow links; run checks every file of the component folders first."""
+    path = ckpt / rel
+    outside = tmp_path / "outside" / path.name
+    outside.parent.mkdir()
+    shutil.copy(path, outside)
+    original = path.read_bytes()
+    path.unlink()
+    path.symlink_to(outside)
+    try:
+        fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32",
+                     "--width", "32", "--frames", "9", "--out", tmp_path / "x.mp4",
+                     says="outside the checkpoint")
+    finally:
+        path.unlink()
+        path.write_bytes(original)
+
+
+BAD_BSA_CONFIGS = [
+    ("sparsity-2", {"enable_bsa": True, "bsa_params": {
+        "sparsity": 2, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}},
+     "bsa_params/sparsity"),
+    ("chunk-0", {"enable_bsa": True, "bsa_params": {
+        "sparsity": 0.9, "chunk_3d_shape_q": [0, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}},
+     "bsa_params/chunk_3d_shape_q"),
+    ("chunk-huge", {"enable_bsa": True, "bsa_params": {
+        "sparsity": 0.9, "chunk_3d_shape_q": [10**30, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}},
+     "at most 128"),
+    ("chunk-256-off", {"enable_bsa": False, "bsa_params": {
+        "sparsity": 0.9, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 8, 8]}},
+     "at most 128"),
+    ("params-list-off", {"enable_bsa": False, "bsa_params": [1]}, "bsa_params"),
+    ("enable-1", {"enable_bsa": 1}, "enable_bsa"),
+    ("enabled-null", {"enable_bsa": True, "bsa_params": None}, "bsa_params is null"),
+]
+
+
+@pytest.mark.parametrize("case,fields,says", BAD_BSA_CONFIGS, ids=[c[0] for c in BAD_BSA_CONFIGS])
+def test_run_and_verify_refuse_bsa_params_the_kernels_cannot_take(capsys, ckpt, dit_config,
+                                                                  tmp_path, case, fields, says):
+    """A run read these only when its first attention call started (an internal error after
+    the weights loaded); now both readers refuse them with one line naming the file."""
+    dit_config(**fields)
+    line = fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32",
+                        "--width", "32", "--frames", "9", "--out", tmp_path / "x.mp4", says=says)
+    assert "dit/config.json" in line
+    from longcat_tools.cli import main
+
+    assert main(["verify", str(ckpt), "-q"]) == 1
+    out = capsys.readouterr()
+    assert says in out.out + out.err
+
+
+@pytest.mark.parametrize("option,rel", [("--out", "dit/x.mp4"), ("--out", "x.mp4"),
+                                        ("--save-latents", "dit/x.safetensors")])
+def test_run_writes_nothing_into_the_checkpoint(capsys, ckpt, tmp_path, option, rel):
+    """A stray shard in dit/ breaks every later run on the checkpoint."""
+    out = ["--out", tmp_path / "ok.mp4"] if option != "--out" else []
+    fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
+                 "32", "--frames", "9", *out, option, ckpt / rel, says="inside the checkpoint")
+    assert not (ckpt / rel).exists()
+
+
+def test_run_writes_latents_only_as_safetensors(capsys, ckpt, tmp_path):
+    video = tmp_path / "earlier.mp4"
+    video.write_bytes(b"not really a video")
+    fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
+                 "32", "--frames", "9", "--out", tmp_path / "x.mp4", "--save-latents", video,
+                 says="written as a .safetensors file")
+    assert video.read_bytes() == b"not really a video"
+
+
+def test_a_matrix_run_writes_nothing_into_the_checkpoint(capsys, ckpt):
+    fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
+                 "32", "--frames", "9", "--out-dir", ckpt, "--seeds", "1,2",
+                 says="inside the checkpoint")
+    assert not (ckpt / "manifest.json").exists()
+
+
 def test_a_failed_publish_leaves_no_mp4_without_sidecar(tmp_path, monkeypatch):
     """The sidecar is renamed into place before the mp4, with the mp4's mode."""
     import os

@@ -328,7 +328,7 @@ def config_links_to_fifo(root, out):
     os.mkfifo(out / "fifo")
     (root / CFG).unlink()
     (root / CFG).symlink_to(out / "fifo")
-    return ["bsa", "status"], "FIFO"
+    return ["bsa", "status"], "outside the checkpoint"
 
 
 def dit_folder_is_link_out(root, out):
@@ -485,13 +485,20 @@ def test_attach_replaces_a_planted_partial_link_without_following_it(world, caps
 
 
 def test_bsa_keeps_the_documented_config_link_rule(world, capsys):
-    """config.json as a link: read through it, replaced by a file, never written through."""
+    """config.json as a link: one out of the checkpoint is refused (not even read); one to a
+    file of the checkpoint is read through, replaced by a file, never written through."""
     root, out = world
     (root / CFG).unlink()
     (root / CFG).symlink_to(out / "config.json")
     before = snapshot(out)
+    refused(capsys, "bsa", "preset", "720p-fast", "-m", root, says="outside the checkpoint")
+    assert snapshot(out) == before and (root / CFG).is_symlink()
+    (root / CFG).unlink()
+    shutil.copy(out / "config.json", root / "shared.json")
+    (root / CFG).symlink_to(root / "shared.json")
     assert main(["bsa", "preset", "720p-fast", "-m", str(root), "-q"]) == 0
     assert snapshot(out) == before and not (root / CFG).is_symlink()
+    assert (root / "shared.json").read_text() == (out / "config.json").read_text()
     assert json.loads((root / CFG).read_text())["bsa_params"]["sparsity"] == 0.96875
 
 

@@ -27,7 +27,7 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, file_lock
 from longcat_tools.io.checksums import refresh_manifest
-from longcat_tools.model import bsa_presets
+from longcat_tools.model import bsa_presets, chunks
 
 SCHEMA = "transformer_config"
 BACKUP_SUFFIX = ".bak"
@@ -100,8 +100,15 @@ def _ordered_params(new: dict[str, Any], old: Any, style: JsonStyle) -> dict[str
 
 
 def param_errors(cfg: dict[str, Any]) -> list[str]:
-    """Schema violations inside ``bsa_params`` (empty when it is null or valid)."""
-    return [e for e in schemas.errors(cfg, SCHEMA) if e.startswith("bsa_params")]
+    """Schema violations inside ``bsa_params``, then chunks too large for the kernels (empty
+    when it is null or valid)."""
+    errors = [e for e in schemas.errors(cfg, SCHEMA) if e.startswith("bsa_params")]
+    params = cfg.get("bsa_params")
+    if errors or not isinstance(params, dict):
+        return errors
+    found = (chunks.chunk_error(params[k], f"bsa_params.{k}")
+             for k in ("chunk_3d_shape_q", "chunk_3d_shape_k"))
+    return [e for e in found if e]
 
 
 def kept_params(cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -198,6 +205,9 @@ def parse_chunk(text: str, option: str) -> list[int]:
     if len(values) != 3 or any(v < 1 for v in values):
         raise LongcatError(f"{option} {text}: expected three positive integers t,h,w (latent "
                            "frames, token rows, token columns), e.g. 4,4,4")
+    too_large = chunks.chunk_error(values, option)
+    if too_large:
+        raise LongcatError(too_large)
     return values
 
 
@@ -236,8 +246,15 @@ def _read_config_text(path: Path) -> str:
                            "`bsa restore` if a backup exists") from None
 
 
+def config_path(ckpt: layouts.Checkpoint) -> Path:
+    """The config bsa reads, after checking that it (links followed) stays in the checkpoint. A
+    link that does is read, then replaced by the new file, never written through."""
+    layouts.check_contained(ckpt.config_path, ckpt.containment)
+    return ckpt.config_path
+
+
 def read_config(ckpt: layouts.Checkpoint) -> dict[str, Any]:
-    path = ckpt.config_path
+    path = config_path(ckpt)
     return parse_config(_read_config_text(path), path)
 
 
@@ -319,7 +336,7 @@ def update(ckpt: layouts.Checkpoint, change: Change, *, backup: bool = True,
     """Apply ``change`` to the transformer config: under the lock, validated, atomically, with
     the previous text kept in ``config.json.bak`` unless ``backup`` is false. An unchanged config
     is not rewritten (and its backup stays as it was)."""
-    path = ckpt.config_path
+    path = config_path(ckpt)
     if dry_run:
         u = _plan(path, change)
         u.dry_run = True
@@ -368,7 +385,7 @@ def restore_all(ckpts: list[layouts.Checkpoint], *, dry_run: bool = False) -> li
 def restore(ckpt: layouts.Checkpoint, *, dry_run: bool = False) -> Update:
     """Swap ``config.json.bak`` and ``config.json``: the backup becomes the config and the config
     the backup, so a second ``restore`` undoes the first. Works when the config is missing."""
-    path = ckpt.config_path
+    path = config_path(ckpt)
     bak = backup_path(path)
     if not dry_run:
         hub.check_writable(ckpt.root)

@@ -15,6 +15,18 @@ Shape3 = tuple[int, int, int]
 VAE_STRIDE: Shape3 = (4, 8, 8)  # Wan 2.1 VAE: 4x in time (the first frame alone), 8x8 in space
 REFINE_LATENT_MULTIPLE = 4  # the refinement stage pads latent frames to whole 4-frame BSA chunks
 AXES = ("T", "H", "W")
+# The largest BSA chunk in tokens: the kernels are tested up to 4x4x8 (a 128-row tile of
+# queries); the release uses 4x4x4.
+MAX_CHUNK_TOKENS = 128
+
+
+def chunk_error(chunk: list[int] | tuple[int, ...], name: str) -> str | None:
+    """Why ``chunk`` (t, h, w positive integers) cannot be a BSA chunk; None if it can."""
+    tokens = math.prod(chunk)
+    if tokens > MAX_CHUNK_TOKENS:
+        return (f"{name} {','.join(map(str, chunk))}: {tokens} tokens a chunk; at most "
+                f"{MAX_CHUNK_TOKENS} (the release uses 4,4,4)")
+    return None
 
 
 def refine_latent_frames(latents: int) -> int:

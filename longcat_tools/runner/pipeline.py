@@ -300,7 +300,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         device = torch.device(device)
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
-        check_components(root)
+        check_components(ckpt)
         use_fp8 = ckpt.is_fp8 if fp8 is None else fp8
         if use_fp8 and dtype == torch.float16:
             raise LongcatError("fp8 GEMMs run with bf16 activations (fp16 output is missing from "

@@ -154,7 +154,7 @@ class RunSettings:
                                 "dense, bsa, all, off, or auto (the measured default: "
                                 f"{', '.join(sorted(fp8_format.ATTENTION_DEFAULT)) or 'off'}).",
                                 metavar="KIND")
-    save_latents: str | None = option(None, "Save the final latents (safetensors).",
+    save_latents: str | None = option(None, "Save the final latents (a .safetensors file).",
                                       metavar="FILE")
     latents_in: str | None = option(None, "Initial noise (safetensors, tensor 'latents').",
                                     metavar="FILE")
@@ -337,6 +337,7 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     from longcat_tools.io import jsonio
     from longcat_tools.runner import audio
     from longcat_tools.runner.avatar_pipeline import RELEASES, dit_folder
+    from longcat_tools.verify.components import check_transformer_config
 
     v = ckpt.version
     if not s.audio:
@@ -375,7 +376,10 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         except LongcatError as e:
             raise LongcatError(f"--audio {e}") from None
     cfg_path = folder / "config.json"
-    return keymap.dit_dims(jsonio.read(cfg_path, what="transformer config"), str(cfg_path))
+    cfg = jsonio.read(cfg_path, what="transformer config")
+    dims = keymap.dit_dims(cfg, str(cfg_path))  # as every reader
+    check_transformer_config(cfg, str(cfg_path))
+    return dims
 
 
 @dataclass(frozen=True)
@@ -404,8 +408,8 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     if isinstance(ckpt, layouts.AvatarCheckpoint):
         dims = _check_avatar(s, ckpt)
     else:
-        dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))
-        check_components(ckpt.root)
+        dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))  # as every reader
+        check_components(ckpt)
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
             raise LongcatError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
                                "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")
@@ -419,9 +423,12 @@ def _check_inputs(s: RunSettings) -> InputFiles:
             raise LongcatError(f"{opt} {path}: no such file")
     if not s.out.endswith(".mp4"):
         raise LongcatError(f"--out {s.out}: the output is an H.264 .mp4 file")
+    if s.save_latents and not s.save_latents.endswith(".safetensors"):
+        raise LongcatError(f"--save-latents {s.save_latents}: the latents are written as a "
+                           ".safetensors file")
     for opt, path in (("--out", s.out), ("--save-latents", s.save_latents)):
         if path:
-            _check_output(opt, Path(path))
+            _check_output(opt, Path(path), (ckpt.root.resolve(), *ckpt.containment))
     image_size = video_size = None
     if s.image:
         try:
@@ -437,16 +444,33 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     return InputFiles(dims, image_size, video_size)
 
 
-def check_components(root: Path) -> None:
-    """The files the loaders of the other components read (transformers, diffusers), checked as
-    ``verify`` checks them: present, strict JSON, the config against its schema. A loader given
-    a bad file fails with its own traceback, or tries to reach the Hub."""
+def check_components(ckpt: Any) -> None:
+    """What a run reads besides the DiT's weights (its config, the pipeline index, the other
+    components' files), checked as ``verify`` checks it: inside the checkpoint (links
+    followed), present, strict JSON, each config against its schema. Given a bad file, a loader
+    (transformers, diffusers) fails with its own traceback, tries to reach the Hub, or follows a
+    link out of the folder."""
     from longcat_tools import schemas
+    from longcat_tools.checkpoint import layouts
     from longcat_tools.io import jsonio
-    from longcat_tools.verify.components import COMPONENTS
+    from longcat_tools.verify.components import (
+        COMPONENTS,
+        TOKENIZER_JSON,
+        check_transformer_config,
+    )
 
+    root, allowed = ckpt.root, ckpt.containment
+    check_transformer_config(ckpt.config(), str(ckpt.config_path))
+    index = root / "model_index.json"
+    if index.exists() or index.is_symlink() or ckpt.layout == "converted":
+        layouts.check_contained(index, allowed)
+        schema = "model_index_native" if ckpt.layout == "native" else "model_index_converted"
+        schemas.validate(jsonio.read(index, what="pipeline index"), schema, str(index))
     for comp in COMPONENTS:
         folder = root / comp.name
+        layouts.check_contained(folder, allowed)
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            layouts.check_contained(path, allowed)
         for alternatives in comp.required:
             if not any((folder / f).is_file() for f in alternatives):
                 raise LongcatError(f"{folder / alternatives[0]}: missing; the {comp.name} cannot "
@@ -455,10 +479,10 @@ def check_components(root: Path) -> None:
             name, schema = comp.config
             schemas.validate(jsonio.read(folder / name, what=f"{comp.name} config"), schema,
                              str(folder / name))
-        if comp.name == "tokenizer":
-            doc = jsonio.read(folder / "tokenizer_config.json", what="tokenizer config")
-            if not isinstance(doc, dict):
-                raise LongcatError(f"{folder / 'tokenizer_config.json'}: not a JSON object")
+        for name in TOKENIZER_JSON if comp.name == "tokenizer" else ():
+            path = folder / name
+            if path.exists() and not isinstance(jsonio.read(path, what="tokenizer file"), dict):
+                raise LongcatError(f"{path}: not a JSON object")
         if comp.weights is None:
             continue
         index_name, singles = comp.weights
@@ -471,9 +495,15 @@ def check_components(root: Path) -> None:
                                "weights cannot load (run `longcat-tools verify` on the checkpoint)")
 
 
-def _check_output(opt: str, path: Path) -> None:
+def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
+    """An output file the run may write: not a folder, in a writable folder, and not inside
+    the checkpoint (``model``: its real folders), whose files belong to the model."""
     if path.is_dir():
         raise LongcatError(f"{opt} {path}: is a folder (give a file name)")
+    real = path.resolve()
+    if any(real == m or m in real.parents for m in model):
+        raise LongcatError(f"{opt} {path}: inside the checkpoint {model[0]}; write outputs "
+                           "outside the model's folder")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # missing folders are created
         folder = folder.parent

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.checkpoint.hub import snapshot_roots
 from longcat_tools.errors import LongcatError
@@ -102,15 +101,12 @@ def _config(rec: Recorder, comp: str, folder: Path, what: str) -> Dims | None:
     cfg_path = folder / "config.json"
     with rec.guard(comp, "config", cfg_path):
         cfg = jsonio.read(cfg_path, what="transformer config")
-        schemas.validate(cfg, "transformer_config", str(cfg_path))
+        C.check_transformer_config(cfg, str(cfg_path))
         if not avatar.is_avatar_config(cfg):
             raise LongcatError(f"{cfg_path}: _class_name {cfg['_class_name']} is not the avatar "
                                f"DiT ({avatar.AVATAR_CLASS}), which this folder holds")
         dims = keymap.dit_dims(cfg, str(cfg_path))
         audio = avatar.audio_dims(cfg, str(cfg_path))
-        if cfg.get("enable_bsa") and not cfg.get("bsa_params"):
-            raise LongcatError(f"{cfg_path}: enable_bsa is true but bsa_params is null (set a "
-                               "preset with `longcat-tools bsa preset`)")
         rec.ok(comp, "config", cfg_path, f"{what}: depth {dims.depth}, hidden "
                f"{dims.hidden_size}, {dims.num_heads} heads, BSA "
                f"{'on' if cfg.get('enable_bsa') else 'off'}; audio {audio.audio_block} x "

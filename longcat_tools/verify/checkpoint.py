@@ -266,13 +266,10 @@ def _dit(rec: Recorder, st: _State) -> None:
     cfg_path = tdir / "config.json"
     with rec.guard(comp, "config", cfg_path):
         cfg = jsonio.read(cfg_path, what="transformer config")
-        schemas.validate(cfg, "transformer_config", str(cfg_path))
+        C.check_transformer_config(cfg, str(cfg_path))
         st.dit_cfg = cfg
         st.dims = keymap.dit_dims(cfg, str(cfg_path))  # within model.bounds
         st.cfg_flavour = keymap.config_flavour(cfg)
-        if cfg.get("enable_bsa") and not cfg.get("bsa_params"):
-            raise LongcatError(f"{cfg_path}: enable_bsa is true but bsa_params is null (set a "
-                               "preset with `longcat-tools bsa preset`)")
         want = {"native": keymap.NATIVE_CLASS, "fastvideo-single": keymap.FASTVIDEO_CLASS}
         if st.layout in want and cfg["_class_name"] != want[st.layout]:
             raise LongcatError(f"{cfg_path}: _class_name {cfg['_class_name']} does not belong in "
@@ -335,12 +332,13 @@ def _component(rec: Recorder, st: _State, comp: C.Component,
                     bounds.check_int(doc["num_layers"], "num_layers", str(p))
                 cfg = st.configs[comp.name] = doc
                 rec.ok(comp.name, "config", p, _config_summary(comp.name, doc))
-    if comp.name == "tokenizer":
-        with rec.guard(comp.name, "config", folder / "tokenizer_config.json"):
-            p = folder / "tokenizer_config.json"
+    for name in C.TOKENIZER_JSON if comp.name == "tokenizer" else ():
+        p = folder / name
+        with rec.guard(comp.name, "config", p):
             if p.exists():
-                jsonio.read(p, what="tokenizer config")
-                rec.ok(comp.name, "config", p, "valid JSON")
+                if not isinstance(jsonio.read(p, what="tokenizer file"), dict):
+                    raise LongcatError(f"{p}: not a JSON object")
+                rec.ok(comp.name, "config", p, "a JSON object")
     if comp.weights is None:
         if not missing and comp.name == "tokenizer":
             rec.ok(comp.name, "files", folder, "tokenizer files present")

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from longcat_tools import schemas
+from longcat_tools.bsa import config as bsa_config
 from longcat_tools.checkpoint import layouts
+from longcat_tools.errors import LongcatError
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,21 @@ COMPONENTS: tuple[Component, ...] = (
     Component("scheduler", (("scheduler_config.json",),),
               ("scheduler_config.json", "scheduler_config"), None),
 )
+
+def check_transformer_config(cfg: Any, path: str) -> None:
+    """A DiT config (base or avatar) as ``verify`` and ``run`` both need it: its schema, and BSA
+    parameters the kernels take."""
+    schemas.validate(cfg, "transformer_config", path)
+    if cfg.get("enable_bsa") and not cfg.get("bsa_params"):
+        raise LongcatError(f"{path}: enable_bsa is true but bsa_params is null (set a preset "
+                           "with `longcat-tools bsa preset`)")
+    for error in bsa_config.param_errors(cfg):
+        raise LongcatError(f"{path}: {error} (`longcat-tools bsa preset` sets valid ones)")
+
+
+# The tokenizer's JSON files: each, where present, must be a JSON object (transformers fails on
+# anything else with a traceback of its own).
+TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json")
 
 # The transformer's weights per layout: (index file, single-file names).
 DIT_WEIGHTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
