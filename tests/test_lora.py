@@ -473,3 +473,35 @@ def test_fuse_refuses_a_bad_checksum_list_before_writing(native, tmp_path, capsy
         (err,) = err.strip().splitlines()
         assert "checksums.sha256" in err and str(native) in err and ".partial" not in err
     assert not dst.exists() and not (tmp_path / "fused.partial").exists()
+
+
+@pytest.mark.parametrize("args", [["fuse", "distilled:nan", "--dst", "{dst}"],
+                                  ["fuse", "distilled:1e308", "--dst", "{dst}"],
+                                  ["fuse", "distilled", "--scale", "inf", "--dst", "{dst}"],
+                                  ["attach", "{file}", "--name", "big", "--scale", "1e308"]])
+def test_a_lora_scale_past_ten_is_refused_in_one_line(native, tmp_path, capsys, args):
+    """The same bound as run's --lora-scale; an attached scale of 1e308 used to make every
+    later fuse fail, and a NaN one failed while writing JSON."""
+    before = _tree(native)
+    args = [a.format(dst=tmp_path / "fused", file=native / "lora" / HUB["distilled"])
+            for a in args]
+    rc, _, err = _cli(capsys, *args, "-m", native)
+    assert rc == 2, err
+    (err,) = err.strip().splitlines()
+    assert "a LoRA scale must be a number from -10 to 10" in err
+    assert _tree(native) == before and not (tmp_path / "fused").exists()
+
+
+@pytest.mark.parametrize("config", ["missing.json", "folder", "given"])
+def test_an_adapter_config_is_never_ignored(native, tmp_path, capsys, config):
+    """A native adapter carries its own alphas: a config given with it, or one that is not
+    there, used to be accepted and ignored."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "given").write_text('{"r": 4, "lora_alpha": 4}')
+    before = _tree(native)
+    rc, _, err = _cli(capsys, "attach", native / "lora" / HUB["distilled"], "--name", "x",
+                      "--adapter-config", tmp_path / config, "-m", native)
+    assert rc == 2, err
+    (line,) = err.strip().splitlines()
+    assert ("no such file" if config != "given" else "only a PEFT file") in line
+    assert _tree(native) == before

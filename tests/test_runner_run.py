@@ -200,3 +200,25 @@ def test_the_api_checks_options_like_the_cli(pipe, kw, message):
     for call in (lambda: pipe.generate("t2v", **args), lambda: pipe.t2v(**args)):
         with pytest.raises(LongcatError, match=re.escape(message)):
             call()
+
+
+def test_a_nan_weight_writes_no_video(tiny_native, tmp_path, capsys):
+    """NaN weights gave a garbage mp4, exit 0, and numpy's cast warning."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "nan"
+    shutil.copytree(tiny_native, ckpt)
+    shard = sorted((ckpt / "dit").glob("*.safetensors"))[-1]
+    tensors = load_file(str(shard))
+    name = next(n for n, t in tensors.items() if t.is_floating_point() and t.dim() == 2)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(shard))
+    out = tmp_path / "x.mp4"
+    rc = main(["run", "-q", "-m", str(ckpt), "-p", "a cat", "--height", "32", "--width", "32",
+               "--frames", "5", "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("error: the video came out NaN or infinite"), err
+    assert len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob("*.mp4*"))

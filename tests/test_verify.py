@@ -417,3 +417,21 @@ def test_verify_and_lora_attach_judge_a_file_alike(converted, tmp_path, capsys, 
         (row,) = [c for c in rows if c.status == "fail"]
         assert row.name == "format" and fault in row.message, row.message
         assert fault in attach_err, attach_err
+
+
+def test_a_checksum_list_is_reported_where_it_is_and_an_empty_one_fails(tiny_native, tmp_path,
+                                                                         capsys, monkeypatch):
+    """A list given relative to the current folder was reported inside the checkpoint; an empty
+    one compared nothing and passed."""
+    from longcat_tools.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("empty.txt").write_text("")
+    assert main(["verify", str(tiny_native), "--checksums", "empty.txt", "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'empty.txt'}: lists no file"), err
+    Path("bad.txt").write_bytes(b"\xff\n")
+    assert main(["verify", str(tiny_native), "--checksums", "bad.txt", "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'bad.txt'}: not UTF-8 text"), err
+    assert "JSON" not in err

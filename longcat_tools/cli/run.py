@@ -103,6 +103,8 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
     from longcat_tools.runner import matrix
     from longcat_tools.runner.settings import resolve_device
 
+    seed_list = matrix.parse_seeds(seeds) if seeds is not None else None  # a bad entry first
+    bsa_list = matrix.parse_bsa(settings.bsa)
     if gpus < 1:
         raise LongcatError(f"--gpus {gpus}: use 1 or more")
     if settings.cp != 1:
@@ -120,9 +122,8 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
 
         if torch.cuda.is_available():
             settings = replace(settings, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-    items = matrix.plan(settings, out_dir, prompts,
-                        matrix.parse_seeds(seeds) if seeds is not None else None,
-                        matrix.parse_bsa(settings.bsa), scales if len(scales) > 1 else None)
+    items = matrix.plan(settings, out_dir, prompts, seed_list, bsa_list,
+                        scales if len(scales) > 1 else None)
     if gpus > 1:
         from longcat_tools.runner.launch import launch, without_option
 

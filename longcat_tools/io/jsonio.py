@@ -109,8 +109,8 @@ def decode(raw: bytes, where: str | Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise JsonError(where, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                               "JSON files are UTF-8") from None
+        raise JsonError(where, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                               f"{e.start})") from None
 
 
 def read(path: str | Path, *, what: str, max_bytes: int = MAX_BYTES, links: bool = True) -> Any:

@@ -7,7 +7,6 @@ fsynced and renamed, and the registry is replaced atomically.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -36,6 +35,7 @@ from longcat_tools.lora.registry import (
     AdapterRecord,
     Registry,
     check_name,
+    check_scale,
     check_writable,
     checkpoint_of,
     discover,
@@ -92,8 +92,7 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
     check_name(name)
     if fmt not in SOURCE_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(SOURCE_FORMATS)}, got '{fmt}'")
-    if not math.isfinite(scale):
-        raise UsageError(f"--scale must be a finite number, got {scale}")
+    check_scale(scale, "--scale")
     src = Path(lora_file)
     _check_source(src)
     dst_dir = ckpt.lora_dir / name
@@ -102,10 +101,15 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
     if dst_dir.resolve() in src.resolve().parents:
         raise UsageError(f"{src}: is inside lora/{name}/, which attaching as '{name}' would "
                          "replace; copy it elsewhere first or choose another name")
+    if isinstance(adapter_config, str | Path) and not Path(adapter_config).is_file():
+        raise UsageError(f"--adapter-config {adapter_config}: no such file")
     lora = lf.read_lora(src, dit_shapes(ckpt), adapter_config=adapter_config)
     if fmt != "auto" and fmt != lora.format:
         raise LongcatError(f"{src}: --format {fmt} was given but the file is in the "
                            f"{lora.format} format (its keys say so); drop --format or fix it")
+    if adapter_config is not None and lora.format != "peft":
+        raise UsageError(f"--adapter-config: {src} is in the {lora.format} format, which "
+                         "carries its own alphas; only a PEFT file takes an adapter config")
     if not lora.modules:
         raise LongcatError(f"{src}: holds no LoRA modules")
     _check_ranks(src, lora)

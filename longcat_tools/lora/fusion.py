@@ -38,6 +38,7 @@ from longcat_tools.lora.registry import (
     LOCK_SUFFIX,
     REGISTRY,
     SCHEMA,
+    check_scale,
     checkpoint_of,
     dit_shapes,
     find_adapter,
@@ -143,6 +144,8 @@ def parse_fuse_names(spec: str) -> list[tuple[str, float | None]]:
             value = float(s) if s else None
         except ValueError:
             raise UsageError(f"'{part}': the scale after ':' must be a number") from None
+        if value is not None:
+            check_scale(value, f"'{part}': scale")
         out.append((name, value))
     if not out:
         raise UsageError("name at least one adapter to fuse (NAME[:SCALE][,NAME...])")
@@ -530,6 +533,8 @@ def fuse(model: str | Path | layouts.Checkpoint | None, names: list[tuple[str, f
     """Plan, and unless ``dry_run`` write, a checkpoint with the adapters merged into the DiT
     (``int8_mode``: what becomes of an avatar's INT8 copy, :data:`INT8_MODES`; default
     ``quantize``)."""
+    if scale is not None:
+        check_scale(scale, "--scale")
     p = plan_fuse(model, names, dst, scale=scale, link=link, force=force, int8_mode=int8_mode)
     if dry_run:
         return p

@@ -14,6 +14,7 @@ written or deleted.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter
@@ -199,6 +200,17 @@ def dit_shapes(ckpt: layouts.Checkpoint) -> dict[str, tuple[int, int]]:
     cfg, where = ckpt.config(), str(ckpt.config_path)
     audio = avatar.audio_dims(cfg, where) if avatar.is_avatar_config(cfg) else None
     return lf.linear_shapes(keymap.dit_dims(cfg, where), audio)
+
+
+MAX_SCALE = 10.0  # LoRA scales in use are 0 to ~2; far beyond, fused weights overflow
+
+
+def check_scale(value: float, what: str, error: type[LongcatError] = UsageError) -> None:
+    """A LoRA scale given by the user (``what``: the option or argument it came from): finite,
+    at most ``MAX_SCALE`` either way."""
+    if not (math.isfinite(value) and abs(value) <= MAX_SCALE):
+        raise error(f"{what} {value:g}: a LoRA scale must be a number from -{MAX_SCALE:g} to "
+                    f"{MAX_SCALE:g}")
 
 
 def check_name(name: str) -> None:

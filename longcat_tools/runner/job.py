@@ -187,6 +187,15 @@ REFINE_CONDITION: dict[str, Callable[[Job], dict[str, Any]]] = {
 }
 
 
+def _check_finite(frames: np.ndarray) -> None:
+    """Frames of NaN would be written as a garbage video: refuse them, before anything is
+    written."""
+    if not np.isfinite(frames).all():
+        raise LongcatError("the video came out NaN or infinite, so nothing was written: the "
+                           "weights or the inputs hold such values (`longcat-tools verify "
+                           "--deep` finds weights that do)")
+
+
 def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str, Any]:
     """Run ``s`` end to end; returns the sidecar document (also written next to the mp4).
     With ``s.cp > 1`` this process is one rank of a job (runner.launch or torchrun started
@@ -289,6 +298,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
     say(f"task {s.task}" + (" (distilled)" if s.distill else "") + (" + refine" if s.refine
                                                                        else ""))
     r, frames = TASK_RUNS[s.task](job)
+    _check_finite(frames)
     stage1_info = dict(r.info)
     if s.refine and s.task in REFINE_CONDITION:
         say("refine: 720p with the refinement LoRA and BSA")
@@ -298,6 +308,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
                         generator=job.generator, bsa=s.bsa, lora_scale=s.lora_scale,
                         **REFINE_CONDITION[s.task](job))
         frames = r.frames
+        _check_finite(frames)
     fps = s.fps or r.fps
     out = Path(s.out)
     staged = None

@@ -62,7 +62,8 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
     path = Path(path)
     where = f"--prompts {path}"
     if not path.is_file():
-        raise LongcatError(f"{where}: no such file")
+        raise LongcatError(f"{where}: " + ("a folder; give the prompt file" if path.is_dir()
+                                            else "no such file"))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -10,7 +10,6 @@ given. No torch at import: the CLI builds its command from this module.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.lora.registry import check_scale
 from longcat_tools.model import avatar, bsa_presets, dtypes, keymap
 from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.model.chunks import latent_frames, latent_grid
@@ -41,7 +41,6 @@ DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
 MAX_FRAMES = 4097  # one segment; the model is trained on 93
 MAX_GUIDANCE = 100.0  # CFG-Zero* scales in use are 1 to ~10
 MAX_FPS = 1000.0
-MAX_LORA_SCALE = 10.0  # LoRA scales in use are 0 to ~2
 T2V_SIZE = (480, 832)  # (height, width) of t2v and long without --height/--width
 REFINE_SIZE = (720, 1280)  # the refinement stage's default (the 720p bucket of 16:9)
 
@@ -224,9 +223,7 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     files = _check_inputs(s) if inputs else None
     if s.dtype is not None:
         dtypes.check(s.dtype, error=LongcatError)
-    if not (math.isfinite(s.lora_scale) and abs(s.lora_scale) <= MAX_LORA_SCALE):
-        raise LongcatError(f"--lora-scale {s.lora_scale}: must be a number from "
-                           f"-{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
+    check_scale(s.lora_scale, "--lora-scale", LongcatError)
     if s.frames < 1 or s.frames % 4 != 1:
         raise LongcatError(f"--frames {s.frames}: must be 4k+1 (e.g. 93, 45, 9): the VAE packs 4 "
                            "frames per latent after the first")

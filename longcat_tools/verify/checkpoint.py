@@ -72,7 +72,7 @@ def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None
     root = Path(path)
     if not root.exists() and not root.is_symlink():
         raise UsageError(f"{root}: no such file or folder (pass a checkpoint folder)")
-    sums = Path(checksums) if checksums is not None else None
+    sums = Path(checksums).absolute() if checksums is not None else None  # reported where it is
     if sums is not None and not sums.exists():
         raise UsageError(f"{sums}: no such checksum file (--checksums)")
     report = Report(str(root), deep=deep or sums is not None, strict=strict)
@@ -479,6 +479,9 @@ def _checksum_list(rec: Recorder, st: _State, path: Path | None) -> dict[Path, s
     listed, problems = D.parse_checksums(path, st.root)
     for msg in problems[:8]:
         rec.fail(CKPT, "checksums", path, msg)
+    if not listed and not problems:
+        rec.fail(CKPT, "checksums", path, "lists no file: nothing to compare (sha256sum "
+                 "format: '<hex>  <path>' a line)")
     missing = [p for p in listed if not p.is_file()]
     if missing:
         rec.fail(CKPT, "checksums", path, f"lists missing files ({len(missing)}): "
