@@ -304,10 +304,19 @@ def test_fuse_elsewhere_warns_about_the_base_folder(avatar_trees, tmp_path, caps
 def test_failed_fuse_leaves_no_dst(avatar_trees, capsys, monkeypatch):
     av = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder
     dst = av.parent / "fused-failed"
-    line = refused(capsys, "lora", "fuse", "dmd_lora:1e300", "--dst", dst, "-m", av, "-q",
+    refused(capsys, "lora", "fuse", "dmd_lora:1e300", "--dst", dst, "-m", av, "-q", code=2,
+            says="a LoRA scale must be a number from -10 to 10")
+    assert not dst.exists() and not dst.with_name(dst.name + ".partial").exists()
+
+    # values that overflow while fusing (at a scale within bounds) stop it before any rename
+    from longcat_tools.lora import fusion
+
+    monkeypatch.setattr(fusion, "_fused_tensor", lambda w, _loras: torch.full_like(w, torch.inf))
+    line = refused(capsys, "lora", "fuse", "dmd_lora", "--dst", dst, "-m", av, "-q",
                    says="non-finite")
     assert "nothing was written" in line
     assert not dst.exists() and not dst.with_name(dst.name + ".partial").exists()
+    monkeypatch.undo()
 
     # a failure late in the run (while the INT8 copy is written) leaves nothing either
     from longcat_tools.model import int8

@@ -492,11 +492,10 @@ def test_a_lora_scale_past_ten_is_refused_in_one_line(native, tmp_path, capsys, 
     assert _tree(native) == before and not (tmp_path / "fused").exists()
 
 
-@pytest.mark.parametrize("config", ["missing.json", "folder", "given"])
+@pytest.mark.parametrize("config", ["missing.json", "given"])
 def test_an_adapter_config_is_never_ignored(native, tmp_path, capsys, config):
     """A native adapter carries its own alphas: a config given with it, or one that is not
     there, used to be accepted and ignored."""
-    (tmp_path / "folder").mkdir()
     (tmp_path / "given").write_text('{"r": 4, "lora_alpha": 4}')
     before = _tree(native)
     rc, _, err = _cli(capsys, "attach", native / "lora" / HUB["distilled"], "--name", "x",

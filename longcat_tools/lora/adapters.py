@@ -101,7 +101,8 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
     if dst_dir.resolve() in src.resolve().parents:
         raise UsageError(f"{src}: is inside lora/{name}/, which attaching as '{name}' would "
                          "replace; copy it elsewhere first or choose another name")
-    if isinstance(adapter_config, str | Path) and not Path(adapter_config).is_file():
+    if isinstance(adapter_config, str | Path) and not (Path(adapter_config).exists()
+                                                       or Path(adapter_config).is_symlink()):
         raise UsageError(f"--adapter-config {adapter_config}: no such file")
     lora = lf.read_lora(src, dit_shapes(ckpt), adapter_config=adapter_config)
     if fmt != "auto" and fmt != lora.format:
