@@ -62,6 +62,7 @@ from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.lora import formats as lf
 from longcat_tools.model import comfy_keys, dtypes, flavours, keymap
 from longcat_tools.model import fp8 as fp8_format
+from longcat_tools.verify.components import check_model_index
 
 TARGETS = ("converted", "native", "comfy")
 # What --to comfy writes in DST: the DiT alone, in ComfyUI's (WanVideoWrapper's) key flavour.
@@ -683,6 +684,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
         return _plan_single_file(Path(src), Path(dst), to, keys, dtype, want, max_shard, force)
     assert found is not None
     ckpt, src, dst = found, found.root, Path(dst)
+    check_model_index(ckpt)
     if to == "comfy":
         return _plan_to_comfy(ckpt, dst, dtype, want, force)
     check_replaceable(dst, "checkpoint", source=src, force=force)

@@ -491,3 +491,17 @@ def test_converted_output_passes_deep_verify_and_registers_its_adapters(tiny_nat
     src = tiny_native / "lora" / "cfg_step_lora.safetensors"
     assert distilled.rank == 4 and distilled.source
     assert hashlib.sha256(src.read_bytes()).hexdigest() in distilled.source.values()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{", '{"model_name": 5}'])
+def test_a_source_whose_model_index_verify_fails_is_refused(tiny_native, tmp_path, capsys, text):
+    """convert read past a broken model_index.json that verify fails (and run refuses)."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    (src / "model_index.json").write_text(text)
+    for extra in (["--dry-run"], []):
+        assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "out"), "-q",
+                     *extra]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: {src / 'model_index.json'}: "), line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -453,16 +453,13 @@ def check_components(ckpt: Any) -> None:
     from longcat_tools.verify.components import (
         COMPONENTS,
         TOKENIZER_JSON,
+        check_model_index,
         check_transformer_config,
     )
 
     root, allowed = ckpt.root, ckpt.containment
     check_transformer_config(ckpt.config(), str(ckpt.config_path))
-    index = root / "model_index.json"
-    if index.exists() or index.is_symlink() or ckpt.layout == "converted":
-        layouts.check_contained(index, allowed)
-        schema = "model_index_native" if ckpt.layout == "native" else "model_index_converted"
-        schemas.validate(jsonio.read(index, what="pipeline index"), schema, str(index))
+    check_model_index(ckpt)
     for comp in COMPONENTS:
         folder = root / comp.name
         layouts.check_contained(folder, allowed)

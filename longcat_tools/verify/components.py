@@ -14,6 +14,7 @@ from longcat_tools import schemas
 from longcat_tools.bsa import config as bsa_config
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,16 @@ def check_transformer_config(cfg: Any, path: str) -> None:
                            "with `longcat-tools bsa preset`)")
     for error in bsa_config.param_errors(cfg):
         raise LongcatError(f"{path}: {error} (`longcat-tools bsa preset` sets valid ones)")
+
+
+def check_model_index(ckpt: layouts.Checkpoint) -> None:
+    """A base checkpoint's ``model_index.json`` (required by the converted layout, optional in
+    the others) as pipelines read it: inside the checkpoint, strict JSON, its layout's schema."""
+    index = ckpt.root / "model_index.json"
+    if index.exists() or index.is_symlink() or ckpt.layout == "converted":
+        layouts.check_contained(index, ckpt.containment)
+        schema = "model_index_native" if ckpt.layout == "native" else "model_index_converted"
+        schemas.validate(jsonio.read(index, what="pipeline index"), schema, str(index))
 
 
 # The tokenizer's JSON files: each, where present, must be a JSON object (transformers fails on
