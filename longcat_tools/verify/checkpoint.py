@@ -229,7 +229,7 @@ def _layout(rec: Recorder, st: _State) -> bool:
 
 def _model_index(rec: Recorder, st: _State) -> None:
     path = st.root / "model_index.json"
-    name = "model_index_native" if st.layout == "native" else "model_index_converted"
+    name = C.model_index_schema(st.layout)
     if not (path.exists() or path.is_symlink()):
         if st.layout == "native":
             rec.warn(CKPT, "model_index", path, "missing (the hub release has a stub "

@@ -37,6 +37,7 @@ COMPONENTS: tuple[Component, ...] = (
               ("scheduler_config.json", "scheduler_config"), None),
 )
 
+
 def check_transformer_config(cfg: Any, path: str) -> None:
     """A DiT config (base or avatar) as ``verify`` and ``run`` both need it: its schema, and BSA
     parameters the kernels take."""
@@ -44,8 +45,15 @@ def check_transformer_config(cfg: Any, path: str) -> None:
     if cfg.get("enable_bsa") and not cfg.get("bsa_params"):
         raise LongcatError(f"{path}: enable_bsa is true but bsa_params is null (set a preset "
                            "with `longcat-tools bsa preset`)")
-    for error in bsa_config.param_errors(cfg):
-        raise LongcatError(f"{path}: {error} (`longcat-tools bsa preset` sets valid ones)")
+    errors = bsa_config.param_errors(cfg)
+    if errors:
+        raise LongcatError(f"{path}: {errors[0]} (`longcat-tools bsa preset` sets valid ones)")
+
+
+def model_index_schema(layout: str) -> str:
+    """The schema of a base checkpoint's ``model_index.json``: the hub's stub, or a pipeline's
+    index."""
+    return "model_index_native" if layout == "native" else "model_index_converted"
 
 
 def check_model_index(ckpt: layouts.Checkpoint) -> None:
@@ -54,8 +62,8 @@ def check_model_index(ckpt: layouts.Checkpoint) -> None:
     index = ckpt.root / "model_index.json"
     if index.exists() or index.is_symlink() or ckpt.layout == "converted":
         layouts.check_contained(index, ckpt.containment)
-        schema = "model_index_native" if ckpt.layout == "native" else "model_index_converted"
-        schemas.validate(jsonio.read(index, what="pipeline index"), schema, str(index))
+        schemas.validate(jsonio.read(index, what="pipeline index"),
+                         model_index_schema(ckpt.layout), str(index))
 
 
 # The tokenizer's JSON files: each, where present, must be a JSON object (transformers fails on
