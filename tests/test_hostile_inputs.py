@@ -17,6 +17,7 @@ import torch
 from hostile import refused
 from safetensors.torch import save_file
 
+from longcat_tools.errors import LongcatError
 from longcat_tools.runner import pipeline as pipeline_module
 
 FAST_S = 5.0  # each refusal: well under this on 2 cores, with no weights read
@@ -348,3 +349,33 @@ def test_a_failed_publish_leaves_no_mp4_without_sidecar(tmp_path, monkeypatch):
                                   "transformer_config/../vae_config", "sub/vae_config", "nope"])
 def test_schema_reads_nothing_outside_its_folder(capsys, name):
     fast_refusal(capsys, "schema", name, code=2, says="unknown schema")
+
+
+def test_components_are_read_once_while_unchanged(ckpt, monkeypatch):
+    """run checks them before loading and from_pretrained again: the tokenizer's JSON (16 MB
+    in the release) is parsed once, and again only after a file changed."""
+    from longcat_tools.checkpoint import layouts
+    from longcat_tools.io import jsonio
+    from longcat_tools.runner import settings
+
+    monkeypatch.setattr(settings, "_PASSED", set())
+    reads: list[str] = []
+    real = jsonio.read
+    monkeypatch.setattr(jsonio, "read", lambda path, **kw: reads.append(str(path)) or
+                        real(path, **kw))
+    view = layouts.detect(ckpt)
+    tokenizer = str(ckpt / "tokenizer" / "tokenizer.json")
+    settings.check_components(view)
+    settings.check_components(view)
+    assert reads.count(tokenizer) == 1
+    path = ckpt / "vae" / "config.json"
+    original = path.read_text()
+    try:
+        path.write_text(original + " ")
+        settings.check_components(view)
+        assert reads.count(tokenizer) == 2
+        path.write_text("[1]")
+        with pytest.raises(LongcatError, match="vae/config.json"):
+            settings.check_components(view)
+    finally:
+        path.write_text(original)

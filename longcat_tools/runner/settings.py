@@ -441,12 +441,30 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     return InputFiles(dims, image_size, video_size)
 
 
+# What check_components passed, as (real path, size, mtime) of every file it read: `run` checks
+# before loading and the pipeline's from_pretrained again, and parsing the tokenizer's JSON
+# alone takes about a second.
+_PASSED: set[tuple] = set()
+
+
+def _stamp(paths: list[Path]) -> tuple:
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            out.append((str(p), None))
+            continue
+        out.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def check_components(ckpt: Any) -> None:
     """What a run reads besides the DiT's weights (its config, the pipeline index, the other
     components' files), checked as ``verify`` checks it: inside the checkpoint (links
     followed), present, strict JSON, each config against its schema. Given a bad file, a loader
     (transformers, diffusers) fails with its own traceback, tries to reach the Hub, or follows a
-    link out of the folder."""
+    link out of the folder. Files unchanged since they passed are not read again."""
     from longcat_tools import schemas
     from longcat_tools.checkpoint import layouts
     from longcat_tools.io import jsonio
@@ -458,6 +476,11 @@ def check_components(ckpt: Any) -> None:
     )
 
     root, allowed = ckpt.root, ckpt.containment
+    folders = [root / comp.name for comp in COMPONENTS]
+    stamp = _stamp([ckpt.config_path, root / "model_index.json", *folders,
+                    *(p for f in folders if f.is_dir() for p in sorted(f.iterdir()))])
+    if stamp in _PASSED:
+        return
     check_transformer_config(ckpt.config(), str(ckpt.config_path))
     check_model_index(ckpt)
     for comp in COMPONENTS:
@@ -487,6 +510,7 @@ def check_components(ckpt: Any) -> None:
         elif not any((folder / f).is_file() for f in singles):
             raise LongcatError(f"{folder / (index_name or singles[0])}: missing; the {comp.name}'s "
                                "weights cannot load (run `longcat-tools verify` on the checkpoint)")
+    _PASSED.add(stamp)
 
 
 def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
