@@ -363,6 +363,30 @@ def test_download_into_a_folder_pins_the_listed_commit(fake_hub, tmp_path, capsy
     assert hub_manifest.against_hub_report(dst).ok
 
 
+def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tmp_path,
+                                                                   monkeypatch, capsys):
+    """huggingface_hub, offline with local_dir, returns any existing folder for any repo id:
+    `download` must not call a folder holding another repo (or nothing it recorded) ready."""
+    fake_hub()
+    dst = tmp_path / "weights"
+    assert main(["download", REPO, "--dst", str(dst), "-q"]) == 0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()
+    assert main(["download", REPO, "--dst", str(dst), "--json"]) == 0
+    assert _json(capsys)["offline"]
+    for argv, says in (([f"{REPO}@{COMMIT[:10]}"], None), ([f"{REPO}@main"], None),
+                       (["other/repo"], f"holds {REPO} at {COMMIT[:12]}, not other/repo"),
+                       ([f"{REPO}@v9"], "not revision v9")):
+        assert main(["download", *argv, "--dst", str(dst)]) == (1 if says else 0), argv
+        err = capsys.readouterr().err.strip().splitlines()
+        if says:
+            assert len(err) == 1 and says in err[0], err
+    (dst / "hub_manifest.json").unlink()
+    assert main(["download", REPO, "--dst", str(dst)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no record that it holds" in err[0] and "verify" in err[0]
+
+
 def test_a_corrupt_download_fails_and_names_the_file(fake_hub, capsys):
     bad = "dit/diffusion_pytorch_model-00003-of-00005.safetensors"
     fake_hub(corrupt=bad)

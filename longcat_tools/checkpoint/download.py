@@ -63,6 +63,8 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
         if dst is not None and manifest.commit:  # a folder has no refs: pin what was listed
             fetch_ref = hub.RepoRef(ref.repo_id, manifest.commit)
     local_only = manifest is None
+    if local_only and dst is not None and Path(dst).exists():
+        check_folder_record(ref, Path(dst), unreachable)
     try:
         path = hub.download(fetch_ref, dst=dst, patterns=patterns, max_workers=max_workers,
                             quiet=quiet, force=force, local_only=local_only)
@@ -91,6 +93,27 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
                                                                            progress=progress))
     return DownloadResult(ref, path, commit, local_only, unreachable, saved, headers, report,
                           time.perf_counter() - t0)
+
+
+def check_folder_record(ref: hub.RepoRef, dst: Path, unreachable: str | None = None) -> None:
+    """Without the hub, take ``dst`` as ``ref`` only on the record a download left there: given
+    ``local_dir``, huggingface_hub returns any existing folder for any repo id."""
+    saved = hub_manifest.saved_manifest_path(dst)
+    why = unreachable or "downloads are off (HF_HUB_OFFLINE=1)"
+    if not saved.is_file():
+        raise LongcatError(f"{dst}: no record that it holds {ref.repo_id} ({saved.name} is "
+                           f"missing) and {why}: rerun the download with network, or check the "
+                           f"folder with `longcat-tools verify {dst}`")
+    m = hub_manifest.load_manifest(saved)
+    at = f"{m.repo_id} at {str(m.commit)[:12]}"
+    if m.repo_id != ref.repo_id:
+        raise LongcatError(f"{dst}: holds {at}, not {ref.repo_id}: name that repo, or another "
+                           "--dst")
+    rev = ref.revision
+    if rev and rev not in (m.revision or "main", m.commit) and not (
+            len(rev) >= 7 and str(m.commit).startswith(rev)):
+        raise LongcatError(f"{dst}: holds {at} (revision {m.revision or 'main'}), not revision "
+                           f"{rev}: rerun the download with network, or drop the revision")
 
 
 def plan(manifest: hub_manifest.Manifest, patterns: list[str] | None,
