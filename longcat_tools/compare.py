@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.io.atomic import atomic_write_bytes
+from longcat_tools.io.atomic import atomic_write_bytes, enclosing_checkpoint
 from longcat_tools.runner.settings import comparable_settings
 
 if TYPE_CHECKING:  # numpy and Pillow load when a comparison runs, not with the command line
@@ -433,6 +433,9 @@ def check_target(path: Path) -> None:
         raise LongcatError(f"{path}: is a folder; name a file to write")
     if not path.parent.is_dir():
         raise LongcatError(f"{path.parent}: output's parent folder does not exist")
+    if (ckpt := enclosing_checkpoint(path)) is not None:
+        raise LongcatError(f"{path}: inside the checkpoint {ckpt}; write it outside the "
+                           "model's folder")
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -233,5 +233,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     refused(capsys, "compare", good, "--out", tmp_path / "no" / "s.png",
             says="parent folder does not exist")
     refused(capsys, "compare", good, "--out", good, says="is a folder")
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "transformer").mkdir(parents=True)
+    refused(capsys, "compare", good, "--out", ckpt / "transformer" / "s.png",
+            says=f"inside the checkpoint {ckpt}")
+    assert list((ckpt / "transformer").iterdir()) == []
     refused(capsys, "compare", good, "--frames", "0", code=2, says="--frames")
     refused(capsys, "compare", good, "--thumb-height", "5", code=2, says="--thumb-height")

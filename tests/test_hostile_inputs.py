@@ -295,6 +295,15 @@ def test_run_writes_nothing_into_the_checkpoint(capsys, ckpt, tmp_path, option, 
     assert not (ckpt / rel).exists()
 
 
+def test_run_writes_nothing_into_another_checkpoint(capsys, ckpt, tmp_path):
+    other = tmp_path / "other"
+    (other / "dit").mkdir(parents=True)
+    fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
+                 "32", "--frames", "9", "--out", other / "dit" / "x.mp4",
+                 says=f"inside the checkpoint {other}")
+    assert list((other / "dit").iterdir()) == []
+
+
 def test_run_writes_latents_only_as_safetensors(capsys, ckpt, tmp_path):
     video = tmp_path / "earlier.mp4"
     video.write_bytes(b"not really a video")

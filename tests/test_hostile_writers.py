@@ -355,6 +355,19 @@ def test_force_refuses_what_is_not_a_checkpoint(command, tiny_native, fuse_src, 
         assert _deep_ok(src)
 
 
+@pytest.mark.parametrize("command", ["convert", "fuse", "synth"])
+def test_a_new_checkpoint_inside_another_is_refused(command, tiny_native, fuse_src, converted,
+                                                    capsys):
+    """Written into another checkpoint (its lora/, say), a new one would be read as its files."""
+    for dst in (converted / "lora" / "new", converted / "new"):
+        args = {"convert": _convert_args(tiny_native, dst),
+                "fuse": _fuse_args(fuse_src, dst),
+                "synth": ["synth", dst, "-q"]}[command]
+        refused(capsys, *args, says=f"inside the checkpoint {converted.resolve()}")
+        assert not dst.exists() and _leftovers(dst) == []
+    assert _deep_ok(converted)
+
+
 # ---------------------------------------------------------------------------------------------
 # the lock file and the scratch folder are never followed
 

@@ -84,17 +84,32 @@ class _Kind:
     problem: Callable[[Path], str | None]
 
 
-def _checkpoint_problem(path: Path) -> str | None:
+def is_checkpoint(path: Path) -> bool:
+    """Whether folder ``path`` holds a checkpoint: ``dit/``, ``transformer/``,
+    ``model_index.json`` or an avatar release's DiT folder."""
     from longcat_tools.checkpoint.layouts import avatar_version, looks_like_checkpoint
 
-    if not path.is_dir():
-        return "exists and is not a folder; --force only replaces a checkpoint folder"
+    if looks_like_checkpoint(path) or (path / "model_index.json").is_file():
+        return True
     version = avatar_version(path)
-    avatar_dit = version is not None and any(
+    return version is not None and any(
         (path / d / "config.json").is_file()
         for d in (*version.dit_folders, *([version.int8_folder] if version.int8_folder else [])))
-    if any(path.iterdir()) and not (looks_like_checkpoint(path)
-                                    or (path / "model_index.json").is_file() or avatar_dit):
+
+
+def enclosing_checkpoint(path: Path) -> Path | None:
+    """The checkpoint folder ``path`` would be written inside (links followed), if any. Why: a
+    stray file in a checkpoint can be read as part of the model (a shard, an adapter)."""
+    for folder in Path(path).resolve().parents:
+        if folder.is_dir() and is_checkpoint(folder):
+            return folder
+    return None
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    if not path.is_dir():
+        return "exists and is not a folder; --force only replaces a checkpoint folder"
+    if any(path.iterdir()) and not is_checkpoint(path):
         return ("exists and does not look like a checkpoint; refusing to replace it even with "
                 "--force (remove it yourself)")
     return None
@@ -123,10 +138,11 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
     ``what`` is what the command writes (a key of ``REPLACEABLE``: ``checkpoint`` = a folder that
     is empty or holds ``dit/``, ``transformer/`` or ``model_index.json``; ``safetensors`` = a
     regular ``.safetensors`` file with a header). Refuses with one line: ``dst`` equal to,
-    inside or containing ``source`` (or ``source`` being ``DST.partial``, which the run deletes);
-    an existing ``dst`` without ``force``; with ``force``, a symlink (never replaced, whatever it
-    points to) or anything that is not ``what``; a missing parent folder. A ``dst`` that does not
-    exist passes. Run it while planning, and again under the writer lock (``atomic_folder`` does).
+    inside or containing ``source`` (or ``source`` being ``DST.partial``, which the run
+    deletes); a new checkpoint inside another one; an existing ``dst`` without ``force``; with
+    ``force``, a symlink (never replaced, whatever it points to) or anything that is not
+    ``what``; a missing parent folder. A ``dst`` that does not exist passes. Run it while
+    planning, and again under the writer lock (``atomic_folder`` does).
     """
     kind = REPLACEABLE[what]
     dst = Path(dst)
@@ -140,6 +156,9 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
         if s == tmp or tmp in s.parents:
             raise UsageError(f"{source}: is the scratch folder of --dst {dst} (a run would delete "
                              "it); rename it first")
+    if what == "checkpoint" and (outer := enclosing_checkpoint(dst)) is not None:
+        raise LongcatError(f"{dst}: inside the checkpoint {outer}; write the new checkpoint "
+                           "outside it")
     if dst.is_symlink() or dst.exists():
         if not force:
             raise LongcatError(f"{dst}: already exists (pass --force to replace it)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.io.atomic import enclosing_checkpoint
 from longcat_tools.lora.registry import check_scale
 from longcat_tools.model import avatar, bsa_presets, dtypes, keymap
 from longcat_tools.model import fp8 as fp8_format
@@ -515,12 +516,15 @@ def check_components(ckpt: Any) -> None:
 
 def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
     """An output file the run may write: not a folder, in a writable folder, and not inside
-    the checkpoint (``model``: its real folders), whose files belong to the model."""
+    the checkpoint (``model``: its real folders) or any other one, whose files belong to the
+    model."""
     if path.is_dir():
         raise LongcatError(f"{opt} {path}: is a folder (give a file name)")
     real = path.resolve()
-    if any(real == m or m in real.parents for m in model):
-        raise LongcatError(f"{opt} {path}: inside the checkpoint {model[0]}; write outputs "
+    outer = model[0] if any(real == m or m in real.parents for m in model) else (
+        enclosing_checkpoint(path))
+    if outer is not None:
+        raise LongcatError(f"{opt} {path}: inside the checkpoint {outer}; write outputs "
                            "outside the model's folder")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # missing folders are created
