@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -92,6 +93,26 @@ def test_json_output_is_one_document_on_stdout(tmp_path):
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert doc["layout"] == "native" and doc["preset"] == "tiny"
+
+
+def test_under_json_a_failure_is_one_document_on_stdout_too(tiny_native, tmp_path, capsys):
+    """A program reading stdout as JSON gets the error as JSON; a check that failed after
+    printing its result (verify) adds no second document."""
+    for argv, code in ((["synth", str(tmp_path / "taken")], 1), (["verify", "--bogus"], 2),
+                       (["verify", str(tmp_path / "missing")], 2)):
+        (tmp_path / "taken").mkdir(exist_ok=True)
+        assert main([*argv, "--json"]) == code
+        out = capsys.readouterr()
+        doc = json.loads(out.out)
+        assert doc["exit_code"] == code and doc["error"], out
+        assert out.err.strip()  # the line for people is still there
+        assert main(argv) == code and capsys.readouterr().out == ""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_native, broken)
+    (broken / "scheduler" / "scheduler_config.json").unlink()
+    assert main(["verify", str(broken), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and "error" not in doc
 
 
 def test_quiet_prints_nothing(tmp_path):

@@ -1,7 +1,9 @@
 """The ``longcat-tools`` command line: a thin shell over the library.
 
 Exit codes: 0 ok, 1 a check failed or the input is bad, 2 usage error. Errors are one line on
-stderr; ``-v`` adds the traceback.
+stderr; ``-v`` adds the traceback. Under ``--json`` a command that fails before printing its
+result prints ``{"error": ..., "exit_code": ...}`` on stdout instead, so that stdout always holds
+one JSON document.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import traceback
 import typer
 
 from longcat_tools import __version__
+from longcat_tools.cli._common import RESULT_PRINTED
 from longcat_tools.cli.bsa import bsa_app
 from longcat_tools.cli.compare import compare_cmd
 from longcat_tools.cli.convert import convert_cmd
@@ -23,6 +26,7 @@ from longcat_tools.cli.schema import schema_cmd
 from longcat_tools.cli.synth import synth_cmd
 from longcat_tools.cli.verify import verify_cmd
 from longcat_tools.errors import EXIT_FAIL, LongcatError
+from longcat_tools.io import jsonio
 
 app = typer.Typer(
     name="longcat-tools", no_args_is_help=True, add_completion=False,
@@ -63,27 +67,34 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and turn every failure into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in args or "--verbose" in args
+    RESULT_PRINTED[0] = False
+
+    def fail(message: str, code: int) -> int:
+        if "--json" in args and not RESULT_PRINTED[0]:
+            print(jsonio.dumps({"error": message, "exit_code": code}, newline=False), flush=True)
+        return code
+
     try:  # obj: the command line as given, for commands that start it again (run --gpus)
         rv = app(args=args, prog_name="longcat-tools", standalone_mode=False,
                  obj={"argv": args})
     except typer.Abort:
         print("aborted", file=sys.stderr)
-        return 130
+        return fail("aborted", 130)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return fail("interrupted", 130)
     except LongcatError as e:
         if verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return fail(str(e), e.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
         if _is_click_error(e):  # usage errors: click's own message, exit 2
             e.show()
-            return e.exit_code
+            return fail(e.format_message(), e.exit_code)
         if verbose:
             traceback.print_exc()
-        print(f"error: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)",
-              file=sys.stderr)
-        return EXIT_FAIL
+        message = f"internal error: {type(e).__name__}: {e}"
+        print(f"error: {message} (rerun with -v for the traceback)", file=sys.stderr)
+        return fail(message, EXIT_FAIL)
     return rv if isinstance(rv, int) else 0

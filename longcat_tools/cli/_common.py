@@ -23,6 +23,10 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
                                           help="More detail; a traceback on errors.")]
 
 
+# Whether this process printed its --json result: ``main`` then adds no error document.
+RESULT_PRINTED = [False]
+
+
 @dataclass
 class Out:
     """Where a command's words go, honouring --json / -q / -v."""
@@ -50,6 +54,7 @@ class Out:
         """The machine-readable result: printed only under --json."""
         if self.as_json:
             print(jsonio.dumps(jsonio.finite(obj), default=str, newline=False), flush=True)
+            RESULT_PRINTED[0] = True
 
     def table(self, rows: list[list[Any]], header: list[str]) -> None:
         if not self.quiet:
