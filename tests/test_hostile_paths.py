@@ -429,12 +429,17 @@ def test_list_shows_a_link_out_as_a_problem_row(world, capsys, plant):
     bad = args[2]
     before = snapshot(root, skip="lora")
     capsys.readouterr()
-    assert main(["lora", "list", "--json", "-m", str(root)]) == 0
-    rows = {a["name"]: a for a in json.loads(capsys.readouterr().out)["adapters"]}
+    assert main(["lora", "list", "--json", "-m", str(root)]) == 1  # a check failed
+    out = capsys.readouterr()
+    rows = {a["name"]: a for a in json.loads(out.out)["adapters"]}
+    problems = [n for n, a in rows.items() if a["status"] != "ok"]
+    assert out.err.strip().splitlines()[-1] == (
+        f"error: {len(problems)} of {len(rows)} adapters have a problem; the first, "
+        f"'{problems[0]}': {rows[problems[0]]['status']}")
     assert rows["distilled"]["status"] == "ok" and rows["refinement"]["status"] == "ok"
     assert rows[bad]["format"] is None and rows[bad]["status"] != "ok"
     assert ("outside" in rows[bad]["status"] or "cannot be resolved" in rows[bad]["status"])
-    assert main(["lora", "list", "-m", str(root)]) == 0  # the table, one row each
+    assert main(["lora", "list", "-m", str(root)]) == 1  # the table, one row each
     table = capsys.readouterr().out
     assert sum(line.startswith(f"{bad} ") for line in table.splitlines()) == 1, table
     assert snapshot(root, skip="lora") == before

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseOpt, human_bytes
+from longcat_tools.errors import LongcatError
 
 lora_app = typer.Typer(
     name="lora", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -59,7 +60,8 @@ def attach_cmd(
 @lora_app.command("list")
 def list_cmd(model: ModelOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
              verbose: VerboseOpt = False) -> None:
-    """List the adapters of a checkpoint: registered and found in lora/, each checked."""
+    """List the adapters of a checkpoint: registered and found in lora/, each checked (exit 1
+    when one has a problem)."""
     from longcat_tools.lora import list_adapters
 
     out = Out(json_out, quiet, verbose)
@@ -80,6 +82,10 @@ def list_cmd(model: ModelOpt = None, json_out: JsonOpt = False, quiet: QuietOpt 
                 out.detail(f"{i.name}: {i.record.description}")
     out.result({"checkpoint": str(ckpt.root), "layout": ckpt.layout, "flavour": ckpt.flavour,
                 "adapters": [i.to_json(ckpt.lora_dir) for i in items]})
+    bad = [i for i in items if i.status != "ok"]
+    if bad:  # a check failed: exit 1, as verify does
+        raise LongcatError(f"{len(bad)} of {len(items)} adapters have a problem; the first, "
+                           f"'{bad[0].name}': {bad[0].status}")
 
 
 @lora_app.command("detach")
