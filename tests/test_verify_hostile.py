@@ -191,6 +191,11 @@ def symlink_loop(root):
     return root / "dit" / "loop.safetensors"
 
 
+def dangling_link(root):
+    (root / "vae" / "notes.json").symlink_to("gone.json")
+    return root / "vae" / "notes.json"
+
+
 def missing_shard(root):
     p = _shard(root)
     p.unlink()
@@ -484,6 +489,7 @@ CASES = [
     ("symlink-shard-escapes", symlink_shard_out, "outside the checkpoint", []),
     ("symlink-folder-escapes", symlink_folder_out, "outside the checkpoint", []),
     ("symlink-loop", symlink_loop, "cannot be resolved", []),
+    ("symlink-to-nothing", dangling_link, "a link to nothing", []),
     ("missing-shard", missing_shard, "missing", []),
     ("unlisted-shard", stray_shard, "does not name", []),
     ("wrong-total-size", wrong_total_size, "total_size", []),

@@ -144,8 +144,8 @@ def _checksums_and_deep(rec: Recorder, st: _State, deep: bool, sums: Path | None
 # --- the folder itself ---------------------------------------------------------------------
 
 def _walk(rec: Recorder, st: _State, pickles_ok: frozenset[Path] = frozenset()) -> None:
-    """Every entry once, without following links: links must stay inside, files must be regular,
-    no pickle anywhere (but the ``pickles_ok`` files, which a later row checks without loading
+    """Every entry once, without following links: links must stay inside and lead to something,
+    files must be regular, no pickle anywhere (but the ``pickles_ok`` files, which a later row checks without loading
     them)."""
     root, allowed = st.root, rec.allowed
     escapes, odd, pickles = [], [], []
@@ -176,6 +176,9 @@ def _walk(rec: Recorder, st: _State, pickles_ok: frozenset[Path] = frozenset()) 
                     continue
                 if p.is_file():
                     st.files.append(p)
+                elif not p.exists():
+                    odd.append((p, "a link to nothing (its target is missing): restore the "
+                                   "target, or remove the link"))
             elif stat.S_ISREG(mode):
                 st.files.append(p)
             elif not stat.S_ISDIR(mode):
