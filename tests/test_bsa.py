@@ -541,8 +541,10 @@ def test_check_context_parallel_modes_and_limits():
     assert r["flops"]["kept_per_block"] is None
     r = bsa.check(480, 832, 1, BALANCED)
     assert not r["bsa_applies"] and r["token_grid"][0] == 1
-    r = bsa.check(704, 1280, 96, BALANCED)  # not 4k+1: the pipeline rounds to 97
-    assert r["frames_used"] == 97 and r["latent"][0] == 25
+    with pytest.raises(LongcatError, match="--frames 96: must be 4k[+]1"):  # as run says
+        bsa.check(704, 1280, 96, BALANCED)
+    r = bsa.check(704, 1280, 186, BALANCED, refine=True)  # 2 x 93: a refine output
+    assert r["frames_used"] == 186 and r["latent"][0] == 48
     r = bsa.check(256, 256, 9, {**BALANCED, "sparsity": 0.999})
     assert r["kept_per_query"] == 0 and r["warnings"]
     for kwargs, msg in [({"height": 500}, "multiple of 16"), ({"cp": 3}, "heads do not split"),

@@ -20,7 +20,8 @@ def _chunking(grid: chunks.Shape3, chunk: list[int]) -> dict[str, Any]:
             "chunks": c.num_chunks, "divides": [e == 0 for e in c.edge], "edge": list(c.edge)}
 
 
-def _check_request(height: int, width: int, frames: int, cp: int, dims: DiTDims) -> None:
+def _check_request(height: int, width: int, frames: int, cp: int, dims: DiTDims,
+                   refine: bool) -> None:
     multiple = chunks.pixel_multiple(dims.patch_size)
     stride = chunks.VAE_STRIDE[1]
     for name, v, m in (("--height", height, multiple[0]), ("--width", width, multiple[1])):
@@ -29,6 +30,8 @@ def _check_request(height: int, width: int, frames: int, cp: int, dims: DiTDims)
                                f"times patch {m // stride}x)")
     if frames < 1:
         raise LongcatError(f"--frames {frames}: must be at least 1")
+    if not refine and (why := chunks.frames_problem(frames)):
+        raise LongcatError(f"--frames {frames}: {why}")
     if cp < 1:
         raise LongcatError(f"--cp {cp}: must be at least 1")
     if dims.num_heads % cp:
@@ -41,7 +44,7 @@ def check(height: int, width: int, frames: int, params: dict[str, Any], *, cp: i
     """Token grid, chunking, chunks kept and attention FLOPs of one video size under ``params``
     (self-attention with queries and keys over the same tokens, as in text-to-video and refine).
     ``refine``: ``frames`` is the refinement stage's output (twice the stage-1 video)."""
-    _check_request(height, width, frames, cp, dims)
+    _check_request(height, width, frames, cp, dims, refine)
     used, t_lat, note = chunks.latent_frames(frames, refine)
     notes = [note] if note else []
     latent = chunks.latent_grid(t_lat, height, width)

@@ -35,6 +35,15 @@ def refine_latent_frames(latents: int) -> int:
     return math.ceil(latents / REFINE_LATENT_MULTIPLE) * REFINE_LATENT_MULTIPLE
 
 
+def frames_problem(frames: int) -> str | None:
+    """Why a generated video cannot have ``frames`` frames (None: it can); ``run`` and
+    ``bsa check`` both apply it."""
+    if frames < 1 or frames % VAE_STRIDE[0] != 1:
+        return (f"must be {VAE_STRIDE[0]}k+1 (e.g. 93, 45, 9): the VAE packs {VAE_STRIDE[0]} "
+                "frames per latent after the first")
+    return None
+
+
 def latent_frames(frames: int, refine: bool = False) -> tuple[int, int, str | None]:
     """(video frames used, latent frames, note). Generation rounds to 4k+1 frames (the first
     frame is a latent of its own); ``refine``: ``frames`` is the refinement stage's output, of

@@ -21,7 +21,7 @@ from longcat_tools.io.atomic import enclosing_checkpoint
 from longcat_tools.lora.registry import check_scale
 from longcat_tools.model import avatar, bsa_presets, dtypes, keymap
 from longcat_tools.model import fp8 as fp8_format
-from longcat_tools.model.chunks import latent_frames, latent_grid
+from longcat_tools.model.chunks import frames_problem, latent_frames, latent_grid
 from longcat_tools.runner import footprint
 from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
 
@@ -225,9 +225,8 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     if s.dtype is not None:
         dtypes.check(s.dtype, error=LongcatError)
     check_scale(s.lora_scale, "--lora-scale", LongcatError)
-    if s.frames < 1 or s.frames % 4 != 1:
-        raise LongcatError(f"--frames {s.frames}: must be 4k+1 (e.g. 93, 45, 9): the VAE packs 4 "
-                           "frames per latent after the first")
+    if why := frames_problem(s.frames):
+        raise LongcatError(f"--frames {s.frames}: {why}")
     if s.frames > MAX_FRAMES:
         raise LongcatError(f"--frames {s.frames}: at most {MAX_FRAMES} in one segment (the model "
                            "is trained on 93; use --task long for longer videos)")

@@ -144,9 +144,9 @@ def _checksums_and_deep(rec: Recorder, st: _State, deep: bool, sums: Path | None
 # --- the folder itself ---------------------------------------------------------------------
 
 def _walk(rec: Recorder, st: _State, pickles_ok: frozenset[Path] = frozenset()) -> None:
-    """Every entry once, without following links: links must stay inside and lead to something,
-    files must be regular, no pickle anywhere (but the ``pickles_ok`` files, which a later row checks without loading
-    them)."""
+    """Every entry once, without following links: links must stay inside and lead to
+    something, files must be regular, no pickle anywhere (but the ``pickles_ok`` files, which a
+    later row checks without loading them)."""
     root, allowed = st.root, rec.allowed
     escapes, odd, pickles = [], [], []
     entries = 0
