@@ -14,12 +14,6 @@ from round to round, so no variant always runs first or last.
 
 ``--select`` times the select kernel (top-k of the float64 scores) of the two copies instead,
 alternately, and checks that they pick the same chunks.
-
-``--call`` times the whole ``kernels.block_sparse_attention`` call (selection included) on q,
-k, v as the DiT hands them over, views of one token-major qkv projection ``[B, S, 3, H, D]``,
-writing a token-major output: ``CALL_VARIANTS``, which pair each setting with and without the
-chunk boxes read straight from k and v (``FWD_CONFIG["raster"]``); each pair must give the
-same bits.
 """
 
 from __future__ import annotations
@@ -53,15 +47,6 @@ VARIANTS = [("fp8", True, {}),
             ("bf16, P V in bf16", False, {"pv_fp16": 0}),
             ("bf16, P V in bf16, uncapped, 2 stages", False,
              {"pv_fp16": 0, "maxnreg": 255, "num_stages": 2})]
-
-
-# label, fp8, pv_fp16, FWD_CONFIG overrides; raster 0: K and V from chunk-major copies
-CALL_VARIANTS = [("bf16, P V in bf16", False, False, {}),  # as the DiT runs it
-                 ("bf16, P V in bf16, copies", False, False, {"raster": 0}),
-                 ("bf16, P V in float16", False, True, {}),
-                 ("bf16, P V in float16, copies", False, True, {"raster": 0}),
-                 ("fp8", True, None, {}),
-                 ("fp8, copies", True, None, {"raster": 0})]
 
 
 def rotated(items: list, r: int) -> list:
@@ -115,57 +100,12 @@ def select_ab(args: argparse.Namespace, base, dev: torch.device) -> list[dict]:
     return rows
 
 
-def call_ab(args: argparse.Namespace, dev: torch.device) -> list[dict]:
-    """The whole call on DiT-layout views, ``CALL_VARIANTS`` alternately (module docstring)."""
-    from longcat_tools import kernels
-
-    defaults = dict(TB.FWD_CONFIG)
-    rows = []
-    for name in args.shapes.split(","):
-        lat = SHAPES[name]
-        torch.manual_seed(0)
-        qkv = torch.randn(1, math.prod(lat), 3, HEADS, HEAD_DIM, device=dev,
-                          dtype=torch.bfloat16)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        times: dict[str, list[float]] = {label: [] for label, *_ in CALL_VARIANTS}
-        outs = {}
-
-        call = functools.partial(kernels.block_sparse_attention, q, k, v, lat, lat,
-                                 sparsity=args.sparsity, chunk_q=CHUNK, chunk_k=CHUNK,
-                                 token_major=True)
-        try:
-            for r in range(args.rounds):
-                for label, fp8, pv_fp16, cfg in rotated(CALL_VARIANTS, r):
-                    TB.FWD_CONFIG.clear()
-                    TB.FWD_CONFIG.update(defaults, **cfg)
-                    fn = functools.partial(call, fp8=fp8, pv_fp16=pv_fp16)
-                    if label not in outs:
-                        outs[label] = fn()
-                    times[label].append(bench(fn, args.rep_ms))
-                    print(f"{name} round {r} {label}: {times[label][-1]:.3f} ms", flush=True)
-        finally:
-            TB.FWD_CONFIG.clear()
-            TB.FWD_CONFIG.update(defaults)
-        for label, fp8, pv_fp16, cfg in CALL_VARIANTS:
-            twin = label.removesuffix(", copies")
-            rows.append(dict(shape=name, latent=lat, sparsity=args.sparsity, variant=label,
-                             fp8=fp8, pv_fp16=pv_fp16, config=cfg,
-                             raster=TB.raster_ok(k, R.ChunkLayout(lat, CHUNK))
-                             and cfg.get("raster", 1) == 1 and not fp8,
-                             ms=statistics.median(times[label]), ms_rounds=times[label],
-                             same_bits_as=twin if twin != label else None,
-                             same_bits=torch.equal(outs[label], outs[twin])))
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="720p,720p-48f")
     ap.add_argument("--sparsity", type=float, default=0.9375)
     ap.add_argument("--base", type=Path, default=None, help="an earlier triton_bsa.py")
     ap.add_argument("--select", action="store_true", help="the select kernels (needs --base)")
-    ap.add_argument("--call", action="store_true",
-                    help="the whole call on DiT-layout views, K and V read in place or copied")
     add_ab_args(ap, rep_ms=150.0)
     args = ap.parse_args()
     if args.select and args.base is None:
@@ -173,16 +113,6 @@ def main() -> None:
     dev = torch.device("cuda")
     meta = versions(dev)
     print(json.dumps(meta), flush=True)
-    if args.call:
-        rows = call_ab(args, dev)
-        print("| shape | variant | call ms (median) | rounds | same bits as its copies twin |")
-        print("\n".join(f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | "
-                        f"{' / '.join(f'{t:.3f}' for t in r['ms_rounds'])} | "
-                        f"{r['same_bits'] if r['same_bits_as'] else ''} |" for r in rows))
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bsa_ab_call.json").write_text(
-            json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        return
     if args.select:
         rows = select_ab(args, load_base(args.base), dev)
         print("\n".join(f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | "

@@ -208,41 +208,6 @@ def test_kv_passes_give_the_one_pass_bits(case, fp8, monkeypatch):
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
-def _dit_views(B, H, D, lat_q, lat_k, seed):
-    """q, k, v as the DiT hands them over: views of token-major projections, heads adjacent."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, math.prod(lat_q), H, D, device="cuda", dtype=torch.bfloat16,
-                    generator=g).transpose(1, 2)
-    k, v = torch.randn(B, math.prod(lat_k), 2, H, D, device="cuda", dtype=torch.bfloat16,
-                       generator=g).permute(2, 0, 3, 1, 4)
-    return q, k, v
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("pv_fp16", [False, True], ids=["pv-bf16", "pv-fp16"])
-def test_chunk_boxes_read_in_place_give_the_copies_bits(case, pv_fp16, monkeypatch):
-    """K (and V, with P V in its dtype) read by chunk boxes from the DiT's views, no copies:
-    the same tiles, missing edge tokens zero, so the same bits, in one kv pass or two."""
-    from longcat_tools.kernels import triton_bsa as TB
-
-    B, H, D, lat_q, lat_k, cq, ck, sp, cdf = case
-    q, k, v = _dit_views(B, H, D, lat_q, lat_k, seed=zlib.crc32(str(case).encode()))
-    lk = R.ChunkLayout(lat_k, ck)
-    assert TB.raster_ok(k, lk) == (math.prod(ck) in (32, 64))  # a power of two, one step
-
-    def call():
-        return kernels.block_sparse_attention(q, k, v, lat_q, lat_k, sparsity=sp,
-                                              cdf_threshold=cdf, chunk_q=cq, chunk_k=ck,
-                                              pv_fp16=pv_fp16, token_major=True)
-    monkeypatch.setitem(TB.FWD_CONFIG, "raster", 0)
-    copies = call()
-    monkeypatch.setitem(TB.FWD_CONFIG, "raster", 1)
-    for passes in (1, 2):
-        monkeypatch.setitem(TB.FWD_CONFIG, "kv_passes", passes)
-        boxes = call()
-        assert torch.isfinite(boxes).all() and torch.equal(boxes, copies), passes
-
-
 def test_kv_passes_follow_the_size_of_a_heads_k_and_v(monkeypatch):
     """By default one pass per ~30 MB of a head's K and V: the counts measured best on an H100
     (one at 720p, three at 48 frames); a set ``kv_passes`` wins."""

@@ -90,8 +90,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if quantized:  # the BSA forward's quantized path is the Triton fp8 kernels'
         fp8_attention.count("bsa", fp8_attention.kernels_for(q, "bsa")[0])
     indices, counts, kc = triton_bsa.select_chunks_and_copy_k(
-        q, k, lq, lk, sel.sparsity, sel.cdf_threshold,
-        copy_k=not quantized and not triton_bsa.raster_ok(k, lk))
+        q, k, lq, lk, sel.sparsity, sel.cdf_threshold, copy_k=not quantized)
     out = None
     if token_major:
         B, H, S, D = q.shape

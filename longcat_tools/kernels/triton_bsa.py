@@ -297,12 +297,8 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SPLIT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
                     TMA: tl.constexpr, FP8: tl.constexpr, LOAD_STATE: tl.constexpr,
-                    STORE_STATE: tl.constexpr, RASTER_K: tl.constexpr,
-                    RASTER_V: tl.constexpr):
+                    STORE_STATE: tl.constexpr):
     """KD, VD: TMA descriptors of the chunk-major copies, or (TMA false) the copies.
-    RASTER_K / RASTER_V: KD / VD are instead 5D TMA descriptors of k / v themselves
-    (``raster_descriptor``), one box a chunk, so no copy is made; the box is the chunk's slots
-    in the copies' order, missing edge tokens zero, so the bits are the copies'.
 
     FP8 (``fp8_attention``'s rules): q is quantized here to int8 per token, KD holds int8 k
     with its per-token scales in KS, VD e4m3 v transposed per chunk (``[D, slots]``) with its
@@ -367,12 +363,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
         c = tl.load(idx + j // KV_SPLIT)
         part = j % KV_SPLIT
         row = first_row + c * (BLOCK_N * KV_SPLIT) + part * BLOCK_N
-        if RASTER_K or RASTER_V:  # the chunk's box in [B, T, HH, W, H * D]
-            box = [b.to(tl.int32), (c // (NHK * NWK)) * CTK, ((c // NWK) % NHK) * CHK,
-                   (c % NWK) * CWK, h.to(tl.int32) * HEAD_DIM]
-        if RASTER_K:
-            k = tl.reshape(KD.load(box), [BLOCK_N, HEAD_DIM])
-        elif TMA:
+        if TMA:
             k = KD.load([row, 0])
         else:
             tile = (row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
@@ -409,9 +400,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
             acc = tl.dot(p.to(vt.dtype, fp_downcast_rounding="rtne"), tl.trans(vt), acc,
                          max_num_imprecise_acc=BLOCK_N)
         else:
-            if RASTER_V:
-                v = tl.reshape(VD.load(box), [BLOCK_N, HEAD_DIM])
-            elif TMA:
+            if TMA:
                 v = VD.load([row, 0])
             else:
                 v = tl.load(VD + tile)
@@ -591,11 +580,9 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
 # one pass on a shape's first call where that is more than one (``_timed_passes``).
 # maxnreg / fp8_maxnreg: registers a thread in the bf16 / fp8 forward; 0 = ``_REGISTER_CAP``
 # where it was measured, 255 = the compiler's choice.
-# raster: K and V (bf16/fp16 forward) read by chunk boxes straight from k and v where
-# ``raster_ok`` (no chunk-major copies).
 FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
                               "tma": 1, "kv_passes": 0, "kv_pass_mb": 30, "maxnreg": 0,
-                              "fp8_maxnreg": 0, "raster": 1}
+                              "fp8_maxnreg": 0}
 
 
 def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
@@ -666,29 +653,6 @@ def _fwd_config(cq_pad: int, ck_pad: int, head_dim: int, fp8: bool
     return kv, warps, stages, (None if maxnreg >= 255 else maxnreg)
 
 
-def raster_ok(x: torch.Tensor, layout: ChunkLayout) -> bool:
-    """Whether the bf16/fp16 forward can read ``x`` (k or v, ``[B, H, S, D]``) by chunk boxes
-    (``raster_descriptor``) instead of a chunk-major copy: TMA, heads adjacent (the
-    DiT's views of its qkv projection), 16-byte aligned, and a chunk of a power-of-two size
-    loaded in one step. Why: the copy is a read and a write of the whole tensor."""
-    D = x.shape[-1]
-    pad = chunk_pad(layout)
-    aligned = all(n * x.element_size() % 16 == 0 for n in (x.stride(0), x.stride(2)))
-    return (bool(FWD_CONFIG["raster"]) and bool(FWD_CONFIG["tma"])
-            and TensorDescriptor is not None and x.stride(-1) == 1
-            and x.stride(1) == D and aligned and x.data_ptr() % 16 == 0
-            and layout.chunk_size == pad and _fwd_config(pad, pad, D, False)[0] == 1)
-
-
-def raster_descriptor(x: torch.Tensor, layout: ChunkLayout) -> TensorDescriptor:
-    """``x`` (``raster_ok``) as ``[B, T, HH, W, H * D]`` with one chunk of one head a box."""
-    B, H, _, D = x.shape
-    T, HH, W = layout.latent
-    ss = x.stride(2)
-    return TensorDescriptor(x, [B, T, HH, W, H * D], [x.stride(0), HH * W * ss, W * ss, ss, 1],
-                            [1, *layout.chunk, D])
-
-
 def _v_copy(v: torch.Tensor, layout: ChunkLayout, pv_fp16: bool
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunk-major V for the forward, and the per-head scale ``[B, H]`` applied to it.
@@ -749,15 +713,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     if pv_fp16 is None:
         pv_fp16 = bool(FWD_CONFIG["pv_fp16"])
     ks = vs = vscale = None
-    raster_k = not fp8 and k_chunks is None and raster_ok(k, layout_k)
-    raster_v = (not fp8 and not (pv_fp16 and v.dtype == torch.bfloat16)
-                and raster_ok(v, layout_k))
     if fp8:
         kc, ks, vc, vs = quantized_copies(k, v, layout_k)
     else:
-        kc = None if raster_k else k_chunks if k_chunks is not None else chunk_pass(
-            k, layout_k, pool=False, copy_dtype=k.dtype)[1]
-        vc, vscale = (v, None) if raster_v else _v_copy(v, layout_k, pv_fp16)
+        kc = k_chunks if k_chunks is not None else chunk_pass(k, layout_k, pool=False,
+                                                              copy_dtype=k.dtype)[1]
+        vc, vscale = _v_copy(v, layout_k, pv_fp16)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     counts = counts.contiguous()
     if indices.shape[-1] == 0:
@@ -772,10 +733,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     block_n = ck_pad // kv
     tma = bool(FWD_CONFIG["tma"]) and TensorDescriptor is not None
     v_block = [D, block_n] if fp8 else [block_n, D]
-    kd, vd = ((raster_descriptor(k, layout_k) if raster_k
-               else TensorDescriptor.from_tensor(kc, [block_n, D]),  # type: ignore[union-attr]
-               raster_descriptor(v, layout_k) if raster_v
-               else TensorDescriptor.from_tensor(vc, v_block)) if tma else (kc, vc))
+    kd, vd = ((TensorDescriptor.from_tensor(kc, [block_n, D]),  # type: ignore[union-attr]
+               TensorDescriptor.from_tensor(vc, v_block)) if tma else (kc, vc))
 
     def launch(n: int) -> None:
         passes = kv_pass_bounds(indices, counts, layout_k.num_chunks, n)
@@ -793,8 +752,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
                 counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk,
                 nwk, D**-0.5 * math.log2(math.e),
                 ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k,
-                tma, fp8, i > 0, i < len(passes) - 1, raster_k, raster_v, num_warps=warps,
-                num_stages=stages, maxnreg=maxnreg)
+                tma, fp8, i > 0, i < len(passes) - 1, num_warps=warps, num_stages=stages,
+                maxnreg=maxnreg)
 
     n = kv_passes_for(layout_k, D)
     if (n == 1 or FWD_CONFIG["kv_passes"] or q.device.type != "cuda"
@@ -802,7 +761,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
         launch(n)
     else:
         key = (q.device.index, B * H, layout_q.latent, layout_q.chunk, layout_k.latent,
-               layout_k.chunk, indices.shape[-1], D, fp8, pv_fp16, raster_k, raster_v)
+               layout_k.chunk, indices.shape[-1], D, fp8, pv_fp16)
         _timed_passes(key, (1, n), launch)
     if vscale is not None:
         # undo the power-of-two scale of V: exact. In the kernel's epilogue this per-head
