@@ -24,7 +24,7 @@ import torch
 
 from longcat_tools import synth_audio
 from longcat_tools.errors import LongcatError
-from longcat_tools.io.atomic import atomic_folder
+from longcat_tools.io.atomic import atomic_folder, check_outside_checkpoints
 from longcat_tools.io.safetensors import (
     TensorSpec,
     plan_shards,
@@ -179,6 +179,7 @@ def _check_destination(dst: Path, force: bool) -> None:
             raise LongcatError(f"{dst}: {problem}")
     if not dst.parent.is_dir():
         raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
+    check_outside_checkpoints(dst)
 
 
 def synth_avatar(dst: Path, model: str, preset: str, *, depth: int | None, dtype: torch.dtype,

@@ -115,6 +115,35 @@ def test_under_json_a_failure_is_one_document_on_stdout_too(tiny_native, tmp_pat
     assert doc["ok"] is False and "error" not in doc
 
 
+def test_a_rank_that_a_launcher_speaks_for_prints_no_error_document(tiny_native, tmp_path,
+                                                                     monkeypatch, capsys):
+    """`run --gpus N` starts N copies of the command line: only rank 0 may answer in JSON."""
+    argv = ["run", "-m", str(tiny_native), "--frames", "3", "--out", str(tmp_path / "x.mp4"),
+            "--json"]
+    for rank, documents in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 1
+        out = capsys.readouterr().out
+        if documents:
+            assert json.loads(out)["error"].startswith("--frames 3: must be 4k+1")
+        else:
+            assert out == ""
+
+
+def test_an_error_document_into_a_closed_stdout_is_no_traceback(tmp_path, monkeypatch, capsys):
+    class Closed:
+        def write(self, _):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    (tmp_path / "taken").mkdir()
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["synth", str(tmp_path / "taken"), "--json"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_quiet_prints_nothing(tmp_path):
     p = run_cli("synth", str(tmp_path / "c"), "-q")
     assert p.returncode == 0 and p.stdout == ""

@@ -235,8 +235,9 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     refused(capsys, "compare", good, "--out", good, says="is a folder")
     ckpt = tmp_path / "ckpt"
     (ckpt / "transformer").mkdir(parents=True)
+    (ckpt / "transformer" / "config.json").write_text("{}")
     refused(capsys, "compare", good, "--out", ckpt / "transformer" / "s.png",
             says=f"inside the checkpoint {ckpt}")
-    assert list((ckpt / "transformer").iterdir()) == []
+    assert [p.name for p in (ckpt / "transformer").iterdir()] == ["config.json"]
     refused(capsys, "compare", good, "--frames", "0", code=2, says="--frames")
     refused(capsys, "compare", good, "--thumb-height", "5", code=2, says="--thumb-height")

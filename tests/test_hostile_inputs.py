@@ -298,10 +298,15 @@ def test_run_writes_nothing_into_the_checkpoint(capsys, ckpt, tmp_path, option, 
 def test_run_writes_nothing_into_another_checkpoint(capsys, ckpt, tmp_path):
     other = tmp_path / "other"
     (other / "dit").mkdir(parents=True)
+    (other / "dit" / "config.json").write_text("{}")
     fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
                  "32", "--frames", "9", "--out", other / "dit" / "x.mp4",
                  says=f"inside the checkpoint {other}")
-    assert list((other / "dit").iterdir()) == []
+    assert [p.name for p in (other / "dit").iterdir()] == ["config.json"]
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
+                 "32", "--frames", "9", "--out", loop / "x.mp4", says="cannot be resolved")
 
 
 def test_run_writes_latents_only_as_safetensors(capsys, ckpt, tmp_path):

@@ -368,6 +368,19 @@ def test_a_new_checkpoint_inside_another_is_refused(command, tiny_native, fuse_s
     assert _deep_ok(converted)
 
 
+def test_only_a_folder_with_a_dit_config_counts_as_a_checkpoint_above(tmp_path, capsys):
+    """A workspace that happens to hold a `transformer/` or `dit/` folder or a stray
+    model_index.json is no checkpoint: outputs below it are written."""
+    home = tmp_path / "home"
+    for name in ("transformer", "dit", "work"):
+        (home / name).mkdir(parents=True)
+    (home / "model_index.json").write_text("{}")
+    assert main(["synth", str(home / "work" / "new"), "-q"]) == 0
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    refused(capsys, "synth", loop / "new", "-q", says="parent folder does not exist")
+
+
 # ---------------------------------------------------------------------------------------------
 # the lock file and the scratch folder are never followed
 

@@ -375,6 +375,7 @@ def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tmp_
     assert main(["download", REPO, "--dst", str(dst), "--json"]) == 0
     assert _json(capsys)["offline"]
     for argv, says in (([f"{REPO}@{COMMIT[:10]}"], None), ([f"{REPO}@main"], None),
+                       ([REPO.lower()], None),  # the hub's ids ignore case
                        (["other/repo"], f"holds {REPO} at {COMMIT[:12]}, not other/repo"),
                        ([f"{REPO}@v9"], "not revision v9")):
         assert main(["download", *argv, "--dst", str(dst)]) == (1 if says else 0), argv

@@ -294,6 +294,13 @@ def test_force_replaces_only_a_synthesized_tree(tmp_path, trees):
     assert (foreign / "my-notes").is_dir()
 
 
+def test_an_avatar_tree_is_not_written_inside_a_checkpoint(tmp_path, trees):
+    base = trees["avatar-1.0"] / "LongCat-Video"
+    with pytest.raises(LongcatError, match=f"inside the checkpoint {base.resolve()}"):
+        synth(base / "avatars", "tiny", model="avatar-1.0")
+    assert not (base / "avatars").exists()
+
+
 def test_avatar_parameter_count_matches_its_tensors(trees):
     folder = _folder(trees, "avatar-1.5") / "base_model"
     index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())

@@ -106,7 +106,7 @@ def check_folder_record(ref: hub.RepoRef, dst: Path, unreachable: str | None = N
                            f"folder with `longcat-tools verify {dst}`")
     m = hub_manifest.load_manifest(saved)
     at = f"{m.repo_id} at {str(m.commit)[:12]}"
-    if m.repo_id != ref.repo_id:
+    if m.repo_id.lower() != ref.repo_id.lower():  # the hub's ids ignore case
         raise LongcatError(f"{dst}: holds {at}, not {ref.repo_id}: name that repo, or another "
                            "--dst")
     rev = ref.revision

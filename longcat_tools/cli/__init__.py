@@ -14,7 +14,7 @@ import traceback
 import typer
 
 from longcat_tools import __version__
-from longcat_tools.cli._common import RESULT_PRINTED
+from longcat_tools.cli._common import JSON_STATE
 from longcat_tools.cli.bsa import bsa_app
 from longcat_tools.cli.compare import compare_cmd
 from longcat_tools.cli.convert import convert_cmd
@@ -67,11 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and turn every failure into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in args or "--verbose" in args
-    RESULT_PRINTED[0] = False
+    JSON_STATE.update(on=None, printed=False)
 
     def fail(message: str, code: int) -> int:
-        if "--json" in args and not RESULT_PRINTED[0]:
-            print(jsonio.dumps({"error": message, "exit_code": code}, newline=False), flush=True)
+        on = JSON_STATE["on"] if JSON_STATE["on"] is not None else "--json" in args
+        if on and not JSON_STATE["printed"]:
+            try:
+                print(jsonio.dumps({"error": message, "exit_code": code}, newline=False),
+                      flush=True)
+            except (OSError, ValueError):  # stdout closed or full: the exit code remains
+                pass
         return code
 
     try:  # obj: the command line as given, for commands that start it again (run --gpus)

@@ -23,8 +23,10 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
                                           help="More detail; a traceback on errors.")]
 
 
-# Whether this process printed its --json result: ``main`` then adds no error document.
-RESULT_PRINTED = [False]
+# This process's --json state for ``main``'s error document: whether its command's ``Out``
+# prints JSON (None until one is made: then ``--json`` on the command line decides), and
+# whether it printed its result (then no error document follows).
+JSON_STATE = {"on": None, "printed": False}
 
 
 @dataclass
@@ -34,6 +36,9 @@ class Out:
     as_json: bool = False
     quiet: bool = False
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        JSON_STATE["on"] = self.as_json  # off in the ranks a launcher speaks for
 
     @property
     def _stream(self):
@@ -54,7 +59,7 @@ class Out:
         """The machine-readable result: printed only under --json."""
         if self.as_json:
             print(jsonio.dumps(jsonio.finite(obj), default=str, newline=False), flush=True)
-            RESULT_PRINTED[0] = True
+            JSON_STATE["printed"] = True
 
     def table(self, rows: list[list[Any]], header: list[str]) -> None:
         if not self.quiet:

@@ -124,6 +124,7 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
             settings = replace(settings, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     items = matrix.plan(settings, out_dir, prompts, seed_list, bsa_list,
                         scales if len(scales) > 1 else None)
+    failed = None
     if gpus > 1:
         from longcat_tools.runner.launch import launch, without_option
 
@@ -133,9 +134,8 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
         manifest = matrix.write_manifest(items, resolve_device(settings.device))
         if code:
             missing = sum(e["status"] != "done" for e in manifest["items"])
-            out.say(f"a process failed (exit {code}); {missing} of {len(items)} videos missing "
-                    "(run the same command again to finish them)")
-            raise typer.Exit(code)
+            failed = LongcatError(f"a process failed (exit {code}); {missing} of {len(items)} "
+                                  "videos missing (run the same command again to finish them)")
     else:
         from tqdm import tqdm
 
@@ -155,6 +155,8 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
     out.table([[str(e["index"]), e["file"], e["status"], f"{e.get('total_s', 0):.2f} s"]
                for e in manifest["items"]], ["#", "file", "status", "time"])
     out.result(manifest)
+    if failed is not None:  # after the manifest, as verify fails after its report
+        raise failed
 
 
 def command_line(ctx: typer.Context) -> list[str]:

@@ -84,32 +84,41 @@ class _Kind:
     problem: Callable[[Path], str | None]
 
 
-def is_checkpoint(path: Path) -> bool:
-    """Whether folder ``path`` holds a checkpoint: ``dit/``, ``transformer/``,
-    ``model_index.json`` or an avatar release's DiT folder."""
-    from longcat_tools.checkpoint.layouts import avatar_version, looks_like_checkpoint
+def _avatar_dit(path: Path) -> bool:
+    from longcat_tools.checkpoint.layouts import avatar_version
 
-    if looks_like_checkpoint(path) or (path / "model_index.json").is_file():
-        return True
     version = avatar_version(path)
     return version is not None and any(
         (path / d / "config.json").is_file()
         for d in (*version.dit_folders, *([version.int8_folder] if version.int8_folder else [])))
 
 
+def real_path(path: Path) -> Path:
+    """``path`` with its links followed; a link loop is one line, not a traceback."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: Python < 3.13's "Symlink loop"
+        raise LongcatError(f"{path}: cannot be resolved ({e}); remove the link loop") from None
+
+
 def enclosing_checkpoint(path: Path) -> Path | None:
-    """The checkpoint folder ``path`` would be written inside (links followed), if any. Why: a
-    stray file in a checkpoint can be read as part of the model (a shard, an adapter)."""
-    for folder in Path(path).resolve().parents:
-        if folder.is_dir() and is_checkpoint(folder):
+    """The checkpoint folder ``path`` would be written inside (links followed): the nearest
+    folder above it with a DiT config (``dit/``, ``transformer/`` or an avatar's). Why: a stray
+    file in a checkpoint can be read as part of the model (a shard, an adapter)."""
+    for folder in real_path(path).parents:
+        if ((folder / "dit" / "config.json").is_file()
+                or (folder / "transformer" / "config.json").is_file() or _avatar_dit(folder)):
             return folder
     return None
 
 
 def _checkpoint_problem(path: Path) -> str | None:
+    from longcat_tools.checkpoint.layouts import looks_like_checkpoint
+
     if not path.is_dir():
         return "exists and is not a folder; --force only replaces a checkpoint folder"
-    if any(path.iterdir()) and not is_checkpoint(path):
+    if any(path.iterdir()) and not (looks_like_checkpoint(path) or _avatar_dit(path)
+                                    or (path / "model_index.json").is_file()):
         return ("exists and does not look like a checkpoint; refusing to replace it even with "
                 "--force (remove it yourself)")
     return None
@@ -147,7 +156,7 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
     kind = REPLACEABLE[what]
     dst = Path(dst)
     if source is not None:
-        s, d = Path(source).resolve(), dst.resolve()
+        s, d = real_path(Path(source)), real_path(dst)
         if s == d or s in d.parents:
             raise UsageError(f"{dst}: the output may not be inside the source checkpoint {source}")
         if d in s.parents:
@@ -156,9 +165,6 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
         if s == tmp or tmp in s.parents:
             raise UsageError(f"{source}: is the scratch folder of --dst {dst} (a run would delete "
                              "it); rename it first")
-    if what == "checkpoint" and (outer := enclosing_checkpoint(dst)) is not None:
-        raise LongcatError(f"{dst}: inside the checkpoint {outer}; write the new checkpoint "
-                           "outside it")
     if dst.is_symlink() or dst.exists():
         if not force:
             raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
@@ -170,6 +176,15 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
             raise LongcatError(f"{dst}: {problem}")
     if not dst.parent.is_dir():
         raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
+    if what == "checkpoint":
+        check_outside_checkpoints(dst)
+
+
+def check_outside_checkpoints(dst: Path) -> None:
+    """A new checkpoint is not written inside another one (``enclosing_checkpoint``)."""
+    if (outer := enclosing_checkpoint(dst)) is not None:
+        raise LongcatError(f"{dst}: inside the checkpoint {outer}; write the new checkpoint "
+                           "outside it")
 
 
 def _discard(path: Path) -> None:

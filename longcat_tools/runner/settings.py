@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
-from longcat_tools.io.atomic import enclosing_checkpoint
+from longcat_tools.io.atomic import enclosing_checkpoint, real_path
 from longcat_tools.lora.registry import check_scale
 from longcat_tools.model import avatar, bsa_presets, dtypes, keymap
 from longcat_tools.model import fp8 as fp8_format
@@ -519,7 +519,7 @@ def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
     model."""
     if path.is_dir():
         raise LongcatError(f"{opt} {path}: is a folder (give a file name)")
-    real = path.resolve()
+    real = real_path(path)
     outer = model[0] if any(real == m or m in real.parents for m in model) else (
         enclosing_checkpoint(path))
     if outer is not None:
