@@ -363,8 +363,9 @@ def test_download_into_a_folder_pins_the_listed_commit(fake_hub, tmp_path, capsy
     assert hub_manifest.against_hub_report(dst).ok
 
 
-def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tmp_path,
-                                                                   monkeypatch, capsys):
+def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tiny_native,
+                                                                   tmp_path, monkeypatch,
+                                                                   capsys):
     """huggingface_hub, offline with local_dir, returns any existing folder for any repo id:
     `download` must not call a folder holding another repo (or nothing it recorded) ready."""
     fake_hub()
@@ -382,6 +383,9 @@ def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tmp_
         err = capsys.readouterr().err.strip().splitlines()
         if says:
             assert len(err) == 1 and says in err[0], err
+    inside = tiny_native / "copy"
+    assert main(["download", REPO, "--dst", str(inside)]) == 1 and not inside.exists()
+    assert "inside the checkpoint" in capsys.readouterr().err
     (dst / "hub_manifest.json").unlink()
     assert main(["download", REPO, "--dst", str(dst)]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -18,6 +18,7 @@ from typing import Any
 
 from longcat_tools.checkpoint import hub, hub_manifest
 from longcat_tools.errors import LongcatError
+from longcat_tools.io.atomic import check_outside_checkpoints
 
 
 @dataclass
@@ -49,6 +50,8 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
     """Fetch ``ref`` (or find it, offline) and check it. ``on_plan`` hears the size before the
     transfer starts; ``hash_progress(total_bytes)`` returns the callback hashing reports to."""
     t0 = time.perf_counter()
+    if dst is not None:
+        check_outside_checkpoints(Path(dst))
     manifest = unreachable = None
     fetch_ref = ref
     if not hub.offline():
