@@ -144,6 +144,20 @@ def test_an_error_document_into_a_closed_stdout_is_no_traceback(tmp_path, monkey
     assert capsys.readouterr().err.startswith("error: ")
 
 
+def test_ctrl_c_in_a_command_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
+    import longcat_tools.synth
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(longcat_tools.synth, "synth", interrupted)
+    assert main(["synth", str(tmp_path / "c"), "--json"]) == 130
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"error": "interrupted", "exit_code": 130}
+    assert out.err.strip() == "interrupted"
+    assert main(["synth", str(tmp_path / "c")]) == 130 and capsys.readouterr().out == ""
+
+
 def test_quiet_prints_nothing(tmp_path):
     p = run_cli("synth", str(tmp_path / "c"), "-q")
     assert p.returncode == 0 and p.stdout == ""

@@ -102,4 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         message = f"internal error: {type(e).__name__}: {e}"
         print(f"error: {message} (rerun with -v for the traceback)", file=sys.stderr)
         return fail(message, EXIT_FAIL)
+    if rv == 130:  # Typer turns Ctrl-C inside a command into exit code 130, silently
+        print("interrupted", file=sys.stderr)
+        return fail("interrupted", 130)
     return rv if isinstance(rv, int) else 0

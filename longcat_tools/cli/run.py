@@ -17,7 +17,15 @@ from typing import Annotated, Any, get_type_hints
 
 import typer
 
-from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseOpt, human_bytes
+from longcat_tools.cli._common import (
+    JSON_STATE,
+    JsonOpt,
+    ModelOpt,
+    Out,
+    QuietOpt,
+    VerboseOpt,
+    human_bytes,
+)
 from longcat_tools.errors import LongcatError
 from longcat_tools.runner.settings import RunSettings
 
@@ -75,6 +83,7 @@ def run_cmd(
             raise LongcatError(f"--gpus {gpus}: use 2 or more GPUs, without --cp (--cp is for "
                                "processes started by torchrun)")
         validate(replace(settings, cp=gpus))
+        JSON_STATE["on"] = False  # rank 0 speaks for the run, errors included
         raise typer.Exit(launch(gpus, without_option(command_line(ctx), "--gpus")))
     validate(settings)  # a bad option costs a second, not the runner's imports (diffusers)
     from longcat_tools.runner.job import run_job
