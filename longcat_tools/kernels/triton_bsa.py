@@ -297,7 +297,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SPLIT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
                     TMA: tl.constexpr, FP8: tl.constexpr, LOAD_STATE: tl.constexpr,
-                    STORE_STATE: tl.constexpr, NUM_M, TOTAL, PERSISTENT: tl.constexpr):
+                    STORE_STATE: tl.constexpr):
     """KD, VD: TMA descriptors of the chunk-major copies, or (TMA false) the copies.
 
     FP8 (``fp8_attention``'s rules): q is quantized here to int8 per token, KD holds int8 k
@@ -314,119 +314,112 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
     list position START, STORE_STATE stops at STOP and stores the state instead of the
     output. The tiles are the same, in the same order, so the output is bit for bit one
     pass's."""
-    if PERSISTENT:  # one program per slot of the GPU, walking the (query chunk, head) items
-        first = tl.program_id(0)
-        step = tl.num_programs(0)
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+
+    q_rows, q_ok = _chunk_rows(m, tl.arange(0, BLOCK_M), NHQ, NWQ, TQ, HHQ, WQ,
+                               CTQ, CHQ, CWQ, CQ)
+    q_rows = q_rows.to(tl.int64)  # S * stride passes 2**31 from ~175k tokens of a qkv view
+    q_ptrs = Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + d[None, :]
+    if EVEN_Q:
+        q = tl.load(q_ptrs)
     else:
-        first = tl.program_id(1) * NUM_M + tl.program_id(0)
-        step = TOTAL
-    for item in range(first, TOTAL, step):
-        m = item % NUM_M
-        bh = item // NUM_M
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
+    if FP8:
+        q, sq = int8_rows(q.to(tl.float32))
+        # score (log2 units) = qk[i, :] * row_mul[i]; kept normal, so that a masked -inf
+        # column times it stays -inf for a row of subnormal q
+        row_mul = tl.maximum(sq * qk_scale, 1.1754944e-38)
+        p_shift = LOG2_P_SCALE
+    else:
+        row_mul = tl.full([BLOCK_M], qk_scale, tl.float32)
+        p_shift = 0.0
 
-        q_rows, q_ok = _chunk_rows(m, tl.arange(0, BLOCK_M), NHQ, NWQ, TQ, HHQ, WQ,
-                                   CTQ, CHQ, CWQ, CQ)
-        q_rows = q_rows.to(tl.int64)  # S * stride passes 2**31 from ~175k tokens of a qkv view
-        q_ptrs = Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + d[None, :]
-        if EVEN_Q:
-            q = tl.load(q_ptrs)
+    idx = IDX + b * stride_ib + h * stride_ih + m * stride_im
+    count = tl.load(CNT + b * stride_cb + h * stride_ch + m)
+    first_row = bh * Mk * (BLOCK_N * KV_SPLIT)  # of this head in the chunk-major copies
+
+    # this program's rows of the state between passes
+    state = (bh.to(tl.int64) * tl.num_programs(0) + m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if LOAD_STATE:
+        j_start = tl.load(START + b * stride_cb + h * stride_ch + m) * KV_SPLIT
+        m_i = tl.load(SM + state)
+        l_i = tl.load(SL + state)
+        acc = tl.load(SACC + state[:, None] * HEAD_DIM + d[None, :])
+    else:
+        j_start = 0
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if STORE_STATE:
+        j_stop = tl.load(STOP + b * stride_cb + h * stride_ch + m) * KV_SPLIT
+    else:
+        j_stop = count * KV_SPLIT
+    for j in range(j_start, j_stop):
+        # part j % KV_SPLIT (BLOCK_N slots) of selected chunk j // KV_SPLIT
+        c = tl.load(idx + j // KV_SPLIT)
+        part = j % KV_SPLIT
+        row = first_row + c * (BLOCK_N * KV_SPLIT) + part * BLOCK_N
+        if TMA:
+            k = KD.load([row, 0])
         else:
-            q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
+            tile = (row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+            k = tl.load(KD + tile)
         if FP8:
-            q, sq = int8_rows(q.to(tl.float32))
-            # score (log2 units) = qk[i, :] * row_mul[i]; kept normal, so that a masked -inf
-            # column times it stays -inf for a row of subnormal q
-            row_mul = tl.maximum(sq * qk_scale, 1.1754944e-38)
-            p_shift = LOG2_P_SCALE
+            sk = tl.load(KS + row + tl.arange(0, BLOCK_N))
+            qk = tl.dot(q, tl.trans(k)).to(tl.float32) * sk[None, :]
         else:
-            row_mul = tl.full([BLOCK_M], qk_scale, tl.float32)
-            p_shift = 0.0
-
-        idx = IDX + b * stride_ib + h * stride_ih + m * stride_im
-        count = tl.load(CNT + b * stride_cb + h * stride_ch + m)
-        first_row = bh * Mk * (BLOCK_N * KV_SPLIT)  # of this head in the chunk-major copies
-
-        # this program's rows of the state between passes
-        state = (bh.to(tl.int64) * NUM_M + m) * BLOCK_M + tl.arange(0, BLOCK_M)
-        if LOAD_STATE:
-            j_start = tl.load(START + b * stride_cb + h * stride_ch + m) * KV_SPLIT
-            m_i = tl.load(SM + state)
-            l_i = tl.load(SL + state)
-            acc = tl.load(SACC + state[:, None] * HEAD_DIM + d[None, :])
+            qk = tl.dot(q, tl.trans(k))
+        if EVEN_K:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * row_mul)
+            m_use = m_ij
         else:
-            j_start = 0
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        if STORE_STATE:
-            j_stop = tl.load(STOP + b * stride_cb + h * stride_ch + m) * KV_SPLIT
-        else:
-            j_stop = count * KV_SPLIT
-        for j in range(j_start, j_stop):
-            # part j % KV_SPLIT (BLOCK_N slots) of selected chunk j // KV_SPLIT
-            c = tl.load(idx + j // KV_SPLIT)
-            part = j % KV_SPLIT
-            row = first_row + c * (BLOCK_N * KV_SPLIT) + part * BLOCK_N
+            r = part * BLOCK_N + tl.arange(0, BLOCK_N)
+            ct = c // (NHK * NWK)
+            ch = (c // NWK) % NHK
+            cw = c % NWK
+            col_ok = ((r < CK) & (ct * CTK + r // (CHK * CWK) < TK)
+                      & (ch * CHK + (r // CWK) % CHK < HHK) & (cw * CWK + r % CWK < WK))
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * row_mul)
+            m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # no real key seen yet
+        p = tl.math.exp2(qk * row_mul[:, None] - (m_use - p_shift)[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if FP8:  # v^T tile: the chunk's [D, slots] block, columns of this part
             if TMA:
-                k = KD.load([row, 0])
+                vt = VD.load([(row // (BLOCK_N * KV_SPLIT)) * HEAD_DIM, part * BLOCK_N])
             else:
-                tile = (row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
-                k = tl.load(KD + tile)
-            if FP8:
-                sk = tl.load(KS + row + tl.arange(0, BLOCK_N))
-                qk = tl.dot(q, tl.trans(k)).to(tl.float32) * sk[None, :]
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            if EVEN_K:
-                m_ij = tl.maximum(m_i, tl.max(qk, 1) * row_mul)
-                m_use = m_ij
-            else:
-                r = part * BLOCK_N + tl.arange(0, BLOCK_N)
-                ct = c // (NHK * NWK)
-                ch = (c // NWK) % NHK
-                cw = c % NWK
-                col_ok = ((r < CK) & (ct * CTK + r // (CHK * CWK) < TK)
-                          & (ch * CHK + (r // CWK) % CHK < HHK) & (cw * CWK + r % CWK < WK))
-                qk = tl.where(col_ok[None, :], qk, float("-inf"))
-                m_ij = tl.maximum(m_i, tl.max(qk, 1) * row_mul)
-                m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # no real key seen yet
-            p = tl.math.exp2(qk * row_mul[:, None] - (m_use - p_shift)[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if FP8:  # v^T tile: the chunk's [D, slots] block, columns of this part
-                if TMA:
-                    vt = VD.load([(row // (BLOCK_N * KV_SPLIT)) * HEAD_DIM, part * BLOCK_N])
-                else:
-                    vt = tl.load(VD + (row // (BLOCK_N * KV_SPLIT) * HEAD_DIM + d[:, None]).to(
-                        tl.int64) * (BLOCK_N * KV_SPLIT) + part * BLOCK_N
-                        + tl.arange(0, BLOCK_N)[None, :])
-                acc = tl.dot(p.to(vt.dtype, fp_downcast_rounding="rtne"), tl.trans(vt), acc,
-                             max_num_imprecise_acc=BLOCK_N)
-            else:
-                if TMA:
-                    v = VD.load([row, 0])
-                else:
-                    v = tl.load(VD + tile)
-                acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_ij
-
-        if STORE_STATE:
-            tl.store(SM + state, m_i)
-            tl.store(SL + state, l_i)
-            tl.store(SACC + state[:, None] * HEAD_DIM + d[None, :], acc)
+                vt = tl.load(VD + (row // (BLOCK_N * KV_SPLIT) * HEAD_DIM + d[:, None]).to(
+                    tl.int64) * (BLOCK_N * KV_SPLIT) + part * BLOCK_N
+                    + tl.arange(0, BLOCK_N)[None, :])
+            acc = tl.dot(p.to(vt.dtype, fp_downcast_rounding="rtne"), tl.trans(vt), acc,
+                         max_num_imprecise_acc=BLOCK_N)
         else:
-            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no chunk selected -> zeros
-            if FP8:
-                out = out * tl.load(VS + bh * HEAD_DIM + d)[None, :]
-            o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + d[None, :]
-            if EVEN_Q:
-                tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+            if TMA:
+                v = VD.load([row, 0])
             else:
-                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None])
+                v = tl.load(VD + tile)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+
+    if STORE_STATE:
+        tl.store(SM + state, m_i)
+        tl.store(SL + state, l_i)
+        tl.store(SACC + state[:, None] * HEAD_DIM + d[None, :], acc)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no chunk selected -> zeros
+        if FP8:
+            out = out * tl.load(VS + bh * HEAD_DIM + d)[None, :]
+        o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + d[None, :]
+        if EVEN_Q:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+        else:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -589,7 +582,7 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
 # where it was measured, 255 = the compiler's choice.
 FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
                               "tma": 1, "kv_passes": 0, "kv_pass_mb": 30, "maxnreg": 0,
-                              "fp8_maxnreg": 0, "persistent": 0}
+                              "fp8_maxnreg": 0}
 
 
 def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
@@ -743,13 +736,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     kd, vd = ((TensorDescriptor.from_tensor(kc, [block_n, D]),  # type: ignore[union-attr]
                TensorDescriptor.from_tensor(vc, v_block)) if tma else (kc, vc))
 
-    total = layout_q.num_chunks * B * H
-    sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
-           if q.device.type == "cuda" else 1)
-    slots = FWD_CONFIG["persistent"] * sms
-    persistent = 0 < slots < total
-    grid = (slots, 1) if persistent else (layout_q.num_chunks, B * H)
-
     def launch(n: int) -> None:
         passes = kv_pass_bounds(indices, counts, layout_k.num_chunks, n)
         state = [counts] * 3
@@ -758,7 +744,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
             state = [torch.empty(rows, device=q.device, dtype=torch.float32) for _ in range(2)]
             state.append(torch.empty(rows, D, device=q.device, dtype=torch.float32))
         for i, (start, stop) in enumerate(passes):
-            _bsa_fwd_kernel[grid](
+            _bsa_fwd_kernel[(layout_q.num_chunks, B * H)](
                 q, kd, vd, o, indices, counts, ks if fp8 else counts, vs if fp8 else counts,
                 start, stop, *state,
                 q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -766,8 +752,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
                 counts.stride(1), H, layout_k.num_chunks, tq, hq, wq, nhq, nwq, tk, hk, wk, nhk,
                 nwk, D**-0.5 * math.log2(math.e),
                 ctq, chq, cwq, cq, ctk, chk, cwk, ck, block_m, block_n, kv, D, even_q, even_k,
-                tma, fp8, i > 0, i < len(passes) - 1, layout_q.num_chunks, total, persistent,
-                num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+                tma, fp8, i > 0, i < len(passes) - 1, num_warps=warps, num_stages=stages,
+                maxnreg=maxnreg)
 
     n = kv_passes_for(layout_k, D)
     if (n == 1 or FWD_CONFIG["kv_passes"] or q.device.type != "cuda"
