@@ -484,7 +484,9 @@ def _kernel_stats():
 
 
 def profile_once(lat, sp):
-    """Two calls of the attention kernel at one shape, for ncu (--launch-skip 1)."""
+    """The forward kernel as the DiT runs it, for ncu: twice in bf16 (P V in bf16), then twice
+    in fp8, so ``ncu -k regex:_bsa_fwd_kernel --launch-skip 1 --launch-count 3`` profiles the
+    second bf16 launch and both fp8 ones (results/bsa_ncu_h100_session28.md)."""
     from longcat_tools.kernels import triton_bsa as TB
 
     S = math.prod(lat)
@@ -493,8 +495,8 @@ def profile_once(lat, sp):
                for _ in range(3))
     lq = lk = kernels.chunk_layout(lat, CHUNK)
     indices, counts = kernels.select_chunks(q, k, lat, lat, sparsity=sp)
-    for _ in range(2):
-        TB.attend(q, k, v, lq, lk, indices, counts)
+    for fp8 in (False, False, True, True):
+        TB.attend(q, k, v, lq, lk, indices, counts, pv_fp16=False, fp8=fp8)
     torch.cuda.synchronize()
 
 
@@ -545,7 +547,7 @@ def main() -> None:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--rep-ms", type=float, default=400.0)
     ap.add_argument("--sweep", action="store_true", help="kernel config sweep at 720p")
-    ap.add_argument("--profile-once", action="store_true", help="two kernel calls, for ncu")
+    ap.add_argument("--profile-once", action="store_true", help="four forward launches, for ncu")
     ap.add_argument("--selection", action="store_true",
                     help="selection alone by stage at 720p and 720p-48f (0.9375), vs targets")
     ap.add_argument("--config", action="append", default=[], metavar="KEY=INT",
