@@ -291,7 +291,8 @@ def test_missing_and_broken_config(ckpt, capsys):
     path.write_text('{"enable_bsa": true, "enable_bsa": false}')
     assert main(["bsa", "status", "-m", str(ckpt)]) == 1
     assert "appears twice" in capsys.readouterr().err
-    assert main(["bsa", "status", "-m", str(ckpt / "nope")]) == 1
+    assert main(["bsa", "status", "-m", str(ckpt / "nope")]) == 2  # names nothing: usage
+    assert "no such folder (pass a checkpoint folder)" in capsys.readouterr().err
 
 
 def test_a_change_that_breaks_the_schema_is_not_written(ckpt, capsys):
@@ -557,7 +558,7 @@ def test_check_context_parallel_modes_and_limits():
 def test_check_command_uses_the_checkpoint_or_the_real_model(tiny_native, tmp_path, capsys,
                                                        monkeypatch):
     assert main(["bsa", "check", "--height", "704", "--width", "1280", "--frames", "93",
-                 "--json", "-m", str(tmp_path / "none")]) == 1
+                 "--json", "-m", str(tmp_path / "none")]) == 2
     capsys.readouterr()
     monkeypatch.delenv(layouts.ENV_MODEL, raising=False)
     monkeypatch.chdir(tmp_path)

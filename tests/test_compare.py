@@ -205,7 +205,7 @@ def test_identical_videos_are_inf_psnr(tmp_path, capsys):
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
-    refused(capsys, "compare", tmp_path / "nope", says="no such folder")
+    refused(capsys, "compare", tmp_path / "nope", code=2, says="no such folder")
     (tmp_path / "empty").mkdir()
     refused(capsys, "compare", tmp_path / "empty", says="no videos with a sidecar")
     lone = tmp_path / "lone"

@@ -275,7 +275,7 @@ def compare_with_manifest(path: str | Path, manifest: Manifest, *,
 
     root = Path(path)
     if not root.is_dir():
-        raise LongcatError(f"{root}: no such folder")
+        raise UsageError(f"{root}: no such folder (pass a checkpoint folder)")
     allowed = hub.snapshot_roots(root) or (root.resolve(),)
     local = local_files(root)
     patterns = include if include is not None else manifest.include

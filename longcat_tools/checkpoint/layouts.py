@@ -182,7 +182,7 @@ def detect_any(root: str | Path) -> Checkpoint | AvatarCheckpoint:
     anything else is a LongcatError."""
     root = Path(root)
     if not root.exists():
-        raise LongcatError(f"{root}: no such folder")
+        raise UsageError(f"{root}: no such folder (pass a checkpoint folder)")
     if not root.is_dir():
         raise LongcatError(f"{root}: not a folder (a checkpoint is a folder with dit/ or "
                            "transformer/)")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from longcat_tools.checkpoint import layouts
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io.safetensors import TensorInfo, read_header, read_tensor, read_tensor_at
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.model import dtypes, flavours, keymap
@@ -57,8 +57,11 @@ def find_transformer(name_or_path: str | Path, subfolder: str | None = None) -> 
     from longcat_tools.checkpoint.hub import resolve_source
 
     root = resolve_source(name_or_path)
+    if not root.exists():
+        raise UsageError(f"{root}: no such folder (pass a checkpoint folder or a downloaded "
+                         "Hugging Face repo id)")
     if not root.is_dir():
-        raise LongcatError(f"{root}: no such folder")
+        raise LongcatError(f"{root}: not a folder (pass a checkpoint folder)")
     if subfolder:
         folder = layouts.inside(root, subfolder, "subfolder")
         if not folder.is_dir():
