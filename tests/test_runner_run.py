@@ -79,6 +79,7 @@ def test_every_task_runs_from_the_cli(capsys, tiny_native, t2v_mp4, tmp_path, ta
     assert doc["task"] == task and doc["video"]["frames"] == frames
     if task == "refine":
         assert doc["bsa"]["sparsity"] == 0.875 and doc["loras"] == ["refinement"]
+        assert doc["final"]["bsa_kept_chunks"] == 0  # int(0.125 x 2 key chunks) at 32x32
         assert doc["final"]["steps"] == 2  # t_thresh 500, then the 2-step schedule below it
 
 
@@ -171,6 +172,23 @@ def test_run_bsa_accepts_every_preset_that_bsa_presets_lists(capsys):
     assert resolve_bsa("720p-adaptive", None, None) == BSAParams(0.875, 0.98, (4, 4, 4),
                                                                  (4, 4, 4))
     assert resolve_bsa("long-video", None, None).chunk_q == (8, 4, 4)
+
+
+def test_bsa_that_keeps_no_chunk_warns_once_a_size(pipe, caplog):
+    """At 32x32 a refine has 8x2x2 tokens: 2 key chunks of 4x4x4 (4x2x2 below). Top-k keeps
+    int((1 - s) x 2): zero at 0.9 (attention is zero, as in the original: warned, once), one at
+    0.5 (no warning). The count goes into the result's info either way."""
+    frames = [Image.fromarray(np.full((32, 32, 3), 100, np.uint8))] * 9
+    kw = dict(prompt="a cat", height=32, width=32, steps=2, decode=False)
+    none = {"sparsity": 0.9, "chunk_3d_shape_q": [4, 2, 2], "chunk_3d_shape_k": [4, 2, 2]}
+    one = {"sparsity": 0.5, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+    with caplog.at_level("WARNING"):
+        assert pipe.refine(frames, bsa=one, **kw).info["bsa_kept_chunks"] == 1
+        assert not [r for r in caplog.records if "keeps no key chunk" in r.getMessage()]
+        for _ in range(2):
+            assert pipe.refine(frames, bsa=none, **kw).info["bsa_kept_chunks"] == 0
+    warned = [r.getMessage() for r in caplog.records if "keeps no key chunk" in r.getMessage()]
+    assert len(warned) == 1 and "sparsity 0.9 " in warned[0] and "8x4x4" not in warned[0]
 
 
 def test_bsa_setting_resolves_to_one_value():

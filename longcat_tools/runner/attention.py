@@ -18,7 +18,7 @@ import torch
 from longcat_tools import kernels
 from longcat_tools.errors import LongcatError
 from longcat_tools.kernels import fp8 as fp8_ops
-from longcat_tools.model import bsa_presets
+from longcat_tools.model import bsa_presets, chunks
 from longcat_tools.runner.context_parallel import ContextParallel
 from longcat_tools.runner.settings import BSA_CHOICES, check_bsa
 
@@ -73,6 +73,15 @@ def resolve_bsa(setting: BSASetting, model_default: BSAParams | None,
         p = bsa_presets.PRESETS[setting]
         return BSAParams.from_config(p.params) if p.enable_bsa and p.params else None
     return setting if isinstance(setting, BSAParams) else BSAParams.from_config(setting)
+
+
+def kept_chunks(token_grid: tuple[int, int, int], bsa: BSAParams) -> int | None:
+    """Key chunks each query chunk keeps by top-k over this token grid (None: chosen by the
+    CDF, or one frame, where the blocks attend densely). 0 at small sizes: then the attention
+    output is zero, as in the original, and the pipeline warns."""
+    if token_grid[0] <= 1 or bsa.cdf_threshold is not None:
+        return None
+    return chunks.kept_per_query(bsa.sparsity, chunks.ChunkGrid(token_grid, bsa.chunk_k).num_chunks)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import logging
 import math
 import re
 import time
@@ -47,9 +48,10 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.model import chunks
 from longcat_tools.model.chunks import refine_latent_frames
 from longcat_tools.runner import schedule
-from longcat_tools.runner.attention import BSAParams, BSASetting, resolve_bsa
+from longcat_tools.runner.attention import BSAParams, BSASetting, kept_chunks, resolve_bsa
 from longcat_tools.runner.buckets import bucket_size
 from longcat_tools.runner.context_parallel import ContextParallel
 from longcat_tools.runner.dit import LongCatTransformer3DModel
@@ -73,6 +75,9 @@ DEFAULT_NEGATIVE_PROMPT = (
 LORA_DISTILL, LORA_REFINE = "distilled", "refinement"
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 TaskMethod = TypeVar("TaskMethod", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
+# (token grid, BSA params) already warned to keep no key chunk: once a size, not each step
+_WARNED_BSA: set[tuple] = set()
 
 
 def validated(method: TaskMethod) -> TaskMethod:
@@ -474,6 +479,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
         self.last_run = {"loras": list(self.transformer.active_loras),
                          "merged_loras": self.transformer.merged_loras,
                          "bsa": None if bsa is None else asdict(bsa)}
+        if bsa is not None:
+            self._check_bsa(latents.shape[2:], bsa)
         latents = self._shared(latents)
         with self.reporter.stage("denoise"):
             steps = enumerate(timesteps)
@@ -488,6 +495,17 @@ class LongCatVideoPipeline(DiffusionPipeline):
                 if self.step_callback is not None:
                     latents = self.step_callback(i, t, latents)
         return latents
+
+    def _check_bsa(self, latent: tuple[int, ...], bsa: BSAParams) -> None:
+        """Record the key chunks BSA keeps at this size; warn (once a size) where that is none."""
+        grid = chunks.token_grid(tuple(latent), self.transformer.dims.patch_size)
+        kept = kept_chunks(grid, bsa)
+        self.last_run["bsa_kept_chunks"] = kept
+        if kept == 0 and (grid, bsa) not in _WARNED_BSA:
+            _WARNED_BSA.add((grid, bsa))
+            log.warning("BSA at sparsity %g keeps no key chunk at %dx%dx%d tokens: the "
+                        "attention output is zero there, as in the original. Use a lower "
+                        "sparsity or --bsa off for videos this small.", bsa.sparsity, *grid)
 
     def _latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         return (1, self.transformer.dims.in_channels, (num_frames - 1) // self.scale_t + 1,
