@@ -408,3 +408,39 @@ def test_stale_partial_that_is_a_link_is_removed_not_followed(tmp_path, capsys):
     assert main(["synth", str(dst), "-q"]) == 0
     assert (outside / "keep.txt").read_text() == "mine" and _leftovers(dst) == []
     assert _deep_ok(dst)
+
+
+def test_a_scratch_name_the_user_made_is_refused_not_deleted(tiny_native, tmp_path, capsys):
+    """``DST.partial`` is removed only where a killed run left it, which its lock file beside
+    ``DST`` shows; a folder or file of that name made otherwise is the user's."""
+    dst = tmp_path / "out"
+    (partial_path(dst) / "sub").mkdir(parents=True)
+    (partial_path(dst) / "sub" / "keep").write_text("mine")
+    for args in (["synth", dst], ["convert", "--src", tiny_native, "--dst", dst]):
+        refused(capsys, *args, "-q", says="no killed run of longcat-tools left it")
+        assert (partial_path(dst) / "sub" / "keep").read_text() == "mine" and not dst.exists()
+    out = tmp_path / "x.safetensors"
+    partial_path(out).write_text("mine")
+    refused(capsys, "lora", "export", "distilled", "--format", "native", "--out", out, "-m",
+            tiny_native, "-q", says="no killed run of longcat-tools left it")
+    assert partial_path(out).read_text() == "mine"
+    lock_path(dst).touch()  # as a run killed while writing dst leaves it
+    assert main(["synth", str(dst), "-q"]) == 0
+    assert not partial_path(dst).exists() and _deep_ok(dst)
+
+
+@pytest.mark.parametrize("dst", ["", ".", "{ckpt}/lora/.."])
+def test_an_output_that_names_no_entry_of_its_own_is_refused(dst, tiny_native, tmp_path,
+                                                             monkeypatch, capsys):
+    """'..' or '.' as DST would put the scratch folder ``DST.partial`` beside the current
+    folder or inside another checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_native, ckpt)
+    dst = dst.format(ckpt=ckpt)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for args in (["synth", dst, "--force"], ["convert", "--src", tiny_native, "--dst", dst,
+                                             "--force"],
+                 ["lora", "fuse", "distilled", "-m", tiny_native, "--dst", dst, "--force"]):
+        refused(capsys, *args, "-q", code=2, says="name the output itself")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -1,7 +1,8 @@
 """All-or-nothing outputs: a folder or file appears complete under its final name, or not at all.
 
 Writers fill ``DST.partial`` and rename it at the end, so a run killed at any moment never leaves a
-DST that looks complete; the next run removes the stale ``.partial`` and starts again. One writer
+DST that looks complete; the next run removes the stale ``.partial`` (one the killed run's lock
+file shows to be ours) and starts again. One writer
 at a time per destination (a lock file beside it), and one ``--force`` rule for every command.
 """
 
@@ -140,6 +141,14 @@ REPLACEABLE = {k.name: k for k in (_Kind("checkpoint", _checkpoint_problem),
                                    _Kind("safetensors", _safetensors_problem))}
 
 
+def check_named(dst: Path) -> None:
+    """An output path names its own entry: not '', '.' or '..', whose scratch name
+    (``DST.partial``) would land beside the current folder or its parent."""
+    if Path(dst).name in ("", ".", ".."):
+        raise UsageError(f"'{dst}': name the output itself (a path ending in a new or "
+                         "replaceable folder or file, not '.', '..' or empty)")
+
+
 def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
                       force: bool = True) -> None:
     """The one ``--force`` rule of every command that writes a new checkpoint or file.
@@ -154,6 +163,7 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
     planning, and again under the writer lock (``atomic_folder`` does).
     """
     kind = REPLACEABLE[what]
+    check_named(dst)
     dst = Path(dst)
     if source is not None:
         s, d = real_path(Path(source)), real_path(dst)
@@ -241,14 +251,24 @@ def _swap_in(tmp: Path, dst: Path) -> None:
 
 
 @contextmanager
-def writer_lock(dst: Path) -> Iterator[None]:
+def writer_lock(dst: Path) -> Iterator[Callable[[Path], None]]:
     """The writer lock of an output ``dst`` (``flock`` on ``.DST.lock`` beside it), for the whole
-    write: a second writer is refused at once with one line, and a stale scratch file or folder
-    may be removed only while it is held."""
+    write: a second writer is refused at once with one line. Yields the function that removes
+    a stale scratch path (``DST.partial``) under it: only one a killed run left, which it knows
+    by the lock file that run left behind; anything else of that name is the user's, and the
+    write is refused rather than deleting it."""
     lock = lock_path(dst)
     with _held(lock, 0.0, lambda: f"{dst}: another process is writing it (it holds {lock}); "
-               "try again when that run is done"):
-        yield
+               "try again when that run is done") as inherited:
+        def clear(scratch: Path) -> None:
+            if not (scratch.exists() or scratch.is_symlink()):
+                return
+            if not (inherited or scratch.is_symlink()):
+                raise LongcatError(f"{scratch}: exists, and no killed run of longcat-tools left "
+                                   f"it (it would have left {lock}); move it away or remove it")
+            _discard(scratch)
+
+        yield clear
 
 
 @contextmanager
@@ -258,21 +278,22 @@ def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) ->
     The whole write holds the writer lock of ``dst`` (``flock`` on ``.DST.lock`` beside it): a
     second writer to the same ``dst`` is refused at once with one line rather than waiting
     behind a run that may take an hour, and a stale ``DST.partial`` (left by a killed run) is
-    deleted only under the lock, never under a live writer. ``what`` (a key of ``REPLACEABLE``)
+    deleted only under the lock, never under a live writer, and only when that run's lock file
+    is still there to show it was ours (``writer_lock``). ``what`` (a key of ``REPLACEABLE``)
     applies :func:`check_replaceable` again under the lock; without it any existing ``dst`` may
     be replaced with ``force``. The lock file is removed on release (a killed run leaves it;
     the next run takes it over, the kernel having dropped the dead run's lock)."""
+    check_named(dst)
     dst = Path(dst)
     if (dst.exists() or dst.is_symlink()) and not force:
         raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
     if not dst.parent.is_dir():
         raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
-    with writer_lock(dst):
+    with writer_lock(dst) as clear:
         if what is not None:
             check_replaceable(dst, what, force=force)
         tmp = partial_path(dst)
-        if tmp.exists() or tmp.is_symlink():
-            _discard(tmp)  # left by a killed run; it never was a finished output
+        clear(tmp)  # left by a killed run; it never was a finished output
         tmp.mkdir()
         try:
             yield tmp
@@ -312,12 +333,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _open_lock(lock: Path) -> int:
-    """Open (creating) a lock file: never through a symlink (a link planted there would make us
-    create or lock a file elsewhere), never a FIFO or device (which could block or be shared)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+def _open_lock(lock: Path) -> tuple[int, bool]:
+    """Open (creating) a lock file, and whether this call created it: never through a symlink
+    (a link planted there would make us create or lock a file elsewhere), never a FIFO or
+    device (which could block or be shared)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    created = True
     try:
-        fd = os.open(lock, flags, 0o644)
+        try:
+            fd = os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            created = False
+            fd = os.open(lock, flags | os.O_CREAT, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise LongcatError(f"{lock}: the lock file is a symbolic link; remove it (a lock is "
@@ -329,18 +356,19 @@ def _open_lock(lock: Path) -> int:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise LongcatError(f"{lock}: the lock file is not a regular file; remove it")
-    return fd
+    return fd, created
 
 
 @contextmanager
-def _held(lock: Path, timeout: float, busy: Callable[[], str]) -> Iterator[None]:
+def _held(lock: Path, timeout: float, busy: Callable[[], str]) -> Iterator[bool]:
     """An exclusive ``flock`` on ``lock`` (created, and removed on release); after ``timeout``
     seconds of waiting, a LongcatError with ``busy()``. A holder that dies releases it (the
-    kernel drops flocks); after locking we check the file is still the one on disk, because a
-    releasing holder may have just removed it."""
+    kernel drops flocks) but leaves the file: yields True when the lock file was there before
+    us, i.e. a run died holding it. After locking we check the file is still the one on disk,
+    because a releasing holder may have just removed it."""
     deadline = time.monotonic() + timeout
     while True:
-        fd = _open_lock(lock)
+        fd, created = _open_lock(lock)
         try:
             delay = 0.001
             while True:
@@ -364,7 +392,7 @@ def _held(lock: Path, timeout: float, busy: Callable[[], str]) -> Iterator[None]
             break
         os.close(fd)
     try:
-        yield
+        yield not created
     finally:
         try:
             os.unlink(lock)
@@ -374,7 +402,7 @@ def _held(lock: Path, timeout: float, busy: Callable[[], str]) -> Iterator[None]
 
 
 def file_lock(lock: Path, timeout: float,
-              holder: str = "another process") -> AbstractContextManager[None]:
+              holder: str = "another process") -> AbstractContextManager[bool]:
     """An exclusive ``flock`` on ``lock`` for a short read-modify-write: concurrent writers queue
     up for ``timeout`` seconds, then give up with one line."""
     return _held(lock, timeout, lambda: f"{lock}: {holder} has held the lock for over "

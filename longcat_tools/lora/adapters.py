@@ -331,9 +331,9 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
             raise LongcatError(f"{cfg_path}: exists and describes another adapter; export into "
                                "another folder or pass --force to replace it")
     tmp = partial_path(out)
-    with writer_lock(out):
+    with writer_lock(out) as clear:
         layouts.check_plain(tmp, "the scratch file of --out")
-        tmp.unlink(missing_ok=True)  # left by a killed export
+        clear(tmp)  # left by a killed export
         try:
             n = write_file(tmp, lf.tensor_specs(lora, fmt, want, keys),
                            lf.file_metadata(lora.modules.values(), fmt, {"format": "pt", **meta},
