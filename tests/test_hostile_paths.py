@@ -213,27 +213,37 @@ def rank_too_large_dry_run(root, out):
 
 def export_force_onto_shard(root, out):
     return ["lora", "export", "distilled", "--format", "native", "--out", root / SHARD,
-            "--force"], "the model's own weights"
+            "--force"], "inside the checkpoint"
 
 
 def export_new_file_into_dit(root, out):
     return ["lora", "export", "distilled", "--format", "native", "--out",
-            root / DIT / "new.safetensors"], "the model's own weights"
+            root / DIT / "new.safetensors"], "inside the checkpoint"
 
 
 def export_force_onto_other_adapter(root, out):
     return ["lora", "export", "distilled", "--format", "native", "--out",
-            root / "lora" / "refinement_lora.safetensors", "--force"], "never replaces"
+            root / "lora" / "refinement_lora.safetensors", "--force"], "inside the checkpoint"
 
 
 def export_force_onto_vae(root, out):
     return ["lora", "export", "distilled", "--format", "native", "--out",
-            root / "vae" / "diffusion_pytorch_model.safetensors", "--force"], "never replaces"
+            root / "vae" / "diffusion_pytorch_model.safetensors", "--force"], "inside the checkpoint"
 
 
 def export_force_onto_own_source(root, out):
     return ["lora", "export", "distilled", "--format", "native", "--out",
-            root / "lora" / HUB, "--force"], "never replaces"
+            root / "lora" / HUB, "--force"], "inside the checkpoint"
+
+
+def export_new_file_into_lora(root, out):
+    return ["lora", "export", "distilled", "--format", "native", "--out",
+            root / "lora" / "x.safetensors"], "inside the checkpoint"
+
+
+def export_new_file_into_vae(root, out):
+    return ["lora", "export", "distilled", "--format", "peft", "--out",
+            root / "vae" / "extra.safetensors"], "inside the checkpoint"
 
 
 def export_force_onto_folder(root, out):
@@ -375,6 +385,7 @@ CASES = [
     # class 4
     rank_too_large, rank_too_large_dry_run, export_force_onto_shard, export_new_file_into_dit,
     export_force_onto_other_adapter, export_force_onto_vae, export_force_onto_own_source,
+    export_new_file_into_lora, export_new_file_into_vae,
     export_force_onto_folder, export_force_onto_link, export_force_onto_non_safetensors,
     export_scratch_is_link, export_peft_config_is_folder,
 ]

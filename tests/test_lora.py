@@ -348,6 +348,16 @@ def test_usage_errors_exit_2(native, capsys):
         assert rc == 2, (args, err)
 
 
+@pytest.mark.parametrize("name", ["adapters.json", "adapters.json.lock", "x.partial"])
+def test_the_registry_files_and_scratch_names_are_reserved(native, capsys, name):
+    """An adapter folder named like the registry's lock replaced the lock a writer held."""
+    before = _tree(native)
+    rc, _, err = _cli(capsys, "attach", native / "lora" / HUB["distilled"], "--name", name,
+                      "--force", "-m", native)
+    assert rc == 2 and "is reserved" in err, err
+    assert _tree(native) == before
+
+
 def test_registry_lock_serializes_writers(native):
     ckpt = layouts.detect(native)
     errors = []

@@ -190,11 +190,10 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
         check_outside_checkpoints(dst)
 
 
-def check_outside_checkpoints(dst: Path) -> None:
-    """A new checkpoint is not written inside another one (``enclosing_checkpoint``)."""
+def check_outside_checkpoints(dst: Path, what: str = "the new checkpoint") -> None:
+    """``dst`` (``what``) is not written inside a checkpoint (``enclosing_checkpoint``)."""
     if (outer := enclosing_checkpoint(dst)) is not None:
-        raise LongcatError(f"{dst}: inside the checkpoint {outer}; write the new checkpoint "
-                           "outside it")
+        raise LongcatError(f"{dst}: inside the checkpoint {outer}; write {what} outside it")
 
 
 def _discard(path: Path) -> None:

@@ -22,6 +22,7 @@ from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import (
     atomic_folder,
     atomic_write_text,
+    check_outside_checkpoints,
     check_replaceable,
     fsync_dir,
     partial_path,
@@ -266,29 +267,6 @@ class ExportResult:
 
 
 
-def _check_not_the_models(ckpt: layouts.Checkpoint, out: Path) -> None:
-    """An export never lands among the model's own files: nothing is written into the DiT's
-    folder (a stray .safetensors there is a shard the index does not name), and ``--force``
-    never replaces a file of ``lora/`` or of a component folder."""
-    folder = out.parent.resolve()
-
-    def within(f: Path) -> bool:
-        real = f.resolve()
-        return folder == real or real in folder.parents
-
-    dits = ([ckpt.root / f for f in ckpt.avatar.dit_folders] if ckpt.avatar is not None
-            else [ckpt.transformer_dir])
-    for dit in dits:
-        if within(dit):
-            raise LongcatError(f"{out}: is inside {dit}, the model's own weights; export to a "
-                               "folder outside it")
-    if out.exists():
-        for f in (ckpt.lora_dir, *(ckpt.root / c for c in layouts.COMPONENTS)):
-            if within(f):
-                raise LongcatError(f"{out}: is a file of the checkpoint's {f.name}/, which "
-                                   "--force never replaces; export to another path")
-
-
 def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
            out: str | Path, *, keys: str | None = None, dtype: str = "keep",
            force: bool = False, progress: Callable[[int], None] | None = None) -> ExportResult:
@@ -310,8 +288,8 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
     out = Path(out)
     if not out.name.endswith(".safetensors"):
         raise UsageError(f"{out}: the output file name must end in .safetensors")
-    _check_not_the_models(ckpt, out)
     check_replaceable(out, "safetensors", force=force)
+    check_outside_checkpoints(out, "the exported adapter")  # its own checkpoint's too
     reg = load_registry(ckpt)
     path, _ = find_adapter(ckpt, reg, name)
     if not path.is_file():
