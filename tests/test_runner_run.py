@@ -174,6 +174,21 @@ def test_run_bsa_accepts_every_preset_that_bsa_presets_lists(capsys):
     assert resolve_bsa("long-video", None, None).chunk_q == (8, 4, 4)
 
 
+def test_task_refine_takes_its_size_from_either_pair(capsys, tiny_native, t2v_mp4, tmp_path):
+    """--refine-height/--refine-width sized the memory check of --task refine but not its
+    output (the 720p bucket was used instead)."""
+    base = ["-m", str(tiny_native), "--task", "refine", "--video", str(t2v_mp4), "-p", "a cat",
+            "--steps", "1", "--bsa", "off"]
+    out = tmp_path / "r.mp4"
+    rc, cap = run(capsys, *base, "--refine-height", "32", "--refine-width", "48", "--out",
+                  str(out))
+    assert rc == 0, cap.err
+    assert (probe(out)["width"], probe(out)["height"]) == (48, 32)
+    rc, cap = run(capsys, *base, "--height", "32", "--width", "32", "--refine-height", "32",
+                  "--refine-width", "48", "--out", str(tmp_path / "s.mp4"))
+    assert rc == 1 and "give one" in cap.err and not (tmp_path / "s.mp4").exists()
+
+
 def test_bsa_that_keeps_no_chunk_warns_once_a_size(pipe, caplog):
     """At 32x32 a refine has 8x2x2 tokens: 2 key chunks of 4x4x4 (4x2x2 below). Top-k keeps
     int((1 - s) x 2): zero at 0.9 (attention is zero, as in the original: warned, once), one at

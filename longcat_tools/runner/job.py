@@ -120,7 +120,8 @@ def _long(j: Job) -> tuple[Result, np.ndarray]:
 def _refine(j: Job) -> tuple[Result, np.ndarray]:
     s = j.s
     r = j.pipe.refine(j.in_frames, s.prompt, image=j.image, num_cond_frames=s.num_cond_frames or 0,
-                      height=s.height, width=s.width, steps=s.steps or 50, t_thresh=s.t_thresh,
+                      height=s.height or s.refine_height, width=s.width or s.refine_width,
+                      steps=s.steps or 50, t_thresh=s.t_thresh,
                       spatial_refine_only=s.spatial_refine_only, generator=j.generator,
                       latents=j.init, bsa=s.bsa, lora_scale=s.lora_scale)
     return r, r.frames

@@ -247,6 +247,11 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         if h is not None and (h <= 0 or w <= 0 or h % 16 or w % 16):
             raise LongcatError(f"{opt} {h}x{w}: both must be positive multiples of 16 px "
                                "(VAE 8x times DiT patch 2)")
+    if (s.task == "refine" and s.height is not None and s.refine_height is not None
+            and (s.height, s.width) != (s.refine_height, s.refine_width)):
+        raise LongcatError(f"--task refine: --height/--width {s.height}x{s.width} and "
+                           f"--refine-height/--refine-width {s.refine_height}x{s.refine_width} "
+                           "both size its output; give one")
     if s.resolution not in RESOLUTIONS:
         raise LongcatError(f"--resolution {s.resolution}: use 480p or 720p")
     if s.steps is not None and s.steps < 1:
