@@ -183,6 +183,15 @@ def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, cas
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.mp4.json").exists()
 
 
+def test_a_path_the_system_cannot_take_is_a_usage_error(capsys, tiny_native, tmp_path):
+    """A name over the file system's limit failed deep in a command as an internal error."""
+    long = tmp_path / ("z" * 300 + ".mp4")
+    line = fast_refusal(capsys, "run", "-q", "-m", tiny_native, "-p", "a cat", "--height", "32",
+                        "--width", "32", "--frames", "9", "--out", long, code=2,
+                        says="too long for the file system")
+    assert "internal error" not in line
+
+
 COMPONENT_FILES = ["text_encoder/config.json", "text_encoder/model.safetensors.index.json",
                    "tokenizer/tokenizer_config.json", "vae/config.json",
                    "scheduler/scheduler_config.json"]

@@ -228,7 +228,8 @@ def export_force_onto_other_adapter(root, out):
 
 def export_force_onto_vae(root, out):
     return ["lora", "export", "distilled", "--format", "native", "--out",
-            root / "vae" / "diffusion_pytorch_model.safetensors", "--force"], "inside the checkpoint"
+            root / "vae" / "diffusion_pytorch_model.safetensors", "--force"], \
+        "inside the checkpoint"
 
 
 def export_force_onto_own_source(root, out):

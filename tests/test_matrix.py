@@ -14,6 +14,7 @@ from hostile import refused
 from longcat_tools.cli import main
 from longcat_tools.runner import job as runjob
 from longcat_tools.runner import video as vio
+from longcat_tools.runner.matrix import read_prompts
 from longcat_tools.runner.pipeline import LongCatVideoPipeline
 
 SIZE = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "2"]
@@ -150,7 +151,9 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
      "line 1: --task refine needs --video"),
     ('{"prompt": "g", "seed": "7"}\n', [], "line 1: 'seed' must be an integer"),
     ('{"prompt": "g", "colour": "red"}\n', [], "line 1: unknown field 'colour'"),
-    ('{"prompt": "g"\n', [], "line 1: not valid JSON"),
+    ('{"prompt": "g"\n', [], "line 1: invalid JSON"),
+    ('{"prompt": "g", "prompt": "h"}\n', [], "line 1: key 'prompt' appears twice"),
+    ('{"prompt": "g", "out": "a\\u0000b.mp4"}\n', [], "line 1: 'out' contains a NUL"),
     ('{"prompt": "g", "out": "../escape.mp4"}\n', [], "must be a .mp4 file name (no folders)"),
     ('{"prompt": "g", "out": "/tmp/abs.mp4"}\n', [], "must be a .mp4 file name (no folders)"),
     ('{"prompt": "g", "out": "link/x.mp4"}\n', [], "must be a .mp4 file name (no folders)"),
@@ -269,3 +272,9 @@ def test_a_scale_sweep_leaves_the_callers_lora_scale_alone(tiny_native):
     assert {d.multiplier for d in pipe.transformer.lora_registry["distilled"].values()} == {0.7}
     assert pipe.transformer.active_loras == []
     assert np.array_equal(pipe.t2v(**kw).frames, at_07)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("\ufeffhello\nworld\n".encode())
+    assert [pl.fields["prompt"] for pl in read_prompts(prompts)] == ["hello", "world"]

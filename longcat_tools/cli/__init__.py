@@ -8,6 +8,7 @@ one JSON document.
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 
@@ -25,7 +26,7 @@ from longcat_tools.cli.run import run_cmd
 from longcat_tools.cli.schema import schema_cmd
 from longcat_tools.cli.synth import synth_cmd
 from longcat_tools.cli.verify import verify_cmd
-from longcat_tools.errors import EXIT_FAIL, LongcatError
+from longcat_tools.errors import EXIT_FAIL, EXIT_USAGE, LongcatError
 from longcat_tools.io import jsonio
 
 app = typer.Typer(
@@ -61,6 +62,17 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 def _is_click_error(e: Exception) -> bool:
     # Typer may vendor its own click, so match click's exception protocol rather than its class.
     return any(c.__name__ == "ClickException" for c in type(e).__mro__) and hasattr(e, "show")
+
+
+def _path_problem(e: Exception) -> str | None:
+    """A path the system cannot take at all, wherever a command first touched it: a name over
+    the file system's limit, or a NUL character (Python refuses it before the system call)."""
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        return f"{e.filename}: the path or a name in it is too long for the file system; " \
+               "use a shorter one"
+    if isinstance(e, ValueError) and "embedded null byte" in str(e):
+        return "a path contains a NUL character; remove it"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             return fail(e.format_message(), e.exit_code)
         if verbose:
             traceback.print_exc()
+        if (problem := _path_problem(e)) is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return fail(problem, EXIT_USAGE)
         message = f"internal error: {type(e).__name__}: {e}"
         print(f"error: {message} (rerun with -v for the traceback)", file=sys.stderr)
         return fail(message, EXIT_FAIL)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.errors import LongcatError
+from longcat_tools.io import jsonio
 from longcat_tools.runner.settings import RunSettings, check_bsa, comparable_settings, validate
 
 MANIFEST = "manifest.json"
@@ -65,7 +66,7 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
         raise LongcatError(f"{where}: " + ("a folder; give the prompt file" if path.is_dir()
                                             else "no such file"))
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first prompt
     except (OSError, UnicodeDecodeError) as e:
         raise LongcatError(f"{where}: cannot be read as UTF-8 text ({e})") from None
     out = []
@@ -76,10 +77,7 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
         if not line.startswith("{"):
             out.append(PromptLine(n, {"prompt": line}))
             continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LongcatError(f"{where} line {n}: not valid JSON ({e.msg})") from None
+        doc = jsonio.loads(line, f"{where} line {n}")  # a repeated key is refused, not merged
         if not isinstance(doc, dict):
             raise LongcatError(f"{where} line {n}: a JSON line must be an object")
         unknown = sorted(set(doc) - set(JSONL_FIELDS))
@@ -89,6 +87,8 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
         for key in TEXT_FIELDS:
             if key in doc and not isinstance(doc[key], str):
                 raise LongcatError(f"{where} line {n}: '{key}' must be a string")
+            if key in ("image", "video", "out") and "\0" in doc.get(key, ""):
+                raise LongcatError(f"{where} line {n}: '{key}' contains a NUL character")
         if "seed" in doc and (isinstance(doc["seed"], bool) or not isinstance(doc["seed"], int)):
             raise LongcatError(f"{where} line {n}: 'seed' must be an integer")
         for key in ("image", "video"):
@@ -198,7 +198,6 @@ def finished(item: Item, device: Any) -> bool:
     compared as the sidecar's JSON holds them, on the same kind of device (which GPU of a
     data-parallel run made it does not matter) and wherever the folder was named from (the
     sidecar sits next to its mp4)."""
-    from longcat_tools.io import jsonio
     from longcat_tools.runner.job import settings_record
 
     out = Path(item.settings.out)
