@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.io.atomic import atomic_write_bytes, enclosing_checkpoint
+from longcat_tools.io.atomic import atomic_write_bytes, enclosing_checkpoint, real_path
 from longcat_tools.runner.settings import comparable_settings
 
 if TYPE_CHECKING:  # numpy and Pillow load when a comparison runs, not with the command line
@@ -176,11 +176,18 @@ def load_items(folder: str | Path) -> tuple[list[Item], list[str]]:
     notes = [f"{folder / n}: no sidecar {n}.json; skipped" for n in names
              if n.endswith(".mp4") and f"{n}.json" not in names]
     items = []
+    inside = real_path(folder)
     for n in sidecars:
         video = folder / n[: -len(".json")]
-        if not video.is_file():
+        if not (video.exists() or video.is_symlink()):
             notes.append(f"{folder / n}: its video {video.name} is missing; skipped")
             continue
+        for f in (folder / n, video):
+            if inside not in real_path(f).parents:
+                raise LongcatError(f"{f}: a link to {real_path(f)}, outside {folder}; compare "
+                                   "reads only the folder's own files (copy the file in)")
+            if not f.is_file():
+                raise LongcatError(f"{f}: not a regular file; remove it or move it aside")
         items.append(Item(video, _read_sidecar(folder / n)))
     if not items:
         skipped = f" ({len(notes)} skipped: a video or sidecar alone)" if notes else ""
@@ -319,6 +326,9 @@ def varying_fields(items: list[Item]) -> list[str]:
     return [k for k in keys if len({repr(i.settings.get(k)) for i in items}) > 1]
 
 
+LABEL_CHARS = 4096  # of a sidecar's text that a label may show
+
+
 class _Font:
     """Pillow's default font, with the label's text measured and fitted to the cell."""
 
@@ -330,8 +340,9 @@ class _Font:
         self.width = LABEL_WIDTH - 2 * TEXT_MARGIN
 
     def printable(self, text: str) -> str:
-        """``text`` in one line that the font can draw (a bitmap font only has Latin-1)."""
-        text = " ".join(str(text).split())
+        """``text`` in one line that the font can draw (a bitmap font only has Latin-1), cut to
+        far more than a label holds (Pillow refuses to measure over a million characters)."""
+        text = " ".join(str(text)[:LABEL_CHARS].split())
         try:
             self.font.getlength(text)
         except UnicodeEncodeError:

@@ -241,3 +241,22 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert [p.name for p in (ckpt / "transformer").iterdir()] == ["config.json"]
     refused(capsys, "compare", good, "--frames", "0", code=2, says="--frames")
     refused(capsys, "compare", good, "--thumb-height", "5", code=2, says="--thumb-height")
+
+
+def test_links_out_of_the_folder_are_refused_and_long_prompts_are_cut(tmp_path, capsys):
+    """compare reads only the folder it is given; a prompt of millions of characters is cut
+    for its label (Pillow refuses to measure it)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    add_run(outside, "o.mp4", clip(16, 16, (0, 0, 0)), 1.0, prompt="p")
+    for linked in ("o.mp4", "o.mp4.json"):
+        d = tmp_path / f"via_{linked}"
+        d.mkdir()
+        add_run(d, "o.mp4", clip(16, 16, (0, 0, 0)), 1.0, prompt="p")
+        (d / linked).unlink()
+        (d / linked).symlink_to(outside / linked)
+        refused(capsys, "compare", d, says=f"outside {d}")
+    long = tmp_path / "long"
+    long.mkdir()
+    add_run(long, "v.mp4", clip(16, 16, (0, 0, 0)), 1.0, prompt="x" * 2_000_000)
+    assert main(["compare", str(long), "-q", "--out", str(tmp_path / "s.png")]) == 0
