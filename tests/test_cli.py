@@ -182,3 +182,13 @@ def test_demo_runs_the_chain(tmp_path):
     names = [s["name"] for s in doc["steps"]]
     assert names[:2] == ["synth", "inspect"]
     assert (tmp_path / "demo" / "tiny-native" / "dit" / "config.json").is_file()
+
+
+def test_demo_refuses_a_file_or_a_checkpoint_for_its_folder(tiny_native, tmp_path, capsys):
+    (tmp_path / "f.png").write_bytes(b"x")
+    for out, says in ((tmp_path / "f.png", "is not a folder"),
+                      (tiny_native / "d", "inside the checkpoint")):
+        assert main(["demo", "--out", str(out), "-q"]) == 1
+        err = capsys.readouterr().err
+        assert says in err and "internal error" not in err
+    assert not (tiny_native / "d").exists()
