@@ -164,7 +164,9 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ("a\n", ["--out", "one.mp4"], "--out one.mp4: names one video"),
     ('{"seed": 3}\n', [], "line 1: no prompt"),
     ("a\n", ["--lora-scale", "0.5,x"], "--lora-scale 0.5,x: 'x' is not a number"),
-    ("a\n", ["--lora-scale", "0.5,20"], "--lora-scale 20: a LoRA scale must be a number from -10"),
+    ("a\n", ["--lora-scale", "0.5,20", "--distill"],
+     "--lora-scale 20: a LoRA scale must be a number from -10"),
+    ("a\n", ["--lora-scale", "0.5,1"], "--lora-scale 0.5: this run activates no hub LoRA"),
     ("a\n", ["--out", "one.mp4", "--seeds", "1,,2"], "--seeds 1,,2: '' is not an integer"),
     ("a\n", ["--out", "one.mp4", "--bsa", "on,,off"], "--bsa list on,,off: --bsa : unknown"),
 ])

@@ -225,6 +225,10 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     if s.dtype is not None:
         dtypes.check(s.dtype, error=LongcatError)
     check_scale(s.lora_scale, "--lora-scale", LongcatError)
+    if s.lora_scale != 1.0 and not (s.distill or s.refine or s.task == "refine"):
+        raise LongcatError(f"--lora-scale {s.lora_scale:g}: this run activates no hub LoRA (it "
+                           "scales distilled with --distill and refinement when refining); "
+                           "drop it or add --distill")
     if why := frames_problem(s.frames):
         raise LongcatError(f"--frames {s.frames}: {why}")
     if s.frames > MAX_FRAMES:
