@@ -514,3 +514,18 @@ def test_an_adapter_config_is_never_ignored(native, tmp_path, capsys, config):
     (line,) = err.strip().splitlines()
     assert ("no such file" if config != "given" else "only a PEFT file") in line
     assert _tree(native) == before
+
+
+def test_a_registry_scale_beyond_the_limit_is_refused(native, tmp_path, capsys):
+    """--scale and NAME:SCALE are held to the limit; a hand-edited default_scale was fused as
+    is (50x)."""
+    assert _cli(capsys, "attach", native / "lora" / HUB["distilled"], "--name", "mine", "-m",
+                native)[0] == 0
+    path = native / "lora" / "adapters.json"
+    reg = json.loads(path.read_text())
+    next(a for a in reg["adapters"] if a["name"] == "mine")["default_scale"] = 50.0
+    path.write_text(json.dumps(reg))
+    for args in (["fuse", "mine", "--dst", tmp_path / "f", "-m", native], ["list", "-m", native]):
+        rc, _, err = _cli(capsys, *args)
+        assert rc == 1 and "adapter 'mine' default_scale 50" in err, err
+    assert not (tmp_path / "f").exists()

@@ -126,6 +126,8 @@ def load_registry(ckpt: layouts.Checkpoint) -> Registry:
     doc = jsonio.read(owned(ckpt, path, "LoRA registry"), what="LoRA registry")
     schemas.validate(doc, SCHEMA, str(path))
     reg = Registry([AdapterRecord.from_json(a) for a in doc["adapters"]])
+    for a in reg.adapters:  # a hand-edited scale would be fused or run as is
+        check_scale(a.default_scale, f"{path}: adapter '{a.name}' default_scale", LongcatError)
     dupes = [n for n, k in Counter(a.name for a in reg.adapters).items() if k > 1]
     if dupes:
         raise LongcatError(f"{path}: adapter '{dupes[0]}' is listed twice (remove one entry)")
