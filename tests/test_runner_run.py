@@ -197,7 +197,7 @@ def test_bsa_that_keeps_no_chunk_warns_once_a_size(pipe, caplog):
     kw = dict(prompt="a cat", height=32, width=32, steps=2, decode=False)
     none = {"sparsity": 0.9, "chunk_3d_shape_q": [4, 2, 2], "chunk_3d_shape_k": [4, 2, 2]}
     one = {"sparsity": 0.5, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="longcat_tools.runner.pipeline"):
         assert pipe.refine(frames, bsa=one, **kw).info["bsa_kept_chunks"] == 1
         assert not [r for r in caplog.records if "keeps no key chunk" in r.getMessage()]
         for _ in range(2):
@@ -255,3 +255,16 @@ def test_a_nan_weight_writes_no_video(tiny_native, tmp_path, capsys):
     assert rc == 1 and err.startswith("error: the video came out NaN or infinite"), err
     assert len(err.splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob("*.mp4*"))
+
+
+def test_quiet_silences_the_library_warnings_too(capsys, caplog, tiny_native, t2v_mp4, tmp_path):
+    """-q prints only errors: the BSA warning (logging) is not even made under it."""
+    from longcat_tools.runner import pipeline as pl
+
+    base = ["run", "-m", str(tiny_native), "--task", "refine", "--video", str(t2v_mp4), "-p",
+            "a cat", "--height", "32", "--width", "32", "--steps", "1", "--bsa", "720p-fast"]
+    for quiet, n in ((["-q"], 0), ([], 1)):
+        pl._WARNED_BSA.clear()
+        caplog.clear()
+        assert main([*base, *quiet, "--out", str(tmp_path / f"q{n}.mp4")]) == 0
+        assert sum("keeps no key chunk" in r.getMessage() for r in caplog.records) == n

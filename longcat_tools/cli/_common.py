@@ -6,6 +6,7 @@ Commands stay thin: parse, call the library, print. Human text goes to stdout, o
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -39,6 +40,9 @@ class Out:
 
     def __post_init__(self) -> None:
         JSON_STATE["on"] = self.as_json  # off in the ranks a launcher speaks for
+        # the library's warnings (stderr, through logging's last resort) obey -q too
+        logging.getLogger("longcat_tools").setLevel(logging.ERROR if self.quiet
+                                                    else logging.NOTSET)
 
     @property
     def _stream(self):
