@@ -323,6 +323,8 @@ def plan_avatar(ck: layouts.AvatarCheckpoint, dst: Path, *, to: str, dtype: str,
     base = ck.require_base()
     plain, int8_from = _int8_plan(ck, int8_mode)
     check_replaceable(dst, "checkpoint", source=ck.root, force=force)
+    if base != ck.root:  # the sibling base model is read too: never replaced by the output
+        check_replaceable(dst, "checkpoint", source=base, force=force)
     meta = _provenance(ck, "native", dtype)
     notes: list[str] = []
     if link and not _same_filesystem(ck.root, dst.parent):

@@ -260,6 +260,17 @@ def test_missing_base_is_one_line(avatar_copy, capsys):
     assert not (root / "out").exists()
 
 
+def test_the_sibling_base_model_is_never_the_output(avatar_copy, capsys):
+    """The avatar reads its text encoder, tokenizer and VAE from ../LongCat-Video: --force
+    replaced that folder with the converted avatar."""
+    av = avatar_copy("avatar-1.5")
+    base = av.parent / "LongCat-Video"
+    before = sorted(p.relative_to(base) for p in base.rglob("*"))
+    assert main(["convert", "--src", str(av), "--dst", str(base), "--force", "-q"]) == 2
+    assert str(base) in capsys.readouterr().err
+    assert sorted(p.relative_to(base) for p in base.rglob("*")) == before
+
+
 def test_killed_or_failed_run_leaves_no_dst(avatar_copy):
     av = avatar_copy("avatar-1.5")
     root = av.parent
