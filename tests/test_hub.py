@@ -386,7 +386,13 @@ def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tiny
     inside = tiny_native / "copy"
     assert main(["download", REPO, "--dst", str(inside)]) == 1 and not inside.exists()
     assert "inside the checkpoint" in capsys.readouterr().err
-    (dst / "hub_manifest.json").unlink()
+    record = dst / "hub_manifest.json"
+    outside = tmp_path / "elsewhere.json"
+    record.rename(outside)
+    record.symlink_to(outside)  # a record from outside the folder is not its record
+    assert main(["download", REPO, "--dst", str(dst)]) == 1
+    assert "is a symlink" in capsys.readouterr().err
+    record.unlink()
     assert main(["download", REPO, "--dst", str(dst)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no record that it holds" in err[0] and "verify" in err[0]

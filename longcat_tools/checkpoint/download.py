@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.checkpoint import hub, hub_manifest
+from longcat_tools.checkpoint import hub, hub_manifest, layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.atomic import check_outside_checkpoints
 
@@ -103,6 +103,7 @@ def check_folder_record(ref: hub.RepoRef, dst: Path, unreachable: str | None = N
     ``local_dir``, huggingface_hub returns any existing folder for any repo id."""
     saved = hub_manifest.saved_manifest_path(dst)
     why = unreachable or "downloads are off (HF_HUB_OFFLINE=1)"
+    layouts.check_plain(saved, "the download's record")  # a link could name any repo
     if not saved.is_file():
         raise LongcatError(f"{dst}: no record that it holds {ref.repo_id} ({saved.name} is "
                            f"missing) and {why}: rerun the download with network, or check the "
