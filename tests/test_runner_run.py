@@ -91,6 +91,8 @@ def test_every_task_runs_from_the_cli(capsys, tiny_native, t2v_mp4, tmp_path, ta
     (["--task", "t2v", "--height", "32"], "--height and --width go together"),
     (["--task", "t2v", "--bsa", "fastest"], "--bsa fastest: unknown"),
     (["--task", "i2v", "--image", "nope.png"], "--image nope.png: no such file"),
+    (["--task", "t2v", "--image", "nope.png"], "--task t2v reads no image"),
+    (["--task", "i2v", "--image", "a.png", "--video", "b.mp4"], "--task i2v reads no video"),
     (["--task", "t2v", "--out", "x.avi"], ".mp4"),
     (["--task", "dance"], "--task dance: unknown"),
     (["--task", "t2v", "--dtype", "fp64"], "--dtype fp64: unknown dtype"),

@@ -27,6 +27,9 @@ from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
 
 TASKS = ("t2v", "i2v", "vc", "long", "refine")  # the base model's
 AVATAR_TASKS = ("at2v", "ai2v", "avc")  # LongCat-Video-Avatar's (runner.avatar_pipeline)
+# the tasks that read an input image, an input video (refine: a condition image, the stage-1 video)
+IMAGE_TASKS = ("i2v", "ai2v", "refine")
+VIDEO_TASKS = ("vc", "avc", "refine", "long")
 MAX_SPEAKERS = 2
 BSA_CHOICES = ("config", "on", "off", *bsa_presets.PRESETS)
 OFFLOAD_CHOICES = ("none", "text-encoder", "dit", "all")  # runner.offload
@@ -424,6 +427,10 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     if s.task in ("vc", "avc", "refine") and not s.video:
         what = "the stage-1 video" if s.task == "refine" else "the video to continue"
         raise LongcatError(f"--task {s.task} needs --video FILE ({what})")
+    for opt, path, tasks in (("--image", s.image, IMAGE_TASKS), ("--video", s.video, VIDEO_TASKS)):
+        if path and s.task not in tasks:
+            raise LongcatError(f"{opt} {path}: --task {s.task} reads no {opt[2:]} (it is for "
+                               f"--task {', '.join(tasks)}); drop it or pick that task")
     for opt, path in (("--image", s.image), ("--video", s.video), ("--latents-in", s.latents_in)):
         if path and not Path(path).is_file():
             raise LongcatError(f"{opt} {path}: no such file")
