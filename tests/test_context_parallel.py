@@ -112,6 +112,19 @@ def test_too_few_frames_for_the_split_is_one_line(tiny_native, tmp_path):
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_gpus_the_heads_do_not_split_over_is_refused_before_launch(tiny_native, tmp_path,
+                                                                   capsys):
+    """Checked after loading in every rank, it printed the same line three times."""
+    from longcat_tools.cli import main
+
+    assert main(["run", "-q", "-m", str(tiny_native), "--device", "cpu", "--height", "32",
+                 "--width", "32", "--frames", "9", "--steps", "1", "--gpus", "3", "--out",
+                 str(tmp_path / "x.mp4")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --cp/--gpus 3: the DiT's 2 heads do not split evenly over that many "
+                   "processes (use a divisor)"]
+
+
 def test_a_split_the_model_cannot_take_is_one_line(tiny_native):
     from longcat_tools.runner.context_parallel import ContextParallel, FrameSplit
 

@@ -300,6 +300,9 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     if files is not None and s.task in AVATAR_TASKS:
         resolve_device(s.device)
     elif files is not None:
+        if files.dims.num_heads % s.cp:  # what the DiT checks when it is split
+            raise LongcatError(f"--cp/--gpus {s.cp}: the DiT's {files.dims.num_heads} heads do "
+                               "not split evenly over that many processes (use a divisor)")
         device = resolve_device(s.device)
         footprint.check(files.dims, _stages(s, files), run_dtype(s.dtype, device), device, s.cp)
         _check_latents(s, files)
