@@ -112,6 +112,9 @@ def test_interrupted_matrix_resumes_with_the_same_files(tiny_native, prompt_file
     assert main(matrix_args(tiny_native, prompt_file, out)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [e["status"] for e in manifest["items"]] == ["skipped"] * 3 + ["done"] * 5
+    for e in manifest["items"][:3]:  # what the skipped ones took when they ran
+        side = json.loads((out / e["sidecar"]).read_text())
+        assert (e["total_s"], e["peak_memory"]) == (side["total_s"], side["peak_memory"])
     assert {n: (out / n).stat().st_mtime_ns for n in done} == stamps
     for n in names():
         assert (out / n).read_bytes() == (full / n).read_bytes(), n

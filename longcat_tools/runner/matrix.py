@@ -248,7 +248,7 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
     desc = "videos" if ranks == 1 else f"videos (process {rank + 1} of {ranks})"
     for it in reporter.steps(mine, len(mine), desc):
         if finished(it, device):
-            records[it.index] = _entry(it, "skipped")
+            records[it.index] = {**_entry(it, "skipped"), **_timing(it)}  # what it took then
             say(f"[{it.index + 1}/{len(items)}] {it.name}: done already, skipped")
             doc = records[it.index]
         else:
@@ -271,14 +271,18 @@ def write_manifest(items: Sequence[Item], device: Any) -> dict[str, Any]:
     records = []
     for it in items:
         entry = _entry(it, "done" if finished(it, device) else "missing")
-        side = Path(it.settings.out + ".json")
         if entry["status"] == "done":
-            doc = json.loads(side.read_text())
-            entry.update(total_s=doc.get("total_s"), peak_memory=doc.get("peak_memory"))
+            entry.update(_timing(it))
         records.append(entry)
     out_dir = Path(items[0].settings.out).parent
     _write_manifest(out_dir, items[0].settings, records, None)
     return json.loads((out_dir / MANIFEST).read_text())
+
+
+def _timing(it: Item) -> dict[str, Any]:
+    """A finished video's time and peak memory, from its sidecar."""
+    doc = json.loads(Path(it.settings.out + ".json").read_text())
+    return {"total_s": doc.get("total_s"), "peak_memory": doc.get("peak_memory")}
 
 
 def _entry(it: Item, status: str) -> dict[str, Any]:
