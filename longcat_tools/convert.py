@@ -288,10 +288,6 @@ def _json_text(obj: Any) -> str:
     return jsonio.dumps(obj)
 
 
-def _headers(paths: set[Path]) -> dict[Path, dict[str, TensorInfo]]:
-    return {p: read_header(p).tensors for p in sorted(paths)}
-
-
 def _out_dtype(src_dtype: torch.dtype, want: torch.dtype | None) -> torch.dtype:
     if want is None or not src_dtype.is_floating_point:
         return src_dtype
@@ -304,7 +300,7 @@ def _dit_infos(ckpt: layouts.Checkpoint
     tensor name -> (shard, header entry)."""
     cfg = ckpt.config()
     dims = keymap.dit_dims(cfg, str(ckpt.config_path))
-    infos = shard_infos(ckpt)
+    infos = layouts.shard_infos(ckpt)
     expected = dict(keymap.tensor_specs(dims, ckpt.flavour, ckpt.is_fp8))
     unknown = sorted(set(infos) - set(expected))
     seen = keymap.detect_flavour(list(infos))
@@ -316,25 +312,6 @@ def _dit_infos(ckpt: layouts.Checkpoint
     check_tensor_set(ckpt.transformer_dir, infos, expected, ckpt.flavour,
                      f"config: depth {dims.depth}, hidden {dims.hidden_size}")
     return cfg, dims, infos
-
-
-def shard_infos(ckpt: layouts.Checkpoint) -> dict[str, tuple[Path, TensorInfo]]:
-    """Tensor name -> (shard, header entry) of a DiT folder, its index and shards agreeing."""
-    shard_of = layouts.transformer_shards(ckpt)
-    headers = _headers(set(shard_of.values()))
-    infos: dict[str, tuple[Path, TensorInfo]] = {}
-    for name, path in shard_of.items():
-        info = headers[path].get(name)
-        if info is None:
-            raise LongcatError(f"{path}: the index maps '{name}' to this shard but it is not in "
-                               "the file")
-        infos[name] = (path, info)
-    for path, tensors in headers.items():
-        for name in tensors:
-            if shard_of.get(name) != path:
-                raise LongcatError(f"{path}: holds tensor '{name}' that the index does not map "
-                                   "to this shard")
-    return infos
 
 
 def check_tensor_set(folder: Path, infos: dict[str, tuple[Path, TensorInfo]],

@@ -38,7 +38,6 @@ from longcat_tools.convert import (
     check_tensor_set,
     component_jobs,
     parse_size,
-    shard_infos,
 )
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
@@ -111,7 +110,7 @@ def _read_dit(ck: layouts.AvatarCheckpoint, name: str) -> _Dit:
         raise LongcatError(f"{where}: _class_name {cfg.get('_class_name')!r} is not the avatar "
                            f"DiT ({avatar.AVATAR_CLASS})")
     d = _Dit(view.transformer_dir, cfg, keymap.dit_dims(cfg, where),
-             avatar.audio_dims(cfg, where), shard_infos(view))
+             avatar.audio_dims(cfg, where), layouts.shard_infos(view))
     specs = d.specs
     if is_int8:
         qspecs = int8.quantized_specs(specs)

@@ -529,3 +529,17 @@ def test_a_registry_scale_beyond_the_limit_is_refused(native, tmp_path, capsys):
         rc, _, err = _cli(capsys, *args)
         assert rc == 1 and "adapter 'mine' default_scale 50" in err, err
     assert not (tmp_path / "f").exists()
+
+
+def test_fuse_refuses_an_index_that_disagrees_with_its_shards(native, tmp_path, capsys):
+    """fuse copies the index: one that maps a tensor to the wrong shard was copied as is, into
+    a checkpoint that verify then failed (convert, run and verify refuse it)."""
+    path = native / "dit" / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    wm = index["weight_map"]
+    wm["x_embedder.proj.weight"] = next(s for s in sorted(set(wm.values()))
+                                        if s != wm["x_embedder.proj.weight"])
+    path.write_text(json.dumps(index))
+    rc, _, err = _cli(capsys, "fuse", "distilled", "--dst", tmp_path / "f", "-m", native)
+    assert rc == 1 and "the index maps 'x_embedder.proj.weight' to this shard" in err, err
+    assert not (tmp_path / "f").exists()
