@@ -298,7 +298,10 @@ def _dit_infos(ckpt: layouts.Checkpoint
                ) -> tuple[dict[str, Any], keymap.DiTDims, dict[str, tuple[Path, TensorInfo]]]:
     """The DiT of a checkpoint folder, checked against its config: config, dimensions and
     tensor name -> (shard, header entry)."""
+    from longcat_tools.verify.components import check_transformer_config
+
     cfg = ckpt.config()
+    check_transformer_config(cfg, str(ckpt.config_path))  # never written out unchecked
     dims = keymap.dit_dims(cfg, str(ckpt.config_path))
     infos = layouts.shard_infos(ckpt)
     expected = dict(keymap.tensor_specs(dims, ckpt.flavour, ckpt.is_fp8))

@@ -47,6 +47,7 @@ from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.lora import formats as lf
 from longcat_tools.model import avatar, int8, keymap
 from longcat_tools.model.avatar import AudioDims, AvatarVersion
+from longcat_tools.verify.components import check_transformer_config
 
 # --int8: keep the INT8 DiT as it is; write it from the plain DiT; write the plain DiT from it;
 # leave it out.
@@ -109,6 +110,7 @@ def _read_dit(ck: layouts.AvatarCheckpoint, name: str) -> _Dit:
     if not avatar.is_avatar_config(cfg):
         raise LongcatError(f"{where}: _class_name {cfg.get('_class_name')!r} is not the avatar "
                            f"DiT ({avatar.AVATAR_CLASS})")
+    check_transformer_config(cfg, where)  # as verify reads it
     d = _Dit(view.transformer_dir, cfg, keymap.dit_dims(cfg, where),
              avatar.audio_dims(cfg, where), layouts.shard_infos(view))
     specs = d.specs

@@ -245,8 +245,16 @@ def _bad_lora(root):
     save_file(t, str(path))
 
 
+def _bad_bsa_params(root):
+    path = root / "dit" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["bsa_params"] = "x"  # verify and run refuse it; convert wrote it out
+    path.write_text(json.dumps(cfg))
+
+
 @pytest.mark.parametrize("damage,expect", [
     (_no_dit, "not a LongCat-Video checkpoint"),
+    (_bad_bsa_params, "bsa_params"),
     (_corrupt_header, "header is not valid UTF-8 JSON"),
     (_truncate, "truncated"),
     (_missing_shard, "which is missing"),
