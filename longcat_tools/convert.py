@@ -301,8 +301,8 @@ def _dit_infos(ckpt: layouts.Checkpoint
     from longcat_tools.verify.components import check_transformer_config
 
     cfg = ckpt.config()
+    dims = keymap.dit_dims(cfg, str(ckpt.config_path))  # the bounds every reader words alike
     check_transformer_config(cfg, str(ckpt.config_path))  # never written out unchecked
-    dims = keymap.dit_dims(cfg, str(ckpt.config_path))
     infos = layouts.shard_infos(ckpt)
     expected = dict(keymap.tensor_specs(dims, ckpt.flavour, ckpt.is_fp8))
     unknown = sorted(set(infos) - set(expected))

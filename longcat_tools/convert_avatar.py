@@ -110,9 +110,10 @@ def _read_dit(ck: layouts.AvatarCheckpoint, name: str) -> _Dit:
     if not avatar.is_avatar_config(cfg):
         raise LongcatError(f"{where}: _class_name {cfg.get('_class_name')!r} is not the avatar "
                            f"DiT ({avatar.AVATAR_CLASS})")
+    dims = keymap.dit_dims(cfg, where)
     check_transformer_config(cfg, where)  # as verify reads it
-    d = _Dit(view.transformer_dir, cfg, keymap.dit_dims(cfg, where),
-             avatar.audio_dims(cfg, where), layouts.shard_infos(view))
+    d = _Dit(view.transformer_dir, cfg, dims, avatar.audio_dims(cfg, where),
+             layouts.shard_infos(view))
     specs = d.specs
     if is_int8:
         qspecs = int8.quantized_specs(specs)
