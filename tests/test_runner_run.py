@@ -270,3 +270,14 @@ def test_quiet_silences_the_library_warnings_too(capsys, caplog, tiny_native, t2
         caplog.clear()
         assert main([*base, *quiet, "--out", str(tmp_path / f"q{n}.mp4")]) == 0
         assert sum("keeps no key chunk" in r.getMessage() for r in caplog.records) == n
+
+
+def test_distill_on_a_checkpoint_with_distilled_fused_says_so(capsys, tiny_native, tmp_path):
+    """The error used to say only that lora/ holds no 'distilled' LoRA."""
+    fused = tmp_path / "fused"
+    assert main(["lora", "fuse", "distilled", "-m", str(tiny_native), "--dst", str(fused),
+                 "-q"]) == 0
+    rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, "--distill", "--out",
+                  str(tmp_path / "x.mp4"))
+    assert rc == 1 and "is fused into this checkpoint's DiT" in cap.err, cap.err
+    assert "--steps 16 --guidance 1" in cap.err

@@ -130,5 +130,23 @@ def lora_path(ckpt_root: str | Path, kind: str) -> Path:
         return sub[0]
     if len(sub) > 1:
         raise LongcatError(f"{root / kind}: several LoRA files; pass the one to use")
+    if kind in _fused_names(Path(ckpt_root)):
+        raise LongcatError(f"{root}: the '{kind}' LoRA is fused into this checkpoint's DiT (lora "
+                           "fuse), so a run cannot apply it again: leave out the option that "
+                           "asks for it (for distilled: run without --distill, with --steps 16 "
+                           "--guidance 1)")
     raise LongcatError(f"{root}: no '{kind}' LoRA (expected lora/"
                        f"{hub_file or f'{kind}.safetensors'} or lora/{kind}/<file>.safetensors)")
+
+
+def _fused_names(root: Path) -> set[str]:
+    """The adapters ``lora fuse`` recorded in the DiT config (``FUSED_CONFIG_KEY``)."""
+    from longcat_tools.checkpoint import layouts
+
+    try:
+        fused = layouts.detect(root).config().get(layouts.FUSED_CONFIG_KEY)
+    except LongcatError:
+        return set()
+    if not isinstance(fused, list):
+        return set()
+    return {f.get("name") for f in fused if isinstance(f, dict)}
