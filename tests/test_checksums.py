@@ -150,6 +150,21 @@ def _cold_copy(data: bytes, path) -> None:
         os.close(fd)
 
 
+def _probes_answer(monkeypatch, error: OSError) -> None:
+    """Every cached-only read (``preadv`` with flags) raises ``error``; plain reads are real."""
+    from longcat_tools.io import sources as src_mod
+
+    real = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        if flags:
+            raise error
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(src_mod.os, "preadv", preadv)
+    monkeypatch.setattr(src_mod, "_NOWAIT", getattr(os, "RWF_NOWAIT", 8))
+
+
 @pytest.mark.parametrize("probe", ["kernel", "misses", "off"])
 def test_sources_read_cached_and_cold_bytes_alike(tmp_path, monkeypatch, probe):
     """``kernel``: the cached-only probe as the kernel answers it. A probe of a cold page may
@@ -161,15 +176,8 @@ def test_sources_read_cached_and_cold_bytes_alike(tmp_path, monkeypatch, probe):
     if probe == "off":
         monkeypatch.setattr(src_mod, "_NOWAIT", 0)
     elif probe == "misses":
-        real = os.preadv
-
-        def preadv(fd, buffers, offset, flags=0):
-            if flags:
-                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-            return real(fd, buffers, offset)
-
-        monkeypatch.setattr(src_mod.os, "preadv", preadv)
-        monkeypatch.setattr(src_mod, "_NOWAIT", getattr(os, "RWF_NOWAIT", 8))
+        _probes_answer(monkeypatch, BlockingIOError(errno.EAGAIN, "Resource temporarily "
+                                                    "unavailable"))
     data = os.urandom(200_003)
     cold = tmp_path / "cold.bin"
     _cold_copy(data, cold)
@@ -194,15 +202,7 @@ def test_sources_read_cached_and_cold_bytes_alike(tmp_path, monkeypatch, probe):
 def test_sources_fall_back_where_cached_only_reads_are_refused(tmp_path, monkeypatch):
     from longcat_tools.io import sources as src_mod
 
-    real = os.preadv
-
-    def preadv(fd, buffers, offset, flags=0):
-        if flags:
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(src_mod.os, "preadv", preadv)
-    monkeypatch.setattr(src_mod, "_NOWAIT", getattr(os, "RWF_NOWAIT", 8))
+    _probes_answer(monkeypatch, OSError(errno.EOPNOTSUPP, "Operation not supported"))
     data = os.urandom(50_000)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
