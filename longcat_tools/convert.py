@@ -62,7 +62,7 @@ from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.lora import formats as lf
 from longcat_tools.model import comfy_keys, dtypes, flavours, keymap
 from longcat_tools.model import fp8 as fp8_format
-from longcat_tools.verify.components import check_model_index
+from longcat_tools.verify.components import check_model_index, check_transformer_config
 
 TARGETS = ("converted", "native", "comfy")
 # What --to comfy writes in DST: the DiT alone, in ComfyUI's (WanVideoWrapper's) key flavour.
@@ -298,8 +298,6 @@ def _dit_infos(ckpt: layouts.Checkpoint
                ) -> tuple[dict[str, Any], keymap.DiTDims, dict[str, tuple[Path, TensorInfo]]]:
     """The DiT of a checkpoint folder, checked against its config: config, dimensions and
     tensor name -> (shard, header entry)."""
-    from longcat_tools.verify.components import check_transformer_config
-
     cfg = ckpt.config()
     dims = keymap.dit_dims(cfg, str(ckpt.config_path))  # the bounds every reader words alike
     check_transformer_config(cfg, str(ckpt.config_path))  # never written out unchecked

@@ -24,7 +24,7 @@ from typing import Any
 
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.io.safetensors import TensorInfo, read_header
+from longcat_tools.io.safetensors import Header, TensorInfo, read_header
 from longcat_tools.model import avatar, fp8, int8, keymap
 
 LAYOUTS = ("native", "converted", "fastvideo-single", "comfy-single")
@@ -508,20 +508,24 @@ def transformer_shards(ckpt: Checkpoint) -> dict[str, Path]:
     return {name: found[0] for name in read_header(found[0]).tensors}
 
 
-def shard_infos(ckpt: Checkpoint) -> dict[str, tuple[Path, TensorInfo]]:
-    """Tensor name -> (shard, header entry) of a DiT folder, its index and shards agreeing."""
+def shard_headers(ckpt: Checkpoint) -> tuple[dict[str, Path], dict[Path, Header]]:
+    """A DiT folder's tensor -> shard map and its shards' headers, checked to agree (readers
+    of the shards and writers that copy the index both rely on it)."""
     shard_of = transformer_shards(ckpt)
-    headers = {p: read_header(p).tensors for p in sorted(set(shard_of.values()))}
-    infos: dict[str, tuple[Path, TensorInfo]] = {}
+    headers = {p: read_header(p) for p in sorted(set(shard_of.values()))}
     for name, path in shard_of.items():
-        info = headers[path].get(name)
-        if info is None:
+        if name not in headers[path].tensors:
             raise LongcatError(f"{path}: the index maps '{name}' to this shard but it is not in "
                                "the file")
-        infos[name] = (path, info)
-    for path, tensors in headers.items():
-        for name in tensors:
+    for path, header in headers.items():
+        for name in header.tensors:
             if shard_of.get(name) != path:
                 raise LongcatError(f"{path}: holds tensor '{name}' that the index does not map "
                                    "to this shard")
-    return infos
+    return shard_of, headers
+
+
+def shard_infos(ckpt: Checkpoint) -> dict[str, tuple[Path, TensorInfo]]:
+    """Tensor name -> (shard, header entry) of a DiT folder, its index and shards agreeing."""
+    shard_of, headers = shard_headers(ckpt)
+    return {name: (path, headers[path].tensors[name]) for name, path in shard_of.items()}

@@ -268,8 +268,7 @@ def _plan_avatar(plan: FusePlan, av: layouts.AvatarCheckpoint, wanted: set[str],
 def _headers(view: layouts.Checkpoint) -> dict[Path, Header]:
     """The DiT folder's shard headers, by the shards' names in the checkpoint (a cache
     snapshot's resolve to blob hashes), its index and shards agreeing (the index is copied)."""
-    infos = layouts.shard_infos(view)
-    return {p: read_header(p) for p in sorted({path for path, _ in infos.values()})}
+    return layouts.shard_headers(view)[1]
 
 
 def _missing(view: layouts.Checkpoint, wanted: set[str], covered: set[str]) -> None:
