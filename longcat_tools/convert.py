@@ -528,42 +528,54 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
 
 
 def component_jobs(ckpt: layouts.Checkpoint, comp: str, want: torch.dtype | None, link: bool,
-                   meta: dict[str, str], notes: list[str]) -> list[FileJob]:
+                   meta: dict[str, str], notes: list[str], keep_pickle: str | None = None
+                   ) -> list[FileJob]:
     """A component folder carried over (the text encoder cast to ``want`` when that changes
-    it), or a note that the source has none."""
+    it), or a note that the source has none. ``keep_pickle`` names the one pickle that is
+    copied as it is (the avatar wav2vec2 folder's, which verify checks without loading)."""
     if not (ckpt.root / comp).is_dir():
         notes.append(f"{comp}/ not in the source: not written")
         return []
+    files = _component_files(ckpt, comp, notes, keep_pickle)
     if comp == "text_encoder" and want is not None:
-        te = _text_encoder_jobs(ckpt, want, link, meta)
+        te = _text_encoder_jobs(ckpt, files, want, link, meta)
         if te is not None:
             return te
     return [FileJob.unchanged(p, p.relative_to(ckpt.root).as_posix(), comp, link)
-            for p in _component_files(ckpt, comp)]
+            for p in files]
 
 
-def _component_files(ckpt: layouts.Checkpoint, comp: str) -> list[Path]:
+def _component_files(ckpt: layouts.Checkpoint, comp: str, notes: list[str],
+                     keep_pickle: str | None = None) -> list[Path]:
+    """The files to carry over. A pickle weight file is left behind (verify rejects it and
+    nothing loads it) when safetensors weights lie beside it, and refused when it is the only
+    copy of the weights."""
     folder = ckpt.root / comp
     allowed = ckpt.containment
-    files = []
+    files, pickles = [], []
     for p in sorted(folder.rglob("*")):
         if p.is_dir():
             continue
         layouts.check_contained(p, allowed)
-        files.append(p)
+        if p.name.endswith(layouts.PICKLE_SUFFIXES) and p.relative_to(folder).as_posix() \
+                != keep_pickle:
+            pickles.append(p)
+        else:
+            files.append(p)
+    if pickles and not any(p.name.endswith(".safetensors") for p in files):
+        raise LongcatError(f"{pickles[0]}: pickle weight file, and {comp}/ has no safetensors "
+                           "weights beside it; pickles are never loaded or copied (save the "
+                           "weights as safetensors first)")
+    notes += [f"skipped {p.relative_to(ckpt.root)} (a pickle: never loaded; the safetensors "
+              "beside it are carried over)" for p in pickles]
     return files
 
 
-def _text_encoder_jobs(ckpt: layouts.Checkpoint, want: torch.dtype, link: bool,
-                       prov: dict[str, str]) -> list[FileJob] | None:
-    """The text encoder rewritten with its floats cast to ``want`` (same shards, index and
-    config, dtype fields updated), or None when nothing would change."""
+def _text_encoder_jobs(ckpt: layouts.Checkpoint, files: list[Path], want: torch.dtype,
+                       link: bool, prov: dict[str, str]) -> list[FileJob] | None:
+    """The text encoder's ``files`` rewritten with their floats cast to ``want`` (same shards,
+    index and config, dtype fields updated), or None when nothing would change."""
     folder = ckpt.root / "text_encoder"
-    files = _component_files(ckpt, "text_encoder")
-    for p in files:
-        if p.name.endswith(layouts.PICKLE_SUFFIXES):
-            raise LongcatError(f"{p}: pickle weight files are never loaded; --dtype needs the "
-                               "text encoder in safetensors")
     index_path = folder / TEXT_ENCODER_INDEX
     weights = [p for p in files if p.name.endswith(".safetensors")]
     index = None

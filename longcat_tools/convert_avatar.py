@@ -405,8 +405,10 @@ def _parts_jobs(ck: layouts.AvatarCheckpoint, base: Path, to: str, want: torch.d
         notes.append(f"{', '.join(p + '/' for p in ck.base_parts)} not written: the hub layout "
                      f"reads them from ../{avatar.BASE_FOLDER} beside DST")
     jobs: list[FileJob] = []
+    keep = avatar.WAV2VEC2_PICKLE if ck.version.audio_encoder == avatar.WAV2VEC2 else None
     for folder, part in parts:
-        jobs += component_jobs(folder, part, want, link, meta, notes)
+        jobs += component_jobs(folder, part, want, link, meta, notes,
+                               keep if part == ck.version.audio_encoder else None)
     return jobs
 
 

@@ -513,3 +513,24 @@ def test_a_source_whose_model_index_verify_fails_is_refused(tiny_native, tmp_pat
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith(f"error: {src / 'model_index.json'}: "), line
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_pickles_are_left_behind_or_refused(tiny_native, tmp_path, capsys):
+    """A pickle beside safetensors weights was copied, and the output then failed verify."""
+    from longcat_tools.verify import verify
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    (src / "text_encoder" / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    for extra in ([], ["--dtype", "fp16"]):
+        dst = tmp_path / f"out{len(extra)}"
+        assert main(["convert", "--src", str(src), "--dst", str(dst), *extra]) == 0
+        assert "skipped text_encoder/pytorch_model.bin (a pickle" in capsys.readouterr().out
+        assert not (dst / "text_encoder" / "pytorch_model.bin").exists()
+        assert verify(dst).status == "pass"
+    for p in (src / "text_encoder").glob("*.safetensors"):
+        p.unlink()
+    assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "none")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "pytorch_model.bin: pickle weight file, and text_encoder/ has no safetensors" in line
+    assert not (tmp_path / "none").exists()
