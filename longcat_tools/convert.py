@@ -54,6 +54,7 @@ from longcat_tools.io.safetensors import (
     plan_shards,
     read_header,
     read_tensor,
+    require_float,
     shard_names,
     tensor_bytes,
 )
@@ -302,6 +303,8 @@ def _dit_infos(ckpt: layouts.Checkpoint
     dims = keymap.dit_dims(cfg, str(ckpt.config_path))  # the bounds every reader words alike
     check_transformer_config(cfg, str(ckpt.config_path))  # never written out unchecked
     infos = layouts.shard_infos(ckpt)
+    for path, info in infos.values():
+        require_float(path, info)
     expected = dict(keymap.tensor_specs(dims, ckpt.flavour, ckpt.is_fp8))
     unknown = sorted(set(infos) - set(expected))
     seen = keymap.detect_flavour(list(infos))

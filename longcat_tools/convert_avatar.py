@@ -116,6 +116,7 @@ def _read_dit(ck: layouts.AvatarCheckpoint, name: str) -> _Dit:
              layouts.shard_infos(view))
     specs = d.specs
     if is_int8:
+        layouts.check_int8_config(d.folder)
         qspecs = int8.quantized_specs(specs)
         check_tensor_set(d.folder, d.infos, {n: s for n, s, _ in qspecs}, "INT8 avatar",
                          "config.json (INT8 avatar DiT)")

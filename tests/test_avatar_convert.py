@@ -288,3 +288,20 @@ def test_killed_or_failed_run_leaves_no_dst(avatar_copy):
     assert not dst.exists()
     _convert("--src", str(av), "--dst", str(dst), "--dtype", "bf16")  # and then it works
     _verified(dst)
+
+
+def test_an_int8_folder_of_another_method_is_refused(avatar_copy, capsys):
+    """A quantization_config.json saying int4 was converted and loaded as the INT8 format."""
+    from longcat_tools.errors import LongcatError
+    from longcat_tools.runner.avatar_dit import load_avatar_transformer
+
+    av = avatar_copy("avatar-1.5")
+    qpath = av / INT8 / "quantization_config.json"
+    qpath.write_text(json.dumps({"quantization_method": "int4_groupwise"}))
+    assert main(["convert", "--src", str(av), "--dst", str(av.parent / "out"), "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{qpath}: quantization_method 'int4_groupwise'" in line
+    assert not (av.parent / "out").exists()
+    with pytest.raises(LongcatError, match="int4_groupwise"):
+        load_avatar_transformer(av / INT8)
+    assert verify(av).status == "fail"

@@ -199,6 +199,8 @@ W = "blocks.0.self_attn.q"
     (lambda d: d.update({f"{W}.bias": torch.zeros(3)}), "has shape"),
     (lambda d: d.update({"blocks.0.extra.weight": torch.zeros(2)}), "unknown ComfyUI DiT"),
     (lambda d: d.pop("blocks.1.ffn.w2.weight"), "is missing"),
+    (lambda d: d.update({"blocks.0.norm3.weight": d["blocks.0.norm3.weight"].to(torch.int32)}),
+     "is I32, not floating point"),
     (lambda d: d.update({"model.diffusion_model.head.head.bias": torch.zeros(1)}), "prefix"),
 ])
 def test_hostile_single_files_are_refused(fp8_dict, tmp_path, capsys, edit, says):

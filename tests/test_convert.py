@@ -252,8 +252,17 @@ def _bad_bsa_params(root):
     path.write_text(json.dumps(cfg))
 
 
+def _int_weight(root):
+    path = sorted((root / "dit").glob("*.safetensors"))[0]
+    t = load_file(str(path))
+    name = next(iter(t))
+    t[name] = t[name].to(torch.int32)  # convert wrote it out; verify then failed the output
+    save_file(t, str(path))
+
+
 @pytest.mark.parametrize("damage,expect", [
     (_no_dit, "not a LongCat-Video checkpoint"),
+    (_int_weight, "is I32, not floating point"),
     (_bad_bsa_params, "bsa_params"),
     (_corrupt_header, "header is not valid UTF-8 JSON"),
     (_truncate, "truncated"),

@@ -74,9 +74,14 @@ def test_incomplete_or_misshapen_checkpoint_is_one_clear_error(tiny_native, tmp_
     shard = sorted((bad / "dit").glob("*.safetensors"))[-1]
     sd = load_file(shard)
     key = sorted(sd)[0]
+    shape = sd[key].shape
     sd[key] = torch.zeros(3, 3)
     save_file(sd, shard, metadata={"format": "pt"})
     with pytest.raises(LongcatError, match=f"'{key}' has shape"):
+        load_transformer(bad)
+    sd[key] = torch.zeros(shape, dtype=torch.int32)  # was cast to its values and loaded
+    save_file(sd, shard, metadata={"format": "pt"})
+    with pytest.raises(LongcatError, match=f"'{key}' is I32, not floating point"):
         load_transformer(bad)
 
 

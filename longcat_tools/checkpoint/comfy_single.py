@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from longcat_tools.errors import LongcatError
-from longcat_tools.io.safetensors import TensorInfo, read_header, read_tensor
+from longcat_tools.io.safetensors import TensorInfo, read_header, read_tensor, require_float
 from longcat_tools.model import comfy_keys, keymap
 
 if TYPE_CHECKING:
@@ -70,8 +70,9 @@ def read(path: Path) -> ComfyFile:
                    for n in list(stored) if n.endswith(comfy_keys.SCALE_SUFFIX)}
     input_scales = {n: stored.pop(n) for n in list(stored)
                     if n.endswith(comfy_keys.INPUT_SCALE_SUFFIX)}
-    for name in stored:
+    for name, info in stored.items():
         comfy_keys.comfy_to_native(name)  # unknown names: one line naming the tensor
+        require_float(where, info)
     dims = comfy_keys.dims_from_shapes({n: i.shape for n, i in stored.items()}, where)
     expected = dict(comfy_keys.tensor_specs(dims))
     for name, shape in expected.items():

@@ -236,6 +236,16 @@ def fp8_declared(folder: Path, containment: tuple[Path, ...] | None = None) -> b
     return True
 
 
+def check_int8_config(folder: Path) -> None:
+    """An avatar INT8 folder's config names the one method its loader reads (``model.int8``)."""
+    path = folder / int8.CONFIG_NAME
+    cfg = jsonio.read(path, what="quantization config")
+    method = cfg.get("quantization_method") if isinstance(cfg, dict) else None
+    if method != int8.METHOD:
+        raise LongcatError(f"{path}: quantization_method {method!r}, expected {int8.METHOD!r} "
+                           "(the avatar's INT8 loader reads no other)")
+
+
 def looks_like_checkpoint(path: Path) -> bool:
     return (path / "dit").is_dir() or (path / "transformer").is_dir()
 

@@ -85,6 +85,14 @@ class TensorInfo:
         return _torch_tables()[0][self.dtype][0]
 
 
+def require_float(where: str | Path, info: TensorInfo) -> None:
+    """Model weights are floating point: an integer tensor would be cast to its values and
+    load as nonsense, so it is one line instead."""
+    if info.dtype not in FLOAT_DTYPES:
+        raise LongcatError(f"{where}: tensor '{info.name}' is {info.dtype}, not floating point "
+                           "(weights are F32, BF16, F16 or scaled F8): re-export the file")
+
+
 @dataclass(frozen=True)
 class Header:
     path: Path

@@ -510,6 +510,8 @@ def load_avatar_transformer(folder: str | Path, device: str | torch.device = "cp
     avatar.audio_dims(cfg, str(folder / "config.json"))
     dtype = parse_dtype(dtype)
     quantized = (folder / int8.INDEX_NAME).is_file()
+    if quantized:
+        layouts.check_int8_config(folder)
     ckpt_cls = _Int8Folder if quantized else layouts.Checkpoint
     ckpt = ckpt_cls(root=folder.parent, layout="native", flavour="native", transformer_dir=folder)
     with torch.device("meta"):

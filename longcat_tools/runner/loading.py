@@ -23,7 +23,13 @@ import torch
 
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.io.safetensors import TensorInfo, read_header, read_tensor, read_tensor_at
+from longcat_tools.io.safetensors import (
+    TensorInfo,
+    read_header,
+    read_tensor,
+    read_tensor_at,
+    require_float,
+)
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.model import dtypes, flavours, keymap
 from longcat_tools.model import fp8 as fp8_format
@@ -160,6 +166,8 @@ def _plan(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
         if scale_only:  # an fp8 source into a plain model: checked against its weight
             scales[name] = _Item(file, info, part, torch.empty(0), slice(0, 0))
             continue
+        if targets[part.native].is_floating_point():  # the avatar's Int8Linear rows are not
+            require_float(file, info)
         shape = tuple(targets[part.native].shape)
         rows = shape[0] // part.count if shape else 1
         expect = (rows, *shape[1:]) if part.count > 1 else shape

@@ -139,11 +139,7 @@ def _int8(rec: Recorder, st: V._State, folder: Path) -> Dims | None:
         return None
     qpath = folder / int8.CONFIG_NAME
     with rec.guard(comp, "quantization", qpath):
-        q = jsonio.read(qpath, what="quantization config")
-        method = q.get("quantization_method") if isinstance(q, dict) else None
-        if method != int8.METHOD:
-            raise LongcatError(f"{qpath}: quantization_method {method!r}, expected "
-                               f"{int8.METHOD!r} (the avatar's INT8 loader reads no other)")
+        layouts.check_int8_config(folder)
         rec.ok(comp, "quantization", qpath, f"{int8.METHOD}: int8 weights, float32 scales per "
                f"output row, bf16 biases; {listing(list(int8.SKIP_PATTERNS))} kept")
     got = _config(rec, comp, folder, f"{avatar.AVATAR_CLASS}, INT8")
