@@ -442,12 +442,12 @@ def write_atomic(path: Path, data: bytes) -> None:
 def check_target(path: Path) -> None:
     """Refuse an output path that cannot be written, before any video is decoded."""
     if path.is_dir():
-        raise LongcatError(f"{path}: is a folder; name a file to write")
+        raise UsageError(f"{path}: is a folder; name a file to write")
     if not path.parent.is_dir():
-        raise LongcatError(f"{path.parent}: output's parent folder does not exist")
+        raise UsageError(f"{path.parent}: output's parent folder does not exist")
     if (ckpt := enclosing_checkpoint(path)) is not None:
-        raise LongcatError(f"{path}: inside the checkpoint {ckpt}; write it outside the "
-                           "model's folder")
+        raise UsageError(f"{path}: inside the checkpoint {ckpt}; write it outside the "
+                         "model's folder")
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from longcat_tools.checkpoint import layouts
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import UsageError
 from longcat_tools.io.atomic import check_outside_checkpoints
 from longcat_tools.io.safetensors import read_header
 from longcat_tools.synth import synth
@@ -127,7 +127,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
 
 def run_demo(out: Path, say: Callable[[str], None] = print) -> list[StepResult]:
     if out.exists() and not out.is_dir():
-        raise LongcatError(f"--out {out}: exists and is not a folder; name a folder for the demo")
+        raise UsageError(f"--out {out}: exists and is not a folder; name a folder for the demo")
     check_outside_checkpoints(out, "the demo's folder")
     out.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(out, say)

@@ -17,6 +17,8 @@ class LongcatError(Exception):
 
 
 class UsageError(LongcatError):
-    """The arguments contradict each other or name something that does not exist: exit 2."""
+    """The command line is wrong: a value outside its option's range or choices, options that
+    contradict each other or the checkpoint, a path that names nothing or a place the command
+    may not write: exit 2."""
 
     exit_code = EXIT_USAGE

@@ -19,8 +19,6 @@ def refused(capsys, *args: object, code: int = 1, says: str | None = None) -> st
     err = capsys.readouterr().err
     assert CATCH_ALL not in err and "Traceback" not in err, err
     assert rc == code, (rc, err)
-    if code == 2 and not err.startswith("error: "):  # click's usage message: several lines
-        return err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     if says is not None:

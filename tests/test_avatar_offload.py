@@ -120,4 +120,4 @@ def test_an_unknown_offload_is_one_line(tree, capsys):
     rc = main(["run", "-m", str(root), "--task", "at2v", "--audio", str(wav), *TINY,
                "--offload", "gpu"])
     err = capsys.readouterr().err
-    assert rc == 1 and "--offload gpu: unknown" in err and err.count("\n") == 1, err
+    assert rc == 2 and "--offload gpu: unknown" in err and err.count("\n") == 1, err

@@ -182,7 +182,7 @@ def test_short_audio_is_padded_with_silence_as_the_original(capsys, trees, media
 def test_option_misuse_is_one_line(capsys, trees, media, no_weights, args, message):
     args = [str(media["a"]) if a == "A" else a for a in args]
     rc, err = run(capsys, "-m", str(trees["1.5"]), *args, *TINY)
-    assert rc == 1 and message in err and err.count("\n") == 1, err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("version, args, message", [
@@ -196,12 +196,12 @@ def test_release_specific_misuse(capsys, trees, media, no_weights, version, args
     tiny = [a for a in TINY if a not in ("--steps", "1")] if "--steps" in args else TINY
     rc, err = run(capsys, "-m", str(trees[version]), "--task", task, "--audio",
                   str(media["a"]), *args, *tiny)
-    assert rc == 1 and message in err and err.count("\n") == 1, err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_tasks_and_checkpoints_must_match(capsys, trees, media, no_weights):
     rc, err = run(capsys, "-m", str(trees["1.5"]), "--task", "t2v", *TINY)
-    assert rc == 1 and "runs --task at2v, ai2v, avc" in err
+    assert rc == 2 and "runs --task at2v, ai2v, avc" in err
     base = trees["1.5"].parent / "LongCat-Video"
     rc, err = run(capsys, "-m", str(base), "--task", "at2v", "--audio", str(media["a"]), *TINY)
-    assert rc == 1 and "needs a LongCat-Video-Avatar checkpoint" in err
+    assert rc == 2 and "needs a LongCat-Video-Avatar checkpoint" in err

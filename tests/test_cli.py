@@ -10,7 +10,7 @@ import pytest
 
 from longcat_tools.checkpoint.layouts import ENV_MODEL, resolve_model
 from longcat_tools.cli import main
-from longcat_tools.errors import UsageError
+from longcat_tools.errors import LongcatError, UsageError
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -69,7 +69,7 @@ def test_a_bad_run_option_fails_before_the_runner_imports(tiny_native, tmp_path)
     codes, loaded, err = main_in_a_fresh_python(
         [["run", "-m", str(tiny_native), "--frames", "3", "--out", str(tmp_path / "x.mp4")]],
         ["diffusers", "longcat_tools.runner.pipeline"])
-    assert codes == [1] and loaded == ["False", "False"], err
+    assert codes == [2] and loaded == ["False", "False"], err
     assert err.strip().startswith("error: --frames 3: must be 4k+1")
     assert not (tmp_path / "x.mp4").exists()
 
@@ -93,6 +93,20 @@ def test_json_output_is_one_document_on_stdout(tmp_path):
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert doc["layout"] == "native" and doc["preset"] == "tiny"
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["run", "--ckpt", "x"], "No such option: --ckpt (Possible options: --cp) (see "
+                             "'longcat-tools run --help')"),
+    (["convert", "--src", "x"], "Missing option '--dst' (see 'longcat-tools convert --help')"),
+    (["run", "--steps", "x"], "Invalid value for '--steps'"),
+    (["dance"], "No such command 'dance' (see 'longcat-tools --help')"),
+])
+def test_a_usage_error_is_one_line_and_exit_2(capsys, argv, says):
+    """Click printed usage, a hint and the message over four lines."""
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and says in line, line
 
 
 def test_under_json_a_failure_is_one_document_on_stdout_too(tiny_native, tmp_path, capsys):
@@ -122,12 +136,30 @@ def test_a_rank_that_a_launcher_speaks_for_prints_no_error_document(tiny_native,
             "--json"]
     for rank, documents in (("1", 0), ("0", 1)):
         monkeypatch.setenv("RANK", rank)
-        assert main(argv) == 1
+        assert main(argv) == 2
         out = capsys.readouterr().out
         if documents:
             assert json.loads(out)["error"].startswith("--frames 3: must be 4k+1")
         else:
             assert out == ""
+
+
+def test_an_error_under_a_progress_bar_starts_its_own_line(tiny_native, monkeypatch, capsys):
+    """An exception that leaves a bar open (a step loop) printed its line after the bar's."""
+    import tqdm
+
+    import longcat_tools.verify
+
+    def fails_midway(*_a, **_k):
+        bar = tqdm.tqdm(total=10, desc="steps", file=sys.stderr, leave=False)
+        bar.update(3)
+        raise LongcatError("the step failed")
+
+    monkeypatch.setattr(longcat_tools.verify, "verify", fails_midway)
+    assert main(["verify", str(tiny_native)]) == 1
+    err = capsys.readouterr().err
+    assert err.split("\r")[-1].lstrip() == "error: the step failed\n", repr(err)
+    assert not tqdm.tqdm._instances
 
 
 def test_an_error_document_into_a_closed_stdout_is_no_traceback(tmp_path, monkeypatch, capsys):
@@ -188,7 +220,7 @@ def test_demo_refuses_a_file_or_a_checkpoint_for_its_folder(tiny_native, tmp_pat
     (tmp_path / "f.png").write_bytes(b"x")
     for out, says in ((tmp_path / "f.png", "is not a folder"),
                       (tiny_native / "d", "inside the checkpoint")):
-        assert main(["demo", "--out", str(out), "-q"]) == 1
+        assert main(["demo", "--out", str(out), "-q"]) == 2
         err = capsys.readouterr().err
         assert says in err and "internal error" not in err
     assert not (tiny_native / "d").exists()

@@ -230,13 +230,13 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     good = tmp_path / "good"
     good.mkdir()
     add_run(good, "v.mp4", clip(16, 16, (0, 0, 0)), 1.0, prompt="p")
-    refused(capsys, "compare", good, "--out", tmp_path / "no" / "s.png",
+    refused(capsys, "compare", good, "--out", tmp_path / "no" / "s.png", code=2,
             says="parent folder does not exist")
-    refused(capsys, "compare", good, "--out", good, says="is a folder")
+    refused(capsys, "compare", good, "--out", good, code=2, says="is a folder")
     ckpt = tmp_path / "ckpt"
     (ckpt / "transformer").mkdir(parents=True)
     (ckpt / "transformer" / "config.json").write_text("{}")
-    refused(capsys, "compare", good, "--out", ckpt / "transformer" / "s.png",
+    refused(capsys, "compare", good, "--out", ckpt / "transformer" / "s.png", code=2,
             says=f"inside the checkpoint {ckpt}")
     assert [p.name for p in (ckpt / "transformer").iterdir()] == ["config.json"]
     refused(capsys, "compare", good, "--frames", "0", code=2, says="--frames")

@@ -89,7 +89,7 @@ def test_cp_without_its_processes_is_one_line(tiny_native, tmp_path, capsys):
     rc = main(["run", "-m", str(tiny_native), "--device", "cpu", *TINY, "--cp", "2",
                "--out", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1
     assert "--cp 2 needs 2 processes" in err and "torchrun --nproc-per-node 2" in err
 
 
@@ -100,7 +100,7 @@ def test_too_few_frames_for_the_split_is_one_line(tiny_native, tmp_path):
             str(tmp_path / "x.mp4")]
     checked_first = subprocess.run([*base, "--frames", "1", "--gpus", "2"], env=ENV,
                                    capture_output=True, text=True, timeout=300)
-    assert checked_first.returncode == 1, checked_first.stderr
+    assert checked_first.returncode == 2, checked_first.stderr
     assert checked_first.stderr.strip().splitlines() == [
         "error: --frames 1: 1 latent frames cannot be split over 2 processes (use at least 5 "
         "frames, or fewer GPUs)"]
@@ -119,7 +119,7 @@ def test_gpus_the_heads_do_not_split_over_is_refused_before_launch(tiny_native, 
 
     assert main(["run", "-q", "-m", str(tiny_native), "--device", "cpu", "--height", "32",
                  "--width", "32", "--frames", "9", "--steps", "1", "--gpus", "3", "--out",
-                 str(tmp_path / "x.mp4")]) == 1
+                 str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --cp/--gpus 3: the DiT's 2 heads do not split evenly over that many "
                    "processes (use a divisor)"]

@@ -304,7 +304,7 @@ def test_run_precision_fp8_quantizes_on_load_and_dtype_dequantizes(tiny_native, 
     f, q = outs["f"]["latents"], outs["q"]["latents"]
     rel = ((q - f).norm() / f.norm()).item()
     assert 0 < rel < 0.1, rel
-    assert main(["run", "-m", str(tiny_native), "--precision", "fp4", *tiny]) == 1
+    assert main(["run", "-m", str(tiny_native), "--precision", "fp4", *tiny]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --precision fp4: unknown (use auto, fp8, dtype)"
 
@@ -336,7 +336,7 @@ def test_fp8_attention_is_asked_of_fp8_runs_only(tiny_native, fp8_folder, tmp_pa
              f"--fp8-attention bsa: {tiny_native} is not an fp8 checkpoint; add --precision fp8 "
              "to run its GEMMs in fp8 too")):
         model = [] if "-m" in args else ["-m", str(fp8_folder)]
-        assert main(["run", *model, *args, *tiny, "--out", str(tmp_path / "b.mp4")]) == 1
+        assert main(["run", *model, *args, *tiny, "--out", str(tmp_path / "b.mp4")]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
     assert not (tmp_path / "b.mp4").exists()
     model = load_transformer(tiny_native, dtype="bf16")

@@ -138,32 +138,35 @@ def _latents(path: Path, **tensors) -> Path:
 
 
 RUN_CASES = [
-    ("png-bomb", ["--task", "i2v", "--image", "{bomb}"], "too large"),
-    ("image-not-image", ["--task", "i2v", "--image", "{text}"], "cannot read the image"),
+    ("png-bomb", ["--task", "i2v", "--image", "{bomb}"], "too large", 1),
+    ("image-not-image", ["--task", "i2v", "--image", "{text}"], "cannot read the image", 1),
     ("video-text", ["--task", "vc", "--video", "{text}", "--cond-frames", "5"],
-     "cannot decode it as a video"),
-    ("latents-wrong-shape", ["--latents-in", "{lat_shape}"], "[1, 16, 3, 4, 4]"),
-    ("latents-missing", ["--latents-in", "{lat_name}"], "no tensor named 'latents'"),
-    ("latents-pickle", ["--latents-in", "{pickle}"], "--latents-in"),
-    ("out-is-folder", ["--out", "{folder}"], "is a folder"),
-    ("out-under-a-file", ["--out", "{under_file}"], "is not a folder"),
-    ("fps-nan", ["--fps", "nan"], "--fps nan"),
-    ("fps-inf", ["--fps", "inf"], "--fps inf"),
-    ("guidance-inf", ["--guidance", "inf"], "--guidance inf"),
-    ("guidance-nan", ["--guidance", "nan"], "--guidance nan"),
-    ("seed-2^70", ["--seed", str(2**70)], "--seed"),
-    ("frames-1e9+1", ["--frames", "1000000001"], "--frames 1000000001"),
-    ("height-100000", ["--height", "100000", "--width", "100000"], "memory"),
-    ("height-100000-832", ["--height", "100000", "--width", "832", "--frames", "93"], "memory"),
+     "cannot decode it as a video", 1),
+    ("latents-wrong-shape", ["--latents-in", "{lat_shape}"], "[1, 16, 3, 4, 4]", 1),
+    ("latents-missing", ["--latents-in", "{lat_name}"], "no tensor named 'latents'", 1),
+    ("latents-pickle", ["--latents-in", "{pickle}"], "--latents-in", 1),
+    ("out-is-folder", ["--out", "{folder}"], "is a folder", 2),
+    ("out-under-a-file", ["--out", "{under_file}"], "is not a folder", 2),
+    ("fps-nan", ["--fps", "nan"], "--fps nan", 2),
+    ("fps-inf", ["--fps", "inf"], "--fps inf", 2),
+    ("guidance-inf", ["--guidance", "inf"], "--guidance inf", 2),
+    ("guidance-nan", ["--guidance", "nan"], "--guidance nan", 2),
+    ("seed-2^70", ["--seed", str(2**70)], "--seed", 2),
+    ("frames-1e9+1", ["--frames", "1000000001"], "--frames 1000000001", 2),
+    ("height-100000", ["--height", "100000", "--width", "100000"], "memory", 1),
+    ("height-100000-832", ["--height", "100000", "--width", "832", "--frames", "93"], "memory",
+     1),
     ("long-segments-1e9", ["--task", "long", "--frames", "17", "--segments", str(10**9)],
-     "memory"),
-    ("long-frames-9", ["--task", "long", "--frames", "9"], "--frames 9: --task long"),
-    ("long-frames-13", ["--task", "long", "--frames", "13"], "--frames 13: --task long"),
+     "memory", 1),
+    ("long-frames-9", ["--task", "long", "--frames", "9"], "--frames 9: --task long", 2),
+    ("long-frames-13", ["--task", "long", "--frames", "13"], "--frames 13: --task long", 2),
 ]
 
 
-@pytest.mark.parametrize("case,args,says", RUN_CASES, ids=[c[0] for c in RUN_CASES])
-def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, case, args, says):
+@pytest.mark.parametrize("case,args,says,code", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, case, args, says,
+                                              code):
+    """Exit 2 for an option's value, 1 for what a file holds."""
     files = {
         "bomb": png_claiming(tmp_path / "bomb.png", 100_000, 100_000),
         "text": tmp_path / "notes.txt",
@@ -179,7 +182,7 @@ def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, cas
     args = [a.format(**files) for a in args]
     base = ["run", "-q", "-m", tiny_native, "-p", "a cat", "--height", "32", "--width", "32",
             "--frames", "9", "--out", tmp_path / "x.mp4"]
-    fast_refusal(capsys, *base, *args, says=says)
+    fast_refusal(capsys, *base, *args, code=code, says=says)
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.mp4.json").exists()
 
 
@@ -212,6 +215,28 @@ def test_run_checks_the_other_components_before_loading(capsys, ckpt, tmp_path, 
         line = fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32",
                             "--width", "32", "--frames", "9", "--out", tmp_path / "x.mp4")
         assert rel.split("/")[-1] in line
+    finally:
+        path.write_bytes(original)
+
+
+@pytest.mark.parametrize("folder", ["dit", "text_encoder", "vae"])
+def test_run_refuses_a_truncated_shard_before_loading(capsys, ckpt, tmp_path, monkeypatch,
+                                                      folder):
+    """The DiT's shards were read after the text encoder had started loading (minutes on the
+    real one), the other components' by their own loaders."""
+    from longcat_tools.runner.pipeline import LongCatVideoPipeline
+
+    def no_load(*_a, **_k):
+        pytest.fail("weights loaded before the truncated shard was refused")
+
+    monkeypatch.setattr(LongCatVideoPipeline, "from_pretrained", classmethod(no_load))
+    path = sorted((ckpt / folder).glob("*.safetensors"))[-1]
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:-100])
+        line = fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32",
+                            "--width", "32", "--frames", "9", "--out", tmp_path / "x.mp4")
+        assert str(path) in line and "truncated" in line
     finally:
         path.write_bytes(original)
 
@@ -300,7 +325,8 @@ def test_run_writes_nothing_into_the_checkpoint(capsys, ckpt, tmp_path, option, 
     """A stray shard in dit/ breaks every later run on the checkpoint."""
     out = ["--out", tmp_path / "ok.mp4"] if option != "--out" else []
     fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
-                 "32", "--frames", "9", *out, option, ckpt / rel, says="inside the checkpoint")
+                 "32", "--frames", "9", *out, option, ckpt / rel, code=2,
+                 says="inside the checkpoint")
     assert not (ckpt / rel).exists()
 
 
@@ -309,7 +335,7 @@ def test_run_writes_nothing_into_another_checkpoint(capsys, ckpt, tmp_path):
     (other / "dit").mkdir(parents=True)
     (other / "dit" / "config.json").write_text("{}")
     fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
-                 "32", "--frames", "9", "--out", other / "dit" / "x.mp4",
+                 "32", "--frames", "9", "--out", other / "dit" / "x.mp4", code=2,
                  says=f"inside the checkpoint {other}")
     assert [p.name for p in (other / "dit").iterdir()] == ["config.json"]
     loop = tmp_path / "loop"
@@ -323,13 +349,13 @@ def test_run_writes_latents_only_as_safetensors(capsys, ckpt, tmp_path):
     video.write_bytes(b"not really a video")
     fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
                  "32", "--frames", "9", "--out", tmp_path / "x.mp4", "--save-latents", video,
-                 says="written as a .safetensors file")
+                 code=2, says="written as a .safetensors file")
     assert video.read_bytes() == b"not really a video"
 
 
 def test_a_matrix_run_writes_nothing_into_the_checkpoint(capsys, ckpt):
     fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
-                 "32", "--frames", "9", "--out-dir", ckpt, "--seeds", "1,2",
+                 "32", "--frames", "9", "--out-dir", ckpt, "--seeds", "1,2", code=2,
                  says="inside the checkpoint")
     assert not (ckpt / "manifest.json").exists()
 

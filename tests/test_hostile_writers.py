@@ -363,7 +363,7 @@ def test_a_new_checkpoint_inside_another_is_refused(command, tiny_native, fuse_s
         args = {"convert": _convert_args(tiny_native, dst),
                 "fuse": _fuse_args(fuse_src, dst),
                 "synth": ["synth", dst, "-q"]}[command]
-        refused(capsys, *args, says=f"inside the checkpoint {converted.resolve()}")
+        refused(capsys, *args, code=2, says=f"inside the checkpoint {converted.resolve()}")
         assert not dst.exists() and _leftovers(dst) == []
     assert _deep_ok(converted)
 
@@ -378,7 +378,7 @@ def test_only_a_folder_with_a_dit_config_counts_as_a_checkpoint_above(tmp_path, 
     assert main(["synth", str(home / "work" / "new"), "-q"]) == 0
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
-    refused(capsys, "synth", loop / "new", "-q", says="parent folder does not exist")
+    refused(capsys, "synth", loop / "new", "-q", code=2, says="parent folder does not exist")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tiny
         if says:
             assert len(err) == 1 and says in err[0], err
     inside = tiny_native / "copy"
-    assert main(["download", REPO, "--dst", str(inside)]) == 1 and not inside.exists()
+    assert main(["download", REPO, "--dst", str(inside)]) == 2 and not inside.exists()
     assert "inside the checkpoint" in capsys.readouterr().err
     record = dst / "hub_manifest.json"
     outside = tmp_path / "elsewhere.json"

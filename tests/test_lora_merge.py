@@ -337,7 +337,7 @@ def test_run_records_the_mode_and_refuses_a_bad_one(capsys, tiny_native, tmp_pat
 
     tiny = ["-m", str(tiny_native), "-p", "a cat", "--height", "32", "--width", "32",
             "--frames", "9", "--steps", "1", "--distill", "-q"]
-    refused(capsys, "run", *tiny, "--lora-mode", "bogus",
+    refused(capsys, "run", *tiny, "--lora-mode", "bogus", code=2,
             says="--lora-mode bogus: unknown (use merge or runtime)")
     frames = {}
     for mode in ("merge", "runtime"):

@@ -142,39 +142,39 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     assert side["negative_prompt"] == "blur"
 
 
-@pytest.mark.parametrize("content, extra, says", [
-    ("", [], "no prompts in the file"),
-    ("a\n\n# c\n", ["--seeds", "1,x"], "--seeds 1,x: 'x' is not an integer"),
-    ("a\n", ["--bsa", "off,nope"], "--bsa nope: unknown"),
+@pytest.mark.parametrize("content, extra, says, code", [
+    ("", [], "no prompts in the file", 1),
+    ("a\n\n# c\n", ["--seeds", "1,x"], "--seeds 1,x: 'x' is not an integer", 2),
+    ("a\n", ["--bsa", "off,nope"], "--bsa nope: unknown", 2),
     ("a\nb\nc\nd\ne\nf\n" + '{"prompt": "g", "image": "missing.png"}\n', ["--task", "i2v"],
-     "line 1: --task i2v needs --image"),
+     "line 1: --task i2v needs --image", 2),
     ('{"prompt": "g", "image": "missing.png"}\n', ["--task", "i2v"],
-     "missing.png: no such file"),
+     "missing.png: no such file", 2),
     ("a\n" * 6 + '{"prompt": "g", "image": "missing.png"}\n', ["--task", "refine"],
-     "line 1: --task refine needs --video"),
-    ('{"prompt": "g", "seed": "7"}\n', [], "line 1: 'seed' must be an integer"),
-    ('{"prompt": "g", "colour": "red"}\n', [], "line 1: unknown field 'colour'"),
-    ('{"prompt": "g"\n', [], "line 1: invalid JSON"),
-    ('{"prompt": "g", "prompt": "h"}\n', [], "line 1: key 'prompt' appears twice"),
-    ('{"prompt": "g", "out": "a\\u0000b.mp4"}\n', [], "line 1: 'out' contains a NUL"),
-    ('{"prompt": "g", "out": "../escape.mp4"}\n', [], "must be a .mp4 file name (no folders)"),
-    ('{"prompt": "g", "out": "/tmp/abs.mp4"}\n', [], "must be a .mp4 file name (no folders)"),
-    ('{"prompt": "g", "out": "link/x.mp4"}\n', [], "must be a .mp4 file name (no folders)"),
+     "line 1: --task refine needs --video", 2),
+    ('{"prompt": "g", "seed": "7"}\n', [], "line 1: 'seed' must be an integer", 1),
+    ('{"prompt": "g", "colour": "red"}\n', [], "line 1: unknown field 'colour'", 1),
+    ('{"prompt": "g"\n', [], "line 1: invalid JSON", 1),
+    ('{"prompt": "g", "prompt": "h"}\n', [], "line 1: key 'prompt' appears twice", 1),
+    ('{"prompt": "g", "out": "a\\u0000b.mp4"}\n', [], "line 1: 'out' contains a NUL", 1),
+    ('{"prompt": "g", "out": "../escape.mp4"}\n', [], "must be a .mp4 file name (no folders)", 1),
+    ('{"prompt": "g", "out": "/tmp/abs.mp4"}\n', [], "must be a .mp4 file name (no folders)", 1),
+    ('{"prompt": "g", "out": "link/x.mp4"}\n', [], "must be a .mp4 file name (no folders)", 1),
     ('{"prompt": "g", "out": "x.mp4"}\n{"prompt": "h", "out": "x.mp4"}\n', [],
-     "line 2: writes x.mp4 as"),
+     "line 2: writes x.mp4 as", 1),
     ('{"prompt": "g", "out": "X.mp4"}\n{"prompt": "h", "out": "x.mp4"}\n', [],
-     "line 2: writes x.mp4 as"),
-    ("a\n", ["--out", "one.mp4"], "--out one.mp4: names one video"),
-    ('{"seed": 3}\n', [], "line 1: no prompt"),
-    ("a\n", ["--lora-scale", "0.5,x"], "--lora-scale 0.5,x: 'x' is not a number"),
+     "line 2: writes x.mp4 as", 1),
+    ("a\n", ["--out", "one.mp4"], "--out one.mp4: names one video", 2),
+    ('{"seed": 3}\n', [], "line 1: no prompt", 1),
+    ("a\n", ["--lora-scale", "0.5,x"], "--lora-scale 0.5,x: 'x' is not a number", 2),
     ("a\n", ["--lora-scale", "0.5,20", "--distill"],
-     "--lora-scale 20: a LoRA scale must be a number from -10"),
-    ("a\n", ["--lora-scale", "0.5,1"], "--lora-scale 0.5: this run activates no hub LoRA"),
-    ("a\n", ["--out", "one.mp4", "--seeds", "1,,2"], "--seeds 1,,2: '' is not an integer"),
-    ("a\n", ["--out", "one.mp4", "--bsa", "on,,off"], "--bsa list on,,off: --bsa : unknown"),
+     "--lora-scale 20: a LoRA scale must be a number from -10", 2),
+    ("a\n", ["--lora-scale", "0.5,1"], "--lora-scale 0.5: this run activates no hub LoRA", 2),
+    ("a\n", ["--out", "one.mp4", "--seeds", "1,,2"], "--seeds 1,,2: '' is not an integer", 2),
+    ("a\n", ["--out", "one.mp4", "--bsa", "on,,off"], "--bsa list on,,off: --bsa : unknown", 2),
 ])
 def test_bad_lists_stop_before_anything_loads(tiny_native, tmp_path, capsys, monkeypatch,
-                                              content, extra, says):
+                                              content, extra, says, code):
     def no_load(*_a, **_k):
         pytest.fail("the matrix loaded weights before refusing")
 
@@ -182,15 +182,16 @@ def test_bad_lists_stop_before_anything_loads(tiny_native, tmp_path, capsys, mon
     prompts = tmp_path / "p.txt"
     prompts.write_text(content)
     refused(capsys, "run", "-m", str(tiny_native), "--prompts", str(prompts), *SIZE,
-            "--out-dir", str(tmp_path / "out"), *extra, code=1, says=says)
+            "--out-dir", str(tmp_path / "out"), *extra, code=code, says=says)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("line7, says", [
-    ('{"prompt": "g", "image": "missing.png"}', "line 7: --image"),
-    ('{"prompt": "g", "seed": "x"}', "line 7: 'seed' must be an integer"),
+@pytest.mark.parametrize("line7, says, code", [
+    ('{"prompt": "g", "image": "missing.png"}', "line 7: --image", 2),
+    ('{"prompt": "g", "seed": "x"}', "line 7: 'seed' must be an integer", 1),
 ])
-def test_a_bad_seventh_line_is_named(tiny_native, tmp_path, capsys, monkeypatch, line7, says):
+def test_a_bad_seventh_line_is_named(tiny_native, tmp_path, capsys, monkeypatch, line7, says,
+                                     code):
     from PIL import Image
 
     def no_load(*_a, **_k):
@@ -201,7 +202,7 @@ def test_a_bad_seventh_line_is_named(tiny_native, tmp_path, capsys, monkeypatch,
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a", "image": "first.png"}\n' * 6 + line7 + "\n")
     refused(capsys, "run", "-m", str(tiny_native), "--task", "i2v", "--prompts", str(prompts),
-            *SIZE, "--out-dir", str(tmp_path / "out"), code=1, says=says)
+            *SIZE, "--out-dir", str(tmp_path / "out"), code=code, says=says)
     assert not (tmp_path / "out").exists()
 
 

@@ -227,7 +227,7 @@ def test_bad_offload_is_one_line(capsys, tiny_native):
 
     rc = main(["run", "-q", "-m", str(tiny_native), "--task", "t2v", "--offload", "gpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and "--offload gpu: unknown" in err[0]
+    assert rc == 2 and len(err) == 1 and "--offload gpu: unknown" in err[0]
 
 
 def test_the_vae_conv3d_weights_take_channels_last_and_back():

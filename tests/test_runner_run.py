@@ -97,9 +97,9 @@ def test_every_task_runs_from_the_cli(capsys, tiny_native, t2v_mp4, tmp_path, ta
     (["--task", "dance"], "--task dance: unknown"),
     (["--task", "t2v", "--dtype", "fp64"], "--dtype fp64: unknown dtype"),
 ])
-def test_bad_input_is_one_line_and_exit_1(capsys, tiny_native, args, message):
+def test_bad_options_are_one_line_and_exit_2(capsys, tiny_native, args, message):
     rc, cap = run(capsys, "-m", str(tiny_native), *args)
-    assert rc == 1
+    assert rc == 2
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in cap.err
 
@@ -188,7 +188,7 @@ def test_task_refine_takes_its_size_from_either_pair(capsys, tiny_native, t2v_mp
     assert (probe(out)["width"], probe(out)["height"]) == (48, 32)
     rc, cap = run(capsys, *base, "--height", "32", "--width", "32", "--refine-height", "32",
                   "--refine-width", "48", "--out", str(tmp_path / "s.mp4"))
-    assert rc == 1 and "give one" in cap.err and not (tmp_path / "s.mp4").exists()
+    assert rc == 2 and "give one" in cap.err and not (tmp_path / "s.mp4").exists()
 
 
 def test_bsa_that_keeps_no_chunk_warns_once_a_size(pipe, caplog):
@@ -272,12 +272,52 @@ def test_quiet_silences_the_library_warnings_too(capsys, caplog, tiny_native, t2
         assert sum("keeps no key chunk" in r.getMessage() for r in caplog.records) == n
 
 
-def test_distill_on_a_checkpoint_with_distilled_fused_says_so(capsys, tiny_native, tmp_path):
-    """The error used to say only that lora/ holds no 'distilled' LoRA."""
+def test_distill_on_a_checkpoint_with_distilled_fused_runs_it_as_fused(capsys, caplog, tiny_native,
+                                                                       tmp_path):
+    """--distill was refused after loading (lora/ holds no 'distilled' LoRA), and a run without
+    it sampled the distilled weights as the base model without a word."""
+    from safetensors.torch import load_file
+
     fused = tmp_path / "fused"
     assert main(["lora", "fuse", "distilled", "-m", str(tiny_native), "--dst", str(fused),
                  "-q"]) == 0
-    rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, "--distill", "--out",
+    latents = {}
+    for name, model in (("runtime", tiny_native), ("fused", fused)):
+        rc, cap = run(capsys, "-m", str(model), "-p", "a cat", *TINY, "--distill", "--out",
+                      str(tmp_path / f"{name}.mp4"), "--save-latents",
+                      str(tmp_path / f"{name}.safetensors"))
+        assert rc == 0, cap.err
+        latents[name] = load_file(tmp_path / f"{name}.safetensors")["latents"]
+    a, b = latents["runtime"], latents["fused"]
+    assert ((a - b).norm() / a.norm()).item() < 1e-4  # W + BA merged once vs added each step
+    assert json.loads((tmp_path / "fused.mp4.json").read_text())["guidance"] == 1.0
+    caplog.clear()
+    assert main(["run", "-m", str(fused), "-p", "a cat", *TINY, "--out",
+                 str(tmp_path / "base.mp4")]) == 0
+    assert sum("pass --distill" in r.getMessage() for r in caplog.records) == 1
+    rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, "--distill", "--lora-scale",
+                  "0.5", "--out", str(tmp_path / "half.mp4"))
+    assert rc == 2 and "fused into the DiT at scale 1" in cap.err, cap.err
+
+
+@pytest.mark.parametrize("frames, refused", [(24, True), (25, False)])
+def test_a_video_shorter_than_the_condition_is_refused_before_loading(
+        capsys, tiny_native, tmp_path, monkeypatch, frames, refused):
+    """vc reads every 2nd frame of a 30 fps input: 13 condition frames need 25. The check ran
+    after loading, and did not say what to change."""
+    from longcat_tools.runner import job
+    from longcat_tools.runner.video import write_mp4
+
+    def loaded(*_a, **_k):
+        raise LongcatError("loading")
+
+    monkeypatch.setattr(job, "load_pipeline", loaded)
+    video = write_mp4(tmp_path / "in.mp4", np.zeros((frames, 32, 32, 3), np.float32), 30)
+    rc, cap = run(capsys, "-m", str(tiny_native), "--task", "vc", "--video", str(video), "-p",
+                  "a cat", "--height", "32", "--width", "32", "--frames", "17", "--out",
                   str(tmp_path / "x.mp4"))
-    assert rc == 1 and "is fused into this checkpoint's DiT" in cap.err, cap.err
-    assert "--steps 16 --guidance 1" in cap.err
+    if refused:
+        assert rc == 2 and "12 frames at 15 fps; --task vc continues from the last 13" in cap.err
+        assert "a smaller --cond-frames" in cap.err
+    else:
+        assert rc == 1 and cap.err.strip() == "error: loading"

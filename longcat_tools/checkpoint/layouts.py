@@ -134,6 +134,10 @@ class Checkpoint:
     def lora_dir(self) -> Path:
         return self.root / "lora"
 
+    def fused_scale(self, adapter: str) -> float | None:
+        """The scale ``lora fuse`` merged ``adapter`` into the DiT at, None when it did not."""
+        return fused_scale(self.config(), "name", adapter)
+
     def config(self) -> dict[str, Any]:
         if self.config_path.exists():
             check_contained(self.config_path, self.containment)
@@ -217,6 +221,17 @@ def detect_any(root: str | Path) -> Checkpoint | AvatarCheckpoint:
 
 # the DiT config's record of the adapters ``lora fuse`` merged into it ('_' keys: loaders skip)
 FUSED_CONFIG_KEY = "_fused_loras"
+
+
+def fused_scale(cfg: dict[str, Any], field: str, value: str) -> float | None:
+    """The scale of the adapter whose record's ``field`` is ``value`` in a DiT config's
+    ``FUSED_CONFIG_KEY``, None when no such adapter was fused."""
+    fused = cfg.get(FUSED_CONFIG_KEY)
+    for f in fused if isinstance(fused, list) else []:
+        if isinstance(f, dict) and f.get(field) == value:
+            scale = f.get("scale", 1.0)
+            return float(scale) if isinstance(scale, (int, float)) else None
+    return None
 
 
 def fp8_declared(folder: Path, containment: tuple[Path, ...] | None = None) -> bool:
@@ -335,13 +350,7 @@ class AvatarCheckpoint:
         records each fused adapter in the config's ``FUSED_CONFIG_KEY``), None when it was not."""
         if not self.version.lora or not self.dits:
             return None
-        fused = self.dit(self.dits[0]).config().get(FUSED_CONFIG_KEY)
-        name = Path(self.version.lora).name
-        for f in fused if isinstance(fused, list) else []:
-            if isinstance(f, dict) and f.get("file") == name:
-                scale = f.get("scale", 1.0)
-                return float(scale) if isinstance(scale, (int, float)) else None
-        return None
+        return fused_scale(self.dit(self.dits[0]).config(), "file", Path(self.version.lora).name)
 
     @property
     def lora_dir(self) -> Path:

@@ -64,6 +64,14 @@ def _is_click_error(e: Exception) -> bool:
     return any(c.__name__ == "ClickException" for c in type(e).__mro__) and hasattr(e, "show")
 
 
+def _click_message(e: Exception) -> str:
+    """Click's message, and where a command went wrong the help to read (click prints usage,
+    a hint and the message over four lines)."""
+    message = e.format_message().rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
+
+
 def _path_problem(e: Exception) -> str | None:
     """A path the system cannot take at all, wherever a command first touched it: a name over
     the file system's limit, or a NUL character (Python refuses it before the system call)."""
@@ -73,6 +81,14 @@ def _path_problem(e: Exception) -> str | None:
     if isinstance(e, ValueError) and "embedded null byte" in str(e):
         return "a path contains a NUL character; remove it"
     return None
+
+
+def _clear_progress() -> None:
+    """Close the progress bars an error left open (a step bar the exception went through), so
+    that the error starts its own line instead of ending the bar's."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     try:  # obj: the command line as given, for commands that start it again (run --gpus)
-        rv = app(args=args, prog_name="longcat-tools", standalone_mode=False,
-                 obj={"argv": args})
+        try:
+            rv = app(args=args, prog_name="longcat-tools", standalone_mode=False,
+                     obj={"argv": args})
+        finally:
+            _clear_progress()
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return fail("aborted", 130)
@@ -106,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return fail(str(e), e.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
-        if _is_click_error(e):  # usage errors: click's own message, exit 2
-            e.show()
+        if _is_click_error(e) and type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # a group without its command: the help, as asked
             return fail(e.format_message(), e.exit_code)
+        if _is_click_error(e):  # usage errors: click's message on one line, exit 2
+            message = _click_message(e)
+            print(f"error: {message}", file=sys.stderr)
+            return fail(message, e.exit_code)
         if verbose:
             traceback.print_exc()
         if (problem := _path_problem(e)) is not None:

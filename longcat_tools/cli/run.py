@@ -26,7 +26,7 @@ from longcat_tools.cli._common import (
     VerboseOpt,
     human_bytes,
 )
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.runner.settings import RunSettings
 
 DEFAULT_OUT = next(f.default for f in fields(RunSettings) if f.name == "out")
@@ -80,8 +80,8 @@ def run_cmd(
         from longcat_tools.runner.launch import launch, without_option
 
         if gpus < 2 or settings.cp != 1:
-            raise LongcatError(f"--gpus {gpus}: use 2 or more GPUs, without --cp (--cp is for "
-                               "processes started by torchrun)")
+            raise UsageError(f"--gpus {gpus}: use 2 or more GPUs, without --cp (--cp is for "
+                             "processes started by torchrun)")
         validate(replace(settings, cp=gpus))
         JSON_STATE["on"] = False  # rank 0 speaks for the run, errors included
         raise typer.Exit(launch(gpus, without_option(command_line(ctx), "--gpus")))
@@ -115,16 +115,16 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
     seed_list = matrix.parse_seeds(seeds) if seeds is not None else None  # a bad entry first
     bsa_list = matrix.parse_bsa(settings.bsa)
     if gpus < 1:
-        raise LongcatError(f"--gpus {gpus}: use 1 or more")
+        raise UsageError(f"--gpus {gpus}: use 1 or more")
     if settings.cp != 1:
-        raise LongcatError("--cp with a list: context parallel splits one video; a matrix run "
-                           "takes --gpus N and gives each GPU whole videos")
+        raise UsageError("--cp with a list: context parallel splits one video; a matrix run "
+                         "takes --gpus N and gives each GPU whole videos")
     if settings.out != DEFAULT_OUT:
-        raise LongcatError(f"--out {settings.out}: names one video; a matrix run writes into "
-                           "--out-dir")
+        raise UsageError(f"--out {settings.out}: names one video; a matrix run writes into "
+                         "--out-dir")
     if gpus > 1 and settings.device not in ("auto", "cuda", "cpu"):
-        raise LongcatError(f"--device {settings.device} with --gpus {gpus}: each process takes "
-                           "its own GPU (use --device auto or cuda)")
+        raise UsageError(f"--device {settings.device} with --gpus {gpus}: each process takes "
+                         "its own GPU (use --device auto or cuda)")
     rank = int(os.environ.get("RANK", "0")) if data_parallel > 1 else 0
     if data_parallel > 1 and settings.device in ("auto", "cuda"):
         import torch

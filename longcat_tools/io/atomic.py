@@ -185,7 +185,7 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
         if problem is not None:
             raise LongcatError(f"{dst}: {problem}")
     if not dst.parent.is_dir():
-        raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
+        raise UsageError(f"{dst.parent}: output's parent folder does not exist")
     if what == "checkpoint":
         check_outside_checkpoints(dst)
 
@@ -193,7 +193,7 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
 def check_outside_checkpoints(dst: Path, what: str = "the new checkpoint") -> None:
     """``dst`` (``what``) is not written inside a checkpoint (``enclosing_checkpoint``)."""
     if (outer := enclosing_checkpoint(dst)) is not None:
-        raise LongcatError(f"{dst}: inside the checkpoint {outer}; write {what} outside it")
+        raise UsageError(f"{dst}: inside the checkpoint {outer}; write {what} outside it")
 
 
 def _discard(path: Path) -> None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.model import avatar
 from longcat_tools.runner import schedule
 from longcat_tools.runner.pipeline import (
@@ -392,7 +392,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
     def generate(self, task: str = "at2v", **kw: Any) -> Result:
         """Run ``at2v``, ``ai2v`` or ``avc`` (see each)."""
         if task not in ("at2v", "ai2v", "avc"):
-            raise LongcatError(f"--task {task}: the avatar runs at2v, ai2v or avc")
+            raise UsageError(f"--task {task}: the avatar runs at2v, ai2v or avc")
         return getattr(self, task)(**kw)
 
     @validated

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,11 @@ def init(cp: int, device: torch.device) -> tuple[ContextParallel | None, torch.d
     rank's device (``cuda:LOCAL_RANK`` on GPUs). ``cp == 1`` without torchrun: no group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cp < 1:
-        raise LongcatError(f"--cp {cp}: must be at least 1")
+        raise UsageError(f"--cp {cp}: must be at least 1")
     if world != cp:
-        raise LongcatError(f"--cp {cp} needs {cp} processes, this job has {world}: launch with "
-                           f"'torchrun --nproc-per-node {cp} -m longcat_tools run ... --cp {cp}' "
-                           f"or use 'longcat-tools run --gpus {cp}'")
+        raise UsageError(f"--cp {cp} needs {cp} processes, this job has {world}: launch with "
+                         f"'torchrun --nproc-per-node {cp} -m longcat_tools run ... --cp {cp}' "
+                         f"or use 'longcat-tools run --gpus {cp}'")
     if cp == 1:
         return None, device
     if device.type == "cuda":

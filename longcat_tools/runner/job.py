@@ -29,6 +29,7 @@ from longcat_tools.runner.pipeline import (
 )
 from longcat_tools.runner.settings import (
     AVATAR_TASKS,
+    CONTINUE_FPS,
     DEFAULT_COND_FRAMES,
     FP8_ATTENTION,
     PRECISIONS,
@@ -97,7 +98,7 @@ def _i2v(j: Job) -> tuple[Result, np.ndarray]:
 
 def _vc(j: Job) -> tuple[Result, np.ndarray]:
     """The output starts with the input's own condition frames (resized), then the new ones."""
-    s, src, ncf = j.s, j.source(15), j.cond_frames
+    s, src, ncf = j.s, j.source(CONTINUE_FPS), j.cond_frames
     r = j.pipe.vc(src, resolution=s.resolution, height=s.height, width=s.width,
                   num_cond_frames=ncf, use_kv_cache=s.kv_cache,
                   offload_kv_cache=s.offload_kv_cache, enhance_hf=s.enhance_hf, **j.common())
@@ -109,8 +110,9 @@ def _vc(j: Job) -> tuple[Result, np.ndarray]:
 
 def _long(j: Job) -> tuple[Result, np.ndarray]:
     s = j.s
-    r = j.pipe.long(video=j.source(15) or None, height=s.height or 480, width=s.width or 832,
-                    num_cond_frames=j.cond_frames, num_segments=s.segments, refine=s.refine,
+    r = j.pipe.long(video=j.source(CONTINUE_FPS) or None, height=s.height or 480,
+                    width=s.width or 832, num_cond_frames=j.cond_frames,
+                    num_segments=s.segments, refine=s.refine,
                     refine_height=s.refine_height, refine_width=s.refine_width,
                     t_thresh=s.t_thresh, spatial_refine_only=s.spatial_refine_only,
                     use_kv_cache=s.kv_cache, offload_kv_cache=s.offload_kv_cache, **j.common())
@@ -163,7 +165,8 @@ def _avc(j: Job) -> tuple[Result, np.ndarray]:
     s, src, ncf = j.s, j.source(j.pipe.fps), j.cond_frames
     if len(src) < ncf:
         raise LongcatError(f"--video {s.video}: {len(src)} frames at {j.pipe.fps} fps; avc "
-                           f"continues from the last {ncf} (--cond-frames)")
+                           f"continues from the last {ncf} (--cond-frames): give a longer video "
+                           "or a smaller --cond-frames (4k+1)")
     seconds = (len(src) + s.frames - ncf) / j.pipe.fps
     r = j.pipe.avc(src, resolution=s.resolution, height=s.height, width=s.width,
                    num_cond_frames=ncf, use_kv_cache=s.kv_cache,

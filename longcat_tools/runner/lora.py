@@ -132,9 +132,7 @@ def lora_path(ckpt_root: str | Path, kind: str) -> Path:
         raise LongcatError(f"{root / kind}: several LoRA files; pass the one to use")
     if kind in _fused_names(Path(ckpt_root)):
         raise LongcatError(f"{root}: the '{kind}' LoRA is fused into this checkpoint's DiT (lora "
-                           "fuse), so a run cannot apply it again: leave out the option that "
-                           "asks for it (for distilled: run without --distill, with --steps 16 "
-                           "--guidance 1)")
+                           "fuse): its weights hold it already, so it cannot be loaded again")
     raise LongcatError(f"{root}: no '{kind}' LoRA (expected lora/"
                        f"{hub_file or f'{kind}.safetensors'} or lora/{kind}/<file>.safetensors)")
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.runner.settings import RunSettings, check_bsa, comparable_settings, validate
 
@@ -63,8 +63,8 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
     path = Path(path)
     where = f"--prompts {path}"
     if not path.is_file():
-        raise LongcatError(f"{where}: " + ("a folder; give the prompt file" if path.is_dir()
-                                            else "no such file"))
+        raise UsageError(f"{where}: " + ("a folder; give the prompt file" if path.is_dir()
+                                          else "no such file"))
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first prompt
     except (OSError, UnicodeDecodeError) as e:
@@ -107,8 +107,8 @@ def _numbers(text: str, option: str, kind: type, what: str, example: str) -> lis
         try:
             out.append(kind(part.strip()))
         except ValueError:
-            raise LongcatError(f"{option} {text}: '{part.strip()}' is not {what} (a comma list "
-                               f"such as {example})") from None
+            raise UsageError(f"{option} {text}: '{part.strip()}' is not {what} (a comma list "
+                             f"such as {example})") from None
     return out
 
 
@@ -129,7 +129,7 @@ def parse_bsa(text: str) -> list[str]:
         try:
             check_bsa(choice)
         except LongcatError as e:
-            raise LongcatError(f"--bsa list {text}: {e}") from None
+            raise UsageError(f"--bsa list {text}: {e}") from None
     return out
 
 
@@ -178,8 +178,8 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
     for it in items:
         try:
             validate(it.settings)
-        except LongcatError as e:
-            raise LongcatError(f"{it.source}: {e}") from None
+        except LongcatError as e:  # keeps its exit code: an option's value or a file's
+            raise type(e)(f"{it.source}: {e}") from None
     return items
 
 

@@ -47,7 +47,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.model import chunks
 from longcat_tools.model.chunks import refine_latent_frames
 from longcat_tools.runner import schedule
@@ -259,6 +259,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                               scheduler=scheduler, transformer=transformer)
         self.root: Path | None = None
+        self.fused_loras: set[str] = set()  # the hub adapters lora fuse merged into the DiT
         self.layout = getattr(transformer, "layout", "diffusers")
         self.scale_t = int(getattr(vae.config, "scale_factor_temporal", 4))
         self.scale_s = int(getattr(vae.config, "scale_factor_spatial", 8))
@@ -346,6 +347,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
             off.enable_vae_tiling(vae)
         pipe = cls(tok, te, vae, sched, dit)
         pipe.root, pipe.layout, pipe.run_device = root, ckpt.describe(), device
+        pipe.fused_loras = {n for n in (LORA_DISTILL, LORA_REFINE)
+                            if ckpt.fused_scale(n) is not None}
         pipe.reporter = rep
         pipe.offload_text_encoder = te_home is not None
         pipe.cp = cp
@@ -529,6 +532,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
         model = self.transformer
         before_loras = list(model.active_loras)
         saved: dict[str, float] = {}
+        if lora is not None and lora in self.fused_loras:
+            lora = None  # in the weights already (lora fuse): nothing to apply
         try:
             if lora is None:
                 model.sync_loras()  # a set the last call left merged goes now
@@ -637,7 +642,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         params), lora_scale (the hub LoRA's scale; None: as loaded). See the ``t2v``...
         methods; each checks its options like the command line."""
         if task not in TASKS:
-            raise LongcatError(f"--task {task}: unknown (choose from {', '.join(TASKS)})")
+            raise UsageError(f"--task {task}: unknown (choose from {', '.join(TASKS)})")
         return getattr(self, task)(**kw)
 
     def _common(self, distill: bool, steps: int | None, guidance: float | None, seed: int,

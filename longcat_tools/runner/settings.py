@@ -10,13 +10,14 @@ given. No torch at import: the CLI builds its command from this module.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io.atomic import enclosing_checkpoint, real_path
 from longcat_tools.lora.registry import check_scale
 from longcat_tools.model import avatar, bsa_presets, dtypes, keymap
@@ -25,9 +26,13 @@ from longcat_tools.model.chunks import frames_problem, latent_frames, latent_gri
 from longcat_tools.runner import footprint
 from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
 
+log = logging.getLogger(__name__)
+_WARNED_FUSED: set[Path] = set()
+
 TASKS = ("t2v", "i2v", "vc", "long", "refine")  # the base model's
 AVATAR_TASKS = ("at2v", "ai2v", "avc")  # LongCat-Video-Avatar's (runner.avatar_pipeline)
 # the tasks that read an input image, an input video (refine: a condition image, the stage-1 video)
+CONTINUE_FPS = 15  # vc and long read their input video at about this rate (every n-th frame)
 IMAGE_TASKS = ("i2v", "ai2v", "refine")
 VIDEO_TASKS = ("vc", "avc", "refine", "long")
 MAX_SPEAKERS = 2
@@ -185,7 +190,7 @@ def check_choice(flag: str, choice: str, choices: Collection[str]) -> None:
     """One line for a value outside its option's table (BSA_CHOICES, OFFLOAD_CHOICES, ...)."""
     if choice not in choices:
         names = " or ".join(choices) if len(choices) == 2 else ", ".join(choices)
-        raise LongcatError(f"{flag} {choice}: unknown (use {names})")
+        raise UsageError(f"{flag} {choice}: unknown (use {names})")
 
 
 def check_bsa(choice: str) -> None:
@@ -205,13 +210,13 @@ def resolve_device(device: str) -> Any:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise LongcatError(f"--device {device}: not a device (use auto, cpu, cuda or "
-                           "cuda:N)") from None
+        raise UsageError(f"--device {device}: not a device (use auto, cpu, cuda or "
+                         "cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LongcatError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        raise UsageError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise LongcatError(f"--device {device}: this machine has {torch.cuda.device_count()} "
-                           "CUDA GPU(s), numbered from 0")
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         "CUDA GPU(s), numbered from 0")
     return dev
 
 
@@ -221,88 +226,88 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     ``inputs``: also the model folder, the input and output files and the device (the command
     line's and ``run_job``'s; a pipeline call already has its model and frames)."""
     if s.task not in TASKS + AVATAR_TASKS:
-        raise LongcatError(f"--task {s.task}: unknown (choose from "
-                           f"{', '.join(TASKS + AVATAR_TASKS)})")
+        raise UsageError(f"--task {s.task}: unknown (choose from "
+                         f"{', '.join(TASKS + AVATAR_TASKS)})")
     _check_task_options(s)
     files = _check_inputs(s) if inputs else None
     if s.dtype is not None:
-        dtypes.check(s.dtype, error=LongcatError)
-    check_scale(s.lora_scale, "--lora-scale", LongcatError)
+        dtypes.check(s.dtype, error=UsageError)
+    check_scale(s.lora_scale, "--lora-scale", UsageError)
     if s.lora_scale != 1.0 and not (s.distill or s.refine or s.task == "refine"):
-        raise LongcatError(f"--lora-scale {s.lora_scale:g}: this run activates no hub LoRA (it "
-                           "scales distilled with --distill and refinement when refining); "
-                           "drop it or add --distill")
+        raise UsageError(f"--lora-scale {s.lora_scale:g}: this run activates no hub LoRA (it "
+                         "scales distilled with --distill and refinement when refining); "
+                         "drop it or add --distill")
     if why := frames_problem(s.frames):
-        raise LongcatError(f"--frames {s.frames}: {why}")
+        raise UsageError(f"--frames {s.frames}: {why}")
     if s.frames > MAX_FRAMES:
-        raise LongcatError(f"--frames {s.frames}: at most {MAX_FRAMES} in one segment (the model "
-                           "is trained on 93; use --task long for longer videos)")
+        raise UsageError(f"--frames {s.frames}: at most {MAX_FRAMES} in one segment (the model "
+                         "is trained on 93; use --task long for longer videos)")
     if s.task in CONTINUING and s.num_cond_frames is None and s.frames <= DEFAULT_COND_FRAMES:
-        raise LongcatError(f"--frames {s.frames}: --task {s.task} continues from the last "
-                           f"{DEFAULT_COND_FRAMES} frames (--cond-frames), so it needs more than "
-                           f"that (e.g. --frames {DEFAULT_COND_FRAMES + 4}, or --cond-frames 5)")
+        raise UsageError(f"--frames {s.frames}: --task {s.task} continues from the last "
+                         f"{DEFAULT_COND_FRAMES} frames (--cond-frames), so it needs more than "
+                         f"that (e.g. --frames {DEFAULT_COND_FRAMES + 4}, or --cond-frames 5)")
     if s.num_cond_frames is not None and (s.num_cond_frames < 0 or (
             s.task != "refine" and (s.num_cond_frames % 4 != 1
                                     or s.num_cond_frames >= s.frames))):
-        raise LongcatError(f"--cond-frames {s.num_cond_frames}: must be 4k+1 and below --frames")
+        raise UsageError(f"--cond-frames {s.num_cond_frames}: must be 4k+1 and below --frames")
     if (s.height is None) != (s.width is None):
-        raise LongcatError("--height and --width go together (or use --resolution)")
+        raise UsageError("--height and --width go together (or use --resolution)")
     if (s.refine_height is None) != (s.refine_width is None):
-        raise LongcatError("--refine-height and --refine-width go together")
+        raise UsageError("--refine-height and --refine-width go together")
     for h, w, opt in ((s.height, s.width, "--height/--width"),
                       (s.refine_height, s.refine_width, "--refine-height/--refine-width")):
         if h is not None and (h <= 0 or w <= 0 or h % 16 or w % 16):
-            raise LongcatError(f"{opt} {h}x{w}: both must be positive multiples of 16 px "
-                               "(VAE 8x times DiT patch 2)")
+            raise UsageError(f"{opt} {h}x{w}: both must be positive multiples of 16 px "
+                             "(VAE 8x times DiT patch 2)")
     if (s.task == "refine" and s.height is not None and s.refine_height is not None
             and (s.height, s.width) != (s.refine_height, s.refine_width)):
-        raise LongcatError(f"--task refine: --height/--width {s.height}x{s.width} and "
-                           f"--refine-height/--refine-width {s.refine_height}x{s.refine_width} "
-                           "both size its output; give one")
+        raise UsageError(f"--task refine: --height/--width {s.height}x{s.width} and "
+                         f"--refine-height/--refine-width {s.refine_height}x{s.refine_width} "
+                         "both size its output; give one")
     if s.resolution not in RESOLUTIONS:
-        raise LongcatError(f"--resolution {s.resolution}: use 480p or 720p")
+        raise UsageError(f"--resolution {s.resolution}: use 480p or 720p")
     if s.steps is not None and s.steps < 1:
-        raise LongcatError(f"--steps {s.steps}: must be at least 1")
+        raise UsageError(f"--steps {s.steps}: must be at least 1")
     for opt, value in (("--guidance", s.guidance), ("--audio-guidance", s.audio_guidance)):
         if value is not None and not 0 <= value <= MAX_GUIDANCE:  # NaN fails too
-            raise LongcatError(f"{opt} {value}: must be a number from 0 to {MAX_GUIDANCE:g} "
-                               "(1 disables CFG)")
+            raise UsageError(f"{opt} {value}: must be a number from 0 to {MAX_GUIDANCE:g} "
+                             "(1 disables CFG)")
     if not 0 < s.t_thresh <= 1:
-        raise LongcatError(f"--t-thresh {s.t_thresh}: must be in (0, 1]")
+        raise UsageError(f"--t-thresh {s.t_thresh}: must be in (0, 1]")
     if s.fps is not None and not 0 < s.fps <= MAX_FPS:
-        raise LongcatError(f"--fps {s.fps}: must be a positive number up to {MAX_FPS:g}")
+        raise UsageError(f"--fps {s.fps}: must be a positive number up to {MAX_FPS:g}")
     if not -2**63 <= s.seed < 2**64:
-        raise LongcatError(f"--seed {s.seed}: must fit in 64 bits")
+        raise UsageError(f"--seed {s.seed}: must fit in 64 bits")
     check_offload(s.offload)
     check_choice("--lora-mode", s.lora_mode, LORA_MODES)
     check_choice("--precision", s.precision, PRECISIONS)
     check_choice("--fp8-attention", s.fp8_attention, FP8_ATTENTION)
     if FP8_ATTENTION[s.fp8_attention] and s.precision == "dtype":
-        raise LongcatError(f"--fp8-attention {s.fp8_attention}: quantizes an fp8 run's "
-                           "attention; it cannot go with --precision dtype")
+        raise UsageError(f"--fp8-attention {s.fp8_attention}: quantizes an fp8 run's "
+                         "attention; it cannot go with --precision dtype")
     if s.task in ("vc", "avc") and s.distill and s.enhance_hf:
-        raise LongcatError("--enhance-hf cannot be combined with --distill")
+        raise UsageError("--enhance-hf cannot be combined with --distill")
     if s.segments < 0:
-        raise LongcatError(f"--segments {s.segments}: must be >= 0")
+        raise UsageError(f"--segments {s.segments}: must be >= 0")
     if s.cp < 1:
-        raise LongcatError(f"--cp {s.cp}: must be at least 1")
+        raise UsageError(f"--cp {s.cp}: must be at least 1")
     if s.cp > 1:  # every DiT forward needs a latent frame per rank (runner.context_parallel)
         if latent_frames(s.frames)[1] < s.cp:
-            raise LongcatError(f"--frames {s.frames}: {latent_frames(s.frames)[1]} latent frames "
-                               f"cannot be split over {s.cp} processes (use at least "
-                               f"{4 * s.cp - 3} frames, or fewer GPUs)")
+            raise UsageError(f"--frames {s.frames}: {latent_frames(s.frames)[1]} latent frames "
+                             f"cannot be split over {s.cp} processes (use at least "
+                             f"{4 * s.cp - 3} frames, or fewer GPUs)")
         cond = s.num_cond_frames or DEFAULT_COND_FRAMES
         if s.task in ("vc", "long") and s.kv_cache and latent_frames(cond)[1] < s.cp:
-            raise LongcatError(f"--cond-frames {cond}: the KV cache pass over "
-                               f"{latent_frames(cond)[1]} latent frames cannot be split over "
-                               f"{s.cp} processes (use --no-kv-cache or fewer GPUs)")
+            raise UsageError(f"--cond-frames {cond}: the KV cache pass over "
+                             f"{latent_frames(cond)[1]} latent frames cannot be split over "
+                             f"{s.cp} processes (use --no-kv-cache or fewer GPUs)")
     check_bsa(s.bsa)
     if files is not None and s.task in AVATAR_TASKS:
         resolve_device(s.device)
     elif files is not None:
         if files.dims.num_heads % s.cp:  # what the DiT checks when it is split
-            raise LongcatError(f"--cp/--gpus {s.cp}: the DiT's {files.dims.num_heads} heads do "
-                               "not split evenly over that many processes (use a divisor)")
+            raise UsageError(f"--cp/--gpus {s.cp}: the DiT's {files.dims.num_heads} heads do "
+                             "not split evenly over that many processes (use a divisor)")
         device = resolve_device(s.device)
         footprint.check(files.dims, _stages(s, files), run_dtype(s.dtype, device), device, s.cp)
         _check_latents(s, files)
@@ -327,20 +332,20 @@ def _check_task_options(s: RunSettings) -> None:
     if s.task not in AVATAR_TASKS:
         for opt, used in AVATAR_ONLY:
             if used(s):
-                raise LongcatError(f"{opt}: only for the avatar tasks (--task at2v, ai2v or "
-                                   "avc)")
+                raise UsageError(f"{opt}: only for the avatar tasks (--task at2v, ai2v or "
+                                 "avc)")
         return
     for opt, used in NOT_FOR_AVATAR:
         if used(s):
-            raise LongcatError(f"{opt}: not available for --task {s.task} (the avatar tasks)")
+            raise UsageError(f"{opt}: not available for --task {s.task} (the avatar tasks)")
     if s.audio_mode not in avatar.AUDIO_MODES:
-        raise LongcatError(f"--audio-mode {s.audio_mode}: use {' or '.join(avatar.AUDIO_MODES)}")
+        raise UsageError(f"--audio-mode {s.audio_mode}: use {' or '.join(avatar.AUDIO_MODES)}")
     if s.audio and len(s.audio) > MAX_SPEAKERS:
-        raise LongcatError(f"--audio given {len(s.audio)} times: at most {MAX_SPEAKERS} "
-                           "speakers")
+        raise UsageError(f"--audio given {len(s.audio)} times: at most {MAX_SPEAKERS} "
+                         "speakers")
     if s.task == "at2v" and s.audio and len(s.audio) > 1:
-        raise LongcatError("--task at2v takes one speaker; two --audio need ai2v or avc (the "
-                           "speakers' regions come from the image)")
+        raise UsageError("--task at2v takes one speaker; two --audio need ai2v or avc (the "
+                         "speakers' regions come from the image)")
 
 
 def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
@@ -353,27 +358,27 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
 
     v = ckpt.version
     if not s.audio:
-        raise LongcatError(f"--task {s.task} needs --audio FILE (the driving speech)")
+        raise UsageError(f"--task {s.task} needs --audio FILE (the driving speech)")
     if s.int8 and not v.int8_folder:
-        raise LongcatError(f"--int8: {ckpt.describe()} has no INT8 DiT (only avatar 1.5 ships "
-                           "base_model_int8/)")
+        raise UsageError(f"--int8: {ckpt.describe()} has no INT8 DiT (only avatar 1.5 ships "
+                         "base_model_int8/)")
     if s.distill and not v.lora:
-        raise LongcatError(f"--distill: {ckpt.describe()} has no distillation LoRA (only "
-                           "avatar 1.5 ships lora/dmd_lora.safetensors)")
+        raise UsageError(f"--distill: {ckpt.describe()} has no distillation LoRA (only "
+                         "avatar 1.5 ships lora/dmd_lora.safetensors)")
     fused = ckpt.distill_fused
     if fused is not None and not s.distill:
-        raise LongcatError(f"{ckpt.root}: the distillation LoRA is fused into the DiT; its "
-                           "weights only make sense distilled: pass --distill")
+        raise UsageError(f"{ckpt.root}: the distillation LoRA is fused into the DiT; its "
+                         "weights only make sense distilled: pass --distill")
     if fused is not None and fused != s.lora_scale:
-        raise LongcatError(f"--lora-scale {s.lora_scale:g}: the distillation LoRA is fused into "
-                           f"the DiT at scale {fused:g}; run at that scale or fuse again")
+        raise UsageError(f"--lora-scale {s.lora_scale:g}: the distillation LoRA is fused into "
+                         f"the DiT at scale {fused:g}; run at that scale or fuse again")
     if s.distill:
         if not (ckpt.root / v.lora).is_file() and fused is None:
             raise LongcatError(f"--distill: {ckpt.root / v.lora} is missing")
         fixed = RELEASES[v.name].distill_steps
         if s.steps is not None and s.steps != fixed:
-            raise LongcatError(f"--steps {s.steps}: avatar 1.5 distillation samples {fixed} "
-                               "fixed steps (leave --steps out)")
+            raise UsageError(f"--steps {s.steps}: avatar 1.5 distillation samples {fixed} "
+                             "fixed steps (leave --steps out)")
     folder = ckpt.root / dit_folder(v, len(s.audio), s.int8)
     if not folder.is_dir():
         raise LongcatError(f"{ckpt.root}: no {folder.name}/, the DiT this run needs"
@@ -392,6 +397,22 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     dims = keymap.dit_dims(cfg, str(cfg_path))  # as every reader
     check_transformer_config(cfg, str(cfg_path))
     return dims
+
+
+def _check_fused_distill(s: RunSettings, ckpt: Any) -> None:
+    """A base DiT with the distilled LoRA fused in (``lora fuse``) runs distilled with
+    ``--distill``, which then applies nothing more, at the scale it was fused at."""
+    fused = ckpt.fused_scale("distilled")
+    if fused is None:
+        return
+    if not s.distill and s.task != "refine" and ckpt.root not in _WARNED_FUSED:
+        _WARNED_FUSED.add(ckpt.root)  # once: the command line and the job both validate
+        log.warning("%s: the distilled LoRA is fused into this DiT; pass --distill for its "
+                    "16-step sampling without CFG (this run samples as the base model)",
+                    ckpt.root)
+    elif s.distill and fused != s.lora_scale:
+        raise UsageError(f"--lora-scale {s.lora_scale:g}: the distilled LoRA is fused into the "
+                         f"DiT at scale {fused:g}; run at that scale or fuse again")
 
 
 @dataclass(frozen=True)
@@ -413,35 +434,36 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     ckpt = layouts.detect_any(layouts.resolve_model(s.model))
     if isinstance(ckpt, layouts.AvatarCheckpoint) != (s.task in AVATAR_TASKS):
         if s.task in AVATAR_TASKS:
-            raise LongcatError(f"--task {s.task}: needs a LongCat-Video-Avatar checkpoint; "
-                               f"{ckpt.root} is the base model")
-        raise LongcatError(f"--task {s.task}: {ckpt.root} is {ckpt.describe()}; it runs "
-                           f"--task {', '.join(AVATAR_TASKS)}")
+            raise UsageError(f"--task {s.task}: needs a LongCat-Video-Avatar checkpoint; "
+                             f"{ckpt.root} is the base model")
+        raise UsageError(f"--task {s.task}: {ckpt.root} is {ckpt.describe()}; it runs "
+                         f"--task {', '.join(AVATAR_TASKS)}")
     if isinstance(ckpt, layouts.AvatarCheckpoint):
         dims = _check_avatar(s, ckpt)
     else:
         dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))  # as every reader
         check_components(ckpt)
+        _check_fused_distill(s, ckpt)
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
-            raise LongcatError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
-                               "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")
+            raise UsageError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
+                             "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")
     if s.task in ("i2v", "ai2v") and not s.image:
-        raise LongcatError(f"--task {s.task} needs --image FILE (the first frame)")
+        raise UsageError(f"--task {s.task} needs --image FILE (the first frame)")
     if s.task in ("vc", "avc", "refine") and not s.video:
         what = "the stage-1 video" if s.task == "refine" else "the video to continue"
-        raise LongcatError(f"--task {s.task} needs --video FILE ({what})")
+        raise UsageError(f"--task {s.task} needs --video FILE ({what})")
     for opt, path, tasks in (("--image", s.image, IMAGE_TASKS), ("--video", s.video, VIDEO_TASKS)):
         if path and s.task not in tasks:
-            raise LongcatError(f"{opt} {path}: --task {s.task} reads no {opt[2:]} (it is for "
-                               f"--task {', '.join(tasks)}); drop it or pick that task")
+            raise UsageError(f"{opt} {path}: --task {s.task} reads no {opt[2:]} (it is for "
+                             f"--task {', '.join(tasks)}); drop it or pick that task")
     for opt, path in (("--image", s.image), ("--video", s.video), ("--latents-in", s.latents_in)):
         if path and not Path(path).is_file():
-            raise LongcatError(f"{opt} {path}: no such file")
+            raise UsageError(f"{opt} {path}: no such file")
     if not s.out.endswith(".mp4"):
-        raise LongcatError(f"--out {s.out}: the output is an H.264 .mp4 file")
+        raise UsageError(f"--out {s.out}: the output is an H.264 .mp4 file")
     if s.save_latents and not s.save_latents.endswith(".safetensors"):
-        raise LongcatError(f"--save-latents {s.save_latents}: the latents are written as a "
-                           ".safetensors file")
+        raise UsageError(f"--save-latents {s.save_latents}: the latents are written as a "
+                         ".safetensors file")
     for opt, path in (("--out", s.out), ("--save-latents", s.save_latents)):
         if path:
             _check_output(opt, Path(path), (ckpt.root.resolve(), *ckpt.containment))
@@ -457,7 +479,35 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         except LongcatError as e:
             raise LongcatError(f"--video {e}") from None
         video_size = (info["width"], info["height"])
+        if s.task in ("vc", "avc", "long"):
+            _check_cond_frames(s, info, _continue_fps(s, ckpt))
     return InputFiles(dims, image_size, video_size)
+
+
+def _continue_fps(s: RunSettings, ckpt: Any) -> float:
+    """The frame rate a continuation reads its input at: the base model's, or the avatar's."""
+    if s.task != "avc":
+        return CONTINUE_FPS
+    from longcat_tools.runner.audio_encoders import TIMINGS
+    from longcat_tools.runner.avatar_pipeline import RELEASES
+
+    return TIMINGS[RELEASES[ckpt.version.name].encoder].video_fps
+
+
+def _check_cond_frames(s: RunSettings, info: dict[str, Any], fps: float) -> None:
+    """The input video holds the condition frames, read as the job reads them (every n-th frame
+    at ``fps``, ``job.Job.source``): by decoding just that many."""
+    from longcat_tools.runner import video as vio
+
+    cond = s.num_cond_frames or DEFAULT_COND_FRAMES
+    stride = max(1, round(info["fps"] / fps)) if info.get("fps") else 1
+    need = (cond - 1) * stride + 1
+    got = vio.probe(s.video, max_frames=need)["frames"] if need > 1 else 1
+    if got is not None and got < need:
+        have = (got - 1) // stride + 1 if got else 0
+        raise UsageError(f"--video {s.video}: {have} frames at {fps:g} fps; --task {s.task} "
+                         f"continues from the last {cond} (--cond-frames): give a longer video "
+                         "or a smaller --cond-frames (4k+1)")
 
 
 # What check_components passed, as (real path, size, mtime) of every file it read: `run` checks
@@ -487,6 +537,7 @@ def check_components(ckpt: Any) -> None:
     from longcat_tools import schemas
     from longcat_tools.checkpoint import layouts
     from longcat_tools.io import jsonio
+    from longcat_tools.io.safetensors import read_header
     from longcat_tools.verify.components import (
         COMPONENTS,
         TOKENIZER_JSON,
@@ -496,12 +547,16 @@ def check_components(ckpt: Any) -> None:
 
     root, allowed = ckpt.root, ckpt.containment
     folders = [root / comp.name for comp in COMPONENTS]
+    dit = ckpt.layout != layouts.COMFY_SINGLE  # a single file: read whole by its own reader
     stamp = _stamp([ckpt.config_path, root / "model_index.json", *folders,
-                    *(p for f in folders if f.is_dir() for p in sorted(f.iterdir()))])
+                    *(p for f in [*folders, *([ckpt.transformer_dir] if dit else [])]
+                      if f.is_dir() for p in sorted(f.iterdir()))])
     if stamp in _PASSED:
         return
     check_transformer_config(ckpt.config(), str(ckpt.config_path))
     check_model_index(ckpt)
+    if dit:  # a truncated shard, found before the text encoder's minutes of loading
+        layouts.shard_headers(ckpt)
     for comp in COMPONENTS:
         folder = root / comp.name
         layouts.check_contained(folder, allowed)
@@ -522,6 +577,8 @@ def check_components(ckpt: Any) -> None:
         if comp.weights is None:
             continue
         index_name, singles = comp.weights
+        for path in sorted(folder.glob("*.safetensors")):
+            read_header(path)
         index = folder / index_name if index_name else None
         if index is not None and index.exists():
             schemas.validate(jsonio.read(index, what="shard index"), "safetensors_index",
@@ -537,18 +594,18 @@ def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
     the checkpoint (``model``: its real folders) or any other one, whose files belong to the
     model."""
     if path.is_dir():
-        raise LongcatError(f"{opt} {path}: is a folder (give a file name)")
+        raise UsageError(f"{opt} {path}: is a folder (give a file name)")
     real = real_path(path)
     outer = model[0] if any(real == m or m in real.parents for m in model) else (
         enclosing_checkpoint(path))
     if outer is not None:
-        raise LongcatError(f"{opt} {path}: inside the checkpoint {outer}; write outputs "
-                           "outside the model's folder")
+        raise UsageError(f"{opt} {path}: inside the checkpoint {outer}; write outputs "
+                         "outside the model's folder")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # missing folders are created
         folder = folder.parent
     if not folder.is_dir():
-        raise LongcatError(f"{opt} {path}: {folder} is not a folder")
+        raise UsageError(f"{opt} {path}: {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise LongcatError(f"{opt} {path}: the folder {folder} is not writable")
 
