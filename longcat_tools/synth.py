@@ -170,6 +170,7 @@ def synth(dst: str | Path, preset: str = "tiny", *, depth: int | None = None,
         raise UsageError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
     if depth is not None:
         bounds.check_int(depth, "depth", "--depth", error=UsageError)
+    bounds.check_seed(seed)
     torch_dtype = dtypes.parse(dtype, choices=("fp32", "bf16"))
     if model != "base":
         from longcat_tools.synth_avatar import synth_avatar

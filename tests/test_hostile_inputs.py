@@ -111,6 +111,14 @@ def test_verify_uses_the_same_bounds_and_message(capsys, ckpt, dit_config):
     assert time.perf_counter() - t < FAST_S
 
 
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1])
+def test_synth_refuses_a_seed_past_64_bits(capsys, tmp_path, seed):
+    """It was folded onto a smaller seed without a word."""
+    fast_refusal(capsys, "synth", tmp_path / "s", "--seed", seed, "-q", code=2,
+                 says=f"--seed {seed}: must fit in 64 bits")
+    assert not list(tmp_path.iterdir())
+
+
 def test_synth_depth_1e9_is_refused_without_partial(capsys, tmp_path):
     dst = tmp_path / "big"
     fast_refusal(capsys, "synth", dst, "--depth", 10**9, "-q", code=2,
@@ -395,7 +403,8 @@ def test_a_failed_publish_leaves_no_mp4_without_sidecar(tmp_path, monkeypatch):
 # --- class 4: schema names are names, not paths ----------------------------------------------
 
 @pytest.mark.parametrize("name", ["../../x", "../schemas/transformer_config", "/etc/passwd",
-                                  "transformer_config/../vae_config", "sub/vae_config", "nope"])
+                                  "transformer_config/../vae_config", "sub/vae_config", "nope",
+                                  "../../pyproject", "hub_manifest.schema", ""])
 def test_schema_reads_nothing_outside_its_folder(capsys, name):
     fast_refusal(capsys, "schema", name, code=2, says="unknown schema")
 

@@ -172,6 +172,9 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ("a\n", ["--lora-scale", "0.5,1"], "--lora-scale 0.5: this run activates no hub LoRA", 2),
     ("a\n", ["--out", "one.mp4", "--seeds", "1,,2"], "--seeds 1,,2: '' is not an integer", 2),
     ("a\n", ["--out", "one.mp4", "--bsa", "on,,off"], "--bsa list on,,off: --bsa : unknown", 2),
+    ("a\n", ["--seeds", "1,2,1"], "--seeds 1,2,1: '1' is listed twice", 2),
+    ("a\n", ["--bsa", "off,on,off"], "--bsa off,on,off: 'off' is listed twice", 2),
+    ("a\n", ["--lora-scale", "0.5,0.50", "--distill"], "'0.5' is listed twice", 2),
 ])
 def test_bad_lists_stop_before_anything_loads(tiny_native, tmp_path, capsys, monkeypatch,
                                               content, extra, says, code):

@@ -20,7 +20,7 @@ def schema_cmd(
     from longcat_tools import schemas
 
     out = Out(json_out)
-    if name:
+    if name is not None:
         print(json.dumps(schemas.load(name), indent=2))
         return
     rows = [{"name": n, "id": schemas.load(n)["$id"], "title": schemas.load(n).get("title", "")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 
 MAX_LAYERS = 1024  # DiT blocks / encoder layers: the release has 48 / 24
 MAX_WIDTH = 65_536  # hidden, caption, embedding widths: the release's largest is 4096
@@ -19,6 +19,7 @@ MAX_CHANNELS = 1024  # latent channels: the release has 16
 MAX_HEADS = 1024
 MAX_PATCH = 64  # per axis: the release has (1, 2, 2)
 MAX_MLP_RATIO = 64.0  # the release has 4
+SEEDS = range(-2**63, 2**64)  # what a torch generator takes, signed or not
 
 
 
@@ -70,3 +71,10 @@ def check_ratio(value: object, name: str, where: str) -> float:
         raise LongcatError(f"{where}: {name} {value:g} is beyond any LongCat model (the release "
                            f"has 4; limit {MAX_MLP_RATIO:g})")
     return value
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed a torch generator takes: a larger one failed inside torch, or was silently
+    folded onto a smaller one."""
+    if seed not in SEEDS:
+        raise UsageError(f"{flag} {seed}: must fit in 64 bits")

@@ -109,7 +109,18 @@ def _numbers(text: str, option: str, kind: type, what: str, example: str) -> lis
         except ValueError:
             raise UsageError(f"{option} {text}: '{part.strip()}' is not {what} (a comma list "
                              f"such as {example})") from None
-    return out
+    return _distinct(out, option, text)
+
+
+def _distinct(values: list, option: str, text: str) -> list:
+    """A list's entries each once: a repeat would make the same video twice."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise UsageError(f"{option} {text}: '{v}' is listed twice (the same video would be "
+                             "made twice); list each value once")
+        seen.add(v)
+    return values
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -130,7 +141,7 @@ def parse_bsa(text: str) -> list[str]:
             check_bsa(choice)
         except LongcatError as e:
             raise UsageError(f"--bsa list {text}: {e}") from None
-    return out
+    return _distinct(out, "--bsa", text)
 
 
 def slug(text: str) -> str:

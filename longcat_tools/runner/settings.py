@@ -20,7 +20,7 @@ from typing import Any
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io.atomic import enclosing_checkpoint, real_path
 from longcat_tools.lora.registry import check_scale
-from longcat_tools.model import avatar, bsa_presets, dtypes, keymap
+from longcat_tools.model import avatar, bounds, bsa_presets, dtypes, keymap
 from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.model.chunks import frames_problem, latent_frames, latent_grid
 from longcat_tools.runner import footprint
@@ -276,8 +276,7 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         raise UsageError(f"--t-thresh {s.t_thresh}: must be in (0, 1]")
     if s.fps is not None and not 0 < s.fps <= MAX_FPS:
         raise UsageError(f"--fps {s.fps}: must be a positive number up to {MAX_FPS:g}")
-    if not -2**63 <= s.seed < 2**64:
-        raise UsageError(f"--seed {s.seed}: must fit in 64 bits")
+    bounds.check_seed(s.seed)
     check_offload(s.offload)
     check_choice("--lora-mode", s.lora_mode, LORA_MODES)
     check_choice("--precision", s.precision, PRECISIONS)
