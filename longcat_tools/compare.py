@@ -474,6 +474,8 @@ def compare(folder: str | Path, *, sheet: str | Path | None = None,
     check_options(frames, thumb_height)
     folder = Path(folder)
     sheet = Path(sheet) if sheet is not None else folder / SHEET_NAME
+    if sheet.suffix.lower() != ".png":  # PNG bytes were written under any name
+        raise UsageError(f"{sheet}: the contact sheet is a PNG; name a .png file")
     items, notes = load_items(folder)
     for target in (sheet, report):
         if target is not None:

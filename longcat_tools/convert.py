@@ -67,7 +67,7 @@ from longcat_tools.verify.components import check_model_index, check_transformer
 
 TARGETS = ("converted", "native", "comfy")
 # What --to comfy writes in DST: the DiT alone, in ComfyUI's (WanVideoWrapper's) key flavour.
-COMFY_FILE = "diffusion_model.safetensors"
+COMFY_FILE = comfy_single.FILE_NAME
 DEFAULT_MAX_SHARD = "5GB"
 
 # What FastVideo's converter (longcat_to_fastvideo.py) writes as model_index.json.

@@ -216,3 +216,32 @@ def test_non_safetensors_file_is_refused(tmp_path, capsys):
     src.write_bytes(b"x")
     refused(capsys, "convert", "--src", src, "--dst", tmp_path / "out", "-q",
             says="must be a .safetensors DiT")
+
+
+def test_verify_checks_a_comfy_file_and_the_folder_convert_writes(tiny_native, fp8_dict, tmp_path,
+                                                                   capsys):
+    """verify refused what convert --to comfy writes ("not a LongCat-Video checkpoint")."""
+    from longcat_tools.verify import verify
+
+    assert _cli("convert", "--src", tiny_native, "--dst", tmp_path / "c", "--to", "comfy",
+                "-q") == 0
+    folder, file = tmp_path / "c", tmp_path / "c" / "diffusion_model.safetensors"
+    for path in (folder, file):
+        report = verify(path, deep=True)
+        assert report.status == "pass", [(c.file, c.message) for c in report.failures()]
+        assert report.layout == "comfy-single"
+    checked = {(c.name, c.status) for c in verify(folder, deep=True).checks}
+    assert {("layout", "pass"), ("deep", "pass"), ("checksum", "pass")} <= checked
+    save_file(fp8_dict, tmp_path / "fp8.safetensors")
+    assert verify(tmp_path / "fp8.safetensors", deep=True).status == "pass"
+    fp8_dict[f"{W}.scale_weight"] = torch.tensor(0.0)  # what convert refuses, verify fails
+    save_file(fp8_dict, tmp_path / "bad.safetensors")
+    bad = verify(tmp_path / "bad.safetensors").failures()
+    assert len(bad) == 1 and "not a positive finite" in bad[0].message
+    plain = load_file(file)
+    plain[f"{W}.weight"][0, 0] = float("nan")
+    save_file(plain, tmp_path / "nan.safetensors")
+    assert verify(tmp_path / "nan.safetensors").status == "pass"  # headers are sound
+    bad = verify(tmp_path / "nan.safetensors", deep=True).failures()
+    assert len(bad) == 1 and f"{W}.weight (1 NaN" in bad[0].message
+    assert _cli("verify", tmp_path / "nan.safetensors", "--deep", "-q") == 1

@@ -232,7 +232,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     add_run(good, "v.mp4", clip(16, 16, (0, 0, 0)), 1.0, prompt="p")
     refused(capsys, "compare", good, "--out", tmp_path / "no" / "s.png", code=2,
             says="parent folder does not exist")
-    refused(capsys, "compare", good, "--out", good, code=2, says="is a folder")
+    (tmp_path / "dir.png").mkdir()
+    refused(capsys, "compare", good, "--out", tmp_path / "dir.png", code=2, says="is a folder")
+    refused(capsys, "compare", good, "--out", tmp_path / "s.jpg", code=2,
+            says="the contact sheet is a PNG")  # PNG bytes were written under any name
     ckpt = tmp_path / "ckpt"
     (ckpt / "transformer").mkdir(parents=True)
     (ckpt / "transformer" / "config.json").write_text("{}")
@@ -260,3 +263,21 @@ def test_links_out_of_the_folder_are_refused_and_long_prompts_are_cut(tmp_path, 
     long.mkdir()
     add_run(long, "v.mp4", clip(16, 16, (0, 0, 0)), 1.0, prompt="x" * 2_000_000)
     assert main(["compare", str(long), "-q", "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_control_characters_from_a_sidecar_never_reach_the_terminal(tmp_path, capsys):
+    """A prompt holding an escape sequence (clear the screen, set the title) was printed raw."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    evil = "a cat\x1b[2J\x1b]0;owned\x07"
+    add_run(folder, "a.mp4", clip(16, 16, (0, 0, 0)), 1.0, prompt=evil)
+    add_run(folder, "b.mp4", clip(16, 16, (9, 9, 9)), 1.0, prompt=evil, seed=7)
+    assert main(["compare", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "a cat\\x1b[2J\\x1b]0;owned\\x07" in out
+    (folder / "c\x1b[31m.mp4").write_bytes(b"x")  # a name the error line quotes
+    (folder / "c\x1b[31m.mp4.json").write_text("[1]")
+    assert main(["compare", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "c\\x1b[31m.mp4.json" in err

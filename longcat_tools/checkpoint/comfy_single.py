@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 FP8 = ("F8_E4M3", "F8_E5M2")
+FILE_NAME = "diffusion_model.safetensors"  # what ``convert --to comfy`` writes into its folder
 
 
 @dataclass(frozen=True)

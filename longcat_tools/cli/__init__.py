@@ -15,7 +15,7 @@ import traceback
 import typer
 
 from longcat_tools import __version__
-from longcat_tools.cli._common import JSON_STATE
+from longcat_tools.cli._common import JSON_STATE, shown
 from longcat_tools.cli.bsa import bsa_app
 from longcat_tools.cli.compare import compare_cmd
 from longcat_tools.cli.convert import convert_cmd
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except LongcatError as e:
         if verbose:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return fail(str(e), e.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
         if _is_click_error(e) and type(e).__name__ == "NoArgsIsHelpError":
@@ -130,15 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             return fail(e.format_message(), e.exit_code)
         if _is_click_error(e):  # usage errors: click's message on one line, exit 2
             message = _click_message(e)
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {shown(message)}", file=sys.stderr)
             return fail(message, e.exit_code)
         if verbose:
             traceback.print_exc()
         if (problem := _path_problem(e)) is not None:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {shown(problem)}", file=sys.stderr)
             return fail(problem, EXIT_USAGE)
         message = f"internal error: {type(e).__name__}: {e}"
-        print(f"error: {message} (rerun with -v for the traceback)", file=sys.stderr)
+        print(f"error: {shown(message)} (rerun with -v for the traceback)", file=sys.stderr)
         return fail(message, EXIT_FAIL)
     if rv == 130:  # Typer turns Ctrl-C inside a command into exit code 130, silently
         print("interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ Commands stay thin: parse, call the library, print. Human text goes to stdout, o
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -22,6 +23,15 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON result on 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
                                           help="More detail; a traceback on errors.")]
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: object) -> str:
+    """``text`` for a terminal: control characters (an escape sequence in a sidecar's prompt or
+    a file name) written as ``\\xNN`` instead of acting on the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 # This process's --json state for ``main``'s error document: whether its command's ``Out``
@@ -50,14 +60,14 @@ class Out:
 
     def say(self, text: str = "") -> None:
         if not self.quiet:
-            print(text, file=self._stream, flush=True)
+            print(shown(text), file=self._stream, flush=True)
 
     def detail(self, text: str) -> None:
         if self.verbose and not self.quiet:
-            print(text, file=self._stream, flush=True)
+            print(shown(text), file=self._stream, flush=True)
 
     def warn(self, text: str) -> None:
-        print(f"warning: {text}", file=sys.stderr, flush=True)
+        print(f"warning: {shown(text)}", file=sys.stderr, flush=True)
 
     def result(self, obj: Any) -> None:
         """The machine-readable result: printed only under --json."""
@@ -78,7 +88,7 @@ class Out:
 
 
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    cells = [[shown(c) for c in header]] + [[shown(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -13,8 +13,8 @@ from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseO
 def verify_cmd(
     path: Annotated[str | None, typer.Argument(
         metavar="PATH", show_default=False,
-        help="Checkpoint folder (default: --model, $LONGCAT_TOOLS_MODEL, else the current "
-             "folder).")] = None,
+        help="Checkpoint folder, or a ComfyUI single-file DiT (default: --model, "
+             "$LONGCAT_TOOLS_MODEL, else the current folder).")] = None,
     model: ModelOpt = None,
     deep: Annotated[bool, typer.Option(
         "--deep", help="Also read every byte once: NaN/Inf, all-zero weights, sha256 against "

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools import schemas
-from longcat_tools.checkpoint import layouts
+from longcat_tools.checkpoint import comfy_single, layouts
 from longcat_tools.checkpoint.hub import snapshot_roots
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.io.safetensors import Header
-from longcat_tools.model import bounds, keymap
+from longcat_tools.io.safetensors import Header, read_header
+from longcat_tools.model import bounds, comfy_keys, keymap
 from longcat_tools.verify import components as C
 from longcat_tools.verify import deep as D
 from longcat_tools.verify import lora as L
@@ -103,9 +103,14 @@ def _size(p: Path) -> int:
 def _run(rec: Recorder, st: _State, deep: bool, sums: Path | None,
          progress: Callable[[int, int], None] | None) -> None:
     root = st.root
+    if root.is_file() and root.name.endswith(".safetensors"):
+        st.files = [root]
+        _comfy(rec, st, root)
+        _checksums_and_deep(rec, st, deep, sums, progress)
+        return
     if not root.is_dir():
         rec.fail(CKPT, "layout", root, "not a folder (a checkpoint is a folder with dit/ or "
-                 "transformer/)")
+                 "transformer/) nor a ComfyUI single-file DiT (.safetensors)")
         return
     try:
         found = layouts.detect_any(root)
@@ -115,6 +120,9 @@ def _run(rec: Recorder, st: _State, deep: bool, sums: Path | None,
         from longcat_tools.verify import avatar
 
         avatar.run(rec, st, found)
+    elif found is None and (root / comfy_single.FILE_NAME).is_file():
+        _walk(rec, st)
+        _comfy(rec, st, root / comfy_single.FILE_NAME)
     else:
         _walk(rec, st)
         if not _layout(rec, st):
@@ -126,6 +134,24 @@ def _run(rec: Recorder, st: _State, deep: bool, sums: Path | None,
         _consistency(rec, st)
         _loras(rec, st)
     _checksums_and_deep(rec, st, deep, sums, progress)
+
+
+def _comfy(rec: Recorder, st: _State, path: Path) -> None:
+    """A ComfyUI single-file DiT: what ``convert`` reads it with checks (names, shapes, dtypes,
+    fp8 scales); the deep pass then scans its tensors."""
+    st.layout, st.flavour = layouts.COMFY_SINGLE, comfy_keys.FLAVOUR
+    with rec.guard("transformer", "layout", path):
+        layouts.check_contained(path, rec.allowed or (path.parent.resolve(),))
+        cf = comfy_single.read(path)
+        header = read_header(path)
+        st.weights["transformer"] = WeightSet("transformer", path.parent, [path], {path: header},
+                                              dict(header.tensors),
+                                              {n: path for n in header.tensors})
+        scaled = (f"; fp8 scaled: {count(len(cf.scales), 'weight')} with scales"
+                  if cf.scales else "")
+        rec.ok("transformer", "layout", path, f"ComfyUI single-file DiT: depth "
+               f"{cf.dims.depth}, hidden {cf.dims.hidden_size}, "
+               f"{count(len(header.tensors), 'tensor')}{scaled}")
 
 
 def _checksums_and_deep(rec: Recorder, st: _State, deep: bool, sums: Path | None,
