@@ -549,10 +549,13 @@ def test_check_context_parallel_modes_and_limits():
     r = bsa.check(256, 256, 9, {**BALANCED, "sparsity": 0.999})
     assert r["kept_per_query"] == 0 and r["warnings"]
     for kwargs, msg in [({"height": 500}, "multiple of 16"), ({"cp": 3}, "heads do not split"),
-                        ({"cp": 4, "height": 720}, "does not split over cp_split_hw")]:
-        args = {"height": 704, "width": 1280, **kwargs}
+                        ({"cp": 4, "height": 720}, "does not split over cp_split_hw"),
+                        ({"frames": 10**9 + 1}, "must be 1 to 4097")]:
+        args = {"height": 704, "width": 1280, "frames": 93, **kwargs}
         with pytest.raises(LongcatError, match=msg):
-            bsa.check(args["height"], args["width"], 93, BALANCED, cp=kwargs.get("cp", 1))
+            bsa.check(args["height"], args["width"], args["frames"], BALANCED,
+                      cp=kwargs.get("cp", 1))
+    assert main(["bsa", "check", "--height", "500", "--width", "1280", "--frames", "93"]) == 2
 
 
 def test_check_command_uses_the_checkpoint_or_the_real_model(tiny_native, tmp_path, capsys,

@@ -433,6 +433,19 @@ def test_download_usage_errors_exit_2(capsys):
     assert main(["download", f"{REPO}@main", "--revision", "v2"]) == 2
     err = capsys.readouterr().err
     assert "unknown component 'bogus'" in err and "two revisions" in err
+    for bad in ("../..", "", "a//b"):  # @REV was checked, --revision REV was not
+        assert main(["download", REPO, "--revision", bad]) == 2
+        assert f"--revision: invalid revision '{bad}'" in capsys.readouterr().err
+
+
+def test_force_download_that_cannot_download_says_so(use_cache, monkeypatch, capsys):
+    """Offline it found the cached copy and fetched nothing, without a word."""
+    assert main(["download", REPO, "--force-download"]) == 2
+    assert "downloads are off (HF_HUB_OFFLINE=1)" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the hub unreachable (see the test below)
+    assert main(["download", REPO, "--force-download"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --force-download: ") and "nothing was fetched again" in line
 
 
 def test_without_network_and_without_a_copy_download_is_one_line(tmp_path, monkeypatch, capsys):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from longcat_tools.bsa.status import mode_of
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.model import chunks
 from longcat_tools.model.keymap import RELEASE_DIMS, DiTDims
 
@@ -26,17 +26,17 @@ def _check_request(height: int, width: int, frames: int, cp: int, dims: DiTDims,
     stride = chunks.VAE_STRIDE[1]
     for name, v, m in (("--height", height, multiple[0]), ("--width", width, multiple[1])):
         if v < 1 or v % m:
-            raise LongcatError(f"{name} {v}: must be a positive multiple of {m} (VAE {stride}x "
-                               f"times patch {m // stride}x)")
-    if frames < 1:
-        raise LongcatError(f"--frames {frames}: must be at least 1")
+            raise UsageError(f"{name} {v}: must be a positive multiple of {m} (VAE {stride}x "
+                             f"times patch {m // stride}x)")
+    if not 1 <= frames <= chunks.MAX_FRAMES:
+        raise UsageError(f"--frames {frames}: must be 1 to {chunks.MAX_FRAMES}")
     if not refine and (why := chunks.frames_problem(frames)):
-        raise LongcatError(f"--frames {frames}: {why}")
+        raise UsageError(f"--frames {frames}: {why}")
     if cp < 1:
-        raise LongcatError(f"--cp {cp}: must be at least 1")
+        raise UsageError(f"--cp {cp}: must be at least 1")
     if dims.num_heads % cp:
-        raise LongcatError(f"--cp {cp}: the {dims.num_heads} attention heads do not split over "
-                           f"{cp} ranks (context parallel scatters heads across ranks)")
+        raise UsageError(f"--cp {cp}: the {dims.num_heads} attention heads do not split over "
+                         f"{cp} ranks (context parallel scatters heads across ranks)")
 
 
 def check(height: int, width: int, frames: int, params: dict[str, Any], *, cp: int = 1,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.checkpoint import hub, hub_manifest, layouts
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io.atomic import check_outside_checkpoints
 
 
@@ -54,6 +54,9 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
         check_outside_checkpoints(Path(dst))
     manifest = unreachable = None
     fetch_ref = ref
+    if force and hub.offline():  # it found the local copy and fetched nothing, silently
+        raise UsageError("--force-download fetches every file again, and downloads are off "
+                         "(HF_HUB_OFFLINE=1): unset it, or drop --force-download")
     if not hub.offline():
         try:
             manifest = hub_manifest.fetch_manifest(ref.repo_id, ref.revision)
@@ -66,6 +69,8 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
         if dst is not None and manifest.commit:  # a folder has no refs: pin what was listed
             fetch_ref = hub.RepoRef(ref.repo_id, manifest.commit)
     local_only = manifest is None
+    if force and unreachable is not None:
+        raise LongcatError(f"--force-download: {unreachable}; nothing was fetched again")
     if local_only and dst is not None and Path(dst).exists():
         check_folder_record(ref, Path(dst), unreachable)
     try:

@@ -75,12 +75,17 @@ def parse_repo_ref(arg: str) -> RepoRef | None:
         return None
     if not sep:
         return RepoRef(repo)
+    _check_revision(revision, text)
+    return RepoRef(repo, revision)
+
+
+def _check_revision(revision: str, where: str) -> None:
+    """A branch, tag or commit name: never a path (it names a folder of the cache)."""
     bad = (not _REVISION.fullmatch(revision) or ".." in revision.split("/")
            or revision.endswith("/") or "//" in revision)
     if bad:
-        raise UsageError(f"{text}: invalid revision '{revision}' (expected a branch, tag or commit "
-                         "hash, e.g. meituan-longcat/LongCat-Video@main)")
-    return RepoRef(repo, revision)
+        raise UsageError(f"{where}: invalid revision '{revision}' (expected a branch, tag or "
+                         "commit hash, e.g. meituan-longcat/LongCat-Video@main)")
 
 
 def repo_ref(arg: str, revision: str | None = None) -> RepoRef:
@@ -89,6 +94,8 @@ def repo_ref(arg: str, revision: str | None = None) -> RepoRef:
     if ref is None:
         raise UsageError(f"'{arg}' is not a Hugging Face repo id (expected org/name[@revision], "
                          f"e.g. {DEFAULT_REPO})")
+    if revision is not None:
+        _check_revision(revision, "--revision")
     if revision and ref.revision and revision != ref.revision:
         raise UsageError(f"two revisions given: '{ref.revision}' in {arg} and --revision "
                          f"'{revision}'")

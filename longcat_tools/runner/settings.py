@@ -22,7 +22,7 @@ from longcat_tools.io.atomic import enclosing_checkpoint, real_path
 from longcat_tools.lora.registry import check_scale
 from longcat_tools.model import avatar, bounds, bsa_presets, dtypes, keymap
 from longcat_tools.model import fp8 as fp8_format
-from longcat_tools.model.chunks import frames_problem, latent_frames, latent_grid
+from longcat_tools.model.chunks import MAX_FRAMES, frames_problem, latent_frames, latent_grid
 from longcat_tools.runner import footprint
 from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
 
@@ -47,7 +47,6 @@ FP8_ATTENTION: dict[str, frozenset[str] | None] = {
     "all": frozenset(fp8_format.ATTENTION_KINDS)}
 CONTINUING = ("vc", "long", "avc")  # tasks that continue from condition frames
 DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
-MAX_FRAMES = 4097  # one segment; the model is trained on 93
 MAX_GUIDANCE = 100.0  # CFG-Zero* scales in use are 1 to ~10
 MAX_FPS = 1000.0
 T2V_SIZE = (480, 832)  # (height, width) of t2v and long without --height/--width
