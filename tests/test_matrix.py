@@ -173,6 +173,8 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ("a\n", ["--out", "one.mp4", "--seeds", "1,,2"], "--seeds 1,,2: '' is not an integer", 2),
     ("a\n", ["--out", "one.mp4", "--bsa", "on,,off"], "--bsa list on,,off: --bsa : unknown", 2),
     ("a\n", ["--seeds", "1,2,1"], "--seeds 1,2,1: '1' is listed twice", 2),
+    ('{"prompt": "g", "out": "x.mp4"}\n', ["--seeds", "1,2", "--bsa", "off,on"],
+     "line 1: 'out' names one video, but --seeds and --bsa make 4 of this line", 2),
     ("a\n", ["--bsa", "off,on,off"], "--bsa off,on,off: 'off' is listed twice", 2),
     ("a\n", ["--lora-scale", "0.5,0.50", "--distill"], "'0.5' is listed twice", 2),
 ])

@@ -168,6 +168,13 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
             raise LongcatError(f"--prompts {prompts} line {pl.line}: no prompt (give 'prompt' "
                                "on the line, or -p for the lines without one)")
         line_seeds = [pl.fields["seed"]] if "seed" in pl.fields else seeds
+        videos = len(line_seeds) * len(bsa) * len(scales)
+        if "out" in pl.fields and videos > 1:
+            lists = [o for o, n in (("--seeds", len(line_seeds)), ("--bsa", len(bsa)),
+                                    ("--lora-scale", len(scales))) if n > 1]
+            raise UsageError(f"--prompts {prompts} line {pl.line}: 'out' names one video, but "
+                             f"{' and '.join(lists)} make {videos} of this line (drop 'out', "
+                             "or give the line its own 'seed' and one value for the others)")
         for seed in line_seeds:
             for b in bsa:
                 for scale in scales:
