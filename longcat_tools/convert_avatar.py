@@ -42,7 +42,7 @@ from longcat_tools.convert import (
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import check_replaceable
-from longcat_tools.io.safetensors import TensorInfo, plan_shards, shard_names
+from longcat_tools.io.safetensors import TensorInfo, plan_shards, require_float, shard_names
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.lora import formats as lf
 from longcat_tools.model import avatar, int8, keymap
@@ -126,9 +126,13 @@ def _read_dit(ck: layouts.AvatarCheckpoint, name: str) -> _Dit:
             if role in role_dtype and got != role_dtype[role]:
                 raise LongcatError(f"{d.infos[n][0]}: INT8 tensor '{n}' is {got}, the format "
                                    f"stores {role_dtype[role]}")
+            if role == "keep":
+                require_float(*d.infos[n])
     else:
         check_tensor_set(d.folder, d.infos, dict(specs), "native avatar",
                          "config.json (avatar DiT)")
+        for path, info in d.infos.values():
+            require_float(path, info)
     return d
 
 

@@ -305,3 +305,19 @@ def test_an_int8_folder_of_another_method_is_refused(avatar_copy, capsys):
     with pytest.raises(LongcatError, match="int4_groupwise"):
         load_avatar_transformer(av / INT8)
     assert verify(av).status == "fail"
+
+
+@pytest.mark.parametrize("folder", ["base_model", INT8])
+def test_an_integer_weight_is_refused(avatar_copy, capsys, folder):
+    """The base model's check, which the avatar's DiT folders skipped: verify then failed the
+    output."""
+    av = avatar_copy("avatar-1.5")
+    shard = sorted((av / folder).glob("*.safetensors"))[0]
+    t = load_file(shard)
+    name = next(n for n, v in t.items() if v.is_floating_point() and v.ndim == 1)
+    t[name] = t[name].to(torch.int32)
+    save_file(t, shard)
+    assert main(["convert", "--src", str(av), "--dst", str(av.parent / "out"), "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"tensor '{name}' is I32, not floating point" in line
+    assert not (av.parent / "out").exists()

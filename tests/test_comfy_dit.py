@@ -232,6 +232,11 @@ def test_verify_checks_a_comfy_file_and_the_folder_convert_writes(tiny_native, f
         assert report.layout == "comfy-single"
     checked = {(c.name, c.status) for c in verify(folder, deep=True).checks}
     assert {("layout", "pass"), ("deep", "pass"), ("checksum", "pass")} <= checked
+    # the folder's list names its file relative to the folder, also when the file is verified
+    assert verify(file, checksums=folder / "checksums.sha256").status == "pass"
+    for extra in (["--against-hub"], ["--forward"]):  # no hub record, not run here: refused
+        assert _cli("verify", file, *extra, "-q") == 2
+        assert "ComfyUI single-file DiT" in capsys.readouterr().err
     save_file(fp8_dict, tmp_path / "fp8.safetensors")
     assert verify(tmp_path / "fp8.safetensors", deep=True).status == "pass"
     fp8_dict[f"{W}.scale_weight"] = torch.tensor(0.0)  # what convert refuses, verify fails

@@ -272,8 +272,8 @@ def test_quiet_silences_the_library_warnings_too(capsys, caplog, tiny_native, t2
         assert sum("keeps no key chunk" in r.getMessage() for r in caplog.records) == n
 
 
-def test_distill_on_a_checkpoint_with_distilled_fused_runs_it_as_fused(capsys, caplog, tiny_native,
-                                                                       tmp_path):
+def test_distill_on_a_checkpoint_with_distilled_fused_runs_it_as_fused(capsys, tiny_native,
+                                                                       tmp_path, t2v_mp4):
     """--distill was refused after loading (lora/ holds no 'distilled' LoRA), and a run without
     it sampled the distilled weights as the base model without a word."""
     from safetensors.torch import load_file
@@ -291,13 +291,40 @@ def test_distill_on_a_checkpoint_with_distilled_fused_runs_it_as_fused(capsys, c
     a, b = latents["runtime"], latents["fused"]
     assert ((a - b).norm() / a.norm()).item() < 1e-4  # W + BA merged once vs added each step
     assert json.loads((tmp_path / "fused.mp4.json").read_text())["guidance"] == 1.0
-    caplog.clear()
-    assert main(["run", "-m", str(fused), "-p", "a cat", *TINY, "--out",
-                 str(tmp_path / "base.mp4")]) == 0
-    assert sum("pass --distill" in r.getMessage() for r in caplog.records) == 1
-    rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, "--distill", "--lora-scale",
-                  "0.5", "--out", str(tmp_path / "half.mp4"))
-    assert rc == 2 and "fused into the DiT at scale 1" in cap.err, cap.err
+    refine = ["--task", "refine", "--video", str(t2v_mp4)]
+    for args, says in (([], "only make sense distilled: pass --distill"),
+                       (["--distill", "--lora-scale", "0.5"], "fused into the DiT at scale 1"),
+                       (["--distill", "--refine"], "the original refines without it"),
+                       (refine, "the original refines without it")):
+        rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, *args, "--out",
+                      str(tmp_path / "no.mp4"))
+        assert rc == 2 and says in cap.err and cap.err.count("\n") == 1, (args, cap.err)
+
+
+def test_a_checkpoint_with_refinement_fused_only_refines(capsys, tiny_native, tmp_path, t2v_mp4):
+    """The refine stage applied nothing more but ignored --lora-scale; a t2v stage ran with the
+    refinement weights merged in."""
+    from safetensors.torch import load_file
+
+    fused = tmp_path / "fused"
+    assert main(["lora", "fuse", "refinement", "-m", str(tiny_native), "--dst", str(fused),
+                 "-q"]) == 0
+    latents = {}
+    for name, model in (("runtime", tiny_native), ("fused", fused)):
+        rc, cap = run(capsys, "-m", str(model), "--task", "refine", "--video", str(t2v_mp4),
+                      "-p", "a cat", "--height", "32", "--width", "32", "--steps", "1",
+                      "--out", str(tmp_path / f"{name}.mp4"), "--save-latents",
+                      str(tmp_path / f"{name}.safetensors"))
+        assert rc == 0, cap.err
+        latents[name] = load_file(tmp_path / f"{name}.safetensors")["latents"]
+    a, b = latents["runtime"], latents["fused"]
+    assert ((a - b).norm() / a.norm()).item() < 1e-4
+    for args, says in ((["--task", "t2v"], "only make sense for refinement: use --task refine"),
+                       (["--task", "refine", "--video", str(t2v_mp4), "--lora-scale", "0.3"],
+                        "the refinement LoRA is fused into the DiT at scale 1")):
+        rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, *args, "--out",
+                      str(tmp_path / "no.mp4"))
+        assert rc == 2 and says in cap.err, (args, cap.err)
 
 
 @pytest.mark.parametrize("frames, refused", [(24, True), (25, False)])

@@ -10,7 +10,6 @@ given. No torch at import: the CLI builds its command from this module.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
@@ -25,9 +24,6 @@ from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.model.chunks import MAX_FRAMES, frames_problem, latent_frames, latent_grid
 from longcat_tools.runner import footprint
 from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
-
-log = logging.getLogger(__name__)
-_WARNED_FUSED: set[Path] = set()
 
 TASKS = ("t2v", "i2v", "vc", "long", "refine")  # the base model's
 AVATAR_TASKS = ("at2v", "ai2v", "avc")  # LongCat-Video-Avatar's (runner.avatar_pipeline)
@@ -364,12 +360,7 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         raise UsageError(f"--distill: {ckpt.describe()} has no distillation LoRA (only "
                          "avatar 1.5 ships lora/dmd_lora.safetensors)")
     fused = ckpt.distill_fused
-    if fused is not None and not s.distill:
-        raise UsageError(f"{ckpt.root}: the distillation LoRA is fused into the DiT; its "
-                         "weights only make sense distilled: pass --distill")
-    if fused is not None and fused != s.lora_scale:
-        raise UsageError(f"--lora-scale {s.lora_scale:g}: the distillation LoRA is fused into "
-                         f"the DiT at scale {fused:g}; run at that scale or fuse again")
+    _check_fused(s, ckpt.root, fused, what="distillation LoRA")
     if s.distill:
         if not (ckpt.root / v.lora).is_file() and fused is None:
             raise LongcatError(f"--distill: {ckpt.root / v.lora} is missing")
@@ -397,20 +388,25 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     return dims
 
 
-def _check_fused_distill(s: RunSettings, ckpt: Any) -> None:
-    """A base DiT with the distilled LoRA fused in (``lora fuse``) runs distilled with
-    ``--distill``, which then applies nothing more, at the scale it was fused at."""
-    fused = ckpt.fused_scale("distilled")
-    if fused is None:
-        return
-    if not s.distill and s.task != "refine" and ckpt.root not in _WARNED_FUSED:
-        _WARNED_FUSED.add(ckpt.root)  # once: the command line and the job both validate
-        log.warning("%s: the distilled LoRA is fused into this DiT; pass --distill for its "
-                    "16-step sampling without CFG (this run samples as the base model)",
-                    ckpt.root)
-    elif s.distill and fused != s.lora_scale:
-        raise UsageError(f"--lora-scale {s.lora_scale:g}: the distilled LoRA is fused into the "
-                         f"DiT at scale {fused:g}; run at that scale or fuse again")
+def _check_fused(s: RunSettings, root: Path, distill: float | None,
+                 refinement: float | None = None, what: str = "distilled LoRA") -> None:
+    """A DiT with a hub LoRA fused in (``lora fuse``; ``distill``, ``refinement``: the fused
+    scales, None when not fused) runs only the stage that LoRA belongs to, at the fused scale,
+    and the run applies nothing more: the original never runs one stage with the other's LoRA."""
+    refining = s.task == "refine" or s.refine
+    if refinement is not None and s.task != "refine":
+        raise UsageError(f"{root}: the refinement LoRA is fused into the DiT; its weights only "
+                         "make sense for refinement: use --task refine")
+    if distill is not None and refining:
+        raise UsageError(f"{root}: the {what} is fused into the DiT, and the original refines "
+                         "without it: refine with the checkpoint it was fused from")
+    if distill is not None and not s.distill:
+        raise UsageError(f"{root}: the {what} is fused into the DiT; its weights only make "
+                         "sense distilled: pass --distill")
+    fused, name = (distill, what) if distill is not None else (refinement, "refinement LoRA")
+    if fused is not None and fused != s.lora_scale:
+        raise UsageError(f"--lora-scale {s.lora_scale:g}: the {name} is fused into the DiT at "
+                         f"scale {fused:g}; run at that scale or fuse again")
 
 
 @dataclass(frozen=True)
@@ -441,7 +437,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     else:
         dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))  # as every reader
         check_components(ckpt)
-        _check_fused_distill(s, ckpt)
+        _check_fused(s, ckpt.root, ckpt.fused_scale("distilled"), ckpt.fused_scale("refinement"))
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
             raise UsageError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
                              "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")

@@ -75,6 +75,9 @@ def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None
     sums = Path(checksums).absolute() if checksums is not None else None  # reported where it is
     if sums is not None and not sums.exists():
         raise UsageError(f"{sums}: no such checksum file (--checksums)")
+    if is_comfy(root) and (against_hub or manifest is not None or repo is not None):
+        raise UsageError(f"{root}: a ComfyUI single-file DiT has no hub record to compare with "
+                         "(--against-hub reads the release's own layout); drop the option")
     report = Report(str(root), deep=deep or sums is not None, strict=strict)
     rec = Recorder(root, report, snapshot_roots(root) if root.is_dir() else ())
     st = _State(root, rec.allowed)
@@ -134,6 +137,14 @@ def _run(rec: Recorder, st: _State, deep: bool, sums: Path | None,
         _consistency(rec, st)
         _loras(rec, st)
     _checksums_and_deep(rec, st, deep, sums, progress)
+
+
+def is_comfy(root: Path) -> bool:
+    """Whether ``root`` is a ComfyUI single-file DiT or the folder ``convert --to comfy`` writes
+    (no DiT folder beside its file)."""
+    if root.is_file():
+        return root.name.endswith(".safetensors")
+    return (root / comfy_single.FILE_NAME).is_file() and not layouts.looks_like_checkpoint(root)
 
 
 def _comfy(rec: Recorder, st: _State, path: Path) -> None:
@@ -505,7 +516,7 @@ def _checksum_list(rec: Recorder, st: _State, path: Path | None) -> dict[Path, s
     leaves out are only noted: ``convert`` lists what it wrote, not what it hard-linked."""
     if path is None:
         return {}
-    listed, problems = D.parse_checksums(path, st.root)
+    listed, problems = D.parse_checksums(path, st.root if st.root.is_dir() else st.root.parent)
     for msg in problems[:8]:
         rec.fail(CKPT, "checksums", path, msg)
     if not listed and not problems:
