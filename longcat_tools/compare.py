@@ -170,7 +170,7 @@ def load_items(folder: str | Path) -> tuple[list[Item], list[str]]:
     if not folder.is_dir():
         if not folder.exists():
             raise UsageError(f"{folder}: no such folder (pass the folder of run's outputs)")
-        raise LongcatError(f"{folder}: not a folder")
+        raise UsageError(f"{folder}: not a folder")
     names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     sidecars = [n for n in names if n.endswith(SIDECAR_SUFFIX)]
     notes = [f"{folder / n}: no sidecar {n}.json; skipped" for n in names

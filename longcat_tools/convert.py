@@ -560,12 +560,14 @@ def _component_files(ckpt: layouts.Checkpoint, comp: str, notes: list[str],
         if p.is_dir():
             continue
         layouts.check_contained(p, allowed)
-        if p.name.endswith(layouts.PICKLE_SUFFIXES) and p.relative_to(folder).as_posix() \
+        name = p.name.removesuffix(".index.json")  # a pickle's shard index goes with it
+        if name.endswith(layouts.PICKLE_SUFFIXES) and p.relative_to(folder).as_posix() \
                 != keep_pickle:
             pickles.append(p)
         else:
             files.append(p)
     if pickles and not any(p.name.endswith(".safetensors") for p in files):
+        pickles.sort(key=lambda p: p.name.endswith(".index.json"))  # name a weight file
         raise LongcatError(f"{pickles[0]}: pickle weight file, and {comp}/ has no safetensors "
                            "weights beside it; pickles are never loaded or copied (save the "
                            "weights as safetensors first)")

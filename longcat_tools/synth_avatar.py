@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from longcat_tools import synth_audio
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io.atomic import atomic_folder, check_outside_checkpoints
 from longcat_tools.io.safetensors import (
     TensorSpec,
@@ -178,7 +178,7 @@ def _check_destination(dst: Path, force: bool) -> None:
         if problem:
             raise LongcatError(f"{dst}: {problem}")
     if not dst.parent.is_dir():
-        raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
+        raise UsageError(f"{dst.parent}: output's parent folder does not exist")
     check_outside_checkpoints(dst)
 
 

@@ -130,17 +130,17 @@ def no_weights(monkeypatch):
                         classmethod(refuse))
 
 
-@pytest.mark.parametrize("audio, message", [
-    ("notaudio", "not an audio or video file"),
-    ("silent", "the audio is silent"),
-    ("missing", "no such audio file"),
+@pytest.mark.parametrize("audio, message, code", [
+    ("notaudio", "not an audio or video file", 1),
+    ("silent", "the audio is silent", 1),
+    ("missing", "no such audio file", 2),
 ])
 def test_bad_audio_is_one_line_before_any_weights(capsys, trees, media, no_weights, audio,
-                                                  message):
+                                                  message, code):
     path = media[audio] if audio in media else media["dir"] / "missing.wav"
     rc, err = run(capsys, "-m", str(trees["1.5"]), "--task", "at2v", "--audio", str(path),
                   *TINY, "-o", str(media["dir"] / "bad.mp4"))
-    assert rc == 1
+    assert rc == code
     assert err.count("\n") == 1 and err.startswith("error: --audio ") and message in err, err
 
 
@@ -205,3 +205,16 @@ def test_tasks_and_checkpoints_must_match(capsys, trees, media, no_weights):
     base = trees["1.5"].parent / "LongCat-Video"
     rc, err = run(capsys, "-m", str(base), "--task", "at2v", "--audio", str(media["a"]), *TINY)
     assert rc == 2 and "needs a LongCat-Video-Avatar checkpoint" in err
+
+
+def test_a_truncated_shard_is_refused_before_any_weights(capsys, avatar_copy, media, no_weights):
+    """Found only once loading had started (the base's by its own loader)."""
+    av = avatar_copy("avatar-1.5")
+    for shard in (sorted((av / "base_model").glob("*.safetensors"))[0],
+                  sorted((av.parent / "LongCat-Video" / "vae").glob("*.safetensors"))[0]):
+        data = shard.read_bytes()
+        shard.write_bytes(data[:-100])
+        rc, err = run(capsys, "-m", str(av), "--task", "at2v", "--audio", str(media["a"]),
+                      "--no-vocal-separation", *TINY, "-o", str(media["dir"] / "t.mp4"))
+        assert rc == 1 and str(shard) in err and "truncated" in err, err
+        shard.write_bytes(data)

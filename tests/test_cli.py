@@ -109,6 +109,25 @@ def test_a_usage_error_is_one_line_and_exit_2(capsys, argv, says):
     assert line.startswith("error: ") and says in line, line
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["lora", "attach", "{missing}.safetensors", "--name", "x", "-m", "{ckpt}"],
+     "no such LoRA file"),
+    (["compare", "{file}"], "not a folder"),
+    (["bsa", "status", "-m", "{file}"], "not a folder"),
+    (["synth", "{missing}/a", "--model", "avatar-1.5", "-q"], "parent folder does not exist"),
+    (["run", "-m", "{ckpt}", "--frames", "9", "--task", "i2v", "--image", "{missing}.png"],
+     "no such file"),
+])
+def test_a_path_that_names_nothing_is_exit_2_in_every_command(tiny_native, tmp_path, capsys,
+                                                               argv, says):
+    """The same mistake gave exit 1 in some commands and 2 in others."""
+    (tmp_path / "f.txt").write_text("x")
+    names = {"missing": tmp_path / "missing", "file": tmp_path / "f.txt", "ckpt": tiny_native}
+    assert main([a.format(**names) for a in argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert says in line, line
+
+
 def test_under_json_a_failure_is_one_document_on_stdout_too(tiny_native, tmp_path, capsys):
     """A program reading stdout as JSON gets the error as JSON; a check that failed after
     printing its result (verify) adds no second document."""

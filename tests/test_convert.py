@@ -531,11 +531,13 @@ def test_pickles_are_left_behind_or_refused(tiny_native, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(tiny_native, src)
     (src / "text_encoder" / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    (src / "text_encoder" / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
     for extra in ([], ["--dtype", "fp16"]):
         dst = tmp_path / f"out{len(extra)}"
         assert main(["convert", "--src", str(src), "--dst", str(dst), *extra]) == 0
         assert "skipped text_encoder/pytorch_model.bin (a pickle" in capsys.readouterr().out
         assert not (dst / "text_encoder" / "pytorch_model.bin").exists()
+        assert not (dst / "text_encoder" / "pytorch_model.bin.index.json").exists()
         assert verify(dst).status == "pass"
     for p in (src / "text_encoder").glob("*.safetensors"):
         p.unlink()

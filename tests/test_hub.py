@@ -440,7 +440,7 @@ def test_download_usage_errors_exit_2(capsys):
 
 def test_force_download_that_cannot_download_says_so(use_cache, monkeypatch, capsys):
     """Offline it found the cached copy and fetched nothing, without a word."""
-    assert main(["download", REPO, "--force-download"]) == 2
+    assert main(["download", REPO, "--force-download"]) == 1
     assert "downloads are off (HF_HUB_OFFLINE=1)" in capsys.readouterr().err
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the hub unreachable (see the test below)
     assert main(["download", REPO, "--force-download"]) == 1

@@ -260,7 +260,8 @@ def test_a_nan_weight_writes_no_video(tiny_native, tmp_path, capsys):
 
 
 def test_quiet_silences_the_library_warnings_too(capsys, caplog, tiny_native, t2v_mp4, tmp_path):
-    """-q prints only errors: the BSA warning (logging) is not even made under it."""
+    """-q prints only errors: the BSA warning (logging) is not even made under it. Without -q it
+    is a "warning:" line like the commands' own (Python's fallback printed it bare)."""
     from longcat_tools.runner import pipeline as pl
 
     base = ["run", "-m", str(tiny_native), "--task", "refine", "--video", str(t2v_mp4), "-p",
@@ -270,6 +271,8 @@ def test_quiet_silences_the_library_warnings_too(capsys, caplog, tiny_native, t2
         caplog.clear()
         assert main([*base, *quiet, "--out", str(tmp_path / f"q{n}.mp4")]) == 0
         assert sum("keeps no key chunk" in r.getMessage() for r in caplog.records) == n
+        lines = [ln.split("\r")[-1] for ln in capsys.readouterr().err.splitlines()]
+        assert sum(ln.startswith("warning: BSA at sparsity") for ln in lines) == n, lines
 
 
 def test_distill_on_a_checkpoint_with_distilled_fused_runs_it_as_fused(capsys, tiny_native,

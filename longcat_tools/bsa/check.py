@@ -28,8 +28,9 @@ def _check_request(height: int, width: int, frames: int, cp: int, dims: DiTDims,
         if v < 1 or v % m:
             raise UsageError(f"{name} {v}: must be a positive multiple of {m} (VAE {stride}x "
                              f"times patch {m // stride}x)")
-    if not 1 <= frames <= chunks.MAX_FRAMES:
-        raise UsageError(f"--frames {frames}: must be 1 to {chunks.MAX_FRAMES}")
+    most = chunks.MAX_FRAMES * (2 if refine else 1)  # refine: the stage's doubled output
+    if not 1 <= frames <= most:
+        raise UsageError(f"--frames {frames}: must be 1 to {most}")
     if not refine and (why := chunks.frames_problem(frames)):
         raise UsageError(f"--frames {frames}: {why}")
     if cp < 1:

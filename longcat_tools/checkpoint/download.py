@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.checkpoint import hub, hub_manifest, layouts
-from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.errors import LongcatError
 from longcat_tools.io.atomic import check_outside_checkpoints
 
 
@@ -55,8 +55,8 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
     manifest = unreachable = None
     fetch_ref = ref
     if force and hub.offline():  # it found the local copy and fetched nothing, silently
-        raise UsageError("--force-download fetches every file again, and downloads are off "
-                         "(HF_HUB_OFFLINE=1): unset it, or drop --force-download")
+        raise LongcatError("--force-download fetches every file again, and downloads are off "
+                           "(HF_HUB_OFFLINE=1): unset it, or drop --force-download")
     if not hub.offline():
         try:
             manifest = hub_manifest.fetch_manifest(ref.repo_id, ref.revision)

@@ -189,8 +189,8 @@ def detect_any(root: str | Path) -> Checkpoint | AvatarCheckpoint:
     if not root.exists():
         raise UsageError(f"{root}: no such folder (pass a checkpoint folder)")
     if not root.is_dir():
-        raise LongcatError(f"{root}: not a folder (a checkpoint is a folder with dit/ or "
-                           "transformer/)")
+        raise UsageError(f"{root}: not a folder (a checkpoint is a folder with dit/ or "
+                         "transformer/)")
     from longcat_tools.checkpoint.hub import snapshot_roots
 
     allowed = snapshot_roots(root)

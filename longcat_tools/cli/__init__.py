@@ -8,7 +8,9 @@ one JSON document.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import sys
 import traceback
 
@@ -83,6 +85,22 @@ def _path_problem(e: Exception) -> str | None:
     return None
 
 
+class _WarningLines(logging.Handler):
+    """The library's warnings (BSA, fp8, ...) as the commands' own: ``warning: ...`` on stderr,
+    control characters escaped. Python's fallback printed them bare."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = sys.modules.get("tqdm")  # a bar on screen steps aside for the line, then redraws
+        with tqdm.tqdm.external_write_mode(file=sys.stderr) if tqdm else contextlib.nullcontext():
+            print(f"warning: {shown(record.getMessage())}", file=sys.stderr, flush=True)
+
+
+def _route_warnings() -> None:
+    logger = logging.getLogger("longcat_tools")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
+
+
 def _clear_progress() -> None:
     """Close the progress bars an error left open (a step bar the exception went through), so
     that the error starts its own line instead of ending the bar's."""
@@ -96,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in args or "--verbose" in args
     JSON_STATE.update(on=None, printed=False)
+    _route_warnings()
 
     def fail(message: str, code: int) -> int:
         on = JSON_STATE["on"] if JSON_STATE["on"] is not None else "--json" in args

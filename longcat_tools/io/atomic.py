@@ -287,7 +287,7 @@ def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) ->
     if (dst.exists() or dst.is_symlink()) and not force:
         raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
     if not dst.parent.is_dir():
-        raise LongcatError(f"{dst.parent}: output's parent folder does not exist")
+        raise UsageError(f"{dst.parent}: output's parent folder does not exist")
     with writer_lock(dst) as clear:
         if what is not None:
             check_replaceable(dst, what, force=force)

@@ -72,7 +72,7 @@ class AttachResult:
 
 def _check_source(src: Path) -> None:
     if not src.exists():
-        raise LongcatError(f"{src}: no such LoRA file")
+        raise UsageError(f"{src}: no such LoRA file")
     if not src.is_file():
         raise LongcatError(f"{src}: not a file (give the adapter's .safetensors file)")
     if src.name.endswith(layouts.PICKLE_SUFFIXES):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 
 SAMPLE_RATE = 16_000  # what both audio encoders read
 # The whole track is embedded in one pass (wav2vec2 attends over all of it: 32 frames a second,
@@ -85,7 +85,7 @@ def probe(path: str | Path) -> AudioInfo:
     """Read the first audio stream's header (codec, sample rate, duration) without decoding."""
     path = Path(path)
     if not path.is_file():
-        raise LongcatError(f"{path}: no such audio file")
+        raise UsageError(f"{path}: no such audio file")
     r = _run(["-i", str(path)], path)  # no output file: ffmpeg prints the header and stops
     err = r.stderr.decode(errors="replace")
     if re.search(r"invalid sample rate", err, re.I):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io.safetensors import read_header, read_tensor
 from longcat_tools.lora import formats as lora_formats
 
@@ -104,7 +104,7 @@ def read_lora(path: str | Path, model: LongCatTransformer3DModel, multiplier: fl
     if path.suffix != ".safetensors":
         raise LongcatError(f"{path}: LoRA files are read as safetensors only (never unpickled)")
     if not path.is_file():
-        raise LongcatError(f"{path}: no such LoRA file")
+        raise UsageError(f"{path}: no such LoRA file")
     parsed = lora_formats.read_lora(path, lora_formats.linear_shapes(model.dims))
     out = {}
     for module, entry in parsed.modules.items():

@@ -20,6 +20,7 @@ from typing import Any
 
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
+from longcat_tools.model import bounds
 from longcat_tools.runner.settings import RunSettings, check_bsa, comparable_settings, validate
 
 MANIFEST = "manifest.json"
@@ -91,6 +92,8 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
                 raise LongcatError(f"{where} line {n}: '{key}' contains a NUL character")
         if "seed" in doc and (isinstance(doc["seed"], bool) or not isinstance(doc["seed"], int)):
             raise LongcatError(f"{where} line {n}: 'seed' must be an integer")
+        if doc.get("seed", 0) not in bounds.SEEDS:
+            raise LongcatError(f"{where} line {n}: 'seed' {doc['seed']} must fit in 64 bits")
         for key in ("image", "video"):
             if key in doc and not Path(doc[key]).is_absolute():
                 doc[key] = str(path.parent / doc[key])
@@ -125,7 +128,10 @@ def _distinct(values: list, option: str, text: str) -> list:
 
 def parse_seeds(text: str) -> list[int]:
     """``--seeds 42,123,456``."""
-    return _numbers(text, "--seeds", int, "an integer", "42,123,456")
+    seeds = _numbers(text, "--seeds", int, "an integer", "42,123,456")
+    for seed in seeds:
+        bounds.check_seed(seed, "--seeds")
+    return seeds
 
 
 def parse_scales(text: str) -> list[float]:

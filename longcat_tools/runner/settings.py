@@ -208,10 +208,11 @@ def resolve_device(device: str) -> Any:
         raise UsageError(f"--device {device}: not a device (use auto, cpu, cuda or "
                          "cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        raise LongcatError(f"--device {device}: no CUDA GPU is available here (use --device "
+                           "cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} "
-                         "CUDA GPU(s), numbered from 0")
+        raise LongcatError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                           "CUDA GPU(s), numbered from 0")
     return dev
 
 
@@ -345,7 +346,9 @@ def _check_task_options(s: RunSettings) -> None:
 def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     """An avatar run's checkpoint and audio files, before any weights load; returns its DiT's
     dimensions."""
+    from longcat_tools.checkpoint import layouts
     from longcat_tools.io import jsonio
+    from longcat_tools.io.safetensors import read_header
     from longcat_tools.runner import audio
     from longcat_tools.runner.avatar_pipeline import RELEASES, dit_folder
     from longcat_tools.verify.components import check_transformer_config
@@ -380,11 +383,15 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         try:
             audio.load(path)
         except LongcatError as e:
-            raise LongcatError(f"--audio {e}") from None
+            raise type(e)(f"--audio {e}") from None
     cfg_path = folder / "config.json"
     cfg = jsonio.read(cfg_path, what="transformer config")
     dims = keymap.dit_dims(cfg, str(cfg_path))  # as every reader
     check_transformer_config(cfg, str(cfg_path))
+    layouts.shard_headers(ckpt.dit(folder.name))  # a truncated shard: before any loading
+    for comp in ("text_encoder", "vae"):
+        for path in sorted((ckpt.base / comp).glob("*.safetensors")):
+            read_header(path)
     return dims
 
 
@@ -466,12 +473,12 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         try:
             image_size = vio.image_size(s.image)
         except LongcatError as e:
-            raise LongcatError(f"--image {e}") from None
+            raise type(e)(f"--image {e}") from None
     if s.video:
         try:
             info = vio.probe(s.video, max_frames=1)
         except LongcatError as e:
-            raise LongcatError(f"--video {e}") from None
+            raise type(e)(f"--video {e}") from None
         video_size = (info["width"], info["height"])
         if s.task in ("vc", "avc", "long"):
             _check_cond_frames(s, info, _continue_fps(s, ckpt))
@@ -650,7 +657,7 @@ def _check_latents(s: RunSettings, files: InputFiles) -> None:
     try:
         header = read_header(s.latents_in)
     except LongcatError as e:
-        raise LongcatError(f"--latents-in {e}") from None
+        raise type(e)(f"--latents-in {e}") from None
     info = header.tensors.get("latents")
     if info is None:
         raise LongcatError(f"{where}: no tensor named 'latents' (found: "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io.atomic import fsync_dir
 from longcat_tools.runner.audio import SAMPLE_RATE
 
@@ -130,7 +130,7 @@ def read_video(path: str | Path) -> tuple[list[Image.Image], float]:
 
     path = Path(path)
     if not path.is_file():
-        raise LongcatError(f"{path}: no such video file")
+        raise UsageError(f"{path}: no such video file")
     try:
         gen = imageio_ffmpeg.read_frames(str(path))
         meta = next(gen)
@@ -162,7 +162,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     without decoding it (to check an input before any weights load)."""
     path = Path(path)
     if not path.is_file():
-        raise LongcatError(f"{path}: no such image file")
+        raise UsageError(f"{path}: no such image file")
     with _open_image(path) as im:
         return im.size
 
@@ -170,7 +170,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def read_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
-        raise LongcatError(f"{path}: no such image file")
+        raise UsageError(f"{path}: no such image file")
     with _open_image(path) as im:
         try:
             return im.convert("RGB")
