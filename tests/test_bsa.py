@@ -244,21 +244,23 @@ def test_lock_excludes_a_second_writer(ckpt):
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("args, message", [
-    (["enable", "--sparsity", "1.5"], "--sparsity 1.5: out of range"),
-    (["enable", "--sparsity", "0"], "--sparsity 0: out of range"),
-    (["enable", "--cdf-threshold", "1.2"], "--cdf-threshold 1.2: out of range"),
-    (["enable", "--sparsity", "abc"], "not a number"),
-    (["enable", "--chunk-q", "0,4,4"], "--chunk-q 0,4,4: expected three positive integers"),
-    (["enable", "--chunk-k", "4,4"], "--chunk-k 4,4: expected three positive integers"),
-    (["enable", "--sparsity", "none", "--cdf-threshold", "none"], "cannot both be none"),
-    (["preset", "720p-turbo"], "unknown preset '720p-turbo'"),
-    (["restore"], "no backup to restore"),
+@pytest.mark.parametrize("args, message, code", [
+    (["enable", "--sparsity", "1.5"], "--sparsity 1.5: out of range", 2),
+    (["enable", "--sparsity", "0"], "--sparsity 0: out of range", 2),
+    (["enable", "--cdf-threshold", "1.2"], "--cdf-threshold 1.2: out of range (0 < x <= 1); e.g. "
+                                           "0.9 keeps key chunks", 2),
+    (["enable", "--sparsity", "abc"], "not a number", 2),
+    (["enable", "--chunk-q", "0,4,4"], "--chunk-q 0,4,4: expected three positive integers", 2),
+    (["enable", "--chunk-k", "4,4"], "--chunk-k 4,4: expected three positive integers", 2),
+    (["enable", "--sparsity", "none", "--cdf-threshold", "none"], "cannot both be none", 2),
+    (["preset", "720p-turbo"], "unknown preset '720p-turbo'", 2),
+    (["restore"], "no backup to restore", 1),
 ])
-def test_bad_values_are_one_line_exit_1_and_leave_the_file_alone(ckpt, capsys, args, message):
+def test_bad_values_are_one_line_and_leave_the_file_alone(ckpt, capsys, args, message, code):
+    """An option's value is exit 2, as in every command (it was 1 here); a missing backup 1."""
     path = ckpt / "dit" / "config.json"
     before, mtime = path.read_bytes(), path.stat().st_mtime_ns
-    assert main(["bsa", *args, "-m", str(ckpt)]) == 1
+    assert main(["bsa", *args, "-m", str(ckpt)]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
@@ -424,7 +426,7 @@ def test_a_config_linked_out_of_the_checkpoint_is_not_read(ckpt, tmp_path, capsy
 def test_a_chunk_larger_than_the_kernels_take_is_refused(ckpt, capsys, chunk):
     path = ckpt / "dit" / "config.json"
     before = path.read_text()
-    assert main(["bsa", "enable", "-m", str(ckpt), "--chunk-q", chunk]) == 1
+    assert main(["bsa", "enable", "-m", str(ckpt), "--chunk-q", chunk]) == 2
     assert "at most 128" in capsys.readouterr().err
     assert path.read_text() == before
 

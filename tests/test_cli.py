@@ -238,7 +238,9 @@ def test_demo_runs_the_chain(tmp_path):
 def test_demo_refuses_a_file_or_a_checkpoint_for_its_folder(tiny_native, tmp_path, capsys):
     (tmp_path / "f.png").write_bytes(b"x")
     for out, says in ((tmp_path / "f.png", "is not a folder"),
-                      (tiny_native / "d", "inside the checkpoint")):
+                      (tiny_native / "d", "inside the checkpoint"),
+                      (tmp_path / "no" / "d", "parent folder does not exist"),
+                      ("", "name the output itself")):
         assert main(["demo", "--out", str(out), "-q"]) == 2
         err = capsys.readouterr().err
         assert says in err and "internal error" not in err

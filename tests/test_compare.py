@@ -269,15 +269,15 @@ def test_control_characters_from_a_sidecar_never_reach_the_terminal(tmp_path, ca
     """A prompt holding an escape sequence (clear the screen, set the title) was printed raw."""
     folder = tmp_path / "runs"
     folder.mkdir()
-    evil = "a cat\x1b[2J\x1b]0;owned\x07"
+    evil = "a cat\x1b[2J\x1b]0;owned\x07\nrow"
     add_run(folder, "a.mp4", clip(16, 16, (0, 0, 0)), 1.0, prompt=evil)
     add_run(folder, "b.mp4", clip(16, 16, (9, 9, 9)), 1.0, prompt=evil, seed=7)
     assert main(["compare", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
-    assert "a cat\\x1b[2J\\x1b]0;owned\\x07" in out
-    (folder / "c\x1b[31m.mp4").write_bytes(b"x")  # a name the error line quotes
-    (folder / "c\x1b[31m.mp4.json").write_text("[1]")
+    assert "a cat\\x1b[2J\\x1b]0;owned\\x07\\x0arow" in out  # a line break cannot split a row
+    (folder / "c\x1b[31m\n.mp4").write_bytes(b"x")  # a name the error line quotes
+    (folder / "c\x1b[31m\n.mp4.json").write_text("[1]")
     assert main(["compare", str(folder)]) == 1
-    err = capsys.readouterr().err
-    assert "\x1b" not in err and "c\\x1b[31m.mp4.json" in err
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "\x1b" not in line and "c\\x1b[31m\\x0a.mp4.json" in line

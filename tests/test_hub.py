@@ -402,11 +402,14 @@ def test_a_corrupt_download_fails_and_names_the_file(fake_hub, capsys):
     bad = "dit/diffusion_pytorch_model-00003-of-00005.safetensors"
     fake_hub(corrupt=bad)
     assert main(["download", REPO, "--include", "dit", "--check-hashes", "--json"]) == 1
-    doc = _json(capsys)
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # one document: the result, no error document after it
     assert not doc["ok"]
     failures = [c for c in doc["hashes"]["checks"] if c["status"] in hub_manifest.FAIL]
     assert [(c["file"], c["status"]) for c in failures] == [(bad, "sha256")]
     assert bad in failures[0]["message"]
+    last = captured.err.strip().splitlines()[-1]  # the line a failure ends with, -q or not
+    assert last.startswith("error: ") and "1 file(s) do not match the hub" in last and bad in last
 
 
 def test_a_truncated_download_fails_at_the_header_check(fake_hub, capsys):

@@ -543,3 +543,18 @@ def test_fuse_refuses_an_index_that_disagrees_with_its_shards(native, tmp_path, 
     rc, _, err = _cli(capsys, "fuse", "distilled", "--dst", tmp_path / "f", "-m", native)
     assert rc == 1 and "the index maps 'x_embedder.proj.weight' to this shard" in err, err
     assert not (tmp_path / "f").exists()
+
+
+def test_fuse_leaves_the_bsa_backup_behind_and_says_when_run_cannot_use_it(native, tmp_path,
+                                                                          capsys):
+    """The source's dit/config.json.bak was hard-linked into the fused checkpoint: `bsa restore`
+    there brought back the unfused config, and run took the distilled weights as the base."""
+    assert main(["bsa", "preset", "720p-fast", "-m", str(native), "-q"]) == 0
+    assert (native / "dit" / "config.json.bak").exists()
+    dst = tmp_path / "fused"
+    assert _cli(capsys, "fuse", "distilled", "--dst", dst, "-m", native)[0] == 0
+    assert not (dst / "dit" / "config.json.bak").exists()
+    assert main(["bsa", "restore", "-m", str(dst), "-q"]) == 1
+    assert "no backup to restore" in capsys.readouterr().err
+    rc, out, _ = _cli(capsys, "fuse", "refinement", "--dst", tmp_path / "both", "-m", dst)
+    assert rc == 0 and "distilled and refinement are both fused in: `run` refuses" in out

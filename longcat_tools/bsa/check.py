@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from longcat_tools.bsa.status import mode_of
-from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.errors import UsageError
 from longcat_tools.model import chunks
 from longcat_tools.model.keymap import RELEASE_DIMS, DiTDims
 
@@ -55,9 +55,9 @@ def check(height: int, width: int, frames: int, params: dict[str, Any], *, cp: i
     for axis, g, s in (("H", grid[1], split[0]), ("W", grid[2], split[1])):
         if g % s:
             px = chunks.pixel_multiple(dims.patch_size)[0] * max(split)
-            raise LongcatError(f"token grid {axis} {g} does not split over cp_split_hw "
-                               f"{list(split)} for --cp {cp}; pick a size that is a multiple of "
-                               f"{px} px")
+            raise UsageError(f"token grid {axis} {g} does not split over cp_split_hw "
+                             f"{list(split)} for --cp {cp}; pick a size that is a multiple of "
+                             f"{px} px")
     rank = (grid[0], grid[1] // split[0], grid[2] // split[1])
     # Ulysses gathers the sequence as rank tiles one after another: the kernel sees T*cp frames.
     seen = (grid[0] * cp, rank[1], rank[2])

@@ -23,7 +23,7 @@ from typing import Any
 
 from longcat_tools import schemas
 from longcat_tools.checkpoint import hub, layouts
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, file_lock
 from longcat_tools.io.checksums import refresh_manifest
@@ -157,8 +157,8 @@ def with_enabled(cfg: dict[str, Any], style: JsonStyle = JsonStyle(), *, sparsit
     elif chunk_k is not None:
         params["chunk_3d_shape_k"] = list(chunk_k)
     if params.get("sparsity") is None and params.get("cdf_threshold") is None:
-        raise LongcatError("sparsity and cdf_threshold cannot both be none: BSA selects key chunks "
-                           "by one of them (or by the larger count of both)")
+        raise UsageError("sparsity and cdf_threshold cannot both be none: BSA selects key chunks "
+                         "by one of them (or by the larger count of both)")
     new = copy.deepcopy(cfg)
     _put(new, "enable_bsa", True, style)
     _put(new, "bsa_params", params if params == old else _ordered_params(params, old, style),
@@ -185,13 +185,14 @@ def parse_fraction(text: str | float | None, option: str, *, inclusive_one: bool
     try:
         value = float(text)
     except ValueError:
-        raise LongcatError(f"{option} {text}: not a number (a fraction such as 0.9375, or "
-                           "'none')") from None
+        raise UsageError(f"{option} {text}: not a number (a fraction such as 0.9375, or "
+                         "'none')") from None
     hi_ok = value <= 1 if inclusive_one else value < 1
     if not (0 < value and hi_ok) or math.isnan(value):
         span = "0 < x <= 1" if inclusive_one else "0 < x < 1"
-        raise LongcatError(f"{option} {text}: out of range ({span}); e.g. sparsity 0.9375 drops "
-                           "93.75% of key chunks, keeping 6.25%")
+        example = ("0.9 keeps key chunks until 90% of the softmax mass" if inclusive_one else
+                   "0.9375 drops 93.75% of key chunks, keeping 6.25%")
+        raise UsageError(f"{option} {text}: out of range ({span}); e.g. {example}")
     return value
 
 
@@ -203,11 +204,11 @@ def parse_chunk(text: str, option: str) -> list[int]:
     except ValueError:
         values = []
     if len(values) != 3 or any(v < 1 for v in values):
-        raise LongcatError(f"{option} {text}: expected three positive integers t,h,w (latent "
-                           "frames, token rows, token columns), e.g. 4,4,4")
+        raise UsageError(f"{option} {text}: expected three positive integers t,h,w (latent "
+                         "frames, token rows, token columns), e.g. 4,4,4")
     too_large = chunks.chunk_error(values, option)
     if too_large:
-        raise LongcatError(too_large)
+        raise UsageError(too_large)
     return values
 
 

@@ -92,7 +92,12 @@ class _WarningLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         tqdm = sys.modules.get("tqdm")  # a bar on screen steps aside for the line, then redraws
         with tqdm.tqdm.external_write_mode(file=sys.stderr) if tqdm else contextlib.nullcontext():
-            print(f"warning: {shown(record.getMessage())}", file=sys.stderr, flush=True)
+            print(f"warning: {shown(record.getMessage(), True)}", file=sys.stderr, flush=True)
+
+
+def _error_line(message: str) -> None:
+    """The one line every failure ends with; a name holding a line break cannot split it."""
+    print(f"error: {shown(message, one_line=True)}", file=sys.stderr)
 
 
 def _route_warnings() -> None:
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     except LongcatError as e:
         if verbose:
             traceback.print_exc()
-        print(f"error: {shown(e)}", file=sys.stderr)
+        _error_line(str(e))
         return fail(str(e), e.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
         if _is_click_error(e) and type(e).__name__ == "NoArgsIsHelpError":
@@ -149,15 +154,15 @@ def main(argv: list[str] | None = None) -> int:
             return fail(e.format_message(), e.exit_code)
         if _is_click_error(e):  # usage errors: click's message on one line, exit 2
             message = _click_message(e)
-            print(f"error: {shown(message)}", file=sys.stderr)
+            _error_line(message)
             return fail(message, e.exit_code)
         if verbose:
             traceback.print_exc()
         if (problem := _path_problem(e)) is not None:
-            print(f"error: {shown(problem)}", file=sys.stderr)
+            _error_line(problem)
             return fail(problem, EXIT_USAGE)
         message = f"internal error: {type(e).__name__}: {e}"
-        print(f"error: {shown(message)} (rerun with -v for the traceback)", file=sys.stderr)
+        _error_line(f"{message} (rerun with -v for the traceback)")
         return fail(message, EXIT_FAIL)
     if rv == 130:  # Typer turns Ctrl-C inside a command into exit code 130, silently
         print("interrupted", file=sys.stderr)

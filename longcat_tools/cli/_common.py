@@ -26,12 +26,15 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_OR_BREAK = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def shown(text: object) -> str:
+def shown(text: object, one_line: bool = False) -> str:
     """``text`` for a terminal: control characters (an escape sequence in a sidecar's prompt or
-    a file name) written as ``\\xNN`` instead of acting on the terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    a file name) written as ``\\xNN`` instead of acting on the terminal; ``one_line`` (an error,
+    a warning, a table cell) escapes line breaks and tabs too, so a name cannot split it."""
+    pattern = _CONTROL_OR_BREAK if one_line else _CONTROL
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 # This process's --json state for ``main``'s error document: whether its command's ``Out``
@@ -67,7 +70,8 @@ class Out:
             print(shown(text), file=self._stream, flush=True)
 
     def warn(self, text: str) -> None:
-        print(f"warning: {shown(text)}", file=sys.stderr, flush=True)
+        if not self.quiet:  # -q: errors only
+            print(f"warning: {shown(text, one_line=True)}", file=sys.stderr, flush=True)
 
     def result(self, obj: Any) -> None:
         """The machine-readable result: printed only under --json."""
@@ -88,7 +92,7 @@ class Out:
 
 
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
-    cells = [[shown(c) for c in header]] + [[shown(c) for c in r] for r in rows]
+    cells = [[shown(c, True) for c in header]] + [[shown(c, True) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

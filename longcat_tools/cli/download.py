@@ -43,6 +43,7 @@ def download_cmd(
     """
     from longcat_tools.checkpoint import download as hub_download
     from longcat_tools.checkpoint import hub, hub_manifest
+    from longcat_tools.errors import LongcatError
 
     out = Out(json_out, quiet, verbose)
     ref = hub.repo_ref(repo, revision)
@@ -95,7 +96,11 @@ def download_cmd(
                 "headers": h.as_dict(),
                 "hashes": r.hashes.as_dict() if r.hashes is not None else None,
                 "seconds": round(r.seconds, 3)})
-    return 0 if ok else 1
+    if not ok:  # the one error line every failure ends with (-q hid the FAIL lines above)
+        first = r.hashes.failures[0].message
+        raise LongcatError(f"{r.path}: {len(r.hashes.failures)} file(s) do not match the hub "
+                           f"({first}); download again with --force-download")
+    return 0
 
 
 def hub_manifest_cmd(

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from longcat_tools import schemas
+from longcat_tools.bsa.config import backup_path
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
@@ -218,6 +219,11 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
         adapters.append(FusedAdapter(name, float(k), lf.read_lora(path, shapes)))
     wanted = {m for a in adapters for m in a.lora.modules}
     plan = FusePlan(ckpt, dst, adapters, [], link, force, 0, 0, _source_checksums(ckpt))
+    hub = {a.name for a in adapters} | {n for n in ("distilled", "refinement")
+                                         if ckpt.avatar is None and ckpt.fused_scale(n) is not None}
+    if {"distilled", "refinement"} <= hub:  # a merged export for other tools: made, but said
+        plan.notes.append("distilled and refinement are both fused in: `run` refuses this "
+                          "checkpoint (the original never runs one stage with the other's LoRA)")
     if ckpt.avatar is None:
         plan.folders.append(FusedFolder(ckpt, _float_rewrite(ckpt, wanted, shapes)))
     else:
@@ -437,7 +443,8 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
         tdir.mkdir()
         names = {path.name for path in f.rewrite}
         for src in sorted(folder.iterdir()):
-            if src.name == "config.json" or src.name in names:
+            if src.name in ("config.json", backup_path(Path("config.json")).name) \
+                    or src.name in names:  # bsa restore would bring back the unfused config
                 continue
             _copy_tree(src, tdir / src.name, place)
         change = float_tensors(f) if f.quantized_from is None else int8_tensors(f)

@@ -73,11 +73,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 
 
 def get(name: str) -> Preset:
-    from longcat_tools.errors import LongcatError
+    from longcat_tools.errors import UsageError
 
     if name not in PRESETS:
-        raise LongcatError(f"unknown preset '{name}' (known: {', '.join(PRESETS)}; "
-                           "`longcat-tools bsa presets` describes them)")
+        raise UsageError(f"unknown preset '{name}' (known: {', '.join(PRESETS)}; "
+                         "`longcat-tools bsa presets` describes them)")
     return PRESETS[name]
 
 
