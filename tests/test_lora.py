@@ -502,6 +502,13 @@ def test_a_lora_scale_past_ten_is_refused_in_one_line(native, tmp_path, capsys, 
     assert _tree(native) == before and not (tmp_path / "fused").exists()
 
 
+@pytest.mark.parametrize("spec", ["distilled:", "distilled,,refinement", ",distilled", ":0.5"])
+def test_an_empty_name_or_scale_in_a_fuse_list_is_refused(native, tmp_path, capsys, spec):
+    """'distilled:' fused at the default scale and 'a,,b' skipped the gap, silently."""
+    rc, _, err = _cli(capsys, "fuse", spec, "--dst", tmp_path / "f", "-m", native, "--dry-run")
+    assert rc == 2 and "an empty adapter name or scale" in err, err
+
+
 @pytest.mark.parametrize("config", ["missing.json", "given"])
 def test_an_adapter_config_is_never_ignored(native, tmp_path, capsys, config):
     """A native adapter carries its own alphas: a config given with it, or one that is not

@@ -7,19 +7,19 @@ from typing import Annotated
 
 import typer
 
-from longcat_tools.cli._common import JsonOpt, Out
+from longcat_tools.cli._common import JsonOpt, Out, QuietOpt, VerboseOpt
 
 
 def schema_cmd(
     name: Annotated[str | None, typer.Argument(
         metavar="NAME", show_default=False,
         help="Schema to print (default: list them all).")] = None,
-    json_out: JsonOpt = False,
+    json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """List the JSON Schemas (draft 2020-12) the tool validates with, or print one."""
     from longcat_tools import schemas
 
-    out = Out(json_out)
+    out = Out(json_out, quiet, verbose)
     if name is not None:
         print(json.dumps(schemas.load(name), indent=2))
         return

@@ -138,9 +138,10 @@ def parse_fuse_names(spec: str) -> list[tuple[str, float | None]]:
     out = []
     for part in spec.split(","):
         part = part.strip()
-        if not part:
-            continue
-        name, _, s = part.partition(":")
+        name, colon, s = part.partition(":")
+        if not name or (colon and not s):  # 'a,,b' and 'a:' were read as if well formed
+            raise UsageError(f"'{spec}': an empty adapter name or scale (NAME[:SCALE][,NAME...], "
+                             "e.g. distilled:0.5,refinement)")
         try:
             value = float(s) if s else None
         except ValueError:

@@ -169,7 +169,7 @@ def check_writable(ckpt: layouts.Checkpoint) -> None:
     if ckpt.in_hf_cache:
         raise LongcatError(f"{ckpt.root}: is a snapshot in the Hugging Face cache, which lora "
                            "never writes into; download it with `longcat-tools download REPO "
-                           "--dst DIR` (real files) or convert it, and attach to that")
+                           "--dst DIR` (real files) or convert it, and work on that copy")
 
 
 def checkpoint_of(model: str | Path | layouts.Checkpoint | None) -> layouts.Checkpoint:
