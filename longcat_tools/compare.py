@@ -481,6 +481,8 @@ def compare(folder: str | Path, *, sheet: str | Path | None = None,
         if target is not None:
             check_target(Path(target))
     image = render_sheet(items, frames, thumb_height)
+    notes += [f"{it.video}: {it.frames} frames, fewer than --frames {frames}: some are shown "
+              "twice" for it in items if it.frames < frames]
     pairs = measure_pairs(items)
     write_atomic(sheet, png_bytes(image))
     result = Comparison(folder, items, pairs, notes, sheet, frames)

@@ -187,6 +187,11 @@ def test_cli_prints_the_table_and_pairs(runs, tmp_path, capsys):
     col_w = round(48 * 48 / 32)
     assert Image.open(tmp_path / "s.png").size == (PAD + LABEL_WIDTH + PAD + 5 * (col_w + PAD),
                                                    PAD + 4 * (48 + PAD))
+    assert "fewer than --frames" not in cap.err
+    assert main(["compare", str(runs), "--out", str(tmp_path / "t.png"), "--frames",
+                 str(FRAMES + 1), "--thumb-height", "48"]) == 0  # repeated frames, said so
+    assert f"6 frames, fewer than --frames {FRAMES + 1}: some are shown twice" in \
+        capsys.readouterr().err
 
 
 def test_identical_videos_are_inf_psnr(tmp_path, capsys):

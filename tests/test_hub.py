@@ -251,6 +251,9 @@ def test_include_names_components():
     assert hub.include_patterns(None) is None and hub.include_patterns("all") is None
     with pytest.raises(UsageError, match="unknown component 'bogus'"):
         hub.include_patterns("dit,bogus")
+    for empty in ("", "dit,", " "):  # '' meant everything, 'dit,' as if 'dit'
+        with pytest.raises(UsageError, match="an empty component name"):
+            hub.include_patterns(empty)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,8 +255,11 @@ def include_patterns(include: str | Iterable[str] | None) -> list[str] | None:
     if include is None:
         return None
     items = include.split(",") if isinstance(include, str) else list(include)
-    names = [i.strip() for i in items if i.strip()]
-    if not names or "all" in names:
+    names = [i.strip() for i in items]
+    if not all(names):  # '' meant everything, 'dit,' as if 'dit'
+        raise UsageError(f"--include {','.join(items)}: an empty component name (choose from "
+                         f"{', '.join(COMPONENT_PATTERNS)} or all, comma-separated)")
+    if "all" in names:
         return None
     unknown = [n for n in names if n not in COMPONENT_PATTERNS]
     if unknown:

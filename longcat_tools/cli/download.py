@@ -25,7 +25,7 @@ def download_cmd(
     revision: RevisionOpt = None,
     include: Annotated[str | None, typer.Option(
         show_default=False, help="Components to fetch, comma-separated: dit, lora, vae, "
-        "text_encoder, tokenizer, scheduler (default: all).")] = None,
+        "text_encoder, tokenizer, scheduler, or all (the default).")] = None,
     check_hashes: Annotated[bool, typer.Option(
         "--check-hashes", help="Afterwards, hash every file against the hub's sha256 (reads the "
         "whole download once more).")] = False,
