@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.io.atomic import atomic_write_bytes, enclosing_checkpoint, real_path
+from longcat_tools.io.atomic import (
+    atomic_write_bytes,
+    check_parent,
+    enclosing_checkpoint,
+    real_path,
+)
 from longcat_tools.runner.settings import comparable_settings
 
 if TYPE_CHECKING:  # numpy and Pillow load when a comparison runs, not with the command line
@@ -443,8 +448,7 @@ def check_target(path: Path) -> None:
     """Refuse an output path that cannot be written, before any video is decoded."""
     if path.is_dir():
         raise UsageError(f"{path}: is a folder; name a file to write")
-    if not path.parent.is_dir():
-        raise UsageError(f"{path.parent}: output's parent folder does not exist")
+    check_parent(path)
     if (ckpt := enclosing_checkpoint(path)) is not None:
         raise UsageError(f"{path}: inside the checkpoint {ckpt}; write it outside the "
                          "model's folder")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import UsageError
-from longcat_tools.io.atomic import check_named, check_outside_checkpoints
+from longcat_tools.io.atomic import check_named, check_outside_checkpoints, check_parent
 from longcat_tools.io.safetensors import read_header
 from longcat_tools.synth import synth
 
@@ -129,8 +129,7 @@ def run_demo(out: Path, say: Callable[[str], None] = print) -> list[StepResult]:
     check_named(out)  # '' wrote the demo's folders into the current one
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder; name a folder for the demo")
-    if not out.parent.is_dir():
-        raise UsageError(f"{out.parent}: output's parent folder does not exist")
+    check_parent(out)
     check_outside_checkpoints(out, "the demo's folder")
     out.mkdir(exist_ok=True)
     ctx = DemoContext(out, say)

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from longcat_tools import synth_audio
-from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.io.atomic import atomic_folder, check_outside_checkpoints
+from longcat_tools.errors import LongcatError
+from longcat_tools.io.atomic import atomic_folder, check_outside_checkpoints, check_parent
 from longcat_tools.io.safetensors import (
     TensorSpec,
     plan_shards,
@@ -177,8 +177,7 @@ def _check_destination(dst: Path, force: bool) -> None:
         problem = _tree_problem(dst)
         if problem:
             raise LongcatError(f"{dst}: {problem}")
-    if not dst.parent.is_dir():
-        raise UsageError(f"{dst.parent}: output's parent folder does not exist")
+    check_parent(dst)
     check_outside_checkpoints(dst)
 
 

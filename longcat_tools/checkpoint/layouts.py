@@ -134,10 +134,6 @@ class Checkpoint:
     def lora_dir(self) -> Path:
         return self.root / "lora"
 
-    def fused_scale(self, adapter: str) -> float | None:
-        """The scale ``lora fuse`` merged ``adapter`` into the DiT at, None when it did not."""
-        return fused_scale(self.config(), "name", adapter)
-
     def config(self) -> dict[str, Any]:
         if self.config_path.exists():
             check_contained(self.config_path, self.containment)

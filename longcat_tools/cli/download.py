@@ -114,15 +114,14 @@ def hub_manifest_cmd(
     """Save the hub's file sizes and hashes of a repo, for `verify --against-hub` offline."""
     from longcat_tools.checkpoint import hub, hub_manifest
     from longcat_tools.errors import LongcatError, UsageError
-    from longcat_tools.io.atomic import check_named
+    from longcat_tools.io.atomic import check_named, check_parent
 
     out = Out(json_out, quiet, verbose)
     ref = hub.repo_ref(repo, revision)
     check_named(out_file)  # all before the network: '' and a folder failed after the fetch
     if out_file.is_dir():
         raise UsageError(f"--out {out_file}: is a folder; name the manifest's file")
-    if not out_file.parent.is_dir():
-        raise UsageError(f"{out_file.parent}: output's parent folder does not exist")
+    check_parent(out_file)
     if out_file.exists() and not force:
         raise LongcatError(f"{out_file}: already exists (pass --force to replace it)")
     if hub.offline():

@@ -149,6 +149,12 @@ def check_named(dst: Path) -> None:
                          "replaceable folder or file, not '.', '..' or empty)")
 
 
+def check_parent(dst: Path) -> None:
+    """An output goes into a folder that exists: no command makes missing parents."""
+    if not Path(dst).parent.is_dir():
+        raise UsageError(f"{Path(dst).parent}: output's parent folder does not exist")
+
+
 def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
                       force: bool = True) -> None:
     """The one ``--force`` rule of every command that writes a new checkpoint or file.
@@ -184,8 +190,7 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
         problem = kind.problem(dst)
         if problem is not None:
             raise LongcatError(f"{dst}: {problem}")
-    if not dst.parent.is_dir():
-        raise UsageError(f"{dst.parent}: output's parent folder does not exist")
+    check_parent(dst)
     if what == "checkpoint":
         check_outside_checkpoints(dst)
 
@@ -286,8 +291,7 @@ def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) ->
     dst = Path(dst)
     if (dst.exists() or dst.is_symlink()) and not force:
         raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
-    if not dst.parent.is_dir():
-        raise UsageError(f"{dst.parent}: output's parent folder does not exist")
+    check_parent(dst)
     with writer_lock(dst) as clear:
         if what is not None:
             check_replaceable(dst, what, force=force)

@@ -220,8 +220,11 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
         adapters.append(FusedAdapter(name, float(k), lf.read_lora(path, shapes)))
     wanted = {m for a in adapters for m in a.lora.modules}
     plan = FusePlan(ckpt, dst, adapters, [], link, force, 0, 0, _source_checksums(ckpt))
-    hub = {a.name for a in adapters} | {n for n in ("distilled", "refinement")
-                                         if ckpt.avatar is None and ckpt.fused_scale(n) is not None}
+    hub = {a.name for a in adapters}
+    if ckpt.avatar is None:
+        cfg = ckpt.config()
+        hub |= {n for n in ("distilled", "refinement")
+                if layouts.fused_scale(cfg, "name", n) is not None}
     if {"distilled", "refinement"} <= hub:  # a merged export for other tools: made, but said
         plan.notes.append("distilled and refinement are both fused in: `run` refuses this "
                           "checkpoint (the original never runs one stage with the other's LoRA)")

@@ -37,6 +37,7 @@ from longcat_tools.runner.settings import (
     guidance_of,
     resolve_device,
     run_dtype,
+    source_stride,
     validate,
 )
 
@@ -73,8 +74,7 @@ class Job:
 
     def source(self, fps: float) -> list[Image.Image]:
         """The input video's frames at about ``fps`` (every n-th frame)."""
-        stride = max(1, round(self.in_fps / fps)) if self.in_fps else 1
-        return self.in_frames[::stride]
+        return self.in_frames[::source_stride(self.in_fps, fps)]
 
     def common(self) -> dict[str, Any]:
         """The keywords t2v, i2v, vc and long share."""

@@ -130,21 +130,18 @@ def lora_path(ckpt_root: str | Path, kind: str) -> Path:
         return sub[0]
     if len(sub) > 1:
         raise LongcatError(f"{root / kind}: several LoRA files; pass the one to use")
-    if kind in _fused_names(Path(ckpt_root)):
+    if _is_fused(Path(ckpt_root), kind):
         raise LongcatError(f"{root}: the '{kind}' LoRA is fused into this checkpoint's DiT (lora "
                            "fuse): its weights hold it already, so it cannot be loaded again")
     raise LongcatError(f"{root}: no '{kind}' LoRA (expected lora/"
                        f"{hub_file or f'{kind}.safetensors'} or lora/{kind}/<file>.safetensors)")
 
 
-def _fused_names(root: Path) -> set[str]:
-    """The adapters ``lora fuse`` recorded in the DiT config (``FUSED_CONFIG_KEY``)."""
+def _is_fused(root: Path, kind: str) -> bool:
+    """Whether ``lora fuse`` recorded ``kind`` in the DiT config (``layouts.fused_scale``)."""
     from longcat_tools.checkpoint import layouts
 
     try:
-        fused = layouts.detect(root).config().get(layouts.FUSED_CONFIG_KEY)
+        return layouts.fused_scale(layouts.detect(root).config(), "name", kind) is not None
     except LongcatError:
-        return set()
-    if not isinstance(fused, list):
-        return set()
-    return {f.get("name") for f in fused if isinstance(f, dict)}
+        return False

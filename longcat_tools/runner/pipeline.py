@@ -295,6 +295,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         from longcat_tools.checkpoint.hub import resolve_source
+        from longcat_tools.checkpoint.layouts import fused_scale
         from longcat_tools.runner import offload as off
         from longcat_tools.runner.loading import empty_transformer, finish_loading
 
@@ -347,8 +348,9 @@ class LongCatVideoPipeline(DiffusionPipeline):
             off.enable_vae_tiling(vae)
         pipe = cls(tok, te, vae, sched, dit)
         pipe.root, pipe.layout, pipe.run_device = root, ckpt.describe(), device
+        cfg = ckpt.config()
         pipe.fused_loras = {n for n in (LORA_DISTILL, LORA_REFINE)
-                            if ckpt.fused_scale(n) is not None}
+                            if fused_scale(cfg, "name", n) is not None}
         pipe.reporter = rep
         pipe.offload_text_encoder = te_home is not None
         pipe.cp = cp

@@ -442,9 +442,11 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     if isinstance(ckpt, layouts.AvatarCheckpoint):
         dims = _check_avatar(s, ckpt)
     else:
-        dims = keymap.dit_dims(ckpt.config(), str(ckpt.config_path))  # as every reader
+        cfg = ckpt.config()
+        dims = keymap.dit_dims(cfg, str(ckpt.config_path))  # as every reader
         check_components(ckpt)
-        _check_fused(s, ckpt.root, ckpt.fused_scale("distilled"), ckpt.fused_scale("refinement"))
+        _check_fused(s, ckpt.root, *(layouts.fused_scale(cfg, "name", n)
+                                     for n in ("distilled", "refinement")))
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
             raise UsageError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
                              "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")
@@ -495,13 +497,18 @@ def _continue_fps(s: RunSettings, ckpt: Any) -> float:
     return TIMINGS[RELEASES[ckpt.version.name].encoder].video_fps
 
 
+def source_stride(in_fps: float | None, fps: float) -> int:
+    """Every how many frames a task reads its input video to get about ``fps``."""
+    return max(1, round(in_fps / fps)) if in_fps else 1
+
+
 def _check_cond_frames(s: RunSettings, info: dict[str, Any], fps: float) -> None:
     """The input video holds the condition frames, read as the job reads them (every n-th frame
     at ``fps``, ``job.Job.source``): by decoding just that many."""
     from longcat_tools.runner import video as vio
 
     cond = s.num_cond_frames or DEFAULT_COND_FRAMES
-    stride = max(1, round(info["fps"] / fps)) if info.get("fps") else 1
+    stride = source_stride(info.get("fps"), fps)
     need = (cond - 1) * stride + 1
     got = vio.probe(s.video, max_frames=need)["frames"] if need > 1 else 1
     if got is not None and got < need:
