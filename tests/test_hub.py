@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -256,6 +258,21 @@ def test_include_names_components():
             hub.include_patterns(empty)
 
 
+@pytest.mark.parametrize("code, says, not_says", [
+    (errno.ENOSPC, "free some space", "folder you can write"),
+    (errno.EACCES, "folder you can write", "free some space"),
+    (errno.EEXIST, "remove that file", "free some space"),
+])
+def test_a_write_failure_names_its_cause(tmp_path, code, says, not_says):
+    """Only a full disk asks for space; the same advice for a permission or a left-over file
+    sent users looking in the wrong place."""
+    e = hub.hub_error(parse_repo_ref(REPO), OSError(code, os.strerror(code), "x/blob"), tmp_path)
+    text = str(e)
+    assert isinstance(e, LongcatError) and "\n" not in text
+    assert str(tmp_path) in text and os.strerror(code) in text
+    assert says in text and not_says not in text
+
+
 # ---------------------------------------------------------------------------------------------
 # `download`, with huggingface_hub's network side replaced by the tiny checkpoint
 
@@ -399,6 +416,29 @@ def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tiny
     assert main(["download", REPO, "--dst", str(dst)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no record that it holds" in err[0] and "verify" in err[0]
+    missing = tmp_path / "not-there"  # it blamed the cache, which --dst does not use
+    assert main(["download", REPO, "--dst", str(missing)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{missing}: no such folder" in err[0], err
+    assert "cache" not in err[0] and not missing.exists()
+
+
+def test_quiet_silences_huggingface_hubs_own_warnings(monkeypatch, tmp_path):
+    """-q left huggingface_hub's "Returning existing local_dir ..." warning on stderr."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    levels = []
+
+    def fake(repo_id, **kw):
+        levels.append(hf_logging.get_logger().getEffectiveLevel())
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    before = hf_logging.get_logger().level
+    for quiet in (True, False):
+        hub.download(parse_repo_ref(REPO), dst=tmp_path, quiet=quiet, local_only=True)
+    assert levels[0] >= logging.ERROR and levels[1] <= logging.WARNING
+    assert hf_logging.get_logger().level == before
 
 
 def test_a_corrupt_download_fails_and_names_the_file(fake_hub, capsys):
@@ -585,3 +625,4 @@ def test_commands_name_the_missing_repo_in_one_line(use_cache, capsys):
         assert main(args) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "other-org/missing" in err[0] and "Traceback" not in err[0]
+

@@ -71,7 +71,7 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
     local_only = manifest is None
     if force and unreachable is not None:
         raise LongcatError(f"--force-download: {unreachable}; nothing was fetched again")
-    if local_only and dst is not None and Path(dst).exists():
+    if local_only and dst is not None:
         check_folder_record(ref, Path(dst), unreachable)
     try:
         path = hub.download(fetch_ref, dst=dst, patterns=patterns, max_workers=max_workers,
@@ -106,8 +106,11 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
 def check_folder_record(ref: hub.RepoRef, dst: Path, unreachable: str | None = None) -> None:
     """Without the hub, take ``dst`` as ``ref`` only on the record a download left there: given
     ``local_dir``, huggingface_hub returns any existing folder for any repo id."""
-    saved = hub_manifest.saved_manifest_path(dst)
     why = unreachable or "downloads are off (HF_HUB_OFFLINE=1)"
+    if not dst.exists():  # huggingface_hub would blame the cache, which --dst does not use
+        raise LongcatError(f"{dst}: no such folder, and {why}: rerun the download with network "
+                           "to fill it, or name with --dst the folder an earlier download wrote")
+    saved = hub_manifest.saved_manifest_path(dst)
     layouts.check_plain(saved, "the download's record")  # a link could name any repo
     if not saved.is_file():
         raise LongcatError(f"{dst}: no record that it holds {ref.repo_id} ({saved.name} is "

@@ -17,6 +17,8 @@ reads follow symlinks inside the repo's cache folder but never out of it.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import shutil
@@ -284,6 +286,7 @@ def download(ref: RepoRef, *, dst: Path | None = None, patterns: list[str] | Non
         disable_progress_bars,
         enable_progress_bars,
     )
+    from huggingface_hub.utils import logging as hf_logging
 
     cache = cache_dir()
     kwargs: dict[str, Any] = dict(revision=ref.revision, cache_dir=str(cache),
@@ -294,15 +297,20 @@ def download(ref: RepoRef, *, dst: Path | None = None, patterns: list[str] | Non
     if dst is not None:
         kwargs["local_dir"] = str(dst)
     was_disabled = are_progress_bars_disabled()
+    hf_logger = hf_logging.get_logger()  # its warnings ("Returning existing local_dir ...")
+    level = hf_logger.level
     if quiet:
         disable_progress_bars()
+        hf_logger.setLevel(logging.ERROR)
     try:
         path = Path(hf.snapshot_download(ref.repo_id, **kwargs))
     except Exception as e:  # noqa: BLE001 - mapped to one line below
         raise hub_error(ref, e, dst or cache) from e
     finally:
-        if quiet and not was_disabled:
-            enable_progress_bars()
+        if quiet:
+            hf_logger.setLevel(level)
+            if not was_disabled:
+                enable_progress_bars()
     if dst is None:
         _checked_snapshot(ref, path, cache)
     return path
@@ -313,6 +321,11 @@ def is_hub_refusal(e: BaseException) -> bool:
     from huggingface_hub import errors as hf_errors
 
     return isinstance(e, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError))
+
+
+# errno values behind an OSError while writing a download: what the user can do differs
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def hub_error(ref: RepoRef, e: Exception, where: Path | None = None) -> LongcatError:
@@ -341,10 +354,18 @@ def hub_error(ref: RepoRef, e: Exception, where: Path | None = None) -> LongcatE
                             "with `hf auth login` or set HF_TOKEN)")
     if isinstance(e, (hf_errors.HFValidationError, ValueError)):
         return UsageError(f"{ref}: {first_line(e)}")
-    if isinstance(e, OSError):
-        return LongcatError(f"{ref}: cannot write to {where} ({e.strerror or e}); free "
-                            f"some space ({MODEL_SIZE_NOTE} for the whole model) and rerun: the "
-                            "download resumes")
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return LongcatError(f"{ref}: cannot write to {where} ({e.strerror}); free some space "
+                            f"({MODEL_SIZE_NOTE} for the whole model) and rerun: the download "
+                            "resumes")
+    if isinstance(e, OSError) and e.errno in _NO_PERMISSION:
+        return LongcatError(f"{ref}: cannot write to {where} ({e.strerror}): download into a "
+                            "folder you can write (--dst, or HF_HUB_CACHE for the cache)")
+    if isinstance(e, OSError) and e.errno is not None:
+        what = f" ({e.filename})" if e.filename else ""
+        return LongcatError(f"{ref}: cannot write to {where}: {e.strerror or e}{what}; "
+                            "rerun, or remove that file if it is left over from an earlier "
+                            "download")
     return LongcatError(f"{ref}: download failed ({name}: {first_line(e)[:200]})")
 
 
