@@ -128,6 +128,54 @@ def test_a_path_that_names_nothing_is_exit_2_in_every_command(tiny_native, tmp_p
     assert says in line, line
 
 
+EMPTY_PATH_CASES = [
+    ["compare", ""], ["compare", "{tmp}", "-o", ""], ["lora", "attach", "", "--name", "x"],
+    ["lora", "attach", "{tmp}/a.safetensors", "--name", "x", "--adapter-config", ""],
+    ["lora", "export", "distilled", "--format", "peft", "--out", ""],
+    ["lora", "fuse", "distilled", "--dst", ""], ["verify", ""], ["verify", "--checksums", ""],
+    ["verify", "--manifest", ""], ["verify", "--forward", "--against", ""],
+    ["convert", "--src", "", "--dst", "{tmp}/x"], ["convert", "--src", "{ckpt}", "--dst", ""],
+    ["synth", ""], ["demo", "--out", ""], ["download", "org/name", "--dst", ""],
+    ["hub-manifest", "org/name", "--out", ""], ["bsa", "status", "-m", ""],
+    ["run", "-m", "", "--prompt", "a"], ["run", "--prompts", ""], ["run", "--out-dir", "",
+                                                                   "--prompts", "p.txt"],
+    ["run", "--task", "at2v", "--prompt", "a", "--audio", ""],
+    ["run", "--task", "i2v", "--prompt", "a", "--image", ""],
+    ["run", "--task", "vc", "--prompt", "a", "--video", ""], ["run", "--prompt", "a", "-o", ""],
+    ["run", "--prompt", "a", "--save-latents", ""], ["run", "--prompt", "a", "--latents-in", ""],
+]
+
+
+@pytest.mark.parametrize("argv", EMPTY_PATH_CASES, ids=lambda a: " ".join(a[:3]))
+def test_an_empty_path_is_refused_in_every_command(tiny_native, tmp_path, monkeypatch, capsys,
+                                                    argv):
+    """'' became '.' (typer's Path, or Path('') in the library): `compare ''` read the current
+    folder, `run --image ''` ran t2v, `-m ''` took $LONGCAT_TOOLS_MODEL without a word."""
+    monkeypatch.setenv(ENV_MODEL, str(tiny_native))
+    monkeypatch.chdir(tmp_path)
+    names = {"tmp": tmp_path, "ckpt": tiny_native}
+    assert main([a.format(**names) for a in argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "an empty path" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_empty_path_in_a_prompt_line_or_the_api_is_refused(tiny_native, tmp_path):
+    from longcat_tools.runner import matrix, settings
+
+    prompts = tmp_path / "p.jsonl"
+    for key in ("image", "video", "out"):
+        prompts.write_text(json.dumps({"prompt": "a", key: ""}) + "\n")
+        with pytest.raises(LongcatError, match=f"line 1: '{key}' is empty"):
+            matrix.read_prompts(prompts)
+    for field in ("image", "video", "out", "save_latents", "latents_in"):
+        s = settings.RunSettings(task="i2v", prompt="a", model=str(tiny_native), **{field: ""})
+        with pytest.raises(UsageError, match="an empty path"):
+            settings.validate(s)
+    with pytest.raises(UsageError, match="--model: an empty path"):
+        resolve_model("")
+
+
 def test_under_json_a_failure_is_one_document_on_stdout_too(tiny_native, tmp_path, capsys):
     """A program reading stdout as JSON gets the error as JSON; a check that failed after
     printing its result (verify) adds no second document."""
@@ -240,7 +288,7 @@ def test_demo_refuses_a_file_or_a_checkpoint_for_its_folder(tiny_native, tmp_pat
     for out, says in ((tmp_path / "f.png", "is not a folder"),
                       (tiny_native / "d", "inside the checkpoint"),
                       (tmp_path / "no" / "d", "parent folder does not exist"),
-                      ("", "name the output itself")):
+                      ("", "an empty path"), (".", "name the output itself")):
         assert main(["demo", "--out", str(out), "-q"]) == 2
         err = capsys.readouterr().err
         assert says in err and "internal error" not in err

@@ -461,6 +461,8 @@ def resolve_model(arg: str | Path | None) -> Path:
     nothing is ever downloaded here (``hub.resolve_source``)."""
     from longcat_tools.checkpoint.hub import resolve_source
 
+    if arg == "":  # not "no argument": that would take $LONGCAT_TOOLS_MODEL without a word
+        raise UsageError("--model: an empty path; name the checkpoint folder")
     if arg:
         return resolve_source(arg)
     env = os.environ.get(ENV_MODEL)

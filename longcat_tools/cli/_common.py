@@ -10,14 +10,29 @@ import logging
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from longcat_tools.io import jsonio
 
+
+def given_path(value: str) -> str:
+    """A path option as given, '' refused: ``Path('')`` is the current folder, and an empty
+    --model fell back to $LONGCAT_TOOLS_MODEL without a word (typer's ``parser``)."""
+    if value == "":
+        raise typer.BadParameter("an empty path; name the file or folder")
+    return value
+
+
+def given_pathlib(value: str) -> Path:
+    """``given_path`` for an option typed ``Path``."""
+    return Path(given_path(value))
+
+
 ModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", show_default=False, metavar="PATH",
+    "--model", "-m", show_default=False, metavar="PATH", parser=given_path,
     help="Checkpoint folder (default: $LONGCAT_TOOLS_MODEL, else the current folder).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON result on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]

@@ -303,8 +303,10 @@ def check_cmd(
             f"dense {_fmt_flops(f['dense_per_forward'])}, kept "
             f"{_fmt_flops(f['kept_per_forward'])}" + (f"; per rank: 1/{cp} of these" if cp > 1
                                                        else ""))
-    out.say("original kernel: " + ("runs (every axis divides)" if r["original_kernel_ok"] else
-                                   "asserts (an axis does not divide); ours uses edge chunks"))
+    out.say("original kernel: " + (
+        "not called (dense attention)" if not r["bsa_applies"] else
+        "runs (every axis divides)" if r["original_kernel_ok"] else
+        "asserts (an axis does not divide); ours uses edge chunks"))
     for n in r["notes"]:
         out.say(f"note: {n}")
     for w in r["warnings"]:

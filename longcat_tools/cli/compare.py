@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from longcat_tools.cli._common import JsonOpt, Out, QuietOpt, VerboseOpt, human_bytes
+from longcat_tools.cli._common import (
+    JsonOpt,
+    Out,
+    QuietOpt,
+    VerboseOpt,
+    given_pathlib,
+    human_bytes,
+)
 from longcat_tools.compare import (
     DEFAULT_FRAMES,
     DEFAULT_THUMB_HEIGHT,
@@ -21,10 +28,10 @@ PROMPT_COLUMN = 40  # characters of the prompt in the table
 
 def compare_cmd(
     folder: Annotated[Path, typer.Argument(
-        metavar="DIR", show_default=False,
+        metavar="DIR", show_default=False, parser=given_pathlib,
         help="Folder of `run` outputs (X.mp4 + X.mp4.json sidecars).")],
     sheet: Annotated[Path | None, typer.Option(
-        "--out", "-o", metavar="FILE.png", show_default=False,
+        "--out", "-o", metavar="FILE.png", show_default=False, parser=given_pathlib,
         help=f"Contact sheet to write (default: DIR/{SHEET_NAME}).")] = None,
     frames: Annotated[int, typer.Option(
         "--frames", metavar="N", help="Frames per video, evenly spaced (3: first, middle, "

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from longcat_tools.cli._common import JsonOpt, Out, QuietOpt, VerboseOpt, format_table, human_bytes
+from longcat_tools.cli._common import (
+    JsonOpt,
+    Out,
+    QuietOpt,
+    VerboseOpt,
+    format_table,
+    given_path,
+    human_bytes,
+)
 
 
 def _gb(n: int) -> str:
@@ -15,12 +23,12 @@ def _gb(n: int) -> str:
 
 
 def convert_cmd(
-    src: Annotated[str, typer.Option("--src", metavar="SRC", show_default=False,
+    src: Annotated[str, typer.Option("--src", metavar="SRC", show_default=False, parser=given_path,
                                      help="Source checkpoint: native hub layout, converted "
                                      "(model_index.json), FastVideo's single-file output, or a "
                                      "ComfyUI single-file DiT (.safetensors, bf16 or "
                                      "fp8_e4m3fn_scaled), or a LongCat-Video-Avatar folder.")],
-    dst: Annotated[str, typer.Option("--dst", metavar="DST", show_default=False,
+    dst: Annotated[str, typer.Option("--dst", metavar="DST", show_default=False, parser=given_path,
                                      help="Output folder (written as DST.partial, renamed at "
                                      "the end; must not exist unless --force).")],
     keys: Annotated[str | None, typer.Option(

@@ -8,12 +8,19 @@ from typing import Annotated
 
 import typer
 
-from longcat_tools.cli._common import JsonOpt, Out, QuietOpt, VerboseOpt
+from longcat_tools.cli._common import (
+    JsonOpt,
+    Out,
+    QuietOpt,
+    VerboseOpt,
+    given_pathlib,
+)
 
 
 def demo_cmd(
-    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes its checkpoints "
-                                          "and videos (reused on every run).")]
+    out_dir: Annotated[Path, typer.Option(
+        "--out", metavar="DIR", parser=given_pathlib,
+        help="Where the demo writes its checkpoints and videos (reused on every run).")]
     = Path("longcat-demo"),
     json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:

@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from longcat_tools.cli._common import JsonOpt, Out, QuietOpt, VerboseOpt, human_bytes
+from longcat_tools.cli._common import (
+    JsonOpt,
+    Out,
+    QuietOpt,
+    VerboseOpt,
+    given_pathlib,
+    human_bytes,
+)
 
 RepoArg = Annotated[str, typer.Argument(
     metavar="REPO_ID", help="Hub repo, org/name[@revision] (e.g. meituan-longcat/LongCat-Video).")]
@@ -20,8 +27,9 @@ RevisionOpt = Annotated[str | None, typer.Option(
 def download_cmd(
     repo: RepoArg,
     dst: Annotated[Path | None, typer.Option(
-        "--dst", show_default=False, help="Download into this folder (real files) instead of the "
-        "Hugging Face cache.")] = None,
+        "--dst", metavar="DIR", show_default=False, parser=given_pathlib,
+        help="Download into this folder (real files) instead of the Hugging Face cache.")]
+    = None,
     revision: RevisionOpt = None,
     include: Annotated[str | None, typer.Option(
         show_default=False, help="Components to fetch, comma-separated: dit, lora, vae, "
@@ -106,7 +114,8 @@ def download_cmd(
 def hub_manifest_cmd(
     repo: RepoArg,
     out_file: Annotated[Path, typer.Option(
-        "--out", help="Where to write the manifest JSON.")] = Path("hub_manifest.json"),
+        "--out", metavar="FILE", parser=given_pathlib,
+        help="Where to write the manifest JSON.")] = Path("hub_manifest.json"),
     revision: RevisionOpt = None,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,

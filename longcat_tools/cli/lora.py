@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseOpt, human_bytes
+from longcat_tools.cli._common import (
+    JsonOpt,
+    ModelOpt,
+    Out,
+    QuietOpt,
+    VerboseOpt,
+    given_path,
+    human_bytes,
+)
 from longcat_tools.errors import LongcatError
 
 lora_app = typer.Typer(
@@ -20,7 +28,7 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Check everything, wr
 
 @lora_app.command("attach")
 def attach_cmd(
-    lora_file: Annotated[str, typer.Argument(metavar="LORA_FILE",
+    lora_file: Annotated[str, typer.Argument(metavar="LORA_FILE", parser=given_path,
                                              help="Adapter .safetensors file (any format).")],
     name: Annotated[str, typer.Option("--name", help="Name to store it under (lora/NAME/).",
                                       show_default=False)],
@@ -29,7 +37,8 @@ def attach_cmd(
     fmt: Annotated[str, typer.Option("--format", help="Source format: auto, native, fastvideo, "
                                      "peft or comfy (auto reads it from the key names).")] = "auto",
     adapter_config: Annotated[str | None, typer.Option(
-        "--adapter-config", metavar="JSON", help="PEFT adapter_config.json giving the alphas "
+        "--adapter-config", metavar="JSON", parser=given_path,
+        help="PEFT adapter_config.json giving the alphas "
         "(default: the file's metadata, else adapter_config.json beside it).")] = None,
     force: ForceOpt = False, dry_run: DryRunOpt = False,
     json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
@@ -115,7 +124,7 @@ def export_cmd(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Adapter to export.")],
     fmt: Annotated[str, typer.Option("--format", help="native, fastvideo, peft or comfy.",
                                      show_default=False)],
-    out_file: Annotated[str, typer.Option("--out", metavar="FILE",
+    out_file: Annotated[str, typer.Option("--out", metavar="FILE", parser=given_path,
                                           help="Output .safetensors file.", show_default=False)],
     model: ModelOpt = None,
     keys: Annotated[str | None, typer.Option(
@@ -146,7 +155,8 @@ def export_cmd(
 def fuse_cmd(
     names: Annotated[str, typer.Argument(metavar="NAME[:SCALE][,NAME...]",
                                          help="Adapters to merge, each with an optional scale.")],
-    dst: Annotated[str, typer.Option("--dst", metavar="DST", help="New checkpoint folder.",
+    dst: Annotated[str, typer.Option("--dst", metavar="DST", parser=given_path,
+                                     help="New checkpoint folder.",
                                      show_default=False)],
     model: ModelOpt = None,
     scale: Annotated[float | None, typer.Option(

@@ -24,6 +24,7 @@ from longcat_tools.cli._common import (
     Out,
     QuietOpt,
     VerboseOpt,
+    given_path,
     human_bytes,
 )
 from longcat_tools.errors import LongcatError, UsageError
@@ -36,19 +37,21 @@ AUDIO_HELP = next(f.metadata["help"] for f in fields(RunSettings) if f.name == "
 def run_cmd(
     ctx: typer.Context,
     prompts: Annotated[str | None, typer.Option(
-        "--prompts", metavar="FILE", help="Prompt list: one prompt a line, or JSONL with "
+        "--prompts", metavar="FILE", parser=given_path,
+        help="Prompt list: one prompt a line, or JSONL with "
         "prompt, negative_prompt, image, video, seed, out per line (a matrix run).")] = None,
     seeds: Annotated[str | None, typer.Option(
         "--seeds", metavar="LIST", help="Comma list of seeds, one video each (a matrix "
         "run).")] = None,
     out_dir: Annotated[str, typer.Option(
-        "--out-dir", metavar="DIR", help="Folder of a matrix run: one mp4 + sidecar per video "
+        "--out-dir", metavar="DIR", parser=given_path,
+        help="Folder of a matrix run: one mp4 + sidecar per video "
         "and manifest.json.")] = "out",
     lora_scale: Annotated[str, typer.Option(
         "--lora-scale", metavar="SCALE", help="Scale of the hub LoRAs the run activates "
         "(distilled, refinement); a comma list makes a matrix run.")] = "1",
     audio: Annotated[list[str] | None, typer.Option(
-        "--audio", metavar="FILE", help=AUDIO_HELP)] = None,
+        "--audio", metavar="FILE", parser=given_path, help=AUDIO_HELP)] = None,
     gpus: Annotated[int, typer.Option(help="Use N GPUs of this machine (N processes): one "
                                       "video is split over them (context parallel), a matrix "
                                       "run gives each whole videos (data parallel).")] = 1,

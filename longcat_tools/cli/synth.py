@@ -8,12 +8,20 @@ from typing import Annotated
 
 import typer
 
-from longcat_tools.cli._common import JsonOpt, Out, QuietOpt, VerboseOpt, human_bytes
+from longcat_tools.cli._common import (
+    JsonOpt,
+    Out,
+    QuietOpt,
+    VerboseOpt,
+    given_path,
+    human_bytes,
+)
 
 
 def synth_cmd(
     dst: Annotated[str, typer.Argument(
-        metavar="DST", help="Folder to create (must not exist unless --force). For an avatar "
+        metavar="DST", parser=given_path,
+        help="Folder to create (must not exist unless --force). For an avatar "
         "model it holds LongCat-Video/ and the avatar's folder.")],
     model: Annotated[str, typer.Option(help="Which model: base, avatar-1.0 or avatar-1.5.")] =
     "base",

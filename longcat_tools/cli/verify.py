@@ -7,12 +7,20 @@ from typing import Annotated
 
 import typer
 
-from longcat_tools.cli._common import JsonOpt, ModelOpt, Out, QuietOpt, VerboseOpt
+from longcat_tools.cli._common import (
+    JsonOpt,
+    ModelOpt,
+    Out,
+    QuietOpt,
+    VerboseOpt,
+    given_path,
+    given_pathlib,
+)
 
 
 def verify_cmd(
     path: Annotated[str | None, typer.Argument(
-        metavar="PATH", show_default=False,
+        metavar="PATH", show_default=False, parser=given_path,
         help="Checkpoint folder, or a ComfyUI single-file DiT (default: --model, "
              "$LONGCAT_TOOLS_MODEL, else the current folder).")] = None,
     model: ModelOpt = None,
@@ -20,14 +28,16 @@ def verify_cmd(
         "--deep", help="Also read every byte once: NaN/Inf, all-zero weights, sha256 against "
                        "checksums.sha256.")] = False,
     checksums: Annotated[Path | None, typer.Option(
-        metavar="FILE", help="sha256sum-format list to compare with (default: checksums.sha256 "
+        metavar="FILE", parser=given_pathlib,
+        help="sha256sum-format list to compare with (default: checksums.sha256 "
                              "in the checkpoint); implies --deep.")] = None,
     strict: Annotated[bool, typer.Option(help="Warnings fail too (exit 1).")] = False,
     against_hub: Annotated[bool, typer.Option(
         "--against-hub", help="Also compare every file with the hub's sizes and hashes.")]
     = False,
     manifest: Annotated[Path | None, typer.Option(
-        metavar="FILE", help="The hub's record to compare with (`hub-manifest`); implies "
+        metavar="FILE", parser=given_pathlib,
+        help="The hub's record to compare with (`hub-manifest`); implies "
                              "--against-hub.")] = None,
     repo: Annotated[str | None, typer.Option(
         metavar="REPO_ID[@REV]", help="Which hub repo the folder is a copy of (default: from the "
@@ -37,7 +47,8 @@ def verify_cmd(
         "--forward", help="Also run one small DiT forward through the reference runner.")]
     = False,
     against: Annotated[str | None, typer.Option(
-        metavar="OTHER", help="With --forward: compare the output with this checkpoint's.")]
+        metavar="OTHER", parser=given_path,
+        help="With --forward: compare the output with this checkpoint's.")]
     = None,
     json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:

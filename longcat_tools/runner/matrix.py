@@ -90,6 +90,9 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
                 raise LongcatError(f"{where} line {n}: '{key}' must be a string")
             if key in ("image", "video", "out") and "\0" in doc.get(key, ""):
                 raise LongcatError(f"{where} line {n}: '{key}' contains a NUL character")
+            if key in ("image", "video", "out") and doc.get(key) == "":  # '' meant the folder
+                raise LongcatError(f"{where} line {n}: '{key}' is empty; name the file or "
+                                   "leave the field out")
         if "seed" in doc and (isinstance(doc["seed"], bool) or not isinstance(doc["seed"], int)):
             raise LongcatError(f"{where} line {n}: 'seed' must be an integer")
         if doc.get("seed", 0) not in bounds.SEEDS:

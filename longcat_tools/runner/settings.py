@@ -77,11 +77,12 @@ def run_dtype(dtype: str | None, device: Any) -> str:
 
 
 def option(default: Any, help: str, *flags: str, metavar: str | None = None,
-           cli: bool = True) -> Any:
+           cli: bool = True, path: bool = False) -> Any:
     """A RunSettings field with its command-line help (``flags``: when not ``--field-name``;
-    ``cli=False``: the command line declares the option itself, e.g. to take a list)."""
+    ``cli=False``: the command line declares the option itself, e.g. to take a list; ``path``:
+    a file name, which may not be empty)."""
     return field(default=default, metadata={"help": help, "flags": flags, "metavar": metavar,
-                                            "cli": cli})
+                                            "cli": cli, "path": path})
 
 
 @dataclass
@@ -92,11 +93,11 @@ class RunSettings:
     prompt: str = option("", "What the video shows.", "--prompt", "-p")
     model: str | None = None  # the checkpoint folder (every command's --model)
     image: str | None = option(None, "First frame (i2v; optional condition for refine).",
-                               metavar="FILE")
+                               metavar="FILE", path=True)
     video: str | None = option(None, "Video to continue (vc, long) or the stage-1 video "
-                               "(refine).", metavar="FILE")
+                               "(refine).", metavar="FILE", path=True)
     audio: list[str] | None = option(None, "Driving speech (avatar tasks); repeat for a second "
-                                     "speaker (ai2v, avc).", cli=False)
+                                     "speaker (ai2v, avc).", cli=False, path=True)
     audio_mode: str = option("mix", "Avatar, two speakers: mix (both talk over the whole "
                              "video; equal lengths) or concat (speaker 2 after speaker 1).")
     vocal_separation: bool = option(True, "Avatar: extract the speech from each --audio with "
@@ -145,7 +146,7 @@ class RunSettings:
     refine_height: int | None = option(None, "Refinement height (default: the 720p bucket).")
     refine_width: int | None = option(None, "Refinement width.")
     out: str = option("output.mp4", "Output video; a FILE.mp4.json sidecar is written next to "
-                      "it.", "--out", "-o", metavar="FILE.mp4")
+                      "it.", "--out", "-o", metavar="FILE.mp4", path=True)
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     dtype: str | None = option(None, "fp32, bf16 or fp16 (default bf16 on GPU, fp32 on CPU).")
     precision: str = option("auto", "The DiT's block GEMMs: fp8 (e4m3 weights scaled per "
@@ -158,9 +159,9 @@ class RunSettings:
                                 f"{', '.join(sorted(fp8_format.ATTENTION_DEFAULT)) or 'off'}).",
                                 metavar="KIND")
     save_latents: str | None = option(None, "Save the final latents (a .safetensors file).",
-                                      metavar="FILE")
+                                      metavar="FILE", path=True)
     latents_in: str | None = option(None, "Initial noise (safetensors, tensor 'latents').",
-                                    metavar="FILE")
+                                    metavar="FILE", path=True)
     cp: int = option(1, "This process is one of N context-parallel ranks (under torchrun "
                      "--nproc-per-node N).")
 
@@ -224,6 +225,7 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     if s.task not in TASKS + AVATAR_TASKS:
         raise UsageError(f"--task {s.task}: unknown (choose from "
                          f"{', '.join(TASKS + AVATAR_TASKS)})")
+    _check_paths_given(s)
     _check_task_options(s)
     files = _check_inputs(s) if inputs else None
     if s.dtype is not None:
@@ -306,6 +308,15 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         device = resolve_device(s.device)
         footprint.check(files.dims, _stages(s, files), run_dtype(s.dtype, device), device, s.cp)
         _check_latents(s, files)
+
+
+def _check_paths_given(s: RunSettings) -> None:
+    """An empty file name is refused, not taken as "not given": ``--image ''`` ran t2v."""
+    for f in fields(RunSettings):
+        value = getattr(s, f.name)
+        if f.metadata.get("path") and "" in (value if isinstance(value, list) else [value]):
+            flag = (f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",))[0]
+            raise UsageError(f"{flag}: an empty path; name the file")
 
 
 # Options of the base tasks the avatar pipeline does not take, each with how it shows as used.
