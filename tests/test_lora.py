@@ -378,6 +378,21 @@ def test_registry_lock_serializes_writers(native):
     assert len(errors) == 1 and not (native / "lora" / "adapters.json.lock").exists()
 
 
+def test_a_wait_on_the_registry_lock_says_what_it_waits_for(native, monkeypatch, caplog):
+    """A second `lora attach` waited up to ten minutes without a word."""
+    from longcat_tools.io import atomic
+
+    monkeypatch.setattr(atomic, "WAIT_NOTE_S", 0.05)
+    ckpt = layouts.detect(native)
+    with lora_lib.registry_lock(ckpt):
+        t = threading.Thread(target=lambda: pytest.raises(
+            LongcatError, lora_lib.registry_lock(ckpt, timeout=0.3).__enter__))
+        t.start()
+        t.join()
+    waits = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert len(waits) == 1 and "adapters.json.lock" in waits[0], waits
+
+
 def test_killed_attach_leaves_no_adapter(native, tmp_path, monkeypatch):
     """A failure mid-write (here: the writer raises after the first module) leaves no
     lora/NAME/, no registry entry and no .partial folder."""

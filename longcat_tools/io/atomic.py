@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import logging
 import os
 import shutil
 import stat
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from longcat_tools.errors import LongcatError, UsageError
+
+log = logging.getLogger(__name__)
+WAIT_NOTE_S = 2.0  # a lock wait this long gets a line saying what the command waits for
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -363,13 +367,17 @@ def _open_lock(lock: Path) -> tuple[int, bool]:
 
 
 @contextmanager
-def _held(lock: Path, timeout: float, busy: Callable[[], str]) -> Iterator[bool]:
+def _held(lock: Path, timeout: float, busy: Callable[[], str],
+          waiting: str | None = None) -> Iterator[bool]:
     """An exclusive ``flock`` on ``lock`` (created, and removed on release); after ``timeout``
-    seconds of waiting, a LongcatError with ``busy()``. A holder that dies releases it (the
-    kernel drops flocks) but leaves the file: yields True when the lock file was there before
-    us, i.e. a run died holding it. After locking we check the file is still the one on disk,
-    because a releasing holder may have just removed it."""
-    deadline = time.monotonic() + timeout
+    seconds of waiting, a LongcatError with ``busy()``; ``waiting`` is logged once when the
+    wait passes ``WAIT_NOTE_S``, so a queued command does not look hung. A holder that dies
+    releases it (the kernel drops flocks) but leaves the file: yields True when the lock file
+    was there before us, i.e. a run died holding it. After locking we check the file is still
+    the one on disk, because a releasing holder may have just removed it."""
+    start = time.monotonic()
+    deadline = start + timeout
+    noted = waiting is None
     while True:
         fd, created = _open_lock(lock)
         try:
@@ -379,8 +387,12 @@ def _held(lock: Path, timeout: float, busy: Callable[[], str]) -> Iterator[bool]
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() >= deadline:
+                    now = time.monotonic()
+                    if now >= deadline:
                         raise LongcatError(busy()) from None
+                    if not noted and now - start >= WAIT_NOTE_S:
+                        log.warning(waiting)
+                        noted = True
                     time.sleep(delay)
                     delay = min(delay * 2, 0.02)
             try:
@@ -409,4 +421,5 @@ def file_lock(lock: Path, timeout: float,
     """An exclusive ``flock`` on ``lock`` for a short read-modify-write: concurrent writers queue
     up for ``timeout`` seconds, then give up with one line."""
     return _held(lock, timeout, lambda: f"{lock}: {holder} has held the lock for over "
-                 f"{timeout:.0f} s; try again when it is done")
+                 f"{timeout:.0f} s; try again when it is done",
+                 f"{lock}: waiting for {holder} to finish (at most {timeout:.0f} s)")
