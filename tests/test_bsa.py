@@ -460,6 +460,10 @@ def test_status_reports_path_and_warnings(ckpt, capsys):
     assert st["preset"] == "720p-quality" and st["mode"] == "top-k" and st["warnings"] == []
     assert st["attention"].startswith("BSA (sparsity 0.875 (keeps 12.5% of key chunks)")
     assert st["attention"].endswith("more than one latent frame; dense attention otherwise")
+    write_json(path, {**cfg, "enable_bsa": True,  # ":g" showed it as 1
+                      "bsa_params": {**TABLE["720p-quality"][1], "sparsity": 0.99999999}})
+    assert "BSA (sparsity 0.99999999 (keeps 1e-06% " in bsa.status(layouts.detect(ckpt))[
+        "attention"]
     cdf_only = {**TABLE["720p-quality"][1], "sparsity": None, "cdf_threshold": 0.9}
     write_json(path, {**cfg, "enable_bsa": True, "bsa_params": cdf_only})
     st = bsa.status(layouts.detect(ckpt))
@@ -542,8 +546,14 @@ def test_check_context_parallel_modes_and_limits():
     r = bsa.check(704, 1280, 93, {**BALANCED, "sparsity": None, "cdf_threshold": 0.9})
     assert r["mode"] == "cdf" and r["kept_per_query"] is None
     assert r["flops"]["kept_per_block"] is None
-    r = bsa.check(480, 832, 1, BALANCED)
+    r = bsa.check(480, 832, 1, BALANCED)  # dense: its FLOPs said BSA's 6% were computed
     assert not r["bsa_applies"] and r["token_grid"][0] == 1
+    assert r["kept_per_query"] == r["k"]["chunks"] and r["kept_fraction"] == 1
+    assert r["flops"]["kept_per_block"] == r["flops"]["dense_per_block"]
+    assert r["flops"]["gating_per_block"] == 0 and not r["warnings"]
+    assert not any("edge chunks" in n for n in r["notes"])
+    r = bsa.check(480, 832, 1, {**BALANCED, "sparsity": 0.9999})  # zero kept, but dense
+    assert not r["warnings"] and r["kept_per_query"] == r["k"]["chunks"]
     with pytest.raises(LongcatError, match="--frames 96: must be 4k[+]1"):  # as run says
         bsa.check(704, 1280, 96, BALANCED)
     r = bsa.check(704, 1280, 186, BALANCED, refine=True)  # 2 x 93: a refine output

@@ -240,11 +240,16 @@ def test_a_partial_download_still_resolves(tmp_path, tiny_native, monkeypatch):
     assert summary.dit_tensors > 0 and summary.safetensors_files == summary.dit_shards
 
 
-def test_a_cache_snapshot_is_never_written_into(use_cache, tiny_native):
+def test_a_cache_snapshot_is_never_written_into(use_cache, tiny_native, capsys):
     _, snap = use_cache
     with pytest.raises(LongcatError, match="--dst"):
         hub.check_writable(snap)
     hub.check_writable(tiny_native)
+    for argv in (["bsa", "enable"], ["bsa", "restore"], ["bsa", "disable"],
+                 ["lora", "detach", "distilled"]):  # restore said "no backup to restore"
+        assert main([*argv, "-m", str(snap)]) == 1, argv
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "is a snapshot in the Hugging Face cache" in line, (argv, line)
 
 
 def test_include_names_components():

@@ -65,26 +65,29 @@ def check(height: int, width: int, frames: int, params: dict[str, Any], *, cp: i
     k = _chunking(seen, params["chunk_3d_shape_k"])
     s, cdf = params.get("sparsity"), params.get("cdf_threshold")
     mode = mode_of(params)
-    topk = chunks.kept_per_query(s, k["chunks"])
+    applies = grid[0] > 1
+    # one latent frame runs dense: every key chunk is kept and nothing is selected
+    topk = chunks.kept_per_query(s, k["chunks"]) if applies else k["chunks"]
     dense = chunks.attention_flops(tokens, tokens, dims.num_heads, dims.head_dim)
-    gating = chunks.gating_flops(q["chunks"], k["chunks"], dims.num_heads, dims.head_dim)
+    gating = (chunks.gating_flops(q["chunks"], k["chunks"], dims.num_heads, dims.head_dim)
+              if applies else 0)
     kept_fraction = topk / k["chunks"] if topk is not None else None
     kept = round(dense * kept_fraction) if kept_fraction is not None else None
-    if mode == "cdf":
+    if not applies:
+        notes.append("one latent frame: the runner uses dense attention (BSA needs more than "
+                     "one), so every key chunk is kept")
+    elif mode == "cdf":
         notes.append(f"cdf mode: chunks kept per query vary with content (until the softmax mass "
                      f"reaches {cdf:g}); FLOPs kept cannot be known in advance")
     elif mode == "max":
         notes.append(f"max mode: at least {topk} chunks per query, more where the CDF "
                      f"{cdf:g} needs them")
     warnings: list[str] = []
-    applies = grid[0] > 1
-    if not applies:
-        notes.append("one latent frame: the runner uses dense attention (BSA needs more than one)")
     if topk == 0:
-        warnings.append(f"sparsity {s:g} keeps int({1 - s:g} x {k['chunks']}) = 0 key chunks per "
+        warnings.append(f"sparsity {s} keeps int({1 - s:.3g} x {k['chunks']}) = 0 key chunks per "
                         "query: attention output would be zero; lower the sparsity")
     fits = all(q["divides"]) and all(k["divides"])
-    if not fits:
+    if applies and not fits:
         bad = [f"{a} {g} % {c} = {e}" for side in (q, k) for a, g, c, e
                in zip(chunks.AXES, seen, side["chunk"], side["edge"], strict=True) if e]
         notes.append(f"{', '.join(dict.fromkeys(bad))}: the original kernel asserts divisibility "

@@ -376,7 +376,10 @@ def update_all(ckpts: list[layouts.Checkpoint], change: Change, *, backup: bool 
 
 def restore_all(ckpts: list[layouts.Checkpoint], *, dry_run: bool = False) -> list[Update]:
     """:func:`restore` on several configs; each must have a valid backup before any is
-    swapped."""
+    swapped. A cache snapshot is refused as such first, not for its missing backup."""
+    if not dry_run:
+        for c in ckpts:
+            hub.check_writable(c.root)
     plans = [restore(c, dry_run=True) for c in ckpts]
     if dry_run:
         return plans

@@ -34,9 +34,10 @@ def describe_params(params: dict[str, Any]) -> str:
     q, k = params.get("chunk_3d_shape_q"), params.get("chunk_3d_shape_k")
     parts = []
     if s is not None:
-        parts.append(f"sparsity {s:g} (keeps {(1 - s) * 100:g}% of key chunks)")
+        # as written (":g" showed 0.99999999 as 1), the kept share to three digits
+        parts.append(f"sparsity {s} (keeps {(1 - s) * 100:.3g}% of key chunks)")
     if cdf is not None:
-        parts.append(f"cdf_threshold {cdf:g}")
+        parts.append(f"cdf_threshold {cdf}")
     parts.append(f"chunks q {q} / k {k}")
     parts.append(f"mode {mode_of(params)}")
     return ", ".join(parts)
