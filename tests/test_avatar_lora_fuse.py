@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from longcat_tools import lora as lora_lib
 from longcat_tools.cli import main
+from longcat_tools.errors import UsageError
 from longcat_tools.model import avatar
 from longcat_tools.synth import synth
 from longcat_tools.verify import verify
@@ -375,6 +376,14 @@ def test_a_fused_dmd_checkpoint_refuses_runs_its_weights_do_not_fit(avatar_copy,
     assert rc == 2 and "fused into the DiT at scale 0.5" in err and err.count("\n") == 1
     rc, _, err = _run(capsys, *base, "--steps", "2")
     assert rc == 2 and "pass --distill" in err and err.count("\n") == 1
+    from longcat_tools.runner.avatar_pipeline import LongCatVideoAvatarPipeline
+
+    pipe = LongCatVideoAvatarPipeline.from_pretrained(dst, audio=False)  # the API: the same rule
+    audio = torch.zeros(1, 5, 5, 12, 768)
+    for kw, says in (({}, "pass --distill"),
+                     ({"distill": True, "lora_scale": 1.0}, "fused into the DiT at scale 0.5")):
+        with pytest.raises(UsageError, match=says):
+            pipe.at2v(audio, "a face", height=32, width=32, num_frames=5, **kw)
 
 
 def test_int8_drop_on_the_model_index_layout_is_refused(avatar_copy, tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from longcat_tools.cli import main
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.runner import load_pipeline, schedule
 from longcat_tools.runner.video import probe
 
@@ -328,6 +328,27 @@ def test_a_checkpoint_with_refinement_fused_only_refines(capsys, tiny_native, tm
         rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, *args, "--out",
                       str(tmp_path / "no.mp4"))
         assert rc == 2 and says in cap.err, (args, cap.err)
+
+
+def test_the_api_keeps_the_fused_rule_too(tiny_native, tmp_path, t2v_mp4):
+    """`pipe.refine()` on a checkpoint with distilled fused refined with it, and `pipe.t2v()`
+    without distill sampled the distilled weights as the base model: only the CLI refused."""
+    from longcat_tools.runner.video import read_video
+
+    fused = tmp_path / "fused"
+    assert main(["lora", "fuse", "distilled:0.5", "-m", str(tiny_native), "--dst", str(fused),
+                 "-q"]) == 0
+    pipe = load_pipeline(fused, device="cpu", dtype="fp32")
+    kw = dict(prompt="a cat", height=32, width=32, num_frames=9)
+    for call, says in ((lambda: pipe.t2v(**kw), "pass --distill"),
+                       (lambda: pipe.t2v(**kw, distill=True, lora_scale=1.0),
+                        "fused into the DiT at scale 0.5"),
+                       (lambda: pipe.refine(read_video(t2v_mp4)[0], prompt="a cat"),
+                        "the original refines without it")):
+        with pytest.raises(UsageError, match=says):
+            call()
+    out = pipe.t2v(**kw, distill=True, steps=1)  # at the fused scale, adding nothing
+    assert out.frames.shape[:1] == (9,) and pipe.transformer.active_loras == []
 
 
 @pytest.mark.parametrize("frames, refused", [(24, True), (25, False)])

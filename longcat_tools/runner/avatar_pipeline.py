@@ -43,6 +43,7 @@ from longcat_tools.model import avatar
 from longcat_tools.runner import schedule
 from longcat_tools.runner.pipeline import (
     DEFAULT_NEGATIVE_PROMPT,
+    LORA_DISTILL,
     MAX_SEQUENCE_LENGTH,
     LongCatVideoPipeline,
     Reporter,
@@ -147,6 +148,8 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
     """Tokenizer, text encoder, VAE, scheduler (from the sibling base folder; 1.5's own
     scheduler), the avatar DiT and the audio encoder, with ``at2v``, ``ai2v`` and ``avc``."""
 
+    FUSED_DISTILL = "distillation LoRA"
+
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer,
                  version: str = "avatar-1.5", audio_encoder: Any = None) -> None:
         super().__init__(tokenizer, text_encoder, vae, scheduler, transformer)
@@ -157,7 +160,6 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         self.audio_encoder = audio_encoder
         self.separator_path: Path | None = None  # vocal_separator/Kim_Vocal_2.onnx
         self.dmd_path: Path | None = None  # 1.5's distillation LoRA
-        self.distill_fused = False  # that LoRA already in the DiT's weights (lora fuse)
 
     @property
     def fps(self) -> int:
@@ -229,7 +231,8 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         pipe.separator_path = ckpt.root / avatar.VOCAL_SEPARATOR
         if ckpt.version.lora:
             pipe.dmd_path = ckpt.root / ckpt.version.lora
-            pipe.distill_fused = ckpt.distill_fused is not None
+            if ckpt.distill_fused is not None:  # in the DiT's weights already (lora fuse)
+                pipe.fused_scales = {LORA_DISTILL: ckpt.distill_fused}
         return pipe
 
     # ---- audio -----------------------------------------------------------------------------
@@ -314,7 +317,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         ``distill`` changes only the schedule, as the original's ``use_distill`` does (the CLI
         refuses ``--distill`` on 1.0, since nothing distilled exists for it)."""
         lora = avatar.VERSIONS[self.version].lora
-        if not distill or lora is None or self.distill_fused:
+        if not distill or lora is None or LORA_DISTILL in self.fused_scales:
             return None
         if LORA_DMD not in self.transformer.lora_registry:
             if self.dmd_path is None or not self.dmd_path.is_file():

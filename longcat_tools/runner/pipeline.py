@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,7 +58,9 @@ from longcat_tools.runner.dit import LongCatTransformer3DModel
 from longcat_tools.runner.loading import parse_dtype, resolve_checkpoint
 from longcat_tools.runner.settings import (
     TASKS,
+    RunSettings,
     check_components,
+    check_fused,
     check_offload,
     from_call,
     guidance_of,
@@ -89,7 +91,9 @@ def validated(method: TaskMethod) -> TaskMethod:
     def checked(self, *args: Any, **kw: Any) -> Result:
         call = signature.bind(self, *args, **kw)
         call.apply_defaults()
-        validate(from_call(method.__name__, call.arguments), inputs=False)
+        s = from_call(method.__name__, call.arguments)
+        validate(s, inputs=False)
+        self.check_fused(s, scale_given=call.arguments.get("lora_scale") is not None)
         return method(self, *args, **kw)
 
     return checked
@@ -259,7 +263,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                               scheduler=scheduler, transformer=transformer)
         self.root: Path | None = None
-        self.fused_loras: set[str] = set()  # the hub adapters lora fuse merged into the DiT
+        self.fused_scales: dict[str, float] = {}  # hub LoRAs lora fuse merged into the DiT
         self.layout = getattr(transformer, "layout", "diffusers")
         self.scale_t = int(getattr(vae.config, "scale_factor_temporal", 4))
         self.scale_s = int(getattr(vae.config, "scale_factor_spatial", 8))
@@ -349,12 +353,25 @@ class LongCatVideoPipeline(DiffusionPipeline):
         pipe = cls(tok, te, vae, sched, dit)
         pipe.root, pipe.layout, pipe.run_device = root, ckpt.describe(), device
         cfg = ckpt.config()
-        pipe.fused_loras = {n for n in (LORA_DISTILL, LORA_REFINE)
-                            if fused_scale(cfg, "name", n) is not None}
+        pipe.fused_scales = {n: sc for n in (LORA_DISTILL, LORA_REFINE)
+                             if (sc := fused_scale(cfg, "name", n)) is not None}
         pipe.reporter = rep
         pipe.offload_text_encoder = te_home is not None
         pipe.cp = cp
         return pipe
+
+    FUSED_DISTILL = "distilled LoRA"  # how errors name the fused distillation adapter
+
+    def check_fused(self, s: RunSettings, scale_given: bool) -> None:
+        """The command line's rule for a checkpoint with a hub LoRA fused in (``settings.
+        check_fused``): only that LoRA's stage runs. A call without ``lora_scale`` runs at the
+        fused scale."""
+        distill, refine = self.fused_scales.get(LORA_DISTILL), self.fused_scales.get(LORA_REFINE)
+        if distill is None and refine is None:
+            return
+        if not scale_given:
+            s = replace(s, lora_scale=distill if distill is not None else refine)
+        check_fused(s, self.root, distill, refine, what=self.FUSED_DISTILL)
 
     @property
     def device(self) -> torch.device:
@@ -534,7 +551,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         model = self.transformer
         before_loras = list(model.active_loras)
         saved: dict[str, float] = {}
-        if lora is not None and lora in self.fused_loras:
+        if lora is not None and lora in self.fused_scales:
             lora = None  # in the weights already (lora fuse): nothing to apply
         try:
             if lora is None:

@@ -374,7 +374,7 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         raise UsageError(f"--distill: {ckpt.describe()} has no distillation LoRA (only "
                          "avatar 1.5 ships lora/dmd_lora.safetensors)")
     fused = ckpt.distill_fused
-    _check_fused(s, ckpt.root, fused, what="distillation LoRA")
+    check_fused(s, ckpt.root, fused, what="distillation LoRA")
     if s.distill:
         if not (ckpt.root / v.lora).is_file() and fused is None:
             raise LongcatError(f"--distill: {ckpt.root / v.lora} is missing")
@@ -406,7 +406,7 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     return dims
 
 
-def _check_fused(s: RunSettings, root: Path, distill: float | None,
+def check_fused(s: RunSettings, root: Path | None, distill: float | None,
                  refinement: float | None = None, what: str = "distilled LoRA") -> None:
     """A DiT with a hub LoRA fused in (``lora fuse``; ``distill``, ``refinement``: the fused
     scales, None when not fused) runs only the stage that LoRA belongs to, at the fused scale,
@@ -456,7 +456,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         cfg = ckpt.config()
         dims = keymap.dit_dims(cfg, str(ckpt.config_path))  # as every reader
         check_components(ckpt)
-        _check_fused(s, ckpt.root, *(layouts.fused_scale(cfg, "name", n)
+        check_fused(s, ckpt.root, *(layouts.fused_scale(cfg, "name", n)
                                      for n in ("distilled", "refinement")))
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
             raise UsageError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
