@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dit_forward import build, rel, sync, time_forward  # noqa: E402
+from load_threads import evict  # noqa: E402
 
 from longcat_tools import synth as S  # noqa: E402
 from longcat_tools.io.safetensors import (  # noqa: E402
@@ -349,19 +350,6 @@ def load_child(which: str, root: Path, device: str, out_json: Path) -> None:
         row["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
     row["fingerprint"] = fingerprint(model)
     out_json.write_text(json.dumps(row))
-
-
-def evict(folder: Path) -> None:
-    """Drop ``folder``'s files from the page cache (clean pages; no root needed), so the next
-    read comes from the disk: a cold load."""
-    for f in folder.rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def run_loaders(root: Path, device: str, reference: dict, rounds: int, timeout: float,
