@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from longcat_tools.errors import LongcatError
-from longcat_tools.io.safetensors import TensorInfo, read_header, read_tensor, require_float
+from longcat_tools.io.safetensors import (
+    Header,
+    TensorInfo,
+    read_header,
+    read_tensor,
+    require_float,
+)
 from longcat_tools.model import comfy_keys, keymap
 
 if TYPE_CHECKING:
@@ -33,6 +39,7 @@ class ComfyFile:
     tensors: dict[str, TensorInfo]  # comfy name (prefix stripped) -> stored tensor
     scales: dict[str, float]  # comfy weight name -> its scale (float32 value)
     dims: keymap.DiTDims
+    header: Header  # the file's, as read (names with their prefix)
     input_scales: int = 0  # ``scale_input`` tensors left out (they change no weight)
 
     @property
@@ -117,4 +124,4 @@ def read(path: Path) -> ComfyFile:
                    else "is float8 without scales (only fp8_scaled files are read)")
             raise LongcatError(f"{where}: '{name}' {how}: expected "
                                f"'{name[: -len('.weight')]}{comfy_keys.SCALE_SUFFIX}'")
-    return ComfyFile(path, stored, scales, dims, len(input_scales))
+    return ComfyFile(path, stored, scales, dims, header, len(input_scales))

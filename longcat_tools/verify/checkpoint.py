@@ -21,7 +21,7 @@ from longcat_tools.checkpoint import comfy_single, layouts
 from longcat_tools.checkpoint.hub import snapshot_roots
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.io.safetensors import Header, read_header
+from longcat_tools.io.safetensors import Header
 from longcat_tools.model import bounds, comfy_keys, keymap
 from longcat_tools.verify import components as C
 from longcat_tools.verify import deep as D
@@ -154,7 +154,7 @@ def _comfy(rec: Recorder, st: _State, path: Path) -> None:
     with rec.guard("transformer", "layout", path):
         layouts.check_contained(path, rec.allowed or (path.parent.resolve(),))
         cf = comfy_single.read(path)
-        header = read_header(path)
+        header = cf.header
         st.weights["transformer"] = WeightSet("transformer", path.parent, [path], {path: header},
                                               dict(header.tensors),
                                               {n: path for n in header.tensors})
