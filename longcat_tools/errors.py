@@ -22,3 +22,13 @@ class UsageError(LongcatError):
     may not write: exit 2."""
 
     exit_code = EXIT_USAGE
+
+
+EMPTY_PATH = "an empty path; name the file or folder"
+
+
+def refuse_empty(path: object, what: str) -> None:
+    """'' where a path is expected: ``Path('')`` is the current folder, so an empty name meant
+    '.' without a word (or, for --model, "not given")."""
+    if path == "":
+        raise UsageError(f"{what}: {EMPTY_PATH}")

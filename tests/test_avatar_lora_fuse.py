@@ -379,11 +379,14 @@ def test_a_fused_dmd_checkpoint_refuses_runs_its_weights_do_not_fit(avatar_copy,
     from longcat_tools.runner.avatar_pipeline import LongCatVideoAvatarPipeline
 
     pipe = LongCatVideoAvatarPipeline.from_pretrained(dst, audio=False)  # the API: the same rule
-    audio = torch.zeros(1, 5, 5, 12, 768)
-    for kw, says in (({}, "pass --distill"),
-                     ({"distill": True, "lora_scale": 1.0}, "fused into the DiT at scale 0.5")):
+    audio = torch.zeros(1, 5, 5, 5, 32)
+    kw = dict(height=32, width=32, num_frames=5, decode=False)
+    for extra, says in (({}, "pass --distill"),
+                        ({"distill": True, "lora_scale": 1.0}, "fused into the DiT at scale 0.5")):
         with pytest.raises(UsageError, match=says):
-            pipe.at2v(audio, "a face", height=32, width=32, num_frames=5, **kw)
+            pipe.at2v(audio, "a face", **kw, **extra)
+    r = pipe.at2v(audio, "a face", **kw, distill=True)  # no lora_scale: the fused one
+    assert r.info["steps"] == 8 and r.info["loras"] == [] and pipe.transformer.active_loras == []
 
 
 def test_int8_drop_on_the_model_index_layout_is_refused(avatar_copy, tmp_path, capsys):

@@ -551,7 +551,7 @@ def test_check_context_parallel_modes_and_limits():
     assert r["kept_per_query"] == r["k"]["chunks"] and r["kept_fraction"] == 1
     assert r["flops"]["kept_per_block"] == r["flops"]["dense_per_block"]
     assert r["flops"]["gating_per_block"] == 0 and not r["warnings"]
-    assert not any("edge chunks" in n for n in r["notes"])
+    assert not any("edge chunks" in n for n in r["notes"]) and r["original_kernel_ok"] is None
     r = bsa.check(480, 832, 1, {**BALANCED, "sparsity": 0.9999})  # zero kept, but dense
     assert not r["warnings"] and r["kept_per_query"] == r["k"]["chunks"]
     with pytest.raises(LongcatError, match="--frames 96: must be 4k[+]1"):  # as run says

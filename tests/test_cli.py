@@ -160,20 +160,28 @@ def test_an_empty_path_is_refused_in_every_command(tiny_native, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_an_empty_path_in_a_prompt_line_or_the_api_is_refused(tiny_native, tmp_path):
-    from longcat_tools.runner import matrix, settings
+def test_an_empty_path_in_a_prompt_line_or_the_api_is_refused(tiny_native, tmp_path,
+                                                              monkeypatch):
+    from longcat_tools.runner import load_pipeline, matrix, settings
+    from longcat_tools.runner.avatar_pipeline import LongCatVideoAvatarPipeline
+    from longcat_tools.verify import verify
 
     prompts = tmp_path / "p.jsonl"
     for key in ("image", "video", "out"):
         prompts.write_text(json.dumps({"prompt": "a", key: ""}) + "\n")
-        with pytest.raises(LongcatError, match=f"line 1: '{key}' is empty"):
+        with pytest.raises(LongcatError, match=f"line 1: '{key}': an empty path"):
             matrix.read_prompts(prompts)
-    for field in ("image", "video", "out", "save_latents", "latents_in"):
-        s = settings.RunSettings(task="i2v", prompt="a", model=str(tiny_native), **{field: ""})
+    for field, value in (("image", ""), ("video", ""), ("out", ""), ("save_latents", ""),
+                         ("latents_in", ""), ("audio", ["a.wav", ""])):
+        s = settings.RunSettings(task="i2v", prompt="a", model=str(tiny_native), **{field: value})
         with pytest.raises(UsageError, match="an empty path"):
             settings.validate(s)
-    with pytest.raises(UsageError, match="--model: an empty path"):
-        resolve_model("")
+    monkeypatch.chdir(tiny_native)  # '' read the checkpoint in the current folder
+    for call, what in ((lambda: resolve_model(""), "--model"), (lambda: verify(""), "verify"),
+                       (lambda: load_pipeline(""), "checkpoint"),
+                       (lambda: LongCatVideoAvatarPipeline.from_pretrained(""), "checkpoint")):
+        with pytest.raises(UsageError, match=f"^{what}: an empty path"):
+            call()
 
 
 def test_under_json_a_failure_is_one_document_on_stdout_too(tiny_native, tmp_path, capsys):

@@ -384,13 +384,22 @@ def test_a_wait_on_the_registry_lock_says_what_it_waits_for(native, monkeypatch,
 
     monkeypatch.setattr(atomic, "WAIT_NOTE_S", 0.05)
     ckpt = layouts.detect(native)
+    errors = []
+
+    def second():
+        try:
+            with lora_lib.registry_lock(ckpt, timeout=0.3):
+                pass
+        except LongcatError as e:
+            errors.append(str(e))
+
     with lora_lib.registry_lock(ckpt):
-        t = threading.Thread(target=lambda: pytest.raises(
-            LongcatError, lora_lib.registry_lock(ckpt, timeout=0.3).__enter__))
+        t = threading.Thread(target=second)
         t.start()
         t.join()
     waits = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
     assert len(waits) == 1 and "adapters.json.lock" in waits[0], waits
+    assert len(errors) == 1 and "held the lock" in errors[0]
 
 
 def test_killed_attach_leaves_no_adapter(native, tmp_path, monkeypatch):

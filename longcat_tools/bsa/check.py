@@ -78,10 +78,10 @@ def check(height: int, width: int, frames: int, params: dict[str, Any], *, cp: i
                      "one), so every key chunk is kept")
     elif mode == "cdf":
         notes.append(f"cdf mode: chunks kept per query vary with content (until the softmax mass "
-                     f"reaches {cdf:g}); FLOPs kept cannot be known in advance")
+                     f"reaches {cdf}); FLOPs kept cannot be known in advance")
     elif mode == "max":
         notes.append(f"max mode: at least {topk} chunks per query, more where the CDF "
-                     f"{cdf:g} needs them")
+                     f"{cdf} needs them")
     warnings: list[str] = []
     if topk == 0:
         warnings.append(f"sparsity {s} keeps int({1 - s:.3g} x {k['chunks']}) = 0 key chunks per "
@@ -101,7 +101,7 @@ def check(height: int, width: int, frames: int, params: dict[str, Any], *, cp: i
         "kernel_grid": list(seen), "bsa_applies": applies,
         "params": params, "mode": mode, "q": q, "k": k,
         "kept_per_query": topk, "kept_fraction": kept_fraction,
-        "original_kernel_ok": fits,
+        "original_kernel_ok": fits if applies else None,  # None: not called (dense)
         "heads": dims.num_heads, "head_dim": dims.head_dim, "depth": dims.depth,
         "flops": {"dense_per_block": dense, "kept_per_block": kept, "gating_per_block": gating,
                   "dense_per_forward": dense * dims.depth,

@@ -338,12 +338,12 @@ def update(ckpt: layouts.Checkpoint, change: Change, *, backup: bool = True,
     the previous text kept in ``config.json.bak`` unless ``backup`` is false. An unchanged config
     is not rewritten (and its backup stays as it was)."""
     path = config_path(ckpt)
+    hub.check_writable(ckpt.root)  # a dry run says so too
     if dry_run:
         u = _plan(path, change)
         u.dry_run = True
         return u
     _read_config_text(path)  # a missing config is named as such, not as a lock problem
-    hub.check_writable(ckpt.root)
     check_folder(ckpt)
     check_writable(path)
     with config_lock(path):
@@ -368,7 +368,6 @@ def update_all(ckpts: list[layouts.Checkpoint], change: Change, *, backup: bool 
     if dry_run or len(ckpts) == 1:
         return plans if dry_run else [update(ckpts[0], change, backup=backup)]
     for c in ckpts:
-        hub.check_writable(c.root)
         check_folder(c)
         check_writable(c.config_path)
     return [update(c, change, backup=backup) for c in ckpts]
@@ -376,10 +375,7 @@ def update_all(ckpts: list[layouts.Checkpoint], change: Change, *, backup: bool 
 
 def restore_all(ckpts: list[layouts.Checkpoint], *, dry_run: bool = False) -> list[Update]:
     """:func:`restore` on several configs; each must have a valid backup before any is
-    swapped. A cache snapshot is refused as such first, not for its missing backup."""
-    if not dry_run:
-        for c in ckpts:
-            hub.check_writable(c.root)
+    swapped."""
     plans = [restore(c, dry_run=True) for c in ckpts]
     if dry_run:
         return plans
@@ -391,8 +387,8 @@ def restore(ckpt: layouts.Checkpoint, *, dry_run: bool = False) -> Update:
     the backup, so a second ``restore`` undoes the first. Works when the config is missing."""
     path = config_path(ckpt)
     bak = backup_path(path)
+    hub.check_writable(ckpt.root)  # a snapshot as such, dry run or not (not "no backup")
     if not dry_run:
-        hub.check_writable(ckpt.root)
         check_folder(ckpt)
 
     def texts() -> tuple[str, str]:

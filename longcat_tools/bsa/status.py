@@ -97,7 +97,7 @@ def status(ckpt: layouts.Checkpoint) -> dict[str, Any]:
     if isinstance(params, dict) and not perrs:
         if params.get("sparsity") is None and params.get("cdf_threshold") is not None:
             notes.append("cdf-only mode (sparsity null): chunks kept vary per query chunk, until "
-                         f"their softmax mass reaches {params['cdf_threshold']:g}; a query chunk "
+                         f"their softmax mass reaches {params['cdf_threshold']}; a query chunk "
                          "may keep none")
         if enabled is not True:
             notes.append("BSA is off; its params are kept and `bsa enable` turns them back on")

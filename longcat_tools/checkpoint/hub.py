@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.errors import LongcatError, UsageError, refuse_empty
 from longcat_tools.io import jsonio
 
 DEFAULT_REPO = "meituan-longcat/LongCat-Video"
@@ -170,6 +170,7 @@ def resolve_source(arg: str | Path, *, allow_download: bool = False) -> Path:
     """A checkpoint argument as a folder: the local path when it exists, else the cached snapshot
     of the repo id (``org/name[@revision]``). Downloads only when ``allow_download`` and not
     offline; otherwise a repo missing from the cache is one line saying how to get it."""
+    refuse_empty(arg, "checkpoint")
     path = Path(arg).expanduser()
     if path.exists():
         return path
@@ -326,6 +327,7 @@ def is_hub_refusal(e: BaseException) -> bool:
 # errno values behind an OSError while writing a download: what the user can do differs
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
+_IN_THE_WAY = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR}  # an entry where a file must go
 
 
 def hub_error(ref: RepoRef, e: Exception, where: Path | None = None) -> LongcatError:
@@ -361,11 +363,12 @@ def hub_error(ref: RepoRef, e: Exception, where: Path | None = None) -> LongcatE
     if isinstance(e, OSError) and e.errno in _NO_PERMISSION:
         return LongcatError(f"{ref}: cannot write to {where} ({e.strerror}): download into a "
                             "folder you can write (--dst, or HF_HUB_CACHE for the cache)")
-    if isinstance(e, OSError) and e.errno is not None:
-        what = f" ({e.filename})" if e.filename else ""
-        return LongcatError(f"{ref}: cannot write to {where}: {e.strerror or e}{what}; "
-                            "rerun, or remove that file if it is left over from an earlier "
-                            "download")
+    if isinstance(e, OSError) and e.errno in _IN_THE_WAY:
+        return LongcatError(f"{ref}: cannot write to {where}: {e.strerror} ({e.filename}); "
+                            "remove that entry if an earlier download left it, and rerun")
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return LongcatError(f"{ref}: the hub stopped answering ({e.strerror or name}); check the "
+                            "network and rerun: the download resumes")
     return LongcatError(f"{ref}: download failed ({name}: {first_line(e)[:200]})")
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.errors import LongcatError, UsageError, refuse_empty
 from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import Header, TensorInfo, read_header
 from longcat_tools.model import avatar, fp8, int8, keymap
@@ -35,8 +35,9 @@ DIT_STEM = "diffusion_pytorch_model"
 INDEX_NAME = f"{DIT_STEM}.safetensors.index.json"
 FASTVIDEO_SINGLE = "model.safetensors"
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
-NATIVE_LORAS = {"cfg_step_lora.safetensors": "distilled",
-                "refinement_lora.safetensors": "refinement"}
+LORA_DISTILL, LORA_REFINE = "distilled", "refinement"  # the hub adapters' names
+NATIVE_LORAS = {"cfg_step_lora.safetensors": LORA_DISTILL,
+                "refinement_lora.safetensors": LORA_REFINE}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -461,8 +462,7 @@ def resolve_model(arg: str | Path | None) -> Path:
     nothing is ever downloaded here (``hub.resolve_source``)."""
     from longcat_tools.checkpoint.hub import resolve_source
 
-    if arg == "":  # not "no argument": that would take $LONGCAT_TOOLS_MODEL without a word
-        raise UsageError("--model: an empty path; name the checkpoint folder")
+    refuse_empty(arg, "--model")  # not "no argument": that took $LONGCAT_TOOLS_MODEL
     if arg:
         return resolve_source(arg)
     env = os.environ.get(ENV_MODEL)

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from longcat_tools.errors import EMPTY_PATH
 from longcat_tools.io import jsonio
 
 
@@ -22,7 +23,7 @@ def given_path(value: str) -> str:
     """A path option as given, '' refused: ``Path('')`` is the current folder, and an empty
     --model fell back to $LONGCAT_TOOLS_MODEL without a word (typer's ``parser``)."""
     if value == "":
-        raise typer.BadParameter("an empty path; name the file or folder")
+        raise typer.BadParameter(EMPTY_PATH)
     return value
 
 

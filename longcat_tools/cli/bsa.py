@@ -304,7 +304,7 @@ def check_cmd(
             f"{_fmt_flops(f['kept_per_forward'])}" + (f"; per rank: 1/{cp} of these" if cp > 1
                                                        else ""))
     out.say("original kernel: " + (
-        "not called (dense attention)" if not r["bsa_applies"] else
+        "not called (dense attention)" if r["original_kernel_ok"] is None else
         "runs (every axis divides)" if r["original_kernel_ok"] else
         "asserts (an axis does not divide); ours uses edge chunks"))
     for n in r["notes"]:

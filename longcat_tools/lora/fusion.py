@@ -223,9 +223,10 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
     hub = {a.name for a in adapters}
     if ckpt.avatar is None:
         cfg = ckpt.config()
-        hub |= {n for n in ("distilled", "refinement")
+        hub |= {n for n in (layouts.LORA_DISTILL, layouts.LORA_REFINE)
                 if layouts.fused_scale(cfg, "name", n) is not None}
-    if {"distilled", "refinement"} <= hub:  # a merged export for other tools: made, but said
+    # both in: a merged export for other tools, made but said
+    if {layouts.LORA_DISTILL, layouts.LORA_REFINE} <= hub:
         plan.notes.append("distilled and refinement are both fused in: `run` refuses this "
                           "checkpoint (the original never runs one stage with the other's LoRA)")
     if ckpt.avatar is None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.errors import LongcatError, UsageError, refuse_empty
 from longcat_tools.model import avatar
 from longcat_tools.runner import schedule
 from longcat_tools.runner.pipeline import (
@@ -53,7 +53,7 @@ from longcat_tools.runner.pipeline import (
     to_pil_frames,
     validated,
 )
-from longcat_tools.runner.settings import check_offload, guidance_of
+from longcat_tools.runner.settings import AVATAR_DISTILL_NAME, check_offload, guidance_of
 
 NEGATIVE_PROMPT = "Close-up, " + DEFAULT_NEGATIVE_PROMPT  # the single-speaker demo's
 REF_IMG_INDEX = 10  # the demos' reference RoPE time for avc
@@ -148,7 +148,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
     """Tokenizer, text encoder, VAE, scheduler (from the sibling base folder; 1.5's own
     scheduler), the avatar DiT and the audio encoder, with ``at2v``, ``ai2v`` and ``avc``."""
 
-    FUSED_DISTILL = "distillation LoRA"
+    FUSED_DISTILL = AVATAR_DISTILL_NAME
 
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer,
                  version: str = "avatar-1.5", audio_encoder: Any = None) -> None:
@@ -196,6 +196,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         check_offload(offload)
         encoder_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
         swap = offload in ("dit", "all")
+        refuse_empty(pretrained_model_name_or_path, "checkpoint")
         ckpt = layouts.detect_any(Path(pretrained_model_name_or_path))
         if not isinstance(ckpt, layouts.AvatarCheckpoint):
             raise LongcatError(f"{pretrained_model_name_or_path}: not a LongCat-Video-Avatar "

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.errors import EMPTY_PATH, LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.model import bounds
 from longcat_tools.runner.settings import RunSettings, check_bsa, comparable_settings, validate
@@ -26,6 +26,7 @@ from longcat_tools.runner.settings import RunSettings, check_bsa, comparable_set
 MANIFEST = "manifest.json"
 JSONL_FIELDS = ("prompt", "negative_prompt", "image", "video", "seed", "out")
 TEXT_FIELDS = tuple(f for f in JSONL_FIELDS if f != "seed")
+PATH_FIELDS = ("image", "video", "out")  # file names: never empty, never with a NUL
 PER_ITEM = (*JSONL_FIELDS, "bsa", "lora_scale")  # what differs between a matrix's videos
 SLUG_WORDS, SLUG_CHARS = 6, 40
 
@@ -88,11 +89,12 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
         for key in TEXT_FIELDS:
             if key in doc and not isinstance(doc[key], str):
                 raise LongcatError(f"{where} line {n}: '{key}' must be a string")
-            if key in ("image", "video", "out") and "\0" in doc.get(key, ""):
+        for key in PATH_FIELDS:
+            if "\0" in doc.get(key, ""):
                 raise LongcatError(f"{where} line {n}: '{key}' contains a NUL character")
-            if key in ("image", "video", "out") and doc.get(key) == "":  # '' meant the folder
-                raise LongcatError(f"{where} line {n}: '{key}' is empty; name the file or "
-                                   "leave the field out")
+            if doc.get(key) == "":  # '' meant the prompt file's folder
+                raise LongcatError(f"{where} line {n}: '{key}': {EMPTY_PATH} (or leave the "
+                                   "field out)")
         if "seed" in doc and (isinstance(doc["seed"], bool) or not isinstance(doc["seed"], int)):
             raise LongcatError(f"{where} line {n}: 'seed' must be an integer")
         if doc.get("seed", 0) not in bounds.SEEDS:

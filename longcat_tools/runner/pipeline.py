@@ -47,6 +47,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
+from longcat_tools.checkpoint.layouts import LORA_DISTILL, LORA_REFINE
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.model import chunks
 from longcat_tools.model.chunks import refine_latent_frames
@@ -57,6 +58,7 @@ from longcat_tools.runner.context_parallel import ContextParallel
 from longcat_tools.runner.dit import LongCatTransformer3DModel
 from longcat_tools.runner.loading import parse_dtype, resolve_checkpoint
 from longcat_tools.runner.settings import (
+    DISTILL_NAME,
     TASKS,
     RunSettings,
     check_components,
@@ -74,7 +76,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
     "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
     "in the background, walking backwards")
-LORA_DISTILL, LORA_REFINE = "distilled", "refinement"
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 TaskMethod = TypeVar("TaskMethod", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         pipe.cp = cp
         return pipe
 
-    FUSED_DISTILL = "distilled LoRA"  # how errors name the fused distillation adapter
+    FUSED_DISTILL = DISTILL_NAME
 
     def check_fused(self, s: RunSettings, scale_given: bool) -> None:
         """The command line's rule for a checkpoint with a hub LoRA fused in (``settings.

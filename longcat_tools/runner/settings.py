@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.errors import LongcatError, UsageError, refuse_empty
 from longcat_tools.io.atomic import enclosing_checkpoint, real_path
 from longcat_tools.lora.registry import check_scale
 from longcat_tools.model import avatar, bounds, bsa_presets, dtypes, keymap
@@ -314,9 +314,10 @@ def _check_paths_given(s: RunSettings) -> None:
     """An empty file name is refused, not taken as "not given": ``--image ''`` ran t2v."""
     for f in fields(RunSettings):
         value = getattr(s, f.name)
-        if f.metadata.get("path") and "" in (value if isinstance(value, list) else [value]):
+        if f.metadata.get("path"):
             flag = (f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",))[0]
-            raise UsageError(f"{flag}: an empty path; name the file")
+            for v in value if isinstance(value, list) else [value]:
+                refuse_empty(v, flag)
 
 
 # Options of the base tasks the avatar pipeline does not take, each with how it shows as used.
@@ -374,7 +375,7 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         raise UsageError(f"--distill: {ckpt.describe()} has no distillation LoRA (only "
                          "avatar 1.5 ships lora/dmd_lora.safetensors)")
     fused = ckpt.distill_fused
-    check_fused(s, ckpt.root, fused, what="distillation LoRA")
+    check_fused(s, ckpt.root, fused, what=AVATAR_DISTILL_NAME)
     if s.distill:
         if not (ckpt.root / v.lora).is_file() and fused is None:
             raise LongcatError(f"--distill: {ckpt.root / v.lora} is missing")
@@ -406,8 +407,12 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     return dims
 
 
+# how errors name the fused distillation LoRA: the base model's hub adapter, the avatar's DMD one
+DISTILL_NAME, AVATAR_DISTILL_NAME = "distilled LoRA", "distillation LoRA"
+
+
 def check_fused(s: RunSettings, root: Path | None, distill: float | None,
-                 refinement: float | None = None, what: str = "distilled LoRA") -> None:
+                 refinement: float | None = None, what: str = DISTILL_NAME) -> None:
     """A DiT with a hub LoRA fused in (``lora fuse``; ``distill``, ``refinement``: the fused
     scales, None when not fused) runs only the stage that LoRA belongs to, at the fused scale,
     and the run applies nothing more: the original never runs one stage with the other's LoRA."""
@@ -457,7 +462,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         dims = keymap.dit_dims(cfg, str(ckpt.config_path))  # as every reader
         check_components(ckpt)
         check_fused(s, ckpt.root, *(layouts.fused_scale(cfg, "name", n)
-                                     for n in ("distilled", "refinement")))
+                                     for n in (layouts.LORA_DISTILL, layouts.LORA_REFINE)))
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
             raise UsageError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
                              "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")

@@ -19,7 +19,7 @@ from typing import Any
 from longcat_tools import schemas
 from longcat_tools.checkpoint import comfy_single, layouts
 from longcat_tools.checkpoint.hub import snapshot_roots
-from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.errors import LongcatError, UsageError, refuse_empty
 from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import Header
 from longcat_tools.model import bounds, comfy_keys, keymap
@@ -69,6 +69,7 @@ def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None
     imply it). ``progress(done, total)`` sees the bytes read by the deep pass and the hub check.
     """
     t0 = time.perf_counter()
+    refuse_empty(path, "verify")
     root = Path(path)
     if not root.exists() and not root.is_symlink():
         raise UsageError(f"{root}: no such file or folder (pass a checkpoint folder)")
