@@ -377,6 +377,18 @@ def test_backup_restore_swap_and_no_backup(ckpt, capsys):
     assert path.read_text() == fast and oct(path.stat().st_mode & 0o777) == oct(
         bak.stat().st_mode & 0o777)
     assert original != fast
+    # a backup sized for other weights: restored with exit 0, and verify failed the checkpoint
+    other = json.loads(fast)
+    other["hidden_size"] *= 2
+    bak.write_text(json.dumps(other))
+    assert main(["bsa", "restore", "-m", str(ckpt)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "its hidden_size is" in line and "not restored" in line and path.read_text() == fast
+    bak.unlink()
+    bak.mkdir()  # enable failed renaming onto it, as an internal error
+    assert main(["bsa", "enable", "-m", str(ckpt), "--sparsity", "0.5"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "the backup is not a regular file (a folder)" in line and path.read_text() == fast
 
 
 @pytest.mark.parametrize("indent", [None, 4, "\t"])

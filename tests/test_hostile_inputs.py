@@ -156,6 +156,13 @@ RUN_CASES = [
     ("out-is-folder", ["--out", "{folder}"], "is a folder", 2),
     ("out-under-a-file", ["--out", "{under_file}"], "is not a folder", 2),
     ("fps-nan", ["--fps", "nan"], "--fps nan", 2),
+    ("fps-1e-5", ["--fps", "0.00001"], "from 1 to 1000", 2),  # an mp4 without video, exit 0
+    ("steps-1e12", ["--steps", str(10**12)], "must be 1 to 1000", 2),  # failed allocating
+    ("out-is-the-video", ["--task", "vc", "--video", "{text_mp4}", "--cond-frames", "5",
+                          "--out", "{text_mp4}"], "is also the run's input --video", 2),
+    ("latents-over-their-input", ["--latents-in", "{lat_shape}", "--save-latents",
+                                  "{lat_shape}"], "is also the run's input --latents-in", 2),
+    ("image-is-a-folder", ["--task", "i2v", "--image", "{folder}"], "a folder; give the file", 2),
     ("fps-inf", ["--fps", "inf"], "--fps inf", 2),
     ("guidance-inf", ["--guidance", "inf"], "--guidance inf", 2),
     ("guidance-nan", ["--guidance", "nan"], "--guidance nan", 2),
@@ -183,8 +190,10 @@ def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, cas
         "pickle": tmp_path / "c.safetensors",
         "folder": tmp_path / "dir.mp4",
         "under_file": tmp_path / "notes.txt" / "x.mp4",
+        "text_mp4": tmp_path / "in.mp4",
     }
     files["text"].write_text("not a picture, not a video\n")
+    files["text_mp4"].write_text("the video a run must not overwrite\n")
     files["pickle"].write_bytes(pickle.dumps({"latents": [0.0] * 10}))
     files["folder"].mkdir()
     args = [a.format(**files) for a in args]

@@ -225,7 +225,8 @@ def test_bsa_setting_resolves_to_one_value():
 @pytest.mark.parametrize("kw,message", [
     (dict(num_frames=10), "--frames 10: must be 4k+1"),
     (dict(height=40), "multiples of 16"),
-    (dict(steps=0), "--steps 0: must be at least 1"),
+    (dict(steps=0), "--steps 0: must be 1 to 1000"),
+    (dict(steps=10**12), "--steps 1000000000000: must be 1 to 1000"),  # failed allocating
     (dict(bsa="fastest"), "--bsa fastest: unknown"),
 ])
 def test_the_api_checks_options_like_the_cli(pipe, kw, message):

@@ -27,7 +27,7 @@ from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, file_lock
 from longcat_tools.io.checksums import refresh_manifest
-from longcat_tools.model import bsa_presets, chunks
+from longcat_tools.model import bsa_presets, chunks, keymap
 
 SCHEMA = "transformer_config"
 BACKUP_SUFFIX = ".bak"
@@ -339,6 +339,8 @@ def update(ckpt: layouts.Checkpoint, change: Change, *, backup: bool = True,
     is not rewritten (and its backup stays as it was)."""
     path = config_path(ckpt)
     hub.check_writable(ckpt.root)  # a dry run says so too
+    if backup:  # a folder there failed the rename as an internal error
+        layouts.check_plain(backup_path(path), "the backup")
     if dry_run:
         u = _plan(path, change)
         u.dry_run = True
@@ -397,8 +399,17 @@ def restore(ckpt: layouts.Checkpoint, *, dry_run: bool = False) -> Update:
             raise LongcatError(f"{bak}: no backup to restore (bsa keeps one from its last change "
                                "unless --no-backup was given)")
         restored = jsonio.read_text(bak, what="backup of the transformer config", links=False)
-        schemas.validate(parse_config(restored, bak), SCHEMA, str(bak))
-        return (_read_config_text(path) if path.exists() else ""), restored
+        old = parse_config(restored, bak)
+        schemas.validate(old, SCHEMA, str(bak))
+        before = _read_config_text(path) if path.exists() else ""
+        if before:  # bsa's backups differ in BSA fields; one sized otherwise is another model's
+            now = parse_config(before, path)
+            for key in keymap.SHAPE_FIELDS:
+                if old.get(key) != now.get(key):
+                    raise LongcatError(f"{bak}: its {key} is {old.get(key)!r}, the config's "
+                                       f"{now.get(key)!r}: a backup of another model, which "
+                                       "these weights do not fit; not restored")
+        return before, restored
 
     if dry_run:
         before, restored = texts()

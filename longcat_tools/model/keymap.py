@@ -107,6 +107,8 @@ RELEASE_DIMS = DiTDims(in_channels=16, out_channels=16, hidden_size=4096, depth=
 
 _DIM_FIELDS = ("in_channels", "out_channels", "hidden_size", "depth", "caption_channels",
                "adaln_tembed_dim", "frequency_embedding_size")
+# every config field that sizes a weight: two configs that differ in one describe other weights
+SHAPE_FIELDS = (*_DIM_FIELDS, "num_heads", "num_attention_heads", "mlp_ratio", "patch_size")
 
 
 def dit_dims(config: Mapping[str, Any], where: str = "transformer config") -> DiTDims:

@@ -44,7 +44,8 @@ FP8_ATTENTION: dict[str, frozenset[str] | None] = {
 CONTINUING = ("vc", "long", "avc")  # tasks that continue from condition frames
 DEFAULT_COND_FRAMES = 13  # their condition frames without --cond-frames
 MAX_GUIDANCE = 100.0  # CFG-Zero* scales in use are 1 to ~10
-MAX_FPS = 1000.0
+MIN_FPS, MAX_FPS = 1.0, 1000.0  # below 1 fps ffmpeg's mp4 muxer fails, after the whole run
+MAX_STEPS = 1000  # the releases sample 50 (16 distilled); a huge count only fails allocating
 T2V_SIZE = (480, 832)  # (height, width) of t2v and long without --height/--width
 REFINE_SIZE = (720, 1280)  # the refinement stage's default (the 720p bucket of 16:9)
 
@@ -264,16 +265,16 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
                          "both size its output; give one")
     if s.resolution not in RESOLUTIONS:
         raise UsageError(f"--resolution {s.resolution}: use 480p or 720p")
-    if s.steps is not None and s.steps < 1:
-        raise UsageError(f"--steps {s.steps}: must be at least 1")
+    if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
+        raise UsageError(f"--steps {s.steps}: must be 1 to {MAX_STEPS}")
     for opt, value in (("--guidance", s.guidance), ("--audio-guidance", s.audio_guidance)):
         if value is not None and not 0 <= value <= MAX_GUIDANCE:  # NaN fails too
             raise UsageError(f"{opt} {value}: must be a number from 0 to {MAX_GUIDANCE:g} "
                              "(1 disables CFG)")
     if not 0 < s.t_thresh <= 1:
         raise UsageError(f"--t-thresh {s.t_thresh}: must be in (0, 1]")
-    if s.fps is not None and not 0 < s.fps <= MAX_FPS:
-        raise UsageError(f"--fps {s.fps}: must be a positive number up to {MAX_FPS:g}")
+    if s.fps is not None and not MIN_FPS <= s.fps <= MAX_FPS:  # NaN fails too
+        raise UsageError(f"--fps {s.fps}: must be a number from {MIN_FPS:g} to {MAX_FPS:g}")
     bounds.check_seed(s.seed)
     check_offload(s.offload)
     check_choice("--lora-mode", s.lora_mode, LORA_MODES)
@@ -475,17 +476,24 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         if path and s.task not in tasks:
             raise UsageError(f"{opt} {path}: --task {s.task} reads no {opt[2:]} (it is for "
                              f"--task {', '.join(tasks)}); drop it or pick that task")
-    for opt, path in (("--image", s.image), ("--video", s.video), ("--latents-in", s.latents_in)):
+    inputs = [("--image", s.image), ("--video", s.video), ("--latents-in", s.latents_in),
+              *(("--audio", a) for a in s.audio or ())]
+    for opt, path in inputs[:3]:  # the audio files are read by the avatar checks
         if path and not Path(path).is_file():
-            raise UsageError(f"{opt} {path}: no such file")
+            raise UsageError(f"{opt} {path}: " + ("a folder; give the file" if Path(path).is_dir()
+                                                  else "not a regular file"
+                                                  if Path(path).exists() else "no such file"))
     if not s.out.endswith(".mp4"):
         raise UsageError(f"--out {s.out}: the output is an H.264 .mp4 file")
     if s.save_latents and not s.save_latents.endswith(".safetensors"):
         raise UsageError(f"--save-latents {s.save_latents}: the latents are written as a "
                          ".safetensors file")
-    for opt, path in (("--out", s.out), ("--save-latents", s.save_latents)):
+    outputs = [("--out", s.out), ("--out (its sidecar)", f"{s.out}.json"),
+               ("--save-latents", s.save_latents)]
+    for opt, path in outputs:
         if path:
             _check_output(opt, Path(path), (ckpt.root.resolve(), *ckpt.containment))
+    _check_not_inputs(outputs, inputs)
     image_size = video_size = None
     if s.image:
         try:
@@ -611,6 +619,17 @@ def check_components(ckpt: Any) -> None:
             raise LongcatError(f"{folder / (index_name or singles[0])}: missing; the {comp.name}'s "
                                "weights cannot load (run `longcat-tools verify` on the checkpoint)")
     _PASSED.add(stamp)
+
+
+def _check_not_inputs(outputs: list[tuple[str, str | None]],
+                      inputs: list[tuple[str, str | None]]) -> None:
+    """No output is one of the run's own input files: `--out` equal to `--video` replaced the
+    video it continued, `--save-latents` equal to `--latents-in` the noise it started from."""
+    read = {real_path(Path(p)): opt for opt, p in inputs if p}
+    for opt, path in outputs:
+        if path and (same := read.get(real_path(Path(path)))) is not None:
+            raise UsageError(f"{opt} {path}: is also the run's input {same}; write the output "
+                             "to another file")
 
 
 def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
