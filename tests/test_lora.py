@@ -402,6 +402,20 @@ def test_a_wait_on_the_registry_lock_says_what_it_waits_for(native, monkeypatch,
     assert len(errors) == 1 and "held the lock" in errors[0]
 
 
+def test_an_alpha_that_is_not_one_value_is_refused_at_attach(native, tmp_path, capsys):
+    """An alpha_scale of shape [3] was attached as its mean and listed 'ok'; verify then failed
+    the checkpoint and `lora export` stopped with an internal error."""
+    tensors = load_file(native / "lora" / "cfg_step_lora.safetensors")
+    key = next(k for k in tensors if k.endswith(".alpha_scale"))
+    tensors[key] = torch.full((3,), 0.5)
+    bad = tmp_path / "alpha3.safetensors"
+    save_file(tensors, bad)
+    assert main(["lora", "attach", str(bad), "--name", "style", "-m", str(native)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert key in line and "must be a float scalar" in line
+    assert not (native / "lora" / "style").exists()
+
+
 def test_killed_attach_leaves_no_adapter(native, tmp_path, monkeypatch):
     """A failure mid-write (here: the writer raises after the first module) leaves no
     lora/NAME/, no registry entry and no .partial folder."""

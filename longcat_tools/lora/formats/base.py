@@ -289,8 +289,8 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def alpha_value(alpha_scale: torch.Tensor) -> float:
-    """A stored ``alpha_scale`` as one number (its mean if it is not a scalar)."""
-    return alpha_scale.item() if alpha_scale.numel() == 1 else float(alpha_scale.double().mean())
+    """A stored ``alpha_scale`` (one value: every reader refuses more) as a number."""
+    return alpha_scale.item()
 
 
 def block_diagonal(ups: list[torch.Tensor]) -> torch.Tensor:

@@ -44,10 +44,9 @@ _ROLE_OF_SUFFIX = {".lora_A": "down", ".lora_B": "up", ".lora_alpha": "alpha"}
 def _alpha(alpha_scale: torch.Tensor, rank: int) -> torch.Tensor:
     import torch
 
-    # exactly FastVideo's arithmetic: python float of alpha_scale (its float32 mean if not a
-    # scalar)
-    a = alpha_scale.item() if alpha_scale.numel() == 1 else float(alpha_scale.mean())
-    return torch.tensor(a * rank, dtype=torch.float32)
+    # exactly FastVideo's arithmetic: the python float of alpha_scale (one value: the readers
+    # refuse more)
+    return torch.tensor(alpha_scale.item() * rank, dtype=torch.float32)
 
 
 def _rank(entry: ModuleEntry) -> int:

@@ -111,7 +111,7 @@ class Native(LoraFormat):
             check_target(where, roles["down"], module, out_f, in_f, shapes)
             if "alpha" in roles:
                 alpha = read(roles["alpha"])
-                if alpha.numel() == 0 or not alpha.is_floating_point():
+                if alpha.numel() != 1 or not alpha.is_floating_point():  # as the others
                     raise LongcatError(f"{where}: '{roles['alpha']}' must be a float scalar")
             else:
                 alpha = torch.tensor(1.0)  # FastVideo's default when a file has none
