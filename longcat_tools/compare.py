@@ -17,6 +17,7 @@ Sheet layout (every length in px; ``PAD`` and ``LABEL_WIDTH`` below)::
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -201,11 +202,22 @@ def load_items(folder: str | Path) -> tuple[list[Item], list[str]]:
     return items, notes
 
 
+# The sidecar fields the table reads, with the types `run` writes (None: absent or null).
+SIDECAR_TYPES = {("settings", "prompt"): (str,), ("settings", "seed"): (int,),
+                 ("settings", "bsa"): (str, bool, dict), ("total_s",): (int, float)}
+
+
 def _read_sidecar(path: Path) -> dict[str, Any]:
     doc = jsonio.read(path, what="a run's sidecar")
     if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
         raise LongcatError(f"{path}: not a run sidecar (no 'settings' object); is it one "
                            "`longcat-tools run` wrote?")
+    for keys, types in SIDECAR_TYPES.items():  # checked before any output is written
+        value = doc.get(keys[0]) if len(keys) == 1 else doc[keys[0]].get(keys[1])
+        if value is not None and (isinstance(value, bool) and bool not in types
+                                  or not isinstance(value, types)):
+            raise LongcatError(f"{path}: '{'.'.join(keys)}' is {json.dumps(value)[:40]}, not "
+                               f"what `longcat-tools run` writes there; fix or remove the file")
     return doc
 
 

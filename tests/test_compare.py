@@ -249,6 +249,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert [p.name for p in (ckpt / "transformer").iterdir()] == ["config.json"]
     refused(capsys, "compare", good, "--frames", "0", code=2, says="--frames")
     refused(capsys, "compare", good, "--thumb-height", "5", code=2, says="--thumb-height")
+    sidecar = good / "v.mp4.json"
+    doc = json.loads(sidecar.read_text())
+    for keys, value in ((("settings", "prompt"), 5), (("settings", "seed"), "x"),
+                        (("settings", "seed"), True), (("total_s",), "fast")):
+        edited = json.loads(json.dumps(doc))
+        (edited[keys[0]] if len(keys) == 2 else edited)[keys[-1]] = value
+        sidecar.write_text(json.dumps(edited))
+        # a prompt of 5 wrote the sheet, then ended in an internal error
+        refused(capsys, "compare", good, says=f"'{'.'.join(keys)}' is {json.dumps(value)}")
+        assert not (good / "contact_sheet.png").exists()
 
 
 def test_links_out_of_the_folder_are_refused_and_long_prompts_are_cut(tmp_path, capsys):
