@@ -335,8 +335,35 @@ AVATAR_ONLY = (("--audio", lambda s: bool(s.audio)), ("--audio-mode", lambda s: 
                ("--int8", lambda s: s.int8))
 
 
+def _refining(s: RunSettings) -> bool:
+    return s.task == "refine" or s.refine
+
+
+# Options only some tasks read (field, which, the check): given to another task they did
+# nothing, without a word.
+TASK_OPTIONS = (
+    (("segments",), "--task long", lambda s: s.task == "long"),
+    (("kv_cache", "offload_kv_cache"), "--task vc, long or avc", lambda s: s.task in CONTINUING),
+    (("enhance_hf",), "--task vc or avc", lambda s: s.task in ("vc", "avc")),
+    (("num_cond_frames",), "--task vc, long, avc or refine",
+     lambda s: s.task in (*CONTINUING, "refine")),
+    (("t_thresh", "spatial_refine_only", "refine_height", "refine_width"),
+     "--task refine or --refine", _refining),
+)
+
+
 def _check_task_options(s: RunSettings) -> None:
     """Options that do not apply to the task: one line each."""
+    defaults = {f.name: f.default for f in fields(RunSettings)}
+    for names, which, reads in TASK_OPTIONS:
+        for name in names:
+            if getattr(s, name) != defaults[name] and not reads(s):
+                f = RunSettings.__dataclass_fields__[name]
+                flag = (f.metadata["flags"] or (f"--{name.replace('_', '-')}",))[0]
+                if "bool" in str(f.type):  # typer's --x/--no-x pair
+                    flag = f"{flag}/--no-{flag[2:]}"
+                raise UsageError(f"{flag}: --task {s.task} does not use it (it is for "
+                                 f"{which}); drop it")
     if s.task not in AVATAR_TASKS:
         for opt, used in AVATAR_ONLY:
             if used(s):
