@@ -17,6 +17,7 @@ import torch
 from hostile import refused
 from safetensors.torch import save_file
 
+from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError
 from longcat_tools.runner import pipeline as pipeline_module
 
@@ -243,6 +244,30 @@ def test_run_checks_the_other_components_before_loading(capsys, ckpt, tmp_path, 
         assert rel.split("/")[-1] in line
     finally:
         path.write_bytes(original)
+
+
+@pytest.mark.parametrize("rel, edit, says", [
+    ("tokenizer/tokenizer.json", lambda d: {}, "no 'added_tokens' field"),
+    ("tokenizer/tokenizer.json", lambda d: {k: v for k, v in d.items() if k != "model"},
+     "no 'model' field"),
+    ("vae/config.json", lambda d: {**d, "z_dim": 7}, "encoder.conv_out.weight"),
+    ("text_encoder/config.json", lambda d: {**d, "d_model": d["d_model"] * 2}, "config.json "
+     "implies"),
+])
+def test_a_component_that_cannot_load_fails_verify_and_run_before_loading(
+        capsys, ckpt, tmp_path, rel, edit, says):
+    """verify passed a tokenizer.json of {} and run failed on it after loading started
+    (KeyError: 'added_tokens'); a VAE config unlike its weights failed in diffusers' loader."""
+    path = ckpt / rel
+    original = path.read_text()
+    try:
+        path.write_text(json.dumps(edit(json.loads(original))))
+        line = fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32",
+                            "--width", "32", "--frames", "9", "--out", tmp_path / "x.mp4")
+        assert says in line, line
+        assert main(["verify", str(ckpt), "-q"]) == 1
+    finally:
+        path.write_text(original)
 
 
 @pytest.mark.parametrize("folder", ["dit", "text_encoder", "vae"])

@@ -601,7 +601,9 @@ def check_components(ckpt: Any) -> None:
         COMPONENTS,
         TOKENIZER_JSON,
         check_model_index,
+        check_tokenizer_file,
         check_transformer_config,
+        expected_tensors,
     )
 
     root, allowed = ckpt.root, ckpt.containment
@@ -625,19 +627,26 @@ def check_components(ckpt: Any) -> None:
             if not any((folder / f).is_file() for f in alternatives):
                 raise LongcatError(f"{folder / alternatives[0]}: missing; the {comp.name} cannot "
                                    "load (run `longcat-tools verify` on the checkpoint)")
+        cfg = None
         if comp.config is not None:
             name, schema = comp.config
-            schemas.validate(jsonio.read(folder / name, what=f"{comp.name} config"), schema,
-                             str(folder / name))
+            cfg = jsonio.read(folder / name, what=f"{comp.name} config")
+            schemas.validate(cfg, schema, str(folder / name))
         for name in TOKENIZER_JSON if comp.name == "tokenizer" else ():
-            path = folder / name
-            if path.exists() and not isinstance(jsonio.read(path, what="tokenizer file"), dict):
-                raise LongcatError(f"{path}: not a JSON object")
+            if (folder / name).exists():
+                check_tokenizer_file(folder / name)
         if comp.weights is None:
             continue
         index_name, singles = comp.weights
+        tensors = {}
         for path in sorted(folder.glob("*.safetensors")):
-            read_header(path)
+            tensors |= read_header(path).tensors
+        for name, shape in (expected_tensors(comp.name, cfg, tensors) if cfg else {}).items():
+            if name in tensors and tuple(tensors[name].shape) != shape:  # the loader's traceback
+                raise LongcatError(f"{folder}: tensor '{name}' is {list(tensors[name].shape)}, "
+                                   f"its {comp.config[0]} implies {list(shape)}: the config and "
+                                   "the weights are of different models (run `longcat-tools "
+                                   "verify` on the checkpoint)")
         index = folder / index_name if index_name else None
         if index is not None and index.exists():
             schemas.validate(jsonio.read(index, what="shard index"), "safetensors_index",

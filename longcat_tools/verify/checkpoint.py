@@ -377,8 +377,7 @@ def _component(rec: Recorder, st: _State, comp: C.Component,
         p = folder / name
         with rec.guard(comp.name, "config", p):
             if p.exists():
-                if not isinstance(jsonio.read(p, what="tokenizer file"), dict):
-                    raise LongcatError(f"{p}: not a JSON object")
+                C.check_tokenizer_file(p)
                 rec.ok(comp.name, "config", p, "a JSON object")
     if comp.weights is None:
         if not missing and comp.name == "tokenizer":
@@ -389,10 +388,11 @@ def _component(rec: Recorder, st: _State, comp: C.Component,
     st.weights[comp.name] = ws
     if cfg is not None and (ws.tensors or ws.complete):
         if comp.name == "text_encoder":
-            expect(rec, ws, C.text_encoder_tensors(cfg, ws.tensors), "config.json",
+            expect(rec, ws, C.expected_tensors(comp.name, cfg, ws.tensors), "config.json",
                    unexpected="warn")
         elif comp.name == "vae":
-            expect(rec, ws, C.vae_tensors(cfg), "config.json (key layers)", unexpected=None)
+            expect(rec, ws, C.expected_tensors(comp.name, cfg, ws.tensors),
+                   "config.json (key layers)", unexpected=None)
     dtypes(rec, ws)
 
 

@@ -8,6 +8,7 @@ config that does not describe its weights fails before a loader does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from longcat_tools import schemas
@@ -66,9 +67,30 @@ def check_model_index(ckpt: layouts.Checkpoint) -> None:
                          model_index_schema(ckpt.layout), str(index))
 
 
-# The tokenizer's JSON files: each, where present, must be a JSON object (transformers fails on
-# anything else with a traceback of its own).
-TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json")
+# The tokenizer's JSON files: each, where present, must be a JSON object holding the fields the
+# tokenizers library reads without a default (transformers fails on anything else with a
+# traceback of its own: a KeyError for 'added_tokens', "Model missing").
+TOKENIZER_JSON = {"tokenizer_config.json": (), "tokenizer.json": ("added_tokens", "model")}
+
+
+def check_tokenizer_file(path: Path) -> None:
+    """One of ``TOKENIZER_JSON``, as the tokenizer's loader needs it."""
+    doc = jsonio.read(path, what="tokenizer file")
+    if not isinstance(doc, dict):
+        raise LongcatError(f"{path}: not a JSON object")
+    for key in TOKENIZER_JSON[path.name]:
+        if key not in doc:
+            raise LongcatError(f"{path}: no '{key}' field, which the tokenizer's loader reads: "
+                               "not a whole tokenizer file (copy it again from the release)")
+
+
+def expected_tensors(component: str, cfg: dict[str, Any],
+                     present: set[str] | dict) -> dict[str, tuple[int, ...]]:
+    """The tensors a component's config implies, with their shapes (``present``: the names
+    found); empty for a component whose shapes are not checked."""
+    if component == "text_encoder":
+        return text_encoder_tensors(cfg, present)
+    return vae_tensors(cfg) if component == "vae" else {}
 
 # The transformer's weights per layout: (index file, single-file names).
 DIT_WEIGHTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
