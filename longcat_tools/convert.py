@@ -491,7 +491,11 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
     elif select == "none":
         chosen = set()
     else:
-        chosen = {s.strip() for s in select.split(",") if s.strip()}
+        listed = [s.strip() for s in select.split(",")]
+        if not all(listed):  # ',' chose nothing, 'distilled,' as if 'distilled'
+            raise UsageError(f"--lora {select}: an empty adapter name (all, none, or names "
+                             "comma-separated)")
+        chosen = set(listed)
         unknown = sorted(chosen - set(names))
         if unknown:
             raise UsageError(f"--lora: no adapter named '{unknown[0]}' in {ckpt.lora_dir} "

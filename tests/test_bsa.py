@@ -574,7 +574,8 @@ def test_check_context_parallel_modes_and_limits():
     assert r["kept_per_query"] == 0 and r["warnings"]
     for kwargs, msg in [({"height": 500}, "multiple of 16"), ({"cp": 3}, "heads do not split"),
                         ({"cp": 4, "height": 720}, "does not split over cp_split_hw"),
-                        ({"frames": 10**9 + 1}, "must be 1 to 4097")]:
+                        ({"frames": 10**9 + 1}, "must be 1 to 4097"),
+                        ({"height": 16 * 10**18}, "at most 16384 px")]:
         args = {"height": 704, "width": 1280, "frames": 93, **kwargs}
         with pytest.raises(LongcatError, match=msg):
             bsa.check(args["height"], args["width"], args["frames"], BALANCED,

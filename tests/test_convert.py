@@ -295,6 +295,10 @@ def test_destination_problems(tiny_native, tmp_path, capsys, monkeypatch):
     assert "inside the source" in capsys.readouterr().err
     assert main([*args, str(tmp_path / "x"), "--lora", "nope"]) == 2
     assert "no adapter named 'nope'" in capsys.readouterr().err
+    for listed in (",", "distilled,"):  # chose nothing / as if 'distilled'
+        assert main([*args, str(tmp_path / "x"), "--lora", listed]) == 2
+        assert "an empty adapter name" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     partial = tmp_path / "p.partial"
     shutil.copytree(tiny_native, partial)
     assert main(["convert", "--src", str(partial), "--dst", str(tmp_path / "p")]) == 2

@@ -352,6 +352,17 @@ def test_the_api_keeps_the_fused_rule_too(tiny_native, tmp_path, t2v_mp4):
     assert out.frames.shape[:1] == (9,) and pipe.transformer.active_loras == []
 
 
+def test_a_prompt_past_the_text_encoders_tokens_is_said_to_be_cut(pipe, caplog):
+    """A 10 MB prompt line was cut to 512 tokens without a word."""
+    pipe.encode_prompt(["a cat"])
+    assert not any("tokens" in r.getMessage() for r in caplog.records)
+    long = "a cat walks " * 400
+    states, mask = pipe.encode_prompt([long])
+    (line,) = [r.getMessage() for r in caplog.records if "tokens" in r.getMessage()]
+    assert f"{len(long):,} characters" in line and "reads the first 512" in line
+    assert int(mask.sum()) == 512  # the same cut as before
+
+
 @pytest.mark.parametrize("frames, refused", [(24, True), (25, False)])
 def test_a_video_shorter_than_the_condition_is_refused_before_loading(
         capsys, tiny_native, tmp_path, monkeypatch, frames, refused):

@@ -28,6 +28,8 @@ def _check_request(height: int, width: int, frames: int, cp: int, dims: DiTDims,
         if v < 1 or v % m:
             raise UsageError(f"{name} {v}: must be a positive multiple of {m} (VAE {stride}x "
                              f"times patch {m // stride}x)")
+        if v > chunks.MAX_SIDE:  # a 10**38-token grid was printed
+            raise UsageError(f"{name} {v}: at most {chunks.MAX_SIDE} px")
     most = chunks.MAX_FRAMES * (2 if refine else 1)  # refine: the stage's doubled output
     if not 1 <= frames <= most:
         raise UsageError(f"--frames {frames}: must be 1 to {most}")

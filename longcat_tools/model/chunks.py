@@ -15,6 +15,7 @@ Shape3 = tuple[int, int, int]
 VAE_STRIDE: Shape3 = (4, 8, 8)  # Wan 2.1 VAE: 4x in time (the first frame alone), 8x8 in space
 REFINE_LATENT_MULTIPLE = 4  # the refinement stage pads latent frames to whole 4-frame BSA chunks
 MAX_FRAMES = 4097  # video frames in one segment: the model is trained on 93
+MAX_SIDE = 16_384  # pixels a side: 720p refinement is 1280; more is arithmetic on nothing real
 AXES = ("T", "H", "W")
 # The largest BSA chunk in tokens: the kernels are tested up to 4x4x8 (a 128-row tile of
 # queries); the release uses 4x4x4.

@@ -423,8 +423,16 @@ class LongCatVideoPipeline(DiffusionPipeline):
                               blocks=getattr(getattr(self.text_encoder, "encoder", None),
                                              "block", None)) \
             if self.offload_text_encoder else nullcontext()
+        cleaned = [prompt_clean(p) for p in prompts]
+        lengths = self.tokenizer(cleaned, max_length=MAX_SEQUENCE_LENGTH + 1, truncation=True,
+                                 add_special_tokens=True).input_ids
+        for p, ids in zip(prompts, lengths, strict=True):
+            if len(ids) > MAX_SEQUENCE_LENGTH:  # cut without a word before
+                log.warning(f"a prompt of {len(p):,} characters is longer than the text "
+                            f"encoder's {MAX_SEQUENCE_LENGTH} tokens: it reads the first "
+                            f"{MAX_SEQUENCE_LENGTH}, as the original does (\"{p[:40]}...\")")
         with self.reporter.stage("text_encoder"), torch.no_grad(), te_on_gpu:
-            tokens = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
+            tokens = self.tokenizer(cleaned, padding="max_length",
                                     max_length=MAX_SEQUENCE_LENGTH, truncation=True,
                                     add_special_tokens=True, return_attention_mask=True,
                                     return_tensors="pt")
