@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -311,14 +311,20 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         _check_latents(s, files)
 
 
+def flag_of(f: Field) -> str:
+    """A RunSettings field's option as the command line spells it (typer's --x/--no-x pair for
+    a switch)."""
+    flag = (f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",))[0]
+    return f"{flag}/--no-{flag[2:]}" if "bool" in str(f.type) else flag
+
+
 def _check_paths_given(s: RunSettings) -> None:
     """An empty file name is refused, not taken as "not given": ``--image ''`` ran t2v."""
     for f in fields(RunSettings):
         value = getattr(s, f.name)
         if f.metadata.get("path"):
-            flag = (f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",))[0]
             for v in value if isinstance(value, list) else [value]:
-                refuse_empty(v, flag)
+                refuse_empty(v, flag_of(f))
 
 
 # Options of the base tasks the avatar pipeline does not take, each with how it shows as used.
@@ -335,10 +341,6 @@ AVATAR_ONLY = (("--audio", lambda s: bool(s.audio)), ("--audio-mode", lambda s: 
                ("--int8", lambda s: s.int8))
 
 
-def _refining(s: RunSettings) -> bool:
-    return s.task == "refine" or s.refine
-
-
 # Options only some tasks read (field, which, the check): given to another task they did
 # nothing, without a word.
 TASK_OPTIONS = (
@@ -348,22 +350,18 @@ TASK_OPTIONS = (
     (("num_cond_frames",), "--task vc, long, avc or refine",
      lambda s: s.task in (*CONTINUING, "refine")),
     (("t_thresh", "spatial_refine_only", "refine_height", "refine_width"),
-     "--task refine or --refine", _refining),
+     "--task refine or --refine", lambda s: s.task == "refine" or s.refine),
 )
 
 
 def _check_task_options(s: RunSettings) -> None:
     """Options that do not apply to the task: one line each."""
-    defaults = {f.name: f.default for f in fields(RunSettings)}
+    by_name = {f.name: f for f in fields(RunSettings)}
     for names, which, reads in TASK_OPTIONS:
         for name in names:
-            if getattr(s, name) != defaults[name] and not reads(s):
-                f = RunSettings.__dataclass_fields__[name]
-                flag = (f.metadata["flags"] or (f"--{name.replace('_', '-')}",))[0]
-                if "bool" in str(f.type):  # typer's --x/--no-x pair
-                    flag = f"{flag}/--no-{flag[2:]}"
-                raise UsageError(f"{flag}: --task {s.task} does not use it (it is for "
-                                 f"{which}); drop it")
+            if getattr(s, name) != by_name[name].default and not reads(s):
+                raise UsageError(f"{flag_of(by_name[name])}: --task {s.task} does not use it "
+                                 f"(it is for {which}); drop it")
     if s.task not in AVATAR_TASKS:
         for opt, used in AVATAR_ONLY:
             if used(s):
