@@ -199,7 +199,7 @@ def test_hub_manifest_command(online, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HF_HUB_OFFLINE=1" in err[0]
     # a bad --out is refused before the network (it failed after the fetch, as internal errors)
-    for bad, says in ((tmp_path, "is a folder"), ("", "name the output itself"),
+    for bad, says in ((tmp_path, "is a folder"), ("", "an empty path"),
                       (tmp_path / "no" / "m.json", "parent folder does not exist")):
         assert main(["hub-manifest", REPO, "--out", str(bad), "--force"]) == 2
         assert says in capsys.readouterr().err

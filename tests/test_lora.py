@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -383,6 +384,7 @@ def test_a_wait_on_the_registry_lock_says_what_it_waits_for(native, monkeypatch,
     from longcat_tools.io import atomic
 
     monkeypatch.setattr(atomic, "WAIT_NOTE_S", 0.05)
+    caplog.set_level(logging.WARNING, logger="longcat_tools")  # an earlier -q raised it
     ckpt = layouts.detect(native)
     errors = []
 
