@@ -12,6 +12,7 @@ import pytest
 from hostile import refused
 
 from longcat_tools.cli import main
+from longcat_tools.errors import LongcatError
 from longcat_tools.runner import job as runjob
 from longcat_tools.runner import video as vio
 from longcat_tools.runner.matrix import read_prompts
@@ -292,3 +293,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_bytes("\ufeffhello\nworld\n".encode())
     assert [pl.fields["prompt"] for pl in read_prompts(prompts)] == ["hello", "world"]
+
+
+def test_a_utf16_prompt_file_is_refused_not_read_as_nul_letters(tmp_path):
+    """Saved as UTF-16 with its BOM stripped, every letter came with a NUL: the prompts were
+    'h\\x00e\\x00l...' and the run went ahead."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("hello\nworld\n".encode("utf-16-le"))
+    with pytest.raises(LongcatError, match="holds NUL characters .* save it as UTF-8"):
+        read_prompts(prompts)

@@ -71,6 +71,9 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
         text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first prompt
     except (OSError, UnicodeDecodeError) as e:
         raise LongcatError(f"{where}: cannot be read as UTF-8 text ({e})") from None
+    if "\0" in text:  # UTF-16 (a Windows editor's "Unicode") decodes with a NUL a letter
+        raise LongcatError(f"{where}: holds NUL characters (UTF-16, or not a text file); save "
+                           "it as UTF-8 text")
     out = []
     for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
