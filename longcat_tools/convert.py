@@ -659,6 +659,12 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
         raise UsageError("--dtype fp8 --to comfy: ComfyUI reads one fp8 scale per tensor, this "
                          "tool writes one per output channel; write --to comfy in bf16, or "
                          "--dtype fp8 to a converted or native folder")
+    if to == "comfy":  # one file, the DiT alone, in ComfyUI's names
+        for given, opt in ((keys, "--keys"), (max_shard_size, "--max-shard-size"),
+                           (None if lora == "all" else lora, "--lora")):
+            if given is not None:
+                raise UsageError(f"{opt} cannot be combined with --to comfy (one file holding "
+                                 "the DiT alone, in ComfyUI's names)")
     if to in ("native", "comfy"):
         if keys not in (None, "native"):
             raise UsageError(f"--keys {keys} cannot be combined with --to {to} (the target "
@@ -728,6 +734,9 @@ def _missing_parts_notes() -> list[str]:
 def _plan_to_comfy(ckpt: layouts.Checkpoint, dst: Path, dtype: str, want: torch.dtype | None,
                    force: bool) -> Plan:
     """``--to comfy``: the DiT alone as one ComfyUI file, ``DST/diffusion_model.safetensors``."""
+    if ckpt.is_fp8 and (want is None or want == fp8_ops.E4M3):  # its scales were dropped
+        raise UsageError(f"--to comfy: {ckpt.root} is an fp8 checkpoint, whose scales (one per "
+                         "output channel) ComfyUI does not read; add --dtype bf16")
     check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
     keys = comfy_keys.FLAVOUR
     _, dims, infos = _dit_infos(ckpt)

@@ -191,7 +191,15 @@ def test_unknown_quantization_method_and_fp8_to_comfy_are_one_line(fp8_folder, t
                  "--to", "comfy", "--dtype", "fp8"]) == 2
     err = capsys.readouterr().err.strip()
     assert "one fp8 scale per tensor" in err and "\n" not in err
+    # --dtype keep wrote the e4m3 weights without their scales, exit 0; verify then failed it
+    assert main(["convert", "--src", str(fp8_folder), "--dst", str(tmp_path / "y"),
+                 "--to", "comfy"]) == 2
+    assert "is an fp8 checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    for extra in (["--keys", "native"], ["--max-shard-size", "1"], ["--lora", "refinement"]):
+        assert main(["convert", "--src", str(fp8_folder), "--dst", str(tmp_path / "z"),
+                     "--to", "comfy", "--dtype", "bf16", *extra]) == 2  # did nothing, exit 0
+        assert "cannot be combined with --to comfy" in capsys.readouterr().err
 
 
 # ---- the DiT ----------------------------------------------------------------------------------
