@@ -40,6 +40,7 @@ def media(tmp_path_factory):
     return {"a": write_wav(d / "a.wav", speech(1.2)),
             "b": write_wav(d / "b.wav", speech(1.2, 330.0)),
             "short": write_wav(d / "short.wav", speech(0.2)),
+            "one_hz": write_wav(d / "one_hz.wav", np.array([0.0, 0.5, -0.5, 0.5, 0.0]), rate=1),
             "silent": write_wav(d / "silent.wav", np.zeros(RATE)),
             "notaudio": d / "notaudio.wav", "face": d / "face.png", "dir": d}
 
@@ -133,6 +134,7 @@ def no_weights(monkeypatch):
 @pytest.mark.parametrize("audio, message, code", [
     ("notaudio", "not an audio or video file", 1),
     ("silent", "the audio is silent", 1),
+    ("one_hz", "sampled at 1 Hz", 1),  # made a video of nothing heard, exit 0
     ("missing", "no such audio file", 2),
 ])
 def test_bad_audio_is_one_line_before_any_weights(capsys, trees, media, no_weights, audio,
@@ -178,10 +180,15 @@ def test_short_audio_is_padded_with_silence_as_the_original(capsys, trees, media
     (["--task", "at2v", "--audio", "A", "--refine"], "--refine: not available"),
     (["--task", "at2v", "--audio", "A", "--audio-mode", "both"], "--audio-mode both"),
     (["--task", "at2v", "--audio", "A", "--audio-guidance", "-1"], "--audio-guidance -1"),
+    # the mp4 played at 50 fps, its audio cut to match, out of step with the lips; exit 0
+    (["--task", "at2v", "--audio", "A", "--fps", "50"], "embeds the speech at 25 fps"),
+    (["--task", "at2v", "--audio", "A", "--audio-mode", "concat"], "this run has one"),
+    # found by the loudness normaliser after loading
+    (["--task", "at2v", "--audio", "SHORT", "--frames", "5"], "measured over 0.4 s"),
 ])
 def test_option_misuse_is_one_line(capsys, trees, media, no_weights, args, message):
-    args = [str(media["a"]) if a == "A" else a for a in args]
-    rc, err = run(capsys, "-m", str(trees["1.5"]), *args, *TINY)
+    args = [{"A": str(media["a"]), "SHORT": str(media["short"])}.get(a, a) for a in args]
+    rc, err = run(capsys, "-m", str(trees["1.5"]), *TINY, *args)
     assert rc == 2 and message in err and err.count("\n") == 1, err
 
 

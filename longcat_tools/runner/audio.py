@@ -28,6 +28,7 @@ import numpy as np
 from longcat_tools.errors import LongcatError, UsageError
 
 SAMPLE_RATE = 16_000  # what both audio encoders read
+MIN_RATE = 4_000  # below telephone speech (8 kHz) by half: anything lower holds no words
 # The whole track is embedded in one pass (wav2vec2 attends over all of it: 32 frames a second,
 # memory growing with the square), and 10 minutes is ~120 segments of video at 16 fps.
 MAX_SECONDS = 600.0
@@ -162,6 +163,9 @@ def decode(path: str | Path, rate: int = SAMPLE_RATE, *, mono: bool = True,
     if r.returncode != 0:
         raise LongcatError(f"{info.path}: ffmpeg cannot decode its audio ({_reason(r.stderr)})")
     x, native = _parse_wav(r.stdout, info.path)
+    if native < MIN_RATE:  # a 1 Hz file made a video of nothing heard
+        raise LongcatError(f"{info.path}: sampled at {native} Hz; speech needs at least "
+                           f"{MIN_RATE} Hz")
     if x.shape[1] == 0:
         raise LongcatError(f"{info.path}: the audio stream decodes to no samples")
     if x.shape[1] > max_seconds * native:

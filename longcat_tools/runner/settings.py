@@ -388,6 +388,8 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     from longcat_tools.io import jsonio
     from longcat_tools.io.safetensors import read_header
     from longcat_tools.runner import audio
+    from longcat_tools.runner.audio_encoders import TIMINGS
+    from longcat_tools.runner.audio_filters import BLOCK_S
     from longcat_tools.runner.avatar_pipeline import RELEASES, dit_folder
     from longcat_tools.verify.components import check_transformer_config
 
@@ -409,6 +411,13 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         if s.steps is not None and s.steps != fixed:
             raise UsageError(f"--steps {s.steps}: avatar 1.5 distillation samples {fixed} "
                              "fixed steps (leave --steps out)")
+    rate = TIMINGS[RELEASES[v.name].encoder].video_fps
+    if s.fps is not None and s.fps != rate:  # the mp4 and its audio cut, out of step with lips
+        raise UsageError(f"--fps {s.fps:g}: {ckpt.describe()} embeds the speech at {rate} fps, "
+                         f"so its video plays at that rate; leave --fps out")
+    if s.audio_mode != avatar.AUDIO_MODES[0] and len(s.audio) < 2:
+        raise UsageError(f"--audio-mode {s.audio_mode}: joins two speakers' --audio; this run "
+                         "has one")
     folder = ckpt.root / dit_folder(v, len(s.audio), s.int8)
     if not folder.is_dir():
         raise LongcatError(f"{ckpt.root}: no {folder.name}/, the DiT this run needs"
@@ -419,9 +428,15 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
                            "needs it; or pass --no-vocal-separation)")
     for path in s.audio:
         try:
-            audio.load(path)
+            track = audio.load(path)
         except LongcatError as e:
             raise type(e)(f"--audio {e}") from None
+        # padded to the clip's length, then loudness-normalised in blocks: the normaliser
+        # found a shorter track after the weights had loaded
+        if max(len(track) / audio.SAMPLE_RATE, s.frames / rate) < BLOCK_S:
+            raise UsageError(f"--audio {path}: {len(track) / audio.SAMPLE_RATE:.2f} s of audio "
+                             f"and {s.frames} frames at {rate} fps; the audio's loudness is "
+                             f"measured over {BLOCK_S} s: give that much audio, or more frames")
     cfg_path = folder / "config.json"
     cfg = jsonio.read(cfg_path, what="transformer config")
     dims = keymap.dit_dims(cfg, str(cfg_path))  # as every reader
