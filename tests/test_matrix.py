@@ -302,3 +302,18 @@ def test_a_utf16_prompt_file_is_refused_not_read_as_nul_letters(tmp_path):
     prompts.write_bytes("hello\nworld\n".encode("utf-16-le"))
     with pytest.raises(LongcatError, match="holds NUL characters .* save it as UTF-8"):
         read_prompts(prompts)
+
+
+def test_options_a_run_of_the_other_kind_would_ignore_are_refused(tiny_native, tmp_path,
+                                                                   capsys):
+    """--seed beside --seeds, and --out-dir on a single video, did nothing, exit 0."""
+    base = ["run", "-m", str(tiny_native), "-p", "a cat", "--height", "32", "--width", "32",
+            "--frames", "9", "--steps", "1"]
+    for extra, says in ((["--seeds", "1,2", "--seed", "99", "--out-dir", str(tmp_path / "m")],
+                         "--seed 99 with --seeds"),
+                        (["--out-dir", str(tmp_path / "m"), "-o", str(tmp_path / "one.mp4")],
+                         "is for a matrix run")):
+        assert main([*base, *extra]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert says in line, line
+    assert sorted(tmp_path.iterdir()) == []

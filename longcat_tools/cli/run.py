@@ -31,6 +31,8 @@ from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.runner.settings import RunSettings
 
 DEFAULT_OUT = next(f.default for f in fields(RunSettings) if f.name == "out")
+DEFAULT_SEED = next(f.default for f in fields(RunSettings) if f.name == "seed")
+DEFAULT_OUT_DIR = "out"
 AUDIO_HELP = next(f.metadata["help"] for f in fields(RunSettings) if f.name == "audio")
 
 
@@ -46,7 +48,7 @@ def run_cmd(
     out_dir: Annotated[str, typer.Option(
         "--out-dir", metavar="DIR", parser=given_path,
         help="Folder of a matrix run: one mp4 + sidecar per video "
-        "and manifest.json.")] = "out",
+        "and manifest.json.")] = DEFAULT_OUT_DIR,
     lora_scale: Annotated[str, typer.Option(
         "--lora-scale", metavar="SCALE", help="Scale of the hub LoRAs the run activates "
         "(distilled, refinement); a comma list makes a matrix run.")] = "1",
@@ -79,6 +81,9 @@ def run_cmd(
         run_matrix_cmd(ctx, out, settings, prompts, seeds, out_dir, gpus, data_parallel, quiet,
                        scales)
         return
+    if out_dir != DEFAULT_OUT_DIR:  # ignored: the one video went to --out
+        raise UsageError(f"--out-dir {out_dir}: is for a matrix run (--prompts, --seeds or a "
+                         "list of --bsa or --lora-scale values); one video is written to --out")
     if gpus != 1:
         from longcat_tools.runner.launch import launch, without_option
 
@@ -125,6 +130,9 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
     if settings.out != DEFAULT_OUT:
         raise UsageError(f"--out {settings.out}: names one video; a matrix run writes into "
                          "--out-dir")
+    if seed_list is not None and settings.seed != DEFAULT_SEED:  # ignored for the list's
+        raise UsageError(f"--seed {settings.seed} with --seeds: each video takes its seed from "
+                         "the list; drop --seed")
     if gpus > 1 and settings.device not in ("auto", "cuda", "cpu"):
         raise UsageError(f"--device {settings.device} with --gpus {gpus}: each process takes "
                          "its own GPU (use --device auto or cuda)")

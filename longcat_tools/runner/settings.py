@@ -127,8 +127,8 @@ class RunSettings:
                                 "i2v/vc from the bucket, refine from the 720p bucket.")
     width: int | None = option(None, "Output width in px (multiple of 16); t2v default 832.")
     frames: int = option(93, "Frames to generate (4k+1).")
-    fps: float | None = option(None, "Frame rate of the mp4 (default 15; 30 after refinement; "
-                               "avatar 16 (1.0) or 25 (1.5)).")
+    fps: float | None = option(None, "Frame rate of the mp4, 1 to 1000 (default 15; 30 after "
+                               "refinement; avatar: 16 (1.0) or 25 (1.5), fixed).")
     negative_prompt: str | None = option(None, "Negative prompt under CFG (default: the demos' "
                                          "Wan-style prompt).")
     num_cond_frames: int | None = option(None, "Condition frames (vc/long: default 13; refine: "

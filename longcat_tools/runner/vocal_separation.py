@@ -62,6 +62,8 @@ def load_model(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise LongcatError(f"{path}: no such vocal separator model")
+    if hasattr(ort, "disable_telemetry_events"):  # else it writes a queue under ~/.cache
+        ort.disable_telemetry_events()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
