@@ -359,13 +359,13 @@ def test_the_registry_files_and_scratch_names_are_reserved(native, capsys, name)
     assert _tree(native) == before
 
 
-def test_registry_lock_serializes_writers(native):
-    ckpt = layouts.detect(native)
+def _second_writer(ckpt, timeout: float) -> list[str]:
+    """The errors of a second thread taking the registry lock while this one holds it."""
     errors = []
 
     def second():
         try:
-            with lora_lib.registry_lock(ckpt, timeout=0.2):
+            with lora_lib.registry_lock(ckpt, timeout=timeout):
                 pass
         except LongcatError as e:
             errors.append(str(e))
@@ -374,9 +374,16 @@ def test_registry_lock_serializes_writers(native):
         t = threading.Thread(target=second)
         t.start()
         t.join()
+    return errors
+
+
+def test_registry_lock_serializes_writers(native):
+    ckpt = layouts.detect(native)
+    errors = _second_writer(ckpt, 0.2)
     assert len(errors) == 1 and "held the lock" in errors[0]
-    second()  # free again once released
-    assert len(errors) == 1 and not (native / "lora" / "adapters.json.lock").exists()
+    with lora_lib.registry_lock(ckpt, timeout=0.2):  # free again once released
+        pass
+    assert not (native / "lora" / "adapters.json.lock").exists()
 
 
 def test_a_wait_on_the_registry_lock_says_what_it_waits_for(native, monkeypatch, caplog):
@@ -385,20 +392,7 @@ def test_a_wait_on_the_registry_lock_says_what_it_waits_for(native, monkeypatch,
 
     monkeypatch.setattr(atomic, "WAIT_NOTE_S", 0.05)
     caplog.set_level(logging.WARNING, logger="longcat_tools")  # an earlier -q raised it
-    ckpt = layouts.detect(native)
-    errors = []
-
-    def second():
-        try:
-            with lora_lib.registry_lock(ckpt, timeout=0.3):
-                pass
-        except LongcatError as e:
-            errors.append(str(e))
-
-    with lora_lib.registry_lock(ckpt):
-        t = threading.Thread(target=second)
-        t.start()
-        t.join()
+    errors = _second_writer(layouts.detect(native), 0.3)
     waits = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
     assert len(waits) == 1 and "adapters.json.lock" in waits[0], waits
     assert len(errors) == 1 and "held the lock" in errors[0]
