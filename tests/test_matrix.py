@@ -231,9 +231,10 @@ def test_the_matrix_is_a_generator_over_a_loaded_pipeline(tiny_native, tmp_path)
 
 @pytest.mark.slow
 def test_data_parallel_matrix_gives_the_same_files(tiny_native, prompt_file, tmp_path,
-                                                   monkeypatch):
+                                                   monkeypatch, capfd):
     """``--gpus 2`` over a list (here on the CPU): two processes, every other video each, the
-    same files as one process, and the launcher's manifest. Every process computes with one
+    same files as one process, and the launcher's manifest; with ``--json``, stdout holds the
+    manifest alone (the workers' lines go to stderr). Every process computes with one
     thread: on some CPUs the BLAS sums a product in another order with another thread count
     (a 6 x 256 by 256 x 32 fp32 product 5e-7 apart), and the launcher gives each worker its
     share of the cores."""
@@ -249,8 +250,11 @@ def test_data_parallel_matrix_gives_the_same_files(tiny_native, prompt_file, tmp
         assert main(["run", *base, "--out-dir", str(one)]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert main(["run", *base, "--out-dir", str(two), "--gpus", "2"]) == 0
+    capfd.readouterr()
+    loud = [a for a in base if a != "-q"]  # the workers' progress lines too
+    assert main(["run", *loud, "--out-dir", str(two), "--gpus", "2", "--json"]) == 0
     manifest = json.loads((two / "manifest.json").read_text())
+    assert json.loads(capfd.readouterr().out) == manifest
     assert [e["status"] for e in manifest["items"]] == ["done"] * 4
     for e in manifest["items"]:
         assert (two / e["file"]).read_bytes() == (one / e["file"]).read_bytes(), e["file"]

@@ -40,14 +40,17 @@ def without_option(args: list[str], name: str) -> list[str]:
 def launch(n: int, args: list[str], role: str = "--cp") -> int:
     """Run ``longcat_tools`` with ``args`` (``role n`` appended: ``--cp n`` for context
     parallel, ``--data-parallel n`` for a matrix split by videos) in ``n`` processes; the exit
-    code is the first failure's, or 0."""
+    code is the first failure's, or 0. A data-parallel worker's stdout goes to stderr: the
+    launcher prints the run's one result (``--json``: the manifest), a context-parallel job's
+    first rank its video's."""
     port = _free_port()
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     cmd = [sys.executable, "-m", "longcat_tools", *args, role, str(n)]
-    procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(n)]
+    stdout = 2 if role == "--data-parallel" else None
+    procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=stdout) for r in range(n)]
     code = 0
     try:
         while procs:
