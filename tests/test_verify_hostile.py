@@ -560,6 +560,18 @@ def test_hostile_case_fails_with_one_line(victim, damage, keyword, extra, capsys
     assert keyword in lines[0], lines[0]
 
 
+def test_an_escaping_checksum_path_is_quoted_as_listed(victim, monkeypatch):
+    """A listed ``../ckpt/x`` passes through the folder's own name: the report quotes it whole
+    (it once dropped the ``ckpt/`` as if it were the checkpoint's prefix)."""
+    _with_checksums(victim)
+    with open(victim / "checksums.sha256", "a") as f:
+        f.write("0" * 64 + f"  ../{victim.name}/model_index.json\n")
+    monkeypatch.chdir(victim.parent)
+    report = verify(victim.name)
+    msgs = [c.message for c in report.checks if c.status == "fail"]
+    assert any(f"'../{victim.name}/model_index.json' leaves" in m for m in msgs), msgs
+
+
 def test_corpus_has_at_least_30_cases():
     assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
 

@@ -6,6 +6,7 @@ the next check runs, so one report names every fault of a checkpoint, not only t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,11 @@ def listing(items: list[str] | set[str], limit: int = MAX_LISTED) -> str:
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
+
+def _at_path_start(prefix: str) -> re.Pattern[str]:
+    """``prefix`` where a path starts (not inside another path: ``../vk/x`` keeps its ``vk/``)."""
+    return re.compile(r"(?<![\w./~-])" + re.escape(prefix))
+
 class Recorder:
     """Collects checks for one checkpoint and turns errors into failed checks."""
 
@@ -126,8 +132,8 @@ class Recorder:
                     message = message[len(prefix):]
                     break
         for folder, alias in self.aliases:
-            message = message.replace(f"{folder}/", f"{alias}/")
-        return message.replace(f"{self.root}/", "")
+            message = _at_path_start(f"{folder}/").sub(f"{alias}/", message)
+        return _at_path_start(f"{self.root}/").sub("", message)
 
     def add(self, component: str, name: str, status: str, file: Path | str,
             message: str) -> Check:
