@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 EXIT_OK = 0
 EXIT_FAIL = 1  # a check failed or the input is bad
 EXIT_USAGE = 2  # the command line itself is wrong
@@ -32,3 +35,19 @@ def refuse_empty(path: object, what: str) -> None:
     '.' without a word (or, for --model, "not given")."""
     if path == "":
         raise UsageError(f"{what}: {EMPTY_PATH}")
+
+
+def why_not_a_file(path: str | os.PathLike[str], folder_hint: str = "give the file") -> str:
+    """Why ``path`` is not a regular file to read, in a few words: what the user sees after
+    ``--image PATH: ``."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        if os.path.islink(path):
+            return f"a broken symlink (to {os.readlink(path)})"
+        return "no such file" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
+    if os.path.isdir(path):
+        return f"a folder; {folder_hint}"
+    return "not a regular file"

@@ -164,6 +164,8 @@ RUN_CASES = [
     ("latents-over-their-input", ["--latents-in", "{lat_shape}", "--save-latents",
                                   "{lat_shape}"], "is also the run's input --latents-in", 2),
     ("image-is-a-folder", ["--task", "i2v", "--image", "{folder}"], "a folder; give the file", 2),
+    ("image-symlink-loop", ["--task", "i2v", "--image", "{loop}"], "a symlink loop", 2),
+    ("image-broken-link", ["--task", "i2v", "--image", "{dangling}"], "a broken symlink (to ", 2),
     # options another task reads: t2v ran, exit 0, without them
     ("t2v-segments", ["--segments", "7"], "--segments: --task t2v does not use it", 2),
     ("t2v-cond-frames", ["--cond-frames", "5"], "--cond-frames: --task t2v does not use", 2),
@@ -201,11 +203,15 @@ def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, cas
         "folder": tmp_path / "dir.mp4",
         "under_file": tmp_path / "notes.txt" / "x.mp4",
         "text_mp4": tmp_path / "in.mp4",
+        "loop": tmp_path / "loop.png",
+        "dangling": tmp_path / "gone.png",
     }
     files["text"].write_text("not a picture, not a video\n")
     files["text_mp4"].write_text("the video a run must not overwrite\n")
     files["pickle"].write_bytes(pickle.dumps({"latents": [0.0] * 10}))
     files["folder"].mkdir()
+    files["loop"].symlink_to(files["loop"])
+    files["dangling"].symlink_to(tmp_path / "moved.png")
     args = [a.format(**files) for a in args]
     base = ["run", "-q", "-m", tiny_native, "-p", "a cat", "--height", "32", "--width", "32",
             "--frames", "9", "--out", tmp_path / "x.mp4"]

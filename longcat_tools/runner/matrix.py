@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.errors import EMPTY_PATH, LongcatError, UsageError
+from longcat_tools.errors import EMPTY_PATH, LongcatError, UsageError, why_not_a_file
 from longcat_tools.io import jsonio
 from longcat_tools.model import bounds
 from longcat_tools.runner.settings import RunSettings, check_bsa, comparable_settings, validate
@@ -65,8 +65,7 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
     path = Path(path)
     where = f"--prompts {path}"
     if not path.is_file():
-        raise UsageError(f"{where}: " + ("a folder; give the prompt file" if path.is_dir()
-                                          else "no such file"))
+        raise UsageError(f"{where}: {why_not_a_file(path, 'give the prompt file')}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first prompt
     except (OSError, UnicodeDecodeError) as e:

@@ -16,7 +16,7 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from longcat_tools.errors import LongcatError, UsageError, refuse_empty
+from longcat_tools.errors import LongcatError, UsageError, refuse_empty, why_not_a_file
 from longcat_tools.io.atomic import enclosing_checkpoint, real_path
 from longcat_tools.lora.registry import check_scale
 from longcat_tools.model import avatar, bounds, bsa_presets, dtypes, keymap
@@ -520,9 +520,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
               *(("--audio", a) for a in s.audio or ())]
     for opt, path in inputs[:3]:  # the audio files are read by the avatar checks
         if path and not Path(path).is_file():
-            raise UsageError(f"{opt} {path}: " + ("a folder; give the file" if Path(path).is_dir()
-                                                  else "not a regular file"
-                                                  if Path(path).exists() else "no such file"))
+            raise UsageError(f"{opt} {path}: {why_not_a_file(path)}")
     if not s.out.endswith(".mp4"):
         raise UsageError(f"--out {s.out}: the output is an H.264 .mp4 file")
     if s.save_latents and not s.save_latents.endswith(".safetensors"):
