@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9375)
     ap.add_argument("--base", type=Path, default=None, help="an earlier triton_bsa.py")
     ap.add_argument("--select", action="store_true", help="the select kernels (needs --base)")
+    ap.add_argument("--variants", default=None,
+                    help="labels of VARIANTS to time, separated by ';' (default: all)")
     add_ab_args(ap, rep_ms=150.0)
     args = ap.parse_args()
     if args.select and args.base is None:
@@ -121,7 +123,11 @@ def main() -> None:
         (args.out / "bsa_ab_select.json").write_text(
             json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         return
-    variants = [(label, TB, fp8, cfg) for label, fp8, cfg in VARIANTS]
+    chosen = args.variants.split(";") if args.variants else [label for label, *_ in VARIANTS]
+    unknown = set(chosen) - {label for label, *_ in VARIANTS}
+    if unknown:
+        ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    variants = [(label, TB, fp8, cfg) for label, fp8, cfg in VARIANTS if label in chosen]
     if args.base is not None:
         base = load_base(args.base)
         variants = [(f"{args.base_label} fp8", base, True, {}),

@@ -11,7 +11,9 @@ takes a call asked to quantize (``kernels_for``), counted in ``CALLS``.
 The Triton kernels' quantization, per ``[B, H]`` head:
 - q: int8, ``round(q / s)`` half away from zero, one float32 scale ``s = amax / 127`` per token;
 - k: its mean over the sequence subtracted (the softmax does not see a vector added to every
-  key), then like q;
+  key), then like q (dense), or with one scale for the whole head (block sparse,
+  ``key_scale="head"``: no multiply per score, 6-7% faster at 0.2% more error;
+  ``kernels/README.md``);
 - v: e4m3, one scale per channel over the whole sequence (amax / 448);
 - p = exp(s - max) <= 1 as e4m3 of ``p * 448``; the row sums use p before quantization.
 """
@@ -59,12 +61,20 @@ _NEEDS = {"fa3": "FlashAttention-3's FP8 forward needs FA3 built from its source
 CALLS: Counter[str] = Counter()
 
 
-def _int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """x through int8 with a scale per row (amax / 127; 1 for an all-zero row), in float32."""
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127.0, 1.0)
+def int8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The int8 scale of values up to ``amax``: ``amax / 127``, 1 where there are none (0)."""
+    return torch.where(amax > 0, amax / 127.0, 1.0)
+
+
+def _int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x through int8 as ``round(x / scale)`` half away from zero, in float32."""
     y = x / scale
     return torch.trunc(y + torch.copysign(torch.full_like(y, 0.5), y)).clamp(-127, 127) * scale
+
+
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x through int8 with a scale per row (amax / 127; 1 for an all-zero row), in float32."""
+    return _int8(x, int8_scale(x.abs().amax(dim=-1, keepdim=True)))
 
 
 def _e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -157,16 +167,21 @@ def reference_per_tensor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              allowed: torch.Tensor | None = None) -> torch.Tensor:
+              allowed: torch.Tensor | None = None, key_scale: str = "token") -> torch.Tensor:
     """The kernels' arithmetic with a global row maximum (a kernel's running maximum quantizes
     ``p`` against a smaller one until the row's maximum is seen); float32 ``[B, H, Sq, D]``.
 
     ``allowed``: ``[B, H, Sq, Sk]`` keys each query may see (block sparse attention; the mean
-    of k is still over all keys, as the kernel takes it); a row with none gives zeros."""
+    of k is still over all keys, as the kernel takes it); a row with none gives zeros.
+    ``key_scale``: "token" (the dense kernel) or "head" (the block sparse forward)."""
     k = k.to(torch.float32) - key_mean(k)[:, :, None]
     vd = _e4m3(v.to(torch.float32), value_scales(v)[:, :, None])
     q = q.to(torch.float32)
-    s = _int8_rows(q) @ _int8_rows(k).transpose(-1, -2) * q.shape[-1] ** -0.5
+    if key_scale == "head":
+        kq = _int8(k, int8_scale(k.abs().amax(dim=(-2, -1), keepdim=True)))
+    else:
+        kq = _int8_rows(k)
+    s = _int8_rows(q) @ kq.transpose(-1, -2) * q.shape[-1] ** -0.5
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     top = s.amax(dim=-1, keepdim=True)

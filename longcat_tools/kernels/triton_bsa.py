@@ -21,7 +21,7 @@ Launches, each readable top to bottom:
                           same order, same bits.
 
 fp8 mode (``attend(fp8=True)``; the rules are ``fp8_attention``'s): ``_chunk_quant_kernel``
-writes the copies instead of step 1's (int8 k less its mean with a scale per token, e4m3 v
+writes the copies instead of step 1's (int8 k less its mean with one scale per head, e4m3 v
 transposed per chunk), and the forward quantizes its queries to int8 as it loads them.
 
 Why it looks like this (measurements in benchmarks/NOTES_bsa_kernel.md):
@@ -64,11 +64,12 @@ except ImportError:  # pragma: no cover - older Triton: plain loads of the same 
 
 from longcat_tools.model.chunks import kept_per_query
 
-from .column_stats import key_mean, value_scales
+from .column_stats import column_stats, value_scales
 from .fp8 import E4M3
+from .fp8_attention import int8_scale
 from .reference import GRID_BITS as R_GRID_BITS
 from .reference import ChunkLayout, selection_counts
-from .triton_fp8_attention import LOG2_P_SCALE, int8_rows
+from .triton_fp8_attention import LOG2_P_SCALE, int8_rows, int8_scaled
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
@@ -179,8 +180,8 @@ def _chunk_quant_kernel(X, XC, SCALE, MEAN, stride_xb, stride_xh, stride_xs, H, 
                         D: tl.constexpr, E4M3_T: tl.constexpr):
     """Chunk ``m`` of head ``bh`` quantized for the fp8 forward (``fp8_attention``'s rules).
 
-    E4M3_T false (k): ``X - MEAN[bh]`` as int8 with a scale per token into ``SCALE``, slots
-    ``[C_PAD, D]`` per chunk (a missing edge token: zeros, scale 1). E4M3_T (v): e4m3 of
+    E4M3_T false (k): ``X - MEAN[bh]`` as int8 over the head's scale ``SCALE[bh]``, slots
+    ``[C_PAD, D]`` per chunk (a missing edge token: zeros). E4M3_T (v): e4m3 of
     ``X / SCALE[bh, :]`` (per-channel scales, given), stored transposed, ``[D, C_PAD]``."""
     m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -200,9 +201,8 @@ def _chunk_quant_kernel(X, XC, SCALE, MEAN, stride_xb, stride_xh, stride_xs, H, 
                      y.to(XC.dtype.element_ty, fp_downcast_rounding="rtne"))
         else:
             tile = tl.where(valid[:, None], tile - tl.load(MEAN + bh * D + d)[None, :], 0.0)
-            y, scale = int8_rows(tile)
-            tl.store(XC + (chunk * C_PAD + r[:, None]) * D + d[None, :], y)
-            tl.store(SCALE + chunk * C_PAD + r, scale)
+            tl.store(XC + (chunk * C_PAD + r[:, None]) * D + d[None, :],
+                     int8_scaled(tile, tl.load(SCALE + bh)))
 
 
 @triton.jit
@@ -300,14 +300,15 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
                     STORE_STATE: tl.constexpr):
     """KD, VD: TMA descriptors of the chunk-major copies, or (TMA false) the copies.
 
-    FP8 (``fp8_attention``'s rules): q is quantized here to int8 per token, KD holds int8 k
-    with its per-token scales in KS, VD e4m3 v transposed per chunk (``[D, slots]``) with its
-    per-channel scales in VS; p goes to e4m3 as ``p * 448``. Why the scales are folded: a
-    score is ``(int32 dot * k scale) * q row scale``, its max taken before the row scale
-    (positive), and ``* 448`` is ``+ log2(448)`` inside the exp2: two float ops per element
-    fewer, 469 instructions a tile instead of 531 on sm90 (7% faster at three programs an
-    SM: benchmarks/results/bsa_ab_fold_h100.json). l and acc both carry the 448,
-    which cancels in ``acc / l``.
+    FP8 (``fp8_attention``'s rules, ``key_scale="head"``): q is quantized here to int8 per
+    token, KD holds int8 k with one scale for the head in KS, VD e4m3 v transposed per chunk
+    (``[D, slots]``) with its per-channel scales in VS; p goes to e4m3 as ``p * 448``. Why
+    the scales are folded: a score is ``int32 dot * (q row scale * k scale)``, its max taken
+    before that positive scale, and ``* 448`` is ``+ log2(448)`` inside the exp2. A scale per
+    key instead cost a multiply per score and its loads: 475 instructions a tile against 412
+    on sm90, 13.97 against 13.10 ms at 720p on an H100
+    (benchmarks/results/bsa_ab_key_scale_h100_session31.json). l and acc both carry the
+    448, which cancels in ``acc / l``.
 
     One of several kv passes (``attend``'s ``FWD_CONFIG["kv_passes"]``): LOAD_STATE starts
     from the softmax state (row max, row sum, unnormalised acc; float32 in SM, SL, SACC) at
@@ -330,6 +331,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
         q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
     if FP8:
         q, sq = int8_rows(q.to(tl.float32))
+        sq = sq * tl.load(KS + bh)  # times k's scale: one per head
         # score (log2 units) = qk[i, :] * row_mul[i]; kept normal, so that a masked -inf
         # column times it stays -inf for a row of subnormal q
         row_mul = tl.maximum(sq * qk_scale, 1.1754944e-38)
@@ -369,8 +371,7 @@ def _bsa_fwd_kernel(Q, KD, VD, Out, IDX, CNT, KS, VS, START, STOP, SM, SL, SACC,
             tile = (row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
             k = tl.load(KD + tile)
         if FP8:
-            sk = tl.load(KS + row + tl.arange(0, BLOCK_N))
-            qk = tl.dot(q, tl.trans(k)).to(tl.float32) * sk[None, :]
+            qk = tl.dot(q, tl.trans(k)).to(tl.float32)
         else:
             qk = tl.dot(q, tl.trans(k))
         if EVEN_K:
@@ -676,15 +677,16 @@ def _v_copy(v: torch.Tensor, layout: ChunkLayout, pv_fp16: bool
 def quantized_copies(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fp8 forward's chunk-major copies (``fp8_attention``'s rules): int8 k less its
-    mean ``[B*H*M*pad, D]`` with per-token scales ``[B*H*M*pad]``, and e4m3 v transposed per
+    mean ``[B*H*M*pad, D]`` with a scale per head ``[B*H]``, and e4m3 v transposed per
     chunk ``[B*H*M*D, pad]`` with per-channel scales ``[B*H, D]``."""
     B, H, _, D = k.shape
     M, pad = layout.num_chunks, chunk_pad(layout)
     (T, HH, W), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
     rb = _rows_per_step(pad, D)
-    mean = key_mean(k).reshape(B * H, D)
+    stats = column_stats(k, smooth=True)
+    mean = stats.mean.reshape(B * H, D)
+    ks = int8_scale(stats.amax).reshape(B * H).contiguous()
     kc = torch.empty(B * H * M * pad, D, device=k.device, dtype=torch.int8)
-    ks = torch.empty(B * H * M * pad, device=k.device, dtype=torch.float32)
     vs = value_scales(v).reshape(B * H, D).contiguous()
     vt = torch.empty(B * H * M * D, pad, device=v.device, dtype=E4M3)
     for x, xc, scale, e4m3_t in ((k, kc, ks, False), (v, vt, vs, True)):

@@ -50,9 +50,15 @@ def int8_rows(x):
     from zero with ``s = amax / 127`` per row (1 for an all-zero row)."""
     amax = tl.max(tl.abs(x), axis=1)
     scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
-    y = x / scale[:, None]
+    return int8_scaled(x, scale[:, None]), scale
+
+
+@triton.jit
+def int8_scaled(x, scale):
+    """float32 ``x`` -> int8 ``round(x / scale)`` half away from zero (``fp8_attention``)."""
+    y = x / scale
     y = tl.minimum(tl.maximum(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0), 127.0)
-    return y.to(tl.int8), scale
+    return y.to(tl.int8)
 
 
 @triton.jit
