@@ -51,21 +51,6 @@ def _keys(S, row, Mk, stride_srow, MK_PAD: tl.constexpr):
 
 
 @triton.jit
-def _compact(IDX, row, stride_irow, n, valid, key, kth, k, KMAX, MK_PAD: tl.constexpr):
-    """``_select_kernel``'s ending: keys above kth, then ties by index, ascending."""
-    above = (key > kth) & valid
-    need = k - tl.sum(above.to(tl.int32), axis=0)
-    tie = (key == kth) & valid
-    upto = tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), axis=0)
-    ties_upto = upto >> 16
-    take = above | (tie & (ties_upto <= need))
-    pos = (upto & 0xFFFF) + tl.minimum(ties_upto, need) - 1
-    out = IDX + row * stride_irow
-    tl.store(out + pos, n, mask=take & (pos >= 0) & (pos < KMAX))
-    tl.store(out + n, tl.full([MK_PAD], -1, tl.int32), mask=(n >= k) & (n < KMAX))
-
-
-@triton.jit
 def _hist_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, MK_PAD: tl.constexpr,
                  L: tl.constexpr, LEVELS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -85,7 +70,7 @@ def _hist_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, MK_PAD: tl.con
         digit = tl.max(tl.where(at_or_above >= need, b, -1), axis=0)
         need = need - tl.sum(tl.where(b > digit, h, 0), axis=0)
         prefix = (prefix << L) | digit
-    _compact(IDX, row, stride_irow, n, valid, key, prefix, k, KMAX, MK_PAD)
+    TB.ascending_picks(IDX + row * stride_irow, n, valid, key, prefix, k, KMAX, MK_PAD)
 
 
 @triton.jit
@@ -103,7 +88,7 @@ def _packed_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, MK_PAD: tl.c
         kth = tl.where((s >> 32).to(tl.int32) >= k, c3,
                        tl.where(((s >> 16) & 0xFFFF).to(tl.int32) >= k, c2,
                                 tl.where((s & 0xFFFF).to(tl.int32) >= k, c1, kth)))
-    _compact(IDX, row, stride_irow, n, valid, key, kth, k, KMAX, MK_PAD)
+    TB.ascending_picks(IDX + row * stride_irow, n, valid, key, kth, k, KMAX, MK_PAD)
 
 
 @triton.jit
@@ -141,8 +126,9 @@ def _floor_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, MK_PAD: tl.co
     row = tl.program_id(0).to(tl.int64)
     n, valid, key = _keys(S, row, Mk, stride_srow, MK_PAD)
     top = tl.max(key, axis=0)
-    _compact(IDX, row, stride_irow, n, valid, key, tl.where(top > 3, top - 3, top),
-             tl.load(CNT + row), KMAX, MK_PAD)
+    # not a selection: more than k keys may be above, so ``run`` gives it a row of MK_PAD
+    TB.ascending_picks(IDX + row * stride_irow, n, valid, key, tl.where(top > 3, top - 3, top),
+                       tl.load(CNT + row), KMAX, MK_PAD)
 
 
 def run(variant: str, score: torch.Tensor, counts: torch.Tensor, kmax: int, warps: int
@@ -155,8 +141,9 @@ def run(variant: str, score: torch.Tensor, counts: torch.Tensor, kmax: int, warp
         finally:
             TB.SELECT_WARPS = 0
     B, H, Mq, Mk = score.shape
-    idx = torch.empty(B, H, Mq, kmax, device=score.device, dtype=torch.int32)
     pad = triton.next_power_of_2(Mk)
+    width = pad if variant == "floor" else kmax
+    idx = torch.empty(B, H, Mq, width, device=score.device, dtype=torch.int32)
     args = (score, counts, idx, Mk, kmax, score.stride(2), idx.stride(2), pad)
     rows = B * H * Mq
     if variant.startswith("hist"):

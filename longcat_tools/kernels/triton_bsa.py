@@ -274,6 +274,13 @@ def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
         cand = kth | (1 << bit)
         hits = tl.sum((key >= cand).to(tl.int32), axis=0)
         kth = tl.where(hits >= k, cand, kth)
+    ascending_picks(IDX + row * stride_irow, n, valid, key, kth, k, KMAX, MK_PAD)
+
+
+@triton.jit
+def ascending_picks(out, n, valid, key, kth, k, KMAX, MK_PAD: tl.constexpr):
+    """Write a row's ``k`` picks to ``out`` in ascending order, -1 after them up to KMAX: the
+    keys above the k-th largest ``kth``, then the ties at it, lower index first."""
     above = (key > kth) & valid
     need = k - tl.sum(above.to(tl.int32), axis=0)
     tie = (key == kth) & valid
@@ -282,7 +289,6 @@ def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
     ties_upto = upto >> 16
     take = above | (tie & (ties_upto <= need))
     pos = (upto & 0xFFFF) + tl.minimum(ties_upto, need) - 1
-    out = IDX + row * stride_irow
     tl.store(out + pos, n, mask=take)
     tl.store(out + n, tl.full([MK_PAD], -1, tl.int32), mask=(n >= k) & (n < KMAX))
 
