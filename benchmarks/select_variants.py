@@ -126,9 +126,10 @@ def _floor_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, MK_PAD: tl.co
     row = tl.program_id(0).to(tl.int64)
     n, valid, key = _keys(S, row, Mk, stride_srow, MK_PAD)
     top = tl.max(key, axis=0)
-    # not a selection: more than k keys may be above, so ``run`` gives it a row of MK_PAD
+    # not a selection: more than k keys may lie above the threshold, so it takes all Mk (no
+    # position below 0) into a row of MK_PAD (``run``)
     TB.ascending_picks(IDX + row * stride_irow, n, valid, key, tl.where(top > 3, top - 3, top),
-                       tl.load(CNT + row), KMAX, MK_PAD)
+                       Mk, KMAX, MK_PAD)
 
 
 def run(variant: str, score: torch.Tensor, counts: torch.Tensor, kmax: int, warps: int

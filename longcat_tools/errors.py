@@ -42,10 +42,14 @@ def why_not_a_file(path: str | os.PathLike[str], folder_hint: str = "give the fi
     ``--image PATH: ``."""
     try:
         os.stat(path)
+    except ValueError:  # a NUL character
+        return "not a valid path"
     except OSError as e:
         if e.errno == errno.ELOOP:
             return "a symlink loop"
-        if os.path.islink(path):
+        if e.errno == errno.ENOTDIR:
+            return "no such file (a part of the path is a file)"
+        if e.errno == errno.ENOENT and os.path.islink(path):
             return f"a broken symlink (to {os.readlink(path)})"
         return "no such file" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
     if os.path.isdir(path):

@@ -166,6 +166,8 @@ RUN_CASES = [
     ("image-is-a-folder", ["--task", "i2v", "--image", "{folder}"], "a folder; give the file", 2),
     ("image-symlink-loop", ["--task", "i2v", "--image", "{loop}"], "a symlink loop", 2),
     ("image-broken-link", ["--task", "i2v", "--image", "{dangling}"], "a broken symlink (to ", 2),
+    ("image-through-a-file", ["--task", "i2v", "--image", "{under_file}"],
+     "no such file (a part of the path is a file)", 2),
     # options another task reads: t2v ran, exit 0, without them
     ("t2v-segments", ["--segments", "7"], "--segments: --task t2v does not use it", 2),
     ("t2v-cond-frames", ["--cond-frames", "5"], "--cond-frames: --task t2v does not use", 2),
@@ -188,6 +190,13 @@ RUN_CASES = [
     ("long-frames-9", ["--task", "long", "--frames", "9"], "--frames 9: --task long", 2),
     ("long-frames-13", ["--task", "long", "--frames", "13"], "--frames 13: --task long", 2),
 ]
+
+
+def test_a_path_with_a_nul_is_named_invalid_not_missing():
+    """Only the Python API can pass one (argv cannot); os.stat raised ValueError."""
+    from longcat_tools.errors import why_not_a_file
+
+    assert why_not_a_file("a\0b.png") == "not a valid path"
 
 
 @pytest.mark.parametrize("case,args,says,code", RUN_CASES, ids=[c[0] for c in RUN_CASES])

@@ -27,9 +27,9 @@ def interpreter_takes_loaded_loop_bounds() -> bool:
 
 
 # interpreted_kernels.CHECKS
-@pytest.mark.parametrize("check", ["forward", "scales", "selection", "fused_fp8"])
+@pytest.mark.parametrize("check", ["forward", "scales", "selection", "fused_fp8", "fp8_key_scale"])
 def test_triton_kernels_under_the_interpreter(check):
-    if check == "forward" and not interpreter_takes_loaded_loop_bounds():
+    if check in ("forward", "fp8_key_scale") and not interpreter_takes_loaded_loop_bounds():
         pytest.skip("this Triton's interpreter cannot run the forward under NumPy 2.4 (CI's can)")
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("interpreted_kernels.py")),
                           check], env={**os.environ, "TRITON_INTERPRET": "1"},

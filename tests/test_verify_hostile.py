@@ -572,6 +572,16 @@ def test_an_escaping_checksum_path_is_quoted_as_listed(victim, monkeypatch):
     assert any(f"'../{victim.name}/model_index.json' leaves" in m for m in msgs), msgs
 
 
+@pytest.mark.parametrize("name", ["Long\\Cat", "Long\\1"])
+def test_a_sibling_folder_named_with_a_backslash_is_written_as_is(tmp_path, name):
+    """An avatar's base folder is named ``../<name>/`` in the rows; a backslash in the name was
+    read as a regular-expression escape (an internal error)."""
+    from longcat_tools.verify.report import Recorder, Report
+
+    rec = Recorder(tmp_path / "ckpt", Report(str(tmp_path / "ckpt"))).beside(tmp_path / name)
+    assert rec.tidy(f"{tmp_path / name}/config.json: bad") == f"../{name}/config.json: bad"
+
+
 def test_corpus_has_at_least_30_cases():
     assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
 

@@ -24,6 +24,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def without_option(args: list[str], name: str) -> list[str]:
     """``args`` minus every ``name VALUE`` / ``name=VALUE``."""
     out, skip = [], False
@@ -48,7 +56,7 @@ def launch(n: int, args: list[str], role: str = "--cp") -> int:
             "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     cmd = [sys.executable, "-m", "longcat_tools", *args, role, str(n)]
-    stdout = 2 if role == "--data-parallel" else None
+    stdout = 2 if role == "--data-parallel" and _is_open(2) else None
     procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=stdout) for r in range(n)]
     code = 0

@@ -88,6 +88,7 @@ def _at_path_start(prefix: str) -> re.Pattern[str]:
     """``prefix`` where a path starts (not inside another path: ``../vk/x`` keeps its ``vk/``)."""
     return re.compile(r"(?<![\w./~-])" + re.escape(prefix))
 
+
 class Recorder:
     """Collects checks for one checkpoint and turns errors into failed checks."""
 
@@ -132,7 +133,7 @@ class Recorder:
                     message = message[len(prefix):]
                     break
         for folder, alias in self.aliases:
-            message = _at_path_start(f"{folder}/").sub(f"{alias}/", message)
+            message = _at_path_start(f"{folder}/").sub(lambda _, a=alias: f"{a}/", message)
         return _at_path_start(f"{self.root}/").sub("", message)
 
     def add(self, component: str, name: str, status: str, file: Path | str,
