@@ -220,3 +220,9 @@ def test_fa3_is_read_from_its_build_flags(monkeypatch):
         assert not fa3_fp8_attention.supported(torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16))
     finally:
         fa3.build.cache_clear()
+
+
+def test_the_reference_names_its_key_scales():
+    q, k, v = _qkv(1, 1, 64, 32)
+    with pytest.raises(ValueError, match="'token' or 'head'"):
+        fa.reference(q, k, v, key_scale="heads")

@@ -179,8 +179,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q = q.to(torch.float32)
     if key_scale == "head":
         kq = _int8(k, int8_scale(k.abs().amax(dim=(-2, -1), keepdim=True)))
-    else:
+    elif key_scale == "token":
         kq = _int8_rows(k)
+    else:
+        raise ValueError(f"key_scale {key_scale!r}: 'token' or 'head'")
     s = _int8_rows(q) @ kq.transpose(-1, -2) * q.shape[-1] ** -0.5
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
