@@ -112,6 +112,24 @@ def test_too_few_frames_for_the_split_is_one_line(tiny_native, tmp_path):
     assert not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.parametrize("have,says", [
+    (0, "error: --gpus 2: no CUDA GPU here (--device cpu runs 2 CPU processes)"),
+    (1, "error: --gpus 2: this machine has 1 CUDA GPU (run without --gpus)")])
+@pytest.mark.parametrize("matrix", [False, True])
+def test_gpus_beyond_the_machine_are_refused_before_launch(tiny_native, tmp_path, capsys,
+                                                           monkeypatch, have, says, matrix):
+    """``--gpus 2`` with --device auto on a machine without a GPU ran two CPU processes without
+    a word; with one GPU, the second rank would have failed on a device it does not have."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: have > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: have)
+    many = ["--seeds", "1,2", "--out-dir", str(tmp_path / "o")] if matrix else [
+        "--out", str(tmp_path / "x.mp4")]
+    assert main(["run", "-q", "-m", str(tiny_native), "--height", "32", "--width", "32",
+                 "--frames", "9", "--steps", "1", "--gpus", "2", *many]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [says]
+    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "o").exists()
+
+
 def test_gpus_the_heads_do_not_split_over_is_refused_before_launch(tiny_native, tmp_path,
                                                                    capsys):
     """Checked after loading in every rank, it printed the same line three times."""

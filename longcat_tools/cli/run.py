@@ -85,11 +85,12 @@ def run_cmd(
         raise UsageError(f"--out-dir {out_dir}: is for a matrix run (--prompts, --seeds or a "
                          "list of --bsa or --lora-scale values); one video is written to --out")
     if gpus != 1:
-        from longcat_tools.runner.launch import launch, without_option
+        from longcat_tools.runner.launch import check_gpus, launch, without_option
 
         if gpus < 2 or settings.cp != 1:
             raise UsageError(f"--gpus {gpus}: use 2 or more GPUs, without --cp (--cp is for "
                              "processes started by torchrun)")
+        check_gpus(gpus, settings.device)
         validate(replace(settings, cp=gpus))
         JSON_STATE["on"] = False  # rank 0 speaks for the run, errors included
         raise typer.Exit(launch(gpus, without_option(command_line(ctx), "--gpus")))
@@ -136,6 +137,10 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
     if gpus > 1 and settings.device not in ("auto", "cuda", "cpu"):
         raise UsageError(f"--device {settings.device} with --gpus {gpus}: each process takes "
                          "its own GPU (use --device auto or cuda)")
+    if gpus > 1:
+        from longcat_tools.runner.launch import check_gpus
+
+        check_gpus(gpus, settings.device)
     rank = int(os.environ.get("RANK", "0")) if data_parallel > 1 else 0
     if data_parallel > 1 and settings.device in ("auto", "cuda"):
         import torch

@@ -17,11 +17,30 @@ import subprocess
 import sys
 import time
 
+from longcat_tools.errors import UsageError
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_gpus(n: int, device: str) -> None:
+    """``--gpus n`` starts a process a GPU: refuse where this machine has fewer (each rank
+    would fail on its own device, or run on the CPU without a word). ``--device cpu`` asks
+    for n CPU processes."""
+    if device == "cpu":
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise UsageError(f"--gpus {n}: no CUDA GPU here (--device cpu runs {n} CPU processes)")
+    if have < n:
+        fix = "run without --gpus" if have == 1 else f"use --gpus {have} or fewer"
+        raise UsageError(f"--gpus {n}: this machine has {have} CUDA GPU"
+                         f"{'s' if have > 1 else ''} ({fix})")
 
 
 def _is_open(fd: int) -> bool:
