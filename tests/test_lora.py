@@ -96,6 +96,27 @@ def test_list_shows_the_hub_adapters_without_writing(native, capsys):
     assert _tree(native) == before
 
 
+def test_detach_never_deletes_another_adapters_file(native, tmp_path, capsys):
+    """An edited adapters.json whose entry names another adapter's file: detach deleted that
+    adapter's folder (``removed lora/p1``) and exited 0."""
+    peft = tmp_path / "e_peft.safetensors"
+    assert _cli(capsys, "export", "distilled", "-m", native, "--format", "peft", "--out",
+                peft)[0] == 0
+    for name in ("style", "p1"):
+        assert _cli(capsys, "attach", peft, "--name", name, "-m", native)[0] == 0
+    reg_path = native / "lora" / "adapters.json"
+    reg = json.loads(reg_path.read_text())
+    p1_file = next(a["file"] for a in reg["adapters"] if a["name"] == "p1")
+    for a in reg["adapters"]:
+        if a["name"] == "style":
+            a["file"] = p1_file
+    reg_path.write_text(json.dumps(reg))
+    before = _tree(native)
+    rc, _, err = _cli(capsys, "detach", "style", "-m", native)
+    assert rc == 1 and "also holds adapter 'p1'" in err and "nothing deleted" in err, err
+    assert _tree(native) == before
+
+
 def test_attach_peft_export_list_detach(native, tmp_path, capsys):
     """Export the distillation LoRA as PEFT, attach it under a new name: the stored native file
     is the hub's file tensor for tensor; the registry records it (schema-valid) and the hub

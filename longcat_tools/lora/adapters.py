@@ -214,6 +214,7 @@ def detach(model: str | Path | layouts.Checkpoint | None, name: str, *, force: b
         remove_folder = not top_level and not others
         target = path.parent if remove_folder else path
         _check_no_link_above(ckpt, target, name)
+        _check_not_shared(ckpt, reg, name, target)
         removed = [target] if target.exists() or target.is_symlink() else []
         if dry_run:
             return DetachResult(name, removed, rec is not None, True)
@@ -229,6 +230,19 @@ def detach(model: str | Path | layouts.Checkpoint | None, name: str, *, force: b
             fsync_dir(ckpt.lora_dir)
             refresh_manifest(ckpt.root, [target])
     return DetachResult(name, removed, rec is not None, False)
+
+
+def _check_not_shared(ckpt: layouts.Checkpoint, reg: Registry, name: str, target: Path) -> None:
+    """Detach deletes only what is ``name``'s alone: a registry whose other entry names a file
+    at or under ``target`` (an edited adapters.json) would lose that adapter's weights."""
+    for other in reg.adapters:
+        if other.name == name:
+            continue
+        file = (ckpt.lora_dir / other.file).absolute()
+        if file == target.absolute() or target.absolute() in file.parents:
+            raise LongcatError(f"{target}: also holds adapter '{other.name}' ({other.file}); "
+                               f"detach deletes only what is '{name}''s alone; nothing deleted "
+                               "(fix lora/adapters.json)")
 
 
 def _check_no_link_above(ckpt: layouts.Checkpoint, target: Path, name: str) -> None:
