@@ -618,5 +618,5 @@ def test_fuse_leaves_the_bsa_backup_behind_and_says_when_run_cannot_use_it(nativ
     assert not (dst / "dit" / "config.json.bak").exists()
     assert main(["bsa", "restore", "-m", str(dst), "-q"]) == 1
     assert "no backup to restore" in capsys.readouterr().err
-    rc, out, _ = _cli(capsys, "fuse", "refinement", "--dst", tmp_path / "both", "-m", dst)
-    assert rc == 0 and "distilled and refinement are both fused in: `run` refuses" in out
+    rc, _, err = _cli(capsys, "fuse", "refinement", "--dst", tmp_path / "both", "-m", dst)
+    assert rc == 0 and "warning: distilled and refinement are both fused in: `run` refuses" in err

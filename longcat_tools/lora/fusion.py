@@ -225,10 +225,11 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
         cfg = ckpt.config()
         hub |= {n for n in (layouts.LORA_DISTILL, layouts.LORA_REFINE)
                 if layouts.fused_scale(cfg, "name", n) is not None}
-    # both in: a merged export for other tools, made but said
+    # both in: a merged export for other tools, made but warned of
     if {layouts.LORA_DISTILL, layouts.LORA_REFINE} <= hub:
-        plan.notes.append("distilled and refinement are both fused in: `run` refuses this "
-                          "checkpoint (the original never runs one stage with the other's LoRA)")
+        plan.warnings.append("distilled and refinement are both fused in: `run` refuses this "
+                             "checkpoint (the original never runs one stage with the other's "
+                             "LoRA); it is an export for other tools")
     if ckpt.avatar is None:
         plan.folders.append(FusedFolder(ckpt, _float_rewrite(ckpt, wanted, shapes)))
     else:
