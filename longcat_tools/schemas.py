@@ -36,15 +36,24 @@ def load(name: str) -> dict[str, Any]:
     return jsonio.read(data_dir("schemas") / f"{name}{SUFFIX}", what=f"schema {name}")
 
 
+def _is_json_integer(_checker: Any, instance: Any) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
 @cache
 def _validator(name: str):
-    from jsonschema import Draft202012Validator
+    """Draft 2020-12, except that "integer" means an integer literal: the standard also takes
+    ``32.0``, which the loaders refuse (transformers' and diffusers' configs fail on a float
+    ``d_model``, ``z_dim`` or ``num_train_timesteps`` with an internal error)."""
+    from jsonschema import Draft202012Validator, validators
     from referencing import Registry, Resource
 
     resources = [(s["$id"], Resource.from_contents(s)) for s in map(load, names())]
     schema = load(name)
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, registry=Registry().with_resources(resources))
+    strict = validators.extend(Draft202012Validator, type_checker=Draft202012Validator
+                               .TYPE_CHECKER.redefine("integer", _is_json_integer))
+    return strict(schema, registry=Registry().with_resources(resources))
 
 
 def errors(instance: Any, name: str) -> list[str]:

@@ -337,6 +337,19 @@ def vae_bad_config(root):
     return _edit_json(root, "vae/config.json", lambda d: d.update(z_dim=0))
 
 
+def te_float_width(root):  # transformers' strict config: an internal error in run
+    return _edit_json(root, "text_encoder/config.json", lambda d: d.update(d_model=32.0))
+
+
+def vae_float_channels(root):
+    return _edit_json(root, "vae/config.json", lambda d: d.update(z_dim=16.0))
+
+
+def scheduler_float_steps(root):
+    return _edit_json(root, "scheduler/scheduler_config.json",
+                      lambda d: d.update(num_train_timesteps=1000.0))
+
+
 def lora_unknown_target(root):
     p = root / "lora" / "cfg_step_lora.safetensors"
     head, data = split_file(p)
@@ -515,6 +528,10 @@ CASES = [
     ("text-encoder-width", te_width_mismatch, "wrong shape", []),
     ("vae-latents-stats", vae_latents_stats, "latents_mean has 15 entries", []),
     ("vae-config-range", vae_bad_config, "z_dim", []),
+    ("te-config-float-int", te_float_width, "d_model: 32.0 is not of type 'integer'", []),
+    ("vae-config-float-int", vae_float_channels, "z_dim: 16.0 is not of type 'integer'", []),
+    ("scheduler-config-float-int", scheduler_float_steps,
+     "num_train_timesteps: 1000.0 is not of type 'integer'", []),
     ("lora-unknown-target", lora_unknown_target, "do not exist in the transformer", []),
     ("lora-wrong-shape", lora_wrong_shape, "do not fit", []),
     ("lora-not-a-lora", lora_not_lora, "fit no LoRA format", []),
