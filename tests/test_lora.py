@@ -115,6 +115,25 @@ def test_detach_never_deletes_another_adapters_file(native, tmp_path, capsys):
     rc, _, err = _cli(capsys, "detach", "style", "-m", native)
     assert rc == 1 and "also holds adapter 'p1'" in err and "nothing deleted" in err, err
     assert _tree(native) == before
+    assert main(["verify", str(native), "-q"]) == 1  # it passed this registry
+    assert f"{p1_file} is named by 2 adapters" in capsys.readouterr().err
+
+
+def test_verify_applies_the_lora_commands_scale_rule(native, tmp_path, capsys):
+    """A hand-edited default_scale of 1e9: every lora command refused the registry, verify
+    --strict passed it."""
+    peft = tmp_path / "e_peft.safetensors"
+    assert _cli(capsys, "export", "distilled", "-m", native, "--format", "peft", "--out",
+                peft)[0] == 0
+    assert _cli(capsys, "attach", peft, "--name", "style", "-m", native)[0] == 0
+    reg_path = native / "lora" / "adapters.json"
+    reg = json.loads(reg_path.read_text())
+    next(a for a in reg["adapters"] if a["name"] == "style")["default_scale"] = 1e9
+    reg_path.write_text(json.dumps(reg))
+    assert _cli(capsys, "list", "-m", native)[0] == 1
+    assert main(["verify", str(native), "--strict", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "adapter 'style' default_scale" in err and "from -10 to 10" in err, err
 
 
 def test_attach_peft_export_list_detach(native, tmp_path, capsys):

@@ -19,7 +19,7 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo, read_header
 from longcat_tools.lora import formats as lora_formats
-from longcat_tools.lora.registry import REGISTRY, SCHEMA, target_patterns
+from longcat_tools.lora.registry import REGISTRY, SCHEMA, check_scale, target_patterns
 from longcat_tools.model import keymap
 from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import MAX_HEADER_BYTES
@@ -199,7 +199,15 @@ def check_manifest(rec: Recorder, root: Path, parsed: dict[Path, LoraFile]) -> N
     problems: list[str] = []
     names = Counter(a["name"] for a in doc["adapters"])
     problems += [f"adapter name '{n}' is used {k} times" for n, k in names.items() if k > 1]
+    files = Counter(a["file"] for a in doc["adapters"])
+    problems += [f"{f} is named by {k} adapters (detaching one would delete the others' "
+                 "weights)" for f, k in files.items() if k > 1]
     for a in doc["adapters"]:
+        try:  # the rule every lora command applies when it reads the registry
+            check_scale(a["default_scale"], f"adapter '{a['name']}' default_scale",
+                        LongcatError)
+        except LongcatError as e:
+            problems.append(str(e))
         try:
             f = layouts.inside(root / "lora", a["file"], "adapter file")
         except LongcatError as e:
