@@ -626,6 +626,18 @@ def test_fuse_refuses_an_index_that_disagrees_with_its_shards(native, tmp_path, 
     assert not (tmp_path / "f").exists()
 
 
+def test_fuse_refuses_an_adapter_fused_already(native, tmp_path, capsys):
+    """The hub file attached again under its fused name was fused a second time (exit 0):
+    _fused_loras listed it twice and run applied it twice."""
+    once = tmp_path / "once"
+    assert _cli(capsys, "fuse", "distilled", "--dst", once, "-m", native)[0] == 0
+    assert _cli(capsys, "attach", native / "lora" / HUB["distilled"], "--name", "distilled",
+                "-m", once)[0] == 0
+    rc, _, err = _cli(capsys, "fuse", "distilled", "--dst", tmp_path / "twice", "-m", once)
+    assert rc == 2 and "adapter 'distilled' is already fused into" in err, err
+    assert not (tmp_path / "twice").exists()
+
+
 def test_fuse_leaves_the_bsa_backup_behind_and_says_when_run_cannot_use_it(native, tmp_path,
                                                                           capsys):
     """The source's dit/config.json.bak was hard-linked into the fused checkpoint: `bsa restore`

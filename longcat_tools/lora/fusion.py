@@ -210,8 +210,13 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
                                "link") from None
     reg = load_registry(ckpt)
     shapes = dit_shapes(ckpt)
+    fused_cfg = ckpt.config() if ckpt.avatar is None else {}
     adapters = []
     for name, own in names:
+        if layouts.fused_scale(fused_cfg, "name", name) is not None:
+            raise UsageError(f"adapter '{name}' is already fused into {ckpt.root} (its DiT "
+                             f"config lists it under {layouts.FUSED_CONFIG_KEY}); fusing it "
+                             "again would apply it twice")
         path, rec = find_adapter(ckpt, reg, name)
         if not path.is_file():
             raise LongcatError(f"{path}: adapter '{name}' is registered but its file is missing")
@@ -221,10 +226,8 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
     wanted = {m for a in adapters for m in a.lora.modules}
     plan = FusePlan(ckpt, dst, adapters, [], link, force, 0, 0, _source_checksums(ckpt))
     hub = {a.name for a in adapters}
-    if ckpt.avatar is None:
-        cfg = ckpt.config()
-        hub |= {n for n in (layouts.LORA_DISTILL, layouts.LORA_REFINE)
-                if layouts.fused_scale(cfg, "name", n) is not None}
+    hub |= {n for n in (layouts.LORA_DISTILL, layouts.LORA_REFINE)
+            if layouts.fused_scale(fused_cfg, "name", n) is not None}
     # both in: a merged export for other tools, made but warned of
     if {layouts.LORA_DISTILL, layouts.LORA_REFINE} <= hub:
         plan.warnings.append("distilled and refinement are both fused in: `run` refuses this "
