@@ -155,6 +155,7 @@ RUN_CASES = [
     ("latents-missing", ["--latents-in", "{lat_name}"], "no tensor named 'latents'", 1),
     ("latents-pickle", ["--latents-in", "{pickle}"], "--latents-in", 1),
     ("out-is-folder", ["--out", "{folder}"], "is a folder", 2),
+    ("out-without-a-name", ["--out", "{hidden}"], "name the video (NAME.mp4)", 2),
     ("out-under-a-file", ["--out", "{under_file}"], "is not a folder", 2),
     ("fps-nan", ["--fps", "nan"], "--fps nan", 2),
     ("fps-1e-5", ["--fps", "0.00001"], "from 1 to 1000", 2),  # an mp4 without video, exit 0
@@ -213,6 +214,7 @@ def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, cas
         "under_file": tmp_path / "notes.txt" / "x.mp4",
         "text_mp4": tmp_path / "in.mp4",
         "loop": tmp_path / "loop.png",
+        "hidden": tmp_path / ".mp4",
         "dangling": tmp_path / "gone.png",
     }
     files["text"].write_text("not a picture, not a video\n")

@@ -523,6 +523,8 @@ def _check_inputs(s: RunSettings) -> InputFiles:
             raise UsageError(f"{opt} {path}: {why_not_a_file(path)}")
     if not s.out.endswith(".mp4"):
         raise UsageError(f"--out {s.out}: the output is an H.264 .mp4 file")
+    if Path(s.out).name == ".mp4":  # a hidden file that compare and ls skip
+        raise UsageError(f"--out {s.out}: name the video (NAME.mp4)")
     if s.save_latents and not s.save_latents.endswith(".safetensors"):
         raise UsageError(f"--save-latents {s.save_latents}: the latents are written as a "
                          ".safetensors file")
