@@ -77,6 +77,10 @@ def test_native_to_comfy_and_back_bit_for_bit(tiny_native, tmp_path):
     assert cfg == json.loads((tiny_native / "dit" / "config.json").read_text())
     for comp in ("vae", "text_encoder", "tokenizer", "scheduler"):
         assert not (tmp_path / "back" / comp).exists()
+    # its own earlier output is replaced with --force (it was refused as "not a checkpoint")
+    assert _cli("convert", "--src", tiny_native, "--dst", tmp_path / "c", "--to", "comfy",
+                "--force", "-q") == 0
+    assert load_file(tmp_path / "c" / "diffusion_model.safetensors").keys() == written.keys()
 
 
 def test_prefixed_bf16_file_reads_into_fastvideo_layout(tiny_native, tmp_path):

@@ -118,12 +118,14 @@ def enclosing_checkpoint(path: Path) -> Path | None:
 
 
 def _checkpoint_problem(path: Path) -> str | None:
+    from longcat_tools.checkpoint.comfy_single import FILE_NAME as COMFY_FILE
     from longcat_tools.checkpoint.layouts import looks_like_checkpoint
 
     if not path.is_dir():
         return "exists and is not a folder; --force only replaces a checkpoint folder"
     if any(path.iterdir()) and not (looks_like_checkpoint(path) or _avatar_dit(path)
-                                    or (path / "model_index.json").is_file()):
+                                    or (path / "model_index.json").is_file()
+                                    or (path / COMFY_FILE).is_file()):  # convert --to comfy
         return ("exists and does not look like a checkpoint; refusing to replace it even with "
                 "--force (remove it yourself)")
     return None
@@ -164,7 +166,8 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
     """The one ``--force`` rule of every command that writes a new checkpoint or file.
 
     ``what`` is what the command writes (a key of ``REPLACEABLE``: ``checkpoint`` = a folder that
-    is empty or holds ``dit/``, ``transformer/`` or ``model_index.json``; ``safetensors`` = a
+    is empty or holds ``dit/``, ``transformer/``, ``model_index.json`` or a ComfyUI
+    ``diffusion_model.safetensors``; ``safetensors`` = a
     regular ``.safetensors`` file with a header). Refuses with one line: ``dst`` equal to,
     inside or containing ``source`` (or ``source`` being ``DST.partial``, which the run
     deletes); a new checkpoint inside another one; an existing ``dst`` without ``force``; with
