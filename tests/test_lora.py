@@ -626,6 +626,15 @@ def test_fuse_refuses_an_index_that_disagrees_with_its_shards(native, tmp_path, 
     assert not (tmp_path / "f").exists()
 
 
+def test_a_fused_checkpoint_passes_verify_strict(native, tmp_path, capsys):
+    """Its lora/ lacks the fused hub file by design: verify warned that --distill would not be
+    available (it is the only way to run it), so --strict failed every fused checkpoint."""
+    assert _cli(capsys, "fuse", "distilled", "--dst", tmp_path / "f", "-m", native)[0] == 0
+    assert main(["verify", str(tmp_path / "f"), "--strict", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert not [c for c in doc["checks"] if c["status"] != "pass"]
+
+
 def test_fuse_refuses_an_adapter_fused_already(native, tmp_path, capsys):
     """The hub file attached again under its fused name was fused a second time (exit 0):
     _fused_loras listed it twice and run applied it twice."""

@@ -449,7 +449,8 @@ def _loras(rec: Recorder, st: _State) -> None:
     if st.layout == "native":
         for fname, adapter in layouts.NATIVE_LORAS.items():
             task = C.TASK_OF_ADAPTER[adapter]
-            if not (st.root / "lora" / fname).exists():
+            fused = layouts.fused_scale(st.dit_cfg or {}, "name", adapter) is not None
+            if not fused and not (st.root / "lora" / fname).exists():
                 rec.warn("lora", "files", st.root / "lora" / fname, f"missing: {task} will not "
                          "be available")
     shapes = L.dit_shapes(st.dims) if st.dims is not None else None
