@@ -128,6 +128,24 @@ def test_a_finished_matrix_loads_nothing(tiny_native, prompt_file, tmp_path, cou
     assert counted["loads"] == 1
 
 
+def test_a_resumed_matrix_makes_an_emptied_or_cut_video_again(tiny_native, prompt_file,
+                                                               tmp_path, counted):
+    """An mp4 emptied (or cut short) after its run was "done already, skipped" and compare
+    then failed on it; the sidecar now records the file's size."""
+    out = tmp_path / "out"
+    assert main(matrix_args(tiny_native, prompt_file, out)) == 0
+    first, second = (out / n for n in names()[:2])
+    good = first.read_bytes()
+    first.write_bytes(b"")
+    second.write_bytes(second.read_bytes()[:-10])
+    assert main(matrix_args(tiny_native, prompt_file, out)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["status"] for e in manifest["items"]][:3] == ["done", "done", "skipped"]
+    assert first.read_bytes() == good
+    side = json.loads((out / (second.name + ".json")).read_text())
+    assert side["video"]["bytes"] == second.stat().st_size
+
+
 def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a cat", "seed": 11, "out": "cat.mp4"}\n'

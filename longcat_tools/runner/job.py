@@ -353,5 +353,6 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
                              "audio_guidance": r.info.get("audio_guidance"), **job.audio.info}
         sidecar["video"]["audio"] = {"codec": "aac", "rate": vio.AUDIO_RATE}
     if staged is not None:  # the sidecar first, the mp4 last (video.publish)
+        sidecar["video"]["bytes"] = staged.stat().st_size  # a resumed list checks it
         vio.publish(staged, out, jsonio.dumps(jsonio.finite(sidecar), default=str))
     return sidecar

@@ -225,7 +225,8 @@ def _inside(out_dir: Path, name: str, source: str) -> Path:
 
 
 def finished(item: Item, device: Any) -> bool:
-    """Whether the item's mp4 and sidecar exist and the sidecar records the same settings,
+    """Whether the item's mp4 and sidecar exist, the mp4 has the size the sidecar recorded
+    (an emptied or cut file is made again), and the sidecar records the same settings,
     compared as the sidecar's JSON holds them, on the same kind of device (which GPU of a
     data-parallel run made it does not matter) and wherever the folder was named from (the
     sidecar sits next to its mp4)."""
@@ -241,6 +242,10 @@ def finished(item: Item, device: Any) -> bool:
         return False
     want = json.loads(jsonio.dumps(jsonio.finite(settings_record(item.settings, device)),
                                    default=str))
+    video = doc.get("video") if isinstance(doc, dict) else None
+    size = out.stat().st_size
+    if size == 0 or (isinstance(video, dict) and video.get("bytes", size) != size):
+        return False
     return (isinstance(doc, dict) and isinstance(doc.get("settings"), dict)
             and comparable_settings(doc["settings"]) == comparable_settings(want))
 
