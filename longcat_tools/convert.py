@@ -170,7 +170,10 @@ class FileJob:
 
     @classmethod
     def unchanged(cls, src: Path, rel: str, group: str, link: bool) -> FileJob:
-        """A file carried over as it is: hard-linked, or copied."""
+        """A file carried over as it is: hard-linked, or copied. A safetensors file's header and
+        size are checked first: a truncated VAE was carried into a checkpoint verify fails."""
+        if src.name.endswith(".safetensors"):
+            read_header(src)
         return cls(rel, "link" if link else "copy", group, src=src, bytes_in=src.stat().st_size)
 
     @property

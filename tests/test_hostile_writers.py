@@ -445,3 +445,24 @@ def test_an_output_that_names_no_entry_of_its_own_is_refused(dst, tiny_native, t
         refused(capsys, *args, "-q", code=2,
                 says="an empty path" if dst == "" else "name the output itself")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("command", [["convert", "--copy"], ["convert"],
+                                     ["lora", "fuse", "distilled"]])
+def test_a_truncated_component_is_not_carried_into_a_new_checkpoint(tiny_native, tmp_path,
+                                                                     capsys, command):
+    """A VAE cut to 2,000 bytes was copied (or linked) into the output, exit 0, and verify
+    failed the result; a truncated DiT shard was already refused."""
+    from longcat_tools.cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    vae = src / "vae" / "diffusion_pytorch_model.safetensors"
+    os.truncate(vae, 2000)
+    dst = tmp_path / "dst"
+    args = ([*command, "--src", str(src)] if command[0] == "convert"
+            else [*command, "-m", str(src)])
+    assert main([*args, "--dst", str(dst), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(vae) in err[0] and "truncated" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

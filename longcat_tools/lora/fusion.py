@@ -437,6 +437,8 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
 
     def place(src: Path, dst: Path) -> None:
         layouts.check_contained(src, ckpt.containment)
+        if src.name.endswith(".safetensors"):  # a truncated component is not carried over
+            read_header(src)
         linked = p.link and try_link(src, dst)
         if not linked:
             shutil.copy2(src, dst)
