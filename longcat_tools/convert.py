@@ -12,6 +12,7 @@ reads bytes that are not in the page cache with it. Unchanged components are har
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -68,6 +69,7 @@ from longcat_tools.verify.components import check_model_index, check_transformer
 TARGETS = ("converted", "native", "comfy")
 # What --to comfy writes in DST: the DiT alone, in ComfyUI's (WanVideoWrapper's) key flavour.
 COMFY_FILE = comfy_single.FILE_NAME
+FUSED_METADATA = "longcat_tools.fused_loras"  # a ComfyUI file's record of fused LoRAs
 DEFAULT_MAX_SHARD = "5GB"
 
 # What FastVideo's converter (longcat_to_fastvideo.py) writes as model_index.json.
@@ -744,10 +746,17 @@ def _plan_to_comfy(ckpt: layouts.Checkpoint, dst: Path, dtype: str, want: torch.
     keys = comfy_keys.FLAVOUR
     _, dims, infos = _dit_infos(ckpt)
     out = _out_tensors(dims, keys, ckpt.flavour, infos, want, ckpt.transformer_dir)
-    job = FileJob(COMFY_FILE, "tensors", "comfy", out, _provenance(ckpt, keys, dtype),
-                  bytes_in=sum(t.bytes_in for t in out))
+    meta = _provenance(ckpt, keys, dtype)
     notes = ["only the DiT is written (ComfyUI loads the VAE, text encoder and LoRAs from "
              "their own files)"]
+    fused = ckpt.config().get(layouts.FUSED_CONFIG_KEY) if ckpt.avatar is None else None
+    if fused:  # the file has no config: the record travels in its metadata, and back
+        meta[FUSED_METADATA] = json.dumps(fused)
+        names = ", ".join(str(f.get("name")) for f in fused if isinstance(f, dict))
+        notes.append(f"its weights have LoRAs fused in ({names}): recorded in the file's "
+                     f"metadata ({FUSED_METADATA}); converting it back restores the record")
+    job = FileJob(COMFY_FILE, "tensors", "comfy", out, meta,
+                  bytes_in=sum(t.bytes_in for t in out))
     return Plan(ckpt, dst, "comfy", keys, dtype, False, force, [job], notes, [])
 
 
@@ -786,6 +795,14 @@ def _plan_single_file(path: Path, dst: Path, to: str, keys: str, dtype: str,
                out_channels=cf.dims.out_channels,
                frequency_embedding_size=cf.dims.frequency_embedding_size,
                patch_size=list(cf.dims.patch_size))
+    fused = cf.header.metadata.get(FUSED_METADATA)
+    if fused is not None:
+        try:
+            cfg[layouts.FUSED_CONFIG_KEY] = json.loads(fused)
+        except ValueError:
+            raise LongcatError(f"{path}: metadata {FUSED_METADATA} is not JSON") from None
+        notes.append(f"its fused LoRAs ({FUSED_METADATA}) restored to the config's "
+                     f"{layouts.FUSED_CONFIG_KEY}")
     jobs = _folder_jobs(out, DIT_FOLDER[to], max_shard, meta, transformer_config(cfg, keys))
     jobs[0].bytes_in = path.stat().st_size
     notes += _missing_parts_notes()

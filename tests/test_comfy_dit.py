@@ -254,3 +254,16 @@ def test_verify_checks_a_comfy_file_and_the_folder_convert_writes(tiny_native, f
     bad = verify(tmp_path / "nan.safetensors", deep=True).failures()
     assert len(bad) == 1 and f"{W}.weight (1 NaN" in bad[0].message
     assert _cli("verify", tmp_path / "nan.safetensors", "--deep", "-q") == 1
+
+
+def test_the_fused_lora_record_travels_through_a_comfy_file(tiny_native, tmp_path):
+    """A ComfyUI file has no config: converting a fused checkpoint dropped its _fused_loras, so
+    the merged weights came back looking unfused (and run no longer asked for --distill)."""
+    fused = tmp_path / "fused"
+    assert _cli("lora", "fuse", "distilled", "-m", tiny_native, "--dst", fused, "-q") == 0
+    assert _cli("convert", "--src", fused, "--dst", tmp_path / "c", "--to", "comfy", "-q") == 0
+    assert _cli("convert", "--src", tmp_path / "c" / "diffusion_model.safetensors", "--dst",
+                tmp_path / "back", "--to", "native", "-q") == 0
+    want = json.loads((fused / "dit" / "config.json").read_text())["_fused_loras"]
+    got = json.loads((tmp_path / "back" / "dit" / "config.json").read_text())
+    assert want and got["_fused_loras"] == want
