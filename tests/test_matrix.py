@@ -174,6 +174,9 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ('{"prompt": "g", "seed": "7"}\n', [], "line 1: 'seed' must be an integer", 1),
     ('{"prompt": "g", "colour": "red"}\n', [], "line 1: unknown field 'colour'", 1),
     ('{"prompt": "g"\n', [], "line 1: invalid JSON", 1),
+    ("{cinematic} a cat\n", [], "a line starting with '{' is read as a JSON object", 1),
+    ("a cat\na dog\n", ["-p", "x"], "every line of --prompts", 2),  # -p was unused
+    ('{"prompt": "g", "seed": 3}\n', ["--seeds", "1,2"], "sets its own 'seed'; drop", 2),
     ('{"prompt": "g", "prompt": "h"}\n', [], "line 1: key 'prompt' appears twice", 1),
     ('{"prompt": "g", "out": "a\\u0000b.mp4"}\n', [], "line 1: 'out' contains a NUL", 1),
     ('{"prompt": "g", "out": "../escape.mp4"}\n', [], "must be a .mp4 file name (no folders)", 1),

@@ -81,7 +81,11 @@ def read_prompts(path: str | Path) -> list[PromptLine]:
         if not line.startswith("{"):
             out.append(PromptLine(n, {"prompt": line}))
             continue
-        doc = jsonio.loads(line, f"{where} line {n}")  # a repeated key is refused, not merged
+        try:  # a repeated key is refused, not merged
+            doc = jsonio.loads(line, f"{where} line {n}")
+        except LongcatError as e:
+            raise LongcatError(f"{e} (a line starting with '{{' is read as a JSON object; "
+                               "start a plain prompt with another character)") from None
         if not isinstance(doc, dict):
             raise LongcatError(f"{where} line {n}: a JSON line must be an object")
         unknown = sorted(set(doc) - set(JSONL_FIELDS))
@@ -171,6 +175,13 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
     checked as ``run`` checks a single video (inputs, sizes, the model's config), before anything
     loads. ``prompts``: a ``--prompts`` file, else ``base.prompt`` alone."""
     lines = read_prompts(prompts) if prompts is not None else [PromptLine(0, {})]
+    if prompts is not None:  # options every line overrides would be dropped without a word
+        if base.prompt and all("prompt" in pl.fields for pl in lines):
+            raise UsageError(f"-p/--prompt: every line of --prompts {prompts} has its own prompt "
+                             "(-p is for lines without one); drop -p")
+        if seeds and all("seed" in pl.fields for pl in lines):
+            raise UsageError(f"--seeds: every line of --prompts {prompts} sets its own 'seed'; "
+                             "drop --seeds")
     seeds = list(seeds) if seeds else [base.seed]
     bsa = list(bsa) if bsa else [base.bsa]
     scales = list(lora_scales) if lora_scales else [None]
