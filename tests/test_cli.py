@@ -117,6 +117,8 @@ def test_a_usage_error_is_one_line_and_exit_2(capsys, argv, says):
     (["synth", "{missing}/a", "--model", "avatar-1.5", "-q"], "parent folder does not exist"),
     (["run", "-m", "{ckpt}", "--frames", "9", "--task", "i2v", "--image", "{missing}.png"],
      "no such file"),
+    (["verify", "{ckpt}", "--manifest", "{missing}.json"], "no such hub manifest"),  # was 1
+    (["verify", "{ckpt}", "--checksums", "{missing}.sha256"], "no such checksum file"),
 ])
 def test_a_path_that_names_nothing_is_exit_2_in_every_command(tiny_native, tmp_path, capsys,
                                                                argv, says):

@@ -76,6 +76,8 @@ def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None
     sums = Path(checksums).absolute() if checksums is not None else None  # reported where it is
     if sums is not None and not sums.exists():
         raise UsageError(f"{sums}: no such checksum file (--checksums)")
+    if manifest is not None and not Path(manifest).exists():  # as --checksums: exit 2
+        raise UsageError(f"{Path(manifest).absolute()}: no such hub manifest (--manifest)")
     if is_comfy(root) and (against_hub or manifest is not None or repo is not None):
         raise UsageError(f"{root}: a ComfyUI single-file DiT has no hub record to compare with "
                          "(--against-hub reads the release's own layout); drop the option")
