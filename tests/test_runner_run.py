@@ -118,6 +118,9 @@ def test_latents_in_and_save_latents_match_the_api(capsys, pipe, tiny_native, tm
     api = pipe.generate("t2v", prompt="a cat", negative_prompt="", height=32, width=32,
                         num_frames=9, steps=2, latents=noise)
     assert torch.equal(load_file(tmp_path / "final.safetensors")["latents"], api.latents)
+    # the mode the mp4 and sidecar get (safetensors' save_file wrote 0600)
+    modes = {(tmp_path / n).stat().st_mode & 0o777 for n in ("final.safetensors", "x.mp4")}
+    assert len(modes) == 1, modes
 
 
 def test_same_seed_same_video_and_seed_changes_it(pipe):

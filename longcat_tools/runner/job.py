@@ -19,6 +19,7 @@ from PIL import Image
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io import jsonio
+from longcat_tools.io.atomic import atomic_write_bytes
 from longcat_tools.kernels import fp8_attention
 from longcat_tools.runner import context_parallel
 from longcat_tools.runner.pipeline import (
@@ -292,7 +293,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
               t_start: float) -> dict[str, Any]:
     """One video on a loaded pipeline: the task (and refinement), the mp4 and its sidecar
     (written sidecar first, mp4 last); returns the sidecar document."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from longcat_tools.runner import video as vio
 
@@ -323,8 +324,10 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
                 staged = vio.encode_mp4(out, frames, fps, audio=mux)
             if s.save_latents and pipe.is_main:
                 Path(s.save_latents).parent.mkdir(parents=True, exist_ok=True)
-                save_file({"latents": r.latents.detach().float().cpu().contiguous()},
-                          s.save_latents, metadata={"task": s.task, "seed": str(s.seed)})
+                # whole or not at all, with the mode other outputs get (save_file made 0600)
+                atomic_write_bytes(Path(s.save_latents), save(
+                    {"latents": r.latents.detach().float().cpu().contiguous()},
+                    metadata={"task": s.task, "seed": str(s.seed)}))
     except BaseException:
         if staged is not None:
             staged.unlink(missing_ok=True)
