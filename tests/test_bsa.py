@@ -384,6 +384,10 @@ def test_backup_restore_swap_and_no_backup(ckpt, capsys):
     assert main(["bsa", "restore", "-m", str(ckpt)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "its hidden_size is" in line and "not restored" in line and path.read_text() == fast
+    bak.write_text("{not json")  # it told the user to run bsa restore, the failing command
+    assert main(["bsa", "restore", "-m", str(ckpt)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "the backup is damaged; fix or delete it" in line and "bsa restore`" not in line
     bak.unlink()
     bak.mkdir()  # enable failed renaming onto it, as an internal error
     assert main(["bsa", "enable", "-m", str(ckpt), "--sparsity", "0.5"]) == 1

@@ -466,3 +466,13 @@ def test_a_truncated_component_is_not_carried_into_a_new_checkpoint(tiny_native,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(vae) in err[0] and "truncated" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_output_that_is_a_dangling_link_is_named_as_a_link(tiny_native, tmp_path, capsys):
+    """``lora export --out`` onto a link to nothing said "already exists (pass --force)", and
+    --force would not have replaced it either."""
+    link = tmp_path / "out.safetensors"
+    link.symlink_to(tmp_path / "gone.safetensors")
+    refused(capsys, "lora", "export", "distilled", "-m", tiny_native, "--format", "peft",
+            "--out", link, says=f"is a symbolic link (to {tmp_path / 'gone.safetensors'})")
+    assert link.is_symlink() and not (tmp_path / "gone.safetensors").exists()

@@ -66,13 +66,15 @@ class JsonStyle:
                             ensure_ascii=self.ensure_ascii)
 
 
-def parse_config(text: str, where: Path | str) -> dict[str, Any]:
-    """A config's JSON object, read strictly (``jsonio.loads``)."""
+def parse_config(text: str, where: Path | str, backup: bool = False) -> dict[str, Any]:
+    """A config's JSON object, read strictly (``jsonio.loads``); ``backup``: it is the backup
+    itself, which ``bsa restore`` cannot help with."""
     try:
         cfg = jsonio.loads(text, where)
     except jsonio.JsonError as e:
-        raise LongcatError(f"{e}; `longcat-tools bsa restore` brings back the backup if bsa "
-                           "wrote one") from None
+        fix = ("not restored (the backup is damaged; fix or delete it)" if backup else
+               "`longcat-tools bsa restore` brings back the backup if bsa wrote one")
+        raise LongcatError(f"{e}; {fix}") from None
     if not isinstance(cfg, dict):
         raise LongcatError(f"{where}: not a JSON object")
     return cfg
@@ -399,7 +401,7 @@ def restore(ckpt: layouts.Checkpoint, *, dry_run: bool = False) -> Update:
             raise LongcatError(f"{bak}: no backup to restore (bsa keeps one from its last change "
                                "unless --no-backup was given)")
         restored = jsonio.read_text(bak, what="backup of the transformer config", links=False)
-        old = parse_config(restored, bak)
+        old = parse_config(restored, bak, backup=True)
         schemas.validate(old, SCHEMA, str(bak))
         before = _read_config_text(path) if path.exists() else ""
         if before:  # bsa's backups differ in BSA fields; one sized otherwise is another model's

@@ -170,10 +170,10 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
     ``diffusion_model.safetensors``; ``safetensors`` = a
     regular ``.safetensors`` file with a header). Refuses with one line: ``dst`` equal to,
     inside or containing ``source`` (or ``source`` being ``DST.partial``, which the run
-    deletes); a new checkpoint inside another one; an existing ``dst`` without ``force``; with
-    ``force``, a symlink (never replaced, whatever it points to) or anything that is not
-    ``what``; a missing parent folder. A ``dst`` that does not exist passes. Run it while
-    planning, and again under the writer lock (``atomic_folder`` does).
+    deletes); a new checkpoint inside another one; a symlink (never replaced, whatever it
+    points to, dangling or not); an existing ``dst`` without ``force``; with ``force``,
+    anything that is not ``what``; a missing parent folder. A ``dst`` that does not exist
+    passes. Run it while planning, and again under the writer lock (``atomic_folder`` does).
     """
     kind = REPLACEABLE[what]
     check_named(dst)
@@ -188,12 +188,13 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
         if s == tmp or tmp in s.parents:
             raise UsageError(f"{source}: is the scratch folder of --dst {dst} (a run would delete "
                              "it); rename it first")
-    if dst.is_symlink() or dst.exists():
+    if dst.is_symlink():  # first: "already exists" hid a dangling link
+        raise LongcatError(f"{dst}: is a symbolic link (to {os.readlink(dst)}); no command "
+                           "replaces a link or writes through it, even with --force (remove "
+                           "the link yourself)")
+    if dst.exists():
         if not force:
             raise LongcatError(f"{dst}: already exists (pass --force to replace it)")
-        if dst.is_symlink():
-            raise LongcatError(f"{dst}: is a symbolic link; --force never replaces a link or "
-                               "writes through it (remove the link yourself)")
         problem = kind.problem(dst)
         if problem is not None:
             raise LongcatError(f"{dst}: {problem}")
