@@ -239,7 +239,23 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
         _plan_avatar(plan, ckpt.avatar, wanted, shapes, int8_mode)
     plan.weights = sum(len(v) for f in plan.folders for v in f.rewrite.values())
     plan.bytes_to_write = sum(p.stat().st_size for f in plan.folders for p in f.rewrite)
+    _check_carried(ckpt, {p.resolve() for f in plan.folders for p in f.rewrite})
     return plan
+
+
+def _check_carried(ckpt: layouts.Checkpoint, rewritten: set[Path]) -> None:
+    """The safetensors files the fused checkpoint carries over as they are (the VAE, the
+    text encoder, other adapters): a truncated one is refused before anything is written."""
+    for path in sorted(ckpt.root.rglob("*.safetensors")):
+        rel = path.relative_to(ckpt.root).parts
+        if (any(part.startswith(".") or part.endswith(".partial") for part in rel)
+                or not path.is_file() or path.resolve() in rewritten):
+            continue  # scratch and hidden entries are not carried
+        try:
+            layouts.check_contained(path, ckpt.containment)
+        except LongcatError:
+            continue  # a link out of the checkpoint: never read; writing refuses it
+        read_header(path)
 
 
 def _plan_avatar(plan: FusePlan, av: layouts.AvatarCheckpoint, wanted: set[str],
@@ -437,8 +453,6 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
 
     def place(src: Path, dst: Path) -> None:
         layouts.check_contained(src, ckpt.containment)
-        if src.name.endswith(".safetensors"):  # a truncated component is not carried over
-            read_header(src)
         linked = p.link and try_link(src, dst)
         if not linked:
             shutil.copy2(src, dst)
