@@ -744,12 +744,12 @@ def _plan_to_comfy(ckpt: layouts.Checkpoint, dst: Path, dtype: str, want: torch.
                          "output channel) ComfyUI does not read; add --dtype bf16")
     check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
     keys = comfy_keys.FLAVOUR
-    _, dims, infos = _dit_infos(ckpt)
+    cfg, dims, infos = _dit_infos(ckpt)
     out = _out_tensors(dims, keys, ckpt.flavour, infos, want, ckpt.transformer_dir)
     meta = _provenance(ckpt, keys, dtype)
     notes = ["only the DiT is written (ComfyUI loads the VAE, text encoder and LoRAs from "
              "their own files)"]
-    fused = ckpt.config().get(layouts.FUSED_CONFIG_KEY) if ckpt.avatar is None else None
+    fused = cfg.get(layouts.FUSED_CONFIG_KEY)
     if fused:  # the file has no config: the record travels in its metadata, and back
         meta[FUSED_METADATA] = json.dumps(fused)
         names = ", ".join(str(f.get("name")) for f in fused if isinstance(f, dict))
