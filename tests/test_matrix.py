@@ -169,7 +169,7 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
      "line 1: --task i2v needs --image", 2),
     ('{"prompt": "g", "image": "missing.png"}\n', ["--task", "i2v"],
      "missing.png: no such file", 2),
-    ("a\n" * 6 + '{"prompt": "g", "image": "missing.png"}\n', ["--task", "refine"],
+    ("a\nb\nc\nd\ne\nf\n" + '{"prompt": "g", "image": "missing.png"}\n', ["--task", "refine"],
      "line 1: --task refine needs --video", 2),
     ('{"prompt": "g", "seed": "7"}\n', [], "line 1: 'seed' must be an integer", 1),
     ('{"prompt": "g", "colour": "red"}\n', [], "line 1: unknown field 'colour'", 1),
@@ -202,6 +202,9 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
      "line 1: 'out' names one video, but --seeds and --bsa make 4 of this line", 2),
     ("a\n", ["--bsa", "off,on,off"], "--bsa off,on,off: 'off' is listed twice", 2),
     ("a\n", ["--lora-scale", "0.5,0.50", "--distill"], "'0.5' is listed twice", 2),
+    ("a\nb\na\n", [], "line 3: the same prompt, seed and settings as --prompts", 2),
+    ('{"prompt": "a", "seed": 7}\n{"prompt": "a"}\n', ["--seeds", "7"],
+     "line 2: the same prompt, seed and settings as", 2),
 ])
 def test_bad_lists_stop_before_anything_loads(tiny_native, tmp_path, capsys, monkeypatch,
                                               content, extra, says, code):
@@ -230,7 +233,8 @@ def test_a_bad_seventh_line_is_named(tiny_native, tmp_path, capsys, monkeypatch,
     monkeypatch.setattr(LongCatVideoPipeline, "from_pretrained", classmethod(no_load))
     Image.new("RGB", (32, 32), "red").save(tmp_path / "first.png")
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "a", "image": "first.png"}\n' * 6 + line7 + "\n")
+    prompts.write_text("".join(f'{{"prompt": "a", "image": "first.png", "seed": {i}}}\n'
+                               for i in range(6)) + line7 + "\n")
     refused(capsys, "run", "-m", str(tiny_native), "--task", "i2v", "--prompts", str(prompts),
             *SIZE, "--out-dir", str(tmp_path / "out"), code=code, says=says)
     assert not (tmp_path / "out").exists()

@@ -212,11 +212,17 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
                     items.append(Item(i, replace(s, out=str(_inside(out_dir, name, source))),
                                       source))
     owner: dict[str, Item] = {}
+    same: dict[str, Item] = {}
     for it in items:  # case-folded: one file on a case-insensitive file system
         first = owner.setdefault(it.name.casefold(), it)
         if first is not it:
             raise LongcatError(f"{it.source}: writes {it.name} as {first.source} does (give each "
                                "JSONL line its own 'out')")
+        first = same.setdefault(repr(replace(it.settings, out="")), it)
+        if first is not it:  # as --seeds refuses a repeated seed
+            raise UsageError(f"{it.source}: the same prompt, seed and settings as "
+                             f"{first.source} (the same video would be made twice); give the "
+                             "line another 'seed' or remove it")
     for it in items:
         try:
             validate(it.settings)
