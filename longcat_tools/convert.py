@@ -645,12 +645,13 @@ def _text_encoder_jobs(ckpt: layouts.Checkpoint, files: list[Path], want: torch.
 
 
 def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str | None = None,
-         dtype: str = "keep", max_shard_size: str | int | None = None, link: bool = True,
-         lora: str = "all", force: bool = False, int8: str = "keep") -> Plan:
+         dtype: str = "keep", max_shard_size: str | int | None = None,
+         link: bool | None = None, lora: str = "all", force: bool = False,
+         int8: str = "keep") -> Plan:
     """Everything a conversion will write, from headers only; any problem with the source or
     the destination is raised here, before anything is written. ``max_shard_size`` None is
-    5GB (an avatar's INT8 folder: the original's 4 GiB); ``int8`` is for avatar 1.5 folders
-    (:data:`convert_avatar.INT8_MODES`)."""
+    5GB (an avatar's INT8 folder: the original's 4 GiB); ``link`` None is hard-linking;
+    ``int8`` is for avatar 1.5 folders (:data:`convert_avatar.INT8_MODES`)."""
     from longcat_tools import convert_avatar
 
     if to not in TARGETS:
@@ -666,7 +667,8 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
                          "--dtype fp8 to a converted or native folder")
     if to == "comfy":  # one file, the DiT alone, in ComfyUI's names
         for given, opt in ((keys, "--keys"), (max_shard_size, "--max-shard-size"),
-                           (None if lora == "all" else lora, "--lora")):
+                           (None if lora == "all" else lora, "--lora"),
+                           (link, "--link/--copy")):
             if given is not None:
                 raise UsageError(f"{opt} cannot be combined with --to comfy (one file holding "
                                  "the DiT alone, in ComfyUI's names)")
@@ -676,6 +678,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
                              "names its own keys)")
         keys = "native" if to == "native" else comfy_keys.FLAVOUR
     keys = keys or "fastvideo"
+    link = link is not False
     if keys not in keymap.FLAVOURS and to != "comfy":
         raise UsageError(f"--keys: unknown '{keys}' (use one of {', '.join(keymap.FLAVOURS)})")
     max_shard = parse_size(max_shard_size or DEFAULT_MAX_SHARD)

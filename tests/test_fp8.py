@@ -196,7 +196,8 @@ def test_unknown_quantization_method_and_fp8_to_comfy_are_one_line(fp8_folder, t
                  "--to", "comfy"]) == 2
     assert "is an fp8 checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-    for extra in (["--keys", "native"], ["--max-shard-size", "1"], ["--lora", "refinement"]):
+    for extra in (["--keys", "native"], ["--max-shard-size", "1"], ["--lora", "refinement"],
+                  ["--copy"], ["--link"]):
         assert main(["convert", "--src", str(fp8_folder), "--dst", str(tmp_path / "z"),
                      "--to", "comfy", "--dtype", "bf16", *extra]) == 2  # did nothing, exit 0
         assert "cannot be combined with --to comfy" in capsys.readouterr().err

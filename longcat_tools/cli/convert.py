@@ -50,9 +50,10 @@ def convert_cmd(
         "--max-shard-size", metavar="SIZE", show_default=False,
         help="Largest transformer shard (5GB = 5e9 bytes, 5GiB = 5*2^30). Default 5GB; an "
         "avatar's INT8 folder: 4GiB, as the original splits it.")] = None,
-    link: Annotated[bool, typer.Option("--link/--copy",
-                                       help="Hard-link unchanged files (tokenizer, VAE, ...) or "
-                                       "copy them.")] = True,
+    link: Annotated[bool | None, typer.Option(
+        "--link/--copy", show_default=False,
+        help="Hard-link unchanged files (tokenizer, VAE, ...) or copy them (default: link).")]
+    = None,
     lora: Annotated[str, typer.Option("--lora", metavar="all|none|NAME,...",
                                       help="Which LoRA adapters to convert (names: distilled, "
                                       "refinement, or a file stem).")] = "all",
