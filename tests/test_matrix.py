@@ -17,6 +17,7 @@ from longcat_tools.runner import job as runjob
 from longcat_tools.runner import video as vio
 from longcat_tools.runner.matrix import read_prompts
 from longcat_tools.runner.pipeline import LongCatVideoPipeline
+from longcat_tools.synth import synth
 
 SIZE = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "2"]
 SEEDS, BSA = [3, 8], ["off", "on"]
@@ -144,6 +145,35 @@ def test_a_resumed_matrix_makes_an_emptied_or_cut_video_again(tiny_native, promp
     assert first.read_bytes() == good
     side = json.loads((out / (second.name + ".json")).read_text())
     assert side["video"]["bytes"] == second.stat().st_size
+
+
+def test_a_resumed_matrix_remakes_videos_when_the_checkpoint_changed(tiny_native, tmp_path,
+                                                                     counted):
+    """``--bsa config`` reads the checkpoint's preset: a video made before ``bsa preset`` was
+    "done already, skipped" with dense attention in its sidecar; new weights at the same path
+    were skipped too."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_native, ckpt)
+    out = tmp_path / "out"
+    args = ["run", "-q", "-m", str(ckpt), "-p", "a cat", "--seeds", "1,2", *SIZE,
+            "--out-dir", str(out)]
+    assert main(args) == 0
+    sidecar = out / (json.loads((out / "manifest.json").read_text())["items"][0]["file"]
+                     + ".json")
+    before = json.loads(sidecar.read_text())["checkpoint"]["stamp"]
+    assert main(args) == 0  # unchanged: skipped, nothing loaded
+    assert counted["loads"] == 1
+    assert main(["bsa", "preset", "480p", "-q", "-m", str(ckpt)]) == 0
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["status"] for e in manifest["items"]] == ["done", "done"]
+    assert counted["loads"] == 2
+    assert json.loads(sidecar.read_text())["checkpoint"]["stamp"] != before
+    synth(ckpt, "tiny", seed=5, force=True)  # other weights, same path
+    assert main(args) == 0
+    assert counted["loads"] == 3
 
 
 def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):

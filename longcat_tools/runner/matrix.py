@@ -241,12 +241,13 @@ def _inside(out_dir: Path, name: str, source: str) -> Path:
     return out_dir / name
 
 
-def finished(item: Item, device: Any) -> bool:
+def finished(item: Item, device: Any, stamp: str) -> bool:
     """Whether the item's mp4 and sidecar exist, the mp4 has the size the sidecar recorded
     (an emptied or cut file is made again), and the sidecar records the same settings,
     compared as the sidecar's JSON holds them, on the same kind of device (which GPU of a
     data-parallel run made it does not matter) and wherever the folder was named from (the
-    sidecar sits next to its mp4)."""
+    sidecar sits next to its mp4), from the checkpoint as it is now (``stamp``:
+    ``layouts.content_stamp``; ``--bsa config`` reads its BSA from there)."""
     from longcat_tools.runner.job import settings_record
 
     out = Path(item.settings.out)
@@ -263,7 +264,9 @@ def finished(item: Item, device: Any) -> bool:
     size = out.stat().st_size
     if size == 0 or (isinstance(video, dict) and video.get("bytes", size) != size):
         return False
+    made_from = doc.get("checkpoint") if isinstance(doc, dict) else None
     return (isinstance(doc, dict) and isinstance(doc.get("settings"), dict)
+            and isinstance(made_from, dict) and made_from.get("stamp") == stamp
             and comparable_settings(doc["settings"]) == comparable_settings(want))
 
 
@@ -292,7 +295,9 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
     records: list[dict[str, Any]] = [_entry(it, "pending") for it in items]
     t0 = time.perf_counter()
     root = None
-    if pipe is None and not all(finished(it, device) for it in mine):
+    stamp = layouts.content_stamp(pipe.root if pipe is not None and pipe.root else
+                                  layouts.resolve_model(base.model))
+    if pipe is None and not all(finished(it, device, stamp) for it in mine):
         root, pipe = runjob.load_pipeline(base, reporter, say, None, device,
                                           run_dtype(base.dtype, device))
     elif pipe is not None:
@@ -300,7 +305,7 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
     load_s = round(time.perf_counter() - t0, 3)
     desc = "videos" if ranks == 1 else f"videos (process {rank + 1} of {ranks})"
     for it in reporter.steps(mine, len(mine), desc):
-        if finished(it, device):
+        if finished(it, device, stamp):
             records[it.index] = {**_entry(it, "skipped"), **_timing(it)}  # what it took then
             say(f"[{it.index + 1}/{len(items)}] {it.name}: done already, skipped")
             doc = records[it.index]
@@ -321,9 +326,12 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
 def write_manifest(items: Sequence[Item], device: Any) -> dict[str, Any]:
     """The manifest of a finished data-parallel run, from the files its processes wrote (each
     video's time and peak memory from its sidecar)."""
+    from longcat_tools.checkpoint import layouts
+
     records = []
+    stamp = layouts.content_stamp(layouts.resolve_model(items[0].settings.model))
     for it in items:
-        entry = _entry(it, "done" if finished(it, device) else "missing")
+        entry = _entry(it, "done" if finished(it, device, stamp) else "missing")
         if entry["status"] == "done":
             entry.update(_timing(it))
         records.append(entry)
