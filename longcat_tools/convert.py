@@ -44,6 +44,7 @@ from longcat_tools.io.checksums import (
     BufferRing,
     HashingFile,
     Writers,
+    check_carried,
     copy_hashed,
     format_manifest,
     sha256_file,
@@ -173,7 +174,9 @@ class FileJob:
     @classmethod
     def unchanged(cls, src: Path, rel: str, group: str, link: bool) -> FileJob:
         """A file carried over as it is: hard-linked, or copied. A safetensors file's header and
-        size are checked first: a truncated VAE was carried into a checkpoint verify fails."""
+        size are checked first: a truncated VAE was carried into a checkpoint verify fails
+        (``check_carried`` for the rest)."""
+        check_carried(src, rel)
         if src.name.endswith(".safetensors"):
             read_header(src)
         return cls(rel, "link" if link else "copy", group, src=src, bytes_in=src.stat().st_size)
@@ -475,14 +478,14 @@ def _source_loras(ckpt: layouts.Checkpoint) -> list[tuple[str, Path]]:
     for p in sorted(root.iterdir()):
         if p.name.startswith(REGISTRY) or p.name.endswith(".partial"):
             continue  # the `lora` command's registry (rebuilt from the files) and its scratch
-        if p.is_file():
-            layouts.check_contained(p, allowed)
-            found.append((layouts.NATIVE_LORAS.get(p.name, p.stem), p))
-        elif p.is_dir():
+        if p.is_dir():
             for q in sorted(p.iterdir()):
-                if q.is_file():
+                if not q.is_dir():
                     layouts.check_contained(q, allowed)
                     found.append((p.name, q))
+        else:  # a broken link or a FIFO too: refused if chosen (FileJob), never dropped
+            layouts.check_contained(p, allowed)
+            found.append((layouts.NATIVE_LORAS.get(p.name, p.stem), p))
     return found
 
 

@@ -476,3 +476,57 @@ def test_an_output_that_is_a_dangling_link_is_named_as_a_link(tiny_native, tmp_p
     refused(capsys, "lora", "export", "distilled", "-m", tiny_native, "--format", "peft",
             "--out", link, says=f"is a symbolic link (to {tmp_path / 'gone.safetensors'})")
     assert link.is_symlink() and not (tmp_path / "gone.safetensors").exists()
+
+
+def _unreadable(monkeypatch, path):
+    """``path`` cannot be opened, as a ``chmod 000`` file for a user who is not root."""
+    real_open = os.open
+
+    def deny(name, flags, *args, **kwargs):
+        if os.path.abspath(name) == str(path):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_open(name, flags, *args, **kwargs)
+
+    if os.geteuid() == 0:  # root reads a 000 file: deny it here instead
+        monkeypatch.setattr(os, "open", deny)
+    path.chmod(0)
+
+
+@pytest.mark.parametrize("command", [["convert", "--copy"], ["convert"],
+                                     ["lora", "fuse", "distilled"]])
+@pytest.mark.parametrize("fault, says", [
+    ("fifo", "not a regular file (a FIFO"),
+    ("not utf-8", "cannot be listed in checksums.sha256 (bytes in its name that are not UTF-8)"),
+    ("unreadable", "cannot read (Permission denied)"),
+])
+def test_a_component_file_that_cannot_be_carried_is_refused_while_planning(
+        tiny_native, tmp_path, capsys, monkeypatch, command, fault, says):
+    """A FIFO hung convert's final fsync (lock and scratch folder left behind); a file it could
+    not read, or whose name the checksums cannot list, was an internal error half way."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    path = src / "tokenizer" / ("\udcff.txt" if fault == "not utf-8" else "extra.txt")
+    if fault == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text("x")
+    if fault == "unreadable":
+        _unreadable(monkeypatch, path)
+    dst = tmp_path / "dst"
+    args = ([*command, "--src", src] if command[0] == "convert" else [*command, "-m", src])
+    line = refused(capsys, *args, "--dst", dst, "-q", says=says)
+    assert str(path).encode("utf-8", "backslashreplace").decode() in line  # \udcff: printable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_refuses_an_adapter_it_cannot_read_instead_of_dropping_it(tiny_native, tmp_path,
+                                                                         capsys):
+    """A broken link in lora/ was left out of the output, exit 0, while `lora list` named the
+    adapter missing; left out with --lora naming the others, it is not read."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    (src / "lora" / "dang.safetensors").symlink_to("gone.safetensors")
+    refused(capsys, "convert", "--src", src, "--dst", tmp_path / "dst", "-q",
+            says="dang.safetensors: a broken symlink (to gone.safetensors)")
+    assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "dst"), "-q",
+                 "--lora", "distilled"]) == 0

@@ -628,3 +628,14 @@ def test_cli_subprocess(victim):
     assert p.returncode == 1 and json.loads(p.stdout)["status"] == "fail"
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "FIFO" in lines[0], p.stderr
+
+
+def test_a_checkpoint_path_that_is_a_symlink_loop_is_named_so(tmp_path, capsys, monkeypatch):
+    """It was an internal error (RuntimeError: Symlink loop), also through the variable."""
+    from hostile import refused
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    refused(capsys, "verify", tmp_path / "a", code=2, says="a: a symlink loop")
+    monkeypatch.setenv("LONGCAT_TOOLS_MODEL", str(tmp_path / "a"))
+    refused(capsys, "verify", code=2, says="a symlink loop")

@@ -48,9 +48,12 @@ _CONTROL_OR_BREAK = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 def shown(text: object, one_line: bool = False) -> str:
     """``text`` for a terminal: control characters (an escape sequence in a sidecar's prompt or
     a file name) written as ``\\xNN`` instead of acting on the terminal; ``one_line`` (an error,
-    a warning, a table cell) escapes line breaks and tabs too, so a name cannot split it."""
+    a warning, a table cell) escapes line breaks and tabs too, so a name cannot split it. A
+    file name's bytes that are not UTF-8 (lone surrogates) are written as ``\\udcNN``: printing
+    them raised an error of its own."""
     pattern = _CONTROL_OR_BREAK if one_line else _CONTROL
-    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 # This process's --json state for ``main``'s error document: whether its command's ``Out``

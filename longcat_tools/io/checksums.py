@@ -14,13 +14,14 @@ import mmap
 import os
 import queue
 import re
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, why_not_a_file
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, file_lock
 from longcat_tools.io.sources import Sources, aligned
@@ -323,12 +324,45 @@ def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> st
     return h.hexdigest()
 
 
+def unlistable(rel: str) -> str | None:
+    """Why a path cannot be a line of ``checksums.sha256``, or None."""
+    if "\n" in rel or "\\" in rel:
+        return "a newline or backslash in its name"
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "bytes in its name that are not UTF-8"
+    return None
+
+
 def format_manifest(digests: Mapping[str, str]) -> str:
     """``sha256sum`` lines, sorted by path (POSIX separators, relative to the folder)."""
     for rel in digests:
-        if "\n" in rel or "\\" in rel:
-            raise LongcatError(f"cannot list '{rel}' in {MANIFEST} (newline or backslash in name)")
+        why = unlistable(rel)
+        if why is not None:
+            raise LongcatError(f"cannot list {rel!r} in {MANIFEST} ({why})")
     return "".join(f"{digests[rel]}  {rel}\n" for rel in sorted(digests))
+
+
+def check_carried(path: Path, rel: str) -> None:
+    """A file a command carries into a new checkpoint as it is (hard link or copy), checked
+    while planning: a FIFO hung the final fsync, an unreadable file failed the copy (or that
+    fsync) half way, and a name the checksums cannot list failed after every byte was
+    written. ``rel``: its path in the output."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise LongcatError(f"{path}: {why_not_a_file(path)}; fix or remove it") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LongcatError(f"{path}: not a regular file (a FIFO, socket or device is no part of "
+                           "a checkpoint); remove it")
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as e:
+        raise LongcatError(f"{path}: cannot read ({e.strerror})") from None
+    why = unlistable(rel)
+    if why is not None:
+        raise LongcatError(f"{path}: cannot be listed in {MANIFEST} ({why}); rename it")
 
 
 _LINE = re.compile(r"^(?P<esc>\\?)(?P<hex>[0-9a-fA-F]{64}) [ *](?P<name>.+)$")

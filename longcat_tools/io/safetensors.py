@@ -8,6 +8,7 @@ as a file hole: valid headers at full scale for almost no disk.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -18,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, why_not_a_file
 from longcat_tools.io import jsonio
 
 if TYPE_CHECKING:
@@ -135,7 +136,8 @@ def read_header(path: str | Path, max_header_bytes: int = MAX_HEADER_BYTES) -> H
                                    f"({size} bytes): truncated or not a safetensors file")
             blob = f.read(n)
     except OSError as e:
-        raise LongcatError(f"{where}: cannot read ({e.strerror or e})") from e
+        why = why_not_a_file(path) if e.errno in (errno.ENOENT, errno.ELOOP) else None
+        raise LongcatError(f"{where}: {why or f'cannot read ({e.strerror or e})'}") from e
     try:
         doc = jsonio.loads(jsonio.decode(blob, where), where)
     except jsonio.DuplicateKey as e:

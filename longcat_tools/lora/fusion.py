@@ -32,7 +32,13 @@ from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_folder, check_replaceable, fsync_tree, try_link
-from longcat_tools.io.checksums import MANIFEST, format_manifest, read_manifest, sha256_file
+from longcat_tools.io.checksums import (
+    MANIFEST,
+    check_carried,
+    format_manifest,
+    read_manifest,
+    sha256_file,
+)
 from longcat_tools.io.safetensors import Header, TensorSpec, read_header, read_tensor, write_file
 from longcat_tools.lora import formats as lf
 from longcat_tools.lora.registry import (
@@ -244,18 +250,23 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
 
 
 def _check_carried(ckpt: layouts.Checkpoint, rewritten: set[Path]) -> None:
-    """The safetensors files the fused checkpoint carries over as they are (the VAE, the
-    text encoder, other adapters): a truncated one is refused before anything is written."""
-    for path in sorted(ckpt.root.rglob("*.safetensors")):
-        rel = path.relative_to(ckpt.root).parts
-        if (any(part.startswith(".") or part.endswith(".partial") for part in rel)
-                or not path.is_file() or path.resolve() in rewritten):
+    """The files the fused checkpoint carries over as they are (the VAE, the text encoder,
+    other adapters), before anything is written: ``checksums.check_carried``, and a
+    truncated safetensors file is refused."""
+    for path in sorted(ckpt.root.rglob("*")):
+        rel = path.relative_to(ckpt.root)
+        if (any(part.startswith(".") or part.endswith(".partial") for part in rel.parts)
+                or path.is_dir()):
             continue  # scratch and hidden entries are not carried
         try:
             layouts.check_contained(path, ckpt.containment)
         except LongcatError:
-            continue  # a link out of the checkpoint: never read; writing refuses it
-        read_header(path)
+            continue  # a link out of the checkpoint (or a loop): never read or carried
+        if path.resolve() in rewritten:
+            continue
+        check_carried(path, rel.as_posix())
+        if path.name.endswith(".safetensors"):
+            read_header(path)
 
 
 def _plan_avatar(plan: FusePlan, av: layouts.AvatarCheckpoint, wanted: set[str],

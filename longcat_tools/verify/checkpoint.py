@@ -19,7 +19,7 @@ from typing import Any
 from longcat_tools import schemas
 from longcat_tools.checkpoint import comfy_single, layouts
 from longcat_tools.checkpoint.hub import snapshot_roots
-from longcat_tools.errors import LongcatError, UsageError, refuse_empty
+from longcat_tools.errors import LongcatError, UsageError, refuse_empty, why_not_a_file
 from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import Header
 from longcat_tools.model import bounds, comfy_keys, keymap
@@ -73,6 +73,8 @@ def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None
     root = Path(path)
     if not root.exists() and not root.is_symlink():
         raise UsageError(f"{root}: no such file or folder (pass a checkpoint folder)")
+    if not root.exists() and why_not_a_file(root) == "a symlink loop":  # resolve() raised
+        raise UsageError(f"{root}: a symlink loop (pass a checkpoint folder)")
     sums = Path(checksums).absolute() if checksums is not None else None  # reported where it is
     if sums is not None and not sums.exists():
         raise UsageError(f"{sums}: no such checksum file (--checksums)")
