@@ -156,6 +156,8 @@ RUN_CASES = [
     ("latents-pickle", ["--latents-in", "{pickle}"], "--latents-in", 1),
     ("out-is-folder", ["--out", "{folder}"], "is a folder", 2),
     ("out-without-a-name", ["--out", "{hidden}"], "name the video (NAME.mp4)", 2),
+    ("latents-without-a-name", ["--save-latents", "{hidden_latents}"],
+     "name the file (NAME.safetensors)", 2),
     ("out-under-a-file", ["--out", "{under_file}"], "is not a folder", 2),
     ("fps-nan", ["--fps", "nan"], "--fps nan", 2),
     ("fps-1e-5", ["--fps", "0.00001"], "from 1 to 1000", 2),  # an mp4 without video, exit 0
@@ -215,6 +217,7 @@ def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, cas
         "text_mp4": tmp_path / "in.mp4",
         "loop": tmp_path / "loop.png",
         "hidden": tmp_path / ".mp4",
+        "hidden_latents": tmp_path / ".safetensors",
         "dangling": tmp_path / "gone.png",
     }
     files["text"].write_text("not a picture, not a video\n")

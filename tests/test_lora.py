@@ -379,19 +379,24 @@ def test_bad_adapters_are_one_line_exit_1_nothing_written(native, fastvideo, tmp
     assert _tree(root) == before
 
 
-def test_usage_errors_exit_2(native, capsys):
+def test_usage_errors_exit_2(native, capsys, tmp_path):
+    hidden = tmp_path / ".safetensors"  # was written, a hidden file
     for args in (["export", "nope", "-m", native, "--format", "peft", "--out", "/tmp/x.st"],
+                 ["export", "distilled", "-m", native, "--format", "native", "--out", hidden],
                  ["detach", "nope", "-m", native],
                  ["fuse", "nope", "--dst", native.parent / "f", "-m", native],
                  ["attach", native / "lora" / HUB["distilled"], "--name", "../x", "-m", native],
                  ["export", "distilled", "-m", native, "--format", "kohya", "--out", "/tmp/x"]):
         rc, _, err = _cli(capsys, *args)
         assert rc == 2, (args, err)
+    assert not hidden.exists()
 
 
-@pytest.mark.parametrize("name", ["adapters.json", "adapters.json.lock", "x.partial"])
+@pytest.mark.parametrize("name", ["adapters.json", "adapters.json.lock", "x.partial",
+                                  "x.safetensors"])
 def test_the_registry_files_and_scratch_names_are_reserved(native, capsys, name):
-    """An adapter folder named like the registry's lock replaced the lock a writer held."""
+    """An adapter folder named like the registry's lock replaced the lock a writer held; one
+    named like an adapter file failed verify."""
     before = _tree(native)
     rc, _, err = _cli(capsys, "attach", native / "lora" / HUB["distilled"], "--name", name,
                       "--force", "-m", native)

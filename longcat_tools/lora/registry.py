@@ -217,10 +217,12 @@ def check_scale(value: float, what: str, error: type[LongcatError] = UsageError)
 
 def check_name(name: str) -> None:
     """A name that can be a folder of ``lora/``: none of the registry's own files
-    (``adapters.json`` and its lock) nor a scratch folder (``*.partial``)."""
-    if name.startswith(REGISTRY) or name.endswith(".partial"):
-        raise UsageError(f"adapter name '{name}' is reserved ({REGISTRY}* and *.partial are the "
-                         "registry's and scratch files in lora/); choose another")
+    (``adapters.json`` and its lock), a scratch folder (``*.partial``) or a hub adapter's file
+    (``*.safetensors``: a folder so named failed verify)."""
+    if name.startswith(REGISTRY) or name.endswith((".partial", ".safetensors")):
+        raise UsageError(f"adapter name '{name}' is reserved ({REGISTRY}*, *.partial and "
+                         "*.safetensors are the registry's, scratch and adapter files in lora/); "
+                         "choose another")
     if not NAME_RE.match(name):
         raise UsageError(f"adapter name '{name}' is not allowed: use letters, digits, '.', '_' "
                          "and '-', starting with a letter or digit (at most 100 characters)")

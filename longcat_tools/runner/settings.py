@@ -528,6 +528,8 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     if s.save_latents and not s.save_latents.endswith(".safetensors"):
         raise UsageError(f"--save-latents {s.save_latents}: the latents are written as a "
                          ".safetensors file")
+    if s.save_latents and Path(s.save_latents).name == ".safetensors":
+        raise UsageError(f"--save-latents {s.save_latents}: name the file (NAME.safetensors)")
     outputs = [("--out", s.out), ("--out (its sidecar)", f"{s.out}.json"),
                ("--save-latents", s.save_latents)]
     for opt, path in outputs:
