@@ -172,6 +172,13 @@ RUN_CASES = [
     ("image-through-a-file", ["--task", "i2v", "--image", "{under_file}"],
      "no such file (a part of the path is a file)", 2),
     # options another task reads: t2v ran, exit 0, without them
+    ("t2v-resolution", ["--resolution", "720p"], "--resolution: --task t2v does not use it", 2),
+    ("refine-frames", ["--task", "refine", "--video", "{text_mp4}"],
+     "--frames: --task refine does not use it", 2),  # the base's --frames 9
+    ("negative-prompt-without-cfg", ["--distill", "--negative-prompt", "blur"],
+     "--negative-prompt: this run samples without CFG", 2),
+    ("negative-prompt-refine", ["--task", "refine", "--video", "{text_mp4}", "--frames", "93",
+                                "--negative-prompt", "blur"], "--negative-prompt: this run", 2),
     ("t2v-segments", ["--segments", "7"], "--segments: --task t2v does not use it", 2),
     ("t2v-cond-frames", ["--cond-frames", "5"], "--cond-frames: --task t2v does not use", 2),
     ("t2v-no-kv-cache", ["--no-kv-cache"], "--kv-cache/--no-kv-cache: --task t2v does not", 2),

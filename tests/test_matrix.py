@@ -200,7 +200,7 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ('{"prompt": "g", "image": "missing.png"}\n', ["--task", "i2v"],
      "missing.png: no such file", 2),
     ("a\nb\nc\nd\ne\nf\n" + '{"prompt": "g", "image": "missing.png"}\n', ["--task", "refine"],
-     "line 1: --task refine needs --video", 2),
+     "line 1: --frames: --task refine does not use it", 2),
     ('{"prompt": "g", "seed": "7"}\n', [], "line 1: 'seed' must be an integer", 1),
     ('{"prompt": "g", "colour": "red"}\n', [], "line 1: unknown field 'colour'", 1),
     ('{"prompt": "g"\n', [], "line 1: invalid JSON", 1),

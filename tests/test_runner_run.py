@@ -18,6 +18,7 @@ from longcat_tools.runner import load_pipeline, schedule
 from longcat_tools.runner.video import probe
 
 TINY = ["--height", "32", "--width", "32", "--frames", "9", "--steps", "2"]
+TINY_REFINE = [a for a in TINY if a not in ("--frames", "9")]  # refine keeps its video's
 
 
 def run(capsys, *args):
@@ -70,8 +71,8 @@ def test_every_task_runs_from_the_cli(capsys, tiny_native, t2v_mp4, tmp_path, ta
     Image.fromarray(np.full((40, 56, 3), 128, np.uint8)).save(png)
     extra = [a.format(png=png, mp4=t2v_mp4) for a in extra]
     out = tmp_path / f"{task}.mp4"
-    rc, cap = run(capsys, "-m", str(tiny_native), "--task", task, "-p", "a cat", *TINY, *extra,
-                  "--out", str(out))
+    rc, cap = run(capsys, "-m", str(tiny_native), "--task", task, "-p", "a cat",
+                  *(TINY_REFINE if task == "refine" else TINY), *extra, "--out", str(out))
     assert rc == 0, cap.err
     info = probe(out)
     assert (info["codec"], info["frames"], info["width"], info["fps"]) == ("h264", frames, size,
@@ -304,7 +305,8 @@ def test_distill_on_a_checkpoint_with_distilled_fused_runs_it_as_fused(capsys, t
                        (["--distill", "--lora-scale", "0.5"], "fused into the DiT at scale 1"),
                        (["--distill", "--refine"], "the original refines without it"),
                        (refine, "the original refines without it")):
-        rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, *args, "--out",
+        size = TINY_REFINE if args[:2] == ["--task", "refine"] else TINY
+        rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *size, *args, "--out",
                       str(tmp_path / "no.mp4"))
         assert rc == 2 and says in cap.err and cap.err.count("\n") == 1, (args, cap.err)
 
@@ -330,7 +332,8 @@ def test_a_checkpoint_with_refinement_fused_only_refines(capsys, tiny_native, tm
     for args, says in ((["--task", "t2v"], "only make sense for refinement: use --task refine"),
                        (["--task", "refine", "--video", str(t2v_mp4), "--lora-scale", "0.3"],
                         "the refinement LoRA is fused into the DiT at scale 1")):
-        rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, *args, "--out",
+        size = TINY_REFINE if args[:2] == ["--task", "refine"] else TINY
+        rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *size, *args, "--out",
                       str(tmp_path / "no.mp4"))
         assert rc == 2 and says in cap.err, (args, cap.err)
 

@@ -351,6 +351,10 @@ TASK_OPTIONS = (
      lambda s: s.task in (*CONTINUING, "refine")),
     (("t_thresh", "spatial_refine_only", "refine_height", "refine_width"),
      "--task refine or --refine", lambda s: s.task == "refine" or s.refine),
+    (("resolution",), "--task i2v, vc, ai2v or avc: the size bucket of their input",
+     lambda s: s.task in ("i2v", "vc", "ai2v", "avc")),
+    (("frames",), "every task but refine, which keeps its --video's frames",
+     lambda s: s.task != "refine"),
 )
 
 
@@ -362,6 +366,11 @@ def _check_task_options(s: RunSettings) -> None:
             if getattr(s, name) != by_name[name].default and not reads(s):
                 raise UsageError(f"{flag_of(by_name[name])}: --task {s.task} does not use it "
                                  f"(it is for {which}); drop it")
+    if (s.negative_prompt is not None and s.task not in AVATAR_TASKS
+            and (s.task == "refine" or guidance_of(s.guidance, s.distill) <= 1.0)):
+        raise UsageError("--negative-prompt: this run samples without CFG (guidance 1: "
+                         "--distill's, or --task refine), so nothing reads it; drop it, or "
+                         "give --guidance above 1")
     if s.task not in AVATAR_TASKS:
         for opt, used in AVATAR_ONLY:
             if used(s):
