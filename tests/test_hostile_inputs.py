@@ -173,6 +173,7 @@ RUN_CASES = [
      "no such file (a part of the path is a file)", 2),
     # options another task reads: t2v ran, exit 0, without them
     ("t2v-resolution", ["--resolution", "720p"], "--resolution: --task t2v does not use it", 2),
+    ("lora-mode-without-lora", ["--lora-mode", "runtime"], "--lora-mode runtime: this run", 2),
     ("refine-frames", ["--task", "refine", "--video", "{text_mp4}"],
      "--frames: --task refine does not use it", 2),  # the base's --frames 9
     ("negative-prompt-without-cfg", ["--distill", "--negative-prompt", "blur"],

@@ -236,6 +236,9 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         raise UsageError(f"--lora-scale {s.lora_scale:g}: this run activates no hub LoRA (it "
                          "scales distilled with --distill and refinement when refining); "
                          "drop it or add --distill")
+    if s.lora_mode != LORA_MODES[0] and not (s.distill or s.refine or s.task == "refine"):
+        raise UsageError(f"--lora-mode {s.lora_mode}: this run activates no hub LoRA (--distill "
+                         "and refining do); drop it")
     if why := frames_problem(s.frames):
         raise UsageError(f"--frames {s.frames}: {why}")
     if s.frames > MAX_FRAMES:
