@@ -634,3 +634,28 @@ def test_commands_name_the_missing_repo_in_one_line(use_cache, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "other-org/missing" in err[0] and "Traceback" not in err[0]
 
+
+
+@pytest.mark.parametrize("damage, include, says", [
+    ("no vae", None, "no vae/ in this copy: it is incomplete"),
+    ("no vae", "vae", "no vae/ in this copy"),  # passed as "0 files ok", exit 0
+    ("vae to /etc", None, "vae: resolves to /etc, outside the checkpoint"),
+    ("blob gone", None, "vae/config.json: a broken symlink (to ../../../blobs/"),  # internal error
+])
+def test_an_offline_copy_with_a_part_missing_is_not_ready(tmp_path, monkeypatch, tiny_native,
+                                                          capsys, damage, include, says):
+    from hostile import refused
+
+    root = tmp_path / "hub"
+    snap = build_cache(tiny_native, root)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    vae = snap / "vae"
+    if damage == "blob gone":
+        (vae / "config.json").resolve().unlink()
+    else:
+        shutil.rmtree(vae)
+        if damage == "vae to /etc":
+            vae.symlink_to("/etc")
+    refused(capsys, "download", REPO, "-q", *(["--include", include] if include else []),
+            says=says)
+    assert main(["download", REPO, "-q", "--include", "dit"]) == (0 if damage == "no vae" else 1)

@@ -91,6 +91,7 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
         manifest.revision = ref.revision
         saved = hub_manifest.save_manifest(
             manifest, hub_manifest.saved_manifest_path(path, manifest.commit))
+    check_present(path, patterns, components=local_only)
     headers = check_headers(path, patterns)
     report = None
     if check_hashes:
@@ -136,6 +137,43 @@ def plan(manifest: hub_manifest.Manifest, patterns: list[str] | None,
     target = dst or hub.cache_dir()
     return Plan(len(chosen), sum(manifest.files[f].size or 0 for f in chosen), manifest.commit,
                 Path(target), hub.free_bytes(Path(target)))
+
+
+# What a copy found offline must hold when the selection asks for it: the release's adapters
+# (lora/) may be absent from a repo, these may not.
+REQUIRED_COMPONENTS = ("dit", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_present(path: str | Path, patterns: list[str] | None = None,
+                  components: bool = True) -> None:
+    """Every file of the selection resolves inside the copy (the cache's blobs, or the folder) to
+    a regular file; with ``components``, every component the selection asks for is there (all
+    of ``REQUIRED_COMPONENTS`` without ``--include``). Why: offline, a copy with its vae/ gone,
+    or a blob deleted from the cache, passed as "ready" or failed as an internal error."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from longcat_tools.errors import why_not_a_file
+
+    root = Path(path)
+    allowed = hub.snapshot_roots(root) or (root.resolve(),)
+    if components:
+        for comp, globs in hub.COMPONENT_PATTERNS.items():
+            asked = any(g in patterns for g in globs) if patterns is not None else \
+                comp in REQUIRED_COMPONENTS
+            folders = [root / g.removesuffix("/*") for g in globs]
+            there = [f for f in folders if f.exists() or f.is_symlink()]
+            if asked and not there:
+                raise LongcatError(f"{root}: no {' or '.join(f.name + '/' for f in folders)} in "
+                                   "this copy: it is incomplete; download it again with network "
+                                   f"(--include {comp} for just that part)")
+            for folder in there:
+                layouts.check_contained(folder, allowed)
+    files = hub_manifest.local_files(root)
+    for rel in filter_repo_objects(sorted(files), allow_patterns=patterns):
+        layouts.check_contained(files[rel], allowed)
+        if not files[rel].is_file():
+            raise LongcatError(f"{files[rel]}: {why_not_a_file(files[rel])}: the copy is "
+                               "damaged; download it again (--force-download)")
 
 
 @dataclass
