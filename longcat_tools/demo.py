@@ -131,7 +131,11 @@ def run_demo(out: Path, say: Callable[[str], None] = print) -> list[StepResult]:
         raise UsageError(f"--out {out}: exists and is not a folder; name a folder for the demo")
     check_parent(out)
     check_outside_checkpoints(out, "the demo's folder")
-    out.mkdir(exist_ok=True)
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:  # /proc/x: an internal error
+        raise UsageError(f"--out {out}: cannot make the folder ({e.strerror or e}); name a "
+                         "writable folder") from None
     ctx = DemoContext(out, say)
     results = []
     for name, fn in STEPS:

@@ -298,7 +298,8 @@ def test_demo_refuses_a_file_or_a_checkpoint_for_its_folder(tiny_native, tmp_pat
     for out, says in ((tmp_path / "f.png", "is not a folder"),
                       (tiny_native / "d", "inside the checkpoint"),
                       (tmp_path / "no" / "d", "parent folder does not exist"),
-                      ("", "an empty path"), (".", "name the output itself")):
+                      ("", "an empty path"), (".", "name the output itself"),
+                      ("/proc/demo", "cannot make the folder")):
         assert main(["demo", "--out", str(out), "-q"]) == 2
         err = capsys.readouterr().err
         assert says in err and "internal error" not in err

@@ -174,6 +174,10 @@ RUN_CASES = [
     # options another task reads: t2v ran, exit 0, without them
     ("t2v-resolution", ["--resolution", "720p"], "--resolution: --task t2v does not use it", 2),
     ("lora-mode-without-lora", ["--lora-mode", "runtime"], "--lora-mode runtime: this run", 2),
+    # the write failed after the whole generation, as an internal error
+    ("out-in-proc", ["--out", "/proc/x.mp4"], "cannot write in the folder /proc", 1),
+    ("latents-in-proc", ["--save-latents", "/proc/x.safetensors"],
+     "--save-latents /proc/x.safetensors: cannot write in the folder /proc", 1),
     ("refine-frames", ["--task", "refine", "--video", "{text_mp4}"],
      "--frames: --task refine does not use it", 2),  # the base's --frames 9
     ("negative-prompt-without-cfg", ["--distill", "--negative-prompt", "blur"],

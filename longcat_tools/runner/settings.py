@@ -10,7 +10,7 @@ given. No torch at import: the CLI builds its command from this module.
 
 from __future__ import annotations
 
-import os
+import tempfile
 from collections.abc import Collection
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
@@ -712,8 +712,13 @@ def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise UsageError(f"{opt} {path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise LongcatError(f"{opt} {path}: the folder {folder} is not writable")
+    try:  # a file made and removed: os.access passed /proc and /sys, and the write failed
+        # after the whole generation, as an internal error
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".longcat-write-check-"):
+            pass
+    except OSError as e:
+        raise LongcatError(f"{opt} {path}: cannot write in the folder {folder} "
+                           f"({e.strerror or e}); pick a writable folder") from None
 
 
 def _stage1_size(s: RunSettings, files: InputFiles) -> tuple[int, int]:
