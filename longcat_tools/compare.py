@@ -32,6 +32,7 @@ from longcat_tools.io.atomic import (
     enclosing_checkpoint,
     real_path,
 )
+from longcat_tools.model import bounds
 from longcat_tools.runner.settings import comparable_settings
 
 if TYPE_CHECKING:  # numpy and Pillow load when a comparison runs, not with the command line
@@ -202,9 +203,22 @@ def load_items(folder: str | Path) -> tuple[list[Item], list[str]]:
     return items, notes
 
 
-# The sidecar fields the table reads, with the types `run` writes (None: absent or null).
-SIDECAR_TYPES = {("settings", "prompt"): (str,), ("settings", "seed"): (int,),
-                 ("settings", "bsa"): (str, bool, dict), ("total_s",): (int, float)}
+# The sidecar fields the table reads, with the types and values `run` writes (None: absent or
+# null): a negative time or memory, or a seed no generator takes, was shown as if measured.
+def _any(_v: object) -> bool:
+    return True
+
+
+def _not_negative(v: float) -> bool:
+    return v >= 0
+
+
+SIDECAR_TYPES = {("settings", "prompt"): ((str,), _any),
+                 ("settings", "seed"): ((int,), lambda v: v in bounds.SEEDS),
+                 ("settings", "bsa"): ((str, bool, dict), _any),
+                 ("total_s",): ((int, float), _not_negative),
+                 ("peak_memory", "gpu_max_allocated_bytes"): ((int,), _not_negative),
+                 ("peak_memory", "cpu_max_rss_bytes"): ((int,), _not_negative)}
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:
@@ -212,10 +226,11 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
         raise LongcatError(f"{path}: not a run sidecar (no 'settings' object); is it one "
                            "`longcat-tools run` wrote?")
-    for keys, types in SIDECAR_TYPES.items():  # checked before any output is written
-        value = doc.get(keys[0]) if len(keys) == 1 else doc[keys[0]].get(keys[1])
+    for keys, (types, ok) in SIDECAR_TYPES.items():  # checked before any output is written
+        parent = doc if len(keys) == 1 else doc.get(keys[0])
+        value = parent.get(keys[-1]) if isinstance(parent, dict) else None
         if value is not None and (isinstance(value, bool) and bool not in types
-                                  or not isinstance(value, types)):
+                                  or not isinstance(value, types) or not ok(value)):
             raise LongcatError(f"{path}: '{'.'.join(keys)}' is {json.dumps(value)[:40]}, not "
                                f"what `longcat-tools run` writes there; fix or remove the file")
     return doc

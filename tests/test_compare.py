@@ -252,8 +252,14 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     sidecar = good / "v.mp4.json"
     doc = json.loads(sidecar.read_text())
     for keys, value in ((("settings", "prompt"), 5), (("settings", "seed"), "x"),
-                        (("settings", "seed"), True), (("total_s",), "fast")):
+                        (("settings", "seed"), True), (("total_s",), "fast"),
+                        # values run never writes were shown as measured, or dropped
+                        (("total_s",), -5), (("settings", "seed"), 10**30),
+                        (("peak_memory", "cpu_max_rss_bytes"), "big"),
+                        (("peak_memory", "gpu_max_allocated_bytes"), -1)):
         edited = json.loads(json.dumps(doc))
+        if len(keys) == 2:
+            edited.setdefault(keys[0], {})
         (edited[keys[0]] if len(keys) == 2 else edited)[keys[-1]] = value
         sidecar.write_text(json.dumps(edited))
         # a prompt of 5 wrote the sheet, then ended in an internal error
