@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 EXIT_OK = 0
 EXIT_FAIL = 1  # a check failed or the input is bad
@@ -54,4 +55,9 @@ def why_not_a_file(path: str | os.PathLike[str], folder_hint: str = "give the fi
         return "no such file" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
     if os.path.isdir(path):
         return f"a folder; {folder_hint}"
+    mode = os.stat(path).st_mode
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return f"{kind}, not a regular file"
     return "not a regular file"
