@@ -42,7 +42,7 @@ def why_not_a_file(path: str | os.PathLike[str], folder_hint: str = "give the fi
     """Why ``path`` is not a regular file to read, in a few words: what the user sees after
     ``--image PATH: ``."""
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
     except ValueError:  # a NUL character
         return "not a valid path"
     except OSError as e:
@@ -53,9 +53,8 @@ def why_not_a_file(path: str | os.PathLike[str], folder_hint: str = "give the fi
         if e.errno == errno.ENOENT and os.path.islink(path):
             return f"a broken symlink (to {os.readlink(path)})"
         return "no such file" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
-    if os.path.isdir(path):
+    if stat.S_ISDIR(mode):
         return f"a folder; {folder_hint}"
-    mode = os.stat(path).st_mode
     for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
         if test(mode):

@@ -71,10 +71,12 @@ def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None
     t0 = time.perf_counter()
     refuse_empty(path, "verify")
     root = Path(path)
-    if not root.exists() and not root.is_symlink():
-        raise UsageError(f"{root}: no such file or folder (pass a checkpoint folder)")
-    if not root.exists() and why_not_a_file(root) == "a symlink loop":  # resolve() raised
-        raise UsageError(f"{root}: a symlink loop (pass a checkpoint folder)")
+    if not root.exists():
+        if not root.is_symlink():
+            raise UsageError(f"{root}: no such file or folder (pass a checkpoint folder)")
+        why = why_not_a_file(root)
+        if why.startswith("a symlink loop"):  # resolve() would raise; a broken link is a check
+            raise UsageError(f"{root}: {why} (pass a checkpoint folder)")
     sums = Path(checksums).absolute() if checksums is not None else None  # reported where it is
     if sums is not None and not sums.exists():
         raise UsageError(f"{sums}: no such checksum file (--checksums)")
