@@ -336,6 +336,17 @@ def test_disable_keeps_params_and_enable_brings_them_back(ckpt):
     assert state() == TABLE["720p-balanced"]
 
 
+def test_enable_says_when_it_replaces_invalid_params(ckpt, capsys):
+    path = ckpt / "dit" / "config.json"
+    cfg = json.loads(path.read_text())
+    write_json(path, {**cfg, "bsa_params": {**TABLE["720p-fast"][1], "sparsity": 7}})
+    assert main(["bsa", "enable", "-m", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "bsa_params was invalid (bsa_params/sparsity" in out
+    assert "replaced by 720p-balanced's" in out
+    assert json.loads(path.read_text())["bsa_params"] == TABLE["720p-balanced"][1]
+
+
 def test_enable_on_the_hub_config_only_flips_the_switch(ckpt):
     path = ckpt / "dit" / "config.json"
     before = path.read_text()

@@ -147,8 +147,9 @@ def with_enabled(cfg: dict[str, Any], style: JsonStyle = JsonStyle(), *, sparsit
         notes = ["started from the config's params" if given else "kept the config's params"]
     else:
         params = dict(bsa_presets.PRESETS[bsa_presets.DEFAULT_ENABLE].params or {})
-        why = "null" if old is None else "invalid"
-        notes = [f"bsa_params was {why}: started from {bsa_presets.DEFAULT_ENABLE}"]
+        name = bsa_presets.DEFAULT_ENABLE
+        notes = [f"bsa_params was null: started from {name}" if old is None else
+                 f"bsa_params was invalid ({param_errors(cfg)[0]}): replaced by {name}'s"]
     if sparsity is not KEEP:
         params["sparsity"] = sparsity
     if cdf_threshold is not KEEP:

@@ -72,8 +72,8 @@ def _report_one(out: Out, action: str, ckpt, u) -> dict[str, Any]:
         out.say(f"{action}: wrote {where}{bak}")
     else:
         out.say(f"{action}: {where} already has these settings; nothing written")
-    for note in u.notes:
-        out.detail(f"  {note}")
+    for note in u.notes:  # a replaced invalid bsa_params must not pass unseen
+        out.say(f"  {note}")
     out.say(f"attention: {bsa.attention_path(u.config)}")
     return ({"action": action, "config": str(where), "layout": ckpt.layout,
                 "changed": u.changed, "written": u.written, "dry_run": u.dry_run,
