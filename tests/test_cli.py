@@ -119,6 +119,8 @@ def test_a_usage_error_is_one_line_and_exit_2(capsys, argv, says):
      "no such file"),
     (["verify", "{ckpt}", "--manifest", "{missing}.json"], "no such hub manifest"),  # was 1
     (["verify", "{ckpt}", "--checksums", "{missing}.sha256"], "no such checksum file"),
+    (["verify", "{ckpt}", "--checksums", "{ckpt}"], "a folder; give the checksum file itself"),
+    (["verify", "{ckpt}", "--manifest", "{ckpt}"], "a folder; give the hub manifest itself"),
 ])
 def test_a_path_that_names_nothing_is_exit_2_in_every_command(tiny_native, tmp_path, capsys,
                                                                argv, says):

@@ -78,10 +78,12 @@ def verify(path: str | Path, *, deep: bool = False, checksums: str | Path | None
         if why.startswith("a symlink loop"):  # resolve() would raise; a broken link is a check
             raise UsageError(f"{root}: {why} (pass a checkpoint folder)")
     sums = Path(checksums).absolute() if checksums is not None else None  # reported where it is
-    if sums is not None and not sums.exists():
-        raise UsageError(f"{sums}: no such checksum file (--checksums)")
-    if manifest is not None and not Path(manifest).exists():  # as --checksums: exit 2
-        raise UsageError(f"{Path(manifest).absolute()}: no such hub manifest (--manifest)")
+    for given, noun, option in ((sums, "checksum file", "--checksums"),
+                                (manifest, "hub manifest", "--manifest")):
+        if given is not None and not Path(given).is_file():  # bad input, before any check runs
+            why = why_not_a_file(given, f"give the {noun} itself")
+            why = f"no such {noun}" if why == "no such file" else why
+            raise UsageError(f"{Path(given).absolute()}: {why} ({option})")
     if is_comfy(root) and (against_hub or manifest is not None or repo is not None):
         raise UsageError(f"{root}: a ComfyUI single-file DiT has no hub record to compare with "
                          "(--against-hub reads the release's own layout); drop the option")
