@@ -427,8 +427,8 @@ def label_lines(item: Item, varying: Iterable[str], indices: list[int], font: _F
 
 def render_sheet(items: list[Item], frames: int = DEFAULT_FRAMES,
                  thumb_height: int = DEFAULT_THUMB_HEIGHT) -> Image.Image:
-    """The contact sheet; decodes each video once (one at a time) and records its frame count
-    and size on its item."""
+    """The contact sheet, ``frames`` columns or as many as the longest video has; decodes each
+    video once (one at a time) and records its frame count and size on its item."""
     from PIL import Image, ImageDraw
 
     thumbs: list[list[Image.Image]] = []
@@ -436,13 +436,17 @@ def render_sheet(items: list[Item], frames: int = DEFAULT_FRAMES,
     for it in items:
         video = read_frames(it.video)
         it.frames, it.height, it.width = (int(v) for v in video.shape[:3])
-        idx = frame_indices(it.frames, frames)
+        idx = frame_indices(it.frames, min(frames, it.frames))
         size = (thumb_width(it.width, it.height, thumb_height), thumb_height)
         thumbs.append([Image.fromarray(video[k]).resize(size, Image.LANCZOS) for k in idx])
         indices.append(idx)
         del video
+    columns = max(len(t) for t in thumbs)
+    for r, t in enumerate(thumbs):  # a shorter video fills the columns by repeating frames
+        pick = frame_indices(len(t), columns)
+        thumbs[r], indices[r] = [t[j] for j in pick], [indices[r][j] for j in pick]
     col_w = max(t[0].width for t in thumbs)
-    sheet = Image.new("RGB", sheet_size(len(items), frames, col_w, thumb_height), BACKGROUND)
+    sheet = Image.new("RGB", sheet_size(len(items), columns, col_w, thumb_height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font = _Font()
     max_lines = max(1, (thumb_height - 2 * TEXT_MARGIN + LINE_SPACING) // font.line_height)
@@ -512,11 +516,15 @@ def compare(folder: str | Path, *, sheet: str | Path | None = None,
         if target is not None:
             check_target(Path(target))
     image = render_sheet(items, frames, thumb_height)
-    notes += [f"{it.video}: {it.frames} frames, fewer than --frames {frames}: some are shown "
-              "twice" for it in items if it.frames < frames]
+    columns = min(frames, max(it.frames for it in items))
+    if columns < frames:
+        notes.append(f"--frames {frames}: the longest video has {columns} frames; the sheet "
+                     f"shows {columns}")
+    notes += [f"{it.video}: {it.frames} frames, fewer than the sheet's {columns}: some are shown "
+              "twice" for it in items if it.frames < columns]
     pairs = measure_pairs(items)
     write_atomic(sheet, png_bytes(image))
-    result = Comparison(folder, items, pairs, notes, sheet, frames)
+    result = Comparison(folder, items, pairs, notes, sheet, columns)
     if report is not None:
         write_atomic(Path(report), jsonio.dumps(result.to_json()).encode())
     return result

@@ -189,9 +189,23 @@ def test_cli_prints_the_table_and_pairs(runs, tmp_path, capsys):
                                                    PAD + 4 * (48 + PAD))
     assert "fewer than --frames" not in cap.err
     assert main(["compare", str(runs), "--out", str(tmp_path / "t.png"), "--frames",
-                 str(FRAMES + 1), "--thumb-height", "48"]) == 0  # repeated frames, said so
-    assert f"6 frames, fewer than --frames {FRAMES + 1}: some are shown twice" in \
-        capsys.readouterr().err
+                 str(FRAMES + 4), "--thumb-height", "48", "--json"]) == 0
+    cap = capsys.readouterr()  # 10 columns of 6 frames repeated 4 of them, and said 10
+    assert f"--frames {FRAMES + 4}: the longest video has {FRAMES} frames" in cap.err
+    assert json.loads(cap.out)["columns"] == FRAMES
+    assert Image.open(tmp_path / "t.png").size[0] == PAD + LABEL_WIDTH + PAD + FRAMES * (
+        col_w + PAD)
+
+
+def test_a_shorter_video_repeats_frames_to_fill_the_columns(tmp_path, capsys):
+    long, short = clip(32, 32, (0, 0, 0)), clip(32, 32, (0, 0, 0))[:3]
+    add_run(tmp_path, "long.mp4", long, 1.0, prompt="p", seed=1)
+    add_run(tmp_path, "short.mp4", short, 1.0, prompt="p", seed=2)
+    result = compare(tmp_path, frames=FRAMES)
+    assert result.columns == FRAMES and result.items[1].frames == 3
+    assert any("short.mp4: 3 frames, fewer than the sheet's 6: some are shown twice" in n
+               for n in result.notes)
+    assert not any("long.mp4" in n for n in result.notes)
 
 
 def test_identical_videos_are_inf_psnr(tmp_path, capsys):
