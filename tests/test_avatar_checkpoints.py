@@ -67,6 +67,22 @@ def test_missing_base_is_one_line_saying_where(avatar_copy):
     assert "\n" not in msg and str(av.parent / "LongCat-Video") in msg and "beside" in msg
 
 
+def test_the_content_stamp_covers_the_base_parts_an_avatar_reads(avatar_copy):
+    """A resumed matrix run compares it: a new VAE in ../LongCat-Video must remake the videos,
+    while the base's own DiT, which the avatar never reads, must not."""
+    import os
+
+    av = avatar_copy("avatar-1.0")
+    base = av.parent / "LongCat-Video"
+    before = layouts.content_stamp(av)
+    for part, changes in (("dit", False), ("vae", True)):
+        f = next(p for p in sorted((base / part).iterdir()) if p.is_file())
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+        after = layouts.content_stamp(av)
+        assert (after != before) is changes, part
+        before = after
+
+
 # --- verify ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", list(avatar.VERSIONS))

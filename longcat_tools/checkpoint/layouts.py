@@ -478,24 +478,31 @@ def resolve_model(arg: str | Path | None) -> Path:
 def content_stamp(root: Path) -> str:
     """A digest of what a run reads from a checkpoint folder, from metadata alone: every file's
     path, size and mtime (links followed; a link's target named too: a hub snapshot's links
-    name their blobs' hashes). Hidden entries and scratch folders are left out. A matrix run
+    name their blobs' hashes), and for a hub-layout avatar the base parts it reads from
+    ``../LongCat-Video``. Hidden entries and scratch folders are left out. A matrix run
     resuming compares it, so a video made before ``bsa preset``, ``lora fuse --force`` or new
     weights at the same path is made again."""
     import hashlib
 
     h = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".partial"))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            path = Path(folder, name)
-            try:
-                st = path.stat()
-                entry = (st.st_size, st.st_mtime_ns,
-                         os.readlink(path) if path.is_symlink() else "")
-            except OSError as e:
-                entry = ("unreadable", e.errno)
-            h.update(repr((path.relative_to(root).as_posix(), entry)).encode(
-                "utf-8", "surrogateescape"))
+    folders = [(root, root)]
+    if (version := avatar_version(root)) is not None:  # a converted one holds them itself
+        base = root.parent / avatar.BASE_FOLDER
+        folders += [(base / p, root) for p in BASE_PARTS[version.name]]
+    for top, rel_to in folders:
+        for folder, dirs, files in os.walk(top):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                             and not d.endswith(".partial"))
+            for name in sorted(f for f in files if not f.startswith(".")):
+                path = Path(folder, name)
+                try:
+                    st = path.stat()
+                    entry = (st.st_size, st.st_mtime_ns,
+                             os.readlink(path) if path.is_symlink() else "")
+                except OSError as e:
+                    entry = ("unreadable", e.errno)
+                h.update(repr((os.path.relpath(path, rel_to), entry)).encode(
+                    "utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
