@@ -466,26 +466,38 @@ def _folder_jobs(out: list[OutTensor], folder: str, max_shard: int, meta: dict[s
     return jobs
 
 
+def _source_registry(ckpt: layouts.Checkpoint) -> dict[str, Any]:
+    """The source's ``lora/adapters.json`` entries by file (relative to ``lora/``): their names
+    and default scales go with the files. Empty where there is none or it does not load (the
+    files are then named by their place, as ``lora list`` names unregistered ones)."""
+    from longcat_tools.lora import load_registry
+
+    try:
+        return {a.file: a for a in load_registry(ckpt).adapters}
+    except LongcatError:
+        return {}
+
+
 def _source_loras(ckpt: layouts.Checkpoint) -> list[tuple[str, Path]]:
-    """(adapter name, file) of every LoRA file in the source, in a stable order."""
+    """(adapter name, file) of every LoRA file in the source, in a stable order: the name the
+    registry gives it, else its folder's, else the hub's name or the file's stem."""
     root = ckpt.lora_dir
     if not root.is_dir():
         return []
     from longcat_tools.lora import REGISTRY
 
+    registered = _source_registry(ckpt)
     allowed = ckpt.containment
     found: list[tuple[str, Path]] = []
     for p in sorted(root.iterdir()):
         if p.name.startswith(REGISTRY) or p.name.endswith(".partial"):
             continue  # the `lora` command's registry (rebuilt from the files) and its scratch
-        if p.is_dir():
-            for q in sorted(p.iterdir()):
-                if not q.is_dir():
-                    layouts.check_contained(q, allowed)
-                    found.append((p.name, q))
-        else:  # a broken link or a FIFO too: refused if chosen (FileJob), never dropped
-            layouts.check_contained(p, allowed)
-            found.append((layouts.NATIVE_LORAS.get(p.name, p.stem), p))
+        files = sorted(q for q in p.iterdir() if not q.is_dir()) if p.is_dir() else [p]
+        for q in files:  # a broken link or a FIFO too: refused if chosen (FileJob), never dropped
+            layouts.check_contained(q, allowed)
+            rec = registered.get(q.relative_to(root).as_posix())
+            own = p.name if q is not p else layouts.NATIVE_LORAS.get(p.name, p.stem)
+            found.append((rec.name if rec is not None else own, q))
     return found
 
 
@@ -523,12 +535,15 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
             notes.append(f"skipped {path.relative_to(ckpt.root)} (not a safetensors file)")
             continue
         lora = lf.read_lora(path, shapes)
-        rel = f"lora/{path.name}" if to == "native" else f"lora/{name}/{path.name}"
+        # the hub layout keeps a file in lora/ itself where that names it the same; any other
+        # in its own folder, as `lora attach` writes it, so that the name survives
+        flat = to == "native" and layouts.NATIVE_LORAS.get(path.name, path.stem) == name
+        group = "lora" if flat else f"lora/{name}"
+        rel = f"{group}/{path.name}"
         if rel in taken:
             raise LongcatError(f"{path}: would be written as {rel}, like {taken[rel]}; rename one "
                                "of them or leave one out with --lora")
         taken[rel] = path
-        group = "lora" if to == "native" else f"lora/{name}"
         unchanged = lora.format == fmt and all(
             want is None or e.dtype == want for e in lora.modules.values())
         if unchanged:
@@ -1012,7 +1027,8 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                 out_ckpt = layouts.detect(tmp)
                 lora_registry.register_existing(
                     out_ckpt, sources=dict(_source_loras(p.src)),
-                    converted={n: f.result() for n, f in source_sha.items()})
+                    converted={n: f.result() for n, f in source_sha.items()},
+                    carried={a.name: a for a in _source_registry(p.src).values()})
                 reg = lora_registry.registry_path(out_ckpt)
                 digest = hashlib.sha256(reg.read_bytes()).hexdigest()
                 extra[reg.relative_to(tmp).as_posix()] = digest

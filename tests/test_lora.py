@@ -665,3 +665,29 @@ def test_fuse_leaves_the_bsa_backup_behind_and_says_when_run_cannot_use_it(nativ
     assert "no backup to restore" in capsys.readouterr().err
     rc, _, err = _cli(capsys, "fuse", "refinement", "--dst", tmp_path / "both", "-m", dst)
     assert rc == 0 and "warning: distilled and refinement are both fused in: `run` refuses" in err
+
+
+def test_convert_keeps_each_adapters_name_and_default_scale(native, tmp_path, capsys):
+    """convert registered adapters afresh from the files: 'mine' attached at 0.3 came out at
+    scale 1 (fused and run 3.3x too strong) and, in the hub layout, renamed to its file's stem."""
+    shutil.copy(native / "lora" / HUB["distilled"], tmp_path / "my.safetensors")
+    assert main(["lora", "attach", str(tmp_path / "my.safetensors"), "--name", "mine",
+                 "--scale", "0.3", "-m", str(native), "-q"]) == 0
+    conv, back = tmp_path / "conv", tmp_path / "back"
+    assert main(["convert", "--src", str(native), "--dst", str(conv), "-q"]) == 0
+    assert main(["convert", "--src", str(conv), "--dst", str(back), "--to", "native", "-q"]) == 0
+    for root, file in ((native, "mine/my.safetensors"), (conv, "mine/my.safetensors"),
+                       (back, "mine/my.safetensors")):
+        reg = lora_lib.load_registry(layouts.detect(root))
+        assert sorted(a.name for a in reg.adapters) == ["distilled", "mine", "refinement"]
+        assert (reg.get("mine").file, reg.get("mine").default_scale) == (file, 0.3), root
+        assert reg.get("distilled").default_scale == 1.0
+    assert (back / "lora" / HUB["distilled"]).is_file()  # the hub's files stay where it has them
+    fused = {}
+    for root in (native, conv):
+        assert main(["lora", "fuse", "mine", "-m", str(root), "--dst",
+                     str(tmp_path / f"fused_{root.name}"), "-q"]) == 0
+        dit = layouts.detect(tmp_path / f"fused_{root.name}").transformer_dir
+        cfg = json.loads((dit / "config.json").read_text())
+        fused[root.name] = cfg[layouts.FUSED_CONFIG_KEY][0]["scale"]
+    assert fused == {native.name: 0.3, conv.name: 0.3}

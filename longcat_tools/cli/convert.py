@@ -55,8 +55,8 @@ def convert_cmd(
         help="Hard-link unchanged files (tokenizer, VAE, ...) or copy them (default: link).")]
     = None,
     lora: Annotated[str, typer.Option("--lora", metavar="all|none|NAME,...",
-                                      help="Which LoRA adapters to convert (names: distilled, "
-                                      "refinement, or a file stem).")] = "all",
+                                      help="Which LoRA adapters to convert, by the names "
+                                      "`lora list` shows.")] = "all",
     int8: Annotated[str, typer.Option(
         "--int8", metavar="keep|quantize|dequantize|drop",
         help="LongCat-Video-Avatar 1.5 only: keep base_model_int8/ as it is, write it from "

@@ -295,8 +295,11 @@ def make_record(name: str, rel: str, lora: lf.LoraFile, *, default_scale: float 
 def register_found(ckpt: layouts.Checkpoint, reg: Registry,
                     sources: Mapping[str, str | Path] | None = None,
                     progress: Callable[[int], None] | None = None,
-                    converted: Mapping[str, str] | None = None) -> list[AdapterRecord]:
-    """Add discovered, unregistered adapters to ``reg`` (caller holds the lock and saves)."""
+                    converted: Mapping[str, str] | None = None,
+                    carried: Mapping[str, AdapterRecord] | None = None) -> list[AdapterRecord]:
+    """Add discovered, unregistered adapters to ``reg`` (caller holds the lock and saves);
+    ``carried``: the entries of the checkpoint they were converted from, whose default scale,
+    description and tasks they keep."""
     shapes = dit_shapes(ckpt)
     known = reg.files()
     added = []
@@ -314,6 +317,10 @@ def register_found(ckpt: layouts.Checkpoint, reg: Registry,
         source = {"file": str(rel if src_path == path else src_path), "format": src_fmt,
                   "sha256": digest}
         rec = make_record(name, rel, lora, source=source, hub=True)
+        if carried and name in carried:
+            old = carried[name]
+            rec.default_scale, rec.description, rec.tasks = (old.default_scale, old.description,
+                                                             old.tasks)
         reg.adapters.append(rec)
         added.append(rec)
     return added
@@ -322,17 +329,20 @@ def register_found(ckpt: layouts.Checkpoint, reg: Registry,
 def register_existing(model: str | Path | layouts.Checkpoint | None,
                       sources: Mapping[str, str | Path] | None = None,
                       progress: Callable[[int], None] | None = None,
-                      converted: Mapping[str, str] | None = None) -> list[AdapterRecord]:
+                      converted: Mapping[str, str] | None = None,
+                      carried: Mapping[str, AdapterRecord] | None = None
+                      ) -> list[AdapterRecord]:
     """Record every adapter file of ``lora/`` that the registry lacks (``convert`` calls this on
     its output; ``sources`` maps an adapter name to the file it was converted from, whose sha256
     and format then go in the entry; ``converted`` maps the names convert wrote to that sha256,
-    hashed while converting). Returns the new entries."""
+    hashed while converting; ``carried`` as in :func:`register_found`). Returns the new
+    entries."""
     ckpt = checkpoint_of(model)
     if not ckpt.lora_dir.is_dir():
         return []
     with registry_lock(ckpt):
         reg = load_registry(ckpt)
-        added = register_found(ckpt, reg, sources, progress, converted)
+        added = register_found(ckpt, reg, sources, progress, converted, carried)
         if added:
             save_registry(ckpt, reg)
     return added
