@@ -491,15 +491,15 @@ def test_detach_of_a_link_inside_lora_removes_the_link_only(world, capsys):
     assert snapshot(real) == files and (root / "lora" / "alias").is_symlink()
 
 
-def test_attach_replaces_a_planted_partial_link_without_following_it(world, capsys):
+def test_attach_refuses_a_planted_partial_link_without_following_it(world, capsys):
     root, out = world
     (out / "victim").mkdir()
     (out / "victim" / "keep.txt").write_text("keep\n")
     (root / "lora" / "a.partial").symlink_to(out / "victim")
-    assert main(["lora", "attach", str(_small_lora(out)), "--name", "a", "-m", str(root),
-                 "-q"]) == 0
+    refused(capsys, "lora", "attach", _small_lora(out), "--name", "a", "-m", root,
+            says="no killed run of longcat-tools left it")
     assert (out / "victim" / "keep.txt").read_text() == "keep\n"
-    assert (root / "lora" / "a").is_dir() and not (root / "lora" / "a").is_symlink()
+    assert (root / "lora" / "a.partial").is_symlink() and not (root / "lora" / "a").exists()
 
 
 def test_bsa_keeps_the_documented_config_link_rule(world, capsys):

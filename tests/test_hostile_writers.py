@@ -399,12 +399,18 @@ def test_lock_file_that_is_a_link_or_a_fifo_is_refused(tmp_path, capsys):
     assert main(["synth", str(dst), "-q"]) == 0 and _leftovers(dst) == []
 
 
-def test_stale_partial_that_is_a_link_is_removed_not_followed(tmp_path, capsys):
+def test_a_partial_link_is_never_followed_and_removed_only_after_a_killed_run(tmp_path,
+                                                                              capsys):
+    """No run of ours makes a link at ``DST.partial``: without a killed run's lock file it is
+    the user's, refused as a folder of that name is (it was deleted without a word)."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("mine")
     dst = tmp_path / "out"
     partial_path(dst).symlink_to(outside, target_is_directory=True)
+    refused(capsys, "synth", dst, "-q", says="no killed run of longcat-tools left it")
+    assert partial_path(dst).is_symlink() and not dst.exists()
+    lock_path(dst).write_text("")  # as a killed run leaves it
     assert main(["synth", str(dst), "-q"]) == 0
     assert (outside / "keep.txt").read_text() == "mine" and _leftovers(dst) == []
     assert _deep_ok(dst)
