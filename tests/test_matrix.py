@@ -176,6 +176,35 @@ def test_a_resumed_matrix_remakes_videos_when_the_checkpoint_changed(tiny_native
     assert counted["loads"] == 3
 
 
+def test_a_resumed_matrix_remakes_videos_when_an_input_file_changed(tiny_native, tmp_path,
+                                                                    counted):
+    """The sidecar recorded the image's path only: a new image at the same path was "done
+    already, skipped"; and latents asked for on a resume were never written."""
+    from PIL import Image
+
+    image, out = tmp_path / "first.png", tmp_path / "out"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    args = ["run", "-q", "-m", str(tiny_native), "-t", "i2v", "--image", str(image), "-p",
+            "a cat", "--seeds", "1,2", *SIZE, "--out-dir", str(out)]
+    assert main(args) == 0 and main(args) == 0
+    assert counted["loads"] == 1
+    first = {p.name: p.read_bytes() for p in out.glob("*.mp4")}
+    Image.new("RGB", (32, 32), (20, 30, 230)).save(image)
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["status"] for e in manifest["items"]] == ["done", "done"]
+    assert all((out / n).read_bytes() != b for n, b in first.items())
+    side = json.loads((out / (next(iter(first)) + ".json")).read_text())
+    assert side["inputs"] == {str(image): [image.stat().st_size, image.stat().st_mtime_ns]}
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog\n")
+    one = ["run", "-q", "-m", str(tiny_native), "--prompts", str(prompts), *SIZE, "--out-dir",
+           str(tmp_path / "one")]
+    assert main(one) == 0
+    latents = tmp_path / "lat.safetensors"
+    assert main([*one, "--save-latents", str(latents)]) == 0 and latents.is_file()
+
+
 def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a cat", "seed": 11, "out": "cat.mp4"}\n'
@@ -225,6 +254,11 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ("a\n", ["--out", "one.mp4", "--seeds", "1,,2"], "--seeds 1,,2: '' is not an integer", 2),
     ("a\n", ["--out", "one.mp4", "--bsa", "on,,off"], "--bsa list on,,off: --bsa : unknown", 2),
     ("a\n", ["--seeds", "1,2,1"], "--seeds 1,2,1: '1' is listed twice", 2),
+    ("a\n", ["--seeds", f"-1,{2**64 - 1}"], f"-1 and {2**64 - 1} are one seed to torch", 2),
+    ('{"prompt": "a", "seed": -2}\n{"prompt": "a", "seed": %d}\n' % (2**64 - 2), [],
+     "line 2: the same prompt, seed and settings as", 2),
+    ("a\n", ["--seeds", "1,2", "--save-latents", "l.safetensors"],
+     "--save-latents l.safetensors: names one file, but this run makes 2 videos", 2),
     ("a\n", ["--seeds", f"1,{2**64}"], f"--seeds {2**64}: must fit in 64 bits", 2),
     ('{"prompt": "g", "seed": 1e23}\n', [], "line 1: 'seed' must be an integer", 1),
     (f'{{"prompt": "g", "seed": {2**64}}}\n', [], f"line 1: 'seed' {2**64} must fit in 64", 1),

@@ -73,6 +73,12 @@ def check_ratio(value: object, name: str, where: str) -> float:
     return value
 
 
+def seed_state(seed: int) -> int:
+    """The generator state a seed gives: torch takes a negative seed modulo 2**64, so -1 and
+    2**64 - 1 make the same video."""
+    return seed % 2**64
+
+
 def check_seed(seed: int, flag: str = "--seed") -> None:
     """A seed a torch generator takes: a larger one failed inside torch, or was silently
     folded onto a smaller one."""

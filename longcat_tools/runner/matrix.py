@@ -21,7 +21,13 @@ from typing import Any
 from longcat_tools.errors import EMPTY_PATH, LongcatError, UsageError, why_not_a_file
 from longcat_tools.io import jsonio
 from longcat_tools.model import bounds
-from longcat_tools.runner.settings import RunSettings, check_bsa, comparable_settings, validate
+from longcat_tools.runner.settings import (
+    RunSettings,
+    check_bsa,
+    comparable_settings,
+    input_stamps,
+    validate,
+)
 
 MANIFEST = "manifest.json"
 JSONL_FIELDS = ("prompt", "negative_prompt", "image", "video", "seed", "out")
@@ -140,8 +146,14 @@ def _distinct(values: list, option: str, text: str) -> list:
 def parse_seeds(text: str) -> list[int]:
     """``--seeds 42,123,456``."""
     seeds = _numbers(text, "--seeds", int, "an integer", "42,123,456")
+    states: dict[int, int] = {}
     for seed in seeds:
         bounds.check_seed(seed, "--seeds")
+        first = states.setdefault(bounds.seed_state(seed), seed)
+        if first != seed:
+            raise UsageError(f"--seeds {text}: {first} and {seed} are one seed to torch (it "
+                             "takes a negative seed modulo 2**64): the same video twice; list "
+                             "one of them")
     return seeds
 
 
@@ -218,11 +230,16 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
         if first is not it:
             raise LongcatError(f"{it.source}: writes {it.name} as {first.source} does (give each "
                                "JSONL line its own 'out')")
-        first = same.setdefault(repr(replace(it.settings, out="")), it)
+        first = same.setdefault(repr(replace(it.settings, out="",
+                                             seed=bounds.seed_state(it.settings.seed))), it)
         if first is not it:  # as --seeds refuses a repeated seed
             raise UsageError(f"{it.source}: the same prompt, seed and settings as "
                              f"{first.source} (the same video would be made twice); give the "
                              "line another 'seed' or remove it")
+    if base.save_latents and len(items) > 1:  # each video would overwrite the one before
+        raise UsageError(f"--save-latents {base.save_latents}: names one file, but this run makes "
+                         f"{len(items)} videos; save the latents of one video in a run of its "
+                         "own")
     for it in items:
         try:
             validate(it.settings)
@@ -247,13 +264,16 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
     compared as the sidecar's JSON holds them, on the same kind of device (which GPU of a
     data-parallel run made it does not matter) and wherever the folder was named from (the
     sidecar sits next to its mp4), from the checkpoint as it is now (``stamp``:
-    ``layouts.content_stamp``; ``--bsa config`` reads its BSA from there)."""
+    ``layouts.content_stamp``; ``--bsa config`` reads its BSA from there) and from input files
+    as they are now (``input_stamps``), with the latents file ``--save-latents`` asks for."""
     from longcat_tools.runner.job import settings_record
 
     out = Path(item.settings.out)
     side = out.with_name(out.name + ".json")
     if not (out.is_file() and side.is_file()):
         return False
+    if item.settings.save_latents and not Path(item.settings.save_latents).is_file():
+        return False  # asked for on a resume: the video is made again to save them
     try:
         doc = json.loads(side.read_text())
     except (OSError, ValueError):
@@ -267,6 +287,7 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
     made_from = doc.get("checkpoint") if isinstance(doc, dict) else None
     return (isinstance(doc, dict) and isinstance(doc.get("settings"), dict)
             and isinstance(made_from, dict) and made_from.get("stamp") == stamp
+            and doc.get("inputs") == input_stamps(item.settings)
             and comparable_settings(doc["settings"]) == comparable_settings(want))
 
 

@@ -10,6 +10,7 @@ given. No torch at import: the CLI builds its command from this module.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Collection
 from dataclasses import Field, dataclass, field, fields
@@ -56,6 +57,20 @@ TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation)
 
 
 OUTPUT_FIELDS = ("out", "save_latents")  # where a run writes, not what it computes
+
+
+def input_stamps(s: RunSettings) -> dict[str, list[int] | None]:
+    """Size and mtime of each file a run reads besides the checkpoint, by path (None: gone): a
+    matrix resuming makes a video again when a file it read changed at the same path."""
+    paths = [s.image, s.video, s.latents_in, *(s.audio or ())]
+    stamps: dict[str, list[int] | None] = {}
+    for path in filter(None, paths):
+        try:
+            st = os.stat(path)
+            stamps[path] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamps[path] = None
+    return stamps
 
 
 def comparable_settings(record: dict[str, Any]) -> dict[str, Any]:
