@@ -255,7 +255,7 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ("a\n", ["--out", "one.mp4", "--bsa", "on,,off"], "--bsa list on,,off: --bsa : unknown", 2),
     ("a\n", ["--seeds", "1,2,1"], "--seeds 1,2,1: '1' is listed twice", 2),
     ("a\n", ["--seeds", f"-1,{2**64 - 1}"], f"-1 and {2**64 - 1} are one seed to torch", 2),
-    ('{"prompt": "a", "seed": -2}\n{"prompt": "a", "seed": %d}\n' % (2**64 - 2), [],
+    (f'{{"prompt": "a", "seed": -2}}\n{{"prompt": "a", "seed": {2**64 - 2}}}\n', [],
      "line 2: the same prompt, seed and settings as", 2),
     ("a\n", ["--seeds", "1,2", "--save-latents", "l.safetensors"],
      "--save-latents l.safetensors: names one file, but this run makes 2 videos", 2),
