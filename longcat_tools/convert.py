@@ -696,7 +696,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
                              "names its own keys)")
         keys = "native" if to == "native" else comfy_keys.FLAVOUR
     keys = keys or "fastvideo"
-    link = link is not False
+    given_link, link = link, link is not False
     if keys not in keymap.FLAVOURS and to != "comfy":
         raise UsageError(f"--keys: unknown '{keys}' (use one of {', '.join(keymap.FLAVOURS)})")
     max_shard = parse_size(max_shard_size or DEFAULT_MAX_SHARD)
@@ -712,6 +712,11 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
         raise UsageError(f"--int8 {int8}: only for LongCat-Video-Avatar 1.5 folders (their "
                          "base_model_int8/); this source is a base LongCat-Video checkpoint")
     if src_file:
+        for given, opt in ((None if lora == "all" else lora, "--lora"),
+                           (given_link, "--link/--copy")):
+            if given is not None:  # nothing to choose from, nothing carried over
+                raise UsageError(f"{opt}: the source {src} is a single-file DiT, with no "
+                                 "adapters or other files beside it; drop the option")
         return _plan_single_file(Path(src), Path(dst), to, keys, dtype, want, max_shard, force)
     assert found is not None
     ckpt, src, dst = found, found.root, Path(dst)

@@ -215,6 +215,18 @@ def test_hostile_single_files_are_refused(fp8_dict, tmp_path, capsys, edit, says
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option", [["--lora", "distilled"], ["--lora", "none"], ["--copy"]])
+def test_options_a_single_file_source_has_nothing_for_are_refused(tiny_native, tmp_path, capsys,
+                                                                  option):
+    """--lora with any name, even one that does not exist, was accepted and did nothing."""
+    assert _cli("convert", "--src", tiny_native, "--dst", tmp_path / "c", "--to", "comfy",
+                "-q") == 0
+    refused(capsys, "convert", "--src", tmp_path / "c" / "diffusion_model.safetensors", "--dst",
+            tmp_path / "out", *option, "-q", code=2, says="is a single-file DiT, with no "
+            "adapters or other files beside it")
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_safetensors_file_is_refused(tmp_path, capsys):
     src = tmp_path / "model.ckpt"
     src.write_bytes(b"x")
