@@ -155,6 +155,17 @@ def test_verify_names_every_injected_fault(avatar_copy):
     assert named("base_model_int8", "dtype", u8, "U8"), text
 
 
+def test_verify_warns_of_mixed_dtypes_in_the_int8_folder_as_in_the_others(avatar_copy):
+    av = avatar_copy("avatar-1.5")
+    q, index = av / "base_model_int8", "quantized_model.safetensors.index.json"
+    norm = "blocks.0.attn.q_norm.weight"
+    _edit(_shard_of(q, index, norm), lambda t: t.update({norm: t[norm].half()}))
+    report = verify(av, strict=True)
+    (row,) = [c for c in report.checks if c.component == "base_model_int8" and c.name == "dtype"]
+    assert row.status == "warn" and "the unquantized tensors mix ['F16', 'F32']" in row.message
+    assert not report.ok
+
+
 def test_verify_int8_quantization_method(avatar_copy):
     av = avatar_copy("avatar-1.5")
     path = av / "base_model_int8" / "quantization_config.json"

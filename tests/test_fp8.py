@@ -172,6 +172,14 @@ def test_verify_passes_an_fp8_folder_and_names_bad_scales(fp8_folder, tmp_path, 
     assert [c.name for c in fails] == ["scales"]
     assert "blocks.0.ffn.w2.weight_scale holds 0.0" in fails[0].message
     assert "nan" in fails[0].message
+    t["blocks.0.ffn.w2.weight_scale"][3] = t["blocks.1.ffn.w2.weight_scale"][0] = 1.0
+    t["blocks.0.adaln_linear_1.weight"] = t["blocks.0.adaln_linear_1.weight"].to(
+        torch.float8_e5m2)  # read as if unquantized: only a warning, exit 0, before
+    save_file(t, str(shard), metadata={"format": "pt"})
+    (row,) = [c for c in verify(bad).checks  # also failed: the index's total_size is off
+              if c.name == "dtype" and c.component == "transformer"]
+    assert row.status == "fail"
+    assert "blocks.0.adaln_linear_1.weight is F8_E5M2 without a scale" in row.message
     (bad / "transformer" / "quantization_config.json").unlink()
     rep = verify(bad)
     msgs = " ".join(c.message for c in rep.checks if c.status == "fail")

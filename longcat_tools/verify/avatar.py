@@ -154,11 +154,13 @@ def _int8(rec: Recorder, st: V._State, folder: Path) -> Dims | None:
              if roles.get(n) in INT8_DTYPES and t.dtype != INT8_DTYPES[roles[n]]]
     wrong += [f"{n} is {t.dtype}, expected a floating dtype" for n, t in ws.tensors.items()
               if roles.get(n) == "keep" and t.dtype not in FLOAT_DTYPES]
+    kept = sorted({t.dtype for n, t in ws.tensors.items() if roles.get(n) == "keep"})
     if wrong:
         rec.fail(comp, "dtype", ws.label, f"INT8 folder: weight_int8 must be I8, weight_scale "
                  f"F32 and a quantized module's bias BF16: {listing(wrong, 3)}")
+    elif len(kept) > 1:  # as in any other DiT folder: usually a half-finished cast
+        rec.warn(comp, "dtype", ws.label, f"INT8 folder: the unquantized tensors mix {kept}")
     else:
-        kept = sorted({t.dtype for n, t in ws.tensors.items() if roles.get(n) == "keep"})
         n_q = sum(r == "int8" for r in roles.values())
         rec.ok(comp, "dtype", ws.label, f"INT8: {count(n_q, 'I8 weight')} with F32 scales and "
                f"BF16 biases; the rest {', '.join(kept) or 'none'}")

@@ -67,9 +67,12 @@ def check(rec: Recorder, ws: WeightSet, flavour: str, is_fp8: bool) -> None:
              if (kinds[n] == "weight" and t.dtype != E4M3)
              or (kinds[n] == "scale" and t.dtype != "F32")]
     rest = {t.dtype for n, t in ws.tensors.items() if kinds[n] == "rest"}
+    wrong += [f"{n} is {t.dtype} without a scale" for n, t in ws.tensors.items()
+              if kinds[n] == "rest" and t.dtype.startswith("F8")]  # read as if it were bf16
     if wrong:
         rec.fail(comp, "dtype", label, f"fp8 folder: block GEMM weights must be F8_E4M3 and "
-                                       f"their scales F32: {listing(wrong, 3)}")
+                                       f"their scales F32, the rest unquantized: "
+                                       f"{listing(wrong, 3)}")
     elif len(rest) > 1:
         rec.warn(comp, "dtype", label, f"fp8 folder: the other tensors mix {sorted(rest)}")
     else:
