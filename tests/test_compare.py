@@ -270,7 +270,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                         # values run never writes were shown as measured, or dropped
                         (("total_s",), -5), (("settings", "seed"), 10**30),
                         (("peak_memory", "cpu_max_rss_bytes"), "big"),
-                        (("peak_memory", "gpu_max_allocated_bytes"), -1)):
+                        (("peak_memory", "gpu_max_allocated_bytes"), -1),
+                        # any setting of another type than run writes (shown as it was)
+                        (("settings", "bsa"), {"a": 1}), (("settings", "device"), 5),
+                        (("settings", "audio"), ["a.wav", 3]), (("settings", "fps"), True)):
         edited = json.loads(json.dumps(doc))
         if len(keys) == 2:
             edited.setdefault(keys[0], {})
