@@ -40,6 +40,7 @@ def media(tmp_path_factory):
     return {"a": write_wav(d / "a.wav", speech(1.2)),
             "b": write_wav(d / "b.wav", speech(1.2, 330.0)),
             "short": write_wav(d / "short.wav", speech(0.2)),
+            "long": write_wav(d / "three_s.wav", speech(3.0)),
             "one_hz": write_wav(d / "one_hz.wav", np.array([0.0, 0.5, -0.5, 0.5, 0.0]), rate=1),
             "silent": write_wav(d / "silent.wav", np.zeros(RATE)),
             "notaudio": d / "notaudio.wav", "face": d / "face.png", "dir": d}
@@ -185,9 +186,17 @@ def test_short_audio_is_padded_with_silence_as_the_original(capsys, trees, media
     (["--task", "at2v", "--audio", "A", "--audio-mode", "concat"], "this run has one"),
     # found by the loudness normaliser after loading
     (["--task", "at2v", "--audio", "SHORT", "--frames", "5"], "measured over 0.4 s"),
+    # two speakers: both found after loading, with exit 1
+    (["--task", "ai2v", "--image", "FACE", "--audio", "A", "--audio", "LONG"],
+     "--audio-mode mix: mixed speakers need audio of equal length (A 1.20 s, LONG 3.00 s)"),
+    (["--task", "ai2v", "--image", "FACE", "--audio", "A", "--audio", "B"],
+     "speaker region 2 covers no token of a 32x32 video"),
 ])
 def test_option_misuse_is_one_line(capsys, trees, media, no_weights, args, message):
-    args = [{"A": str(media["a"]), "SHORT": str(media["short"])}.get(a, a) for a in args]
+    names = {"A": media["a"], "B": media["b"], "SHORT": media["short"], "LONG": media["long"],
+             "FACE": media["face"]}
+    args = [str(names.get(a, a)) for a in args]
+    message = message.replace("A 1", f"{media['a']} 1").replace("LONG 3", f"{media['long']} 3")
     rc, err = run(capsys, "-m", str(trees["1.5"]), *TINY, *args)
     assert rc == 2 and message in err and err.count("\n") == 1, err
 

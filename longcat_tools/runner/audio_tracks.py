@@ -58,6 +58,14 @@ def require_seconds(track: np.ndarray, seconds: float, where: str,
                            f"{seconds:.2f} s; give longer audio or fewer frames/segments")
 
 
+def mix_problem(lengths: Sequence[int], names: Sequence[str]) -> str | None:
+    """Why speakers' tracks of these lengths (samples) cannot be mixed; None: they can."""
+    if len(set(lengths)) <= 1:
+        return None
+    shown = ", ".join(f"{n} {k / SAMPLE_RATE:.2f} s" for n, k in zip(names, lengths, strict=True))
+    return f"mixed speakers need audio of equal length ({shown}); trim them or use concat"
+
+
 def arrange(tracks: Sequence[np.ndarray | None], mode: str,
             names: Sequence[str] | None = None) -> list[np.ndarray]:
     """Each speaker's track on the shared timeline (see the module doc); float32."""
@@ -70,12 +78,9 @@ def arrange(tracks: Sequence[np.ndarray | None], mode: str,
     filled = [np.asarray(t if t is not None else np.zeros_like(present[0]), np.float32)
               for t in tracks]
     if mode == "mix":
-        lengths = {len(t) for t in filled}
-        if len(lengths) > 1:
-            shown = ", ".join(f"{n} {len(t) / SAMPLE_RATE:.2f} s"
-                              for n, t in zip(names, filled, strict=True))
-            raise LongcatError(f"mixed speakers need audio of equal length ({shown}); trim "
-                               "them or use concat")
+        problem = mix_problem([len(t) for t in filled], names)
+        if problem:
+            raise LongcatError(problem)
         return filled
     out, before, total = [], 0, sum(len(t) for t in filled)
     for t in filled:

@@ -320,6 +320,7 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     check_bsa(s.bsa)
     if files is not None and s.task in AVATAR_TASKS:
         resolve_device(s.device)
+        _check_speaker_regions(s, files)
     elif files is not None:
         if files.dims.num_heads % s.cp:  # what the DiT checks when it is split
             raise UsageError(f"--cp/--gpus {s.cp}: the DiT's {files.dims.num_heads} heads do "
@@ -414,7 +415,7 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     from longcat_tools.checkpoint import layouts
     from longcat_tools.io import jsonio
     from longcat_tools.io.safetensors import read_header
-    from longcat_tools.runner import audio
+    from longcat_tools.runner import audio, audio_tracks
     from longcat_tools.runner.audio_encoders import TIMINGS
     from longcat_tools.runner.audio_filters import BLOCK_S
     from longcat_tools.runner.avatar_pipeline import RELEASES, dit_folder
@@ -453,17 +454,22 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     if s.vocal_separation and not (ckpt.root / avatar.VOCAL_SEPARATOR).is_file():
         raise LongcatError(f"{ckpt.root / avatar.VOCAL_SEPARATOR}: missing (vocal separation "
                            "needs it; or pass --no-vocal-separation)")
+    lengths = []
     for path in s.audio:
         try:
             track = audio.load(path)
         except LongcatError as e:
             raise type(e)(f"--audio {e}") from None
+        lengths.append(len(track))
         # padded to the clip's length, then loudness-normalised in blocks: the normaliser
         # found a shorter track after the weights had loaded
         if max(len(track) / audio.SAMPLE_RATE, s.frames / rate) < BLOCK_S:
             raise UsageError(f"--audio {path}: {len(track) / audio.SAMPLE_RATE:.2f} s of audio "
                              f"and {s.frames} frames at {rate} fps; the audio's loudness is "
                              f"measured over {BLOCK_S} s: give that much audio, or more frames")
+    if s.audio_mode == avatar.AUDIO_MODES[0] and (
+            problem := audio_tracks.mix_problem(lengths, s.audio)):
+        raise UsageError(f"--audio-mode mix: {problem}")  # found after loading, with exit 1
     cfg_path = folder / "config.json"
     cfg = jsonio.read(cfg_path, what="transformer config")
     dims = keymap.dit_dims(cfg, str(cfg_path))  # as every reader
@@ -578,6 +584,22 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         if s.task in ("vc", "avc", "long"):
             _check_cond_frames(s, info, _continue_fps(s, ckpt))
     return InputFiles(dims, image_size, video_size)
+
+
+def _check_speaker_regions(s: RunSettings, files: InputFiles) -> None:
+    """Two speakers: each one's default region (a half of the source frame) must cover a DiT
+    token at the output size; the pipeline found that after the weights had loaded."""
+    source = {"ai2v": files.image_size, "avc": files.video_size}.get(s.task)
+    if not s.audio or len(s.audio) < 2 or source is None:
+        return
+    from longcat_tools.runner.avatar_pipeline import fit_masks, speaker_masks
+
+    w, h = source
+    size = (s.height, s.width) if s.height and s.width else bucket_size(h, w, s.resolution)
+    try:
+        fit_masks(speaker_masks(h, w), *size)
+    except LongcatError as e:
+        raise UsageError(str(e)) from None
 
 
 def _continue_fps(s: RunSettings, ckpt: Any) -> float:
