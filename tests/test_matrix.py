@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hostile import refused
+from safetensors.torch import save_file
 
 from longcat_tools.cli import main
 from longcat_tools.errors import LongcatError
@@ -257,6 +259,8 @@ def test_jsonl_lines_set_their_own_fields(tiny_native, tmp_path, counted):
     ("a\n", ["--seeds", f"-1,{2**64 - 1}"], f"-1 and {2**64 - 1} are one seed to torch", 2),
     (f'{{"prompt": "a", "seed": -2}}\n{{"prompt": "a", "seed": {2**64 - 2}}}\n', [],
      "line 2: the same prompt, seed and settings as", 2),
+    ("a\n", ["--seeds", "1,2", "--latents-in", "LATENTS"],
+     "line 1: seed 2 makes the same video as seed 1 (--prompts", 2),
     ("a\n", ["--seeds", "1,2", "--save-latents", "l.safetensors"],
      "--save-latents l.safetensors: names one file, but this run makes 2 videos", 2),
     ("a\n", ["--seeds", f"1,{2**64}"], f"--seeds {2**64}: must fit in 64 bits", 2),
@@ -278,6 +282,9 @@ def test_bad_lists_stop_before_anything_loads(tiny_native, tmp_path, capsys, mon
     monkeypatch.setattr(LongCatVideoPipeline, "from_pretrained", classmethod(no_load))
     prompts = tmp_path / "p.txt"
     prompts.write_text(content)
+    latents = tmp_path / "l.safetensors"  # the start latents of SIZE
+    save_file({"latents": torch.zeros(1, 16, 3, 4, 4)}, latents)
+    extra = [str(latents) if a == "LATENTS" else a for a in extra]
     refused(capsys, "run", "-m", str(tiny_native), "--prompts", str(prompts), *SIZE,
             "--out-dir", str(tmp_path / "out"), *extra, code=code, says=says)
     assert not (tmp_path / "out").exists()

@@ -26,6 +26,7 @@ from longcat_tools.runner.settings import (
     check_bsa,
     comparable_settings,
     input_stamps,
+    seed_matters,
     validate,
 )
 
@@ -230,8 +231,14 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
         if first is not it:
             raise LongcatError(f"{it.source}: writes {it.name} as {first.source} does (give each "
                                "JSONL line its own 'out')")
-        first = same.setdefault(repr(replace(it.settings, out="",
-                                             seed=bounds.seed_state(it.settings.seed))), it)
+        seeded = seed_matters(it.settings)
+        key = replace(it.settings, out="", seed=bounds.seed_state(it.settings.seed) if seeded
+                      else 0)
+        first = same.setdefault(repr(key), it)
+        if first is not it and first.settings.seed != it.settings.seed and not seeded:
+            raise UsageError(f"{it.source}: seed {it.settings.seed} makes the same video as "
+                             f"seed {first.settings.seed} ({first.source}): t2v from --latents-in "
+                             f"{it.settings.latents_in} draws no noise; give one seed")
         if first is not it:  # as --seeds refuses a repeated seed
             raise UsageError(f"{it.source}: the same prompt, seed and settings as "
                              f"{first.source} (the same video would be made twice); give the "

@@ -59,6 +59,12 @@ TASK_HELP = ("t2v (text to video), i2v (image to video), vc (video continuation)
 OUTPUT_FIELDS = ("out", "save_latents")  # where a run writes, not what it computes
 
 
+def seed_matters(s: RunSettings) -> bool:
+    """Whether the seed changes the video: t2v from ``--latents-in`` draws no noise (the other
+    tasks draw their condition latents, refining its noise, with the seed's generator)."""
+    return not (s.latents_in and s.task == "t2v" and not s.refine)
+
+
 def input_stamps(s: RunSettings) -> dict[str, list[int] | None]:
     """Size and mtime of each file a run reads besides the checkpoint, by path (None: gone): a
     matrix resuming makes a video again when a file it read changed at the same path."""
