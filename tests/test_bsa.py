@@ -406,20 +406,22 @@ def test_backup_restore_swap_and_no_backup(ckpt, capsys):
     assert "the backup is not a regular file (a folder)" in line and path.read_text() == fast
 
 
-@pytest.mark.parametrize("indent", [None, 4, "\t"])
-def test_the_file_keeps_its_style(tmp_path, indent):
+@pytest.mark.parametrize("indent, newline", [(None, "\n"), (4, "\n"), ("\t", "\n"),
+                                             (2, "\r\n")])
+def test_the_file_keeps_its_style(tmp_path, indent, newline):
     root = make_layout(tmp_path / "c", "converted")
     path = root / "transformer" / "config.json"
     # FastVideo's dev config: unsorted keys, params in the order sparsity, q, k
     cfg = dict(fastvideo_config(), bsa_params={"sparsity": 0.9375, "chunk_3d_shape_q": Q4,
                                                "chunk_3d_shape_k": Q4})
     text = json.dumps(cfg, indent=indent)  # no trailing newline this time
-    path.write_text(text)
+    path.write_bytes(text.replace("\n", newline).encode())  # CRLF: a Windows editor's
     bsa.update(layouts.detect(root), lambda c, s: bsa.with_preset(c, "720p-adaptive", s))
-    new = path.read_text()
+    new = path.read_bytes().decode()
     params = {"sparsity": 0.875, "chunk_3d_shape_q": Q4, "chunk_3d_shape_k": Q4,
               "cdf_threshold": 0.98}  # the file's order kept, the new key appended
-    assert new == json.dumps(dict(cfg, enable_bsa=True, bsa_params=params), indent=indent)
+    assert new == json.dumps(dict(cfg, enable_bsa=True, bsa_params=params),
+                             indent=indent).replace("\n", newline)
 
 
 def test_symlinked_config_is_replaced_not_followed(ckpt):

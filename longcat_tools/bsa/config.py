@@ -43,13 +43,14 @@ KEEP: Any = object()  # "option not given"; None means an explicit null
 @dataclass(frozen=True)
 class JsonStyle:
     """How a config file is written, detected from its text so a change keeps the file's look:
-    indent, trailing newline, ASCII escapes, and whether its keys are sorted (diffusers saves
-    configs with ``indent=2, sort_keys=True``)."""
+    indent, trailing newline, ASCII escapes, whether its keys are sorted (diffusers saves
+    configs with ``indent=2, sort_keys=True``) and Windows line ends."""
 
     indent: int | str | None = 2
     trailing_newline: bool = True
     ensure_ascii: bool = True
     sorted_keys: bool = True
+    crlf: bool = False
 
     @classmethod
     def of(cls, text: str, cfg: dict[str, Any]) -> JsonStyle:
@@ -59,11 +60,13 @@ class JsonStyle:
             second = lines[1]
             ws = second[: len(second) - len(second.lstrip())]
             indent = len(ws) if set(ws) <= {" "} else ws
-        return cls(indent, text.endswith("\n"), text.isascii(), list(cfg) == sorted(cfg))
+        return cls(indent, text.endswith("\n"), text.isascii(), list(cfg) == sorted(cfg),
+                   "\r\n" in text)
 
     def dumps(self, obj: Any) -> str:
-        return jsonio.dumps(obj, indent=self.indent, newline=self.trailing_newline,
+        text = jsonio.dumps(obj, indent=self.indent, newline=self.trailing_newline,
                             ensure_ascii=self.ensure_ascii)
+        return text.replace("\n", "\r\n") if self.crlf else text
 
 
 def parse_config(text: str, where: Path | str, backup: bool = False) -> dict[str, Any]:
