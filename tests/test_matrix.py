@@ -293,6 +293,8 @@ def test_bad_lists_stop_before_anything_loads(tiny_native, tmp_path, capsys, mon
 @pytest.mark.parametrize("line7, says, code", [
     ('{"prompt": "g", "image": "missing.png"}', "line 7: --image", 2),
     ('{"prompt": "g", "seed": "x"}', "line 7: 'seed' must be an integer", 1),
+    # a sound header: found when the job decoded it, after loading, without the line
+    ('{"prompt": "g", "image": "cut.png"}', "line 7: --image", 1),
 ])
 def test_a_bad_seventh_line_is_named(tiny_native, tmp_path, capsys, monkeypatch, line7, says,
                                      code):
@@ -303,6 +305,10 @@ def test_a_bad_seventh_line_is_named(tiny_native, tmp_path, capsys, monkeypatch,
 
     monkeypatch.setattr(LongCatVideoPipeline, "from_pretrained", classmethod(no_load))
     Image.new("RGB", (32, 32), "red").save(tmp_path / "first.png")
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "whole.png")
+    whole = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "a", "image": "first.png", "seed": {i}}}\n'
                                for i in range(6)) + line7 + "\n")

@@ -158,12 +158,17 @@ def _open_image(path: Path) -> Image.Image:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the image's header, checked against the decompression-bomb limit,
-    without decoding it (to check an input before any weights load)."""
+    """(width, height) of an image checked before any weights load: its header against the
+    decompression-bomb limit, then the whole image decoded (a truncated file failed after the
+    weights had loaded)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such image file")
     with _open_image(path) as im:
+        try:
+            im.load()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise LongcatError(f"{path}: cannot read the image ({e})") from None
         return im.size
 
 
