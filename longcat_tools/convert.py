@@ -208,6 +208,7 @@ class Plan:
     jobs: list[FileJob]
     notes: list[str]
     loras: list[str]  # adapter names converted
+    registry: dict[str, Any] = field(default_factory=dict)  # for the output's (_lora_jobs)
 
     @property
     def target_layout(self) -> str:
@@ -468,25 +469,28 @@ def _folder_jobs(out: list[OutTensor], folder: str, max_shard: int, meta: dict[s
 
 def _source_registry(ckpt: layouts.Checkpoint) -> dict[str, Any]:
     """The source's ``lora/adapters.json`` entries by file (relative to ``lora/``): their names
-    and default scales go with the files. Empty where there is none or it does not load (the
-    files are then named by their place, as ``lora list`` names unregistered ones)."""
+    and default scales go with the files. One that does not load is refused, not skipped: the
+    adapters would come out renamed, at scale 1."""
     from longcat_tools.lora import load_registry
 
     try:
         return {a.file: a for a in load_registry(ckpt).adapters}
-    except LongcatError:
-        return {}
+    except LongcatError as e:
+        raise LongcatError(f"{e}; convert carries each adapter's name and default scale from "
+                           "it: fix it, or move it away to name the adapters by their files "
+                           "(scale 1), or leave the adapters out with --lora none") from None
 
 
-def _source_loras(ckpt: layouts.Checkpoint) -> list[tuple[str, Path]]:
+def _source_loras(ckpt: layouts.Checkpoint,
+                  registered: dict[str, Any]) -> list[tuple[str, Path]]:
     """(adapter name, file) of every LoRA file in the source, in a stable order: the name the
-    registry gives it, else its folder's, else the hub's name or the file's stem."""
+    registry gives it, else the one its place gives (``lora list``'s)."""
     root = ckpt.lora_dir
     if not root.is_dir():
         return []
     from longcat_tools.lora import REGISTRY
+    from longcat_tools.lora.registry import place_name
 
-    registered = _source_registry(ckpt)
     allowed = ckpt.containment
     found: list[tuple[str, Path]] = []
     for p in sorted(root.iterdir()):
@@ -496,15 +500,19 @@ def _source_loras(ckpt: layouts.Checkpoint) -> list[tuple[str, Path]]:
         for q in files:  # a broken link or a FIFO too: refused if chosen (FileJob), never dropped
             layouts.check_contained(q, allowed)
             rec = registered.get(q.relative_to(root).as_posix())
-            own = p.name if q is not p else layouts.NATIVE_LORAS.get(p.name, p.stem)
-            found.append((rec.name if rec is not None else own, q))
+            found.append((rec.name if rec is not None else place_name(root, q), q))
     return found
 
 
 def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype | None,
                select: str, shapes: dict[str, tuple[int, int]], link: bool,
-               meta: dict[str, str]) -> tuple[list[FileJob], list[str], list[str]]:
-    found = _source_loras(ckpt)
+               meta: dict[str, str]) -> tuple[list[FileJob], list[str], list[str], dict]:
+    """The adapters' file jobs, the names chosen, notes, and what the output's registry takes
+    from the source: each adapter's file by name, and its registry entry by output file."""
+    # an avatar's lora/ is carried as the hub has it, its registry left for `lora list`
+    carry = select != "none" and isinstance(ckpt, layouts.Checkpoint)
+    registered = _source_registry(ckpt) if carry else {}
+    found = _source_loras(ckpt, registered)
     names = sorted({n for n, _ in found})
     if select == "all":
         chosen = set(names)
@@ -523,6 +531,7 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
     jobs: list[FileJob] = []
     notes: list[str] = []
     taken: dict[str, Path] = {}
+    carried: dict[str, Any] = {}  # the source's registry entries, by output file
     fmt = keys
     for name, path in found:
         if name not in chosen:
@@ -535,11 +544,15 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
             notes.append(f"skipped {path.relative_to(ckpt.root)} (not a safetensors file)")
             continue
         lora = lf.read_lora(path, shapes)
-        # the hub layout keeps a file in lora/ itself where that names it the same; any other
-        # in its own folder, as `lora attach` writes it, so that the name survives
+        # the hub layout keeps a file in lora/ itself where that names it the same; else a
+        # file keeps its folder, or gets its own, as `lora attach` writes it
+        place = path.relative_to(ckpt.lora_dir).parts
         flat = to == "native" and layouts.NATIVE_LORAS.get(path.name, path.stem) == name
-        group = "lora" if flat else f"lora/{name}"
+        group = "lora" if flat else f"lora/{place[0] if len(place) > 1 else name}"
         rel = f"{group}/{path.name}"
+        rec = registered.get("/".join(place))
+        if rec is not None:
+            carried[rel.removeprefix("lora/")] = rec
         if rel in taken:
             raise LongcatError(f"{path}: would be written as {rel}, like {taken[rel]}; rename one "
                                "of them or leave one out with --lora")
@@ -554,7 +567,7 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
         jobs.append(FileJob(rel, "tensors", group, tensors,
                             lf.file_metadata(lora.modules.values(), fmt, meta),
                             bytes_in=lora.nbytes, adapter=(name, path)))
-    return jobs, sorted(chosen), notes
+    return jobs, sorted(chosen), notes, {"sources": dict(found), "carried": carried}
 
 
 def component_jobs(ckpt: layouts.Checkpoint, comp: str, want: torch.dtype | None, link: bool,
@@ -712,7 +725,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
         raise UsageError(f"--int8 {int8}: only for LongCat-Video-Avatar 1.5 folders (their "
                          "base_model_int8/); this source is a base LongCat-Video checkpoint")
     if src_file:
-        for given, opt in ((None if lora == "all" else lora, "--lora"),
+        for given, opt in ((None if lora in ("all", "none") else lora, "--lora"),
                            (given_link, "--link/--copy")):
             if given is not None:  # nothing to choose from, nothing carried over
                 raise UsageError(f"{opt}: the source {src} is a single-file DiT, with no "
@@ -734,8 +747,8 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     dit_jobs, dims = _dit_jobs(ckpt, DIT_FOLDER[to], keys, want, max_shard, meta)
     jobs = list(dit_jobs)
     other = torch.bfloat16 if want == fp8_ops.E4M3 else want  # fp8 is the DiT's GEMMs only
-    lora_jobs, loras, lora_notes = _lora_jobs(ckpt, to, keys, other, lora,
-                                              lf.linear_shapes(dims), link, meta)
+    lora_jobs, loras, lora_notes, registry = _lora_jobs(ckpt, to, keys, other, lora,
+                                                        lf.linear_shapes(dims), link, meta)
     jobs += lora_jobs
     notes += lora_notes
     for comp in layouts.COMPONENTS:
@@ -745,7 +758,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
         if entry.name not in known:
             notes.append(f"{entry.name} (top level of the source) is not carried over")
     jobs += _root_jobs(to, keys)
-    return Plan(ckpt, dst, to, keys, dtype, link, force, jobs, notes, loras)
+    return Plan(ckpt, dst, to, keys, dtype, link, force, jobs, notes, loras, registry)
 
 
 def _root_jobs(to: str, keys: str) -> list[FileJob]:
@@ -1031,9 +1044,9 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
 
                 out_ckpt = layouts.detect(tmp)
                 lora_registry.register_existing(
-                    out_ckpt, sources=dict(_source_loras(p.src)),
+                    out_ckpt, sources=p.registry["sources"],
                     converted={n: f.result() for n, f in source_sha.items()},
-                    carried={a.name: a for a in _source_registry(p.src).values()})
+                    carried=p.registry["carried"])
                 reg = lora_registry.registry_path(out_ckpt)
                 digest = hashlib.sha256(reg.read_bytes()).hexdigest()
                 extra[reg.relative_to(tmp).as_posix()] = digest

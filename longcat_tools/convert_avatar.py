@@ -374,8 +374,9 @@ def plan_avatar(ck: layouts.AvatarCheckpoint, dst: Path, *, to: str, dtype: str,
     if ref is None:
         raise LongcatError(f"{ck.root}: no DiT folder to convert")
     # The hub's lora/ layout in both targets: files stay lora/<file>, in native keys.
-    lora_jobs, loras, lora_notes = _lora_jobs(ck, "native", "native", want, lora,
-                                              lf.linear_shapes(ref.dims, ref.audio), link, meta)
+    lora_jobs, loras, lora_notes, _ = _lora_jobs(ck, "native", "native", want, lora,
+                                                 lf.linear_shapes(ref.dims, ref.audio), link,
+                                                 meta)
     jobs += lora_jobs
     notes += lora_notes
     part_jobs = _parts_jobs(ck, base, to, want, link, meta, notes)

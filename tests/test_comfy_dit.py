@@ -215,7 +215,7 @@ def test_hostile_single_files_are_refused(fp8_dict, tmp_path, capsys, edit, says
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("option", [["--lora", "distilled"], ["--lora", "none"], ["--copy"]])
+@pytest.mark.parametrize("option", [["--lora", "distilled"], ["--copy"]])
 def test_options_a_single_file_source_has_nothing_for_are_refused(tiny_native, tmp_path, capsys,
                                                                   option):
     """--lora with any name, even one that does not exist, was accepted and did nothing."""

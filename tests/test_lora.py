@@ -691,3 +691,34 @@ def test_convert_keeps_each_adapters_name_and_default_scale(native, tmp_path, ca
         cfg = json.loads((dit / "config.json").read_text())
         fused[root.name] = cfg[layouts.FUSED_CONFIG_KEY][0]["scale"]
     assert fused == {native.name: 0.3, conv.name: 0.3}
+
+
+def test_convert_names_a_folder_of_several_adapters_as_lora_list_does(native, tmp_path, capsys):
+    pack = native / "lora" / "pack"
+    pack.mkdir()
+    for stem in ("a", "b"):
+        shutil.copy(native / "lora" / HUB["distilled"], pack / f"{stem}.safetensors")
+    assert sorted(n for n in lora_lib.discover(layouts.detect(native)) if "/" in n) == [
+        "pack/a", "pack/b"]
+    out = tmp_path / "conv"  # 'pack/a' was "no adapter named" (convert called both 'pack')
+    assert main(["convert", "--src", str(native), "--dst", str(out), "--lora", "pack/a",
+                 "-q"]) == 0
+    assert sorted(p.name for p in (out / "lora" / "pack").iterdir()) == ["a.safetensors"]
+
+
+def test_convert_refuses_a_registry_it_cannot_read(native, tmp_path, capsys):
+    """It named the adapters by their files at scale 1, as if there were no registry."""
+    shutil.copy(native / "lora" / HUB["distilled"], tmp_path / "my.safetensors")
+    assert main(["lora", "attach", str(tmp_path / "my.safetensors"), "--name", "mine",
+                 "--scale", "0.3", "-m", str(native), "-q"]) == 0
+    reg = native / "lora" / "adapters.json"
+    doc = json.loads(reg.read_text())
+    doc["adapters"].append(dict(doc["adapters"][-1]))  # listed twice
+    reg.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["convert", "--src", str(native), "--dst", str(tmp_path / "c"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "listed twice" in err and "convert carries each adapter's name" in err
+    assert not (tmp_path / "c").exists()
+    assert main(["convert", "--src", str(native), "--dst", str(tmp_path / "c"), "--lora", "none",
+                 "-q"]) == 0

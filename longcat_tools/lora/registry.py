@@ -242,17 +242,31 @@ def discover(ckpt: layouts.Checkpoint) -> dict[str, Path]:
     for p in sorted(root.iterdir()):
         if p.name.startswith(".") or p.name.endswith(".partial"):
             continue
-        if p.name.endswith(".safetensors") and (p.is_file() or p.is_symlink()):
-            found.setdefault(layouts.NATIVE_LORAS.get(p.name, p.name[:-12]), p)
+        if _is_adapter_file(p):
+            found.setdefault(place_name(root, p), p)
         elif p.is_dir():
             if not is_owned(ckpt, p):
                 found.setdefault(p.name, p)
                 continue
-            files = sorted(q for q in p.iterdir() if q.name.endswith(".safetensors")
-                           and (q.is_file() or q.is_symlink()))
-            for q in files:
-                found.setdefault(p.name if len(files) == 1 else f"{p.name}/{q.name[:-12]}", q)
+            for q in sorted(filter(_is_adapter_file, p.iterdir())):
+                found.setdefault(place_name(root, q), q)
     return found
+
+
+def _is_adapter_file(p: Path) -> bool:
+    return p.name.endswith(".safetensors") and (p.is_file() or p.is_symlink())
+
+
+def place_name(root: Path, path: Path) -> str:
+    """The name of an adapter file by its place in ``lora/`` (``root``): in ``lora/`` itself the
+    hub's name (distilled, refinement) or the file's stem; in a folder the folder's name, or
+    ``folder/stem`` where the folder holds several adapter files."""
+    rel = path.relative_to(root)
+    if len(rel.parts) == 1:
+        return layouts.NATIVE_LORAS.get(path.name, path.stem)
+    folder = root / rel.parts[0]
+    several = sum(map(_is_adapter_file, folder.iterdir())) > 1
+    return f"{rel.parts[0]}/{path.stem}" if several and _is_adapter_file(path) else rel.parts[0]
 
 
 def file_targets(lora: lf.LoraFile) -> list[str]:
@@ -298,14 +312,16 @@ def register_found(ckpt: layouts.Checkpoint, reg: Registry,
                     converted: Mapping[str, str] | None = None,
                     carried: Mapping[str, AdapterRecord] | None = None) -> list[AdapterRecord]:
     """Add discovered, unregistered adapters to ``reg`` (caller holds the lock and saves);
-    ``carried``: the entries of the checkpoint they were converted from, whose default scale,
-    description and tasks they keep."""
+    ``carried``: by file (relative to ``lora/``), the entries of the checkpoint they were
+    converted from, whose name, default scale, description and tasks they keep."""
     shapes = dit_shapes(ckpt)
     known = reg.files()
     added = []
     converted = converted or {}
     for name, path in discover(ckpt).items():
         rel = path.relative_to(ckpt.lora_dir).as_posix()
+        old = carried.get(rel) if carried else None
+        name = old.name if old is not None else name
         if (rel in known or reg.get(name) is not None or not NAME_RE.match(name)
                 or not is_owned(ckpt, path)):
             continue  # unnamable (several in one folder) or a link out: stays discovered only
@@ -317,8 +333,7 @@ def register_found(ckpt: layouts.Checkpoint, reg: Registry,
         source = {"file": str(rel if src_path == path else src_path), "format": src_fmt,
                   "sha256": digest}
         rec = make_record(name, rel, lora, source=source, hub=True)
-        if carried and name in carried:
-            old = carried[name]
+        if old is not None:
             rec.default_scale, rec.description, rec.tasks = (old.default_scale, old.description,
                                                              old.tasks)
         reg.adapters.append(rec)
