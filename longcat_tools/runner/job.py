@@ -67,6 +67,7 @@ class Job:
     guidance: float  # what the pipeline uses when --guidance is left out
     negative_prompt: str | None
     generator: torch.Generator
+    inputs: dict[str, list[int] | None]  # input_stamps, taken before the files were read
     audio: Any = None  # avatar tasks: the DrivingAudio (runner.avatar_pipeline)
 
     @property
@@ -241,6 +242,7 @@ def _job(s: RunSettings, root: Path, pipe: LongCatVideoPipeline) -> Job:
 
     from longcat_tools.runner import video as vio
 
+    inputs = input_stamps(s)  # a file replaced while this video runs is not taken for its own
     image = vio.read_image(s.image) if s.image else None
     in_frames, in_fps = vio.read_video(s.video) if s.video else ([], 0.0)
     init = None
@@ -258,7 +260,7 @@ def _job(s: RunSettings, root: Path, pipe: LongCatVideoPipeline) -> Job:
         neg = s.negative_prompt if s.negative_prompt is not None else (
             NEGATIVE_PROMPT if cfg else None)
     return Job(s, root, pipe, image, in_frames, in_fps, init, guidance, neg,
-               pipe.generator(s.seed))
+               pipe.generator(s.seed), inputs)
 
 
 def _age_at(t: float) -> float | None:
@@ -343,7 +345,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
         "bsa": r.info.get("bsa"), "loras": r.info.get("loras", []),
         "checkpoint": {"path": str(job.root), "layout": pipe.layout,
                        "stamp": layouts.content_stamp(job.root)},
-        "inputs": input_stamps(s),
+        "inputs": job.inputs,
         "precision": "fp8" if pipe.transformer.is_fp8 else run_dtype(s.dtype, device),
         "fp8_attention": {"kinds": sorted(pipe.transformer.quantized_attention()),
                           "calls": dict(sorted(fp8_attention.CALLS.items()))},

@@ -294,7 +294,8 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
     made_from = doc.get("checkpoint") if isinstance(doc, dict) else None
     return (isinstance(doc, dict) and isinstance(doc.get("settings"), dict)
             and isinstance(made_from, dict) and made_from.get("stamp") == stamp
-            and doc.get("inputs") == input_stamps(item.settings)
+            # a sidecar older than the stamps has none: right for a t2v, which reads no file
+            and doc.get("inputs", {}) == input_stamps(item.settings)
             and comparable_settings(doc["settings"]) == comparable_settings(want))
 
 
