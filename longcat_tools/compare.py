@@ -449,9 +449,10 @@ def label_lines(item: Item, varying: Iterable[str], indices: list[int], font: _F
 
 
 def render_sheet(items: list[Item], frames: int = DEFAULT_FRAMES,
-                 thumb_height: int = DEFAULT_THUMB_HEIGHT) -> Image.Image:
-    """The contact sheet, ``frames`` columns or as many as the longest video has; decodes each
-    video once (one at a time) and records its frame count and size on its item."""
+                 thumb_height: int = DEFAULT_THUMB_HEIGHT) -> tuple[Image.Image, int]:
+    """The contact sheet and its columns: ``frames``, or as many as the longest video has;
+    decodes each video once (one at a time) and records its frame count and size on its
+    item."""
     from PIL import Image, ImageDraw
 
     thumbs: list[list[Image.Image]] = []
@@ -483,7 +484,7 @@ def render_sheet(items: list[Item], frames: int = DEFAULT_FRAMES,
                       fill=TEXT_COLOUR, font=font.font)
         for c, thumb in enumerate(thumbs[r]):
             sheet.paste(thumb, (PAD + LABEL_WIDTH + PAD + c * (col_w + PAD), y))
-    return sheet
+    return sheet, columns
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -538,8 +539,7 @@ def compare(folder: str | Path, *, sheet: str | Path | None = None,
     for target in (sheet, report):
         if target is not None:
             check_target(Path(target))
-    image = render_sheet(items, frames, thumb_height)
-    columns = min(frames, max(it.frames for it in items))
+    image, columns = render_sheet(items, frames, thumb_height)
     if columns < frames:
         notes.append(f"--frames {frames}: the longest video has {columns} frames; the sheet "
                      f"shows {columns}")

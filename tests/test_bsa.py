@@ -345,6 +345,9 @@ def test_enable_says_when_it_replaces_invalid_params(ckpt, capsys):
     assert "bsa_params was invalid (bsa_params/sparsity" in out
     assert "replaced by 720p-balanced's" in out
     assert json.loads(path.read_text())["bsa_params"] == TABLE["720p-balanced"][1]
+    write_json(path, {**cfg, "bsa_params": "x"})  # the schema's word was "not of type 'null'"
+    assert main(["bsa", "enable", "-m", str(ckpt)]) == 0
+    assert "bsa_params was invalid (not an object)" in capsys.readouterr().out
 
 
 def test_enable_on_the_hub_config_only_flips_the_switch(ckpt):
@@ -416,7 +419,8 @@ def test_the_file_keeps_its_style(tmp_path, indent, newline):
                                                "chunk_3d_shape_k": Q4})
     text = json.dumps(cfg, indent=indent)  # no trailing newline this time
     path.write_bytes(text.replace("\n", newline).encode())  # CRLF: a Windows editor's
-    bsa.update(layouts.detect(root), lambda c, s: bsa.with_preset(c, "720p-adaptive", s))
+    u = bsa.update(layouts.detect(root), lambda c, s: bsa.with_preset(c, "720p-adaptive", s))
+    assert "\r" not in u.diff() and '"enable_bsa": true' in u.diff()
     new = path.read_bytes().decode()
     params = {"sparsity": 0.875, "chunk_3d_shape_q": Q4, "chunk_3d_shape_k": Q4,
               "cdf_threshold": 0.98}  # the file's order kept, the new key appended

@@ -151,8 +151,9 @@ def with_enabled(cfg: dict[str, Any], style: JsonStyle = JsonStyle(), *, sparsit
     else:
         params = dict(bsa_presets.PRESETS[bsa_presets.DEFAULT_ENABLE].params or {})
         name = bsa_presets.DEFAULT_ENABLE
+        why = "not an object" if not isinstance(old, dict) else param_errors(cfg)[0]
         notes = [f"bsa_params was null: started from {name}" if old is None else
-                 f"bsa_params was invalid ({param_errors(cfg)[0]}): replaced by {name}'s"]
+                 f"bsa_params was invalid ({why}): replaced by {name}'s"]
     if sparsity is not KEEP:
         params["sparsity"] = sparsity
     if cdf_threshold is not KEEP:
@@ -319,8 +320,10 @@ class Update:
         return self.before != self.after
 
     def diff(self) -> str:
+        """A unified diff, in LF line ends whatever the file's (a CRLF one printed \\x0d)."""
         return "".join(difflib.unified_diff(
-            self.before.splitlines(keepends=True), self.after.splitlines(keepends=True),
+            [f"{ln}\n" for ln in self.before.splitlines()],
+            [f"{ln}\n" for ln in self.after.splitlines()],
             fromfile=str(self.path), tofile=f"{self.path} (new)"))
 
 

@@ -486,9 +486,9 @@ def content_stamp(root: Path) -> str:
 
     h = hashlib.sha256()
     folders = [(root, root)]
-    if (version := avatar_version(root)) is not None:  # a converted one holds them itself
-        base = root.parent / avatar.BASE_FOLDER
-        folders += [(base / p, root) for p in BASE_PARTS[version.name]]
+    ckpt = detect_any(root)
+    if isinstance(ckpt, AvatarCheckpoint) and not ckpt.converted:
+        folders += [(ckpt.base / p, root) for p in ckpt.base_parts]
     for top, rel_to in folders:
         for folder, dirs, files in os.walk(top):
             dirs[:] = sorted(d for d in dirs if not d.startswith(".")

@@ -275,7 +275,7 @@ def writer_lock(dst: Path) -> Iterator[Callable[[Path], None]]:
         def clear(scratch: Path) -> None:
             if not (scratch.exists() or scratch.is_symlink()):
                 return
-            if not inherited:  # a link too: no run of ours makes one there
+            if not inherited:  # a link too: ours only where a killed --force run left it
                 raise LongcatError(f"{scratch}: exists, and no killed run of longcat-tools left "
                                    f"it (it would have left {lock}); move it away or remove it")
             _discard(scratch)
