@@ -203,6 +203,9 @@ def test_option_misuse_is_one_line(capsys, trees, media, no_weights, args, messa
 
 @pytest.mark.parametrize("version, args, message", [
     ("1.0", ["--int8"], "has no INT8 DiT"),
+    # numpy's RandomState failed on it after the weights had loaded
+    ("1.0", ["--seed", "-1"], "--seed -1: LongCat-Video-Avatar 1.0 seeds its audio noise floor"),
+    ("1.0", ["--seed", str(2**32)], "which takes 0 to 2**32 - 1"),
     ("1.0", ["--distill"], "has no distillation LoRA"),
     ("1.5", ["--distill", "--steps", "4"], "8 fixed steps"),
     ("1.5", [], "--task ai2v needs --image"),

@@ -186,6 +186,21 @@ def test_verify_passes_an_fp8_folder_and_names_bad_scales(fp8_folder, tmp_path, 
     assert "no quantization_config.json" in msgs
 
 
+def test_verify_fails_any_float8_weight_in_a_folder_without_the_fp8_config(tiny_native,
+                                                                           tmp_path):
+    """Only e4m3 was looked for: an e5m2 weight passed the quantization check."""
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_native, plain)
+    (plain / "checksums.sha256").unlink(missing_ok=True)
+    shard = sorted((plain / "dit").glob("*.safetensors"))[-1]
+    t = load_file(str(shard))
+    name = next(n for n in t if n.endswith("ffn.w3.weight"))
+    t[name] = t[name].to(torch.float8_e5m2)
+    save_file(t, str(shard), metadata={"format": "pt"})
+    (row,) = [c for c in verify(plain).checks if c.name == "quantization"]
+    assert row.status == "fail" and name in row.message and "float8 weights" in row.message
+
+
 def test_unknown_quantization_method_and_fp8_to_comfy_are_one_line(fp8_folder, tmp_path,
                                                                     capsys):
     other = tmp_path / "other"

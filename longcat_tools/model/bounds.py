@@ -75,7 +75,7 @@ def check_ratio(value: object, name: str, where: str) -> float:
 
 def seed_state(seed: int) -> int:
     """The generator state a seed gives: torch takes a negative seed modulo 2**64, so -1 and
-    2**64 - 1 make the same video."""
+    2**64 - 1 make the same video (avatar 1.0 takes only 0 to 2**32 - 1)."""
     return seed % 2**64
 
 

@@ -131,6 +131,9 @@ def loudness_normalize(x: np.ndarray, rate: int, target: float = TARGET_LUFS) ->
     return np.power(10.0, (target - loudness) / 20.0) * x
 
 
+NOISE_SEEDS = range(2**32)  # what numpy's RandomState takes
+
+
 def add_noise_floor(x: np.ndarray, seed: int, noise_db: float = NOISE_DB) -> np.ndarray:
     """``x`` plus white noise at ``noise_db`` dBFS from ``RandomState(seed)``."""
     noise = np.random.RandomState(seed).randn(len(x)) * 10 ** (noise_db / 20)

@@ -423,7 +423,7 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     from longcat_tools.io.safetensors import read_header
     from longcat_tools.runner import audio, audio_tracks
     from longcat_tools.runner.audio_encoders import TIMINGS
-    from longcat_tools.runner.audio_filters import BLOCK_S
+    from longcat_tools.runner.audio_filters import BLOCK_S, NOISE_SEEDS
     from longcat_tools.runner.avatar_pipeline import RELEASES, dit_folder
     from longcat_tools.verify.components import check_transformer_config
 
@@ -445,6 +445,9 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         if s.steps is not None and s.steps != fixed:
             raise UsageError(f"--steps {s.steps}: avatar 1.5 distillation samples {fixed} "
                              "fixed steps (leave --steps out)")
+    if RELEASES[v.name].encoder == "wav2vec2" and s.seed not in NOISE_SEEDS:  # failed in numpy
+        raise UsageError(f"--seed {s.seed}: {ckpt.describe()} seeds its audio noise floor with "
+                         "numpy's RandomState, which takes 0 to 2**32 - 1; pick a seed there")
     rate = TIMINGS[RELEASES[v.name].encoder].video_fps
     if s.fps is not None and s.fps != rate:  # the mp4 and its audio cut, out of step with lips
         raise UsageError(f"--fps {s.fps:g}: {ckpt.describe()} embeds the speech at {rate} fps, "

@@ -57,11 +57,12 @@ def check(rec: Recorder, ws: WeightSet, flavour: str, is_fp8: bool) -> None:
 
     kinds = {n: kind(n) for n in ws.tensors}
     if not is_fp8:
-        odd = [n for n, t in ws.tensors.items() if t.dtype == E4M3 or kinds[n] == "scale"]
+        odd = [n for n, t in ws.tensors.items()
+               if t.dtype.startswith("F8") or kinds[n] == "scale"]
         if odd:
             rec.fail(comp, "quantization", label,
-                     f"e4m3 weights or weight scales but no {fp8.CONFIG_FILE} saying how to read "
-                     f"them: {listing(odd)} (write the folder with convert --dtype fp8)")
+                     f"float8 weights or weight scales but no {fp8.CONFIG_FILE} saying how to "
+                     f"read them: {listing(odd)} (write the folder with convert --dtype fp8)")
         return
     wrong = [f"{n} is {t.dtype}" for n, t in ws.tensors.items()
              if (kinds[n] == "weight" and t.dtype != E4M3)
