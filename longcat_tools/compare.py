@@ -219,34 +219,16 @@ SIDECAR_TYPES = {("settings", "seed"): ((int,), lambda v: v in bounds.SEEDS),
                  ("peak_memory", "cpu_max_rss_bytes"): ((int,), _not_negative)}
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value is what ``run`` writes for a field of this type."""
-    import types
-    import typing
-
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return value is None if hint is type(None) else isinstance(value, hint)
-
-
 def _read_sidecar(path: Path) -> dict[str, Any]:
-    import typing
-
-    from longcat_tools.runner.settings import RunSettings
+    from longcat_tools.runner.settings import setting_types, value_fits
 
     doc = jsonio.read(path, what="a run's sidecar")
     if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
         raise LongcatError(f"{path}: not a run sidecar (no 'settings' object); is it one "
                            "`longcat-tools run` wrote?")
-    hints = typing.get_type_hints(RunSettings)  # every setting is shown where runs differ
+    hints = setting_types()  # every setting is shown where runs differ
     for name, value in doc["settings"].items():
-        if name in hints and not _fits(value, hints[name]):
+        if name in hints and not value_fits(value, hints[name]):
             raise LongcatError(f"{path}: 'settings.{name}' is {json.dumps(value)[:40]}, not "
                                f"what `longcat-tools run` writes there; fix or remove the file")
     for keys, (types, ok) in SIDECAR_TYPES.items():  # checked before any output is written

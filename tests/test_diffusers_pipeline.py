@@ -114,6 +114,16 @@ def test_output_types(pipe):
     ({"task": "i2v"}, "task i2v needs image="),
     ({"task": "refine", "num_frames": None}, "task refine needs video="),
     ({"prompt": None}, "task t2v needs prompt="),
+    # each reached torch, PIL or ftfy, or (a numpy seed) hung the range check
+    ({"seed": np.int64(7)}, "expected int, not int64"),
+    ({"guidance_scale": "4"}, "guidance_scale='4': expected a number"),
+    ({"num_frames": 9.0}, "num_frames=9.0: expected int, not float"),
+    ({"prompt": 5}, "prompt=5: expected str, not int"),
+    ({"distill": "no"}, "distill='no': expected bool"),
+    ({"seed": 1, "generator": torch.Generator().manual_seed(42)}, "seed= and generator="),
+    ({"task": "long", "video": [np.zeros((64, 64, 3), np.uint8)] * 9, "num_segments": 1,
+      "num_cond_frames": 5, "latents": torch.zeros(1, 16, 3, 8, 8)},
+     "latents=: a long run from video= samples no first segment"),
 ])
 def test_bad_arguments_are_one_line(pipe, kwargs, says):
     with pytest.raises(LongcatError, match=says.replace("[", r"\[").replace("(", r"\(")) as e:

@@ -82,5 +82,7 @@ def seed_state(seed: int) -> int:
 def check_seed(seed: int, flag: str = "--seed") -> None:
     """A seed a torch generator takes: a larger one failed inside torch, or was silently
     folded onto a smaller one."""
+    if isinstance(seed, bool) or not isinstance(seed, int):  # `in range` walked a numpy int
+        raise UsageError(f"{flag} {seed!r}: a seed is an integer")
     if seed not in SEEDS:
         raise UsageError(f"{flag} {seed}: must fit in 64 bits")

@@ -67,6 +67,7 @@ from longcat_tools.runner.settings import (
     from_call,
     guidance_of,
     validate,
+    value_fits,
 )
 
 MAX_SEQUENCE_LENGTH = 512
@@ -640,6 +641,11 @@ class LongCatVideoPipeline(DiffusionPipeline):
         if missing:
             name = {"stage1_video": "video"}.get(missing[0], missing[0])
             raise LongcatError(f"task {task} needs {name}=")
+        if generator is not None and "seed" in options:  # the generator's state decided
+            raise UsageError("seed= and generator=: give one (the generator's state is the "
+                             "seed)")
+        if guidance_scale is not None and not value_fits(guidance_scale, float):
+            raise UsageError(f"guidance_scale={guidance_scale!r}: expected a number")  # used next
         if "negative_prompt" in accepted:
             kw["negative_prompt"] = negative_prompt_of(negative_prompt,
                                                        guidance_of(guidance_scale, distill))
@@ -889,6 +895,9 @@ class LongCatVideoPipeline(DiffusionPipeline):
         num_cond_frames`` new frames each, conditioned on the previous segment (uint8 frames in
         between, like the demo); with ``refine``, refine in windows of ``num_frames`` stage-1
         frames, each conditioned on the previous refined window's last frames."""
+        if video is not None and latents is not None:  # taken by nothing: no t2v segment
+            raise UsageError("latents=: a long run from video= samples no first segment to "
+                             "start from them; drop latents")
         gen = generator if generator is not None else self.generator(seed)
         last = None
         if video is None:

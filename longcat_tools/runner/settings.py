@@ -10,8 +10,11 @@ given. No torch at import: the CLI builds its command from this module.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+import types
+import typing
 from collections.abc import Collection
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
@@ -195,13 +198,44 @@ API_NAMES = {"num_frames": "frames", "num_segments": "segments", "use_kv_cache":
 NOT_OPTIONS = frozenset({"image", "video"})
 
 
+@functools.cache
+def setting_types() -> dict[str, Any]:
+    """Each setting's type, from RunSettings' annotations."""
+    return typing.get_type_hints(RunSettings)
+
+
+def value_fits(value: Any, hint: Any) -> bool:
+    """Whether a value is of a setting's type (JSON's: an int serves for a float, a bool for
+    neither)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(value_fits(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(value_fits(v, typing.get_args(hint)[0])
+                                               for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None if hint is type(None) else isinstance(value, hint)
+
+
 def from_call(task: str, keywords: dict[str, Any]) -> RunSettings:
-    """The RunSettings of a pipeline task call (its keyword -> value), for ``validate``."""
-    values = {API_NAMES.get(k, k): v for k, v in keywords.items() if k not in NOT_OPTIONS}
-    values = {k: v for k, v in values.items() if k in OPTION_NAMES and v is not None}
-    if not isinstance(values.get("bsa", ""), str):
-        del values["bsa"]  # params, True or False: always valid
-    return RunSettings(task=task, **{k: v for k, v in values.items() if k != "task"})
+    """The RunSettings of a pipeline task call (its keyword -> value), for ``validate``; a value
+    of another type is refused here, naming the keyword (it failed deep in torch, or a numpy
+    seed hung the range check)."""
+    values = {}
+    for key, value in keywords.items():
+        name = API_NAMES.get(key, key)
+        if key in NOT_OPTIONS or name not in OPTION_NAMES or value is None or name == "task":
+            continue
+        if name == "bsa" and not isinstance(value, str):
+            continue  # params, True or False: always valid
+        hint = setting_types()[name]
+        if not value_fits(value, hint):
+            shown = getattr(hint, "__name__", str(hint))
+            raise UsageError(f"{key}={value!r}: expected {shown}, not {type(value).__name__}")
+        values[name] = value
+    return RunSettings(task=task, **values)
 
 
 def check_choice(flag: str, choice: str, choices: Collection[str]) -> None:
