@@ -162,6 +162,21 @@ def test_refuses_existing_destination_and_bad_arguments(tmp_path, tiny_native):
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
+def test_force_replaces_only_a_folder_of_what_synth_writes(tmp_path, tiny_native):
+    """--force deleted the user's notes and renders beside the weights without a word."""
+    from longcat_tools.synth import WRITTEN
+
+    assert sorted(p.name for p in tiny_native.iterdir()) == sorted(WRITTEN)
+    ck = tmp_path / "ck"
+    synth(ck, "tiny")
+    synth(ck, "tiny", force=True, seed=1)  # its own output: replaced
+    (ck / "renders").mkdir()
+    (ck / "renders" / "a.mp4").write_bytes(b"mine")
+    with pytest.raises(LongcatError, match="holds renders, which synth does not write"):
+        synth(ck, "tiny", force=True)
+    assert (ck / "renders" / "a.mp4").read_bytes() == b"mine"
+
+
 def test_param_count_formula_matches_real_config():
     dims = keymap.dit_dims(dit_config("real"))
     per_block = sum(math.prod(s) for n, s in keymap.native_tensor_specs(dims)
