@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_tools.checkpoint import hub, hub_manifest, layouts
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io.atomic import check_outside_checkpoints
 
 
@@ -52,6 +52,9 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
     t0 = time.perf_counter()
     if dst is not None:
         check_outside_checkpoints(Path(dst))
+        if Path(dst).exists() and not Path(dst).is_dir():
+            raise UsageError(f"--dst {dst}: exists and is not a folder; name a folder to "
+                             "download into")
     manifest = unreachable = None
     fetch_ref = ref
     if force and hub.offline():  # it found the local copy and fetched nothing, silently
