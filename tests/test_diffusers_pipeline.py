@@ -124,11 +124,28 @@ def test_output_types(pipe):
     ({"task": "long", "video": [np.zeros((64, 64, 3), np.uint8)] * 9, "num_segments": 1,
       "num_cond_frames": 5, "latents": torch.zeros(1, 16, 3, 8, 8)},
      "latents=: a long run from video= samples no first segment"),
+    ({"image": Image.new("RGB", (0, 0))}, "image: an empty image"),
+    ({"task": "refine", "video": [Image.new("RGB", (64, 64))] * 5, "num_frames": None,
+      "image": Image.new("RGB", (64, 64)), "num_cond_frames": 9},
+     "num_cond_frames 9: an image condition is one frame"),
 ])
 def test_bad_arguments_are_one_line(pipe, kwargs, says):
     with pytest.raises(LongcatError, match=says.replace("[", r"\[").replace("(", r"\(")) as e:
         pipe(**{"prompt": "a cat", **SIZE, **kwargs})
     assert "\n" not in str(e.value)
+
+
+def test_inputs_in_the_forms_the_pipeline_hands_out_are_taken(pipe):
+    """An RGBA or gray image reached the VAE with 4 or 1 channels; the "np" output as vc's
+    video failed in PIL."""
+    kw = dict(prompt="a cat", distill=True, **SIZE)
+    rgb = Image.new("RGB", (64, 64), (200, 120, 40))
+    first = pipe(image=rgb, **kw).frames
+    assert np.array_equal(pipe(image=rgb.convert("RGBA"), **kw).frames, first)
+    frames = pipe(**kw).frames  # [1, F, H, W, 3] floats in [0, 1]
+    as_uint8 = [Image.fromarray(f) for f in (frames[0] * 255).round().astype(np.uint8)]
+    vc = dict(task="vc", num_cond_frames=5, **kw)
+    assert np.array_equal(pipe(video=frames, **vc).frames, pipe(video=as_uint8, **vc).frames)
 
 
 @pytest.mark.parametrize("method", ["enable_model_cpu_offload", "enable_sequential_cpu_offload",

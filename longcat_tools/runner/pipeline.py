@@ -232,11 +232,32 @@ def prepare_vae(vae: torch.nn.Module) -> None:
         conv3d_memory_format(vae, True)
 
 
+def rgb_image(image: Any, what: str = "image") -> Image.Image:
+    """A PIL image as the model reads it, in RGB (the command line converted an RGBA or gray
+    file; the API handed 4 or 1 channels to the VAE's convolution)."""
+    if not isinstance(image, Image.Image):
+        raise UsageError(f"{what}: a PIL image expected, not {type(image).__name__}")
+    if 0 in image.size:
+        raise UsageError(f"{what}: an empty image ({image.size[0]}x{image.size[1]} px)")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def to_pil_frames(video: Any) -> list[Image.Image]:
-    """A list of PIL images, or frames as a uint8 array [F, H, W, 3] -> list of PIL images."""
+    """Frames as RGB PIL images, from PIL images or an array [F, H, W, 3] (also the "np"
+    output's [1, F, H, W, 3]) of uint8, or of floats in [0, 1] as the pipeline returns them."""
     if isinstance(video, np.ndarray):
+        if video.ndim == 5 and video.shape[0] == 1:
+            video = video[0]
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise UsageError(f"video: frames [F, H, W, 3] expected, not an array of shape "
+                             f"{list(video.shape)}")
+        if np.issubdtype(video.dtype, np.floating):
+            video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+        elif video.dtype != np.uint8:
+            raise UsageError(f"video: uint8 frames or floats in [0, 1] expected, not "
+                             f"{video.dtype}")
         return [Image.fromarray(f) for f in video]
-    return list(video)
+    return [rgb_image(f, "video frame") for f in video]
 
 
 @dataclass
@@ -729,6 +750,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
             decode: bool = True, lora_scale: float | None = None) -> Result:
         if image is None:
             raise LongcatError("task i2v needs an input image (--image FILE)")
+        image = rgb_image(image)
         height, width = self._size_for(image, resolution, height, width)
         steps, guidance, gen = self._common(distill, steps, guidance, seed, generator)
         bsa = self.bsa_params(bsa)
@@ -825,8 +847,11 @@ class LongCatVideoPipeline(DiffusionPipeline):
         gen = generator if generator is not None else self.generator(seed)
         ngen = noise_generator if noise_generator is not None else self.generator(seed)
         cond_frames_in = to_pil_frames(video) if video is not None else None
-        if image is not None and num_cond_frames == 0:
-            num_cond_frames = 1
+        if image is not None and num_cond_frames > 1:  # broke a tensor expand mid-run
+            raise UsageError(f"num_cond_frames {num_cond_frames}: an image condition is one "
+                             "frame; give video= for more")
+        if image is not None:
+            image, num_cond_frames = rgb_image(image), 1
         if cond_frames_in is not None and len(cond_frames_in) < num_cond_frames:
             raise LongcatError(f"the condition video has {len(cond_frames_in)} frames, fewer than "
                                f"num_cond_frames {num_cond_frames}")

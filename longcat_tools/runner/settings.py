@@ -307,6 +307,9 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
             s.task != "refine" and (s.num_cond_frames % 4 != 1
                                     or s.num_cond_frames >= s.frames))):
         raise UsageError(f"--cond-frames {s.num_cond_frames}: must be 4k+1 and below --frames")
+    if s.task == "refine" and s.image and (s.num_cond_frames or 0) > 1:
+        raise UsageError(f"--cond-frames {s.num_cond_frames}: an --image condition is one frame "
+                         "(give --cond-frames 1, or leave it out)")
     if (s.height is None) != (s.width is None):
         raise UsageError("--height and --width go together (or use --resolution)")
     if (s.refine_height is None) != (s.refine_width is None):
