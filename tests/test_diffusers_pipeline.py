@@ -135,6 +135,15 @@ def test_bad_arguments_are_one_line(pipe, kwargs, says):
     assert "\n" not in str(e.value)
 
 
+def test_a_device_that_is_not_there_is_one_line(tiny_native):
+    """torch's assert (no CUDA) or its list of every device type came through."""
+    with pytest.raises(LongcatError, match="--device gpu: not a device"):
+        LongCatVideoPipeline.from_pretrained(tiny_native, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LongcatError, match="no CUDA GPU is available here"):
+            LongCatVideoPipeline.from_pretrained(tiny_native, device="cuda")
+
+
 def test_inputs_in_the_forms_the_pipeline_hands_out_are_taken(pipe):
     """An RGBA or gray image reached the VAE with 4 or 1 channels; the "np" output as vc's
     video failed in PIL."""

@@ -66,6 +66,7 @@ from longcat_tools.runner.settings import (
     check_offload,
     from_call,
     guidance_of,
+    resolve_device,
     validate,
     value_fits,
 )
@@ -331,7 +332,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
         swap = offload in ("dit", "all")
         ckpt = resolve_checkpoint(resolve_source(pretrained_model_name_or_path))
         root = ckpt.root
-        device = torch.device(device)
+        # torch's assert or its list of device types, else: "auto", "cuda:N" checked as run's
+        device = resolve_device(str(device))
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
         check_components(ckpt)
