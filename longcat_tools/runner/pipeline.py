@@ -191,6 +191,9 @@ def _step_callback(pipe: LongCatVideoPipeline, callback: Callable[..., dict[str,
     """diffusers' ``callback_on_step_end`` as the denoising loop's hook (latents only)."""
     if callback is None:
         return None
+    if not callable(callback):
+        raise UsageError(f"callback_on_step_end: a function expected, not "
+                         f"{type(callback).__name__}")
     names = list(getattr(callback, "tensor_inputs", names))
     if any(n not in LongCatVideoPipeline._callback_tensor_inputs for n in names):
         raise LongcatError(f"callback_on_step_end_tensor_inputs {names}: only "
@@ -198,7 +201,13 @@ def _step_callback(pipe: LongCatVideoPipeline, callback: Callable[..., dict[str,
 
     def hook(step: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         out = callback(pipe, step, t, {"latents": latents}) or {}
-        return out.get("latents", latents)
+        new = out.get("latents", latents) if isinstance(out, dict) else out
+        ok = isinstance(new, torch.Tensor) and new.shape == latents.shape
+        if not (ok and isinstance(out, dict)):  # a bad return failed deep in the DiT
+            shown = list(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise UsageError(f"callback_on_step_end returned latents {shown} at step {step}: "
+                             f"give back a dict with 'latents' of shape {list(latents.shape)}")
+        return new.to(latents.device, latents.dtype)
 
     return hook
 
