@@ -115,7 +115,7 @@ def test_output_types(pipe):
     ({"task": "refine", "num_frames": None}, "task refine needs video="),
     ({"prompt": None}, "task t2v needs prompt="),
     # each reached torch, PIL or ftfy, or (a numpy seed) hung the range check
-    ({"seed": np.int64(7)}, "expected int, not int64"),
+    ({"seed": "7"}, "seed='7': expected int, not str"),
     ({"guidance_scale": "4"}, "guidance_scale='4': expected a number"),
     ({"num_frames": 9.0}, "num_frames=9.0: expected int, not float"),
     ({"prompt": 5}, "prompt=5: expected str, not int"),
@@ -136,6 +136,17 @@ def test_bad_arguments_are_one_line(pipe, kwargs, says):
     with pytest.raises(LongcatError, match=says.replace("[", r"\[").replace("(", r"\(")) as e:
         pipe(**{"prompt": "a cat", **SIZE, **kwargs})
     assert "\n" not in str(e.value)
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_hold(pipe):
+    """A numpy seed hung the seed check, and torch's generator refuses one."""
+    kw = dict(prompt="a cat", distill=True, **SIZE)
+    frames = pipe(seed=3, **kw).frames
+    same = pipe(seed=np.int64(3), **{**kw, "height": np.int64(64), "lora_scale": np.float32(1)})
+    assert np.array_equal(same.frames, frames)
+    pipe(prompt="a cat", guidance_scale=np.float32(2.0), use_kv_cache=np.bool_(False),
+         task="vc", video=frames, num_cond_frames=5, **SIZE)
+    pipe(seed=None, generator=torch.Generator().manual_seed(0), **kw)  # seed=None: not given
 
 
 def test_a_device_that_is_not_there_is_one_line(tiny_native):

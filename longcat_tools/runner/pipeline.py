@@ -31,6 +31,7 @@ import html
 import inspect
 import logging
 import math
+import numbers
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -66,6 +67,7 @@ from longcat_tools.runner.settings import (
     check_offload,
     from_call,
     guidance_of,
+    plain_scalars,
     resolve_device,
     validate,
     value_fits,
@@ -94,10 +96,11 @@ def validated(method: TaskMethod) -> TaskMethod:
     def checked(self, *args: Any, **kw: Any) -> Result:
         call = signature.bind(self, *args, **kw)
         call.apply_defaults()
+        plain_scalars(call.arguments)
         s = from_call(method.__name__, call.arguments)
         validate(s, inputs=False)
         self.check_fused(s, scale_given=call.arguments.get("lora_scale") is not None)
-        return method(self, *args, **kw)
+        return method(*call.args, **call.kwargs)
 
     return checked
 
@@ -341,8 +344,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
         swap = offload in ("dit", "all")
         ckpt = resolve_checkpoint(resolve_source(pretrained_model_name_or_path))
         root = ckpt.root
-        # torch's assert or its list of device types, else: "auto", "cuda:N" checked as run's
-        device = resolve_device(str(device))
+        # a name as run checks it (torch's assert or its list of device types came through)
+        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
         check_components(ckpt)
@@ -673,9 +676,11 @@ class LongCatVideoPipeline(DiffusionPipeline):
         if missing:
             name = {"stage1_video": "video"}.get(missing[0], missing[0])
             raise LongcatError(f"task {task} needs {name}=")
-        if generator is not None and "seed" in options:  # the generator's state decided
+        if generator is not None and options.get("seed") is not None:  # the generator decided
             raise UsageError("seed= and generator=: give one (the generator's state is the "
                              "seed)")
+        if isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool):
+            guidance_scale = float(guidance_scale)  # np.float32, as the task's check takes it
         if guidance_scale is not None and not value_fits(guidance_scale, float):
             raise UsageError(f"guidance_scale={guidance_scale!r}: expected a number")  # used next
         if "negative_prompt" in accepted:

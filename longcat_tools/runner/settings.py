@@ -11,6 +11,7 @@ given. No torch at import: the CLI builds its command from this module.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import tempfile
 import types
@@ -217,6 +218,22 @@ def value_fits(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return value is None if hint is type(None) else isinstance(value, hint)
+
+
+def plain_scalars(keywords: dict[str, Any]) -> None:
+    """In place: a numpy scalar given for a number or flag setting becomes the Python value torch
+    and the checks take (``np.int64`` seeds, ``np.float32`` guidance)."""
+    for key, value in keywords.items():
+        name = API_NAMES.get(key, key)
+        if key in NOT_OPTIONS or name not in OPTION_NAMES or isinstance(value, (bool, str)):
+            continue
+        wants = typing.get_args(setting_types()[name]) or (setting_types()[name],)
+        if bool in wants and getattr(getattr(value, "dtype", None), "kind", None) == "b":
+            keywords[key] = bool(value)
+        elif int in wants and isinstance(value, numbers.Integral):
+            keywords[key] = int(value)
+        elif float in wants and isinstance(value, numbers.Real):
+            keywords[key] = float(value)
 
 
 def from_call(task: str, keywords: dict[str, Any]) -> RunSettings:
