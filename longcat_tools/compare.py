@@ -205,10 +205,6 @@ def load_items(folder: str | Path) -> tuple[list[Item], list[str]]:
 
 # The sidecar fields the table reads, with the types and values `run` writes (None: absent or
 # null): a negative time or memory, or a seed no generator takes, was shown as if measured.
-def _any(_v: object) -> bool:
-    return True
-
-
 def _not_negative(v: float) -> bool:
     return v >= 0
 

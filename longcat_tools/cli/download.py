@@ -76,11 +76,15 @@ def download_cmd(
     if r.unreachable:
         out.warn(f"{r.unreachable}; checked the copy already on this machine instead")
     files = list(hub_manifest.local_files(r.path).values())
-    broken = [p for p in files if not p.exists()]  # outside the selection: it checked its own
+    size, broken = 0, []
+    for p in files:  # a broken one is outside the selection: the download checked its own
+        try:
+            size += p.stat().st_size
+        except FileNotFoundError:
+            broken.append(p)
     if broken:
         out.warn(f"{len(broken)} file(s) of the copy outside the selection are broken links "
                  f"(e.g. {broken[0]}): fetch them again with --include and --force-download")
-    size = sum(p.stat().st_size for p in files if p.exists())
     h = r.headers
     rows = [["path", r.path], ["commit", r.commit or "?"], ["files", len(files)],
             ["size", human_bytes(size)], ["time", f"{r.seconds:.1f} s"]]

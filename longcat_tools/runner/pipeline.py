@@ -31,7 +31,6 @@ import html
 import inspect
 import logging
 import math
-import numbers
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -679,13 +678,13 @@ class LongCatVideoPipeline(DiffusionPipeline):
         if generator is not None and options.get("seed") is not None:  # the generator decided
             raise UsageError("seed= and generator=: give one (the generator's state is the "
                              "seed)")
-        if isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool):
-            guidance_scale = float(guidance_scale)  # np.float32, as the task's check takes it
-        if guidance_scale is not None and not value_fits(guidance_scale, float):
-            raise UsageError(f"guidance_scale={guidance_scale!r}: expected a number")  # used next
+        plain_scalars(kw)  # the guidance is used next, before the task checks its options
+        guidance = kw.get("guidance")
+        if guidance is not None and not value_fits(guidance, float):
+            raise UsageError(f"guidance_scale={guidance!r}: expected a number")
         if "negative_prompt" in accepted:
             kw["negative_prompt"] = negative_prompt_of(negative_prompt,
-                                                       guidance_of(guidance_scale, distill))
+                                                       guidance_of(guidance, distill))
         if "decode" in accepted:
             kw["decode"] = output_type != "latent"
         self.step_callback = _step_callback(self, callback_on_step_end,
