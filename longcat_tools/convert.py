@@ -509,9 +509,9 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
                meta: dict[str, str]) -> tuple[list[FileJob], list[str], list[str], dict]:
     """The adapters' file jobs, the names chosen, notes, and what the output's registry takes
     from the source: each adapter's file by name, and its registry entry by output file."""
-    # an avatar's lora/ is carried as the hub has it, its registry left for `lora list`
-    carry = select != "none" and isinstance(ckpt, layouts.Checkpoint)
-    registered = _source_registry(ckpt) if carry else {}
+    avatar = isinstance(ckpt, layouts.AvatarCheckpoint)
+    registered = {} if select == "none" else _source_registry(ckpt.dit() if avatar else ckpt)
+    release = layouts.release_loras(ckpt)
     found = _source_loras(ckpt, registered)
     names = sorted({n for n, _ in found})
     if select == "all":
@@ -544,10 +544,11 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
             notes.append(f"skipped {path.relative_to(ckpt.root)} (not a safetensors file)")
             continue
         lora = lf.read_lora(path, shapes)
-        # the hub layout keeps a file in lora/ itself where that names it the same; else a
-        # file keeps its folder, or gets its own, as `lora attach` writes it
+        # the hub layout keeps the release's files in lora/ itself, under their own names;
+        # any other file keeps its folder, or gets its own, as `lora attach` writes it (a
+        # flat one would read as the release's to `lora detach`)
         place = path.relative_to(ckpt.lora_dir).parts
-        flat = to == "native" and layouts.NATIVE_LORAS.get(path.name, path.stem) == name
+        flat = to == "native" and release.get(path.name) == name
         group = "lora" if flat else f"lora/{place[0] if len(place) > 1 else name}"
         rel = f"{group}/{path.name}"
         rec = registered.get("/".join(place))
@@ -1037,12 +1038,12 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                         copied += 1
                 killer.step()
             extra: dict[str, str] = {}
-            if p.loras and isinstance(p.src, layouts.Checkpoint):
-                # the lora command's registry, with each adapter's source and its sha256 (an
-                # avatar folder keeps the hub's lora/ as it is: `lora list` rebuilds one)
+            if p.loras and p.registry:
+                # the lora command's registry, with each adapter's source and its sha256
                 from longcat_tools import lora as lora_registry
+                from longcat_tools.lora.registry import checkpoint_of
 
-                out_ckpt = layouts.detect(tmp)
+                out_ckpt = checkpoint_of(tmp)
                 lora_registry.register_existing(
                     out_ckpt, sources=p.registry["sources"],
                     converted={n: f.result() for n, f in source_sha.items()},

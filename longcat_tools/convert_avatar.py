@@ -374,7 +374,7 @@ def plan_avatar(ck: layouts.AvatarCheckpoint, dst: Path, *, to: str, dtype: str,
     if ref is None:
         raise LongcatError(f"{ck.root}: no DiT folder to convert")
     # The hub's lora/ layout in both targets: files stay lora/<file>, in native keys.
-    lora_jobs, loras, lora_notes, _ = _lora_jobs(ck, "native", "native", want, lora,
+    lora_jobs, loras, lora_notes, registry = _lora_jobs(ck, "native", "native", want, lora,
                                                  lf.linear_shapes(ref.dims, ref.audio), link,
                                                  meta)
     jobs += lora_jobs
@@ -391,7 +391,7 @@ def plan_avatar(ck: layouts.AvatarCheckpoint, dst: Path, *, to: str, dtype: str,
     for entry in sorted(ck.root.iterdir()):
         if entry.name not in known:
             notes.append(f"{entry.name} (top level of the source) is not carried over")
-    return Plan(ck, dst, to, "native", dtype, link, force, jobs, notes, loras)
+    return Plan(ck, dst, to, "native", dtype, link, force, jobs, notes, loras, registry)
 
 
 def _parts_jobs(ck: layouts.AvatarCheckpoint, base: Path, to: str, want: torch.dtype | None,

@@ -94,7 +94,11 @@ def test_round_trip_native_converted_native_bit_for_bit(avatar_copy, model):
     for d in DITS[model] + ([INT8] if model == "avatar-1.5" else []):
         _same(_tensors(av / d), _tensors(conv / CONVERTED[d]))
         _same(_tensors(av / d), _tensors(back / d))
-    assert _files(back) == _files(av)  # configs, root files, audio, separator, scheduler
+    got = _files(back)
+    if model == "avatar-1.5":  # the lora command's registry, which convert writes
+        registry = json.loads(got.pop("lora/adapters.json"))
+        assert [a["file"] for a in registry["adapters"]] == ["dmd_lora.safetensors"]
+    assert got == _files(av)  # configs, root files, audio, separator, scheduler
     _same(_tensors(av / "lora"), _tensors(back / "lora"))
     index = json.loads((conv / "model_index.json").read_text())
     assert index["_class_name"] == "LongCatVideoAvatarPipeline"
@@ -107,6 +111,23 @@ def test_round_trip_native_converted_native_bit_for_bit(avatar_copy, model):
     shutil.rmtree(base)  # the converted folder stands alone; the hub layout does not
     _verified(conv)
     assert any(c.status == "fail" for c in verify(back).checks)
+
+
+def test_attached_adapters_keep_name_scale_and_folder(avatar_copy, tmp_path):
+    """convert left an avatar's registry behind: an adapter attached at 0.5 came out at 1."""
+    av = avatar_copy("avatar-1.5")
+    shutil.copy(av / "lora" / "dmd_lora.safetensors", tmp_path / "x.safetensors")
+    assert main(["lora", "attach", str(tmp_path / "x.safetensors"), "--name", "mine",
+                 "--scale", "0.5", "-m", str(av), "-q"]) == 0
+    conv, back = av.parent / "conv", av.parent / "back"
+    _convert("--src", str(av), "--dst", str(conv))
+    _convert("--src", str(conv), "--dst", str(back), "--to", "native")
+    for root in (conv, back):
+        doc = json.loads((root / "lora" / "adapters.json").read_text())
+        got = {a["name"]: (a["file"], a["default_scale"]) for a in doc["adapters"]}
+        assert got == {"dmd_lora": ("dmd_lora.safetensors", 1.0),
+                       "mine": ("mine/x.safetensors", 0.5)}, root
+        _verified(root)
 
 
 @pytest.mark.parametrize("model", list(avatar.VERSIONS))

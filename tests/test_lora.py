@@ -693,6 +693,21 @@ def test_convert_keeps_each_adapters_name_and_default_scale(native, tmp_path, ca
     assert fused == {native.name: 0.3, conv.name: 0.3}
 
 
+def test_convert_to_native_keeps_an_adapter_named_as_its_file_in_its_folder(native, tmp_path):
+    """lora/x/x.safetensors came out flat, where `lora detach` took it for a release file."""
+    shutil.copy(native / "lora" / HUB["distilled"], tmp_path / "x.safetensors")
+    assert main(["lora", "attach", str(tmp_path / "x.safetensors"), "--name", "x", "-m",
+                 str(native), "-q"]) == 0
+    conv, back = tmp_path / "conv", tmp_path / "back"
+    assert main(["convert", "--src", str(native), "--dst", str(conv), "-q"]) == 0
+    assert main(["convert", "--src", str(conv), "--dst", str(back), "--to", "native", "-q"]) == 0
+    assert sorted(p.relative_to(back / "lora").as_posix()
+                  for p in (back / "lora").rglob("*.safetensors")) == sorted(
+        [*HUB.values(), "x/x.safetensors"])
+    assert main(["lora", "detach", "x", "-m", str(back), "-q"]) == 0
+    assert not (back / "lora" / "x").exists()
+
+
 def test_convert_names_a_folder_of_several_adapters_as_lora_list_does(native, tmp_path, capsys):
     pack = native / "lora" / "pack"
     pack.mkdir()

@@ -415,6 +415,15 @@ class AvatarCheckpoint:
         return view.transformer_dir.name == self.int8
 
 
+def release_loras(ckpt: Checkpoint | AvatarCheckpoint) -> dict[str, str]:
+    """The release's adapter files, which its layout keeps at the top of ``lora/``, and the
+    names they go by."""
+    if isinstance(ckpt, AvatarCheckpoint):
+        file = Path(ckpt.version.lora) if ckpt.version.lora else None
+        return {file.name: file.stem} if file else {}
+    return dict(NATIVE_LORAS)
+
+
 # The model_index.json layout of an avatar folder: hub DiT folder -> its folder there. The audio
 # encoder, vocal_separator/, scheduler/ and lora/ keep their names; tokenizer/, text_encoder/, vae/
 # (and 1.0's scheduler/) come in from the base folder.
