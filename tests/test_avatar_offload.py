@@ -111,7 +111,7 @@ def test_the_pipeline_api_takes_offload(tree):
     pipe = LongCatVideoAvatarPipeline.from_pretrained(root, offload="all")
     assert isinstance(pipe.transformer.block_swap, offload.BlockSwap)
     assert pipe.offload_text_encoder
-    with pytest.raises(LongcatError, match="--offload cpu: unknown"):
+    with pytest.raises(LongcatError, match="offload=cpu: unknown"):
         LongCatVideoAvatarPipeline.from_pretrained(root, offload="cpu")
 
 

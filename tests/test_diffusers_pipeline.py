@@ -110,7 +110,12 @@ def test_output_types(pipe):
     ({"num_cond_frames": 5}, "task t2v takes no 'num_cond_frames'"),
     ({"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": ["noise"]},
      "only ['latents'] are offered"),
-    ({"num_frames": 10}, "frames"),
+    # the keywords' words (they named the command line's --frames, --steps, --guidance)
+    ({"num_frames": 10}, "num_frames=10: must be 4k.1"),
+    ({"num_inference_steps": 0}, "num_inference_steps=0: must be 1 to 1000"),
+    ({"guidance_scale": 101.0}, "guidance_scale=101.0: must be a number from 0 to 100"),
+    ({"task": "vc", "video": [np.zeros((64, 64, 3), np.uint8)] * 9, "num_frames": 9},
+     "num_cond_frames=13: must be 4k.1 and below num_frames"),
     ({"task": "i2v"}, "task i2v needs image="),
     ({"task": "refine", "num_frames": None}, "task refine needs video="),
     ({"prompt": None}, "task t2v needs prompt="),
@@ -151,7 +156,7 @@ def test_numpy_scalars_are_taken_as_the_numbers_they_hold(pipe):
 
 def test_a_device_that_is_not_there_is_one_line(tiny_native):
     """torch's assert (no CUDA) or its list of every device type came through."""
-    with pytest.raises(LongcatError, match="--device gpu: not a device"):
+    with pytest.raises(LongcatError, match="device=gpu: not a device"):
         LongCatVideoPipeline.from_pretrained(tiny_native, device="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(LongcatError, match="no CUDA GPU is available here"):

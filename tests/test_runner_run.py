@@ -228,14 +228,15 @@ def test_bsa_setting_resolves_to_one_value():
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(num_frames=10), "--frames 10: must be 4k+1"),
-    (dict(height=40), "multiples of 16"),
-    (dict(steps=0), "--steps 0: must be 1 to 1000"),
-    (dict(steps=10**12), "--steps 1000000000000: must be 1 to 1000"),  # failed allocating
-    (dict(bsa="fastest"), "--bsa fastest: unknown"),
+    (dict(num_frames=10), "num_frames=10: must be 4k+1"),
+    (dict(height=40), "height/width=40x32: both must be positive multiples of 16"),
+    (dict(steps=0), "steps=0: must be 1 to 1000"),
+    (dict(steps=10**12), "steps=1000000000000: must be 1 to 1000"),  # failed allocating
+    (dict(bsa="fastest"), "bsa=fastest: unknown"),
 ])
 def test_the_api_checks_options_like_the_cli(pipe, kw, message):
-    """pipe.generate and the task methods run the command line's validation, before any work."""
+    """pipe.generate and the task methods run the command line's validation, before any work,
+    and name each setting by its keyword (they named the command line's flags)."""
     args = dict(prompt="a cat", height=32, width=32, num_frames=9, steps=1, decode=False)
     args.update(kw)
     for call in (lambda: pipe.generate("t2v", **args), lambda: pipe.t2v(**args)):
@@ -348,7 +349,7 @@ def test_the_api_keeps_the_fused_rule_too(tiny_native, tmp_path, t2v_mp4):
                  "-q"]) == 0
     pipe = load_pipeline(fused, device="cpu", dtype="fp32")
     kw = dict(prompt="a cat", height=32, width=32, num_frames=9)
-    for call, says in ((lambda: pipe.t2v(**kw), "pass --distill"),
+    for call, says in ((lambda: pipe.t2v(**kw), "pass distill=True"),
                        (lambda: pipe.t2v(**kw, distill=True, lora_scale=1.0),
                         "fused into the DiT at scale 0.5"),
                        (lambda: pipe.refine(read_video(t2v_mp4)[0], prompt="a cat"),

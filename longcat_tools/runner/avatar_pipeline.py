@@ -53,7 +53,12 @@ from longcat_tools.runner.pipeline import (
     to_pil_frames,
     validated,
 )
-from longcat_tools.runner.settings import AVATAR_DISTILL_NAME, check_offload, guidance_of
+from longcat_tools.runner.settings import (
+    AVATAR_DISTILL_NAME,
+    check_offload,
+    guidance_of,
+    spelled,
+)
 
 NEGATIVE_PROMPT = "Close-up, " + DEFAULT_NEGATIVE_PROMPT  # the single-speaker demo's
 REF_IMG_INDEX = 10  # the demos' reference RoPE time for avc
@@ -168,6 +173,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         return TIMINGS[self.release.encoder].video_fps
 
     @classmethod
+    @spelled({})
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
                         torch_dtype: Any = None, device: Any = "cpu", speakers: int = 1,
                         int8: bool = False, reporter: Reporter | None = None,
@@ -393,6 +399,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
                 "width": width, "version": self.version, **extra, **self.last_run}
 
     # ---- tasks -----------------------------------------------------------------------------
+    @spelled({})
     def generate(self, task: str = "at2v", **kw: Any) -> Result:
         """Run ``at2v``, ``ai2v`` or ``avc`` (see each)."""
         if task not in ("at2v", "ai2v", "avc"):

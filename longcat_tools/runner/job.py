@@ -32,6 +32,7 @@ from longcat_tools.runner.settings import (
     AVATAR_TASKS,
     CONTINUE_FPS,
     DEFAULT_COND_FRAMES,
+    FLAGS,
     FP8_ATTENTION,
     PRECISIONS,
     RunSettings,
@@ -40,6 +41,7 @@ from longcat_tools.runner.settings import (
     resolve_device,
     run_dtype,
     source_stride,
+    spelled,
     validate,
 )
 
@@ -203,6 +205,7 @@ def _check_finite(frames: np.ndarray) -> None:
                            "--deep` finds weights that do)")
 
 
+@spelled(FLAGS)
 def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str, Any]:
     """Run ``s`` end to end; returns the sidecar document (also written next to the mp4).
     With ``s.cp > 1`` this process is one rank of a job (runner.launch or torchrun started

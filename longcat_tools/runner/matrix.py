@@ -22,11 +22,13 @@ from longcat_tools.errors import EMPTY_PATH, LongcatError, UsageError, why_not_a
 from longcat_tools.io import jsonio
 from longcat_tools.model import bounds
 from longcat_tools.runner.settings import (
+    FLAGS,
     RunSettings,
     check_bsa,
     comparable_settings,
     input_stamps,
     seed_matters,
+    spelled,
     validate,
 )
 
@@ -299,6 +301,7 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
             and comparable_settings(doc["settings"]) == comparable_settings(want))
 
 
+@spelled(FLAGS)
 def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] = lambda _t: None,
                pipe: Any = None, share: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
     """Run the items on one pipeline (loaded here once from the first item's settings, unless

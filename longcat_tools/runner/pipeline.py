@@ -68,6 +68,7 @@ from longcat_tools.runner.settings import (
     guidance_of,
     plain_scalars,
     resolve_device,
+    spelled,
     validate,
     value_fits,
 )
@@ -80,6 +81,8 @@ DEFAULT_NEGATIVE_PROMPT = (
     "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
     "in the background, walking backwards")
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+# __call__'s keywords (diffusers') for the task methods' steps and guidance
+CALL_RENAMES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
 TaskMethod = TypeVar("TaskMethod", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 # (token grid, BSA params) already warned to keep no key chunk: once a size, not each step
@@ -92,6 +95,7 @@ def validated(method: TaskMethod) -> TaskMethod:
     signature = inspect.signature(method)
 
     @functools.wraps(method)
+    @spelled({})
     def checked(self, *args: Any, **kw: Any) -> Result:
         call = signature.bind(self, *args, **kw)
         call.apply_defaults()
@@ -312,6 +316,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
+    @spelled({})
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
                         torch_dtype: Any = None, device: Any = "cpu",
                         text_encoder_dtype: Any = None, reporter: Reporter | None = None,
@@ -630,6 +635,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
 
     # ---- the diffusers entry ----------------------------------------------------------------
     @torch.no_grad()
+    @spelled(CALL_RENAMES)
     def __call__(self, prompt: str | None = None, negative_prompt: str | None = None,
                  height: int | None = None, width: int | None = None,
                  num_frames: int | None = None, num_inference_steps: int | None = None,
@@ -705,6 +711,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         return torch.from_numpy(frames).permute(0, 1, 4, 2, 3) if output_type == "pt" else frames
 
     # ---- tasks -----------------------------------------------------------------------------
+    @spelled({})
     def generate(self, task: str = "t2v", **kw: Any) -> Result:
         """Run a task. Common keywords: prompt, negative_prompt, num_frames, steps, guidance,
         distill, seed / generator, latents, height / width (or the input's resolution bucket),

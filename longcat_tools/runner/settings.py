@@ -10,13 +10,16 @@ given. No torch at import: the CLI builds its command from this module.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import numbers
 import os
+import re
 import tempfile
 import types
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -388,6 +391,67 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         device = resolve_device(s.device)
         footprint.check(files.dims, _stages(s, files), run_dtype(s.dtype, device), device, s.cp)
         _check_latents(s, files)
+
+
+@functools.cache
+def _keywords_by_flag() -> dict[str, tuple[str, bool]]:
+    """Each RunSettings flag (``frames``, ``cond-frames``...) -> (the Python API's keyword for
+    it, whether it is a switch)."""
+    api = {name: key for key, name in API_NAMES.items()}
+    out = {}
+    for f in fields(RunSettings):
+        for flag in f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",):
+            if flag.startswith("--"):
+                out[flag[2:]] = (api.get(f.name, f.name), "bool" in str(f.type))
+    return out
+
+
+# --FLAG, or --no-FLAG, or the pair --FLAG/--no-FLAG, then maybe its value: a number, or a
+# word right before a colon ("--frames 3: ...")
+_FLAG_RE = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(/--no-\2)?( (-?\d[^\s,:;)]*|[^\s:]+(?=:)))?")
+
+
+def api_words(message: str, renames: dict[str, str] | None = None) -> str:
+    """A check's message as the Python API's caller would write it: ``--frames 3: ...`` is
+    ``num_frames=3: ...``, ``--no-kv-cache`` is ``use_kv_cache=False`` (``renames``: keywords
+    a caller spells otherwise, e.g. diffusers' ``num_inference_steps`` for ``steps``)."""
+    table = _keywords_by_flag()
+
+    def spell(m: re.Match) -> str:
+        negated, flag, pair, _, value = m.groups()
+        if flag not in table:
+            return m.group(0)
+        key, switch = table[flag]
+        key = (renames or {}).get(key, key)
+        if switch and not pair:
+            return f"{key}={not negated}" + (f" {value}" if value is not None else "")
+        return f"{key}={value}" if value is not None else key
+
+    return _FLAG_RE.sub(spell, message)
+
+
+FLAGS = None  # spelled(FLAGS): the command line's words
+_SPELLING: contextvars.ContextVar[Any] = contextvars.ContextVar("spelling", default=...)
+
+
+@contextlib.contextmanager
+def spelled(renames: dict[str, str] | None) -> Iterator[None]:
+    """Errors raised inside name each setting as the outermost caller writes it: by its flag
+    (``FLAGS``: ``run_job``, a matrix run; the checks' own words), or by its Python API keyword
+    (a dict: the pipeline's methods; ``api_words``' renames). Inner calls keep the outer words:
+    the command line runs the pipeline's methods too."""
+    if _SPELLING.get() is not ...:
+        yield
+        return
+    token = _SPELLING.set(renames)
+    try:
+        yield
+    except LongcatError as e:
+        if renames is not FLAGS and type(e) in (LongcatError, UsageError) and e.args:
+            e.args = (api_words(str(e.args[0]), renames), *e.args[1:])
+        raise
+    finally:
+        _SPELLING.reset(token)
 
 
 def flag_of(f: Field) -> str:
