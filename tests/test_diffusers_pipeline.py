@@ -143,11 +143,15 @@ def test_bad_arguments_are_one_line(pipe, kwargs, says):
     assert "\n" not in str(e.value)
 
 
-def test_numpy_scalars_are_taken_as_the_numbers_they_hold(pipe):
+def test_numpy_and_torch_scalars_are_taken_as_the_numbers_they_hold(pipe):
     """A numpy seed hung the seed check, and torch's generator refuses one."""
     kw = dict(prompt="a cat", distill=True, **SIZE)
     frames = pipe(seed=3, **kw).frames
     same = pipe(seed=np.int64(3), **{**kw, "height": np.int64(64), "lora_scale": np.float32(1)})
+    assert np.array_equal(same.frames, frames)
+    # 0-d arrays and tensors too (refused as "expected int, not Tensor")
+    same = pipe(seed=torch.tensor(3), **{**kw, "height": np.array(64),
+                                        "lora_scale": torch.tensor(1.0), "distill": np.array(True)})
     assert np.array_equal(same.frames, frames)
     pipe(prompt="a cat", guidance_scale=np.float32(2.0), use_kv_cache=np.bool_(False),
          task="vc", video=frames, num_cond_frames=5, **SIZE)

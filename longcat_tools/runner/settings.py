@@ -224,16 +224,19 @@ def value_fits(value: Any, hint: Any) -> bool:
 
 
 def plain_scalars(keywords: dict[str, Any]) -> None:
-    """In place: a numpy scalar given for a number or flag setting becomes the Python value torch
-    and the checks take (``np.int64`` seeds, ``np.float32`` guidance)."""
+    """In place: a numpy scalar, or a 0-d array or tensor, given for a number or flag setting
+    becomes the Python value torch and the checks take (``np.int64`` seeds, ``np.float32`` or
+    ``torch.tensor(4.0)`` guidance)."""
     for key, value in keywords.items():
         name = API_NAMES.get(key, key)
         if key in NOT_OPTIONS or name not in OPTION_NAMES or isinstance(value, (bool, str)):
             continue
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+            value = keywords[key] = value.item()
+        if isinstance(value, bool):
+            continue
         wants = typing.get_args(setting_types()[name]) or (setting_types()[name],)
-        if bool in wants and getattr(getattr(value, "dtype", None), "kind", None) == "b":
-            keywords[key] = bool(value)
-        elif int in wants and isinstance(value, numbers.Integral):
+        if int in wants and isinstance(value, numbers.Integral):
             keywords[key] = int(value)
         elif float in wants and isinstance(value, numbers.Real):
             keywords[key] = float(value)
