@@ -381,7 +381,7 @@ def test_a_fused_dmd_checkpoint_refuses_runs_its_weights_do_not_fit(avatar_copy,
     pipe = LongCatVideoAvatarPipeline.from_pretrained(dst, audio=False)  # the API: the same rule
     audio = torch.zeros(1, 5, 5, 5, 32)
     kw = dict(height=32, width=32, num_frames=5, decode=False)
-    for extra, says in (({}, "pass --distill"),
+    for extra, says in (({}, "pass distill=True"),
                         ({"distill": True, "lora_scale": 1.0}, "fused into the DiT at scale 0.5")):
         with pytest.raises(UsageError, match=says):
             pipe.at2v(audio, "a face", **kw, **extra)
