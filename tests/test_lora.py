@@ -737,3 +737,75 @@ def test_convert_refuses_a_registry_it_cannot_read(native, tmp_path, capsys):
     assert not (tmp_path / "c").exists()
     assert main(["convert", "--src", str(native), "--dst", str(tmp_path / "c"), "--lora", "none",
                  "-q"]) == 0
+
+
+def _one_module_lora(path, rank: int, alpha: float) -> None:
+    """A native-format file adapting blocks.0.attn.proj (64 x 64 in the tiny DiT)."""
+    key = lf.native_key_module("blocks.0.attn.proj")
+    save_file({f"{key}.lora_down.weight": torch.ones(rank, 64),
+               f"{key}.lora_up.weight": torch.ones(64, rank),
+               f"{key}.alpha_scale": torch.tensor(alpha)}, str(path))
+
+
+@pytest.mark.parametrize("rank, alpha, says", [
+    (0, 0.5, "has rank 0"), (4, 0.0, "alpha_scale 0, not a positive number"),
+    (4, -0.5, "alpha_scale -0.5, not a positive number"), (4, float("nan"), "alpha_scale nan")])
+def test_a_rank_0_or_non_positive_alpha_is_refused_by_every_command(native, tmp_path, capsys,
+                                                                    rank, alpha, says):
+    """Rank 0 was an internal error (ZeroDivisionError) in attach and convert, and passed list,
+    verify and fuse; alpha_scale <= 0 passed attach --dry-run and then named a scratch file."""
+    bad = tmp_path / "bad.safetensors"
+    _one_module_lora(bad, rank, alpha)
+    for extra in (["--dry-run"], []):
+        rc, _, err = _cli(capsys, "attach", bad, "--name", "bad", "-m", native, *extra)
+        assert rc == 1 and err.startswith(f"error: {bad}: ") and says in err, err
+    shutil.copy(bad, native / "lora" / "bad.safetensors")  # put in place by hand
+    rc, _, err = _cli(capsys, "list", "-m", native)
+    assert rc == 1 and says in err
+    assert _cli(capsys, "fuse", "bad", "--dst", tmp_path / "f", "-m", native)[0] == 1
+    assert main(["convert", "--src", str(native), "--dst", str(tmp_path / "c"), "-q"]) == 1
+    assert says in capsys.readouterr().err
+    shutil.copy(native / "lora" / HUB["distilled"], tmp_path / "ok.safetensors")
+    rc, _, err = _cli(capsys, "attach", tmp_path / "ok.safetensors", "--name", "ok", "-m", native)
+    assert rc == 0, err  # the broken file blocks no other adapter
+    if rank == 0:  # verify reads headers only (alpha values: --deep)
+        assert main(["verify", str(native), "-q"]) == 1
+
+
+def test_attach_force_replaces_only_the_adapter_it_names(native, tmp_path, capsys):
+    """--force replaced lora/NAME/ whole: the adapters pack/a and pack/b, or a README, went
+    with it, exit 0."""
+    ok = tmp_path / "ok.safetensors"
+    shutil.copy(native / "lora" / HUB["distilled"], ok)
+    pack, notes, empty = (native / "lora" / n for n in ("pack", "notes", "empty"))
+    pack.mkdir()
+    for stem in ("a", "b"):
+        shutil.copy(ok, pack / f"{stem}.safetensors")
+    notes.mkdir()
+    (notes / "README.txt").write_text("mine")
+    empty.mkdir()
+    for name, holds in (("pack", "a.safetensors, b.safetensors"), ("notes", "README.txt")):
+        for force in ([], ["--force"]):
+            rc, _, err = _cli(capsys, "attach", ok, "--name", name, "-m", native, *force)
+            assert rc == 1 and f"holding {holds}" in err and "no adapter named" in err, err
+    assert sorted(p.name for p in pack.iterdir()) == ["a.safetensors", "b.safetensors"]
+    assert (notes / "README.txt").read_text() == "mine"
+    rc, _, err = _cli(capsys, "attach", ok, "--name", "empty", "-m", native)
+    assert rc == 1 and "pass --force to use it" in err
+    assert _cli(capsys, "attach", ok, "--name", "empty", "--force", "-m", native)[0] == 0
+    shutil.copy(ok, native / "lora" / "empty" / "extra.safetensors")
+    rc, _, err = _cli(capsys, "attach", ok, "--name", "empty", "--force", "-m", native)
+    assert rc == 1 and "also holds extra.safetensors" in err
+    assert (native / "lora" / "empty" / "extra.safetensors").is_file()
+
+
+def test_a_hidden_file_name_is_stored_under_the_adapters_name(native, tmp_path, capsys):
+    """A file named '.safetensors' was stored as lora/hid/.safetensors, which fuse skipped (the
+    fused copy's registry then named a missing file)."""
+    hidden = tmp_path / ".safetensors"
+    shutil.copy(native / "lora" / HUB["distilled"], hidden)
+    assert _cli(capsys, "attach", hidden, "--name", "hid", "-m", native)[0] == 0
+    assert [p.name for p in (native / "lora" / "hid").iterdir()] == ["hid.safetensors"]
+    assert _cli(capsys, "fuse", "distilled", "--dst", tmp_path / "fused", "-m", native)[0] == 0
+    assert (tmp_path / "fused" / "lora" / "hid" / "hid.safetensors").is_file()
+    assert main(["verify", str(tmp_path / "fused"), "-q"]) == 0

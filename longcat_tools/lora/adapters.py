@@ -117,8 +117,9 @@ def attach(model: str | Path | layouts.Checkpoint | None, lora_file: str | Path,
     _check_ranks(src, lora)
     # a Conv3d adapter (the patch embedding) is kept in the one format that holds it
     target_fmt = "peft" if any(e.kernel for e in lora.modules.values()) else ckpt.flavour
+    # a hidden name (".safetensors") would be skipped by whatever walks lora/ (fuse did)
     dst_file = dst_dir / (src.name if src.name.endswith(".safetensors")
-                          else f"{name}.safetensors")
+                          and not src.name.startswith(".") else f"{name}.safetensors")
     nbytes = lf.convert_bytes(lora.modules.values(), target_fmt)
     if dry_run:
         reg = load_registry(ckpt)
@@ -168,20 +169,32 @@ def _check_ranks(src: Path, lora: lf.LoraFile) -> None:
 
 
 def _check_free(ckpt: layouts.Checkpoint, reg: Registry, name: str, force: bool) -> None:
-    """The name is free, or (with ``force``) taken by an adapter stored in ``lora/NAME/``."""
+    """The name is free, or (with ``force``) taken by an adapter stored alone in
+    ``lora/NAME/``: replacing the folder must not take other adapters or files with it."""
     found = discover(ckpt)
     rec = reg.get(name)
     where = (ckpt.lora_dir / rec.file) if rec else found.get(name)
     folder = ckpt.lora_dir / name
     if where is None and not folder.exists():
         return
-    if not force:
-        raise LongcatError(f"{ckpt.lora_dir}: an adapter named '{name}' exists "
-                           f"({where or folder}); choose another name, detach it first, or pass "
-                           "--force to replace it")
-    if where is not None and where.parent != folder:
+    if where is not None and where.parent != folder and force:
         raise LongcatError(f"{where}: adapter '{name}' is not stored in lora/{name}/, so --force "
                            "cannot replace it; detach it first")
+    others = sorted(p.name for p in folder.iterdir() if p != where) if folder.is_dir() else []
+    if where is None:
+        held = f"holding {', '.join(others[:3])}" + (" ..." if len(others) > 3 else "") \
+            if others else "empty"
+        if not (force and not others):
+            raise LongcatError(f"{folder}: the folder exists ({held}) but is no adapter named "
+                               f"'{name}'; choose another name, or move it away"
+                               + ("" if others else " (or pass --force to use it)"))
+    elif not force:
+        raise LongcatError(f"{ckpt.lora_dir}: an adapter named '{name}' exists ({where}); choose "
+                           "another name, detach it first, or pass --force to replace it")
+    elif others:
+        raise LongcatError(f"{folder}: also holds {', '.join(others[:3])}"
+                           + (" ..." if len(others) > 3 else "") + f", which --force would "
+                           f"delete with adapter '{name}'; move them out first")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -296,10 +296,7 @@ def make_record(name: str, rel: str, lora: lf.LoraFile, *, default_scale: float 
     ``hub``: the description of the hub adapter of that name)."""
     if not lora.modules:
         raise LongcatError(f"{lora.path}: holds no LoRA modules")
-    rank, alpha = summarize(lora)
-    if not alpha > 0:
-        raise LongcatError(f"{lora.path}: alpha_scale {alpha / rank:g} is not positive; an "
-                           "adapter with a zero or negative scale cannot be registered")
+    rank, alpha = summarize(lora)  # read_lora refused a rank 0 or an alpha_scale <= 0
     about = HUB_ADAPTERS.get(name, {}) if hub else {}
     return AdapterRecord(name, rel, lora.format, rank, alpha,
                          target_patterns(file_targets(lora)), default_scale,
@@ -325,8 +322,10 @@ def register_found(ckpt: layouts.Checkpoint, reg: Registry,
         if (rel in known or reg.get(name) is not None or not NAME_RE.match(name)
                 or not is_owned(ckpt, path)):
             continue  # unnamable (several in one folder) or a link out: stays discovered only
-        # a file convert has just written has its own block split: its header is enough
-        lora = lf.read_lora(path, shapes, inspect_blocks=name not in converted)
+        try:  # a file convert has just written has its own block split: its header is enough
+            lora = lf.read_lora(path, shapes, inspect_blocks=name not in converted)
+        except LongcatError:
+            continue  # a broken file stays discovered only: `lora list` shows its problem
         src_path = Path(sources[name]) if sources and name in sources else path
         src_fmt = lora.format if src_path == path else lf.read_lora(src_path).format
         digest = converted.get(name) or sha256_file(src_path, progress)

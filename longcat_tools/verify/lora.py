@@ -82,6 +82,8 @@ def _fit(t: Target, weight: tuple[int, ...]) -> str | None:
     """Why the A/B tensors of a target cannot update a weight of this shape (None: they fit)."""
     if t.down is None or not t.ups:
         return f"{t.module} has {'no down/A' if t.down is None else 'no up/B'} matrix"
+    if t.rank == 0:
+        return f"{t.module} has rank 0 (down/A {list(t.down.shape)} has no rows)"
     if len(weight) == 5:
         return _fit_conv(t, weight)
     if len(weight) != 2:

@@ -130,6 +130,15 @@ def read_lora(path: str | Path, shapes: Shapes | None = None, *,
     fmt = _ALL[sniff_format(header.tensors, str(path))]
     parsed = fmt.parse(header, shapes, adapter_config=adapter_config,
                        inspect_blocks=inspect_blocks)
+    for e in parsed.modules.values():  # each would be registered, fused or run as it is
+        if e.rank < 1:
+            raise LongcatError(f"{path}: the adapter of '{e.module}' has rank 0 (lora_down "
+                               "has no rows): a broken file")
+        alpha = float(e.alpha_scale.double().mean())
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise LongcatError(f"{path}: the adapter of '{e.module}' has alpha_scale {alpha:g}, "
+                               "not a positive number: its update would vanish, flip sign or "
+                               "be undefined")
     return LoraFile(path, fmt.name, parsed.modules, len(header.tensors),
                     sum(t.nbytes for t in header.tensors.values()), parsed.config, parsed.notes)
 
