@@ -219,6 +219,32 @@ def test_save_pretrained_into_a_transformer_folder_loads_back(reference, tmp_pat
             assert torch.equal(back(**inputs), want)
 
 
+def test_save_pretrained_writes_a_config_our_schema_takes_and_never_into_a_checkpoint(
+        tiny_native, reference, tmp_path, capsys):
+    """Its config (num_attention_heads null) failed our schema, so `run` and `verify` refused
+    the saved DiT; saved into the checkpoint it came from, diffusers deleted the shards and
+    left the index naming them."""
+    import shutil
+
+    from longcat_tools import schemas
+
+    dit, _, _ = reference
+    dit.save_pretrained(tmp_path / "saved")
+    schemas.validate(json.loads((tmp_path / "saved" / "config.json").read_text()),
+                     "transformer_config", "saved")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_native, ckpt)
+    before = sorted(p.name for p in (ckpt / "dit").iterdir())
+    with pytest.raises(LongcatError, match="inside the checkpoint"):
+        dit.save_pretrained(ckpt / "dit")
+    assert sorted(p.name for p in (ckpt / "dit").iterdir()) == before
+    shutil.rmtree(ckpt / "dit")
+    shutil.copytree(tmp_path / "saved", ckpt / "dit")  # a saved DiT in a checkpoint runs
+    assert main(["run", "-m", str(ckpt), "-p", "x", "--height", "32", "--width", "32",
+                 "--frames", "5", "--steps", "1", "--device", "cpu", "-q",
+                 "-o", str(tmp_path / "v.mp4")]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["cache_dir", "token", "force_download"])
 def test_hub_download_options_are_refused_not_ignored(tiny_native, name):
     with pytest.raises(LongcatError, match=f"'{name}' is not supported .*local Hugging Face"):
