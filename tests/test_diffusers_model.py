@@ -259,3 +259,18 @@ def test_revision_names_a_cached_snapshot(tmp_path, monkeypatch):
         LongCatTransformer3DModel.from_pretrained("meituan-longcat/LongCat-Video",
                                                   subfolder="dit", revision="abc123")
     assert "\n" not in str(e.value)
+
+
+def test_load_lora_refuses_a_scale_that_is_no_finite_number(tiny_native):
+    """NaN or inf merged into every target weight without a word; an unknown name to
+    enable_loras was a bare KeyError."""
+    dit = LongCatTransformer3DModel.from_pretrained(tiny_native, subfolder="dit")
+    lora = tiny_native / "lora" / "cfg_step_lora.safetensors"
+    for scale, says in ((float("nan"), "scale nan"), (float("inf"), "scale inf"),
+                        ("1", "expected a number")):
+        with pytest.raises(LongcatError, match=says):
+            dit.load_lora(str(lora), "a", scale=scale)
+    assert dit.lora_registry == {}
+    dit.load_lora(str(lora), "a", scale=0.5)
+    with pytest.raises(LongcatError, match="'zzz' is not loaded .*loaded: a"):
+        dit.enable_loras(["zzz"])

@@ -20,6 +20,7 @@ without recomputing the condition frames at every step.
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +31,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.kernels import fp8_attention
 from longcat_tools.model import fp8 as fp8_format
@@ -648,7 +649,12 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
         """Read an adapter file (native or FastVideo format); it stays off until enabled."""
-        self.lora_registry[name] = read_lora(path, self, multiplier=scale)
+        from longcat_tools.lora.registry import check_scale
+
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise UsageError(f"load_lora: scale={scale!r}: expected a number")
+        check_scale(float(scale), "load_lora: scale")  # NaN merged NaN into every target
+        self.lora_registry[name] = read_lora(path, self, multiplier=float(scale))
 
     @property
     def lora_mode(self) -> str:
@@ -687,7 +693,8 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         names = list(names)
         missing = [n for n in names if n not in self.lora_registry]
         if missing:
-            raise KeyError(f"LoRA '{missing[0]}' is not loaded (load_lora first)")
+            raise UsageError(f"LoRA '{missing[0]}' is not loaded (load_lora first; loaded: "
+                             f"{', '.join(self.lora_registry) or 'none'})")
         modules = dict(self.named_modules())
         for name in names:
             for module in self.lora_registry[name]:
