@@ -184,6 +184,23 @@ RUN_CASES = [
      "--negative-prompt: this run samples without CFG", 2),
     ("negative-prompt-refine", ["--task", "refine", "--video", "{text_mp4}", "--frames", "93",
                                 "--negative-prompt", "blur"], "--negative-prompt: this run", 2),
+    # refine ran, exit 0, ignoring them (and its sidecar recorded the guidance)
+    ("refine-guidance", ["--task", "refine", "--video", "{text_mp4}", "--frames", "93",
+                         "--guidance", "5"], "--guidance: --task refine does not use it", 2),
+    ("refine-distill", ["--task", "refine", "--video", "{text_mp4}", "--frames", "93",
+                        "--distill"], "--distill/--no-distill: --task refine does not use", 2),
+    ("refine-refine", ["--task", "refine", "--video", "{text_mp4}", "--frames", "93",
+                       "--refine"], "--refine/--no-refine: --task refine does not use it", 2),
+    # an internal error after loading
+    ("refine-cond-frames-without-image", ["--task", "refine", "--video", "{text_mp4}",
+                                          "--frames", "93", "--cond-frames", "5"],
+     "--cond-frames 5: --task refine conditions on an --image", 2),
+    # refused after loading, exit 1, or in the API's words
+    ("long-video-latents", ["--task", "long", "--video", "{text_mp4}", "--frames", "17",
+                            "--cond-frames", "5", "--latents-in", "{lat_shape}"],
+     "a long run from --video samples no first segment", 2),
+    ("fp8-fp16", ["--precision", "fp8", "--dtype", "fp16"],
+     "--precision fp8 --dtype fp16: fp8 GEMMs run with bf16 activations", 2),
     ("t2v-segments", ["--segments", "7"], "--segments: --task t2v does not use it", 2),
     ("t2v-cond-frames", ["--cond-frames", "5"], "--cond-frames: --task t2v does not use", 2),
     ("t2v-no-kv-cache", ["--no-kv-cache"], "--kv-cache/--no-kv-cache: --task t2v does not", 2),

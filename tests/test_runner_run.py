@@ -393,3 +393,25 @@ def test_a_video_shorter_than_the_condition_is_refused_before_loading(
         assert "a smaller --cond-frames" in cap.err
     else:
         assert rc == 1 and cap.err.strip() == "error: loading"
+
+
+def test_resolution_beside_an_explicit_size_is_refused(tiny_native, tmp_path, capsys):
+    """--resolution 720p with --height/--width made the same video as without it, exit 0, and
+    the sidecar said 720p."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "img.png")
+    rc = main(["run", "-q", "-m", str(tiny_native), "--task", "i2v", "-p", "a cat", "--image",
+               str(tmp_path / "img.png"), *TINY, "--resolution", "720p",
+               "--out", str(tmp_path / "x.mp4")])
+    assert rc == 2 and "--resolution 720p: --height/--width 32x32 set the size" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_refine_condition_frames_need_a_condition(pipe, t2v_mp4):
+    """num_cond_frames without image= or video= failed in the video processor (ValueError)."""
+    from longcat_tools.runner.video import read_video
+
+    with pytest.raises(UsageError, match="num_cond_frames 5: refine takes its condition"):
+        pipe.refine(read_video(t2v_mp4)[0], "a cat", num_cond_frames=5, steps=1)

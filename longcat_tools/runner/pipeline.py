@@ -857,8 +857,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
                lora_scale: float | None = None) -> Result:
         """480p -> 720p (and 2x frames unless ``spatial_refine_only``). ``latents`` is the mixing
         noise. ``bsa``: None/"config" runs BSA (the model's params, else the config's), as
-        refinement always does unless turned off. ``distill`` is accepted for symmetry and
-        ignored: refinement has its own LoRA."""
+        refinement always does unless turned off. ``distill`` is refused (True): refinement
+        has its own LoRA."""
         stage1 = to_pil_frames(stage1_video) if stage1_video is not None else []
         if not stage1:
             raise LongcatError("task refine needs a stage-1 video to refine (--video FILE)")
@@ -869,6 +869,9 @@ class LongCatVideoPipeline(DiffusionPipeline):
         gen = generator if generator is not None else self.generator(seed)
         ngen = noise_generator if noise_generator is not None else self.generator(seed)
         cond_frames_in = to_pil_frames(video) if video is not None else None
+        if num_cond_frames > 0 and image is None and cond_frames_in is None:
+            raise UsageError(f"num_cond_frames {num_cond_frames}: refine takes its condition "
+                             "frames from image= (one) or video=; give one, or leave it out")
         if image is not None and num_cond_frames > 1:  # broke a tensor expand mid-run
             raise UsageError(f"num_cond_frames {num_cond_frames}: an image condition is one "
                              "frame; give video= for more")

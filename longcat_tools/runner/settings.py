@@ -335,6 +335,9 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
                          "(give --cond-frames 1, or leave it out)")
     if (s.height is None) != (s.width is None):
         raise UsageError("--height and --width go together (or use --resolution)")
+    if s.height is not None and s.resolution != RunSettings.resolution:
+        raise UsageError(f"--resolution {s.resolution}: --height/--width {s.height}x{s.width} "
+                         "set the size, so no bucket is chosen; give one or the other")
     if (s.refine_height is None) != (s.refine_width is None):
         raise UsageError("--refine-height and --refine-width go together")
     for h, w, opt in ((s.height, s.width, "--height/--width"),
@@ -364,6 +367,10 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     check_choice("--lora-mode", s.lora_mode, LORA_MODES)
     check_choice("--precision", s.precision, PRECISIONS)
     check_choice("--fp8-attention", s.fp8_attention, FP8_ATTENTION)
+    if s.precision == "fp8" and s.dtype == "fp16":
+        raise UsageError("--precision fp8 --dtype fp16: fp8 GEMMs run with bf16 activations "
+                         "(fp16 output is missing from some torch builds' scaled GEMMs); use "
+                         "--dtype bf16")
     if FP8_ATTENTION[s.fp8_attention] and s.precision == "dtype":
         raise UsageError(f"--fp8-attention {s.fp8_attention}: quantizes an fp8 run's "
                          "attention; it cannot go with --precision dtype")
@@ -501,6 +508,10 @@ TASK_OPTIONS = (
      lambda s: s.task in ("i2v", "vc", "ai2v", "avc")),
     (("frames",), "every task but refine, which keeps its --video's frames",
      lambda s: s.task != "refine"),
+    (("guidance", "distill"), "every task but refine, which samples with its own LoRA and "
+     "no CFG", lambda s: s.task != "refine"),
+    (("refine",), "t2v, i2v, vc and long, whose videos it refines afterwards",
+     lambda s: s.task != "refine"),
 )
 
 
@@ -512,6 +523,9 @@ def _check_task_options(s: RunSettings) -> None:
             if getattr(s, name) != by_name[name].default and not reads(s):
                 raise UsageError(f"{flag_of(by_name[name])}: --task {s.task} does not use it "
                                  f"(it is for {which}); drop it")
+    if s.task == "long" and s.video and s.latents_in:
+        raise UsageError(f"--latents-in {s.latents_in}: a long run from --video samples no "
+                         "first segment to start from them; drop one")
     if (s.negative_prompt is not None and s.task not in AVATAR_TASKS
             and (s.task == "refine" or guidance_of(s.guidance, s.distill) <= 1.0)):
         raise UsageError("--negative-prompt: this run samples without CFG (guidance 1: "
@@ -670,11 +684,18 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
             raise UsageError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
                              "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")
+        if s.dtype == "fp16" and s.precision == "auto" and ckpt.is_fp8:
+            raise UsageError(f"--dtype fp16: {ckpt.root} is an fp8 checkpoint, whose GEMMs run "
+                             "with bf16 activations; use --dtype bf16, or --precision dtype")
     if s.task in ("i2v", "ai2v") and not s.image:
         raise UsageError(f"--task {s.task} needs --image FILE (the first frame)")
     if s.task in ("vc", "avc", "refine") and not s.video:
         what = "the stage-1 video" if s.task == "refine" else "the video to continue"
         raise UsageError(f"--task {s.task} needs --video FILE ({what})")
+    if s.task == "refine" and (s.num_cond_frames or 0) > 0 and not s.image:
+        raise UsageError(f"--cond-frames {s.num_cond_frames}: --task refine conditions on an "
+                         "--image (one frame), and none is given; add --image, or drop "
+                         "--cond-frames")
     for opt, path, tasks in (("--image", s.image, IMAGE_TASKS), ("--video", s.video, VIDEO_TASKS)):
         if path and s.task not in tasks:
             raise UsageError(f"{opt} {path}: --task {s.task} reads no {opt[2:]} (it is for "
