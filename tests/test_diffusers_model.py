@@ -274,3 +274,9 @@ def test_load_lora_refuses_a_scale_that_is_no_finite_number(tiny_native):
     dit.load_lora(str(lora), "a", scale=0.5)
     with pytest.raises(LongcatError, match="'zzz' is not loaded .*loaded: a"):
         dit.enable_loras(["zzz"])
+
+
+def test_from_pretrained_names_torch_dtype_as_given(tiny_native):
+    """It said '--dtype torch.int8', the command line's flag."""
+    with pytest.raises(LongcatError, match="^torch_dtype=torch.int8: unknown dtype"):
+        LongCatTransformer3DModel.from_pretrained(tiny_native, torch_dtype=torch.int8)

@@ -158,6 +158,11 @@ def test_numpy_and_torch_scalars_are_taken_as_the_numbers_they_hold(pipe):
     pipe(seed=None, generator=torch.Generator().manual_seed(0), **kw)  # seed=None: not given
 
 
+def test_from_pretrained_names_torch_dtype_as_given(tiny_native):
+    with pytest.raises(LongcatError, match="^torch_dtype=fp64: unknown dtype"):
+        LongCatVideoPipeline.from_pretrained(tiny_native, torch_dtype="fp64")
+
+
 def test_a_device_that_is_not_there_is_one_line(tiny_native):
     """torch's assert (no CUDA) or its list of every device type came through."""
     with pytest.raises(LongcatError, match="device=gpu: not a device"):

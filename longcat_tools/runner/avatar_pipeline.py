@@ -43,6 +43,7 @@ from longcat_tools.model import avatar
 from longcat_tools.runner import schedule
 from longcat_tools.runner.pipeline import (
     DEFAULT_NEGATIVE_PROMPT,
+    LOAD_RENAMES,
     LORA_DISTILL,
     MAX_SEQUENCE_LENGTH,
     LongCatVideoPipeline,
@@ -173,7 +174,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         return TIMINGS[self.release.encoder].video_fps
 
     @classmethod
-    @spelled({})
+    @spelled(LOAD_RENAMES)
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
                         torch_dtype: Any = None, device: Any = "cpu", speakers: int = 1,
                         int8: bool = False, reporter: Reporter | None = None,

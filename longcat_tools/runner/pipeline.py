@@ -83,6 +83,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 # __call__'s keywords (diffusers') for the task methods' steps and guidance
 CALL_RENAMES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+LOAD_RENAMES = {"dtype": "torch_dtype"}  # from_pretrained's (diffusers') keyword
 TaskMethod = TypeVar("TaskMethod", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 # (token grid, BSA params) already warned to keep no key chunk: once a size, not each step
@@ -316,7 +317,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
-    @spelled({})
+    @spelled(LOAD_RENAMES)
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
                         torch_dtype: Any = None, device: Any = "cpu",
                         text_encoder_dtype: Any = None, reporter: Reporter | None = None,

@@ -416,9 +416,10 @@ def _keywords_by_flag() -> dict[str, tuple[str, bool]]:
     return out
 
 
-# --FLAG, or --no-FLAG, or the pair --FLAG/--no-FLAG, then maybe its value: a number, or a
-# word right before a colon ("--frames 3: ...")
-_FLAG_RE = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(/--no-\2)?( (-?\d[^\s,:;)]*|[^\s:]+(?=:)))?")
+# --FLAG, or --no-FLAG, or the pair --FLAG/--no-FLAG, then maybe its value: a number, a word
+# right before a colon ("--frames 3: ...") or a placeholder ("--video FILE")
+_FLAG_RE = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(/--no-\2)?"
+                      r"( (-?\d[^\s,:;)]*|[^\s:]+(?=:)|[A-Z]+\b))?")
 
 
 def api_words(message: str, renames: dict[str, str] | None = None) -> str:
@@ -435,6 +436,8 @@ def api_words(message: str, renames: dict[str, str] | None = None) -> str:
         key = (renames or {}).get(key, key)
         if switch and not pair:
             return f"{key}={not negated}" + (f" {value}" if value is not None else "")
+        if value is not None and value.isalpha() and value.isupper():
+            return f"{key}="  # "give video=", as the API's own messages say
         return f"{key}={value}" if value is not None else key
 
     return _FLAG_RE.sub(spell, message)
