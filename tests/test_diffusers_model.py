@@ -276,7 +276,10 @@ def test_load_lora_refuses_a_scale_that_is_no_finite_number(tiny_native):
         dit.enable_loras(["zzz"])
 
 
-def test_from_pretrained_names_torch_dtype_as_given(tiny_native):
-    """It said '--dtype torch.int8', the command line's flag."""
+def test_from_pretrained_names_torch_dtype_and_device_as_given(tiny_native):
+    """It said '--dtype torch.int8', the command line's flag; device="gpu" raised torch's list
+    of device types."""
     with pytest.raises(LongcatError, match="^torch_dtype=torch.int8: unknown dtype"):
         LongCatTransformer3DModel.from_pretrained(tiny_native, torch_dtype=torch.int8)
+    with pytest.raises(LongcatError, match="^device=gpu: not a device"):
+        LongCatTransformer3DModel.from_pretrained(tiny_native, device="gpu")

@@ -126,6 +126,10 @@ def test_output_types(pipe):
     ({"prompt": 5}, "prompt=5: expected str, not int"),
     ({"distill": "no"}, "distill='no': expected bool"),
     ({"seed": 1, "generator": torch.Generator().manual_seed(42)}, "seed= and generator="),
+    # torch's own TypeError from randn
+    ({"generator": [torch.Generator()] * 2}, "generator: expected a torch.Generator .*, not a "
+     "list of 2"),
+    ({"generator": 5}, "generator: expected a torch.Generator"),
     ({"task": "long", "video": [np.zeros((64, 64, 3), np.uint8)] * 9, "num_segments": 1,
       "num_cond_frames": 5, "latents": torch.zeros(1, 16, 3, 8, 8)},
      "latents=: a long run from video= samples no first segment"),
@@ -156,6 +160,8 @@ def test_numpy_and_torch_scalars_are_taken_as_the_numbers_they_hold(pipe):
     pipe(prompt="a cat", guidance_scale=np.float32(2.0), use_kv_cache=np.bool_(False),
          task="vc", video=frames, num_cond_frames=5, **SIZE)
     pipe(seed=None, generator=torch.Generator().manual_seed(0), **kw)  # seed=None: not given
+    one = pipe(generator=[torch.Generator().manual_seed(3)], **kw)  # diffusers' list form
+    assert np.array_equal(one.frames, frames)
 
 
 def test_from_pretrained_names_torch_dtype_as_given(tiny_native):

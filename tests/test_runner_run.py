@@ -415,3 +415,9 @@ def test_refine_condition_frames_need_a_condition(pipe, t2v_mp4):
 
     with pytest.raises(UsageError, match="num_cond_frames 5: refine takes its condition"):
         pipe.refine(read_video(t2v_mp4)[0], "a cat", num_cond_frames=5, steps=1)
+
+
+def test_a_task_method_refuses_a_prompt_of_none(pipe):
+    """It failed in the tokenizer (TypeError: object of type 'NoneType' has no len())."""
+    with pytest.raises(UsageError, match="prompt=None: give the prompt's text"):
+        pipe.t2v(None, height=32, width=32, num_frames=9, steps=1)

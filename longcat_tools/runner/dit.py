@@ -41,7 +41,7 @@ from longcat_tools.runner.attention import AttnSettings, BSAParams
 from longcat_tools.runner.context_parallel import ContextParallel, FrameSplit
 from longcat_tools.runner.lora import LoraDelta, read_lora
 from longcat_tools.runner.lora import apply as lora_apply
-from longcat_tools.runner.settings import spelled
+from longcat_tools.runner.settings import resolve_device, spelled
 
 KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -573,6 +573,8 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         from longcat_tools.runner.loading import find_transformer, load_transformer
 
         device = kwargs.pop("device", None)
+        if isinstance(device, str):  # torch listed every device type, or asserted (no CUDA)
+            device = resolve_device(device)
         torch_dtype = kwargs.pop("dtype", None) or torch_dtype  # diffusers' newer name
         unsupported = {k: v for k, v in kwargs.items() if k in _UNSUPPORTED_LOAD and v}
         if unsupported:

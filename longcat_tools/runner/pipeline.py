@@ -90,6 +90,19 @@ log = logging.getLogger(__name__)
 _WARNED_BSA: set[tuple] = set()
 
 
+def one_generator(key: str, value: Any) -> torch.Generator | None:
+    """A generator keyword: one torch.Generator, or diffusers' list of one per video (a list of
+    one here: a call makes one video)."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if value is not None and not isinstance(value, torch.Generator):
+        got = (f"a list of {len(value)}" if isinstance(value, (list, tuple))
+               else type(value).__name__)
+        raise UsageError(f"{key}: expected a torch.Generator (or a list of one: a call makes "
+                         f"one video), not {got}")
+    return value
+
+
 def validated(method: TaskMethod) -> TaskMethod:
     """A task method that first checks its options with ``settings.validate`` (the same checks
     as the command line's), so bad values stop before any work with one clear line."""
@@ -100,6 +113,10 @@ def validated(method: TaskMethod) -> TaskMethod:
     def checked(self, *args: Any, **kw: Any) -> Result:
         call = signature.bind(self, *args, **kw)
         call.apply_defaults()
+        if "prompt" in call.arguments and call.arguments["prompt"] is None:
+            raise UsageError("prompt=None: give the prompt's text")  # failed in the tokenizer
+        for key in ("generator", "noise_generator"):
+            call.arguments[key] = one_generator(key, call.arguments.get(key))
         plain_scalars(call.arguments)
         s = from_call(method.__name__, call.arguments)
         validate(s, inputs=False)
