@@ -201,6 +201,12 @@ RUN_CASES = [
      "a long run from --video samples no first segment", 2),
     ("fp8-fp16", ["--precision", "fp8", "--dtype", "fp16"],
      "--precision fp8 --dtype fp16: fp8 GEMMs run with bf16 activations", 2),
+    # accepted, changing nothing
+    ("no-kv-cache-offloaded", ["--task", "vc", "--video", "{text_mp4}", "--cond-frames", "5",
+                               "--no-kv-cache", "--offload-kv-cache"],
+     "--offload-kv-cache: with --no-kv-cache there is no cache to offload", 2),
+    ("latents-in-seed", ["--latents-in", "{lat_shape}", "--seed", "5"],
+     "--seed 5: a t2v run from --latents-in draws no noise", 2),
     ("t2v-segments", ["--segments", "7"], "--segments: --task t2v does not use it", 2),
     ("t2v-cond-frames", ["--cond-frames", "5"], "--cond-frames: --task t2v does not use", 2),
     ("t2v-no-kv-cache", ["--no-kv-cache"], "--kv-cache/--no-kv-cache: --task t2v does not", 2),

@@ -526,6 +526,12 @@ def _check_task_options(s: RunSettings) -> None:
             if getattr(s, name) != by_name[name].default and not reads(s):
                 raise UsageError(f"{flag_of(by_name[name])}: --task {s.task} does not use it "
                                  f"(it is for {which}); drop it")
+    if s.offload_kv_cache and not s.kv_cache:
+        raise UsageError("--offload-kv-cache: with --no-kv-cache there is no cache to offload; "
+                         "drop one")
+    if not seed_matters(s) and s.seed != RunSettings.seed:
+        raise UsageError(f"--seed {s.seed}: a t2v run from --latents-in draws no noise, so the "
+                         "seed changes nothing; drop it")
     if s.task == "long" and s.video and s.latents_in:
         raise UsageError(f"--latents-in {s.latents_in}: a long run from --video samples no "
                          "first segment to start from them; drop one")
