@@ -809,3 +809,25 @@ def test_a_hidden_file_name_is_stored_under_the_adapters_name(native, tmp_path, 
     assert _cli(capsys, "fuse", "distilled", "--dst", tmp_path / "fused", "-m", native)[0] == 0
     assert (tmp_path / "fused" / "lora" / "hid" / "hid.safetensors").is_file()
     assert main(["verify", str(tmp_path / "fused"), "-q"]) == 0
+
+
+def test_a_peft_alpha_stored_as_an_integer_is_read_as_comfy_reads_one(native, tmp_path,
+                                                                       capsys):
+    """kohya-style files may store `.alpha` as an int64: the comfy reader took it, the PEFT
+    reader refused it as "must be a float scalar"."""
+    peft = tmp_path / "peft.safetensors"
+    assert _cli(capsys, "export", "distilled", "--format", "peft", "--out", peft, "-m",
+                native)[0] == 0
+    tensors = load_file(peft)
+    modules = {k.rsplit(".lora_A", 1)[0] for k in tensors if ".lora_A" in k}
+    for dtype, path in ((torch.int64, tmp_path / "int.safetensors"),
+                        (torch.float32, tmp_path / "float.safetensors")):
+        save_file({**tensors, **{f"{m}.alpha": torch.tensor(2, dtype=dtype) for m in modules}},
+                  str(path))
+    got, want = (lf.read_lora(tmp_path / f"{n}.safetensors") for n in ("int", "float"))
+    assert {m: float(e.alpha_scale) for m, e in got.modules.items()} == {
+        m: float(e.alpha_scale) for m, e in want.modules.items()}
+    tensors[f"{sorted(modules)[0]}.alpha"] = torch.tensor(True)
+    save_file(tensors, str(tmp_path / "bool.safetensors"))
+    with pytest.raises(LongcatError, match="must be one number, got torch.bool"):
+        lf.read_lora(tmp_path / "bool.safetensors")

@@ -243,6 +243,8 @@ class Peft(LoraFormat):
                 ) -> tuple[Groups, dict[str, tuple[str, ...]], ScaleOf, list[str]]:
         """Group the tensors by native module; the scale of each target, and the targets whose
         alpha nothing gave (filled as the scales are asked for)."""
+        import torch
+
         where = str(header.path)
         cfg = dict(config or {})
         src = source or where
@@ -293,9 +295,10 @@ class Peft(LoraFormat):
         def scale_of(native: str, j: int, roles: dict[str, str], rank: int) -> float:
             target = targets_of[native][j]
             if "alpha" in roles:
-                t = read(roles["alpha"])
-                if t.numel() != 1 or not t.is_floating_point():
-                    raise LongcatError(f"{where}: '{roles['alpha']}' must be a float scalar")
+                t = read(roles["alpha"])  # kohya files may store it as an integer, as comfy's
+                if t.numel() != 1 or t.is_complex() or t.dtype == torch.bool:
+                    raise LongcatError(f"{where}: '{roles['alpha']}' must be one number, got "
+                                       f"{t.dtype} {list(t.shape)}")
                 alpha = float(t.double())
             else:
                 alpha = _config_alpha(cfg, target, src)
