@@ -208,6 +208,24 @@ def test_bsa_refuses_before_writing_any_config(avatar_copy):
     assert single.read_bytes() == before and not (single.parent / "config.json.bak").exists()
 
 
+def test_bsa_restore_swaps_no_config_while_one_is_read_only(avatar_copy, capsys):
+    """restore swapped base_model/ and then stopped at the read-only base_model_int8/: the two
+    out of step, and the next restore (after chmod) swapped each back, still out of step."""
+    av = avatar_copy("avatar-1.5")
+    assert main(["bsa", "preset", "720p-fast", "-m", str(av), "-q"]) == 0
+    configs = [av / d / "config.json" for d in ("base_model", "base_model_int8")]
+    before = [c.read_bytes() for c in configs]
+    configs[1].chmod(0o444)
+    try:
+        assert main(["bsa", "restore", "-m", str(av), "-q"]) == 1
+        assert "read-only" in capsys.readouterr().err
+        assert [c.read_bytes() for c in configs] == before
+    finally:
+        configs[1].chmod(0o644)
+    assert main(["bsa", "restore", "-m", str(av), "-q"]) == 0
+    assert [json.loads(c.read_text())["enable_bsa"] for c in configs] == [False, False]
+
+
 # --- lora --------------------------------------------------------------------------------------
 
 NATIVE = "lora___lorahyphen___"

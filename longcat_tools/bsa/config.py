@@ -390,6 +390,10 @@ def restore_all(ckpts: list[layouts.Checkpoint], *, dry_run: bool = False) -> li
     plans = [restore(c, dry_run=True) for c in ckpts]
     if dry_run:
         return plans
+    for c in ckpts:  # a read-only config swapped none (the others were, out of step with it)
+        check_folder(c)
+        if config_path(c).exists():
+            check_writable(config_path(c))
     return [restore(c) for c in ckpts]
 
 
