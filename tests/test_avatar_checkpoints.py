@@ -117,6 +117,14 @@ def test_verify_json_and_exit_codes(avatar_trees, avatar_copy, capsys):
     assert main(["verify", str(bad), "-q"]) == 1
 
 
+def test_verify_forward_on_an_avatar_is_a_usage_error(avatar_trees, capsys):
+    """It ran the base model's probe and failed a sound checkpoint, exit 1, with a message
+    saying verify handles avatars."""
+    av = avatar_trees["avatar-1.5"] / avatar.VERSIONS["avatar-1.5"].folder
+    assert main(["verify", str(av), "--forward", "-q"]) == 2
+    assert "--forward probes the base model's DiT" in capsys.readouterr().err
+
+
 def test_verify_names_every_injected_fault(avatar_copy):
     av = avatar_copy("avatar-1.5")
     shutil.rmtree(av.parent / "LongCat-Video")  # missing sibling base

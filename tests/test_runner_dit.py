@@ -66,6 +66,18 @@ def test_forward_check_fails_on_different_weights(tiny_native, tmp_path):
     assert not r["ok"] and r["rel_diff"] > 1e-5 and "differ" in r["problems"][0]
 
 
+def test_forward_check_compares_weights_whatever_the_bsa_setting(tiny_native, tmp_path):
+    """`bsa enable` on one of two byte-identical checkpoints failed the check, blaming the
+    weights: each probe ran its config's attention."""
+    from longcat_tools.cli import main
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_native, other)
+    assert main(["bsa", "enable", "-m", str(other), "-q"]) == 0
+    r = forward_check(tiny_native, against=other)
+    assert r["ok"] and r["identical"], r["problems"]
+
+
 def test_incomplete_or_misshapen_checkpoint_is_one_clear_error(tiny_native, tmp_path):
     from safetensors.torch import load_file, save_file
 

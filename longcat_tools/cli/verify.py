@@ -57,7 +57,7 @@ def verify_cmd(
     from longcat_tools.checkpoint.layouts import resolve_model
     from longcat_tools.errors import LongcatError, UsageError
     from longcat_tools.verify import verify
-    from longcat_tools.verify.checkpoint import is_comfy
+    from longcat_tools.verify.checkpoint import is_avatar, is_comfy
     from longcat_tools.verify.forward import forward_checker
 
     if path and model and Path(path) != Path(model):
@@ -68,6 +68,9 @@ def verify_cmd(
     if forward and is_comfy(root):
         raise UsageError(f"{root}: --forward runs what `run` loads; a ComfyUI single-file DiT "
                          "runs in ComfyUI (convert it to run it here)")
+    if forward and is_avatar(root):
+        raise UsageError(f"{root}: --forward probes the base model's DiT; an avatar checkpoint's "
+                         "(with its audio layers) is not probed: drop --forward")
     check_forward = forward_checker() if forward else None  # UsageError when no runner
     out = Out(json_out, quiet, verbose)
     hashing = deep or checksums or against_hub or manifest or repo

@@ -48,7 +48,9 @@ def _forward(path: str | Path, device: Any, dtype: Any) -> tuple[torch.Tensor, s
 
     dit = load_transformer(path, device=device, dtype=dtype)
     with torch.no_grad():
-        out = dit(**probe_inputs(dit, device=device), num_cond_latents=1).float().cpu()
+        # dense whatever the config's enable_bsa: the check compares weights, and two
+        # checkpoints of the same weights may differ in their BSA setting
+        out = dit(**probe_inputs(dit, device=device), num_cond_latents=1, bsa=None).float().cpu()
     layout = dit.layout
     del dit
     gc.collect()

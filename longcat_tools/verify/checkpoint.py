@@ -156,6 +156,16 @@ def is_comfy(root: Path) -> bool:
     return (root / comfy_single.FILE_NAME).is_file() and not layouts.looks_like_checkpoint(root)
 
 
+def is_avatar(root: Path) -> bool:
+    """Whether ``root`` is a LongCat-Video-Avatar folder, in either layout (a folder whose
+    marks contradict each other is left to verify's checks)."""
+    try:
+        return bool(root.is_dir() and (layouts.avatar_version(root)
+                                       or layouts.converted_avatar_version(root)))
+    except LongcatError:
+        return False
+
+
 def _comfy(rec: Recorder, st: _State, path: Path) -> None:
     """A ComfyUI single-file DiT: what ``convert`` reads it with checks (names, shapes, dtypes,
     fp8 scales); the deep pass then scans its tensors."""
