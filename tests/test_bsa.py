@@ -350,6 +350,22 @@ def test_enable_says_when_it_replaces_invalid_params(ckpt, capsys):
     assert "bsa_params was invalid (not an object)" in capsys.readouterr().out
 
 
+def test_invalid_params_match_no_preset_and_disable_still_turns_bsa_off(ckpt, capsys):
+    """status named 720p-balanced for a chunk of 4.0 it called invalid; disable failed the
+    schema on the params it kept, with no way out named."""
+    path = ckpt / "dit" / "config.json"
+    cfg = json.loads(path.read_text())
+    params = {**TABLE["720p-balanced"][1], "chunk_3d_shape_q": [4.0, 4, 4]}
+    write_json(path, {**cfg, "enable_bsa": True, "bsa_params": params})
+    assert main(["bsa", "status", "-m", str(ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["preset"] is None
+    assert main(["bsa", "disable", "-m", str(ckpt)]) == 0
+    assert "bsa_params was invalid" in capsys.readouterr().out
+    new = json.loads(path.read_text())
+    assert new["enable_bsa"] is False and new["bsa_params"] is None
+    assert json.loads((path.parent / "config.json.bak").read_text())["bsa_params"] == params
+
+
 def test_enable_on_the_hub_config_only_flips_the_switch(ckpt):
     path = ckpt / "dit" / "config.json"
     before = path.read_text()

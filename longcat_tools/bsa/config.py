@@ -175,10 +175,16 @@ def with_enabled(cfg: dict[str, Any], style: JsonStyle = JsonStyle(), *, sparsit
 
 def with_disabled(cfg: dict[str, Any],
                   style: JsonStyle = JsonStyle()) -> tuple[dict[str, Any], list[str]]:
-    """``enable_bsa: false``; the params stay so that ``enable`` brings them back."""
+    """``enable_bsa: false``; the params stay so that ``enable`` brings them back, unless they
+    fail the schema: then they go (null), so that BSA can always be turned off (the backup,
+    if kept, has them)."""
     new = copy.deepcopy(cfg)
     _put(new, "enable_bsa", False, style)
-    kept = "params kept" if isinstance(cfg.get("bsa_params"), dict) else "no params to keep"
+    params = cfg.get("bsa_params")
+    if isinstance(params, dict) and (errors := param_errors(cfg)):
+        _put(new, "bsa_params", None, style)
+        return new, [f"BSA off (bsa_params was invalid ({errors[0]}): set to null)"]
+    kept = "params kept" if isinstance(params, dict) else "no params to keep"
     return new, [f"BSA off ({kept})"]
 
 

@@ -56,7 +56,11 @@ def attention_path(cfg: dict[str, Any]) -> str:
 
 
 def matching_presets(cfg: dict[str, Any]) -> list[str]:
-    """Presets whose ``bsa_params`` equal the config's (whatever ``enable_bsa`` says)."""
+    """Presets whose ``bsa_params`` equal the config's (whatever ``enable_bsa`` says); none for
+    params that fail the schema (4.0 equals 4, but is no chunk size)."""
+    if isinstance(cfg.get("bsa_params"), dict) and param_errors(cfg):
+        return []
+
     def norm(p: dict[str, Any] | None) -> Any:
         if not isinstance(p, dict):
             return None
