@@ -387,7 +387,12 @@ def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
                 if weight not in quantized:
                     w_srcs = flavours.sources_of(weight, keys, source)
                     quantized.clear()  # one weight held at a time
-                    quantized[weight] = fp8_ops.quantize_weight(rows_of(w_srcs))
+                    w = rows_of(w_srcs)
+                    if not bool(torch.isfinite(w).all()):  # an inf scale zeroes its row
+                        raise LongcatError(f"{where}: tensor '{weight}' holds NaN or Inf, which "
+                                           "no e4m3 scale can carry (verify --deep names such "
+                                           "weights); fix the source first")
+                    quantized[weight] = fp8_ops.quantize_weight(w)
                 q, scale = quantized[weight]
                 return scale if name != weight else q
 
@@ -398,9 +403,9 @@ def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
             scale_srcs = flavours.sources_of(f"{name.removesuffix('.weight')}."
                                              f"{fp8_format.SCALE}", keys, source)
 
-            def produce(srcs=srcs, scale_srcs=scale_srcs) -> torch.Tensor:
-                return fp8_ops.dequantize_weight(rows_of(srcs), rows_of(scale_srcs),
-                                                 rest or torch.bfloat16)
+            def produce(srcs=srcs, scale_srcs=scale_srcs, name=name) -> torch.Tensor:
+                return _fits(fp8_ops.dequantize_weight(rows_of(srcs), rows_of(scale_srcs),
+                                                       rest or torch.bfloat16), where, name)
 
             out.append(OutTensor(name, rest or torch.bfloat16, shape, produce=produce))
             continue
@@ -408,11 +413,7 @@ def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
             dtype = rest or torch.bfloat16
 
             def produce(srcs=srcs, dtype=dtype, name=name) -> torch.Tensor:
-                y = rows_of(srcs).to(dtype)
-                if dtype == torch.float16 and bool(torch.isinf(y).any()):
-                    raise LongcatError(f"{where}: tensor '{name}' dequantized overflows float16 "
-                                       "(|x| > 65504); use --dtype bf16")
-                return y
+                return _fits(rows_of(srcs).to(dtype), where, name)
 
             out.append(OutTensor(name, dtype, shape, produce=produce))
             continue
@@ -427,6 +428,15 @@ def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
         else:
             out.append(OutTensor(name, _out_dtype(kept, rest), shape, pieces))
     return out
+
+
+def _fits(y: torch.Tensor, where: Path, name: str) -> torch.Tensor:
+    """A dequantized tensor, refused where float16 overflowed (a finite e4m3 weight times its
+    finite scale is finite: any inf is the cast's)."""
+    if y.dtype == torch.float16 and bool(torch.isinf(y).any()):
+        raise LongcatError(f"{where}: tensor '{name}' dequantized overflows float16 "
+                           "(|x| > 65504); use --dtype bf16")
+    return y
 
 
 def _whole_reader(infos: dict[str, tuple[Path, TensorInfo]]) -> Callable[[str], torch.Tensor]:
@@ -942,8 +952,7 @@ def _write_tensor(out: HashingFile, t: OutTensor, sources: Sources, ring: Buffer
                 sources.read_into(p.path, p.info.begin + r0 * row, view)
                 x = torch.frombuffer(view, dtype=src_dtype)
                 y = x.to(t.dtype)
-                if t.dtype == torch.float16 and bool(torch.isinf(y).any()) and not bool(
-                        torch.isinf(x).any()):
+                if t.dtype == torch.float16 and bool((torch.isinf(y) & torch.isfinite(x)).any()):
                     raise LongcatError(f"{p.path}: tensor '{p.info.name}' overflows float16 "
                                        "(|x| > 65504); use --dtype bf16")
                 del x, view

@@ -450,13 +450,25 @@ def test_fp16_refuses_values_it_cannot_hold(tiny_native, tmp_path):
     shutil.copytree(tiny_native, src)
     shard = sorted((src / "dit").glob("*-00001-of-*.safetensors"))[0]
     t = load_file(str(shard))
-    name = sorted(t)[0]
+    name = next(k for k in sorted(t) if k.endswith("attn.qkv.weight"))  # quantized by fp8
     t[name] = t[name].clone()
     t[name].view(-1)[0] = 1e6
     save_file(t, str(shard), metadata={"format": "pt"})
     with pytest.raises(LongcatError, match="overflows float16"):
         conv.convert(src, tmp_path / "dst", dtype="fp16")
     assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
+    # through fp8, dequantized: came out inf, exit 0, and verify passed it
+    conv.convert(src, tmp_path / "fp8", dtype="fp8")
+    for to in ("converted", "native"):
+        with pytest.raises(LongcatError, match="dequantized overflows float16"):
+            conv.convert(tmp_path / "fp8", tmp_path / f"back_{to}", dtype="fp16", to=to)
+    # an inf already in a chunk let another value's overflow through; fp8 wrote an inf scale
+    t[name].view(-1)[1] = float("inf")
+    save_file(t, str(shard), metadata={"format": "pt"})
+    with pytest.raises(LongcatError, match="overflows float16"):
+        conv.convert(src, tmp_path / "dst", dtype="fp16")
+    with pytest.raises(LongcatError, match="holds NaN or Inf, which no e4m3 scale can carry"):
+        conv.convert(src, tmp_path / "fp8_inf", dtype="fp8")
 
 
 @pytest.mark.parametrize("adapter", ["cfg_step_lora.safetensors", "refinement_lora.safetensors"])
