@@ -723,14 +723,15 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     given_link, link = link, link is not False
     if keys not in keymap.FLAVOURS and to != "comfy":
         raise UsageError(f"--keys: unknown '{keys}' (use one of {', '.join(keymap.FLAVOURS)})")
-    max_shard = parse_size(max_shard_size or DEFAULT_MAX_SHARD)
+    given_size = max_shard_size is not None  # "" is unreadable, not the default
+    max_shard = parse_size(max_shard_size if given_size else DEFAULT_MAX_SHARD)
     src_file = Path(src).is_file()
     found = None if src_file else layouts.detect_any(hub.resolve_source(src))
     if isinstance(found, layouts.AvatarCheckpoint):
         convert_avatar.refuse(to, keys_given, want)
         return convert_avatar.plan_avatar(
             found, Path(dst), to=to, dtype=dtype, want=want,
-            max_shard=parse_size(max_shard_size) if max_shard_size else None, link=link,
+            max_shard=max_shard if given_size else None, link=link,
             lora=lora, force=force, int8_mode=int8)
     if int8 != "keep":
         raise UsageError(f"--int8 {int8}: only for LongCat-Video-Avatar 1.5 folders (their "

@@ -306,3 +306,25 @@ def test_demo_refuses_a_file_or_a_checkpoint_for_its_folder(tiny_native, tmp_pat
         err = capsys.readouterr().err
         assert says in err and "internal error" not in err
     assert not (tiny_native / "d").exists()
+
+
+@pytest.mark.parametrize("code, says, exit_code", [
+    ("ENOSPC", "the disk (or quota) filled while writing", 1),
+    ("EDQUOT", "the disk (or quota) filled while writing", 1),
+    ("EROFS", "on a read-only file system", 2)])
+def test_a_full_disk_or_read_only_file_system_is_one_line(tiny_native, tmp_path, monkeypatch,
+                                                          capsys, code, says, exit_code):
+    """A full disk was "internal error: OSError: [Errno 28] No space left on device"."""
+    import errno
+
+    from longcat_tools import convert as conv
+
+    def full(*_a, **_k):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)),
+                      str(tmp_path / "out.partial" / "transformer"))
+
+    monkeypatch.setattr(conv, "execute", full)
+    assert main(["convert", "--src", str(tiny_native), "--dst", str(tmp_path / "out"),
+                 "-q"]) == exit_code
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'out.partial' / 'transformer'}: {says}"), line

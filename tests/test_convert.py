@@ -443,6 +443,8 @@ def test_options_are_checked(tiny_native, tmp_path):
         conv.plan(tiny_native, tmp_path / "x", to="native", keys="fastvideo")
     with pytest.raises(UsageError, match="--dtype"):
         conv.plan(tiny_native, tmp_path / "x", dtype="int8")
+    with pytest.raises(UsageError, match="cannot read ''"):  # took the default, 5GB
+        conv.plan(tiny_native, tmp_path / "x", max_shard_size="")
 
 
 def test_fp16_refuses_values_it_cannot_hold(tiny_native, tmp_path):

@@ -74,14 +74,24 @@ def _click_message(e: Exception) -> str:
     return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
 
 
-def _path_problem(e: Exception) -> str | None:
-    """A path the system cannot take at all, wherever a command first touched it: a name over
-    the file system's limit, or a NUL character (Python refuses it before the system call)."""
-    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
-        return f"{e.filename}: the path or a name in it is too long for the file system; " \
-               "use a shorter one"
+def _system_problem(e: Exception) -> tuple[str, int] | None:
+    """(line, exit code) for what the system refused, wherever a command first met it: a path
+    it cannot take at all (a name over the file system's limit, a NUL character, which Python
+    refuses before the system call), a read-only file system, or a full disk or quota (the
+    output is left as the command's atomic writes leave it: not there)."""
     if isinstance(e, ValueError) and "embedded null byte" in str(e):
-        return "a path contains a NUL character; remove it"
+        return "a path contains a NUL character; remove it", EXIT_USAGE
+    if not isinstance(e, OSError):
+        return None
+    where = e.filename or "a file"
+    if e.errno == errno.ENAMETOOLONG:
+        return (f"{where}: the path or a name in it is too long for the file system; use a "
+                "shorter one"), EXIT_USAGE
+    if e.errno == errno.EROFS:
+        return f"{where}: on a read-only file system; write elsewhere", EXIT_USAGE
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{where}: the disk (or quota) filled while writing; free space or write "
+                "elsewhere"), EXIT_FAIL
     return None
 
 
@@ -158,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             return fail(message, e.exit_code)
         if verbose:
             traceback.print_exc()
-        if (problem := _path_problem(e)) is not None:
-            _error_line(problem)
-            return fail(problem, EXIT_USAGE)
+        if (problem := _system_problem(e)) is not None:
+            _error_line(problem[0])
+            return fail(*problem)
         message = f"internal error: {type(e).__name__}: {e}"
         _error_line(f"{message} (rerun with -v for the traceback)")
         return fail(message, EXIT_FAIL)
