@@ -227,6 +227,17 @@ def test_options_a_single_file_source_has_nothing_for_are_refused(tiny_native, t
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_shard_as_the_source_says_to_pass_the_folder(tiny_native, tmp_path,
+                                                                   capsys):
+    """It said only "unknown ComfyUI DiT tensor 'x_embedder.proj.weight'", naming no file."""
+    assert _cli("convert", "--src", tiny_native, "--dst", tmp_path / "one", "--to", "native",
+                "-q") == 0
+    shard = tmp_path / "one" / "dit" / "diffusion_pytorch_model.safetensors"
+    line = refused(capsys, "convert", "--src", shard, "--dst", tmp_path / "out", "-q",
+                   says="not a ComfyUI single-file DiT; to convert a checkpoint, pass its folder")
+    assert line.startswith(f"error: {shard}: unknown ComfyUI DiT tensor")
+
+
 def test_non_safetensors_file_is_refused(tmp_path, capsys):
     src = tmp_path / "model.ckpt"
     src.write_bytes(b"x")

@@ -79,7 +79,11 @@ def read(path: Path) -> ComfyFile:
     input_scales = {n: stored.pop(n) for n in list(stored)
                     if n.endswith(comfy_keys.INPUT_SCALE_SUFFIX)}
     for name, info in stored.items():
-        comfy_keys.comfy_to_native(name)  # unknown names: one line naming the tensor
+        try:
+            comfy_keys.comfy_to_native(name)
+        except LongcatError as e:  # e.g. a shard of a checkpoint's dit/, in LongCat's names
+            raise LongcatError(f"{where}: {e}: not a ComfyUI single-file DiT; to convert a "
+                               "checkpoint, pass its folder") from None
         require_float(where, info)
     dims = comfy_keys.dims_from_shapes({n: i.shape for n, i in stored.items()}, where)
     expected = dict(comfy_keys.tensor_specs(dims))
