@@ -431,6 +431,23 @@ def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tiny
     assert "cache" not in err[0] and not missing.exists()
 
 
+def test_offline_a_file_the_record_lists_must_be_there(fake_hub, tmp_path, monkeypatch,
+                                                      capsys):
+    """An emptied tokenizer/ (the folder still there) passed as "ready", exit 0."""
+    fake_hub()
+    dst = tmp_path / "weights"
+    assert main(["download", REPO, "--dst", str(dst), "-q"]) == 0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gone = sorted((dst / "tokenizer").iterdir())
+    for f in gone:
+        f.unlink()
+    for include in ([], ["--include", "tokenizer"]):
+        assert main(["download", REPO, "--dst", str(dst), "-q", *include]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{gone[0]}: missing, though" in err[0], err
+    assert main(["download", REPO, "--dst", str(dst), "-q", "--include", "vae"]) == 0
+
+
 def test_quiet_silences_huggingface_hubs_own_warnings(monkeypatch, tmp_path):
     """-q left huggingface_hub's "Returning existing local_dir ..." warning on stderr."""
     from huggingface_hub.utils import logging as hf_logging

@@ -171,12 +171,30 @@ def check_present(path: str | Path, patterns: list[str] | None = None,
                                    f"(--include {comp} for just that part)")
             for folder in there:
                 layouts.check_contained(folder, allowed)
+        _check_recorded(root, patterns)
     files = hub_manifest.local_files(root)
     for rel in filter_repo_objects(sorted(files), allow_patterns=patterns):
         layouts.check_contained(files[rel], allowed)
         if not files[rel].is_file():
             raise LongcatError(f"{files[rel]}: {why_not_a_file(files[rel])}: the copy is "
                                "damaged; download it again (--force-download)")
+
+
+def _check_recorded(root: Path, patterns: list[str] | None) -> None:
+    """Every file of the selection that the record an earlier download left lists is there: a
+    copy whose tokenizer/ was emptied passed as "ready"."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    saved = hub_manifest.saved_manifest_path(root)
+    if not (saved.is_file() and not saved.is_symlink()):
+        return
+    record = hub_manifest.load_manifest(saved)
+    listed = filter_repo_objects(sorted(record.files), allow_patterns=patterns,
+                                 ignore_patterns=hub_manifest.OPTIONAL)
+    for rel in listed:
+        if not ((root / rel).exists() or (root / rel).is_symlink()):
+            raise LongcatError(f"{root / rel}: missing, though {saved} lists it: the copy is "
+                               "incomplete; download it again with network")
 
 
 @dataclass
