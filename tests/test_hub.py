@@ -402,7 +402,8 @@ def test_offline_a_dst_folder_counts_as_the_repo_its_record_names(fake_hub, tiny
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     capsys.readouterr()
     assert main(["download", REPO, "--dst", str(dst), "--json"]) == 0
-    assert _json(capsys)["offline"]
+    doc = _json(capsys)
+    assert doc["offline"] and doc["commit"] == COMMIT  # the record's (the summary said "?")
     for argv, says in (([f"{REPO}@{COMMIT[:10]}"], None), ([f"{REPO}@main"], None),
                        ([REPO.lower()], None),  # the hub's ids ignore case
                        (["other/repo"], f"holds {REPO} at {COMMIT[:12]}, not other/repo"),

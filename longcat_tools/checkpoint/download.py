@@ -74,8 +74,9 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
     local_only = manifest is None
     if force and unreachable is not None:
         raise LongcatError(f"--force-download: {unreachable}; nothing was fetched again")
+    recorded = None
     if local_only and dst is not None:
-        check_folder_record(ref, Path(dst), unreachable)
+        recorded = check_folder_record(ref, Path(dst), unreachable)
     try:
         path = hub.download(fetch_ref, dst=dst, patterns=patterns, max_workers=max_workers,
                             quiet=quiet, force=force, local_only=local_only)
@@ -85,7 +86,8 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
         raise LongcatError(f"{unreachable}, and there is no copy on this machine "
                            f"({dst or hub.cache_dir()})") from e
     found = hub.snapshot_repo(path)
-    commit = found[0].revision if found else (manifest.commit if manifest else None)
+    listed = manifest or recorded  # offline, a --dst folder's commit is its record's
+    commit = found[0].revision if found else (listed.commit if listed else None)
     saved = None
     if manifest is not None:
         if commit and manifest.commit != commit:  # the branch moved during the download
@@ -107,7 +109,8 @@ def run(ref: hub.RepoRef, *, dst: Path | None = None, patterns: list[str] | None
                           time.perf_counter() - t0)
 
 
-def check_folder_record(ref: hub.RepoRef, dst: Path, unreachable: str | None = None) -> None:
+def check_folder_record(ref: hub.RepoRef, dst: Path, unreachable: str | None = None
+                        ) -> hub_manifest.Manifest:
     """Without the hub, take ``dst`` as ``ref`` only on the record a download left there: given
     ``local_dir``, huggingface_hub returns any existing folder for any repo id."""
     why = unreachable or "downloads are off (HF_HUB_OFFLINE=1)"
@@ -130,6 +133,7 @@ def check_folder_record(ref: hub.RepoRef, dst: Path, unreachable: str | None = N
             len(rev) >= 7 and str(m.commit).startswith(rev)):
         raise LongcatError(f"{dst}: holds {at} (revision {m.revision or 'main'}), not revision "
                            f"{rev}: rerun the download with network, or drop the revision")
+    return m
 
 
 def plan(manifest: hub_manifest.Manifest, patterns: list[str] | None,
