@@ -113,6 +113,18 @@ def test_round_trip_native_converted_native_bit_for_bit(avatar_copy, model):
     assert any(c.status == "fail" for c in verify(back).checks)
 
 
+def test_verify_names_a_converted_folders_files_from_it(avatar_copy):
+    """Every row of a converted (model_index.json) avatar named ../<folder>/..., as if its
+    base parts were a sibling's; the layout row said they come from ../LongCat-Video."""
+    av = avatar_copy("avatar-1.0")
+    conv = av.parent / "conv"
+    _convert("--src", str(av), "--dst", str(conv))
+    report = verify(conv)
+    assert report.ok and not [c.file for c in report.checks if c.file.startswith("../")]
+    assert "base model from this folder" in next(c.message for c in report.checks
+                                                 if c.name == "layout")
+
+
 def test_attached_adapters_keep_name_scale_and_folder(avatar_copy, tmp_path):
     """convert left an avatar's registry behind: an adapter attached at 0.5 came out at 1."""
     av = avatar_copy("avatar-1.5")

@@ -44,14 +44,16 @@ Dims = tuple[dict[str, Any], keymap.DiTDims, AudioDims]
 def run(rec: Recorder, st: V._State, ck: layouts.AvatarCheckpoint) -> None:
     """Every check of an avatar folder, into ``rec``."""
     version = ck.version
-    rec.aliases = ((ck.base, f"../{ck.base.name}"),)
+    if ck.base != ck.root:  # the converted layout holds its base parts itself
+        rec.aliases = ((ck.base, f"../{ck.base.name}"),)
     pickle = ck.audio_encoder / WAV2VEC2_WEIGHTS
     V._walk(rec, st, frozenset({pickle}) if version.audio_encoder == WAV2VEC2 else frozenset())
     st.layout, st.flavour = ck.layout, ck.flavour
     folders = ck.dit_folders
     rec.ok(CKPT, "layout", st.root, f"{ck.describe()}: DiT "
            f"{', '.join(f + '/' for f in folders) or 'none'}; audio encoder "
-           f"{version.audio_encoder}/; base model from ../{avatar.BASE_FOLDER}")
+           f"{version.audio_encoder}/; base model from "
+           + ("this folder" if ck.base == ck.root else f"../{avatar.BASE_FOLDER}"))
     _root_files(rec, st, ck)
     dims: dict[str, Dims] = {}
     for name in ck.dits:
@@ -299,7 +301,8 @@ def _separator(rec: Recorder, path: Path) -> None:
 
 def _base(rec: Recorder, st: V._State, ck: layouts.AvatarCheckpoint) -> None:
     """The base model's parts, where the original reads them: ``../LongCat-Video``."""
-    brec = rec.beside(ck.base, snapshot_roots(ck.base) if ck.base.is_dir() else ())
+    brec = rec if ck.base == ck.root else rec.beside(
+        ck.base, snapshot_roots(ck.base) if ck.base.is_dir() else ())
     problem = ck.base_problem()
     if problem:
         rec.fail(CKPT, "base", ck.base, problem)
