@@ -113,6 +113,8 @@ def test_the_pipeline_api_takes_offload(tree):
     assert pipe.offload_text_encoder
     with pytest.raises(LongcatError, match="offload=cpu: unknown"):
         LongCatVideoAvatarPipeline.from_pretrained(root, offload="cpu")
+    with pytest.raises(LongcatError, match="device=gpu: not a device"):  # torch's device list
+        LongCatVideoAvatarPipeline.from_pretrained(root, device="gpu")
 
 
 def test_an_unknown_offload_is_one_line(tree, capsys):

@@ -421,3 +421,11 @@ def test_a_task_method_refuses_a_prompt_of_none(pipe):
     """It failed in the tokenizer (TypeError: object of type 'NoneType' has no len())."""
     with pytest.raises(UsageError, match="prompt=None: give the prompt's text"):
         pipe.t2v(None, height=32, width=32, num_frames=9, steps=1)
+
+
+def test_offload_on_the_cpu_says_it_does_nothing(tiny_native, tmp_path, capsys):
+    """--offload dit on --device cpu ran as if it were not given, without a word."""
+    assert main(["run", "-m", str(tiny_native), "-p", "a cat", *TINY, "--device", "cpu",
+                 "--offload", "dit", "--out", str(tmp_path / "x.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --offload dit: the run is on the CPU" in err, err

@@ -58,6 +58,7 @@ from longcat_tools.runner.settings import (
     AVATAR_DISTILL_NAME,
     check_offload,
     guidance_of,
+    resolve_device,
     spelled,
 )
 
@@ -212,7 +213,9 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         folder = dit_folder(ckpt.version, speakers, int8)
         if not (ckpt.root / folder).is_dir():
             raise LongcatError(f"{ckpt.root}: no {folder}/ (the DiT this run needs)")
-        device, dtype = torch.device(device), parse_dtype(torch_dtype or "fp32")
+        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        check_offload(offload, device)
+        dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
         _quiet_libraries()
         with rep.stage("load"):

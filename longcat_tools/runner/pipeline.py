@@ -368,6 +368,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         root = ckpt.root
         # a name as run checks it (torch's assert or its list of device types came through)
         device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        check_offload(offload, device)
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
         check_components(ckpt)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import numbers
 import os
 import re
@@ -32,6 +33,8 @@ from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.model.chunks import MAX_FRAMES, frames_problem, latent_frames, latent_grid
 from longcat_tools.runner import footprint
 from longcat_tools.runner.buckets import RESOLUTIONS, bucket_size
+
+log = logging.getLogger(__name__)
 
 TASKS = ("t2v", "i2v", "vc", "long", "refine")  # the base model's
 AVATAR_TASKS = ("at2v", "ai2v", "avc")  # LongCat-Video-Avatar's (runner.avatar_pipeline)
@@ -272,8 +275,12 @@ def check_bsa(choice: str) -> None:
     check_choice("--bsa", choice, BSA_CHOICES)
 
 
-def check_offload(choice: str) -> None:
+def check_offload(choice: str, device: Any = None) -> None:
+    """A known choice; on a CPU ``device`` a warning that it does nothing (it said nothing)."""
     check_choice("--offload", choice, OFFLOAD_CHOICES)
+    if choice != "none" and device is not None and device.type == "cpu":
+        log.warning(f"--offload {choice}: the run is on the CPU, where the weights are anyway; "
+                    "nothing is offloaded")
 
 
 def resolve_device(device: str) -> Any:
