@@ -43,7 +43,6 @@ from longcat_tools.model import avatar
 from longcat_tools.runner import schedule
 from longcat_tools.runner.pipeline import (
     DEFAULT_NEGATIVE_PROMPT,
-    LOAD_RENAMES,
     LORA_DISTILL,
     MAX_SEQUENCE_LENGTH,
     LongCatVideoPipeline,
@@ -56,6 +55,7 @@ from longcat_tools.runner.pipeline import (
 )
 from longcat_tools.runner.settings import (
     AVATAR_DISTILL_NAME,
+    LOAD_RENAMES,
     check_offload,
     guidance_of,
     resolve_device,

@@ -41,7 +41,7 @@ from longcat_tools.runner.attention import AttnSettings, BSAParams
 from longcat_tools.runner.context_parallel import ContextParallel, FrameSplit
 from longcat_tools.runner.lora import LoraDelta, read_lora
 from longcat_tools.runner.lora import apply as lora_apply
-from longcat_tools.runner.settings import resolve_device, spelled
+from longcat_tools.runner.settings import LOAD_RENAMES, resolve_device, spelled
 
 KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -556,7 +556,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return Block(d.hidden_size, d.num_heads, d.ffn_hidden, d.adaln_tembed_dim)
 
     @classmethod
-    @spelled({"dtype": "torch_dtype"})
+    @spelled(LOAD_RENAMES)
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
                         subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
                         **kwargs: Any) -> LongCatTransformer3DModel:

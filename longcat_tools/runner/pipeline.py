@@ -59,6 +59,7 @@ from longcat_tools.runner.dit import LongCatTransformer3DModel
 from longcat_tools.runner.loading import parse_dtype, resolve_checkpoint
 from longcat_tools.runner.settings import (
     DISTILL_NAME,
+    LOAD_RENAMES,
     TASKS,
     RunSettings,
     check_components,
@@ -83,7 +84,6 @@ DEFAULT_NEGATIVE_PROMPT = (
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 # __call__'s keywords (diffusers') for the task methods' steps and guidance
 CALL_RENAMES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
-LOAD_RENAMES = {"dtype": "torch_dtype"}  # from_pretrained's (diffusers') keyword
 TaskMethod = TypeVar("TaskMethod", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 # (token grid, BSA params) already warned to keep no key chunk: once a size, not each step
@@ -116,7 +116,8 @@ def validated(method: TaskMethod) -> TaskMethod:
         if "prompt" in call.arguments and call.arguments["prompt"] is None:
             raise UsageError("prompt=None: give the prompt's text")  # failed in the tokenizer
         for key in ("generator", "noise_generator"):
-            call.arguments[key] = one_generator(key, call.arguments.get(key))
+            if key in call.arguments:
+                call.arguments[key] = one_generator(key, call.arguments[key])
         plain_scalars(call.arguments)
         s = from_call(method.__name__, call.arguments)
         validate(s, inputs=False)

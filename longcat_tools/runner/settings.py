@@ -451,6 +451,7 @@ def api_words(message: str, renames: dict[str, str] | None = None) -> str:
 
 
 FLAGS = None  # spelled(FLAGS): the command line's words
+LOAD_RENAMES = {"dtype": "torch_dtype"}  # spelled(LOAD_RENAMES): from_pretrained's keyword
 _SPELLING: contextvars.ContextVar[Any] = contextvars.ContextVar("spelling", default=...)
 
 
