@@ -201,7 +201,8 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
 
         if unused:
             raise LongcatError(f"the avatar pipeline takes no '{next(iter(unused))}'")
-        check_offload(offload)
+        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        check_offload(offload, device)
         encoder_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
         swap = offload in ("dit", "all")
         refuse_empty(pretrained_model_name_or_path, "checkpoint")
@@ -213,8 +214,6 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         folder = dit_folder(ckpt.version, speakers, int8)
         if not (ckpt.root / folder).is_dir():
             raise LongcatError(f"{ckpt.root}: no {folder}/ (the DiT this run needs)")
-        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-        check_offload(offload, device)
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
         _quiet_libraries()

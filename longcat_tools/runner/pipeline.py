@@ -362,14 +362,13 @@ class LongCatVideoPipeline(DiffusionPipeline):
         from longcat_tools.runner import offload as off
         from longcat_tools.runner.loading import empty_transformer, finish_loading
 
-        check_offload(offload)
+        # a name as run checks it (torch's assert or its list of device types came through)
+        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        check_offload(offload, device)
         te_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
         swap = offload in ("dit", "all")
         ckpt = resolve_checkpoint(resolve_source(pretrained_model_name_or_path))
         root = ckpt.root
-        # a name as run checks it (torch's assert or its list of device types came through)
-        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-        check_offload(offload, device)
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
         check_components(ckpt)
