@@ -429,3 +429,13 @@ def test_offload_on_the_cpu_says_it_does_nothing(tiny_native, tmp_path, capsys):
                  "--offload", "dit", "--out", str(tmp_path / "x.mp4")]) == 0
     err = capsys.readouterr().err
     assert "warning: --offload dit: the run is on the CPU" in err, err
+
+
+def test_an_api_warning_names_the_api_keyword(tiny_native, caplog):
+    """The Python API's caller never wrote --offload; the warning named the flag."""
+    from longcat_tools.runner.pipeline import LongCatVideoPipeline
+
+    with caplog.at_level("WARNING"):
+        LongCatVideoPipeline.from_pretrained(tiny_native, device="cpu", offload="dit")
+    assert "offload=dit: the run is on the CPU" in caplog.text, caplog.text
+    assert "--offload" not in caplog.text

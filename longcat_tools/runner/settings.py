@@ -279,8 +279,8 @@ def check_offload(choice: str, device: Any = None) -> None:
     """A known choice; on a CPU ``device`` a warning that it does nothing (it said nothing)."""
     check_choice("--offload", choice, OFFLOAD_CHOICES)
     if choice != "none" and device is not None and device.type == "cpu":
-        log.warning(f"--offload {choice}: the run is on the CPU, where the weights are anyway; "
-                    "nothing is offloaded")
+        log.warning(callers_words(f"--offload {choice}: the run is on the CPU, where the "
+                                  "weights are anyway; nothing is offloaded"))
 
 
 def resolve_device(device: str) -> Any:
@@ -473,6 +473,13 @@ def spelled(renames: dict[str, str] | None) -> Iterator[None]:
         raise
     finally:
         _SPELLING.reset(token)
+
+
+def callers_words(message: str) -> str:
+    """A warning as the outermost caller writes its settings (errors are respelled as they
+    leave ``spelled``; a warning is printed inside it)."""
+    renames = _SPELLING.get()
+    return message if renames is ... or renames is FLAGS else api_words(message, renames)
 
 
 def flag_of(f: Field) -> str:
