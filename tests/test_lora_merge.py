@@ -203,6 +203,29 @@ def test_weights_edited_after_loading_are_kept_not_read_back(tiny_native, reads)
     assert all(torch.equal(after[k], v) for k, v in sd.items())
 
 
+def test_a_weight_edited_in_place_is_kept_not_read_back(tiny_native, reads):
+    """A training step (an in-place edit) on a loaded model: restore read the shards, so the
+    merged weights came back as the checkpoint's and the edit was lost."""
+    dit = load_transformer(tiny_native)
+    dit.load_lora(tiny_native / CFG, "cfg")
+    reads.clear()
+    for _ in range(2):  # merged and read back from the shards: still the checkpoint's after
+        dit.enable_loras(["cfg"])
+        dit.disable_loras()
+    assert len(reads) == 2
+    w = dit.blocks[0].attn.qkv.weight
+    with torch.no_grad():
+        w.mul_(2.0)
+    sd = {k: v.clone() for k, v in dit.state_dict().items()}
+    reads.clear()
+    dit.enable_loras(["cfg"])
+    assert dit._lora_merged.originals
+    dit.disable_loras()
+    assert reads == []
+    after = dit.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in sd.items())
+
+
 def test_a_new_set_or_scale_restores_then_merges_and_the_same_set_is_free(tiny_native, reads,
                                                                            monkeypatch):
     merges = []

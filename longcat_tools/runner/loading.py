@@ -93,18 +93,21 @@ def find_transformer(name_or_path: str | Path, subfolder: str | None = None) -> 
 
 @dataclass(frozen=True)
 class Origin:
-    """The checkpoint a model was loaded from, in which dtype, and its shards' size and mtime
-    then: enough to read some parameters again exactly (``runner.lora_merge`` restores merged
-    weights so), and to notice when that is no longer possible."""
+    """The checkpoint a model was loaded from, in which dtype, its shards' size and mtime then,
+    and each tensor's version counter since it last held the checkpoint's values: enough to
+    read some parameters again exactly (``runner.lora_merge`` restores merged weights so), and
+    to notice when that is no longer possible (an optimizer step or an in-place edit bumps the
+    counter; an edit through ``.data`` does not)."""
 
     ckpt: layouts.Checkpoint
     dtype: torch.dtype
     stamps: tuple[tuple[Path, int, int], ...]
+    versions: dict[str, int]
 
     @classmethod
-    def of(cls, ckpt: layouts.Checkpoint, dtype: torch.dtype) -> Origin:
+    def of(cls, ckpt: layouts.Checkpoint, model: torch.nn.Module) -> Origin:
         files = sorted(set(layouts.transformer_shards(ckpt).values()))
-        return cls(ckpt, dtype, tuple((f, *_stamp(f)) for f in files))
+        return cls(ckpt, model.dtype, tuple((f, *_stamp(f)) for f in files), {})
 
     def unchanged(self) -> bool:
         """Whether every shard is still there with the size and mtime it had at load."""
@@ -112,6 +115,14 @@ class Origin:
             return all(_stamp(f) == (size, mtime) for f, size, mtime in self.stamps)
         except OSError:
             return False
+
+    def holds(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether these tensors still hold the checkpoint's values (none edited in place)."""
+        return all(self.versions.get(n) == t._version for n, t in tensors.items())
+
+    def refilled(self, tensors: dict[str, torch.Tensor]) -> None:
+        """These tensors hold the checkpoint's values again (read back from it)."""
+        self.versions.update((n, t._version) for n, t in tensors.items())
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -332,7 +343,9 @@ def finish_loading(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
 def remember_origin(model: torch.nn.Module, ckpt: layouts.Checkpoint | None) -> None:
     """``model.origin``: the checkpoint its weights can be read back from (None: they cannot),
     forgotten by ``load_state_dict``, after which the weights are no longer the checkpoint's."""
-    model.origin = None if ckpt is None else Origin.of(ckpt, model.dtype)
+    model.origin = None if ckpt is None else Origin.of(ckpt, model)
+    if ckpt is not None:
+        model.origin.refilled(dict((*model.named_parameters(), *model.named_buffers())))
     model.register_load_state_dict_post_hook(_forget_origin)
 
 

@@ -9,8 +9,9 @@ enabling order, cast back once, so a merged model holds the weights of the fused
 Each weight is merged where it lives (the GPU, or the host under block swap), one at a time,
 with one fp32 copy of it beside.
 
-The way back is exact, bit for bit: a model loaded from a checkpoint (``loading.Origin``) reads
-the merged parameters again from its shards; any other model keeps a host copy of each merged
+The way back is exact, bit for bit: a model loaded from a checkpoint (``loading.Origin``), whose
+merged parameters still hold the checkpoint's values, reads them again from its shards; any
+other model (or one edited in place, a training step) keeps a host copy of each merged
 parameter's original (pinned when the parameter is on a GPU).
 """
 
@@ -94,15 +95,17 @@ def mergeable(model: torch.nn.Module, registry: Registry, names: list[str]) -> b
 def _origin(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Origin | None:
     """The model's checkpoint when reading it again gives these parameters' values exactly:
     loaded by ``load_transformer`` (``load_state_dict`` forgets it), still in the dtype it was
-    loaded in (e4m3 layers as loaded: re-quantizing is deterministic), no PEFT layers (their
-    fuse would edit base weights) and the shards unchanged."""
+    loaded in (e4m3 layers as loaded: re-quantizing is deterministic), not edited in place
+    since (a training step), no PEFT layers (their fuse would edit base weights) and the shards
+    unchanged."""
     origin = getattr(model, "origin", None)
     if origin is None or getattr(model, "_hf_peft_config_loaded", False):
         return None
     if any(hasattr(m, "base_layer") for m in model.modules()):
         return None
     weights = [p for name, p in params.items() if not fp8_format.is_scale(name)]
-    if any(p.dtype not in (origin.dtype, E4M3) for p in weights) or not origin.unchanged():
+    if (any(p.dtype not in (origin.dtype, E4M3) for p in weights) or not origin.holds(params)
+            or not origin.unchanged()):
         return None
     return origin
 
@@ -184,3 +187,4 @@ def restore(model: torch.nn.Module, merged: Merged) -> None:
                            "into cannot be read back; load the model again")
     if merged.params:
         loading.fill_parameters(model, origin.ckpt, names=list(merged.params))
+        origin.refilled(merged.params)
