@@ -439,3 +439,32 @@ def test_an_api_warning_names_the_api_keyword(tiny_native, caplog):
         LongCatVideoPipeline.from_pretrained(tiny_native, device="cpu", offload="dit")
     assert "offload=dit: the run is on the CPU" in caplog.text, caplog.text
     assert "--offload" not in caplog.text
+
+
+@pytest.mark.parametrize("scratch", [".x.mp4.partial", ".x.mp4.json.partial",
+                                     ".x.mp4.audio.wav"])
+def test_a_link_at_a_scratch_name_is_refused_not_written_through(tiny_native, tmp_path, capsys,
+                                                                 scratch):
+    """The mp4 was encoded through a link left at its scratch name: a checkpoint shard outside
+    the output folder became an mp4."""
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"keep")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / scratch).symlink_to(victim)
+    assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", *TINY, "--device", "cpu",
+                 "--out", str(out / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / scratch}: the scratch file of --out is a symlink" in err, err
+    assert victim.read_bytes() == b"keep"
+
+
+def test_a_stale_scratch_file_is_replaced(tiny_native, tmp_path):
+    """What a killed run left at the scratch names is its own, and is written over."""
+    (tmp_path / ".x.mp4.partial").write_bytes(b"stale")
+    (tmp_path / ".x.mp4.json.partial").write_text("stale")
+    assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", *TINY, "--device", "cpu",
+                 "--out", str(tmp_path / "x.mp4")]) == 0
+    assert probe(tmp_path / "x.mp4")["frames"] == 9
+    assert json.loads((tmp_path / "x.mp4.json").read_text())["settings"]["prompt"] == "a cat"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mp4", "x.mp4.json"]

@@ -913,6 +913,15 @@ def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
     model."""
     if path.is_dir():
         raise UsageError(f"{opt} {path}: is a folder (give a file name)")
+    from longcat_tools.checkpoint import layouts
+    from longcat_tools.runner import video as vio
+
+    if path.suffix == ".mp4":
+        for scratch in vio.scratch_names(path):  # a link there would take the write elsewhere
+            try:
+                layouts.check_plain(scratch, f"the scratch file of {opt}")
+            except LongcatError as e:
+                raise UsageError(str(e)) from None
     real = real_path(path)
     outer = model[0] if any(real == m or m in real.parents for m in model) else (
         enclosing_checkpoint(path))

@@ -41,6 +41,23 @@ def staged_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def audio_name(path: Path) -> Path:
+    """The temporary WAV an mp4's speech is muxed from, beside it."""
+    return path.with_name(f".{path.name}.audio.wav")
+
+
+def scratch_names(path: Path) -> list[Path]:
+    """Every temporary name writing the mp4 ``path`` and its sidecar uses."""
+    return [staged_name(path), audio_name(path), staged_name(Path(f"{path}.json"))]
+
+
+def _cleared(path: Path) -> Path:
+    """A scratch name with whatever an earlier run left there removed: a stale file, or a link,
+    which the write would follow out of the output folder."""
+    path.unlink(missing_ok=True)
+    return path
+
+
 def _write_wav(path: Path, samples: np.ndarray, rate: int, seconds: float) -> None:
     """16-bit mono PCM of ``samples`` (float, [-1, 1]) cut or zero-padded to ``seconds``."""
     import wave
@@ -70,11 +87,11 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18,
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staged_name(path)
+    tmp = _cleared(staged_name(path))
     h, w = frames.shape[1:3]
     wav = None
     if audio is not None:
-        wav = path.with_name(f".{path.name}.audio.wav")
+        wav = _cleared(audio_name(path))
         _write_wav(wav, audio, audio_rate, len(frames) / fps)
     writer = imageio_ffmpeg.write_frames(
         str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
@@ -108,9 +125,10 @@ def publish(staged_mp4: Path, path: str | Path, sidecar_text: str) -> None:
     at any point never leaves an mp4 without its sidecar. Staged files are removed on failure."""
     path = Path(path)
     sidecar = Path(f"{path}.json")
-    tmp = staged_name(sidecar)
+    tmp = _cleared(staged_name(sidecar))
     try:
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with open(fd, "w") as f:
             f.write(sidecar_text)
             f.flush()
             os.fsync(f.fileno())
