@@ -292,6 +292,11 @@ def test_fuse_refusals_are_one_line_and_write_nothing(avatar_trees, avatar_copy,
     refused(capsys, "lora", "fuse", "dmd_lora", "--dst", av.parent / "f", "-m", av,
             "--int8", "drop", says="no float DiT folder to fuse into")
     assert not dst.exists() and not (av.parent / "f").exists()
+    base = av.parent / "LongCat-Video"  # --force replaced the base model the avatar reads
+    before = sorted(p.name for p in base.iterdir())
+    refused(capsys, "lora", "fuse", "dmd_lora", "--dst", base, "-m", av, "--int8", "drop",
+            "--force", code=2, says=f"{base}: the output may not be inside the source checkpoint")
+    assert sorted(p.name for p in base.iterdir()) == before
 
 
 def test_fuse_elsewhere_warns_about_the_base_folder(avatar_trees, tmp_path, capsys):

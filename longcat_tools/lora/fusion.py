@@ -208,6 +208,9 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
                          "with `convert --to native --int8 drop` first, then fuse")
     dst = Path(dst)
     check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
+    if ckpt.avatar is not None and ckpt.avatar.base != ckpt.root:
+        # the sibling base model the avatar reads: never replaced by the output (as convert)
+        check_replaceable(dst, "checkpoint", source=ckpt.avatar.base, force=force)
     for entry in ckpt.root.iterdir():  # what the copy will place: no link loop among it
         try:
             entry.resolve()
