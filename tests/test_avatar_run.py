@@ -14,6 +14,7 @@ from avatar_media import RATE, speech, write_wav
 from PIL import Image
 
 from longcat_tools.cli import main
+from longcat_tools.errors import LongcatError
 from longcat_tools.model import avatar
 from longcat_tools.runner import avatar_pipeline, video
 
@@ -237,3 +238,24 @@ def test_a_truncated_shard_is_refused_before_any_weights(capsys, avatar_copy, me
                       "--no-vocal-separation", *TINY, "-o", str(media["dir"] / "t.mp4"))
         assert rc == 1 and str(shard) in err and "truncated" in err, err
         shard.write_bytes(data)
+
+
+def test_a_link_out_of_the_folder_is_refused_before_any_weights(capsys, avatar_copy, media,
+                                                                  tmp_path):
+    """The avatar run followed links that verify refuses: its DiT config, the audio encoder's
+    weights and the base model's VAE were read from outside their folders."""
+    av = avatar_copy("avatar-1.5")
+    base = av.parent / "LongCat-Video"
+    for path in (av / "base_model" / "config.json",
+                 next((av / avatar.VERSIONS["avatar-1.5"].audio_encoder).glob("*.safetensors")),
+                 next((base / "vae").glob("*.safetensors")), av / "lora" / "dmd_lora.safetensors"):
+        outside = tmp_path / path.name
+        path.rename(outside)
+        path.symlink_to(outside)
+        rc, err = run(capsys, "-m", str(av), "--task", "at2v", "--audio", str(media["a"]),
+                      "--no-vocal-separation", *TINY, "-o", str(tmp_path / "t.mp4"))
+        assert rc == 1 and f"{path}: resolves to {outside}, outside the checkpoint" in err, err
+        with pytest.raises(LongcatError, match="outside the checkpoint"):
+            avatar_pipeline.LongCatVideoAvatarPipeline.from_pretrained(av)
+        path.unlink()
+        outside.rename(path)

@@ -159,6 +159,9 @@ RUN_CASES = [
     ("latents-without-a-name", ["--save-latents", "{hidden_latents}"],
      "name the file (NAME.safetensors)", 2),
     ("out-under-a-file", ["--out", "{under_file}"], "is not a folder", 2),
+    # ffmpeg failed on the scratch file's name after the whole generation
+    ("out-scratch-name-too-long", ["--out", "{long_name}"],
+     "the name is too long for its scratch files", 2),
     ("fps-nan", ["--fps", "nan"], "--fps nan", 2),
     ("fps-1e-5", ["--fps", "0.00001"], "from 1 to 1000", 2),  # an mp4 without video, exit 0
     ("steps-1e12", ["--steps", str(10**12)], "must be 1 to 1000", 2),  # failed allocating
@@ -254,6 +257,7 @@ def test_run_refuses_bad_input_before_loading(capsys, tiny_native, tmp_path, cas
         "hidden": tmp_path / ".mp4",
         "hidden_latents": tmp_path / ".safetensors",
         "dangling": tmp_path / "gone.png",
+        "long_name": tmp_path / ("b" * 246 + ".mp4"),
     }
     files["text"].write_text("not a picture, not a video\n")
     files["text_mp4"].write_text("the video a run must not overwrite\n")
@@ -388,6 +392,28 @@ def test_run_reads_no_component_file_linked_out_of_the_checkpoint(capsys, ckpt, 
     finally:
         path.unlink()
         path.write_bytes(original)
+
+
+@pytest.mark.parametrize("option, rel, name", [
+    ("--distill", "lora/cfg_step_lora.safetensors", "distilled"),
+    ("--refine", "lora/refinement_lora.safetensors", "refinement")])
+def test_run_reads_no_hub_lora_linked_out_of_the_checkpoint_or_missing(capsys, ckpt, tmp_path,
+                                                                      no_weights, option, rel,
+                                                                      name):
+    """--distill read a cfg_step_lora.safetensors linked out of the checkpoint (verify refuses
+    it), and a missing one was found only after loading."""
+    path = ckpt / rel
+    outside = tmp_path / path.name
+    path.rename(outside)
+    run = ("run", "-q", "-m", ckpt, "-p", "a cat", option, "--height", "32", "--width", "32",
+           "--frames", "9", "--out", tmp_path / "x.mp4")
+    try:
+        fast_refusal(capsys, *run, says=f"no '{name}' LoRA")
+        path.symlink_to(outside)
+        fast_refusal(capsys, *run, says=f"{path}: resolves to {outside}, outside the checkpoint")
+    finally:
+        path.unlink(missing_ok=True)
+        outside.rename(path)
 
 
 BAD_BSA_CONFIGS = [

@@ -56,6 +56,7 @@ from longcat_tools.runner.pipeline import (
 from longcat_tools.runner.settings import (
     AVATAR_DISTILL_NAME,
     LOAD_RENAMES,
+    check_avatar_files,
     check_offload,
     guidance_of,
     resolve_device,
@@ -214,6 +215,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         folder = dit_folder(ckpt.version, speakers, int8)
         if not (ckpt.root / folder).is_dir():
             raise LongcatError(f"{ckpt.root}: no {folder}/ (the DiT this run needs)")
+        check_avatar_files(ckpt, folder)
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
         _quiet_libraries()

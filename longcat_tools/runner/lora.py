@@ -118,15 +118,20 @@ def read_lora(path: str | Path, model: LongCatTransformer3DModel, multiplier: fl
 
 def lora_path(ckpt_root: str | Path, kind: str) -> Path:
     """The hub adapter ``kind`` ('distilled' or 'refinement') in any layout: native
-    ``lora/cfg_step_lora.safetensors``, converted ``lora/distilled/*.safetensors``."""
-    from longcat_tools.checkpoint.layouts import NATIVE_LORAS
+    ``lora/cfg_step_lora.safetensors``, converted ``lora/distilled/*.safetensors``; a link
+    leading out of the checkpoint (its cache folder for a hub snapshot) is refused."""
+    from longcat_tools.checkpoint.hub import snapshot_roots
+    from longcat_tools.checkpoint.layouts import NATIVE_LORAS, check_contained
 
+    allowed = snapshot_roots(ckpt_root) or (Path(ckpt_root).resolve(),)
     root = Path(ckpt_root) / "lora"
     hub_file = next((f for f, name in NATIVE_LORAS.items() if name == kind), None)
     if hub_file is not None and (root / hub_file).is_file():
+        check_contained(root / hub_file, allowed)
         return root / hub_file
     sub = sorted((root / kind).glob("*.safetensors")) if (root / kind).is_dir() else []
     if len(sub) == 1:
+        check_contained(sub[0], allowed)
         return sub[0]
     if len(sub) > 1:
         raise LongcatError(f"{root / kind}: several LoRA files; pass the one to use")

@@ -574,6 +574,29 @@ def _check_task_options(s: RunSettings) -> None:
                          "speakers' regions come from the image)")
 
 
+def check_avatar_files(ckpt: Any, folder: str) -> None:
+    """Every file an avatar run reads stays inside its folder once links are followed (the
+    base parts inside the base model's): its DiT ``folder``, the audio encoder, the vocal
+    separator and adapters, the base model's tokenizer, text encoder, VAE and scheduler, as
+    ``verify`` requires. The loaders would follow a link anywhere."""
+    from longcat_tools.checkpoint import layouts
+    from longcat_tools.checkpoint.hub import snapshot_roots
+
+    base = ckpt.base
+    base_allowed = ckpt.containment if base == ckpt.root else (
+        snapshot_roots(base) or (base.resolve(),))
+    own = [ckpt.root / folder, ckpt.audio_encoder, ckpt.root / avatar.VOCAL_SEPARATOR,
+           ckpt.lora_dir, ckpt.root / "scheduler"]
+    for paths, allowed in ((own, ckpt.containment),
+                           ([base / p for p in (*ckpt.base_parts, "scheduler")], base_allowed)):
+        for path in paths:
+            if not os.path.lexists(path):
+                continue
+            layouts.check_contained(path, allowed)
+            for f in sorted(path.rglob("*")) if path.is_dir() else ():
+                layouts.check_contained(f, allowed)
+
+
 def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     """An avatar run's checkpoint and audio files, before any weights load; returns its DiT's
     dimensions."""
@@ -619,6 +642,7 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
         raise LongcatError(f"{ckpt.root}: no {folder.name}/, the DiT this run needs"
                            + (" (two speakers)" if len(s.audio) > 1 else ""))
     ckpt.require_base()
+    check_avatar_files(ckpt, folder.name)
     if s.vocal_separation and not (ckpt.root / avatar.VOCAL_SEPARATOR).is_file():
         raise LongcatError(f"{ckpt.root / avatar.VOCAL_SEPARATOR}: missing (vocal separation "
                            "needs it; or pass --no-vocal-separation)")
@@ -689,6 +713,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     output path: everything the run reads or writes, checked without loading weights."""
     from longcat_tools.checkpoint import layouts
     from longcat_tools.runner import video as vio
+    from longcat_tools.runner.lora import lora_path
 
     ckpt = layouts.detect_any(layouts.resolve_model(s.model))
     if isinstance(ckpt, layouts.AvatarCheckpoint) != (s.task in AVATAR_TASKS):
@@ -703,8 +728,13 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         cfg = ckpt.config()
         dims = keymap.dit_dims(cfg, str(ckpt.config_path))  # as every reader
         check_components(ckpt)
-        check_fused(s, ckpt.root, *(layouts.fused_scale(cfg, "name", n)
-                                     for n in (layouts.LORA_DISTILL, layouts.LORA_REFINE)))
+        fused = {n: layouts.fused_scale(cfg, "name", n)
+                 for n in (layouts.LORA_DISTILL, layouts.LORA_REFINE)}
+        check_fused(s, ckpt.root, *fused.values())
+        for name, used in ((layouts.LORA_DISTILL, s.distill),
+                           (layouts.LORA_REFINE, s.refine or s.task == "refine")):
+            if used and fused[name] is None:  # present, inside the checkpoint
+                lora_path(ckpt.root, name)
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
             raise UsageError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
                              "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")
@@ -911,17 +941,11 @@ def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
     """An output file the run may write: not a folder, in a writable folder, and not inside
     the checkpoint (``model``: its real folders) or any other one, whose files belong to the
     model."""
-    if path.is_dir():
-        raise UsageError(f"{opt} {path}: is a folder (give a file name)")
     from longcat_tools.checkpoint import layouts
     from longcat_tools.runner import video as vio
 
-    if path.suffix == ".mp4":
-        for scratch in vio.scratch_names(path):  # a link there would take the write elsewhere
-            try:
-                layouts.check_plain(scratch, f"the scratch file of {opt}")
-            except LongcatError as e:
-                raise UsageError(str(e)) from None
+    if path.is_dir():
+        raise UsageError(f"{opt} {path}: is a folder (give a file name)")
     real = real_path(path)
     outer = model[0] if any(real == m or m in real.parents for m in model) else (
         enclosing_checkpoint(path))
@@ -940,6 +964,17 @@ def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
     except OSError as e:
         raise LongcatError(f"{opt} {path}: cannot write in the folder {folder} "
                            f"({e.strerror or e}); pick a writable folder") from None
+    if path.suffix == ".mp4":
+        longest = max(len(os.fsencode(p.name)) for p in vio.scratch_names(path))
+        if longest > os.pathconf(folder, "PC_NAME_MAX"):  # ffmpeg failed after the generation
+            raise UsageError(f"{opt} {path}: the name is too long for its scratch files "
+                             f"({longest} bytes with their prefix and suffix, at most "
+                             f"{os.pathconf(folder, 'PC_NAME_MAX')} here); pick a shorter name")
+        for scratch in vio.scratch_names(path):  # a link there would take the write elsewhere
+            try:
+                layouts.check_plain(scratch, f"the scratch file of {opt}")
+            except LongcatError as e:
+                raise UsageError(str(e)) from None
 
 
 def _stage1_size(s: RunSettings, files: InputFiles) -> tuple[int, int]:
