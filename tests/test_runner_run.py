@@ -468,3 +468,23 @@ def test_a_stale_scratch_file_is_replaced(tiny_native, tmp_path):
     assert probe(tmp_path / "x.mp4")["frames"] == 9
     assert json.loads((tmp_path / "x.mp4.json").read_text())["settings"]["prompt"] == "a cat"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mp4", "x.mp4.json"]
+
+
+def test_a_second_run_to_the_same_out_is_refused_at_once(tiny_native, tmp_path, capsys):
+    """Two runs to one --out shared the scratch file: the mp4 published was neither's video,
+    and its sidecar named one of them."""
+    from longcat_tools.io.atomic import writer_lock
+
+    out = tmp_path / "x.mp4"
+    args = ["run", "-q", "-m", str(tiny_native), "-p", "a cat", *TINY, "--device", "cpu"]
+    with writer_lock(out):  # the other run, still writing
+        assert main([*args, "--out", str(out)]) == 1
+    assert f"{out}: another process is writing it" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--out", str(out)]) == 0
+    second = tmp_path / "m" / "001_a-cat_2_config.mp4"  # a matrix run's second video
+    second.parent.mkdir()
+    with writer_lock(second):
+        assert main([*args, "--seeds", "1,2", "--out-dir", str(second.parent)]) == 1
+    assert f"{second}: another process is writing it" in capsys.readouterr().err
+    assert not second.exists() and (second.parent / "000_a-cat_1_config.mp4").is_file()

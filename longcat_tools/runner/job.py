@@ -3,11 +3,12 @@ refinement), write the mp4 and its JSON sidecar. The CLI only parses options and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from PIL import Image
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io import jsonio
-from longcat_tools.io.atomic import atomic_write_bytes
+from longcat_tools.io.atomic import atomic_write_bytes, writer_lock
 from longcat_tools.kernels import fp8_attention
 from longcat_tools.runner import context_parallel
 from longcat_tools.runner.pipeline import (
@@ -214,9 +215,22 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
     t_start = time.perf_counter()
     cp, device = context_parallel.init(s.cp, resolve_device(s.device))
     # no clean-up on failure: the failing rank exits and the launcher stops the others
-    doc = _run(s, reporter, say, cp, device, t_start)
+    with output_lock(s.out, cp is None or cp.rank == 0):
+        doc = _run(s, reporter, say, cp, device, t_start)
     context_parallel.finish(cp)
     return doc
+
+
+@contextlib.contextmanager
+def output_lock(out: str, writes: bool = True) -> Iterator[None]:
+    """The writer lock of a video (``.NAME.mp4.lock``) for its whole run, when this process
+    ``writes`` it: a second run to the same --out is refused at once. Both wrote the same
+    scratch file, and the mp4 published was neither's video."""
+    if not writes:
+        yield
+        return
+    with writer_lock(Path(out)):
+        yield
 
 
 def load_pipeline(s: RunSettings, reporter: Reporter, say: Callable[[str], None], cp: Any,

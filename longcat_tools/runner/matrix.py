@@ -346,8 +346,9 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
             reporter.reset()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            doc = runjob.run_video(it.settings, root, pipe, reporter, lambda _t: None, device,
-                                   time.perf_counter())
+            with runjob.output_lock(it.settings.out, pipe.is_main):
+                doc = runjob.run_video(it.settings, root, pipe, reporter, lambda _t: None,
+                                       device, time.perf_counter())
             records[it.index] = {**_entry(it, "done"), "total_s": doc["total_s"],
                                  "peak_memory": doc["peak_memory"]}
         if ranks == 1:
