@@ -642,3 +642,27 @@ def test_check_command_uses_the_checkpoint_or_the_real_model(tiny_native, tmp_pa
     out = capsys.readouterr().out
     assert "24x30x52 = 37,440 tokens" in out and "no: edge chunk of 2" in out
     assert "(2 heads x 32)" in out
+
+
+def test_restore_swaps_in_one_step(ckpt, monkeypatch):
+    """Restore wrote the backup, then the config: killed between the two, both held the
+    current text and the backup's content was gone for good."""
+    from longcat_tools.bsa import config as bsa_config
+
+    path = ckpt / "dit" / "config.json"
+    bak = bsa.backup_path(path)
+    assert main(["bsa", "preset", "720p-fast", "-m", str(ckpt), "-q"]) == 0
+    assert main(["bsa", "preset", "720p-quality", "-m", str(ckpt), "-q"]) == 0
+    fast, quality = bak.read_text(), path.read_text()
+    writes = []
+    real = bsa_config.atomic_write_text
+
+    def killed_on_the_second(p, text):
+        writes.append(p)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        real(p, text)
+
+    monkeypatch.setattr(bsa_config, "atomic_write_text", killed_on_the_second)
+    assert main(["bsa", "restore", "-m", str(ckpt), "-q"]) == 0
+    assert path.read_text() == fast and bak.read_text() == quality

@@ -25,7 +25,7 @@ from longcat_tools import schemas
 from longcat_tools.checkpoint import hub, layouts
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.io.atomic import atomic_write_text, file_lock
+from longcat_tools.io.atomic import atomic_write_text, exchange, file_lock, fsync_dir
 from longcat_tools.io.checksums import refresh_manifest
 from longcat_tools.model import bsa_presets, chunks, keymap
 
@@ -438,9 +438,13 @@ def restore(ckpt: layouts.Checkpoint, *, dry_run: bool = False) -> Update:
         before, restored = texts()
         u = Update(path, before, restored, parse_config(restored, bak))
         if u.changed:
-            if before:
-                atomic_write_text(bak, before)  # the swap: what was current becomes the backup
-            atomic_write_text(path, restored)
+            if before and exchange(path, bak):  # the swap in one step: no moment without either
+                fsync_dir(path.parent)
+            elif before:  # no exchange here: a kill between the writes leaves both the same
+                atomic_write_text(bak, before)
+                atomic_write_text(path, restored)
+            else:
+                atomic_write_text(path, restored)
             if not before:
                 shutil.copymode(bak, path)
             u.written, u.backup = True, bak if before else None
