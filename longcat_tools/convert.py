@@ -499,12 +499,12 @@ def _source_loras(ckpt: layouts.Checkpoint,
     if not root.is_dir():
         return []
     from longcat_tools.lora import REGISTRY
-    from longcat_tools.lora.registry import place_name
+    from longcat_tools.lora.registry import is_scratch, place_name
 
     allowed = ckpt.containment
     found: list[tuple[str, Path]] = []
     for p in sorted(root.iterdir()):
-        if p.name.startswith(REGISTRY) or p.name.endswith(".partial"):
+        if p.name.startswith(REGISTRY) or is_scratch(p.name):
             continue  # the `lora` command's registry (rebuilt from the files) and its scratch
         files = sorted(q for q in p.iterdir() if not q.is_dir()) if p.is_dir() else [p]
         for q in files:  # a broken link or a FIFO too: refused if chosen (FileJob), never dropped

@@ -119,6 +119,24 @@ def test_detach_never_deletes_another_adapters_file(native, tmp_path, capsys):
     assert f"{p1_file} is named by 2 adapters" in capsys.readouterr().err
 
 
+def test_a_killed_detach_leaves_nothing_that_is_carried_on(native, tmp_path, capsys):
+    """Killed before it deleted its trash, detach left lora/.style.detached-PID/ for good:
+    convert copied it into new checkpoints, listed in their checksums."""
+    peft = tmp_path / "e_peft.safetensors"
+    assert _cli(capsys, "export", "distilled", "-m", native, "--format", "peft", "--out",
+                peft)[0] == 0
+    assert _cli(capsys, "attach", peft, "--name", "style", "-m", native)[0] == 0
+    lora = native / "lora"
+    trash = lora / ".style.detached-99999"
+    (lora / "style").rename(trash)  # where a kill after the registry's save leaves it
+    (lora / ".adapters.json.abc.tmp").write_text("{")
+    assert main(["convert", "--src", str(native), "--dst", str(tmp_path / "c"), "-q"]) == 0
+    assert not list((tmp_path / "c" / "lora").glob(".*detached*"))
+    assert ".detached-" not in (tmp_path / "c" / "checksums.sha256").read_text()
+    assert _cli(capsys, "detach", "style", "-m", native)[0] == 0  # the next lora command
+    assert not trash.exists() and not (lora / ".adapters.json.abc.tmp").exists()
+
+
 def test_verify_applies_the_lora_commands_scale_rule(native, tmp_path, capsys):
     """A hand-edited default_scale of 1e9: every lora command refused the registry, verify
     --strict passed it."""

@@ -209,7 +209,7 @@ def check_outside_checkpoints(dst: Path, what: str = "the new checkpoint") -> No
         raise UsageError(f"{dst}: inside the checkpoint {outer}; write {what} outside it")
 
 
-def _discard(path: Path) -> None:
+def discard(path: Path) -> None:
     """Remove a scratch or replaced output; a link is removed itself, never followed."""
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
@@ -253,13 +253,13 @@ def _swap_in(tmp: Path, dst: Path) -> None:
         return
     if exchange(tmp, dst):
         fsync_dir(dst.parent)
-        _discard(tmp)
+        discard(tmp)
         return
     old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
     os.rename(dst, old)
     os.rename(tmp, dst)
     fsync_dir(dst.parent)
-    _discard(old)
+    discard(old)
 
 
 @contextmanager
@@ -278,7 +278,7 @@ def writer_lock(dst: Path) -> Iterator[Callable[[Path], None]]:
             if not inherited:  # a link too: ours only where a killed --force run left it
                 raise LongcatError(f"{scratch}: exists, and no killed run of longcat-tools left "
                                    f"it (it would have left {lock}); move it away or remove it")
-            _discard(scratch)
+            discard(scratch)
 
         yield clear
 

@@ -32,6 +32,7 @@ from longcat_tools.io.checksums import refresh_manifest, sha256_file
 from longcat_tools.io.safetensors import write_file
 from longcat_tools.lora import formats as lf
 from longcat_tools.lora.registry import (
+    DETACHED,
     SCHEMA,
     AdapterRecord,
     Registry,
@@ -233,7 +234,7 @@ def detach(model: str | Path | layouts.Checkpoint | None, name: str, *, force: b
             return DetachResult(name, removed, rec is not None, True)
         trash = None
         if removed:
-            trash = target.with_name(f".{target.name}.detached-{os.getpid()}")
+            trash = target.with_name(f".{target.name}{DETACHED}{os.getpid()}")
             os.rename(target, trash)
         if rec is not None:
             reg.adapters = [a for a in reg.adapters if a.name != name]

@@ -50,6 +50,7 @@ from longcat_tools.lora.registry import (
     dit_shapes,
     find_adapter,
     is_owned,
+    is_scratch,
     load_registry,
     registry_path,
     summarize,
@@ -258,7 +259,7 @@ def _check_carried(ckpt: layouts.Checkpoint, rewritten: set[Path]) -> None:
     truncated safetensors file is refused."""
     for path in sorted(ckpt.root.rglob("*")):
         rel = path.relative_to(ckpt.root)
-        if (any(part.startswith(".") or part.endswith(".partial") for part in rel.parts)
+        if (any(is_scratch(part) for part in rel.parts)
                 or path.is_dir()):
             continue  # scratch and hidden entries are not carried
         try:
@@ -539,7 +540,7 @@ def _fuse_lora_dir(ckpt: layouts.Checkpoint, tmp: Path, fused_files: set[Path],
         if (not is_owned(ckpt, p)  # a link leading out of lora/ (or a loop) is not copied along
                 or p.is_dir() or p.resolve() in fused_files or rel.as_posix() == REGISTRY
                 or p.name.endswith(LOCK_SUFFIX) or any(
-                    part.startswith(".") or part.endswith(".partial") for part in rel.parts)):
+                    is_scratch(part) for part in rel.parts)):
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         place(p, dst / rel)

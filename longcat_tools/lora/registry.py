@@ -28,13 +28,14 @@ from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
-from longcat_tools.io.atomic import atomic_write_text, file_lock
+from longcat_tools.io.atomic import atomic_write_text, discard, file_lock
 from longcat_tools.io.checksums import refresh_manifest, sha256_file
 from longcat_tools.lora import formats as lf
 from longcat_tools.model import avatar, keymap
 
 REGISTRY = "adapters.json"
 LOCK_SUFFIX = ".lock"
+DETACHED = ".detached-"  # lora detach moves an adapter to .NAME.detached-PID, then deletes it
 SCHEMA = "lora_manifest"
 REGISTRY_VERSION = 1
 LOCK_TIMEOUT_S = 600.0
@@ -151,12 +152,16 @@ def save_registry(ckpt: layouts.Checkpoint, reg: Registry) -> None:
 @contextmanager
 def registry_lock(ckpt: layouts.Checkpoint, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """An exclusive lock on ``lora/adapters.json.lock`` (created with ``lora/``) around every
-    change of the registry or of ``lora/``."""
+    change of the registry or of ``lora/``. Once held, what a killed command left is cleared:
+    a detached adapter's trash (``.NAME.detached-PID``) and the registry's temp files."""
     check_writable(ckpt)
     layouts.check_plain(ckpt.lora_dir, "the adapters' folder", folder=True)
     ckpt.lora_dir.mkdir(exist_ok=True)
     with file_lock(ckpt.lora_dir / (REGISTRY + LOCK_SUFFIX), timeout,
                    "another longcat-tools lora command"):
+        for stale in [*ckpt.lora_dir.glob(f".*{DETACHED}*"),
+                      *ckpt.lora_dir.glob(f".{REGISTRY}.*.tmp")]:
+            discard(stale)
         yield
 
 
@@ -228,6 +233,12 @@ def check_name(name: str) -> None:
                          "and '-', starting with a letter or digit (at most 100 characters)")
 
 
+def is_scratch(name: str) -> bool:
+    """A name in ``lora/`` that is no adapter: hidden (a detach's trash, a temp file) or
+    half-written (``*.partial``)."""
+    return name.startswith(".") or name.endswith(".partial")
+
+
 def discover(ckpt: layouts.Checkpoint) -> dict[str, Path]:
     """Adapter files present in ``lora/``, by name: the hub's ``lora/<file>.safetensors`` (named
     like FastVideo's folders: distilled, refinement; others by their stem) and
@@ -240,7 +251,7 @@ def discover(ckpt: layouts.Checkpoint) -> dict[str, Path]:
         return {}
     found: dict[str, Path] = {}
     for p in sorted(root.iterdir()):
-        if p.name.startswith(".") or p.name.endswith(".partial"):
+        if is_scratch(p.name):
             continue
         if _is_adapter_file(p):
             found.setdefault(place_name(root, p), p)

@@ -19,7 +19,7 @@ from longcat_tools.errors import LongcatError
 from longcat_tools.io import jsonio
 from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo, read_header
 from longcat_tools.lora import formats as lora_formats
-from longcat_tools.lora.registry import REGISTRY, SCHEMA, check_scale, target_patterns
+from longcat_tools.lora.registry import REGISTRY, SCHEMA, check_scale, is_scratch, target_patterns
 from longcat_tools.model import keymap
 from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import MAX_HEADER_BYTES
@@ -183,7 +183,8 @@ def lora_files(root: Path) -> list[Path]:
     d = root / "lora"
     if not d.is_dir():
         return []
-    return sorted([*d.glob("*.safetensors"), *d.glob("*/*.safetensors")])
+    return sorted(p for p in [*d.glob("*.safetensors"), *d.glob("*/*.safetensors")]
+                  if not any(is_scratch(part) for part in p.relative_to(d).parts))
 
 
 def check_manifest(rec: Recorder, root: Path, parsed: dict[Path, LoraFile]) -> None:
