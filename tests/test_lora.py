@@ -849,3 +849,26 @@ def test_a_peft_alpha_stored_as_an_integer_is_read_as_comfy_reads_one(native, tm
     save_file(tensors, str(tmp_path / "bool.safetensors"))
     with pytest.raises(LongcatError, match="must be one number, got torch.bool"):
         lf.read_lora(tmp_path / "bool.safetensors")
+
+
+def test_export_checks_its_output_again_under_the_lock(native, tmp_path, capsys, monkeypatch):
+    """Two exports to one --out: the second, checked before the first had written, replaced
+    the first's file without --force."""
+    import contextlib
+
+    from longcat_tools.lora import adapters
+
+    out = tmp_path / "same.safetensors"
+    real = adapters.writer_lock
+
+    @contextlib.contextmanager
+    def after_another_export(dst):
+        out.write_bytes(b"the other export's file")  # it finished while this one read
+        with real(dst) as clear:
+            yield clear
+
+    monkeypatch.setattr(adapters, "writer_lock", after_another_export)
+    rc, _, err = _cli(capsys, "export", "distilled", "-m", native, "--format", "peft", "--out",
+                      out)
+    assert rc == 1 and "already exists" in err, err
+    assert out.read_bytes() == b"the other export's file"

@@ -332,14 +332,22 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
     config = form.adapter_config(lora.modules.values(), keys)
     if config is not None:
         cfg_path = out.parent / form.config_file
-        layouts.check_plain(cfg_path, "the adapter config beside --out")
         cfg_text = jsonio.dumps(config)
+
+    def check_outputs() -> None:
+        check_replaceable(out, "safetensors", force=force)
+        if cfg_path is None:
+            return
+        layouts.check_plain(cfg_path, "the adapter config beside --out")
         if (cfg_path.exists() and not force
                 and jsonio.read_text(cfg_path, what="adapter config") != cfg_text):
             raise LongcatError(f"{cfg_path}: exists and describes another adapter; export into "
                                "another folder or pass --force to replace it")
+
+    check_outputs()
     tmp = partial_path(out)
     with writer_lock(out) as clear:
+        check_outputs()  # again under the lock: an export that finished meanwhile is not replaced
         layouts.check_plain(tmp, "the scratch file of --out")
         clear(tmp)  # left by a killed export
         try:
