@@ -195,7 +195,14 @@ def load_items(folder: str | Path) -> tuple[list[Item], list[str]]:
                                    "reads only the folder's own files (copy the file in)")
             if not f.is_file():
                 raise LongcatError(f"{f}: not a regular file; remove it or move it aside")
-        items.append(Item(video, _read_sidecar(folder / n)))
+        doc = _read_sidecar(folder / n)
+        recorded = doc.get("video", {}).get("bytes") if isinstance(doc.get("video"), dict) else None
+        if isinstance(recorded, int) and recorded != video.stat().st_size:
+            notes.append(f"{folder / n}: describes a video of {recorded:,} bytes, and "
+                         f"{video.name} has {video.stat().st_size:,} (a run replacing it was cut "
+                         "off between the two); skipped")
+            continue
+        items.append(Item(video, doc))
     if not items:
         skipped = f" ({len(notes)} skipped: a video or sidecar alone)" if notes else ""
         raise LongcatError(f"{folder}: no videos with a sidecar (*{SIDECAR_SUFFIX}) to "

@@ -223,6 +223,20 @@ def test_identical_videos_are_inf_psnr(tmp_path, capsys):
     assert (tmp_path / "contact_sheet.png").is_file()
 
 
+def test_a_sidecar_of_another_video_is_skipped(tmp_path):
+    """A run killed between publishing its sidecar and its mp4 left the old video under the
+    new settings; compare labelled it with them."""
+    for name, seed in (("x.mp4", 1), ("y.mp4", 2), ("z.mp4", 3)):
+        path = add_run(tmp_path, name, clip(32, 32, (0, 0, 0)), 1.0, prompt="p", seed=seed)
+        side = Path(f"{path}.json")
+        doc = json.loads(side.read_text())
+        doc["video"]["bytes"] = path.stat().st_size + (name == "y.mp4")
+        side.write_text(json.dumps(doc))
+    result = compare(tmp_path, frames=FRAMES)
+    assert [it.video.name for it in result.items] == ["x.mp4", "z.mp4"]
+    assert any("y.mp4.json: describes a video of" in n and "skipped" in n for n in result.notes)
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     refused(capsys, "compare", tmp_path / "nope", code=2, says="no such folder")
     (tmp_path / "empty").mkdir()
