@@ -488,3 +488,31 @@ def test_a_second_run_to_the_same_out_is_refused_at_once(tiny_native, tmp_path, 
         assert main([*args, "--seeds", "1,2", "--out-dir", str(second.parent)]) == 1
     assert f"{second}: another process is writing it" in capsys.readouterr().err
     assert not second.exists() and (second.parent / "000_a-cat_1_config.mp4").is_file()
+
+
+@pytest.mark.parametrize("free, says", [(0, "the disk (or quota) is full"),
+                                        (1 << 40, "[Errno 32] Broken pipe")])
+def test_ffmpeg_stopping_is_one_line_naming_the_output(tmp_path, monkeypatch, free, says):
+    """A full disk during the encode was "internal error: OSError: [Errno 32] Broken pipe" and
+    ffmpeg's whole command line, after the whole generation."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import imageio_ffmpeg
+
+    from longcat_tools.runner import video
+
+    def stops(*_a, **_k):
+        yield
+        raise OSError(errno.EPIPE, "Broken pipe\n\nFFMPEG COMMAND:\nffmpeg -y ...")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", stops)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(1 << 41, 1 << 41, free))
+    out = tmp_path / "x.mp4"
+    with pytest.raises(LongcatError) as e:
+        video.encode_mp4(out, np.zeros((3, 16, 16, 3), np.uint8), 15)
+    assert str(e.value).startswith(f"{out}: ffmpeg stopped writing the mp4 ({says}")
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []

@@ -10,8 +10,10 @@ with silence to the video's length.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import stat
 import subprocess
 import warnings
@@ -102,6 +104,11 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18,
         for f in frames:
             writer.send(np.ascontiguousarray(f))
         writer.close()
+    except OSError as e:  # ffmpeg stopped: a broken pipe, with ffmpeg's command line attached
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise LongcatError(f"{path}: ffmpeg stopped writing the mp4 ({_why_ffmpeg_stopped(e, tmp)})"
+                           "; nothing was written") from None
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
@@ -110,6 +117,13 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18,
         if wav is not None:
             wav.unlink(missing_ok=True)
     return tmp
+
+
+def _why_ffmpeg_stopped(e: OSError, tmp: Path) -> str:
+    """A full disk or quota, as far as the folder shows it, else the error's first line."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(tmp.parent).free < 1 << 20:
+        return "the disk (or quota) is full; free some space"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
