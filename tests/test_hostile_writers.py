@@ -416,6 +416,27 @@ def test_a_partial_link_is_never_followed_and_removed_only_after_a_killed_run(tm
     assert _deep_ok(dst)
 
 
+def test_a_second_ctrl_c_during_the_clean_up_keeps_the_lock_file(tmp_path, monkeypatch):
+    """Interrupted while deleting its scratch folder, a run removed its lock file anyway: the
+    next run took DST.partial for the user's and refused to start."""
+    from longcat_tools.io import atomic
+
+    dst = tmp_path / "out"
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_folder(dst) as tmp:
+            (tmp / "half").write_text("written")
+            monkeypatch.setattr(atomic.shutil, "rmtree", interrupted)
+            raise KeyboardInterrupt  # the first Ctrl-C; the second lands in the clean-up
+    monkeypatch.undo()
+    assert partial_path(dst).is_dir() and lock_path(dst).exists()
+    assert main(["synth", str(dst), "-q"]) == 0
+    assert _leftovers(dst) == [] and _deep_ok(dst)
+
+
 def test_a_scratch_name_the_user_made_is_refused_not_deleted(tiny_native, tmp_path, capsys):
     """``DST.partial`` is removed only where a killed run left it, which its lock file beside
     ``DST`` shows; a folder or file of that name made otherwise is the user's."""

@@ -270,15 +270,21 @@ def writer_lock(dst: Path) -> Iterator[Callable[[Path], None]]:
     by the lock file that run left behind; anything else of that name is the user's, and the
     write is refused rather than deleting it."""
     lock = lock_path(dst)
+    ours: list[Path] = []  # scratch paths cleared for this writer
+
+    # one of ours still there on release (its removal interrupted by a second Ctrl-C) keeps
+    # the lock file: the next run's proof that the scratch was a killed run's
     with _held(lock, 0.0, lambda: f"{dst}: another process is writing it (it holds {lock}); "
-               "try again when that run is done") as inherited:
+               "try again when that run is done",
+               keep_file=lambda: any(os.path.lexists(p) for p in ours)) as inherited:
         def clear(scratch: Path) -> None:
-            if not (scratch.exists() or scratch.is_symlink()):
-                return
-            if not inherited:  # a link too: ours only where a killed --force run left it
-                raise LongcatError(f"{scratch}: exists, and no killed run of longcat-tools left "
-                                   f"it (it would have left {lock}); move it away or remove it")
-            discard(scratch)
+            if scratch.exists() or scratch.is_symlink():
+                if not inherited:  # a link too: ours only where a killed --force run left it
+                    raise LongcatError(f"{scratch}: exists, and no killed run of longcat-tools "
+                                       f"left it (it would have left {lock}); move it away or "
+                                       "remove it")
+                discard(scratch)
+            ours.append(scratch)
 
         yield clear
 
@@ -372,8 +378,10 @@ def _open_lock(lock: Path) -> tuple[int, bool]:
 
 @contextmanager
 def _held(lock: Path, timeout: float, busy: Callable[[], str],
-          waiting: str | None = None) -> Iterator[bool]:
-    """An exclusive ``flock`` on ``lock`` (created, and removed on release); after ``timeout``
+          waiting: str | None = None,
+          keep_file: Callable[[], bool] = lambda: False) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``lock`` (created, and removed on release unless
+    ``keep_file()``); after ``timeout``
     seconds of waiting, a LongcatError with ``busy()``; ``waiting`` is logged once when the
     wait passes ``WAIT_NOTE_S``, so a queued command does not look hung. A holder that dies
     releases it (the kernel drops flocks) but leaves the file: yields True when the lock file
@@ -414,7 +422,8 @@ def _held(lock: Path, timeout: float, busy: Callable[[], str],
         yield not created
     finally:
         try:
-            os.unlink(lock)
+            if not keep_file():
+                os.unlink(lock)
         except FileNotFoundError:
             pass
         os.close(fd)
