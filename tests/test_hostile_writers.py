@@ -557,3 +557,20 @@ def test_convert_refuses_an_adapter_it_cannot_read_instead_of_dropping_it(tiny_n
             says="dang.safetensors: a broken symlink (to gone.safetensors)")
     assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "dst"), "-q",
                  "--lora", "distilled"]) == 0
+
+
+def test_a_linked_checksum_list_is_refused_before_bsa_or_lora_change_anything(
+        converted, tmp_path, capsys):
+    """bsa and lora read checksums.sha256 through a link leading out of the checkpoint, then
+    replaced the link with a file holding what it pointed at."""
+    ckpt = tmp_path / "c"
+    shutil.copytree(converted, ckpt, symlinks=True)
+    outside = tmp_path / "sums"
+    (ckpt / "checksums.sha256").rename(outside)
+    (ckpt / "checksums.sha256").symlink_to(outside)
+    config = ckpt / "transformer" / "config.json"
+    before = config.read_text()
+    for args in (["bsa", "preset", "720p-fast", "-m", ckpt],
+                 ["lora", "detach", "distilled", "-m", ckpt]):
+        refused(capsys, *args, says="the checksum list is a symlink")
+    assert (ckpt / "checksums.sha256").is_symlink() and config.read_text() == before

@@ -26,7 +26,7 @@ from longcat_tools.checkpoint import hub, layouts
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, exchange, file_lock, fsync_dir
-from longcat_tools.io.checksums import refresh_manifest
+from longcat_tools.io.checksums import check_refreshable, refresh_manifest
 from longcat_tools.model import bsa_presets, chunks, keymap
 
 SCHEMA = "transformer_config"
@@ -287,8 +287,10 @@ def check_writable(path: Path) -> None:
 
 def check_folder(ckpt: layouts.Checkpoint) -> None:
     """bsa writes in the config's own folder only (temp file, backup, lock); that folder must be
-    the checkpoint's, not a link leading out of it."""
+    the checkpoint's, not a link leading out of it. The checksum list it refreshes must be a
+    plain file."""
     layouts.check_contained(ckpt.config_path.parent, ckpt.containment)
+    check_refreshable(ckpt.root)
 
 
 @contextmanager

@@ -404,6 +404,15 @@ def read_manifest(path: Path) -> dict[str, str]:
     return out
 
 
+def check_refreshable(root: Path) -> None:
+    """Refuse, before a command changes anything, a ``root/checksums.sha256`` that
+    ``refresh_manifest`` could not rewrite in place: a link (it was read through and replaced
+    by a file holding whatever it pointed at) or anything but a regular file."""
+    from longcat_tools.checkpoint.layouts import check_plain
+
+    check_plain(Path(root) / MANIFEST, "the checksum list")
+
+
 def refresh_manifest(root: Path, changed: Iterable[Path]) -> None:
     """Keep ``root/checksums.sha256`` true after a command changed files in place (``bsa``, the
     ``lora`` registry and adapters): a listed file that is, or lies under, one of ``changed`` is
@@ -412,6 +421,7 @@ def refresh_manifest(root: Path, changed: Iterable[Path]) -> None:
     from longcat_tools.checkpoint.layouts import inside
 
     manifest = Path(root) / MANIFEST
+    check_refreshable(root)
     if not manifest.is_file():
         return
     top = os.path.abspath(root)

@@ -29,7 +29,7 @@ from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_text, discard, file_lock
-from longcat_tools.io.checksums import refresh_manifest, sha256_file
+from longcat_tools.io.checksums import check_refreshable, refresh_manifest, sha256_file
 from longcat_tools.lora import formats as lf
 from longcat_tools.model import avatar, keymap
 
@@ -156,6 +156,7 @@ def registry_lock(ckpt: layouts.Checkpoint, timeout: float = LOCK_TIMEOUT_S) -> 
     a detached adapter's trash (``.NAME.detached-PID``) and the registry's temp files."""
     check_writable(ckpt)
     layouts.check_plain(ckpt.lora_dir, "the adapters' folder", folder=True)
+    check_refreshable(ckpt.root)
     ckpt.lora_dir.mkdir(exist_ok=True)
     with file_lock(ckpt.lora_dir / (REGISTRY + LOCK_SUFFIX), timeout,
                    "another longcat-tools lora command"):
