@@ -591,6 +591,8 @@ def component_jobs(ckpt: layouts.Checkpoint, comp: str, want: torch.dtype | None
         notes.append(f"{comp}/ not in the source: not written")
         return []
     files = _component_files(ckpt, comp, notes, keep_pickle)
+    for index in (p for p in files if p.name.endswith(".safetensors.index.json")):
+        layouts.index_shards(index, ckpt.containment)  # carried as it is, it must hold
     if comp == "text_encoder" and want is not None:
         te = _text_encoder_jobs(ckpt, files, want, link, meta)
         if te is not None:
@@ -637,13 +639,7 @@ def _text_encoder_jobs(ckpt: layouts.Checkpoint, files: list[Path], want: torch.
     index = None
     if index_path.is_file():
         index = jsonio.read(index_path, what="text encoder index")
-        wm = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(wm, dict):
-            raise LongcatError(f"{index_path}: 'weight_map' must be an object")
-        named = {layouts.inside(folder, rel, "shard") for rel in set(wm.values())}
-        for p in sorted(named):
-            if not p.is_file():
-                raise LongcatError(f"{index_path}: names shard '{p.name}', which is missing")
+        named = layouts.index_shards(index_path, ckpt.containment)
         stray = sorted(set(weights) - named)
         if stray:
             raise LongcatError(f"{stray[0]}: shard on disk that {TEXT_ENCODER_INDEX} does not "

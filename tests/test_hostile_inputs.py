@@ -561,3 +561,24 @@ def test_components_are_read_once_while_unchanged(ckpt, monkeypatch):
             settings.check_components(view)
     finally:
         path.write_text(original)
+
+
+@pytest.mark.parametrize("name", ["../../outside.safetensors", "gone.safetensors"])
+def test_a_component_index_naming_a_shard_outside_or_missing_is_refused(capsys, ckpt, tmp_path,
+                                                                       no_weights, name):
+    """convert carried such a text encoder index as it was (rc 0), and run failed on it after
+    loading the DiT: "internal error: ValueError: The checkpoint index ... points outside"."""
+    index = ckpt / "text_encoder" / "model.safetensors.index.json"
+    original = index.read_text()
+    doc = json.loads(original)
+    first = next(iter(doc["weight_map"]))
+    doc["weight_map"][first] = name
+    index.write_text(json.dumps(doc))
+    says = "leaves the checkpoint folder" if ".." in name else f"names shard '{name}', which"
+    try:
+        fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--height", "32", "--width",
+                     "32", "--frames", "9", "--out", tmp_path / "x.mp4", says=says)
+        fast_refusal(capsys, "convert", "--src", ckpt, "--dst", tmp_path / "c", "-q", says=says)
+        assert not (tmp_path / "c").exists()
+    finally:
+        index.write_text(original)

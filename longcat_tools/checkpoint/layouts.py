@@ -85,6 +85,22 @@ def owned(folder: Path, path: Path, what: str,
     return path
 
 
+def index_shards(index_path: Path, allowed: Path | tuple[Path, ...] | None = None) -> set[Path]:
+    """The shards a ``*.safetensors.index.json`` names: each a plain name inside the index's
+    folder (links followed: inside ``allowed``) and present. A loader follows a name out of
+    the folder, or fails on a missing one after minutes of loading."""
+    folder = index_path.parent
+    index = jsonio.read(index_path, what="shard index")
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise LongcatError(f"{index_path}: 'weight_map' must map tensor names to shard names")
+    named = {inside(folder, rel, "shard", allowed) for rel in set(wm.values())}
+    for p in sorted(named):
+        if not p.is_file():
+            raise LongcatError(f"{index_path}: names shard '{p.name}', which is missing")
+    return named
+
+
 def check_plain(path: Path, what: str, *, folder: bool = False) -> None:
     """Refuse ``path`` when it exists as a symlink or as anything but a regular file (a real
     folder with ``folder``). For a path a command creates, replaces, locks or deletes by name:

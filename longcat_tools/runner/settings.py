@@ -920,6 +920,7 @@ def check_components(ckpt: Any) -> None:
         if index is not None and index.exists():
             schemas.validate(jsonio.read(index, what="shard index"), "safetensors_index",
                              str(index))
+            layouts.index_shards(index, allowed)
         elif not any((folder / f).is_file() for f in singles):
             raise LongcatError(f"{folder / (index_name or singles[0])}: missing; the {comp.name}'s "
                                "weights cannot load (run `longcat-tools verify` on the checkpoint)")
