@@ -482,6 +482,7 @@ def test_a_second_run_to_the_same_out_is_refused_at_once(tiny_native, tmp_path, 
     assert f"{out}: another process is writing it" in capsys.readouterr().err
     assert not out.exists()
     assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(tmp_path / "new" / "sub" / "y.mp4")]) == 0  # made, locked
     second = tmp_path / "m" / "001_a-cat_2_config.mp4"  # a matrix run's second video
     second.parent.mkdir()
     with writer_lock(second):

@@ -229,6 +229,7 @@ def output_lock(out: str, writes: bool = True) -> Iterator[None]:
     if not writes:
         yield
         return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # missing folders are made, as documented
     with writer_lock(Path(out)):
         yield
 
