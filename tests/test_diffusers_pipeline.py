@@ -239,3 +239,32 @@ def test_a_pipeline_built_from_parts_needs_its_loras_loaded(pipe, converted):
     frames = parts(prompt="a cat", generator=torch.Generator().manual_seed(7), **SIZE).frames
     want = pipe(prompt="a cat", generator=torch.Generator().manual_seed(7), **SIZE).frames
     assert np.array_equal(frames, want)
+
+
+def test_save_pretrained_checks_before_writing_and_writes_a_new_folder_whole(
+        pipe, converted, tmp_path, monkeypatch):
+    """Into the checkpoint it came from, save_pretrained rewrote the text encoder (its shards
+    deleted, the index left naming them) before the DiT refused; with a LoRA merged it left a
+    half-written folder."""
+    from longcat_tools.io.atomic import partial_path
+
+    te = converted / "text_encoder"
+    before = sorted(p.name for p in te.iterdir())
+    with pytest.raises(LongcatError, match="inside the checkpoint"):
+        pipe.save_pretrained(converted)
+    assert sorted(p.name for p in te.iterdir()) == before
+    assert main(["verify", str(converted), "-q"]) == 0
+    with pipe.adapters("distilled"):
+        with pytest.raises(LongcatError, match="is merged into the weights"):
+            pipe.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    monkeypatch.setattr(type(pipe.vae), "save_pretrained",
+                        lambda *_a, **_k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError):
+        pipe.save_pretrained(tmp_path / "full")
+    assert not (tmp_path / "full").exists() and not partial_path(tmp_path / "full").exists()
+    monkeypatch.undo()
+    pipe.save_pretrained(tmp_path / "saved")
+    again = LongCatVideoPipeline.from_pretrained(tmp_path / "saved")
+    assert torch.equal(again.transformer.blocks[0].attn.qkv.weight,
+                       pipe.transformer.blocks[0].attn.qkv.weight)

@@ -746,11 +746,10 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if self._lora_pending is not None:
             self.enable_loras(self._lora_pending)
 
-    def save_pretrained(self, save_directory: str | Path, *args: Any,
-                        **kwargs: Any) -> None:
-        """diffusers' ``save_pretrained``, refused while adapters are merged into the weights:
-        it would write them in (``lora fuse`` makes a merged checkpoint on purpose); and inside
-        a checkpoint, whose shards diffusers would delete, leaving its index naming them."""
+    def check_save(self, save_directory: str | Path) -> None:
+        """Why ``save_pretrained`` must not write: adapters merged into the weights (it would
+        write them in; ``lora fuse`` makes a merged checkpoint on purpose), or a folder inside a
+        checkpoint, whose shards diffusers would delete, leaving its index naming them."""
         from longcat_tools.io.atomic import check_outside_checkpoints
 
         check_outside_checkpoints(Path(save_directory), "save_pretrained's folder")
@@ -758,6 +757,11 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if self._lora_merged is not None:
             raise LongcatError(f"save_pretrained: LoRA {', '.join(self.merged_loras)} is merged "
                                "into the weights; call disable_loras() first")
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any,
+                        **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, after ``check_save``."""
+        self.check_save(save_directory)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ---- forward ---------------------------------------------------------------------------

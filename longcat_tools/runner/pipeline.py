@@ -422,6 +422,19 @@ class LongCatVideoPipeline(DiffusionPipeline):
 
     FUSED_DISTILL = DISTILL_NAME
 
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, checked before any component is written (the DiT's
+        ``check_save``: it refused only after the other components were, inside a checkpoint
+        too). A new folder is written whole or not at all."""
+        from longcat_tools.io.atomic import atomic_folder
+
+        dst = Path(save_directory)
+        self.transformer.check_save(dst / "transformer")  # where diffusers will write it
+        if dst.exists():  # into a folder of the caller's, as diffusers does
+            return super().save_pretrained(dst, *args, **kwargs)
+        with atomic_folder(dst) as tmp:
+            super().save_pretrained(tmp, *args, **kwargs)
+
     def check_fused(self, s: RunSettings, scale_given: bool) -> None:
         """The command line's rule for a checkpoint with a hub LoRA fused in (``settings.
         check_fused``): only that LoRA's stage runs. A call without ``lora_scale`` runs at the
