@@ -786,8 +786,9 @@ def test_a_rank_0_or_non_positive_alpha_is_refused_by_every_command(native, tmp_
     shutil.copy(native / "lora" / HUB["distilled"], tmp_path / "ok.safetensors")
     rc, _, err = _cli(capsys, "attach", tmp_path / "ok.safetensors", "--name", "ok", "-m", native)
     assert rc == 0, err  # the broken file blocks no other adapter
-    if rank == 0:  # verify reads headers only (alpha values: --deep)
-        assert main(["verify", str(native), "-q"]) == 1
+    assert main(["verify", str(native), "-q"]) == 1  # --deep --strict passed a bad alpha
+    err = capsys.readouterr().err
+    assert ("has rank 0" if rank == 0 else "alphas that are not a positive number") in err, err
 
 
 def test_attach_force_replaces_only_the_adapter_it_names(native, tmp_path, capsys):

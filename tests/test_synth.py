@@ -138,6 +138,15 @@ def test_real_sparse_is_full_scale_headers(real_sparse):
     assert te.tensors["shared.weight"].shape == (256384, 4096)
 
 
+def test_real_sparse_loras_have_real_alphas(real_sparse, capsys):
+    """Their alpha_scale scalars were holes, read as 0: lora list and convert refused the
+    checkpoint that verify passed."""
+    from longcat_tools.cli import main
+
+    assert main(["lora", "list", "-m", str(real_sparse), "-q"]) == 0
+    assert main(["verify", str(real_sparse), "-q"]) == 0, capsys.readouterr().err
+
+
 def test_real_sparse_is_fast_and_small(tmp_path):
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "longcat_tools", "synth", str(tmp_path / "r"),

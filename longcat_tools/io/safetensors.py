@@ -285,8 +285,9 @@ def write_file(path: str | Path, specs: list[TensorSpec],
                progress: Callable[[int], None] | None = None) -> int:
     """Write one safetensors file tensor by tensor; returns its size in bytes.
 
-    With ``sparse`` the data region is a hole (the file is extended, nothing is written).
-    ``on_bytes`` sees every byte written (for hashing while writing).
+    With ``sparse`` the data region is a hole (the file is extended, nothing is written) but
+    for scalars, which are written: a LoRA's alpha read as 0 from a hole is refused by every
+    reader. ``on_bytes`` sees every byte written (for hashing while writing).
     """
     header = build_header(specs, metadata)
     total = len(header) + sum(s.nbytes for s in specs)
@@ -295,6 +296,12 @@ def write_file(path: str | Path, specs: list[TensorSpec],
         if on_bytes:
             on_bytes(header)
         if sparse:
+            offset = len(header)
+            for s in specs:
+                if math.prod(s.shape) == 1:
+                    f.seek(offset)
+                    f.write(s.data())
+                offset += s.nbytes
             f.truncate(total)
             return total
         for s in specs:

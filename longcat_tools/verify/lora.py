@@ -63,6 +63,24 @@ def read_targets(tensors: dict[str, TensorInfo], where: str = "LoRA file"
     return keys.format, targets, keys.unknown
 
 
+def _bad_alphas(path: Path, targets: dict[str, Target]) -> list[str]:
+    """Targets whose alpha tensor (a scalar: read at header cost) is NaN, Inf, zero or
+    negative."""
+    import math
+
+    from longcat_tools.io.safetensors import read_tensor
+
+    bad = []
+    with open(path, "rb") as f:
+        for mod, t in targets.items():
+            if t.alpha is None or t.alpha.numel != 1 or t.alpha.dtype not in FLOAT_DTYPES:
+                continue
+            value = float(read_tensor(f, t.alpha).reshape(()))
+            if not (math.isfinite(value) and value > 0):
+                bad.append(f"{mod} alpha {value:g}")
+    return bad
+
+
 def _fit_conv(t: Target, weight: tuple[int, ...]) -> str | None:
     """The Conv3d patch embedding takes PEFT's Conv3d LoRA only: A ``[r, in, *kernel]``, one B
     ``[out, r, 1, 1, 1]``."""
@@ -166,7 +184,10 @@ def check_file(rec: Recorder, path: Path, flavour: str | None,
                 if flavour == "fastvideo" else "the runner must convert it before use")
         rec.warn(comp, "targets", path, f"{fmt} format names {other}-flavour modules "
                  f"({listing(foreign, 2)}) but the transformer has {flavour} keys: {hint}")
-    if not unknown_mods and not misfit:
+    if bad := _bad_alphas(path, targets):
+        rec.fail(comp, "alpha", path, f"alphas that are not a positive number ({len(bad)}): "
+                 f"{listing(bad, 2)}; every LoRA reader refuses them")
+    if not unknown_mods and not misfit and not bad:
         ranks = sorted({t.rank for t in targets.values() if t.rank})
         rec.ok(comp, "targets", path, f"{fmt} format, {count(len(targets), 'target')}, rank "
                f"{'/'.join(map(str, ranks))}: every target exists and fits")
