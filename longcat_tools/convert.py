@@ -573,7 +573,7 @@ def _lora_jobs(ckpt: layouts.Checkpoint, to: str, keys: str, want: torch.dtype |
         if unchanged:
             jobs.append(FileJob.unchanged(path, rel, group, link))
             continue
-        specs = lf.tensor_specs(lora, fmt, want)
+        specs = lf.tensor_specs(lora, fmt, want, finite=True)
         tensors = [OutTensor(s.name, s.dtype, s.shape, produce=s.produce) for s in specs]
         jobs.append(FileJob(rel, "tensors", group, tensors,
                             lf.file_metadata(lora.modules.values(), fmt, meta),

@@ -416,6 +416,19 @@ def test_run_reads_no_hub_lora_linked_out_of_the_checkpoint_or_missing(capsys, c
         outside.rename(path)
 
 
+def test_run_reads_the_hub_lora_header_before_loading(capsys, ckpt, tmp_path, no_weights):
+    """A truncated refinement LoRA was found after the whole first stage."""
+    path = ckpt / "lora" / "refinement_lora.safetensors"
+    original = path.read_bytes()
+    path.write_bytes(original[:100])
+    try:
+        fast_refusal(capsys, "run", "-q", "-m", ckpt, "-p", "a cat", "--refine", "--height", "32",
+                     "--width", "32", "--frames", "9", "--refine-height", "64", "--refine-width",
+                     "64", "--out", tmp_path / "x.mp4", says="runs past the end of the file")
+    finally:
+        path.write_bytes(original)
+
+
 BAD_BSA_CONFIGS = [
     ("sparsity-2", {"enable_bsa": True, "bsa_params": {
         "sparsity": 2, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}},

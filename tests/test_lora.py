@@ -873,3 +873,24 @@ def test_export_checks_its_output_again_under_the_lock(native, tmp_path, capsys,
                       out)
     assert rc == 1 and "already exists" in err, err
     assert out.read_bytes() == b"the other export's file"
+
+
+def test_an_adapter_holding_nan_is_refused_by_convert_export_and_run(native, tmp_path, capsys):
+    """Only attach refused it: convert copied the NaN into the new checkpoint, export wrote
+    it, and run made a NaN video after the whole denoise."""
+    path = native / "lora" / HUB["distilled"]
+    doc = load_file(str(path))
+    key = next(k for k in doc if "lora_up" in k)
+    doc[key][0, 0] = float("nan")
+    save_file(doc, str(path))
+    says = "holds NaN or Inf values"
+    assert main(["convert", "--src", str(native), "--dst", str(tmp_path / "c"), "-q"]) == 1
+    assert says in capsys.readouterr().err and not (tmp_path / "c").exists()
+    rc, _, err = _cli(capsys, "export", "distilled", "--format", "peft", "-m", native, "--out",
+                      tmp_path / "x.safetensors")
+    assert rc == 1 and says in err and not (tmp_path / "x.safetensors").exists()
+    assert main(["run", "-q", "-m", str(native), "-p", "a cat", "--distill", "--height", "32",
+                 "--width", "32", "--frames", "9", "--device", "cpu",
+                 "--out", str(tmp_path / "v.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: tensor '{key}'" in err and "the run would make a NaN video" in err, err

@@ -351,7 +351,7 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
         layouts.check_plain(tmp, "the scratch file of --out")
         clear(tmp)  # left by a killed export
         try:
-            n = write_file(tmp, lf.tensor_specs(lora, fmt, want, keys),
+            n = write_file(tmp, lf.tensor_specs(lora, fmt, want, keys, finite=True),
                            lf.file_metadata(lora.modules.values(), fmt, {"format": "pt", **meta},
                                             keys), progress=progress)
             with open(tmp, "rb+") as f:

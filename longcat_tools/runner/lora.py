@@ -109,6 +109,7 @@ def read_lora(path: str | Path, model: LongCatTransformer3DModel, multiplier: fl
     out = {}
     for module, entry in parsed.modules.items():
         m = entry.load()
+        lora_formats.check_finite(parsed, module, m, "the run would make a NaN video")
         out[module] = LoraDelta(m.down, list(m.ups), m.alpha_scale.reshape(()).float(),
                                 multiplier, m.kernel)
     if not out:

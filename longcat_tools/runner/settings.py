@@ -712,6 +712,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     """The model's config, the input files (headers, and a short decode of the video) and the
     output path: everything the run reads or writes, checked without loading weights."""
     from longcat_tools.checkpoint import layouts
+    from longcat_tools.lora import formats as lora_formats
     from longcat_tools.runner import video as vio
     from longcat_tools.runner.lora import lora_path
 
@@ -733,8 +734,8 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         check_fused(s, ckpt.root, *fused.values())
         for name, used in ((layouts.LORA_DISTILL, s.distill),
                            (layouts.LORA_REFINE, s.refine or s.task == "refine")):
-            if used and fused[name] is None:  # present, inside the checkpoint
-                lora_path(ckpt.root, name)
+            if used and fused[name] is None:  # present, inside the checkpoint, readable
+                lora_formats.read_lora(lora_path(ckpt.root, name), lora_formats.linear_shapes(dims))
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
             raise UsageError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
                              "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")

@@ -51,10 +51,10 @@ from longcat_tools.lora.formats.peft import (
 __all__ = [
     "EXACT_METADATA_KEY", "FORMAT_METADATA_KEY", "FORMATS", "NATIVE_HYPHEN", "NATIVE_PREFIX",
     "PEFT_CONFIG_NAME", "PEFT_METADATA_KEY", "KeyParse", "LoraFile", "LoraFormat", "ModuleEntry",
-    "ModuleLora", "convert_bytes", "default_blocks", "effective_deltas", "file_metadata",
-    "get_format", "linear_shapes", "native_key_module", "output_specs", "output_tensors",
-    "parse_keys", "peft_config", "peft_config_of", "read_lora", "sniff_format", "split_targets",
-    "tensor_specs", "write_lora",
+    "ModuleLora", "check_finite", "convert_bytes", "default_blocks", "effective_deltas",
+    "file_metadata", "get_format", "linear_shapes", "native_key_module", "output_specs",
+    "output_tensors", "parse_keys", "peft_config", "peft_config_of", "read_lora", "sniff_format",
+    "split_targets", "tensor_specs", "write_lora",
 ]
 
 if TYPE_CHECKING:  # imported where tensors are made: header-level readers start fast
@@ -226,6 +226,14 @@ def _overflows_fp16(t: torch.Tensor) -> bool:
     return bool((torch.isinf(t.to(torch.float16)) & torch.isfinite(t)).any())
 
 
+def check_finite(lora: LoraFile, module: str, m: ModuleLora, outcome: str) -> None:
+    """Refuse a module's loaded tensors holding NaN or Inf, naming the stored tensor."""
+    if any(_non_finite(t) for t in (m.down, *m.ups, m.alpha_scale)):
+        raise LongcatError(f"{lora.path}: tensor "
+                           f"'{_first_bad(lora, lora.modules[module], _non_finite)}' (adapter of "
+                           f"'{module}') holds NaN or Inf values; {outcome}")
+
+
 def tensor_specs(lora: LoraFile, fmt: str, dtype: torch.dtype | None = None,
                  keys: str | None = None, *, finite: bool = False) -> list[TensorSpec]:
     """Every output tensor of ``lora`` in ``fmt`` as a lazy :class:`TensorSpec`: a module's
@@ -241,10 +249,8 @@ def tensor_specs(lora: LoraFile, fmt: str, dtype: torch.dtype | None = None,
             cache.clear()
             entry = lora.modules[module]
             m = entry.load()
-            if finite and any(_non_finite(t) for t in (m.down, *m.ups, m.alpha_scale)):
-                raise LongcatError(f"{lora.path}: tensor '{_first_bad(lora, entry, _non_finite)}' "
-                                   f"(adapter of '{module}') holds NaN or Inf values; nothing "
-                                   "was written")
+            if finite:
+                check_finite(lora, module, m, "nothing was written")
             if dtype == torch.float16 and any(_overflows_fp16(t) for t in (m.down, *m.ups)):
                 raise LongcatError(f"{lora.path}: tensor "
                                    f"'{_first_bad(lora, entry, _overflows_fp16)}' overflows "
