@@ -284,6 +284,10 @@ def test_model_resolution(tmp_path, monkeypatch, tiny_native):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="--model"):
         resolve_model(None)
+    monkeypatch.chdir(tiny_native)  # set but empty: it took the current folder's checkpoint
+    monkeypatch.setenv(ENV_MODEL, "")
+    with pytest.raises(UsageError, match=f"{ENV_MODEL}: an empty path"):
+        resolve_model(None)
 
 
 def test_demo_runs_the_chain(tmp_path):

@@ -491,6 +491,7 @@ def resolve_model(arg: str | Path | None) -> Path:
     if arg:
         return resolve_source(arg)
     env = os.environ.get(ENV_MODEL)
+    refuse_empty(env, ENV_MODEL)  # set but empty (an unset $MODEL in a script) is no choice
     if env:
         return resolve_source(env)
     cwd = Path.cwd()
