@@ -337,6 +337,14 @@ def test_a_checkpoint_with_refinement_fused_only_refines(capsys, tiny_native, tm
         rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *size, *args, "--out",
                       str(tmp_path / "no.mp4"))
         assert rc == 2 and says in cap.err, (args, cap.err)
+    both = tmp_path / "both"  # each stage's refusal sent the user to the other
+    assert main(["lora", "fuse", "distilled,refinement", "-m", str(tiny_native), "--dst",
+                 str(both), "-q"]) == 0
+    for args in (["--distill"], ["--task", "refine", "--video", str(t2v_mp4)]):
+        size = TINY_REFINE if args[0] == "--task" else TINY
+        rc, cap = run(capsys, "-m", str(both), "-p", "a cat", *size, *args, "--out",
+                      str(tmp_path / "no.mp4"))
+        assert rc == 2 and "are both fused into the DiT" in cap.err, (args, cap.err)
 
 
 def test_the_api_keeps_the_fused_rule_too(tiny_native, tmp_path, t2v_mp4):

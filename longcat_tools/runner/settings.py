@@ -683,6 +683,10 @@ def check_fused(s: RunSettings, root: Path | None, distill: float | None,
     scales, None when not fused) runs only the stage that LoRA belongs to, at the fused scale,
     and the run applies nothing more: the original never runs one stage with the other's LoRA."""
     refining = s.task == "refine" or s.refine
+    if distill is not None and refinement is not None:
+        raise UsageError(f"{root}: the {what} and the refinement LoRA are both fused into the "
+                         "DiT, and no stage of the original runs with both; fuse one of them "
+                         "into a copy of the checkpoint they came from")
     if refinement is not None and s.task != "refine":
         raise UsageError(f"{root}: the refinement LoRA is fused into the DiT; its weights only "
                          "make sense for refinement: use --task refine")
