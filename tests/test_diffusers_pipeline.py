@@ -268,3 +268,22 @@ def test_save_pretrained_checks_before_writing_and_writes_a_new_folder_whole(
     again = LongCatVideoPipeline.from_pretrained(tmp_path / "saved")
     assert torch.equal(again.transformer.blocks[0].attn.qkv.weight,
                        pipe.transformer.blocks[0].attn.qkv.weight)
+
+
+def test_loading_leaves_the_callers_library_logging_as_it_was(converted):
+    """from_pretrained set transformers and diffusers to errors only, bars off, for the rest of
+    the caller's process."""
+    import diffusers
+    import transformers
+
+    logs = (transformers.utils.logging, diffusers.utils.logging)
+    for lib in logs:
+        lib.set_verbosity_info()
+        lib.enable_progress_bar()
+    try:
+        LongCatVideoPipeline.from_pretrained(converted)
+        assert [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in logs] == [
+            (transformers.logging.INFO, True), (diffusers.utils.logging.INFO, True)]
+    finally:
+        for lib in logs:
+            lib.set_verbosity_warning()

@@ -96,10 +96,11 @@ def run_cmd(
         raise typer.Exit(launch(gpus, without_option(command_line(ctx), "--gpus")))
     validate(settings)  # a bad option costs a second, not the runner's imports (diffusers)
     from longcat_tools.runner.job import run_job
-    from longcat_tools.runner.pipeline import Reporter
+    from longcat_tools.runner.pipeline import Reporter, quiet_libraries
 
     reporter = Reporter(show=not quiet, say=out.say)
-    doc = run_job(settings, reporter, say=out.say)
+    with quiet_libraries():  # the whole run: this process prints only our own lines
+        doc = run_job(settings, reporter, say=out.say)
     v = doc["video"]
     out.say(f"wrote {doc['output']}: {v['frames']} frames {v['width']}x{v['height']} at "
             f"{v['fps']:g} fps (sidecar {doc['output']}.json)")
@@ -164,7 +165,7 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
     else:
         from tqdm import tqdm
 
-        from longcat_tools.runner.pipeline import Reporter
+        from longcat_tools.runner.pipeline import Reporter, quiet_libraries
 
         def say(text: str) -> None:  # above the progress bars, not through them
             with tqdm.external_write_mode():
@@ -172,8 +173,9 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
 
         say(f"{len(items)} videos into {out_dir}/")
         reporter = Reporter(show=not quiet, say=say if out.verbose else None)
-        for _ in matrix.run_matrix(items, reporter, say=say, share=(rank, data_parallel)):
-            pass
+        with quiet_libraries():
+            for _ in matrix.run_matrix(items, reporter, say=say, share=(rank, data_parallel)):
+                pass
         if data_parallel > 1:
             return
         manifest = json.loads((Path(out_dir) / matrix.MANIFEST).read_text())

@@ -48,8 +48,8 @@ from longcat_tools.runner.pipeline import (
     LongCatVideoPipeline,
     Reporter,
     Result,
-    _quiet_libraries,
     prepare_vae,
+    quiet_libraries,
     to_pil_frames,
     validated,
 )
@@ -218,8 +218,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         check_avatar_files(ckpt, folder)
         dtype = parse_dtype(torch_dtype or "fp32")
         rep = reporter or Reporter()
-        _quiet_libraries()
-        with rep.stage("load"):
+        with quiet_libraries(), rep.stage("load"):
             tok = AutoTokenizer.from_pretrained(base / "tokenizer")
             dit = load_avatar_transformer(ckpt.root / folder, "cpu" if swap else device, dtype)
             te = UMT5EncoderModel.from_pretrained(base / "text_encoder", torch_dtype=dtype,

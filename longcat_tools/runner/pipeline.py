@@ -200,15 +200,25 @@ def prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _quiet_libraries() -> None:
-    """transformers/diffusers chatter (load bars, optional-dependency hints) off."""
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """transformers/diffusers chatter (load bars, optional-dependency hints) off while our
+    loads run, and the caller's settings back afterwards (they stayed off for the whole
+    process)."""
     import diffusers
     import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
+    logs = (transformers.utils.logging, diffusers.utils.logging)
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in logs]
+    for lib in logs:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, (verbosity, bars) in zip(logs, before, strict=True):
+            lib.set_verbosity(verbosity)
+            lib.enable_progress_bar() if bars else lib.disable_progress_bar()
 
 
 def _step_callback(pipe: LongCatVideoPipeline, callback: Callable[..., dict[str, Any]] | None,
@@ -382,8 +392,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
                                f"{torch.cuda.get_device_name(device)} is sm"
                                f"{''.join(map(str, torch.cuda.get_device_capability(device)))} "
                                "(use --precision dtype, or fp8=False)")
-        _quiet_libraries()
-        with rep.stage("load"):
+        with quiet_libraries(), rep.stage("load"):
             tok = AutoTokenizer.from_pretrained(root / "tokenizer")
             # The DiT's skeleton first: transformers sets the process-wide default dtype while
             # it builds UMT5, so nothing else may construct modules meanwhile. Then UMT5 loads on
