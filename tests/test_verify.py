@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from verify_builders import first_shard, to_converted
 
 from longcat_tools import schemas
@@ -435,3 +436,20 @@ def test_a_checksum_list_is_reported_where_it_is_and_an_empty_one_fails(tiny_nat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'bad.txt'}: not UTF-8 text"), err
     assert "JSON" not in err
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "BF16"), (torch.float16, "F16"),
+                                         (torch.float32, "F32"), (torch.float64, "F64")])
+def test_read_scalar_gives_torchs_value_without_torch(tmp_path, dtype, name):
+    """verify reads LoRA alphas at header level: the value must be the one torch stores."""
+    from safetensors.torch import save_file
+
+    from longcat_tools.io.safetensors import read_scalar
+
+    for value in (-0.7, 3.0e-5, float("inf")):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"pad": torch.zeros(3, dtype=dtype), "a": torch.tensor(value, dtype=dtype)},
+                  str(path))
+        with open(path, "rb") as f:
+            got = read_scalar(f, read_header(path).tensors["a"])
+        assert got == float(torch.tensor(value, dtype=dtype))

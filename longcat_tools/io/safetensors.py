@@ -204,6 +204,22 @@ def read_tensor(f: BinaryIO, info: TensorInfo, scratch: torch.Tensor | None = No
     return _read(lambda view: f.readinto(view), info, scratch, getattr(f, "name", "?"))
 
 
+def read_scalar(f: BinaryIO, info: TensorInfo) -> float | None:
+    """A one-element float tensor's value without torch (header-level readers stay fast);
+    None for a dtype this does not decode (fp8)."""
+    fmt = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "<H"}.get(info.dtype)
+    if fmt is None or info.numel != 1:
+        return None
+    f.seek(info.begin)
+    raw = f.read(info.nbytes)
+    if len(raw) != info.nbytes:
+        raise LongcatError(f"tensor '{info.name}' runs past the end of the file")
+    (value,) = struct.unpack(fmt, raw)
+    if info.dtype == "BF16":  # the high half of a float32
+        (value,) = struct.unpack("<f", struct.pack("<I", value << 16))
+    return value
+
+
 def read_tensor_at(fd: int, info: TensorInfo, scratch: torch.Tensor | None = None,
                    where: str | Path = "?") -> torch.Tensor:
     """``read_tensor`` through ``os.preadv``: no file position, so threads can share ``fd``."""

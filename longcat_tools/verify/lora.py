@@ -8,6 +8,7 @@ rules ``lora attach`` reads a file by, so both judge a file's format and targets
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
 from longcat_tools.io import jsonio
-from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo, read_header
+from longcat_tools.io.safetensors import FLOAT_DTYPES, Header, TensorInfo, read_header, read_scalar
 from longcat_tools.lora import formats as lora_formats
 from longcat_tools.lora.registry import REGISTRY, SCHEMA, check_scale, is_scratch, target_patterns
 from longcat_tools.model import keymap
@@ -66,17 +67,11 @@ def read_targets(tensors: dict[str, TensorInfo], where: str = "LoRA file"
 def _bad_alphas(path: Path, targets: dict[str, Target]) -> list[str]:
     """Targets whose alpha tensor (a scalar: read at header cost) is NaN, Inf, zero or
     negative."""
-    import math
-
-    from longcat_tools.io.safetensors import read_tensor
-
     bad = []
     with open(path, "rb") as f:
         for mod, t in targets.items():
-            if t.alpha is None or t.alpha.numel != 1 or t.alpha.dtype not in FLOAT_DTYPES:
-                continue
-            value = float(read_tensor(f, t.alpha).reshape(()))
-            if not (math.isfinite(value) and value > 0):
+            value = read_scalar(f, t.alpha) if t.alpha is not None else None
+            if value is not None and not (math.isfinite(value) and value > 0):
                 bad.append(f"{mod} alpha {value:g}")
     return bad
 
