@@ -525,3 +525,16 @@ def test_ffmpeg_stopping_is_one_line_naming_the_output(tmp_path, monkeypatch, fr
     assert str(e.value).startswith(f"{out}: ffmpeg stopped writing the mp4 ({says}")
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_job_twice_with_one_reporter_records_each_run_alone(tiny_native, tmp_path):
+    """The second sidecar listed both runs' steps and summed their stage times."""
+    from longcat_tools.runner.job import run_job
+    from longcat_tools.runner.pipeline import Reporter
+    from longcat_tools.runner.settings import RunSettings
+
+    reporter = Reporter(show=False)
+    docs = [run_job(RunSettings(model=str(tiny_native), prompt="a cat", height=32, width=32,
+                                frames=9, steps=2, device="cpu", out=str(tmp_path / f"{i}.mp4")),
+                    reporter) for i in range(2)]
+    assert [len(d["step_s"]) for d in docs] == [2, 2]

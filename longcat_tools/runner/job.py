@@ -212,6 +212,7 @@ def run_job(s: RunSettings, reporter: Reporter, say=lambda _t: None) -> dict[str
     With ``s.cp > 1`` this process is one rank of a job (runner.launch or torchrun started
     them all); only rank 0 writes."""
     validate(s)
+    reporter.reset()  # a reporter given again: its timings are this run's alone
     t_start = time.perf_counter()
     cp, device = context_parallel.init(s.cp, resolve_device(s.device))
     # no clean-up on failure: the failing rank exits and the launcher stops the others
