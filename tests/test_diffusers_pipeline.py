@@ -118,6 +118,12 @@ def test_output_types(pipe):
      "num_cond_frames=13: must be 4k.1 and below num_frames"),
     ({"task": "i2v"}, "task i2v needs image="),
     ({"task": "refine", "num_frames": None}, "task refine needs video="),
+    # the default of the other was taken: 64x832 (the command line refuses --height alone)
+    ({"width": None}, "height= and width= go together"),
+    # named the method's guidance, and listed decode, which pipe() sets itself
+    ({"task": "refine", "video": [Image.new("RGB", (64, 64))] * 5, "num_frames": None,
+      "guidance_scale": 2.0}, "task refine takes no 'guidance_scale' (its options: video, "
+     "prompt, image, condition_video, num_cond_frames, height, width, num_inference_steps, t_"),
     ({"prompt": None}, "task t2v needs prompt="),
     # each reached torch, PIL or ftfy, or (a numpy seed) hung the range check
     ({"seed": "7"}, "seed='7': expected int, not str"),

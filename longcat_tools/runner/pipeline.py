@@ -112,6 +112,10 @@ def validated(method: TaskMethod) -> TaskMethod:
     @spelled({})
     def checked(self, *args: Any, **kw: Any) -> Result:
         call = signature.bind(self, *args, **kw)
+        if ("height" in call.arguments) != ("width" in call.arguments) and (
+                "width" in signature.parameters):  # the other one's default was taken silently
+            raise UsageError("height= and width= go together: give both, or neither for the "
+                             "task's default size")
         call.apply_defaults()
         if "prompt" in call.arguments and call.arguments["prompt"] is None:
             raise UsageError("prompt=None: give the prompt's text")  # failed in the tokenizer
@@ -708,20 +712,24 @@ class LongCatVideoPipeline(DiffusionPipeline):
               "width": width, "num_frames": num_frames, "steps": num_inference_steps,
               "guidance": guidance_scale, "generator": generator, "latents": latents,
               "image": image, "video": video, "distill": distill, **options}
-        if task == "refine":
-            kw["stage1_video"], kw["video"] = kw.pop("video"), options.get("condition_video")
+        if task == "refine":  # the stage-1 video is video= (stage1_video= its method's name)
+            if video is not None:
+                kw["stage1_video"] = kw.pop("video")
+            kw["video"] = options.get("condition_video")
             kw.pop("condition_video", None)
         method = getattr(self, task)
         accepted = inspect.signature(method).parameters
         kw = {k: v for k, v in kw.items() if v is not None or k in options}
+        words = {**CALL_RENAMES, "stage1_video": "video", "video": "condition_video"} \
+            if task == "refine" else CALL_RENAMES  # the method's names as this call spells them
         unknown = [k for k in kw if k not in accepted]
         if unknown:
-            raise LongcatError(f"task {task} takes no '{unknown[0]}' (its options: "
-                               f"{', '.join(p for p in accepted if p != 'self')})")
+            offered = [words.get(p, p) for p in accepted if p not in ("self", "decode")]
+            raise LongcatError(f"task {task} takes no '{words.get(unknown[0], unknown[0])}' "
+                               f"(its options: {', '.join(offered)})")
         missing = [n for n, p in accepted.items() if p.default is p.empty and n not in kw]
         if missing:
-            name = {"stage1_video": "video"}.get(missing[0], missing[0])
-            raise LongcatError(f"task {task} needs {name}=")
+            raise LongcatError(f"task {task} needs {words.get(missing[0], missing[0])}=")
         if generator is not None and options.get("seed") is not None:  # the generator decided
             raise UsageError("seed= and generator=: give one (the generator's state is the "
                              "seed)")
