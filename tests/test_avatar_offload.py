@@ -115,6 +115,9 @@ def test_the_pipeline_api_takes_offload(tree):
         LongCatVideoAvatarPipeline.from_pretrained(root, offload="cpu")
     with pytest.raises(LongcatError, match="device=gpu: not a device"):  # torch's device list
         LongCatVideoAvatarPipeline.from_pretrained(root, device="gpu")
+    for call in (pipe, pipe.t2v, pipe.i2v, pipe.vc, pipe.long, pipe.refine):  # the base model's:
+        with pytest.raises(LongcatError, match="the avatar pipeline runs at2v, ai2v and avc"):
+            call(prompt="a man talks")  # they failed in the DiT, wanting audio, after UMT5 ran
 
 
 def test_an_unknown_offload_is_one_line(tree, capsys):

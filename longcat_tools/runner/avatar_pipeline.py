@@ -403,6 +403,15 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
                 "width": width, "version": self.version, **extra, **self.last_run}
 
     # ---- tasks -----------------------------------------------------------------------------
+    def _base_task(self, *_args: Any, **_kw: Any) -> Any:
+        raise UsageError("the avatar pipeline runs at2v, ai2v and avc (pipe.at2v(audio_emb, "
+                         "prompt, ...), the embedding from pipe.audio_from_files); pipe(...), "
+                         "t2v, i2v, vc, long and refine are the base model's "
+                         "(LongCatVideoPipeline)")
+
+    # inherited, they failed deep in the DiT for want of audio, after the text encoder ran
+    __call__ = t2v = i2v = vc = long = refine = _base_task
+
     @spelled({})
     def generate(self, task: str = "at2v", **kw: Any) -> Result:
         """Run ``at2v``, ``ai2v`` or ``avc`` (see each)."""
