@@ -14,6 +14,7 @@ import torch
 from hostile import refused
 from safetensors.torch import load_file, save_file
 
+from longcat_tools import schemas
 from longcat_tools.cli import main
 
 # native module -> comfy module(s) (rows split in this order), as WanVideoWrapper names them
@@ -257,6 +258,7 @@ def test_verify_checks_a_comfy_file_and_the_folder_convert_writes(tiny_native, f
         report = verify(path, deep=True)
         assert report.status == "pass", [(c.file, c.message) for c in report.failures()]
         assert report.layout == "comfy-single"
+        assert schemas.errors(report.to_json(), "verify_report") == []  # its enums lacked comfy
     checked = {(c.name, c.status) for c in verify(folder, deep=True).checks}
     assert {("layout", "pass"), ("deep", "pass"), ("checksum", "pass")} <= checked
     # the folder's list names its file relative to the folder, also when the file is verified

@@ -50,3 +50,15 @@ def test_validate_raises_one_line_naming_the_file():
     with pytest.raises(LongcatError, match=r"^x/config.json: enable_bsa: .* \[schema"):
         schemas.validate({**dit_config("tiny"), "enable_bsa": "yes"}, "transformer_config",
                          "x/config.json")
+
+
+@pytest.mark.parametrize("file, valid", [
+    ("distilled/cfg_step_lora.safetensors", True), ("../x.safetensors", False),
+    ("/abs.safetensors", False), ("a\\b.safetensors", False),
+    ("a\n/../../dit/x.safetensors", False)])  # the lookahead stopped at the newline
+def test_a_lora_manifest_file_stays_inside_lora(file, valid):
+    doc = {"version": 1, "adapters": [{"name": "a", "file": file, "format": "native", "rank": 4,
+                                       "alpha": 4.0, "targets": ["blocks.*.ffn.w1"],
+                                       "default_scale": 1.0}]}
+    found = schemas.errors(doc, "lora_manifest")
+    assert (found == []) == valid, found
