@@ -5,6 +5,7 @@ resumes and ends with the same files, bad lists stop before anything loads."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from hostile import refused
 from safetensors.torch import save_file
 
 from longcat_tools.cli import main
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.runner import job as runjob
 from longcat_tools.runner import video as vio
 from longcat_tools.runner.matrix import read_prompts
@@ -326,9 +327,17 @@ def test_the_matrix_is_a_generator_over_a_loaded_pipeline(tiny_native, tmp_path)
     base = RunSettings(model=str(tiny_native), prompt="a cat", height=32, width=32, frames=9,
                        steps=1, device="cpu")
     items = plan(base, tmp_path / "o", seeds=[1, 2], bsa=["off"])
+    pipe.transformer.lora_mode = "runtime"
     docs = list(run_matrix(items, Reporter(), pipe=pipe))
     assert [d["seed"] for d in docs] == [1, 2]
     assert all(Path(d["output"]).is_file() for d in docs)
+    assert pipe.transformer.lora_mode == "runtime"  # the items' mode was left behind
+    # a pipeline other than the items ask for: its videos were recorded as theirs
+    with pytest.raises(UsageError, match="its DiT is in torch.float32, the items' settings "
+                                         "ask for torch.bfloat16"):
+        list(run_matrix(plan(replace(base, dtype="bf16"), tmp_path / "b", seeds=[1],
+                             bsa=["off"]), Reporter(), pipe=pipe))
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow

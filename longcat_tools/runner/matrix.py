@@ -322,6 +322,10 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
     mine = [it for it in items if it.index % ranks == rank]
     base = items[0].settings
     device = resolve_device(base.device) if pipe is None else pipe.device
+    mode = None
+    if pipe is not None:
+        _check_pipe(pipe, base, device)
+        mode = pipe.transformer.lora_mode  # the caller's: given back when the items are done
     out_dir = Path(base.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = [_entry(it, "pending") for it in items]
@@ -336,24 +340,46 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
         root = pipe.root or layouts.resolve_model(base.model)
     load_s = round(time.perf_counter() - t0, 3)
     desc = "videos" if ranks == 1 else f"videos (process {rank + 1} of {ranks})"
-    for it in reporter.steps(mine, len(mine), desc):
-        if finished(it, device, stamp):
-            records[it.index] = {**_entry(it, "skipped"), **_timing(it)}  # what it took then
-            say(f"[{it.index + 1}/{len(items)}] {it.name}: done already, skipped")
-            doc = records[it.index]
-        else:
-            say(f"[{it.index + 1}/{len(items)}] {it.name}")
-            reporter.reset()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            with runjob.output_lock(it.settings.out, pipe.is_main):
-                doc = runjob.run_video(it.settings, root, pipe, reporter, lambda _t: None,
-                                       device, time.perf_counter())
-            records[it.index] = {**_entry(it, "done"), "total_s": doc["total_s"],
-                                 "peak_memory": doc["peak_memory"]}
-        if ranks == 1:
-            _write_manifest(out_dir, base, records, load_s)
-        yield doc
+    try:
+        for it in reporter.steps(mine, len(mine), desc):
+            if finished(it, device, stamp):
+                records[it.index] = {**_entry(it, "skipped"), **_timing(it)}  # took then
+                say(f"[{it.index + 1}/{len(items)}] {it.name}: done already, skipped")
+                doc = records[it.index]
+            else:
+                say(f"[{it.index + 1}/{len(items)}] {it.name}")
+                reporter.reset()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                with runjob.output_lock(it.settings.out, pipe.is_main):
+                    doc = runjob.run_video(it.settings, root, pipe, reporter, lambda _t: None,
+                                           device, time.perf_counter())
+                records[it.index] = {**_entry(it, "done"), "total_s": doc["total_s"],
+                                     "peak_memory": doc["peak_memory"]}
+            if ranks == 1:
+                _write_manifest(out_dir, base, records, load_s)
+            yield doc
+    finally:
+        if mode is not None:
+            pipe.transformer.lora_mode = mode
+
+
+def _check_pipe(pipe: Any, base: RunSettings, device: Any) -> None:
+    """A pipeline handed in must be what the items' settings load: the sidecars record those
+    (a bf16 pipe made videos recorded as fp32, which a later fp32 matrix skipped as done)."""
+    from longcat_tools.runner.loading import parse_dtype
+    from longcat_tools.runner.settings import PRECISIONS, run_dtype
+
+    want = parse_dtype(run_dtype(base.dtype, device))
+    if pipe.transformer.dtype != want:
+        raise UsageError(f"pipe=: its DiT is in {pipe.transformer.dtype}, the items' settings "
+                         f"ask for {want} (dtype={base.dtype!r}); load the pipeline so, or set "
+                         "the items' dtype to the pipeline's")
+    fp8 = PRECISIONS[base.precision]
+    if fp8 is not None and fp8 != pipe.transformer.is_fp8:
+        has = "fp8" if pipe.transformer.is_fp8 else "not fp8"
+        raise UsageError(f"pipe=: its DiT's GEMMs are {has}, the items' settings ask for "
+                         f"precision={base.precision!r}")
 
 
 def write_manifest(items: Sequence[Item], device: Any) -> dict[str, Any]:
