@@ -117,6 +117,9 @@ def test_save_pretrained_round_trips_through_diffusers_loader(reference, tmp_pat
     back = LongCatTransformer3DModel.from_pretrained(tmp_path / "saved")
     with torch.no_grad():
         assert torch.equal(back(**inputs), want)
+    # "bf16" loaded fp32 here (diffusers warned), bf16 from a checkpoint
+    assert LongCatTransformer3DModel.from_pretrained(tmp_path / "saved",
+                                                     torch_dtype="bf16").dtype == torch.bfloat16
 
 
 def test_from_config_reads_either_flavour(layouts):
@@ -138,6 +141,11 @@ def test_from_config_reads_either_flavour(layouts):
     (("{root}",), {"parallel_config": object()}, "'parallel_config' is not supported"),
     (("{root}",), {"device_map": "balanced"}, "device_map 'balanced': only one device"),
     (("{root}",), {"device_map": {"": "cpu"}}, "only one device"),
+    # a typo and a config override loaded fp32 and the config as if they were not given
+    (("{root}",), {"torch_dype": torch.bfloat16}, "'torch_dype' is not a keyword it takes"),
+    (("{root}",), {"depth": 1}, "'depth' is not a keyword it takes from a checkpoint"),
+    (("{root}",), {"output_loading_info": True}, "output_loading_info is for save_pretrained"),
+    (("{root}",), {"torch_dtype": "bf17"}, "bf17"),
 ])
 def test_from_pretrained_refuses_bad_input_in_one_line(tiny_native, args, kwargs, says):
     args = tuple(a.format(root=tiny_native) for a in args)

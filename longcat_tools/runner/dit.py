@@ -77,6 +77,12 @@ _UNSUPPORTED_LOAD = {"quantization_config": _LOW_MEMORY, "variant": _LOW_MEMORY,
                                      _HUB_LOCAL)}
 
 
+# what a checkpoint's DiT load takes besides device/dtype/revision: its own fp8 and device_map,
+# and diffusers' switches that change nothing here (it streams safetensors, local files only)
+_CHECKPOINT_LOAD = {"fp8", "device_map", "use_safetensors", "low_cpu_mem_usage",
+                    "local_files_only", "output_loading_info"}
+
+
 def _one_device(device_map: Any) -> str | torch.device:
     """A checkpoint's DiT loads whole onto one device: ``device_map`` may name it, no more."""
     if device_map is None:
@@ -570,7 +576,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         loader cannot fill, and ours checks every shape before it copies and streams one tensor
         at a time. A ``save_pretrained`` folder (native names) goes through diffusers'."""
         from longcat_tools.checkpoint.hub import resolve_source
-        from longcat_tools.runner.loading import find_transformer, load_transformer
+        from longcat_tools.runner.loading import find_transformer, load_transformer, parse_dtype
 
         device = kwargs.pop("device", None)
         if isinstance(device, str):  # torch listed every device type, or asserted (no CUDA)
@@ -584,11 +590,22 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         revision = kwargs.pop("revision", None)
         if revision and not Path(pretrained_model_name_or_path).exists():
             pretrained_model_name_or_path = f"{pretrained_model_name_or_path}@{revision}"
+        if torch_dtype is not None:  # "bf16" too, on both paths (diffusers only warned)
+            torch_dtype = parse_dtype(torch_dtype)
         path = find_transformer(pretrained_model_name_or_path, subfolder)
         if path is None:  # a save_pretrained folder
             folder = resolve_source(pretrained_model_name_or_path) / (subfolder or "")
             model = super().from_pretrained(folder, torch_dtype=torch_dtype, **kwargs)
             return model if device is None else model.to(device)
+        unknown = sorted(set(kwargs) - _CHECKPOINT_LOAD)
+        if unknown:  # a typo (torch_dype) or a config override loaded as if not given
+            raise LongcatError(f"LongCatTransformer3DModel.from_pretrained: '{unknown[0]}' is not "
+                               f"a keyword it takes from a checkpoint (it takes torch_dtype, "
+                               f"device, revision, {', '.join(sorted(_CHECKPOINT_LOAD))})")
+        if kwargs.get("output_loading_info"):
+            raise LongcatError("LongCatTransformer3DModel.from_pretrained: output_loading_info "
+                               "is for save_pretrained folders; a checkpoint's DiT is checked "
+                               "whole before it loads (nothing is missing or unexpected)")
         return load_transformer(path, device=device or _one_device(kwargs.get("device_map")),
                                 dtype=torch_dtype or torch.float32, fp8=kwargs.get("fp8"))
 
