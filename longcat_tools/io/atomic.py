@@ -158,7 +158,8 @@ def check_named(dst: Path) -> None:
 def check_parent(dst: Path) -> None:
     """An output goes into a folder that exists: no command makes missing parents."""
     if not Path(dst).parent.is_dir():
-        raise UsageError(f"{Path(dst).parent}: output's parent folder does not exist")
+        raise UsageError(f"{Path(dst).parent}: output's parent folder does not exist (create it "
+                         "first)")
 
 
 def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
