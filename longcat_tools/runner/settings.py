@@ -341,7 +341,8 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         raise UsageError(f"--cond-frames {s.num_cond_frames}: an --image condition is one frame "
                          "(give --cond-frames 1, or leave it out)")
     if (s.height is None) != (s.width is None):
-        raise UsageError("--height and --width go together (or use --resolution)")
+        bucket = " (or use --resolution)" if s.task in ("i2v", "vc", "ai2v", "avc") else ""
+        raise UsageError(f"--height and --width go together{bucket}")
     if s.height is not None and s.resolution != RunSettings.resolution:
         raise UsageError(f"--resolution {s.resolution}: --height/--width {s.height}x{s.width} "
                          "set the size, so no bucket is chosen; give one or the other")
