@@ -282,6 +282,8 @@ def test_load_lora_refuses_a_scale_that_is_no_finite_number(tiny_native):
     dit.load_lora(str(lora), "a", scale=0.5)
     with pytest.raises(LongcatError, match="'zzz' is not loaded .*loaded: a"):
         dit.enable_loras(["zzz"])
+    with pytest.raises(LongcatError, match=r"enable_loras\('a'\): give a list of names"):
+        dit.enable_loras("a")  # its letters were taken as names ("ref": r, e, f)
 
 
 def test_from_pretrained_names_torch_dtype_and_device_as_given(tiny_native):

@@ -173,6 +173,8 @@ def test_numpy_and_torch_scalars_are_taken_as_the_numbers_they_hold(pipe):
 def test_from_pretrained_names_torch_dtype_as_given(tiny_native):
     with pytest.raises(LongcatError, match="^torch_dtype=fp64: unknown dtype"):
         LongCatVideoPipeline.from_pretrained(tiny_native, torch_dtype="fp64")
+    with pytest.raises(LongcatError, match="^text_encoder_dtype int8: unknown dtype"):
+        LongCatVideoPipeline.from_pretrained(tiny_native, text_encoder_dtype="int8")  # torch_dtype
 
 
 def test_a_device_that_is_not_there_is_one_line(tiny_native):
@@ -180,8 +182,11 @@ def test_a_device_that_is_not_there_is_one_line(tiny_native):
     with pytest.raises(LongcatError, match="device=gpu: not a device"):
         LongCatVideoPipeline.from_pretrained(tiny_native, device="gpu")
     if not torch.cuda.is_available():
-        with pytest.raises(LongcatError, match="no CUDA GPU is available here"):
-            LongCatVideoPipeline.from_pretrained(tiny_native, device="cuda")
+        for device in ("cuda", 0, torch.device("cuda:0")):  # an index was a raw RuntimeError
+            with pytest.raises(LongcatError, match="no CUDA GPU is available here"):
+                LongCatVideoPipeline.from_pretrained(tiny_native, device=device)
+    with pytest.raises(LongcatError, match="not a device"):
+        LongCatVideoPipeline.from_pretrained(tiny_native, device=1.5)
 
 
 def test_inputs_in_the_forms_the_pipeline_hands_out_are_taken(pipe):

@@ -202,7 +202,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
 
         if unused:
             raise LongcatError(f"the avatar pipeline takes no '{next(iter(unused))}'")
-        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        device = resolve_device(device)
         check_offload(offload, device)
         encoder_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
         swap = offload in ("dit", "all")

@@ -579,7 +579,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         from longcat_tools.runner.loading import find_transformer, load_transformer, parse_dtype
 
         device = kwargs.pop("device", None)
-        if isinstance(device, str):  # torch listed every device type, or asserted (no CUDA)
+        if device is not None:  # torch listed every device type, or asserted (no CUDA)
             device = resolve_device(device)
         torch_dtype = kwargs.pop("dtype", None) or torch_dtype  # diffusers' newer name
         unsupported = {k: v for k, v in kwargs.items() if k in _UNSUPPORTED_LOAD and v}
@@ -711,6 +711,9 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         forward, ``state_dict``, ``save_pretrained``, another enable), the weights meanwhile
         keeping what they hold, so a pipeline call that ends by giving back the caller's set
         leaves its own merged for a next call that wants it again."""
+        if isinstance(names, str):  # its letters were taken for names: "LoRA 'r' is not loaded"
+            raise UsageError(f"enable_loras({names!r}): give a list of names "
+                             f"(enable_loras([{names!r}]))")
         names = list(names)
         missing = [n for n in names if n not in self.lora_registry]
         if missing:

@@ -49,7 +49,7 @@ from PIL import Image
 
 from longcat_tools.checkpoint.layouts import LORA_DISTILL, LORA_REFINE
 from longcat_tools.errors import LongcatError, UsageError
-from longcat_tools.model import chunks
+from longcat_tools.model import chunks, dtypes
 from longcat_tools.model.chunks import refine_latent_frames
 from longcat_tools.runner import schedule
 from longcat_tools.runner.attention import BSAParams, BSASetting, kept_chunks, resolve_bsa
@@ -376,14 +376,16 @@ class LongCatVideoPipeline(DiffusionPipeline):
         from longcat_tools.runner import offload as off
         from longcat_tools.runner.loading import empty_transformer, finish_loading
 
-        # a name as run checks it (torch's assert or its list of device types came through)
-        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        # as run checks it (torch's assert, its list of device types or, for 0, no GPU came through)
+        device = resolve_device(device)
         check_offload(offload, device)
         te_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
         swap = offload in ("dit", "all")
         ckpt = resolve_checkpoint(resolve_source(pretrained_model_name_or_path))
         root = ckpt.root
         dtype = parse_dtype(torch_dtype or "fp32")
+        te_dtype = dtype if text_encoder_dtype is None else dtypes.parse(
+            text_encoder_dtype, option="text_encoder_dtype")  # not named torch_dtype=
         rep = reporter or Reporter()
         check_components(ckpt)
         use_fp8 = ckpt.is_fp8 if fp8 is None else fp8
@@ -406,7 +408,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
 
             def text_encoder() -> Any:
                 return UMT5EncoderModel.from_pretrained(
-                    root / "text_encoder", torch_dtype=parse_dtype(text_encoder_dtype or dtype),
+                    root / "text_encoder", torch_dtype=te_dtype,
                     use_safetensors=True).to(te_home or device).eval()
 
             with ThreadPoolExecutor(1, thread_name_prefix="longcat-umt5") as pool:

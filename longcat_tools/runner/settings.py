@@ -283,15 +283,18 @@ def check_offload(choice: str, device: Any = None) -> None:
                                   "weights are anyway; nothing is offloaded"))
 
 
-def resolve_device(device: str) -> Any:
-    """``--device`` -> a torch.device that exists here."""
+def resolve_device(device: Any) -> Any:
+    """``--device`` (or the API's ``device=``: a name, an index, a torch.device) -> a
+    torch.device that exists here."""
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except RuntimeError:
+        dev = (device if isinstance(device, torch.device) else
+               torch.device("cuda", device) if isinstance(device, int) and device >= 0
+               and not isinstance(device, bool) else torch.device(device))
+    except (RuntimeError, TypeError):
         raise UsageError(f"--device {device}: not a device (use auto, cpu, cuda or "
                          "cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
