@@ -666,3 +666,17 @@ def test_restore_swaps_in_one_step(ckpt, monkeypatch):
     monkeypatch.setattr(bsa_config, "atomic_write_text", killed_on_the_second)
     assert main(["bsa", "restore", "-m", str(ckpt), "-q"]) == 0
     assert path.read_text() == fast and bak.read_text() == quality
+
+
+def test_an_avatar_dit_folder_linked_under_two_names_is_changed_once(avatar_copy):
+    """avatar_multi -> avatar_single: restore swapped the one config twice, so it reported
+    success and changed nothing."""
+    av = avatar_copy("avatar-1.0")
+    shutil.rmtree(av / "avatar_multi")
+    (av / "avatar_multi").symlink_to("avatar_single")
+    config = av / "avatar_single" / "config.json"
+    before = json.loads(config.read_text())["enable_bsa"]
+    assert main(["bsa", "preset", "720p-fast", "-m", str(av), "-q"]) == 0
+    assert json.loads(config.read_text())["enable_bsa"] is True
+    assert main(["bsa", "restore", "-m", str(av), "-q"]) == 0
+    assert json.loads(config.read_text())["enable_bsa"] == before

@@ -244,7 +244,12 @@ def open_configs(model: str | Path | None) -> list[layouts.Checkpoint]:
     so every change goes to all of them."""
     found = layouts.detect_any(layouts.resolve_model(model))
     if isinstance(found, layouts.AvatarCheckpoint):
-        views = found.views()
+        views, seen = [], set()
+        for view in found.views():  # one folder linked under two names is changed once
+            real = view.config_path.parent.resolve()
+            if real not in seen:
+                seen.add(real)
+                views.append(view)
         if not views:
             found.dit()  # one line: no DiT folder
         return views
