@@ -264,7 +264,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     good.mkdir()
     add_run(good, "v.mp4", clip(16, 16, (0, 0, 0)), 1.0, prompt="p")
     refused(capsys, "compare", good, "--out", tmp_path / "no" / "s.png", code=2,
-            says="parent folder does not exist")
+            says="parent folder does not exist (create it first)")
+    (tmp_path / "afile").write_text("x")  # said its parent folder does not exist
+    refused(capsys, "compare", good, "--out", tmp_path / "afile" / "s.png", code=2,
+            says="output's parent is not a folder")
     (tmp_path / "dir.png").mkdir()
     refused(capsys, "compare", good, "--out", tmp_path / "dir.png", code=2, says="is a folder")
     refused(capsys, "compare", good, "--out", tmp_path / "s.jpg", code=2,

@@ -282,9 +282,11 @@ def check_writable(path: Path) -> None:
     for root (who passes ``os.access``): a cleared bit is a request to leave the file alone."""
     if path.exists():
         mode = path.stat().st_mode
-        if not mode & stat.S_IWUSR or not os.access(path, os.W_OK):
+        if not mode & stat.S_IWUSR:
             raise LongcatError(f"{path}: read-only (mode {stat.S_IMODE(mode):04o}); make it "
                                "writable (chmod u+w) to change it")
+        if not os.access(path, os.W_OK):  # another owner's file, or a read-only file system
+            raise LongcatError(f"{path}: not writable by this user or on this file system")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise LongcatError(f"{path.parent}: folder not writable (bsa writes a temp file next to "
                            f"{path.name} and renames it)")

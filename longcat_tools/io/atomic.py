@@ -157,9 +157,11 @@ def check_named(dst: Path) -> None:
 
 def check_parent(dst: Path) -> None:
     """An output goes into a folder that exists: no command makes missing parents."""
-    if not Path(dst).parent.is_dir():
-        raise UsageError(f"{Path(dst).parent}: output's parent folder does not exist (create it "
-                         "first)")
+    parent = Path(dst).parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{parent}: output's parent is not a folder")
+    if not parent.is_dir():
+        raise UsageError(f"{parent}: output's parent folder does not exist (create it first)")
 
 
 def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
