@@ -384,9 +384,9 @@ def _held(lock: Path, timeout: float, busy: Callable[[], str],
           waiting: str | None = None,
           keep_file: Callable[[], bool] = lambda: False) -> Iterator[bool]:
     """An exclusive ``flock`` on ``lock`` (created, and removed on release unless
-    ``keep_file()``); after ``timeout``
-    seconds of waiting, a LongcatError with ``busy()``; ``waiting`` is logged once when the
-    wait passes ``WAIT_NOTE_S``, so a queued command does not look hung. A holder that dies
+    ``keep_file()``); after ``timeout`` seconds of waiting, a LongcatError with ``busy()``;
+    ``waiting`` is logged once when the wait passes ``WAIT_NOTE_S``, so a queued command does
+    not look hung. A holder that dies
     releases it (the kernel drops flocks) but leaves the file: yields True when the lock file
     was there before us, i.e. a run died holding it. After locking we check the file is still
     the one on disk, because a releasing holder may have just removed it."""
