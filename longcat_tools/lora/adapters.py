@@ -318,6 +318,7 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
         raise UsageError(f"{out}: the output file name must end in .safetensors")
     if out.name == ".safetensors":  # a hidden file
         raise UsageError(f"{out}: name the file (NAME.safetensors)")
+    check_replaceable(out, "safetensors", force=force)  # a link there is named as one
     check_outside_checkpoints(out, "the exported adapter")  # its own checkpoint's too
     reg = load_registry(ckpt)
     path, _ = find_adapter(ckpt, reg, name)
