@@ -372,3 +372,17 @@ def test_run_records_the_mode_and_refuses_a_bad_one(capsys, tiny_native, tmp_pat
         assert doc["final"]["merged_loras"] == (["distilled"] if mode == "merge" else [])
         frames[mode] = load_file(str(tmp_path / f"{mode}.safetensors"))["latents"].numpy()
     np.testing.assert_allclose(frames["merge"], frames["runtime"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_loaded_under_inference_mode_merges_and_restores(tiny_native, reads):
+    """Its tensors were inference tensors: recording their versions raised "Inference tensors
+    do not track version counter", and a merge outside inference mode could not edit them."""
+    with torch.inference_mode():
+        dit = load_transformer(tiny_native)
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    dit.load_lora(tiny_native / CFG, "cfg")
+    reads.clear()
+    dit.enable_loras(["cfg"])
+    dit.disable_loras()
+    assert len(reads) == 1  # read back from the shards, as any loaded model
+    assert all(torch.equal(dit.state_dict()[k], v) for k, v in before.items())

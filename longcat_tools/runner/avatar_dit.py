@@ -492,6 +492,7 @@ class LongCatVideoAvatarTransformer3DModel(LongCatTransformer3DModel):
         return (x, new_cache) if return_kv else x
 
 
+@torch.inference_mode(False)  # as loading.empty_transformer: tensors that track versions
 def load_avatar_transformer(folder: str | Path, device: str | torch.device = "cpu",
                             dtype: str | torch.dtype = torch.float32, progress=None,
                             ) -> LongCatVideoAvatarTransformer3DModel:

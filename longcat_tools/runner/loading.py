@@ -310,6 +310,9 @@ def fill_parameters(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
         reader.close()
 
 
+# The DiT's tensors are made outside inference mode even when the caller loads under it: an
+# inference tensor tracks no version (``Origin``) and takes no in-place LoRA merge later.
+@torch.inference_mode(False)
 def empty_transformer(path: str | Path, device: str | torch.device = "cpu",
                       dtype: str | torch.dtype = torch.float32, fp8: bool | None = None
                       ) -> tuple[LongCatTransformer3DModel, layouts.Checkpoint]:
@@ -329,6 +332,7 @@ def empty_transformer(path: str | Path, device: str | torch.device = "cpu",
     return model.to_empty(device=device), ckpt
 
 
+@torch.inference_mode(False)
 def finish_loading(model: LongCatTransformer3DModel, ckpt: layouts.Checkpoint,
                    progress=None) -> LongCatTransformer3DModel:
     """Fill an ``empty_transformer`` from its checkpoint; eval mode, no grads, and the
