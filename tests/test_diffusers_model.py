@@ -122,6 +122,14 @@ def test_save_pretrained_round_trips_through_diffusers_loader(reference, tmp_pat
                                                      torch_dtype="bf16").dtype == torch.bfloat16
 
 
+def test_from_pretrained_takes_what_diffusers_loader_passes_at_its_defaults(tiny_native):
+    """diffusers' pipeline loader always passes these, empty; they were refused as unknown."""
+    model = LongCatTransformer3DModel.from_pretrained(
+        tiny_native, max_memory=None, offload_folder=None, offload_state_dict=False,
+        disable_mmap=False, cache_dir=None, variant=None, low_cpu_mem_usage=True)
+    assert model.dtype == torch.float32
+
+
 def test_from_config_reads_either_flavour(layouts):
     for layout, sub in SUBFOLDER.items():
         cfg = json.loads((layouts[layout] / sub / "config.json").read_text())

@@ -275,8 +275,8 @@ def test_save_pretrained_checks_before_writing_and_writes_a_new_folder_whole(
         pipe.save_pretrained(tmp_path / "full")
     assert not (tmp_path / "full").exists() and not partial_path(tmp_path / "full").exists()
     monkeypatch.undo()
-    pipe.save_pretrained(tmp_path / "saved")
-    again = LongCatVideoPipeline.from_pretrained(tmp_path / "saved")
+    pipe.save_pretrained(tmp_path / "new" / "saved")  # missing parents are made, as diffusers
+    again = LongCatVideoPipeline.from_pretrained(tmp_path / "new" / "saved")
     assert torch.equal(again.transformer.blocks[0].attn.qkv.weight,
                        pipe.transformer.blocks[0].attn.qkv.weight)
 

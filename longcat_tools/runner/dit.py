@@ -597,7 +597,8 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             folder = resolve_source(pretrained_model_name_or_path) / (subfolder or "")
             model = super().from_pretrained(folder, torch_dtype=torch_dtype, **kwargs)
             return model if device is None else model.to(device)
-        unknown = sorted(set(kwargs) - _CHECKPOINT_LOAD - set(_UNSUPPORTED_LOAD))
+        unknown = sorted(k for k, v in kwargs.items()  # diffusers' loader passes None/False
+                         if k not in _CHECKPOINT_LOAD and v is not None and v is not False)
         if unknown:  # a typo (torch_dype) or a config override loaded as if not given
             raise LongcatError(f"LongCatTransformer3DModel.from_pretrained: '{unknown[0]}' is not "
                                f"a keyword it takes from a checkpoint (it takes torch_dtype, "

@@ -445,10 +445,11 @@ class LongCatVideoPipeline(DiffusionPipeline):
 
         dst = Path(save_directory)
         self.transformer.check_save(dst / "transformer")  # where diffusers will write it
-        if dst.exists():  # into a folder of the caller's, as diffusers does
-            return super().save_pretrained(dst, *args, **kwargs)
+        if dst.exists() or kwargs.get("push_to_hub"):  # the caller's folder, or the hub repo
+            return super().save_pretrained(save_directory, *args, **kwargs)  # named after it
+        dst.parent.mkdir(parents=True, exist_ok=True)  # as diffusers makes them
         with atomic_folder(dst) as tmp:
-            super().save_pretrained(tmp, *args, **kwargs)
+            super().save_pretrained(str(tmp), *args, **kwargs)
 
     def check_fused(self, s: RunSettings, scale_given: bool) -> None:
         """The command line's rule for a checkpoint with a hub LoRA fused in (``settings.
