@@ -132,6 +132,17 @@ def test_a_finished_matrix_loads_nothing(tiny_native, prompt_file, tmp_path, cou
     assert counted["loads"] == 1
 
 
+def test_a_guidance_given_at_its_default_resumes_as_left_out(tiny_native, prompt_file,
+                                                             tmp_path, counted):
+    """--guidance 4 (the default it stands for) made every video of a finished matrix again."""
+    out = tmp_path / "out"
+    assert main(matrix_args(tiny_native, prompt_file, out)) == 0
+    assert main([*matrix_args(tiny_native, prompt_file, out), "--guidance", "4"]) == 0
+    assert counted["loads"] == 1
+    assert main([*matrix_args(tiny_native, prompt_file, out), "--guidance", "3"]) == 0
+    assert counted["loads"] == 2  # another value is another video
+
+
 def test_a_resumed_matrix_makes_an_emptied_or_cut_video_again(tiny_native, prompt_file,
                                                                tmp_path, counted):
     """An mp4 emptied (or cut short) after its run was "done already, skipped" and compare

@@ -91,10 +91,15 @@ def input_stamps(s: RunSettings) -> dict[str, list[int] | None]:
 
 def comparable_settings(record: dict[str, Any]) -> dict[str, Any]:
     """A sidecar's settings as two runs are compared (a matrix resuming, ``compare`` pairing):
-    output paths left out, the device as its kind (cuda:0 and cuda:1 compute alike)."""
+    output paths left out, the device as its kind (cuda:0 and cuda:1 compute alike), a
+    guidance left out as the value it stands for."""
     out = {k: v for k, v in record.items() if k not in OUTPUT_FIELDS}
     if isinstance(out.get("device"), str):
         out["device"] = out["device"].split(":")[0]
+    if isinstance(out.get("distill"), bool) and out.get("task") != "refine":
+        for key in ("guidance", "audio_guidance"):  # left out and given at its default alike
+            if out.get(key) is None:
+                out[key] = guidance_of(None, out["distill"])
     return out
 
 
