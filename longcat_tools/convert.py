@@ -591,10 +591,10 @@ def component_jobs(ckpt: layouts.Checkpoint, comp: str, want: torch.dtype | None
         notes.append(f"{comp}/ not in the source: not written")
         return []
     files = _component_files(ckpt, comp, notes, keep_pickle)
-    for index in (p for p in files if p.name.endswith(".safetensors.index.json")):
-        layouts.index_shards(index, ckpt.containment)  # carried as it is, it must hold
+    indexed = {p: layouts.index_shards(p, ckpt.containment)  # carried as it is, it must hold
+               for p in files if p.name.endswith(".safetensors.index.json")}
     if comp == "text_encoder" and want is not None:
-        te = _text_encoder_jobs(ckpt, files, want, link, meta)
+        te = _text_encoder_jobs(ckpt, files, want, link, meta, indexed)
         if te is not None:
             return te
     return [FileJob.unchanged(p, p.relative_to(ckpt.root).as_posix(), comp, link)
@@ -630,17 +630,18 @@ def _component_files(ckpt: layouts.Checkpoint, comp: str, notes: list[str],
 
 
 def _text_encoder_jobs(ckpt: layouts.Checkpoint, files: list[Path], want: torch.dtype,
-                       link: bool, prov: dict[str, str]) -> list[FileJob] | None:
+                       link: bool, prov: dict[str, str],
+                       indexed: dict[Path, set[Path]]) -> list[FileJob] | None:
     """The text encoder's ``files`` rewritten with their floats cast to ``want`` (same shards,
-    index and config, dtype fields updated), or None when nothing would change."""
+    index and config, dtype fields updated), or None when nothing would change. ``indexed``:
+    each checked shard index and the shards it names."""
     folder = ckpt.root / "text_encoder"
     index_path = folder / TEXT_ENCODER_INDEX
     weights = [p for p in files if p.name.endswith(".safetensors")]
     index = None
-    if index_path.is_file():
+    if index_path in indexed:
         index = jsonio.read(index_path, what="text encoder index")
-        named = layouts.index_shards(index_path, ckpt.containment)
-        stray = sorted(set(weights) - named)
+        stray = sorted(set(weights) - indexed[index_path])
         if stray:
             raise LongcatError(f"{stray[0]}: shard on disk that {TEXT_ENCODER_INDEX} does not "
                                "name")

@@ -85,12 +85,15 @@ def owned(folder: Path, path: Path, what: str,
     return path
 
 
-def index_shards(index_path: Path, allowed: Path | tuple[Path, ...] | None = None) -> set[Path]:
-    """The shards a ``*.safetensors.index.json`` names: each a plain name inside the index's
-    folder (links followed: inside ``allowed``) and present. A loader follows a name out of
-    the folder, or fails on a missing one after minutes of loading."""
+def index_shards(index_path: Path, allowed: Path | tuple[Path, ...] | None = None,
+                 index: Any = None) -> set[Path]:
+    """The shards a ``*.safetensors.index.json`` (``index``: its content, when already read)
+    names: each a plain name inside the index's folder (links followed: inside ``allowed``)
+    and present. A loader follows a name out of the folder, or fails on a missing one after
+    minutes of loading."""
     folder = index_path.parent
-    index = jsonio.read(index_path, what="shard index")
+    if index is None:
+        index = jsonio.read(index_path, what="shard index")
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise LongcatError(f"{index_path}: 'weight_map' must map tensor names to shard names")

@@ -932,9 +932,9 @@ def check_components(ckpt: Any) -> None:
                                    "verify` on the checkpoint)")
         index = folder / index_name if index_name else None
         if index is not None and index.exists():
-            schemas.validate(jsonio.read(index, what="shard index"), "safetensors_index",
-                             str(index))
-            layouts.index_shards(index, allowed)
+            doc = jsonio.read(index, what="shard index")
+            schemas.validate(doc, "safetensors_index", str(index))
+            layouts.index_shards(index, allowed, doc)
         elif not any((folder / f).is_file() for f in singles):
             raise LongcatError(f"{folder / (index_name or singles[0])}: missing; the {comp.name}'s "
                                "weights cannot load (run `longcat-tools verify` on the checkpoint)")
@@ -980,12 +980,14 @@ def _check_output(opt: str, path: Path, model: tuple[Path, ...]) -> None:
         raise LongcatError(f"{opt} {path}: cannot write in the folder {folder} "
                            f"({e.strerror or e}); pick a writable folder") from None
     if path.suffix == ".mp4":
-        longest = max(len(os.fsencode(p.name)) for p in vio.scratch_names(path))
-        if longest > os.pathconf(folder, "PC_NAME_MAX"):  # ffmpeg failed after the generation
+        scratches = vio.scratch_names(path)
+        longest, limit = max(len(os.fsencode(p.name)) for p in scratches), \
+            os.pathconf(folder, "PC_NAME_MAX")
+        if longest > limit:  # ffmpeg failed on it after the generation
             raise UsageError(f"{opt} {path}: the name is too long for its scratch files "
-                             f"({longest} bytes with their prefix and suffix, at most "
-                             f"{os.pathconf(folder, 'PC_NAME_MAX')} here); pick a shorter name")
-        for scratch in vio.scratch_names(path):  # a link there would take the write elsewhere
+                             f"({longest} bytes with their prefix and suffix, at most {limit} "
+                             "here); pick a shorter name")
+        for scratch in scratches:  # a link there would take the write elsewhere
             try:
                 layouts.check_plain(scratch, f"the scratch file of {opt}")
             except LongcatError as e:
