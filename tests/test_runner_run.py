@@ -538,3 +538,18 @@ def test_run_job_twice_with_one_reporter_records_each_run_alone(tiny_native, tmp
                                 frames=9, steps=2, device="cpu", out=str(tmp_path / f"{i}.mp4")),
                     reporter) for i in range(2)]
     assert [len(d["step_s"]) for d in docs] == [2, 2]
+
+
+def test_an_output_and_input_named_with_a_colon_are_files(capsys, tiny_native, t2v_mp4,
+                                                          tmp_path, monkeypatch):
+    """ffmpeg took `a:b.mp4` for a URL of protocol `a`: the run failed with an internal error
+    after the whole generation."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(t2v_mp4, "in:put.mp4")
+    rc, cap = run(capsys, "-m", str(tiny_native), "--task", "vc", "-p", "a cat", *TINY,
+                  "--frames", "13", "--cond-frames", "5", "--video", "in:put.mp4", "--out",
+                  "out:1.mp4")
+    assert rc == 0, cap.err
+    assert probe("out:1.mp4")["frames"] == 17

@@ -57,6 +57,12 @@ def _ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def ffmpeg_file(path: str | Path) -> str:
+    """``path`` as ffmpeg takes a file name, absolute: ffmpeg reads a relative ``a:b.mp4`` as
+    the URL of a protocol ``a`` and fails ("Protocol not found"), after a whole run."""
+    return str(Path(path).absolute())
+
+
 def _run(args: list[str], path: Path | str,
          stdin: bytes | None = None) -> subprocess.CompletedProcess:
     try:
@@ -87,7 +93,7 @@ def probe(path: str | Path) -> AudioInfo:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such audio file")
-    r = _run(["-i", str(path)], path)  # no output file: ffmpeg prints the header and stops
+    r = _run(["-i", ffmpeg_file(path)], path)  # no output file: ffmpeg prints the header and stops
     err = r.stderr.decode(errors="replace")
     if re.search(r"invalid sample rate", err, re.I):
         raise LongcatError(f"{path}: the header gives an invalid sample rate (0 or negative); "
@@ -158,7 +164,7 @@ def decode(path: str | Path, rate: int = SAMPLE_RATE, *, mono: bool = True,
     (``mono``), else [channels, n]. Runs ``check_file`` first; decoding stops just past
     ``max_seconds``, so a header that understates the length is refused too."""
     info = check_file(path, max_seconds)
-    r = _run(["-v", "error", "-i", str(info.path), "-map", "0:a:0", "-vn", "-sn", "-dn",
+    r = _run(["-v", "error", "-i", ffmpeg_file(info.path), "-map", "0:a:0", "-vn", "-sn", "-dn",
               "-t", f"{max_seconds + 1:g}", "-c:a", "pcm_f32le", "-f", "wav", "pipe:1"], info.path)
     if r.returncode != 0:
         raise LongcatError(f"{info.path}: ffmpeg cannot decode its audio ({_reason(r.stderr)})")

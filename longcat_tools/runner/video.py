@@ -24,7 +24,7 @@ from PIL import Image
 
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.io.atomic import fsync_dir
-from longcat_tools.runner.audio import SAMPLE_RATE
+from longcat_tools.runner.audio import SAMPLE_RATE, ffmpeg_file
 
 PROBE_TIMEOUT_S = 600  # a probe that runs longer is a stuck ffmpeg, not a slow file
 AUDIO_RATE = SAMPLE_RATE  # the muxed speech: the 16 kHz mono the avatar's encoders read
@@ -96,9 +96,9 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18,
         wav = _cleared(audio_name(path))
         _write_wav(wav, audio, audio_rate, len(frames) / fps)
     writer = imageio_ffmpeg.write_frames(
-        str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
+        ffmpeg_file(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
         macro_block_size=1, ffmpeg_log_level="error", output_params=["-f", "mp4", "-crf", str(crf)],
-        audio_path=None if wav is None else str(wav), audio_codec="aac")
+        audio_path=None if wav is None else ffmpeg_file(wav), audio_codec="aac")
     try:
         writer.send(None)
         for f in frames:
@@ -164,7 +164,7 @@ def read_video(path: str | Path) -> tuple[list[Image.Image], float]:
     if not path.is_file():
         raise UsageError(f"{path}: no such video file")
     try:
-        gen = imageio_ffmpeg.read_frames(str(path))
+        gen = imageio_ffmpeg.read_frames(ffmpeg_file(path))
         meta = next(gen)
         w, h = meta["size"]
         frames = [Image.fromarray(np.frombuffer(b, np.uint8).reshape(h, w, 3).copy())
@@ -224,8 +224,8 @@ def probe(path: str | Path, max_frames: int | None = None) -> dict:
     exe = imageio_ffmpeg.get_ffmpeg_exe()
     limit = ["-frames:v", str(max_frames)] if max_frames else []
     try:
-        r = subprocess.run([exe, "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0",
-                            *limit, "-f", "null", "-"], capture_output=True, text=True,
+        r = subprocess.run([exe, "-hide_banner", "-nostdin", "-i", ffmpeg_file(path), "-map",
+                            "0:v:0", *limit, "-f", "null", "-"], capture_output=True, text=True,
                            errors="replace", timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise LongcatError(f"{path}: ffmpeg did not finish decoding it within "
