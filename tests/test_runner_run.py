@@ -540,6 +540,90 @@ def test_run_job_twice_with_one_reporter_records_each_run_alone(tiny_native, tmp
     assert [len(d["step_s"]) for d in docs] == [2, 2]
 
 
+@pytest.fixture(scope="module")
+def styled(tiny_native, tmp_path_factory):
+    """A copy of the tiny checkpoint with a user adapter 'style' attached at default scale 0.5
+    (the distilled LoRA's file under another name)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("styled") / "ckpt"
+    shutil.copytree(tiny_native, root)
+    assert main(["lora", "attach", str(root / "lora" / "cfg_step_lora.safetensors"), "--name",
+                 "style", "--scale", "0.5", "-m", str(root), "-q"]) == 0
+    return root
+
+
+def _latents(capsys, tmp_path, name, *args):
+    from safetensors.torch import load_file
+
+    rc, cap = run(capsys, "-p", "a cat", *TINY, *args, "--out", str(tmp_path / f"{name}.mp4"),
+                  "--save-latents", str(tmp_path / f"{name}.safetensors"))
+    assert rc == 0, cap.err
+    return load_file(tmp_path / f"{name}.safetensors")["latents"]
+
+
+def test_run_lora_applies_a_users_adapter_as_lora_fuse_does(capsys, styled, tmp_path):
+    """`run` applied only the hub adapters; an attached one reached a run only through `lora
+    fuse` (a whole new checkpoint) or the Python API."""
+    fused = tmp_path / "fused"
+    assert main(["lora", "fuse", "style", "-m", str(styled), "--dst", str(fused), "-q"]) == 0
+    m = ["-m", str(styled)]
+    lat = {"none": _latents(capsys, tmp_path, "none", *m),
+           "default": _latents(capsys, tmp_path, "default", *m, "--lora", "style"),
+           "half": _latents(capsys, tmp_path, "half", *m, "--lora", "style:0.5"),
+           "one": _latents(capsys, tmp_path, "one", *m, "--lora", "style:1"),
+           "runtime": _latents(capsys, tmp_path, "runtime", *m, "--lora", "style",
+                               "--lora-mode", "runtime"),
+           "fused": _latents(capsys, tmp_path, "fused", "-m", str(fused))}
+    assert torch.equal(lat["default"], lat["fused"])  # merged as lora fuse merges
+    assert torch.equal(lat["default"], lat["half"])  # the recorded default scale, 0.5
+    for other in ("none", "one"):
+        assert (lat["default"] - lat[other]).abs().max() > 1e-3, other
+    rel = (lat["runtime"] - lat["default"]).norm() / lat["default"].norm()
+    assert rel < 1e-5, rel
+    doc = json.loads((tmp_path / "default.mp4.json").read_text())
+    assert doc["adapters"] == [{"name": "style", "scale": 0.5,
+                                "file": "style/cfg_step_lora.safetensors"}]
+    assert doc["loras"] == ["style"] and doc["settings"]["lora"] == "style"
+    # with the hub adapter of a distilled run: both, as fusing style then running distilled
+    both = _latents(capsys, tmp_path, "both", *m, "--lora", "style", "--distill")
+    assert torch.equal(both, _latents(capsys, tmp_path, "fd", "-m", str(fused), "--distill"))
+    assert json.loads((tmp_path / "both.mp4.json").read_text())["loras"] == ["style",
+                                                                            "distilled"]
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("nope", "no adapter named 'nope' (have: distilled, refinement, style"),
+    ("distilled", "'distilled' is a hub adapter, which --distill applies"),
+    ("refinement:0.5", "'refinement' is a hub adapter, which --task refine or --refine"),
+    ("style:", "an empty adapter name or scale"),
+    ("style,style", "adapter names repeat"),
+    ("style:x", "the scale after ':' in 'style:x' must be a number"),
+    ("style:20", "--lora style:20: scale 20: a LoRA scale must be a number from -10 to 10"),
+])
+def test_a_bad_lora_is_one_line_before_loading(capsys, styled, tmp_path, monkeypatch, spec,
+                                               says):
+    from longcat_tools.runner import job
+
+    monkeypatch.setattr(job, "load_pipeline", lambda *a, **k: pytest.fail("loaded weights"))
+    rc, cap = run(capsys, "-m", str(styled), "-p", "a cat", *TINY, "--lora", spec, "--out",
+                  str(tmp_path / "x.mp4"))
+    assert rc == 2 and says in cap.err and cap.err.count("\n") == 1, cap.err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_run_lora_refuses_an_adapter_fused_in_and_lora_mode_needs_a_lora(capsys, styled,
+                                                                        tmp_path):
+    fused = tmp_path / "fused"
+    assert main(["lora", "fuse", "style", "-m", str(styled), "--dst", str(fused), "-q"]) == 0
+    rc, cap = run(capsys, "-m", str(fused), "-p", "a cat", *TINY, "--lora", "style", "--out",
+                  str(tmp_path / "x.mp4"))
+    assert rc == 2 and "applying it again would count it twice" in cap.err, cap.err
+    rc, cap = run(capsys, "-m", str(styled), "-p", "a cat", *TINY, "--lora-mode", "runtime",
+                  "--out", str(tmp_path / "x.mp4"))
+    assert rc == 2 and "activates no LoRA (--distill, refining and --lora do)" in cap.err
+
+
 def test_an_output_and_input_named_with_a_colon_are_files(capsys, tiny_native, t2v_mp4,
                                                           tmp_path, monkeypatch):
     """ffmpeg took `a:b.mp4` for a URL of protocol `a`: the run failed with an internal error
@@ -553,3 +637,25 @@ def test_an_output_and_input_named_with_a_colon_are_files(capsys, tiny_native, t
                   "out:1.mp4")
     assert rc == 0, cap.err
     assert probe("out:1.mp4")["frames"] == 17
+
+
+def test_run_lora_is_refused_for_the_avatar_tasks(capsys, avatar_trees, tmp_path):
+    rc, cap = run(capsys, "-m", str(avatar_trees["avatar-1.0"]), "--task", "at2v", "-p", "a cat",
+                  "--lora", "style", "--out", str(tmp_path / "x.mp4"))
+    assert rc == 2 and cap.err.count("\n") == 1, cap.err
+    assert "--lora: not available for --task at2v" in cap.err and "lora fuse" in cap.err
+
+
+def test_run_lora_with_a_hub_adapter_merges_once(capsys, styled, tmp_path, monkeypatch):
+    """Enabled at once, the user's set was merged, then restored from the shards and merged
+    again with the distilled adapter at the first step: twice the work, and a read of every
+    targeted weight."""
+    from longcat_tools.runner import lora_merge
+
+    calls = []
+    for name in ("merge", "restore"):
+        real = getattr(lora_merge, name)
+        monkeypatch.setattr(lora_merge, name, lambda *a, _r=real, _n=name, **k: (
+            calls.append(_n), _r(*a, **k))[1])
+    _latents(capsys, tmp_path, "both", "-m", str(styled), "--lora", "style", "--distill")
+    assert calls == ["merge"], calls

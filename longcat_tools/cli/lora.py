@@ -173,10 +173,10 @@ def fuse_cmd(
     json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Write a new checkpoint whose DiT has the adapters merged in (no adapter at run time)."""
-    from longcat_tools.lora import FusePlan, fuse, parse_fuse_names
+    from longcat_tools.lora import FusePlan, fuse, parse_adapter_list
 
     out = Out(json_out, quiet, verbose)
-    wanted = parse_fuse_names(names)
+    wanted = parse_adapter_list(names)
     with out.progress(None, "fuse") as bar:
         r = fuse(model, wanted, dst, scale=scale, link=not copy, force=force, dry_run=dry_run,
                  progress=bar.update, int8_mode=int8)

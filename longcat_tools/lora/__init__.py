@@ -16,7 +16,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "adapters": ("SOURCE_FORMATS", "AttachResult", "DetachResult", "ExportResult", "attach",
                  "detach", "export"),
     "fusion": ("FUSED_CONFIG_KEY", "FUSED_METADATA_KEY", "FusedAdapter", "FusePlan", "FuseResult",
-             "execute_fuse", "fuse", "fuse_error", "parse_fuse_names", "plan_fuse"),
+             "execute_fuse", "fuse", "fuse_error", "parse_adapter_list", "plan_fuse"),
     "registry": ("HUB_ADAPTERS", "REGISTRY", "SCHEMA", "AdapterInfo", "AdapterRecord",
                  "Registry", "check_name", "discover", "file_targets", "list_adapters",
                  "load_registry", "make_record", "register_existing", "registry_lock",

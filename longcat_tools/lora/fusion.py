@@ -140,27 +140,28 @@ class FuseResult:
     files_copied: int
 
 
-def parse_fuse_names(spec: str) -> list[tuple[str, float | None]]:
-    """``NAME[:SCALE][,NAME[:SCALE]...]``."""
+def parse_adapter_list(spec: str, flag: str = "") -> list[tuple[str, float | None]]:
+    """``NAME[:SCALE][,NAME[:SCALE]...]`` (``lora fuse``'s names, ``run --lora``): each name
+    with its scale, None where none is given. ``flag`` prefixes the messages."""
+    said = f"{flag} {spec}" if flag else f"'{spec}'"
     out = []
     for part in spec.split(","):
         part = part.strip()
         name, colon, s = part.partition(":")
         if not name or (colon and not s):  # 'a,,b' and 'a:' were read as if well formed
-            raise UsageError(f"'{spec}': an empty adapter name or scale (NAME[:SCALE][,NAME...], "
-                             "e.g. distilled:0.5,refinement)")
+            raise UsageError(f"{said}: an empty adapter name or scale (NAME[:SCALE][,NAME...], "
+                             "e.g. style:0.5,detail)")
         try:
             value = float(s) if s else None
         except ValueError:
-            raise UsageError(f"'{part}': the scale after ':' must be a number") from None
+            raise UsageError(f"{said}: the scale after ':' in '{part}' must be a number"
+                             ) from None
         if value is not None:
-            check_scale(value, f"'{part}': scale")
+            check_scale(value, f"{said}: scale")
         out.append((name, value))
-    if not out:
-        raise UsageError("name at least one adapter to fuse (NAME[:SCALE][,NAME...])")
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
-        raise UsageError(f"adapter names repeat in '{spec}'")
+        raise UsageError(f"{said}: adapter names repeat")
     return out
 
 

@@ -711,7 +711,9 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         restored first. ``lazy`` (merge mode): the set takes effect at the model's next use (a
         forward, ``state_dict``, ``save_pretrained``, another enable), the weights meanwhile
         keeping what they hold, so a pipeline call that ends by giving back the caller's set
-        leaves its own merged for a next call that wants it again."""
+        leaves its own merged for a next call that wants it again; on a model with no adapter
+        applied, a set enabled lazily is merged together with what a pipeline call adds to it,
+        once."""
         if isinstance(names, str):  # its letters were taken for names: "LoRA 'r' is not loaded"
             raise UsageError(f"enable_loras({names!r}): give a list of names "
                              f"(enable_loras([{names!r}]))")
@@ -728,10 +730,11 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                                   list):
                     raise LongcatError(f"LoRA '{name}' targets {module}, a "
                                        f"{type(layer).__name__}, which takes no adapters")
-        if lazy and self._lora_merged is not None:
+        if lazy and (self._lora_merged is not None or not self.active_loras):
+            held = self._lora_merged  # none: nothing applied, so nothing to keep or restore
             self.active_loras = names
-            self._lora_pending = None if self._lora_merged.matches(self.lora_registry, names) \
-                else names
+            self._lora_pending = None if (held.matches(self.lora_registry, names)
+                                          if held is not None else not names) else names
             return
         self._lora_pending = None
         for m in self.modules():

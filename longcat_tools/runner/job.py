@@ -23,6 +23,7 @@ from longcat_tools.io import jsonio
 from longcat_tools.io.atomic import atomic_write_bytes, writer_lock
 from longcat_tools.kernels import fp8_attention
 from longcat_tools.runner import context_parallel
+from longcat_tools.runner.lora import enable_run_adapters, run_adapters
 from longcat_tools.runner.pipeline import (
     LongCatVideoPipeline,
     Reporter,
@@ -321,6 +322,9 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
 
     job = _job(s, root, pipe)
     pipe.transformer.lora_mode = s.lora_mode
+    adapters = run_adapters(root, s.lora) if s.lora is not None else []
+    if adapters:  # else the caller's own set stays (run_matrix(pipe=...))
+        enable_run_adapters(pipe.transformer, adapters)
     fp8_attention.CALLS.clear()
     say(f"task {s.task}" + (" (distilled)" if s.distill else "") + (" + refine" if s.refine
                                                                        else ""))
@@ -362,6 +366,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
                   "pix_fmt": "yuv420p"},
         "stage1": stage1_info, "final": dict(r.info),
         "bsa": r.info.get("bsa"), "loras": r.info.get("loras", []),
+        "adapters": [{"name": a.name, "scale": a.scale, "file": a.file} for a in adapters],
         "checkpoint": {"path": str(job.root), "layout": pipe.layout,
                        "stamp": layouts.content_stamp(job.root)},
         "inputs": job.inputs,

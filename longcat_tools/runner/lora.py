@@ -143,6 +143,64 @@ def lora_path(ckpt_root: str | Path, kind: str) -> Path:
                        f"{hub_file or f'{kind}.safetensors'} or lora/{kind}/<file>.safetensors)")
 
 
+@dataclass(frozen=True)
+class RunAdapter:
+    """An adapter ``run --lora`` applies: its name, its file (and that file's name inside
+    ``lora/``, as a sidecar records it) and the scale it runs at."""
+
+    name: str
+    path: Path
+    file: str
+    scale: float
+
+
+def run_adapters(ckpt_root: str | Path, spec: str) -> list[RunAdapter]:
+    """The adapters of ``--lora NAME[:SCALE][,NAME...]``, found as ``lora fuse`` finds them
+    (registered in ``lora/adapters.json``, else a file of ``lora/``) and read from their headers
+    against this DiT, before any weights load. A scale left out is the registry's
+    ``default_scale`` (1 for an unregistered file), as ``lora fuse`` takes it. The hub adapters
+    are refused: ``--distill`` and refinement apply them, at ``--lora-scale``."""
+    from longcat_tools.checkpoint import layouts
+    from longcat_tools.lora.fusion import parse_adapter_list
+    from longcat_tools.lora.registry import checkpoint_of, dit_shapes, find_adapter, load_registry
+
+    wanted = parse_adapter_list(spec, "--lora")
+    hub = {layouts.LORA_DISTILL: "--distill", layouts.LORA_REFINE: "--task refine or --refine"}
+    for name, _ in wanted:
+        if name in hub:
+            raise UsageError(f"--lora {spec}: '{name}' is a hub adapter, which {hub[name]} "
+                             "applies (at --lora-scale); --lora takes your own adapters")
+    ckpt = checkpoint_of(ckpt_root)
+    reg = load_registry(ckpt)
+    shapes = dit_shapes(ckpt)
+    cfg = ckpt.config()
+    out = []
+    for name, scale in wanted:
+        if layouts.fused_scale(cfg, "name", name) is not None:
+            raise UsageError(f"--lora {spec}: adapter '{name}' is fused into {ckpt.root} (its "
+                             f"DiT config lists it under {layouts.FUSED_CONFIG_KEY}); applying "
+                             "it again would count it twice")
+        path, rec = find_adapter(ckpt, reg, name)
+        if not path.is_file():
+            raise LongcatError(f"{path}: adapter '{name}' is registered but its file is missing")
+        lora_formats.read_lora(path, shapes, inspect_blocks=False)
+        out.append(RunAdapter(name, path, path.relative_to(ckpt.lora_dir).as_posix(),
+                              scale if scale is not None else rec.default_scale if rec else 1.0))
+    return out
+
+
+def enable_run_adapters(model: LongCatTransformer3DModel, adapters: list[RunAdapter]) -> None:
+    """Make ``adapters`` the model's own set (a pipeline call adds its hub adapter to it), each
+    at its scale; one already loaded at that scale is not read again (a matrix's next video).
+    Enabled lazily: a distilled run merges its set and the hub adapter once, at the first step,
+    not this set first, then both after restoring the weights."""
+    for a in adapters:
+        loaded = model.lora_registry.get(a.name)
+        if loaded is None or any(d.multiplier != a.scale for d in loaded.values()):
+            model.load_lora(str(a.path), a.name, a.scale)
+    model.enable_loras([a.name for a in adapters], lazy=True)
+
+
 def _is_fused(root: Path, kind: str) -> bool:
     """Whether ``lora fuse`` recorded ``kind`` in the DiT config (``layouts.fused_scale``)."""
     from longcat_tools.checkpoint import layouts

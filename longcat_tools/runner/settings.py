@@ -148,6 +148,9 @@ class RunSettings:
                           "long).")
     lora_scale: float = option(1.0, "Scale of the hub LoRAs the run activates (distilled, "
                                "refinement).", cli=False)
+    lora: str | None = option(None, "Your adapters of the checkpoint (lora list names them) to "
+                              "run with, in every stage, summed in order; each at its recorded "
+                              "default scale unless given.", metavar="NAME[:SCALE][,NAME...]")
     lora_mode: str = option("merge", "How LoRAs apply: merge (added into the weights once per "
                             "set, restored exactly after; no cost per step) or runtime (added "
                             "to every forward, weights untouched).")
@@ -329,9 +332,14 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
         raise UsageError(f"--lora-scale {s.lora_scale:g}: this run activates no hub LoRA (it "
                          "scales distilled with --distill and refinement when refining); "
                          "drop it or add --distill")
-    if s.lora_mode != LORA_MODES[0] and not (s.distill or s.refine or s.task == "refine"):
-        raise UsageError(f"--lora-mode {s.lora_mode}: this run activates no hub LoRA (--distill "
-                         "and refining do); drop it")
+    if s.lora_mode != LORA_MODES[0] and not (s.distill or s.refine or s.task == "refine"
+                                              or s.lora):
+        raise UsageError(f"--lora-mode {s.lora_mode}: this run activates no LoRA (--distill, "
+                         "refining and --lora do); drop it")
+    if s.lora is not None:
+        from longcat_tools.lora.fusion import parse_adapter_list
+
+        parse_adapter_list(s.lora, "--lora")  # its syntax and scales, before the model's files
     if why := frames_problem(s.frames):
         raise UsageError(f"--frames {s.frames}: {why}")
     if s.frames > MAX_FRAMES:
@@ -573,6 +581,9 @@ def _check_task_options(s: RunSettings) -> None:
     for opt, used in NOT_FOR_AVATAR:
         if used(s):
             raise UsageError(f"{opt}: not available for --task {s.task} (the avatar tasks)")
+    if s.lora is not None:
+        raise UsageError(f"--lora: not available for --task {s.task} (the avatar tasks); merge "
+                         "the adapter into the avatar's DiT with `longcat-tools lora fuse`")
     if s.audio_mode not in avatar.AUDIO_MODES:
         raise UsageError(f"--audio-mode {s.audio_mode}: use {' or '.join(avatar.AUDIO_MODES)}")
     if s.audio and len(s.audio) > MAX_SPEAKERS:
@@ -727,7 +738,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     from longcat_tools.checkpoint import layouts
     from longcat_tools.lora import formats as lora_formats
     from longcat_tools.runner import video as vio
-    from longcat_tools.runner.lora import lora_path
+    from longcat_tools.runner.lora import lora_path, run_adapters
 
     ckpt = layouts.detect_any(layouts.resolve_model(s.model))
     if isinstance(ckpt, layouts.AvatarCheckpoint) != (s.task in AVATAR_TASKS):
@@ -749,6 +760,8 @@ def _check_inputs(s: RunSettings) -> InputFiles:
                            (layouts.LORA_REFINE, s.refine or s.task == "refine")):
             if used and fused[name] is None:  # present, inside the checkpoint, readable
                 lora_formats.read_lora(lora_path(ckpt.root, name), lora_formats.linear_shapes(dims))
+        if s.lora is not None:
+            run_adapters(ckpt.root, s.lora)
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
             raise UsageError(f"--fp8-attention {s.fp8_attention}: {ckpt.root} is not an fp8 "
                              "checkpoint; add --precision fp8 to run its GEMMs in fp8 too")
