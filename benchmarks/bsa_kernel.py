@@ -302,6 +302,7 @@ def run_case(name, lat, sparsities, orig, vsa, do_dense, do_flex, rep_ms, log):
                 with kv_passes(passes):
                     row[f"ours_fp8_attend_{passes}pass_ms"] = bench(
                         lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
+        whole_calls(row, q, k, v, lat, sp, rep_ms)
         if orig is not None and lq.divisible:
             ofn = lambda sp=sp: orig(q, k, v, list(lat), list(lat), sparsity=sp,  # noqa: E731
                                      cdf_threshold=None, chunk_3d_shape_q=list(CHUNK),
@@ -339,6 +340,42 @@ def run_case(name, lat, sparsities, orig, vsa, do_dense, do_flex, rep_ms, log):
         log(json.dumps(row))
         rows.append(row)
     return rows
+
+
+# the whole call's variants: key suffix, keywords
+CALLS = (("", {}), ("_bf16pv", {"pv_fp16": False}), ("_fp8", {"fp8": True}))
+
+
+def whole_calls(row, q, k, v, lat, sp, rep_ms):
+    """The whole call (selection included) with P V in fp16 (the default) and in bf16 (as the
+    DiT runs it), and in fp8: the copies made on a second stream beside the selection (the
+    default) and on one stream, alternating, two rounds each."""
+    from longcat_tools.kernels import triton_bsa as TB
+
+    calls = [c for c in CALLS if c[0] != "_fp8" or torch.cuda.get_device_capability() >= (8, 9)]
+    times: dict[str, list[float]] = {}
+    for _ in range(2):
+        for side in (1, 0):
+            TB.FWD_CONFIG["side_stream"] = side
+            for suffix, kw in calls:
+                fn = lambda kw=kw: kernels.block_sparse_attention(  # noqa: E731
+                    q, k, v, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK, **kw)
+                key = f"ours{suffix}{'' if side else '_one_stream'}_ms"
+                times.setdefault(key, []).append(bench(fn, rep_ms))
+    TB.FWD_CONFIG["side_stream"] = 1
+    row.update({key: min(ts) for key, ts in times.items()})
+
+
+def calls_table(rows) -> str:
+    out = ["| shape | sparsity | call, P V fp16: two streams / one | call, P V bf16: two / one"
+           " | fp8 call: two / one |", "|---|---|---|---|---|"]
+    f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    for r in rows:
+        cells = [f"{f(r.get(f'ours{s}_ms'))} / {f(r.get(f'ours{s}_one_stream_ms'))}"
+                 for s, _ in CALLS]
+        out.append(f"| {r['shape']} {'x'.join(map(str, r['latent']))} | {r['sparsity']} | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def sweep(lat, sp, log, rep_ms):
@@ -598,7 +635,9 @@ def main() -> None:
                          not args.no_flex, args.rep_ms, log)
     errs = dense_errors(dev)
     log(f"dense bf16 SDPA rel err vs fp32 (S=8192): {errs}")
-    md = table(rows)
+    md = (table(rows) + "\n\nWhole calls (selection included), the copies on a second stream "
+          "beside the selection or on one stream; the lesser of two alternating rounds, ms:\n\n"
+          + calls_table(rows))
     print(md)
     out = Path(args.out) if args.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
