@@ -291,6 +291,10 @@ def run_case(name, lat, sparsities, orig, vsa, do_dense, do_flex, rep_ms, log):
         pairs = float(counts.sum()) * lq.chunk_size * lk.chunk_size
         row["attend_tflops"] = 4 * HEAD_DIM * pairs / row["ours_attend_ms"] / 1e9
         row["ours_rel_err"] = sampled_error(q, k, v, lq, lk, indices, counts, out)
+        row["ours_bf16pv_ms"] = bench(  # the whole call as the DiT makes it (P V in bf16)
+            lambda sp=sp: kernels.block_sparse_attention(
+                q, k, v, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK, pv_fp16=False),
+            rep_ms)
         if torch.cuda.get_device_capability() >= (8, 9):  # the fp8 mode's whole call
             fp8 = lambda sp=sp: kernels.block_sparse_attention(  # noqa: E731
                 q, k, v, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK, fp8=True)
@@ -302,7 +306,6 @@ def run_case(name, lat, sparsities, orig, vsa, do_dense, do_flex, rep_ms, log):
                 with kv_passes(passes):
                     row[f"ours_fp8_attend_{passes}pass_ms"] = bench(
                         lambda: TB.attend(q, k, v, lq, lk, indices, counts, fp8=True), rep_ms)  # noqa: B023
-        whole_calls(row, q, k, v, lat, sp, rep_ms)
         if orig is not None and lq.divisible:
             ofn = lambda sp=sp: orig(q, k, v, list(lat), list(lat), sparsity=sp,  # noqa: E731
                                      cdf_threshold=None, chunk_3d_shape_q=list(CHUNK),
@@ -340,42 +343,6 @@ def run_case(name, lat, sparsities, orig, vsa, do_dense, do_flex, rep_ms, log):
         log(json.dumps(row))
         rows.append(row)
     return rows
-
-
-# the whole call's variants: key suffix, keywords
-CALLS = (("", {}), ("_bf16pv", {"pv_fp16": False}), ("_fp8", {"fp8": True}))
-
-
-def whole_calls(row, q, k, v, lat, sp, rep_ms):
-    """The whole call (selection included) with P V in fp16 (the default) and in bf16 (as the
-    DiT runs it), and in fp8: the copies made on a second stream beside the selection (the
-    default) and on one stream, alternating, two rounds each."""
-    from longcat_tools.kernels import triton_bsa as TB
-
-    calls = [c for c in CALLS if c[0] != "_fp8" or torch.cuda.get_device_capability() >= (8, 9)]
-    times: dict[str, list[float]] = {}
-    for _ in range(2):
-        for side in (1, 0):
-            TB.FWD_CONFIG["side_stream"] = side
-            for suffix, kw in calls:
-                fn = lambda kw=kw: kernels.block_sparse_attention(  # noqa: E731
-                    q, k, v, lat, lat, sparsity=sp, chunk_q=CHUNK, chunk_k=CHUNK, **kw)
-                key = f"ours{suffix}{'' if side else '_one_stream'}_ms"
-                times.setdefault(key, []).append(bench(fn, rep_ms))
-    TB.FWD_CONFIG["side_stream"] = 1
-    row.update({key: min(ts) for key, ts in times.items()})
-
-
-def calls_table(rows) -> str:
-    out = ["| shape | sparsity | call, P V fp16: two streams / one | call, P V bf16: two / one"
-           " | fp8 call: two / one |", "|---|---|---|---|---|"]
-    f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
-    for r in rows:
-        cells = [f"{f(r.get(f'ours{s}_ms'))} / {f(r.get(f'ours{s}_one_stream_ms'))}"
-                 for s, _ in CALLS]
-        out.append(f"| {r['shape']} {'x'.join(map(str, r['latent']))} | {r['sparsity']} | "
-                   + " | ".join(cells) + " |")
-    return "\n".join(out)
 
 
 def sweep(lat, sp, log, rep_ms):
@@ -549,7 +516,7 @@ def versions(dev) -> dict:
 def table(rows) -> str:
     head = ("| shape | sparsity | kept | ours ms (select + attend) | attend TFLOP/s"
             " | K/V load floor ms | original ms | cuDNN ms | flash ms | flex ms"
-            " | VSA Triton ms (forward / with copies) | ours attend, P V in bf16, ms"
+            " | VSA Triton ms (forward / with copies) | ours, P V in bf16, ms (attend)"
             " | VSA rel err | vs original"
             " | vs cuDNN | rel err | fp8 ms (attend) | fp8 rel err"
             " | kv passes (auto) | attend, 1 / 2 / 3 kv passes ms"
@@ -566,7 +533,7 @@ def table(rows) -> str:
             f"({f(r['ours_select_ms'])} + {f(r['ours_attend_ms'])}) | {r['attend_tflops']:.0f} "
             f"| {f(r.get('kv_load_floor_ms'))} | {f(o)} | {f(c)} | {f(r.get('flash_ms'))} "
             f"| {f(r.get('flex_ms'))} | {f(r.get('vsa_ms'))} / {f(r.get('vsa_with_copies_ms'))} "
-            f"| {f(r.get('ours_attend_bf16pv_ms'))} "
+            f"| {f(r.get('ours_bf16pv_ms'))} ({f(r.get('ours_attend_bf16pv_ms'))}) "
             f"| {r.get('vsa_rel_err', float('nan')):.1e} | {vs_o} | {vs_c} "
             f"| {r['ours_rel_err']:.1e} | {f(r.get('ours_fp8_ms'))} "
             f"({f(r.get('ours_fp8_attend_ms'))}) | {r.get('ours_fp8_rel_err', float('nan')):.1e} "
@@ -635,9 +602,7 @@ def main() -> None:
                          not args.no_flex, args.rep_ms, log)
     errs = dense_errors(dev)
     log(f"dense bf16 SDPA rel err vs fp32 (S=8192): {errs}")
-    md = (table(rows) + "\n\nWhole calls (selection included), the copies on a second stream "
-          "beside the selection or on one stream; the lesser of two alternating rounds, ms:\n\n"
-          + calls_table(rows))
+    md = table(rows)
     print(md)
     out = Path(args.out) if args.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ reference (``reference``), which defines the semantics. See ``kernels/README.md`
 
 from __future__ import annotations
 
-import contextlib
 from types import ModuleType
 from typing import Any
 
@@ -90,54 +89,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     quantized = fp8 and fp8_attention.use(q, "bsa") and triton_bsa.fp8_covers(lk)
     if quantized:  # the BSA forward's quantized path is the Triton fp8 kernels'
         fp8_attention.count("bsa", fp8_attention.kernels_for(q, "bsa")[0])
-    side = _SideStream(q)  # the copies on a second stream while the selection runs
-    with side:
-        copies = triton_bsa.kv_copies(k, v, lk, pv_fp16, quantized)
     indices, counts, kc = triton_bsa.select_chunks_and_copy_k(
         q, k, lq, lk, sel.sparsity, sel.cdf_threshold, copy_k=not quantized)
-    side.join(copies)
     out = None
     if token_major:
         B, H, S, D = q.shape
         out = q.new_empty(B, S, H, D).transpose(1, 2)
     return triton_bsa.attend(q, k, v, lq, lk, indices, counts, pv_fp16=pv_fp16, out=out,
-                             k_chunks=kc, fp8=quantized, copies=copies)
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-class _SideStream:
-    """A second CUDA stream forked from q's current one: work inside ``with`` runs there, and
-    ``join`` makes the current stream wait for it. Off (work stays on the current stream) off
-    CUDA, while a CUDA graph is being captured, or with ``FWD_CONFIG["side_stream"] = 0``."""
-
-    def __init__(self, q: torch.Tensor) -> None:
-        from . import triton_bsa
-
-        self.main = self.stream = None
-        if (q.is_cuda and triton_bsa.FWD_CONFIG["side_stream"]
-                and not torch.cuda.is_current_stream_capturing()):
-            self.main = torch.cuda.current_stream(q.device)
-            self.stream = _SIDE_STREAMS.setdefault(q.device.index or 0,
-                                                   torch.cuda.Stream(q.device))
-            self.stream.wait_stream(self.main)
-        self._ctx: Any = None
-
-    def __enter__(self) -> None:
-        self._ctx = (torch.cuda.stream(self.stream) if self.stream is not None
-                     else contextlib.nullcontext())
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
-
-    def join(self, tensors: tuple) -> None:
-        """The current stream waits for the side stream; the caching allocator keeps
-        ``tensors`` (made there) until the current stream's work on them is done."""
-        if self.main is None:
-            return
-        self.main.wait_stream(self.stream)
-        for x in tensors:
-            if isinstance(x, torch.Tensor):
-                x.record_stream(self.main)
+                             k_chunks=kc, fp8=quantized)

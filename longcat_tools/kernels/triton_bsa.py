@@ -586,12 +586,10 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
 # (one per kv_pass_mb MB of a head's K and V at 2 + 2 bytes a value, rounded), timed against
 # one pass on a shape's first call where that is more than one (``_timed_passes``).
 # maxnreg / fp8_maxnreg: registers a thread in the bf16 / fp8 forward; 0 = ``_REGISTER_CAP``
-# where it was measured, 255 = the compiler's choice. side_stream: ``kernels.
-# block_sparse_attention`` makes the V copy (fp8: both quantized copies) on a second stream
-# while the selection runs (memory-bound copies beside latency-bound selection kernels).
+# where it was measured, 255 = the compiler's choice.
 FWD_CONFIG: dict[str, int] = {"kv_split": 0, "num_warps": 0, "num_stages": 0, "pv_fp16": 1,
                               "tma": 1, "kv_passes": 0, "kv_pass_mb": 30, "maxnreg": 0,
-                              "fp8_maxnreg": 0, "side_stream": 1}
+                              "fp8_maxnreg": 0}
 
 
 def kv_passes_for(layout_k: ChunkLayout, head_dim: int) -> int:
@@ -705,33 +703,10 @@ def quantized_copies(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout
     return kc, ks, vt, vs
 
 
-class Copies(NamedTuple):
-    """What the forward reads besides q (``kv_copies``): chunk-major V and its scale (bf16 with
-    P V in float16: the per-head power of two; fp8: per channel), and for fp8 the int8 K with
-    its per-head scale (the bf16 K copy comes with the selection's pass over k)."""
-
-    v: torch.Tensor
-    v_scale: torch.Tensor | None
-    k: torch.Tensor | None = None
-    k_scale: torch.Tensor | None = None
-
-
-def kv_copies(k: torch.Tensor, v: torch.Tensor, layout_k: ChunkLayout, pv_fp16: bool | None,
-              fp8: bool) -> Copies:
-    """The copies ``attend`` makes, made apart (e.g. on another stream beside the selection)."""
-    if fp8:
-        kc, ks, vc, vs = quantized_copies(k, v, layout_k)
-        return Copies(vc, vs, kc, ks)
-    if pv_fp16 is None:
-        pv_fp16 = bool(FWD_CONFIG["pv_fp16"])
-    return Copies(*_v_copy(v if v.stride(-1) == 1 else v.contiguous(), layout_k, pv_fp16))
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLayout,
            layout_k: ChunkLayout, indices: torch.Tensor, counts: torch.Tensor,
            pv_fp16: bool | None = None, out: torch.Tensor | None = None,
-           k_chunks: torch.Tensor | None = None, fp8: bool = False,
-           copies: Copies | None = None) -> torch.Tensor:
+           k_chunks: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
     """Sparse flash attention forward over the selected chunks; ``[B, H, Sq, D]``.
 
     ``indices``: per query chunk, ascending and -1 padded past ``counts``, as ``select``
@@ -740,20 +715,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLay
     unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor). ``k_chunks``: the
     chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here. ``fp8``:
     int8 Q K^T and e4m3 P V (``kernels.fp8_attention``; ``pv_fp16`` and ``k_chunks`` unused).
-    ``copies``: ``kv_copies`` of k and v for this ``pv_fp16`` and ``fp8``, else made here.
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, _, D = q.shape
     if pv_fp16 is None:
         pv_fp16 = bool(FWD_CONFIG["pv_fp16"])
     ks = vs = vscale = None
-    c = copies if copies is not None else kv_copies(k, v, layout_k, pv_fp16, fp8)
     if fp8:
-        kc, ks, vc, vs = c.k, c.k_scale, c.v, c.v_scale
+        kc, ks, vc, vs = quantized_copies(k, v, layout_k)
     else:
         kc = k_chunks if k_chunks is not None else chunk_pass(k, layout_k, pool=False,
                                                               copy_dtype=k.dtype)[1]
-        vc, vscale = c.v, c.v_scale
+        vc, vscale = _v_copy(v, layout_k, pv_fp16)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     counts = counts.contiguous()
     if indices.shape[-1] == 0:
