@@ -659,3 +659,41 @@ def test_run_lora_with_a_hub_adapter_merges_once(capsys, styled, tmp_path, monke
             calls.append(_n), _r(*a, **k))[1])
     _latents(capsys, tmp_path, "both", "-m", str(styled), "--lora", "style", "--distill")
     assert calls == ["merge"], calls
+
+
+def test_run_matrix_with_a_lora_gives_the_callers_adapters_back(styled, tmp_path):
+    """A matrix with ``lora`` on a caller's pipe left its adapters enabled in place of the
+    caller's own, so a later run without ``lora`` still applied them, unrecorded."""
+    from longcat_tools.runner import RunSettings
+    from longcat_tools.runner.matrix import plan, run_matrix
+    from longcat_tools.runner.pipeline import Reporter
+
+    p = load_pipeline(styled, device="cpu", dtype="fp32")
+    dit = p.transformer
+    dit.load_lora(str(styled / "lora" / "refinement_lora.safetensors"), "mine")
+    dit.enable_loras(["mine"])
+    base = RunSettings(model=str(styled), prompt="a cat", height=32, width=32, frames=9, steps=1,
+                       device="cpu", lora="style")
+    docs = list(run_matrix(plan(base, tmp_path / "m", seeds=[1, 2]), Reporter(), pipe=p))
+    assert [d["loras"] for d in docs] == [["style"], ["style"]]
+    assert dit.active_loras == ["mine"]
+
+
+def test_a_sidecar_from_before_lora_compares_equal_to_one_without_it():
+    """Every video of a matrix made before --lora existed was made again on resuming."""
+    from longcat_tools.runner.settings import comparable_settings
+
+    old = {"task": "t2v", "distill": False, "guidance": None, "seed": 1, "out": "a.mp4"}
+    assert comparable_settings(old) == comparable_settings({**old, "lora": None})
+    assert comparable_settings(old) != comparable_settings({**old, "lora": "style"})
+
+
+def test_a_dangling_link_in_lora_is_named_as_one(capsys, styled, tmp_path):
+    import shutil
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(styled, root)
+    (root / "lora" / "dang.safetensors").symlink_to("missing.safetensors")
+    rc, cap = run(capsys, "-m", str(root), "-p", "a cat", *TINY, "--lora", "dang", "--out",
+                  str(tmp_path / "x.mp4"))
+    assert rc == 1 and "adapter 'dang' is a link to a file that is missing" in cap.err, cap.err

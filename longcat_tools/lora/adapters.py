@@ -321,9 +321,7 @@ def export(model: str | Path | layouts.Checkpoint | None, name: str, fmt: str,
     check_replaceable(out, "safetensors", force=force)  # a link there is named as one
     check_outside_checkpoints(out, "the exported adapter")  # its own checkpoint's too
     reg = load_registry(ckpt)
-    path, _ = find_adapter(ckpt, reg, name)
-    if not path.is_file():
-        raise LongcatError(f"{path}: adapter '{name}' is registered but its file is missing")
+    path, _ = find_adapter(ckpt, reg, name, present=True)
     if out.resolve() == path.resolve():
         raise UsageError(f"{out}: is the adapter's own file; export to another path")
     lora = lf.read_lora(path, dit_shapes(ckpt))

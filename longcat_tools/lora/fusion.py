@@ -165,6 +165,9 @@ def parse_adapter_list(spec: str, flag: str = "") -> list[tuple[str, float | Non
     return out
 
 
+parse_fuse_names = parse_adapter_list  # its name before run --lora took the same list
+
+
 def _target_rows(ckpt: layouts.Checkpoint, tensor: str,
                  shapes: Mapping[str, tuple[int, int]]) -> tuple[str, tuple[int, int]] | None:
     """(native module, output rows of its delta) that a DiT weight of this flavour receives."""
@@ -228,9 +231,7 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
             raise UsageError(f"adapter '{name}' is already fused into {ckpt.root} (its DiT "
                              f"config lists it under {layouts.FUSED_CONFIG_KEY}); fusing it "
                              "again would apply it twice")
-        path, rec = find_adapter(ckpt, reg, name)
-        if not path.is_file():
-            raise LongcatError(f"{path}: adapter '{name}' is registered but its file is missing")
+        path, rec = find_adapter(ckpt, reg, name, present=True)
         k = own if own is not None else scale if scale is not None else (
             rec.default_scale if rec else 1.0)
         adapters.append(FusedAdapter(name, float(k), lf.read_lora(path, shapes)))
@@ -596,7 +597,8 @@ def fuse_error(source: str | Path | layouts.Checkpoint, fused: str | Path | layo
     src, dst = checkpoint_of(source), checkpoint_of(fused)
     reg = load_registry(src)
     shapes = dit_shapes(src)
-    loras = [(lf.read_lora(find_adapter(src, reg, n)[0], shapes), k) for n, k in names]
+    loras = [(lf.read_lora(find_adapter(src, reg, n, present=True)[0], shapes), k)
+             for n, k in names]
     a_shards, b_shards = layouts.transformer_shards(src), layouts.transformer_shards(dst)
     if set(a_shards) != set(b_shards):
         return float("inf"), 0

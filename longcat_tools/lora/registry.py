@@ -438,16 +438,21 @@ def list_adapters(model: str | Path | layouts.Checkpoint | None
     return ckpt, out
 
 
-def find_adapter(ckpt: layouts.Checkpoint, reg: Registry, name: str
+def find_adapter(ckpt: layouts.Checkpoint, reg: Registry, name: str, present: bool = False
                  ) -> tuple[Path, AdapterRecord | None]:
     """The file of adapter ``name`` (registered, else discovered) and its record, if any; a file
-    that is not in ``lora/`` once links are followed is refused here, before any use."""
+    that is not in ``lora/`` once links are followed is refused here, before any use, and with
+    ``present`` (every reader; not ``detach``) one that is missing."""
     rec = reg.get(name)
-    if rec is not None:
-        return owned(ckpt, ckpt.lora_dir / rec.file, f"adapter '{name}'"), rec
-    found = discover(ckpt)
-    if name in found:
-        return owned(ckpt, found[name], f"adapter '{name}'"), None
+    found = {} if rec is not None else discover(ckpt)
+    if rec is not None or name in found:
+        path = owned(ckpt, ckpt.lora_dir / rec.file if rec is not None else found[name],
+                     f"adapter '{name}'")
+        if present and not path.is_file():
+            raise LongcatError(f"{path}: adapter '{name}' is registered but its file is missing"
+                               if rec is not None else f"{path}: adapter '{name}' is a link to "
+                               "a file that is missing")
+        return path, rec
     names = sorted({a.name for a in reg.adapters} | set(found))
     raise UsageError(f"{ckpt.lora_dir}: no adapter named '{name}' (have: "
                      f"{', '.join(names) or 'none'}; see `longcat-tools lora list`)")

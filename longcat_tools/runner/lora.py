@@ -180,9 +180,7 @@ def run_adapters(ckpt_root: str | Path, spec: str) -> list[RunAdapter]:
             raise UsageError(f"--lora {spec}: adapter '{name}' is fused into {ckpt.root} (its "
                              f"DiT config lists it under {layouts.FUSED_CONFIG_KEY}); applying "
                              "it again would count it twice")
-        path, rec = find_adapter(ckpt, reg, name)
-        if not path.is_file():
-            raise LongcatError(f"{path}: adapter '{name}' is registered but its file is missing")
+        path, rec = find_adapter(ckpt, reg, name, present=True)
         lora_formats.read_lora(path, shapes, inspect_blocks=False)
         out.append(RunAdapter(name, path, path.relative_to(ckpt.lora_dir).as_posix(),
                               scale if scale is not None else rec.default_scale if rec else 1.0))

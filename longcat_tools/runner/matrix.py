@@ -322,10 +322,11 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
     mine = [it for it in items if it.index % ranks == rank]
     base = items[0].settings
     device = resolve_device(base.device) if pipe is None else pipe.device
-    mode = None
+    mode = own = None
     if pipe is not None:
         _check_pipe(pipe, base, device)
-        mode = pipe.transformer.lora_mode  # the caller's: given back when the items are done
+        # the caller's mode and adapters (a --lora item replaces them): given back at the end
+        mode, own = pipe.transformer.lora_mode, list(pipe.transformer.active_loras)
     out_dir = Path(base.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = [_entry(it, "pending") for it in items]
@@ -362,6 +363,7 @@ def run_matrix(items: Sequence[Item], reporter: Any, say: Callable[[str], None] 
     finally:
         if mode is not None:
             pipe.transformer.lora_mode = mode
+            pipe.transformer.enable_loras(own, lazy=True)
 
 
 def _check_pipe(pipe: Any, base: RunSettings, device: Any) -> None:

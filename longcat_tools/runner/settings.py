@@ -92,8 +92,10 @@ def input_stamps(s: RunSettings) -> dict[str, list[int] | None]:
 def comparable_settings(record: dict[str, Any]) -> dict[str, Any]:
     """A sidecar's settings as two runs are compared (a matrix resuming, ``compare`` pairing):
     output paths left out, the device as its kind (cuda:0 and cuda:1 compute alike), a
-    guidance left out as the value it stands for."""
-    out = {k: v for k, v in record.items() if k not in OUTPUT_FIELDS}
+    guidance left out as the value it stands for, no ``lora`` as if absent (sidecars written
+    before the option have none)."""
+    out = {k: v for k, v in record.items() if k not in OUTPUT_FIELDS
+           and not (k == "lora" and v is None)}
     if isinstance(out.get("device"), str):
         out["device"] = out["device"].split(":")[0]
     if isinstance(out.get("distill"), bool) and out.get("task") != "refine":
