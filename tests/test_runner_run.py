@@ -697,3 +697,35 @@ def test_a_dangling_link_in_lora_is_named_as_one(capsys, styled, tmp_path):
     rc, cap = run(capsys, "-m", str(root), "-p", "a cat", *TINY, "--lora", "dang", "--out",
                   str(tmp_path / "x.mp4"))
     assert rc == 1 and "adapter 'dang' is a link to a file that is missing" in cap.err, cap.err
+
+
+def test_a_users_adapter_holding_nan_is_refused_before_the_weights_load(capsys, styled, tmp_path,
+                                                                        monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from longcat_tools.lora import formats as lora_formats
+    from longcat_tools.runner import job
+    from longcat_tools.runner.lora import run_adapters
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(styled, root)
+    doc = load_file(root / "lora" / "cfg_step_lora.safetensors")
+    key = next(k for k in doc if "lora_up" in k)
+    doc[key][0, 0] = float("nan")
+    save_file(doc, root / "lora" / "bad.safetensors")
+    # a sound file is read once a process, however many videos check it
+    checked = []
+    real = lora_formats.check_finite
+    monkeypatch.setattr(lora_formats, "check_finite",
+                        lambda *a: (checked.append(a[1]), real(*a))[1])
+    run_adapters(root, "style")
+    first = len(checked)
+    run_adapters(root, "style")
+    assert first > 0 and len(checked) == first
+    monkeypatch.setattr(job, "load_pipeline", lambda *a, **k: pytest.fail("loaded weights"))
+    rc, cap = run(capsys, "-m", str(root), "-p", "a cat", *TINY, "--lora", "style,bad", "--out",
+                  str(tmp_path / "x.mp4"))
+    assert rc == 1 and f"tensor '{key}'" in cap.err and "holds NaN or Inf" in cap.err, cap.err
+    assert cap.err.count("\n") == 1

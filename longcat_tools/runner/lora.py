@@ -143,6 +143,24 @@ def lora_path(ckpt_root: str | Path, kind: str) -> Path:
                        f"{hub_file or f'{kind}.safetensors'} or lora/{kind}/<file>.safetensors)")
 
 
+_FINITE: set[tuple[str, int, int]] = set()  # adapter files found finite by this process
+
+
+def check_finite_file(path: Path, shapes: dict[str, tuple[int, int]]) -> None:
+    """An adapter file read from its header against the DiT (``shapes``) and every module's
+    tensors checked finite, one module in memory at a time: a run's check before the weights
+    load (a NaN was found after them). A file found finite before, at the same size and
+    modification time, is not read again (a matrix checks every video)."""
+    lora = lora_formats.read_lora(path, shapes)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _FINITE:
+        return
+    for module, entry in lora.modules.items():
+        lora_formats.check_finite(lora, module, entry.load(), "the run would make a NaN video")
+    _FINITE.add(key)
+
+
 @dataclass(frozen=True)
 class RunAdapter:
     """An adapter ``run --lora`` applies: its name, its file (and that file's name inside
@@ -156,8 +174,8 @@ class RunAdapter:
 
 def run_adapters(ckpt_root: str | Path, spec: str) -> list[RunAdapter]:
     """The adapters of ``--lora NAME[:SCALE][,NAME...]``, found as ``lora fuse`` finds them
-    (registered in ``lora/adapters.json``, else a file of ``lora/``) and read from their headers
-    against this DiT, before any weights load. A scale left out is the registry's
+    (registered in ``lora/adapters.json``, else a file of ``lora/``) and checked against this DiT
+    (``check_finite_file``) before any weights load. A scale left out is the registry's
     ``default_scale`` (1 for an unregistered file), as ``lora fuse`` takes it. The hub adapters
     are refused: ``--distill`` and refinement apply them, at ``--lora-scale``."""
     from longcat_tools.checkpoint import layouts
@@ -181,7 +199,7 @@ def run_adapters(ckpt_root: str | Path, spec: str) -> list[RunAdapter]:
                              f"DiT config lists it under {layouts.FUSED_CONFIG_KEY}); applying "
                              "it again would count it twice")
         path, rec = find_adapter(ckpt, reg, name, present=True)
-        lora_formats.read_lora(path, shapes, inspect_blocks=False)
+        check_finite_file(path, shapes)
         out.append(RunAdapter(name, path, path.relative_to(ckpt.lora_dir).as_posix(),
                               scale if scale is not None else rec.default_scale if rec else 1.0))
     return out

@@ -740,7 +740,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     from longcat_tools.checkpoint import layouts
     from longcat_tools.lora import formats as lora_formats
     from longcat_tools.runner import video as vio
-    from longcat_tools.runner.lora import lora_path, run_adapters
+    from longcat_tools.runner.lora import check_finite_file, lora_path, run_adapters
 
     ckpt = layouts.detect_any(layouts.resolve_model(s.model))
     if isinstance(ckpt, layouts.AvatarCheckpoint) != (s.task in AVATAR_TASKS):
@@ -760,8 +760,8 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         check_fused(s, ckpt.root, *fused.values())
         for name, used in ((layouts.LORA_DISTILL, s.distill),
                            (layouts.LORA_REFINE, s.refine or s.task == "refine")):
-            if used and fused[name] is None:  # present, inside the checkpoint, readable
-                lora_formats.read_lora(lora_path(ckpt.root, name), lora_formats.linear_shapes(dims))
+            if used and fused[name] is None:  # present, inside the checkpoint, sound
+                check_finite_file(lora_path(ckpt.root, name), lora_formats.linear_shapes(dims))
         if s.lora is not None:
             run_adapters(ckpt.root, s.lora)
         if FP8_ATTENTION.get(s.fp8_attention) and s.precision == "auto" and not ckpt.is_fp8:
