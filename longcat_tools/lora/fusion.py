@@ -53,6 +53,7 @@ from longcat_tools.lora.registry import (
     is_scratch,
     load_registry,
     registry_path,
+    scaled_adapters,
     summarize,
 )
 from longcat_tools.model import avatar, int8, keymap
@@ -222,19 +223,10 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
         except (OSError, RuntimeError) as e:
             raise LongcatError(f"{entry}: cannot be resolved ({e}); remove the broken "
                                "link") from None
-    reg = load_registry(ckpt)
     shapes = dit_shapes(ckpt)
     fused_cfg = ckpt.config() if ckpt.avatar is None else {}
-    adapters = []
-    for name, own in names:
-        if layouts.fused_scale(fused_cfg, "name", name) is not None:
-            raise UsageError(f"adapter '{name}' is already fused into {ckpt.root} (its DiT "
-                             f"config lists it under {layouts.FUSED_CONFIG_KEY}); fusing it "
-                             "again would apply it twice")
-        path, rec = find_adapter(ckpt, reg, name, present=True)
-        k = own if own is not None else scale if scale is not None else (
-            rec.default_scale if rec else 1.0)
-        adapters.append(FusedAdapter(name, float(k), lf.read_lora(path, shapes)))
+    adapters = [FusedAdapter(name, k, lf.read_lora(path, shapes))
+                for name, path, k in scaled_adapters(ckpt, names, scale)]
     wanted = {m for a in adapters for m in a.lora.modules}
     plan = FusePlan(ckpt, dst, adapters, [], link, force, 0, 0, _source_checksums(ckpt))
     hub = {a.name for a in adapters}

@@ -438,6 +438,26 @@ def list_adapters(model: str | Path | layouts.Checkpoint | None
     return ckpt, out
 
 
+def scaled_adapters(ckpt: layouts.Checkpoint, wanted: list[tuple[str, float | None]],
+                    scale: float | None = None) -> list[tuple[str, Path, float]]:
+    """Each wanted adapter's file and the scale it applies at (``lora fuse``, ``run --lora``):
+    its own, else ``scale``, else its registered ``default_scale`` (1 for a file found in
+    ``lora/``). One already fused into the DiT is refused: applying it again counts it twice."""
+    reg = load_registry(ckpt)
+    cfg = ckpt.config() if ckpt.avatar is None else {}
+    out = []
+    for name, own in wanted:
+        if layouts.fused_scale(cfg, "name", name) is not None:
+            raise UsageError(f"adapter '{name}' is already fused into {ckpt.root} (its DiT "
+                             f"config lists it under {layouts.FUSED_CONFIG_KEY}); applying it "
+                             "again would count it twice")
+        path, rec = find_adapter(ckpt, reg, name, present=True)
+        k = own if own is not None else scale if scale is not None else (
+            rec.default_scale if rec else 1.0)
+        out.append((name, path, float(k)))
+    return out
+
+
 def find_adapter(ckpt: layouts.Checkpoint, reg: Registry, name: str, present: bool = False
                  ) -> tuple[Path, AdapterRecord | None]:
     """The file of adapter ``name`` (registered, else discovered) and its record, if any; a file

@@ -143,19 +143,20 @@ def lora_path(ckpt_root: str | Path, kind: str) -> Path:
                        f"{hub_file or f'{kind}.safetensors'} or lora/{kind}/<file>.safetensors)")
 
 
-_FINITE: set[tuple[str, int, int]] = set()  # adapter files found finite by this process
+_FINITE: set[tuple[str, int, int, int]] = set()  # adapter files found sound, this process
 
 
 def check_finite_file(path: Path, shapes: dict[str, tuple[int, int]]) -> None:
     """An adapter file read from its header against the DiT (``shapes``) and every module's
     tensors checked finite, one module in memory at a time: a run's check before the weights
-    load (a NaN was found after them). A file found finite before, at the same size and
-    modification time, is not read again (a matrix checks every video)."""
-    lora = lora_formats.read_lora(path, shapes)
+    load (a NaN was found after them). A file found sound before, at the same size and
+    modification time and against the same DiT, is not read again (a matrix checks every
+    video, before and while running it)."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, hash(frozenset(shapes.items())))
     if key in _FINITE:
         return
+    lora = lora_formats.read_lora(path, shapes)
     for module, entry in lora.modules.items():
         lora_formats.check_finite(lora, module, entry.load(), "the run would make a NaN video")
     _FINITE.add(key)
@@ -180,7 +181,7 @@ def run_adapters(ckpt_root: str | Path, spec: str) -> list[RunAdapter]:
     are refused: ``--distill`` and refinement apply them, at ``--lora-scale``."""
     from longcat_tools.checkpoint import layouts
     from longcat_tools.lora.fusion import parse_adapter_list
-    from longcat_tools.lora.registry import checkpoint_of, dit_shapes, find_adapter, load_registry
+    from longcat_tools.lora.registry import checkpoint_of, dit_shapes, scaled_adapters
 
     wanted = parse_adapter_list(spec, "--lora")
     hub = {layouts.LORA_DISTILL: "--distill", layouts.LORA_REFINE: "--task refine or --refine"}
@@ -189,19 +190,11 @@ def run_adapters(ckpt_root: str | Path, spec: str) -> list[RunAdapter]:
             raise UsageError(f"--lora {spec}: '{name}' is a hub adapter, which {hub[name]} "
                              "applies (at --lora-scale); --lora takes your own adapters")
     ckpt = checkpoint_of(ckpt_root)
-    reg = load_registry(ckpt)
     shapes = dit_shapes(ckpt)
-    cfg = ckpt.config()
     out = []
-    for name, scale in wanted:
-        if layouts.fused_scale(cfg, "name", name) is not None:
-            raise UsageError(f"--lora {spec}: adapter '{name}' is fused into {ckpt.root} (its "
-                             f"DiT config lists it under {layouts.FUSED_CONFIG_KEY}); applying "
-                             "it again would count it twice")
-        path, rec = find_adapter(ckpt, reg, name, present=True)
+    for name, path, scale in scaled_adapters(ckpt, wanted):
         check_finite_file(path, shapes)
-        out.append(RunAdapter(name, path, path.relative_to(ckpt.lora_dir).as_posix(),
-                              scale if scale is not None else rec.default_scale if rec else 1.0))
+        out.append(RunAdapter(name, path, path.relative_to(ckpt.lora_dir).as_posix(), scale))
     return out
 
 
