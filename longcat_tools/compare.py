@@ -76,8 +76,9 @@ class Item:
     @property
     def settings(self) -> dict[str, Any]:
         """The run's settings that change what it computes (output paths left out; the device
-        as its type, so runs spread over cuda:0 and cuda:1 still pair)."""
-        return comparable_settings(self.sidecar["settings"])
+        as its type, so runs spread over cuda:0 and cuda:1 still pair; ``--lora`` as the
+        adapters and scales it applied)."""
+        return comparable_settings(self.sidecar["settings"], self.sidecar.get("adapters"))
 
     @property
     def bsa(self) -> str:

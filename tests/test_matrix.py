@@ -190,6 +190,34 @@ def test_a_resumed_matrix_remakes_videos_when_the_checkpoint_changed(tiny_native
     assert counted["loads"] == 3
 
 
+def test_a_resumed_matrix_takes_lora_spelled_with_its_default_scale_as_done(tiny_native,
+                                                                            tmp_path, counted):
+    """``--lora style`` and ``--lora style:0.5`` (0.5 its registered default) make the same
+    video, yet a resume made it again and ``compare`` paired the two as differing settings."""
+    import shutil
+
+    from longcat_tools.compare import Item
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_native, ckpt)
+    assert main(["lora", "attach", str(ckpt / "lora" / "cfg_step_lora.safetensors"), "--name",
+                 "style", "--scale", "0.5", "-m", str(ckpt), "-q"]) == 0
+    out = tmp_path / "out"
+    args = ["run", "-q", "-m", str(ckpt), "-p", "a cat", "--seeds", "1", *SIZE,
+            "--out-dir", str(out), "--lora"]
+    assert main([*args, "style"]) == 0
+    name = json.loads((out / "manifest.json").read_text())["items"][0]["file"]
+    first = json.loads((out / (name + ".json")).read_text())
+    assert main([*args, "style:0.5"]) == 0
+    assert counted["loads"] == 1  # done already: nothing loaded
+    assert main([*args, "style:1"]) == 0
+    assert counted["loads"] == 2
+    third = json.loads((out / (name + ".json")).read_text())
+    assert Item(out / name, first).settings != Item(out / name, third).settings
+    assert Item(out / name, first).settings == Item(
+        out / name, {**first, "settings": {**first["settings"], "lora": "style:0.5"}}).settings
+
+
 def test_a_resumed_matrix_remakes_videos_when_an_input_file_changed(tiny_native, tmp_path,
                                                                     counted):
     """The sidecar recorded the image's path only: a new image at the same path was "done

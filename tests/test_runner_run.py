@@ -686,6 +686,14 @@ def test_a_sidecar_from_before_lora_compares_equal_to_one_without_it():
     old = {"task": "t2v", "distill": False, "guidance": None, "seed": 1, "out": "a.mp4"}
     assert comparable_settings(old) == comparable_settings({**old, "lora": None})
     assert comparable_settings(old) != comparable_settings({**old, "lora": "style"})
+    styled = {**old, "lora": "style"}
+    half = [{"name": "style", "scale": 0.5, "file": "s.safetensors"}]
+    assert (comparable_settings(styled, half)
+            == comparable_settings({**old, "lora": "style:0.5"}, half))
+    assert comparable_settings(styled, half) != comparable_settings(
+        styled, [{"name": "style", "scale": 1}])
+    for odd in ("x", [{"name": "style"}], [{"name": "style", "scale": True}]):  # hand-edited
+        assert comparable_settings(styled, odd)["lora"] == "style"
 
 
 def test_a_dangling_link_in_lora_is_named_as_one(capsys, styled, tmp_path):

@@ -272,10 +272,13 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
     (an emptied or cut file is made again), and the sidecar records the same settings,
     compared as the sidecar's JSON holds them, on the same kind of device (which GPU of a
     data-parallel run made it does not matter) and wherever the folder was named from (the
-    sidecar sits next to its mp4), from the checkpoint as it is now (``stamp``:
+    sidecar sits next to its mp4), with ``--lora`` as the adapters and scales it resolves to,
+    from the checkpoint as it is now (``stamp``:
     ``layouts.content_stamp``; ``--bsa config`` reads its BSA from there) and from input files
     as they are now (``input_stamps``), with the latents file ``--save-latents`` asks for."""
+    from longcat_tools.checkpoint import layouts
     from longcat_tools.runner.job import settings_record
+    from longcat_tools.runner.lora import run_adapters
 
     out = Path(item.settings.out)
     side = out.with_name(out.name + ".json")
@@ -294,11 +297,20 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
     if size == 0 or (isinstance(video, dict) and video.get("bytes", size) != size):
         return False
     made_from = doc.get("checkpoint") if isinstance(doc, dict) else None
-    return (isinstance(doc, dict) and isinstance(doc.get("settings"), dict)
+    if not (isinstance(doc, dict) and isinstance(doc.get("settings"), dict)
             and isinstance(made_from, dict) and made_from.get("stamp") == stamp
             # a sidecar older than the stamps has none: right for a t2v, which reads no file
-            and doc.get("inputs", {}) == input_stamps(item.settings)
-            and comparable_settings(doc["settings"]) == comparable_settings(want))
+            and doc.get("inputs", {}) == input_stamps(item.settings)):
+        return False
+    adapters = None
+    if item.settings.lora is not None:
+        try:
+            adapters = [{"name": a.name, "scale": a.scale} for a in run_adapters(
+                layouts.resolve_model(item.settings.model), item.settings.lora)]
+        except LongcatError:
+            return False  # an adapter gone since: the run will say so
+    return (comparable_settings(doc["settings"], doc.get("adapters"))
+            == comparable_settings(want, adapters))
 
 
 @spelled(FLAGS)

@@ -89,19 +89,39 @@ def input_stamps(s: RunSettings) -> dict[str, list[int] | None]:
     return stamps
 
 
-def comparable_settings(record: dict[str, Any]) -> dict[str, Any]:
+def comparable_settings(record: dict[str, Any],
+                        adapters: Any = None) -> dict[str, Any]:
     """A sidecar's settings as two runs are compared (a matrix resuming, ``compare`` pairing):
     output paths left out, the device as its kind (cuda:0 and cuda:1 compute alike), a
-    guidance left out as the value it stands for, no ``lora`` as if absent (sidecars written
-    before the option have none)."""
+    guidance left out as the value it stands for, ``lora`` as the adapters it resolved to
+    (``adapters``: the sidecar's list of names and scales), so ``style`` and ``style:0.5`` pair
+    where 0.5 is its default, and no ``lora`` as if absent (sidecars written before the option
+    have none)."""
     out = {k: v for k, v in record.items() if k not in OUTPUT_FIELDS
            and not (k == "lora" and v is None)}
+    resolved = adapter_scales(adapters)
+    if "lora" in out and resolved is not None:
+        out["lora"] = resolved
     if isinstance(out.get("device"), str):
         out["device"] = out["device"].split(":")[0]
     if isinstance(out.get("distill"), bool) and out.get("task") != "refine":
         for key in ("guidance", "audio_guidance"):  # left out and given at its default alike
             if out.get(key) is None:
                 out[key] = guidance_of(None, out["distill"])
+    return out
+
+
+def adapter_scales(adapters: Any) -> list[list[Any]] | None:
+    """A sidecar's ``adapters`` as ``[[name, scale], ...]``; None where it is not a list of
+    named, scaled entries (a sidecar from before the list, or edited by hand)."""
+    if not isinstance(adapters, list):
+        return None
+    out = []
+    for a in adapters:
+        if not (isinstance(a, dict) and isinstance(a.get("name"), str)
+                and isinstance(a.get("scale"), int | float) and not isinstance(a["scale"], bool)):
+            return None
+        out.append([a["name"], float(a["scale"])])
     return out
 
 
