@@ -6,9 +6,17 @@
 #
 # SRC: a flash-attention checkout (hopper/ and csrc/cutlass/include). DEST gets
 # flash_attn_interface.py, flash_attn_config.py and flash_attn_3/ (with _C.abi3.so): put DEST
-# on PYTHONPATH. OBJ: where the CUDA objects go, or already are (the two kernel instantiations
-# take ~10 min each for nvcc; compile them on another machine with the same CUDA major and
-# carry them). Needs nvcc (CUDA 12.3+), g++ and the torch (2.9+) the extension will run under.
+# on PYTHONPATH. OBJ: where the CUDA objects go, or already are (compile them on another
+# machine with the same CUDA major and carry them; the link then takes ~10 s). Needs nvcc
+# (CUDA 12.3+), g++ and the torch (2.9+) the extension will run under.
+#
+# OBJECTS_ONLY=1: compile the objects and stop, e.g. on a machine without a GPU or CUDA torch,
+# with nvcc from NVIDIA's wheels (checked with CUDA 13.0 for torch 2.11+cu130: 1:44 and 4.5 GB
+# per kernel instantiation on 2 cores; the link on the GPU machine took 11 s):
+#   pip download --no-deps -d w nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 \
+#     nvidia-cuda-cccl==13.0.85 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
+#   for f in w/*.whl; do unzip -qo "$f" -d cu; done; chmod +x cu/nvidia/cu13/bin/* cu/nvidia/cu13/nvvm/bin/*
+#   CUDA_HOME=$PWD/cu/nvidia/cu13 OBJECTS_ONLY=1 benchmarks/build_fa3.sh SRC DEST OBJ
 #
 # PTXAS=/path/to/ptxas (optional): assemble the kernels with that ptxas under a CUDA 13 nvcc,
 # e.g. 12.8.93, which FA3's own setup.py uses ("gives the best perf currently"): Triton 3.6
@@ -66,6 +74,7 @@ for unit in instantiations/flash_fwd_hdim128_e4m3_sm90 instantiations/flash_fwd_
     -DCUTLASS_DEBUG_TRACE_LEVEL=0 -DNDEBUG -gencode arch=compute_90a,code=sm_90a -Xcompiler -fPIC
   mv "$o.tmp" "$o"
 done
+if [ -n "${OBJECTS_ONLY:-}" ]; then echo "objects: $OBJ" >&2; exit 0; fi
 read -r TORCH PYINC < <(python3 -c "import sysconfig, torch, os; \
 print(os.path.dirname(torch.__file__), sysconfig.get_paths()['include'])")
 echo "g++ flash_api_stable.cpp, link" >&2
