@@ -96,6 +96,18 @@ def test_list_shows_the_hub_adapters_without_writing(native, capsys):
     assert _tree(native) == before
 
 
+@pytest.mark.parametrize("stem", ["x,y", "a:b", " pad"])
+def test_list_names_a_file_that_run_lora_cannot_name(native, capsys, stem):
+    """A file dropped into lora/ under a name holding ',' or ':' (or spaces at its ends) was
+    listed as ok, yet `run --lora` and `lora fuse` split the name and could not find it."""
+    shutil.copy(native / "lora" / HUB["distilled"], native / "lora" / f"{stem}.safetensors")
+    rc, out, err = _cli(capsys, "list", "-m", native, "--json")
+    got = {a["name"]: a["status"] for a in json.loads(out)["adapters"]}
+    assert rc == 1 and got[stem].startswith("its name cannot be given to --lora"), got
+    assert {got[n] for n in HUB} == {"ok"}
+    assert "rename the file" in err.splitlines()[-1]
+
+
 def test_detach_never_deletes_another_adapters_file(native, tmp_path, capsys):
     """An edited adapters.json whose entry names another adapter's file: detach deleted that
     adapter's folder (``removed lora/p1``) and exited 0."""

@@ -42,8 +42,10 @@ from longcat_tools.io.checksums import (
 from longcat_tools.io.safetensors import Header, TensorSpec, read_header, read_tensor, write_file
 from longcat_tools.lora import formats as lf
 from longcat_tools.lora.registry import (
+    ADAPTER_SEP,
     LOCK_SUFFIX,
     REGISTRY,
+    SCALE_SEP,
     SCHEMA,
     check_scale,
     checkpoint_of,
@@ -146,9 +148,9 @@ def parse_adapter_list(spec: str, flag: str = "") -> list[tuple[str, float | Non
     with its scale, None where none is given. ``flag`` prefixes the messages."""
     said = f"{flag} {spec}" if flag else f"'{spec}'"
     out = []
-    for part in spec.split(","):
+    for part in spec.split(ADAPTER_SEP):
         part = part.strip()
-        name, colon, s = part.partition(":")
+        name, colon, s = part.partition(SCALE_SEP)
         if not name or (colon and not s):  # 'a,,b' and 'a:' were read as if well formed
             raise UsageError(f"{said}: an empty adapter name or scale (NAME[:SCALE][,NAME...], "
                              "e.g. style:0.5,detail)")

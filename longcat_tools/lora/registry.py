@@ -40,6 +40,9 @@ SCHEMA = "lora_manifest"
 REGISTRY_VERSION = 1
 LOCK_TIMEOUT_S = 600.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# NAME[:SCALE][,NAME...] (run --lora, lora fuse): a discovered file whose name holds a separator
+# or spaces at its ends is listed but cannot be named there
+ADAPTER_SEP, SCALE_SEP = ",", ":"
 _BLOCK_RE = re.compile(r"^blocks\.\d+\.")
 
 # What the hub's two adapters are for (LongCat-Video's demos: distillation and 720p refinement).
@@ -423,7 +426,10 @@ def list_adapters(model: str | Path | layouts.Checkpoint | None
             info.status = str(e)
             out.append(info)
             continue
-        if not path.is_file():
+        if rec is None and (name != name.strip() or ADAPTER_SEP in name or SCALE_SEP in name):
+            info.status = (f"its name cannot be given to --lora or lora fuse ('{ADAPTER_SEP}', "
+                           f"'{SCALE_SEP}' or spaces at its ends): rename the file")
+        elif not path.is_file():
             info.status = "missing"
         else:
             try:
