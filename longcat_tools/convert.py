@@ -11,6 +11,7 @@ reads bytes that are not in the page cache with it. Unchanged components are har
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -66,6 +67,7 @@ from longcat_tools.lora import formats as lf
 from longcat_tools.model import comfy_keys, dtypes, flavours, keymap
 from longcat_tools.model import fp8 as fp8_format
 from longcat_tools.verify.components import check_model_index, check_transformer_config
+from longcat_tools.verify.quantized import check_scales
 
 TARGETS = ("converted", "native", "comfy")
 # What --to comfy writes in DST: the DiT alone, in ComfyUI's (WanVideoWrapper's) key flavour.
@@ -215,6 +217,11 @@ class Plan:
         if self.to in ("native", "comfy"):
             return "ComfyUI single file" if self.to == "comfy" else "native"
         return f"converted ({self.keys} keys)"
+
+    @property
+    def top_names(self) -> set[str]:
+        """The names at the top of the output: ``--force`` replaces a folder holding no other."""
+        return {j.rel.split("/")[0] for j in self.jobs} | {MANIFEST}
 
     @property
     def tensors(self) -> int:
@@ -389,7 +396,8 @@ def _out_tensors(dims: keymap.DiTDims, keys: str, source: str,
                     quantized.clear()  # one weight held at a time
                     w = rows_of(w_srcs)
                     if not bool(torch.isfinite(w).all()):  # an inf scale zeroes its row
-                        raise LongcatError(f"{where}: tensor '{weight}' holds NaN or Inf, which "
+                        names = "', '".join(dict.fromkeys(s for s, _, _ in w_srcs))
+                        raise LongcatError(f"{where}: tensor '{names}' holds NaN or Inf, which "
                                            "no e4m3 scale can carry (verify --deep names such "
                                            "weights); fix the source first")
                     quantized[weight] = fp8_ops.quantize_weight(w)
@@ -452,6 +460,8 @@ def _whole_reader(infos: dict[str, tuple[Path, TensorInfo]]) -> Callable[[str], 
 def _dit_jobs(ckpt: layouts.Checkpoint, folder: str, keys: str, want: torch.dtype | None,
               max_shard: int, meta: dict[str, str]) -> tuple[list[FileJob], keymap.DiTDims]:
     cfg, dims, infos = _dit_infos(ckpt)
+    if ckpt.is_fp8:
+        check_scales(infos, fp8_format.SCALE, fp8_format.E4M3_MAX, ckpt.transformer_dir)
     out = _out_tensors(dims, keys, ckpt.flavour, infos, want, ckpt.transformer_dir,
                        src_fp8=ckpt.is_fp8)
     return _folder_jobs(out, folder, max_shard, meta, transformer_config(cfg, keys)), dims
@@ -683,6 +693,18 @@ def _text_encoder_jobs(ckpt: layouts.Checkpoint, files: list[Path], want: torch.
     return jobs
 
 
+def _replacing_only_ours(make_plan: Callable[..., Plan]) -> Callable[..., Plan]:
+    """A plan whose ``--force`` would empty a folder holding more than the output's names (your
+    samples/ beside the weights) is refused, as ``synth --force`` refuses one."""
+    @functools.wraps(make_plan)
+    def planned(*args: Any, **kwargs: Any) -> Plan:
+        p = make_plan(*args, **kwargs)
+        check_replaceable(p.dst, "checkpoint", force=p.force, writes=p.top_names)
+        return p
+    return planned
+
+
+@_replacing_only_ours
 def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str | None = None,
          dtype: str = "keep", max_shard_size: str | int | None = None,
          link: bool | None = None, lora: str = "all", force: bool = False,
@@ -1005,7 +1027,8 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
     # The registry records each rewritten adapter's source sha256: hashed beside the copy.
     rewritten = dict(j.adapter for j in p.jobs if j.adapter is not None)
     try:
-        with Writers() as w, atomic_folder(p.dst, force=p.force, what="checkpoint") as tmp, \
+        with Writers() as w, atomic_folder(p.dst, force=p.force, what="checkpoint",
+                                           writes=p.top_names) as tmp, \
                 ThreadPoolExecutor(1, thread_name_prefix="source-sha256") as side:
             source_sha = {n: side.submit(sha256_file, path) for n, path in rewritten.items()}
             for job in p.jobs:

@@ -48,6 +48,7 @@ from longcat_tools.lora import formats as lf
 from longcat_tools.model import avatar, int8, keymap
 from longcat_tools.model.avatar import AudioDims, AvatarVersion
 from longcat_tools.verify.components import check_transformer_config
+from longcat_tools.verify.quantized import check_scales
 
 # --int8: keep the INT8 DiT as it is; write it from the plain DiT; write the plain DiT from it;
 # leave it out.
@@ -342,6 +343,8 @@ def plan_avatar(ck: layouts.AvatarCheckpoint, dst: Path, *, to: str, dtype: str,
     jobs: list[FileJob] = []
     dits = {name: _read_dit(ck, name) for name in plain}
     q = _read_dit(ck, ck.int8) if int8_from == "int8" and ck.int8 else None
+    if q is not None:
+        check_scales(q.infos, int8.SCALE, int8.QMAX, q.folder)
     for name in plain:
         d = dits[name]
         jobs += _dit_folder_jobs(_plain_tensors(d, want), renamed[name], max_shard or MAX_SHARD,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from longcat_tools import synth_components
-from longcat_tools.errors import LongcatError, UsageError
+from longcat_tools.errors import UsageError
 from longcat_tools.io.atomic import atomic_folder, check_replaceable
 from longcat_tools.io.safetensors import TensorSpec, write_file, write_json, write_sharded
 from longcat_tools.lora.formats.native import native_key_module
@@ -134,16 +134,6 @@ WRITTEN = ("config.json", "dit", "lora", "model_index.json", "scheduler", "text_
            "tokenizer", "vae")
 
 
-def _check_only_ours(dst: Path) -> None:
-    """Refuse to replace a folder holding files synth does not write (they went without a
-    word; the avatar trees were already refused so)."""
-    if dst.is_dir() and not dst.is_symlink():
-        others = sorted(p.name for p in dst.iterdir() if p.name not in WRITTEN)
-        if others:
-            raise LongcatError(f"{dst}: holds {others[0]}, which synth does not write; refusing "
-                               "to replace it even with --force (remove it yourself)")
-
-
 def write_native(folder: Path, preset: str, cfg: dict[str, Any], *, seed: int,
                  dtype: torch.dtype, sparse: bool,
                  progress: Callable[[int], None] | None = None) -> None:
@@ -194,10 +184,8 @@ def synth(dst: str | Path, preset: str = "tiny", *, depth: int | None = None,
                             sparse=sparse, seed=seed, force=force, progress=progress)
     cfg = dit_config(preset, depth)
     dst = Path(dst)
-    check_replaceable(dst, "checkpoint", force=force)
-    _check_only_ours(dst)
-    with atomic_folder(dst, force=force, what="checkpoint") as tmp:
-        _check_only_ours(dst)  # again, under the writer lock
+    check_replaceable(dst, "checkpoint", force=force, writes=WRITTEN)
+    with atomic_folder(dst, force=force, what="checkpoint", writes=WRITTEN) as tmp:
         write_native(tmp, preset, cfg, seed=seed, dtype=torch_dtype, sparse=sparse,
                      progress=progress)
     dit_specs_ = keymap.native_tensor_specs(keymap.dit_dims(cfg))

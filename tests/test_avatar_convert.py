@@ -340,6 +340,23 @@ def test_an_int8_folder_of_another_method_is_refused(avatar_copy, capsys):
     assert verify(av).status == "fail"
 
 
+@pytest.mark.parametrize("mode", ["dequantize", "keep"])
+def test_an_unusable_int8_scale_is_refused_before_writing(avatar_copy, capsys, mode):
+    """A NaN scale came out as NaN weights (dequantize) or passed through (keep), exit 0."""
+    av = avatar_copy("avatar-1.5")
+    shard = next((av / INT8).glob("*.safetensors"))
+    t = load_file(str(shard))
+    name = sorted(n for n in t if n.endswith(".weight_scale"))[0]
+    t[name][0] = float("nan")
+    save_file(t, str(shard), metadata={"format": "pt"})
+    out = av.parent / "out"
+    assert main(["convert", "--src", str(av), "--dst", str(out), "--to", "native", "--int8",
+                 mode, "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{name} holds nan" in line and "must be finite and positive" in line, line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("folder", ["base_model", INT8])
 def test_an_integer_weight_is_refused(avatar_copy, capsys, folder):
     """The base model's check, which the avatar's DiT folders skipped: verify then failed the

@@ -364,8 +364,8 @@ def test_a_fused_dmd_checkpoint_distils_without_the_file_and_force_replaces_fuse
     for extra in ((), ("--force",)):
         rc, _, err = _run(capsys, "lora", "fuse", "style", "--dst", fused, "-m", one, *extra)
         assert rc == 0, err
-        assert not (fused / "marker").exists()  # the second run replaced the first output
-        (fused / "marker").write_text("first run")
+        assert not (fused / "lora" / "marker").exists()  # the second run replaced the first
+        (fused / "lora" / "marker").write_text("first run")  # in a part: yours are refused
     assert not fused.with_name("fused-style.partial").exists()
 
 

@@ -313,10 +313,15 @@ def test_destination_problems(tiny_native, tmp_path, capsys, monkeypatch):
 def test_force_replaces_a_previous_output(tiny_native, converted, tmp_path):
     dst = tmp_path / "again"
     shutil.copytree(converted, dst)
-    (dst / "stale.txt").write_text("old")
-    conv.convert(tiny_native, dst, force=True, keys="native")
-    assert not (dst / "stale.txt").exists() and layouts.detect(dst).flavour == "native"
+    conv.convert(tiny_native, dst, force=True, keys="native")  # another layout's parts: replaced
+    assert layouts.detect(dst).flavour == "native"
     assert [p.name for p in tmp_path.iterdir()] == ["again"]
+    conv.convert(tiny_native, dst, force=True, to="native")
+    assert layouts.detect(dst).layout == "native" and not (dst / "transformer").exists()
+    (dst / "stale.txt").write_text("mine")  # not a checkpoint's: refused, kept
+    with pytest.raises(LongcatError, match="holds stale.txt, which this run does not write"):
+        conv.convert(tiny_native, dst, force=True, keys="native")
+    assert (dst / "stale.txt").read_text() == "mine"
 
 
 ZYGOTE = r"""
@@ -469,8 +474,10 @@ def test_fp16_refuses_values_it_cannot_hold(tiny_native, tmp_path):
     save_file(t, str(shard), metadata={"format": "pt"})
     with pytest.raises(LongcatError, match="overflows float16"):
         conv.convert(src, tmp_path / "dst", dtype="fp16")
-    with pytest.raises(LongcatError, match="holds NaN or Inf, which no e4m3 scale can carry"):
+    with pytest.raises(LongcatError, match="holds NaN or Inf, which no e4m3 scale can carry"
+                       ) as refused:
         conv.convert(src, tmp_path / "fp8_inf", dtype="fp8")
+    assert f"tensor '{name}' holds" in str(refused.value)  # the source's name, not the output's
 
 
 @pytest.mark.parametrize("adapter", ["cfg_step_lora.safetensors", "refinement_lora.safetensors"])

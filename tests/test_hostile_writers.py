@@ -120,6 +120,9 @@ def _deep_ok(path) -> bool:
     return main(["verify", str(path), "--deep", "-q"]) == 0
 
 
+MARKER = "scheduler/marker.txt"  # an old output's own file: inside a part (--force refuses yours)
+
+
 def _leftovers(dst) -> list[str]:
     """Scratch, lock or replaced folders a finished writer must not leave beside DST."""
     return sorted(p.name for p in dst.parent.iterdir()
@@ -249,7 +252,7 @@ def test_sigkill_anywhere_then_rerun(command, tiny_native, fuse_src, converted, 
     def old_dst():
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(converted, dst)
-        (dst / "marker.txt").write_text("old")
+        (dst / MARKER).write_text("old")
 
     old_dst()
     events = _events(args, work, tmp_path)
@@ -262,12 +265,12 @@ def test_sigkill_anywhere_then_rerun(command, tiny_native, fuse_src, converted, 
         p = _run(args, HOSTILE_ROOT=work, HOSTILE_KILL_AT=k)
         assert p.returncode == KILLED, (k, cleanup, p.stderr[-400:])
         if k == cleanup:  # swapped, the old one not yet deleted
-            assert (partial_path(dst) / "marker.txt").read_text() == "old"
-            assert not (dst / "marker.txt").exists()
+            assert (partial_path(dst) / MARKER).read_text() == "old"
+            assert not (dst / MARKER).exists()
         if dst.exists():
             assert _deep_ok(dst), (k, cleanup)
         assert main([str(a) for a in args]) == 0, (k, cleanup)
-        assert _deep_ok(dst) and not (dst / "marker.txt").exists(), (k, cleanup)
+        assert _deep_ok(dst) and not (dst / MARKER).exists(), (k, cleanup)
         assert _leftovers(dst) == [], (k, cleanup)
 
 
@@ -353,6 +356,25 @@ def test_force_refuses_what_is_not_a_checkpoint(command, tiny_native, fuse_src, 
                     else _fuse_args(src, dst, "--force"))
             refused(capsys, *args, code=2, says=says)
         assert _deep_ok(src)
+
+
+@pytest.mark.parametrize("command", ["convert", "fuse", "synth"])
+def test_force_refuses_a_checkpoint_holding_files_of_yours(command, tiny_native, fuse_src,
+                                                           tmp_path, capsys):
+    """convert --force and lora fuse --force emptied a previous output with the user's notes
+    and renders beside the weights, where synth --force refused."""
+    args = {"convert": lambda d: _convert_args(tiny_native, d, "--force"),
+            "fuse": lambda d: _fuse_args(fuse_src, d, "--force"),
+            "synth": lambda d: ["synth", d, "--force", "-q"]}[command]
+    dst = tmp_path / "out"
+    assert main([str(a) for a in args(dst)]) == 0
+    assert main([str(a) for a in args(dst)]) == 0  # its own output: replaced
+    (dst / "renders").mkdir()
+    (dst / "renders" / "a.mp4").write_bytes(b"mine")
+    before = _snapshot(dst / "renders")
+    refused(capsys, *args(dst), says="holds renders, which this run does not write")
+    assert _snapshot(dst / "renders") == before
+    assert _leftovers(dst) == []
 
 
 @pytest.mark.parametrize("command", ["convert", "fuse", "synth"])

@@ -181,7 +181,7 @@ def test_force_replaces_only_a_folder_of_what_synth_writes(tmp_path, tiny_native
     synth(ck, "tiny", force=True, seed=1)  # its own output: replaced
     (ck / "renders").mkdir()
     (ck / "renders" / "a.mp4").write_bytes(b"mine")
-    with pytest.raises(LongcatError, match="holds renders, which synth does not write"):
+    with pytest.raises(LongcatError, match="holds renders, which this run does not write"):
         synth(ck, "tiny", force=True)
     assert (ck / "renders" / "a.mp4").read_bytes() == b"mine"
 

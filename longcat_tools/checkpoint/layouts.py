@@ -451,6 +451,23 @@ AVATAR_CONVERTED_FOLDERS = {"avatar_single": "transformer", "avatar_multi": "tra
                             "base_model": "transformer", "base_model_int8": "transformer_int8"}
 
 
+@functools.cache
+def part_names() -> frozenset[str]:
+    """The names at the top of a LongCat checkpoint folder of any layout or model (and of
+    synth's avatar tree): what ``--force`` may replace beside what a writer writes, so a new
+    layout replaces an old one, where your renders or notes there are refused."""
+    from longcat_tools.checkpoint.comfy_single import FILE_NAME as COMFY_FILE
+    from longcat_tools.io.checksums import MANIFEST
+
+    names = {"dit", "transformer", "lora", "vocal_separator", "model_index.json", "config.json",
+             MANIFEST, COMFY_FILE, FASTVIDEO_SINGLE, *COMPONENTS, avatar.BASE_FOLDER,
+             *AVATAR_CONVERTED_FOLDERS.values()}
+    for v in avatar.VERSIONS.values():
+        names |= {v.folder, v.audio_encoder, *v.dit_folders, *v.root_files,
+                  *([v.int8_folder] if v.int8_folder else [])}
+    return frozenset(names)
+
+
 def converted_avatar(version: avatar.AvatarVersion) -> avatar.AvatarVersion:
     """The release as its model_index.json layout names its parts (same ``name``)."""
     int8_folder = version.int8_folder

@@ -18,7 +18,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +165,7 @@ def check_parent(dst: Path) -> None:
 
 
 def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
-                      force: bool = True) -> None:
+                      force: bool = True, writes: Collection[str] | None = None) -> None:
     """The one ``--force`` rule of every command that writes a new checkpoint or file.
 
     ``what`` is what the command writes (a key of ``REPLACEABLE``: ``checkpoint`` = a folder that
@@ -175,9 +175,14 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
     inside or containing ``source`` (or ``source`` being ``DST.partial``, which the run
     deletes); a new checkpoint inside another one; a symlink (never replaced, whatever it
     points to, dangling or not); an existing ``dst`` without ``force``; with ``force``,
-    anything that is not ``what``; a missing parent folder. A ``dst`` that does not exist
-    passes. Run it while planning, and again under the writer lock (``atomic_folder`` does).
+    anything that is not ``what``; a missing parent folder. ``writes``: the names at the top of
+    the new folder; an old one holding anything else but a checkpoint's parts
+    (``layouts.part_names``: your samples/ or notes) is refused, not emptied. A ``dst`` that
+    does not exist passes. Run it while planning, and again under the writer lock
+    (``atomic_folder`` does).
     """
+    from longcat_tools.checkpoint.layouts import part_names
+
     kind = REPLACEABLE[what]
     check_named(dst)
     dst = Path(dst)
@@ -201,6 +206,13 @@ def check_replaceable(dst: Path, what: str, *, source: Path | None = None,
         problem = kind.problem(dst)
         if problem is not None:
             raise LongcatError(f"{dst}: {problem}")
+        others = sorted(p.name for p in dst.iterdir()
+                        if p.name not in writes and p.name not in part_names()) \
+            if writes is not None and dst.is_dir() else []
+        if others:
+            raise LongcatError(f"{dst}: holds {others[0]}, which this run does not write; "
+                               "refusing to replace it even with --force (move it out or "
+                               "remove it yourself)")
     check_parent(dst)
     if what == "checkpoint":
         check_outside_checkpoints(dst)
@@ -293,7 +305,8 @@ def writer_lock(dst: Path) -> Iterator[Callable[[Path], None]]:
 
 
 @contextmanager
-def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) -> Iterator[Path]:
+def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None,
+                  writes: Collection[str] | None = None) -> Iterator[Path]:
     """Yield a scratch folder (``DST.partial``) that becomes ``dst`` when the block succeeds.
 
     The whole write holds the writer lock of ``dst`` (``flock`` on ``.DST.lock`` beside it): a
@@ -301,9 +314,10 @@ def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) ->
     behind a run that may take an hour, and a stale ``DST.partial`` (left by a killed run) is
     deleted only under the lock, never under a live writer, and only when that run's lock file
     is still there to show it was ours (``writer_lock``). ``what`` (a key of ``REPLACEABLE``)
-    applies :func:`check_replaceable` again under the lock; without it any existing ``dst`` may
-    be replaced with ``force``. The lock file is removed on release (a killed run leaves it;
-    the next run takes it over, the kernel having dropped the dead run's lock)."""
+    applies :func:`check_replaceable` again under the lock, with ``writes``; without it any
+    existing ``dst`` may be replaced with ``force``. The lock file is removed on release (a
+    killed run leaves it; the next run takes it over, the kernel having dropped the dead run's
+    lock)."""
     check_named(dst)
     dst = Path(dst)
     if (dst.exists() or dst.is_symlink()) and not force:
@@ -311,7 +325,7 @@ def atomic_folder(dst: Path, *, force: bool = False, what: str | None = None) ->
     check_parent(dst)
     with writer_lock(dst) as clear:
         if what is not None:
-            check_replaceable(dst, what, force=force)
+            check_replaceable(dst, what, force=force, writes=writes)
         tmp = partial_path(dst)
         clear(tmp)  # left by a killed run; it never was a finished output
         tmp.mkdir()

@@ -25,7 +25,7 @@ from longcat_tools.io import jsonio
 if TYPE_CHECKING:
     import torch
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit: every reader's
 T = TypeVar("T")
 
 # safetensors dtype -> (torch dtype attribute, bytes per element). Header checks need only the

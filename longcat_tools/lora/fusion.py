@@ -143,6 +143,12 @@ class FuseResult:
     files_copied: int
 
 
+def _top_names(ckpt: layouts.Checkpoint) -> set[str]:
+    """The names at the top of a fused copy of ``ckpt``: its own and the checksums list (an
+    old output holding anything else is not replaced, even with ``--force``)."""
+    return {e.name for e in ckpt.root.iterdir() if not e.name.endswith(".partial")} | {MANIFEST}
+
+
 def parse_adapter_list(spec: str, flag: str = "") -> list[tuple[str, float | None]]:
     """``NAME[:SCALE][,NAME[:SCALE]...]`` (``lora fuse``'s names, ``run --lora``): each name
     with its scale, None where none is given. ``flag`` prefixes the messages."""
@@ -215,7 +221,7 @@ def plan_fuse(model: str | Path | layouts.Checkpoint | None,
         raise UsageError("--int8 drop: the model_index.json layout lists its INT8 folder; drop it "
                          "with `convert --to native --int8 drop` first, then fuse")
     dst = Path(dst)
-    check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
+    check_replaceable(dst, "checkpoint", source=ckpt.root, force=force, writes=_top_names(ckpt))
     if ckpt.avatar is not None and ckpt.avatar.base != ckpt.root:
         # the sibling base model the avatar reads: never replaced by the output (as convert)
         check_replaceable(dst, "checkpoint", source=ckpt.avatar.base, force=force)
@@ -499,7 +505,7 @@ def execute_fuse(p: FusePlan, progress: Callable[[int], None] | None = None) -> 
         cfg[FUSED_CONFIG_KEY] = list(cfg.get(FUSED_CONFIG_KEY) or []) + notes
         write_text(f"{f.name}/config.json", jsonio.dumps(cfg))
 
-    with atomic_folder(p.dst, force=p.force, what="checkpoint") as tmp:
+    with atomic_folder(p.dst, force=p.force, what="checkpoint", writes=_top_names(ckpt)) as tmp:
         for entry in sorted(ckpt.root.iterdir()):
             if entry.resolve() in skip or entry.name.endswith(".partial"):
                 continue

@@ -182,7 +182,7 @@ def _scales(rec: Recorder, ws: Any, names: list[str]) -> None:
             bad.append(f"{name} is {list(info.shape)}, its weight_int8 {list(weight.shape)}")
         else:
             shaped.append(name)
-    bad += unusable_scales(ws, shaped, int8.QMAX)
+    bad += unusable_scales({n: (ws.where[n], ws.tensors[n]) for n in shaped}, int8.QMAX)
     if bad:
         rec.fail(ws.component, "scales", ws.label, "weight scales must be finite and positive, "
                  f"one per output row (weight = int8 x scale): {listing(bad, 3)}")

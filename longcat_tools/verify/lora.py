@@ -23,7 +23,6 @@ from longcat_tools.lora import formats as lora_formats
 from longcat_tools.lora.registry import REGISTRY, SCHEMA, check_scale, is_scratch, target_patterns
 from longcat_tools.model import keymap
 from longcat_tools.verify.report import Recorder, count, listing
-from longcat_tools.verify.weights import MAX_HEADER_BYTES
 
 _KNOWN = ("known: native lora_down/lora_up, FastVideo lora_A/lora_B, PEFT "
           "lora_A.weight/lora_B.weight")
@@ -136,7 +135,7 @@ def check_file(rec: Recorder, path: Path, flavour: str | None,
     """Header, format, targets and shapes of one adapter file."""
     comp = "lora"
     try:
-        h = read_header(path, MAX_HEADER_BYTES)
+        h = read_header(path)
     except LongcatError as e:
         rec.fail(comp, "header", path, str(e))
         return None

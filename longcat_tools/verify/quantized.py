@@ -8,11 +8,12 @@ in that row. NaN inside the e4m3 weights themselves is found by ``--deep``'s sca
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from longcat_tools.checkpoint import layouts
 from longcat_tools.errors import LongcatError
-from longcat_tools.io.safetensors import read_tensor
+from longcat_tools.io.safetensors import TensorInfo, read_tensor
 from longcat_tools.model import flavours, fp8
 from longcat_tools.verify.report import Recorder, count, listing
 from longcat_tools.verify.weights import WeightSet
@@ -84,25 +85,40 @@ def check(rec: Recorder, ws: WeightSet, flavour: str, is_fp8: bool) -> None:
                             and ws.tensors[n].dtype == "F32"])
 
 
-def unusable_scales(ws: WeightSet, names: list[str], qmax: float) -> list[str]:
-    """``"<name> holds <value>"`` for each scale tensor with a value that is not positive or
-    whose largest weight (``qmax * scale``) is not a finite float32; each shard opened once."""
+def unusable_scales(tensors: Mapping[str, tuple[Path, TensorInfo]], qmax: float) -> list[str]:
+    """``"<name> holds <value>"`` for each scale tensor (name -> its file and header entry) with
+    a value that is not positive or whose largest weight (``qmax * scale``) is not a finite
+    float32; each file opened once. ``verify`` and ``convert`` (before writing) judge alike."""
     bad: list[str] = []
     by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(ws.where[name], []).append(name)
+    for name, (path, _) in tensors.items():
+        by_file.setdefault(path, []).append(name)
     for path, group in by_file.items():
         with open(path, "rb") as f:
             for name in group:
-                s = read_tensor(f, ws.tensors[name]).double()
+                s = read_tensor(f, tensors[name][1]).double()
                 ok = (s > 0) & (s * qmax).float().isfinite()
                 if s.numel() and not bool(ok.all()):
                     bad.append(f"{name} holds {s[~ok][0].item()}")
     return bad
 
 
+def check_scales(infos: dict[str, tuple[Path, TensorInfo]], suffix: str, qmax: float,
+                 where: Path) -> None:
+    """Every quantization scale among ``infos`` (names ending ``.suffix``) finite and positive,
+    for the commands that read the weights, before they do: ``convert`` wrote weight x scale as
+    NaN, Inf or negated with exit 0, and ``run`` made a NaN video, where ``verify`` fails the
+    same folder."""
+    bad = unusable_scales({n: i for n, i in infos.items() if n.endswith(f".{suffix}")}, qmax)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise LongcatError(f"{where}: weight scales must be finite and positive (weight x "
+                           f"scale must stay finite): {bad[0]}{more}; `longcat-tools verify` "
+                           "lists every such scale")
+
+
 def _scale_values(rec: Recorder, ws: WeightSet, names: list[str]) -> None:
-    bad = unusable_scales(ws, names, E4M3_MAX)
+    bad = unusable_scales({n: (ws.where[n], ws.tensors[n]) for n in names}, E4M3_MAX)
     if bad:
         rec.fail(ws.component, "scales", ws.label,
                  f"weight scales must be finite and positive (weight x scale must stay finite): "

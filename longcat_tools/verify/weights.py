@@ -26,7 +26,6 @@ MAX_SHARDS = 10_000
 MAX_INDEX_BYTES = 16 * 1024 * 1024  # the real DiT's index is ~100 KB
 # Headers of LongCat files are at most a few hundred KB (the refinement LoRA's ~230 KB); a header
 # near the library's 100 MB limit is hostile and would take seconds to parse.
-MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_ROWS = 8  # rows of one kind before the rest are summed up in one
 
 
@@ -166,7 +165,7 @@ def _index_errors(doc: object) -> list[str]:
 def _read_headers(rec: Recorder, ws: WeightSet) -> None:
     for path in ws.files:
         try:
-            h = read_header(path, MAX_HEADER_BYTES)
+            h = read_header(path)
         except LongcatError as e:
             rec.fail(ws.component, "header", path, str(e))
             ws.complete = False
