@@ -164,3 +164,32 @@ def test_a_split_the_model_cannot_take_is_one_line(tiny_native):
 def test_gpus_option_is_removed_before_relaunch():
     assert without_option(["run", "--gpus", "2", "-q", "--gpus=4", "--steps", "2"], "--gpus") \
         == ["run", "-q", "--steps", "2"]
+
+
+def test_a_rank_that_ignores_sigterm_is_killed_after_the_grace(monkeypatch):
+    """After one rank failed, the others got SIGTERM; a worker now unwinds on it, which one
+    blocked in a collective with the dead rank never does: the launcher kills it after a grace
+    instead of waiting for the collective's timeout."""
+    from longcat_tools.runner import launch
+
+    class Proc:
+        def __init__(self, rc):
+            self.rc, self.got = rc, []
+
+        def poll(self):
+            return self.rc
+
+        def send_signal(self, sig):
+            self.got.append(sig)
+
+        def kill(self):
+            self.got.append("kill")
+            self.rc = -9
+
+    procs = iter([Proc(1), Proc(None)])
+    made = []
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: made.append(next(procs))
+                        or made[-1])
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 0.2)
+    assert launch.launch(2, ["run"]) == 1
+    assert made[1].got == [launch.signal.SIGTERM, "kill"]

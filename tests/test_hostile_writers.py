@@ -438,6 +438,28 @@ def test_a_partial_link_is_never_followed_and_removed_only_after_a_killed_run(tm
     assert _deep_ok(dst)
 
 
+def test_sigterm_mid_write_leaves_nothing_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """SIGTERM (CI cancelling a job, docker stop) killed a writer outright: DST.partial and the
+    lock file stayed, where Ctrl-C removed both."""
+    import longcat_tools.synth
+
+    dst = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminated_while_writing(folder, *_a, **_k):
+        (folder / "half").write_text("written")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here, in the main thread
+
+    monkeypatch.setattr(longcat_tools.synth, "write_native", terminated_while_writing)
+    assert main(["synth", str(dst), "--json"]) == 143
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"error": "terminated", "exit_code": 143}
+    assert out.err.strip() == "terminated"
+    assert not dst.exists() and _leftovers(dst) == []
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_second_ctrl_c_during_the_clean_up_keeps_the_lock_file(tmp_path, monkeypatch):
     """Interrupted while deleting its scratch folder, a run removed its lock file anyway: the
     next run took DST.partial for the user's and refused to start."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import signal
 import sys
 import traceback
 
@@ -124,6 +125,31 @@ def _clear_progress() -> None:
         bar.close()
 
 
+class Terminated(BaseException):
+    """SIGTERM (CI cancelling a job, ``docker stop``, ``timeout``) raised in the main thread, so
+    a writer unwinds as on Ctrl-C: its scratch folder and lock removed, nothing half-written.
+    A BaseException, like KeyboardInterrupt: no ``except Exception`` swallows it."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM raises :class:`Terminated` while the command runs (main thread only), and the
+    handler before it comes back after."""
+    try:
+        before = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and turn every failure into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -143,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # obj: the command line as given, for commands that start it again (run --gpus)
         try:
-            rv = app(args=args, prog_name="longcat-tools", standalone_mode=False,
-                     obj={"argv": args})
+            with _sigterm_unwinds():
+                rv = app(args=args, prog_name="longcat-tools", standalone_mode=False,
+                         obj={"argv": args})
         finally:
             _clear_progress()
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return fail("terminated", 128 + signal.SIGTERM)
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return fail("aborted", 130)

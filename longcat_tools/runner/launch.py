@@ -19,6 +19,10 @@ import time
 
 from longcat_tools.errors import UsageError
 
+# Seconds a process told to stop (SIGTERM, or Ctrl-C) gets to clean up before it is killed: one
+# blocked in a collective with a rank that died would never return to take the signal.
+STOP_GRACE_S = 10.0
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -79,6 +83,7 @@ def launch(n: int, args: list[str], role: str = "--cp") -> int:
     procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=stdout) for r in range(n)]
     code = 0
+    stop_by = None  # after a failure: when the others still running are killed
     try:
         while procs:
             for p in list(procs):
@@ -90,11 +95,20 @@ def launch(n: int, args: list[str], role: str = "--cp") -> int:
                     code = rc
                     for other in procs:
                         other.send_signal(signal.SIGTERM)
+                    stop_by = time.monotonic() + STOP_GRACE_S
+            if stop_by is not None and time.monotonic() > stop_by:
+                for p in procs:  # stuck in a collective with the failed rank
+                    p.kill()
             time.sleep(0.05)
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C, or SIGTERM (the CLI's Terminated): the same to them
+        sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
         for p in procs:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(sig)
         for p in procs:
-            p.wait()
+            try:
+                p.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         raise
     return code if code >= 0 else 128 - code
