@@ -186,6 +186,30 @@ def test_verify_passes_an_fp8_folder_and_names_bad_scales(fp8_folder, tmp_path, 
     assert "no quantization_config.json" in msgs
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1.0, 1e38])
+def test_convert_and_run_refuse_an_unusable_scale_before_the_weights(fp8_folder, tmp_path,
+                                                                      capsys, value):
+    """convert dequantized weight x scale into NaN, Inf or negated weights with exit 0, and run
+    made a NaN video found after the whole run, where verify failed the same folder."""
+    bad = tmp_path / "bad"
+    shutil.copytree(fp8_folder, bad)
+    shard = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    t = load_file(str(shard))
+    t["blocks.1.ffn.w2.weight_scale"][2] = value
+    save_file(t, str(shard), metadata={"format": "pt"})
+    says = f"blocks.1.ffn.w2.weight_scale holds {torch.tensor(value).double().item()}"
+    for dtype in ("bf16", "keep"):
+        assert main(["convert", "--src", str(bad), "--dst", str(tmp_path / dtype), "--dtype",
+                     dtype, "-q"]) == 1
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+        assert not (tmp_path / dtype).exists()
+    assert main(["run", "-m", str(bad), "-p", "a cat", "--height", "32", "--width", "32",
+                 "--frames", "9", "--steps", "1", "--out", str(tmp_path / "x.mp4"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert says in err and "weight scales must be finite and positive" in err, err
+
+
 def test_verify_fails_any_float8_weight_in_a_folder_without_the_fp8_config(tiny_native,
                                                                            tmp_path):
     """Only e4m3 was looked for: an e5m2 weight passed the quantization check."""

@@ -190,6 +190,43 @@ def test_a_resumed_matrix_remakes_videos_when_the_checkpoint_changed(tiny_native
     assert counted["loads"] == 3
 
 
+def test_a_folder_where_the_manifest_goes_is_refused_before_loading(tiny_native, tmp_path,
+                                                                     counted, capsys):
+    """An internal error (IsADirectoryError) after the first video was made."""
+    out = tmp_path / "out"
+    (out / "manifest.json").mkdir(parents=True)
+    assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", "--seeds", "1,2", *SIZE,
+                 "--out-dir", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "manifest.json there is a folder" in line and counted["loads"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", "--distill",
+                 "--lora-scale", "0.5,nan", *SIZE, "--out-dir", str(tmp_path / "o2")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: video 001 (001_a-cat_42_config_loranan.mp4): --lora-scale nan")
+
+
+def test_a_resumed_matrix_takes_the_checkpoint_however_its_path_is_spelled(
+        tiny_native, tmp_path, counted, monkeypatch):
+    """`-m ./ck/`, an absolute path or $LONGCAT_TOOLS_MODEL for the same folder made every
+    video again, and compare paired runs of two spellings as differing in `model`."""
+    from longcat_tools.compare import Item
+
+    monkeypatch.chdir(tiny_native.parent)
+    out = tmp_path / "out"
+    args = ["run", "-q", "-p", "a cat", "--seeds", "1", *SIZE, "--out-dir", str(out)]
+    assert main([*args, "-m", tiny_native.name]) == 0
+    assert main([*args, "-m", f"./{tiny_native.name}/"]) == 0
+    assert main([*args, "-m", str(tiny_native)]) == 0
+    monkeypatch.setenv("LONGCAT_TOOLS_MODEL", str(tiny_native))
+    assert main(args) == 0
+    assert counted["loads"] == 1  # the first run only
+    name = json.loads((out / "manifest.json").read_text())["items"][0]["file"]
+    doc = json.loads((out / (name + ".json")).read_text())
+    moved = {**doc, "settings": {**doc["settings"], "model": f"./{tiny_native.name}/"}}
+    assert Item(out / name, doc).settings == Item(out / name, moved).settings
+
+
 def test_a_resumed_matrix_takes_lora_spelled_with_its_default_scale_as_done(tiny_native,
                                                                             tmp_path, counted):
     """``--lora style`` and ``--lora style:0.5`` (0.5 its registered default) make the same

@@ -592,6 +592,13 @@ def test_run_lora_applies_a_users_adapter_as_lora_fuse_does(capsys, styled, tmp_
                                                                             "distilled"]
 
 
+def test_spaces_around_a_lora_name_or_scale_are_dropped():
+    """'style , detail' was read as two names, 'style :0.5' as an adapter named 'style '."""
+    from longcat_tools.lora.fusion import parse_adapter_list
+
+    assert parse_adapter_list(" style :0.5 , detail: 1 ") == [("style", 0.5), ("detail", 1.0)]
+
+
 @pytest.mark.parametrize("spec, says", [
     ("nope", "no adapter named 'nope' (have: distilled, refinement, style"),
     ("distilled", "'distilled' is a hub adapter, which --distill applies"),
@@ -600,6 +607,8 @@ def test_run_lora_applies_a_users_adapter_as_lora_fuse_does(capsys, styled, tmp_
     ("style,style", "adapter names repeat"),
     ("style:x", "the scale after ':' in 'style:x' must be a number"),
     ("style:20", "--lora style:20: scale 20: a LoRA scale must be a number from -10 to 10"),
+    ("style:10.0000001", "scale 10.0000001: a LoRA scale"),  # was shown rounded, as 10
+    ("style:1_0", "the scale after ':' in 'style:1_0' must be a number"),  # ran at 10
 ])
 def test_a_bad_lora_is_one_line_before_loading(capsys, styled, tmp_path, monkeypatch, spec,
                                                says):

@@ -157,10 +157,13 @@ def parse_adapter_list(spec: str, flag: str = "") -> list[tuple[str, float | Non
     for part in spec.split(ADAPTER_SEP):
         part = part.strip()
         name, colon, s = part.partition(SCALE_SEP)
+        name, s = name.strip(), s.strip()  # 'style :0.5' as 'style , detail' already was
         if not name or (colon and not s):  # 'a,,b' and 'a:' were read as if well formed
             raise UsageError(f"{said}: an empty adapter name or scale (NAME[:SCALE][,NAME...], "
                              "e.g. style:0.5,detail)")
         try:
+            if "_" in s:  # float() reads '1_0' as 10
+                raise ValueError
             value = float(s) if s else None
         except ValueError:
             raise UsageError(f"{said}: the scale after ':' in '{part}' must be a number"

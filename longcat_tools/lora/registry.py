@@ -220,7 +220,8 @@ def check_scale(value: float, what: str, error: type[LongcatError] = UsageError)
     """A LoRA scale given by the user (``what``: the option or argument it came from): finite,
     at most ``MAX_SCALE`` either way."""
     if not (math.isfinite(value) and abs(value) <= MAX_SCALE):
-        raise error(f"{what} {value:g}: a LoRA scale must be a number from -{MAX_SCALE:g} to "
+        shown = str(float(value)).removesuffix(".0")  # 10.0000001 was shown rounded, as 10
+        raise error(f"{what} {shown}: a LoRA scale must be a number from -{MAX_SCALE:g} to "
                     f"{MAX_SCALE:g}")
 
 

@@ -46,7 +46,7 @@ class Item:
 
     index: int
     settings: RunSettings
-    source: str  # "--prompts FILE line N" or "item N"
+    source: str  # "--prompts FILE line N" or "video NNN (its file name)"
 
     @property
     def name(self) -> str:
@@ -223,7 +223,8 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
                                 lora_scale=base.lora_scale if scale is None else scale)
                     tail = "" if scale is None else f"_lora{scale:g}"
                     name = pl.fields.get("out") or f"{i:03d}_{slug(s.prompt)}_{seed}_{b}{tail}.mp4"
-                    source = f"--prompts {prompts} line {pl.line}" if pl.line else f"item {i}"
+                    source = (f"--prompts {prompts} line {pl.line}" if pl.line
+                              else f"video {i:03d} ({name})")
                     items.append(Item(i, replace(s, out=str(_inside(out_dir, name, source))),
                                       source))
     owner: dict[str, Item] = {}
@@ -245,6 +246,10 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
             raise UsageError(f"{it.source}: the same prompt, seed and settings as "
                              f"{first.source} (the same video would be made twice); give the "
                              "line another 'seed' or remove it")
+    manifest = out_dir / MANIFEST
+    if manifest.is_dir() and not manifest.is_symlink():  # found after the first video
+        raise UsageError(f"--out-dir {out_dir}: {MANIFEST} there is a folder, where the run "
+                         "writes its list of videos; move or remove it")
     if base.save_latents and len(items) > 1:  # each video would overwrite the one before
         raise UsageError(f"--save-latents {base.save_latents}: names one file, but this run makes "
                          f"{len(items)} videos; save the latents of one video in a run of its "
@@ -273,7 +278,7 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
     compared as the sidecar's JSON holds them, on the same kind of device (which GPU of a
     data-parallel run made it does not matter) and wherever the folder was named from (the
     sidecar sits next to its mp4), with ``--lora`` as the adapters and scales it resolves to,
-    from the checkpoint as it is now (``stamp``:
+    from the checkpoint folder however its path is spelled, as it is now (``stamp``:
     ``layouts.content_stamp``; ``--bsa config`` reads its BSA from there) and from input files
     as they are now (``input_stamps``), with the latents file ``--save-latents`` asks for."""
     from longcat_tools.checkpoint import layouts
@@ -302,15 +307,15 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
             # a sidecar older than the stamps has none: right for a t2v, which reads no file
             and doc.get("inputs", {}) == input_stamps(item.settings)):
         return False
-    adapters = None
+    root, adapters = layouts.resolve_model(item.settings.model), None
     if item.settings.lora is not None:
         try:
-            adapters = [{"name": a.name, "scale": a.scale} for a in run_adapters(
-                layouts.resolve_model(item.settings.model), item.settings.lora)]
+            adapters = [{"name": a.name, "scale": a.scale}
+                        for a in run_adapters(root, item.settings.lora)]
         except LongcatError:
             return False  # an adapter gone since: the run will say so
-    return (comparable_settings(doc["settings"], doc.get("adapters"))
-            == comparable_settings(want, adapters))
+    return (comparable_settings(doc["settings"], doc.get("adapters"), made_from.get("path"))
+            == comparable_settings(want, adapters, root))
 
 
 @spelled(FLAGS)

@@ -89,16 +89,19 @@ def input_stamps(s: RunSettings) -> dict[str, list[int] | None]:
     return stamps
 
 
-def comparable_settings(record: dict[str, Any],
-                        adapters: Any = None) -> dict[str, Any]:
+def comparable_settings(record: dict[str, Any], adapters: Any = None,
+                        checkpoint: Any = None) -> dict[str, Any]:
     """A sidecar's settings as two runs are compared (a matrix resuming, ``compare`` pairing):
     output paths left out, the device as its kind (cuda:0 and cuda:1 compute alike), a
-    guidance left out as the value it stands for, ``lora`` as the adapters it resolved to
-    (``adapters``: the sidecar's list of names and scales), so ``style`` and ``style:0.5`` pair
-    where 0.5 is its default, and no ``lora`` as if absent (sidecars written before the option
-    have none)."""
+    guidance left out as the value it stands for, ``model`` as the real path of the folder it
+    named (``checkpoint``: ``ck``, ``./ck/`` and ``$LONGCAT_TOOLS_MODEL`` alike), ``lora`` as the
+    adapters it resolved to (``adapters``: the sidecar's list of names and scales), so
+    ``style`` and ``style:0.5`` pair where 0.5 is its default, and no ``lora`` as if absent
+    (sidecars written before the option have none)."""
     out = {k: v for k, v in record.items() if k not in OUTPUT_FIELDS
            and not (k == "lora" and v is None)}
+    if isinstance(checkpoint, str | Path) and str(checkpoint):
+        out["model"] = os.path.realpath(checkpoint)
     resolved = adapter_scales(adapters)
     if "lora" in out and resolved is not None:
         out["lora"] = resolved
@@ -685,6 +688,11 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
                            + (" (two speakers)" if len(s.audio) > 1 else ""))
     ckpt.require_base()
     check_avatar_files(ckpt, folder.name)
+    if s.int8:  # a NaN scale made a NaN video, found after the whole run
+        from longcat_tools.model import int8
+        from longcat_tools.verify.quantized import check_scales
+
+        check_scales(layouts.shard_infos(ckpt.dit(folder.name)), int8.SCALE, int8.QMAX, folder)
     if s.vocal_separation and not (ckpt.root / avatar.VOCAL_SEPARATOR).is_file():
         raise LongcatError(f"{ckpt.root / avatar.VOCAL_SEPARATOR}: missing (vocal separation "
                            "needs it; or pass --no-vocal-separation)")
@@ -775,6 +783,12 @@ def _check_inputs(s: RunSettings) -> InputFiles:
         cfg = ckpt.config()
         dims = keymap.dit_dims(cfg, str(ckpt.config_path))  # as every reader
         check_components(ckpt)
+        if ckpt.is_fp8:  # a NaN scale made a NaN video, found after the whole run
+            from longcat_tools.model import fp8
+            from longcat_tools.verify.quantized import check_scales
+
+            check_scales(layouts.shard_infos(ckpt), fp8.SCALE, fp8.E4M3_MAX,
+                         ckpt.transformer_dir)
         fused = {n: layouts.fused_scale(cfg, "name", n)
                  for n in (layouts.LORA_DISTILL, layouts.LORA_REFINE)}
         check_fused(s, ckpt.root, *fused.values())
