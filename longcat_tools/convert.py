@@ -66,7 +66,10 @@ from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.lora import formats as lf
 from longcat_tools.model import comfy_keys, dtypes, flavours, keymap
 from longcat_tools.model import fp8 as fp8_format
-from longcat_tools.verify.components import check_model_index, check_transformer_config
+from longcat_tools.verify.components import (
+    check_components,
+    check_transformer_config,
+)
 from longcat_tools.verify.quantized import check_scales
 
 TARGETS = ("converted", "native", "comfy")
@@ -764,7 +767,6 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
         return _plan_single_file(Path(src), Path(dst), to, keys, dtype, want, max_shard, force)
     assert found is not None
     ckpt, src, dst = found, found.root, Path(dst)
-    check_model_index(ckpt)
     if to == "comfy":
         return _plan_to_comfy(ckpt, dst, dtype, want, force)
     check_replaceable(dst, "checkpoint", source=src, force=force)
@@ -784,6 +786,7 @@ def plan(src: str | Path, dst: str | Path, *, to: str = "converted", keys: str |
     notes += lora_notes
     for comp in layouts.COMPONENTS:
         jobs += component_jobs(ckpt, comp, other, link, meta, notes)
+    check_components(ckpt, present_only=True)  # carried as they are: verify failed the output
     known = {"dit", "transformer", "lora", MANIFEST, *layouts.COMPONENTS, *NATIVE_ROOT_FILES}
     for entry in sorted(ckpt.root.iterdir()):
         if entry.name not in known:

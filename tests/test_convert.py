@@ -549,6 +549,27 @@ def test_a_source_whose_model_index_verify_fails_is_refused(tiny_native, tmp_pat
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.parametrize("break_it, says", [
+    (lambda src: (src / "vae" / "diffusion_pytorch_model.safetensors").unlink(),
+     "vae's weights cannot load"),
+    (lambda src: (src / "vae" / "config.json").write_text('{"z_dim": "16"}'), "vae/config.json"),
+    (lambda src: (src / "scheduler" / "scheduler_config.json").write_text(
+        '{"shift": "12"}'), "scheduler_config.json"),
+])
+def test_a_component_verify_fails_is_refused_not_carried(tiny_native, tmp_path, capsys,
+                                                         break_it, says):
+    """convert carried a VAE without weights, or a config with strings for numbers, with exit 0,
+    and verify then failed the output."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_native, src)
+    (src / "checksums.sha256").unlink(missing_ok=True)
+    break_it(src)
+    assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "out"), "-q"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert says in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_pickles_are_left_behind_or_refused(tiny_native, tmp_path, capsys):
     """A pickle beside safetensors weights was copied, and the output then failed verify."""
     from longcat_tools.verify import verify

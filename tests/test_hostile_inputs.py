@@ -551,27 +551,27 @@ def test_components_are_read_once_while_unchanged(ckpt, monkeypatch):
     in the release) is parsed once, and again only after a file changed."""
     from longcat_tools.checkpoint import layouts
     from longcat_tools.io import jsonio
-    from longcat_tools.runner import settings
+    from longcat_tools.verify import components
 
-    monkeypatch.setattr(settings, "_PASSED", set())
+    monkeypatch.setattr(components, "_PASSED", set())
     reads: list[str] = []
     real = jsonio.read
     monkeypatch.setattr(jsonio, "read", lambda path, **kw: reads.append(str(path)) or
                         real(path, **kw))
     view = layouts.detect(ckpt)
     tokenizer = str(ckpt / "tokenizer" / "tokenizer.json")
-    settings.check_components(view)
-    settings.check_components(view)
+    components.check_components(view)
+    components.check_components(view)
     assert reads.count(tokenizer) == 1
     path = ckpt / "vae" / "config.json"
     original = path.read_text()
     try:
         path.write_text(original + " ")
-        settings.check_components(view)
+        components.check_components(view)
         assert reads.count(tokenizer) == 2
         path.write_text("[1]")
         with pytest.raises(LongcatError, match="vae/config.json"):
-            settings.check_components(view)
+            components.check_components(view)
     finally:
         path.write_text(original)
 

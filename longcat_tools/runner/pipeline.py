@@ -62,7 +62,6 @@ from longcat_tools.runner.settings import (
     LOAD_RENAMES,
     TASKS,
     RunSettings,
-    check_components,
     check_fused,
     check_offload,
     from_call,
@@ -73,6 +72,7 @@ from longcat_tools.runner.settings import (
     validate,
     value_fits,
 )
+from longcat_tools.verify.components import check_components
 
 MAX_SEQUENCE_LENGTH = 512
 DEFAULT_NEGATIVE_PROMPT = (

@@ -769,6 +769,7 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     from longcat_tools.lora import formats as lora_formats
     from longcat_tools.runner import video as vio
     from longcat_tools.runner.lora import check_finite_file, lora_path, run_adapters
+    from longcat_tools.verify.components import check_components
 
     ckpt = layouts.detect_any(layouts.resolve_model(s.model))
     if isinstance(ckpt, layouts.AvatarCheckpoint) != (s.task in AVATAR_TASKS):
@@ -899,95 +900,6 @@ def _check_cond_frames(s: RunSettings, info: dict[str, Any], fps: float) -> None
         raise UsageError(f"--video {s.video}: {have} frames at {fps:g} fps; --task {s.task} "
                          f"continues from the last {cond} (--cond-frames): give a longer video "
                          "or a smaller --cond-frames (4k+1)")
-
-
-# What check_components passed, as (real path, size, mtime) of every file it read: `run` checks
-# before loading and the pipeline's from_pretrained again, and parsing the tokenizer's JSON
-# alone takes about a second.
-_PASSED: set[tuple] = set()
-
-
-def _stamp(paths: list[Path]) -> tuple:
-    out = []
-    for p in paths:
-        try:
-            st = p.stat()
-        except OSError:
-            out.append((str(p), None))
-            continue
-        out.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
-def check_components(ckpt: Any) -> None:
-    """What a run reads besides the DiT's weights (its config, the pipeline index, the other
-    components' files), checked as ``verify`` checks it: inside the checkpoint (links
-    followed), present, strict JSON, each config against its schema. Given a bad file, a loader
-    (transformers, diffusers) fails with its own traceback, tries to reach the Hub, or follows a
-    link out of the folder. Files unchanged since they passed are not read again."""
-    from longcat_tools import schemas
-    from longcat_tools.checkpoint import layouts
-    from longcat_tools.io import jsonio
-    from longcat_tools.io.safetensors import read_header
-    from longcat_tools.verify.components import (
-        COMPONENTS,
-        TOKENIZER_JSON,
-        check_model_index,
-        check_tokenizer_file,
-        check_transformer_config,
-        expected_tensors,
-    )
-
-    root, allowed = ckpt.root, ckpt.containment
-    folders = [root / comp.name for comp in COMPONENTS]
-    dit = ckpt.layout != layouts.COMFY_SINGLE  # a single file: read whole by its own reader
-    stamp = _stamp([ckpt.config_path, root / "model_index.json", *folders,
-                    *(p for f in [*folders, *([ckpt.transformer_dir] if dit else [])]
-                      if f.is_dir() for p in sorted(f.iterdir()))])
-    if stamp in _PASSED:
-        return
-    check_transformer_config(ckpt.config(), str(ckpt.config_path))
-    check_model_index(ckpt)
-    if dit:  # a truncated shard, found before the text encoder's minutes of loading
-        layouts.shard_headers(ckpt)
-    for comp in COMPONENTS:
-        folder = root / comp.name
-        layouts.check_contained(folder, allowed)
-        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-            layouts.check_contained(path, allowed)
-        for alternatives in comp.required:
-            if not any((folder / f).is_file() for f in alternatives):
-                raise LongcatError(f"{folder / alternatives[0]}: missing; the {comp.name} cannot "
-                                   "load (run `longcat-tools verify` on the checkpoint)")
-        cfg = None
-        if comp.config is not None:
-            name, schema = comp.config
-            cfg = jsonio.read(folder / name, what=f"{comp.name} config")
-            schemas.validate(cfg, schema, str(folder / name))
-        for name in TOKENIZER_JSON if comp.name == "tokenizer" else ():
-            if (folder / name).exists():
-                check_tokenizer_file(folder / name)
-        if comp.weights is None:
-            continue
-        index_name, singles = comp.weights
-        tensors = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            tensors |= read_header(path).tensors
-        for name, shape in (expected_tensors(comp.name, cfg, tensors) if cfg else {}).items():
-            if name in tensors and tuple(tensors[name].shape) != shape:  # the loader's traceback
-                raise LongcatError(f"{folder}: tensor '{name}' is {list(tensors[name].shape)}, "
-                                   f"its {comp.config[0]} implies {list(shape)}: the config and "
-                                   "the weights are of different models (run `longcat-tools "
-                                   "verify` on the checkpoint)")
-        index = folder / index_name if index_name else None
-        if index is not None and index.exists():
-            doc = jsonio.read(index, what="shard index")
-            schemas.validate(doc, "safetensors_index", str(index))
-            layouts.index_shards(index, allowed, doc)
-        elif not any((folder / f).is_file() for f in singles):
-            raise LongcatError(f"{folder / (index_name or singles[0])}: missing; the {comp.name}'s "
-                               "weights cannot load (run `longcat-tools verify` on the checkpoint)")
-    _PASSED.add(stamp)
 
 
 def _check_not_inputs(outputs: list[tuple[str, str | None]],
