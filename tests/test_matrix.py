@@ -190,6 +190,24 @@ def test_a_resumed_matrix_remakes_videos_when_the_checkpoint_changed(tiny_native
     assert counted["loads"] == 3
 
 
+def test_bsa_values_that_resolve_alike_are_one_video_listed_twice(tiny_native, tmp_path,
+                                                                  counted, capsys):
+    """On a checkpoint without BSA, `--bsa config,off` made the same video twice."""
+    from longcat_tools.runner.matrix import plan
+    from longcat_tools.runner.settings import RunSettings
+
+    assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", "--bsa", "config,off",
+                 *SIZE, "--out-dir", str(tmp_path / "o")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--bsa: config and off run the same attention on this checkpoint" in line
+    assert counted["loads"] == 0
+    base = RunSettings(model=str(tiny_native), prompt="a cat", height=32, width=32, frames=9,
+                       steps=1, device="cpu")
+    assert len(plan(base, tmp_path / "p", bsa=["config", "on"])) == 2
+    refined = replace(base, refine=True, refine_height=64, refine_width=64)
+    assert len(plan(refined, tmp_path / "r", bsa=["config", "off"])) == 2  # refinement: BSA
+
+
 def test_a_folder_where_the_manifest_goes_is_refused_before_loading(tiny_native, tmp_path,
                                                                      counted, capsys):
     """An internal error (IsADirectoryError) after the first video was made."""

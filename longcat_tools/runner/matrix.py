@@ -229,6 +229,7 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
                                       source))
     owner: dict[str, Item] = {}
     same: dict[str, Item] = {}
+    resolved = _bsa_resolver(base)
     for it in items:  # case-folded: one file on a case-insensitive file system
         first = owner.setdefault(it.name.casefold(), it)
         if first is not it:
@@ -236,12 +237,16 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
                                "JSONL line its own 'out')")
         seeded = seed_matters(it.settings)
         key = replace(it.settings, out="", seed=bounds.seed_state(it.settings.seed) if seeded
-                      else 0)
+                      else 0, bsa=resolved(it.settings))
         first = same.setdefault(repr(key), it)
         if first is not it and first.settings.seed != it.settings.seed and not seeded:
             raise UsageError(f"{it.source}: seed {it.settings.seed} makes the same video as "
                              f"seed {first.settings.seed} ({first.source}): t2v from --latents-in "
                              f"{it.settings.latents_in} draws no noise; give one seed")
+        if first is not it and first.settings.bsa != it.settings.bsa:
+            raise UsageError(f"--bsa: {first.settings.bsa} and {it.settings.bsa} run the same "
+                             f"attention on this checkpoint ({first.source} and {it.source} "
+                             "would be the same video); list one of them")
         if first is not it:  # as --seeds refuses a repeated seed
             raise UsageError(f"{it.source}: the same prompt, seed and settings as "
                              f"{first.source} (the same video would be made twice); give the "
@@ -260,6 +265,30 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
         except LongcatError as e:  # keeps its exit code: an option's value or a file's
             raise type(e)(f"{it.source}: {e}") from None
     return items
+
+
+def _bsa_resolver(base: RunSettings) -> Callable[[RunSettings], str]:
+    """A video's ``--bsa`` as the attention it resolves to in each stage, so that ``config,off``
+    on a checkpoint without BSA counts as one video listed twice (it was made twice); the value
+    as given where the checkpoint cannot say (an avatar, a config the checks will refuse)."""
+    from longcat_tools.checkpoint import layouts
+    from longcat_tools.runner.attention import BSAParams, resolve_bsa
+
+    try:
+        cfg = layouts.detect(layouts.resolve_model(base.model)).config()
+        params = cfg.get("bsa_params")
+        default = BSAParams.from_config(params) if cfg.get("enable_bsa") is True else None
+    except (LongcatError, KeyError, TypeError, ValueError):
+        return lambda s: s.bsa
+
+    def resolved(s: RunSettings) -> str:
+        stages = [s.task == "refine"] + ([True] if s.refine and s.task != "refine" else [])
+        try:
+            return repr([resolve_bsa(s.bsa, default, params, refinement)
+                         for refinement in stages])
+        except (LongcatError, KeyError, TypeError, ValueError):
+            return s.bsa
+    return resolved
 
 
 def _inside(out_dir: Path, name: str, source: str) -> Path:
