@@ -190,6 +190,20 @@ def test_a_resumed_matrix_remakes_videos_when_the_checkpoint_changed(tiny_native
     assert counted["loads"] == 3
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--bsa", "OFF"], "--bsa OFF: unknown"),  # was: --out-dir is for a matrix run
+    (["--lora-scale", "2"], "--lora-scale 2: this run activates no hub LoRA"),
+    (["--seeds", "1,2"], "--out-dir {afile}: is not a folder"),  # was named as --out
+])
+def test_the_option_at_fault_is_named_with_out_dir(tiny_native, tmp_path, capsys, extra, says):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", *SIZE, *extra,
+                 "--out-dir", str(afile)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert says.format(afile=afile) in line, line
+
+
 def test_bsa_values_that_resolve_alike_are_one_video_listed_twice(tiny_native, tmp_path,
                                                                   counted, capsys):
     """On a checkpoint without BSA, `--bsa config,off` made the same video twice."""

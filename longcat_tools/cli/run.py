@@ -82,6 +82,7 @@ def run_cmd(
                        scales)
         return
     if out_dir != DEFAULT_OUT_DIR:  # ignored: the one video went to --out
+        validate(settings)  # a bad value named first: '--bsa OFF' is no list, yet no choice
         raise UsageError(f"--out-dir {out_dir}: is for a matrix run (--prompts, --seeds or a "
                          "list of --bsa or --lora-scale values); one video is written to --out")
     if gpus != 1:
@@ -124,6 +125,8 @@ def run_matrix_cmd(ctx: typer.Context, out: Out, settings: RunSettings, prompts:
 
     seed_list = matrix.parse_seeds(seeds) if seeds is not None else None  # a bad entry first
     bsa_list = matrix.parse_bsa(settings.bsa)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # was named as every --out
+        raise UsageError(f"--out-dir {out_dir}: is not a folder")
     if gpus < 1:
         raise UsageError(f"--gpus {gpus}: use 1 or more")
     if settings.cp != 1:
