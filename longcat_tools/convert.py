@@ -66,10 +66,7 @@ from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.lora import formats as lf
 from longcat_tools.model import comfy_keys, dtypes, flavours, keymap
 from longcat_tools.model import fp8 as fp8_format
-from longcat_tools.verify.components import (
-    check_components,
-    check_transformer_config,
-)
+from longcat_tools.verify.components import check_components, check_transformer_config
 from longcat_tools.verify.quantized import check_scales
 
 TARGETS = ("converted", "native", "comfy")
