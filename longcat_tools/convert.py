@@ -815,7 +815,10 @@ def _plan_to_comfy(ckpt: layouts.Checkpoint, dst: Path, dtype: str, want: torch.
     check_replaceable(dst, "checkpoint", source=ckpt.root, force=force)
     keys = comfy_keys.FLAVOUR
     cfg, dims, infos = _dit_infos(ckpt)
-    out = _out_tensors(dims, keys, ckpt.flavour, infos, want, ckpt.transformer_dir)
+    if ckpt.is_fp8:
+        check_scales(infos, fp8_format.SCALE, fp8_format.E4M3_MAX, ckpt.transformer_dir)
+    out = _out_tensors(dims, keys, ckpt.flavour, infos, want, ckpt.transformer_dir,
+                       src_fp8=ckpt.is_fp8)  # dequantized: the e4m3 codes were cast as weights
     meta = _provenance(ckpt, keys, dtype)
     notes = ["only the DiT is written (ComfyUI loads the VAE, text encoder and LoRAs from "
              "their own files)"]

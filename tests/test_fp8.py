@@ -154,6 +154,17 @@ def test_fp8_folders_convert_between_flavours_unchanged_and_dequantize_exactly(
     assert torch.equal(bf["blocks.1.ffn.w1.weight"], (w1.float() * s1[:, None]).bfloat16())
 
 
+def test_fp8_to_comfy_dequantizes_as_to_native(fp8_folder, tmp_path):
+    """--to comfy --dtype bf16 cast the e4m3 codes as weights and dropped their scales."""
+    conv.convert(fp8_folder, tmp_path / "nat", to="native", dtype="bf16")
+    conv.convert(fp8_folder, tmp_path / "comfy", to="comfy", dtype="bf16")
+    conv.convert(tmp_path / "comfy" / "diffusion_model.safetensors", tmp_path / "back",
+                 to="native")
+    want, got = dit_tensors(tmp_path / "nat"), dit_tensors(tmp_path / "back")
+    assert set(want) == set(got)
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+
+
 def test_verify_passes_an_fp8_folder_and_names_bad_scales(fp8_folder, tmp_path, capsys):
     rep = verify(fp8_folder, deep=True)
     assert rep.ok, [c.message for c in rep.checks if c.status == "fail"]
@@ -198,12 +209,13 @@ def test_convert_and_run_refuse_an_unusable_scale_before_the_weights(fp8_folder,
     t["blocks.1.ffn.w2.weight_scale"][2] = value
     save_file(t, str(shard), metadata={"format": "pt"})
     says = f"blocks.1.ffn.w2.weight_scale holds {torch.tensor(value).double().item()}"
-    for dtype in ("bf16", "keep"):
-        assert main(["convert", "--src", str(bad), "--dst", str(tmp_path / dtype), "--dtype",
-                     dtype, "-q"]) == 1
+    for name, extra in (("bf16", ["--dtype", "bf16"]), ("keep", ["--dtype", "keep"]),
+                        ("comfy", ["--to", "comfy", "--dtype", "bf16"])):
+        assert main(["convert", "--src", str(bad), "--dst", str(tmp_path / name), *extra,
+                     "-q"]) == 1
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, err
-        assert not (tmp_path / dtype).exists()
+        assert not (tmp_path / name).exists()
     assert main(["run", "-m", str(bad), "-p", "a cat", "--height", "32", "--width", "32",
                  "--frames", "9", "--steps", "1", "--out", str(tmp_path / "x.mp4"), "-q"]) == 1
     err = capsys.readouterr().err
