@@ -367,7 +367,7 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
         "stage1": stage1_info, "final": dict(r.info),
         "bsa": r.info.get("bsa"), "loras": r.info.get("loras", []),
         "adapters": [{"name": a.name, "scale": a.scale, "file": a.file} for a in adapters],
-        "checkpoint": {"path": str(job.root), "layout": pipe.layout,
+        "checkpoint": {"path": os.path.realpath(job.root), "layout": pipe.layout,
                        "stamp": layouts.content_stamp(job.root)},
         "inputs": job.inputs,
         "precision": "fp8" if pipe.transformer.is_fp8 else run_dtype(s.dtype, device),
