@@ -193,3 +193,35 @@ def test_a_rank_that_ignores_sigterm_is_killed_after_the_grace(monkeypatch):
     monkeypatch.setattr(launch, "STOP_GRACE_S", 0.2)
     assert launch.launch(2, ["run"]) == 1
     assert made[1].got == [launch.signal.SIGTERM, "kill"]
+
+
+def test_ranks_told_to_stop_share_one_grace(monkeypatch):
+    """Each rank that ignored the signal got a grace of its own: 8 stuck ranks took 80 s."""
+    import time
+
+    from longcat_tools.runner import launch
+
+    class Stuck:
+        def __init__(self):
+            self.killed = False
+
+        def poll(self):
+            raise KeyboardInterrupt  # Ctrl-C while the launcher waits
+
+        def send_signal(self, sig):
+            pass
+
+        def wait(self, timeout=None):
+            if not self.killed:
+                time.sleep(timeout)
+                raise launch.subprocess.TimeoutExpired("rank", timeout)
+
+        def kill(self):
+            self.killed = True
+
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: Stuck())
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 0.3)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        launch.launch(4, ["run"])
+    assert time.monotonic() - t0 < 0.6

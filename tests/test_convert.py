@@ -318,6 +318,11 @@ def test_force_replaces_a_previous_output(tiny_native, converted, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["again"]
     conv.convert(tiny_native, dst, force=True, to="native")
     assert layouts.detect(dst).layout == "native" and not (dst / "transformer").exists()
+    for litter in ("README.md", "hub_manifest.json", ".DS_Store"):  # a download's: replaced
+        (dst / litter).write_text("{}")
+    (dst / ".cache" / "huggingface").mkdir(parents=True)
+    conv.convert(tiny_native, dst, force=True, to="native")
+    assert not (dst / "README.md").exists() and not (dst / ".cache").exists()
     (dst / "stale.txt").write_text("mine")  # not a checkpoint's: refused, kept
     with pytest.raises(LongcatError, match="holds stale.txt, which this run does not write"):
         conv.convert(tiny_native, dst, force=True, keys="native")

@@ -460,6 +460,19 @@ def test_sigterm_mid_write_leaves_nothing_as_ctrl_c_does(tmp_path, monkeypatch, 
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_main_in_a_thread_leaves_signals_alone(tmp_path, capsys):
+    """Outside the main thread every error was chained to 'signal only works in main thread'."""
+    import threading
+
+    rcs = []
+    t = threading.Thread(target=lambda: rcs.append(main(["synth", str(tmp_path / "no" / "x"),
+                                                         "-v"])))
+    t.start()
+    t.join()
+    assert rcs == [2]
+    assert "signal only works" not in capsys.readouterr().err
+
+
 def test_a_second_ctrl_c_during_the_clean_up_keeps_the_lock_file(tmp_path, monkeypatch):
     """Interrupted while deleting its scratch folder, a run removed its lock file anyway: the
     next run took DST.partial for the user's and refused to start."""

@@ -205,6 +205,16 @@ def test_the_option_at_fault_is_named_with_out_dir(tiny_native, tmp_path, capsys
     assert says.format(afile=afile) in line, line
 
 
+@pytest.mark.parametrize("option, value", [("--seeds", "1_000"), ("--lora-scale", "0.5,1_0")])
+def test_underscores_in_a_number_list_are_refused(tiny_native, tmp_path, capsys, option,
+                                                  value):
+    """int() and float() read '1_0' as 10: a scale of 10 ran for what may be a typo of 1.0."""
+    assert main(["run", "-q", "-m", str(tiny_native), "-p", "a cat", "--distill", option, value,
+                 *SIZE, "--out-dir", str(tmp_path / "o")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "_" in line and "is not" in line, line
+
+
 def test_bsa_values_that_resolve_alike_are_one_video_listed_twice(tiny_native, tmp_path,
                                                                   counted, capsys):
     """On a checkpoint without BSA, `--bsa config,off` made the same video twice."""

@@ -457,11 +457,16 @@ def part_names() -> frozenset[str]:
     synth's avatar tree): what ``--force`` may replace beside what a writer writes, so a new
     layout replaces an old one, where your renders or notes there are refused."""
     from longcat_tools.checkpoint.comfy_single import FILE_NAME as COMFY_FILE
+    from longcat_tools.checkpoint.hub_manifest import LOCAL_NAME as HUB_MANIFEST
     from longcat_tools.io.checksums import MANIFEST
 
     names = {"dit", "transformer", "lora", "vocal_separator", "model_index.json", "config.json",
              MANIFEST, COMFY_FILE, FASTVIDEO_SINGLE, *COMPONENTS, avatar.BASE_FOLDER,
-             *AVATAR_CONVERTED_FOLDERS.values()}
+             *AVATAR_CONVERTED_FOLDERS.values(),
+             # what a download (`download --dst`, `huggingface-cli download --local-dir`) puts
+             # beside the weights, and a file manager's litter: lora fuse copies them along
+             HUB_MANIFEST, ".cache", ".gitattributes", "README.md", "LICENSE", "assets",
+             ".DS_Store"}
     for v in avatar.VERSIONS.values():
         names |= {v.folder, v.audio_encoder, *v.dit_folders, *v.root_files,
                   *([v.int8_folder] if v.int8_folder else [])}

@@ -142,12 +142,12 @@ def _sigterm_unwinds():
     try:
         before = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        before = None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 def main(argv: list[str] | None = None) -> int:

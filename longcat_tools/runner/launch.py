@@ -104,9 +104,10 @@ def launch(n: int, args: list[str], role: str = "--cp") -> int:
         sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
         for p in procs:
             p.send_signal(sig)
+        stop_by = time.monotonic() + STOP_GRACE_S  # one grace for all, not one each
         for p in procs:
             try:
-                p.wait(STOP_GRACE_S)
+                p.wait(max(0.0, stop_by - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()

@@ -222,6 +222,8 @@ def check_components(ckpt: layouts.Checkpoint, present_only: bool = False) -> No
             schemas.validate(doc, "safetensors_index", str(index))
             layouts.index_shards(index, allowed, doc)
         elif not any((folder / f).is_file() for f in singles):
-            raise LongcatError(f"{folder / (index_name or singles[0])}: missing; the {comp.name}'s "
-                               "weights cannot load (run `longcat-tools verify` on the checkpoint)")
+            raise LongcatError(f"{folder}: no {' or '.join(singles)}"
+                               + (f" (or {index_name} and its shards)" if index_name else "")
+                               + f"; the {comp.name}'s weights cannot load (run `longcat-tools "
+                               "verify` on the checkpoint)")
     _PASSED.add(stamp)

@@ -24,8 +24,6 @@ from longcat_tools.verify.report import Recorder, count, listing
 MAX_INDEX_TENSORS = 200_000  # the real DiT has 1,310 tensors, UMT5-XXL ~250: far more is hostile
 MAX_SHARDS = 10_000
 MAX_INDEX_BYTES = 16 * 1024 * 1024  # the real DiT's index is ~100 KB
-# Headers of LongCat files are at most a few hundred KB (the refinement LoRA's ~230 KB); a header
-# near the library's 100 MB limit is hostile and would take seconds to parse.
 MAX_ROWS = 8  # rows of one kind before the rest are summed up in one
 
 
