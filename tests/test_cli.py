@@ -255,6 +255,19 @@ def test_an_error_document_into_a_closed_stdout_is_no_traceback(tmp_path, monkey
     assert capsys.readouterr().err.startswith("error: ")
 
 
+@pytest.mark.parametrize("args, option", [
+    (["run", "--guidance", "1_0"], "--guidance"),
+    (["run", "--seed", "1_000"], "--seed"),
+    (["lora", "fuse", "distilled", "--dst", "x", "--scale", "1_0"], "--scale"),
+    (["lora", "attach", "f.safetensors", "--name", "s", "--scale", "1_0"], "--scale"),
+])
+def test_numbers_with_underscores_are_refused(capsys, args, option):
+    """Python reads '1_0' as 10: a scale or a guidance typed so ran ten times too strong."""
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"Invalid value for '{option}'" in line and "not a plain number" in line, line
+
+
 def test_ctrl_c_in_a_command_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
     import longcat_tools.synth
 

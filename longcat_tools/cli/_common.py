@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +26,22 @@ def given_path(value: str) -> str:
     if value == "":
         raise typer.BadParameter(EMPTY_PATH)
     return value
+
+
+def plain_number(kind: type) -> Callable[[str], Any]:
+    """A typer ``parser`` for an int or float option that refuses ``_`` between digits: Python
+    reads '1_0' as 10, so a LoRA scale or a guidance typed that way ran ten times too strong."""
+    def parse(value: str) -> Any:
+        if "_" in str(value):
+            raise typer.BadParameter(f"'{value}' is not a plain number ('_' between digits "
+                                     "is not read as a separator)")
+        try:
+            return kind(value)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise typer.BadParameter(f"'{value}' is not {what}") from None
+    parse.__name__ = kind.__name__  # the metavar typer derives from it
+    return parse
 
 
 def given_pathlib(value: str) -> Path:

@@ -14,6 +14,7 @@ from longcat_tools.cli._common import (
     VerboseOpt,
     given_path,
     human_bytes,
+    plain_number,
 )
 from longcat_tools.errors import LongcatError
 
@@ -33,7 +34,8 @@ def attach_cmd(
     name: Annotated[str, typer.Option("--name", help="Name to store it under (lora/NAME/).",
                                       show_default=False)],
     model: ModelOpt = None,
-    scale: Annotated[float, typer.Option(help="Default scale recorded for the adapter.")] = 1.0,
+    scale: Annotated[float, typer.Option(help="Default scale recorded for the adapter.",
+                                         parser=plain_number(float))] = 1.0,
     fmt: Annotated[str, typer.Option("--format", help="Source format: auto, native, fastvideo, "
                                      "peft or comfy (auto reads it from the key names).")] = "auto",
     adapter_config: Annotated[str | None, typer.Option(
@@ -161,7 +163,7 @@ def fuse_cmd(
     model: ModelOpt = None,
     scale: Annotated[float | None, typer.Option(
         help="Scale for every adapter without its own (default: each one's default "
-             "scale).")] = None,
+             "scale).", parser=plain_number(float))] = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy unchanged files instead of "
                                        "hard-linking them.")] = False,
     int8: Annotated[str | None, typer.Option(

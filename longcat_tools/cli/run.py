@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any, get_args, get_type_hints
 
 import typer
 
@@ -26,6 +26,7 @@ from longcat_tools.cli._common import (
     VerboseOpt,
     given_path,
     human_bytes,
+    plain_number,
 )
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.runner.settings import RunSettings
@@ -211,6 +212,9 @@ def _settings_options() -> list[inspect.Parameter]:
             annotation = SHARED[f.name]
         else:
             extra = {"metavar": meta["metavar"]} if meta["metavar"] else {}
+            kinds = set(get_args(hints[f.name]) or (hints[f.name],)) - {type(None)}
+            if kinds in ({int}, {float}):  # '1_0' read as 10
+                extra["parser"] = plain_number(kinds.pop())
             annotation = Annotated[hints[f.name], typer.Option(*meta["flags"], help=meta["help"],
                                                                **extra)]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
