@@ -78,10 +78,11 @@ class Item:
         """The run's settings that change what it computes (output paths left out; the device
         as its type, so runs spread over cuda:0 and cuda:1 still pair; the checkpoint by its
         real path, however ``-m`` spelled it; ``--lora`` as the adapters and scales it
-        applied)."""
+        applied; ``--precision`` as what it computed in)."""
         made_from = self.sidecar.get("checkpoint")
         return comparable_settings(self.sidecar["settings"], self.sidecar.get("adapters"),
-                                   made_from.get("path") if isinstance(made_from, dict) else None)
+                                   made_from.get("path") if isinstance(made_from, dict) else None,
+                                   self.sidecar.get("precision"))
 
     @property
     def bsa(self) -> str:

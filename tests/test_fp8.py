@@ -154,6 +154,21 @@ def test_fp8_folders_convert_between_flavours_unchanged_and_dequantize_exactly(
     assert torch.equal(bf["blocks.1.ffn.w1.weight"], (w1.float() * s1[:, None]).bfloat16())
 
 
+def test_a_resume_takes_precision_auto_and_fp8_alike_on_an_fp8_checkpoint(fp8_folder,
+                                                                          tmp_path):
+    """Both compute in fp8 there, yet a resume spelled the other way made every video again."""
+    out = tmp_path / "out"
+    args = ["run", "-q", "-m", str(fp8_folder), "-p", "a cat", "--seeds", "1,2", "--height",
+            "32", "--width", "32", "--frames", "9", "--steps", "1", "--out-dir", str(out)]
+    assert main(args) == 0
+    status = {}
+    for precision in ("fp8", "auto", "dtype"):
+        assert main([*args, "--precision", precision]) == 0
+        doc = json.loads((out / "manifest.json").read_text())
+        status[precision] = [e["status"] for e in doc["items"]]
+    assert status == {"fp8": ["skipped"] * 2, "auto": ["skipped"] * 2, "dtype": ["done"] * 2}
+
+
 def test_fp8_to_comfy_dequantizes_as_to_native(fp8_folder, tmp_path):
     """--to comfy --dtype bf16 cast the e4m3 codes as weights and dropped their scales."""
     conv.convert(fp8_folder, tmp_path / "nat", to="native", dtype="bf16")

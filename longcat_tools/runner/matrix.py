@@ -27,6 +27,7 @@ from longcat_tools.runner.settings import (
     check_bsa,
     comparable_settings,
     input_stamps,
+    run_precision,
     seed_matters,
     spelled,
     validate,
@@ -309,7 +310,8 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
     compared as the sidecar's JSON holds them, on the same kind of device (which GPU of a
     data-parallel run made it does not matter) and wherever the folder was named from (the
     sidecar sits next to its mp4), with ``--lora`` as the adapters and scales it resolves to,
-    from the checkpoint folder however its path is spelled, as it is now (``stamp``:
+    ``--precision`` as what the DiT computes in, from the checkpoint folder however its path
+    is spelled, as it is now (``stamp``:
     ``layouts.content_stamp``; ``--bsa config`` reads its BSA from there) and from input files
     as they are now (``input_stamps``), with the latents file ``--save-latents`` asks for."""
     from longcat_tools.checkpoint import layouts
@@ -345,8 +347,11 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
                         for a in run_adapters(root, item.settings.lora)]
         except LongcatError:
             return False  # an adapter gone since: the run will say so
-    return (comparable_settings(doc["settings"], doc.get("adapters"), made_from.get("path"))
-            == comparable_settings(want, adapters, root))
+    stored_fp8 = bool(getattr(layouts.detect_any(root), "is_fp8", False))
+    precision = run_precision(item.settings.precision, stored_fp8, want["dtype"])
+    return (comparable_settings(doc["settings"], doc.get("adapters"), made_from.get("path"),
+                                doc.get("precision"))
+            == comparable_settings(want, adapters, root, precision))
 
 
 @spelled(FLAGS)

@@ -90,18 +90,21 @@ def input_stamps(s: RunSettings) -> dict[str, list[int] | None]:
 
 
 def comparable_settings(record: dict[str, Any], adapters: Any = None,
-                        checkpoint: Any = None) -> dict[str, Any]:
+                        checkpoint: Any = None, precision: Any = None) -> dict[str, Any]:
     """A sidecar's settings as two runs are compared (a matrix resuming, ``compare`` pairing):
     output paths left out, the device as its kind (cuda:0 and cuda:1 compute alike), a
     guidance left out as the value it stands for, ``model`` as the real path of the folder it
     named (``checkpoint``: ``ck``, ``./ck/`` and ``$LONGCAT_TOOLS_MODEL`` alike), ``lora`` as the
     adapters it resolved to (``adapters``: the sidecar's list of names and scales), so
-    ``style`` and ``style:0.5`` pair where 0.5 is its default, and no ``lora`` as if absent
-    (sidecars written before the option have none)."""
+    ``style`` and ``style:0.5`` pair where 0.5 is its default, ``precision`` as the one the run
+    computed in (``precision``: the sidecar's; ``auto`` and ``fp8`` alike on an fp8
+    checkpoint), and no ``lora`` as if absent (sidecars written before the option have none)."""
     out = {k: v for k, v in record.items() if k not in OUTPUT_FIELDS
            and not (k == "lora" and v is None)}
     if isinstance(checkpoint, str | Path) and str(checkpoint):
         out["model"] = os.path.realpath(checkpoint)
+    if isinstance(precision, str) and "precision" in out:
+        out["precision"] = precision
     resolved = adapter_scales(adapters)
     if "lora" in out and resolved is not None:
         out["lora"] = resolved
@@ -126,6 +129,13 @@ def adapter_scales(adapters: Any) -> list[list[Any]] | None:
             return None
         out.append([a["name"], float(a["scale"])])
     return out
+
+
+def run_precision(precision: str, stored_fp8: bool, dtype: str) -> str:
+    """What a run's DiT computes in, as its sidecar records it: fp8, else its dtype
+    (``--precision auto``: as the checkpoint is stored)."""
+    fp8 = PRECISIONS.get(precision)
+    return "fp8" if (stored_fp8 if fp8 is None else fp8) else dtype
 
 
 def guidance_of(guidance: float | None, distill: bool) -> float:
