@@ -134,6 +134,7 @@ def no_weights(monkeypatch):
 
 
 @pytest.mark.parametrize("audio, message, code", [
+    ("three_channels", "3 audio channels; vocal separation takes mono", 1),  # after loading
     ("notaudio", "not an audio or video file", 1),
     ("silent", "the audio is silent", 1),
     ("one_hz", "sampled at 1 Hz", 1),  # made a video of nothing heard, exit 0
@@ -141,7 +142,17 @@ def no_weights(monkeypatch):
 ])
 def test_bad_audio_is_one_line_before_any_weights(capsys, trees, media, no_weights, audio,
                                                   message, code):
-    path = media[audio] if audio in media else media["dir"] / "missing.wav"
+    if audio == "three_channels":
+        import wave
+
+        frames = (np.repeat(speech(0.5)[:, None], 3, axis=1) * 32767).astype("<i2")
+        with wave.open(str(media["dir"] / "three.wav"), "wb") as w:
+            w.setnchannels(3)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes(frames.tobytes())
+    path = (media["dir"] / "three.wav" if audio == "three_channels"
+            else media[audio] if audio in media else media["dir"] / "missing.wav")
     rc, err = run(capsys, "-m", str(trees["1.5"]), "--task", "at2v", "--audio", str(path),
                   *TINY, "-o", str(media["dir"] / "bad.mp4"))
     assert rc == code
@@ -192,6 +203,9 @@ def test_short_audio_is_padded_with_silence_as_the_original(capsys, trees, media
      "--audio-mode mix: mixed speakers need audio of equal length (A 1.20 s, LONG 3.00 s)"),
     (["--task", "ai2v", "--image", "FACE", "--audio", "A", "--audio", "B"],
      "speaker region 2 covers no token of a 32x32 video"),
+    # recorded in the sidecar as used, while no CFG read it
+    (["--task", "at2v", "--audio", "A", "--guidance", "1", "--audio-guidance", "1",
+      "--negative-prompt", "bad"], "--negative-prompt: this run samples without CFG"),
 ])
 def test_option_misuse_is_one_line(capsys, trees, media, no_weights, args, message):
     names = {"A": media["a"], "B": media["b"], "SHORT": media["short"], "LONG": media["long"],

@@ -746,3 +746,23 @@ def test_a_users_adapter_holding_nan_is_refused_before_the_weights_load(capsys, 
                   str(tmp_path / "x.mp4"))
     assert rc == 1 and f"tensor '{key}'" in cap.err and "holds NaN or Inf" in cap.err, cap.err
     assert cap.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, says", [
+    # ran with one condition frame, silently
+    (["--task", "refine", "--image", "IMG", "--cond-frames", "0", "--height", "64", "--width",
+      "64"], "--cond-frames 0: --task refine conditions on its --image"),
+    # wrote the --video back out, with -p, --steps and --frames unused
+    (["--task", "long", "--segments", "0", "--cond-frames", "5", *TINY],
+     "--segments 0: a long run continues at least once"),
+])
+def test_a_setting_that_would_do_nothing_is_refused(capsys, tiny_native, t2v_mp4, tmp_path,
+                                                    monkeypatch, args, says):
+    from longcat_tools.runner import job
+
+    monkeypatch.setattr(job, "load_pipeline", lambda *a, **k: pytest.fail("loaded weights"))
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "img.png")
+    names = {"IMG": str(tmp_path / "img.png")}
+    rc, cap = run(capsys, "-m", str(tiny_native), "-p", "a cat", "--video", str(t2v_mp4),
+                  *[names.get(a, a) for a in args], "--out", str(tmp_path / "x.mp4"))
+    assert rc == 2 and says in cap.err and cap.err.count("\n") == 1, cap.err

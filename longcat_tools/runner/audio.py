@@ -196,6 +196,13 @@ def check_not_silent(x: np.ndarray, where: str | Path) -> None:
                            f"{SILENCE_DBFS:g} dBFS)")
 
 
+def check_separable(channels: int, path: str | Path) -> None:
+    """Vocal separation's model is stereo: mono is doubled, more channels are refused."""
+    if channels > 2:
+        raise LongcatError(f"{path}: {channels} audio channels; vocal separation takes mono "
+                           "or stereo (downmix it, or pass --no-vocal-separation)")
+
+
 def load(path: str | Path, rate: int = SAMPLE_RATE, max_seconds: float = MAX_SECONDS) -> np.ndarray:
     """A mono track at ``rate``, checked: decodable, within the limit, not silent."""
     x = decode(path, rate, max_seconds=max_seconds)

@@ -435,8 +435,9 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
                          "attention; it cannot go with --precision dtype")
     if s.task in ("vc", "avc") and s.distill and s.enhance_hf:
         raise UsageError("--enhance-hf cannot be combined with --distill")
-    if s.segments < 0:
-        raise UsageError(f"--segments {s.segments}: must be >= 0")
+    if s.segments < 1:  # 0 wrote the --video back, or made a plain t2v
+        raise UsageError(f"--segments {s.segments}: a long run continues at least once (one "
+                         "video alone: --task t2v, or vc to continue --video once)")
     if s.cp < 1:
         raise UsageError(f"--cp {s.cp}: must be at least 1")
     if s.cp > 1:  # every DiT forward needs a latent frame per rank (runner.context_parallel)
@@ -602,7 +603,12 @@ def _check_task_options(s: RunSettings) -> None:
     if s.task == "long" and s.video and s.latents_in:
         raise UsageError(f"--latents-in {s.latents_in}: a long run from --video samples no "
                          "first segment to start from them; drop one")
-    if (s.negative_prompt is not None and s.task not in AVATAR_TASKS
+    if s.negative_prompt is not None and s.task in AVATAR_TASKS:  # CFG on text or audio
+        if max(guidance_of(s.guidance, s.distill), guidance_of(s.audio_guidance, s.distill)) <= 1:
+            raise UsageError("--negative-prompt: this run samples without CFG (guidance and "
+                             "audio guidance 1, as --distill's), so nothing reads it; drop it, "
+                             "or give --guidance or --audio-guidance above 1")
+    elif (s.negative_prompt is not None
             and (s.task == "refine" or guidance_of(s.guidance, s.distill) <= 1.0)):
         raise UsageError("--negative-prompt: this run samples without CFG (guidance 1: "
                          "--distill's, or --task refine), so nothing reads it; drop it, or "
@@ -709,6 +715,8 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     lengths = []
     for path in s.audio:
         try:
+            if s.vocal_separation:  # refused by the separator, after the weights had loaded
+                audio.check_separable(audio.decode(path, mono=False).shape[0], path)
             track = audio.load(path)
         except LongcatError as e:
             raise type(e)(f"--audio {e}") from None
@@ -820,6 +828,9 @@ def _check_inputs(s: RunSettings) -> InputFiles:
     if s.task in ("vc", "avc", "refine") and not s.video:
         what = "the stage-1 video" if s.task == "refine" else "the video to continue"
         raise UsageError(f"--task {s.task} needs --video FILE ({what})")
+    if s.task == "refine" and s.image and s.num_cond_frames == 0:  # ran with 1, silently
+        raise UsageError("--cond-frames 0: --task refine conditions on its --image (one frame); "
+                         "drop --cond-frames, or drop --image to refine without a condition")
     if s.task == "refine" and (s.num_cond_frames or 0) > 0 and not s.image:
         raise UsageError(f"--cond-frames {s.num_cond_frames}: --task refine conditions on an "
                          "--image (one frame), and none is given; add --image, or drop "

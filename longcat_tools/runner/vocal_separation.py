@@ -161,9 +161,7 @@ def separate_file(session: Any, path: str | Path, max_seconds: float = audio.MAX
     separator is stereo)."""
     x = audio.decode(path, RATE, mono=False, max_seconds=max_seconds)
     audio.check_not_silent(x, path)
-    if x.shape[0] > 2:
-        raise LongcatError(f"{path}: {x.shape[0]} audio channels; vocal separation takes mono "
-                           "or stereo (downmix it, or pass --no-vocal-separation)")
+    audio.check_separable(x.shape[0], path)
     if x.shape[0] == 1:
         x = np.concatenate([x, x])
     return vocals_16k(separate(session, x, denoise), path)
