@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from longcat_tools import schemas
 from longcat_tools.checkpoint import layouts
 from longcat_tools.cli import main
+from longcat_tools.errors import LongcatError
 from longcat_tools.model import avatar
 from longcat_tools.verify import verify
 
@@ -343,3 +344,10 @@ def test_lora_refuses_misfit_on_avatar(avatar_copy, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "audio_proj.proj1" in err and f"{32}x{5 * 12 * 32}" in err
     assert not (av / "lora" / "x").exists()
+
+
+def test_a_weights_tree_is_named_with_the_folders_to_pass(avatar_trees):
+    """`-m` on the tree synth writes said only 'not a LongCat-Video checkpoint'."""
+    with pytest.raises(LongcatError, match=r"it holds LongCat-Video/, LongCat-Video-Avatar-1.5/: "
+                                           "pass one of those"):
+        layouts.detect_any(avatar_trees["avatar-1.5"])
