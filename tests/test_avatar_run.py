@@ -203,9 +203,6 @@ def test_short_audio_is_padded_with_silence_as_the_original(capsys, trees, media
      "--audio-mode mix: mixed speakers need audio of equal length (A 1.20 s, LONG 3.00 s)"),
     (["--task", "ai2v", "--image", "FACE", "--audio", "A", "--audio", "B"],
      "speaker region 2 covers no token of a 32x32 video"),
-    # recorded in the sidecar as used, while no CFG read it
-    (["--task", "at2v", "--audio", "A", "--guidance", "1", "--audio-guidance", "1",
-      "--negative-prompt", "bad"], "--negative-prompt: this run samples without CFG"),
 ])
 def test_option_misuse_is_one_line(capsys, trees, media, no_weights, args, message):
     names = {"A": media["a"], "B": media["b"], "SHORT": media["short"], "LONG": media["long"],

@@ -603,12 +603,7 @@ def _check_task_options(s: RunSettings) -> None:
     if s.task == "long" and s.video and s.latents_in:
         raise UsageError(f"--latents-in {s.latents_in}: a long run from --video samples no "
                          "first segment to start from them; drop one")
-    if s.negative_prompt is not None and s.task in AVATAR_TASKS:  # CFG on text or audio
-        if max(guidance_of(s.guidance, s.distill), guidance_of(s.audio_guidance, s.distill)) <= 1:
-            raise UsageError("--negative-prompt: this run samples without CFG (guidance and "
-                             "audio guidance 1, as --distill's), so nothing reads it; drop it, "
-                             "or give --guidance or --audio-guidance above 1")
-    elif (s.negative_prompt is not None
+    if (s.negative_prompt is not None and s.task not in AVATAR_TASKS
             and (s.task == "refine" or guidance_of(s.guidance, s.distill) <= 1.0)):
         raise UsageError("--negative-prompt: this run samples without CFG (guidance 1: "
                          "--distill's, or --task refine), so nothing reads it; drop it, or "
