@@ -231,8 +231,11 @@ def detect_any(root: str | Path) -> Checkpoint | AvatarCheckpoint:
     version = avatar_version(root)
     if version is not None:
         return AvatarCheckpoint(root, version, allowed)
-    inner = sorted(p.name for p in root.iterdir() if p.is_dir()  # a weights tree, as synth writes
-                   and (p.name == avatar.BASE_FOLDER or avatar_version(p) is not None))
+    try:  # a weights tree, as synth writes one: name the folders to pass
+        inner = sorted(p.name for p in root.iterdir() if p.is_dir()
+                       and (p.name == avatar.BASE_FOLDER or avatar_version(p) is not None))
+    except OSError:
+        inner = []
     hint = f"; it holds {', '.join(f'{n}/' for n in inner)}: pass one of those" if inner else ""
     raise LongcatError(f"{root}: not a LongCat-Video checkpoint (expected dit/ for the hub layout "
                        f"or transformer/ for the model_index.json layout){hint}")
