@@ -28,6 +28,7 @@ per-clip windows the tasks take (``audio_emb`` [speakers, frames, 5, S, C]).
 
 from __future__ import annotations
 
+import numbers
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,11 +86,14 @@ RELEASES = {"avatar-1.0": Release("wav2vec2", reencode_cond=False, distill_steps
 
 def dit_folder(version: avatar.AvatarVersion, speakers: int = 1, int8: bool = False) -> str:
     """The DiT folder a run loads: 1.0 by speaker count, 1.5 plain or INT8."""
+    if isinstance(speakers, bool) or not isinstance(speakers, numbers.Integral) or speakers < 1:
+        raise UsageError(f"speakers {speakers!r}: the number of speakers, 1 or more (0 loaded "
+                         "the two-speaker DiT)")
     if int8:
         if not version.int8_folder:
             raise LongcatError(f"{version.name} has no INT8 DiT (INT8 is avatar 1.5's)")
         return version.int8_folder
-    return version.dit_folders[min(speakers, len(version.dit_folders)) - 1]
+    return version.dit_folders[min(int(speakers), len(version.dit_folders)) - 1]
 
 
 def distill_sigmas_15(steps: int) -> torch.Tensor:
