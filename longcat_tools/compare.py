@@ -33,7 +33,7 @@ from longcat_tools.io.atomic import (
     real_path,
 )
 from longcat_tools.model import bounds
-from longcat_tools.runner.settings import comparable_settings
+from longcat_tools.runner.settings import sidecar_settings
 
 if TYPE_CHECKING:  # numpy and Pillow load when a comparison runs, not with the command line
     import numpy as np
@@ -79,10 +79,7 @@ class Item:
         as its type, so runs spread over cuda:0 and cuda:1 still pair; the checkpoint by its
         real path, however ``-m`` spelled it; ``--lora`` as the adapters and scales it
         applied; ``--precision`` as what it computed in)."""
-        made_from = self.sidecar.get("checkpoint")
-        return comparable_settings(self.sidecar["settings"], self.sidecar.get("adapters"),
-                                   made_from.get("path") if isinstance(made_from, dict) else None,
-                                   self.sidecar.get("precision"))
+        return sidecar_settings(self.sidecar)
 
     @property
     def bsa(self) -> str:

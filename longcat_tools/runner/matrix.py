@@ -10,6 +10,7 @@ Switching seed, prompt or BSA between items reloads nothing: BSA is a per-forwar
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -29,6 +30,7 @@ from longcat_tools.runner.settings import (
     input_stamps,
     run_precision,
     seed_matters,
+    sidecar_settings,
     spelled,
     validate,
 )
@@ -316,7 +318,6 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
     as they are now (``input_stamps``), with the latents file ``--save-latents`` asks for."""
     from longcat_tools.checkpoint import layouts
     from longcat_tools.runner.job import settings_record
-    from longcat_tools.runner.lora import run_adapters
 
     out = Path(item.settings.out)
     side = out.with_name(out.name + ".json")
@@ -340,18 +341,28 @@ def finished(item: Item, device: Any, stamp: str) -> bool:
             # a sidecar older than the stamps has none: right for a t2v, which reads no file
             and doc.get("inputs", {}) == input_stamps(item.settings)):
         return False
-    root, adapters = layouts.resolve_model(item.settings.model), None
-    if item.settings.lora is not None:
-        try:
-            adapters = [{"name": a.name, "scale": a.scale}
-                        for a in run_adapters(root, item.settings.lora)]
-        except LongcatError:
-            return False  # an adapter gone since: the run will say so
-    stored_fp8 = bool(getattr(layouts.detect_any(root), "is_fp8", False))
-    precision = run_precision(item.settings.precision, stored_fp8, want["dtype"])
-    return (comparable_settings(doc["settings"], doc.get("adapters"), made_from.get("path"),
-                                doc.get("precision"))
-            == comparable_settings(want, adapters, root, precision))
+    s = item.settings
+    root = layouts.resolve_model(s.model)
+    try:
+        adapters, stored_fp8 = _checkpoint_view(root, s.lora, stamp)
+    except LongcatError:
+        return False  # an adapter gone since: the run will say so
+    precision = run_precision(s.precision, stored_fp8, want["dtype"])
+    return sidecar_settings(doc) == comparable_settings(want, adapters, root, precision)
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_view(root: Path, lora: str | None, stamp: str
+                     ) -> tuple[list[dict[str, Any]] | None, bool]:
+    """What ``finished`` compares against, the same for every video of a matrix (the adapters
+    ``--lora`` resolves to, whether the DiT is stored in fp8): read once, not once a video and
+    twice on a resume. Keyed on the content stamp, so a changed checkpoint is read again."""
+    from longcat_tools.checkpoint import layouts
+    from longcat_tools.runner.lora import run_adapters
+
+    adapters = None if lora is None else [{"name": a.name, "scale": a.scale}
+                                          for a in run_adapters(root, lora)]
+    return adapters, bool(getattr(layouts.detect_any(root), "is_fp8", False))
 
 
 @spelled(FLAGS)

@@ -117,6 +117,15 @@ def comparable_settings(record: dict[str, Any], adapters: Any = None,
     return out
 
 
+def sidecar_settings(doc: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar's settings compared (``comparable_settings``) with what it records of the run:
+    the adapters, the checkpoint's path and the precision it computed in."""
+    made_from = doc.get("checkpoint")
+    return comparable_settings(doc["settings"], doc.get("adapters"),
+                               made_from.get("path") if isinstance(made_from, dict) else None,
+                               doc.get("precision"))
+
+
 def adapter_scales(adapters: Any) -> list[list[Any]] | None:
     """A sidecar's ``adapters`` as ``[[name, scale], ...]``; None where it is not a list of
     named, scaled entries (a sidecar from before the list, or edited by hand)."""
@@ -711,8 +720,12 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     for path in s.audio:
         try:
             if s.vocal_separation:  # refused by the separator, after the weights had loaded
-                audio.check_separable(audio.decode(path, mono=False).shape[0], path)
-            track = audio.load(path)
+                x = audio.decode(path, mono=False)
+                audio.check_separable(x.shape[0], path)
+                track = x.mean(axis=0)
+                audio.check_not_silent(track, path)
+            else:
+                track = audio.load(path)
         except LongcatError as e:
             raise type(e)(f"--audio {e}") from None
         lengths.append(len(track))
