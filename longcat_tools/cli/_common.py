@@ -31,14 +31,14 @@ def given_path(value: str) -> str:
 def plain_number(kind: type) -> Callable[[str], Any]:
     """A typer ``parser`` for an int or float option that refuses ``_`` between digits: Python
     reads '1_0' as 10, so a LoRA scale or a guidance typed that way ran ten times too strong."""
+    from longcat_tools.model.bounds import plain_number as read
+
     def parse(value: str) -> Any:
-        if "_" in str(value):
-            raise typer.BadParameter(f"'{value}' is not a plain number ('_' between digits "
-                                     "is not read as a separator)")
         try:
-            return kind(value)
+            return read(value, kind)
         except ValueError:
-            what = "an integer" if kind is int else "a number"
+            what = ("a plain number ('_' between digits is not read as a separator)"
+                    if "_" in str(value) else "an integer" if kind is int else "a number")
             raise typer.BadParameter(f"'{value}' is not {what}") from None
     parse.__name__ = kind.__name__  # the metavar typer derives from it
     return parse

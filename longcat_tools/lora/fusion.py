@@ -59,6 +59,7 @@ from longcat_tools.lora.registry import (
     summarize,
 )
 from longcat_tools.model import avatar, int8, keymap
+from longcat_tools.model.bounds import plain_number
 
 FUSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 FUSED_CONFIG_KEY = layouts.FUSED_CONFIG_KEY
@@ -162,9 +163,7 @@ def parse_adapter_list(spec: str, flag: str = "") -> list[tuple[str, float | Non
             raise UsageError(f"{said}: an empty adapter name or scale (NAME[:SCALE][,NAME...], "
                              "e.g. style:0.5,detail)")
         try:
-            if "_" in s:  # float() reads '1_0' as 10
-                raise ValueError
-            value = float(s) if s else None
+            value = plain_number(s) if s else None
         except ValueError:
             raise UsageError(f"{said}: the scale after ':' in '{part}' must be a number"
                              ) from None

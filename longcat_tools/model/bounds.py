@@ -73,6 +73,14 @@ def check_ratio(value: object, name: str, where: str) -> float:
     return value
 
 
+def plain_number(text: str, kind: type = float) -> int | float:
+    """``kind(text)``, refusing '_' between digits (ValueError): Python reads '1_0' as 10, so a
+    scale or a guidance typed so ran ten times too strong. Every number option reads so."""
+    if "_" in str(text):
+        raise ValueError(f"'{text}' is not a plain number")
+    return kind(text)
+
+
 def seed_state(seed: int) -> int:
     """The generator state a seed gives: torch takes a negative seed modulo 2**64, so -1 and
     2**64 - 1 make the same video (avatar 1.0 takes only 0 to 2**32 - 1)."""

@@ -131,9 +131,7 @@ def _numbers(text: str, option: str, kind: type, what: str, example: str) -> lis
     out = []
     for part in text.split(","):
         try:
-            if "_" in part:  # int() and float() read '1_0' as 10
-                raise ValueError
-            out.append(kind(part.strip()))
+            out.append(bounds.plain_number(part.strip(), kind))
         except ValueError:
             raise UsageError(f"{option} {text}: '{part.strip()}' is not {what} (a comma list "
                              f"such as {example})") from None
