@@ -403,6 +403,50 @@ def test_a_video_shorter_than_the_condition_is_refused_before_loading(
         assert rc == 1 and cap.err.strip() == "error: loading"
 
 
+def test_vc_refined_starts_with_the_whole_input_as_without_refine(capsys, tiny_native,
+                                                                   tmp_path):
+    """vc --refine wrote only the refined clip; stage 1 and the original's vc demo write the
+    whole input, then the new frames. Here a 30 fps input of 21 frames: stage 1 continues 5 of
+    them (read at 15 fps) by 8; refinement doubles the 13 to 26, its first 10 conditioned on the
+    input's last 10 at 30 fps: 21 + 16 frames."""
+    from longcat_tools.runner.video import read_video, write_mp4
+
+    ramp = np.linspace(0, 1, 21, dtype=np.float32)[:, None, None, None]
+    video = write_mp4(tmp_path / "in.mp4", np.broadcast_to(ramp, (21, 32, 32, 3)), 30)
+    out = tmp_path / "vc.mp4"
+    rc, cap = run(capsys, "-m", str(tiny_native), "--task", "vc", "--video", str(video), "-p",
+                  "a cat", *TINY[:4], "--frames", "13", "--steps", "2", "--cond-frames", "5",
+                  "--distill", "--refine", "--refine-height", "32", "--refine-width", "32",
+                  "--out", str(out))
+    assert rc == 0, cap.err
+    info = probe(out)
+    assert (info["frames"], info["fps"]) == (21 + 26 - 10, 30.0)
+    head = [np.asarray(f, np.float32).mean() / 255 for f in read_video(out)[0][:21]]
+    assert np.abs(np.array(head) - ramp.ravel()).max() < 0.02  # the input's frames, in order
+
+
+def test_vc_refine_needs_its_condition_frames_before_loading(capsys, tiny_native, tmp_path,
+                                                            monkeypatch):
+    """9 frames at 30 fps hold vc's 5 condition frames read at 15 fps, but not the 10 the
+    refinement takes at 30 fps: it failed after the whole first stage."""
+    from longcat_tools.runner import job
+    from longcat_tools.runner.video import write_mp4
+
+    def loaded(*_a, **_k):
+        raise LongcatError("loading")
+
+    monkeypatch.setattr(job, "load_pipeline", loaded)
+    video = write_mp4(tmp_path / "in.mp4", np.zeros((9, 32, 32, 3), np.float32), 30)
+    rc, cap = run(capsys, "-m", str(tiny_native), "--task", "vc", "--video", str(video), "-p",
+                  "a cat", *TINY[:4], "--frames", "13", "--cond-frames", "5", "--distill",
+                  "--refine", "--out", str(tmp_path / "x.mp4"))
+    assert rc == 2 and "9 frames at 30 fps; --refine conditions on the last 10" in cap.err
+    rc, cap = run(capsys, "-m", str(tiny_native), "--task", "vc", "--video", str(video), "-p",
+                  "a cat", *TINY[:4], "--frames", "13", "--cond-frames", "5", "--distill",
+                  "--refine", "--spatial-refine-only", "--out", str(tmp_path / "x.mp4"))
+    assert rc == 1 and cap.err.strip() == "error: loading"  # 5 frames at 15 fps: it holds
+
+
 def test_resolution_beside_an_explicit_size_is_refused(tiny_native, tmp_path, capsys):
     """--resolution 720p with --height/--width made the same video as without it, exit 0, and
     the sidecar said 720p."""
@@ -766,3 +810,21 @@ def test_a_setting_that_would_do_nothing_is_refused(capsys, tiny_native, t2v_mp4
     rc, cap = run(capsys, "-m", str(tiny_native), "-p", "a cat", "--video", str(t2v_mp4),
                   *[names.get(a, a) for a in args], "--out", str(tmp_path / "x.mp4"))
     assert rc == 2 and says in cap.err and cap.err.count("\n") == 1, cap.err
+
+
+def test_a_long_sidecar_says_what_each_stage_ran(capsys, tiny_native, tmp_path):
+    """The long sidecar held only segment and frame counts: no steps, guidance or size, and
+    `loras` [] on a distilled run. Now each stage's entry, and `step_s` splits by them."""
+    out = tmp_path / "long.mp4"
+    rc, cap = run(capsys, "-m", str(tiny_native), "--task", "long", "-p", "a cat", *TINY,
+                  "--cond-frames", "5", "--segments", "1", "--distill", "--refine",
+                  "--refine-height", "32", "--refine-width", "32", "--out", str(out))
+    assert rc == 0, cap.err
+    doc = json.loads(out.with_name("long.mp4.json").read_text())
+    first, cont, final = doc["final"]["first"], doc["final"]["continuation"], doc["final"]
+    assert (first["steps"], first["guidance"], first["height"]) == (2, 1.0, 32)
+    assert first["loras"] == cont["loras"] == ["distilled"] and cont["num_cond_frames"] == 5
+    assert doc["loras"] == ["refinement"] and final["refine"]["loras"] == ["refinement"]
+    assert doc["bsa"] is not None  # refinement runs BSA
+    assert len(doc["step_s"]) == first["steps"] + final["segments"] * cont["steps"] \
+        + final["windows"] * final["refine"]["steps"]

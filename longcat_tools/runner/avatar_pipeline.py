@@ -28,7 +28,9 @@ per-clip windows the tasks take (``audio_emb`` [speakers, frames, 5, S, C]).
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,7 @@ from longcat_tools.runner.pipeline import (
 from longcat_tools.runner.settings import (
     AVATAR_DISTILL_NAME,
     LOAD_RENAMES,
+    MAX_SPEAKERS,
     check_avatar_files,
     check_offload,
     guidance_of,
@@ -153,7 +156,12 @@ class DrivingAudio:
         frame."""
         from longcat_tools.runner.audio_encoders import clip_windows
 
-        return clip_windows(self.embeddings, start_frame * self.stride, num_frames, self.stride)
+        for name, value, least in (("start_frame", start_frame, 0), ("num_frames", num_frames, 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+                    or value < least:
+                raise UsageError(f"clip({name}={value!r}): a whole number, at least {least}")
+        return clip_windows(self.embeddings, int(start_frame) * self.stride, int(num_frames),
+                            self.stride)
 
 
 class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
@@ -251,15 +259,27 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         return pipe
 
     # ---- audio -----------------------------------------------------------------------------
-    def audio_from_files(self, paths: list[str], mode: str = "mix", separate: bool = True,
-                         seconds: float = 0.0, seed: int = 42) -> DrivingAudio:
-        """Each speaker's embedding from audio files: the vocals (``separate``: through
-        ``vocal_separator/``; else the decoded file), arranged (``mode``, several speakers),
-        padded with silence up to ``seconds`` as the original does, embedded with this
-        release's encoder (1.0's noise floor seeded with ``seed``). The muxed track is the raw
-        files arranged the same way."""
+    def audio_from_files(self, paths: str | Path | Sequence[str | Path], mode: str = "mix",
+                         separate: bool = True, seconds: float = 0.0,
+                         seed: int = 42) -> DrivingAudio:
+        """Each speaker's embedding from audio files (one path, or one a speaker): the vocals
+        (``separate``: through ``vocal_separator/``; else the decoded file), arranged
+        (``mode``, several speakers), padded with silence up to ``seconds`` as the original
+        does, embedded with this release's encoder (1.0's noise floor seeded with ``seed``).
+        The muxed track is the raw files arranged the same way."""
         from longcat_tools.runner import audio, audio_tracks, vocal_separation
 
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths or not all(isinstance(p, (str, Path)) for p in paths):
+            raise UsageError("audio_from_files: give one audio file's path, or a list of one "
+                             "path a speaker")
+        if len(paths) > MAX_SPEAKERS:
+            raise UsageError(f"audio_from_files: {len(paths)} files; at most {MAX_SPEAKERS} "
+                             "speakers")
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) \
+                or not math.isfinite(seconds) or seconds < 0:
+            raise UsageError(f"audio_from_files(seconds={seconds!r}): the video's length in "
+                             "seconds, 0 or more")
         if self.audio_encoder is None:
             raise LongcatError("the pipeline was loaded without its audio encoder (audio=False)")
         with self.reporter.stage("audio"):

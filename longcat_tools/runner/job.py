@@ -45,6 +45,7 @@ from longcat_tools.runner.settings import (
     source_stride,
     spelled,
     validate,
+    vc_refine_condition,
 )
 
 __all__ = ["RunSettings", "run_job", "validate"]
@@ -103,16 +104,21 @@ def _i2v(j: Job) -> tuple[Result, np.ndarray]:
     return r, r.frames
 
 
+def after_input(src: list[Image.Image], frames: np.ndarray, ncf: int) -> np.ndarray:
+    """A continuation's video as the original's demos write it: the whole input (resized to the
+    output's size), then the frames after the ``ncf`` condition frames."""
+    size = (frames.shape[2], frames.shape[1])
+    head = np.stack([np.asarray(f.convert("RGB").resize(size, Image.BICUBIC))
+                     for f in src]).astype(np.float32) / 255.0
+    return np.concatenate([head, frames[ncf:]])
+
+
 def _vc(j: Job) -> tuple[Result, np.ndarray]:
-    """The output starts with the input's own condition frames (resized), then the new ones."""
     s, src, ncf = j.s, j.source(CONTINUE_FPS), j.cond_frames
     r = j.pipe.vc(src, resolution=s.resolution, height=s.height, width=s.width,
                   num_cond_frames=ncf, use_kv_cache=s.kv_cache,
                   offload_kv_cache=s.offload_kv_cache, enhance_hf=s.enhance_hf, **j.common())
-    out_size = (r.frames.shape[2], r.frames.shape[1])
-    head = np.stack([np.asarray(f.convert("RGB").resize(out_size, Image.BICUBIC))
-                     for f in src]).astype(np.float32) / 255.0
-    return r, np.concatenate([head, r.frames[ncf:]])
+    return r, after_input(src, r.frames, ncf)
 
 
 def _long(j: Job) -> tuple[Result, np.ndarray]:
@@ -179,22 +185,24 @@ def _avc(j: Job) -> tuple[Result, np.ndarray]:
                    num_cond_frames=ncf, use_kv_cache=s.kv_cache,
                    offload_kv_cache=s.offload_kv_cache, enhance_hf=s.enhance_hf,
                    **_avatar(j, seconds, len(src) - ncf, src[0].size))
-    out_size = (r.frames.shape[2], r.frames.shape[1])
-    head = np.stack([np.asarray(f.convert("RGB").resize(out_size, Image.BICUBIC))
-                     for f in src]).astype(np.float32) / 255.0
-    return r, np.concatenate([head, r.frames[ncf:]])
+    return r, after_input(src, r.frames, ncf)
 
 
 TASK_RUNS: dict[str, Callable[[Job], tuple[Result, np.ndarray]]] = {
     "t2v": _t2v, "i2v": _i2v, "vc": _vc, "long": _long, "refine": _refine,
     "at2v": _at2v, "ai2v": _ai2v, "avc": _avc}
 
+
+def _vc_refine_condition(j: Job) -> dict[str, Any]:
+    fps, frames = vc_refine_condition(j.s)
+    return {"video": j.source(fps), "num_cond_frames": frames}
+
+
 # --refine after these tasks: the condition the refinement stage gets (long refines by itself).
 REFINE_CONDITION: dict[str, Callable[[Job], dict[str, Any]]] = {
     "t2v": lambda j: {},
     "i2v": lambda j: {"image": j.image, "num_cond_frames": 1},
-    "vc": lambda j: {"video": j.source(30), "num_cond_frames": j.cond_frames
-                     if j.s.spatial_refine_only else 2 * j.cond_frames},
+    "vc": _vc_refine_condition,
 }
 
 
@@ -334,11 +342,12 @@ def run_video(s: RunSettings, root: Path, pipe: LongCatVideoPipeline, reporter: 
     if s.refine and s.task in REFINE_CONDITION:
         say("refine: 720p with the refinement LoRA and BSA")
         stage1 = [Image.fromarray(f) for f in (r.frames * 255).astype(np.uint8)]
+        cond = REFINE_CONDITION[s.task](job)
         r = pipe.refine(stage1, s.prompt, height=s.refine_height, width=s.refine_width,
                         t_thresh=s.t_thresh, spatial_refine_only=s.spatial_refine_only,
-                        generator=job.generator, bsa=s.bsa, lora_scale=s.lora_scale,
-                        **REFINE_CONDITION[s.task](job))
-        frames = r.frames
+                        generator=job.generator, bsa=s.bsa, lora_scale=s.lora_scale, **cond)
+        frames = after_input(cond["video"], r.frames, cond["num_cond_frames"]) \
+            if s.task == "vc" else r.frames  # as at stage 1 (the original's vc demo too)
         _check_finite(frames)
     fps = s.fps or r.fps
     out = Path(s.out)

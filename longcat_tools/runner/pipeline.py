@@ -47,6 +47,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
+from longcat_tools.checkpoint import layouts
 from longcat_tools.checkpoint.layouts import LORA_DISTILL, LORA_REFINE
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.model import chunks, dtypes
@@ -103,6 +104,37 @@ def one_generator(key: str, value: Any) -> torch.Generator | None:
     return value
 
 
+# Tensor keywords of the task methods: given, each must be a finite torch.Tensor (numpy arrays
+# failed deep inside; NaN audio or latents made NaN frames without a word).
+TENSOR_ARGS = ("latents", "audio_emb", "video_latent", "ref_latent", "ref_target_masks")
+
+
+def check_tensors(arguments: dict[str, Any]) -> None:
+    """One line for a tensor keyword that is not a torch.Tensor, or holds NaN or Inf."""
+    for name in TENSOR_ARGS:
+        value = arguments.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            hint = " (torch.from_numpy)" if isinstance(value, np.ndarray) else ""
+            raise UsageError(f"{name}=: expected a torch.Tensor{hint}, not "
+                             f"{type(value).__name__}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UsageError(f"{name}=: holds NaN or Inf values")
+
+
+def refuse_avatar(source: Path) -> None:
+    """The base pipeline given an avatar folder: name the class that loads it (the loader's own
+    refusal speaks of commands)."""
+    try:
+        found = layouts.detect_any(source)
+    except LongcatError:
+        return  # resolve_checkpoint says what is wrong
+    if isinstance(found, layouts.AvatarCheckpoint):
+        raise LongcatError(f"{source}: is a {found.describe()} checkpoint; load it with "
+                           "LongCatVideoAvatarPipeline.from_pretrained")
+
+
 def validated(method: TaskMethod) -> TaskMethod:
     """A task method that first checks its options with ``settings.validate`` (the same checks
     as the command line's), so bad values stop before any work with one clear line."""
@@ -123,6 +155,7 @@ def validated(method: TaskMethod) -> TaskMethod:
             if key in call.arguments:
                 call.arguments[key] = one_generator(key, call.arguments[key])
         plain_scalars(call.arguments)
+        check_tensors(call.arguments)
         s = from_call(method.__name__, call.arguments)
         validate(s, inputs=False)
         self.check_fused(s, scale_given=call.arguments.get("lora_scale") is not None)
@@ -372,7 +405,6 @@ class LongCatVideoPipeline(DiffusionPipeline):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         from longcat_tools.checkpoint.hub import resolve_source
-        from longcat_tools.checkpoint.layouts import fused_scale
         from longcat_tools.runner import offload as off
         from longcat_tools.runner.loading import empty_transformer, finish_loading
 
@@ -381,7 +413,9 @@ class LongCatVideoPipeline(DiffusionPipeline):
         check_offload(offload, device)
         te_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
         swap = offload in ("dit", "all")
-        ckpt = resolve_checkpoint(resolve_source(pretrained_model_name_or_path))
+        source = resolve_source(pretrained_model_name_or_path)
+        refuse_avatar(source)
+        ckpt = resolve_checkpoint(source)
         root = ckpt.root
         dtype = parse_dtype(torch_dtype or "fp32")
         te_dtype = dtype if text_encoder_dtype is None else dtypes.parse(
@@ -429,7 +463,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
         pipe.root, pipe.layout, pipe.run_device = root, ckpt.describe(), device
         cfg = ckpt.config()
         pipe.fused_scales = {n: sc for n in (LORA_DISTILL, LORA_REFINE)
-                             if (sc := fused_scale(cfg, "name", n)) is not None}
+                             if (sc := layouts.fused_scale(cfg, "name", n)) is not None}
         pipe.reporter = rep
         pipe.offload_text_encoder = te_home is not None
         pipe.cp = cp
@@ -1022,12 +1056,16 @@ class LongCatVideoPipeline(DiffusionPipeline):
                    for f in (out.frames * 255).astype(np.uint8)]
             all_frames.extend(new[num_cond_frames:])
             segment, last = new, out.latents
-        info = {"segments": num_segments, "stage1_frames": len(all_frames)}
+        # what each stage ran (step_s lists the first video's steps, then each segment's, then
+        # each refined window's); the adapters and BSA of the last stage, as other tasks give
+        info = {"segments": num_segments, "stage1_frames": len(all_frames),
+                "first": None if video is not None else first.info, "continuation": out.info,
+                **self.last_run}
         if not refine:
             frames = np.stack([np.asarray(f) for f in all_frames]).astype(np.float32) / 255.0
             return Result(frames, last, 15, info)
         refined: list[np.ndarray] = []
-        cond_video, cond_n, start = None, 0, 0
+        cond_video, cond_n, start, windows = None, 0, 0, 0
         ngen = self.generator(seed)
         while start == 0 or start + num_cond_frames < len(all_frames):
             window = all_frames[start:start + num_frames]
@@ -1040,6 +1078,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
             cond_video = win
             cond_n = num_cond_frames if spatial_refine_only else 2 * num_cond_frames
             start += num_frames - num_cond_frames
-        info["refined_frames"] = len(refined)
+            windows += 1
+        info.update(refined_frames=len(refined), windows=windows, refine=r.info, **self.last_run)
         return Result(np.stack(refined).astype(np.float32) / 255.0, r.latents,
                       15 if spatial_refine_only else 30, info)

@@ -880,7 +880,10 @@ def _check_inputs(s: RunSettings) -> InputFiles:
             raise type(e)(f"--video {e}") from None
         video_size = (info["width"], info["height"])
         if s.task in ("vc", "avc", "long"):
-            _check_cond_frames(s, info, _continue_fps(s, ckpt))
+            _check_cond_frames(s, info, _continue_fps(s, ckpt), s.num_cond_frames
+                               or DEFAULT_COND_FRAMES, f"--task {s.task} continues from")
+        if s.task == "vc" and s.refine:  # found after the whole first stage
+            _check_cond_frames(s, info, *vc_refine_condition(s), "--refine conditions on")
     return InputFiles(dims, image_size, video_size)
 
 
@@ -915,20 +918,27 @@ def source_stride(in_fps: float | None, fps: float) -> int:
     return max(1, round(in_fps / fps)) if in_fps else 1
 
 
-def _check_cond_frames(s: RunSettings, info: dict[str, Any], fps: float) -> None:
-    """The input video holds the condition frames, read as the job reads them (every n-th frame
-    at ``fps``, ``job.Job.source``): by decoding just that many."""
+def vc_refine_condition(s: RunSettings) -> tuple[float, int]:
+    """vc with --refine: the rate the refinement reads the input video at and how many of its
+    last frames condition it, those the refined video starts with (twice stage 1's, at twice
+    its rate, unless --spatial-refine-only)."""
+    cond = s.num_cond_frames or DEFAULT_COND_FRAMES
+    return (CONTINUE_FPS, cond) if s.spatial_refine_only else (2 * CONTINUE_FPS, 2 * cond)
+
+
+def _check_cond_frames(s: RunSettings, info: dict[str, Any], fps: float, cond: int,
+                       use: str) -> None:
+    """The input video holds ``cond`` condition frames, read as the job reads them (every n-th
+    frame at ``fps``, ``job.Job.source``): by decoding just that many."""
     from longcat_tools.runner import video as vio
 
-    cond = s.num_cond_frames or DEFAULT_COND_FRAMES
     stride = source_stride(info.get("fps"), fps)
     need = (cond - 1) * stride + 1
     got = vio.probe(s.video, max_frames=need)["frames"] if need > 1 else 1
     if got is not None and got < need:
         have = (got - 1) // stride + 1 if got else 0
-        raise UsageError(f"--video {s.video}: {have} frames at {fps:g} fps; --task {s.task} "
-                         f"continues from the last {cond} (--cond-frames): give a longer video "
-                         "or a smaller --cond-frames (4k+1)")
+        raise UsageError(f"--video {s.video}: {have} frames at {fps:g} fps; {use} the last "
+                         f"{cond}: give a longer video or a smaller --cond-frames (4k+1)")
 
 
 def _check_not_inputs(outputs: list[tuple[str, str | None]],
