@@ -87,3 +87,57 @@ def test_tensor_arguments_are_finite_torch_tensors(pipe, clip, change, message, 
 def test_the_base_pipeline_names_the_avatar_class(folder):
     with pytest.raises(LongcatError, match="load it with LongCatVideoAvatarPipeline"):
         LongCatVideoPipeline.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def pipe10(avatar_trees):
+    return LongCatVideoAvatarPipeline.from_pretrained(
+        avatar_trees["avatar-1.0"] / avatar.VERSIONS["avatar-1.0"].folder, audio=False)
+
+
+def test_seconds_beyond_the_audio_limit_are_refused(pipe, wav):
+    with pytest.raises(UsageError, match="seconds=1000000.0.*0 to 600"):  # a 119 GiB array
+        pipe.audio_from_files([wav], seconds=1e6)
+
+
+def clips(clip: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"clip": clip, "clip5": clip[:, :5], "three": torch.cat([clip] * 3),
+            "two": torch.cat([clip] * 2)}
+
+
+@pytest.mark.parametrize("which, kw, message", [
+    ("clip5", {}, "audio_emb covers 5 video frames, the clip has 9"),
+    ("three", {}, "audio_emb has 3 speakers; at most 2"),
+    ("two", {"ref_target_masks": torch.ones(2, 32, 32)},
+     r"ref_target_masks has 2 regions; 2 speaker\(s\) need 3"),
+    ("clip", {"ref_target_masks": torch.ones(32, 32)},
+     r"ref_target_masks: \[regions, height, width\]"),
+    ("clip", {"image": "face.png"}, "image: a PIL image expected, not str"),
+])
+def test_ai2v_checks_its_audio_masks_and_image(pipe, clip, which, kw, message, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(pipe, "encode_text", lambda *a: pytest.fail("work began"))
+    kw = {"image": Image.new("RGB", (32, 32)), **SMALL, **kw}
+    with pytest.raises(UsageError, match=message):
+        pipe.ai2v(audio_emb=clips(clip)[which], prompt="a man talks", **kw)
+
+
+@pytest.mark.parametrize("which, kw, message", [
+    ("clip5", {"use_kv_cache": True}, "audio_emb covers 5 video frames"),  # ran misaligned
+    ("clip", {"ref_latent": torch.zeros(1, 16, 1, 2, 2)}, "ref_latent has shape"),
+    ("clip", {"mask_frame_range": -1}, "mask_frame_range=-1: a whole number, 0 or more"),
+    ("clip", {"ref_img_index": "x"}, "ref_img_index='x': a whole number"),
+])
+def test_avc_checks_its_audio_and_reference(pipe, clip, which, kw, message, monkeypatch):
+    monkeypatch.setattr(pipe, "encode_text", lambda *a: pytest.fail("work began"))
+    video = np.zeros((9, 32, 32, 3), np.uint8)
+    with pytest.raises(UsageError, match=message):
+        pipe.avc(video, clips(clip)[which], "a man talks", num_cond_frames=5, **SMALL, **kw)
+
+
+def test_10_refuses_a_lora_scale_it_has_no_lora_for(pipe10, clip, monkeypatch):
+    """1.0 ships no LoRA: lora_scale=0.1 gave latents equal to the run without it."""
+    monkeypatch.setattr(pipe10, "encode_text", lambda *a: pytest.fail("work began"))
+    with pytest.raises(UsageError, match="lora_scale=0.1: this run activates no LoRA"):
+        pipe10.at2v(clip, "a man talks", distill=True, lora_scale=0.1, **SMALL)

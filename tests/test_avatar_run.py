@@ -272,12 +272,13 @@ def test_a_link_out_of_the_folder_is_refused_before_any_weights(capsys, avatar_c
         outside.rename(path)
 
 
-@pytest.mark.parametrize("speakers", [0, -1, "2", True, 1.5])
-def test_a_speaker_count_that_is_not_one_or_more_is_refused(speakers):
-    """speakers=0 loaded the two-speaker DiT without a word; '2' failed with a TypeError."""
+@pytest.mark.parametrize("speakers", [0, -1, 3, "2", True, 1.5])
+def test_a_speaker_count_that_is_not_one_or_two_is_refused(speakers):
+    """speakers=0 and 3 loaded the two-speaker DiT without a word; '2' failed with a
+    TypeError."""
     from longcat_tools.errors import UsageError
     from longcat_tools.model import avatar
 
-    with pytest.raises(UsageError, match="the number of speakers, 1 or more"):
+    with pytest.raises(UsageError, match="the number of speakers, 1 or 2"):
         avatar_pipeline.dit_folder(avatar.VERSIONS["avatar-1.0"], speakers)
     assert avatar_pipeline.dit_folder(avatar.VERSIONS["avatar-1.0"], np.int64(2)) == "avatar_multi"

@@ -13,6 +13,7 @@ from runner_layouts import lora_to_fastvideo, make_layout
 
 from longcat_tools.errors import LongcatError
 from longcat_tools.runner import load_transformer
+from longcat_tools.runner.attention import BSAParams
 from longcat_tools.runner.compare import forward_check, probe_inputs
 from longcat_tools.runner.dit import LongCatTransformer3DModel
 from longcat_tools.runner.lora import read_tensors
@@ -206,8 +207,8 @@ def test_bsa_keeping_every_chunk_is_dense_and_sparsity_changes_output(tiny_nativ
     dit = load_transformer(tiny_native)
     x, t, y, mask = _inputs(dit, frames=4)
     dense = dit(x, t, y, mask, num_cond_latents=2)
-    dit.enable_bsa({"sparsity": 0.0, "chunk_3d_shape_q": [2, 2, 2],
-                    "chunk_3d_shape_k": [2, 2, 2]})
+    # sparsity 0 (every key chunk kept) is outside what a config or enable_bsa takes (0, 1)
+    dit.bsa = BSAParams(sparsity=0.0, cdf_threshold=None, chunk_q=(2, 2, 2), chunk_k=(2, 2, 2))
     torch.testing.assert_close(dit(x, t, y, mask, num_cond_latents=2), dense, rtol=1e-5,
                                atol=1e-5)
     dit.enable_bsa({"sparsity": 0.75, "chunk_3d_shape_q": [2, 2, 2],

@@ -10,13 +10,15 @@ an ``AttnSettings`` argument of the forward, never as state shared between modul
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
 
 from longcat_tools import kernels
-from longcat_tools.errors import LongcatError
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.kernels import fp8 as fp8_ops
 from longcat_tools.model import bsa_presets, chunks
 from longcat_tools.runner.context_parallel import ContextParallel
@@ -37,10 +39,33 @@ class BSAParams:
 
     @classmethod
     def from_config(cls, params: dict[str, Any] | None) -> BSAParams:
-        """Fields the config leaves out take the default preset's value."""
+        """Fields the config leaves out take the default preset's value; the result is checked
+        as a config's ``bsa_params`` is (an unknown key was ignored, a sparsity of 1.5 failed
+        in the kernel's reference)."""
         p = {**_DEFAULT, **(params or {})}
+        _check_config(p)
         return cls(sparsity=p["sparsity"], cdf_threshold=p["cdf_threshold"],
                    chunk_q=tuple(p["chunk_3d_shape_q"]), chunk_k=tuple(p["chunk_3d_shape_k"]))
+
+    def config(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, "cdf_threshold": self.cdf_threshold,
+                "chunk_3d_shape_q": list(self.chunk_q), "chunk_3d_shape_k": list(self.chunk_k)}
+
+
+def _check_config(params: dict[str, Any]) -> None:
+    from longcat_tools.bsa.config import param_errors
+
+    if errors := param_errors({"bsa_params": params}):
+        raise UsageError(f"bsa: {errors[0]}")
+    for key in ("sparsity", "cdf_threshold"):  # NaN passes the schema's bounds
+        if isinstance(params[key], float) and not math.isfinite(params[key]):
+            raise UsageError(f"bsa: bsa_params/{key}: {params[key]} is not a number in range")
+
+
+@functools.cache
+def _checked(params: BSAParams) -> BSAParams:
+    _check_config(params.config())
+    return params
 
 
 # What a run asks for: a ``BSA_CHOICES`` name, None (= "config"), True/False (= "on"/"off"),
@@ -72,7 +97,7 @@ def resolve_bsa(setting: BSASetting, model_default: BSAParams | None,
     if isinstance(setting, str):
         p = bsa_presets.PRESETS[setting]
         return BSAParams.from_config(p.params) if p.enable_bsa and p.params else None
-    return setting if isinstance(setting, BSAParams) else BSAParams.from_config(setting)
+    return _checked(setting) if isinstance(setting, BSAParams) else BSAParams.from_config(setting)
 
 
 def kept_chunks(token_grid: tuple[int, int, int], bsa: BSAParams) -> int | None:

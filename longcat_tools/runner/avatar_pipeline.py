@@ -28,7 +28,6 @@ per-clip windows the tasks take (``audio_emb`` [speakers, frames, 5, S, C]).
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -44,6 +43,7 @@ from PIL import Image
 from longcat_tools.errors import LongcatError, UsageError, refuse_empty
 from longcat_tools.model import avatar
 from longcat_tools.runner import schedule
+from longcat_tools.runner.audio_filters import NOISE_SEEDS
 from longcat_tools.runner.pipeline import (
     DEFAULT_NEGATIVE_PROMPT,
     LORA_DISTILL,
@@ -53,6 +53,7 @@ from longcat_tools.runner.pipeline import (
     Result,
     prepare_vae,
     quiet_libraries,
+    rgb_image,
     to_pil_frames,
     validated,
 )
@@ -89,9 +90,10 @@ RELEASES = {"avatar-1.0": Release("wav2vec2", reencode_cond=False, distill_steps
 
 def dit_folder(version: avatar.AvatarVersion, speakers: int = 1, int8: bool = False) -> str:
     """The DiT folder a run loads: 1.0 by speaker count, 1.5 plain or INT8."""
-    if isinstance(speakers, bool) or not isinstance(speakers, numbers.Integral) or speakers < 1:
-        raise UsageError(f"speakers {speakers!r}: the number of speakers, 1 or more (0 loaded "
-                         "the two-speaker DiT)")
+    if isinstance(speakers, bool) or not isinstance(speakers, numbers.Integral) \
+            or not 1 <= speakers <= MAX_SPEAKERS:
+        raise UsageError(f"speakers {speakers!r}: the number of speakers, 1 or {MAX_SPEAKERS} "
+                         "(0 and 3 loaded the two-speaker DiT)")
     if int8:
         if not version.int8_folder:
             raise LongcatError(f"{version.name} has no INT8 DiT (INT8 is avatar 1.5's)")
@@ -277,9 +279,13 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
             raise UsageError(f"audio_from_files: {len(paths)} files; at most {MAX_SPEAKERS} "
                              "speakers")
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) \
-                or not math.isfinite(seconds) or seconds < 0:
+                or not 0 <= seconds <= audio.MAX_SECONDS:
             raise UsageError(f"audio_from_files(seconds={seconds!r}): the video's length in "
-                             "seconds, 0 or more")
+                             f"seconds, 0 to {audio.MAX_SECONDS:g}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or (
+                self.release.encoder == "wav2vec2" and seed not in NOISE_SEEDS):
+            raise UsageError(f"audio_from_files(seed={seed!r}): a whole number (1.0's noise "
+                             "floor: numpy's RandomState, 0 to 2**32 - 1)")
         if self.audio_encoder is None:
             raise LongcatError("the pipeline was loaded without its audio encoder (audio=False)")
         with self.reporter.stage("audio"):
@@ -347,12 +353,16 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
                                      device=self.device)
         return self.scheduler.timesteps
 
-    def _lora(self, distill: bool) -> str | None:
+    def _lora(self, distill: bool, lora_scale: float | None) -> str | None:
         """The release's distillation LoRA when distilling (read once). 1.0 ships none: there
         ``distill`` changes only the schedule, as the original's ``use_distill`` does (the CLI
         refuses ``--distill`` on 1.0, since nothing distilled exists for it)."""
         lora = avatar.VERSIONS[self.version].lora
         if not distill or lora is None or LORA_DISTILL in self.fused_scales:
+            if lora_scale not in (None, 1.0) and LORA_DISTILL not in self.fused_scales:
+                raise UsageError(f"lora_scale={lora_scale}: this run activates no LoRA ("
+                                 + ("distill=True loads the DMD LoRA)" if lora else
+                                    f"{self.version} ships none)"))
             return None
         if LORA_DMD not in self.transformer.lora_registry:
             if self.dmd_path is None or not self.dmd_path.is_file():
@@ -362,14 +372,35 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
             self.transformer.load_lora(str(self.dmd_path), LORA_DMD)
         return LORA_DMD
 
-    def _audio_in(self, audio_emb: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    def _audio_in(self, audio_emb: torch.Tensor, masks: torch.Tensor | None,
+                  num_frames: int) -> torch.Tensor:
+        """The clip's audio on the device: one window a video frame of the clip (avc's KV cache
+        path took a shorter clip without a word), one region a speaker plus the background."""
         if audio_emb is None or audio_emb.dim() != 5:
-            raise LongcatError("audio_emb must be [speakers, frames, window, blocks, channels] "
-                               "(DrivingAudio.clip)")
-        if audio_emb.shape[0] > 1 and masks is None:
-            raise LongcatError(f"audio_emb has {audio_emb.shape[0]} speakers: several speakers "
-                               "need ref_target_masks (ai2v or avc)")
+            raise UsageError("audio_emb must be [speakers, frames, window, blocks, channels] "
+                             "(DrivingAudio.clip)")
+        speakers, frames = audio_emb.shape[:2]
+        if frames != num_frames:
+            raise UsageError(f"audio_emb covers {frames} video frames, the clip has {num_frames}"
+                             f": pass audio.clip(start, {num_frames})")
+        if speakers > MAX_SPEAKERS:
+            raise UsageError(f"audio_emb has {speakers} speakers; at most {MAX_SPEAKERS}")
+        if speakers > 1 and masks is None:
+            raise UsageError(f"audio_emb has {speakers} speakers: several speakers need "
+                             "ref_target_masks (ai2v or avc)")
+        if masks is not None and masks.shape[0] != speakers + 1:
+            raise UsageError(f"ref_target_masks has {masks.shape[0]} regions; {speakers} "
+                             f"speaker(s) need {speakers + 1} (each speaker's, then the "
+                             "background: speaker_masks)")
         return audio_emb.to(self.device)
+
+    def _masks(self, masks: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
+        if masks is None:
+            return None
+        if masks.dim() != 3:
+            raise UsageError(f"ref_target_masks: [regions, height, width] expected, not "
+                             f"{list(masks.shape)} (speaker_masks makes them)")
+        return fit_masks(masks, height, width).to(self.device)
 
     def _denoise_avatar(self, latents: torch.Tensor, timesteps: torch.Tensor, text, mask,
                         audio: torch.Tensor, tg: float, ag: float, n_cond: int = 0,
@@ -451,10 +482,10 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
              latents: torch.Tensor | None = None, decode: bool = True,
              lora_scale: float | None = None) -> Result:
         """Text and audio to video (one speaker). ``audio_emb`` [1, num_frames, 5, S, C]."""
-        audio = self._audio_in(audio_emb, None)
+        audio = self._audio_in(audio_emb, None, num_frames)
         steps, tg, ag = self._steps(distill, steps, guidance, audio_guidance)
         gen = generator if generator is not None else self.generator(seed)
-        with self.adapters(self._lora(distill), lora_scale):
+        with self.adapters(self._lora(distill, lora_scale), lora_scale):
             text, mask = self.encode_text(prompt, negative_prompt, tg > 1.0 or ag > 1.0)
             timesteps = self._schedule(steps, distill)
             shape = self._latent_shape(height, width, num_frames)
@@ -476,13 +507,13 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         ``ref_target_masks`` [3, H, W] at the image's size (``speaker_masks``)."""
         if image is None:
             raise LongcatError("task ai2v needs an input image (--image FILE)")
+        image = rgb_image(image)  # as i2v: a str, an array or an empty image failed deep inside
         height, width = self._size_for(image, resolution, height, width)
-        masks = None if ref_target_masks is None else \
-            fit_masks(ref_target_masks, height, width).to(self.device)
-        audio = self._audio_in(audio_emb, masks)
+        masks = self._masks(ref_target_masks, height, width)
+        audio = self._audio_in(audio_emb, masks, num_frames)
         steps, tg, ag = self._steps(distill, steps, guidance, audio_guidance)
         gen = generator if generator is not None else self.generator(seed)
-        with self.adapters(self._lora(distill), lora_scale):
+        with self.adapters(self._lora(distill, lora_scale), lora_scale):
             text, mask = self.encode_text(prompt, negative_prompt, tg > 1.0 or ag > 1.0)
             timesteps = self._schedule(steps, distill)
             shape = self._latent_shape(height, width, num_frames)
@@ -516,23 +547,33 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         if len(frames_in) < num_cond_frames:
             raise LongcatError(f"the input video has {len(frames_in)} frames; avc continues "
                                f"from the last {num_cond_frames}")
+        for name, value, least in (("ref_img_index", ref_img_index, None),  # RoPE time: any
+                                   ("mask_frame_range", mask_frame_range, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
+                    least is not None and value < least):
+                raise UsageError(f"{name}={value!r}: a whole number"
+                                 + ("" if least is None else f", {least} or more"))
         enhance_hf = (not distill) if enhance_hf is None else enhance_hf
         if distill and enhance_hf:
             raise LongcatError("enhance_hf cannot be combined with distill")
         height, width = self._size_for(frames_in[0], resolution, height, width)
-        masks = None if ref_target_masks is None else \
-            fit_masks(ref_target_masks, height, width).to(self.device)
-        audio = self._audio_in(audio_emb, masks)
+        if ref_latent is not None and tuple(ref_latent.shape) != (
+                ref_shape := self._latent_shape(height, width, 1)):
+            raise UsageError(f"ref_latent has shape {list(ref_latent.shape)}; this clip's "
+                             f"reference latent is {list(ref_shape)}")
+        masks = self._masks(ref_target_masks, height, width)
+        audio = self._audio_in(audio_emb, masks, num_frames)
         steps, tg, ag = self._steps(distill, steps, guidance, audio_guidance)
         gen = generator if generator is not None else self.generator(seed)
         n_cond = 1 + (num_cond_frames - 1) // self.scale_t
-        with self.adapters(self._lora(distill), lora_scale):
+        with self.adapters(self._lora(distill, lora_scale), lora_scale):
             text, mask = self.encode_text(prompt, negative_prompt, tg > 1.0 or ag > 1.0)
             timesteps = self._schedule(steps, distill)
             if enhance_hf:
                 timesteps = schedule.apply_enhance_hf(self.scheduler, self.device)
             if ref_latent is None:
                 ref_latent = self.image_latent(frames_in[0], height, width)
+
             pixels = self.video_processor.preprocess(frames_in[-num_cond_frames:], height=height,
                                                      width=width, resize_mode="crop")
             pixels = pixels.permute(1, 0, 2, 3)[None].to(self.device, self.dtype)

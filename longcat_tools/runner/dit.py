@@ -611,13 +611,14 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                                 dtype=torch_dtype or torch.float32, fp8=kwargs.get("fp8"))
 
     # ---- BSA -------------------------------------------------------------------------------
-    def enable_bsa(self, params: dict[str, Any] | BSAParams | None = None) -> None:
-        """Make BSA the default of every forward, with ``params`` (config-style dict or
-        BSAParams) or the config's; a forward's ``bsa`` argument overrides it."""
-        if not isinstance(params, BSAParams):
-            params = BSAParams.from_config(params if params is not None
-                                           else self.config.bsa_params)
-        self.bsa = params
+    def enable_bsa(self, params: attn_ops.BSASetting = None) -> None:
+        """Make BSA the default of every forward, with ``params`` (config-style dict, BSAParams,
+        a preset name) or the config's; a forward's ``bsa`` argument overrides it."""
+        self.bsa = self._bsa("on" if params is None else params)
+
+    def _bsa(self, setting: attn_ops.BSASetting) -> BSAParams | None:
+        """A BSA setting as ``pipe(bsa=...)`` takes it, checked, on this model's config."""
+        return attn_ops.resolve_bsa(setting, self.bsa, self.config.bsa_params)
 
     def disable_bsa(self) -> None:
         self.bsa = None
@@ -798,14 +799,15 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 encoder_attention_mask: torch.Tensor | None = None, num_cond_latents: int = 0,
                 return_kv: bool = False, kv_cache: KVCache | None = None,
                 skip_crs_attn: bool = False, offload_kv_cache: bool = False,
-                bsa: BSAParams | None | ModelSetting = MODEL_SETTING):
+                bsa: attn_ops.BSASetting | ModelSetting = MODEL_SETTING):
         """Predict the flow-matching velocity target (``x0 - noise``; the pipeline negates it).
 
         hidden_states [B, C_in, T, H, W]; timestep [B] or per frame [B, T] on the 0..1000 scale;
         encoder_hidden_states [B, 1, L, caption_channels]; encoder_attention_mask [B, L].
         With ``kv_cache`` (from ``return_kv=True`` on the condition latents alone), hidden_states
         are the noise frames only and ``num_cond_latents`` says how many frames were cached.
-        ``bsa``: this forward's BSA params (None: dense); left out, the model's (``enable_bsa``).
+        ``bsa``: this forward's BSA (None: dense; else as ``enable_bsa`` takes it); left out, the
+        model's (``enable_bsa``).
         Returns fp32 [B, C_out, T, H, W], and the new cache when ``return_kv``.
         """
         p = self._prepare(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
@@ -834,8 +836,8 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         y = encoder_hidden_states.to(dtype)
 
         cp = self.cp
-        attn = AttnSettings(self.bsa if bsa is MODEL_SETTING else bsa, self.fast, cp,
-                            fp8=self.quantized_attention())
+        params = self.bsa if bsa is MODEL_SETTING else None if bsa is None else self._bsa(bsa)
+        attn = AttnSettings(params, self.fast, cp, fp8=self.quantized_attention())
         if cp is None:
             split = FrameSplit(0, grid[0], (grid[0] * grid[1] * grid[2],))
         else:  # this rank's latent frames only (the time axis is not patched)

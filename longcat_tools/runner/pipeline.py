@@ -62,8 +62,10 @@ from longcat_tools.runner.settings import (
     DISTILL_NAME,
     LOAD_RENAMES,
     TASKS,
+    InputFiles,
     RunSettings,
     check_fused,
+    check_memory,
     check_offload,
     from_call,
     guidance_of,
@@ -85,6 +87,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 # __call__'s keywords (diffusers') for the task methods' steps and guidance
 CALL_RENAMES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+CALL_RENAMES_BACK = {v: k for k, v in CALL_RENAMES.items()}
 TaskMethod = TypeVar("TaskMethod", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 # (token grid, BSA params) already warned to keep no key chunk: once a size, not each step
@@ -135,6 +138,17 @@ def refuse_avatar(source: Path) -> None:
                            "LongCatVideoAvatarPipeline.from_pretrained")
 
 
+def frame_size(x: Any) -> tuple[int, int] | None:
+    """(width, height) of an image, or of a video's first frame (PIL or array), if it has one."""
+    if isinstance(x, Image.Image):
+        return x.size
+    if isinstance(x, np.ndarray) and x.ndim >= 3:
+        return x.shape[-2], x.shape[-3]
+    if isinstance(x, (list, tuple)) and x:
+        return frame_size(x[0])
+    return None
+
+
 def validated(method: TaskMethod) -> TaskMethod:
     """A task method that first checks its options with ``settings.validate`` (the same checks
     as the command line's), so bad values stop before any work with one clear line."""
@@ -143,7 +157,17 @@ def validated(method: TaskMethod) -> TaskMethod:
     @functools.wraps(method)
     @spelled({})
     def checked(self, *args: Any, **kw: Any) -> Result:
-        call = signature.bind(self, *args, **kw)
+        unknown = [k for k in kw if k not in signature.parameters or k == "self"]
+        if unknown:  # Python's TypeError named neither the method nor what it takes
+            offered = [p for p in signature.parameters if p != "self"]
+            hint = f"; {CALL_RENAMES_BACK[unknown[0]]}= here" \
+                if unknown[0] in CALL_RENAMES_BACK else ""
+            raise UsageError(f"{method.__name__}() takes no '{unknown[0]}'{hint} (its options: "
+                             f"{', '.join(offered)})")
+        try:
+            call = signature.bind(self, *args, **kw)
+        except TypeError as e:  # a required one left out, or too many given by position
+            raise UsageError(f"{method.__name__}(): {e}") from None
         if ("height" in call.arguments) != ("width" in call.arguments) and (
                 "width" in signature.parameters):  # the other one's default was taken silently
             raise UsageError("height= and width= go together: give both, or neither for the "
@@ -158,6 +182,12 @@ def validated(method: TaskMethod) -> TaskMethod:
         check_tensors(call.arguments)
         s = from_call(method.__name__, call.arguments)
         validate(s, inputs=False)
+        if s.task in ("t2v", "i2v", "vc", "long"):  # as run checks them (sizes from the inputs)
+            a = call.arguments
+            files = InputFiles(self.transformer.dims, frame_size(a.get("image")),
+                               frame_size(a.get("video")))
+            dtype = dtypes.ALIASES.get(str(self.dtype).removeprefix("torch."), "bf16")  # fp8: bf16
+            check_memory(s, files, dtype, self.device)
         self.check_fused(s, scale_given=call.arguments.get("lora_scale") is not None)
         return method(*call.args, **call.kwargs)
 
@@ -266,15 +296,20 @@ def _step_callback(pipe: LongCatVideoPipeline, callback: Callable[..., dict[str,
     if not callable(callback):
         raise UsageError(f"callback_on_step_end: a function expected, not "
                          f"{type(callback).__name__}")
-    names = list(getattr(callback, "tensor_inputs", names))
+    names = getattr(callback, "tensor_inputs", names)
+    names = [names] if isinstance(names, str) else list(names)  # not its letters
     if any(n not in LongCatVideoPipeline._callback_tensor_inputs for n in names):
         raise LongcatError(f"callback_on_step_end_tensor_inputs {names}: only "
                            f"{LongCatVideoPipeline._callback_tensor_inputs} are offered")
 
     def hook(step: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        out = callback(pipe, step, t, {"latents": latents}) or {}
+        out = callback(pipe, step, t, {"latents": latents})
+        out = {} if out is None else out  # a tensor's truth value is an error
         new = out.get("latents", latents) if isinstance(out, dict) else out
         ok = isinstance(new, torch.Tensor) and new.shape == latents.shape
+        if ok and new.is_floating_point() and not bool(torch.isfinite(new).all()):
+            raise UsageError(f"callback_on_step_end returned latents with NaN or Inf at step "
+                             f"{step}")
         if not (ok and isinstance(out, dict)):  # a bad return failed deep in the DiT
             shown = list(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
             raise UsageError(f"callback_on_step_end returned latents {shown} at step {step}: "
@@ -334,7 +369,10 @@ def to_pil_frames(video: Any) -> list[Image.Image]:
             raise UsageError(f"video: frames [F, H, W, 3] expected, not an array of shape "
                              f"{list(video.shape)}")
         if np.issubdtype(video.dtype, np.floating):
-            video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+            if not (np.isfinite(video).all() and video.min() >= 0.0 and video.max() <= 1.0):
+                raise UsageError("video: float frames must lie in [0, 1] (frames of 0..255 "
+                                 "are uint8), without NaN or Inf")  # were clipped to white
+            video = (video * 255).round().astype(np.uint8)
         elif video.dtype != np.uint8:
             raise UsageError(f"video: uint8 frames or floats in [0, 1] expected, not "
                              f"{video.dtype}")

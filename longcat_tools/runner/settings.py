@@ -468,8 +468,14 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
             raise UsageError(f"--cp/--gpus {s.cp}: the DiT's {files.dims.num_heads} heads do "
                              "not split evenly over that many processes (use a divisor)")
         device = resolve_device(s.device)
-        footprint.check(files.dims, _stages(s, files), run_dtype(s.dtype, device), device, s.cp)
+        check_memory(s, files, run_dtype(s.dtype, device), device)
         _check_latents(s, files)
+
+
+def check_memory(s: RunSettings, files: InputFiles, dtype: str, device: Any) -> None:
+    """Each sampling stage's DiT forward and output video fit this device and machine
+    (``footprint.check``): one line instead of a process killed for memory."""
+    footprint.check(files.dims, _stages(s, files), dtype, device, s.cp)
 
 
 @functools.cache
@@ -491,6 +497,10 @@ _FLAG_RE = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(/--no-\2)?"
                       r"( (-?\d[^\s,:;)]*|[^\s:]+(?=:)|[A-Z]+\b))?")
 
 
+# the messages' placeholders after a flag ("--video FILE"); a user's value such as "ON" stays
+PLACEHOLDERS = frozenset({"FILE", "N", "DIR", "PATH", "NAME", "KIND", "OTHER"})
+
+
 def api_words(message: str, renames: dict[str, str] | None = None) -> str:
     """A check's message as the Python API's caller would write it: ``--frames 3: ...`` is
     ``num_frames=3: ...``, ``--no-kv-cache`` is ``use_kv_cache=False`` (``renames``: keywords
@@ -505,7 +515,7 @@ def api_words(message: str, renames: dict[str, str] | None = None) -> str:
         key = (renames or {}).get(key, key)
         if switch and not pair:
             return f"{key}={not negated}" + (f" {value}" if value is not None else "")
-        if value is not None and value.isalpha() and value.isupper():
+        if value in PLACEHOLDERS:
             return f"{key}="  # "give video=", as the API's own messages say
         return f"{key}={value}" if value is not None else key
 
