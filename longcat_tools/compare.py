@@ -200,6 +200,7 @@ def load_items(folder: str | Path) -> tuple[list[Item], list[str]]:
         doc = _read_sidecar(folder / n)
         recorded = doc.get("video", {}).get("bytes") if isinstance(doc.get("video"), dict) else None
         if isinstance(recorded, int) and recorded != video.stat().st_size:
+            read_frames(video)  # a replaced video decodes; a truncated one is an error
             notes.append(f"{folder / n}: describes a video of {recorded:,} bytes, and "
                          f"{video.name} has {video.stat().st_size:,} (a run replacing it was cut "
                          "off between the two); skipped")

@@ -598,7 +598,8 @@ def component_jobs(ckpt: layouts.Checkpoint, comp: str, want: torch.dtype | None
     it), or a note that the source has none. ``keep_pickle`` names the one pickle that is
     copied as it is (the avatar wav2vec2 folder's, which verify checks without loading)."""
     if not (ckpt.root / comp).is_dir():
-        notes.append(f"{comp}/ not in the source: not written")
+        notes.append(f"{comp}/ not in the source: not written (verify fails the output until "
+                     "it is added)")
         return []
     files = _component_files(ckpt, comp, notes, keep_pickle)
     indexed = {p: layouts.index_shards(p, ckpt.containment)  # carried as it is, it must hold
@@ -920,6 +921,9 @@ def free_bytes(folder: Path) -> int:
     """Free space where the output goes (``$LONGCAT_TOOLS_FREE_BYTES`` fakes it for tests)."""
     fake = os.environ.get(ENV_FREE_BYTES)
     if fake:
+        if not fake.isdigit():
+            raise UsageError(f"${ENV_FREE_BYTES}={fake!r}: a whole number of bytes (or unset "
+                             "it)")
         return int(fake)
     return shutil.disk_usage(folder).free
 
@@ -1084,6 +1088,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
                 reg = lora_registry.registry_path(out_ckpt)
                 digest = hashlib.sha256(reg.read_bytes()).hexdigest()
                 extra[reg.relative_to(tmp).as_posix()] = digest
+                written += 1
             fsync_tree(tmp)  # the disk flushes while the hash thread catches up
             killer.step()
             out = w.file(tmp / MANIFEST)
@@ -1096,7 +1101,7 @@ def _execute(p: Plan, progress: Callable[[int], None] | None) -> Result:
         sources.close()
     peak = peak_rss()
     return Result(p, time.perf_counter() - t0, tensors, sources.bytes_read, bytes_written,
-                  written, linked, copied, peak, len(digests))
+                  written, linked, copied, peak, len(digests) + len(extra))
 
 
 def peak_rss() -> int:

@@ -217,7 +217,8 @@ def text_encoder_config(preset: Preset, vocab: int) -> dict:
 def write_text_encoder(folder: Path, preset: Preset, vocab: int, seed: int, dtype: torch.dtype,
                        sparse: bool) -> None:
     """``text_encoder/``: config.json + model-0000k-of-0000n.safetensors + index, like the hub."""
-    cfg = text_encoder_config(preset, vocab)
+    cfg = {**text_encoder_config(preset, vocab),  # the stored dtype, as convert records it
+           "torch_dtype": str(dtype).removeprefix("torch.")}
     folder.mkdir()
     write_json(folder / "config.json", cfg)
     shapes = umt5_encoder_specs(cfg["d_model"], cfg["d_ff"], cfg["d_kv"], cfg["num_heads"],

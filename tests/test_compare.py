@@ -15,6 +15,7 @@ from PIL import Image
 
 from longcat_tools.cli import main
 from longcat_tools.compare import BACKGROUND, LABEL_BACKGROUND, LABEL_WIDTH, PAD, compare
+from longcat_tools.errors import LongcatError
 from longcat_tools.runner.settings import RunSettings
 from longcat_tools.runner.video import read_video, write_mp4
 
@@ -235,6 +236,10 @@ def test_a_sidecar_of_another_video_is_skipped(tmp_path):
     result = compare(tmp_path, frames=FRAMES)
     assert [it.video.name for it in result.items] == ["x.mp4", "z.mp4"]
     assert any("y.mp4.json: describes a video of" in n and "skipped" in n for n in result.notes)
+    y = tmp_path / "y.mp4"  # truncated by a failing disk, not replaced: an error, as elsewhere
+    y.write_bytes(y.read_bytes()[:500])
+    with pytest.raises(LongcatError, match="y.mp4: cannot read the video"):
+        compare(tmp_path, frames=FRAMES)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):

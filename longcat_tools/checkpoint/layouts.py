@@ -237,6 +237,10 @@ def detect_any(root: str | Path) -> Checkpoint | AvatarCheckpoint:
     except OSError:
         inner = []
     hint = f"; it holds {', '.join(f'{n}/' for n in inner)}: pass one of those" if inner else ""
+    from longcat_tools.checkpoint.comfy_single import FILE_NAME as COMFY_FILE
+
+    if (root / COMFY_FILE).is_file():  # what convert --to comfy writes
+        hint = f"; it holds a ComfyUI single-file DiT: pass {root / COMFY_FILE}"
     raise LongcatError(f"{root}: not a LongCat-Video checkpoint (expected dit/ for the hub layout "
                        f"or transformer/ for the model_index.json layout){hint}")
 

@@ -108,11 +108,15 @@ def real_path(path: Path) -> Path:
 
 def enclosing_checkpoint(path: Path) -> Path | None:
     """The checkpoint folder ``path`` would be written inside (links followed): the nearest
-    folder above it with a DiT config (``dit/``, ``transformer/`` or an avatar's). Why: a stray
-    file in a checkpoint can be read as part of the model (a shard, an adapter)."""
+    folder above it with a DiT config (``dit/``, ``transformer/`` or an avatar's) or the one
+    file of ``convert --to comfy``. Why: a stray file in a checkpoint can be read as part of the
+    model (a shard, an adapter)."""
+    from longcat_tools.checkpoint.comfy_single import FILE_NAME as COMFY_FILE
+
     for folder in real_path(path).parents:
         if ((folder / "dit" / "config.json").is_file()
-                or (folder / "transformer" / "config.json").is_file() or _avatar_dit(folder)):
+                or (folder / "transformer" / "config.json").is_file() or _avatar_dit(folder)
+                or (folder / COMFY_FILE).is_file()):
             return folder
     return None
 

@@ -437,8 +437,11 @@ def list_adapters(model: str | Path | layouts.Checkpoint | None
                 lora = lf.read_lora(path, shapes, inspect_blocks=False)
                 info.format, info.modules, info.nbytes = lora.format, len(lora.modules), lora.nbytes
                 info.rank, info.alpha = summarize(lora) if lora.modules else (None, None)
+                ranks = sorted({e.rank for e in lora.modules.values()})
                 if rec is not None and rec.format != lora.format:
                     info.status = f"registry says {rec.format}, the file is {lora.format}"
+                elif rec is not None and ranks and rec.rank not in ranks:  # as verify judges
+                    info.status = f"registry says rank {rec.rank}, the file has {ranks}"
             except LongcatError as e:
                 info.status = str(e)
         out.append(info)

@@ -249,13 +249,17 @@ def linear_shapes(dims: keymap.DiTDims, audio: avatar.AudioDims | None = None
                                              or name[: -len(".weight")] in CONV_MODULES)}
 
 
+# what to do with an adapter that targets no module of the DiT, in every command that reads one
+NOT_OURS = "(an adapter of another model? convert leaves it out with --lora)"
+
+
 def check_target(where: str, key: str, module: str, out_f: int, in_f: int,
                  shapes: Shapes | None, kernel: tuple[int, ...] = ()) -> None:
     """The module exists in the DiT and (with ``shapes``) the adapter fits its layer; a Conv3d
     layer takes a Conv3d adapter (``kernel``) only, a Linear a Linear one only."""
     if not is_dit_module(module):
         raise LongcatError(f"{where}: tensor '{key}' targets '{module}', which is not a module of "
-                           "the LongCat DiT (exclude this adapter with --lora)")
+                           f"the LongCat DiT {NOT_OURS}")
     if (module in CONV_MODULES) != bool(kernel):
         want = "Conv3d (5-D PEFT lora_A/lora_B)" if module in CONV_MODULES else "Linear (2-D)"
         raise LongcatError(f"{where}: tensor '{key}': '{module}' is a {want} layer; its adapter "

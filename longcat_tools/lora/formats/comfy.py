@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import Header
 from longcat_tools.lora.formats.base import (
+    NOT_OURS,
     Cast,
     ModuleEntry,
     ModuleLora,
@@ -97,7 +98,7 @@ class Comfy(FastVideo):
             found = comfy_keys.comfy_module_to_native(module) if module else None
             if found is None:
                 raise LongcatError(f"{where}: tensor '{key}' targets no module of the LongCat DiT "
-                                   "(exclude this adapter with --lora)")
+                                   f"{NOT_OURS}")
             native, j, _ = found
             targets_of[native] = comfy_keys.native_module_to_comfy(native) or (module,)
             roles = groups.setdefault(native, {}).setdefault(j, {})

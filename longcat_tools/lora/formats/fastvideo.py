@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from longcat_tools.errors import LongcatError
 from longcat_tools.io.safetensors import Header
 from longcat_tools.lora.formats.base import (
+    NOT_OURS,
     Cast,
     LoraFormat,
     ModuleEntry,
@@ -84,7 +85,7 @@ class FastVideo(LoraFormat):
             found = keymap.fastvideo_module_to_native(target)
             if found is None:
                 raise LongcatError(f"{where}: tensor '{key}' targets '{target}', which is not a "
-                                   "module of the LongCat DiT (exclude this adapter with --lora)")
+                                   f"module of the LongCat DiT {NOT_OURS}")
             native, j, _ = found
             targets_of[native] = keymap.native_module_to_fastvideo(native) or (target,)
             groups.setdefault(native, {}).setdefault(j, {})[key[len(target) + 1:]] = key
