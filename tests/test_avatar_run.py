@@ -78,13 +78,13 @@ def test_every_avatar_task_writes_an_mp4_with_the_speech(capsys, trees, media, v
     rc, err = run(capsys, "-m", str(root), "--task", "ai2v", "--image", str(media["face"]),
                   "--audio", str(media["a"]), "--audio", str(media["b"]), "--audio-mode",
                   "concat", "--no-vocal-separation", *TINY, "--height", "64", "--width", "64",
-                  "-o", str(out / "ai2v.mp4"))
+                  "--frames", "33", "-o", str(out / "ai2v.mp4"))  # the second speaker is heard
     assert rc == 0, err
     rc, err = run(capsys, "-m", str(root), "--task", "avc", "--video", str(first),
                   "--cond-frames", "5", "--audio", str(media["a"]), "--no-vocal-separation",
                   *TINY, "-o", str(out / "avc.mp4"))
     assert rc == 0, err
-    for task, frames in (("at2v", 9), ("ai2v", 9), ("avc", 9 + 9 - 5)):
+    for task, frames in (("at2v", 9), ("ai2v", 33), ("avc", 9 + 9 - 5)):
         mp4 = out / f"{task}.mp4"
         info = video.probe(mp4)
         assert (info["codec"], info["frames"], info["fps"]) == ("h264", frames, fps)
@@ -196,6 +196,8 @@ def test_short_audio_is_padded_with_silence_as_the_original(capsys, trees, media
     # the mp4 played at 50 fps, its audio cut to match, out of step with the lips; exit 0
     (["--task", "at2v", "--audio", "A", "--fps", "50"], "embeds the speech at 25 fps"),
     (["--task", "at2v", "--audio", "A", "--audio-mode", "concat"], "this run has one"),
+    (["--task", "ai2v", "--image", "FACE", "--audio", "A", "--audio", "B", "--audio-mode",
+      "concat"], "the second speaker starts after the first's 1.20 s, and the video ends at"),
     # found by the loudness normaliser after loading
     (["--task", "at2v", "--audio", "SHORT", "--frames", "5"], "measured over 0.4 s"),
     # two speakers: both found after loading, with exit 1

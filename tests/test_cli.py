@@ -304,12 +304,16 @@ def test_model_resolution(tmp_path, monkeypatch, tiny_native):
 
 
 def test_demo_runs_the_chain(tmp_path):
+    stale = tmp_path / "demo" / "videos" / "t2v.mp4.json"  # a sidecar of another t2v.mp4
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
     p = run_cli("demo", "--out", str(tmp_path / "demo"), "--json")
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     names = [s["name"] for s in doc["steps"]]
     assert names[:2] == ["synth", "inspect"]
     assert (tmp_path / "demo" / "tiny-native" / "dit" / "config.json").is_file()
+    assert (tmp_path / "demo" / "videos" / "t2v.mp4").is_file() and not stale.exists()
 
 
 def test_demo_refuses_a_file_or_a_checkpoint_for_its_folder(tiny_native, tmp_path, capsys):

@@ -828,3 +828,64 @@ def test_a_long_sidecar_says_what_each_stage_ran(capsys, tiny_native, tmp_path):
     assert doc["bsa"] is not None  # refinement runs BSA
     assert len(doc["step_s"]) == first["steps"] + final["segments"] * cont["steps"] \
         + final["windows"] * final["refine"]["steps"]
+
+
+def test_a_16_bit_gray_image_is_scaled_not_clipped(tmp_path):
+    """PIL's convert('RGB') clipped a 16-bit PNG to 255: i2v conditioned on a white frame."""
+    from longcat_tools.runner.video import read_image
+
+    ramp = np.linspace(0, 65535, 64 * 256).astype(np.uint16).reshape(64, 256)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    rgb = np.asarray(read_image(tmp_path / "g16.png"))
+    assert rgb.shape == (64, 256, 3) and np.array_equal(rgb[..., 0], (ramp >> 8).astype(np.uint8))
+
+
+def test_bsa_on_one_latent_frame_is_recorded_as_dense_and_a_duplicate(capsys, tiny_native,
+                                                                     tmp_path):
+    """One latent frame attends densely: the sidecar said BSA, and '--bsa off,on' made the
+    same video twice."""
+    out = tmp_path / "one.mp4"
+    rc, cap = run(capsys, "-m", str(tiny_native), "-p", "x", "--frames", "1", "--steps", "1",
+                  "--height", "32", "--width", "32", "--bsa", "on", "--out", str(out))
+    assert rc == 0, cap.err
+    doc = json.loads(out.with_name("one.mp4.json").read_text())
+    assert doc["bsa"] is None and doc["final"]["bsa"] is None
+    rc, cap = run(capsys, "-m", str(tiny_native), "-p", "x", "--frames", "1", "--steps", "1",
+                  "--height", "32", "--width", "32", "--bsa", "off,on", "--out-dir",
+                  str(tmp_path / "m"))
+    assert rc == 2 and "--bsa: off and on run the same attention" in cap.err
+
+
+def test_a_nan_latents_in_is_refused_before_loading(capsys, tiny_native, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from longcat_tools.runner import job
+
+    monkeypatch.setattr(job, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    save_file({"latents": torch.full((1, 16, 2, 4, 4), float("nan"))}, tmp_path / "nan.st")
+    rc, cap = run(capsys, "-m", str(tiny_native), "-p", "x", "--frames", "5", "--steps", "1",
+                  "--height", "32", "--width", "32", "--latents-in", str(tmp_path / "nan.st"),
+                  "--out", str(tmp_path / "x.mp4"))
+    assert rc == 1 and "'latents' holds NaN or Inf values" in cap.err
+
+
+def test_fp8_attention_on_the_cpu_says_it_does_nothing(tiny_native, tmp_path, caplog):
+    """It was accepted and recorded without a word, the video equal to the run without it."""
+    from longcat_tools.runner import settings
+
+    settings._warn_once.cache_clear()  # once a process: an earlier test may have said it
+    caplog.set_level(logging.WARNING)
+    rc = main(["run", "-m", str(tiny_native), "-p", "x", "--frames", "5", "--steps", "1",
+               "--height", "32", "--width", "32", "--precision", "fp8", "--fp8-attention",
+               "dense", "--out", str(tmp_path / "x.mp4")])
+    assert rc == 0
+    said = [r.getMessage() for r in caplog.records if "--fp8-attention dense" in r.getMessage()]
+    assert len(said) == 1 and "no quantized attention kernel runs" in said[0]
+
+
+def test_a_video_of_1000_fps_is_read_at_its_rate(tmp_path):
+    """ffmpeg prints '1k fps': probe read 5 fps and read_video 0, so vc took every frame."""
+    from longcat_tools.runner.video import probe, read_video, write_mp4
+
+    path = write_mp4(tmp_path / "fast.mp4", np.zeros((8, 32, 32, 3), np.float32), 1000)
+    assert probe(path)["fps"] == read_video(path)[1] == 1000.0

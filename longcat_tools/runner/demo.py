@@ -62,6 +62,9 @@ def run_all_tasks(ckpt: str | Path, out_dir: str | Path,
         r = fn()
         results[name] = r
         path = write_mp4(out_dir / f"{name}.mp4", r.frames, r.fps)
+        # no sidecar (the tasks ran from Python); one left by an earlier run would describe
+        # another video
+        Path(f"{path}.json").unlink(missing_ok=True)
         info = probe(path)
         runs.append(TaskRun(name, path, info["frames"], f"{info['width']}x{info['height']}",
                             r.fps, time.perf_counter() - t0))

@@ -21,7 +21,7 @@ from typing import Any
 
 from longcat_tools.errors import EMPTY_PATH, LongcatError, UsageError, why_not_a_file
 from longcat_tools.io import jsonio
-from longcat_tools.model import bounds
+from longcat_tools.model import bounds, chunks
 from longcat_tools.runner.settings import (
     FLAGS,
     RunSettings,
@@ -248,8 +248,8 @@ def plan(base: RunSettings, out_dir: str | Path, prompts: str | Path | None = No
                              f"{it.settings.latents_in} draws no noise; give one seed")
         if first is not it and first.settings.bsa != it.settings.bsa:
             raise UsageError(f"--bsa: {first.settings.bsa} and {it.settings.bsa} run the same "
-                             f"attention on this checkpoint ({first.source} and {it.source} "
-                             "would be the same video); list one of them")
+                             f"attention on this checkpoint at this size ({first.source} and "
+                             f"{it.source} would be the same video); list one of them")
         if first is not it:  # as --seeds refuses a repeated seed
             raise UsageError(f"{it.source}: the same prompt, seed and settings as "
                              f"{first.source} (the same video would be made twice); give the "
@@ -286,8 +286,10 @@ def _bsa_resolver(base: RunSettings) -> Callable[[RunSettings], str]:
 
     def resolved(s: RunSettings) -> str:
         stages = [s.task == "refine"] + ([True] if s.refine and s.task != "refine" else [])
-        try:
-            return repr([resolve_bsa(s.bsa, default, params, refinement)
+        one_frame = s.task != "refine" and chunks.latent_frames(s.frames)[1] <= 1
+        try:  # a video of one latent frame attends densely whatever --bsa says
+            return repr([None if one_frame and not refinement else
+                         resolve_bsa(s.bsa, default, params, refinement)
                          for refinement in stages])
         except (LongcatError, KeyError, TypeError, ValueError):
             return s.bsa

@@ -75,6 +75,7 @@ from longcat_tools.runner.settings import (
     validate,
     value_fits,
 )
+from longcat_tools.runner.video import to_rgb
 from longcat_tools.verify.components import check_components
 
 MAX_SEQUENCE_LENGTH = 512
@@ -356,7 +357,7 @@ def rgb_image(image: Any, what: str = "image") -> Image.Image:
         raise UsageError(f"{what}: a PIL image expected, not {type(image).__name__}")
     if 0 in image.size:
         raise UsageError(f"{what}: an empty image ({image.size[0]}x{image.size[1]} px)")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image if image.mode == "RGB" else to_rgb(image, what)
 
 
 def to_pil_frames(video: Any) -> list[Image.Image]:
@@ -668,8 +669,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
     def _denoise(self, latents, timesteps, text, mask, guidance, bsa: BSAParams | None, n_cond=0,
                  per_frame=False, kv_cache=None, step_all=True, desc="denoise") -> torch.Tensor:
         self.last_run = {"loras": list(self.transformer.active_loras),
-                         "merged_loras": self.transformer.merged_loras,
-                         "bsa": None if bsa is None else asdict(bsa)}
+                         "merged_loras": self.transformer.merged_loras,  # one latent frame: dense
+                         "bsa": None if bsa is None or latents.shape[2] <= 1 else asdict(bsa)}
         if bsa is not None:
             self._check_bsa(latents.shape[2:], bsa)
         latents = self._shared(latents)

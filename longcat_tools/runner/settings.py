@@ -469,7 +469,18 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
                              "not split evenly over that many processes (use a divisor)")
         device = resolve_device(s.device)
         check_memory(s, files, run_dtype(s.dtype, device), device)
+        if FP8_ATTENTION[s.fp8_attention] and device.type == "cpu":  # as --offload says it
+            _warn_once(callers_words(f"--fp8-attention {s.fp8_attention}: the run is on the "
+                                     "CPU, where no quantized attention kernel runs; attention "
+                                     "keeps the activations' dtype (the sidecar's "
+                                     "fp8_attention.calls stays empty)"))
         _check_latents(s, files)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """A warning the checks would give again on each pass over the same settings."""
+    log.warning(message)
 
 
 def check_memory(s: RunSettings, files: InputFiles, dtype: str, device: Any) -> None:
@@ -748,6 +759,12 @@ def _check_avatar(s: RunSettings, ckpt: Any) -> keymap.DiTDims:
     if s.audio_mode == avatar.AUDIO_MODES[0] and (
             problem := audio_tracks.mix_problem(lengths, s.audio)):
         raise UsageError(f"--audio-mode mix: {problem}")  # found after loading, with exit 1
+    if s.audio_mode == avatar.AUDIO_MODES[1] and s.task == "ai2v" and len(lengths) > 1 \
+            and lengths[0] / audio.SAMPLE_RATE >= s.frames / rate:  # speaker 2 went unheard
+        raise UsageError(f"--audio-mode concat: the second speaker starts after the first's "
+                         f"{lengths[0] / audio.SAMPLE_RATE:.2f} s, and the video ends at "
+                         f"{s.frames / rate:.2f} s ({s.frames} frames at {rate} fps): give more "
+                         "--frames, a shorter first --audio, or --audio-mode mix")
     cfg_path = folder / "config.json"
     cfg = jsonio.read(cfg_path, what="transformer config")
     dims = keymap.dit_dims(cfg, str(cfg_path))  # as every reader
@@ -1068,3 +1085,10 @@ def _check_latents(s: RunSettings, files: InputFiles) -> None:
     if not ok:
         raise LongcatError(f"{where}: 'latents' has shape {list(info.shape)}, this run needs "
                            f"{want}")
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(s.latents_in, "pt") as f:  # a latent's size: read whole, before the weights
+        if not bool(torch.isfinite(f.get_tensor("latents")).all()):
+            raise LongcatError(f"{where}: 'latents' holds NaN or Inf values (the video would "
+                               "come out NaN)")

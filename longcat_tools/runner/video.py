@@ -173,7 +173,8 @@ def read_video(path: str | Path) -> tuple[list[Image.Image], float]:
         raise LongcatError(f"{path}: cannot read the video ({e})") from e
     if not frames:
         raise LongcatError(f"{path}: the video has no frames")
-    return frames, float(meta.get("fps") or 0.0)
+    fps = float(meta.get("fps") or 0.0)  # imageio reads ffmpeg's "1k fps" as none
+    return frames, fps or float(probe(path, max_frames=1)["fps"] or 0.0)
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -210,9 +211,24 @@ def read_image(path: str | Path) -> Image.Image:
         raise UsageError(f"{path}: no such image file")
     with _open_image(path) as im:
         try:
-            return im.convert("RGB")
+            return to_rgb(im, path)
         except (OSError, ValueError, SyntaxError) as e:
             raise LongcatError(f"{path}: cannot read the image ({e})") from None
+
+
+def to_rgb(im: Image.Image, where: str | Path) -> Image.Image:
+    """RGB, 8 bits a channel. PIL's own conversion clips a 16-bit gray image (a PNG's "I;16",
+    or "I" holding 16-bit values) to 255, a white frame: those are scaled to 8 bits here."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        x = np.asarray(im).astype(np.int64)
+        if x.min() < 0 or x.max() > 65535:
+            raise LongcatError(f"{where}: a {im.mode} image with values outside 0..65535; save "
+                               "it with 8 or 16 bits a channel")
+        return Image.fromarray((x >> 8).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        raise LongcatError(f"{where}: a floating-point image (mode F) has no fixed range; save "
+                           "it with 8 or 16 bits a channel")
+    return im.convert("RGB")
 
 
 def probe(path: str | Path, max_frames: int | None = None) -> dict:
@@ -233,10 +249,11 @@ def probe(path: str | Path, max_frames: int | None = None) -> dict:
     err = r.stderr
     m = re.search(r"Stream #\S+: Video: (\w+)[^,]*, (\w+)[^,]*(?:\([^)]*\))?, (\d+)x(\d+)", err)
     frames = re.findall(r"frame=\s*(\d+)", err)
-    fps = re.search(r"([\d.]+) fps", err)
+    fps = re.search(r"([\d.]+)(k?) fps", err)  # 1000 fps and above: "1k fps"
     if r.returncode != 0 or not m:
         last = err.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
         raise LongcatError(f"{path}: ffmpeg cannot decode it as a video ({last[0].strip()})")
     return {"codec": m.group(1), "pix_fmt": m.group(2), "width": int(m.group(3)),
-            "height": int(m.group(4)), "fps": float(fps.group(1)) if fps else None,
+            "height": int(m.group(4)),
+            "fps": float(fps.group(1)) * (1000 if fps.group(2) else 1) if fps else None,
             "frames": int(frames[-1]) if frames else None}
