@@ -100,3 +100,43 @@ def test_tensor_inputs_given_as_one_name_are_not_split_into_letters(pipe):
     pipe(**KW, callback_on_step_end=lambda p, i, t, d: seen.append(i),
          callback_on_step_end_tensor_inputs="latents")
     assert seen == [0]
+
+
+@pytest.mark.parametrize("path, kw, message", [
+    (None, {}, "checkpoint: a folder or a repo id expected, not NoneType"),  # pathlib's error
+    ("CKPT", {"vae_tiling": "no"}, "vae_tiling='no': True or False"),  # turned tiling on
+    ("CKPT", {"fast": "yes"}, "fast='yes': True or False"),
+])
+def test_from_pretrained_refuses_odd_arguments(tiny_native, path, kw, message):
+    with pytest.raises(UsageError, match=message):
+        LongCatVideoPipeline.from_pretrained(tiny_native if path == "CKPT" else path, **kw)
+
+
+def test_adapters_have_names_and_are_enabled_once(pipe, tiny_native):
+    dit = pipe.transformer
+    lora = next((tiny_native / "lora").rglob("*.safetensors"))
+    for name in (None, "", " "):  # accepted; enable_loras' refusal then failed on the None
+        with pytest.raises(UsageError, match="give the adapter a name"):
+            dit.load_lora(str(lora), name)
+    dit.load_lora(str(lora), "style")
+    try:
+        with pytest.raises(UsageError, match="an adapter is listed twice"):  # applied twice
+            dit.enable_loras(["style", "style"])
+    finally:
+        dit.lora_registry.pop("style")
+
+
+@pytest.mark.parametrize("t, y, message", [
+    (torch.tensor(500.0), None, r"timestep \[\]: expected a tensor of 1 or 2 dimensions"),
+    (500.0, None, "timestep float: expected a tensor"),
+    (torch.zeros(2), None, "must match hidden_states"),
+    (None, torch.zeros(2, 1, 8, 0), "must match hidden_states"),
+])
+def test_the_dits_forward_checks_its_inputs(pipe, t, y, message):
+    """A 0-d timestep failed in a matmul ('mat1 and mat2 shapes cannot be multiplied')."""
+    dit = pipe.transformer
+    x = torch.zeros(1, dit.dims.in_channels, 2, 4, 4)
+    y = torch.zeros(1, 1, 8, dit.dims.caption_channels) if y is None else \
+        torch.zeros(2, 1, 8, dit.dims.caption_channels)
+    with pytest.raises(UsageError, match=message):
+        dit(x, torch.zeros(1) if t is None else t, y)

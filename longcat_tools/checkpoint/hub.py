@@ -171,6 +171,9 @@ def resolve_source(arg: str | Path, *, allow_download: bool = False) -> Path:
     of the repo id (``org/name[@revision]``). Downloads only when ``allow_download`` and not
     offline; otherwise a repo missing from the cache is one line saying how to get it."""
     refuse_empty(arg, "checkpoint")
+    if not isinstance(arg, (str, os.PathLike)):  # None failed in pathlib, a raw TypeError
+        raise UsageError(f"checkpoint: a folder or a repo id expected, not "
+                         f"{type(arg).__name__}")
     path = Path(arg).expanduser()
     if path.exists():
         return path

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from longcat_tools.errors import LongcatError, UsageError, refuse_empty
+from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.model import avatar
 from longcat_tools.runner import schedule
 from longcat_tools.runner.audio_filters import NOISE_SEEDS
@@ -62,6 +62,7 @@ from longcat_tools.runner.settings import (
     LOAD_RENAMES,
     MAX_SPEAKERS,
     check_avatar_files,
+    check_flags,
     check_offload,
     guidance_of,
     resolve_device,
@@ -209,6 +210,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         from longcat_tools.checkpoint import layouts
+        from longcat_tools.checkpoint.hub import resolve_source
         from longcat_tools.runner import offload as off
         from longcat_tools.runner.audio_encoders import load_encoder
         from longcat_tools.runner.avatar_dit import load_avatar_transformer
@@ -216,12 +218,12 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
 
         if unused:
             raise LongcatError(f"the avatar pipeline takes no '{next(iter(unused))}'")
+        check_flags(int8=int8, vae_tiling=vae_tiling, audio=audio)
         device = resolve_device(device)
         check_offload(offload, device)
         encoder_home = torch.device("cpu") if offload in ("text-encoder", "all") else None
         swap = offload in ("dit", "all")
-        refuse_empty(pretrained_model_name_or_path, "checkpoint")
-        ckpt = layouts.detect_any(Path(pretrained_model_name_or_path))
+        ckpt = layouts.detect_any(resolve_source(pretrained_model_name_or_path))
         if not isinstance(ckpt, layouts.AvatarCheckpoint):
             raise LongcatError(f"{pretrained_model_name_or_path}: not a LongCat-Video-Avatar "
                                "folder (load the base model with LongCatVideoPipeline)")

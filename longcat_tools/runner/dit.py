@@ -495,6 +495,25 @@ def _apply_pending_loras(model: LongCatTransformer3DModel, *_: Any) -> None:
     model.sync_loras()
 
 
+def check_inputs(x: Any, t: Any, y: Any, channels: int) -> None:
+    """A forward's inputs as the docstring gives them, one line each (a 0-d timestep or a batch
+    mismatch failed in a matmul or a view)."""
+    for name, value, dims in (("hidden_states", x, (5,)), ("timestep", t, (1, 2)),
+                              ("encoder_hidden_states", y, (4,))):
+        if not isinstance(value, torch.Tensor) or value.dim() not in dims:
+            shown = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise UsageError(f"forward: {name} {shown}: expected a tensor of "
+                             f"{' or '.join(map(str, dims))} dimensions (see forward's docstring)")
+    if x.shape[1] != channels:
+        raise UsageError(f"forward: hidden_states has {x.shape[1]} channels, the model takes "
+                         f"{channels}")
+    if t.shape[0] != x.shape[0] or y.shape[0] != x.shape[0] or (
+            t.dim() == 2 and t.shape[1] != x.shape[2]):
+        raise UsageError(f"forward: timestep {list(t.shape)} and encoder_hidden_states "
+                         f"{list(y.shape)} must match hidden_states {list(x.shape)}: [B] or "
+                         "[B, T], and [B, 1, L, C]")
+
+
 class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """The DiT, as a diffusers model: ``from_pretrained`` (any layout, either key flavour, or a
     ``save_pretrained`` folder), ``torch_dtype``, PEFT adapters (``load_lora_adapter``), group
@@ -674,6 +693,8 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Read an adapter file (native or FastVideo format); it stays off until enabled."""
         from longcat_tools.lora.registry import check_scale
 
+        if not isinstance(name, str) or not name.strip():  # None broke enable_loras' message
+            raise UsageError(f"load_lora: name={name!r}: give the adapter a name")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise UsageError(f"load_lora: scale={scale!r}: expected a number")
         check_scale(float(scale), "load_lora: scale")  # NaN merged NaN into every target
@@ -719,6 +740,9 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise UsageError(f"enable_loras({names!r}): give a list of names "
                              f"(enable_loras([{names!r}]))")
         names = list(names)
+        if len(set(names)) != len(names):  # it was applied twice
+            raise UsageError(f"enable_loras({names!r}): an adapter is listed twice (scale it "
+                             "with load_lora's scale instead)")
         missing = [n for n in names if n not in self.lora_registry]
         if missing:
             raise UsageError(f"LoRA '{missing[0]}' is not loaded (load_lora first; loaded: "
@@ -822,6 +846,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                  bsa: BSAParams | None | ModelSetting) -> Prepared:
         """The forward up to the blocks: patch, timestep and text embeddings (a subclass's
         forward adds its own inputs between this and ``_run_blocks``)."""
+        check_inputs(hidden_states, timestep, encoder_hidden_states, self.dims.in_channels)
         B, _, T, H, W = hidden_states.shape
         pt, ph, pw = self.patch_size
         if H % ph or W % pw:

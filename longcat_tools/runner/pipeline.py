@@ -64,6 +64,7 @@ from longcat_tools.runner.settings import (
     TASKS,
     InputFiles,
     RunSettings,
+    check_flags,
     check_fused,
     check_memory,
     check_offload,
@@ -447,6 +448,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
         from longcat_tools.runner import offload as off
         from longcat_tools.runner.loading import empty_transformer, finish_loading
 
+        check_flags(vae_tiling=vae_tiling, fast=fast,
+                    **({} if fp8 is None else {"fp8": fp8}))
         # as run checks it (torch's assert, its list of device types or, for 0, no GPU came through)
         device = resolve_device(device)
         check_offload(offload, device)

@@ -297,6 +297,13 @@ def plain_scalars(keywords: dict[str, Any]) -> None:
             keywords[key] = float(value)
 
 
+def check_flags(**flags: Any) -> None:
+    """``from_pretrained``'s switches are True or False: ``vae_tiling="no"`` turned it on."""
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise UsageError(f"{key}={value!r}: True or False")
+
+
 def from_call(task: str, keywords: dict[str, Any]) -> RunSettings:
     """The RunSettings of a pipeline task call (its keyword -> value), for ``validate``; a value
     of another type is refused here, naming the keyword (it failed deep in torch, or a numpy
