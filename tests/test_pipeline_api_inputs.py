@@ -140,3 +140,11 @@ def test_the_dits_forward_checks_its_inputs(pipe, t, y, message):
         torch.zeros(2, 1, 8, dit.dims.caption_channels)
     with pytest.raises(UsageError, match=message):
         dit(x, torch.zeros(1) if t is None else t, y)
+
+
+def test_a_wrong_type_is_named_as_the_caller_spelled_it(pipe, no_work):
+    """pipe(num_inference_steps=2.0) was refused as 'steps=2.0'."""
+    with pytest.raises(UsageError, match=r"^num_inference_steps=2.0: expected int"):
+        pipe(**{**KW, "num_inference_steps": 2.0})
+    with pytest.raises(UsageError, match=r"^steps=2.0: expected int"):
+        pipe.t2v("a cat", steps=2.0)

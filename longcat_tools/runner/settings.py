@@ -316,9 +316,11 @@ def from_call(task: str, keywords: dict[str, Any]) -> RunSettings:
         if name == "bsa" and not isinstance(value, str):
             continue  # params, True or False: always valid
         hint = setting_types()[name]
-        if not value_fits(value, hint):
+        if not value_fits(value, hint):  # in flag words, which the caller's spelling renames
             shown = getattr(hint, "__name__", str(hint))
-            raise UsageError(f"{key}={value!r}: expected {shown}, not {type(value).__name__}")
+            flag = flag_of(next(f for f in fields(RunSettings) if f.name == name))
+            said = f"{key}={value!r}" if "/" in flag else f"{flag} {value!r}"  # a switch: as is
+            raise UsageError(f"{said}: expected {shown}, not {type(value).__name__}")
         values[name] = value
     return RunSettings(task=task, **values)
 
