@@ -575,7 +575,6 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
                 timesteps = schedule.apply_enhance_hf(self.scheduler, self.device)
             if ref_latent is None:
                 ref_latent = self.image_latent(frames_in[0], height, width)
-
             pixels = self.video_processor.preprocess(frames_in[-num_cond_frames:], height=height,
                                                      width=width, resize_mode="crop")
             pixels = pixels.permute(1, 0, 2, 3)[None].to(self.device, self.dtype)

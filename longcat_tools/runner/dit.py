@@ -843,7 +843,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def _prepare(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                  encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None,
-                 bsa: BSAParams | None | ModelSetting) -> Prepared:
+                 bsa: attn_ops.BSASetting | ModelSetting) -> Prepared:
         """The forward up to the blocks: patch, timestep and text embeddings (a subclass's
         forward adds its own inputs between this and ``_run_blocks``)."""
         check_inputs(hidden_states, timestep, encoder_hidden_states, self.dims.in_channels)
