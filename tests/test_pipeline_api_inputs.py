@@ -148,3 +148,14 @@ def test_a_wrong_type_is_named_as_the_caller_spelled_it(pipe, no_work):
         pipe(**{**KW, "num_inference_steps": 2.0})
     with pytest.raises(UsageError, match=r"^steps=2.0: expected int"):
         pipe.t2v("a cat", steps=2.0)
+
+
+def test_dtype_is_torch_dtype_and_both_must_agree(tiny_native):
+    """The pipeline's dtype= was a TypeError; the model took dtype= over torch_dtype=."""
+    from longcat_tools.runner.dit import LongCatTransformer3DModel
+
+    pipe = LongCatVideoPipeline.from_pretrained(tiny_native, dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16
+    with pytest.raises(UsageError, match="give one of them"):
+        LongCatTransformer3DModel.from_pretrained(tiny_native, subfolder="dit",
+                                                  dtype=torch.bfloat16, torch_dtype=torch.float16)

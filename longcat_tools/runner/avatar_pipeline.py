@@ -196,11 +196,12 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
                         torch_dtype: Any = None, device: Any = "cpu", speakers: int = 1,
                         int8: bool = False, reporter: Reporter | None = None,
                         offload: str = "none", vae_tiling: bool = False, audio: bool = True,
-                        **unused: Any) -> LongCatVideoAvatarPipeline:
+                        dtype: Any = None, **unused: Any) -> LongCatVideoAvatarPipeline:
         """An avatar folder (1.0 or 1.5) and the base parts from ``../LongCat-Video``, on
-        ``device`` in ``torch_dtype`` (default fp32). The DiT: 1.0's ``avatar_multi`` for two
-        speakers, else ``avatar_single``; 1.5's ``base_model_int8`` (kept INT8) with ``int8``,
-        else ``base_model``. ``audio``: also load the audio encoder (float32).
+        ``device`` in ``torch_dtype`` (or ``dtype``; default fp32). The DiT: 1.0's
+        ``avatar_multi`` for two speakers, else ``avatar_single``; 1.5's ``base_model_int8``
+        (kept INT8) with ``int8``, else ``base_model``. ``audio``: also load the audio encoder
+        (float32).
 
         ``offload`` as the base pipeline's: "text-encoder" keeps the encoders (UMT5 and the
         audio encoder) in CPU memory, each copied to the GPU only while it encodes; "dit"
@@ -214,6 +215,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         from longcat_tools.runner import offload as off
         from longcat_tools.runner.audio_encoders import load_encoder
         from longcat_tools.runner.avatar_dit import load_avatar_transformer
+        from longcat_tools.runner.dit import torch_dtype_of
         from longcat_tools.runner.loading import parse_dtype
 
         if unused:
@@ -232,7 +234,7 @@ class LongCatVideoAvatarPipeline(LongCatVideoPipeline):
         if not (ckpt.root / folder).is_dir():
             raise LongcatError(f"{ckpt.root}: no {folder}/ (the DiT this run needs)")
         check_avatar_files(ckpt, folder)
-        dtype = parse_dtype(torch_dtype or "fp32")
+        dtype = parse_dtype(torch_dtype_of(torch_dtype, dtype) or "fp32")
         rep = reporter or Reporter()
         with quiet_libraries(), rep.stage("load"):
             tok = AutoTokenizer.from_pretrained(base / "tokenizer")

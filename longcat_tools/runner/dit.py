@@ -495,6 +495,15 @@ def _apply_pending_loras(model: LongCatTransformer3DModel, *_: Any) -> None:
     model.sync_loras()
 
 
+def torch_dtype_of(torch_dtype: Any, dtype: Any) -> Any:
+    """``torch_dtype=``, or ``dtype=`` (diffusers' newer name); both given was one of them
+    silently."""
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise UsageError(f"from_pretrained: torch_dtype={torch_dtype} and dtype={dtype}; "
+                         "give one of them")
+    return dtype if dtype is not None else torch_dtype
+
+
 def check_inputs(x: Any, t: Any, y: Any, channels: int) -> None:
     """A forward's inputs as the docstring gives them, one line each (a 0-d timestep or a batch
     mismatch failed in a matmul or a view)."""
@@ -600,7 +609,7 @@ class LongCatTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         device = kwargs.pop("device", None)
         if device is not None:  # torch listed every device type, or asserted (no CUDA)
             device = resolve_device(device)
-        torch_dtype = kwargs.pop("dtype", None) or torch_dtype  # diffusers' newer name
+        torch_dtype = torch_dtype_of(torch_dtype, kwargs.pop("dtype", None))
         unsupported = {k: v for k, v in kwargs.items() if k in _UNSUPPORTED_LOAD and v}
         if unsupported:
             name = next(iter(unsupported))

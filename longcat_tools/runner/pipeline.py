@@ -56,7 +56,7 @@ from longcat_tools.runner import schedule
 from longcat_tools.runner.attention import BSAParams, BSASetting, kept_chunks, resolve_bsa
 from longcat_tools.runner.buckets import bucket_size
 from longcat_tools.runner.context_parallel import ContextParallel
-from longcat_tools.runner.dit import LongCatTransformer3DModel
+from longcat_tools.runner.dit import LongCatTransformer3DModel, torch_dtype_of
 from longcat_tools.runner.loading import parse_dtype, resolve_checkpoint
 from longcat_tools.runner.settings import (
     DISTILL_NAME,
@@ -428,9 +428,9 @@ class LongCatVideoPipeline(DiffusionPipeline):
                         text_encoder_dtype: Any = None, reporter: Reporter | None = None,
                         offload: str = "none", vae_tiling: bool = False, fast: bool = True,
                         cp: ContextParallel | None = None,
-                        fp8: bool | None = None) -> LongCatVideoPipeline:
+                        fp8: bool | None = None, dtype: Any = None) -> LongCatVideoPipeline:
         """Load every component of a checkpoint (any layout, or a cached Hugging Face repo id)
-        straight onto ``device`` in ``torch_dtype`` (default fp32). ``offload``
+        straight onto ``device`` in ``torch_dtype`` (or ``dtype``; default fp32). ``offload``
         (runner.offload): "text-encoder" keeps UMT5 on the CPU between prompts, "dit" streams
         the DiT's blocks from CPU memory, "all" both. ``fast``: fused glue for bf16/fp16 on CUDA
         (runner.fast_ops). ``cp``: this process is one rank of a context-parallel job
@@ -450,6 +450,7 @@ class LongCatVideoPipeline(DiffusionPipeline):
 
         check_flags(vae_tiling=vae_tiling, fast=fast,
                     **({} if fp8 is None else {"fp8": fp8}))
+        torch_dtype = torch_dtype_of(torch_dtype, dtype)
         # as run checks it (torch's assert, its list of device types or, for 0, no GPU came through)
         device = resolve_device(device)
         check_offload(offload, device)
