@@ -189,7 +189,8 @@ def validated(method: TaskMethod) -> TaskMethod:
             files = InputFiles(self.transformer.dims, frame_size(a.get("image")),
                                frame_size(a.get("video")))
             dtype = dtypes.ALIASES.get(str(self.dtype).removeprefix("torch."), "bf16")  # fp8: bf16
-            check_memory(s, files, dtype, self.device)
+            ranks = self.cp.size if self.cp is not None else 1  # a rank holds its share
+            check_memory(replace(s, cp=ranks), files, dtype, self.device)
         self.check_fused(s, scale_given=call.arguments.get("lora_scale") is not None)
         return method(*call.args, **call.kwargs)
 
