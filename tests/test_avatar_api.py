@@ -11,7 +11,7 @@ from avatar_media import speech, write_wav
 from longcat_tools import LongCatVideoPipeline
 from longcat_tools.errors import LongcatError, UsageError
 from longcat_tools.model import avatar
-from longcat_tools.runner.avatar_pipeline import LongCatVideoAvatarPipeline
+from longcat_tools.runner.avatar_pipeline import DrivingAudio, LongCatVideoAvatarPipeline
 
 pytest.importorskip("onnx")  # synth writes the avatar's vocal separator with it
 
@@ -72,6 +72,7 @@ def test_a_clip_is_whole_frames_from_the_start(audio, start, frames, message):
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: {"audio_emb": c.numpy()}, r"audio_emb=: expected a torch.Tensor \(torch.from_numpy"),
+    (lambda c: {"audio_emb": DrivingAudio([c], 1, np.zeros(1))}, r"\(its clip: audio.clip\("),
     (lambda c: {"audio_emb": c * float("nan")}, "audio_emb=: holds NaN or Inf"),  # NaN frames
     (lambda c: {"audio_emb": c, "latents": np.zeros((1, 16, 3, 4, 4), np.float32)},
      "latents=: expected a torch.Tensor"),
@@ -79,6 +80,7 @@ def test_a_clip_is_whole_frames_from_the_start(audio, start, frames, message):
      "latents=: holds NaN or Inf"),
 ])
 def test_tensor_arguments_are_finite_torch_tensors(pipe, clip, change, message, monkeypatch):
+    """A numpy clip failed on .dim(); NaN audio made NaN frames."""
     monkeypatch.setattr(pipe, "encode_text", lambda *a: pytest.fail("work began"))
     with pytest.raises(UsageError, match=message):
         pipe.at2v(prompt="a man talks", **change(clip), **SMALL)

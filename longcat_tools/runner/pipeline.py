@@ -121,7 +121,9 @@ def check_tensors(arguments: dict[str, Any]) -> None:
         if value is None:
             continue
         if not isinstance(value, torch.Tensor):
-            hint = " (torch.from_numpy)" if isinstance(value, np.ndarray) else ""
+            hint = (" (torch.from_numpy)" if isinstance(value, np.ndarray) else
+                    " (its clip: audio.clip(start_frame, num_frames))" if hasattr(value, "clip")
+                    else "")
             raise UsageError(f"{name}=: expected a torch.Tensor{hint}, not "
                              f"{type(value).__name__}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
