@@ -699,6 +699,21 @@ def test_run_lora_is_refused_for_the_avatar_tasks(capsys, avatar_trees, tmp_path
     assert "--lora: not available for --task at2v" in cap.err and "lora fuse" in cap.err
 
 
+def test_avatar_negative_prompt_without_cfg_is_refused(capsys, avatar_trees, tmp_path):
+    """Distilled (text and audio guidance 1), an avatar run read no negative prompt: it was
+    accepted and dropped. With one guidance above 1 it is read, and the run goes on past
+    the check (to the next error, about this tree)."""
+    tree = str(avatar_trees["avatar-1.0"])
+    rc, cap = run(capsys, "-m", tree, "--task", "at2v", "-p", "a cat", "--distill",
+                  "--negative-prompt", "blur", "--out", str(tmp_path / "x.mp4"))
+    assert rc == 2 and cap.err.count("\n") == 1, cap.err
+    assert "--negative-prompt: this run samples without CFG" in cap.err
+    rc, cap = run(capsys, "-m", tree, "--task", "at2v", "-p", "a cat", "--distill",
+                  "--audio-guidance", "2", "--negative-prompt", "blur", "--out",
+                  str(tmp_path / "x.mp4"))
+    assert rc != 0 and "--negative-prompt" not in cap.err, cap.err
+
+
 def test_run_lora_with_a_hub_adapter_merges_once(capsys, styled, tmp_path, monkeypatch):
     """Enabled at once, the user's set was merged, then restored from the shards and merged
     again with the distilled adapter at the first step: twice the work, and a read of every

@@ -656,6 +656,11 @@ def _check_task_options(s: RunSettings) -> None:
     for opt, used in NOT_FOR_AVATAR:
         if used(s):
             raise UsageError(f"{opt}: not available for --task {s.task} (the avatar tasks)")
+    if (s.negative_prompt is not None and max(guidance_of(s.guidance, s.distill),
+                                              guidance_of(s.audio_guidance, s.distill)) <= 1.0):
+        raise UsageError("--negative-prompt: this run samples without CFG (text and audio "
+                         "guidance 1), so nothing reads it; drop it, or give --guidance or "
+                         "--audio-guidance above 1")
     if s.lora is not None:
         raise UsageError(f"--lora: not available for --task {s.task} (the avatar tasks); merge "
                          "the adapter into the avatar's DiT with `longcat-tools lora fuse`")
