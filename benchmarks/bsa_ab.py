@@ -13,7 +13,8 @@ from round to round, so no variant always runs first or last.
     PYTHONPATH=. python3 benchmarks/bsa_ab.py --base /tmp/base_bsa.py --out DIR
 
 ``--select`` times the select kernel (top-k of the float64 scores) of the two copies instead,
-alternately, and checks that they pick the same chunks.
+alternately, and checks that they pick the same chunks. ``--call`` times the whole BSA call
+(P V in bf16, and fp8) and its part before the forward, and checks the outputs are equal.
 """
 
 from __future__ import annotations
@@ -100,27 +101,92 @@ def select_ab(args: argparse.Namespace, base, dev: torch.device) -> list[dict]:
     return rows
 
 
+def _call(module, q, k, v, lq, lk, sparsity: float, fp8: bool, prep_only: bool = False):
+    """The BSA call as ``kernels.block_sparse_attention`` makes it with P V in bf16 (the DiT's
+    path) or in fp8, from ``module``'s functions: ``prepare`` where it has it, else the
+    earlier ``select_chunks_and_copy_k`` and the copies inside ``attend``. ``prep_only``:
+    stop before the forward (the selection and the copies; a base makes its copies of v, or
+    fp8 ones of k and v, by their own launches)."""
+    if hasattr(module, "prepare"):
+        p = module.prepare(q, k, v, lq, lk, sparsity, None, pv_fp16=False, fp8=fp8)
+        if prep_only:
+            return p
+        return module.attend(q, k, v, lq, lk, p.indices, p.counts, pv_fp16=False,
+                             k_chunks=p.k_chunks, v_copy=p.v_copy, fp8=fp8,
+                             quantized=p.quantized)
+    idx, counts, kc = module.select_chunks_and_copy_k(q, k, lq, lk, sparsity, None,
+                                                      copy_k=not fp8)
+    if prep_only:
+        return idx, counts, kc, (module.quantized_copies(k, v, lk) if fp8
+                                 else module._v_copy(v, lk, False))
+    return module.attend(q, k, v, lq, lk, idx, counts, pv_fp16=False, k_chunks=kc, fp8=fp8)
+
+
+def call_ab(args: argparse.Namespace, base, dev: torch.device) -> list[dict]:
+    """The whole call (and its part before the forward) of this copy, of this copy with v
+    copied by its own launch (``SELECT_CONFIG["copy_v"] = 0``) and of ``base``, alternately;
+    the outputs must be bit-equal."""
+    rows = []
+    for name in args.shapes.split(","):
+        lat = SHAPES[name]
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, HEADS, math.prod(lat), HEAD_DIM, device=dev,
+                               dtype=torch.bfloat16) for _ in range(3))
+        lq = lk = R.ChunkLayout(lat, CHUNK)
+        variants = [("current", TB, 1), ("current, v copied apart", TB, 0),
+                    (args.base_label, base, 1)]
+        for fp8 in (False, True):
+            if fp8 and torch.cuda.get_device_capability(dev) < (8, 9):
+                continue
+            kind = "fp8" if fp8 else "bf16"
+            outs = []
+            for _, module, copy_v in variants:
+                TB.SELECT_CONFIG["copy_v"] = copy_v
+                outs.append(_call(module, q, k, v, lq, lk, args.sparsity, fp8))
+            TB.SELECT_CONFIG["copy_v"] = 1
+            assert all(torch.equal(o, outs[0]) for o in outs), f"{name} {kind}: outputs differ"
+            times: dict[tuple[str, bool], list[float]] = {}
+            for r in range(args.rounds):
+                for label, module, copy_v in rotated(variants, r):
+                    for prep_only in (True, False):
+                        TB.SELECT_CONFIG["copy_v"] = copy_v
+                        fn = functools.partial(_call, module, q, k, v, lq, lk, args.sparsity,
+                                               fp8, prep_only)
+                        times.setdefault((label, prep_only), []).append(bench(fn, args.rep_ms))
+                        TB.SELECT_CONFIG["copy_v"] = 1
+                        print(f"{name} {kind} round {r} {label} "
+                              f"{'prep' if prep_only else 'call'}: "
+                              f"{times[label, prep_only][-1]:.3f} ms", flush=True)
+            rows += [dict(shape=name, latent=lat, sparsity=args.sparsity,
+                          variant=f"{kind} {'prep' if prep_only else 'call'} {label}",
+                          ms=statistics.median(t), ms_rounds=t, same_output=True)
+                     for (label, prep_only), t in times.items()]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="720p,720p-48f")
     ap.add_argument("--sparsity", type=float, default=0.9375)
     ap.add_argument("--base", type=Path, default=None, help="an earlier triton_bsa.py")
     ap.add_argument("--select", action="store_true", help="the select kernels (needs --base)")
+    ap.add_argument("--call", action="store_true", help="the whole call (needs --base)")
     ap.add_argument("--variants", default=None,
                     help="labels of VARIANTS to time, separated by ';' (default: all)")
     add_ab_args(ap, rep_ms=150.0)
     args = ap.parse_args()
-    if args.select and args.base is None:
-        ap.error("--select compares with --base")
+    if (args.select or args.call) and args.base is None:
+        ap.error("--select and --call compare with --base")
     dev = torch.device("cuda")
     meta = versions(dev)
     print(json.dumps(meta), flush=True)
-    if args.select:
-        rows = select_ab(args, load_base(args.base), dev)
+    if args.select or args.call:
+        mode = "select" if args.select else "call"
+        rows = (select_ab if args.select else call_ab)(args, load_base(args.base), dev)
         print("\n".join(f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | "
                         f"{' / '.join(f'{t:.3f}' for t in r['ms_rounds'])} |" for r in rows))
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bsa_ab_select.json").write_text(
+        (args.out / f"bsa_ab_{mode}.json").write_text(
             json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         return
     chosen = args.variants.split(";") if args.variants else [label for label, *_ in VARIANTS]

@@ -70,7 +70,7 @@ def _hist_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, MK_PAD: tl.con
         digit = tl.max(tl.where(at_or_above >= need, b, -1), axis=0)
         need = need - tl.sum(tl.where(b > digit, h, 0), axis=0)
         prefix = (prefix << L) | digit
-    TB.ascending_picks(IDX + row * stride_irow, n, valid, key, prefix, k, KMAX, MK_PAD)
+    TB.ascending_picks(IDX + row * stride_irow, n, valid, key, prefix, k, KMAX)
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def _packed_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, MK_PAD: tl.c
         kth = tl.where((s >> 32).to(tl.int32) >= k, c3,
                        tl.where(((s >> 16) & 0xFFFF).to(tl.int32) >= k, c2,
                                 tl.where((s & 0xFFFF).to(tl.int32) >= k, c1, kth)))
-    TB.ascending_picks(IDX + row * stride_irow, n, valid, key, kth, k, KMAX, MK_PAD)
+    TB.ascending_picks(IDX + row * stride_irow, n, valid, key, kth, k, KMAX)
 
 
 @triton.jit
@@ -129,18 +129,18 @@ def _floor_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, MK_PAD: tl.co
     # not a selection: more than k keys may lie above the threshold, so it takes all Mk (no
     # position below 0) into a row of MK_PAD (``run``)
     TB.ascending_picks(IDX + row * stride_irow, n, valid, key, tl.where(top > 3, top - 3, top),
-                       Mk, KMAX, MK_PAD)
+                       Mk, KMAX)
 
 
 def run(variant: str, score: torch.Tensor, counts: torch.Tensor, kmax: int, warps: int
         ) -> torch.Tensor:
     """Indices ``[B, H, Mq, kmax]`` by ``variant``: current, hist<L>, packed, rows<R>, floor."""
     if variant == "current":
-        TB.SELECT_WARPS = warps
+        TB.SELECT_CONFIG["warps"] = warps
         try:
             return TB.select(score, counts, kmax, torch.bfloat16)
         finally:
-            TB.SELECT_WARPS = 0
+            TB.SELECT_CONFIG["warps"] = 0
     B, H, Mq, Mk = score.shape
     pad = triton.next_power_of_2(Mk)
     width = pad if variant == "floor" else kmax

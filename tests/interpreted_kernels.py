@@ -24,6 +24,7 @@ and bf16 casts truncate, so the kernels' casts stay with the GPU tests.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -78,22 +79,48 @@ def selection() -> None:
             q, k = (torch.randn(1, 2, lat[0] * lat[1] * lat[2], 32, generator=g).to(dtype)
                     for _ in range(2))
             layout = R.ChunkLayout(lat, chunk)
-            *got, kc = TB.select_chunks_and_copy_k(q, k, layout, layout, sparsity, cdf)
+            v = torch.randn(q.shape, generator=g).to(dtype)
+            prep = TB.prepare(q, k, v, layout, layout, sparsity, cdf, pv_fp16=False)
             want = R.select_chunks(q, k, layout, layout, sparsity, cdf)
-            for a, b in zip(got, want, strict=True):
+            for a, b in zip(prep[:2], want, strict=True):
                 assert torch.equal(a, b), (dtype, lat, chunk, sparsity, cdf)
+            kc = prep.k_chunks
             # the forward's chunk-major K: each chunk's tokens, then zeros to the padded size
             index, valid = layout.token_index()
             pad = TB.chunk_pad(layout) - index.shape[1]
             chunked = torch.where(valid[..., None], k[:, :, index], 0.0)
             chunked = torch.nn.functional.pad(chunked, (0, 0, 0, pad))
             assert torch.equal(kc.view(chunked.shape), chunked), (dtype, lat, chunk)
+            chunked = torch.nn.functional.pad(torch.where(valid[..., None], v[:, :, index], 0.0),
+                                              (0, 0, 0, pad))
+            assert torch.equal(prep.v_copy.chunks.view(chunked.shape), chunked)
+        # v's copy made by the select's launch, as by its own pass; fewer or more query chunks
+        # than kv chunks leave programs of one kind at the end of that launch
+        g = torch.Generator().manual_seed(5)
+        for lat_q, lat_k in (((4, 8, 8), (9, 8, 8)), ((9, 8, 8), (4, 8, 8))):
+            lq, lk = R.ChunkLayout(lat_q, (4, 4, 4)), R.ChunkLayout(lat_k, (4, 4, 4))
+            q = torch.randn(1, 2, math.prod(lat_q), 32, generator=g).to(dtype)
+            k, v = (torch.randn(1, 2, math.prod(lat_k), 32, generator=g).to(dtype)
+                    for _ in range(2))
+            for pv_fp16 in (False, True):
+                prep = TB.prepare(q, k, v, lq, lk, 0.5, None, pv_fp16=pv_fp16)
+                assert torch.equal(prep.indices, R.select_chunks(q, k, lq, lk, 0.5, None)[0])
+                alone = TB._v_copy(v, lk, pv_fp16)
+                assert torch.equal(prep.v_copy.chunks, alone.chunks), (dtype, lat_q, pv_fp16)
+                assert (prep.v_copy.scale is None) == (alone.scale is None)
+            if dtype == torch.bfloat16:  # fp8: k's and v's quantized copies, the same way
+                prep = TB.prepare(q, k, v, lq, lk, 0.5, None, fp8=True)
+                alone = TB.quantized_copies(k, v, lk)
+                assert prep.v_copy is None and prep.k_chunks is None
+                assert all(torch.equal(a, b) for a, b in zip(prep.quantized, alone, strict=True))
         g = torch.Generator().manual_seed(7)
-        score = (torch.randn(1, 2, 6, 300, generator=g, dtype=torch.float64) * 4).round() / 4
-        counts = torch.randint(0, 40, (1, 2, 6), generator=g, dtype=torch.int32)
-        counts[0, 0, 0] = 0
-        want = R.select_from_scores(R.round_scores(score, dtype), counts)
-        assert torch.equal(TB.select(score, counts, int(counts.max()), dtype), want), dtype
+        for mk in (300, 450):  # a row in three pieces of 128 keys; one of 512 (select_pieces)
+            score = (torch.randn(1, 2, 6, mk, generator=g, dtype=torch.float64) * 4).round() / 4
+            counts = torch.randint(0, 200, (1, 2, 6), generator=g, dtype=torch.int32)
+            counts[0, 0, 0] = 0
+            want = R.select_from_scores(R.round_scores(score, dtype), counts)
+            got = TB.select(score, counts, int(counts.max()), dtype)
+            assert torch.equal(got, want), (dtype, mk)
 
 
 def forward() -> None:

@@ -89,11 +89,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     quantized = fp8 and fp8_attention.use(q, "bsa") and triton_bsa.fp8_covers(lk)
     if quantized:  # the BSA forward's quantized path is the Triton fp8 kernels'
         fp8_attention.count("bsa", fp8_attention.kernels_for(q, "bsa")[0])
-    indices, counts, kc = triton_bsa.select_chunks_and_copy_k(
-        q, k, lq, lk, sel.sparsity, sel.cdf_threshold, copy_k=not quantized)
+    prep = triton_bsa.prepare(q, k, v, lq, lk, sel.sparsity, sel.cdf_threshold, pv_fp16,
+                              fp8=quantized)
     out = None
     if token_major:
         B, H, S, D = q.shape
         out = q.new_empty(B, S, H, D).transpose(1, 2)
-    return triton_bsa.attend(q, k, v, lq, lk, indices, counts, pv_fp16=pv_fp16, out=out,
-                             k_chunks=kc, fp8=quantized)
+    return triton_bsa.attend(q, k, v, lq, lk, prep.indices, prep.counts, pv_fp16=pv_fp16,
+                             out=out, k_chunks=prep.k_chunks, v_copy=prep.v_copy,
+                             fp8=quantized, quantized=prep.quantized)

@@ -12,6 +12,8 @@ Launches, each readable top to bottom:
                           in int32, combined exactly in float64, rounded on the way out.
 3. ``_select_kernel``     per query chunk, the ``count`` best kv chunks by a radix select
                           on the score bits (16 passes for bf16), as an *ascending* list.
+                          Where ``attend``'s copies are wanted, ``_select_and_copy_kernel``
+                          writes them in the same launch (v's; fp8: k's and v's).
 4. ``_bsa_fwd_kernel``    flash attention forward: one program per (query chunk,
                           batch*head), queries gathered from the raster layout, K and V
                           tiles loaded by TMA from the chunk-major copies. With
@@ -123,9 +125,19 @@ def _chunk_pass_kernel(X, MEAN, XC, SCALE, stride_xb, stride_xh, stride_xs, stri
                        CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, C: tl.constexpr,
                        C_PAD: tl.constexpr, RB: tl.constexpr, D: tl.constexpr,
                        POOL: tl.constexpr, COPY: tl.constexpr, SCALED: tl.constexpr):
+    """Chunk ``program_id(0)`` of head ``program_id(1)``: ``_chunk_pass``."""
+    _chunk_pass(tl.program_id(0), tl.program_id(1), X, MEAN, XC, SCALE, stride_xb, stride_xh,
+                stride_xs, stride_mb, stride_mh, stride_mm, H, M, T, HH, W, NH, NW,
+                CT, CH, CW, C, C_PAD, RB, D, POOL, COPY, SCALED)
+
+
+@triton.jit
+def _chunk_pass(m, bh, X, MEAN, XC, SCALE, stride_xb, stride_xh, stride_xs, stride_mb,
+                stride_mh, stride_mm, H, M, T, HH, W, NH, NW,
+                CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, C: tl.constexpr,
+                C_PAD: tl.constexpr, RB: tl.constexpr, D: tl.constexpr,
+                POOL: tl.constexpr, COPY: tl.constexpr, SCALED: tl.constexpr):
     """Chunk ``m`` of head ``bh``: its mean into MEAN and/or its C_PAD slots into XC."""
-    m = tl.program_id(0)
-    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     x = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
@@ -178,13 +190,21 @@ def _chunk_quant_kernel(X, XC, SCALE, MEAN, stride_xb, stride_xh, stride_xs, H, 
                         NH, NW, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
                         C: tl.constexpr, C_PAD: tl.constexpr, RB: tl.constexpr,
                         D: tl.constexpr, E4M3_T: tl.constexpr):
+    """Chunk ``program_id(0)`` of head ``program_id(1)``: ``_chunk_quant``."""
+    _chunk_quant(tl.program_id(0), tl.program_id(1), X, XC, SCALE, MEAN, stride_xb, stride_xh,
+                 stride_xs, H, M, T, HH, W, NH, NW, CT, CH, CW, C, C_PAD, RB, D, E4M3_T)
+
+
+@triton.jit
+def _chunk_quant(m, bh, X, XC, SCALE, MEAN, stride_xb, stride_xh, stride_xs, H, M, T, HH, W,
+                 NH, NW, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
+                 C: tl.constexpr, C_PAD: tl.constexpr, RB: tl.constexpr,
+                 D: tl.constexpr, E4M3_T: tl.constexpr):
     """Chunk ``m`` of head ``bh`` quantized for the fp8 forward (``fp8_attention``'s rules).
 
     E4M3_T false (k): ``X - MEAN[bh]`` as int8 over the head's scale ``SCALE[bh]``, slots
     ``[C_PAD, D]`` per chunk (a missing edge token: zeros). E4M3_T (v): e4m3 of
     ``X / SCALE[bh, :]`` (per-channel scales, given), stored transposed, ``[D, C_PAD]``."""
-    m = tl.program_id(0)
-    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     x = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
@@ -248,49 +268,145 @@ def _score_kernel(QG, QE, KG, KE, OUT, Mq, Mk, BM: tl.constexpr, BN: tl.constexp
 
 
 @triton.jit
-def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow,
-                   MK_PAD: tl.constexpr, LOW_BIT: tl.constexpr, DTYPE: tl.constexpr):
-    """S: scores in DTYPE (``_score_kernel``'s), float32 ones already rounded to DTYPE, or
-    float64 exact scores, rounded here float64 -> float32 -> DTYPE like
+def _score_keys(s_row, n, Mk, LOW_BIT: tl.constexpr, DTYPE: tl.constexpr):
+    """Scores ``n`` of a row as unsigned keys in float order, and which exist (padding: key 0).
+
+    The row holds scores in DTYPE (``_score_kernel``'s), float32 ones already rounded to
+    DTYPE, or float64 exact scores, rounded here float64 -> float32 -> DTYPE like
     ``reference.round_float64``."""
-    row = tl.program_id(0).to(tl.int64)
-    n = tl.arange(0, MK_PAD)
     valid = n < Mk
-    s = tl.load(S + row * stride_srow + n, mask=valid, other=0.0)
-    if S.dtype.element_ty == tl.float64:
+    s = tl.load(s_row + n, mask=valid, other=0.0)
+    if s_row.dtype.element_ty == tl.float64:
         s = _round_fp32_to(s.to(tl.float32), DTYPE)
-    s = s.to(tl.float32)
-    bits = s.to(tl.int32, bitcast=True)
+    bits = s.to(tl.float32).to(tl.int32, bitcast=True)
     # -0.0 ties +0.0, as in the reference's sort (a float64 matmul may return either)
     bits = tl.where(bits == -2147483648, 0, bits)
     # float order -> unsigned order: flip all bits of negatives, the sign bit of the rest
     key = tl.where(bits < 0, ~bits, bits ^ -2147483648).to(tl.uint32, bitcast=True)
     # scores rounded to bf16/fp16 have their low LOW_BIT bits zero: drop them, fewer passes
-    key = tl.where(valid, key >> LOW_BIT, 0)
+    return tl.where(valid, key >> LOW_BIT, 0), valid
+
+
+@triton.jit
+def _select_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, PIECE: tl.constexpr,
+                   PIECES: tl.constexpr, LOW_BIT: tl.constexpr, DTYPE: tl.constexpr):
+    """Row ``program_id(0)``: ``_select_row``."""
+    _select_row(tl.program_id(0), S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, PIECE,
+                PIECES, LOW_BIT, DTYPE)
+
+
+@triton.jit
+def _select_row(row, S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, PIECE: tl.constexpr,
+                PIECES: tl.constexpr, LOW_BIT: tl.constexpr, DTYPE: tl.constexpr):
+    """The ``CNT[row]`` best of the row's ``Mk`` scores, as ``ascending_picks`` writes them.
+
+    The row is held as PIECES (1 to 3) tensors of PIECE keys, so that a row of 1,320 keys
+    takes 1,536 lanes instead of the 2,048 of one power of two: the kernel is bound by
+    instruction issue, about the same per lane (benchmarks/NOTES_bsa_kernel.md, round 26).
+    The pieces' counts are added lane by lane before each pass's one reduction."""
+    row = row.to(tl.int64)
+    s_row = S + row * stride_srow
+    n0 = tl.arange(0, PIECE)
+    n1 = n0 + PIECE
+    n2 = n1 + PIECE
+    key0, ok0 = _score_keys(s_row, n0, Mk, LOW_BIT, DTYPE)
+    key1, ok1 = key0, ok0  # unused below unless PIECES says so
+    key2, ok2 = key0, ok0
+    if PIECES > 1:
+        key1, ok1 = _score_keys(s_row, n1, Mk, LOW_BIT, DTYPE)
+    if PIECES > 2:
+        key2, ok2 = _score_keys(s_row, n2, Mk, LOW_BIT, DTYPE)
     k = tl.load(CNT + row)
     # the k-th largest key, one bit at a time (cand >= 1, so the padding's 0 never counts)
     kth = tl.zeros([], dtype=tl.uint32)
     for bit in tl.static_range(31 - LOW_BIT, -1, -1):
         cand = kth | (1 << bit)
-        hits = tl.sum((key >= cand).to(tl.int32), axis=0)
-        kth = tl.where(hits >= k, cand, kth)
-    ascending_picks(IDX + row * stride_irow, n, valid, key, kth, k, KMAX, MK_PAD)
+        hits = (key0 >= cand).to(tl.int32)
+        if PIECES > 1:
+            hits += (key1 >= cand).to(tl.int32)
+        if PIECES > 2:
+            hits += (key2 >= cand).to(tl.int32)
+        kth = tl.where(tl.sum(hits, axis=0) >= k, cand, kth)
+    above = ((key0 > kth) & ok0).to(tl.int32)
+    if PIECES > 1:
+        above += ((key1 > kth) & ok1).to(tl.int32)
+    if PIECES > 2:
+        above += ((key2 > kth) & ok2).to(tl.int32)
+    need = k - tl.sum(above, axis=0)  # ties at kth to take, lower index first
+    out = IDX + row * stride_irow
+    done = _picks_of_piece(out, n0, ok0, key0, kth, k, need, 0, KMAX)
+    if PIECES > 1:
+        done = _picks_of_piece(out, n1, ok1, key1, kth, k, need, done, KMAX)
+    if PIECES > 2:
+        _picks_of_piece(out, n2, ok2, key2, kth, k, need, done, KMAX)
 
 
 @triton.jit
-def ascending_picks(out, n, valid, key, kth, k, KMAX, MK_PAD: tl.constexpr):
+def _select_and_copy_kernel(S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, ROWS,
+                            X, XC, XSCALE, Y, YC, YSCALE, MEAN, stride_xb, stride_xh,
+                            stride_xs, stride_yb, stride_yh, stride_ys, H, M, T, HH, W, NH, NW,
+                            PIECE: tl.constexpr, PIECES: tl.constexpr, LOW_BIT: tl.constexpr,
+                            DTYPE: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr,
+                            CW: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr,
+                            RB: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr,
+                            SCALED: tl.constexpr):
+    """``_select_kernel``'s ROWS rows and the forward's copies of the ``B*H*M`` kv chunks in
+    one launch, the kinds of program alternating while all last. QUANT false: v's copy as
+    ``_chunk_pass_kernel`` makes it (X, XC, XSCALE; Y unused). QUANT: ``_chunk_quant_kernel``'s
+    of k (X) and of v (Y). Why: the select is bound by instruction issue and the copies by
+    memory, so on one SM they overlap (benchmarks/NOTES_bsa_kernel.md, round 26)."""
+    KINDS: tl.constexpr = 3 if QUANT else 2
+    pid = tl.program_id(0)
+    chunks = (tl.num_programs(0) - ROWS) // (KINDS - 1)
+    both = tl.minimum(ROWS, chunks)
+    rest = pid - KINDS * both
+    if rest < 0:
+        kind = pid % KINDS
+        i = pid // KINDS
+    elif chunks > ROWS:
+        kind = 1 + rest % (KINDS - 1)
+        i = both + rest // (KINDS - 1)
+    else:
+        kind = rest * 0
+        i = both + rest
+    if kind == 0:
+        _select_row(i, S, CNT, IDX, Mk, KMAX, stride_srow, stride_irow, PIECE, PIECES,
+                    LOW_BIT, DTYPE)
+    elif not QUANT:
+        _chunk_pass(i % M, i // M, X, X, XC, XSCALE, stride_xb, stride_xh, stride_xs, 0, 0,
+                    0, H, M, T, HH, W, NH, NW, CT, CH, CW, C, C_PAD, RB, D, False, True, SCALED)
+    elif kind == 1:
+        _chunk_quant(i % M, i // M, X, XC, XSCALE, MEAN, stride_xb, stride_xh, stride_xs, H, M,
+                     T, HH, W, NH, NW, CT, CH, CW, C, C_PAD, RB, D, False)
+    else:
+        _chunk_quant(i % M, i // M, Y, YC, YSCALE, MEAN, stride_yb, stride_yh, stride_ys, H, M,
+                     T, HH, W, NH, NW, CT, CH, CW, C, C_PAD, RB, D, True)
+
+
+@triton.jit
+def ascending_picks(out, n, valid, key, kth, k, KMAX):
     """Write a row's ``k`` picks to ``out`` in ascending order, -1 after them up to KMAX: the
     keys above the k-th largest ``kth``, then the ties at it, lower index first."""
+    need = k - tl.sum(((key > kth) & valid).to(tl.int32), axis=0)
+    _picks_of_piece(out, n, valid, key, kth, k, need, 0, KMAX)
+
+
+@triton.jit
+def _picks_of_piece(out, n, valid, key, kth, k, need, before, KMAX):
+    """``ascending_picks`` for one piece of a row, the earlier pieces' counts in ``before``
+    (keys above kth in the low 16 bits, ties at kth in the high); returns them with this
+    piece's added."""
     above = (key > kth) & valid
-    need = k - tl.sum(above.to(tl.int32), axis=0)
     tie = (key == kth) & valid
     # one scan for both counts up to n: keys above kth (low 16 bits), ties at kth (high)
-    upto = tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), axis=0)
+    packed = above.to(tl.int32) | (tie.to(tl.int32) << 16)
+    upto = tl.cumsum(packed, axis=0) + before
     ties_upto = upto >> 16
     take = above | (tie & (ties_upto <= need))
     pos = (upto & 0xFFFF) + tl.minimum(ties_upto, need) - 1
     tl.store(out + pos, n, mask=take)
-    tl.store(out + n, tl.full([MK_PAD], -1, tl.int32), mask=(n >= k) & (n < KMAX))
+    tl.store(out + n, tl.full(n.shape, -1, tl.int32), mask=(n >= k) & (n < KMAX))
+    return before + tl.sum(packed, axis=0)
 
 
 @triton.jit
@@ -458,20 +574,33 @@ def chunk_pass(x: torch.Tensor, layout: ChunkLayout, *, pool: bool = True,
     if x.stride(-1) != 1:
         x = x.contiguous()
     M = layout.num_chunks
-    pad = chunk_pad(layout)
     means = torch.empty(B, H, M, D, device=x.device, dtype=x.dtype) if pool else None
-    copy = (torch.empty(B * H * M * pad, D, device=x.device, dtype=copy_dtype)
-            if copy_dtype is not None else None)
-    (T, HH, W), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
-    rb = _rows_per_step(pad, D)
+    copy = _empty_copy(x, layout, copy_dtype) if copy_dtype is not None else None
     m_arg = means if means is not None else x
     ms = means.stride()[:3] if means is not None else (0, 0, 0)
+    shape, constexprs = _pass_args(x, layout)
     _chunk_pass_kernel[(M, B * H)](
         x, m_arg, copy if copy is not None else x, scale if scale is not None else x,
-        x.stride(0), x.stride(1), x.stride(2), *ms, H, M, T, HH, W, nh, nw, ct, ch, cw,
-        layout.chunk_size, pad, rb, D, pool, copy is not None, scale is not None,
+        *shape[:3], *ms, *shape[3:], *constexprs, pool, copy is not None, scale is not None,
         num_warps=POOL_CONFIG["num_warps"])
     return means, copy
+
+
+def _empty_copy(x: torch.Tensor, layout: ChunkLayout, dtype: torch.dtype) -> torch.Tensor:
+    """``[B * H * M * chunk_pad, D]`` for ``chunk_pass``'s copy of x."""
+    B, H, _, D = x.shape
+    return torch.empty(B * H * layout.num_chunks * chunk_pad(layout), D, device=x.device,
+                       dtype=dtype)
+
+
+def _pass_args(x: torch.Tensor, layout: ChunkLayout) -> tuple[tuple, tuple]:
+    """A chunk pass's arguments over x: x's strides, H, M and the layout's sizes; then the
+    constexprs (chunk shape and size, its padded size, rows a step, D)."""
+    D = x.shape[-1]
+    (T, HH, W), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
+    pad = chunk_pad(layout)
+    return ((*x.stride()[:3], x.shape[1], layout.num_chunks, T, HH, W, nh, nw),
+            (ct, ch, cw, layout.chunk_size, pad, _rows_per_step(pad, D), D))
 
 
 class Grid(NamedTuple):
@@ -522,13 +651,24 @@ def scores(qbar: torch.Tensor, kbar: torch.Tensor) -> torch.Tensor:
 
 
 MAX_SELECT_CHUNKS = 16384
-# One program holds a whole score row. 0: warps by row length, 4 up to 2048 keys and 8 above
-# (H100: 0.69 ms at 4 against 0.80 at 8 for 1,320 keys; 3.21 against 2.70 ms for 2,640:
-# benchmarks/results/bsa_selection_warps_h100.json).
-SELECT_WARPS = 0
+# warps: one program holds a whole score row. 0: warps by row length, 4 up to 2048 keys and
+# 8 above (H100: 0.69 ms at 4 against 0.80 at 8 for 1,320 keys; 3.21 against 2.70 ms for
+# 2,640: benchmarks/results/bsa_selection_warps_h100.json).
+# copy_v: the forward's copies (v's; fp8: k's and v's) made by the select's launch
+# (``_select_and_copy_kernel``), else by their own.
+SELECT_CONFIG = {"warps": 0, "copy_v": 1}
 # per input dtype: its Triton type, and the trailing bits that are zero in the float32 bits
 # of every value rounded to it (the radix select skips them)
 _SCORE_TYPES = {torch.bfloat16: (tl.bfloat16, 16), torch.float16: (tl.float16, 13)}
+
+
+def select_pieces(mk: int) -> tuple[int, int]:
+    """``(PIECE, PIECES)`` of ``_select_kernel`` for rows of ``mk`` keys: three quarters of
+    the next power of two where they cover the row (from 512 lanes), else all of it in one."""
+    pad = triton.next_power_of_2(mk)
+    if pad >= 512 and mk <= 3 * pad // 4:
+        return pad // 4, triton.cdiv(mk, pad // 4)
+    return pad, 1
 
 
 def select(score: torch.Tensor, counts: torch.Tensor, kmax: int,
@@ -539,34 +679,95 @@ def select(score: torch.Tensor, counts: torch.Tensor, kmax: int,
     ``dtype`` in the kernel), or float32 ``reference.round_scores`` of them; same result.
     ``dtype``: bf16 or fp16.
     """
+    idx, args, constexprs, warps = _select_args(score, counts, kmax, dtype)
+    _select_kernel[(math.prod(score.shape[:3]),)](*args, *constexprs, num_warps=warps)
+    return idx
+
+
+def _select_args(score: torch.Tensor, counts: torch.Tensor, kmax: int, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, tuple, tuple, int]:
+    """The indices ``select`` returns (to be written), the select's arguments and constexprs
+    and its warps."""
     B, H, Mq, Mk = score.shape
     score = score.contiguous()  # rows at a fixed stride
     idx = torch.empty(B, H, Mq, max(kmax, 1), device=score.device, dtype=torch.int32)
-    counts = counts.contiguous()
-    mk_pad = triton.next_power_of_2(Mk)
     tl_dtype, low_bit = _SCORE_TYPES[dtype]
-    _select_kernel[(B * H * Mq,)](score, counts, idx, Mk, kmax, score.stride(2),
-                                  idx.stride(2), mk_pad, low_bit, tl_dtype,
-                                  num_warps=SELECT_WARPS or min(8, max(4, mk_pad // 512)))
-    return idx[..., :kmax]
+    warps = SELECT_CONFIG["warps"] or min(8, max(4, triton.next_power_of_2(Mk) // 512))
+    return (idx[..., :kmax], (score, counts.contiguous(), idx, Mk, kmax, score.stride(2),
+                              idx.stride(2)), (*select_pieces(Mk), low_bit, tl_dtype), warps)
+
+
+class ChunkCopy(NamedTuple):
+    """V's chunk-major copy for the forward, and the per-head scale ``[B, H]`` applied to it
+    (None: a plain copy)."""
+
+    chunks: torch.Tensor
+    scale: torch.Tensor | None
+
+
+class QuantCopies(NamedTuple):
+    """The fp8 forward's chunk-major copies (``quantized_copies``)."""
+
+    k_chunks: torch.Tensor
+    k_scale: torch.Tensor
+    v_chunks: torch.Tensor
+    v_scale: torch.Tensor
+
+
+def _select_and_copy(score: torch.Tensor, counts: torch.Tensor, kmax: int, dtype: torch.dtype,
+                     k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout, pv_fp16: bool,
+                     fp8: bool) -> tuple[torch.Tensor, ChunkCopy | None, QuantCopies | None]:
+    """:func:`select`, and in the same launch (``_select_and_copy_kernel``) the forward's
+    copies: v's (``_v_copy``), or with ``fp8`` k's and v's (``quantized_copies``)."""
+    idx, args, constexprs, warps = _select_args(score, counts, kmax, dtype)
+    rows = math.prod(score.shape[:3])
+    chunks = v.shape[0] * v.shape[1] * layout.num_chunks
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    shape_v, pass_constexprs = _pass_args(v, layout)
+    if fp8:
+        quant, mean = _quant_plan(k, v, layout)
+        copy = None
+        shape_k = _pass_args(k, layout)[0]
+        data = (k, quant.k_chunks, quant.k_scale, v, quant.v_chunks, quant.v_scale, mean,
+                *shape_k[:3], *shape_v)
+    else:
+        copy_dtype, scale = _v_copy_kind(v, pv_fp16)
+        copy, quant = ChunkCopy(_empty_copy(v, layout, copy_dtype), scale), None
+        data = (v, copy.chunks, scale if scale is not None else v, v, v, v, v, *shape_v[:3],
+                *shape_v)
+    _select_and_copy_kernel[(rows + (2 if fp8 else 1) * chunks,)](
+        *args, rows, *data, *constexprs, *pass_constexprs, fp8,
+        copy is not None and copy.scale is not None, num_warps=warps)
+    return idx, copy, quant
 
 
 def select_chunks(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLayout,
                   layout_k: ChunkLayout, sparsity: float | None,
                   cdf_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton pool + score + select; returns ``(indices, counts)`` like the reference."""
-    indices, counts, _ = select_chunks_and_copy_k(q, k, layout_q, layout_k, sparsity,
-                                                  cdf_threshold, copy_k=False)
-    return indices, counts
+    prepared = prepare(q, k, None, layout_q, layout_k, sparsity, cdf_threshold)
+    return prepared.indices, prepared.counts
 
 
-def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLayout,
-                             layout_k: ChunkLayout, sparsity: float | None,
-                             cdf_threshold: float | None, copy_k: bool = True
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``select_chunks`` plus, with ``copy_k``, the chunk-major copy of k for ``attend``,
-    written by the same pass over k that pools it."""
-    kbar, kc = chunk_pass(k, layout_k, copy_dtype=k.dtype if copy_k else None)
+class Prepared(NamedTuple):
+    """What ``attend`` takes besides q, k, v: the selection and the forward's copies of k and
+    v (``k_chunks`` and ``v_copy``, or with fp8 ``quantized``)."""
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+    k_chunks: torch.Tensor | None
+    v_copy: ChunkCopy | None
+    quantized: QuantCopies | None
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layout_q: ChunkLayout,
+            layout_k: ChunkLayout, sparsity: float | None, cdf_threshold: float | None,
+            pv_fp16: bool | None = None, fp8: bool = False) -> Prepared:
+    """``select_chunks``, and with ``v`` the forward's copies of k and v for ``attend``. k's
+    (bf16/fp16) comes from the pass over k that pools it; v's, or with ``fp8`` both quantized
+    ones, from the select's launch where ``SELECT_CONFIG["copy_v"]``, else their own."""
+    kbar, kc = chunk_pass(k, layout_k,
+                          copy_dtype=k.dtype if v is not None and not fp8 else None)
     score = scores(pool(q, layout_q), kbar)  # type: ignore[arg-type]
     mk = layout_k.num_chunks
     if cdf_threshold is None:
@@ -575,7 +776,17 @@ def select_chunks_and_copy_k(q: torch.Tensor, k: torch.Tensor, layout_q: ChunkLa
     else:
         counts = selection_counts(score.float(), sparsity, cdf_threshold, q.shape[-1])
         kmax = int(counts.max())
-    return select(score, counts, kmax, q.dtype), counts, kc
+    pv = _pv_fp16(pv_fp16)
+    if v is not None and SELECT_CONFIG["copy_v"]:
+        indices, v_copy, quant = _select_and_copy(score, counts, kmax, q.dtype, k, v, layout_k,
+                                                  pv, fp8)
+        return Prepared(indices, counts, kc, v_copy, quant)
+    indices = select(score, counts, kmax, q.dtype)
+    if v is None:
+        return Prepared(indices, counts, kc, None, None)
+    if fp8:
+        return Prepared(indices, counts, None, None, quantized_copies(k, v, layout_k))
+    return Prepared(indices, counts, kc, _v_copy(v, layout_k, pv), None)
 
 
 # kv_split (steps per kv chunk), num_warps, num_stages; 0 = by chunk size, tuned on H100
@@ -660,9 +871,13 @@ def _fwd_config(cq_pad: int, ck_pad: int, head_dim: int, fp8: bool
     return kv, warps, stages, (None if maxnreg >= 255 else maxnreg)
 
 
-def _v_copy(v: torch.Tensor, layout: ChunkLayout, pv_fp16: bool
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunk-major V for the forward, and the per-head scale ``[B, H]`` applied to it.
+def _pv_fp16(pv_fp16: bool | None) -> bool:
+    """``attend``'s ``pv_fp16``, None meaning ``FWD_CONFIG["pv_fp16"]``."""
+    return bool(FWD_CONFIG["pv_fp16"]) if pv_fp16 is None else pv_fp16
+
+
+def _v_copy_kind(v: torch.Tensor, pv_fp16: bool) -> tuple[torch.dtype, torch.Tensor | None]:
+    """The dtype of V's chunk-major copy and the per-head scale ``[B, H]`` applied to it.
 
     With ``pv_fp16`` and bf16 ``v``: float16 ``v * scale``, scale a power of two. Why: P @ V
     with P in bf16 adds ~1.7e-3 relative error on top of the ~1.6e-3 of rounding the output
@@ -670,63 +885,74 @@ def _v_copy(v: torch.Tensor, layout: ChunkLayout, pv_fp16: bool
     brings max|v| to about 2**14, inside float16's range, exactly.
     """
     if not (pv_fp16 and v.dtype == torch.bfloat16):
-        vc = chunk_pass(v, layout, pool=False, copy_dtype=v.dtype)[1]
-        return vc, None  # type: ignore[return-value]
+        return v.dtype, None
     vmax = torch.linalg.vector_norm(v, ord=float("inf"), dim=(-2, -1), dtype=torch.float32)
     e = torch.ceil(torch.log2(vmax))
     scale = torch.where(torch.isfinite(e), torch.exp2((14.0 - e).clamp(-126, 126)), 1.0)
-    scale = scale.contiguous()
-    vc = chunk_pass(v, layout, pool=False, copy_dtype=torch.float16, scale=scale)[1]
-    return vc, scale  # type: ignore[return-value]
+    return torch.float16, scale.contiguous()
 
 
-def quantized_copies(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _v_copy(v: torch.Tensor, layout: ChunkLayout, pv_fp16: bool) -> ChunkCopy:
+    """Chunk-major V for the forward (``_v_copy_kind``), by its own pass over v."""
+    dtype, scale = _v_copy_kind(v, pv_fp16)
+    return ChunkCopy(chunk_pass(v, layout, pool=False, copy_dtype=dtype, scale=scale)[1],
+                     scale)  # type: ignore[arg-type]
+
+
+def quantized_copies(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout) -> QuantCopies:
     """The fp8 forward's chunk-major copies (``fp8_attention``'s rules): int8 k less its
     mean ``[B*H*M*pad, D]`` with a scale per head ``[B*H]``, and e4m3 v transposed per
     chunk ``[B*H*M*D, pad]`` with per-channel scales ``[B*H, D]``."""
+    quant, mean = _quant_plan(k, v, layout)
+    for x, xc, scale, e4m3_t in ((k, quant.k_chunks, quant.k_scale, False),
+                                 (v, quant.v_chunks, quant.v_scale, True)):
+        shape, constexprs = _pass_args(x, layout)
+        _chunk_quant_kernel[(layout.num_chunks, x.shape[0] * x.shape[1])](
+            x, xc, scale, mean, *shape, *constexprs, e4m3_t,
+            num_warps=POOL_CONFIG["num_warps"])
+    return quant
+
+
+def _quant_plan(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout
+                ) -> tuple[QuantCopies, torch.Tensor]:
+    """``quantized_copies``' scales and its copies still to be written, and k's mean
+    ``[B*H, D]``."""
     B, H, _, D = k.shape
     M, pad = layout.num_chunks, chunk_pad(layout)
-    (T, HH, W), (ct, ch, cw), (_, nh, nw) = layout.latent, layout.chunk, layout.grid
-    rb = _rows_per_step(pad, D)
     stats = column_stats(k, smooth=True)
     mean = stats.mean.reshape(B * H, D)
     ks = int8_scale(stats.amax).reshape(B * H).contiguous()
     kc = torch.empty(B * H * M * pad, D, device=k.device, dtype=torch.int8)
     vs = value_scales(v).reshape(B * H, D).contiguous()
     vt = torch.empty(B * H * M * D, pad, device=v.device, dtype=E4M3)
-    for x, xc, scale, e4m3_t in ((k, kc, ks, False), (v, vt, vs, True)):
-        _chunk_quant_kernel[(M, B * H)](
-            x, xc, scale, mean, x.stride(0), x.stride(1), x.stride(2), H, M, T, HH, W, nh, nw,
-            ct, ch, cw, layout.chunk_size, pad, rb, D, e4m3_t,
-            num_warps=POOL_CONFIG["num_warps"])
-    return kc, ks, vt, vs
+    return QuantCopies(kc, ks, vt, vs), mean
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_q: ChunkLayout,
            layout_k: ChunkLayout, indices: torch.Tensor, counts: torch.Tensor,
            pv_fp16: bool | None = None, out: torch.Tensor | None = None,
-           k_chunks: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
+           k_chunks: torch.Tensor | None = None, v_copy: ChunkCopy | None = None,
+           fp8: bool = False, quantized: QuantCopies | None = None) -> torch.Tensor:
     """Sparse flash attention forward over the selected chunks; ``[B, H, Sq, D]``.
 
     ``indices``: per query chunk, ascending and -1 padded past ``counts``, as ``select``
     returns them (kv passes take runs of positions; one pass accepts any order).
     q, k, v: any strides with unit stride along D. ``out``: any ``[B, H, Sq, D]`` view with
-    unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor). ``k_chunks``: the
-    chunk-major copy of k that ``select_chunks_and_copy_k`` made, else made here. ``fp8``:
-    int8 Q K^T and e4m3 P V (``kernels.fp8_attention``; ``pv_fp16`` and ``k_chunks`` unused).
+    unit stride along D (e.g. of a token-major ``[B, Sq, H, D]`` tensor). ``k_chunks``,
+    ``v_copy`` (``quantized`` with fp8): the chunk-major copies that ``prepare`` made (v's
+    with ``pv_fp16`` as given there), else made here. ``fp8``: int8 Q K^T and e4m3 P V
+    (``kernels.fp8_attention``; ``pv_fp16``, ``k_chunks`` and ``v_copy`` unused).
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, _, D = q.shape
-    if pv_fp16 is None:
-        pv_fp16 = bool(FWD_CONFIG["pv_fp16"])
+    pv_fp16 = _pv_fp16(pv_fp16)
     ks = vs = vscale = None
     if fp8:
-        kc, ks, vc, vs = quantized_copies(k, v, layout_k)
+        kc, ks, vc, vs = quantized if quantized is not None else quantized_copies(k, v, layout_k)
     else:
         kc = k_chunks if k_chunks is not None else chunk_pass(k, layout_k, pool=False,
                                                               copy_dtype=k.dtype)[1]
-        vc, vscale = _v_copy(v, layout_k, pv_fp16)
+        vc, vscale = v_copy if v_copy is not None else _v_copy(v, layout_k, pv_fp16)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     counts = counts.contiguous()
     if indices.shape[-1] == 0:
