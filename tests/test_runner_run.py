@@ -702,7 +702,8 @@ def test_run_lora_is_refused_for_the_avatar_tasks(capsys, avatar_trees, tmp_path
 def test_avatar_negative_prompt_without_cfg_is_refused(capsys, avatar_trees, tmp_path):
     """Distilled (text and audio guidance 1), an avatar run read no negative prompt: it was
     accepted and dropped. With one guidance above 1 it is read, and the run goes on past
-    the check (to the next error, about this tree)."""
+    the check (to the next error, about this tree). The pipeline's methods still take one
+    there, as the original's do (tests/test_golden_avatar_pipeline.py passes it)."""
     tree = str(avatar_trees["avatar-1.0"])
     rc, cap = run(capsys, "-m", tree, "--task", "at2v", "-p", "a cat", "--distill",
                   "--negative-prompt", "blur", "--out", str(tmp_path / "x.mp4"))

@@ -371,12 +371,20 @@ def validate(s: RunSettings, inputs: bool = True) -> None:
     """Every check that needs no weights: one clear line per problem, before any loading.
 
     ``inputs``: also the model folder, the input and output files and the device (the command
-    line's and ``run_job``'s; a pipeline call already has its model and frames)."""
+    line's and ``run_job``'s; a pipeline call already has its model and frames), and a
+    negative prompt that an avatar run without CFG would not read (the avatar pipeline's
+    methods accept one there, as the original's do)."""
     if s.task not in TASKS + AVATAR_TASKS:
         raise UsageError(f"--task {s.task}: unknown (choose from "
                          f"{', '.join(TASKS + AVATAR_TASKS)})")
     _check_paths_given(s)
     _check_task_options(s)
+    if (inputs and s.task in AVATAR_TASKS and s.negative_prompt is not None
+            and max(guidance_of(s.guidance, s.distill),
+                    guidance_of(s.audio_guidance, s.distill)) <= 1.0):
+        raise UsageError("--negative-prompt: this run samples without CFG (text and audio "
+                         "guidance 1), so nothing reads it; drop it, or give --guidance or "
+                         "--audio-guidance above 1")
     files = _check_inputs(s) if inputs else None
     if s.dtype is not None:
         dtypes.check(s.dtype, error=UsageError)
@@ -656,11 +664,6 @@ def _check_task_options(s: RunSettings) -> None:
     for opt, used in NOT_FOR_AVATAR:
         if used(s):
             raise UsageError(f"{opt}: not available for --task {s.task} (the avatar tasks)")
-    if (s.negative_prompt is not None and max(guidance_of(s.guidance, s.distill),
-                                              guidance_of(s.audio_guidance, s.distill)) <= 1.0):
-        raise UsageError("--negative-prompt: this run samples without CFG (text and audio "
-                         "guidance 1), so nothing reads it; drop it, or give --guidance or "
-                         "--audio-guidance above 1")
     if s.lora is not None:
         raise UsageError(f"--lora: not available for --task {s.task} (the avatar tasks); merge "
                          "the adapter into the avatar's DiT with `longcat-tools lora fuse`")
