@@ -73,16 +73,23 @@ def load_base(path: Path):
     return module
 
 
+def random_inputs(name: str, dev: torch.device, n: int
+                  ) -> tuple[tuple[int, int, int], R.ChunkLayout, list[torch.Tensor]]:
+    """Shape ``name``'s latent, its chunk layout and ``n`` random bf16 ``[1, H, S, D]`` tensors
+    (seed 0: every mode times the same q, k, v)."""
+    lat = SHAPES[name]
+    torch.manual_seed(0)
+    xs = [torch.randn(1, HEADS, math.prod(lat), HEAD_DIM, device=dev, dtype=torch.bfloat16)
+          for _ in range(n)]
+    return lat, R.ChunkLayout(lat, CHUNK), xs
+
+
 def select_ab(args: argparse.Namespace, base, dev: torch.device) -> list[dict]:
     """The select kernel of this copy and of ``base`` on the same float64 scores,
     alternately; their picks must be equal."""
     rows = []
     for name in args.shapes.split(","):
-        lat = SHAPES[name]
-        torch.manual_seed(0)
-        q, k = (torch.randn(1, HEADS, math.prod(lat), HEAD_DIM, device=dev,
-                            dtype=torch.bfloat16) for _ in range(2))
-        layout = R.ChunkLayout(lat, CHUNK)
+        lat, layout, (q, k) = random_inputs(name, dev, 2)
         score = R.exact_scores(TB.pool(q, layout), TB.pool(k, layout))
         kmax = kept_per_query(args.sparsity, layout.num_chunks)
         counts = torch.full(score.shape[:-1], kmax, dtype=torch.int32, device=dev)
@@ -101,14 +108,20 @@ def select_ab(args: argparse.Namespace, base, dev: torch.device) -> list[dict]:
     return rows
 
 
-def _call(module, q, k, v, lq, lk, sparsity: float, fp8: bool, prep_only: bool = False):
+def _call(module, q, k, v, lq, lk, sparsity: float, fp8: bool, prep_only: bool = False,
+          copy_v: int = 1):
     """The BSA call as ``kernels.block_sparse_attention`` makes it with P V in bf16 (the DiT's
     path) or in fp8, from ``module``'s functions: ``prepare`` where it has it, else the
     earlier ``select_chunks_and_copy_k`` and the copies inside ``attend``. ``prep_only``:
     stop before the forward (the selection and the copies; a base makes its copies of v, or
-    fp8 ones of k and v, by their own launches)."""
+    fp8 ones of k and v, by their own launches). ``copy_v``: ``SELECT_CONFIG["copy_v"]`` for
+    this call, where ``module`` has it."""
     if hasattr(module, "prepare"):
-        p = module.prepare(q, k, v, lq, lk, sparsity, None, pv_fp16=False, fp8=fp8)
+        module.SELECT_CONFIG["copy_v"] = copy_v
+        try:
+            p = module.prepare(q, k, v, lq, lk, sparsity, None, pv_fp16=False, fp8=fp8)
+        finally:
+            module.SELECT_CONFIG["copy_v"] = 1
         if prep_only:
             return p
         return module.attend(q, k, v, lq, lk, p.indices, p.counts, pv_fp16=False,
@@ -128,32 +141,24 @@ def call_ab(args: argparse.Namespace, base, dev: torch.device) -> list[dict]:
     the outputs must be bit-equal."""
     rows = []
     for name in args.shapes.split(","):
-        lat = SHAPES[name]
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(1, HEADS, math.prod(lat), HEAD_DIM, device=dev,
-                               dtype=torch.bfloat16) for _ in range(3))
-        lq = lk = R.ChunkLayout(lat, CHUNK)
+        lat, lq, (q, k, v) = random_inputs(name, dev, 3)
+        lk = lq
         variants = [("current", TB, 1), ("current, v copied apart", TB, 0),
                     (args.base_label, base, 1)]
         for fp8 in (False, True):
             if fp8 and torch.cuda.get_device_capability(dev) < (8, 9):
                 continue
             kind = "fp8" if fp8 else "bf16"
-            outs = []
-            for _, module, copy_v in variants:
-                TB.SELECT_CONFIG["copy_v"] = copy_v
-                outs.append(_call(module, q, k, v, lq, lk, args.sparsity, fp8))
-            TB.SELECT_CONFIG["copy_v"] = 1
+            outs = [_call(module, q, k, v, lq, lk, args.sparsity, fp8, copy_v=copy_v)
+                    for _, module, copy_v in variants]
             assert all(torch.equal(o, outs[0]) for o in outs), f"{name} {kind}: outputs differ"
             times: dict[tuple[str, bool], list[float]] = {}
             for r in range(args.rounds):
                 for label, module, copy_v in rotated(variants, r):
                     for prep_only in (True, False):
-                        TB.SELECT_CONFIG["copy_v"] = copy_v
                         fn = functools.partial(_call, module, q, k, v, lq, lk, args.sparsity,
-                                               fp8, prep_only)
+                                               fp8, prep_only, copy_v)
                         times.setdefault((label, prep_only), []).append(bench(fn, args.rep_ms))
-                        TB.SELECT_CONFIG["copy_v"] = 1
                         print(f"{name} {kind} round {r} {label} "
                               f"{'prep' if prep_only else 'call'}: "
                               f"{times[label, prep_only][-1]:.3f} ms", flush=True)
@@ -201,11 +206,8 @@ def main() -> None:
     defaults = dict(TB.FWD_CONFIG)
     rows = []
     for name in args.shapes.split(","):
-        lat = SHAPES[name]
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(1, HEADS, math.prod(lat), HEAD_DIM, device=dev,
-                               dtype=torch.bfloat16) for _ in range(3))
-        lq = lk = R.ChunkLayout(lat, CHUNK)
+        lat, lq, (q, k, v) = random_inputs(name, dev, 3)
+        lk = lq
         indices, counts = TB.select_chunks(q, k, lq, lk, args.sparsity, None)
         times: dict[str, list[float]] = {label: [] for label, *_ in variants}
         errs = {}
